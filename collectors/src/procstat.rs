@@ -1,0 +1,163 @@
+//! `/proc/stat` CPU times: per-CPU busy and idle jiffies, the host's own measure of utilisation.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{HostError, HINT_GENERIC};
+use crate::hostfs::{read_bounded, HostRoot, LARGE_FILE_MAX};
+
+/// One CPU's cumulative times, in USER_HZ ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CpuTimes {
+    pub user: u64,
+    pub nice: u64,
+    pub system: u64,
+    pub idle: u64,
+    pub iowait: u64,
+    pub irq: u64,
+    pub softirq: u64,
+    pub steal: u64,
+}
+
+impl CpuTimes {
+    /// Time the CPU spent running something on this host (guest time is already in `user`;
+    /// `steal` is time the hypervisor gave to someone else, so it is not ours).
+    pub fn busy(&self) -> u64 {
+        self.user
+            .saturating_add(self.nice)
+            .saturating_add(self.system)
+            .saturating_add(self.irq)
+            .saturating_add(self.softirq)
+    }
+
+    /// Every tick the CPU was ours, busy or not.
+    pub fn total(&self) -> u64 {
+        self.busy()
+            .saturating_add(self.idle)
+            .saturating_add(self.iowait)
+    }
+}
+
+/// Per-CPU times from one read of `/proc/stat`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ProcStat {
+    pub per_cpu: BTreeMap<u32, CpuTimes>,
+}
+
+/// The path of `/proc/stat` under a root.
+pub fn proc_stat_path(root: &HostRoot) -> PathBuf {
+    root.join("proc/stat")
+}
+
+impl ProcStat {
+    pub fn read(root: &HostRoot) -> Result<Self, HostError> {
+        let path = proc_stat_path(root);
+        let s = read_bounded(&path, LARGE_FILE_MAX, HINT_GENERIC)?;
+        Self::parse(&path, &s)
+    }
+
+    /// Parses the `cpuN` lines; the aggregate `cpu` line and every other line are ignored.
+    /// Fields beyond `steal` (guest, guest_nice) are optional; fewer than four fields is an error.
+    pub fn parse(path: &Path, s: &str) -> Result<Self, HostError> {
+        let mut per_cpu = BTreeMap::new();
+        for (lineno, line) in s.lines().enumerate() {
+            let Some(rest) = line.strip_prefix("cpu") else {
+                continue;
+            };
+            let mut it = rest.split_ascii_whitespace();
+            let Some(id) = it.next() else { continue };
+            if rest.starts_with(' ') {
+                continue; // the aggregate line "cpu  ..."
+            }
+            let id: u32 = id.parse().map_err(|_| {
+                HostError::malformed(path, format!("line {}: bad CPU id", lineno + 1))
+            })?;
+            let mut vals = [0u64; 8];
+            let mut n = 0;
+            for (slot, field) in vals.iter_mut().zip(it.by_ref()) {
+                *slot = field.parse().map_err(|_| {
+                    HostError::malformed(path, format!("line {}: bad number", lineno + 1))
+                })?;
+                n += 1;
+            }
+            if n < 4 {
+                return Err(HostError::malformed(
+                    path,
+                    format!(
+                        "line {}: cpu{id} has {n} fields, need at least 4",
+                        lineno + 1
+                    ),
+                ));
+            }
+            let t = CpuTimes {
+                user: vals[0],
+                nice: vals[1],
+                system: vals[2],
+                idle: vals[3],
+                iowait: vals[4],
+                irq: vals[5],
+                softirq: vals[6],
+                steal: vals[7],
+            };
+            if per_cpu.insert(id, t).is_some() {
+                return Err(HostError::malformed(path, format!("cpu{id} listed twice")));
+            }
+        }
+        if per_cpu.is_empty() {
+            return Err(HostError::malformed(path, "no cpuN lines"));
+        }
+        Ok(ProcStat { per_cpu })
+    }
+}
+
+/// USER_HZ, the unit of /proc/stat.
+pub fn user_hz() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if v > 0 {
+        v as u64
+    } else {
+        100
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/fixtures")
+            .join(rel)
+    }
+
+    #[test]
+    fn two_socket_xeon_proc_stat() {
+        let p = fixture("scaphandre/xeon-bisocket-proc-stat.txt");
+        let s = std::fs::read_to_string(&p).unwrap();
+        let st = ProcStat::parse(&p, &s).unwrap();
+        assert_eq!(st.per_cpu.len(), 24);
+        let c0 = st.per_cpu[&0];
+        assert_eq!(c0.user, 11704766);
+        assert_eq!(c0.busy(), 11704766 + 481 + 8062705 + 0 + 4194812);
+    }
+
+    #[test]
+    fn bad_lines_are_errors_with_path() {
+        let p = Path::new("/h/proc/stat");
+        for bad in [
+            "cpu0 1 2\n",
+            "cpuX 1 2 3 4\n",
+            "cpu0 1 2 x 4\n",
+            "intr 5\n",
+            "cpu0 1 2 3 4\ncpu0 1 2 3 4\n",
+        ] {
+            let e = ProcStat::parse(p, bad).unwrap_err().to_string();
+            assert!(e.contains("/h/proc/stat"), "{bad:?}: {e}");
+        }
+        let ok = ProcStat::parse(p, "cpu  1 2 3 4\ncpu0 1 2 3 4\n").unwrap();
+        assert_eq!(ok.per_cpu[&0].idle, 4);
+    }
+}
