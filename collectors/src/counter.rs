@@ -248,7 +248,8 @@ mod tests {
     #[test]
     fn perf_scale_is_recognised_as_power_of_two() {
         assert_eq!(
-            EnergyUnit::from_joule_scale(2.3283064365386962890625e-10),
+            // The perf .scale file's text, parsed as the probe parses it.
+            EnergyUnit::from_joule_scale("2.3283064365386962890625e-10".parse().unwrap()),
             EnergyUnit::PowTwoJoule(32)
         );
         assert_eq!(

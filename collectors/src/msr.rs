@@ -215,13 +215,12 @@ pub struct MsrZone {
     pub raw: u64,
 }
 
+/// Readable zones, and the registers that failed with their errors.
+pub type MsrScan = (Vec<MsrZone>, Vec<(MeterKey, HostError)>);
+
 /// Probes every register of the layout on the first CPU of each package. Returns the readable
 /// zones and, per register that failed, the error (EIO means "not supported by this CPU").
-pub fn scan(
-    root: &HostRoot,
-    topo: &Topology,
-    layout: &Layout,
-) -> Result<(Vec<MsrZone>, Vec<(MeterKey, HostError)>), HostError> {
+pub fn scan(root: &HostRoot, topo: &Topology, layout: &Layout) -> Result<MsrScan, HostError> {
     let mut zones = Vec::new();
     let mut failed = Vec::new();
     for (pkg, cpus) in topo.cpus_by_package() {

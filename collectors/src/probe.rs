@@ -141,35 +141,33 @@ pub fn select(opts: &ProbeOptions) -> Selection {
 
     let mut chosen: BTreeMap<MeterKey, SourceKind> = BTreeMap::new();
     let mut meters: Vec<Box<dyn Meter>> = Vec::new();
-    let mut sources = Vec::new();
+    // In order of preference: each source claims the billed meters no earlier one serves; the
+    // estimator covers packages with no measured package meter.
+    let sources = vec![
+        probe_perf(opts, topo.as_ref(), virtualized, &mut chosen, &mut meters),
+        probe_powercap(root, virtualized, &mut chosen, &mut meters),
+        probe_msr(
+            opts,
+            cpu.as_ref(),
+            topo.as_ref(),
+            virtualized,
+            &mut chosen,
+            &mut meters,
+        ),
+        probe_estimator(opts, topo.as_ref(), &mut chosen, &mut meters),
+    ];
 
-    // 1. perf power PMU.
-    sources.push(probe_perf(
-        opts,
-        topo.as_ref(),
-        virtualized,
-        &mut chosen,
-        &mut meters,
-    ));
-    // 2. powercap.
-    sources.push(probe_powercap(root, virtualized, &mut chosen, &mut meters));
-    // 3. MSR.
-    sources.push(probe_msr(
-        opts,
-        cpu.as_ref(),
-        topo.as_ref(),
-        virtualized,
-        &mut chosen,
-        &mut meters,
-    ));
-    // 4. estimator, for each package with no measured package meter.
-    sources.push(probe_estimator(
-        opts,
-        topo.as_ref(),
-        &mut chosen,
-        &mut meters,
-    ));
-
+    if let Some(t) = &topo {
+        let pkgs = t.packages();
+        for k in chosen.keys() {
+            if let Some(p) = k.package.filter(|p| !pkgs.contains(p)) {
+                problems.push(format!(
+                    "{k} is measured but no online CPU belongs to package {p}: its energy cannot be \
+                     split by usage and will be recorded as unattributed"
+                ));
+            }
+        }
+    }
     let chosen_list = chosen
         .iter()
         .map(|(k, s)| Choice {

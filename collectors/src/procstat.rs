@@ -141,7 +141,7 @@ mod tests {
         assert_eq!(st.per_cpu.len(), 24);
         let c0 = st.per_cpu[&0];
         assert_eq!(c0.user, 11704766);
-        assert_eq!(c0.busy(), 11704766 + 481 + 8062705 + 0 + 4194812);
+        assert_eq!(c0.busy(), 11704766 + 481 + 8062705 + 4194812);
     }
 
     #[test]

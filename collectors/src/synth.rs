@@ -125,7 +125,9 @@ impl HostTree {
     }
 
     /// Sets 64-bit registers in a sparse `dev/cpu/N/msr` file, as the msr driver presents them:
-    /// the register address is the file offset.
+    /// the register address is the file offset. Each register is an 8-byte window at its
+    /// address, so adjacent addresses (AMD's 0xC001029A and 0xC001029B) overlap in a regular
+    /// file, unlike the real device: write the register a test checks last.
     pub fn msr(&self, cpu: u32, regs: &[(u32, u64)]) -> io::Result<()> {
         let p = self.root.join(format!("dev/cpu/{cpu}/msr"));
         if let Some(parent) = p.parent() {
@@ -140,5 +142,19 @@ impl HostTree {
             f.write_all_at(&v.to_le_bytes(), *addr as u64)?;
         }
         Ok(())
+    }
+
+    /// Writes raw bytes at a register address of `dev/cpu/N/msr` (for overlapping registers).
+    pub fn msr_bytes(&self, cpu: u32, addr: u32, bytes: &[u8]) -> io::Result<()> {
+        let p = self.root.join(format!("dev/cpu/{cpu}/msr"));
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&p)?;
+        f.write_all_at(bytes, addr as u64)
     }
 }

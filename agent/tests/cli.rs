@@ -1,0 +1,137 @@
+//! Tests of the `wattd` binary's command-line contract: subcommands, formats, exit codes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn wattd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wattd"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/fixtures")
+        .join(name)
+}
+
+fn run(cmd: &mut Command) -> (Output, String, String) {
+    let out = cmd.output().expect("run wattd");
+    let so = String::from_utf8_lossy(&out.stdout).into_owned();
+    let se = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, so, se)
+}
+
+#[test]
+fn probe_json_on_fixture_lists_the_right_zones() {
+    let (out, so, se) = run(wattd()
+        .args(["probe", "--format", "json", "--root"])
+        .arg(fixture("kepler")));
+    assert!(out.status.success(), "{se}");
+    let v: serde_json::Value = serde_json::from_str(&so).expect("valid JSON");
+    let chosen = v["chosen"].as_array().expect("chosen array");
+    let pk: Vec<(String, u64, String)> = chosen
+        .iter()
+        .map(|c| {
+            (
+                c["domain"].as_str().unwrap_or_default().to_owned(),
+                c["package"].as_u64().unwrap_or(u64::MAX),
+                c["source"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pk,
+        vec![
+            ("package".into(), 0, "powercap".into()),
+            ("package".into(), 10, "powercap".into())
+        ]
+    );
+    let powercap = v["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["source"] == "powercap")
+        .unwrap();
+    let statuses: Vec<&str> = powercap["zones"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|z| z["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == "duplicate").count(),
+        1,
+        "{statuses:?}"
+    );
+}
+
+#[test]
+fn probe_text_names_the_estimator_on_a_host_without_counters() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = wattd_collectors::synth::HostTree::new(dir.path());
+    t.cpus(1, 2, 1).unwrap();
+    t.cpuinfo("GenuineIntel", 6, 0x55, true).unwrap();
+    t.proc_stat(&[(1, 1), (1, 1)]).unwrap();
+    let (out, so, se) = run(wattd().args(["probe", "--root"]).arg(dir.path()));
+    assert!(out.status.success(), "{se}");
+    assert!(so.contains("estimator") && so.contains("Estimated"), "{so}");
+    assert!(so.contains("powercap   not used"), "{so}");
+    assert!(so.contains("msr        not used"), "{so}");
+}
+
+#[test]
+fn bad_usage_exits_64() {
+    let (out, _, se) = run(wattd().args(["probe", "--format", "yaml"]));
+    assert_eq!(out.status.code(), Some(64), "{se}");
+    let (out, _, _) = run(wattd().args(["no-such-command"]));
+    assert_eq!(out.status.code(), Some(64));
+    let (out, so, _) = run(wattd().args(["--help"]));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(so.contains("probe"));
+}
+
+/// A root-only `energy_uj` (mode 0400, as since CVE-2020-8694) read by an unprivileged user must
+/// give a permission reason with the way to grant it, never a silent zero.
+#[test]
+fn root_only_energy_file_gives_permission_reason() {
+    use std::os::unix::fs::PermissionsExt;
+    let setpriv = Path::new("/usr/bin/setpriv");
+    if unsafe { libc::geteuid() } != 0 || !setpriv.exists() {
+        assert!(
+            std::env::var_os("WATTD_REQUIRE_CGROUPS").is_none(),
+            "needs root and setpriv to drop privileges, and WATTD_REQUIRE_CGROUPS is set"
+        );
+        eprintln!("SKIPPED root_only_energy_file_gives_permission_reason: needs root and /usr/bin/setpriv");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let t = wattd_collectors::synth::HostTree::new(dir.path());
+    let zdir = t
+        .zone(&wattd_collectors::synth::ZoneSpec::new(
+            "intel-rapl:0",
+            "package-0",
+            "100",
+        ))
+        .unwrap();
+    for sub in ["sys", "sys/class", "sys/class/powercap"] {
+        std::fs::set_permissions(dir.path().join(sub), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+    }
+    std::fs::set_permissions(
+        zdir.join("energy_uj"),
+        std::fs::Permissions::from_mode(0o400),
+    )
+    .unwrap();
+    let (out, so, se) = run(Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_wattd"))
+        .args(["probe", "--root"])
+        .arg(dir.path()));
+    assert!(out.status.success(), "{se}");
+    assert!(so.contains("permission denied"), "{so}");
+    assert!(so.contains("CAP_DAC_READ_SEARCH"), "{so}");
+    assert!(
+        !so.contains("chosen        package"),
+        "an unreadable zone must not be chosen: {so}"
+    );
+}
