@@ -1,0 +1,89 @@
+//! Per-run running totals across intervals and the summary emitted when a run finishes.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use wattd_collectors::{Domain, Quality};
+
+use super::MeterResult;
+
+/// Microjoules in one watt-hour.
+pub const UJ_PER_WH: u64 = 3_600_000_000;
+
+/// What one run consumed so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RunTotal {
+    pub run_id: String,
+    /// Per domain: active + idle microjoules.
+    pub energy_uj: BTreeMap<Domain, u64>,
+    pub first_interval: u64,
+    pub last_interval: u64,
+    /// True when any of it came from the estimator.
+    pub estimated: bool,
+}
+
+impl RunTotal {
+    pub fn total_uj(&self) -> u64 {
+        self.energy_uj.values().sum()
+    }
+}
+
+/// Running totals of every live run.
+#[derive(Clone, Debug, Default)]
+pub struct Totals {
+    runs: BTreeMap<String, RunTotal>,
+}
+
+impl Totals {
+    /// Adds one interval's results.
+    pub fn add(&mut self, interval: u64, results: &[MeterResult]) {
+        for m in results {
+            for share in &m.runs {
+                let t = self.runs.entry(share.run_id.clone()).or_insert_with(|| RunTotal {
+                    run_id: share.run_id.clone(),
+                    first_interval: interval,
+                    ..RunTotal::default()
+                });
+                *t.energy_uj.entry(m.key.domain).or_default() += share.active_uj + share.idle_uj;
+                t.last_interval = interval;
+                t.estimated |= m.quality == Quality::Estimated;
+            }
+        }
+    }
+
+    pub fn get(&self, run_id: &str) -> Option<&RunTotal> {
+        self.runs.get(run_id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &RunTotal> {
+        self.runs.values()
+    }
+
+    /// Removes a finished run and returns its summary (a run that never appeared in an interval
+    /// gets an empty one, so its finish is still on record).
+    pub fn finish(&mut self, run_id: &str, interval: u64) -> RunTotal {
+        self.runs.remove(run_id).unwrap_or_else(|| RunTotal {
+            run_id: run_id.to_owned(),
+            first_interval: interval,
+            last_interval: interval,
+            ..RunTotal::default()
+        })
+    }
+}
+
+/// Formats microjoules as watt-hours with enough decimals to show every microjoule.
+pub fn format_wh(uj: u64) -> String {
+    format!("{}.{:010}", uj / UJ_PER_WH, (uj % UJ_PER_WH) as u128 * 10_000_000_000 / UJ_PER_WH as u128)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wh_formatting() {
+        assert_eq!(format_wh(3_600_000_000), "1.0000000000");
+        assert_eq!(format_wh(1), "0.0000000002");
+        assert_eq!(format_wh(5_400_000_000), "1.5000000000");
+    }
+}
