@@ -1,3 +1,4 @@
 //! The `wattd` agent as a library: the modules the binary (`src/main.rs`) wires together, exposed
 //! so integration tests and benchmarks can drive them directly.
 pub mod attribution;
+pub mod config;

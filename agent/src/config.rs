@@ -1,0 +1,541 @@
+//! Configuration in two phases: parse the TOML text, then validate every key into typed values,
+//! reporting every problem at once with file, line and key. Every key is optional; unknown keys
+//! are errors. The keys and their meaning are the stable contract of the design brief.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use toml_edit::{ImDocument, Item, Table, Value};
+use wattd_collectors::estimator::EstimatorModel;
+use wattd_collectors::Domain;
+
+use crate::attribution::{DramPolicy, IdleEstimate, IdlePolicy, IdleSource};
+
+/// The default pattern of run cgroups, relative to the cgroup root.
+pub const DEFAULT_PATTERN: &str = "flowzart.slice/run-{run_id}.scope";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/wattd/control.sock";
+pub const DEFAULT_SPOOL_DIR_ROOT: &str = "/var/lib/wattd";
+pub const DEFAULT_SPOOL_DIR_USER: &str = "wattd-data";
+
+/// The `[ledger]` section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LedgerConfig {
+    pub endpoint: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The file it came from; `None` for the embedded defaults.
+    pub file: Option<PathBuf>,
+    pub node_id: Option<String>,
+    pub interval_ms: u64,
+    pub host_root: PathBuf,
+    pub cgroup_root: Option<PathBuf>,
+    pub patterns: Vec<String>,
+    pub control_socket: PathBuf,
+    pub control_allowed_uids: Vec<u32>,
+    pub control_allowed_gids: Vec<u32>,
+    pub idle_policy: IdlePolicy,
+    pub dram_policy: DramPolicy,
+    pub idle_window_s: u64,
+    /// Declared idle power per domain, with its origin (`[attribution] idle_watts_*` is config;
+    /// `[calibration]` is what `wattd calibrate` measured).
+    pub idle_declared: BTreeMap<Domain, IdleEstimate>,
+    pub estimator: EstimatorModel,
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
+    pub ledger: Option<LedgerConfig>,
+    pub metrics_listen: SocketAddr,
+}
+
+impl Config {
+    /// The embedded defaults.
+    pub fn defaults() -> Self {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        Config {
+            file: None,
+            node_id: None,
+            interval_ms: 1000,
+            host_root: PathBuf::from("/"),
+            cgroup_root: None,
+            patterns: vec![DEFAULT_PATTERN.to_owned()],
+            control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            control_allowed_uids: Vec::new(),
+            control_allowed_gids: Vec::new(),
+            idle_policy: IdlePolicy::Proportional,
+            dram_policy: DramPolicy::Cpu,
+            idle_window_s: 600,
+            idle_declared: BTreeMap::new(),
+            estimator: EstimatorModel::default(),
+            spool_dir: PathBuf::from(if root { DEFAULT_SPOOL_DIR_ROOT } else { DEFAULT_SPOOL_DIR_USER }),
+            spool_max_bytes: 1 << 30,
+            ledger: None,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9447)),
+        }
+    }
+}
+
+/// One problem in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}:{}: {}", self.file, self.line, self.message)
+        } else {
+            write!(f, "{}:{}: {}: {}", self.file, self.line, self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(f, "{n} problem{} in the configuration", if n == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads a config file, or the embedded defaults when `path` is `None`.
+pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let Some(path) = path else { return Ok(Config::defaults()) };
+    let label = path.display().to_string();
+    let text = match std::fs::read(path) {
+        Ok(b) if b.len() > 1 << 20 => return Err(one(&label, 0, "", "larger than 1 MiB")),
+        Ok(b) => match String::from_utf8(b) {
+            Ok(s) => s,
+            Err(_) => return Err(one(&label, 0, "", "not valid UTF-8")),
+        },
+        Err(e) => return Err(one(&label, 0, "", &format!("cannot read: {e}"))),
+    };
+    let mut c = parse(&label, &text)?;
+    c.file = Some(path.to_owned());
+    Ok(c)
+}
+
+fn one(file: &str, line: usize, key: &str, msg: &str) -> ConfigError {
+    ConfigError {
+        problems: vec![Problem {
+            file: file.to_owned(),
+            line,
+            key: key.to_owned(),
+            message: msg.to_owned(),
+        }],
+    }
+}
+
+/// Walks the document, checking every key against the schema.
+struct Checker<'a> {
+    file: &'a str,
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn line_of(&self, span: Option<std::ops::Range<usize>>) -> usize {
+        span.map_or(0, |s| self.text.as_bytes()[..s.start.min(self.text.len())].iter().filter(|&&b| b == b'\n').count() + 1)
+    }
+
+    fn problem(&mut self, span: Option<std::ops::Range<usize>>, key: &str, msg: impl Into<String>) {
+        let line = self.line_of(span);
+        self.problems.push(Problem {
+            file: self.file.to_owned(),
+            line,
+            key: key.to_owned(),
+            message: msg.into(),
+        });
+    }
+
+    /// Checks a section: it must be a table whose keys are all in `known`.
+    fn section<'t>(&mut self, root: &'t Table, name: &str, known: &[&str]) -> Option<&'t Table> {
+        let (k, item) = root.get_key_value(name)?;
+        let Some(t) = item.as_table() else {
+            self.problem(k.span(), name, "must be a table, like [".to_owned() + name + "]");
+            return None;
+        };
+        for (key, _) in t.iter() {
+            if !known.contains(&key) {
+                let span = t.get_key_value(key).and_then(|(k, _)| k.span());
+                self.problem(span, &format!("{name}.{key}"), format!("unknown key (known: {})", known.join(", ")));
+            }
+        }
+        Some(t)
+    }
+
+    fn get<'t>(&self, t: &'t Table, key: &str) -> Option<(&'t Value, Option<std::ops::Range<usize>>)> {
+        let (k, item) = t.get_key_value(key)?;
+        match item {
+            Item::Value(v) => Some((v, v.span().or_else(|| k.span()))),
+            _ => Some((&DUMMY_NOT_A_VALUE, k.span())),
+        }
+    }
+
+    fn string(&mut self, t: &Table, sec: &str, key: &str) -> Option<String> {
+        let (v, span) = self.get(t, key)?;
+        match v.as_str() {
+            Some(s) if !s.is_empty() && !s.contains('\0') => Some(s.to_owned()),
+            Some(_) => {
+                self.problem(span, &format!("{sec}.{key}"), "must not be empty or contain NUL");
+                None
+            }
+            None => {
+                self.problem(span, &format!("{sec}.{key}"), "must be a string");
+                None
+            }
+        }
+    }
+
+    fn int(&mut self, t: &Table, sec: &str, key: &str, lo: i64, hi: i64) -> Option<u64> {
+        let (v, span) = self.get(t, key)?;
+        match v.as_integer() {
+            Some(i) if (lo..=hi).contains(&i) => Some(i as u64),
+            Some(i) => {
+                self.problem(span, &format!("{sec}.{key}"), format!("{i} is out of range {lo} ..= {hi}"));
+                None
+            }
+            None => {
+                self.problem(span, &format!("{sec}.{key}"), "must be an integer");
+                None
+            }
+        }
+    }
+
+    fn float(&mut self, t: &Table, sec: &str, key: &str, lo: f64, hi: f64) -> Option<f64> {
+        let (v, span) = self.get(t, key)?;
+        let f = v.as_float().or_else(|| v.as_integer().map(|i| i as f64));
+        match f {
+            Some(f) if f.is_finite() && (lo..=hi).contains(&f) => Some(f),
+            Some(f) => {
+                self.problem(span, &format!("{sec}.{key}"), format!("{f} is out of range {lo} ..= {hi}"));
+                None
+            }
+            None => {
+                self.problem(span, &format!("{sec}.{key}"), "must be a number");
+                None
+            }
+        }
+    }
+
+    fn choice<T: Copy>(&mut self, t: &Table, sec: &str, key: &str, options: &[(&str, T)]) -> Option<T> {
+        let s = self.string(t, sec, key)?;
+        match options.iter().find(|(n, _)| *n == s) {
+            Some((_, v)) => Some(*v),
+            None => {
+                let span = self.get(t, key).and_then(|(_, s)| s);
+                let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+                self.problem(span, &format!("{sec}.{key}"), format!("{s:?} is not one of {}", names.join(", ")));
+                None
+            }
+        }
+    }
+
+    fn id_list(&mut self, t: &Table, sec: &str, key: &str) -> Option<Vec<u32>> {
+        let (v, span) = self.get(t, key)?;
+        let Some(arr) = v.as_array() else {
+            self.problem(span, &format!("{sec}.{key}"), "must be an array of integers");
+            return None;
+        };
+        let mut out = Vec::new();
+        for item in arr.iter() {
+            match item.as_integer().and_then(|i| u32::try_from(i).ok()) {
+                Some(i) => out.push(i),
+                None => self.problem(item.span().or(span.clone()), &format!("{sec}.{key}"), "every entry must be an id from 0 to 4294967295"),
+            }
+        }
+        Some(out)
+    }
+}
+
+static DUMMY_NOT_A_VALUE: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| Value::from(false));
+
+/// Checks a run pattern: relative, one `{run_id}` inside one path component, no `..`.
+pub fn check_pattern(p: &str) -> Result<(), String> {
+    if p.starts_with('/') {
+        return Err("must be relative to the cgroup root".into());
+    }
+    if p.matches("{run_id}").count() != 1 {
+        return Err("must contain {run_id} exactly once".into());
+    }
+    if p.split('/').any(|c| c == ".." || c == "." || c.is_empty()) {
+        return Err("must not contain empty, . or .. components".into());
+    }
+    if p.contains(['\n', '\0', '*', '?', '[']) {
+        return Err("must not contain newlines, NUL or glob characters".into());
+    }
+    Ok(())
+}
+
+/// Parses and validates config text. `file` labels problems.
+pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+    let doc = match ImDocument::parse(text) {
+        Ok(d) => d,
+        Err(e) => {
+            let mut c = Checker { file, text, problems: Vec::new() };
+            let msg = e.message().to_owned();
+            c.problem(e.span(), "", format!("TOML syntax: {msg}"));
+            return Err(ConfigError { problems: c.problems });
+        }
+    };
+    let mut c = Checker { file, text, problems: Vec::new() };
+    let mut cfg = Config::defaults();
+    let root: &Table = &doc;
+    const SECTIONS: [&str; 10] = ["node", "sampling", "host", "runs", "attribution", "calibration", "estimator", "spool", "ledger", "metrics"];
+    for (key, _) in root.iter() {
+        if !SECTIONS.contains(&key) {
+            let span = root.get_key_value(key).and_then(|(k, _)| k.span());
+            c.problem(span, key, format!("unknown section (known: {})", SECTIONS.join(", ")));
+        }
+    }
+    if let Some(t) = c.section(root, "node", &["id"]) {
+        if let Some(id) = c.string(t, "node", "id") {
+            if id.len() > 253 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+                let span = c.get(t, "id").and_then(|(_, s)| s);
+                c.problem(span, "node.id", "must be 1 to 253 characters of A-Z a-z 0-9 - _ .");
+            } else {
+                cfg.node_id = Some(id);
+            }
+        }
+    }
+    if let Some(t) = c.section(root, "sampling", &["interval_ms"]) {
+        if let Some(v) = c.int(t, "sampling", "interval_ms", 10, 60_000) {
+            cfg.interval_ms = v;
+        }
+    }
+    if let Some(t) = c.section(root, "host", &["root", "cgroup_root"]) {
+        if let Some(v) = c.string(t, "host", "root") {
+            cfg.host_root = PathBuf::from(v);
+        }
+        if let Some(v) = c.string(t, "host", "cgroup_root") {
+            cfg.cgroup_root = Some(PathBuf::from(v));
+        }
+    }
+    if let Some(t) = c.section(root, "runs", &["patterns", "control_socket", "control_allowed_uids", "control_allowed_gids"]) {
+        if let Some((v, span)) = c.get(t, "patterns") {
+            match v.as_array() {
+                Some(arr) => {
+                    let mut pats = Vec::new();
+                    for item in arr.iter() {
+                        match item.as_str() {
+                            Some(p) => match check_pattern(p) {
+                                Ok(()) => pats.push(p.to_owned()),
+                                Err(e) => c.problem(item.span(), "runs.patterns", format!("{p:?} {e}")),
+                            },
+                            None => c.problem(item.span(), "runs.patterns", "every entry must be a string"),
+                        }
+                    }
+                    if arr.is_empty() {
+                        c.problem(span, "runs.patterns", "must list at least one pattern");
+                    }
+                    cfg.patterns = pats;
+                }
+                None => c.problem(span, "runs.patterns", "must be an array of strings"),
+            }
+        }
+        if let Some(v) = c.string(t, "runs", "control_socket") {
+            cfg.control_socket = PathBuf::from(v);
+        }
+        if let Some(v) = c.id_list(t, "runs", "control_allowed_uids") {
+            cfg.control_allowed_uids = v;
+        }
+        if let Some(v) = c.id_list(t, "runs", "control_allowed_gids") {
+            cfg.control_allowed_gids = v;
+        }
+    }
+    if let Some(t) = c.section(root, "attribution", &["idle_policy", "dram_policy", "idle_window_s", "idle_watts_package", "idle_watts_dram", "idle_watts_psys"]) {
+        if let Some(v) = c.choice(t, "attribution", "idle_policy", &[("proportional", IdlePolicy::Proportional), ("reserved", IdlePolicy::Reserved), ("host", IdlePolicy::Host)]) {
+            cfg.idle_policy = v;
+        }
+        if let Some(v) = c.choice(t, "attribution", "dram_policy", &[("cpu", DramPolicy::Cpu), ("memory", DramPolicy::Memory)]) {
+            cfg.dram_policy = v;
+        }
+        if let Some(v) = c.int(t, "attribution", "idle_window_s", 1, 86_400) {
+            cfg.idle_window_s = v;
+        }
+        declared(&mut c, t, "attribution", "idle_watts_", IdleSource::Config, &mut cfg.idle_declared);
+    }
+    if let Some(t) = c.section(root, "calibration", &["idle_watts_package", "idle_watts_dram", "idle_watts_psys"]) {
+        declared(&mut c, t, "calibration", "idle_watts_", IdleSource::Calibration, &mut cfg.idle_declared);
+    }
+    if let Some(t) = c.section(root, "estimator", &["idle_watts_per_package", "busy_watts_per_cpu"]) {
+        let idle = c.float(t, "estimator", "idle_watts_per_package", 0.0, 10_000.0);
+        let busy = c.float(t, "estimator", "busy_watts_per_cpu", 0.0, 1_000.0);
+        let d = EstimatorModel::default();
+        cfg.estimator = EstimatorModel {
+            idle_uw_per_package: idle.map_or(d.idle_uw_per_package, |w| (w * 1e6).round() as u64),
+            busy_uw_per_cpu: busy.map_or(d.busy_uw_per_cpu, |w| (w * 1e6).round() as u64),
+        };
+    }
+    if let Some(t) = c.section(root, "spool", &["dir", "max_bytes"]) {
+        if let Some(v) = c.string(t, "spool", "dir") {
+            cfg.spool_dir = PathBuf::from(v);
+        }
+        if let Some(v) = c.int(t, "spool", "max_bytes", 1 << 20, i64::MAX) {
+            cfg.spool_max_bytes = v;
+        }
+    }
+    if let Some(t) = c.section(root, "ledger", &["endpoint", "ca", "cert", "key"]) {
+        let endpoint = c.string(t, "ledger", "endpoint");
+        let ca = c.string(t, "ledger", "ca");
+        let cert = c.string(t, "ledger", "cert");
+        let key = c.string(t, "ledger", "key");
+        if let Some(e) = &endpoint {
+            if !e.starts_with("https://") {
+                let span = c.get(t, "endpoint").and_then(|(_, s)| s);
+                c.problem(span, "ledger.endpoint", "must be an https:// URL");
+            }
+        }
+        match (endpoint, ca, cert, key) {
+            (Some(endpoint), Some(ca), Some(cert), Some(key)) => {
+                cfg.ledger = Some(LedgerConfig { endpoint, ca: ca.into(), cert: cert.into(), key: key.into() })
+            }
+            _ => {
+                let span = root.get_key_value("ledger").and_then(|(k, _)| k.span());
+                c.problem(span, "ledger", "needs all of endpoint, ca, cert and key");
+            }
+        }
+    }
+    if let Some(t) = c.section(root, "metrics", &["listen"]) {
+        if let Some(v) = c.string(t, "metrics", "listen") {
+            match v.parse::<SocketAddr>() {
+                Ok(a) => cfg.metrics_listen = a,
+                Err(_) => {
+                    let span = c.get(t, "listen").and_then(|(_, s)| s);
+                    c.problem(span, "metrics.listen", format!("{v:?} is not an address:port"));
+                }
+            }
+        }
+    }
+    if c.problems.is_empty() {
+        Ok(cfg)
+    } else {
+        c.problems.sort_by_key(|p| p.line);
+        Err(ConfigError { problems: c.problems })
+    }
+}
+
+fn declared(c: &mut Checker<'_>, t: &Table, sec: &str, prefix: &str, source: IdleSource, out: &mut BTreeMap<Domain, IdleEstimate>) {
+    for (suffix, domain, max) in [("package", Domain::Package, 5_000.0), ("dram", Domain::Dram, 2_000.0), ("psys", Domain::Psys, 20_000.0)] {
+        if let Some(w) = c.float(t, sec, &format!("{prefix}{suffix}"), 0.0, max) {
+            // Config wins over calibration when both are given: it is the operator's word.
+            let e = IdleEstimate { power_uw: (w * 1e6).round() as u64, source };
+            if source == IdleSource::Config || !out.contains_key(&domain) {
+                out.insert(domain, e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(parse("f", "").unwrap(), Config::defaults());
+    }
+
+    #[test]
+    fn full_contract_parses() {
+        let text = r#"
+[node]
+id = "worker-17"
+[sampling]
+interval_ms = 250
+[host]
+root = "/host"
+cgroup_root = "/sys/fs/cgroup"
+[runs]
+patterns = ["flowzart.slice/run-{run_id}.scope", "other/{run_id}"]
+control_socket = "/run/wattd/c.sock"
+control_allowed_uids = [1000]
+[attribution]
+idle_policy = "reserved"
+dram_policy = "memory"
+idle_watts_package = 12.5
+[calibration]
+idle_watts_package = 11.0
+idle_watts_dram = 1.5
+[estimator]
+idle_watts_per_package = 20.0
+busy_watts_per_cpu = 4
+[spool]
+dir = "/var/lib/wattd"
+max_bytes = 1073741824
+[ledger]
+endpoint = "https://ledger.example:7443"
+ca = "/etc/wattd/ledger-ca.pem"
+cert = "/etc/wattd/node.pem"
+key = "/etc/wattd/node.key"
+[metrics]
+listen = "127.0.0.1:9447"
+"#;
+        let c = parse("f", text).unwrap();
+        assert_eq!(c.interval_ms, 250);
+        assert_eq!(c.idle_policy, IdlePolicy::Reserved);
+        assert_eq!(c.patterns.len(), 2);
+        assert_eq!(c.idle_declared[&Domain::Package], IdleEstimate { power_uw: 12_500_000, source: IdleSource::Config });
+        assert_eq!(c.idle_declared[&Domain::Dram], IdleEstimate { power_uw: 1_500_000, source: IdleSource::Calibration });
+        assert_eq!(c.estimator.busy_uw_per_cpu, 4_000_000);
+        assert!(c.ledger.is_some());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_line_and_key() {
+        let text = "[sampling]\ninterval_ms = 5\nbogus = 1\n[runs]\npatterns = [\"/abs/{run_id}\", \"no-id\"]\n[attribution]\nidle_policy = \"evenly\"\n[mystery]\n[metrics]\nlisten = \"nowhere\"\n";
+        let e = parse("wattd.toml", text).unwrap_err();
+        let lines: Vec<String> = e.problems.iter().map(|p| p.to_string()).collect();
+        let want = [
+            "wattd.toml:2: sampling.interval_ms: 5 is out of range 10 ..= 60000",
+            "wattd.toml:3: sampling.bogus: unknown key",
+            "wattd.toml:5: runs.patterns: \"/abs/{run_id}\" must be relative",
+            "wattd.toml:5: runs.patterns: \"no-id\" must contain {run_id} exactly once",
+            "wattd.toml:7: attribution.idle_policy: \"evenly\" is not one of proportional, reserved, host",
+            "wattd.toml:8: mystery: unknown section",
+            "wattd.toml:10: metrics.listen: \"nowhere\" is not an address:port",
+        ];
+        assert_eq!(lines.len(), want.len(), "{lines:#?}");
+        for (got, want) in lines.iter().zip(want) {
+            assert!(got.starts_with(want), "{got} does not start with {want}");
+        }
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let e = parse("w.toml", "[node]\nid = \n").unwrap_err();
+        assert_eq!(e.problems.len(), 1);
+        assert_eq!(e.problems[0].line, 2, "{}", e);
+        assert!(e.to_string().contains("TOML syntax"));
+    }
+
+    #[test]
+    fn wrong_types_and_partial_ledger() {
+        let e = parse("w.toml", "[sampling]\ninterval_ms = \"fast\"\n[ledger]\nendpoint = \"http://x\"\n[node]\nid = \"a b\"\n").unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("w.toml:2: sampling.interval_ms: must be an integer"), "{s}");
+        assert!(s.contains("w.toml:4: ledger.endpoint: must be an https:// URL"), "{s}");
+        assert!(s.contains("ledger: needs all of endpoint, ca, cert and key"), "{s}");
+        assert!(s.contains("w.toml:6: node.id"), "{s}");
+    }
+}
