@@ -1,1 +1,6 @@
-//! Support for the end-to-end tests: the simulated host and helpers shared by the tests in `tests/e2e`.
+//! Support for the end-to-end tests: real cgroups with real processes in them, and the simulated
+//! host (a powercap tree whose counters a driver thread advances from a declared power model fed
+//! by the machine's real /proc/stat), reusable by every end-to-end test.
+
+pub mod cgroups;
+pub mod simhost;
