@@ -2,3 +2,4 @@
 //! so integration tests and benchmarks can drive them directly.
 pub mod attribution;
 pub mod config;
+pub mod sampler;

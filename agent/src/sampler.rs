@@ -1,0 +1,266 @@
+//! The sampler: closes one interval per tick on the monotonic clock, reads every meter, turns
+//! counter verdicts into measured energy or recorded gaps, estimates idle power, and hands the
+//! interval to attribution. A late tick makes one longer interval, never a lost one; a wall-clock
+//! jump is recorded, never used for durations.
+
+use serde::Serialize;
+use wattd_collectors::estimator::EstimatorModel;
+use wattd_collectors::{CounterSample, DomainReading, Meter, MeterKey, Quality, SourceKind};
+
+use crate::attribution::idle::IdleTracker;
+use crate::attribution::{self, IdleEstimate, IdleSource, IntervalInput, Measured, MeterInput, MeterResult, Policy, Usage};
+
+/// A point in time on both clocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Stamp {
+    /// CLOCK_MONOTONIC, nanoseconds: durations come from this clock only.
+    pub mono_ns: u64,
+    /// CLOCK_REALTIME, nanoseconds since the Unix epoch: labels only.
+    pub unix_ns: i64,
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; both clock ids exist on every Linux.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+impl Stamp {
+    pub fn now() -> Self {
+        Stamp {
+            mono_ns: clock_ns(libc::CLOCK_MONOTONIC).max(0) as u64,
+            unix_ns: clock_ns(libc::CLOCK_REALTIME) as i64,
+        }
+    }
+}
+
+/// Wall-clock jumps smaller than this are scheduling noise, not jumps.
+pub const WALL_JUMP_THRESHOLD_NS: i64 = 50_000_000;
+
+/// Why a meter's energy is unknown for a span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GapCause {
+    /// The counter went backwards implausibly (driver reload, hot-plug).
+    CounterReset,
+    /// The meter could not be read.
+    SourceFailure,
+    /// The agent was not running.
+    AgentDown,
+}
+
+/// A span of one meter's energy that is unknown, with its cause.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GapRecord {
+    /// `None` for a gap of every meter (agent down).
+    pub key: Option<MeterKey>,
+    pub start: Stamp,
+    pub end: Stamp,
+    pub cause: GapCause,
+    pub detail: String,
+}
+
+/// One closed interval, attributed.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Interval {
+    pub index: u64,
+    pub start: Stamp,
+    pub end: Stamp,
+    /// (wall elapsed - monotonic elapsed), 0 when below the threshold.
+    pub wall_jump_ns: i64,
+    pub policy: Policy,
+    pub results: Vec<MeterResult>,
+    pub gaps: Vec<GapRecord>,
+}
+
+impl Interval {
+    pub fn elapsed_us(&self) -> u64 {
+        self.end.mono_ns.saturating_sub(self.start.mono_ns) / 1_000
+    }
+}
+
+/// Reads meters once per tick and produces attributed intervals.
+#[derive(Debug)]
+pub struct Sampler {
+    meters: Vec<Box<dyn Meter>>,
+    idle: IdleTracker,
+    estimator: EstimatorModel,
+    policy: Policy,
+    last: Stamp,
+    next_index: u64,
+    readings: Vec<DomainReading>,
+}
+
+impl Sampler {
+    /// Takes the baseline reading of every meter at `now`; the first interval starts there.
+    pub fn new(mut meters: Vec<Box<dyn Meter>>, idle: IdleTracker, estimator: EstimatorModel, policy: Policy, next_index: u64, now: Stamp) -> Self {
+        let mut readings = Vec::new();
+        for m in &mut meters {
+            m.read(0, &mut readings);
+        }
+        readings.clear();
+        Sampler { meters, idle, estimator, policy, last: now, next_index, readings }
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    pub fn next_index(&self) -> u64 {
+        self.next_index
+    }
+
+    pub fn last_stamp(&self) -> Stamp {
+        self.last
+    }
+
+    /// Closes the interval ending at `now` with the usage measured over it (`None` if the usage
+    /// reader failed) and attributes it.
+    pub fn tick(&mut self, now: Stamp, usage: Option<Usage>) -> Interval {
+        let start = self.last;
+        // Monotonic time never goes back; if a caller passes an older stamp, the interval is empty.
+        let end = Stamp { mono_ns: now.mono_ns.max(start.mono_ns), unix_ns: now.unix_ns };
+        self.last = end;
+        let elapsed_ns = end.mono_ns - start.mono_ns;
+        let elapsed_us = elapsed_ns / 1_000;
+        let wall_ns = end.unix_ns.saturating_sub(start.unix_ns);
+        let jump = wall_ns.saturating_sub(elapsed_ns.min(i64::MAX as u64) as i64);
+        let wall_jump_ns = if jump.abs() >= WALL_JUMP_THRESHOLD_NS { jump } else { 0 };
+
+        self.readings.clear();
+        for m in &mut self.meters {
+            m.read(elapsed_us, &mut self.readings);
+        }
+        let mut gaps = Vec::new();
+        let mut meters = Vec::with_capacity(self.readings.len());
+        for r in self.readings.drain(..) {
+            let measured = match &r.sample {
+                Ok(CounterSample::First) => continue,
+                Ok(CounterSample::Energy { energy_uj, .. }) => Measured::Energy { energy_uj: *energy_uj },
+                Ok(CounterSample::Quarantined { energy_uj, .. }) => Measured::Quarantined { energy_uj: *energy_uj },
+                Ok(CounterSample::Reset { previous_raw, raw }) => {
+                    gaps.push(GapRecord {
+                        key: Some(r.key),
+                        start,
+                        end,
+                        cause: GapCause::CounterReset,
+                        detail: format!("{} {}: counter went from {previous_raw} to {raw}", r.source, r.key),
+                    });
+                    Measured::Gap
+                }
+                Err(e) => {
+                    gaps.push(GapRecord {
+                        key: Some(r.key),
+                        start,
+                        end,
+                        cause: GapCause::SourceFailure,
+                        detail: e.to_string(),
+                    });
+                    Measured::Gap
+                }
+            };
+            let energy = match measured {
+                Measured::Energy { energy_uj } => Some(energy_uj),
+                _ => None,
+            };
+            let idle = if r.source == SourceKind::Estimator {
+                // The estimator's idle part is declared, so it is known exactly.
+                IdleEstimate { power_uw: self.estimator.idle_uw_per_package, source: IdleSource::Config }
+            } else {
+                self.idle.estimate(r.key, end.mono_ns / 1_000, energy, elapsed_us)
+            };
+            meters.push(MeterInput { key: r.key, source: r.source, quality: r.quality, measured, idle });
+        }
+        let input = IntervalInput { elapsed_us, meters, usage, policy: self.policy };
+        let results = attribution::attribute(&input);
+        let index = self.next_index;
+        self.next_index += 1;
+        Interval { index, start, end, wall_jump_ns, policy: self.policy, results, gaps }
+    }
+}
+
+/// True when every meter in the interval was estimated.
+pub fn all_estimated(i: &Interval) -> bool {
+    i.results.iter().all(|r| r.quality == Quality::Estimated)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use wattd_collectors::powercap::{self, PowercapMeter};
+    use wattd_collectors::synth::{HostTree, ZoneSpec};
+    use wattd_collectors::HostRoot;
+
+    use super::*;
+    use crate::attribution::{DramPolicy, IdlePolicy, RunUsage};
+
+    fn setup(energy: &str) -> (tempfile::TempDir, HostTree, Sampler) {
+        let dir = tempfile::tempdir().unwrap();
+        let t = HostTree::new(dir.path());
+        t.zone(&ZoneSpec::new("intel-rapl:0", "package-0", energy)).unwrap();
+        let scan = powercap::scan(&HostRoot::new(dir.path())).unwrap();
+        let meters: Vec<Box<dyn Meter>> = vec![Box::new(PowercapMeter::open(&scan).unwrap())];
+        let policy = Policy { idle: IdlePolicy::Host, dram: DramPolicy::Cpu };
+        let s = Sampler::new(meters, IdleTracker::new(60_000_000, BTreeMap::new()), EstimatorModel::default(), policy, 7, Stamp { mono_ns: 1_000_000_000, unix_ns: 1_000_000_000 });
+        (dir, t, s)
+    }
+
+    fn usage() -> Usage {
+        Usage {
+            runs: vec![RunUsage { run_id: "r".into(), cpu_us: [(0, 500_000)].into_iter().collect(), ..RunUsage::default() }],
+            busy_us: [(0, 1_000_000)].into_iter().collect(),
+            package_cpus: [(0, 2)].into_iter().collect(),
+            host_memory_bytes: None,
+        }
+    }
+
+    #[test]
+    fn intervals_are_contiguous_and_late_ticks_make_longer_intervals() {
+        let (_d, t, mut s) = setup("1000");
+        t.write("sys/class/powercap/intel-rapl:0/energy_uj", "2001000\n").unwrap();
+        let a = s.tick(Stamp { mono_ns: 2_000_000_000, unix_ns: 2_000_000_000 }, Some(usage()));
+        assert_eq!((a.index, a.elapsed_us()), (7, 1_000_000));
+        assert_eq!(a.results[0].measured_uj, 2_000_000);
+        assert_eq!(a.results[0].sum_uj(), 2_000_000);
+        // A tick 2.5 s late: one 3.5 s interval starting where the last ended.
+        t.write("sys/class/powercap/intel-rapl:0/energy_uj", "9001000\n").unwrap();
+        let b = s.tick(Stamp { mono_ns: 5_500_000_000, unix_ns: 5_500_000_000 }, Some(usage()));
+        assert_eq!((b.index, b.start, b.elapsed_us()), (8, a.end, 3_500_000));
+        assert_eq!(b.results[0].measured_uj, 7_000_000);
+        assert_eq!(b.wall_jump_ns, 0);
+    }
+
+    #[test]
+    fn wall_clock_jump_is_recorded_not_used() {
+        let (_d, _t, mut s) = setup("1000");
+        // Wall clock stepped back an hour; monotonic advanced 1 s.
+        let i = s.tick(Stamp { mono_ns: 2_000_000_000, unix_ns: 1_000_000_000 - 3_600_000_000_000 }, Some(usage()));
+        assert_eq!(i.elapsed_us(), 1_000_000);
+        assert_eq!(i.wall_jump_ns, -3_601_000_000_000);
+    }
+
+    #[test]
+    fn reset_and_read_failure_become_gaps() {
+        // From 200 kJ to 5 uJ in 1 s: as a wrap of the 262 kJ range that would be 62 kJ, far
+        // above the 3 kW ceiling, so it is a reset.
+        let (_d, t, mut s) = setup("200000000000");
+        t.write("sys/class/powercap/intel-rapl:0/energy_uj", "5\n").unwrap();
+        let i = s.tick(Stamp { mono_ns: 2_000_000_000, unix_ns: 2_000_000_000 }, Some(usage()));
+        assert!(i.results[0].gap);
+        assert_eq!(i.gaps.len(), 1);
+        assert_eq!(i.gaps[0].cause, GapCause::CounterReset);
+        t.write("sys/class/powercap/intel-rapl:0/energy_uj", "garbage\n").unwrap();
+        let i = s.tick(Stamp { mono_ns: 3_000_000_000, unix_ns: 3_000_000_000 }, Some(usage()));
+        assert_eq!(i.gaps[0].cause, GapCause::SourceFailure);
+        assert!(i.gaps[0].detail.contains("energy_uj"), "{}", i.gaps[0].detail);
+    }
+}
