@@ -5,6 +5,7 @@
 //! remainder, ties broken by run id so the result does not depend on the order runs are listed.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -106,7 +107,8 @@ pub struct MeterInput {
 /// One run's usage in the interval.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RunUsage {
-    pub run_id: String,
+    /// Shared, so copying it into every meter's result costs no allocation.
+    pub run_id: Arc<str>,
     /// CPU time per package, microseconds.
     pub cpu_us: BTreeMap<u32, u64>,
     pub memory_bytes: Option<u64>,
@@ -140,7 +142,7 @@ pub struct IntervalInput {
 /// One run's share of one meter.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RunShare {
-    pub run_id: String,
+    pub run_id: Arc<str>,
     pub active_uj: u64,
     pub idle_uj: u64,
     /// The usage the share was computed from (CPU us, or memory bytes under the memory policy).
@@ -159,6 +161,8 @@ pub struct MeterResult {
     pub idle: IdleEstimate,
     /// Energy below the idle power line this interval.
     pub idle_uj: u64,
+    /// Every run that used this meter's packages or received energy from it; a run with no
+    /// usage and no share is omitted.
     pub runs: Vec<RunShare>,
     pub host_active_uj: u64,
     pub host_idle_uj: u64,
@@ -197,9 +201,29 @@ pub fn apportion<K: Ord>(total: u64, weights: &[(K, u64)], ties: Ties) -> Vec<u6
     if sum == 0 {
         return vec![0; weights.len()];
     }
-    let mut shares = Vec::with_capacity(weights.len());
-    let mut rems = Vec::with_capacity(weights.len());
+    let n = weights.len();
+    let mut shares = Vec::with_capacity(n);
+    // (remainder, index); remainders are < sum.
+    let mut rems: Vec<(u128, usize)> = Vec::with_capacity(n);
     let mut given: u128 = 0;
+    let max_w = weights.iter().map(|(_, w)| *w).max().unwrap_or(0);
+    if sum <= u64::MAX as u128 && total.checked_mul(max_w).is_some() {
+        // The common case: every product fits in 64 bits, and 64-bit division is several times
+        // cheaper than 128-bit.
+        let sum64 = sum as u64;
+        let mut rems64: Vec<(u64, usize)> = Vec::with_capacity(n);
+        let mut given64: u64 = 0;
+        for (i, (_, w)) in weights.iter().enumerate() {
+            let q = total * *w;
+            let share = q / sum64;
+            given64 += share;
+            shares.push(share);
+            rems64.push((q - share * sum64, i));
+        }
+        let left = (total - given64) as usize;
+        distribute(&mut shares, &mut rems64, left, weights, ties);
+        return shares;
+    }
     for (i, (_, w)) in weights.iter().enumerate() {
         let q = total as u128 * *w as u128;
         let share = q / sum;
@@ -207,23 +231,45 @@ pub fn apportion<K: Ord>(total: u64, weights: &[(K, u64)], ties: Ties) -> Vec<u6
         shares.push(share as u64);
         rems.push((q % sum, i));
     }
-    let mut left = (total as u128 - given) as usize;
-    // Largest remainder first; equal remainders by key so list order does not matter.
-    rems.sort_by(|(ra, ia), (rb, ib)| {
-        let by_key = weights[*ia].0.cmp(&weights[*ib].0);
-        rb.cmp(ra).then(match ties {
+    let left = (total as u128 - given) as usize;
+    distribute(&mut shares, &mut rems, left, weights, ties);
+    shares
+}
+
+/// Gives one more unit to each of the `left` largest remainders (equal ones in `ties` order of
+/// their keys). `left` is always smaller than the number of non-zero remainders, so a zero
+/// weight (remainder 0) never receives one.
+fn distribute<R: Ord + Copy, K: Ord>(shares: &mut [u64], rems: &mut [(R, usize)], left: usize, weights: &[(K, u64)], ties: Ties) {
+    if left == 0 {
+        return;
+    }
+    // The `left`-th largest remainder is the threshold: everything above it gets one more, and
+    // of those equal to it, as many as are still owed, chosen by key in `ties` order (so list
+    // order does not matter). Selecting on bare remainders keeps this linear and cheap.
+    let mut values: Vec<R> = rems.iter().map(|(r, _)| *r).collect();
+    let (_, threshold, _) = values.select_nth_unstable_by(left - 1, |a, b| b.cmp(a));
+    let threshold = *threshold;
+    let mut given = 0usize;
+    let mut at_threshold: Vec<usize> = Vec::new();
+    for &(r, i) in rems.iter() {
+        if r > threshold {
+            shares[i] += 1;
+            given += 1;
+        } else if r == threshold {
+            at_threshold.push(i);
+        }
+    }
+    let owed = left - given;
+    at_threshold.sort_unstable_by(|a, b| {
+        let by_key = weights[*a].0.cmp(&weights[*b].0);
+        match ties {
             Ties::SmallestKey => by_key,
             Ties::LargestKey => by_key.reverse(),
-        })
-    });
-    for (_, i) in rems {
-        if left == 0 {
-            break;
         }
+    });
+    for &i in at_threshold.iter().take(owed) {
         shares[i] += 1;
-        left -= 1;
     }
-    shares
 }
 
 /// A bucket for apportioning: a run, or the host. The host sorts after every run id.
@@ -359,15 +405,17 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
         }
     };
 
+    // Runs that got nothing and used nothing are left out: a host with many idle runs would
+    // otherwise write a zero line per run per meter per interval.
+    let none_used = weights.iter().all(|(_, w)| *w == 0);
     r.runs = usage
         .runs
         .iter()
         .enumerate()
-        .map(|(i, run)| RunShare {
-            run_id: run.run_id.clone(),
-            active_uj: if weights.iter().all(|(_, w)| *w == 0) { 0 } else { active_shares[i] },
-            idle_uj: idle_shares[i],
-            usage: weights[i].1,
+        .filter_map(|(i, run)| {
+            let active_uj = if none_used { 0 } else { active_shares[i] };
+            let share = RunShare { run_id: run.run_id.clone(), active_uj, idle_uj: idle_shares[i], usage: weights[i].1 };
+            (share.active_uj != 0 || share.idle_uj != 0 || share.usage != 0).then_some(share)
         })
         .collect();
     r

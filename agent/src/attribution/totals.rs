@@ -39,8 +39,8 @@ impl Totals {
     pub fn add(&mut self, interval: u64, results: &[MeterResult]) {
         for m in results {
             for share in &m.runs {
-                let t = self.runs.entry(share.run_id.clone()).or_insert_with(|| RunTotal {
-                    run_id: share.run_id.clone(),
+                let t = self.runs.entry(share.run_id.to_string()).or_insert_with(|| RunTotal {
+                    run_id: share.run_id.to_string(),
                     first_interval: interval,
                     ..RunTotal::default()
                 });
