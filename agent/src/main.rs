@@ -29,6 +29,13 @@ enum Command {
     /// List every energy source, its domains and zones, which one is chosen per domain, and why
     /// each other one is not used.
     Probe(probe_cmd::ProbeArgs),
+    /// Check a configuration file and list every problem with file, line and key. Exit 0 when
+    /// valid, 64 otherwise (systemd runs it as ExecStartPre=).
+    Validate {
+        /// The configuration file; without it the embedded defaults are checked.
+        #[arg(long, value_name = "FILE")]
+        config: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,6 +52,21 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Probe(args) => probe_cmd::run(&args),
+        Command::Validate { config } => match wattd::config::load(config.as_deref()) {
+            Ok(c) => {
+                println!(
+                    "{}: ok",
+                    c.file
+                        .as_deref()
+                        .map_or("embedded defaults".into(), |p| p.display().to_string())
+                );
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("wattd: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

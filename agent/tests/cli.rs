@@ -135,3 +135,31 @@ fn root_only_energy_file_gives_permission_reason() {
         "an unreadable zone must not be chosen: {so}"
     );
 }
+
+#[test]
+fn validate_lists_every_problem_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[sampling]\ninterval_ms = 5\n[runs]\npatterns = [\"x\"]\n[nope]\n",
+    )
+    .unwrap();
+    let (out, _, se) = run(wattd().args(["validate", "--config"]).arg(&bad));
+    assert_eq!(out.status.code(), Some(64), "{se}");
+    assert!(se.contains("3 problems"), "{se}");
+    assert!(se.contains("bad.toml:2: sampling.interval_ms"), "{se}");
+    assert!(se.contains("bad.toml:4: runs.patterns"), "{se}");
+    assert!(se.contains("bad.toml:5: nope: unknown section"), "{se}");
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[sampling]\ninterval_ms = 500\n").unwrap();
+    let (out, so, se) = run(wattd().args(["validate", "--config"]).arg(&good));
+    assert!(out.status.success(), "{se}");
+    assert!(so.contains("good.toml: ok"));
+    let (out, _, se) = run(wattd().args(["validate", "--config", "/nonexistent/wattd.toml"]));
+    assert_eq!(out.status.code(), Some(64), "{se}");
+    assert!(
+        se.contains("/nonexistent/wattd.toml:0: cannot read"),
+        "{se}"
+    );
+}

@@ -3,17 +3,25 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use wattd::attribution::{
-    attribute, DramPolicy, IdleEstimate, IdlePolicy, IdleSource, IntervalInput, Measured, MeterInput, Policy, RunUsage, Usage,
+    attribute, DramPolicy, IdleEstimate, IdlePolicy, IdleSource, IntervalInput, Measured,
+    MeterInput, Policy, RunUsage, Usage,
 };
 use wattd_collectors::{Domain, MeterKey, Quality, SourceKind};
 
 fn input(runs: usize, idle: IdlePolicy) -> IntervalInput {
     let meter = |domain, package, e| MeterInput {
-        key: MeterKey { domain, package, die: None },
+        key: MeterKey {
+            domain,
+            package,
+            die: None,
+        },
         source: SourceKind::Powercap,
         quality: Quality::Measured,
         measured: Measured::Energy { energy_uj: e },
-        idle: IdleEstimate { power_uw: 20_000_000, source: IdleSource::Window },
+        idle: IdleEstimate {
+            power_uw: 20_000_000,
+            source: IdleSource::Window,
+        },
     };
     IntervalInput {
         elapsed_us: 1_000_000,
@@ -28,7 +36,12 @@ fn input(runs: usize, idle: IdlePolicy) -> IntervalInput {
             runs: (0..runs)
                 .map(|i| RunUsage {
                     run_id: format!("run-{i:05}").into(),
-                    cpu_us: [(0, (i as u64 * 7919) % 9_000), (1, (i as u64 * 104_729) % 7_000)].into_iter().collect(),
+                    cpu_us: [
+                        (0, (i as u64 * 7919) % 9_000),
+                        (1, (i as u64 * 104_729) % 7_000),
+                    ]
+                    .into_iter()
+                    .collect(),
                     memory_bytes: Some(1 << 20),
                     reserved_millicpus: [(0, 5), (1, 5)].into_iter().collect(),
                 })
@@ -37,15 +50,24 @@ fn input(runs: usize, idle: IdlePolicy) -> IntervalInput {
             package_cpus: [(0, 48), (1, 48)].into_iter().collect(),
             host_memory_bytes: Some(1 << 40),
         }),
-        policy: Policy { idle, dram: DramPolicy::Cpu },
+        policy: Policy {
+            idle,
+            dram: DramPolicy::Cpu,
+        },
     }
 }
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("attribute_10k_runs_2_packages");
-    for idle in [IdlePolicy::Proportional, IdlePolicy::Reserved, IdlePolicy::Host] {
+    for idle in [
+        IdlePolicy::Proportional,
+        IdlePolicy::Reserved,
+        IdlePolicy::Host,
+    ] {
         let i = input(10_000, idle);
-        g.bench_with_input(BenchmarkId::from_parameter(idle.as_str()), &i, |b, i| b.iter(|| attribute(i)));
+        g.bench_with_input(BenchmarkId::from_parameter(idle.as_str()), &i, |b, i| {
+            b.iter(|| attribute(i))
+        });
     }
     g.finish();
 }

@@ -56,9 +56,17 @@ pub struct TestCgroups {
 impl TestCgroups {
     /// Creates `<mount>/wattd-test-<pid>-<n>-<name>`.
     pub fn new(mount: &Path, name: &str) -> io::Result<Self> {
-        let rel = PathBuf::from(format!("wattd-test-{}-{}-{name}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+        let rel = PathBuf::from(format!(
+            "wattd-test-{}-{}-{name}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
         fs::create_dir(mount.join(&rel))?;
-        Ok(TestCgroups { mount: mount.to_owned(), rel, children: Vec::new() })
+        Ok(TestCgroups {
+            mount: mount.to_owned(),
+            rel,
+            children: Vec::new(),
+        })
     }
 
     pub fn mount(&self) -> &Path {
@@ -105,7 +113,10 @@ impl TestCgroups {
     pub fn usage_usec(&self, sub: &str) -> io::Result<u64> {
         let s = fs::read_to_string(self.path(sub).join("cpu.stat"))?;
         s.lines()
-            .find_map(|l| l.strip_prefix("usage_usec ").and_then(|v| v.trim().parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix("usage_usec ")
+                    .and_then(|v| v.trim().parse().ok())
+            })
             .ok_or_else(|| io::Error::other("no usage_usec"))
     }
 }

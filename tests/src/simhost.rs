@@ -60,13 +60,21 @@ impl SimHost {
     /// Lays out the tree mirroring this machine's CPUs and starts the driver, which updates the
     /// counters and `proc/stat` every `period`.
     pub fn start(model: PowerModel, range_uj: u64, period: Duration) -> io::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("wattd-simhost-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("wattd-simhost-")
+            .tempdir()?;
         let tree = HostTree::new(dir.path());
         let live = Topology::read(&HostRoot::live()).map_err(io::Error::other)?;
-        tree.write("sys/devices/system/cpu/online", format!("0-{}\n", live.cpus.len().saturating_sub(1)))?;
+        tree.write(
+            "sys/devices/system/cpu/online",
+            format!("0-{}\n", live.cpus.len().saturating_sub(1)),
+        )?;
         for c in &live.cpus {
             let t = format!("sys/devices/system/cpu/cpu{}/topology", c.id);
-            tree.write(format!("{t}/physical_package_id"), format!("{}\n", c.package))?;
+            tree.write(
+                format!("{t}/physical_package_id"),
+                format!("{}\n", c.package),
+            )?;
             tree.write(format!("{t}/die_id"), format!("{}\n", c.die))?;
         }
         tree.write("proc/cpuinfo", fs::read("/proc/cpuinfo")?)?;
@@ -81,7 +89,9 @@ impl SimHost {
             z.max_energy_range_uj = &range_s;
             z.max_power_uw = Some(200_000_000);
             let zpath = tree.zone(&z)?;
-            let f = OpenOptions::new().write(true).open(zpath.join("energy_uj"))?;
+            let f = OpenOptions::new()
+                .write(true)
+                .open(zpath.join("energy_uj"))?;
             write_counter(&f, 0)?;
             files.insert(p, f);
         }
@@ -95,7 +105,14 @@ impl SimHost {
                 .name("simhost-driver".into())
                 .spawn(move || drive(root, model, range_uj, period, packages, files, stop, truth))?
         };
-        Ok(SimHost { dir, stop, driver: Some(driver), truth, model, range_uj })
+        Ok(SimHost {
+            dir,
+            stop,
+            driver: Some(driver),
+            truth,
+            model,
+            range_uj,
+        })
     }
 
     /// The host root to give `wattd` as `host.root`.
@@ -110,7 +127,13 @@ impl SimHost {
     /// Writes a config file for `wattd run` into the tree's directory and returns its path.
     pub fn config(&self, body: &str) -> io::Result<PathBuf> {
         let p = self.dir.path().join("wattd.toml");
-        fs::write(&p, format!("[host]\nroot = {:?}\n{body}", self.dir.path().display().to_string()))?;
+        fs::write(
+            &p,
+            format!(
+                "[host]\nroot = {:?}\n{body}",
+                self.dir.path().display().to_string()
+            ),
+        )?;
         Ok(p)
     }
 
@@ -155,14 +178,26 @@ fn drive(
         let now = Instant::now();
         let dt_us = now.duration_since(last).as_micros();
         last = now;
-        let Ok(text) = fs::read_to_string("/proc/stat") else { continue };
-        let Ok(stat) = ProcStat::parse(Path::new("/proc/stat"), &text) else { continue };
+        let Ok(text) = fs::read_to_string("/proc/stat") else {
+            continue;
+        };
+        let Ok(stat) = ProcStat::parse(Path::new("/proc/stat"), &text) else {
+            continue;
+        };
         let Ok(mut t) = truth.lock() else { return };
         for (&p, cpus) in &packages {
             let busy_ticks: u128 = match &last_stat {
                 Some(prev) => cpus
                     .iter()
-                    .filter_map(|c| Some(stat.per_cpu.get(c)?.busy().saturating_sub(prev.per_cpu.get(c)?.busy()) as u128))
+                    .filter_map(|c| {
+                        Some(
+                            stat.per_cpu
+                                .get(c)?
+                                .busy()
+                                .saturating_sub(prev.per_cpu.get(c)?.busy())
+                                as u128,
+                        )
+                    })
                     .sum(),
                 None => 0,
             };

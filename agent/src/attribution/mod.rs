@@ -88,8 +88,12 @@ pub enum UnattributedReason {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Measured {
-    Energy { energy_uj: u64 },
-    Quarantined { energy_uj: u64 },
+    Energy {
+        energy_uj: u64,
+    },
+    Quarantined {
+        energy_uj: u64,
+    },
     /// The energy is unknown (counter reset, read failure): the sampler records a gap.
     Gap,
 }
@@ -178,7 +182,11 @@ impl MeterResult {
             .sum::<u128>()
             + self.host_active_uj as u128
             + self.host_idle_uj as u128
-            + self.unattributed.iter().map(|(_, e)| *e as u128).sum::<u128>()
+            + self
+                .unattributed
+                .iter()
+                .map(|(_, e)| *e as u128)
+                .sum::<u128>()
     }
 }
 
@@ -239,7 +247,13 @@ pub fn apportion<K: Ord>(total: u64, weights: &[(K, u64)], ties: Ties) -> Vec<u6
 /// Gives one more unit to each of the `left` largest remainders (equal ones in `ties` order of
 /// their keys). `left` is always smaller than the number of non-zero remainders, so a zero
 /// weight (remainder 0) never receives one.
-fn distribute<R: Ord + Copy, K: Ord>(shares: &mut [u64], rems: &mut [(R, usize)], left: usize, weights: &[(K, u64)], ties: Ties) {
+fn distribute<R: Ord + Copy, K: Ord>(
+    shares: &mut [u64],
+    rems: &mut [(R, usize)],
+    left: usize,
+    weights: &[(K, u64)],
+    ties: Ties,
+) {
     if left == 0 {
         return;
     }
@@ -281,7 +295,11 @@ enum Bucket<'a> {
 
 /// Attributes one interval. Pure: the same input gives the same output, bit for bit.
 pub fn attribute(input: &IntervalInput) -> Vec<MeterResult> {
-    input.meters.iter().map(|m| attribute_meter(input, m)).collect()
+    input
+        .meters
+        .iter()
+        .map(|m| attribute_meter(input, m))
+        .collect()
 }
 
 fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
@@ -305,21 +323,24 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
         }
         Measured::Quarantined { energy_uj } => {
             r.measured_uj = energy_uj;
-            r.unattributed.push((UnattributedReason::Quarantined, energy_uj));
+            r.unattributed
+                .push((UnattributedReason::Quarantined, energy_uj));
             return r;
         }
         Measured::Energy { energy_uj } => energy_uj,
     };
     r.measured_uj = energy;
     let Some(usage) = &input.usage else {
-        r.unattributed.push((UnattributedReason::NoUsageData, energy));
+        r.unattributed
+            .push((UnattributedReason::NoUsageData, energy));
         return r;
     };
     // The packages whose usage this meter's energy follows: its own, or all (psys).
     let packages: Vec<u32> = match m.key.package {
         Some(p) => {
             if !usage.package_cpus.contains_key(&p) && !usage.busy_us.contains_key(&p) {
-                r.unattributed.push((UnattributedReason::NoCpuInPackage, energy));
+                r.unattributed
+                    .push((UnattributedReason::NoCpuInPackage, energy));
                 return r;
             }
             vec![p]
@@ -342,16 +363,24 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
             runs_total = runs_total.saturating_add(w);
             weights.push((Bucket::Run(&run.run_id), w));
         }
-        let host = usage.host_memory_bytes.map_or(0, |h| h.saturating_sub(runs_total));
+        let host = usage
+            .host_memory_bytes
+            .map_or(0, |h| h.saturating_sub(runs_total));
         weights.push((Bucket::Host, host));
     } else {
         let mut runs_total: u64 = 0;
         for run in &usage.runs {
-            let w: u64 = packages.iter().map(|p| run.cpu_us.get(p).copied().unwrap_or(0)).sum();
+            let w: u64 = packages
+                .iter()
+                .map(|p| run.cpu_us.get(p).copied().unwrap_or(0))
+                .sum();
             runs_total = runs_total.saturating_add(w);
             weights.push((Bucket::Run(&run.run_id), w));
         }
-        let busy: u64 = packages.iter().map(|p| usage.busy_us.get(p).copied().unwrap_or(0)).sum();
+        let busy: u64 = packages
+            .iter()
+            .map(|p| usage.busy_us.get(p).copied().unwrap_or(0))
+            .sum();
         // Runs can exceed /proc/stat's tick-granular busy time by a tick; the host is never negative.
         weights.push((Bucket::Host, busy.saturating_sub(runs_total)));
     }
@@ -388,7 +417,10 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
                 .runs
                 .iter()
                 .map(|run| {
-                    let w = packages.iter().map(|p| run.reserved_millicpus.get(p).copied().unwrap_or(0)).sum();
+                    let w = packages
+                        .iter()
+                        .map(|p| run.reserved_millicpus.get(p).copied().unwrap_or(0))
+                        .sum();
                     (Bucket::Run(&run.run_id), w)
                 })
                 .collect();
@@ -414,7 +446,12 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
         .enumerate()
         .filter_map(|(i, run)| {
             let active_uj = if none_used { 0 } else { active_shares[i] };
-            let share = RunShare { run_id: run.run_id.clone(), active_uj, idle_uj: idle_shares[i], usage: weights[i].1 };
+            let share = RunShare {
+                run_id: run.run_id.clone(),
+                active_uj,
+                idle_uj: idle_shares[i],
+                usage: weights[i].1,
+            };
             (share.active_uj != 0 || share.idle_uj != 0 || share.usage != 0).then_some(share)
         })
         .collect();
