@@ -276,7 +276,7 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
             lim.rlim_cur = lim.rlim_max;
         }
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 fn nofile_soft_limit() -> u64 {
@@ -288,7 +288,7 @@ fn nofile_soft_limit() -> u64 {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return 1024;
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
 
 impl RunTracker {
@@ -422,7 +422,28 @@ impl RunTracker {
             self.handle_event(ev);
         }
         self.events = events;
+        self.reread_emptied();
         res
+    }
+
+    /// Re-reads runs that emptied but still exist. The read at the `populated 0` event races
+    /// the last task's exit: the kernel drops it from the cgroup before it is descheduled for
+    /// the last time, so up to a scheduler tick of its CPU time may not be in `cpu.stat` yet.
+    /// Every later chance to read, while the cgroup is still there, closes that gap.
+    fn reread_emptied(&mut self) {
+        let mut gone = Vec::new();
+        for run in self.runs.values_mut() {
+            if run.final_read && !run.finished {
+                if let Err(e) = capture(run, &mut self.tc_scratch) {
+                    if e.is_gone() {
+                        gone.push(run.id.clone());
+                    }
+                }
+            }
+        }
+        for id in gone {
+            self.mark_gone(&id);
+        }
     }
 
     fn handle_event(&mut self, ev: &Event) {
@@ -746,7 +767,7 @@ impl RunTracker {
         events_wd: Option<i32>,
     ) -> Result<(), HostError> {
         let mut kept = 0usize;
-        let keep_cpu = self.kept_fds + 1 <= self.fd_budget;
+        let keep_cpu = self.kept_fds < self.fd_budget;
         let cpu_stat = Source::open(dir.join("cpu.stat"), keep_cpu)?;
         if cpu_stat.is_kept() {
             kept += 1;
@@ -755,7 +776,7 @@ impl RunTracker {
         }
         let latest_us = cpu_stat.read_cpu_usage_us()?;
         let mem_path = dir.join("memory.current");
-        let memory = match Source::open(mem_path, self.kept_fds + kept + 1 <= self.fd_budget) {
+        let memory = match Source::open(mem_path, self.kept_fds + kept < self.fd_budget) {
             Ok(s) => Some(s),
             Err(e) if e.is_not_found() => None,
             Err(e) => return Err(e),
