@@ -162,7 +162,7 @@ unsafe fn clock_ns(clock: libc::clockid_t) -> i64 {
         tv_nsec: 0,
     };
     unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as i64 * 1_000_000_000 + ts.tv_nsec as i64
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
 impl Drop for Sandbox {
