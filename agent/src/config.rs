@@ -74,7 +74,11 @@ impl Config {
             idle_window_s: 600,
             idle_declared: BTreeMap::new(),
             estimator: EstimatorModel::default(),
-            spool_dir: PathBuf::from(if root { DEFAULT_SPOOL_DIR_ROOT } else { DEFAULT_SPOOL_DIR_USER }),
+            spool_dir: PathBuf::from(if root {
+                DEFAULT_SPOOL_DIR_ROOT
+            } else {
+                DEFAULT_SPOOL_DIR_USER
+            }),
             spool_max_bytes: 1 << 30,
             ledger: None,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9447)),
@@ -96,7 +100,11 @@ impl fmt::Display for Problem {
         if self.key.is_empty() {
             write!(f, "{}:{}: {}", self.file, self.line, self.message)
         } else {
-            write!(f, "{}:{}: {}: {}", self.file, self.line, self.key, self.message)
+            write!(
+                f,
+                "{}:{}: {}: {}",
+                self.file, self.line, self.key, self.message
+            )
         }
     }
 }
@@ -110,7 +118,11 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.problems.len();
-        write!(f, "{n} problem{} in the configuration", if n == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "{n} problem{} in the configuration",
+            if n == 1 { "" } else { "s" }
+        )?;
         for p in &self.problems {
             write!(f, "\n  {p}")?;
         }
@@ -120,7 +132,9 @@ impl fmt::Display for ConfigError {
 
 /// Loads a config file, or the embedded defaults when `path` is `None`.
 pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-    let Some(path) = path else { return Ok(Config::defaults()) };
+    let Some(path) = path else {
+        return Ok(Config::defaults());
+    };
     let label = path.display().to_string();
     let text = match std::fs::read(path) {
         Ok(b) if b.len() > 1 << 20 => return Err(one(&label, 0, "", "larger than 1 MiB")),
@@ -155,7 +169,13 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn line_of(&self, span: Option<std::ops::Range<usize>>) -> usize {
-        span.map_or(0, |s| self.text.as_bytes()[..s.start.min(self.text.len())].iter().filter(|&&b| b == b'\n').count() + 1)
+        span.map_or(0, |s| {
+            self.text.as_bytes()[..s.start.min(self.text.len())]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1
+        })
     }
 
     fn problem(&mut self, span: Option<std::ops::Range<usize>>, key: &str, msg: impl Into<String>) {
@@ -172,19 +192,31 @@ impl Checker<'_> {
     fn section<'t>(&mut self, root: &'t Table, name: &str, known: &[&str]) -> Option<&'t Table> {
         let (k, item) = root.get_key_value(name)?;
         let Some(t) = item.as_table() else {
-            self.problem(k.span(), name, "must be a table, like [".to_owned() + name + "]");
+            self.problem(
+                k.span(),
+                name,
+                "must be a table, like [".to_owned() + name + "]",
+            );
             return None;
         };
         for (key, _) in t.iter() {
             if !known.contains(&key) {
                 let span = t.get_key_value(key).and_then(|(k, _)| k.span());
-                self.problem(span, &format!("{name}.{key}"), format!("unknown key (known: {})", known.join(", ")));
+                self.problem(
+                    span,
+                    &format!("{name}.{key}"),
+                    format!("unknown key (known: {})", known.join(", ")),
+                );
             }
         }
         Some(t)
     }
 
-    fn get<'t>(&self, t: &'t Table, key: &str) -> Option<(&'t Value, Option<std::ops::Range<usize>>)> {
+    fn get<'t>(
+        &self,
+        t: &'t Table,
+        key: &str,
+    ) -> Option<(&'t Value, Option<std::ops::Range<usize>>)> {
         let (k, item) = t.get_key_value(key)?;
         match item {
             Item::Value(v) => Some((v, v.span().or_else(|| k.span()))),
@@ -197,7 +229,11 @@ impl Checker<'_> {
         match v.as_str() {
             Some(s) if !s.is_empty() && !s.contains('\0') => Some(s.to_owned()),
             Some(_) => {
-                self.problem(span, &format!("{sec}.{key}"), "must not be empty or contain NUL");
+                self.problem(
+                    span,
+                    &format!("{sec}.{key}"),
+                    "must not be empty or contain NUL",
+                );
                 None
             }
             None => {
@@ -212,7 +248,11 @@ impl Checker<'_> {
         match v.as_integer() {
             Some(i) if (lo..=hi).contains(&i) => Some(i as u64),
             Some(i) => {
-                self.problem(span, &format!("{sec}.{key}"), format!("{i} is out of range {lo} ..= {hi}"));
+                self.problem(
+                    span,
+                    &format!("{sec}.{key}"),
+                    format!("{i} is out of range {lo} ..= {hi}"),
+                );
                 None
             }
             None => {
@@ -228,7 +268,11 @@ impl Checker<'_> {
         match f {
             Some(f) if f.is_finite() && (lo..=hi).contains(&f) => Some(f),
             Some(f) => {
-                self.problem(span, &format!("{sec}.{key}"), format!("{f} is out of range {lo} ..= {hi}"));
+                self.problem(
+                    span,
+                    &format!("{sec}.{key}"),
+                    format!("{f} is out of range {lo} ..= {hi}"),
+                );
                 None
             }
             None => {
@@ -238,14 +282,24 @@ impl Checker<'_> {
         }
     }
 
-    fn choice<T: Copy>(&mut self, t: &Table, sec: &str, key: &str, options: &[(&str, T)]) -> Option<T> {
+    fn choice<T: Copy>(
+        &mut self,
+        t: &Table,
+        sec: &str,
+        key: &str,
+        options: &[(&str, T)],
+    ) -> Option<T> {
         let s = self.string(t, sec, key)?;
         match options.iter().find(|(n, _)| *n == s) {
             Some((_, v)) => Some(*v),
             None => {
                 let span = self.get(t, key).and_then(|(_, s)| s);
                 let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
-                self.problem(span, &format!("{sec}.{key}"), format!("{s:?} is not one of {}", names.join(", ")));
+                self.problem(
+                    span,
+                    &format!("{sec}.{key}"),
+                    format!("{s:?} is not one of {}", names.join(", ")),
+                );
                 None
             }
         }
@@ -254,21 +308,30 @@ impl Checker<'_> {
     fn id_list(&mut self, t: &Table, sec: &str, key: &str) -> Option<Vec<u32>> {
         let (v, span) = self.get(t, key)?;
         let Some(arr) = v.as_array() else {
-            self.problem(span, &format!("{sec}.{key}"), "must be an array of integers");
+            self.problem(
+                span,
+                &format!("{sec}.{key}"),
+                "must be an array of integers",
+            );
             return None;
         };
         let mut out = Vec::new();
         for item in arr.iter() {
             match item.as_integer().and_then(|i| u32::try_from(i).ok()) {
                 Some(i) => out.push(i),
-                None => self.problem(item.span().or(span.clone()), &format!("{sec}.{key}"), "every entry must be an id from 0 to 4294967295"),
+                None => self.problem(
+                    item.span().or(span.clone()),
+                    &format!("{sec}.{key}"),
+                    "every entry must be an id from 0 to 4294967295",
+                ),
             }
         }
         Some(out)
     }
 }
 
-static DUMMY_NOT_A_VALUE: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| Value::from(false));
+static DUMMY_NOT_A_VALUE: std::sync::LazyLock<Value> =
+    std::sync::LazyLock::new(|| Value::from(false));
 
 /// Checks a run pattern: relative, one `{run_id}` inside one path component, no `..`.
 pub fn check_pattern(p: &str) -> Result<(), String> {
@@ -292,27 +355,60 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
     let doc = match ImDocument::parse(text) {
         Ok(d) => d,
         Err(e) => {
-            let mut c = Checker { file, text, problems: Vec::new() };
+            let mut c = Checker {
+                file,
+                text,
+                problems: Vec::new(),
+            };
             let msg = e.message().to_owned();
             c.problem(e.span(), "", format!("TOML syntax: {msg}"));
-            return Err(ConfigError { problems: c.problems });
+            return Err(ConfigError {
+                problems: c.problems,
+            });
         }
     };
-    let mut c = Checker { file, text, problems: Vec::new() };
+    let mut c = Checker {
+        file,
+        text,
+        problems: Vec::new(),
+    };
     let mut cfg = Config::defaults();
     let root: &Table = &doc;
-    const SECTIONS: [&str; 10] = ["node", "sampling", "host", "runs", "attribution", "calibration", "estimator", "spool", "ledger", "metrics"];
+    const SECTIONS: [&str; 10] = [
+        "node",
+        "sampling",
+        "host",
+        "runs",
+        "attribution",
+        "calibration",
+        "estimator",
+        "spool",
+        "ledger",
+        "metrics",
+    ];
     for (key, _) in root.iter() {
         if !SECTIONS.contains(&key) {
             let span = root.get_key_value(key).and_then(|(k, _)| k.span());
-            c.problem(span, key, format!("unknown section (known: {})", SECTIONS.join(", ")));
+            c.problem(
+                span,
+                key,
+                format!("unknown section (known: {})", SECTIONS.join(", ")),
+            );
         }
     }
     if let Some(t) = c.section(root, "node", &["id"]) {
         if let Some(id) = c.string(t, "node", "id") {
-            if id.len() > 253 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            if id.len() > 253
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
                 let span = c.get(t, "id").and_then(|(_, s)| s);
-                c.problem(span, "node.id", "must be 1 to 253 characters of A-Z a-z 0-9 - _ .");
+                c.problem(
+                    span,
+                    "node.id",
+                    "must be 1 to 253 characters of A-Z a-z 0-9 - _ .",
+                );
             } else {
                 cfg.node_id = Some(id);
             }
@@ -331,7 +427,16 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             cfg.cgroup_root = Some(PathBuf::from(v));
         }
     }
-    if let Some(t) = c.section(root, "runs", &["patterns", "control_socket", "control_allowed_uids", "control_allowed_gids"]) {
+    if let Some(t) = c.section(
+        root,
+        "runs",
+        &[
+            "patterns",
+            "control_socket",
+            "control_allowed_uids",
+            "control_allowed_gids",
+        ],
+    ) {
         if let Some((v, span)) = c.get(t, "patterns") {
             match v.as_array() {
                 Some(arr) => {
@@ -340,9 +445,15 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
                         match item.as_str() {
                             Some(p) => match check_pattern(p) {
                                 Ok(()) => pats.push(p.to_owned()),
-                                Err(e) => c.problem(item.span(), "runs.patterns", format!("{p:?} {e}")),
+                                Err(e) => {
+                                    c.problem(item.span(), "runs.patterns", format!("{p:?} {e}"))
+                                }
                             },
-                            None => c.problem(item.span(), "runs.patterns", "every entry must be a string"),
+                            None => c.problem(
+                                item.span(),
+                                "runs.patterns",
+                                "every entry must be a string",
+                            ),
                         }
                     }
                     if arr.is_empty() {
@@ -363,22 +474,69 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             cfg.control_allowed_gids = v;
         }
     }
-    if let Some(t) = c.section(root, "attribution", &["idle_policy", "dram_policy", "idle_window_s", "idle_watts_package", "idle_watts_dram", "idle_watts_psys"]) {
-        if let Some(v) = c.choice(t, "attribution", "idle_policy", &[("proportional", IdlePolicy::Proportional), ("reserved", IdlePolicy::Reserved), ("host", IdlePolicy::Host)]) {
+    if let Some(t) = c.section(
+        root,
+        "attribution",
+        &[
+            "idle_policy",
+            "dram_policy",
+            "idle_window_s",
+            "idle_watts_package",
+            "idle_watts_dram",
+            "idle_watts_psys",
+        ],
+    ) {
+        if let Some(v) = c.choice(
+            t,
+            "attribution",
+            "idle_policy",
+            &[
+                ("proportional", IdlePolicy::Proportional),
+                ("reserved", IdlePolicy::Reserved),
+                ("host", IdlePolicy::Host),
+            ],
+        ) {
             cfg.idle_policy = v;
         }
-        if let Some(v) = c.choice(t, "attribution", "dram_policy", &[("cpu", DramPolicy::Cpu), ("memory", DramPolicy::Memory)]) {
+        if let Some(v) = c.choice(
+            t,
+            "attribution",
+            "dram_policy",
+            &[("cpu", DramPolicy::Cpu), ("memory", DramPolicy::Memory)],
+        ) {
             cfg.dram_policy = v;
         }
         if let Some(v) = c.int(t, "attribution", "idle_window_s", 1, 86_400) {
             cfg.idle_window_s = v;
         }
-        declared(&mut c, t, "attribution", "idle_watts_", IdleSource::Config, &mut cfg.idle_declared);
+        declared(
+            &mut c,
+            t,
+            "attribution",
+            "idle_watts_",
+            IdleSource::Config,
+            &mut cfg.idle_declared,
+        );
     }
-    if let Some(t) = c.section(root, "calibration", &["idle_watts_package", "idle_watts_dram", "idle_watts_psys"]) {
-        declared(&mut c, t, "calibration", "idle_watts_", IdleSource::Calibration, &mut cfg.idle_declared);
+    if let Some(t) = c.section(
+        root,
+        "calibration",
+        &["idle_watts_package", "idle_watts_dram", "idle_watts_psys"],
+    ) {
+        declared(
+            &mut c,
+            t,
+            "calibration",
+            "idle_watts_",
+            IdleSource::Calibration,
+            &mut cfg.idle_declared,
+        );
     }
-    if let Some(t) = c.section(root, "estimator", &["idle_watts_per_package", "busy_watts_per_cpu"]) {
+    if let Some(t) = c.section(
+        root,
+        "estimator",
+        &["idle_watts_per_package", "busy_watts_per_cpu"],
+    ) {
         let idle = c.float(t, "estimator", "idle_watts_per_package", 0.0, 10_000.0);
         let busy = c.float(t, "estimator", "busy_watts_per_cpu", 0.0, 1_000.0);
         let d = EstimatorModel::default();
@@ -408,7 +566,12 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         }
         match (endpoint, ca, cert, key) {
             (Some(endpoint), Some(ca), Some(cert), Some(key)) => {
-                cfg.ledger = Some(LedgerConfig { endpoint, ca: ca.into(), cert: cert.into(), key: key.into() })
+                cfg.ledger = Some(LedgerConfig {
+                    endpoint,
+                    ca: ca.into(),
+                    cert: cert.into(),
+                    key: key.into(),
+                })
             }
             _ => {
                 let span = root.get_key_value("ledger").and_then(|(k, _)| k.span());
@@ -422,7 +585,11 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
                 Ok(a) => cfg.metrics_listen = a,
                 Err(_) => {
                     let span = c.get(t, "listen").and_then(|(_, s)| s);
-                    c.problem(span, "metrics.listen", format!("{v:?} is not an address:port"));
+                    c.problem(
+                        span,
+                        "metrics.listen",
+                        format!("{v:?} is not an address:port"),
+                    );
                 }
             }
         }
@@ -431,15 +598,31 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         Ok(cfg)
     } else {
         c.problems.sort_by_key(|p| p.line);
-        Err(ConfigError { problems: c.problems })
+        Err(ConfigError {
+            problems: c.problems,
+        })
     }
 }
 
-fn declared(c: &mut Checker<'_>, t: &Table, sec: &str, prefix: &str, source: IdleSource, out: &mut BTreeMap<Domain, IdleEstimate>) {
-    for (suffix, domain, max) in [("package", Domain::Package, 5_000.0), ("dram", Domain::Dram, 2_000.0), ("psys", Domain::Psys, 20_000.0)] {
+fn declared(
+    c: &mut Checker<'_>,
+    t: &Table,
+    sec: &str,
+    prefix: &str,
+    source: IdleSource,
+    out: &mut BTreeMap<Domain, IdleEstimate>,
+) {
+    for (suffix, domain, max) in [
+        ("package", Domain::Package, 5_000.0),
+        ("dram", Domain::Dram, 2_000.0),
+        ("psys", Domain::Psys, 20_000.0),
+    ] {
         if let Some(w) = c.float(t, sec, &format!("{prefix}{suffix}"), 0.0, max) {
             // Config wins over calibration when both are given: it is the operator's word.
-            let e = IdleEstimate { power_uw: (w * 1e6).round() as u64, source };
+            let e = IdleEstimate {
+                power_uw: (w * 1e6).round() as u64,
+                source,
+            };
             if source == IdleSource::Config || !out.contains_key(&domain) {
                 out.insert(domain, e);
             }
@@ -495,8 +678,20 @@ listen = "127.0.0.1:9447"
         assert_eq!(c.interval_ms, 250);
         assert_eq!(c.idle_policy, IdlePolicy::Reserved);
         assert_eq!(c.patterns.len(), 2);
-        assert_eq!(c.idle_declared[&Domain::Package], IdleEstimate { power_uw: 12_500_000, source: IdleSource::Config });
-        assert_eq!(c.idle_declared[&Domain::Dram], IdleEstimate { power_uw: 1_500_000, source: IdleSource::Calibration });
+        assert_eq!(
+            c.idle_declared[&Domain::Package],
+            IdleEstimate {
+                power_uw: 12_500_000,
+                source: IdleSource::Config
+            }
+        );
+        assert_eq!(
+            c.idle_declared[&Domain::Dram],
+            IdleEstimate {
+                power_uw: 1_500_000,
+                source: IdleSource::Calibration
+            }
+        );
         assert_eq!(c.estimator.busy_uw_per_cpu, 4_000_000);
         assert!(c.ledger.is_some());
     }
@@ -533,9 +728,18 @@ listen = "127.0.0.1:9447"
     fn wrong_types_and_partial_ledger() {
         let e = parse("w.toml", "[sampling]\ninterval_ms = \"fast\"\n[ledger]\nendpoint = \"http://x\"\n[node]\nid = \"a b\"\n").unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("w.toml:2: sampling.interval_ms: must be an integer"), "{s}");
-        assert!(s.contains("w.toml:4: ledger.endpoint: must be an https:// URL"), "{s}");
-        assert!(s.contains("ledger: needs all of endpoint, ca, cert and key"), "{s}");
+        assert!(
+            s.contains("w.toml:2: sampling.interval_ms: must be an integer"),
+            "{s}"
+        );
+        assert!(
+            s.contains("w.toml:4: ledger.endpoint: must be an https:// URL"),
+            "{s}"
+        );
+        assert!(
+            s.contains("ledger: needs all of endpoint, ca, cert and key"),
+            "{s}"
+        );
         assert!(s.contains("w.toml:6: node.id"), "{s}");
     }
 }

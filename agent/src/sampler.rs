@@ -8,7 +8,9 @@ use wattd_collectors::estimator::EstimatorModel;
 use wattd_collectors::{CounterSample, DomainReading, Meter, MeterKey, Quality, SourceKind};
 
 use crate::attribution::idle::IdleTracker;
-use crate::attribution::{self, IdleEstimate, IdleSource, IntervalInput, Measured, MeterInput, MeterResult, Policy, Usage};
+use crate::attribution::{
+    self, IdleEstimate, IdleSource, IntervalInput, Measured, MeterInput, MeterResult, Policy, Usage,
+};
 
 /// A point in time on both clocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -20,7 +22,10 @@ pub struct Stamp {
 }
 
 fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable timespec; both clock ids exist on every Linux.
     let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
     if rc != 0 {
@@ -97,13 +102,28 @@ pub struct Sampler {
 
 impl Sampler {
     /// Takes the baseline reading of every meter at `now`; the first interval starts there.
-    pub fn new(mut meters: Vec<Box<dyn Meter>>, idle: IdleTracker, estimator: EstimatorModel, policy: Policy, next_index: u64, now: Stamp) -> Self {
+    pub fn new(
+        mut meters: Vec<Box<dyn Meter>>,
+        idle: IdleTracker,
+        estimator: EstimatorModel,
+        policy: Policy,
+        next_index: u64,
+        now: Stamp,
+    ) -> Self {
         let mut readings = Vec::new();
         for m in &mut meters {
             m.read(0, &mut readings);
         }
         readings.clear();
-        Sampler { meters, idle, estimator, policy, last: now, next_index, readings }
+        Sampler {
+            meters,
+            idle,
+            estimator,
+            policy,
+            last: now,
+            next_index,
+            readings,
+        }
     }
 
     pub fn policy(&self) -> Policy {
@@ -127,13 +147,20 @@ impl Sampler {
     pub fn tick(&mut self, now: Stamp, usage: Option<Usage>) -> Interval {
         let start = self.last;
         // Monotonic time never goes back; if a caller passes an older stamp, the interval is empty.
-        let end = Stamp { mono_ns: now.mono_ns.max(start.mono_ns), unix_ns: now.unix_ns };
+        let end = Stamp {
+            mono_ns: now.mono_ns.max(start.mono_ns),
+            unix_ns: now.unix_ns,
+        };
         self.last = end;
         let elapsed_ns = end.mono_ns - start.mono_ns;
         let elapsed_us = elapsed_ns / 1_000;
         let wall_ns = end.unix_ns.saturating_sub(start.unix_ns);
         let jump = wall_ns.saturating_sub(elapsed_ns.min(i64::MAX as u64) as i64);
-        let wall_jump_ns = if jump.abs() >= WALL_JUMP_THRESHOLD_NS { jump } else { 0 };
+        let wall_jump_ns = if jump.abs() >= WALL_JUMP_THRESHOLD_NS {
+            jump
+        } else {
+            0
+        };
 
         self.readings.clear();
         for m in &mut self.meters {
@@ -144,15 +171,22 @@ impl Sampler {
         for r in self.readings.drain(..) {
             let measured = match &r.sample {
                 Ok(CounterSample::First) => continue,
-                Ok(CounterSample::Energy { energy_uj, .. }) => Measured::Energy { energy_uj: *energy_uj },
-                Ok(CounterSample::Quarantined { energy_uj, .. }) => Measured::Quarantined { energy_uj: *energy_uj },
+                Ok(CounterSample::Energy { energy_uj, .. }) => Measured::Energy {
+                    energy_uj: *energy_uj,
+                },
+                Ok(CounterSample::Quarantined { energy_uj, .. }) => Measured::Quarantined {
+                    energy_uj: *energy_uj,
+                },
                 Ok(CounterSample::Reset { previous_raw, raw }) => {
                     gaps.push(GapRecord {
                         key: Some(r.key),
                         start,
                         end,
                         cause: GapCause::CounterReset,
-                        detail: format!("{} {}: counter went from {previous_raw} to {raw}", r.source, r.key),
+                        detail: format!(
+                            "{} {}: counter went from {previous_raw} to {raw}",
+                            r.source, r.key
+                        ),
                     });
                     Measured::Gap
                 }
@@ -173,17 +207,40 @@ impl Sampler {
             };
             let idle = if r.source == SourceKind::Estimator {
                 // The estimator's idle part is declared, so it is known exactly.
-                IdleEstimate { power_uw: self.estimator.idle_uw_per_package, source: IdleSource::Config }
+                IdleEstimate {
+                    power_uw: self.estimator.idle_uw_per_package,
+                    source: IdleSource::Config,
+                }
             } else {
-                self.idle.estimate(r.key, end.mono_ns / 1_000, energy, elapsed_us)
+                self.idle
+                    .estimate(r.key, end.mono_ns / 1_000, energy, elapsed_us)
             };
-            meters.push(MeterInput { key: r.key, source: r.source, quality: r.quality, measured, idle });
+            meters.push(MeterInput {
+                key: r.key,
+                source: r.source,
+                quality: r.quality,
+                measured,
+                idle,
+            });
         }
-        let input = IntervalInput { elapsed_us, meters, usage, policy: self.policy };
+        let input = IntervalInput {
+            elapsed_us,
+            meters,
+            usage,
+            policy: self.policy,
+        };
         let results = attribution::attribute(&input);
         let index = self.next_index;
         self.next_index += 1;
-        Interval { index, start, end, wall_jump_ns, policy: self.policy, results, gaps }
+        Interval {
+            index,
+            start,
+            end,
+            wall_jump_ns,
+            policy: self.policy,
+            results,
+            gaps,
+        }
     }
 }
 
@@ -206,17 +263,35 @@ mod tests {
     fn setup(energy: &str) -> (tempfile::TempDir, HostTree, Sampler) {
         let dir = tempfile::tempdir().unwrap();
         let t = HostTree::new(dir.path());
-        t.zone(&ZoneSpec::new("intel-rapl:0", "package-0", energy)).unwrap();
+        t.zone(&ZoneSpec::new("intel-rapl:0", "package-0", energy))
+            .unwrap();
         let scan = powercap::scan(&HostRoot::new(dir.path())).unwrap();
         let meters: Vec<Box<dyn Meter>> = vec![Box::new(PowercapMeter::open(&scan).unwrap())];
-        let policy = Policy { idle: IdlePolicy::Host, dram: DramPolicy::Cpu };
-        let s = Sampler::new(meters, IdleTracker::new(60_000_000, BTreeMap::new()), EstimatorModel::default(), policy, 7, Stamp { mono_ns: 1_000_000_000, unix_ns: 1_000_000_000 });
+        let policy = Policy {
+            idle: IdlePolicy::Host,
+            dram: DramPolicy::Cpu,
+        };
+        let s = Sampler::new(
+            meters,
+            IdleTracker::new(60_000_000, BTreeMap::new()),
+            EstimatorModel::default(),
+            policy,
+            7,
+            Stamp {
+                mono_ns: 1_000_000_000,
+                unix_ns: 1_000_000_000,
+            },
+        );
         (dir, t, s)
     }
 
     fn usage() -> Usage {
         Usage {
-            runs: vec![RunUsage { run_id: "r".into(), cpu_us: [(0, 500_000)].into_iter().collect(), ..RunUsage::default() }],
+            runs: vec![RunUsage {
+                run_id: "r".into(),
+                cpu_us: [(0, 500_000)].into_iter().collect(),
+                ..RunUsage::default()
+            }],
             busy_us: [(0, 1_000_000)].into_iter().collect(),
             package_cpus: [(0, 2)].into_iter().collect(),
             host_memory_bytes: None,
@@ -226,14 +301,28 @@ mod tests {
     #[test]
     fn intervals_are_contiguous_and_late_ticks_make_longer_intervals() {
         let (_d, t, mut s) = setup("1000");
-        t.write("sys/class/powercap/intel-rapl:0/energy_uj", "2001000\n").unwrap();
-        let a = s.tick(Stamp { mono_ns: 2_000_000_000, unix_ns: 2_000_000_000 }, Some(usage()));
+        t.write("sys/class/powercap/intel-rapl:0/energy_uj", "2001000\n")
+            .unwrap();
+        let a = s.tick(
+            Stamp {
+                mono_ns: 2_000_000_000,
+                unix_ns: 2_000_000_000,
+            },
+            Some(usage()),
+        );
         assert_eq!((a.index, a.elapsed_us()), (7, 1_000_000));
         assert_eq!(a.results[0].measured_uj, 2_000_000);
         assert_eq!(a.results[0].sum_uj(), 2_000_000);
         // A tick 2.5 s late: one 3.5 s interval starting where the last ended.
-        t.write("sys/class/powercap/intel-rapl:0/energy_uj", "9001000\n").unwrap();
-        let b = s.tick(Stamp { mono_ns: 5_500_000_000, unix_ns: 5_500_000_000 }, Some(usage()));
+        t.write("sys/class/powercap/intel-rapl:0/energy_uj", "9001000\n")
+            .unwrap();
+        let b = s.tick(
+            Stamp {
+                mono_ns: 5_500_000_000,
+                unix_ns: 5_500_000_000,
+            },
+            Some(usage()),
+        );
         assert_eq!((b.index, b.start, b.elapsed_us()), (8, a.end, 3_500_000));
         assert_eq!(b.results[0].measured_uj, 7_000_000);
         assert_eq!(b.wall_jump_ns, 0);
@@ -243,7 +332,13 @@ mod tests {
     fn wall_clock_jump_is_recorded_not_used() {
         let (_d, _t, mut s) = setup("1000");
         // Wall clock stepped back an hour; monotonic advanced 1 s.
-        let i = s.tick(Stamp { mono_ns: 2_000_000_000, unix_ns: 1_000_000_000 - 3_600_000_000_000 }, Some(usage()));
+        let i = s.tick(
+            Stamp {
+                mono_ns: 2_000_000_000,
+                unix_ns: 1_000_000_000 - 3_600_000_000_000,
+            },
+            Some(usage()),
+        );
         assert_eq!(i.elapsed_us(), 1_000_000);
         assert_eq!(i.wall_jump_ns, -3_601_000_000_000);
     }
@@ -253,14 +348,32 @@ mod tests {
         // From 200 kJ to 5 uJ in 1 s: as a wrap of the 262 kJ range that would be 62 kJ, far
         // above the 3 kW ceiling, so it is a reset.
         let (_d, t, mut s) = setup("200000000000");
-        t.write("sys/class/powercap/intel-rapl:0/energy_uj", "5\n").unwrap();
-        let i = s.tick(Stamp { mono_ns: 2_000_000_000, unix_ns: 2_000_000_000 }, Some(usage()));
+        t.write("sys/class/powercap/intel-rapl:0/energy_uj", "5\n")
+            .unwrap();
+        let i = s.tick(
+            Stamp {
+                mono_ns: 2_000_000_000,
+                unix_ns: 2_000_000_000,
+            },
+            Some(usage()),
+        );
         assert!(i.results[0].gap);
         assert_eq!(i.gaps.len(), 1);
         assert_eq!(i.gaps[0].cause, GapCause::CounterReset);
-        t.write("sys/class/powercap/intel-rapl:0/energy_uj", "garbage\n").unwrap();
-        let i = s.tick(Stamp { mono_ns: 3_000_000_000, unix_ns: 3_000_000_000 }, Some(usage()));
+        t.write("sys/class/powercap/intel-rapl:0/energy_uj", "garbage\n")
+            .unwrap();
+        let i = s.tick(
+            Stamp {
+                mono_ns: 3_000_000_000,
+                unix_ns: 3_000_000_000,
+            },
+            Some(usage()),
+        );
         assert_eq!(i.gaps[0].cause, GapCause::SourceFailure);
-        assert!(i.gaps[0].detail.contains("energy_uj"), "{}", i.gaps[0].detail);
+        assert!(
+            i.gaps[0].detail.contains("energy_uj"),
+            "{}",
+            i.gaps[0].detail
+        );
     }
 }

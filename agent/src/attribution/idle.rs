@@ -33,13 +33,20 @@ impl IdleTracker {
     /// The idle estimate for `key` for an interval ending at `end_us` (monotonic) in which it
     /// consumed `energy_uj` over `elapsed_us`. Declared values win; otherwise the window minimum,
     /// which includes this interval, so idle never exceeds the current power.
-    pub fn estimate(&mut self, key: MeterKey, end_us: u64, energy_uj: Option<u64>, elapsed_us: u64) -> IdleEstimate {
+    pub fn estimate(
+        &mut self,
+        key: MeterKey,
+        end_us: u64,
+        energy_uj: Option<u64>,
+        elapsed_us: u64,
+    ) -> IdleEstimate {
         if let Some(d) = self.declared.get(&key.domain) {
             return *d;
         }
         let q = self.windows.entry(key).or_default();
         if let (Some(e), true) = (energy_uj, elapsed_us > 0) {
-            let power_uw = (e as u128 * 1_000_000 / elapsed_us as u128).min(u64::MAX as u128) as u64;
+            let power_uw =
+                (e as u128 * 1_000_000 / elapsed_us as u128).min(u64::MAX as u128) as u64;
             while q.back().is_some_and(|&(_, p)| p >= power_uw) {
                 q.pop_back();
             }
@@ -64,7 +71,11 @@ mod tests {
     use super::*;
 
     fn key() -> MeterKey {
-        MeterKey { domain: Domain::Package, package: Some(0), die: None }
+        MeterKey {
+            domain: Domain::Package,
+            package: Some(0),
+            die: None,
+        }
     }
 
     #[test]
@@ -75,7 +86,11 @@ mod tests {
         let powers = [50u64, 30, 40, 60, 70];
         let mut got = Vec::new();
         for (i, p) in powers.iter().enumerate() {
-            got.push(t.estimate(key(), (i as u64 + 1) * s, Some(p * 1_000_000), s).power_uw / 1_000_000);
+            got.push(
+                t.estimate(key(), (i as u64 + 1) * s, Some(p * 1_000_000), s)
+                    .power_uw
+                    / 1_000_000,
+            );
         }
         assert_eq!(got, vec![50, 30, 30, 30, 40]);
     }
@@ -83,8 +98,20 @@ mod tests {
     #[test]
     fn declared_wins() {
         let mut d = BTreeMap::new();
-        d.insert(Domain::Package, IdleEstimate { power_uw: 7, source: IdleSource::Calibration });
+        d.insert(
+            Domain::Package,
+            IdleEstimate {
+                power_uw: 7,
+                source: IdleSource::Calibration,
+            },
+        );
         let mut t = IdleTracker::new(1, d);
-        assert_eq!(t.estimate(key(), 1, Some(1), 1), IdleEstimate { power_uw: 7, source: IdleSource::Calibration });
+        assert_eq!(
+            t.estimate(key(), 1, Some(1), 1),
+            IdleEstimate {
+                power_uw: 7,
+                source: IdleSource::Calibration
+            }
+        );
     }
 }

@@ -87,8 +87,12 @@ pub enum UnattributedReason {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Measured {
-    Energy { energy_uj: u64 },
-    Quarantined { energy_uj: u64 },
+    Energy {
+        energy_uj: u64,
+    },
+    Quarantined {
+        energy_uj: u64,
+    },
     /// The energy is unknown (counter reset, read failure): the sampler records a gap.
     Gap,
 }
@@ -174,7 +178,11 @@ impl MeterResult {
             .sum::<u128>()
             + self.host_active_uj as u128
             + self.host_idle_uj as u128
-            + self.unattributed.iter().map(|(_, e)| *e as u128).sum::<u128>()
+            + self
+                .unattributed
+                .iter()
+                .map(|(_, e)| *e as u128)
+                .sum::<u128>()
     }
 }
 
@@ -235,7 +243,11 @@ enum Bucket<'a> {
 
 /// Attributes one interval. Pure: the same input gives the same output, bit for bit.
 pub fn attribute(input: &IntervalInput) -> Vec<MeterResult> {
-    input.meters.iter().map(|m| attribute_meter(input, m)).collect()
+    input
+        .meters
+        .iter()
+        .map(|m| attribute_meter(input, m))
+        .collect()
 }
 
 fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
@@ -259,21 +271,24 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
         }
         Measured::Quarantined { energy_uj } => {
             r.measured_uj = energy_uj;
-            r.unattributed.push((UnattributedReason::Quarantined, energy_uj));
+            r.unattributed
+                .push((UnattributedReason::Quarantined, energy_uj));
             return r;
         }
         Measured::Energy { energy_uj } => energy_uj,
     };
     r.measured_uj = energy;
     let Some(usage) = &input.usage else {
-        r.unattributed.push((UnattributedReason::NoUsageData, energy));
+        r.unattributed
+            .push((UnattributedReason::NoUsageData, energy));
         return r;
     };
     // The packages whose usage this meter's energy follows: its own, or all (psys).
     let packages: Vec<u32> = match m.key.package {
         Some(p) => {
             if !usage.package_cpus.contains_key(&p) && !usage.busy_us.contains_key(&p) {
-                r.unattributed.push((UnattributedReason::NoCpuInPackage, energy));
+                r.unattributed
+                    .push((UnattributedReason::NoCpuInPackage, energy));
                 return r;
             }
             vec![p]
@@ -296,16 +311,24 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
             runs_total = runs_total.saturating_add(w);
             weights.push((Bucket::Run(&run.run_id), w));
         }
-        let host = usage.host_memory_bytes.map_or(0, |h| h.saturating_sub(runs_total));
+        let host = usage
+            .host_memory_bytes
+            .map_or(0, |h| h.saturating_sub(runs_total));
         weights.push((Bucket::Host, host));
     } else {
         let mut runs_total: u64 = 0;
         for run in &usage.runs {
-            let w: u64 = packages.iter().map(|p| run.cpu_us.get(p).copied().unwrap_or(0)).sum();
+            let w: u64 = packages
+                .iter()
+                .map(|p| run.cpu_us.get(p).copied().unwrap_or(0))
+                .sum();
             runs_total = runs_total.saturating_add(w);
             weights.push((Bucket::Run(&run.run_id), w));
         }
-        let busy: u64 = packages.iter().map(|p| usage.busy_us.get(p).copied().unwrap_or(0)).sum();
+        let busy: u64 = packages
+            .iter()
+            .map(|p| usage.busy_us.get(p).copied().unwrap_or(0))
+            .sum();
         // Runs can exceed /proc/stat's tick-granular busy time by a tick; the host is never negative.
         weights.push((Bucket::Host, busy.saturating_sub(runs_total)));
     }
@@ -342,7 +365,10 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
                 .runs
                 .iter()
                 .map(|run| {
-                    let w = packages.iter().map(|p| run.reserved_millicpus.get(p).copied().unwrap_or(0)).sum();
+                    let w = packages
+                        .iter()
+                        .map(|p| run.reserved_millicpus.get(p).copied().unwrap_or(0))
+                        .sum();
                     (Bucket::Run(&run.run_id), w)
                 })
                 .collect();
@@ -365,7 +391,11 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
         .enumerate()
         .map(|(i, run)| RunShare {
             run_id: run.run_id.clone(),
-            active_uj: if weights.iter().all(|(_, w)| *w == 0) { 0 } else { active_shares[i] },
+            active_uj: if weights.iter().all(|(_, w)| *w == 0) {
+                0
+            } else {
+                active_shares[i]
+            },
             idle_uj: idle_shares[i],
             usage: weights[i].1,
         })

@@ -11,7 +11,11 @@ use super::*;
 const J: u64 = 1_000_000;
 
 fn key(domain: Domain, package: Option<u32>) -> MeterKey {
-    MeterKey { domain, package, die: None }
+    MeterKey {
+        domain,
+        package,
+        die: None,
+    }
 }
 
 fn meter(domain: Domain, package: Option<u32>, energy_uj: u64, idle_w: u64) -> MeterInput {
@@ -20,7 +24,10 @@ fn meter(domain: Domain, package: Option<u32>, energy_uj: u64, idle_w: u64) -> M
         source: SourceKind::Powercap,
         quality: Quality::Measured,
         measured: Measured::Energy { energy_uj },
-        idle: IdleEstimate { power_uw: idle_w * J, source: IdleSource::Config },
+        idle: IdleEstimate {
+            power_uw: idle_w * J,
+            source: IdleSource::Config,
+        },
     }
 }
 
@@ -53,7 +60,12 @@ fn scenario(idle: IdlePolicy, dram: DramPolicy) -> IntervalInput {
         usage: Some(Usage {
             runs: vec![
                 run("a", &[(0, 500_000)], &[(0, 1000)], Some(GIB)),
-                run("b", &[(0, 250_000), (1, 300_000)], &[(0, 250), (1, 250)], Some(3 * GIB)),
+                run(
+                    "b",
+                    &[(0, 250_000), (1, 300_000)],
+                    &[(0, 250), (1, 250)],
+                    Some(3 * GIB),
+                ),
                 run("c", &[(1, 100_000)], &[], None),
             ],
             busy_us: [(0, 1_000_000), (1, 600_000)].into_iter().collect(),
@@ -70,12 +82,19 @@ type Want = (MeterKey, &'static [(&'static str, u64, u64)], u64, u64);
 fn check(input: &IntervalInput, want: &[Want]) {
     let out = attribute(input);
     for (k, runs, host_active, host_idle) in want {
-        let m = out.iter().find(|m| m.key == *k).unwrap_or_else(|| panic!("no result for {k}"));
+        let m = out
+            .iter()
+            .find(|m| m.key == *k)
+            .unwrap_or_else(|| panic!("no result for {k}"));
         for (id, active, idle) in *runs {
             let s = m.runs.iter().find(|s| s.run_id == *id).unwrap();
             assert_eq!((s.active_uj, s.idle_uj), (*active, *idle), "{k} run {id}");
         }
-        assert_eq!((m.host_active_uj, m.host_idle_uj), (*host_active, *host_idle), "{k} host");
+        assert_eq!(
+            (m.host_active_uj, m.host_idle_uj),
+            (*host_active, *host_idle),
+            "{k} host"
+        );
         assert_eq!(m.sum_uj(), m.measured_uj as u128, "{k} conserves");
     }
 }
@@ -90,12 +109,31 @@ fn hand_computed_proportional() {
     check(
         &scenario(IdlePolicy::Proportional, DramPolicy::Cpu),
         &[
-            (key(Domain::Package, Some(0)), &[("a", 10 * J, 5 * J), ("b", 5 * J, 2_500_000), ("c", 0, 0)], 5 * J, 2_500_000),
-            (key(Domain::Package, Some(1)), &[("a", 0, 0), ("b", 3 * J, 5 * J), ("c", J, 1_666_667)], 2 * J, 3_333_333),
-            (key(Domain::Dram, Some(0)), &[("a", 1_500_000, J), ("b", 750_000, 500_000)], 750_000, 500_000),
+            (
+                key(Domain::Package, Some(0)),
+                &[("a", 10 * J, 5 * J), ("b", 5 * J, 2_500_000), ("c", 0, 0)],
+                5 * J,
+                2_500_000,
+            ),
+            (
+                key(Domain::Package, Some(1)),
+                &[("a", 0, 0), ("b", 3 * J, 5 * J), ("c", J, 1_666_667)],
+                2 * J,
+                3_333_333,
+            ),
+            (
+                key(Domain::Dram, Some(0)),
+                &[("a", 1_500_000, J), ("b", 750_000, 500_000)],
+                750_000,
+                500_000,
+            ),
             (
                 key(Domain::Psys, None),
-                &[("a", 10_937_500, 7_812_500), ("b", 12_031_250, 8_593_750), ("c", 2_187_500, 1_562_500)],
+                &[
+                    ("a", 10_937_500, 7_812_500),
+                    ("b", 12_031_250, 8_593_750),
+                    ("c", 2_187_500, 1_562_500),
+                ],
                 9_843_750,
                 7_031_250,
             ),
@@ -111,8 +149,18 @@ fn hand_computed_reserved() {
     check(
         &scenario(IdlePolicy::Reserved, DramPolicy::Cpu),
         &[
-            (key(Domain::Package, Some(0)), &[("a", 10 * J, 5 * J), ("b", 5 * J, 1_250_000), ("c", 0, 0)], 5 * J, 3_750_000),
-            (key(Domain::Package, Some(1)), &[("a", 0, 0), ("b", 3 * J, 1_250_000), ("c", J, 0)], 2 * J, 8_750_000),
+            (
+                key(Domain::Package, Some(0)),
+                &[("a", 10 * J, 5 * J), ("b", 5 * J, 1_250_000), ("c", 0, 0)],
+                5 * J,
+                3_750_000,
+            ),
+            (
+                key(Domain::Package, Some(1)),
+                &[("a", 0, 0), ("b", 3 * J, 1_250_000), ("c", J, 0)],
+                2 * J,
+                8_750_000,
+            ),
         ],
     );
 }
@@ -123,8 +171,18 @@ fn hand_computed_host_idle_and_memory_dram() {
     check(
         &scenario(IdlePolicy::Host, DramPolicy::Memory),
         &[
-            (key(Domain::Package, Some(0)), &[("a", 10 * J, 0), ("b", 5 * J, 0)], 5 * J, 10 * J),
-            (key(Domain::Dram, Some(0)), &[("a", 375_000, 0), ("b", 1_125_000, 0), ("c", 0, 0)], 1_500_000, 2 * J),
+            (
+                key(Domain::Package, Some(0)),
+                &[("a", 10 * J, 0), ("b", 5 * J, 0)],
+                5 * J,
+                10 * J,
+            ),
+            (
+                key(Domain::Dram, Some(0)),
+                &[("a", 375_000, 0), ("b", 1_125_000, 0), ("c", 0, 0)],
+                1_500_000,
+                2 * J,
+            ),
         ],
     );
 }
@@ -136,15 +194,24 @@ fn gaps_quarantine_and_missing_usage_are_unattributed_with_reasons() {
     input.meters[1].measured = Measured::Quarantined { energy_uj: 9 * J };
     let out = attribute(&input);
     assert!(out[0].gap && out[0].measured_uj == 0 && out[0].sum_uj() == 0);
-    assert_eq!(out[1].unattributed, vec![(UnattributedReason::Quarantined, 9 * J)]);
+    assert_eq!(
+        out[1].unattributed,
+        vec![(UnattributedReason::Quarantined, 9 * J)]
+    );
     input.usage = None;
     let out = attribute(&input);
-    assert_eq!(out[2].unattributed, vec![(UnattributedReason::NoUsageData, 5 * J)]);
+    assert_eq!(
+        out[2].unattributed,
+        vec![(UnattributedReason::NoUsageData, 5 * J)]
+    );
     // A package with no CPU at all.
     let mut input = scenario(IdlePolicy::Proportional, DramPolicy::Cpu);
     input.meters.push(meter(Domain::Package, Some(7), 3 * J, 1));
     let out = attribute(&input);
-    assert_eq!(out[4].unattributed, vec![(UnattributedReason::NoCpuInPackage, 3 * J)]);
+    assert_eq!(
+        out[4].unattributed,
+        vec![(UnattributedReason::NoCpuInPackage, 3 * J)]
+    );
 }
 
 #[test]
@@ -165,55 +232,89 @@ fn arb_input() -> impl Strategy<Value = IntervalInput> {
     );
     let runs = proptest::collection::vec(run, 0..8);
     let meters = proptest::collection::vec(
-        (0usize..3, proptest::option::of(0u32..3), 0u64..1 << 40, 0u64..400, 0u8..10),
+        (
+            0usize..3,
+            proptest::option::of(0u32..3),
+            0u64..1 << 40,
+            0u64..400,
+            0u8..10,
+        ),
         1..6,
     );
     let policy = (0u8..3, any::<bool>());
-    (runs, meters, policy, proptest::collection::btree_map(0u32..3, 0u64..4_000_000, 0..4), 1u64..60_000_000, any::<bool>())
-        .prop_map(|(runs, meters, (ip, dp), busy, elapsed_us, usage_known)| IntervalInput {
-            elapsed_us,
-            meters: meters
-                .into_iter()
-                .map(|(d, p, e, idle_w, kind)| {
-                    let domain = [Domain::Package, Domain::Dram, Domain::Psys][d];
-                    let package = if domain == Domain::Psys { None } else { p.or(Some(0)) };
-                    MeterInput {
-                        key: key(domain, package),
-                        source: SourceKind::Powercap,
-                        quality: Quality::Measured,
-                        measured: match kind {
-                            0 => Measured::Gap,
-                            1 => Measured::Quarantined { energy_uj: e },
-                            _ => Measured::Energy { energy_uj: e },
-                        },
-                        idle: IdleEstimate { power_uw: idle_w * J, source: IdleSource::Window },
-                    }
-                })
-                .collect(),
-            usage: usage_known.then(|| Usage {
-                runs: runs
+    (
+        runs,
+        meters,
+        policy,
+        proptest::collection::btree_map(0u32..3, 0u64..4_000_000, 0..4),
+        1u64..60_000_000,
+        any::<bool>(),
+    )
+        .prop_map(
+            |(runs, meters, (ip, dp), busy, elapsed_us, usage_known)| IntervalInput {
+                elapsed_us,
+                meters: meters
                     .into_iter()
-                    .enumerate()
-                    .map(|(i, (cpu, res, mem))| RunUsage {
-                        run_id: format!("run-{i}"),
-                        cpu_us: cpu,
-                        memory_bytes: mem,
-                        reserved_millicpus: res,
+                    .map(|(d, p, e, idle_w, kind)| {
+                        let domain = [Domain::Package, Domain::Dram, Domain::Psys][d];
+                        let package = if domain == Domain::Psys {
+                            None
+                        } else {
+                            p.or(Some(0))
+                        };
+                        MeterInput {
+                            key: key(domain, package),
+                            source: SourceKind::Powercap,
+                            quality: Quality::Measured,
+                            measured: match kind {
+                                0 => Measured::Gap,
+                                1 => Measured::Quarantined { energy_uj: e },
+                                _ => Measured::Energy { energy_uj: e },
+                            },
+                            idle: IdleEstimate {
+                                power_uw: idle_w * J,
+                                source: IdleSource::Window,
+                            },
+                        }
                     })
                     .collect(),
-                busy_us: busy.clone(),
-                package_cpus: busy.keys().map(|&p| (p, 4)).collect(),
-                host_memory_bytes: Some(1 << 36),
-            }),
-            policy: Policy {
-                idle: [IdlePolicy::Proportional, IdlePolicy::Reserved, IdlePolicy::Host][ip as usize],
-                dram: if dp { DramPolicy::Cpu } else { DramPolicy::Memory },
+                usage: usage_known.then(|| Usage {
+                    runs: runs
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (cpu, res, mem))| RunUsage {
+                            run_id: format!("run-{i}"),
+                            cpu_us: cpu,
+                            memory_bytes: mem,
+                            reserved_millicpus: res,
+                        })
+                        .collect(),
+                    busy_us: busy.clone(),
+                    package_cpus: busy.keys().map(|&p| (p, 4)).collect(),
+                    host_memory_bytes: Some(1 << 36),
+                }),
+                policy: Policy {
+                    idle: [
+                        IdlePolicy::Proportional,
+                        IdlePolicy::Reserved,
+                        IdlePolicy::Host,
+                    ][ip as usize],
+                    dram: if dp {
+                        DramPolicy::Cpu
+                    } else {
+                        DramPolicy::Memory
+                    },
+                },
             },
-        })
+        )
 }
 
 fn total(m: &MeterResult, id: &str) -> u64 {
-    m.runs.iter().filter(|s| s.run_id == id).map(|s| s.active_uj + s.idle_uj).sum()
+    m.runs
+        .iter()
+        .filter(|s| s.run_id == id)
+        .map(|s| s.active_uj + s.idle_uj)
+        .sum()
 }
 
 proptest! {

@@ -39,11 +39,14 @@ impl Totals {
     pub fn add(&mut self, interval: u64, results: &[MeterResult]) {
         for m in results {
             for share in &m.runs {
-                let t = self.runs.entry(share.run_id.clone()).or_insert_with(|| RunTotal {
-                    run_id: share.run_id.clone(),
-                    first_interval: interval,
-                    ..RunTotal::default()
-                });
+                let t = self
+                    .runs
+                    .entry(share.run_id.clone())
+                    .or_insert_with(|| RunTotal {
+                        run_id: share.run_id.clone(),
+                        first_interval: interval,
+                        ..RunTotal::default()
+                    });
                 *t.energy_uj.entry(m.key.domain).or_default() += share.active_uj + share.idle_uj;
                 t.last_interval = interval;
                 t.estimated |= m.quality == Quality::Estimated;
@@ -73,7 +76,11 @@ impl Totals {
 
 /// Formats microjoules as watt-hours with enough decimals to show every microjoule.
 pub fn format_wh(uj: u64) -> String {
-    format!("{}.{:010}", uj / UJ_PER_WH, (uj % UJ_PER_WH) as u128 * 10_000_000_000 / UJ_PER_WH as u128)
+    format!(
+        "{}.{:010}",
+        uj / UJ_PER_WH,
+        (uj % UJ_PER_WH) as u128 * 10_000_000_000 / UJ_PER_WH as u128
+    )
 }
 
 #[cfg(test)]
