@@ -2,4 +2,5 @@
 //! so integration tests and benchmarks can drive them directly.
 pub mod attribution;
 pub mod config;
+pub mod control;
 pub mod sampler;

@@ -63,6 +63,24 @@ pub enum HostError {
     ZeroRange { path: PathBuf },
     #[error("{}: {what}", path.display())]
     Malformed { path: PathBuf, what: String },
+    #[error("{}: no cgroup2 mount listed (set host.cgroup_root to name one)", path.display())]
+    NoCgroup2Mount { path: PathBuf },
+    #[error("{}: path is {len} bytes, over the limit of {limit}", path.display())]
+    PathTooLong {
+        path: PathBuf,
+        len: usize,
+        limit: usize,
+    },
+    #[error("{field} {value} rejected: {what}")]
+    BadRunRef {
+        field: &'static str,
+        value: Shown,
+        what: &'static str,
+    },
+    #[error("run {run_id} is not tracked")]
+    UnknownRun { run_id: Shown },
+    #[error("run {run_id}: {what}")]
+    RunConflict { run_id: Shown, what: String },
 }
 
 /// The hint given with a permission error on an energy counter.
@@ -109,5 +127,15 @@ impl HostError {
 
     pub fn is_permission(&self) -> bool {
         matches!(self, HostError::PermissionDenied { .. })
+    }
+
+    /// True when the file's object is gone: not found, or a kernfs file (cgroupfs, sysfs) whose
+    /// node was removed while we held it open, which the kernel reports as ENODEV.
+    pub fn is_gone(&self) -> bool {
+        match self {
+            HostError::NotFound { .. } => true,
+            HostError::Io { source, .. } => source.raw_os_error() == Some(libc::ENODEV),
+            _ => false,
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! Every path is read under a [`HostRoot`], so the same code runs on a live host, on captured
 //! fixture trees and on a simulated host.
 
+pub mod cgroup;
 pub mod counter;
 pub mod domain;
 pub mod error;

@@ -1,0 +1,528 @@
+//! The control socket: the platform's control plane tells wattd when runs start and finish,
+//! over a local Unix socket, as newline-delimited JSON with one JSON reply per message.
+//!
+//! Nobody else may use it: the socket is mode 0660, each peer's uid/gid (SO_PEERCRED) must be
+//! root or listed, and every resource a peer can make us spend is bounded (line length, message
+//! rate, label count and size, connections, time). Validated events go to the daemon over a
+//! bounded channel; the daemon answers each one (it owns the run tracker), so "unknown run"
+//! reaches the peer as an error reply.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::future::Future;
+use std::io;
+use std::num::NonZeroU32;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::{Quota, RateLimiter};
+use serde::Deserialize;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use wattd_collectors::cgroup::{validate_cgroup_rel, validate_run_id, RunTracker};
+
+/// Bounds and access rules of the control socket.
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    pub path: PathBuf,
+    /// Peers allowed besides root, by uid or by primary gid.
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+    pub max_line_bytes: usize,
+    pub max_connections: usize,
+    /// Sustained messages per second per connection, and the burst above it.
+    pub messages_per_sec: u32,
+    pub burst: u32,
+    /// Rate-limited messages a connection may send before it is closed.
+    pub max_rate_violations: u32,
+    pub max_labels: usize,
+    pub max_label_key_bytes: usize,
+    pub max_label_value_bytes: usize,
+    /// Events waiting for the daemon.
+    pub queue_depth: usize,
+    /// How long a message may wait for the daemon's answer, and a reply for the peer to read.
+    pub reply_timeout: Duration,
+    /// A connection silent this long is closed, so idle peers cannot hold every slot.
+    pub idle_timeout: Duration,
+}
+
+impl ControlConfig {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        ControlConfig {
+            path: path.into(),
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            max_line_bytes: 64 * 1024,
+            max_connections: 64,
+            messages_per_sec: 1000,
+            burst: 1000,
+            max_rate_violations: 100,
+            max_labels: 32,
+            max_label_key_bytes: 64,
+            max_label_value_bytes: 256,
+            queue_depth: 1024,
+            reply_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Why the socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{}: exists and is not a socket; refusing to replace it", path.display())]
+    NotASocket { path: PathBuf },
+    #[error("{}: another process is listening on it", path.display())]
+    InUse { path: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// A validated control-plane event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlEvent {
+    RunStarted {
+        run_id: String,
+        cgroup: String,
+        labels: BTreeMap<String, String>,
+    },
+    RunFinished {
+        run_id: String,
+    },
+}
+
+/// Who sent an event (from SO_PEERCRED).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+/// An event for the daemon, which must answer it with [`ControlRequest::respond`].
+#[derive(Debug)]
+pub struct ControlRequest {
+    pub event: ControlEvent,
+    pub peer: Peer,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+impl ControlRequest {
+    /// Answers the peer; an error is sent as `{"ok":false,"error":...}`.
+    pub fn respond(self, result: Result<(), String>) {
+        // The peer may have gone; nothing to do then.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// Applies an event to the tracker: the daemon's side of the request.
+pub fn apply(tracker: &mut RunTracker, event: &ControlEvent) -> Result<(), String> {
+    match event {
+        ControlEvent::RunStarted {
+            run_id,
+            cgroup,
+            labels,
+        } => tracker
+            .run_started(run_id, cgroup, labels.clone())
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        ControlEvent::RunFinished { run_id } => {
+            tracker.run_finished(run_id).map_err(|e| e.to_string())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum Wire {
+    RunStarted {
+        run_id: String,
+        cgroup: String,
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+    },
+    RunFinished {
+        run_id: String,
+    },
+}
+
+/// The bound socket, ready to serve.
+#[derive(Debug)]
+pub struct ControlServer {
+    listener: UnixListener,
+    config: Arc<ControlConfig>,
+    tx: mpsc::Sender<ControlRequest>,
+}
+
+impl ControlServer {
+    /// Creates the socket (mode 0660), replacing a stale socket file but never a live socket or
+    /// anything that is not a socket. Must run inside a tokio runtime. Returns the receiver of
+    /// events the daemon must answer.
+    pub fn bind(
+        config: ControlConfig,
+    ) -> Result<(ControlServer, mpsc::Receiver<ControlRequest>), ControlError> {
+        let path = config.path.clone();
+        let io_err = |source| ControlError::Io {
+            path: path.clone(),
+            source,
+        };
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                    return Err(ControlError::InUse { path });
+                }
+                fs::remove_file(&path).map_err(io_err)?;
+            }
+            Ok(_) => return Err(ControlError::NotASocket { path }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        let listener = UnixListener::bind(&path).map_err(io_err)?;
+        // Set after bind: the umask decides the mode at creation, and changing the process-wide
+        // umask from a library is not safe. A peer that connects in between is still checked by
+        // its credentials.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o660)).map_err(io_err)?;
+        let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
+        Ok((
+            ControlServer {
+                listener,
+                config: Arc::new(config),
+                tx,
+            },
+            rx,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.config.path
+    }
+
+    /// Accepts connections until `shutdown` completes, then removes the socket file.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let slots = Arc::new(Semaphore::new(self.config.max_connections));
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                _ = &mut shutdown => break,
+                a = self.listener.accept() => a,
+            };
+            let stream = match accepted {
+                Ok((s, _)) => s,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning on accept.
+                    tracing::warn!(%error, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let config = self.config.clone();
+            let tx = self.tx.clone();
+            match slots.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(async move {
+                        handle_connection(stream, &config, &tx).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    tokio::spawn(async move {
+                        let mut s = stream;
+                        let _ = reply(&mut s, &config, Err("too many connections".into())).await;
+                    });
+                }
+            }
+        }
+        let _ = fs::remove_file(&self.config.path);
+    }
+}
+
+fn peer_allowed(config: &ControlConfig, peer: &Peer) -> bool {
+    peer.uid == 0
+        || config.allowed_uids.contains(&peer.uid)
+        || config.allowed_gids.contains(&peer.gid)
+}
+
+enum Line {
+    Complete,
+    Eof,
+    TooLong,
+}
+
+/// Reads one line into `line` (without the newline), never holding more than `max` bytes.
+async fn read_line_bounded<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<Line> {
+    line.clear();
+    loop {
+        let buf = r.fill_buf().await?;
+        if buf.is_empty() {
+            // A last message without its newline still counts.
+            return Ok(if line.is_empty() {
+                Line::Eof
+            } else {
+                Line::Complete
+            });
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > max {
+            return Ok(Line::TooLong);
+        }
+        line.extend_from_slice(&buf[..take]);
+        r.consume(if done { take + 1 } else { take });
+        if done {
+            return Ok(Line::Complete);
+        }
+    }
+}
+
+async fn reply<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    config: &ControlConfig,
+    result: Result<(), String>,
+) -> io::Result<()> {
+    let mut out = match result {
+        Ok(()) => serde_json::json!({ "ok": true }),
+        Err(e) => serde_json::json!({ "ok": false, "error": e }),
+    }
+    .to_string();
+    out.push('\n');
+    match tokio::time::timeout(config.reply_timeout, w.write_all(out.as_bytes())).await {
+        Ok(r) => r,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
+async fn handle_connection(
+    stream: UnixStream,
+    config: &ControlConfig,
+    tx: &mpsc::Sender<ControlRequest>,
+) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid(),
+        },
+        Err(error) => {
+            tracing::warn!(%error, "control socket: no peer credentials");
+            return;
+        }
+    };
+    let (rd, mut wr) = stream.into_split();
+    if !peer_allowed(config, &peer) {
+        tracing::warn!(
+            uid = peer.uid,
+            gid = peer.gid,
+            "control socket: peer refused"
+        );
+        let msg = format!("peer uid {} gid {} is not allowed", peer.uid, peer.gid);
+        let _ = reply(&mut wr, config, Err(msg)).await;
+        return;
+    }
+    let rate = NonZeroU32::new(config.messages_per_sec).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(config.burst).unwrap_or(rate);
+    let limiter = RateLimiter::direct(Quota::per_second(rate).allow_burst(burst));
+    let mut rd = BufReader::with_capacity(16 * 1024, rd);
+    let mut line = Vec::new();
+    let mut violations = 0u32;
+    loop {
+        let read = tokio::time::timeout(
+            config.idle_timeout,
+            read_line_bounded(&mut rd, &mut line, config.max_line_bytes),
+        )
+        .await;
+        match read {
+            Ok(Ok(Line::Complete)) => {}
+            Ok(Ok(Line::TooLong)) => {
+                let msg = format!(
+                    "line longer than {} bytes; closing the connection",
+                    config.max_line_bytes
+                );
+                let _ = reply(&mut wr, config, Err(msg)).await;
+                return;
+            }
+            Ok(Ok(Line::Eof)) | Ok(Err(_)) | Err(_) => return,
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if limiter.check().is_err() {
+            violations += 1;
+            let closing = violations > config.max_rate_violations;
+            let msg = if closing {
+                "rate limited; closing the connection"
+            } else {
+                "rate limited"
+            };
+            if reply(&mut wr, config, Err(msg.into())).await.is_err() || closing {
+                tracing::warn!(uid = peer.uid, "control socket: peer over its rate, closed");
+                return;
+            }
+            continue;
+        }
+        let result = match parse_event(config, &line) {
+            Ok(event) => ask_daemon(config, tx, event, peer).await,
+            Err(e) => Err(e),
+        };
+        if reply(&mut wr, config, result).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn ask_daemon(
+    config: &ControlConfig,
+    tx: &mpsc::Sender<ControlRequest>,
+    event: ControlEvent,
+    peer: Peer,
+) -> Result<(), String> {
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let req = ControlRequest {
+        event,
+        peer,
+        reply: reply_tx,
+    };
+    match tx.send_timeout(req, config.reply_timeout).await {
+        Ok(()) => {}
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => return Err("daemon busy".into()),
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err("daemon stopping".into()),
+    }
+    match tokio::time::timeout(config.reply_timeout, reply_rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err("daemon dropped the request".into()),
+        Err(_) => Err("daemon did not answer in time".into()),
+    }
+}
+
+/// Parses and validates one message; the error is the reply text.
+fn parse_event(config: &ControlConfig, line: &[u8]) -> Result<ControlEvent, String> {
+    let wire: Wire = serde_json::from_slice(line).map_err(|e| format!("bad message: {e}"))?;
+    let event = match wire {
+        Wire::RunStarted {
+            run_id,
+            cgroup,
+            labels,
+        } => {
+            validate_run_id(&run_id).map_err(|e| e.to_string())?;
+            validate_cgroup_rel(&cgroup).map_err(|e| e.to_string())?;
+            check_labels(config, &labels)?;
+            ControlEvent::RunStarted {
+                run_id,
+                cgroup,
+                labels,
+            }
+        }
+        Wire::RunFinished { run_id } => {
+            validate_run_id(&run_id).map_err(|e| e.to_string())?;
+            ControlEvent::RunFinished { run_id }
+        }
+    };
+    Ok(event)
+}
+
+fn check_labels(config: &ControlConfig, labels: &BTreeMap<String, String>) -> Result<(), String> {
+    if labels.len() > config.max_labels {
+        return Err(format!("more than {} labels", config.max_labels));
+    }
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= config.max_label_key_bytes
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'));
+        if !key_ok {
+            return Err(format!(
+                "label key {:?} must be 1 to {} bytes of A-Z a-z 0-9 _ - . /",
+                k.chars().take(64).collect::<String>(),
+                config.max_label_key_bytes
+            ));
+        }
+        if v.len() > config.max_label_value_bytes || v.chars().any(char::is_control) {
+            return Err(format!(
+                "label {k:?}: value must be at most {} bytes, no control characters",
+                config.max_label_value_bytes
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_table() {
+        let c = ControlConfig::new("/x");
+        let ok = parse_event(
+            &c,
+            br#"{"type":"run_started","run_id":"r1","cgroup":"a/b","labels":{"team":"x y"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            ok,
+            ControlEvent::RunStarted {
+                run_id: "r1".into(),
+                cgroup: "a/b".into(),
+                labels: [("team".to_owned(), "x y".to_owned())].into(),
+            }
+        );
+        assert_eq!(
+            parse_event(&c, br#"{"type":"run_finished","run_id":"r1"}"#).unwrap(),
+            ControlEvent::RunFinished {
+                run_id: "r1".into()
+            }
+        );
+        let many: String = (0..33)
+            .map(|i| format!("\"k{i}\":\"v\""))
+            .collect::<Vec<_>>()
+            .join(",");
+        let many =
+            format!(r#"{{"type":"run_started","run_id":"r","cgroup":"a","labels":{{{many}}}}}"#);
+        let long_value = format!(
+            r#"{{"type":"run_started","run_id":"r","cgroup":"a","labels":{{"k":"{}"}}}}"#,
+            "v".repeat(257)
+        );
+        for (bad, want) in [
+            (&b"garbage"[..], "bad message"),
+            (b"{}", "bad message"),
+            (br#"{"type":"run_exploded","run_id":"r"}"#, "bad message"),
+            (br#"{"type":"run_finished"}"#, "bad message"),
+            (
+                br#"{"type":"run_finished","run_id":"r","extra":1}"#,
+                "bad message",
+            ),
+            (br#"{"type":"run_finished","run_id":".."}"#, "run_id"),
+            (br#"{"type":"run_finished","run_id":"a\nb"}"#, "run_id"),
+            (
+                br#"{"type":"run_started","run_id":"r","cgroup":"../etc"}"#,
+                "cgroup",
+            ),
+            (
+                br#"{"type":"run_started","run_id":"r","cgroup":"/abs"}"#,
+                "cgroup",
+            ),
+            (
+                br#"{"type":"run_started","run_id":"r","cgroup":"a","labels":{"bad key":"v"}}"#,
+                "label key",
+            ),
+            (
+                br#"{"type":"run_started","run_id":"r","cgroup":"a","labels":{"k":"a\u0000"}}"#,
+                "label",
+            ),
+            (many.as_bytes(), "more than 32 labels"),
+            (long_value.as_bytes(), "at most 256 bytes"),
+            (b"\xff\xfe", "bad message"),
+        ] {
+            let e = parse_event(&c, bad).unwrap_err();
+            assert!(e.contains(want), "{:?}: {e}", String::from_utf8_lossy(bad));
+        }
+    }
+}

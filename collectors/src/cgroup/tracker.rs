@@ -1,0 +1,1276 @@
+//! The run tracker: which runs exist (pattern discovery over cgroupfs with inotify, plus the
+//! control plane's announcements), and how much CPU each used per package in each tick.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ffi::OsStr;
+use std::io;
+use std::ops::Bound;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::files::{read_populated, read_reserved_millicpus, Source};
+use super::inotify::{Event, Inotify};
+use super::mount::find_cgroup2_mount;
+use super::pattern::{validate_cgroup_rel, validate_run_id, NameMatch, RunPattern};
+use super::perf::CgroupTaskClock;
+use crate::error::{HostError, Shown, HINT_GENERIC, HINT_PERF};
+use crate::hostfs::HostRoot;
+use crate::procstat::{user_hz, ProcStat};
+use crate::topology::Topology;
+
+/// Labels the control plane attaches to a run.
+pub type Labels = BTreeMap<String, String>;
+
+/// Most labels a run may carry, and their key and value lengths: labels end up in every record.
+pub const LABELS_MAX: usize = 64;
+pub const LABEL_KEY_MAX_BYTES: usize = 128;
+pub const LABEL_VALUE_MAX_BYTES: usize = 1024;
+/// How many finished run ids are remembered, so a repeated finish is answered "ok" and a
+/// finished run's cgroup, if it lingers, is not discovered again as a new run.
+const RECENTLY_FINISHED_MAX: usize = 16_384;
+/// Longest absolute path we open (PATH_MAX).
+const PATH_MAX_BYTES: usize = 4095;
+
+const PARENT_MASK: u32 = libc::IN_CREATE
+    | libc::IN_DELETE
+    | libc::IN_MOVED_FROM
+    | libc::IN_MOVED_TO
+    | libc::IN_DELETE_SELF
+    | libc::IN_ONLYDIR;
+
+/// What the tracker needs to know; see the BRIEF's configuration contract (`host.root`,
+/// `host.cgroup_root`, `runs.patterns`).
+#[derive(Clone, Debug)]
+pub struct TrackerConfig {
+    pub root: HostRoot,
+    /// Host path of the cgroup2 mount (read under `root`); `None`: found in mountinfo.
+    pub cgroup_root: Option<PathBuf>,
+    pub patterns: Vec<String>,
+    /// Split runs across packages by perf cgroup `task-clock` where permitted (live hosts only).
+    pub perf_split: bool,
+    /// Most descriptors the tracker keeps open; `None`: three quarters of RLIMIT_NOFILE.
+    pub fd_budget: Option<usize>,
+    /// Raise the RLIMIT_NOFILE soft limit to the hard limit at start.
+    pub raise_nofile: bool,
+    /// Full rescan every this many ticks, in case inotify dropped events; 0: never.
+    pub rescan_every_ticks: u32,
+}
+
+impl TrackerConfig {
+    pub fn new(root: HostRoot) -> Self {
+        TrackerConfig {
+            root,
+            cgroup_root: None,
+            patterns: vec!["flowzart.slice/run-{run_id}.scope".to_owned()],
+            perf_split: true,
+            fd_budget: None,
+            raise_nofile: true,
+            rescan_every_ticks: 60,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunOrigin {
+    Pattern,
+    ControlPlane,
+}
+
+/// Where a run's billing starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BilledFrom {
+    /// The cgroup's birth: `cpu.stat` starts at 0, so its whole usage is counted. Runs that
+    /// appear after the tracker started.
+    Birth,
+    /// The tracker's start: runs already there when it started (an agent restart) must not
+    /// have usage from before, which is a gap, billed in this interval.
+    Discovery,
+}
+
+/// How a run's usage was divided among packages this tick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitSource {
+    PerfTaskClock,
+    ProcStatShare,
+}
+
+/// One run's usage over one tick.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RunUsage {
+    pub run_id: Arc<str>,
+    /// Relative to the cgroup root.
+    pub cgroup: Arc<str>,
+    pub labels: Arc<Labels>,
+    pub origin: RunOrigin,
+    pub billed_from: BilledFrom,
+    /// CPU time used this tick, from `cpu.stat` `usage_usec`.
+    pub usage_us: u64,
+    /// `usage_us` divided among packages; sums to `usage_us` exactly.
+    pub usage_us_by_package: BTreeMap<u32, u64>,
+    pub split: SplitSource,
+    pub memory_bytes: Option<u64>,
+    pub reserved_millicpus: Option<u64>,
+    /// First snapshot this run appears in.
+    pub started: bool,
+    /// Last snapshot this run appears in: it finished or its cgroup is gone.
+    pub finished: bool,
+}
+
+/// One package over one tick.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PackageUsage {
+    /// Busy CPU time from `/proc/stat`, all CPUs of the package.
+    pub busy_us: u64,
+    /// Sum of the runs' usage on this package.
+    pub runs_us: u64,
+    /// `busy_us - runs_us`, clamped at 0 (each clamp is counted).
+    pub host_us: u64,
+}
+
+/// Cumulative counters since the tracker started (gauges say so).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TrackerCounters {
+    /// Gauge: runs tracked after this tick.
+    pub runs_tracked: u64,
+    /// Gauge: descriptors held for runs.
+    pub kept_fds: u64,
+    pub fd_budget: u64,
+    /// Runs whose files are read open-read-close because the descriptor budget was full.
+    pub fd_fallback_runs: u64,
+    /// Runs split by /proc/stat share because perf counters could not be had for them.
+    pub perf_fallback_runs: u64,
+    /// Directory names shaped like a run but with an id we refuse (not UTF-8, `..`, ...).
+    pub hostile_names_skipped: u64,
+    /// Packages whose runs' usage exceeded measured busy time (host bucket clamped to 0).
+    pub host_clamps: u64,
+    /// Cgroups that vanished between being listed and being opened.
+    pub vanished_at_discovery: u64,
+    /// Runs whose cgroup went away without a read after they emptied: usage since their
+    /// last read may be missing.
+    pub vanished_before_final_read: u64,
+    pub read_errors: u64,
+    /// Runs without a `cgroup.events` watch (inotify limit): measured at ticks only.
+    pub watch_fallbacks: u64,
+    pub inotify_overflows: u64,
+    pub rescans: u64,
+    /// `usage_usec` went down (a cgroup recreated under the same name).
+    pub usage_went_backwards: u64,
+}
+
+/// A failure while reading, with the run it concerns.
+#[derive(Debug)]
+pub struct TickError {
+    pub run_id: Option<Arc<str>>,
+    pub error: HostError,
+}
+
+/// Everything one tick measured.
+#[derive(Debug)]
+pub struct UsageSnapshot {
+    pub interval_us: u64,
+    pub runs: Vec<RunUsage>,
+    pub packages: BTreeMap<u32, PackageUsage>,
+    /// Read failures since the last tick; runs with one carry no usage this tick and catch up
+    /// on the next good read.
+    pub errors: Vec<TickError>,
+    pub counters: TrackerCounters,
+    /// Why perf is not used for the split, when it is not.
+    pub perf_disabled: Option<String>,
+}
+
+/// What `run_started` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartOutcome {
+    Started,
+    AlreadyTracked,
+}
+
+#[derive(Debug)]
+struct Run {
+    id: Arc<str>,
+    cgroup_rel: Arc<str>,
+    labels: Arc<Labels>,
+    origin: RunOrigin,
+    billed_from: BilledFrom,
+    pattern: Option<usize>,
+    cpu_stat: Source,
+    memory: Option<Source>,
+    perf: Option<CgroupTaskClock>,
+    /// Package of each perf counter, in counter order.
+    perf_pkgs: Vec<u32>,
+    events_wd: Option<i32>,
+    reserved_millicpus: Option<u64>,
+    billed_us: u64,
+    latest_us: u64,
+    billed_tc_ns: Vec<u64>,
+    latest_tc_ns: Vec<u64>,
+    memory_bytes: Option<u64>,
+    reported: bool,
+    finished: bool,
+    /// A read was taken after the run emptied or was declared finished.
+    final_read: bool,
+    kept_fds: usize,
+}
+
+#[derive(Debug)]
+enum WatchTarget {
+    Parent(Vec<usize>),
+    RunEvents(Arc<str>),
+}
+
+/// Tracks runs and measures their usage. Single-threaded: the daemon calls [`Self::tick`] on
+/// its timer, [`Self::poll_events`] whenever [`Self::events_fd`] is readable, and
+/// `run_started`/`run_finished` for control-plane messages.
+#[derive(Debug)]
+pub struct RunTracker {
+    root: HostRoot,
+    cgroup_root: PathBuf,
+    patterns: Vec<RunPattern>,
+    pattern_wds: Vec<Option<i32>>,
+    watches: HashMap<i32, WatchTarget>,
+    inotify: Inotify,
+    runs: BTreeMap<Arc<str>, Run>,
+    /// cgroup path -> run id, to refuse two runs on one cgroup or one nested in another.
+    paths: BTreeMap<Arc<str>, Arc<str>>,
+    recently_finished: VecDeque<Arc<str>>,
+    recently_finished_set: HashSet<Arc<str>>,
+    topology: Topology,
+    cpus: Vec<u32>,
+    last_stat: Option<ProcStat>,
+    user_hz: u64,
+    perf_disabled: Option<String>,
+    fd_budget: usize,
+    kept_fds: usize,
+    counters: TrackerCounters,
+    ticks: u64,
+    rescan_every_ticks: u32,
+    errors: Vec<TickError>,
+    events: Vec<Event>,
+    tc_scratch: Vec<(u32, u64)>,
+}
+
+/// Raises the RLIMIT_NOFILE soft limit to the hard limit; returns the soft limit now in force.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is a valid rlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: want is a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+fn nofile_soft_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is a valid rlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_cur
+}
+
+impl RunTracker {
+    /// Finds the cgroup root, reads topology and `/proc/stat`, arms the watches and scans the
+    /// patterns once. Runs found by that first scan are billed from now ([`BilledFrom::Discovery`]).
+    pub fn new(config: TrackerConfig) -> Result<Self, HostError> {
+        let soft = if config.raise_nofile {
+            raise_nofile_limit().unwrap_or_else(|_| nofile_soft_limit())
+        } else {
+            nofile_soft_limit()
+        };
+        // Leave a quarter (at least 256) for the daemon's sockets, spool and perf PMU counters.
+        let derived = soft.saturating_sub((soft / 4).max(256));
+        let fd_budget = config
+            .fd_budget
+            .unwrap_or(usize::try_from(derived).unwrap_or(usize::MAX));
+        let root = config.root;
+        let cgroup_host_path = match &config.cgroup_root {
+            Some(p) => p.clone(),
+            None => find_cgroup2_mount(&root)?.mount_point,
+        };
+        let cgroup_root = root.join(&cgroup_host_path);
+        let meta = std::fs::metadata(&cgroup_root)
+            .map_err(|e| HostError::io(&cgroup_root, e, HINT_GENERIC))?;
+        if !meta.is_dir() {
+            return Err(HostError::malformed(
+                &cgroup_root,
+                "cgroup root is not a directory",
+            ));
+        }
+        let patterns = config
+            .patterns
+            .iter()
+            .map(|p| RunPattern::parse(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let topology = Topology::read(&root)?;
+        let cpus = topology.cpus.iter().map(|c| c.id).collect();
+        let last_stat = Some(ProcStat::read(&root)?);
+        let perf_disabled = if !config.perf_split {
+            Some("disabled by configuration".to_owned())
+        } else if !root.is_live() {
+            Some("host root is not the live host".to_owned())
+        } else {
+            None
+        };
+        let inotify = Inotify::new().map_err(|e| HostError::Io {
+            path: PathBuf::from("inotify_init1"),
+            source: e,
+        })?;
+        let n = patterns.len();
+        let mut t = RunTracker {
+            root,
+            cgroup_root,
+            patterns,
+            pattern_wds: vec![None; n],
+            watches: HashMap::new(),
+            inotify,
+            runs: BTreeMap::new(),
+            paths: BTreeMap::new(),
+            recently_finished: VecDeque::new(),
+            recently_finished_set: HashSet::new(),
+            topology,
+            cpus,
+            last_stat,
+            user_hz: user_hz(),
+            perf_disabled,
+            fd_budget,
+            kept_fds: 0,
+            counters: TrackerCounters::default(),
+            ticks: 0,
+            rescan_every_ticks: config.rescan_every_ticks,
+            errors: Vec::new(),
+            events: Vec::new(),
+            tc_scratch: Vec::new(),
+        };
+        for idx in 0..n {
+            t.arm_pattern(idx);
+            t.scan_pattern(idx, BilledFrom::Discovery);
+        }
+        Ok(t)
+    }
+
+    /// The cgroup root as read on this machine (under the host root).
+    pub fn cgroup_root(&self) -> &Path {
+        &self.cgroup_root
+    }
+
+    pub fn host_root(&self) -> &HostRoot {
+        &self.root
+    }
+
+    pub fn is_tracked(&self, run_id: &str) -> bool {
+        self.runs.contains_key(run_id)
+    }
+
+    pub fn runs_tracked(&self) -> usize {
+        self.runs.len()
+    }
+
+    pub fn counters(&self) -> TrackerCounters {
+        let mut c = self.counters;
+        c.runs_tracked = self.runs.len() as u64;
+        c.kept_fds = self.kept_fds as u64;
+        c.fd_budget = self.fd_budget as u64;
+        c
+    }
+
+    /// Readable when cgroups were created, removed or emptied: the daemon's event loop waits
+    /// on it (e.g. tokio `AsyncFd`) and calls [`Self::poll_events`].
+    pub fn events_fd(&self) -> BorrowedFd<'_> {
+        self.inotify.as_fd()
+    }
+
+    /// Waits up to `timeout` for cgroup events and handles them; true if any came.
+    pub fn wait_events(&mut self, timeout: Duration) -> Result<bool, HostError> {
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        let ready = self.inotify.wait(ms).map_err(inotify_err)?;
+        if ready {
+            self.poll_events()?;
+        }
+        Ok(ready)
+    }
+
+    /// Handles every pending cgroup event without blocking: new runs are opened, emptied runs
+    /// get their final read at once, removed runs are marked finished.
+    pub fn poll_events(&mut self) -> Result<(), HostError> {
+        let mut events = std::mem::take(&mut self.events);
+        events.clear();
+        let res = self.inotify.read_events(&mut events).map_err(inotify_err);
+        for ev in &events {
+            self.handle_event(ev);
+        }
+        self.events = events;
+        self.reread_emptied();
+        res
+    }
+
+    /// Re-reads runs that emptied but still exist. The read at the `populated 0` event races
+    /// the last task's exit: the kernel drops it from the cgroup before it is descheduled for
+    /// the last time, so up to a scheduler tick of its CPU time may not be in `cpu.stat` yet.
+    /// Every later chance to read, while the cgroup is still there, closes that gap.
+    fn reread_emptied(&mut self) {
+        let mut gone = Vec::new();
+        for run in self.runs.values_mut() {
+            if run.final_read && !run.finished {
+                if let Err(e) = capture(run, &mut self.tc_scratch) {
+                    if e.is_gone() {
+                        gone.push(run.id.clone());
+                    }
+                }
+            }
+        }
+        for id in gone {
+            self.mark_gone(&id);
+        }
+    }
+
+    fn handle_event(&mut self, ev: &Event) {
+        if ev.mask & libc::IN_Q_OVERFLOW != 0 {
+            self.counters.inotify_overflows += 1;
+            self.rescan_all();
+            return;
+        }
+        match self.watches.get(&ev.wd) {
+            Some(WatchTarget::Parent(idxs)) => {
+                let idxs = idxs.clone();
+                if ev.mask & (libc::IN_DELETE_SELF | libc::IN_IGNORED) != 0 {
+                    self.watches.remove(&ev.wd);
+                    for i in idxs {
+                        self.pattern_wds[i] = None;
+                    }
+                    return;
+                }
+                let Some(name) = ev.name.as_deref() else {
+                    return;
+                };
+                for idx in idxs {
+                    if ev.mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
+                        self.consider(idx, name, BilledFrom::Birth);
+                    } else if ev.mask & (libc::IN_DELETE | libc::IN_MOVED_FROM) != 0 {
+                        if let NameMatch::Run(id) = self.patterns[idx].match_name(name) {
+                            if self
+                                .runs
+                                .get(id.as_str())
+                                .is_some_and(|r| r.pattern == Some(idx))
+                            {
+                                self.mark_gone(&id);
+                            }
+                        }
+                    }
+                }
+            }
+            Some(WatchTarget::RunEvents(id)) => {
+                let id = id.clone();
+                if ev.mask & libc::IN_IGNORED != 0 {
+                    self.watches.remove(&ev.wd);
+                    if let Some(r) = self.runs.get_mut(&id) {
+                        r.events_wd = None;
+                    }
+                    return;
+                }
+                if ev.mask & libc::IN_MODIFY != 0 {
+                    self.on_events_modified(&id);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// `cgroup.events` changed: if the run emptied, read its usage now, while the cgroup is
+    /// certain to exist; whoever emptied it may remove it right after.
+    fn on_events_modified(&mut self, id: &str) {
+        let Some(run) = self.runs.get_mut(id) else {
+            return;
+        };
+        if run.finished {
+            return;
+        }
+        let path = self
+            .cgroup_root
+            .join(&*run.cgroup_rel)
+            .join("cgroup.events");
+        match read_populated(&path) {
+            Ok(false) => match capture(run, &mut self.tc_scratch) {
+                Ok(()) => run.final_read = true,
+                Err(e) if e.is_gone() => self.mark_gone(id),
+                Err(e) => self.push_error(Some(id), e),
+            },
+            Ok(true) => run.final_read = false,
+            Err(e) if e.is_gone() => self.mark_gone(id),
+            Err(e) => self.push_error(Some(id), e),
+        }
+    }
+
+    fn push_error(&mut self, run_id: Option<&str>, error: HostError) {
+        self.counters.read_errors += 1;
+        // Bounded: a host that fails every read must not grow this without limit.
+        if self.errors.len() < 1024 {
+            self.errors.push(TickError {
+                run_id: run_id.map(Arc::from),
+                error,
+            });
+        }
+    }
+
+    fn mark_gone(&mut self, id: &str) {
+        let Some(run) = self.runs.get_mut(id) else {
+            return;
+        };
+        if run.finished {
+            return;
+        }
+        // Perf counters outlive the cgroup; the kept cpu.stat does not (ENODEV).
+        let _ = capture(run, &mut self.tc_scratch);
+        if !run.final_read {
+            self.counters.vanished_before_final_read += 1;
+        }
+        run.finished = true;
+    }
+
+    fn arm_pattern(&mut self, idx: usize) -> bool {
+        if self.pattern_wds[idx].is_some() {
+            return false;
+        }
+        let dir = self.cgroup_root.join(self.patterns[idx].parent());
+        match self.inotify.add_watch(&dir, PARENT_MASK) {
+            Ok(wd) => {
+                self.pattern_wds[idx] = Some(wd);
+                match self
+                    .watches
+                    .entry(wd)
+                    .or_insert(WatchTarget::Parent(Vec::new()))
+                {
+                    WatchTarget::Parent(v) => {
+                        if !v.contains(&idx) {
+                            v.push(idx);
+                        }
+                    }
+                    // A wd is per inode; a run's cgroup.events is never a pattern's parent.
+                    WatchTarget::RunEvents(_) => {}
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn rescan_all(&mut self) {
+        self.counters.rescans += 1;
+        for idx in 0..self.patterns.len() {
+            self.arm_pattern(idx);
+            self.scan_pattern(idx, BilledFrom::Birth);
+        }
+    }
+
+    /// Lists a pattern's parent: adds runs not yet tracked, marks tracked ones that are no
+    /// longer listed as gone.
+    fn scan_pattern(&mut self, idx: usize, billed_from: BilledFrom) {
+        let dir = self.cgroup_root.join(self.patterns[idx].parent());
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.mark_pattern_runs_gone(idx, &HashSet::new());
+                return;
+            }
+            Err(e) => {
+                self.push_error(None, HostError::io(&dir, e, HINT_GENERIC));
+                return;
+            }
+        };
+        let mut seen: HashSet<Arc<str>> = HashSet::new();
+        for entry in rd {
+            let Ok(entry) = entry else { continue };
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = entry.file_name();
+            if let Some(id) = self.consider(idx, &name, billed_from) {
+                seen.insert(id);
+            }
+        }
+        self.mark_pattern_runs_gone(idx, &seen);
+    }
+
+    fn mark_pattern_runs_gone(&mut self, idx: usize, seen: &HashSet<Arc<str>>) {
+        let gone: Vec<Arc<str>> = self
+            .runs
+            .values()
+            .filter(|r| r.pattern == Some(idx) && !r.finished && !seen.contains(&r.id))
+            .map(|r| r.id.clone())
+            .collect();
+        for id in gone {
+            self.mark_gone(&id);
+        }
+    }
+
+    /// A directory name under a pattern's parent: track it if it is a new run. Returns the
+    /// run id when the name is a run of this pattern (tracked before or now).
+    fn consider(&mut self, idx: usize, name: &OsStr, billed_from: BilledFrom) -> Option<Arc<str>> {
+        let id = match self.patterns[idx].match_name(name) {
+            NameMatch::Run(id) => id,
+            NameMatch::NoMatch => return None,
+            NameMatch::Hostile(_) => {
+                self.counters.hostile_names_skipped += 1;
+                return None;
+            }
+        };
+        if let Some(r) = self.runs.get(id.as_str()) {
+            return Some(r.id.clone());
+        }
+        if self.recently_finished_set.contains(id.as_str()) {
+            return None;
+        }
+        // match_name only accepts UTF-8 ids, and prefix/suffix come from a UTF-8 pattern.
+        let dir_name = name.to_str()?;
+        let rel = self.patterns[idx].cgroup_rel(dir_name);
+        match self.add_run(
+            &id,
+            &rel,
+            Arc::new(Labels::new()),
+            RunOrigin::Pattern,
+            billed_from,
+            Some(idx),
+        ) {
+            Ok(()) => self.runs.get(id.as_str()).map(|r| r.id.clone()),
+            Err(e) if e.is_gone() => {
+                self.counters.vanished_at_discovery += 1;
+                None
+            }
+            Err(e) => {
+                self.push_error(Some(&id), e);
+                None
+            }
+        }
+    }
+
+    fn check_path_free(&self, id: &str, rel: &str) -> Result<(), HostError> {
+        let conflict = |other: &str, how: &str| HostError::RunConflict {
+            run_id: Shown::new(id),
+            what: format!("cgroup {} {how} run {}", Shown::new(rel), Shown::new(other)),
+        };
+        if let Some(other) = self.paths.get(rel) {
+            return Err(conflict(other, "is already tracked as"));
+        }
+        // An ancestor or descendant tracked as another run would count the same CPU twice.
+        let mut cut = rel;
+        while let Some((parent, _)) = cut.rsplit_once('/') {
+            if let Some(other) = self.paths.get(parent) {
+                return Err(conflict(other, "is nested in the cgroup of"));
+            }
+            cut = parent;
+        }
+        let prefix = format!("{rel}/");
+        if let Some((p, other)) = self
+            .paths
+            .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+            .next()
+        {
+            if p.starts_with(&prefix) {
+                return Err(conflict(other, "contains the cgroup of"));
+            }
+        }
+        Ok(())
+    }
+
+    fn add_run(
+        &mut self,
+        id: &str,
+        rel: &str,
+        labels: Arc<Labels>,
+        origin: RunOrigin,
+        billed_from: BilledFrom,
+        pattern: Option<usize>,
+    ) -> Result<(), HostError> {
+        validate_run_id(id)?;
+        validate_cgroup_rel(rel)?;
+        self.check_path_free(id, rel)?;
+        let dir = self.cgroup_root.join(rel);
+        let len = dir.as_os_str().len();
+        if len > PATH_MAX_BYTES {
+            return Err(HostError::PathTooLong {
+                path: dir,
+                len,
+                limit: PATH_MAX_BYTES,
+            });
+        }
+        let meta =
+            std::fs::symlink_metadata(&dir).map_err(|e| HostError::io(&dir, e, HINT_GENERIC))?;
+        if !meta.is_dir() {
+            return Err(HostError::malformed(&dir, "not a cgroup directory"));
+        }
+        // Watch before the first read: a process that exits after the read then produces an
+        // event, and one that exited before it is in the read.
+        let events_wd = match self
+            .inotify
+            .add_watch(&dir.join("cgroup.events"), libc::IN_MODIFY)
+        {
+            Ok(wd) => Some(wd),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Not a cgroup2 directory (or already removed): checked by cpu.stat below.
+                None
+            }
+            Err(_) => {
+                self.counters.watch_fallbacks += 1;
+                None
+            }
+        };
+        let result = self.open_run(
+            id,
+            rel,
+            &dir,
+            labels,
+            origin,
+            billed_from,
+            pattern,
+            events_wd,
+        );
+        if result.is_err() {
+            if let Some(wd) = events_wd {
+                self.inotify.rm_watch(wd);
+            }
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn open_run(
+        &mut self,
+        id: &str,
+        rel: &str,
+        dir: &Path,
+        labels: Arc<Labels>,
+        origin: RunOrigin,
+        billed_from: BilledFrom,
+        pattern: Option<usize>,
+        events_wd: Option<i32>,
+    ) -> Result<(), HostError> {
+        let mut kept = 0usize;
+        let keep_cpu = self.kept_fds < self.fd_budget;
+        let cpu_stat = Source::open(dir.join("cpu.stat"), keep_cpu)?;
+        if cpu_stat.is_kept() {
+            kept += 1;
+        } else {
+            self.counters.fd_fallback_runs += 1;
+        }
+        let latest_us = cpu_stat.read_cpu_usage_us()?;
+        let mem_path = dir.join("memory.current");
+        let memory = match Source::open(mem_path, self.kept_fds + kept < self.fd_budget) {
+            Ok(s) => Some(s),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(e),
+        };
+        if memory.as_ref().is_some_and(Source::is_kept) {
+            kept += 1;
+        }
+        let memory_bytes = match &memory {
+            Some(m) => Some(m.read_u64()?),
+            None => None,
+        };
+        let (perf, perf_pkgs) = self.open_perf(dir, kept);
+        if let Some(p) = &perf {
+            kept += p.fd_count();
+        }
+        let reserved_millicpus = match read_reserved_millicpus(dir) {
+            Ok(r) => r,
+            Err(e) if e.is_gone() => return Err(e),
+            Err(e) => {
+                self.push_error(Some(id), e);
+                None
+            }
+        };
+        let id: Arc<str> = Arc::from(id);
+        let cgroup_rel: Arc<str> = Arc::from(rel);
+        let mut run = Run {
+            id: id.clone(),
+            cgroup_rel: cgroup_rel.clone(),
+            labels,
+            origin,
+            billed_from,
+            pattern,
+            cpu_stat,
+            memory,
+            perf,
+            perf_pkgs,
+            events_wd,
+            reserved_millicpus,
+            billed_us: match billed_from {
+                BilledFrom::Birth => 0,
+                BilledFrom::Discovery => latest_us,
+            },
+            latest_us,
+            billed_tc_ns: Vec::new(),
+            latest_tc_ns: Vec::new(),
+            memory_bytes,
+            reported: false,
+            finished: false,
+            final_read: false,
+            kept_fds: kept,
+        };
+        if let Some(p) = &mut run.perf {
+            if p.read_into(&mut self.tc_scratch).is_ok() {
+                run.latest_tc_ns = self.tc_scratch.iter().map(|&(_, v)| v).collect();
+            } else {
+                run.latest_tc_ns = vec![0; run.perf_pkgs.len()];
+            }
+            // Counters start at 0 when opened; what ran before is split by /proc/stat share.
+            run.billed_tc_ns = vec![0; run.perf_pkgs.len()];
+        }
+        if let Some(wd) = events_wd {
+            self.watches.insert(wd, WatchTarget::RunEvents(id.clone()));
+            // It may have emptied before the watch was set: then the read above is final.
+            if let Ok(false) = read_populated(&dir.join("cgroup.events")) {
+                run.final_read = true;
+            }
+        }
+        self.kept_fds += kept;
+        self.paths.insert(cgroup_rel, id.clone());
+        self.runs.insert(id, run);
+        Ok(())
+    }
+
+    fn open_perf(&mut self, dir: &Path, kept_so_far: usize) -> (Option<CgroupTaskClock>, Vec<u32>) {
+        if self.perf_disabled.is_some() {
+            self.counters.perf_fallback_runs += 1;
+            return (None, Vec::new());
+        }
+        if self.kept_fds + kept_so_far + self.cpus.len() > self.fd_budget {
+            self.counters.perf_fallback_runs += 1;
+            return (None, Vec::new());
+        }
+        match CgroupTaskClock::open(dir, &self.cpus) {
+            Ok(p) => {
+                let pkgs = self
+                    .cpus
+                    .iter()
+                    .map(|&c| self.topology.package_of(c).unwrap_or(0))
+                    .collect();
+                (Some(p), pkgs)
+            }
+            Err(e) => {
+                self.counters.perf_fallback_runs += 1;
+                // Permission or kernel support is the same for every run: stop trying.
+                if matches!(
+                    e.raw_os_error(),
+                    Some(
+                        libc::EACCES
+                            | libc::EPERM
+                            | libc::ENOENT
+                            | libc::EOPNOTSUPP
+                            | libc::ENOSYS
+                            | libc::EINVAL
+                    )
+                ) {
+                    let why = format!("perf cgroup task-clock: {e} ({HINT_PERF})");
+                    tracing::warn!(reason = %why, "per-package split falls back to /proc/stat");
+                    self.perf_disabled = Some(why);
+                }
+                (None, Vec::new())
+            }
+        }
+    }
+
+    /// The control plane announces a run. Idempotent: the same id on the same cgroup is
+    /// `AlreadyTracked` (labels are adopted if the run had none, e.g. found by pattern first);
+    /// the same id elsewhere, different labels, or a cgroup nested in another run's is an
+    /// error. Billed from the cgroup's birth.
+    pub fn run_started(
+        &mut self,
+        run_id: &str,
+        cgroup_rel: &str,
+        labels: Labels,
+    ) -> Result<StartOutcome, HostError> {
+        validate_run_id(run_id)?;
+        validate_cgroup_rel(cgroup_rel)?;
+        validate_labels(&labels)?;
+        if let Some(run) = self.runs.get_mut(run_id) {
+            if &*run.cgroup_rel != cgroup_rel {
+                return Err(HostError::RunConflict {
+                    run_id: Shown::new(run_id),
+                    what: format!("already tracked at cgroup {}", Shown::new(&run.cgroup_rel)),
+                });
+            }
+            if run.labels.is_empty() {
+                run.labels = Arc::new(labels);
+            } else if *run.labels != labels && !labels.is_empty() {
+                return Err(HostError::RunConflict {
+                    run_id: Shown::new(run_id),
+                    what: "already tracked with different labels".to_owned(),
+                });
+            }
+            return Ok(StartOutcome::AlreadyTracked);
+        }
+        if self.recently_finished_set.contains(run_id) {
+            return Err(HostError::RunConflict {
+                run_id: Shown::new(run_id),
+                what: "already finished".to_owned(),
+            });
+        }
+        self.add_run(
+            run_id,
+            cgroup_rel,
+            Arc::new(labels),
+            RunOrigin::ControlPlane,
+            BilledFrom::Birth,
+            None,
+        )?;
+        Ok(StartOutcome::Started)
+    }
+
+    /// The control plane says a run is over: its final usage is read now, before the cgroup
+    /// can be removed; the next tick reports it once more and drops it. A repeated finish is
+    /// fine; an unknown run is [`HostError::UnknownRun`].
+    pub fn run_finished(&mut self, run_id: &str) -> Result<(), HostError> {
+        if let Some(run) = self.runs.get_mut(run_id) {
+            if run.finished {
+                return Ok(());
+            }
+            let res = capture(run, &mut self.tc_scratch);
+            if res.is_ok() {
+                run.final_read = true;
+            }
+            let final_read = run.final_read;
+            run.finished = true;
+            if !final_read {
+                self.counters.vanished_before_final_read += 1;
+            }
+            if let Err(e) = res {
+                if !e.is_gone() {
+                    self.push_error(Some(run_id), e);
+                }
+            }
+            return Ok(());
+        }
+        if self.recently_finished_set.contains(run_id) {
+            return Ok(());
+        }
+        Err(HostError::UnknownRun {
+            run_id: Shown::new(run_id),
+        })
+    }
+
+    /// Measures one tick: every run's usage since the last tick (since birth for a new run),
+    /// split per package, and each package's busy and host time. `elapsed_us` is the tick's
+    /// length as the daemon's clock saw it, carried into the snapshot.
+    pub fn tick(&mut self, elapsed_us: u64) -> UsageSnapshot {
+        self.ticks += 1;
+        if let Err(e) = self.poll_events() {
+            self.push_error(None, e);
+        }
+        for idx in 0..self.patterns.len() {
+            // A parent that appeared since (the first run's slice) is armed and listed now.
+            if self.arm_pattern(idx) {
+                self.scan_pattern(idx, BilledFrom::Birth);
+            }
+        }
+        if self.rescan_every_ticks > 0 && self.ticks % u64::from(self.rescan_every_ticks) == 0 {
+            self.rescan_all();
+        }
+        let busy_by_pkg_us = self.read_busy();
+        let mut runs_out = Vec::with_capacity(self.runs.len());
+        let mut runs_by_pkg: BTreeMap<u32, u64> = BTreeMap::new();
+        let fallback_weights = proc_stat_weights(&busy_by_pkg_us, &self.topology);
+        let mut to_drop = Vec::new();
+        let mut pending_errors = Vec::new();
+        let mut gone = Vec::new();
+        for run in self.runs.values_mut() {
+            if !run.finished {
+                if let Err(e) = capture(run, &mut self.tc_scratch) {
+                    if e.is_gone() {
+                        gone.push(run.id.clone());
+                    } else {
+                        pending_errors.push((run.id.clone(), e));
+                        continue;
+                    }
+                }
+            }
+            let usage_us = if run.latest_us >= run.billed_us {
+                run.latest_us - run.billed_us
+            } else {
+                self.counters.usage_went_backwards += 1;
+                run.latest_us
+            };
+            run.billed_us = run.latest_us;
+            let (by_pkg, split) = split_run(run, usage_us, &fallback_weights);
+            for (pkg, us) in &by_pkg {
+                *runs_by_pkg.entry(*pkg).or_default() += us;
+            }
+            run.billed_tc_ns.clone_from(&run.latest_tc_ns);
+            runs_out.push(RunUsage {
+                run_id: run.id.clone(),
+                cgroup: run.cgroup_rel.clone(),
+                labels: run.labels.clone(),
+                origin: run.origin,
+                billed_from: run.billed_from,
+                usage_us,
+                usage_us_by_package: by_pkg,
+                split,
+                memory_bytes: run.memory_bytes,
+                reserved_millicpus: run.reserved_millicpus,
+                started: !run.reported,
+                finished: run.finished,
+            });
+            run.reported = true;
+            if run.finished {
+                to_drop.push(run.id.clone());
+            }
+        }
+        for (id, e) in pending_errors {
+            self.push_error(Some(&id), e);
+        }
+        // Gone at this tick's read: the delta above used the last good read; report them
+        // finished now rather than one tick later.
+        for id in gone {
+            self.mark_gone(&id);
+            if let Some(out) = runs_out.iter_mut().find(|r| r.run_id == id) {
+                out.finished = true;
+            }
+            to_drop.push(id);
+        }
+        for id in to_drop {
+            self.drop_run(&id);
+        }
+        let mut packages = BTreeMap::new();
+        for pkg in self.topology.packages() {
+            let busy_us = busy_by_pkg_us.as_ref().and_then(|m| m.get(&pkg).copied());
+            let runs_us = runs_by_pkg.get(&pkg).copied().unwrap_or(0);
+            let busy = busy_us.unwrap_or(0);
+            if runs_us > busy {
+                self.counters.host_clamps += 1;
+            }
+            packages.insert(
+                pkg,
+                PackageUsage {
+                    busy_us: busy,
+                    runs_us,
+                    host_us: busy.saturating_sub(runs_us),
+                },
+            );
+        }
+        UsageSnapshot {
+            interval_us: elapsed_us,
+            runs: runs_out,
+            packages,
+            errors: std::mem::take(&mut self.errors),
+            counters: self.counters(),
+            perf_disabled: self.perf_disabled.clone(),
+        }
+    }
+
+    /// Per-package busy time since the last tick, from /proc/stat.
+    fn read_busy(&mut self) -> Option<BTreeMap<u32, u64>> {
+        let now = match ProcStat::read(&self.root) {
+            Ok(s) => s,
+            Err(e) => {
+                self.push_error(None, e);
+                return None;
+            }
+        };
+        let prev = self.last_stat.replace(now.clone());
+        let prev = prev?;
+        let mut by_pkg: BTreeMap<u32, u64> = BTreeMap::new();
+        let hz = self.user_hz.max(1);
+        for cpu in &self.topology.cpus {
+            let (Some(a), Some(b)) = (prev.per_cpu.get(&cpu.id), now.per_cpu.get(&cpu.id)) else {
+                continue;
+            };
+            let ticks = b.busy().saturating_sub(a.busy());
+            let us =
+                u64::try_from(u128::from(ticks) * 1_000_000 / u128::from(hz)).unwrap_or(u64::MAX);
+            *by_pkg.entry(cpu.package).or_default() += us;
+        }
+        Some(by_pkg)
+    }
+
+    fn drop_run(&mut self, id: &str) {
+        let Some(run) = self.runs.remove(id) else {
+            return;
+        };
+        if let Some(wd) = run.events_wd {
+            self.watches.remove(&wd);
+            self.inotify.rm_watch(wd);
+        }
+        self.paths.remove(&*run.cgroup_rel);
+        self.kept_fds = self.kept_fds.saturating_sub(run.kept_fds);
+        if self.recently_finished.len() >= RECENTLY_FINISHED_MAX {
+            if let Some(old) = self.recently_finished.pop_front() {
+                self.recently_finished_set.remove(&old);
+            }
+        }
+        self.recently_finished.push_back(run.id.clone());
+        self.recently_finished_set.insert(run.id);
+    }
+}
+
+fn inotify_err(e: io::Error) -> HostError {
+    HostError::Io {
+        path: PathBuf::from("inotify"),
+        source: e,
+    }
+}
+
+/// Checks labels against the bounds; the control socket enforces its own (tighter) ones first.
+pub fn validate_labels(labels: &Labels) -> Result<(), HostError> {
+    let bad = |value: &str, what| HostError::BadRunRef {
+        field: "labels",
+        value: Shown::new(value),
+        what,
+    };
+    if labels.len() > LABELS_MAX {
+        return Err(bad("", "more than 64 labels"));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > LABEL_KEY_MAX_BYTES {
+            return Err(bad(k, "key must be 1 to 128 bytes"));
+        }
+        if v.len() > LABEL_VALUE_MAX_BYTES {
+            return Err(bad(k, "value longer than 1024 bytes"));
+        }
+        if k.chars().chain(v.chars()).any(char::is_control) {
+            return Err(bad(k, "contains a control character"));
+        }
+    }
+    Ok(())
+}
+
+/// Reads a run's current usage (and perf counters and memory) into `latest_*`.
+fn capture(run: &mut Run, scratch: &mut Vec<(u32, u64)>) -> Result<(), HostError> {
+    if let Some(p) = &mut run.perf {
+        // Perf first: it survives the cgroup's removal, cpu.stat does not.
+        if p.read_into(scratch).is_ok() {
+            run.latest_tc_ns.clear();
+            run.latest_tc_ns.extend(scratch.iter().map(|&(_, v)| v));
+        }
+    }
+    run.latest_us = run.cpu_stat.read_cpu_usage_us()?;
+    if let Some(m) = &run.memory {
+        run.memory_bytes = Some(m.read_u64()?);
+    }
+    Ok(())
+}
+
+/// Package weights from /proc/stat busy time; with none measured (first tick, idle host), each
+/// package weighs its CPU count so the split is still exact and deterministic.
+fn proc_stat_weights(busy: &Option<BTreeMap<u32, u64>>, topo: &Topology) -> Vec<(u32, u128)> {
+    if let Some(b) = busy {
+        if b.values().any(|&v| v > 0) {
+            return b.iter().map(|(&p, &v)| (p, u128::from(v))).collect();
+        }
+    }
+    topo.cpus_by_package()
+        .into_iter()
+        .map(|(p, cpus)| (p, cpus.len() as u128))
+        .collect()
+}
+
+fn split_run(
+    run: &Run,
+    usage_us: u64,
+    fallback: &[(u32, u128)],
+) -> (BTreeMap<u32, u64>, SplitSource) {
+    if run.perf.is_some() && run.latest_tc_ns.len() == run.perf_pkgs.len() {
+        let mut w: BTreeMap<u32, u128> = BTreeMap::new();
+        for (i, pkg) in run.perf_pkgs.iter().enumerate() {
+            let d =
+                run.latest_tc_ns[i].saturating_sub(run.billed_tc_ns.get(i).copied().unwrap_or(0));
+            *w.entry(*pkg).or_default() += u128::from(d);
+        }
+        if w.values().any(|&v| v > 0) {
+            let w: Vec<(u32, u128)> = w.into_iter().collect();
+            return (split_exact(usage_us, &w), SplitSource::PerfTaskClock);
+        }
+    }
+    (split_exact(usage_us, fallback), SplitSource::ProcStatShare)
+}
+
+/// Divides `total` in proportion to `weights` exactly (largest remainder, ties to the lower
+/// package id), so per-package parts always sum to the run's usage.
+pub fn split_exact(total: u64, weights: &[(u32, u128)]) -> BTreeMap<u32, u64> {
+    let mut out = BTreeMap::new();
+    let sum: u128 = weights.iter().map(|&(_, w)| w).sum();
+    if sum == 0 || weights.is_empty() {
+        if let Some(&(p, _)) = weights.first() {
+            out.insert(p, total);
+        } else {
+            out.insert(0, total);
+        }
+        return out;
+    }
+    let mut given: u64 = 0;
+    let mut rems: Vec<(u128, u32)> = Vec::with_capacity(weights.len());
+    for &(p, w) in weights {
+        let num = u128::from(total) * w;
+        let q = u64::try_from(num / sum).unwrap_or(u64::MAX);
+        given += q;
+        rems.push((num % sum, p));
+        out.insert(p, q);
+    }
+    rems.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut left = total - given;
+    for (_, p) in rems {
+        if left == 0 {
+            break;
+        }
+        if let Some(v) = out.get_mut(&p) {
+            *v += 1;
+        }
+        left -= 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_exact_conserves() {
+        let w = [(0u32, 1u128), (1, 1), (2, 1)];
+        let s = split_exact(100, &w);
+        assert_eq!(s.values().sum::<u64>(), 100);
+        assert_eq!(s[&0], 34);
+        assert_eq!(s[&1], 33);
+        let s = split_exact(7, &[(0, 0), (1, 0)]);
+        assert_eq!(s, BTreeMap::from([(0, 7)]));
+        let s = split_exact(u64::MAX, &[(0, u128::from(u64::MAX)), (1, 3)]);
+        assert_eq!(s.values().fold(0u64, |a, b| a.wrapping_add(*b)), u64::MAX);
+        for total in [0u64, 1, 2, 999, 1_000_003] {
+            let s = split_exact(total, &[(3, 7), (5, 11), (9, 13)]);
+            assert_eq!(s.values().sum::<u64>(), total);
+        }
+    }
+
+    #[test]
+    fn labels_bounds() {
+        let mut l = Labels::new();
+        l.insert("team".into(), "a b".into());
+        validate_labels(&l).unwrap();
+        l.insert("k".into(), "x\ny".into());
+        assert!(validate_labels(&l).is_err());
+        let many: Labels = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(validate_labels(&many).is_err());
+        let long: Labels = [("k".to_owned(), "v".repeat(1025))].into();
+        assert!(validate_labels(&long).is_err());
+    }
+}

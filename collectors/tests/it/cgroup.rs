@@ -1,0 +1,663 @@
+//! The run tracker on real cgroup v2 with real processes (each test in its own cgroup subtree,
+//! always removed), and on generated host trees for input the kernel would never produce.
+
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use wattd_collectors::cgroup::{
+    find_cgroup2_mount, BilledFrom, Labels, RunTracker, RunUsage, SplitSource, StartOutcome,
+    TrackerConfig, UsageSnapshot,
+};
+use wattd_collectors::synth::HostTree;
+use wattd_collectors::{HostError, HostRoot};
+
+/// Tests here run one at a time: they count this process's descriptors and burn CPU by duty
+/// cycle, and a neighbour doing either would disturb them.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const PATTERN: &str = "flowzart.slice/run-{run_id}.scope";
+
+/// A private cgroup subtree under the live cgroup2 mount, used as the tracker's cgroup root.
+/// Dropping it kills and reaps every child it spawned and removes every cgroup below it, so a
+/// failed assertion leaves nothing behind.
+struct Sandbox {
+    /// Host path of the subtree (what `host.cgroup_root` would say).
+    host_path: PathBuf,
+    children: Vec<libc::pid_t>,
+}
+
+impl Sandbox {
+    /// `None` (after a loud SKIPPED line) when cgroups cannot be created here, unless
+    /// WATTD_REQUIRE_CGROUPS=1, where that is a failure.
+    fn new(tag: &str) -> Option<Sandbox> {
+        let required = std::env::var("WATTD_REQUIRE_CGROUPS").as_deref() == Ok("1");
+        let attempt = || -> Result<PathBuf, String> {
+            let m = find_cgroup2_mount(&HostRoot::live()).map_err(|e| e.to_string())?;
+            let p = m
+                .mount_point
+                .join(format!("wattd-it-{}-{tag}", std::process::id()));
+            std::fs::create_dir(&p).map_err(|e| format!("mkdir {}: {e}", p.display()))?;
+            Ok(p)
+        };
+        match attempt() {
+            Ok(host_path) => Some(Sandbox {
+                host_path,
+                children: Vec::new(),
+            }),
+            Err(why) if required => {
+                panic!("WATTD_REQUIRE_CGROUPS=1 but cannot create cgroups: {why}")
+            }
+            Err(why) => {
+                eprintln!("SKIPPED: {tag}: cannot create cgroups ({why}); set WATTD_REQUIRE_CGROUPS=1 to fail instead");
+                None
+            }
+        }
+    }
+
+    fn path(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.host_path.join(rel)
+    }
+
+    fn mkdir(&self, rel: impl AsRef<Path>) -> PathBuf {
+        let p = self.path(rel);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn config(&self) -> TrackerConfig {
+        let mut c = TrackerConfig::new(HostRoot::live());
+        c.cgroup_root = Some(self.host_path.clone());
+        c.patterns = vec![PATTERN.to_owned()];
+        c.rescan_every_ticks = 0;
+        c
+    }
+
+    /// Forks a child that moves itself into `cgroup` and then, `periods` times, burns
+    /// `busy_ms` of its own CPU time and sleeps out the rest of `period_ms`. Burning by CPU
+    /// time, not wall time, makes the CPU it uses exact even on a busy machine.
+    fn spawn_burner(
+        &mut self,
+        cgroup: &Path,
+        busy_ms: u64,
+        period_ms: u64,
+        periods: u32,
+    ) -> libc::pid_t {
+        let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
+        let busy_ns = (busy_ms * 1_000_000) as i64;
+        let period_ns = (period_ms * 1_000_000) as i64;
+        // SAFETY: the child calls only async-signal-safe functions (open, write, close,
+        // clock_gettime, nanosleep, _exit) on data prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            unsafe { burner_child(&procs, busy_ns, period_ns, periods) }
+        }
+        self.children.push(pid);
+        pid
+    }
+
+    /// Reaps a child; its exit status must be 0 (it joined its cgroup).
+    fn wait(&mut self, pid: libc::pid_t) {
+        let mut status = 0;
+        // SAFETY: pid is our child.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(r, pid);
+        self.children.retain(|&c| c != pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "burner failed, status {status:#x}"
+        );
+    }
+
+    /// The kernel's own count for a cgroup, read directly.
+    fn usage_us(&self, cgroup: &Path) -> u64 {
+        let s = std::fs::read_to_string(cgroup.join("cpu.stat")).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+unsafe fn burner_child(procs: &CString, busy_ns: i64, period_ns: i64, periods: u32) -> ! {
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+        if fd < 0 {
+            libc::_exit(2);
+        }
+        if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+            libc::_exit(3);
+        }
+        libc::close(fd);
+        for _ in 0..periods {
+            let cpu0 = clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID);
+            let wall0 = clock_ns(libc::CLOCK_MONOTONIC);
+            while clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID) - cpu0 < busy_ns {}
+            let rest = period_ns - (clock_ns(libc::CLOCK_MONOTONIC) - wall0);
+            if rest > 0 {
+                let ts = libc::timespec {
+                    tv_sec: (rest / 1_000_000_000) as libc::time_t,
+                    tv_nsec: (rest % 1_000_000_000) as libc::c_long,
+                };
+                libc::nanosleep(&ts, std::ptr::null_mut());
+            }
+        }
+        libc::_exit(0)
+    }
+}
+
+unsafe fn clock_ns(clock: libc::clockid_t) -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for &pid in &self.children {
+            // SAFETY: our own children, not yet reaped.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+        // Children are reaped, so every cgroup below is empty and can go, deepest first.
+        for _ in 0..50 {
+            remove_tree(&self.host_path);
+            if !self.host_path.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove {}", self.host_path.display());
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn run<'a>(s: &'a UsageSnapshot, id: &str) -> Option<&'a RunUsage> {
+    s.runs.iter().find(|r| &*r.run_id == id)
+}
+
+/// Every snapshot's invariants: per-package parts sum to the run's usage; host = busy - runs.
+fn check_snapshot(s: &UsageSnapshot) {
+    for r in &s.runs {
+        assert_eq!(
+            r.usage_us_by_package.values().sum::<u64>(),
+            r.usage_us,
+            "{r:?}"
+        );
+    }
+    for (pkg, p) in &s.packages {
+        let runs: u64 = s
+            .runs
+            .iter()
+            .filter_map(|r| r.usage_us_by_package.get(pkg))
+            .sum();
+        assert_eq!(p.runs_us, runs);
+        assert_eq!(p.host_us, p.busy_us.saturating_sub(runs));
+    }
+}
+
+#[test]
+fn duty_cycles_of_20_and_60_percent_measure_1_to_3() {
+    let _g = serial();
+    let Some(mut sb) = Sandbox::new("ratio") else {
+        return;
+    };
+    let a = sb.mkdir("flowzart.slice/run-low.scope");
+    let b = sb.mkdir("flowzart.slice/run-high.scope");
+    // Created before the tracker: billed from its start, which is before any burning.
+    let mut t = RunTracker::new(sb.config()).unwrap();
+    let mut totals: BTreeMap<String, u64> = BTreeMap::new();
+    let mut splits = Vec::new();
+    let pa = sb.spawn_burner(&a, 2, 10, 300);
+    let pb = sb.spawn_burner(&b, 6, 10, 300);
+    let mut last = Instant::now();
+    let mut tick =
+        |t: &mut RunTracker, totals: &mut BTreeMap<String, u64>, splits: &mut Vec<SplitSource>| {
+            let s = t.tick(last.elapsed().as_micros() as u64);
+            last = Instant::now();
+            check_snapshot(&s);
+            assert!(s.errors.is_empty(), "{:?}", s.errors);
+            for r in &s.runs {
+                *totals.entry(r.run_id.to_string()).or_default() += r.usage_us;
+                if r.usage_us > 0 {
+                    splits.push(r.split);
+                }
+            }
+            s
+        };
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_secs(1));
+        tick(&mut t, &mut totals, &mut splits);
+    }
+    sb.wait(pa);
+    sb.wait(pb);
+    t.poll_events().unwrap();
+    let (truth_a, truth_b) = (sb.usage_us(&a), sb.usage_us(&b));
+    std::fs::remove_dir(&a).unwrap();
+    std::fs::remove_dir(&b).unwrap();
+    let s = tick(&mut t, &mut totals, &mut splits);
+    assert!(run(&s, "low").is_some_and(|r| r.finished));
+    assert!(run(&s, "high").is_some_and(|r| r.finished));
+    assert_eq!(t.runs_tracked(), 0);
+    let (low, high) = (totals["low"], totals["high"]);
+    // Billed exactly what the kernel counted, nothing lost at removal.
+    assert_eq!((low, high), (truth_a, truth_b));
+    let ratio = high as f64 / low as f64;
+    eprintln!(
+        "low {low} us, high {high} us, ratio {ratio:.3}, perf: {:?}",
+        s.perf_disabled
+    );
+    assert!(
+        (ratio - 3.0).abs() <= 0.15,
+        "ratio {ratio} not within 5% of 3"
+    );
+    if s.perf_disabled.is_none() {
+        assert!(
+            splits.iter().all(|s| *s == SplitSource::PerfTaskClock),
+            "{splits:?}"
+        );
+    }
+}
+
+#[test]
+fn run_of_100ms_between_two_ticks_is_measured_from_cgroup_events() {
+    let _g = serial();
+    let Some(mut sb) = Sandbox::new("short") else {
+        return;
+    };
+    sb.mkdir("flowzart.slice");
+    let config = sb.config();
+    // The tracker lives in its own thread, as in the daemon: it waits on its events between
+    // two ticks 1 s apart, with no help from this thread.
+    let tracker = std::thread::spawn(move || {
+        let mut t = RunTracker::new(config).unwrap();
+        let first = t.tick(0);
+        let start = Instant::now();
+        while let Some(left) = Duration::from_secs(1).checked_sub(start.elapsed()) {
+            t.wait_events(left).unwrap();
+        }
+        let second = t.tick(1_000_000);
+        (first, second, t.runs_tracked())
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    let cg = sb.mkdir("flowzart.slice/run-short.scope");
+    let started = Instant::now();
+    let pid = sb.spawn_burner(&cg, 100, 100, 1);
+    sb.wait(pid);
+    let lived = started.elapsed();
+    // Whoever removes a finished run's cgroup does so soon after it empties, not at once.
+    std::thread::sleep(Duration::from_millis(50));
+    let truth = sb.usage_us(&cg);
+    std::fs::remove_dir(&cg).unwrap();
+    let (first, second, left) = tracker.join().unwrap();
+    assert!(run(&first, "short").is_none());
+    check_snapshot(&second);
+    let r = run(&second, "short").expect("short run reported");
+    eprintln!(
+        "lived {lived:?}, kernel {truth} us, measured {} us",
+        r.usage_us
+    );
+    assert!(r.started && r.finished, "{r:?}");
+    assert_eq!(r.billed_from, BilledFrom::Birth);
+    assert!(truth >= 90_000, "burner used {truth} us");
+    assert!(
+        r.usage_us * 10 >= truth * 9,
+        "measured {} of {truth}",
+        r.usage_us
+    );
+    assert_eq!(second.counters.vanished_before_final_read, 0);
+    assert_eq!(left, 0);
+}
+
+#[test]
+fn run_finished_from_control_plane_reads_final_usage_before_removal() {
+    let _g = serial();
+    let Some(mut sb) = Sandbox::new("ctlfinish") else {
+        return;
+    };
+    let mut t = RunTracker::new(sb.config()).unwrap();
+    t.tick(0);
+    let cg = sb.mkdir("elsewhere/job 7");
+    let labels: Labels = [("team".to_owned(), "a".to_owned())].into();
+    assert_eq!(
+        t.run_started("job-7", "elsewhere/job 7", labels.clone())
+            .unwrap(),
+        StartOutcome::Started
+    );
+    assert_eq!(
+        t.run_started("job-7", "elsewhere/job 7", labels.clone())
+            .unwrap(),
+        StartOutcome::AlreadyTracked
+    );
+    assert!(t
+        .run_started("job-7", "elsewhere/other", labels.clone())
+        .is_err());
+    let pid = sb.spawn_burner(&cg, 50, 50, 1);
+    sb.wait(pid);
+    t.run_finished("job-7").unwrap();
+    let truth = sb.usage_us(&cg);
+    std::fs::remove_dir(&cg).unwrap();
+    t.run_finished("job-7").unwrap();
+    let s = t.tick(100_000);
+    check_snapshot(&s);
+    let r = run(&s, "job-7").unwrap();
+    assert_eq!((r.usage_us, r.finished, r.started), (truth, true, true));
+    assert_eq!(*r.labels, labels);
+    assert!(matches!(
+        t.run_finished("never-started"),
+        Err(HostError::UnknownRun { .. })
+    ));
+    // Remembered as finished: a repeated finish is still fine, a restart is refused.
+    t.run_finished("job-7").unwrap();
+    assert!(t
+        .run_started("job-7", "elsewhere/job 7", Labels::new())
+        .is_err());
+    assert!(run(&t.tick(1), "job-7").is_none());
+}
+
+#[test]
+fn churn_of_1000_cgroups_leaks_no_descriptor() {
+    let _g = serial();
+    let Some(sb) = Sandbox::new("churn") else {
+        return;
+    };
+    sb.mkdir("flowzart.slice");
+    let mut t = RunTracker::new(sb.config()).unwrap();
+    t.tick(0);
+    let before = fd_count();
+    let mut seen = 0;
+    for batch in 0..10 {
+        let dirs: Vec<PathBuf> = (0..100)
+            .map(|i| sb.mkdir(format!("flowzart.slice/run-c{batch}-{i}.scope")))
+            .collect();
+        t.poll_events().unwrap();
+        assert_eq!(t.runs_tracked(), 100);
+        for d in &dirs {
+            std::fs::remove_dir(d).unwrap();
+        }
+        let s = t.tick(1000);
+        check_snapshot(&s);
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        seen += s.runs.iter().filter(|r| r.started && r.finished).count();
+        assert_eq!(t.runs_tracked(), 0);
+    }
+    let s = t.tick(1000);
+    assert_eq!(seen, 1000);
+    assert_eq!(s.counters.kept_fds, 0);
+    assert_eq!(fd_count(), before, "descriptors leaked");
+}
+
+#[test]
+fn hostile_names_are_skipped_or_measured_never_panic() {
+    let _g = serial();
+    let Some(mut sb) = Sandbox::new("hostile") else {
+        return;
+    };
+    let parent = sb.mkdir("flowzart.slice");
+    let mut hostile = 0;
+    for name in [
+        &b"run-a b.scope"[..],
+        b"run-x\ny.scope",
+        b"run-\xff\xfe.scope",
+        b"run-...scope",
+    ] {
+        match std::fs::create_dir(parent.join(OsStr::from_bytes(name))) {
+            Ok(()) => hostile += 1,
+            // cgroupfs refuses a newline in a name (EINVAL); nothing to skip then.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && name.contains(&b'\n') => {}
+            Err(e) => panic!("mkdir {name:?}: {e}"),
+        }
+    }
+    assert!(hostile >= 3);
+    let ok = sb.mkdir("flowzart.slice/run-fine.scope");
+    // A path near 4 KiB: 14 components of 250 bytes.
+    let comp = "d".repeat(250);
+    let deep_rel = vec![comp.as_str(); 14].join("/");
+    let deep = sb.host_path.join(&deep_rel);
+    let mut p = sb.host_path.clone();
+    for _ in 0..14 {
+        p.push(&comp);
+        std::fs::create_dir(&p).unwrap();
+    }
+    let mut t = RunTracker::new(sb.config()).unwrap();
+    let s = t.tick(0);
+    assert_eq!(s.counters.hostile_names_skipped, hostile);
+    assert!(t.is_tracked("fine") && t.runs_tracked() == 1);
+    // Control-plane names: spaces are the kernel's business and are measured; `..`, control
+    // characters and over-long paths are refused with a typed error.
+    let spaced = sb.mkdir("flowzart.slice/run-a b.scope");
+    t.run_started("spaced", "flowzart.slice/run-a b.scope", Labels::new())
+        .unwrap();
+    t.run_started("deep", &deep_rel, Labels::new()).unwrap();
+    for (id, rel) in [
+        ("x1", "flowzart.slice/../etc"),
+        ("x2", "flowzart.slice/run-x\ny.scope"),
+        ("x3", "/abs"),
+        ("x4", &format!("{deep_rel}/{comp}/{comp}")),
+        ("../x", "flowzart.slice/run-fine.scope"),
+        ("x\n", "flowzart.slice/run-fine.scope"),
+    ] {
+        let e = t.run_started(id, rel, Labels::new()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                HostError::BadRunRef { .. } | HostError::PathTooLong { .. }
+            ),
+            "{e}"
+        );
+        assert!(
+            !e.to_string().contains('\n'),
+            "error message carries a raw newline: {e}"
+        );
+    }
+    // Nested in, or containing, a tracked run's cgroup: refused, it would count CPU twice.
+    let nested = sb.mkdir("flowzart.slice/run-fine.scope/inner");
+    assert!(matches!(
+        t.run_started(
+            "nested",
+            "flowzart.slice/run-fine.scope/inner",
+            Labels::new()
+        ),
+        Err(HostError::RunConflict { .. })
+    ));
+    assert!(matches!(
+        t.run_started("outer", "flowzart.slice", Labels::new()),
+        Err(HostError::RunConflict { .. })
+    ));
+    std::fs::remove_dir(&nested).unwrap();
+    let p1 = sb.spawn_burner(&spaced, 30, 30, 1);
+    let p2 = sb.spawn_burner(&deep, 30, 30, 1);
+    let p3 = sb.spawn_burner(&ok, 30, 30, 1);
+    sb.wait(p1);
+    sb.wait(p2);
+    sb.wait(p3);
+    let s = t.tick(1000);
+    check_snapshot(&s);
+    for (id, cg) in [("spaced", &spaced), ("deep", &deep), ("fine", &ok)] {
+        let r = run(&s, id).unwrap();
+        assert_eq!(r.usage_us, sb.usage_us(cg), "{id}");
+        assert!(r.usage_us >= 30_000, "{id}: {r:?}");
+    }
+}
+
+#[test]
+fn cgroup_removed_after_listing_is_finished_with_its_last_read() {
+    let _g = serial();
+    let Some(mut sb) = Sandbox::new("removed") else {
+        return;
+    };
+    let cg = sb.mkdir("flowzart.slice/run-gone.scope");
+    let other = sb.mkdir("elsewhere/announced");
+    let mut t = RunTracker::new(sb.config()).unwrap();
+    t.run_started("announced", "elsewhere/announced", Labels::new())
+        .unwrap();
+    let p1 = sb.spawn_burner(&cg, 20, 20, 1);
+    let p2 = sb.spawn_burner(&other, 20, 20, 1);
+    sb.wait(p1);
+    sb.wait(p2);
+    let s = t.tick(1000);
+    assert!(run(&s, "gone").unwrap().usage_us >= 20_000);
+    assert!(run(&s, "announced").unwrap().usage_us >= 20_000);
+    // Removed with nothing said: the pattern run by inotify on its parent, the announced one
+    // (whose parent nobody watches) by ENODEV on its kept descriptor at the next read. Both
+    // are reported finished with their last read, not as errors.
+    std::fs::remove_dir(&cg).unwrap();
+    std::fs::remove_dir(&other).unwrap();
+    let s = t.tick(1000);
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    for id in ["gone", "announced"] {
+        let r = run(&s, id).unwrap();
+        assert!(r.finished && r.usage_us == 0, "{r:?}");
+    }
+    assert_eq!(t.runs_tracked(), 0);
+    // An announced cgroup that does not exist is a typed not-found.
+    assert!(t
+        .run_started("ghost", "flowzart.slice/run-ghost.scope", Labels::new())
+        .unwrap_err()
+        .is_not_found());
+}
+
+#[test]
+fn pattern_matching_nothing_is_quiet_until_its_parent_appears() {
+    let _g = serial();
+    let Some(sb) = Sandbox::new("nothing") else {
+        return;
+    };
+    let mut t = RunTracker::new(sb.config()).unwrap();
+    for _ in 0..3 {
+        let s = t.tick(1000);
+        assert!(s.runs.is_empty() && s.errors.is_empty(), "{s:?}");
+    }
+    // The slice appears later with a run in it: armed and listed at the next tick, and later
+    // runs come by inotify.
+    sb.mkdir("flowzart.slice/run-late.scope");
+    let s = t.tick(1000);
+    assert!(run(&s, "late").is_some_and(|r| r.started && r.billed_from == BilledFrom::Birth));
+    sb.mkdir("flowzart.slice/run-later.scope");
+    assert!(t.wait_events(Duration::from_secs(2)).unwrap());
+    assert!(t.is_tracked("later"));
+}
+
+/// A generated host: mountinfo naming the cgroup2 mount, topology, /proc/stat and cgroup files
+/// holding what no kernel writes.
+#[test]
+fn generated_tree_cpu_stat_unknown_keys_missing_usage_and_vanishing() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = HostTree::new(dir.path());
+    h.write(
+        "proc/self/mountinfo",
+        "22 1 0:20 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n",
+    )
+    .unwrap();
+    h.cpus(2, 1, 1).unwrap();
+    h.proc_stat(&[(100, 100), (100, 100)]).unwrap();
+    let cg = "sys/fs/cgroup/flowzart.slice";
+    let events = "populated 1\nfrozen 0\n";
+    h.write(
+        format!("{cg}/run-good.scope/cpu.stat"),
+        "usage_usec 100\nbrand_new_key 1 2 3\n",
+    )
+    .unwrap();
+    h.write(format!("{cg}/run-good.scope/cgroup.events"), events)
+        .unwrap();
+    h.write(format!("{cg}/run-good.scope/memory.current"), "4096\n")
+        .unwrap();
+    h.write(format!("{cg}/run-good.scope/cpu.max"), "150000 100000\n")
+        .unwrap();
+    h.write(format!("{cg}/run-bad.scope/cpu.stat"), "user_usec 5\n")
+        .unwrap();
+    h.write(format!("{cg}/run-bad.scope/cgroup.events"), events)
+        .unwrap();
+    // Listed, but its files are gone (removed between listing and reading).
+    std::fs::create_dir_all(dir.path().join(format!("{cg}/run-empty.scope"))).unwrap();
+
+    let mut t = RunTracker::new(TrackerConfig {
+        rescan_every_ticks: 0,
+        ..TrackerConfig::new(HostRoot::new(dir.path()))
+    })
+    .unwrap();
+    assert_eq!(t.cgroup_root(), dir.path().join("sys/fs/cgroup"));
+    assert!(t.is_tracked("good") && !t.is_tracked("bad") && !t.is_tracked("empty"));
+    h.write(format!("{cg}/run-good.scope/cpu.stat"), "usage_usec 400\n")
+        .unwrap();
+    // Package 1 was three times as busy as package 0.
+    h.proc_stat(&[(200, 100), (400, 100)]).unwrap();
+    let s = t.tick(1_000_000);
+    check_snapshot(&s);
+    let msgs: Vec<String> = s.errors.iter().map(|e| e.error.to_string()).collect();
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("run-bad.scope/cpu.stat") && m.contains("no usage_usec")),
+        "{msgs:?}"
+    );
+    assert_eq!(s.counters.vanished_at_discovery, 1);
+    let r = run(&s, "good").unwrap();
+    // Present at start: billed from then (100), not from birth.
+    assert_eq!(r.billed_from, BilledFrom::Discovery);
+    assert_eq!(r.usage_us, 300);
+    assert_eq!(r.split, SplitSource::ProcStatShare);
+    assert_eq!(r.usage_us_by_package, BTreeMap::from([(0, 75), (1, 225)]));
+    assert_eq!(
+        (r.memory_bytes, r.reserved_millicpus),
+        (Some(4096), Some(1500))
+    );
+    let hz = 100; // USER_HZ on Linux
+    assert_eq!(s.packages[&0].busy_us, 100 * 1_000_000 / hz);
+
+    // Garbage later: an error for this tick, no usage, and the next good read catches up.
+    h.write(format!("{cg}/run-good.scope/cpu.stat"), "usage_usec lots\n")
+        .unwrap();
+    let s = t.tick(1_000_000);
+    assert_eq!(run(&s, "good"), None);
+    assert_eq!(s.errors.len(), 1);
+    h.write(format!("{cg}/run-good.scope/cpu.stat"), "usage_usec 500\n")
+        .unwrap();
+    let s = t.tick(1_000_000);
+    assert_eq!(run(&s, "good").unwrap().usage_us, 100);
+    // Runs used more than /proc/stat measured: host clamps to 0 and says so.
+    assert_eq!(s.packages[&0].host_us, 0);
+    assert!(s.counters.host_clamps >= 1);
+}
+
+#[test]
+fn no_cgroup2_mount_is_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = HostTree::new(dir.path());
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/fixtures/prometheus-procfs/proc/26231/mountinfo");
+    h.write("proc/self/mountinfo", std::fs::read(fixture).unwrap())
+        .unwrap();
+    h.cpus(1, 1, 1).unwrap();
+    h.proc_stat(&[(1, 1)]).unwrap();
+    let e = RunTracker::new(TrackerConfig::new(HostRoot::new(dir.path()))).unwrap_err();
+    assert!(matches!(e, HostError::NoCgroup2Mount { .. }), "{e}");
+}
