@@ -1,2 +1,9 @@
 //! The `wattd` agent as a library: the modules the binary (`src/main.rs`) wires together, exposed
 //! so integration tests and benchmarks can drive them directly.
+
+pub mod batch;
+pub mod durable;
+pub mod identity;
+pub mod sealer;
+pub mod spool;
+pub mod verify;
