@@ -1,6 +1,12 @@
 //! The `wattd` agent as a library: the modules the binary (`src/main.rs`) wires together, exposed
 //! so integration tests and benchmarks can drive them directly.
 pub mod attribution;
+pub mod batch;
 pub mod config;
 pub mod control;
+pub mod durable;
+pub mod identity;
 pub mod sampler;
+pub mod sealer;
+pub mod spool;
+pub mod verify;

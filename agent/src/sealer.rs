@@ -1,0 +1,284 @@
+//! The batch sealer: turns intervals (plus gaps and run summaries) into signed, hash-chained,
+//! sequence-numbered batches and appends them to the spool.
+//!
+//! Sealing policy: a batch is due when `max_intervals` intervals are pending or the oldest
+//! pending one waited `max_age`; both are bounded so a batch (and the energy at risk in memory)
+//! stays small. The daemon calls [`Sealer::seal`] then [`Sealer::commit`] (one fdatasync for
+//! every batch sealed since the last commit: group commit).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use prost::Message as _;
+use wattd_proto::v1::{Batch, Gap, Interval, KeyRotation, RunSummary, SignedBatch};
+
+use crate::batch::{chain_hash, ChainHash, StoredBatch, FORMAT_VERSION};
+use crate::identity::{self, IdentityError, NodeKey};
+use crate::spool::{OpenReport, Spool, SpoolConfig, SpoolError};
+
+/// When to seal. Construct with [`SealPolicy::new`], which enforces the bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SealPolicy {
+    max_intervals: usize,
+    max_age_ns: u64,
+}
+
+impl SealPolicy {
+    pub const MAX_INTERVALS_LIMIT: usize = 3600;
+    pub const MAX_AGE_LIMIT: Duration = Duration::from_secs(3600);
+
+    pub fn new(max_intervals: usize, max_age: Duration) -> Result<Self, SealError> {
+        if !(1..=Self::MAX_INTERVALS_LIMIT).contains(&max_intervals) {
+            return Err(SealError::Policy(format!(
+                "max_intervals {max_intervals} outside 1..={}",
+                Self::MAX_INTERVALS_LIMIT
+            )));
+        }
+        if max_age.is_zero() || max_age > Self::MAX_AGE_LIMIT {
+            return Err(SealError::Policy(format!(
+                "max_age {max_age:?} outside (0, {:?}]",
+                Self::MAX_AGE_LIMIT
+            )));
+        }
+        Ok(Self {
+            max_intervals,
+            max_age_ns: u64::try_from(max_age.as_nanos()).unwrap_or(u64::MAX),
+        })
+    }
+
+    pub fn max_intervals(&self) -> usize {
+        self.max_intervals
+    }
+}
+
+impl Default for SealPolicy {
+    /// 10 intervals or 10 s, whichever comes first.
+    fn default() -> Self {
+        Self {
+            max_intervals: 10,
+            max_age_ns: 10_000_000_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("invalid sealing policy: {0}")]
+    Policy(String),
+    /// The pending batch holds `max_intervals` already: seal it (or coarsen) first.
+    #[error("{0} intervals pending, the most a batch holds; seal first")]
+    PendingFull(usize),
+}
+
+impl SealError {
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Self::Spool(e) if e.is_fatal())
+    }
+
+    pub fn is_full(&self) -> bool {
+        matches!(self, Self::Spool(e) if e.is_full())
+    }
+}
+
+/// What goes into one batch besides its header.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BatchContent {
+    pub intervals: Vec<Interval>,
+    pub run_summaries: Vec<RunSummary>,
+    pub gaps: Vec<Gap>,
+    pub key_rotation: Option<KeyRotation>,
+}
+
+impl BatchContent {
+    pub fn is_empty(&self) -> bool {
+        self.intervals.is_empty()
+            && self.run_summaries.is_empty()
+            && self.gaps.is_empty()
+            && self.key_rotation.is_none()
+    }
+}
+
+/// Builds, encodes and signs batch `seq` chained to `prev_hash`. Pure: no IO.
+pub fn sign_batch(
+    key: &NodeKey,
+    seq: u64,
+    prev_hash: ChainHash,
+    sealed_unix_ns: i64,
+    content: BatchContent,
+) -> StoredBatch {
+    let batch = Batch {
+        node_id: key.node_id().to_owned(),
+        key_id: key.key_id().to_vec(),
+        key_epoch: key.epoch(),
+        seq,
+        prev_hash: prev_hash.to_vec(),
+        sealed_unix_ns,
+        format_version: FORMAT_VERSION,
+        intervals: content.intervals,
+        run_summaries: content.run_summaries,
+        gaps: content.gaps,
+        key_rotation: content.key_rotation,
+    };
+    let batch_bytes = batch.encode_to_vec();
+    let signature = key.sign(&batch_bytes).to_vec();
+    let bytes = SignedBatch {
+        batch_bytes,
+        signature,
+        key_id: key.key_id().to_vec(),
+    }
+    .encode_to_vec();
+    StoredBatch {
+        seq,
+        prev_hash,
+        hash: chain_hash(&bytes),
+        bytes,
+    }
+}
+
+/// Owns the node key and the spool; the daemon's one handle on the record pipeline.
+#[derive(Debug)]
+pub struct Sealer {
+    dir: PathBuf,
+    key: NodeKey,
+    spool: Spool,
+    policy: SealPolicy,
+    pending: BatchContent,
+    pending_since_monotonic_ns: Option<u64>,
+}
+
+impl Sealer {
+    /// Loads (or creates) the node key in the spool dir, opens the spool, and finishes or
+    /// abandons a key rotation a crash interrupted.
+    pub fn open(cfg: SpoolConfig, policy: SealPolicy) -> Result<(Self, OpenReport), SealError> {
+        let dir = cfg.dir.clone();
+        identity::create_data_dir(&dir)?;
+        let (key, _) = NodeKey::load_or_create(&dir, &cfg.node_id)?;
+        let (spool, report) = Spool::open(cfg)?;
+        let key = identity::recover_rotation(&dir, key, spool.last_rotation())?;
+        Ok((Self::with_parts(dir, key, spool, policy), report))
+    }
+
+    /// A sealer over an already open spool and key (tests, benchmarks).
+    pub fn with_parts(dir: PathBuf, key: NodeKey, spool: Spool, policy: SealPolicy) -> Self {
+        Self {
+            dir,
+            key,
+            spool,
+            policy,
+            pending: BatchContent::default(),
+            pending_since_monotonic_ns: None,
+        }
+    }
+
+    pub fn key(&self) -> &NodeKey {
+        &self.key
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    pub fn spool_mut(&mut self) -> &mut Spool {
+        &mut self.spool
+    }
+
+    pub fn pending(&self) -> &BatchContent {
+        &self.pending
+    }
+
+    fn touch(&mut self, now_monotonic_ns: u64) {
+        self.pending_since_monotonic_ns
+            .get_or_insert(now_monotonic_ns);
+    }
+
+    /// Queues an interval for the next batch.
+    pub fn push_interval(
+        &mut self,
+        interval: Interval,
+        now_monotonic_ns: u64,
+    ) -> Result<(), SealError> {
+        if self.pending.intervals.len() >= self.policy.max_intervals {
+            return Err(SealError::PendingFull(self.pending.intervals.len()));
+        }
+        self.pending.intervals.push(interval);
+        self.touch(now_monotonic_ns);
+        Ok(())
+    }
+
+    /// Queues a gap not tied to one interval (e.g. the agent was down).
+    pub fn push_gap(&mut self, gap: Gap, now_monotonic_ns: u64) {
+        self.pending.gaps.push(gap);
+        self.touch(now_monotonic_ns);
+    }
+
+    /// Queues a finished run's summary.
+    pub fn push_run_summary(&mut self, summary: RunSummary, now_monotonic_ns: u64) {
+        self.pending.run_summaries.push(summary);
+        self.touch(now_monotonic_ns);
+    }
+
+    /// Whether the policy says the pending batch should be sealed now.
+    pub fn seal_due(&self, now_monotonic_ns: u64) -> bool {
+        self.pending.intervals.len() >= self.policy.max_intervals
+            || self
+                .pending_since_monotonic_ns
+                .is_some_and(|t| now_monotonic_ns.saturating_sub(t) >= self.policy.max_age_ns)
+    }
+
+    /// Seals the pending content into the next batch and appends it to the spool (not yet
+    /// durable: call [`Sealer::commit`]). Returns its seq, or None if nothing was pending. On
+    /// error the content stays pending: nothing is lost, the daemon may coarsen and retry.
+    pub fn seal(&mut self, now_unix_ns: i64) -> Result<Option<u64>, SealError> {
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        let seq = self.spool.last_seq() + 1;
+        let stored = sign_batch(
+            &self.key,
+            seq,
+            self.spool.last_hash(),
+            now_unix_ns,
+            self.pending.clone(),
+        );
+        self.spool.append(&stored)?;
+        self.pending = BatchContent::default();
+        self.pending_since_monotonic_ns = None;
+        Ok(Some(seq))
+    }
+
+    /// Makes every sealed batch durable (one fdatasync). Returns the sealed seq.
+    pub fn commit(&mut self) -> Result<u64, SealError> {
+        Ok(self.spool.sync()?)
+    }
+
+    /// Rotates to a new key epoch: seals the pending content together with a KeyRotation into
+    /// a batch signed by the current key, commits it, then switches to the new key for every
+    /// later batch. Returns the announcing batch's seq.
+    pub fn rotate_key(&mut self, now_unix_ns: i64) -> Result<u64, SealError> {
+        let seq = self.spool.last_seq() + 1;
+        let (next, rotation) =
+            identity::prepare_rotation(&self.dir, &self.key, seq + 1, now_unix_ns)?;
+        let mut content = self.pending.clone();
+        content.key_rotation = Some(rotation);
+        let stored = sign_batch(&self.key, seq, self.spool.last_hash(), now_unix_ns, content);
+        if let Err(e) = self.spool.append_rotation(&stored, next.key_id()) {
+            // Not announced: the pending key must go, or a restart could not tell.
+            if let Err(abandon) = identity::abandon_rotation(&self.dir) {
+                tracing::error!(error = %abandon, "could not drop the unannounced next key");
+            }
+            return Err(e.into());
+        }
+        self.pending = BatchContent::default();
+        self.pending_since_monotonic_ns = None;
+        // If this fails the daemon exits; on restart `recover_rotation` sees whether the
+        // announcement reached the disk and finishes or abandons the rotation accordingly.
+        self.spool.sync()?;
+        identity::commit_rotation(&self.dir, &next)?;
+        self.key = next;
+        Ok(seq)
+    }
+}

@@ -1,0 +1,955 @@
+//! The crash-safe spool: signed batches in append-only segment files on local disk, kept until
+//! the ledger acknowledges them.
+//!
+//! Layout of the data dir (the identity files live beside it, see `identity`):
+//! - `seg-<first seq, 20 digits>.wseg`: segments. Each starts with a header frame (node id,
+//!   first seq, chain hash before it) and holds record frames, one `SignedBatch` each, in seq
+//!   order (framing in [`frame`]). Only the last segment is ever written.
+//! - `ack`: the acknowledged cursor, replaced atomically.
+//! - `seg-*.wseg.torn-<offset>`: bytes cut from a torn tail on open, kept as evidence.
+//!
+//! Contract for the daemon:
+//! - [`Spool::append`] writes a batch (not yet durable); [`Spool::sync`] makes every appended
+//!   batch durable with one fdatasync (group commit). A batch is *sealed* only once `sync`
+//!   returned Ok; only sealed batches may be shipped ([`Spool::read_sealed`]).
+//! - A [`SpoolError::is_fatal`] error (failed fsync, failed write, read-back mismatch) poisons
+//!   the spool: the kernel may have dropped dirty pages, so retrying could report a lost batch
+//!   as sealed. The daemon must exit non-zero and let the supervisor restart it; reopening
+//!   rescans the disk and resumes from what is really there.
+//! - [`SpoolError::is_full`] (at `max_bytes` or on ENOSPC/EDQUOT): nothing was written; the
+//!   batch is still the caller's. The daemon keeps accumulating energy into one coarse open
+//!   interval (marked `coarsened`, with a SPOOL_FULL gap) and tries again later.
+
+pub mod frame;
+pub mod fs;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::batch::{ChainHash, StoredBatch, GENESIS_HASH};
+use crate::durable::{self, AtomicWriteError};
+use crate::identity::KeyId;
+use frame::{encode_frame, scan_segment, Damage, ScanItem, SegmentHeader, RECORD_MAGIC};
+pub use fs::{RealFs, SpoolFs};
+
+pub const ACK_FILE: &str = "ack";
+const SEGMENT_PREFIX: &str = "seg-";
+const SEGMENT_SUFFIX: &str = ".wseg";
+
+pub fn segment_name(first_seq: u64) -> String {
+    format!("{SEGMENT_PREFIX}{first_seq:020}{SEGMENT_SUFFIX}")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name
+        .strip_prefix(SEGMENT_PREFIX)?
+        .strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Sequence numbers start at 1.
+    digits.parse().ok().filter(|&s| s > 0)
+}
+
+/// The segments of a data dir, ordered by first seq.
+pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| SpoolError::io(dir, e))?;
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| SpoolError::io(dir, e))?;
+        if let Some(seq) = entry.file_name().to_str().and_then(parse_segment_name) {
+            out.push((seq, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Everything that can go wrong in the spool; each variant names the file (and offset).
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// FATAL. fdatasync/fsync failed: what was written since the last good sync may be gone.
+    #[error("{}: fsync failed: {source}; the spool is unusable until restart", path.display())]
+    SyncFailed { path: PathBuf, source: io::Error },
+    /// FATAL. A write failed for a reason other than lack of space.
+    #[error("{} at offset {offset}: write failed: {source}", path.display())]
+    WriteFailed {
+        path: PathBuf,
+        offset: u64,
+        source: io::Error,
+    },
+    /// FATAL. A record read back right after writing differs from what was written.
+    #[error("{} at offset {offset}: record read back differs from what was written", path.display())]
+    ReadBackMismatch { path: PathBuf, offset: u64 },
+    /// FATAL. An earlier fatal error poisoned this spool.
+    #[error("spool {} is poisoned by an earlier fatal error", dir.display())]
+    Poisoned { dir: PathBuf },
+    /// FULL. Nothing was written; retry after space returns (coarsen meanwhile).
+    #[error("spool {} is full: {used_bytes} bytes used, {needed_bytes} more needed, limit {max_bytes}{}", dir.display(), if *enospc { " (the file system is out of space)" } else { "" })]
+    Full {
+        dir: PathBuf,
+        used_bytes: u64,
+        needed_bytes: u64,
+        max_bytes: u64,
+        enospc: bool,
+    },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{}: segment belongs to node {found:?}, this spool is node {expected:?}; move it away", path.display())]
+    ForeignSegment {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("{}: {detail}", path.display())]
+    Inconsistent { path: PathBuf, detail: String },
+    /// A caller bug: batches must be appended in seq order, each chained to the previous one.
+    #[error("append out of order: expected seq {expected_seq} chained to the last batch, got seq {got_seq}")]
+    OutOfOrder { expected_seq: u64, got_seq: u64 },
+    #[error("cannot acknowledge seq {acked_seq}: only up to seq {sealed_seq} is sealed")]
+    AckBeyondSealed { acked_seq: u64, sealed_seq: u64 },
+    #[error("record of {bytes} bytes is larger than the limit of {max_bytes}")]
+    RecordTooLarge { bytes: usize, max_bytes: usize },
+}
+
+impl SpoolError {
+    fn io(path: &Path, source: io::Error) -> Self {
+        Self::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    /// The daemon must exit non-zero (and never retry) on these.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            Self::SyncFailed { .. }
+                | Self::WriteFailed { .. }
+                | Self::ReadBackMismatch { .. }
+                | Self::Poisoned { .. }
+        )
+    }
+
+    /// The daemon must coarsen and retry later on these.
+    pub fn is_full(&self) -> bool {
+        matches!(self, Self::Full { .. })
+    }
+}
+
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+#[derive(Clone, Debug)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    pub node_id: String,
+    /// Bound on the bytes of all segments together (`spool.max_bytes`).
+    pub max_bytes: u64,
+    /// A segment is closed and a new one started once it would grow past this.
+    pub segment_max_bytes: u64,
+    pub fs: Arc<dyn SpoolFs>,
+}
+
+impl SpoolConfig {
+    pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+    pub const DEFAULT_SEGMENT_MAX_BYTES: u64 = 64 << 20;
+
+    pub fn new(dir: impl Into<PathBuf>, node_id: impl Into<String>) -> Self {
+        Self {
+            dir: dir.into(),
+            node_id: node_id.into(),
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+            segment_max_bytes: Self::DEFAULT_SEGMENT_MAX_BYTES,
+            fs: Arc::new(RealFs),
+        }
+    }
+}
+
+/// A torn tail cut on open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TornTail {
+    pub file: PathBuf,
+    pub offset: u64,
+    pub bytes: u64,
+    /// Where the cut bytes were saved (evidence for an operator), if any were non-empty.
+    pub saved_to: Option<PathBuf>,
+}
+
+/// What [`Spool::open`] found and did. The daemon logs every entry.
+#[derive(Clone, Debug, Default)]
+pub struct OpenReport {
+    pub segments: usize,
+    pub records: u64,
+    /// Damage kept in place (not at the tail): intact records around it stay usable; the
+    /// damaged batches are lost to this node and show as missing seqs to the ledger and verify.
+    pub damage: Vec<(PathBuf, Damage)>,
+    pub torn_tails: Vec<TornTail>,
+    pub deleted_segments: Vec<PathBuf>,
+    /// The ack file was unreadable or malformed and was treated as 0 (re-sending is safe).
+    pub ack_warning: Option<String>,
+    pub acked_seq: u64,
+    pub last_seq: u64,
+}
+
+#[derive(Debug)]
+struct Segment {
+    first_seq: u64,
+    path: PathBuf,
+    len: u64,
+}
+
+/// An open spool. See the module doc for the contract.
+#[derive(Debug)]
+pub struct Spool {
+    cfg: SpoolConfig,
+    segments: Vec<Segment>,
+    active: File,
+    /// Bytes of the active segment known durable.
+    durable_len: u64,
+    last_seq: u64,
+    last_hash: ChainHash,
+    synced_seq: u64,
+    acked_seq: u64,
+    total_bytes: u64,
+    last_rotation: Option<KeyId>,
+    poisoned: bool,
+}
+
+fn read_ack(dir: &Path) -> Result<(u64, Option<String>), SpoolError> {
+    let path = dir.join(ACK_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, None)),
+        Err(e) => return Err(SpoolError::io(&path, e)),
+    };
+    let parsed = std::str::from_utf8(&text).ok().and_then(|t| {
+        let (seq, crc) = t.trim_end().split_once(' ')?;
+        let crc = u32::from_str_radix(crc, 16).ok()?;
+        (crc32c::crc32c(seq.as_bytes()) == crc).then_some(())?;
+        seq.parse::<u64>().ok()
+    });
+    Ok(match parsed {
+        Some(seq) => (seq, None),
+        None => (
+            0,
+            Some(format!(
+                "{}: malformed acknowledged cursor, treated as 0 (unacknowledged batches are re-sent; the ledger dedupes)",
+                path.display()
+            )),
+        ),
+    })
+}
+
+fn ack_text(seq: u64) -> String {
+    let s = seq.to_string();
+    format!("{s} {:08x}\n", crc32c::crc32c(s.as_bytes()))
+}
+
+fn open_rw(path: &Path) -> Result<File, SpoolError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| SpoolError::io(path, e))
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `cfg.dir`: scans every segment, cuts a torn tail off the
+    /// last one (saving the cut bytes beside it), deletes fully acknowledged segments, and
+    /// resumes sequence and chain from the last intact record.
+    pub fn open(cfg: SpoolConfig) -> Result<(Self, OpenReport), SpoolError> {
+        crate::identity::create_data_dir(&cfg.dir)
+            .map_err(|e| SpoolError::io(&cfg.dir, io::Error::other(e.to_string())))?;
+        let dir = cfg.dir.clone();
+        let mut report = OpenReport::default();
+        let (acked_seq, ack_warning) = read_ack(&dir)?;
+        report.ack_warning = ack_warning;
+
+        let listed = list_segments(&dir)?;
+        let mut segments: Vec<Segment> = Vec::new();
+        // (seq, hash) of the last intact record, or the resume point a header gives.
+        let mut last: Option<(u64, ChainHash)> = None;
+        let mut last_rotation = None;
+        let count = listed.len();
+        for (i, (name_seq, path)) in listed.into_iter().enumerate() {
+            let is_last = i + 1 == count;
+            let bytes = std::fs::read(&path).map_err(|e| SpoolError::io(&path, e))?;
+            let scan = scan_segment(bytes);
+            match &scan.header {
+                Ok(h) if h.node_id != cfg.node_id => {
+                    return Err(SpoolError::ForeignSegment {
+                        path,
+                        found: h.node_id.clone(),
+                        expected: cfg.node_id.clone(),
+                    })
+                }
+                Ok(h) if h.first_seq != name_seq => {
+                    return Err(SpoolError::Inconsistent {
+                        path,
+                        detail: format!(
+                            "header says first seq {}, name says {name_seq}",
+                            h.first_seq
+                        ),
+                    })
+                }
+                Ok(h) => {
+                    // The header says where the chain stood before this segment: the resume
+                    // point when the records before it are gone (acknowledged and deleted).
+                    if let Some(before) = h.first_seq.checked_sub(1) {
+                        if last.map_or(true, |(s, _)| s < before) {
+                            last = Some((before, h.prev_hash));
+                        }
+                    }
+                }
+                Err(d) => {
+                    let has_records = scan
+                        .items
+                        .iter()
+                        .any(|i| matches!(i, ScanItem::Record { .. }));
+                    if is_last && !has_records && d.reaches_end {
+                        // A segment whose creation a crash cut short: it never held a record.
+                        report
+                            .torn_tails
+                            .push(quarantine(&cfg, &path, &scan.bytes, 0)?);
+                        std::fs::remove_file(&path).map_err(|e| SpoolError::io(&path, e))?;
+                        sync_dir(&cfg, &dir)?;
+                        continue;
+                    }
+                    report.damage.push((path.clone(), d.clone()));
+                }
+            }
+            let mut len = u64::try_from(scan.bytes.len()).unwrap_or(u64::MAX);
+            for item in &scan.items {
+                match item {
+                    ScanItem::Record { offset, payload } => {
+                        let bytes = scan.bytes[payload.clone()].to_vec();
+                        match StoredBatch::from_bytes(bytes) {
+                            Ok((_, h)) if h.node_id != cfg.node_id => {
+                                return Err(SpoolError::ForeignSegment {
+                                    path,
+                                    found: h.node_id,
+                                    expected: cfg.node_id.clone(),
+                                });
+                            }
+                            Ok((b, h)) => {
+                                if last.is_some_and(|(s, _)| b.seq <= s) {
+                                    report.damage.push((
+                                        path.clone(),
+                                        Damage {
+                                            offset: *offset,
+                                            len: 0,
+                                            reaches_end: false,
+                                            detail: format!(
+                                                "record seq {} out of order, ignored",
+                                                b.seq
+                                            ),
+                                        },
+                                    ));
+                                    continue;
+                                }
+                                report.records += 1;
+                                last = Some((b.seq, b.hash));
+                                last_rotation = h
+                                    .key_rotation
+                                    .and_then(|r| KeyId::try_from(r.new_key_id.as_slice()).ok());
+                            }
+                            Err(detail) => report.damage.push((
+                                path.clone(),
+                                Damage {
+                                    offset: *offset,
+                                    len: 0,
+                                    reaches_end: false,
+                                    detail: format!("undecodable record: {detail}"),
+                                },
+                            )),
+                        }
+                    }
+                    ScanItem::Damage(d) if is_last && d.reaches_end => {
+                        report
+                            .torn_tails
+                            .push(quarantine(&cfg, &path, &scan.bytes, d.offset)?);
+                        let f = open_rw(&path)?;
+                        f.set_len(d.offset).map_err(|e| SpoolError::io(&path, e))?;
+                        cfg.fs
+                            .sync_data(&f)
+                            .map_err(|source| SpoolError::SyncFailed {
+                                path: path.clone(),
+                                source,
+                            })?;
+                        len = d.offset;
+                    }
+                    ScanItem::Damage(d) => report.damage.push((path.clone(), d.clone())),
+                }
+            }
+            segments.push(Segment {
+                first_seq: name_seq,
+                path,
+                len,
+            });
+        }
+
+        let (last_seq, last_hash) =
+            match (last, segments.is_empty()) {
+                (Some(l), _) => l,
+                (None, true) if acked_seq == 0 => (0, GENESIS_HASH),
+                (None, true) => {
+                    return Err(SpoolError::Inconsistent {
+                        path: dir.join(ACK_FILE),
+                        detail: format!(
+                        "seq {acked_seq} acknowledged but no segment left: the spool was tampered \
+                         with; resuming would reuse sequence numbers"
+                    ),
+                    })
+                }
+                (None, false) => return Err(SpoolError::Inconsistent {
+                    path: segments
+                        .last()
+                        .map(|s| s.path.clone())
+                        .unwrap_or(dir.clone()),
+                    detail:
+                        "no intact record or segment header: cannot tell where the chain resumes"
+                            .into(),
+                }),
+            };
+        if acked_seq > last_seq {
+            return Err(SpoolError::Inconsistent {
+                path: dir.join(ACK_FILE),
+                detail: format!(
+                    "seq {acked_seq} acknowledged but the spool ends at seq {last_seq}: an \
+                     acknowledged batch was lost; resuming would reuse its sequence number"
+                ),
+            });
+        }
+
+        let active = if segments.is_empty() {
+            let (seg, file) = create_segment(&cfg, last_seq + 1, last_hash)?;
+            segments.push(seg);
+            file
+        } else {
+            let seg = segments.last().map(|s| s.path.clone()).unwrap_or_default();
+            let f = open_rw(&seg)?;
+            // What we scanned may still sit in the page cache of a process that crashed; make
+            // it durable before we treat it as sealed.
+            cfg.fs
+                .sync_data(&f)
+                .map_err(|source| SpoolError::SyncFailed { path: seg, source })?;
+            f
+        };
+        let durable_len = segments.last().map_or(0, |s| s.len);
+        let total_bytes = segments.iter().map(|s| s.len).sum();
+        report.segments = segments.len();
+        report.acked_seq = acked_seq;
+        report.last_seq = last_seq;
+        let mut spool = Self {
+            cfg,
+            segments,
+            active,
+            durable_len,
+            last_seq,
+            last_hash,
+            synced_seq: last_seq,
+            acked_seq,
+            total_bytes,
+            last_rotation,
+            poisoned: false,
+        };
+        report.deleted_segments = spool.delete_acknowledged()?;
+        Ok((spool, report))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.cfg.dir
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.cfg.node_id
+    }
+
+    /// seq of the last appended batch (0 if none ever).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Chain hash of the last appended batch: the next batch's `prev_hash`.
+    pub fn last_hash(&self) -> ChainHash {
+        self.last_hash
+    }
+
+    /// Every batch up to this seq is durable (sealed).
+    pub fn sealed_seq(&self) -> u64 {
+        self.synced_seq
+    }
+
+    pub fn acked_seq(&self) -> u64 {
+        self.acked_seq
+    }
+
+    /// Bytes of all segments.
+    pub fn used_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    /// Key id announced by the KeyRotation in the last batch, if it carried one.
+    pub fn last_rotation(&self) -> Option<KeyId> {
+        self.last_rotation
+    }
+
+    /// Length of the active segment known durable, and its path: what survives a power cut
+    /// right now. For crash simulation in tests.
+    pub fn durable_tail(&self) -> (PathBuf, u64) {
+        let path = self
+            .segments
+            .last()
+            .map(|s| s.path.clone())
+            .unwrap_or_default();
+        (path, self.durable_len)
+    }
+
+    fn check_usable(&self) -> Result<(), SpoolError> {
+        if self.poisoned {
+            return Err(SpoolError::Poisoned {
+                dir: self.cfg.dir.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn poison(&mut self, e: SpoolError) -> SpoolError {
+        self.poisoned = true;
+        e
+    }
+
+    fn full(&self, needed_bytes: u64, enospc: bool) -> SpoolError {
+        SpoolError::Full {
+            dir: self.cfg.dir.clone(),
+            used_bytes: self.total_bytes,
+            needed_bytes,
+            max_bytes: self.cfg.max_bytes,
+            enospc,
+        }
+    }
+
+    /// Appends one signed batch. Not durable until [`Spool::sync`]. The batch must be the next
+    /// in sequence and chained to the last one.
+    pub fn append(&mut self, batch: &StoredBatch) -> Result<(), SpoolError> {
+        self.check_usable()?;
+        if batch.seq != self.last_seq + 1 || batch.prev_hash != self.last_hash {
+            return Err(SpoolError::OutOfOrder {
+                expected_seq: self.last_seq + 1,
+                got_seq: batch.seq,
+            });
+        }
+        if batch.bytes.len() > frame::RECORD_MAX_BYTES {
+            return Err(SpoolError::RecordTooLarge {
+                bytes: batch.bytes.len(),
+                max_bytes: frame::RECORD_MAX_BYTES,
+            });
+        }
+        let frame = encode_frame(RECORD_MAGIC, &batch.bytes);
+        let frame_len = u64::try_from(frame.len()).unwrap_or(u64::MAX);
+        let header_reserve = 512; // a new segment's header, bounded by its node id
+        if self.total_bytes + frame_len + header_reserve > self.cfg.max_bytes {
+            return Err(self.full(frame_len, false));
+        }
+        let active_len = self.segments.last().map_or(0, |s| s.len);
+        let has_records = self
+            .segments
+            .last()
+            .is_some_and(|s| s.first_seq <= self.last_seq);
+        if has_records && active_len + frame_len > self.cfg.segment_max_bytes {
+            self.roll(batch.seq)?;
+        }
+        let (path, offset) = match self.segments.last() {
+            Some(s) => (s.path.clone(), s.len),
+            None => {
+                return Err(SpoolError::Poisoned {
+                    dir: self.cfg.dir.clone(),
+                })
+            }
+        };
+        if let Err(source) = self.cfg.fs.write_at(&self.active, &frame, offset) {
+            // Take back whatever part landed, so the file ends at a record boundary again.
+            if let Err(e) = self.active.set_len(offset) {
+                return Err(self.poison(SpoolError::WriteFailed {
+                    path,
+                    offset,
+                    source: e,
+                }));
+            }
+            if is_no_space(&source) {
+                return Err(self.full(frame_len, true));
+            }
+            return Err(self.poison(SpoolError::WriteFailed {
+                path,
+                offset,
+                source,
+            }));
+        }
+        // Read the record back and compare: catches a misdirected or corrupted write before
+        // the batch is reported as appended.
+        let mut back = vec![0u8; frame.len()];
+        if self.active.read_exact_at(&mut back, offset).is_err() || back != frame {
+            return Err(self.poison(SpoolError::ReadBackMismatch { path, offset }));
+        }
+        if let Some(s) = self.segments.last_mut() {
+            s.len += frame_len;
+        }
+        self.total_bytes += frame_len;
+        self.last_seq = batch.seq;
+        self.last_hash = batch.hash;
+        self.last_rotation = None;
+        Ok(())
+    }
+
+    /// Like [`Spool::append`], and remembers the key id the batch announces (rotation).
+    pub fn append_rotation(
+        &mut self,
+        batch: &StoredBatch,
+        announced: KeyId,
+    ) -> Result<(), SpoolError> {
+        self.append(batch)?;
+        self.last_rotation = Some(announced);
+        Ok(())
+    }
+
+    /// Closes the active segment (durably) and starts a new one for `first_seq`.
+    fn roll(&mut self, first_seq: u64) -> Result<(), SpoolError> {
+        self.sync()?;
+        let (seg, file) = match create_segment(&self.cfg, first_seq, self.last_hash) {
+            Ok(x) => x,
+            Err(e) if e.is_fatal() => return Err(self.poison(e)),
+            Err(e) => return Err(e),
+        };
+        self.total_bytes += seg.len;
+        self.durable_len = seg.len;
+        self.segments.push(seg);
+        self.active = file;
+        Ok(())
+    }
+
+    /// fdatasync: every appended batch becomes sealed. One call covers all batches appended
+    /// since the last (group commit). Returns the sealed seq. A failure is fatal.
+    pub fn sync(&mut self) -> Result<u64, SpoolError> {
+        self.check_usable()?;
+        let len = self.segments.last().map_or(0, |s| s.len);
+        if self.durable_len < len {
+            if let Err(source) = self.cfg.fs.sync_data(&self.active) {
+                let path = self
+                    .segments
+                    .last()
+                    .map(|s| s.path.clone())
+                    .unwrap_or_default();
+                return Err(self.poison(SpoolError::SyncFailed { path, source }));
+            }
+            self.durable_len = len;
+        }
+        self.synced_seq = self.last_seq;
+        Ok(self.synced_seq)
+    }
+
+    /// Records that the ledger durably stored every batch up to `seq`, then deletes the
+    /// segments that hold only acknowledged batches. Idempotent; never moves backwards.
+    pub fn ack(&mut self, seq: u64) -> Result<Vec<PathBuf>, SpoolError> {
+        self.check_usable()?;
+        if seq <= self.acked_seq {
+            return Ok(Vec::new());
+        }
+        if seq > self.synced_seq {
+            return Err(SpoolError::AckBeyondSealed {
+                acked_seq: seq,
+                sealed_seq: self.synced_seq,
+            });
+        }
+        let path = self.cfg.dir.join(ACK_FILE);
+        match durable::write_atomic(
+            &self.cfg.dir,
+            ACK_FILE,
+            ack_text(seq).as_bytes(),
+            0o644,
+            true,
+        ) {
+            Ok(()) => {}
+            Err(AtomicWriteError::Sync(source)) => {
+                return Err(self.poison(SpoolError::SyncFailed { path, source }))
+            }
+            Err(e) => {
+                let e = e.into_io();
+                if is_no_space(&e) {
+                    return Err(self.full(0, true));
+                }
+                return Err(SpoolError::io(&path, e));
+            }
+        }
+        self.acked_seq = seq;
+        self.delete_acknowledged()
+    }
+
+    /// Deletes every segment, except the active one, whose batches are all acknowledged.
+    fn delete_acknowledged(&mut self) -> Result<Vec<PathBuf>, SpoolError> {
+        let mut deleted = Vec::new();
+        while self.segments.len() > 1 && self.segments[1].first_seq - 1 <= self.acked_seq {
+            let seg = self.segments.remove(0);
+            std::fs::remove_file(&seg.path).map_err(|e| SpoolError::io(&seg.path, e))?;
+            self.total_bytes -= seg.len;
+            deleted.push(seg.path);
+        }
+        if !deleted.is_empty() {
+            // A removal lost to a crash only means re-sending acknowledged batches: not fatal.
+            self.cfg
+                .fs
+                .sync_dir(&self.cfg.dir)
+                .map_err(|e| SpoolError::io(&self.cfg.dir, e))?;
+        }
+        Ok(deleted)
+    }
+
+    /// Sealed batches with seq >= `from_seq`, at most `max` of them, in seq order (what the
+    /// shipper sends). Damaged records are skipped (the ledger sees their seqs missing).
+    pub fn read_sealed(&self, from_seq: u64, max: usize) -> Result<Vec<StoredBatch>, SpoolError> {
+        let mut out = Vec::new();
+        for (i, seg) in self.segments.iter().enumerate() {
+            let next_first = self.segments.get(i + 1).map(|s| s.first_seq);
+            if next_first.is_some_and(|n| n <= from_seq) {
+                continue;
+            }
+            let bytes = std::fs::read(&seg.path).map_err(|e| SpoolError::io(&seg.path, e))?;
+            let scan = scan_segment(bytes);
+            for item in &scan.items {
+                if let ScanItem::Record { payload, .. } = item {
+                    let Ok((b, _)) = StoredBatch::from_bytes(scan.bytes[payload.clone()].to_vec())
+                    else {
+                        continue;
+                    };
+                    if b.seq > self.synced_seq || out.len() >= max {
+                        return Ok(out);
+                    }
+                    if b.seq >= from_seq {
+                        out.push(b);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn sync_dir(cfg: &SpoolConfig, dir: &Path) -> Result<(), SpoolError> {
+    cfg.fs
+        .sync_dir(dir)
+        .map_err(|source| SpoolError::SyncFailed {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// Creates a segment durably: header written and synced, directory entry synced.
+fn create_segment(
+    cfg: &SpoolConfig,
+    first_seq: u64,
+    prev_hash: ChainHash,
+) -> Result<(Segment, File), SpoolError> {
+    let path = cfg.dir.join(segment_name(first_seq));
+    let header = SegmentHeader {
+        node_id: cfg.node_id.clone(),
+        first_seq,
+        prev_hash,
+    }
+    .encode();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(&path)
+        .map_err(|e| SpoolError::io(&path, e))?;
+    if let Err(source) = cfg.fs.write_at(&file, &header, 0) {
+        let _ = std::fs::remove_file(&path);
+        if is_no_space(&source) {
+            return Err(SpoolError::Full {
+                dir: cfg.dir.clone(),
+                used_bytes: 0,
+                needed_bytes: u64::try_from(header.len()).unwrap_or(0),
+                max_bytes: cfg.max_bytes,
+                enospc: true,
+            });
+        }
+        return Err(SpoolError::WriteFailed {
+            path,
+            offset: 0,
+            source,
+        });
+    }
+    cfg.fs
+        .sync_data(&file)
+        .map_err(|source| SpoolError::SyncFailed {
+            path: path.clone(),
+            source,
+        })?;
+    sync_dir(cfg, &cfg.dir)?;
+    let len = u64::try_from(header.len()).unwrap_or(u64::MAX);
+    Ok((
+        Segment {
+            first_seq,
+            path,
+            len,
+        },
+        file,
+    ))
+}
+
+/// Saves the bytes of a torn tail (from `offset` to the end) beside the segment before they
+/// are cut, unless they are all zero (nothing to learn from).
+fn quarantine(
+    cfg: &SpoolConfig,
+    path: &Path,
+    bytes: &[u8],
+    offset: u64,
+) -> Result<TornTail, SpoolError> {
+    let start = usize::try_from(offset)
+        .unwrap_or(bytes.len())
+        .min(bytes.len());
+    let tail = &bytes[start..];
+    let mut saved_to = None;
+    if tail.iter().any(|&b| b != 0) {
+        let name = format!(
+            "{}.torn-{offset}",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("segment")
+        );
+        durable::write_atomic(&cfg.dir, &name, tail, 0o640, true).map_err(|e| match e {
+            AtomicWriteError::Sync(source) => SpoolError::SyncFailed {
+                path: cfg.dir.join(&name),
+                source,
+            },
+            e => SpoolError::io(&cfg.dir.join(&name), e.into_io()),
+        })?;
+        saved_to = Some(cfg.dir.join(name));
+    }
+    Ok(TornTail {
+        file: path.to_owned(),
+        offset,
+        bytes: u64::try_from(tail.len()).unwrap_or(u64::MAX),
+        saved_to,
+    })
+}
+
+/// Where a record (or damage) is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    pub offset: u64,
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at offset {}", self.file.display(), self.offset)
+    }
+}
+
+/// One thing found while reading a spool (or an export) read-only, in file order.
+#[derive(Debug)]
+pub enum SpoolItem<'a> {
+    /// A segment begins; `name_seq` is the first seq its file name announces.
+    SegmentStart {
+        path: &'a Path,
+        name_seq: u64,
+        header: &'a Result<SegmentHeader, Damage>,
+    },
+    /// An intact frame holding (what should be) an encoded `SignedBatch`.
+    Record { location: Location, bytes: &'a [u8] },
+    /// Bytes that are not an intact frame.
+    Damage {
+        location: Location,
+        damage: &'a Damage,
+    },
+}
+
+/// Reads every segment of `dir` without changing anything (no truncation, no deletion) and
+/// hands each item to `visit`, one segment in memory at a time. For `export`, `verify`, `runs`.
+pub fn visit_spool(dir: &Path, mut visit: impl FnMut(SpoolItem<'_>)) -> Result<usize, SpoolError> {
+    let segments = list_segments(dir)?;
+    for (name_seq, path) in &segments {
+        let bytes = std::fs::read(path).map_err(|e| SpoolError::io(path, e))?;
+        let scan = scan_segment(bytes);
+        visit(SpoolItem::SegmentStart {
+            path,
+            name_seq: *name_seq,
+            header: &scan.header,
+        });
+        for item in &scan.items {
+            match item {
+                ScanItem::Record { offset, payload } => visit(SpoolItem::Record {
+                    location: Location {
+                        file: path.clone(),
+                        offset: *offset,
+                    },
+                    bytes: &scan.bytes[payload.clone()],
+                }),
+                ScanItem::Damage(d) => visit(SpoolItem::Damage {
+                    location: Location {
+                        file: path.clone(),
+                        offset: d.offset,
+                    },
+                    damage: d,
+                }),
+            }
+        }
+    }
+    Ok(segments.len())
+}
+
+/// Reads an export stream (length-delimited `SignedBatch`es, as `wattd export` writes) and
+/// hands each record to `visit`. Garbage ends the walk with one Damage item: the format has no
+/// resynchronisation point.
+pub fn visit_export(file: &Path, bytes: &[u8], mut visit: impl FnMut(SpoolItem<'_>)) {
+    let mut pos = 0usize;
+    while pos < bytes.len() {
+        let rest = &bytes[pos..];
+        let location = Location {
+            file: file.to_owned(),
+            offset: u64::try_from(pos).unwrap_or(u64::MAX),
+        };
+        let problem = match prost::decode_length_delimiter(rest) {
+            Ok(len) if len == 0 || len > frame::RECORD_MAX_BYTES => {
+                Some(format!("impossible record length {len}"))
+            }
+            Ok(len) => {
+                let start = prost::length_delimiter_len(len);
+                match rest.get(start..start + len) {
+                    Some(record) => {
+                        visit(SpoolItem::Record {
+                            location,
+                            bytes: record,
+                        });
+                        pos += start + len;
+                        continue;
+                    }
+                    None => Some(format!(
+                        "truncated record ({} of {len} bytes)",
+                        rest.len() - start
+                    )),
+                }
+            }
+            Err(e) => Some(format!("bad length prefix: {e}")),
+        };
+        if let Some(detail) = problem {
+            let damage = Damage {
+                offset: location.offset,
+                len: u64::try_from(rest.len()).unwrap_or(u64::MAX),
+                reaches_end: true,
+                detail,
+            };
+            visit(SpoolItem::Damage {
+                location,
+                damage: &damage,
+            });
+            return;
+        }
+    }
+}

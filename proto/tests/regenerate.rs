@@ -1,0 +1,54 @@
+//! Regenerates the checked-in Rust from the .proto files with `prost-build` (needs `protoc` on
+//! PATH or in $PROTOC) and fails on any difference, so the generated code can never drift from
+//! its source. `WATTD_PROTO_UPDATE=1 cargo test -p wattd-proto --test regenerate` rewrites it.
+
+use std::path::Path;
+
+#[test]
+fn generated_code_matches_proto_sources() -> Result<(), Box<dyn std::error::Error>> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let checked_in = root.join("src/gen");
+    let out = tempfile::tempdir()?;
+    let protos: Vec<_> = wattd_proto::PROTO_FILES
+        .iter()
+        .map(|p| root.join(p))
+        .collect();
+    prost_build::Config::new()
+        .out_dir(out.path())
+        .compile_protos(&protos, &[Path::new(wattd_proto::PROTO_ROOT)])?;
+
+    let update = std::env::var_os("WATTD_PROTO_UPDATE").is_some();
+    let mut generated: Vec<_> = std::fs::read_dir(out.path())?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    generated.sort();
+    assert!(!generated.is_empty(), "prost-build wrote nothing");
+    let mut stale = Vec::new();
+    for name in &generated {
+        let fresh = std::fs::read_to_string(out.path().join(name))?;
+        let path = checked_in.join(name);
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        if fresh != old {
+            if update {
+                std::fs::write(&path, &fresh)?;
+            } else {
+                stale.push(path.display().to_string());
+            }
+        }
+    }
+    // A checked-in file that prost no longer generates is stale too.
+    for entry in std::fs::read_dir(&checked_in)? {
+        let name = entry?.file_name();
+        if !generated.contains(&name) {
+            stale.push(format!(
+                "{} (no longer generated)",
+                checked_in.join(&name).display()
+            ));
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "generated code is out of date: {stale:?}; rerun with WATTD_PROTO_UPDATE=1 and commit"
+    );
+    Ok(())
+}
