@@ -26,6 +26,17 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the agent: measure, attribute and seal intervals into the local spool until SIGTERM.
+    /// Without --config it runs on the embedded defaults (sources auto-detected, runs found by
+    /// the default pattern, spool in /var/lib/wattd as root or ./wattd-data otherwise).
+    Run {
+        /// The configuration file (TOML; see the README for every key).
+        #[arg(long, value_name = "FILE")]
+        config: Option<std::path::PathBuf>,
+        /// Log format on stderr: plain lines (for journald) or JSON.
+        #[arg(long, value_enum, default_value = "plain")]
+        log_format: LogFormat,
+    },
     /// List every energy source, its domains and zones, which one is chosen per domain, and why
     /// each other one is not used.
     Probe(probe_cmd::ProbeArgs),
@@ -36,6 +47,27 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<std::path::PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// Logs go to stderr (journald under systemd); the level comes from RUST_LOG, default info.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Plain => b.try_init(),
+        LogFormat::Json => b.json().try_init(),
+    };
 }
 
 fn main() -> ExitCode {
@@ -51,6 +83,16 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Run { config, log_format } => {
+            init_logging(log_format);
+            match wattd::config::load(config.as_deref()) {
+                Ok(cfg) => wattd::daemon::run(cfg),
+                Err(e) => {
+                    eprintln!("wattd: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            }
+        }
         Command::Probe(args) => probe_cmd::run(&args),
         Command::Validate { config } => match wattd::config::load(config.as_deref()) {
             Ok(c) => {

@@ -60,6 +60,13 @@ pub struct DomainEnergy {
     pub host_idle_uj: u64,
     #[prost(message, repeated, tag = "11")]
     pub unattributed: ::prost::alloc::vec::Vec<Unattributed>,
+    /// The die, for RAPL zones reported per die (`package-N-die-M`); absent otherwise.
+    #[prost(uint32, optional, tag = "12")]
+    pub die: ::core::option::Option<u32>,
+    /// The energy of this domain is unknown for the interval (counter reset, read failure):
+    /// measured_uj is 0 and a Gap in the same interval says why.
+    #[prost(bool, tag = "13")]
+    pub gap: bool,
 }
 /// A span without (complete) measurement. Recorded, never papered over.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -117,6 +124,9 @@ pub struct Interval {
     /// /proc/sys/kernel/random/boot_id: the monotonic clock's frame of reference.
     #[prost(string, tag = "12")]
     pub boot_id: ::prost::alloc::string::String,
+    /// How DRAM energy was divided: "cpu" (by CPU usage share) | "memory" (by resident memory).
+    #[prost(string, tag = "13")]
+    pub dram_policy: ::prost::alloc::string::String,
 }
 /// Per-domain total of a run.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -297,6 +307,8 @@ pub enum UnattributedReason {
     SourceGap = 2,
     /// The delta was above the domain's physical ceiling and is held back for inspection.
     Quarantined = 3,
+    /// The meter's package has no online CPU in the topology, so there is no usage to divide by.
+    NoCpuInPackage = 4,
 }
 impl UnattributedReason {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -309,6 +321,7 @@ impl UnattributedReason {
             Self::NoUsageData => "UNATTRIBUTED_REASON_NO_USAGE_DATA",
             Self::SourceGap => "UNATTRIBUTED_REASON_SOURCE_GAP",
             Self::Quarantined => "UNATTRIBUTED_REASON_QUARANTINED",
+            Self::NoCpuInPackage => "UNATTRIBUTED_REASON_NO_CPU_IN_PACKAGE",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -318,6 +331,7 @@ impl UnattributedReason {
             "UNATTRIBUTED_REASON_NO_USAGE_DATA" => Some(Self::NoUsageData),
             "UNATTRIBUTED_REASON_SOURCE_GAP" => Some(Self::SourceGap),
             "UNATTRIBUTED_REASON_QUARANTINED" => Some(Self::Quarantined),
+            "UNATTRIBUTED_REASON_NO_CPU_IN_PACKAGE" => Some(Self::NoCpuInPackage),
             _ => None,
         }
     }

@@ -1,0 +1,353 @@
+//! `wattd run`: the daemon. One event loop over a closed set of events (tick, control-plane
+//! message, cgroup change, signal), single-threaded so the tracker, sampler and sealer need no
+//! locks. Each tick closes an interval, attributes it, seals it into the spool and commits it
+//! (fdatasync) before the next. SIGTERM closes the interval in hand, seals and flushes it.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use prost::Message as _;
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{signal, SignalKind};
+use wattd_collectors::cgroup::{RunTracker, TrackerConfig, UsageSnapshot};
+use wattd_collectors::probe::{self, ProbeOptions};
+use wattd_collectors::topology::Topology;
+use wattd_collectors::HostRoot;
+use wattd_proto::v1;
+
+use crate::attribution::idle::IdleTracker;
+use crate::attribution::totals::Totals;
+use crate::attribution::{apportion, Policy, RunUsage, Ties, Usage};
+use crate::config::Config;
+use crate::control::{self, ControlConfig, ControlServer};
+use crate::records;
+use crate::sampler::{GapCause, GapRecord, Sampler, Stamp};
+use crate::sealer::{SealPolicy, Sealer};
+use crate::spool::SpoolConfig;
+
+/// The node id: configured, else `/etc/machine-id`, else the host name.
+pub fn node_id(cfg: &Config) -> String {
+    if let Some(id) = &cfg.node_id {
+        return id.clone();
+    }
+    if let Ok(s) = std::fs::read_to_string("/etc/machine-id") {
+        let s = s.trim();
+        if !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return s.to_owned();
+        }
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        if let Ok(h) = std::str::from_utf8(&buf[..end]) {
+            if !h.is_empty() {
+                return h.to_owned();
+            }
+        }
+    }
+    "unknown-node".to_owned()
+}
+
+/// The kernel's boot id: the frame of reference of monotonic timestamps.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Spreads a run's reserved CPUs over packages in proportion to their size, exactly.
+fn spread_reserved(reserved: Option<u64>, package_cpus: &BTreeMap<u32, u32>) -> BTreeMap<u32, u64> {
+    let Some(total) = reserved else {
+        return BTreeMap::new();
+    };
+    let weights: Vec<(u32, u64)> = package_cpus.iter().map(|(p, n)| (*p, *n as u64)).collect();
+    let shares = apportion(total, &weights, Ties::SmallestKey);
+    weights
+        .iter()
+        .zip(shares)
+        .map(|((p, _), s)| (*p, s))
+        .filter(|(_, s)| *s > 0)
+        .collect()
+}
+
+/// The tracker's snapshot in attribution's terms.
+pub fn usage_from(snap: &UsageSnapshot, package_cpus: &BTreeMap<u32, u32>) -> Usage {
+    Usage {
+        runs: snap
+            .runs
+            .iter()
+            .map(|r| RunUsage {
+                run_id: r.run_id.clone(),
+                cpu_us: r.usage_us_by_package.clone(),
+                memory_bytes: r.memory_bytes,
+                reserved_millicpus: spread_reserved(r.reserved_millicpus, package_cpus),
+            })
+            .collect(),
+        busy_us: snap.packages.iter().map(|(p, u)| (*p, u.busy_us)).collect(),
+        package_cpus: package_cpus.clone(),
+        host_memory_bytes: None,
+    }
+}
+
+/// The last interval a spool holds: its index and end, to continue the index sequence and to
+/// record the time the agent was down as a gap.
+fn last_interval(sealer: &Sealer) -> anyhow::Result<Option<v1::Interval>> {
+    let spool = sealer.spool();
+    let mut seq = spool.last_seq();
+    // Walk back over batches without intervals (a batch of only gaps or summaries).
+    let stop = seq.saturating_sub(64);
+    while seq > 0 && seq > stop {
+        let batches = spool
+            .read_sealed(seq, 1)
+            .context("reading the spool's last batch")?;
+        if let Some(b) = batches.first() {
+            let signed =
+                v1::SignedBatch::decode(b.bytes.as_slice()).context("decoding the last batch")?;
+            let batch = v1::Batch::decode(signed.batch_bytes.as_slice())
+                .context("decoding the last batch")?;
+            if let Some(i) = batch.intervals.into_iter().max_by_key(|i| i.index) {
+                return Ok(Some(i));
+            }
+        }
+        seq -= 1;
+    }
+    Ok(None)
+}
+
+/// A borrowed descriptor to wait on (the tracker's inotify fd, which the tracker owns).
+struct Fd(RawFd);
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(run_async(cfg))
+}
+
+async fn run_async(cfg: Config) -> anyhow::Result<()> {
+    let root = HostRoot::new(&cfg.host_root);
+    let node = node_id(&cfg);
+    let boot = boot_id();
+
+    // The spool first: if it cannot be opened there is nowhere to keep measurements.
+    std::fs::create_dir_all(&cfg.spool_dir)
+        .with_context(|| format!("creating spool dir {}", cfg.spool_dir.display()))?;
+    let mut spool_cfg = SpoolConfig::new(&cfg.spool_dir, &node);
+    spool_cfg.max_bytes = cfg.spool_max_bytes;
+    let policy_seal =
+        SealPolicy::new(1, Duration::from_millis(cfg.interval_ms)).context("seal policy")?;
+    let (mut sealer, report) = Sealer::open(spool_cfg, policy_seal).context("opening the spool")?;
+    tracing::info!(dir = %cfg.spool_dir.display(), last_seq = report.last_seq, acked_seq = report.acked_seq,
+        torn_tails = report.torn_tails.len(), damaged = report.damage.len(), "spool open");
+    for t in &report.torn_tails {
+        tracing::warn!(?t, "cut a torn tail from the spool");
+    }
+    let previous = last_interval(&sealer)?;
+
+    // Sources.
+    let mut popts = ProbeOptions::new(root.clone());
+    popts.estimator = cfg.estimator;
+    let sel = probe::select(&popts);
+    if sel.meters.is_empty() {
+        bail!("no energy source can be used on this host; `wattd probe` says why");
+    }
+    for c in &sel.report.chosen {
+        tracing::info!(domain = %c.domain, package = ?c.package, source = %c.source, quality = ?c.quality, "energy source chosen");
+    }
+    for p in &sel.report.problems {
+        tracing::warn!(problem = %p, "probe");
+    }
+    let topo = Topology::read(&root).context("reading CPU topology")?;
+    let package_cpus: BTreeMap<u32, u32> = topo
+        .cpus_by_package()
+        .into_iter()
+        .map(|(p, c)| (p, c.len() as u32))
+        .collect();
+
+    // Runs.
+    let mut tcfg = TrackerConfig::new(root.clone());
+    tcfg.cgroup_root = cfg.cgroup_root.clone();
+    tcfg.patterns = cfg.patterns.clone();
+    tcfg.perf_split = root.is_live();
+    let mut tracker = RunTracker::new(tcfg).context("starting the run tracker")?;
+    // Baseline: runs already there are billed from now on, not for their past.
+    let _ = tracker.tick(0);
+    // SAFETY: the tracker owns this inotify descriptor and keeps it open, unreplaced, for as
+    // long as it lives; `events` is dropped before `tracker` (declared after it, dropped first).
+    let events = unsafe { AsyncFd::register(Fd(tracker.events_fd().as_raw_fd())) }
+        .context("watching cgroup events")?;
+
+    // The control socket is optional: without it, runs are still found by pattern.
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut control_rx = {
+        // Under systemd, RuntimeDirectory= creates the socket's directory; by hand, create it.
+        if let Some(dir) = cfg.control_socket.parent() {
+            if !dir.exists() {
+                use std::os::unix::fs::DirBuilderExt as _;
+                let _ = std::fs::DirBuilder::new().mode(0o750).create(dir);
+            }
+        }
+        let mut ccfg = ControlConfig::new(&cfg.control_socket);
+        ccfg.allowed_uids = cfg.control_allowed_uids.clone();
+        ccfg.allowed_gids = cfg.control_allowed_gids.clone();
+        match ControlServer::bind(ccfg) {
+            Ok((server, rx)) => {
+                let mut stop = shutdown_rx.clone();
+                tokio::spawn(server.serve(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }));
+                tracing::info!(path = %cfg.control_socket.display(), "control socket listening");
+                Some(rx)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "control socket unavailable; runs are found by pattern only");
+                None
+            }
+        }
+    };
+
+    let policy = Policy {
+        idle: cfg.idle_policy,
+        dram: cfg.dram_policy,
+    };
+    let idle = IdleTracker::new(
+        cfg.idle_window_s.saturating_mul(1_000_000),
+        cfg.idle_declared.clone(),
+    );
+    let start = Stamp::now();
+    let next_index = previous.as_ref().map_or(0, |i| i.index + 1);
+    let mut sampler = Sampler::new(sel.meters, idle, cfg.estimator, policy, next_index, start);
+    if let Some(prev) = &previous {
+        // The agent was down from the end of the last sealed interval until now.
+        let same_boot = prev.boot_id == boot && !boot.is_empty();
+        let gap = GapRecord {
+            key: None,
+            start: Stamp {
+                mono_ns: if same_boot { prev.end_monotonic_ns } else { 0 },
+                unix_ns: prev.end_unix_ns,
+            },
+            end: start,
+            cause: GapCause::AgentDown,
+            detail: if same_boot {
+                "agent restarted".into()
+            } else {
+                "host rebooted or agent restarted after a reboot".into()
+            },
+        };
+        tracing::info!(
+            from_unix_ns = prev.end_unix_ns,
+            "recording the time the agent was down as a gap"
+        );
+        sealer.push_gap(records::gap(&gap), start.mono_ns);
+    }
+
+    let mut totals = Totals::default();
+    let mut started_unix: BTreeMap<String, i64> = BTreeMap::new();
+    let period = Duration::from_millis(cfg.interval_ms);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut ready = false;
+
+    loop {
+        let stop = tokio::select! {
+            _ = ticker.tick() => false,
+            _ = sigterm.recv() => true,
+            _ = sigint.recv() => true,
+            Some(req) = async { match control_rx.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                let result = control::apply(&mut tracker, &req.event);
+                if let Err(e) = &result {
+                    tracing::info!(error = %e, event = ?req.event, "control message refused");
+                }
+                req.respond(result);
+                continue;
+            }
+            guard = events.readable() => {
+                if let Ok(mut g) = guard {
+                    g.clear_ready();
+                }
+                if let Err(error) = tracker.poll_events() {
+                    tracing::warn!(%error, "cgroup events");
+                }
+                continue;
+            }
+        };
+        // Close the interval: usage first, then energy, read back to back.
+        let now = Stamp::now();
+        let elapsed_us = now.mono_ns.saturating_sub(sampler.last_stamp().mono_ns) / 1_000;
+        let snap = tracker.tick(elapsed_us);
+        for e in &snap.errors {
+            tracing::debug!(run = ?e.run_id, error = %e.error, "usage read");
+        }
+        let usage = usage_from(&snap, &package_cpus);
+        let interval = sampler.tick(Stamp::now(), Some(usage));
+        for r in snap.runs.iter().filter(|r| r.started) {
+            started_unix.insert(r.run_id.to_string(), interval.start.unix_ns);
+        }
+        totals.add(interval.index, &interval.results);
+        sealer
+            .push_interval(records::interval(&interval, &boot, false), now.mono_ns)
+            .context("queueing the interval")?;
+        for r in snap.runs.iter().filter(|r| r.finished) {
+            let t = totals.finish(&r.run_id, interval.index);
+            let started = started_unix
+                .remove(&*r.run_id)
+                .unwrap_or(interval.start.unix_ns);
+            sealer.push_run_summary(
+                records::run_summary(&t, started, interval.end.unix_ns),
+                now.mono_ns,
+            );
+        }
+        match sealer.seal(now.unix_ns) {
+            Ok(_) => {}
+            Err(e) if e.is_fatal() => {
+                return Err(anyhow::Error::new(e)
+                    .context("sealing a batch (fatal: exiting so the supervisor restarts us)"))
+            }
+            Err(e) => tracing::warn!(error = %e, "sealing deferred; the interval stays pending"),
+        }
+        if let Err(e) = sealer.commit() {
+            return Err(anyhow::Error::new(e).context(
+                "fdatasync of the spool failed (fatal: the kernel may have dropped the pages)",
+            ));
+        }
+        if !ready {
+            ready = true;
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+            tracing::info!(index = interval.index, "first interval sealed; ready");
+        } else {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        }
+        if stop {
+            tracing::info!(
+                index = interval.index,
+                "stopping: last interval sealed and flushed"
+            );
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+            break;
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    // Let the control server see the shutdown and remove its socket file.
+    for _ in 0..10 {
+        if !Path::new(&cfg.control_socket).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
