@@ -216,6 +216,11 @@ struct Run {
     finished: bool,
     /// A read was taken after the run emptied or was declared finished.
     final_read: bool,
+    /// `populated` from `cgroup.events`, kept current by its inotify watch; `None`: unknown.
+    populated: Option<bool>,
+    /// Empty, and read at a tick since it emptied: an empty cgroup uses no CPU, so ticks skip
+    /// its read until an event says it changed. Only pattern runs with a watch.
+    settled: bool,
     kept_fds: usize,
 }
 
@@ -433,7 +438,7 @@ impl RunTracker {
     fn reread_emptied(&mut self) {
         let mut gone = Vec::new();
         for run in self.runs.values_mut() {
-            if run.final_read && !run.finished {
+            if run.final_read && !run.finished && !run.settled {
                 if let Err(e) = capture(run, &mut self.tc_scratch) {
                     if e.is_gone() {
                         gone.push(run.id.clone());
@@ -449,6 +454,11 @@ impl RunTracker {
     fn handle_event(&mut self, ev: &Event) {
         if ev.mask & libc::IN_Q_OVERFLOW != 0 {
             self.counters.inotify_overflows += 1;
+            // Events were lost: no run's state can be trusted until read again.
+            for run in self.runs.values_mut() {
+                run.settled = false;
+                run.populated = None;
+            }
             self.rescan_all();
             return;
         }
@@ -487,6 +497,7 @@ impl RunTracker {
                     self.watches.remove(&ev.wd);
                     if let Some(r) = self.runs.get_mut(&id) {
                         r.events_wd = None;
+                        r.settled = false;
                     }
                     return;
                 }
@@ -511,7 +522,10 @@ impl RunTracker {
             .cgroup_root
             .join(&*run.cgroup_rel)
             .join("cgroup.events");
-        match read_populated(&path) {
+        run.settled = false;
+        let populated = read_populated(&path);
+        run.populated = populated.as_ref().ok().copied();
+        match populated {
             Ok(false) => match capture(run, &mut self.tc_scratch) {
                 Ok(()) => run.final_read = true,
                 Err(e) if e.is_gone() => self.mark_gone(id),
@@ -578,6 +592,11 @@ impl RunTracker {
 
     fn rescan_all(&mut self) {
         self.counters.rescans += 1;
+        // Also the bound on trusting events: a settled run whose removal produced no event
+        // (a control-plane run's parent is not watched) is read, found gone and finished here.
+        for run in self.runs.values_mut() {
+            run.settled = false;
+        }
         for idx in 0..self.patterns.len() {
             self.arm_pattern(idx);
             self.scan_pattern(idx, BilledFrom::Birth);
@@ -826,6 +845,8 @@ impl RunTracker {
             reported: false,
             finished: false,
             final_read: false,
+            populated: None,
+            settled: false,
             kept_fds: kept,
         };
         if let Some(p) = &mut run.perf {
@@ -840,7 +861,8 @@ impl RunTracker {
         if let Some(wd) = events_wd {
             self.watches.insert(wd, WatchTarget::RunEvents(id.clone()));
             // It may have emptied before the watch was set: then the read above is final.
-            if let Ok(false) = read_populated(&dir.join("cgroup.events")) {
+            run.populated = read_populated(&dir.join("cgroup.events")).ok();
+            if run.populated == Some(false) {
                 run.final_read = true;
             }
         }
@@ -995,7 +1017,8 @@ impl RunTracker {
         let mut pending_errors = Vec::new();
         let mut gone = Vec::new();
         for run in self.runs.values_mut() {
-            if !run.finished {
+            let skip = run.settled && run.populated == Some(false) && run.events_wd.is_some();
+            if !run.finished && !skip {
                 if let Err(e) = capture(run, &mut self.tc_scratch) {
                     if e.is_gone() {
                         gone.push(run.id.clone());
@@ -1003,6 +1026,16 @@ impl RunTracker {
                         pending_errors.push((run.id.clone(), e));
                         continue;
                     }
+                }
+                // Only pattern runs settle: their parent is watched, so their removal is seen.
+                // kernfs sends no event on a removed cgroup's own files, so an announced run
+                // is read every tick, and ENODEV tells it is gone.
+                if run.populated == Some(false)
+                    && run.final_read
+                    && run.events_wd.is_some()
+                    && run.pattern.is_some()
+                {
+                    run.settled = true;
                 }
             }
             let usage_us = if run.latest_us >= run.billed_us {
@@ -1156,14 +1189,19 @@ pub fn validate_labels(labels: &Labels) -> Result<(), HostError> {
 
 /// Reads a run's current usage (and perf counters and memory) into `latest_*`.
 fn capture(run: &mut Run, scratch: &mut Vec<(u32, u64)>) -> Result<(), HostError> {
-    if let Some(p) = &mut run.perf {
-        // Perf first: it survives the cgroup's removal, cpu.stat does not.
-        if p.read_into(scratch).is_ok() {
-            run.latest_tc_ns.clear();
-            run.latest_tc_ns.extend(scratch.iter().map(|&(_, v)| v));
+    let usage = run.cpu_stat.read_cpu_usage_us();
+    // Perf counters only matter when there is usage to split, and they outlive the cgroup, so
+    // they are read when usage moved or when cpu.stat is gone (a last chance).
+    let moved = usage.as_ref().map_or(true, |&u| u != run.latest_us);
+    if moved {
+        if let Some(p) = &mut run.perf {
+            if p.read_into(scratch).is_ok() {
+                run.latest_tc_ns.clear();
+                run.latest_tc_ns.extend(scratch.iter().map(|&(_, v)| v));
+            }
         }
     }
-    run.latest_us = run.cpu_stat.read_cpu_usage_us()?;
+    run.latest_us = usage?;
     if let Some(m) = &run.memory {
         run.memory_bytes = Some(m.read_u64()?);
     }

@@ -661,3 +661,26 @@ fn no_cgroup2_mount_is_a_typed_error() {
     let e = RunTracker::new(TrackerConfig::new(HostRoot::new(dir.path()))).unwrap_err();
     assert!(matches!(e, HostError::NoCgroup2Mount { .. }), "{e}");
 }
+
+#[test]
+fn emptied_run_skipped_at_ticks_is_measured_again_when_repopulated() {
+    let _g = serial();
+    let Some(mut sb) = Sandbox::new("refill") else {
+        return;
+    };
+    let cg = sb.mkdir("flowzart.slice/run-refill.scope");
+    let mut t = RunTracker::new(sb.config()).unwrap();
+    let mut total = 0;
+    for _ in 0..2 {
+        let pid = sb.spawn_burner(&cg, 20, 20, 1);
+        sb.wait(pid);
+        // Emptied: read at the event, then at a tick, then skipped while it stays empty.
+        for _ in 0..3 {
+            let s = t.tick(1000);
+            check_snapshot(&s);
+            total += run(&s, "refill").unwrap().usage_us;
+        }
+    }
+    assert_eq!(total, sb.usage_us(&cg));
+    assert!(total >= 40_000, "{total}");
+}
