@@ -8,11 +8,15 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use wattd_collectors::cgroup::{find_cgroup2_mount, RunTracker, TrackerConfig};
 use wattd_collectors::HostRoot;
 
-/// A cgroup subtree removed on drop, deepest first.
-struct Tree(PathBuf);
+/// A cgroup subtree removed on drop, deepest first, after killing the sleepers put in it.
+struct Tree(PathBuf, Vec<std::process::Child>);
 
 impl Drop for Tree {
     fn drop(&mut self) {
+        for c in &mut self.1 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         let slice = self.0.join("flowzart.slice");
         if let Ok(rd) = std::fs::read_dir(&slice) {
             for e in rd.flatten() {
@@ -24,14 +28,29 @@ impl Drop for Tree {
     }
 }
 
-fn make_tree(runs: usize) -> Option<Tree> {
+/// `runs` run cgroups; with `populated`, each holds a sleeping process, so the tracker must
+/// read it every tick (an empty one is read once after it empties, then skipped).
+fn make_tree(runs: usize, populated: bool) -> Option<Tree> {
     let mount = find_cgroup2_mount(&HostRoot::live()).ok()?.mount_point;
-    let root = mount.join(format!("wattd-bench-{}-{runs}", std::process::id()));
+    let root = mount.join(format!(
+        "wattd-bench-{}-{runs}-{populated}",
+        std::process::id()
+    ));
     std::fs::create_dir(&root).ok()?;
-    let tree = Tree(root);
+    let mut tree = Tree(root, Vec::new());
     std::fs::create_dir(tree.0.join("flowzart.slice")).ok()?;
     for i in 0..runs {
-        std::fs::create_dir(tree.0.join(format!("flowzart.slice/run-b{i}.scope"))).ok()?;
+        let dir = tree.0.join(format!("flowzart.slice/run-b{i}.scope"));
+        std::fs::create_dir(&dir).ok()?;
+        if populated {
+            let child = std::process::Command::new("sleep")
+                .arg("600")
+                .spawn()
+                .ok()?;
+            let pid = child.id();
+            tree.1.push(child);
+            std::fs::write(dir.join("cgroup.procs"), pid.to_string()).ok()?;
+        }
     }
     Some(tree)
 }
@@ -39,9 +58,18 @@ fn make_tree(runs: usize) -> Option<Tree> {
 fn usage_tick(c: &mut Criterion) {
     let mut group = c.benchmark_group("usage_tick");
     group.sample_size(20);
-    for runs in [10usize, 1_000, 10_000] {
-        let Some(tree) = make_tree(runs) else {
-            eprintln!("SKIPPED: usage_tick/{runs}: cannot create cgroups (needs root and cgroup v2)");
+    for (runs, populated) in [
+        (10usize, false),
+        (1_000, false),
+        (10_000, false),
+        (10, true),
+        (1_000, true),
+    ] {
+        let name = if populated { "populated" } else { "empty" };
+        let Some(tree) = make_tree(runs, populated) else {
+            eprintln!(
+                "SKIPPED: usage_tick/{runs}: cannot create cgroups (needs root and cgroup v2)"
+            );
             return;
         };
         let mut config = TrackerConfig::new(HostRoot::live());
@@ -62,7 +90,7 @@ fn usage_tick(c: &mut Criterion) {
             s.perf_disabled
         );
         group.throughput(Throughput::Elements(runs as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(runs), &runs, |b, _| {
+        group.bench_with_input(BenchmarkId::new(name, runs), &runs, |b, _| {
             b.iter(|| tracker.tick(1_000_000))
         });
         drop(tracker);
