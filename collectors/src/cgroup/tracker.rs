@@ -221,6 +221,8 @@ struct Run {
     /// Empty, and read at a tick since it emptied: an empty cgroup uses no CPU, so ticks skip
     /// its read until an event says it changed. Only pattern runs with a watch.
     settled: bool,
+    /// Tick reads since it last emptied.
+    empty_tick_reads: u8,
     kept_fds: usize,
 }
 
@@ -523,6 +525,7 @@ impl RunTracker {
             .join(&*run.cgroup_rel)
             .join("cgroup.events");
         run.settled = false;
+        run.empty_tick_reads = 0;
         let populated = read_populated(&path);
         run.populated = populated.as_ref().ok().copied();
         match populated {
@@ -847,6 +850,7 @@ impl RunTracker {
             final_read: false,
             populated: None,
             settled: false,
+            empty_tick_reads: 0,
             kept_fds: kept,
         };
         if let Some(p) = &mut run.perf {
@@ -1030,12 +1034,15 @@ impl RunTracker {
                 // Only pattern runs settle: their parent is watched, so their removal is seen.
                 // kernfs sends no event on a removed cgroup's own files, so an announced run
                 // is read every tick, and ENODEV tells it is gone.
+                // Two tick reads after it emptied, not one: the first may fall inside the
+                // last task's exit, before its final CPU time is accounted.
                 if run.populated == Some(false)
                     && run.final_read
                     && run.events_wd.is_some()
                     && run.pattern.is_some()
                 {
-                    run.settled = true;
+                    run.empty_tick_reads = run.empty_tick_reads.saturating_add(1);
+                    run.settled = run.empty_tick_reads >= 2;
                 }
             }
             let usage_us = if run.latest_us >= run.billed_us {
