@@ -257,6 +257,9 @@ pub struct RunTracker {
     kept_fds: usize,
     counters: TrackerCounters,
     ticks: u64,
+    /// When this tracker started (CLOCK_REALTIME): an announced run whose cgroup is older was
+    /// alive while no agent (or a previous one) was measuring, so it is billed from now.
+    started_at: std::time::SystemTime,
     rescan_every_ticks: u32,
     errors: Vec<TickError>,
     events: Vec<Event>,
@@ -366,6 +369,7 @@ impl RunTracker {
             kept_fds: 0,
             counters: TrackerCounters::default(),
             ticks: 0,
+            started_at: std::time::SystemTime::now(),
             rescan_every_ticks: config.rescan_every_ticks,
             errors: Vec::new(),
             events: Vec::new(),
@@ -953,12 +957,32 @@ impl RunTracker {
                 what: "already finished".to_owned(),
             });
         }
+        // A cgroup created before this tracker started may have been billed by a previous agent
+        // instance (the control plane re-announces runs after a restart); its usage before now
+        // belongs to the recorded agent-down gap, never to this run twice.
+        let created = std::fs::metadata(self.cgroup_root.join(cgroup_rel))
+            .ok()
+            .and_then(|m| {
+                use std::os::unix::fs::MetadataExt as _;
+                let secs = u64::try_from(m.ctime()).ok()?;
+                Some(
+                    std::time::UNIX_EPOCH
+                        + std::time::Duration::new(
+                            secs,
+                            m.ctime_nsec().clamp(0, 999_999_999) as u32,
+                        ),
+                )
+            });
+        let billed_from = match created {
+            Some(t) if t < self.started_at => BilledFrom::Discovery,
+            _ => BilledFrom::Birth,
+        };
         self.add_run(
             run_id,
             cgroup_rel,
             Arc::new(labels),
             RunOrigin::ControlPlane,
-            BilledFrom::Birth,
+            billed_from,
             None,
         )?;
         Ok(StartOutcome::Started)

@@ -684,3 +684,38 @@ fn emptied_run_skipped_at_ticks_is_measured_again_when_repopulated() {
     assert_eq!(total, sb.usage_us(&cg));
     assert!(total >= 40_000, "{total}");
 }
+
+/// Regression: after an agent restart the control plane re-announces live runs. A run whose
+/// cgroup is older than the tracker must not be billed for its usage before the tracker started
+/// (a previous agent billed it, or it falls in the recorded agent-down gap).
+#[test]
+fn announced_run_older_than_the_tracker_is_billed_from_discovery() {
+    let _g = serial();
+    let Some(mut sb) = Sandbox::new("reannounce") else {
+        return;
+    };
+    let cg = sb.mkdir("old/run-1");
+    let pid = sb.spawn_burner(&cg, 30, 30, 3);
+    sb.wait(pid);
+    let before = sb.usage_us(&cg);
+    assert!(before >= 50_000, "burner used {before} us");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut t = RunTracker::new(sb.config()).unwrap();
+    t.tick(0);
+    t.run_started("run-1", "old/run-1", Labels::new()).unwrap();
+    let s = t.tick(100_000);
+    let r = run(&s, "run-1").unwrap();
+    assert!(
+        r.usage_us < before / 10,
+        "billed {} us of the {before} us used before start",
+        r.usage_us
+    );
+    // A cgroup created after the tracker started is billed from its birth.
+    let young = sb.mkdir("old/run-2");
+    t.run_started("run-2", "old/run-2", Labels::new()).unwrap();
+    let pid = sb.spawn_burner(&young, 30, 30, 2);
+    sb.wait(pid);
+    let truth = sb.usage_us(&young);
+    let s = t.tick(100_000);
+    assert_eq!(run(&s, "run-2").map(|r| r.usage_us), Some(truth));
+}

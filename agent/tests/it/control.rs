@@ -2,8 +2,6 @@
 //! generated host tree answering it, real clients (one of them a child process running as
 //! another uid).
 
-#![allow(clippy::unwrap_used)]
-
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
