@@ -1,1 +1,8 @@
-//! End-to-end tests.
+//! End-to-end tests across crates: the real `wattd` binary on the simulated host, with real
+//! cgroups and real processes in them.
+
+// Helpers outside #[test] functions are test code too: a panic is how they report a failure.
+#![allow(clippy::unwrap_used)]
+
+mod harness;
+mod simhost_attribution;

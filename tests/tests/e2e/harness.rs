@@ -1,0 +1,79 @@
+//! Running the real binaries: `wattd` (built by `cargo test --workspace` next to this crate's
+//! own `wattd-burn`) and reading its spool back through its own CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+/// The `wattd` binary of this build: it sits beside `wattd-burn` in the target directory.
+pub fn wattd_bin() -> PathBuf {
+    let burn = PathBuf::from(env!("CARGO_BIN_EXE_wattd-burn"));
+    let p = burn.with_file_name("wattd");
+    assert!(p.exists(), "{} is missing: build it first (cargo test --workspace builds it)", p.display());
+    p
+}
+
+pub fn burn_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_wattd-burn"))
+}
+
+/// A running `wattd run`, killed if the test fails before stopping it.
+pub struct Agent {
+    pub child: Option<Child>,
+}
+
+impl Agent {
+    pub fn start(config: &Path, log: &Path) -> Agent {
+        let log = std::fs::File::create(log).unwrap();
+        let child = Command::new(wattd_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Agent { child: Some(child) }
+    }
+
+    /// SIGTERM, then wait; returns the exit status and how long the stop took.
+    pub fn stop(&mut self) -> (std::process::ExitStatus, Duration) {
+        let mut child = self.child.take().unwrap();
+        let t = Instant::now();
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        (status, t.elapsed())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn wattd(args: &[&str]) -> Output {
+    Command::new(wattd_bin()).args(args).output().unwrap()
+}
+
+/// `wattd runs --format json`: run id -> domain label -> energy uJ.
+pub fn runs_json(data_dir: &Path) -> serde_json::Value {
+    let out = wattd(&["runs", "--format", "json", "--data-dir", data_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "wattd runs: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A run's energy in one domain label (e.g. `package:0`), 0 when absent.
+pub fn run_energy(runs: &serde_json::Value, run_id: &str, domain: &str) -> u64 {
+    runs["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["run_id"] == run_id)
+        .and_then(|r| r["domains"].as_array().unwrap().iter().find(|d| d["domain"] == domain))
+        .map_or(0, |d| d["energy_uj"].as_u64().unwrap())
+}
