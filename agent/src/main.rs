@@ -6,7 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod export_cmd;
+mod identity_cmd;
 mod probe_cmd;
+mod runs_cmd;
+mod verify_cmd;
 
 /// Exit code for bad usage or configuration (BSD sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -47,6 +51,14 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<std::path::PathBuf>,
     },
+    /// Print the node id and public key the ledger must enrol (creates the key if missing).
+    Identity(identity_cmd::IdentityArgs),
+    /// Write the spool's signed batches to stdout as length-delimited protobuf.
+    Export(export_cmd::ExportArgs),
+    /// Check signatures, chain, sequence and conservation; exit 0 only if all hold.
+    Verify(verify_cmd::VerifyArgs),
+    /// Per-run energy by domain, in uJ and Wh, from the local spool.
+    Runs(runs_cmd::RunsArgs),
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -109,6 +121,10 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_USAGE);
             }
         },
+        Command::Identity(args) => identity_cmd::run(&args),
+        Command::Export(args) => export_cmd::run(&args),
+        Command::Verify(args) => verify_cmd::run(&args),
+        Command::Runs(args) => runs_cmd::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

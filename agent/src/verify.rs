@@ -34,14 +34,20 @@ pub enum BreakKind {
     ForeignNode {
         expected: String,
         found: String,
+        claimed_seq: u64,
     },
     UnknownKeyEpoch {
         epoch: u32,
+        claimed_seq: u64,
     },
     KeyIdMismatch {
         epoch: u32,
+        claimed_seq: u64,
     },
-    BadSignature,
+    /// The signature does not verify: nothing in the batch, not even its seq, is trusted.
+    BadSignature {
+        claimed_seq: u64,
+    },
     BadRotation {
         detail: String,
     },
@@ -94,16 +100,26 @@ impl fmt::Display for Break {
             BreakKind::Damaged { detail } => write!(f, "damaged record: {detail}"),
             BreakKind::SegmentHeader { detail } => write!(f, "segment header: {detail}"),
             BreakKind::Undecodable { detail } => write!(f, "undecodable record: {detail}"),
-            BreakKind::ForeignNode { expected, found } => {
-                write!(f, "batch of node {found:?}, expected node {expected:?}")
-            }
-            BreakKind::UnknownKeyEpoch { epoch } => {
-                write!(f, "no public key for key epoch {epoch}")
-            }
-            BreakKind::KeyIdMismatch { epoch } => {
-                write!(f, "key id does not match the key of epoch {epoch}")
-            }
-            BreakKind::BadSignature => f.write_str("signature does not verify"),
+            BreakKind::ForeignNode {
+                expected,
+                found,
+                claimed_seq,
+            } => write!(
+                f,
+                "batch of node {found:?} (claims seq {claimed_seq}), expected node {expected:?}"
+            ),
+            BreakKind::UnknownKeyEpoch { epoch, claimed_seq } => write!(
+                f,
+                "no public key for key epoch {epoch} (batch claims seq {claimed_seq})"
+            ),
+            BreakKind::KeyIdMismatch { epoch, claimed_seq } => write!(
+                f,
+                "key id does not match the key of epoch {epoch} (batch claims seq {claimed_seq})"
+            ),
+            BreakKind::BadSignature { claimed_seq } => write!(
+                f,
+                "signature does not verify (batch claims seq {claimed_seq})"
+            ),
             BreakKind::BadRotation { detail } => write!(f, "bad key rotation: {detail}"),
             BreakKind::Missing { first, last } if first == last => {
                 write!(f, "batch {first} is missing")
@@ -180,11 +196,11 @@ impl fmt::Display for VerifyReport {
     }
 }
 
+/// An authentic batch, placed in the sequence.
 #[derive(Debug)]
 struct Entry {
     hash: ChainHash,
-    prev_hash: Option<ChainHash>,
-    valid: bool,
+    prev_hash: ChainHash,
     location: Option<Location>,
 }
 
@@ -287,14 +303,18 @@ impl Verifier {
             }
             SpoolItem::Record { location, bytes } => self.record(location, bytes),
             SpoolItem::Damage { location, damage } => {
-                self.trailing_damage.push(self.breaks.len());
                 let detail = damage.detail.clone();
-                self.push(None, Some(location), BreakKind::Damaged { detail });
+                self.unplaced(Some(location), BreakKind::Damaged { detail });
             }
         }
     }
 
     /// Checks one encoded SignedBatch.
+    ///
+    /// A batch that is not authentic (foreign node, unknown key, bad signature) is reported
+    /// like damage: its claimed seq is shown but not trusted, so it neither fills nor breaks
+    /// the sequence; the seq it should have held shows up as missing (or, at the very end, is
+    /// inferred as the next one).
     pub fn record(&mut self, location: Location, bytes: &[u8]) {
         self.batches += 1;
         let loc = Some(location);
@@ -308,61 +328,50 @@ impl Verifier {
         let (signed, batch) = match decoded {
             Ok(x) if x.1.seq > 0 => x,
             Ok(_) => {
-                self.trailing_damage.push(self.breaks.len());
-                let detail = "Batch.seq is 0".into();
-                return self.push(None, loc, BreakKind::Undecodable { detail });
+                return self.unplaced(
+                    loc,
+                    BreakKind::Undecodable {
+                        detail: "Batch.seq is 0".into(),
+                    },
+                )
             }
-            Err(detail) => {
-                self.trailing_damage.push(self.breaks.len());
-                return self.push(None, loc, BreakKind::Undecodable { detail });
-            }
+            Err(detail) => return self.unplaced(loc, BreakKind::Undecodable { detail }),
         };
+        let claimed_seq = batch.seq;
+
+        if let Some(n) = self.node_id.as_ref().filter(|n| **n != batch.node_id) {
+            let kind = BreakKind::ForeignNode {
+                expected: n.clone(),
+                found: batch.node_id.clone(),
+                claimed_seq,
+            };
+            return self.unplaced(loc, kind);
+        }
+        let epoch = batch.key_epoch;
+        let Some((vk, kid)) = self.keys.get(&epoch) else {
+            return self.unplaced(loc, BreakKind::UnknownKeyEpoch { epoch, claimed_seq });
+        };
+        if batch.key_id != kid.as_slice() || signed.key_id != kid.as_slice() {
+            return self.unplaced(loc, BreakKind::KeyIdMismatch { epoch, claimed_seq });
+        }
+        let authentic = Signature::from_slice(&signed.signature)
+            .is_ok_and(|sig| vk.verify_strict(&signed.batch_bytes, &sig).is_ok());
+        if !authentic {
+            return self.unplaced(loc, BreakKind::BadSignature { claimed_seq });
+        }
+        if self.node_id.is_none() {
+            self.node_id = Some(batch.node_id.clone());
+        }
+
+        // From here on the batch is authentic: its seq is what the node signed.
         self.trailing_damage.clear();
         let seq = Some(batch.seq);
         let hash = chain_hash(bytes);
-        let mut valid = true;
-
-        match &self.node_id {
-            Some(n) if *n != batch.node_id => {
-                let kind = BreakKind::ForeignNode {
-                    expected: n.clone(),
-                    found: batch.node_id.clone(),
-                };
-                self.push(seq, loc.clone(), kind);
-                valid = false;
-            }
-            Some(_) => {}
-            None => self.node_id = Some(batch.node_id.clone()),
-        }
-
-        let epoch = batch.key_epoch;
-        match self.keys.get(&epoch) {
-            None => {
-                self.push(seq, loc.clone(), BreakKind::UnknownKeyEpoch { epoch });
-                valid = false;
-            }
-            Some((vk, kid)) => {
-                if batch.key_id != kid.as_slice() || signed.key_id != kid.as_slice() {
-                    self.push(seq, loc.clone(), BreakKind::KeyIdMismatch { epoch });
-                    valid = false;
-                } else {
-                    let ok = Signature::from_slice(&signed.signature)
-                        .is_ok_and(|sig| vk.verify_strict(&signed.batch_bytes, &sig).is_ok());
-                    if !ok {
-                        self.push(seq, loc.clone(), BreakKind::BadSignature);
-                        valid = false;
-                    }
-                }
-            }
-        }
-
-        // Only an authentic batch may introduce a key.
-        if let (true, Some(r)) = (valid, &batch.key_rotation) {
+        if let Some(r) = &batch.key_rotation {
             if let Err(detail) = self.learn_rotation(&batch, r) {
                 self.push(seq, loc.clone(), BreakKind::BadRotation { detail });
             }
         }
-
         for interval in &batch.intervals {
             for d in &interval.domains {
                 let accounted = accounted_uj(d);
@@ -378,12 +387,9 @@ impl Verifier {
                 }
             }
         }
-
-        let prev_hash = ChainHash::try_from(batch.prev_hash.as_slice()).ok();
-        if prev_hash.is_none() {
-            self.push(seq, loc.clone(), BreakKind::ChainBreak);
-            valid = false;
-        }
+        let Ok(prev_hash) = ChainHash::try_from(batch.prev_hash.as_slice()) else {
+            return self.push(seq, loc, BreakKind::ChainBreak);
+        };
         if let Some(e) = self.entries.get(&batch.seq) {
             let kind = if e.hash == hash {
                 BreakKind::Replayed
@@ -397,18 +403,23 @@ impl Verifier {
         }
         self.max_seq = Some(self.max_seq.map_or(batch.seq, |m| m.max(batch.seq)));
         self.intervals += u64::try_from(batch.intervals.len()).unwrap_or(u64::MAX);
-        if valid {
-            self.valid_batches += 1;
-        }
+        self.valid_batches += 1;
         self.entries.insert(
             batch.seq,
             Entry {
                 hash,
                 prev_hash,
-                valid,
                 location: loc,
             },
         );
+    }
+
+    /// A break whose batch cannot be placed in the sequence (damaged, undecodable, not
+    /// authentic). If nothing authentic follows it, [`Verifier::finish`] names it as the seq
+    /// after the last one.
+    fn unplaced(&mut self, location: Option<Location>, kind: BreakKind) {
+        self.trailing_damage.push(self.breaks.len());
+        self.push(None, location, kind);
     }
 
     fn learn_rotation(
@@ -478,13 +489,12 @@ impl Verifier {
                 });
             }
             expected = Some(seq + 1);
-            let link_ok = match (prev, e.prev_hash) {
+            let link_ok = match prev {
                 // seq 1 chains to the genesis hash.
-                (_, Some(ph)) if seq == 1 => ph == GENESIS_HASH,
+                _ if seq == 1 => e.prev_hash == GENESIS_HASH,
                 // Both ends authentic and adjacent: the link must hold.
-                (Some((ps, pe)), Some(ph)) if ps + 1 == seq && pe.valid && e.valid => ph == pe.hash,
-                // Predecessor missing or itself broken: the link cannot be judged; that break
-                // is already reported on its own.
+                Some((ps, pe)) if ps + 1 == seq => e.prev_hash == pe.hash,
+                // Predecessor missing: the link cannot be judged; the gap is reported.
                 _ => true,
             };
             if !link_ok {

@@ -953,3 +953,14 @@ pub fn visit_export(file: &Path, bytes: &[u8], mut visit: impl FnMut(SpoolItem<'
         }
     }
 }
+
+/// The data dir when none is given: `/var/lib/wattd` for root, `./wattd-data` otherwise (the
+/// CLI contract).
+pub fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/var/lib/wattd")
+    } else {
+        PathBuf::from("./wattd-data")
+    }
+}

@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 pub fn wattd_bin() -> PathBuf {
     let burn = PathBuf::from(env!("CARGO_BIN_EXE_wattd-burn"));
     let p = burn.with_file_name("wattd");
-    assert!(p.exists(), "{} is missing: build it first (cargo test --workspace builds it)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (cargo test --workspace builds it)",
+        p.display()
+    );
     p
 }
 
@@ -62,8 +66,18 @@ pub fn wattd(args: &[&str]) -> Output {
 
 /// `wattd runs --format json`: run id -> domain label -> energy uJ.
 pub fn runs_json(data_dir: &Path) -> serde_json::Value {
-    let out = wattd(&["runs", "--format", "json", "--data-dir", data_dir.to_str().unwrap()]);
-    assert!(out.status.success(), "wattd runs: {}", String::from_utf8_lossy(&out.stderr));
+    let out = wattd(&[
+        "runs",
+        "--format",
+        "json",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "wattd runs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -74,6 +88,12 @@ pub fn run_energy(runs: &serde_json::Value, run_id: &str, domain: &str) -> u64 {
         .unwrap()
         .iter()
         .find(|r| r["run_id"] == run_id)
-        .and_then(|r| r["domains"].as_array().unwrap().iter().find(|d| d["domain"] == domain))
+        .and_then(|r| {
+            r["domains"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["domain"] == domain)
+        })
         .map_or(0, |d| d["energy_uj"].as_u64().unwrap())
 }

@@ -14,10 +14,20 @@ const BUSY_W: f64 = 20.0;
 
 #[test]
 fn simulated_host_attribution_matches_the_model() {
-    let Some(mount) = require_cgroups("simulated_host_attribution_matches_the_model") else { return };
+    let Some(mount) = require_cgroups("simulated_host_attribution_matches_the_model") else {
+        return;
+    };
     let mut cg = TestCgroups::new(&mount, "simhost").unwrap();
     // 30 J range: at 10-50 W the counter wraps every second or so.
-    let mut sim = SimHost::start(PowerModel { idle_w: IDLE_W, busy_w_per_cpu: BUSY_W }, 30_000_000, Duration::from_millis(10)).unwrap();
+    let mut sim = SimHost::start(
+        PowerModel {
+            idle_w: IDLE_W,
+            busy_w_per_cpu: BUSY_W,
+        },
+        30_000_000,
+        Duration::from_millis(10),
+    )
+    .unwrap();
     let work = tempfile::tempdir().unwrap();
     let spool = work.path().join("spool");
     let pattern = format!("{}/run-{{run_id}}.scope", cg.rel().display());
@@ -36,13 +46,20 @@ fn simulated_host_attribution_matches_the_model() {
 
     // Two long runs of different intensity, and a 300 ms one.
     let burn = burn_bin();
-    cg.spawn_in("run-a.scope", Command::new(&burn).args(["0.25", "3"])).unwrap();
-    cg.spawn_in("run-b.scope", Command::new(&burn).args(["0.75", "3"])).unwrap();
+    cg.spawn_in("run-a.scope", Command::new(&burn).args(["0.25", "3"]))
+        .unwrap();
+    cg.spawn_in("run-b.scope", Command::new(&burn).args(["0.75", "3"]))
+        .unwrap();
     std::thread::sleep(Duration::from_millis(700));
-    cg.spawn_in("run-s.scope", Command::new(&burn).args(["1.0", "0.3"])).unwrap();
+    cg.spawn_in("run-s.scope", Command::new(&burn).args(["1.0", "0.3"]))
+        .unwrap();
     cg.wait_all();
     let usage = |r: &str| cg.usage_usec(r).unwrap();
-    let (ua, ub, us) = (usage("run-a.scope"), usage("run-b.scope"), usage("run-s.scope"));
+    let (ua, ub, us) = (
+        usage("run-a.scope"),
+        usage("run-b.scope"),
+        usage("run-s.scope"),
+    );
     std::thread::sleep(Duration::from_millis(1500));
     let (status, took) = agent.stop();
     let truth_after = sim.truth();
@@ -53,7 +70,12 @@ fn simulated_host_attribution_matches_the_model() {
 
     // Signatures, chain, sequence and per-interval conservation.
     let v = wattd(&["verify", "--data-dir", spool.to_str().unwrap()]);
-    assert!(v.status.success(), "verify: {}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
+    assert!(
+        v.status.success(),
+        "verify: {}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
 
     // Each run's energy against the model: busy watts x the CPU time the kernel counted.
     let runs = runs_json(&spool);
@@ -62,23 +84,43 @@ fn simulated_host_attribution_matches_the_model() {
         let got = run_energy(&runs, id, "package:0");
         let want = truth_uj(u);
         let err = (got as f64 - want as f64).abs() / want as f64;
-        eprintln!("run {id}: usage {u} us, attributed {got} uJ, model {want} uJ, error {:.2}%", err * 100.0);
-        assert!(err < 0.02, "run {id}: attributed {got} uJ vs model {want} uJ ({:.2}%)\n{log}", err * 100.0);
+        eprintln!(
+            "run {id}: usage {u} us, attributed {got} uJ, model {want} uJ, error {:.2}%",
+            err * 100.0
+        );
+        assert!(
+            err < 0.02,
+            "run {id}: attributed {got} uJ vs model {want} uJ ({:.2}%)\n{log}",
+            err * 100.0
+        );
     }
     let got_s = run_energy(&runs, "s", "package:0");
-    eprintln!("run s (300 ms): usage {us} us, attributed {got_s} uJ, model {} uJ", truth_uj(us));
-    assert!(got_s > truth_uj(us) / 2, "short run under-billed: {got_s} uJ vs {} uJ", truth_uj(us));
+    eprintln!(
+        "run s (300 ms): usage {us} us, attributed {got_s} uJ, model {} uJ",
+        truth_uj(us)
+    );
+    assert!(
+        got_s > truth_uj(us) / 2,
+        "short run under-billed: {got_s} uJ vs {} uJ",
+        truth_uj(us)
+    );
 
     // The counter wrapped during the test and no energy was lost to it: what the agent measured
     // over its life matches what the model put into the counter (within the agent's start and
     // stop moments, a fraction of a second; one lost wrap would be 30 J).
     let wraps = truth_after.wraps.values().sum::<u32>();
     assert!(wraps >= 2, "the counter wrapped only {wraps} times");
-    let produced: u128 = truth_after.energy_uj.values().sum::<u128>() - truth_before.energy_uj.values().sum::<u128>();
+    let produced: u128 = truth_after.energy_uj.values().sum::<u128>()
+        - truth_before.energy_uj.values().sum::<u128>();
     let measured = measured_total(&spool);
     let diff = (measured as f64 - produced as f64).abs();
-    eprintln!("measured {measured} uJ, model produced {produced} uJ over the agent's life, {wraps} wraps");
-    assert!(diff < 12_000_000.0, "measured {measured} vs produced {produced}");
+    eprintln!(
+        "measured {measured} uJ, model produced {produced} uJ over the agent's life, {wraps} wraps"
+    );
+    assert!(
+        diff < 12_000_000.0,
+        "measured {measured} vs produced {produced}"
+    );
 }
 
 /// Sum of every interval's measured package energy, from `wattd export`.

@@ -1,0 +1,68 @@
+//! `wattd identity`: prints what the ledger enrols for this node (node id, key epoch, key id,
+//! Ed25519 public key) as TOML, creating the node key first if there is none.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Args;
+use wattd::identity::{self, IdentityError, NodeKey};
+
+#[derive(Debug, Args)]
+pub struct IdentityArgs {
+    /// The data dir holding the spool and the node key [default: /var/lib/wattd as root,
+    /// ./wattd-data otherwise].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Node id to create the key for, if there is no key yet [default: /etc/machine-id].
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+}
+
+fn machine_id() -> anyhow::Result<String> {
+    let id = std::fs::read_to_string("/etc/machine-id").context("reading /etc/machine-id")?;
+    let id = id.trim();
+    anyhow::ensure!(!id.is_empty(), "/etc/machine-id is empty; pass --node-id");
+    Ok(id.to_owned())
+}
+
+pub fn run(args: &IdentityArgs) -> anyhow::Result<()> {
+    let dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(wattd::spool::default_data_dir);
+    let key = match NodeKey::load(&dir) {
+        Ok(k) => {
+            if let Some(id) = args.node_id.as_ref().filter(|id| **id != k.node_id()) {
+                anyhow::bail!(
+                    "{}: key belongs to node {:?}, not {id:?}",
+                    dir.join(identity::KEY_FILE).display(),
+                    k.node_id()
+                );
+            }
+            k
+        }
+        Err(IdentityError::Missing { .. }) => {
+            let node_id = match &args.node_id {
+                Some(id) => id.clone(),
+                None => machine_id()?,
+            };
+            let (k, created) = NodeKey::load_or_create(&dir, &node_id)?;
+            if created {
+                eprintln!(
+                    "wattd: created node key {}",
+                    dir.join(identity::KEY_FILE).display()
+                );
+            }
+            k
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let text = format!(
+        "# wattd node identity: enrol this with the ledger (`wattd-ledger serve --nodes DIR`).\n{}",
+        key.public().to_toml()
+    );
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .context("writing to stdout")
+}

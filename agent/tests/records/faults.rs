@@ -1,0 +1,193 @@
+//! Fault injection through the spool's filesystem seam: a failed fsync is fatal and poisons
+//! the spool; ENOSPC and `max_bytes` are "full" and leave the spool usable; key rotation.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use wattd::sealer::{SealPolicy, Sealer};
+use wattd::spool::{Spool, SpoolFs};
+use wattd::verify::verify_spool;
+
+use crate::common::{config, fill, interval, sealer, TestResult, NODE};
+
+#[derive(Debug, Default)]
+struct FaultFs {
+    fail_sync: AtomicBool,
+    enospc: AtomicBool,
+}
+
+impl SpoolFs for FaultFs {
+    fn write_at(&self, file: &std::fs::File, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.enospc.load(Ordering::SeqCst) {
+            // Like the kernel: part of the write may land before the space runs out.
+            use std::os::unix::fs::FileExt as _;
+            file.write_all_at(&buf[..buf.len() / 2], offset)?;
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        use std::os::unix::fs::FileExt as _;
+        file.write_all_at(buf, offset)
+    }
+
+    fn sync_data(&self, file: &std::fs::File) -> io::Result<()> {
+        if self.fail_sync.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        file.sync_data()
+    }
+}
+
+#[test]
+fn failed_fsync_is_fatal_and_poisons_the_spool() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let fs = Arc::new(FaultFs::default());
+    let mut cfg = config(dir.path(), 1 << 20);
+    cfg.fs = fs.clone();
+    let mut s = sealer(cfg.clone(), 4)?;
+    let mut index = 0;
+    fill(&mut s, &mut index, 2, 1, 2)?;
+    fs.fail_sync.store(true, Ordering::SeqCst);
+    s.push_interval(interval(index, 2), 0)?;
+    s.seal(0)?;
+    let err = s
+        .commit()
+        .err()
+        .ok_or("commit succeeded despite a failed fsync")?;
+    assert!(err.is_fatal(), "{err}");
+    assert!(err.to_string().contains("fsync failed"), "{err}");
+    // Never retried: even with the disk healthy again, the spool refuses until reopened.
+    fs.fail_sync.store(false, Ordering::SeqCst);
+    let again = s.commit().err().ok_or("poisoned spool accepted a commit")?;
+    assert!(again.is_fatal(), "{again}");
+    assert_eq!(s.spool().sealed_seq(), 2);
+    drop(s);
+    // A restart rescans what is really on disk.
+    let s = sealer(cfg, 4)?;
+    assert!(s.spool().last_seq() >= 2);
+    Ok(())
+}
+
+#[test]
+fn enospc_and_max_bytes_are_full_and_recoverable() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let fs = Arc::new(FaultFs::default());
+    let mut cfg = config(dir.path(), 1 << 20);
+    cfg.fs = fs.clone();
+    let mut s = sealer(cfg.clone(), 4)?;
+    let mut index = 0;
+    fill(&mut s, &mut index, 1, 1, 2)?;
+    let (path, len_before) = s.spool().durable_tail();
+
+    fs.enospc.store(true, Ordering::SeqCst);
+    s.push_interval(interval(index, 2), 0)?;
+    let err = s.seal(0).err().ok_or("append succeeded on ENOSPC")?;
+    assert!(err.is_full() && !err.is_fatal(), "{err}");
+    assert_eq!(
+        std::fs::metadata(&path)?.len(),
+        len_before,
+        "partial write not taken back"
+    );
+    assert_eq!(
+        s.pending().intervals.len(),
+        1,
+        "the interval must stay pending"
+    );
+
+    fs.enospc.store(false, Ordering::SeqCst);
+    assert_eq!(s.seal(0)?, Some(2));
+    s.commit()?;
+
+    // max_bytes: a spool at its bound refuses with "full" until an ack frees a segment.
+    drop(s);
+    let mut small = config(dir.path(), 1 << 20);
+    small.max_bytes = std::fs::metadata(&path)?.len() + 100;
+    let mut s = sealer(small, 4)?;
+    s.push_interval(interval(index + 1, 2), 0)?;
+    let err = s.seal(0).err().ok_or("append beyond max_bytes")?;
+    assert!(err.is_full(), "{err}");
+    assert!(verify_spool(dir.path(), &[s.key().public()])?.is_ok());
+    Ok(())
+}
+
+#[test]
+fn ack_deletes_only_fully_acknowledged_segments_and_survives_reopen() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let cfg = config(dir.path(), 1500);
+    let mut s = sealer(cfg.clone(), 4)?;
+    let mut index = 0;
+    fill(&mut s, &mut index, 12, 1, 2)?;
+    let before = wattd::spool::list_segments(dir.path())?;
+    assert!(before.len() >= 3);
+    let second_first = before[1].0;
+    // Acking all but the last batch of the first segment deletes nothing.
+    s.spool_mut().ack(second_first - 2)?;
+    assert_eq!(wattd::spool::list_segments(dir.path())?.len(), before.len());
+    let deleted = s.spool_mut().ack(second_first - 1)?;
+    assert_eq!(deleted, vec![before[0].1.clone()]);
+    assert!(s.spool_mut().ack(1000).is_err(), "acked beyond sealed");
+    drop(s);
+    let s = sealer(cfg, 4)?;
+    assert_eq!(s.spool().acked_seq(), second_first - 1);
+    assert_eq!(s.spool().last_seq(), 12);
+    let report = verify_spool(dir.path(), &[s.key().public()])?;
+    assert!(report.is_ok(), "{:?}", report.breaks);
+    assert_eq!(report.first_seq, Some(second_first));
+    Ok(())
+}
+
+#[test]
+fn group_commit_and_seal_policy() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (spool, _) = Spool::open(config(dir.path(), 1 << 20))?;
+    let policy = SealPolicy::new(3, Duration::from_secs(5))?;
+    let mut s = Sealer::with_parts(dir.path().into(), crate::common::test_key(), spool, policy);
+    assert!(SealPolicy::new(0, Duration::from_secs(5)).is_err());
+    assert!(SealPolicy::new(3, Duration::from_secs(7200)).is_err());
+    s.push_interval(interval(0, 1), 1_000_000_000)?;
+    assert!(!s.seal_due(2_000_000_000));
+    assert!(s.seal_due(6_000_000_000), "max age reached");
+    s.push_interval(interval(1, 1), 2_000_000_000)?;
+    s.push_interval(interval(2, 1), 2_000_000_000)?;
+    assert!(s.seal_due(2_000_000_000), "max intervals reached");
+    assert!(
+        s.push_interval(interval(3, 1), 0).is_err(),
+        "pending batch is bounded"
+    );
+    // Three batches, one fdatasync.
+    s.seal(0)?;
+    s.push_interval(interval(3, 1), 0)?;
+    s.seal(0)?;
+    s.push_gap(wattd_proto::v1::Gap::default(), 0);
+    s.seal(0)?;
+    assert_eq!(s.spool().sealed_seq(), 0);
+    assert_eq!(s.commit()?, 3);
+    assert_eq!(s.seal(0)?, None, "nothing pending, nothing sealed");
+    Ok(())
+}
+
+#[test]
+fn key_rotation_is_announced_with_the_old_key_and_verifies() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let policy = SealPolicy::new(4, Duration::from_secs(5))?;
+    let (mut s, _) = Sealer::open(config(dir.path(), 1 << 20), policy)?;
+    let first = s.key().public();
+    let mut index = 0;
+    fill(&mut s, &mut index, 2, 1, 1)?;
+    let seq = s.rotate_key(0)?;
+    assert_eq!(seq, 3);
+    assert_eq!(s.key().epoch(), 2);
+    fill(&mut s, &mut index, 2, 1, 1)?;
+    // Only the epoch-1 key is trusted: the rotation in batch 3 introduces epoch 2.
+    let report = verify_spool(dir.path(), std::slice::from_ref(&first))?;
+    assert!(report.is_ok(), "{:?}", report.breaks);
+    assert_eq!(report.valid_batches, 5);
+    // The data dir knows both keys; a restart signs with epoch 2.
+    let keys = wattd::identity::known_public_keys(dir.path())?;
+    assert_eq!(keys.len(), 2);
+    drop(s);
+    let (s, _) = Sealer::open(config(dir.path(), 1 << 20), policy)?;
+    assert_eq!(s.key().epoch(), 2);
+    assert_eq!(s.key().node_id(), NODE);
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! Integration tests of the record pipeline (identity, sealer, spool, verify, CLI): one test
+//! binary, one module per concern.
+
+mod bad_input;
+mod cli;
+mod common;
+mod faults;
+mod model;
+mod sweep;
+mod tamper;
