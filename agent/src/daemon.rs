@@ -88,7 +88,12 @@ pub fn usage_from(snap: &UsageSnapshot, package_cpus: &BTreeMap<u32, u32>) -> Us
                 reserved_millicpus: spread_reserved(r.reserved_millicpus, package_cpus),
             })
             .collect(),
-        busy_us: snap.packages.iter().map(|(p, u)| (*p, u.busy_us)).collect(),
+        // The host bucket is the tracker's balanced one: busy = runs + host.
+        busy_us: snap
+            .packages
+            .iter()
+            .map(|(p, u)| (*p, u.runs_us.saturating_add(u.host_us)))
+            .collect(),
         package_cpus: package_cpus.clone(),
         host_memory_bytes: None,
     }

@@ -63,6 +63,7 @@ pub fn domain_energy(m: &MeterResult) -> v1::DomainEnergy {
             })
             .collect(),
         gap: m.gap,
+        host_usage: m.host_usage,
     }
 }
 

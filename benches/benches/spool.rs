@@ -39,6 +39,7 @@ fn domain(name: &str, runs: usize) -> DomainEnergy {
         host_active_uj: 200,
         host_idle_uj: 100,
         unattributed: vec![],
+        ..Default::default()
     }
 }
 

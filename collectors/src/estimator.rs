@@ -72,21 +72,10 @@ impl EstimatorMeter {
     }
 }
 
-/// Busy microseconds of `cpus` between two /proc/stat reads, bounded by what `elapsed_us` allows.
+/// Busy microseconds of `cpus` between two /proc/stat reads (see
+/// [`crate::procstat::busy_us_between`]).
 pub fn busy_us(prev: &ProcStat, now: &ProcStat, cpus: &[u32], hz: u64, elapsed_us: u64) -> u64 {
-    let ticks: u64 = cpus
-        .iter()
-        .filter_map(|c| {
-            Some(
-                now.per_cpu
-                    .get(c)?
-                    .busy()
-                    .saturating_sub(prev.per_cpu.get(c)?.busy()),
-            )
-        })
-        .sum();
-    let us = (ticks as u128 * 1_000_000 / hz.max(1) as u128) as u64;
-    us.min(elapsed_us.saturating_mul(cpus.len() as u64))
+    crate::procstat::busy_us_between(prev, now, cpus, hz, elapsed_us)
 }
 
 impl Meter for EstimatorMeter {
@@ -164,9 +153,9 @@ mod tests {
         let p = Path::new("stat");
         let a = ProcStat::parse(p, "cpu0 100 0 0 900\ncpu1 0 0 0 1000\n").unwrap();
         let b = ProcStat::parse(p, "cpu0 150 0 0 950\ncpu1 1000 0 0 1000\n").unwrap();
-        // cpu0: 50 ticks at 100 Hz = 0.5 s busy
+        // cpu0: 50 idle ticks at 100 Hz in 1 s = 0.5 s busy
         assert_eq!(busy_us(&a, &b, &[0], 100, 1_000_000), 500_000);
-        // cpu1: 1000 ticks would be 10 s in a 1 s interval: bounded to 1 s
+        // cpu1: no idle at all in 1 s: 1 s busy, however many user ticks
         assert_eq!(busy_us(&a, &b, &[1], 100, 1_000_000), 1_000_000);
     }
 

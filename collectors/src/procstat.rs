@@ -112,6 +112,32 @@ impl ProcStat {
     }
 }
 
+/// Busy microseconds of `cpus` between two reads taken `elapsed_us` apart, measured as the time
+/// they were *not* idle: `elapsed - (idle + iowait + steal)` per CPU, clamped to `0..=elapsed`.
+///
+/// Why not `user + system + ...`: those are sampled at scheduler ticks (HZ 250 here), so a task
+/// that runs between ticks is charged to whoever holds the CPU at the tick, and a duty-cycled
+/// run can be over- or under-counted by percents against its cgroup's exact `usage_usec`. Idle
+/// time, on NOHZ kernels (almost all), is measured exactly from idle entry and exit, so the
+/// complement is consistent with the exact per-cgroup times the runs are divided by.
+pub fn busy_us_between(
+    prev: &ProcStat,
+    now: &ProcStat,
+    cpus: &[u32],
+    hz: u64,
+    elapsed_us: u64,
+) -> u64 {
+    let hz = hz.max(1) as u128;
+    cpus.iter()
+        .filter_map(|c| {
+            let (a, b) = (prev.per_cpu.get(c)?, now.per_cpu.get(c)?);
+            let idle = |t: &CpuTimes| t.idle as u128 + t.iowait as u128 + t.steal as u128;
+            let idle_us = idle(b).saturating_sub(idle(a)) * 1_000_000 / hz;
+            Some((elapsed_us as u128).saturating_sub(idle_us) as u64)
+        })
+        .sum()
+}
+
 /// USER_HZ, the unit of /proc/stat.
 pub fn user_hz() -> u64 {
     // SAFETY: sysconf has no preconditions.
@@ -142,6 +168,21 @@ mod tests {
         let c0 = st.per_cpu[&0];
         assert_eq!(c0.user, 11704766);
         assert_eq!(c0.busy(), 11704766 + 481 + 8062705 + 4194812);
+    }
+
+    #[test]
+    fn busy_is_the_complement_of_idle() {
+        let p = Path::new("stat");
+        // cpu0: 60 idle ticks of 100 in 1 s -> 0.4 s busy, whatever user/system say.
+        let a = ProcStat::parse(p, "cpu0 0 0 0 1000 0 0 0 0\ncpu1 0 0 0 1000 0 0 0 0\n").unwrap();
+        let b = ProcStat::parse(p, "cpu0 99 0 0 1060 0 0 0 0\ncpu1 0 0 0 1100 0 0 0 0\n").unwrap();
+        assert_eq!(busy_us_between(&a, &b, &[0], 100, 1_000_000), 400_000);
+        // cpu1 idle all the time; idle beyond elapsed (a late read) clamps at 0.
+        assert_eq!(busy_us_between(&a, &b, &[1], 100, 1_000_000), 0);
+        assert_eq!(busy_us_between(&a, &b, &[1], 100, 500_000), 0);
+        // iowait and steal are not busy either.
+        let c = ProcStat::parse(p, "cpu0 0 0 0 1000 50 0 0 25\n").unwrap();
+        assert_eq!(busy_us_between(&a, &c, &[0], 100, 1_000_000), 250_000);
     }
 
     #[test]

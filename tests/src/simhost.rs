@@ -60,6 +60,20 @@ impl SimHost {
     /// Lays out the tree mirroring this machine's CPUs and starts the driver, which updates the
     /// counters and `proc/stat` every `period`.
     pub fn start(model: PowerModel, range_uj: u64, period: Duration) -> io::Result<Self> {
+        Self::start_with_runs(model, range_uj, period, None)
+    }
+
+    /// Like [`SimHost::start`], with the runs' exact CPU time taken from a cgroup's `cpu.stat`
+    /// (the tests' parent of all run cgroups): the simulated hardware then draws `busy_w` per
+    /// CPU-second the runs really used, and /proc/stat only decides the rest (the host). Without
+    /// it, the model's busy time would come from /proc/stat alone, which on this VM disagrees
+    /// with the exact per-cgroup times by a few percent, and no agent could match it.
+    pub fn start_with_runs(
+        model: PowerModel,
+        range_uj: u64,
+        period: Duration,
+        runs_cgroup: Option<PathBuf>,
+    ) -> io::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("wattd-simhost-")
             .tempdir()?;
@@ -78,7 +92,10 @@ impl SimHost {
             tree.write(format!("{t}/die_id"), format!("{}\n", c.die))?;
         }
         tree.write("proc/cpuinfo", fs::read("/proc/cpuinfo")?)?;
-        tree.write("proc/stat", fs::read("/proc/stat")?)?;
+        // The agent reads utilisation from the real /proc/stat, as on a live host: only the
+        // energy counters are simulated.
+        fs::create_dir_all(dir.path().join("proc"))?;
+        std::os::unix::fs::symlink("/proc/stat", dir.path().join("proc/stat"))?;
         let packages = live.cpus_by_package();
         let mut files = BTreeMap::new();
         let range_s = range_uj.to_string();
@@ -103,7 +120,19 @@ impl SimHost {
             let truth = truth.clone();
             std::thread::Builder::new()
                 .name("simhost-driver".into())
-                .spawn(move || drive(root, model, range_uj, period, packages, files, stop, truth))?
+                .spawn(move || {
+                    drive(
+                        root,
+                        model,
+                        range_uj,
+                        period,
+                        packages,
+                        files,
+                        stop,
+                        truth,
+                        runs_cgroup,
+                    )
+                })?
         };
         Ok(SimHost {
             dir,
@@ -137,6 +166,17 @@ impl SimHost {
         Ok(p)
     }
 
+    /// Makes the real cgroup2 mount visible inside the tree at the same host path (a symlink), so
+    /// the agent, which reads every host path under `host.root`, measures real cgroups.
+    pub fn link_cgroup_mount(&self, mount: &Path) -> io::Result<()> {
+        let rel = mount.strip_prefix("/").unwrap_or(mount);
+        let link = self.dir.path().join(rel);
+        if let Some(parent) = link.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        std::os::unix::fs::symlink(mount, link)
+    }
+
     /// Stops the driver; the counters keep their last value.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -154,7 +194,7 @@ impl Drop for SimHost {
 
 #[allow(clippy::too_many_arguments)]
 fn drive(
-    root: PathBuf,
+    _root: PathBuf,
     model: PowerModel,
     range_uj: u64,
     period: Duration,
@@ -162,12 +202,21 @@ fn drive(
     files: BTreeMap<u32, File>,
     stop: Arc<AtomicBool>,
     truth: Arc<Mutex<Truth>>,
+    runs_cgroup: Option<PathBuf>,
 ) {
+    let runs_usage = || -> Option<u64> {
+        let dir = runs_cgroup.as_ref()?;
+        let s = fs::read_to_string(dir.join("cpu.stat")).ok()?;
+        s.lines()
+            .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
+    };
+    let mut last_runs = runs_usage();
+    // Busy time of /proc/stat not yet charged to the host (see the agent's tracker: the same
+    // balance keeps quantisation errors from accumulating).
+    let mut host_balance: i128 = 0;
     let hz = user_hz() as u128;
     let idle_uw = (model.idle_w * 1e6) as u128;
     let busy_uw = (model.busy_w_per_cpu * 1e6) as u128;
-    let stat_path = root.join("proc/stat");
-    let tmp_path = root.join("proc/.stat.tmp");
     let mut last_stat = ProcStat::read(&HostRoot::live()).ok();
     let mut last = Instant::now();
     // Per package: cumulative picojoules (uW x us) and the counter's raw value.
@@ -184,24 +233,32 @@ fn drive(
         let Ok(stat) = ProcStat::parse(Path::new("/proc/stat"), &text) else {
             continue;
         };
+        let runs_now = runs_usage();
         let Ok(mut t) = truth.lock() else { return };
         for (&p, cpus) in &packages {
-            let busy_ticks: u128 = match &last_stat {
-                Some(prev) => cpus
-                    .iter()
-                    .filter_map(|c| {
-                        Some(
-                            stat.per_cpu
-                                .get(c)?
-                                .busy()
-                                .saturating_sub(prev.per_cpu.get(c)?.busy())
-                                as u128,
-                        )
-                    })
-                    .sum(),
+            // Busy time as the agent measures it: elapsed minus the (exactly measured) idle time.
+            let stat_busy_us: u128 = match &last_stat {
+                Some(prev) => wattd_collectors::procstat::busy_us_between(
+                    prev,
+                    &stat,
+                    cpus,
+                    hz as u64,
+                    dt_us as u64,
+                ) as u128,
                 None => 0,
             };
-            let busy_us = (busy_ticks * 1_000_000 / hz).min(dt_us * cpus.len() as u128);
+            // With the runs' exact time known (one package hosts them in these tests), the
+            // model draws for exactly that, plus the rest of /proc/stat's busy time for the host.
+            let busy_us = match (runs_now, last_runs) {
+                (Some(now), Some(prev)) if packages.len() == 1 => {
+                    let runs = now.saturating_sub(prev) as i128;
+                    host_balance += stat_busy_us as i128 - runs;
+                    let host = host_balance.max(0);
+                    host_balance = (host_balance - host).max(-(cpus.len() as i128) * 20_000);
+                    (runs + host) as u128
+                }
+                _ => stat_busy_us,
+            };
             let before_uj = pj[&p] / 1_000_000;
             let acc = pj.entry(p).or_default();
             *acc += idle_uw * dt_us + busy_uw * busy_us;
@@ -220,10 +277,7 @@ fn drive(
             }
         }
         drop(t);
-        // proc/stat is re-read whole by the agent, so an atomic replace is right here.
-        if fs::write(&tmp_path, &text).is_ok() {
-            let _ = fs::rename(&tmp_path, &stat_path);
-        }
         last_stat = Some(stat);
+        last_runs = runs_now;
     }
 }

@@ -170,6 +170,9 @@ pub struct MeterResult {
     pub runs: Vec<RunShare>,
     pub host_active_uj: u64,
     pub host_idle_uj: u64,
+    /// The host bucket's usage the shares were computed from (busy time not in any run, or
+    /// memory not in any run under the memory policy).
+    pub host_usage: u64,
     pub unattributed: Vec<(UnattributedReason, u64)>,
 }
 
@@ -314,6 +317,7 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
         runs: Vec::new(),
         host_active_uj: 0,
         host_idle_uj: 0,
+        host_usage: 0,
         unattributed: Vec::new(),
     };
     let energy = match m.measured {
@@ -385,6 +389,7 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
         weights.push((Bucket::Host, busy.saturating_sub(runs_total)));
     }
     let nruns = usage.runs.len();
+    r.host_usage = weights[nruns].1;
 
     let active_shares = apportion(active, &weights, Ties::SmallestKey);
     if weights.iter().all(|(_, w)| *w == 0) {

@@ -130,7 +130,9 @@ pub struct PackageUsage {
     pub busy_us: u64,
     /// Sum of the runs' usage on this package.
     pub runs_us: u64,
-    /// `busy_us - runs_us`, clamped at 0 (each clamp is counted).
+    /// The host bucket: busy time not in any run, paid from a running balance of
+    /// `busy_us - runs_us` so that quantisation errors of /proc/stat cancel over time instead of
+    /// biasing it; never negative. (Intervals where runs out-measured busy time are counted.)
     pub host_us: u64,
 }
 
@@ -251,6 +253,9 @@ pub struct RunTracker {
     topology: Topology,
     cpus: Vec<u32>,
     last_stat: Option<ProcStat>,
+    /// Per package: busy time not yet given to the host bucket (negative: runs out-measured
+    /// /proc/stat's quantised busy time, to be made up from later intervals).
+    host_balance_us: BTreeMap<u32, i128>,
     user_hz: u64,
     perf_disabled: Option<String>,
     fd_budget: usize,
@@ -363,6 +368,7 @@ impl RunTracker {
             topology,
             cpus,
             last_stat,
+            host_balance_us: BTreeMap::new(),
             user_hz: user_hz(),
             perf_disabled,
             fd_budget,
@@ -1037,7 +1043,7 @@ impl RunTracker {
         if self.rescan_every_ticks > 0 && self.ticks % u64::from(self.rescan_every_ticks) == 0 {
             self.rescan_all();
         }
-        let busy_by_pkg_us = self.read_busy();
+        let busy_by_pkg_us = self.read_busy(elapsed_us);
         let mut runs_out = Vec::with_capacity(self.runs.len());
         let mut runs_by_pkg: BTreeMap<u32, u64> = BTreeMap::new();
         let fallback_weights = proc_stat_weights(&busy_by_pkg_us, &self.topology);
@@ -1123,12 +1129,27 @@ impl RunTracker {
             if runs_us > busy {
                 self.counters.host_clamps += 1;
             }
+            // /proc/stat's idle time comes in 10 ms units, so one interval's busy time is off by
+            // up to a unit per CPU either way, while the runs' times are exact. Clamping each
+            // interval's host share at zero would keep every downward error and drop every
+            // upward one, biasing the host up and the runs down. Instead the host is paid from a
+            // running balance of busy minus runs: over time it receives exactly what the
+            // counters say, and it is never negative.
+            let balance = self.host_balance_us.entry(pkg).or_insert(0);
+            *balance = balance.saturating_add(i128::from(busy) - i128::from(runs_us));
+            let host_us = u64::try_from((*balance).max(0)).unwrap_or(u64::MAX);
+            *balance -= i128::from(host_us);
+            // A balance can go only so far negative: a run can out-measure /proc/stat by a
+            // quantum per CPU per interval, not more; beyond that the counters disagree and the
+            // past should not be charged against the future.
+            let floor = -(i128::from(self.cpus.len() as u32) * 20_000);
+            *balance = (*balance).max(floor);
             packages.insert(
                 pkg,
                 PackageUsage {
                     busy_us: busy,
                     runs_us,
-                    host_us: busy.saturating_sub(runs_us),
+                    host_us,
                 },
             );
         }
@@ -1143,7 +1164,9 @@ impl RunTracker {
     }
 
     /// Per-package busy time since the last tick, from /proc/stat.
-    fn read_busy(&mut self) -> Option<BTreeMap<u32, u64>> {
+    /// Busy time is the interval's elapsed time (the caller's monotonic measure, the same one
+    /// the energy interval uses) minus each CPU's idle time.
+    fn read_busy(&mut self, elapsed_us: u64) -> Option<BTreeMap<u32, u64>> {
         let now = match ProcStat::read(&self.root) {
             Ok(s) => s,
             Err(e) => {
@@ -1151,18 +1174,11 @@ impl RunTracker {
                 return None;
             }
         };
-        let prev = self.last_stat.replace(now.clone());
-        let prev = prev?;
+        let prev = self.last_stat.replace(now.clone())?;
         let mut by_pkg: BTreeMap<u32, u64> = BTreeMap::new();
-        let hz = self.user_hz.max(1);
-        for cpu in &self.topology.cpus {
-            let (Some(a), Some(b)) = (prev.per_cpu.get(&cpu.id), now.per_cpu.get(&cpu.id)) else {
-                continue;
-            };
-            let ticks = b.busy().saturating_sub(a.busy());
-            let us =
-                u64::try_from(u128::from(ticks) * 1_000_000 / u128::from(hz)).unwrap_or(u64::MAX);
-            *by_pkg.entry(cpu.package).or_default() += us;
+        for (pkg, cpus) in self.topology.cpus_by_package() {
+            let us = crate::procstat::busy_us_between(&prev, &now, &cpus, self.user_hz, elapsed_us);
+            by_pkg.insert(pkg, us);
         }
         Some(by_pkg)
     }

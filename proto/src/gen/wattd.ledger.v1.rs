@@ -67,6 +67,10 @@ pub struct DomainEnergy {
     /// measured_uj is 0 and a Gap in the same interval says why.
     #[prost(bool, tag = "13")]
     pub gap: bool,
+    /// The host bucket's usage in the interval (busy CPU time not in any run; resident memory not
+    /// in any run under the memory DRAM policy): with the allocations' usage, the shares' basis.
+    #[prost(uint64, tag = "14")]
+    pub host_usage: u64,
 }
 /// A span without (complete) measurement. Recorded, never papered over.
 #[derive(Clone, PartialEq, ::prost::Message)]

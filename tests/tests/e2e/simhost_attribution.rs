@@ -28,6 +28,7 @@ fn simulated_host_attribution_matches_the_model() {
         Duration::from_millis(10),
     )
     .unwrap();
+    sim.link_cgroup_mount(&mount).unwrap();
     let work = tempfile::tempdir().unwrap();
     let spool = work.path().join("spool");
     let pattern = format!("{}/run-{{run_id}}.scope", cg.rel().display());
@@ -80,6 +81,7 @@ fn simulated_host_attribution_matches_the_model() {
     // Each run's energy against the model: busy watts x the CPU time the kernel counted.
     let runs = runs_json(&spool);
     let truth_uj = |usage_us: u64| (BUSY_W * usage_us as f64) as u64;
+    let mut errors = Vec::new();
     for (id, u) in [("a", ua), ("b", ub)] {
         let got = run_energy(&runs, id, "package:0");
         let want = truth_uj(u);
@@ -88,31 +90,41 @@ fn simulated_host_attribution_matches_the_model() {
             "run {id}: usage {u} us, attributed {got} uJ, model {want} uJ, error {:.2}%",
             err * 100.0
         );
+        errors.push((id, got, want, err));
+    }
+    let _ = measured_total(&spool);
+    let got_s = run_energy(&runs, "s", "package:0");
+    eprintln!(
+        "run s (300 ms): usage {us} us, attributed {got_s} uJ, model {} uJ",
+        truth_uj(us)
+    );
+    let err_s = (got_s as f64 - truth_uj(us) as f64).abs() / truth_uj(us) as f64;
+    assert!(
+        err_s < 0.10,
+        "300 ms run: {got_s} uJ vs {} uJ ({:.1}%)",
+        truth_uj(us),
+        err_s * 100.0
+    );
+
+    // The counter wrapped during the test and no energy was lost to it: what the agent measured
+    // over its life matches what the model put into the counter (within the agent's start and
+    // stop moments, a fraction of a second; one lost wrap would be 30 J).
+    for (id, got, want, err) in errors {
         assert!(
             err < 0.02,
             "run {id}: attributed {got} uJ vs model {want} uJ ({:.2}%)\n{log}",
             err * 100.0
         );
     }
-    let got_s = run_energy(&runs, "s", "package:0");
-    eprintln!(
-        "run s (300 ms): usage {us} us, attributed {got_s} uJ, model {} uJ",
-        truth_uj(us)
-    );
-    assert!(
-        got_s > truth_uj(us) / 2,
-        "short run under-billed: {got_s} uJ vs {} uJ",
-        truth_uj(us)
-    );
-
-    // The counter wrapped during the test and no energy was lost to it: what the agent measured
-    // over its life matches what the model put into the counter (within the agent's start and
-    // stop moments, a fraction of a second; one lost wrap would be 30 J).
     let wraps = truth_after.wraps.values().sum::<u32>();
     assert!(wraps >= 2, "the counter wrapped only {wraps} times");
     let produced: u128 = truth_after.energy_uj.values().sum::<u128>()
         - truth_before.energy_uj.values().sum::<u128>();
     let measured = measured_total(&spool);
+    eprintln!(
+        "model busy {} us over the agent's life",
+        truth_after.busy_us.values().sum::<u128>() - truth_before.busy_us.values().sum::<u128>()
+    );
     let diff = (measured as f64 - produced as f64).abs();
     eprintln!(
         "measured {measured} uJ, model produced {produced} uJ over the agent's life, {wraps} wraps"
@@ -137,6 +149,21 @@ fn measured_total(spool: &std::path::Path) -> u128 {
             for d in &i.domains {
                 if d.domain == "package" {
                     total += d.measured_uj as u128;
+                    if std::env::var_os("WATTD_E2E_DEBUG").is_some() {
+                        let usage: u64 = d.allocations.iter().map(|a| a.usage_us).sum();
+                        let act: u64 = d.allocations.iter().map(|a| a.active_uj).sum();
+                        eprintln!(
+                            "interval {} elapsed {} us measured {} host_active {} host_idle {} runs usage {} runs active {} host usage {}",
+                            i.index,
+                            (i.end_monotonic_ns - i.start_monotonic_ns) / 1000,
+                            d.measured_uj,
+                            d.host_active_uj,
+                            d.host_idle_uj,
+                            usage,
+                            act,
+                            d.host_usage
+                        );
+                    }
                 }
             }
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use wattd::sealer::{SealPolicy, Sealer};
 
-use crate::common::{config, fill, TestResult};
+use crate::records::common::{config, fill, TestResult};
 
 fn wattd(args: &[&str], dir: &Path) -> Result<Output, Box<dyn std::error::Error>> {
     Ok(Command::new(env!("CARGO_BIN_EXE_wattd"))

@@ -13,7 +13,7 @@ use wattd::spool::frame::{scan_segment, ScanItem};
 use wattd::spool::list_segments;
 use wattd::verify::{verify_spool, BreakKind, VerifyReport};
 
-use crate::common::{config, fill, sealer, TestResult};
+use crate::records::common::{config, fill, sealer, TestResult};
 
 /// (seq, record frame start, record frame end) within a segment.
 type RecordSpan = (u64, usize, usize);

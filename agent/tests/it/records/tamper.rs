@@ -11,7 +11,7 @@ use wattd::sealer::{sign_batch, BatchContent};
 use wattd::verify::{verify_export, BreakKind, VerifyReport};
 use wattd_proto::v1::SignedBatch;
 
-use crate::common::{interval, test_key, TestResult};
+use crate::records::common::{interval, test_key, TestResult};
 
 fn chain(key: &NodeKey, n: u64) -> Vec<StoredBatch> {
     let mut prev = GENESIS_HASH;
@@ -112,7 +112,7 @@ fn replayed_batch_is_named() -> TestResult {
 #[test]
 fn batch_signed_by_another_key_is_named() -> TestResult {
     let c = chain(&test_key(), 4);
-    let intruder = NodeKey::from_seed(crate::common::NODE, 1, [9; 32]);
+    let intruder = NodeKey::from_seed(crate::records::common::NODE, 1, [9; 32]);
     let forged = sign_batch(&intruder, 3, c[1].hash, 0, BatchContent::default());
     let mut b = bytes(&c);
     b[2] = forged.bytes;

@@ -49,10 +49,12 @@ pub fn interval(index: u64, runs: usize) -> Interval {
                 reason: UnattributedReason::NoUsageData.into(),
                 energy_uj: unattributed_uj,
             }],
+            ..Default::default()
         }],
         gaps: vec![],
         coarsened: false,
         boot_id: "boot".into(),
+        ..Default::default()
     }
 }
 

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use wattd::batch::ChainHash;
 use wattd::sealer::Sealer;
 
-use crate::common::{config, interval, sealer};
+use crate::records::common::{config, interval, sealer};
 
 #[derive(Clone, Debug)]
 enum Op {

@@ -10,7 +10,7 @@ use wattd::sealer::{SealPolicy, Sealer};
 use wattd::spool::{Spool, SpoolFs};
 use wattd::verify::verify_spool;
 
-use crate::common::{config, fill, interval, sealer, TestResult, NODE};
+use crate::records::common::{config, fill, interval, sealer, TestResult, NODE};
 
 #[derive(Debug, Default)]
 struct FaultFs {
@@ -141,7 +141,12 @@ fn group_commit_and_seal_policy() -> TestResult {
     let dir = tempfile::tempdir()?;
     let (spool, _) = Spool::open(config(dir.path(), 1 << 20))?;
     let policy = SealPolicy::new(3, Duration::from_secs(5))?;
-    let mut s = Sealer::with_parts(dir.path().into(), crate::common::test_key(), spool, policy);
+    let mut s = Sealer::with_parts(
+        dir.path().into(),
+        crate::records::common::test_key(),
+        spool,
+        policy,
+    );
     assert!(SealPolicy::new(0, Duration::from_secs(5)).is_err());
     assert!(SealPolicy::new(3, Duration::from_secs(7200)).is_err());
     s.push_interval(interval(0, 1), 1_000_000_000)?;

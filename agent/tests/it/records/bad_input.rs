@@ -11,7 +11,7 @@ use wattd::sealer::{SealPolicy, Sealer};
 use wattd::spool::{list_segments, Spool, SpoolError};
 use wattd::verify::verify_spool;
 
-use crate::common::{config, fill, sealer, TestResult};
+use crate::records::common::{config, fill, sealer, TestResult};
 
 fn spool_with(
     batches: usize,
