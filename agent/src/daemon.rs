@@ -267,6 +267,7 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut ready = false;
+    let mut coarsened_intervals: u64 = 0;
 
     loop {
         let stop = tokio::select! {
@@ -304,9 +305,14 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
             started_unix.insert(r.run_id.to_string(), interval.start.unix_ns);
         }
         totals.add(interval.index, &interval.results);
-        sealer
-            .push_interval(records::interval(&interval, &boot, false), now.mono_ns)
-            .context("queueing the interval")?;
+        if sealer.push_or_coarsen(records::interval(&interval, &boot, false), now.mono_ns) {
+            coarsened_intervals += 1;
+            tracing::warn!(
+                index = interval.index,
+                coarsened_intervals,
+                "spool full: interval merged into the pending one (coarser time, no energy lost)"
+            );
+        }
         for r in snap.runs.iter().filter(|r| r.finished) {
             let t = totals.finish(&r.run_id, interval.index);
             let started = started_unix

@@ -134,3 +134,126 @@ pub fn run_summary(t: &RunTotal, started_unix_ns: i64, finished_unix_ns: i64) ->
 pub fn parse_domain(s: &str) -> Option<Domain> {
     Domain::ALL.into_iter().find(|d| d.as_str() == s)
 }
+
+/// Merges `next` (the interval right after `into`) into `into`: the span grows, every domain's
+/// figures add up (allocations by run, unattributed by reason), gaps are kept, and the result is
+/// marked `coarsened`. Conservation holds for the sum because it holds for each part.
+pub fn merge_interval(into: &mut v1::Interval, next: v1::Interval) {
+    into.end_monotonic_ns = next.end_monotonic_ns.max(into.end_monotonic_ns);
+    into.end_unix_ns = next.end_unix_ns;
+    into.wall_clock_jump_ns = into
+        .wall_clock_jump_ns
+        .saturating_add(next.wall_clock_jump_ns);
+    into.coarsened = true;
+    into.gaps.extend(next.gaps);
+    for d in next.domains {
+        let same = |e: &&mut v1::DomainEnergy| {
+            e.domain == d.domain && e.package == d.package && e.die == d.die && e.source == d.source
+        };
+        let Some(e) = into.domains.iter_mut().find(|e| same(e)) else {
+            into.domains.push(d);
+            continue;
+        };
+        e.measured_uj = e.measured_uj.saturating_add(d.measured_uj);
+        e.host_active_uj = e.host_active_uj.saturating_add(d.host_active_uj);
+        e.host_idle_uj = e.host_idle_uj.saturating_add(d.host_idle_uj);
+        e.host_usage = e.host_usage.saturating_add(d.host_usage);
+        e.gap |= d.gap;
+        // The idle figure of a coarsened interval is the latest one; the split already used it.
+        e.idle_power_uw = d.idle_power_uw;
+        e.idle_source = d.idle_source;
+        for a in d.allocations {
+            match e.allocations.iter_mut().find(|x| x.run_id == a.run_id) {
+                Some(x) => {
+                    x.active_uj = x.active_uj.saturating_add(a.active_uj);
+                    x.idle_uj = x.idle_uj.saturating_add(a.idle_uj);
+                    x.usage_us = x.usage_us.saturating_add(a.usage_us);
+                }
+                None => e.allocations.push(a),
+            }
+        }
+        for u in d.unattributed {
+            match e.unattributed.iter_mut().find(|x| x.reason == u.reason) {
+                Some(x) => x.energy_uj = x.energy_uj.saturating_add(u.energy_uj),
+                None => e.unattributed.push(u),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn de(domain: &str, measured: u64, allocs: &[(&str, u64, u64)], host: u64) -> v1::DomainEnergy {
+        v1::DomainEnergy {
+            domain: domain.into(),
+            package: Some(0),
+            source: "powercap".into(),
+            measured_uj: measured,
+            allocations: allocs
+                .iter()
+                .map(|(r, a, i)| v1::Allocation {
+                    run_id: (*r).into(),
+                    active_uj: *a,
+                    idle_uj: *i,
+                    usage_us: 1,
+                })
+                .collect(),
+            host_active_uj: host,
+            ..Default::default()
+        }
+    }
+
+    fn conserved(d: &v1::DomainEnergy) -> bool {
+        let sum: u128 = d
+            .allocations
+            .iter()
+            .map(|a| a.active_uj as u128 + a.idle_uj as u128)
+            .sum::<u128>()
+            + d.host_active_uj as u128
+            + d.host_idle_uj as u128
+            + d.unattributed
+                .iter()
+                .map(|u| u.energy_uj as u128)
+                .sum::<u128>();
+        sum == d.measured_uj as u128
+    }
+
+    #[test]
+    fn merged_intervals_keep_every_microjoule() {
+        let mut a = v1::Interval {
+            index: 5,
+            end_monotonic_ns: 10,
+            domains: vec![de("package", 100, &[("x", 60, 10)], 30)],
+            ..Default::default()
+        };
+        let b = v1::Interval {
+            index: 6,
+            end_monotonic_ns: 20,
+            domains: vec![
+                de("package", 50, &[("x", 10, 5), ("y", 20, 0)], 15),
+                de("dram", 7, &[("y", 7, 0)], 0),
+            ],
+            gaps: vec![v1::Gap {
+                detail: "reset".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        merge_interval(&mut a, b);
+        assert!(a.coarsened);
+        assert_eq!((a.index, a.end_monotonic_ns, a.gaps.len()), (5, 20, 1));
+        assert_eq!(a.domains.len(), 2);
+        let p = &a.domains[0];
+        assert_eq!(p.measured_uj, 150);
+        assert_eq!(
+            p.allocations
+                .iter()
+                .find(|x| x.run_id == "x")
+                .map(|x| (x.active_uj, x.idle_uj)),
+            Some((70, 15))
+        );
+        assert!(a.domains.iter().all(conserved));
+    }
+}

@@ -215,6 +215,25 @@ impl Sealer {
         self.touch(now_monotonic_ns);
     }
 
+    /// Queues an interval, or, when the pending batch is already full (the spool refused to take
+    /// it: `spool.max_bytes` or ENOSPC), merges it into the last pending interval, which then
+    /// covers a longer span at coarser resolution and is marked `coarsened`. Energy is never
+    /// dropped; only time resolution is lost while the spool cannot take more. Returns whether
+    /// the interval was coarsened.
+    pub fn push_or_coarsen(&mut self, interval: Interval, now_monotonic_ns: u64) -> bool {
+        if self.pending.intervals.len() < self.policy.max_intervals {
+            self.pending.intervals.push(interval);
+            self.touch(now_monotonic_ns);
+            return false;
+        }
+        match self.pending.intervals.last_mut() {
+            Some(last) => crate::records::merge_interval(last, interval),
+            None => self.pending.intervals.push(interval),
+        }
+        self.touch(now_monotonic_ns);
+        true
+    }
+
     /// Queues a finished run's summary.
     pub fn push_run_summary(&mut self, summary: RunSummary, now_monotonic_ns: u64) {
         self.pending.run_summaries.push(summary);

@@ -196,3 +196,45 @@ fn key_rotation_is_announced_with_the_old_key_and_verifies() -> TestResult {
     assert_eq!(s.key().node_id(), NODE);
     Ok(())
 }
+
+/// At `spool.max_bytes` energy is still not lost: intervals merge into one pending, coarsened
+/// interval until space returns, then it is sealed with every microjoule of its parts.
+#[test]
+fn full_spool_coarsens_intervals_without_losing_energy() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut s = sealer(config(dir.path(), 700), 1)?;
+    let mut index = 0;
+    fill(&mut s, &mut index, 6, 1, 3)?;
+    let used = s.spool().used_bytes();
+    drop(s);
+    let mut cfg = config(dir.path(), 700);
+    cfg.max_bytes = used + 10;
+    let mut s = sealer(cfg, 1)?;
+    let energy =
+        |i: &wattd_proto::v1::Interval| -> u64 { i.domains.iter().map(|d| d.measured_uj).sum() };
+    let mut expected = 0u64;
+    let mut coarsened = 0;
+    for k in 0..5 {
+        let iv = interval(index + k, 3);
+        expected += energy(&iv);
+        if s.push_or_coarsen(iv, k) {
+            coarsened += 1;
+        }
+        let err = s.seal(0).err().ok_or("the spool should be full")?;
+        assert!(err.is_full(), "{err}");
+    }
+    assert_eq!(coarsened, 4);
+    assert_eq!(s.pending().intervals.len(), 1);
+    let pending = &s.pending().intervals[0];
+    assert!(pending.coarsened);
+    assert_eq!(energy(pending), expected);
+    // Space returns (the ledger acknowledged everything): the coarse interval is sealed and the
+    // whole spool verifies, conservation included.
+    let last = s.spool().last_seq();
+    s.spool_mut().ack(last)?;
+    assert!(s.seal(0)?.is_some());
+    s.commit()?;
+    let report = verify_spool(dir.path(), &[s.key().public()])?;
+    assert!(report.is_ok(), "{report:?}");
+    Ok(())
+}
