@@ -35,6 +35,32 @@ pub struct Truth {
     pub wraps: BTreeMap<u32, u32>,
     /// Per package: busy CPU microseconds the model saw.
     pub busy_us: BTreeMap<u32, u128>,
+    /// Every counter update: (CLOCK_MONOTONIC ns just before the write, cumulative energy of
+    /// all packages in uJ). The agent's readings at a time t see the last update before t.
+    pub timeline: Vec<(u64, u128)>,
+}
+
+impl Truth {
+    /// Cumulative energy the counters showed at monotonic time `t_ns`.
+    pub fn energy_at(&self, t_ns: u64) -> u128 {
+        let i = self.timeline.partition_point(|(t, _)| *t <= t_ns);
+        if i == 0 {
+            0
+        } else {
+            self.timeline[i - 1].1
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of the agent's interval stamps.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A running simulated host. Dropping it stops the driver.
@@ -235,6 +261,7 @@ fn drive(
         };
         let runs_now = runs_usage();
         let Ok(mut t) = truth.lock() else { return };
+        let stamp = monotonic_ns();
         for (&p, cpus) in &packages {
             // Busy time as the agent measures it: elapsed minus the (exactly measured) idle time.
             let stat_busy_us: u128 = match &last_stat {
@@ -275,6 +302,10 @@ fn drive(
             if let Some(f) = files.get(&p) {
                 let _ = write_counter(f, *r);
             }
+        }
+        let total: u128 = t.energy_uj.values().sum();
+        if t.timeline.len() < 10_000_000 {
+            t.timeline.push((stamp, total));
         }
         drop(t);
         last_stat = Some(stat);

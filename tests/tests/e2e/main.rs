@@ -5,4 +5,5 @@
 #![allow(clippy::unwrap_used)]
 
 mod harness;
+mod kill;
 mod simhost_attribution;
