@@ -445,11 +445,9 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
     // Runs that got nothing and used nothing are left out: a host with many idle runs would
     // otherwise write a zero line per run per meter per interval.
     let none_used = weights.iter().all(|(_, w)| *w == 0);
-    r.runs = usage
-        .runs
-        .iter()
-        .enumerate()
-        .filter_map(|(i, run)| {
+    r.runs = Vec::with_capacity(nruns);
+    r.runs
+        .extend(usage.runs.iter().enumerate().filter_map(|(i, run)| {
             let active_uj = if none_used { 0 } else { active_shares[i] };
             let share = RunShare {
                 run_id: run.run_id.clone(),
@@ -458,8 +456,7 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
                 usage: weights[i].1,
             };
             (share.active_uj != 0 || share.idle_uj != 0 || share.usage != 0).then_some(share)
-        })
-        .collect();
+        }));
     r
 }
 
