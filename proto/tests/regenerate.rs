@@ -6,6 +6,25 @@ use std::path::Path;
 
 #[test]
 fn generated_code_matches_proto_sources() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = std::env::var_os("PROTOC")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("PATH").and_then(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("protoc"))
+                    .find(|c| c.is_file())
+            })
+        });
+    if protoc.is_none() {
+        // The checked-in code builds without protoc; only this check needs it. CI installs it
+        // (Debian's protobuf-compiler) and sets WATTD_REQUIRE_CGROUPS, which makes this a failure.
+        assert!(
+            std::env::var_os("WATTD_REQUIRE_CGROUPS").is_none(),
+            "protoc is not installed and WATTD_REQUIRE_CGROUPS is set"
+        );
+        eprintln!("SKIPPED generated_code_matches_proto_sources: protoc not found (apt-get install protobuf-compiler)");
+        return Ok(());
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let checked_in = root.join("src/gen");
     let out = tempfile::tempdir()?;
