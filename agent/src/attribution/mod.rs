@@ -208,67 +208,93 @@ pub enum Ties {
 /// order of their keys. A zero weight never receives anything. Returns zeros when every weight is
 /// zero (the caller decides where `total` goes).
 pub fn apportion<K: Ord>(total: u64, weights: &[(K, u64)], ties: Ties) -> Vec<u64> {
-    let sum: u128 = weights.iter().map(|(_, w)| *w as u128).sum();
-    if sum == 0 {
-        return vec![0; weights.len()];
-    }
+    let w: Vec<u64> = weights.iter().map(|(_, w)| *w).collect();
+    let mut out = Vec::with_capacity(w.len());
+    split(
+        total,
+        &w,
+        |a, b| weights[a].0.cmp(&weights[b].0),
+        ties,
+        &mut out,
+    );
+    out
+}
+
+/// The core of [`apportion`] on bare weights: `key_cmp(i, j)` orders buckets for tie-breaks.
+/// Written for the hot path (10,000 runs x every meter x every interval): one division per
+/// bucket, a linear selection of the threshold remainder, no sorting but of exact ties.
+fn split(
+    total: u64,
+    weights: &[u64],
+    key_cmp: impl Fn(usize, usize) -> std::cmp::Ordering,
+    ties: Ties,
+    out: &mut Vec<u64>,
+) {
+    out.clear();
     let n = weights.len();
-    let mut shares = Vec::with_capacity(n);
-    // (remainder, index); remainders are < sum.
-    let mut rems: Vec<(u128, usize)> = Vec::with_capacity(n);
-    let mut given: u128 = 0;
-    let max_w = weights.iter().map(|(_, w)| *w).max().unwrap_or(0);
+    let sum: u128 = weights.iter().map(|w| *w as u128).sum();
+    if sum == 0 {
+        out.resize(n, 0);
+        return;
+    }
+    let max_w = weights.iter().copied().max().unwrap_or(0);
+    let mut rems: Vec<u128> = Vec::new();
+    let mut rems64: Vec<u64> = Vec::new();
+    let left: usize;
     if sum <= u64::MAX as u128 && total.checked_mul(max_w).is_some() {
-        // The common case: every product fits in 64 bits, and 64-bit division is several times
-        // cheaper than 128-bit.
+        // Every product fits in 64 bits: 64-bit division is several times cheaper.
         let sum64 = sum as u64;
-        let mut rems64: Vec<(u64, usize)> = Vec::with_capacity(n);
-        let mut given64: u64 = 0;
-        for (i, (_, w)) in weights.iter().enumerate() {
-            let q = total * *w;
+        rems64.reserve(n);
+        let mut given: u64 = 0;
+        for &w in weights {
+            let q = total * w;
             let share = q / sum64;
-            given64 += share;
-            shares.push(share);
-            rems64.push((q - share * sum64, i));
+            given += share;
+            out.push(share);
+            rems64.push(q - share * sum64);
         }
-        let left = (total - given64) as usize;
-        distribute(&mut shares, &mut rems64, left, weights, ties);
-        return shares;
+        left = (total - given) as usize;
+    } else {
+        rems.reserve(n);
+        let mut given: u128 = 0;
+        for &w in weights {
+            let q = total as u128 * w as u128;
+            let share = q / sum;
+            given += share;
+            out.push(share as u64);
+            rems.push(q % sum);
+        }
+        left = (total as u128 - given) as usize;
     }
-    for (i, (_, w)) in weights.iter().enumerate() {
-        let q = total as u128 * *w as u128;
-        let share = q / sum;
-        given += share;
-        shares.push(share as u64);
-        rems.push((q % sum, i));
+    if left == 0 {
+        return;
     }
-    let left = (total as u128 - given) as usize;
-    distribute(&mut shares, &mut rems, left, weights, ties);
-    shares
+    if rems64.len() == n {
+        distribute(out, &rems64, left, &key_cmp, ties);
+    } else {
+        distribute(out, &rems, left, &key_cmp, ties);
+    }
 }
 
 /// Gives one more unit to each of the `left` largest remainders (equal ones in `ties` order of
 /// their keys). `left` is always smaller than the number of non-zero remainders, so a zero
 /// weight (remainder 0) never receives one.
-fn distribute<R: Ord + Copy, K: Ord>(
+fn distribute<R: Ord + Copy>(
     shares: &mut [u64],
-    rems: &mut [(R, usize)],
+    rems: &[R],
     left: usize,
-    weights: &[(K, u64)],
+    key_cmp: &impl Fn(usize, usize) -> std::cmp::Ordering,
     ties: Ties,
 ) {
-    if left == 0 {
-        return;
-    }
     // The `left`-th largest remainder is the threshold: everything above it gets one more, and
     // of those equal to it, as many as are still owed, chosen by key in `ties` order (so list
     // order does not matter). Selecting on bare remainders keeps this linear and cheap.
-    let mut values: Vec<R> = rems.iter().map(|(r, _)| *r).collect();
+    let mut values: Vec<R> = rems.to_vec();
     let (_, threshold, _) = values.select_nth_unstable_by(left - 1, |a, b| b.cmp(a));
     let threshold = *threshold;
     let mut given = 0usize;
     let mut at_threshold: Vec<usize> = Vec::new();
-    for &(r, i) in rems.iter() {
+    for (i, &r) in rems.iter().enumerate() {
         if r > threshold {
             shares[i] += 1;
             given += 1;
@@ -277,35 +303,88 @@ fn distribute<R: Ord + Copy, K: Ord>(
         }
     }
     let owed = left - given;
-    at_threshold.sort_unstable_by(|a, b| {
-        let by_key = weights[*a].0.cmp(&weights[*b].0);
-        match ties {
-            Ties::SmallestKey => by_key,
-            Ties::LargestKey => by_key.reverse(),
-        }
+    at_threshold.sort_unstable_by(|a, b| match ties {
+        Ties::SmallestKey => key_cmp(*a, *b),
+        Ties::LargestKey => key_cmp(*b, *a),
     });
     for &i in at_threshold.iter().take(owed) {
         shares[i] += 1;
     }
 }
 
-/// A bucket for apportioning: a run, or the host. The host sorts after every run id.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Bucket<'a> {
-    Run(&'a str),
-    Host,
-}
-
 /// Attributes one interval. Pure: the same input gives the same output, bit for bit.
 pub fn attribute(input: &IntervalInput) -> Vec<MeterResult> {
+    // Each run's usage per package, looked up once per interval rather than once per meter.
+    let dense = input.usage.as_ref().map(Dense::new);
     input
         .meters
         .iter()
-        .map(|m| attribute_meter(input, m))
+        .map(|m| attribute_meter(input, dense.as_ref(), m))
         .collect()
 }
 
-fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
+/// Runs' CPU time and reserved CPUs as dense rows (run-major, one column per package).
+struct Dense {
+    packages: Vec<u32>,
+    cpu_us: Vec<u64>,
+    reserved: Vec<u64>,
+}
+
+impl Dense {
+    fn new(usage: &Usage) -> Self {
+        let mut packages: Vec<u32> = usage
+            .busy_us
+            .keys()
+            .chain(usage.package_cpus.keys())
+            .copied()
+            .collect();
+        for run in &usage.runs {
+            packages.extend(run.cpu_us.keys().chain(run.reserved_millicpus.keys()));
+        }
+        packages.sort_unstable();
+        packages.dedup();
+        let np = packages.len();
+        let mut cpu_us = vec![0u64; usage.runs.len() * np];
+        let mut reserved = vec![0u64; usage.runs.len() * np];
+        for (i, run) in usage.runs.iter().enumerate() {
+            for (p, v) in &run.cpu_us {
+                if let Ok(c) = packages.binary_search(p) {
+                    cpu_us[i * np + c] = *v;
+                }
+            }
+            for (p, v) in &run.reserved_millicpus {
+                if let Ok(c) = packages.binary_search(p) {
+                    reserved[i * np + c] = *v;
+                }
+            }
+        }
+        Dense {
+            packages,
+            cpu_us,
+            reserved,
+        }
+    }
+
+    /// Column indexes of `pkgs`.
+    fn columns(&self, pkgs: &[u32]) -> Vec<usize> {
+        pkgs.iter()
+            .filter_map(|p| self.packages.binary_search(p).ok())
+            .collect()
+    }
+
+    fn row_sum(values: &[u64], np: usize, run: usize, cols: &[usize]) -> u64 {
+        let row = &values[run * np..run * np + np];
+        match cols {
+            [c] => row[*c],
+            _ => cols
+                .iter()
+                .map(|c| row[*c])
+                .fold(0u64, |a, v| a.saturating_add(v)),
+        }
+    }
+}
+
+fn attribute_meter(input: &IntervalInput, dense: Option<&Dense>, m: &MeterInput) -> MeterResult {
     let mut r = MeterResult {
         key: m.key,
         source: m.source,
@@ -334,7 +413,7 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
         Measured::Energy { energy_uj } => energy_uj,
     };
     r.measured_uj = energy;
-    let Some(usage) = &input.usage else {
+    let (Some(usage), Some(dense)) = (&input.usage, dense) else {
         r.unattributed
             .push((UnattributedReason::NoUsageData, energy));
         return r;
@@ -357,60 +436,67 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
     let active = energy - idle;
     r.idle_uj = idle;
 
-    // Usage weights: per run and the host, over this meter's packages.
+    // Usage weights: each run's, then the host's, over this meter's packages.
     let by_memory = m.key.domain == Domain::Dram && input.policy.dram == DramPolicy::Memory;
-    let mut weights: Vec<(Bucket<'_>, u64)> = Vec::with_capacity(usage.runs.len() + 1);
+    let nruns = usage.runs.len();
+    let mut weights: Vec<u64> = Vec::with_capacity(nruns + 1);
+    let mut runs_total: u64 = 0;
     if by_memory {
-        let mut runs_total: u64 = 0;
-        for run in &usage.runs {
-            let w = run.memory_bytes.unwrap_or(0);
-            runs_total = runs_total.saturating_add(w);
-            weights.push((Bucket::Run(&run.run_id), w));
-        }
-        let host = usage
-            .host_memory_bytes
-            .map_or(0, |h| h.saturating_sub(runs_total));
-        weights.push((Bucket::Host, host));
+        weights.extend(usage.runs.iter().map(|run| run.memory_bytes.unwrap_or(0)));
+        runs_total = weights.iter().fold(0u64, |a, w| a.saturating_add(*w));
+        weights.push(
+            usage
+                .host_memory_bytes
+                .map_or(0, |h| h.saturating_sub(runs_total)),
+        );
     } else {
-        let mut runs_total: u64 = 0;
-        for run in &usage.runs {
-            let w: u64 = packages
-                .iter()
-                .map(|p| run.cpu_us.get(p).copied().unwrap_or(0))
-                .sum();
+        let cols = dense.columns(&packages);
+        let np = dense.packages.len();
+        for i in 0..nruns {
+            let w = Dense::row_sum(&dense.cpu_us, np, i, &cols);
             runs_total = runs_total.saturating_add(w);
-            weights.push((Bucket::Run(&run.run_id), w));
+            weights.push(w);
         }
         let busy: u64 = packages
             .iter()
             .map(|p| usage.busy_us.get(p).copied().unwrap_or(0))
             .sum();
-        // Runs can exceed /proc/stat's tick-granular busy time by a tick; the host is never negative.
-        weights.push((Bucket::Host, busy.saturating_sub(runs_total)));
+        // Runs can out-measure the host's busy time; the host is never negative.
+        weights.push(busy.saturating_sub(runs_total));
     }
-    let nruns = usage.runs.len();
-    r.host_usage = weights[nruns].1;
+    r.host_usage = weights[nruns];
+    // Tie-break order: runs by id, the host after every run.
+    let key_cmp = |a: usize, b: usize| match (a < nruns, b < nruns) {
+        (true, true) => usage.runs[a].run_id.cmp(&usage.runs[b].run_id),
+        (true, false) => std::cmp::Ordering::Less,
+        (false, true) => std::cmp::Ordering::Greater,
+        (false, false) => std::cmp::Ordering::Equal,
+    };
+    let none_used = weights.iter().all(|w| *w == 0);
 
-    let active_shares = apportion(active, &weights, Ties::SmallestKey);
-    if weights.iter().all(|(_, w)| *w == 0) {
-        r.host_active_uj = active; // nothing ran: the energy above idle is the host's
+    let mut active_shares = Vec::new();
+    split(
+        active,
+        &weights,
+        key_cmp,
+        Ties::SmallestKey,
+        &mut active_shares,
+    );
+    r.host_active_uj = if none_used {
+        active
     } else {
-        r.host_active_uj = active_shares[nruns];
-    }
+        active_shares[nruns]
+    };
 
-    let idle_shares: Vec<u64> = match input.policy.idle {
-        IdlePolicy::Host => {
-            r.host_idle_uj = idle;
-            vec![0; nruns]
-        }
+    let mut idle_shares: Vec<u64> = Vec::new();
+    match input.policy.idle {
+        IdlePolicy::Host => r.host_idle_uj = idle,
         IdlePolicy::Proportional => {
-            let s = apportion(idle, &weights, Ties::LargestKey);
-            if weights.iter().all(|(_, w)| *w == 0) {
+            if none_used {
                 r.host_idle_uj = idle;
-                vec![0; nruns]
             } else {
-                r.host_idle_uj = s[nruns];
-                s[..nruns].to_vec()
+                split(idle, &weights, key_cmp, Ties::LargestKey, &mut idle_shares);
+                r.host_idle_uj = idle_shares[nruns];
             }
         }
         IdlePolicy::Reserved => {
@@ -418,45 +504,37 @@ fn attribute_meter(input: &IntervalInput, m: &MeterInput) -> MeterResult {
                 .iter()
                 .map(|p| usage.package_cpus.get(p).copied().unwrap_or(0) as u64 * 1000)
                 .sum();
-            let mut rw: Vec<(Bucket<'_>, u64)> = usage
-                .runs
-                .iter()
-                .map(|run| {
-                    let w = packages
-                        .iter()
-                        .map(|p| run.reserved_millicpus.get(p).copied().unwrap_or(0))
-                        .sum();
-                    (Bucket::Run(&run.run_id), w)
-                })
+            let cols = dense.columns(&packages);
+            let np = dense.packages.len();
+            let mut rw: Vec<u64> = (0..nruns)
+                .map(|i| Dense::row_sum(&dense.reserved, np, i, &cols))
                 .collect();
-            let reserved: u64 = rw.iter().map(|(_, w)| *w).sum();
-            rw.push((Bucket::Host, capacity.saturating_sub(reserved)));
-            let s = apportion(idle, &rw, Ties::LargestKey);
-            if rw.iter().all(|(_, w)| *w == 0) {
+            let reserved: u64 = rw.iter().sum();
+            rw.push(capacity.saturating_sub(reserved));
+            if rw.iter().all(|w| *w == 0) {
                 r.host_idle_uj = idle;
-                vec![0; nruns]
             } else {
-                r.host_idle_uj = s[nruns];
-                s[..nruns].to_vec()
+                split(idle, &rw, key_cmp, Ties::LargestKey, &mut idle_shares);
+                r.host_idle_uj = idle_shares[nruns];
             }
         }
-    };
+    }
 
     // Runs that got nothing and used nothing are left out: a host with many idle runs would
     // otherwise write a zero line per run per meter per interval.
-    let none_used = weights.iter().all(|(_, w)| *w == 0);
     r.runs = Vec::with_capacity(nruns);
-    r.runs
-        .extend(usage.runs.iter().enumerate().filter_map(|(i, run)| {
-            let active_uj = if none_used { 0 } else { active_shares[i] };
-            let share = RunShare {
+    for (i, run) in usage.runs.iter().enumerate() {
+        let active_uj = if none_used { 0 } else { active_shares[i] };
+        let idle_uj = idle_shares.get(i).copied().unwrap_or(0);
+        if active_uj != 0 || idle_uj != 0 || weights[i] != 0 {
+            r.runs.push(RunShare {
                 run_id: run.run_id.clone(),
                 active_uj,
-                idle_uj: idle_shares[i],
-                usage: weights[i].1,
-            };
-            (share.active_uj != 0 || share.idle_uj != 0 || share.usage != 0).then_some(share)
-        }));
+                idle_uj,
+                usage: weights[i],
+            });
+        }
+    }
     r
 }
 
