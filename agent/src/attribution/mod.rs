@@ -240,8 +240,7 @@ fn split(
     let max_w = weights.iter().copied().max().unwrap_or(0);
     let mut rems: Vec<u128> = Vec::new();
     let mut rems64: Vec<u64> = Vec::new();
-    let left: usize;
-    if sum <= u64::MAX as u128 && total.checked_mul(max_w).is_some() {
+    let left = if sum <= u64::MAX as u128 && total.checked_mul(max_w).is_some() {
         // Every product fits in 64 bits: 64-bit division is several times cheaper.
         let sum64 = sum as u64;
         rems64.reserve(n);
@@ -253,7 +252,7 @@ fn split(
             out.push(share);
             rems64.push(q - share * sum64);
         }
-        left = (total - given) as usize;
+        (total - given) as usize
     } else {
         rems.reserve(n);
         let mut given: u128 = 0;
@@ -264,8 +263,8 @@ fn split(
             out.push(share as u64);
             rems.push(q % sum);
         }
-        left = (total as u128 - given) as usize;
-    }
+        (total as u128 - given) as usize
+    };
     if left == 0 {
         return;
     }
