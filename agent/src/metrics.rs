@@ -99,6 +99,9 @@ pub struct Metrics {
     finished_run_ttl_ns: u64,
     max_runs: usize,
     runs: BTreeMap<Arc<str>, RunEntry>,
+    /// The finished runs of `runs`, by finish time: expiry and eviction take the oldest without
+    /// scanning every run (up to `max_runs` of them) each tick.
+    finished: BTreeSet<(u64, Arc<str>)>,
     /// Runs refused because the cap was reached, remembered (bounded) so each is counted once.
     refused: BTreeSet<Arc<str>>,
     runs_dropped: u64,
@@ -160,6 +163,7 @@ impl Metrics {
             finished_run_ttl_ns: u64::try_from(finished_run_ttl.as_nanos()).unwrap_or(u64::MAX),
             max_runs,
             runs: BTreeMap::new(),
+            finished: BTreeSet::new(),
             refused: BTreeSet::new(),
             runs_dropped: 0,
             host_uj: BTreeMap::new(),
@@ -245,12 +249,7 @@ impl Metrics {
             // Make room by dropping the run that finished first, if any run has finished: its
             // final value has most likely been scraped already. A live run is never evicted,
             // so that no counter of a live run vanishes and comes back reset.
-            let oldest = self
-                .runs
-                .iter()
-                .filter_map(|(id, e)| e.finished_at_ns.map(|t| (t, id.clone())))
-                .min();
-            match oldest {
+            match self.finished.pop_first() {
                 Some((_, id)) => {
                     self.runs.remove(&id);
                     self.runs_dropped += 1;
@@ -280,18 +279,24 @@ impl Metrics {
     /// later.
     pub fn run_finished(&mut self, run_id: &str, now_ns: u64) {
         if let Some(e) = self.runs.get_mut(run_id) {
-            e.finished_at_ns.get_or_insert(now_ns);
+            if e.finished_at_ns.is_none() {
+                e.finished_at_ns = Some(now_ns);
+                self.finished.insert((now_ns, Arc::from(run_id)));
+            }
         }
         self.refused.remove(run_id);
     }
 
     /// Drops the series of runs that finished at least `finished_run_ttl` before `now_ns`.
     pub fn expire(&mut self, now_ns: u64) {
-        let ttl = self.finished_run_ttl_ns;
-        self.runs.retain(|_, e| match e.finished_at_ns {
-            Some(t) => now_ns.saturating_sub(t) < ttl,
-            None => true,
-        });
+        while let Some((t, _)) = self.finished.first() {
+            if now_ns.saturating_sub(*t) < self.finished_run_ttl_ns {
+                break;
+            }
+            if let Some((_, id)) = self.finished.pop_first() {
+                self.runs.remove(&id);
+            }
+        }
     }
 
     /// The tracker's cumulative counters and gauges, as of its last snapshot.
