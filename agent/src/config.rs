@@ -52,6 +52,8 @@ pub struct Config {
     pub spool_max_bytes: u64,
     pub ledger: Option<LedgerConfig>,
     pub metrics_listen: SocketAddr,
+    /// Seconds a finished run's metric series stay exported (`[metrics] finished_run_ttl_s`).
+    pub metrics_finished_run_ttl_s: u64,
 }
 
 impl Config {
@@ -82,6 +84,7 @@ impl Config {
             spool_max_bytes: 1 << 30,
             ledger: None,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9447)),
+            metrics_finished_run_ttl_s: 300,
         }
     }
 }
@@ -579,7 +582,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             }
         }
     }
-    if let Some(t) = c.section(root, "metrics", &["listen"]) {
+    if let Some(t) = c.section(root, "metrics", &["listen", "finished_run_ttl_s"]) {
         if let Some(v) = c.string(t, "metrics", "listen") {
             match v.parse::<SocketAddr>() {
                 Ok(a) => cfg.metrics_listen = a,
@@ -592,6 +595,11 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
                     );
                 }
             }
+        }
+        // Long enough for several scrapes after the finish; at most a day, so finished runs'
+        // series cannot pile up.
+        if let Some(v) = c.int(t, "metrics", "finished_run_ttl_s", 1, 86_400) {
+            cfg.metrics_finished_run_ttl_s = v;
         }
     }
     if c.problems.is_empty() {
@@ -673,6 +681,7 @@ cert = "/etc/wattd/node.pem"
 key = "/etc/wattd/node.key"
 [metrics]
 listen = "127.0.0.1:9447"
+finished_run_ttl_s = 60
 "#;
         let c = parse("f", text).unwrap();
         assert_eq!(c.interval_ms, 250);
@@ -694,11 +703,12 @@ listen = "127.0.0.1:9447"
         );
         assert_eq!(c.estimator.busy_uw_per_cpu, 4_000_000);
         assert!(c.ledger.is_some());
+        assert_eq!(c.metrics_finished_run_ttl_s, 60);
     }
 
     #[test]
     fn every_problem_is_reported_with_line_and_key() {
-        let text = "[sampling]\ninterval_ms = 5\nbogus = 1\n[runs]\npatterns = [\"/abs/{run_id}\", \"no-id\"]\n[attribution]\nidle_policy = \"evenly\"\n[mystery]\n[metrics]\nlisten = \"nowhere\"\n";
+        let text = "[sampling]\ninterval_ms = 5\nbogus = 1\n[runs]\npatterns = [\"/abs/{run_id}\", \"no-id\"]\n[attribution]\nidle_policy = \"evenly\"\n[mystery]\n[metrics]\nlisten = \"nowhere\"\nfinished_run_ttl_s = 0\n";
         let e = parse("wattd.toml", text).unwrap_err();
         let lines: Vec<String> = e.problems.iter().map(|p| p.to_string()).collect();
         let want = [
@@ -709,6 +719,7 @@ listen = "127.0.0.1:9447"
             "wattd.toml:7: attribution.idle_policy: \"evenly\" is not one of proportional, reserved, host",
             "wattd.toml:8: mystery: unknown section",
             "wattd.toml:10: metrics.listen: \"nowhere\" is not an address:port",
+            "wattd.toml:11: metrics.finished_run_ttl_s: 0 is out of range 1 ..= 86400",
         ];
         assert_eq!(lines.len(), want.len(), "{lines:#?}");
         for (got, want) in lines.iter().zip(want) {

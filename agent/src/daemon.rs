@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use prost::Message as _;
@@ -23,6 +24,7 @@ use crate::attribution::totals::Totals;
 use crate::attribution::{apportion, Policy, RunUsage, Ties, Usage};
 use crate::config::Config;
 use crate::control::{self, ControlConfig, ControlServer};
+use crate::metrics::{self, Metrics, MetricsServer, ServerLimits};
 use crate::records;
 use crate::sampler::{GapCause, GapRecord, Sampler, Stamp};
 use crate::sealer::{SealPolicy, Sealer};
@@ -224,6 +226,34 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
         }
     };
 
+    // Metrics are optional too: a busy port or a bad address must not stop the measuring. The
+    // HTTP task only reads the text rendered after each tick, never the registry itself.
+    let mut metrics = Metrics::new(
+        Duration::from_secs(cfg.metrics_finished_run_ttl_s),
+        metrics::DEFAULT_MAX_RUNS,
+    );
+    let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(Arc::new(metrics.render()));
+    let metrics_on = match MetricsServer::bind(
+        cfg.metrics_listen,
+        metrics_rx,
+        ServerLimits::default(),
+    )
+    .await
+    {
+        Ok(server) => {
+            let mut stop = shutdown_rx.clone();
+            tracing::info!(listen = %cfg.metrics_listen, "metrics endpoint listening on /metrics");
+            tokio::spawn(server.serve(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }));
+            true
+        }
+        Err(error) => {
+            tracing::warn!(listen = %cfg.metrics_listen, %error, "metrics endpoint unavailable; measuring without it");
+            false
+        }
+    };
+
     let policy = Policy {
         idle: cfg.idle_policy,
         dram: cfg.dram_policy,
@@ -257,6 +287,7 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
             "recording the time the agent was down as a gap"
         );
         sealer.push_gap(records::gap(&gap), start.mono_ns);
+        metrics.record_gap(GapCause::AgentDown);
     }
 
     let mut totals = Totals::default();
@@ -293,6 +324,7 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
             }
         };
         // Close the interval: usage first, then energy, read back to back.
+        let tick_started = Instant::now();
         let now = Stamp::now();
         let elapsed_us = now.mono_ns.saturating_sub(sampler.last_stamp().mono_ns) / 1_000;
         let snap = tracker.tick(elapsed_us);
@@ -335,6 +367,20 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
             return Err(anyhow::Error::new(e).context(
                 "fdatasync of the spool failed (fatal: the kernel may have dropped the pages)",
             ));
+        }
+        metrics.record_interval(&interval);
+        for r in snap.runs.iter().filter(|r| r.finished) {
+            metrics.run_finished(&r.run_id, now.mono_ns);
+        }
+        metrics.expire(now.mono_ns);
+        metrics.set_tracker(&snap.counters);
+        let spool = sealer.spool();
+        metrics.set_spool(spool.used_bytes(), spool.sealed_seq(), spool.acked_seq());
+        metrics.set_coarsened(coarsened_intervals);
+        metrics.observe_tick(tick_started.elapsed());
+        if metrics_on {
+            // Rendered here, once per tick, so that scrapes cost the loop nothing.
+            metrics_tx.send_replace(Arc::new(metrics.render()));
         }
         if !ready {
             ready = true;

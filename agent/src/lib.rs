@@ -7,6 +7,7 @@ pub mod control;
 pub mod daemon;
 pub mod durable;
 pub mod identity;
+pub mod metrics;
 pub mod records;
 pub mod sampler;
 pub mod sealer;

@@ -1,0 +1,1479 @@
+//! Prometheus metrics: a registry the daemon loop updates after each tick, rendered to the text
+//! exposition format (version 0.0.4), and a minimal HTTP/1.1 endpoint serving the last rendering
+//! on `GET /metrics`.
+//!
+//! The registry is owned by the single-threaded daemon loop, like the tracker and the sealer; the
+//! HTTP side only ever sees an immutable, already-rendered snapshot through a `watch` channel, so
+//! a scrape can never block a tick, see a half-updated registry, or touch host state.
+//!
+//! Energy is kept in integer microjoules, like everything else in wattd, and printed as exact
+//! decimal joules (`12.000345`), so the text carries full microjoule precision whatever the
+//! scraper then does with it. Label cardinality is bounded: domains, sources, packages and causes
+//! are closed sets, and per-run series are capped (`max_runs`) and dropped a fixed time after the
+//! run finishes.
+//!
+//! Ledger connection metrics (state, lag) are not here yet: there is no shipper to report them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::{self, Write as _};
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use wattd_collectors::cgroup::TrackerCounters;
+use wattd_collectors::{Domain, MeterKey, Quality, SourceKind};
+
+use crate::attribution::UnattributedReason;
+use crate::sampler::{GapCause, Interval};
+
+/// Default cap on the number of runs with exported series.
+pub const DEFAULT_MAX_RUNS: usize = 10_000;
+
+/// Upper bounds of the tick-duration histogram, seconds. A tick is usage + meters + attribution +
+/// seal + fdatasync: milliseconds normally; the top buckets catch a slow disk.
+pub const TICK_BUCKETS_S: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The content type of the text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The parts of the host bucket's energy.
+const PART_ACTIVE: &str = "active";
+const PART_IDLE: &str = "idle";
+const PART_UNATTRIBUTED: &str = "unattributed";
+
+/// One run's exported state.
+#[derive(Debug, Default)]
+struct RunEntry {
+    /// Energy (active + idle) per domain, microjoules, since the run's series appeared.
+    energy_uj: BTreeMap<Domain, u128>,
+    /// CLOCK_MONOTONIC ns of the finish; the series goes `finished_run_ttl` later.
+    finished_at_ns: Option<u64>,
+}
+
+/// A histogram with fixed buckets.
+#[derive(Debug)]
+struct Histogram {
+    bounds: &'static [f64],
+    /// Non-cumulative counts per bucket; cumulated when rendered.
+    counts: Vec<u64>,
+    /// Observations above the last bound (the `+Inf` bucket only).
+    over: u64,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len()],
+            over: 0,
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn observe(&mut self, v: f64) {
+        // A NaN or negative duration cannot happen with a monotonic clock; count it in the
+        // lowest bucket rather than poisoning the sum.
+        let v = if v.is_finite() && v >= 0.0 { v } else { 0.0 };
+        match self.bounds.iter().position(|b| v <= *b) {
+            Some(i) => self.counts[i] += 1,
+            None => self.over += 1,
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+}
+
+/// The registry: every exported value, updated by the daemon loop.
+#[derive(Debug)]
+pub struct Metrics {
+    finished_run_ttl_ns: u64,
+    max_runs: usize,
+    runs: BTreeMap<Arc<str>, RunEntry>,
+    /// The finished runs of `runs`, by finish time: expiry and eviction take the oldest without
+    /// scanning every run (up to `max_runs` of them) each tick.
+    finished: BTreeSet<(u64, Arc<str>)>,
+    /// Runs refused because the cap was reached, remembered (bounded) so each is counted once.
+    refused: BTreeSet<Arc<str>>,
+    runs_dropped: u64,
+    /// (domain, source, part) -> uJ.
+    host_uj: BTreeMap<(Domain, SourceKind, &'static str), u128>,
+    /// (domain, package, source, quality) -> uJ.
+    measured_uj: BTreeMap<(Domain, Option<u32>, SourceKind, &'static str), u128>,
+    /// (domain, package) -> watts over the last interval.
+    power_w: BTreeMap<(Domain, Option<u32>), f64>,
+    tick: Histogram,
+    intervals: u64,
+    /// Indexed by `cause_index`.
+    gaps: [u64; 3],
+    quarantined: u64,
+    spool_bytes: u64,
+    spool_unacked: u64,
+    coarsened: u64,
+    tracker: TrackerCounters,
+}
+
+const CAUSES: [GapCause; 3] = [
+    GapCause::CounterReset,
+    GapCause::SourceFailure,
+    GapCause::AgentDown,
+];
+
+fn cause_index(c: GapCause) -> usize {
+    match c {
+        GapCause::CounterReset => 0,
+        GapCause::SourceFailure => 1,
+        GapCause::AgentDown => 2,
+    }
+}
+
+fn cause_name(c: GapCause) -> &'static str {
+    match c {
+        GapCause::CounterReset => "counter_reset",
+        GapCause::SourceFailure => "source_failure",
+        GapCause::AgentDown => "agent_down",
+    }
+}
+
+fn quality_name(q: Quality) -> &'static str {
+    match q {
+        Quality::Measured => "measured",
+        Quality::Estimated => "estimated",
+    }
+}
+
+/// The `package` label: the package id, or `all` for platform-wide meters (psys), so every
+/// series of a family has the same label names.
+fn package_label(p: Option<u32>) -> String {
+    p.map_or_else(|| "all".to_owned(), |p| p.to_string())
+}
+
+impl Metrics {
+    pub fn new(finished_run_ttl: Duration, max_runs: usize) -> Self {
+        Metrics {
+            finished_run_ttl_ns: u64::try_from(finished_run_ttl.as_nanos()).unwrap_or(u64::MAX),
+            max_runs,
+            runs: BTreeMap::new(),
+            finished: BTreeSet::new(),
+            refused: BTreeSet::new(),
+            runs_dropped: 0,
+            host_uj: BTreeMap::new(),
+            measured_uj: BTreeMap::new(),
+            power_w: BTreeMap::new(),
+            tick: Histogram::new(&TICK_BUCKETS_S),
+            intervals: 0,
+            gaps: [0; 3],
+            quarantined: 0,
+            spool_bytes: 0,
+            spool_unacked: 0,
+            coarsened: 0,
+            tracker: TrackerCounters::default(),
+        }
+    }
+
+    /// Adds one attributed interval: per-run, host and measured energy, power, gaps and
+    /// quarantined samples.
+    pub fn record_interval(&mut self, interval: &Interval) {
+        self.intervals += 1;
+        for g in &interval.gaps {
+            self.record_gap(g.cause);
+        }
+        let elapsed_us = interval.elapsed_us();
+        // Power is per (domain, package); several dies of one package add up.
+        let mut power_uj: BTreeMap<(Domain, Option<u32>), u64> = BTreeMap::new();
+        let mut no_power: BTreeSet<(Domain, Option<u32>)> = BTreeSet::new();
+        for r in &interval.results {
+            let MeterKey {
+                domain, package, ..
+            } = r.key;
+            let quarantined = r
+                .unattributed
+                .iter()
+                .any(|(why, _)| *why == UnattributedReason::Quarantined);
+            if quarantined {
+                self.quarantined += 1;
+            }
+            if r.gap || quarantined {
+                // The interval's power is unknown (gap) or implausible (quarantined): export no
+                // number rather than a wrong one.
+                no_power.insert((domain, package));
+            } else {
+                let e = power_uj.entry((domain, package)).or_default();
+                *e = e.saturating_add(r.measured_uj);
+            }
+            if r.gap {
+                continue;
+            }
+            *self
+                .measured_uj
+                .entry((domain, package, r.source, quality_name(r.quality)))
+                .or_default() += r.measured_uj as u128;
+            let unattributed: u128 = r.unattributed.iter().map(|(_, e)| *e as u128).sum();
+            for (part, uj) in [
+                (PART_ACTIVE, r.host_active_uj as u128),
+                (PART_IDLE, r.host_idle_uj as u128),
+                (PART_UNATTRIBUTED, unattributed),
+            ] {
+                *self.host_uj.entry((domain, r.source, part)).or_default() += uj;
+            }
+            for share in &r.runs {
+                let uj = share.active_uj as u128 + share.idle_uj as u128;
+                if let Some(entry) = self.admit(&share.run_id) {
+                    *entry.energy_uj.entry(domain).or_default() += uj;
+                }
+            }
+        }
+        self.power_w.clear();
+        if elapsed_us > 0 {
+            for (k, uj) in power_uj {
+                if !no_power.contains(&k) {
+                    // uJ per us is W.
+                    self.power_w.insert(k, uj as f64 / elapsed_us as f64);
+                }
+            }
+        }
+    }
+
+    /// The run's entry, creating it if the cap allows; `None` if the run is refused.
+    fn admit(&mut self, run_id: &Arc<str>) -> Option<&mut RunEntry> {
+        if !self.runs.contains_key(run_id) && self.runs.len() >= self.max_runs {
+            // Make room by dropping the run that finished first, if any run has finished: its
+            // final value has most likely been scraped already. A live run is never evicted,
+            // so that no counter of a live run vanishes and comes back reset.
+            match self.finished.pop_first() {
+                Some((_, id)) => {
+                    self.runs.remove(&id);
+                    self.runs_dropped += 1;
+                }
+                None => {
+                    if self.refused.len() >= self.max_runs {
+                        // Bounded memory: forget the refused set; a run refused again later is
+                        // counted again (the counter is then an upper bound).
+                        self.refused.clear();
+                    }
+                    if self.refused.insert(run_id.clone()) {
+                        self.runs_dropped += 1;
+                    }
+                    return None;
+                }
+            }
+        }
+        Some(self.runs.entry(run_id.clone()).or_default())
+    }
+
+    /// Counts a gap recorded outside an interval (the agent-down gap at start).
+    pub fn record_gap(&mut self, cause: GapCause) {
+        self.gaps[cause_index(cause)] += 1;
+    }
+
+    /// Marks a run finished at `now_ns` (CLOCK_MONOTONIC): its series go `finished_run_ttl`
+    /// later.
+    pub fn run_finished(&mut self, run_id: &str, now_ns: u64) {
+        if let Some(e) = self.runs.get_mut(run_id) {
+            if e.finished_at_ns.is_none() {
+                e.finished_at_ns = Some(now_ns);
+                self.finished.insert((now_ns, Arc::from(run_id)));
+            }
+        }
+        self.refused.remove(run_id);
+    }
+
+    /// Drops the series of runs that finished at least `finished_run_ttl` before `now_ns`.
+    pub fn expire(&mut self, now_ns: u64) {
+        while let Some((t, _)) = self.finished.first() {
+            if now_ns.saturating_sub(*t) < self.finished_run_ttl_ns {
+                break;
+            }
+            if let Some((_, id)) = self.finished.pop_first() {
+                self.runs.remove(&id);
+            }
+        }
+    }
+
+    /// The tracker's cumulative counters and gauges, as of its last snapshot.
+    pub fn set_tracker(&mut self, c: &TrackerCounters) {
+        self.tracker = *c;
+    }
+
+    /// The spool's size and the batches sealed but not yet acknowledged by the ledger.
+    pub fn set_spool(&mut self, used_bytes: u64, sealed_seq: u64, acked_seq: u64) {
+        self.spool_bytes = used_bytes;
+        self.spool_unacked = sealed_seq.saturating_sub(acked_seq);
+    }
+
+    /// The daemon's running count of intervals merged into a coarsened one (spool full).
+    pub fn set_coarsened(&mut self, total: u64) {
+        self.coarsened = total;
+    }
+
+    pub fn observe_tick(&mut self, d: Duration) {
+        self.tick.observe(d.as_secs_f64());
+    }
+
+    /// Number of runs with exported series.
+    pub fn runs_exported(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// The text exposition of every family.
+    pub fn render(&self) -> String {
+        let mut w = Writer::with_capacity(4096 + self.runs.len() * 160);
+
+        w.family(
+            "wattd_build_info",
+            "gauge",
+            "The running wattd's version; always 1.",
+        );
+        w.sample(
+            "wattd_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+            1u64,
+        );
+
+        w.family(
+            "wattd_run_energy_joules_total",
+            "counter",
+            "Energy attributed to a workflow run (active + idle share), by domain, since its series \
+             appeared. Series of finished runs are dropped after metrics.finished_run_ttl_s.",
+        );
+        for (id, e) in &self.runs {
+            for (domain, uj) in &e.energy_uj {
+                w.sample(
+                    "wattd_run_energy_joules_total",
+                    &[("run_id", id), ("domain", domain.as_str())],
+                    Joules(*uj),
+                );
+            }
+        }
+        w.family(
+            "wattd_metrics_runs_exported",
+            "gauge",
+            "Runs with series in wattd_run_energy_joules_total.",
+        );
+        w.sample("wattd_metrics_runs_exported", &[], self.runs.len() as u64);
+        w.family(
+            "wattd_metrics_runs_dropped_total",
+            "counter",
+            "Runs whose series were refused or dropped early because the per-run series cap was \
+             reached.",
+        );
+        w.sample("wattd_metrics_runs_dropped_total", &[], self.runs_dropped);
+
+        w.family(
+            "wattd_host_energy_joules_total",
+            "counter",
+            "Energy not billed to any run: the host bucket's active and idle shares, and energy \
+             left unattributed (quarantined, no usage data, no CPU in package).",
+        );
+        for ((domain, source, part), uj) in &self.host_uj {
+            w.sample(
+                "wattd_host_energy_joules_total",
+                &[
+                    ("domain", domain.as_str()),
+                    ("source", source.as_str()),
+                    ("part", part),
+                ],
+                Joules(*uj),
+            );
+        }
+
+        w.family(
+            "wattd_measured_energy_joules_total",
+            "counter",
+            "Energy measured (or estimated, quality=\"estimated\") by each billed meter; gaps \
+             excluded.",
+        );
+        for ((domain, package, source, quality), uj) in &self.measured_uj {
+            let package = package_label(*package);
+            w.sample(
+                "wattd_measured_energy_joules_total",
+                &[
+                    ("domain", domain.as_str()),
+                    ("package", &package),
+                    ("source", source.as_str()),
+                    ("quality", quality),
+                ],
+                Joules(*uj),
+            );
+        }
+
+        w.family(
+            "wattd_power_watts",
+            "gauge",
+            "Average power of each billed meter over the last interval; absent when that interval \
+             was a gap or quarantined.",
+        );
+        for ((domain, package), watts) in &self.power_w {
+            let package = package_label(*package);
+            w.sample(
+                "wattd_power_watts",
+                &[("domain", domain.as_str()), ("package", &package)],
+                Float(*watts),
+            );
+        }
+
+        w.histogram(
+            "wattd_tick_duration_seconds",
+            "Time to close one interval: usage, meters, attribution, seal and fdatasync.",
+            &self.tick,
+        );
+        w.family(
+            "wattd_intervals_total",
+            "counter",
+            "Intervals closed and attributed.",
+        );
+        w.sample("wattd_intervals_total", &[], self.intervals);
+        w.family(
+            "wattd_gaps_total",
+            "counter",
+            "Gap records: spans of unknown energy, by cause.",
+        );
+        for c in CAUSES {
+            w.sample(
+                "wattd_gaps_total",
+                &[("cause", cause_name(c))],
+                self.gaps[cause_index(c)],
+            );
+        }
+        w.family(
+            "wattd_quarantined_total",
+            "counter",
+            "Meter readings quarantined: a delta above the domain's physical ceiling.",
+        );
+        w.sample("wattd_quarantined_total", &[], self.quarantined);
+        w.family(
+            "wattd_spool_bytes",
+            "gauge",
+            "Bytes of all spool segments on disk.",
+        );
+        w.sample("wattd_spool_bytes", &[], self.spool_bytes);
+        w.family(
+            "wattd_spool_unacked_batches",
+            "gauge",
+            "Batches sealed in the spool and not yet acknowledged by the ledger.",
+        );
+        w.sample("wattd_spool_unacked_batches", &[], self.spool_unacked);
+        w.family(
+            "wattd_spool_coarsened_intervals_total",
+            "counter",
+            "Intervals merged into a coarser pending one because the spool was full (no energy \
+             lost).",
+        );
+        w.sample("wattd_spool_coarsened_intervals_total", &[], self.coarsened);
+
+        // Destructured field by field so that a counter added to the tracker fails to compile
+        // here until it is exported too.
+        let TrackerCounters {
+            runs_tracked,
+            kept_fds,
+            fd_budget,
+            fd_fallback_runs,
+            perf_fallback_runs,
+            hostile_names_skipped,
+            host_clamps,
+            vanished_at_discovery,
+            vanished_before_final_read,
+            read_errors,
+            watch_fallbacks,
+            inotify_overflows,
+            rescans,
+            usage_went_backwards,
+        } = self.tracker;
+        for (name, kind, help, v) in [
+            (
+                "wattd_runs_tracked",
+                "gauge",
+                "Runs the tracker follows.",
+                runs_tracked,
+            ),
+            (
+                "wattd_tracker_kept_fds",
+                "gauge",
+                "File descriptors the tracker keeps open for runs.",
+                kept_fds,
+            ),
+            (
+                "wattd_tracker_fd_budget",
+                "gauge",
+                "File descriptors the tracker may keep open for runs.",
+                fd_budget,
+            ),
+            (
+                "wattd_tracker_fd_fallback_runs_total",
+                "counter",
+                "Runs read open-read-close because the descriptor budget was full.",
+                fd_fallback_runs,
+            ),
+            (
+                "wattd_tracker_perf_fallback_runs_total",
+                "counter",
+                "Runs split over packages by /proc/stat share because perf counters were \
+                 unavailable.",
+                perf_fallback_runs,
+            ),
+            (
+                "wattd_tracker_hostile_names_skipped_total",
+                "counter",
+                "Cgroup names shaped like a run but with a refused run id.",
+                hostile_names_skipped,
+            ),
+            (
+                "wattd_tracker_host_clamps_total",
+                "counter",
+                "Package intervals where runs' usage exceeded measured busy time.",
+                host_clamps,
+            ),
+            (
+                "wattd_tracker_vanished_at_discovery_total",
+                "counter",
+                "Cgroups that vanished between being listed and opened.",
+                vanished_at_discovery,
+            ),
+            (
+                "wattd_tracker_vanished_before_final_read_total",
+                "counter",
+                "Runs whose cgroup went away before a final read (usage may be missing).",
+                vanished_before_final_read,
+            ),
+            (
+                "wattd_tracker_read_errors_total",
+                "counter",
+                "Failed reads of run cgroup files.",
+                read_errors,
+            ),
+            (
+                "wattd_tracker_watch_fallbacks_total",
+                "counter",
+                "Runs without a cgroup.events watch (inotify limit): measured at ticks only.",
+                watch_fallbacks,
+            ),
+            (
+                "wattd_tracker_inotify_overflows_total",
+                "counter",
+                "inotify queue overflows (each forces a rescan).",
+                inotify_overflows,
+            ),
+            (
+                "wattd_tracker_rescans_total",
+                "counter",
+                "Full rescans of the cgroup tree.",
+                rescans,
+            ),
+            (
+                "wattd_tracker_usage_went_backwards_total",
+                "counter",
+                "Times a run's usage_usec decreased (cgroup recreated under the same name).",
+                usage_went_backwards,
+            ),
+        ] {
+            w.family(name, kind, help);
+            w.sample(name, &[], v);
+        }
+        w.out
+    }
+}
+
+/// Integer microjoules shown as exact decimal joules.
+#[derive(Clone, Copy, Debug)]
+struct Joules(u128);
+
+impl fmt::Display for Joules {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let whole = self.0 / 1_000_000;
+        let frac = self.0 % 1_000_000;
+        if frac == 0 {
+            return write!(f, "{whole}");
+        }
+        // Trailing zeros trimmed: 1500000 uJ is "1.5".
+        let (mut frac, mut width) = (frac, 6usize);
+        while frac % 10 == 0 {
+            frac /= 10;
+            width -= 1;
+        }
+        write!(f, "{whole}.{frac:0width$}")
+    }
+}
+
+/// A float in the exposition format's spelling (`NaN`, `+Inf`, `-Inf`).
+#[derive(Clone, Copy, Debug)]
+struct Float(f64);
+
+impl fmt::Display for Float {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.0;
+        if v.is_nan() {
+            f.write_str("NaN")
+        } else if v.is_infinite() {
+            f.write_str(if v > 0.0 { "+Inf" } else { "-Inf" })
+        } else {
+            // Rust's shortest round-trip representation; never an exponent, always parseable.
+            write!(f, "{v}")
+        }
+    }
+}
+
+/// Appends a label value escaped for the text format: backslash, double quote and newline.
+fn escape_label_value(out: &mut String, v: &str) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Appends HELP text escaped for the text format: backslash and newline.
+fn escape_help(out: &mut String, v: &str) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Builds the exposition text.
+#[derive(Debug)]
+struct Writer {
+    out: String,
+}
+
+impl Writer {
+    fn with_capacity(n: usize) -> Self {
+        Writer {
+            out: String::with_capacity(n),
+        }
+    }
+
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = write!(self.out, "# HELP {name} ");
+        escape_help(&mut self.out, help);
+        let _ = write!(self.out, "\n# TYPE {name} {kind}\n");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl fmt::Display) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                self.out.push_str(k);
+                self.out.push_str("=\"");
+                escape_label_value(&mut self.out, v);
+                self.out.push('"');
+            }
+            self.out.push('}');
+        }
+        // Writing to a String cannot fail.
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
+        self.family(name, "histogram", help);
+        let bucket = format!("{name}_bucket");
+        let mut cumulative = 0u64;
+        for (bound, n) in h.bounds.iter().zip(&h.counts) {
+            cumulative += n;
+            let le = Float(*bound).to_string();
+            self.sample(&bucket, &[("le", &le)], cumulative);
+        }
+        self.sample(&bucket, &[("le", "+Inf")], h.count);
+        self.sample(&format!("{name}_sum"), &[], Float(h.sum));
+        self.sample(&format!("{name}_count"), &[], h.count);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The HTTP endpoint.
+
+/// Bounds on what one client can make the endpoint do.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerLimits {
+    /// The request head (request line + headers) must fit; a scrape's is a few hundred bytes.
+    pub max_request_bytes: usize,
+    /// Time allowed to send the request head.
+    pub read_timeout: Duration,
+    /// Time allowed to take the whole response.
+    pub write_timeout: Duration,
+    /// Connections served at once; more are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_request_bytes: 8 * 1024,
+            read_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+            max_connections: 16,
+        }
+    }
+}
+
+/// The rendered exposition the endpoint serves; the daemon replaces it after each tick.
+pub type Snapshot = watch::Receiver<Arc<String>>;
+
+/// A bound `/metrics` endpoint.
+#[derive(Debug)]
+pub struct MetricsServer {
+    listener: TcpListener,
+    snapshot: Snapshot,
+    limits: ServerLimits,
+}
+
+impl MetricsServer {
+    pub async fn bind(
+        addr: SocketAddr,
+        snapshot: Snapshot,
+        limits: ServerLimits,
+    ) -> io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(MetricsServer {
+            listener,
+            snapshot,
+            limits,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes. Each connection is one request, one response.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                _ = &mut shutdown => return,
+                a = self.listener.accept() => a,
+            };
+            let stream = match accepted {
+                Ok((s, _)) => s,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning on a listener that stays
+                    // readable.
+                    tracing::warn!(%error, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                // Over the limit: a best-effort 503 that never waits, then close.
+                let _ = stream.try_write(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                continue;
+            };
+            let snapshot = self.snapshot.clone();
+            let limits = self.limits;
+            tokio::spawn(async move {
+                if let Err(error) = handle(stream, &snapshot, limits).await {
+                    tracing::debug!(%error, "metrics: connection");
+                }
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// What a request head asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    Metrics { head_only: bool },
+    NotFound,
+    MethodNotAllowed,
+    BadRequest,
+}
+
+/// Parses the request line of a request head. Never panics, whatever the bytes.
+fn route(head: &[u8]) -> Route {
+    let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
+    let Ok(line) = std::str::from_utf8(&head[..line_end]) else {
+        return Route::BadRequest;
+    };
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Route::BadRequest;
+    };
+    if !version.starts_with("HTTP/1.") || method.is_empty() || !target.starts_with('/') {
+        return Route::BadRequest;
+    }
+    // The query string is ignored (Prometheus may add parameters to a scrape URL).
+    let path = target.split('?').next().unwrap_or(target);
+    if path != "/metrics" {
+        return Route::NotFound;
+    }
+    match method {
+        "GET" => Route::Metrics { head_only: false },
+        "HEAD" => Route::Metrics { head_only: true },
+        _ => Route::MethodNotAllowed,
+    }
+}
+
+/// Reads the request head (up to the blank line) within the size bound. `Ok(None)`: the head
+/// is too large. `Err`: the peer closed or the read failed.
+async fn read_head(stream: &mut TcpStream, max: usize) -> io::Result<Option<Vec<u8>>> {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        // Look for the end only in the new bytes (and the 3 before them, where it may start).
+        let from = head.len().saturating_sub(3);
+        head.extend_from_slice(&chunk[..n]);
+        let tail = &head[from..];
+        if tail.windows(4).any(|w| w == b"\r\n\r\n") || tail.windows(2).any(|w| w == b"\n\n") {
+            return Ok(if head.len() > max { None } else { Some(head) });
+        }
+        if head.len() > max {
+            return Ok(None);
+        }
+    }
+}
+
+async fn handle(
+    mut stream: TcpStream,
+    snapshot: &Snapshot,
+    limits: ServerLimits,
+) -> io::Result<()> {
+    let head = match tokio::time::timeout(
+        limits.read_timeout,
+        read_head(&mut stream, limits.max_request_bytes),
+    )
+    .await
+    {
+        Ok(r) => r?,
+        Err(_) => {
+            return respond(&mut stream, limits, "408 Request Timeout", "", b"", false).await;
+        }
+    };
+    let Some(head) = head else {
+        return respond(
+            &mut stream,
+            limits,
+            "431 Request Header Fields Too Large",
+            "",
+            b"",
+            false,
+        )
+        .await;
+    };
+    match route(&head) {
+        Route::Metrics { head_only } => {
+            // Cloning the Arc: the text is shared, not copied, and the daemon may replace it
+            // meanwhile.
+            let text = snapshot.borrow().clone();
+            respond(
+                &mut stream,
+                limits,
+                "200 OK",
+                CONTENT_TYPE,
+                text.as_bytes(),
+                head_only,
+            )
+            .await
+        }
+        Route::NotFound => {
+            respond(
+                &mut stream,
+                limits,
+                "404 Not Found",
+                "text/plain; charset=utf-8",
+                b"not found; metrics are at /metrics\n",
+                false,
+            )
+            .await
+        }
+        Route::MethodNotAllowed => {
+            respond(
+                &mut stream,
+                limits,
+                "405 Method Not Allowed\r\nAllow: GET, HEAD",
+                "",
+                b"",
+                false,
+            )
+            .await
+        }
+        Route::BadRequest => respond(&mut stream, limits, "400 Bad Request", "", b"", false).await,
+    }
+}
+
+/// Writes one response and closes the connection (one request per connection keeps the server
+/// trivially bounded; scrapers reconnect cheaply).
+async fn respond(
+    stream: &mut TcpStream,
+    limits: ServerLimits,
+    status: &str,
+    content_type: &str,
+    body: &[u8],
+    head_only: bool,
+) -> io::Result<()> {
+    let mut head = format!("HTTP/1.1 {status}\r\n");
+    if !content_type.is_empty() {
+        let _ = write!(head, "Content-Type: {content_type}\r\n");
+    }
+    let _ = write!(
+        head,
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        if !head_only {
+            stream.write_all(body).await?;
+        }
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(limits.write_timeout, write).await {
+        Ok(r) => r?,
+        Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+    }
+    if !status.starts_with("200") {
+        // An error may leave request bytes unread (an oversized head); closing then would send
+        // a reset that can destroy the response before the client reads it. Drain a bounded
+        // amount for a bounded time first (a "lingering close"), as web servers do.
+        let drain = async {
+            let mut sink = [0u8; 4096];
+            let mut left = LINGER_MAX_BYTES;
+            while left > 0 {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    }
+    Ok(())
+}
+
+/// Bounds of the lingering close after an error response.
+const LINGER_MAX_BYTES: usize = 64 * 1024;
+const LINGER_TIME: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attribution::{DramPolicy, IdleEstimate, IdlePolicy, IdleSource, MeterResult};
+    use crate::attribution::{Policy, RunShare};
+    use crate::sampler::{GapRecord, Stamp};
+
+    fn key(domain: Domain, package: Option<u32>) -> MeterKey {
+        MeterKey {
+            domain,
+            package,
+            die: None,
+        }
+    }
+
+    fn result(k: MeterKey, measured: u64, runs: &[(&str, u64, u64)]) -> MeterResult {
+        let to_runs: u64 = runs.iter().map(|(_, a, i)| a + i).sum();
+        MeterResult {
+            key: k,
+            source: SourceKind::Powercap,
+            quality: Quality::Measured,
+            measured_uj: measured,
+            gap: false,
+            idle: IdleEstimate {
+                power_uw: 0,
+                source: IdleSource::Window,
+            },
+            idle_uj: 0,
+            runs: runs
+                .iter()
+                .map(|(id, a, i)| RunShare {
+                    run_id: (*id).into(),
+                    active_uj: *a,
+                    idle_uj: *i,
+                    usage: 1,
+                })
+                .collect(),
+            host_active_uj: measured - to_runs,
+            host_idle_uj: 0,
+            host_usage: 0,
+            unattributed: Vec::new(),
+        }
+    }
+
+    fn interval(elapsed_s: u64, results: Vec<MeterResult>, gaps: Vec<GapRecord>) -> Interval {
+        Interval {
+            index: 0,
+            start: Stamp {
+                mono_ns: 0,
+                unix_ns: 0,
+            },
+            end: Stamp {
+                mono_ns: elapsed_s * 1_000_000_000,
+                unix_ns: 0,
+            },
+            wall_jump_ns: 0,
+            policy: Policy {
+                idle: IdlePolicy::Proportional,
+                dram: DramPolicy::Cpu,
+            },
+            results,
+            gaps,
+        }
+    }
+
+    /// The sample lines (not comments) of a rendering, for exact lookups.
+    fn samples(text: &str) -> Vec<&str> {
+        text.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
+    #[test]
+    fn joules_are_exact_decimals_of_microjoules() {
+        let cases: [(u128, &str); 7] = [
+            (0, "0"),
+            (1, "0.000001"),
+            (1_500_000, "1.5"),
+            (12_000_345, "12.000345"),
+            (3_000_000, "3"),
+            (999_999, "0.999999"),
+            // Beyond f64's 2^53: still exact in the text.
+            (
+                18_446_744_073_709_551_615_000_001,
+                "18446744073709551615.000001",
+            ),
+        ];
+        for (uj, want) in cases {
+            assert_eq!(Joules(uj).to_string(), want, "{uj}");
+        }
+    }
+
+    #[test]
+    fn floats_use_the_exposition_spellings() {
+        assert_eq!(Float(f64::NAN).to_string(), "NaN");
+        assert_eq!(Float(f64::INFINITY).to_string(), "+Inf");
+        assert_eq!(Float(f64::NEG_INFINITY).to_string(), "-Inf");
+        assert_eq!(Float(0.25).to_string(), "0.25");
+        assert_eq!(Float(10.0).to_string(), "10");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut w = Writer::with_capacity(0);
+        w.sample("m", &[("a", "q\"b\\s\nn"), ("b", "plain")], 1u64);
+        assert_eq!(w.out, "m{a=\"q\\\"b\\\\s\\nn\",b=\"plain\"} 1\n");
+        let mut h = String::new();
+        escape_help(&mut h, "a\\b\nc\"d");
+        assert_eq!(h, "a\\\\b\\nc\"d");
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_before_its_samples() {
+        let mut m = Metrics::new(Duration::from_secs(300), 10);
+        m.record_interval(&interval(
+            1,
+            vec![result(
+                key(Domain::Package, Some(0)),
+                5_000_000,
+                &[("r1", 1, 2)],
+            )],
+            Vec::new(),
+        ));
+        let text = m.render();
+        let mut typed: BTreeMap<String, String> = BTreeMap::new();
+        let mut helped: BTreeSet<String> = BTreeSet::new();
+        let mut last_family = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap().to_owned();
+                assert!(helped.insert(name.clone()), "HELP twice for {name}");
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut it = rest.split(' ');
+                let name = it.next().unwrap().to_owned();
+                let kind = it.next().unwrap().to_owned();
+                assert!(helped.contains(&name), "TYPE before HELP for {name}");
+                assert!(typed.insert(name.clone(), kind).is_none(), "TYPE twice");
+                last_family = name;
+            } else {
+                let name = line.split(['{', ' ']).next().unwrap();
+                // A sample belongs to the family declared just before it (histogram samples
+                // carry a suffix); families are never interleaved.
+                let base = name
+                    .strip_suffix("_bucket")
+                    .or_else(|| name.strip_suffix("_sum"))
+                    .or_else(|| name.strip_suffix("_count"))
+                    .filter(|b| typed.get(*b).map(String::as_str) == Some("histogram"))
+                    .unwrap_or(name);
+                assert_eq!(base, last_family, "{line}");
+                if typed[base] == "counter" {
+                    assert!(
+                        base.ends_with("_total"),
+                        "counter {base} must end in _total"
+                    );
+                }
+                let value = line.rsplit(' ').next().unwrap();
+                assert!(
+                    value.parse::<f64>().is_ok() || ["NaN", "+Inf", "-Inf"].contains(&value),
+                    "{line}"
+                );
+            }
+        }
+        for family in [
+            "wattd_run_energy_joules_total",
+            "wattd_host_energy_joules_total",
+            "wattd_measured_energy_joules_total",
+            "wattd_power_watts",
+            "wattd_tick_duration_seconds",
+            "wattd_intervals_total",
+            "wattd_gaps_total",
+            "wattd_quarantined_total",
+            "wattd_spool_bytes",
+            "wattd_spool_unacked_batches",
+            "wattd_spool_coarsened_intervals_total",
+            "wattd_runs_tracked",
+            "wattd_metrics_runs_dropped_total",
+            "wattd_tracker_read_errors_total",
+            "wattd_tracker_hostile_names_skipped_total",
+            "wattd_tracker_fd_fallback_runs_total",
+        ] {
+            assert!(typed.contains_key(family), "{family} missing");
+        }
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_with_sum_and_count() {
+        let mut m = Metrics::new(Duration::from_secs(300), 10);
+        for ms in [0.2, 3.0, 3.0, 40.0, 20_000.0] {
+            m.observe_tick(Duration::from_secs_f64(ms / 1000.0));
+        }
+        let text = m.render();
+        let s = samples(&text);
+        let get = |needle: &str| -> &str {
+            s.iter()
+                .find(|l| l.starts_with(needle))
+                .unwrap_or_else(|| panic!("{needle} missing:\n{text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+        };
+        assert_eq!(
+            get("wattd_tick_duration_seconds_bucket{le=\"0.0005\"}"),
+            "1"
+        );
+        assert_eq!(
+            get("wattd_tick_duration_seconds_bucket{le=\"0.0025\"}"),
+            "1"
+        );
+        assert_eq!(get("wattd_tick_duration_seconds_bucket{le=\"0.005\"}"), "3");
+        assert_eq!(get("wattd_tick_duration_seconds_bucket{le=\"0.05\"}"), "4");
+        assert_eq!(get("wattd_tick_duration_seconds_bucket{le=\"10\"}"), "4");
+        assert_eq!(get("wattd_tick_duration_seconds_bucket{le=\"+Inf\"}"), "5");
+        assert_eq!(get("wattd_tick_duration_seconds_count "), "5");
+        let sum: f64 = get("wattd_tick_duration_seconds_sum ").parse().unwrap();
+        assert!((sum - 20.0462).abs() < 1e-9, "{sum}");
+        // The buckets never decrease.
+        let counts: Vec<u64> = s
+            .iter()
+            .filter(|l| l.starts_with("wattd_tick_duration_seconds_bucket"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(counts.len(), TICK_BUCKETS_S.len() + 1);
+        assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
+    }
+
+    #[test]
+    fn energy_power_gaps_and_quarantine_are_accounted() {
+        let mut m = Metrics::new(Duration::from_secs(300), 10);
+        let mut psys = result(key(Domain::Psys, None), 9_000_000, &[]);
+        psys.host_active_uj = 0;
+        psys.unattributed = vec![(UnattributedReason::Quarantined, 9_000_000)];
+        let mut dram = result(key(Domain::Dram, Some(0)), 0, &[]);
+        dram.gap = true;
+        let gap = GapRecord {
+            key: Some(key(Domain::Dram, Some(0))),
+            start: Stamp {
+                mono_ns: 0,
+                unix_ns: 0,
+            },
+            end: Stamp {
+                mono_ns: 2,
+                unix_ns: 0,
+            },
+            cause: GapCause::CounterReset,
+            detail: String::new(),
+        };
+        // 2 s, package 0: 30 J = 15 W; r1 gets 10.5 J, r2 4.000001 J, the host the rest.
+        let pkg = result(
+            key(Domain::Package, Some(0)),
+            30_000_000,
+            &[("r1", 10_000_000, 500_000), ("r2", 4_000_001, 0)],
+        );
+        m.record_interval(&interval(2, vec![pkg, psys, dram], vec![gap]));
+        m.record_gap(GapCause::AgentDown);
+        let text = m.render();
+        let s = samples(&text);
+        for want in [
+            "wattd_run_energy_joules_total{run_id=\"r1\",domain=\"package\"} 10.5",
+            "wattd_run_energy_joules_total{run_id=\"r2\",domain=\"package\"} 4.000001",
+            "wattd_host_energy_joules_total{domain=\"package\",source=\"powercap\",part=\"active\"} 15.499999",
+            "wattd_host_energy_joules_total{domain=\"package\",source=\"powercap\",part=\"idle\"} 0",
+            "wattd_host_energy_joules_total{domain=\"psys\",source=\"powercap\",part=\"unattributed\"} 9",
+            "wattd_measured_energy_joules_total{domain=\"package\",package=\"0\",source=\"powercap\",quality=\"measured\"} 30",
+            "wattd_measured_energy_joules_total{domain=\"psys\",package=\"all\",source=\"powercap\",quality=\"measured\"} 9",
+            "wattd_power_watts{domain=\"package\",package=\"0\"} 15",
+            "wattd_quarantined_total 1",
+            "wattd_gaps_total{cause=\"counter_reset\"} 1",
+            "wattd_gaps_total{cause=\"source_failure\"} 0",
+            "wattd_gaps_total{cause=\"agent_down\"} 1",
+            "wattd_intervals_total 1",
+        ] {
+            assert!(s.contains(&want), "missing {want:?} in\n{text}");
+        }
+        // No power for a gap or a quarantined reading, and no measured energy for a gap.
+        assert!(
+            !text.contains("wattd_power_watts{domain=\"psys\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("wattd_power_watts{domain=\"dram\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("wattd_measured_energy_joules_total{domain=\"dram\""),
+            "{text}"
+        );
+        // Counters accumulate over intervals.
+        let pkg = result(key(Domain::Package, Some(0)), 1, &[("r1", 1, 0)]);
+        m.record_interval(&interval(1, vec![pkg], Vec::new()));
+        let text = m.render();
+        assert!(
+            samples(&text).contains(
+                &"wattd_run_energy_joules_total{run_id=\"r1\",domain=\"package\"} 10.500001"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn finished_runs_expire_after_the_ttl() {
+        let mut m = Metrics::new(Duration::from_secs(300), 10);
+        let pkg = result(
+            key(Domain::Package, Some(0)),
+            2,
+            &[("a", 1, 0), ("b", 1, 0)],
+        );
+        m.record_interval(&interval(1, vec![pkg], Vec::new()));
+        m.run_finished("a", 1_000_000_000);
+        m.expire(1_000_000_000 + 299_999_999_999);
+        assert_eq!(m.runs_exported(), 2);
+        m.expire(1_000_000_000 + 300_000_000_000);
+        assert_eq!(m.runs_exported(), 1);
+        let text = m.render();
+        assert!(!text.contains("run_id=\"a\""), "{text}");
+        assert!(text.contains("run_id=\"b\""), "{text}");
+        // A live run never expires.
+        m.expire(u64::MAX);
+        assert_eq!(m.runs_exported(), 1);
+    }
+
+    #[test]
+    fn the_run_cap_evicts_finished_runs_first_and_counts_refusals_once() {
+        let mut m = Metrics::new(Duration::from_secs(300), 2);
+        let tick = |m: &mut Metrics, runs: &[(&str, u64, u64)]| {
+            let e: u64 = runs.iter().map(|(_, a, i)| a + i).sum();
+            let pkg = result(key(Domain::Package, Some(0)), e, runs);
+            m.record_interval(&interval(1, vec![pkg], Vec::new()));
+        };
+        tick(&mut m, &[("a", 1, 0), ("b", 1, 0)]);
+        // Full: c is refused, and counted once however many intervals it shows up in.
+        tick(&mut m, &[("a", 1, 0), ("b", 1, 0), ("c", 1, 0)]);
+        tick(&mut m, &[("c", 1, 0)]);
+        assert_eq!(m.runs_exported(), 2);
+        let text = m.render();
+        assert!(
+            samples(&text).contains(&"wattd_metrics_runs_dropped_total 1"),
+            "{text}"
+        );
+        assert!(!text.contains("run_id=\"c\""), "{text}");
+        // Once a finishes, a newcomer takes its place (a's early drop is counted too).
+        m.run_finished("a", 5);
+        tick(&mut m, &[("d", 1, 0)]);
+        let text = m.render();
+        assert!(!text.contains("run_id=\"a\""), "{text}");
+        assert!(text.contains("run_id=\"d\""), "{text}");
+        assert!(
+            samples(&text).contains(&"wattd_metrics_runs_dropped_total 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn spool_and_tracker_values_are_exported() {
+        let mut m = Metrics::new(Duration::from_secs(300), 10);
+        m.set_spool(4096, 10, 7);
+        m.set_coarsened(3);
+        m.set_tracker(&TrackerCounters {
+            runs_tracked: 5,
+            hostile_names_skipped: 2,
+            read_errors: 9,
+            ..TrackerCounters::default()
+        });
+        let text = m.render();
+        let s = samples(&text);
+        for want in [
+            "wattd_spool_bytes 4096",
+            "wattd_spool_unacked_batches 3",
+            "wattd_spool_coarsened_intervals_total 3",
+            "wattd_runs_tracked 5",
+            "wattd_tracker_hostile_names_skipped_total 2",
+            "wattd_tracker_read_errors_total 9",
+            "wattd_tracker_usage_went_backwards_total 0",
+        ] {
+            assert!(s.contains(&want), "missing {want:?} in\n{text}");
+        }
+        // An ack cursor ahead of the sealed seq (cannot happen; the spool refuses it) is 0.
+        m.set_spool(0, 1, 2);
+        assert!(m.render().contains("wattd_spool_unacked_batches 0\n"));
+    }
+
+    #[test]
+    fn request_lines_route_without_panicking() {
+        assert_eq!(
+            route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Route::Metrics { head_only: false }
+        );
+        assert_eq!(
+            route(b"HEAD /metrics?x=1 HTTP/1.0\r\n\r\n"),
+            Route::Metrics { head_only: true }
+        );
+        assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), Route::NotFound);
+        assert_eq!(route(b"GET /metrics/ HTTP/1.1\r\n\r\n"), Route::NotFound);
+        assert_eq!(
+            route(b"POST /metrics HTTP/1.1\r\n\r\n"),
+            Route::MethodNotAllowed
+        );
+        for bad in [
+            &b""[..],
+            b"\r\n\r\n",
+            b"GET\r\n\r\n",
+            b"GET /metrics\r\n\r\n",
+            b"GET /metrics HTTP/1.1 extra\r\n\r\n",
+            b"GET metrics HTTP/1.1\r\n\r\n",
+            b"GET /metrics SPDY/3\r\n\r\n",
+            b"GET /m\xffetrics HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(route(bad), Route::BadRequest, "{bad:?}");
+        }
+    }
+
+    /// A server on an ephemeral port serving `text`, with the given limits.
+    async fn server(text: &str, limits: ServerLimits) -> (SocketAddr, watch::Sender<Arc<String>>) {
+        let (tx, rx) = watch::channel(Arc::new(text.to_owned()));
+        let s = MetricsServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), rx, limits)
+            .await
+            .unwrap();
+        let addr = s.local_addr().unwrap();
+        tokio::spawn(s.serve(std::future::pending()));
+        (addr, tx)
+    }
+
+    async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn serves_the_latest_snapshot_and_refuses_the_rest() {
+        let (addr, tx) = server("a 1\n", ServerLimits::default()).await;
+        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(
+            r.contains(&format!("Content-Type: {CONTENT_TYPE}\r\n")),
+            "{r}"
+        );
+        assert!(r.contains("Content-Length: 4\r\n"), "{r}");
+        assert!(r.ends_with("\r\n\r\na 1\n"), "{r}");
+        tx.send_replace(Arc::new("b 2\n".to_owned()));
+        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(r.ends_with("\r\n\r\nb 2\n"), "{r}");
+        let r = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(
+            r.contains("Content-Length: 4\r\n") && r.ends_with("\r\n\r\n"),
+            "{r}"
+        );
+        let r = exchange(addr, b"GET /other HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 404 "), "{r}");
+        let r = exchange(addr, b"DELETE /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(
+            r.starts_with("HTTP/1.1 405 ") && r.contains("Allow: GET, HEAD"),
+            "{r}"
+        );
+        let r = exchange(addr, b"\x00\x01garbage\xff\n\n").await;
+        assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+        // A head that never ends is cut at the bound.
+        let mut big = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        big.extend(std::iter::repeat(b'a').take(20_000));
+        let r = exchange(addr, &big).await;
+        assert!(r.starts_with("HTTP/1.1 431 "), "{r}");
+        // And the server is still there.
+        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+    }
+
+    #[tokio::test]
+    async fn slow_clients_time_out_and_excess_connections_are_closed() {
+        let limits = ServerLimits {
+            read_timeout: Duration::from_millis(200),
+            max_connections: 1,
+            ..ServerLimits::default()
+        };
+        let (addr, _tx) = server("a 1\n", limits).await;
+        // One silent client holds the only slot until its read timeout.
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Refused at once: a 503 if the client reads it before the close, else a reset (the
+        // request it sent was never read); never a served scrape, never a wait.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out))
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        match r {
+            Ok(_) => assert!(text.starts_with("HTTP/1.1 503 "), "{text}"),
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
+        }
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 408 "));
+        // Once the client goes (ending the server's lingering close), the slot is free again.
+        drop(silent);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+    }
+}
