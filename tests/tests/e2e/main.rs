@@ -7,3 +7,4 @@
 mod harness;
 mod kill;
 mod simhost_attribution;
+mod systemd_unit;
