@@ -214,6 +214,29 @@ fn claim(
     won
 }
 
+/// Installs the meter a source opened for the keys it won; if opening failed, gives the keys
+/// back (a later source may serve them) and records why.
+fn install<M: Meter + 'static>(
+    opened: Result<M, HostError>,
+    won: &BTreeSet<MeterKey>,
+    rep: &mut SourceReport,
+    chosen: &mut BTreeMap<MeterKey, SourceKind>,
+    meters: &mut Vec<Box<dyn Meter>>,
+) {
+    match opened {
+        Ok(m) => {
+            rep.available = true;
+            meters.push(Box::new(m));
+        }
+        Err(e) => {
+            for k in won {
+                chosen.remove(k);
+            }
+            rep.reason = Some(e.to_string());
+        }
+    }
+}
+
 fn probe_perf(
     opts: &ProbeOptions,
     topo: Option<&Topology>,
@@ -310,18 +333,13 @@ fn probe_perf(
         rep.zones.push(zone(Some(key), loc, status, None));
     }
     if !won.is_empty() {
-        match PerfMeter::open(&info, topo, &won) {
-            Ok(m) => {
-                rep.available = true;
-                meters.push(Box::new(m));
-            }
-            Err(e) => {
-                for k in &won {
-                    chosen.remove(k);
-                }
-                rep.reason = Some(e.to_string());
-            }
-        }
+        install(
+            PerfMeter::open(&info, topo, &won),
+            &won,
+            &mut rep,
+            chosen,
+            meters,
+        );
     } else if rep.reason.is_none() {
         rep.reason = Some(if rep.zones.is_empty() {
             format!(
@@ -413,18 +431,13 @@ fn probe_powercap(
             .filter(|z| z.key.is_some_and(|k| won.contains(&k)) && z.is_usable())
             .collect(),
     };
-    match PowercapMeter::open(&filtered) {
-        Ok(m) => {
-            rep.available = true;
-            meters.push(Box::new(m));
-        }
-        Err(e) => {
-            for k in &won {
-                chosen.remove(k);
-            }
-            rep.reason = Some(e.to_string());
-        }
-    }
+    install(
+        PowercapMeter::open(&filtered),
+        &won,
+        &mut rep,
+        chosen,
+        meters,
+    );
     rep
 }
 
@@ -535,18 +548,13 @@ fn probe_msr(
         });
         return rep;
     }
-    match MsrMeter::open(&opts.root, &live, &won) {
-        Ok(m) => {
-            rep.available = true;
-            meters.push(Box::new(m));
-        }
-        Err(e) => {
-            for k in &won {
-                chosen.remove(k);
-            }
-            rep.reason = Some(e.to_string());
-        }
-    }
+    install(
+        MsrMeter::open(&opts.root, &live, &won),
+        &won,
+        &mut rep,
+        chosen,
+        meters,
+    );
     rep
 }
 

@@ -129,15 +129,7 @@ impl HostTree {
     /// address, so adjacent addresses (AMD's 0xC001029A and 0xC001029B) overlap in a regular
     /// file, unlike the real device: write the register a test checks last.
     pub fn msr(&self, cpu: u32, regs: &[(u32, u64)]) -> io::Result<()> {
-        let p = self.root.join(format!("dev/cpu/{cpu}/msr"));
-        if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(&p)?;
+        let f = self.msr_file(cpu)?;
         for (addr, v) in regs {
             f.write_all_at(&v.to_le_bytes(), *addr as u64)?;
         }
@@ -146,15 +138,19 @@ impl HostTree {
 
     /// Writes raw bytes at a register address of `dev/cpu/N/msr` (for overlapping registers).
     pub fn msr_bytes(&self, cpu: u32, addr: u32, bytes: &[u8]) -> io::Result<()> {
+        self.msr_file(cpu)?.write_all_at(bytes, addr as u64)
+    }
+
+    /// `dev/cpu/N/msr`, created sparse if missing, opened for writing in place.
+    fn msr_file(&self, cpu: u32) -> io::Result<fs::File> {
         let p = self.root.join(format!("dev/cpu/{cpu}/msr"));
         if let Some(parent) = p.parent() {
             fs::create_dir_all(parent)?;
         }
-        let f = fs::OpenOptions::new()
+        fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false)
-            .open(&p)?;
-        f.write_all_at(bytes, addr as u64)
+            .open(&p)
     }
 }

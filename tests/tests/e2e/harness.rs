@@ -97,3 +97,28 @@ pub fn run_energy(runs: &serde_json::Value, run_id: &str, domain: &str) -> u64 {
         })
         .map_or(0, |d| d["energy_uj"].as_u64().unwrap())
 }
+
+/// A `wattd run` config for the simulated host: its tree as `host.root`, the real cgroup mount,
+/// runs under `cg`'s parent by pattern, the socket and spool in `work`; `extra` is appended
+/// (further sections). Returns the config file and the spool dir.
+pub fn agent_config(
+    sim: &wattd_tests::simhost::SimHost,
+    mount: &Path,
+    cg: &wattd_tests::cgroups::TestCgroups,
+    work: &Path,
+    interval_ms: u64,
+    extra: &str,
+) -> (PathBuf, PathBuf) {
+    let spool = work.join("spool");
+    let pattern = format!("{}/run-{{run_id}}.scope", cg.rel().display());
+    let config = sim
+        .config(&format!(
+            "cgroup_root = {:?}\n[sampling]\ninterval_ms = {interval_ms}\n[runs]\npatterns = [{pattern:?}]\n\
+             control_socket = {:?}\n[spool]\ndir = {:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}",
+            mount.display().to_string(),
+            work.join("control.sock").display().to_string(),
+            spool.display().to_string(),
+        ))
+        .unwrap();
+    (config, spool)
+}

@@ -10,7 +10,7 @@ use wattd_proto::v1;
 use wattd_tests::cgroups::{require_cgroups, TestCgroups};
 use wattd_tests::simhost::{PowerModel, SimHost};
 
-use crate::harness::{burn_bin, wattd, Agent};
+use crate::harness::{agent_config, burn_bin, wattd, Agent};
 
 const KILLS: usize = 50;
 
@@ -31,16 +31,7 @@ fn sigkill_at_random_moments_loses_nothing_unrecorded() {
     .unwrap();
     sim.link_cgroup_mount(&mount).unwrap();
     let work = tempfile::tempdir().unwrap();
-    let spool = work.path().join("spool");
-    let pattern = format!("{}/run-{{run_id}}.scope", cg.rel().display());
-    let config = sim
-        .config(&format!(
-            "cgroup_root = {:?}\n[sampling]\ninterval_ms = 100\n[runs]\npatterns = [{pattern:?}]\ncontrol_socket = {:?}\n[spool]\ndir = {:?}\n",
-            mount.display().to_string(),
-            work.path().join("control.sock").display().to_string(),
-            spool.display().to_string(),
-        ))
-        .unwrap();
+    let (config, spool) = agent_config(&sim, &mount, &cg, work.path(), 100, "");
     // A run that lives through all the kills.
     cg.spawn_in(
         "run-steady.scope",

@@ -7,7 +7,7 @@ use std::time::Duration;
 use wattd_tests::cgroups::{require_cgroups, TestCgroups};
 use wattd_tests::simhost::{PowerModel, SimHost};
 
-use crate::harness::{burn_bin, run_energy, runs_json, wattd, Agent};
+use crate::harness::{agent_config, burn_bin, run_energy, runs_json, wattd, Agent};
 
 const IDLE_W: f64 = 10.0;
 const BUSY_W: f64 = 20.0;
@@ -30,17 +30,14 @@ fn simulated_host_attribution_matches_the_model() {
     .unwrap();
     sim.link_cgroup_mount(&mount).unwrap();
     let work = tempfile::tempdir().unwrap();
-    let spool = work.path().join("spool");
-    let pattern = format!("{}/run-{{run_id}}.scope", cg.rel().display());
-    let config = sim
-        .config(&format!(
-            "cgroup_root = {mount:?}\n[sampling]\ninterval_ms = 500\n[runs]\npatterns = [{pattern:?}]\ncontrol_socket = {sock:?}\n\
-             [attribution]\nidle_policy = \"host\"\nidle_watts_package = {IDLE_W}\n[spool]\ndir = {spool:?}\n",
-            mount = mount.display().to_string(),
-            sock = work.path().join("control.sock").display().to_string(),
-            spool = spool.display().to_string(),
-        ))
-        .unwrap();
+    let (config, spool) = agent_config(
+        &sim,
+        &mount,
+        &cg,
+        work.path(),
+        500,
+        &format!("[attribution]\nidle_policy = \"host\"\nidle_watts_package = {IDLE_W}\n"),
+    );
     let truth_before = sim.truth();
     let mut agent = Agent::start(&config, &work.path().join("wattd.log"));
     std::thread::sleep(Duration::from_millis(1500));
