@@ -54,6 +54,9 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     /// Seconds a finished run's metric series stay exported (`[metrics] finished_run_ttl_s`).
     pub metrics_finished_run_ttl_s: u64,
+    /// Log filter (`[log] level`, tracing's EnvFilter syntax: `info`, `wattd=debug,warn`);
+    /// `RUST_LOG` wins at start. Reloaded on SIGHUP.
+    pub log_level: Option<String>,
 }
 
 impl Config {
@@ -85,6 +88,7 @@ impl Config {
             ledger: None,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9447)),
             metrics_finished_run_ttl_s: 300,
+            log_level: None,
         }
     }
 }
@@ -377,7 +381,8 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
     };
     let mut cfg = Config::defaults();
     let root: &Table = &doc;
-    const SECTIONS: [&str; 10] = [
+    const SECTIONS: [&str; 11] = [
+        "log",
         "node",
         "sampling",
         "host",
@@ -579,6 +584,17 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             _ => {
                 let span = root.get_key_value("ledger").and_then(|(k, _)| k.span());
                 c.problem(span, "ledger", "needs all of endpoint, ca, cert and key");
+            }
+        }
+    }
+    if let Some(t) = c.section(root, "log", &["level"]) {
+        if let Some(v) = c.string(t, "log", "level") {
+            match tracing_subscriber::EnvFilter::try_new(&v) {
+                Ok(_) => cfg.log_level = Some(v),
+                Err(e) => {
+                    let span = c.get(t, "level").and_then(|(_, s)| s);
+                    c.problem(span, "log.level", format!("{v:?} is not a log filter: {e}"));
+                }
             }
         }
     }

@@ -136,15 +136,19 @@ impl AsRawFd for Fd {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub fn run(cfg: Config) -> anyhow::Result<()> {
+/// Swaps the log filter (SIGHUP); returns why a filter was refused.
+pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads the configuration file.
+pub fn run(cfg: Config, log_reload: LogReload) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(run_async(cfg))
+    rt.block_on(run_async(cfg, log_reload))
 }
 
-async fn run_async(cfg: Config) -> anyhow::Result<()> {
+async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()> {
     let root = HostRoot::new(&cfg.host_root);
     let node = node_id(&cfg);
     let boot = boot_id();
@@ -297,6 +301,7 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut ready = false;
     let mut coarsened_intervals: u64 = 0;
 
@@ -305,6 +310,48 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
             _ = ticker.tick() => false,
             _ = sigterm.recv() => true,
             _ = sigint.recv() => true,
+            _ = sighup.recv() => {
+                // Reload without closing the interval in hand: the next tick's interval simply
+                // spans the reload.
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                match crate::config::load(cfg.file.as_deref()) {
+                    Ok(new) => {
+                        if new.patterns != cfg.patterns {
+                            match tracker.set_patterns(&new.patterns) {
+                                Ok(()) => tracing::info!(patterns = ?new.patterns, "run patterns reloaded"),
+                                Err(error) => tracing::error!(%error, "new run patterns refused; keeping the old ones"),
+                            }
+                        }
+                        if new.interval_ms != cfg.interval_ms {
+                            let p = Duration::from_millis(new.interval_ms);
+                            ticker = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
+                            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            tracing::info!(interval_ms = new.interval_ms, "sampling interval reloaded");
+                        }
+                        let policy = Policy { idle: new.idle_policy, dram: new.dram_policy };
+                        if policy != sampler.policy() {
+                            sampler.set_policy(policy);
+                            tracing::info!(?policy, "attribution policy reloaded");
+                        }
+                        if let Some(level) = &new.log_level {
+                            if let Err(error) = log_reload(level) {
+                                tracing::error!(%error, "log level refused");
+                            }
+                        }
+                        let (patterns, interval_ms, idle, dram, level) =
+                            (new.patterns, new.interval_ms, new.idle_policy, new.dram_policy, new.log_level);
+                        cfg.patterns = patterns;
+                        cfg.interval_ms = interval_ms;
+                        cfg.idle_policy = idle;
+                        cfg.dram_policy = dram;
+                        cfg.log_level = level;
+                        tracing::info!("configuration reloaded (other keys take effect at restart)");
+                    }
+                    Err(error) => tracing::error!(%error, "configuration reload refused; nothing changed"),
+                }
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                continue;
+            }
             Some(req) = async { match control_rx.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
                 let result = control::apply(&mut tracker, &req.event);
                 if let Err(e) = &result {

@@ -67,19 +67,37 @@ enum LogFormat {
     Json,
 }
 
-/// Logs go to stderr (journald under systemd); the level comes from RUST_LOG, default info.
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Logs go to stderr (journald under systemd). The filter is RUST_LOG if set, else the config's
+/// `[log] level`, else `info`; the returned handle swaps it on SIGHUP.
+fn init_logging(format: LogFormat, level: Option<&str>) -> wattd::daemon::LogReload {
     use std::io::IsTerminal as _;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let from_env = std::env::var_os("RUST_LOG").is_some();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .ok()
+        .or_else(|| level.and_then(|l| tracing_subscriber::EnvFilter::try_new(l).ok()))
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Plain => b.try_init(),
-        LogFormat::Json => b.json().try_init(),
+    let fmt = match format {
+        LogFormat::Plain => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init();
+    Box::new(move |level: &str| {
+        if from_env {
+            return Ok(()); // RUST_LOG, set by whoever started us, keeps precedence
+        }
+        let f = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    })
 }
 
 fn main() -> ExitCode {
@@ -95,16 +113,16 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run { config, log_format } => {
-            init_logging(log_format);
-            match wattd::config::load(config.as_deref()) {
-                Ok(cfg) => wattd::daemon::run(cfg),
-                Err(e) => {
-                    eprintln!("wattd: {e}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
+        Command::Run { config, log_format } => match wattd::config::load(config.as_deref()) {
+            Ok(cfg) => {
+                let reload = init_logging(log_format, cfg.log_level.as_deref());
+                wattd::daemon::run(cfg, reload)
             }
-        }
+            Err(e) => {
+                eprintln!("wattd: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
         Command::Probe(args) => probe_cmd::run(&args),
         Command::Validate { config } => match wattd::config::load(config.as_deref()) {
             Ok(c) => {

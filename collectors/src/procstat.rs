@@ -127,13 +127,29 @@ pub fn busy_us_between(
     hz: u64,
     elapsed_us: u64,
 ) -> u64 {
-    let hz = hz.max(1) as u128;
+    let cap = elapsed_us as i128 * cpus.len() as i128;
+    busy_us_signed(prev, now, cpus, hz, elapsed_us).clamp(0, cap) as u64
+}
+
+/// Like [`busy_us_between`] but unclamped, summed over `cpus`: idle time arrives in whole
+/// USER_HZ ticks, so over a short interval an idle CPU can show more idle time than elapsed
+/// time. Clamping each CPU at zero would turn that rounding into phantom busy time (about a third
+/// of a tick per idle CPU per interval); callers that carry a balance over intervals take the
+/// signed value and let the rounding cancel.
+pub fn busy_us_signed(
+    prev: &ProcStat,
+    now: &ProcStat,
+    cpus: &[u32],
+    hz: u64,
+    elapsed_us: u64,
+) -> i128 {
+    let hz = hz.max(1) as i128;
     cpus.iter()
         .filter_map(|c| {
             let (a, b) = (prev.per_cpu.get(c)?, now.per_cpu.get(c)?);
-            let idle = |t: &CpuTimes| t.idle as u128 + t.iowait as u128 + t.steal as u128;
-            let idle_us = idle(b).saturating_sub(idle(a)) * 1_000_000 / hz;
-            Some((elapsed_us as u128).saturating_sub(idle_us) as u64)
+            let idle = |t: &CpuTimes| t.idle as i128 + t.iowait as i128 + t.steal as i128;
+            let idle_us = (idle(b) - idle(a)).max(0) * 1_000_000 / hz;
+            Some(elapsed_us as i128 - idle_us)
         })
         .sum()
 }
@@ -177,9 +193,14 @@ mod tests {
         let a = ProcStat::parse(p, "cpu0 0 0 0 1000 0 0 0 0\ncpu1 0 0 0 1000 0 0 0 0\n").unwrap();
         let b = ProcStat::parse(p, "cpu0 99 0 0 1060 0 0 0 0\ncpu1 0 0 0 1100 0 0 0 0\n").unwrap();
         assert_eq!(busy_us_between(&a, &b, &[0], 100, 1_000_000), 400_000);
-        // cpu1 idle all the time; idle beyond elapsed (a late read) clamps at 0.
+        // cpu1 idle all the time; idle beyond elapsed (tick rounding) clamps at 0, and the
+        // signed form keeps the -0.5 s for a caller's balance.
         assert_eq!(busy_us_between(&a, &b, &[1], 100, 1_000_000), 0);
         assert_eq!(busy_us_between(&a, &b, &[1], 100, 500_000), 0);
+        assert_eq!(busy_us_signed(&a, &b, &[1], 100, 500_000), -500_000);
+        // Per-CPU rounding cancels inside a package: 0.4 s busy + (-0.5 s) on an idle one.
+        assert_eq!(busy_us_between(&a, &b, &[0, 1], 100, 500_000), 0);
+        assert_eq!(busy_us_signed(&a, &b, &[0, 1], 100, 1_000_000), 400_000);
         // iowait and steal are not busy either.
         let c = ProcStat::parse(p, "cpu0 0 0 0 1000 50 0 0 25\n").unwrap();
         assert_eq!(busy_us_between(&a, &c, &[0], 100, 1_000_000), 250_000);

@@ -263,29 +263,29 @@ fn drive(
         let Ok(mut t) = truth.lock() else { return };
         let stamp = monotonic_ns();
         for (&p, cpus) in &packages {
-            // Busy time as the agent measures it: elapsed minus the (exactly measured) idle time.
-            let stat_busy_us: u128 = match &last_stat {
-                Some(prev) => wattd_collectors::procstat::busy_us_between(
+            // Busy time as the agent measures it: elapsed minus the (exactly measured) idle time,
+            // signed, because idle arrives in whole ticks and a 5 ms step can show 10 ms of it.
+            let stat_busy_us: i128 = match &last_stat {
+                Some(prev) => wattd_collectors::procstat::busy_us_signed(
                     prev,
                     &stat,
                     cpus,
                     hz as u64,
                     dt_us as u64,
-                ) as u128,
+                ),
                 None => 0,
             };
             // With the runs' exact time known (one package hosts them in these tests), the
-            // model draws for exactly that, plus the rest of /proc/stat's busy time for the host.
-            let busy_us = match (runs_now, last_runs) {
-                (Some(now), Some(prev)) if packages.len() == 1 => {
-                    let runs = now.saturating_sub(prev) as i128;
-                    host_balance += stat_busy_us as i128 - runs;
-                    let host = host_balance.max(0);
-                    host_balance = (host_balance - host).max(-(cpus.len() as i128) * 20_000);
-                    (runs + host) as u128
-                }
-                _ => stat_busy_us,
+            // model draws for exactly that, plus the rest of /proc/stat's busy time for the host;
+            // a balance carries the tick rounding so it cancels instead of accumulating.
+            let runs = match (runs_now, last_runs) {
+                (Some(now), Some(prev)) if packages.len() == 1 => now.saturating_sub(prev) as i128,
+                _ => 0,
             };
+            host_balance += stat_busy_us - runs;
+            let host = host_balance.max(0);
+            host_balance = (host_balance - host).max(-(cpus.len() as i128) * 20_000);
+            let busy_us = (runs + host) as u128;
             let before_uj = pj[&p] / 1_000_000;
             let acc = pj.entry(p).or_default();
             *acc += idle_uw * dt_us + busy_uw * busy_us;

@@ -927,6 +927,41 @@ impl RunTracker {
         }
     }
 
+    /// Replaces the run patterns (configuration reload). Runs found by an old pattern stay
+    /// tracked until they finish, so none loses its final reading; cgroups that only the new
+    /// patterns match are tracked from now on (billed from discovery: their past CPU time was in
+    /// the host bucket and must not be billed twice). Invalid patterns change nothing.
+    pub fn set_patterns(&mut self, patterns: &[String]) -> Result<(), HostError> {
+        let parsed: Vec<RunPattern> = patterns
+            .iter()
+            .map(|p| RunPattern::parse(p))
+            .collect::<Result<_, _>>()?;
+        for wd in self.pattern_wds.iter().flatten() {
+            self.watches.remove(wd);
+            self.inotify.rm_watch(*wd);
+        }
+        let old: Vec<String> = self
+            .patterns
+            .iter()
+            .map(|p| p.as_str().to_owned())
+            .collect();
+        for run in self.runs.values_mut() {
+            if let Some(i) = run.pattern {
+                run.pattern = old
+                    .get(i)
+                    .and_then(|o| parsed.iter().position(|n| n.as_str() == o));
+            }
+        }
+        let n = parsed.len();
+        self.patterns = parsed;
+        self.pattern_wds = vec![None; n];
+        for idx in 0..n {
+            self.arm_pattern(idx);
+            self.scan_pattern(idx, BilledFrom::Discovery);
+        }
+        Ok(())
+    }
+
     /// The control plane announces a run. Idempotent: the same id on the same cgroup is
     /// `AlreadyTracked` (labels are adopted if the run had none, e.g. found by pattern first);
     /// the same id elsewhere, different labels, or a cgroup nested in another run's is an
@@ -1123,10 +1158,14 @@ impl RunTracker {
         }
         let mut packages = BTreeMap::new();
         for pkg in self.topology.packages() {
-            let busy_us = busy_by_pkg_us.as_ref().and_then(|m| m.get(&pkg).copied());
+            // Signed: tick rounding can make a short interval's idle exceed its elapsed time.
+            let busy_signed = busy_by_pkg_us
+                .as_ref()
+                .and_then(|m| m.get(&pkg).copied())
+                .unwrap_or(0);
+            let busy = u64::try_from(busy_signed.max(0)).unwrap_or(u64::MAX);
             let runs_us = runs_by_pkg.get(&pkg).copied().unwrap_or(0);
-            let busy = busy_us.unwrap_or(0);
-            if runs_us > busy {
+            if i128::from(runs_us) > busy_signed {
                 self.counters.host_clamps += 1;
             }
             // /proc/stat's idle time comes in 10 ms units, so one interval's busy time is off by
@@ -1136,7 +1175,7 @@ impl RunTracker {
             // running balance of busy minus runs: over time it receives exactly what the
             // counters say, and it is never negative.
             let balance = self.host_balance_us.entry(pkg).or_insert(0);
-            *balance = balance.saturating_add(i128::from(busy) - i128::from(runs_us));
+            *balance = balance.saturating_add(busy_signed - i128::from(runs_us));
             let host_us = u64::try_from((*balance).max(0)).unwrap_or(u64::MAX);
             *balance -= i128::from(host_us);
             // A balance can go only so far negative: a run can out-measure /proc/stat by a
@@ -1166,7 +1205,7 @@ impl RunTracker {
     /// Per-package busy time since the last tick, from /proc/stat.
     /// Busy time is the interval's elapsed time (the caller's monotonic measure, the same one
     /// the energy interval uses) minus each CPU's idle time.
-    fn read_busy(&mut self, elapsed_us: u64) -> Option<BTreeMap<u32, u64>> {
+    fn read_busy(&mut self, elapsed_us: u64) -> Option<BTreeMap<u32, i128>> {
         let now = match ProcStat::read(&self.root) {
             Ok(s) => s,
             Err(e) => {
@@ -1175,9 +1214,9 @@ impl RunTracker {
             }
         };
         let prev = self.last_stat.replace(now.clone())?;
-        let mut by_pkg: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut by_pkg: BTreeMap<u32, i128> = BTreeMap::new();
         for (pkg, cpus) in self.topology.cpus_by_package() {
-            let us = crate::procstat::busy_us_between(&prev, &now, &cpus, self.user_hz, elapsed_us);
+            let us = crate::procstat::busy_us_signed(&prev, &now, &cpus, self.user_hz, elapsed_us);
             by_pkg.insert(pkg, us);
         }
         Some(by_pkg)
@@ -1257,10 +1296,10 @@ fn capture(run: &mut Run, scratch: &mut Vec<(u32, u64)>) -> Result<(), HostError
 
 /// Package weights from /proc/stat busy time; with none measured (first tick, idle host), each
 /// package weighs its CPU count so the split is still exact and deterministic.
-fn proc_stat_weights(busy: &Option<BTreeMap<u32, u64>>, topo: &Topology) -> Vec<(u32, u128)> {
+fn proc_stat_weights(busy: &Option<BTreeMap<u32, i128>>, topo: &Topology) -> Vec<(u32, u128)> {
     if let Some(b) = busy {
         if b.values().any(|&v| v > 0) {
-            return b.iter().map(|(&p, &v)| (p, u128::from(v))).collect();
+            return b.iter().map(|(&p, &v)| (p, v.max(0) as u128)).collect();
         }
     }
     topo.cpus_by_package()

@@ -6,5 +6,6 @@
 
 mod harness;
 mod kill;
+mod reload;
 mod simhost_attribution;
 mod systemd_unit;
