@@ -166,7 +166,18 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
     for t in &report.torn_tails {
         tracing::warn!(?t, "cut a torn tail from the spool");
     }
-    let previous = last_interval(&sealer)?;
+    // A spool whose last batch cannot be read back still lets the agent measure: the downtime is
+    // then recorded with an unknown start.
+    let previous = match last_interval(&sealer) {
+        Ok(p) => p,
+        Err(error) => {
+            tracing::error!(%error, "cannot read the last interval back from the spool");
+            None
+        }
+    };
+    if previous.is_none() && sealer.spool().last_seq() > 0 {
+        tracing::warn!(last_seq = sealer.spool().last_seq(), "spool has batches but no interval was found in its tail; the downtime gap starts at an unknown time");
+    }
 
     // Sources.
     let mut popts = ProbeOptions::new(root.clone());
@@ -378,8 +389,9 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
         for e in &snap.errors {
             tracing::debug!(run = ?e.run_id, error = %e.error, "usage read");
         }
-        let usage = usage_from(&snap, &package_cpus);
-        let interval = sampler.tick(Stamp::now(), Some(usage));
+        // Without the host's busy time the runs would take the host's share too: no division.
+        let usage = snap.busy_measured.then(|| usage_from(&snap, &package_cpus));
+        let interval = sampler.tick(Stamp::now(), usage);
         for r in snap.runs.iter().filter(|r| r.started) {
             started_unix.insert(r.run_id.to_string(), interval.start.unix_ns);
         }
@@ -437,6 +449,16 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
         }
         if stop {
+            if !sealer.pending().is_empty() {
+                // The spool could not take the last intervals (full). Stopping anyway loses their
+                // energy to the agent-down gap the next start records: say so, and exit non-zero
+                // so the supervisor and the operator see it.
+                let pending = sealer.pending().intervals.len();
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+                anyhow::bail!(
+                    "stopping with {pending} interval(s) that the full spool could not take; their time will be recorded as an agent-down gap"
+                );
+            }
             tracing::info!(
                 index = interval.index,
                 "stopping: last interval sealed and flushed"

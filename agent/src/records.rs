@@ -139,13 +139,33 @@ pub fn parse_domain(s: &str) -> Option<Domain> {
 /// figures add up (allocations by run, unattributed by reason), gaps are kept, and the result is
 /// marked `coarsened`. Conservation holds for the sum because it holds for each part.
 pub fn merge_interval(into: &mut v1::Interval, next: v1::Interval) {
+    // The merged interval carries the last index it covers, so the indices after it (and an
+    // agent restarted after it) never reuse one of the merged ones.
+    into.index = next.index.max(into.index);
     into.end_monotonic_ns = next.end_monotonic_ns.max(into.end_monotonic_ns);
     into.end_unix_ns = next.end_unix_ns;
     into.wall_clock_jump_ns = into
         .wall_clock_jump_ns
         .saturating_add(next.wall_clock_jump_ns);
     into.coarsened = true;
-    into.gaps.extend(next.gaps);
+    // A meter that keeps failing while the spool is full would add a gap per interval: a gap
+    // that continues the previous one of the same meter and cause extends it instead, so the
+    // pending batch stays bounded.
+    for g in next.gaps {
+        let continues = into.gaps.iter_mut().rev().find(|p| {
+            p.domain == g.domain
+                && p.package == g.package
+                && p.cause == g.cause
+                && p.end_monotonic_ns == g.start_monotonic_ns
+        });
+        match continues {
+            Some(p) => {
+                p.end_monotonic_ns = g.end_monotonic_ns;
+                p.end_unix_ns = g.end_unix_ns;
+            }
+            None => into.gaps.push(g),
+        }
+    }
     for d in next.domains {
         let same = |e: &&mut v1::DomainEnergy| {
             e.domain == d.domain && e.package == d.package && e.die == d.die && e.source == d.source
@@ -243,7 +263,24 @@ mod tests {
         };
         merge_interval(&mut a, b);
         assert!(a.coarsened);
-        assert_eq!((a.index, a.end_monotonic_ns, a.gaps.len()), (5, 20, 1));
+        assert_eq!((a.index, a.end_monotonic_ns, a.gaps.len()), (6, 20, 1));
+        // A gap that continues the last one extends it.
+        let c = v1::Interval {
+            index: 7,
+            end_monotonic_ns: 30,
+            gaps: vec![v1::Gap {
+                detail: "reset".into(),
+                start_monotonic_ns: 0,
+                end_monotonic_ns: 30,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        merge_interval(&mut a, c);
+        assert_eq!(
+            (a.index, a.gaps.len(), a.gaps[0].end_monotonic_ns),
+            (7, 1, 30)
+        );
         assert_eq!(a.domains.len(), 2);
         let p = &a.domains[0];
         assert_eq!(p.measured_uj, 150);

@@ -170,7 +170,19 @@ impl Sampler {
         let mut meters = Vec::with_capacity(self.readings.len());
         for r in self.readings.drain(..) {
             let measured = match &r.sample {
-                Ok(CounterSample::First) => continue,
+                // Every meter got its baseline when the sampler started; a `First` now means the
+                // meter re-baselined after a failed read (or its start-up read failed): this
+                // interval's energy is unknown, and says so.
+                Ok(CounterSample::First) => {
+                    gaps.push(GapRecord {
+                        key: Some(r.key),
+                        start,
+                        end,
+                        cause: GapCause::SourceFailure,
+                        detail: format!("{} {}: new baseline after a failed read", r.source, r.key),
+                    });
+                    Measured::Gap
+                }
                 Ok(CounterSample::Energy { energy_uj, .. }) => Measured::Energy {
                     energy_uj: *energy_uj,
                 },
@@ -375,5 +387,35 @@ mod tests {
             "{}",
             i.gaps[0].detail
         );
+        // Regression: after a failed read the next good reading is a new baseline recorded as a
+        // gap, not the failed interval's energy folded into this one.
+        t.write(
+            "sys/class/powercap/intel-rapl:0/energy_uj",
+            "250000000000\n",
+        )
+        .unwrap();
+        let i = s.tick(
+            Stamp {
+                mono_ns: 4_000_000_000,
+                unix_ns: 4_000_000_000,
+            },
+            Some(usage()),
+        );
+        assert!(i.results[0].gap && i.results[0].measured_uj == 0);
+        assert_eq!(i.gaps[0].cause, GapCause::SourceFailure);
+        t.write(
+            "sys/class/powercap/intel-rapl:0/energy_uj",
+            "250000500000\n",
+        )
+        .unwrap();
+        let i = s.tick(
+            Stamp {
+                mono_ns: 5_000_000_000,
+                unix_ns: 5_000_000_000,
+            },
+            Some(usage()),
+        );
+        assert_eq!(i.results[0].measured_uj, 500_000);
+        assert!(i.gaps.is_empty());
     }
 }

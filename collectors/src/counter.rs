@@ -111,6 +111,13 @@ impl EnergyCounter {
         u64::try_from(self.ceiling_uw as u128 * e / 1_000_000).unwrap_or(u64::MAX)
     }
 
+    /// Forgets the last reading after a failed read: the next good reading is a new baseline
+    /// (`First`), so the energy of the failed interval, which is recorded as a gap, is never
+    /// also counted in the next one.
+    pub fn invalidate(&mut self) {
+        self.last_raw = None;
+    }
+
     /// Feeds one raw reading taken `elapsed_us` after the previous one.
     pub fn update(&mut self, raw: u64, elapsed_us: u64) -> Result<CounterSample, OutOfRange> {
         if let Some(m) = self.modulus {

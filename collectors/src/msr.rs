@@ -312,6 +312,9 @@ impl Meter for MsrMeter {
                     .update(energy_count(v), elapsed_us)
                     .map_err(|e| HostError::malformed(r.dev.path(), e.to_string()))
             });
+            if sample.is_err() {
+                r.counter.invalidate();
+            }
             out.push(DomainReading {
                 key: r.key,
                 source: SourceKind::Msr,

@@ -271,6 +271,9 @@ impl Meter for PerfMeter {
                         .update(raw, elapsed_us)
                         .map_err(|e| HostError::malformed(Path::new(&c.what), e.to_string()))
                 });
+            if sample.is_err() {
+                c.energy.invalidate();
+            }
             out.push(DomainReading {
                 key: c.key,
                 source: SourceKind::PerfPmu,

@@ -433,6 +433,9 @@ impl Meter for PowercapMeter {
     fn read(&mut self, elapsed_us: u64, out: &mut Vec<DomainReading>) {
         for z in &mut self.zones {
             let sample = read_one(z, elapsed_us);
+            if sample.is_err() {
+                z.counter.invalidate();
+            }
             out.push(DomainReading {
                 key: z.key,
                 source: SourceKind::Powercap,

@@ -25,7 +25,12 @@ pub fn require_cgroups(test: &str) -> Option<PathBuf> {
     let why = match cgroup2_mount() {
         None => "no cgroup2 mount in /proc/self/mountinfo".to_owned(),
         Some(m) => {
-            let probe = m.join(format!("wattd-probe-{}", std::process::id()));
+            // Unique per call: tests of one process probe concurrently.
+            let probe = m.join(format!(
+                "wattd-probe-{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
             match fs::create_dir(&probe) {
                 Ok(()) => {
                     let _ = fs::remove_dir(&probe);

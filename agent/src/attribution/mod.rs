@@ -430,8 +430,8 @@ fn attribute_meter(input: &IntervalInput, dense: Option<&Dense>, m: &MeterInput)
         None => usage.busy_us.keys().copied().collect(),
     };
 
-    let idle_cap = (m.idle.power_uw as u128 * input.elapsed_us as u128 / 1_000_000) as u64;
-    let idle = idle_cap.min(energy);
+    let idle_cap = m.idle.power_uw as u128 * input.elapsed_us as u128 / 1_000_000;
+    let idle = idle_cap.min(energy as u128) as u64;
     let active = energy - idle;
     r.idle_uj = idle;
 

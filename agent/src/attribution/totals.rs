@@ -22,12 +22,6 @@ pub struct RunTotal {
     pub estimated: bool,
 }
 
-impl RunTotal {
-    pub fn total_uj(&self) -> u64 {
-        self.energy_uj.values().sum()
-    }
-}
-
 /// Running totals of every live run.
 #[derive(Clone, Debug, Default)]
 pub struct Totals {

@@ -42,6 +42,13 @@ const PARENT_MASK: u32 = libc::IN_CREATE
     | libc::IN_DELETE_SELF
     | libc::IN_ONLYDIR;
 
+/// How recent a cgroup must be to be billed from its birth when found (see `billing_start`):
+/// longer than any rescan period, shorter than a forgotten run's lingering cgroup.
+pub const BIRTH_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// How far behind the real clock kernfs' coarse inode timestamps can be (a jiffy at HZ 100).
+const CTIME_SLACK: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// What the tracker needs to know; see the BRIEF's configuration contract (`host.root`,
 /// `host.cgroup_root`, `runs.patterns`).
 #[derive(Clone, Debug)]
@@ -179,6 +186,9 @@ pub struct UsageSnapshot {
     pub interval_us: u64,
     pub runs: Vec<RunUsage>,
     pub packages: BTreeMap<u32, PackageUsage>,
+    /// False when /proc/stat could not be read (or this tick re-baselines after a failure):
+    /// the host's busy time is unknown, so no division between runs and host is fair.
+    pub busy_measured: bool,
     /// Read failures since the last tick; runs with one carry no usage this tick and catch up
     /// on the next good read.
     pub errors: Vec<TickError>,
@@ -660,6 +670,16 @@ impl RunTracker {
     /// A directory name under a pattern's parent: track it if it is a new run. Returns the
     /// run id when the name is a run of this pattern (tracked before or now).
     fn consider(&mut self, idx: usize, name: &OsStr, billed_from: BilledFrom) -> Option<Arc<str>> {
+        let billed_from = match billed_from {
+            BilledFrom::Birth => {
+                let dir = self
+                    .cgroup_root
+                    .join(self.patterns[idx].parent())
+                    .join(name);
+                self.billing_start(&dir, BilledFrom::Birth)
+            }
+            other => other,
+        };
         let id = match self.patterns[idx].match_name(name) {
             NameMatch::Run(id) => id,
             NameMatch::NoMatch => return None,
@@ -927,6 +947,46 @@ impl RunTracker {
         }
     }
 
+    /// Where a run found now starts being billed. From its birth only if its cgroup was created
+    /// after this tracker started and recently (within [`BIRTH_WINDOW`]): a cgroup that is
+    /// older was either measured by a previous agent instance (its past is in that agent's
+    /// records or in the agent-down gap) or already counted in the host bucket while no run
+    /// claimed it (a run whose finish was forgotten, found again by a rescan); billing its past
+    /// again would count it twice. Creation time is the oldest ctime of the directory and its
+    /// `cpu.stat`: the directory's own ctime moves when children are created or it is chowned
+    /// for delegation, the kernel-created `cpu.stat` keeps its creation time.
+    fn billing_start(&self, dir: &std::path::Path, wanted: BilledFrom) -> BilledFrom {
+        fn ctime(p: &std::path::Path) -> Option<std::time::SystemTime> {
+            use std::os::unix::fs::MetadataExt as _;
+            let m = std::fs::metadata(p).ok()?;
+            let secs = u64::try_from(m.ctime()).ok()?;
+            Some(
+                std::time::UNIX_EPOCH
+                    + std::time::Duration::new(secs, m.ctime_nsec().clamp(0, 999_999_999) as u32),
+            )
+        }
+        if wanted == BilledFrom::Discovery {
+            return wanted;
+        }
+        let created = match (ctime(dir), ctime(&dir.join("cpu.stat"))) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let recent = std::time::SystemTime::now()
+            .checked_sub(BIRTH_WINDOW)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        // kernfs stamps inodes with the coarse clock, up to a jiffy behind the real one.
+        let started = self
+            .started_at
+            .checked_sub(CTIME_SLACK)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        match created {
+            Some(t) if t >= started && t >= recent => BilledFrom::Birth,
+            // Unknown creation time: the safe side is never to bill a past twice.
+            _ => BilledFrom::Discovery,
+        }
+    }
+
     /// Replaces the run patterns (configuration reload). Runs found by an old pattern stay
     /// tracked until they finish, so none loses its final reading; cgroups that only the new
     /// patterns match are tracked from now on (billed from discovery: their past CPU time was in
@@ -1001,23 +1061,7 @@ impl RunTracker {
         // A cgroup created before this tracker started may have been billed by a previous agent
         // instance (the control plane re-announces runs after a restart); its usage before now
         // belongs to the recorded agent-down gap, never to this run twice.
-        let created = std::fs::metadata(self.cgroup_root.join(cgroup_rel))
-            .ok()
-            .and_then(|m| {
-                use std::os::unix::fs::MetadataExt as _;
-                let secs = u64::try_from(m.ctime()).ok()?;
-                Some(
-                    std::time::UNIX_EPOCH
-                        + std::time::Duration::new(
-                            secs,
-                            m.ctime_nsec().clamp(0, 999_999_999) as u32,
-                        ),
-                )
-            });
-        let billed_from = match created {
-            Some(t) if t < self.started_at => BilledFrom::Discovery,
-            _ => BilledFrom::Birth,
-        };
+        let billed_from = self.billing_start(&self.cgroup_root.join(cgroup_rel), BilledFrom::Birth);
         self.add_run(
             run_id,
             cgroup_rel,
@@ -1079,6 +1123,7 @@ impl RunTracker {
             self.rescan_all();
         }
         let busy_by_pkg_us = self.read_busy(elapsed_us);
+        let busy_measured = busy_by_pkg_us.is_some();
         let mut runs_out = Vec::with_capacity(self.runs.len());
         let mut runs_by_pkg: BTreeMap<u32, u64> = BTreeMap::new();
         let fallback_weights = proc_stat_weights(&busy_by_pkg_us, &self.topology);
@@ -1194,6 +1239,7 @@ impl RunTracker {
         }
         UsageSnapshot {
             interval_us: elapsed_us,
+            busy_measured,
             runs: runs_out,
             packages,
             errors: std::mem::take(&mut self.errors),
@@ -1210,6 +1256,9 @@ impl RunTracker {
             Ok(s) => s,
             Err(e) => {
                 self.push_error(None, e);
+                // The next good read is a new baseline: measuring from this stale one would
+                // count two intervals' idle time against one interval's elapsed time.
+                self.last_stat = None;
                 return None;
             }
         };
