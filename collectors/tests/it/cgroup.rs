@@ -664,6 +664,16 @@ fn generated_tree_cpu_stat_unknown_keys_missing_usage_and_vanishing() {
             "package {p}"
         );
     }
+    // Regression: /proc/stat unreadable -> the snapshot says busy time is unknown (the daemon
+    // then records NO_USAGE_DATA instead of giving runs the host's share); the next good read
+    // is a new baseline, not a span of two intervals' idle time against one's elapsed time.
+    let stat = dir.path().join("proc/stat");
+    let saved = std::fs::read(&stat).unwrap();
+    std::fs::remove_file(&stat).unwrap();
+    assert!(!t.tick(1_000_000).busy_measured);
+    std::fs::write(&stat, &saved).unwrap();
+    assert!(!t.tick(1_000_000).busy_measured);
+    assert!(t.tick(1_000_000).busy_measured);
 }
 
 #[test]
