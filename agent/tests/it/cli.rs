@@ -163,3 +163,27 @@ fn validate_lists_every_problem_and_exits_64() {
         "{se}"
     );
 }
+
+/// The annotated example the packages install to /etc/wattd/wattd.toml must stay valid, and
+/// uncommenting its every key must too (the defaults it shows are real values).
+#[test]
+fn annotated_example_config_is_valid_with_and_without_its_keys() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/wattd.toml");
+    let (out, _, se) = run(wattd().args(["validate", "--config"]).arg(&example));
+    assert!(out.status.success(), "{se}");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let uncommented: String = text
+        .lines()
+        .map(|l| match l.strip_prefix('#') {
+            Some(rest) if rest.contains(" = ") && !rest.starts_with(' ') => rest.to_owned(),
+            Some(rest) if rest.starts_with(" [") => rest.trim_start().to_owned(),
+            _ => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full.toml");
+    std::fs::write(&full, uncommented).unwrap();
+    let (out, _, se) = run(wattd().args(["validate", "--config"]).arg(&full));
+    assert!(out.status.success(), "{se}");
+}
