@@ -9,6 +9,12 @@ use wattd::attribution::{
 use wattd_collectors::{Domain, MeterKey, Quality, SourceKind};
 
 fn input(runs: usize, idle: IdlePolicy) -> IntervalInput {
+    input_with(runs, idle, true)
+}
+
+/// `server`: package and DRAM meters per socket plus psys (5 meters); otherwise the two
+/// package meters only (an AMD-like host).
+fn input_with(runs: usize, idle: IdlePolicy, server: bool) -> IntervalInput {
     let meter = |domain, package, e| MeterInput {
         key: MeterKey {
             domain,
@@ -25,13 +31,20 @@ fn input(runs: usize, idle: IdlePolicy) -> IntervalInput {
     };
     IntervalInput {
         elapsed_us: 1_000_000,
-        meters: vec![
-            meter(Domain::Package, Some(0), 150_000_000),
-            meter(Domain::Package, Some(1), 140_000_000),
-            meter(Domain::Dram, Some(0), 20_000_000),
-            meter(Domain::Dram, Some(1), 21_000_000),
-            meter(Domain::Psys, None, 400_000_000),
-        ],
+        meters: if server {
+            vec![
+                meter(Domain::Package, Some(0), 150_000_000),
+                meter(Domain::Package, Some(1), 140_000_000),
+                meter(Domain::Dram, Some(0), 20_000_000),
+                meter(Domain::Dram, Some(1), 21_000_000),
+                meter(Domain::Psys, None, 400_000_000),
+            ]
+        } else {
+            vec![
+                meter(Domain::Package, Some(0), 150_000_000),
+                meter(Domain::Package, Some(1), 140_000_000),
+            ]
+        },
         usage: Some(Usage {
             runs: (0..runs)
                 .map(|i| RunUsage {
@@ -65,6 +78,18 @@ fn bench(c: &mut Criterion) {
         IdlePolicy::Host,
     ] {
         let i = input(10_000, idle);
+        g.bench_with_input(BenchmarkId::from_parameter(idle.as_str()), &i, |b, i| {
+            b.iter(|| attribute(i))
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("attribute_10k_runs_2_package_meters");
+    for idle in [
+        IdlePolicy::Proportional,
+        IdlePolicy::Reserved,
+        IdlePolicy::Host,
+    ] {
+        let i = input_with(10_000, idle, false);
         g.bench_with_input(BenchmarkId::from_parameter(idle.as_str()), &i, |b, i| {
             b.iter(|| attribute(i))
         });
