@@ -154,8 +154,15 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
     let boot = boot_id();
 
     // The spool first: if it cannot be opened there is nowhere to keep measurements.
-    std::fs::create_dir_all(&cfg.spool_dir)
-        .with_context(|| format!("creating spool dir {}", cfg.spool_dir.display()))?;
+    // The spool holds the node's private key and every measurement: owner only.
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.spool_dir)
+            .with_context(|| format!("creating spool dir {}", cfg.spool_dir.display()))?;
+    }
     let mut spool_cfg = SpoolConfig::new(&cfg.spool_dir, &node);
     spool_cfg.max_bytes = cfg.spool_max_bytes;
     let policy_seal =
