@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod explain_cmd;
 mod export_cmd;
 mod identity_cmd;
 mod probe_cmd;
@@ -59,6 +60,10 @@ enum Command {
     Verify(verify_cmd::VerifyArgs),
     /// Per-run energy by domain, in uJ and Wh, from the local spool.
     Runs(runs_cmd::RunsArgs),
+    /// The audit trail of one run: every interval it appears in, with the measured energy, the
+    /// policy and idle estimate, its usage and share, its allocation and the batch carrying it;
+    /// totals equal `wattd runs` for that run.
+    Explain(explain_cmd::ExplainArgs),
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -143,6 +148,7 @@ fn main() -> ExitCode {
         Command::Export(args) => export_cmd::run(&args),
         Command::Verify(args) => verify_cmd::run(&args),
         Command::Runs(args) => runs_cmd::run(&args),
+        Command::Explain(args) => explain_cmd::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

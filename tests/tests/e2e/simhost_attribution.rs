@@ -90,6 +90,39 @@ fn simulated_host_attribution_matches_the_model() {
         errors.push((id, got, want, err));
     }
     let _ = measured_total(&spool);
+    // `wattd explain` reproduces `wattd runs` for every run, to the microjoule, domain by domain.
+    for r in runs["runs"].as_array().unwrap() {
+        let id = r["run_id"].as_str().unwrap();
+        let out = wattd(&[
+            "explain",
+            id,
+            "--format",
+            "json",
+            "--data-dir",
+            spool.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "explain {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ex: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(ex["energy_uj"], r["energy_uj"], "run {id}");
+        for d in r["domains"].as_array().unwrap() {
+            let t = ex["totals"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["domain"] == d["domain"])
+                .unwrap();
+            assert_eq!(t["energy_uj"], d["energy_uj"], "run {id} {}", d["domain"]);
+        }
+        assert!(ex["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|row| row["batch_seq"].as_u64().unwrap() > 0));
+    }
     let got_s = run_energy(&runs, "s", "package:0");
     eprintln!(
         "run s (300 ms): usage {us} us, attributed {got_s} uJ, model {} uJ",
