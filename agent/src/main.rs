@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod calibrate_cmd;
 mod explain_cmd;
 mod export_cmd;
 mod identity_cmd;
@@ -64,6 +65,13 @@ enum Command {
     /// policy and idle estimate, its usage and share, its allocation and the batch carrying it;
     /// totals equal `wattd runs` for that run.
     Explain(explain_cmd::ExplainArgs),
+    /// Measure idle power and power per busy CPU per package with burners at 0..N CPUs, fit a
+    /// line, and print it with R squared and the [calibration] snippet. Needs a hardware counter
+    /// and a quiet host.
+    Calibrate(calibrate_cmd::CalibrateArgs),
+    /// Internal: a CPU burner for `calibrate` (spins until killed).
+    #[command(hide = true)]
+    BurnCpuForCalibration,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -149,6 +157,8 @@ fn main() -> ExitCode {
         Command::Verify(args) => verify_cmd::run(&args),
         Command::Runs(args) => runs_cmd::run(&args),
         Command::Explain(args) => explain_cmd::run(&args),
+        Command::Calibrate(args) => calibrate_cmd::run(&args),
+        Command::BurnCpuForCalibration => calibrate_cmd::burn(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
