@@ -12,6 +12,7 @@ mod export_cmd;
 mod identity_cmd;
 mod probe_cmd;
 mod runs_cmd;
+mod top_cmd;
 mod verify_cmd;
 
 /// Exit code for bad usage or configuration (BSD sysexits EX_USAGE).
@@ -69,6 +70,10 @@ enum Command {
     /// line, and print it with R squared and the [calibration] snippet. Needs a hardware counter
     /// and a quiet host.
     Calibrate(calibrate_cmd::CalibrateArgs),
+    /// A live terminal view of a running wattd (from its metrics endpoint): per run the current
+    /// watts by domain and the energy so far, host, idle and unattributed shares, each meter's
+    /// source and quality. `s` changes the sort, `q` quits.
+    Top(top_cmd::TopArgs),
     /// Internal: a CPU burner for `calibrate` (spins until killed).
     #[command(hide = true)]
     BurnCpuForCalibration,
@@ -158,6 +163,7 @@ fn main() -> ExitCode {
         Command::Runs(args) => runs_cmd::run(&args),
         Command::Explain(args) => explain_cmd::run(&args),
         Command::Calibrate(args) => calibrate_cmd::run(&args),
+        Command::Top(args) => top_cmd::run(&args),
         Command::BurnCpuForCalibration => calibrate_cmd::burn(),
     };
     match result {

@@ -10,3 +10,4 @@ mod kill;
 mod reload;
 mod simhost_attribution;
 mod systemd_unit;
+mod top;

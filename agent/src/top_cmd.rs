@@ -1,0 +1,368 @@
+//! `wattd top`: a live terminal view of a running wattd, read from its metrics endpoint (never by
+//! measuring a second time): per run the current watts by domain and the energy so far; the
+//! host, idle and unattributed shares; each meter's source and quality. Refreshes once per
+//! interval, fits the terminal (80x24 over SSH), `s` changes the sort, `q` quits.
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The agent's configuration, for `metrics.listen`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The metrics endpoint to read (overrides the configuration), e.g. 127.0.0.1:9447.
+    #[arg(long, value_name = "ADDR")]
+    pub endpoint: Option<SocketAddr>,
+    /// Refresh period.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub interval_ms: u64,
+}
+
+/// One sample line of the exposition format: name, labels, value.
+type Sample = (String, BTreeMap<String, String>, f64);
+
+/// Parses Prometheus text exposition (only what `wattd` writes: no timestamps, no escapes
+/// beyond `\\`, `\"`, `\n`). Malformed lines are skipped.
+pub fn parse_exposition(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (head, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (name, labels) = match head.split_once('{') {
+            None => (head.to_owned(), BTreeMap::new()),
+            Some((name, rest)) => {
+                let Some(body) = rest.strip_suffix('}') else {
+                    continue;
+                };
+                (name.to_owned(), parse_labels(body))
+            }
+        };
+        out.push((name, labels, value));
+    }
+    out
+}
+
+fn parse_labels(body: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    let mut chars = body.chars().peekable();
+    loop {
+        let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
+        if key.is_empty() || chars.next() != Some('"') {
+            break;
+        }
+        let mut val = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('n') => val.push('\n'),
+                    Some(o) => val.push(o),
+                    None => break,
+                },
+                '"' => break,
+                o => val.push(o),
+            }
+        }
+        labels.insert(key.trim_start_matches(',').to_owned(), val);
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+    labels
+}
+
+fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: wattd\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.take(64 << 20).read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok(body)
+}
+
+/// What one screen shows, computed from two scrapes.
+#[derive(Debug, Default)]
+pub struct View {
+    /// run -> domain -> (watts now, joules so far)
+    pub runs: BTreeMap<String, BTreeMap<String, (f64, f64)>>,
+    /// domain -> (active, idle, unattributed) joules of the host bucket
+    pub host: BTreeMap<String, [f64; 3]>,
+    /// "domain package" -> (watts, source, quality)
+    pub meters: BTreeMap<String, (f64, String, String)>,
+}
+
+pub fn view(prev: &[Sample], now: &[Sample], dt_s: f64) -> View {
+    let key = |l: &BTreeMap<String, String>, k: &str| l.get(k).cloned().unwrap_or_default();
+    let prev_energy: BTreeMap<(String, String), f64> = prev
+        .iter()
+        .filter(|(n, _, _)| n == "wattd_run_energy_joules_total")
+        .map(|(_, l, v)| ((key(l, "run_id"), key(l, "domain")), *v))
+        .collect();
+    let mut v = View::default();
+    for (name, l, val) in now {
+        match name.as_str() {
+            "wattd_run_energy_joules_total" => {
+                let (run, dom) = (key(l, "run_id"), key(l, "domain"));
+                let before = prev_energy
+                    .get(&(run.clone(), dom.clone()))
+                    .copied()
+                    .unwrap_or(*val);
+                let watts = if dt_s > 0.0 {
+                    (val - before).max(0.0) / dt_s
+                } else {
+                    0.0
+                };
+                v.runs.entry(run).or_default().insert(dom, (watts, *val));
+            }
+            "wattd_host_energy_joules_total" => {
+                let slot = match key(l, "part").as_str() {
+                    "active" => 0,
+                    "idle" => 1,
+                    _ => 2,
+                };
+                v.host.entry(key(l, "domain")).or_default()[slot] += val;
+            }
+            "wattd_measured_energy_joules_total" => {
+                let m = format!("{} {}", key(l, "domain"), key(l, "package"));
+                let e = v.meters.entry(m).or_default();
+                e.1 = key(l, "source");
+                e.2 = key(l, "quality");
+            }
+            "wattd_power_watts" => {
+                let m = format!("{} {}", key(l, "domain"), key(l, "package"));
+                v.meters.entry(m).or_default().0 = *val;
+            }
+            _ => {}
+        }
+    }
+    v
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sort {
+    Power,
+    Energy,
+    Run,
+}
+
+/// Renders a view into at most `rows` lines of at most `cols` characters.
+pub fn render(v: &View, sort: Sort, cols: usize, rows: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let meters: Vec<String> = v
+        .meters
+        .iter()
+        .map(|(m, (w, src, q))| format!("{m}: {w:.1} W {src}/{q}"))
+        .collect();
+    lines.push(format!("wattd top   sort: {:?} (s)   quit: q", sort));
+    lines.push(format!("measured  {}", meters.join("  ")));
+    let host: Vec<String> = v
+        .host
+        .iter()
+        .map(|(d, [a, i, u])| format!("{d}: host {a:.1} J idle {i:.1} J unattributed {u:.1} J"))
+        .collect();
+    lines.push(format!("host      {}", host.join("  ")));
+    lines.push(format!(
+        "{:<32} {:>9} {:>9} {:>9} {:>12}",
+        "RUN", "PKG W", "DRAM W", "PSYS W", "ENERGY J"
+    ));
+    let mut runs: Vec<(&String, f64, f64, [f64; 3])> = v
+        .runs
+        .iter()
+        .map(|(r, d)| {
+            let w = |dom: &str| d.get(dom).map_or(0.0, |x| x.0);
+            let total_w = d.values().map(|x| x.0).sum::<f64>();
+            let energy = d.values().map(|x| x.1).sum::<f64>();
+            (r, total_w, energy, [w("package"), w("dram"), w("psys")])
+        })
+        .collect();
+    match sort {
+        Sort::Power => runs.sort_by(|a, b| b.1.total_cmp(&a.1)),
+        Sort::Energy => runs.sort_by(|a, b| b.2.total_cmp(&a.2)),
+        Sort::Run => runs.sort_by(|a, b| a.0.cmp(b.0)),
+    }
+    for (r, _, e, [p, d, s]) in runs {
+        lines.push(format!(
+            "{:<32} {:>9.2} {:>9.2} {:>9.2} {:>12.3}",
+            r, p, d, s, e
+        ));
+    }
+    lines.truncate(rows.max(1));
+    lines
+        .into_iter()
+        .map(|l| l.chars().take(cols.max(1)).collect())
+        .collect()
+}
+
+fn terminal_size() -> (usize, usize) {
+    // SAFETY: TIOCGWINSZ writes a winsize into the provided, valid struct.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    if ok && ws.ws_col > 0 && ws.ws_row > 0 {
+        (ws.ws_col as usize, ws.ws_row as usize)
+    } else {
+        (80, 24)
+    }
+}
+
+/// Puts the terminal in non-canonical, no-echo mode and restores it on drop.
+struct RawMode(Option<libc::termios>);
+
+impl RawMode {
+    fn new() -> Self {
+        // SAFETY: tcgetattr/tcsetattr on stdin with valid termios structs.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(libc::STDIN_FILENO, &mut t) != 0 {
+                return RawMode(None);
+            }
+            let saved = t;
+            t.c_lflag &= !(libc::ICANON | libc::ECHO);
+            t.c_cc[libc::VMIN] = 0;
+            t.c_cc[libc::VTIME] = 0;
+            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t);
+            RawMode(Some(saved))
+        }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(t) = self.0 {
+            // SAFETY: restoring the attributes read in `new`.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) };
+        }
+    }
+}
+
+/// Waits up to `timeout` for a key on stdin.
+fn key(timeout: Duration) -> Option<u8> {
+    let mut fds = libc::pollfd {
+        fd: libc::STDIN_FILENO,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe {
+        libc::poll(
+            &mut fds,
+            1,
+            timeout.as_millis().min(i32::MAX as u128) as i32,
+        )
+    };
+    if n <= 0 {
+        return None;
+    }
+    let mut b = [0u8; 1];
+    // SAFETY: reading one byte into a valid buffer.
+    let r = unsafe { libc::read(libc::STDIN_FILENO, b.as_mut_ptr().cast(), 1) };
+    (r == 1).then_some(b[0])
+}
+
+pub fn run(args: &TopArgs) -> anyhow::Result<()> {
+    let addr = match args.endpoint {
+        Some(a) => a,
+        None => {
+            wattd::config::load(args.config.as_deref())
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .metrics_listen
+        }
+    };
+    let period = Duration::from_millis(args.interval_ms.clamp(100, 60_000));
+    let _raw = RawMode::new();
+    let mut out = std::io::stdout();
+    let mut sort = Sort::Power;
+    let mut prev = parse_exposition(&scrape(addr)?);
+    let mut prev_at = Instant::now();
+    loop {
+        let deadline = Instant::now() + period;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match key(left) {
+                Some(b'q') | Some(b'Q') => {
+                    let _ = writeln!(out, "\x1b[0m");
+                    return Ok(());
+                }
+                Some(b's') | Some(b'S') => {
+                    sort = match sort {
+                        Sort::Power => Sort::Energy,
+                        Sort::Energy => Sort::Run,
+                        Sort::Run => Sort::Power,
+                    }
+                }
+                _ => {}
+            }
+        }
+        let now = match scrape(addr) {
+            Ok(t) => parse_exposition(&t),
+            Err(e) => {
+                let _ = write!(out, "\x1b[H\x1b[2Jwattd top: {e:#} (retrying; q quits)\r\n");
+                let _ = out.flush();
+                continue;
+            }
+        };
+        let dt = prev_at.elapsed().as_secs_f64();
+        prev_at = Instant::now();
+        let v = view(&prev, &now, dt);
+        prev = now;
+        let (cols, rows) = terminal_size();
+        let mut screen = String::from("\x1b[H\x1b[2J");
+        for l in render(&v, sort, cols, rows.saturating_sub(1)) {
+            screen.push_str(&l);
+            screen.push_str("\r\n");
+        }
+        out.write_all(screen.as_bytes())
+            .context("writing to the terminal")?;
+        out.flush().context("writing to the terminal")?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCRAPE_A: &str = "# HELP x y\n# TYPE wattd_run_energy_joules_total counter\nwattd_run_energy_joules_total{run_id=\"a\",domain=\"package\"} 10.5\nwattd_run_energy_joules_total{run_id=\"b\\\"q\",domain=\"package\"} 1\nwattd_power_watts{domain=\"package\",package=\"0\"} 42.5\nwattd_measured_energy_joules_total{domain=\"package\",package=\"0\",source=\"powercap\",quality=\"measured\"} 100\nwattd_host_energy_joules_total{domain=\"package\",source=\"powercap\",part=\"idle\"} 7\ngarbage line\n";
+
+    #[test]
+    fn parses_what_wattd_writes_and_skips_garbage() {
+        let s = parse_exposition(SCRAPE_A);
+        assert_eq!(s.len(), 5);
+        assert_eq!(s[1].1["run_id"], "b\"q");
+        assert_eq!(s[0].2, 10.5);
+    }
+
+    #[test]
+    fn watts_from_two_scrapes_and_an_80x24_screen() {
+        let a = parse_exposition(SCRAPE_A);
+        let b = parse_exposition(&SCRAPE_A.replace("} 10.5", "} 30.5"));
+        let v = view(&a, &b, 2.0);
+        assert_eq!(v.runs["a"]["package"], (10.0, 30.5));
+        assert_eq!(v.runs["b\"q"]["package"].0, 0.0);
+        let lines = render(&v, Sort::Power, 80, 24);
+        assert!(lines.iter().all(|l| l.chars().count() <= 80));
+        assert!(lines.len() <= 24);
+        let first_run = lines.iter().position(|l| l.starts_with("a ")).unwrap();
+        let second = lines.iter().position(|l| l.starts_with("b\"q")).unwrap();
+        assert!(first_run < second, "sorted by power: {lines:?}");
+        assert!(lines[1].contains("powercap/measured"));
+        assert!(render(&v, Sort::Run, 20, 3).len() == 3);
+    }
+}
