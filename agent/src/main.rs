@@ -11,6 +11,7 @@ mod explain_cmd;
 mod export_cmd;
 mod identity_cmd;
 mod probe_cmd;
+mod report_cmd;
 mod runs_cmd;
 mod top_cmd;
 mod verify_cmd;
@@ -74,6 +75,10 @@ enum Command {
     /// watts by domain and the energy so far, host, idle and unattributed shares, each meter's
     /// source and quality. `s` changes the sort, `q` quits.
     Top(top_cmd::TopArgs),
+    /// Write one self-contained HTML report (inline SVG, nothing fetched): power stacked by run,
+    /// host, idle and unattributed against the measured total over time, energy per run,
+    /// source quality and gaps, and each interval's conservation residual.
+    Report(report_cmd::ReportArgs),
     /// Internal: a CPU burner for `calibrate` (spins until killed).
     #[command(hide = true)]
     BurnCpuForCalibration,
@@ -164,6 +169,7 @@ fn main() -> ExitCode {
         Command::Explain(args) => explain_cmd::run(&args),
         Command::Calibrate(args) => calibrate_cmd::run(&args),
         Command::Top(args) => top_cmd::run(&args),
+        Command::Report(args) => report_cmd::run(&args),
         Command::BurnCpuForCalibration => calibrate_cmd::burn(),
     };
     match result {

@@ -8,6 +8,7 @@ mod calibrate;
 mod harness;
 mod kill;
 mod reload;
+mod report;
 mod simhost_attribution;
 mod systemd_unit;
 mod top;

@@ -123,6 +123,7 @@ fn simulated_host_attribution_matches_the_model() {
             .iter()
             .all(|row| row["batch_seq"].as_u64().unwrap() > 0));
     }
+    crate::report::check_report(&spool, work.path());
     let got_s = run_energy(&runs, "s", "package:0");
     eprintln!(
         "run s (300 ms): usage {us} us, attributed {got_s} uJ, model {} uJ",
