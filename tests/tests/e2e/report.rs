@@ -79,6 +79,28 @@ pub fn check_report(spool: &Path, work: &Path) {
         .collect();
     assert_eq!(attr(package, "data-measured-uj"), from_records);
 
+    // Focused on one run (every other run as one series): the same outlines.
+    let focused = work.join("report-a.html");
+    let out = wattd(&[
+        "report",
+        "--data-dir",
+        spool.to_str().unwrap(),
+        "--run",
+        "a",
+        "--out",
+        focused.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "report --run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fhtml = std::fs::read_to_string(&focused).unwrap();
+    assert!(fhtml.contains("run <b>a</b> against every other run") && fhtml.contains("other runs"));
+    for c in fhtml.split("<svg ").skip(1) {
+        assert_eq!(attr(c, "data-stacked-uj"), attr(c, "data-measured-uj"));
+    }
+
     // A real browser loads it offline.
     let chromium = ["chromium", "chromium-browser"].into_iter().find(|b| {
         Command::new(b)
