@@ -1,0 +1,127 @@
+//! The Debian package `.ci/run` builds (cargo-deb) and checks with lintian: its contents and
+//! maintainer scripts. `WATTD_DEB` names the file.
+
+use std::process::Command;
+
+#[test]
+fn deb_has_binary_unit_config_sysusers_and_keeps_the_spool_until_purge() {
+    let Some(deb) = std::env::var_os("WATTD_DEB") else {
+        assert!(
+            std::env::var_os("WATTD_REQUIRE_CGROUPS").is_none(),
+            "WATTD_DEB is not set, and WATTD_REQUIRE_CGROUPS is"
+        );
+        eprintln!("SKIPPED deb contents: WATTD_DEB not set (.ci/run builds the package with cargo-deb and sets it)");
+        return;
+    };
+    let list = Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let list = String::from_utf8_lossy(&list.stdout);
+    eprintln!("{list}");
+    for path in [
+        "./usr/bin/wattd",
+        "/systemd/system/wattd.service",
+        "./etc/wattd/wattd.toml",
+        "./usr/lib/sysusers.d/wattd.conf",
+        "./usr/lib/tmpfiles.d/wattd.conf",
+        "./usr/share/doc/wattd/copyright",
+    ] {
+        assert!(
+            list.lines().any(|l| l.contains(path)),
+            "{path} missing:\n{list}"
+        );
+    }
+    let ctl = tempfile::tempdir().unwrap();
+    let out = Command::new("dpkg-deb")
+        .arg("-e")
+        .arg(&deb)
+        .arg(ctl.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = |f: &str| std::fs::read_to_string(ctl.path().join(f)).unwrap_or_default();
+    assert!(
+        read("conffiles").contains("/etc/wattd/wattd.toml"),
+        "config is a conffile"
+    );
+    let postinst = read("postinst");
+    assert!(
+        postinst.contains("systemd-sysusers") && postinst.contains("enable"),
+        "{postinst}"
+    );
+    assert!(
+        !postinst.contains("deb-systemd-invoke start") && !postinst.contains("systemctl start"),
+        "installed, not started:\n{postinst}"
+    );
+    let postrm = read("postrm");
+    assert!(
+        postrm.contains("\"purge\"") && postrm.contains("rm -rf /var/lib/wattd"),
+        "{postrm}"
+    );
+}
+
+#[test]
+fn rpm_has_binary_unit_config_and_enables_without_starting() {
+    let Some(rpm) = std::env::var_os("WATTD_RPM") else {
+        assert!(
+            std::env::var_os("WATTD_REQUIRE_CGROUPS").is_none(),
+            "WATTD_RPM is not set, and WATTD_REQUIRE_CGROUPS is"
+        );
+        eprintln!("SKIPPED rpm contents: WATTD_RPM not set (.ci/run builds the package with cargo-generate-rpm and sets it)");
+        return;
+    };
+    let list = Command::new("rpm")
+        .args(["-qlp"])
+        .arg(&rpm)
+        .output()
+        .unwrap();
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let list = String::from_utf8_lossy(&list.stdout);
+    for path in [
+        "/usr/bin/wattd",
+        "/usr/lib/systemd/system/wattd.service",
+        "/etc/wattd/wattd.toml",
+        "/usr/lib/sysusers.d/wattd.conf",
+        "/usr/lib/tmpfiles.d/wattd.conf",
+    ] {
+        assert!(list.lines().any(|l| l == path), "{path} missing:\n{list}");
+    }
+    let conf = Command::new("rpm")
+        .args(["-qcp"])
+        .arg(&rpm)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&conf.stdout).contains("/etc/wattd/wattd.toml"),
+        "config is %config"
+    );
+    let scripts = Command::new("rpm")
+        .args(["-qp", "--scripts"])
+        .arg(&rpm)
+        .output()
+        .unwrap();
+    let scripts = String::from_utf8_lossy(&scripts.stdout);
+    assert!(
+        scripts.contains("systemctl enable wattd.service"),
+        "{scripts}"
+    );
+    assert!(
+        !scripts.contains("systemctl start") && !scripts.contains("enable --now"),
+        "installed, not started:\n{scripts}"
+    );
+}
