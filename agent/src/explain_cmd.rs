@@ -10,10 +10,8 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Args;
-use prost::Message as _;
 use serde::Serialize;
-use wattd::spool::{self, SpoolItem};
-use wattd_proto::v1::{Batch, SignedBatch};
+use wattd::spool;
 
 use crate::runs_cmd::{wh_text, Format};
 
@@ -81,21 +79,8 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         .unwrap_or_else(spool::default_data_dir);
     anyhow::ensure!(dir.is_dir(), "{}: no such data dir", dir.display());
     let mut rows = Vec::new();
-    let mut seen = BTreeSet::new();
-    spool::visit_spool(&dir, |item| {
-        let SpoolItem::Record { bytes, .. } = item else {
-            return;
-        };
-        let Ok(batch) = SignedBatch::decode(bytes)
-            .map_err(|_| ())
-            .and_then(|s| Batch::decode(s.batch_bytes.as_slice()).map_err(|_| ()))
-        else {
-            return; // `wattd verify` reports unreadable records; they bill nothing here either
-        };
-        // A replayed batch must not count twice (as in `wattd runs`).
-        if !seen.insert(batch.seq) {
-            return;
-        }
+    let (batches, _unreadable) = spool::decoded_batches(&dir)?;
+    for batch in &batches {
         for i in &batch.intervals {
             for d in &i.domains {
                 let Some(a) = d.allocations.iter().find(|a| a.run_id == args.run_id) else {
@@ -135,7 +120,7 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
                 });
             }
         }
-    })?;
+    }
     rows.sort_by(|a, b| (a.interval, &a.domain).cmp(&(b.interval, &b.domain)));
     let mut by_domain: BTreeMap<String, u64> = BTreeMap::new();
     for r in &rows {

@@ -10,9 +10,8 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Args;
-use prost::Message as _;
-use wattd::spool::{self, SpoolItem};
-use wattd_proto::v1::{Batch, Interval, SignedBatch};
+use wattd::spool;
+use wattd_proto::v1::Interval;
 
 use crate::runs_cmd::wh_text;
 
@@ -47,22 +46,8 @@ fn esc(s: &str) -> String {
 }
 
 fn load(dir: &std::path::Path) -> anyhow::Result<Vec<Interval>> {
-    let mut seen = BTreeSet::new();
-    let mut intervals = Vec::new();
-    spool::visit_spool(dir, |item| {
-        let SpoolItem::Record { bytes, .. } = item else {
-            return;
-        };
-        let Ok(batch) = SignedBatch::decode(bytes)
-            .map_err(|_| ())
-            .and_then(|s| Batch::decode(s.batch_bytes.as_slice()).map_err(|_| ()))
-        else {
-            return;
-        };
-        if seen.insert(batch.seq) {
-            intervals.extend(batch.intervals);
-        }
-    })?;
+    let (batches, _unreadable) = spool::decoded_batches(dir)?;
+    let mut intervals: Vec<Interval> = batches.into_iter().flat_map(|b| b.intervals).collect();
     intervals.sort_by_key(|i| i.index);
     Ok(intervals)
 }

@@ -1,17 +1,15 @@
 //! `wattd runs`: per-run energy by domain, in uJ and Wh, summed over the intervals still in the
 //! local spool (acknowledged batches already deleted are not included: the ledger has them).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
-use prost::Message as _;
 use serde::Serialize;
-use wattd::spool::{self, SpoolItem};
-use wattd_proto::v1::{Batch, SignedBatch};
+use wattd::spool;
 
 /// 1 Wh in microjoules.
 pub const UJ_PER_WH: u64 = 3_600_000_000;
@@ -87,42 +85,28 @@ pub fn run(args: &RunsArgs) -> anyhow::Result<()> {
         .unwrap_or_else(spool::default_data_dir);
     anyhow::ensure!(dir.is_dir(), "{}: no such data dir", dir.display());
     let mut totals: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-    let mut seen = BTreeSet::new();
     let mut report = RunsReport::default();
-    spool::visit_spool(&dir, |item| match item {
-        SpoolItem::Record { bytes, .. } => {
-            let Ok(batch) = SignedBatch::decode(bytes)
-                .map_err(|_| ())
-                .and_then(|s| Batch::decode(s.batch_bytes.as_slice()).map_err(|_| ()))
-            else {
-                report.unreadable_records += 1;
-                return;
-            };
-            // A replayed batch must not count twice.
-            if !seen.insert(batch.seq) {
-                return;
-            }
-            report.batches += 1;
-            report.first_seq = Some(report.first_seq.map_or(batch.seq, |s| s.min(batch.seq)));
-            report.last_seq = Some(report.last_seq.map_or(batch.seq, |s| s.max(batch.seq)));
-            for interval in &batch.intervals {
-                report.intervals += 1;
-                for d in &interval.domains {
-                    let label = domain_label(&d.domain, d.package);
-                    for a in &d.allocations {
-                        let e = totals
-                            .entry(a.run_id.clone())
-                            .or_default()
-                            .entry(label.clone())
-                            .or_default();
-                        *e = e.saturating_add(a.active_uj).saturating_add(a.idle_uj);
-                    }
+    let (batches, unreadable) = spool::decoded_batches(&dir)?;
+    report.unreadable_records = unreadable;
+    for batch in &batches {
+        report.batches += 1;
+        report.first_seq = Some(report.first_seq.map_or(batch.seq, |s| s.min(batch.seq)));
+        report.last_seq = Some(report.last_seq.map_or(batch.seq, |s| s.max(batch.seq)));
+        for interval in &batch.intervals {
+            report.intervals += 1;
+            for d in &interval.domains {
+                let label = domain_label(&d.domain, d.package);
+                for a in &d.allocations {
+                    let e = totals
+                        .entry(a.run_id.clone())
+                        .or_default()
+                        .entry(label.clone())
+                        .or_default();
+                    *e = e.saturating_add(a.active_uj).saturating_add(a.idle_uj);
                 }
             }
         }
-        SpoolItem::Damage { .. } => report.unreadable_records += 1,
-        SpoolItem::SegmentStart { .. } => {}
-    })?;
+    }
     for (run_id, domains) in totals {
         let energy_uj = domains.values().fold(0u64, |a, &b| a.saturating_add(b));
         report.runs.push(RunRow {

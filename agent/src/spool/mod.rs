@@ -870,6 +870,31 @@ pub enum SpoolItem<'a> {
     },
 }
 
+/// The decoded batches of a spool for the read-only tools (`runs`, `explain`, `report`): each
+/// seq once (a replayed record must not count twice), in spool order, and the number of records
+/// that could not be decoded (damage, garbage: they bill nothing; `wattd verify` names them).
+pub fn decoded_batches(dir: &Path) -> Result<(Vec<wattd_proto::v1::Batch>, u64), SpoolError> {
+    use prost::Message as _;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut batches = Vec::new();
+    let mut unreadable = 0u64;
+    visit_spool(dir, |item| match item {
+        SpoolItem::Record { bytes, .. } => {
+            let decoded = wattd_proto::v1::SignedBatch::decode(bytes)
+                .ok()
+                .and_then(|s| wattd_proto::v1::Batch::decode(s.batch_bytes.as_slice()).ok());
+            match decoded {
+                Some(b) if seen.insert(b.seq) => batches.push(b),
+                Some(_) => {}
+                None => unreadable += 1,
+            }
+        }
+        SpoolItem::Damage { .. } => unreadable += 1,
+        SpoolItem::SegmentStart { .. } => {}
+    })?;
+    Ok((batches, unreadable))
+}
+
 /// Reads every segment of `dir` without changing anything (no truncation, no deletion) and
 /// hands each item to `visit`, one segment in memory at a time. For `export`, `verify`, `runs`.
 pub fn visit_spool(dir: &Path, mut visit: impl FnMut(SpoolItem<'_>)) -> Result<usize, SpoolError> {

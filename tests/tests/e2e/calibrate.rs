@@ -7,13 +7,8 @@ use wattd_tests::simhost::{PowerModel, SimHost};
 
 use crate::harness::wattd;
 
-#[test]
-fn calibrate_recovers_the_simulated_model_within_5_percent() {
-    let Some(mount) = require_cgroups("calibrate_recovers_the_simulated_model_within_5_percent")
-    else {
-        return;
-    };
-    let (idle_w, busy_w) = (12.0, 18.0);
+/// A simulated host with the given model, the real cgroup mount linked in, and its config.
+fn sim(mount: &std::path::Path, idle_w: f64, busy_w: f64) -> (SimHost, std::path::PathBuf) {
     let sim = SimHost::start(
         PowerModel {
             idle_w,
@@ -23,13 +18,24 @@ fn calibrate_recovers_the_simulated_model_within_5_percent() {
         Duration::from_millis(5),
     )
     .unwrap();
-    sim.link_cgroup_mount(&mount).unwrap();
+    sim.link_cgroup_mount(mount).unwrap();
     let config = sim
         .config(&format!(
             "cgroup_root = {:?}\n",
             mount.display().to_string()
         ))
         .unwrap();
+    (sim, config)
+}
+
+#[test]
+fn calibrate_recovers_the_simulated_model_within_5_percent() {
+    let Some(mount) = require_cgroups("calibrate_recovers_the_simulated_model_within_5_percent")
+    else {
+        return;
+    };
+    let (idle_w, busy_w) = (12.0, 18.0);
+    let (_sim, config) = sim(&mount, idle_w, busy_w);
     // Other end-to-end tests may be running: the busy-host refusal is relaxed here, the fit does
     // not need an idle host because the model follows the total busy time it measures.
     let out = wattd(&[
@@ -75,22 +81,7 @@ fn calibrate_refuses_a_busy_host() {
     let Some(mount) = require_cgroups("calibrate_refuses_a_busy_host") else {
         return;
     };
-    let sim = SimHost::start(
-        PowerModel {
-            idle_w: 10.0,
-            busy_w_per_cpu: 10.0,
-        },
-        1_000_000_000_000,
-        Duration::from_millis(5),
-    )
-    .unwrap();
-    sim.link_cgroup_mount(&mount).unwrap();
-    let config = sim
-        .config(&format!(
-            "cgroup_root = {:?}\n",
-            mount.display().to_string()
-        ))
-        .unwrap();
+    let (_sim, config) = sim(&mount, 10.0, 10.0);
     // A negative allowance: any host is "too busy".
     let out = wattd(&[
         "calibrate",

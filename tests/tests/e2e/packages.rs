@@ -1,16 +1,25 @@
 //! The Debian package `.ci/run` builds (cargo-deb) and checks with lintian: its contents and
 //! maintainer scripts. `WATTD_DEB` names the file.
 
+use std::ffi::OsString;
 use std::process::Command;
+
+/// The package file `.ci/run` built and named in `var`, or a loud skip (a failure in CI).
+fn built_package(var: &str, tool: &str) -> Option<OsString> {
+    let p = std::env::var_os(var);
+    if p.is_none() {
+        assert!(
+            std::env::var_os("WATTD_REQUIRE_CGROUPS").is_none(),
+            "{var} is not set, and WATTD_REQUIRE_CGROUPS is"
+        );
+        eprintln!("SKIPPED package contents: {var} not set (.ci/run builds the package with {tool} and sets it)");
+    }
+    p
+}
 
 #[test]
 fn deb_has_binary_unit_config_sysusers_and_keeps_the_spool_until_purge() {
-    let Some(deb) = std::env::var_os("WATTD_DEB") else {
-        assert!(
-            std::env::var_os("WATTD_REQUIRE_CGROUPS").is_none(),
-            "WATTD_DEB is not set, and WATTD_REQUIRE_CGROUPS is"
-        );
-        eprintln!("SKIPPED deb contents: WATTD_DEB not set (.ci/run builds the package with cargo-deb and sets it)");
+    let Some(deb) = built_package("WATTD_DEB", "cargo-deb") else {
         return;
     };
     let list = Command::new("dpkg-deb")
@@ -73,12 +82,7 @@ fn deb_has_binary_unit_config_sysusers_and_keeps_the_spool_until_purge() {
 
 #[test]
 fn rpm_has_binary_unit_config_and_enables_without_starting() {
-    let Some(rpm) = std::env::var_os("WATTD_RPM") else {
-        assert!(
-            std::env::var_os("WATTD_REQUIRE_CGROUPS").is_none(),
-            "WATTD_RPM is not set, and WATTD_REQUIRE_CGROUPS is"
-        );
-        eprintln!("SKIPPED rpm contents: WATTD_RPM not set (.ci/run builds the package with cargo-generate-rpm and sets it)");
+    let Some(rpm) = built_package("WATTD_RPM", "cargo-generate-rpm") else {
         return;
     };
     let list = Command::new("rpm")
