@@ -340,23 +340,6 @@ impl Checker<'_> {
 static DUMMY_NOT_A_VALUE: std::sync::LazyLock<Value> =
     std::sync::LazyLock::new(|| Value::from(false));
 
-/// Checks a run pattern: relative, one `{run_id}` inside one path component, no `..`.
-pub fn check_pattern(p: &str) -> Result<(), String> {
-    if p.starts_with('/') {
-        return Err("must be relative to the cgroup root".into());
-    }
-    if p.matches("{run_id}").count() != 1 {
-        return Err("must contain {run_id} exactly once".into());
-    }
-    if p.split('/').any(|c| c == ".." || c == "." || c.is_empty()) {
-        return Err("must not contain empty, . or .. components".into());
-    }
-    if p.contains(['\n', '\0', '*', '?', '[']) {
-        return Err("must not contain newlines, NUL or glob characters".into());
-    }
-    Ok(())
-}
-
 /// Parses and validates config text. `file` labels problems.
 pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
     let doc = match ImDocument::parse(text) {
@@ -451,11 +434,14 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
                     let mut pats = Vec::new();
                     for item in arr.iter() {
                         match item.as_str() {
-                            Some(p) => match check_pattern(p) {
-                                Ok(()) => pats.push(p.to_owned()),
-                                Err(e) => {
-                                    c.problem(item.span(), "runs.patterns", format!("{p:?} {e}"))
+                            // The tracker's own grammar, so a pattern accepted here is one the
+                            // daemon can run.
+                            Some(p) => match wattd_collectors::cgroup::RunPattern::parse(p) {
+                                Ok(_) => pats.push(p.to_owned()),
+                                Err(wattd_collectors::HostError::BadRunRef { what, .. }) => {
+                                    c.problem(item.span(), "runs.patterns", format!("{p:?} {what}"))
                                 }
+                                Err(e) => c.problem(item.span(), "runs.patterns", e.to_string()),
                             },
                             None => c.problem(
                                 item.span(),

@@ -1,7 +1,7 @@
 //! Conversion of the sampler's attributed intervals, gaps and run totals into the wire records
 //! of `wattd.ledger.v1`. The only place that knows both vocabularies.
 
-use wattd_collectors::{Domain, Quality};
+use wattd_collectors::Quality;
 use wattd_proto::v1;
 
 use crate::attribution::totals::RunTotal;
@@ -128,11 +128,6 @@ pub fn run_summary(t: &RunTotal, started_unix_ns: i64, finished_unix_ns: i64) ->
         started_unix_ns,
         finished_unix_ns,
     }
-}
-
-/// Parses a domain name from a record.
-pub fn parse_domain(s: &str) -> Option<Domain> {
-    Domain::ALL.into_iter().find(|d| d.as_str() == s)
 }
 
 /// Merges `next` (the interval right after `into`) into `into`: the span grows, every domain's

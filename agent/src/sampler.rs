@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 use wattd_collectors::estimator::EstimatorModel;
-use wattd_collectors::{CounterSample, DomainReading, Meter, MeterKey, Quality, SourceKind};
+use wattd_collectors::{CounterSample, DomainReading, Meter, MeterKey, SourceKind};
 
 use crate::attribution::idle::IdleTracker;
 use crate::attribution::{
@@ -134,10 +134,6 @@ impl Sampler {
         self.policy = policy;
     }
 
-    pub fn next_index(&self) -> u64 {
-        self.next_index
-    }
-
     pub fn last_stamp(&self) -> Stamp {
         self.last
     }
@@ -254,11 +250,6 @@ impl Sampler {
             gaps,
         }
     }
-}
-
-/// True when every meter in the interval was estimated.
-pub fn all_estimated(i: &Interval) -> bool {
-    i.results.iter().all(|r| r.quality == Quality::Estimated)
 }
 
 #[cfg(test)]

@@ -93,18 +93,6 @@ impl EnergyCounter {
         }
     }
 
-    pub fn modulus(&self) -> Option<u64> {
-        self.modulus
-    }
-
-    pub fn unit(&self) -> EnergyUnit {
-        self.unit
-    }
-
-    pub fn ceiling_uw(&self) -> u64 {
-        self.ceiling_uw
-    }
-
     /// The most energy the domain can consume in `elapsed_us`.
     pub fn ceiling_uj(&self, elapsed_us: u64) -> u64 {
         let e = elapsed_us.max(MIN_CEILING_ELAPSED_US) as u128;

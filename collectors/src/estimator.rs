@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::counter::CounterSample;
 use crate::domain::{Domain, DomainReading, Meter, MeterKey, Quality, SourceKind};
 use crate::hostfs::HostRoot;
-use crate::procstat::{user_hz, ProcStat};
+use crate::procstat::{busy_us_between, user_hz, ProcStat};
 use crate::topology::Topology;
 
 /// The declared model (config `[estimator]`), in microwatts to keep the arithmetic integral.
@@ -72,12 +72,6 @@ impl EstimatorMeter {
     }
 }
 
-/// Busy microseconds of `cpus` between two /proc/stat reads (see
-/// [`crate::procstat::busy_us_between`]).
-pub fn busy_us(prev: &ProcStat, now: &ProcStat, cpus: &[u32], hz: u64, elapsed_us: u64) -> u64 {
-    crate::procstat::busy_us_between(prev, now, cpus, hz, elapsed_us)
-}
-
 impl Meter for EstimatorMeter {
     fn source(&self) -> SourceKind {
         SourceKind::Estimator
@@ -123,7 +117,7 @@ impl Meter for EstimatorMeter {
             return;
         };
         for (&pkg, cpus) in &self.cpus_by_package {
-            let busy = busy_us(&prev, now, cpus, self.hz, elapsed_us);
+            let busy = busy_us_between(&prev, now, cpus, self.hz, elapsed_us);
             let pj = self.model.idle_uw_per_package as u128 * elapsed_us as u128
                 + self.model.busy_uw_per_cpu as u128 * busy as u128;
             let (acc_pj, emitted_uj) = self.acc.entry(pkg).or_insert((0, 0));
@@ -154,9 +148,9 @@ mod tests {
         let a = ProcStat::parse(p, "cpu0 100 0 0 900\ncpu1 0 0 0 1000\n").unwrap();
         let b = ProcStat::parse(p, "cpu0 150 0 0 950\ncpu1 1000 0 0 1000\n").unwrap();
         // cpu0: 50 idle ticks at 100 Hz in 1 s = 0.5 s busy
-        assert_eq!(busy_us(&a, &b, &[0], 100, 1_000_000), 500_000);
+        assert_eq!(busy_us_between(&a, &b, &[0], 100, 1_000_000), 500_000);
         // cpu1: no idle at all in 1 s: 1 s busy, however many user ticks
-        assert_eq!(busy_us(&a, &b, &[1], 100, 1_000_000), 1_000_000);
+        assert_eq!(busy_us_between(&a, &b, &[1], 100, 1_000_000), 1_000_000);
     }
 
     #[test]

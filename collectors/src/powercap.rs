@@ -4,7 +4,7 @@
 //! one package across control types read once, counters read through kept-open descriptors.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
@@ -458,9 +458,4 @@ fn read_one(z: &mut OpenZone, elapsed_us: u64) -> Result<crate::counter::Counter
     z.counter
         .update(raw, elapsed_us)
         .map_err(|e| HostError::malformed(z.file.path(), e.to_string()))
-}
-
-/// The path of a zone's energy file, for messages.
-pub fn energy_path(zone_dir: &Path) -> PathBuf {
-    zone_dir.join("energy_uj")
 }

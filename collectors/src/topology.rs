@@ -53,18 +53,6 @@ impl Topology {
         Ok(Topology { cpus })
     }
 
-    /// A topology for tests and simulations: `packages` packages of `per_package` CPUs each.
-    pub fn uniform(packages: u32, per_package: u32) -> Self {
-        let cpus = (0..packages * per_package)
-            .map(|id| Cpu {
-                id,
-                package: id / per_package,
-                die: 0,
-            })
-            .collect();
-        Topology { cpus }
-    }
-
     pub fn packages(&self) -> BTreeSet<u32> {
         self.cpus.iter().map(|c| c.package).collect()
     }

@@ -48,14 +48,6 @@ impl Totals {
         }
     }
 
-    pub fn get(&self, run_id: &str) -> Option<&RunTotal> {
-        self.runs.get(run_id)
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &RunTotal> {
-        self.runs.values()
-    }
-
     /// Removes a finished run and returns its summary (a run that never appeared in an interval
     /// gets an empty one, so its finish is still on record).
     pub fn finish(&mut self, run_id: &str, interval: u64) -> RunTotal {

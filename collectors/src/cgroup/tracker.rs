@@ -261,6 +261,8 @@ pub struct RunTracker {
     recently_finished: VecDeque<Arc<str>>,
     recently_finished_set: HashSet<Arc<str>>,
     topology: Topology,
+    /// The topology's CPUs by package, built once (read every tick).
+    cpus_by_package: BTreeMap<u32, Vec<u32>>,
     cpus: Vec<u32>,
     last_stat: Option<ProcStat>,
     /// Per package: busy time not yet given to the host bucket (negative: runs out-measured
@@ -375,6 +377,7 @@ impl RunTracker {
             paths: BTreeMap::new(),
             recently_finished: VecDeque::new(),
             recently_finished_set: HashSet::new(),
+            cpus_by_package: topology.cpus_by_package(),
             topology,
             cpus,
             last_stat,
@@ -1202,7 +1205,7 @@ impl RunTracker {
             self.drop_run(&id);
         }
         let mut packages = BTreeMap::new();
-        for pkg in self.topology.packages() {
+        for &pkg in self.cpus_by_package.keys() {
             // Signed: tick rounding can make a short interval's idle exceed its elapsed time.
             let busy_signed = busy_by_pkg_us
                 .as_ref()
@@ -1264,8 +1267,8 @@ impl RunTracker {
         };
         let prev = self.last_stat.replace(now.clone())?;
         let mut by_pkg: BTreeMap<u32, i128> = BTreeMap::new();
-        for (pkg, cpus) in self.topology.cpus_by_package() {
-            let us = crate::procstat::busy_us_signed(&prev, &now, &cpus, self.user_hz, elapsed_us);
+        for (&pkg, cpus) in &self.cpus_by_package {
+            let us = crate::procstat::busy_us_signed(&prev, &now, cpus, self.user_hz, elapsed_us);
             by_pkg.insert(pkg, us);
         }
         Some(by_pkg)
