@@ -1,4 +1,5 @@
-//! Regenerates the checked-in Rust from the .proto files with `prost-build` (needs `protoc` on
+//! Regenerates the checked-in Rust from the .proto files with `tonic-build` (prost messages and
+//! the gRPC stubs) (needs `protoc` on
 //! PATH or in $PROTOC) and fails on any difference, so the generated code can never drift from
 //! its source. `WATTD_PROTO_UPDATE=1 cargo test -p wattd-proto --test regenerate` rewrites it.
 
@@ -32,9 +33,16 @@ fn generated_code_matches_proto_sources() -> Result<(), Box<dyn std::error::Erro
         .iter()
         .map(|p| root.join(p))
         .collect();
-    prost_build::Config::new()
+    // The messages and the `Ledger` client and server stubs, without tonic's transport: the
+    // shipper and the reference ledger set up TLS themselves.
+    tonic_build::configure()
+        .build_transport(false)
         .out_dir(out.path())
-        .compile_protos(&protos, &[Path::new(wattd_proto::PROTO_ROOT)])?;
+        .compile_protos_with_config(
+            prost_build::Config::new(),
+            &protos,
+            &[Path::new(wattd_proto::PROTO_ROOT)],
+        )?;
 
     let update = std::env::var_os("WATTD_PROTO_UPDATE").is_some();
     let mut generated: Vec<_> = std::fs::read_dir(out.path())?

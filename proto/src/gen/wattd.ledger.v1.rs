@@ -243,10 +243,23 @@ pub struct SignedBatch {
     #[prost(bytes = "vec", tag = "3")]
     pub key_id: ::prost::alloc::vec::Vec<u8>,
 }
+/// A heartbeat as sent: the encoded Heartbeat and the node's signature over exactly those bytes,
+/// by its current key, so nobody else can claim what a node has sealed.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SignedHeartbeat {
+    #[prost(bytes = "vec", tag = "1")]
+    pub heartbeat_bytes: ::prost::alloc::vec::Vec<u8>,
+    /// Ed25519 signature (64 bytes) over heartbeat_bytes.
+    #[prost(bytes = "vec", tag = "2")]
+    pub signature: ::prost::alloc::vec::Vec<u8>,
+    /// Key id of the signing key (as in SignedBatch).
+    #[prost(bytes = "vec", tag = "3")]
+    pub key_id: ::prost::alloc::vec::Vec<u8>,
+}
 /// What a node sends on the stream.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct NodeMessage {
-    #[prost(oneof = "node_message::Kind", tags = "1, 2")]
+    #[prost(oneof = "node_message::Kind", tags = "1, 3")]
     pub kind: ::core::option::Option<node_message::Kind>,
 }
 /// Nested message and enum types in `NodeMessage`.
@@ -255,11 +268,11 @@ pub mod node_message {
     pub enum Kind {
         #[prost(message, tag = "1")]
         Batch(super::SignedBatch),
-        #[prost(message, tag = "2")]
-        Heartbeat(super::Heartbeat),
+        #[prost(message, tag = "3")]
+        SignedHeartbeat(super::SignedHeartbeat),
     }
 }
-/// The ledger's acknowledgement.
+/// The ledger's acknowledgement, sent after every batch and heartbeat it has processed.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Ack {
     #[prost(string, tag = "1")]
@@ -267,6 +280,13 @@ pub struct Ack {
     /// Every batch with seq <= acked_seq is durably stored by the ledger; the node may delete it.
     #[prost(uint64, tag = "2")]
     pub acked_seq: u64,
+    /// The ledger holds batches above a hole: the first missing seq (0 when there is no hole).
+    /// The node re-sends from acked_seq + 1.
+    #[prost(uint64, tag = "3")]
+    pub missing_from_seq: u64,
+    /// The highest sealed seq the node has announced in a heartbeat, as the ledger knows it.
+    #[prost(uint64, tag = "4")]
+    pub announced_sealed_seq: u64,
 }
 /// How an energy figure was obtained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -382,5 +402,299 @@ impl GapCause {
             "GAP_CAUSE_CLOCK_JUMP" => Some(Self::ClockJump),
             _ => None,
         }
+    }
+}
+/// Generated client implementations.
+pub mod ledger_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    #[derive(Debug, Clone)]
+    pub struct LedgerClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl<T> LedgerClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> LedgerClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            LedgerClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Batches (and heartbeats) in, acknowledgements out. Re-sending an acknowledged batch is
+        /// safe: the ledger stores each (node_id, seq) once.
+        pub async fn stream(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::NodeMessage>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::Ack>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic::codec::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wattd.ledger.v1.Ledger/Stream",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wattd.ledger.v1.Ledger", "Stream"));
+            self.inner.streaming(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod ledger_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with LedgerServer.
+    #[async_trait]
+    pub trait Ledger: std::marker::Send + std::marker::Sync + 'static {
+        /// Server streaming response type for the Stream method.
+        type StreamStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::Ack, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Batches (and heartbeats) in, acknowledgements out. Re-sending an acknowledged batch is
+        /// safe: the ledger stores each (node_id, seq) once.
+        async fn stream(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::NodeMessage>>,
+        ) -> std::result::Result<tonic::Response<Self::StreamStream>, tonic::Status>;
+    }
+    #[derive(Debug)]
+    pub struct LedgerServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> LedgerServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for LedgerServer<T>
+    where
+        T: Ledger,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/wattd.ledger.v1.Ledger/Stream" => {
+                    #[allow(non_camel_case_types)]
+                    struct StreamSvc<T: Ledger>(pub Arc<T>);
+                    impl<T: Ledger> tonic::server::StreamingService<super::NodeMessage>
+                    for StreamSvc<T> {
+                        type Response = super::Ack;
+                        type ResponseStream = T::StreamStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<tonic::Streaming<super::NodeMessage>>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Ledger>::stream(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = StreamSvc(inner);
+                        let codec = tonic::codec::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for LedgerServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "wattd.ledger.v1.Ledger";
+    impl<T> tonic::server::NamedService for LedgerServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
     }
 }
