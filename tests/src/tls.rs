@@ -1,0 +1,109 @@
+//! A throwaway certificate authority made at test time, for mutual TLS on loopback: a CA, a
+//! server certificate for `localhost` and 127.0.0.1, and client certificates whose subject
+//! common name is the node id (what `wattd-ledger` reads to know which node is talking).
+//! Nothing here is ever committed: every test makes its own keys in its own temporary directory.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use std::path::{Path, PathBuf};
+
+/// PEM files of one certificate and its private key.
+#[derive(Clone, Debug)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A CA whose certificate is written to `<dir>/<name>-ca.pem`.
+pub struct TestCa {
+    dir: PathBuf,
+    params: CertificateParams,
+    key: KeyPair,
+    pub ca_pem: PathBuf,
+}
+
+impl std::fmt::Debug for TestCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestCa").field("ca_pem", &self.ca_pem).finish()
+    }
+}
+
+impl TestCa {
+    /// A new CA named `name` (its files go to `dir`).
+    pub fn new(dir: &Path, name: &str) -> TestCa {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().expect("generating the CA key");
+        let cert = params.self_signed(&key).expect("self-signing the CA");
+        let ca_pem = dir.join(format!("{name}-ca.pem"));
+        std::fs::write(&ca_pem, cert.pem()).expect("writing the CA certificate");
+        TestCa {
+            dir: dir.to_path_buf(),
+            params,
+            key,
+            ca_pem,
+        }
+    }
+
+    fn issue(&self, file_stem: &str, mut params: CertificateParams) -> CertFiles {
+        let key = KeyPair::generate().expect("generating a key");
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &issuer).expect("signing a certificate");
+        let files = CertFiles {
+            cert: self.dir.join(format!("{file_stem}.pem")),
+            key: self.dir.join(format!("{file_stem}.key")),
+        };
+        std::fs::write(&files.cert, cert.pem()).expect("writing a certificate");
+        std::fs::write(&files.key, key.serialize_pem()).expect("writing a key");
+        files
+    }
+
+    /// A server certificate valid for `localhost` and 127.0.0.1.
+    pub fn server(&self, file_stem: &str) -> CertFiles {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, "localhost");
+        params.subject_alt_names = vec![
+            SanType::DnsName("localhost".try_into().expect("a valid DNS name")),
+            SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])),
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(file_stem, params)
+    }
+
+    /// A client certificate for `node_id` (subject CN).
+    pub fn client(&self, node_id: &str) -> CertFiles {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, node_id);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(&format!("client-{node_id}"), params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_pem_files_that_chain_to_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new(dir.path(), "ledger");
+        let s = ca.server("server");
+        let c = ca.client("node-a");
+        for p in [&ca.ca_pem, &s.cert, &c.cert] {
+            let pem = std::fs::read_to_string(p).unwrap();
+            assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{}", p.display());
+        }
+        assert!(std::fs::read_to_string(&c.key).unwrap().contains("PRIVATE KEY"));
+        assert_ne!(std::fs::read(&s.cert).unwrap(), std::fs::read(&c.cert).unwrap());
+    }
+}
