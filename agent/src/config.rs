@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use toml_edit::{ImDocument, Item, Table, Value};
 use wattd_collectors::estimator::EstimatorModel;
@@ -18,15 +19,6 @@ pub const DEFAULT_PATTERN: &str = "flowzart.slice/run-{run_id}.scope";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/wattd/control.sock";
 pub const DEFAULT_SPOOL_DIR_ROOT: &str = "/var/lib/wattd";
 pub const DEFAULT_SPOOL_DIR_USER: &str = "wattd-data";
-
-/// The `[ledger]` section.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LedgerConfig {
-    pub endpoint: String,
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,7 +42,8 @@ pub struct Config {
     pub estimator: EstimatorModel,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
-    pub ledger: Option<LedgerConfig>,
+    /// The `[ledger]` section: where and how the shipper streams batches.
+    pub ledger: Option<crate::shipper::ShipperConfig>,
     pub metrics_listen: SocketAddr,
     /// Seconds a finished run's metric series stay exported (`[metrics] finished_run_ttl_s`).
     pub metrics_finished_run_ttl_s: u64,
@@ -547,11 +540,30 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             cfg.spool_max_bytes = v;
         }
     }
-    if let Some(t) = c.section(root, "ledger", &["endpoint", "ca", "cert", "key"]) {
+    if let Some(t) = c.section(
+        root,
+        "ledger",
+        &[
+            "endpoint",
+            "ca",
+            "cert",
+            "key",
+            "window",
+            "heartbeat_s",
+            "max_batches_per_s",
+            "backoff_max_s",
+            "ack_timeout_s",
+        ],
+    ) {
         let endpoint = c.string(t, "ledger", "endpoint");
         let ca = c.string(t, "ledger", "ca");
         let cert = c.string(t, "ledger", "cert");
         let key = c.string(t, "ledger", "key");
+        let window = c.int(t, "ledger", "window", 1, 4096);
+        let heartbeat_s = c.int(t, "ledger", "heartbeat_s", 1, 3600);
+        let rate = c.int(t, "ledger", "max_batches_per_s", 1, 100_000);
+        let backoff_max_s = c.int(t, "ledger", "backoff_max_s", 1, 3600);
+        let ack_timeout_s = c.int(t, "ledger", "ack_timeout_s", 1, 3600);
         if let Some(e) = &endpoint {
             if !e.starts_with("https://") {
                 let span = c.get(t, "endpoint").and_then(|(_, s)| s);
@@ -560,12 +572,28 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         }
         match (endpoint, ca, cert, key) {
             (Some(endpoint), Some(ca), Some(cert), Some(key)) => {
-                cfg.ledger = Some(LedgerConfig {
-                    endpoint,
-                    ca: ca.into(),
-                    cert: cert.into(),
-                    key: key.into(),
-                })
+                let mut l = crate::shipper::ShipperConfig::new(
+                    &endpoint,
+                    Path::new(&ca),
+                    Path::new(&cert),
+                    Path::new(&key),
+                );
+                if let Some(v) = window {
+                    l.window = v as usize;
+                }
+                if let Some(v) = heartbeat_s {
+                    l.heartbeat = Duration::from_secs(v);
+                }
+                if let Some(v) = rate.and_then(|v| std::num::NonZeroU32::new(v as u32)) {
+                    l.max_batches_per_s = v;
+                }
+                if let Some(v) = backoff_max_s {
+                    l.backoff_max = Duration::from_secs(v);
+                }
+                if let Some(v) = ack_timeout_s {
+                    l.ack_timeout = Duration::from_secs(v);
+                }
+                cfg.ledger = Some(l);
             }
             _ => {
                 let span = root.get_key_value("ledger").and_then(|(k, _)| k.span());

@@ -28,6 +28,7 @@ use crate::metrics::{self, Metrics, MetricsServer, ServerLimits};
 use crate::records;
 use crate::sampler::{GapCause, GapRecord, Sampler, Stamp};
 use crate::sealer::{SealPolicy, Sealer};
+use crate::shipper::{signed_heartbeat, ShipState, Shipper, ShipperStats};
 use crate::spool::SpoolConfig;
 
 /// The node id: configured, else `/etc/machine-id`, else the host name.
@@ -277,6 +278,33 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
         }
     };
 
+    // The shipper, when a ledger is configured: a task that reads sealed batches from the spool
+    // files and streams them; its acknowledgements come back here, where the spool is moved.
+    let (ship_tx, ship_rx) = tokio::sync::watch::channel(ShipState::default());
+    let ship_stats = Arc::new(ShipperStats::default());
+    let mut ack_rx = match &cfg.ledger {
+        Some(lcfg) => {
+            let acked = sealer.spool().acked_seq();
+            let (ack_tx, ack_rx) = tokio::sync::watch::channel(acked);
+            let shipper = Shipper::new(
+                lcfg.clone(),
+                &cfg.spool_dir,
+                acked,
+                ship_rx,
+                ack_tx,
+                ship_stats.clone(),
+            );
+            tokio::spawn(shipper.run(shutdown_rx.clone()));
+            tracing::info!(endpoint = %lcfg.endpoint, acked_seq = acked, "shipping to the ledger");
+            Some(ack_rx)
+        }
+        None => {
+            tracing::info!("no [ledger] configured: batches stay in the local spool");
+            None
+        }
+    };
+    metrics.set_ledger_configured(cfg.ledger.is_some());
+
     let policy = Policy {
         idle: cfg.idle_policy,
         dram: cfg.dram_policy,
@@ -379,6 +407,21 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
                 req.respond(result);
                 continue;
             }
+            Ok(()) = async { match ack_rx.as_mut() { Some(rx) => rx.changed().await, None => std::future::pending().await } } => {
+                let seq = ack_rx.as_mut().map_or(0, |rx| *rx.borrow_and_update());
+                match sealer.spool_mut().ack(seq) {
+                    Ok(deleted) => {
+                        for path in deleted {
+                            tracing::debug!(path = %path.display(), "acknowledged segment deleted");
+                        }
+                    }
+                    Err(e) if e.is_fatal() => {
+                        return Err(anyhow::Error::new(e).context("recording the ledger's acknowledgement (fatal)"));
+                    }
+                    Err(error) => tracing::warn!(%error, seq, "recording the ledger's acknowledgement"),
+                }
+                continue;
+            }
             guard = events.readable() => {
                 if let Ok(mut g) = guard {
                     g.clear_ready();
@@ -439,6 +482,13 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
                 "fdatasync of the spool failed (fatal: the kernel may have dropped the pages)",
             ));
         }
+        if cfg.ledger.is_some() {
+            let sealed = sealer.spool().sealed_seq();
+            ship_tx.send_replace(ShipState {
+                sealed_seq: sealed,
+                heartbeat: Some(signed_heartbeat(sealer.key(), sealed, now.unix_ns)),
+            });
+        }
         metrics.record_interval(&interval);
         for r in snap.runs.iter().filter(|r| r.finished) {
             metrics.run_finished(&r.run_id, now.mono_ns);
@@ -448,6 +498,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
         let spool = sealer.spool();
         metrics.set_spool(spool.used_bytes(), spool.sealed_seq(), spool.acked_seq());
         metrics.set_coarsened(coarsened_intervals);
+        metrics.set_shipper(&ship_stats);
         metrics.observe_tick(tick_started.elapsed());
         if metrics_on {
             // Rendered here, once per tick, so that scrapes cost the loop nothing.

@@ -11,5 +11,6 @@ pub mod metrics;
 pub mod records;
 pub mod sampler;
 pub mod sealer;
+pub mod shipper;
 pub mod spool;
 pub mod verify;

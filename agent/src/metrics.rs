@@ -120,6 +120,22 @@ pub struct Metrics {
     spool_unacked: u64,
     coarsened: u64,
     tracker: TrackerCounters,
+    ledger: LedgerSnapshot,
+}
+
+/// The shipper's state as of the last tick.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct LedgerSnapshot {
+    configured: bool,
+    connected: bool,
+    sessions: u64,
+    batches_sent: u64,
+    heartbeats_sent: u64,
+    acks: u64,
+    acked_seq: u64,
+    bad_acks: u64,
+    missing_from: u64,
+    session_errors: Vec<(String, u64)>,
 }
 
 const CAUSES: [GapCause; 3] = [
@@ -177,7 +193,28 @@ impl Metrics {
             spool_unacked: 0,
             coarsened: 0,
             tracker: TrackerCounters::default(),
+            ledger: LedgerSnapshot::default(),
         }
+    }
+
+    /// Whether a `[ledger]` is configured (the shipper families are exported either way).
+    pub fn set_ledger_configured(&mut self, configured: bool) {
+        self.ledger.configured = configured;
+    }
+
+    /// The shipper's counters, copied once per tick.
+    pub fn set_shipper(&mut self, s: &crate::shipper::ShipperStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let l = &mut self.ledger;
+        l.connected = s.connected.load(Relaxed);
+        l.sessions = s.sessions_total.load(Relaxed);
+        l.batches_sent = s.batches_sent_total.load(Relaxed);
+        l.heartbeats_sent = s.heartbeats_sent_total.load(Relaxed);
+        l.acks = s.acks_total.load(Relaxed);
+        l.acked_seq = s.acked_seq.load(Relaxed);
+        l.bad_acks = s.bad_acks_total.load(Relaxed);
+        l.missing_from = s.ledger_missing_from.load(Relaxed);
+        l.session_errors = s.session_errors();
     }
 
     /// Adds one attributed interval: per-run, host and measured energy, power, gaps and
@@ -469,6 +506,60 @@ impl Metrics {
              lost).",
         );
         w.sample("wattd_spool_coarsened_intervals_total", &[], self.coarsened);
+
+        let l = &self.ledger;
+        for (name, help, value) in [
+            ("wattd_ledger_configured", "1 when a [ledger] is configured and the shipper runs.", u64::from(l.configured)),
+            ("wattd_ledger_connected", "1 while a stream to the ledger is open.", u64::from(l.connected)),
+            ("wattd_ledger_acked_seq", "Highest batch seq the ledger acknowledged as durably stored.", l.acked_seq),
+            ("wattd_ledger_missing_from_seq", "First seq the ledger last reported missing (a hole it holds batches above); 0 if none.", l.missing_from),
+        ] {
+            w.family(name, "gauge", help);
+            w.sample(name, &[], value);
+        }
+        for (name, help, value) in [
+            (
+                "wattd_ledger_sessions_total",
+                "Streams started (connect attempts included).",
+                l.sessions,
+            ),
+            (
+                "wattd_ledger_batches_sent_total",
+                "Batches sent on a stream (re-sends after a reconnect included).",
+                l.batches_sent,
+            ),
+            (
+                "wattd_ledger_heartbeats_sent_total",
+                "Signed heartbeats sent.",
+                l.heartbeats_sent,
+            ),
+            (
+                "wattd_ledger_acks_total",
+                "Acknowledgements received.",
+                l.acks,
+            ),
+            (
+                "wattd_ledger_bad_acks_total",
+                "Acknowledgements refused: beyond the seq this node has sealed.",
+                l.bad_acks,
+            ),
+        ] {
+            w.family(name, "counter", help);
+            w.sample(name, &[], value);
+        }
+        w.family(
+            "wattd_ledger_session_errors_total",
+            "counter",
+            "Streams that ended, by reason (connect, tls_files, endpoint, ack_timeout, closed, \
+             spool_read, status_<grpc code>).",
+        );
+        for (reason, n) in &l.session_errors {
+            w.sample(
+                "wattd_ledger_session_errors_total",
+                &[("reason", reason)],
+                *n,
+            );
+        }
 
         // Destructured field by field so that a counter added to the tracker fails to compile
         // here until it is exported too.

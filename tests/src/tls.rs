@@ -4,8 +4,8 @@
 //! Nothing here is ever committed: every test makes its own keys in its own temporary directory.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use std::path::{Path, PathBuf};
 
@@ -26,7 +26,9 @@ pub struct TestCa {
 
 impl std::fmt::Debug for TestCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestCa").field("ca_pem", &self.ca_pem).finish()
+        f.debug_struct("TestCa")
+            .field("ca_pem", &self.ca_pem)
+            .finish()
     }
 }
 
@@ -56,7 +58,9 @@ impl TestCa {
         let key = KeyPair::generate().expect("generating a key");
         let issuer = Issuer::from_params(&self.params, &self.key);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let cert = params.signed_by(&key, &issuer).expect("signing a certificate");
+        let cert = params
+            .signed_by(&key, &issuer)
+            .expect("signing a certificate");
         let files = CertFiles {
             cert: self.dir.join(format!("{file_stem}.pem")),
             key: self.dir.join(format!("{file_stem}.key")),
@@ -70,7 +74,9 @@ impl TestCa {
     pub fn server(&self, file_stem: &str) -> CertFiles {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, "localhost");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
         params.subject_alt_names = vec![
             SanType::DnsName("localhost".try_into().expect("a valid DNS name")),
             SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])),
@@ -101,9 +107,18 @@ mod tests {
         let c = ca.client("node-a");
         for p in [&ca.ca_pem, &s.cert, &c.cert] {
             let pem = std::fs::read_to_string(p).unwrap();
-            assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{}", p.display());
+            assert!(
+                pem.starts_with("-----BEGIN CERTIFICATE-----"),
+                "{}",
+                p.display()
+            );
         }
-        assert!(std::fs::read_to_string(&c.key).unwrap().contains("PRIVATE KEY"));
-        assert_ne!(std::fs::read(&s.cert).unwrap(), std::fs::read(&c.cert).unwrap());
+        assert!(std::fs::read_to_string(&c.key)
+            .unwrap()
+            .contains("PRIVATE KEY"));
+        assert_ne!(
+            std::fs::read(&s.cert).unwrap(),
+            std::fs::read(&c.cert).unwrap()
+        );
     }
 }

@@ -22,6 +22,7 @@
 
 pub mod frame;
 pub mod fs;
+pub mod reader;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -34,6 +35,7 @@ use crate::durable::{self, AtomicWriteError};
 use crate::identity::KeyId;
 use frame::{encode_frame, scan_segment, Damage, ScanItem, SegmentHeader, RECORD_MAGIC};
 pub use fs::{RealFs, SpoolFs};
+pub use reader::SpoolReader;
 
 pub const ACK_FILE: &str = "ack";
 const SEGMENT_PREFIX: &str = "seg-";

@@ -7,3 +7,4 @@ mod cli;
 mod control;
 mod metrics;
 mod records;
+mod shipper;

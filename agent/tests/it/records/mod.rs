@@ -3,8 +3,9 @@
 
 mod bad_input;
 mod cli;
-mod common;
+pub(crate) mod common;
 mod faults;
 mod model;
+mod reader;
 mod sweep;
 mod tamper;

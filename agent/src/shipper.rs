@@ -1,0 +1,529 @@
+//! The shipper: streams sealed batches from the spool to the ledger over gRPC with mutual TLS,
+//! and reports the ledger's acknowledgements back to the daemon, which moves the spool's ack
+//! cursor (and so deletes acknowledged segments).
+//!
+//! One task on the daemon's runtime. It never touches the [`Spool`](crate::spool::Spool): it
+//! reads sealed batches from the segment files with its own [`SpoolReader`], up to the sealed
+//! seq the daemon publishes after each fdatasync, and sends acknowledged seqs back on a watch
+//! channel. So the sampling loop never waits on the network, and the network never sees a batch
+//! that is not durable.
+//!
+//! Protocol (see `Ledger.Stream` in the proto):
+//! - connect (TLS 1.2 minimum: rustls offers 1.2 and 1.3 only; client certificate and key, the
+//!   ledger's CA; the files are read again at every connect, so renewed certificates are picked
+//!   up without a restart);
+//! - first message: a signed heartbeat, whose Ack says how far the ledger already is, so a
+//!   reconnect resumes at `max(local ack, ledger ack) + 1` instead of re-sending;
+//! - then batches in seq order, at most `window` unacknowledged at a time, paced by a governor
+//!   rate limit (a whole fleet replaying a backlog after a ledger outage does not stampede it),
+//!   and a signed heartbeat every `heartbeat` so the ledger can tell a quiet node from a lost
+//!   tail;
+//! - an Ack's `acked_seq` is cumulative and durable on the ledger's side; an Ack beyond what this
+//!   node has sealed is refused (logged, counted, never forwarded to the spool);
+//! - any error (connect, TLS, stream status, no Ack within `ack_timeout` while batches are in
+//!   flight) ends the session; the next one starts after a capped exponential backoff with
+//!   jitter, reset by a session that made progress.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use governor::clock::{Clock as _, DefaultClock};
+use governor::{Quota, RateLimiter};
+use prost::Message as _;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use wattd_proto::v1::ledger_client::LedgerClient;
+use wattd_proto::v1::{node_message, Ack, Heartbeat, NodeMessage, SignedBatch, SignedHeartbeat};
+
+use crate::identity::NodeKey;
+use crate::spool::SpoolReader;
+
+/// How the shipper talks to the ledger (`[ledger]` in the configuration).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShipperConfig {
+    pub endpoint: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Batches sent and not yet acknowledged, at most.
+    pub window: usize,
+    /// Signed heartbeat period.
+    pub heartbeat: Duration,
+    /// Batches per second at most (the replay pace after an outage).
+    pub max_batches_per_s: NonZeroU32,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub connect_timeout: Duration,
+    /// With batches in flight, no Ack for this long ends the session.
+    pub ack_timeout: Duration,
+    /// Largest message accepted from or sent to the ledger.
+    pub max_message_bytes: usize,
+}
+
+impl ShipperConfig {
+    pub const DEFAULT_WINDOW: usize = 64;
+    pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_MAX_BATCHES_PER_S: u32 = 200;
+    pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(200);
+    pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+    pub fn new(endpoint: &str, ca: &Path, cert: &Path, key: &Path) -> Self {
+        Self {
+            endpoint: endpoint.to_owned(),
+            ca: ca.to_owned(),
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            window: Self::DEFAULT_WINDOW,
+            heartbeat: Self::DEFAULT_HEARTBEAT,
+            max_batches_per_s: NonZeroU32::new(Self::DEFAULT_MAX_BATCHES_PER_S)
+                .unwrap_or(NonZeroU32::MIN),
+            backoff_min: Self::DEFAULT_BACKOFF_MIN,
+            backoff_max: Self::DEFAULT_BACKOFF_MAX,
+            connect_timeout: Duration::from_secs(10),
+            ack_timeout: Duration::from_secs(30),
+            max_message_bytes: 32 << 20,
+        }
+    }
+}
+
+/// What the daemon publishes after every commit.
+#[derive(Clone, Debug, Default)]
+pub struct ShipState {
+    /// Every batch up to here is durable in the spool.
+    pub sealed_seq: u64,
+    /// A heartbeat signed by the node's current key, saying `sealed_seq`.
+    pub heartbeat: Option<SignedHeartbeat>,
+}
+
+/// A signed heartbeat announcing `sealed_seq`.
+pub fn signed_heartbeat(key: &NodeKey, sealed_seq: u64, now_unix_ns: i64) -> SignedHeartbeat {
+    let hb = Heartbeat {
+        node_id: key.node_id().to_owned(),
+        sent_unix_ns: now_unix_ns,
+        last_sealed_seq: sealed_seq,
+        key_epoch: key.epoch(),
+    };
+    let bytes = hb.encode_to_vec();
+    SignedHeartbeat {
+        signature: key.sign(&bytes).to_vec(),
+        key_id: key.key_id().to_vec(),
+        heartbeat_bytes: bytes,
+    }
+}
+
+/// The shipper's counters, shared with the metrics endpoint (read once per tick).
+#[derive(Debug, Default)]
+pub struct ShipperStats {
+    pub connected: AtomicBool,
+    pub sessions_total: AtomicU64,
+    pub batches_sent_total: AtomicU64,
+    pub heartbeats_sent_total: AtomicU64,
+    pub acks_total: AtomicU64,
+    pub acked_seq: AtomicU64,
+    /// Acks beyond the sealed seq, refused.
+    pub bad_acks_total: AtomicU64,
+    /// The ledger's last reported hole (first missing seq), 0 if none.
+    pub ledger_missing_from: AtomicU64,
+    /// Ended sessions by reason (`connect`, `tls_files`, `status_<code>`, `ack_timeout`, ...).
+    pub session_errors: Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl ShipperStats {
+    fn error(&self, reason: &str) {
+        if let Ok(mut m) = self.session_errors.lock() {
+            *m.entry(reason.to_owned()).or_default() += 1;
+        }
+    }
+
+    pub fn session_errors(&self) -> Vec<(String, u64)> {
+        self.session_errors
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+struct SessionEnd {
+    reason: String,
+    error: anyhow::Error,
+    progressed: bool,
+}
+
+fn end(reason: impl Into<String>, progressed: bool, error: anyhow::Error) -> SessionEnd {
+    SessionEnd {
+        reason: reason.into(),
+        error,
+        progressed,
+    }
+}
+
+/// A delay for attempt `n` (0-based): `min * 2^n` capped at `max`, then jittered uniformly
+/// into its upper half, so a fleet that lost the ledger at once does not come back at once.
+pub fn backoff_delay(min: Duration, max: Duration, attempt: u32, random: u64) -> Duration {
+    let base = min
+        .saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
+        .min(max);
+    let half = base / 2;
+    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+    let jitter = if nanos == 0 { 0 } else { random % (nanos + 1) };
+    half + Duration::from_nanos(jitter)
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // Jitter only: without the OS generator, the fixed value still backs off, just in step.
+    let _ = getrandom::getrandom(&mut b);
+    u64::from_le_bytes(b)
+}
+
+async fn connect(
+    cfg: &ShipperConfig,
+) -> Result<LedgerClient<tonic::transport::Channel>, SessionEnd> {
+    let read = |p: &Path, what: &str| {
+        std::fs::read(p).with_context(|| format!("reading the ledger {what} {}", p.display()))
+    };
+    let files = (|| -> anyhow::Result<_> {
+        Ok((
+            read(&cfg.ca, "CA certificate (ledger.ca)")?,
+            read(&cfg.cert, "client certificate (ledger.cert)")?,
+            read(&cfg.key, "client key (ledger.key)")?,
+        ))
+    })();
+    let (ca, cert, key) = files.map_err(|e| end("tls_files", false, e))?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key));
+    let endpoint = Endpoint::from_shared(cfg.endpoint.clone())
+        .and_then(|e| e.tls_config(tls))
+        .with_context(|| format!("ledger.endpoint {}", cfg.endpoint))
+        .map_err(|e| end("endpoint", false, e))?
+        .connect_timeout(cfg.connect_timeout)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    let channel = endpoint.connect().await.map_err(|e| {
+        end(
+            "connect",
+            false,
+            anyhow::Error::new(e).context(format!("connecting to {}", cfg.endpoint)),
+        )
+    })?;
+    Ok(LedgerClient::new(channel)
+        .max_decoding_message_size(cfg.max_message_bytes)
+        .max_encoding_message_size(cfg.max_message_bytes))
+}
+
+/// The shipper task. Ends when `shutdown` turns true.
+#[derive(Debug)]
+pub struct Shipper {
+    cfg: ShipperConfig,
+    dir: PathBuf,
+    state: watch::Receiver<ShipState>,
+    acks: watch::Sender<u64>,
+    stats: Arc<ShipperStats>,
+    /// Highest seq the ledger acknowledged (or the spool's cursor at start).
+    acked: u64,
+}
+
+impl Shipper {
+    /// `acked_seq`: the spool's acknowledged cursor; `acks` receives every higher Ack.
+    pub fn new(
+        cfg: ShipperConfig,
+        spool_dir: &Path,
+        acked_seq: u64,
+        state: watch::Receiver<ShipState>,
+        acks: watch::Sender<u64>,
+        stats: Arc<ShipperStats>,
+    ) -> Self {
+        stats.acked_seq.store(acked_seq, Ordering::Relaxed);
+        Self {
+            cfg,
+            dir: spool_dir.to_owned(),
+            state,
+            acks,
+            stats,
+            acked: acked_seq,
+        }
+    }
+
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        // Nothing to say before the daemon sealed its first batch (or signed a heartbeat).
+        tokio::select! {
+            _ = self.state.wait_for(|s| s.heartbeat.is_some()) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let limiter = RateLimiter::direct(
+            Quota::per_second(self.cfg.max_batches_per_s).allow_burst(
+                NonZeroU32::new(u32::try_from(self.cfg.window).unwrap_or(u32::MAX))
+                    .unwrap_or(NonZeroU32::MIN),
+            ),
+        );
+        let mut attempt: u32 = 0;
+        loop {
+            self.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+            let result = tokio::select! {
+                r = self.session(&limiter) => r,
+                _ = shutdown.wait_for(|s| *s) => {
+                    self.stats.connected.store(false, Ordering::Relaxed);
+                    return;
+                }
+            };
+            self.stats.connected.store(false, Ordering::Relaxed);
+            let e = match result {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            self.stats.error(&e.reason);
+            if e.progressed {
+                attempt = 0;
+            }
+            let delay = backoff_delay(
+                self.cfg.backoff_min,
+                self.cfg.backoff_max,
+                attempt,
+                random_u64(),
+            );
+            attempt = attempt.saturating_add(1);
+            tracing::warn!(reason = %e.reason, error = format!("{:#}", e.error), retry_in_ms = delay.as_millis() as u64,
+                acked_seq = self.acked, "ledger session ended");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    fn heartbeat(&self) -> Option<NodeMessage> {
+        self.state.borrow().heartbeat.clone().map(|h| NodeMessage {
+            kind: Some(node_message::Kind::SignedHeartbeat(h)),
+        })
+    }
+
+    /// Takes an Ack: cumulative, never backwards, never beyond what is sealed.
+    fn take_ack(&mut self, ack: &Ack) -> Result<(), anyhow::Error> {
+        self.stats.acks_total.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .ledger_missing_from
+            .store(ack.missing_from_seq, Ordering::Relaxed);
+        let sealed = self.state.borrow().sealed_seq;
+        if ack.acked_seq > sealed {
+            self.stats.bad_acks_total.fetch_add(1, Ordering::Relaxed);
+            anyhow::bail!(
+                "the ledger acknowledged seq {} but this node has sealed only up to {sealed}; ignoring it",
+                ack.acked_seq
+            );
+        }
+        if ack.acked_seq > self.acked {
+            self.acked = ack.acked_seq;
+            self.stats.acked_seq.store(self.acked, Ordering::Relaxed);
+            self.acks.send_replace(self.acked);
+        }
+        Ok(())
+    }
+
+    async fn session(
+        &mut self,
+        limiter: &RateLimiter<
+            governor::state::NotKeyed,
+            governor::state::InMemoryState,
+            DefaultClock,
+        >,
+    ) -> Result<(), SessionEnd> {
+        let mut client = connect(&self.cfg).await?;
+        let (tx, rx) = mpsc::channel::<NodeMessage>(self.cfg.window + 4);
+        // The heartbeat goes first: its Ack says where the ledger stands.
+        if let Some(hb) = self.heartbeat() {
+            let _ = tx.try_send(hb);
+            self.stats
+                .heartbeats_sent_total
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let response = client
+            .stream(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| status_end(&s, false))?;
+        let mut inbound = response.into_inner();
+        self.stats.connected.store(true, Ordering::Relaxed);
+        let first = tokio::time::timeout(self.cfg.ack_timeout, inbound.message())
+            .await
+            .map_err(|_| {
+                end(
+                    "ack_timeout",
+                    false,
+                    anyhow::anyhow!(
+                        "no Ack to the opening heartbeat within {:?}",
+                        self.cfg.ack_timeout
+                    ),
+                )
+            })?
+            .map_err(|s| status_end(&s, false))?
+            .ok_or_else(|| {
+                end(
+                    "closed",
+                    false,
+                    anyhow::anyhow!("the ledger closed the stream before acknowledging"),
+                )
+            })?;
+        if let Err(e) = self.take_ack(&first) {
+            tracing::error!(error = %e, "ledger acknowledgement refused");
+        }
+        tracing::info!(endpoint = %self.cfg.endpoint, ledger_acked = first.acked_seq, resume_at = self.acked + 1, "ledger session open");
+        let mut progressed = true;
+        let mut reader = SpoolReader::new(&self.dir, self.acked + 1);
+        // Since when batches have been waiting for an Ack (None: nothing in flight).
+        let mut waiting_since: Option<tokio::time::Instant> = None;
+        let mut heartbeat = tokio::time::interval(self.cfg.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.tick().await; // the first tick is immediate; the opening heartbeat was sent
+        let mut rewound_for: u64 = 0;
+        let mut pace: Option<tokio::time::Instant> = None;
+        loop {
+            // Send what the window, the pace and the spool allow.
+            let sealed = self.state.borrow().sealed_seq;
+            while pace.is_none()
+                && reader.next_seq() <= sealed
+                && reader.next_seq().saturating_sub(self.acked + 1) < self.cfg.window as u64
+            {
+                if let Err(not_until) = limiter.check() {
+                    let wait = not_until.wait_time_from(DefaultClock::default().now());
+                    pace = Some(tokio::time::Instant::now() + wait);
+                    break;
+                }
+                let batch = match reader.next(sealed) {
+                    Ok(Some(b)) => b,
+                    Ok(None) => break,
+                    Err(e) => {
+                        return Err(end(
+                            "spool_read",
+                            progressed,
+                            anyhow::Error::new(e).context("reading the spool to ship"),
+                        ))
+                    }
+                };
+                let signed = match SignedBatch::decode(batch.bytes.as_slice()) {
+                    Ok(s) => s,
+                    // The reader already decoded it; cannot happen short of memory corruption.
+                    Err(e) => return Err(end("spool_read", progressed, anyhow::Error::new(e))),
+                };
+                if tx
+                    .send(NodeMessage {
+                        kind: Some(node_message::Kind::Batch(signed)),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return Err(end(
+                        "closed",
+                        progressed,
+                        anyhow::anyhow!("the request stream closed"),
+                    ));
+                }
+                self.stats
+                    .batches_sent_total
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            let in_flight = reader.next_seq().saturating_sub(self.acked + 1);
+            if in_flight == 0 {
+                waiting_since = None;
+            } else if waiting_since.is_none() {
+                waiting_since = Some(tokio::time::Instant::now());
+            }
+            let ack_deadline = waiting_since.map(|t| t + self.cfg.ack_timeout);
+            tokio::select! {
+                msg = inbound.message() => {
+                    let ack = msg
+                        .map_err(|s| status_end(&s, progressed))?
+                        .ok_or_else(|| end("closed", progressed, anyhow::anyhow!("the ledger closed the stream")))?;
+                    waiting_since = None;
+                    progressed = true;
+                    if let Err(e) = self.take_ack(&ack) {
+                        tracing::error!(error = %e, "ledger acknowledgement refused");
+                    }
+                    // A hole the ledger is waiting for: send it again, once per hole (a seq the
+                    // spool lost to damage cannot be sent; the ledger keeps reporting it).
+                    let missing = ack.missing_from_seq;
+                    if missing > self.acked && missing < reader.next_seq() && missing != rewound_for {
+                        rewound_for = missing;
+                        tracing::warn!(missing, "the ledger reports a hole; re-sending from it");
+                        reader.rewind(missing);
+                    }
+                }
+                _ = self.state.changed() => {}
+                _ = heartbeat.tick() => {
+                    if let Some(hb) = self.heartbeat() {
+                        if tx.send(hb).await.is_err() {
+                            return Err(end("closed", progressed, anyhow::anyhow!("the request stream closed")));
+                        }
+                        self.stats.heartbeats_sent_total.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                _ = async { match pace { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                    pace = None;
+                }
+                _ = async { match ack_deadline { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                    return Err(end("ack_timeout", progressed, anyhow::anyhow!(
+                        "{in_flight} batch(es) unacknowledged for {:?}", self.cfg.ack_timeout)));
+                }
+            }
+        }
+    }
+}
+
+fn status_end(s: &tonic::Status, progressed: bool) -> SessionEnd {
+    let code = format!("{:?}", s.code()).to_lowercase();
+    end(
+        format!("status_{code}"),
+        progressed,
+        anyhow::anyhow!("ledger status {:?}: {}", s.code(), s.message()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_jitters_into_the_upper_half() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        for attempt in 0..40 {
+            let base = (min * 2u32.saturating_pow(attempt.min(20))).min(max);
+            for r in [0, 1, u64::MAX / 3, u64::MAX] {
+                let d = backoff_delay(min, max, attempt, r);
+                assert!(
+                    d >= base / 2 && d <= base,
+                    "attempt {attempt}: {d:?} vs {base:?}"
+                );
+            }
+        }
+        assert_eq!(backoff_delay(min, max, 0, 0), Duration::from_millis(50));
+        assert_eq!(backoff_delay(min, max, 30, 0), Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn heartbeat_is_signed_over_its_exact_bytes() {
+        let key = NodeKey::from_seed("n1", 3, [7; 32]);
+        let hb = signed_heartbeat(&key, 42, 1_000);
+        let decoded = Heartbeat::decode(hb.heartbeat_bytes.as_slice()).expect("decodes");
+        assert_eq!(decoded.last_sealed_seq, 42);
+        assert_eq!(decoded.key_epoch, 3);
+        assert_eq!(decoded.node_id, "n1");
+        assert_eq!(hb.key_id, key.key_id().to_vec());
+        let sig = ed25519_dalek::Signature::from_slice(&hb.signature).expect("64 bytes");
+        use ed25519_dalek::Verifier as _;
+        assert!(key
+            .verifying_key()
+            .verify(&hb.heartbeat_bytes, &sig)
+            .is_ok());
+        let mut forged = hb.heartbeat_bytes.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert!(key.verifying_key().verify(&forged, &sig).is_err());
+    }
+}

@@ -1,0 +1,430 @@
+//! The shipper against a scripted ledger over real mutual TLS on loopback: every batch arrives
+//! once, in order, with its chain intact; acknowledgements move the spool's cursor; the window
+//! bounds what is in flight; a dropped stream resumes where the ledger stands; an Ack beyond
+//! what the node has sealed is refused; a ledger with the wrong certificate gets nothing.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prost::Message as _;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+use wattd::batch::{chain_hash, decode_header};
+use wattd::sealer::Sealer;
+use wattd::shipper::{signed_heartbeat, ShipState, Shipper, ShipperConfig, ShipperStats};
+use wattd_proto::v1::ledger_server::{Ledger, LedgerServer};
+use wattd_proto::v1::{node_message, Ack, NodeMessage, SignedBatch};
+use wattd_tests::tls::TestCa;
+
+use crate::records::common::{config, fill, sealer};
+
+/// What the scripted ledger does, and what it saw.
+#[derive(Debug, Default)]
+struct FakeState {
+    /// seq -> chain hash of what was stored.
+    stored: BTreeMap<u64, [u8; 32]>,
+    duplicates: u64,
+    chain_breaks: Vec<String>,
+    heartbeats: u64,
+    streams: u64,
+    client_certs_seen: Vec<usize>,
+    /// Acknowledge only the first message of each stream (the opening heartbeat).
+    withhold_acks: bool,
+    /// End the stream with UNAVAILABLE after this many batches stored in one stream.
+    fail_after: Option<usize>,
+    /// Acknowledge this seq, whatever was stored.
+    lie_ack: Option<u64>,
+    /// Batches received per stream.
+    received_per_stream: Vec<usize>,
+}
+
+impl FakeState {
+    fn acked(&self) -> u64 {
+        let mut n = 0;
+        while self.stored.contains_key(&(n + 1)) {
+            n += 1;
+        }
+        n
+    }
+
+    fn take(&mut self, b: &SignedBatch) {
+        let bytes = b.encode_to_vec();
+        let (_, h) = match decode_header(&bytes) {
+            Ok(x) => x,
+            Err(e) => {
+                self.chain_breaks.push(e);
+                return;
+            }
+        };
+        let hash = chain_hash(&bytes);
+        if let Some(old) = self.stored.get(&h.seq) {
+            if *old == hash {
+                self.duplicates += 1;
+            } else {
+                self.chain_breaks.push(format!("fork at {}", h.seq));
+            }
+            return;
+        }
+        let prev = if h.seq == 1 {
+            Some([0u8; 32])
+        } else {
+            self.stored.get(&(h.seq - 1)).copied()
+        };
+        if prev.map(|p| p.as_slice() == h.prev_hash.as_slice()) != Some(true) {
+            self.chain_breaks.push(format!(
+                "seq {} does not chain to a stored predecessor",
+                h.seq
+            ));
+            return;
+        }
+        self.stored.insert(h.seq, hash);
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Fake(Arc<Mutex<FakeState>>);
+
+type AckStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<Ack, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ledger for Fake {
+    type StreamStream = AckStream;
+
+    async fn stream(
+        &self,
+        req: Request<Streaming<NodeMessage>>,
+    ) -> Result<Response<AckStream>, Status> {
+        let certs = req.peer_certs().map_or(0, |c| c.len());
+        let stream_no = {
+            let mut s = self.0.lock().unwrap();
+            s.client_certs_seen.push(certs);
+            s.streams += 1;
+            s.received_per_stream.push(0);
+            s.received_per_stream.len() - 1
+        };
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(256);
+        let state = self.0.clone();
+        tokio::spawn(async move {
+            let mut in_stream = 0usize;
+            let mut seen = 0usize;
+            while let Ok(Some(msg)) = inbound.message().await {
+                let reply = {
+                    let mut s = state.lock().unwrap();
+                    let opened = seen > 0;
+                    seen += 1;
+                    let is_batch = match msg.kind {
+                        Some(node_message::Kind::Batch(b)) => {
+                            s.take(&b);
+                            s.received_per_stream[stream_no] += 1;
+                            in_stream += 1;
+                            true
+                        }
+                        Some(node_message::Kind::SignedHeartbeat(_)) => {
+                            s.heartbeats += 1;
+                            false
+                        }
+                        None => false,
+                    };
+                    if s.fail_after.is_some_and(|n| in_stream >= n) {
+                        Err(Status::unavailable("scripted failure"))
+                    } else if s.withhold_acks && (is_batch || opened) {
+                        continue;
+                    } else {
+                        Ok(Ack {
+                            node_id: String::new(),
+                            acked_seq: s.lie_ack.unwrap_or_else(|| s.acked()),
+                            missing_from_seq: 0,
+                            announced_sealed_seq: 0,
+                        })
+                    }
+                };
+                let stop = reply.is_err();
+                if tx.send(reply).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct World {
+    _dir: tempfile::TempDir,
+    spool: tempfile::TempDir,
+    ca_dir: tempfile::TempDir,
+    ca: TestCa,
+    fake: Fake,
+    endpoint: String,
+    stop_server: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+async fn serve(
+    fake: Fake,
+    ca: &TestCa,
+    server_ca: &TestCa,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let s = server_ca.server("server");
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            std::fs::read(&s.cert).unwrap(),
+            std::fs::read(&s.key).unwrap(),
+        ))
+        .client_ca_root(Certificate::from_pem(std::fs::read(&ca.ca_pem).unwrap()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(LedgerServer::new(fake))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            })
+            .await;
+    });
+    (format!("https://localhost:{}", addr.port()), stop_tx)
+}
+
+impl World {
+    async fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new(ca_dir.path(), "ledger");
+        let fake = Fake::default();
+        let (endpoint, stop) = serve(fake.clone(), &ca, &ca).await;
+        World {
+            _dir: dir,
+            spool: tempfile::tempdir().unwrap(),
+            ca_dir,
+            ca,
+            fake,
+            endpoint,
+            stop_server: Some(stop),
+        }
+    }
+
+    fn shipper_config(&self) -> ShipperConfig {
+        let c = self.ca.client("node-a");
+        let mut cfg = ShipperConfig::new(&self.endpoint, &self.ca.ca_pem, &c.cert, &c.key);
+        cfg.backoff_min = Duration::from_millis(20);
+        cfg.backoff_max = Duration::from_millis(100);
+        cfg.heartbeat = Duration::from_millis(200);
+        cfg
+    }
+}
+
+/// Runs a shipper over the sealed spool until `done` says so (or `limit` passes).
+async fn ship(
+    cfg: ShipperConfig,
+    s: &Sealer,
+    done: impl Fn(&FakeState, u64) -> bool,
+    fake: &Fake,
+    limit: Duration,
+) -> (u64, Arc<ShipperStats>) {
+    let sealed = s.spool().sealed_seq();
+    let (state_tx, state_rx) = watch::channel(ShipState {
+        sealed_seq: sealed,
+        heartbeat: Some(signed_heartbeat(s.key(), sealed, 0)),
+    });
+    let (ack_tx, mut ack_rx) = watch::channel(s.spool().acked_seq());
+    let stats = Arc::new(ShipperStats::default());
+    let shipper = Shipper::new(
+        cfg,
+        s.spool().dir(),
+        s.spool().acked_seq(),
+        state_rx,
+        ack_tx,
+        stats.clone(),
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(shipper.run(stop_rx));
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let acked = *ack_rx.borrow_and_update();
+        if done(&fake.0.lock().unwrap(), acked) || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
+    task.await.unwrap();
+    drop(state_tx);
+    let acked = *ack_rx.borrow();
+    (acked, stats)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn every_batch_arrives_once_in_order_and_acks_move_the_spool() {
+    let w = World::new().await;
+    let mut s = sealer(config(w.spool.path(), 1 << 10), 1).unwrap();
+    let mut index = 0;
+    fill(&mut s, &mut index, 40, 1, 3).unwrap();
+    let sealed = s.spool().sealed_seq();
+    let (acked, stats) = ship(
+        w.shipper_config(),
+        &s,
+        |_, a| a == sealed,
+        &w.fake,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(acked, sealed);
+    let st = w.fake.0.lock().unwrap();
+    assert_eq!(st.stored.len() as u64, sealed);
+    assert_eq!(st.duplicates, 0);
+    assert!(st.chain_breaks.is_empty(), "{:?}", st.chain_breaks);
+    assert!(
+        st.client_certs_seen.iter().all(|&n| n >= 1),
+        "mutual TLS: the client showed a certificate"
+    );
+    assert_eq!(stats.batches_sent_total.load(Ordering::Relaxed), sealed);
+    drop(st);
+    // The daemon's side: the spool takes the ack and deletes whole acknowledged segments.
+    let before = wattd::spool::list_segments(w.spool.path()).unwrap().len();
+    s.spool_mut().ack(acked).unwrap();
+    let after = wattd::spool::list_segments(w.spool.path()).unwrap().len();
+    assert!(after < before && after >= 1, "{before} -> {after}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_window_bounds_unacknowledged_batches_and_an_ack_timeout_reconnects() {
+    let w = World::new().await;
+    w.fake.0.lock().unwrap().withhold_acks = true;
+    let mut s = sealer(config(w.spool.path(), 1 << 20), 1).unwrap();
+    let mut index = 0;
+    fill(&mut s, &mut index, 20, 1, 1).unwrap();
+    let mut cfg = w.shipper_config();
+    cfg.window = 4;
+    cfg.ack_timeout = Duration::from_millis(500);
+    let (acked, stats) = ship(
+        cfg,
+        &s,
+        |_, acked| acked >= 8,
+        &w.fake,
+        Duration::from_secs(20),
+    )
+    .await;
+    let st = w.fake.0.lock().unwrap();
+    // Each stream carried exactly one window, and the next one resumed after it (the opening
+    // heartbeat's Ack said where the ledger stood): nothing was sent twice.
+    assert_eq!(
+        st.received_per_stream[..2],
+        [4, 4],
+        "{:?}",
+        st.received_per_stream
+    );
+    assert!(
+        st.received_per_stream.iter().all(|&n| n <= 4),
+        "{:?}",
+        st.received_per_stream
+    );
+    assert_eq!(st.duplicates, 0);
+    assert!(acked >= 8 && acked % 4 == 0, "acked {acked}");
+    assert!(
+        stats
+            .session_errors()
+            .iter()
+            .any(|(r, n)| r == "ack_timeout" && *n >= 2),
+        "{:?}",
+        stats.session_errors()
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_dropped_stream_resumes_where_the_ledger_stands() {
+    let w = World::new().await;
+    w.fake.0.lock().unwrap().fail_after = Some(7);
+    let mut s = sealer(config(w.spool.path(), 1 << 20), 1).unwrap();
+    let mut index = 0;
+    fill(&mut s, &mut index, 30, 1, 2).unwrap();
+    let sealed = s.spool().sealed_seq();
+    let (acked, stats) = ship(
+        w.shipper_config(),
+        &s,
+        |_, a| a == sealed,
+        &w.fake,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(acked, sealed);
+    let st = w.fake.0.lock().unwrap();
+    assert_eq!(st.stored.len() as u64, sealed);
+    assert!(st.chain_breaks.is_empty(), "{:?}", st.chain_breaks);
+    assert!(
+        st.streams >= 5,
+        "30 batches at 7 per stream need at least 5 streams: {}",
+        st.streams
+    );
+    assert!(
+        stats
+            .session_errors()
+            .iter()
+            .any(|(r, _)| r == "status_unavailable"),
+        "{:?}",
+        stats.session_errors()
+    );
+    // Resuming from the ledger's ack: nothing already stored is sent again, except what was in
+    // flight when a stream broke (at most one window per break).
+    let breaks = st.streams - 1;
+    assert!(st.duplicates <= breaks * 64, "{} duplicates", st.duplicates);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_ack_beyond_what_was_sealed_is_refused() {
+    let w = World::new().await;
+    let mut s = sealer(config(w.spool.path(), 1 << 20), 1).unwrap();
+    let mut index = 0;
+    fill(&mut s, &mut index, 3, 1, 1).unwrap();
+    w.fake.0.lock().unwrap().lie_ack = Some(1_000);
+    let (acked, stats) = ship(
+        w.shipper_config(),
+        &s,
+        |st, _| st.stored.len() == 3,
+        &w.fake,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(
+        acked, 0,
+        "a lying ledger must not make the node delete its spool"
+    );
+    assert!(stats.bad_acks_total.load(Ordering::Relaxed) >= 1);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_ledger_whose_certificate_is_not_from_the_configured_ca_gets_nothing() {
+    let mut w = World::new().await;
+    // A second server, certificate from another CA: the shipper must refuse to talk to it.
+    let other = TestCa::new(w.ca_dir.path(), "impostor");
+    let (endpoint, stop) = serve(w.fake.clone(), &w.ca, &other).await;
+    w.endpoint = endpoint;
+    let _first = w.stop_server.replace(stop);
+    let mut s = sealer(config(w.spool.path(), 1 << 20), 1).unwrap();
+    let mut index = 0;
+    fill(&mut s, &mut index, 3, 1, 1).unwrap();
+    let (acked, stats) = ship(
+        w.shipper_config(),
+        &s,
+        |_, _| false,
+        &w.fake,
+        Duration::from_millis(1500),
+    )
+    .await;
+    let _ = acked;
+    assert_eq!(w.fake.0.lock().unwrap().stored.len(), 0);
+    assert!(
+        stats
+            .session_errors()
+            .iter()
+            .any(|(r, n)| r == "connect" && *n >= 2),
+        "{:?}",
+        stats.session_errors()
+    );
+}
