@@ -553,6 +553,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             "max_batches_per_s",
             "backoff_max_s",
             "ack_timeout_s",
+            "drain_s",
         ],
     ) {
         let endpoint = c.string(t, "ledger", "endpoint");
@@ -564,6 +565,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         let rate = c.int(t, "ledger", "max_batches_per_s", 1, 100_000);
         let backoff_max_s = c.int(t, "ledger", "backoff_max_s", 1, 3600);
         let ack_timeout_s = c.int(t, "ledger", "ack_timeout_s", 1, 3600);
+        let drain_s = c.int(t, "ledger", "drain_s", 0, 60);
         if let Some(e) = &endpoint {
             if !e.starts_with("https://") {
                 let span = c.get(t, "endpoint").and_then(|(_, s)| s);
@@ -592,6 +594,9 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
                 }
                 if let Some(v) = ack_timeout_s {
                     l.ack_timeout = Duration::from_secs(v);
+                }
+                if let Some(v) = drain_s {
+                    l.drain = Duration::from_secs(v);
                 }
                 cfg.ledger = Some(l);
             }
@@ -763,6 +768,36 @@ finished_run_ttl_s = 60
         assert_eq!(e.problems.len(), 1);
         assert_eq!(e.problems[0].line, 2, "{}", e);
         assert!(e.to_string().contains("TOML syntax"));
+    }
+
+    #[test]
+    fn ledger_tuning_keys_apply_and_are_bounded() {
+        let base = "[ledger]\nendpoint = \"https://l:7443\"\nca = \"/c\"\ncert = \"/n.pem\"\nkey = \"/n.key\"\n";
+        let c = parse("l.toml", &format!("{base}window = 8\nheartbeat_s = 2\nmax_batches_per_s = 50\nbackoff_max_s = 9\nack_timeout_s = 4\ndrain_s = 0\n")).unwrap();
+        let l = c.ledger.unwrap();
+        assert_eq!(l.window, 8);
+        assert_eq!(l.heartbeat, Duration::from_secs(2));
+        assert_eq!(l.max_batches_per_s.get(), 50);
+        assert_eq!(l.backoff_max, Duration::from_secs(9));
+        assert_eq!(l.ack_timeout, Duration::from_secs(4));
+        assert_eq!(l.drain, Duration::ZERO);
+        let d = parse("l.toml", base).unwrap().ledger.unwrap();
+        assert_eq!(d.window, crate::shipper::ShipperConfig::DEFAULT_WINDOW);
+        let e = parse(
+            "l.toml",
+            &format!("{base}window = 0\nmax_batches_per_s = 1000000\nwindw = 3\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("l.toml:6: ledger.window: 0 is out of range 1 ..= 4096"),
+            "{e}"
+        );
+        assert!(
+            e.contains("l.toml:7: ledger.max_batches_per_s: 1000000 is out of range"),
+            "{e}"
+        );
+        assert!(e.contains("l.toml:8: ledger.windw: unknown key"), "{e}");
     }
 
     #[test]

@@ -530,6 +530,31 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             break;
         }
     }
+    // Give the shipper a moment to get the last batches acknowledged, so a planned stop leaves
+    // nothing for the next start to send. Whatever is not acknowledged stays in the spool.
+    if let (Some(rx), Some(lcfg)) = (ack_rx.as_mut(), &cfg.ledger) {
+        let sealed = sealer.spool().sealed_seq();
+        let deadline = tokio::time::Instant::now() + lcfg.drain;
+        while *rx.borrow_and_update() < sealed {
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { break },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let acked = *rx.borrow();
+        if let Err(error) = sealer.spool_mut().ack(acked) {
+            tracing::warn!(%error, acked, "recording the ledger's last acknowledgement");
+        }
+        if acked < sealed {
+            tracing::info!(
+                acked,
+                sealed,
+                "stopping with batches not yet acknowledged; they are sent at the next start"
+            );
+        } else {
+            tracing::info!(acked, "every sealed batch acknowledged by the ledger");
+        }
+    }
     let _ = shutdown_tx.send(true);
     // Let the control server see the shutdown and remove its socket file.
     for _ in 0..10 {

@@ -63,6 +63,9 @@ pub struct ShipperConfig {
     pub ack_timeout: Duration,
     /// Largest message accepted from or sent to the ledger.
     pub max_message_bytes: usize,
+    /// On stop, how long the daemon waits for the ledger to acknowledge the last batches
+    /// (what is not acknowledged by then is sent at the next start; nothing is lost).
+    pub drain: Duration,
 }
 
 impl ShipperConfig {
@@ -87,6 +90,7 @@ impl ShipperConfig {
             connect_timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(30),
             max_message_bytes: 32 << 20,
+            drain: Duration::from_secs(3),
         }
     }
 }
