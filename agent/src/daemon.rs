@@ -284,6 +284,9 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
     let ship_stats = Arc::new(ShipperStats::default());
     let mut ack_rx = match &cfg.ledger {
         Some(lcfg) => {
+            for problem in crate::shipper::check_tls_files(lcfg) {
+                tracing::error!(%problem, "ledger TLS files: shipping will fail until this is fixed; batches stay in the spool");
+            }
             let acked = sealer.spool().acked_seq();
             let (ack_tx, ack_rx) = tokio::sync::watch::channel(acked);
             let shipper = Shipper::new(

@@ -149,12 +149,22 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe_cmd::run(&args),
         Command::Validate { config } => match wattd::config::load(config.as_deref()) {
             Ok(c) => {
-                println!(
-                    "{}: ok",
-                    c.file
-                        .as_deref()
-                        .map_or("embedded defaults".into(), |p| p.display().to_string())
-                );
+                let file = c
+                    .file
+                    .as_deref()
+                    .map_or("embedded defaults".into(), |p| p.display().to_string());
+                let tls = c
+                    .ledger
+                    .as_ref()
+                    .map(wattd::shipper::check_tls_files)
+                    .unwrap_or_default();
+                if !tls.is_empty() {
+                    for p in &tls {
+                        eprintln!("wattd: {file}: {p}");
+                    }
+                    return ExitCode::from(EXIT_USAGE);
+                }
+                println!("{file}: ok");
                 Ok(())
             }
             Err(e) => {

@@ -95,6 +95,43 @@ impl ShipperConfig {
     }
 }
 
+/// Problems with the TLS files of `[ledger]`, each naming its key and file: unreadable, not PEM
+/// of the expected kind, or a private key that group or others may read. Empty when usable.
+/// (`wattd validate` refuses the configuration on any; the daemon logs them and keeps measuring,
+/// since the spool holds the batches until the files are fixed.)
+pub fn check_tls_files(cfg: &ShipperConfig) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut problems = Vec::new();
+    for (key, path, want) in [
+        ("ledger.ca", &cfg.ca, "CERTIFICATE"),
+        ("ledger.cert", &cfg.cert, "CERTIFICATE"),
+        ("ledger.key", &cfg.key, "PRIVATE KEY"),
+    ] {
+        match std::fs::read_to_string(path) {
+            Err(e) => problems.push(format!("{key}: {}: {e}", path.display())),
+            Ok(text) => {
+                let pem = text.contains("-----BEGIN ") && text.contains(want);
+                if !pem {
+                    problems.push(format!(
+                        "{key}: {}: no PEM block with {want:?} in it",
+                        path.display()
+                    ));
+                }
+            }
+        }
+    }
+    if let Ok(meta) = std::fs::metadata(&cfg.key) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            problems.push(format!(
+                "ledger.key: {}: mode {:o} lets group or others read the private key (chmod 600)",
+                cfg.key.display(),
+                meta.permissions().mode() & 0o777
+            ));
+        }
+    }
+    problems
+}
+
 /// What the daemon publishes after every commit.
 #[derive(Clone, Debug, Default)]
 pub struct ShipState {
@@ -492,6 +529,48 @@ fn status_end(s: &tonic::Status, progressed: bool) -> SessionEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_file_problems_name_the_key_and_file() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        let cert = dir.path().join("node.pem");
+        let key = dir.path().join("node.key");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n",
+        )
+        .expect("w");
+        std::fs::write(&cert, "not pem").expect("w");
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n",
+        )
+        .expect("w");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let cfg = ShipperConfig::new("https://l:1", &ca, &cert, &key);
+        let p = check_tls_files(&cfg);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].starts_with("ledger.cert: ") && p[0].contains("node.pem"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].starts_with("ledger.key: ") && p[1].contains("644"),
+            "{p:?}"
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n",
+        )
+        .expect("w");
+        assert!(check_tls_files(&cfg).is_empty());
+        std::fs::remove_file(&ca).expect("rm");
+        let p = check_tls_files(&cfg);
+        assert!(p.len() == 1 && p[0].starts_with("ledger.ca: "), "{p:?}");
+    }
 
     #[test]
     fn backoff_doubles_caps_and_jitters_into_the_upper_half() {
