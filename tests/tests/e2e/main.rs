@@ -7,6 +7,7 @@
 mod calibrate;
 mod harness;
 mod kill;
+mod ledger;
 mod packages;
 mod reload;
 mod report;
