@@ -1013,6 +1013,7 @@ mod tests {
             host_idle_uj: 0,
             host_usage: 0,
             unattributed: Vec::new(),
+            gpu: None,
         }
     }
 
