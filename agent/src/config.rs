@@ -50,6 +50,35 @@ pub struct Config {
     /// Log filter (`[log] level`, tracing's EnvFilter syntax: `info`, `wattd=debug,warn`);
     /// `RUST_LOG` wins at start. Reloaded on SIGHUP.
     pub log_level: Option<String>,
+    /// `[gpu]`: NVIDIA GPUs through NVML.
+    pub gpu: GpuConfig,
+}
+
+/// `[gpu]`: whether and how NVIDIA GPUs are measured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuConfig {
+    /// `enabled` (default true): probe NVML at start; without libnvidia-ml, the driver or
+    /// permission the GPU domain is disabled with the reason, never fatal.
+    pub enabled: bool,
+    /// `library`: libnvidia-ml to load; default `libnvidia-ml.so.1` from the loader's path.
+    pub library: Option<PathBuf>,
+    /// `read_timeout_ms`: the most one interval waits for NVML; a read that takes longer is a
+    /// SOURCE_FAILURE gap of every GPU, and the loop goes on.
+    pub read_timeout_ms: u64,
+    /// `max_watts`: the most one GPU can draw; deltas above 3x this over an interval are
+    /// quarantined.
+    pub max_watts: u64,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            enabled: true,
+            library: None,
+            read_timeout_ms: 1_000,
+            max_watts: Domain::Gpu.default_max_watts(),
+        }
+    }
 }
 
 impl Config {
@@ -82,6 +111,7 @@ impl Config {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9447)),
             metrics_finished_run_ttl_s: 300,
             log_level: None,
+            gpu: GpuConfig::default(),
         }
     }
 }
@@ -357,7 +387,8 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
     };
     let mut cfg = Config::defaults();
     let root: &Table = &doc;
-    const SECTIONS: [&str; 11] = [
+    const SECTIONS: [&str; 12] = [
+        "gpu",
         "log",
         "node",
         "sampling",
@@ -471,6 +502,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             "idle_watts_package",
             "idle_watts_dram",
             "idle_watts_psys",
+            "idle_watts_gpu",
         ],
     ) {
         if let Some(v) = c.choice(
@@ -637,6 +669,27 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             cfg.metrics_finished_run_ttl_s = v;
         }
     }
+    if let Some(t) = c.section(
+        root,
+        "gpu",
+        &["enabled", "library", "read_timeout_ms", "max_watts"],
+    ) {
+        if let Some((v, span)) = c.get(t, "enabled") {
+            match v.as_bool() {
+                Some(b) => cfg.gpu.enabled = b,
+                None => c.problem(span, "gpu.enabled", "must be true or false"),
+            }
+        }
+        if let Some(v) = c.string(t, "gpu", "library") {
+            cfg.gpu.library = Some(PathBuf::from(v));
+        }
+        if let Some(v) = c.int(t, "gpu", "read_timeout_ms", 10, 60_000) {
+            cfg.gpu.read_timeout_ms = v;
+        }
+        if let Some(v) = c.int(t, "gpu", "max_watts", 1, 20_000) {
+            cfg.gpu.max_watts = v;
+        }
+    }
     if c.problems.is_empty() {
         Ok(cfg)
     } else {
@@ -659,6 +712,7 @@ fn declared(
         ("package", Domain::Package, 5_000.0),
         ("dram", Domain::Dram, 2_000.0),
         ("psys", Domain::Psys, 20_000.0),
+        ("gpu", Domain::Gpu, 10_000.0),
     ] {
         if let Some(w) = c.float(t, sec, &format!("{prefix}{suffix}"), 0.0, max) {
             // Config wins over calibration when both are given: it is the operator's word.

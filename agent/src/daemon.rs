@@ -31,6 +31,9 @@ use crate::sealer::{SealPolicy, Sealer};
 use crate::shipper::{signed_heartbeat, ShipState, Shipper, ShipperStats};
 use crate::spool::SpoolConfig;
 
+/// The longest NVML may take to initialise and enumerate GPUs at start.
+const GPU_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The node id: configured, else `/etc/machine-id`, else the host name.
 pub fn node_id(cfg: &Config) -> String {
     if let Some(id) = &cfg.node_id {
@@ -100,6 +103,7 @@ fn usage_from(snap: &mut UsageSnapshot, package_cpus: &BTreeMap<u32, u32>) -> Us
             .collect(),
         package_cpus: package_cpus.clone(),
         host_memory_bytes: None,
+        gpus: BTreeMap::new(),
     }
 }
 
@@ -201,6 +205,28 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
     for p in &sel.report.problems {
         tracing::warn!(problem = %p, "probe");
     }
+    // GPUs: probed on a thread with a deadline, read on their own thread; never fatal.
+    let (gpu_report, gpu_collector) = crate::gpu::probe(&cfg.gpu, &root, GPU_PROBE_TIMEOUT);
+    for d in gpu_report.devices.iter() {
+        tracing::info!(gpu = d.index, uuid = ?d.uuid, name = ?d.name, status = d.status, source = ?d.source, usage = %d.usage, detail = ?d.detail, "GPU");
+    }
+    if let Some(reason) = &gpu_report.reason {
+        tracing::info!(%reason, "GPU domain");
+    }
+    let mut gpus = match gpu_collector {
+        Some(c) => match crate::gpu::GpuSource::start(
+            c,
+            Duration::from_millis(cfg.gpu.read_timeout_ms),
+            crate::gpu::POLL_PERIOD,
+        ) {
+            Ok(g) => Some(g),
+            Err(error) => {
+                tracing::error!(%error, "cannot start the NVML thread; GPUs are not measured");
+                None
+            }
+        },
+        None => None,
+    };
     let topo = Topology::read(&root).context("reading CPU topology")?;
     let package_cpus: BTreeMap<u32, u32> = topo
         .cpus_by_package()
@@ -435,7 +461,11 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
                 continue;
             }
         };
-        // Close the interval: usage first, then energy, read back to back.
+        // Close the interval: usage first, then energy, read back to back. The GPUs' thread
+        // closes its interval meanwhile; it is awaited with a deadline below.
+        if let Some(g) = &mut gpus {
+            g.request();
+        }
         let tick_started = Instant::now();
         let now = Stamp::now();
         let elapsed_us = now.mono_ns.saturating_sub(sampler.last_stamp().mono_ns) / 1_000;
@@ -444,12 +474,24 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             tracing::debug!(run = ?e.run_id, error = %e.error, "usage read");
         }
         // Without the host's busy time the runs would take the host's share too: no division.
-        let usage = if snap.busy_measured {
+        let gpu_interval = match &mut gpus {
+            Some(g) => g.collect().await,
+            None => crate::gpu::GpuInterval::default(),
+        };
+        let mut usage = if snap.busy_measured {
             Some(usage_from(&mut snap, &package_cpus))
         } else {
             None
         };
-        let interval = sampler.tick(Stamp::now(), usage);
+        if let Some(u) = &mut usage {
+            // The snapshot's runs include those that finished this tick, so their GPU samples
+            // of this interval still find them.
+            let runs = crate::attribution::gpu::RunCgroups::new(
+                snap.runs.iter().map(|r| (&r.cgroup, &r.run_id)),
+            );
+            u.gpus = crate::gpu::usage(&gpu_interval.observations, &runs);
+        }
+        let interval = sampler.tick_with(Stamp::now(), usage, gpu_interval.readings);
         for r in snap.runs.iter().filter(|r| r.started) {
             started_unix.insert(r.run_id.to_string(), interval.start.unix_ns);
         }

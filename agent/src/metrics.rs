@@ -1104,6 +1104,7 @@ mod tests {
             host_idle_uj: 0,
             host_usage: 0,
             unattributed: Vec::new(),
+            gpu: None,
         }
     }
 

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
@@ -23,11 +24,26 @@ pub struct ProbeArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
+    /// The NVML library to load for the GPU probe (default: libnvidia-ml.so.1 from the dynamic
+    /// loader's path, as `[gpu] library`).
+    #[arg(long, value_name = "PATH")]
+    pub nvml_library: Option<PathBuf>,
+    /// Do not probe NVIDIA GPUs (as `[gpu] enabled = false`).
+    #[arg(long)]
+    pub no_gpu: bool,
 }
 
 pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
-    let opts = ProbeOptions::new(HostRoot::new(&args.root));
-    let sel = probe::select(&opts);
+    let root = HostRoot::new(&args.root);
+    let opts = ProbeOptions::new(root.clone());
+    let mut sel = probe::select(&opts);
+    let gpu_cfg = wattd::config::GpuConfig {
+        enabled: !args.no_gpu,
+        library: args.nvml_library.clone(),
+        ..Default::default()
+    };
+    let (gpu, _collector) = wattd::gpu::probe(&gpu_cfg, &root, Duration::from_secs(10));
+    sel.report.add_gpus(gpu);
     let out = match args.format {
         Format::Json => {
             serde_json::to_string_pretty(&sel.report).context("encoding the report")? + "\n"
@@ -105,6 +121,47 @@ pub fn render_text(r: &ProbeReport) -> String {
                 let _ = write!(s, "  ({d})");
             }
             let _ = writeln!(s);
+        }
+    }
+    if let Some(g) = &r.gpu {
+        let state = if g.available { "in use" } else { "not used" };
+        let _ = write!(s, "\ngpu (nvml): {state}");
+        if let Some(reason) = &g.reason {
+            let _ = write!(s, ": {reason}");
+        }
+        let _ = writeln!(s);
+        for d in &g.devices {
+            let _ = write!(
+                s,
+                "  {:<9} gpu {:<3} {} {}",
+                d.status,
+                d.index,
+                d.uuid.as_deref().unwrap_or("?"),
+                d.name.as_deref().unwrap_or("?"),
+            );
+            if let Some(src) = d.source {
+                let _ = write!(s, "  {src}");
+            }
+            if let Some(e) = d.energy_mj {
+                let _ = write!(s, "  energy {e} mJ since driver load");
+            }
+            if let Some(p) = d.power_mw {
+                let _ = write!(s, "  power {p} mW");
+            }
+            match (d.mig, d.mig_instances) {
+                (Some(true), Some(n)) => {
+                    let _ = write!(s, "  MIG on, {n} instance(s)");
+                }
+                (Some(true), None) => {
+                    let _ = write!(s, "  MIG on");
+                }
+                _ => {}
+            }
+            let _ = writeln!(s);
+            let _ = writeln!(s, "            usage: {}", d.usage);
+            if let Some(detail) = &d.detail {
+                let _ = writeln!(s, "            {detail}");
+            }
         }
     }
     if !r.problems.is_empty() {

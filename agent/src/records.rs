@@ -64,6 +64,19 @@ pub fn domain_energy(m: &MeterResult) -> v1::DomainEnergy {
             .collect(),
         gap: m.gap,
         host_usage: m.host_usage,
+        usage_basis: m
+            .gpu
+            .as_ref()
+            .and_then(|g| g.basis)
+            .map(|b| b.as_str().to_owned())
+            .unwrap_or_default(),
+        mig: m.gpu.as_ref().and_then(|g| g.mig).unwrap_or(false),
+        device_uuid: m
+            .gpu
+            .as_ref()
+            .and_then(|g| g.uuid.as_deref())
+            .unwrap_or_default()
+            .to_owned(),
     }
 }
 
@@ -177,6 +190,19 @@ pub fn merge_interval(into: &mut v1::Interval, next: v1::Interval) {
         // The idle figure of a coarsened interval is the latest one; the split already used it.
         e.idle_power_uw = d.idle_power_uw;
         e.idle_source = d.idle_source;
+        // A GPU's usage basis can change between merged intervals (MIG switched, samples lost):
+        // then the merged record says "mixed" rather than naming one.
+        if !d.usage_basis.is_empty() && e.usage_basis != d.usage_basis {
+            e.usage_basis = if e.usage_basis.is_empty() {
+                d.usage_basis
+            } else {
+                "mixed".to_owned()
+            };
+        }
+        e.mig |= d.mig;
+        if e.device_uuid.is_empty() {
+            e.device_uuid = d.device_uuid;
+        }
         for a in d.allocations {
             match e.allocations.iter_mut().find(|x| x.run_id == a.run_id) {
                 Some(x) => {

@@ -3,6 +3,9 @@
 //! interval to attribution. A late tick makes one longer interval, never a lost one; a wall-clock
 //! jump is recorded, never used for durations.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use serde::Serialize;
 use wattd_collectors::estimator::EstimatorModel;
 use wattd_collectors::{CounterSample, DomainReading, Meter, MeterKey, SourceKind};
@@ -141,6 +144,17 @@ impl Sampler {
     /// Closes the interval ending at `now` with the usage measured over it (`None` if the usage
     /// reader failed) and attributes it.
     pub fn tick(&mut self, now: Stamp, usage: Option<Usage>) -> Interval {
+        self.tick_with(now, usage, Vec::new())
+    }
+
+    /// As [`Self::tick`], with readings taken elsewhere for this interval (the GPUs, read on
+    /// their own thread), each with the device's UUID.
+    pub fn tick_with(
+        &mut self,
+        now: Stamp,
+        usage: Option<Usage>,
+        extra: Vec<(DomainReading, Arc<str>)>,
+    ) -> Interval {
         let start = self.last;
         // Monotonic time never goes back; if a caller passes an older stamp, the interval is empty.
         let end = Stamp {
@@ -161,6 +175,11 @@ impl Sampler {
         self.readings.clear();
         for m in &mut self.meters {
             m.read(elapsed_us, &mut self.readings);
+        }
+        let mut uuids: BTreeMap<MeterKey, Arc<str>> = BTreeMap::new();
+        for (r, uuid) in extra {
+            uuids.insert(r.key, uuid);
+            self.readings.push(r);
         }
         let mut gaps = Vec::new();
         let mut meters = Vec::with_capacity(self.readings.len());
@@ -237,7 +256,12 @@ impl Sampler {
             usage,
             policy: self.policy,
         };
-        let results = attribution::attribute(&input);
+        let mut results = attribution::attribute(&input);
+        for r in &mut results {
+            if let (Some(meta), Some(uuid)) = (&mut r.gpu, uuids.remove(&r.key)) {
+                meta.uuid = Some(uuid);
+            }
+        }
         let index = self.next_index;
         self.next_index += 1;
         Interval {
@@ -254,8 +278,6 @@ impl Sampler {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use wattd_collectors::powercap::{self, PowercapMeter};
     use wattd_collectors::synth::{HostTree, ZoneSpec};
     use wattd_collectors::HostRoot;
@@ -298,6 +320,7 @@ mod tests {
             busy_us: [(0, 1_000_000)].into_iter().collect(),
             package_cpus: [(0, 2)].into_iter().collect(),
             host_memory_bytes: None,
+            gpus: BTreeMap::new(),
         }
     }
 

@@ -62,6 +62,7 @@ fn input_with(runs: usize, idle: IdlePolicy, server: bool) -> IntervalInput {
             busy_us: [(0, 48_000_000), (1, 40_000_000)].into_iter().collect(),
             package_cpus: [(0, 48), (1, 48)].into_iter().collect(),
             host_memory_bytes: Some(1 << 40),
+            gpus: Default::default(),
         }),
         policy: Policy {
             idle,

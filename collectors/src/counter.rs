@@ -11,6 +11,8 @@ use serde::Serialize;
 pub enum EnergyUnit {
     /// One unit is one microjoule (powercap `energy_uj`, the estimator).
     MicroJoule,
+    /// One unit is one millijoule (NVML total energy consumption).
+    MilliJoule,
     /// One unit is 2^-k joules (RAPL MSR energy status units, the perf power PMU's 2^-32 J scale).
     PowTwoJoule(u8),
     /// One unit is this many joules, a scale that is not a power of two (perf `.scale` files on
@@ -23,6 +25,7 @@ impl EnergyUnit {
     pub fn total_uj(self, raw_total: u128) -> u128 {
         match self {
             EnergyUnit::MicroJoule => raw_total,
+            EnergyUnit::MilliJoule => raw_total.saturating_mul(1_000),
             EnergyUnit::PowTwoJoule(k) => (raw_total * 1_000_000) >> k,
             EnergyUnit::Joule(scale) => (raw_total as f64 * scale * 1e6).floor() as u128,
         }

@@ -8,9 +8,10 @@ use serde::Serialize;
 use crate::counter::CounterSample;
 use crate::error::HostError;
 
-/// An energy domain. `Package`, `Dram` and `Psys` are billed; `Core` and `Uncore` are subsets of
-/// `Package` (reported, never added to it); `Psys` is platform-wide and includes the packages, so
-/// it is a domain of its own and never summed with them.
+/// An energy domain. `Package`, `Dram`, `Psys` and `Gpu` are billed; `Core` and `Uncore` are
+/// subsets of `Package` (reported, never added to it); `Psys` is platform-wide and includes the
+/// packages, so it is a domain of its own and never summed with them. `Gpu` is one NVIDIA GPU,
+/// whole (its index travels in `MeterKey::package`); under MIG it is still the whole GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Domain {
@@ -19,15 +20,17 @@ pub enum Domain {
     Uncore,
     Dram,
     Psys,
+    Gpu,
 }
 
 impl Domain {
-    pub const ALL: [Domain; 5] = [
+    pub const ALL: [Domain; 6] = [
         Domain::Package,
         Domain::Core,
         Domain::Uncore,
         Domain::Dram,
         Domain::Psys,
+        Domain::Gpu,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -37,12 +40,16 @@ impl Domain {
             Domain::Uncore => "uncore",
             Domain::Dram => "dram",
             Domain::Psys => "psys",
+            Domain::Gpu => "gpu",
         }
     }
 
     /// Domains whose energy is attributed to runs.
     pub fn is_billed(self) -> bool {
-        matches!(self, Domain::Package | Domain::Dram | Domain::Psys)
+        matches!(
+            self,
+            Domain::Package | Domain::Dram | Domain::Psys | Domain::Gpu
+        )
     }
 
     /// The default physical ceiling of one meter of this domain, in watts, used when the host
@@ -52,6 +59,9 @@ impl Domain {
             Domain::Package | Domain::Core | Domain::Uncore => 1_000,
             Domain::Dram => 500,
             Domain::Psys => 5_000,
+            // The largest boards draw about 1.2 kW (GB200); NVML does not report a ceiling
+            // wattd trusts more than this.
+            Domain::Gpu => 2_000,
         }
     }
 }
@@ -62,7 +72,8 @@ impl fmt::Display for Domain {
     }
 }
 
-/// Where a meter sits: its domain, and its package and die (none for platform-wide `psys`).
+/// Where a meter sits: its domain, and its package and die (none for platform-wide `psys`). For
+/// `Gpu`, `package` is the NVML device index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct MeterKey {
     pub domain: Domain,
@@ -91,6 +102,11 @@ pub enum SourceKind {
     Powercap,
     Msr,
     Estimator,
+    /// NVML's total-energy counter (mJ since driver load, Volta and newer).
+    Nvml,
+    /// NVML power readings (mW) integrated over time, where the counter is not supported:
+    /// always `Quality::Estimated`.
+    NvmlPower,
 }
 
 impl SourceKind {
@@ -100,6 +116,8 @@ impl SourceKind {
             SourceKind::Powercap => "powercap",
             SourceKind::Msr => "msr",
             SourceKind::Estimator => "estimator",
+            SourceKind::Nvml => "nvml",
+            SourceKind::NvmlPower => "nvml_power",
         }
     }
 }

@@ -81,6 +81,14 @@ pub enum HostError {
     UnknownRun { run_id: Shown },
     #[error("run {run_id}: {what}")]
     RunConflict { run_id: Shown, what: String },
+    #[error("NVML {call} on GPU {gpu}: {error}")]
+    Nvml {
+        call: &'static str,
+        gpu: u32,
+        error: crate::nvml::NvmlError,
+    },
+    #[error("GPU {gpu}: the index now holds {now} (was {was}); its counter is re-baselined")]
+    GpuReplaced { gpu: u32, was: Shown, now: Shown },
 }
 
 /// The hint given with a permission error on an energy counter.

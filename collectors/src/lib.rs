@@ -1,5 +1,6 @@
 //! `wattd-collectors`: everything wattd reads from the host. RAPL through the perf power PMU,
-//! powercap sysfs and MSRs; an estimator where no counter exists; CPU topology and utilisation.
+//! powercap sysfs and MSRs; an estimator where no counter exists; CPU topology and utilisation;
+//! NVIDIA GPUs through NVML.
 //! IO and no policy: what a reading means for a bill is decided by the agent's attribution.
 //!
 //! Every path is read under a [`HostRoot`], so the same code runs on a live host, on captured
@@ -12,6 +13,7 @@ pub mod error;
 pub mod estimator;
 pub mod hostfs;
 pub mod msr;
+pub mod nvml;
 pub mod perf_pmu;
 pub mod powercap;
 pub mod probe;

@@ -84,6 +84,27 @@ pub struct ProbeReport {
     pub sources: Vec<SourceReport>,
     /// Problems that are not about one source (topology unreadable, ...).
     pub problems: Vec<String>,
+    /// NVIDIA GPUs (NVML), when probed: `select` leaves it `None`; the agent probes NVML on a
+    /// thread with a deadline and fills it in ([`ProbeReport::add_gpus`]).
+    pub gpu: Option<crate::nvml::GpuReport>,
+}
+
+impl ProbeReport {
+    /// Adds the GPU probe: its report, and a chosen entry per measured GPU.
+    pub fn add_gpus(&mut self, gpu: crate::nvml::GpuReport) {
+        for d in gpu.devices.iter().filter(|d| d.status == "chosen") {
+            if let (Some(source), Some(quality)) = (d.source, d.quality) {
+                self.chosen.push(Choice {
+                    domain: Domain::Gpu,
+                    package: Some(d.index),
+                    die: None,
+                    source,
+                    quality,
+                });
+            }
+        }
+        self.gpu = Some(gpu);
+    }
 }
 
 /// The result of selection: the open meters and the report that explains them.
@@ -194,6 +215,7 @@ pub fn select(opts: &ProbeOptions) -> Selection {
         chosen: chosen_list,
         sources,
         problems,
+        gpu: None,
     };
     Selection { meters, report }
 }

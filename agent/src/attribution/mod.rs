@@ -9,9 +9,12 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+pub mod gpu;
 pub mod idle;
 pub mod totals;
 use wattd_collectors::{Domain, MeterKey, Quality, SourceKind};
+
+pub use gpu::{GpuBasis, GpuMeta, GpuRunUsage, GpuUsage};
 
 /// The version of the rules below. Bump it whenever a formula changes; every interval names it.
 pub const POLICY_VERSION: u32 = 1;
@@ -131,6 +134,9 @@ pub struct Usage {
     pub package_cpus: BTreeMap<u32, u32>,
     /// Memory in use on the host (for the DRAM memory policy); `None` if unknown.
     pub host_memory_bytes: Option<u64>,
+    /// Per GPU index: who used it and how that was measured. A GPU meter without an entry has
+    /// no usage data this interval.
+    pub gpus: BTreeMap<u32, GpuUsage>,
 }
 
 /// One interval's input.
@@ -174,6 +180,9 @@ pub struct MeterResult {
     /// memory not in any run under the memory policy).
     pub host_usage: u64,
     pub unattributed: Vec<(UnattributedReason, u64)>,
+    /// For a GPU meter: its UUID (set by the sampler), how usage was measured and whether MIG
+    /// was on. `None` for CPU meters.
+    pub gpu: Option<GpuMeta>,
 }
 
 impl MeterResult {
@@ -397,6 +406,7 @@ fn attribute_meter(input: &IntervalInput, dense: Option<&Dense>, m: &MeterInput)
         host_idle_uj: 0,
         host_usage: 0,
         unattributed: Vec::new(),
+        gpu: (m.key.domain == Domain::Gpu).then(GpuMeta::default),
     };
     let energy = match m.measured {
         Measured::Gap => {
@@ -417,6 +427,10 @@ fn attribute_meter(input: &IntervalInput, dense: Option<&Dense>, m: &MeterInput)
             .push((UnattributedReason::NoUsageData, energy));
         return r;
     };
+    if m.key.domain == Domain::Gpu {
+        attribute_gpu(input, usage, m, energy, &mut r);
+        return r;
+    }
     // The packages whose usage this meter's energy follows: its own, or all (psys).
     let packages: Vec<u32> = match m.key.package {
         Some(p) => {
@@ -430,9 +444,7 @@ fn attribute_meter(input: &IntervalInput, dense: Option<&Dense>, m: &MeterInput)
         None => usage.busy_us.keys().copied().collect(),
     };
 
-    let idle_cap = m.idle.power_uw as u128 * input.elapsed_us as u128 / 1_000_000;
-    let idle = idle_cap.min(energy as u128) as u64;
-    let active = energy - idle;
+    let (idle, active) = idle_part(input, m, energy);
     r.idle_uj = idle;
 
     // Usage weights: each run's, then the host's, over this meter's packages.
@@ -463,10 +475,92 @@ fn attribute_meter(input: &IntervalInput, dense: Option<&Dense>, m: &MeterInput)
         // Runs can out-measure the host's busy time; the host is never negative.
         weights.push(busy.saturating_sub(runs_total));
     }
+    let reserved = || {
+        let capacity: u64 = packages
+            .iter()
+            .map(|p| usage.package_cpus.get(p).copied().unwrap_or(0) as u64 * 1000)
+            .sum();
+        let cols = dense.columns(&packages);
+        let np = dense.packages.len();
+        let mut rw: Vec<u64> = (0..nruns)
+            .map(|i| Dense::row_sum(&dense.reserved, np, i, &cols))
+            .collect();
+        let reserved: u64 = rw.iter().sum();
+        rw.push(capacity.saturating_sub(reserved));
+        rw
+    };
+    divide(
+        input.policy.idle,
+        active,
+        idle,
+        &weights,
+        reserved,
+        |i| &usage.runs[i].run_id,
+        &mut r,
+    );
+    r
+}
+
+/// The idle part of a meter's energy (`min(E, P_idle x t)`) and the active rest.
+fn idle_part(input: &IntervalInput, m: &MeterInput, energy: u64) -> (u64, u64) {
+    let idle_cap = m.idle.power_uw as u128 * input.elapsed_us as u128 / 1_000_000;
+    let idle = idle_cap.min(energy as u128) as u64;
+    (idle, energy - idle)
+}
+
+/// A GPU meter: the same division as a CPU meter, over the GPU's own usage (see `gpu.rs`).
+fn attribute_gpu(
+    input: &IntervalInput,
+    usage: &Usage,
+    m: &MeterInput,
+    energy: u64,
+    r: &mut MeterResult,
+) {
+    let Some(g) = m.key.package.and_then(|i| usage.gpus.get(&i)) else {
+        r.unattributed
+            .push((UnattributedReason::NoUsageData, energy));
+        return;
+    };
+    if let Some(meta) = &mut r.gpu {
+        meta.basis = Some(g.basis);
+        meta.mig = Some(g.mig);
+    }
+    let (idle, active) = idle_part(input, m, energy);
+    r.idle_uj = idle;
+    let mut weights: Vec<u64> = g.runs.iter().map(|x| x.usage_us).collect();
+    weights.push(g.host_usage);
+    let reserved = || {
+        let mut rw: Vec<u64> = g.runs.iter().map(|x| x.reserved).collect();
+        rw.push(g.host_reserved);
+        rw
+    };
+    divide(
+        input.policy.idle,
+        active,
+        idle,
+        &weights,
+        reserved,
+        |i| &g.runs[i].run_id,
+        r,
+    );
+}
+
+/// Divides `active` by `weights` (one per run, then the host's) and `idle` by the idle policy,
+/// exactly, into `r`. Runs with no usage and no share are left out of `r.runs`.
+fn divide<'a>(
+    idle_policy: IdlePolicy,
+    active: u64,
+    idle: u64,
+    weights: &[u64],
+    reserved: impl FnOnce() -> Vec<u64>,
+    run_id: impl Fn(usize) -> &'a Arc<str>,
+    r: &mut MeterResult,
+) {
+    let nruns = weights.len() - 1;
     r.host_usage = weights[nruns];
     // Tie-break order: runs by id, the host after every run.
     let key_cmp = |a: usize, b: usize| match (a < nruns, b < nruns) {
-        (true, true) => usage.runs[a].run_id.cmp(&usage.runs[b].run_id),
+        (true, true) => run_id(a).cmp(run_id(b)),
         (true, false) => std::cmp::Ordering::Less,
         (false, true) => std::cmp::Ordering::Greater,
         (false, false) => std::cmp::Ordering::Equal,
@@ -476,7 +570,7 @@ fn attribute_meter(input: &IntervalInput, dense: Option<&Dense>, m: &MeterInput)
     let mut active_shares = Vec::new();
     split(
         active,
-        &weights,
+        weights,
         key_cmp,
         Ties::SmallestKey,
         &mut active_shares,
@@ -488,28 +582,18 @@ fn attribute_meter(input: &IntervalInput, dense: Option<&Dense>, m: &MeterInput)
     };
 
     let mut idle_shares: Vec<u64> = Vec::new();
-    match input.policy.idle {
+    match idle_policy {
         IdlePolicy::Host => r.host_idle_uj = idle,
         IdlePolicy::Proportional => {
             if none_used {
                 r.host_idle_uj = idle;
             } else {
-                split(idle, &weights, key_cmp, Ties::LargestKey, &mut idle_shares);
+                split(idle, weights, key_cmp, Ties::LargestKey, &mut idle_shares);
                 r.host_idle_uj = idle_shares[nruns];
             }
         }
         IdlePolicy::Reserved => {
-            let capacity: u64 = packages
-                .iter()
-                .map(|p| usage.package_cpus.get(p).copied().unwrap_or(0) as u64 * 1000)
-                .sum();
-            let cols = dense.columns(&packages);
-            let np = dense.packages.len();
-            let mut rw: Vec<u64> = (0..nruns)
-                .map(|i| Dense::row_sum(&dense.reserved, np, i, &cols))
-                .collect();
-            let reserved: u64 = rw.iter().sum();
-            rw.push(capacity.saturating_sub(reserved));
+            let rw = reserved();
             if rw.iter().all(|w| *w == 0) {
                 r.host_idle_uj = idle;
             } else {
@@ -522,19 +606,18 @@ fn attribute_meter(input: &IntervalInput, dense: Option<&Dense>, m: &MeterInput)
     // Runs that got nothing and used nothing are left out: a host with many idle runs would
     // otherwise write a zero line per run per meter per interval.
     r.runs = Vec::with_capacity(nruns);
-    for (i, run) in usage.runs.iter().enumerate() {
+    for (i, &w) in weights.iter().enumerate().take(nruns) {
         let active_uj = if none_used { 0 } else { active_shares[i] };
         let idle_uj = idle_shares.get(i).copied().unwrap_or(0);
-        if active_uj != 0 || idle_uj != 0 || weights[i] != 0 {
+        if active_uj != 0 || idle_uj != 0 || w != 0 {
             r.runs.push(RunShare {
-                run_id: run.run_id.clone(),
+                run_id: run_id(i).clone(),
                 active_uj,
                 idle_uj,
-                usage: weights[i],
+                usage: w,
             });
         }
     }
-    r
 }
 
 #[cfg(test)]

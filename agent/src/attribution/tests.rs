@@ -71,6 +71,7 @@ fn scenario(idle: IdlePolicy, dram: DramPolicy) -> IntervalInput {
             busy_us: [(0, 1_000_000), (1, 600_000)].into_iter().collect(),
             package_cpus: [(0, 2), (1, 2)].into_iter().collect(),
             host_memory_bytes: Some(8 * GIB),
+            gpus: BTreeMap::new(),
         }),
         policy: Policy { idle, dram },
     }
@@ -296,6 +297,7 @@ fn arb_input() -> impl Strategy<Value = IntervalInput> {
                     busy_us: busy.clone(),
                     package_cpus: busy.keys().map(|&p| (p, 4)).collect(),
                     host_memory_bytes: Some(1 << 36),
+                    gpus: BTreeMap::new(),
                 }),
                 policy: Policy {
                     idle: [
@@ -345,7 +347,7 @@ proptest! {
         let input = IntervalInput {
             elapsed_us: 1_000_000,
             meters: vec![meter(Domain::Package, Some(0), e, idle_w)],
-            usage: Some(Usage { runs, busy_us: [(0, busy)].into_iter().collect(), package_cpus: [(0, 4)].into_iter().collect(), host_memory_bytes: None }),
+            usage: Some(Usage { runs, busy_us: [(0, busy)].into_iter().collect(), package_cpus: [(0, 4)].into_iter().collect(), host_memory_bytes: None, gpus: BTreeMap::new() }),
             policy: Policy { idle: IdlePolicy::Proportional, dram: DramPolicy::Cpu },
         };
         let out = attribute(&input);

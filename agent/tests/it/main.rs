@@ -1,10 +1,11 @@
-//! The agent's integration tests, one binary: the CLI contract, the control socket, the metrics endpoint, and the record pipeline (identity, sealer, spool, verify).
+//! The agent's integration tests, one binary: the CLI contract, the control socket, the metrics endpoint, GPUs on recorded NVML sequences, and the record pipeline (identity, sealer, spool, verify).
 
 // Helpers outside #[test] functions are test code too: a panic is how they report a failure.
 #![allow(clippy::unwrap_used)]
 
 mod cli;
 mod control;
+mod gpu;
 mod metrics;
 mod records;
 mod shipper;

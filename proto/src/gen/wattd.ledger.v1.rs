@@ -36,7 +36,9 @@ pub struct DomainEnergy {
     /// The package (socket) or GPU index; absent for platform-wide domains such as psys.
     #[prost(uint32, optional, tag = "2")]
     pub package: ::core::option::Option<u32>,
-    /// "perf_pmu" | "powercap" | "msr" | "estimator" | "nvml".
+    /// "perf_pmu" | "powercap" | "msr" | "estimator" | "nvml" (the GPU's total-energy counter) |
+    /// "nvml_power" (GPU power readings integrated over time, where the counter is not supported;
+    /// quality ESTIMATED).
     #[prost(string, tag = "3")]
     pub source: ::prost::alloc::string::String,
     #[prost(enumeration = "Quality", tag = "4")]
@@ -71,6 +73,23 @@ pub struct DomainEnergy {
     /// in any run under the memory DRAM policy): with the allocations' usage, the shares' basis.
     #[prost(uint64, tag = "14")]
     pub host_usage: u64,
+    /// GPU domains only (empty, false and empty on every other domain). How the GPU's usage, the
+    /// basis of the shares, was measured: "sm_utilization" (NVML per-process SM samples; usage_us
+    /// is SM-busy microseconds), "mig_instance_size" (MIG without per-process samples: the GPU's
+    /// time divided among GPU instances with a running process by their slices, evenly among the
+    /// processes of an instance), "mig_instance_even" (the same with every instance alike, when
+    /// instance sizes are unreadable), "running_processes" (no samples: every running compute
+    /// process alike). Empty when there was no usage data (then all of it is unattributed with
+    /// NO_USAGE_DATA) or the energy is a gap.
+    #[prost(string, tag = "15")]
+    pub usage_basis: ::prost::alloc::string::String,
+    /// MIG mode was on. The energy is still the whole GPU's; usage_basis says how it was divided.
+    #[prost(bool, tag = "16")]
+    pub mig: bool,
+    /// The GPU's UUID from NVML: stable across reboots and re-enumeration, unlike the index in
+    /// `package`.
+    #[prost(string, tag = "17")]
+    pub device_uuid: ::prost::alloc::string::String,
 }
 /// A span without (complete) measurement. Recorded, never papered over.
 #[derive(Clone, PartialEq, ::prost::Message)]

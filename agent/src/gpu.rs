@@ -1,0 +1,290 @@
+//! The GPUs, kept off the event loop: NVML runs on a thread of its own (`wattd-nvml`), which
+//! polls who uses each GPU between ticks and closes an interval when the loop asks. The loop
+//! waits for the answer with a deadline; an answer that does not come in time makes that
+//! interval a SOURCE_FAILURE gap of every GPU, and the next answer re-baselines, so a stuck
+//! driver costs gaps, never a hung loop or a double-counted interval.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use wattd_collectors::nvml::real::RealNvml;
+use wattd_collectors::nvml::{
+    probe_gpus, GpuCollector, GpuObservation, GpuOptions, GpuReport, NvmlApi, NvmlError,
+};
+use wattd_collectors::{DomainReading, HostError, HostRoot, MeterKey, Quality, SourceKind};
+
+use crate::attribution::gpu::{gpu_usage, RunCgroups};
+use crate::attribution::GpuUsage;
+use crate::config::GpuConfig;
+
+/// How often the thread asks NVML who is using each GPU between two ticks.
+pub const POLL_PERIOD: Duration = Duration::from_millis(200);
+
+/// Probes NVML on a thread, waiting at most `timeout` (NVML can hang at init on a wedged
+/// driver). Returns the report and, when some GPU can be measured, its collector.
+pub fn probe(
+    cfg: &GpuConfig,
+    root: &HostRoot,
+    timeout: Duration,
+) -> (GpuReport, Option<GpuCollector>) {
+    if !cfg.enabled {
+        return (
+            GpuReport::disabled("disabled by configuration ([gpu] enabled = false)"),
+            None,
+        );
+    }
+    if !root.is_live() {
+        return (
+            GpuReport::disabled(format!(
+                "not considered: host root is {}, and NVML talks to the running driver, not a tree",
+                root.path().display()
+            )),
+            None,
+        );
+    }
+    let library = cfg.library.clone();
+    let opts = GpuOptions {
+        root: root.clone(),
+        max_watts: cfg.max_watts,
+    };
+    probe_on_thread(
+        move || {
+            RealNvml::open(library.as_deref().map(OsStr::new))
+                .map(|n| Box::new(n) as Box<dyn NvmlApi>)
+        },
+        opts,
+        timeout,
+    )
+}
+
+/// Runs `open` and the GPU probe on a thread and waits at most `timeout` for it.
+pub fn probe_on_thread(
+    open: impl FnOnce() -> Result<Box<dyn NvmlApi>, NvmlError> + Send + 'static,
+    opts: GpuOptions,
+    timeout: Duration,
+) -> (GpuReport, Option<GpuCollector>) {
+    let (tx, rx) = mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("wattd-nvml-probe".into())
+        .spawn(move || {
+            let p = probe_gpus(open(), &opts, mono_us());
+            let _ = tx.send(p);
+        });
+    if let Err(e) = spawned {
+        return (
+            GpuReport::disabled(format!("cannot start the NVML thread: {e}")),
+            None,
+        );
+    }
+    match rx.recv_timeout(timeout) {
+        Ok(p) => (p.report, p.collector),
+        // The thread is left to its stuck call; it holds nothing the agent needs.
+        Err(_) => (
+            GpuReport::disabled(format!(
+                "NVML did not answer within {} ms (a wedged driver?); GPU domain disabled",
+                timeout.as_millis()
+            )),
+            None,
+        ),
+    }
+}
+
+/// CLOCK_MONOTONIC in microseconds: the collector's clock.
+pub fn mono_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC exists on every Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000) + ts.tv_nsec as u64 / 1_000
+}
+
+struct Request {
+    rebaseline: bool,
+    reply: oneshot::Sender<Vec<GpuObservation>>,
+}
+
+/// The NVML thread as the event loop sees it.
+#[derive(Debug)]
+pub struct GpuSource {
+    tx: mpsc::SyncSender<Request>,
+    /// A request whose answer has not come yet.
+    pending: Option<oneshot::Receiver<Vec<GpuObservation>>>,
+    meters: Vec<(MeterKey, SourceKind, Quality, Arc<str>)>,
+    timeout: Duration,
+    /// The last answer was not used: the next close must start every counter over.
+    rebaseline: bool,
+    stuck_since: Option<Instant>,
+    pub timeouts: u64,
+}
+
+/// One interval of the GPUs, for the sampler and the attribution.
+#[derive(Debug, Default)]
+pub struct GpuInterval {
+    pub readings: Vec<(DomainReading, Arc<str>)>,
+    /// The observations (absent when the thread did not answer).
+    pub observations: Vec<GpuObservation>,
+}
+
+impl GpuSource {
+    /// Starts the thread with the probed collector. `poll` is the period of the usage polls
+    /// between closes.
+    pub fn start(
+        mut collector: GpuCollector,
+        timeout: Duration,
+        poll: Duration,
+    ) -> std::io::Result<Self> {
+        let meters = collector.meters();
+        let (tx, rx) = mpsc::sync_channel::<Request>(1);
+        std::thread::Builder::new()
+            .name("wattd-nvml".into())
+            .spawn(move || loop {
+                match rx.recv_timeout(poll) {
+                    Ok(req) => {
+                        let obs = collector.close(mono_us(), req.rebaseline);
+                        let _ = req.reply.send(obs);
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => collector.poll(mono_us()),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            })?;
+        Ok(GpuSource {
+            tx,
+            pending: None,
+            meters,
+            timeout,
+            rebaseline: false,
+            stuck_since: None,
+            timeouts: 0,
+        })
+    }
+
+    /// Asks the thread to close the interval now, unless it is still busy with an earlier
+    /// request (then this interval will be a gap).
+    pub fn request(&mut self) {
+        if let Some(rx) = &mut self.pending {
+            match rx.try_recv() {
+                // A late answer: its interval was already recorded as a gap; drop it.
+                Ok(_) | Err(oneshot::error::TryRecvError::Closed) => self.pending = None,
+                Err(oneshot::error::TryRecvError::Empty) => return,
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        let req = Request {
+            rebaseline: self.rebaseline,
+            reply,
+        };
+        if self.tx.try_send(req).is_ok() {
+            self.rebaseline = false;
+            self.pending = Some(rx);
+        }
+    }
+
+    /// The interval's GPU readings: the thread's answer within the deadline, or a gap of every
+    /// GPU saying why not.
+    pub async fn collect(&mut self) -> GpuInterval {
+        let outcome = match self.pending.as_mut() {
+            None => Err(format!(
+                "an earlier NVML call has not returned for {} ms",
+                self.stuck_since.map_or(0, |t| t.elapsed().as_millis())
+            )),
+            Some(rx) => match tokio::time::timeout(self.timeout, rx).await {
+                Ok(Ok(obs)) => Ok(obs),
+                Ok(Err(_)) => Err("the NVML thread is gone".to_owned()),
+                Err(_) => Err(format!(
+                    "NVML did not answer within {} ms",
+                    self.timeout.as_millis()
+                )),
+            },
+        };
+        match outcome {
+            Ok(obs) => {
+                self.pending = None;
+                self.stuck_since = None;
+                GpuInterval {
+                    readings: obs
+                        .iter()
+                        .map(|o| {
+                            (
+                                DomainReading {
+                                    key: o.key,
+                                    source: o.source,
+                                    quality: o.quality,
+                                    sample: match &o.sample {
+                                        Ok(s) => Ok(*s),
+                                        Err(e) => Err(copy_error(e, o.gpu)),
+                                    },
+                                },
+                                o.uuid.clone(),
+                            )
+                        })
+                        .collect(),
+                    observations: obs,
+                }
+            }
+            Err(why) => {
+                self.timeouts += 1;
+                self.rebaseline = true;
+                self.stuck_since.get_or_insert_with(Instant::now);
+                tracing::warn!(reason = %why, "GPU interval recorded as a gap");
+                GpuInterval {
+                    readings: self
+                        .meters
+                        .iter()
+                        .map(|(key, source, quality, uuid)| {
+                            (
+                                DomainReading {
+                                    key: *key,
+                                    source: *source,
+                                    quality: *quality,
+                                    sample: Err(HostError::Nvml {
+                                        call: "read",
+                                        gpu: key.package.unwrap_or(0),
+                                        error: NvmlError::Other(why.clone()),
+                                    }),
+                                },
+                                uuid.clone(),
+                            )
+                        })
+                        .collect(),
+                    observations: Vec::new(),
+                }
+            }
+        }
+    }
+}
+
+/// `HostError` is not `Clone` (it may hold an io::Error); the GPU errors are rebuilt.
+fn copy_error(e: &HostError, gpu: u32) -> HostError {
+    match e {
+        HostError::Nvml { call, gpu, error } => HostError::Nvml {
+            call,
+            gpu: *gpu,
+            error: error.clone(),
+        },
+        other => HostError::Nvml {
+            call: "read",
+            gpu,
+            error: NvmlError::Other(other.to_string()),
+        },
+    }
+}
+
+/// Each GPU's usage by run, from the interval's observations and the runs the tracker reported
+/// for the same interval (finished ones included, so a run's last samples still find it).
+pub fn usage(observations: &[GpuObservation], runs: &RunCgroups) -> BTreeMap<u32, GpuUsage> {
+    observations
+        .iter()
+        .filter_map(|o| {
+            gpu_usage(&o.activity, o.elapsed_us, |c| runs.run_of(c)).map(|u| (o.gpu, u))
+        })
+        .collect()
+}

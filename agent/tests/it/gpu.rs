@@ -1,0 +1,597 @@
+//! GPUs end to end on recorded NVML sequences (`collectors/testdata/nvml/`): the recorded NVML,
+//! the collector reading `/proc/<pid>/cgroup` under a temporary host root, the pid -> run
+//! mapping, the sampler and attribution, and the sealed record's conservation check. Each test
+//! pins what one situation must produce, to the microjoule.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wattd::attribution::gpu::RunCgroups;
+use wattd::attribution::idle::IdleTracker;
+use wattd::attribution::{
+    DramPolicy, GpuBasis, IdleEstimate, IdlePolicy, IdleSource, MeterResult, Policy, RunUsage,
+    UnattributedReason, Usage,
+};
+use wattd::sampler::{GapCause, Interval, Sampler, Stamp};
+use wattd_collectors::estimator::EstimatorModel;
+use wattd_collectors::nvml::recorded::{RecordedNvml, Recording, StepCursor};
+use wattd_collectors::nvml::{GpuCollector, GpuOptions, NvmlApi, NvmlError};
+use wattd_collectors::{Domain, HostRoot, Quality, SourceKind};
+
+const J: u64 = 1_000_000;
+const S: u64 = 1_000_000;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../collectors/testdata/nvml")
+        .join(name)
+}
+
+/// The runs the tracker would report: run id -> cgroup relative to the mount.
+fn runs() -> Vec<(Arc<str>, Arc<str>)> {
+    vec![
+        ("flowzart.slice/run-a.scope".into(), "a".into()),
+        ("flowzart.slice/run-b.scope".into(), "b".into()),
+    ]
+}
+
+struct Replay {
+    intervals: Vec<Interval>,
+    /// The usage each interval was attributed with, per GPU.
+    usages: Vec<BTreeMap<u32, wattd::attribution::GpuUsage>>,
+}
+
+/// Replays a recording: opens the collector at step 0 (t = 0), then closes one 1 s interval per
+/// following step, laying out /proc for each step first.
+fn replay(name: &str, idle: IdlePolicy, idle_watts: Option<u64>) -> Replay {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = Recording::load(&fixture(name)).unwrap();
+    let (api, cursor) = RecordedNvml::new(rec);
+    cursor.write_procs(dir.path()).unwrap();
+    let opts = GpuOptions::new(HostRoot::new(dir.path()));
+    let (collector, report) = GpuCollector::open(Box::new(api), &opts, 0);
+    let mut collector = collector.unwrap();
+    assert!(report.available, "{report:?}");
+    let mut declared = BTreeMap::new();
+    if let Some(w) = idle_watts {
+        declared.insert(
+            Domain::Gpu,
+            IdleEstimate {
+                power_uw: w * J,
+                source: IdleSource::Config,
+            },
+        );
+    }
+    let mut sampler = Sampler::new(
+        Vec::new(),
+        IdleTracker::new(600 * S, declared),
+        EstimatorModel::default(),
+        Policy {
+            idle,
+            dram: DramPolicy::Cpu,
+        },
+        0,
+        Stamp {
+            mono_ns: 0,
+            unix_ns: 0,
+        },
+    );
+    let run_list = runs();
+    let mapping = RunCgroups::new(run_list.iter().map(|(c, r)| (c, r)));
+    let mut intervals = Vec::new();
+    let mut usages = Vec::new();
+    let mut t = 0;
+    while cursor.advance() {
+        cursor.write_procs(dir.path()).unwrap();
+        t += S;
+        let obs = collector.close(t, false);
+        let gpus = wattd::gpu::usage(&obs, &mapping);
+        usages.push(gpus.clone());
+        let usage = Usage {
+            runs: run_list
+                .iter()
+                .map(|(_, r)| RunUsage {
+                    run_id: r.clone(),
+                    ..RunUsage::default()
+                })
+                .collect(),
+            gpus,
+            ..Usage::default()
+        };
+        let readings = obs
+            .into_iter()
+            .map(|o| {
+                (
+                    wattd_collectors::DomainReading {
+                        key: o.key,
+                        source: o.source,
+                        quality: o.quality,
+                        sample: o.sample,
+                    },
+                    o.uuid,
+                )
+            })
+            .collect();
+        let stamp = Stamp {
+            mono_ns: t * 1_000,
+            unix_ns: (t * 1_000) as i64,
+        };
+        intervals.push(sampler.tick_with(stamp, Some(usage), readings));
+    }
+    for iv in &intervals {
+        assert_conserved(iv);
+    }
+    Replay { intervals, usages }
+}
+
+/// Every GPU meter of the interval conserves energy exactly, in the result and in the sealed
+/// record (`wattd verify`'s own check).
+fn assert_conserved(iv: &Interval) {
+    for r in &iv.results {
+        assert_eq!(r.sum_uj(), r.measured_uj as u128, "{r:?}");
+    }
+    let rec = wattd::records::interval(iv, "boot", false);
+    for d in &rec.domains {
+        assert_eq!(
+            wattd::verify::accounted_uj(d),
+            d.measured_uj as u128,
+            "{d:?}"
+        );
+    }
+}
+
+fn gpu(iv: &Interval, index: u32) -> &MeterResult {
+    iv.results
+        .iter()
+        .find(|r| r.key.domain == Domain::Gpu && r.key.package == Some(index))
+        .unwrap()
+}
+
+fn run_uj(r: &MeterResult, run: &str) -> u64 {
+    r.runs
+        .iter()
+        .filter(|s| &*s.run_id == run)
+        .map(|s| s.active_uj + s.idle_uj)
+        .sum()
+}
+
+#[test]
+fn two_gpus_are_divided_by_sm_samples_each_on_its_own() {
+    let r = replay("two_gpus.json", IdlePolicy::Proportional, Some(50));
+    assert_eq!(r.intervals.len(), 2);
+    for iv in &r.intervals {
+        let g0 = gpu(iv, 0);
+        let g1 = gpu(iv, 1);
+        assert_eq!(
+            (g0.source, g0.quality),
+            (SourceKind::Nvml, Quality::Measured)
+        );
+        assert_eq!(g0.measured_uj, 250 * J);
+        assert_eq!(g1.measured_uj, 120 * J);
+        // GPU 0: a at 90 %, the ssh user's process (host) at 10 %: idle 50 J, active 200 J,
+        // both by usage under the proportional policy.
+        assert_eq!(g0.idle_uj, 50 * J);
+        assert_eq!(run_uj(g0, "a"), 225 * J);
+        assert_eq!(g0.host_active_uj + g0.host_idle_uj, 25 * J);
+        assert_eq!(run_uj(g0, "b"), 0);
+        // GPU 1: b alone (its process sits in a child cgroup of the run's).
+        assert_eq!(run_uj(g1, "b"), 120 * J);
+        assert_eq!(run_uj(g1, "a"), 0);
+        let meta = g0.gpu.as_ref().unwrap();
+        assert_eq!(meta.basis, Some(GpuBasis::SmUtilization));
+        assert_eq!(meta.mig, Some(false));
+        assert_eq!(
+            meta.uuid.as_deref(),
+            Some("GPU-0a1b2c3d-0000-4000-8000-000000000000")
+        );
+    }
+    // SM-busy microseconds: a at 90 % for two 0.5 s samples.
+    let u0 = &r.usages[0][&0];
+    assert_eq!(u0.runs[0].usage_us, 900_000);
+    assert_eq!(u0.host_usage, 100_000);
+    let rec = wattd::records::interval(&r.intervals[0], "boot", false);
+    let d = rec.domains.iter().find(|d| d.package == Some(1)).unwrap();
+    assert_eq!(
+        (d.domain.as_str(), d.source.as_str(), d.usage_basis.as_str()),
+        ("gpu", "nvml", "sm_utilization")
+    );
+    assert_eq!(d.device_uuid, "GPU-0a1b2c3d-0000-4000-8000-000000000001");
+    assert!(!d.mig);
+}
+
+#[test]
+fn idle_policy_host_keeps_gpu_idle_off_the_runs() {
+    let r = replay("two_gpus.json", IdlePolicy::Host, Some(50));
+    let g0 = gpu(&r.intervals[0], 0);
+    assert_eq!(g0.host_idle_uj, 50 * J);
+    assert_eq!(run_uj(g0, "a"), 180 * J); // 90 % of the 200 J active part
+    let g1 = gpu(&r.intervals[0], 1);
+    assert_eq!(g1.host_idle_uj, 50 * J);
+    assert_eq!(run_uj(g1, "b"), 70 * J);
+}
+
+#[test]
+fn counter_reset_is_a_recorded_gap_and_the_next_interval_counts_from_the_new_baseline() {
+    let r = replay("counter_reset.json", IdlePolicy::Proportional, None);
+    let [a, b, c] = &r.intervals[..] else {
+        panic!("{} intervals", r.intervals.len())
+    };
+    assert_eq!(gpu(a, 0).measured_uj, 150 * J);
+    assert_eq!(run_uj(gpu(a, 0), "a"), 150 * J);
+    let g = gpu(b, 0);
+    assert!(g.gap && g.measured_uj == 0 && g.runs.is_empty());
+    assert_eq!(b.gaps.len(), 1);
+    assert_eq!(b.gaps[0].cause, GapCause::CounterReset);
+    assert!(
+        b.gaps[0].detail.contains("90150000"),
+        "{}",
+        b.gaps[0].detail
+    );
+    assert_eq!(gpu(c, 0).measured_uj, 151 * J);
+    assert_eq!(run_uj(gpu(c, 0), "a"), 151 * J);
+    assert!(c.gaps.is_empty());
+}
+
+#[test]
+fn missing_samples_send_the_active_part_to_the_host_and_a_failed_call_falls_back() {
+    let r = replay("missing_samples.json", IdlePolicy::Proportional, Some(20));
+    let [s1, s2, s3, s4] = &r.intervals[..] else {
+        panic!()
+    };
+    assert_eq!(run_uj(gpu(s1, 0), "a"), 200 * J);
+    // No new sample: NVML says nobody used the SMs; the energy is the host's, not lost.
+    let g = gpu(s2, 0);
+    assert_eq!(g.measured_uj, 60 * J);
+    assert_eq!(run_uj(g, "a"), 0);
+    assert_eq!(g.host_active_uj + g.host_idle_uj, 60 * J);
+    assert_eq!(g.gpu.as_ref().unwrap().basis, Some(GpuBasis::SmUtilization));
+    // The utilisation call failed: every running compute process weighs the same.
+    let g = gpu(s3, 0);
+    assert_eq!(
+        g.gpu.as_ref().unwrap().basis,
+        Some(GpuBasis::RunningProcesses)
+    );
+    assert_eq!(run_uj(g, "a"), 200 * J);
+    assert_eq!(run_uj(gpu(s4, 0), "a"), 200 * J);
+}
+
+#[test]
+fn mig_divides_the_whole_gpu_by_instance_size_and_says_so() {
+    let r = replay("mig.json", IdlePolicy::Proportional, Some(60));
+    let [s1, s2] = &r.intervals[..] else { panic!() };
+    let g = gpu(s1, 0);
+    assert_eq!(g.measured_uj, 180 * J);
+    let meta = g.gpu.as_ref().unwrap();
+    assert_eq!(
+        (meta.basis, meta.mig),
+        (Some(GpuBasis::MigInstanceSize), Some(true))
+    );
+    // Instances with a process: 3g (a), 2g (b, two processes), 1g (host); the idle 1g gets
+    // nothing. Weights over all 7 slices: a 3/7, b 2/7, host 1/7 of the interval.
+    let u = &r.usages[0][&0];
+    assert_eq!(
+        u.runs
+            .iter()
+            .map(|x| (&*x.run_id, x.usage_us))
+            .collect::<Vec<_>>(),
+        vec![("a", 428_571), ("b", 285_714)]
+    );
+    assert_eq!(u.host_usage, 142_857);
+    // 180 J split 3:2:1 (by the floored weights, largest remainder): a 90 J, b 60 J, host 30 J.
+    assert_eq!(run_uj(g, "a"), 90 * J);
+    assert_eq!(run_uj(g, "b"), 60 * J);
+    assert_eq!(g.host_active_uj + g.host_idle_uj, 30 * J);
+    // Instance sizes unreadable: each instance with processes alike (grouped by the parent's
+    // gpu instance ids): a, b and the host a third each.
+    let g = gpu(s2, 0);
+    assert_eq!(
+        g.gpu.as_ref().unwrap().basis,
+        Some(GpuBasis::MigInstanceEven)
+    );
+    // (each instance weighs a third of the interval in whole microseconds, 333,333 us, and b's
+    // third is split between its two processes, 166,666 us each: a few hundred uJ apart.)
+    assert!(run_uj(g, "a").abs_diff(60 * J) < 1_000, "{g:?}");
+    assert!(run_uj(g, "b").abs_diff(60 * J) < 1_000, "{g:?}");
+    let rec = wattd::records::interval(s1, "boot", false);
+    assert_eq!(rec.domains[0].usage_basis, "mig_instance_size");
+    assert!(rec.domains[0].mig);
+}
+
+#[test]
+fn mig_reserved_policy_gives_idle_to_instance_holders_and_unheld_slices_to_the_host() {
+    let r = replay("mig.json", IdlePolicy::Reserved, Some(60));
+    let g = gpu(&r.intervals[0], 0);
+    // Idle 60 J by held slices: a 3, b 2, host 1 + the unheld 1g = 2, of 7.
+    assert_eq!(g.idle_uj, 60 * J);
+    let idle_of = |run: &str| {
+        g.runs
+            .iter()
+            .find(|s| &*s.run_id == run)
+            .map_or(0, |s| s.idle_uj)
+    };
+    assert_eq!(idle_of("a"), 25_714_286);
+    assert_eq!(idle_of("b"), 17_142_857);
+    assert_eq!(g.host_idle_uj, 17_142_857);
+}
+
+#[test]
+fn an_exited_pids_samples_still_count_for_its_run() {
+    let r = replay("pid_exit.json", IdlePolicy::Proportional, None);
+    let s2 = &r.intervals[1];
+    let u = &r.usages[1][&0];
+    // pid 100 (run a): one sample at 100 % covering 0.4 s, after it exited and /proc/100 was
+    // gone (its cgroup remembered from when it ran). pid 200 (b): 50 % for 1 s. pid 400: 20 %
+    // for 0.3 s, never seen running and gone at sample time: unknown, the host's.
+    assert_eq!(
+        u.runs
+            .iter()
+            .map(|x| (&*x.run_id, x.usage_us))
+            .collect::<Vec<_>>(),
+        vec![("a", 400_000), ("b", 500_000)]
+    );
+    assert_eq!(u.host_usage, 60_000);
+    assert_eq!(u.unknown_cgroup_pids, 1);
+    let g = gpu(s2, 0);
+    assert_eq!(g.measured_uj, 200 * J);
+    assert!(run_uj(g, "a") > 80 * J, "{g:?}");
+}
+
+#[test]
+fn a_pid_outside_every_run_is_the_hosts() {
+    let r = replay("two_gpus.json", IdlePolicy::Proportional, Some(50));
+    for u in &r.usages {
+        assert!(u[&0].runs.iter().all(|x| &*x.run_id == "a"));
+        assert_eq!(u[&0].host_usage, 100_000);
+        assert_eq!(u[&0].unknown_cgroup_pids, 0);
+    }
+}
+
+#[test]
+fn a_gpu_that_disappears_is_a_gap_until_it_is_back_and_the_others_go_on() {
+    let r = replay("gpu_disappears.json", IdlePolicy::Proportional, None);
+    assert_eq!(r.intervals.len(), 5);
+    // GPU 0 is measured throughout.
+    for iv in &r.intervals {
+        assert_eq!(gpu(iv, 0).measured_uj, 100 * J);
+        assert_eq!(run_uj(gpu(iv, 0), "a"), 100 * J);
+    }
+    let g1 = |i: usize| gpu(&r.intervals[i], 1);
+    // GPU 1 integrates power (counter NotSupported): estimated, 100 W over 1 s.
+    assert_eq!(
+        (g1(0).source, g1(0).quality, g1(0).measured_uj),
+        (SourceKind::NvmlPower, Quality::Estimated, 100 * J)
+    );
+    // Lost: a source-failure gap naming NVML's answer.
+    assert!(g1(1).gap);
+    let gap = r.intervals[1]
+        .gaps
+        .iter()
+        .find(|g| g.key == Some(g1(1).key))
+        .unwrap();
+    assert_eq!(gap.cause, GapCause::SourceFailure);
+    assert!(gap.detail.contains("GPU lost"), "{}", gap.detail);
+    // Another GPU at index 1: refused, a gap, never billed as the first one.
+    assert!(g1(2).gap);
+    let gap = &r.intervals[2].gaps[0];
+    assert!(gap.detail.contains("GPU-cccc"), "{}", gap.detail);
+    // Back: a new baseline first (a gap), then energy again.
+    assert!(g1(3).gap);
+    assert_eq!(g1(4).measured_uj, 105 * J);
+    assert!(!g1(4).gap);
+}
+
+#[test]
+fn conservation_holds_for_every_fixture_and_policy() {
+    for name in [
+        "two_gpus.json",
+        "counter_reset.json",
+        "missing_samples.json",
+        "mig.json",
+        "pid_exit.json",
+        "gpu_disappears.json",
+    ] {
+        for policy in [
+            IdlePolicy::Proportional,
+            IdlePolicy::Reserved,
+            IdlePolicy::Host,
+        ] {
+            for idle in [None, Some(1), Some(1_000)] {
+                // replay() asserts conservation on every interval and record.
+                let r = replay(name, policy, idle);
+                assert!(!r.intervals.is_empty());
+            }
+        }
+    }
+}
+
+#[test]
+fn usage_none_leaves_gpu_energy_unattributed_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, cursor) = RecordedNvml::new(Recording::load(&fixture("two_gpus.json")).unwrap());
+    cursor.write_procs(dir.path()).unwrap();
+    let (c, _) = GpuCollector::open(
+        Box::new(api),
+        &GpuOptions::new(HostRoot::new(dir.path())),
+        0,
+    );
+    let mut c = c.unwrap();
+    cursor.advance();
+    let obs = c.close(S, false);
+    let mut sampler = Sampler::new(
+        Vec::new(),
+        IdleTracker::new(S, BTreeMap::new()),
+        EstimatorModel::default(),
+        Policy {
+            idle: IdlePolicy::Proportional,
+            dram: DramPolicy::Cpu,
+        },
+        0,
+        Stamp {
+            mono_ns: 0,
+            unix_ns: 0,
+        },
+    );
+    let readings = obs
+        .into_iter()
+        .map(|o| {
+            (
+                wattd_collectors::DomainReading {
+                    key: o.key,
+                    source: o.source,
+                    quality: o.quality,
+                    sample: o.sample,
+                },
+                o.uuid,
+            )
+        })
+        .collect();
+    let iv = sampler.tick_with(
+        Stamp {
+            mono_ns: S * 1000,
+            unix_ns: 0,
+        },
+        None,
+        readings,
+    );
+    let g = gpu(&iv, 0);
+    assert_eq!(
+        g.unattributed,
+        vec![(UnattributedReason::NoUsageData, 250 * J)]
+    );
+}
+
+/// An NVML that blocks on every call after the probe, like a wedged driver.
+#[derive(Debug)]
+struct Hanging {
+    inner: RecordedNvml,
+    hang: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Hanging {
+    fn wait(&self) {
+        while self.hang.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl NvmlApi for Hanging {
+    fn device_count(&mut self) -> Result<u32, NvmlError> {
+        self.wait();
+        self.inner.device_count()
+    }
+    fn uuid(&mut self, gpu: u32) -> Result<String, NvmlError> {
+        self.wait();
+        self.inner.uuid(gpu)
+    }
+    fn name(&mut self, gpu: u32) -> Result<String, NvmlError> {
+        self.inner.name(gpu)
+    }
+    fn total_energy_mj(&mut self, gpu: u32) -> Result<u64, NvmlError> {
+        self.wait();
+        self.inner.total_energy_mj(gpu)
+    }
+    fn power_mw(&mut self, gpu: u32) -> Result<u32, NvmlError> {
+        self.inner.power_mw(gpu)
+    }
+    fn process_utilization(
+        &mut self,
+        gpu: u32,
+        since_us: u64,
+    ) -> Result<Vec<wattd_collectors::nvml::UtilSample>, NvmlError> {
+        self.wait();
+        self.inner.process_utilization(gpu, since_us)
+    }
+    fn compute_processes(
+        &mut self,
+        gpu: u32,
+    ) -> Result<Vec<wattd_collectors::nvml::ComputeProcess>, NvmlError> {
+        self.inner.compute_processes(gpu)
+    }
+    fn mig_enabled(&mut self, gpu: u32) -> Result<bool, NvmlError> {
+        self.inner.mig_enabled(gpu)
+    }
+    fn mig_instances(
+        &mut self,
+        gpu: u32,
+    ) -> Result<Vec<wattd_collectors::nvml::MigInstance>, NvmlError> {
+        self.inner.mig_instances(gpu)
+    }
+}
+
+fn hanging(name: &str) -> (Hanging, StepCursor, Arc<std::sync::atomic::AtomicBool>) {
+    let (api, cursor) = RecordedNvml::new(Recording::load(&fixture(name)).unwrap());
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    (
+        Hanging {
+            inner: api,
+            hang: hang.clone(),
+        },
+        cursor,
+        hang,
+    )
+}
+
+/// A blocked NVML never blocks the loop: the interval is a SOURCE_FAILURE gap of every GPU
+/// after the deadline, the next ones too while it stays blocked, and once it answers again the
+/// first answer re-baselines (a gap) so the blocked span's energy is not billed twice.
+#[test]
+fn a_blocked_nvml_call_is_a_gap_after_the_deadline_never_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, cursor, hang) = hanging("two_gpus.json");
+    cursor.write_procs(dir.path()).unwrap();
+    let (c, _) = GpuCollector::open(
+        Box::new(api),
+        &GpuOptions::new(HostRoot::new(dir.path())),
+        0,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut src = wattd::gpu::GpuSource::start(
+            c.unwrap(),
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        cursor.advance();
+        src.request();
+        let ok = src.collect().await;
+        assert_eq!(ok.readings.len(), 2);
+        assert!(ok.readings.iter().all(|(r, _)| r.sample.is_ok()));
+
+        hang.store(true, std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            src.request();
+            let gap = src.collect().await;
+            assert!(
+                t.elapsed() < Duration::from_millis(1_000),
+                "{:?}",
+                t.elapsed()
+            );
+            assert_eq!(gap.readings.len(), 2);
+            assert!(gap.observations.is_empty());
+            for (r, _) in &gap.readings {
+                let e = r.sample.as_ref().unwrap_err().to_string();
+                assert!(e.contains("NVML"), "{e}");
+            }
+        }
+        assert_eq!(src.timeouts, 3);
+        hang.store(false, std::sync::atomic::Ordering::SeqCst);
+        cursor.advance();
+        // The stuck call returns; its late answer is dropped by the next request, which asks
+        // for a new baseline.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        src.request();
+        let again = src.collect().await;
+        assert!(again
+            .readings
+            .iter()
+            .all(|(r, _)| matches!(r.sample, Ok(wattd_collectors::CounterSample::First))));
+    });
+}

@@ -1,0 +1,818 @@
+//! The GPU collector: opens every GPU NVML lists, reads its energy once per interval (the
+//! total-energy counter through [`EnergyCounter`], or power readings integrated over time where
+//! the counter is not supported), gathers between reads what the GPU says about who used it
+//! (per-process SM samples, running compute processes, MIG instances), and remembers each pid's
+//! cgroup from `/proc/<pid>/cgroup` while the process is alive, so that the samples of a process
+//! that exited before the interval closed still name their cgroup.
+//!
+//! Time comes in as arguments (`now_us`, monotonic microseconds), so recorded sequences replay
+//! exactly. Nothing here decides what a run pays.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::{ComputeProcess, MigInstance, NvmlApi, NvmlError, UtilSample};
+use crate::counter::{CounterSample, EnergyCounter, EnergyUnit};
+use crate::domain::{Domain, MeterKey, Quality, SourceKind};
+use crate::error::{HostError, Shown, HINT_GENERIC};
+use crate::hostfs::{read_bounded, HostRoot};
+use crate::powercap::CEILING_SAFETY_FACTOR;
+
+/// Most GPUs opened on one host.
+pub const GPUS_MAX: u32 = 64;
+/// Most utilisation samples kept per GPU per interval (the driver returns one per process per
+/// sample period; this is far above any real interval).
+pub const SAMPLES_MAX: usize = 65_536;
+/// Most pids whose cgroup is remembered.
+pub const PIDS_MAX: usize = 65_536;
+/// Largest `/proc/<pid>/cgroup` read.
+const PROC_CGROUP_MAX: usize = 16 * 1024;
+/// A remembered pid's cgroup is forgotten after this many intervals without a sight of it.
+const PID_TTL_CLOSES: u64 = 3;
+
+/// What the collector needs.
+#[derive(Clone, Debug)]
+pub struct GpuOptions {
+    pub root: HostRoot,
+    /// The most one GPU can draw, watts, before the safety factor: deltas above it times the
+    /// factor are quarantined.
+    pub max_watts: u64,
+}
+
+impl GpuOptions {
+    pub fn new(root: HostRoot) -> Self {
+        GpuOptions {
+            root,
+            max_watts: Domain::Gpu.default_max_watts(),
+        }
+    }
+}
+
+/// One GPU as `wattd probe` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct GpuDeviceReport {
+    pub index: u32,
+    pub uuid: Option<String>,
+    pub name: Option<String>,
+    /// `chosen` (measured from now on) or `unusable` (`detail` says why).
+    pub status: &'static str,
+    /// `nvml` (the energy counter) or `nvml_power` (power integrated, estimated).
+    pub source: Option<SourceKind>,
+    pub quality: Option<Quality>,
+    /// The counter at probe time, millijoules since the driver was loaded.
+    pub energy_mj: Option<u64>,
+    pub power_mw: Option<u32>,
+    /// MIG mode: `None` where the GPU has no MIG.
+    pub mig: Option<bool>,
+    pub mig_instances: Option<usize>,
+    /// How usage will be measured on this GPU, or why per-process samples are not available.
+    pub usage: String,
+    pub detail: Option<String>,
+}
+
+/// The GPU part of `wattd probe`.
+#[derive(Clone, Debug, Serialize)]
+pub struct GpuReport {
+    /// At least one GPU is measured.
+    pub available: bool,
+    /// Why the GPU domain is disabled or partly usable.
+    pub reason: Option<String>,
+    pub devices: Vec<GpuDeviceReport>,
+}
+
+impl GpuReport {
+    pub fn disabled(reason: impl Into<String>) -> Self {
+        GpuReport {
+            available: false,
+            reason: Some(reason.into()),
+            devices: Vec::new(),
+        }
+    }
+}
+
+/// What the probe found: the report, and the collector when some GPU can be measured.
+#[derive(Debug)]
+pub struct GpuProbe {
+    pub report: GpuReport,
+    pub collector: Option<GpuCollector>,
+}
+
+/// Why NVML could not be used, in words for `wattd probe`.
+pub fn disabled_reason(e: &NvmlError) -> String {
+    match e {
+        NvmlError::LibraryNotFound(why) => format!(
+            "libnvidia-ml could not be loaded ({why}): no NVIDIA driver on this host; GPU domain disabled"
+        ),
+        NvmlError::DriverNotLoaded => {
+            "the NVIDIA kernel driver is not loaded (modprobe nvidia); GPU domain disabled".into()
+        }
+        NvmlError::NoPermission => "no permission to talk to the NVIDIA driver (/dev/nvidiactl, \
+             /dev/nvidia*: run as root or give the service access to them); GPU domain disabled"
+            .into(),
+        NvmlError::VersionMismatch => "the NVIDIA driver and libnvidia-ml versions differ (a \
+             driver upgrade without a reboot?); GPU domain disabled"
+            .into(),
+        other => format!("NVML could not be initialised: {other}; GPU domain disabled"),
+    }
+}
+
+/// Probes NVML (`api` is its opened handle or why it could not be opened) and opens every GPU
+/// that can be measured. `now_us` is the monotonic time of the baseline readings.
+pub fn probe_gpus(
+    api: Result<Box<dyn NvmlApi>, NvmlError>,
+    opts: &GpuOptions,
+    now_us: u64,
+) -> GpuProbe {
+    let api = match api {
+        Ok(a) => a,
+        Err(e) => {
+            return GpuProbe {
+                report: GpuReport::disabled(disabled_reason(&e)),
+                collector: None,
+            }
+        }
+    };
+    let (collector, report) = GpuCollector::open(api, opts, now_us);
+    GpuProbe {
+        collector: collector.filter(|c| !c.devices.is_empty()),
+        report,
+    }
+}
+
+/// Power integrated over time: trapezoids between readings, in half-nanojoules (mW x us / 2 is
+/// nJ) so nothing is rounded until a whole microjoule is handed out; the remainder carries over.
+#[derive(Clone, Debug)]
+struct PowerIntegrator {
+    last: Option<(u64, u32)>,
+    acc_half_nj: u128,
+    /// A close has taken the baseline: the next close yields energy.
+    based: bool,
+    ceiling_uw: u64,
+}
+
+impl PowerIntegrator {
+    fn add(&mut self, now_us: u64, mw: u32) {
+        if let Some((t0, p0)) = self.last {
+            let dt = now_us.saturating_sub(t0) as u128;
+            self.acc_half_nj += (p0 as u128 + mw as u128) * dt;
+        }
+        self.last = Some((now_us, mw));
+    }
+
+    fn invalidate(&mut self) {
+        self.last = None;
+        self.acc_half_nj = 0;
+        self.based = false;
+    }
+
+    fn close(&mut self, elapsed_us: u64) -> CounterSample {
+        if !self.based {
+            self.based = true;
+            self.acc_half_nj = 0;
+            return CounterSample::First;
+        }
+        let uj = self.acc_half_nj / 2_000;
+        self.acc_half_nj %= 2_000;
+        let energy_uj = u64::try_from(uj).unwrap_or(u64::MAX);
+        let ceiling_uj =
+            u64::try_from(self.ceiling_uw as u128 * elapsed_us.max(1_000) as u128 / 1_000_000)
+                .unwrap_or(u64::MAX);
+        if energy_uj > ceiling_uj {
+            CounterSample::Quarantined {
+                energy_uj,
+                ceiling_uj,
+            }
+        } else {
+            CounterSample::Energy {
+                energy_uj,
+                wrapped: false,
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum EnergySource {
+    Counter(EnergyCounter),
+    Power(PowerIntegrator),
+}
+
+/// What a GPU said between two closes.
+#[derive(Debug, Default)]
+struct Gathered {
+    samples: BTreeMap<(u64, u32), u32>,
+    samples_ok: bool,
+    samples_err: Option<NvmlError>,
+    procs: BTreeMap<u32, Option<u32>>,
+    procs_ok: bool,
+    procs_err: Option<NvmlError>,
+    instances: Option<Result<Vec<MigInstance>, NvmlError>>,
+    clamped_samples: u32,
+    dropped_samples: u32,
+}
+
+#[derive(Debug)]
+struct Device {
+    index: u32,
+    uuid: Arc<str>,
+    key: MeterKey,
+    energy: EnergySource,
+    mig: Option<bool>,
+    last_close_us: u64,
+    /// The newest sample timestamp seen: the next query asks for samples after it.
+    last_seen_us: u64,
+    /// `last_seen_us` when the interval began.
+    since_us: u64,
+    gathered: Gathered,
+}
+
+/// A remembered pid: its cgroup (relative to the cgroup2 mount; `None` if unreadable) and the
+/// close it was last seen at.
+#[derive(Debug)]
+struct PidEntry {
+    cgroup: Option<Arc<str>>,
+    seen: u64,
+}
+
+/// Who used the GPU in one interval, as NVML said it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Activity {
+    /// MIG mode at the close; `None` where the GPU has no MIG (or the mode was unreadable).
+    pub mig: Option<bool>,
+    /// New per-process SM samples, in timestamp order; `Err` when no poll could read them
+    /// (`NotSupported` under MIG).
+    pub samples: Result<Vec<UtilSample>, NvmlError>,
+    /// The newest sample timestamp seen before this interval (0: none).
+    pub samples_since_us: u64,
+    /// Every compute process seen running in the interval (any poll).
+    pub processes: Result<Vec<ComputeProcess>, NvmlError>,
+    /// MIG instances and their processes (latest poll), under MIG.
+    pub mig_instances: Option<Result<Vec<MigInstance>, NvmlError>>,
+    /// Each pid above -> its cgroup relative to the cgroup2 mount (`""` for the root cgroup),
+    /// `None` when it could not be read (the process exited before it was ever seen running).
+    pub cgroups: BTreeMap<u32, Option<Arc<str>>>,
+    /// Samples whose SM percentage was above 100 and was clamped to 100.
+    pub clamped_samples: u32,
+    /// Samples beyond [`SAMPLES_MAX`] in the interval, not used.
+    pub dropped_samples: u32,
+}
+
+/// One GPU's interval.
+#[derive(Debug)]
+pub struct GpuObservation {
+    pub gpu: u32,
+    pub uuid: Arc<str>,
+    pub key: MeterKey,
+    pub source: SourceKind,
+    pub quality: Quality,
+    /// The energy since the previous close, or why it is unknown.
+    pub sample: Result<CounterSample, HostError>,
+    /// Monotonic microseconds since the previous close.
+    pub elapsed_us: u64,
+    pub activity: Activity,
+}
+
+/// Every GPU that could be measured at start; the set is fixed for the collector's life (a GPU
+/// that disappears is reported as failing, each interval, until it comes back).
+#[derive(Debug)]
+pub struct GpuCollector {
+    api: Box<dyn NvmlApi>,
+    root: HostRoot,
+    devices: Vec<Device>,
+    pids: HashMap<u32, PidEntry>,
+    closes: u64,
+    pids_refused: u64,
+}
+
+fn nvml_err(call: &'static str, gpu: u32, error: NvmlError) -> HostError {
+    HostError::Nvml { call, gpu, error }
+}
+
+/// Parses `/proc/<pid>/cgroup`: the cgroup v2 line `0::/path`, relative to the mount (leading
+/// `/` removed; `""` for the root cgroup). `None` for anything else or anything hostile.
+pub fn parse_proc_cgroup(text: &str) -> Option<Arc<str>> {
+    let line = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let path = line.strip_suffix(" (deleted)").unwrap_or(line);
+    let rel = path.strip_prefix('/')?;
+    if rel.len() > 4096 || rel.chars().any(char::is_control) {
+        return None;
+    }
+    if !rel.is_empty()
+        && rel
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return None;
+    }
+    Some(Arc::from(rel))
+}
+
+impl GpuCollector {
+    /// Enumerates the GPUs, takes each one's baseline, and says what became of each.
+    pub fn open(
+        mut api: Box<dyn NvmlApi>,
+        opts: &GpuOptions,
+        now_us: u64,
+    ) -> (Option<Self>, GpuReport) {
+        let count = match api.device_count() {
+            Ok(n) => n,
+            Err(e) => return (None, GpuReport::disabled(disabled_reason(&e))),
+        };
+        if count == 0 {
+            return (
+                None,
+                GpuReport::disabled("NVML is loaded but lists no GPU; GPU domain disabled"),
+            );
+        }
+        let mut reports = Vec::new();
+        let mut devices = Vec::new();
+        let mut problems = Vec::new();
+        if count > GPUS_MAX {
+            problems.push(format!(
+                "NVML lists {count} GPUs; only the first {GPUS_MAX} are measured"
+            ));
+        }
+        let ceiling_uw = opts
+            .max_watts
+            .saturating_mul(1_000_000)
+            .saturating_mul(CEILING_SAFETY_FACTOR);
+        for index in 0..count.min(GPUS_MAX) {
+            let mut rep = GpuDeviceReport {
+                index,
+                uuid: None,
+                name: None,
+                status: "unusable",
+                source: None,
+                quality: None,
+                energy_mj: None,
+                power_mw: None,
+                mig: None,
+                mig_instances: None,
+                usage: String::new(),
+                detail: None,
+            };
+            let uuid = match api.uuid(index) {
+                Ok(u) => u,
+                Err(e) => {
+                    rep.detail = Some(format!("cannot identify it: {e}"));
+                    rep.usage = "-".into();
+                    reports.push(rep);
+                    continue;
+                }
+            };
+            rep.uuid = Some(uuid.clone());
+            rep.name = api.name(index).ok();
+            rep.mig = api.mig_enabled(index).ok();
+            let energy = match api.total_energy_mj(index) {
+                Ok(mj) => {
+                    rep.energy_mj = Some(mj);
+                    let mut c = EnergyCounter::new(None, EnergyUnit::MilliJoule, ceiling_uw);
+                    let _ = c.update(mj, 0);
+                    Some((
+                        EnergySource::Counter(c),
+                        SourceKind::Nvml,
+                        Quality::Measured,
+                    ))
+                }
+                Err(counter_err) => match api.power_mw(index) {
+                    Ok(mw) => {
+                        rep.power_mw = Some(mw);
+                        rep.detail = Some(format!(
+                            "total-energy counter: {counter_err}; power readings integrated over \
+                             time instead (estimated)"
+                        ));
+                        let mut p = PowerIntegrator {
+                            last: None,
+                            acc_half_nj: 0,
+                            based: false,
+                            ceiling_uw,
+                        };
+                        p.add(now_us, mw);
+                        let _ = p.close(0);
+                        Some((
+                            EnergySource::Power(p),
+                            SourceKind::NvmlPower,
+                            Quality::Estimated,
+                        ))
+                    }
+                    Err(power_err) => {
+                        rep.detail = Some(format!(
+                            "total-energy counter: {counter_err}; power usage: {power_err}"
+                        ));
+                        None
+                    }
+                },
+            };
+            let baseline = api.process_utilization(index, 0);
+            let last_seen_us = match &baseline {
+                Ok(s) => s.iter().map(|s| s.timestamp_us).max().unwrap_or(0),
+                Err(_) => 0,
+            };
+            let mig_instances = if rep.mig == Some(true) {
+                api.mig_instances(index).ok().map(|i| i.len())
+            } else {
+                None
+            };
+            rep.mig_instances = mig_instances;
+            rep.usage = match (&baseline, rep.mig) {
+                (Ok(_), _) | (Err(NvmlError::NotFound), _) => {
+                    "per-process SM utilisation samples".into()
+                }
+                (Err(e), Some(true)) => format!(
+                    "per-process samples: {e}; MIG: energy divided among GPU instances by their \
+                     size (slices), among processes evenly"
+                ),
+                (Err(e), _) => format!(
+                    "per-process samples: {e}; energy divided evenly among running compute processes"
+                ),
+            };
+            let Some((energy, source, quality)) = energy else {
+                reports.push(rep);
+                continue;
+            };
+            rep.status = "chosen";
+            let mig = rep.mig;
+            rep.source = Some(source);
+            rep.quality = Some(quality);
+            reports.push(rep);
+            devices.push(Device {
+                index,
+                uuid: Arc::from(uuid),
+                key: MeterKey {
+                    domain: Domain::Gpu,
+                    package: Some(index),
+                    die: None,
+                },
+                energy,
+                mig,
+                last_close_us: now_us,
+                last_seen_us,
+                since_us: last_seen_us,
+                gathered: Gathered::default(),
+            });
+        }
+        let available = !devices.is_empty();
+        let unusable = reports.iter().filter(|r| r.status != "chosen").count();
+        if unusable > 0 {
+            problems.push(format!("{unusable} GPU(s) cannot be measured; see devices"));
+        }
+        let report = GpuReport {
+            available,
+            reason: (!problems.is_empty()).then(|| problems.join("; ")),
+            devices: reports,
+        };
+        let collector = GpuCollector {
+            api,
+            root: opts.root.clone(),
+            devices,
+            pids: HashMap::new(),
+            closes: 0,
+            pids_refused: 0,
+        };
+        (Some(collector), report)
+    }
+
+    /// The meters this collector serves: key, source, quality, UUID.
+    pub fn meters(&self) -> Vec<(MeterKey, SourceKind, Quality, Arc<str>)> {
+        self.devices
+            .iter()
+            .map(|d| {
+                let (s, q) = match d.energy {
+                    EnergySource::Counter(_) => (SourceKind::Nvml, Quality::Measured),
+                    EnergySource::Power(_) => (SourceKind::NvmlPower, Quality::Estimated),
+                };
+                (d.key, s, q, d.uuid.clone())
+            })
+            .collect()
+    }
+
+    /// Pids whose cgroup could not be remembered because the table was full (a bound, counted).
+    pub fn pids_refused(&self) -> u64 {
+        self.pids_refused
+    }
+
+    fn remember_pid(&mut self, pid: u32, refresh: bool) {
+        let seen = self.closes;
+        if let Some(e) = self.pids.get_mut(&pid) {
+            e.seen = seen;
+            if !refresh {
+                return;
+            }
+        } else if self.pids.len() >= PIDS_MAX {
+            self.pids_refused += 1;
+            return;
+        }
+        let path = self.root.join(format!("proc/{pid}/cgroup"));
+        let read = read_bounded(&path, PROC_CGROUP_MAX, HINT_GENERIC)
+            .ok()
+            .and_then(|t| parse_proc_cgroup(&t));
+        match (read, self.pids.get_mut(&pid)) {
+            // A pid seen before keeps its cgroup when it can no longer be read (it exited).
+            (None, Some(_)) => {}
+            (Some(c), Some(e)) => e.cgroup = Some(c),
+            (c, None) => {
+                self.pids.insert(pid, PidEntry { cgroup: c, seen });
+            }
+        }
+    }
+
+    /// Reads what each GPU says about its users now and keeps it for the interval's close; with
+    /// power integration, takes a power reading. Cheap; called between closes.
+    pub fn poll(&mut self, now_us: u64) {
+        for i in 0..self.devices.len() {
+            self.poll_device(i, now_us);
+        }
+    }
+
+    fn poll_device(&mut self, i: usize, now_us: u64) {
+        let gpu = self.devices[i].index;
+        let since = self.devices[i].last_seen_us;
+        let samples = self.api.process_utilization(gpu, since);
+        let procs = self.api.compute_processes(gpu);
+        let mig = self.devices[i].mig == Some(true);
+        let instances = mig.then(|| self.api.mig_instances(gpu));
+        let power = match self.devices[i].energy {
+            EnergySource::Power(_) => Some(self.api.power_mw(gpu)),
+            EnergySource::Counter(_) => None,
+        };
+        let mut new_pids: Vec<(u32, bool)> = Vec::new();
+        {
+            let d = &mut self.devices[i];
+            let g = &mut d.gathered;
+            match samples {
+                Ok(v) => {
+                    g.samples_ok = true;
+                    for s in v {
+                        if s.timestamp_us <= since {
+                            continue;
+                        }
+                        let sm = if s.sm_util > 100 {
+                            g.clamped_samples += 1;
+                            100
+                        } else {
+                            s.sm_util
+                        };
+                        if g.samples.len() >= SAMPLES_MAX
+                            && !g.samples.contains_key(&(s.timestamp_us, s.pid))
+                        {
+                            g.dropped_samples += 1;
+                            continue;
+                        }
+                        g.samples.insert((s.timestamp_us, s.pid), sm);
+                        d.last_seen_us = d.last_seen_us.max(s.timestamp_us);
+                        new_pids.push((s.pid, false));
+                    }
+                }
+                Err(NvmlError::NotFound) => g.samples_ok = true,
+                Err(e) => g.samples_err = Some(e),
+            }
+            match procs {
+                Ok(v) => {
+                    g.procs_ok = true;
+                    for p in v {
+                        g.procs.insert(p.pid, p.gpu_instance);
+                        new_pids.push((p.pid, true));
+                    }
+                }
+                Err(NvmlError::NotFound) => g.procs_ok = true,
+                Err(e) => g.procs_err = Some(e),
+            }
+            if let Some(inst) = instances {
+                match inst {
+                    Ok(v) => {
+                        for x in &v {
+                            new_pids.extend(x.pids.iter().map(|p| (*p, true)));
+                        }
+                        g.instances = Some(Ok(v));
+                    }
+                    Err(e) => {
+                        if !matches!(g.instances, Some(Ok(_))) {
+                            g.instances = Some(Err(e));
+                        }
+                    }
+                }
+            }
+            if let (Some(Ok(mw)), EnergySource::Power(p)) = (power, &mut d.energy) {
+                p.add(now_us, mw);
+            }
+        }
+        // Running processes are looked up every poll (a pid can be reused); a pid seen only in
+        // samples is looked up once, at first sight.
+        for (pid, refresh) in new_pids {
+            self.remember_pid(pid, refresh);
+        }
+    }
+
+    /// Closes the interval ending at `now_us` on every GPU. With `rebaseline`, the previous
+    /// interval's result was not used (the caller timed out): every counter starts over, so the
+    /// energy of that interval, recorded as a gap by the caller, is not counted again.
+    pub fn close(&mut self, now_us: u64, rebaseline: bool) -> Vec<GpuObservation> {
+        self.closes += 1;
+        let mut out = Vec::with_capacity(self.devices.len());
+        for i in 0..self.devices.len() {
+            self.poll_device(i, now_us);
+            let gpu = self.devices[i].index;
+            let identity = match self.api.uuid(gpu) {
+                Ok(u) if *u == *self.devices[i].uuid => Ok(()),
+                Ok(u) => Err(HostError::GpuReplaced {
+                    gpu,
+                    was: Shown::new(&self.devices[i].uuid),
+                    now: Shown::new(&u),
+                }),
+                Err(e) => Err(nvml_err("uuid", gpu, e)),
+            };
+            let reading = match self.devices[i].energy {
+                EnergySource::Counter(_) => Some(
+                    self.api
+                        .total_energy_mj(gpu)
+                        .map_err(|e| ("total_energy", e)),
+                ),
+                EnergySource::Power(_) => None,
+            };
+            let power = match self.devices[i].energy {
+                EnergySource::Power(_) => Some(self.api.power_mw(gpu)),
+                EnergySource::Counter(_) => None,
+            };
+            let mig = self.api.mig_enabled(gpu).ok();
+            let d = &mut self.devices[i];
+            let elapsed_us = now_us.saturating_sub(d.last_close_us);
+            d.last_close_us = now_us;
+            if rebaseline {
+                match &mut d.energy {
+                    EnergySource::Counter(c) => c.invalidate(),
+                    EnergySource::Power(p) => p.invalidate(),
+                }
+            }
+            let (source, quality) = match d.energy {
+                EnergySource::Counter(_) => (SourceKind::Nvml, Quality::Measured),
+                EnergySource::Power(_) => (SourceKind::NvmlPower, Quality::Estimated),
+            };
+            let sample = match (&mut d.energy, identity) {
+                (EnergySource::Counter(c), Err(e)) => {
+                    c.invalidate();
+                    Err(e)
+                }
+                (EnergySource::Power(p), Err(e)) => {
+                    p.invalidate();
+                    Err(e)
+                }
+                (EnergySource::Counter(c), Ok(())) => match reading {
+                    Some(Ok(mj)) => c.update(mj, elapsed_us).map_err(|e| {
+                        c.invalidate();
+                        nvml_err("total_energy", gpu, NvmlError::Other(e.to_string()))
+                    }),
+                    Some(Err((call, e))) => {
+                        c.invalidate();
+                        Err(nvml_err(call, gpu, e))
+                    }
+                    None => Err(nvml_err("total_energy", gpu, NvmlError::NotSupported)),
+                },
+                (EnergySource::Power(p), Ok(())) => match power {
+                    Some(Ok(mw)) => {
+                        if p.last.is_none() {
+                            // After a failure the integration restarts here.
+                            p.add(now_us, mw);
+                            p.based = false;
+                        } else {
+                            p.add(now_us, mw);
+                        }
+                        Ok(p.close(elapsed_us))
+                    }
+                    Some(Err(e)) => {
+                        p.invalidate();
+                        Err(nvml_err("power_usage", gpu, e))
+                    }
+                    None => Err(nvml_err("power_usage", gpu, NvmlError::NotSupported)),
+                },
+            };
+            d.mig = mig;
+            let g = std::mem::take(&mut d.gathered);
+            let since = d.since_us;
+            d.since_us = d.last_seen_us;
+            let samples: Result<Vec<UtilSample>, NvmlError> = if g.samples_ok {
+                Ok(g.samples
+                    .iter()
+                    .map(|(&(timestamp_us, pid), &sm_util)| UtilSample {
+                        pid,
+                        timestamp_us,
+                        sm_util,
+                    })
+                    .collect())
+            } else {
+                Err(g.samples_err.unwrap_or(NvmlError::NotSupported))
+            };
+            let processes: Result<Vec<ComputeProcess>, NvmlError> = if g.procs_ok {
+                Ok(g.procs
+                    .iter()
+                    .map(|(&pid, &gpu_instance)| ComputeProcess { pid, gpu_instance })
+                    .collect())
+            } else {
+                Err(g.procs_err.unwrap_or(NvmlError::NotSupported))
+            };
+            let mut pids: Vec<u32> = g.samples.keys().map(|(_, p)| *p).collect();
+            pids.extend(g.procs.keys().copied());
+            if let Some(Ok(inst)) = &g.instances {
+                pids.extend(inst.iter().flat_map(|i| i.pids.iter().copied()));
+            }
+            pids.sort_unstable();
+            pids.dedup();
+            let key = d.key;
+            let uuid = d.uuid.clone();
+            let cgroups = pids
+                .into_iter()
+                .map(|p| (p, self.pids.get(&p).and_then(|e| e.cgroup.clone())))
+                .collect();
+            out.push(GpuObservation {
+                gpu,
+                uuid,
+                key,
+                source,
+                quality,
+                sample,
+                elapsed_us,
+                activity: Activity {
+                    mig,
+                    samples,
+                    samples_since_us: since,
+                    processes,
+                    mig_instances: g.instances,
+                    cgroups,
+                    clamped_samples: g.clamped_samples,
+                    dropped_samples: g.dropped_samples,
+                },
+            });
+        }
+        // Forget pids not seen for a while (their samples have been handed out).
+        let closes = self.closes;
+        self.pids.retain(|_, e| e.seen + PID_TTL_CLOSES >= closes);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_cgroup_is_parsed_strictly() {
+        let ok = |t: &str| parse_proc_cgroup(t).map(|s| s.to_string());
+        assert_eq!(ok("0::/a/b.scope\n").as_deref(), Some("a/b.scope"));
+        assert_eq!(ok("12:cpu:/x\n0::/a\n").as_deref(), Some("a"));
+        assert_eq!(ok("0::/\n").as_deref(), Some(""));
+        assert_eq!(ok("0::/a/b (deleted)\n").as_deref(), Some("a/b"));
+        for bad in [
+            "",
+            "1:name=systemd:/a\n",
+            "0::a\n",
+            "0::/a/../b\n",
+            "0::/a//b\n",
+            "0::/a\u{7}b\n",
+        ] {
+            assert_eq!(ok(bad), None, "{bad:?}");
+        }
+        assert_eq!(ok(&format!("0::/{}\n", "x".repeat(5000))), None);
+    }
+
+    #[test]
+    fn power_integration_is_exact_and_carries_remainders() {
+        let mut p = PowerIntegrator {
+            last: None,
+            acc_half_nj: 0,
+            based: false,
+            ceiling_uw: 6_000_000_000,
+        };
+        p.add(0, 100_000);
+        assert_eq!(p.close(0), CounterSample::First);
+        // 100 W to 200 W over 1 s: 150 J by trapezoid.
+        p.add(1_000_000, 200_000);
+        assert_eq!(
+            p.close(1_000_000),
+            CounterSample::Energy {
+                energy_uj: 150_000_000,
+                wrapped: false
+            }
+        );
+        // 1 mW for 1 us is 1 nJ: 1,500 such intervals are 1.5 uJ, handed out as one whole
+        // microjoule with the half carried, never rounded away per interval.
+        let mut t = 1_000_000;
+        let mut sum = 0;
+        p.last = Some((t, 1));
+        for _ in 0..1_500 {
+            t += 1;
+            p.add(t, 1);
+            if let CounterSample::Energy { energy_uj, .. } = p.close(1) {
+                sum += energy_uj;
+            }
+        }
+        assert_eq!(sum, 1);
+        assert_eq!(p.acc_half_nj, 1_000);
+        // Rising to 20 kW (10 kJ over 1 s) is above a 2 kW x 3 ceiling: quarantined.
+        p.add(t + 1_000_000, 20_000_000);
+        assert!(matches!(
+            p.close(1_000_000),
+            CounterSample::Quarantined { .. }
+        ));
+    }
+}

@@ -1,0 +1,306 @@
+//! [`NvmlApi`] driven by a recorded sequence (a JSON file): what each NVML call answered at each
+//! step, values or errors. Tests move from step to step with [`StepCursor::advance`]; every call
+//! in between answers from the current step. Used by the collector's and the agent's tests, and
+//! by anything that needs a GPU host where there is none.
+//!
+//! The format (every per-GPU field optional; see `collectors/testdata/nvml/SOURCES.md`):
+//!
+//! ```json
+//! { "about": "...",
+//!   "steps": [ { "label": "baseline",
+//!                "device_count": 1,
+//!                "proc_cgroups": { "4242": "0::/flowzart.slice/run-a.scope\n" },
+//!                "gpus": [ { "uuid": "GPU-...", "name": "NVIDIA A100-SXM4-40GB",
+//!                            "energy_mj": 123456, "power_mw": 61000,
+//!                            "samples": [[4242, 1700000000166666, 87]],
+//!                            "processes": [[4242, null]],
+//!                            "mig": false,
+//!                            "mig_instances": [ { "index": 0, "slices": 3, "sms": 42, "pids": [4242] } ] } ] } ] }
+//! ```
+//!
+//! A value may be replaced by `{"error": "NotSupported"}` (or `GpuLost`, `NotFound`, ...). Absent
+//! fields answer as NVML does on a GPU without the feature: `energy_mj` and `power_mw`
+//! NotSupported, `samples` NotFound, `processes` empty, `mig` NotSupported, `mig_instances`
+//! NotSupported. `"lost": true` makes every call on that GPU answer GpuLost; a GPU beyond the
+//! step's list answers InvalidArgument. `proc_cgroups` is not an NVML answer: it is the content of
+//! `/proc/<pid>/cgroup` for the pids alive at that step, for tests to lay out under a host root.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+
+use super::{ComputeProcess, MigInstance, NvmlApi, NvmlError, UtilSample};
+
+/// A value or the error NVML answered instead.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Answer<T> {
+    Error { error: String },
+    Value(T),
+}
+
+impl<T: Clone> Answer<T> {
+    fn get(&self) -> Result<T, NvmlError> {
+        match self {
+            Answer::Error { error } => Err(NvmlError::from_name(error)),
+            Answer::Value(v) => Ok(v.clone()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordedInstance {
+    pub index: u32,
+    pub slices: u32,
+    #[serde(default)]
+    pub sms: u32,
+    #[serde(default)]
+    pub pids: Vec<u32>,
+}
+
+/// `[pid, gpu_instance or null]`, as recorded.
+pub type RecordedProcess = (u32, Option<u32>);
+
+/// One GPU's answers at one step.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordedGpu {
+    pub uuid: Option<String>,
+    pub name: Option<String>,
+    #[serde(default)]
+    pub lost: bool,
+    pub energy_mj: Option<Answer<u64>>,
+    pub power_mw: Option<Answer<u32>>,
+    /// `[pid, timestamp_us, sm_util]`: the driver's buffer at this step.
+    pub samples: Option<Answer<Vec<(u32, u64, u32)>>>,
+    /// `[pid, gpu_instance or null]`.
+    pub processes: Option<Answer<Vec<RecordedProcess>>>,
+    pub mig: Option<Answer<bool>>,
+    pub mig_instances: Option<Answer<Vec<RecordedInstance>>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordedStep {
+    #[serde(default)]
+    pub label: String,
+    pub device_count: Option<Answer<u32>>,
+    #[serde(default)]
+    pub gpus: Vec<RecordedGpu>,
+    /// pid -> the text of `/proc/<pid>/cgroup` while it is alive.
+    #[serde(default)]
+    pub proc_cgroups: BTreeMap<u32, String>,
+}
+
+/// A whole recorded sequence.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recording {
+    #[serde(default)]
+    pub about: String,
+    pub steps: Vec<RecordedStep>,
+}
+
+impl Recording {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let r: Recording = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        if r.steps.is_empty() {
+            return Err("a recording needs at least one step".into());
+        }
+        Ok(r)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// The step the recording is at, shared between the [`RecordedNvml`] the collector owns and
+/// the test that drives it.
+#[derive(Clone, Debug)]
+pub struct StepCursor {
+    recording: Arc<Recording>,
+    step: Arc<Mutex<usize>>,
+}
+
+impl StepCursor {
+    /// The current step index.
+    pub fn index(&self) -> usize {
+        self.step.lock().map_or(0, |s| *s)
+    }
+
+    /// The current step.
+    pub fn step(&self) -> &RecordedStep {
+        let i = self.index().min(self.recording.steps.len() - 1);
+        &self.recording.steps[i]
+    }
+
+    /// Moves to the next step; false (and stays) at the last one.
+    pub fn advance(&self) -> bool {
+        let Ok(mut s) = self.step.lock() else {
+            return false;
+        };
+        if *s + 1 < self.recording.steps.len() {
+            *s += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Number of steps.
+    pub fn len(&self) -> usize {
+        self.recording.steps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.recording.steps.is_empty()
+    }
+
+    /// Lays out `<root>/proc/<pid>/cgroup` for the pids alive at this step, and removes the
+    /// files of pids that are not (they exited).
+    pub fn write_procs(&self, root: &Path) -> std::io::Result<()> {
+        let proc_dir = root.join("proc");
+        std::fs::create_dir_all(&proc_dir)?;
+        let alive = &self.step().proc_cgroups;
+        for entry in std::fs::read_dir(&proc_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) {
+                if !alive.contains_key(&pid) {
+                    std::fs::remove_dir_all(entry.path())?;
+                }
+            }
+        }
+        for (pid, text) in alive {
+            let d = proc_dir.join(pid.to_string());
+            std::fs::create_dir_all(&d)?;
+            std::fs::write(d.join("cgroup"), text)?;
+        }
+        Ok(())
+    }
+}
+
+/// NVML answering from a recording.
+#[derive(Debug)]
+pub struct RecordedNvml {
+    cursor: StepCursor,
+}
+
+impl RecordedNvml {
+    pub fn new(recording: Recording) -> (Self, StepCursor) {
+        let cursor = StepCursor {
+            recording: Arc::new(recording),
+            step: Arc::new(Mutex::new(0)),
+        };
+        (
+            RecordedNvml {
+                cursor: cursor.clone(),
+            },
+            cursor,
+        )
+    }
+
+    fn gpu(&self, gpu: u32) -> Result<RecordedGpu, NvmlError> {
+        let step = self.cursor.step();
+        let g = step
+            .gpus
+            .get(gpu as usize)
+            .ok_or(NvmlError::InvalidArgument)?;
+        if g.lost {
+            return Err(NvmlError::GpuLost);
+        }
+        Ok(g.clone())
+    }
+}
+
+fn or<T: Clone>(a: &Option<Answer<T>>, absent: NvmlError) -> Result<T, NvmlError> {
+    match a {
+        Some(a) => a.get(),
+        None => Err(absent),
+    }
+}
+
+impl NvmlApi for RecordedNvml {
+    fn device_count(&mut self) -> Result<u32, NvmlError> {
+        let step = self.cursor.step();
+        match &step.device_count {
+            Some(a) => a.get(),
+            None => Ok(step.gpus.len() as u32),
+        }
+    }
+
+    fn uuid(&mut self, gpu: u32) -> Result<String, NvmlError> {
+        Ok(self
+            .gpu(gpu)?
+            .uuid
+            .unwrap_or_else(|| format!("GPU-recorded-{gpu}")))
+    }
+
+    fn name(&mut self, gpu: u32) -> Result<String, NvmlError> {
+        Ok(self.gpu(gpu)?.name.unwrap_or_else(|| "recorded GPU".into()))
+    }
+
+    fn total_energy_mj(&mut self, gpu: u32) -> Result<u64, NvmlError> {
+        or(&self.gpu(gpu)?.energy_mj, NvmlError::NotSupported)
+    }
+
+    fn power_mw(&mut self, gpu: u32) -> Result<u32, NvmlError> {
+        or(&self.gpu(gpu)?.power_mw, NvmlError::NotSupported)
+    }
+
+    fn process_utilization(
+        &mut self,
+        gpu: u32,
+        since_us: u64,
+    ) -> Result<Vec<UtilSample>, NvmlError> {
+        let all = or(&self.gpu(gpu)?.samples, NvmlError::NotFound)?;
+        let out: Vec<UtilSample> = all
+            .into_iter()
+            .filter(|(_, ts, _)| *ts > since_us)
+            .map(|(pid, timestamp_us, sm_util)| UtilSample {
+                pid,
+                timestamp_us,
+                sm_util,
+            })
+            .collect();
+        // As NVML: no sample newer than the given time is NOT_FOUND, not an empty list.
+        if out.is_empty() {
+            return Err(NvmlError::NotFound);
+        }
+        Ok(out)
+    }
+
+    fn compute_processes(&mut self, gpu: u32) -> Result<Vec<ComputeProcess>, NvmlError> {
+        let g = self.gpu(gpu)?;
+        let procs = match &g.processes {
+            Some(a) => a.get()?,
+            None => Vec::new(),
+        };
+        Ok(procs
+            .into_iter()
+            .map(|(pid, gpu_instance)| ComputeProcess { pid, gpu_instance })
+            .collect())
+    }
+
+    fn mig_enabled(&mut self, gpu: u32) -> Result<bool, NvmlError> {
+        or(&self.gpu(gpu)?.mig, NvmlError::NotSupported)
+    }
+
+    fn mig_instances(&mut self, gpu: u32) -> Result<Vec<MigInstance>, NvmlError> {
+        let inst = or(&self.gpu(gpu)?.mig_instances, NvmlError::NotSupported)?;
+        Ok(inst
+            .into_iter()
+            .map(|i| MigInstance {
+                index: i.index,
+                slices: i.slices,
+                multiprocessors: i.sms,
+                pids: i.pids,
+            })
+            .collect())
+    }
+}
