@@ -321,7 +321,7 @@ pub fn verify_batch(
         for d in &interval.domains {
             let domain = domain_label(&d.domain, d.package);
             for a in &d.allocations {
-                let energy = a.active_uj.checked_add(a.idle_uj).unwrap_or(u64::MAX);
+                let energy = a.active_uj.saturating_add(a.idle_uj);
                 allocations.push(AllocationRow {
                     interval_index: index,
                     domain: domain.clone(),

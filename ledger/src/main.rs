@@ -30,7 +30,7 @@ struct Cli {
 enum Command {
     /// Serve the Ledger gRPC stream over mutual TLS until SIGTERM or SIGINT (SIGHUP re-reads
     /// the enrolment directory). Prints `listening on ADDR` on stderr once it accepts.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Per-run energy by domain (uJ and Wh) over every stored allocation.
     Runs(QueryArgs),
     /// Per node: last contiguous seq, key epoch, last heartbeat and announced sealed seq, gaps
@@ -156,7 +156,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(a) => serve(a).await,
+            Command::Serve(a) => serve(*a).await,
             Command::Runs(a) => runs(a).await.map_err(Failure::Other),
             Command::Nodes(a) => nodes(a).await.map_err(Failure::Other),
         }

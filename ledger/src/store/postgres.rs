@@ -26,7 +26,7 @@ use crate::check::{LearntKey, VerifiedBatch};
 /// Connections per process.
 const POOL_SIZE: usize = 8;
 /// Key of the advisory lock that serialises schema creation ("wattd" in ASCII).
-const SCHEMA_LOCK_KEY: i64 = 0x77_61_74_74_64;
+const SCHEMA_LOCK_KEY: i64 = 0x0077_6174_7464;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS ledger_meta (

@@ -268,10 +268,7 @@ impl NodeStream {
     pub async fn open(channel: Channel) -> Result<Self, tonic::Status> {
         let (tx, rx) = mpsc::channel(64);
         let mut client = LedgerClient::new(channel).max_decoding_message_size(1 << 20);
-        let acks = client
-            .stream(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        let acks = client.stream(ReceiverStream::new(rx)).await?.into_inner();
         Ok(Self { tx, acks })
     }
 

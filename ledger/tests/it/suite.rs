@@ -53,6 +53,7 @@ both!(
     malformed_messages_get_an_error_status,
     streams_per_node_are_limited,
     concurrent_streams_of_one_node_store_each_batch_once,
+    commit_races_are_decided_by_the_primary_key,
 );
 
 fn limits() -> Limits {
@@ -140,7 +141,12 @@ async fn reordered_batches_are_held_then_stored_in_order(b: Backend, name: &str)
     // 4 and 3 arrive before 2: held, the Ack names the hole.
     for i in [3, 2] {
         let ack = s.send(msg(&bs[i])).await?;
-        assert_eq!((ack.acked_seq, ack.missing_from_seq), (1, 2), "after seq {}", i + 1);
+        assert_eq!(
+            (ack.acked_seq, ack.missing_from_seq),
+            (1, 2),
+            "after seq {}",
+            i + 1
+        );
     }
     // Held and sent again: a duplicate of the held one.
     let ack = s.send(msg(&bs[3])).await?;
@@ -160,7 +166,11 @@ async fn reordered_batches_are_held_then_stored_in_order(b: Backend, name: &str)
         2
     );
     let report = wattd_ledger::query::nodes_report(f.query_store().await.nodes().await?);
-    assert!(report.nodes[0].gaps.is_empty(), "{:?}", report.nodes[0].gaps);
+    assert!(
+        report.nodes[0].gaps.is_empty(),
+        "{:?}",
+        report.nodes[0].gaps
+    );
     l.stop().await;
     Ok(())
 }
@@ -225,9 +235,15 @@ async fn fork_is_rejected_recorded_and_counted(b: Backend, name: &str) -> TestRe
         .await
         .expect_err("fork");
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
-    assert!(err.message().contains("seq 2") && err.message().contains("fork"), "{}", err.message());
+    assert!(
+        err.message().contains("seq 2") && err.message().contains("fork"),
+        "{}",
+        err.message()
+    );
     assert_eq!(
-        err.metadata().get("wattd-reason").and_then(|v| v.to_str().ok()),
+        err.metadata()
+            .get("wattd-reason")
+            .and_then(|v| v.to_str().ok()),
         Some("fork")
     );
     // A fork of a held batch.
@@ -316,7 +332,11 @@ async fn bad_signature_and_modified_byte_are_rejected(b: Backend, name: &str) ->
     if let Some(x) = last.batch_bytes.last_mut() {
         *x ^= 0x01;
     }
-    for (what, s) in [("signature", bad_sig), ("allocation", modified), ("last byte", last)] {
+    for (what, s) in [
+        ("signature", bad_sig),
+        ("allocation", modified),
+        ("last byte", last),
+    ] {
         let mut st = connect(&f, &l, "n1").await;
         let err = st.send(signed_msg(s)).await.expect_err(what);
         assert!(
@@ -324,7 +344,11 @@ async fn bad_signature_and_modified_byte_are_rejected(b: Backend, name: &str) ->
             "{what}: {err:?}"
         );
         if err.code() == Code::Unauthenticated {
-            assert!(err.message().contains("signature"), "{what}: {}", err.message());
+            assert!(
+                err.message().contains("signature"),
+                "{what}: {}",
+                err.message()
+            );
         }
     }
     assert!(l.rejections(Reason::BadSignature) >= 2);
@@ -394,7 +418,10 @@ async fn node_id_must_match_the_certificate(b: Backend, name: &str) -> TestResul
         err.message()
     );
     let mut s = connect(&f, &l, "node-a").await;
-    let err = s.send(bb.heartbeat(1)).await.expect_err("foreign heartbeat");
+    let err = s
+        .send(bb.heartbeat(1))
+        .await
+        .expect_err("foreign heartbeat");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert_eq!(l.rejections(Reason::NodeMismatch), 2);
     let mut s = connect(&f, &l, "node-a").await;
@@ -563,7 +590,10 @@ async fn key_rotation_is_followed_and_the_old_key_refused_after_it(
     assert_eq!(s.send(msg(&b4)).await?.acked_seq, 4);
     // The old key (maybe the leaked one) signing seq 5: refused.
     let stale = wattd::sealer::sign_batch(&old_again, 5, b4.hash, 1, BatchContent::default());
-    let err = s.send(msg(&stale)).await.expect_err("old key after rotation");
+    let err = s
+        .send(msg(&stale))
+        .await
+        .expect_err("old key after rotation");
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("epoch"), "{}", err.message());
     assert_eq!(l.rejections(Reason::StaleKey), 1);
@@ -588,7 +618,11 @@ async fn conservation_break_is_rejected(b: Backend, name: &str) -> TestResult {
     let mut s = connect(&f, &l, "n1").await;
     let err = s.send(msg(&bad)).await.expect_err("conservation");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("measured 16 uJ"), "{}", err.message());
+    assert!(
+        err.message().contains("measured 16 uJ"),
+        "{}",
+        err.message()
+    );
     assert_eq!(l.rejections(Reason::Conservation), 1);
     assert_eq!(count_rows(&f).await, 0);
     l.stop().await;
@@ -707,5 +741,50 @@ async fn concurrent_streams_of_one_node_store_each_batch_once(
     let totals = f.query_store().await.run_totals().await?;
     assert_eq!(totals[0].energy_uj, 30 * 2 * 15);
     l.stop().await;
+    Ok(())
+}
+
+async fn commit_races_are_decided_by_the_primary_key(b: Backend, name: &str) -> TestResult {
+    use std::collections::BTreeMap;
+    use wattd_ledger::check::{verify_batch, KnownKeys};
+    use wattd_ledger::enrol::EnrolledKey;
+    use wattd_ledger::store::{AnyStore, Commit, OpenMode};
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    let mut enrolled = BTreeMap::new();
+    enrolled.insert(
+        1,
+        EnrolledKey {
+            identity: chain.key.public(),
+            key_id: chain.key.key_id(),
+            file: "test".into(),
+        },
+    );
+    let keys = KnownKeys::new("n1", &enrolled);
+    // Two independent store handles (two pools, as two processes have).
+    let s1 = std::sync::Arc::new(AnyStore::open(&f.store_url, OpenMode::Serve).await?);
+    let s2 = std::sync::Arc::new(AnyStore::open(&f.store_url, OpenMode::Serve).await?);
+    for _ in 0..40 {
+        let bt = chain.next(2);
+        let SignedBatch { .. } = SignedBatch::decode(bt.bytes.as_slice())?;
+        let vb = std::sync::Arc::new(verify_batch(
+            "n1",
+            &keys,
+            &SignedBatch::decode(bt.bytes.as_slice())?,
+        )?);
+        let (a, c) = tokio::join!(s1.commit(vb.clone(), 1), s2.commit(vb.clone(), 2));
+        let mut outcomes = [a?, c?];
+        outcomes.sort_by_key(|o| format!("{o:?}"));
+        assert_eq!(
+            outcomes,
+            [Commit::Duplicate, Commit::Stored],
+            "seq {}",
+            bt.seq
+        );
+    }
+    assert_eq!(s1.tip("n1").await?.seq, 40);
+    assert_eq!(count_rows(&f).await, 40);
     Ok(())
 }
