@@ -78,8 +78,8 @@ struct ServeArgs {
     /// Streams one node may have open on this process.
     #[arg(long, default_value_t = 2, value_name = "N")]
     max_streams_per_node: usize,
-    /// Sustained batches per second per node (bursts as large); excess is delayed, not
-    /// refused. 0: unlimited.
+    /// Sustained messages (batches and heartbeats) per second per node (bursts as large);
+    /// excess is delayed, not refused. 0: unlimited.
     #[arg(long, default_value_t = 1000, value_name = "N")]
     node_batches_per_s: u32,
     /// TLS connections open at once; more are closed at accept.

@@ -243,7 +243,7 @@ impl Metrics {
         one(
             "wattd_ledger_rate_limited_total",
             "counter",
-            "Batches delayed by the per-node rate limit (--node-batches-per-s).",
+            "Messages delayed by the per-node rate limit (--node-batches-per-s).",
             get(&self.rate_limited),
         );
         one(

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use wattd_proto::v1::ledger_server::Ledger;
-use wattd_proto::v1::{node_message, Ack, NodeMessage};
+use wattd_proto::v1::{Ack, NodeMessage};
 
 use crate::enrol::{check_node_id, Enrolment};
 use crate::metrics::Metrics;
@@ -25,7 +25,8 @@ pub struct ServiceLimits {
     pub session: SessionLimits,
     /// Streams one node may have open on this process at once.
     pub streams_per_node: usize,
-    /// Sustained batches per second per node (bursts of the same size); None = unlimited.
+    /// Sustained messages (batches and heartbeats) per second per node, bursts of the same
+    /// size; excess is delayed, not refused. None = unlimited.
     pub node_batches_per_s: Option<NonZeroU32>,
 }
 
@@ -256,7 +257,8 @@ impl<S: Store> StreamWorker<S> {
                     break;
                 }
             };
-            if let (Some(rate), Some(node_message::Kind::Batch(_))) = (&self.rate, &msg.kind) {
+            // Heartbeats are writes too: every message counts against the node's rate.
+            if let Some(rate) = &self.rate {
                 if rate.check_key(&node).is_err() {
                     self.metrics.inc(&self.metrics.rate_limited);
                     rate.until_key_ready(&node).await;

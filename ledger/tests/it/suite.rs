@@ -54,6 +54,7 @@ both!(
     streams_per_node_are_limited,
     concurrent_streams_of_one_node_store_each_batch_once,
     commit_races_are_decided_by_the_primary_key,
+    node_rate_is_limited_by_delay,
 );
 
 fn limits() -> Limits {
@@ -786,5 +787,33 @@ async fn commit_races_are_decided_by_the_primary_key(b: Backend, name: &str) -> 
     }
     assert_eq!(s1.tip("n1").await?.seq, 40);
     assert_eq!(count_rows(&f).await, 40);
+    Ok(())
+}
+
+async fn node_rate_is_limited_by_delay(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let mut lim = limits();
+    lim.service.node_batches_per_s = std::num::NonZeroU32::new(10);
+    let l = f.start(lim).await;
+    let mut s = connect(&f, &l, "n1").await;
+    let started = std::time::Instant::now();
+    // A burst of 10 passes at once; the next 10 are paced at 10/s: about 1 s more.
+    for _ in 0..20 {
+        s.send(msg(&chain.next(1))).await?;
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(800), "{elapsed:?}");
+    assert!(
+        l.metrics
+            .rate_limited
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 9
+    );
+    assert_eq!(count_rows(&f).await, 20, "delayed, never dropped");
+    l.stop().await;
     Ok(())
 }
