@@ -68,8 +68,11 @@ impl TestCa {
         std::fs::write(&files.cert, cert.pem()).expect("writing a certificate");
         std::fs::write(&files.key, key.serialize_pem()).expect("writing a key");
         // As an operator would keep it: owner only (wattd refuses a key others can read).
-        std::fs::set_permissions(&files.key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .expect("chmod 600 on a key");
+        std::fs::set_permissions(
+            &files.key,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod 600 on a key");
         files
     }
 

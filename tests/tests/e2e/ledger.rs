@@ -20,7 +20,11 @@ const NODE: &str = "e2e-node";
 
 fn ledger_bin() -> PathBuf {
     let p = wattd_bin().with_file_name("wattd-ledger");
-    assert!(p.exists(), "{} is missing: cargo test --workspace builds it", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: cargo test --workspace builds it",
+        p.display()
+    );
     p
 }
 
@@ -82,7 +86,10 @@ impl LedgerProc {
                     std::fs::read_to_string(work.join("ledger.log")).unwrap_or_default()
                 );
             }
-            assert!(t.elapsed() < Duration::from_secs(20), "wattd-ledger never became ready");
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "wattd-ledger never became ready"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -123,13 +130,17 @@ fn psql(url: &str, sql: &str) {
         .args([url, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
         .output()
         .expect("psql (Debian's postgresql-client) must be installed");
-    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl World {
     fn new(mount: PathBuf, name: &str, postgres: bool) -> World {
         let cg = TestCgroups::new(&mount, name).unwrap();
-        let mut sim = SimHost::start(
+        let sim = SimHost::start(
             PowerModel {
                 idle_w: 12.0,
                 busy_w_per_cpu: 18.0,
@@ -146,8 +157,18 @@ impl World {
         std::fs::create_dir(&enrolled).unwrap();
         let spool = work.path().join("spool");
         // Enrolment: the node's identity, exactly as `wattd identity` prints it.
-        let id = wattd(&["identity", "--data-dir", spool.to_str().unwrap(), "--node-id", NODE]);
-        assert!(id.status.success(), "{}", String::from_utf8_lossy(&id.stderr));
+        let id = wattd(&[
+            "identity",
+            "--data-dir",
+            spool.to_str().unwrap(),
+            "--node-id",
+            NODE,
+        ]);
+        assert!(
+            id.status.success(),
+            "{}",
+            String::from_utf8_lossy(&id.stderr)
+        );
         std::fs::write(enrolled.join(format!("{NODE}.toml")), &id.stdout).unwrap();
         let (store, pg_db) = if postgres {
             let base = std::env::var("WATTD_TEST_POSTGRES").unwrap();
@@ -159,7 +180,10 @@ impl World {
             };
             (url, Some((base, db)))
         } else {
-            (format!("sqlite:{}", work.path().join("ledger.db").display()), None)
+            (
+                format!("sqlite:{}", work.path().join("ledger.db").display()),
+                None,
+            )
         };
         World {
             files: LedgerFiles {
@@ -194,7 +218,14 @@ impl World {
             client.cert.display().to_string(),
             client.key.display().to_string(),
         );
-        let (config, spool) = agent_config(&self.sim, &self.mount, &self.cg, self.work.path(), 200, &extra);
+        let (config, spool) = agent_config(
+            &self.sim,
+            &self.mount,
+            &self.cg,
+            self.work.path(),
+            200,
+            &extra,
+        );
         assert_eq!(spool, self.spool);
         config
     }
@@ -216,7 +247,11 @@ impl World {
             .args([what, "--store", &self.store, "--format", "json"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "wattd-ledger {what}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "wattd-ledger {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -232,7 +267,11 @@ impl World {
     /// are the agent's.
     fn check(&self) {
         let v = wattd(&["verify", "--data-dir", self.spool.to_str().unwrap()]);
-        assert!(v.status.success(), "agent spool verify: {}", String::from_utf8_lossy(&v.stdout));
+        assert!(
+            v.status.success(),
+            "agent spool verify: {}",
+            String::from_utf8_lossy(&v.stdout)
+        );
         let nodes = self.ledger_json("nodes");
         let node = nodes["nodes"]
             .as_array()
@@ -241,15 +280,28 @@ impl World {
             .find(|n| n["node_id"] == NODE)
             .unwrap_or_else(|| panic!("node missing in the ledger: {nodes}\n{}", self.logs()));
         let acked = self.agent_acked();
-        assert!(acked > 10, "only {acked} batches acknowledged\n{}", self.logs());
+        assert!(
+            acked > 10,
+            "only {acked} batches acknowledged\n{}",
+            self.logs()
+        );
         assert_eq!(node["last_seq"].as_u64(), Some(acked), "{node}");
-        assert_eq!(node["batches"].as_u64(), Some(acked), "each batch stored once: {node}");
+        assert_eq!(
+            node["batches"].as_u64(),
+            Some(acked),
+            "each batch stored once: {node}"
+        );
         assert_eq!(node["gaps"].as_array().map(Vec::len), Some(0), "{node}");
         assert_eq!(node["forks"].as_array().map(Vec::len), Some(0), "{node}");
         let agent = totals(&runs_json(&self.spool));
         let ledger = totals(&self.ledger_json("runs"));
         assert!(!agent.is_empty());
-        assert_eq!(ledger, agent, "ledger totals vs the agent's `wattd runs`\n{}", self.logs());
+        assert_eq!(
+            ledger,
+            agent,
+            "ledger totals vs the agent's `wattd runs`\n{}",
+            self.logs()
+        );
     }
 }
 
@@ -269,7 +321,10 @@ fn totals(v: &serde_json::Value) -> BTreeMap<(String, String), u64> {
         for d in r["domains"].as_array().unwrap() {
             let uj = d["energy_uj"].as_u64().unwrap();
             m.insert(
-                (r["run_id"].as_str().unwrap().to_owned(), d["domain"].as_str().unwrap().to_owned()),
+                (
+                    r["run_id"].as_str().unwrap().to_owned(),
+                    d["domain"].as_str().unwrap().to_owned(),
+                ),
                 uj,
             );
         }
@@ -303,7 +358,8 @@ fn postgres_available(test: &str) -> bool {
 
 #[test]
 fn ledger_down_for_a_minute_then_every_interval_arrives_once() {
-    let Some(mount) = require_cgroups("ledger_down_for_a_minute_then_every_interval_arrives_once") else {
+    let Some(mount) = require_cgroups("ledger_down_for_a_minute_then_every_interval_arrives_once")
+    else {
         return;
     };
     let outage_s: u64 = std::env::var("WATTD_LEDGER_OUTAGE_S")
@@ -322,20 +378,29 @@ fn ledger_down_for_a_minute_then_every_interval_arrives_once() {
     .unwrap();
     std::thread::sleep(Duration::from_secs(3));
     ledger.signal(libc::SIGTERM);
-    w.cg.spawn_in("run-dark.scope", Command::new(burn_bin()).args(["0.8", "4"]))
-        .unwrap();
+    w.cg.spawn_in(
+        "run-dark.scope",
+        Command::new(burn_bin()).args(["0.8", "4"]),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_secs(outage_s));
     // Same address: the agent's configuration does not change.
     let _ledger = w.ledger(&listen.to_string());
-    w.cg.spawn_in("run-after.scope", Command::new(burn_bin()).args(["0.6", "2"]))
-        .unwrap();
+    w.cg.spawn_in(
+        "run-after.scope",
+        Command::new(burn_bin()).args(["0.6", "2"]),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_secs(5));
     w.cg.wait_all();
     stop_agent_cleanly(&w, &mut agent);
     w.check();
     let runs = totals(&runs_json(&w.spool));
     for r in ["long", "dark", "after"] {
-        assert!(runs.keys().any(|(id, _)| id == r), "run {r} missing: {runs:?}");
+        assert!(
+            runs.keys().any(|(id, _)| id == r),
+            "run {r} missing: {runs:?}"
+        );
     }
 }
 
@@ -349,7 +414,7 @@ fn ledger_sigkilled_mid_replay_loses_nothing() {
     let ledger = w.ledger("127.0.0.1:0");
     let listen = ledger.listen;
     drop(ledger); // SIGKILL before the agent ever connected: it starts with a backlog
-    // A slow replay (10 batches/s) so that the next SIGKILL lands in the middle of it.
+                  // A slow replay (10 batches/s) so that the next SIGKILL lands in the middle of it.
     let config = w.agent_config(listen, 10);
     let mut agent = Agent::start(&config, &w.agent_log());
     w.cg.spawn_in("run-k.scope", Command::new(burn_bin()).args(["0.5", "12"]))
@@ -370,7 +435,9 @@ fn ledger_sigkilled_mid_replay_loses_nothing() {
 
 #[test]
 fn agent_sigkilled_mid_stream_loses_nothing_and_sends_nothing_twice() {
-    let Some(mount) = require_cgroups("agent_sigkilled_mid_stream_loses_nothing_and_sends_nothing_twice") else {
+    let Some(mount) =
+        require_cgroups("agent_sigkilled_mid_stream_loses_nothing_and_sends_nothing_twice")
+    else {
         return;
     };
     let mut w = World::new(mount, "agentkill", false);

@@ -1,0 +1,443 @@
+//! Verification of what a node sends, before anything is stored: signatures, keys, node id
+//! against the client certificate, rotations, conservation, and the bounds the stores need.
+//!
+//! The authenticity and conservation verdicts are those of the agent's own verifier
+//! (`wattd::verify::Verifier`, what `wattd verify` runs), fed one batch at a time, so the ledger
+//! and the node's tools can never disagree on whether a batch is authentic or conserves energy.
+//! Sequence, chain links and key continuity are judged by the store, inside the transaction that
+//! commits the batch, because only the store knows what is already durable.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use prost::Message as _;
+use wattd::batch::{chain_hash, decode_header, ChainHash, FORMAT_VERSION};
+use wattd::durable::hex;
+use wattd::identity::{key_id_of, KeyId, PublicIdentity};
+use wattd::spool::Location;
+use wattd::verify::{BreakKind, Verifier};
+use wattd_proto::v1::{Batch, Heartbeat, SignedBatch, SignedHeartbeat};
+
+use crate::enrol::EnrolledKey;
+use crate::Rejection;
+
+/// A key the chain itself announced (a verified `KeyRotation`), as the store keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LearntKey {
+    pub epoch: u32,
+    pub public_key: [u8; 32],
+    pub key_id: KeyId,
+    /// The first seq signed with it.
+    pub effective_seq: u64,
+    /// The seq of the batch (signed by the previous key) that announced it.
+    pub announced_seq: u64,
+}
+
+/// Where a known key came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyOrigin {
+    Enrolled(PathBuf),
+    Rotation { announced_seq: u64 },
+}
+
+#[derive(Clone, Debug)]
+pub struct KnownKey {
+    pub identity: PublicIdentity,
+    pub verifying: VerifyingKey,
+    pub key_id: KeyId,
+    pub origin: KeyOrigin,
+}
+
+/// Every key the ledger trusts for one node: the enrolled ones plus those learnt from rotations.
+#[derive(Clone, Debug)]
+pub struct KnownKeys {
+    node_id: String,
+    by_epoch: BTreeMap<u32, KnownKey>,
+}
+
+impl KnownKeys {
+    pub fn new(node_id: &str, enrolled: &BTreeMap<u32, EnrolledKey>) -> Self {
+        let mut by_epoch = BTreeMap::new();
+        for (&epoch, k) in enrolled {
+            // Enrolment already checked the key; a failure here would be a bug, so skip it.
+            if let Ok(verifying) = k.identity.verifying_key() {
+                by_epoch.insert(
+                    epoch,
+                    KnownKey {
+                        identity: k.identity.clone(),
+                        verifying,
+                        key_id: k.key_id,
+                        origin: KeyOrigin::Enrolled(k.file.clone()),
+                    },
+                );
+            }
+        }
+        Self {
+            node_id: node_id.to_owned(),
+            by_epoch,
+        }
+    }
+
+    /// Adds a key the chain announced. An enrolled or earlier-learnt key for the same epoch wins;
+    /// a different one is refused (the verifier reports such a rotation as bad anyway).
+    pub fn learn(&mut self, k: &LearntKey) -> Result<(), String> {
+        if let Some(existing) = self.by_epoch.get(&k.epoch) {
+            return if existing.key_id == k.key_id {
+                Ok(())
+            } else {
+                Err(format!("epoch {} already has a different key", k.epoch))
+            };
+        }
+        let verifying =
+            VerifyingKey::from_bytes(&k.public_key).map_err(|e| format!("public key: {e}"))?;
+        self.by_epoch.insert(
+            k.epoch,
+            KnownKey {
+                identity: PublicIdentity {
+                    node_id: self.node_id.clone(),
+                    key_epoch: k.epoch,
+                    algorithm: "ed25519".into(),
+                    public_key: hex(&k.public_key),
+                    key_id: hex(&k.key_id),
+                },
+                verifying,
+                key_id: k.key_id,
+                origin: KeyOrigin::Rotation {
+                    announced_seq: k.announced_seq,
+                },
+            },
+        );
+        Ok(())
+    }
+
+    pub fn epoch(&self, epoch: u32) -> Option<&KnownKey> {
+        self.by_epoch.get(&epoch)
+    }
+
+    pub fn by_key_id(&self, key_id: &[u8]) -> Option<&KnownKey> {
+        self.by_epoch
+            .values()
+            .find(|k| k.key_id.as_slice() == key_id)
+    }
+
+    pub fn has_epoch(&self, epoch: u32) -> bool {
+        self.by_epoch.contains_key(&epoch)
+    }
+
+    fn identities(&self) -> Vec<PublicIdentity> {
+        self.by_epoch.values().map(|k| k.identity.clone()).collect()
+    }
+}
+
+/// One allocation row as stored: a run's share of one domain in one interval.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllocationRow {
+    pub interval_index: i64,
+    /// `domain` or `domain:package`, as `wattd runs` labels it.
+    pub domain: String,
+    pub run_id: String,
+    pub active_uj: i64,
+    pub idle_uj: i64,
+    /// active + idle.
+    pub energy_uj: i64,
+    pub usage_us: i64,
+}
+
+/// An authentic, conserving batch of the certificate's node, ready for the store.
+#[derive(Clone, Debug)]
+pub struct VerifiedBatch {
+    pub node_id: String,
+    pub seq: u64,
+    pub key_epoch: u32,
+    pub key_id: KeyId,
+    pub prev_hash: ChainHash,
+    /// SHA-256 of `bytes`: what the next batch's prev_hash must hold.
+    pub hash: ChainHash,
+    /// The canonical encoding of the SignedBatch (byte for byte what the node's spool holds).
+    pub bytes: Vec<u8>,
+    pub sealed_unix_ns: i64,
+    pub intervals: u64,
+    pub rotation: Option<LearntKey>,
+    pub allocations: Vec<AllocationRow>,
+}
+
+/// What a verified heartbeat says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifiedHeartbeat {
+    pub sent_unix_ns: i64,
+    pub last_sealed_seq: u64,
+    pub key_epoch: u32,
+}
+
+fn domain_label(domain: &str, package: Option<u32>) -> String {
+    match package {
+        Some(p) => format!("{domain}:{p}"),
+        None => domain.to_owned(),
+    }
+}
+
+/// A stored integer column is a signed 64-bit integer in both stores; bigger values are refused
+/// here rather than wrapped there. (2^63 uJ is 2.5 TWh: no real interval comes near.)
+fn db_int(node: &str, seq: u64, what: &str, v: u64) -> Result<i64, Rejection> {
+    i64::try_from(v).map_err(|_| Rejection::Malformed {
+        node: node.to_owned(),
+        detail: format!(
+            "batch seq {seq}: {what} = {v} is above 2^63-1, which the store cannot hold"
+        ),
+    })
+}
+
+fn short(h: &[u8]) -> String {
+    hex(h.get(..8).unwrap_or(h))
+}
+
+/// Verifies one SignedBatch sent on a stream authenticated as `cert_node`.
+pub fn verify_batch(
+    cert_node: &str,
+    keys: &KnownKeys,
+    signed: &SignedBatch,
+) -> Result<VerifiedBatch, Rejection> {
+    let node = || cert_node.to_owned();
+    // The canonical encoding: prost writes fields in order and omits empty ones, exactly as the
+    // agent encoded the record it hashed into the next batch's prev_hash.
+    let bytes = signed.encode_to_vec();
+    let (_, header) = decode_header(&bytes).map_err(|detail| Rejection::Malformed {
+        node: node(),
+        detail,
+    })?;
+    let seq = header.seq;
+    if header.node_id != cert_node {
+        return Err(Rejection::NodeMismatch {
+            cert_node: node(),
+            claimed: header.node_id,
+            what: format!("batch claiming seq {seq}"),
+        });
+    }
+    let Some(key) = keys.epoch(header.key_epoch) else {
+        return Err(Rejection::UnknownKey {
+            node: node(),
+            what: format!("batch claiming seq {seq}"),
+            detail: format!(
+                "key epoch {} (key id {}) is neither enrolled nor announced by a rotation in the \
+                 node's stored chain",
+                header.key_epoch,
+                hex(&header.key_id)
+            ),
+        });
+    };
+    if header.key_id != key.key_id.as_slice() || signed.key_id != key.key_id.as_slice() {
+        return Err(Rejection::UnknownKey {
+            node: node(),
+            what: format!("batch claiming seq {seq}"),
+            detail: format!(
+                "key id {} is not the key of epoch {} ({})",
+                hex(&header.key_id),
+                header.key_epoch,
+                hex(&key.key_id)
+            ),
+        });
+    }
+
+    // The agent's verifier, on this one record: signature, key id, rotation, conservation,
+    // genesis link. Sequence and chain against stored batches are the store's.
+    let mut verifier = Verifier::new(&keys.identities()).map_err(Rejection::Internal)?;
+    verifier.record(
+        Location {
+            file: PathBuf::from(format!("stream of node {cert_node}")),
+            offset: 0,
+        },
+        &bytes,
+    );
+    let report = verifier.finish();
+    let more = report.breaks.len().saturating_sub(1);
+    if let Some(b) = report.breaks.into_iter().next() {
+        let and_more = if more > 0 {
+            format!(" (and {more} more break(s))")
+        } else {
+            String::new()
+        };
+        return Err(match b.kind {
+            BreakKind::BadSignature { claimed_seq } => Rejection::BadSignature {
+                node: node(),
+                what: format!("batch claiming seq {claimed_seq}"),
+            },
+            BreakKind::UnknownKeyEpoch { .. } | BreakKind::KeyIdMismatch { .. } => {
+                Rejection::UnknownKey {
+                    node: node(),
+                    what: format!("batch claiming seq {seq}"),
+                    detail: b.to_string(),
+                }
+            }
+            BreakKind::BadRotation { detail } => Rejection::BadRotation {
+                node: node(),
+                seq,
+                detail: format!("{detail}{and_more}"),
+            },
+            BreakKind::Conservation { .. } => Rejection::Conservation {
+                node: node(),
+                seq,
+                detail: format!("{b}{and_more}"),
+            },
+            BreakKind::ChainBreak => Rejection::ChainBreak {
+                node: node(),
+                seq,
+                detail: format!(
+                    "seq 1 must chain to 32 zero bytes, its prev_hash is {}",
+                    short(&header.prev_hash)
+                ),
+            },
+            BreakKind::Undecodable { detail } => Rejection::Malformed {
+                node: node(),
+                detail: format!("batch claiming seq {seq}: {detail}"),
+            },
+            BreakKind::ForeignNode { found, .. } => Rejection::NodeMismatch {
+                cert_node: node(),
+                claimed: found,
+                what: format!("batch claiming seq {seq}"),
+            },
+            other => Rejection::Internal(format!(
+                "unexpected verdict on a single batch (seq {seq}): {other:?}"
+            )),
+        });
+    }
+
+    // Authentic and conserving: decode the bodies for the allocation rows.
+    let batch = Batch::decode(signed.batch_bytes.as_slice()).map_err(|e| Rejection::Malformed {
+        node: node(),
+        detail: format!("batch seq {seq}: Batch: {e}"),
+    })?;
+    if batch.format_version != FORMAT_VERSION {
+        return Err(Rejection::UnsupportedFormat {
+            node: node(),
+            seq,
+            version: batch.format_version,
+        });
+    }
+    db_int(cert_node, seq, "seq", seq)?;
+    let mut allocations = Vec::new();
+    for interval in &batch.intervals {
+        let index = db_int(cert_node, seq, "interval index", interval.index)?;
+        for d in &interval.domains {
+            let domain = domain_label(&d.domain, d.package);
+            for a in &d.allocations {
+                let energy = a.active_uj.saturating_add(a.idle_uj);
+                allocations.push(AllocationRow {
+                    interval_index: index,
+                    domain: domain.clone(),
+                    run_id: a.run_id.clone(),
+                    active_uj: db_int(cert_node, seq, "active_uj", a.active_uj)?,
+                    idle_uj: db_int(cert_node, seq, "idle_uj", a.idle_uj)?,
+                    energy_uj: db_int(cert_node, seq, "active_uj + idle_uj", energy)?,
+                    usage_us: db_int(cert_node, seq, "usage_us", a.usage_us)?,
+                });
+            }
+        }
+    }
+    let rotation = match &batch.key_rotation {
+        // The verifier accepted it: 32-byte key, matching id, epoch + 1, effective seq + 1.
+        Some(r) => {
+            let public_key: [u8; 32] =
+                r.new_public_key
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| Rejection::BadRotation {
+                        node: node(),
+                        seq,
+                        detail: "new_public_key is not 32 bytes".into(),
+                    })?;
+            Some(LearntKey {
+                epoch: r.new_key_epoch,
+                public_key,
+                key_id: key_id_of(&public_key),
+                effective_seq: r.effective_seq,
+                announced_seq: seq,
+            })
+        }
+        None => None,
+    };
+    let mut prev_hash = [0u8; 32];
+    prev_hash.copy_from_slice(&header.prev_hash);
+    Ok(VerifiedBatch {
+        node_id: cert_node.to_owned(),
+        seq,
+        key_epoch: header.key_epoch,
+        key_id: key.key_id,
+        prev_hash,
+        hash: chain_hash(&bytes),
+        bytes,
+        sealed_unix_ns: header.sealed_unix_ns,
+        intervals: u64::try_from(batch.intervals.len()).unwrap_or(u64::MAX),
+        rotation,
+        allocations,
+    })
+}
+
+/// Verifies one SignedHeartbeat sent on a stream authenticated as `cert_node`.
+pub fn verify_heartbeat(
+    cert_node: &str,
+    keys: &KnownKeys,
+    signed: &SignedHeartbeat,
+) -> Result<VerifiedHeartbeat, Rejection> {
+    let node = || cert_node.to_owned();
+    let hb =
+        Heartbeat::decode(signed.heartbeat_bytes.as_slice()).map_err(|e| Rejection::Malformed {
+            node: node(),
+            detail: format!("heartbeat: Heartbeat: {e}"),
+        })?;
+    if hb.node_id != cert_node {
+        return Err(Rejection::NodeMismatch {
+            cert_node: node(),
+            claimed: hb.node_id,
+            what: "heartbeat".into(),
+        });
+    }
+    let Some(key) = keys.by_key_id(&signed.key_id) else {
+        return Err(Rejection::UnknownKey {
+            node: node(),
+            what: "heartbeat".into(),
+            detail: format!(
+                "key id {} is neither enrolled nor announced by a rotation in the node's stored \
+                 chain",
+                hex(&signed.key_id)
+            ),
+        });
+    };
+    if key.identity.key_epoch != hb.key_epoch {
+        return Err(Rejection::UnknownKey {
+            node: node(),
+            what: "heartbeat".into(),
+            detail: format!(
+                "key id {} is the key of epoch {}, the heartbeat claims epoch {}",
+                hex(&signed.key_id),
+                key.identity.key_epoch,
+                hb.key_epoch
+            ),
+        });
+    }
+    let authentic = Signature::from_slice(&signed.signature).is_ok_and(|sig| {
+        key.verifying
+            .verify_strict(&signed.heartbeat_bytes, &sig)
+            .is_ok()
+    });
+    if !authentic {
+        return Err(Rejection::BadSignature {
+            node: node(),
+            what: format!("heartbeat (last_sealed_seq {})", hb.last_sealed_seq),
+        });
+    }
+    if i64::try_from(hb.last_sealed_seq).is_err() {
+        return Err(Rejection::Malformed {
+            node: node(),
+            detail: format!(
+                "heartbeat: last_sealed_seq {} is above 2^63-1",
+                hb.last_sealed_seq
+            ),
+        });
+    }
+    Ok(VerifiedHeartbeat {
+        sent_unix_ns: hb.sent_unix_ns,
+        last_sealed_seq: hb.last_sealed_seq,
+        key_epoch: hb.key_epoch,
+    })
+}

@@ -1,0 +1,274 @@
+//! Node enrolment: which nodes may talk to the ledger and with which signing keys, read from a
+//! directory of public identities (`wattd identity` output, or a node's `node.pub`).
+//!
+//! Every problem of every file is collected and reported at once (a bad enrolment directory is
+//! a start-up error, exit 64), so an operator fixes them in one pass.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use wattd::identity::{key_id_of, KeyId, PublicIdentity};
+
+/// A file bigger than this is not an identity file.
+const FILE_MAX_BYTES: u64 = 64 * 1024;
+/// At most this many identity files are read (a fleet, not an accident).
+const FILES_MAX: usize = 100_000;
+/// The longest node id accepted (also a certificate CN, which X.520 caps at 64 characters, but
+/// node ids come from config or /etc/machine-id; 255 leaves room and still bounds labels).
+pub const NODE_ID_MAX_BYTES: usize = 255;
+
+/// One enrolled public key.
+#[derive(Clone, Debug)]
+pub struct EnrolledKey {
+    pub identity: PublicIdentity,
+    pub key_id: KeyId,
+    /// The file it came from (first one, when several files enrol the same key).
+    pub file: PathBuf,
+}
+
+/// The enrolled nodes and their keys, by node id then key epoch.
+#[derive(Clone, Debug, Default)]
+pub struct Enrolment {
+    nodes: BTreeMap<String, BTreeMap<u32, EnrolledKey>>,
+}
+
+/// Every problem found in an enrolment directory, one line each, naming the file.
+#[derive(Debug, thiserror::Error)]
+#[error("enrolment directory {}: {} problem(s):\n  {}", dir.display(), problems.len(), problems.join("\n  "))]
+pub struct EnrolmentError {
+    pub dir: PathBuf,
+    pub problems: Vec<String>,
+}
+
+/// `node.pub`: one `[[key]]` table per epoch.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublicKeysFile {
+    key: Vec<PublicIdentity>,
+}
+
+/// Parses one identity file's text: a flat `PublicIdentity` or a `[[key]]` list.
+fn parse_identities(text: &str) -> Result<Vec<PublicIdentity>, String> {
+    match toml::from_str::<PublicIdentity>(text) {
+        Ok(one) => Ok(vec![one]),
+        Err(flat) => match toml::from_str::<PublicKeysFile>(text) {
+            Ok(f) if f.key.is_empty() => Err("no [[key]] entries".into()),
+            Ok(f) => Ok(f.key),
+            // Report the flat form's error unless the file clearly tries the list form.
+            Err(list) if text.contains("[[key]]") => Err(list.message().trim().to_owned()),
+            Err(_) => Err(flat.message().trim().to_owned()),
+        },
+    }
+}
+
+fn read_bounded(path: &Path) -> Result<String, String> {
+    let f = fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > FILE_MAX_BYTES {
+        return Err(format!(
+            "{} bytes, more than an identity file's {FILE_MAX_BYTES}",
+            meta.len()
+        ));
+    }
+    let mut text = String::new();
+    f.take(FILE_MAX_BYTES)
+        .read_to_string(&mut text)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => "not UTF-8".to_owned(),
+            _ => e.to_string(),
+        })?;
+    Ok(text)
+}
+
+/// Checks a node id taken from a file or a certificate: non-empty, bounded, printable.
+pub fn check_node_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("node_id is empty".into());
+    }
+    if id.len() > NODE_ID_MAX_BYTES {
+        return Err(format!(
+            "node_id is {} bytes, more than {NODE_ID_MAX_BYTES}",
+            id.len()
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(format!("node_id {id:?} holds control characters"));
+    }
+    Ok(())
+}
+
+impl Enrolment {
+    /// Reads every `*.toml` and `*.pub` file of `dir` (not recursive; dot files skipped).
+    pub fn load(dir: &Path) -> Result<Self, EnrolmentError> {
+        let fail = |problems: Vec<String>| EnrolmentError {
+            dir: dir.to_owned(),
+            problems,
+        };
+        let entries = fs::read_dir(dir).map_err(|e| fail(vec![e.to_string()]))?;
+        let mut files = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| fail(vec![e.to_string()]))?;
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') {
+                continue;
+            }
+            if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("toml" | "pub")
+            ) {
+                files.push(path);
+            }
+            if files.len() > FILES_MAX {
+                return Err(fail(vec![format!("more than {FILES_MAX} identity files")]));
+            }
+        }
+        files.sort();
+        let mut enrolment = Enrolment::default();
+        let mut problems = Vec::new();
+        let mut owner_of_key: BTreeMap<KeyId, (String, PathBuf)> = BTreeMap::new();
+        for path in &files {
+            let shown = path.display();
+            let identities = match read_bounded(path).and_then(|t| parse_identities(&t)) {
+                Ok(i) => i,
+                Err(e) => {
+                    problems.push(format!("{shown}: {e}"));
+                    continue;
+                }
+            };
+            for identity in identities {
+                let epoch = identity.key_epoch;
+                let node = identity.node_id.clone();
+                if let Err(e) = check_node_id(&node) {
+                    problems.push(format!("{shown}: {e}"));
+                    continue;
+                }
+                if epoch == 0 {
+                    problems.push(format!(
+                        "{shown}: node {node:?}: key_epoch 0 (epochs start at 1)"
+                    ));
+                    continue;
+                }
+                let vk = match identity.verifying_key() {
+                    Ok(vk) => vk,
+                    Err(e) => {
+                        problems.push(format!("{shown}: node {node:?} epoch {epoch}: {e}"));
+                        continue;
+                    }
+                };
+                let key_id = key_id_of(&vk.to_bytes());
+                if let Some((other, other_file)) = owner_of_key.get(&key_id) {
+                    if *other != node {
+                        problems.push(format!(
+                            "{shown}: node {node:?} epoch {epoch}: the same public key is enrolled \
+                             for node {other:?} in {}",
+                            other_file.display()
+                        ));
+                        continue;
+                    }
+                }
+                owner_of_key.insert(key_id, (node.clone(), path.clone()));
+                let keys = enrolment.nodes.entry(node.clone()).or_default();
+                match keys.get(&epoch) {
+                    Some(k) if k.key_id == key_id => {}
+                    Some(k) => problems.push(format!(
+                        "{shown}: node {node:?} epoch {epoch}: a different key for this epoch is \
+                         enrolled in {}",
+                        k.file.display()
+                    )),
+                    None => {
+                        keys.insert(
+                            epoch,
+                            EnrolledKey {
+                                identity,
+                                key_id,
+                                file: path.clone(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(enrolment)
+        } else {
+            Err(fail(problems))
+        }
+    }
+
+    /// The enrolled keys of `node_id`, by epoch; `None` if the node is not enrolled.
+    pub fn node(&self, node_id: &str) -> Option<&BTreeMap<u32, EnrolledKey>> {
+        self.nodes.get(node_id)
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.nodes.values().map(BTreeMap::len).sum()
+    }
+
+    /// The enrolled node ids, sorted.
+    pub fn node_ids(&self) -> impl Iterator<Item = &str> {
+        self.nodes.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wattd::identity::NodeKey;
+
+    #[test]
+    fn flat_and_list_files_are_read_and_bad_ones_all_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let a1 = NodeKey::from_seed("a", 1, [1; 32]);
+        let a2 = NodeKey::from_seed("a", 2, [2; 32]);
+        let b1 = NodeKey::from_seed("b", 1, [3; 32]);
+        fs::write(dir.path().join("a.toml"), a1.public().to_toml()).unwrap();
+        let list = format!(
+            "[[key]]\n{}\n[[key]]\n{}",
+            a1.public().to_toml(),
+            a2.public().to_toml()
+        );
+        fs::write(dir.path().join("a.pub"), list).unwrap();
+        fs::write(dir.path().join("b.toml"), b1.public().to_toml()).unwrap();
+        fs::write(dir.path().join("README"), "ignored").unwrap();
+        let e = Enrolment::load(dir.path()).unwrap();
+        assert_eq!(e.node_ids().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(e.key_count(), 3);
+
+        // Garbage, a mismatched key id, a conflicting epoch and a stolen key: all reported.
+        fs::write(dir.path().join("garbage.toml"), "node_id = 3").unwrap();
+        let mut bad = b1.public();
+        bad.key_id = "00".repeat(16);
+        fs::write(dir.path().join("badid.toml"), bad.to_toml()).unwrap();
+        let other = NodeKey::from_seed("a", 1, [9; 32]);
+        fs::write(dir.path().join("conflict.toml"), other.public().to_toml()).unwrap();
+        let mut stolen = a2.public();
+        stolen.node_id = "c".into();
+        fs::write(dir.path().join("stolen.toml"), stolen.to_toml()).unwrap();
+        let err = Enrolment::load(dir.path()).unwrap_err();
+        assert_eq!(err.problems.len(), 4, "{err}");
+        let text = err.to_string();
+        for f in ["garbage.toml", "badid.toml", "conflict.toml", "stolen.toml"] {
+            assert!(text.contains(f), "{f} not named in {text}");
+        }
+    }
+
+    #[test]
+    fn node_ids_are_bounded_and_printable() {
+        assert!(check_node_id("worker-17").is_ok());
+        assert!(check_node_id("").is_err());
+        assert!(check_node_id("a\nb").is_err());
+        assert!(check_node_id(&"x".repeat(256)).is_err());
+    }
+}

@@ -1,0 +1,313 @@
+//! `wattd-ledger`: the reference receiver's command line (`serve`, `runs`, `nodes`). Exit codes:
+//! 0 ok, 64 bad usage or configuration (every problem listed), 1 anything else.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use wattd_ledger::query;
+use wattd_ledger::server::{self, Limits, ServeError, ServeOptions};
+use wattd_ledger::service::ServiceLimits;
+use wattd_ledger::session::SessionLimits;
+use wattd_ledger::store::{AnyStore, OpenMode, Store as _, StoreUrl};
+
+const EXIT_USAGE: u8 = 64;
+
+/// The reference ledger for wattd: receives signed, hash-chained batches over mutual TLS,
+/// verifies them, stores each once, and answers per-run and per-node queries.
+#[derive(Debug, Parser)]
+#[command(name = "wattd-ledger", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the Ledger gRPC stream over mutual TLS until SIGTERM or SIGINT (SIGHUP re-reads
+    /// the enrolment directory). Prints `listening on ADDR` on stderr once it accepts.
+    Serve(Box<ServeArgs>),
+    /// Per-run energy by domain (uJ and Wh) over every stored allocation.
+    Runs(QueryArgs),
+    /// Per node: last contiguous seq, key epoch, last heartbeat and announced sealed seq, gaps
+    /// (held above a hole, or announced by a heartbeat and never received) and forks.
+    Nodes(QueryArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on (port 0: any free port; the bound address is printed).
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Server certificate chain (PEM).
+    #[arg(long, value_name = "FILE")]
+    cert: PathBuf,
+    /// Server private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// CA certificate(s) (PEM) that node client certificates must chain to. The certificate's
+    /// subject CN is the node id.
+    #[arg(long, value_name = "FILE")]
+    client_ca: PathBuf,
+    /// Directory of enrolled nodes: every *.toml / *.pub file holds a `wattd identity` output
+    /// or a node's node.pub ([[key]] per epoch).
+    #[arg(long, visible_alias = "nodes", value_name = "DIR")]
+    enrolled: PathBuf,
+    /// Store URL: sqlite:PATH (or sqlite://PATH) or postgres://USER[:PASS]@HOST:PORT/DB.
+    #[arg(long, visible_alias = "db", value_name = "URL")]
+    store: StoreUrl,
+    /// Serve Prometheus counters on GET /metrics at this address (port 0: any; printed).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Once listening, write {"listen": ADDR, "metrics": ADDR|null} to this file (atomically).
+    #[arg(long, value_name = "FILE")]
+    ready_file: Option<PathBuf>,
+    /// Largest message accepted, in bytes (a larger one ends the stream: RESOURCE_EXHAUSTED).
+    #[arg(long, default_value_t = 16 * 1024 * 1024, value_name = "BYTES")]
+    max_message_bytes: usize,
+    /// Batches one stream may hold above a missing seq.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    max_held_batches: usize,
+    /// Bytes one stream may hold above a missing seq.
+    #[arg(long, default_value_t = 64 * 1024 * 1024, value_name = "BYTES")]
+    max_held_bytes: usize,
+    /// Streams one node may have open on this process.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    max_streams_per_node: usize,
+    /// Sustained messages (batches and heartbeats) per second per node (bursts as large);
+    /// excess is delayed, not refused. 0: unlimited.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    node_batches_per_s: u32,
+    /// TLS connections open at once; more are closed at accept.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    max_connections: usize,
+    /// HTTP/2 streams per connection.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    max_streams_per_connection: u32,
+    /// Seconds allowed for a TLS handshake.
+    #[arg(long, default_value_t = 10, value_name = "S")]
+    handshake_timeout_s: u64,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "plain")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    #[value(alias = "table")]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct QueryArgs {
+    /// Store URL: sqlite:PATH (or sqlite://PATH) or postgres://USER[:PASS]@HOST:PORT/DB.
+    #[arg(long, visible_alias = "db", value_name = "URL")]
+    store: StoreUrl,
+    /// Output format (`table` is accepted for `text`).
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Plain => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return if usage {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("wattd-ledger: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(a) => serve(*a).await,
+            Command::Runs(a) => runs(a).await.map_err(Failure::Other),
+            Command::Nodes(a) => nodes(a).await.map_err(Failure::Other),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("wattd-ledger: {msg}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("wattd-ledger: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Usage(String),
+    Other(anyhow::Error),
+}
+
+async fn serve(a: ServeArgs) -> Result<(), Failure> {
+    init_logging(a.log_format);
+    let mut problems = Vec::new();
+    for (v, flag) in [
+        (a.max_message_bytes, "--max-message-bytes"),
+        (a.max_held_batches, "--max-held-batches"),
+        (a.max_held_bytes, "--max-held-bytes"),
+        (a.max_streams_per_node, "--max-streams-per-node"),
+        (a.max_connections, "--max-connections"),
+    ] {
+        if v == 0 {
+            problems.push(format!("{flag} must be at least 1"));
+        }
+    }
+    if a.max_streams_per_connection == 0 {
+        problems.push("--max-streams-per-connection must be at least 1".into());
+    }
+    if a.handshake_timeout_s == 0 {
+        problems.push("--handshake-timeout-s must be at least 1".into());
+    }
+    if !problems.is_empty() {
+        return Err(Failure::Usage(problems.join("\n")));
+    }
+    let opts = ServeOptions {
+        listen: a.listen,
+        cert: a.cert,
+        key: a.key,
+        client_ca: a.client_ca,
+        enrolled: a.enrolled,
+        store: a.store,
+        metrics_listen: a.metrics_listen,
+        limits: Limits {
+            max_message_bytes: a.max_message_bytes,
+            max_connections: a.max_connections,
+            handshake_timeout: Duration::from_secs(a.handshake_timeout_s),
+            max_streams_per_connection: a.max_streams_per_connection,
+            service: ServiceLimits {
+                session: SessionLimits {
+                    max_held_batches: a.max_held_batches,
+                    max_held_bytes: a.max_held_bytes,
+                },
+                streams_per_node: a.max_streams_per_node,
+                node_batches_per_s: NonZeroU32::new(a.node_batches_per_s),
+            },
+        },
+    };
+    let (bound, (snapshot_tx, _snapshot_rx)) = match server::bind(&opts).await {
+        Ok(b) => b,
+        Err(ServeError::Config(p)) => return Err(Failure::Usage(p.join("\n"))),
+        Err(e) => return Err(Failure::Other(e.into())),
+    };
+    let addr = bound.local_addr();
+    let metrics_addr = bound.metrics_addr();
+    eprintln!("listening on {addr}");
+    if let Some(m) = metrics_addr {
+        eprintln!("metrics on {m}");
+    }
+    if let Some(path) = &a.ready_file {
+        let text = serde_json::json!({
+            "listen": addr.to_string(),
+            "metrics": metrics_addr.map(|m| m.to_string()),
+        })
+        .to_string();
+        write_ready_file(path, &text)
+            .with_context(|| format!("--ready-file {}", path.display()))
+            .map_err(Failure::Other)?;
+    }
+    let reload = bound.reload_handle();
+    let shutdown = async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM"); return; }
+                _ = int.recv() => { tracing::info!("SIGINT"); return; }
+                _ = hup.recv() => match reload.reload() {
+                    Ok((nodes, keys)) => tracing::info!(nodes, keys, "SIGHUP: enrolment reloaded"),
+                    Err(error) => tracing::error!(%error, "SIGHUP: enrolment NOT reloaded; the previous one stays"),
+                },
+            }
+        }
+    };
+    bound
+        .run(snapshot_tx, shutdown)
+        .await
+        .map_err(|e| Failure::Other(e.into()))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn write_ready_file(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+async fn open_query(url: &StoreUrl) -> anyhow::Result<AnyStore> {
+    AnyStore::open(url, OpenMode::Query)
+        .await
+        .context("opening the store")
+}
+
+async fn runs(a: QueryArgs) -> anyhow::Result<()> {
+    let store = open_query(&a.store).await?;
+    let report = query::runs_report(store.run_totals().await?);
+    let out = match a.format {
+        Format::Json => serde_json::to_string_pretty(&report)? + "\n",
+        Format::Text => query::runs_text(&report),
+    };
+    print!("{out}");
+    Ok(())
+}
+
+async fn nodes(a: QueryArgs) -> anyhow::Result<()> {
+    let store = open_query(&a.store).await?;
+    let report = query::nodes_report(store.nodes().await?);
+    let out = match a.format {
+        Format::Json => serde_json::to_string_pretty(&report)? + "\n",
+        Format::Text => query::nodes_text(&report),
+    };
+    print!("{out}");
+    Ok(())
+}

@@ -1,0 +1,316 @@
+//! The ledger's counters, rendered in the Prometheus text format and served on
+//! `--metrics-listen` by the agent's own bounded `/metrics` endpoint
+//! (`wattd::metrics::MetricsServer`). Labels are bounded: `reason` takes the values of
+//! [`Reason`] only; nothing is labelled by node (a fleet would make that unbounded).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+/// Why a connection, stream or message was refused: the `reason` label of
+/// `wattd_ledger_rejections_total`, and the `wattd-reason` metadata of the error status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    NoNodeId,
+    Unenrolled,
+    NodeMismatch,
+    Malformed,
+    UnknownKey,
+    StaleKey,
+    BadSignature,
+    UnsupportedFormat,
+    BadRotation,
+    Conservation,
+    ChainBreak,
+    Fork,
+    Oversized,
+    HeldLimit,
+    StreamsLimit,
+    Store,
+    Internal,
+    ShuttingDown,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 18] = [
+        Reason::NoNodeId,
+        Reason::Unenrolled,
+        Reason::NodeMismatch,
+        Reason::Malformed,
+        Reason::UnknownKey,
+        Reason::StaleKey,
+        Reason::BadSignature,
+        Reason::UnsupportedFormat,
+        Reason::BadRotation,
+        Reason::Conservation,
+        Reason::ChainBreak,
+        Reason::Fork,
+        Reason::Oversized,
+        Reason::HeldLimit,
+        Reason::StreamsLimit,
+        Reason::Store,
+        Reason::Internal,
+        Reason::ShuttingDown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoNodeId => "no_node_id",
+            Reason::Unenrolled => "unenrolled_node",
+            Reason::NodeMismatch => "node_mismatch",
+            Reason::Malformed => "malformed",
+            Reason::UnknownKey => "unknown_key",
+            Reason::StaleKey => "stale_key",
+            Reason::BadSignature => "bad_signature",
+            Reason::UnsupportedFormat => "unsupported_format",
+            Reason::BadRotation => "bad_rotation",
+            Reason::Conservation => "conservation",
+            Reason::ChainBreak => "chain_break",
+            Reason::Fork => "fork",
+            Reason::Oversized => "oversized",
+            Reason::HeldLimit => "held_limit",
+            Reason::StreamsLimit => "streams_limit",
+            Reason::Store => "store_unavailable",
+            Reason::Internal => "internal",
+            Reason::ShuttingDown => "shutting_down",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// Plain counters (and two gauges), updated lock-free from every stream.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub streams: AtomicU64,
+    pub streams_open: AtomicU64,
+    pub batches_stored: AtomicU64,
+    pub intervals_stored: AtomicU64,
+    pub allocations_stored: AtomicU64,
+    pub batches_duplicate: AtomicU64,
+    pub batches_held: AtomicU64,
+    pub heartbeats: AtomicU64,
+    pub tail_missing: AtomicU64,
+    pub heartbeat_regressed: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub acks: AtomicU64,
+    pub commit_ns_sum: AtomicU64,
+    pub commits: AtomicU64,
+    rejections: [AtomicU64; Reason::ALL.len()],
+    changed: Notify,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Adds one to `counter` and wakes the renderer.
+    pub fn inc(&self, counter: &AtomicU64) {
+        self.add(counter, 1);
+    }
+
+    pub fn add(&self, counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
+    pub fn dec(&self, gauge: &AtomicU64) {
+        // Saturating: a gauge never wraps below zero.
+        let _ = gauge.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        self.changed.notify_one();
+    }
+
+    pub fn reject(&self, reason: Reason) {
+        if let Some(c) = self.rejections.get(reason.index()) {
+            self.inc(c);
+        }
+    }
+
+    pub fn rejections(&self, reason: Reason) -> u64 {
+        self.rejections
+            .get(reason.index())
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    pub fn observe_commit(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.commit_ns_sum.fetch_add(ns, Ordering::Relaxed);
+        self.inc(&self.commits);
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        one(
+            "wattd_ledger_connections_total",
+            "counter",
+            "TCP connections accepted.",
+            get(&self.connections),
+        );
+        one(
+            "wattd_ledger_connections_refused_total",
+            "counter",
+            "TCP connections closed at once because --max-connections were open.",
+            get(&self.connections_refused),
+        );
+        one(
+            "wattd_ledger_tls_handshake_failures_total",
+            "counter",
+            "TLS handshakes that failed or timed out (no client certificate, unknown CA, ...).",
+            get(&self.tls_handshake_failures),
+        );
+        one(
+            "wattd_ledger_connections_open",
+            "gauge",
+            "TLS connections open.",
+            get(&self.connections_open),
+        );
+        one(
+            "wattd_ledger_streams_total",
+            "counter",
+            "Node streams opened (after the certificate and enrolment checks).",
+            get(&self.streams),
+        );
+        one(
+            "wattd_ledger_streams_open",
+            "gauge",
+            "Node streams open.",
+            get(&self.streams_open),
+        );
+        one(
+            "wattd_ledger_batches_stored_total",
+            "counter",
+            "Batches committed (each (node, seq) once, by this process).",
+            get(&self.batches_stored),
+        );
+        one(
+            "wattd_ledger_intervals_stored_total",
+            "counter",
+            "Intervals in the batches committed by this process.",
+            get(&self.intervals_stored),
+        );
+        one(
+            "wattd_ledger_allocations_stored_total",
+            "counter",
+            "Allocation rows committed by this process.",
+            get(&self.allocations_stored),
+        );
+        one(
+            "wattd_ledger_batches_duplicate_total",
+            "counter",
+            "Batches received again (same seq, same bytes): acknowledged, not stored again.",
+            get(&self.batches_duplicate),
+        );
+        one(
+            "wattd_ledger_batches_held_total",
+            "counter",
+            "Batches received out of order (above a missing seq) and held in memory.",
+            get(&self.batches_held),
+        );
+        one(
+            "wattd_ledger_heartbeats_total",
+            "counter",
+            "Verified heartbeats.",
+            get(&self.heartbeats),
+        );
+        one(
+            "wattd_ledger_tail_missing_total",
+            "counter",
+            "Heartbeats announcing a sealed seq above every batch the ledger received (a \
+             truncated or not yet sent tail).",
+            get(&self.tail_missing),
+        );
+        one(
+            "wattd_ledger_heartbeat_regressed_total",
+            "counter",
+            "Heartbeats announcing a sealed seq below what the ledger already stores.",
+            get(&self.heartbeat_regressed),
+        );
+        one(
+            "wattd_ledger_rate_limited_total",
+            "counter",
+            "Messages delayed by the per-node rate limit (--node-batches-per-s).",
+            get(&self.rate_limited),
+        );
+        one(
+            "wattd_ledger_acks_total",
+            "counter",
+            "Acknowledgements sent.",
+            get(&self.acks),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP wattd_ledger_commit_seconds Time to commit one batch (store transaction).\n\
+             # TYPE wattd_ledger_commit_seconds summary\n\
+             wattd_ledger_commit_seconds_sum {}\nwattd_ledger_commit_seconds_count {}",
+            decimal_seconds(get(&self.commit_ns_sum)),
+            get(&self.commits)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP wattd_ledger_rejections_total Connections, streams and messages refused, by \
+             reason.\n# TYPE wattd_ledger_rejections_total counter"
+        );
+        for r in Reason::ALL {
+            let _ = writeln!(
+                s,
+                "wattd_ledger_rejections_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                self.rejections(r)
+            );
+        }
+        s
+    }
+
+    /// Keeps `tx` holding the latest rendering: re-renders after every change (coalesced).
+    pub async fn publish(self: Arc<Self>, tx: watch::Sender<Arc<String>>) {
+        loop {
+            let _ = tx.send(Arc::new(self.render()));
+            self.changed.notified().await;
+            // Coalesce a burst of increments into one rendering.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn decimal_seconds(ns: u64) -> String {
+    format!("{}.{:09}", ns / 1_000_000_000, ns % 1_000_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_is_rendered_once_with_its_count() {
+        let m = Metrics::new();
+        m.reject(Reason::Fork);
+        m.reject(Reason::Fork);
+        m.inc(&m.batches_stored);
+        let text = m.render();
+        for r in Reason::ALL {
+            let line = format!(
+                "wattd_ledger_rejections_total{{reason=\"{}\"}} ",
+                r.as_str()
+            );
+            assert_eq!(text.matches(&line).count(), 1, "{line}");
+        }
+        assert!(text.contains("wattd_ledger_rejections_total{reason=\"fork\"} 2\n"));
+        assert!(text.contains("wattd_ledger_batches_stored_total 1\n"));
+        assert_eq!(decimal_seconds(1_500_000_000), "1.500000000");
+    }
+}

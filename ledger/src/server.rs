@@ -1,0 +1,465 @@
+//! `wattd-ledger serve`: mutual TLS (rustls on ring, TLS 1.2 minimum, ALPN h2, client
+//! certificates required and verified against `--client-ca`), the accept loop with its limits
+//! (connections, handshake time), the tonic server (message size, streams per connection, HTTP/2
+//! keepalive), the metrics endpoint, enrolment reload, and a clean stop.
+//!
+//! **Invariant:** only this module and `service` know TLS and gRPC; `session` and `store` see
+//! authenticated node ids and decoded messages.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
+use wattd::metrics::{MetricsServer, ServerLimits};
+use wattd_proto::v1::ledger_server::LedgerServer;
+
+use crate::enrol::Enrolment;
+use crate::metrics::Metrics;
+use crate::service::{LedgerService, ServiceLimits};
+use crate::store::{AnyStore, OpenMode, StoreError, StoreUrl};
+
+/// Everything `serve` needs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub enrolled: PathBuf,
+    pub store: StoreUrl,
+    pub metrics_listen: Option<SocketAddr>,
+    pub limits: Limits,
+}
+
+/// Process-wide bounds.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest NodeMessage accepted (encoded bytes).
+    pub max_message_bytes: usize,
+    /// TLS connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Time allowed for a TLS handshake.
+    pub handshake_timeout: Duration,
+    /// HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
+    pub service: ServiceLimits,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 16 * 1024 * 1024,
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            max_streams_per_connection: 4,
+            service: ServiceLimits::default(),
+        }
+    }
+}
+
+/// Why `serve` could not start. `Config` problems are the operator's to fix (exit 64).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{}", .0.join("\n"))]
+    Config(Vec<String>),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("server: {0}")]
+    Server(String),
+}
+
+fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?
+        .collect();
+    let certs = certs.map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{what} {}: no PEM certificate in it",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+/// The rustls server configuration: TLS 1.3 and 1.2 on ring, client certificates required.
+pub fn tls_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<ServerConfig, Vec<String>> {
+    let mut problems = Vec::new();
+    let certs = load_certs(cert, "--cert")
+        .map_err(|e| problems.push(e))
+        .ok();
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| problems.push(format!("--key {}: {e}", key.display())))
+        .ok();
+    let mut roots = RootCertStore::empty();
+    if let Ok(cas) = load_certs(client_ca, "--client-ca").map_err(|e| problems.push(e)) {
+        for ca in cas {
+            if let Err(e) = roots.add(ca) {
+                problems.push(format!("--client-ca {}: {e}", client_ca.display()));
+            }
+        }
+    }
+    let (Some(certs), Some(key)) = (certs, key) else {
+        return Err(problems);
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| vec![format!("--client-ca {}: {e}", client_ca.display())])?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| vec![format!("TLS versions: {e}")])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| vec![format!("--cert/--key: {e}")])?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// A TLS connection that holds its connection slot until it closes.
+struct Conn {
+    tls: TlsStream<TcpStream>,
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.metrics.dec(&self.metrics.connections_open);
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = TlsConnectInfo<TcpConnectInfo>;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tls.connect_info()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+}
+
+/// A bound, ready ledger: the listeners are open, the store is open and its schema in place.
+pub struct Bound {
+    listener: TcpListener,
+    metrics_server: Option<MetricsServer>,
+    acceptor: TlsAcceptor,
+    store: Arc<AnyStore>,
+    enrolment: Arc<RwLock<Arc<Enrolment>>>,
+    enrolled_dir: PathBuf,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound")
+            .field("local_addr", &self.local_addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The metrics text the endpoint serves, kept current by [`Metrics::publish`].
+type MetricsSnapshot = (watch::Sender<Arc<String>>, watch::Receiver<Arc<String>>);
+
+/// Checks every input, opens the store and binds the listeners. Every configuration problem
+/// (TLS files, enrolment directory) is reported at once.
+pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), ServeError> {
+    let mut problems = Vec::new();
+    let tls = tls_config(&opts.cert, &opts.key, &opts.client_ca)
+        .map_err(|p| problems.extend(p))
+        .ok();
+    let enrolment = Enrolment::load(&opts.enrolled)
+        .map_err(|e| problems.push(e.to_string()))
+        .ok();
+    let (Some(tls), Some(enrolment)) = (tls, enrolment) else {
+        return Err(ServeError::Config(problems));
+    };
+    if enrolment.node_count() == 0 {
+        tracing::warn!(dir = %opts.enrolled.display(), "no node is enrolled: every stream will be refused");
+    }
+    let store = AnyStore::open(&opts.store, OpenMode::Serve).await?;
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| ServeError::Io {
+            what: format!("--listen {}", opts.listen),
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ServeError::Io {
+        what: "listener address".into(),
+        source,
+    })?;
+    let snapshot = watch::channel(Arc::new(String::new()));
+    let metrics_server = match opts.metrics_listen {
+        Some(addr) => Some(
+            MetricsServer::bind(addr, snapshot.1.clone(), ServerLimits::default())
+                .await
+                .map_err(|source| ServeError::Io {
+                    what: format!("--metrics-listen {addr}"),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let metrics_addr = match &metrics_server {
+        Some(m) => Some(m.local_addr().map_err(|source| ServeError::Io {
+            what: "metrics address".into(),
+            source,
+        })?),
+        None => None,
+    };
+    tracing::info!(
+        nodes = enrolment.node_count(),
+        keys = enrolment.key_count(),
+        store = store.kind(),
+        "enrolment loaded, store open"
+    );
+    Ok((
+        Bound {
+            listener,
+            metrics_server,
+            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            store: Arc::new(store),
+            enrolment: Arc::new(RwLock::new(Arc::new(enrolment))),
+            enrolled_dir: opts.enrolled.clone(),
+            metrics: Metrics::new(),
+            limits: opts.limits,
+            local_addr,
+            metrics_addr,
+        },
+        snapshot,
+    ))
+}
+
+impl Bound {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Re-reads the enrolment directory; on any problem the current enrolment stays.
+    pub fn reload_handle(&self) -> EnrolmentReload {
+        EnrolmentReload {
+            dir: self.enrolled_dir.clone(),
+            enrolment: Arc::clone(&self.enrolment),
+        }
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, ends every stream with
+    /// UNAVAILABLE, and waits up to 5 s for connections to close. Nothing acknowledged is at
+    /// risk at any point: acks follow commits.
+    pub async fn run(
+        self,
+        snapshot_tx: watch::Sender<Arc<String>>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let publisher = tokio::spawn(Arc::clone(&self.metrics).publish(snapshot_tx));
+        let metrics_task = self.metrics_server.map(|m| {
+            let mut stop = stop_rx.clone();
+            tokio::spawn(m.serve(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }))
+        });
+        let service = LedgerService::new(
+            Arc::clone(&self.store),
+            Arc::clone(&self.enrolment),
+            Arc::clone(&self.metrics),
+            self.limits.service,
+            stop_rx.clone(),
+        );
+        let (conn_tx, conn_rx) = mpsc::channel::<Result<Conn, io::Error>>(64);
+        let accept = tokio::spawn(accept_loop(
+            self.listener,
+            self.acceptor,
+            Arc::clone(&self.metrics),
+            self.limits,
+            conn_tx,
+            stop_rx.clone(),
+        ));
+        let mut stop_serving = stop_rx.clone();
+        let server = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(self.limits.max_streams_per_connection))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .tcp_nodelay(true)
+            .add_service(
+                LedgerServer::new(service)
+                    .max_decoding_message_size(self.limits.max_message_bytes)
+                    .max_encoding_message_size(64 * 1024),
+            )
+            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+                let _ = stop_serving.wait_for(|s| *s).await;
+            });
+        let mut server = tokio::spawn(server);
+        tokio::select! {
+            () = shutdown => {}
+            r = &mut server => {
+                let _ = stop_tx.send(true);
+                return match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(ServeError::Server(e.to_string())),
+                    Err(e) => Err(ServeError::Server(e.to_string())),
+                };
+            }
+        }
+        tracing::info!("stopping: no new connections; open streams end with UNAVAILABLE");
+        let _ = stop_tx.send(true);
+        let _ = accept.await;
+        if tokio::time::timeout(Duration::from_secs(5), &mut server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after 5 s; closing them");
+            server.abort();
+        }
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
+        publisher.abort();
+        Ok(())
+    }
+}
+
+/// Handle to re-read the enrolment directory (SIGHUP).
+#[derive(Clone, Debug)]
+pub struct EnrolmentReload {
+    dir: PathBuf,
+    enrolment: Arc<RwLock<Arc<Enrolment>>>,
+}
+
+impl EnrolmentReload {
+    /// Re-reads the directory. New streams see the new enrolment; open streams keep theirs.
+    pub fn reload(&self) -> Result<(usize, usize), String> {
+        let e = Enrolment::load(&self.dir).map_err(|e| e.to_string())?;
+        let counts = (e.node_count(), e.key_count());
+        *self.enrolment.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(e);
+        Ok(counts)
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    conns: mpsc::Sender<Result<Conn, io::Error>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(error) => {
+                // EMFILE and friends: back off rather than spin on a readable listener.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            metrics.inc(&metrics.connections_refused);
+            tracing::warn!(%peer, limit = limits.max_connections, "connection refused: --max-connections reached");
+            drop(tcp);
+            continue;
+        };
+        metrics.inc(&metrics.connections);
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let metrics = Arc::clone(&metrics);
+        let conns = conns.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    metrics.inc(&metrics.connections_open);
+                    let conn = Conn {
+                        tls,
+                        _permit: permit,
+                        metrics: Arc::clone(&metrics),
+                    };
+                    let _ = conns.send(Ok(conn)).await;
+                }
+                Ok(Err(error)) => {
+                    metrics.inc(&metrics.tls_handshake_failures);
+                    tracing::warn!(%peer, %error, "TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics.inc(&metrics.tls_handshake_failures);
+                    tracing::warn!(%peer, "TLS handshake timed out");
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,414 @@
+//! One node stream's state machine, independent of gRPC: each message in, one [`Ack`] out (or a
+//! [`Rejection`] that ends the stream).
+//!
+//! - The next seq is committed (batch, allocations, rotation in one transaction) before its Ack.
+//! - A seq already stored is compared with the stored bytes: same = duplicate (acknowledged
+//!   again, counted, not stored again); different = fork (recorded, counted, rejected).
+//! - A seq above a hole is held in memory (bounded by count and bytes) and committed when the
+//!   hole fills; the Ack says `missing_from_seq`.
+//! - A heartbeat records the node's announced sealed seq; a tail the ledger never received is
+//!   counted and shown by `nodes`.
+//!
+//! **Invariant:** an Ack's `acked_seq` is never above a seq this session saw committed (or found
+//! stored), and a stored seq implies every earlier seq is stored (see `store`), so every Ack is
+//! a promise the database keeps.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use wattd::durable::hex;
+use wattd_proto::v1::{node_message, Ack, NodeMessage, SignedBatch, SignedHeartbeat};
+
+use crate::check::{verify_batch, verify_heartbeat, KeyOrigin, KnownKeys, VerifiedBatch};
+use crate::enrol::EnrolledKey;
+use crate::metrics::Metrics;
+use crate::store::{Commit, ForkKind, ForkRecord, Store, StoreError, Tip};
+use crate::{unix_now_ns, Rejection};
+
+/// Per-stream bounds.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionLimits {
+    /// Batches held above a hole.
+    pub max_held_batches: usize,
+    /// Bytes of batches held above a hole.
+    pub max_held_bytes: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            max_held_batches: 64,
+            max_held_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// The state of one authenticated node stream.
+#[derive(Debug)]
+pub struct Session<S: Store> {
+    node_id: String,
+    store: Arc<S>,
+    metrics: Arc<Metrics>,
+    limits: SessionLimits,
+    keys: KnownKeys,
+    tip: Tip,
+    announced: u64,
+    held: BTreeMap<u64, Arc<VerifiedBatch>>,
+    held_bytes: usize,
+}
+
+fn store_err(e: StoreError) -> Rejection {
+    Rejection::Store(e.to_string())
+}
+
+fn short(h: &[u8]) -> String {
+    hex(h.get(..8).unwrap_or(h))
+}
+
+impl<S: Store> Session<S> {
+    /// Opens the session of `node_id` (already checked against enrolment), reading its tip,
+    /// learnt keys and announced seq from the store.
+    pub async fn open(
+        node_id: &str,
+        enrolled: &BTreeMap<u32, EnrolledKey>,
+        store: Arc<S>,
+        metrics: Arc<Metrics>,
+        limits: SessionLimits,
+    ) -> Result<Self, Rejection> {
+        let mut keys = KnownKeys::new(node_id, enrolled);
+        for k in store.learnt_keys(node_id).await.map_err(store_err)? {
+            if let Err(e) = keys.learn(&k) {
+                tracing::warn!(node = node_id, epoch = k.epoch, error = %e, "stored rotation conflicts with enrolment; the enrolled key wins");
+            }
+        }
+        let tip = store.tip(node_id).await.map_err(store_err)?;
+        let announced = store.announced(node_id).await.map_err(store_err)?;
+        Ok(Self {
+            node_id: node_id.to_owned(),
+            store,
+            metrics,
+            limits,
+            keys,
+            tip,
+            announced,
+            held: BTreeMap::new(),
+            held_bytes: 0,
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Highest seq known stored.
+    pub fn acked_seq(&self) -> u64 {
+        self.tip.seq
+    }
+
+    fn ack(&self) -> Ack {
+        Ack {
+            node_id: self.node_id.clone(),
+            acked_seq: self.tip.seq,
+            missing_from_seq: if self.held.is_empty() {
+                0
+            } else {
+                self.tip.seq + 1
+            },
+            announced_sealed_seq: self.announced,
+        }
+    }
+
+    /// Handles one message; the Ack is sent only after everything it reports is committed.
+    pub async fn handle(&mut self, msg: NodeMessage) -> Result<Ack, Rejection> {
+        match msg.kind {
+            Some(node_message::Kind::Batch(b)) => self.batch(&b).await,
+            Some(node_message::Kind::SignedHeartbeat(h)) => self.heartbeat(&h).await,
+            None => Err(Rejection::Malformed {
+                node: self.node_id.clone(),
+                detail: "NodeMessage with neither a batch nor a signed heartbeat".into(),
+            }),
+        }
+    }
+
+    /// Verifies with the known keys; on an unknown key, re-reads rotations from the store
+    /// (another process may have stored the announcing batch) and from the held batches.
+    async fn verify(&mut self, signed: &SignedBatch) -> Result<VerifiedBatch, Rejection> {
+        match verify_batch(&self.node_id, &self.keys, signed) {
+            Err(Rejection::UnknownKey { .. }) => {
+                self.refresh_keys().await?;
+                verify_batch(&self.node_id, &self.keys, signed)
+            }
+            other => other,
+        }
+    }
+
+    async fn refresh_keys(&mut self) -> Result<(), Rejection> {
+        for k in self
+            .store
+            .learnt_keys(&self.node_id)
+            .await
+            .map_err(store_err)?
+        {
+            let _ = self.keys.learn(&k);
+        }
+        // A held (authentic) batch may announce the key of the batches after it.
+        let held: Vec<_> = self
+            .held
+            .values()
+            .filter_map(|b| b.rotation.clone())
+            .collect();
+        for k in held {
+            let _ = self.keys.learn(&k);
+        }
+        Ok(())
+    }
+
+    async fn batch(&mut self, signed: &SignedBatch) -> Result<Ack, Rejection> {
+        let vb = self.verify(signed).await?;
+        // A key announced by a rotation signs only from its effective seq on.
+        if let Some(k) = self.keys.epoch(vb.key_epoch) {
+            if let KeyOrigin::Rotation { announced_seq } = k.origin {
+                if vb.seq <= announced_seq {
+                    return Err(Rejection::StaleKey {
+                        node: self.node_id.clone(),
+                        seq: vb.seq,
+                        detail: format!(
+                            "key epoch {} was announced at seq {announced_seq} and signs only \
+                             later batches",
+                            vb.key_epoch
+                        ),
+                    });
+                }
+            }
+        }
+        let vb = Arc::new(vb);
+        if vb.seq > self.tip.seq + 1 && !self.held.contains_key(&vb.seq) {
+            // Another process may have stored the hole meanwhile.
+            self.tip = self.store.tip(&self.node_id).await.map_err(store_err)?;
+        }
+        if vb.seq <= self.tip.seq {
+            self.stored_again(&vb).await?;
+        } else if let Some(h) = self.held.get(&vb.seq) {
+            if h.hash == vb.hash {
+                self.metrics.inc(&self.metrics.batches_duplicate);
+            } else {
+                let stored = h.hash;
+                return Err(self.fork(&vb, ForkKind::Held, stored).await);
+            }
+        } else if vb.seq == self.tip.seq + 1 {
+            self.commit(vb).await?;
+        } else {
+            self.hold(vb).await?;
+        }
+        self.drain().await?;
+        Ok(self.ack())
+    }
+
+    /// A batch at or below the tip: duplicate or fork.
+    async fn stored_again(&mut self, vb: &VerifiedBatch) -> Result<(), Rejection> {
+        match self
+            .store
+            .batch_hash(&self.node_id, vb.seq)
+            .await
+            .map_err(store_err)?
+        {
+            Some(h) if h == vb.hash => {
+                self.metrics.inc(&self.metrics.batches_duplicate);
+                tracing::debug!(node = %self.node_id, seq = vb.seq, "duplicate batch");
+                Ok(())
+            }
+            Some(h) => Err(self.fork(vb, ForkKind::Stored, h).await),
+            None => Err(Rejection::Internal(format!(
+                "node {:?}: seq {} is at or below the stored tip {} but not stored",
+                self.node_id, vb.seq, self.tip.seq
+            ))),
+        }
+    }
+
+    async fn fork(&self, vb: &VerifiedBatch, kind: ForkKind, stored_hash: [u8; 32]) -> Rejection {
+        let (seq, where_) = match kind {
+            ForkKind::Stored => (vb.seq, "already stored"),
+            ForkKind::Held => (vb.seq, "held on this stream"),
+            ForkKind::ChainLink => (vb.seq - 1, "stored (this batch chains to another one)"),
+        };
+        tracing::error!(node = %self.node_id, seq, kind = kind.as_str(), stored = %hex(&stored_hash), received = %hex(&vb.hash), "FORK: two different batches for one seq");
+        let record = ForkRecord {
+            node_id: self.node_id.clone(),
+            seq: vb.seq,
+            kind,
+            stored_hash,
+            received_hash: vb.hash,
+            received_bytes: vb.bytes.clone(),
+            detected_unix_ns: unix_now_ns(),
+        };
+        if let Err(e) = self.store.record_fork(record).await {
+            tracing::error!(node = %self.node_id, seq, error = %e, "could not record the fork");
+        }
+        match kind {
+            ForkKind::ChainLink => Rejection::ChainBreak {
+                node: self.node_id.clone(),
+                seq: vb.seq,
+                detail: format!(
+                    "prev_hash {}... is not the hash of stored seq {seq} ({}...): the node's \
+                     chain forked at seq {seq}; recorded",
+                    short(&vb.prev_hash),
+                    short(&stored_hash)
+                ),
+            },
+            _ => Rejection::Fork {
+                node: self.node_id.clone(),
+                seq,
+                where_,
+                stored: short(&stored_hash),
+                received: short(&vb.hash),
+            },
+        }
+    }
+
+    async fn commit(&mut self, vb: Arc<VerifiedBatch>) -> Result<(), Rejection> {
+        let started = Instant::now();
+        let outcome = self
+            .store
+            .commit(Arc::clone(&vb), unix_now_ns())
+            .await
+            .map_err(store_err)?;
+        match outcome {
+            Commit::Stored => {
+                self.metrics.observe_commit(started.elapsed());
+                self.metrics.inc(&self.metrics.batches_stored);
+                self.metrics
+                    .add(&self.metrics.intervals_stored, vb.intervals);
+                self.metrics.add(
+                    &self.metrics.allocations_stored,
+                    u64::try_from(vb.allocations.len()).unwrap_or(u64::MAX),
+                );
+                if let Some(k) = &vb.rotation {
+                    let _ = self.keys.learn(k);
+                }
+                self.advance(vb.seq, vb.hash);
+                Ok(())
+            }
+            Commit::Duplicate => {
+                // Another process stored it first.
+                self.metrics.inc(&self.metrics.batches_duplicate);
+                self.advance(vb.seq, vb.hash);
+                Ok(())
+            }
+            Commit::Fork { stored_hash } => {
+                Err(self.fork(&vb, ForkKind::Stored, stored_hash).await)
+            }
+            Commit::ChainBreak { predecessor_hash } => {
+                Err(self.fork(&vb, ForkKind::ChainLink, predecessor_hash).await)
+            }
+            Commit::KeyDiscontinuity {
+                expected_epoch,
+                expected_key_id,
+            } => Err(Rejection::StaleKey {
+                node: self.node_id.clone(),
+                seq: vb.seq,
+                detail: format!(
+                    "signed with key epoch {} ({}), but the stored chain says seq {} is signed \
+                     with epoch {expected_epoch} ({})",
+                    vb.key_epoch,
+                    hex(&vb.key_id),
+                    vb.seq,
+                    hex(&expected_key_id)
+                ),
+            }),
+            Commit::NotNext { tip } => Err(Rejection::Internal(format!(
+                "node {:?}: seq {} was the next one after stored seq {} but the store's tip is \
+                 {tip}",
+                self.node_id, vb.seq, self.tip.seq
+            ))),
+        }
+    }
+
+    fn advance(&mut self, seq: u64, hash: [u8; 32]) {
+        if seq > self.tip.seq {
+            self.tip = Tip { seq, hash };
+        }
+    }
+
+    async fn hold(&mut self, vb: Arc<VerifiedBatch>) -> Result<(), Rejection> {
+        let bytes = vb.bytes.len();
+        if self.held.len() >= self.limits.max_held_batches
+            || self.held_bytes.saturating_add(bytes) > self.limits.max_held_bytes
+        {
+            return Err(Rejection::HeldLimit {
+                node: self.node_id.clone(),
+                missing_from: self.tip.seq + 1,
+                held: self.held.len(),
+                held_bytes: self.held_bytes,
+                limit: self.limits.max_held_batches,
+            });
+        }
+        tracing::info!(node = %self.node_id, seq = vb.seq, missing_from = self.tip.seq + 1, "batch above a hole: held");
+        self.metrics.inc(&self.metrics.batches_held);
+        self.store
+            .note_seen(&self.node_id, vb.seq)
+            .await
+            .map_err(store_err)?;
+        self.held_bytes += bytes;
+        self.held.insert(vb.seq, vb);
+        Ok(())
+    }
+
+    /// Commits held batches that became next (and drops ones another process stored).
+    async fn drain(&mut self) -> Result<(), Rejection> {
+        while let Some(entry) = self.held.first_entry() {
+            let seq = *entry.key();
+            if seq > self.tip.seq + 1 {
+                break;
+            }
+            let vb = entry.remove();
+            self.held_bytes = self.held_bytes.saturating_sub(vb.bytes.len());
+            if seq <= self.tip.seq {
+                self.stored_again(&vb).await?;
+            } else {
+                self.commit(vb).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self, signed: &SignedHeartbeat) -> Result<Ack, Rejection> {
+        let hb = match verify_heartbeat(&self.node_id, &self.keys, signed) {
+            Err(Rejection::UnknownKey { .. }) => {
+                self.refresh_keys().await?;
+                verify_heartbeat(&self.node_id, &self.keys, signed)?
+            }
+            other => other?,
+        };
+        self.announced = self
+            .store
+            .heartbeat(
+                &self.node_id,
+                hb.sent_unix_ns,
+                unix_now_ns(),
+                hb.last_sealed_seq,
+            )
+            .await
+            .map_err(store_err)?;
+        self.metrics.inc(&self.metrics.heartbeats);
+        let highest_received = self
+            .held
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+            .max(self.tip.seq);
+        if hb.last_sealed_seq > highest_received {
+            // Maybe another process received them: ask the store before raising it.
+            self.tip = self.store.tip(&self.node_id).await.map_err(store_err)?;
+            if hb.last_sealed_seq > self.tip.seq.max(highest_received) {
+                self.metrics.inc(&self.metrics.tail_missing);
+                tracing::warn!(node = %self.node_id, announced = hb.last_sealed_seq, stored = self.tip.seq, "heartbeat announces batches the ledger has not received (tail missing)");
+            }
+        } else if hb.last_sealed_seq < self.tip.seq {
+            self.metrics.inc(&self.metrics.heartbeat_regressed);
+            tracing::warn!(node = %self.node_id, announced = hb.last_sealed_seq, stored = self.tip.seq, "heartbeat announces less than the ledger stores (spool rolled back?)");
+        }
+        Ok(self.ack())
+    }
+}

@@ -1,0 +1,355 @@
+//! Durable storage behind one trait, [`Store`], with two implementations: SQLite (the embedded
+//! default; WAL, `synchronous = FULL`) and PostgreSQL (several ledger processes on one
+//! database).
+//!
+//! **Invariant:** a node's stored batches are always exactly `1..=tip`: a batch is inserted only
+//! in a transaction that finds its predecessor stored with the hash its `prev_hash` names and
+//! with the key the chain says comes next. So "stored" implies "every earlier seq stored", and
+//! `acked_seq` is just the node's highest stored seq.
+//!
+//! **Invariant:** the primary key `(node_id, seq)` decides every race. A batch's identity is
+//! (node id, key epoch, seq), but the key epoch is a function of the seq along a node's one
+//! chain (it changes only at the seq a stored rotation names), so a unique (node_id, seq) is a
+//! unique (node_id, key_epoch, seq), and it also forbids two epochs claiming one seq. Two
+//! processes inserting the same (node_id, seq): the second waits for the first and gets a
+//! unique violation, rolls back, re-reads and answers duplicate (same hash) or fork.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use wattd::batch::{ChainHash, GENESIS_HASH};
+use wattd::identity::KeyId;
+
+use crate::check::{LearntKey, VerifiedBatch};
+
+/// What the store knows of a node's chain end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tip {
+    /// Highest stored seq; 0 when nothing is stored.
+    pub seq: u64,
+    /// Hash of the batch at `seq` (GENESIS_HASH when none).
+    pub hash: ChainHash,
+}
+
+impl Tip {
+    pub fn genesis() -> Self {
+        Tip {
+            seq: 0,
+            hash: GENESIS_HASH,
+        }
+    }
+}
+
+/// The outcome of [`Store::commit`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Commit {
+    /// Committed now (durable when this returns).
+    Stored,
+    /// The same (node, seq) with the same bytes was already stored (perhaps by another process).
+    Duplicate,
+    /// A different batch is stored at this (node, seq).
+    Fork { stored_hash: ChainHash },
+    /// The predecessor is not stored yet: the caller must hold the batch. Carries the node's
+    /// real tip, which another process may have moved.
+    NotNext { tip: u64 },
+    /// The predecessor is stored but its hash is not this batch's prev_hash.
+    ChainBreak { predecessor_hash: ChainHash },
+    /// The predecessor says the next batch is signed by another key (epoch, key id).
+    KeyDiscontinuity {
+        expected_epoch: u32,
+        expected_key_id: KeyId,
+    },
+}
+
+/// Where a fork was seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForkKind {
+    /// A different batch is stored at this seq.
+    Stored,
+    /// A different batch with this seq is held on the same stream.
+    Held,
+    /// This batch's prev_hash is not the stored predecessor's hash: the node's chain forked
+    /// at the predecessor.
+    ChainLink,
+}
+
+impl ForkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForkKind::Stored => "stored",
+            ForkKind::Held => "held",
+            ForkKind::ChainLink => "chain_link",
+        }
+    }
+}
+
+/// Evidence of a fork, kept in the `forks` table (one row per distinct received batch).
+#[derive(Clone, Debug)]
+pub struct ForkRecord {
+    pub node_id: String,
+    pub seq: u64,
+    pub kind: ForkKind,
+    /// Hash of the batch the ledger holds (stored or held; for a chain link, the predecessor's).
+    pub stored_hash: ChainHash,
+    pub received_hash: ChainHash,
+    pub received_bytes: Vec<u8>,
+    pub detected_unix_ns: i64,
+}
+
+/// A per-run, per-domain total.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunDomainTotal {
+    pub run_id: String,
+    pub domain: String,
+    pub energy_uj: u128,
+}
+
+/// A stored fork, for `nodes`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ForkRow {
+    pub seq: u64,
+    pub kind: String,
+    pub stored_sha256: String,
+    pub received_sha256: String,
+    pub first_detected_unix_ns: i64,
+    pub last_detected_unix_ns: i64,
+    pub times_seen: u64,
+}
+
+/// What the store knows of one node, for `nodes`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeRow {
+    pub node_id: String,
+    pub last_seq: u64,
+    pub batches: u64,
+    pub intervals: u64,
+    pub key_epoch: Option<u32>,
+    pub last_sealed_unix_ns: Option<i64>,
+    pub last_received_unix_ns: Option<i64>,
+    pub highest_seen_seq: u64,
+    pub announced_sealed_seq: u64,
+    pub last_heartbeat_sent_unix_ns: Option<i64>,
+    pub last_heartbeat_received_unix_ns: Option<i64>,
+    pub forks: Vec<ForkRow>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Url(String),
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("postgres: {}", postgres::describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The stored data contradicts itself (or was written by something else).
+    #[error("store is inconsistent: {0}")]
+    Corrupt(String),
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// `sqlite:PATH`, `sqlite://PATH` or `postgres://...` / `postgresql://...`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres(s.to_owned()));
+        }
+        if let Some(rest) = s.strip_prefix("sqlite:") {
+            // sqlite:///abs, sqlite://rel and sqlite:path all name a file path.
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if path.is_empty() {
+                return Err(format!("{s:?}: no file path after sqlite:"));
+            }
+            return Ok(StoreUrl::Sqlite(path.into()));
+        }
+        Err(format!(
+            "{s:?}: a store URL is sqlite:PATH, sqlite://PATH or postgres://USER@HOST:PORT/DB"
+        ))
+    }
+}
+
+/// Open the store for serving (creates the schema) or for queries only (refuses a missing one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    Serve,
+    Query,
+}
+
+/// Current schema version, kept in `ledger_meta`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Everything the ledger asks of a store. Every method is one transaction (or one statement).
+pub trait Store: Send + Sync + 'static {
+    /// The node's highest stored seq and its hash.
+    fn tip(&self, node: &str) -> impl Future<Output = Result<Tip, StoreError>> + Send;
+    /// The hash of the stored batch (node, seq), if any.
+    fn batch_hash(
+        &self,
+        node: &str,
+        seq: u64,
+    ) -> impl Future<Output = Result<Option<ChainHash>, StoreError>> + Send;
+    /// Stores the batch, its allocations and its rotation in one transaction, if its predecessor
+    /// is stored, links and has the right key; see [`Commit`].
+    fn commit(
+        &self,
+        batch: Arc<VerifiedBatch>,
+        received_unix_ns: i64,
+    ) -> impl Future<Output = Result<Commit, StoreError>> + Send;
+    /// Keys announced by rotations in the node's stored chain.
+    fn learnt_keys(
+        &self,
+        node: &str,
+    ) -> impl Future<Output = Result<Vec<LearntKey>, StoreError>> + Send;
+    /// Remembers that an authentic batch `seq` was received (held above a hole).
+    fn note_seen(
+        &self,
+        node: &str,
+        seq: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Records a verified heartbeat; returns the node's highest announced sealed seq.
+    fn heartbeat(
+        &self,
+        node: &str,
+        sent_unix_ns: i64,
+        received_unix_ns: i64,
+        last_sealed_seq: u64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// The node's highest announced sealed seq (0 if none).
+    fn announced(&self, node: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Keeps the evidence of a fork (idempotent per received batch).
+    fn record_fork(&self, fork: ForkRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Per-run totals by domain over every stored allocation.
+    fn run_totals(&self) -> impl Future<Output = Result<Vec<RunDomainTotal>, StoreError>> + Send;
+    /// Per-node state for `nodes`.
+    fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRow>, StoreError>> + Send;
+}
+
+/// Either store, chosen at run time from the URL.
+#[derive(Clone, Debug)]
+pub enum AnyStore {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+impl AnyStore {
+    pub async fn open(url: &StoreUrl, mode: OpenMode) -> Result<Self, StoreError> {
+        Ok(match url {
+            StoreUrl::Sqlite(p) => AnyStore::Sqlite(sqlite::SqliteStore::open(p, mode).await?),
+            StoreUrl::Postgres(u) => AnyStore::Postgres(postgres::PgStore::open(u, mode).await?),
+        })
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AnyStore::Sqlite(_) => "sqlite",
+            AnyStore::Postgres(_) => "postgres",
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            AnyStore::Sqlite($s) => $e.await,
+            AnyStore::Postgres($s) => $e.await,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    async fn tip(&self, node: &str) -> Result<Tip, StoreError> {
+        delegate!(self, s => s.tip(node))
+    }
+    async fn batch_hash(&self, node: &str, seq: u64) -> Result<Option<ChainHash>, StoreError> {
+        delegate!(self, s => s.batch_hash(node, seq))
+    }
+    async fn commit(
+        &self,
+        batch: Arc<VerifiedBatch>,
+        received_unix_ns: i64,
+    ) -> Result<Commit, StoreError> {
+        delegate!(self, s => s.commit(batch, received_unix_ns))
+    }
+    async fn learnt_keys(&self, node: &str) -> Result<Vec<LearntKey>, StoreError> {
+        delegate!(self, s => s.learnt_keys(node))
+    }
+    async fn note_seen(&self, node: &str, seq: u64) -> Result<(), StoreError> {
+        delegate!(self, s => s.note_seen(node, seq))
+    }
+    async fn heartbeat(
+        &self,
+        node: &str,
+        sent_unix_ns: i64,
+        received_unix_ns: i64,
+        last_sealed_seq: u64,
+    ) -> Result<u64, StoreError> {
+        delegate!(self, s => s.heartbeat(node, sent_unix_ns, received_unix_ns, last_sealed_seq))
+    }
+    async fn announced(&self, node: &str) -> Result<u64, StoreError> {
+        delegate!(self, s => s.announced(node))
+    }
+    async fn record_fork(&self, fork: ForkRecord) -> Result<(), StoreError> {
+        delegate!(self, s => s.record_fork(fork))
+    }
+    async fn run_totals(&self) -> Result<Vec<RunDomainTotal>, StoreError> {
+        delegate!(self, s => s.run_totals())
+    }
+    async fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
+        delegate!(self, s => s.nodes())
+    }
+}
+
+/// Converts a stored BIGINT that must be non-negative.
+pub(crate) fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} is negative ({v})")))
+}
+
+/// Converts a u64 the checks bounded to a BIGINT.
+pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} {v} above 2^63-1")))
+}
+
+pub(crate) fn to_hash(v: &[u8], what: &str) -> Result<ChainHash, StoreError> {
+    v.try_into()
+        .map_err(|_| StoreError::Corrupt(format!("{what} is {} bytes, not 32", v.len())))
+}
+
+pub(crate) fn to_key_id(v: &[u8], what: &str) -> Result<KeyId, StoreError> {
+    v.try_into()
+        .map_err(|_| StoreError::Corrupt(format!("{what} is {} bytes, not 16", v.len())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls() {
+        let p = |s: &str| s.parse::<StoreUrl>();
+        assert_eq!(p("sqlite:/a/b.db"), Ok(StoreUrl::Sqlite("/a/b.db".into())));
+        assert_eq!(
+            p("sqlite:///a/b.db"),
+            Ok(StoreUrl::Sqlite("/a/b.db".into()))
+        );
+        assert_eq!(p("sqlite://b.db"), Ok(StoreUrl::Sqlite("b.db".into())));
+        assert!(matches!(p("postgres://u@h/db"), Ok(StoreUrl::Postgres(_))));
+        assert!(matches!(
+            p("postgresql://u@h/db"),
+            Ok(StoreUrl::Postgres(_))
+        ));
+        assert!(p("sqlite:").is_err());
+        assert!(p("/a/b.db").is_err());
+        assert!(p("mysql://x").is_err());
+    }
+}

@@ -1,0 +1,623 @@
+//! The PostgreSQL store: several `wattd-ledger` processes may serve one database. Races between
+//! them are decided by the primary key `(node_id, seq)` of `batches` (see the module docs of
+//! `store`): the loser of an insert race gets a unique violation, rolls back, re-reads, and
+//! answers duplicate or fork. The schema is created under a transaction-scoped advisory lock, so
+//! processes starting together do not trip over each other's `CREATE TABLE IF NOT EXISTS`.
+//!
+//! Connections come from a small fixed pool (no TLS: the database is expected on loopback or a
+//! private network; put it behind a TLS proxy otherwise). Statements are prepared once per
+//! connection.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Statement};
+use wattd::batch::ChainHash;
+
+use super::{
+    to_hash, to_i64, to_key_id, to_u64, Commit, ForkRecord, ForkRow, NodeRow, OpenMode,
+    RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION,
+};
+use crate::check::{LearntKey, VerifiedBatch};
+
+/// Connections per process.
+const POOL_SIZE: usize = 8;
+/// Key of the advisory lock that serialises schema creation ("wattd" in ASCII).
+const SCHEMA_LOCK_KEY: i64 = 0x0077_6174_7464;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS ledger_meta (
+    key TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    node_id TEXT NOT NULL,
+    seq BIGINT NOT NULL CHECK (seq >= 1),
+    key_epoch BIGINT NOT NULL,
+    key_id BYTEA NOT NULL,
+    prev_hash BYTEA NOT NULL,
+    hash BYTEA NOT NULL,
+    signed_batch BYTEA NOT NULL,
+    sealed_unix_ns BIGINT NOT NULL,
+    intervals BIGINT NOT NULL,
+    rotation_epoch BIGINT,
+    rotation_key_id BYTEA,
+    received_unix_ns BIGINT NOT NULL,
+    PRIMARY KEY (node_id, seq)
+);
+CREATE TABLE IF NOT EXISTS allocations (
+    node_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    interval_index BIGINT NOT NULL,
+    domain TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    active_uj BIGINT NOT NULL,
+    idle_uj BIGINT NOT NULL,
+    energy_uj BIGINT NOT NULL,
+    usage_us BIGINT NOT NULL,
+    FOREIGN KEY (node_id, seq) REFERENCES batches (node_id, seq)
+);
+CREATE INDEX IF NOT EXISTS allocations_by_run ON allocations (run_id);
+CREATE INDEX IF NOT EXISTS allocations_by_batch ON allocations (node_id, seq);
+CREATE TABLE IF NOT EXISTS rotations (
+    node_id TEXT NOT NULL,
+    new_key_epoch BIGINT NOT NULL,
+    new_public_key BYTEA NOT NULL,
+    new_key_id BYTEA NOT NULL,
+    effective_seq BIGINT NOT NULL,
+    announced_seq BIGINT NOT NULL,
+    PRIMARY KEY (node_id, new_key_epoch)
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    highest_seen_seq BIGINT NOT NULL DEFAULT 0,
+    announced_sealed_seq BIGINT NOT NULL DEFAULT 0,
+    last_heartbeat_sent_unix_ns BIGINT,
+    last_heartbeat_received_unix_ns BIGINT
+);
+CREATE TABLE IF NOT EXISTS forks (
+    node_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    stored_hash BYTEA NOT NULL,
+    received_hash BYTEA NOT NULL,
+    received_signed_batch BYTEA NOT NULL,
+    first_detected_unix_ns BIGINT NOT NULL,
+    last_detected_unix_ns BIGINT NOT NULL,
+    times_seen BIGINT NOT NULL,
+    PRIMARY KEY (node_id, seq, received_hash)
+);
+";
+
+const SQL_HASH_AT: &str = "SELECT hash FROM batches WHERE node_id = $1 AND seq = $2";
+const SQL_TIP: &str = "SELECT seq, hash FROM batches WHERE node_id = $1 ORDER BY seq DESC LIMIT 1";
+const SQL_PRED: &str = "SELECT hash, key_epoch, key_id, rotation_epoch, rotation_key_id \
+     FROM batches WHERE node_id = $1 AND seq = $2";
+const SQL_INSERT_BATCH: &str = "INSERT INTO batches (node_id, seq, key_epoch, key_id, prev_hash, \
+     hash, signed_batch, sealed_unix_ns, intervals, rotation_epoch, rotation_key_id, \
+     received_unix_ns) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+const SQL_INSERT_ALLOCATIONS: &str = "INSERT INTO allocations (node_id, seq, interval_index, \
+     domain, run_id, active_uj, idle_uj, energy_uj, usage_us) \
+     SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::bigint[], \
+     $7::bigint[], $8::bigint[], $9::bigint[])";
+const SQL_INSERT_ROTATION: &str = "INSERT INTO rotations (node_id, new_key_epoch, \
+     new_public_key, new_key_id, effective_seq, announced_seq) VALUES ($1, $2, $3, $4, $5, $6) \
+     ON CONFLICT (node_id, new_key_epoch) DO NOTHING";
+
+/// A short description of a PostgreSQL error: the server's message and SQLSTATE when there is
+/// one, else the client error and its cause.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+    }
+    match std::error::Error::source(e) {
+        Some(src) => format!("{e}: {src}"),
+        None => e.to_string(),
+    }
+}
+
+/// One pooled connection and its prepared statements.
+struct PgConn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl PgConn {
+    async fn statement(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).await?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+}
+
+struct Pooled {
+    conn: Option<PgConn>,
+    pool: Arc<PgInner>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            if !c.client.is_closed() {
+                self.pool
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(c);
+            }
+        }
+    }
+}
+
+impl Pooled {
+    fn get(&mut self) -> Result<&mut PgConn, StoreError> {
+        self.conn
+            .as_mut()
+            .ok_or_else(|| StoreError::Task("pooled connection already returned".into()))
+    }
+}
+
+struct PgInner {
+    url: String,
+    idle: Mutex<Vec<PgConn>>,
+    slots: Arc<Semaphore>,
+}
+
+/// A PostgreSQL ledger database.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<PgInner>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password: never print it.
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+async fn connect(url: &str) -> Result<Client, StoreError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %describe(&e), "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+impl PgStore {
+    pub async fn open(url: &str, mode: OpenMode) -> Result<Self, StoreError> {
+        let mut client = connect(url).await?;
+        if mode == OpenMode::Serve {
+            let tx = client.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
+                .await?;
+            tx.batch_execute(SCHEMA).await?;
+            tx.execute(
+                "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', $1) \
+                 ON CONFLICT (key) DO NOTHING",
+                &[&SCHEMA_VERSION],
+            )
+            .await?;
+            tx.commit().await?;
+        }
+        let version: Option<i64> = client
+            .query_opt(
+                "SELECT value FROM ledger_meta WHERE key = 'schema_version'",
+                &[],
+            )
+            .await
+            .map_err(|e| StoreError::Url(format!("not a wattd-ledger database: {}", describe(&e))))?
+            .map(|r| r.get(0));
+        if version != Some(SCHEMA_VERSION) {
+            return Err(StoreError::Corrupt(format!(
+                "schema version {version:?}, this ledger uses {SCHEMA_VERSION}"
+            )));
+        }
+        let inner = Arc::new(PgInner {
+            url: url.to_owned(),
+            idle: Mutex::new(vec![PgConn {
+                client,
+                statements: HashMap::new(),
+            }]),
+            slots: Arc::new(Semaphore::new(POOL_SIZE)),
+        });
+        Ok(Self { inner })
+    }
+
+    async fn conn(&self) -> Result<Pooled, StoreError> {
+        let permit = Arc::clone(&self.inner.slots)
+            .acquire_owned()
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+        let idle = self
+            .inner
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let conn = match idle {
+            Some(c) => c,
+            None => PgConn {
+                client: connect(&self.inner.url).await?,
+                statements: HashMap::new(),
+            },
+        };
+        Ok(Pooled {
+            conn: Some(conn),
+            pool: Arc::clone(&self.inner),
+            _permit: permit,
+        })
+    }
+}
+
+fn hash_row(row: Option<tokio_postgres::Row>) -> Result<Option<ChainHash>, StoreError> {
+    row.map(|r| to_hash(r.get::<_, &[u8]>(0), "batches.hash"))
+        .transpose()
+}
+
+async fn commit_once(
+    c: &mut PgConn,
+    b: &VerifiedBatch,
+    received_unix_ns: i64,
+) -> Result<Commit, StoreError> {
+    let seq = to_i64(b.seq, "seq")?;
+    let st_hash = c.statement(SQL_HASH_AT).await?;
+    let st_pred = c.statement(SQL_PRED).await?;
+    let st_tip = c.statement(SQL_TIP).await?;
+    let st_batch = c.statement(SQL_INSERT_BATCH).await?;
+    let st_alloc = c.statement(SQL_INSERT_ALLOCATIONS).await?;
+    let st_rot = c.statement(SQL_INSERT_ROTATION).await?;
+    let tx = c.client.transaction().await?;
+    if let Some(h) = hash_row(tx.query_opt(&st_hash, &[&b.node_id, &seq]).await?)? {
+        return Ok(if h == b.hash {
+            Commit::Duplicate
+        } else {
+            Commit::Fork { stored_hash: h }
+        });
+    }
+    if b.seq > 1 {
+        let Some(pred) = tx.query_opt(&st_pred, &[&b.node_id, &(seq - 1)]).await? else {
+            let tip = match tx.query_opt(&st_tip, &[&b.node_id]).await? {
+                Some(r) => to_u64(r.get(0), "batches.seq")?,
+                None => 0,
+            };
+            return Ok(Commit::NotNext { tip });
+        };
+        let hash = to_hash(pred.get::<_, &[u8]>(0), "batches.hash")?;
+        if hash != b.prev_hash {
+            return Ok(Commit::ChainBreak {
+                predecessor_hash: hash,
+            });
+        }
+        let rot_epoch: Option<i64> = pred.get(3);
+        let rot_key: Option<&[u8]> = pred.get(4);
+        let (e, k) = match (rot_epoch, rot_key) {
+            (Some(e), Some(k)) => (e, k),
+            _ => (pred.get::<_, i64>(1), pred.get::<_, &[u8]>(2)),
+        };
+        let expected_epoch = u32::try_from(e)
+            .map_err(|_| StoreError::Corrupt(format!("key epoch {e} out of range")))?;
+        let expected_key_id = to_key_id(k, "batches.key_id")?;
+        if expected_epoch != b.key_epoch || expected_key_id != b.key_id {
+            return Ok(Commit::KeyDiscontinuity {
+                expected_epoch,
+                expected_key_id,
+            });
+        }
+    }
+    let rotation_epoch = b.rotation.as_ref().map(|r| i64::from(r.epoch));
+    let rotation_key = b.rotation.as_ref().map(|r| r.key_id.to_vec());
+    let params: [&(dyn ToSql + Sync); 12] = [
+        &b.node_id,
+        &seq,
+        &i64::from(b.key_epoch),
+        &b.key_id.as_slice(),
+        &b.prev_hash.as_slice(),
+        &b.hash.as_slice(),
+        &b.bytes,
+        &b.sealed_unix_ns,
+        &to_i64(b.intervals, "intervals")?,
+        &rotation_epoch,
+        &rotation_key,
+        &received_unix_ns,
+    ];
+    match tx.execute(&st_batch, &params).await {
+        Ok(_) => {}
+        // Another process inserted (node, seq) since the check above: it won the race.
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            drop(tx);
+            let h = hash_row(c.client.query_opt(&st_hash, &[&b.node_id, &seq]).await?)?;
+            return match h {
+                Some(h) if h == b.hash => Ok(Commit::Duplicate),
+                Some(h) => Ok(Commit::Fork { stored_hash: h }),
+                None => Err(StoreError::Corrupt(format!(
+                    "unique violation on node {:?} seq {seq} but no row there",
+                    b.node_id
+                ))),
+            };
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if !b.allocations.is_empty() {
+        let a = &b.allocations;
+        let index: Vec<i64> = a.iter().map(|x| x.interval_index).collect();
+        let domain: Vec<&str> = a.iter().map(|x| x.domain.as_str()).collect();
+        let run: Vec<&str> = a.iter().map(|x| x.run_id.as_str()).collect();
+        let active: Vec<i64> = a.iter().map(|x| x.active_uj).collect();
+        let idle: Vec<i64> = a.iter().map(|x| x.idle_uj).collect();
+        let energy: Vec<i64> = a.iter().map(|x| x.energy_uj).collect();
+        let usage: Vec<i64> = a.iter().map(|x| x.usage_us).collect();
+        tx.execute(
+            &st_alloc,
+            &[
+                &b.node_id, &seq, &index, &domain, &run, &active, &idle, &energy, &usage,
+            ],
+        )
+        .await?;
+    }
+    if let Some(r) = &b.rotation {
+        tx.execute(
+            &st_rot,
+            &[
+                &b.node_id,
+                &i64::from(r.epoch),
+                &r.public_key.as_slice(),
+                &r.key_id.as_slice(),
+                &to_i64(r.effective_seq, "effective_seq")?,
+                &seq,
+            ],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Commit::Stored)
+}
+
+impl Store for PgStore {
+    async fn tip(&self, node: &str) -> Result<Tip, StoreError> {
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        let st = c.statement(SQL_TIP).await?;
+        match c.client.query_opt(&st, &[&node]).await? {
+            None => Ok(Tip::genesis()),
+            Some(r) => Ok(Tip {
+                seq: to_u64(r.get(0), "batches.seq")?,
+                hash: to_hash(r.get::<_, &[u8]>(1), "batches.hash")?,
+            }),
+        }
+    }
+
+    async fn batch_hash(&self, node: &str, seq: u64) -> Result<Option<ChainHash>, StoreError> {
+        let seq = to_i64(seq, "seq")?;
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        let st = c.statement(SQL_HASH_AT).await?;
+        hash_row(c.client.query_opt(&st, &[&node, &seq]).await?)
+    }
+
+    async fn commit(
+        &self,
+        batch: Arc<VerifiedBatch>,
+        received_unix_ns: i64,
+    ) -> Result<Commit, StoreError> {
+        let mut p = self.conn().await?;
+        commit_once(p.get()?, &batch, received_unix_ns).await
+    }
+
+    async fn learnt_keys(&self, node: &str) -> Result<Vec<LearntKey>, StoreError> {
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        let rows = c
+            .client
+            .query(
+                "SELECT new_key_epoch, new_public_key, new_key_id, effective_seq, announced_seq \
+                 FROM rotations WHERE node_id = $1 ORDER BY new_key_epoch",
+                &[&node],
+            )
+            .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let epoch: i64 = r.get(0);
+            out.push(LearntKey {
+                epoch: u32::try_from(epoch)
+                    .map_err(|_| StoreError::Corrupt(format!("epoch {epoch}")))?,
+                public_key: r.get::<_, &[u8]>(1).try_into().map_err(|_| {
+                    StoreError::Corrupt("rotations.new_public_key not 32 bytes".into())
+                })?,
+                key_id: to_key_id(r.get::<_, &[u8]>(2), "rotations.new_key_id")?,
+                effective_seq: to_u64(r.get(3), "rotations.effective_seq")?,
+                announced_seq: to_u64(r.get(4), "rotations.announced_seq")?,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn note_seen(&self, node: &str, seq: u64) -> Result<(), StoreError> {
+        let seq = to_i64(seq, "seq")?;
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        c.client
+            .execute(
+                "INSERT INTO nodes (node_id, highest_seen_seq) VALUES ($1, $2) \
+                 ON CONFLICT (node_id) DO UPDATE SET \
+                 highest_seen_seq = GREATEST(nodes.highest_seen_seq, excluded.highest_seen_seq)",
+                &[&node, &seq],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn heartbeat(
+        &self,
+        node: &str,
+        sent_unix_ns: i64,
+        received_unix_ns: i64,
+        last_sealed_seq: u64,
+    ) -> Result<u64, StoreError> {
+        let sealed = to_i64(last_sealed_seq, "last_sealed_seq")?;
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        let row = c
+            .client
+            .query_one(
+                "INSERT INTO nodes (node_id, announced_sealed_seq, last_heartbeat_sent_unix_ns, \
+                 last_heartbeat_received_unix_ns) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (node_id) DO UPDATE SET \
+                 announced_sealed_seq = GREATEST(nodes.announced_sealed_seq, \
+                 excluded.announced_sealed_seq), \
+                 last_heartbeat_sent_unix_ns = excluded.last_heartbeat_sent_unix_ns, \
+                 last_heartbeat_received_unix_ns = excluded.last_heartbeat_received_unix_ns \
+                 RETURNING announced_sealed_seq",
+                &[&node, &sealed, &sent_unix_ns, &received_unix_ns],
+            )
+            .await?;
+        to_u64(row.get(0), "nodes.announced_sealed_seq")
+    }
+
+    async fn announced(&self, node: &str) -> Result<u64, StoreError> {
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        let row = c
+            .client
+            .query_opt(
+                "SELECT announced_sealed_seq FROM nodes WHERE node_id = $1",
+                &[&node],
+            )
+            .await?;
+        to_u64(row.map_or(0, |r| r.get(0)), "nodes.announced_sealed_seq")
+    }
+
+    async fn record_fork(&self, f: ForkRecord) -> Result<(), StoreError> {
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        c.client
+            .execute(
+                "INSERT INTO forks (node_id, seq, kind, stored_hash, received_hash, \
+                 received_signed_batch, first_detected_unix_ns, last_detected_unix_ns, \
+                 times_seen) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, 1) \
+                 ON CONFLICT (node_id, seq, received_hash) DO UPDATE SET \
+                 times_seen = forks.times_seen + 1, \
+                 last_detected_unix_ns = excluded.last_detected_unix_ns",
+                &[
+                    &f.node_id,
+                    &to_i64(f.seq, "seq")?,
+                    &f.kind.as_str(),
+                    &f.stored_hash.as_slice(),
+                    &f.received_hash.as_slice(),
+                    &f.received_bytes,
+                    &f.detected_unix_ns,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn run_totals(&self) -> Result<Vec<RunDomainTotal>, StoreError> {
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        // SUM(bigint) is numeric in PostgreSQL: exact, never overflows; read it as text.
+        let rows = c
+            .client
+            .query(
+                "SELECT run_id, domain, SUM(energy_uj)::text FROM allocations \
+                 GROUP BY run_id, domain ORDER BY run_id, domain",
+                &[],
+            )
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                let total: &str = r.get(2);
+                Ok(RunDomainTotal {
+                    run_id: r.get(0),
+                    domain: r.get(1),
+                    energy_uj: total
+                        .parse()
+                        .map_err(|_| StoreError::Corrupt(format!("energy sum {total:?}")))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        let mut nodes: BTreeMap<String, NodeRow> = BTreeMap::new();
+        for r in c
+            .client
+            .query(
+                "SELECT b.node_id, b.seq, b.key_epoch, b.sealed_unix_ns, b.received_unix_ns, \
+                 s.n, s.iv::bigint FROM batches b JOIN \
+                 (SELECT node_id, MAX(seq) AS m, COUNT(*) AS n, SUM(intervals) AS iv \
+                  FROM batches GROUP BY node_id) s \
+                 ON b.node_id = s.node_id AND b.seq = s.m",
+                &[],
+            )
+            .await?
+        {
+            let node_id: String = r.get(0);
+            let row = nodes.entry(node_id.clone()).or_default();
+            row.node_id = node_id;
+            row.last_seq = to_u64(r.get(1), "seq")?;
+            row.key_epoch = u32::try_from(r.get::<_, i64>(2)).ok();
+            row.last_sealed_unix_ns = Some(r.get(3));
+            row.last_received_unix_ns = Some(r.get(4));
+            row.batches = to_u64(r.get(5), "count")?;
+            row.intervals = to_u64(r.get(6), "intervals")?;
+        }
+        for r in c
+            .client
+            .query(
+                "SELECT node_id, highest_seen_seq, announced_sealed_seq, \
+                 last_heartbeat_sent_unix_ns, last_heartbeat_received_unix_ns FROM nodes",
+                &[],
+            )
+            .await?
+        {
+            let node_id: String = r.get(0);
+            let row = nodes.entry(node_id.clone()).or_default();
+            row.node_id = node_id;
+            row.highest_seen_seq = to_u64(r.get(1), "highest_seen_seq")?;
+            row.announced_sealed_seq = to_u64(r.get(2), "announced_sealed_seq")?;
+            row.last_heartbeat_sent_unix_ns = r.get(3);
+            row.last_heartbeat_received_unix_ns = r.get(4);
+        }
+        for r in c
+            .client
+            .query(
+                "SELECT node_id, seq, kind, stored_hash, received_hash, first_detected_unix_ns, \
+                 last_detected_unix_ns, times_seen FROM forks ORDER BY node_id, seq, \
+                 first_detected_unix_ns",
+                &[],
+            )
+            .await?
+        {
+            let node_id: String = r.get(0);
+            let row = nodes.entry(node_id.clone()).or_default();
+            row.node_id = node_id;
+            row.forks.push(ForkRow {
+                seq: to_u64(r.get(1), "forks.seq")?,
+                kind: r.get(2),
+                stored_sha256: wattd::durable::hex(r.get::<_, &[u8]>(3)),
+                received_sha256: wattd::durable::hex(r.get::<_, &[u8]>(4)),
+                first_detected_unix_ns: r.get(5),
+                last_detected_unix_ns: r.get(6),
+                times_seen: to_u64(r.get(7), "forks.times_seen")?,
+            });
+        }
+        Ok(nodes.into_values().collect())
+    }
+}

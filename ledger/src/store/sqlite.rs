@@ -1,0 +1,531 @@
+//! The SQLite store: one connection in WAL mode with `synchronous = FULL` (a commit is on disk
+//! when it returns), used from a blocking thread so an fsync never stalls the async runtime.
+//! Writes take `BEGIN IMMEDIATE` and the connection waits up to 5 s for a lock, so two processes
+//! on one file are safe too (if slow); PostgreSQL is the store for several processes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension as _};
+use wattd::batch::ChainHash;
+
+use super::{
+    to_hash, to_i64, to_key_id, to_u64, Commit, ForkRecord, ForkRow, NodeRow, OpenMode,
+    RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION,
+};
+use crate::check::{LearntKey, VerifiedBatch};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS ledger_meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    node_id TEXT NOT NULL,
+    seq INTEGER NOT NULL CHECK (seq >= 1),
+    key_epoch INTEGER NOT NULL,
+    key_id BLOB NOT NULL,
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    signed_batch BLOB NOT NULL,
+    sealed_unix_ns INTEGER NOT NULL,
+    intervals INTEGER NOT NULL,
+    rotation_epoch INTEGER,
+    rotation_key_id BLOB,
+    received_unix_ns INTEGER NOT NULL,
+    PRIMARY KEY (node_id, seq)
+);
+CREATE TABLE IF NOT EXISTS allocations (
+    node_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    interval_index INTEGER NOT NULL,
+    domain TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    active_uj INTEGER NOT NULL,
+    idle_uj INTEGER NOT NULL,
+    energy_uj INTEGER NOT NULL,
+    usage_us INTEGER NOT NULL,
+    FOREIGN KEY (node_id, seq) REFERENCES batches (node_id, seq)
+);
+CREATE INDEX IF NOT EXISTS allocations_by_run ON allocations (run_id);
+CREATE TABLE IF NOT EXISTS rotations (
+    node_id TEXT NOT NULL,
+    new_key_epoch INTEGER NOT NULL,
+    new_public_key BLOB NOT NULL,
+    new_key_id BLOB NOT NULL,
+    effective_seq INTEGER NOT NULL,
+    announced_seq INTEGER NOT NULL,
+    PRIMARY KEY (node_id, new_key_epoch)
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    highest_seen_seq INTEGER NOT NULL DEFAULT 0,
+    announced_sealed_seq INTEGER NOT NULL DEFAULT 0,
+    last_heartbeat_sent_unix_ns INTEGER,
+    last_heartbeat_received_unix_ns INTEGER
+);
+CREATE TABLE IF NOT EXISTS forks (
+    node_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    stored_hash BLOB NOT NULL,
+    received_hash BLOB NOT NULL,
+    received_signed_batch BLOB NOT NULL,
+    first_detected_unix_ns INTEGER NOT NULL,
+    last_detected_unix_ns INTEGER NOT NULL,
+    times_seen INTEGER NOT NULL,
+    PRIMARY KEY (node_id, seq, received_hash)
+);
+";
+
+/// A SQLite ledger database.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path, mode: OpenMode) -> Result<Self, StoreError> {
+        let path = path.to_owned();
+        let p = path.clone();
+        let conn = tokio::task::spawn_blocking(move || open_blocking(&p, mode))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the connection in a blocking thread.
+    async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock would poison it; the connection is still sound
+            // (rusqlite rolls back an unfinished transaction on drop), so keep using it.
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+fn open_blocking(path: &Path, mode: OpenMode) -> Result<Connection, StoreError> {
+    let flags = match mode {
+        OpenMode::Serve => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        OpenMode::Query => OpenFlags::SQLITE_OPEN_READ_ONLY,
+    } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| StoreError::Url(format!("sqlite:{}: cannot open: {e}", path.display())))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    if mode == OpenMode::Serve {
+        // WAL: readers (`runs`, `nodes`) never block the writer. FULL: the WAL is fsynced at
+        // every commit, so an acknowledged batch survives power loss, not just a crash.
+        let journal: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !journal.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Url(format!(
+                "sqlite:{}: cannot use WAL (journal_mode is {journal})",
+                path.display()
+            )));
+        }
+    }
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+    match mode {
+        OpenMode::Serve => {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(SCHEMA)?;
+            tx.execute(
+                "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', ?1) \
+                 ON CONFLICT (key) DO NOTHING",
+                params![SCHEMA_VERSION],
+            )?;
+            tx.commit()?;
+        }
+        OpenMode::Query => {}
+    }
+    let version: Option<i64> = conn
+        .query_row(
+            "SELECT value FROM ledger_meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| {
+            StoreError::Url(format!(
+                "sqlite:{}: not a wattd-ledger database: {e}",
+                path.display()
+            ))
+        })?;
+    if version != Some(SCHEMA_VERSION) {
+        return Err(StoreError::Corrupt(format!(
+            "sqlite:{}: schema version {version:?}, this ledger uses {SCHEMA_VERSION}",
+            path.display()
+        )));
+    }
+    Ok(conn)
+}
+
+fn tip_of(conn: &Connection, node: &str) -> Result<Tip, StoreError> {
+    let row: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached(
+            "SELECT seq, hash FROM batches WHERE node_id = ?1 ORDER BY seq DESC LIMIT 1",
+        )?
+        .query_row(params![node], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    match row {
+        None => Ok(Tip::genesis()),
+        Some((seq, hash)) => Ok(Tip {
+            seq: to_u64(seq, "batches.seq")?,
+            hash: to_hash(&hash, "batches.hash")?,
+        }),
+    }
+}
+
+fn hash_at(conn: &Connection, node: &str, seq: i64) -> Result<Option<ChainHash>, StoreError> {
+    let h: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT hash FROM batches WHERE node_id = ?1 AND seq = ?2")?
+        .query_row(params![node, seq], |r| r.get(0))
+        .optional()?;
+    h.map(|h| to_hash(&h, "batches.hash")).transpose()
+}
+
+fn commit_blocking(
+    conn: &mut Connection,
+    b: &VerifiedBatch,
+    received_unix_ns: i64,
+) -> Result<Commit, StoreError> {
+    let seq = to_i64(b.seq, "seq")?;
+    // IMMEDIATE: take the write lock now, so the checks below see what the insert will follow.
+    let tx = rusqlite::Transaction::new(conn, rusqlite::TransactionBehavior::Immediate)?;
+    if let Some(h) = hash_at(&tx, &b.node_id, seq)? {
+        return Ok(if h == b.hash {
+            Commit::Duplicate
+        } else {
+            Commit::Fork { stored_hash: h }
+        });
+    }
+    if b.seq > 1 {
+        type Pred = (Vec<u8>, i64, Vec<u8>, Option<i64>, Option<Vec<u8>>);
+        let pred: Option<Pred> = tx
+            .prepare_cached(
+                "SELECT hash, key_epoch, key_id, rotation_epoch, rotation_key_id FROM batches \
+                 WHERE node_id = ?1 AND seq = ?2",
+            )?
+            .query_row(params![b.node_id, seq - 1], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .optional()?;
+        let Some((hash, epoch, key_id, rot_epoch, rot_key_id)) = pred else {
+            let tip = tip_of(&tx, &b.node_id)?;
+            return Ok(Commit::NotNext { tip: tip.seq });
+        };
+        let hash = to_hash(&hash, "batches.hash")?;
+        if hash != b.prev_hash {
+            return Ok(Commit::ChainBreak {
+                predecessor_hash: hash,
+            });
+        }
+        let (e, k) = match (rot_epoch, rot_key_id) {
+            (Some(e), Some(k)) => (e, k),
+            _ => (epoch, key_id),
+        };
+        let expected_epoch = u32::try_from(e)
+            .map_err(|_| StoreError::Corrupt(format!("key epoch {e} out of range")))?;
+        let expected_key_id = to_key_id(&k, "batches.key_id")?;
+        if expected_epoch != b.key_epoch || expected_key_id != b.key_id {
+            return Ok(Commit::KeyDiscontinuity {
+                expected_epoch,
+                expected_key_id,
+            });
+        }
+    }
+    tx.prepare_cached(
+        "INSERT INTO batches (node_id, seq, key_epoch, key_id, prev_hash, hash, signed_batch, \
+         sealed_unix_ns, intervals, rotation_epoch, rotation_key_id, received_unix_ns) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        b.node_id,
+        seq,
+        i64::from(b.key_epoch),
+        b.key_id.as_slice(),
+        b.prev_hash.as_slice(),
+        b.hash.as_slice(),
+        b.bytes,
+        b.sealed_unix_ns,
+        to_i64(b.intervals, "intervals")?,
+        b.rotation.as_ref().map(|r| i64::from(r.epoch)),
+        b.rotation.as_ref().map(|r| r.key_id.to_vec()),
+        received_unix_ns,
+    ])?;
+    {
+        let mut ins = tx.prepare_cached(
+            "INSERT INTO allocations (node_id, seq, interval_index, domain, run_id, active_uj, \
+             idle_uj, energy_uj, usage_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        for a in &b.allocations {
+            ins.execute(params![
+                b.node_id,
+                seq,
+                a.interval_index,
+                a.domain,
+                a.run_id,
+                a.active_uj,
+                a.idle_uj,
+                a.energy_uj,
+                a.usage_us
+            ])?;
+        }
+    }
+    if let Some(r) = &b.rotation {
+        tx.prepare_cached(
+            "INSERT INTO rotations (node_id, new_key_epoch, new_public_key, new_key_id, \
+             effective_seq, announced_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+             ON CONFLICT (node_id, new_key_epoch) DO NOTHING",
+        )?
+        .execute(params![
+            b.node_id,
+            i64::from(r.epoch),
+            r.public_key.as_slice(),
+            r.key_id.as_slice(),
+            to_i64(r.effective_seq, "effective_seq")?,
+            seq
+        ])?;
+    }
+    tx.commit()?;
+    Ok(Commit::Stored)
+}
+
+impl Store for SqliteStore {
+    async fn tip(&self, node: &str) -> Result<Tip, StoreError> {
+        let node = node.to_owned();
+        self.with(move |c| tip_of(c, &node)).await
+    }
+
+    async fn batch_hash(&self, node: &str, seq: u64) -> Result<Option<ChainHash>, StoreError> {
+        let node = node.to_owned();
+        let seq = to_i64(seq, "seq")?;
+        self.with(move |c| hash_at(c, &node, seq)).await
+    }
+
+    async fn commit(
+        &self,
+        batch: Arc<VerifiedBatch>,
+        received_unix_ns: i64,
+    ) -> Result<Commit, StoreError> {
+        self.with(move |c| commit_blocking(c, &batch, received_unix_ns))
+            .await
+    }
+
+    async fn learnt_keys(&self, node: &str) -> Result<Vec<LearntKey>, StoreError> {
+        let node = node.to_owned();
+        self.with(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT new_key_epoch, new_public_key, new_key_id, effective_seq, announced_seq \
+                 FROM rotations WHERE node_id = ?1 ORDER BY new_key_epoch",
+            )?;
+            let rows = st.query_map(params![node], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (epoch, public, key_id, effective, announced) = row?;
+                out.push(LearntKey {
+                    epoch: u32::try_from(epoch)
+                        .map_err(|_| StoreError::Corrupt(format!("epoch {epoch}")))?,
+                    public_key: public.as_slice().try_into().map_err(|_| {
+                        StoreError::Corrupt("rotations.new_public_key not 32 bytes".into())
+                    })?,
+                    key_id: to_key_id(&key_id, "rotations.new_key_id")?,
+                    effective_seq: to_u64(effective, "rotations.effective_seq")?,
+                    announced_seq: to_u64(announced, "rotations.announced_seq")?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn note_seen(&self, node: &str, seq: u64) -> Result<(), StoreError> {
+        let node = node.to_owned();
+        let seq = to_i64(seq, "seq")?;
+        self.with(move |c| {
+            c.prepare_cached(
+                "INSERT INTO nodes (node_id, highest_seen_seq) VALUES (?1, ?2) \
+                 ON CONFLICT (node_id) DO UPDATE SET \
+                 highest_seen_seq = max(highest_seen_seq, excluded.highest_seen_seq)",
+            )?
+            .execute(params![node, seq])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn heartbeat(
+        &self,
+        node: &str,
+        sent_unix_ns: i64,
+        received_unix_ns: i64,
+        last_sealed_seq: u64,
+    ) -> Result<u64, StoreError> {
+        let node = node.to_owned();
+        let sealed = to_i64(last_sealed_seq, "last_sealed_seq")?;
+        self.with(move |c| {
+            let v: i64 = c
+                .prepare_cached(
+                    "INSERT INTO nodes (node_id, announced_sealed_seq, last_heartbeat_sent_unix_ns, \
+                     last_heartbeat_received_unix_ns) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (node_id) DO UPDATE SET \
+                     announced_sealed_seq = max(announced_sealed_seq, excluded.announced_sealed_seq), \
+                     last_heartbeat_sent_unix_ns = excluded.last_heartbeat_sent_unix_ns, \
+                     last_heartbeat_received_unix_ns = excluded.last_heartbeat_received_unix_ns \
+                     RETURNING announced_sealed_seq",
+                )?
+                .query_row(params![node, sealed, sent_unix_ns, received_unix_ns], |r| {
+                    r.get(0)
+                })?;
+            to_u64(v, "nodes.announced_sealed_seq")
+        })
+        .await
+    }
+
+    async fn announced(&self, node: &str) -> Result<u64, StoreError> {
+        let node = node.to_owned();
+        self.with(move |c| {
+            let v: Option<i64> = c
+                .prepare_cached("SELECT announced_sealed_seq FROM nodes WHERE node_id = ?1")?
+                .query_row(params![node], |r| r.get(0))
+                .optional()?;
+            to_u64(v.unwrap_or(0), "nodes.announced_sealed_seq")
+        })
+        .await
+    }
+
+    async fn record_fork(&self, f: ForkRecord) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.prepare_cached(
+                "INSERT INTO forks (node_id, seq, kind, stored_hash, received_hash, \
+                 received_signed_batch, first_detected_unix_ns, last_detected_unix_ns, times_seen) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 1) \
+                 ON CONFLICT (node_id, seq, received_hash) DO UPDATE SET \
+                 times_seen = times_seen + 1, last_detected_unix_ns = excluded.last_detected_unix_ns",
+            )?
+            .execute(params![
+                f.node_id,
+                to_i64(f.seq, "seq")?,
+                f.kind.as_str(),
+                f.stored_hash.as_slice(),
+                f.received_hash.as_slice(),
+                f.received_bytes,
+                f.detected_unix_ns
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn run_totals(&self) -> Result<Vec<RunDomainTotal>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT run_id, domain, SUM(energy_uj) FROM allocations \
+                 GROUP BY run_id, domain ORDER BY run_id, domain",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (run_id, domain, e) = row?;
+                out.push(RunDomainTotal {
+                    run_id,
+                    domain,
+                    energy_uj: u128::from(to_u64(e, "energy sum")?),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
+        self.with(|c| {
+            let mut nodes: BTreeMap<String, NodeRow> = BTreeMap::new();
+            let mut st = c.prepare(
+                "SELECT b.node_id, b.seq, b.key_epoch, b.sealed_unix_ns, b.received_unix_ns, \
+                 s.n, s.iv FROM batches b JOIN \
+                 (SELECT node_id, MAX(seq) AS m, COUNT(*) AS n, SUM(intervals) AS iv \
+                  FROM batches GROUP BY node_id) s \
+                 ON b.node_id = s.node_id AND b.seq = s.m",
+            )?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let node_id: String = r.get(0)?;
+                let row = nodes.entry(node_id.clone()).or_default();
+                row.node_id = node_id;
+                row.last_seq = to_u64(r.get(1)?, "seq")?;
+                row.key_epoch = u32::try_from(r.get::<_, i64>(2)?).ok();
+                row.last_sealed_unix_ns = Some(r.get(3)?);
+                row.last_received_unix_ns = Some(r.get(4)?);
+                row.batches = to_u64(r.get(5)?, "count")?;
+                row.intervals = to_u64(r.get(6)?, "intervals")?;
+            }
+            let mut st = c.prepare(
+                "SELECT node_id, highest_seen_seq, announced_sealed_seq, \
+                 last_heartbeat_sent_unix_ns, last_heartbeat_received_unix_ns FROM nodes",
+            )?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let node_id: String = r.get(0)?;
+                let row = nodes.entry(node_id.clone()).or_default();
+                row.node_id = node_id;
+                row.highest_seen_seq = to_u64(r.get(1)?, "highest_seen_seq")?;
+                row.announced_sealed_seq = to_u64(r.get(2)?, "announced_sealed_seq")?;
+                row.last_heartbeat_sent_unix_ns = r.get(3)?;
+                row.last_heartbeat_received_unix_ns = r.get(4)?;
+            }
+            let mut st = c.prepare(
+                "SELECT node_id, seq, kind, stored_hash, received_hash, first_detected_unix_ns, \
+                 last_detected_unix_ns, times_seen FROM forks ORDER BY node_id, seq, \
+                 first_detected_unix_ns",
+            )?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let node_id: String = r.get(0)?;
+                let row = nodes.entry(node_id.clone()).or_default();
+                row.node_id = node_id;
+                row.forks.push(ForkRow {
+                    seq: to_u64(r.get(1)?, "forks.seq")?,
+                    kind: r.get(2)?,
+                    stored_sha256: wattd::durable::hex(&r.get::<_, Vec<u8>>(3)?),
+                    received_sha256: wattd::durable::hex(&r.get::<_, Vec<u8>>(4)?),
+                    first_detected_unix_ns: r.get(5)?,
+                    last_detected_unix_ns: r.get(6)?,
+                    times_seen: to_u64(r.get(7)?, "forks.times_seen")?,
+                });
+            }
+            Ok(nodes.into_values().collect())
+        })
+        .await
+    }
+}

@@ -1,0 +1,465 @@
+//! Test fixtures: a throwaway CA, enrolled nodes, a store (a SQLite file or a PostgreSQL
+//! database made for the test), a real ledger on 127.0.0.1 port 0 (in process or the binary),
+//! real TLS clients, and genuinely signed, chained, conserving batches.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use wattd::batch::{ChainHash, StoredBatch, GENESIS_HASH};
+use wattd::identity::NodeKey;
+use wattd::sealer::{sign_batch, BatchContent};
+use wattd_ledger::metrics::Metrics;
+use wattd_ledger::server::{self, Limits, ServeOptions};
+use wattd_ledger::store::{AnyStore, OpenMode, StoreUrl};
+use wattd_proto::v1::ledger_client::LedgerClient;
+use wattd_proto::v1::{
+    node_message, Ack, Allocation, DomainEnergy, Heartbeat, Interval, KeyRotation, NodeMessage,
+    SignedBatch, SignedHeartbeat,
+};
+use wattd_tests::tls::{CertFiles, TestCa};
+
+pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Which store a test body runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL URL to make test databases in, or None (after printing SKIPPED) when the
+/// test cannot run here. With WATTD_REQUIRE_CGROUPS set (CI), a missing server is a failure.
+pub fn postgres_or_skip(test: &str) -> Option<String> {
+    match std::env::var("WATTD_TEST_POSTGRES") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            assert!(
+                std::env::var_os("WATTD_REQUIRE_CGROUPS").is_none(),
+                "{test}: WATTD_TEST_POSTGRES is not set (run .ci/start-postgres) and \
+                 WATTD_REQUIRE_CGROUPS forbids skipping"
+            );
+            eprintln!(
+                "SKIPPED {test}: WATTD_TEST_POSTGRES is not set; `export \
+                 WATTD_TEST_POSTGRES=$(.ci/start-postgres)` to run it"
+            );
+            None
+        }
+    }
+}
+
+/// A PostgreSQL database created for one test and dropped when it ends.
+#[derive(Debug)]
+pub struct PgDatabase {
+    admin_url: String,
+    name: String,
+    pub url: String,
+}
+
+impl PgDatabase {
+    pub async fn create(admin_url: &str) -> Result<Self, tokio_postgres::Error> {
+        let mut seed = [0u8; 6];
+        getrandom::getrandom(&mut seed).expect("random");
+        let name = format!("wattd_test_{}", wattd::durable::hex(&seed));
+        let (client, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
+        let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
+        Ok(Self {
+            admin_url: admin_url.to_owned(),
+            url: format!("{base}/{name}"),
+            name,
+        })
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let admin = self.admin_url.clone();
+        let name = self.name.clone();
+        // A plain thread: Drop may run inside or outside a runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Certificates, enrolment and a store for one test.
+#[derive(Debug)]
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub ca: TestCa,
+    pub server: CertFiles,
+    pub enrolled: PathBuf,
+    pub store_url: StoreUrl,
+    pub store_text: String,
+    _pg: Option<PgDatabase>,
+}
+
+impl Fixture {
+    /// None when the backend cannot run here (PostgreSQL without WATTD_TEST_POSTGRES).
+    pub async fn new(backend: Backend, test: &str) -> Option<Fixture> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = TestCa::new(dir.path(), "ledger");
+        let server = ca.server("server");
+        let enrolled = dir.path().join("enrolled");
+        std::fs::create_dir(&enrolled).expect("mkdir");
+        let (store_text, pg) = match backend {
+            Backend::Sqlite => (
+                format!("sqlite:{}", dir.path().join("ledger.db").display()),
+                None,
+            ),
+            Backend::Postgres => {
+                let admin = postgres_or_skip(test)?;
+                let db = PgDatabase::create(&admin).await.expect("create database");
+                (db.url.clone(), Some(db))
+            }
+        };
+        Some(Fixture {
+            store_url: store_text.parse().expect("store url"),
+            store_text,
+            dir,
+            ca,
+            server,
+            enrolled,
+            _pg: pg,
+        })
+    }
+
+    /// Enrols `key` (one `wattd identity` file).
+    pub fn enrol(&self, key: &NodeKey) {
+        let file = self
+            .enrolled
+            .join(format!("{}-{}.toml", key.node_id(), key.epoch()));
+        std::fs::write(file, key.public().to_toml()).expect("enrol");
+    }
+
+    pub fn options(&self, limits: Limits) -> ServeOptions {
+        ServeOptions {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            cert: self.server.cert.clone(),
+            key: self.server.key.clone(),
+            client_ca: self.ca.ca_pem.clone(),
+            enrolled: self.enrolled.clone(),
+            store: self.store_url.clone(),
+            metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
+            limits,
+        }
+    }
+
+    /// A ledger in this process.
+    pub async fn start(&self, limits: Limits) -> Ledger {
+        let (bound, (snapshot_tx, _)) = server::bind(&self.options(limits))
+            .await
+            .expect("bind the ledger");
+        let addr = bound.local_addr();
+        let metrics_addr = bound.metrics_addr();
+        let metrics = bound.metrics();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            bound
+                .run(snapshot_tx, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Ledger {
+            addr,
+            metrics_addr,
+            metrics,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// The store, opened for queries.
+    pub async fn query_store(&self) -> AnyStore {
+        AnyStore::open(&self.store_url, OpenMode::Query)
+            .await
+            .expect("open the store for queries")
+    }
+
+    pub fn client_cert(&self, node: &str) -> CertFiles {
+        self.ca.client(node)
+    }
+}
+
+/// A ledger running in this process.
+#[derive(Debug)]
+pub struct Ledger {
+    pub addr: std::net::SocketAddr,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub metrics: Arc<Metrics>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), server::ServeError>>>,
+}
+
+impl Ledger {
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let r = tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("the ledger stops within 10 s");
+            r.expect("join").expect("serve ends cleanly");
+        }
+    }
+
+    pub fn rejections(&self, reason: wattd_ledger::metrics::Reason) -> u64 {
+        self.metrics.rejections(reason)
+    }
+}
+
+/// A TLS channel to `addr` with `identity` (None: no client certificate).
+pub async fn channel(
+    addr: std::net::SocketAddr,
+    ca_pem: &Path,
+    identity: Option<&CertFiles>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(ca_pem).expect("read CA"),
+        ))
+        .domain_name("localhost");
+    if let Some(id) = identity {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(&id.cert).expect("read cert"),
+            std::fs::read(&id.key).expect("read key"),
+        ));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .expect("endpoint")
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
+/// One open node stream.
+#[derive(Debug)]
+pub struct NodeStream {
+    tx: mpsc::Sender<NodeMessage>,
+    acks: tonic::Streaming<Ack>,
+}
+
+impl NodeStream {
+    pub async fn open(channel: Channel) -> Result<Self, tonic::Status> {
+        let (tx, rx) = mpsc::channel(64);
+        let mut client = LedgerClient::new(channel).max_decoding_message_size(1 << 20);
+        let acks = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+        Ok(Self { tx, acks })
+    }
+
+    /// Sends one message and waits for its Ack (or the status that ended the stream).
+    pub async fn send(&mut self, msg: NodeMessage) -> Result<Ack, tonic::Status> {
+        self.tx
+            .send(msg)
+            .await
+            .map_err(|_| tonic::Status::unavailable("request stream closed"))?;
+        self.recv().await
+    }
+
+    /// Queues a message without waiting.
+    pub async fn push(&mut self, msg: NodeMessage) -> Result<(), tonic::Status> {
+        self.tx
+            .send(msg)
+            .await
+            .map_err(|_| tonic::Status::unavailable("request stream closed"))
+    }
+
+    pub async fn recv(&mut self) -> Result<Ack, tonic::Status> {
+        match tokio::time::timeout(Duration::from_secs(30), self.acks.message()).await {
+            Err(_) => Err(tonic::Status::deadline_exceeded("no ack within 30 s")),
+            Ok(Ok(Some(a))) => Ok(a),
+            Ok(Ok(None)) => Err(tonic::Status::unavailable("stream ended without a status")),
+            Ok(Err(s)) => Err(s),
+        }
+    }
+}
+
+/// Opens a stream as `node` (certificate from the fixture's CA).
+pub async fn connect(f: &Fixture, l: &Ledger, node: &str) -> NodeStream {
+    let ch = channel(l.addr, &f.ca.ca_pem, Some(&f.client_cert(node)))
+        .await
+        .expect("connect");
+    NodeStream::open(ch).await.expect("open stream")
+}
+
+/// One conserving interval: each run gets (active, idle); the host gets `host`.
+pub fn interval(index: u64, runs: &[(&str, u64, u64)], host_uj: u64) -> Interval {
+    let allocated: u64 = runs.iter().map(|(_, a, i)| a + i).sum();
+    Interval {
+        index,
+        start_monotonic_ns: index * 1_000_000_000,
+        end_monotonic_ns: (index + 1) * 1_000_000_000,
+        policy: "proportional".into(),
+        policy_version: 1,
+        domains: vec![DomainEnergy {
+            domain: "package".into(),
+            package: Some(0),
+            source: "estimator".into(),
+            quality: 2,
+            measured_uj: allocated + host_uj,
+            allocations: runs
+                .iter()
+                .map(|(r, a, i)| Allocation {
+                    run_id: (*r).to_owned(),
+                    active_uj: *a,
+                    idle_uj: *i,
+                    usage_us: 1000,
+                })
+                .collect(),
+            host_active_uj: host_uj,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// A node's chain: signs batches in order, as the sealer does.
+#[derive(Debug)]
+pub struct Chain {
+    pub key: NodeKey,
+    pub seq: u64,
+    pub prev: ChainHash,
+    pub batches: Vec<StoredBatch>,
+    next_interval: u64,
+}
+
+impl Chain {
+    pub fn new(key: NodeKey) -> Self {
+        Self {
+            key,
+            seq: 0,
+            prev: GENESIS_HASH,
+            batches: Vec::new(),
+            next_interval: 0,
+        }
+    }
+
+    /// The next batch with `intervals` intervals of runs "run-a" (10 + 5 uJ) and "run-b"
+    /// (20 + 5 uJ) and 7 uJ of host.
+    pub fn next(&mut self, intervals: u64) -> StoredBatch {
+        let content = BatchContent {
+            intervals: (0..intervals)
+                .map(|i| {
+                    interval(
+                        self.next_interval + i,
+                        &[("run-a", 10, 5), ("run-b", 20, 5)],
+                        7,
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        };
+        self.next_interval += intervals;
+        self.next_with(content)
+    }
+
+    pub fn next_with(&mut self, content: BatchContent) -> StoredBatch {
+        self.seq += 1;
+        let b = sign_batch(&self.key, self.seq, self.prev, 1_700_000_000, content);
+        self.prev = b.hash;
+        self.batches.push(b.clone());
+        b
+    }
+
+    /// The next batch announces `next` (epoch + 1) and the chain continues with it.
+    pub fn rotate(&mut self, next: NodeKey) -> StoredBatch {
+        let rotation = KeyRotation {
+            new_key_epoch: next.epoch(),
+            new_public_key: next.public_key().to_vec(),
+            new_key_id: next.key_id().to_vec(),
+            effective_seq: self.seq + 2,
+            rotated_unix_ns: 1_700_000_000,
+        };
+        let b = self.next_with(BatchContent {
+            intervals: vec![interval(self.next_interval, &[("run-a", 1, 1)], 1)],
+            key_rotation: Some(rotation),
+            ..Default::default()
+        });
+        self.next_interval += 1;
+        self.key = next;
+        b
+    }
+
+    pub fn heartbeat(&self, last_sealed_seq: u64) -> NodeMessage {
+        heartbeat(&self.key, last_sealed_seq)
+    }
+}
+
+pub fn heartbeat(key: &NodeKey, last_sealed_seq: u64) -> NodeMessage {
+    let bytes = Heartbeat {
+        node_id: key.node_id().to_owned(),
+        sent_unix_ns: 1_700_000_001,
+        last_sealed_seq,
+        key_epoch: key.epoch(),
+    }
+    .encode_to_vec();
+    NodeMessage {
+        kind: Some(node_message::Kind::SignedHeartbeat(SignedHeartbeat {
+            signature: key.sign(&bytes).to_vec(),
+            heartbeat_bytes: bytes,
+            key_id: key.key_id().to_vec(),
+        })),
+    }
+}
+
+pub fn msg(b: &StoredBatch) -> NodeMessage {
+    signed_msg(SignedBatch::decode(b.bytes.as_slice()).expect("decode own batch"))
+}
+
+pub fn signed_msg(s: SignedBatch) -> NodeMessage {
+    NodeMessage {
+        kind: Some(node_message::Kind::Batch(s)),
+    }
+}
+
+pub fn key(node: &str, epoch: u32, seed: u8) -> NodeKey {
+    NodeKey::from_seed(node, epoch, [seed; 32])
+}
+
+/// GET /metrics from the ledger's endpoint.
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+/// Waits (up to 5 s) until `f()` holds.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not within 5 s: {what}");
+}

@@ -1,0 +1,341 @@
+//! The real `wattd-ledger` binary: two processes on one PostgreSQL database, SIGKILL between
+//! and during batches, SIGTERM, and the CLI (`runs`, `nodes`, exit codes).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wattd-ledger");
+
+/// A `wattd-ledger serve` child process.
+#[derive(Debug)]
+struct Proc {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Proc {
+    fn spawn(f: &Fixture, tag: &str) -> Proc {
+        let ready = f.dir.path().join(format!("ready-{tag}.json"));
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::File::create(f.dir.path().join(format!("ledger-{tag}.log")))
+            .expect("log file");
+        let child = Command::new(BIN)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--cert")
+            .arg(&f.server.cert)
+            .arg("--key")
+            .arg(&f.server.key)
+            .arg("--client-ca")
+            .arg(&f.ca.ca_pem)
+            .arg("--enrolled")
+            .arg(&f.enrolled)
+            .args(["--store", &f.store_text])
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn wattd-ledger");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                let v: serde_json::Value = serde_json::from_str(&text).expect("ready file JSON");
+                break v["listen"]
+                    .as_str()
+                    .expect("listen")
+                    .parse()
+                    .expect("address");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wattd-ledger did not get ready; log: {}",
+                std::fs::read_to_string(f.dir.path().join(format!("ledger-{tag}.log")))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Proc { child, addr }
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("wait");
+    }
+
+    fn term(mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "no exit within 15 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn stream_to(f: &Fixture, addr: std::net::SocketAddr, node: &str) -> NodeStream {
+    let ch = channel(addr, &f.ca.ca_pem, Some(&f.client_cert(node)))
+        .await
+        .expect("connect");
+    NodeStream::open(ch).await.expect("open stream")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_postgres_store_each_batch_once() -> TestResult {
+    let name = "procs::two_processes_on_one_postgres_store_each_batch_once";
+    let Some(f) = Fixture::new(Backend::Postgres, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let a = Proc::spawn(&f, "a");
+    let b = Proc::spawn(&f, "b");
+    let bs: Vec<_> = (0..60).map(|_| chain.next(2)).collect();
+
+    // Alternating reconnects with overlapping windows.
+    let windows: [(std::net::SocketAddr, std::ops::Range<usize>); 4] = [
+        (a.addr, 0..15),
+        (b.addr, 10..30),
+        (a.addr, 5..20),
+        (b.addr, 28..32),
+    ];
+    let mut acked = 0;
+    for (addr, range) in windows {
+        let mut s = stream_to(&f, addr, "n1").await;
+        for bt in &bs[range] {
+            acked = s.send(msg(bt)).await?.acked_seq.max(acked);
+        }
+    }
+    assert_eq!(acked, 32);
+    // The same batches sent to both processes at once.
+    let mut tasks = Vec::new();
+    for addr in [a.addr, b.addr, a.addr, b.addr] {
+        let mut s = stream_to(&f, addr, "n1").await;
+        let bs = bs.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut last = 0;
+            for bt in &bs[30..] {
+                last = s.send(msg(bt)).await.expect("ack").acked_seq;
+            }
+            last
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await?, 60);
+    }
+    let pg = f.store_text.clone();
+    let (client, conn) = tokio_postgres::connect(&pg, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT COUNT(*), COUNT(DISTINCT seq), MIN(seq), MAX(seq) FROM batches WHERE node_id = 'n1'",
+            &[],
+        )
+        .await?;
+    let (n, distinct, min, max): (i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!((n, distinct, min, max), (60, 60, 1, 60));
+    let allocs: i64 = client
+        .query_one("SELECT COUNT(*) FROM allocations", &[])
+        .await?
+        .get(0);
+    assert_eq!(allocs, 60 * 2 * 2);
+    let totals = f.query_store().await;
+    let totals = wattd_ledger::store::Store::run_totals(&totals).await?;
+    assert_eq!(totals[0].energy_uj, 60 * 2 * 15);
+    assert_eq!(totals[1].energy_uj, 60 * 2 * 25);
+    assert!(a.term().success());
+    assert!(b.term().success());
+    Ok(())
+}
+
+async fn sigkill_loses_nothing_acknowledged(backend: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(backend, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let bs: Vec<_> = (0..40).map(|_| chain.next(3)).collect();
+    let mut acked = 0u64;
+    let mut next = 0usize;
+    // Kill points: after an ack (between batches), and with batches in flight.
+    let kills: [(usize, usize); 4] = [(5, 0), (12, 1), (20, 3), (31, 2)];
+    for (stop_at, in_flight) in kills {
+        let p = Proc::spawn(&f, "k");
+        let mut s = stream_to(&f, p.addr, "n1").await;
+        // The ledger tells where to resume: a heartbeat returns the stored tip.
+        let tip = s.send(chain.heartbeat(bs.len() as u64)).await?.acked_seq;
+        assert!(
+            tip >= acked,
+            "acknowledged seq {acked} lost: the ledger restarted at {tip}"
+        );
+        next = usize::try_from(tip)?;
+        while next < stop_at {
+            let ack = s.send(msg(&bs[next])).await?;
+            acked = acked.max(ack.acked_seq);
+            next += 1;
+        }
+        for bt in bs.iter().skip(next).take(in_flight) {
+            s.push(msg(bt)).await?;
+        }
+        p.kill9();
+    }
+    let p = Proc::spawn(&f, "k");
+    let mut s = stream_to(&f, p.addr, "n1").await;
+    let tip = s.send(chain.heartbeat(40)).await?.acked_seq;
+    assert!(
+        tip >= acked,
+        "acknowledged seq {acked} lost: the ledger restarted at {tip}"
+    );
+    for bt in &bs[usize::try_from(tip)?..] {
+        s.send(msg(bt)).await?;
+    }
+    assert!(next > 0);
+    let nodes = wattd_ledger::store::Store::nodes(&f.query_store().await).await?;
+    assert_eq!(
+        (nodes[0].last_seq, nodes[0].batches, nodes[0].intervals),
+        (40, 40, 120)
+    );
+    assert!(p.term().success(), "SIGTERM: clean exit");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_nothing_acknowledged_sqlite() -> TestResult {
+    sigkill_loses_nothing_acknowledged(Backend::Sqlite, "procs::sigkill_sqlite").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_nothing_acknowledged_postgres() -> TestResult {
+    sigkill_loses_nothing_acknowledged(Backend::Postgres, "procs::sigkill_postgres").await
+}
+
+fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run wattd-ledger");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_runs_and_nodes_report_the_store() -> TestResult {
+    let f = Fixture::new(Backend::Sqlite, "procs::cli")
+        .await
+        .expect("sqlite");
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let p = Proc::spawn(&f, "cli");
+    let mut s = stream_to(&f, p.addr, "n1").await;
+    for _ in 0..4 {
+        s.send(msg(&chain.next(2))).await?;
+    }
+    s.send(chain.heartbeat(6)).await?;
+    drop(s);
+    assert!(p.term().success());
+    let (code, out, err) = run_cli(&["runs", "--store", &f.store_text, "--format", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["runs"][0]["run_id"], "run-a");
+    assert_eq!(v["runs"][0]["energy_uj"], 8 * 15);
+    assert_eq!(v["runs"][0]["domains"][0]["domain"], "package:0");
+    assert_eq!(v["runs"][1]["energy_uj"], 8 * 25);
+    assert_eq!(v["runs"][1]["energy_wh"], "0.0000000556");
+    let (code, out, err) = run_cli(&["runs", "--db", &f.store_text, "--format", "table"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("run-b") && out.contains("200"), "{out}");
+    let (code, out, err) = run_cli(&["nodes", "--store", &f.store_text, "--format", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let n = &v["nodes"][0];
+    assert_eq!(
+        (n["node_id"].as_str(), n["last_seq"].as_u64()),
+        (Some("n1"), Some(4))
+    );
+    assert_eq!(n["announced_sealed_seq"], 6);
+    assert_eq!(n["gaps"][0]["first_seq"], 5);
+    assert_eq!(n["gaps"][0]["reason"], "announced_not_received");
+    let (code, out, _) = run_cli(&["nodes", "--store", &f.store_text]);
+    assert_eq!(code, 0);
+    assert!(out.contains("gap   seq 5..=6"), "{out}");
+    // A query on a store that does not exist: an error, and nothing created.
+    let missing = f.dir.path().join("nope.db");
+    let (code, _, err) = run_cli(&["runs", "--store", &format!("sqlite:{}", missing.display())]);
+    assert_eq!(code, 1, "{err}");
+    assert!(!missing.exists());
+    Ok(())
+}
+
+fn serve_args(f: &Fixture, enrolled: &Path, cert: &Path) -> Vec<String> {
+    vec![
+        "serve".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--cert".into(),
+        cert.display().to_string(),
+        "--key".into(),
+        f.server.key.display().to_string(),
+        "--client-ca".into(),
+        f.ca.ca_pem.display().to_string(),
+        "--enrolled".into(),
+        enrolled.display().to_string(),
+        "--store".into(),
+        f.store_text.clone(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_exits_64_naming_every_problem() -> TestResult {
+    let f = Fixture::new(Backend::Sqlite, "procs::config")
+        .await
+        .expect("sqlite");
+    std::fs::write(f.enrolled.join("bad.toml"), "node_id = 7\n")?;
+    let mut ok = key("n1", 1, 1).public();
+    ok.key_id = "ab".repeat(16);
+    std::fs::write(f.enrolled.join("mismatch.pub"), ok.to_toml())?;
+    let missing_cert = PathBuf::from("/nonexistent/cert.pem");
+    let args = serve_args(&f, &f.enrolled, &missing_cert);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = run_cli(&args);
+    assert_eq!(code, 64, "{err}");
+    for needle in [
+        "bad.toml",
+        "mismatch.pub",
+        "/nonexistent/cert.pem",
+        "key_id does not match",
+    ] {
+        assert!(err.contains(needle), "{needle} not in: {err}");
+    }
+    let (code, _, err) = run_cli(&["serve", "--listen", "nowhere"]);
+    assert_eq!(code, 64, "{err}");
+    let (code, _, err) = run_cli(&["runs", "--store", "mysql://x"]);
+    assert_eq!(code, 64, "{err}");
+    let (code, out, _) = run_cli(&["serve", "--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("--max-held-batches") && out.contains("listening on"),
+        "{out}"
+    );
+    Ok(())
+}

@@ -1,0 +1,819 @@
+//! The same suite against SQLite and PostgreSQL: real TLS on loopback, real stores. Each body
+//! is a plain async fn over a [`Backend`]; `both!` instantiates it for each store.
+
+use std::time::Duration;
+
+use prost::Message as _;
+use tonic::Code;
+use wattd::sealer::BatchContent;
+use wattd_ledger::metrics::Reason;
+use wattd_ledger::server::Limits;
+use wattd_ledger::store::Store as _;
+use wattd_proto::v1::{node_message, Batch, NodeMessage, SignedBatch};
+
+use crate::common::*;
+
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> crate::common::TestResult {
+                    super::$name(crate::common::Backend::Sqlite, concat!("suite::sqlite::", stringify!($name))).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> crate::common::TestResult {
+                    super::$name(crate::common::Backend::Postgres, concat!("suite::postgres::", stringify!($name))).await
+                }
+            )*
+        }
+    };
+}
+
+both!(
+    stores_each_batch_once_and_totals_match,
+    reordered_batches_are_held_then_stored_in_order,
+    held_batches_are_bounded,
+    fork_is_rejected_recorded_and_counted,
+    chain_break_is_rejected_and_recorded,
+    bad_signature_and_modified_byte_are_rejected,
+    unknown_key_is_rejected,
+    node_id_must_match_the_certificate,
+    unenrolled_certificate_is_refused,
+    no_client_certificate_fails_the_handshake,
+    certificate_of_another_ca_fails_the_handshake,
+    oversized_message_is_refused,
+    truncated_tail_is_detected_through_heartbeats,
+    key_rotation_is_followed_and_the_old_key_refused_after_it,
+    conservation_break_is_rejected,
+    malformed_messages_get_an_error_status,
+    streams_per_node_are_limited,
+    concurrent_streams_of_one_node_store_each_batch_once,
+    commit_races_are_decided_by_the_primary_key,
+    node_rate_is_limited_by_delay,
+);
+
+fn limits() -> Limits {
+    Limits::default()
+}
+
+async fn count_rows(f: &Fixture) -> u64 {
+    f.query_store()
+        .await
+        .nodes()
+        .await
+        .expect("nodes")
+        .iter()
+        .map(|n| n.batches)
+        .sum()
+}
+
+async fn stores_each_batch_once_and_totals_match(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let l = f.start(limits()).await;
+    let mut s = connect(&f, &l, "n1").await;
+    let batches: Vec<_> = (0..5).map(|_| chain.next(3)).collect();
+    for (i, bt) in batches.iter().enumerate() {
+        let ack = s.send(msg(bt)).await?;
+        assert_eq!(ack.acked_seq, i as u64 + 1);
+        assert_eq!(ack.missing_from_seq, 0);
+        assert_eq!(ack.node_id, "n1");
+    }
+    // Replays of old batches: acknowledged again, not stored again.
+    for bt in [&batches[2], &batches[0], &batches[4]] {
+        let ack = s.send(msg(bt)).await?;
+        assert_eq!(ack.acked_seq, 5);
+    }
+    assert_eq!(
+        l.metrics
+            .batches_duplicate
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    assert_eq!(
+        l.metrics
+            .batches_stored
+            .load(std::sync::atomic::Ordering::Relaxed),
+        5
+    );
+    // A new stream (reconnect) resends everything: still stored once.
+    drop(s);
+    let mut s = connect(&f, &l, "n1").await;
+    for bt in &batches {
+        assert_eq!(s.send(msg(bt)).await?.acked_seq, 5);
+    }
+    assert_eq!(count_rows(&f).await, 5);
+    let totals = f.query_store().await.run_totals().await?;
+    // 5 batches x 3 intervals: run-a 15 uJ, run-b 25 uJ per interval.
+    let get = |r: &str| {
+        totals
+            .iter()
+            .find(|t| t.run_id == r && t.domain == "package:0")
+            .map(|t| t.energy_uj)
+    };
+    assert_eq!(get("run-a"), Some(15 * 15));
+    assert_eq!(get("run-b"), Some(15 * 25));
+    assert_eq!(totals.len(), 2);
+    let nodes = f.query_store().await.nodes().await?;
+    assert_eq!(nodes.len(), 1);
+    assert_eq!((nodes[0].last_seq, nodes[0].intervals), (5, 15));
+    l.stop().await;
+    Ok(())
+}
+
+async fn reordered_batches_are_held_then_stored_in_order(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let l = f.start(limits()).await;
+    let bs: Vec<_> = (0..5).map(|_| chain.next(1)).collect();
+    let mut s = connect(&f, &l, "n1").await;
+    assert_eq!(s.send(msg(&bs[0])).await?.acked_seq, 1);
+    // 4 and 3 arrive before 2: held, the Ack names the hole.
+    for i in [3, 2] {
+        let ack = s.send(msg(&bs[i])).await?;
+        assert_eq!(
+            (ack.acked_seq, ack.missing_from_seq),
+            (1, 2),
+            "after seq {}",
+            i + 1
+        );
+    }
+    // Held and sent again: a duplicate of the held one.
+    let ack = s.send(msg(&bs[3])).await?;
+    assert_eq!((ack.acked_seq, ack.missing_from_seq), (1, 2));
+    assert_eq!(count_rows(&f).await, 1, "nothing above the hole is stored");
+    let nodes = f.query_store().await.nodes().await?;
+    assert_eq!(nodes[0].highest_seen_seq, 4);
+    // The hole fills: everything held is committed, in order.
+    let ack = s.send(msg(&bs[1])).await?;
+    assert_eq!((ack.acked_seq, ack.missing_from_seq), (4, 0));
+    assert_eq!(s.send(msg(&bs[4])).await?.acked_seq, 5);
+    assert_eq!(count_rows(&f).await, 5);
+    assert_eq!(
+        l.metrics
+            .batches_held
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    let report = wattd_ledger::query::nodes_report(f.query_store().await.nodes().await?);
+    assert!(
+        report.nodes[0].gaps.is_empty(),
+        "{:?}",
+        report.nodes[0].gaps
+    );
+    l.stop().await;
+    Ok(())
+}
+
+async fn held_batches_are_bounded(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let mut lim = limits();
+    lim.service.session.max_held_batches = 2;
+    let l = f.start(lim).await;
+    let bs: Vec<_> = (0..6).map(|_| chain.next(1)).collect();
+    let mut s = connect(&f, &l, "n1").await;
+    s.send(msg(&bs[0])).await?;
+    s.send(msg(&bs[2])).await?;
+    s.send(msg(&bs[3])).await?;
+    let err = s.send(msg(&bs[4])).await.expect_err("third held batch");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("missing seq 2"), "{}", err.message());
+    assert_eq!(l.rejections(Reason::HeldLimit), 1);
+    // A new stream starts from the stored tip: nothing held was acknowledged or stored.
+    let mut s = connect(&f, &l, "n1").await;
+    for bt in &bs {
+        s.send(msg(bt)).await?;
+    }
+    assert_eq!(count_rows(&f).await, 6);
+    l.stop().await;
+    Ok(())
+}
+
+/// A batch with the same seq as `b` but other content, genuinely signed by the node's key.
+fn forked(chain_key: &wattd::identity::NodeKey, seq: u64, prev: [u8; 32]) -> NodeMessage {
+    let b = wattd::sealer::sign_batch(
+        chain_key,
+        seq,
+        prev,
+        42,
+        BatchContent {
+            intervals: vec![interval(900, &[("run-evil", 1000, 0)], 0)],
+            ..Default::default()
+        },
+    );
+    msg(&b)
+}
+
+async fn fork_is_rejected_recorded_and_counted(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let l = f.start(limits()).await;
+    let bs: Vec<_> = (0..4).map(|_| chain.next(1)).collect();
+    let mut s = connect(&f, &l, "n1").await;
+    s.send(msg(&bs[0])).await?;
+    s.send(msg(&bs[1])).await?;
+    // A different seq 2 (same predecessor, other content).
+    let err = s
+        .send(forked(&chain.key, 2, bs[0].hash))
+        .await
+        .expect_err("fork");
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(
+        err.message().contains("seq 2") && err.message().contains("fork"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        err.metadata()
+            .get("wattd-reason")
+            .and_then(|v| v.to_str().ok()),
+        Some("fork")
+    );
+    // A fork of a held batch.
+    let mut s = connect(&f, &l, "n1").await;
+    s.send(msg(&bs[3])).await?;
+    let err = s
+        .send(forked(&chain.key, 4, bs[2].hash))
+        .await
+        .expect_err("held fork");
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(l.rejections(Reason::Fork), 2);
+    // The stored batch 2 is untouched; the forks are kept as evidence.
+    let store = f.query_store().await;
+    assert_eq!(store.batch_hash("n1", 2).await?, Some(bs[1].hash));
+    let nodes = store.nodes().await?;
+    let forks = &nodes[0].forks;
+    assert_eq!(forks.len(), 2, "{forks:?}");
+    assert_eq!((forks[0].seq, forks[0].kind.as_str()), (2, "stored"));
+    assert_eq!((forks[1].seq, forks[1].kind.as_str()), (4, "held"));
+    // The same fork again is one row seen twice.
+    let mut s = connect(&f, &l, "n1").await;
+    let _ = s.send(forked(&chain.key, 2, bs[0].hash)).await;
+    let nodes = f.query_store().await.nodes().await?;
+    assert_eq!(nodes[0].forks[0].times_seen, 2);
+    assert_eq!(count_rows(&f).await, 2);
+    l.stop().await;
+    Ok(())
+}
+
+async fn chain_break_is_rejected_and_recorded(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let l = f.start(limits()).await;
+    let b1 = chain.next(1);
+    let mut s = connect(&f, &l, "n1").await;
+    s.send(msg(&b1)).await?;
+    // Seq 2, authentic, but chained to something that is not the stored seq 1.
+    let err = s
+        .send(forked(&chain.key, 2, [7; 32]))
+        .await
+        .expect_err("chain break");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("chain"), "{}", err.message());
+    assert_eq!(l.rejections(Reason::ChainBreak), 1);
+    // Seq 1 that does not start from the genesis hash.
+    let mut other = Chain::new(key("n2", 1, 2));
+    f.enrol(&other.key);
+    let l2 = f.start(limits()).await;
+    other.prev = [1; 32];
+    let bad1 = other.next(1);
+    let mut s = connect(&f, &l2, "n2").await;
+    let err = s.send(msg(&bad1)).await.expect_err("bad genesis");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(count_rows(&f).await, 1);
+    let nodes = f.query_store().await.nodes().await?;
+    assert_eq!(nodes[0].forks[0].kind, "chain_link");
+    l.stop().await;
+    l2.stop().await;
+    Ok(())
+}
+
+async fn bad_signature_and_modified_byte_are_rejected(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let l = f.start(limits()).await;
+    let b1 = chain.next(2);
+    let good = SignedBatch::decode(b1.bytes.as_slice())?;
+    // A flipped bit in the signature.
+    let mut bad_sig = good.clone();
+    bad_sig.signature[10] ^= 1;
+    // A modified byte of the batch: an allocation's energy, found by its encoding.
+    let mut batch = Batch::decode(good.batch_bytes.as_slice())?;
+    batch.intervals[0].domains[0].allocations[0].active_uj += 1;
+    batch.intervals[0].domains[0].host_active_uj -= 1;
+    let mut modified = good.clone();
+    modified.batch_bytes = batch.encode_to_vec();
+    assert_eq!(modified.batch_bytes.len(), good.batch_bytes.len());
+    // A modified byte anywhere: the last byte of the batch bytes.
+    let mut last = good.clone();
+    if let Some(x) = last.batch_bytes.last_mut() {
+        *x ^= 0x01;
+    }
+    for (what, s) in [
+        ("signature", bad_sig),
+        ("allocation", modified),
+        ("last byte", last),
+    ] {
+        let mut st = connect(&f, &l, "n1").await;
+        let err = st.send(signed_msg(s)).await.expect_err(what);
+        assert!(
+            matches!(err.code(), Code::Unauthenticated | Code::InvalidArgument),
+            "{what}: {err:?}"
+        );
+        if err.code() == Code::Unauthenticated {
+            assert!(
+                err.message().contains("signature"),
+                "{what}: {}",
+                err.message()
+            );
+        }
+    }
+    assert!(l.rejections(Reason::BadSignature) >= 2);
+    // A heartbeat with a bad signature.
+    let mut hb = chain.heartbeat(1);
+    if let Some(node_message::Kind::SignedHeartbeat(h)) = &mut hb.kind {
+        h.signature[0] ^= 0x80;
+    }
+    let mut st = connect(&f, &l, "n1").await;
+    let err = st.send(hb).await.expect_err("bad heartbeat");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(count_rows(&f).await, 0);
+    // The genuine batch still goes in.
+    let mut st = connect(&f, &l, "n1").await;
+    assert_eq!(st.send(msg(&b1)).await?.acked_seq, 1);
+    l.stop().await;
+    Ok(())
+}
+
+async fn unknown_key_is_rejected(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    f.enrol(&key("n1", 1, 1));
+    let l = f.start(limits()).await;
+    // The node's id, a key nobody enrolled (same epoch).
+    let mut forger = Chain::new(key("n1", 1, 99));
+    let mut s = connect(&f, &l, "n1").await;
+    let err = s.send(msg(&forger.next(1))).await.expect_err("forged");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("key"), "{}", err.message());
+    // An epoch that is not enrolled.
+    let mut forger = Chain::new(key("n1", 5, 98));
+    let mut s = connect(&f, &l, "n1").await;
+    let err = s.send(msg(&forger.next(1))).await.expect_err("epoch 5");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("epoch 5"), "{}", err.message());
+    // A heartbeat signed by an unknown key.
+    let mut s = connect(&f, &l, "n1").await;
+    let err = s
+        .send(heartbeat(&key("n1", 1, 97), 3))
+        .await
+        .expect_err("heartbeat");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(l.rejections(Reason::UnknownKey), 3);
+    assert_eq!(count_rows(&f).await, 0);
+    l.stop().await;
+    Ok(())
+}
+
+async fn node_id_must_match_the_certificate(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut a = Chain::new(key("node-a", 1, 1));
+    let mut bb = Chain::new(key("node-b", 1, 2));
+    f.enrol(&a.key);
+    f.enrol(&bb.key);
+    let l = f.start(limits()).await;
+    // node-b's genuine batch, sent on node-a's connection.
+    let mut s = connect(&f, &l, "node-a").await;
+    let err = s.send(msg(&bb.next(1))).await.expect_err("foreign batch");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("node-a") && err.message().contains("node-b"),
+        "{}",
+        err.message()
+    );
+    let mut s = connect(&f, &l, "node-a").await;
+    let err = s
+        .send(bb.heartbeat(1))
+        .await
+        .expect_err("foreign heartbeat");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(l.rejections(Reason::NodeMismatch), 2);
+    let mut s = connect(&f, &l, "node-a").await;
+    assert_eq!(s.send(msg(&a.next(1))).await?.acked_seq, 1);
+    l.stop().await;
+    Ok(())
+}
+
+async fn unenrolled_certificate_is_refused(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    f.enrol(&key("n1", 1, 1));
+    let l = f.start(limits()).await;
+    let ch = channel(l.addr, &f.ca.ca_pem, Some(&f.client_cert("ghost"))).await?;
+    let err = NodeStream::open(ch).await.expect_err("ghost");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("ghost") && err.message().contains("not enrolled"));
+    assert_eq!(l.rejections(Reason::Unenrolled), 1);
+    l.stop().await;
+    Ok(())
+}
+
+async fn no_client_certificate_fails_the_handshake(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    f.enrol(&key("n1", 1, 1));
+    let l = f.start(limits()).await;
+    let refused = match channel(l.addr, &f.ca.ca_pem, None).await {
+        Err(_) => true,
+        Ok(ch) => NodeStream::open(ch).await.is_err(),
+    };
+    assert!(refused, "a client without a certificate got a stream");
+    let m = l.metrics.clone();
+    eventually("handshake failure counted", || {
+        m.tls_handshake_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    })
+    .await;
+    assert_eq!(m.streams.load(std::sync::atomic::Ordering::Relaxed), 0);
+    l.stop().await;
+    Ok(())
+}
+
+async fn certificate_of_another_ca_fails_the_handshake(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    f.enrol(&key("n1", 1, 1));
+    let l = f.start(limits()).await;
+    // An enrolled CN, but issued by a CA the ledger does not trust.
+    let other_dir = tempfile::tempdir()?;
+    let rogue = wattd_tests::tls::TestCa::new(other_dir.path(), "rogue");
+    let refused = match channel(l.addr, &f.ca.ca_pem, Some(&rogue.client("n1"))).await {
+        Err(_) => true,
+        Ok(ch) => NodeStream::open(ch).await.is_err(),
+    };
+    assert!(refused, "a certificate of another CA got a stream");
+    let m = l.metrics.clone();
+    eventually("handshake failure counted", || {
+        m.tls_handshake_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    })
+    .await;
+    assert_eq!(m.streams.load(std::sync::atomic::Ordering::Relaxed), 0);
+    l.stop().await;
+    Ok(())
+}
+
+async fn oversized_message_is_refused(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let mut lim = limits();
+    lim.max_message_bytes = 8 * 1024;
+    let l = f.start(lim).await;
+    let mut s = connect(&f, &l, "n1").await;
+    assert_eq!(s.send(msg(&chain.next(1))).await?.acked_seq, 1);
+    let big = chain.next(200);
+    assert!(big.bytes.len() > 8 * 1024);
+    let err = s.send(msg(&big)).await.expect_err("oversized");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("too large"), "{}", err.message());
+    assert_eq!(l.rejections(Reason::Oversized), 1);
+    assert_eq!(count_rows(&f).await, 1);
+    l.stop().await;
+    Ok(())
+}
+
+async fn truncated_tail_is_detected_through_heartbeats(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let l = f.start(limits()).await;
+    let bs: Vec<_> = (0..5).map(|_| chain.next(1)).collect();
+    let mut s = connect(&f, &l, "n1").await;
+    for bt in &bs[..3] {
+        s.send(msg(bt)).await?;
+    }
+    // Seqs 4 and 5 never arrive (dropped in flight); the heartbeat says the node sealed 5.
+    let ack = s.send(chain.heartbeat(5)).await?;
+    assert_eq!((ack.acked_seq, ack.announced_sealed_seq), (3, 5));
+    assert_eq!(
+        l.metrics
+            .tail_missing
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let report = wattd_ledger::query::nodes_report(f.query_store().await.nodes().await?);
+    let n = &report.nodes[0];
+    assert_eq!(n.announced_sealed_seq, 5);
+    assert!(n.last_heartbeat_received_unix_ns.is_some());
+    assert_eq!(
+        n.gaps,
+        vec![wattd_ledger::query::GapRow {
+            first_seq: 4,
+            last_seq: 5,
+            reason: "announced_not_received"
+        }]
+    );
+    // An older heartbeat never lowers what was announced; the tail arrives and the gap closes.
+    assert_eq!(s.send(chain.heartbeat(2)).await?.announced_sealed_seq, 5);
+    for bt in &bs[3..] {
+        s.send(msg(bt)).await?;
+    }
+    let ack = s.send(chain.heartbeat(5)).await?;
+    assert_eq!((ack.acked_seq, ack.announced_sealed_seq), (5, 5));
+    let report = wattd_ledger::query::nodes_report(f.query_store().await.nodes().await?);
+    assert!(report.nodes[0].gaps.is_empty());
+    l.stop().await;
+    Ok(())
+}
+
+async fn key_rotation_is_followed_and_the_old_key_refused_after_it(
+    b: Backend,
+    name: &str,
+) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let old = key("n1", 1, 1);
+    let old_again = key("n1", 1, 1);
+    let mut chain = Chain::new(old);
+    f.enrol(&chain.key);
+    let l = f.start(limits()).await;
+    let mut s = connect(&f, &l, "n1").await;
+    s.send(msg(&chain.next(1))).await?;
+    let announce = chain.rotate(key("n1", 2, 2));
+    assert_eq!(s.send(msg(&announce)).await?.acked_seq, 2);
+    let after = chain.next(1);
+    assert_eq!(s.send(msg(&after)).await?.acked_seq, 3);
+    // A heartbeat with the new key.
+    s.send(chain.heartbeat(3)).await?;
+    // After a restart of the ledger the new key is known from the stored chain.
+    l.stop().await;
+    let l = f.start(limits()).await;
+    let mut s = connect(&f, &l, "n1").await;
+    let b4 = chain.next(1);
+    assert_eq!(s.send(msg(&b4)).await?.acked_seq, 4);
+    // The old key (maybe the leaked one) signing seq 5: refused.
+    let stale = wattd::sealer::sign_batch(&old_again, 5, b4.hash, 1, BatchContent::default());
+    let err = s
+        .send(msg(&stale))
+        .await
+        .expect_err("old key after rotation");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("epoch"), "{}", err.message());
+    assert_eq!(l.rejections(Reason::StaleKey), 1);
+    assert_eq!(count_rows(&f).await, 4);
+    l.stop().await;
+    Ok(())
+}
+
+async fn conservation_break_is_rejected(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let l = f.start(limits()).await;
+    let mut iv = interval(0, &[("run-a", 10, 0)], 5);
+    iv.domains[0].measured_uj += 1; // 1 uJ created from nothing
+    let bad = chain.next_with(BatchContent {
+        intervals: vec![iv],
+        ..Default::default()
+    });
+    let mut s = connect(&f, &l, "n1").await;
+    let err = s.send(msg(&bad)).await.expect_err("conservation");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("measured 16 uJ"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(l.rejections(Reason::Conservation), 1);
+    assert_eq!(count_rows(&f).await, 0);
+    l.stop().await;
+    Ok(())
+}
+
+async fn malformed_messages_get_an_error_status(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let l = f.start(limits()).await;
+    let good = SignedBatch::decode(chain.next(1).bytes.as_slice())?;
+    let mut cases: Vec<(&str, NodeMessage)> = vec![
+        ("empty message", NodeMessage { kind: None }),
+        (
+            "garbage batch bytes",
+            signed_msg(SignedBatch {
+                batch_bytes: vec![0xff; 40],
+                ..good.clone()
+            }),
+        ),
+        ("empty signed batch", signed_msg(SignedBatch::default())),
+    ];
+    // Every truncation of the batch bytes.
+    for cut in [1, 5, good.batch_bytes.len() / 2, good.batch_bytes.len() - 1] {
+        let mut t = good.clone();
+        t.batch_bytes.truncate(cut);
+        cases.push(("truncated", signed_msg(t)));
+    }
+    for (what, m) in cases {
+        let mut s = connect(&f, &l, "n1").await;
+        let err = s.send(m).await.expect_err(what);
+        assert!(
+            matches!(
+                err.code(),
+                Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied
+            ),
+            "{what}: {err:?}"
+        );
+    }
+    // The ledger is still up and sound.
+    let mut s = connect(&f, &l, "n1").await;
+    assert_eq!(s.send(signed_msg(good)).await?.acked_seq, 1);
+    l.stop().await;
+    Ok(())
+}
+
+async fn streams_per_node_are_limited(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    f.enrol(&key("n1", 1, 1));
+    let mut lim = limits();
+    lim.service.streams_per_node = 1;
+    let l = f.start(lim).await;
+    let first = connect(&f, &l, "n1").await;
+    let ch = channel(l.addr, &f.ca.ca_pem, Some(&f.client_cert("n1"))).await?;
+    let err = NodeStream::open(ch).await.expect_err("second stream");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(l.rejections(Reason::StreamsLimit), 1);
+    drop(first);
+    // The slot is released when the stream ends.
+    let m = l.metrics.clone();
+    eventually("stream closed", || {
+        m.streams_open.load(std::sync::atomic::Ordering::Relaxed) == 0
+    })
+    .await;
+    let _again = connect(&f, &l, "n1").await;
+    // The counters are served on /metrics.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let text = scrape(l.metrics_addr.expect("metrics")).await;
+    assert!(
+        text.contains("wattd_ledger_rejections_total{reason=\"streams_limit\"} 1"),
+        "{text}"
+    );
+    l.stop().await;
+    Ok(())
+}
+
+async fn concurrent_streams_of_one_node_store_each_batch_once(
+    b: Backend,
+    name: &str,
+) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let l = f.start(limits()).await;
+    let bs: Vec<_> = (0..30).map(|_| chain.next(2)).collect();
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let mut s = connect(&f, &l, "n1").await;
+        let bs = bs.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut last = 0;
+            for bt in &bs {
+                last = s.send(msg(bt)).await.expect("ack").acked_seq;
+            }
+            last
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await?, 30);
+    }
+    assert_eq!(count_rows(&f).await, 30);
+    let m = &l.metrics;
+    assert_eq!(
+        m.batches_stored.load(std::sync::atomic::Ordering::Relaxed)
+            + m.batches_duplicate
+                .load(std::sync::atomic::Ordering::Relaxed),
+        60
+    );
+    let totals = f.query_store().await.run_totals().await?;
+    assert_eq!(totals[0].energy_uj, 30 * 2 * 15);
+    l.stop().await;
+    Ok(())
+}
+
+async fn commit_races_are_decided_by_the_primary_key(b: Backend, name: &str) -> TestResult {
+    use std::collections::BTreeMap;
+    use wattd_ledger::check::{verify_batch, KnownKeys};
+    use wattd_ledger::enrol::EnrolledKey;
+    use wattd_ledger::store::{AnyStore, Commit, OpenMode};
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    let mut enrolled = BTreeMap::new();
+    enrolled.insert(
+        1,
+        EnrolledKey {
+            identity: chain.key.public(),
+            key_id: chain.key.key_id(),
+            file: "test".into(),
+        },
+    );
+    let keys = KnownKeys::new("n1", &enrolled);
+    // Two independent store handles (two pools, as two processes have).
+    let s1 = std::sync::Arc::new(AnyStore::open(&f.store_url, OpenMode::Serve).await?);
+    let s2 = std::sync::Arc::new(AnyStore::open(&f.store_url, OpenMode::Serve).await?);
+    for _ in 0..40 {
+        let bt = chain.next(2);
+        let SignedBatch { .. } = SignedBatch::decode(bt.bytes.as_slice())?;
+        let vb = std::sync::Arc::new(verify_batch(
+            "n1",
+            &keys,
+            &SignedBatch::decode(bt.bytes.as_slice())?,
+        )?);
+        let (a, c) = tokio::join!(s1.commit(vb.clone(), 1), s2.commit(vb.clone(), 2));
+        let mut outcomes = [a?, c?];
+        outcomes.sort_by_key(|o| format!("{o:?}"));
+        assert_eq!(
+            outcomes,
+            [Commit::Duplicate, Commit::Stored],
+            "seq {}",
+            bt.seq
+        );
+    }
+    assert_eq!(s1.tip("n1").await?.seq, 40);
+    assert_eq!(count_rows(&f).await, 40);
+    Ok(())
+}
+
+async fn node_rate_is_limited_by_delay(b: Backend, name: &str) -> TestResult {
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let mut lim = limits();
+    lim.service.node_batches_per_s = std::num::NonZeroU32::new(10);
+    let l = f.start(lim).await;
+    let mut s = connect(&f, &l, "n1").await;
+    let started = std::time::Instant::now();
+    // A burst of 10 passes at once; the next 10 are paced at 10/s: about 1 s more.
+    for _ in 0..20 {
+        s.send(msg(&chain.next(1))).await?;
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(800), "{elapsed:?}");
+    assert!(
+        l.metrics
+            .rate_limited
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 9
+    );
+    assert_eq!(count_rows(&f).await, 20, "delayed, never dropped");
+    l.stop().await;
+    Ok(())
+}
