@@ -59,7 +59,7 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     let text = format!(
-        "# wattd node identity: enrol this with the ledger (`wattd-ledger serve --nodes DIR`).\n{}",
+        "# wattd node identity: enrol this with the ledger (`wattd-ledger serve --enrolled DIR`).\n{}",
         key.public().to_toml()
     );
     std::io::stdout()

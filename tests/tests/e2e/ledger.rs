@@ -395,6 +395,12 @@ fn ledger_down_for_a_minute_then_every_interval_arrives_once() {
     w.cg.wait_all();
     stop_agent_cleanly(&w, &mut agent);
     w.check();
+    let log = std::fs::read_to_string(w.agent_log()).unwrap_or_default();
+    assert!(
+        log.contains("ledger session ended"),
+        "the outage was never seen by the shipper\n{}",
+        w.logs()
+    );
     let runs = totals(&runs_json(&w.spool));
     for r in ["long", "dark", "after"] {
         assert!(
