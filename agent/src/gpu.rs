@@ -123,6 +123,8 @@ pub struct GpuSource {
     /// The last answer was not used: the next close must start every counter over.
     rebaseline: bool,
     stuck_since: Option<Instant>,
+    /// `pending` was sent by this interval's `request` (not left over from a stuck one).
+    fresh: bool,
     pub timeouts: u64,
 }
 
@@ -163,6 +165,7 @@ impl GpuSource {
             timeout,
             rebaseline: false,
             stuck_since: None,
+            fresh: false,
             timeouts: 0,
         })
     }
@@ -170,6 +173,7 @@ impl GpuSource {
     /// Asks the thread to close the interval now, unless it is still busy with an earlier
     /// request (then this interval will be a gap).
     pub fn request(&mut self) {
+        self.fresh = false;
         if let Some(rx) = &mut self.pending {
             match rx.try_recv() {
                 // A late answer: its interval was already recorded as a gap; drop it.
@@ -185,13 +189,22 @@ impl GpuSource {
         if self.tx.try_send(req).is_ok() {
             self.rebaseline = false;
             self.pending = Some(rx);
+            self.fresh = true;
         }
     }
 
     /// The interval's GPU readings: the thread's answer within the deadline, or a gap of every
     /// GPU saying why not.
     pub async fn collect(&mut self) -> GpuInterval {
-        let outcome = match self.pending.as_mut() {
+        // A request still unanswered from an earlier interval is not waited for again: the
+        // thread is stuck in NVML, and waiting a full deadline every tick would stretch every
+        // interval (and hold up the control socket) for as long as it stays stuck.
+        let pending = if self.fresh {
+            self.pending.as_mut()
+        } else {
+            None
+        };
+        let outcome = match pending {
             None => Err(format!(
                 "an earlier NVML call has not returned for {} ms",
                 self.stuck_since.map_or(0, |t| t.elapsed().as_millis())

@@ -54,6 +54,12 @@ enum Command {
         /// The configuration file; without it the embedded defaults are checked.
         #[arg(long, value_name = "FILE")]
         config: Option<std::path::PathBuf>,
+        /// Also fail (exit 64) on problems with the files the configuration names (the
+        /// [ledger] certificate, key and CA). Without it they are warnings: the unit runs
+        /// `validate` before every start, and a node whose certificate is missing must still
+        /// measure into its spool.
+        #[arg(long)]
+        strict: bool,
     },
     /// Print the node id and public key the ledger must enrol (creates the key if missing).
     Identity(identity_cmd::IdentityArgs),
@@ -147,7 +153,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Probe(args) => probe_cmd::run(&args),
-        Command::Validate { config } => match wattd::config::load(config.as_deref()) {
+        Command::Validate { config, strict } => match wattd::config::load(config.as_deref()) {
             Ok(c) => {
                 let file = c
                     .file
@@ -158,10 +164,11 @@ fn main() -> ExitCode {
                     .as_ref()
                     .map(wattd::shipper::check_tls_files)
                     .unwrap_or_default();
-                if !tls.is_empty() {
-                    for p in &tls {
-                        eprintln!("wattd: {file}: {p}");
-                    }
+                let kind = if strict { "" } else { "warning: " };
+                for p in &tls {
+                    eprintln!("wattd: {kind}{file}: {p}");
+                }
+                if strict && !tls.is_empty() {
                     return ExitCode::from(EXIT_USAGE);
                 }
                 println!("{file}: ok");

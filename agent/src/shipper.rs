@@ -416,7 +416,10 @@ impl Shipper {
             tracing::error!(error = %e, "ledger acknowledgement refused");
         }
         tracing::info!(endpoint = %self.cfg.endpoint, ledger_acked = first.acked_seq, resume_at = self.acked + 1, "ledger session open");
-        let mut progressed = true;
+        // Progress (which resets the reconnect backoff) is the ledger storing something new: a
+        // ledger that accepts the opening heartbeat and then refuses every batch must not be
+        // hammered with a reconnect every few hundred milliseconds.
+        let acked_at_open = self.acked;
         let mut reader = SpoolReader::new(&self.dir, self.acked + 1);
         // Since when batches have been waiting for an Ack (None: nothing in flight).
         let mut waiting_since: Option<tokio::time::Instant> = None;
@@ -443,7 +446,7 @@ impl Shipper {
                     Err(e) => {
                         return Err(end(
                             "spool_read",
-                            progressed,
+                            self.acked > acked_at_open,
                             anyhow::Error::new(e).context("reading the spool to ship"),
                         ))
                     }
@@ -451,7 +454,13 @@ impl Shipper {
                 let signed = match SignedBatch::decode(batch.bytes.as_slice()) {
                     Ok(s) => s,
                     // The reader already decoded it; cannot happen short of memory corruption.
-                    Err(e) => return Err(end("spool_read", progressed, anyhow::Error::new(e))),
+                    Err(e) => {
+                        return Err(end(
+                            "spool_read",
+                            self.acked > acked_at_open,
+                            anyhow::Error::new(e),
+                        ))
+                    }
                 };
                 if tx
                     .send(NodeMessage {
@@ -462,7 +471,7 @@ impl Shipper {
                 {
                     return Err(end(
                         "closed",
-                        progressed,
+                        self.acked > acked_at_open,
                         anyhow::anyhow!("the request stream closed"),
                     ));
                 }
@@ -480,10 +489,9 @@ impl Shipper {
             tokio::select! {
                 msg = inbound.message() => {
                     let ack = msg
-                        .map_err(|s| status_end(&s, progressed))?
-                        .ok_or_else(|| end("closed", progressed, anyhow::anyhow!("the ledger closed the stream")))?;
+                        .map_err(|s| status_end(&s, self.acked > acked_at_open))?
+                        .ok_or_else(|| end("closed", self.acked > acked_at_open, anyhow::anyhow!("the ledger closed the stream")))?;
                     waiting_since = None;
-                    progressed = true;
                     if let Err(e) = self.take_ack(&ack) {
                         tracing::error!(error = %e, "ledger acknowledgement refused");
                     }
@@ -498,18 +506,31 @@ impl Shipper {
                 }
                 _ = self.state.changed() => {}
                 _ = heartbeat.tick() => {
-                    if let Some(hb) = self.heartbeat() {
-                        if tx.send(hb).await.is_err() {
-                            return Err(end("closed", progressed, anyhow::anyhow!("the request stream closed")));
+                    // Only once every batch it announces has been sent: a heartbeat ahead of the
+                    // batches would look like a lost tail to the ledger. (While a backlog is
+                    // replayed, the batches themselves say the node is alive.) Never waits: a
+                    // full queue means the ledger is not reading, and the ack deadline must
+                    // still run.
+                    let announces = self.state.borrow().sealed_seq;
+                    if reader.next_seq() > announces {
+                        if let Some(hb) = self.heartbeat() {
+                            match tx.try_send(hb) {
+                                Ok(()) => {
+                                    self.stats.heartbeats_sent_total.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(mpsc::error::TrySendError::Full(_)) => {}
+                                Err(mpsc::error::TrySendError::Closed(_)) => {
+                                    return Err(end("closed", self.acked > acked_at_open, anyhow::anyhow!("the request stream closed")));
+                                }
+                            }
                         }
-                        self.stats.heartbeats_sent_total.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 _ = async { match pace { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                     pace = None;
                 }
                 _ = async { match ack_deadline { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
-                    return Err(end("ack_timeout", progressed, anyhow::anyhow!(
+                    return Err(end("ack_timeout", self.acked > acked_at_open, anyhow::anyhow!(
                         "{in_flight} batch(es) unacknowledged for {:?}", self.cfg.ack_timeout)));
                 }
             }

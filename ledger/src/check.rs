@@ -162,6 +162,20 @@ pub struct VerifiedBatch {
     pub allocations: Vec<AllocationRow>,
 }
 
+impl VerifiedBatch {
+    /// Memory it takes while held above a hole: its bytes and its decoded allocation rows (the
+    /// rows are several times the wire size, so counting bytes alone would let a node hold far
+    /// more than `--max-held-bytes`).
+    pub fn held_cost(&self) -> usize {
+        self.bytes.len()
+            + self
+                .allocations
+                .iter()
+                .map(|a| std::mem::size_of::<AllocationRow>() + a.domain.len() + a.run_id.len())
+                .sum::<usize>()
+    }
+}
+
 /// What a verified heartbeat says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VerifiedHeartbeat {

@@ -67,7 +67,8 @@ struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
     /// Largest message accepted, in bytes (a larger one ends the stream: RESOURCE_EXHAUSTED).
-    #[arg(long, default_value_t = 16 * 1024 * 1024, value_name = "BYTES")]
+    /// The default leaves room above the largest record a node seals (16 MiB) for its wrapper.
+    #[arg(long, default_value_t = 17 * 1024 * 1024, value_name = "BYTES")]
     max_message_bytes: usize,
     /// Batches one stream may hold above a missing seq.
     #[arg(long, default_value_t = 64, value_name = "N")]

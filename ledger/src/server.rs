@@ -63,7 +63,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_message_bytes: 16 * 1024 * 1024,
+            max_message_bytes: 17 * 1024 * 1024,
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
             max_streams_per_connection: 4,

@@ -56,6 +56,9 @@ pub struct Session<S: Store> {
     announced: u64,
     held: BTreeMap<u64, Arc<VerifiedBatch>>,
     held_bytes: usize,
+    /// Messages seen on this stream. A heartbeat that opens a stream announces what the node
+    /// has sealed before any of its backlog could be sent, so it never counts as a missing tail.
+    messages_seen: u64,
 }
 
 fn store_err(e: StoreError) -> Rejection {
@@ -94,6 +97,7 @@ impl<S: Store> Session<S> {
             announced,
             held: BTreeMap::new(),
             held_bytes: 0,
+            messages_seen: 0,
         })
     }
 
@@ -121,6 +125,7 @@ impl<S: Store> Session<S> {
 
     /// Handles one message; the Ack is sent only after everything it reports is committed.
     pub async fn handle(&mut self, msg: NodeMessage) -> Result<Ack, Rejection> {
+        self.messages_seen += 1;
         match msg.kind {
             Some(node_message::Kind::Batch(b)) => self.batch(&b).await,
             Some(node_message::Kind::SignedHeartbeat(h)) => self.heartbeat(&h).await,
@@ -331,7 +336,7 @@ impl<S: Store> Session<S> {
     }
 
     async fn hold(&mut self, vb: Arc<VerifiedBatch>) -> Result<(), Rejection> {
-        let bytes = vb.bytes.len();
+        let bytes = vb.held_cost();
         if self.held.len() >= self.limits.max_held_batches
             || self.held_bytes.saturating_add(bytes) > self.limits.max_held_bytes
         {
@@ -362,7 +367,7 @@ impl<S: Store> Session<S> {
                 break;
             }
             let vb = entry.remove();
-            self.held_bytes = self.held_bytes.saturating_sub(vb.bytes.len());
+            self.held_bytes = self.held_bytes.saturating_sub(vb.held_cost());
             if seq <= self.tip.seq {
                 self.stored_again(&vb).await?;
             } else {
@@ -401,7 +406,10 @@ impl<S: Store> Session<S> {
         if hb.last_sealed_seq > highest_received {
             // Maybe another process received them: ask the store before raising it.
             self.tip = self.store.tip(&self.node_id).await.map_err(store_err)?;
-            if hb.last_sealed_seq > self.tip.seq.max(highest_received) {
+            // Held batches the refreshed tip caught up with are stored (or dropped) now, so the
+            // Ack's missing_from_seq is true.
+            self.drain().await?;
+            if self.messages_seen > 1 && hb.last_sealed_seq > self.tip.seq.max(highest_received) {
                 self.metrics.inc(&self.metrics.tail_missing);
                 tracing::warn!(node = %self.node_id, announced = hb.last_sealed_seq, stored = self.tip.seq, "heartbeat announces batches the ledger has not received (tail missing)");
             }

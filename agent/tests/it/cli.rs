@@ -183,7 +183,44 @@ fn annotated_example_config_is_valid_with_and_without_its_keys() {
         .join("\n");
     let dir = tempfile::tempdir().unwrap();
     let full = dir.path().join("full.toml");
-    std::fs::write(&full, uncommented).unwrap();
+    std::fs::write(&full, &uncommented).unwrap();
+    // Validation reads the [ledger] TLS files: the example's /etc/wattd paths do not exist here,
+    // and each missing one is named: a warning (the unit validates before every start, and a
+    // node without its certificate must still measure), an error with --strict.
     let (out, _, se) = run(wattd().args(["validate", "--config"]).arg(&full));
     assert!(out.status.success(), "{se}");
+    for key in ["ledger.ca", "ledger.cert", "ledger.key"] {
+        assert!(
+            se.contains(&format!("warning: {}: {key}: /etc/wattd/", full.display())),
+            "{se}"
+        );
+    }
+    let (out, _, se) = run(wattd()
+        .args(["validate", "--strict", "--config"])
+        .arg(&full));
+    assert_eq!(out.status.code(), Some(64), "{se}");
+    assert!(se.contains("ledger.key: /etc/wattd/node.key"), "{se}");
+    // With the files in place (the key owner-only), the full example is valid.
+    let mut with_files = uncommented.clone();
+    for (path, pem) in [
+        ("/etc/wattd/ledger-ca.pem", "CERTIFICATE"),
+        ("/etc/wattd/node.pem", "CERTIFICATE"),
+        ("/etc/wattd/node.key", "PRIVATE KEY"),
+    ] {
+        let local = dir.path().join(Path::new(path).file_name().unwrap());
+        std::fs::write(
+            &local,
+            format!("-----BEGIN {pem}-----\nAA==\n-----END {pem}-----\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&local, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        with_files = with_files.replace(path, local.to_str().unwrap());
+    }
+    std::fs::write(&full, with_files).unwrap();
+    let (out, _, se) = run(wattd()
+        .args(["validate", "--strict", "--config"])
+        .arg(&full));
+    assert!(out.status.success(), "{se}");
+    assert!(!se.contains("warning"), "{se}");
 }

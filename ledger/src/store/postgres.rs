@@ -189,12 +189,26 @@ impl std::fmt::Debug for PgStore {
 }
 
 async fn connect(url: &str) -> Result<Client, StoreError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let mut config: tokio_postgres::Config = url.parse()?;
+    // A dead server or a silently dropped connection must fail a commit (the stream gets
+    // UNAVAILABLE and the node retries), not hang it while it holds a pool slot.
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    config.keepalives(true);
+    config.keepalives_idle(std::time::Duration::from_secs(30));
+    let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %describe(&e), "postgres connection closed");
         }
     });
+    // An Ack promises durability: commits must wait for the WAL flush whatever the server's or
+    // role's default (`synchronous_commit = off` or `local` would acknowledge batches that a
+    // PostgreSQL crash then loses). Statements are bounded too.
+    client
+        .batch_execute("SET synchronous_commit = on; SET statement_timeout = '30s'")
+        .await?;
     Ok(client)
 }
 

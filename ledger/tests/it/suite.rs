@@ -538,6 +538,18 @@ async fn truncated_tail_is_detected_through_heartbeats(b: Backend, name: &str) -
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+    // A stream opened by a heartbeat announces the node's backlog before sending it: that is
+    // no missing tail (the shipper always opens this way after a reconnect).
+    let mut s2 = connect(&f, &l, "n1").await;
+    let ack = s2.send(chain.heartbeat(5)).await?;
+    assert_eq!((ack.acked_seq, ack.announced_sealed_seq), (3, 5));
+    assert_eq!(
+        l.metrics
+            .tail_missing
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    drop(s2);
     let report = wattd_ledger::query::nodes_report(f.query_store().await.nodes().await?);
     let n = &report.nodes[0];
     assert_eq!(n.announced_sealed_seq, 5);
