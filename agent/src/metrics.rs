@@ -262,9 +262,9 @@ impl Metrics {
             ] {
                 *self.host_uj.entry((domain, r.source, part)).or_default() += uj;
             }
-            for share in &r.runs {
+            for (id, share) in r.shares() {
                 let uj = share.active_uj as u128 + share.idle_uj as u128;
-                if let Some(entry) = self.admit(&share.run_id) {
+                if let Some(entry) = self.admit(id) {
                     *entry.energy_uj.entry(domain).or_default() += uj;
                 }
             }
@@ -1091,10 +1091,15 @@ mod tests {
                 source: IdleSource::Window,
             },
             idle_uj: 0,
+            run_ids: runs
+                .iter()
+                .map(|(id, _, _)| Arc::<str>::from(*id))
+                .collect(),
             runs: runs
                 .iter()
-                .map(|(id, a, i)| RunShare {
-                    run_id: (*id).into(),
+                .enumerate()
+                .map(|(n, (_, a, i))| RunShare {
+                    run: n as u32,
                     active_uj: *a,
                     idle_uj: *i,
                     usage: 1,

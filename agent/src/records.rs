@@ -43,10 +43,9 @@ pub fn domain_energy(m: &MeterResult) -> v1::DomainEnergy {
         idle_source: idle_source(m.idle.source).to_owned(),
         idle_power_uw: m.idle.power_uw,
         allocations: m
-            .runs
-            .iter()
-            .map(|s| v1::Allocation {
-                run_id: s.run_id.to_string(),
+            .shares()
+            .map(|(id, s)| v1::Allocation {
+                run_id: id.to_string(),
                 active_uj: s.active_uj,
                 idle_uj: s.idle_uj,
                 usage_us: s.usage,

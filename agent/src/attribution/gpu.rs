@@ -475,8 +475,8 @@ mod tests {
                 .values()
                 .filter_map(|c| c.as_deref().and_then(|c| r.run_of(c)))
                 .collect();
-            for s in &out[0].runs {
-                prop_assert!(owners.contains(&s.run_id), "{} got energy", s.run_id);
+            for (id, _) in out[0].shares() {
+                prop_assert!(owners.contains(id), "{} got energy", id);
             }
         }
     }

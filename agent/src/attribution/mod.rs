@@ -149,10 +149,16 @@ pub struct IntervalInput {
     pub policy: Policy,
 }
 
-/// One run's share of one meter.
+/// The run ids a meter's shares point into (shared by every CPU meter of an interval: the
+/// shares name a run by index, so dividing among 10,000 runs copies no id and touches no
+/// reference count per share).
+pub type RunIds = Arc<[Arc<str>]>;
+
+/// One run's share of one meter. Its id is `MeterResult::run_id(share)`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RunShare {
-    pub run_id: Arc<str>,
+    /// Index into the meter's `run_ids`.
+    pub run: u32,
     pub active_uj: u64,
     pub idle_uj: u64,
     /// The usage the share was computed from (CPU us, or memory bytes under the memory policy).
@@ -171,6 +177,8 @@ pub struct MeterResult {
     pub idle: IdleEstimate,
     /// Energy below the idle power line this interval.
     pub idle_uj: u64,
+    /// The ids `runs` index into.
+    pub run_ids: RunIds,
     /// Every run that used this meter's packages or received energy from it; a run with no
     /// usage and no share is omitted.
     pub runs: Vec<RunShare>,
@@ -186,6 +194,16 @@ pub struct MeterResult {
 }
 
 impl MeterResult {
+    /// The id of the run a share belongs to.
+    pub fn run_id(&self, share: &RunShare) -> &Arc<str> {
+        &self.run_ids[share.run as usize]
+    }
+
+    /// Each share with its run's id.
+    pub fn shares(&self) -> impl Iterator<Item = (&Arc<str>, &RunShare)> {
+        self.runs.iter().map(|s| (self.run_id(s), s))
+    }
+
     /// Everything this result hands out; equals `measured_uj` by construction.
     pub fn sum_uj(&self) -> u128 {
         self.runs
@@ -225,8 +243,23 @@ pub fn apportion<K: Ord>(total: u64, weights: &[(K, u64)], ties: Ties) -> Vec<u6
         |a, b| weights[a].0.cmp(&weights[b].0),
         ties,
         &mut out,
+        &mut Scratch::default(),
     );
     out
+}
+
+/// Working buffers of [`split`], reused across the meters of an interval: with 10,000 runs each
+/// is tens of kilobytes, and fresh ones per split cost more in page faults than the arithmetic.
+#[derive(Debug, Default)]
+struct Scratch {
+    rems64: Vec<u64>,
+    rems: Vec<u128>,
+    select64: Vec<u64>,
+    select: Vec<u128>,
+    at_threshold: Vec<usize>,
+    active: Vec<u64>,
+    idle: Vec<u64>,
+    weights: Vec<u64>,
 }
 
 /// The core of [`apportion`] on bare weights: `key_cmp(i, j)` orders buckets for tie-breaks.
@@ -238,6 +271,7 @@ fn split(
     key_cmp: impl Fn(usize, usize) -> std::cmp::Ordering,
     ties: Ties,
     out: &mut Vec<u64>,
+    scratch: &mut Scratch,
 ) {
     out.clear();
     let n = weights.len();
@@ -247,9 +281,18 @@ fn split(
         return;
     }
     let max_w = weights.iter().copied().max().unwrap_or(0);
-    let mut rems: Vec<u128> = Vec::new();
-    let mut rems64: Vec<u64> = Vec::new();
-    let left = if sum <= u64::MAX as u128 && total.checked_mul(max_w).is_some() {
+    let Scratch {
+        rems64,
+        rems,
+        select64,
+        select,
+        at_threshold,
+        ..
+    } = scratch;
+    rems64.clear();
+    rems.clear();
+    let wide = !(sum <= u64::MAX as u128 && total.checked_mul(max_w).is_some());
+    let left = if !wide {
         // Every product fits in 64 bits: 64-bit division is several times cheaper.
         let sum64 = sum as u64;
         rems64.reserve(n);
@@ -277,10 +320,10 @@ fn split(
     if left == 0 {
         return;
     }
-    if rems64.len() == n {
-        distribute(out, &rems64, left, &key_cmp, ties);
+    if wide {
+        distribute(out, rems, select, at_threshold, left, &key_cmp, ties);
     } else {
-        distribute(out, &rems, left, &key_cmp, ties);
+        distribute(out, rems64, select64, at_threshold, left, &key_cmp, ties);
     }
 }
 
@@ -290,6 +333,8 @@ fn split(
 fn distribute<R: Ord + Copy>(
     shares: &mut [u64],
     rems: &[R],
+    values: &mut Vec<R>,
+    at_threshold: &mut Vec<usize>,
     left: usize,
     key_cmp: &impl Fn(usize, usize) -> std::cmp::Ordering,
     ties: Ties,
@@ -297,11 +342,12 @@ fn distribute<R: Ord + Copy>(
     // The `left`-th largest remainder is the threshold: everything above it gets one more, and
     // of those equal to it, as many as are still owed, chosen by key in `ties` order (so list
     // order does not matter). Selecting on bare remainders keeps this linear and cheap.
-    let mut values: Vec<R> = rems.to_vec();
+    values.clear();
+    values.extend_from_slice(rems);
     let (_, threshold, _) = values.select_nth_unstable_by(left - 1, |a, b| b.cmp(a));
     let threshold = *threshold;
     let mut given = 0usize;
-    let mut at_threshold: Vec<usize> = Vec::new();
+    at_threshold.clear();
     for (i, &r) in rems.iter().enumerate() {
         if r > threshold {
             shares[i] += 1;
@@ -324,10 +370,19 @@ fn distribute<R: Ord + Copy>(
 pub fn attribute(input: &IntervalInput) -> Vec<MeterResult> {
     // Each run's usage per package, looked up once per interval rather than once per meter.
     let dense = input.usage.as_ref().map(Dense::new);
+    let mut scratch = Scratch::default();
+    // The run ids, once for every CPU meter of the interval.
+    let ids: RunIds = input
+        .usage
+        .as_ref()
+        .map_or_else(Vec::new, |u| {
+            u.runs.iter().map(|r| r.run_id.clone()).collect()
+        })
+        .into();
     input
         .meters
         .iter()
-        .map(|m| attribute_meter(input, dense.as_ref(), m))
+        .map(|m| attribute_meter(input, dense.as_ref(), &ids, m, &mut scratch))
         .collect()
 }
 
@@ -340,15 +395,15 @@ struct Dense {
 
 impl Dense {
     fn new(usage: &Usage) -> Self {
+        // Only the host's packages get a column: a meter of any other package has no CPU to
+        // divide by (NO_CPU_IN_PACKAGE) and psys follows the busy packages, so a run's usage on
+        // a package the host does not list is never read.
         let mut packages: Vec<u32> = usage
             .busy_us
             .keys()
             .chain(usage.package_cpus.keys())
             .copied()
             .collect();
-        for run in &usage.runs {
-            packages.extend(run.cpu_us.keys().chain(run.reserved_millicpus.keys()));
-        }
         packages.sort_unstable();
         packages.dedup();
         let np = packages.len();
@@ -392,7 +447,13 @@ impl Dense {
     }
 }
 
-fn attribute_meter(input: &IntervalInput, dense: Option<&Dense>, m: &MeterInput) -> MeterResult {
+fn attribute_meter(
+    input: &IntervalInput,
+    dense: Option<&Dense>,
+    ids: &RunIds,
+    m: &MeterInput,
+    scratch: &mut Scratch,
+) -> MeterResult {
     let mut r = MeterResult {
         key: m.key,
         source: m.source,
@@ -401,6 +462,7 @@ fn attribute_meter(input: &IntervalInput, dense: Option<&Dense>, m: &MeterInput)
         gap: false,
         idle: m.idle,
         idle_uj: 0,
+        run_ids: Arc::from([]),
         runs: Vec::new(),
         host_active_uj: 0,
         host_idle_uj: 0,
@@ -428,7 +490,7 @@ fn attribute_meter(input: &IntervalInput, dense: Option<&Dense>, m: &MeterInput)
         return r;
     };
     if m.key.domain == Domain::Gpu {
-        attribute_gpu(input, usage, m, energy, &mut r);
+        attribute_gpu(input, usage, m, energy, &mut r, scratch);
         return r;
     }
     // The packages whose usage this meter's energy follows: its own, or all (psys).
@@ -450,7 +512,8 @@ fn attribute_meter(input: &IntervalInput, dense: Option<&Dense>, m: &MeterInput)
     // Usage weights: each run's, then the host's, over this meter's packages.
     let by_memory = m.key.domain == Domain::Dram && input.policy.dram == DramPolicy::Memory;
     let nruns = usage.runs.len();
-    let mut weights: Vec<u64> = Vec::with_capacity(nruns + 1);
+    let mut weights = std::mem::take(&mut scratch.weights);
+    weights.clear();
     let mut runs_total: u64 = 0;
     if by_memory {
         weights.extend(usage.runs.iter().map(|run| run.memory_bytes.unwrap_or(0)));
@@ -491,13 +554,14 @@ fn attribute_meter(input: &IntervalInput, dense: Option<&Dense>, m: &MeterInput)
     };
     divide(
         input.policy.idle,
-        active,
-        idle,
+        (active, idle),
         &weights,
         reserved,
-        |i| &usage.runs[i].run_id,
+        ids,
         &mut r,
+        scratch,
     );
+    scratch.weights = weights;
     r
 }
 
@@ -515,6 +579,7 @@ fn attribute_gpu(
     m: &MeterInput,
     energy: u64,
     r: &mut MeterResult,
+    scratch: &mut Scratch,
 ) {
     let Some(g) = m.key.package.and_then(|i| usage.gpus.get(&i)) else {
         r.unattributed
@@ -534,46 +599,51 @@ fn attribute_gpu(
         rw.push(g.host_reserved);
         rw
     };
+    let ids: RunIds = g.runs.iter().map(|x| x.run_id.clone()).collect();
     divide(
         input.policy.idle,
-        active,
-        idle,
+        (active, idle),
         &weights,
         reserved,
-        |i| &g.runs[i].run_id,
+        &ids,
         r,
+        scratch,
     );
 }
 
 /// Divides `active` by `weights` (one per run, then the host's) and `idle` by the idle policy,
 /// exactly, into `r`. Runs with no usage and no share are left out of `r.runs`.
-fn divide<'a>(
+fn divide(
     idle_policy: IdlePolicy,
-    active: u64,
-    idle: u64,
+    (active, idle): (u64, u64),
     weights: &[u64],
     reserved: impl FnOnce() -> Vec<u64>,
-    run_id: impl Fn(usize) -> &'a Arc<str>,
+    ids: &RunIds,
     r: &mut MeterResult,
+    scratch: &mut Scratch,
 ) {
     let nruns = weights.len() - 1;
     r.host_usage = weights[nruns];
+    r.run_ids = ids.clone();
     // Tie-break order: runs by id, the host after every run.
     let key_cmp = |a: usize, b: usize| match (a < nruns, b < nruns) {
-        (true, true) => run_id(a).cmp(run_id(b)),
+        (true, true) => ids[a].cmp(&ids[b]),
         (true, false) => std::cmp::Ordering::Less,
         (false, true) => std::cmp::Ordering::Greater,
         (false, false) => std::cmp::Ordering::Equal,
     };
     let none_used = weights.iter().all(|w| *w == 0);
 
-    let mut active_shares = Vec::new();
+    let mut active_shares = std::mem::take(&mut scratch.active);
+    let mut idle_shares = std::mem::take(&mut scratch.idle);
+    idle_shares.clear();
     split(
         active,
         weights,
         key_cmp,
         Ties::SmallestKey,
         &mut active_shares,
+        scratch,
     );
     r.host_active_uj = if none_used {
         active
@@ -581,14 +651,20 @@ fn divide<'a>(
         active_shares[nruns]
     };
 
-    let mut idle_shares: Vec<u64> = Vec::new();
     match idle_policy {
         IdlePolicy::Host => r.host_idle_uj = idle,
         IdlePolicy::Proportional => {
             if none_used {
                 r.host_idle_uj = idle;
             } else {
-                split(idle, weights, key_cmp, Ties::LargestKey, &mut idle_shares);
+                split(
+                    idle,
+                    weights,
+                    key_cmp,
+                    Ties::LargestKey,
+                    &mut idle_shares,
+                    scratch,
+                );
                 r.host_idle_uj = idle_shares[nruns];
             }
         }
@@ -597,7 +673,14 @@ fn divide<'a>(
             if rw.iter().all(|w| *w == 0) {
                 r.host_idle_uj = idle;
             } else {
-                split(idle, &rw, key_cmp, Ties::LargestKey, &mut idle_shares);
+                split(
+                    idle,
+                    &rw,
+                    key_cmp,
+                    Ties::LargestKey,
+                    &mut idle_shares,
+                    scratch,
+                );
                 r.host_idle_uj = idle_shares[nruns];
             }
         }
@@ -611,13 +694,16 @@ fn divide<'a>(
         let idle_uj = idle_shares.get(i).copied().unwrap_or(0);
         if active_uj != 0 || idle_uj != 0 || w != 0 {
             r.runs.push(RunShare {
-                run_id: run_id(i).clone(),
+                // A run count above u32::MAX is far beyond any host (and the tracker's cap).
+                run: i as u32,
                 active_uj,
                 idle_uj,
                 usage: w,
             });
         }
     }
+    scratch.active = active_shares;
+    scratch.idle = idle_shares;
 }
 
 #[cfg(test)]

@@ -89,10 +89,9 @@ fn check(input: &IntervalInput, want: &[Want]) {
             .unwrap_or_else(|| panic!("no result for {k}"));
         for (id, active, idle) in *runs {
             let got = m
-                .runs
-                .iter()
-                .find(|s| &*s.run_id == *id)
-                .map_or((0, 0), |s| (s.active_uj, s.idle_uj));
+                .shares()
+                .find(|(r, _)| &***r == *id)
+                .map_or((0, 0), |(_, s)| (s.active_uj, s.idle_uj));
             assert_eq!(got, (*active, *idle), "{k} run {id}");
         }
         assert_eq!(
@@ -316,10 +315,9 @@ fn arb_input() -> impl Strategy<Value = IntervalInput> {
 }
 
 fn total(m: &MeterResult, id: &str) -> u64 {
-    m.runs
-        .iter()
-        .filter(|s| &*s.run_id == id)
-        .map(|s| s.active_uj + s.idle_uj)
+    m.shares()
+        .filter(|(r, _)| &***r == id)
+        .map(|(_, s)| s.active_uj + s.idle_uj)
         .sum()
 }
 
@@ -356,7 +354,7 @@ proptest! {
         let (lo, hi) = (eq.iter().min().copied().unwrap_or(0), eq.iter().max().copied().unwrap_or(0));
         prop_assert!(hi - lo <= 1, "equal usage, totals {:?}", eq);
         prop_assert!(total(m, "more") >= hi, "more usage {} < {}", total(m, "more"), hi);
-        let zero = m.runs.iter().find(|s| &*s.run_id == "zero").map_or(0, |s| s.active_uj);
+        let zero = m.shares().find(|(r, _)| &***r == "zero").map_or(0, |(_, s)| s.active_uj);
         prop_assert_eq!(zero, 0);
     }
 
@@ -377,10 +375,16 @@ proptest! {
         }
         let b = attribute(&shuffled);
         for (ma, mb) in a.iter().zip(b.iter()) {
-            let mut ra = ma.runs.clone();
-            let mut rb = mb.runs.clone();
-            ra.sort_by(|x, y| x.run_id.cmp(&y.run_id));
-            rb.sort_by(|x, y| x.run_id.cmp(&y.run_id));
+            // Compared by id: the shares' indexes follow the listing order.
+            let by_id = |m: &MeterResult| {
+                let mut v: Vec<_> = m
+                    .shares()
+                    .map(|(id, s)| (id.clone(), s.active_uj, s.idle_uj, s.usage))
+                    .collect();
+                v.sort();
+                v
+            };
+            let (ra, rb) = (by_id(ma), by_id(mb));
             prop_assert_eq!(ra, rb);
             prop_assert_eq!((ma.host_active_uj, ma.host_idle_uj), (mb.host_active_uj, mb.host_idle_uj));
         }

@@ -32,15 +32,21 @@ impl Totals {
     /// Adds one interval's results.
     pub fn add(&mut self, interval: u64, results: &[MeterResult]) {
         for m in results {
-            for share in &m.runs {
-                let t = self
-                    .runs
-                    .entry(share.run_id.to_string())
-                    .or_insert_with(|| RunTotal {
-                        run_id: share.run_id.to_string(),
-                        first_interval: interval,
-                        ..RunTotal::default()
-                    });
+            for (id, share) in m.shares() {
+                // Looked up by &str first: a run's id is copied once, when it first appears.
+                if !self.runs.contains_key(&**id) {
+                    self.runs.insert(
+                        id.to_string(),
+                        RunTotal {
+                            run_id: id.to_string(),
+                            first_interval: interval,
+                            ..RunTotal::default()
+                        },
+                    );
+                }
+                let Some(t) = self.runs.get_mut(&**id) else {
+                    continue;
+                };
                 *t.energy_uj.entry(m.key.domain).or_default() += share.active_uj + share.idle_uj;
                 t.last_interval = interval;
                 t.estimated |= m.quality == Quality::Estimated;

@@ -150,10 +150,9 @@ fn gpu(iv: &Interval, index: u32) -> &MeterResult {
 }
 
 fn run_uj(r: &MeterResult, run: &str) -> u64 {
-    r.runs
-        .iter()
-        .filter(|s| &*s.run_id == run)
-        .map(|s| s.active_uj + s.idle_uj)
+    r.shares()
+        .filter(|(id, _)| &***id == run)
+        .map(|(_, s)| s.active_uj + s.idle_uj)
         .sum()
 }
 
@@ -306,10 +305,9 @@ fn mig_reserved_policy_gives_idle_to_instance_holders_and_unheld_slices_to_the_h
     // Idle 60 J by held slices: a 3, b 2, host 1 + the unheld 1g = 2, of 7.
     assert_eq!(g.idle_uj, 60 * J);
     let idle_of = |run: &str| {
-        g.runs
-            .iter()
-            .find(|s| &*s.run_id == run)
-            .map_or(0, |s| s.idle_uj)
+        g.shares()
+            .find(|(id, _)| &***id == run)
+            .map_or(0, |(_, s)| s.idle_uj)
     };
     assert_eq!(idle_of("a"), 25_714_286);
     assert_eq!(idle_of("b"), 17_142_857);
