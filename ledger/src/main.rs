@@ -33,9 +33,9 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Per-run energy by domain (uJ and Wh) over every stored allocation.
     Runs(QueryArgs),
-    /// Per node: last contiguous seq, key epoch, last heartbeat and announced sealed seq, gaps
+    /// Per node: status (fork, gap, quiet, ok), last contiguous seq, key epoch, last heartbeat and announced sealed seq, gaps
     /// (held above a hole, or announced by a heartbeat and never received) and forks.
-    Nodes(QueryArgs),
+    Nodes(NodesArgs),
 }
 
 #[derive(Debug, Args)]
@@ -118,6 +118,15 @@ struct QueryArgs {
     /// Output format (`table` is accepted for `text`).
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
+}
+
+#[derive(Debug, Args)]
+struct NodesArgs {
+    #[command(flatten)]
+    query: QueryArgs,
+    /// A node from which nothing (no batch, no heartbeat) arrived for this long is `quiet`.
+    #[arg(long, default_value_t = query::DEFAULT_QUIET_AFTER_S, value_name = "S")]
+    quiet_after_s: u64,
 }
 
 fn init_logging(format: LogFormat) {
@@ -302,9 +311,14 @@ async fn runs(a: QueryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn nodes(a: QueryArgs) -> anyhow::Result<()> {
+async fn nodes(n: NodesArgs) -> anyhow::Result<()> {
+    let a = n.query;
     let store = open_query(&a.store).await?;
-    let report = query::nodes_report(store.nodes().await?);
+    let report = query::nodes_report_at(
+        store.nodes().await?,
+        query::unix_now_ns(),
+        n.quiet_after_s.saturating_mul(1_000_000_000),
+    );
     let out = match a.format {
         Format::Json => serde_json::to_string_pretty(&report)? + "\n",
         Format::Text => query::nodes_text(&report),

@@ -106,9 +106,25 @@ pub struct GapRow {
     pub reason: &'static str,
 }
 
+/// `wattd-ledger nodes --quiet-after-s` default.
+pub const DEFAULT_QUIET_AFTER_S: u64 = 120;
+
+/// Now, in nanoseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
 #[derive(Debug, Serialize)]
 pub struct NodeReport {
     pub node_id: String,
+    /// What needs attention first: `fork` (two different batches for one seq), `gap` (seqs the
+    /// ledger knows exist and does not hold), `quiet` (nothing received, not even a heartbeat,
+    /// for longer than the threshold: a host down, or cut off), else `ok`.
+    pub status: &'static str,
+    /// Seconds since the last batch or heartbeat arrived (absent if none ever did).
+    pub silent_s: Option<u64>,
     /// Every seq 1..=last_seq is stored.
     pub last_seq: u64,
     pub batches: u64,
@@ -151,12 +167,41 @@ pub fn node_gaps(n: &NodeRow) -> Vec<GapRow> {
     gaps
 }
 
+/// The report as of now, with the default quiet threshold.
 pub fn nodes_report(rows: Vec<NodeRow>) -> NodesReport {
+    nodes_report_at(
+        rows,
+        unix_now_ns(),
+        DEFAULT_QUIET_AFTER_S.saturating_mul(1_000_000_000),
+    )
+}
+
+/// The report as of `now_unix_ns`: a node silent for more than `quiet_after_ns` is `quiet`.
+pub fn nodes_report_at(rows: Vec<NodeRow>, now_unix_ns: i64, quiet_after_ns: u64) -> NodesReport {
     NodesReport {
         nodes: rows
             .into_iter()
-            .map(|n| NodeReport {
-                gaps: node_gaps(&n),
+            .map(|n| {
+                let gaps = node_gaps(&n);
+                let last_heard = n
+                    .last_received_unix_ns
+                    .max(n.last_heartbeat_received_unix_ns);
+                let silent_ns = last_heard.map(|t| now_unix_ns.saturating_sub(t).max(0) as u64);
+                let status = if !n.forks.is_empty() {
+                    "fork"
+                } else if !gaps.is_empty() {
+                    "gap"
+                } else if silent_ns.map_or(true, |s| s > quiet_after_ns) {
+                    "quiet"
+                } else {
+                    "ok"
+                };
+                (n, gaps, status, silent_ns.map(|s| s / 1_000_000_000))
+            })
+            .map(|(n, gaps, status, silent_s)| NodeReport {
+                status,
+                silent_s,
+                gaps,
                 node_id: n.node_id,
                 last_seq: n.last_seq,
                 batches: n.batches,
@@ -182,18 +227,27 @@ pub fn nodes_text(r: &NodesReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<24} {:>10} {:>6} {:>10} {:>21} {:>10}  GAPS / FORKS",
-        "NODE", "LAST_SEQ", "EPOCH", "ANNOUNCED", "LAST_HEARTBEAT_UNIX_NS", "FORKS"
+        "{:<24} {:<6} {:>10} {:>6} {:>10} {:>21} {:>9} {:>6}  GAPS / FORKS",
+        "NODE",
+        "STATUS",
+        "LAST_SEQ",
+        "EPOCH",
+        "ANNOUNCED",
+        "LAST_HEARTBEAT_UNIX_NS",
+        "SILENT_S",
+        "FORKS"
     );
     for n in &r.nodes {
         let _ = writeln!(
             s,
-            "{:<24} {:>10} {:>6} {:>10} {:>21} {:>10}",
+            "{:<24} {:<6} {:>10} {:>6} {:>10} {:>21} {:>9} {:>6}",
             n.node_id,
+            n.status,
             n.last_seq,
             opt(n.key_epoch),
             n.announced_sealed_seq,
             opt(n.last_heartbeat_received_unix_ns),
+            opt(n.silent_s),
             n.forks.len()
         );
         for g in &n.gaps {
@@ -225,6 +279,26 @@ mod tests {
         assert_eq!(wh_text(1), "0.0000000003");
         assert_eq!(wh_text(UJ_PER_WH - 1), "0.9999999997");
         assert_eq!(wh_text(u128::from(u64::MAX)), "5124095576.0304310042");
+    }
+
+    #[test]
+    fn status_says_fork_then_gap_then_quiet() {
+        let s = 1_000_000_000i64;
+        let row = |last: u64, announced: u64, heard: Option<i64>| NodeRow {
+            node_id: "n".into(),
+            last_seq: last,
+            announced_sealed_seq: announced,
+            last_heartbeat_received_unix_ns: heard,
+            ..NodeRow::default()
+        };
+        let status =
+            |r: NodeRow, now: i64| nodes_report_at(vec![r], now, 120 * s as u64).nodes[0].status;
+        assert_eq!(status(row(5, 5, Some(100 * s)), 200 * s), "ok");
+        assert_eq!(status(row(5, 5, Some(100 * s)), 221 * s), "quiet");
+        assert_eq!(status(row(5, 5, None), 221 * s), "quiet");
+        assert_eq!(status(row(5, 7, Some(100 * s)), 101 * s), "gap");
+        let report = nodes_report_at(vec![row(5, 5, Some(100 * s))], 130 * s, 120 * s as u64);
+        assert_eq!(report.nodes[0].silent_s, Some(30));
     }
 
     #[test]

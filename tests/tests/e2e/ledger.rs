@@ -293,6 +293,7 @@ impl World {
         );
         assert_eq!(node["gaps"].as_array().map(Vec::len), Some(0), "{node}");
         assert_eq!(node["forks"].as_array().map(Vec::len), Some(0), "{node}");
+        assert_eq!(node["status"], "ok", "{node}");
         let agent = totals(&runs_json(&self.spool));
         let ledger = totals(&self.ledger_json("runs"));
         assert!(!agent.is_empty());
