@@ -13,7 +13,8 @@ use clap::Args;
 use serde::Serialize;
 use wattd::spool;
 
-use crate::runs_cmd::{wh_text, Format};
+use crate::runs_cmd::Format;
+use wattd::energy_table::wh_text;
 
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
@@ -140,12 +141,12 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
             .map(|(domain, energy_uj)| Total {
                 domain,
                 energy_uj,
-                energy_wh: wh_text(energy_uj),
+                energy_wh: wh_text(u128::from(energy_uj)),
             })
             .collect(),
         rows,
         energy_uj,
-        energy_wh: wh_text(energy_uj),
+        energy_wh: wh_text(u128::from(energy_uj)),
     };
     anyhow::ensure!(
         !ex.rows.is_empty(),

@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod durable;
+pub mod energy_table;
 pub mod gpu;
 pub mod identity;
 pub mod metrics;

@@ -13,7 +13,7 @@ use clap::Args;
 use wattd::spool;
 use wattd_proto::v1::Interval;
 
-use crate::runs_cmd::wh_text;
+use wattd::energy_table::wh_text;
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {
@@ -198,7 +198,7 @@ pub fn render(intervals: &[Interval], focus: Option<&str>) -> String {
             page,
             "<tr><td class=\"l\">{}</td><td>{e}</td><td>{}</td></tr>",
             esc(r),
-            wh_text(**e)
+            wh_text(u128::from(**e))
         );
     }
     let _ = write!(page, "</table>");

@@ -9,37 +9,7 @@ use serde::Serialize;
 
 use crate::store::{ForkRow, NodeRow, RunDomainTotal};
 
-/// 1 Wh in microjoules.
-pub const UJ_PER_WH: u128 = 3_600_000_000;
-
-/// `energy_uj` in Wh with 10 decimals, rounded half up, in integers (as `wattd runs`).
-pub fn wh_text(energy_uj: u128) -> String {
-    let whole = energy_uj / UJ_PER_WH;
-    let rem = energy_uj % UJ_PER_WH;
-    let scale = 10_000_000_000u128;
-    let frac = (rem * scale + UJ_PER_WH / 2) / UJ_PER_WH;
-    let (whole, frac) = if frac >= scale {
-        (whole + 1, frac - scale)
-    } else {
-        (whole, frac)
-    };
-    format!("{whole}.{frac:010}")
-}
-
-#[derive(Debug, Serialize)]
-pub struct DomainRow {
-    pub domain: String,
-    pub energy_uj: u128,
-    pub energy_wh: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct RunRow {
-    pub run_id: String,
-    pub energy_uj: u128,
-    pub energy_wh: String,
-    pub domains: Vec<DomainRow>,
-}
+pub use wattd::energy_table::{wh_text, DomainRow, RunRow, UJ_PER_WH};
 
 #[derive(Debug, Serialize)]
 pub struct RunsReport {
@@ -47,53 +17,22 @@ pub struct RunsReport {
 }
 
 pub fn runs_report(totals: Vec<RunDomainTotal>) -> RunsReport {
-    let mut by_run: BTreeMap<String, Vec<DomainRow>> = BTreeMap::new();
+    let mut by_run: BTreeMap<String, BTreeMap<String, u128>> = BTreeMap::new();
     for t in totals {
-        by_run.entry(t.run_id).or_default().push(DomainRow {
-            domain: t.domain,
-            energy_uj: t.energy_uj,
-            energy_wh: wh_text(t.energy_uj),
-        });
+        *by_run
+            .entry(t.run_id)
+            .or_default()
+            .entry(t.domain)
+            .or_default() += t.energy_uj;
     }
     RunsReport {
-        runs: by_run
-            .into_iter()
-            .map(|(run_id, mut domains)| {
-                domains.sort_by(|a, b| a.domain.cmp(&b.domain));
-                let energy_uj = domains.iter().map(|d| d.energy_uj).sum();
-                RunRow {
-                    run_id,
-                    energy_uj,
-                    energy_wh: wh_text(energy_uj),
-                    domains,
-                }
-            })
-            .collect(),
+        runs: wattd::energy_table::run_rows(by_run),
     }
 }
 
+/// The same table `wattd runs` prints.
 pub fn runs_text(r: &RunsReport) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:<36} {:<12} {:>20} {:>22}",
-        "RUN", "DOMAIN", "ENERGY_UJ", "ENERGY_WH"
-    );
-    for run in &r.runs {
-        for d in &run.domains {
-            let _ = writeln!(
-                s,
-                "{:<36} {:<12} {:>20} {:>22}",
-                run.run_id, d.domain, d.energy_uj, d.energy_wh
-            );
-        }
-        let _ = writeln!(
-            s,
-            "{:<36} {:<12} {:>20} {:>22}",
-            run.run_id, "total", run.energy_uj, run.energy_wh
-        );
-    }
-    s
+    wattd::energy_table::table_text(&r.runs)
 }
 
 /// A range of seqs the ledger does not hold, and how it knows they exist.
@@ -271,15 +210,6 @@ pub fn nodes_text(r: &NodesReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wh_matches_the_agent() {
-        assert_eq!(wh_text(0), "0.0000000000");
-        assert_eq!(wh_text(UJ_PER_WH), "1.0000000000");
-        assert_eq!(wh_text(1), "0.0000000003");
-        assert_eq!(wh_text(UJ_PER_WH - 1), "0.9999999997");
-        assert_eq!(wh_text(u128::from(u64::MAX)), "5124095576.0304310042");
-    }
 
     #[test]
     fn status_says_fork_then_gap_then_quiet() {

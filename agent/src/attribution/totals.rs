@@ -7,9 +7,6 @@ use wattd_collectors::{Domain, Quality};
 
 use super::MeterResult;
 
-/// Microjoules in one watt-hour.
-pub const UJ_PER_WH: u64 = 3_600_000_000;
-
 /// What one run consumed so far.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RunTotal {
@@ -63,26 +60,5 @@ impl Totals {
             last_interval: interval,
             ..RunTotal::default()
         })
-    }
-}
-
-/// Formats microjoules as watt-hours with enough decimals to show every microjoule.
-pub fn format_wh(uj: u64) -> String {
-    format!(
-        "{}.{:010}",
-        uj / UJ_PER_WH,
-        (uj % UJ_PER_WH) as u128 * 10_000_000_000 / UJ_PER_WH as u128
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wh_formatting() {
-        assert_eq!(format_wh(3_600_000_000), "1.0000000000");
-        assert_eq!(format_wh(1), "0.0000000002");
-        assert_eq!(format_wh(5_400_000_000), "1.5000000000");
     }
 }
