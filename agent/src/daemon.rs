@@ -342,6 +342,11 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
         cfg.idle_window_s.saturating_mul(1_000_000),
         cfg.idle_declared.clone(),
     );
+    // The GPUs were opened (and have been gathering usage) since the probe: start them over now,
+    // with the first interval.
+    if let Some(g) = &mut gpus {
+        g.rebaseline().await;
+    }
     let start = Stamp::now();
     let next_index = previous.as_ref().map_or(0, |i| i.index + 1);
     let mut sampler = Sampler::new(sel.meters, idle, cfg.estimator, policy, next_index, start);

@@ -170,6 +170,14 @@ impl GpuSource {
         })
     }
 
+    /// Starts every GPU's counter and usage over now: what came before (the probe, the rest of
+    /// the start-up) belongs to no interval of this run, and must not be billed to the first.
+    pub async fn rebaseline(&mut self) {
+        self.rebaseline = true;
+        self.request();
+        let _ = self.collect().await;
+    }
+
     /// Asks the thread to close the interval now, unless it is still busy with an earlier
     /// request (then this interval will be a gap).
     pub fn request(&mut self) {

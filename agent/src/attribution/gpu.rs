@@ -4,10 +4,14 @@
 //!
 //! The basis, in order of preference (recorded in every GPU `DomainEnergy` as `usage_basis`):
 //!
-//! - `sm_utilization`: per-process SM samples. A sample at time `t_i` covers the time since the
-//!   previous sample of the GPU (`t_{i-1}`, the last one seen before the interval for the first),
-//!   at most the interval; a process's usage is `sum(sm% x covered us) / 100`, SM-busy
-//!   microseconds. Used whenever NVML gives samples, MIG or not.
+//! - `sm_utilization`: per-process SM samples. Each poll (every 200 ms and at the close) asks
+//!   NVML for the samples since the previous poll; a process's figure for the poll is the mean SM
+//!   percentage of its samples in it, and covers the poll's monotonic span. Its usage is
+//!   `sum(sm% x span us) / 100`, SM-busy microseconds (`Activity::sm_busy_us`, computed by the
+//!   collector). Each process is weighted by its own samples whatever their timestamps, so a
+//!   process sampled at another phase than its neighbour is neither under- nor over-weighted, and
+//!   none of its samples is skipped. Samples with pid 0, SM above 100 % or a timestamp in the
+//!   future of NVML's clock are refused and counted. Used whenever NVML gives samples, MIG or not.
 //! - `mig_instance_size` (MIG, no samples: NVML does not give per-process utilisation under
 //!   MIG): the GPU's time is divided among the GPU instances that have a running compute process,
 //!   in proportion to their slices (a 3g instance weighs 3, a 1g 1), and within an instance
@@ -110,27 +114,10 @@ fn pid_weights(a: &Activity, elapsed_us: u64) -> Option<PidWeights> {
         Ok(p) => p.iter().map(|p| p.pid).collect(),
         Err(_) => Vec::new(),
     };
-    match &a.samples {
-        Ok(samples) if !samples.is_empty() || !mig => {
-            let mut usage: BTreeMap<u32, u128> = BTreeMap::new();
-            let mut prev: Option<u64> = (a.samples_since_us > 0).then_some(a.samples_since_us);
-            let mut i = 0;
-            while i < samples.len() {
-                let ts = samples[i].timestamp_us;
-                let covered = match prev {
-                    Some(p) => (ts.saturating_sub(p) as u128).min(elapsed),
-                    None => elapsed,
-                };
-                prev = Some(ts);
-                while i < samples.len() && samples[i].timestamp_us == ts {
-                    let s = samples[i];
-                    *usage.entry(s.pid).or_default() += s.sm_util.min(100) as u128 * covered;
-                    i += 1;
-                }
-            }
-            for u in usage.values_mut() {
-                *u /= 100;
-            }
+    match &a.sm_busy_us {
+        Ok(busy) if !busy.is_empty() || !mig => {
+            let usage: BTreeMap<u32, u128> =
+                busy.iter().map(|(p, us)| (*p, u128::from(*us))).collect();
             let mut holders: Vec<u32> = running.clone();
             holders.extend(usage.keys().copied());
             if mig {
@@ -338,7 +325,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use proptest::prelude::*;
-    use wattd_collectors::nvml::{ComputeProcess, MigInstance, NvmlError, UtilSample};
+    use wattd_collectors::nvml::{ComputeProcess, MigInstance, NvmlError};
     use wattd_collectors::{Domain, MeterKey, Quality, SourceKind};
 
     use super::*;
@@ -351,7 +338,7 @@ mod tests {
         let pids = proptest::collection::vec(1u32..8, 0..6);
         (
             proptest::option::of(any::<bool>()),
-            proptest::collection::vec((1u32..8, 0u64..5, 0u32..250), 0..20),
+            proptest::collection::btree_map(1u32..8, 0u64..20_000_000, 0..8),
             any::<bool>(),
             pids.clone(),
             proptest::option::of(proptest::collection::vec((0u32..8, pids), 0..5)),
@@ -359,63 +346,50 @@ mod tests {
             1u64..10_000_000,
             0u64..3,
         )
-            .prop_map(
-                |(mig, samples, samples_ok, procs, inst, cg, elapsed, since)| {
-                    let mut samples: Vec<UtilSample> = samples
-                        .into_iter()
-                        .map(|(pid, t, sm)| UtilSample {
+            .prop_map(|(mig, busy, samples_ok, procs, inst, cg, elapsed, _)| {
+                let cgroups = cg
+                    .into_iter()
+                    .map(|(pid, k)| {
+                        let c: Option<Arc<str>> = match k {
+                            0 => None,
+                            1 => Some("flowzart.slice/run-a.scope".into()),
+                            2 => Some("flowzart.slice/run-b.scope/child".into()),
+                            _ => Some("system.slice/x.service".into()),
+                        };
+                        (pid, c)
+                    })
+                    .collect();
+                let a = Activity {
+                    mig,
+                    sm_busy_us: if samples_ok {
+                        Ok(busy)
+                    } else {
+                        Err(NvmlError::NotSupported)
+                    },
+                    processes: Ok(procs
+                        .iter()
+                        .map(|&pid| ComputeProcess {
                             pid,
-                            timestamp_us: 1_000 + t * 100_000,
-                            sm_util: sm,
+                            gpu_instance: Some(pid % 3),
                         })
-                        .collect();
-                    samples.sort();
-                    samples.dedup_by_key(|s| (s.timestamp_us, s.pid));
-                    let cgroups = cg
-                        .into_iter()
-                        .map(|(pid, k)| {
-                            let c: Option<Arc<str>> = match k {
-                                0 => None,
-                                1 => Some("flowzart.slice/run-a.scope".into()),
-                                2 => Some("flowzart.slice/run-b.scope/child".into()),
-                                _ => Some("system.slice/x.service".into()),
-                            };
-                            (pid, c)
-                        })
-                        .collect();
-                    let a = Activity {
-                        mig,
-                        samples: if samples_ok {
-                            Ok(samples)
-                        } else {
-                            Err(NvmlError::NotSupported)
-                        },
-                        samples_since_us: since * 500,
-                        processes: Ok(procs
-                            .iter()
-                            .map(|&pid| ComputeProcess {
-                                pid,
-                                gpu_instance: Some(pid % 3),
+                        .collect()),
+                    mig_instances: inst.map(|v| {
+                        Ok(v.into_iter()
+                            .enumerate()
+                            .map(|(i, (slices, pids))| MigInstance {
+                                index: i as u32,
+                                slices,
+                                multiprocessors: 0,
+                                pids,
                             })
-                            .collect()),
-                        mig_instances: inst.map(|v| {
-                            Ok(v.into_iter()
-                                .enumerate()
-                                .map(|(i, (slices, pids))| MigInstance {
-                                    index: i as u32,
-                                    slices,
-                                    multiprocessors: 0,
-                                    pids,
-                                })
-                                .collect())
-                        }),
-                        cgroups,
-                        clamped_samples: 0,
-                        dropped_samples: 0,
-                    };
-                    (a, elapsed)
-                },
-            )
+                            .collect())
+                    }),
+                    cgroups,
+                    rejected_samples: 0,
+                    dropped_samples: 0,
+                };
+                (a, elapsed)
+            })
     }
 
     fn runs() -> RunCgroups {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{ComputeProcess, MigInstance, NvmlApi, NvmlError, UtilSample};
+use super::{ComputeProcess, MigInstance, NvmlApi, NvmlError};
 use crate::counter::{CounterSample, EnergyCounter, EnergyUnit};
 use crate::domain::{Domain, MeterKey, Quality, SourceKind};
 use crate::error::{HostError, Shown, HINT_GENERIC};
@@ -25,6 +25,9 @@ pub const GPUS_MAX: u32 = 64;
 /// Most utilisation samples kept per GPU per interval (the driver returns one per process per
 /// sample period; this is far above any real interval).
 pub const SAMPLES_MAX: usize = 65_536;
+/// How far in the future (of NVML's clock at the poll) a sample may be stamped before it is
+/// refused as garbage.
+const FUTURE_SLACK_US: u64 = 1_000_000;
 /// Most pids whose cgroup is remembered.
 pub const PIDS_MAX: usize = 65_536;
 /// Largest `/proc/<pid>/cgroup` read.
@@ -202,14 +205,18 @@ enum EnergySource {
 /// What a GPU said between two closes.
 #[derive(Debug, Default)]
 struct Gathered {
-    samples: BTreeMap<(u64, u32), u32>,
+    /// Per pid: SM-busy percent x microseconds, summed over the interval's polls.
+    busy: BTreeMap<u32, u128>,
     samples_ok: bool,
     samples_err: Option<NvmlError>,
     procs: BTreeMap<u32, Option<u32>>,
     procs_ok: bool,
     procs_err: Option<NvmlError>,
-    instances: Option<Result<Vec<MigInstance>, NvmlError>>,
-    clamped_samples: u32,
+    /// MIG instances by index, their processes merged over the interval's polls (a process
+    /// that ended before the close still holds its instance for the interval).
+    instances: Option<Result<BTreeMap<u32, MigInstance>, NvmlError>>,
+    /// Samples refused as impossible: pid 0, SM above 100 %, or stamped in the future.
+    rejected_samples: u32,
     dropped_samples: u32,
 }
 
@@ -221,10 +228,10 @@ struct Device {
     energy: EnergySource,
     mig: Option<bool>,
     last_close_us: u64,
-    /// The newest sample timestamp seen: the next query asks for samples after it.
-    last_seen_us: u64,
-    /// `last_seen_us` when the interval began.
-    since_us: u64,
+    /// NVML's clock at the previous utilisation poll: the next poll asks for samples after it.
+    last_poll_clock_us: u64,
+    /// Monotonic time of the previous utilisation poll: a poll's samples cover the time since.
+    last_poll_us: u64,
     gathered: Gathered,
 }
 
@@ -241,20 +248,19 @@ struct PidEntry {
 pub struct Activity {
     /// MIG mode at the close; `None` where the GPU has no MIG (or the mode was unreadable).
     pub mig: Option<bool>,
-    /// New per-process SM samples, in timestamp order; `Err` when no poll could read them
-    /// (`NotSupported` under MIG).
-    pub samples: Result<Vec<UtilSample>, NvmlError>,
-    /// The newest sample timestamp seen before this interval (0: none).
-    pub samples_since_us: u64,
+    /// Per pid, SM-busy microseconds in the interval: each poll's SM percentage for the pid
+    /// (the mean of its samples in that poll) times the monotonic time the poll covers, summed.
+    /// `Err` when no poll could read samples (`NotSupported` under MIG).
+    pub sm_busy_us: Result<BTreeMap<u32, u64>, NvmlError>,
     /// Every compute process seen running in the interval (any poll).
     pub processes: Result<Vec<ComputeProcess>, NvmlError>,
-    /// MIG instances and their processes (latest poll), under MIG.
+    /// MIG instances and their processes (merged over the interval's polls), under MIG.
     pub mig_instances: Option<Result<Vec<MigInstance>, NvmlError>>,
     /// Each pid above -> its cgroup relative to the cgroup2 mount (`""` for the root cgroup),
     /// `None` when it could not be read (the process exited before it was ever seen running).
     pub cgroups: BTreeMap<u32, Option<Arc<str>>>,
-    /// Samples whose SM percentage was above 100 and was clamped to 100.
-    pub clamped_samples: u32,
+    /// Samples refused as impossible (pid 0, SM above 100 %, stamped in the future).
+    pub rejected_samples: u32,
     /// Samples beyond [`SAMPLES_MAX`] in the interval, not used.
     pub dropped_samples: u32,
 }
@@ -405,11 +411,8 @@ impl GpuCollector {
                     }
                 },
             };
+            let clock = api.clock_us();
             let baseline = api.process_utilization(index, 0);
-            let last_seen_us = match &baseline {
-                Ok(s) => s.iter().map(|s| s.timestamp_us).max().unwrap_or(0),
-                Err(_) => 0,
-            };
             let mig_instances = if rep.mig == Some(true) {
                 api.mig_instances(index).ok().map(|i| i.len())
             } else {
@@ -448,8 +451,8 @@ impl GpuCollector {
                 energy,
                 mig,
                 last_close_us: now_us,
-                last_seen_us,
-                since_us: last_seen_us,
+                last_poll_clock_us: clock,
+                last_poll_us: now_us,
                 gathered: Gathered::default(),
             });
         }
@@ -528,7 +531,16 @@ impl GpuCollector {
 
     fn poll_device(&mut self, i: usize, now_us: u64) {
         let gpu = self.devices[i].index;
-        let since = self.devices[i].last_seen_us;
+        let clock = self.api.clock_us();
+        let window_us = now_us.saturating_sub(self.devices[i].last_poll_us);
+        // Samples since the previous poll, on NVML's clock. If that clock stepped back, ask for
+        // the poll's own span instead of nothing (a wall-clock step must not hide usage).
+        let prev = self.devices[i].last_poll_clock_us;
+        let since = if clock >= prev {
+            prev
+        } else {
+            clock.saturating_sub(window_us)
+        };
         let samples = self.api.process_utilization(gpu, since);
         let procs = self.api.compute_processes(gpu);
         let mig = self.devices[i].mig == Some(true);
@@ -541,28 +553,43 @@ impl GpuCollector {
         {
             let d = &mut self.devices[i];
             let g = &mut d.gathered;
+            d.last_poll_clock_us = clock;
+            d.last_poll_us = now_us;
             match samples {
                 Ok(v) => {
                     g.samples_ok = true;
+                    // One figure per pid for this poll: the mean of its samples in it, over the
+                    // poll's span up to its newest sample (a process that exited, or went idle,
+                    // mid-poll is not extended to the poll's end). Each pid is weighted by its
+                    // own samples, whatever the phase of its neighbours'. Impossible samples are
+                    // refused and counted.
+                    let mut per_pid: BTreeMap<u32, (u64, u64, u64)> = BTreeMap::new();
                     for s in v {
                         if s.timestamp_us <= since {
                             continue;
                         }
-                        let sm = if s.sm_util > 100 {
-                            g.clamped_samples += 1;
-                            100
-                        } else {
-                            s.sm_util
-                        };
-                        if g.samples.len() >= SAMPLES_MAX
-                            && !g.samples.contains_key(&(s.timestamp_us, s.pid))
+                        if s.pid == 0
+                            || s.sm_util > 100
+                            || s.timestamp_us > clock.saturating_add(FUTURE_SLACK_US)
                         {
+                            g.rejected_samples += 1;
+                            continue;
+                        }
+                        let e = per_pid.entry(s.pid).or_default();
+                        e.0 += u64::from(s.sm_util);
+                        e.1 += 1;
+                        e.2 = e.2.max(s.timestamp_us);
+                    }
+                    for (pid, (sum, n, newest)) in per_pid {
+                        if g.busy.len() >= SAMPLES_MAX && !g.busy.contains_key(&pid) {
                             g.dropped_samples += 1;
                             continue;
                         }
-                        g.samples.insert((s.timestamp_us, s.pid), sm);
-                        d.last_seen_us = d.last_seen_us.max(s.timestamp_us);
-                        new_pids.push((s.pid, false));
+                        // mean percent x covered span, kept exact: sum x span / n.
+                        let span = window_us.min(newest.saturating_sub(since));
+                        let add = u128::from(sum) * u128::from(span) / u128::from(n.max(1));
+                        *g.busy.entry(pid).or_default() += add;
+                        new_pids.push((pid, false));
                     }
                 }
                 Err(NvmlError::NotFound) => g.samples_ok = true,
@@ -582,10 +609,25 @@ impl GpuCollector {
             if let Some(inst) = instances {
                 match inst {
                     Ok(v) => {
-                        for x in &v {
-                            new_pids.extend(x.pids.iter().map(|p| (*p, true)));
+                        if !matches!(g.instances, Some(Ok(_))) {
+                            g.instances = Some(Ok(BTreeMap::new()));
                         }
-                        g.instances = Some(Ok(v));
+                        if let Some(Ok(merged)) = &mut g.instances {
+                            for x in v {
+                                new_pids.extend(x.pids.iter().map(|p| (*p, true)));
+                                let e = merged.entry(x.index).or_insert_with(|| MigInstance {
+                                    pids: Vec::new(),
+                                    ..x.clone()
+                                });
+                                e.slices = x.slices;
+                                e.multiprocessors = x.multiprocessors;
+                                for p in x.pids {
+                                    if !e.pids.contains(&p) {
+                                        e.pids.push(p);
+                                    }
+                                }
+                            }
+                        }
                     }
                     Err(e) => {
                         if !matches!(g.instances, Some(Ok(_))) {
@@ -689,16 +731,10 @@ impl GpuCollector {
             };
             d.mig = mig;
             let g = std::mem::take(&mut d.gathered);
-            let since = d.since_us;
-            d.since_us = d.last_seen_us;
-            let samples: Result<Vec<UtilSample>, NvmlError> = if g.samples_ok {
-                Ok(g.samples
+            let sm_busy_us: Result<BTreeMap<u32, u64>, NvmlError> = if g.samples_ok {
+                Ok(g.busy
                     .iter()
-                    .map(|(&(timestamp_us, pid), &sm_util)| UtilSample {
-                        pid,
-                        timestamp_us,
-                        sm_util,
-                    })
+                    .map(|(&pid, &pct_us)| (pid, u64::try_from(pct_us / 100).unwrap_or(u64::MAX)))
                     .collect())
             } else {
                 Err(g.samples_err.unwrap_or(NvmlError::NotSupported))
@@ -711,10 +747,10 @@ impl GpuCollector {
             } else {
                 Err(g.procs_err.unwrap_or(NvmlError::NotSupported))
             };
-            let mut pids: Vec<u32> = g.samples.keys().map(|(_, p)| *p).collect();
+            let mut pids: Vec<u32> = g.busy.keys().copied().collect();
             pids.extend(g.procs.keys().copied());
             if let Some(Ok(inst)) = &g.instances {
-                pids.extend(inst.iter().flat_map(|i| i.pids.iter().copied()));
+                pids.extend(inst.values().flat_map(|i| i.pids.iter().copied()));
             }
             pids.sort_unstable();
             pids.dedup();
@@ -734,12 +770,11 @@ impl GpuCollector {
                 elapsed_us,
                 activity: Activity {
                     mig,
-                    samples,
-                    samples_since_us: since,
+                    sm_busy_us,
                     processes,
-                    mig_instances: g.instances,
+                    mig_instances: g.instances.map(|r| r.map(|m| m.into_values().collect())),
                     cgroups,
-                    clamped_samples: g.clamped_samples,
+                    rejected_samples: g.rejected_samples,
                     dropped_samples: g.dropped_samples,
                 },
             });

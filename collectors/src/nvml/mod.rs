@@ -118,6 +118,9 @@ pub trait NvmlApi: Send + fmt::Debug {
     fn total_energy_mj(&mut self, gpu: u32) -> Result<u64, NvmlError>;
     /// `nvmlDeviceGetPowerUsage`: milliwatts, the board's current draw.
     fn power_mw(&mut self, gpu: u32) -> Result<u32, NvmlError>;
+    /// Now, on the clock NVML stamps its utilisation samples with (the wall clock, microseconds
+    /// since the Unix epoch): what the next `process_utilization` call passes as `since_us`.
+    fn clock_us(&mut self) -> u64;
     /// `nvmlDeviceGetProcessUtilization`: samples newer than `since_us` (0: all buffered).
     /// `NotFound` when there is none; `NotSupported` under MIG on current drivers.
     fn process_utilization(

@@ -62,6 +62,12 @@ impl RealNvml {
 }
 
 impl NvmlApi for RealNvml {
+    fn clock_us(&mut self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    }
+
     fn device_count(&mut self) -> Result<u32, NvmlError> {
         self.nvml.device_count().map_err(map)
     }

@@ -93,6 +93,8 @@ pub struct RecordedStep {
     /// pid -> the text of `/proc/<pid>/cgroup` while it is alive.
     #[serde(default)]
     pub proc_cgroups: BTreeMap<u32, String>,
+    /// NVML's clock (wall-clock us) at this step; absent: the step's newest sample timestamp.
+    pub clock_us: Option<u64>,
 }
 
 /// A whole recorded sequence.
@@ -189,6 +191,8 @@ impl StepCursor {
 #[derive(Debug)]
 pub struct RecordedNvml {
     cursor: StepCursor,
+    /// The recording's clock never goes back (a step without samples keeps it).
+    clock: u64,
 }
 
 impl RecordedNvml {
@@ -200,6 +204,7 @@ impl RecordedNvml {
         (
             RecordedNvml {
                 cursor: cursor.clone(),
+                clock: 0,
             },
             cursor,
         )
@@ -226,6 +231,27 @@ fn or<T: Clone>(a: &Option<Answer<T>>, absent: NvmlError) -> Result<T, NvmlError
 }
 
 impl NvmlApi for RecordedNvml {
+    /// The recording's clock: the step's `clock_us`, else the newest sample timestamp on any GPU
+    /// so far.
+    fn clock_us(&mut self) -> u64 {
+        let step = self.cursor.step();
+        if let Some(c) = step.clock_us {
+            self.clock = c;
+            return c;
+        }
+        let newest = step
+            .gpus
+            .iter()
+            .filter_map(|g| match &g.samples {
+                Some(Answer::Value(v)) => v.iter().map(|(_, ts, _)| *ts).max(),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        self.clock = self.clock.max(newest);
+        self.clock
+    }
+
     fn device_count(&mut self) -> Result<u32, NvmlError> {
         let step = self.cursor.step();
         match &step.device_count {
