@@ -77,6 +77,8 @@ pub struct EnergyCounter {
     ceiling_uw: u64,
     last_raw: Option<u64>,
     raw_total: u128,
+    /// The last update was a `Reset`: its raw value is a baseline nobody vouched for.
+    after_reset: bool,
 }
 
 /// The smallest elapsed time used to compute a ceiling, so a zero-length interval cannot make
@@ -93,6 +95,7 @@ impl EnergyCounter {
             ceiling_uw,
             last_raw: None,
             raw_total: 0,
+            after_reset: false,
         }
     }
 
@@ -117,18 +120,21 @@ impl EnergyCounter {
             }
         }
         let Some(last) = self.last_raw.replace(raw) else {
+            self.after_reset = false;
             return Ok(CounterSample::First);
         };
+        let after_reset = std::mem::take(&mut self.after_reset);
         let (delta_raw, wrapped) = if raw >= last {
             (raw - last, false)
         } else {
             match self.modulus {
                 Some(m) => (m - last + raw, true),
                 None => {
+                    self.after_reset = true;
                     return Ok(CounterSample::Reset {
                         previous_raw: last,
                         raw,
-                    })
+                    });
                 }
             }
         };
@@ -137,8 +143,12 @@ impl EnergyCounter {
         let energy_uj = u64::try_from(after - before).unwrap_or(u64::MAX);
         let ceiling_uj = self.ceiling_uj(elapsed_us);
         if energy_uj > ceiling_uj {
-            if wrapped {
-                // A decrease whose wrap-corrected delta is impossible: it was a reset.
+            if wrapped || after_reset {
+                // A decrease whose wrap-corrected delta is impossible: it was a reset. And an
+                // impossible rise right after a reset means the low reading was the glitch (a
+                // counter read as 0 once): the rise is the energy counted before it, already
+                // measured, so it is another reset, never energy (not even quarantined).
+                self.after_reset = true;
                 return Ok(CounterSample::Reset {
                     previous_raw: last,
                     raw,
@@ -161,6 +171,37 @@ mod tests {
     use proptest::prelude::*;
 
     const W: u64 = 1_000_000; // one watt in uW
+
+    #[test]
+    fn a_glitch_to_zero_and_back_is_two_resets_not_quarantined_energy() {
+        // NVML-like: a 64-bit mJ counter, read as 0 once.
+        let mut c = EnergyCounter::new(None, EnergyUnit::MicroJoule, 1000 * W);
+        c.update(5_000_000_000, 1_000_000).unwrap();
+        assert!(matches!(
+            c.update(0, 1_000_000),
+            Ok(CounterSample::Reset { .. })
+        ));
+        assert_eq!(
+            c.update(5_000_300_000, 1_000_000),
+            Ok(CounterSample::Reset {
+                previous_raw: 0,
+                raw: 5_000_300_000
+            })
+        );
+        // Counting resumes from the real value.
+        assert_eq!(
+            c.update(5_000_400_000, 1_000_000),
+            Ok(CounterSample::Energy {
+                energy_uj: 100_000,
+                wrapped: false
+            })
+        );
+        // Without a reset before it, an impossible rise is still quarantined.
+        assert!(matches!(
+            c.update(9_000_000_000, 1_000_000),
+            Ok(CounterSample::Quarantined { .. })
+        ));
+    }
 
     #[test]
     fn first_plain_wrap_reset_quarantine() {
