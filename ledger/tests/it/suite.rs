@@ -55,6 +55,7 @@ both!(
     concurrent_streams_of_one_node_store_each_batch_once,
     commit_races_are_decided_by_the_primary_key,
     node_rate_is_limited_by_delay,
+    connections_and_handshakes_are_bounded,
 );
 
 fn limits() -> Limits {
@@ -826,6 +827,65 @@ async fn node_rate_is_limited_by_delay(b: Backend, name: &str) -> TestResult {
             >= 9
     );
     assert_eq!(count_rows(&f).await, 20, "delayed, never dropped");
+    l.stop().await;
+    Ok(())
+}
+
+/// `--max-connections` and `--handshake-timeout-s`: a connection that never starts its TLS
+/// handshake holds its slot only until the deadline; while every slot is taken, a new connection
+/// is closed at accept and counted; a slot freed by a closed stream is usable again.
+async fn connections_and_handshakes_are_bounded(b: Backend, name: &str) -> TestResult {
+    use tokio::io::AsyncReadExt as _;
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let mut lim = limits();
+    lim.max_connections = 1;
+    lim.handshake_timeout = Duration::from_millis(300);
+    let l = f.start(lim).await;
+    let m = l.metrics.clone();
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+
+    // A silent client: holds the only slot, then the handshake deadline frees it.
+    let mut silent = tokio::net::TcpStream::connect(l.addr).await?;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await??;
+    assert_eq!(n, 0, "the server closes a connection that never handshakes");
+    assert!(m.tls_handshake_failures.load(relaxed) >= 1);
+
+    // A real stream takes the slot; one more connection is refused at accept.
+    let mut s = connect(&f, &l, "n1").await;
+    assert_eq!(s.send(msg(&chain.next(1))).await?.acked_seq, 1);
+    let mut extra = tokio::net::TcpStream::connect(l.addr).await?;
+    let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+        .await?
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a connection beyond the limit is closed");
+    assert!(m.connections_refused.load(relaxed) >= 1);
+
+    // The slot comes back when the stream's connection closes.
+    drop(s);
+    let m2 = m.clone();
+    let before = m2.connections_refused.load(relaxed);
+    let second = chain.next(1);
+    let mut again = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(ch) = channel(l.addr, &f.ca.ca_pem, Some(&f.client_cert("n1"))).await else {
+            continue;
+        };
+        let Ok(mut s) = NodeStream::open(ch).await else {
+            continue;
+        };
+        if let Ok(ack) = s.send(msg(&second)).await {
+            again = Some(ack.acked_seq);
+            break;
+        }
+    }
+    assert_eq!(again, Some(2), "the freed slot serves a new stream");
+    assert!(m.connections_refused.load(relaxed) >= before);
     l.stop().await;
     Ok(())
 }
