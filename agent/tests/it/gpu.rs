@@ -539,30 +539,38 @@ fn hanging(name: &str) -> (Hanging, StepCursor, Arc<std::sync::atomic::AtomicBoo
     )
 }
 
+/// The NVML thread over `api` (opened at the recording's current step, its /proc laid out in a
+/// temporary root), with a `deadline` per read and no polls between closes, and a runtime to
+/// await it on.
+fn nvml_thread(
+    api: Box<dyn NvmlApi>,
+    cursor: &StepCursor,
+    deadline: Duration,
+) -> (
+    tempfile::TempDir,
+    tokio::runtime::Runtime,
+    wattd::gpu::GpuSource,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    cursor.write_procs(dir.path()).unwrap();
+    let (c, _) = GpuCollector::open(api, &GpuOptions::new(HostRoot::new(dir.path())), 0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let src =
+        wattd::gpu::GpuSource::start(c.unwrap(), deadline, Duration::from_secs(3600)).unwrap();
+    (dir, rt, src)
+}
+
 /// A blocked NVML never blocks the loop: the interval is a SOURCE_FAILURE gap of every GPU
 /// after the deadline, the next ones too while it stays blocked, and once it answers again the
 /// first answer re-baselines (a gap) so the blocked span's energy is not billed twice.
 #[test]
 fn a_blocked_nvml_call_is_a_gap_after_the_deadline_never_a_hang() {
-    let dir = tempfile::tempdir().unwrap();
     let (api, cursor, hang) = hanging("two_gpus.json");
-    cursor.write_procs(dir.path()).unwrap();
-    let (c, _) = GpuCollector::open(
-        Box::new(api),
-        &GpuOptions::new(HostRoot::new(dir.path())),
-        0,
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (_dir, rt, mut src) = nvml_thread(Box::new(api), &cursor, Duration::from_millis(300));
     rt.block_on(async {
-        let mut src = wattd::gpu::GpuSource::start(
-            c.unwrap(),
-            Duration::from_millis(300),
-            Duration::from_secs(3600),
-        )
-        .unwrap();
         cursor.advance();
         src.request();
         let ok = src.collect().await;
@@ -715,25 +723,9 @@ fn mig_instances_are_merged_over_the_intervals_polls() {
 /// so the first interval's energy is only its own.
 #[test]
 fn rebaseline_at_start_bills_nothing_from_before_the_first_interval() {
-    let dir = tempfile::tempdir().unwrap();
     let (api, cursor) = RecordedNvml::new(Recording::load(&fixture("two_gpus.json")).unwrap());
-    cursor.write_procs(dir.path()).unwrap();
-    let (c, _) = GpuCollector::open(
-        Box::new(api),
-        &GpuOptions::new(HostRoot::new(dir.path())),
-        0,
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (_dir, rt, mut src) = nvml_thread(Box::new(api), &cursor, Duration::from_secs(5));
     rt.block_on(async {
-        let mut src = wattd::gpu::GpuSource::start(
-            c.unwrap(),
-            Duration::from_secs(5),
-            Duration::from_secs(3600),
-        )
-        .unwrap();
         // 250 J were drawn between the probe (step 0) and the start (step 1).
         cursor.advance();
         src.rebaseline().await;
