@@ -104,6 +104,7 @@ fn usage_from(snap: &mut UsageSnapshot, package_cpus: &BTreeMap<u32, u32>) -> Us
         package_cpus: package_cpus.clone(),
         host_memory_bytes: None,
         gpus: BTreeMap::new(),
+        cpu_busy_unknown: !snap.busy_measured,
     }
 }
 
@@ -478,24 +479,20 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
         for e in &snap.errors {
             tracing::debug!(run = ?e.run_id, error = %e.error, "usage read");
         }
-        // Without the host's busy time the runs would take the host's share too: no division.
         let gpu_interval = match &mut gpus {
             Some(g) => g.collect().await,
             None => crate::gpu::GpuInterval::default(),
         };
-        let mut usage = if snap.busy_measured {
-            Some(usage_from(&mut snap, &package_cpus))
-        } else {
-            None
-        };
-        if let Some(u) = &mut usage {
-            // The snapshot's runs include those that finished this tick, so their GPU samples
-            // of this interval still find them.
-            let runs = crate::attribution::gpu::RunCgroups::new(
-                snap.runs.iter().map(|r| (&r.cgroup, &r.run_id)),
-            );
-            u.gpus = crate::gpu::usage(&gpu_interval.observations, &runs);
-        }
+        // Without the host's busy time the runs would take the host's share of the CPU meters
+        // too: those are left undivided (`cpu_busy_unknown`); the GPUs have their own usage.
+        let mut u = usage_from(&mut snap, &package_cpus);
+        // The snapshot's runs include those that finished this tick, so their GPU samples of
+        // this interval still find them.
+        let runs = crate::attribution::gpu::RunCgroups::new(
+            snap.runs.iter().map(|r| (&r.cgroup, &r.run_id)),
+        );
+        u.gpus = crate::gpu::usage(&gpu_interval.observations, &runs);
+        let usage = Some(u);
         let interval = sampler.tick_with(Stamp::now(), usage, gpu_interval.readings);
         for r in snap.runs.iter().filter(|r| r.started) {
             started_unix.insert(r.run_id.to_string(), interval.start.unix_ns);

@@ -321,6 +321,7 @@ mod tests {
             package_cpus: [(0, 2)].into_iter().collect(),
             host_memory_bytes: None,
             gpus: BTreeMap::new(),
+            cpu_busy_unknown: false,
         }
     }
 

@@ -63,6 +63,7 @@ fn input_with(runs: usize, idle: IdlePolicy, server: bool) -> IntervalInput {
             package_cpus: [(0, 48), (1, 48)].into_iter().collect(),
             host_memory_bytes: Some(1 << 40),
             gpus: Default::default(),
+            cpu_busy_unknown: false,
         }),
         policy: Policy {
             idle,

@@ -137,6 +137,10 @@ pub struct Usage {
     /// Per GPU index: who used it and how that was measured. A GPU meter without an entry has
     /// no usage data this interval.
     pub gpus: BTreeMap<u32, GpuUsage>,
+    /// The host's busy CPU time could not be read this interval: the CPU meters' energy is
+    /// unattributed (`NO_USAGE_DATA`: without it the runs would take the host's share), while
+    /// GPU meters are still divided by their own usage.
+    pub cpu_busy_unknown: bool,
 }
 
 /// One interval's input.
@@ -491,6 +495,11 @@ fn attribute_meter(
     };
     if m.key.domain == Domain::Gpu {
         attribute_gpu(input, usage, m, energy, &mut r, scratch);
+        return r;
+    }
+    if usage.cpu_busy_unknown {
+        r.unattributed
+            .push((UnattributedReason::NoUsageData, energy));
         return r;
     }
     // The packages whose usage this meter's energy follows: its own, or all (psys).

@@ -72,6 +72,7 @@ fn scenario(idle: IdlePolicy, dram: DramPolicy) -> IntervalInput {
             package_cpus: [(0, 2), (1, 2)].into_iter().collect(),
             host_memory_bytes: Some(8 * GIB),
             gpus: BTreeMap::new(),
+            cpu_busy_unknown: false,
         }),
         policy: Policy { idle, dram },
     }
@@ -297,6 +298,7 @@ fn arb_input() -> impl Strategy<Value = IntervalInput> {
                     package_cpus: busy.keys().map(|&p| (p, 4)).collect(),
                     host_memory_bytes: Some(1 << 36),
                     gpus: BTreeMap::new(),
+                    cpu_busy_unknown: false,
                 }),
                 policy: Policy {
                     idle: [
@@ -345,7 +347,7 @@ proptest! {
         let input = IntervalInput {
             elapsed_us: 1_000_000,
             meters: vec![meter(Domain::Package, Some(0), e, idle_w)],
-            usage: Some(Usage { runs, busy_us: [(0, busy)].into_iter().collect(), package_cpus: [(0, 4)].into_iter().collect(), host_memory_bytes: None, gpus: BTreeMap::new() }),
+            usage: Some(Usage { runs, busy_us: [(0, busy)].into_iter().collect(), package_cpus: [(0, 4)].into_iter().collect(), host_memory_bytes: None, gpus: BTreeMap::new(), cpu_busy_unknown: false }),
             policy: Policy { idle: IdlePolicy::Proportional, dram: DramPolicy::Cpu },
         };
         let out = attribute(&input);
@@ -419,4 +421,50 @@ fn exhaustive_small_apportion_invariants() {
         }
     }
     let _ = BTreeMap::<u8, u8>::new();
+}
+
+/// Without the host's CPU busy time the CPU meters are left undivided (the runs would otherwise
+/// take the host's share), but a GPU, whose usage NVML gave, is still divided among its runs.
+#[test]
+fn unknown_cpu_busy_time_leaves_cpu_meters_undivided_but_not_gpus() {
+    let mut input = scenario(IdlePolicy::Proportional, DramPolicy::Cpu);
+    input.meters.push(MeterInput {
+        key: key(Domain::Gpu, Some(0)),
+        source: SourceKind::Nvml,
+        quality: Quality::Measured,
+        measured: Measured::Energy { energy_uj: 100 * J },
+        idle: IdleEstimate {
+            power_uw: 0,
+            source: IdleSource::Config,
+        },
+    });
+    let usage = input.usage.as_mut().unwrap();
+    usage.cpu_busy_unknown = true;
+    usage.gpus.insert(
+        0,
+        GpuUsage {
+            basis: GpuBasis::SmUtilization,
+            mig: false,
+            runs: vec![gpu::GpuRunUsage {
+                run_id: "a".into(),
+                usage_us: 300_000,
+                reserved: 0,
+            }],
+            host_usage: 100_000,
+            host_reserved: 0,
+            unknown_cgroup_pids: 0,
+        },
+    );
+    let out = attribute(&input);
+    for m in &out[..4] {
+        assert!(m.runs.is_empty(), "{:?}", m.key);
+        assert_eq!(
+            m.unattributed,
+            vec![(UnattributedReason::NoUsageData, m.measured_uj)]
+        );
+    }
+    let g = &out[4];
+    assert_eq!(total(g, "a"), 75 * J);
+    assert_eq!(g.host_active_uj, 25 * J);
+    assert_eq!(g.sum_uj(), 100 * J as u128);
 }

@@ -98,6 +98,7 @@ fn replay(name: &str, idle: IdlePolicy, idle_watts: Option<u64>) -> Replay {
                 })
                 .collect(),
             gpus,
+            cpu_busy_unknown: false,
             ..Usage::default()
         };
         let readings = obs
