@@ -62,6 +62,15 @@ fn limits() -> Limits {
     Limits::default()
 }
 
+/// The store's fixture with node `n1` enrolled, and `n1`'s chain; `None` when the store is not
+/// available here (`Fixture::new` says so).
+async fn one_node(b: Backend, name: &str) -> Option<(Fixture, Chain)> {
+    let f = Fixture::new(b, name).await?;
+    let chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    Some((f, chain))
+}
+
 async fn count_rows(f: &Fixture) -> u64 {
     f.query_store()
         .await
@@ -74,11 +83,9 @@ async fn count_rows(f: &Fixture) -> u64 {
 }
 
 async fn stores_each_batch_once_and_totals_match(b: Backend, name: &str) -> TestResult {
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain)) = one_node(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
     let l = f.start(limits()).await;
     let mut s = connect(&f, &l, "n1").await;
     let batches: Vec<_> = (0..5).map(|_| chain.next(3)).collect();
@@ -131,11 +138,9 @@ async fn stores_each_batch_once_and_totals_match(b: Backend, name: &str) -> Test
 }
 
 async fn reordered_batches_are_held_then_stored_in_order(b: Backend, name: &str) -> TestResult {
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain)) = one_node(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
     let l = f.start(limits()).await;
     let bs: Vec<_> = (0..5).map(|_| chain.next(1)).collect();
     let mut s = connect(&f, &l, "n1").await;
@@ -178,11 +183,9 @@ async fn reordered_batches_are_held_then_stored_in_order(b: Backend, name: &str)
 }
 
 async fn held_batches_are_bounded(b: Backend, name: &str) -> TestResult {
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain)) = one_node(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
     let mut lim = limits();
     lim.service.session.max_held_batches = 2;
     let l = f.start(lim).await;
@@ -221,11 +224,9 @@ fn forked(chain_key: &wattd::identity::NodeKey, seq: u64, prev: [u8; 32]) -> Nod
 }
 
 async fn fork_is_rejected_recorded_and_counted(b: Backend, name: &str) -> TestResult {
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain)) = one_node(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
     let l = f.start(limits()).await;
     let bs: Vec<_> = (0..4).map(|_| chain.next(1)).collect();
     let mut s = connect(&f, &l, "n1").await;
@@ -276,11 +277,9 @@ async fn fork_is_rejected_recorded_and_counted(b: Backend, name: &str) -> TestRe
 }
 
 async fn chain_break_is_rejected_and_recorded(b: Backend, name: &str) -> TestResult {
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain)) = one_node(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
     let l = f.start(limits()).await;
     let b1 = chain.next(1);
     let mut s = connect(&f, &l, "n1").await;
@@ -311,11 +310,9 @@ async fn chain_break_is_rejected_and_recorded(b: Backend, name: &str) -> TestRes
 }
 
 async fn bad_signature_and_modified_byte_are_rejected(b: Backend, name: &str) -> TestResult {
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain)) = one_node(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
     let l = f.start(limits()).await;
     let b1 = chain.next(2);
     let good = SignedBatch::decode(b1.bytes.as_slice())?;
@@ -495,11 +492,9 @@ async fn certificate_of_another_ca_fails_the_handshake(b: Backend, name: &str) -
 }
 
 async fn oversized_message_is_refused(b: Backend, name: &str) -> TestResult {
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain)) = one_node(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
     let mut lim = limits();
     lim.max_message_bytes = 8 * 1024;
     let l = f.start(lim).await;
@@ -517,11 +512,9 @@ async fn oversized_message_is_refused(b: Backend, name: &str) -> TestResult {
 }
 
 async fn truncated_tail_is_detected_through_heartbeats(b: Backend, name: &str) -> TestResult {
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain)) = one_node(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
     let l = f.start(limits()).await;
     let bs: Vec<_> = (0..5).map(|_| chain.next(1)).collect();
     let mut s = connect(&f, &l, "n1").await;
@@ -615,11 +608,9 @@ async fn key_rotation_is_followed_and_the_old_key_refused_after_it(
 }
 
 async fn conservation_break_is_rejected(b: Backend, name: &str) -> TestResult {
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain)) = one_node(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
     let l = f.start(limits()).await;
     let mut iv = interval(0, &[("run-a", 10, 0)], 5);
     iv.domains[0].measured_uj += 1; // 1 uJ created from nothing
@@ -642,11 +633,9 @@ async fn conservation_break_is_rejected(b: Backend, name: &str) -> TestResult {
 }
 
 async fn malformed_messages_get_an_error_status(b: Backend, name: &str) -> TestResult {
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain)) = one_node(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
     let l = f.start(limits()).await;
     let good = SignedBatch::decode(chain.next(1).bytes.as_slice())?;
     let mut cases: Vec<(&str, NodeMessage)> = vec![
@@ -720,11 +709,9 @@ async fn concurrent_streams_of_one_node_store_each_batch_once(
     b: Backend,
     name: &str,
 ) -> TestResult {
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain)) = one_node(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
     let l = f.start(limits()).await;
     let bs: Vec<_> = (0..30).map(|_| chain.next(2)).collect();
     let mut tasks = Vec::new();
@@ -802,11 +789,9 @@ async fn commit_races_are_decided_by_the_primary_key(b: Backend, name: &str) -> 
 }
 
 async fn node_rate_is_limited_by_delay(b: Backend, name: &str) -> TestResult {
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain)) = one_node(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
     let mut lim = limits();
     lim.service.node_batches_per_s = std::num::NonZeroU32::new(10);
     let l = f.start(lim).await;
@@ -834,11 +819,9 @@ async fn node_rate_is_limited_by_delay(b: Backend, name: &str) -> TestResult {
 /// is closed at accept and counted; a slot freed by a closed stream is usable again.
 async fn connections_and_handshakes_are_bounded(b: Backend, name: &str) -> TestResult {
     use tokio::io::AsyncReadExt as _;
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain)) = one_node(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
     let mut lim = limits();
     lim.max_connections = 1;
     lim.handshake_timeout = Duration::from_millis(300);
