@@ -231,23 +231,7 @@ impl GpuSource {
                 self.pending = None;
                 self.stuck_since = None;
                 GpuInterval {
-                    readings: obs
-                        .iter()
-                        .map(|o| {
-                            (
-                                DomainReading {
-                                    key: o.key,
-                                    source: o.source,
-                                    quality: o.quality,
-                                    sample: match &o.sample {
-                                        Ok(s) => Ok(*s),
-                                        Err(e) => Err(copy_error(e, o.gpu)),
-                                    },
-                                },
-                                o.uuid.clone(),
-                            )
-                        })
-                        .collect(),
+                    readings: readings(&obs),
                     observations: obs,
                 }
             }
@@ -281,6 +265,26 @@ impl GpuSource {
             }
         }
     }
+}
+
+/// The sampler's view of the GPUs' observations: each GPU's reading and its UUID.
+pub fn readings(obs: &[GpuObservation]) -> Vec<(DomainReading, Arc<str>)> {
+    obs.iter()
+        .map(|o| {
+            (
+                DomainReading {
+                    key: o.key,
+                    source: o.source,
+                    quality: o.quality,
+                    sample: match &o.sample {
+                        Ok(s) => Ok(*s),
+                        Err(e) => Err(copy_error(e, o.gpu)),
+                    },
+                },
+                o.uuid.clone(),
+            )
+        })
+        .collect()
 }
 
 /// `HostError` is not `Clone` (it may hold an io::Error); the GPU errors are rebuilt.

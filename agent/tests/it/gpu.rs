@@ -98,23 +98,9 @@ fn replay(name: &str, idle: IdlePolicy, idle_watts: Option<u64>) -> Replay {
                 })
                 .collect(),
             gpus,
-            cpu_busy_unknown: false,
             ..Usage::default()
         };
-        let readings = obs
-            .into_iter()
-            .map(|o| {
-                (
-                    wattd_collectors::DomainReading {
-                        key: o.key,
-                        source: o.source,
-                        quality: o.quality,
-                        sample: o.sample,
-                    },
-                    o.uuid,
-                )
-            })
-            .collect();
+        let readings = wattd::gpu::readings(&obs);
         let stamp = Stamp {
             mono_ns: t * 1_000,
             unix_ns: (t * 1_000) as i64,
@@ -436,20 +422,7 @@ fn usage_none_leaves_gpu_energy_unattributed_with_a_reason() {
             unix_ns: 0,
         },
     );
-    let readings = obs
-        .into_iter()
-        .map(|o| {
-            (
-                wattd_collectors::DomainReading {
-                    key: o.key,
-                    source: o.source,
-                    quality: o.quality,
-                    sample: o.sample,
-                },
-                o.uuid,
-            )
-        })
-        .collect();
+    let readings = wattd::gpu::readings(&obs);
     let iv = sampler.tick_with(
         Stamp {
             mono_ns: S * 1000,
