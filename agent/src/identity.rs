@@ -333,11 +333,13 @@ pub fn create_data_dir(dir: &Path) -> Result<(), IdentityError> {
     }
 }
 
-#[derive(Serialize, Deserialize, Default)]
+/// The layout of `node.pub`: one `[[key]]` table per epoch. The ledger reads the same files to
+/// enrol a node.
+#[derive(Debug, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct PublicKeysFile {
+pub struct PublicKeysFile {
     #[serde(default)]
-    key: Vec<PublicIdentity>,
+    pub key: Vec<PublicIdentity>,
 }
 
 /// Every public key recorded in `dir/node.pub` (oldest epoch first), plus the current key's if

@@ -9,8 +9,7 @@ use std::fs;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-use wattd::identity::{key_id_of, KeyId, PublicIdentity};
+use wattd::identity::{key_id_of, KeyId, PublicIdentity, PublicKeysFile};
 
 /// A file bigger than this is not an identity file.
 const FILE_MAX_BYTES: u64 = 64 * 1024;
@@ -43,19 +42,15 @@ pub struct EnrolmentError {
     pub problems: Vec<String>,
 }
 
-/// `node.pub`: one `[[key]]` table per epoch.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PublicKeysFile {
-    key: Vec<PublicIdentity>,
-}
-
 /// Parses one identity file's text: a flat `PublicIdentity` or a `[[key]]` list.
 fn parse_identities(text: &str) -> Result<Vec<PublicIdentity>, String> {
     match toml::from_str::<PublicIdentity>(text) {
         Ok(one) => Ok(vec![one]),
         Err(flat) => match toml::from_str::<PublicKeysFile>(text) {
-            Ok(f) if f.key.is_empty() => Err("no [[key]] entries".into()),
+            // An empty list; a text with no key at all (say an empty file) gets the flat form's
+            // error, which names what is missing.
+            Ok(f) if f.key.is_empty() && text.contains("key") => Err("no [[key]] entries".into()),
+            Ok(f) if f.key.is_empty() => Err(flat.message().trim().to_owned()),
             Ok(f) => Ok(f.key),
             // Report the flat form's error unless the file clearly tries the list form.
             Err(list) if text.contains("[[key]]") => Err(list.message().trim().to_owned()),
