@@ -155,7 +155,6 @@ impl Ledger for Fake {
 }
 
 struct World {
-    _dir: tempfile::TempDir,
     spool: tempfile::TempDir,
     ca_dir: tempfile::TempDir,
     ca: TestCa,
@@ -194,13 +193,11 @@ async fn serve(
 
 impl World {
     async fn new() -> World {
-        let dir = tempfile::tempdir().unwrap();
         let ca_dir = tempfile::tempdir().unwrap();
         let ca = TestCa::new(ca_dir.path(), "ledger");
         let fake = Fake::default();
         let (endpoint, stop) = serve(fake.clone(), &ca, &ca).await;
         World {
-            _dir: dir,
             spool: tempfile::tempdir().unwrap(),
             ca_dir,
             ca,
