@@ -170,9 +170,7 @@ mod tests {
     use super::*;
 
     fn fixture(rel: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/fixtures")
-            .join(rel)
+        wattd_testkit::host_fixture(rel)
     }
 
     #[test]

@@ -2,6 +2,6 @@
 //! host (a powercap tree whose counters a driver thread advances from a declared power model fed
 //! by the machine's real /proc/stat), reusable by every end-to-end test.
 
-pub mod cgroups;
+pub use wattd_testkit::cgroups;
 pub mod simhost;
 pub mod tls;

@@ -145,8 +145,7 @@ mod tests {
 
     #[test]
     fn prometheus_fixture_has_no_cgroup2() {
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/fixtures/prometheus-procfs/proc/26231/mountinfo");
+        let fixture = wattd_testkit::host_fixture("prometheus-procfs/proc/26231/mountinfo");
         let text = std::fs::read_to_string(&fixture).unwrap();
         let e = parse_mountinfo(&fixture, &text).unwrap_err();
         assert!(matches!(e, HostError::NoCgroup2Mount { .. }), "{e}");

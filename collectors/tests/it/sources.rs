@@ -1,4 +1,4 @@
-//! Integration tests of the collectors over captured fixture trees (`../shared/fixtures`) and
+//! Integration tests of the collectors over captured fixture trees (`collectors/testdata/hosts`) and
 //! over trees generated here for hosts no fixture covers, plus every bad input the issue lists.
 
 use std::collections::BTreeSet;
@@ -14,9 +14,7 @@ use wattd_collectors::topology::Topology;
 use wattd_collectors::{Domain, HostError, HostRoot, Meter, MeterKey, SourceKind};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures")
-        .join(name)
+    wattd_testkit::host_fixture(name)
 }
 
 fn key(domain: Domain, package: Option<u32>, die: Option<u32>) -> MeterKey {

@@ -33,19 +33,14 @@ pub enum Backend {
 }
 
 /// The PostgreSQL URL to make test databases in, or None (after printing SKIPPED) when the
-/// test cannot run here. With WATTD_REQUIRE_CGROUPS set (CI), a missing server is a failure.
+/// test cannot run here. Under the strict switch (CI), a missing server is a failure.
 pub fn postgres_or_skip(test: &str) -> Option<String> {
     match std::env::var("WATTD_TEST_POSTGRES") {
         Ok(u) if !u.is_empty() => Some(u),
         _ => {
-            assert!(
-                std::env::var_os("WATTD_REQUIRE_CGROUPS").is_none(),
-                "{test}: WATTD_TEST_POSTGRES is not set (run .ci/start-postgres) and \
-                 WATTD_REQUIRE_CGROUPS forbids skipping"
-            );
-            eprintln!(
-                "SKIPPED {test}: WATTD_TEST_POSTGRES is not set; `export \
-                 WATTD_TEST_POSTGRES=$(.ci/start-postgres)` to run it"
+            wattd_testkit::skip(
+                test,
+                "PostgreSQL: `export WATTD_TEST_POSTGRES=$(.ci/start-postgres)` to run it",
             );
             None
         }

@@ -8,11 +8,10 @@ use std::process::Command;
 fn built_package(var: &str, tool: &str) -> Option<OsString> {
     let p = std::env::var_os(var);
     if p.is_none() {
-        assert!(
-            std::env::var_os("WATTD_REQUIRE_CGROUPS").is_none(),
-            "{var} is not set, and WATTD_REQUIRE_CGROUPS is"
+        wattd_testkit::skip(
+            "package contents",
+            format!("{var} (.ci/run builds the package with {tool} and sets it)"),
         );
-        eprintln!("SKIPPED package contents: {var} not set (.ci/run builds the package with {tool} and sets it)");
     }
     p
 }

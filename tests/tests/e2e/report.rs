@@ -109,11 +109,7 @@ pub fn check_report(spool: &Path, work: &Path) {
             .is_ok_and(|o| o.status.success())
     });
     let Some(chromium) = chromium else {
-        assert!(
-            std::env::var_os("WATTD_REQUIRE_CGROUPS").is_none(),
-            "chromium missing and WATTD_REQUIRE_CGROUPS is set"
-        );
-        eprintln!("SKIPPED report rendering: chromium not installed (apt-get install chromium)");
+        wattd_testkit::skip("report rendering", "chromium (apt-get install chromium)");
         return;
     };
     let profile = work.join("chromium-profile");

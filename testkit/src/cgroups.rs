@@ -20,7 +20,7 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 }
 
 /// Returns the cgroup2 mount if this process can create cgroups there. Otherwise prints a loud
-/// SKIPPED line and returns `None`, or panics when `WATTD_REQUIRE_CGROUPS` is set (CI).
+/// SKIPPED line and returns `None`, or panics under the strict switch (see [`crate::need`]).
 pub fn require_cgroups(test: &str) -> Option<PathBuf> {
     let why = match cgroup2_mount() {
         None => "no cgroup2 mount in /proc/self/mountinfo".to_owned(),
@@ -40,10 +40,7 @@ pub fn require_cgroups(test: &str) -> Option<PathBuf> {
             }
         }
     };
-    if std::env::var_os("WATTD_REQUIRE_CGROUPS").is_some() {
-        panic!("{test}: {why}, and WATTD_REQUIRE_CGROUPS is set");
-    }
-    eprintln!("SKIPPED {test}: {why} (needs root and cgroup v2)");
+    crate::need::skip(test, format!("root and cgroup v2 ({why})"));
     None
 }
 
