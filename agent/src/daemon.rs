@@ -512,7 +512,15 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
                 .remove(&*r.run_id)
                 .unwrap_or(interval.start.unix_ns);
             sealer.push_run_summary(
-                records::run_summary(&t, started, interval.end.unix_ns),
+                records::run_summary(
+                    &t,
+                    started,
+                    interval.end.unix_ns,
+                    records::FinalUsageRecord {
+                        how: r.final_usage,
+                        reconciled_usage_us: r.reconciled_total_us,
+                    },
+                ),
                 now.mono_ns,
             );
         }

@@ -578,7 +578,31 @@ impl Metrics {
             inotify_overflows,
             rescans,
             usage_went_backwards,
+            final_read,
+            final_reconciled,
+            final_reconciled_shared,
+            final_lost,
+            ghost_runs,
+            reconciled_us,
+            reconcile_points,
+            reconcile_parent_busy,
+            run_id_reused,
         } = self.tracker;
+        w.family(
+            "wattd_tracker_final_usage_total",
+            "counter",
+            "Finished runs by how their last usage was obtained: read from their own cpu.stat, \
+             reconciled through the parent (alone or shared with others that went away in the \
+             same stretch), or lost (the tail since the last read is the host's).",
+        );
+        for (how, v) in [
+            ("read", final_read),
+            ("reconciled", final_reconciled),
+            ("reconciled_shared", final_reconciled_shared),
+            ("lost", final_lost),
+        ] {
+            w.sample("wattd_tracker_final_usage_total", &[("how", how)], v);
+        }
         for (name, kind, help, v) in [
             (
                 "wattd_runs_tracked",
@@ -664,6 +688,37 @@ impl Metrics {
                 "counter",
                 "Times a run's usage_usec decreased (cgroup recreated under the same name).",
                 usage_went_backwards,
+            ),
+            (
+                "wattd_tracker_ghost_runs_total",
+                "counter",
+                "Runs created and removed before they could be opened, billed from their parent.",
+                ghost_runs,
+            ),
+            (
+                "wattd_tracker_reconciled_usage_us_total",
+                "counter",
+                "CPU microseconds of removed run cgroups recovered from their parents' cpu.stat.",
+                reconciled_us,
+            ),
+            (
+                "wattd_tracker_reconcile_points_total",
+                "counter",
+                "Reconcile points: a parent's cpu.stat read against its children's.",
+                reconcile_points,
+            ),
+            (
+                "wattd_tracker_reconcile_parent_busy_total",
+                "counter",
+                "Reconcile points where the parent held processes of its own, so removed \
+                 children's tails were recorded as lost.",
+                reconcile_parent_busy,
+            ),
+            (
+                "wattd_tracker_run_id_reused_total",
+                "counter",
+                "Cgroups that appeared under a finished run's name (not billed as that run again).",
+                run_id_reused,
             ),
         ] {
             w.family(name, kind, help);

@@ -121,8 +121,21 @@ pub fn interval(i: &Interval, boot_id: &str, coarsened: bool) -> v1::Interval {
     }
 }
 
+/// How a finished run's last usage was obtained, and how much of its usage came from its
+/// parent (see `wattd_collectors::cgroup::family`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FinalUsageRecord {
+    pub how: Option<wattd_collectors::cgroup::FinalUsage>,
+    pub reconciled_usage_us: u64,
+}
+
 /// A finished run's totals.
-pub fn run_summary(t: &RunTotal, started_unix_ns: i64, finished_unix_ns: i64) -> v1::RunSummary {
+pub fn run_summary(
+    t: &RunTotal,
+    started_unix_ns: i64,
+    finished_unix_ns: i64,
+    final_usage: FinalUsageRecord,
+) -> v1::RunSummary {
     v1::RunSummary {
         run_id: t.run_id.clone(),
         totals: t
@@ -139,6 +152,11 @@ pub fn run_summary(t: &RunTotal, started_unix_ns: i64, finished_unix_ns: i64) ->
         estimated: t.estimated,
         started_unix_ns,
         finished_unix_ns,
+        final_usage: final_usage
+            .how
+            .map(|h| h.as_str().to_owned())
+            .unwrap_or_default(),
+        reconciled_usage_us: final_usage.reconciled_usage_us,
     }
 }
 

@@ -6,6 +6,7 @@
 //! Invariant: a run's per-package usage sums exactly to its `cpu.stat` delta; a run is reported
 //! with `finished` exactly once and then forgotten; nothing here panics on host input.
 
+pub mod family;
 pub mod files;
 pub mod inotify;
 pub mod mount;
@@ -13,6 +14,7 @@ pub mod pattern;
 pub mod perf;
 pub mod tracker;
 
+pub use family::{share_residual, FinalUsage};
 pub use mount::{find_cgroup2_mount, parse_mountinfo, Cgroup2Mount};
 pub use pattern::{validate_cgroup_rel, validate_run_id, NameMatch, RunPattern};
 pub use tracker::{

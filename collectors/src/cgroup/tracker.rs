@@ -1,17 +1,20 @@
 //! The run tracker: which runs exist (pattern discovery over cgroupfs with inotify, plus the
 //! control plane's announcements), and how much CPU each used per package in each tick.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::io;
 use std::ops::Bound;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::family::{
+    parent_holds_processes, share_residual, Claimant, ClaimantKind, Family, FinalUsage, Other,
+};
 use super::files::{read_populated, read_reserved_millicpus, Source};
 use super::inotify::{Event, Inotify};
 use super::mount::find_cgroup2_mount;
@@ -128,6 +131,12 @@ pub struct RunUsage {
     pub started: bool,
     /// Last snapshot this run appears in: it finished or its cgroup is gone.
     pub finished: bool,
+    /// Part of `usage_us` recovered from the parent's `cpu.stat` (see [`super::family`]).
+    pub reconciled_us: u64,
+    /// With `finished`: how the run's last stretch of usage was obtained.
+    pub final_usage: Option<FinalUsage>,
+    /// With `finished`: everything recovered from the parent over the run's life.
+    pub reconciled_total_us: u64,
 }
 
 /// One package over one tick.
@@ -171,6 +180,24 @@ pub struct TrackerCounters {
     pub rescans: u64,
     /// `usage_usec` went down (a cgroup recreated under the same name).
     pub usage_went_backwards: u64,
+    /// Finished runs by how their last usage was obtained (see [`FinalUsage`]).
+    pub final_read: u64,
+    pub final_reconciled: u64,
+    pub final_reconciled_shared: u64,
+    pub final_lost: u64,
+    /// Runs created and removed before they could be opened, found from their creation event
+    /// and billed from their parent (counted also in `final_reconciled*` or `final_lost`).
+    pub ghost_runs: u64,
+    /// Microseconds of CPU time recovered from parents and given to runs.
+    pub reconciled_us: u64,
+    /// Reconcile points (one parent read against its children).
+    pub reconcile_points: u64,
+    /// Points with vanished children where the parent held processes of its own (their tails
+    /// could not be told apart: recorded as lost).
+    pub reconcile_parent_busy: u64,
+    /// A cgroup appeared under the name of a run that already finished: not a run again (a run
+    /// id names one run); its CPU time is the host's.
+    pub run_id_reused: u64,
 }
 
 /// A failure while reading, with the run it concerns.
@@ -236,11 +263,36 @@ struct Run {
     /// Tick reads since it last emptied.
     empty_tick_reads: u8,
     kept_fds: usize,
+    /// The parent's family (reconciliation), when it has one.
+    family: Option<Arc<str>>,
+    /// `latest_us` at the family's last reconcile point.
+    scan_us: u64,
+    /// Tracker clock (microseconds) of the last successful usage read.
+    read_at_us: u64,
+    /// Recovered from the parent and not yet reported.
+    pending_reconciled_us: u64,
+    reconciled_total_us: u64,
+    final_usage: Option<FinalUsage>,
+}
+
+/// A run whose cgroup was created and removed before it could be opened: known from its
+/// creation event only, billed from its parent, reported started and finished at the next tick.
+#[derive(Debug)]
+struct Ghost {
+    id: Arc<str>,
+    cgroup_rel: Arc<str>,
+    usage_us: u64,
+    final_usage: Option<FinalUsage>,
 }
 
 #[derive(Debug)]
 enum WatchTarget {
-    Parent(Vec<usize>),
+    /// A directory whose children matter: candidate runs of these patterns, and/or the
+    /// children of a reconciliation family.
+    Parent {
+        patterns: Vec<usize>,
+        family: Option<Arc<str>>,
+    },
     RunEvents(Arc<str>),
 }
 
@@ -281,6 +333,11 @@ pub struct RunTracker {
     errors: Vec<TickError>,
     events: Vec<Event>,
     tc_scratch: Vec<(u32, u64)>,
+    /// Parents of tracked runs, by path relative to the cgroup root (see [`super::family`]).
+    families: BTreeMap<Arc<str>, Family>,
+    ghosts: Vec<Ghost>,
+    /// The tracker's clock (monotonic) for reconcile weights.
+    epoch: Instant,
 }
 
 /// Raises the RLIMIT_NOFILE soft limit to the hard limit; returns the soft limit now in force.
@@ -393,6 +450,9 @@ impl RunTracker {
             errors: Vec::new(),
             events: Vec::new(),
             tc_scratch: Vec::new(),
+            families: BTreeMap::new(),
+            ghosts: Vec::new(),
+            epoch: Instant::now(),
         };
         for idx in 0..n {
             t.arm_pattern(idx);
@@ -453,7 +513,22 @@ impl RunTracker {
         }
         self.events = events;
         self.reread_emptied();
+        // A child went away unread: settle its tail against the parent now, while the stretch
+        // is short and few others can have ended in it.
+        let claimed: Vec<Arc<str>> = self
+            .families
+            .values()
+            .filter(|f| !f.claimants.is_empty())
+            .map(|f| f.rel.clone())
+            .collect();
+        for rel in claimed {
+            self.reconcile_family(&rel, true);
+        }
         res
+    }
+
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
     /// Re-reads runs that emptied but still exist. The read at the `populated 0` event races
@@ -462,9 +537,10 @@ impl RunTracker {
     /// Every later chance to read, while the cgroup is still there, closes that gap.
     fn reread_emptied(&mut self) {
         let mut gone = Vec::new();
+        let now = self.now_us();
         for run in self.runs.values_mut() {
             if run.final_read && !run.finished && !run.settled {
-                if let Err(e) = capture(run, &mut self.tc_scratch) {
+                if let Err(e) = capture(run, &mut self.tc_scratch, now) {
                     if e.is_gone() {
                         gone.push(run.id.clone());
                     }
@@ -488,22 +564,43 @@ impl RunTracker {
             return;
         }
         match self.watches.get(&ev.wd) {
-            Some(WatchTarget::Parent(idxs)) => {
-                let idxs = idxs.clone();
+            Some(WatchTarget::Parent { patterns, family }) => {
+                let idxs = patterns.clone();
+                let family = family.clone();
                 if ev.mask & (libc::IN_DELETE_SELF | libc::IN_IGNORED) != 0 {
                     self.watches.remove(&ev.wd);
                     for i in idxs {
                         self.pattern_wds[i] = None;
+                    }
+                    if let Some(rel) = family {
+                        if let Some(f) = self.families.get_mut(&rel) {
+                            f.wd = None;
+                        }
+                        // The parent is gone: its children's unread tails cannot be told.
+                        self.reconcile_family(&rel, true);
                     }
                     return;
                 }
                 let Some(name) = ev.name.as_deref() else {
                     return;
                 };
+                let created = ev.mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0;
+                let removed = ev.mask & (libc::IN_DELETE | libc::IN_MOVED_FROM) != 0;
                 for idx in idxs {
-                    if ev.mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
-                        self.consider(idx, name, BilledFrom::Birth);
-                    } else if ev.mask & (libc::IN_DELETE | libc::IN_MOVED_FROM) != 0 {
+                    if created {
+                        if self.consider(idx, name, BilledFrom::Birth).is_none() {
+                            if let NameMatch::Run(id) = self.patterns[idx].match_name(name) {
+                                if self.recently_finished_set.contains(id.as_str()) {
+                                    self.counters.run_id_reused += 1;
+                                    tracing::warn!(
+                                        run = %Shown::new(&id),
+                                        "a cgroup reappeared under a finished run's name: not \
+                                         billed as that run again (its CPU time is the host's)"
+                                    );
+                                }
+                            }
+                        }
+                    } else if removed {
                         if let NameMatch::Run(id) = self.patterns[idx].match_name(name) {
                             if self
                                 .runs
@@ -514,6 +611,9 @@ impl RunTracker {
                             }
                         }
                     }
+                }
+                if let Some(rel) = family {
+                    self.family_child_event(&rel, name, created, removed);
                 }
             }
             Some(WatchTarget::RunEvents(id)) => {
@@ -537,6 +637,7 @@ impl RunTracker {
     /// `cgroup.events` changed: if the run emptied, read its usage now, while the cgroup is
     /// certain to exist; whoever emptied it may remove it right after.
     fn on_events_modified(&mut self, id: &str) {
+        let now = self.now_us();
         let Some(run) = self.runs.get_mut(id) else {
             return;
         };
@@ -552,7 +653,7 @@ impl RunTracker {
         let populated = read_populated(&path);
         run.populated = populated.as_ref().ok().copied();
         match populated {
-            Ok(false) => match capture(run, &mut self.tc_scratch) {
+            Ok(false) => match capture(run, &mut self.tc_scratch, now) {
                 Ok(()) => run.final_read = true,
                 Err(e) if e.is_gone() => self.mark_gone(id),
                 Err(e) => self.push_error(Some(id), e),
@@ -574,7 +675,11 @@ impl RunTracker {
         }
     }
 
+    /// The run's cgroup is gone. Its usage is complete when it was seen settle empty; else its
+    /// tail since the last read is claimed from its parent at the next reconcile point, or lost
+    /// (counted, logged) when it has no family.
     fn mark_gone(&mut self, id: &str) {
+        let now = self.now_us();
         let Some(run) = self.runs.get_mut(id) else {
             return;
         };
@@ -582,11 +687,40 @@ impl RunTracker {
             return;
         }
         // Perf counters outlive the cgroup; the kept cpu.stat does not (ENODEV).
-        let _ = capture(run, &mut self.tc_scratch);
+        let _ = capture(run, &mut self.tc_scratch, now);
         if !run.final_read {
             self.counters.vanished_before_final_read += 1;
         }
         run.finished = true;
+        if run.settled {
+            run.final_usage = Some(FinalUsage::Read);
+            self.counters.final_read += 1;
+            return;
+        }
+        let family = run.family.as_ref().and_then(|f| self.families.get_mut(f));
+        match family {
+            Some(f) => {
+                let since = run.read_at_us.max(f.last_point_us);
+                f.claimants.push(Claimant {
+                    kind: ClaimantKind::Run(run.id.clone()),
+                    weight_us: now.saturating_sub(since),
+                });
+            }
+            None if run.final_read => {
+                run.final_usage = Some(FinalUsage::Read);
+                self.counters.final_read += 1;
+            }
+            None => {
+                run.final_usage = Some(FinalUsage::Lost);
+                self.counters.final_lost += 1;
+                tracing::warn!(
+                    run = %Shown::new(id),
+                    cgroup = %Shown::new(&run.cgroup_rel),
+                    "run cgroup removed before its final read, and its parent cannot be \
+                     reconciled (the cgroup root): its CPU time since the last read is the host's"
+                );
+            }
+        }
     }
 
     fn arm_pattern(&mut self, idx: usize) -> bool {
@@ -597,18 +731,22 @@ impl RunTracker {
         match self.inotify.add_watch(&dir, PARENT_MASK) {
             Ok(wd) => {
                 self.pattern_wds[idx] = Some(wd);
-                match self
-                    .watches
-                    .entry(wd)
-                    .or_insert(WatchTarget::Parent(Vec::new()))
-                {
-                    WatchTarget::Parent(v) => {
-                        if !v.contains(&idx) {
-                            v.push(idx);
+                match self.watches.entry(wd).or_insert(WatchTarget::Parent {
+                    patterns: Vec::new(),
+                    family: None,
+                }) {
+                    WatchTarget::Parent { patterns, .. } => {
+                        if !patterns.contains(&idx) {
+                            patterns.push(idx);
                         }
                     }
                     // A wd is per inode; a run's cgroup.events is never a pattern's parent.
                     WatchTarget::RunEvents(_) => {}
+                }
+                // Before the scan that follows: children listed now are its baseline.
+                if let Some(parent) = self.patterns[idx].parent().to_str() {
+                    let parent = parent.to_owned();
+                    self.ensure_family(&parent);
                 }
                 true
             }
@@ -673,6 +811,7 @@ impl RunTracker {
     /// A directory name under a pattern's parent: track it if it is a new run. Returns the
     /// run id when the name is a run of this pattern (tracked before or now).
     fn consider(&mut self, idx: usize, name: &OsStr, billed_from: BilledFrom) -> Option<Arc<str>> {
+        let wanted = billed_from;
         let billed_from = match billed_from {
             BilledFrom::Birth => {
                 let dir = self
@@ -711,6 +850,10 @@ impl RunTracker {
             Ok(()) => self.runs.get(id.as_str()).map(|r| r.id.clone()),
             Err(e) if e.is_gone() => {
                 self.counters.vanished_at_discovery += 1;
+                // Created and removed before it could be opened: billed from its parent.
+                if wanted == BilledFrom::Birth {
+                    self.add_ghost(&id, &rel);
+                }
                 None
             }
             Err(e) => {
@@ -885,6 +1028,12 @@ impl RunTracker {
             settled: false,
             empty_tick_reads: 0,
             kept_fds: kept,
+            family: None,
+            scan_us: 0,
+            read_at_us: 0,
+            pending_reconciled_us: 0,
+            reconciled_total_us: 0,
+            final_usage: None,
         };
         if let Some(p) = &mut run.perf {
             if p.read_into(&mut self.tc_scratch).is_ok() {
@@ -903,7 +1052,9 @@ impl RunTracker {
                 run.final_read = true;
             }
         }
+        run.read_at_us = self.now_us();
         self.kept_fds += kept;
+        self.join_family(&mut run, billed_from);
         self.paths.insert(cgroup_rel, id.clone());
         self.runs.insert(id, run);
         Ok(())
@@ -1000,6 +1151,15 @@ impl RunTracker {
             .map(|p| RunPattern::parse(p))
             .collect::<Result<_, _>>()?;
         for wd in self.pattern_wds.iter().flatten() {
+            // A watch that also serves a family stays; it only stops serving patterns.
+            if let Some(WatchTarget::Parent {
+                patterns,
+                family: Some(_),
+            }) = self.watches.get_mut(wd)
+            {
+                patterns.clear();
+                continue;
+            }
             self.watches.remove(wd);
             self.inotify.rm_watch(*wd);
         }
@@ -1080,21 +1240,32 @@ impl RunTracker {
     /// can be removed; the next tick reports it once more and drops it. A repeated finish is
     /// fine; an unknown run is [`HostError::UnknownRun`].
     pub fn run_finished(&mut self, run_id: &str) -> Result<(), HostError> {
+        let now = self.now_us();
         if let Some(run) = self.runs.get_mut(run_id) {
             if run.finished {
                 return Ok(());
             }
-            let res = capture(run, &mut self.tc_scratch);
-            if res.is_ok() {
-                run.final_read = true;
-            }
-            let final_read = run.final_read;
-            run.finished = true;
-            if !final_read {
-                self.counters.vanished_before_final_read += 1;
-            }
-            if let Err(e) = res {
-                if !e.is_gone() {
+            match capture(run, &mut self.tc_scratch, now) {
+                Ok(()) => {
+                    run.final_read = true;
+                    run.finished = true;
+                    run.final_usage = Some(FinalUsage::Read);
+                    self.counters.final_read += 1;
+                }
+                // Already removed: its tail is claimed from the parent like any other.
+                Err(e) if e.is_gone() => self.mark_gone(run_id),
+                Err(e) => {
+                    if !run.final_read {
+                        self.counters.vanished_before_final_read += 1;
+                    }
+                    run.finished = true;
+                    if run.final_read {
+                        run.final_usage = Some(FinalUsage::Read);
+                        self.counters.final_read += 1;
+                    } else {
+                        run.final_usage = Some(FinalUsage::Lost);
+                        self.counters.final_lost += 1;
+                    }
                     self.push_error(Some(run_id), e);
                 }
             }
@@ -1133,38 +1304,61 @@ impl RunTracker {
         let mut to_drop = Vec::new();
         let mut pending_errors = Vec::new();
         let mut gone = Vec::new();
+        let now = self.now_us();
+        // Reads first, all of them, back to back: the reconcile points below compare them with
+        // the parents' reads, and the closer together, the smaller the noise.
         for run in self.runs.values_mut() {
             let skip = run.settled && run.populated == Some(false) && run.events_wd.is_some();
-            if !run.finished && !skip {
-                if let Err(e) = capture(run, &mut self.tc_scratch) {
-                    if e.is_gone() {
-                        gone.push(run.id.clone());
-                    } else {
-                        pending_errors.push((run.id.clone(), e));
-                        continue;
-                    }
-                }
-                // Only pattern runs settle: their parent is watched, so their removal is seen.
-                // kernfs sends no event on a removed cgroup's own files, so an announced run
-                // is read every tick, and ENODEV tells it is gone.
-                // Two tick reads after it emptied, not one: the first may fall inside the
-                // last task's exit, before its final CPU time is accounted.
-                if run.populated == Some(false)
-                    && run.final_read
-                    && run.events_wd.is_some()
-                    && run.pattern.is_some()
-                {
-                    run.empty_tick_reads = run.empty_tick_reads.saturating_add(1);
-                    run.settled = run.empty_tick_reads >= 2;
-                }
+            if run.finished || skip {
+                continue;
             }
-            let usage_us = if run.latest_us >= run.billed_us {
+            if let Err(e) = capture(run, &mut self.tc_scratch, now) {
+                if e.is_gone() {
+                    gone.push(run.id.clone());
+                } else {
+                    pending_errors.push((run.id.clone(), e));
+                }
+                continue;
+            }
+            // Only pattern runs settle: their parent is watched, so their removal is seen.
+            // kernfs sends no event on a removed cgroup's own files, so an announced run
+            // is read every tick, and ENODEV tells it is gone.
+            // Two tick reads after it emptied, not one: the first may fall inside the
+            // last task's exit, before its final CPU time is accounted.
+            if run.populated == Some(false)
+                && run.final_read
+                && run.events_wd.is_some()
+                && run.pattern.is_some()
+            {
+                run.empty_tick_reads = run.empty_tick_reads.saturating_add(1);
+                run.settled = run.empty_tick_reads >= 2;
+            }
+        }
+        // Gone at this tick's read: the delta below uses the last good read, the tail is
+        // claimed from the parent, and they are reported finished now.
+        for id in gone {
+            self.mark_gone(&id);
+        }
+        let rels: Vec<Arc<str>> = self.families.keys().cloned().collect();
+        for rel in rels {
+            self.reconcile_family(&rel, false);
+        }
+        let failed: HashSet<Arc<str>> = pending_errors.iter().map(|(id, _)| id.clone()).collect();
+        for run in self.runs.values_mut() {
+            // A failed read carries no usage this tick; the next good read catches up.
+            if failed.contains(&run.id) && !run.finished {
+                continue;
+            }
+            let read_us = if run.latest_us >= run.billed_us {
                 run.latest_us - run.billed_us
             } else {
                 self.counters.usage_went_backwards += 1;
                 run.latest_us
             };
             run.billed_us = run.latest_us;
+            let reconciled_us = std::mem::take(&mut run.pending_reconciled_us);
+            run.reconciled_total_us += reconciled_us;
+            let usage_us = read_us.saturating_add(reconciled_us);
             let (by_pkg, split) = split_run(run, usage_us, &fallback_weights);
             for (pkg, us) in &by_pkg {
                 *runs_by_pkg.entry(*pkg).or_default() += us;
@@ -1183,6 +1377,13 @@ impl RunTracker {
                 reserved_millicpus: run.reserved_millicpus,
                 started: !run.reported,
                 finished: run.finished,
+                reconciled_us,
+                final_usage: if run.finished {
+                    Some(run.final_usage.unwrap_or(FinalUsage::Lost))
+                } else {
+                    None
+                },
+                reconciled_total_us: run.reconciled_total_us,
             });
             run.reported = true;
             if run.finished {
@@ -1192,18 +1393,34 @@ impl RunTracker {
         for (id, e) in pending_errors {
             self.push_error(Some(&id), e);
         }
-        // Gone at this tick's read: the delta above used the last good read; report them
-        // finished now rather than one tick later.
-        for id in gone {
-            self.mark_gone(&id);
-            if let Some(out) = runs_out.iter_mut().find(|r| r.run_id == id) {
-                out.finished = true;
+        for g in std::mem::take(&mut self.ghosts) {
+            let by_pkg = split_exact(g.usage_us, &fallback_weights);
+            for (pkg, us) in &by_pkg {
+                *runs_by_pkg.entry(*pkg).or_default() += us;
             }
-            to_drop.push(id);
+            runs_out.push(RunUsage {
+                run_id: g.id.clone(),
+                cgroup: g.cgroup_rel,
+                labels: Arc::new(Labels::new()),
+                origin: RunOrigin::Pattern,
+                billed_from: BilledFrom::Birth,
+                usage_us: g.usage_us,
+                usage_us_by_package: by_pkg,
+                split: SplitSource::ProcStatShare,
+                memory_bytes: None,
+                reserved_millicpus: None,
+                started: true,
+                finished: true,
+                reconciled_us: g.usage_us,
+                final_usage: Some(g.final_usage.unwrap_or(FinalUsage::Lost)),
+                reconciled_total_us: g.usage_us,
+            });
+            self.remember_finished(g.id);
         }
         for id in to_drop {
             self.drop_run(&id);
         }
+        self.forget_idle_families();
         let mut packages = BTreeMap::new();
         for &pkg in self.cpus_by_package.keys() {
             // Signed: tick rounding can make a short interval's idle exceed its elapsed time.
@@ -1284,14 +1501,441 @@ impl RunTracker {
         }
         self.paths.remove(&*run.cgroup_rel);
         self.kept_fds = self.kept_fds.saturating_sub(run.kept_fds);
+        if let Some(f) = run.family.as_ref().and_then(|f| self.families.get_mut(f)) {
+            f.runs.remove(&run.id);
+            // Finished but still there (the control plane said so first): from now on an
+            // ordinary child whose CPU time is the host's, read at each point like the others.
+            let dir = self.cgroup_root.join(&*run.cgroup_rel);
+            if let (Some(name), true) = (dir.file_name(), dir.is_dir()) {
+                f.others.insert(
+                    name.to_owned(),
+                    Other {
+                        cpu_stat: dir.join("cpu.stat"),
+                        scan_us: run.scan_us,
+                    },
+                );
+            }
+        }
+        self.remember_finished(run.id);
+    }
+
+    fn remember_finished(&mut self, id: Arc<str>) {
         if self.recently_finished.len() >= RECENTLY_FINISHED_MAX {
             if let Some(old) = self.recently_finished.pop_front() {
                 self.recently_finished_set.remove(&old);
             }
         }
-        self.recently_finished.push_back(run.id.clone());
-        self.recently_finished_set.insert(run.id);
+        self.recently_finished.push_back(id.clone());
+        self.recently_finished_set.insert(id);
     }
+
+    /// A run cgroup seen created but gone before it could be opened. Billed from its parent
+    /// when the parent has a family; else recorded with no usage, as lost.
+    fn add_ghost(&mut self, id: &str, rel: &str) {
+        if self.ghosts.iter().any(|g| &*g.id == id) {
+            return;
+        }
+        let Some(parent) = parent_rel(rel) else {
+            return;
+        };
+        let now = self.now_us();
+        let idx = self.ghosts.len();
+        let mut ghost = Ghost {
+            id: Arc::from(id),
+            cgroup_rel: Arc::from(rel),
+            usage_us: 0,
+            final_usage: None,
+        };
+        self.counters.ghost_runs += 1;
+        match self.families.get_mut(parent) {
+            Some(f) => {
+                // A child listed earlier as an ordinary one hands its claim over.
+                if let Some(name) = Path::new(rel).file_name() {
+                    f.others.remove(name);
+                }
+                f.claimants.push(Claimant {
+                    kind: ClaimantKind::Ghost(idx),
+                    weight_us: now.saturating_sub(f.last_point_us),
+                });
+            }
+            None => {
+                ghost.final_usage = Some(FinalUsage::Lost);
+                self.counters.final_lost += 1;
+                tracing::warn!(
+                    run = %Shown::new(id),
+                    "run cgroup created and removed between two reads, under a parent that \
+                     cannot be reconciled: recorded with no usage"
+                );
+            }
+        }
+        self.ghosts.push(ghost);
+    }
+
+    /// Puts a new run in its parent's family (made if needed) and sets its baseline for
+    /// reconcile points.
+    fn join_family(&mut self, run: &mut Run, billed_from: BilledFrom) {
+        let Some(parent) = parent_rel(&run.cgroup_rel) else {
+            return;
+        };
+        let parent = parent.to_owned();
+        if !self.ensure_family(&parent) {
+            return;
+        }
+        let Some(f) = self.families.get_mut(parent.as_str()) else {
+            return;
+        };
+        let name = Path::new(&*run.cgroup_rel).file_name().map(OsStr::to_owned);
+        run.scan_us = match name.and_then(|n| f.others.remove(&n)) {
+            // Listed at the family's last point: its usage up to then is in that baseline.
+            Some(o) => o.scan_us.min(run.latest_us),
+            // Born since the last point: all of it is new to the parent too.
+            None if billed_from == BilledFrom::Birth => 0,
+            None => run.latest_us,
+        };
+        f.runs.insert(run.id.clone());
+        run.family = Some(f.rel.clone());
+    }
+
+    /// Makes sure the parent `rel` (never the cgroup root) has a family: its `cpu.stat` kept
+    /// open, a watch on its directory, and every child listed as a baseline. False when it
+    /// cannot be had (then its runs' unread tails are lost, loudly).
+    fn ensure_family(&mut self, rel: &str) -> bool {
+        if rel.is_empty() {
+            return false;
+        }
+        if self.families.contains_key(rel) {
+            return true;
+        }
+        let dir = self.cgroup_root.join(rel);
+        let keep = self.kept_fds < self.fd_budget;
+        let Ok(cpu_stat) = Source::open(dir.join("cpu.stat"), keep) else {
+            return false;
+        };
+        let kept = usize::from(cpu_stat.is_kept());
+        // Children first, then the parent: the same order as every point.
+        let mut others = BTreeMap::new();
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let path = e.path().join("cpu.stat");
+                let read = Source::open(path.clone(), false).and_then(|s| s.read_cpu_usage_us());
+                if let Ok(v) = read {
+                    others.insert(
+                        e.file_name(),
+                        Other {
+                            cpu_stat: path,
+                            scan_us: v,
+                        },
+                    );
+                }
+            }
+        }
+        let Ok(last_us) = cpu_stat.read_cpu_usage_us() else {
+            return false;
+        };
+        // The same inode as a pattern's parent gives the same wd: one target serves both.
+        let wd = match self.inotify.add_watch(&dir, PARENT_MASK) {
+            Ok(wd) => Some(wd),
+            Err(_) => {
+                self.counters.watch_fallbacks += 1;
+                None
+            }
+        };
+        let rel: Arc<str> = Arc::from(rel);
+        if let Some(wd) = wd {
+            if let WatchTarget::Parent { family, .. } =
+                self.watches.entry(wd).or_insert(WatchTarget::Parent {
+                    patterns: Vec::new(),
+                    family: None,
+                })
+            {
+                *family = Some(rel.clone());
+            }
+        }
+        self.kept_fds += kept;
+        let now = self.now_us();
+        self.families.insert(
+            rel.clone(),
+            Family {
+                rel,
+                cpu_stat,
+                last_us,
+                last_point_us: now,
+                wd,
+                runs: BTreeSet::new(),
+                others,
+                claimants: Vec::new(),
+                balance: 0,
+                kept_fds: kept,
+            },
+        );
+        true
+    }
+
+    /// A child of a family's parent was created or removed (after the patterns had their say).
+    fn family_child_event(&mut self, rel: &str, name: &OsStr, created: bool, removed: bool) {
+        let child: String = format!("{rel}/{}", name.to_string_lossy());
+        let run_id = self.paths.get(child.as_str()).cloned();
+        if removed {
+            if let Some(id) = &run_id {
+                // An announced run: no pattern saw it go.
+                self.mark_gone(id);
+            }
+        }
+        let now = self.now_us();
+        let Some(f) = self.families.get_mut(rel) else {
+            return;
+        };
+        if created && run_id.is_none() && !self.ghosts.iter().any(|g| *g.cgroup_rel == *child) {
+            // Born now: all its usage is new to the parent too.
+            f.others.insert(
+                name.to_owned(),
+                Other {
+                    cpu_stat: self.cgroup_root.join(&child).join("cpu.stat"),
+                    scan_us: 0,
+                },
+            );
+        } else if removed && f.others.remove(name).is_some() {
+            f.claimants.push(Claimant {
+                kind: ClaimantKind::Other,
+                weight_us: now.saturating_sub(f.last_point_us),
+            });
+        }
+    }
+
+    /// One reconcile point of the family `rel` (see [`super::family`]): the live children's
+    /// reads (taken again when `recapture`; a tick has just taken them), then the parent's,
+    /// then the residual to the children that went away unread since the last point.
+    fn reconcile_family(&mut self, rel: &str, recapture: bool) {
+        let now = self.now_us();
+        let Some(ids) = self
+            .families
+            .get(rel)
+            .map(|f| f.runs.iter().cloned().collect::<Vec<_>>())
+        else {
+            return;
+        };
+        if recapture {
+            let mut gone = Vec::new();
+            for id in &ids {
+                let Some(run) = self.runs.get_mut(id) else {
+                    continue;
+                };
+                let settled = run.settled && run.populated == Some(false);
+                if run.finished || settled {
+                    continue;
+                }
+                match capture(run, &mut self.tc_scratch, now) {
+                    Ok(()) => {}
+                    Err(e) if e.is_gone() => gone.push(id.clone()),
+                    Err(e) => self.push_error(Some(id), e),
+                }
+            }
+            for id in gone {
+                self.mark_gone(&id);
+            }
+        }
+        let Some(mut fam) = self.families.remove(rel) else {
+            return;
+        };
+        let mut unreliable: Option<String> = None;
+        let mut children: i128 = 0;
+        let mut gone_others = Vec::new();
+        for (name, o) in &mut fam.others {
+            match Source::open(o.cpu_stat.clone(), false).and_then(|s| s.read_cpu_usage_us()) {
+                Ok(v) => {
+                    children += i128::from(v.checked_sub(o.scan_us).unwrap_or(v));
+                    o.scan_us = v;
+                }
+                Err(e) if e.is_gone() => gone_others.push(name.clone()),
+                Err(e) => unreliable = Some(e.to_string()),
+            }
+        }
+        for name in gone_others {
+            fam.others.remove(&name);
+            fam.claimants.push(Claimant {
+                kind: ClaimantKind::Other,
+                weight_us: now.saturating_sub(fam.last_point_us),
+            });
+        }
+        for id in &fam.runs {
+            if let Some(run) = self.runs.get_mut(id) {
+                let d = run
+                    .latest_us
+                    .checked_sub(run.scan_us)
+                    .unwrap_or(run.latest_us);
+                children += i128::from(d);
+                run.scan_us = run.latest_us;
+            }
+        }
+        let mut parent_gone = false;
+        let residual = match fam.cpu_stat.read_cpu_usage_us() {
+            Ok(p) if p >= fam.last_us => {
+                let r = i128::from(p - fam.last_us) - children;
+                fam.last_us = p;
+                Some(r)
+            }
+            Ok(p) => {
+                fam.last_us = p;
+                unreliable = Some("the parent's usage went backwards (recreated)".to_owned());
+                None
+            }
+            Err(e) => {
+                parent_gone = e.is_gone();
+                unreliable = Some(e.to_string());
+                None
+            }
+        };
+        let claimants = std::mem::take(&mut fam.claimants);
+        if !claimants.is_empty() && unreliable.is_none() {
+            let procs = self.cgroup_root.join(rel).join("cgroup.procs");
+            match parent_holds_processes(&procs) {
+                Ok(false) => {}
+                Ok(true) => {
+                    self.counters.reconcile_parent_busy += 1;
+                    unreliable = Some(format!(
+                        "{} lists processes: the parent's own CPU time cannot be told from \
+                         its removed children's",
+                        procs.display()
+                    ));
+                }
+                Err(e) => unreliable = Some(format!("{}: {e}", procs.display())),
+            }
+        }
+        self.counters.reconcile_points += 1;
+        match (residual, unreliable) {
+            (Some(r), None) => {
+                // Noise is carried only downwards (bounded): a positive residual with no
+                // claimant is the host's.
+                let floor = -(i128::from(self.cpus.len() as u32) * 20_000);
+                fam.balance = (fam.balance.min(0) + r).max(floor);
+                if !claimants.is_empty() {
+                    let pay = u64::try_from(fam.balance.max(0)).unwrap_or(u64::MAX);
+                    fam.balance -= i128::from(pay);
+                    let weights: Vec<u64> = claimants.iter().map(|c| c.weight_us).collect();
+                    let shares = share_residual(pay, &weights);
+                    let how = if claimants.len() > 1 {
+                        FinalUsage::ReconciledShared
+                    } else {
+                        FinalUsage::Reconciled
+                    };
+                    for (c, share) in claimants.iter().zip(shares) {
+                        self.settle_claim(&c.kind, share, how);
+                    }
+                }
+            }
+            (_, why) => {
+                fam.balance = 0;
+                let why = why.unwrap_or_default();
+                for c in &claimants {
+                    self.settle_claim(&c.kind, 0, FinalUsage::Lost);
+                    if let ClaimantKind::Run(id) = &c.kind {
+                        tracing::warn!(
+                            run = %Shown::new(id),
+                            parent = %Shown::new(rel),
+                            reason = %why,
+                            "run cgroup removed before its final read and its parent cannot be \
+                             reconciled: its CPU time since the last read is the host's"
+                        );
+                    }
+                }
+            }
+        }
+        fam.last_point_us = now;
+        if parent_gone {
+            self.forget_family(fam, true);
+        } else {
+            self.families.insert(fam.rel.clone(), fam);
+        }
+    }
+
+    fn settle_claim(&mut self, kind: &ClaimantKind, share: u64, how: FinalUsage) {
+        let slot = match kind {
+            ClaimantKind::Run(id) => self.runs.get_mut(id).map(|r| {
+                r.pending_reconciled_us += share;
+                &mut r.final_usage
+            }),
+            ClaimantKind::Ghost(i) => self.ghosts.get_mut(*i).map(|g| {
+                g.usage_us += share;
+                &mut g.final_usage
+            }),
+            ClaimantKind::Other => None,
+        };
+        let Some(slot) = slot else {
+            return;
+        };
+        *slot = Some(how);
+        match how {
+            FinalUsage::Read => self.counters.final_read += 1,
+            FinalUsage::Reconciled => self.counters.final_reconciled += 1,
+            FinalUsage::ReconciledShared => self.counters.final_reconciled_shared += 1,
+            FinalUsage::Lost => self.counters.final_lost += 1,
+        }
+        self.counters.reconciled_us += share;
+    }
+
+    /// Families that no longer serve anything: no run, no claim, not a pattern's parent.
+    fn forget_idle_families(&mut self) {
+        let idle: Vec<Arc<str>> = self
+            .families
+            .values()
+            .filter(|f| {
+                f.runs.is_empty()
+                    && f.claimants.is_empty()
+                    && !self
+                        .patterns
+                        .iter()
+                        .any(|p| p.parent().to_str() == Some(&*f.rel))
+            })
+            .map(|f| f.rel.clone())
+            .collect();
+        for rel in idle {
+            if let Some(f) = self.families.remove(&rel) {
+                self.forget_family(f, false);
+            }
+        }
+    }
+
+    /// Drops a family. When its parent directory is gone, the watch goes too, and the
+    /// patterns it served are armed again when the directory comes back (kernfs does not
+    /// always report a watched directory's own removal).
+    fn forget_family(&mut self, f: Family, parent_gone: bool) {
+        self.kept_fds = self.kept_fds.saturating_sub(f.kept_fds);
+        for id in &f.runs {
+            if let Some(r) = self.runs.get_mut(id) {
+                r.family = None;
+            }
+        }
+        let Some(wd) = f.wd else {
+            return;
+        };
+        let Some(WatchTarget::Parent { patterns, family }) = self.watches.get_mut(&wd) else {
+            return;
+        };
+        *family = None;
+        if parent_gone {
+            for &i in patterns.iter() {
+                if let Some(slot) = self.pattern_wds.get_mut(i) {
+                    *slot = None;
+                }
+            }
+            patterns.clear();
+        }
+        if patterns.is_empty() {
+            self.watches.remove(&wd);
+            self.inotify.rm_watch(wd);
+        }
+    }
+}
+
+/// The parent of a cgroup path relative to the cgroup root; `None` at the top level (the
+/// parent is the root itself).
+fn parent_rel(rel: &str) -> Option<&str> {
+    rel.rsplit_once('/')
+        .map(|(p, _)| p)
+        .filter(|p| !p.is_empty())
 }
 
 fn inotify_err(e: io::Error) -> HostError {
@@ -1326,7 +1970,7 @@ pub fn validate_labels(labels: &Labels) -> Result<(), HostError> {
 }
 
 /// Reads a run's current usage (and perf counters and memory) into `latest_*`.
-fn capture(run: &mut Run, scratch: &mut Vec<(u32, u64)>) -> Result<(), HostError> {
+fn capture(run: &mut Run, scratch: &mut Vec<(u32, u64)>, now_us: u64) -> Result<(), HostError> {
     let usage = run.cpu_stat.read_cpu_usage_us();
     // Perf counters only matter when there is usage to split, and they outlive the cgroup, so
     // they are read when usage moved or when cpu.stat is gone (a last chance).
@@ -1340,6 +1984,7 @@ fn capture(run: &mut Run, scratch: &mut Vec<(u32, u64)>) -> Result<(), HostError
         }
     }
     run.latest_us = usage?;
+    run.read_at_us = now_us;
     if let Some(m) = &run.memory {
         run.memory_bytes = Some(m.read_u64()?);
     }

@@ -179,6 +179,18 @@ pub struct RunSummary {
     pub started_unix_ns: i64,
     #[prost(int64, tag = "7")]
     pub finished_unix_ns: i64,
+    /// How the run's last stretch of CPU usage was obtained: "read" (from its own cpu.stat after
+    /// it emptied, or when declared finished), "reconciled" (its cgroup was removed before a final
+    /// read; recovered exactly from the parent's cpu.stat), "reconciled_shared" (the same, shared
+    /// with other children that went away in the same stretch, in proportion to the time each went
+    /// unobserved), "lost" (the parent could not tell: that tail is in the host bucket). Empty in
+    /// records written before this field existed.
+    #[prost(string, tag = "8")]
+    pub final_usage: ::prost::alloc::string::String,
+    /// CPU microseconds of the run recovered from its parent over its life (part of the usage its
+    /// allocations were divided by).
+    #[prost(uint64, tag = "9")]
+    pub reconciled_usage_us: u64,
 }
 /// Liveness on the stream while there is nothing to seal.
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -1,0 +1,186 @@
+//! Reconciliation through the parent: the CPU time of run cgroups removed before their final
+//! read is recovered from their parent's `cpu.stat`.
+//!
+//! cgroup v2 folds a removed child's CPU time into its parent, so over any stretch of time
+//!
+//! ```text
+//! parent delta = sum of the deltas of the children still there + the parent's own processes
+//!              + what the children that went away used and nobody read
+//! ```
+//!
+//! A [`Family`] is one parent directory of tracked runs (never the cgroup root, whose
+//! `cpu.stat` is the whole machine). At each *reconcile point* (every tick, and right after a
+//! batch of cgroup events in which a child went away unread) the tracker reads every live child
+//! it has not seen settle empty, then the parent, and the residual goes to the children that
+//! went away since the previous point (the *claimants*). One claimant gets it all; several share
+//! it by [`share_residual`], the stated rule. Reading the children and then the parent is not
+//! atomic, so the residual carries a little noise (CPU time the live children used between their
+//! read and the parent's); it cancels between consecutive points, so a negative residual is
+//! carried to the next point (bounded) rather than clamped, and a positive one with no claimant
+//! is the host's (it is what the parent's own processes or timing noise used).
+//!
+//! The rule holds only when the parent holds no processes of its own (cgroup v2's
+//! no-internal-process rule, when controllers are enabled below it); when `cgroup.procs` of the
+//! parent is not empty at a point with claimants, their tails are recorded as lost, loudly.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::files::Source;
+
+/// How a finished run's last stretch of usage was obtained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalUsage {
+    /// Read from the run's own `cpu.stat` after it emptied (twice, so the last task's final
+    /// slice is in) or when the control plane declared it finished.
+    Read,
+    /// Its cgroup went away before a complete final read; what it used since its last read was
+    /// recovered exactly from its parent's `cpu.stat`.
+    Reconciled,
+    /// As `Reconciled`, but other children went away unread in the same stretch: the recovered
+    /// time was shared among them by [`share_residual`].
+    ReconciledShared,
+    /// Its cgroup went away before a complete final read and its parent could not tell (the
+    /// parent is the cgroup root, was removed too, or holds processes of its own): the tail
+    /// since its last read is in the host bucket. Counted and logged.
+    Lost,
+}
+
+impl FinalUsage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinalUsage::Read => "read",
+            FinalUsage::Reconciled => "reconciled",
+            FinalUsage::ReconciledShared => "reconciled_shared",
+            FinalUsage::Lost => "lost",
+        }
+    }
+}
+
+/// Who a share of the residual goes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum ClaimantKind {
+    /// A tracked run whose cgroup went away unread.
+    Run(Arc<str>),
+    /// A run whose cgroup was created and removed before the tracker could open it: known only
+    /// from its creation event (index into the tracker's ghost list).
+    Ghost(usize),
+    /// A child that is no run: its share is the host's.
+    Other,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Claimant {
+    pub kind: ClaimantKind,
+    /// Microseconds it went unobserved: from its last read (or the previous reconcile point,
+    /// whichever is later) to when its removal was seen.
+    pub weight_us: u64,
+}
+
+/// A child of the parent that is not a tracked run (another workload, a finished run's
+/// lingering cgroup, a name the patterns refuse). Its usage is the host's; it is read at each
+/// point only so that it is not mistaken for a vanished run's.
+#[derive(Debug)]
+pub(super) struct Other {
+    pub cpu_stat: PathBuf,
+    /// Usage at the last point.
+    pub scan_us: u64,
+}
+
+#[derive(Debug)]
+pub(super) struct Family {
+    /// The parent, relative to the cgroup root.
+    pub rel: Arc<str>,
+    pub cpu_stat: Source,
+    /// Parent usage at the last point.
+    pub last_us: u64,
+    /// Tracker clock (microseconds) of the last point.
+    pub last_point_us: u64,
+    /// The inotify watch on the parent directory (shared with a pattern's, when it is one).
+    pub wd: Option<i32>,
+    pub runs: BTreeSet<Arc<str>>,
+    pub others: BTreeMap<OsString, Other>,
+    pub claimants: Vec<Claimant>,
+    /// Residual carried between points: only ever negative (timing noise to be made up).
+    pub balance: i128,
+    /// Descriptors it keeps (its `cpu.stat`).
+    pub kept_fds: usize,
+}
+
+/// Divides `total` microseconds among claimants in proportion to `weights` (the time each went
+/// unobserved), exactly: floors, then the leftover one each to the largest remainders, ties to
+/// the earlier claimant. All-zero weights share equally. The parts sum to `total`.
+pub fn share_residual(total: u64, weights: &[u64]) -> Vec<u64> {
+    if weights.is_empty() {
+        return Vec::new();
+    }
+    let sum: u128 = weights.iter().map(|&w| u128::from(w)).sum();
+    let w = |i: usize| -> u128 {
+        if sum == 0 {
+            1
+        } else {
+            u128::from(weights[i])
+        }
+    };
+    let sum = if sum == 0 { weights.len() as u128 } else { sum };
+    let mut out = Vec::with_capacity(weights.len());
+    let mut rems = Vec::with_capacity(weights.len());
+    let mut given: u64 = 0;
+    for i in 0..weights.len() {
+        let num = u128::from(total) * w(i);
+        let q = u64::try_from(num / sum).unwrap_or(u64::MAX);
+        given = given.saturating_add(q);
+        out.push(q);
+        rems.push((num % sum, i));
+    }
+    rems.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut left = total.saturating_sub(given);
+    for (_, i) in rems {
+        if left == 0 {
+            break;
+        }
+        out[i] += 1;
+        left -= 1;
+    }
+    out
+}
+
+/// The parent's `cgroup.procs` holds a process: the residual is not the children's alone.
+pub(super) fn parent_holds_processes(procs: &std::path::Path) -> Result<bool, std::io::Error> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(procs)?;
+    let mut buf = [0u8; 64];
+    let n = f.read(&mut buf)?;
+    Ok(buf[..n].iter().any(u8::is_ascii_digit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_claimant_gets_everything() {
+        assert_eq!(share_residual(12_345, &[7]), vec![12_345]);
+        assert_eq!(share_residual(12_345, &[0]), vec![12_345]);
+    }
+
+    #[test]
+    fn shares_follow_unobserved_time_and_sum_exactly() {
+        assert_eq!(share_residual(100, &[1, 1, 1]), vec![34, 33, 33]);
+        assert_eq!(share_residual(1_000, &[900, 100]), vec![900, 100]);
+        assert_eq!(share_residual(7, &[0, 0]), vec![4, 3]);
+        for total in [0u64, 1, 2, 999, 1_000_003, u64::MAX / 3] {
+            let s = share_residual(total, &[3, 5, 0, 11, u64::MAX / 2]);
+            assert_eq!(
+                s.iter().map(|&v| u128::from(v)).sum::<u128>(),
+                u128::from(total)
+            );
+        }
+        assert!(share_residual(5, &[]).is_empty());
+    }
+}
