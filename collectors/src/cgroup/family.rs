@@ -13,7 +13,8 @@
 //! batch of cgroup events in which a child went away unread) the tracker reads every live child
 //! it has not seen settle empty, then the parent, and the residual goes to the children that
 //! went away since the previous point (the *claimants*). One claimant gets it all; several share
-//! it by [`share_residual`], the stated rule. Reading the children and then the parent is not
+//! it by [`share_residual`], the stated rule: in proportion to the CPU time each is expected to
+//! have used since it was last read (that time at its average rate so far; one CPU when unknown). Reading the children and then the parent is not
 //! atomic, so the residual carries a little noise (CPU time the live children used between their
 //! read and the parent's); it cancels between consecutive points, so a negative residual is
 //! carried to the next point (bounded) rather than clamped, and a positive one with no claimant
@@ -77,8 +78,9 @@ pub(super) enum ClaimantKind {
 #[derive(Clone, Debug)]
 pub(super) struct Claimant {
     pub kind: ClaimantKind,
-    /// Microseconds it went unobserved: from its last read (or the previous reconcile point,
-    /// whichever is later) to when its removal was seen.
+    /// CPU microseconds it is expected to have used unobserved: the time from its last read
+    /// (or the previous reconcile point, whichever is later) to when its removal was seen,
+    /// times its average rate so far (one CPU when unknown: a run never read, a ghost).
     pub weight_us: u64,
 }
 
@@ -110,10 +112,12 @@ pub(super) struct Family {
     pub balance: i128,
     /// Descriptors it keeps (its `cpu.stat`).
     pub kept_fds: usize,
+    /// The parent's usage read right before the children's at the point in progress.
+    pub pre_us: Option<u64>,
 }
 
-/// Divides `total` microseconds among claimants in proportion to `weights` (the time each went
-/// unobserved), exactly: floors, then the leftover one each to the largest remainders, ties to
+/// Divides `total` microseconds among claimants in proportion to `weights` (the CPU time each
+/// is expected to have used unobserved, see [`Claimant`]), exactly: floors, then the leftover one each to the largest remainders, ties to
 /// the earlier claimant. All-zero weights share equally. The parts sum to `total`.
 pub fn share_residual(total: u64, weights: &[u64]) -> Vec<u64> {
     if weights.is_empty() {

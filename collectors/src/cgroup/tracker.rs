@@ -269,6 +269,8 @@ struct Run {
     scan_us: u64,
     /// Tracker clock (microseconds) of the last successful usage read.
     read_at_us: u64,
+    /// The first read (clock, usage): with the last, the run's average rate so far.
+    first_read: (u64, u64),
     /// Recovered from the parent and not yet reported.
     pending_reconciled_us: u64,
     reconciled_total_us: u64,
@@ -700,10 +702,20 @@ impl RunTracker {
         let family = run.family.as_ref().and_then(|f| self.families.get_mut(f));
         match family {
             Some(f) => {
-                let since = run.read_at_us.max(f.last_point_us);
+                // What it is expected to have used unobserved: the time since its last read (or
+                // the last point) at its average rate so far; one CPU when that is unknown.
+                let unobserved = now.saturating_sub(run.read_at_us.max(f.last_point_us));
+                let span = run.read_at_us.saturating_sub(run.first_read.0);
+                let used = run.latest_us.saturating_sub(run.first_read.1);
+                let weight_us = if span >= 10_000 {
+                    let w = u128::from(unobserved) * u128::from(used) / u128::from(span);
+                    u64::try_from(w).unwrap_or(u64::MAX)
+                } else {
+                    unobserved
+                };
                 f.claimants.push(Claimant {
                     kind: ClaimantKind::Run(run.id.clone()),
-                    weight_us: now.saturating_sub(since),
+                    weight_us,
                 });
             }
             None if run.final_read => {
@@ -1031,6 +1043,7 @@ impl RunTracker {
             family: None,
             scan_us: 0,
             read_at_us: 0,
+            first_read: (0, 0),
             pending_reconciled_us: 0,
             reconciled_total_us: 0,
             final_usage: None,
@@ -1053,6 +1066,7 @@ impl RunTracker {
             }
         }
         run.read_at_us = self.now_us();
+        run.first_read = (run.read_at_us, latest_us);
         self.kept_fds += kept;
         self.join_family(&mut run, billed_from);
         self.paths.insert(cgroup_rel, id.clone());
@@ -1305,8 +1319,11 @@ impl RunTracker {
         let mut pending_errors = Vec::new();
         let mut gone = Vec::new();
         let now = self.now_us();
+        for f in self.families.values_mut() {
+            f.pre_us = f.cpu_stat.read_cpu_usage_us().ok();
+        }
         // Reads first, all of them, back to back: the reconcile points below compare them with
-        // the parents' reads, and the closer together, the smaller the noise.
+        // the parents' reads (before and after), and the closer together, the smaller the noise.
         for run in self.runs.values_mut() {
             let skip = run.settled && run.populated == Some(false) && run.events_wd.is_some();
             if run.finished || skip {
@@ -1669,6 +1686,7 @@ impl RunTracker {
                 claimants: Vec::new(),
                 balance: 0,
                 kept_fds: kept,
+                pre_us: None,
             },
         );
         true
@@ -1718,6 +1736,11 @@ impl RunTracker {
             return;
         };
         if recapture {
+            // The parent before the children as well as after: the live children's reads fall
+            // between the two, so the midpoint halves the timing noise and centres it on 0.
+            if let Some(f) = self.families.get_mut(rel) {
+                f.pre_us = f.cpu_stat.read_cpu_usage_us().ok();
+            }
             let mut gone = Vec::new();
             for id in &ids {
                 let Some(run) = self.runs.get_mut(id) else {
@@ -1771,7 +1794,12 @@ impl RunTracker {
             }
         }
         let mut parent_gone = false;
-        let residual = match fam.cpu_stat.read_cpu_usage_us() {
+        let pre = fam.pre_us.take();
+        let read = fam.cpu_stat.read_cpu_usage_us().map(|post| match pre {
+            Some(pre) if pre <= post => pre + (post - pre) / 2,
+            _ => post,
+        });
+        let residual = match read {
             Ok(p) if p >= fam.last_us => {
                 let r = i128::from(p - fam.last_us) - children;
                 fam.last_us = p;
@@ -1789,7 +1817,9 @@ impl RunTracker {
             }
         };
         let claimants = std::mem::take(&mut fam.claimants);
-        if !claimants.is_empty() && unreliable.is_none() {
+        // Checked at every point: a positive residual is timing noise to keep (it cancels
+        // later) only when the parent has no processes of its own; else it is theirs.
+        if unreliable.is_none() {
             let procs = self.cgroup_root.join(rel).join("cgroup.procs");
             match parent_holds_processes(&procs) {
                 Ok(false) => {}
@@ -1807,10 +1837,12 @@ impl RunTracker {
         self.counters.reconcile_points += 1;
         match (residual, unreliable) {
             (Some(r), None) => {
-                // Noise is carried only downwards (bounded): a positive residual with no
-                // claimant is the host's.
-                let floor = -(i128::from(self.cpus.len() as u32) * 20_000);
-                fam.balance = (fam.balance.min(0) + r).max(floor);
+                // Timing noise is carried both ways, unclamped, so it cancels over time instead
+                // of biasing the claimants (clamping one side billed a loaded host's runs 12%
+                // too much). More than a second of the whole machine unexplained is no noise:
+                // the excess is the host's.
+                let cap = i128::from(self.cpus.len().max(1) as u32) * 1_000_000;
+                fam.balance = (fam.balance + r).clamp(-cap, cap);
                 if !claimants.is_empty() {
                     let pay = u64::try_from(fam.balance.max(0)).unwrap_or(u64::MAX);
                     fam.balance -= i128::from(pay);

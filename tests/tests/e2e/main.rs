@@ -10,6 +10,7 @@ mod kill;
 mod ledger;
 mod packages;
 mod reload;
+mod removed_at_once;
 mod report;
 mod simhost_attribution;
 mod systemd_unit;

@@ -1,0 +1,322 @@
+//! Runs ended the way systemd ends them: the real `wattd run` on the simulated host, runs of
+//! 50 ms to 3 s in real cgroups, each cgroup removed microseconds after its last process is
+//! reaped. Every run must be billed its CPU time as the kernel counted it (read between the
+//! reap and the removal), through its own reads or through its parent.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use wattd_proto::v1;
+use wattd_tests::cgroups::{require_cgroups, TestCgroups};
+use wattd_tests::simhost::{monotonic_ns, PowerModel, SimHost};
+
+use crate::harness::{agent_config, burn_bin, wattd, Agent};
+
+/// One finished run, as the test saw it.
+#[derive(Debug, Clone)]
+struct Ended {
+    id: String,
+    /// `usage_usec` read after the reap, right before the removal.
+    truth_us: u64,
+    /// CLOCK_MONOTONIC when the cgroup was removed.
+    removed_ns: u64,
+    /// From the reap to the removal.
+    removal_lag: Duration,
+}
+
+/// A small deterministic generator (the seed is printed, so a failure can be replayed).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+fn read_usage(dir: &Path) -> u64 {
+    let s = std::fs::read_to_string(dir.join("cpu.stat")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Starts `wattd-burn duty secs` in a new cgroup `dir`, waits for it, reads the kernel's count
+/// and removes the cgroup at once.
+fn run_one(dir: PathBuf, id: String, duty: f64, secs: f64) -> Ended {
+    std::fs::create_dir(&dir).unwrap();
+    let mut child = Command::new(burn_bin())
+        .args([format!("{duty:.4}"), format!("{secs:.3}")])
+        .spawn()
+        .unwrap();
+    std::fs::write(dir.join("cgroup.procs"), child.id().to_string()).unwrap();
+    let status = child.wait().unwrap();
+    let reaped = Instant::now();
+    let truth_us = read_usage(&dir);
+    // A reaped process has left the cgroup; nothing can hold it any more.
+    std::fs::remove_dir(&dir).unwrap();
+    let removal_lag = reaped.elapsed();
+    let removed_ns = monotonic_ns();
+    assert!(status.success(), "{id}: burner {status:?}");
+    Ended {
+        id,
+        truth_us,
+        removed_ns,
+        removal_lag,
+    }
+}
+
+/// What the spool says: per run, CPU microseconds over every package meter's allocations and
+/// the summary's `final_usage`; the intervals' spans (index -> start, end).
+struct Billed {
+    usage_us: BTreeMap<String, u64>,
+    final_usage: BTreeMap<String, String>,
+    intervals: Vec<(u64, u64, u64)>,
+}
+
+fn billed(spool: &Path) -> Billed {
+    let out = wattd(&["export", "--data-dir", spool.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut buf = out.stdout.as_slice();
+    let mut b = Billed {
+        usage_us: BTreeMap::new(),
+        final_usage: BTreeMap::new(),
+        intervals: Vec::new(),
+    };
+    while !buf.is_empty() {
+        let signed = v1::SignedBatch::decode_length_delimited(&mut buf).unwrap();
+        let batch = v1::Batch::decode(signed.batch_bytes.as_slice()).unwrap();
+        for i in &batch.intervals {
+            b.intervals
+                .push((i.index, i.start_monotonic_ns, i.end_monotonic_ns));
+            for d in i.domains.iter().filter(|d| d.domain == "package") {
+                for a in &d.allocations {
+                    *b.usage_us.entry(a.run_id.clone()).or_default() += a.usage_us;
+                }
+            }
+        }
+        for s in &batch.run_summaries {
+            b.final_usage
+                .insert(s.run_id.clone(), s.final_usage.clone());
+        }
+    }
+    b
+}
+
+/// `runs` runs, each of 50 ms to 3 s at a random duty (per mille, in `duty_permille`), started
+/// at random over `spread`, at most `alive` at once; every cgroup removed at once after its
+/// reap. Checks what the issue asks.
+fn removed_at_once(
+    test: &str,
+    runs: usize,
+    alive: usize,
+    spread: Duration,
+    duty_permille: (u64, u64),
+    seed: u64,
+) {
+    let Some(mount) = require_cgroups(test) else {
+        return;
+    };
+    let cg = TestCgroups::new(&mount, "gone").unwrap();
+    let mut sim = SimHost::start(
+        PowerModel {
+            idle_w: 10.0,
+            busy_w_per_cpu: 20.0,
+        },
+        30_000_000,
+        Duration::from_millis(10),
+    )
+    .unwrap();
+    sim.link_cgroup_mount(&mount).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (config, spool) = agent_config(
+        &sim,
+        &mount,
+        &cg,
+        work.path(),
+        1000,
+        "[attribution]\nidle_policy = \"host\"\nidle_watts_package = 10.0\n",
+    );
+    let log = work.path().join("wattd.log");
+    // The parent holds nothing but the runs: its delta is every run's CPU time, including what
+    // the kernel accounts to a run after its reap (an exiting task's last slice), which a read
+    // between the reap and the removal can miss.
+    let parent_before = cg.usage_usec("").unwrap();
+    let mut agent = Agent::start(&config, &log);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    eprintln!("{test}: seed {seed}, {runs} runs, at most {alive} at once");
+    let mut rng = Lcg(seed);
+    let plan: Vec<(Duration, f64, f64)> = (0..runs)
+        .map(|_| {
+            let start = Duration::from_millis(rng.range(0, spread.as_millis() as u64));
+            let secs = rng.range(50, 3000) as f64 / 1000.0;
+            let duty = rng.range(duty_permille.0, duty_permille.1) as f64 / 1000.0;
+            (start, duty, secs)
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..runs).collect();
+    order.sort_by_key(|&i| plan[i].0);
+    let ended: Arc<Mutex<Vec<Ended>>> = Arc::default();
+    let slots = Arc::new((Mutex::new(0usize), std::sync::Condvar::new()));
+    let t0 = Instant::now();
+    let mut threads = Vec::new();
+    for i in order {
+        let (start, duty, secs) = plan[i];
+        if let Some(wait) = start.checked_sub(t0.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        {
+            let (n, cv) = &*slots;
+            let mut n = n.lock().unwrap();
+            while *n >= alive {
+                n = cv.wait(n).unwrap();
+            }
+            *n += 1;
+        }
+        let dir = cg.path(&format!("run-r{i}.scope"));
+        let (ended, slots) = (ended.clone(), slots.clone());
+        threads.push(std::thread::spawn(move || {
+            let e = run_one(dir, format!("r{i}"), duty, secs);
+            ended.lock().unwrap().push(e);
+            let (n, cv) = &*slots;
+            *n.lock().unwrap() -= 1;
+            cv.notify_one();
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Two more ticks, then a clean stop.
+    std::thread::sleep(Duration::from_millis(2500));
+    let parent_delta = cg.usage_usec("").unwrap() - parent_before;
+    let (status, _) = agent.stop();
+    sim.stop();
+    let logtext = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "wattd exited {status:?}\n{logtext}");
+    let v = wattd(&["verify", "--data-dir", spool.to_str().unwrap()]);
+    assert!(
+        v.status.success(),
+        "verify: {}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+
+    let ended = ended.lock().unwrap().clone();
+    assert_eq!(ended.len(), runs);
+    let slow = ended
+        .iter()
+        .filter(|e| e.removal_lag > Duration::from_micros(100))
+        .count();
+    let worst_lag = ended
+        .iter()
+        .map(|e| e.removal_lag)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "removal within 100 us of the reap: {} of {runs} (worst {worst_lag:?})",
+        runs - slow
+    );
+
+    let b = billed(&spool);
+    // The interval each run ended in.
+    let tick_of = |ns: u64| {
+        b.intervals
+            .iter()
+            .find(|&&(_, s, e)| s < ns && ns <= e)
+            .map(|&(i, _, _)| i)
+    };
+    let mut by_tick: BTreeMap<Option<u64>, Vec<&Ended>> = BTreeMap::new();
+    for e in &ended {
+        by_tick.entry(tick_of(e.removed_ns)).or_default().push(e);
+    }
+    let mut problems = Vec::new();
+    let (mut truth_all, mut billed_all) = (0u128, 0u128);
+    let mut hows: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut alone, mut shared) = (0, 0);
+    for group in by_tick.values() {
+        let mut group_truth = 0u64;
+        let mut group_billed = 0u64;
+        for e in group {
+            let got = b.usage_us.get(&e.id).copied().unwrap_or(0);
+            let how = b.final_usage.get(&e.id).cloned();
+            *hows
+                .entry(how.clone().unwrap_or_else(|| "none".into()))
+                .or_default() += 1;
+            truth_all += u128::from(e.truth_us);
+            billed_all += u128::from(got);
+            group_truth += e.truth_us;
+            group_billed += got;
+            let err = (got as f64 - e.truth_us as f64).abs() / e.truth_us.max(1) as f64;
+            let bound = if group.len() == 1 { 0.01 } else { 0.10 };
+            if how.is_none() || how.as_deref() == Some("lost") {
+                problems.push(format!("{}: final usage {how:?}", e.id));
+            }
+            if err > bound {
+                problems.push(format!(
+                    "{}: kernel {} us, billed {got} us ({:.2}%, {} ending in its tick)",
+                    e.id,
+                    e.truth_us,
+                    err * 100.0,
+                    group.len()
+                ));
+            }
+        }
+        if group.len() > 1 {
+            shared += group.len();
+            let err = (group_billed as f64 - group_truth as f64).abs() / group_truth.max(1) as f64;
+            if err > 0.01 {
+                problems.push(format!(
+                    "{} runs ending in one tick: kernel {group_truth} us, billed {group_billed} us",
+                    group.len()
+                ));
+            }
+        } else {
+            alone += 1;
+        }
+    }
+    let err_all = (billed_all as f64 - truth_all as f64).abs() / truth_all as f64;
+    eprintln!(
+        "{runs} runs ({alone} alone in their tick, {shared} sharing one): kernel {truth_all} us \
+         read at the reaps, {parent_delta} us in the parent; billed {billed_all} us ({:.4}%); \
+         final usage {hows:?}",
+        err_all * 100.0
+    );
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}\n{logtext}",
+        problems.len(),
+        problems.join("\n")
+    );
+    assert!(err_all <= 0.001, "all runs: {:.4}% off", err_all * 100.0);
+    drop(cg);
+}
+
+#[test]
+fn two_hundred_runs_removed_at_once_are_each_billed_in_full() {
+    removed_at_once(
+        "two_hundred_runs_removed_at_once_are_each_billed_in_full",
+        200,
+        6,
+        Duration::from_secs(25),
+        (200, 1000),
+        0x5eed_0001,
+    );
+}
