@@ -192,8 +192,8 @@ pub struct TrackerCounters {
     pub reconciled_us: u64,
     /// Reconcile points (one parent read against its children).
     pub reconcile_points: u64,
-    /// Points with vanished children where the parent held processes of its own (their tails
-    /// could not be told apart: recorded as lost).
+    /// Reconcile points where the parent held processes of its own (the tails of children
+    /// that went away then could not be told apart: recorded as lost).
     pub reconcile_parent_busy: u64,
     /// A cgroup appeared under the name of a run that already finished: not a run again (a run
     /// id names one run); its CPU time is the host's.

@@ -945,7 +945,7 @@ mod removed_at_once {
         eprintln!("kernel {truth}, billed {} ({r:?})", r.usage_us);
         assert_eq!(r.final_usage, Some(FinalUsage::Lost));
         assert_eq!(r.usage_us, 0);
-        assert_eq!(s.counters.reconcile_parent_busy, 1);
+        assert!(s.counters.reconcile_parent_busy >= 1, "{:?}", s.counters);
         // SAFETY: our own child; the sandbox reaps it.
         unsafe { libc::kill(squatter, libc::SIGKILL) };
     }
