@@ -273,12 +273,12 @@ fn duty_cycles_of_20_and_60_percent_measure_1_to_3() {
     assert!(run(&s, "high").is_some_and(|r| r.finished));
     assert_eq!(t.runs_tracked(), 0);
     let (low, high) = (totals["low"], totals["high"]);
-    // Billed what the kernel counted, never more, and nothing but at most the last scheduler
-    // slice lost at removal (the kernel can account an exiting task's final slice after the
-    // cgroup reports itself empty; under load that slice is a few milliseconds).
+    // Billed what the kernel counted, within 1%: the removal's tail comes from the parent,
+    // which also holds what the kernel accounted after this test's own read (an exiting
+    // task's final slice), so a few microseconds above that read are right, not an error.
     for (got, truth) in [(low, truth_a), (high, truth_b)] {
         assert!(
-            got <= truth && truth - got <= truth / 100,
+            got.abs_diff(truth) <= truth / 100,
             "billed {got} us of {truth} us"
         );
     }
