@@ -113,14 +113,19 @@ impl TestCgroups {
 
     /// `usage_usec` of a cgroup, as the kernel counts it.
     pub fn usage_usec(&self, sub: &str) -> io::Result<u64> {
-        let s = fs::read_to_string(self.path(sub).join("cpu.stat"))?;
-        s.lines()
-            .find_map(|l| {
-                l.strip_prefix("usage_usec ")
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .ok_or_else(|| io::Error::other("no usage_usec"))
+        usage_usec_of(&self.path(sub))
     }
+}
+
+/// `usage_usec` of the cgroup directory `dir`, as the kernel counts it.
+pub fn usage_usec_of(dir: &Path) -> io::Result<u64> {
+    let s = fs::read_to_string(dir.join("cpu.stat"))?;
+    s.lines()
+        .find_map(|l| {
+            l.strip_prefix("usage_usec ")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .ok_or_else(|| io::Error::other("no usage_usec"))
 }
 
 impl Drop for TestCgroups {

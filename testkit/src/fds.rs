@@ -11,6 +11,11 @@ use std::path::Path;
 /// This process's descriptors whose target lies under `dir` (files and directories), listed
 /// as `fd->target` for a readable failure message.
 pub fn fds_under(dir: &Path) -> Vec<String> {
+    own_fds(|target| target.starts_with(dir))
+}
+
+/// This process's descriptors whose target passes `keep`, as sorted `fd->target` lines.
+fn own_fds(keep: impl Fn(&Path) -> bool) -> Vec<String> {
     let Ok(rd) = std::fs::read_dir("/proc/self/fd") else {
         return Vec::new();
     };
@@ -18,8 +23,7 @@ pub fn fds_under(dir: &Path) -> Vec<String> {
         .flatten()
         .filter_map(|e| {
             let target = std::fs::read_link(e.path()).ok()?;
-            target
-                .starts_with(dir)
+            keep(&target)
                 .then(|| format!("{}->{}", e.file_name().to_string_lossy(), target.display()))
         })
         .collect();
@@ -43,20 +47,10 @@ pub fn unix_socket_fds(path: &Path) -> Vec<String> {
             (cols.len() >= 8 && cols[7] == want).then_some(cols[6])
         })
         .collect();
-    let Ok(rd) = std::fs::read_dir("/proc/self/fd") else {
-        return Vec::new();
-    };
-    let mut v: Vec<String> = rd
-        .flatten()
-        .filter_map(|e| {
-            let target = std::fs::read_link(e.path()).ok()?;
-            let t = target.to_string_lossy();
-            let inode = t.strip_prefix("socket:[")?.strip_suffix(']')?;
-            inodes
-                .contains(inode)
-                .then(|| format!("{}->{t}", e.file_name().to_string_lossy()))
-        })
-        .collect();
-    v.sort();
-    v
+    own_fds(|target| {
+        let t = target.to_string_lossy();
+        t.strip_prefix("socket:[")
+            .and_then(|t| t.strip_suffix(']'))
+            .is_some_and(|inode| inodes.contains(inode))
+    })
 }

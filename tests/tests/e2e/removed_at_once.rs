@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use wattd_proto::v1;
-use wattd_tests::cgroups::{require_cgroups, TestCgroups};
+use wattd_tests::cgroups::{require_cgroups, usage_usec_of, TestCgroups};
 use wattd_tests::simhost::{monotonic_ns, PowerModel, SimHost};
 
 use crate::harness::{agent_config, burn_bin, wattd, Agent};
@@ -44,16 +44,6 @@ impl Lcg {
     }
 }
 
-fn read_usage(dir: &Path) -> u64 {
-    let s = std::fs::read_to_string(dir.join("cpu.stat")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("usage_usec "))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// Starts `wattd-burn duty secs` in a new cgroup `dir`, waits for it, reads the kernel's count
 /// and removes the cgroup at once.
 fn run_one(dir: PathBuf, id: String, duty: f64, secs: f64) -> Ended {
@@ -65,7 +55,7 @@ fn run_one(dir: PathBuf, id: String, duty: f64, secs: f64) -> Ended {
     std::fs::write(dir.join("cgroup.procs"), child.id().to_string()).unwrap();
     let status = child.wait().unwrap();
     let reaped = Instant::now();
-    let truth_us = read_usage(&dir);
+    let truth_us = usage_usec_of(&dir).unwrap();
     // A reaped process has left the cgroup; nothing can hold it any more.
     std::fs::remove_dir(&dir).unwrap();
     let removal_lag = reaped.elapsed();
