@@ -47,6 +47,13 @@ pub struct RunRow {
     pub energy_uj: u128,
     pub energy_wh: String,
     pub domains: Vec<DomainRow>,
+    /// How the run's last usage was obtained, from its summary (`read`, `reconciled`,
+    /// `reconciled_shared`, `lost`); absent while the run is live or its summary is not here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub final_usage: Option<String>,
+    /// CPU microseconds of the run recovered from its parent after its cgroup was removed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconciled_usage_us: Option<u64>,
 }
 
 /// Rows from run id -> domain label -> uJ, runs and domains in order.
@@ -67,6 +74,8 @@ pub fn run_rows(totals: BTreeMap<String, BTreeMap<String, u128>>) -> Vec<RunRow>
                         energy_wh: wh_text(energy_uj),
                     })
                     .collect(),
+                final_usage: None,
+                reconciled_usage_us: None,
             }
         })
         .collect()

@@ -587,6 +587,8 @@ impl Metrics {
             reconcile_points,
             reconcile_parent_busy,
             run_id_reused,
+            children_listed_early,
+            reconcile_clamped_us,
         } = self.tracker;
         w.family(
             "wattd_tracker_final_usage_total",
@@ -719,6 +721,21 @@ impl Metrics {
                 "counter",
                 "Cgroups that appeared under a finished run's name (not billed as that run again).",
                 run_id_reused,
+            ),
+            (
+                "wattd_tracker_children_listed_early_total",
+                "counter",
+                "Children of a reconciled parent found by listing it before their creation event \
+                 was read (a lagging event queue).",
+                children_listed_early,
+            ),
+            (
+                "wattd_tracker_reconcile_clamped_us_total",
+                "counter",
+                "CPU microseconds of a parent's residual beyond what the machine could have run \
+                 (not 0: the parent's and children's counters disagreed; the excess is the \
+                 host's).",
+                reconcile_clamped_us,
             ),
         ] {
             w.family(name, kind, help);

@@ -49,10 +49,19 @@ pub fn run(args: &RunsArgs) -> anyhow::Result<()> {
     let mut report = RunsReport::default();
     let (batches, unreadable) = spool::decoded_batches(&dir)?;
     report.unreadable_records = unreadable;
+    let mut finals: BTreeMap<String, (String, u64)> = BTreeMap::new();
     for batch in &batches {
         report.batches += 1;
         report.first_seq = Some(report.first_seq.map_or(batch.seq, |s| s.min(batch.seq)));
         report.last_seq = Some(report.last_seq.map_or(batch.seq, |s| s.max(batch.seq)));
+        for summary in &batch.run_summaries {
+            if !summary.final_usage.is_empty() {
+                finals.insert(
+                    summary.run_id.clone(),
+                    (summary.final_usage.clone(), summary.reconciled_usage_us),
+                );
+            }
+        }
         for interval in &batch.intervals {
             report.intervals += 1;
             for d in &interval.domains {
@@ -69,6 +78,12 @@ pub fn run(args: &RunsArgs) -> anyhow::Result<()> {
         }
     }
     report.runs = run_rows(totals);
+    for row in &mut report.runs {
+        if let Some((how, us)) = finals.remove(&row.run_id) {
+            row.final_usage = Some(how);
+            row.reconciled_usage_us = Some(us);
+        }
+    }
     let out = match args.format {
         Format::Json => {
             serde_json::to_string_pretty(&report).context("encoding the report")? + "\n"
@@ -98,5 +113,29 @@ fn render_text(r: &RunsReport) -> String {
         "{} batches ({range}), {} intervals",
         r.batches, r.intervals
     );
-    s + &table_text(&r.runs)
+    s += &table_text(&r.runs);
+    // How finished runs' last usage was obtained; a lost tail is named run by run.
+    let mut hows: BTreeMap<&str, usize> = BTreeMap::new();
+    for row in &r.runs {
+        if let Some(how) = &row.final_usage {
+            *hows.entry(how.as_str()).or_default() += 1;
+        }
+    }
+    if !hows.is_empty() {
+        let parts: Vec<String> = hows.iter().map(|(h, n)| format!("{n} {h}")).collect();
+        let _ = writeln!(s, "final usage of finished runs: {}", parts.join(", "));
+    }
+    for row in r
+        .runs
+        .iter()
+        .filter(|x| x.final_usage.as_deref() == Some("lost"))
+    {
+        let _ = writeln!(
+            s,
+            "  {}: cgroup removed before its final read and not reconcilable: its last \
+             stretch is in the host bucket",
+            row.run_id
+        );
+    }
+    s
 }

@@ -40,7 +40,9 @@ fn generated_code_matches_proto_sources() -> Result<(), Box<dyn std::error::Erro
         .compile_protos_with_config(
             prost_build::Config::new(),
             &protos,
-            &[Path::new(wattd_proto::PROTO_ROOT)],
+            // This checkout's own root, not the library's compiled-in one: a build directory
+            // shared between two clones can hold the library built from the other.
+            &[root],
         )?;
 
     let update = std::env::var_os("WATTD_PROTO_UPDATE").is_some();

@@ -52,7 +52,8 @@ pub struct TestCgroups {
     mount: PathBuf,
     /// Relative to the mount.
     rel: PathBuf,
-    children: Vec<Child>,
+    /// Started processes, with the cgroup (relative to this tree) each was moved into.
+    children: Vec<(String, Child)>,
 }
 
 impl TestCgroups {
@@ -99,16 +100,39 @@ impl TestCgroups {
         let child = cmd.spawn()?;
         let pid = child.id();
         fs::write(dir.join("cgroup.procs"), pid.to_string())?;
-        self.children.push(child);
+        self.children.push((sub.to_owned(), child));
         Ok(pid)
     }
 
     /// Waits for every started process to exit.
     pub fn wait_all(&mut self) {
-        for c in &mut self.children {
+        for (_, c) in &mut self.children {
             let _ = c.wait();
         }
         self.children.clear();
+    }
+
+    /// Waits for every started process and, the moment each is reaped, reads its cgroup's
+    /// `usage_usec` and removes the cgroup, as systemd does with a transient scope. Returns
+    /// each cgroup's usage as read right before its removal.
+    pub fn wait_all_removing_each(&mut self) -> io::Result<Vec<(String, u64)>> {
+        let waiters: Vec<_> = self
+            .children
+            .drain(..)
+            .map(|(sub, mut child)| {
+                let dir = self.mount.join(&self.rel).join(&sub);
+                std::thread::spawn(move || -> io::Result<(String, u64)> {
+                    child.wait()?;
+                    let usage = usage_usec_of(&dir)?;
+                    fs::remove_dir(&dir)?;
+                    Ok((sub, usage))
+                })
+            })
+            .collect();
+        waiters
+            .into_iter()
+            .map(|w| w.join().map_err(|_| io::Error::other("waiter panicked"))?)
+            .collect()
     }
 
     /// `usage_usec` of a cgroup, as the kernel counts it.
@@ -130,7 +154,7 @@ pub fn usage_usec_of(dir: &Path) -> io::Result<u64> {
 
 impl Drop for TestCgroups {
     fn drop(&mut self) {
-        for c in &mut self.children {
+        for (_, c) in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -14,7 +14,8 @@
 //! it has not seen settle empty, then the parent, and the residual goes to the children that
 //! went away since the previous point (the *claimants*). One claimant gets it all; several share
 //! it by [`share_residual`], the stated rule: in proportion to the CPU time each is expected to
-//! have used since it was last read (that time at its average rate so far; one CPU when unknown). Reading the children and then the parent is not
+//! have used since it was last read (that time at its average rate so far; when it has no history,
+//! at the family's average run rate). Reading the children and then the parent is not
 //! atomic, so the residual carries a little noise (CPU time the live children used between their
 //! read and the parent's); it cancels between consecutive points, so a negative residual is
 //! carried to the next point (bounded) rather than clamped, and a positive one with no claimant
@@ -80,7 +81,8 @@ pub(super) struct Claimant {
     pub kind: ClaimantKind,
     /// CPU microseconds it is expected to have used unobserved: the time from its last read
     /// (or the previous reconcile point, whichever is later) to when its removal was seen,
-    /// times its average rate so far (one CPU when unknown: a run never read, a ghost).
+    /// times its average rate so far (with no history: a run read once, a ghost, an ordinary
+    /// child, the family's average run rate; see [`Family::unknown_weight`]).
     pub weight_us: u64,
 }
 
@@ -107,6 +109,13 @@ pub(super) struct Family {
     pub wd: Option<i32>,
     pub runs: BTreeSet<Arc<str>>,
     pub others: BTreeMap<OsString, Other>,
+    /// Children found gone at a point (and claimed then) whose removal event is still to be
+    /// read: that event, and a stale creation event before it, are not new news.
+    pub departed: BTreeSet<OsString>,
+    /// The live runs' average rate over the last stretch between points, in millionths of a
+    /// CPU: the expected rate of a child that went away with no history of its own (never read
+    /// twice, a ghost, an ordinary child). One CPU until measured.
+    pub rate_ppm: Option<u64>,
     pub claimants: Vec<Claimant>,
     /// Residual carried between points: only ever negative (timing noise to be made up).
     pub balance: i128,
@@ -114,6 +123,15 @@ pub(super) struct Family {
     pub kept_fds: usize,
     /// The parent's usage read right before the children's at the point in progress.
     pub pre_us: Option<u64>,
+}
+
+impl Family {
+    /// What a child with no history of its own is expected to have used in `unobserved_us`:
+    /// that time at the family's average run rate (one CPU until measured).
+    pub fn unknown_weight(&self, unobserved_us: u64) -> u64 {
+        let rate = u128::from(self.rate_ppm.unwrap_or(1_000_000));
+        u64::try_from(u128::from(unobserved_us) * rate / 1_000_000).unwrap_or(u64::MAX)
+    }
 }
 
 /// Divides `total` microseconds among claimants in proportion to `weights` (the CPU time each

@@ -198,6 +198,12 @@ pub struct TrackerCounters {
     /// A cgroup appeared under the name of a run that already finished: not a run again (a run
     /// id names one run); its CPU time is the host's.
     pub run_id_reused: u64,
+    /// Children of a family's parent found by the listing at a point before their creation
+    /// event was read (runs among them are tracked at once and counted as discovered runs).
+    pub children_listed_early: u64,
+    /// Microseconds of residual beyond the physical bounds at a point (see
+    /// `reconcile_family`), given to the host or forgiven; not 0 means the counters disagreed.
+    pub reconcile_clamped_us: u64,
 }
 
 /// A failure while reading, with the run it concerns.
@@ -562,6 +568,11 @@ impl RunTracker {
                 run.settled = false;
                 run.populated = None;
             }
+            // Nor which removal events are still to come; the listing at each point finds
+            // every child that is there.
+            for f in self.families.values_mut() {
+                f.departed.clear();
+            }
             self.rescan_all();
             return;
         }
@@ -592,7 +603,14 @@ impl RunTracker {
                     if created {
                         if self.consider(idx, name, BilledFrom::Birth).is_none() {
                             if let NameMatch::Run(id) = self.patterns[idx].match_name(name) {
-                                if self.recently_finished_set.contains(id.as_str()) {
+                                // Unless the event is stale: a listing found that child, and
+                                // it went away and was billed (as a ghost) first.
+                                let stale = self.patterns[idx]
+                                    .parent()
+                                    .to_str()
+                                    .and_then(|rel| self.families.get(rel))
+                                    .is_some_and(|f| f.departed.contains(name));
+                                if !stale && self.recently_finished_set.contains(id.as_str()) {
                                     self.counters.run_id_reused += 1;
                                     tracing::warn!(
                                         run = %Shown::new(&id),
@@ -703,7 +721,7 @@ impl RunTracker {
         match family {
             Some(f) => {
                 // What it is expected to have used unobserved: the time since its last read (or
-                // the last point) at its average rate so far; one CPU when that is unknown.
+                // the last point) at its average rate so far; the family's when it has no history.
                 let unobserved = now.saturating_sub(run.read_at_us.max(f.last_point_us));
                 let span = run.read_at_us.saturating_sub(run.first_read.0);
                 let used = run.latest_us.saturating_sub(run.first_read.1);
@@ -711,7 +729,7 @@ impl RunTracker {
                     let w = u128::from(unobserved) * u128::from(used) / u128::from(span);
                     u64::try_from(w).unwrap_or(u64::MAX)
                 } else {
-                    unobserved
+                    f.unknown_weight(unobserved)
                 };
                 f.claimants.push(Claimant {
                     kind: ClaimantKind::Run(run.id.clone()),
@@ -1566,13 +1584,15 @@ impl RunTracker {
         self.counters.ghost_runs += 1;
         match self.families.get_mut(parent) {
             Some(f) => {
-                // A child listed earlier as an ordinary one hands its claim over.
-                if let Some(name) = Path::new(rel).file_name() {
-                    f.others.remove(name);
+                // A child listed earlier as an ordinary one hands its claim over, and what it
+                // used up to that listing's last read (counted then as a child's, so in no
+                // residual) is its own.
+                if let Some(o) = Path::new(rel).file_name().and_then(|n| f.others.remove(n)) {
+                    ghost.usage_us = o.scan_us;
                 }
                 f.claimants.push(Claimant {
                     kind: ClaimantKind::Ghost(idx),
-                    weight_us: now.saturating_sub(f.last_point_us),
+                    weight_us: f.unknown_weight(now.saturating_sub(f.last_point_us)),
                 });
             }
             None => {
@@ -1683,6 +1703,8 @@ impl RunTracker {
                 wd,
                 runs: BTreeSet::new(),
                 others,
+                departed: BTreeSet::new(),
+                rate_ppm: None,
                 claimants: Vec::new(),
                 balance: 0,
                 kept_fds: kept,
@@ -1702,25 +1724,139 @@ impl RunTracker {
                 self.mark_gone(id);
             }
         }
+        // A creation event for a run already finished (found by a listing, gone and billed
+        // before its event was read) or already a ghost is stale, not a new child.
+        let stale_run = run_id.is_none() && self.names_finished_run(rel, name);
         let now = self.now_us();
+        let exists = created && self.cgroup_root.join(&child).is_dir();
         let Some(f) = self.families.get_mut(rel) else {
             return;
         };
-        if created && run_id.is_none() && !self.ghosts.iter().any(|g| *g.cgroup_rel == *child) {
-            // Born now: all its usage is new to the parent too.
-            f.others.insert(
-                name.to_owned(),
-                Other {
+        if created {
+            if run_id.is_some() || stale_run || f.departed.contains(name) {
+                return;
+            }
+            if exists {
+                // Born since the last point (or listed already: then its baseline stays).
+                f.others.entry(name.to_owned()).or_insert_with(|| Other {
                     cpu_stat: self.cgroup_root.join(&child).join("cpu.stat"),
+                    scan_us: 0,
+                });
+            } else if !f.others.contains_key(name) {
+                // Created and removed unread: what it used is in the parent, and the host's.
+                f.departed.insert(name.to_owned());
+                f.claimants.push(Claimant {
+                    kind: ClaimantKind::Other,
+                    weight_us: f.unknown_weight(now.saturating_sub(f.last_point_us)),
+                });
+            }
+        } else if removed {
+            if f.departed.remove(name) {
+                // Already found gone at a point, and claimed then.
+                return;
+            }
+            if f.others.remove(name).is_some() {
+                f.claimants.push(Claimant {
+                    kind: ClaimantKind::Other,
+                    weight_us: f.unknown_weight(now.saturating_sub(f.last_point_us)),
+                });
+            }
+        }
+    }
+
+    /// Whether `name` under the family `rel` is a run of one of its patterns that finished or
+    /// is a ghost.
+    fn names_finished_run(&self, rel: &str, name: &OsStr) -> bool {
+        self.patterns
+            .iter()
+            .filter(|p| p.parent().to_str() == Some(rel))
+            .any(|p| match p.match_name(name) {
+                NameMatch::Run(id) => {
+                    self.recently_finished_set.contains(id.as_str())
+                        || self.ghosts.iter().any(|g| *g.id == *id)
+                }
+                _ => false,
+            })
+    }
+
+    /// Lists the parent's children at a point. On a busy host the creation events lag: a
+    /// child that is there but not yet known would have its CPU time taken for that of the
+    /// children that went away (and counted again once known). So every child is known before
+    /// the parent is read: one not known yet is read as an ordinary child (cheap: no watch, no
+    /// kept descriptor), from its birth. When its creation event is read and it is a run, it
+    /// becomes one from that baseline, billed from its birth; when it goes away first and is a
+    /// run's, it is billed as a ghost.
+    fn list_family(&mut self, rel: &str) {
+        let dir = self.cgroup_root.join(rel);
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            // Gone or unreadable: the parent's own read says so at this point.
+            return;
+        };
+        let Some(f) = self.families.get(rel) else {
+            return;
+        };
+        let unknown: Vec<std::ffi::OsString> = rd
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name())
+            .filter(|n| !f.others.contains_key(n) && !f.departed.contains(n))
+            .filter(|n| {
+                let child = format!("{rel}/{}", n.to_string_lossy());
+                !self.paths.contains_key(child.as_str())
+                    && !self.ghosts.iter().any(|g| *g.cgroup_rel == *child)
+            })
+            .collect();
+        self.counters.children_listed_early += unknown.len() as u64;
+        let Some(f) = self.families.get_mut(rel) else {
+            return;
+        };
+        for name in unknown {
+            let cpu_stat = dir.join(&name).join("cpu.stat");
+            f.others.insert(
+                name,
+                Other {
+                    cpu_stat,
                     scan_us: 0,
                 },
             );
-        } else if removed && f.others.remove(name).is_some() {
-            f.claimants.push(Claimant {
-                kind: ClaimantKind::Other,
-                weight_us: now.saturating_sub(f.last_point_us),
-            });
         }
+    }
+
+    /// A child read as an ordinary one went away: when its name is a run's that no event has
+    /// announced yet, it was a run created and removed between events, billed as a ghost (its
+    /// usage up to its last read, `scan_us`, plus its share of the residual).
+    fn other_was_ghost(&mut self, fam: &mut Family, name: &OsStr, scan_us: u64) -> bool {
+        let rel = fam.rel.clone();
+        let id = self
+            .patterns
+            .iter()
+            .filter(|p| p.parent().to_str() == Some(&*rel))
+            .find_map(|p| match p.match_name(name) {
+                NameMatch::Run(id) => Some(id),
+                _ => None,
+            });
+        let Some(id) = id else {
+            return false;
+        };
+        if self.runs.contains_key(id.as_str()) || self.names_finished_run(&rel, name) {
+            return false;
+        }
+        let Some(dir_name) = name.to_str() else {
+            return false;
+        };
+        let now = self.now_us();
+        self.counters.ghost_runs += 1;
+        fam.claimants.push(Claimant {
+            kind: ClaimantKind::Ghost(self.ghosts.len()),
+            weight_us: fam.unknown_weight(now.saturating_sub(fam.last_point_us)),
+        });
+        self.ghosts.push(Ghost {
+            id: Arc::from(id.as_str()),
+            cgroup_rel: Arc::from(format!("{rel}/{dir_name}")),
+            usage_us: scan_us,
+            final_usage: None,
+        });
+        true
     }
 
     /// One reconcile point of the family `rel` (see [`super::family`]): the live children's
@@ -1760,6 +1896,7 @@ impl RunTracker {
                 self.mark_gone(&id);
             }
         }
+        self.list_family(rel);
         let Some(mut fam) = self.families.remove(rel) else {
             return;
         };
@@ -1777,12 +1914,17 @@ impl RunTracker {
             }
         }
         for name in gone_others {
-            fam.others.remove(&name);
-            fam.claimants.push(Claimant {
-                kind: ClaimantKind::Other,
-                weight_us: now.saturating_sub(fam.last_point_us),
-            });
+            let scan_us = fam.others.remove(&name).map_or(0, |o| o.scan_us);
+            if !self.other_was_ghost(&mut fam, &name, scan_us) {
+                fam.claimants.push(Claimant {
+                    kind: ClaimantKind::Other,
+                    weight_us: fam.unknown_weight(now.saturating_sub(fam.last_point_us)),
+                });
+            }
+            // Claimed now; its removal event, when read, must not claim again.
+            fam.departed.insert(name);
         }
+        let (mut runs_delta, mut live) = (0u128, 0u128);
         for id in &fam.runs {
             if let Some(run) = self.runs.get_mut(id) {
                 let d = run
@@ -1791,7 +1933,15 @@ impl RunTracker {
                     .unwrap_or(run.latest_us);
                 children += i128::from(d);
                 run.scan_us = run.latest_us;
+                if !run.finished {
+                    runs_delta += u128::from(d);
+                    live += 1;
+                }
             }
+        }
+        let since = u128::from(now.saturating_sub(fam.last_point_us));
+        if live > 0 && since >= 10_000 {
+            fam.rate_ppm = u64::try_from(runs_delta * 1_000_000 / (live * since)).ok();
         }
         let mut parent_gone = false;
         let pre = fam.pre_us.take();
@@ -1837,12 +1987,33 @@ impl RunTracker {
         self.counters.reconcile_points += 1;
         match (residual, unreliable) {
             (Some(r), None) => {
-                // Timing noise is carried both ways, unclamped, so it cancels over time instead
-                // of biasing the claimants (clamping one side billed a loaded host's runs 12%
-                // too much). More than a second of the whole machine unexplained is no noise:
-                // the excess is the host's.
-                let cap = i128::from(self.cpus.len().max(1) as u32) * 1_000_000;
-                fam.balance = (fam.balance + r).clamp(-cap, cap);
+                // Timing noise is carried both ways, so it cancels over time instead of biasing
+                // the claimants. The bounds are physical: the children that went away cannot
+                // have used more than the whole machine since the last point (a starved agent
+                // may see seconds pass between points), and noise owed back is at most a
+                // second of the whole machine. Beyond either the counters disagree: the excess
+                // is the host's, and counted.
+                let ncpus = i128::from(self.cpus.len().max(1) as u32);
+                let since = i128::from(now.saturating_sub(fam.last_point_us));
+                let (floor, cap) = (-ncpus * 1_000_000, ncpus * (since + 1_000_000));
+                let unclamped = fam.balance + r;
+                fam.balance = unclamped.clamp(floor, cap);
+                let clamped = (unclamped - fam.balance).unsigned_abs();
+                self.counters.reconcile_clamped_us = self
+                    .counters
+                    .reconcile_clamped_us
+                    .saturating_add(u64::try_from(clamped).unwrap_or(u64::MAX));
+                tracing::debug!(
+                    parent = %Shown::new(rel),
+                    children_us = %children,
+                    residual_us = %r,
+                    balance_us = %unclamped,
+                    clamped_us = %(unclamped - fam.balance),
+                    claimants = claimants.len(),
+                    span_us = self.now_us().saturating_sub(now),
+                    recapture,
+                    "reconcile point"
+                );
                 if !claimants.is_empty() {
                     let pay = u64::try_from(fam.balance.max(0)).unwrap_or(u64::MAX);
                     fam.balance -= i128::from(pay);
@@ -2043,14 +2214,23 @@ fn split_run(
     fallback: &[(u32, u128)],
 ) -> (BTreeMap<u32, u64>, SplitSource) {
     if run.perf.is_some() && run.latest_tc_ns.len() == run.perf_pkgs.len() {
-        let mut w: BTreeMap<u32, u128> = BTreeMap::new();
-        for (i, pkg) in run.perf_pkgs.iter().enumerate() {
-            let d =
-                run.latest_tc_ns[i].saturating_sub(run.billed_tc_ns.get(i).copied().unwrap_or(0));
-            *w.entry(*pkg).or_default() += u128::from(d);
-        }
-        if w.values().any(|&v| v > 0) {
-            let w: Vec<(u32, u128)> = w.into_iter().collect();
+        let by_pkg = |since: &dyn Fn(usize) -> u64| {
+            let mut w: BTreeMap<u32, u128> = BTreeMap::new();
+            for (i, pkg) in run.perf_pkgs.iter().enumerate() {
+                *w.entry(*pkg).or_default() +=
+                    u128::from(run.latest_tc_ns[i].saturating_sub(since(i)));
+            }
+            w.into_iter().collect::<Vec<(u32, u128)>>()
+        };
+        let tick = by_pkg(&|i| run.billed_tc_ns.get(i).copied().unwrap_or(0));
+        // Usage with no counter movement of its own this tick (a tail recovered from the
+        // parent) is split as the run's whole life was.
+        let w = if tick.iter().any(|&(_, v)| v > 0) {
+            tick
+        } else {
+            by_pkg(&|_| 0)
+        };
+        if w.iter().any(|&(_, v)| v > 0) {
             return (split_exact(usage_us, &w), SplitSource::PerfTaskClock);
         }
     }

@@ -32,7 +32,11 @@ impl Agent {
         let child = Command::new(wattd_bin())
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info")
+            // WATTD_TEST_AGENT_LOG (a tracing filter) turns on more of the agent's log.
+            .env(
+                "RUST_LOG",
+                std::env::var("WATTD_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()

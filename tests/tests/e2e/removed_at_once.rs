@@ -112,7 +112,9 @@ fn billed(spool: &Path) -> Billed {
 
 /// `runs` runs, each of 50 ms to 3 s at a random duty (per mille, in `duty_permille`), started
 /// at random over `spread`, at most `alive` at once; every cgroup removed at once after its
-/// reap. Checks what the issue asks.
+/// reap. Checks that every run is billed (none lost) and all of them together within 0.1%;
+/// with `per_run_bounds`, also each run: within 1% when it is the only one to end in its tick,
+/// within 10% (and exact in sum) when it shares the tick. The per-run error is printed always.
 fn removed_at_once(
     test: &str,
     runs: usize,
@@ -120,6 +122,7 @@ fn removed_at_once(
     spread: Duration,
     duty_permille: (u64, u64),
     seed: u64,
+    per_run_bounds: bool,
 ) {
     let Some(mount) = require_cgroups(test) else {
         return;
@@ -200,6 +203,11 @@ fn removed_at_once(
     let (status, _) = agent.stop();
     sim.stop();
     let logtext = std::fs::read_to_string(&log).unwrap_or_default();
+    // The last lines only: with WATTD_TEST_AGENT_LOG at debug, the whole log is megabytes.
+    let logtext = {
+        let lines: Vec<&str> = logtext.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    };
     assert!(status.success(), "wattd exited {status:?}\n{logtext}");
     let v = wattd(&["verify", "--data-dir", spool.to_str().unwrap()]);
     assert!(
@@ -226,6 +234,27 @@ fn removed_at_once(
     );
 
     let b = billed(&spool);
+    // `wattd runs` tells an SRE how each run's last usage was obtained, as the summaries say.
+    let listed = crate::harness::runs_json(&spool);
+    let listed: BTreeMap<String, String> = listed["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r["run_id"].as_str()?.to_owned(),
+                r["final_usage"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    for e in &ended {
+        assert_eq!(
+            listed.get(&e.id),
+            b.final_usage.get(&e.id),
+            "{}: final usage in `wattd runs` vs its summary",
+            e.id
+        );
+    }
     // The interval each run ended in.
     let tick_of = |ns: u64| {
         b.intervals
@@ -241,6 +270,7 @@ fn removed_at_once(
     let (mut truth_all, mut billed_all) = (0u128, 0u128);
     let mut hows: BTreeMap<String, usize> = BTreeMap::new();
     let (mut alone, mut shared) = (0, 0);
+    let mut errs: Vec<f64> = Vec::with_capacity(runs);
     for group in by_tick.values() {
         let mut group_truth = 0u64;
         let mut group_billed = 0u64;
@@ -259,17 +289,19 @@ fn removed_at_once(
             if how.is_none() || how.as_deref() == Some("lost") {
                 problems.push(format!("{}: final usage {how:?}", e.id));
             }
-            if err > bound {
+            errs.push(err);
+            if err > bound && per_run_bounds {
                 problems.push(format!(
-                    "{}: kernel {} us, billed {got} us ({:.2}%, {} ending in its tick)",
+                    "{}: kernel {} us, billed {got} us ({:.2}%, {} ending in its tick, {})",
                     e.id,
                     e.truth_us,
                     err * 100.0,
-                    group.len()
+                    group.len(),
+                    how.as_deref().unwrap_or("no summary")
                 ));
             }
         }
-        if group.len() > 1 {
+        if group.len() > 1 && per_run_bounds {
             shared += group.len();
             let err = (group_billed as f64 - group_truth as f64).abs() / group_truth.max(1) as f64;
             if err > 0.01 {
@@ -278,10 +310,21 @@ fn removed_at_once(
                     group.len()
                 ));
             }
+        } else if group.len() > 1 {
+            shared += group.len();
         } else {
             alone += 1;
         }
     }
+    errs.sort_by(f64::total_cmp);
+    let pct = |q: f64| errs[((errs.len() - 1) as f64 * q) as usize] * 100.0;
+    eprintln!(
+        "per-run error: median {:.2}%, p90 {:.2}%, max {:.2}%; {} runs off by more than 10%",
+        pct(0.5),
+        pct(0.9),
+        pct(1.0),
+        errs.iter().filter(|&&e| e > 0.10).count()
+    );
     let err_all = (billed_all as f64 - truth_all as f64).abs() / truth_all as f64;
     eprintln!(
         "{runs} runs ({alone} alone in their tick, {shared} sharing one): kernel {truth_all} us \
@@ -308,5 +351,27 @@ fn two_hundred_runs_removed_at_once_are_each_billed_in_full() {
         Duration::from_secs(25),
         (200, 1000),
         0x5eed_0001,
+        true,
+    );
+}
+
+/// A thousand light runs alive at once (0.2-1% of a CPU each: three times what 2 CPUs can run,
+/// with a thousand cgroups made and removed in 6 s), ending at random. The agent is starved for
+/// seconds: creation events lag behind the children that are already burning, and seconds pass
+/// between reconcile points. Every run is billed and the total is exact (this failed by +16%
+/// before each point listed the parent, and by -20% with the residual capped at a second of
+/// the machine). Each run's own share is printed, not asserted: with hundreds of live children,
+/// the noise of one parent read against them (hundreds of microseconds) is of the order of a
+/// light run's whole tail (see the README, "Runs removed the moment they empty").
+#[test]
+fn a_thousand_runs_alive_removed_at_once_are_billed_in_total() {
+    removed_at_once(
+        "a_thousand_runs_alive_removed_at_once_are_billed_in_total",
+        1000,
+        1000,
+        Duration::from_secs(3),
+        (2, 10),
+        0x5eed_0002,
+        false,
     );
 }

@@ -14,7 +14,22 @@ const BUSY_W: f64 = 20.0;
 
 #[test]
 fn simulated_host_attribution_matches_the_model() {
-    let Some(mount) = require_cgroups("simulated_host_attribution_matches_the_model") else {
+    attribution("simulated_host_attribution_matches_the_model", false);
+}
+
+/// The same, with each run's cgroup removed the moment its process is reaped (as systemd
+/// removes a transient scope): the runs' tails come from their parent, and the model still
+/// holds to the same bounds.
+#[test]
+fn simulated_host_attribution_matches_the_model_with_cgroups_removed_at_once() {
+    attribution(
+        "simulated_host_attribution_matches_the_model_with_cgroups_removed_at_once",
+        true,
+    );
+}
+
+fn attribution(test: &str, removed_at_once: bool) {
+    let Some(mount) = require_cgroups(test) else {
         return;
     };
     let mut cg = TestCgroups::new(&mount, "simhost").unwrap();
@@ -51,12 +66,19 @@ fn simulated_host_attribution_matches_the_model() {
     std::thread::sleep(Duration::from_millis(700));
     cg.spawn_in("run-s.scope", Command::new(&burn).args(["1.0", "0.3"]))
         .unwrap();
-    cg.wait_all();
-    let usage = |r: &str| cg.usage_usec(r).unwrap();
+    let usage: std::collections::BTreeMap<String, u64> = if removed_at_once {
+        cg.wait_all_removing_each().unwrap().into_iter().collect()
+    } else {
+        cg.wait_all();
+        ["run-a.scope", "run-b.scope", "run-s.scope"]
+            .into_iter()
+            .map(|r| (r.to_owned(), cg.usage_usec(r).unwrap()))
+            .collect()
+    };
     let (ua, ub, us) = (
-        usage("run-a.scope"),
-        usage("run-b.scope"),
-        usage("run-s.scope"),
+        usage["run-a.scope"],
+        usage["run-b.scope"],
+        usage["run-s.scope"],
     );
     std::thread::sleep(Duration::from_millis(1500));
     let (status, took) = agent.stop();
