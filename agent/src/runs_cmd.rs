@@ -84,6 +84,19 @@ pub fn run(args: &RunsArgs) -> anyhow::Result<()> {
             row.reconciled_usage_us = Some(us);
         }
     }
+    // A finished run billed nothing is listed too (with no energy): an SRE looking for it must
+    // find it, and see how its last usage was obtained.
+    for (run_id, (how, us)) in finals {
+        report.runs.push(RunRow {
+            run_id,
+            energy_uj: 0,
+            energy_wh: wattd::energy_table::wh_text(0),
+            domains: Vec::new(),
+            final_usage: Some(how),
+            reconciled_usage_us: Some(us),
+        });
+    }
+    report.runs.sort_by(|a, b| a.run_id.cmp(&b.run_id));
     let out = match args.format {
         Format::Json => {
             serde_json::to_string_pretty(&report).context("encoding the report")? + "\n"

@@ -45,3 +45,28 @@ pub fn which(program: &str) -> Option<std::path::PathBuf> {
         .map(|d| d.join(program))
         .find(|c| c.is_file())
 }
+
+/// CPUs left idle on this machine, measured from `/proc/stat` over `over` (`None` when it
+/// cannot be read). For tests whose premise is spare capacity, such as a calibration that must
+/// change the host's busy time: on a saturated machine they cannot be valid, and say so.
+pub fn idle_cpus(over: std::time::Duration) -> Option<f64> {
+    fn idle_and_total() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        let total: u64 = v.iter().take(8).sum();
+        Some((idle, total))
+    }
+    let ncpus = std::thread::available_parallelism().ok()?.get() as f64;
+    let (i0, t0) = idle_and_total()?;
+    std::thread::sleep(over);
+    let (i1, t1) = idle_and_total()?;
+    let dt = t1.checked_sub(t0).filter(|&d| d > 0)?;
+    Some(ncpus * (i1.saturating_sub(i0)) as f64 / dt as f64)
+}

@@ -130,8 +130,17 @@ impl Family {
     /// that time at the family's average run rate (one CPU until measured).
     pub fn unknown_weight(&self, unobserved_us: u64) -> u64 {
         let rate = u128::from(self.rate_ppm.unwrap_or(1_000_000));
-        u64::try_from(u128::from(unobserved_us) * rate / 1_000_000).unwrap_or(u64::MAX)
+        let w = u64::try_from(u128::from(unobserved_us) * rate / 1_000_000).unwrap_or(u64::MAX);
+        weight_floor(w, unobserved_us)
     }
+}
+
+/// No claimant weighs nothing: a child that went away used at least its own exit (a process's
+/// last CPU time), so each is expected to have run at least a thousandth of a CPU while
+/// unobserved (and a microsecond), and none is left out of a share (seen on a starved host: a
+/// run read idle once, then gone, got 0 us).
+pub fn weight_floor(weight_us: u64, unobserved_us: u64) -> u64 {
+    weight_us.max(unobserved_us / 1000).max(1)
 }
 
 /// Divides `total` microseconds among claimants in proportion to `weights` (the CPU time each
@@ -184,6 +193,20 @@ pub(super) fn parent_holds_processes(procs: &std::path::Path) -> Result<bool, st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_claimant_weighs_nothing() {
+        // Read idle, then gone 2 s later: still a thousandth of a CPU over those 2 s.
+        assert_eq!(weight_floor(0, 2_000_000), 2_000);
+        // Gone the same microsecond: one microsecond, so it still takes part in a share.
+        assert_eq!(weight_floor(0, 0), 1);
+        // An estimate above the floor is kept.
+        assert_eq!(weight_floor(500_000, 2_000_000), 500_000);
+        // With the floor, an idle run shares a residual instead of getting nothing.
+        let shares = share_residual(1_000, &[weight_floor(0, 1_000_000), 9_000]);
+        assert!(shares[0] > 0, "{shares:?}");
+        assert_eq!(shares.iter().sum::<u64>(), 1_000);
+    }
 
     #[test]
     fn one_claimant_gets_everything() {

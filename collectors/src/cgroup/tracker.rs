@@ -727,7 +727,7 @@ impl RunTracker {
                 let used = run.latest_us.saturating_sub(run.first_read.1);
                 let weight_us = if span >= 10_000 {
                     let w = u128::from(unobserved) * u128::from(used) / u128::from(span);
-                    u64::try_from(w).unwrap_or(u64::MAX)
+                    super::family::weight_floor(u64::try_from(w).unwrap_or(u64::MAX), unobserved)
                 } else {
                     f.unknown_weight(unobserved)
                 };

@@ -34,6 +34,17 @@ fn calibrate_recovers_the_simulated_model_within_5_percent() {
     else {
         return;
     };
+    // The fit needs the load levels to change the host's busy time: on a machine whose CPUs are
+    // all taken by something else (found by scripts/stress-suite) no calibration can be valid,
+    // and `wattd calibrate` rightly fails ("the load levels did not change its busy time").
+    let idle = wattd_testkit::need::idle_cpus(Duration::from_millis(500)).unwrap_or(0.0);
+    if idle < 1.0 {
+        wattd_testkit::skip(
+            "calibrate_recovers_the_simulated_model_within_5_percent",
+            format!("a CPU left idle to load (this machine has {idle:.2})"),
+        );
+        return;
+    }
     let (idle_w, busy_w) = (12.0, 18.0);
     let (_sim, config) = sim(&mount, idle_w, busy_w);
     // Other end-to-end tests may be running: the busy-host refusal is relaxed here, the fit does

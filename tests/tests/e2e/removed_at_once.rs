@@ -112,9 +112,10 @@ fn billed(spool: &Path) -> Billed {
 
 /// `runs` runs, each of 50 ms to 3 s at a random duty (per mille, in `duty_permille`), started
 /// at random over `spread`, at most `alive` at once; every cgroup removed at once after its
-/// reap. Checks that every run is billed (none lost) and all of them together within 0.1%;
-/// with `per_run_bounds`, also each run: within 1% when it is the only one to end in its tick,
-/// within 10% (and exact in sum) when it shares the tick. The per-run error is printed always.
+/// reap. Checks that every run has a summary that is not `lost` and all of them together are
+/// billed within 0.1%; with `per_run_bounds`, also each run: billed something, within 1% when
+/// it is the only one to end in its tick, within 10% (and exact in sum) when it shares the
+/// tick. The per-run error is printed always.
 fn removed_at_once(
     test: &str,
     runs: usize,
@@ -271,6 +272,7 @@ fn removed_at_once(
     let mut hows: BTreeMap<String, usize> = BTreeMap::new();
     let (mut alone, mut shared) = (0, 0);
     let mut errs: Vec<f64> = Vec::with_capacity(runs);
+    let mut unbilled = 0usize;
     for group in by_tick.values() {
         let mut group_truth = 0u64;
         let mut group_billed = 0u64;
@@ -288,6 +290,16 @@ fn removed_at_once(
             let bound = if group.len() == 1 { 0.01 } else { 0.10 };
             if how.is_none() || how.as_deref() == Some("lost") {
                 problems.push(format!("{}: final usage {how:?}", e.id));
+            }
+            // Every run is billed: each one's process at least started and exited in its cgroup.
+            if got == 0 && e.truth_us > 0 {
+                unbilled += 1;
+            }
+            if got == 0 && e.truth_us > 0 && per_run_bounds {
+                problems.push(format!(
+                    "{}: kernel {} us, billed nothing ({how:?})",
+                    e.id, e.truth_us
+                ));
             }
             errs.push(err);
             if err > bound && per_run_bounds {
@@ -319,7 +331,8 @@ fn removed_at_once(
     errs.sort_by(f64::total_cmp);
     let pct = |q: f64| errs[((errs.len() - 1) as f64 * q) as usize] * 100.0;
     eprintln!(
-        "per-run error: median {:.2}%, p90 {:.2}%, max {:.2}%; {} runs off by more than 10%",
+        "per-run error: median {:.2}%, p90 {:.2}%, max {:.2}%; {} runs off by more than 10%, \
+         {unbilled} billed nothing",
         pct(0.5),
         pct(0.9),
         pct(1.0),
@@ -360,7 +373,9 @@ fn two_hundred_runs_removed_at_once_are_each_billed_in_full() {
 /// seconds: creation events lag behind the children that are already burning, and seconds pass
 /// between reconcile points. Every run is billed and the total is exact (this failed by +16%
 /// before each point listed the parent, and by -20% with the residual capped at a second of
-/// the machine). Each run's own share is printed, not asserted: with hundreds of live children,
+/// the machine). Each run's own share is printed, not asserted (nor that it is not zero: up to
+/// 12 of the 1,000 got nothing in a share, at points where noise was owed back): with hundreds
+/// of live children,
 /// the noise of one parent read against them (hundreds of microseconds) is of the order of a
 /// light run's whole tail (see the README, "Runs removed the moment they empty").
 #[test]
