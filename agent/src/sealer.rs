@@ -9,10 +9,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use prost::Message as _;
-use wattd_proto::v1::{Batch, Gap, Interval, KeyRotation, RunSummary, SignedBatch};
+use wattd_proto::v1::{Gap, Interval, RunSummary};
 
-use crate::batch::{chain_hash, ChainHash, StoredBatch, FORMAT_VERSION};
 use crate::identity::{self, IdentityError, NodeKey};
 use crate::spool::{OpenReport, Spool, SpoolConfig, SpoolError};
 
@@ -84,60 +82,8 @@ impl SealError {
     }
 }
 
-/// What goes into one batch besides its header.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct BatchContent {
-    pub intervals: Vec<Interval>,
-    pub run_summaries: Vec<RunSummary>,
-    pub gaps: Vec<Gap>,
-    pub key_rotation: Option<KeyRotation>,
-}
-
-impl BatchContent {
-    pub fn is_empty(&self) -> bool {
-        self.intervals.is_empty()
-            && self.run_summaries.is_empty()
-            && self.gaps.is_empty()
-            && self.key_rotation.is_none()
-    }
-}
-
-/// Builds, encodes and signs batch `seq` chained to `prev_hash`. Pure: no IO.
-pub fn sign_batch(
-    key: &NodeKey,
-    seq: u64,
-    prev_hash: ChainHash,
-    sealed_unix_ns: i64,
-    content: BatchContent,
-) -> StoredBatch {
-    let batch = Batch {
-        node_id: key.node_id().to_owned(),
-        key_id: key.key_id().to_vec(),
-        key_epoch: key.epoch(),
-        seq,
-        prev_hash: prev_hash.to_vec(),
-        sealed_unix_ns,
-        format_version: FORMAT_VERSION,
-        intervals: content.intervals,
-        run_summaries: content.run_summaries,
-        gaps: content.gaps,
-        key_rotation: content.key_rotation,
-    };
-    let batch_bytes = batch.encode_to_vec();
-    let signature = key.sign(&batch_bytes).to_vec();
-    let bytes = SignedBatch {
-        batch_bytes,
-        signature,
-        key_id: key.key_id().to_vec(),
-    }
-    .encode_to_vec();
-    StoredBatch {
-        seq,
-        prev_hash,
-        hash: chain_hash(&bytes),
-        bytes,
-    }
-}
+// Building and signing a batch is pure and shared with the ledger's tests and tools.
+pub use wattd_records::seal::{sign_batch, BatchContent};
 
 /// Owns the node key and the spool; the daemon's one handle on the record pipeline.
 #[derive(Debug)]

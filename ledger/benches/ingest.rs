@@ -12,12 +12,12 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-use wattd::batch::{StoredBatch, GENESIS_HASH};
-use wattd::identity::NodeKey;
-use wattd::sealer::{sign_batch, BatchContent};
 use wattd_ledger::server::{self, Limits, ServeOptions};
 use wattd_proto::v1::ledger_client::LedgerClient;
 use wattd_proto::v1::{node_message, Allocation, DomainEnergy, Interval, NodeMessage, SignedBatch};
+use wattd_records::batch::{StoredBatch, GENESIS_HASH};
+use wattd_records::identity::NodeKey;
+use wattd_records::seal::{sign_batch, BatchContent};
 
 const INTERVALS: u64 = 10;
 const RUNS: u64 = 20;

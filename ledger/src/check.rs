@@ -2,7 +2,7 @@
 //! against the client certificate, rotations, conservation, and the bounds the stores need.
 //!
 //! The authenticity and conservation verdicts are those of the agent's own verifier
-//! (`wattd::verify::Verifier`, what `wattd verify` runs), fed one batch at a time, so the ledger
+//! (`wattd_records::verify::Verifier`, what `wattd verify` runs), fed one batch at a time, so the ledger
 //! and the node's tools can never disagree on whether a batch is authentic or conserves energy.
 //! Sequence, chain links and key continuity are judged by the store, inside the transaction that
 //! commits the batch, because only the store knows what is already durable.
@@ -12,12 +12,12 @@ use std::path::PathBuf;
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use prost::Message as _;
-use wattd::batch::{chain_hash, decode_header, ChainHash, FORMAT_VERSION};
-use wattd::durable::hex;
-use wattd::identity::{key_id_of, KeyId, PublicIdentity};
-use wattd::spool::Location;
-use wattd::verify::{BreakKind, Verifier};
 use wattd_proto::v1::{Batch, Heartbeat, SignedBatch, SignedHeartbeat};
+use wattd_records::batch::{chain_hash, decode_header, ChainHash, FORMAT_VERSION};
+use wattd_records::durable::hex;
+use wattd_records::identity::{key_id_of, KeyId, PublicIdentity};
+use wattd_records::segment::Location;
+use wattd_records::verify::{BreakKind, Verifier};
 
 use crate::enrol::EnrolledKey;
 use crate::Rejection;

@@ -9,7 +9,7 @@ use std::fs;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
-use wattd::identity::{key_id_of, KeyId, PublicIdentity, PublicKeysFile};
+use wattd_records::identity::{key_id_of, KeyId, PublicIdentity, PublicKeysFile};
 
 /// A file bigger than this is not an identity file.
 const FILE_MAX_BYTES: u64 = 64 * 1024;
@@ -220,7 +220,7 @@ impl Enrolment {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wattd::identity::NodeKey;
+    use wattd_records::identity::NodeKey;
 
     #[test]
     fn flat_and_list_files_are_read_and_bad_ones_all_named() {

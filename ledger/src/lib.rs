@@ -11,6 +11,7 @@
 
 pub mod check;
 pub mod enrol;
+pub mod http;
 pub mod metrics;
 pub mod query;
 pub mod server;
@@ -54,7 +55,7 @@ pub enum Rejection {
     #[error(
         "node {node:?}: batch seq {seq}: format_version {version} is not supported (this ledger \
          reads {})",
-        wattd::batch::FORMAT_VERSION
+        wattd_records::batch::FORMAT_VERSION
     )]
     UnsupportedFormat {
         node: String,

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::store::{ForkRow, NodeRow, RunDomainTotal};
 
-pub use wattd::energy_table::{wh_text, DomainRow, RunRow, UJ_PER_WH};
+pub use wattd_records::energy_table::{wh_text, DomainRow, RunRow, UJ_PER_WH};
 
 #[derive(Debug, Serialize)]
 pub struct RunsReport {
@@ -26,13 +26,13 @@ pub fn runs_report(totals: Vec<RunDomainTotal>) -> RunsReport {
             .or_default() += t.energy_uj;
     }
     RunsReport {
-        runs: wattd::energy_table::run_rows(by_run),
+        runs: wattd_records::energy_table::run_rows(by_run),
     }
 }
 
 /// The same table `wattd runs` prints.
 pub fn runs_text(r: &RunsReport) -> String {
-    wattd::energy_table::table_text(&r.runs)
+    wattd_records::energy_table::table_text(&r.runs)
 }
 
 /// A range of seqs the ledger does not hold, and how it knows they exist.

@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::http::{HttpLimits, MetricsEndpoint};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -25,7 +26,6 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
-use wattd::metrics::{MetricsServer, ServerLimits};
 use wattd_proto::v1::ledger_server::LedgerServer;
 
 use crate::enrol::Enrolment;
@@ -200,7 +200,7 @@ impl AsyncWrite for Conn {
 /// A bound, ready ledger: the listeners are open, the store is open and its schema in place.
 pub struct Bound {
     listener: TcpListener,
-    metrics_server: Option<MetricsServer>,
+    metrics_server: Option<MetricsEndpoint>,
     acceptor: TlsAcceptor,
     store: Arc<AnyStore>,
     enrolment: Arc<RwLock<Arc<Enrolment>>>,
@@ -253,7 +253,7 @@ pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), Serve
     let snapshot = watch::channel(Arc::new(String::new()));
     let metrics_server = match opts.metrics_listen {
         Some(addr) => Some(
-            MetricsServer::bind(addr, snapshot.1.clone(), ServerLimits::default())
+            MetricsEndpoint::bind(addr, snapshot.1.clone(), HttpLimits::default())
                 .await
                 .map_err(|source| ServeError::Io {
                     what: format!("--metrics-listen {addr}"),

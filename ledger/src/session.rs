@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use wattd::durable::hex;
 use wattd_proto::v1::{node_message, Ack, NodeMessage, SignedBatch, SignedHeartbeat};
+use wattd_records::durable::hex;
 
 use crate::check::{verify_batch, verify_heartbeat, KeyOrigin, KnownKeys, VerifiedBatch};
 use crate::enrol::EnrolledKey;

@@ -20,8 +20,8 @@ pub mod sqlite;
 use std::future::Future;
 use std::sync::Arc;
 
-use wattd::batch::{ChainHash, GENESIS_HASH};
-use wattd::identity::KeyId;
+use wattd_records::batch::{ChainHash, GENESIS_HASH};
+use wattd_records::identity::KeyId;
 
 use crate::check::{LearntKey, VerifiedBatch};
 

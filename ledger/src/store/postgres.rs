@@ -15,7 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
-use wattd::batch::ChainHash;
+use wattd_records::batch::ChainHash;
 
 use super::{
     to_hash, to_i64, to_key_id, to_u64, Commit, ForkRecord, ForkRow, NodeRow, OpenMode,
@@ -625,8 +625,8 @@ impl Store for PgStore {
             row.forks.push(ForkRow {
                 seq: to_u64(r.get(1), "forks.seq")?,
                 kind: r.get(2),
-                stored_sha256: wattd::durable::hex(r.get::<_, &[u8]>(3)),
-                received_sha256: wattd::durable::hex(r.get::<_, &[u8]>(4)),
+                stored_sha256: wattd_records::durable::hex(r.get::<_, &[u8]>(3)),
+                received_sha256: wattd_records::durable::hex(r.get::<_, &[u8]>(4)),
                 first_detected_unix_ns: r.get(5),
                 last_detected_unix_ns: r.get(6),
                 times_seen: to_u64(r.get(7), "forks.times_seen")?,

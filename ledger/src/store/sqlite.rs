@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension as _};
-use wattd::batch::ChainHash;
+use wattd_records::batch::ChainHash;
 
 use super::{
     to_hash, to_i64, to_key_id, to_u64, Commit, ForkRecord, ForkRow, NodeRow, OpenMode,
@@ -517,8 +517,8 @@ impl Store for SqliteStore {
                 row.forks.push(ForkRow {
                     seq: to_u64(r.get(1)?, "forks.seq")?,
                     kind: r.get(2)?,
-                    stored_sha256: wattd::durable::hex(&r.get::<_, Vec<u8>>(3)?),
-                    received_sha256: wattd::durable::hex(&r.get::<_, Vec<u8>>(4)?),
+                    stored_sha256: wattd_records::durable::hex(&r.get::<_, Vec<u8>>(3)?),
+                    received_sha256: wattd_records::durable::hex(&r.get::<_, Vec<u8>>(4)?),
                     first_detected_unix_ns: r.get(5)?,
                     last_detected_unix_ns: r.get(6)?,
                     times_seen: to_u64(r.get(7)?, "forks.times_seen")?,

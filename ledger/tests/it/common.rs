@@ -10,9 +10,6 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use wattd::batch::{ChainHash, StoredBatch, GENESIS_HASH};
-use wattd::identity::NodeKey;
-use wattd::sealer::{sign_batch, BatchContent};
 use wattd_ledger::metrics::Metrics;
 use wattd_ledger::server::{self, Limits, ServeOptions};
 use wattd_ledger::store::{AnyStore, OpenMode, StoreUrl};
@@ -21,6 +18,9 @@ use wattd_proto::v1::{
     node_message, Ack, Allocation, DomainEnergy, Heartbeat, Interval, KeyRotation, NodeMessage,
     SignedBatch, SignedHeartbeat,
 };
+use wattd_records::batch::{ChainHash, StoredBatch, GENESIS_HASH};
+use wattd_records::identity::NodeKey;
+use wattd_records::seal::{sign_batch, BatchContent};
 use wattd_tests::tls::{CertFiles, TestCa};
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -59,7 +59,7 @@ impl PgDatabase {
     pub async fn create(admin_url: &str) -> Result<Self, tokio_postgres::Error> {
         let mut seed = [0u8; 6];
         getrandom::getrandom(&mut seed).expect("random");
-        let name = format!("wattd_test_{}", wattd::durable::hex(&seed));
+        let name = format!("wattd_test_{}", wattd_records::durable::hex(&seed));
         let (client, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         client

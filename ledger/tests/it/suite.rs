@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use prost::Message as _;
 use tonic::Code;
-use wattd::sealer::BatchContent;
 use wattd_ledger::metrics::Reason;
 use wattd_ledger::server::Limits;
 use wattd_ledger::store::Store as _;
 use wattd_proto::v1::{node_message, Batch, NodeMessage, SignedBatch};
+use wattd_records::seal::BatchContent;
 
 use crate::common::*;
 
@@ -209,8 +209,8 @@ async fn held_batches_are_bounded(b: Backend, name: &str) -> TestResult {
 }
 
 /// A batch with the same seq as `b` but other content, genuinely signed by the node's key.
-fn forked(chain_key: &wattd::identity::NodeKey, seq: u64, prev: [u8; 32]) -> NodeMessage {
-    let b = wattd::sealer::sign_batch(
+fn forked(chain_key: &wattd_records::identity::NodeKey, seq: u64, prev: [u8; 32]) -> NodeMessage {
+    let b = wattd_records::seal::sign_batch(
         chain_key,
         seq,
         prev,
@@ -594,7 +594,7 @@ async fn key_rotation_is_followed_and_the_old_key_refused_after_it(
     let b4 = chain.next(1);
     assert_eq!(s.send(msg(&b4)).await?.acked_seq, 4);
     // The old key (maybe the leaked one) signing seq 5: refused.
-    let stale = wattd::sealer::sign_batch(&old_again, 5, b4.hash, 1, BatchContent::default());
+    let stale = wattd_records::seal::sign_batch(&old_again, 5, b4.hash, 1, BatchContent::default());
     let err = s
         .send(msg(&stale))
         .await

@@ -14,7 +14,7 @@ use wattd_proto::v1::{Batch, DomainEnergy, SignedBatch};
 
 use crate::batch::{chain_hash, ChainHash, GENESIS_HASH};
 use crate::identity::{key_id_of, KeyId, PublicIdentity};
-use crate::spool::{self, Location, SpoolError, SpoolItem};
+use crate::segment::{self as spool, Location, SpoolError, SpoolItem};
 
 /// What is wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -66,6 +66,9 @@ pub enum IdentityError {
     RotationInFlight { path: PathBuf },
     #[error("the operating system's random number generator failed: {0}")]
     Random(getrandom::Error),
+    /// Never expected (the files hold strings and integers), but never an empty file either.
+    #[error("{}: could not encode: {detail}", path.display())]
+    Encode { path: PathBuf, detail: String },
 }
 
 impl IdentityError {
@@ -192,7 +195,7 @@ impl NodeKey {
         }
     }
 
-    fn to_file_text(&self) -> String {
+    fn to_file_text(&self, path: &Path) -> Result<String, IdentityError> {
         let file = KeyFile {
             format: 1,
             node_id: self.node_id.clone(),
@@ -200,10 +203,13 @@ impl NodeKey {
             secret_key: hex(&self.signing.to_bytes()),
             public_key: hex(&self.public_key()),
         };
-        format!(
-            "# wattd node signing key. Secret: keep mode 0600, never copy it off this host.\n{}",
-            toml::to_string(&file).unwrap_or_default()
-        )
+        let body = toml::to_string(&file).map_err(|e| IdentityError::Encode {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+        Ok(format!(
+            "# wattd node signing key. Secret: keep mode 0600, never copy it off this host.\n{body}"
+        ))
     }
 
     /// Loads `dir/node.key`, refusing a file that is not a regular file, that group or others
@@ -290,13 +296,8 @@ impl NodeKey {
             Err(IdentityError::Missing { .. }) => {
                 create_data_dir(dir)?;
                 let key = Self::generate(node_id, 1)?;
-                match durable::write_atomic(
-                    dir,
-                    KEY_FILE,
-                    key.to_file_text().as_bytes(),
-                    0o600,
-                    false,
-                ) {
+                let text = key.to_file_text(&dir.join(KEY_FILE))?;
+                match durable::write_atomic(dir, KEY_FILE, text.as_bytes(), 0o600, false) {
                     Ok(()) => (key, true),
                     Err(AtomicWriteError::Rename(e))
                         if e.kind() == io::ErrorKind::AlreadyExists =>
@@ -389,10 +390,14 @@ fn record_public_key(dir: &Path, public: &PublicIdentity) -> Result<(), Identity
     }
     keys.push(public.clone());
     keys.sort_by_key(|k| k.key_epoch);
-    let text = format!(
-        "# wattd: every public key this node has signed with, one per key epoch.\n{}",
-        toml::to_string(&PublicKeysFile { key: keys }).unwrap_or_default()
-    );
+    let path = dir.join(PUBLIC_KEYS_FILE);
+    let body =
+        toml::to_string(&PublicKeysFile { key: keys }).map_err(|e| IdentityError::Encode {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+    let text =
+        format!("# wattd: every public key this node has signed with, one per key epoch.\n{body}");
     durable::write_atomic(dir, PUBLIC_KEYS_FILE, text.as_bytes(), 0o644, true)
         .map_err(|e| IdentityError::io(&dir.join(PUBLIC_KEYS_FILE), e.into_io()))
 }
@@ -418,13 +423,8 @@ pub fn prepare_rotation(
             detail: "key epoch exhausted".into(),
         })?;
     let next = NodeKey::generate(&current.node_id, next_epoch)?;
-    match durable::write_atomic(
-        dir,
-        NEXT_KEY_FILE,
-        next.to_file_text().as_bytes(),
-        0o600,
-        false,
-    ) {
+    let text = next.to_file_text(&dir.join(NEXT_KEY_FILE))?;
+    match durable::write_atomic(dir, NEXT_KEY_FILE, text.as_bytes(), 0o600, false) {
         Ok(()) => {}
         Err(AtomicWriteError::Rename(e)) if e.kind() == io::ErrorKind::AlreadyExists => {
             return Err(IdentityError::RotationInFlight {
@@ -549,7 +549,7 @@ mod tests {
         let k = NodeKey::from_seed("n", 1, [7; 32]);
         let other = NodeKey::from_seed("n", 1, [8; 32]);
         let text = k
-            .to_file_text()
+            .to_file_text(&dir.path().join(KEY_FILE))?
             .replace(&hex(&k.public_key()), &hex(&other.public_key()));
         fs::write(dir.path().join(KEY_FILE), text)?;
         let err = NodeKey::load(dir.path())

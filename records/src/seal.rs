@@ -1,0 +1,63 @@
+//! Building, encoding and signing one batch: pure, no IO. The agent's sealer calls it on every
+//! interval it closes; the ledger's tests and tools build batches the same way.
+
+use prost::Message as _;
+use wattd_proto::v1::{Batch, Gap, Interval, KeyRotation, RunSummary, SignedBatch};
+
+use crate::batch::{chain_hash, ChainHash, StoredBatch, FORMAT_VERSION};
+use crate::identity::NodeKey;
+
+/// What goes into one batch besides its header.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BatchContent {
+    pub intervals: Vec<Interval>,
+    pub run_summaries: Vec<RunSummary>,
+    pub gaps: Vec<Gap>,
+    pub key_rotation: Option<KeyRotation>,
+}
+
+impl BatchContent {
+    pub fn is_empty(&self) -> bool {
+        self.intervals.is_empty()
+            && self.run_summaries.is_empty()
+            && self.gaps.is_empty()
+            && self.key_rotation.is_none()
+    }
+}
+
+/// Builds, encodes and signs batch `seq` chained to `prev_hash`. Pure: no IO.
+pub fn sign_batch(
+    key: &NodeKey,
+    seq: u64,
+    prev_hash: ChainHash,
+    sealed_unix_ns: i64,
+    content: BatchContent,
+) -> StoredBatch {
+    let batch = Batch {
+        node_id: key.node_id().to_owned(),
+        key_id: key.key_id().to_vec(),
+        key_epoch: key.epoch(),
+        seq,
+        prev_hash: prev_hash.to_vec(),
+        sealed_unix_ns,
+        format_version: FORMAT_VERSION,
+        intervals: content.intervals,
+        run_summaries: content.run_summaries,
+        gaps: content.gaps,
+        key_rotation: content.key_rotation,
+    };
+    let batch_bytes = batch.encode_to_vec();
+    let signature = key.sign(&batch_bytes).to_vec();
+    let bytes = SignedBatch {
+        batch_bytes,
+        signature,
+        key_id: key.key_id().to_vec(),
+    }
+    .encode_to_vec();
+    StoredBatch {
+        seq,
+        prev_hash,
+        hash: chain_hash(&bytes),
+        bytes,
+    }
+}
