@@ -42,6 +42,10 @@ pub struct Config {
     pub estimator: EstimatorModel,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
+    /// `[spool] retain_acked_s`: how long acknowledged batches are kept for a restored ledger.
+    pub spool_retain_acked_s: u64,
+    /// `[spool] retain_acked_share`: at most this share of `max_bytes` of them.
+    pub spool_retain_acked_share: f64,
     /// The `[ledger]` section: where and how the shipper streams batches.
     pub ledger: Option<crate::shipper::ShipperConfig>,
     pub metrics_listen: SocketAddr,
@@ -106,7 +110,9 @@ impl Config {
             } else {
                 DEFAULT_SPOOL_DIR_USER
             }),
-            spool_max_bytes: 1 << 30,
+            spool_max_bytes: crate::spool::SpoolConfig::DEFAULT_MAX_BYTES,
+            spool_retain_acked_s: crate::spool::SpoolConfig::DEFAULT_RETAIN_ACKED_S,
+            spool_retain_acked_share: crate::spool::SpoolConfig::DEFAULT_RETAIN_ACKED_SHARE,
             ledger: None,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9447)),
             metrics_finished_run_ttl_s: 300,
@@ -564,12 +570,25 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             busy_uw_per_cpu: busy.map_or(d.busy_uw_per_cpu, |w| (w * 1e6).round() as u64),
         };
     }
-    if let Some(t) = c.section(root, "spool", &["dir", "max_bytes"]) {
+    if let Some(t) = c.section(
+        root,
+        "spool",
+        &["dir", "max_bytes", "retain_acked_s", "retain_acked_share"],
+    ) {
         if let Some(v) = c.string(t, "spool", "dir") {
             cfg.spool_dir = PathBuf::from(v);
         }
-        if let Some(v) = c.int(t, "spool", "max_bytes", 1 << 20, i64::MAX) {
+        // At least eight of the smallest segments (1 MiB): segments are freed whole.
+        let min = i64::try_from(crate::spool::SpoolConfig::MIN_MAX_BYTES).unwrap_or(i64::MAX);
+        if let Some(v) = c.int(t, "spool", "max_bytes", min, i64::MAX) {
             cfg.spool_max_bytes = v;
+        }
+        // Up to 30 days; 0 frees acknowledged segments at once.
+        if let Some(v) = c.int(t, "spool", "retain_acked_s", 0, 30 * 86_400) {
+            cfg.spool_retain_acked_s = v;
+        }
+        if let Some(v) = c.float(t, "spool", "retain_acked_share", 0.0, 0.75) {
+            cfg.spool_retain_acked_share = v;
         }
     }
     if let Some(t) = c.section(
@@ -763,6 +782,8 @@ busy_watts_per_cpu = 4
 [spool]
 dir = "/var/lib/wattd"
 max_bytes = 1073741824
+retain_acked_s = 3600
+retain_acked_share = 0.5
 [ledger]
 endpoint = "https://ledger.example:7443"
 ca = "/etc/wattd/ledger-ca.pem"
@@ -791,6 +812,8 @@ finished_run_ttl_s = 60
             }
         );
         assert_eq!(c.estimator.busy_uw_per_cpu, 4_000_000);
+        assert_eq!(c.spool_retain_acked_s, 3600);
+        assert_eq!(c.spool_retain_acked_share, 0.5);
         assert!(c.ledger.is_some());
         assert_eq!(c.metrics_finished_run_ttl_s, 60);
     }

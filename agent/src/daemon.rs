@@ -170,8 +170,10 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             .create(&cfg.spool_dir)
             .with_context(|| format!("creating spool dir {}", cfg.spool_dir.display()))?;
     }
-    let mut spool_cfg = SpoolConfig::new(&cfg.spool_dir, &node);
-    spool_cfg.max_bytes = cfg.spool_max_bytes;
+    let mut spool_cfg = SpoolConfig::new(&cfg.spool_dir, &node).with_max_bytes(cfg.spool_max_bytes);
+    spool_cfg.retain_acked = Duration::from_secs(cfg.spool_retain_acked_s);
+    spool_cfg.retain_acked_bytes =
+        SpoolConfig::retain_bytes_for(cfg.spool_max_bytes, cfg.spool_retain_acked_share);
     let policy_seal =
         SealPolicy::new(1, Duration::from_millis(cfg.interval_ms)).context("seal policy")?;
     let (mut sealer, report) = Sealer::open(spool_cfg, policy_seal).context("opening the spool")?;
@@ -179,6 +181,9 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
         torn_tails = report.torn_tails.len(), damaged = report.damage.len(), "spool open");
     for t in &report.torn_tails {
         tracing::warn!(?t, "cut a torn tail from the spool");
+    }
+    if !report.reserve {
+        tracing::warn!(dir = %cfg.spool_dir.display(), "no room for the spool's reserve file: a full file system may coarsen the next interval");
     }
     // A spool whose last batch cannot be read back still lets the agent measure: the downtime is
     // then recorded with an unknown start.
@@ -444,6 +449,19 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             }
             Ok(()) = async { match ack_rx.as_mut() { Some(rx) => rx.changed().await, None => std::future::pending().await } } => {
                 let seq = ack_rx.as_mut().map_or(0, |rx| *rx.borrow_and_update());
+                if seq < sealer.spool().acked_seq() {
+                    // The ledger holds less than before (restored from a backup): the cursor
+                    // goes back as far as the spool still holds, and the shipper re-sends.
+                    let was = sealer.spool().acked_seq();
+                    match sealer.spool_mut().rewind_ack(seq) {
+                        Ok(to) => tracing::warn!(ledger_acked = seq, was, now = to, "acknowledged cursor moved back for a restored ledger"),
+                        Err(e) if e.is_fatal() => {
+                            return Err(anyhow::Error::new(e).context("moving the acknowledged cursor back (fatal)"));
+                        }
+                        Err(error) => tracing::warn!(%error, seq, "moving the acknowledged cursor back"),
+                    }
+                    continue;
+                }
                 match sealer.spool_mut().ack(seq) {
                     Ok(deleted) => {
                         for path in deleted {

@@ -118,9 +118,60 @@ pub struct Metrics {
     quarantined: u64,
     spool_bytes: u64,
     spool_unacked: u64,
+    delivery: DeliveryLag,
     coarsened: u64,
     tracker: TrackerCounters,
     ledger: LedgerSnapshot,
+}
+
+/// When batches were sealed, to the second, for the age of the oldest one the ledger has not
+/// acknowledged. One entry per second with sealing, dropped once acknowledged; bounded (a week
+/// of one-second entries) by merging the oldest.
+#[derive(Clone, Debug, Default)]
+pub struct DeliveryLag {
+    /// (highest seq sealed by then, when): increasing in both.
+    sealed_by: std::collections::VecDeque<(u64, std::time::Instant)>,
+}
+
+impl DeliveryLag {
+    const MAX_ENTRIES: usize = 7 * 86_400;
+
+    pub fn update(&mut self, sealed_seq: u64, acked_seq: u64, now: std::time::Instant) {
+        let last = self.sealed_by.back().copied();
+        match last {
+            Some((seq, _)) if sealed_seq <= seq => {}
+            // Sealed more within the same second: the entry covers these seqs too.
+            Some((_, t)) if now.duration_since(t) < std::time::Duration::from_secs(1) => {
+                if let Some(b) = self.sealed_by.back_mut() {
+                    b.0 = sealed_seq;
+                }
+            }
+            _ => self.sealed_by.push_back((sealed_seq, now)),
+        }
+        // Entries whose seqs are all acknowledged are done with.
+        while self
+            .sealed_by
+            .front()
+            .is_some_and(|&(seq, _)| seq <= acked_seq)
+        {
+            self.sealed_by.pop_front();
+        }
+        while self.sealed_by.len() > Self::MAX_ENTRIES {
+            // The oldest keeps its time and takes the next one's seqs (the age stays right).
+            if let (Some(first), Some(second)) =
+                (self.sealed_by.pop_front(), self.sealed_by.front_mut())
+            {
+                second.1 = first.1;
+            }
+        }
+    }
+
+    /// Age of the oldest unacknowledged batch (at most a second short); zero when none.
+    pub fn oldest_unacked_age(&self, now: std::time::Instant) -> std::time::Duration {
+        self.sealed_by
+            .front()
+            .map_or(std::time::Duration::ZERO, |&(_, t)| now.duration_since(t))
+    }
 }
 
 /// The shipper's state as of the last tick.
@@ -135,6 +186,8 @@ struct LedgerSnapshot {
     acked_seq: u64,
     bad_acks: u64,
     missing_from: u64,
+    rewinds: u64,
+    rewind_unheld: u64,
     session_errors: Vec<(String, u64)>,
 }
 
@@ -191,6 +244,7 @@ impl Metrics {
             quarantined: 0,
             spool_bytes: 0,
             spool_unacked: 0,
+            delivery: DeliveryLag::default(),
             coarsened: 0,
             tracker: TrackerCounters::default(),
             ledger: LedgerSnapshot::default(),
@@ -214,6 +268,8 @@ impl Metrics {
         l.acked_seq = s.acked_seq.load(Relaxed);
         l.bad_acks = s.bad_acks_total.load(Relaxed);
         l.missing_from = s.ledger_missing_from.load(Relaxed);
+        l.rewinds = s.rewinds_total.load(Relaxed);
+        l.rewind_unheld = s.rewind_unheld_batches_total.load(Relaxed);
         l.session_errors = s.session_errors();
     }
 
@@ -345,6 +401,8 @@ impl Metrics {
     pub fn set_spool(&mut self, used_bytes: u64, sealed_seq: u64, acked_seq: u64) {
         self.spool_bytes = used_bytes;
         self.spool_unacked = sealed_seq.saturating_sub(acked_seq);
+        self.delivery
+            .update(sealed_seq, acked_seq, std::time::Instant::now());
     }
 
     /// The daemon's running count of intervals merged into a coarsened one (spool full).
@@ -500,6 +558,19 @@ impl Metrics {
         );
         w.sample("wattd_spool_unacked_batches", &[], self.spool_unacked);
         w.family(
+            "wattd_spool_oldest_unacked_age_seconds",
+            "gauge",
+            "How long the oldest batch not yet acknowledged by the ledger has been sealed (to \
+             the second; 0 when all are acknowledged). Growing: delivery is stalled.",
+        );
+        w.sample(
+            "wattd_spool_oldest_unacked_age_seconds",
+            &[],
+            self.delivery
+                .oldest_unacked_age(std::time::Instant::now())
+                .as_secs(),
+        );
+        w.family(
             "wattd_spool_coarsened_intervals_total",
             "counter",
             "Intervals merged into a coarser pending one because the spool was full (no energy \
@@ -537,6 +608,18 @@ impl Metrics {
                 "wattd_ledger_acks_total",
                 "Acknowledgements received.",
                 l.acks,
+            ),
+            (
+                "wattd_ledger_rewinds_total",
+                "Sessions that opened with the ledger acknowledging less than before (restored \
+                 from a backup): batches re-sent from the spool.",
+                l.rewinds,
+            ),
+            (
+                "wattd_ledger_rewind_unheld_batches_total",
+                "Batches a restored ledger lacked that the spool no longer held (could not be \
+                 re-sent; see spool.retain_acked_s).",
+                l.rewind_unheld,
             ),
             (
                 "wattd_ledger_bad_acks_total",
@@ -1312,6 +1395,7 @@ mod tests {
             "wattd_quarantined_total",
             "wattd_spool_bytes",
             "wattd_spool_unacked_batches",
+            "wattd_spool_oldest_unacked_age_seconds",
             "wattd_spool_coarsened_intervals_total",
             "wattd_runs_tracked",
             "wattd_metrics_runs_dropped_total",
@@ -1321,6 +1405,31 @@ mod tests {
         ] {
             assert!(typed.contains_key(family), "{family} missing");
         }
+    }
+
+    #[test]
+    fn delivery_lag_is_the_age_of_the_oldest_unacknowledged_batch() {
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut d = DeliveryLag::default();
+        d.update(0, 0, at(0));
+        assert_eq!(d.oldest_unacked_age(at(5)), Duration::ZERO);
+        // Sealed 1..=3 at 10 s, 4..=6 at 20 s; nothing acknowledged.
+        d.update(3, 0, at(10));
+        d.update(6, 0, at(20));
+        assert_eq!(d.oldest_unacked_age(at(30)), Duration::from_secs(20));
+        // Up to 3 acknowledged: the oldest unacknowledged (4) was sealed at 20 s.
+        d.update(6, 3, at(30));
+        assert_eq!(d.oldest_unacked_age(at(30)), Duration::from_secs(10));
+        // All acknowledged.
+        d.update(6, 6, at(31));
+        assert_eq!(d.oldest_unacked_age(at(40)), Duration::ZERO);
+        // Many seals within one second share an entry.
+        for i in 0..100 {
+            d.update(7 + i, 6, at(50) + Duration::from_millis(i));
+        }
+        assert_eq!(d.sealed_by.len(), 1);
+        assert_eq!(d.oldest_unacked_age(at(52)), Duration::from_secs(2));
     }
 
     #[test]

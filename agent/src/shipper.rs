@@ -41,7 +41,7 @@ use wattd_proto::v1::ledger_client::LedgerClient;
 use wattd_proto::v1::{node_message, Ack, Heartbeat, NodeMessage, SignedBatch, SignedHeartbeat};
 
 use crate::identity::NodeKey;
-use crate::spool::SpoolReader;
+use crate::spool::{list_segments, SpoolReader};
 
 /// How the shipper talks to the ledger (`[ledger]` in the configuration).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -170,6 +170,10 @@ pub struct ShipperStats {
     pub bad_acks_total: AtomicU64,
     /// The ledger's last reported hole (first missing seq), 0 if none.
     pub ledger_missing_from: AtomicU64,
+    /// Sessions that opened with the ledger acknowledging less than before (a restore).
+    pub rewinds_total: AtomicU64,
+    /// Batches such a ledger lacks that the spool no longer held (so could not re-send).
+    pub rewind_unheld_batches_total: AtomicU64,
     /// Ended sessions by reason (`connect`, `tls_files`, `status_<code>`, `ack_timeout`, ...).
     pub session_errors: Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -369,6 +373,44 @@ impl Shipper {
         Ok(())
     }
 
+    /// The ledger acknowledges less than it did (restored from a backup): resume right after
+    /// what it holds, as far back as the spool still holds batches (the daemon moves the
+    /// spool's cursor back to the same place). What the spool no longer holds cannot be sent:
+    /// counted and logged, and the ledger keeps waiting above that hole.
+    fn rewind(&mut self, ledger_acked: u64) {
+        let held_from = list_segments(&self.dir)
+            .ok()
+            .and_then(|segs| segs.first().map(|(first, _)| *first))
+            .unwrap_or(self.acked + 1);
+        let resume = (ledger_acked + 1).max(held_from.min(self.acked + 1));
+        self.stats.rewinds_total.fetch_add(1, Ordering::Relaxed);
+        if resume > ledger_acked + 1 {
+            let lost = resume - (ledger_acked + 1);
+            self.stats
+                .rewind_unheld_batches_total
+                .fetch_add(lost, Ordering::Relaxed);
+            tracing::error!(
+                ledger_acked,
+                node_acked = self.acked,
+                first_held = held_from,
+                "the ledger was restored to before what this spool still holds: seqs {} to {} \
+                 cannot be sent again",
+                ledger_acked + 1,
+                resume - 1
+            );
+        } else {
+            tracing::warn!(
+                ledger_acked,
+                node_acked = self.acked,
+                "the ledger holds less than it acknowledged (restored from a backup?): re-sending \
+                 from seq {resume}",
+            );
+        }
+        self.acked = resume - 1;
+        self.stats.acked_seq.store(self.acked, Ordering::Relaxed);
+        self.acks.send_replace(self.acked);
+    }
+
     async fn session(
         &mut self,
         limiter: &RateLimiter<
@@ -414,6 +456,9 @@ impl Shipper {
             })?;
         if let Err(e) = self.take_ack(&first) {
             tracing::error!(error = %e, "ledger acknowledgement refused");
+        }
+        if first.acked_seq < self.acked {
+            self.rewind(first.acked_seq);
         }
         tracing::info!(endpoint = %self.cfg.endpoint, ledger_acked = first.acked_seq, resume_at = self.acked + 1, "ledger session open");
         // Progress (which resets the reconnect backoff) is the ledger storing something new: a

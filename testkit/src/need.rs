@@ -1,7 +1,8 @@
 //! Tests that need something a machine may lack (root, cgroup v2, `setpriv`, `protoc`,
 //! `promtool`, Chromium, `tmux`, PostgreSQL, `lintian`, `rpm`, ...) call [`skip`] when it is
-//! missing and return. It prints `SKIPPED <test>: needs <what>` to stderr, where `cargo test`
-//! shows it, or panics under the strict switch, so CI cannot pass by skipping.
+//! missing and return. It writes `SKIPPED <test>: needs <what>` to the process's stderr (past
+//! the harness's capture, so `cargo test` always shows it), or panics under the strict switch,
+//! so CI cannot pass by skipping.
 //!
 //! The switch is `WATTD_TEST_STRICT=1`; `WATTD_REQUIRE_CGROUPS` (its older name) is accepted as
 //! an alias. Either set to anything but empty or `0` turns every skip into a failure.
@@ -29,7 +30,13 @@ pub fn skip(test: &str, what: impl std::fmt::Display) {
     if strict() {
         panic!("{test}: needs {what}, and {STRICT_VAR} (or {STRICT_ALIAS}) forbids skipping");
     }
-    eprintln!("SKIPPED {test}: needs {what} (set {STRICT_VAR}=1 to fail instead)");
+    // Straight to the process's stderr, not through `eprintln!`: the test harness captures the
+    // print macros and shows them only for failed tests, and a skip must be seen.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "SKIPPED {test}: needs {what} (set {STRICT_VAR}=1 to fail instead)"
+    );
 }
 
 /// Whether this process runs as root (effective uid 0).

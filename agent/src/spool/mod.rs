@@ -24,6 +24,7 @@ pub mod fs;
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -51,12 +52,28 @@ pub struct SpoolConfig {
     pub max_bytes: u64,
     /// A segment is closed and a new one started once it would grow past this.
     pub segment_max_bytes: u64,
+    /// Acknowledged batches are kept this long (`spool.retain_acked_s`), so that a ledger
+    /// restored from a backup can be sent them again ...
+    pub retain_acked: std::time::Duration,
+    /// ... within this many bytes (`spool.retain_acked_share` of `max_bytes`). They are freed
+    /// before anything unacknowledged is refused, and at once when the file system is full.
+    pub retain_acked_bytes: u64,
     pub fs: Arc<dyn SpoolFs>,
 }
 
 impl SpoolConfig {
     pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
     pub const DEFAULT_SEGMENT_MAX_BYTES: u64 = 64 << 20;
+    /// The smallest `spool.max_bytes` that works: eight segments of the smallest size.
+    pub const MIN_MAX_BYTES: u64 = 8 * Self::MIN_SEGMENT_BYTES;
+    pub const MIN_SEGMENT_BYTES: u64 = 128 << 10;
+    /// Segments per limit: acknowledged segments are freed whole, so a spool holds at most one
+    /// segment's worth of acknowledged batches (the active one) beside the unacknowledged.
+    pub const SEGMENTS_PER_LIMIT: u64 = 8;
+    /// Default `spool.retain_acked_s`: a day.
+    pub const DEFAULT_RETAIN_ACKED_S: u64 = 86_400;
+    /// Default `spool.retain_acked_share`: a quarter of the limit.
+    pub const DEFAULT_RETAIN_ACKED_SHARE: f64 = 0.25;
 
     pub fn new(dir: impl Into<PathBuf>, node_id: impl Into<String>) -> Self {
         Self {
@@ -64,9 +81,54 @@ impl SpoolConfig {
             node_id: node_id.into(),
             max_bytes: Self::DEFAULT_MAX_BYTES,
             segment_max_bytes: Self::DEFAULT_SEGMENT_MAX_BYTES,
+            retain_acked: std::time::Duration::from_secs(Self::DEFAULT_RETAIN_ACKED_S),
+            retain_acked_bytes: Self::retain_bytes_for(
+                Self::DEFAULT_MAX_BYTES,
+                Self::DEFAULT_RETAIN_ACKED_SHARE,
+            ),
             fs: Arc::new(RealFs),
         }
     }
+
+    /// Bytes of acknowledged batches kept for a limit and a share of it.
+    pub fn retain_bytes_for(max_bytes: u64, share: f64) -> u64 {
+        (max_bytes as f64 * share.clamp(0.0, 1.0)) as u64
+    }
+
+    /// Keeps no acknowledged batch: segments are freed as soon as they are acknowledged.
+    pub fn without_retention(mut self) -> Self {
+        self.retain_acked = std::time::Duration::ZERO;
+        self.retain_acked_bytes = 0;
+        self
+    }
+
+    /// The segment size for a limit: an eighth of it, between 128 KiB and 64 MiB. (A fixed
+    /// 64 MiB under a 1 MiB limit never rolled: the active segment is never freed, so the spool
+    /// filled with acknowledged batches and every interval was coarsened.)
+    pub fn segment_bytes_for(max_bytes: u64) -> u64 {
+        (max_bytes / Self::SEGMENTS_PER_LIMIT)
+            .clamp(Self::MIN_SEGMENT_BYTES, Self::DEFAULT_SEGMENT_MAX_BYTES)
+    }
+
+    /// Sets the limit and the segment size that follows from it.
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self.segment_max_bytes = Self::segment_bytes_for(max_bytes);
+        self.retain_acked_bytes =
+            Self::retain_bytes_for(max_bytes, Self::DEFAULT_RETAIN_ACKED_SHARE);
+        self
+    }
+}
+
+/// The file kept beside the segments so that a full file system can still take the next
+/// batch and a clean stop: released (deleted) when a write meets ENOSPC, made again when
+/// acknowledged segments free space.
+pub const RESERVE_FILE: &str = "reserve";
+
+/// The reserve's size for a limit: a sixteenth of it, at most 1 MiB (a batch of thousands of
+/// runs and a segment header).
+pub fn reserve_bytes_for(max_bytes: u64) -> u64 {
+    (max_bytes / 16).min(1 << 20)
 }
 
 /// A torn tail cut on open.
@@ -93,6 +155,9 @@ pub struct OpenReport {
     pub ack_warning: Option<String>,
     pub acked_seq: u64,
     pub last_seq: u64,
+    /// Whether the reserve file is in place (see [`RESERVE_FILE`]); false when the file
+    /// system had no room for it.
+    pub reserve: bool,
 }
 
 #[derive(Debug)]
@@ -100,6 +165,8 @@ struct Segment {
     first_seq: u64,
     path: PathBuf,
     len: u64,
+    /// When a record was last written to it (its mtime, after a restart).
+    written: std::time::SystemTime,
 }
 
 /// An open spool. See the module doc for the contract.
@@ -117,6 +184,9 @@ pub struct Spool {
     total_bytes: u64,
     last_rotation: Option<KeyId>,
     poisoned: bool,
+    /// The file system said ENOSPC since the last successful write: acknowledged batches are
+    /// not retained until it takes writes again.
+    space_short: bool,
 }
 
 fn read_ack(dir: &Path) -> Result<(u64, Option<String>), SpoolError> {
@@ -144,9 +214,67 @@ fn read_ack(dir: &Path) -> Result<(u64, Option<String>), SpoolError> {
     })
 }
 
+/// The cursor's text: always the same length (the seq zero-padded to 20 digits), so that it is
+/// rewritten in place, within one sector, and never needs a new block: acknowledging (and so
+/// freeing segments) works on a full file system. A torn write fails its CRC and reads as 0
+/// (re-sending is safe: the ledger dedupes).
 fn ack_text(seq: u64) -> String {
-    let s = seq.to_string();
+    let s = format!("{seq:020}");
     format!("{s} {:08x}\n", crc32c::crc32c(s.as_bytes()))
+}
+
+/// Writes the acknowledged cursor in place (made with its final length the first time).
+fn write_ack(cfg: &SpoolConfig, seq: u64) -> Result<(), AtomicWriteError> {
+    let text = ack_text(seq);
+    let path = cfg.dir.join(ACK_FILE);
+    let file = match OpenOptions::new().write(true).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return durable::write_atomic(&cfg.dir, ACK_FILE, text.as_bytes(), 0o644, true);
+        }
+        Err(e) => return Err(AtomicWriteError::Write(e)),
+    };
+    file.write_all_at(text.as_bytes(), 0)
+        .map_err(AtomicWriteError::Write)?;
+    // An older, shorter cursor: cut what is left of it (only ever once).
+    let len = file.metadata().map_err(AtomicWriteError::Write)?.len();
+    if len != text.len() as u64 {
+        file.set_len(text.len() as u64)
+            .map_err(AtomicWriteError::Write)?;
+    }
+    cfg.fs.sync_data(&file).map_err(AtomicWriteError::Sync)
+}
+
+/// Makes the reserve file (allocated, not sparse) if it is missing. False when there is no
+/// room for it now.
+fn make_reserve(cfg: &SpoolConfig) -> bool {
+    let path = cfg.dir.join(RESERVE_FILE);
+    if path.exists() {
+        return true;
+    }
+    let bytes = reserve_bytes_for(cfg.max_bytes);
+    let Ok(file) = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+    else {
+        return false;
+    };
+    let len = libc::off_t::try_from(bytes).unwrap_or(libc::off_t::MAX);
+    // SAFETY: a valid open descriptor; posix_fallocate has no other preconditions.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    if rc != 0 {
+        drop(file);
+        let _ = std::fs::remove_file(&path);
+        return false;
+    }
+    true
+}
+
+/// Deletes the reserve file; true if there was one.
+fn release_reserve(cfg: &SpoolConfig) -> bool {
+    std::fs::remove_file(cfg.dir.join(RESERVE_FILE)).is_ok()
 }
 
 fn open_rw(path: &Path) -> Result<File, SpoolError> {
@@ -285,10 +413,14 @@ impl Spool {
                     ScanItem::Damage(d) => report.damage.push((path.clone(), d.clone())),
                 }
             }
+            let written = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .unwrap_or_else(|_| std::time::SystemTime::now());
             segments.push(Segment {
                 first_seq: name_seq,
                 path,
                 len,
+                written,
             });
         }
 
@@ -356,8 +488,14 @@ impl Spool {
             total_bytes,
             last_rotation,
             poisoned: false,
+            space_short: false,
         };
         report.deleted_segments = spool.delete_acknowledged()?;
+        // The cursor gets its final length now, while there is room, so that every later
+        // acknowledgement is written in place.
+        write_ack(&spool.cfg, acked_seq)
+            .map_err(|e| SpoolError::io(&spool.cfg.dir.join(ACK_FILE), e.into_io()))?;
+        report.reserve = make_reserve(&spool.cfg);
         Ok((spool, report))
     }
 
@@ -453,7 +591,11 @@ impl Spool {
         let frame_len = u64::try_from(frame.len()).unwrap_or(u64::MAX);
         let header_reserve = 512; // a new segment's header, bounded by its node id
         if self.total_bytes + frame_len + header_reserve > self.cfg.max_bytes {
-            return Err(self.full(frame_len, false));
+            // Retained acknowledged batches make room before anything new is refused.
+            self.delete_acknowledged_with(true)?;
+            if self.total_bytes + frame_len + header_reserve > self.cfg.max_bytes {
+                return Err(self.full(frame_len, false));
+            }
         }
         let active_len = self.segments.last().map_or(0, |s| s.len);
         let has_records = self
@@ -461,7 +603,18 @@ impl Spool {
             .last()
             .is_some_and(|s| s.first_seq <= self.last_seq);
         if has_records && active_len + frame_len > self.cfg.segment_max_bytes {
-            self.roll(batch.seq)?;
+            match self.roll(batch.seq) {
+                // No room for the new segment: the reserve makes it.
+                Err(e) if e.is_full() => {
+                    self.space_short = true;
+                    let freed = !self.delete_acknowledged_with(true)?.is_empty();
+                    if !freed && !release_reserve(&self.cfg) {
+                        return Err(e);
+                    }
+                    self.roll(batch.seq)?
+                }
+                r => r?,
+            }
         }
         let (path, offset) = match self.segments.last() {
             Some(s) => (s.path.clone(), s.len),
@@ -481,6 +634,31 @@ impl Spool {
                 }));
             }
             if is_no_space(&source) {
+                self.space_short = true;
+                // Retained acknowledged batches go first, then the reserve.
+                if !self.delete_acknowledged_with(true)?.is_empty()
+                    && self.cfg.fs.write_at(&self.active, &frame, offset).is_ok()
+                {
+                    return self.appended(batch, &frame, path, offset, frame_len);
+                }
+                // The file system is full: give up the reserve and try once more, so this
+                // batch (the last one before a stop, perhaps) is not lost to the disk.
+                if release_reserve(&self.cfg) {
+                    tracing::warn!(
+                        dir = %self.cfg.dir.display(),
+                        "the file system is full: the spool's reserve is released for this batch"
+                    );
+                    if self.cfg.fs.write_at(&self.active, &frame, offset).is_ok() {
+                        return self.appended(batch, &frame, path, offset, frame_len);
+                    }
+                    if let Err(e) = self.active.set_len(offset) {
+                        return Err(self.poison(SpoolError::WriteFailed {
+                            path,
+                            offset,
+                            source: e,
+                        }));
+                    }
+                }
                 return Err(self.full(frame_len, true));
             }
             return Err(self.poison(SpoolError::WriteFailed {
@@ -489,6 +667,18 @@ impl Spool {
                 source,
             }));
         }
+        self.appended(batch, &frame, path, offset, frame_len)
+    }
+
+    /// After a write of `frame` at `offset`: reads it back and takes the batch as appended.
+    fn appended(
+        &mut self,
+        batch: &StoredBatch,
+        frame: &[u8],
+        path: PathBuf,
+        offset: u64,
+        frame_len: u64,
+    ) -> Result<(), SpoolError> {
         // Read the record back and compare: catches a misdirected or corrupted write before
         // the batch is reported as appended.
         let mut back = vec![0u8; frame.len()];
@@ -497,8 +687,10 @@ impl Spool {
         }
         if let Some(s) = self.segments.last_mut() {
             s.len += frame_len;
+            s.written = std::time::SystemTime::now();
         }
         self.total_bytes += frame_len;
+        self.space_short = false;
         self.last_seq = batch.seq;
         self.last_hash = batch.hash;
         self.last_rotation = None;
@@ -522,6 +714,8 @@ impl Spool {
         let (seg, file) = match create_segment(&self.cfg, first_seq, self.last_hash) {
             Ok(x) => x,
             Err(e) if e.is_fatal() => return Err(self.poison(e)),
+            // With this spool's own numbers.
+            Err(SpoolError::Full { needed_bytes, .. }) => return Err(self.full(needed_bytes, true)),
             Err(e) => return Err(e),
         };
         self.total_bytes += seg.len;
@@ -552,7 +746,9 @@ impl Spool {
     }
 
     /// Records that the ledger durably stored every batch up to `seq`, then deletes the
-    /// segments that hold only acknowledged batches. Idempotent; never moves backwards.
+    /// segments that hold only acknowledged batches and are not retained (see
+    /// [`SpoolConfig::retain_acked`]). Idempotent; never moves backwards ([`Spool::rewind_ack`]
+    /// does, for a restored ledger).
     pub fn ack(&mut self, seq: u64) -> Result<Vec<PathBuf>, SpoolError> {
         self.check_usable()?;
         if seq <= self.acked_seq {
@@ -565,13 +761,7 @@ impl Spool {
             });
         }
         let path = self.cfg.dir.join(ACK_FILE);
-        match durable::write_atomic(
-            &self.cfg.dir,
-            ACK_FILE,
-            ack_text(seq).as_bytes(),
-            0o644,
-            true,
-        ) {
+        match write_ack(&self.cfg, seq) {
             Ok(()) => {}
             Err(AtomicWriteError::Sync(source)) => {
                 return Err(self.poison(SpoolError::SyncFailed { path, source }))
@@ -585,13 +775,55 @@ impl Spool {
             }
         }
         self.acked_seq = seq;
-        self.delete_acknowledged()
+        // Everything is acknowledged and the active segment is half full: start a new one so
+        // that this one can be freed now, not when it fills.
+        let active_len = self.segments.last().map_or(0, |s| s.len);
+        let active_has_records = self
+            .segments
+            .last()
+            .is_some_and(|s| s.first_seq <= self.last_seq);
+        if self.acked_seq == self.last_seq
+            && self.synced_seq == self.last_seq
+            && active_has_records
+            && active_len >= self.cfg.segment_max_bytes / 2
+        {
+            match self.roll(self.last_seq + 1) {
+                Ok(()) => {}
+                // No room for a new segment's header now: the next append rolls.
+                Err(e) if e.is_full() || matches!(e, SpoolError::Io { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let deleted = self.delete_acknowledged()?;
+        if !deleted.is_empty() {
+            make_reserve(&self.cfg);
+        }
+        Ok(deleted)
     }
 
     /// Deletes every segment, except the active one, whose batches are all acknowledged.
-    fn delete_acknowledged(&mut self) -> Result<Vec<PathBuf>, SpoolError> {
+    /// Deletes the oldest segments that hold only acknowledged batches and are not retained:
+    /// older than `retain_acked`, beyond `retain_acked_bytes`, or all of them when `force` (a
+    /// batch needs the room) or the file system is full. Never the active segment.
+    fn delete_acknowledged_with(&mut self, force: bool) -> Result<Vec<PathBuf>, SpoolError> {
+        let now = std::time::SystemTime::now();
         let mut deleted = Vec::new();
         while self.segments.len() > 1 && self.segments[1].first_seq - 1 <= self.acked_seq {
+            // Bytes of the acknowledged segments that could be freed (the active one aside).
+            let retained: u64 = (0..self.segments.len() - 1)
+                .take_while(|&i| self.segments[i + 1].first_seq - 1 <= self.acked_seq)
+                .map(|i| self.segments[i].len)
+                .sum();
+            let age = now
+                .duration_since(self.segments[0].written)
+                .unwrap_or_default();
+            let free = force
+                || self.space_short
+                || retained > self.cfg.retain_acked_bytes
+                || age >= self.cfg.retain_acked;
+            if !free {
+                break;
+            }
             let seg = self.segments.remove(0);
             std::fs::remove_file(&seg.path).map_err(|e| SpoolError::io(&seg.path, e))?;
             self.total_bytes -= seg.len;
@@ -605,6 +837,39 @@ impl Spool {
                 .map_err(|e| SpoolError::io(&self.cfg.dir, e))?;
         }
         Ok(deleted)
+    }
+
+    fn delete_acknowledged(&mut self) -> Result<Vec<PathBuf>, SpoolError> {
+        self.delete_acknowledged_with(false)
+    }
+
+    /// The first seq the spool still holds (retained acknowledged batches included); the last
+    /// seq + 1 when it holds none.
+    pub fn first_held_seq(&self) -> u64 {
+        self.segments
+            .first()
+            .map_or(self.last_seq + 1, |s| s.first_seq)
+    }
+
+    /// The ledger holds less than it acknowledged before (restored from a backup): moves the
+    /// acknowledged cursor back to `seq`, but never below what the spool still holds (the
+    /// batches before that are gone from this node). Returns the cursor. Never moves forward.
+    pub fn rewind_ack(&mut self, seq: u64) -> Result<u64, SpoolError> {
+        self.check_usable()?;
+        let to = seq.max(self.first_held_seq().saturating_sub(1));
+        if to >= self.acked_seq {
+            return Ok(self.acked_seq);
+        }
+        let path = self.cfg.dir.join(ACK_FILE);
+        match write_ack(&self.cfg, to) {
+            Ok(()) => {}
+            Err(AtomicWriteError::Sync(source)) => {
+                return Err(self.poison(SpoolError::SyncFailed { path, source }))
+            }
+            Err(e) => return Err(SpoolError::io(&path, e.into_io())),
+        }
+        self.acked_seq = to;
+        Ok(to)
     }
 
     /// Sealed batches with seq >= `from_seq`, at most `max` of them, in seq order (what the
@@ -696,6 +961,7 @@ fn create_segment(
             first_seq,
             path,
             len,
+            written: std::time::SystemTime::now(),
         },
         file,
     ))

@@ -425,3 +425,89 @@ async fn a_ledger_whose_certificate_is_not_from_the_configured_ca_gets_nothing()
         stats.session_errors()
     );
 }
+
+/// Ships everything, then "restores the ledger from a backup" taken at seq 15: the next
+/// session opens with an Ack of 15, below the node's cursor of 40, and the shipper re-sends
+/// 16..=40 from the spool, which retained them.
+#[tokio::test(flavor = "current_thread")]
+async fn a_ledger_restored_from_a_backup_gets_everything_the_spool_retains() {
+    let w = World::new().await;
+    let mut cfg = config(w.spool.path(), 1 << 10);
+    cfg.retain_acked = Duration::from_secs(3600);
+    cfg.retain_acked_bytes = 1 << 30;
+    let mut s = sealer(cfg, 1).unwrap();
+    let mut index = 0;
+    fill(&mut s, &mut index, 40, 1, 2).unwrap();
+    let sealed = s.spool().sealed_seq();
+    let (acked, _) = ship(
+        w.shipper_config(),
+        &s,
+        |_, a| a == sealed,
+        &w.fake,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(acked, 40);
+    s.spool_mut().ack(acked).unwrap();
+    assert_eq!(s.spool().first_held_seq(), 1, "retained, not freed");
+    // The restore: the ledger now holds 1..=15 only.
+    w.fake.0.lock().unwrap().stored.retain(|&seq, _| seq <= 15);
+    let (acked, stats) = ship(
+        w.shipper_config(),
+        &s,
+        |st, a| a == sealed && st.stored.len() == 40,
+        &w.fake,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(acked, 40);
+    assert_eq!(stats.rewinds_total.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.rewind_unheld_batches_total.load(Ordering::Relaxed), 0);
+    let st = w.fake.0.lock().unwrap();
+    assert_eq!(st.stored.len(), 40);
+    assert!(st.chain_breaks.is_empty(), "{:?}", st.chain_breaks);
+    drop(st);
+    // The daemon's side: the cursor moves back to what the ledger holds, never further than
+    // the spool holds, and forward again with the acks.
+    assert_eq!(s.spool_mut().rewind_ack(15).unwrap(), 15);
+    assert_eq!(s.spool().acked_seq(), 15);
+    s.spool_mut().ack(40).unwrap();
+    assert_eq!(s.spool().acked_seq(), 40);
+}
+
+/// Without retention the acknowledged batches are gone: a restored ledger cannot get them
+/// again from this node. Counted and logged; the cursor never moves below what is held.
+#[tokio::test(flavor = "current_thread")]
+async fn a_restore_beyond_what_the_spool_holds_is_counted() {
+    let w = World::new().await;
+    let mut s = sealer(config(w.spool.path(), 1 << 10), 1).unwrap();
+    let mut index = 0;
+    fill(&mut s, &mut index, 40, 1, 2).unwrap();
+    let sealed = s.spool().sealed_seq();
+    let (acked, _) = ship(
+        w.shipper_config(),
+        &s,
+        |_, a| a == sealed,
+        &w.fake,
+        Duration::from_secs(20),
+    )
+    .await;
+    s.spool_mut().ack(acked).unwrap();
+    let held = s.spool().first_held_seq();
+    assert!(held > 16, "segments were freed: first held {held}");
+    w.fake.0.lock().unwrap().stored.retain(|&seq, _| seq <= 15);
+    let (_, stats) = ship(
+        w.shipper_config(),
+        &s,
+        |_, _| false,
+        &w.fake,
+        Duration::from_millis(800),
+    )
+    .await;
+    assert_eq!(stats.rewinds_total.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        stats.rewind_unheld_batches_total.load(Ordering::Relaxed),
+        held - 16
+    );
+    assert_eq!(s.spool_mut().rewind_ack(15).unwrap(), held - 1);
+}

@@ -7,5 +7,6 @@ pub(crate) mod common;
 mod faults;
 mod model;
 mod reader;
+mod small;
 mod sweep;
 mod tamper;
