@@ -28,7 +28,7 @@ use wattd_collectors::cgroup::{validate_cgroup_rel, validate_run_id, RunTracker}
 #[derive(Clone, Debug)]
 pub struct ControlConfig {
     pub path: PathBuf,
-    /// Peers allowed besides root, by uid or by primary gid.
+    /// Peers allowed besides root and the agent's own user, by uid or by primary gid.
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
     pub max_line_bytes: usize,
@@ -239,8 +239,13 @@ impl ControlServer {
     }
 }
 
+/// Root, the agent's own user (a peer running as the agent can already do anything the agent
+/// can: it is no new principal), and the configured uids and gids.
 fn peer_allowed(config: &ControlConfig, peer: &Peer) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own = unsafe { libc::geteuid() };
     peer.uid == 0
+        || peer.uid == own
         || config.allowed_uids.contains(&peer.uid)
         || config.allowed_gids.contains(&peer.gid)
 }
@@ -457,6 +462,28 @@ fn check_labels(config: &ControlConfig, labels: &BTreeMap<String, String>) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn root_the_agents_own_user_and_the_configured_ones_are_allowed() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let own = unsafe { libc::geteuid() };
+        let mut cfg = ControlConfig::new("/nonexistent/control.sock");
+        let peer = |uid, gid| Peer {
+            uid,
+            gid,
+            pid: None,
+        };
+        assert!(peer_allowed(&cfg, &peer(0, 0)));
+        assert!(peer_allowed(&cfg, &peer(own, 4242)));
+        // Neither root nor the agent (the agent may be root: pick a uid that is neither).
+        let stranger = if own == 54_321 { 54_322 } else { 54_321 };
+        assert!(!peer_allowed(&cfg, &peer(stranger, 54_321)));
+        cfg.allowed_uids = vec![stranger];
+        assert!(peer_allowed(&cfg, &peer(stranger, 1)));
+        cfg.allowed_uids.clear();
+        cfg.allowed_gids = vec![777];
+        assert!(peer_allowed(&cfg, &peer(stranger, 777)));
+    }
 
     #[test]
     fn parse_table() {
