@@ -672,6 +672,7 @@ impl Metrics {
             run_id_reused,
             children_listed_early,
             reconcile_clamped_us,
+            reconcile_retries,
         } = self.tracker;
         w.family(
             "wattd_tracker_final_usage_total",
@@ -819,6 +820,13 @@ impl Metrics {
                  (not 0: the parent's and children's counters disagreed; the excess is the \
                  host's).",
                 reconcile_clamped_us,
+            ),
+            (
+                "wattd_tracker_reconcile_retries_total",
+                "counter",
+                "Reconcile points read again because the parent moved too much between its two \
+                 reads (the agent was preempted mid-point).",
+                reconcile_retries,
             ),
         ] {
             w.family(name, kind, help);

@@ -47,6 +47,15 @@ const PARENT_MASK: u32 = libc::IN_CREATE
 
 /// How recent a cgroup must be to be billed from its birth when found (see `billing_start`):
 /// longer than any rescan period, shorter than a forgotten run's lingering cgroup.
+/// A reconcile point's reads are taken again when the parent gained more than this between its
+/// two reads (the residual is off by at most half of it) ...
+const BRACKET_MAX_US: u64 = 1_000;
+/// ... at most this many times ...
+const BRACKET_RETRIES: u32 = 2;
+/// ... and only for a parent with at most this many children: reading hundreds takes long enough
+/// that the bracket is wide however often it is tried (those points are exact in sum only).
+const BRACKET_RETRY_MAX_CHILDREN: usize = 100;
+
 pub const BIRTH_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// How far behind the real clock kernfs' coarse inode timestamps can be (a jiffy at HZ 100).
@@ -204,6 +213,9 @@ pub struct TrackerCounters {
     /// Microseconds of residual beyond the physical bounds at a point (see
     /// `reconcile_family`), given to the host or forgiven; not 0 means the counters disagreed.
     pub reconcile_clamped_us: u64,
+    /// Reconcile points whose reads were taken again (the parent moved too much between its
+    /// two reads: this thread was preempted).
+    pub reconcile_retries: u64,
 }
 
 /// A failure while reading, with the run it concerns.
@@ -1871,45 +1883,81 @@ impl RunTracker {
         else {
             return;
         };
-        if recapture {
-            // The parent before the children as well as after: the live children's reads fall
-            // between the two, so the midpoint halves the timing noise and centres it on 0.
-            if let Some(f) = self.families.get_mut(rel) {
-                f.pre_us = f.cpu_stat.read_cpu_usage_us().ok();
-            }
-            let mut gone = Vec::new();
-            for id in &ids {
-                let Some(run) = self.runs.get_mut(id) else {
-                    continue;
-                };
-                let settled = run.settled && run.populated == Some(false);
-                if run.finished || settled {
-                    continue;
-                }
-                match capture(run, &mut self.tc_scratch, now) {
-                    Ok(()) => {}
-                    Err(e) if e.is_gone() => gone.push(id.clone()),
-                    Err(e) => self.push_error(Some(id), e),
-                }
-            }
-            for id in gone {
-                self.mark_gone(&id);
-            }
-        }
         self.list_family(rel);
+        // The reads: the parent before the children (`pre`; taken at the tick's start when not
+        // `recapture`), the live children, the parent after (`post`). The midpoint of the two
+        // parent reads stands for the moment of the children's, so the residual is off by at
+        // most half of what the parent gained between them (the bracket). When that is wide
+        // (this thread was preempted mid-way, as on a host whose runs take every CPU), the
+        // reads are taken again, a few times at most.
+        let mut attempt = 0u32;
+        let (others_read, post_read) = loop {
+            if recapture || attempt > 0 {
+                if let Some(f) = self.families.get_mut(rel) {
+                    f.pre_us = f.cpu_stat.read_cpu_usage_us().ok();
+                }
+                let mut gone = Vec::new();
+                for id in &ids {
+                    let Some(run) = self.runs.get_mut(id) else {
+                        continue;
+                    };
+                    let settled = run.settled && run.populated == Some(false);
+                    if run.finished || settled {
+                        continue;
+                    }
+                    match capture(run, &mut self.tc_scratch, now) {
+                        Ok(()) => {}
+                        Err(e) if e.is_gone() => gone.push(id.clone()),
+                        Err(e) => self.push_error(Some(id), e),
+                    }
+                }
+                for id in gone {
+                    self.mark_gone(&id);
+                }
+            }
+            let Some(f) = self.families.get(rel) else {
+                return;
+            };
+            let others: Vec<(std::ffi::OsString, Result<u64, HostError>)> = f
+                .others
+                .iter()
+                .map(|(name, o)| {
+                    let v =
+                        Source::open(o.cpu_stat.clone(), false).and_then(|s| s.read_cpu_usage_us());
+                    (name.clone(), v)
+                })
+                .collect();
+            let post = f.cpu_stat.read_cpu_usage_us();
+            let bracket = match (&post, f.pre_us) {
+                (Ok(post), Some(pre)) => post.saturating_sub(pre),
+                _ => 0,
+            };
+            let children = ids.len() + others.len();
+            if bracket > BRACKET_MAX_US
+                && attempt < BRACKET_RETRIES
+                && children <= BRACKET_RETRY_MAX_CHILDREN
+            {
+                attempt += 1;
+                self.counters.reconcile_retries += 1;
+                continue;
+            }
+            break (others, post);
+        };
         let Some(mut fam) = self.families.remove(rel) else {
             return;
         };
         let mut unreliable: Option<String> = None;
         let mut children: i128 = 0;
         let mut gone_others = Vec::new();
-        for (name, o) in &mut fam.others {
-            match Source::open(o.cpu_stat.clone(), false).and_then(|s| s.read_cpu_usage_us()) {
+        for (name, read) in others_read {
+            match read {
                 Ok(v) => {
-                    children += i128::from(v.checked_sub(o.scan_us).unwrap_or(v));
-                    o.scan_us = v;
+                    if let Some(o) = fam.others.get_mut(&name) {
+                        children += i128::from(v.checked_sub(o.scan_us).unwrap_or(v));
+                        o.scan_us = v;
+                    }
                 }
-                Err(e) if e.is_gone() => gone_others.push(name.clone()),
+                Err(e) if e.is_gone() => gone_others.push(name),
                 Err(e) => unreliable = Some(e.to_string()),
             }
         }
@@ -1945,7 +1993,7 @@ impl RunTracker {
         }
         let mut parent_gone = false;
         let pre = fam.pre_us.take();
-        let read = fam.cpu_stat.read_cpu_usage_us().map(|post| match pre {
+        let read = post_read.map(|post| match pre {
             Some(pre) if pre <= post => pre + (post - pre) / 2,
             _ => post,
         });
