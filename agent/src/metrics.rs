@@ -124,6 +124,11 @@ pub struct Metrics {
     ledger: LedgerSnapshot,
 }
 
+/// Microseconds as an exact decimal number of seconds.
+fn us_as_seconds(us: u64) -> String {
+    format!("{}.{:06}", us / 1_000_000, us % 1_000_000)
+}
+
 /// When batches were sealed, to the second, for the age of the oldest one the ledger has not
 /// acknowledged. One entry per second with sealing, dropped once acknowledged; bounded (a week
 /// of one-second entries) by merging the oldest.
@@ -782,12 +787,6 @@ impl Metrics {
                 ghost_runs,
             ),
             (
-                "wattd_tracker_reconciled_usage_us_total",
-                "counter",
-                "CPU microseconds of removed run cgroups recovered from their parents' cpu.stat.",
-                reconciled_us,
-            ),
-            (
                 "wattd_tracker_reconcile_points_total",
                 "counter",
                 "Reconcile points: a parent's cpu.stat read against its children's.",
@@ -814,14 +813,6 @@ impl Metrics {
                 children_listed_early,
             ),
             (
-                "wattd_tracker_reconcile_clamped_us_total",
-                "counter",
-                "CPU microseconds of a parent's residual beyond what the machine could have run \
-                 (not 0: the parent's and children's counters disagreed; the excess is the \
-                 host's).",
-                reconcile_clamped_us,
-            ),
-            (
                 "wattd_tracker_reconcile_retries_total",
                 "counter",
                 "Reconcile points read again because the parent moved too much between its two \
@@ -831,6 +822,23 @@ impl Metrics {
         ] {
             w.family(name, kind, help);
             w.sample(name, &[], v);
+        }
+        // CPU time in seconds (exact: microseconds as a decimal), as Prometheus names units.
+        for (name, help, us) in [
+            (
+                "wattd_tracker_reconciled_cpu_seconds_total",
+                "CPU time of removed run cgroups recovered from their parents' cpu.stat.",
+                reconciled_us,
+            ),
+            (
+                "wattd_tracker_reconcile_clamped_cpu_seconds_total",
+                "CPU time of a parent's residual beyond what the machine could have run (not 0: \
+                 the parent's and children's counters disagreed; the excess is the host's).",
+                reconcile_clamped_us,
+            ),
+        ] {
+            w.family(name, "counter", help);
+            w.sample(name, &[], us_as_seconds(us));
         }
         w.out
     }
@@ -1413,6 +1421,14 @@ mod tests {
         ] {
             assert!(typed.contains_key(family), "{family} missing");
         }
+    }
+
+    #[test]
+    fn microseconds_render_as_exact_seconds() {
+        assert_eq!(us_as_seconds(0), "0.000000");
+        assert_eq!(us_as_seconds(1), "0.000001");
+        assert_eq!(us_as_seconds(2_500_000), "2.500000");
+        assert_eq!(us_as_seconds(u64::MAX), "18446744073709.551615");
     }
 
     #[test]
