@@ -595,6 +595,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
                     "stopping with {pending} interval(s) that the full spool could not take; their time will be recorded as an agent-down gap"
                 );
             }
+            tracing::info!(counters = ?tracker.counters(), "run tracker counters at stop");
             tracing::info!(
                 index = interval.index,
                 "stopping: last interval sealed and flushed"

@@ -117,8 +117,12 @@ pub(super) struct Family {
     /// twice, a ghost, an ordinary child). One CPU until measured.
     pub rate_ppm: Option<u64>,
     pub claimants: Vec<Claimant>,
-    /// Residual carried between points: only ever negative (timing noise to be made up).
+    /// Residual carried between points: timing noise to be made up (negative), or CPU time
+    /// waiting for the claimant that will say whose it is (positive).
     pub balance: i128,
+    /// Tracker clock when the balance was last zero or below: what built up since cannot exceed
+    /// the whole machine's time since then.
+    pub balance_since_us: u64,
     /// Descriptors it keeps (its `cpu.stat`).
     pub kept_fds: usize,
     /// The parent's usage read right before the children's at the point in progress.

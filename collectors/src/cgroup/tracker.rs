@@ -1719,6 +1719,7 @@ impl RunTracker {
                 rate_ppm: None,
                 claimants: Vec::new(),
                 balance: 0,
+                balance_since_us: now,
                 kept_fds: kept,
                 pre_us: None,
             },
@@ -2036,13 +2037,16 @@ impl RunTracker {
         match (residual, unreliable) {
             (Some(r), None) => {
                 // Timing noise is carried both ways, so it cancels over time instead of biasing
-                // the claimants. The bounds are physical: the children that went away cannot
-                // have used more than the whole machine since the last point (a starved agent
-                // may see seconds pass between points), and noise owed back is at most a
-                // second of the whole machine. Beyond either the counters disagree: the excess
-                // is the host's, and counted.
+                // the claimants, and a positive residual waits for its claimant (a child that
+                // went away before its creation event was read claims it as a ghost later, on
+                // a starved host seconds later). The bounds are physical: what has built up
+                // since the balance was last paid out cannot exceed what the whole machine
+                // could run in that time, and noise owed back is at most a second of the whole
+                // machine. Beyond either the counters disagree: the excess is the host's, and
+                // counted. (A cap of one second of the machine lost 1% of a starved host's
+                // runs, whose ghosts claimed late.)
                 let ncpus = i128::from(self.cpus.len().max(1) as u32);
-                let since = i128::from(now.saturating_sub(fam.last_point_us));
+                let since = i128::from(now.saturating_sub(fam.balance_since_us));
                 let (floor, cap) = (-ncpus * 1_000_000, ncpus * (since + 1_000_000));
                 let unclamped = fam.balance + r;
                 fam.balance = unclamped.clamp(floor, cap);
@@ -2095,6 +2099,9 @@ impl RunTracker {
             }
         }
         fam.last_point_us = now;
+        if fam.balance <= 0 {
+            fam.balance_since_us = now;
+        }
         if parent_gone {
             self.forget_family(fam, true);
         } else {

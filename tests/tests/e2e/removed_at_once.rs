@@ -204,6 +204,12 @@ fn removed_at_once(
     let (status, _) = agent.stop();
     sim.stop();
     let logtext = std::fs::read_to_string(&log).unwrap_or_default();
+    if let Some(line) = logtext
+        .lines()
+        .find(|l| l.contains("run tracker counters at stop"))
+    {
+        eprintln!("{line}");
+    }
     // The last lines only: with WATTD_TEST_AGENT_LOG at debug, the whole log is megabytes.
     let logtext = {
         let lines: Vec<&str> = logtext.lines().collect();
