@@ -125,8 +125,10 @@ pub(super) struct Family {
     pub balance_since_us: u64,
     /// Descriptors it keeps (its `cpu.stat`).
     pub kept_fds: usize,
-    /// The parent's usage read right before the children's at the point in progress.
+    /// The parent's usage read right before the children's at the point in progress ...
     pub pre_us: Option<u64>,
+    /// ... and when (tracker clock).
+    pub pre_at_us: u64,
 }
 
 impl Family {

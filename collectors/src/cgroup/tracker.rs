@@ -55,6 +55,9 @@ const BRACKET_RETRIES: u32 = 2;
 /// ... and only for a parent with at most this many children: reading hundreds takes long enough
 /// that the bracket is wide however often it is tried (those points are exact in sum only).
 const BRACKET_RETRY_MAX_CHILDREN: usize = 100;
+/// Slack per CPU on the physical bound of a family's balance: CPU time is accounted to a cgroup
+/// at scheduler ticks and switches, a little after it was spent.
+const BALANCE_SLACK_US: i128 = 100_000;
 
 pub const BIRTH_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -1351,6 +1354,7 @@ impl RunTracker {
         let now = self.now_us();
         for f in self.families.values_mut() {
             f.pre_us = f.cpu_stat.read_cpu_usage_us().ok();
+            f.pre_at_us = now;
         }
         // Reads first, all of them, back to back: the reconcile points below compare them with
         // the parents' reads (before and after), and the closer together, the smaller the noise.
@@ -1722,6 +1726,7 @@ impl RunTracker {
                 balance_since_us: now,
                 kept_fds: kept,
                 pre_us: None,
+                pre_at_us: now,
             },
         );
         true
@@ -1892,10 +1897,13 @@ impl RunTracker {
         // (this thread was preempted mid-way, as on a host whose runs take every CPU), the
         // reads are taken again, a few times at most.
         let mut attempt = 0u32;
+        let mut post_at_us;
         let (others_read, post_read) = loop {
             if recapture || attempt > 0 {
+                let at = self.now_us();
                 if let Some(f) = self.families.get_mut(rel) {
                     f.pre_us = f.cpu_stat.read_cpu_usage_us().ok();
+                    f.pre_at_us = at;
                 }
                 let mut gone = Vec::new();
                 for id in &ids {
@@ -1929,6 +1937,7 @@ impl RunTracker {
                 })
                 .collect();
             let post = f.cpu_stat.read_cpu_usage_us();
+            post_at_us = self.now_us();
             let bracket = match (&post, f.pre_us) {
                 (Ok(post), Some(pre)) => post.saturating_sub(pre),
                 _ => 0,
@@ -2046,8 +2055,8 @@ impl RunTracker {
                 // counted. (A cap of one second of the machine lost 1% of a starved host's
                 // runs, whose ghosts claimed late.)
                 let ncpus = i128::from(self.cpus.len().max(1) as u32);
-                let since = i128::from(now.saturating_sub(fam.balance_since_us));
-                let (floor, cap) = (-ncpus * 1_000_000, ncpus * (since + 1_000_000));
+                let since = i128::from(post_at_us.saturating_sub(fam.balance_since_us));
+                let (floor, cap) = (-ncpus * 1_000_000, ncpus * (since + BALANCE_SLACK_US));
                 let unclamped = fam.balance + r;
                 fam.balance = unclamped.clamp(floor, cap);
                 let clamped = (unclamped - fam.balance).unsigned_abs();
@@ -2100,7 +2109,9 @@ impl RunTracker {
         }
         fam.last_point_us = now;
         if fam.balance <= 0 {
-            fam.balance_since_us = now;
+            // From this point's first parent read: what builds up from here is at most the
+            // parent's growth since then (each point's midpoint lies between its two reads).
+            fam.balance_since_us = if pre.is_some() { fam.pre_at_us } else { now };
         }
         if parent_gone {
             self.forget_family(fam, true);
