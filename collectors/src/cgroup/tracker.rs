@@ -1785,15 +1785,24 @@ impl RunTracker {
     /// Whether `name` under the family `rel` is a run of one of its patterns that finished or
     /// is a ghost.
     fn names_finished_run(&self, rel: &str, name: &OsStr) -> bool {
+        self.family_run_ids(rel, name).any(|id| {
+            self.recently_finished_set.contains(id.as_str())
+                || self.ghosts.iter().any(|g| *g.id == *id)
+        })
+    }
+
+    /// The run ids `name` has under the patterns whose parent is `rel`.
+    fn family_run_ids<'a>(
+        &'a self,
+        rel: &'a str,
+        name: &'a OsStr,
+    ) -> impl Iterator<Item = String> + 'a {
         self.patterns
             .iter()
-            .filter(|p| p.parent().to_str() == Some(rel))
-            .any(|p| match p.match_name(name) {
-                NameMatch::Run(id) => {
-                    self.recently_finished_set.contains(id.as_str())
-                        || self.ghosts.iter().any(|g| *g.id == *id)
-                }
-                _ => false,
+            .filter(move |p| p.parent().to_str() == Some(rel))
+            .filter_map(move |p| match p.match_name(name) {
+                NameMatch::Run(id) => Some(id),
+                _ => None,
             })
     }
 
@@ -1845,15 +1854,7 @@ impl RunTracker {
     /// usage up to its last read, `scan_us`, plus its share of the residual).
     fn other_was_ghost(&mut self, fam: &mut Family, name: &OsStr, scan_us: u64) -> bool {
         let rel = fam.rel.clone();
-        let id = self
-            .patterns
-            .iter()
-            .filter(|p| p.parent().to_str() == Some(&*rel))
-            .find_map(|p| match p.match_name(name) {
-                NameMatch::Run(id) => Some(id),
-                _ => None,
-            });
-        let Some(id) = id else {
+        let Some(id) = self.family_run_ids(&rel, name).next() else {
             return false;
         };
         if self.runs.contains_key(id.as_str()) || self.names_finished_run(&rel, name) {
