@@ -560,6 +560,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             ship_tx.send_replace(ShipState {
                 sealed_seq: sealed,
                 heartbeat: Some(signed_heartbeat(sealer.key(), sealed, now.unix_ns)),
+                signer: Some(sealer.shared_key()),
             });
         }
         metrics.record_interval(&interval);
@@ -583,6 +584,36 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             tracing::info!(index = interval.index, "first interval sealed; ready");
         } else {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        }
+        if stop && !sealer.pending().is_empty() {
+            // The spool was full: the stop may take the reserve's room beyond max_bytes, so the
+            // coarsened intervals are sealed now rather than lost with the process.
+            sealer.spool_mut().allow_final_overrun();
+            let pending = sealer.pending().intervals.len();
+            match sealer.seal(now.unix_ns).and_then(|_| sealer.commit()) {
+                Ok(seq) => {
+                    tracing::warn!(
+                        pending,
+                        sealed_seq = seq,
+                        "stopping with a full spool: the last (coarsened) intervals were sealed beyond spool.max_bytes, into the reserve's room"
+                    );
+                    if cfg.ledger.is_some() {
+                        ship_tx.send_replace(ShipState {
+                            sealed_seq: seq,
+                            heartbeat: Some(signed_heartbeat(sealer.key(), seq, now.unix_ns)),
+                            signer: Some(sealer.shared_key()),
+                        });
+                    }
+                }
+                Err(e) if e.is_fatal() => {
+                    return Err(
+                        anyhow::Error::new(e).context("sealing the last intervals at stop (fatal)")
+                    )
+                }
+                Err(error) => {
+                    tracing::error!(%error, pending, "stopping: the last intervals could not be sealed")
+                }
+            }
         }
         if stop {
             if !sealer.pending().is_empty() {

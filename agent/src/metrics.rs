@@ -193,6 +193,8 @@ struct LedgerSnapshot {
     missing_from: u64,
     rewinds: u64,
     rewind_unheld: u64,
+    /// (statements sent, distinct batches declared lost) by reason: damaged, not_retained.
+    losses: [(u64, u64); 2],
     session_errors: Vec<(String, u64)>,
 }
 
@@ -275,6 +277,16 @@ impl Metrics {
         l.missing_from = s.ledger_missing_from.load(Relaxed);
         l.rewinds = s.rewinds_total.load(Relaxed);
         l.rewind_unheld = s.rewind_unheld_batches_total.load(Relaxed);
+        l.losses = [
+            (
+                s.loss_statements_damaged_total.load(Relaxed),
+                s.lost_batches_damaged_total.load(Relaxed),
+            ),
+            (
+                s.loss_statements_not_retained_total.load(Relaxed),
+                s.lost_batches_not_retained_total.load(Relaxed),
+            ),
+        ];
         l.session_errors = s.session_errors();
     }
 
@@ -634,6 +646,31 @@ impl Metrics {
         ] {
             w.family(name, "counter", help);
             w.sample(name, &[], value);
+        }
+        for (name, help, pick) in [
+            (
+                "wattd_ledger_loss_statements_total",
+                "Signed loss statements sent to the ledger (sent again when it did not take \
+                 them), by reason: damaged (sealed records damaged in the spool), not_retained \
+                 (a restored ledger asked for batches the spool no longer holds).",
+                0usize,
+            ),
+            (
+                "wattd_ledger_lost_batches_total",
+                "Distinct batches declared lost to the ledger, by reason (their energy is known \
+                 from the running totals of the batches around them).",
+                1usize,
+            ),
+        ] {
+            w.family(name, "counter", help);
+            for (i, reason) in ["damaged", "not_retained"].into_iter().enumerate() {
+                let v = if pick == 0 {
+                    l.losses[i].0
+                } else {
+                    l.losses[i].1
+                };
+                w.sample(name, &[("reason", reason)], v);
+            }
         }
         w.family(
             "wattd_ledger_session_errors_total",

@@ -13,6 +13,7 @@ use wattd_proto::v1::{Gap, Interval, RunSummary};
 
 use crate::identity::{self, IdentityError, NodeKey};
 use crate::spool::{OpenReport, Spool, SpoolConfig, SpoolError};
+use wattd_records::totals::RunningTotals;
 
 /// When to seal. Construct with [`SealPolicy::new`], which enforces the bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,11 +90,14 @@ pub use wattd_records::seal::{sign_batch, BatchContent};
 #[derive(Debug)]
 pub struct Sealer {
     dir: PathBuf,
-    key: NodeKey,
+    /// Shared with the shipper, which signs loss statements with it.
+    key: std::sync::Arc<NodeKey>,
     spool: Spool,
     policy: SealPolicy,
     pending: BatchContent,
     pending_since_monotonic_ns: Option<u64>,
+    /// The running totals as of the last sealed batch (see `wattd_records::totals`).
+    totals: RunningTotals,
 }
 
 impl Sealer {
@@ -105,14 +109,21 @@ impl Sealer {
         let (key, _) = NodeKey::load_or_create(&dir, &cfg.node_id)?;
         let (spool, report) = Spool::open(cfg)?;
         let key = identity::recover_rotation(&dir, key, spool.last_rotation())?;
-        Ok((Self::with_parts(dir, key, spool, policy), report))
+        let mut sealer = Self::with_parts(dir, key, spool, policy);
+        if let Some(t) = &report.last_totals {
+            sealer.totals = t.clone();
+        }
+        Ok((sealer, report))
     }
 
-    /// A sealer over an already open spool and key (tests, benchmarks).
+    /// A sealer over an already open spool and key (tests, benchmarks). Its running totals
+    /// start at the next seq (`open` continues those of the spool's last batch).
     pub fn with_parts(dir: PathBuf, key: NodeKey, spool: Spool, policy: SealPolicy) -> Self {
+        let totals = RunningTotals::starting_at(spool.last_seq() + 1);
         Self {
+            totals,
             dir,
-            key,
+            key: std::sync::Arc::new(key),
             spool,
             policy,
             pending: BatchContent::default(),
@@ -124,12 +135,22 @@ impl Sealer {
         &self.key
     }
 
+    /// The current key, to share (it changes at a rotation).
+    pub fn shared_key(&self) -> std::sync::Arc<NodeKey> {
+        std::sync::Arc::clone(&self.key)
+    }
+
     pub fn spool(&self) -> &Spool {
         &self.spool
     }
 
     pub fn spool_mut(&mut self) -> &mut Spool {
         &mut self.spool
+    }
+
+    /// The running totals as of the last sealed batch.
+    pub fn totals(&self) -> &RunningTotals {
+        &self.totals
     }
 
     pub fn pending(&self) -> &BatchContent {
@@ -172,9 +193,47 @@ impl Sealer {
             self.touch(now_monotonic_ns);
             return false;
         }
-        match self.pending.intervals.last_mut() {
-            Some(last) => crate::records::merge_interval(last, interval),
-            None => self.pending.intervals.push(interval),
+        let full_enough = self.pending.intervals.last().map_or(true, |last| {
+            use prost::Message as _;
+            last.coarsened && last.encoded_len() >= Self::COARSE_INTERVAL_MAX_BYTES
+        });
+        let last = match self.pending.intervals.last_mut() {
+            Some(last) if !full_enough => last,
+            _ => {
+                // The coarse interval is as large as one may grow: start the next one.
+                self.pending.intervals.push(interval);
+                self.touch(now_monotonic_ns);
+                return false;
+            }
+        };
+        crate::records::merge_interval(last, interval);
+        // One SPOOL_FULL gap per coarsened stretch, spanning it: the record says when the
+        // resolution was lost (its energy is all in the coarsened interval).
+        let (start, end) = (last.start_monotonic_ns, last.end_monotonic_ns);
+        let (start_unix, end_unix) = (last.start_unix_ns, last.end_unix_ns);
+        let cause = wattd_proto::v1::GapCause::SpoolFull as i32;
+        match self
+            .pending
+            .gaps
+            .iter_mut()
+            .find(|g| g.cause == cause && g.start_monotonic_ns == start)
+        {
+            Some(g) => {
+                g.end_monotonic_ns = end;
+                g.end_unix_ns = end_unix;
+            }
+            None => self.pending.gaps.push(Gap {
+                domain: String::new(),
+                package: None,
+                start_monotonic_ns: start,
+                end_monotonic_ns: end,
+                start_unix_ns: start_unix,
+                end_unix_ns: end_unix,
+                cause,
+                detail: "spool full: intervals merged into one (coarser time resolution, no \
+                         energy lost)"
+                    .into(),
+            }),
         }
         self.touch(now_monotonic_ns);
         true
@@ -184,6 +243,49 @@ impl Sealer {
     pub fn push_run_summary(&mut self, summary: RunSummary, now_monotonic_ns: u64) {
         self.pending.run_summaries.push(summary);
         self.touch(now_monotonic_ns);
+    }
+
+    /// A coarsened interval takes merges until it encodes to this many bytes; the next
+    /// interval then starts a new one, so no interval outgrows a record.
+    pub const COARSE_INTERVAL_MAX_BYTES: usize = 1 << 20;
+    /// Pending content that was coarsened is sealed in batches of at most about this size
+    /// (a record holds 16 MiB).
+    pub const CHUNK_MAX_BYTES: usize = 4 << 20;
+
+    /// How much of the pending content goes into the next batch: (intervals, run summaries).
+    /// Everything, unless the content was coarsened or holds very many summaries (a long
+    /// outage): then as much as fits [`Self::CHUNK_MAX_BYTES`], at least one item.
+    fn next_chunk(&self) -> (usize, usize) {
+        let p = &self.pending;
+        let coarse = p.intervals.iter().any(|i| i.coarsened);
+        if !coarse && p.run_summaries.len() <= 4096 {
+            return (p.intervals.len(), p.run_summaries.len());
+        }
+        use prost::Message as _;
+        let mut budget = Self::CHUNK_MAX_BYTES;
+        let mut take = |len: usize, first: bool| {
+            if first || len <= budget {
+                budget = budget.saturating_sub(len);
+                true
+            } else {
+                false
+            }
+        };
+        let mut n_iv = 0;
+        for i in &p.intervals {
+            if !take(i.encoded_len() + 8, n_iv == 0) {
+                return (n_iv, 0);
+            }
+            n_iv += 1;
+        }
+        let mut n_rs = 0;
+        for r in &p.run_summaries {
+            if !take(r.encoded_len() + 8, n_iv == 0 && n_rs == 0) {
+                break;
+            }
+            n_rs += 1;
+        }
+        (n_iv, n_rs)
     }
 
     /// Whether the policy says the pending batch should be sealed now.
@@ -197,22 +299,44 @@ impl Sealer {
     /// Seals the pending content into the next batch and appends it to the spool (not yet
     /// durable: call [`Sealer::commit`]). Returns its seq, or None if nothing was pending. On
     /// error the content stays pending: nothing is lost, the daemon may coarsen and retry.
+    ///
+    /// Content that a full spool made the daemon coarsen is sealed in several batches of
+    /// bounded size (in order; gaps go with the first); if one of them fails, those before it
+    /// are appended and the rest stays pending.
     pub fn seal(&mut self, now_unix_ns: i64) -> Result<Option<u64>, SealError> {
-        if self.pending.is_empty() {
-            return Ok(None);
+        let mut sealed = None;
+        while !self.pending.is_empty() {
+            let (n_iv, n_rs) = self.next_chunk();
+            let all =
+                n_iv == self.pending.intervals.len() && n_rs == self.pending.run_summaries.len();
+            let seq = self.spool.last_seq() + 1;
+            let mut content = if all {
+                self.pending.clone()
+            } else {
+                BatchContent {
+                    intervals: self.pending.intervals[..n_iv].to_vec(),
+                    run_summaries: self.pending.run_summaries[..n_rs].to_vec(),
+                    gaps: self.pending.gaps.clone(),
+                    key_rotation: None,
+                    totals: None,
+                }
+            };
+            let totals = self.totals.after(&content.intervals);
+            content.totals = Some(totals.clone());
+            let stored = sign_batch(&self.key, seq, self.spool.last_hash(), now_unix_ns, content);
+            self.spool.append(&stored)?;
+            self.totals = totals;
+            sealed = Some(seq);
+            if all {
+                self.pending = BatchContent::default();
+            } else {
+                self.pending.intervals.drain(..n_iv);
+                self.pending.run_summaries.drain(..n_rs);
+                self.pending.gaps.clear();
+            }
         }
-        let seq = self.spool.last_seq() + 1;
-        let stored = sign_batch(
-            &self.key,
-            seq,
-            self.spool.last_hash(),
-            now_unix_ns,
-            self.pending.clone(),
-        );
-        self.spool.append(&stored)?;
-        self.pending = BatchContent::default();
         self.pending_since_monotonic_ns = None;
-        Ok(Some(seq))
+        Ok(sealed)
     }
 
     /// Makes every sealed batch durable (one fdatasync). Returns the sealed seq.
@@ -229,6 +353,8 @@ impl Sealer {
             identity::prepare_rotation(&self.dir, &self.key, seq + 1, now_unix_ns)?;
         let mut content = self.pending.clone();
         content.key_rotation = Some(rotation);
+        let totals = self.totals.after(&content.intervals);
+        content.totals = Some(totals.clone());
         let stored = sign_batch(&self.key, seq, self.spool.last_hash(), now_unix_ns, content);
         if let Err(e) = self.spool.append_rotation(&stored, next.key_id()) {
             // Not announced: the pending key must go, or a restart could not tell.
@@ -237,13 +363,14 @@ impl Sealer {
             }
             return Err(e.into());
         }
+        self.totals = totals;
         self.pending = BatchContent::default();
         self.pending_since_monotonic_ns = None;
         // If this fails the daemon exits; on restart `recover_rotation` sees whether the
         // announcement reached the disk and finishes or abandons the rotation accordingly.
         self.spool.sync()?;
         identity::commit_rotation(&self.dir, &next)?;
-        self.key = next;
+        self.key = std::sync::Arc::new(next);
         Ok(seq)
     }
 }

@@ -139,6 +139,8 @@ pub struct ShipState {
     pub sealed_seq: u64,
     /// A heartbeat signed by the node's current key, saying `sealed_seq`.
     pub heartbeat: Option<SignedHeartbeat>,
+    /// The node's current key: the shipper signs loss statements with it.
+    pub signer: Option<Arc<NodeKey>>,
 }
 
 /// A signed heartbeat announcing `sealed_seq`.
@@ -174,6 +176,12 @@ pub struct ShipperStats {
     pub rewinds_total: AtomicU64,
     /// Batches such a ledger lacks that the spool no longer held (so could not re-send).
     pub rewind_unheld_batches_total: AtomicU64,
+    /// Loss statements sent, by reason (a statement the ledger did not take is sent again).
+    pub loss_statements_damaged_total: AtomicU64,
+    pub loss_statements_not_retained_total: AtomicU64,
+    /// Batches declared lost, by reason: distinct seqs, each counted once.
+    pub lost_batches_damaged_total: AtomicU64,
+    pub lost_batches_not_retained_total: AtomicU64,
     /// Ended sessions by reason (`connect`, `tls_files`, `status_<code>`, `ack_timeout`, ...).
     pub session_errors: Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -219,6 +227,12 @@ pub fn backoff_delay(min: Duration, max: Duration, attempt: u32, random: u64) ->
     let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
     let jitter = if nanos == 0 { 0 } else { random % (nanos + 1) };
     half + Duration::from_nanos(jitter)
+}
+
+fn unix_now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 fn random_u64() -> u64 {
@@ -275,6 +289,8 @@ pub struct Shipper {
     stats: Arc<ShipperStats>,
     /// Highest seq the ledger acknowledged (or the spool's cursor at start).
     acked: u64,
+    /// Ranges already declared lost (bounded), so the counters count each once.
+    declared: std::collections::BTreeSet<(u64, u64)>,
 }
 
 impl Shipper {
@@ -295,6 +311,7 @@ impl Shipper {
             acks,
             stats,
             acked: acked_seq,
+            declared: std::collections::BTreeSet::new(),
         }
     }
 
@@ -406,9 +423,89 @@ impl Shipper {
                  from seq {resume}",
             );
         }
-        self.acked = resume - 1;
+        // The cursor follows the ledger; the reader starts right after what it holds, and the
+        // range the spool no longer holds is declared in a signed loss statement when the
+        // reader steps over it.
+        self.acked = ledger_acked;
         self.stats.acked_seq.store(self.acked, Ordering::Relaxed);
         self.acks.send_replace(self.acked);
+    }
+
+    /// A signed statement that `first..=batch.seq - 1` will never be sent: the reader stepped
+    /// over them (damaged records, or a spool that no longer holds them).
+    fn loss_statement(
+        &mut self,
+        first: u64,
+        next: &crate::batch::StoredBatch,
+    ) -> Result<NodeMessage, anyhow::Error> {
+        use wattd_proto::v1::LossReason;
+        let (_, header) = crate::batch::decode_header(&next.bytes)
+            .map_err(|e| anyhow::anyhow!("batch {}: {e}", next.seq))?;
+        let signer = self
+            .state
+            .borrow()
+            .signer
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no node key to sign a loss statement with"))?;
+        let first_held = list_segments(&self.dir)
+            .ok()
+            .and_then(|segs| segs.first().map(|(f, _)| *f))
+            .unwrap_or(first);
+        let last = next.seq - 1;
+        let (reason, detail) = if first < first_held {
+            (
+                LossReason::NotRetained,
+                format!(
+                    "the ledger asked from seq {first}; this spool retains batches from seq                      {first_held} on (acknowledged batches are kept for [spool] retain_acked_s)"
+                ),
+            )
+        } else {
+            (
+                LossReason::Damaged,
+                format!(
+                    "sealed record(s) {first}..={last} damaged in the spool (checksum or                      decoding failed); the next intact batch {} chains to {}",
+                    next.seq,
+                    crate::durable::hex(&next.prev_hash)
+                ),
+            )
+        };
+        let loss = wattd_records::loss::Loss {
+            first_seq: first,
+            last_seq: last,
+            last_hash: next.prev_hash,
+            reason,
+            next_key_epoch: header.key_epoch,
+            next_key_id: header.key_id,
+            detail,
+        };
+        let n = last - first + 1;
+        // Each distinct range is counted once, however often it is sent again.
+        let fresh = self.declared.insert((first, last));
+        if self.declared.len() > 1024 {
+            self.declared.pop_first();
+        }
+        let (statements, batches) = match reason {
+            LossReason::NotRetained => (
+                &self.stats.loss_statements_not_retained_total,
+                &self.stats.lost_batches_not_retained_total,
+            ),
+            _ => (
+                &self.stats.loss_statements_damaged_total,
+                &self.stats.lost_batches_damaged_total,
+            ),
+        };
+        statements.fetch_add(1, Ordering::Relaxed);
+        if fresh {
+            batches.fetch_add(n, Ordering::Relaxed);
+        }
+        tracing::error!(first, last, reason = wattd_records::loss::reason_name(reason as i32), "declaring batches lost to the ledger (signed statement); their energy is known from the running totals around them");
+        Ok(NodeMessage {
+            kind: Some(node_message::Kind::Loss(wattd_records::loss::sign_loss(
+                &signer,
+                &loss,
+                unix_now_ns(),
+            ))),
+        })
     }
 
     async fn session(
@@ -485,6 +582,7 @@ impl Shipper {
                     pace = Some(tokio::time::Instant::now() + wait);
                     break;
                 }
+                let expected = reader.next_seq();
                 let batch = match reader.next(sealed) {
                     Ok(Some(b)) => b,
                     Ok(None) => break,
@@ -496,6 +594,18 @@ impl Shipper {
                         ))
                     }
                 };
+                if batch.seq > expected {
+                    let statement = self
+                        .loss_statement(expected, &batch)
+                        .map_err(|e| end("loss_statement", self.acked > acked_at_open, e))?;
+                    if tx.send(statement).await.is_err() {
+                        return Err(end(
+                            "closed",
+                            self.acked > acked_at_open,
+                            anyhow::anyhow!("the request stream closed"),
+                        ));
+                    }
+                }
                 let signed = match SignedBatch::decode(batch.bytes.as_slice()) {
                     Ok(s) => s,
                     // The reader already decoded it; cannot happen short of memory corruption.

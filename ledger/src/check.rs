@@ -455,3 +455,144 @@ pub fn verify_heartbeat(
         key_epoch: hb.key_epoch,
     })
 }
+
+/// What a verified loss statement declares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedLoss {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub last_hash: ChainHash,
+    pub next_key_epoch: u32,
+    pub next_key_id: KeyId,
+    /// `damaged` or `not_retained`.
+    pub reason: &'static str,
+    pub detail: String,
+    pub stated_unix_ns: i64,
+    pub key_epoch: u32,
+    /// The SignedLossStatement as received.
+    pub bytes: Vec<u8>,
+}
+
+/// Verifies a loss statement: decodable, this certificate's node, signed by one of its known
+/// keys (the epoch the statement names), a sane range, and a next key the ledger knows (the
+/// batch after the range must be verifiable; a range that hides a key rotation the ledger never
+/// saw is refused until that key is enrolled).
+pub fn verify_loss(
+    cert_node: &str,
+    keys: &KnownKeys,
+    signed: &wattd_proto::v1::SignedLossStatement,
+) -> Result<VerifiedLoss, Rejection> {
+    use wattd_proto::v1::LossStatement;
+    let node = || cert_node.to_owned();
+    let malformed = |detail: String| Rejection::Malformed {
+        node: node(),
+        detail: format!("loss statement: {detail}"),
+    };
+    let st = LossStatement::decode(signed.statement_bytes.as_slice())
+        .map_err(|e| malformed(format!("LossStatement: {e}")))?;
+    if st.node_id != cert_node {
+        return Err(Rejection::NodeMismatch {
+            cert_node: node(),
+            claimed: st.node_id,
+            what: "loss statement".into(),
+        });
+    }
+    let what = format!("loss statement (seqs {} to {})", st.first_seq, st.last_seq);
+    let Some(key) = keys.by_key_id(&signed.key_id) else {
+        return Err(Rejection::UnknownKey {
+            node: node(),
+            what,
+            detail: format!(
+                "key id {} is neither enrolled nor announced by a rotation in the node's stored \
+                 chain",
+                hex(&signed.key_id)
+            ),
+        });
+    };
+    if key.identity.key_epoch != st.key_epoch {
+        return Err(Rejection::UnknownKey {
+            node: node(),
+            what,
+            detail: format!(
+                "key id {} is the key of epoch {}, the statement claims epoch {}",
+                hex(&signed.key_id),
+                key.identity.key_epoch,
+                st.key_epoch
+            ),
+        });
+    }
+    let authentic = Signature::from_slice(&signed.signature).is_ok_and(|sig| {
+        key.verifying
+            .verify_strict(&signed.statement_bytes, &sig)
+            .is_ok()
+    });
+    if !authentic {
+        return Err(Rejection::BadSignature { node: node(), what });
+    }
+    if st.first_seq == 0 || st.last_seq < st.first_seq || i64::try_from(st.last_seq).is_err() {
+        return Err(malformed(format!(
+            "range {} to {} is empty or outside 1..=2^63-2",
+            st.first_seq, st.last_seq
+        )));
+    }
+    if st.last_seq == i64::MAX as u64 {
+        return Err(malformed("last_seq leaves no room for a next batch".into()));
+    }
+    let last_hash: ChainHash = st
+        .last_hash
+        .as_slice()
+        .try_into()
+        .map_err(|_| malformed(format!("last_hash is {} bytes, not 32", st.last_hash.len())))?;
+    let next_key_id: KeyId = st.next_key_id.as_slice().try_into().map_err(|_| {
+        malformed(format!(
+            "next_key_id is {} bytes, not 16",
+            st.next_key_id.len()
+        ))
+    })?;
+    match keys.by_key_id(&next_key_id) {
+        Some(k) if k.identity.key_epoch == st.next_key_epoch => {}
+        _ => {
+            return Err(Rejection::UnknownKey {
+                node: node(),
+                what,
+                detail: format!(
+                    "the batch after the range is signed by key epoch {} ({}), which this \
+                     ledger does not know: the range hides its rotation; enrol that key (wattd \
+                     identity on the node prints it)",
+                    st.next_key_epoch,
+                    hex(&next_key_id)
+                ),
+            })
+        }
+    }
+    let reason = match wattd_proto::v1::LossReason::try_from(st.reason) {
+        Ok(
+            r @ (wattd_proto::v1::LossReason::Damaged | wattd_proto::v1::LossReason::NotRetained),
+        ) => wattd_records::loss::reason_name(r as i32),
+        _ => {
+            return Err(malformed(format!(
+                "reason {} is not a known loss reason",
+                st.reason
+            )))
+        }
+    };
+    if st.detail.len() > wattd_records::loss::DETAIL_MAX_BYTES {
+        return Err(malformed(format!(
+            "detail is {} bytes, at most {}",
+            st.detail.len(),
+            wattd_records::loss::DETAIL_MAX_BYTES
+        )));
+    }
+    Ok(VerifiedLoss {
+        first_seq: st.first_seq,
+        last_seq: st.last_seq,
+        last_hash,
+        next_key_epoch: st.next_key_epoch,
+        next_key_id,
+        reason,
+        detail: st.detail,
+        stated_unix_ns: st.stated_unix_ns,
+        key_epoch: st.key_epoch,
+        bytes: signed.encode_to_vec(),
+    })
+}

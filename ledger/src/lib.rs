@@ -9,6 +9,7 @@
 //! [`server`] (TLS, limits, accept loop, shutdown), [`metrics`] (counters), [`query`] (`runs`,
 //! `nodes`).
 
+pub mod audit;
 pub mod check;
 pub mod enrol;
 pub mod http;

@@ -33,9 +33,14 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Per-run energy by domain (uJ and Wh) over every stored allocation.
     Runs(QueryArgs),
-    /// Per node: status (fork, gap, quiet, ok), last contiguous seq, key epoch, last heartbeat and announced sealed seq, gaps
-    /// (held above a hole, or announced by a heartbeat and never received) and forks.
+    /// Per node: status (fork, stalled, gap, quiet, ok), chain tip, key epoch, last heartbeat,
+    /// announced sealed seq and lag, gaps (held above a hole, or announced by a heartbeat and
+    /// never received), forks, and the ranges the node declared lost with their energy.
     Nodes(NodesArgs),
+    /// Per node: whether the stored batches' energy plus the energy of the ranges the node
+    /// declared lost equals the node's own running total, per meter, to the microjoule; and
+    /// whether every batch's running totals follow from its predecessor's. Exit 1 when not.
+    Audit(QueryArgs),
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +174,7 @@ fn main() -> ExitCode {
             Command::Serve(a) => serve(*a).await,
             Command::Runs(a) => runs(a).await.map_err(Failure::Other),
             Command::Nodes(a) => nodes(a).await.map_err(Failure::Other),
+            Command::Audit(a) => audit(a).await.map_err(Failure::Other),
         }
     });
     match result {
@@ -308,6 +314,21 @@ async fn runs(a: QueryArgs) -> anyhow::Result<()> {
         Format::Text => query::runs_text(&report),
     };
     print!("{out}");
+    Ok(())
+}
+
+async fn audit(a: QueryArgs) -> anyhow::Result<()> {
+    let store = open_query(&a.store).await?;
+    let report = wattd_ledger::audit::audit(&store).await?;
+    let out = match a.format {
+        Format::Json => serde_json::to_string_pretty(&report)? + "\n",
+        Format::Text => wattd_ledger::audit::audit_text(&report),
+    };
+    print!("{out}");
+    anyhow::ensure!(
+        report.ok(),
+        "the energy does not add up for some node (see above)"
+    );
     Ok(())
 }
 

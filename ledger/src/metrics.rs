@@ -100,6 +100,9 @@ pub struct Metrics {
     pub batches_held: AtomicU64,
     pub heartbeats: AtomicU64,
     pub tail_missing: AtomicU64,
+    pub lost_ranges: AtomicU64,
+    pub lost_batches: AtomicU64,
+    pub batches_in_lost_range: AtomicU64,
     pub heartbeat_regressed: AtomicU64,
     pub rate_limited: AtomicU64,
     pub acks: AtomicU64,
@@ -233,6 +236,25 @@ impl Metrics {
             "Heartbeats announcing a sealed seq above every batch the ledger received (a \
              truncated or not yet sent tail).",
             get(&self.tail_missing),
+        );
+        one(
+            "wattd_ledger_lost_ranges_total",
+            "counter",
+            "Loss statements recorded: ranges of batches a node declared it will never send \
+             (damaged in its spool, or no longer retained).",
+            get(&self.lost_ranges),
+        );
+        one(
+            "wattd_ledger_lost_batches_total",
+            "counter",
+            "Batches inside recorded lost ranges.",
+            get(&self.lost_batches),
+        );
+        one(
+            "wattd_ledger_batches_in_lost_range_total",
+            "counter",
+            "Authentic batches received for a seq their node had declared lost (not stored).",
+            get(&self.batches_in_lost_range),
         );
         one(
             "wattd_ledger_heartbeat_regressed_total",

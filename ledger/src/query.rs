@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::store::{ForkRow, NodeRow, RunDomainTotal};
+use crate::store::{ForkRow, LostRangeRow, NodeRow, RunDomainTotal};
 
 pub use wattd_records::energy_table::{wh_text, DomainRow, RunRow, UJ_PER_WH};
 
@@ -58,9 +58,11 @@ pub fn unix_now_ns() -> i64 {
 #[derive(Debug, Serialize)]
 pub struct NodeReport {
     pub node_id: String,
-    /// What needs attention first: `fork` (two different batches for one seq), `gap` (seqs the
-    /// ledger knows exist and does not hold), `quiet` (nothing received, not even a heartbeat,
-    /// for longer than the threshold: a host down, or cut off), else `ok`.
+    /// What needs attention first: `fork` (two different batches for one seq), `stalled` (seqs
+    /// the ledger knows exist and does not hold, and no batch stored for longer than the
+    /// threshold), `gap` (such seqs, with batches still arriving), `quiet` (nothing received,
+    /// not even a heartbeat, for longer than the threshold: a host down, or cut off), else
+    /// `ok`.
     pub status: &'static str,
     /// Seconds since the last batch or heartbeat arrived (absent if none ever did).
     pub silent_s: Option<u64>,
@@ -75,8 +77,99 @@ pub struct NodeReport {
     pub last_heartbeat_received_unix_ns: Option<i64>,
     pub announced_sealed_seq: u64,
     pub highest_seen_seq: u64,
+    /// Batches the node announced and the ledger does not hold yet (announced minus last_seq).
+    pub lag_batches: u64,
     pub gaps: Vec<GapRow>,
     pub forks: Vec<ForkRow>,
+    /// Ranges the node declared lost, with their energy.
+    pub lost: Vec<LostReport>,
+    /// The sum of every lost range's energy that is known exactly.
+    pub lost_uj: u128,
+}
+
+/// A recorded lost range and its energy, from the running totals of the stored batches on
+/// either side.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct LostReport {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub reason: String,
+    pub detail: String,
+    pub stated_unix_ns: i64,
+    pub recorded_unix_ns: i64,
+    pub statement_sha256: String,
+    /// `exact`, `pending` (the batch after the range has not arrived yet), or `unknown`.
+    pub energy: &'static str,
+    /// Why the energy is unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub energy_error: Option<String>,
+    pub energy_uj: Option<u64>,
+    /// Per meter (`domain:package[:dieN]`), when exact.
+    pub energy_by_meter: BTreeMap<String, u64>,
+}
+
+fn decode_batch(signed: &[u8]) -> Result<wattd_proto::v1::Batch, String> {
+    use prost::Message as _;
+    let s =
+        wattd_proto::v1::SignedBatch::decode(signed).map_err(|e| format!("SignedBatch: {e}"))?;
+    wattd_proto::v1::Batch::decode(s.batch_bytes.as_slice()).map_err(|e| format!("Batch: {e}"))
+}
+
+fn meter_label(m: &wattd_records::totals::MeterId) -> String {
+    let mut s = m.0.clone();
+    if let Some(p) = m.1 {
+        let _ = write!(s, ":{p}");
+    }
+    if let Some(d) = m.2 {
+        let _ = write!(s, ":die{d}");
+    }
+    s
+}
+
+/// A lost range's energy from its stored neighbours.
+pub fn lost_report(l: LostRangeRow) -> LostReport {
+    let mut r = LostReport {
+        first_seq: l.first_seq,
+        last_seq: l.last_seq,
+        reason: l.reason,
+        detail: l.detail,
+        stated_unix_ns: l.stated_unix_ns,
+        recorded_unix_ns: l.recorded_unix_ns,
+        statement_sha256: l.statement_sha256,
+        energy: "pending",
+        energy_error: None,
+        energy_uj: None,
+        energy_by_meter: BTreeMap::new(),
+    };
+    let Some(after) = l.after else {
+        return r;
+    };
+    let computed = (|| {
+        let after = decode_batch(&after)?;
+        let before = match (l.first_seq, l.before) {
+            (1, _) => None,
+            (_, Some(b)) => Some(decode_batch(&b)?),
+            (first, None) => {
+                return Err(format!(
+                    "batch {} before the range is not stored (another lost range?)",
+                    first - 1
+                ))
+            }
+        };
+        wattd_records::totals::lost_between(before.as_ref(), &after).map_err(|e| e.to_string())
+    })();
+    match computed {
+        Ok(by_meter) => {
+            r.energy = "exact";
+            r.energy_uj = Some(by_meter.values().fold(0u64, |a, v| a.saturating_add(*v)));
+            r.energy_by_meter = by_meter.iter().map(|(m, v)| (meter_label(m), *v)).collect();
+        }
+        Err(e) => {
+            r.energy = "unknown";
+            r.energy_error = Some(e);
+        }
+    }
+    r
 }
 
 #[derive(Debug, Serialize)]
@@ -126,8 +219,16 @@ pub fn nodes_report_at(rows: Vec<NodeRow>, now_unix_ns: i64, quiet_after_ns: u64
                     .last_received_unix_ns
                     .max(n.last_heartbeat_received_unix_ns);
                 let silent_ns = last_heard.map(|t| now_unix_ns.saturating_sub(t).max(0) as u64);
+                // Since the newest stored batch arrived (heartbeats do not count).
+                let no_progress_ns = n
+                    .last_received_unix_ns
+                    .map(|t| now_unix_ns.saturating_sub(t).max(0) as u64);
                 let status = if !n.forks.is_empty() {
                     "fork"
+                } else if !gaps.is_empty() && no_progress_ns.map_or(true, |s| s > quiet_after_ns) {
+                    // Batches are owed and none has been stored for the threshold, whether the
+                    // node is silent or still sending heartbeats.
+                    "stalled"
                 } else if !gaps.is_empty() {
                     "gap"
                 } else if silent_ns.map_or(true, |s| s > quiet_after_ns) {
@@ -137,22 +238,33 @@ pub fn nodes_report_at(rows: Vec<NodeRow>, now_unix_ns: i64, quiet_after_ns: u64
                 };
                 (n, gaps, status, silent_ns.map(|s| s / 1_000_000_000))
             })
-            .map(|(n, gaps, status, silent_s)| NodeReport {
-                status,
-                silent_s,
-                gaps,
-                node_id: n.node_id,
-                last_seq: n.last_seq,
-                batches: n.batches,
-                intervals: n.intervals,
-                key_epoch: n.key_epoch,
-                last_sealed_unix_ns: n.last_sealed_unix_ns,
-                last_received_unix_ns: n.last_received_unix_ns,
-                last_heartbeat_sent_unix_ns: n.last_heartbeat_sent_unix_ns,
-                last_heartbeat_received_unix_ns: n.last_heartbeat_received_unix_ns,
-                announced_sealed_seq: n.announced_sealed_seq,
-                highest_seen_seq: n.highest_seen_seq,
-                forks: n.forks,
+            .map(|(n, gaps, status, silent_s)| {
+                let lost: Vec<LostReport> = n.lost.into_iter().map(lost_report).collect();
+                let lost_uj = lost
+                    .iter()
+                    .filter_map(|l| l.energy_uj)
+                    .map(u128::from)
+                    .sum();
+                NodeReport {
+                    lag_batches: n.announced_sealed_seq.saturating_sub(n.last_seq),
+                    lost,
+                    lost_uj,
+                    status,
+                    silent_s,
+                    gaps,
+                    node_id: n.node_id,
+                    last_seq: n.last_seq,
+                    batches: n.batches,
+                    intervals: n.intervals,
+                    key_epoch: n.key_epoch,
+                    last_sealed_unix_ns: n.last_sealed_unix_ns,
+                    last_received_unix_ns: n.last_received_unix_ns,
+                    last_heartbeat_sent_unix_ns: n.last_heartbeat_sent_unix_ns,
+                    last_heartbeat_received_unix_ns: n.last_heartbeat_received_unix_ns,
+                    announced_sealed_seq: n.announced_sealed_seq,
+                    highest_seen_seq: n.highest_seen_seq,
+                    forks: n.forks,
+                }
             })
             .collect(),
     }
@@ -203,6 +315,25 @@ pub fn nodes_text(r: &NodesReport) -> String {
                 f.seq, f.kind, f.stored_sha256, f.received_sha256, f.times_seen
             );
         }
+        if n.lag_batches > 0 {
+            let _ = writeln!(
+                s,
+                "  lag   {} batch(es) announced, not yet stored",
+                n.lag_batches
+            );
+        }
+        for l in &n.lost {
+            let energy = match (l.energy, l.energy_uj, &l.energy_error) {
+                ("exact", Some(uj), _) => format!("{uj} uJ ({} Wh)", wh_text(u128::from(uj))),
+                (_, _, Some(e)) => format!("energy unknown: {e}"),
+                (what, _, _) => format!("energy {what}"),
+            };
+            let _ = writeln!(
+                s,
+                "  LOST  seq {}..={} ({}): {energy}; {}",
+                l.first_seq, l.last_seq, l.reason, l.detail
+            );
+        }
     }
     s
 }
@@ -226,7 +357,15 @@ mod tests {
         assert_eq!(status(row(5, 5, Some(100 * s)), 200 * s), "ok");
         assert_eq!(status(row(5, 5, Some(100 * s)), 221 * s), "quiet");
         assert_eq!(status(row(5, 5, None), 221 * s), "quiet");
-        assert_eq!(status(row(5, 7, Some(100 * s)), 101 * s), "gap");
+        // Owed batches while heartbeats still come: a gap while batches were stored lately,
+        // stalled once none has been for the threshold.
+        let owing = |received: i64| NodeRow {
+            last_received_unix_ns: Some(received),
+            ..row(5, 7, Some(100 * s))
+        };
+        assert_eq!(status(owing(90 * s), 101 * s), "gap");
+        assert_eq!(status(owing(90 * s), 211 * s), "stalled");
+        assert_eq!(status(row(5, 7, Some(100 * s)), 101 * s), "stalled");
         let report = nodes_report_at(vec![row(5, 5, Some(100 * s))], 130 * s, 120 * s as u64);
         assert_eq!(report.nodes[0].silent_s, Some(30));
     }

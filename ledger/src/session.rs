@@ -20,10 +20,12 @@ use std::time::Instant;
 use wattd_proto::v1::{node_message, Ack, NodeMessage, SignedBatch, SignedHeartbeat};
 use wattd_records::durable::hex;
 
-use crate::check::{verify_batch, verify_heartbeat, KeyOrigin, KnownKeys, VerifiedBatch};
+use crate::check::{
+    verify_batch, verify_heartbeat, verify_loss, KeyOrigin, KnownKeys, VerifiedBatch,
+};
 use crate::enrol::EnrolledKey;
 use crate::metrics::Metrics;
-use crate::store::{Commit, ForkKind, ForkRecord, Store, StoreError, Tip};
+use crate::store::{Commit, ForkKind, ForkRecord, LossOutcome, LossRecord, Store, StoreError, Tip};
 use crate::{unix_now_ns, Rejection};
 
 /// Per-stream bounds.
@@ -129,9 +131,10 @@ impl<S: Store> Session<S> {
         match msg.kind {
             Some(node_message::Kind::Batch(b)) => self.batch(&b).await,
             Some(node_message::Kind::SignedHeartbeat(h)) => self.heartbeat(&h).await,
+            Some(node_message::Kind::Loss(l)) => self.loss(&l).await,
             None => Err(Rejection::Malformed {
                 node: self.node_id.clone(),
-                detail: "NodeMessage with neither a batch nor a signed heartbeat".into(),
+                detail: "NodeMessage with no batch, heartbeat or loss statement".into(),
             }),
         }
     }
@@ -224,11 +227,98 @@ impl<S: Store> Session<S> {
                 Ok(())
             }
             Some(h) => Err(self.fork(vb, ForkKind::Stored, h).await),
-            None => Err(Rejection::Internal(format!(
-                "node {:?}: seq {} is at or below the stored tip {} but not stored",
-                self.node_id, vb.seq, self.tip.seq
-            ))),
+            // Declared lost (or a store that contradicts itself): commit says which.
+            None => match self
+                .store
+                .commit(Arc::new(vb.clone()), unix_now_ns())
+                .await
+                .map_err(store_err)?
+            {
+                Commit::InLostRange {
+                    first_seq,
+                    last_seq,
+                } => {
+                    self.in_lost_range(vb.seq, first_seq, last_seq);
+                    Ok(())
+                }
+                _ => Err(Rejection::Internal(format!(
+                    "node {:?}: seq {} is at or below the stored tip {} but not stored",
+                    self.node_id, vb.seq, self.tip.seq
+                ))),
+            },
         }
+    }
+
+    fn in_lost_range(&self, seq: u64, first_seq: u64, last_seq: u64) {
+        self.metrics.inc(&self.metrics.batches_in_lost_range);
+        tracing::warn!(node = %self.node_id, seq, first_seq, last_seq, "authentic batch for a seq the node declared lost: not stored (the chain continues past it)");
+    }
+
+    /// A loss statement: the node will never send `first_seq..=last_seq`. Recorded when it
+    /// starts right after the chain's tip (the part at or below the tip is already stored); the
+    /// chain then continues after it. One starting above the tip is not held: the Ack names the
+    /// hole, and the node sends it again after the batches before it.
+    async fn loss(
+        &mut self,
+        signed: &wattd_proto::v1::SignedLossStatement,
+    ) -> Result<Ack, Rejection> {
+        let v = match verify_loss(&self.node_id, &self.keys, signed) {
+            Err(Rejection::UnknownKey { .. }) => {
+                self.refresh_keys().await?;
+                verify_loss(&self.node_id, &self.keys, signed)?
+            }
+            other => other?,
+        };
+        if v.first_seq > self.tip.seq + 1 || v.last_seq > self.tip.seq {
+            self.tip = self.store.tip(&self.node_id).await.map_err(store_err)?;
+        }
+        if v.last_seq <= self.tip.seq {
+            tracing::debug!(node = %self.node_id, first = v.first_seq, last = v.last_seq, "loss statement for seqs already in the chain");
+            return Ok(self.ack());
+        }
+        if v.first_seq > self.tip.seq + 1 {
+            tracing::info!(node = %self.node_id, first = v.first_seq, missing_from = self.tip.seq + 1, "loss statement above a hole: not held");
+            let mut ack = self.ack();
+            ack.missing_from_seq = self.tip.seq + 1;
+            return Ok(ack);
+        }
+        let first_seq = self.tip.seq + 1;
+        let record = LossRecord {
+            node_id: self.node_id.clone(),
+            first_seq,
+            last_seq: v.last_seq,
+            last_hash: v.last_hash,
+            next_key_epoch: v.next_key_epoch,
+            next_key_id: v.next_key_id,
+            reason: v.reason.to_owned(),
+            detail: v.detail.clone(),
+            stated_unix_ns: v.stated_unix_ns,
+            recorded_unix_ns: unix_now_ns(),
+            statement: v.bytes.clone(),
+        };
+        match self.store.record_loss(record).await.map_err(store_err)? {
+            LossOutcome::Recorded => {
+                self.metrics.inc(&self.metrics.lost_ranges);
+                self.metrics
+                    .add(&self.metrics.lost_batches, v.last_seq - first_seq + 1);
+                tracing::warn!(node = %self.node_id, first_seq, last_seq = v.last_seq, reason = v.reason, detail = %v.detail, "LOST RANGE recorded: the node declared these batches lost; the chain continues after them");
+                self.advance(v.last_seq, v.last_hash);
+                // Held batches inside the range can never be stored.
+                let inside: Vec<u64> = self.held.range(..=v.last_seq).map(|(s, _)| *s).collect();
+                for seq in inside {
+                    if let Some(b) = self.held.remove(&seq) {
+                        self.held_bytes = self.held_bytes.saturating_sub(b.held_cost());
+                        self.in_lost_range(seq, first_seq, v.last_seq);
+                    }
+                }
+                self.drain().await?;
+            }
+            LossOutcome::NotNext { tip } => {
+                tracing::info!(node = %self.node_id, tip, first_seq, "loss statement raced another process; the tip moved");
+                self.tip = self.store.tip(&self.node_id).await.map_err(store_err)?;
+            }
+        }
+        Ok(self.ack())
     }
 
     async fn fork(&self, vb: &VerifiedBatch, kind: ForkKind, stored_hash: [u8; 32]) -> Rejection {
@@ -321,6 +411,13 @@ impl<S: Store> Session<S> {
                     hex(&expected_key_id)
                 ),
             }),
+            Commit::InLostRange {
+                first_seq,
+                last_seq,
+            } => {
+                self.in_lost_range(vb.seq, first_seq, last_seq);
+                Ok(())
+            }
             Commit::NotNext { tip } => Err(Rejection::Internal(format!(
                 "node {:?}: seq {} was the next one after stored seq {} but the store's tip is \
                  {tip}",

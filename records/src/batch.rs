@@ -113,6 +113,7 @@ mod tests {
                 new_key_epoch: 4,
                 ..Default::default()
             }),
+            ..Default::default()
         };
         let h = BatchHeader::decode(batch.encode_to_vec().as_slice())?;
         let expected = BatchHeader {

@@ -6,6 +6,8 @@ pub mod batch;
 pub mod durable;
 pub mod energy_table;
 pub mod identity;
+pub mod loss;
 pub mod seal;
 pub mod segment;
+pub mod totals;
 pub mod verify;

@@ -6,6 +6,7 @@ use wattd_proto::v1::{Batch, Gap, Interval, KeyRotation, RunSummary, SignedBatch
 
 use crate::batch::{chain_hash, ChainHash, StoredBatch, FORMAT_VERSION};
 use crate::identity::NodeKey;
+use crate::totals::RunningTotals;
 
 /// What goes into one batch besides its header.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -14,6 +15,9 @@ pub struct BatchContent {
     pub run_summaries: Vec<RunSummary>,
     pub gaps: Vec<Gap>,
     pub key_rotation: Option<KeyRotation>,
+    /// The running totals after this batch (fields 12 and 13); none from writers that keep
+    /// no totals.
+    pub totals: Option<RunningTotals>,
 }
 
 impl BatchContent {
@@ -33,7 +37,7 @@ pub fn sign_batch(
     sealed_unix_ns: i64,
     content: BatchContent,
 ) -> StoredBatch {
-    let batch = Batch {
+    let mut batch = Batch {
         node_id: key.node_id().to_owned(),
         key_id: key.key_id().to_vec(),
         key_epoch: key.epoch(),
@@ -45,7 +49,12 @@ pub fn sign_batch(
         run_summaries: content.run_summaries,
         gaps: content.gaps,
         key_rotation: content.key_rotation,
+        running_totals: Vec::new(),
+        totals_since_seq: 0,
     };
+    if let Some(t) = &content.totals {
+        t.write_into(&mut batch);
+    }
     let batch_bytes = batch.encode_to_vec();
     let signature = key.sign(&batch_bytes).to_vec();
     let bytes = SignedBatch {

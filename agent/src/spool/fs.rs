@@ -18,6 +18,31 @@ pub trait SpoolFs: std::fmt::Debug + Send + Sync {
         file.sync_data()
     }
 
+    /// Reads a whole segment as the device holds it, not as the page cache remembers it: the
+    /// file is fdatasynced first (pages a crashed writer left dirty are legitimate and reach
+    /// the device), then its cached pages are dropped (`POSIX_FADV_DONTNEED`) and it is read
+    /// from the device. After a failed writeback the kernel marks the pages clean and keeps
+    /// them cached, and a fresh fdatasync returns 0 (the error went to the process that died
+    /// of it), so a plain read at restart would take batches that never reached the disk for
+    /// sealed ones.
+    fn read_from_device(&self, path: &Path) -> io::Result<Vec<u8>> {
+        use std::io::Read as _;
+        use std::os::fd::AsRawFd as _;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        self.sync_data(&file)?;
+        // SAFETY: a plain syscall on a descriptor this function owns; no memory is passed.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+
     /// fsync of a directory: makes creations, renames and removals in it durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         crate::durable::sync_dir(dir)

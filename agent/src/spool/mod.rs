@@ -158,6 +158,17 @@ pub struct OpenReport {
     /// Whether the reserve file is in place (see [`RESERVE_FILE`]); false when the file
     /// system had no room for it.
     pub reserve: bool,
+    /// The running totals of the last sealed batch, when it is in the spool and carries them
+    /// (the sealer continues them; otherwise its totals start again at the next seq).
+    pub last_totals: Option<wattd_records::totals::RunningTotals>,
+}
+
+/// The running totals a SignedBatch's bytes carry.
+fn totals_of(signed_batch_bytes: &[u8]) -> Option<wattd_records::totals::RunningTotals> {
+    use prost::Message as _;
+    let signed = wattd_proto::v1::SignedBatch::decode(signed_batch_bytes).ok()?;
+    let batch = wattd_proto::v1::Batch::decode(signed.batch_bytes.as_slice()).ok()?;
+    wattd_records::totals::RunningTotals::of_batch(&batch)
 }
 
 #[derive(Debug)]
@@ -187,6 +198,9 @@ pub struct Spool {
     /// The file system said ENOSPC since the last successful write: acknowledged batches are
     /// not retained until it takes writes again.
     space_short: bool,
+    /// Stopping: the last batches may take `max_bytes` plus the reserve's size (see
+    /// [`Spool::allow_final_overrun`]).
+    final_overrun: bool,
 }
 
 fn read_ack(dir: &Path) -> Result<(u64, Option<String>), SpoolError> {
@@ -302,10 +316,20 @@ impl Spool {
         // (seq, hash) of the last intact record, or the resume point a header gives.
         let mut last: Option<(u64, ChainHash)> = None;
         let mut last_rotation = None;
+        // The bytes of the record `last` names, if it is a record: its running totals.
+        let mut last_bytes: Option<Vec<u8>> = None;
         let count = listed.len();
         for (i, (name_seq, path)) in listed.into_iter().enumerate() {
             let is_last = i + 1 == count;
-            let bytes = std::fs::read(&path).map_err(|e| SpoolError::io(&path, e))?;
+            let bytes = cfg.fs.read_from_device(&path).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => {
+                    SpoolError::io(&path, e)
+                }
+                _ => SpoolError::SyncFailed {
+                    path: path.clone(),
+                    source: e,
+                },
+            })?;
             let scan = scan_segment(bytes);
             match &scan.header {
                 Ok(h) if h.node_id != cfg.node_id => {
@@ -330,6 +354,7 @@ impl Spool {
                     if let Some(before) = h.first_seq.checked_sub(1) {
                         if last.map_or(true, |(s, _)| s < before) {
                             last = Some((before, h.prev_hash));
+                            last_bytes = None;
                         }
                     }
                 }
@@ -381,6 +406,7 @@ impl Spool {
                                 }
                                 report.records += 1;
                                 last = Some((b.seq, b.hash));
+                                last_bytes = Some(b.bytes);
                                 last_rotation = h
                                     .key_rotation
                                     .and_then(|r| KeyId::try_from(r.new_key_id.as_slice()).ok());
@@ -474,6 +500,7 @@ impl Spool {
         let durable_len = segments.last().map_or(0, |s| s.len);
         let total_bytes = segments.iter().map(|s| s.len).sum();
         report.segments = segments.len();
+        report.last_totals = last_bytes.as_deref().and_then(totals_of);
         report.acked_seq = acked_seq;
         report.last_seq = last_seq;
         let mut spool = Self {
@@ -489,6 +516,7 @@ impl Spool {
             last_rotation,
             poisoned: false,
             space_short: false,
+            final_overrun: false,
         };
         report.deleted_segments = spool.delete_acknowledged()?;
         // The cursor gets its final length now, while there is room, so that every later
@@ -571,6 +599,14 @@ impl Spool {
         }
     }
 
+    /// For a stop: from now on the spool may exceed `max_bytes` by the reserve's size
+    /// ([`reserve_bytes_for`]), so the intervals a full spool made the daemon coarsen are sealed
+    /// before it exits instead of being lost with the process. (On a full file system the
+    /// reserve file itself makes that room.)
+    pub fn allow_final_overrun(&mut self) {
+        self.final_overrun = true;
+    }
+
     /// Appends one signed batch. Not durable until [`Spool::sync`]. The batch must be the next
     /// in sequence and chained to the last one.
     pub fn append(&mut self, batch: &StoredBatch) -> Result<(), SpoolError> {
@@ -590,10 +626,15 @@ impl Spool {
         let frame = encode_frame(RECORD_MAGIC, &batch.bytes);
         let frame_len = u64::try_from(frame.len()).unwrap_or(u64::MAX);
         let header_reserve = 512; // a new segment's header, bounded by its node id
-        if self.total_bytes + frame_len + header_reserve > self.cfg.max_bytes {
+        let limit = if self.final_overrun {
+            self.cfg.max_bytes + reserve_bytes_for(self.cfg.max_bytes)
+        } else {
+            self.cfg.max_bytes
+        };
+        if self.total_bytes + frame_len + header_reserve > limit {
             // Retained acknowledged batches make room before anything new is refused.
             self.delete_acknowledged_with(true)?;
-            if self.total_bytes + frame_len + header_reserve > self.cfg.max_bytes {
+            if self.total_bytes + frame_len + header_reserve > limit {
                 return Err(self.full(frame_len, false));
             }
         }

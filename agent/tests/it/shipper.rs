@@ -41,6 +41,10 @@ struct FakeState {
     lie_ack: Option<u64>,
     /// Batches received per stream.
     received_per_stream: Vec<usize>,
+    /// The node's public key, to check loss statements with.
+    node_key: Option<ed25519_dalek::VerifyingKey>,
+    /// Loss statements taken: (first, last, reason), in order.
+    losses: Vec<(u64, u64, i32)>,
 }
 
 impl FakeState {
@@ -50,6 +54,34 @@ impl FakeState {
             n += 1;
         }
         n
+    }
+
+    /// A loss statement, checked against the node's key and taken as the real ledger does:
+    /// only right after what is stored; the chain continues from its last hash.
+    fn take_loss(
+        &mut self,
+        l: &wattd_proto::v1::SignedLossStatement,
+        key: &ed25519_dalek::VerifyingKey,
+    ) {
+        use ed25519_dalek::Verifier as _;
+        let sig = ed25519_dalek::Signature::from_slice(&l.signature).expect("64 bytes");
+        if key.verify(&l.statement_bytes, &sig).is_err() {
+            self.chain_breaks
+                .push("loss statement: bad signature".into());
+            return;
+        }
+        let st =
+            wattd_proto::v1::LossStatement::decode(l.statement_bytes.as_slice()).expect("decodes");
+        if st.first_seq != self.acked() + 1 {
+            return;
+        }
+        let hash: [u8; 32] = st.last_hash.as_slice().try_into().expect("32 bytes");
+        // The lost seqs count as acknowledged; the last one carries the chain's hash.
+        for seq in st.first_seq..st.last_seq {
+            self.stored.insert(seq, [0xEE; 32]);
+        }
+        self.stored.insert(st.last_seq, hash);
+        self.losses.push((st.first_seq, st.last_seq, st.reason));
     }
 
     fn take(&mut self, b: &SignedBatch) {
@@ -127,6 +159,11 @@ impl Ledger for Fake {
                         }
                         Some(node_message::Kind::SignedHeartbeat(_)) => {
                             s.heartbeats += 1;
+                            false
+                        }
+                        Some(node_message::Kind::Loss(l)) => {
+                            let key = s.node_key.expect("the test sets the node's key");
+                            s.take_loss(&l, &key);
                             false
                         }
                         None => false,
@@ -226,9 +263,11 @@ async fn ship(
     limit: Duration,
 ) -> (u64, Arc<ShipperStats>) {
     let sealed = s.spool().sealed_seq();
+    fake.0.lock().unwrap().node_key = Some(s.key().verifying_key());
     let (state_tx, state_rx) = watch::channel(ShipState {
         sealed_seq: sealed,
         heartbeat: Some(signed_heartbeat(s.key(), sealed, 0)),
+        signer: Some(s.shared_key()),
     });
     let (ack_tx, mut ack_rx) = watch::channel(s.spool().acked_seq());
     let stats = Arc::new(ShipperStats::default());
@@ -496,12 +535,16 @@ async fn a_restore_beyond_what_the_spool_holds_is_counted() {
     let held = s.spool().first_held_seq();
     assert!(held > 16, "segments were freed: first held {held}");
     w.fake.0.lock().unwrap().stored.retain(|&seq, _| seq <= 15);
-    let (_, stats) = ship(
+    // The node goes on sealing: the first batch after the unheld range anchors the statement
+    // (its prev_hash is the hash of the range's last batch).
+    fill(&mut s, &mut index, 3, 1, 2).unwrap();
+    let sealed = s.spool().sealed_seq();
+    let (acked, stats) = ship(
         w.shipper_config(),
         &s,
-        |_, _| false,
+        |st, a| a == sealed && st.acked() == sealed,
         &w.fake,
-        Duration::from_millis(800),
+        Duration::from_secs(20),
     )
     .await;
     assert_eq!(stats.rewinds_total.load(Ordering::Relaxed), 1);
@@ -509,5 +552,70 @@ async fn a_restore_beyond_what_the_spool_holds_is_counted() {
         stats.rewind_unheld_batches_total.load(Ordering::Relaxed),
         held - 16
     );
+    // What the spool no longer held was declared in one signed statement, and the ledger
+    // caught up past it with everything the spool still held.
+    assert_eq!(acked, sealed);
+    let st = w.fake.0.lock().unwrap();
+    assert_eq!(
+        st.losses,
+        vec![(
+            16,
+            held - 1,
+            wattd_proto::v1::LossReason::NotRetained as i32
+        )]
+    );
+    assert!(st.chain_breaks.is_empty(), "{:?}", st.chain_breaks);
+    assert_eq!(
+        stats
+            .lost_batches_not_retained_total
+            .load(Ordering::Relaxed),
+        held - 16
+    );
+    drop(st);
     assert_eq!(s.spool_mut().rewind_ack(15).unwrap(), held - 1);
+}
+
+/// A bit flipped in a sealed record in the middle of the spool: the shipper steps over it,
+/// declares the damaged seq(s) lost in a signed statement anchored by the next intact batch's
+/// prev_hash, and the ledger reaches the last sealed seq instead of waiting above a hole.
+#[tokio::test(flavor = "current_thread")]
+async fn a_damaged_middle_record_is_declared_and_delivery_goes_on() {
+    let w = World::new().await;
+    let mut s = sealer(config(w.spool.path(), 1 << 20), 1).unwrap();
+    let mut index = 0;
+    fill(&mut s, &mut index, 30, 1, 2).unwrap();
+    let sealed = s.spool().sealed_seq();
+    let segs = wattd::spool::list_segments(w.spool.path()).unwrap();
+    let (_, path) = segs.last().unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(path, &bytes).unwrap();
+    let (acked, stats) = ship(
+        w.shipper_config(),
+        &s,
+        |_, a| a == sealed,
+        &w.fake,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(acked, sealed, "the ledger reached the last sealed seq");
+    let st = w.fake.0.lock().unwrap();
+    assert_eq!(st.losses.len(), 1, "{:?}", st.losses);
+    let (first, last, reason) = st.losses[0];
+    assert_eq!(reason, wattd_proto::v1::LossReason::Damaged as i32);
+    assert!(
+        first > 1 && last < sealed && first <= last,
+        "{first}..={last}"
+    );
+    assert!(st.chain_breaks.is_empty(), "{:?}", st.chain_breaks);
+    assert_eq!(
+        stats.lost_batches_damaged_total.load(Ordering::Relaxed),
+        last - first + 1
+    );
+    // Sent at most once more per reconnect; here one session sufficed.
+    assert_eq!(
+        stats.loss_statements_damaged_total.load(Ordering::Relaxed),
+        1
+    );
 }

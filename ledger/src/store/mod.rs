@@ -2,10 +2,12 @@
 //! default; WAL, `synchronous = FULL`) and PostgreSQL (several ledger processes on one
 //! database).
 //!
-//! **Invariant:** a node's stored batches are always exactly `1..=tip`: a batch is inserted only
-//! in a transaction that finds its predecessor stored with the hash its `prev_hash` names and
-//! with the key the chain says comes next. So "stored" implies "every earlier seq stored", and
-//! `acked_seq` is just the node's highest stored seq.
+//! **Invariant:** a node's stored chain is always exactly `1..=tip`, each seq either a stored
+//! batch or inside a lost range the node declared in a signed statement (`lost_ranges`): a
+//! batch (or a lost range) is inserted only in a transaction that finds its predecessor (a
+//! stored batch, or a lost range ending just before it) with the hash its `prev_hash` names and
+//! with the key the chain says comes next. So "stored" implies "every earlier seq stored or
+//! declared lost", and `acked_seq` is just the node's chain tip.
 //!
 //! **Invariant:** the primary key `(node_id, seq)` decides every race. A batch's identity is
 //! (node id, key epoch, seq), but the key epoch is a function of the seq along a node's one
@@ -57,6 +59,9 @@ pub enum Commit {
     NotNext { tip: u64 },
     /// The predecessor is stored but its hash is not this batch's prev_hash.
     ChainBreak { predecessor_hash: ChainHash },
+    /// The node declared this seq lost (a signed loss statement was recorded for it): the chain
+    /// continues without it, and it is never stored.
+    InLostRange { first_seq: u64, last_seq: u64 },
     /// The predecessor says the next batch is signed by another key (epoch, key id).
     KeyDiscontinuity {
         expected_epoch: u32,
@@ -99,6 +104,54 @@ pub struct ForkRecord {
     pub detected_unix_ns: i64,
 }
 
+/// A verified loss statement to record: the node says `first_seq..=last_seq` will never be
+/// sent (`first_seq` already cut to the store's tip + 1).
+#[derive(Clone, Debug)]
+pub struct LossRecord {
+    pub node_id: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// The hash of batch `last_seq` (the next batch's prev_hash).
+    pub last_hash: ChainHash,
+    pub next_key_epoch: u32,
+    pub next_key_id: KeyId,
+    /// `damaged` or `not_retained`.
+    pub reason: String,
+    pub detail: String,
+    pub stated_unix_ns: i64,
+    pub recorded_unix_ns: i64,
+    /// The SignedLossStatement as received: the evidence.
+    pub statement: Vec<u8>,
+}
+
+/// The outcome of [`Store::record_loss`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LossOutcome {
+    Recorded,
+    /// The store's tip is not `first_seq - 1` (another process moved it, or a hole lies
+    /// before the range).
+    NotNext {
+        tip: u64,
+    },
+}
+
+/// A recorded lost range, for `nodes`, with the stored batches on either side (their running
+/// totals give the range's energy).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LostRangeRow {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub reason: String,
+    pub detail: String,
+    pub stated_unix_ns: i64,
+    pub recorded_unix_ns: i64,
+    /// SHA-256 of the stored statement.
+    pub statement_sha256: String,
+    /// The SignedBatch bytes of `first_seq - 1` and `last_seq + 1`, when stored.
+    pub before: Option<Vec<u8>>,
+    pub after: Option<Vec<u8>>,
+}
+
 /// A per-run, per-domain total.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunDomainTotal {
@@ -134,6 +187,8 @@ pub struct NodeRow {
     pub last_heartbeat_sent_unix_ns: Option<i64>,
     pub last_heartbeat_received_unix_ns: Option<i64>,
     pub forks: Vec<ForkRow>,
+    /// Ranges the node declared lost, in seq order.
+    pub lost: Vec<LostRangeRow>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,8 +241,9 @@ pub enum OpenMode {
     Query,
 }
 
-/// Current schema version, kept in `ledger_meta`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Current schema version, kept in `ledger_meta`. Version 2 added `lost_ranges`; a version 1
+/// database is upgraded in place when opened to serve (the change only adds a table).
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Everything the ledger asks of a store. Every method is one transaction (or one statement).
 pub trait Store: Send + Sync + 'static {
@@ -206,6 +262,12 @@ pub trait Store: Send + Sync + 'static {
         batch: Arc<VerifiedBatch>,
         received_unix_ns: i64,
     ) -> impl Future<Output = Result<Commit, StoreError>> + Send;
+    /// Records a lost range in one transaction, if the node's tip is `first_seq - 1`; the
+    /// chain then continues at `last_seq + 1` from the range's hash and key.
+    fn record_loss(
+        &self,
+        loss: LossRecord,
+    ) -> impl Future<Output = Result<LossOutcome, StoreError>> + Send;
     /// Keys announced by rotations in the node's stored chain.
     fn learnt_keys(
         &self,
@@ -229,6 +291,14 @@ pub trait Store: Send + Sync + 'static {
     fn announced(&self, node: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// Keeps the evidence of a fork (idempotent per received batch).
     fn record_fork(&self, fork: ForkRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Up to `limit` stored batches of `node` with seq above `after_seq`, in seq order: (seq,
+    /// SignedBatch bytes). For `audit`.
+    fn batches_after(
+        &self,
+        node: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, StoreError>> + Send;
     /// Per-run totals by domain over every stored allocation.
     fn run_totals(&self) -> impl Future<Output = Result<Vec<RunDomainTotal>, StoreError>> + Send;
     /// Per-node state for `nodes`.
@@ -281,6 +351,9 @@ impl Store for AnyStore {
     ) -> Result<Commit, StoreError> {
         delegate!(self, s => s.commit(batch, received_unix_ns))
     }
+    async fn record_loss(&self, loss: LossRecord) -> Result<LossOutcome, StoreError> {
+        delegate!(self, s => s.record_loss(loss))
+    }
     async fn learnt_keys(&self, node: &str) -> Result<Vec<LearntKey>, StoreError> {
         delegate!(self, s => s.learnt_keys(node))
     }
@@ -301,6 +374,14 @@ impl Store for AnyStore {
     }
     async fn record_fork(&self, fork: ForkRecord) -> Result<(), StoreError> {
         delegate!(self, s => s.record_fork(fork))
+    }
+    async fn batches_after(
+        &self,
+        node: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        delegate!(self, s => s.batches_after(node, after_seq, limit))
     }
     async fn run_totals(&self) -> Result<Vec<RunDomainTotal>, StoreError> {
         delegate!(self, s => s.run_totals())

@@ -18,8 +18,8 @@ use tokio_postgres::{Client, NoTls, Statement};
 use wattd_records::batch::ChainHash;
 
 use super::{
-    to_hash, to_i64, to_key_id, to_u64, Commit, ForkRecord, ForkRow, NodeRow, OpenMode,
-    RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION,
+    to_hash, to_i64, to_key_id, to_u64, Commit, ForkRecord, ForkRow, LossOutcome, LossRecord,
+    LostRangeRow, NodeRow, OpenMode, RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION,
 };
 use crate::check::{LearntKey, VerifiedBatch};
 
@@ -90,12 +90,38 @@ CREATE TABLE IF NOT EXISTS forks (
     times_seen BIGINT NOT NULL,
     PRIMARY KEY (node_id, seq, received_hash)
 );
+CREATE TABLE IF NOT EXISTS lost_ranges (
+    node_id TEXT NOT NULL,
+    first_seq BIGINT NOT NULL CHECK (first_seq >= 1),
+    last_seq BIGINT NOT NULL,
+    last_hash BYTEA NOT NULL,
+    next_key_epoch BIGINT NOT NULL,
+    next_key_id BYTEA NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    stated_unix_ns BIGINT NOT NULL,
+    recorded_unix_ns BIGINT NOT NULL,
+    statement BYTEA NOT NULL,
+    PRIMARY KEY (node_id, first_seq),
+    CHECK (last_seq >= first_seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS lost_ranges_by_last ON lost_ranges (node_id, last_seq);
 ";
 
 const SQL_HASH_AT: &str = "SELECT hash FROM batches WHERE node_id = $1 AND seq = $2";
-const SQL_TIP: &str = "SELECT seq, hash FROM batches WHERE node_id = $1 ORDER BY seq DESC LIMIT 1";
+/// The chain tip: the highest stored batch or declared lost range.
+const SQL_TIP: &str = "SELECT seq, hash FROM \
+     (SELECT seq, hash FROM batches WHERE node_id = $1 ORDER BY seq DESC LIMIT 1) AS b \
+     UNION ALL SELECT seq, hash FROM \
+     (SELECT last_seq AS seq, last_hash AS hash FROM lost_ranges WHERE node_id = $1 \
+      ORDER BY last_seq DESC LIMIT 1) AS l ORDER BY seq DESC LIMIT 1";
+/// A batch's predecessor: a stored batch, or a lost range ending just before it.
 const SQL_PRED: &str = "SELECT hash, key_epoch, key_id, rotation_epoch, rotation_key_id \
-     FROM batches WHERE node_id = $1 AND seq = $2";
+     FROM batches WHERE node_id = $1 AND seq = $2 \
+     UNION ALL SELECT last_hash, next_key_epoch, next_key_id, NULL, NULL \
+     FROM lost_ranges WHERE node_id = $1 AND last_seq = $2";
+const SQL_IN_LOST: &str = "SELECT first_seq, last_seq FROM lost_ranges \
+     WHERE node_id = $1 AND first_seq <= $2 AND last_seq >= $2";
 const SQL_INSERT_BATCH: &str = "INSERT INTO batches (node_id, seq, key_epoch, key_id, prev_hash, \
      hash, signed_batch, sealed_unix_ns, intervals, rotation_epoch, rotation_key_id, \
      received_unix_ns) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
@@ -226,6 +252,12 @@ impl PgStore {
                 &[&SCHEMA_VERSION],
             )
             .await?;
+            // 1 -> 2 only added `lost_ranges` (created above).
+            tx.execute(
+                "UPDATE ledger_meta SET value = 2 WHERE key = 'schema_version' AND value = 1",
+                &[],
+            )
+            .await?;
             tx.commit().await?;
         }
         let version: Option<i64> = client
@@ -295,12 +327,19 @@ async fn commit_once(
     let st_batch = c.statement(SQL_INSERT_BATCH).await?;
     let st_alloc = c.statement(SQL_INSERT_ALLOCATIONS).await?;
     let st_rot = c.statement(SQL_INSERT_ROTATION).await?;
+    let st_lost = c.statement(SQL_IN_LOST).await?;
     let tx = c.client.transaction().await?;
     if let Some(h) = hash_row(tx.query_opt(&st_hash, &[&b.node_id, &seq]).await?)? {
         return Ok(if h == b.hash {
             Commit::Duplicate
         } else {
             Commit::Fork { stored_hash: h }
+        });
+    }
+    if let Some(r) = tx.query_opt(&st_lost, &[&b.node_id, &seq]).await? {
+        return Ok(Commit::InLostRange {
+            first_seq: to_u64(r.get(0), "lost_ranges.first_seq")?,
+            last_seq: to_u64(r.get(1), "lost_ranges.last_seq")?,
         });
     }
     if b.seq > 1 {
@@ -401,7 +440,60 @@ async fn commit_once(
     Ok(Commit::Stored)
 }
 
+async fn record_loss_once(c: &mut PgConn, l: &LossRecord) -> Result<LossOutcome, StoreError> {
+    let st_tip = c.statement(SQL_TIP).await?;
+    let tx = c.client.transaction().await?;
+    let tip = match tx.query_opt(&st_tip, &[&l.node_id]).await? {
+        Some(r) => to_u64(r.get(0), "tip")?,
+        None => 0,
+    };
+    if tip + 1 != l.first_seq {
+        return Ok(LossOutcome::NotNext { tip });
+    }
+    let params: [&(dyn ToSql + Sync); 11] = [
+        &l.node_id,
+        &to_i64(l.first_seq, "first_seq")?,
+        &to_i64(l.last_seq, "last_seq")?,
+        &l.last_hash.as_slice(),
+        &i64::from(l.next_key_epoch),
+        &l.next_key_id.as_slice(),
+        &l.reason,
+        &l.detail,
+        &l.stated_unix_ns,
+        &l.recorded_unix_ns,
+        &l.statement,
+    ];
+    let inserted = tx
+        .execute(
+            "INSERT INTO lost_ranges (node_id, first_seq, last_seq, last_hash, next_key_epoch, \
+             next_key_id, reason, detail, stated_unix_ns, recorded_unix_ns, statement) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            &params,
+        )
+        .await;
+    match inserted {
+        Ok(_) => {}
+        // Another process recorded a range there first: its tip moved.
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            drop(tx);
+            let tip = match c.client.query_opt(&st_tip, &[&l.node_id]).await? {
+                Some(r) => to_u64(r.get(0), "tip")?,
+                None => 0,
+            };
+            return Ok(LossOutcome::NotNext { tip });
+        }
+        Err(e) => return Err(e.into()),
+    }
+    tx.commit().await?;
+    Ok(LossOutcome::Recorded)
+}
+
 impl Store for PgStore {
+    async fn record_loss(&self, loss: LossRecord) -> Result<LossOutcome, StoreError> {
+        let mut p = self.conn().await?;
+        record_loss_once(p.get()?, &loss).await
+    }
+
     async fn tip(&self, node: &str) -> Result<Tip, StoreError> {
         let mut p = self.conn().await?;
         let c = p.get()?;
@@ -540,6 +632,28 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn batches_after(
+        &self,
+        node: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let after = to_i64(after_seq, "seq")?;
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        let rows = c
+            .client
+            .query(
+                "SELECT seq, signed_batch FROM batches WHERE node_id = $1 AND seq > $2 \
+                 ORDER BY seq LIMIT $3",
+                &[&node, &after, &i64::from(limit)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((to_u64(r.get(0), "batches.seq")?, r.get::<_, Vec<u8>>(1))))
+            .collect()
+    }
+
     async fn run_totals(&self) -> Result<Vec<RunDomainTotal>, StoreError> {
         let mut p = self.conn().await?;
         let c = p.get()?;
@@ -631,6 +745,39 @@ impl Store for PgStore {
                 last_detected_unix_ns: r.get(6),
                 times_seen: to_u64(r.get(7), "forks.times_seen")?,
             });
+        }
+        for r in c
+            .client
+            .query(
+                "SELECT l.node_id, l.first_seq, l.last_seq, l.reason, l.detail, \
+                 l.stated_unix_ns, l.recorded_unix_ns, l.statement, \
+                 (SELECT signed_batch FROM batches b WHERE b.node_id = l.node_id \
+                  AND b.seq = l.first_seq - 1), \
+                 (SELECT signed_batch FROM batches b WHERE b.node_id = l.node_id \
+                  AND b.seq = l.last_seq + 1) \
+                 FROM lost_ranges l ORDER BY l.node_id, l.first_seq",
+                &[],
+            )
+            .await?
+        {
+            let node_id: String = r.get(0);
+            let row = nodes.entry(node_id.clone()).or_default();
+            row.node_id = node_id;
+            let lost = LostRangeRow {
+                first_seq: to_u64(r.get(1), "lost_ranges.first_seq")?,
+                last_seq: to_u64(r.get(2), "lost_ranges.last_seq")?,
+                reason: r.get(3),
+                detail: r.get(4),
+                stated_unix_ns: r.get(5),
+                recorded_unix_ns: r.get(6),
+                statement_sha256: wattd_records::durable::hex(&wattd_records::batch::chain_hash(
+                    r.get::<_, &[u8]>(7),
+                )),
+                before: r.get(8),
+                after: r.get(9),
+            };
+            row.last_seq = row.last_seq.max(lost.last_seq);
+            row.lost.push(lost);
         }
         Ok(nodes.into_values().collect())
     }

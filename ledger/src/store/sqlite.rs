@@ -11,8 +11,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension as _};
 use wattd_records::batch::ChainHash;
 
 use super::{
-    to_hash, to_i64, to_key_id, to_u64, Commit, ForkRecord, ForkRow, NodeRow, OpenMode,
-    RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION,
+    to_hash, to_i64, to_key_id, to_u64, Commit, ForkRecord, ForkRow, LossOutcome, LossRecord,
+    LostRangeRow, NodeRow, OpenMode, RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION,
 };
 use crate::check::{LearntKey, VerifiedBatch};
 
@@ -77,6 +77,22 @@ CREATE TABLE IF NOT EXISTS forks (
     times_seen INTEGER NOT NULL,
     PRIMARY KEY (node_id, seq, received_hash)
 );
+CREATE TABLE IF NOT EXISTS lost_ranges (
+    node_id TEXT NOT NULL,
+    first_seq INTEGER NOT NULL CHECK (first_seq >= 1),
+    last_seq INTEGER NOT NULL,
+    last_hash BLOB NOT NULL,
+    next_key_epoch INTEGER NOT NULL,
+    next_key_id BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    stated_unix_ns INTEGER NOT NULL,
+    recorded_unix_ns INTEGER NOT NULL,
+    statement BLOB NOT NULL,
+    PRIMARY KEY (node_id, first_seq),
+    CHECK (last_seq >= first_seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS lost_ranges_by_last ON lost_ranges (node_id, last_seq);
 ";
 
 /// A SQLite ledger database.
@@ -150,6 +166,11 @@ fn open_blocking(path: &Path, mode: OpenMode) -> Result<Connection, StoreError> 
                  ON CONFLICT (key) DO NOTHING",
                 params![SCHEMA_VERSION],
             )?;
+            // 1 -> 2 only added `lost_ranges` (created above).
+            tx.execute(
+                "UPDATE ledger_meta SET value = 2 WHERE key = 'schema_version' AND value = 1",
+                [],
+            )?;
             tx.commit()?;
         }
         OpenMode::Query => {}
@@ -179,7 +200,12 @@ fn open_blocking(path: &Path, mode: OpenMode) -> Result<Connection, StoreError> 
 fn tip_of(conn: &Connection, node: &str) -> Result<Tip, StoreError> {
     let row: Option<(i64, Vec<u8>)> = conn
         .prepare_cached(
-            "SELECT seq, hash FROM batches WHERE node_id = ?1 ORDER BY seq DESC LIMIT 1",
+            "SELECT seq, hash FROM \
+             (SELECT seq, hash FROM batches WHERE node_id = ?1 ORDER BY seq DESC LIMIT 1) \
+             UNION ALL SELECT seq, hash FROM \
+             (SELECT last_seq AS seq, last_hash AS hash FROM lost_ranges WHERE node_id = ?1 \
+              ORDER BY last_seq DESC LIMIT 1) \
+             ORDER BY seq DESC LIMIT 1",
         )?
         .query_row(params![node], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
@@ -215,12 +241,28 @@ fn commit_blocking(
             Commit::Fork { stored_hash: h }
         });
     }
+    let lost: Option<(i64, i64)> = tx
+        .prepare_cached(
+            "SELECT first_seq, last_seq FROM lost_ranges \
+             WHERE node_id = ?1 AND first_seq <= ?2 AND last_seq >= ?2",
+        )?
+        .query_row(params![b.node_id, seq], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((first, last)) = lost {
+        return Ok(Commit::InLostRange {
+            first_seq: to_u64(first, "lost_ranges.first_seq")?,
+            last_seq: to_u64(last, "lost_ranges.last_seq")?,
+        });
+    }
     if b.seq > 1 {
         type Pred = (Vec<u8>, i64, Vec<u8>, Option<i64>, Option<Vec<u8>>);
+        // The predecessor is a stored batch or a lost range ending just before this seq.
         let pred: Option<Pred> = tx
             .prepare_cached(
                 "SELECT hash, key_epoch, key_id, rotation_epoch, rotation_key_id FROM batches \
-                 WHERE node_id = ?1 AND seq = ?2",
+                 WHERE node_id = ?1 AND seq = ?2 \
+                 UNION ALL SELECT last_hash, next_key_epoch, next_key_id, NULL, NULL \
+                 FROM lost_ranges WHERE node_id = ?1 AND last_seq = ?2",
             )?
             .query_row(params![b.node_id, seq - 1], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
@@ -307,7 +349,39 @@ fn commit_blocking(
     Ok(Commit::Stored)
 }
 
+fn record_loss_blocking(conn: &mut Connection, l: &LossRecord) -> Result<LossOutcome, StoreError> {
+    let tx = rusqlite::Transaction::new(conn, rusqlite::TransactionBehavior::Immediate)?;
+    let tip = tip_of(&tx, &l.node_id)?;
+    if tip.seq + 1 != l.first_seq {
+        return Ok(LossOutcome::NotNext { tip: tip.seq });
+    }
+    tx.prepare_cached(
+        "INSERT INTO lost_ranges (node_id, first_seq, last_seq, last_hash, next_key_epoch, \
+         next_key_id, reason, detail, stated_unix_ns, recorded_unix_ns, statement) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?
+    .execute(params![
+        l.node_id,
+        to_i64(l.first_seq, "first_seq")?,
+        to_i64(l.last_seq, "last_seq")?,
+        l.last_hash.as_slice(),
+        i64::from(l.next_key_epoch),
+        l.next_key_id.as_slice(),
+        l.reason,
+        l.detail,
+        l.stated_unix_ns,
+        l.recorded_unix_ns,
+        l.statement,
+    ])?;
+    tx.commit()?;
+    Ok(LossOutcome::Recorded)
+}
+
 impl Store for SqliteStore {
+    async fn record_loss(&self, loss: LossRecord) -> Result<LossOutcome, StoreError> {
+        self.with(move |c| record_loss_blocking(c, &loss)).await
+    }
+
     async fn tip(&self, node: &str) -> Result<Tip, StoreError> {
         let node = node.to_owned();
         self.with(move |c| tip_of(c, &node)).await
@@ -441,6 +515,32 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn batches_after(
+        &self,
+        node: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let node = node.to_owned();
+        let after = to_i64(after_seq, "seq")?;
+        self.with(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT seq, signed_batch FROM batches WHERE node_id = ?1 AND seq > ?2 \
+                 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = st.query_map(params![node, after, i64::from(limit)], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (seq, bytes) = row?;
+                out.push((to_u64(seq, "batches.seq")?, bytes));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn run_totals(&self) -> Result<Vec<RunDomainTotal>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare(
@@ -524,8 +624,73 @@ impl Store for SqliteStore {
                     times_seen: to_u64(r.get(7)?, "forks.times_seen")?,
                 });
             }
+            let mut st = c.prepare(
+                "SELECT l.node_id, l.first_seq, l.last_seq, l.reason, l.detail, l.stated_unix_ns, \
+                 l.recorded_unix_ns, l.statement, \
+                 (SELECT signed_batch FROM batches b WHERE b.node_id = l.node_id \
+                  AND b.seq = l.first_seq - 1), \
+                 (SELECT signed_batch FROM batches b WHERE b.node_id = l.node_id \
+                  AND b.seq = l.last_seq + 1) \
+                 FROM lost_ranges l ORDER BY l.node_id, l.first_seq",
+            )?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let node_id: String = r.get(0)?;
+                let row = nodes.entry(node_id.clone()).or_default();
+                row.node_id = node_id;
+                let lost = LostRangeRow {
+                    first_seq: to_u64(r.get(1)?, "lost_ranges.first_seq")?,
+                    last_seq: to_u64(r.get(2)?, "lost_ranges.last_seq")?,
+                    reason: r.get(3)?,
+                    detail: r.get(4)?,
+                    stated_unix_ns: r.get(5)?,
+                    recorded_unix_ns: r.get(6)?,
+                    statement_sha256: wattd_records::durable::hex(
+                        &wattd_records::batch::chain_hash(&r.get::<_, Vec<u8>>(7)?),
+                    ),
+                    before: r.get(8)?,
+                    after: r.get(9)?,
+                };
+                row.last_seq = row.last_seq.max(lost.last_seq);
+                row.lost.push(lost);
+            }
             Ok(nodes.into_values().collect())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database written by a version-1 ledger (no `lost_ranges`) is upgraded in place when a
+    /// ledger opens it to serve; a query-only open of it is refused and names both versions.
+    #[tokio::test]
+    async fn a_version_1_database_is_upgraded_when_served() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Task(e.to_string()))?;
+        let path = dir.path().join("v1.db");
+        {
+            let c = Connection::open(&path)?;
+            let v1 = SCHEMA
+                .split("CREATE TABLE IF NOT EXISTS lost_ranges")
+                .next()
+                .unwrap_or_default();
+            c.execute_batch(v1)?;
+            c.execute(
+                "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', 1)",
+                [],
+            )?;
+        }
+        let err = SqliteStore::open(&path, OpenMode::Query)
+            .await
+            .expect_err("v1 is not v2");
+        assert!(err.to_string().contains("schema version Some(1)"), "{err}");
+        let s = SqliteStore::open(&path, OpenMode::Serve).await?;
+        assert_eq!(s.tip("n").await?, Tip::genesis());
+        assert!(s.nodes().await?.is_empty());
+        drop(s);
+        SqliteStore::open(&path, OpenMode::Query).await?;
+        Ok(())
     }
 }

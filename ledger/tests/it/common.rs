@@ -341,6 +341,8 @@ pub struct Chain {
     pub prev: ChainHash,
     pub batches: Vec<StoredBatch>,
     next_interval: u64,
+    /// The running totals as of the last batch, as the sealer keeps them.
+    totals: wattd_records::totals::RunningTotals,
 }
 
 impl Chain {
@@ -351,6 +353,7 @@ impl Chain {
             prev: GENESIS_HASH,
             batches: Vec::new(),
             next_interval: 0,
+            totals: wattd_records::totals::RunningTotals::starting_at(1),
         }
     }
 
@@ -373,7 +376,11 @@ impl Chain {
         self.next_with(content)
     }
 
-    pub fn next_with(&mut self, content: BatchContent) -> StoredBatch {
+    pub fn next_with(&mut self, mut content: BatchContent) -> StoredBatch {
+        if content.totals.is_none() {
+            self.totals = self.totals.after(&content.intervals);
+            content.totals = Some(self.totals.clone());
+        }
         self.seq += 1;
         let b = sign_batch(&self.key, self.seq, self.prev, 1_700_000_000, content);
         self.prev = b.hash;
@@ -402,6 +409,28 @@ impl Chain {
 
     pub fn heartbeat(&self, last_sealed_seq: u64) -> NodeMessage {
         heartbeat(&self.key, last_sealed_seq)
+    }
+
+    /// A statement, signed by the chain's current key, that `first..=last` (already built)
+    /// are lost; the chain continues from batch `last`'s hash with the current key.
+    pub fn loss(&self, first: u64, last: u64) -> NodeMessage {
+        let anchor = &self.batches[usize::try_from(last - 1).expect("small")];
+        let loss = wattd_records::loss::Loss {
+            first_seq: first,
+            last_seq: last,
+            last_hash: anchor.hash,
+            reason: wattd_proto::v1::LossReason::Damaged,
+            next_key_epoch: self.key.epoch(),
+            next_key_id: self.key.key_id().to_vec(),
+            detail: format!("test: {first}..={last} damaged"),
+        };
+        NodeMessage {
+            kind: Some(node_message::Kind::Loss(wattd_records::loss::sign_loss(
+                &self.key,
+                &loss,
+                1_700_000_002,
+            ))),
+        }
     }
 }
 

@@ -56,6 +56,9 @@ both!(
     commit_races_are_decided_by_the_primary_key,
     node_rate_is_limited_by_delay,
     connections_and_handshakes_are_bounded,
+    a_declared_loss_continues_the_chain_and_its_energy_is_known,
+    loss_statements_are_checked_like_batches,
+    the_audit_finds_totals_that_do_not_add_up,
 );
 
 fn limits() -> Limits {
@@ -867,6 +870,186 @@ async fn connections_and_handshakes_are_bounded(b: Backend, name: &str) -> TestR
     }
     assert_eq!(again, Some(2), "the freed slot serves a new stream");
     assert!(m.connections_refused.load(relaxed) >= before);
+    l.stop().await;
+    Ok(())
+}
+
+/// A node declares 4..=5 lost (damaged in its spool): the ledger records the range with its
+/// evidence, the chain continues at 6 from the statement's hash, the range's energy follows
+/// exactly from the running totals of batches 3 and 6, a late authentic copy of a lost batch
+/// is counted and not stored, and a restarted ledger resumes after the range.
+async fn a_declared_loss_continues_the_chain_and_its_energy_is_known(
+    b: Backend,
+    name: &str,
+) -> TestResult {
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let l = f.start(limits()).await;
+    let bs: Vec<_> = (0..8).map(|_| chain.next(2)).collect();
+    let mut s = connect(&f, &l, "n1").await;
+    for bt in &bs[..3] {
+        s.send(msg(bt)).await?;
+    }
+    // A statement above a hole is not held: the Ack names the hole.
+    let ack = s.send(chain.loss(5, 5)).await?;
+    assert_eq!((ack.acked_seq, ack.missing_from_seq), (3, 4));
+    let ack = s.send(chain.loss(4, 5)).await?;
+    assert_eq!((ack.acked_seq, ack.missing_from_seq), (5, 0));
+    for bt in &bs[5..] {
+        assert_eq!(s.send(msg(bt)).await?.missing_from_seq, 0);
+    }
+    let ack = s.send(msg(&bs[3])).await?;
+    assert_eq!(ack.acked_seq, 8, "a lost seq sent late changes nothing");
+    // Again, and a statement for what the chain already has: both acknowledged, no change.
+    assert_eq!(s.send(chain.loss(4, 5)).await?.acked_seq, 8);
+    assert_eq!(s.send(chain.loss(2, 3)).await?.acked_seq, 8);
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(load(&l.metrics.lost_ranges), 1);
+    assert_eq!(load(&l.metrics.lost_batches), 2);
+    assert_eq!(load(&l.metrics.batches_in_lost_range), 1);
+    assert_eq!(load(&l.metrics.batches_stored), 6);
+    let report = wattd_ledger::query::nodes_report(f.query_store().await.nodes().await?);
+    let n = &report.nodes[0];
+    assert_eq!((n.last_seq, n.batches), (8, 6));
+    assert!(n.gaps.is_empty(), "{:?}", n.gaps);
+    assert_eq!(n.lost.len(), 1);
+    let lost = &n.lost[0];
+    assert_eq!((lost.first_seq, lost.last_seq), (4, 5));
+    assert_eq!((lost.reason.as_str(), lost.energy), ("damaged", "exact"));
+    // Two batches of two intervals of 47 uJ each.
+    assert_eq!(lost.energy_uj, Some(4 * 47));
+    assert_eq!(lost.energy_by_meter.get("package:0"), Some(&(4 * 47)));
+    assert_eq!(n.lost_uj, 4 * 47);
+    let text = wattd_ledger::query::nodes_text(&report);
+    assert!(text.contains("LOST  seq 4..=5 (damaged): 188 uJ"), "{text}");
+    // Stored energy plus lost energy is what the node measured (its last running total).
+    let totals = f.query_store().await.run_totals().await?;
+    let runs: u128 = totals.iter().map(|t| t.energy_uj).sum();
+    assert_eq!(runs, 6 * 2 * 40, "runs get 40 of each interval's 47 uJ");
+    // A ledger restarted from its database resumes after the range.
+    drop(s);
+    l.stop().await;
+    let l = f.start(limits()).await;
+    let mut s = connect(&f, &l, "n1").await;
+    let ack = s.send(chain.heartbeat(8)).await?;
+    assert_eq!((ack.acked_seq, ack.missing_from_seq), (8, 0));
+    let next = chain.next(1);
+    assert_eq!(s.send(msg(&next)).await?.acked_seq, 9);
+    // The audit: stored + lost == the node's own running total, per meter.
+    let audit = wattd_ledger::audit::audit(&f.query_store().await).await?;
+    assert!(audit.ok(), "{}", wattd_ledger::audit::audit_text(&audit));
+    let m = &audit.nodes[0].meters["package:0"];
+    assert_eq!(
+        (m.stored_uj, m.lost_uj, m.node_total_uj),
+        (13 * 47, 4 * 47, Some(17 * 47))
+    );
+    l.stop().await;
+    Ok(())
+}
+
+/// Loss statements get the batches' checks: a forged signature, another node's name, a next
+/// key the ledger never saw (the range would hide a rotation) and nonsense ranges are refused
+/// with a status that says why, and nothing is recorded.
+async fn loss_statements_are_checked_like_batches(b: Backend, name: &str) -> TestResult {
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let l = f.start(limits()).await;
+    let bs: Vec<_> = (0..4).map(|_| chain.next(1)).collect();
+    let mut s = connect(&f, &l, "n1").await;
+    s.send(msg(&bs[0])).await?;
+    let statement = |m: NodeMessage| match m.kind {
+        Some(node_message::Kind::Loss(l)) => l,
+        _ => unreachable!("a loss message"),
+    };
+    let wrap = |l: wattd_proto::v1::SignedLossStatement| NodeMessage {
+        kind: Some(node_message::Kind::Loss(l)),
+    };
+    let mut forged = statement(chain.loss(2, 3));
+    let last = forged.statement_bytes.len() - 1;
+    forged.statement_bytes[last] ^= 1;
+    let err = s.send(wrap(forged)).await.expect_err("forged");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let mut s = connect(&f, &l, "n1").await;
+    // Signed by n1's key, naming another node.
+    let mut named = Chain::new(key("n2", 1, 1));
+    named.next(1);
+    let err = s.send(named.loss(1, 1)).await.expect_err("node mismatch");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let mut s = connect(&f, &l, "n1").await;
+    // The batch after the range would be signed by a key nobody enrolled or announced.
+    let unknown = key("n1", 2, 9);
+    let hiding = wattd_records::loss::sign_loss(
+        &chain.key,
+        &wattd_records::loss::Loss {
+            first_seq: 2,
+            last_seq: 3,
+            last_hash: bs[2].hash,
+            reason: wattd_proto::v1::LossReason::Damaged,
+            next_key_epoch: unknown.epoch(),
+            next_key_id: unknown.key_id().to_vec(),
+            detail: String::new(),
+        },
+        0,
+    );
+    let err = s.send(wrap(hiding)).await.expect_err("unknown next key");
+    assert!(err.message().contains("enrol that key"), "{err:?}");
+    let mut s = connect(&f, &l, "n1").await;
+    // An empty range.
+    let mut st = wattd_proto::v1::LossStatement::decode(
+        statement(chain.loss(2, 3)).statement_bytes.as_slice(),
+    )?;
+    st.last_seq = 1;
+    let bytes = st.encode_to_vec();
+    let bad = wattd_proto::v1::SignedLossStatement {
+        signature: chain.key.sign(&bytes).to_vec(),
+        key_id: chain.key.key_id().to_vec(),
+        statement_bytes: bytes,
+    };
+    let err = s.send(wrap(bad)).await.expect_err("empty range");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(load(&l.metrics.lost_ranges), 0);
+    let report = wattd_ledger::query::nodes_report(f.query_store().await.nodes().await?);
+    assert!(report.nodes[0].lost.is_empty());
+    assert_eq!(report.nodes[0].last_seq, 1);
+    l.stop().await;
+    Ok(())
+}
+
+/// A node whose running totals skip energy (authentic, but wrong): every batch is stored (each
+/// conserves its own energy), and the audit says which seq's totals do not follow and that the
+/// meter's sum is off, and fails.
+async fn the_audit_finds_totals_that_do_not_add_up(b: Backend, name: &str) -> TestResult {
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let l = f.start(limits()).await;
+    let mut s = connect(&f, &l, "n1").await;
+    for _ in 0..3 {
+        let bt = chain.next(1);
+        s.send(msg(&bt)).await?;
+    }
+    let mut wrong = wattd_records::totals::RunningTotals::starting_at(1);
+    wrong = wrong.after(&[interval(99, &[("run-a", 1, 0)], 0)]);
+    let bt = chain.next_with(BatchContent {
+        intervals: vec![interval(3, &[("run-a", 10, 5)], 7)],
+        totals: Some(wrong),
+        ..Default::default()
+    });
+    s.send(msg(&bt)).await?;
+    let audit = wattd_ledger::audit::audit(&f.query_store().await).await?;
+    assert!(!audit.ok());
+    let text = wattd_ledger::audit::audit_text(&audit);
+    assert!(
+        text.contains("seq 4: running totals are not seq 3's"),
+        "{text}"
+    );
+    assert!(
+        text.contains("package:0: stored 163 + lost 0 uJ != the node's total 1 uJ"),
+        "{text}"
+    );
     l.stop().await;
     Ok(())
 }

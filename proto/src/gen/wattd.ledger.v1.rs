@@ -259,6 +259,67 @@ pub struct Batch {
     pub gaps: ::prost::alloc::vec::Vec<Gap>,
     #[prost(message, optional, tag = "11")]
     pub key_rotation: ::core::option::Option<KeyRotation>,
+    /// The node's measured energy per meter from batch `totals_since_seq` up to and including
+    /// this batch (sum of every interval's `measured_uj`). With the totals of the batches on
+    /// either side of a lost range, the range's energy is known exactly (see LossStatement).
+    /// Empty in batches of writers that keep no totals.
+    #[prost(message, repeated, tag = "12")]
+    pub running_totals: ::prost::alloc::vec::Vec<MeterTotal>,
+    /// The first seq these totals count from: 1 when they cover the whole chain; a later seq
+    /// when the agent could not read its previous totals back at a start. 0: no totals.
+    #[prost(uint64, tag = "13")]
+    pub totals_since_seq: u64,
+}
+/// Cumulative measured energy of one meter (see Batch.running_totals).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct MeterTotal {
+    #[prost(string, tag = "1")]
+    pub domain: ::prost::alloc::string::String,
+    #[prost(uint32, optional, tag = "2")]
+    pub package: ::core::option::Option<u32>,
+    #[prost(uint32, optional, tag = "3")]
+    pub die: ::core::option::Option<u32>,
+    #[prost(uint64, tag = "4")]
+    pub measured_uj: u64,
+}
+/// A node's signed declaration that batches first_seq..=last_seq will never be sent. The chain
+/// continues across the range: `last_hash` is the hash of batch last_seq (the next intact
+/// batch's prev_hash), and batch last_seq + 1 is signed by key (next_key_epoch, next_key_id).
+/// The range's energy follows from the running totals of the batches on either side.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LossStatement {
+    #[prost(string, tag = "1")]
+    pub node_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub first_seq: u64,
+    #[prost(uint64, tag = "3")]
+    pub last_seq: u64,
+    #[prost(bytes = "vec", tag = "4")]
+    pub last_hash: ::prost::alloc::vec::Vec<u8>,
+    #[prost(enumeration = "LossReason", tag = "5")]
+    pub reason: i32,
+    #[prost(uint32, tag = "6")]
+    pub next_key_epoch: u32,
+    #[prost(bytes = "vec", tag = "7")]
+    pub next_key_id: ::prost::alloc::vec::Vec<u8>,
+    #[prost(int64, tag = "8")]
+    pub stated_unix_ns: i64,
+    /// Free text for operators (what the reader found), at most 1 KiB.
+    #[prost(string, tag = "9")]
+    pub detail: ::prost::alloc::string::String,
+    /// Epoch of the key that signed this statement.
+    #[prost(uint32, tag = "10")]
+    pub key_epoch: u32,
+}
+/// A LossStatement as sent: its encoded bytes and the node's signature over exactly those.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SignedLossStatement {
+    #[prost(bytes = "vec", tag = "1")]
+    pub statement_bytes: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub signature: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub key_id: ::prost::alloc::vec::Vec<u8>,
 }
 /// A batch as stored and shipped: the exact encoded bytes and their signature.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -290,7 +351,7 @@ pub struct SignedHeartbeat {
 /// What a node sends on the stream.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct NodeMessage {
-    #[prost(oneof = "node_message::Kind", tags = "1, 3")]
+    #[prost(oneof = "node_message::Kind", tags = "1, 3, 4")]
     pub kind: ::core::option::Option<node_message::Kind>,
 }
 /// Nested message and enum types in `NodeMessage`.
@@ -301,6 +362,8 @@ pub mod node_message {
         Batch(super::SignedBatch),
         #[prost(message, tag = "3")]
         SignedHeartbeat(super::SignedHeartbeat),
+        #[prost(message, tag = "4")]
+        Loss(super::SignedLossStatement),
     }
 }
 /// The ledger's acknowledgement, sent after every batch and heartbeat it has processed.
@@ -431,6 +494,38 @@ impl GapCause {
             "GAP_CAUSE_SOURCE_FAILURE" => Some(Self::SourceFailure),
             "GAP_CAUSE_SPOOL_FULL" => Some(Self::SpoolFull),
             "GAP_CAUSE_CLOCK_JUMP" => Some(Self::ClockJump),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum LossReason {
+    Unspecified = 0,
+    /// The sealed record is damaged in the node's spool (checksum or decode fails).
+    Damaged = 1,
+    /// The ledger asks for batches the spool no longer retains (a ledger restored from a backup
+    /// older than the node's retention).
+    NotRetained = 2,
+}
+impl LossReason {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "LOSS_REASON_UNSPECIFIED",
+            Self::Damaged => "LOSS_REASON_DAMAGED",
+            Self::NotRetained => "LOSS_REASON_NOT_RETAINED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "LOSS_REASON_UNSPECIFIED" => Some(Self::Unspecified),
+            "LOSS_REASON_DAMAGED" => Some(Self::Damaged),
+            "LOSS_REASON_NOT_RETAINED" => Some(Self::NotRetained),
             _ => None,
         }
     }

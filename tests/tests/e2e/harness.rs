@@ -122,15 +122,29 @@ pub fn agent_config(
     extra: &str,
 ) -> (PathBuf, PathBuf) {
     let spool = work.join("spool");
-    let pattern = format!("{}/run-{{run_id}}.scope", cg.rel().display());
-    let config = sim
-        .config(&format!(
-            "cgroup_root = {:?}\n[sampling]\ninterval_ms = {interval_ms}\n[runs]\npatterns = [{pattern:?}]\n\
-             control_socket = {:?}\n[spool]\ndir = {:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}",
-            mount.display().to_string(),
-            work.join("control.sock").display().to_string(),
-            spool.display().to_string(),
-        ))
-        .unwrap();
+    let config = agent_config_in(sim, mount, cg, work, &spool, interval_ms, "", extra);
     (config, spool)
+}
+
+/// As [`agent_config`], with the spool in `spool` and `spool_keys` (lines) added to `[spool]`.
+#[allow(clippy::too_many_arguments)]
+pub fn agent_config_in(
+    sim: &wattd_tests::simhost::SimHost,
+    mount: &Path,
+    cg: &wattd_tests::cgroups::TestCgroups,
+    work: &Path,
+    spool: &Path,
+    interval_ms: u64,
+    spool_keys: &str,
+    extra: &str,
+) -> PathBuf {
+    let pattern = format!("{}/run-{{run_id}}.scope", cg.rel().display());
+    sim.config(&format!(
+        "cgroup_root = {:?}\n[sampling]\ninterval_ms = {interval_ms}\n[runs]\npatterns = [{pattern:?}]\n\
+         control_socket = {:?}\n[spool]\ndir = {:?}\n{spool_keys}\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}",
+        mount.display().to_string(),
+        work.join("control.sock").display().to_string(),
+        spool.display().to_string(),
+    ))
+    .unwrap()
 }

@@ -14,11 +14,11 @@ use wattd_tests::cgroups::{require_cgroups, TestCgroups};
 use wattd_tests::simhost::{PowerModel, SimHost};
 use wattd_tests::tls::TestCa;
 
-use crate::harness::{agent_config, burn_bin, runs_json, wattd, wattd_bin, Agent};
+use crate::harness::{burn_bin, runs_json, wattd, wattd_bin, Agent};
 
-const NODE: &str = "e2e-node";
+pub(crate) const NODE: &str = "e2e-node";
 
-fn ledger_bin() -> PathBuf {
+pub(crate) fn ledger_bin() -> PathBuf {
     let p = wattd_bin().with_file_name("wattd-ledger");
     assert!(
         p.exists(),
@@ -29,7 +29,7 @@ fn ledger_bin() -> PathBuf {
 }
 
 /// The ledger's side of the TLS and enrolment files.
-struct LedgerFiles {
+pub(crate) struct LedgerFiles {
     cert: PathBuf,
     key: PathBuf,
     client_ca: PathBuf,
@@ -37,13 +37,13 @@ struct LedgerFiles {
 }
 
 /// A running `wattd-ledger serve`.
-struct LedgerProc {
+pub(crate) struct LedgerProc {
     child: Option<Child>,
-    listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
 }
 
 impl LedgerProc {
-    fn start(work: &Path, files: &LedgerFiles, store: &str, listen: &str) -> LedgerProc {
+    pub(crate) fn start(work: &Path, files: &LedgerFiles, store: &str, listen: &str) -> LedgerProc {
         let ready = work.join("ledger-ready.json");
         let _ = std::fs::remove_file(&ready);
         let log = std::fs::OpenOptions::new()
@@ -94,7 +94,7 @@ impl LedgerProc {
         }
     }
 
-    fn signal(&mut self, sig: i32) {
+    pub(crate) fn signal(&mut self, sig: i32) {
         let mut child = self.child.take().unwrap();
         // SAFETY: a signal to our own child's pid.
         unsafe { libc::kill(child.id() as i32, sig) };
@@ -112,20 +112,20 @@ impl Drop for LedgerProc {
 }
 
 /// Everything one scenario needs: the simulated host, cgroups, the CA, the enrolled node key.
-struct World {
-    work: tempfile::TempDir,
-    sim: SimHost,
-    cg: TestCgroups,
-    mount: PathBuf,
+pub(crate) struct World {
+    pub(crate) work: tempfile::TempDir,
+    pub(crate) sim: SimHost,
+    pub(crate) cg: TestCgroups,
+    pub(crate) mount: PathBuf,
     files: LedgerFiles,
-    ca: TestCa,
-    spool: PathBuf,
-    store: String,
+    pub(crate) ca: TestCa,
+    pub(crate) spool: PathBuf,
+    pub(crate) store: String,
     /// A database to drop at the end (PostgreSQL).
-    pg_db: Option<(String, String)>,
+    pub(crate) pg_db: Option<(String, String)>,
 }
 
-fn psql(url: &str, sql: &str) {
+pub(crate) fn psql(url: &str, sql: &str) {
     let out = Command::new("psql")
         .args([url, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
         .output()
@@ -138,7 +138,17 @@ fn psql(url: &str, sql: &str) {
 }
 
 impl World {
-    fn new(mount: PathBuf, name: &str, postgres: bool) -> World {
+    pub(crate) fn new(mount: PathBuf, name: &str, postgres: bool) -> World {
+        World::with_spool(mount, name, postgres, None)
+    }
+
+    /// With the spool in `spool` (default: `spool` in the work dir).
+    pub(crate) fn with_spool(
+        mount: PathBuf,
+        name: &str,
+        postgres: bool,
+        spool: Option<PathBuf>,
+    ) -> World {
         let cg = TestCgroups::new(&mount, name).unwrap();
         let sim = SimHost::start(
             PowerModel {
@@ -155,7 +165,7 @@ impl World {
         let server = ca.server("ledger-server");
         let enrolled = work.path().join("enrolled");
         std::fs::create_dir(&enrolled).unwrap();
-        let spool = work.path().join("spool");
+        let spool = spool.unwrap_or_else(|| work.path().join("spool"));
         // Enrolment: the node's identity, exactly as `wattd identity` prints it.
         let id = wattd(&[
             "identity",
@@ -203,12 +213,23 @@ impl World {
         }
     }
 
-    fn ledger(&self, listen: &str) -> LedgerProc {
+    pub(crate) fn ledger(&self, listen: &str) -> LedgerProc {
         LedgerProc::start(self.work.path(), &self.files, &self.store, listen)
     }
 
     /// The agent's config: 200 ms intervals, shipping to `ledger` with quick reconnects.
     fn agent_config(&self, ledger: SocketAddr, rate: u32) -> PathBuf {
+        self.agent_config_with(ledger, rate, 200, "")
+    }
+
+    /// The agent's config with `interval_ms` and extra `[spool]` keys.
+    pub(crate) fn agent_config_with(
+        &self,
+        ledger: SocketAddr,
+        rate: u32,
+        interval_ms: u64,
+        spool_keys: &str,
+    ) -> PathBuf {
         let client = self.ca.client(NODE);
         let extra = format!(
             "[node]\nid = {NODE:?}\n[ledger]\nendpoint = \"https://localhost:{}\"\nca = {:?}\ncert = {:?}\n\
@@ -218,23 +239,23 @@ impl World {
             client.cert.display().to_string(),
             client.key.display().to_string(),
         );
-        let (config, spool) = agent_config(
+        crate::harness::agent_config_in(
             &self.sim,
             &self.mount,
             &self.cg,
             self.work.path(),
-            200,
+            &self.spool,
+            interval_ms,
+            spool_keys,
             &extra,
-        );
-        assert_eq!(spool, self.spool);
-        config
+        )
     }
 
-    fn agent_log(&self) -> PathBuf {
+    pub(crate) fn agent_log(&self) -> PathBuf {
         self.work.path().join("wattd.log")
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         format!(
             "--- wattd ---\n{}\n--- wattd-ledger ---\n{}",
             std::fs::read_to_string(self.agent_log()).unwrap_or_default(),
@@ -242,7 +263,7 @@ impl World {
         )
     }
 
-    fn ledger_json(&self, what: &str) -> serde_json::Value {
+    pub(crate) fn ledger_json(&self, what: &str) -> serde_json::Value {
         let out = Command::new(ledger_bin())
             .args([what, "--store", &self.store, "--format", "json"])
             .output()
@@ -256,7 +277,7 @@ impl World {
     }
 
     /// The spool's acknowledged cursor (the `ack` file: `<seq> <crc>`).
-    fn agent_acked(&self) -> u64 {
+    pub(crate) fn agent_acked(&self) -> u64 {
         std::fs::read_to_string(self.spool.join("ack"))
             .ok()
             .and_then(|t| t.split_whitespace().next().and_then(|s| s.parse().ok()))
@@ -316,7 +337,7 @@ impl Drop for World {
 }
 
 /// (run id, domain) -> uJ, from `wattd runs` or `wattd-ledger runs` JSON.
-fn totals(v: &serde_json::Value) -> BTreeMap<(String, String), u64> {
+pub(crate) fn totals(v: &serde_json::Value) -> BTreeMap<(String, String), u64> {
     let mut m = BTreeMap::new();
     for r in v["runs"].as_array().unwrap() {
         for d in r["domains"].as_array().unwrap() {
@@ -333,7 +354,7 @@ fn totals(v: &serde_json::Value) -> BTreeMap<(String, String), u64> {
     m
 }
 
-fn stop_agent_cleanly(w: &World, agent: &mut Agent) {
+pub(crate) fn stop_agent_cleanly(w: &World, agent: &mut Agent) {
     let (status, _) = agent.stop();
     assert!(status.success(), "{}", w.logs());
     assert!(
@@ -345,7 +366,7 @@ fn stop_agent_cleanly(w: &World, agent: &mut Agent) {
     );
 }
 
-fn postgres_available(test: &str) -> bool {
+pub(crate) fn postgres_available(test: &str) -> bool {
     if std::env::var_os("WATTD_TEST_POSTGRES").is_some_and(|v| !v.is_empty()) {
         return true;
     }

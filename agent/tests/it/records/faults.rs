@@ -228,12 +228,105 @@ fn full_spool_coarsens_intervals_without_losing_energy() -> TestResult {
     let pending = &s.pending().intervals[0];
     assert!(pending.coarsened);
     assert_eq!(energy(pending), expected);
+    // One SPOOL_FULL gap spans the coarsened stretch.
+    let full = wattd_proto::v1::GapCause::SpoolFull as i32;
+    let gaps: Vec<_> = s
+        .pending()
+        .gaps
+        .iter()
+        .filter(|g| g.cause == full)
+        .collect();
+    assert_eq!(gaps.len(), 1, "{:?}", s.pending().gaps);
+    assert_eq!(
+        (gaps[0].start_monotonic_ns, gaps[0].end_monotonic_ns),
+        (pending.start_monotonic_ns, pending.end_monotonic_ns)
+    );
     // Space returns (the ledger acknowledged everything): the coarse interval is sealed and the
     // whole spool verifies, conservation included.
     let last = s.spool().last_seq();
     s.spool_mut().ack(last)?;
     assert!(s.seal(0)?.is_some());
     s.commit()?;
+    let report = verify_spool(dir.path(), &[s.key().public()])?;
+    assert!(report.is_ok(), "{report:?}");
+    Ok(())
+}
+
+/// A long stretch of a full spool on a host whose runs come and go: the coarsened interval
+/// grows with every new run id, so it stops at `COARSE_INTERVAL_MAX_BYTES` and the next one
+/// starts; when space returns the content is sealed in several batches, none near the record
+/// limit, with every microjoule; and a stop may overrun `max_bytes` by the reserve's size.
+#[test]
+fn coarsened_content_stays_within_record_bounds_and_a_stop_seals_it() -> TestResult {
+    use prost::Message as _;
+    let dir = tempfile::tempdir()?;
+    let mut s = sealer(config(dir.path(), 1 << 20), 1)?;
+    let mut index = 0;
+    fill(&mut s, &mut index, 2, 1, 3)?;
+    let used = s.spool().used_bytes();
+    drop(s);
+    let mut cfg = config(dir.path(), 1 << 20);
+    cfg.max_bytes = used + 4096;
+    let mut s = sealer(cfg, 1)?;
+    let energy =
+        |i: &wattd_proto::v1::Interval| -> u64 { i.domains.iter().map(|d| d.measured_uj).sum() };
+    let mut expected = 0u64;
+    for k in 0..120u64 {
+        let mut iv = interval(index + k, 2000);
+        for a in &mut iv.domains[0].allocations {
+            a.run_id = format!("r{k}-{}", a.run_id);
+        }
+        expected += energy(&iv);
+        s.push_or_coarsen(iv, k);
+        assert!(s.seal(0).is_err(), "the spool is full");
+    }
+    let pending = &s.pending().intervals;
+    assert!(pending.len() >= 3, "{} coarse intervals", pending.len());
+    for iv in pending {
+        assert!(
+            iv.encoded_len() < Sealer::COARSE_INTERVAL_MAX_BYTES + (200 << 10),
+            "{}",
+            iv.encoded_len()
+        );
+    }
+    assert_eq!(pending.iter().map(energy).sum::<u64>(), expected);
+    // The stop: max_bytes may be overrun by the reserve's size, not more.
+    s.spool_mut().allow_final_overrun();
+    assert!(s.seal(0).is_err(), "5 MiB do not fit a 64 KiB overrun");
+    // Space returns: sealed in several bounded batches.
+    let last = s.spool().last_seq();
+    s.spool_mut().ack(last)?;
+    let mut cfg2 = config(dir.path(), 1 << 20);
+    cfg2.max_bytes = 1 << 30;
+    let before = s.spool().last_seq();
+    let pending = s.pending().clone();
+    drop(s);
+    let mut s = sealer(cfg2, 1)?;
+    for iv in pending.intervals {
+        s.push_or_coarsen(iv, 0);
+    }
+    // (push_or_coarsen of already-coarse intervals beyond max_intervals merges them again
+    // only up to the bound.)
+    let sealed_to = s.seal(0)?.ok_or("sealed")?;
+    s.commit()?;
+    assert!(
+        sealed_to >= before + 2,
+        "several batches: {before} -> {sealed_to}"
+    );
+    let batches = s.spool().read_sealed(before + 1, usize::MAX)?;
+    let mut got = 0u64;
+    for b in &batches {
+        assert!(
+            b.bytes.len() < (6 << 20),
+            "batch {} is {} bytes",
+            b.seq,
+            b.bytes.len()
+        );
+        let signed = wattd_proto::v1::SignedBatch::decode(b.bytes.as_slice())?;
+        let batch = wattd_proto::v1::Batch::decode(signed.batch_bytes.as_slice())?;
+        got += batch.intervals.iter().map(energy).sum::<u64>();
+    }
+    assert_eq!(got, expected);
     let report = verify_spool(dir.path(), &[s.key().public()])?;
     assert!(report.is_ok(), "{report:?}");
     Ok(())

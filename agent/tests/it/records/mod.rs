@@ -4,9 +4,11 @@
 mod bad_input;
 mod cli;
 pub(crate) mod common;
+mod eio;
 mod faults;
 mod model;
 mod reader;
 mod small;
 mod sweep;
 mod tamper;
+mod totals;

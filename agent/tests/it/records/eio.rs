@@ -1,0 +1,189 @@
+//! A real fdatasync EIO: ext4 (no journal) on a loop device whose backing file is sparse and
+//! sits on a small tmpfs. When the tmpfs is full, the loop device's writes fail, writeback
+//! fails, and fdatasync returns an error (EIO, or ENOSPC as the loop device passes the backing
+//! file's error up). The kernel then marks the pages clean and keeps them
+//! cached, and a fresh descriptor's fdatasync returns 0 (the error went to the process that
+//! died of it). The spool's open must trust the device, not the cache: batches whose
+//! fdatasync failed are never taken for sealed after a restart.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use wattd::spool::{Spool, SpoolConfig};
+
+use crate::records::common::{interval, sealer, TestResult, NODE};
+
+/// tmpfs -> sparse backing file -> loop device -> ext4, torn down in reverse on drop.
+struct LoopExt4 {
+    top: tempfile::TempDir,
+    dev: Option<String>,
+    mounted: bool,
+}
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+impl LoopExt4 {
+    fn new(test: &str) -> Option<LoopExt4> {
+        if !wattd_testkit::is_root() {
+            wattd_testkit::skip(test, "root (to mount a tmpfs, a loop device and ext4)");
+            return None;
+        }
+        for tool in ["losetup", "mkfs.ext4", "mount"] {
+            if wattd_testkit::need::which(tool).is_none() {
+                wattd_testkit::skip(test, format!("{tool} (util-linux, e2fsprogs)"));
+                return None;
+            }
+        }
+        let top = tempfile::tempdir().ok()?;
+        let mut fs = LoopExt4 {
+            top,
+            dev: None,
+            mounted: false,
+        };
+        match fs.set_up() {
+            Ok(()) => Some(fs),
+            Err(e) => {
+                wattd_testkit::skip(test, format!("a loop-device ext4 ({e})"));
+                None
+            }
+        }
+    }
+
+    fn set_up(&mut self) -> Result<(), String> {
+        let top = self.top.path();
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "wattd-eio"])
+            .arg(top))?;
+        let backing = top.join("backing");
+        run(Command::new("truncate").args(["-s", "64M"]).arg(&backing))?;
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-O", "^has_journal", "-E", "nodiscard"])
+            .arg(&backing))?;
+        let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(&backing))?;
+        self.dev = Some(dev.clone());
+        std::fs::create_dir(self.mnt()).map_err(|e| e.to_string())?;
+        run(Command::new("mount")
+            .args(["-o", "errors=continue"])
+            .arg(&dev)
+            .arg(self.mnt()))?;
+        self.mounted = true;
+        Ok(())
+    }
+
+    fn mnt(&self) -> PathBuf {
+        self.top.path().join("mnt")
+    }
+
+    fn ballast(&self) -> PathBuf {
+        self.top.path().join("ballast")
+    }
+
+    /// Fills the tmpfs under the backing file, so the loop device's next writes fail.
+    fn fill(&self) {
+        use std::io::Write as _;
+        let Ok(mut f) = std::fs::File::create(self.ballast()) else {
+            return;
+        };
+        let block = vec![0xA5u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+    }
+
+    fn unfill(&self) {
+        let _ = std::fs::remove_file(self.ballast());
+    }
+}
+
+impl Drop for LoopExt4 {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg(self.mnt()).status();
+        }
+        if let Some(dev) = &self.dev {
+            let _ = Command::new("losetup").args(["-d", dev]).status();
+        }
+        let _ = Command::new("umount").arg(self.top.path()).status();
+    }
+}
+
+fn spool_dir(fs: &LoopExt4) -> PathBuf {
+    fs.mnt().join("spool")
+}
+
+fn cfg(dir: &Path) -> SpoolConfig {
+    let mut c = SpoolConfig::new(dir, NODE).without_retention();
+    c.segment_max_bytes = 4 << 20;
+    c
+}
+
+#[test]
+fn after_an_fsync_eio_a_restart_trusts_the_device_not_the_page_cache() -> TestResult {
+    let test = "after_an_fsync_eio_a_restart_trusts_the_device_not_the_page_cache";
+    let Some(fs) = LoopExt4::new(test) else {
+        return Ok(());
+    };
+    let dir = spool_dir(&fs);
+    let mut s = sealer(cfg(&dir), 1)?;
+    let mut index = 0u64;
+    // Durable batches first.
+    let mut synced = 0;
+    for _ in 0..20 {
+        s.push_interval(interval(index, 20), index)?;
+        index += 1;
+        s.seal(0)?;
+        synced = s.commit()?;
+    }
+    fs.fill();
+    // Now writeback fails: seal until an fdatasync reports it.
+    let mut appended = synced;
+    let failure = loop {
+        s.push_interval(interval(index, 20), index)?;
+        index += 1;
+        match s.seal(0) {
+            Ok(Some(seq)) => appended = seq,
+            Ok(None) => {}
+            Err(e) => break e.to_string(),
+        }
+        match s.commit() {
+            Ok(seq) => synced = seq,
+            Err(e) => break e.to_string(),
+        }
+        if index > 5_000 {
+            return Err("fdatasync never failed on the full backing store".into());
+        }
+    };
+    eprintln!("fdatasync failed after seq {synced} (appended up to {appended}): {failure}");
+    assert!(
+        appended > synced,
+        "a batch was appended and not made durable"
+    );
+    // The process dies; the cache keeps the pages that never reached the device.
+    drop(s);
+    fs.unfill();
+    let (spool, report) = Spool::open(cfg(&dir))?;
+    eprintln!(
+        "reopened: last seq {}, torn tails {:?}, damage {:?}",
+        spool.last_seq(),
+        report.torn_tails,
+        report.damage
+    );
+    assert!(
+        spool.last_seq() <= synced,
+        "seq {} is taken for sealed but its fdatasync failed (only {synced} was durable): \
+         the restart read the page cache, not the device",
+        spool.last_seq()
+    );
+    // What was durable is all there and intact.
+    let held = spool.read_sealed(1, usize::MAX)?;
+    assert_eq!(held.len() as u64, spool.last_seq());
+    assert!(spool.last_seq() >= 20, "the durable batches survived");
+    Ok(())
+}

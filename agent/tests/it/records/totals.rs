@@ -1,0 +1,115 @@
+//! Running totals: every batch carries the node's measured energy per meter since its totals
+//! began, continued across restarts from the spool's last batch, so the energy of any batch
+//! lost later is known exactly from its neighbours.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use wattd::sealer::{SealPolicy, Sealer};
+use wattd::spool::decoded_batches;
+use wattd_proto::v1::Batch;
+use wattd_records::totals::{add_measured, lost_between, MeterEnergy, RunningTotals};
+
+use super::common::{config, interval, TestResult};
+
+fn open_with(dir: &std::path::Path, segment: u64) -> Result<Sealer, Box<dyn std::error::Error>> {
+    let policy = SealPolicy::new(2, Duration::from_secs(10))?;
+    Ok(Sealer::open(config(dir, segment), policy)?.0)
+}
+
+fn open(dir: &std::path::Path) -> Result<Sealer, Box<dyn std::error::Error>> {
+    open_with(dir, 4096)
+}
+
+fn seal_n(s: &mut Sealer, index: &mut u64, n: usize) -> TestResult {
+    for _ in 0..n {
+        // Uneven content, so a wrong sum cannot pass by symmetry.
+        s.push_interval(interval(*index, 1 + (*index % 3) as usize), *index)?;
+        *index += 1;
+        s.seal(0)?;
+        s.commit()?;
+    }
+    Ok(())
+}
+
+fn batches(dir: &std::path::Path) -> Result<BTreeMap<u64, Batch>, Box<dyn std::error::Error>> {
+    let (all, unreadable) = decoded_batches(dir)?;
+    assert_eq!(unreadable, 0);
+    Ok(all.into_iter().map(|b| (b.seq, b)).collect())
+}
+
+#[test]
+fn running_totals_continue_across_restarts_and_price_any_lost_range() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut index = 0;
+    let mut s = open(dir.path())?;
+    seal_n(&mut s, &mut index, 5)?;
+    drop(s);
+    let mut s = open(dir.path())?;
+    seal_n(&mut s, &mut index, 5)?;
+    assert_eq!(s.totals().since_seq(), 1);
+    let all = batches(dir.path())?;
+    assert_eq!(all.len(), 10);
+    // Each batch's totals are the sum of every batch up to and including it.
+    let mut sum = MeterEnergy::new();
+    for b in all.values() {
+        add_measured(&mut sum, &b.intervals);
+        let t = RunningTotals::of_batch(b).ok_or("a batch without totals")?;
+        assert_eq!(t.since_seq(), 1, "seq {}", b.seq);
+        assert_eq!(t.meters(), &sum, "seq {}", b.seq);
+    }
+    // Any range's energy from its neighbours equals what its batches measured.
+    for first in 1..=9u64 {
+        for last in first..=9 {
+            let before = if first == 1 {
+                None
+            } else {
+                all.get(&(first - 1))
+            };
+            let after = &all[&(last + 1)];
+            let mut want = MeterEnergy::new();
+            for seq in first..=last {
+                add_measured(&mut want, &all[&seq].intervals);
+            }
+            want.retain(|_, v| *v != 0);
+            assert_eq!(lost_between(before, after)?, want, "{first}..={last}");
+        }
+    }
+    Ok(())
+}
+
+/// When the spool no longer holds its last batch (acknowledged and freed, the active segment
+/// rolled), a restart cannot continue the totals: they start again at the next seq, and say so
+/// (`totals_since_seq`), so a range across the restart is priced "unknown", never wrongly.
+#[test]
+fn totals_start_again_when_the_last_batch_is_gone() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut index = 0;
+    // Segments of about one batch: acknowledging everything frees them all and rolls the
+    // active one, so the spool holds no batch, only the chain's resume point.
+    let mut s = open_with(dir.path(), 700)?;
+    seal_n(&mut s, &mut index, 4)?;
+    let last = s.spool().last_seq();
+    s.spool_mut().ack(last)?;
+    drop(s);
+    let (held, _) = decoded_batches(dir.path())?;
+    assert!(
+        held.is_empty(),
+        "every batch freed: {:?}",
+        held.iter().map(|b| b.seq).collect::<Vec<_>>()
+    );
+    let mut s = open_with(dir.path(), 700)?;
+    assert_eq!(s.spool().last_seq(), last);
+    seal_n(&mut s, &mut index, 2)?;
+    let all = batches(dir.path())?;
+    let first_new = &all[&(last + 1)];
+    let t = RunningTotals::of_batch(first_new).ok_or("totals")?;
+    assert_eq!(t.since_seq(), last + 1);
+    let second = &all[&(last + 2)];
+    assert!(lost_between(Some(first_new), second)?.is_empty());
+    assert!(matches!(
+        lost_between(None, second),
+        Err(wattd_records::totals::LostEnergyError::Restarted { .. })
+    ));
+    Ok(())
+}

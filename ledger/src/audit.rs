@@ -1,0 +1,208 @@
+//! `wattd-ledger audit`: checks, per node, that the ledger's energy adds up. It walks every
+//! stored batch in seq order and compares three figures per meter:
+//!
+//! - what the stored batches measured (each batch's conservation was checked when stored),
+//! - what the node declared lost (each lost range's energy, from the running totals of the
+//!   batches on either side),
+//! - what the node says it measured in all (the running totals of its newest stored batch).
+//!
+//! For the stretch the newest batch's totals count (`totals_since_seq`; 1 unless an agent start
+//! could not read its previous totals back), stored + lost must equal the node's total, to the
+//! microjoule. It also checks every stored batch's totals against its predecessor's plus its
+//! own energy. Read-only; pages through the store, so memory stays bounded.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use prost::Message as _;
+use serde::Serialize;
+use wattd_records::totals::{add_measured, MeterEnergy, RunningTotals};
+
+use crate::query::{lost_report, LostReport};
+use crate::store::{Store, StoreError};
+
+const PAGE: u32 = 500;
+
+/// One meter's three figures.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct MeterAudit {
+    pub stored_uj: u128,
+    pub lost_uj: u128,
+    /// The newest stored batch's running total (absent when it carries none).
+    pub node_total_uj: Option<u128>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeAudit {
+    pub node_id: String,
+    pub batches: u64,
+    /// The seq the newest batch's totals count from (0: no totals).
+    pub totals_since_seq: u64,
+    /// Per meter (`domain:package[:dieN]`), over the stretch the totals count.
+    pub meters: BTreeMap<String, MeterAudit>,
+    /// Lost ranges whose energy is not known exactly (pending or unknown).
+    pub lost_not_exact: Vec<LostReport>,
+    /// Problems found: totals that do not follow, undecodable batches, a sum that differs.
+    pub problems: Vec<String>,
+    /// Stored + lost == the node's total for every meter, and no problem.
+    pub conserved: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AuditReport {
+    pub nodes: Vec<NodeAudit>,
+}
+
+impl AuditReport {
+    pub fn ok(&self) -> bool {
+        self.nodes.iter().all(|n| n.conserved)
+    }
+}
+
+fn label(m: &wattd_records::totals::MeterId) -> String {
+    let mut s = m.0.clone();
+    if let Some(p) = m.1 {
+        let _ = write!(s, ":{p}");
+    }
+    if let Some(d) = m.2 {
+        let _ = write!(s, ":die{d}");
+    }
+    s
+}
+
+fn decode(bytes: &[u8]) -> Result<wattd_proto::v1::Batch, String> {
+    let s = wattd_proto::v1::SignedBatch::decode(bytes).map_err(|e| e.to_string())?;
+    wattd_proto::v1::Batch::decode(s.batch_bytes.as_slice()).map_err(|e| e.to_string())
+}
+
+/// Audits every node the store knows.
+pub async fn audit<S: Store>(store: &S) -> Result<AuditReport, StoreError> {
+    let mut nodes = Vec::new();
+    for row in store.nodes().await? {
+        let lost: Vec<LostReport> = row.lost.iter().cloned().map(lost_report).collect();
+        // Per batch, in seq order: (seq, since, measured of its own).
+        let mut own: Vec<(u64, u64, MeterEnergy)> = Vec::new();
+        let mut problems = Vec::new();
+        let mut prev: Option<(u64, RunningTotals)> = None;
+        let mut newest: Option<RunningTotals> = None;
+        let mut after = 0u64;
+        loop {
+            let page = store.batches_after(&row.node_id, after, PAGE).await?;
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            for (seq, bytes) in page {
+                let b = match decode(&bytes) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        problems.push(format!("seq {seq}: undecodable: {e}"));
+                        continue;
+                    }
+                };
+                let mut mine = MeterEnergy::new();
+                add_measured(&mut mine, &b.intervals);
+                let totals = RunningTotals::of_batch(&b);
+                if let (Some(t), Some((pseq, p))) = (&totals, &prev) {
+                    if *pseq + 1 == seq && p.since_seq() == t.since_seq() {
+                        let want = p.after(&b.intervals);
+                        if want.meters() != t.meters() {
+                            problems.push(format!(
+                                "seq {seq}: running totals are not seq {pseq}'s plus its own energy"
+                            ));
+                        }
+                    }
+                }
+                own.push((seq, totals.as_ref().map_or(0, |t| t.since_seq()), mine));
+                if let Some(t) = totals {
+                    prev = Some((seq, t.clone()));
+                    newest = Some(t);
+                } else {
+                    prev = None;
+                    newest = None;
+                }
+            }
+        }
+        let since = newest.as_ref().map_or(0, |t| t.since_seq());
+        let mut meters: BTreeMap<String, MeterAudit> = BTreeMap::new();
+        for (seq, _, mine) in &own {
+            if *seq < since {
+                continue;
+            }
+            for (m, uj) in mine {
+                meters.entry(label(m)).or_default().stored_uj += u128::from(*uj);
+            }
+        }
+        let mut lost_not_exact = Vec::new();
+        for l in lost {
+            if l.first_seq < since {
+                continue;
+            }
+            if l.energy == "exact" {
+                for (m, uj) in &l.energy_by_meter {
+                    meters.entry(m.clone()).or_default().lost_uj += u128::from(*uj);
+                }
+            } else {
+                lost_not_exact.push(l);
+            }
+        }
+        if let Some(t) = &newest {
+            for (m, uj) in t.meters() {
+                meters.entry(label(m)).or_default().node_total_uj = Some(u128::from(*uj));
+            }
+        } else {
+            problems.push("the newest stored batch carries no running totals".into());
+        }
+        for (m, a) in &meters {
+            let total = a.node_total_uj.unwrap_or(0);
+            if a.stored_uj + a.lost_uj != total {
+                problems.push(format!(
+                    "{m}: stored {} + lost {} uJ != the node's total {total} uJ",
+                    a.stored_uj, a.lost_uj
+                ));
+            }
+        }
+        if !lost_not_exact.is_empty() {
+            problems.push(format!(
+                "{} lost range(s) without an exact energy",
+                lost_not_exact.len()
+            ));
+        }
+        nodes.push(NodeAudit {
+            node_id: row.node_id,
+            batches: row.batches,
+            totals_since_seq: since,
+            conserved: problems.is_empty(),
+            meters,
+            lost_not_exact,
+            problems,
+        });
+    }
+    Ok(AuditReport { nodes })
+}
+
+pub fn audit_text(r: &AuditReport) -> String {
+    let mut s = String::new();
+    for n in &r.nodes {
+        let _ = writeln!(
+            s,
+            "{} {}: {} batches, totals since seq {}",
+            if n.conserved { "OK  " } else { "FAIL" },
+            n.node_id,
+            n.batches,
+            n.totals_since_seq
+        );
+        for (m, a) in &n.meters {
+            let _ = writeln!(
+                s,
+                "  {m:<16} stored {:>20} uJ + lost {:>16} uJ = node total {} uJ",
+                a.stored_uj,
+                a.lost_uj,
+                a.node_total_uj
+                    .map_or_else(|| "-".into(), |t| t.to_string())
+            );
+        }
+        for p in &n.problems {
+            let _ = writeln!(s, "  problem: {p}");
+        }
+    }
+    s
+}

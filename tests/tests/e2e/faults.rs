@@ -1,0 +1,531 @@
+//! Issue 14's fault matrix: the real `wattd` on the simulated host streaming to the real
+//! `wattd-ledger` (SQLite, and PostgreSQL where `WATTD_TEST_POSTGRES` is set) through ordinary
+//! faults, each with a SIGKILL of the agent in the middle:
+//!
+//! (a) the smallest accepted `spool.max_bytes` turning over at least five times at 20 Hz;
+//! (b) a bit flipped in a sealed, unacknowledged record in the middle of the spool;
+//! (c) the ledger's database restored from a backup taken many batches earlier;
+//! (d) the spool's file system (a small tmpfs) filling during a ledger outage.
+//!
+//! In every case the ledger ends at the agent's last sealed seq with no hole and no fork, and
+//! its audit holds: the energy of the stored batches plus the energy of the ranges the node
+//! declared lost equals the node's own running total, per meter, to the microjoule; and that
+//! total is the one in the agent's last batch.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use wattd_tests::cgroups::require_cgroups;
+
+use crate::harness::{burn_bin, runs_json, wattd, Agent};
+use crate::ledger::{
+    ledger_bin, postgres_available, psql, stop_agent_cleanly, totals, World, NODE,
+};
+
+/// Every batch of the agent's spool that `wattd export` can read, by seq.
+fn exported(spool: &Path) -> BTreeMap<u64, wattd_proto::v1::Batch> {
+    let out = wattd(&["export", "--data-dir", spool.to_str().unwrap()]);
+    let mut buf = out.stdout.as_slice();
+    let mut all = BTreeMap::new();
+    while !buf.is_empty() {
+        let signed = wattd_proto::v1::SignedBatch::decode_length_delimited(&mut buf)
+            .expect("export writes length-delimited SignedBatch");
+        let b = wattd_proto::v1::Batch::decode(signed.batch_bytes.as_slice()).unwrap();
+        all.insert(b.seq, b);
+    }
+    all
+}
+
+fn meter_label(domain: &str, package: Option<u32>, die: Option<u32>) -> String {
+    let mut s = domain.to_owned();
+    if let Some(p) = package {
+        s.push_str(&format!(":{p}"));
+    }
+    if let Some(d) = die {
+        s.push_str(&format!(":die{d}"));
+    }
+    s
+}
+
+/// The agent's last sealed seq, the seq its totals count from, and its running totals per
+/// meter (what the node measured).
+fn agent_truth(spool: &Path) -> (u64, u64, BTreeMap<String, u64>) {
+    let all = exported(spool);
+    let (seq, last) = all
+        .last_key_value()
+        .expect("the spool holds its last batch");
+    let totals = last
+        .running_totals
+        .iter()
+        .map(|t| (meter_label(&t.domain, t.package, t.die), t.measured_uj))
+        .collect();
+    (*seq, last.totals_since_seq, totals)
+}
+
+fn node(w: &World) -> serde_json::Value {
+    let nodes = w.ledger_json("nodes");
+    nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == NODE)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn wait_until(w: &World, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < limit,
+            "{what}: not within {limit:?}\n{}",
+            w.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// After the agent stopped cleanly: the ledger's chain ends at the agent's last sealed seq
+/// with no hole and no fork, it holds `lost` declared ranges (each priced exactly), and its
+/// audit adds up to the agent's own running totals.
+fn check_conserved(w: &World, lost: usize) -> serde_json::Value {
+    let (sealed, since, truth) = agent_truth(&w.spool);
+    let n = node(w);
+    assert_eq!(n["last_seq"].as_u64(), Some(sealed), "{n}\n{}", w.logs());
+    assert_eq!(n["gaps"].as_array().map(Vec::len), Some(0), "{n}");
+    assert_eq!(n["forks"].as_array().map(Vec::len), Some(0), "{n}");
+    let lost_ranges = n["lost"].as_array().unwrap();
+    assert_eq!(lost_ranges.len(), lost, "{n}");
+    for l in lost_ranges {
+        assert_eq!(l["energy"], "exact", "{l}");
+    }
+    let out = Command::new(ledger_bin())
+        .args(["audit", "--store", &w.store, "--format", "json"])
+        .output()
+        .unwrap();
+    let audit: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "wattd-ledger audit: {audit}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = audit["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == NODE)
+        .unwrap();
+    assert_eq!(a["conserved"], true, "{a}");
+    assert_eq!(a["totals_since_seq"].as_u64(), Some(since), "{a}");
+    let meters = a["meters"].as_object().unwrap();
+    let ledger_total: BTreeMap<String, u64> = meters
+        .iter()
+        .map(|(m, v)| (m.clone(), v["node_total_uj"].as_u64().unwrap()))
+        .filter(|(_, v)| *v != 0)
+        .collect();
+    let truth: BTreeMap<String, u64> = truth.into_iter().filter(|(_, v)| *v != 0).collect();
+    assert_eq!(
+        ledger_total, truth,
+        "the ledger's node total vs the agent's"
+    );
+    for (m, v) in meters {
+        let stored = v["stored_uj"].as_u64().unwrap();
+        let lost = v["lost_uj"].as_u64().unwrap();
+        assert_eq!(stored + lost, truth[m.as_str()], "{m}: {v}");
+    }
+    n
+}
+
+fn sigkill(agent: &mut Agent) {
+    let mut child = agent.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// The log of an agent that is SIGKILLed later (the restarted one logs to `agent_log`).
+fn first_log(w: &World) -> PathBuf {
+    w.work.path().join("wattd-killed.log")
+}
+
+fn agent_log_has(w: &World, text: &str) -> bool {
+    [w.agent_log(), first_log(w)].iter().any(|p| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .contains(text)
+    })
+}
+
+/// Start `n` light runs (`run-<prefix><i>`), each burning `duty` of a CPU for `secs`.
+fn runs(w: &mut World, prefix: &str, n: usize, duty: f64, secs: u64) {
+    for i in 0..n {
+        w.cg.spawn_in(
+            &format!("run-{prefix}{i}.scope"),
+            Command::new(burn_bin()).args([&duty.to_string(), &secs.to_string()]),
+        )
+        .unwrap();
+    }
+}
+
+/// (b) A bit flipped in a sealed record the ledger has not acknowledged yet, in the middle of
+/// the spool, with the agent SIGKILLed and restarted over the damage: the shipper declares the
+/// damaged batch lost in a signed statement, the ledger records it as a lost range priced from
+/// the running totals around it, and reaches the last sealed seq within 30 s.
+fn damaged_record(postgres: bool, name: &str) {
+    let Some(mount) = require_cgroups(name) else {
+        return;
+    };
+    let mut w = World::new(mount, if postgres { "b_pg" } else { "b_sqlite" }, postgres);
+    let mut ledger = w.ledger("127.0.0.1:0");
+    let listen = ledger.listen;
+    let config = w.agent_config_with(listen, 200, 200, "");
+    let mut agent = Agent::start(&config, &first_log(&w));
+    runs(&mut w, "b", 2, 0.3, 14);
+    wait_until(
+        &w,
+        "first batches acknowledged",
+        Duration::from_secs(20),
+        || w.agent_acked() >= 3,
+    );
+    ledger.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_secs(4));
+    let acked = w.agent_acked();
+    // The record to damage: sealed, unacknowledged, with intact batches after it.
+    let segs: Vec<PathBuf> = std::fs::read_dir(&w.spool)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wseg"))
+        .collect();
+    let seg = segs.iter().max().unwrap();
+    let bytes = std::fs::read(seg).unwrap();
+    let scan = wattd_records::segment::frame::scan_segment(bytes.clone());
+    let records: Vec<(u64, std::ops::Range<usize>)> = scan
+        .items
+        .iter()
+        .filter_map(|i| match i {
+            wattd_records::segment::frame::ScanItem::Record { payload, .. } => {
+                let (b, _) =
+                    wattd_records::batch::StoredBatch::from_bytes(bytes[payload.clone()].to_vec())
+                        .ok()?;
+                Some((b.seq, payload.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    let candidates: Vec<_> = records.iter().filter(|(s, _)| *s > acked + 1).collect();
+    assert!(
+        candidates.len() >= 4,
+        "unacknowledged batches: {candidates:?}"
+    );
+    let (victim, range) = candidates[candidates.len() / 2].clone();
+    {
+        use std::os::unix::fs::FileExt as _;
+        let f = std::fs::OpenOptions::new().write(true).open(seg).unwrap();
+        let at = range.start + range.len() / 2;
+        f.write_all_at(&[bytes[at] ^ 0x04], at as u64).unwrap();
+    }
+    // A SIGKILL over the damage: the restart keeps it in place (it is not the tail).
+    sigkill(&mut agent);
+    let mut agent = Agent::start(&config, &w.agent_log());
+    std::thread::sleep(Duration::from_secs(1));
+    let _ledger = w.ledger(&listen.to_string());
+    let started = Instant::now();
+    wait_until(
+        &w,
+        "the ledger reaches the sealed seq",
+        Duration::from_secs(30),
+        || node(&w)["last_seq"].as_u64().unwrap_or(0) > victim + 3,
+    );
+    eprintln!(
+        "damaged seq {victim}: the ledger passed it {:?} after it came back",
+        started.elapsed()
+    );
+    w.cg.wait_all();
+    stop_agent_cleanly(&w, &mut agent);
+    let n = check_conserved(&w, 1);
+    let l = &n["lost"][0];
+    assert_eq!(
+        (
+            l["first_seq"].as_u64(),
+            l["last_seq"].as_u64(),
+            l["reason"].as_str()
+        ),
+        (Some(victim), Some(victim), Some("damaged")),
+        "{n}"
+    );
+    assert!(l["energy_uj"].as_u64().unwrap() > 0, "{l}");
+    assert!(agent_log_has(&w, "declaring batches lost"), "{}", w.logs());
+    // The spool's own verifier names the damage too.
+    let v = wattd(&["verify", "--data-dir", w.spool.to_str().unwrap()]);
+    assert!(!v.status.success(), "wattd verify must report the damage");
+    // Billing: per run, the ledger holds what the agent's intact records hold.
+    assert_eq!(totals(&w.ledger_json("runs")), totals(&runs_json(&w.spool)));
+}
+
+#[test]
+fn b_a_damaged_middle_record_is_declared_and_billing_goes_on() {
+    damaged_record(
+        false,
+        "b_a_damaged_middle_record_is_declared_and_billing_goes_on",
+    );
+}
+
+#[test]
+fn b_a_damaged_middle_record_is_declared_and_billing_goes_on_postgres() {
+    let name = "b_a_damaged_middle_record_is_declared_and_billing_goes_on_postgres";
+    if postgres_available(name) {
+        damaged_record(true, name);
+    }
+}
+
+/// Copies the ledger's database aside (the ledger is stopped).
+fn backup(w: &World) -> Option<String> {
+    match &w.pg_db {
+        Some((base, db)) => {
+            let bak = format!("{db}_bak");
+            psql(base, &format!("CREATE DATABASE {bak} TEMPLATE {db}"));
+            Some(bak)
+        }
+        None => {
+            let db = PathBuf::from(w.store.trim_start_matches("sqlite:"));
+            for ext in ["", "-wal", "-shm"] {
+                let from = PathBuf::from(format!("{}{ext}", db.display()));
+                if from.exists() {
+                    std::fs::copy(&from, format!("{}.bak{ext}", db.display())).unwrap();
+                }
+            }
+            None
+        }
+    }
+}
+
+fn restore(w: &World, bak: &Option<String>) {
+    match (&w.pg_db, bak) {
+        (Some((base, db)), Some(bak)) => {
+            psql(base, &format!("DROP DATABASE {db} WITH (FORCE)"));
+            psql(base, &format!("CREATE DATABASE {db} TEMPLATE {bak}"));
+            psql(base, &format!("DROP DATABASE {bak}"));
+        }
+        _ => {
+            let db = PathBuf::from(w.store.trim_start_matches("sqlite:"));
+            for ext in ["", "-wal", "-shm"] {
+                let to = PathBuf::from(format!("{}{ext}", db.display()));
+                let _ = std::fs::remove_file(&to);
+                let from = format!("{}.bak{ext}", db.display());
+                if Path::new(&from).exists() {
+                    std::fs::rename(&from, &to).unwrap();
+                }
+            }
+        }
+    }
+}
+
+/// (c) The ledger's database restored from a backup taken many batches earlier, with a
+/// SIGKILL of the ledger during the catch-up and one of the agent: the node's spool retains
+/// what it sent (`retain_acked_s`), so the ledger catches up completely, with no lost range.
+fn restored_ledger(postgres: bool, name: &str) {
+    let Some(mount) = require_cgroups(name) else {
+        return;
+    };
+    let mut w = World::new(mount, if postgres { "c_pg" } else { "c_sqlite" }, postgres);
+    let mut ledger = w.ledger("127.0.0.1:0");
+    let listen = ledger.listen;
+    let config = w.agent_config_with(listen, 50, 200, "");
+    let mut agent = Agent::start(&config, &first_log(&w));
+    runs(&mut w, "c", 2, 0.3, 16);
+    wait_until(
+        &w,
+        "first batches acknowledged",
+        Duration::from_secs(20),
+        || w.agent_acked() >= 2,
+    );
+    ledger.signal(libc::SIGTERM);
+    let bak = backup(&w);
+    let at_backup = node(&w)["last_seq"].as_u64().unwrap_or(0);
+    let mut ledger = w.ledger(&listen.to_string());
+    wait_until(
+        &w,
+        "more batches acknowledged",
+        Duration::from_secs(30),
+        || w.agent_acked() >= at_backup + 15,
+    );
+    ledger.signal(libc::SIGTERM);
+    let ahead = node(&w)["last_seq"].as_u64().unwrap_or(0);
+    restore(&w, &bak);
+    assert_eq!(node(&w)["last_seq"].as_u64().unwrap_or(0), at_backup);
+    eprintln!("ledger restored from seq {ahead} to the backup's seq {at_backup}");
+    let mut ledger = w.ledger(&listen.to_string());
+    std::thread::sleep(Duration::from_millis(700));
+    ledger.signal(libc::SIGKILL);
+    sigkill(&mut agent);
+    let mut agent = Agent::start(&config, &w.agent_log());
+    let _ledger = w.ledger(&listen.to_string());
+    w.cg.wait_all();
+    let sealed_now = agent_truth(&w.spool).0;
+    wait_until(
+        &w,
+        "the restored ledger catches up",
+        Duration::from_secs(60),
+        || node(&w)["last_seq"].as_u64().unwrap_or(0) >= sealed_now,
+    );
+    stop_agent_cleanly(&w, &mut agent);
+    let n = check_conserved(&w, 0);
+    assert_eq!(n["batches"], n["last_seq"], "every batch stored: {n}");
+    assert!(agent_log_has(&w, "re-sending from seq"), "{}", w.logs());
+    assert_eq!(totals(&w.ledger_json("runs")), totals(&runs_json(&w.spool)));
+}
+
+#[test]
+fn c_a_ledger_restored_from_an_old_backup_catches_up_completely() {
+    restored_ledger(
+        false,
+        "c_a_ledger_restored_from_an_old_backup_catches_up_completely",
+    );
+}
+
+#[test]
+fn c_a_ledger_restored_from_an_old_backup_catches_up_completely_postgres() {
+    let name = "c_a_ledger_restored_from_an_old_backup_catches_up_completely_postgres";
+    if postgres_available(name) {
+        restored_ledger(true, name);
+    }
+}
+
+/// (a) The smallest accepted `spool.max_bytes` (1 MiB) at 20 Hz, until the spool has turned
+/// over at least five times (`WATTD_FAULT_TURNOVERS`, default 5), with a SIGKILL of the agent
+/// on the way: no interval is coarsened while acknowledgements flow, and the ledger reaches
+/// the last sealed seq.
+#[test]
+fn a_the_smallest_spool_turns_over_without_coarsening() {
+    let name = "a_the_smallest_spool_turns_over_without_coarsening";
+    let Some(mount) = require_cgroups(name) else {
+        return;
+    };
+    let turnovers: usize = std::env::var("WATTD_FAULT_TURNOVERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let mut w = World::new(mount, "a_small", false);
+    let ledger = w.ledger("127.0.0.1:0");
+    let config = w.agent_config_with(ledger.listen, 400, 50, "max_bytes = 1048576\n");
+    let mut agent = Agent::start(&config, &first_log(&w));
+    // Many light runs: bigger batches, so the spool turns over sooner.
+    runs(&mut w, "a", 48, 0.01, 600);
+    // Segments are an eighth of the limit: eight distinct segments are one turnover.
+    let mut seen = BTreeSet::new();
+    let t = Instant::now();
+    let mut killed = false;
+    while seen.len() < 8 * turnovers + 1 {
+        for e in std::fs::read_dir(&w.spool).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".wseg") {
+                seen.insert(name);
+            }
+        }
+        if !killed && seen.len() > 8 * turnovers / 2 {
+            sigkill(&mut agent);
+            agent = Agent::start(&config, &w.agent_log());
+            killed = true;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(900),
+            "only {} segments in 15 minutes\n{}",
+            seen.len(),
+            w.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "{} segments of 128 KiB through a 1 MiB spool in {:?}",
+        seen.len(),
+        t.elapsed()
+    );
+    // Stop the runs' load from growing the test: they end with the test's cgroups.
+    stop_agent_cleanly(&w, &mut agent);
+    assert!(
+        !agent_log_has(&w, "spool full"),
+        "an interval was coarsened while acknowledgements flowed\n{}",
+        w.logs()
+    );
+    check_conserved(&w, 0);
+    drop(ledger);
+}
+
+/// (d) The spool on a small tmpfs that fills during a ledger outage (`WATTD_LEDGER_OUTAGE_S`,
+/// default 60 s): the batch that meets ENOSPC takes the reserve's room, later intervals are
+/// coarsened (with a SPOOL_FULL gap), and when the ledger is back every sealed batch,
+/// coarsened ones included, reaches it; SIGTERM exits 0.
+#[test]
+fn d_a_spool_whose_file_system_fills_during_an_outage_loses_nothing() {
+    let name = "d_a_spool_whose_file_system_fills_during_an_outage_loses_nothing";
+    let Some(mount) = require_cgroups(name) else {
+        return;
+    };
+    if !wattd_testkit::is_root() {
+        wattd_testkit::skip(name, "root (to mount a small tmpfs that really fills)");
+        return;
+    }
+    let outage_s: u64 = std::env::var("WATTD_LEDGER_OUTAGE_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let fs = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512k", "wattd-e2e"])
+        .arg(fs.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        wattd_testkit::skip(name, "mount(8) of a tmpfs");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(fs.path().to_owned());
+    let spool = fs.path().join("spool");
+    let mut w = World::with_spool(mount, "d_full", false, Some(spool));
+    let mut ledger = w.ledger("127.0.0.1:0");
+    let listen = ledger.listen;
+    let config = w.agent_config_with(listen, 400, 50, "max_bytes = 2097152\n");
+    let mut agent = Agent::start(&config, &w.agent_log());
+    runs(&mut w, "d", 16, 0.03, outage_s + 40);
+    wait_until(
+        &w,
+        "first batches acknowledged",
+        Duration::from_secs(20),
+        || w.agent_acked() >= 2,
+    );
+    ledger.signal(libc::SIGTERM);
+    let t = Instant::now();
+    let mut full_at = None;
+    while t.elapsed() < Duration::from_secs(outage_s) {
+        if full_at.is_none() && agent_log_has(&w, "spool full: interval merged") {
+            full_at = Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let full_at = full_at.unwrap_or_else(|| {
+        panic!(
+            "the 512 KiB file system did not fill in a {outage_s} s outage\n{}",
+            w.logs()
+        )
+    });
+    eprintln!("the spool's file system filled {full_at:?} into the outage");
+    let _ledger = w.ledger(&listen.to_string());
+    w.cg.wait_all();
+    stop_agent_cleanly(&w, &mut agent);
+    check_conserved(&w, 0);
+    let coarsened = exported(&w.spool)
+        .values()
+        .flat_map(|b| b.intervals.iter())
+        .filter(|i| i.coarsened)
+        .count();
+    eprintln!("{coarsened} coarsened interval(s) still in the spool");
+}
