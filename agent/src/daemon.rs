@@ -590,29 +590,35 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             // coarsened intervals are sealed now rather than lost with the process.
             sealer.spool_mut().allow_final_overrun();
             let pending = sealer.pending().intervals.len();
-            match sealer.seal(now.unix_ns).and_then(|_| sealer.commit()) {
-                Ok(seq) => {
-                    tracing::warn!(
-                        pending,
-                        sealed_seq = seq,
-                        "stopping with a full spool: the last (coarsened) intervals were sealed beyond spool.max_bytes, into the reserve's room"
-                    );
-                    if cfg.ledger.is_some() {
-                        ship_tx.send_replace(ShipState {
-                            sealed_seq: seq,
-                            heartbeat: Some(signed_heartbeat(sealer.key(), seq, now.unix_ns)),
-                            signer: Some(sealer.shared_key()),
-                        });
-                    }
+            // Commit whatever was appended, even if a later chunk did not fit.
+            let sealed = sealer.seal(now.unix_ns);
+            let committed = sealer.commit();
+            if let Ok(seq) = &committed {
+                if cfg.ledger.is_some() {
+                    ship_tx.send_replace(ShipState {
+                        sealed_seq: *seq,
+                        heartbeat: Some(signed_heartbeat(sealer.key(), *seq, now.unix_ns)),
+                        signer: Some(sealer.shared_key()),
+                    });
                 }
+            }
+            match sealed.and(committed) {
+                Ok(seq) => tracing::warn!(
+                    pending,
+                    sealed_seq = seq,
+                    "stopping with a full spool: the last (coarsened) intervals were sealed beyond spool.max_bytes, into the reserve's room"
+                ),
                 Err(e) if e.is_fatal() => {
                     return Err(
                         anyhow::Error::new(e).context("sealing the last intervals at stop (fatal)")
                     )
                 }
-                Err(error) => {
-                    tracing::error!(%error, pending, "stopping: the last intervals could not be sealed")
-                }
+                Err(error) => tracing::error!(
+                    %error,
+                    pending,
+                    left = sealer.pending().intervals.len(),
+                    "stopping: not every pending interval could be sealed"
+                ),
             }
         }
         if stop {

@@ -109,17 +109,17 @@ impl Sealer {
         let (key, _) = NodeKey::load_or_create(&dir, &cfg.node_id)?;
         let (spool, report) = Spool::open(cfg)?;
         let key = identity::recover_rotation(&dir, key, spool.last_rotation())?;
-        let mut sealer = Self::with_parts(dir, key, spool, policy);
-        if let Some(t) = &report.last_totals {
-            sealer.totals = t.clone();
-        }
-        Ok((sealer, report))
+        Ok((Self::with_parts(dir, key, spool, policy), report))
     }
 
-    /// A sealer over an already open spool and key (tests, benchmarks). Its running totals
-    /// start at the next seq (`open` continues those of the spool's last batch).
+    /// A sealer over an already open spool and key. Its running totals continue those of the
+    /// spool's last batch (or of the header of a segment created after it), else start at the
+    /// next seq.
     pub fn with_parts(dir: PathBuf, key: NodeKey, spool: Spool, policy: SealPolicy) -> Self {
-        let totals = RunningTotals::starting_at(spool.last_seq() + 1);
+        let totals = spool
+            .last_totals()
+            .cloned()
+            .unwrap_or_else(|| RunningTotals::starting_at(spool.last_seq() + 1));
         Self {
             totals,
             dir,
@@ -193,9 +193,10 @@ impl Sealer {
             self.touch(now_monotonic_ns);
             return false;
         }
+        let coarse_max = self.coarse_max();
         let full_enough = self.pending.intervals.last().map_or(true, |last| {
             use prost::Message as _;
-            last.coarsened && last.encoded_len() >= Self::COARSE_INTERVAL_MAX_BYTES
+            last.coarsened && last.encoded_len() >= coarse_max
         });
         let last = match self.pending.intervals.last_mut() {
             Some(last) if !full_enough => last,
@@ -245,12 +246,23 @@ impl Sealer {
         self.touch(now_monotonic_ns);
     }
 
-    /// A coarsened interval takes merges until it encodes to this many bytes; the next
-    /// interval then starts a new one, so no interval outgrows a record.
+    /// A coarsened interval takes merges until it encodes to this many bytes (or half the
+    /// chunk size of a small spool); the next interval then starts a new one, so no interval
+    /// outgrows a record.
     pub const COARSE_INTERVAL_MAX_BYTES: usize = 1 << 20;
-    /// Pending content that was coarsened is sealed in batches of at most about this size
-    /// (a record holds 16 MiB).
+    /// Pending content that was coarsened is sealed in batches of at most about this size, or
+    /// half a segment of a small spool (a record holds 16 MiB).
     pub const CHUNK_MAX_BYTES: usize = 4 << 20;
+
+    fn chunk_max(&self) -> usize {
+        let half_segment =
+            usize::try_from(self.spool.segment_max_bytes() / 2).unwrap_or(usize::MAX);
+        Self::CHUNK_MAX_BYTES.min(half_segment).max(4096)
+    }
+
+    fn coarse_max(&self) -> usize {
+        Self::COARSE_INTERVAL_MAX_BYTES.min(self.chunk_max() / 2)
+    }
 
     /// How much of the pending content goes into the next batch: (intervals, run summaries).
     /// Everything, unless the content was coarsened or holds very many summaries (a long
@@ -262,7 +274,7 @@ impl Sealer {
             return (p.intervals.len(), p.run_summaries.len());
         }
         use prost::Message as _;
-        let mut budget = Self::CHUNK_MAX_BYTES;
+        let mut budget = self.chunk_max();
         let mut take = |len: usize, first: bool| {
             if first || len <= budget {
                 budget = budget.saturating_sub(len);
@@ -325,6 +337,7 @@ impl Sealer {
             content.totals = Some(totals.clone());
             let stored = sign_batch(&self.key, seq, self.spool.last_hash(), now_unix_ns, content);
             self.spool.append(&stored)?;
+            self.spool.note_totals(&totals);
             self.totals = totals;
             sealed = Some(seq);
             if all {
@@ -363,6 +376,7 @@ impl Sealer {
             }
             return Err(e.into());
         }
+        self.spool.note_totals(&totals);
         self.totals = totals;
         self.pending = BatchContent::default();
         self.pending_since_monotonic_ns = None;

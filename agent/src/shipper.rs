@@ -456,14 +456,14 @@ impl Shipper {
             (
                 LossReason::NotRetained,
                 format!(
-                    "the ledger asked from seq {first}; this spool retains batches from seq                      {first_held} on (acknowledged batches are kept for [spool] retain_acked_s)"
+                    "the ledger asked from seq {first}; this spool retains batches from seq {first_held} on (acknowledged batches are kept for [spool] retain_acked_s)"
                 ),
             )
         } else {
             (
                 LossReason::Damaged,
                 format!(
-                    "sealed record(s) {first}..={last} damaged in the spool (checksum or                      decoding failed); the next intact batch {} chains to {}",
+                    "sealed record(s) {first}..={last} damaged in the spool (checksum or decoding failed); the next intact batch {} chains to {}",
                     next.seq,
                     crate::durable::hex(&next.prev_hash)
                 ),

@@ -80,8 +80,9 @@ pub async fn audit<S: Store>(store: &S) -> Result<AuditReport, StoreError> {
     let mut nodes = Vec::new();
     for row in store.nodes().await? {
         let lost: Vec<LostReport> = row.lost.iter().cloned().map(lost_report).collect();
-        // Per batch, in seq order: (seq, since, measured of its own).
-        let mut own: Vec<(u64, u64, MeterEnergy)> = Vec::new();
+        // Stored energy per meter, summed by the `since` of each batch's totals (0: none):
+        // bounded by the node's restarts, not its batches.
+        let mut by_since: BTreeMap<u64, BTreeMap<String, u128>> = BTreeMap::new();
         let mut problems = Vec::new();
         let mut prev: Option<(u64, RunningTotals)> = None;
         let mut newest: Option<RunningTotals> = None;
@@ -111,7 +112,12 @@ pub async fn audit<S: Store>(store: &S) -> Result<AuditReport, StoreError> {
                         }
                     }
                 }
-                own.push((seq, totals.as_ref().map_or(0, |t| t.since_seq()), mine));
+                let sums = by_since
+                    .entry(totals.as_ref().map_or(0, |t| t.since_seq()))
+                    .or_default();
+                for (m, uj) in &mine {
+                    *sums.entry(label(m)).or_default() += u128::from(*uj);
+                }
                 if let Some(t) = totals {
                     prev = Some((seq, t.clone()));
                     newest = Some(t);
@@ -123,13 +129,10 @@ pub async fn audit<S: Store>(store: &S) -> Result<AuditReport, StoreError> {
         }
         let since = newest.as_ref().map_or(0, |t| t.since_seq());
         let mut meters: BTreeMap<String, MeterAudit> = BTreeMap::new();
-        for (seq, _, mine) in &own {
-            if *seq < since {
-                continue;
-            }
-            for (m, uj) in mine {
-                meters.entry(label(m)).or_default().stored_uj += u128::from(*uj);
-            }
+        // Every batch from `since` on counts from `since` (a restart that lost the totals
+        // starts a new count at the seq it seals next).
+        for (m, uj) in by_since.get(&since).into_iter().flatten() {
+            meters.entry(m.clone()).or_default().stored_uj += uj;
         }
         let mut lost_not_exact = Vec::new();
         for l in lost {

@@ -61,6 +61,11 @@ pub struct Session<S: Store> {
     /// Messages seen on this stream. A heartbeat that opens a stream announces what the node
     /// has sealed before any of its backlog could be sent, so it never counts as a missing tail.
     messages_seen: u64,
+    /// A verified loss statement waiting for the batch after its range: it is recorded only
+    /// once that authentic batch chains to it (its prev_hash is the statement's last_hash, its
+    /// key the statement's next key), so a statement can neither invent a chain nor cover seqs
+    /// the node never sealed.
+    pending_loss: Option<crate::check::VerifiedLoss>,
 }
 
 fn store_err(e: StoreError) -> Rejection {
@@ -100,6 +105,7 @@ impl<S: Store> Session<S> {
             held: BTreeMap::new(),
             held_bytes: 0,
             messages_seen: 0,
+            pending_loss: None,
         })
     }
 
@@ -190,6 +196,13 @@ impl<S: Store> Session<S> {
                 }
             }
         }
+        if self
+            .pending_loss
+            .as_ref()
+            .is_some_and(|l| vb.seq == l.last_seq + 1)
+        {
+            self.settle_loss(&vb).await?;
+        }
         let vb = Arc::new(vb);
         if vb.seq > self.tip.seq + 1 && !self.held.contains_key(&vb.seq) {
             // Another process may have stored the hole meanwhile.
@@ -254,10 +267,10 @@ impl<S: Store> Session<S> {
         tracing::warn!(node = %self.node_id, seq, first_seq, last_seq, "authentic batch for a seq the node declared lost: not stored (the chain continues past it)");
     }
 
-    /// A loss statement: the node will never send `first_seq..=last_seq`. Recorded when it
-    /// starts right after the chain's tip (the part at or below the tip is already stored); the
-    /// chain then continues after it. One starting above the tip is not held: the Ack names the
-    /// hole, and the node sends it again after the batches before it.
+    /// A loss statement: the node will never send `first_seq..=last_seq`. Kept until the batch
+    /// after the range arrives and chains to it, then recorded (see `settle_loss`); the part at
+    /// or below the tip is already stored. One starting above the tip is not kept: the Ack names
+    /// the hole, and the node sends it again after the batches before it.
     async fn loss(
         &mut self,
         signed: &wattd_proto::v1::SignedLossStatement,
@@ -277,48 +290,101 @@ impl<S: Store> Session<S> {
             return Ok(self.ack());
         }
         if v.first_seq > self.tip.seq + 1 {
-            tracing::info!(node = %self.node_id, first = v.first_seq, missing_from = self.tip.seq + 1, "loss statement above a hole: not held");
+            tracing::info!(node = %self.node_id, first = v.first_seq, missing_from = self.tip.seq + 1, "loss statement above a hole: not kept");
             let mut ack = self.ack();
             ack.missing_from_seq = self.tip.seq + 1;
             return Ok(ack);
+        }
+        let anchor_seq = v.last_seq + 1;
+        self.pending_loss = Some(v);
+        // The batch after the range may be held already (it came first).
+        if let Some(anchor) = self.held.get(&anchor_seq).cloned() {
+            self.settle_loss(&anchor).await?;
+            self.drain().await?;
+        }
+        Ok(self.ack())
+    }
+
+    /// Records the pending loss statement now that `anchor`, the authentic batch after its
+    /// range, arrived: it must chain to the statement. In one transaction the store checks
+    /// that the range starts right after the tip and that neither the statement's key nor the
+    /// key it names for the batch after it is older than the key the chain is at.
+    async fn settle_loss(&mut self, anchor: &VerifiedBatch) -> Result<(), Rejection> {
+        let Some(l) = self.pending_loss.take() else {
+            return Ok(());
+        };
+        if anchor.prev_hash != l.last_hash
+            || anchor.key_epoch != l.next_key_epoch
+            || anchor.key_id != l.next_key_id
+        {
+            return Err(Rejection::ChainBreak {
+                node: self.node_id.clone(),
+                seq: anchor.seq,
+                detail: format!(
+                    "the batch after the declared lost range {}..={} does not chain to the \
+                     statement (prev_hash {}..., key epoch {}; the statement says {}..., epoch {})",
+                    l.first_seq,
+                    l.last_seq,
+                    short(&anchor.prev_hash),
+                    anchor.key_epoch,
+                    short(&l.last_hash),
+                    l.next_key_epoch
+                ),
+            });
+        }
+        if l.first_seq > self.tip.seq + 1 || l.last_seq > self.tip.seq {
+            self.tip = self.store.tip(&self.node_id).await.map_err(store_err)?;
+        }
+        if l.last_seq <= self.tip.seq || l.first_seq > self.tip.seq + 1 {
+            return Ok(());
         }
         let first_seq = self.tip.seq + 1;
         let record = LossRecord {
             node_id: self.node_id.clone(),
             first_seq,
-            last_seq: v.last_seq,
-            last_hash: v.last_hash,
-            next_key_epoch: v.next_key_epoch,
-            next_key_id: v.next_key_id,
-            reason: v.reason.to_owned(),
-            detail: v.detail.clone(),
-            stated_unix_ns: v.stated_unix_ns,
+            last_seq: l.last_seq,
+            last_hash: l.last_hash,
+            next_key_epoch: l.next_key_epoch,
+            next_key_id: l.next_key_id,
+            signer_epoch: l.key_epoch,
+            reason: l.reason.to_owned(),
+            detail: l.detail.clone(),
+            stated_unix_ns: l.stated_unix_ns,
             recorded_unix_ns: unix_now_ns(),
-            statement: v.bytes.clone(),
+            statement: l.bytes.clone(),
         };
         match self.store.record_loss(record).await.map_err(store_err)? {
             LossOutcome::Recorded => {
                 self.metrics.inc(&self.metrics.lost_ranges);
                 self.metrics
-                    .add(&self.metrics.lost_batches, v.last_seq - first_seq + 1);
-                tracing::warn!(node = %self.node_id, first_seq, last_seq = v.last_seq, reason = v.reason, detail = %v.detail, "LOST RANGE recorded: the node declared these batches lost; the chain continues after them");
-                self.advance(v.last_seq, v.last_hash);
+                    .add(&self.metrics.lost_batches, l.last_seq - first_seq + 1);
+                tracing::warn!(node = %self.node_id, first_seq, last_seq = l.last_seq, reason = l.reason, detail = %l.detail, "LOST RANGE recorded: the node declared these batches lost; the chain continues after them");
+                self.advance(l.last_seq, l.last_hash);
                 // Held batches inside the range can never be stored.
-                let inside: Vec<u64> = self.held.range(..=v.last_seq).map(|(s, _)| *s).collect();
+                let inside: Vec<u64> = self.held.range(..=l.last_seq).map(|(s, _)| *s).collect();
                 for seq in inside {
                     if let Some(b) = self.held.remove(&seq) {
                         self.held_bytes = self.held_bytes.saturating_sub(b.held_cost());
-                        self.in_lost_range(seq, first_seq, v.last_seq);
+                        self.in_lost_range(seq, first_seq, l.last_seq);
                     }
                 }
-                self.drain().await?;
+                Ok(())
             }
+            LossOutcome::StaleKey { expected_epoch } => Err(Rejection::StaleKey {
+                node: self.node_id.clone(),
+                seq: first_seq,
+                detail: format!(
+                    "loss statement {first_seq}..={} signed by key epoch {} naming epoch {} \
+                     next, but the chain is at epoch {expected_epoch}",
+                    l.last_seq, l.key_epoch, l.next_key_epoch
+                ),
+            }),
             LossOutcome::NotNext { tip } => {
                 tracing::info!(node = %self.node_id, tip, first_seq, "loss statement raced another process; the tip moved");
                 self.tip = self.store.tip(&self.node_id).await.map_err(store_err)?;
+                Ok(())
             }
         }
-        Ok(self.ack())
     }
 
     async fn fork(&self, vb: &VerifiedBatch, kind: ForkKind, stored_hash: [u8; 32]) -> Rejection {

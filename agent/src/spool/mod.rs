@@ -28,6 +28,7 @@ use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use wattd_records::totals::RunningTotals;
 
 use crate::batch::{ChainHash, StoredBatch, GENESIS_HASH};
 use crate::durable::{self, AtomicWriteError};
@@ -160,11 +161,11 @@ pub struct OpenReport {
     pub reserve: bool,
     /// The running totals of the last sealed batch, when it is in the spool and carries them
     /// (the sealer continues them; otherwise its totals start again at the next seq).
-    pub last_totals: Option<wattd_records::totals::RunningTotals>,
+    pub last_totals: Option<RunningTotals>,
 }
 
 /// The running totals a SignedBatch's bytes carry.
-fn totals_of(signed_batch_bytes: &[u8]) -> Option<wattd_records::totals::RunningTotals> {
+fn totals_of(signed_batch_bytes: &[u8]) -> Option<RunningTotals> {
     use prost::Message as _;
     let signed = wattd_proto::v1::SignedBatch::decode(signed_batch_bytes).ok()?;
     let batch = wattd_proto::v1::Batch::decode(signed.batch_bytes.as_slice()).ok()?;
@@ -201,6 +202,9 @@ pub struct Spool {
     /// Stopping: the last batches may take `max_bytes` plus the reserve's size (see
     /// [`Spool::allow_final_overrun`]).
     final_overrun: bool,
+    /// The running totals of the last appended batch (the sealer says, see
+    /// [`Spool::note_totals`]); a new segment's header carries them.
+    last_totals: Option<RunningTotals>,
 }
 
 fn read_ack(dir: &Path) -> Result<(u64, Option<String>), SpoolError> {
@@ -248,7 +252,8 @@ fn write_ack(cfg: &SpoolConfig, seq: u64) -> Result<(), AtomicWriteError> {
         }
         Err(e) => return Err(AtomicWriteError::Write(e)),
     };
-    file.write_all_at(text.as_bytes(), 0)
+    cfg.fs
+        .write_at(&file, text.as_bytes(), 0)
         .map_err(AtomicWriteError::Write)?;
     // An older, shorter cursor: cut what is left of it (only ever once).
     let len = file.metadata().map_err(AtomicWriteError::Write)?.len();
@@ -316,8 +321,10 @@ impl Spool {
         // (seq, hash) of the last intact record, or the resume point a header gives.
         let mut last: Option<(u64, ChainHash)> = None;
         let mut last_rotation = None;
-        // The bytes of the record `last` names, if it is a record: its running totals.
+        // The bytes of the record `last` names, if it is a record: its running totals; or,
+        // when `last` comes from a segment header, the totals that header carries.
         let mut last_bytes: Option<Vec<u8>> = None;
+        let mut header_totals: Option<RunningTotals> = None;
         let count = listed.len();
         for (i, (name_seq, path)) in listed.into_iter().enumerate() {
             let is_last = i + 1 == count;
@@ -355,6 +362,7 @@ impl Spool {
                         if last.map_or(true, |(s, _)| s < before) {
                             last = Some((before, h.prev_hash));
                             last_bytes = None;
+                            header_totals = h.totals.clone();
                         }
                     }
                 }
@@ -407,6 +415,7 @@ impl Spool {
                                 report.records += 1;
                                 last = Some((b.seq, b.hash));
                                 last_bytes = Some(b.bytes);
+                                header_totals = None;
                                 last_rotation = h
                                     .key_rotation
                                     .and_then(|r| KeyId::try_from(r.new_key_id.as_slice()).ok());
@@ -484,7 +493,7 @@ impl Spool {
         }
 
         let active = if segments.is_empty() {
-            let (seg, file) = create_segment(&cfg, last_seq + 1, last_hash)?;
+            let (seg, file) = create_segment(&cfg, last_seq + 1, last_hash, None)?;
             segments.push(seg);
             file
         } else {
@@ -500,7 +509,10 @@ impl Spool {
         let durable_len = segments.last().map_or(0, |s| s.len);
         let total_bytes = segments.iter().map(|s| s.len).sum();
         report.segments = segments.len();
-        report.last_totals = last_bytes.as_deref().and_then(totals_of);
+        report.last_totals = match &last_bytes {
+            Some(b) => totals_of(b),
+            None => header_totals,
+        };
         report.acked_seq = acked_seq;
         report.last_seq = last_seq;
         let mut spool = Self {
@@ -517,6 +529,7 @@ impl Spool {
             poisoned: false,
             space_short: false,
             final_overrun: false,
+            last_totals: report.last_totals.clone(),
         };
         report.deleted_segments = spool.delete_acknowledged()?;
         // The cursor gets its final length now, while there is room, so that every later
@@ -597,6 +610,22 @@ impl Spool {
             max_bytes: self.cfg.max_bytes,
             enospc,
         }
+    }
+
+    /// The size at which the active segment rolls.
+    pub fn segment_max_bytes(&self) -> u64 {
+        self.cfg.segment_max_bytes
+    }
+
+    /// The running totals of the last batch, as the spool knows them (see [`OpenReport`]).
+    pub fn last_totals(&self) -> Option<&RunningTotals> {
+        self.last_totals.as_ref()
+    }
+
+    /// The running totals of the batch just appended: the next segment's header carries them,
+    /// so a restart continues them even when every earlier batch was freed.
+    pub fn note_totals(&mut self, totals: &RunningTotals) {
+        self.last_totals = Some(totals.clone());
     }
 
     /// For a stop: from now on the spool may exceed `max_bytes` by the reserve's size
@@ -752,7 +781,12 @@ impl Spool {
     /// Closes the active segment (durably) and starts a new one for `first_seq`.
     fn roll(&mut self, first_seq: u64) -> Result<(), SpoolError> {
         self.sync()?;
-        let (seg, file) = match create_segment(&self.cfg, first_seq, self.last_hash) {
+        let (seg, file) = match create_segment(
+            &self.cfg,
+            first_seq,
+            self.last_hash,
+            self.last_totals.clone(),
+        ) {
             Ok(x) => x,
             Err(e) if e.is_fatal() => return Err(self.poison(e)),
             // With this spool's own numbers.
@@ -957,12 +991,14 @@ fn create_segment(
     cfg: &SpoolConfig,
     first_seq: u64,
     prev_hash: ChainHash,
+    totals: Option<RunningTotals>,
 ) -> Result<(Segment, File), SpoolError> {
     let path = cfg.dir.join(segment_name(first_seq));
     let header = SegmentHeader {
         node_id: cfg.node_id.clone(),
         first_seq,
         prev_hash,
+        totals,
     }
     .encode();
     let file = OpenOptions::new()

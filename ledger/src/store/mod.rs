@@ -115,6 +115,8 @@ pub struct LossRecord {
     pub last_hash: ChainHash,
     pub next_key_epoch: u32,
     pub next_key_id: KeyId,
+    /// The epoch of the key that signed the statement.
+    pub signer_epoch: u32,
     /// `damaged` or `not_retained`.
     pub reason: String,
     pub detail: String,
@@ -132,6 +134,11 @@ pub enum LossOutcome {
     /// before the range).
     NotNext {
         tip: u64,
+    },
+    /// The statement's key, or the key it names for the batch after the range, is older than
+    /// the key the chain is at (a retired key cannot declare losses).
+    StaleKey {
+        expected_epoch: u32,
     },
 }
 

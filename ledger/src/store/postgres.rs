@@ -1,7 +1,8 @@
 //! The PostgreSQL store: several `wattd-ledger` processes may serve one database. Races between
 //! them are decided by the primary key `(node_id, seq)` of `batches` (see the module docs of
 //! `store`): the loser of an insert race gets a unique violation, rolls back, re-reads, and
-//! answers duplicate or fork. The schema is created under a transaction-scoped advisory lock, so
+//! answers duplicate or fork. A batch and a lost range (different tables) are serialised per
+//! node by a transaction-scoped advisory lock on the node id. The schema is created under a transaction-scoped advisory lock, so
 //! processes starting together do not trip over each other's `CREATE TABLE IF NOT EXISTS`.
 //!
 //! Connections come from a small fixed pool (no TLS: the database is expected on loopback or a
@@ -119,7 +120,14 @@ const SQL_TIP: &str = "SELECT seq, hash FROM \
 const SQL_PRED: &str = "SELECT hash, key_epoch, key_id, rotation_epoch, rotation_key_id \
      FROM batches WHERE node_id = $1 AND seq = $2 \
      UNION ALL SELECT last_hash, next_key_epoch, next_key_id, NULL, NULL \
-     FROM lost_ranges WHERE node_id = $1 AND last_seq = $2";
+     FROM lost_ranges WHERE node_id = $1 AND last_seq = $2 LIMIT 1";
+/// Serialises the writers of one node's chain (a batch commit and a lost range could
+/// otherwise both claim one seq: their primary keys are in different tables).
+const SQL_NODE_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
+const SQL_KEY_AT: &str = "SELECT key_epoch, rotation_epoch FROM batches \
+     WHERE node_id = $1 AND seq = $2 \
+     UNION ALL SELECT next_key_epoch, NULL FROM lost_ranges \
+     WHERE node_id = $1 AND last_seq = $2 LIMIT 1";
 const SQL_IN_LOST: &str = "SELECT first_seq, last_seq FROM lost_ranges \
      WHERE node_id = $1 AND first_seq <= $2 AND last_seq >= $2";
 const SQL_INSERT_BATCH: &str = "INSERT INTO batches (node_id, seq, key_epoch, key_id, prev_hash, \
@@ -328,7 +336,9 @@ async fn commit_once(
     let st_alloc = c.statement(SQL_INSERT_ALLOCATIONS).await?;
     let st_rot = c.statement(SQL_INSERT_ROTATION).await?;
     let st_lost = c.statement(SQL_IN_LOST).await?;
+    let st_lock = c.statement(SQL_NODE_LOCK).await?;
     let tx = c.client.transaction().await?;
+    tx.execute(&st_lock, &[&b.node_id]).await?;
     if let Some(h) = hash_row(tx.query_opt(&st_hash, &[&b.node_id, &seq]).await?)? {
         return Ok(if h == b.hash {
             Commit::Duplicate
@@ -442,13 +452,27 @@ async fn commit_once(
 
 async fn record_loss_once(c: &mut PgConn, l: &LossRecord) -> Result<LossOutcome, StoreError> {
     let st_tip = c.statement(SQL_TIP).await?;
+    let st_lock = c.statement(SQL_NODE_LOCK).await?;
+    let st_key = c.statement(SQL_KEY_AT).await?;
     let tx = c.client.transaction().await?;
+    tx.execute(&st_lock, &[&l.node_id]).await?;
     let tip = match tx.query_opt(&st_tip, &[&l.node_id]).await? {
         Some(r) => to_u64(r.get(0), "tip")?,
         None => 0,
     };
     if tip + 1 != l.first_seq {
         return Ok(LossOutcome::NotNext { tip });
+    }
+    if let Some(r) = tx
+        .query_opt(&st_key, &[&l.node_id, &to_i64(tip, "seq")?])
+        .await?
+    {
+        let expected: i64 = r.get::<_, Option<i64>>(1).unwrap_or(r.get(0));
+        if i64::from(l.signer_epoch) < expected || i64::from(l.next_key_epoch) < expected {
+            return Ok(LossOutcome::StaleKey {
+                expected_epoch: u32::try_from(expected).unwrap_or(u32::MAX),
+            });
+        }
     }
     let params: [&(dyn ToSql + Sync); 11] = [
         &l.node_id,

@@ -262,7 +262,7 @@ fn commit_blocking(
                 "SELECT hash, key_epoch, key_id, rotation_epoch, rotation_key_id FROM batches \
                  WHERE node_id = ?1 AND seq = ?2 \
                  UNION ALL SELECT last_hash, next_key_epoch, next_key_id, NULL, NULL \
-                 FROM lost_ranges WHERE node_id = ?1 AND last_seq = ?2",
+                 FROM lost_ranges WHERE node_id = ?1 AND last_seq = ?2 LIMIT 1",
             )?
             .query_row(params![b.node_id, seq - 1], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
@@ -354,6 +354,26 @@ fn record_loss_blocking(conn: &mut Connection, l: &LossRecord) -> Result<LossOut
     let tip = tip_of(&tx, &l.node_id)?;
     if tip.seq + 1 != l.first_seq {
         return Ok(LossOutcome::NotNext { tip: tip.seq });
+    }
+    // The key the chain is at: the tip batch's (or the one its rotation announced), or the
+    // one a lost range ending at the tip named.
+    let at: Option<(i64, Option<i64>)> = tx
+        .prepare_cached(
+            "SELECT key_epoch, rotation_epoch FROM batches WHERE node_id = ?1 AND seq = ?2 \
+             UNION ALL SELECT next_key_epoch, NULL FROM lost_ranges \
+             WHERE node_id = ?1 AND last_seq = ?2 LIMIT 1",
+        )?
+        .query_row(params![l.node_id, to_i64(tip.seq, "seq")?], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    if let Some((epoch, rotation)) = at {
+        let expected = rotation.unwrap_or(epoch);
+        if i64::from(l.signer_epoch) < expected || i64::from(l.next_key_epoch) < expected {
+            return Ok(LossOutcome::StaleKey {
+                expected_epoch: u32::try_from(expected).unwrap_or(u32::MAX),
+            });
+        }
     }
     tx.prepare_cached(
         "INSERT INTO lost_ranges (node_id, first_seq, last_seq, last_hash, next_key_epoch, \

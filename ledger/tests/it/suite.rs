@@ -9,7 +9,7 @@ use wattd_ledger::metrics::Reason;
 use wattd_ledger::server::Limits;
 use wattd_ledger::store::Store as _;
 use wattd_proto::v1::{node_message, Batch, NodeMessage, SignedBatch};
-use wattd_records::seal::BatchContent;
+use wattd_records::seal::{sign_batch, BatchContent};
 
 use crate::common::*;
 
@@ -59,6 +59,7 @@ both!(
     a_declared_loss_continues_the_chain_and_its_energy_is_known,
     loss_statements_are_checked_like_batches,
     the_audit_finds_totals_that_do_not_add_up,
+    a_loss_statement_must_chain_to_the_batch_after_it_and_use_a_current_key,
 );
 
 fn limits() -> Limits {
@@ -894,10 +895,12 @@ async fn a_declared_loss_continues_the_chain_and_its_energy_is_known(
     // A statement above a hole is not held: the Ack names the hole.
     let ack = s.send(chain.loss(5, 5)).await?;
     assert_eq!((ack.acked_seq, ack.missing_from_seq), (3, 4));
+    // Kept until the batch after the range arrives and chains to it.
     let ack = s.send(chain.loss(4, 5)).await?;
-    assert_eq!((ack.acked_seq, ack.missing_from_seq), (5, 0));
-    for bt in &bs[5..] {
-        assert_eq!(s.send(msg(bt)).await?.missing_from_seq, 0);
+    assert_eq!((ack.acked_seq, ack.missing_from_seq), (3, 0));
+    for (i, bt) in bs[5..].iter().enumerate() {
+        let ack = s.send(msg(bt)).await?;
+        assert_eq!((ack.acked_seq, ack.missing_from_seq), (6 + i as u64, 0));
     }
     let ack = s.send(msg(&bs[3])).await?;
     assert_eq!(ack.acked_seq, 8, "a lost seq sent late changes nothing");
@@ -1050,6 +1053,91 @@ async fn the_audit_finds_totals_that_do_not_add_up(b: Backend, name: &str) -> Te
         text.contains("package:0: stored 163 + lost 0 uJ != the node's total 1 uJ"),
         "{text}"
     );
+    l.stop().await;
+    Ok(())
+}
+
+/// A statement is recorded only when the authentic batch after its range chains to it, and
+/// only if neither its key nor the key it names is older than the key the chain is at: a
+/// statement with an invented hash, or signed by a key retired by a rotation (with a batch
+/// forged by that key after it), records nothing.
+async fn a_loss_statement_must_chain_to_the_batch_after_it_and_use_a_current_key(
+    b: Backend,
+    name: &str,
+) -> TestResult {
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let l = f.start(limits()).await;
+    let old = key("n1", 1, 1);
+    let b1 = chain.next(1);
+    let b2 = chain.rotate(key("n1", 2, 2));
+    let b3 = chain.next(1);
+    let b4 = chain.next(1);
+    let mut s = connect(&f, &l, "n1").await;
+    for bt in [&b1, &b2, &b3] {
+        s.send(msg(bt)).await?;
+    }
+    let wrap = |st: wattd_proto::v1::SignedLossStatement| NodeMessage {
+        kind: Some(node_message::Kind::Loss(st)),
+    };
+    // An invented hash: the real batch 5 does not chain to it.
+    let b5 = chain.next(1);
+    let invented = wattd_records::loss::sign_loss(
+        &chain.key,
+        &wattd_records::loss::Loss {
+            first_seq: 4,
+            last_seq: 4,
+            last_hash: [9; 32],
+            reason: wattd_proto::v1::LossReason::Damaged,
+            next_key_epoch: 2,
+            next_key_id: chain.key.key_id().to_vec(),
+            detail: String::new(),
+        },
+        0,
+    );
+    assert_eq!(s.send(wrap(invented)).await?.acked_seq, 3);
+    let err = s.send(msg(&b5)).await.expect_err("does not chain");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("does not chain to the statement"),
+        "{err:?}"
+    );
+    // The retired key declares 4 lost and forges the batch after it.
+    let mut s = connect(&f, &l, "n1").await;
+    let forged5 = sign_batch(
+        &old,
+        5,
+        b4.hash,
+        0,
+        BatchContent {
+            intervals: vec![interval(50, &[("run-a", 1, 1)], 1)],
+            ..Default::default()
+        },
+    );
+    let retired = wattd_records::loss::sign_loss(
+        &old,
+        &wattd_records::loss::Loss {
+            first_seq: 4,
+            last_seq: 4,
+            last_hash: b4.hash,
+            reason: wattd_proto::v1::LossReason::Damaged,
+            next_key_epoch: 1,
+            next_key_id: old.key_id().to_vec(),
+            detail: String::new(),
+        },
+        0,
+    );
+    assert_eq!(s.send(wrap(retired)).await?.acked_seq, 3);
+    let err = s.send(msg(&forged5)).await.expect_err("retired key");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("chain is at epoch 2"), "{err:?}");
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(load(&l.metrics.lost_ranges), 0);
+    // The real batches still go in.
+    let mut s = connect(&f, &l, "n1").await;
+    assert_eq!(s.send(msg(&b4)).await?.acked_seq, 4);
+    assert_eq!(s.send(msg(&b5)).await?.acked_seq, 5);
     l.stop().await;
     Ok(())
 }

@@ -108,6 +108,10 @@ pub struct SegmentHeader {
     pub first_seq: u64,
     /// Chain hash of the record before `first_seq` (zeros for seq 1).
     pub prev_hash: [u8; 32],
+    /// The running totals of the record before `first_seq`, so that a spool whose earlier
+    /// segments were all acknowledged and freed still continues them at open. Written after
+    /// the node id (readers that predate it ignore the trailing bytes).
+    pub totals: Option<crate::totals::RunningTotals>,
 }
 
 const NODE_ID_MAX_BYTES: usize = 1024;
@@ -123,6 +127,12 @@ impl SegmentHeader {
         // NODE_ID_MAX_BYTES fits u16.
         p.extend_from_slice(&u16::try_from(node.len()).unwrap_or(0).to_le_bytes());
         p.extend_from_slice(node);
+        if let Some(t) = &self.totals {
+            use prost::Message as _;
+            let mut carrier = wattd_proto::v1::Batch::default();
+            t.write_into(&mut carrier);
+            p.extend_from_slice(&carrier.encode_to_vec());
+        }
         encode_frame(SEGMENT_MAGIC, &p)
     }
 
@@ -144,10 +154,20 @@ impl SegmentHeader {
             .get(fixed..fixed + n)
             .ok_or("segment header node id past its end")?;
         let node_id = String::from_utf8(node.to_vec()).map_err(|_| "node id not UTF-8")?;
+        let rest = p.get(fixed + n..).unwrap_or_default();
+        let totals = if rest.is_empty() {
+            None
+        } else {
+            use prost::Message as _;
+            let carrier = wattd_proto::v1::Batch::decode(rest)
+                .map_err(|e| format!("segment header totals: {e}"))?;
+            crate::totals::RunningTotals::of_batch(&carrier)
+        };
         Ok(Self {
             node_id,
             first_seq: u64::from_le_bytes(seq),
             prev_hash,
+            totals,
         })
     }
 }
@@ -278,12 +298,36 @@ mod tests {
             node_id: "n".into(),
             first_seq: 1,
             prev_hash: [0; 32],
+            totals: None,
         }
         .encode();
         for r in records {
             b.extend(encode_frame(RECORD_MAGIC, r));
         }
         b
+    }
+
+    #[test]
+    fn a_header_carries_the_running_totals_and_one_without_them_still_reads() {
+        let t = crate::totals::RunningTotals::starting_at(3).after(&[wattd_proto::v1::Interval {
+            domains: vec![wattd_proto::v1::DomainEnergy {
+                domain: "package".into(),
+                package: Some(1),
+                measured_uj: 77,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }]);
+        for totals in [None, Some(t)] {
+            let h = SegmentHeader {
+                node_id: "node-x".into(),
+                first_seq: 9,
+                prev_hash: [4; 32],
+                totals: totals.clone(),
+            };
+            let s = scan_segment(h.encode());
+            assert_eq!(s.header.as_ref().ok(), Some(&h));
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 pub(crate) mod common;
 mod eio;
+mod every_fault;
 mod faults;
 mod model;
 mod reader;

@@ -79,37 +79,65 @@ fn running_totals_continue_across_restarts_and_price_any_lost_range() -> TestRes
 }
 
 /// When the spool no longer holds its last batch (acknowledged and freed, the active segment
-/// rolled), a restart cannot continue the totals: they start again at the next seq, and say so
+/// rolled), the new segment's header carries the running totals, so a restart continues them.
+/// A spool written before headers carried them starts again at the next seq, and says so
 /// (`totals_since_seq`), so a range across the restart is priced "unknown", never wrongly.
 #[test]
-fn totals_start_again_when_the_last_batch_is_gone() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let mut index = 0;
-    // Segments of about one batch: acknowledging everything frees them all and rolls the
-    // active one, so the spool holds no batch, only the chain's resume point.
-    let mut s = open_with(dir.path(), 700)?;
-    seal_n(&mut s, &mut index, 4)?;
-    let last = s.spool().last_seq();
-    s.spool_mut().ack(last)?;
-    drop(s);
-    let (held, _) = decoded_batches(dir.path())?;
-    assert!(
-        held.is_empty(),
-        "every batch freed: {:?}",
-        held.iter().map(|b| b.seq).collect::<Vec<_>>()
-    );
-    let mut s = open_with(dir.path(), 700)?;
-    assert_eq!(s.spool().last_seq(), last);
-    seal_n(&mut s, &mut index, 2)?;
-    let all = batches(dir.path())?;
-    let first_new = &all[&(last + 1)];
-    let t = RunningTotals::of_batch(first_new).ok_or("totals")?;
-    assert_eq!(t.since_seq(), last + 1);
-    let second = &all[&(last + 2)];
-    assert!(lost_between(Some(first_new), second)?.is_empty());
-    assert!(matches!(
-        lost_between(None, second),
-        Err(wattd_records::totals::LostEnergyError::Restarted { .. })
-    ));
+fn totals_survive_a_spool_that_freed_every_batch_and_restart_only_when_unknown() -> TestResult {
+    for old_header in [false, true] {
+        let dir = tempfile::tempdir()?;
+        let mut index = 0;
+        // Segments of about one batch: acknowledging everything frees them all and rolls the
+        // active one, so the spool holds no batch, only the chain's resume point.
+        let mut s = open_with(dir.path(), 700)?;
+        seal_n(&mut s, &mut index, 4)?;
+        let last = s.spool().last_seq();
+        let before = s.totals().clone();
+        s.spool_mut().ack(last)?;
+        drop(s);
+        let (held, _) = decoded_batches(dir.path())?;
+        assert!(
+            held.is_empty(),
+            "every batch freed: {:?}",
+            held.iter().map(|b| b.seq).collect::<Vec<_>>()
+        );
+        if old_header {
+            // Rewrite the header as a spool of an earlier version wrote it: without totals.
+            let segs = wattd::spool::list_segments(dir.path())?;
+            let (_, path) = segs.last().ok_or("a segment")?;
+            let bytes = std::fs::read(path)?;
+            let scan = wattd_records::segment::frame::scan_segment(bytes);
+            let mut h = scan.header.map_err(|d| d.detail)?;
+            assert_eq!(
+                h.totals.as_ref(),
+                Some(&before),
+                "the header carries the totals"
+            );
+            h.totals = None;
+            std::fs::write(path, h.encode())?;
+        }
+        let mut s = open_with(dir.path(), 700)?;
+        assert_eq!(s.spool().last_seq(), last);
+        seal_n(&mut s, &mut index, 2)?;
+        let all = batches(dir.path())?;
+        let first_new = &all[&(last + 1)];
+        let t = RunningTotals::of_batch(first_new).ok_or("totals")?;
+        if old_header {
+            assert_eq!(t.since_seq(), last + 1);
+            let second = &all[&(last + 2)];
+            assert!(lost_between(Some(first_new), second)?.is_empty());
+            assert!(matches!(
+                lost_between(None, second),
+                Err(wattd_records::totals::LostEnergyError::Restarted { .. })
+            ));
+        } else {
+            assert_eq!(t.since_seq(), 1);
+            assert_eq!(
+                t,
+                before.after(&first_new.intervals),
+                "continued from the header"
+            );
+        }
+    }
     Ok(())
 }
