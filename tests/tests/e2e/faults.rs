@@ -474,7 +474,7 @@ fn d_a_spool_whose_file_system_fills_during_an_outage_loses_nothing() {
         .unwrap_or(60);
     let fs = tempfile::tempdir().unwrap();
     let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=512k", "wattd-e2e"])
+        .args(["-t", "tmpfs", "-o", "size=448k", "wattd-e2e"])
         .arg(fs.path())
         .status()
         .is_ok_and(|s| s.success());
@@ -494,7 +494,7 @@ fn d_a_spool_whose_file_system_fills_during_an_outage_loses_nothing() {
     let mut ledger = w.ledger("127.0.0.1:0");
     let listen = ledger.listen;
     let config = w.agent_config_with(listen, 400, 50, "max_bytes = 2097152\n");
-    let mut agent = Agent::start(&config, &w.agent_log());
+    let mut agent = Agent::start(&config, &first_log(&w));
     runs(&mut w, "d", 16, 0.03, outage_s + 40);
     wait_until(
         &w,
@@ -513,11 +513,21 @@ fn d_a_spool_whose_file_system_fills_during_an_outage_loses_nothing() {
     }
     let full_at = full_at.unwrap_or_else(|| {
         panic!(
-            "the 512 KiB file system did not fill in a {outage_s} s outage\n{}",
-            w.logs()
+            "the 448 KiB file system did not fill in a {outage_s} s outage\n{}",
+            std::fs::read_to_string(first_log(&w)).unwrap_or_default()
         )
     });
     eprintln!("the spool's file system filled {full_at:?} into the outage");
+    // A SIGKILL on the full disk (the coarsened intervals in memory go with it: their time is
+    // the restart's AGENT_DOWN gap), and a restart that must come up on it.
+    sigkill(&mut agent);
+    let mut agent = Agent::start(&config, &w.agent_log());
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        agent.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the agent did not come up on a full disk\n{}",
+        w.logs()
+    );
     let _ledger = w.ledger(&listen.to_string());
     w.cg.wait_all();
     stop_agent_cleanly(&w, &mut agent);
