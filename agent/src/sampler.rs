@@ -368,6 +368,28 @@ mod tests {
         );
         assert_eq!(i.elapsed_us(), 1_000_000);
         assert_eq!(i.wall_jump_ns, -3_601_000_000_000);
+        // The record carries it, and a CLOCK_JUMP gap says so; an interval without a step
+        // has none.
+        let rec = crate::records::interval(&i, "boot", false);
+        assert_eq!(rec.wall_clock_jump_ns, -3_601_000_000_000);
+        let jump = wattd_proto::v1::GapCause::ClockJump as i32;
+        let gaps: Vec<_> = rec.gaps.iter().filter(|g| g.cause == jump).collect();
+        assert_eq!(gaps.len(), 1, "{:?}", rec.gaps);
+        assert!(
+            gaps[0].detail.contains("-3601000000000 ns"),
+            "{}",
+            gaps[0].detail
+        );
+        let next = s.tick(
+            Stamp {
+                mono_ns: 3_000_000_000,
+                unix_ns: 2_000_000_000 - 3_600_000_000_000,
+            },
+            Some(usage()),
+        );
+        assert_eq!(next.wall_jump_ns, 0);
+        let rec = crate::records::interval(&next, "boot", false);
+        assert!(rec.gaps.iter().all(|g| g.cause != jump), "{:?}", rec.gaps);
     }
 
     #[test]

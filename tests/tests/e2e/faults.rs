@@ -400,7 +400,18 @@ fn c_a_ledger_restored_from_an_old_backup_catches_up_completely_postgres() {
 /// the last sealed seq.
 #[test]
 fn a_the_smallest_spool_turns_over_without_coarsening() {
-    let name = "a_the_smallest_spool_turns_over_without_coarsening";
+    smallest_spool(false, "a_the_smallest_spool_turns_over_without_coarsening");
+}
+
+#[test]
+fn a_the_smallest_spool_turns_over_without_coarsening_postgres() {
+    let name = "a_the_smallest_spool_turns_over_without_coarsening_postgres";
+    if postgres_available(name) {
+        smallest_spool(true, name);
+    }
+}
+
+fn smallest_spool(postgres: bool, name: &str) {
     let Some(mount) = require_cgroups(name) else {
         return;
     };
@@ -408,7 +419,7 @@ fn a_the_smallest_spool_turns_over_without_coarsening() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
-    let mut w = World::new(mount, "a_small", false);
+    let mut w = World::new(mount, if postgres { "a_pg" } else { "a_sqlite" }, postgres);
     let ledger = w.ledger("127.0.0.1:0");
     let config = w.agent_config_with(ledger.listen, 400, 50, "max_bytes = 1048576\n");
     let mut agent = Agent::start(&config, &first_log(&w));
@@ -460,7 +471,21 @@ fn a_the_smallest_spool_turns_over_without_coarsening() {
 /// coarsened ones included, reaches it; SIGTERM exits 0.
 #[test]
 fn d_a_spool_whose_file_system_fills_during_an_outage_loses_nothing() {
-    let name = "d_a_spool_whose_file_system_fills_during_an_outage_loses_nothing";
+    full_file_system(
+        false,
+        "d_a_spool_whose_file_system_fills_during_an_outage_loses_nothing",
+    );
+}
+
+#[test]
+fn d_a_spool_whose_file_system_fills_during_an_outage_loses_nothing_postgres() {
+    let name = "d_a_spool_whose_file_system_fills_during_an_outage_loses_nothing_postgres";
+    if postgres_available(name) {
+        full_file_system(true, name);
+    }
+}
+
+fn full_file_system(postgres: bool, name: &str) {
     let Some(mount) = require_cgroups(name) else {
         return;
     };
@@ -490,7 +515,12 @@ fn d_a_spool_whose_file_system_fills_during_an_outage_loses_nothing() {
     }
     let _unmount = Unmount(fs.path().to_owned());
     let spool = fs.path().join("spool");
-    let mut w = World::with_spool(mount, "d_full", false, Some(spool));
+    let mut w = World::with_spool(
+        mount,
+        if postgres { "d_pg" } else { "d_sqlite" },
+        postgres,
+        Some(spool),
+    );
     let mut ledger = w.ledger("127.0.0.1:0");
     let listen = ledger.listen;
     let config = w.agent_config_with(listen, 400, 50, "max_bytes = 2097152\n");
