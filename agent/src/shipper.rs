@@ -469,6 +469,13 @@ impl Shipper {
                 ),
             )
         };
+        // Every rotation announced at or after `first`: a ledger that never saw the announcing
+        // batch (lost in the range, or not delivered yet) learns the keys from these.
+        let rotations = crate::identity::rotation_certs(&self.dir)
+            .into_iter()
+            .filter(|(r, _)| r.effective_seq > first)
+            .map(|(_, cert)| cert)
+            .collect();
         let loss = wattd_records::loss::Loss {
             first_seq: first,
             last_seq: last,
@@ -477,6 +484,7 @@ impl Shipper {
             next_key_epoch: header.key_epoch,
             next_key_id: header.key_id,
             detail,
+            rotations,
         };
         let n = last - first + 1;
         // Each distinct range is counted once, however often it is sent again.

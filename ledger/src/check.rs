@@ -471,6 +471,85 @@ pub struct VerifiedLoss {
     pub key_epoch: u32,
     /// The SignedLossStatement as received.
     pub bytes: Vec<u8>,
+    /// Keys learnt from the statement's signed rotations (each verified with the key it
+    /// retired, starting from a key this ledger knew).
+    pub rotations: Vec<LearntKey>,
+}
+
+/// Verifies a statement's signed rotations in epoch order, each with the key it retires (one
+/// the ledger knows, or one learnt from an earlier rotation in the list), and adds the new keys
+/// to `keys`. Returns them.
+fn learn_rotations(
+    cert_node: &str,
+    keys: &mut KnownKeys,
+    certs: &[wattd_proto::v1::SignedKeyRotation],
+) -> Result<Vec<LearntKey>, Rejection> {
+    use wattd_proto::v1::KeyRotation;
+    let node = || cert_node.to_owned();
+    let mut decoded: Vec<(KeyRotation, &wattd_proto::v1::SignedKeyRotation)> = Vec::new();
+    for c in certs.iter().take(4096) {
+        let r =
+            KeyRotation::decode(c.rotation_bytes.as_slice()).map_err(|e| Rejection::Malformed {
+                node: node(),
+                detail: format!("loss statement: KeyRotation: {e}"),
+            })?;
+        decoded.push((r, c));
+    }
+    decoded.sort_by_key(|(r, _)| r.new_key_epoch);
+    let mut learnt = Vec::new();
+    for (r, c) in decoded {
+        let what = format!("loss statement: rotation to key epoch {}", r.new_key_epoch);
+        let Some(old) = keys.by_key_id(&c.key_id) else {
+            return Err(Rejection::UnknownKey {
+                node: node(),
+                what,
+                detail: format!(
+                    "signed by key id {}, which this ledger does not know",
+                    hex(&c.key_id)
+                ),
+            });
+        };
+        let authentic = Signature::from_slice(&c.signature)
+            .is_ok_and(|sig| old.verifying.verify_strict(&c.rotation_bytes, &sig).is_ok());
+        if !authentic {
+            return Err(Rejection::BadSignature { node: node(), what });
+        }
+        let public: [u8; 32] =
+            r.new_public_key
+                .as_slice()
+                .try_into()
+                .map_err(|_| Rejection::Malformed {
+                    node: node(),
+                    detail: format!("{what}: the public key is not 32 bytes"),
+                })?;
+        let key_id = key_id_of(&public);
+        if Some(r.new_key_epoch) != old.identity.key_epoch.checked_add(1)
+            || r.new_key_id.as_slice() != key_id.as_slice()
+            || r.effective_seq < 2
+        {
+            return Err(Rejection::Malformed {
+                node: node(),
+                detail: format!(
+                    "{what}: not the next epoch of its signing key ({}), a key id that is not its \
+                     key's, or an effective seq below 2",
+                    old.identity.key_epoch
+                ),
+            });
+        }
+        let k = LearntKey {
+            epoch: r.new_key_epoch,
+            public_key: public,
+            key_id,
+            effective_seq: r.effective_seq,
+            announced_seq: r.effective_seq - 1,
+        };
+        keys.learn(&k).map_err(|detail| Rejection::Malformed {
+            node: node(),
+            detail: format!("{what}: {detail}"),
+        })?;
+        learnt.push(k);
+    }
+    Ok(learnt)
 }
 
 /// Verifies a loss statement: decodable, this certificate's node, signed by one of its known
@@ -497,6 +576,11 @@ pub fn verify_loss(
             what: "loss statement".into(),
         });
     }
+    // Keys the statement's own rotations announce (verified from a key the ledger knows) may
+    // sign it and the batch after the range; they are kept only if the statement is recorded.
+    let mut keys = keys.clone();
+    let rotations = learn_rotations(cert_node, &mut keys, &st.rotations)?;
+    let keys = &keys;
     let what = format!("loss statement (seqs {} to {})", st.first_seq, st.last_seq);
     let Some(key) = keys.by_key_id(&signed.key_id) else {
         return Err(Rejection::UnknownKey {
@@ -594,5 +678,6 @@ pub fn verify_loss(
         stated_unix_ns: st.stated_unix_ns,
         key_epoch: st.key_epoch,
         bytes: signed.encode_to_vec(),
+        rotations,
     })
 }

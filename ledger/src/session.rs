@@ -296,6 +296,13 @@ impl<S: Store> Session<S> {
             return Ok(ack);
         }
         let anchor_seq = v.last_seq + 1;
+        // Its rotations are authentic (each verified with the key it retires): the batch after
+        // the range may be signed by one of them. (Stored with the range when it is recorded.)
+        for k in &v.rotations {
+            if let Err(e) = self.keys.learn(k) {
+                tracing::warn!(node = %self.node_id, epoch = k.epoch, error = %e, "rotation from a loss statement conflicts with a known key");
+            }
+        }
         self.pending_loss = Some(v);
         // The batch after the range may be held already (it came first).
         if let Some(anchor) = self.held.get(&anchor_seq).cloned() {
@@ -347,6 +354,7 @@ impl<S: Store> Session<S> {
             next_key_epoch: l.next_key_epoch,
             next_key_id: l.next_key_id,
             signer_epoch: l.key_epoch,
+            rotations: l.rotations.clone(),
             reason: l.reason.to_owned(),
             detail: l.detail.clone(),
             stated_unix_ns: l.stated_unix_ns,

@@ -440,7 +440,77 @@ pub fn prepare_rotation(
         effective_seq,
         rotated_unix_ns: now_unix_ns,
     };
+    save_rotation_cert(dir, current, &rotation)?;
     Ok((next, rotation))
+}
+
+/// Files of signed rotations: `rotation-<epoch>-<new key id>.pb`.
+const ROTATION_CERT_PREFIX: &str = "rotation-";
+const ROTATION_CERT_SUFFIX: &str = ".pb";
+/// At most this many are read (a node rotating daily for 11 years), each at most 1 KiB.
+const ROTATION_CERTS_MAX: usize = 4096;
+
+/// Keeps `rotation` signed on its own by `current`, the key it retires, durably in `dir`, so
+/// that a loss statement can show it again if the batch announcing it is lost. Public data.
+pub fn save_rotation_cert(
+    dir: &Path,
+    current: &NodeKey,
+    rotation: &KeyRotation,
+) -> Result<(), IdentityError> {
+    use prost::Message as _;
+    let bytes = rotation.encode_to_vec();
+    let cert = wattd_proto::v1::SignedKeyRotation {
+        signature: current.sign(&bytes).to_vec(),
+        key_id: current.key_id().to_vec(),
+        rotation_bytes: bytes,
+    };
+    let name = format!(
+        "{ROTATION_CERT_PREFIX}{}-{}{ROTATION_CERT_SUFFIX}",
+        rotation.new_key_epoch,
+        hex(&rotation.new_key_id)
+    );
+    durable::write_atomic(dir, &name, &cert.encode_to_vec(), 0o644, true)
+        .map_err(|e| IdentityError::io(&dir.join(&name), e.into_io()))
+}
+
+/// The node's signed rotations whose new key was committed (it is in `node.pub`: a rotation a
+/// crash abandoned is left out), in epoch order. Unreadable or foreign files are skipped.
+pub fn rotation_certs(dir: &Path) -> Vec<(KeyRotation, wattd_proto::v1::SignedKeyRotation)> {
+    use prost::Message as _;
+    let committed: std::collections::BTreeSet<String> = known_public_keys(dir)
+        .map(|keys| keys.into_iter().map(|k| k.key_id).collect())
+        .unwrap_or_default();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten().take(ROTATION_CERTS_MAX * 4) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with(ROTATION_CERT_PREFIX) && name.ends_with(ROTATION_CERT_SUFFIX)) {
+            continue;
+        }
+        let Ok(meta) = e.metadata() else { continue };
+        if !meta.is_file() || meta.len() > 1024 {
+            continue;
+        }
+        let Ok(bytes) = fs::read(e.path()) else {
+            continue;
+        };
+        let Ok(cert) = wattd_proto::v1::SignedKeyRotation::decode(bytes.as_slice()) else {
+            continue;
+        };
+        let Ok(rotation) = KeyRotation::decode(cert.rotation_bytes.as_slice()) else {
+            continue;
+        };
+        if committed.contains(&hex(&rotation.new_key_id)) {
+            out.push((rotation, cert));
+        }
+        if out.len() >= ROTATION_CERTS_MAX {
+            break;
+        }
+    }
+    out.sort_by_key(|(r, _)| r.new_key_epoch);
+    out
 }
 
 /// Step 3 of a rotation, after the announcing batch is durable: records the new public key in
@@ -597,6 +667,19 @@ mod tests {
             .map(|k| k.key_epoch)
             .collect();
         assert_eq!(epochs, vec![1, 2]);
+        // The signed rotations kept for loss statements: the committed one only (the
+        // abandoned first key for epoch 2 is left out), signed by the retired key.
+        let certs = rotation_certs(dir.path());
+        assert_eq!(certs.len(), 1);
+        let (r, cert) = &certs[0];
+        assert_eq!(
+            (r.new_key_epoch, r.new_key_id.clone()),
+            (2, next.key_id().to_vec())
+        );
+        assert_eq!(cert.key_id, key_id_of(&k1_pub).to_vec());
+        let sig = ed25519_dalek::Signature::from_slice(&cert.signature)?;
+        use ed25519_dalek::Verifier as _;
+        VerifyingKey::from_bytes(&k1_pub)?.verify(&cert.rotation_bytes, &sig)?;
         Ok(())
     }
 }

@@ -14,7 +14,7 @@ use crate::identity::NodeKey;
 pub const DETAIL_MAX_BYTES: usize = 1024;
 
 /// What a node declares lost.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Loss {
     pub first_seq: u64,
     pub last_seq: u64,
@@ -25,6 +25,9 @@ pub struct Loss {
     pub next_key_epoch: u32,
     pub next_key_id: Vec<u8>,
     pub detail: String,
+    /// The node's rotations announced at or after `first_seq`, each signed by the key it
+    /// retired (`crate::identity::rotation_certs`).
+    pub rotations: Vec<wattd_proto::v1::SignedKeyRotation>,
 }
 
 fn cut(s: &str, max: usize) -> String {
@@ -51,6 +54,7 @@ pub fn sign_loss(key: &NodeKey, loss: &Loss, now_unix_ns: i64) -> SignedLossStat
         stated_unix_ns: now_unix_ns,
         detail: cut(&loss.detail, DETAIL_MAX_BYTES),
         key_epoch: key.epoch(),
+        rotations: loss.rotations.clone(),
     };
     let bytes = st.encode_to_vec();
     SignedLossStatement {
@@ -84,6 +88,7 @@ mod tests {
             next_key_epoch: 2,
             next_key_id: key.key_id().to_vec(),
             detail: "é".repeat(2000),
+            rotations: Vec::new(),
         };
         let s = sign_loss(&key, &loss, 11);
         let st = LossStatement::decode(s.statement_bytes.as_slice()).expect("decodes");

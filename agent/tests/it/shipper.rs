@@ -45,6 +45,8 @@ struct FakeState {
     node_key: Option<ed25519_dalek::VerifyingKey>,
     /// Loss statements taken: (first, last, reason), in order.
     losses: Vec<(u64, u64, i32)>,
+    /// The signed rotations each statement taken carried.
+    loss_rotations: Vec<Vec<wattd_proto::v1::SignedKeyRotation>>,
 }
 
 impl FakeState {
@@ -82,6 +84,7 @@ impl FakeState {
         }
         self.stored.insert(st.last_seq, hash);
         self.losses.push((st.first_seq, st.last_seq, st.reason));
+        self.loss_rotations.push(st.rotations);
     }
 
     fn take(&mut self, b: &SignedBatch) {
@@ -617,5 +620,64 @@ async fn a_damaged_middle_record_is_declared_and_delivery_goes_on() {
     assert_eq!(
         stats.loss_statements_damaged_total.load(Ordering::Relaxed),
         1
+    );
+}
+
+/// The damaged record is the batch that announced a key rotation: the statement (signed by the
+/// new key) carries the rotation as the old key signed it on its own, so a ledger that never
+/// saw the announcing batch can learn the new key.
+#[tokio::test(flavor = "current_thread")]
+async fn a_damaged_rotation_batch_is_declared_with_its_signed_rotation() {
+    let w = World::new().await;
+    let cfg = config(w.spool.path(), 1 << 20);
+    let policy = wattd::sealer::SealPolicy::new(1, Duration::from_secs(10)).unwrap();
+    let (mut s, _) = Sealer::open(cfg, policy).unwrap();
+    let old = s.key().verifying_key();
+    let mut index = 0;
+    fill(&mut s, &mut index, 3, 1, 2).unwrap();
+    let announcing = s.rotate_key(0).unwrap();
+    fill(&mut s, &mut index, 3, 1, 2).unwrap();
+    let sealed = s.spool().sealed_seq();
+    // Damage the announcing batch's record.
+    let segs = wattd::spool::list_segments(w.spool.path()).unwrap();
+    let (_, path) = segs.last().unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    let scan = wattd_records::segment::frame::scan_segment(bytes.clone());
+    let payload = scan
+        .items
+        .iter()
+        .find_map(|i| match i {
+            wattd_records::segment::frame::ScanItem::Record { payload, .. } => {
+                let (b, _) =
+                    wattd::batch::StoredBatch::from_bytes(bytes[payload.clone()].to_vec()).ok()?;
+                (b.seq == announcing).then(|| payload.clone())
+            }
+            _ => None,
+        })
+        .unwrap();
+    let mut damaged = bytes.clone();
+    damaged[payload.start + payload.len() / 2] ^= 0x20;
+    std::fs::write(path, &damaged).unwrap();
+    let (acked, _) = ship(
+        w.shipper_config(),
+        &s,
+        |_, a| a == sealed,
+        &w.fake,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(acked, sealed);
+    let st = w.fake.0.lock().unwrap();
+    assert_eq!(st.losses.len(), 1, "{:?}", st.losses);
+    assert_eq!((st.losses[0].0, st.losses[0].1), (announcing, announcing));
+    let certs = &st.loss_rotations[0];
+    assert_eq!(certs.len(), 1);
+    let r = wattd_proto::v1::KeyRotation::decode(certs[0].rotation_bytes.as_slice()).unwrap();
+    assert_eq!((r.new_key_epoch, r.effective_seq), (2, announcing + 1));
+    let sig = ed25519_dalek::Signature::from_slice(&certs[0].signature).unwrap();
+    use ed25519_dalek::Verifier as _;
+    assert!(
+        old.verify(&certs[0].rotation_bytes, &sig).is_ok(),
+        "signed by the retired key"
     );
 }

@@ -117,6 +117,9 @@ pub struct LossRecord {
     pub next_key_id: KeyId,
     /// The epoch of the key that signed the statement.
     pub signer_epoch: u32,
+    /// Rotations the statement showed (verified): stored with the range, as a stored
+    /// announcing batch's would be.
+    pub rotations: Vec<LearntKey>,
     /// `damaged` or `not_retained`.
     pub reason: String,
     pub detail: String,

@@ -454,6 +454,7 @@ async fn record_loss_once(c: &mut PgConn, l: &LossRecord) -> Result<LossOutcome,
     let st_tip = c.statement(SQL_TIP).await?;
     let st_lock = c.statement(SQL_NODE_LOCK).await?;
     let st_key = c.statement(SQL_KEY_AT).await?;
+    let st_rot = c.statement(SQL_INSERT_ROTATION).await?;
     let tx = c.client.transaction().await?;
     tx.execute(&st_lock, &[&l.node_id]).await?;
     let tip = match tx.query_opt(&st_tip, &[&l.node_id]).await? {
@@ -507,6 +508,22 @@ async fn record_loss_once(c: &mut PgConn, l: &LossRecord) -> Result<LossOutcome,
             return Ok(LossOutcome::NotNext { tip });
         }
         Err(e) => return Err(e.into()),
+    }
+    if !l.rotations.is_empty() {
+        for r in &l.rotations {
+            tx.execute(
+                &st_rot,
+                &[
+                    &l.node_id,
+                    &i64::from(r.epoch),
+                    &r.public_key.as_slice(),
+                    &r.key_id.as_slice(),
+                    &to_i64(r.effective_seq, "effective_seq")?,
+                    &to_i64(r.announced_seq, "announced_seq")?,
+                ],
+            )
+            .await?;
+        }
     }
     tx.commit().await?;
     Ok(LossOutcome::Recorded)

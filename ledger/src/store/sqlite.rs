@@ -393,6 +393,21 @@ fn record_loss_blocking(conn: &mut Connection, l: &LossRecord) -> Result<LossOut
         l.recorded_unix_ns,
         l.statement,
     ])?;
+    for r in &l.rotations {
+        tx.prepare_cached(
+            "INSERT INTO rotations (node_id, new_key_epoch, new_public_key, new_key_id, \
+             effective_seq, announced_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+             ON CONFLICT (node_id, new_key_epoch) DO NOTHING",
+        )?
+        .execute(params![
+            l.node_id,
+            i64::from(r.epoch),
+            r.public_key.as_slice(),
+            r.key_id.as_slice(),
+            to_i64(r.effective_seq, "effective_seq")?,
+            to_i64(r.announced_seq, "announced_seq")?
+        ])?;
+    }
     tx.commit()?;
     Ok(LossOutcome::Recorded)
 }

@@ -423,6 +423,7 @@ impl Chain {
             next_key_epoch: self.key.epoch(),
             next_key_id: self.key.key_id().to_vec(),
             detail: format!("test: {first}..={last} damaged"),
+            rotations: Vec::new(),
         };
         NodeMessage {
             kind: Some(node_message::Kind::Loss(wattd_records::loss::sign_loss(

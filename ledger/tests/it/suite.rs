@@ -60,6 +60,7 @@ both!(
     loss_statements_are_checked_like_batches,
     the_audit_finds_totals_that_do_not_add_up,
     a_loss_statement_must_chain_to_the_batch_after_it_and_use_a_current_key,
+    a_lost_batch_that_announced_a_rotation_is_declared_with_the_signed_rotation,
 );
 
 fn limits() -> Limits {
@@ -993,6 +994,7 @@ async fn loss_statements_are_checked_like_batches(b: Backend, name: &str) -> Tes
             next_key_epoch: unknown.epoch(),
             next_key_id: unknown.key_id().to_vec(),
             detail: String::new(),
+            rotations: Vec::new(),
         },
         0,
     );
@@ -1093,6 +1095,7 @@ async fn a_loss_statement_must_chain_to_the_batch_after_it_and_use_a_current_key
             next_key_epoch: 2,
             next_key_id: chain.key.key_id().to_vec(),
             detail: String::new(),
+            rotations: Vec::new(),
         },
         0,
     );
@@ -1125,6 +1128,7 @@ async fn a_loss_statement_must_chain_to_the_batch_after_it_and_use_a_current_key
             next_key_epoch: 1,
             next_key_id: old.key_id().to_vec(),
             detail: String::new(),
+            rotations: Vec::new(),
         },
         0,
     );
@@ -1138,6 +1142,91 @@ async fn a_loss_statement_must_chain_to_the_batch_after_it_and_use_a_current_key
     let mut s = connect(&f, &l, "n1").await;
     assert_eq!(s.send(msg(&b4)).await?.acked_seq, 4);
     assert_eq!(s.send(msg(&b5)).await?.acked_seq, 5);
+    l.stop().await;
+    Ok(())
+}
+
+/// The lost batch is the one that announced a key rotation: the statement (signed by the new
+/// key) carries the rotation as the old key signed it on its own; the ledger verifies it from
+/// the key it knows, learns the new key, records the range, stores the batches after it, and
+/// still knows the key on the next stream. Without that rotation the statement's key is unknown.
+async fn a_lost_batch_that_announced_a_rotation_is_declared_with_the_signed_rotation(
+    b: Backend,
+    name: &str,
+) -> TestResult {
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let l = f.start(limits()).await;
+    let old = key("n1", 1, 1);
+    let new = key("n1", 2, 2);
+    let b1 = chain.next(1);
+    let b2 = chain.rotate(key("n1", 2, 2));
+    let b3 = chain.next(1);
+    let b4 = chain.next(1);
+    let mut s = connect(&f, &l, "n1").await;
+    s.send(msg(&b1)).await?;
+    let rotation = wattd_proto::v1::KeyRotation {
+        new_key_epoch: 2,
+        new_public_key: new.public_key().to_vec(),
+        new_key_id: new.key_id().to_vec(),
+        effective_seq: 3,
+        rotated_unix_ns: 1_700_000_000,
+    };
+    let bytes = rotation.encode_to_vec();
+    let cert = wattd_proto::v1::SignedKeyRotation {
+        signature: old.sign(&bytes).to_vec(),
+        key_id: old.key_id().to_vec(),
+        rotation_bytes: bytes,
+    };
+    let statement = |rotations: Vec<wattd_proto::v1::SignedKeyRotation>| NodeMessage {
+        kind: Some(node_message::Kind::Loss(wattd_records::loss::sign_loss(
+            &new,
+            &wattd_records::loss::Loss {
+                first_seq: 2,
+                last_seq: 2,
+                last_hash: b2.hash,
+                reason: wattd_proto::v1::LossReason::Damaged,
+                next_key_epoch: 2,
+                next_key_id: new.key_id().to_vec(),
+                detail: "the rotation batch".into(),
+                rotations,
+            },
+            0,
+        ))),
+    };
+    let err = s
+        .send(statement(Vec::new()))
+        .await
+        .expect_err("new key unknown");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let mut s = connect(&f, &l, "n1").await;
+    // A rotation "signed" by the new key itself proves nothing.
+    let mut forged = cert.clone();
+    forged.signature = new.sign(&forged.rotation_bytes).to_vec();
+    let err = s
+        .send(statement(vec![forged]))
+        .await
+        .expect_err("forged rotation");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let mut s = connect(&f, &l, "n1").await;
+    assert_eq!(s.send(statement(vec![cert])).await?.acked_seq, 1);
+    assert_eq!(s.send(msg(&b3)).await?.acked_seq, 3);
+    assert_eq!(s.send(msg(&b4)).await?.acked_seq, 4);
+    drop(s);
+    let b5 = chain.next(1);
+    let mut s = connect(&f, &l, "n1").await;
+    assert_eq!(
+        s.send(msg(&b5)).await?.acked_seq,
+        5,
+        "the new key is remembered"
+    );
+    let report = wattd_ledger::query::nodes_report(f.query_store().await.nodes().await?);
+    let n = &report.nodes[0];
+    assert_eq!((n.lost.len(), n.lost[0].energy), (1, "exact"));
+    assert_eq!(n.lost[0].energy_uj, Some(3));
+    let audit = wattd_ledger::audit::audit(&f.query_store().await).await?;
+    assert!(audit.ok(), "{}", wattd_ledger::audit::audit_text(&audit));
     l.stop().await;
     Ok(())
 }

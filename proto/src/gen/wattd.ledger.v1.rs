@@ -310,6 +310,23 @@ pub struct LossStatement {
     /// Epoch of the key that signed this statement.
     #[prost(uint32, tag = "10")]
     pub key_epoch: u32,
+    /// The node's key rotations announced at or after first_seq, each as the old key signed it on
+    /// its own: a ledger that never saw the batch announcing a rotation (it is in the range, or
+    /// not delivered yet) learns the key that signs this statement and the batches after it.
+    #[prost(message, repeated, tag = "11")]
+    pub rotations: ::prost::alloc::vec::Vec<SignedKeyRotation>,
+}
+/// A KeyRotation signed on its own by the key it retires (the node keeps these, so that a
+/// rotation can be shown again if the batch that announced it is lost).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SignedKeyRotation {
+    #[prost(bytes = "vec", tag = "1")]
+    pub rotation_bytes: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub signature: ::prost::alloc::vec::Vec<u8>,
+    /// Key id of the signing (old) key.
+    #[prost(bytes = "vec", tag = "3")]
+    pub key_id: ::prost::alloc::vec::Vec<u8>,
 }
 /// A LossStatement as sent: its encoded bytes and the node's signature over exactly those.
 #[derive(Clone, PartialEq, ::prost::Message)]
