@@ -88,6 +88,7 @@ pub fn run(args: &RunsArgs) -> anyhow::Result<()> {
     // find it, and see how its last usage was obtained.
     for (run_id, (how, us)) in finals {
         report.runs.push(RunRow {
+            node_id: None,
             run_id,
             energy_uj: 0,
             energy_wh: wattd::energy_table::wh_text(0),

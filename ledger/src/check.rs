@@ -184,6 +184,11 @@ pub struct VerifiedHeartbeat {
     pub key_epoch: u32,
 }
 
+/// A value from the network as an error shows it: at most 64 characters (escaped by `{:?}`).
+fn shown(v: &str) -> String {
+    v.chars().take(64).collect()
+}
+
 fn domain_label(domain: &str, package: Option<u32>) -> String {
     match package {
         Some(p) => format!("{domain}:{p}"),
@@ -333,8 +338,28 @@ pub fn verify_batch(
     for interval in &batch.intervals {
         let index = db_int(cert_node, seq, "interval index", interval.index)?;
         for d in &interval.domains {
+            if let Some(what) = wattd_proto::names::domain_problem(&d.domain) {
+                return Err(Rejection::Malformed {
+                    node: node(),
+                    detail: format!(
+                        "batch seq {seq}: interval {}: domain {:?}: {what}",
+                        interval.index,
+                        shown(&d.domain)
+                    ),
+                });
+            }
             let domain = domain_label(&d.domain, d.package);
             for a in &d.allocations {
+                if let Some(what) = wattd_proto::names::run_id_problem(&a.run_id) {
+                    return Err(Rejection::Malformed {
+                        node: node(),
+                        detail: format!(
+                            "batch seq {seq}: interval {}: run id {:?}: {what}",
+                            interval.index,
+                            shown(&a.run_id)
+                        ),
+                    });
+                }
                 let energy = a.active_uj.saturating_add(a.idle_uj);
                 allocations.push(AllocationRow {
                     interval_index: index,

@@ -103,6 +103,7 @@ pub struct Metrics {
     pub lost_ranges: AtomicU64,
     pub lost_batches: AtomicU64,
     pub batches_in_lost_range: AtomicU64,
+    pub forks_not_kept: AtomicU64,
     pub heartbeat_regressed: AtomicU64,
     pub rate_limited: AtomicU64,
     pub acks: AtomicU64,
@@ -255,6 +256,13 @@ impl Metrics {
             "counter",
             "Authentic batches received for a seq their node had declared lost (not stored).",
             get(&self.batches_in_lost_range),
+        );
+        one(
+            "wattd_ledger_forks_not_kept_total",
+            "counter",
+            "Forks whose evidence was not stored: the node's fork rows or bytes were at their \
+             bound.",
+            get(&self.forks_not_kept),
         );
         one(
             "wattd_ledger_heartbeat_regressed_total",

@@ -16,18 +16,27 @@ pub struct RunsReport {
     pub runs: Vec<RunRow>,
 }
 
+/// Rows per node and run: a run billed by several nodes is listed once per node, so energy a
+/// node allocates to someone else's run shows as that node's.
 pub fn runs_report(totals: Vec<RunDomainTotal>) -> RunsReport {
-    let mut by_run: BTreeMap<String, BTreeMap<String, u128>> = BTreeMap::new();
+    let mut by_node: BTreeMap<String, BTreeMap<String, BTreeMap<String, u128>>> = BTreeMap::new();
     for t in totals {
-        *by_run
+        *by_node
+            .entry(t.node_id)
+            .or_default()
             .entry(t.run_id)
             .or_default()
             .entry(t.domain)
             .or_default() += t.energy_uj;
     }
-    RunsReport {
-        runs: wattd_records::energy_table::run_rows(by_run),
+    let mut runs = Vec::new();
+    for (node, by_run) in by_node {
+        for mut row in wattd_records::energy_table::run_rows(by_run) {
+            row.node_id = Some(node.clone());
+            runs.push(row);
+        }
     }
+    RunsReport { runs }
 }
 
 /// The same table `wattd runs` prints.

@@ -411,8 +411,15 @@ impl<S: Store> Session<S> {
             received_bytes: vb.bytes.clone(),
             detected_unix_ns: unix_now_ns(),
         };
-        if let Err(e) = self.store.record_fork(record).await {
-            tracing::error!(node = %self.node_id, seq, error = %e, "could not record the fork");
+        match self.store.record_fork(record).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.metrics.inc(&self.metrics.forks_not_kept);
+                tracing::warn!(node = %self.node_id, seq, "fork evidence not kept: the node's fork rows or bytes are at their bound (counted only)");
+            }
+            Err(e) => {
+                tracing::error!(node = %self.node_id, seq, error = %e, "could not record the fork")
+            }
         }
         match kind {
             ForkKind::ChainLink => Rejection::ChainBreak {

@@ -19,6 +19,8 @@ pub mod ledger {
 
 pub use ledger::v1;
 
+pub mod names;
+
 /// The include root of the .proto sources (for tools that regenerate or lint them).
 pub const PROTO_ROOT: &str = env!("CARGO_MANIFEST_DIR");
 

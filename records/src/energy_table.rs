@@ -43,6 +43,10 @@ pub struct DomainRow {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RunRow {
+    /// The node that billed it (the ledger's table, which bills per node and run); absent in a
+    /// node's own table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
     pub run_id: String,
     pub energy_uj: u128,
     pub energy_wh: String,
@@ -63,6 +67,7 @@ pub fn run_rows(totals: BTreeMap<String, BTreeMap<String, u128>>) -> Vec<RunRow>
         .map(|(run_id, domains)| {
             let energy_uj = domains.values().sum();
             RunRow {
+                node_id: None,
                 run_id,
                 energy_uj,
                 energy_wh: wh_text(energy_uj),
@@ -81,18 +86,36 @@ pub fn run_rows(totals: BTreeMap<String, BTreeMap<String, u128>>) -> Vec<RunRow>
         .collect()
 }
 
-/// The table: a header, a line per run and domain, and a `total` line per run.
+/// A name as a table cell: printable ASCII as is, anything else escaped (`\n`, `\u{..}`), so a
+/// name can never start a line of its own. (Names are validated before they are stored; this
+/// is the last guard.)
+pub fn cell(v: &str) -> String {
+    if v.bytes().all(|b| b.is_ascii_graphic()) {
+        v.to_owned()
+    } else {
+        v.escape_default().to_string().replace(' ', "\\x20")
+    }
+}
+
+/// The table: a header, a line per run and domain, and a `total` line per run; with a NODE
+/// column first when the rows name their node.
 pub fn table_text(runs: &[RunRow]) -> String {
     let mut s = String::new();
-    let mut line = |run: &str, domain: &str, uj: &dyn std::fmt::Display, wh: &str| {
+    let with_node = runs.iter().any(|r| r.node_id.is_some());
+    let mut line = |node: &str, run: &str, domain: &str, uj: &dyn std::fmt::Display, wh: &str| {
+        if with_node {
+            let _ = write!(s, "{node:<24} ");
+        }
         let _ = writeln!(s, "{run:<36} {domain:<12} {uj:>20} {wh:>22}");
     };
-    line("RUN", "DOMAIN", &"ENERGY_UJ", "ENERGY_WH");
+    line("NODE", "RUN", "DOMAIN", &"ENERGY_UJ", "ENERGY_WH");
     for run in runs {
+        let node = cell(run.node_id.as_deref().unwrap_or("-"));
+        let id = cell(&run.run_id);
         for d in &run.domains {
-            line(&run.run_id, &d.domain, &d.energy_uj, &d.energy_wh);
+            line(&node, &id, &cell(&d.domain), &d.energy_uj, &d.energy_wh);
         }
-        line(&run.run_id, "total", &run.energy_uj, &run.energy_wh);
+        line(&node, &id, "total", &run.energy_uj, &run.energy_wh);
     }
     s
 }
@@ -132,6 +155,19 @@ mod tests {
             lines[3].starts_with("a") && lines[3].contains("total") && lines[3].contains(" 10 ")
         );
         assert_eq!(domain_label("package", Some(2)), "package:2");
+        // A hostile name cannot start a line of its own.
+        let mut evil = run_rows(BTreeMap::from([(
+            "x\nevil 1 2".to_owned(),
+            BTreeMap::from([("psys".to_owned(), 1u128)]),
+        )]));
+        evil[0].node_id = Some("n 1".into());
+        let text = table_text(&evil);
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(
+            text.lines()
+                .all(|l| l.starts_with("NODE") || l.starts_with("n\\x201")),
+            "{text}"
+        );
         assert_eq!(domain_label("psys", None), "psys");
     }
 }

@@ -10,7 +10,7 @@ use crate::error::{HostError, Shown};
 /// The placeholder a pattern's last component carries.
 pub const RUN_ID_PLACEHOLDER: &str = "{run_id}";
 /// Longest run id accepted: ids become labels and record keys, so they are bounded.
-pub const RUN_ID_MAX_BYTES: usize = 128;
+pub const RUN_ID_MAX_BYTES: usize = wattd_proto::names::RUN_ID_MAX_BYTES;
 /// Longest cgroup path accepted, relative to the cgroup root. With the mount point in front it
 /// stays under PATH_MAX (4096), so every path we build can be opened.
 pub const CGROUP_REL_MAX_BYTES: usize = 3840;
@@ -104,23 +104,9 @@ impl RunPattern {
     }
 }
 
+/// The contract's rule (`wattd_proto::names`), shared with the ledger.
 fn run_id_problem(id: &str) -> Option<&'static str> {
-    if id.is_empty() {
-        return Some("run id is empty");
-    }
-    if id.len() > RUN_ID_MAX_BYTES {
-        return Some("run id is longer than 128 bytes");
-    }
-    if id == "." || id == ".." {
-        return Some("run id is . or ..");
-    }
-    if !id
-        .bytes()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':' | b'@'))
-    {
-        return Some("run id may hold only A-Z a-z 0-9 - _ . : @");
-    }
-    None
+    wattd_proto::names::run_id_problem(id)
 }
 
 /// Checks a run id: 1 to 128 bytes of `A-Z a-z 0-9 - _ . : @`, not `.` or `..`.

@@ -162,9 +162,12 @@ pub struct LostRangeRow {
     pub after: Option<Vec<u8>>,
 }
 
-/// A per-run, per-domain total.
+/// A per-node, per-run, per-domain total.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunDomainTotal {
+    /// The node whose batches allocated it: a run billed by several nodes is several rows,
+    /// so a node that bills someone else's run is visible as itself.
+    pub node_id: String,
     pub run_id: String,
     pub domain: String,
     pub energy_uj: u128,
@@ -251,6 +254,10 @@ pub enum OpenMode {
     Query,
 }
 
+/// Fork evidence kept per node, in rows and in bytes of received batches.
+pub const FORK_ROWS_PER_NODE: i64 = 64;
+pub const FORK_BYTES_PER_NODE: i64 = 64 << 20;
+
 /// Current schema version, kept in `ledger_meta`. Version 2 added `lost_ranges`; a version 1
 /// database is upgraded in place when opened to serve (the change only adds a table).
 pub const SCHEMA_VERSION: i64 = 2;
@@ -299,8 +306,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// The node's highest announced sealed seq (0 if none).
     fn announced(&self, node: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
-    /// Keeps the evidence of a fork (idempotent per received batch).
-    fn record_fork(&self, fork: ForkRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Keeps the evidence of a fork (idempotent per received batch), within
+    /// [`FORK_ROWS_PER_NODE`] rows and [`FORK_BYTES_PER_NODE`] bytes per node: beyond that a
+    /// new fork is not kept (returns false; the caller counts it), so a compromised node cannot
+    /// fill the ledger's disk with distinct authentic batches.
+    fn record_fork(
+        &self,
+        fork: ForkRecord,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Up to `limit` stored batches of `node` with seq above `after_seq`, in seq order: (seq,
     /// SignedBatch bytes). For `audit`.
     fn batches_after(
@@ -309,7 +322,8 @@ pub trait Store: Send + Sync + 'static {
         after_seq: u64,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, StoreError>> + Send;
-    /// Per-run totals by domain over every stored allocation.
+    /// Per-node, per-run totals by domain over every stored allocation (exact: never an
+    /// overflow error).
     fn run_totals(&self) -> impl Future<Output = Result<Vec<RunDomainTotal>, StoreError>> + Send;
     /// Per-node state for `nodes`.
     fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRow>, StoreError>> + Send;
@@ -382,7 +396,7 @@ impl Store for AnyStore {
     async fn announced(&self, node: &str) -> Result<u64, StoreError> {
         delegate!(self, s => s.announced(node))
     }
-    async fn record_fork(&self, fork: ForkRecord) -> Result<(), StoreError> {
+    async fn record_fork(&self, fork: ForkRecord) -> Result<bool, StoreError> {
         delegate!(self, s => s.record_fork(fork))
     }
     async fn batches_after(

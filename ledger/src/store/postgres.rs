@@ -648,14 +648,21 @@ impl Store for PgStore {
         to_u64(row.map_or(0, |r| r.get(0)), "nodes.announced_sealed_seq")
     }
 
-    async fn record_fork(&self, f: ForkRecord) -> Result<(), StoreError> {
+    async fn record_fork(&self, f: ForkRecord) -> Result<bool, StoreError> {
         let mut p = self.conn().await?;
         let c = p.get()?;
-        c.client
+        let changed = c
+            .client
             .execute(
                 "INSERT INTO forks (node_id, seq, kind, stored_hash, received_hash, \
                  received_signed_batch, first_detected_unix_ns, last_detected_unix_ns, \
-                 times_seen) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, 1) \
+                 times_seen) SELECT $1::text, $2::bigint, $3::text, $4::bytea, $5::bytea, \
+                 $6::bytea, $7::bigint, $7::bigint, 1 \
+                 WHERE EXISTS (SELECT 1 FROM forks WHERE node_id = $1::text AND seq = $2::bigint \
+                   AND received_hash = $5::bytea) \
+                 OR ((SELECT COUNT(*) FROM forks WHERE node_id = $1::text) < $8::bigint \
+                   AND (SELECT COALESCE(SUM(octet_length(received_signed_batch)), 0) FROM forks \
+                        WHERE node_id = $1::text) + octet_length($6::bytea) <= $9::bigint) \
                  ON CONFLICT (node_id, seq, received_hash) DO UPDATE SET \
                  times_seen = forks.times_seen + 1, \
                  last_detected_unix_ns = excluded.last_detected_unix_ns",
@@ -667,10 +674,12 @@ impl Store for PgStore {
                     &f.received_hash.as_slice(),
                     &f.received_bytes,
                     &f.detected_unix_ns,
+                    &super::FORK_ROWS_PER_NODE,
+                    &super::FORK_BYTES_PER_NODE,
                 ],
             )
             .await?;
-        Ok(())
+        Ok(changed > 0)
     }
 
     async fn batches_after(
@@ -702,17 +711,18 @@ impl Store for PgStore {
         let rows = c
             .client
             .query(
-                "SELECT run_id, domain, SUM(energy_uj)::text FROM allocations \
-                 GROUP BY run_id, domain ORDER BY run_id, domain",
+                "SELECT node_id, run_id, domain, SUM(energy_uj)::text FROM allocations \
+                 GROUP BY node_id, run_id, domain ORDER BY node_id, run_id, domain",
                 &[],
             )
             .await?;
         rows.into_iter()
             .map(|r| {
-                let total: &str = r.get(2);
+                let total: &str = r.get(3);
                 Ok(RunDomainTotal {
-                    run_id: r.get(0),
-                    domain: r.get(1),
+                    node_id: r.get(0),
+                    run_id: r.get(1),
+                    domain: r.get(2),
                     energy_uj: total
                         .parse()
                         .map_err(|_| StoreError::Corrupt(format!("energy sum {total:?}")))?,

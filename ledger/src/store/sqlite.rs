@@ -527,25 +527,34 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn record_fork(&self, f: ForkRecord) -> Result<(), StoreError> {
+    async fn record_fork(&self, f: ForkRecord) -> Result<bool, StoreError> {
         self.with(move |c| {
-            c.prepare_cached(
-                "INSERT INTO forks (node_id, seq, kind, stored_hash, received_hash, \
-                 received_signed_batch, first_detected_unix_ns, last_detected_unix_ns, times_seen) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 1) \
-                 ON CONFLICT (node_id, seq, received_hash) DO UPDATE SET \
-                 times_seen = times_seen + 1, last_detected_unix_ns = excluded.last_detected_unix_ns",
-            )?
-            .execute(params![
-                f.node_id,
-                to_i64(f.seq, "seq")?,
-                f.kind.as_str(),
-                f.stored_hash.as_slice(),
-                f.received_hash.as_slice(),
-                f.received_bytes,
-                f.detected_unix_ns
-            ])?;
-            Ok(())
+            let changed = c
+                .prepare_cached(
+                    "INSERT INTO forks (node_id, seq, kind, stored_hash, received_hash, \
+                     received_signed_batch, first_detected_unix_ns, last_detected_unix_ns, \
+                     times_seen) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 1 \
+                     WHERE EXISTS (SELECT 1 FROM forks WHERE node_id = ?1 AND seq = ?2 \
+                       AND received_hash = ?5) \
+                     OR ((SELECT COUNT(*) FROM forks WHERE node_id = ?1) < ?8 \
+                       AND (SELECT COALESCE(SUM(LENGTH(received_signed_batch)), 0) FROM forks \
+                            WHERE node_id = ?1) + LENGTH(?6) <= ?9) \
+                     ON CONFLICT (node_id, seq, received_hash) DO UPDATE SET \
+                     times_seen = times_seen + 1, \
+                     last_detected_unix_ns = excluded.last_detected_unix_ns",
+                )?
+                .execute(params![
+                    f.node_id,
+                    to_i64(f.seq, "seq")?,
+                    f.kind.as_str(),
+                    f.stored_hash.as_slice(),
+                    f.received_hash.as_slice(),
+                    f.received_bytes,
+                    f.detected_unix_ns,
+                    super::FORK_ROWS_PER_NODE,
+                    super::FORK_BYTES_PER_NODE
+                ])?;
+            Ok(changed > 0)
         })
         .await
     }
@@ -578,24 +587,33 @@ impl Store for SqliteStore {
 
     async fn run_totals(&self) -> Result<Vec<RunDomainTotal>, StoreError> {
         self.with(|c| {
+            // SQLite's SUM is a 64-bit integer that fails on overflow (for every query, so one
+            // node's huge values would break everyone's). Summed as high and low 32-bit halves,
+            // each sum fits up to 2^31 rows per group, and the total is exact in 128 bits.
             let mut st = c.prepare(
-                "SELECT run_id, domain, SUM(energy_uj) FROM allocations \
-                 GROUP BY run_id, domain ORDER BY run_id, domain",
+                "SELECT node_id, run_id, domain, SUM(energy_uj >> 32), \
+                 SUM(energy_uj & 4294967295) FROM allocations \
+                 GROUP BY node_id, run_id, domain ORDER BY node_id, run_id, domain",
             )?;
             let rows = st.query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
                 ))
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (run_id, domain, e) = row?;
+                let (node_id, run_id, domain, hi, lo) = row?;
+                let hi = u128::from(to_u64(hi, "energy sum (high half)")?);
+                let lo = u128::from(to_u64(lo, "energy sum (low half)")?);
                 out.push(RunDomainTotal {
+                    node_id,
                     run_id,
                     domain,
-                    energy_uj: u128::from(to_u64(e, "energy sum")?),
+                    energy_uj: (hi << 32) + lo,
                 });
             }
             Ok(out)

@@ -61,6 +61,9 @@ both!(
     the_audit_finds_totals_that_do_not_add_up,
     a_loss_statement_must_chain_to_the_batch_after_it_and_use_a_current_key,
     a_lost_batch_that_announced_a_rotation_is_declared_with_the_signed_rotation,
+    hostile_names_are_refused_and_huge_values_cannot_break_runs,
+    runs_are_billed_per_node,
+    fork_evidence_is_bounded_per_node,
 );
 
 fn limits() -> Limits {
@@ -1227,6 +1230,143 @@ async fn a_lost_batch_that_announced_a_rotation_is_declared_with_the_signed_rota
     assert_eq!(n.lost[0].energy_uj, Some(3));
     let audit = wattd_ledger::audit::audit(&f.query_store().await).await?;
     assert!(audit.ok(), "{}", wattd_ledger::audit::audit_text(&audit));
+    l.stop().await;
+    Ok(())
+}
+
+/// Run ids and domains are checked with the contract's own rule (shared with the agent): a
+/// newline in a run id or an unknown domain is refused as malformed, nothing stored. Two
+/// allocations of 2^62 + 1 uJ each (authentic, conserving) are stored, and `runs` still answers
+/// with their exact sum, 2^63 + 2 (SQLite's SUM failed with an overflow, for everyone).
+async fn hostile_names_are_refused_and_huge_values_cannot_break_runs(
+    b: Backend,
+    name: &str,
+) -> TestResult {
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let l = f.start(limits()).await;
+    let mut s = connect(&f, &l, "n1").await;
+    let evil = wattd_records::seal::sign_batch(
+        &chain.key,
+        1,
+        [0; 32],
+        0,
+        BatchContent {
+            intervals: vec![interval(0, &[("run-a\nrun-b 9", 1, 0)], 0)],
+            ..Default::default()
+        },
+    );
+    let err = s.send(msg(&evil)).await.expect_err("newline in a run id");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("run id"), "{err:?}");
+    let mut s = connect(&f, &l, "n1").await;
+    let mut iv = interval(0, &[("run-a", 1, 0)], 0);
+    iv.domains[0].domain = "pkg".into();
+    let odd = wattd_records::seal::sign_batch(
+        &chain.key,
+        1,
+        [0; 32],
+        0,
+        BatchContent {
+            intervals: vec![iv],
+            ..Default::default()
+        },
+    );
+    let err = s.send(msg(&odd)).await.expect_err("unknown domain");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("domain"), "{err:?}");
+    assert_eq!(count_rows(&f).await, 0);
+    let mut s = connect(&f, &l, "n1").await;
+    let huge = (1u64 << 62) + 1;
+    let big = chain.next_with(BatchContent {
+        intervals: vec![
+            interval(0, &[("run-big", huge, 0)], 0),
+            interval(1, &[("run-big", huge, 0)], 0),
+        ],
+        ..Default::default()
+    });
+    assert_eq!(s.send(msg(&big)).await?.acked_seq, 1);
+    let report = wattd_ledger::query::runs_report(f.query_store().await.run_totals().await?);
+    assert_eq!(report.runs.len(), 1);
+    assert_eq!(report.runs[0].energy_uj, 2 * u128::from(huge));
+    assert_eq!(report.runs[0].node_id.as_deref(), Some("n1"));
+    l.stop().await;
+    Ok(())
+}
+
+/// Two nodes allocate to the same run id: `runs` lists it once per node with each node's
+/// total, so a node billing someone else's run shows as itself.
+async fn runs_are_billed_per_node(b: Backend, name: &str) -> TestResult {
+    let Some((f, mut a)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let mut other = Chain::new(key("n2", 1, 2));
+    f.enrol(&other.key);
+    let l = f.start(limits()).await;
+    let mut s = connect(&f, &l, "n1").await;
+    s.send(msg(&a.next(2))).await?;
+    let mut s2 = connect(&f, &l, "n2").await;
+    let forged = other.next_with(BatchContent {
+        intervals: vec![interval(0, &[("run-a", 1_000_000, 0)], 0)],
+        ..Default::default()
+    });
+    s2.send(msg(&forged)).await?;
+    let report = wattd_ledger::query::runs_report(f.query_store().await.run_totals().await?);
+    let rows: Vec<(Option<&str>, &str, u128)> = report
+        .runs
+        .iter()
+        .map(|r| (r.node_id.as_deref(), r.run_id.as_str(), r.energy_uj))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (Some("n1"), "run-a", 30),
+            (Some("n1"), "run-b", 50),
+            (Some("n2"), "run-a", 1_000_000)
+        ]
+    );
+    let text = wattd_ledger::query::runs_text(&report);
+    assert!(text.starts_with("NODE"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("n2") && l.contains("run-a")),
+        "{text}"
+    );
+    l.stop().await;
+    Ok(())
+}
+
+/// A node that sends distinct authentic batches for a stored seq, one per reconnect, gets each
+/// refused as a fork; the evidence kept stops at the per-node bound, the rest is counted only.
+async fn fork_evidence_is_bounded_per_node(b: Backend, name: &str) -> TestResult {
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let l = f.start(limits()).await;
+    let b1 = chain.next(1);
+    let mut s = connect(&f, &l, "n1").await;
+    s.send(msg(&b1)).await?;
+    let bound = usize::try_from(wattd_ledger::store::FORK_ROWS_PER_NODE)?;
+    for i in 0..bound + 3 {
+        let fork = wattd_records::seal::sign_batch(
+            &chain.key,
+            1,
+            [0; 32],
+            i as i64,
+            BatchContent {
+                intervals: vec![interval(0, &[("run-a", 1, 0)], 0)],
+                ..Default::default()
+            },
+        );
+        let mut s = connect(&f, &l, "n1").await;
+        let err = s.send(msg(&fork)).await.expect_err("fork");
+        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    }
+    let nodes = f.query_store().await.nodes().await?;
+    assert_eq!(nodes[0].forks.len(), bound);
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(load(&l.metrics.forks_not_kept), 3);
     l.stop().await;
     Ok(())
 }

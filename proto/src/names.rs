@@ -1,0 +1,57 @@
+//! What the contract accepts as a run id and a domain, checked by every side with this one code:
+//! the agent's run tracker and control socket (through `wattd-collectors`) before a name enters a
+//! record, and the ledger before it stores one. A name that passes holds no control character,
+//! no space and no separator of the text tables, so it cannot forge a line anywhere.
+
+/// The longest run id.
+pub const RUN_ID_MAX_BYTES: usize = 128;
+
+/// The energy domains a record may carry.
+pub const DOMAINS: &[&str] = &["package", "core", "uncore", "dram", "psys", "gpu"];
+
+/// Why `id` is not a valid run id: 1 to 128 bytes of `A-Z a-z 0-9 - _ . : @`, not `.` or `..`.
+pub fn run_id_problem(id: &str) -> Option<&'static str> {
+    if id.is_empty() {
+        return Some("run id is empty");
+    }
+    if id.len() > RUN_ID_MAX_BYTES {
+        return Some("run id is longer than 128 bytes");
+    }
+    if id == "." || id == ".." {
+        return Some("run id is . or ..");
+    }
+    if !id
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':' | b'@'))
+    {
+        return Some("run id may hold only A-Z a-z 0-9 - _ . : @");
+    }
+    None
+}
+
+/// Why `domain` is not one of [`DOMAINS`].
+pub fn domain_problem(domain: &str) -> Option<&'static str> {
+    if DOMAINS.contains(&domain) {
+        None
+    } else {
+        Some("domain is not one of package, core, uncore, dram, psys, gpu")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_and_domains() {
+        for ok in ["a", "run-1", "x.y:z@w_v", &"r".repeat(128)] {
+            assert_eq!(run_id_problem(ok), None, "{ok}");
+        }
+        for bad in ["", ".", "..", "a b", "a\nb", "a/b", "é", &"r".repeat(129)] {
+            assert!(run_id_problem(bad).is_some(), "{bad:?}");
+        }
+        assert_eq!(domain_problem("dram"), None);
+        assert!(domain_problem("dram\n").is_some());
+        assert!(domain_problem("").is_some());
+    }
+}
