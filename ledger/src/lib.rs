@@ -31,6 +31,8 @@ pub enum Rejection {
     NoNodeId(String),
     #[error("node {node:?} (client certificate CN) is not enrolled")]
     Unenrolled { node: String },
+    #[error("node {node:?}: enrolment revoked: {detail}")]
+    Revoked { node: String, detail: String },
     #[error("{what} claims node {claimed:?} but the client certificate is for node {cert_node:?}")]
     NodeMismatch {
         cert_node: String,
@@ -120,9 +122,10 @@ impl Rejection {
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            Self::NoNodeId(_) | Self::Unenrolled { .. } | Self::NodeMismatch { .. } => {
-                Code::PermissionDenied
-            }
+            Self::NoNodeId(_)
+            | Self::Unenrolled { .. }
+            | Self::Revoked { .. }
+            | Self::NodeMismatch { .. } => Code::PermissionDenied,
             Self::UnknownKey { .. } | Self::StaleKey { .. } | Self::BadSignature { .. } => {
                 Code::Unauthenticated
             }
@@ -144,6 +147,7 @@ impl Rejection {
         match self {
             Self::NoNodeId(_) => Reason::NoNodeId,
             Self::Unenrolled { .. } => Reason::Unenrolled,
+            Self::Revoked { .. } => Reason::Revoked,
             Self::NodeMismatch { .. } => Reason::NodeMismatch,
             Self::Malformed { .. } => Reason::Malformed,
             Self::UnknownKey { .. } => Reason::UnknownKey,

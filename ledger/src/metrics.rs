@@ -16,6 +16,7 @@ use tokio::sync::{watch, Notify};
 pub enum Reason {
     NoNodeId,
     Unenrolled,
+    Revoked,
     NodeMismatch,
     Malformed,
     UnknownKey,
@@ -35,9 +36,10 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::NoNodeId,
         Reason::Unenrolled,
+        Reason::Revoked,
         Reason::NodeMismatch,
         Reason::Malformed,
         Reason::UnknownKey,
@@ -60,6 +62,7 @@ impl Reason {
         match self {
             Reason::NoNodeId => "no_node_id",
             Reason::Unenrolled => "unenrolled_node",
+            Reason::Revoked => "revoked",
             Reason::NodeMismatch => "node_mismatch",
             Reason::Malformed => "malformed",
             Reason::UnknownKey => "unknown_key",

@@ -204,6 +204,8 @@ pub struct Bound {
     acceptor: TlsAcceptor,
     store: Arc<AnyStore>,
     enrolment: Arc<RwLock<Arc<Enrolment>>>,
+    /// Bumped at every enrolment reload: open streams re-check their node.
+    enrolment_changed: Arc<watch::Sender<u64>>,
     enrolled_dir: PathBuf,
     metrics: Arc<Metrics>,
     limits: Limits,
@@ -282,6 +284,7 @@ pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), Serve
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             store: Arc::new(store),
             enrolment: Arc::new(RwLock::new(Arc::new(enrolment))),
+            enrolment_changed: Arc::new(watch::channel(0).0),
             enrolled_dir: opts.enrolled.clone(),
             metrics: Metrics::new(),
             limits: opts.limits,
@@ -310,6 +313,7 @@ impl Bound {
         EnrolmentReload {
             dir: self.enrolled_dir.clone(),
             enrolment: Arc::clone(&self.enrolment),
+            changed: Arc::clone(&self.enrolment_changed),
         }
     }
 
@@ -332,6 +336,7 @@ impl Bound {
         let service = LedgerService::new(
             Arc::clone(&self.store),
             Arc::clone(&self.enrolment),
+            self.enrolment_changed.subscribe(),
             Arc::clone(&self.metrics),
             self.limits.service,
             stop_rx.clone(),
@@ -394,14 +399,17 @@ impl Bound {
 pub struct EnrolmentReload {
     dir: PathBuf,
     enrolment: Arc<RwLock<Arc<Enrolment>>>,
+    changed: Arc<watch::Sender<u64>>,
 }
 
 impl EnrolmentReload {
-    /// Re-reads the directory. New streams see the new enrolment; open streams keep theirs.
+    /// Re-reads the directory. New streams see the new enrolment; an open stream whose node
+    /// was removed, or whose keys changed, is ended at once (PERMISSION_DENIED, `revoked`).
     pub fn reload(&self) -> Result<(usize, usize), String> {
         let e = Enrolment::load(&self.dir).map_err(|e| e.to_string())?;
         let counts = (e.node_count(), e.key_count());
         *self.enrolment.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(e);
+        self.changed.send_modify(|g| *g += 1);
         Ok(counts)
     }
 }

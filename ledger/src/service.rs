@@ -50,6 +50,7 @@ type NodeRateLimiter = RateLimiter<
 pub struct LedgerService<S: Store> {
     store: Arc<S>,
     enrolment: Arc<RwLock<Arc<Enrolment>>>,
+    enrolment_changed: watch::Receiver<u64>,
     metrics: Arc<Metrics>,
     limits: ServiceLimits,
     open_streams: Arc<Mutex<HashMap<String, usize>>>,
@@ -69,6 +70,7 @@ impl<S: Store> LedgerService<S> {
     pub fn new(
         store: Arc<S>,
         enrolment: Arc<RwLock<Arc<Enrolment>>>,
+        enrolment_changed: watch::Receiver<u64>,
         metrics: Arc<Metrics>,
         limits: ServiceLimits,
         shutdown: watch::Receiver<bool>,
@@ -79,6 +81,7 @@ impl<S: Store> LedgerService<S> {
         Self {
             store,
             enrolment,
+            enrolment_changed,
             metrics,
             limits,
             open_streams: Arc::new(Mutex::new(HashMap::new())),
@@ -190,8 +193,13 @@ impl<S: Store> Ledger for LedgerService<S> {
         tracing::info!(node = %node, acked = session.acked_seq(), "stream opened");
         let (tx, rx) = mpsc::channel(16);
         let inbound = request.into_inner();
+        let mut enrolment_changed = self.enrolment_changed.clone();
+        enrolment_changed.mark_unchanged();
         let worker = StreamWorker {
             session,
+            enrolled_keys: enrolled_keys(&enrolled),
+            enrolment: Arc::clone(&self.enrolment),
+            enrolment_changed,
             metrics: Arc::clone(&self.metrics),
             rate: self.rate.clone(),
             shutdown: self.shutdown.clone(),
@@ -202,8 +210,19 @@ impl<S: Store> Ledger for LedgerService<S> {
     }
 }
 
+/// A node's enrolled keys as a stream compares them: (epoch, key id).
+fn enrolled_keys(
+    keys: &std::collections::BTreeMap<u32, crate::enrol::EnrolledKey>,
+) -> Vec<(u32, wattd_records::identity::KeyId)> {
+    keys.iter().map(|(e, k)| (*e, k.key_id)).collect()
+}
+
 struct StreamWorker<S: Store> {
     session: Session<S>,
+    /// The node's enrolled keys when the stream opened.
+    enrolled_keys: Vec<(u32, wattd_records::identity::KeyId)>,
+    enrolment: Arc<RwLock<Arc<Enrolment>>>,
+    enrolment_changed: watch::Receiver<u64>,
     metrics: Arc<Metrics>,
     rate: Option<Arc<NodeRateLimiter>>,
     shutdown: watch::Receiver<bool>,
@@ -229,6 +248,27 @@ impl<S: Store> StreamWorker<S> {
                 m = inbound.message() => m,
                 () = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                     let _ = tx.send(Err(Rejection::ShuttingDown.to_status())).await;
+                    break;
+                }
+                Ok(()) = self.enrolment_changed.changed() => {
+                    // Revocation bites at once: a node removed from the enrolment, or whose
+                    // keys changed, loses its open streams (it may reconnect if still enrolled).
+                    let now = {
+                        let e = self.enrolment.read().unwrap_or_else(|p| p.into_inner());
+                        e.node(&node).map(enrolled_keys)
+                    };
+                    if now.as_ref() == Some(&self.enrolled_keys) {
+                        continue;
+                    }
+                    let r = Rejection::Revoked {
+                        node: node.clone(),
+                        detail: if now.is_none() {
+                            "no longer enrolled".into()
+                        } else {
+                            "its enrolled keys changed; reconnect".into()
+                        },
+                    };
+                    let _ = tx.send(Err(self.reject(&r))).await;
                     break;
                 }
                 // The node went away: nothing left to answer.

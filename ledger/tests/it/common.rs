@@ -141,6 +141,21 @@ impl Fixture {
         })
     }
 
+    /// Removes every enrolment file of `node`.
+    pub fn unenrol(&self, node: &str) {
+        for e in std::fs::read_dir(&self.enrolled)
+            .expect("enrolled dir")
+            .flatten()
+        {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{node}-"))
+            {
+                std::fs::remove_file(e.path()).expect("unenrol");
+            }
+        }
+    }
+
     /// Enrols `key` (one `wattd identity` file).
     pub fn enrol(&self, key: &NodeKey) {
         let file = self
@@ -170,6 +185,7 @@ impl Fixture {
         let addr = bound.local_addr();
         let metrics_addr = bound.metrics_addr();
         let metrics = bound.metrics();
+        let reload = bound.reload_handle();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             bound
@@ -182,6 +198,7 @@ impl Fixture {
             addr,
             metrics_addr,
             metrics,
+            reload,
             stop: Some(stop),
             task: Some(task),
         }
@@ -205,6 +222,8 @@ pub struct Ledger {
     pub addr: std::net::SocketAddr,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub metrics: Arc<Metrics>,
+    /// What SIGHUP does: re-read the enrolment directory.
+    pub reload: server::EnrolmentReload,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), server::ServeError>>>,
 }

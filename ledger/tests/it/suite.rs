@@ -64,6 +64,7 @@ both!(
     hostile_names_are_refused_and_huge_values_cannot_break_runs,
     runs_are_billed_per_node,
     fork_evidence_is_bounded_per_node,
+    revocation_ends_open_streams_at_once,
 );
 
 fn limits() -> Limits {
@@ -1367,6 +1368,53 @@ async fn fork_evidence_is_bounded_per_node(b: Backend, name: &str) -> TestResult
     assert_eq!(nodes[0].forks.len(), bound);
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(load(&l.metrics.forks_not_kept), 3);
+    l.stop().await;
+    Ok(())
+}
+
+/// Removing a node's enrolment and reloading (SIGHUP) ends its open stream at once, with
+/// PERMISSION_DENIED and reason `revoked`, before it sends anything more; other nodes' streams
+/// go on; the node's next connection is refused; nothing of it is stored after the revocation.
+async fn revocation_ends_open_streams_at_once(b: Backend, name: &str) -> TestResult {
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let mut other = Chain::new(key("n2", 1, 2));
+    f.enrol(&other.key);
+    let l = f.start(limits()).await;
+    let mut s = connect(&f, &l, "n1").await;
+    let mut s2 = connect(&f, &l, "n2").await;
+    s.send(msg(&chain.next(1))).await?;
+    s2.send(msg(&other.next(1))).await?;
+    f.unenrol("n1");
+    l.reload.reload().map_err(|e| format!("reload: {e}"))?;
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(1), s.recv())
+        .await
+        .map_err(|_| "the stream was not ended within a second")?
+        .expect_err("revoked");
+    eprintln!(
+        "revoked stream ended {:?} after the reload",
+        started.elapsed()
+    );
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        err.metadata()
+            .get("wattd-reason")
+            .and_then(|v| v.to_str().ok()),
+        Some("revoked")
+    );
+    assert_eq!(l.rejections(Reason::Revoked), 1);
+    // The other node's stream is untouched.
+    assert_eq!(s2.send(msg(&other.next(1))).await?.acked_seq, 2);
+    // The revoked node cannot come back, and nothing more of it is stored.
+    let ch = channel(l.addr, &f.ca.ca_pem, Some(&f.client_cert("n1"))).await?;
+    let err = NodeStream::open(ch).await.expect_err("unenrolled");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let _ = chain.next(1);
+    let nodes = f.query_store().await.nodes().await?;
+    let n1 = nodes.iter().find(|n| n.node_id == "n1").ok_or("n1")?;
+    assert_eq!(n1.last_seq, 1);
     l.stop().await;
     Ok(())
 }
