@@ -97,6 +97,12 @@ struct ServeArgs {
     /// Seconds allowed for a TLS handshake.
     #[arg(long, default_value_t = 10, value_name = "S")]
     handshake_timeout_s: u64,
+    /// TLS connections open at once from one source address; more are closed at accept.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    max_connections_per_source: usize,
+    /// Seconds allowed after the handshake for the client's HTTP/2 preface.
+    #[arg(long, default_value_t = 10, value_name = "S")]
+    preface_timeout_s: u64,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "plain")]
     log_format: LogFormat,
@@ -204,6 +210,7 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
         (a.max_held_bytes, "--max-held-bytes"),
         (a.max_streams_per_node, "--max-streams-per-node"),
         (a.max_connections, "--max-connections"),
+        (a.max_connections_per_source, "--max-connections-per-source"),
     ] {
         if v == 0 {
             problems.push(format!("{flag} must be at least 1"));
@@ -214,6 +221,9 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
     }
     if a.handshake_timeout_s == 0 {
         problems.push("--handshake-timeout-s must be at least 1".into());
+    }
+    if a.preface_timeout_s == 0 {
+        problems.push("--preface-timeout-s must be at least 1".into());
     }
     if !problems.is_empty() {
         return Err(Failure::Usage(problems.join("\n")));
@@ -231,6 +241,8 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
             max_connections: a.max_connections,
             handshake_timeout: Duration::from_secs(a.handshake_timeout_s),
             max_streams_per_connection: a.max_streams_per_connection,
+            max_connections_per_source: a.max_connections_per_source,
+            preface_timeout: Duration::from_secs(a.preface_timeout_s),
             service: ServiceLimits {
                 session: SessionLimits {
                     max_held_batches: a.max_held_batches,

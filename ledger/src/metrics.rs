@@ -92,6 +92,9 @@ impl Reason {
 pub struct Metrics {
     pub connections: AtomicU64,
     pub connections_refused: AtomicU64,
+    pub connections_refused_source: AtomicU64,
+    pub connections_unenrolled: AtomicU64,
+    pub preface_timeouts: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
     pub connections_open: AtomicU64,
     pub streams: AtomicU64,
@@ -173,6 +176,26 @@ impl Metrics {
             "counter",
             "TCP connections closed at once because --max-connections were open.",
             get(&self.connections_refused),
+        );
+        one(
+            "wattd_ledger_connections_refused_source_total",
+            "counter",
+            "Connections closed at accept: their source address had --max-connections-per-source \
+             open.",
+            get(&self.connections_refused_source),
+        );
+        one(
+            "wattd_ledger_connections_unenrolled_total",
+            "counter",
+            "Connections closed right after the TLS handshake: the client certificate names no \
+             enrolled node.",
+            get(&self.connections_unenrolled),
+        );
+        one(
+            "wattd_ledger_preface_timeouts_total",
+            "counter",
+            "Connections closed for sending no HTTP/2 preface within --preface-timeout-s.",
+            get(&self.preface_timeouts),
         );
         one(
             "wattd_ledger_tls_handshake_failures_total",

@@ -6,6 +6,7 @@
 //! **Invariant:** only this module and `service` know TLS and gRPC; `session` and `store` see
 //! authenticated node ids and decoded messages.
 
+use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -57,6 +58,11 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// HTTP/2 streams per connection.
     pub max_streams_per_connection: u32,
+    /// TLS connections open at once from one source address; more are closed at accept, so
+    /// one address cannot take every slot.
+    pub max_connections_per_source: usize,
+    /// Time allowed after the handshake for the client's HTTP/2 preface (24 bytes).
+    pub preface_timeout: Duration,
     pub service: ServiceLimits,
 }
 
@@ -67,6 +73,8 @@ impl Default for Limits {
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
             max_streams_per_connection: 4,
+            max_connections_per_source: 64,
+            preface_timeout: Duration::from_secs(10),
             service: ServiceLimits::default(),
         }
     }
@@ -136,16 +144,61 @@ pub fn tls_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<ServerCon
     Ok(config)
 }
 
-/// A TLS connection that holds its connection slot until it closes.
+/// The HTTP/2 client preface: what a connection must send first.
+const PREFACE_BYTES: usize = 24;
+
+/// A TLS connection that holds its connection slot (and its source's) until it closes, and
+/// must send its HTTP/2 preface within a deadline.
 struct Conn {
     tls: TlsStream<TcpStream>,
     _permit: OwnedSemaphorePermit,
+    _source: SourceSlot,
     metrics: Arc<Metrics>,
+    /// Until the preface has been read: when it must have been.
+    preface_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    read_bytes: usize,
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
         self.metrics.dec(&self.metrics.connections_open);
+    }
+}
+
+/// Counts a source address's open connections; released on drop.
+struct SourceSlot {
+    ip: std::net::IpAddr,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl SourceSlot {
+    fn take(
+        ip: std::net::IpAddr,
+        open: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        limit: usize,
+    ) -> Option<Self> {
+        let mut m = open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            ip,
+            open: Arc::clone(open),
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -163,7 +216,26 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.tls).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &polled {
+            self.read_bytes += buf.filled().len() - before;
+            if self.read_bytes >= PREFACE_BYTES {
+                self.preface_deadline = None;
+            }
+        }
+        if polled.is_pending() {
+            if let Some(d) = self.preface_deadline.as_mut() {
+                if d.as_mut().poll(cx).is_ready() {
+                    self.metrics.inc(&self.metrics.preface_timeouts);
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no HTTP/2 preface within the deadline",
+                    )));
+                }
+            }
+        }
+        polled
     }
 }
 
@@ -345,6 +417,7 @@ impl Bound {
         let accept = tokio::spawn(accept_loop(
             self.listener,
             self.acceptor,
+            Arc::clone(&self.enrolment),
             Arc::clone(&self.metrics),
             self.limits,
             conn_tx,
@@ -414,15 +487,18 @@ impl EnrolmentReload {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    enrolment: Arc<RwLock<Arc<Enrolment>>>,
     metrics: Arc<Metrics>,
     limits: Limits,
     conns: mpsc::Sender<Result<Conn, io::Error>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let sources = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     loop {
         let accepted = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
@@ -437,6 +513,13 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Some(source) = SourceSlot::take(peer.ip(), &sources, limits.max_connections_per_source)
+        else {
+            metrics.inc(&metrics.connections_refused_source);
+            tracing::warn!(%peer, limit = limits.max_connections_per_source, "connection refused: --max-connections-per-source reached");
+            drop(tcp);
+            continue;
+        };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             metrics.inc(&metrics.connections_refused);
             tracing::warn!(%peer, limit = limits.max_connections, "connection refused: --max-connections reached");
@@ -448,14 +531,37 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let metrics = Arc::clone(&metrics);
         let conns = conns.clone();
+        let enrolment = Arc::clone(&enrolment);
         tokio::spawn(async move {
             match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
+                    // A certificate of the right CA for a name nobody enrolled never holds a
+                    // slot past its handshake.
+                    let enrolled = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|leaf| crate::service::cert_common_name(leaf.as_ref()).ok())
+                        .is_some_and(|cn| {
+                            let e = enrolment.read().unwrap_or_else(|p| p.into_inner());
+                            e.node(&cn).is_some()
+                        });
+                    if !enrolled {
+                        metrics.inc(&metrics.connections_unenrolled);
+                        tracing::warn!(%peer, "connection closed after the handshake: the certificate names no enrolled node");
+                        return;
+                    }
                     metrics.inc(&metrics.connections_open);
                     let conn = Conn {
                         tls,
                         _permit: permit,
+                        _source: source,
                         metrics: Arc::clone(&metrics),
+                        preface_deadline: Some(Box::pin(tokio::time::sleep(
+                            limits.preface_timeout,
+                        ))),
+                        read_bytes: 0,
                     };
                     let _ = conns.send(Ok(conn)).await;
                 }

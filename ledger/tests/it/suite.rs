@@ -65,6 +65,7 @@ both!(
     runs_are_billed_per_node,
     fork_evidence_is_bounded_per_node,
     revocation_ends_open_streams_at_once,
+    admission_bounds_each_source_and_the_preface,
 );
 
 fn limits() -> Limits {
@@ -444,11 +445,17 @@ async fn unenrolled_certificate_is_refused(b: Backend, name: &str) -> TestResult
     };
     f.enrol(&key("n1", 1, 1));
     let l = f.start(limits()).await;
+    // A certificate of the right CA for a name nobody enrolled: the connection is closed right
+    // after the handshake, so it never holds a slot.
     let ch = channel(l.addr, &f.ca.ca_pem, Some(&f.client_cert("ghost"))).await?;
     let err = NodeStream::open(ch).await.expect_err("ghost");
-    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    assert!(err.message().contains("ghost") && err.message().contains("not enrolled"));
-    assert_eq!(l.rejections(Reason::Unenrolled), 1);
+    assert_ne!(err.code(), Code::Ok, "{err:?}");
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(load(&l.metrics.connections_unenrolled), 1);
+    eventually("the slot is free again", || {
+        load(&l.metrics.connections_open) == 0
+    })
+    .await;
     l.stop().await;
     Ok(())
 }
@@ -1409,12 +1416,107 @@ async fn revocation_ends_open_streams_at_once(b: Backend, name: &str) -> TestRes
     assert_eq!(s2.send(msg(&other.next(1))).await?.acked_seq, 2);
     // The revoked node cannot come back, and nothing more of it is stored.
     let ch = channel(l.addr, &f.ca.ca_pem, Some(&f.client_cert("n1"))).await?;
-    let err = NodeStream::open(ch).await.expect_err("unenrolled");
-    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    NodeStream::open(ch).await.expect_err("unenrolled");
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(load(&l.metrics.connections_unenrolled), 1);
     let _ = chain.next(1);
     let nodes = f.query_store().await.nodes().await?;
     let n1 = nodes.iter().find(|n| n.node_id == "n1").ok_or("n1")?;
     assert_eq!(n1.last_seq, 1);
+    l.stop().await;
+    Ok(())
+}
+
+/// A TLS connection to the ledger with `files` as the client certificate, and nothing more.
+async fn raw_tls(
+    addr: std::net::SocketAddr,
+    ca_pem: &std::path::Path,
+    files: &wattd_tests::tls::CertFiles,
+) -> Result<
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca_pem)? {
+        roots.add(c?)?;
+    }
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(&files.cert)?
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&files.key)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    Ok(
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await?,
+    )
+}
+
+/// An attacker on 127.0.0.2 holds plain TCP sockets: beyond the per-source bound its next one
+/// is closed at accept, while the enrolled node on 127.0.0.1 keeps streaming. A client that
+/// completes the TLS handshake and then says nothing is closed at the preface deadline.
+async fn admission_bounds_each_source_and_the_preface(b: Backend, name: &str) -> TestResult {
+    use tokio::io::AsyncReadExt as _;
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let mut lim = limits();
+    lim.max_connections_per_source = 2;
+    lim.preface_timeout = Duration::from_millis(400);
+    let l = f.start(lim).await;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let attacker = || async {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind("127.0.0.2:0".parse().map_err(std::io::Error::other)?)?;
+        sock.connect(l.addr).await
+    };
+    let _a1 = attacker().await?;
+    let _a2 = attacker().await?;
+    let mut a3 = attacker().await?;
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(2), a3.read(&mut buf)).await??;
+    assert_eq!(
+        n, 0,
+        "the third connection from 127.0.0.2 is closed at accept"
+    );
+    assert_eq!(load(&l.metrics.connections_refused_source), 1);
+    let mut s = connect(&f, &l, "n1").await;
+    assert_eq!(s.send(msg(&chain.next(1))).await?.acked_seq, 1);
+    // Handshake, then silence: closed at the preface deadline.
+    let mut quiet = raw_tls(l.addr, &f.ca.ca_pem, &f.client_cert("n1")).await?;
+    let started = std::time::Instant::now();
+    // (The server's own HTTP/2 settings arrive first; then the connection ends.)
+    let mut big = [0u8; 1024];
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match quiet.read(&mut big).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the silent connection was not closed within 3 s"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    eventually("the preface timeout counted", || {
+        load(&l.metrics.preface_timeouts) == 1
+    })
+    .await;
     l.stop().await;
     Ok(())
 }
