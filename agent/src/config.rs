@@ -19,6 +19,8 @@ pub const DEFAULT_PATTERN: &str = "flowzart.slice/run-{run_id}.scope";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/wattd/control.sock";
 pub const DEFAULT_SPOOL_DIR_ROOT: &str = "/var/lib/wattd";
 pub const DEFAULT_SPOOL_DIR_USER: &str = "wattd-data";
+/// `[identity] rotate_after_s` by default: a day.
+pub const DEFAULT_ROTATE_AFTER_S: u64 = 86_400;
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -46,6 +48,9 @@ pub struct Config {
     pub spool_retain_acked_s: u64,
     /// `[spool] retain_acked_share`: at most this share of `max_bytes` of them.
     pub spool_retain_acked_share: f64,
+    /// `[identity] rotate_after_s`: the node key's lifetime; the daemon rotates it (announced
+    /// in the chain, signed by the old key) once it is this old. 0: never.
+    pub identity_rotate_after_s: u64,
     /// The `[ledger]` section: where and how the shipper streams batches.
     pub ledger: Option<crate::shipper::ShipperConfig>,
     pub metrics_listen: SocketAddr,
@@ -113,6 +118,7 @@ impl Config {
             spool_max_bytes: crate::spool::SpoolConfig::DEFAULT_MAX_BYTES,
             spool_retain_acked_s: crate::spool::SpoolConfig::DEFAULT_RETAIN_ACKED_S,
             spool_retain_acked_share: crate::spool::SpoolConfig::DEFAULT_RETAIN_ACKED_SHARE,
+            identity_rotate_after_s: DEFAULT_ROTATE_AFTER_S,
             ledger: None,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9447)),
             metrics_finished_run_ttl_s: 300,
@@ -393,10 +399,11 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
     };
     let mut cfg = Config::defaults();
     let root: &Table = &doc;
-    const SECTIONS: [&str; 12] = [
+    const SECTIONS: [&str; 13] = [
         "gpu",
         "log",
         "node",
+        "identity",
         "sampling",
         "host",
         "runs",
@@ -432,6 +439,21 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
                 );
             } else {
                 cfg.node_id = Some(id);
+            }
+        }
+    }
+    if let Some(t) = c.section(root, "identity", &["rotate_after_s"]) {
+        // 0 (never), or at least 10 s, at most a year.
+        if let Some(v) = c.int(t, "identity", "rotate_after_s", 0, 365 * 86_400) {
+            if v != 0 && v < 10 {
+                let span = c.get(t, "rotate_after_s").and_then(|(_, s)| s);
+                c.problem(
+                    span,
+                    "identity.rotate_after_s",
+                    "must be 0 (never) or at least 10 seconds",
+                );
+            } else {
+                cfg.identity_rotate_after_s = v;
             }
         }
     }
@@ -760,6 +782,8 @@ mod tests {
         let text = r#"
 [node]
 id = "worker-17"
+[identity]
+rotate_after_s = 3600
 [sampling]
 interval_ms = 250
 [host]
@@ -813,6 +837,7 @@ finished_run_ttl_s = 60
         );
         assert_eq!(c.estimator.busy_uw_per_cpu, 4_000_000);
         assert_eq!(c.spool_retain_acked_s, 3600);
+        assert_eq!(c.identity_rotate_after_s, 3600);
         assert_eq!(c.spool_retain_acked_share, 0.5);
         assert!(c.ledger.is_some());
         assert_eq!(c.metrics_finished_run_ttl_s, 60);
@@ -837,6 +862,23 @@ finished_run_ttl_s = 60
         for (got, want) in lines.iter().zip(want) {
             assert!(got.starts_with(want), "{got} does not start with {want}");
         }
+    }
+
+    #[test]
+    fn key_rotation_is_never_or_at_least_ten_seconds() {
+        let e = parse("w.toml", "[identity]\nrotate_after_s = 5\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("w.toml:2: identity.rotate_after_s: must be 0 (never) or at least 10"),
+            "{e}"
+        );
+        assert_eq!(
+            parse("w.toml", "[identity]\nrotate_after_s = 0\n")
+                .unwrap()
+                .identity_rotate_after_s,
+            0
+        );
+        assert_eq!(Config::defaults().identity_rotate_after_s, 86_400);
     }
 
     #[test]

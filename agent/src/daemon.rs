@@ -177,6 +177,14 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
     let policy_seal =
         SealPolicy::new(1, Duration::from_millis(cfg.interval_ms)).context("seal policy")?;
     let (mut sealer, report) = Sealer::open(spool_cfg, policy_seal).context("opening the spool")?;
+    // When the current key was made (its file's mtime: a rotation renames a fresh file into
+    // place), for `[identity] rotate_after_s`.
+    let mut key_born_unix_ns: i64 =
+        std::fs::metadata(cfg.spool_dir.join(crate::identity::KEY_FILE))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
     tracing::info!(dir = %cfg.spool_dir.display(), last_seq = report.last_seq, acked_seq = report.acked_seq,
         torn_tails = report.torn_tails.len(), damaged = report.damage.len(), "spool open");
     for t in &report.torn_tails {
@@ -554,6 +562,29 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             return Err(anyhow::Error::new(e).context(
                 "fdatasync of the spool failed (fatal: the kernel may have dropped the pages)",
             ));
+        }
+        let rotate_after_ns = i64::try_from(cfg.identity_rotate_after_s)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1_000_000_000);
+        if rotate_after_ns > 0 && now.unix_ns.saturating_sub(key_born_unix_ns) >= rotate_after_ns {
+            // Announced in a batch signed by the old key, synced, then the new key signs; a
+            // crash at any step is finished or abandoned at the next start.
+            match sealer.rotate_key(now.unix_ns) {
+                Ok(seq) => {
+                    key_born_unix_ns = now.unix_ns;
+                    tracing::info!(
+                        epoch = sealer.key().epoch(),
+                        announced_seq = seq,
+                        "node key rotated"
+                    );
+                }
+                Err(e) if e.is_fatal() => {
+                    return Err(anyhow::Error::new(e).context("rotating the node key (fatal)"));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "node key rotation deferred; tried again next tick")
+                }
+            }
         }
         if cfg.ledger.is_some() {
             let sealed = sealer.spool().sealed_seq();

@@ -569,3 +569,50 @@ fn full_file_system(postgres: bool, name: &str) {
         .count();
     eprintln!("{coarsened} coarsened interval(s) still in the spool");
 }
+
+/// Scheduled key rotation (`[identity] rotate_after_s = 10`) through a run of
+/// `WATTD_ROTATION_RUN_S` seconds (default 36) with two SIGKILLs: every rotation is announced
+/// in the chain by the old key, the ledger follows each (its chain ends at a later epoch), the
+/// agent's spool verifies with every key, and the audit adds up.
+#[test]
+fn keys_rotate_on_schedule_through_sigkills_and_the_ledger_follows() {
+    let name = "keys_rotate_on_schedule_through_sigkills_and_the_ledger_follows";
+    let Some(mount) = require_cgroups(name) else {
+        return;
+    };
+    let run_s: u64 = std::env::var("WATTD_ROTATION_RUN_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(36);
+    let mut w = World::new(mount, "rotate", false);
+    let ledger = w.ledger("127.0.0.1:0");
+    let config = w.agent_config_more(
+        ledger.listen,
+        200,
+        200,
+        "",
+        "[identity]\nrotate_after_s = 10\n",
+    );
+    runs(&mut w, "k", 2, 0.2, run_s + 5);
+    let third = Duration::from_secs(run_s / 3);
+    let mut agent = Agent::start(&config, &first_log(&w));
+    std::thread::sleep(third);
+    sigkill(&mut agent);
+    let mut agent = Agent::start(&config, &first_log(&w));
+    std::thread::sleep(third);
+    sigkill(&mut agent);
+    let mut agent = Agent::start(&config, &w.agent_log());
+    std::thread::sleep(third);
+    stop_agent_cleanly(&w, &mut agent);
+    let n = check_conserved(&w, 0);
+    let epoch = n["key_epoch"].as_u64().unwrap_or(0);
+    eprintln!("{run_s} s with rotate_after_s = 10: the ledger's chain ends at key epoch {epoch}");
+    assert!(epoch >= 3, "at least two rotations followed: {n}");
+    let v = wattd(&["verify", "--data-dir", w.spool.to_str().unwrap()]);
+    assert!(
+        v.status.success(),
+        "wattd verify across the key epochs: {}",
+        String::from_utf8_lossy(&v.stdout)
+    );
+    drop(ledger);
+}

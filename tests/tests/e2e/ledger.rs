@@ -230,10 +230,22 @@ impl World {
         interval_ms: u64,
         spool_keys: &str,
     ) -> PathBuf {
+        self.agent_config_more(ledger, rate, interval_ms, spool_keys, "")
+    }
+
+    /// As [`World::agent_config_with`], with `more` (further sections) appended.
+    pub(crate) fn agent_config_more(
+        &self,
+        ledger: SocketAddr,
+        rate: u32,
+        interval_ms: u64,
+        spool_keys: &str,
+        more: &str,
+    ) -> PathBuf {
         let client = self.ca.client(NODE);
         let extra = format!(
             "[node]\nid = {NODE:?}\n[ledger]\nendpoint = \"https://localhost:{}\"\nca = {:?}\ncert = {:?}\n\
-             key = {:?}\nbackoff_max_s = 1\nheartbeat_s = 1\nack_timeout_s = 5\nmax_batches_per_s = {rate}\ndrain_s = 10\n",
+             key = {:?}\nbackoff_max_s = 1\nheartbeat_s = 1\nack_timeout_s = 5\nmax_batches_per_s = {rate}\ndrain_s = 10\n{more}",
             ledger.port(),
             self.ca.ca_pem.display().to_string(),
             client.cert.display().to_string(),
