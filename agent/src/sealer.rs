@@ -13,7 +13,7 @@ use wattd_proto::v1::{Gap, Interval, RunSummary};
 
 use crate::identity::{self, IdentityError, NodeKey};
 use crate::spool::{OpenReport, Spool, SpoolConfig, SpoolError};
-use wattd_records::totals::RunningTotals;
+use wattd_records::totals::{is_checkpoint_seq, run_energy, RunTotals, RunningTotals};
 
 /// When to seal. Construct with [`SealPolicy::new`], which enforces the bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +98,8 @@ pub struct Sealer {
     pending_since_monotonic_ns: Option<u64>,
     /// The running totals as of the last sealed batch (see `wattd_records::totals`).
     totals: RunningTotals,
+    /// Per-run energy for the checkpoints (`wattd_records::totals::RunTotals`).
+    run_totals: RunTotals,
 }
 
 impl Sealer {
@@ -120,7 +122,9 @@ impl Sealer {
             .last_totals()
             .cloned()
             .unwrap_or_else(|| RunningTotals::starting_at(spool.last_seq() + 1));
+        let run_totals = restore_run_totals(&spool);
         Self {
+            run_totals,
             totals,
             dir,
             key: std::sync::Arc::new(key),
@@ -331,14 +335,26 @@ impl Sealer {
                     gaps: self.pending.gaps.clone(),
                     key_rotation: None,
                     totals: None,
+                    run_checkpoint: None,
                 }
             };
             let totals = self.totals.after(&content.intervals);
             content.totals = Some(totals.clone());
+            let add = run_energy(&content.intervals);
+            if is_checkpoint_seq(seq) {
+                content.run_checkpoint = Some(self.run_totals.checkpoint(seq, &add));
+            }
+            let finished: Vec<String> = content
+                .run_summaries
+                .iter()
+                .map(|s| s.run_id.clone())
+                .collect();
             let stored = sign_batch(&self.key, seq, self.spool.last_hash(), now_unix_ns, content);
             self.spool.append(&stored)?;
             self.spool.note_totals(&totals);
             self.totals = totals;
+            self.run_totals
+                .apply(seq, &add, finished.iter().map(String::as_str));
             sealed = Some(seq);
             if all {
                 self.pending = BatchContent::default();
@@ -368,6 +384,15 @@ impl Sealer {
         content.key_rotation = Some(rotation);
         let totals = self.totals.after(&content.intervals);
         content.totals = Some(totals.clone());
+        let add = run_energy(&content.intervals);
+        if is_checkpoint_seq(seq) {
+            content.run_checkpoint = Some(self.run_totals.checkpoint(seq, &add));
+        }
+        let finished: Vec<String> = content
+            .run_summaries
+            .iter()
+            .map(|s| s.run_id.clone())
+            .collect();
         let stored = sign_batch(&self.key, seq, self.spool.last_hash(), now_unix_ns, content);
         if let Err(e) = self.spool.append_rotation(&stored, next.key_id()) {
             // Not announced: the pending key must go, or a restart could not tell.
@@ -378,6 +403,8 @@ impl Sealer {
         }
         self.spool.note_totals(&totals);
         self.totals = totals;
+        self.run_totals
+            .apply(seq, &add, finished.iter().map(String::as_str));
         self.pending = BatchContent::default();
         self.pending_since_monotonic_ns = None;
         // If this fails the daemon exits; on restart `recover_rotation` sees whether the
@@ -387,4 +414,47 @@ impl Sealer {
         self.key = std::sync::Arc::new(next);
         Ok(seq)
     }
+}
+
+/// The per-run totals as of the spool's last batch: its newest checkpoint (at most
+/// `RUN_CHECKPOINT_EVERY` batches back) plus the batches after it. Empty when the spool no
+/// longer holds them: the runs' counts then start again (with a new `since_seq`).
+fn restore_run_totals(spool: &Spool) -> RunTotals {
+    use prost::Message as _;
+    use wattd_records::totals::RUN_CHECKPOINT_EVERY;
+    let last = spool.last_seq();
+    let cp_seq = last - last % RUN_CHECKPOINT_EVERY;
+    if last == 0 {
+        return RunTotals::default();
+    }
+    let from = cp_seq.max(1);
+    let Ok(stored) = spool.read_sealed(from, usize::MAX) else {
+        return RunTotals::default();
+    };
+    let batches: Vec<wattd_proto::v1::Batch> = stored
+        .iter()
+        .filter_map(|b| {
+            let signed = wattd_proto::v1::SignedBatch::decode(b.bytes.as_slice()).ok()?;
+            wattd_proto::v1::Batch::decode(signed.batch_bytes.as_slice()).ok()
+        })
+        .collect();
+    // Every batch from the checkpoint (or seq 1) to the last must be readable.
+    let contiguous = batches.len() as u64 == last - from + 1
+        && batches.first().is_some_and(|b| b.seq == from)
+        && batches.last().is_some_and(|b| b.seq == last);
+    if !contiguous {
+        return RunTotals::default();
+    }
+    if cp_seq == 0 {
+        let mut t = RunTotals::default();
+        for b in &batches {
+            let finished: Vec<&str> = b.run_summaries.iter().map(|s| s.run_id.as_str()).collect();
+            t.apply(b.seq, &run_energy(&b.intervals), finished);
+        }
+        return t;
+    }
+    batches
+        .split_first()
+        .and_then(|(cp, rest)| RunTotals::from_checkpoint(cp, rest))
+        .unwrap_or_default()
 }

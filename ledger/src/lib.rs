@@ -13,6 +13,7 @@ pub mod audit;
 pub mod check;
 pub mod enrol;
 pub mod http;
+pub mod lost;
 pub mod metrics;
 pub mod query;
 pub mod server;

@@ -347,11 +347,12 @@ async fn audit(a: QueryArgs) -> anyhow::Result<()> {
 async fn nodes(n: NodesArgs) -> anyhow::Result<()> {
     let a = n.query;
     let store = open_query(&a.store).await?;
-    let report = query::nodes_report_at(
+    let mut report = query::nodes_report_at(
         store.nodes().await?,
         query::unix_now_ns(),
         n.quiet_after_s.saturating_mul(1_000_000_000),
     );
+    wattd_ledger::lost::price_runs(&store, &mut report).await?;
     let out = match a.format {
         Format::Json => serde_json::to_string_pretty(&report)? + "\n",
         Format::Text => query::nodes_text(&report),

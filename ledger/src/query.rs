@@ -115,6 +115,16 @@ pub struct LostReport {
     pub energy_uj: Option<u64>,
     /// Per meter (`domain:package[:dieN]`), when exact.
     pub energy_by_meter: BTreeMap<String, u64>,
+    /// Per run: `exact` (from the run checkpoints around the range; `lost::price_runs`),
+    /// `pending` (the checkpoint after it is not stored yet), `unknown` (why in `runs_error`),
+    /// or `not_priced` (nobody asked).
+    pub runs: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runs_error: Option<String>,
+    /// Run -> meter label -> uJ lost.
+    pub energy_by_run: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Runs in the range whose share cannot be known (an agent start lost their count).
+    pub runs_unknown: Vec<String>,
 }
 
 fn decode_batch(signed: &[u8]) -> Result<wattd_proto::v1::Batch, String> {
@@ -149,6 +159,10 @@ pub fn lost_report(l: LostRangeRow) -> LostReport {
         energy_error: None,
         energy_uj: None,
         energy_by_meter: BTreeMap::new(),
+        runs: "not_priced",
+        runs_error: None,
+        energy_by_run: BTreeMap::new(),
+        runs_unknown: Vec::new(),
     };
     let Some(after) = l.after else {
         return r;
@@ -342,6 +356,24 @@ pub fn nodes_text(r: &NodesReport) -> String {
                 "  LOST  seq {}..={} ({}): {energy}; {}",
                 l.first_seq, l.last_seq, l.reason, l.detail
             );
+            for (run, meters) in &l.energy_by_run {
+                for (m, uj) in meters {
+                    let _ = writeln!(
+                        s,
+                        "        run {} {}: {uj} uJ",
+                        wattd_records::energy_table::cell(run),
+                        wattd_records::energy_table::cell(m)
+                    );
+                }
+            }
+            if l.runs != "exact" && l.runs != "not_priced" {
+                let _ = writeln!(
+                    s,
+                    "        per run: {} {}",
+                    l.runs,
+                    l.runs_error.as_deref().unwrap_or("")
+                );
+            }
         }
     }
     s

@@ -18,6 +18,9 @@ pub struct BatchContent {
     /// The running totals after this batch (fields 12 and 13); none from writers that keep
     /// no totals.
     pub totals: Option<RunningTotals>,
+    /// The per-run checkpoint (fields 14 and 15), in batches whose seq is a multiple of
+    /// `totals::RUN_CHECKPOINT_EVERY`.
+    pub run_checkpoint: Option<Vec<wattd_proto::v1::RunCheckpoint>>,
 }
 
 impl BatchContent {
@@ -51,7 +54,13 @@ pub fn sign_batch(
         key_rotation: content.key_rotation,
         running_totals: Vec::new(),
         totals_since_seq: 0,
+        run_checkpoint: Vec::new(),
+        has_run_checkpoint: false,
     };
+    if let Some(cp) = content.run_checkpoint {
+        batch.run_checkpoint = cp;
+        batch.has_run_checkpoint = true;
+    }
     if let Some(t) = &content.totals {
         t.write_into(&mut batch);
     }

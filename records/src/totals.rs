@@ -281,3 +281,372 @@ mod tests {
         assert!(e.to_string().contains("dram:0"), "{e}");
     }
 }
+
+/// Every batch whose seq is a multiple of this carries a per-run checkpoint
+/// (`Batch.run_checkpoint`).
+pub const RUN_CHECKPOINT_EVERY: u64 = 60;
+/// A run with no energy for this many seqs is dropped from the checkpoints (a run whose end
+/// the agent never saw must not stay forever).
+pub const RUN_IDLE_DROP_SEQS: u64 = 3600;
+
+/// Whether batch `seq` carries a per-run checkpoint.
+pub fn is_checkpoint_seq(seq: u64) -> bool {
+    seq > 0 && seq % RUN_CHECKPOINT_EVERY == 0
+}
+
+/// Per run, per meter label (`package:0`, `psys`), microjoules.
+pub type RunEnergy = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// The energy table's meter label.
+fn table_label(domain: &str, package: Option<u32>) -> String {
+    crate::energy_table::domain_label(domain, package)
+}
+
+/// Each run's allocated energy (active + idle) in these intervals, by meter label.
+pub fn run_energy(intervals: &[Interval]) -> RunEnergy {
+    let mut out = RunEnergy::new();
+    for i in intervals {
+        for d in &i.domains {
+            if d.allocations.is_empty() {
+                continue;
+            }
+            let label = table_label(&d.domain, d.package);
+            for a in &d.allocations {
+                let e = out
+                    .entry(a.run_id.clone())
+                    .or_default()
+                    .entry(label.clone())
+                    .or_default();
+                *e = e.saturating_add(a.active_uj.saturating_add(a.idle_uj));
+            }
+        }
+    }
+    out
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct RunCum {
+    since_seq: u64,
+    last_seq: u64,
+    by_meter: BTreeMap<String, u64>,
+    finished: bool,
+}
+
+/// The agent's per-run energy since each run's `since_seq`, for the checkpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunTotals {
+    runs: BTreeMap<String, RunCum>,
+}
+
+impl RunTotals {
+    pub fn len(&self) -> usize {
+        self.runs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// The checkpoint batch `seq` carries, given what it adds (`add`): every run with energy
+    /// since the previous checkpoint, this batch included. Pure.
+    pub fn checkpoint(&self, seq: u64, add: &RunEnergy) -> Vec<wattd_proto::v1::RunCheckpoint> {
+        let previous = seq.saturating_sub(RUN_CHECKPOINT_EVERY);
+        let mut out = Vec::new();
+        let names: std::collections::BTreeSet<&String> = self
+            .runs
+            .iter()
+            .filter(|(_, c)| c.last_seq > previous)
+            .map(|(r, _)| r)
+            .chain(add.keys())
+            .collect();
+        for run in names {
+            let cum = self.runs.get(run);
+            let since = cum.map_or(seq, |c| c.since_seq);
+            let mut meters: BTreeMap<&str, u64> = BTreeMap::new();
+            if let Some(c) = cum {
+                for (m, v) in &c.by_meter {
+                    meters.insert(m, *v);
+                }
+            }
+            for (m, v) in add.get(run).into_iter().flatten() {
+                let e = meters.entry(m).or_default();
+                *e = e.saturating_add(*v);
+            }
+            for (m, v) in meters {
+                out.push(wattd_proto::v1::RunCheckpoint {
+                    run_id: run.clone(),
+                    meter: m.to_owned(),
+                    energy_uj: v,
+                    since_seq: since,
+                });
+            }
+        }
+        out
+    }
+
+    /// After batch `seq`, which added `add` and carried the summaries of `finished` runs, was
+    /// sealed. At a checkpoint, finished runs (all in it) and long-idle ones are dropped.
+    pub fn apply<'a>(
+        &mut self,
+        seq: u64,
+        add: &RunEnergy,
+        finished: impl IntoIterator<Item = &'a str>,
+    ) {
+        for (run, meters) in add {
+            let c = self.runs.entry(run.clone()).or_insert_with(|| RunCum {
+                since_seq: seq,
+                ..RunCum::default()
+            });
+            c.last_seq = seq;
+            for (m, v) in meters {
+                let e = c.by_meter.entry(m.clone()).or_default();
+                *e = e.saturating_add(*v);
+            }
+        }
+        for run in finished {
+            if let Some(c) = self.runs.get_mut(run) {
+                c.finished = true;
+            }
+        }
+        if is_checkpoint_seq(seq) {
+            self.runs
+                .retain(|_, c| !c.finished && seq.saturating_sub(c.last_seq) <= RUN_IDLE_DROP_SEQS);
+        }
+    }
+
+    /// From the checkpoint batch `cp` and the batches after it, in seq order.
+    pub fn from_checkpoint<'a>(
+        cp: &Batch,
+        after: impl IntoIterator<Item = &'a Batch>,
+    ) -> Option<Self> {
+        if !cp.has_run_checkpoint {
+            return None;
+        }
+        let mut t = RunTotals::default();
+        for e in &cp.run_checkpoint {
+            let c = t.runs.entry(e.run_id.clone()).or_insert_with(|| RunCum {
+                since_seq: e.since_seq,
+                last_seq: cp.seq,
+                ..RunCum::default()
+            });
+            c.by_meter.insert(e.meter.clone(), e.energy_uj);
+        }
+        for b in after {
+            let finished: Vec<&str> = b.run_summaries.iter().map(|s| s.run_id.as_str()).collect();
+            t.apply(b.seq, &run_energy(&b.intervals), finished);
+        }
+        Some(t)
+    }
+}
+
+/// The per-run energy of the lost seqs between the checkpoints `c1` (None: before seq 1) and
+/// `c2`, given `stored`: the per-run energy of every stored batch after `c1` up to and
+/// including `c2`. Returns the runs' lost energy, and the runs whose share cannot be known
+/// (they existed before `c1` but are not in it: an agent start lost their count).
+pub fn runs_lost_between(
+    c1: Option<&Batch>,
+    c2: &Batch,
+    stored: &RunEnergy,
+) -> Result<(RunEnergy, Vec<String>), String> {
+    if !c2.has_run_checkpoint {
+        return Err(format!("batch {} carries no run checkpoint", c2.seq));
+    }
+    let c1_seq = c1.map_or(0, |b| b.seq);
+    if c1.is_some_and(|b| !b.has_run_checkpoint) {
+        return Err(format!("batch {c1_seq} carries no run checkpoint"));
+    }
+    let index = |b: &Batch| {
+        let mut m: BTreeMap<String, (u64, BTreeMap<String, u64>)> = BTreeMap::new();
+        for e in &b.run_checkpoint {
+            let r = m
+                .entry(e.run_id.clone())
+                .or_insert((e.since_seq, BTreeMap::new()));
+            r.1.insert(e.meter.clone(), e.energy_uj);
+        }
+        m
+    };
+    let before = c1.map(index).unwrap_or_default();
+    let after = index(c2);
+    for run in stored.keys() {
+        if !after.contains_key(run) {
+            return Err(format!(
+                "run {run:?} has energy before batch {} but is not in its checkpoint",
+                c2.seq
+            ));
+        }
+    }
+    let mut lost = RunEnergy::new();
+    let mut unknown = Vec::new();
+    for (run, (since, cum2)) in &after {
+        let cum1 = match before.get(run) {
+            Some((s, m)) if s == since => m.clone(),
+            _ if *since > c1_seq => BTreeMap::new(),
+            _ => {
+                unknown.push(run.clone());
+                continue;
+            }
+        };
+        for (m, v2) in cum2 {
+            let spent = stored
+                .get(run)
+                .and_then(|s| s.get(m))
+                .copied()
+                .unwrap_or(0)
+                .checked_add(cum1.get(m).copied().unwrap_or(0));
+            match spent.and_then(|s| v2.checked_sub(s)) {
+                Some(0) => {}
+                Some(v) => {
+                    lost.entry(run.clone()).or_default().insert(m.clone(), v);
+                }
+                None => {
+                    return Err(format!(
+                        "run {run:?} {m}: checkpoint {} is below checkpoint {c1_seq} plus the \
+                         stored energy between",
+                        c2.seq
+                    ))
+                }
+            }
+        }
+    }
+    Ok((lost, unknown))
+}
+
+#[cfg(test)]
+mod run_tests {
+    use super::*;
+    use wattd_proto::v1::{Allocation, DomainEnergy, RunSummary};
+
+    fn iv(runs: &[(&str, u64)]) -> Interval {
+        Interval {
+            domains: vec![DomainEnergy {
+                domain: "package".into(),
+                package: Some(0),
+                measured_uj: runs.iter().map(|r| r.1).sum(),
+                allocations: runs
+                    .iter()
+                    .map(|(r, e)| Allocation {
+                        run_id: (*r).into(),
+                        active_uj: *e,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// A chain of `n` batches as the sealer builds them: `content(seq)` gives each batch's
+    /// runs and the runs finishing in it.
+    fn chain(
+        n: u64,
+        content: impl Fn(u64) -> (Vec<(&'static str, u64)>, Vec<&'static str>),
+    ) -> Vec<Batch> {
+        let mut t = RunTotals::default();
+        (1..=n)
+            .map(|seq| {
+                let (runs, finished) = content(seq);
+                let intervals = vec![iv(&runs)];
+                let add = run_energy(&intervals);
+                let mut b = Batch {
+                    seq,
+                    intervals,
+                    run_summaries: finished
+                        .iter()
+                        .map(|r| RunSummary {
+                            run_id: (*r).into(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                };
+                if is_checkpoint_seq(seq) {
+                    b.run_checkpoint = t.checkpoint(seq, &add);
+                    b.has_run_checkpoint = true;
+                }
+                t.apply(seq, &add, finished.iter().copied());
+                b
+            })
+            .collect()
+    }
+
+    #[test]
+    fn per_run_energy_of_any_lost_range_between_checkpoints_is_exact() {
+        // Run a all along; b from 30 to 75 (finishes at 75); c only from 100 to 103.
+        let content = |seq: u64| {
+            let mut runs = vec![("a", 10 + seq % 7)];
+            if (30..=75).contains(&seq) {
+                runs.push(("b", 3 * seq));
+            }
+            if (100..=103).contains(&seq) {
+                runs.push(("c", 1000));
+            }
+            let finished = match seq {
+                75 => vec!["b"],
+                103 => vec!["c"],
+                _ => vec![],
+            };
+            (runs, finished)
+        };
+        let all = chain(180, content);
+        let by_seq = |s: u64| &all[usize::try_from(s - 1).unwrap_or(0)];
+        for (first, last) in [
+            (1u64, 1u64),
+            (20, 40),
+            (61, 61),
+            (59, 62),
+            (70, 110),
+            (101, 102),
+            (121, 179),
+        ] {
+            let c1 = (first - 1) / RUN_CHECKPOINT_EVERY * RUN_CHECKPOINT_EVERY;
+            let c2 = (last + 1).div_ceil(RUN_CHECKPOINT_EVERY) * RUN_CHECKPOINT_EVERY;
+            let mut stored = RunEnergy::new();
+            let mut want = RunEnergy::new();
+            for seq in c1 + 1..=c2 {
+                let target = if (first..=last).contains(&seq) {
+                    &mut want
+                } else {
+                    &mut stored
+                };
+                for (r, m) in run_energy(&by_seq(seq).intervals) {
+                    for (k, v) in m {
+                        *target.entry(r.clone()).or_default().entry(k).or_default() += v;
+                    }
+                }
+            }
+            let c1b = (c1 > 0).then(|| by_seq(c1));
+            let (lost, unknown) = runs_lost_between(c1b, by_seq(c2), &stored).expect("prices");
+            assert!(unknown.is_empty(), "{first}..={last}: {unknown:?}");
+            assert_eq!(lost, want, "{first}..={last}");
+        }
+    }
+
+    #[test]
+    fn a_restart_that_lost_the_count_is_named_and_the_checkpoints_restore() {
+        let all = chain(125, |_| (vec![("a", 5)], vec![]));
+        // From the checkpoint at 60 and the batches after it, the totals are those the sealer
+        // had at 125.
+        let t = RunTotals::from_checkpoint(&all[59], &all[60..]).expect("a checkpoint");
+        let cp = t.checkpoint(180, &RunEnergy::new());
+        assert_eq!(cp.len(), 1);
+        assert_eq!((cp[0].energy_uj, cp[0].since_seq), (125 * 5, 1));
+        // A run whose count restarted after c1: its share is unknown, named.
+        let mut c2 = all[119].clone();
+        for e in &mut c2.run_checkpoint {
+            e.since_seq = 30;
+        }
+        let mut c1 = all[59].clone();
+        for e in &mut c1.run_checkpoint {
+            e.since_seq = 1;
+        }
+        let stored = RunEnergy::new();
+        let (_, unknown) = runs_lost_between(Some(&c1), &c2, &stored).expect("named");
+        assert_eq!(unknown, vec!["a".to_owned()]);
+        // A checkpoint missing a run that has stored energy is refused.
+        let mut bare = all[119].clone();
+        bare.run_checkpoint.clear();
+        let stored = run_energy(&all[100].intervals);
+        assert!(runs_lost_between(Some(&all[59]), &bare, &stored).is_err());
+    }
+}

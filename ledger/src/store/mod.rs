@@ -322,6 +322,14 @@ pub trait Store: Send + Sync + 'static {
         after_seq: u64,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, StoreError>> + Send;
+    /// Per-run totals by domain of `node`'s stored allocations with seq in
+    /// `after_seq + 1 ..= upto_seq` (to price a lost range per run).
+    fn run_energy_between(
+        &self,
+        node: &str,
+        after_seq: u64,
+        upto_seq: u64,
+    ) -> impl Future<Output = Result<Vec<RunDomainTotal>, StoreError>> + Send;
     /// Per-node, per-run totals by domain over every stored allocation (exact: never an
     /// overflow error).
     fn run_totals(&self) -> impl Future<Output = Result<Vec<RunDomainTotal>, StoreError>> + Send;
@@ -406,6 +414,14 @@ impl Store for AnyStore {
         limit: u32,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         delegate!(self, s => s.batches_after(node, after_seq, limit))
+    }
+    async fn run_energy_between(
+        &self,
+        node: &str,
+        after_seq: u64,
+        upto_seq: u64,
+    ) -> Result<Vec<RunDomainTotal>, StoreError> {
+        delegate!(self, s => s.run_energy_between(node, after_seq, upto_seq))
     }
     async fn run_totals(&self) -> Result<Vec<RunDomainTotal>, StoreError> {
         delegate!(self, s => s.run_totals())

@@ -704,6 +704,38 @@ impl Store for PgStore {
             .collect()
     }
 
+    async fn run_energy_between(
+        &self,
+        node: &str,
+        after_seq: u64,
+        upto_seq: u64,
+    ) -> Result<Vec<RunDomainTotal>, StoreError> {
+        let (after, upto) = (to_i64(after_seq, "seq")?, to_i64(upto_seq, "seq")?);
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        let rows = c
+            .client
+            .query(
+                "SELECT run_id, domain, SUM(energy_uj)::text FROM allocations \
+                 WHERE node_id = $1 AND seq > $2 AND seq <= $3 GROUP BY run_id, domain",
+                &[&node, &after, &upto],
+            )
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                let total: &str = r.get(2);
+                Ok(RunDomainTotal {
+                    node_id: node.to_owned(),
+                    run_id: r.get(0),
+                    domain: r.get(1),
+                    energy_uj: total
+                        .parse()
+                        .map_err(|_| StoreError::Corrupt(format!("energy sum {total:?}")))?,
+                })
+            })
+            .collect()
+    }
+
     async fn run_totals(&self) -> Result<Vec<RunDomainTotal>, StoreError> {
         let mut p = self.conn().await?;
         let c = p.get()?;

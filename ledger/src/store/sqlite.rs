@@ -585,6 +585,45 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn run_energy_between(
+        &self,
+        node: &str,
+        after_seq: u64,
+        upto_seq: u64,
+    ) -> Result<Vec<RunDomainTotal>, StoreError> {
+        let node = node.to_owned();
+        let (after, upto) = (to_i64(after_seq, "seq")?, to_i64(upto_seq, "seq")?);
+        self.with(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT run_id, domain, SUM(energy_uj >> 32), SUM(energy_uj & 4294967295) \
+                 FROM allocations WHERE node_id = ?1 AND seq > ?2 AND seq <= ?3 \
+                 GROUP BY run_id, domain",
+            )?;
+            let rows = st.query_map(params![node, after, upto], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (run_id, domain, hi, lo) = row?;
+                let hi = u128::from(to_u64(hi, "energy sum (high half)")?);
+                let lo = u128::from(to_u64(lo, "energy sum (low half)")?);
+                out.push(RunDomainTotal {
+                    node_id: node.clone(),
+                    run_id,
+                    domain,
+                    energy_uj: (hi << 32) + lo,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn run_totals(&self) -> Result<Vec<RunDomainTotal>, StoreError> {
         self.with(|c| {
             // SQLite's SUM is a 64-bit integer that fails on overflow (for every query, so one

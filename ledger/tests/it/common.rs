@@ -362,6 +362,8 @@ pub struct Chain {
     next_interval: u64,
     /// The running totals as of the last batch, as the sealer keeps them.
     totals: wattd_records::totals::RunningTotals,
+    /// The per-run totals for the checkpoints, as the sealer keeps them.
+    run_totals: wattd_records::totals::RunTotals,
 }
 
 impl Chain {
@@ -373,6 +375,7 @@ impl Chain {
             batches: Vec::new(),
             next_interval: 0,
             totals: wattd_records::totals::RunningTotals::starting_at(1),
+            run_totals: wattd_records::totals::RunTotals::default(),
         }
     }
 
@@ -400,6 +403,18 @@ impl Chain {
             self.totals = self.totals.after(&content.intervals);
             content.totals = Some(self.totals.clone());
         }
+        let seq = self.seq + 1;
+        let add = wattd_records::totals::run_energy(&content.intervals);
+        if wattd_records::totals::is_checkpoint_seq(seq) && content.run_checkpoint.is_none() {
+            content.run_checkpoint = Some(self.run_totals.checkpoint(seq, &add));
+        }
+        let finished: Vec<String> = content
+            .run_summaries
+            .iter()
+            .map(|s| s.run_id.clone())
+            .collect();
+        self.run_totals
+            .apply(seq, &add, finished.iter().map(String::as_str));
         self.seq += 1;
         let b = sign_batch(&self.key, self.seq, self.prev, 1_700_000_000, content);
         self.prev = b.hash;

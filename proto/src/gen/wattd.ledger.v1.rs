@@ -269,6 +269,29 @@ pub struct Batch {
     /// when the agent could not read its previous totals back at a start. 0: no totals.
     #[prost(uint64, tag = "13")]
     pub totals_since_seq: u64,
+    /// A per-run checkpoint, in every batch whose seq is a multiple of 60 (has_run_checkpoint
+    /// says one is present, even with no run in it): each run the agent knows that had energy
+    /// since the previous checkpoint, with its energy per meter since its `since_seq`. With the
+    /// stored batches between two checkpoints, the per-run energy of a lost range between them is
+    /// exact.
+    #[prost(message, repeated, tag = "14")]
+    pub run_checkpoint: ::prost::alloc::vec::Vec<RunCheckpoint>,
+    #[prost(bool, tag = "15")]
+    pub has_run_checkpoint: bool,
+}
+/// One run's cumulative energy on one meter (the energy table's label: `package:0`, `psys`).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RunCheckpoint {
+    #[prost(string, tag = "1")]
+    pub run_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub meter: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "3")]
+    pub energy_uj: u64,
+    /// The seq from which this run's energy is counted: its first batch, or the first batch after
+    /// an agent start that could not read the previous checkpoint back.
+    #[prost(uint64, tag = "4")]
+    pub since_seq: u64,
 }
 /// Cumulative measured energy of one meter (see Batch.running_totals).
 #[derive(Clone, PartialEq, ::prost::Message)]

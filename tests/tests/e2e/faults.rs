@@ -257,6 +257,23 @@ fn damaged_record(postgres: bool, name: &str) {
         "{n}"
     );
     assert!(l["energy_uj"].as_u64().unwrap() > 0, "{l}");
+    // Per run: exact once the checkpoint after the range (every 60th seq) is stored; the runs'
+    // shares never exceed the meter's lost energy (the host has the rest).
+    match l["runs"].as_str() {
+        Some("exact") => {
+            for (meter, lost) in l["energy_by_meter"].as_object().unwrap() {
+                let runs: u64 = l["energy_by_run"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .filter_map(|m| m[meter].as_u64())
+                    .sum();
+                assert!(runs <= lost.as_u64().unwrap(), "{meter}: {l}");
+            }
+        }
+        Some("pending") => {}
+        other => panic!("per-run pricing {other:?}: {l}"),
+    }
     assert!(agent_log_has(&w, "declaring batches lost"), "{}", w.logs());
     // The spool's own verifier names the damage too.
     let v = wattd(&["verify", "--data-dir", w.spool.to_str().unwrap()]);

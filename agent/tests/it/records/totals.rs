@@ -141,3 +141,46 @@ fn totals_survive_a_spool_that_freed_every_batch_and_restart_only_when_unknown()
     }
     Ok(())
 }
+
+/// Every 60th batch carries a per-run checkpoint, continued across a restart from the spool's
+/// newest checkpoint and the batches after it: at 180, each run's total is every microjoule
+/// the spool allocated to it since its first batch.
+#[test]
+fn run_checkpoints_continue_across_restarts() -> TestResult {
+    use wattd_records::totals::{is_checkpoint_seq, run_energy, RUN_CHECKPOINT_EVERY};
+    let dir = tempfile::tempdir()?;
+    let mut index = 0;
+    let mut s = open_with(dir.path(), 1 << 20)?;
+    seal_n(&mut s, &mut index, 130)?;
+    drop(s);
+    let mut s = open_with(dir.path(), 1 << 20)?;
+    seal_n(&mut s, &mut index, 3 * RUN_CHECKPOINT_EVERY as usize - 130)?;
+    let all = batches(dir.path())?;
+    assert_eq!(all.len(), 180);
+    let mut want: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut first: BTreeMap<String, u64> = BTreeMap::new();
+    for b in all.values() {
+        for (r, m) in run_energy(&b.intervals) {
+            first.entry(r.clone()).or_insert(b.seq);
+            for (k, v) in m {
+                *want.entry(r.clone()).or_default().entry(k).or_default() += v;
+            }
+        }
+        assert_eq!(
+            b.has_run_checkpoint,
+            is_checkpoint_seq(b.seq),
+            "seq {}",
+            b.seq
+        );
+    }
+    let cp = &all[&180];
+    let mut got: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for e in &cp.run_checkpoint {
+        assert_eq!(Some(&e.since_seq), first.get(&e.run_id), "{e:?}");
+        got.entry(e.run_id.clone())
+            .or_default()
+            .insert(e.meter.clone(), e.energy_uj);
+    }
+    assert_eq!(got, want);
+    Ok(())
+}
