@@ -582,7 +582,12 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
                     return Err(anyhow::Error::new(e).context("rotating the node key (fatal)"));
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "node key rotation deferred; tried again next tick")
+                    // Tried again in a minute, not every tick (each try makes a key).
+                    key_born_unix_ns = now
+                        .unix_ns
+                        .saturating_sub(rotate_after_ns)
+                        .saturating_add(60_000_000_000);
+                    tracing::warn!(%error, "node key rotation deferred; tried again in a minute");
                 }
             }
         }

@@ -336,6 +336,7 @@ impl Sealer {
                     key_rotation: None,
                     totals: None,
                     run_checkpoint: None,
+                    run_counts_since_seq: 0,
                 }
             };
             let totals = self.totals.after(&content.intervals);
@@ -343,6 +344,7 @@ impl Sealer {
             let add = run_energy(&content.intervals);
             if is_checkpoint_seq(seq) {
                 content.run_checkpoint = Some(self.run_totals.checkpoint(seq, &add));
+                content.run_counts_since_seq = self.run_totals.counts_since_seq();
             }
             let finished: Vec<String> = content
                 .run_summaries
@@ -387,6 +389,7 @@ impl Sealer {
         let add = run_energy(&content.intervals);
         if is_checkpoint_seq(seq) {
             content.run_checkpoint = Some(self.run_totals.checkpoint(seq, &add));
+            content.run_counts_since_seq = self.run_totals.counts_since_seq();
         }
         let finished: Vec<String> = content
             .run_summaries
@@ -425,11 +428,14 @@ fn restore_run_totals(spool: &Spool) -> RunTotals {
     let last = spool.last_seq();
     let cp_seq = last - last % RUN_CHECKPOINT_EVERY;
     if last == 0 {
-        return RunTotals::default();
+        return RunTotals::starting_at(1);
     }
+    // What is used when the checkpoint cannot be read back: counts from the next seq on, and
+    // every checkpoint says so (`run_counts_since_seq`).
+    let fresh = || RunTotals::starting_at(last + 1);
     let from = cp_seq.max(1);
     let Ok(stored) = spool.read_sealed(from, usize::MAX) else {
-        return RunTotals::default();
+        return fresh();
     };
     let batches: Vec<wattd_proto::v1::Batch> = stored
         .iter()
@@ -443,10 +449,10 @@ fn restore_run_totals(spool: &Spool) -> RunTotals {
         && batches.first().is_some_and(|b| b.seq == from)
         && batches.last().is_some_and(|b| b.seq == last);
     if !contiguous {
-        return RunTotals::default();
+        return fresh();
     }
     if cp_seq == 0 {
-        let mut t = RunTotals::default();
+        let mut t = RunTotals::starting_at(1);
         for b in &batches {
             let finished: Vec<&str> = b.run_summaries.iter().map(|s| s.run_id.as_str()).collect();
             t.apply(b.seq, &run_energy(&b.intervals), finished);
@@ -456,5 +462,5 @@ fn restore_run_totals(spool: &Spool) -> RunTotals {
     batches
         .split_first()
         .and_then(|(cp, rest)| RunTotals::from_checkpoint(cp, rest))
-        .unwrap_or_default()
+        .unwrap_or_else(fresh)
 }

@@ -373,6 +373,35 @@ pub fn verify_batch(
             }
         }
     }
+    // Run checkpoints carry names too: the same rules (a meter is a domain label).
+    for e in &batch.run_checkpoint {
+        let meter_ok = match e.meter.split_once(':') {
+            Some((d, p)) => {
+                wattd_proto::names::domain_problem(d).is_none()
+                    && !p.is_empty()
+                    && p.bytes().all(|b| b.is_ascii_digit())
+            }
+            None => wattd_proto::names::domain_problem(&e.meter).is_none(),
+        };
+        if let Some(what) = wattd_proto::names::run_id_problem(&e.run_id) {
+            return Err(Rejection::Malformed {
+                node: node(),
+                detail: format!(
+                    "batch seq {seq}: run checkpoint: run id {:?}: {what}",
+                    shown(&e.run_id)
+                ),
+            });
+        }
+        if !meter_ok {
+            return Err(Rejection::Malformed {
+                node: node(),
+                detail: format!(
+                    "batch seq {seq}: run checkpoint: meter {:?} is not a domain label",
+                    shown(&e.meter)
+                ),
+            });
+        }
+    }
     let rotation = match &batch.key_rotation {
         // The verifier accepted it: 32-byte key, matching id, epoch + 1, effective seq + 1.
         Some(r) => {

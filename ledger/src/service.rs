@@ -157,6 +157,9 @@ impl<S: Store> Ledger for LedgerService<S> {
         request: Request<Streaming<NodeMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         let node = peer_node_id(&request).map_err(|r| self.reject(&r))?;
+        // Seen before the enrolment is read: a reload from here on is checked by the worker.
+        let mut enrolment_changed = self.enrolment_changed.clone();
+        enrolment_changed.mark_unchanged();
         let enrolled = {
             let e = self.enrolment.read().unwrap_or_else(|p| p.into_inner());
             e.node(&node).cloned()
@@ -193,8 +196,6 @@ impl<S: Store> Ledger for LedgerService<S> {
         tracing::info!(node = %node, acked = session.acked_seq(), "stream opened");
         let (tx, rx) = mpsc::channel(16);
         let inbound = request.into_inner();
-        let mut enrolment_changed = self.enrolment_changed.clone();
-        enrolment_changed.mark_unchanged();
         let worker = StreamWorker {
             session,
             enrolled_keys: enrolled_keys(&enrolled),

@@ -21,6 +21,8 @@ pub struct BatchContent {
     /// The per-run checkpoint (fields 14 and 15), in batches whose seq is a multiple of
     /// `totals::RUN_CHECKPOINT_EVERY`.
     pub run_checkpoint: Option<Vec<wattd_proto::v1::RunCheckpoint>>,
+    /// With a checkpoint: the first seq the per-run counts cover without a break (field 16).
+    pub run_counts_since_seq: u64,
 }
 
 impl BatchContent {
@@ -56,10 +58,12 @@ pub fn sign_batch(
         totals_since_seq: 0,
         run_checkpoint: Vec::new(),
         has_run_checkpoint: false,
+        run_counts_since_seq: 0,
     };
     if let Some(cp) = content.run_checkpoint {
         batch.run_checkpoint = cp;
         batch.has_run_checkpoint = true;
+        batch.run_counts_since_seq = content.run_counts_since_seq;
     }
     if let Some(t) = &content.totals {
         t.write_into(&mut batch);

@@ -336,9 +336,25 @@ struct RunCum {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RunTotals {
     runs: BTreeMap<String, RunCum>,
+    /// The first seq these counts cover without a break (`Batch.run_counts_since_seq`).
+    counts_since_seq: u64,
 }
 
 impl RunTotals {
+    /// Counts that begin at batch `seq` (1 for a new chain; a later seq when an agent start
+    /// could not read the last checkpoint back).
+    pub fn starting_at(seq: u64) -> Self {
+        Self {
+            runs: BTreeMap::new(),
+            counts_since_seq: seq.max(1),
+        }
+    }
+
+    /// See [`RunTotals::starting_at`].
+    pub fn counts_since_seq(&self) -> u64 {
+        self.counts_since_seq.max(1)
+    }
+
     pub fn len(&self) -> usize {
         self.runs.len()
     }
@@ -422,7 +438,7 @@ impl RunTotals {
         if !cp.has_run_checkpoint {
             return None;
         }
-        let mut t = RunTotals::default();
+        let mut t = RunTotals::starting_at(cp.run_counts_since_seq);
         for e in &cp.run_checkpoint {
             let c = t.runs.entry(e.run_id.clone()).or_insert_with(|| RunCum {
                 since_seq: e.since_seq,
@@ -454,6 +470,24 @@ pub fn runs_lost_between(
     let c1_seq = c1.map_or(0, |b| b.seq);
     if c1.is_some_and(|b| !b.has_run_checkpoint) {
         return Err(format!("batch {c1_seq} carries no run checkpoint"));
+    }
+    // A checkpoint inside the range was lost: runs that ended before it were dropped there
+    // and appear in no stored checkpoint.
+    if c2.seq - c1_seq > RUN_CHECKPOINT_EVERY {
+        return Err(format!(
+            "the checkpoint(s) between {c1_seq} and {} are in the range: runs that ended before \
+             them cannot be seen",
+            c2.seq
+        ));
+    }
+    // The agent's counts restarted between the checkpoints: a run's count before the restart
+    // is lost, and a run that "began" after c1 may only have been counted again.
+    if c2.run_counts_since_seq > c1_seq + 1 {
+        return Err(format!(
+            "the agent's per-run counts restarted at seq {} (an agent start could not read the \
+             last checkpoint back), after checkpoint {c1_seq}",
+            c2.run_counts_since_seq
+        ));
     }
     let index = |b: &Batch| {
         let mut m: BTreeMap<String, (u64, BTreeMap<String, u64>)> = BTreeMap::new();
@@ -493,6 +527,9 @@ pub fn runs_lost_between(
                 .copied()
                 .unwrap_or(0)
                 .checked_add(cum1.get(m).copied().unwrap_or(0));
+            if *v2 == u64::MAX {
+                return Err(format!("run {run:?} {m:?}: the count is saturated"));
+            }
             match spent.and_then(|s| v2.checked_sub(s)) {
                 Some(0) => {}
                 Some(v) => {
@@ -500,7 +537,7 @@ pub fn runs_lost_between(
                 }
                 None => {
                     return Err(format!(
-                        "run {run:?} {m}: checkpoint {} is below checkpoint {c1_seq} plus the \
+                        "run {run:?} {m:?}: checkpoint {} is below checkpoint {c1_seq} plus the \
                          stored energy between",
                         c2.seq
                     ))
@@ -542,7 +579,7 @@ mod run_tests {
         n: u64,
         content: impl Fn(u64) -> (Vec<(&'static str, u64)>, Vec<&'static str>),
     ) -> Vec<Batch> {
-        let mut t = RunTotals::default();
+        let mut t = RunTotals::starting_at(1);
         (1..=n)
             .map(|seq| {
                 let (runs, finished) = content(seq);
@@ -563,6 +600,7 @@ mod run_tests {
                 if is_checkpoint_seq(seq) {
                     b.run_checkpoint = t.checkpoint(seq, &add);
                     b.has_run_checkpoint = true;
+                    b.run_counts_since_seq = t.counts_since_seq();
                 }
                 t.apply(seq, &add, finished.iter().copied());
                 b
@@ -594,7 +632,6 @@ mod run_tests {
             (1u64, 1u64),
             (20, 40),
             (61, 61),
-            (59, 62),
             (70, 110),
             (101, 102),
             (121, 179),
@@ -620,6 +657,23 @@ mod run_tests {
             assert!(unknown.is_empty(), "{first}..={last}: {unknown:?}");
             assert_eq!(lost, want, "{first}..={last}");
         }
+        // A range with a checkpoint in it (60 in 59..=62, or 120 in 119..=121): runs that
+        // ended before that checkpoint (b ends at 75, c at 103) would be invisible, so the
+        // per-run split is refused, never wrong.
+        for (c1, c2) in [(0u64, 120u64), (60, 180)] {
+            let c1b = (c1 > 0).then(|| by_seq(c1));
+            let e = runs_lost_between(c1b, by_seq(c2), &RunEnergy::new()).expect_err("refused");
+            assert!(e.contains("in the range"), "{e}");
+        }
+    }
+
+    #[test]
+    fn counts_that_restarted_between_the_checkpoints_are_refused() {
+        let all = chain(120, |_| (vec![("a", 5)], vec![]));
+        let mut c2 = all[119].clone();
+        c2.run_counts_since_seq = 90;
+        let e = runs_lost_between(Some(&all[59]), &c2, &RunEnergy::new()).expect_err("refused");
+        assert!(e.contains("restarted at seq 90"), "{e}");
     }
 
     #[test]

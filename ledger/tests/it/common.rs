@@ -375,7 +375,7 @@ impl Chain {
             batches: Vec::new(),
             next_interval: 0,
             totals: wattd_records::totals::RunningTotals::starting_at(1),
-            run_totals: wattd_records::totals::RunTotals::default(),
+            run_totals: wattd_records::totals::RunTotals::starting_at(1),
         }
     }
 
@@ -407,6 +407,7 @@ impl Chain {
         let add = wattd_records::totals::run_energy(&content.intervals);
         if wattd_records::totals::is_checkpoint_seq(seq) && content.run_checkpoint.is_none() {
             content.run_checkpoint = Some(self.run_totals.checkpoint(seq, &add));
+            content.run_counts_since_seq = self.run_totals.counts_since_seq();
         }
         let finished: Vec<String> = content
             .run_summaries

@@ -1285,6 +1285,27 @@ async fn hostile_names_are_refused_and_huge_values_cannot_break_runs(
     let err = s.send(msg(&odd)).await.expect_err("unknown domain");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("domain"), "{err:?}");
+    // A run checkpoint's names get the same rules.
+    let mut s = connect(&f, &l, "n1").await;
+    let forged_cp = wattd_records::seal::sign_batch(
+        &chain.key,
+        1,
+        [0; 32],
+        0,
+        BatchContent {
+            intervals: vec![interval(0, &[("run-a", 1, 0)], 0)],
+            run_checkpoint: Some(vec![wattd_proto::v1::RunCheckpoint {
+                run_id: "run-a".into(),
+                meter: "package:0\nrun-x package:0 9".into(),
+                energy_uj: 1,
+                since_seq: 1,
+            }]),
+            ..Default::default()
+        },
+    );
+    let err = s.send(msg(&forged_cp)).await.expect_err("bad meter");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("run checkpoint"), "{err:?}");
     assert_eq!(count_rows(&f).await, 0);
     let mut s = connect(&f, &l, "n1").await;
     let huge = (1u64 << 62) + 1;

@@ -278,6 +278,11 @@ pub struct Batch {
     pub run_checkpoint: ::prost::alloc::vec::Vec<RunCheckpoint>,
     #[prost(bool, tag = "15")]
     pub has_run_checkpoint: bool,
+    /// In a checkpoint batch: the first seq the agent's per-run counts cover without a break
+    /// (1, or the first batch after an agent start that could not read its last checkpoint
+    /// back). A run whose since_seq is at or after it may have lost its earlier count.
+    #[prost(uint64, tag = "16")]
+    pub run_counts_since_seq: u64,
 }
 /// One run's cumulative energy on one meter (the energy table's label: `package:0`, `psys`).
 #[derive(Clone, PartialEq, ::prost::Message)]
