@@ -239,9 +239,14 @@ fn damaged_record(postgres: bool, name: &str) {
         Duration::from_secs(30),
         || node(&w)["last_seq"].as_u64().unwrap_or(0) > victim + 3,
     );
-    eprintln!(
-        "damaged seq {victim}: the ledger passed it {:?} after it came back",
-        started.elapsed()
+    let passed = started.elapsed();
+    eprintln!("damaged seq {victim}: the ledger passed it {passed:?} after it came back");
+    // No stall beyond the reconnect backoff (backoff_max_s = 1 here) and a heartbeat period,
+    // with room for a loaded CI machine.
+    assert!(
+        passed < Duration::from_secs(10),
+        "stalled {passed:?}\n{}",
+        w.logs()
     );
     w.cg.wait_all();
     stop_agent_cleanly(&w, &mut agent);
@@ -272,6 +277,13 @@ fn damaged_record(postgres: bool, name: &str) {
             }
         }
         Some("pending") => {}
+        // Here the agent was SIGKILLed over the damage before the first checkpoint: its restart
+        // cannot read the damaged batch back, so its per-run counts start again, and the split
+        // is refused, saying so (the meter's energy above is still exact).
+        Some("unknown")
+            if l["runs_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("per-run counts restarted")) => {}
         other => panic!("per-run pricing {other:?}: {l}"),
     }
     assert!(agent_log_has(&w, "declaring batches lost"), "{}", w.logs());
