@@ -13,7 +13,7 @@ use wattd_proto::v1::{Gap, Interval, RunSummary};
 
 use crate::identity::{self, IdentityError, NodeKey};
 use crate::spool::{OpenReport, Spool, SpoolConfig, SpoolError};
-use wattd_records::totals::{is_checkpoint_seq, run_energy, RunTotals, RunningTotals};
+use wattd_records::totals::{run_energy, stamp, RunTotals, RunningTotals};
 
 /// When to seal. Construct with [`SealPolicy::new`], which enforces the bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -339,24 +339,11 @@ impl Sealer {
                     run_counts_since_seq: 0,
                 }
             };
-            let totals = self.totals.after(&content.intervals);
-            content.totals = Some(totals.clone());
-            let add = run_energy(&content.intervals);
-            if is_checkpoint_seq(seq) {
-                content.run_checkpoint = Some(self.run_totals.checkpoint(seq, &add));
-                content.run_counts_since_seq = self.run_totals.counts_since_seq();
-            }
-            let finished: Vec<String> = content
-                .run_summaries
-                .iter()
-                .map(|s| s.run_id.clone())
-                .collect();
+            let st = stamp(seq, &mut content, &self.totals, &self.run_totals);
             let stored = sign_batch(&self.key, seq, self.spool.last_hash(), now_unix_ns, content);
             self.spool.append(&stored)?;
-            self.spool.note_totals(&totals);
-            self.totals = totals;
-            self.run_totals
-                .apply(seq, &add, finished.iter().map(String::as_str));
+            self.spool.note_totals(st.totals());
+            st.apply(seq, &mut self.totals, &mut self.run_totals);
             sealed = Some(seq);
             if all {
                 self.pending = BatchContent::default();
@@ -384,18 +371,7 @@ impl Sealer {
             identity::prepare_rotation(&self.dir, &self.key, seq + 1, now_unix_ns)?;
         let mut content = self.pending.clone();
         content.key_rotation = Some(rotation);
-        let totals = self.totals.after(&content.intervals);
-        content.totals = Some(totals.clone());
-        let add = run_energy(&content.intervals);
-        if is_checkpoint_seq(seq) {
-            content.run_checkpoint = Some(self.run_totals.checkpoint(seq, &add));
-            content.run_counts_since_seq = self.run_totals.counts_since_seq();
-        }
-        let finished: Vec<String> = content
-            .run_summaries
-            .iter()
-            .map(|s| s.run_id.clone())
-            .collect();
+        let st = stamp(seq, &mut content, &self.totals, &self.run_totals);
         let stored = sign_batch(&self.key, seq, self.spool.last_hash(), now_unix_ns, content);
         if let Err(e) = self.spool.append_rotation(&stored, next.key_id()) {
             // Not announced: the pending key must go, or a restart could not tell.
@@ -404,10 +380,8 @@ impl Sealer {
             }
             return Err(e.into());
         }
-        self.spool.note_totals(&totals);
-        self.totals = totals;
-        self.run_totals
-            .apply(seq, &add, finished.iter().map(String::as_str));
+        self.spool.note_totals(st.totals());
+        st.apply(seq, &mut self.totals, &mut self.run_totals);
         self.pending = BatchContent::default();
         self.pending_since_monotonic_ns = None;
         // If this fails the daemon exits; on restart `recover_rotation` sees whether the

@@ -60,14 +60,7 @@ impl AuditReport {
 }
 
 fn label(m: &wattd_records::totals::MeterId) -> String {
-    let mut s = m.0.clone();
-    if let Some(p) = m.1 {
-        let _ = write!(s, ":{p}");
-    }
-    if let Some(d) = m.2 {
-        let _ = write!(s, ":die{d}");
-    }
-    s
+    wattd_records::totals::meter_label(m)
 }
 
 fn decode(bytes: &[u8]) -> Result<wattd_proto::v1::Batch, String> {

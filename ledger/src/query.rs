@@ -135,14 +135,7 @@ fn decode_batch(signed: &[u8]) -> Result<wattd_proto::v1::Batch, String> {
 }
 
 fn meter_label(m: &wattd_records::totals::MeterId) -> String {
-    let mut s = m.0.clone();
-    if let Some(p) = m.1 {
-        let _ = write!(s, ":{p}");
-    }
-    if let Some(d) = m.2 {
-        let _ = write!(s, ":die{d}");
-    }
-    s
+    wattd_records::totals::meter_label(m)
 }
 
 /// A lost range's energy from its stored neighbours.

@@ -121,7 +121,8 @@ pub enum LostEnergyError {
     },
 }
 
-fn meter_name(m: &MeterId) -> String {
+/// A meter as tables and errors name it: `domain:package[:dieN]`.
+pub fn meter_label(m: &MeterId) -> String {
     let mut s = m.0.clone();
     if let Some(p) = m.1 {
         s.push_str(&format!(":{p}"));
@@ -172,7 +173,7 @@ pub fn lost_between(before: Option<&Batch>, after: &Batch) -> Result<MeterEnergy
             }
             None => {
                 return Err(LostEnergyError::Inconsistent {
-                    meter: meter_name(m),
+                    meter: meter_label(m),
                     before: before_seq,
                     after: after.seq,
                 })
@@ -702,5 +703,55 @@ mod run_tests {
         bare.run_checkpoint.clear();
         let stored = run_energy(&all[100].intervals);
         assert!(runs_lost_between(Some(&all[59]), &bare, &stored).is_err());
+    }
+}
+
+/// What sealing one batch adds to the node's counts, computed before the batch is appended
+/// (pure), and applied once it is: the sealer and every test chain seal the same way.
+#[derive(Debug)]
+pub struct Stamp {
+    totals: RunningTotals,
+    add: RunEnergy,
+    finished: Vec<String>,
+}
+
+/// Fills `content`'s running totals and, at a checkpoint seq, its run checkpoint (either only
+/// if not set already) for batch `seq`, from the counts as of the batch before.
+pub fn stamp(
+    seq: u64,
+    content: &mut crate::seal::BatchContent,
+    totals: &RunningTotals,
+    runs: &RunTotals,
+) -> Stamp {
+    let next = totals.after(&content.intervals);
+    if content.totals.is_none() {
+        content.totals = Some(next.clone());
+    }
+    let add = run_energy(&content.intervals);
+    if is_checkpoint_seq(seq) && content.run_checkpoint.is_none() {
+        content.run_checkpoint = Some(runs.checkpoint(seq, &add));
+        content.run_counts_since_seq = runs.counts_since_seq();
+    }
+    Stamp {
+        totals: next,
+        add,
+        finished: content
+            .run_summaries
+            .iter()
+            .map(|s| s.run_id.clone())
+            .collect(),
+    }
+}
+
+impl Stamp {
+    /// The running totals after the batch.
+    pub fn totals(&self) -> &RunningTotals {
+        &self.totals
+    }
+
+    /// Batch `seq` was appended: the counts move on.
+    pub fn apply(self, seq: u64, totals: &mut RunningTotals, runs: &mut RunTotals) {
+        runs.apply(seq, &self.add, self.finished.iter().map(String::as_str));
+        *totals = self.totals;
     }
 }

@@ -332,22 +332,28 @@ fn commit_blocking(
         }
     }
     if let Some(r) = &b.rotation {
-        tx.prepare_cached(
-            "INSERT INTO rotations (node_id, new_key_epoch, new_public_key, new_key_id, \
-             effective_seq, announced_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-             ON CONFLICT (node_id, new_key_epoch) DO NOTHING",
-        )?
-        .execute(params![
-            b.node_id,
-            i64::from(r.epoch),
-            r.public_key.as_slice(),
-            r.key_id.as_slice(),
-            to_i64(r.effective_seq, "effective_seq")?,
-            seq
-        ])?;
+        insert_rotation(&tx, &b.node_id, r)?;
     }
     tx.commit()?;
     Ok(Commit::Stored)
+}
+
+/// A key the chain announced (in a stored batch, or in a recorded loss statement).
+fn insert_rotation(tx: &Connection, node: &str, r: &LearntKey) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO rotations (node_id, new_key_epoch, new_public_key, new_key_id, \
+         effective_seq, announced_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+         ON CONFLICT (node_id, new_key_epoch) DO NOTHING",
+    )?
+    .execute(params![
+        node,
+        i64::from(r.epoch),
+        r.public_key.as_slice(),
+        r.key_id.as_slice(),
+        to_i64(r.effective_seq, "effective_seq")?,
+        to_i64(r.announced_seq, "announced_seq")?
+    ])?;
+    Ok(())
 }
 
 fn record_loss_blocking(conn: &mut Connection, l: &LossRecord) -> Result<LossOutcome, StoreError> {
@@ -395,19 +401,7 @@ fn record_loss_blocking(conn: &mut Connection, l: &LossRecord) -> Result<LossOut
         l.statement,
     ])?;
     for r in &l.rotations {
-        tx.prepare_cached(
-            "INSERT INTO rotations (node_id, new_key_epoch, new_public_key, new_key_id, \
-             effective_seq, announced_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-             ON CONFLICT (node_id, new_key_epoch) DO NOTHING",
-        )?
-        .execute(params![
-            l.node_id,
-            i64::from(r.epoch),
-            r.public_key.as_slice(),
-            r.key_id.as_slice(),
-            to_i64(r.effective_seq, "effective_seq")?,
-            to_i64(r.announced_seq, "announced_seq")?
-        ])?;
+        insert_rotation(&tx, &l.node_id, r)?;
     }
     tx.commit()?;
     Ok(LossOutcome::Recorded)

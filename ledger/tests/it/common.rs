@@ -399,23 +399,12 @@ impl Chain {
     }
 
     pub fn next_with(&mut self, mut content: BatchContent) -> StoredBatch {
-        if content.totals.is_none() {
-            self.totals = self.totals.after(&content.intervals);
-            content.totals = Some(self.totals.clone());
-        }
         let seq = self.seq + 1;
-        let add = wattd_records::totals::run_energy(&content.intervals);
-        if wattd_records::totals::is_checkpoint_seq(seq) && content.run_checkpoint.is_none() {
-            content.run_checkpoint = Some(self.run_totals.checkpoint(seq, &add));
-            content.run_counts_since_seq = self.run_totals.counts_since_seq();
-        }
-        let finished: Vec<String> = content
-            .run_summaries
-            .iter()
-            .map(|s| s.run_id.clone())
-            .collect();
-        self.run_totals
-            .apply(seq, &add, finished.iter().map(String::as_str));
+        wattd_records::totals::stamp(seq, &mut content, &self.totals, &self.run_totals).apply(
+            seq,
+            &mut self.totals,
+            &mut self.run_totals,
+        );
         self.seq += 1;
         let b = sign_batch(&self.key, self.seq, self.prev, 1_700_000_000, content);
         self.prev = b.hash;
