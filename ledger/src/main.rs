@@ -290,10 +290,16 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM"); return; }
                 _ = int.recv() => { tracing::info!("SIGINT"); return; }
-                _ = hup.recv() => match reload.reload() {
-                    Ok((nodes, keys)) => tracing::info!(nodes, keys, "SIGHUP: enrolment reloaded"),
-                    Err(error) => tracing::error!(%error, "SIGHUP: enrolment NOT reloaded; the previous one stays"),
-                },
+                _ = hup.recv() => {
+                    match reload.reload_tls() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and client CA reloaded"),
+                        Err(error) => tracing::error!(%error, "SIGHUP: TLS files NOT reloaded; the previous ones stay"),
+                    }
+                    match reload.reload() {
+                        Ok((nodes, keys)) => tracing::info!(nodes, keys, "SIGHUP: enrolment reloaded"),
+                        Err(error) => tracing::error!(%error, "SIGHUP: enrolment NOT reloaded; the previous one stays"),
+                    }
+                }
             }
         }
     };

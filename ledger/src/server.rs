@@ -273,7 +273,10 @@ impl AsyncWrite for Conn {
 pub struct Bound {
     listener: TcpListener,
     metrics_server: Option<MetricsEndpoint>,
-    acceptor: TlsAcceptor,
+    /// Swapped by a reload (SIGHUP) when the certificate, key or client CA files change.
+    acceptor: Arc<RwLock<TlsAcceptor>>,
+    /// Where the TLS files are, for a reload.
+    tls_files: (PathBuf, PathBuf, PathBuf),
     store: Arc<AnyStore>,
     enrolment: Arc<RwLock<Arc<Enrolment>>>,
     /// Bumped at every enrolment reload: open streams re-check their node.
@@ -353,7 +356,8 @@ pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), Serve
         Bound {
             listener,
             metrics_server,
-            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            acceptor: Arc::new(RwLock::new(TlsAcceptor::from(Arc::new(tls)))),
+            tls_files: (opts.cert.clone(), opts.key.clone(), opts.client_ca.clone()),
             store: Arc::new(store),
             enrolment: Arc::new(RwLock::new(Arc::new(enrolment))),
             enrolment_changed: Arc::new(watch::channel(0).0),
@@ -386,6 +390,8 @@ impl Bound {
             dir: self.enrolled_dir.clone(),
             enrolment: Arc::clone(&self.enrolment),
             changed: Arc::clone(&self.enrolment_changed),
+            acceptor: Arc::clone(&self.acceptor),
+            tls_files: self.tls_files.clone(),
         }
     }
 
@@ -468,16 +474,37 @@ impl Bound {
 }
 
 /// Handle to re-read the enrolment directory (SIGHUP).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct EnrolmentReload {
     dir: PathBuf,
     enrolment: Arc<RwLock<Arc<Enrolment>>>,
     changed: Arc<watch::Sender<u64>>,
+    acceptor: Arc<RwLock<TlsAcceptor>>,
+    tls_files: (PathBuf, PathBuf, PathBuf),
+}
+
+impl std::fmt::Debug for EnrolmentReload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrolmentReload")
+            .field("dir", &self.dir)
+            .field("tls_files", &self.tls_files)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EnrolmentReload {
     /// Re-reads the directory. New streams see the new enrolment; an open stream whose node
     /// was removed, or whose keys changed, is ended at once (PERMISSION_DENIED, `revoked`).
+    /// Re-reads `--cert`, `--key` and `--client-ca` (renewed certificates, a rotated CA): new
+    /// connections use them; open ones keep theirs. On any problem the current ones stay.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        let (cert, key, ca) = &self.tls_files;
+        let tls = tls_config(cert, key, ca).map_err(|p| p.join("; "))?;
+        *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) =
+            TlsAcceptor::from(Arc::new(tls));
+        Ok(())
+    }
+
     pub fn reload(&self) -> Result<(usize, usize), String> {
         let e = Enrolment::load(&self.dir).map_err(|e| e.to_string())?;
         let counts = (e.node_count(), e.key_count());
@@ -490,7 +517,7 @@ impl EnrolmentReload {
 #[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: Arc<RwLock<TlsAcceptor>>,
     enrolment: Arc<RwLock<Arc<Enrolment>>>,
     metrics: Arc<Metrics>,
     limits: Limits,
@@ -528,7 +555,7 @@ async fn accept_loop(
         };
         metrics.inc(&metrics.connections);
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let acceptor = acceptor.read().unwrap_or_else(|p| p.into_inner()).clone();
         let metrics = Arc::clone(&metrics);
         let conns = conns.clone();
         let enrolment = Arc::clone(&enrolment);

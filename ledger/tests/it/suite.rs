@@ -67,6 +67,7 @@ both!(
     revocation_ends_open_streams_at_once,
     admission_bounds_each_source_and_the_preface,
     a_lost_range_is_priced_per_run_from_the_checkpoints_around_it,
+    the_server_certificate_is_reloaded_without_a_restart,
 );
 
 fn limits() -> Limits {
@@ -1602,6 +1603,42 @@ async fn a_lost_range_is_priced_per_run_from_the_checkpoints_around_it(
     assert_eq!(lost.energy_uj, Some(6 * 47 + 300));
     let text = wattd_ledger::query::nodes_text(&report);
     assert!(text.contains("run run-c package:0: 300 uJ"), "{text}");
+    l.stop().await;
+    Ok(())
+}
+
+/// A renewed server certificate on disk is served to new connections after a reload (SIGHUP),
+/// without a restart; a broken file on disk is refused and the current certificate stays.
+async fn the_server_certificate_is_reloaded_without_a_restart(
+    b: Backend,
+    name: &str,
+) -> TestResult {
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let l = f.start(limits()).await;
+    let peer_cert = |t: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>| {
+        t.get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref().to_vec())
+    };
+    let before = peer_cert(&raw_tls(l.addr, &f.ca.ca_pem, &f.client_cert("n1")).await?);
+    // Renewed: a new key and certificate from the same CA, written over the files.
+    let renewed = f.ca.server("server");
+    l.reload.reload_tls().map_err(|e| format!("reload: {e}"))?;
+    let after = peer_cert(&raw_tls(l.addr, &f.ca.ca_pem, &f.client_cert("n1")).await?);
+    assert!(before.is_some() && after.is_some());
+    assert_ne!(before, after, "the renewed certificate is served");
+    // A half-written file: refused, the renewed certificate stays.
+    std::fs::write(&renewed.cert, "-----BEGIN CERTIFICATE-----\ntruncated")?;
+    assert!(l.reload.reload_tls().is_err());
+    let still = peer_cert(&raw_tls(l.addr, &f.ca.ca_pem, &f.client_cert("n1")).await?);
+    assert_eq!(still, after);
+    // Streams work on the renewed certificate.
+    let mut s = connect(&f, &l, "n1").await;
+    assert_eq!(s.send(msg(&chain.next(1))).await?.acked_seq, 1);
     l.stop().await;
     Ok(())
 }
