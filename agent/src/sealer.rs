@@ -13,7 +13,7 @@ use wattd_proto::v1::{Gap, Interval, RunSummary};
 
 use crate::identity::{self, IdentityError, NodeKey};
 use crate::spool::{OpenReport, Spool, SpoolConfig, SpoolError};
-use wattd_records::totals::{run_energy, stamp, RunTotals, RunningTotals};
+use wattd_records::totals::{stamp, RunTotals, RunningTotals};
 
 /// When to seal. Construct with [`SealPolicy::new`], which enforces the bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -343,7 +343,13 @@ impl Sealer {
             let stored = sign_batch(&self.key, seq, self.spool.last_hash(), now_unix_ns, content);
             self.spool.append(&stored)?;
             self.spool.note_totals(st.totals());
-            st.apply(seq, &mut self.totals, &mut self.run_totals);
+            st.apply(
+                seq,
+                &self.pending.intervals[..n_iv],
+                &self.pending.run_summaries[..n_rs],
+                &mut self.totals,
+                &mut self.run_totals,
+            );
             sealed = Some(seq);
             if all {
                 self.pending = BatchContent::default();
@@ -381,7 +387,13 @@ impl Sealer {
             return Err(e.into());
         }
         self.spool.note_totals(st.totals());
-        st.apply(seq, &mut self.totals, &mut self.run_totals);
+        st.apply(
+            seq,
+            &self.pending.intervals,
+            &self.pending.run_summaries,
+            &mut self.totals,
+            &mut self.run_totals,
+        );
         self.pending = BatchContent::default();
         self.pending_since_monotonic_ns = None;
         // If this fails the daemon exits; on restart `recover_rotation` sees whether the
@@ -428,8 +440,7 @@ fn restore_run_totals(spool: &Spool) -> RunTotals {
     if cp_seq == 0 {
         let mut t = RunTotals::starting_at(1);
         for b in &batches {
-            let finished: Vec<&str> = b.run_summaries.iter().map(|s| s.run_id.as_str()).collect();
-            t.apply(b.seq, &run_energy(&b.intervals), finished);
+            t.apply(b.seq, &b.intervals, &b.run_summaries);
         }
         return t;
     }

@@ -49,6 +49,14 @@ pub struct KnownKey {
     pub origin: KeyOrigin,
 }
 
+impl KnownKey {
+    /// Whether `signature` is this key's Ed25519 signature (strict) over exactly `bytes`.
+    pub fn signed(&self, bytes: &[u8], signature: &[u8]) -> bool {
+        Signature::from_slice(signature)
+            .is_ok_and(|sig| self.verifying.verify_strict(bytes, &sig).is_ok())
+    }
+}
+
 /// Every key the ledger trusts for one node: the enrolled ones plus those learnt from rotations.
 #[derive(Clone, Debug)]
 pub struct KnownKeys {
@@ -483,11 +491,7 @@ pub fn verify_heartbeat(
             ),
         });
     }
-    let authentic = Signature::from_slice(&signed.signature).is_ok_and(|sig| {
-        key.verifying
-            .verify_strict(&signed.heartbeat_bytes, &sig)
-            .is_ok()
-    });
+    let authentic = key.signed(&signed.heartbeat_bytes, &signed.signature);
     if !authentic {
         return Err(Rejection::BadSignature {
             node: node(),
@@ -563,8 +567,7 @@ fn learn_rotations(
                 ),
             });
         };
-        let authentic = Signature::from_slice(&c.signature)
-            .is_ok_and(|sig| old.verifying.verify_strict(&c.rotation_bytes, &sig).is_ok());
+        let authentic = old.signed(&c.rotation_bytes, &c.signature);
         if !authentic {
             return Err(Rejection::BadSignature { node: node(), what });
         }
@@ -659,11 +662,7 @@ pub fn verify_loss(
             ),
         });
     }
-    let authentic = Signature::from_slice(&signed.signature).is_ok_and(|sig| {
-        key.verifying
-            .verify_strict(&signed.statement_bytes, &sig)
-            .is_ok()
-    });
+    let authentic = key.signed(&signed.statement_bytes, &signed.signature);
     if !authentic {
         return Err(Rejection::BadSignature { node: node(), what });
     }

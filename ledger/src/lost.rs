@@ -4,8 +4,6 @@
 //! total minus its `c1` total minus what the stored batches between them allocated to it
 //! (`wattd_records::totals::runs_lost_between`). Read-only.
 
-use std::collections::BTreeMap;
-
 use prost::Message as _;
 use wattd_records::totals::{runs_lost_between, RunEnergy, RUN_CHECKPOINT_EVERY};
 
@@ -92,22 +90,4 @@ pub async fn price_runs<S: Store>(store: &S, report: &mut NodesReport) -> Result
         }
     }
     Ok(())
-}
-
-/// The per-run energies of a report's exact lost ranges, summed: run -> meter -> uJ.
-pub fn lost_by_run(report: &NodesReport) -> BTreeMap<String, BTreeMap<String, u128>> {
-    let mut out: BTreeMap<String, BTreeMap<String, u128>> = BTreeMap::new();
-    for n in &report.nodes {
-        for l in n.lost.iter().filter(|l| l.runs == "exact") {
-            for (run, meters) in &l.energy_by_run {
-                for (m, v) in meters {
-                    *out.entry(run.clone())
-                        .or_default()
-                        .entry(m.clone())
-                        .or_default() += u128::from(*v);
-                }
-            }
-        }
-    }
-    out
 }

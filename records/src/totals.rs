@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use wattd_proto::v1::{Batch, Interval, MeterTotal};
+use wattd_proto::v1::{Batch, Interval, MeterTotal, RunSummary};
 
 /// A meter as the totals name it: domain, package, die.
 pub type MeterId = (String, Option<u32>, Option<u32>);
@@ -356,14 +356,6 @@ impl RunTotals {
         self.counts_since_seq.max(1)
     }
 
-    pub fn len(&self) -> usize {
-        self.runs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.runs.is_empty()
-    }
-
     /// The checkpoint batch `seq` carries, given what it adds (`add`): every run with energy
     /// since the previous checkpoint, this batch included. Pure.
     pub fn checkpoint(&self, seq: u64, add: &RunEnergy) -> Vec<wattd_proto::v1::RunCheckpoint> {
@@ -401,27 +393,37 @@ impl RunTotals {
         out
     }
 
-    /// After batch `seq`, which added `add` and carried the summaries of `finished` runs, was
-    /// sealed. At a checkpoint, finished runs (all in it) and long-idle ones are dropped.
-    pub fn apply<'a>(
-        &mut self,
-        seq: u64,
-        add: &RunEnergy,
-        finished: impl IntoIterator<Item = &'a str>,
-    ) {
-        for (run, meters) in add {
-            let c = self.runs.entry(run.clone()).or_insert_with(|| RunCum {
-                since_seq: seq,
-                ..RunCum::default()
-            });
-            c.last_seq = seq;
-            for (m, v) in meters {
-                let e = c.by_meter.entry(m.clone()).or_default();
-                *e = e.saturating_add(*v);
+    /// After batch `seq` with these intervals and run summaries was sealed. Adds in place
+    /// (it runs on every tick: a run id is copied only the first time it is seen). At a
+    /// checkpoint, finished runs (all in it) and long-idle ones are dropped.
+    pub fn apply(&mut self, seq: u64, intervals: &[Interval], summaries: &[RunSummary]) {
+        for i in intervals {
+            for d in &i.domains {
+                if d.allocations.is_empty() {
+                    continue;
+                }
+                let label = table_label(&d.domain, d.package);
+                for a in &d.allocations {
+                    let c = match self.runs.get_mut(a.run_id.as_str()) {
+                        Some(c) => c,
+                        None => self.runs.entry(a.run_id.clone()).or_insert(RunCum {
+                            since_seq: seq,
+                            ..RunCum::default()
+                        }),
+                    };
+                    c.last_seq = seq;
+                    let v = a.active_uj.saturating_add(a.idle_uj);
+                    match c.by_meter.get_mut(label.as_str()) {
+                        Some(e) => *e = e.saturating_add(v),
+                        None => {
+                            c.by_meter.insert(label.clone(), v);
+                        }
+                    }
+                }
             }
         }
-        for run in finished {
-            if let Some(c) = self.runs.get_mut(run) {
+        for s in summaries {
+            if let Some(c) = self.runs.get_mut(s.run_id.as_str()) {
                 c.finished = true;
             }
         }
@@ -449,8 +451,7 @@ impl RunTotals {
             c.by_meter.insert(e.meter.clone(), e.energy_uj);
         }
         for b in after {
-            let finished: Vec<&str> = b.run_summaries.iter().map(|s| s.run_id.as_str()).collect();
-            t.apply(b.seq, &run_energy(&b.intervals), finished);
+            t.apply(b.seq, &b.intervals, &b.run_summaries);
         }
         Some(t)
     }
@@ -603,7 +604,7 @@ mod run_tests {
                     b.has_run_checkpoint = true;
                     b.run_counts_since_seq = t.counts_since_seq();
                 }
-                t.apply(seq, &add, finished.iter().copied());
+                t.apply(seq, &b.intervals, &b.run_summaries);
                 b
             })
             .collect()
@@ -711,8 +712,6 @@ mod run_tests {
 #[derive(Debug)]
 pub struct Stamp {
     totals: RunningTotals,
-    add: RunEnergy,
-    finished: Vec<String>,
 }
 
 /// Fills `content`'s running totals and, at a checkpoint seq, its run checkpoint (either only
@@ -727,20 +726,11 @@ pub fn stamp(
     if content.totals.is_none() {
         content.totals = Some(next.clone());
     }
-    let add = run_energy(&content.intervals);
     if is_checkpoint_seq(seq) && content.run_checkpoint.is_none() {
-        content.run_checkpoint = Some(runs.checkpoint(seq, &add));
+        content.run_checkpoint = Some(runs.checkpoint(seq, &run_energy(&content.intervals)));
         content.run_counts_since_seq = runs.counts_since_seq();
     }
-    Stamp {
-        totals: next,
-        add,
-        finished: content
-            .run_summaries
-            .iter()
-            .map(|s| s.run_id.clone())
-            .collect(),
-    }
+    Stamp { totals: next }
 }
 
 impl Stamp {
@@ -749,9 +739,16 @@ impl Stamp {
         &self.totals
     }
 
-    /// Batch `seq` was appended: the counts move on.
-    pub fn apply(self, seq: u64, totals: &mut RunningTotals, runs: &mut RunTotals) {
-        runs.apply(seq, &self.add, self.finished.iter().map(String::as_str));
+    /// Batch `seq`, with these intervals and run summaries, was appended: the counts move on.
+    pub fn apply(
+        self,
+        seq: u64,
+        intervals: &[Interval],
+        summaries: &[RunSummary],
+        totals: &mut RunningTotals,
+        runs: &mut RunTotals,
+    ) {
+        runs.apply(seq, intervals, summaries);
         *totals = self.totals;
     }
 }

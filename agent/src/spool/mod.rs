@@ -159,9 +159,6 @@ pub struct OpenReport {
     /// Whether the reserve file is in place (see [`RESERVE_FILE`]); false when the file
     /// system had no room for it.
     pub reserve: bool,
-    /// The running totals of the last sealed batch, when it is in the spool and carries them
-    /// (the sealer continues them; otherwise its totals start again at the next seq).
-    pub last_totals: Option<RunningTotals>,
 }
 
 /// The running totals a SignedBatch's bytes carry.
@@ -509,7 +506,7 @@ impl Spool {
         let durable_len = segments.last().map_or(0, |s| s.len);
         let total_bytes = segments.iter().map(|s| s.len).sum();
         report.segments = segments.len();
-        report.last_totals = match &last_bytes {
+        let last_totals = match &last_bytes {
             Some(b) => totals_of(b),
             None => header_totals,
         };
@@ -529,7 +526,7 @@ impl Spool {
             poisoned: false,
             space_short: false,
             final_overrun: false,
-            last_totals: report.last_totals.clone(),
+            last_totals,
         };
         report.deleted_segments = spool.delete_acknowledged()?;
         // The cursor gets its final length now, while there is room, so that every later
@@ -617,7 +614,8 @@ impl Spool {
         self.cfg.segment_max_bytes
     }
 
-    /// The running totals of the last batch, as the spool knows them (see [`OpenReport`]).
+    /// The running totals of the last batch: read back at open (from its record, or from the
+    /// header of a segment made after it), then as the sealer notes them.
     pub fn last_totals(&self) -> Option<&RunningTotals> {
         self.last_totals.as_ref()
     }

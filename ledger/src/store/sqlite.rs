@@ -338,6 +338,15 @@ fn commit_blocking(
     Ok(Commit::Stored)
 }
 
+/// An energy sum from its two 32-bit halves (`SUM(e >> 32)`, `SUM(e & 0xffffffff)`): SQLite's
+/// SUM is a 64-bit integer that fails on overflow, for every query; the halves cannot overflow
+/// below 2^31 rows per group, and the total is exact in 128 bits.
+fn halves(hi: i64, lo: i64) -> Result<u128, StoreError> {
+    let hi = u128::from(to_u64(hi, "energy sum (high half)")?);
+    let lo = u128::from(to_u64(lo, "energy sum (low half)")?);
+    Ok((hi << 32) + lo)
+}
+
 /// A key the chain announced (in a stored batch, or in a recorded loss statement).
 fn insert_rotation(tx: &Connection, node: &str, r: &LearntKey) -> Result<(), StoreError> {
     tx.prepare_cached(
@@ -605,13 +614,11 @@ impl Store for SqliteStore {
             let mut out = Vec::new();
             for row in rows {
                 let (run_id, domain, hi, lo) = row?;
-                let hi = u128::from(to_u64(hi, "energy sum (high half)")?);
-                let lo = u128::from(to_u64(lo, "energy sum (low half)")?);
                 out.push(RunDomainTotal {
                     node_id: node.clone(),
                     run_id,
                     domain,
-                    energy_uj: (hi << 32) + lo,
+                    energy_uj: halves(hi, lo)?,
                 });
             }
             Ok(out)
@@ -641,13 +648,11 @@ impl Store for SqliteStore {
             let mut out = Vec::new();
             for row in rows {
                 let (node_id, run_id, domain, hi, lo) = row?;
-                let hi = u128::from(to_u64(hi, "energy sum (high half)")?);
-                let lo = u128::from(to_u64(lo, "energy sum (low half)")?);
                 out.push(RunDomainTotal {
                     node_id,
                     run_id,
                     domain,
-                    energy_uj: (hi << 32) + lo,
+                    energy_uj: halves(hi, lo)?,
                 });
             }
             Ok(out)

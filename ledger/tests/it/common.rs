@@ -402,6 +402,8 @@ impl Chain {
         let seq = self.seq + 1;
         wattd_records::totals::stamp(seq, &mut content, &self.totals, &self.run_totals).apply(
             seq,
+            &content.intervals,
+            &content.run_summaries,
             &mut self.totals,
             &mut self.run_totals,
         );
