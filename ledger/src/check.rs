@@ -20,6 +20,7 @@ use wattd_records::segment::Location;
 use wattd_records::verify::{BreakKind, Verifier};
 
 use crate::enrol::EnrolledKey;
+use crate::plausible::{DomainFacts, IntervalFacts};
 use crate::Rejection;
 
 /// A key the chain itself announced (a verified `KeyRotation`), as the store keeps it.
@@ -142,6 +143,8 @@ impl KnownKeys {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AllocationRow {
     pub interval_index: i64,
+    /// The interval's position in its batch (what a plausibility verdict names).
+    pub interval_pos: usize,
     /// `domain` or `domain:package`, as `wattd runs` labels it.
     pub domain: String,
     pub run_id: String,
@@ -168,6 +171,8 @@ pub struct VerifiedBatch {
     pub intervals: u64,
     pub rotation: Option<LearntKey>,
     pub allocations: Vec<AllocationRow>,
+    /// What the plausibility judge reads of each interval, in batch order.
+    pub facts: Vec<IntervalFacts>,
 }
 
 impl VerifiedBatch {
@@ -214,6 +219,9 @@ fn db_int(node: &str, seq: u64, what: &str, v: u64) -> Result<i64, Rejection> {
         ),
     })
 }
+
+/// A kernel boot id is a 36-character UUID; the ledger keeps the last one per node.
+const BOOT_ID_MAX_BYTES: usize = 64;
 
 fn short(h: &[u8]) -> String {
     hex(h.get(..8).unwrap_or(h))
@@ -343,8 +351,21 @@ pub fn verify_batch(
     }
     db_int(cert_node, seq, "seq", seq)?;
     let mut allocations = Vec::new();
-    for interval in &batch.intervals {
+    let mut facts = Vec::with_capacity(batch.intervals.len());
+    for (pos, interval) in batch.intervals.iter().enumerate() {
         let index = db_int(cert_node, seq, "interval index", interval.index)?;
+        if interval.boot_id.len() > BOOT_ID_MAX_BYTES {
+            return Err(Rejection::Malformed {
+                node: node(),
+                detail: format!(
+                    "batch seq {seq}: interval {}: boot_id is {} bytes, at most \
+                     {BOOT_ID_MAX_BYTES}",
+                    interval.index,
+                    interval.boot_id.len()
+                ),
+            });
+        }
+        let mut domains = Vec::with_capacity(interval.domains.len());
         for d in &interval.domains {
             if let Some(what) = wattd_proto::names::domain_problem(&d.domain) {
                 return Err(Rejection::Malformed {
@@ -357,7 +378,15 @@ pub fn verify_batch(
                 });
             }
             let domain = domain_label(&d.domain, d.package);
+            // Usage is CPU time in these domains (resident memory for DRAM under the memory
+            // policy, busy time for a GPU).
+            let cpu_time = matches!(d.domain.as_str(), "package" | "psys")
+                || (d.domain == "dram" && interval.dram_policy != "memory");
+            let mut allocated = 0u128;
+            let mut max_cpu = 0u64;
             for a in &d.allocations {
+                allocated += u128::from(a.active_uj) + u128::from(a.idle_uj);
+                max_cpu = max_cpu.max(a.usage_us);
                 if let Some(what) = wattd_proto::names::run_id_problem(&a.run_id) {
                     return Err(Rejection::Malformed {
                         node: node(),
@@ -371,6 +400,7 @@ pub fn verify_batch(
                 let energy = a.active_uj.saturating_add(a.idle_uj);
                 allocations.push(AllocationRow {
                     interval_index: index,
+                    interval_pos: pos,
                     domain: domain.clone(),
                     run_id: a.run_id.clone(),
                     active_uj: db_int(cert_node, seq, "active_uj", a.active_uj)?,
@@ -379,7 +409,23 @@ pub fn verify_batch(
                     usage_us: db_int(cert_node, seq, "usage_us", a.usage_us)?,
                 });
             }
+            domains.push(DomainFacts {
+                domain: d.domain.clone(),
+                label: domain,
+                allocated_uj: allocated,
+                max_run_cpu_us: cpu_time.then_some(max_cpu),
+            });
         }
+        facts.push(IntervalFacts {
+            index: interval.index,
+            boot_id: interval.boot_id.clone(),
+            start_mono_ns: interval.start_monotonic_ns,
+            end_mono_ns: interval.end_monotonic_ns,
+            // A gap in the interval, or one of the batch's own (AGENT_DOWN: the time from the
+            // last sealed interval before a restart to the first after it).
+            declares_gap: !interval.gaps.is_empty() || !batch.gaps.is_empty(),
+            domains,
+        });
     }
     // Run checkpoints carry names too: the same rules (a meter is a domain label).
     for e in &batch.run_checkpoint {
@@ -446,6 +492,7 @@ pub fn verify_batch(
         intervals: u64::try_from(batch.intervals.len()).unwrap_or(u64::MAX),
         rotation,
         allocations,
+        facts,
     })
 }
 

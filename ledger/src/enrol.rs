@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use wattd_records::identity::{key_id_of, KeyId, PublicIdentity, PublicKeysFile};
 
+use crate::plausible::Declared;
+
 /// A file bigger than this is not an identity file.
 const FILE_MAX_BYTES: u64 = 64 * 1024;
 /// At most this many identity files are read (a fleet, not an accident).
@@ -32,6 +34,9 @@ pub struct EnrolledKey {
 #[derive(Clone, Debug, Default)]
 pub struct Enrolment {
     nodes: BTreeMap<String, BTreeMap<u32, EnrolledKey>>,
+    /// What each node's enrolment declares of its hardware (the `[limits]` table), with the
+    /// file it came from.
+    declared: BTreeMap<String, (Declared, PathBuf)>,
 }
 
 /// Every problem found in an enrolment directory, one line each, naming the file.
@@ -40,6 +45,25 @@ pub struct Enrolment {
 pub struct EnrolmentError {
     pub dir: PathBuf,
     pub problems: Vec<String>,
+}
+
+/// Parses one enrolment file's text: its identities and its optional `[limits]` table.
+fn parse_file(text: &str) -> Result<(Vec<PublicIdentity>, Option<Declared>), String> {
+    let Ok(mut table) = text.parse::<toml::Table>() else {
+        return parse_identities(text).map(|i| (i, None));
+    };
+    let Some(limits) = table.remove("limits") else {
+        return parse_identities(text).map(|i| (i, None));
+    };
+    let declared: Declared = limits
+        .try_into()
+        .map_err(|e: toml::de::Error| format!("[limits]: {}", e.message().trim()))?;
+    let problems = declared.problems();
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    let rest = toml::to_string(&table).map_err(|e| e.to_string())?;
+    Ok((parse_identities(&rest)?, Some(declared)))
 }
 
 /// Parses one identity file's text: a flat `PublicIdentity` or a `[[key]]` list.
@@ -131,13 +155,32 @@ impl Enrolment {
         let mut owner_of_key: BTreeMap<KeyId, (String, PathBuf)> = BTreeMap::new();
         for path in &files {
             let shown = path.display();
-            let identities = match read_bounded(path).and_then(|t| parse_identities(&t)) {
+            let (identities, declared) = match read_bounded(path).and_then(|t| parse_file(&t)) {
                 Ok(i) => i,
                 Err(e) => {
                     problems.push(format!("{shown}: {e}"));
                     continue;
                 }
             };
+            if let Some(declared) = declared {
+                // One node's files must not disagree about its hardware.
+                let nodes: std::collections::BTreeSet<&str> =
+                    identities.iter().map(|i| i.node_id.as_str()).collect();
+                for node in nodes {
+                    match enrolment.declared.get(node) {
+                        Some((other, file)) if *other != declared => problems.push(format!(
+                            "{shown}: node {node:?}: [limits] differ from those in {}",
+                            file.display()
+                        )),
+                        Some(_) => {}
+                        None => {
+                            enrolment
+                                .declared
+                                .insert(node.to_owned(), (declared.clone(), path.clone()));
+                        }
+                    }
+                }
+            }
             for identity in identities {
                 let epoch = identity.key_epoch;
                 let node = identity.node_id.clone();
@@ -203,6 +246,14 @@ impl Enrolment {
         self.nodes.get(node_id)
     }
 
+    /// What `node_id`'s enrolment declares of its hardware (defaults when nothing).
+    pub fn declared(&self, node_id: &str) -> Declared {
+        self.declared
+            .get(node_id)
+            .map(|(d, _)| d.clone())
+            .unwrap_or_default()
+    }
+
     pub fn node_count(&self) -> usize {
         self.nodes.len()
     }
@@ -257,6 +308,59 @@ mod tests {
         for f in ["garbage.toml", "badid.toml", "conflict.toml", "stolen.toml"] {
             assert!(text.contains(f), "{f} not named in {text}");
         }
+    }
+
+    #[test]
+    fn limits_are_read_with_the_keys_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let a1 = NodeKey::from_seed("a", 1, [1; 32]);
+        let a2 = NodeKey::from_seed("a", 2, [2; 32]);
+        let limits = "\n[limits]\ncpus = 64\nmax_watts = { package = 350, dram = 60 }\n";
+        fs::write(
+            dir.path().join("a.toml"),
+            format!("{}{limits}", a1.public().to_toml()),
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("a2.pub"),
+            format!("{limits}[[key]]\n{}", a2.public().to_toml()),
+        )
+        .unwrap();
+        let e = Enrolment::load(dir.path()).unwrap();
+        assert_eq!(e.key_count(), 2);
+        let d = e.declared("a");
+        assert_eq!(d.cpus, Some(64));
+        assert_eq!(d.max_watts.get("package"), Some(&350));
+        assert_eq!(e.declared("b"), Declared::default());
+
+        // Disagreeing, misspelt and out-of-range limits are each named with their file.
+        fs::write(
+            dir.path().join("a2.pub"),
+            format!("[limits]\ncpus = 8\n[[key]]\n{}", a2.public().to_toml()),
+        )
+        .unwrap();
+        let b1 = NodeKey::from_seed("b", 1, [3; 32]);
+        fs::write(
+            dir.path().join("b.toml"),
+            format!("{}\n[limits]\ncpu = 4\n", b1.public().to_toml()),
+        )
+        .unwrap();
+        let c1 = NodeKey::from_seed("c", 1, [4; 32]);
+        fs::write(
+            dir.path().join("c.toml"),
+            format!(
+                "{}\n[limits]\nmax_watts = {{ gpu = 0 }}\n",
+                c1.public().to_toml()
+            ),
+        )
+        .unwrap();
+        let err = Enrolment::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("a2.pub") && err.contains("differ"), "{err}");
+        assert!(err.contains("b.toml") && err.contains("cpu"), "{err}");
+        assert!(
+            err.contains("c.toml") && err.contains("max_watts.gpu = 0"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod enrol;
 pub mod http;
 pub mod lost;
 pub mod metrics;
+pub mod plausible;
 pub mod query;
 pub mod server;
 pub mod service;

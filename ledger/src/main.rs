@@ -31,11 +31,13 @@ enum Command {
     /// Serve the Ledger gRPC stream over mutual TLS until SIGTERM or SIGINT (SIGHUP re-reads
     /// the enrolment directory). Prints `listening on ADDR` on stderr once it accepts.
     Serve(Box<ServeArgs>),
-    /// Per-run energy by domain (uJ and Wh) over every stored allocation.
+    /// Per-node, per-run energy by domain (uJ and Wh) over every billed allocation (quarantined
+    /// ones are in `nodes`, never here).
     Runs(QueryArgs),
-    /// Per node: status (fork, stalled, gap, quiet, ok), chain tip, key epoch, last heartbeat,
-    /// announced sealed seq and lag, gaps (held above a hole, or announced by a heartbeat and
-    /// never received), forks, and the ranges the node declared lost with their energy.
+    /// Per node: status (fork, implausible, stalled, gap, quiet, ok), chain tip, key epoch,
+    /// last heartbeat, announced sealed seq and lag, gaps (held above a hole, or announced by a
+    /// heartbeat and never received), forks, the ranges the node declared lost with their
+    /// energy, and the allocations quarantined as implausible (never billed) by reason.
     Nodes(NodesArgs),
     /// Per node: whether the stored batches' energy plus the energy of the ranges the node
     /// declared lost equals the node's own running total, per meter, to the microjoule; and
@@ -103,6 +105,13 @@ struct ServeArgs {
     /// Seconds allowed after the handshake for the client's HTTP/2 preface.
     #[arg(long, default_value_t = 10, value_name = "S")]
     preface_timeout_s: u64,
+    /// Plausibility: how far a node's measured time (the sum of its intervals' lengths) may
+    /// run ahead of this ledger's clock since its first stored batch, in seconds: the backlog a
+    /// node may bring to its first connection, plus clock skew. Intervals beyond it are stored
+    /// and chained but their allocations are quarantined (reason ahead_of_clock). The other
+    /// limits (max_watts per domain, cpus) come from each node's enrolment file ([limits]).
+    #[arg(long, default_value_t = wattd_ledger::session::DEFAULT_MAX_AHEAD_S, value_name = "S")]
+    max_ahead_s: u64,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "plain")]
     log_format: LogFormat,
@@ -247,6 +256,10 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
                 session: SessionLimits {
                     max_held_batches: a.max_held_batches,
                     max_held_bytes: a.max_held_bytes,
+                    max_ahead_ns: i64::try_from(a.max_ahead_s)
+                        .ok()
+                        .and_then(|s| s.checked_mul(1_000_000_000))
+                        .unwrap_or(i64::MAX),
                 },
                 streams_per_node: a.max_streams_per_node,
                 node_batches_per_s: NonZeroU32::new(a.node_batches_per_s),

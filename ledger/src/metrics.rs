@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
+use crate::plausible::Implausible;
+
 /// Why a connection, stream or message was refused: the `reason` label of
 /// `wattd_ledger_rejections_total`, and the `wattd-reason` metadata of the error status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,7 +117,9 @@ pub struct Metrics {
     pub acks: AtomicU64,
     pub commit_ns_sum: AtomicU64,
     pub commits: AtomicU64,
+    pub allocations_quarantined: AtomicU64,
     rejections: [AtomicU64; Reason::ALL.len()],
+    implausible: [AtomicU64; Implausible::ALL.len()],
     changed: Notify,
 }
 
@@ -142,6 +146,13 @@ impl Metrics {
 
     pub fn reject(&self, reason: Reason) {
         if let Some(c) = self.rejections.get(reason.index()) {
+            self.inc(c);
+        }
+    }
+
+    /// Counts one implausible interval (or domain of one).
+    pub fn implausible(&self, reason: Implausible) {
+        if let Some(c) = self.implausible.get(reason.index()) {
             self.inc(c);
         }
     }
@@ -308,6 +319,29 @@ impl Metrics {
             "Acknowledgements sent.",
             get(&self.acks),
         );
+        one(
+            "wattd_ledger_allocations_quarantined_total",
+            "counter",
+            "Allocation rows of authentic but implausible intervals: stored as evidence, never \
+             billed (see wattd_ledger_implausible_total and `wattd-ledger nodes`).",
+            get(&self.allocations_quarantined),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP wattd_ledger_implausible_total Intervals (or one domain of one) of authentic \
+             batches judged implausible, by reason; their allocations are quarantined.\n\
+             # TYPE wattd_ledger_implausible_total counter"
+        );
+        for r in Implausible::ALL {
+            let _ = writeln!(
+                s,
+                "wattd_ledger_implausible_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                self.implausible
+                    .get(r.index())
+                    .map_or(0, |c| c.load(Ordering::Relaxed))
+            );
+        }
         let _ = writeln!(
             s,
             "# HELP wattd_ledger_commit_seconds Time to commit one batch (store transaction).\n\

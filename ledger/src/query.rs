@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::store::{ForkRow, LostRangeRow, NodeRow, RunDomainTotal};
+use crate::store::{ForkRow, LostRangeRow, NodeRow, QuarantineRow, RunDomainTotal};
 
 pub use wattd_records::energy_table::{wh_text, DomainRow, RunRow, UJ_PER_WH};
 
@@ -94,6 +94,18 @@ pub struct NodeReport {
     pub lost: Vec<LostReport>,
     /// The sum of every lost range's energy that is known exactly.
     pub lost_uj: u128,
+    /// Allocations of authentic but implausible intervals, by reason: stored as evidence,
+    /// never billed, in no total.
+    pub quarantined: Vec<QuarantineRow>,
+    /// Their energy.
+    pub quarantined_uj: u128,
+    /// Intervals (or domains of one) judged implausible.
+    pub implausible: u64,
+    /// Holes in the node's clock with no gap or lost range declared (billed: a hole can only
+    /// make a node bill less, but an honest agent declares every one).
+    pub undeclared_holes: u64,
+    /// The node's measured time so far (the sum of its accepted intervals), in seconds.
+    pub measured_s: Option<u64>,
 }
 
 /// A recorded lost range and its energy, from the running totals of the stored batches on
@@ -239,8 +251,12 @@ pub fn nodes_report_at(rows: Vec<NodeRow>, now_unix_ns: i64, quiet_after_ns: u64
                 let no_progress_ns = n
                     .last_received_unix_ns
                     .map(|t| now_unix_ns.saturating_sub(t).max(0) as u64);
+                let implausible = n.clock.as_ref().map_or(0, |c| c.implausible);
                 let status = if !n.forks.is_empty() {
                     "fork"
+                } else if implausible > 0 || !n.quarantined.is_empty() {
+                    // Authentic batches that could not be true: a node to look at.
+                    "implausible"
                 } else if !gaps.is_empty() && no_progress_ns.map_or(true, |s| s > quiet_after_ns) {
                     // Batches are owed and none has been stored for the threshold, whether the
                     // node is silent or still sending heartbeats.
@@ -262,6 +278,11 @@ pub fn nodes_report_at(rows: Vec<NodeRow>, now_unix_ns: i64, quiet_after_ns: u64
                     .map(u128::from)
                     .sum();
                 NodeReport {
+                    quarantined_uj: n.quarantined.iter().map(|q| q.energy_uj).sum(),
+                    implausible: n.clock.as_ref().map_or(0, |c| c.implausible),
+                    undeclared_holes: n.clock.as_ref().map_or(0, |c| c.undeclared_holes),
+                    measured_s: n.clock.as_ref().map(|c| c.measured_ns / 1_000_000_000),
+                    quarantined: n.quarantined,
                     lag_batches: n.announced_sealed_seq.saturating_sub(n.last_seq),
                     lost,
                     lost_uj,
@@ -329,6 +350,32 @@ pub fn nodes_text(r: &NodesReport) -> String {
                 s,
                 "  FORK  seq {} ({}): stored {} received {} seen {}x",
                 f.seq, f.kind, f.stored_sha256, f.received_sha256, f.times_seen
+            );
+        }
+        for q in &n.quarantined {
+            let _ = writeln!(
+                s,
+                "  QUARANTINED {}: {} allocation(s), {} uJ ({} Wh) in seqs {}..={}, not billed",
+                q.reason,
+                q.allocations,
+                q.energy_uj,
+                wh_text(q.energy_uj),
+                q.first_seq,
+                q.last_seq
+            );
+        }
+        if n.implausible > 0 && n.quarantined.is_empty() {
+            let _ = writeln!(
+                s,
+                "  implausible intervals: {} (none had allocations to quarantine)",
+                n.implausible
+            );
+        }
+        if n.undeclared_holes > 0 {
+            let _ = writeln!(
+                s,
+                "  holes {} in the node's clock with no gap declared",
+                n.undeclared_holes
             );
         }
         if n.lag_batches > 0 {

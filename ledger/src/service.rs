@@ -160,9 +160,9 @@ impl<S: Store> Ledger for LedgerService<S> {
         // Seen before the enrolment is read: a reload from here on is checked by the worker.
         let mut enrolment_changed = self.enrolment_changed.clone();
         enrolment_changed.mark_unchanged();
-        let enrolled = {
+        let (enrolled, declared) = {
             let e = self.enrolment.read().unwrap_or_else(|p| p.into_inner());
-            e.node(&node).cloned()
+            (e.node(&node).cloned(), e.declared(&node))
         };
         let Some(enrolled) = enrolled else {
             return Err(self.reject(&Rejection::Unenrolled { node }));
@@ -187,6 +187,7 @@ impl<S: Store> Ledger for LedgerService<S> {
         let session = Session::open(
             &node,
             &enrolled,
+            &declared,
             Arc::clone(&self.store),
             Arc::clone(&self.metrics),
             self.limits.session,

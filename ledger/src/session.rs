@@ -25,6 +25,7 @@ use crate::check::{
 };
 use crate::enrol::EnrolledKey;
 use crate::metrics::Metrics;
+use crate::plausible::{Declared, NodeLimits, Verdict};
 use crate::store::{Commit, ForkKind, ForkRecord, LossOutcome, LossRecord, Store, StoreError, Tip};
 use crate::{unix_now_ns, Rejection};
 
@@ -35,13 +36,21 @@ pub struct SessionLimits {
     pub max_held_batches: usize,
     /// Bytes of batches held above a hole.
     pub max_held_bytes: usize,
+    /// How far a node's measured time may run ahead of the ledger's clock since its first
+    /// stored batch (`--max-ahead-s`), in ns.
+    pub max_ahead_ns: i64,
 }
+
+/// The default `--max-ahead-s`: a week of backlog (a node measuring before its first
+/// connection) and skew.
+pub const DEFAULT_MAX_AHEAD_S: u64 = 7 * 86_400;
 
 impl Default for SessionLimits {
     fn default() -> Self {
         Self {
             max_held_batches: 64,
             max_held_bytes: 64 * 1024 * 1024,
+            max_ahead_ns: DEFAULT_MAX_AHEAD_S as i64 * 1_000_000_000,
         }
     }
 }
@@ -53,6 +62,8 @@ pub struct Session<S: Store> {
     store: Arc<S>,
     metrics: Arc<Metrics>,
     limits: SessionLimits,
+    /// What the node's batches are judged by ([`crate::plausible`]).
+    plausible: Arc<NodeLimits>,
     keys: KnownKeys,
     tip: Tip,
     announced: u64,
@@ -82,6 +93,7 @@ impl<S: Store> Session<S> {
     pub async fn open(
         node_id: &str,
         enrolled: &BTreeMap<u32, EnrolledKey>,
+        declared: &Declared,
         store: Arc<S>,
         metrics: Arc<Metrics>,
         limits: SessionLimits,
@@ -98,6 +110,7 @@ impl<S: Store> Session<S> {
             node_id: node_id.to_owned(),
             store,
             metrics,
+            plausible: Arc::new(NodeLimits::new(declared, limits.max_ahead_ns)),
             limits,
             keys,
             tip,
@@ -243,7 +256,11 @@ impl<S: Store> Session<S> {
             // Declared lost (or a store that contradicts itself): commit says which.
             None => match self
                 .store
-                .commit(Arc::new(vb.clone()), unix_now_ns())
+                .commit(
+                    Arc::new(vb.clone()),
+                    Arc::clone(&self.plausible),
+                    unix_now_ns(),
+                )
                 .await
                 .map_err(store_err)?
             {
@@ -442,16 +459,47 @@ impl<S: Store> Session<S> {
         }
     }
 
+    /// Counts and logs what a stored batch had quarantined: it is stored and chained, and the
+    /// stream goes on, but none of those allocations is billed.
+    fn quarantined(&self, vb: &VerifiedBatch, verdict: &Verdict) {
+        let mut allocations = 0u64;
+        let mut energy = 0u128;
+        for a in &vb.allocations {
+            if verdict.reason(a.interval_pos, &a.domain).is_some() {
+                allocations += 1;
+                energy += u128::from(a.energy_uj.unsigned_abs());
+            }
+        }
+        for r in verdict.all() {
+            self.metrics.implausible(r);
+        }
+        self.metrics
+            .add(&self.metrics.allocations_quarantined, allocations);
+        let reasons: Vec<&str> = verdict.all().map(|r| r.as_str()).collect();
+        tracing::warn!(
+            node = %self.node_id,
+            seq = vb.seq,
+            ?reasons,
+            allocations,
+            energy_uj = %energy,
+            "authentic but implausible intervals: stored as evidence and chained, their \
+             allocations quarantined (not billed)"
+        );
+    }
+
     async fn commit(&mut self, vb: Arc<VerifiedBatch>) -> Result<(), Rejection> {
         let started = Instant::now();
         let outcome = self
             .store
-            .commit(Arc::clone(&vb), unix_now_ns())
+            .commit(Arc::clone(&vb), Arc::clone(&self.plausible), unix_now_ns())
             .await
             .map_err(store_err)?;
         match outcome {
-            Commit::Stored => {
+            Commit::Stored { verdict } => {
                 self.metrics.observe_commit(started.elapsed());
+                if !verdict.is_empty() {
+                    self.quarantined(&vb, &verdict);
+                }
                 self.metrics.inc(&self.metrics.batches_stored);
                 self.metrics
                     .add(&self.metrics.intervals_stored, vb.intervals);

@@ -26,6 +26,7 @@ use wattd_records::batch::{ChainHash, GENESIS_HASH};
 use wattd_records::identity::KeyId;
 
 use crate::check::{LearntKey, VerifiedBatch};
+use crate::plausible::{NodeClock, NodeLimits, Verdict};
 
 /// What the store knows of a node's chain end.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,8 +49,9 @@ impl Tip {
 /// The outcome of [`Store::commit`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Commit {
-    /// Committed now (durable when this returns).
-    Stored,
+    /// Committed now (durable when this returns), with the plausibility verdict: the
+    /// allocations it names were stored as quarantined, not billed.
+    Stored { verdict: Verdict },
     /// The same (node, seq) with the same bytes was already stored (perhaps by another process).
     Duplicate,
     /// A different batch is stored at this (node, seq).
@@ -202,6 +204,20 @@ pub struct NodeRow {
     pub forks: Vec<ForkRow>,
     /// Ranges the node declared lost, in seq order.
     pub lost: Vec<LostRangeRow>,
+    /// Quarantined allocations by reason (authentic but implausible; never billed).
+    pub quarantined: Vec<QuarantineRow>,
+    /// The plausibility judge's state of the node (none before its first judged batch).
+    pub clock: Option<NodeClock>,
+}
+
+/// Quarantined allocations of one node with one reason.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct QuarantineRow {
+    pub reason: String,
+    pub allocations: u64,
+    pub energy_uj: u128,
+    pub first_seq: u64,
+    pub last_seq: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,9 +274,77 @@ pub enum OpenMode {
 pub const FORK_ROWS_PER_NODE: i64 = 64;
 pub const FORK_BYTES_PER_NODE: i64 = 64 << 20;
 
-/// Current schema version, kept in `ledger_meta`. Version 2 added `lost_ranges`; a version 1
-/// database is upgraded in place when opened to serve (the change only adds a table).
-pub const SCHEMA_VERSION: i64 = 2;
+/// Current schema version, kept in `ledger_meta`. Version 2 added `lost_ranges`, version 3
+/// `node_clock` and `quarantined`; an older database is upgraded in place when opened to serve
+/// (the changes only add tables). A node with batches stored before version 3 is judged from
+/// its first batch after the upgrade.
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// The SQL that moves an older schema version to [`SCHEMA_VERSION`] (after the tables are
+/// created), in both stores.
+pub(crate) const SQL_UPGRADE_VERSION: &str =
+    "UPDATE ledger_meta SET value = 3 WHERE key = 'schema_version' AND value IN (1, 2)";
+
+/// A node clock as stored: every u64 in a BIGINT column, bit for bit (monotonic times and
+/// indices come from the node and may use the full range).
+pub(crate) struct ClockColumns {
+    pub first_seen_unix_ns: i64,
+    pub measured_ns: i64,
+    pub last_seq: i64,
+    pub last_index: Option<i64>,
+    pub last_boot: String,
+    pub last_end_mono_ns: i64,
+    pub undeclared_holes: i64,
+    pub implausible: i64,
+}
+
+#[allow(clippy::cast_possible_wrap, clippy::cast_sign_loss)]
+impl ClockColumns {
+    pub fn from_clock(c: &NodeClock) -> Self {
+        Self {
+            first_seen_unix_ns: c.first_seen_unix_ns,
+            measured_ns: c.measured_ns as i64,
+            last_seq: c.last_seq as i64,
+            last_index: c.last_index.map(|i| i as i64),
+            last_boot: c.last_boot.clone(),
+            last_end_mono_ns: c.last_end_mono_ns as i64,
+            undeclared_holes: c.undeclared_holes as i64,
+            implausible: c.implausible as i64,
+        }
+    }
+
+    pub fn into_clock(self) -> NodeClock {
+        NodeClock {
+            first_seen_unix_ns: self.first_seen_unix_ns,
+            measured_ns: self.measured_ns as u64,
+            last_seq: self.last_seq as u64,
+            last_index: self.last_index.map(|i| i as u64),
+            last_boot: self.last_boot,
+            last_end_mono_ns: self.last_end_mono_ns as u64,
+            undeclared_holes: self.undeclared_holes as u64,
+            implausible: self.implausible as u64,
+        }
+    }
+}
+
+/// Splits a batch's allocations into the billed and the quarantined (with their reason).
+pub(crate) fn split_allocations<'a>(
+    b: &'a VerifiedBatch,
+    verdict: &Verdict,
+) -> (
+    Vec<&'a crate::check::AllocationRow>,
+    Vec<(&'a crate::check::AllocationRow, &'static str)>,
+) {
+    let mut billed = Vec::with_capacity(b.allocations.len());
+    let mut quarantined = Vec::new();
+    for a in &b.allocations {
+        match verdict.reason(a.interval_pos, &a.domain) {
+            Some(r) => quarantined.push((a, r.as_str())),
+            None => billed.push(a),
+        }
+    }
+    (billed, quarantined)
+}
 
 /// Everything the ledger asks of a store. Every method is one transaction (or one statement).
 pub trait Store: Send + Sync + 'static {
@@ -273,10 +357,13 @@ pub trait Store: Send + Sync + 'static {
         seq: u64,
     ) -> impl Future<Output = Result<Option<ChainHash>, StoreError>> + Send;
     /// Stores the batch, its allocations and its rotation in one transaction, if its predecessor
-    /// is stored, links and has the right key; see [`Commit`].
+    /// is stored, links and has the right key; see [`Commit`]. In the same transaction its
+    /// intervals are judged against the node's clock and `limits` ([`crate::plausible`]): the
+    /// allocations of implausible ones go to `quarantined` instead of `allocations`.
     fn commit(
         &self,
         batch: Arc<VerifiedBatch>,
+        limits: Arc<NodeLimits>,
         received_unix_ns: i64,
     ) -> impl Future<Output = Result<Commit, StoreError>> + Send;
     /// Records a lost range in one transaction, if the node's tip is `first_seq - 1`; the
@@ -379,9 +466,10 @@ impl Store for AnyStore {
     async fn commit(
         &self,
         batch: Arc<VerifiedBatch>,
+        limits: Arc<NodeLimits>,
         received_unix_ns: i64,
     ) -> Result<Commit, StoreError> {
-        delegate!(self, s => s.commit(batch, received_unix_ns))
+        delegate!(self, s => s.commit(batch, limits, received_unix_ns))
     }
     async fn record_loss(&self, loss: LossRecord) -> Result<LossOutcome, StoreError> {
         delegate!(self, s => s.record_loss(loss))

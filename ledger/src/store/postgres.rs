@@ -19,10 +19,12 @@ use tokio_postgres::{Client, NoTls, Statement};
 use wattd_records::batch::ChainHash;
 
 use super::{
-    to_hash, to_i64, to_key_id, to_u64, Commit, ForkRecord, ForkRow, LossOutcome, LossRecord,
-    LostRangeRow, NodeRow, OpenMode, RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION,
+    split_allocations, to_hash, to_i64, to_key_id, to_u64, ClockColumns, Commit, ForkRecord,
+    ForkRow, LossOutcome, LossRecord, LostRangeRow, NodeRow, OpenMode, QuarantineRow,
+    RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION, SQL_UPGRADE_VERSION,
 };
 use crate::check::{LearntKey, VerifiedBatch};
+use crate::plausible::{judge, NodeLimits};
 
 /// Connections per process.
 const POOL_SIZE: usize = 8;
@@ -107,6 +109,31 @@ CREATE TABLE IF NOT EXISTS lost_ranges (
     CHECK (last_seq >= first_seq)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS lost_ranges_by_last ON lost_ranges (node_id, last_seq);
+CREATE TABLE IF NOT EXISTS node_clock (
+    node_id TEXT PRIMARY KEY,
+    first_seen_unix_ns BIGINT NOT NULL,
+    measured_ns BIGINT NOT NULL,
+    last_seq BIGINT NOT NULL,
+    last_index BIGINT,
+    last_boot TEXT NOT NULL,
+    last_end_mono_ns BIGINT NOT NULL,
+    undeclared_holes BIGINT NOT NULL,
+    implausible BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantined (
+    node_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    interval_index BIGINT NOT NULL,
+    domain TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    active_uj BIGINT NOT NULL,
+    idle_uj BIGINT NOT NULL,
+    energy_uj BIGINT NOT NULL,
+    usage_us BIGINT NOT NULL,
+    reason TEXT NOT NULL,
+    FOREIGN KEY (node_id, seq) REFERENCES batches (node_id, seq)
+);
+CREATE INDEX IF NOT EXISTS quarantined_by_batch ON quarantined (node_id, seq);
 ";
 
 const SQL_HASH_AT: &str = "SELECT hash FROM batches WHERE node_id = $1 AND seq = $2";
@@ -137,6 +164,18 @@ const SQL_INSERT_ALLOCATIONS: &str = "INSERT INTO allocations (node_id, seq, int
      domain, run_id, active_uj, idle_uj, energy_uj, usage_us) \
      SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::bigint[], \
      $7::bigint[], $8::bigint[], $9::bigint[])";
+const SQL_INSERT_QUARANTINED: &str = "INSERT INTO quarantined (node_id, seq, interval_index, \
+     domain, run_id, active_uj, idle_uj, energy_uj, usage_us, reason) \
+     SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::bigint[], \
+     $7::bigint[], $8::bigint[], $9::bigint[], $10::text[])";
+const SQL_CLOCK: &str = "SELECT first_seen_unix_ns, measured_ns, last_seq, last_index, \
+     last_boot, last_end_mono_ns, undeclared_holes, implausible FROM node_clock \
+     WHERE node_id = $1";
+const SQL_UPSERT_CLOCK: &str = "INSERT INTO node_clock (node_id, first_seen_unix_ns, \
+     measured_ns, last_seq, last_index, last_boot, last_end_mono_ns, undeclared_holes, \
+     implausible) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (node_id) DO UPDATE \
+     SET measured_ns = $3, last_seq = $4, last_index = $5, last_boot = $6, \
+     last_end_mono_ns = $7, undeclared_holes = $8, implausible = $9";
 const SQL_INSERT_ROTATION: &str = "INSERT INTO rotations (node_id, new_key_epoch, \
      new_public_key, new_key_id, effective_seq, announced_seq) VALUES ($1, $2, $3, $4, $5, $6) \
      ON CONFLICT (node_id, new_key_epoch) DO NOTHING";
@@ -260,12 +299,8 @@ impl PgStore {
                 &[&SCHEMA_VERSION],
             )
             .await?;
-            // 1 -> 2 only added `lost_ranges` (created above).
-            tx.execute(
-                "UPDATE ledger_meta SET value = 2 WHERE key = 'schema_version' AND value = 1",
-                &[],
-            )
-            .await?;
+            // 1 -> 2 -> 3 only added tables (created above).
+            tx.execute(SQL_UPGRADE_VERSION, &[]).await?;
             tx.commit().await?;
         }
         let version: Option<i64> = client
@@ -326,6 +361,7 @@ fn hash_row(row: Option<tokio_postgres::Row>) -> Result<Option<ChainHash>, Store
 async fn commit_once(
     c: &mut PgConn,
     b: &VerifiedBatch,
+    limits: &NodeLimits,
     received_unix_ns: i64,
 ) -> Result<Commit, StoreError> {
     let seq = to_i64(b.seq, "seq")?;
@@ -337,6 +373,9 @@ async fn commit_once(
     let st_rot = c.statement(SQL_INSERT_ROTATION).await?;
     let st_lost = c.statement(SQL_IN_LOST).await?;
     let st_lock = c.statement(SQL_NODE_LOCK).await?;
+    let st_clock = c.statement(SQL_CLOCK).await?;
+    let st_quarantined = c.statement(SQL_INSERT_QUARANTINED).await?;
+    let st_upsert = c.statement(SQL_UPSERT_CLOCK).await?;
     let tx = c.client.transaction().await?;
     tx.execute(&st_lock, &[&b.node_id]).await?;
     if let Some(h) = hash_row(tx.query_opt(&st_hash, &[&b.node_id, &seq]).await?)? {
@@ -415,8 +454,48 @@ async fn commit_once(
         }
         Err(e) => return Err(e.into()),
     }
-    if !b.allocations.is_empty() {
-        let a = &b.allocations;
+    let clock = tx
+        .query_opt(&st_clock, &[&b.node_id])
+        .await?
+        .map(|r| clock_columns(&r).into_clock());
+    let (verdict, clock) = judge(limits, clock, b.seq, &b.facts, received_unix_ns);
+    let (billed, quarantined) = split_allocations(b, &verdict);
+    if !quarantined.is_empty() {
+        let q = &quarantined;
+        let index: Vec<i64> = q.iter().map(|(x, _)| x.interval_index).collect();
+        let domain: Vec<&str> = q.iter().map(|(x, _)| x.domain.as_str()).collect();
+        let run: Vec<&str> = q.iter().map(|(x, _)| x.run_id.as_str()).collect();
+        let active: Vec<i64> = q.iter().map(|(x, _)| x.active_uj).collect();
+        let idle: Vec<i64> = q.iter().map(|(x, _)| x.idle_uj).collect();
+        let energy: Vec<i64> = q.iter().map(|(x, _)| x.energy_uj).collect();
+        let usage: Vec<i64> = q.iter().map(|(x, _)| x.usage_us).collect();
+        let reason: Vec<&str> = q.iter().map(|(_, r)| *r).collect();
+        tx.execute(
+            &st_quarantined,
+            &[
+                &b.node_id, &seq, &index, &domain, &run, &active, &idle, &energy, &usage, &reason,
+            ],
+        )
+        .await?;
+    }
+    let cc = ClockColumns::from_clock(&clock);
+    tx.execute(
+        &st_upsert,
+        &[
+            &b.node_id,
+            &cc.first_seen_unix_ns,
+            &cc.measured_ns,
+            &cc.last_seq,
+            &cc.last_index,
+            &cc.last_boot,
+            &cc.last_end_mono_ns,
+            &cc.undeclared_holes,
+            &cc.implausible,
+        ],
+    )
+    .await?;
+    if !billed.is_empty() {
+        let a = &billed;
         let index: Vec<i64> = a.iter().map(|x| x.interval_index).collect();
         let domain: Vec<&str> = a.iter().map(|x| x.domain.as_str()).collect();
         let run: Vec<&str> = a.iter().map(|x| x.run_id.as_str()).collect();
@@ -447,7 +526,20 @@ async fn commit_once(
         .await?;
     }
     tx.commit().await?;
-    Ok(Commit::Stored)
+    Ok(Commit::Stored { verdict })
+}
+
+fn clock_columns(r: &tokio_postgres::Row) -> ClockColumns {
+    ClockColumns {
+        first_seen_unix_ns: r.get(0),
+        measured_ns: r.get(1),
+        last_seq: r.get(2),
+        last_index: r.get(3),
+        last_boot: r.get(4),
+        last_end_mono_ns: r.get(5),
+        undeclared_holes: r.get(6),
+        implausible: r.get(7),
+    }
 }
 
 async fn record_loss_once(c: &mut PgConn, l: &LossRecord) -> Result<LossOutcome, StoreError> {
@@ -559,10 +651,11 @@ impl Store for PgStore {
     async fn commit(
         &self,
         batch: Arc<VerifiedBatch>,
+        limits: Arc<NodeLimits>,
         received_unix_ns: i64,
     ) -> Result<Commit, StoreError> {
         let mut p = self.conn().await?;
-        commit_once(p.get()?, &batch, received_unix_ns).await
+        commit_once(p.get()?, &batch, &limits, received_unix_ns).await
     }
 
     async fn learnt_keys(&self, node: &str) -> Result<Vec<LearntKey>, StoreError> {
@@ -861,6 +954,37 @@ impl Store for PgStore {
             };
             row.last_seq = row.last_seq.max(lost.last_seq);
             row.lost.push(lost);
+        }
+        for r in c
+            .client
+            .query(
+                "SELECT node_id, reason, COUNT(*), SUM(energy_uj)::text, MIN(seq), MAX(seq) \
+                 FROM quarantined GROUP BY node_id, reason ORDER BY node_id, reason",
+                &[],
+            )
+            .await?
+        {
+            let node_id: String = r.get(0);
+            let total: &str = r.get(3);
+            let row = nodes.entry(node_id.clone()).or_default();
+            row.node_id = node_id;
+            row.quarantined.push(QuarantineRow {
+                reason: r.get(1),
+                allocations: to_u64(r.get(2), "quarantined count")?,
+                energy_uj: total
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("energy sum {total:?}")))?,
+                first_seq: to_u64(r.get(4), "quarantined.seq")?,
+                last_seq: to_u64(r.get(5), "quarantined.seq")?,
+            });
+        }
+        let st_clock = c.statement(SQL_CLOCK).await?;
+        for (id, row) in &mut nodes {
+            row.clock = c
+                .client
+                .query_opt(&st_clock, &[id])
+                .await?
+                .map(|r| clock_columns(&r).into_clock());
         }
         Ok(nodes.into_values().collect())
     }

@@ -11,10 +11,12 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension as _};
 use wattd_records::batch::ChainHash;
 
 use super::{
-    to_hash, to_i64, to_key_id, to_u64, Commit, ForkRecord, ForkRow, LossOutcome, LossRecord,
-    LostRangeRow, NodeRow, OpenMode, RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION,
+    split_allocations, to_hash, to_i64, to_key_id, to_u64, ClockColumns, Commit, ForkRecord,
+    ForkRow, LossOutcome, LossRecord, LostRangeRow, NodeRow, OpenMode, QuarantineRow,
+    RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION, SQL_UPGRADE_VERSION,
 };
 use crate::check::{LearntKey, VerifiedBatch};
+use crate::plausible::{judge, NodeClock, NodeLimits};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS ledger_meta (
@@ -94,6 +96,31 @@ CREATE TABLE IF NOT EXISTS lost_ranges (
     CHECK (last_seq >= first_seq)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS lost_ranges_by_last ON lost_ranges (node_id, last_seq);
+CREATE TABLE IF NOT EXISTS node_clock (
+    node_id TEXT PRIMARY KEY,
+    first_seen_unix_ns INTEGER NOT NULL,
+    measured_ns INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    last_index INTEGER,
+    last_boot TEXT NOT NULL,
+    last_end_mono_ns INTEGER NOT NULL,
+    undeclared_holes INTEGER NOT NULL,
+    implausible INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantined (
+    node_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    interval_index INTEGER NOT NULL,
+    domain TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    active_uj INTEGER NOT NULL,
+    idle_uj INTEGER NOT NULL,
+    energy_uj INTEGER NOT NULL,
+    usage_us INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    FOREIGN KEY (node_id, seq) REFERENCES batches (node_id, seq)
+);
+CREATE INDEX IF NOT EXISTS quarantined_by_batch ON quarantined (node_id, seq);
 ";
 
 /// A SQLite ledger database.
@@ -167,11 +194,8 @@ fn open_blocking(path: &Path, mode: OpenMode) -> Result<Connection, StoreError> 
                  ON CONFLICT (key) DO NOTHING",
                 params![SCHEMA_VERSION],
             )?;
-            // 1 -> 2 only added `lost_ranges` (created above).
-            tx.execute(
-                "UPDATE ledger_meta SET value = 2 WHERE key = 'schema_version' AND value = 1",
-                [],
-            )?;
+            // 1 -> 2 -> 3 only added tables (created above).
+            tx.execute(SQL_UPGRADE_VERSION, [])?;
             tx.commit()?;
         }
         OpenMode::Query => {}
@@ -227,9 +251,32 @@ fn hash_at(conn: &Connection, node: &str, seq: i64) -> Result<Option<ChainHash>,
     h.map(|h| to_hash(&h, "batches.hash")).transpose()
 }
 
+fn clock_of(conn: &Connection, node: &str) -> Result<Option<NodeClock>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT first_seen_unix_ns, measured_ns, last_seq, last_index, last_boot, \
+             last_end_mono_ns, undeclared_holes, implausible FROM node_clock WHERE node_id = ?1",
+        )?
+        .query_row(params![node], |r| {
+            Ok(ClockColumns {
+                first_seen_unix_ns: r.get(0)?,
+                measured_ns: r.get(1)?,
+                last_seq: r.get(2)?,
+                last_index: r.get(3)?,
+                last_boot: r.get(4)?,
+                last_end_mono_ns: r.get(5)?,
+                undeclared_holes: r.get(6)?,
+                implausible: r.get(7)?,
+            })
+        })
+        .optional()?
+        .map(ClockColumns::into_clock))
+}
+
 fn commit_blocking(
     conn: &mut Connection,
     b: &VerifiedBatch,
+    limits: &NodeLimits,
     received_unix_ns: i64,
 ) -> Result<Commit, StoreError> {
     let seq = to_i64(b.seq, "seq")?;
@@ -312,12 +359,15 @@ fn commit_blocking(
         b.rotation.as_ref().map(|r| r.key_id.to_vec()),
         received_unix_ns,
     ])?;
+    let clock = clock_of(&tx, &b.node_id)?;
+    let (verdict, clock) = judge(limits, clock, b.seq, &b.facts, received_unix_ns);
+    let (billed, quarantined) = split_allocations(b, &verdict);
     {
         let mut ins = tx.prepare_cached(
             "INSERT INTO allocations (node_id, seq, interval_index, domain, run_id, active_uj, \
              idle_uj, energy_uj, usage_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
-        for a in &b.allocations {
+        for a in billed {
             ins.execute(params![
                 b.node_id,
                 seq,
@@ -330,12 +380,50 @@ fn commit_blocking(
                 a.usage_us
             ])?;
         }
+        let mut ins = tx.prepare_cached(
+            "INSERT INTO quarantined (node_id, seq, interval_index, domain, run_id, active_uj, \
+             idle_uj, energy_uj, usage_us, reason) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        for (a, reason) in quarantined {
+            ins.execute(params![
+                b.node_id,
+                seq,
+                a.interval_index,
+                a.domain,
+                a.run_id,
+                a.active_uj,
+                a.idle_uj,
+                a.energy_uj,
+                a.usage_us,
+                reason
+            ])?;
+        }
     }
+    let c = ClockColumns::from_clock(&clock);
+    tx.prepare_cached(
+        "INSERT INTO node_clock (node_id, first_seen_unix_ns, measured_ns, last_seq, last_index, \
+         last_boot, last_end_mono_ns, undeclared_holes, implausible) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (node_id) DO UPDATE SET \
+         measured_ns = ?3, last_seq = ?4, last_index = ?5, last_boot = ?6, \
+         last_end_mono_ns = ?7, undeclared_holes = ?8, implausible = ?9",
+    )?
+    .execute(params![
+        b.node_id,
+        c.first_seen_unix_ns,
+        c.measured_ns,
+        c.last_seq,
+        c.last_index,
+        c.last_boot,
+        c.last_end_mono_ns,
+        c.undeclared_holes,
+        c.implausible
+    ])?;
     if let Some(r) = &b.rotation {
         insert_rotation(&tx, &b.node_id, r)?;
     }
     tx.commit()?;
-    Ok(Commit::Stored)
+    Ok(Commit::Stored { verdict })
 }
 
 /// An energy sum from its two 32-bit halves (`SUM(e >> 32)`, `SUM(e & 0xffffffff)`): SQLite's
@@ -435,9 +523,10 @@ impl Store for SqliteStore {
     async fn commit(
         &self,
         batch: Arc<VerifiedBatch>,
+        limits: Arc<NodeLimits>,
         received_unix_ns: i64,
     ) -> Result<Commit, StoreError> {
-        self.with(move |c| commit_blocking(c, &batch, received_unix_ns))
+        self.with(move |c| commit_blocking(c, &batch, &limits, received_unix_ns))
             .await
     }
 
@@ -745,6 +834,31 @@ impl Store for SqliteStore {
                 };
                 row.last_seq = row.last_seq.max(lost.last_seq);
                 row.lost.push(lost);
+            }
+            let mut st = c.prepare(
+                "SELECT node_id, reason, COUNT(*), SUM(energy_uj >> 32), \
+                 SUM(energy_uj & 4294967295), MIN(seq), MAX(seq) FROM quarantined \
+                 GROUP BY node_id, reason ORDER BY node_id, reason",
+            )?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let node_id: String = r.get(0)?;
+                let row = nodes.entry(node_id.clone()).or_default();
+                row.node_id = node_id;
+                row.quarantined.push(QuarantineRow {
+                    reason: r.get(1)?,
+                    allocations: to_u64(r.get(2)?, "quarantined count")?,
+                    energy_uj: halves(r.get(3)?, r.get(4)?)?,
+                    first_seq: to_u64(r.get(5)?, "quarantined.seq")?,
+                    last_seq: to_u64(r.get(6)?, "quarantined.seq")?,
+                });
+            }
+            let ids: Vec<String> = nodes.keys().cloned().collect();
+            for id in ids {
+                let clock = clock_of(c, &id)?;
+                if let Some(row) = nodes.get_mut(&id) {
+                    row.clock = clock;
+                }
             }
             Ok(nodes.into_values().collect())
         })

@@ -63,6 +63,7 @@ both!(
     a_lost_batch_that_announced_a_rotation_is_declared_with_the_signed_rotation,
     hostile_names_are_refused_and_huge_values_cannot_break_runs,
     runs_are_billed_per_node,
+    a_forged_kilowatt_hour_in_one_nanosecond_is_quarantined,
     fork_evidence_is_bounded_per_node,
     revocation_ends_open_streams_at_once,
     admission_bounds_each_source_and_the_preface,
@@ -791,12 +792,24 @@ async fn commit_races_are_decided_by_the_primary_key(b: Backend, name: &str) -> 
             &keys,
             &SignedBatch::decode(bt.bytes.as_slice())?,
         )?);
-        let (a, c) = tokio::join!(s1.commit(vb.clone(), 1), s2.commit(vb.clone(), 2));
+        let limits = std::sync::Arc::new(wattd_ledger::plausible::NodeLimits::new(
+            &Default::default(),
+            i64::MAX,
+        ));
+        let (a, c) = tokio::join!(
+            s1.commit(vb.clone(), limits.clone(), 1),
+            s2.commit(vb.clone(), limits, 2)
+        );
         let mut outcomes = [a?, c?];
         outcomes.sort_by_key(|o| format!("{o:?}"));
         assert_eq!(
             outcomes,
-            [Commit::Duplicate, Commit::Stored],
+            [
+                Commit::Duplicate,
+                Commit::Stored {
+                    verdict: Default::default()
+                }
+            ],
             "seq {}",
             bt.seq
         );
@@ -1308,6 +1321,9 @@ async fn hostile_names_are_refused_and_huge_values_cannot_break_runs(
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("run checkpoint"), "{err:?}");
     assert_eq!(count_rows(&f).await, 0);
+    // 2^62 + 1 uJ in an interval of one second (4.6 EW): authentic and conserving, but
+    // implausible. Stored and chained (the stream goes on), quarantined, in no total; `nodes`
+    // flags the node and sums the quarantined energy exactly (2^63 + 2).
     let mut s = connect(&f, &l, "n1").await;
     let huge = (1u64 << 62) + 1;
     let big = chain.next_with(BatchContent {
@@ -1318,10 +1334,65 @@ async fn hostile_names_are_refused_and_huge_values_cannot_break_runs(
         ..Default::default()
     });
     assert_eq!(s.send(msg(&big)).await?.acked_seq, 1);
+    let next = chain.next_with(BatchContent {
+        intervals: vec![interval(2, &[("run-a", 10, 5)], 7)],
+        ..Default::default()
+    });
+    assert_eq!(s.send(msg(&next)).await?.acked_seq, 2, "the chain goes on");
+    let q = f.query_store().await;
+    let report = wattd_ledger::query::runs_report(q.run_totals().await?);
+    let ids: Vec<&str> = report.runs.iter().map(|r| r.run_id.as_str()).collect();
+    assert_eq!(ids, ["run-a"], "quarantined energy is billed");
+    let nodes = wattd_ledger::query::nodes_report(q.nodes().await?);
+    let n = &nodes.nodes[0];
+    assert_eq!(n.status, "implausible");
+    assert_eq!(n.quarantined.len(), 1, "{:?}", n.quarantined);
+    assert_eq!(n.quarantined[0].reason, "above_max_watts");
+    assert_eq!(n.quarantined[0].allocations, 2);
+    assert_eq!(n.quarantined_uj, 2 * u128::from(huge));
+    let text = l.metrics.render();
+    assert!(
+        text.contains("wattd_ledger_implausible_total{reason=\"above_max_watts\"} 2")
+            && text.contains("wattd_ledger_allocations_quarantined_total 2"),
+        "{text}"
+    );
+    l.stop().await;
+
+    // A node whose enrolment declares hardware that can draw it (10 MW), under a ledger that
+    // allows any backlog, bills the same values over intervals long enough: `runs` answers
+    // with their exact sum, 2^63 + 2 (SQLite's SUM failed with an overflow, for everyone).
+    let mut big_node = Chain::new(key("n2", 1, 2));
+    std::fs::write(
+        f.enrolled.join("n2.toml"),
+        format!(
+            "{}\n[limits]\nmax_watts = {{ package = 10000000 }}\n",
+            big_node.key.public().to_toml()
+        ),
+    )?;
+    let mut permissive = limits();
+    permissive.service.session.max_ahead_ns = i64::MAX;
+    let l = f.start(permissive).await;
+    let mut s = connect(&f, &l, "n2").await;
+    let long = |index: u64| {
+        let mut iv = interval(index, &[("run-big", huge, 0)], 0);
+        iv.start_monotonic_ns = index * 500_000_000_000_000;
+        iv.end_monotonic_ns = (index + 1) * 500_000_000_000_000;
+        iv
+    };
+    let big = big_node.next_with(BatchContent {
+        intervals: vec![long(0), long(1)],
+        ..Default::default()
+    });
+    assert_eq!(s.send(msg(&big)).await?.acked_seq, 1);
     let report = wattd_ledger::query::runs_report(f.query_store().await.run_totals().await?);
-    assert_eq!(report.runs.len(), 1);
-    assert_eq!(report.runs[0].energy_uj, 2 * u128::from(huge));
-    assert_eq!(report.runs[0].node_id.as_deref(), Some("n1"));
+    let billed: Vec<_> = report
+        .runs
+        .iter()
+        .filter(|r| r.run_id == "run-big")
+        .collect();
+    assert_eq!(billed.len(), 1, "{:?}", report.runs);
+    assert_eq!(billed[0].energy_uj, 2 * u128::from(huge));
+    assert_eq!(billed[0].node_id.as_deref(), Some("n2"));
     l.stop().await;
     Ok(())
 }
@@ -1364,6 +1435,92 @@ async fn runs_are_billed_per_node(b: Backend, name: &str) -> TestResult {
             .any(|l| l.starts_with("n2") && l.contains("run-a")),
         "{text}"
     );
+    l.stop().await;
+    Ok(())
+}
+
+/// Node B, enrolled with its own valid certificate and key, adds 1 kWh to node A's run through
+/// one interval 1 ns long (conserving). The batch is stored and chained, its allocation
+/// quarantined with its reason; A's run is unchanged and B bills nothing; B is flagged in
+/// `nodes` and keeps streaming honest batches, which are billed.
+async fn a_forged_kilowatt_hour_in_one_nanosecond_is_quarantined(
+    b: Backend,
+    name: &str,
+) -> TestResult {
+    let Some((f, mut a)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let mut forger = Chain::new(key("n2", 1, 2));
+    f.enrol(&forger.key);
+    let l = f.start(limits()).await;
+    let mut s = connect(&f, &l, "n1").await;
+    s.send(msg(&a.next(2))).await?;
+    let before = wattd_ledger::query::runs_report(f.query_store().await.run_totals().await?);
+    let mut s2 = connect(&f, &l, "n2").await;
+    let honest = forger.next_with(BatchContent {
+        intervals: vec![interval(0, &[("run-z", 5, 0)], 0)],
+        ..Default::default()
+    });
+    assert_eq!(s2.send(msg(&honest)).await?.acked_seq, 1);
+    let kwh = 3_600_000_000_000u64;
+    let mut iv = interval(1, &[("run-a", kwh, 0)], 0);
+    iv.end_monotonic_ns = iv.start_monotonic_ns + 1;
+    let forged = forger.next_with(BatchContent {
+        intervals: vec![iv],
+        ..Default::default()
+    });
+    assert_eq!(
+        s2.send(msg(&forged)).await?.acked_seq,
+        2,
+        "stored and chained"
+    );
+    // Still streaming: the next honest batch is billed.
+    let mut next = interval(2, &[("run-z", 7, 0)], 0);
+    next.start_monotonic_ns = 1_000_000_001;
+    let after = forger.next_with(BatchContent {
+        intervals: vec![next],
+        ..Default::default()
+    });
+    assert_eq!(s2.send(msg(&after)).await?.acked_seq, 3);
+    let q = f.query_store().await;
+    let report = wattd_ledger::query::runs_report(q.run_totals().await?);
+    let rows = |r: &wattd_ledger::query::RunsReport| -> Vec<(Option<String>, String, u128)> {
+        r.runs
+            .iter()
+            .map(|r| (r.node_id.clone(), r.run_id.clone(), r.energy_uj))
+            .collect()
+    };
+    let mut expected = rows(&before);
+    expected.push((Some("n2".into()), "run-z".into(), 12));
+    assert_eq!(
+        rows(&report),
+        expected,
+        "A's runs unchanged, B bills only run-z"
+    );
+    let nodes = wattd_ledger::query::nodes_report(q.nodes().await?);
+    let by = |id: &str| nodes.nodes.iter().find(|n| n.node_id == id).expect("node");
+    assert_ne!(by("n1").status, "implausible");
+    let b = by("n2");
+    assert_eq!(b.status, "implausible", "{:?}", b.quarantined);
+    assert_eq!(b.last_seq, 3);
+    assert_eq!(b.quarantined.len(), 1);
+    let qr = &b.quarantined[0];
+    assert_eq!(
+        (
+            qr.reason.as_str(),
+            qr.allocations,
+            qr.energy_uj,
+            qr.first_seq
+        ),
+        ("above_max_watts", 1, u128::from(kwh), 2)
+    );
+    let text = wattd_ledger::query::nodes_text(&nodes);
+    assert!(
+        text.contains("QUARANTINED above_max_watts: 1 allocation(s), 3600000000000 uJ"),
+        "{text}"
+    );
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(load(&l.metrics.allocations_quarantined), 1);
     l.stop().await;
     Ok(())
 }

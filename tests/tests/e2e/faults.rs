@@ -97,6 +97,11 @@ fn check_conserved(w: &World, lost: usize) -> serde_json::Value {
     assert_eq!(n["last_seq"].as_u64(), Some(sealed), "{n}\n{}", w.logs());
     assert_eq!(n["gaps"].as_array().map(Vec::len), Some(0), "{n}");
     assert_eq!(n["forks"].as_array().map(Vec::len), Some(0), "{n}");
+    // Every fault here is an honest one: nothing implausible, every hole in the node's clock
+    // declared (a gap record or a lost range).
+    assert_eq!(n["implausible"].as_u64(), Some(0), "{n}\n{}", w.logs());
+    assert_eq!(n["quarantined"].as_array().map(Vec::len), Some(0), "{n}");
+    assert_eq!(n["undeclared_holes"].as_u64(), Some(0), "{n}\n{}", w.logs());
     let lost_ranges = n["lost"].as_array().unwrap();
     assert_eq!(lost_ranges.len(), lost, "{n}");
     for l in lost_ranges {

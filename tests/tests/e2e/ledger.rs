@@ -327,6 +327,8 @@ impl World {
         assert_eq!(node["gaps"].as_array().map(Vec::len), Some(0), "{node}");
         assert_eq!(node["forks"].as_array().map(Vec::len), Some(0), "{node}");
         assert_eq!(node["status"], "ok", "{node}");
+        assert_eq!(node["undeclared_holes"].as_u64(), Some(0), "{node}");
+        assert!(node["measured_s"].as_u64().is_some(), "{node}");
         let agent = totals(&runs_json(&self.spool));
         let ledger = totals(&self.ledger_json("runs"));
         assert!(!agent.is_empty());
