@@ -29,6 +29,11 @@ fn batches(key: &NodeKey, n: u64) -> Vec<NodeMessage> {
         let intervals = (0..INTERVALS)
             .map(|i| Interval {
                 index: seq * INTERVALS + i,
+                // One second each, tiling one boot: what the plausibility judge sees of an
+                // honest node.
+                start_monotonic_ns: (seq * INTERVALS + i) * 1_000_000_000,
+                end_monotonic_ns: (seq * INTERVALS + i + 1) * 1_000_000_000,
+                boot_id: "bench-boot".into(),
                 policy: "proportional".into(),
                 policy_version: 1,
                 domains: ["package", "dram"]
@@ -93,6 +98,7 @@ async fn run(label: &str, store: String, n_latency: u64, n_throughput: u64) {
         cert: server_cert.cert.clone(),
         key: server_cert.key.clone(),
         client_ca: ca.ca_pem.clone(),
+        crl: None,
         enrolled: enrolled.clone(),
         store: store.parse().expect("store"),
         metrics_listen: None,

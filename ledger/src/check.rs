@@ -20,7 +20,7 @@ use wattd_records::segment::Location;
 use wattd_records::verify::{BreakKind, Verifier};
 
 use crate::enrol::EnrolledKey;
-use crate::plausible::{DomainFacts, IntervalFacts};
+use crate::plausible::{BatchFacts, DomainFacts, IntervalFacts};
 use crate::Rejection;
 
 /// A key the chain itself announced (a verified `KeyRotation`), as the store keeps it.
@@ -63,6 +63,8 @@ impl KnownKey {
 pub struct KnownKeys {
     node_id: String,
     by_epoch: BTreeMap<u32, KnownKey>,
+    /// Epochs the enrolment revokes: never known, never learnt.
+    revoked: std::collections::BTreeSet<u32>,
 }
 
 impl KnownKeys {
@@ -85,12 +87,30 @@ impl KnownKeys {
         Self {
             node_id: node_id.to_owned(),
             by_epoch,
+            revoked: std::collections::BTreeSet::new(),
         }
+    }
+
+    /// The same keys without the `revoked` epochs, which are never learnt either: nothing
+    /// signed by them is accepted from then on (`revoked`).
+    pub fn without(mut self, revoked: &std::collections::BTreeSet<u32>) -> Self {
+        for e in revoked {
+            self.by_epoch.remove(e);
+        }
+        self.revoked.clone_from(revoked);
+        self
+    }
+
+    pub fn is_revoked(&self, epoch: u32) -> bool {
+        self.revoked.contains(&epoch)
     }
 
     /// Adds a key the chain announced. An enrolled or earlier-learnt key for the same epoch wins;
     /// a different one is refused (the verifier reports such a rotation as bad anyway).
     pub fn learn(&mut self, k: &LearntKey) -> Result<(), String> {
+        if self.revoked.contains(&k.epoch) {
+            return Err(format!("epoch {} is revoked by the enrolment", k.epoch));
+        }
         if let Some(existing) = self.by_epoch.get(&k.epoch) {
             return if existing.key_id == k.key_id {
                 Ok(())
@@ -171,8 +191,8 @@ pub struct VerifiedBatch {
     pub intervals: u64,
     pub rotation: Option<LearntKey>,
     pub allocations: Vec<AllocationRow>,
-    /// What the plausibility judge reads of each interval, in batch order.
-    pub facts: Vec<IntervalFacts>,
+    /// What the plausibility judge reads of the batch and each interval, in batch order.
+    pub facts: BatchFacts,
 }
 
 impl VerifiedBatch {
@@ -247,6 +267,15 @@ pub fn verify_batch(
             cert_node: node(),
             claimed: header.node_id,
             what: format!("batch claiming seq {seq}"),
+        });
+    }
+    if keys.is_revoked(header.key_epoch) {
+        return Err(Rejection::Revoked {
+            node: node(),
+            detail: format!(
+                "batch claiming seq {seq} is signed by key epoch {}, which the enrolment revokes",
+                header.key_epoch
+            ),
         });
     }
     let Some(key) = keys.epoch(header.key_epoch) else {
@@ -365,7 +394,10 @@ pub fn verify_batch(
                 ),
             });
         }
-        let mut domains = Vec::with_capacity(interval.domains.len());
+        // Per meter label: (domain, allocated energy, CPU time per run when usage is CPU
+        // time). Several entries with one label are one meter.
+        type Meter<'a> = (&'a str, u128, Option<BTreeMap<&'a str, u128>>);
+        let mut meters: BTreeMap<String, Meter> = BTreeMap::new();
         for d in &interval.domains {
             if let Some(what) = wattd_proto::names::domain_problem(&d.domain) {
                 return Err(Rejection::Malformed {
@@ -382,11 +414,14 @@ pub fn verify_batch(
             // policy, busy time for a GPU).
             let cpu_time = matches!(d.domain.as_str(), "package" | "psys")
                 || (d.domain == "dram" && interval.dram_policy != "memory");
-            let mut allocated = 0u128;
-            let mut max_cpu = 0u64;
+            let meter = meters
+                .entry(domain.clone())
+                .or_insert_with(|| (d.domain.as_str(), 0, cpu_time.then(BTreeMap::new)));
             for a in &d.allocations {
-                allocated += u128::from(a.active_uj) + u128::from(a.idle_uj);
-                max_cpu = max_cpu.max(a.usage_us);
+                meter.1 += u128::from(a.active_uj) + u128::from(a.idle_uj);
+                if let Some(per_run) = meter.2.as_mut() {
+                    *per_run.entry(a.run_id.as_str()).or_default() += u128::from(a.usage_us);
+                }
                 if let Some(what) = wattd_proto::names::run_id_problem(&a.run_id) {
                     return Err(Rejection::Malformed {
                         node: node(),
@@ -409,24 +444,32 @@ pub fn verify_batch(
                     usage_us: db_int(cert_node, seq, "usage_us", a.usage_us)?,
                 });
             }
-            domains.push(DomainFacts {
-                domain: d.domain.clone(),
-                label: domain,
-                allocated_uj: allocated,
-                max_run_cpu_us: cpu_time.then_some(max_cpu),
-            });
         }
         facts.push(IntervalFacts {
             index: interval.index,
             boot_id: interval.boot_id.clone(),
             start_mono_ns: interval.start_monotonic_ns,
             end_mono_ns: interval.end_monotonic_ns,
-            // A gap in the interval, or one of the batch's own (AGENT_DOWN: the time from the
-            // last sealed interval before a restart to the first after it).
-            declares_gap: !interval.gaps.is_empty() || !batch.gaps.is_empty(),
-            domains,
+            start_unix_ns: interval.start_unix_ns,
+            end_unix_ns: interval.end_unix_ns,
+            declares_gap: !interval.gaps.is_empty(),
+            domains: meters
+                .into_iter()
+                .map(|(label, (domain, allocated, per_run))| DomainFacts {
+                    label,
+                    domain: domain.to_owned(),
+                    allocated_uj: allocated,
+                    max_run_cpu_us: per_run.map(|r| r.into_values().max().unwrap_or(0)),
+                })
+                .collect(),
         });
     }
+    // The batch's own gaps (AGENT_DOWN: from the last sealed interval before a restart to the
+    // first after it).
+    let facts = BatchFacts {
+        intervals: facts,
+        declares_gap: !batch.gaps.is_empty(),
+    };
     // Run checkpoints carry names too: the same rules (a meter is a domain label).
     for e in &batch.run_checkpoint {
         let meter_ok = match e.meter.split_once(':') {
@@ -513,6 +556,15 @@ pub fn verify_heartbeat(
             cert_node: node(),
             claimed: hb.node_id,
             what: "heartbeat".into(),
+        });
+    }
+    if keys.is_revoked(hb.key_epoch) {
+        return Err(Rejection::Revoked {
+            node: node(),
+            detail: format!(
+                "heartbeat signed by key epoch {}, which the enrolment revokes",
+                hb.key_epoch
+            ),
         });
     }
     let Some(key) = keys.by_key_id(&signed.key_id) else {
@@ -686,6 +738,16 @@ pub fn verify_loss(
     let rotations = learn_rotations(cert_node, &mut keys, &st.rotations)?;
     let keys = &keys;
     let what = format!("loss statement (seqs {} to {})", st.first_seq, st.last_seq);
+    if keys.is_revoked(st.key_epoch) || keys.is_revoked(st.next_key_epoch) {
+        return Err(Rejection::Revoked {
+            node: node(),
+            detail: format!(
+                "{what} signed by key epoch {} naming key epoch {} next: the enrolment revokes \
+                 one of them",
+                st.key_epoch, st.next_key_epoch
+            ),
+        });
+    }
     let Some(key) = keys.by_key_id(&signed.key_id) else {
         return Err(Rejection::UnknownKey {
             node: node(),

@@ -37,6 +37,15 @@ pub struct Enrolment {
     /// What each node's enrolment declares of its hardware (the `[limits]` table), with the
     /// file it came from.
     declared: BTreeMap<String, (Declared, PathBuf)>,
+    /// Key epochs revoked per node (`revoked_epochs` in any of its files).
+    revoked: BTreeMap<String, std::collections::BTreeSet<u32>>,
+}
+
+/// What one enrolment file holds.
+struct EnrolmentFile {
+    identities: Vec<PublicIdentity>,
+    declared: Option<Declared>,
+    revoked_epochs: Vec<u32>,
 }
 
 /// Every problem found in an enrolment directory, one line each, naming the file.
@@ -47,23 +56,50 @@ pub struct EnrolmentError {
     pub problems: Vec<String>,
 }
 
-/// Parses one enrolment file's text: its identities and its optional `[limits]` table.
-fn parse_file(text: &str) -> Result<(Vec<PublicIdentity>, Option<Declared>), String> {
+/// Parses one enrolment file's text: its identities, its optional `[limits]` table and its
+/// optional `revoked_epochs` list.
+fn parse_file(text: &str) -> Result<EnrolmentFile, String> {
+    let plain = |identities| EnrolmentFile {
+        identities,
+        declared: None,
+        revoked_epochs: Vec::new(),
+    };
     let Ok(mut table) = text.parse::<toml::Table>() else {
-        return parse_identities(text).map(|i| (i, None));
+        return parse_identities(text).map(plain);
     };
-    let Some(limits) = table.remove("limits") else {
-        return parse_identities(text).map(|i| (i, None));
-    };
-    let declared: Declared = limits
-        .try_into()
-        .map_err(|e: toml::de::Error| format!("[limits]: {}", e.message().trim()))?;
-    let problems = declared.problems();
-    if !problems.is_empty() {
-        return Err(problems.join("; "));
+    let limits = table.remove("limits");
+    let revoked = table.remove("revoked_epochs");
+    if limits.is_none() && revoked.is_none() {
+        return parse_identities(text).map(plain);
     }
+    let declared = match limits {
+        Some(l) => {
+            let d: Declared = l
+                .try_into()
+                .map_err(|e: toml::de::Error| format!("[limits]: {}", e.message().trim()))?;
+            let problems = d.problems();
+            if !problems.is_empty() {
+                return Err(problems.join("; "));
+            }
+            Some(d)
+        }
+        None => None,
+    };
+    let revoked_epochs: Vec<u32> = match revoked {
+        Some(r) => r.try_into().map_err(|e: toml::de::Error| {
+            format!(
+                "revoked_epochs: {} (a list of key epochs)",
+                e.message().trim()
+            )
+        })?,
+        None => Vec::new(),
+    };
     let rest = toml::to_string(&table).map_err(|e| e.to_string())?;
-    Ok((parse_identities(&rest)?, Some(declared)))
+    Ok(EnrolmentFile {
+        identities: parse_identities(&rest)?,
+        declared,
+        revoked_epochs,
+    })
 }
 
 /// Parses one identity file's text: a flat `PublicIdentity` or a `[[key]]` list.
@@ -155,13 +191,26 @@ impl Enrolment {
         let mut owner_of_key: BTreeMap<KeyId, (String, PathBuf)> = BTreeMap::new();
         for path in &files {
             let shown = path.display();
-            let (identities, declared) = match read_bounded(path).and_then(|t| parse_file(&t)) {
+            let EnrolmentFile {
+                identities,
+                declared,
+                revoked_epochs,
+            } = match read_bounded(path).and_then(|t| parse_file(&t)) {
                 Ok(i) => i,
                 Err(e) => {
                     problems.push(format!("{shown}: {e}"));
                     continue;
                 }
             };
+            if !revoked_epochs.is_empty() {
+                for identity in &identities {
+                    enrolment
+                        .revoked
+                        .entry(identity.node_id.clone())
+                        .or_default()
+                        .extend(revoked_epochs.iter().copied());
+                }
+            }
             if let Some(declared) = declared {
                 // One node's files must not disagree about its hardware.
                 let nodes: std::collections::BTreeSet<&str> =
@@ -244,6 +293,11 @@ impl Enrolment {
     /// The enrolled keys of `node_id`, by epoch; `None` if the node is not enrolled.
     pub fn node(&self, node_id: &str) -> Option<&BTreeMap<u32, EnrolledKey>> {
         self.nodes.get(node_id)
+    }
+
+    /// The key epochs of `node_id` its enrolment revokes.
+    pub fn revoked_epochs(&self, node_id: &str) -> std::collections::BTreeSet<u32> {
+        self.revoked.get(node_id).cloned().unwrap_or_default()
     }
 
     /// What `node_id`'s enrolment declares of its hardware (defaults when nothing).

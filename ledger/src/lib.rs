@@ -11,6 +11,7 @@
 
 pub mod audit;
 pub mod check;
+pub mod crl;
 pub mod enrol;
 pub mod http;
 pub mod lost;
@@ -35,6 +36,8 @@ pub enum Rejection {
     Unenrolled { node: String },
     #[error("node {node:?}: enrolment revoked: {detail}")]
     Revoked { node: String, detail: String },
+    #[error("node {node:?}: client certificate expired at {not_after} (Unix seconds); reconnect with a renewed one")]
+    CertificateExpired { node: String, not_after: i64 },
     #[error("{what} claims node {claimed:?} but the client certificate is for node {cert_node:?}")]
     NodeMismatch {
         cert_node: String,
@@ -128,9 +131,10 @@ impl Rejection {
             | Self::Unenrolled { .. }
             | Self::Revoked { .. }
             | Self::NodeMismatch { .. } => Code::PermissionDenied,
-            Self::UnknownKey { .. } | Self::StaleKey { .. } | Self::BadSignature { .. } => {
-                Code::Unauthenticated
-            }
+            Self::UnknownKey { .. }
+            | Self::StaleKey { .. }
+            | Self::BadSignature { .. }
+            | Self::CertificateExpired { .. } => Code::Unauthenticated,
             Self::Malformed { .. } | Self::BadRotation { .. } | Self::Conservation { .. } => {
                 Code::InvalidArgument
             }
@@ -150,6 +154,7 @@ impl Rejection {
             Self::NoNodeId(_) => Reason::NoNodeId,
             Self::Unenrolled { .. } => Reason::Unenrolled,
             Self::Revoked { .. } => Reason::Revoked,
+            Self::CertificateExpired { .. } => Reason::CertificateExpired,
             Self::NodeMismatch { .. } => Reason::NodeMismatch,
             Self::Malformed { .. } => Reason::Malformed,
             Self::UnknownKey { .. } => Reason::UnknownKey,

@@ -60,6 +60,11 @@ struct ServeArgs {
     /// subject CN is the node id.
     #[arg(long, value_name = "FILE")]
     client_ca: PathBuf,
+    /// Certificate revocation list(s) (PEM) for the node certificates: a revoked one fails the
+    /// TLS handshake; SIGHUP re-reads the file, and an open stream whose certificate the new
+    /// list revokes is ended at once (PERMISSION_DENIED, reason revoked).
+    #[arg(long, value_name = "FILE")]
+    crl: Option<PathBuf>,
     /// Directory of enrolled nodes: every *.toml / *.pub file holds a `wattd identity` output
     /// or a node's node.pub ([[key]] per epoch).
     #[arg(long, visible_alias = "nodes", value_name = "DIR")]
@@ -99,12 +104,17 @@ struct ServeArgs {
     /// Seconds allowed for a TLS handshake.
     #[arg(long, default_value_t = 10, value_name = "S")]
     handshake_timeout_s: u64,
-    /// TLS connections open at once from one source address; more are closed at accept.
+    /// TLS connections open at once from one source (an IPv4 address, or an IPv6 /64); more
+    /// are closed at accept.
     #[arg(long, default_value_t = 64, value_name = "N")]
     max_connections_per_source: usize,
     /// Seconds allowed after the handshake for the client's HTTP/2 preface.
     #[arg(long, default_value_t = 10, value_name = "S")]
     preface_timeout_s: u64,
+    /// Seconds a connection may stay open with no stream (an HTTP/2 connection that holds a
+    /// slot and never streams); then it is closed.
+    #[arg(long, default_value_t = 60, value_name = "S")]
+    idle_timeout_s: u64,
     /// Plausibility: how far a node's measured time (the sum of its intervals' lengths) may
     /// run ahead of this ledger's clock since its first stored batch, in seconds: the backlog a
     /// node may bring to its first connection, plus clock skew. Intervals beyond it are stored
@@ -234,6 +244,9 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
     if a.preface_timeout_s == 0 {
         problems.push("--preface-timeout-s must be at least 1".into());
     }
+    if a.idle_timeout_s == 0 {
+        problems.push("--idle-timeout-s must be at least 1".into());
+    }
     if !problems.is_empty() {
         return Err(Failure::Usage(problems.join("\n")));
     }
@@ -242,6 +255,7 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
         cert: a.cert,
         key: a.key,
         client_ca: a.client_ca,
+        crl: a.crl,
         enrolled: a.enrolled,
         store: a.store,
         metrics_listen: a.metrics_listen,
@@ -252,6 +266,7 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
             max_streams_per_connection: a.max_streams_per_connection,
             max_connections_per_source: a.max_connections_per_source,
             preface_timeout: Duration::from_secs(a.preface_timeout_s),
+            idle_timeout: Duration::from_secs(a.idle_timeout_s),
             service: ServiceLimits {
                 session: SessionLimits {
                     max_held_batches: a.max_held_batches,
@@ -305,7 +320,7 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
                 _ = int.recv() => { tracing::info!("SIGINT"); return; }
                 _ = hup.recv() => {
                     match reload.reload_tls() {
-                        Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and client CA reloaded"),
+                        Ok(revoked) => tracing::info!(revoked_certificates = revoked, "SIGHUP: TLS certificate, key, client CA and CRL reloaded"),
                         Err(error) => tracing::error!(%error, "SIGHUP: TLS files NOT reloaded; the previous ones stay"),
                     }
                     match reload.reload() {

@@ -19,6 +19,7 @@ pub enum Reason {
     NoNodeId,
     Unenrolled,
     Revoked,
+    CertificateExpired,
     NodeMismatch,
     Malformed,
     UnknownKey,
@@ -38,10 +39,11 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::NoNodeId,
         Reason::Unenrolled,
         Reason::Revoked,
+        Reason::CertificateExpired,
         Reason::NodeMismatch,
         Reason::Malformed,
         Reason::UnknownKey,
@@ -65,6 +67,7 @@ impl Reason {
             Reason::NoNodeId => "no_node_id",
             Reason::Unenrolled => "unenrolled_node",
             Reason::Revoked => "revoked",
+            Reason::CertificateExpired => "certificate_expired",
             Reason::NodeMismatch => "node_mismatch",
             Reason::Malformed => "malformed",
             Reason::UnknownKey => "unknown_key",
@@ -97,6 +100,7 @@ pub struct Metrics {
     pub connections_refused_source: AtomicU64,
     pub connections_unenrolled: AtomicU64,
     pub preface_timeouts: AtomicU64,
+    pub idle_timeouts: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
     pub connections_open: AtomicU64,
     pub streams: AtomicU64,
@@ -207,6 +211,12 @@ impl Metrics {
             "counter",
             "Connections closed for sending no HTTP/2 preface within --preface-timeout-s.",
             get(&self.preface_timeouts),
+        );
+        one(
+            "wattd_ledger_idle_timeouts_total",
+            "counter",
+            "Connections closed for having no open stream for --idle-timeout-s.",
+            get(&self.idle_timeouts),
         );
         one(
             "wattd_ledger_tls_handshake_failures_total",

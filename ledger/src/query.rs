@@ -254,9 +254,6 @@ pub fn nodes_report_at(rows: Vec<NodeRow>, now_unix_ns: i64, quiet_after_ns: u64
                 let implausible = n.clock.as_ref().map_or(0, |c| c.implausible);
                 let status = if !n.forks.is_empty() {
                     "fork"
-                } else if implausible > 0 || !n.quarantined.is_empty() {
-                    // Authentic batches that could not be true: a node to look at.
-                    "implausible"
                 } else if !gaps.is_empty() && no_progress_ns.map_or(true, |s| s > quiet_after_ns) {
                     // Batches are owed and none has been stored for the threshold, whether the
                     // node is silent or still sending heartbeats.
@@ -265,6 +262,10 @@ pub fn nodes_report_at(rows: Vec<NodeRow>, now_unix_ns: i64, quiet_after_ns: u64
                     "gap"
                 } else if silent_ns.map_or(true, |s| s > quiet_after_ns) {
                     "quiet"
+                } else if implausible > 0 || !n.quarantined.is_empty() {
+                    // Authentic batches that could not be true: a node to look at (after the
+                    // states that need action now: a node that stopped delivering).
+                    "implausible"
                 } else {
                     "ok"
                 };

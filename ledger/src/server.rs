@@ -29,9 +29,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use wattd_proto::v1::ledger_server::LedgerServer;
 
+use crate::crl::Revocations;
 use crate::enrol::Enrolment;
 use crate::metrics::Metrics;
-use crate::service::{LedgerService, ServiceLimits};
+use crate::service::{LedgerService, ServiceLimits, Trust};
 use crate::store::{AnyStore, OpenMode, StoreError, StoreUrl};
 
 /// Everything `serve` needs.
@@ -41,11 +42,25 @@ pub struct ServeOptions {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: PathBuf,
+    /// PEM certificate revocation lists for the client certificates (`--crl`).
+    pub crl: Option<PathBuf>,
     pub enrolled: PathBuf,
     pub store: StoreUrl,
     pub metrics_listen: Option<SocketAddr>,
     pub limits: Limits,
 }
+
+/// The files the TLS configuration is read from, again at every reload.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub crl: Option<PathBuf>,
+}
+
+/// The CRLs' revoked certificates, swapped by a reload.
+pub type SharedRevocations = Arc<RwLock<Arc<Revocations>>>;
 
 /// Process-wide bounds.
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +78,8 @@ pub struct Limits {
     pub max_connections_per_source: usize,
     /// Time allowed after the handshake for the client's HTTP/2 preface (24 bytes).
     pub preface_timeout: Duration,
+    /// A connection with no open stream for this long is closed.
+    pub idle_timeout: Duration,
     pub service: ServiceLimits,
 }
 
@@ -75,6 +92,7 @@ impl Default for Limits {
             max_streams_per_connection: 4,
             max_connections_per_source: 64,
             preface_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             service: ServiceLimits::default(),
         }
     }
@@ -107,9 +125,20 @@ fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, S
     Ok(certs)
 }
 
-/// The rustls server configuration: TLS 1.3 and 1.2 on ring, client certificates required.
-pub fn tls_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<ServerConfig, Vec<String>> {
+/// The rustls server configuration: TLS 1.3 and 1.2 on ring, client certificates required
+/// (and, with `--crl`, not revoked), and the CRLs' revoked set.
+pub fn tls_config(files: &TlsFiles) -> Result<(ServerConfig, Revocations), Vec<String>> {
+    let TlsFiles {
+        cert,
+        key,
+        client_ca,
+        crl,
+    } = files;
     let mut problems = Vec::new();
+    let crls = match crl {
+        Some(path) => crate::crl::load(path).map_err(|e| problems.push(e)).ok(),
+        None => Some((Vec::new(), Revocations::default())),
+    };
     let certs = load_certs(cert, "--cert")
         .map_err(|e| problems.push(e))
         .ok();
@@ -124,14 +153,24 @@ pub fn tls_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<ServerCon
             }
         }
     }
-    let (Some(certs), Some(key)) = (certs, key) else {
+    let (Some(certs), Some(key), Some((crls, revocations))) = (certs, key, crls) else {
         return Err(problems);
     };
     if !problems.is_empty() {
         return Err(problems);
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if !crls.is_empty() {
+        // Node certificates are checked against the CRLs; a CA with no CRL in the file (an
+        // intermediate, a second CA) is not refused for it.
+        builder = builder
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
+    }
+    let verifier = builder
         .build()
         .map_err(|e| vec![format!("--client-ca {}: {e}", client_ca.display())])?;
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -141,14 +180,78 @@ pub fn tls_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<ServerCon
         .with_single_cert(certs, key)
         .map_err(|e| vec![format!("--cert/--key: {e}")])?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
+    Ok((config, revocations))
 }
 
 /// The HTTP/2 client preface: what a connection must send first.
 const PREFACE_BYTES: usize = 24;
 
-/// A TLS connection that holds its connection slot (and its source's) until it closes, and
-/// must send its HTTP/2 preface within a deadline.
+/// The streams open on one connection, and since when it has had none: the service counts
+/// them (it finds a connection by its peer address), the connection closes itself once it has
+/// been without a stream for `--idle-timeout-s`.
+#[derive(Debug)]
+pub struct ConnActivity {
+    streams: std::sync::atomic::AtomicUsize,
+    idle_since: std::sync::Mutex<std::time::Instant>,
+}
+
+impl ConnActivity {
+    fn new() -> Self {
+        Self {
+            streams: std::sync::atomic::AtomicUsize::new(0),
+            idle_since: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    /// How long the connection has been without a stream (zero while it has one).
+    fn idle_for(&self) -> Duration {
+        if self.streams.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return Duration::ZERO;
+        }
+        self.idle_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+}
+
+/// The open connections' activity, by peer address.
+pub type ConnRegistry =
+    Arc<std::sync::Mutex<std::collections::HashMap<SocketAddr, Arc<ConnActivity>>>>;
+
+/// One open stream on a connection; the connection's idle clock starts again when the last one
+/// is dropped.
+#[derive(Debug)]
+pub struct StreamActivity(Arc<ConnActivity>);
+
+impl StreamActivity {
+    /// Counts a stream on the connection of `peer`, if it is one of ours.
+    pub fn start(registry: &ConnRegistry, peer: Option<SocketAddr>) -> Option<Self> {
+        let a = Arc::clone(
+            registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&peer?)?,
+        );
+        a.streams.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Some(Self(a))
+    }
+}
+
+impl Drop for StreamActivity {
+    fn drop(&mut self) {
+        // The idle clock is set before the count drops, so the connection never sees zero
+        // streams with an old idle_since.
+        *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+        self.0
+            .streams
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A TLS connection that holds its connection slot (and its source's) until it closes, must
+/// send its HTTP/2 preface within a deadline, and is closed once without a stream for
+/// `idle_timeout`.
 struct Conn {
     tls: TlsStream<TcpStream>,
     _permit: OwnedSemaphorePermit,
@@ -157,11 +260,60 @@ struct Conn {
     /// Until the preface has been read: when it must have been.
     preface_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     read_bytes: usize,
+    peer: SocketAddr,
+    registry: ConnRegistry,
+    activity: Arc<ConnActivity>,
+    idle_timeout: Duration,
+    /// When to look at the activity next.
+    idle_check: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
         self.metrics.dec(&self.metrics.connections_open);
+        let mut r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if r.get(&self.peer)
+            .is_some_and(|a| Arc::ptr_eq(a, &self.activity))
+        {
+            r.remove(&self.peer);
+        }
+    }
+}
+
+impl Conn {
+    /// Ready with an error once the connection has been without a stream for the idle
+    /// timeout; otherwise re-arms its check (and its waker).
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        while self.idle_check.as_mut().poll(cx).is_ready() {
+            let idle = self.activity.idle_for();
+            if idle >= self.idle_timeout {
+                self.metrics.inc(&self.metrics.idle_timeouts);
+                return Some(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no stream on the connection within the idle timeout",
+                ));
+            }
+            let next = tokio::time::Instant::now() + (self.idle_timeout - idle);
+            self.idle_check.as_mut().reset(next);
+        }
+        None
+    }
+}
+
+/// What `--max-connections-per-source` counts by: an IPv4 address (an IPv4-mapped IPv6 one
+/// too), or an IPv6 /64 (one host is routinely given a whole /64, so counting single
+/// addresses would let it take every slot).
+pub fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv6Addr};
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -225,6 +377,9 @@ impl AsyncRead for Conn {
             }
         }
         if polled.is_pending() {
+            if let Some(e) = self.poll_idle(cx) {
+                return Poll::Ready(Err(e));
+            }
             if let Some(d) = self.preface_deadline.as_mut() {
                 if d.as_mut().poll(cx).is_ready() {
                     self.metrics.inc(&self.metrics.preface_timeouts);
@@ -276,7 +431,10 @@ pub struct Bound {
     /// Swapped by a reload (SIGHUP) when the certificate, key or client CA files change.
     acceptor: Arc<RwLock<TlsAcceptor>>,
     /// Where the TLS files are, for a reload.
-    tls_files: (PathBuf, PathBuf, PathBuf),
+    tls_files: TlsFiles,
+    /// The CRLs' revoked certificates: open streams re-check theirs at every reload.
+    revocations: SharedRevocations,
+    reload_serial: Arc<std::sync::Mutex<()>>,
     store: Arc<AnyStore>,
     enrolment: Arc<RwLock<Arc<Enrolment>>>,
     /// Bumped at every enrolment reload: open streams re-check their node.
@@ -304,13 +462,17 @@ type MetricsSnapshot = (watch::Sender<Arc<String>>, watch::Receiver<Arc<String>>
 /// (TLS files, enrolment directory) is reported at once.
 pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), ServeError> {
     let mut problems = Vec::new();
-    let tls = tls_config(&opts.cert, &opts.key, &opts.client_ca)
-        .map_err(|p| problems.extend(p))
-        .ok();
+    let tls_files = TlsFiles {
+        cert: opts.cert.clone(),
+        key: opts.key.clone(),
+        client_ca: opts.client_ca.clone(),
+        crl: opts.crl.clone(),
+    };
+    let tls = tls_config(&tls_files).map_err(|p| problems.extend(p)).ok();
     let enrolment = Enrolment::load(&opts.enrolled)
         .map_err(|e| problems.push(e.to_string()))
         .ok();
-    let (Some(tls), Some(enrolment)) = (tls, enrolment) else {
+    let (Some((tls, revocations)), Some(enrolment)) = (tls, enrolment) else {
         return Err(ServeError::Config(problems));
     };
     if enrolment.node_count() == 0 {
@@ -357,7 +519,9 @@ pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), Serve
             listener,
             metrics_server,
             acceptor: Arc::new(RwLock::new(TlsAcceptor::from(Arc::new(tls)))),
-            tls_files: (opts.cert.clone(), opts.key.clone(), opts.client_ca.clone()),
+            tls_files,
+            revocations: Arc::new(RwLock::new(Arc::new(revocations))),
+            reload_serial: Arc::default(),
             store: Arc::new(store),
             enrolment: Arc::new(RwLock::new(Arc::new(enrolment))),
             enrolment_changed: Arc::new(watch::channel(0).0),
@@ -392,6 +556,8 @@ impl Bound {
             changed: Arc::clone(&self.enrolment_changed),
             acceptor: Arc::clone(&self.acceptor),
             tls_files: self.tls_files.clone(),
+            revocations: Arc::clone(&self.revocations),
+            serial: Arc::clone(&self.reload_serial),
         }
     }
 
@@ -405,16 +571,22 @@ impl Bound {
     ) -> Result<(), ServeError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let publisher = tokio::spawn(Arc::clone(&self.metrics).publish(snapshot_tx));
+        let watcher = tokio::spawn(self.reload_handle().watch(stop_rx.clone()));
         let metrics_task = self.metrics_server.map(|m| {
             let mut stop = stop_rx.clone();
             tokio::spawn(m.serve(async move {
                 let _ = stop.wait_for(|s| *s).await;
             }))
         });
+        let registry = ConnRegistry::default();
         let service = LedgerService::new(
             Arc::clone(&self.store),
-            Arc::clone(&self.enrolment),
-            self.enrolment_changed.subscribe(),
+            Trust {
+                enrolment: Arc::clone(&self.enrolment),
+                enrolment_changed: self.enrolment_changed.subscribe(),
+                revocations: Arc::clone(&self.revocations),
+            },
+            Arc::clone(&registry),
             Arc::clone(&self.metrics),
             self.limits.service,
             stop_rx.clone(),
@@ -426,6 +598,7 @@ impl Bound {
             Arc::clone(&self.enrolment),
             Arc::clone(&self.metrics),
             self.limits,
+            registry,
             conn_tx,
             stop_rx.clone(),
         ));
@@ -469,9 +642,13 @@ impl Bound {
             let _ = t.await;
         }
         publisher.abort();
+        watcher.abort();
         Ok(())
     }
 }
+
+/// How long changes to the enrolment directory must be quiet before the watch reloads it.
+pub const WATCH_QUIET: Duration = Duration::from_millis(200);
 
 /// Handle to re-read the enrolment directory (SIGHUP).
 #[derive(Clone)]
@@ -480,7 +657,11 @@ pub struct EnrolmentReload {
     enrolment: Arc<RwLock<Arc<Enrolment>>>,
     changed: Arc<watch::Sender<u64>>,
     acceptor: Arc<RwLock<TlsAcceptor>>,
-    tls_files: (PathBuf, PathBuf, PathBuf),
+    tls_files: TlsFiles,
+    revocations: SharedRevocations,
+    /// Held across a reload's read and swap: SIGHUP and the directory watch never interleave
+    /// (an older read swapped in last would bring a removed node back).
+    serial: Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for EnrolmentReload {
@@ -495,18 +676,122 @@ impl std::fmt::Debug for EnrolmentReload {
 impl EnrolmentReload {
     /// Re-reads the directory. New streams see the new enrolment; an open stream whose node
     /// was removed, or whose keys changed, is ended at once (PERMISSION_DENIED, `revoked`).
-    /// Re-reads `--cert`, `--key` and `--client-ca` (renewed certificates, a rotated CA): new
-    /// connections use them; open ones keep theirs. On any problem the current ones stay.
-    pub fn reload_tls(&self) -> Result<(), String> {
-        let (cert, key, ca) = &self.tls_files;
-        let tls = tls_config(cert, key, ca).map_err(|p| p.join("; "))?;
+    /// Re-reads `--cert`, `--key`, `--client-ca` and `--crl` (renewed certificates, a rotated
+    /// CA, a new CRL): new connections use them; an open stream whose client certificate the
+    /// new CRL revokes is ended at once (`revoked`). On any problem the current ones stay.
+    /// Returns how many certificates the CRLs revoke.
+    pub fn reload_tls(&self) -> Result<usize, String> {
+        let _serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let (tls, revocations) = tls_config(&self.tls_files).map_err(|p| p.join("; "))?;
+        let revoked = revocations.len();
         *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) =
             TlsAcceptor::from(Arc::new(tls));
-        Ok(())
+        *self.revocations.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(revocations);
+        self.changed.send_modify(|g| *g += 1);
+        Ok(revoked)
     }
 
+    /// Watches the enrolment directory (inotify) and reloads it, as SIGHUP does, once changes
+    /// to it have been quiet for [`WATCH_QUIET`]: a removed or changed file revokes without a
+    /// signal. Runs until `stop`; if the directory cannot be watched it says so and leaves
+    /// reloads to SIGHUP.
+    pub async fn watch(self, mut stop: watch::Receiver<bool>) {
+        use inotify::{EventMask, Inotify, WatchMask};
+        use tokio_stream::StreamExt as _;
+        let mut warned = false;
+        loop {
+            let watched = Inotify::init().and_then(|i| {
+                i.watches().add(
+                    &self.dir,
+                    WatchMask::CREATE
+                        | WatchMask::DELETE
+                        | WatchMask::CLOSE_WRITE
+                        | WatchMask::MOVED_TO
+                        | WatchMask::MOVED_FROM
+                        | WatchMask::ATTRIB
+                        | WatchMask::DELETE_SELF
+                        | WatchMask::MOVE_SELF,
+                )?;
+                i.into_event_stream([0u8; 4096])
+            });
+            let mut events = match watched {
+                Ok(e) => {
+                    if warned {
+                        tracing::info!(dir = %self.dir.display(), "watching the enrolment directory again");
+                        // It may have changed while it could not be watched.
+                        self.reload_logged("enrolment directory back");
+                        warned = false;
+                    }
+                    e
+                }
+                Err(error) => {
+                    if !warned {
+                        tracing::warn!(dir = %self.dir.display(), %error, "cannot watch the enrolment directory: retrying every 5 s; SIGHUP reloads it meanwhile");
+                        warned = true;
+                    }
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return,
+                        () = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                    }
+                }
+            };
+            // Events until the directory itself goes (deleted, moved, replaced).
+            let mut gone = false;
+            while !gone {
+                let first = tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    e = events.next() => e,
+                };
+                let mut note = |e: &inotify::EventOwned| {
+                    gone |= e.mask.intersects(
+                        EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED,
+                    );
+                };
+                match first {
+                    Some(Ok(e)) => note(&e),
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "enrolment directory watch failed: watching it again");
+                        break;
+                    }
+                    None => break,
+                }
+                // Let a burst (an editor's write and rename, several files) settle first.
+                while let Ok(Some(Ok(e))) = tokio::time::timeout(WATCH_QUIET, events.next()).await {
+                    note(&e);
+                }
+                self.reload_logged("enrolment directory changed");
+            }
+            if gone {
+                tracing::warn!(dir = %self.dir.display(), "the enrolment directory was moved or deleted: watching the path again");
+            }
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    fn reload_logged(&self, why: &str) {
+        match self.reload() {
+            Ok((nodes, keys)) => tracing::info!(nodes, keys, "{why}: reloaded"),
+            Err(error) => {
+                tracing::error!(%error, "{why} but does not load: the previous enrolment stays");
+            }
+        }
+    }
+
+    /// Re-reads the enrolment directory. A directory that would enrol no node at all is
+    /// refused (a copy in progress, or one swapped in empty, would otherwise revoke every
+    /// node): to unenrol the last node, restart the ledger.
     pub fn reload(&self) -> Result<(usize, usize), String> {
+        let _serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         let e = Enrolment::load(&self.dir).map_err(|e| e.to_string())?;
+        if e.node_count() == 0 {
+            return Err(format!(
+                "{}: no node would be enrolled; the current enrolment stays",
+                self.dir.display()
+            ));
+        }
         let counts = (e.node_count(), e.key_count());
         *self.enrolment.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(e);
         self.changed.send_modify(|g| *g += 1);
@@ -521,6 +806,7 @@ async fn accept_loop(
     enrolment: Arc<RwLock<Arc<Enrolment>>>,
     metrics: Arc<Metrics>,
     limits: Limits,
+    registry: ConnRegistry,
     conns: mpsc::Sender<Result<Conn, io::Error>>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -540,8 +826,11 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Some(source) = SourceSlot::take(peer.ip(), &sources, limits.max_connections_per_source)
-        else {
+        let Some(source) = SourceSlot::take(
+            source_key(peer.ip()),
+            &sources,
+            limits.max_connections_per_source,
+        ) else {
             metrics.inc(&metrics.connections_refused_source);
             tracing::warn!(%peer, limit = limits.max_connections_per_source, "connection refused: --max-connections-per-source reached");
             drop(tcp);
@@ -559,6 +848,7 @@ async fn accept_loop(
         let metrics = Arc::clone(&metrics);
         let conns = conns.clone();
         let enrolment = Arc::clone(&enrolment);
+        let registry = Arc::clone(&registry);
         tokio::spawn(async move {
             match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
@@ -580,6 +870,11 @@ async fn accept_loop(
                         return;
                     }
                     metrics.inc(&metrics.connections_open);
+                    let activity = Arc::new(ConnActivity::new());
+                    registry
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(peer, Arc::clone(&activity));
                     let conn = Conn {
                         tls,
                         _permit: permit,
@@ -589,6 +884,11 @@ async fn accept_loop(
                             limits.preface_timeout,
                         ))),
                         read_bytes: 0,
+                        peer,
+                        registry,
+                        activity,
+                        idle_timeout: limits.idle_timeout,
+                        idle_check: Box::pin(tokio::time::sleep(limits.idle_timeout)),
                     };
                     let _ = conns.send(Ok(conn)).await;
                 }
@@ -602,5 +902,20 @@ async fn accept_loop(
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_counted_by_ipv4_address_and_ipv6_slash_64() {
+        let k = |a: &str| source_key(a.parse().unwrap());
+        assert_eq!(k("127.0.0.2"), k("127.0.0.2"));
+        assert_ne!(k("127.0.0.1"), k("127.0.0.2"));
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        assert_eq!(k("::ffff:10.0.0.1"), k("10.0.0.1"));
     }
 }

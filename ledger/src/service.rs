@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use governor::{Quota, RateLimiter};
 use tokio::sync::{mpsc, watch};
@@ -15,6 +16,7 @@ use wattd_proto::v1::{Ack, NodeMessage};
 
 use crate::enrol::{check_node_id, Enrolment};
 use crate::metrics::Metrics;
+use crate::server::{ConnRegistry, SharedRevocations, StreamActivity};
 use crate::session::{Session, SessionLimits};
 use crate::store::Store;
 use crate::Rejection;
@@ -46,11 +48,23 @@ type NodeRateLimiter = RateLimiter<
     governor::clock::DefaultClock,
 >;
 
+/// What decides who may stream, shared with the reloads that change it: the enrolment, a
+/// counter bumped at every reload (open streams re-check themselves), and the CRLs' revoked
+/// certificates.
+#[derive(Debug)]
+pub struct Trust {
+    pub enrolment: Arc<RwLock<Arc<Enrolment>>>,
+    pub enrolment_changed: watch::Receiver<u64>,
+    pub revocations: SharedRevocations,
+}
+
 /// The service state shared by every stream.
 pub struct LedgerService<S: Store> {
     store: Arc<S>,
     enrolment: Arc<RwLock<Arc<Enrolment>>>,
     enrolment_changed: watch::Receiver<u64>,
+    revocations: SharedRevocations,
+    connections: ConnRegistry,
     metrics: Arc<Metrics>,
     limits: ServiceLimits,
     open_streams: Arc<Mutex<HashMap<String, usize>>>,
@@ -69,12 +83,17 @@ impl<S: Store> std::fmt::Debug for LedgerService<S> {
 impl<S: Store> LedgerService<S> {
     pub fn new(
         store: Arc<S>,
-        enrolment: Arc<RwLock<Arc<Enrolment>>>,
-        enrolment_changed: watch::Receiver<u64>,
+        trust: Trust,
+        connections: ConnRegistry,
         metrics: Arc<Metrics>,
         limits: ServiceLimits,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let Trust {
+            enrolment,
+            enrolment_changed,
+            revocations,
+        } = trust;
         let rate = limits
             .node_batches_per_s
             .map(|n| Arc::new(RateLimiter::hashmap(Quota::per_second(n))));
@@ -82,6 +101,8 @@ impl<S: Store> LedgerService<S> {
             store,
             enrolment,
             enrolment_changed,
+            revocations,
+            connections,
             metrics,
             limits,
             open_streams: Arc::new(Mutex::new(HashMap::new())),
@@ -156,13 +177,32 @@ impl<S: Store> Ledger for LedgerService<S> {
         &self,
         request: Request<Streaming<NodeMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request.remote_addr();
         let node = peer_node_id(&request).map_err(|r| self.reject(&r))?;
         // Seen before the enrolment is read: a reload from here on is checked by the worker.
         let mut enrolment_changed = self.enrolment_changed.clone();
         enrolment_changed.mark_unchanged();
-        let (enrolled, declared) = {
+        let leaf = request
+            .peer_certs()
+            .and_then(|c| c.first().map(|c| c.as_ref().to_vec()))
+            .unwrap_or_default();
+        // The handshake checked the CRLs and the validity of its time; a CRL reloaded since
+        // may revoke the certificate, and it may have expired on a connection kept open.
+        if let Some(r) = revoked_cert(&self.revocations, &node, &leaf) {
+            return Err(self.reject(&r));
+        }
+        if let Some(not_after) = cert_not_after(&leaf) {
+            if not_after <= crate::query::unix_now_ns() / 1_000_000_000 {
+                return Err(self.reject(&Rejection::CertificateExpired { node, not_after }));
+            }
+        }
+        let (enrolled, declared, trust) = {
             let e = self.enrolment.read().unwrap_or_else(|p| p.into_inner());
-            (e.node(&node).cloned(), e.declared(&node))
+            (
+                e.node(&node).cloned(),
+                e.declared(&node),
+                node_trust(&e, &node),
+            )
         };
         let Some(enrolled) = enrolled else {
             return Err(self.reject(&Rejection::Unenrolled { node }));
@@ -188,6 +228,10 @@ impl<S: Store> Ledger for LedgerService<S> {
             &node,
             &enrolled,
             &declared,
+            &trust
+                .as_ref()
+                .map(|t| t.revoked.clone())
+                .unwrap_or_default(),
             Arc::clone(&self.store),
             Arc::clone(&self.metrics),
             self.limits.session,
@@ -195,40 +239,78 @@ impl<S: Store> Ledger for LedgerService<S> {
         .await
         .map_err(|r| self.reject(&r))?;
         tracing::info!(node = %node, acked = session.acked_seq(), "stream opened");
+        // The connection is not idle while this accepted stream lives (a refused one does not
+        // count: it must not keep a connection open).
+        let activity = StreamActivity::start(&self.connections, peer);
         let (tx, rx) = mpsc::channel(16);
         let inbound = request.into_inner();
         let worker = StreamWorker {
             session,
-            enrolled_keys: enrolled_keys(&enrolled),
+            leaf,
+            revocations: Arc::clone(&self.revocations),
+            trust,
             enrolment: Arc::clone(&self.enrolment),
             enrolment_changed,
             metrics: Arc::clone(&self.metrics),
             rate: self.rate.clone(),
             shutdown: self.shutdown.clone(),
             _slot: slot,
+            _activity: activity,
         };
         tokio::spawn(worker.run(inbound, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
-/// A node's enrolled keys as a stream compares them: (epoch, key id).
-fn enrolled_keys(
-    keys: &std::collections::BTreeMap<u32, crate::enrol::EnrolledKey>,
-) -> Vec<(u32, wattd_records::identity::KeyId)> {
-    keys.iter().map(|(e, k)| (*e, k.key_id)).collect()
+/// What a node's enrolment says of its keys, as an open stream compares it at a reload: its
+/// enrolled keys (epoch, key id) and its revoked epochs. `None`: not enrolled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct NodeTrust {
+    keys: Vec<(u32, wattd_records::identity::KeyId)>,
+    revoked: std::collections::BTreeSet<u32>,
+    /// Its declared limits: a stream judged by old limits ends, and the node reconnects
+    /// under the new ones.
+    declared: crate::plausible::Declared,
+}
+
+fn node_trust(e: &Enrolment, node: &str) -> Option<NodeTrust> {
+    e.node(node).map(|keys| NodeTrust {
+        keys: keys.iter().map(|(e, k)| (*e, k.key_id)).collect(),
+        revoked: e.revoked_epochs(node),
+        declared: e.declared(node),
+    })
+}
+
+/// A DER certificate's notAfter, in Unix seconds.
+fn cert_not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// `Revoked` if a loaded CRL revokes the client certificate `leaf` of `node`.
+fn revoked_cert(revocations: &SharedRevocations, node: &str, leaf: &[u8]) -> Option<Rejection> {
+    let r = Arc::clone(&revocations.read().unwrap_or_else(|p| p.into_inner()));
+    r.revokes(leaf).map(|serial| Rejection::Revoked {
+        node: node.to_owned(),
+        detail: format!("its client certificate (serial {serial}) is revoked by the CRL"),
+    })
 }
 
 struct StreamWorker<S: Store> {
     session: Session<S>,
+    /// The stream's client certificate (DER), checked against the CRLs at every reload.
+    leaf: Vec<u8>,
+    revocations: SharedRevocations,
     /// The node's enrolled keys when the stream opened.
-    enrolled_keys: Vec<(u32, wattd_records::identity::KeyId)>,
+    /// The node's enrolled keys and revoked epochs when the stream opened.
+    trust: Option<NodeTrust>,
     enrolment: Arc<RwLock<Arc<Enrolment>>>,
     enrolment_changed: watch::Receiver<u64>,
     metrics: Arc<Metrics>,
     rate: Option<Arc<NodeRateLimiter>>,
     shutdown: watch::Receiver<bool>,
     _slot: StreamSlot,
+    _activity: Option<StreamActivity>,
 }
 
 impl<S: Store> StreamWorker<S> {
@@ -245,21 +327,44 @@ impl<S: Store> StreamWorker<S> {
     ) {
         let node = self.session.node_id().to_owned();
         let mut shutdown = self.shutdown.clone();
+        // A credential is short-lived only if it stops working: the stream ends when its client
+        // certificate expires (the handshake checked it once; the node reconnects with a
+        // renewed one, which it does before expiry on its own).
+        let not_after = cert_not_after(&self.leaf);
+        let expires = not_after.map(|t| {
+            let left = t.saturating_sub(crate::query::unix_now_ns() / 1_000_000_000);
+            tokio::time::Instant::now() + Duration::from_secs(u64::try_from(left).unwrap_or(0))
+        });
         loop {
             let next = tokio::select! {
-                m = inbound.message() => m,
+                // Expiry, shutdown and revocation before the next message: nothing more is
+                // processed once one of them holds.
+                biased;
+                () = async { match expires { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                    let r = Rejection::CertificateExpired {
+                        node: node.clone(),
+                        not_after: not_after.unwrap_or(0),
+                    };
+                    let _ = tx.send(Err(self.reject(&r))).await;
+                    break;
+                }
                 () = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                     let _ = tx.send(Err(Rejection::ShuttingDown.to_status())).await;
                     break;
                 }
                 Ok(()) = self.enrolment_changed.changed() => {
                     // Revocation bites at once: a node removed from the enrolment, or whose
-                    // keys changed, loses its open streams (it may reconnect if still enrolled).
+                    // keys changed, or whose certificate a new CRL revokes, loses its open
+                    // streams (it may reconnect if still enrolled, with a valid certificate).
+                    if let Some(r) = revoked_cert(&self.revocations, &node, &self.leaf) {
+                        let _ = tx.send(Err(self.reject(&r))).await;
+                        break;
+                    }
                     let now = {
                         let e = self.enrolment.read().unwrap_or_else(|p| p.into_inner());
-                        e.node(&node).map(enrolled_keys)
+                        node_trust(&e, &node)
                     };
-                    if now.as_ref() == Some(&self.enrolled_keys) {
+                    if now == self.trust {
                         continue;
                     }
                     let r = Rejection::Revoked {
@@ -267,12 +372,13 @@ impl<S: Store> StreamWorker<S> {
                         detail: if now.is_none() {
                             "no longer enrolled".into()
                         } else {
-                            "its enrolled keys changed; reconnect".into()
+                            "its enrolled keys, revoked epochs or limits changed; reconnect".into()
                         },
                     };
                     let _ = tx.send(Err(self.reject(&r))).await;
                     break;
                 }
+                m = inbound.message() => m,
                 // The node went away: nothing left to answer.
                 () = tx.closed() => break,
             };

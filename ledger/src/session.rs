@@ -94,14 +94,15 @@ impl<S: Store> Session<S> {
         node_id: &str,
         enrolled: &BTreeMap<u32, EnrolledKey>,
         declared: &Declared,
+        revoked_epochs: &std::collections::BTreeSet<u32>,
         store: Arc<S>,
         metrics: Arc<Metrics>,
         limits: SessionLimits,
     ) -> Result<Self, Rejection> {
-        let mut keys = KnownKeys::new(node_id, enrolled);
+        let mut keys = KnownKeys::new(node_id, enrolled).without(revoked_epochs);
         for k in store.learnt_keys(node_id).await.map_err(store_err)? {
             if let Err(e) = keys.learn(&k) {
-                tracing::warn!(node = node_id, epoch = k.epoch, error = %e, "stored rotation conflicts with enrolment; the enrolled key wins");
+                tracing::warn!(node = node_id, epoch = k.epoch, error = %e, "stored rotation not used: it conflicts with the enrolment, or its epoch is revoked");
             }
         }
         let tip = store.tip(node_id).await.map_err(store_err)?;

@@ -4,8 +4,9 @@
 //! Nothing here is ever committed: every test makes its own keys in its own temporary directory.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    date_time_ymd, BasicConstraints, CertificateParams, CertificateRevocationListParams,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 use std::path::{Path, PathBuf};
 
@@ -93,11 +94,64 @@ impl TestCa {
 
     /// A client certificate for `node_id` (subject CN).
     pub fn client(&self, node_id: &str) -> CertFiles {
+        self.client_params(node_id, None)
+    }
+
+    /// A client certificate for `node_id`, valid from a second ago for `valid_s` seconds,
+    /// written over `client-<node_id>.pem` / `.key` (where [`TestCa::client`] writes): what an
+    /// outside tool issuing short-lived certificates leaves on disk.
+    pub fn client_expiring(&self, node_id: &str, valid_s: i64) -> CertFiles {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, node_id);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::seconds(1);
+        params.not_after = now + time::Duration::seconds(valid_s);
         self.issue(&format!("client-{node_id}"), params)
+    }
+
+    /// A client certificate for `node_id` with serial number `serial` (for a CRL to name),
+    /// written to `client-<node_id>-<serial>.pem`.
+    pub fn client_with_serial(&self, node_id: &str, serial: u64) -> CertFiles {
+        self.client_params(node_id, Some(serial))
+    }
+
+    fn client_params(&self, node_id: &str, serial: Option<u64>) -> CertFiles {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, node_id);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.serial_number = serial.map(SerialNumber::from);
+        let stem = match serial {
+            Some(n) => format!("client-{node_id}-{n}"),
+            None => format!("client-{node_id}"),
+        };
+        self.issue(&stem, params)
+    }
+
+    /// Writes a CRL signed by this CA that revokes the certificates with these serial numbers
+    /// (PEM, to `path`).
+    pub fn crl(&self, path: &Path, number: u64, revoked: &[u64]) {
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let params = CertificateRevocationListParams {
+            this_update: date_time_ymd(2020, 1, 1),
+            next_update: date_time_ymd(4000, 1, 1),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|n| RevokedCertParams {
+                    serial_number: SerialNumber::from(*n),
+                    revocation_time: date_time_ymd(2020, 1, 1),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&issuer).expect("signing a CRL");
+        std::fs::write(path, crl.pem().expect("CRL PEM")).expect("writing a CRL");
     }
 }
 

@@ -285,8 +285,21 @@ pub const SCHEMA_VERSION: i64 = 3;
 pub(crate) const SQL_UPGRADE_VERSION: &str =
     "UPDATE ledger_meta SET value = 3 WHERE key = 'schema_version' AND value IN (1, 2)";
 
+/// A node's clock, in both stores (SQLite numbers `$N` parameters in order of appearance, so
+/// the same text serves both).
+pub(crate) const SQL_CLOCK: &str = "SELECT first_seen_unix_ns, measured_ns, last_seq, last_index, \
+     last_boot, last_end_mono_ns, last_end_unix_ns, gap_pending, undeclared_holes, implausible \
+     FROM node_clock WHERE node_id = $1";
+pub(crate) const SQL_UPSERT_CLOCK: &str = "INSERT INTO node_clock (node_id, first_seen_unix_ns, \
+     measured_ns, last_seq, last_index, last_boot, last_end_mono_ns, last_end_unix_ns, \
+     gap_pending, undeclared_holes, implausible) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (node_id) DO UPDATE \
+     SET measured_ns = $3, last_seq = $4, last_index = $5, last_boot = $6, \
+     last_end_mono_ns = $7, last_end_unix_ns = $8, gap_pending = $9, undeclared_holes = $10, \
+     implausible = $11";
+
 /// A node clock as stored: every u64 in a BIGINT column, bit for bit (monotonic times and
-/// indices come from the node and may use the full range).
+/// indices come from the node and may use the full range). In [`SQL_CLOCK`]'s order.
 pub(crate) struct ClockColumns {
     pub first_seen_unix_ns: i64,
     pub measured_ns: i64,
@@ -294,6 +307,8 @@ pub(crate) struct ClockColumns {
     pub last_index: Option<i64>,
     pub last_boot: String,
     pub last_end_mono_ns: i64,
+    pub last_end_unix_ns: i64,
+    pub gap_pending: i64,
     pub undeclared_holes: i64,
     pub implausible: i64,
 }
@@ -308,6 +323,8 @@ impl ClockColumns {
             last_index: c.last_index.map(|i| i as i64),
             last_boot: c.last_boot.clone(),
             last_end_mono_ns: c.last_end_mono_ns as i64,
+            last_end_unix_ns: c.last_end_unix_ns,
+            gap_pending: i64::from(c.gap_pending),
             undeclared_holes: c.undeclared_holes as i64,
             implausible: c.implausible as i64,
         }
@@ -321,6 +338,8 @@ impl ClockColumns {
             last_index: self.last_index.map(|i| i as u64),
             last_boot: self.last_boot,
             last_end_mono_ns: self.last_end_mono_ns as u64,
+            last_end_unix_ns: self.last_end_unix_ns,
+            gap_pending: self.gap_pending != 0,
             undeclared_holes: self.undeclared_holes as u64,
             implausible: self.implausible as u64,
         }

@@ -21,7 +21,8 @@ use wattd_records::batch::ChainHash;
 use super::{
     split_allocations, to_hash, to_i64, to_key_id, to_u64, ClockColumns, Commit, ForkRecord,
     ForkRow, LossOutcome, LossRecord, LostRangeRow, NodeRow, OpenMode, QuarantineRow,
-    RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION, SQL_UPGRADE_VERSION,
+    RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION, SQL_CLOCK, SQL_UPGRADE_VERSION,
+    SQL_UPSERT_CLOCK,
 };
 use crate::check::{LearntKey, VerifiedBatch};
 use crate::plausible::{judge, NodeLimits};
@@ -117,6 +118,8 @@ CREATE TABLE IF NOT EXISTS node_clock (
     last_index BIGINT,
     last_boot TEXT NOT NULL,
     last_end_mono_ns BIGINT NOT NULL,
+    last_end_unix_ns BIGINT NOT NULL,
+    gap_pending BIGINT NOT NULL,
     undeclared_holes BIGINT NOT NULL,
     implausible BIGINT NOT NULL
 );
@@ -168,14 +171,6 @@ const SQL_INSERT_QUARANTINED: &str = "INSERT INTO quarantined (node_id, seq, int
      domain, run_id, active_uj, idle_uj, energy_uj, usage_us, reason) \
      SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::bigint[], \
      $7::bigint[], $8::bigint[], $9::bigint[], $10::text[])";
-const SQL_CLOCK: &str = "SELECT first_seen_unix_ns, measured_ns, last_seq, last_index, \
-     last_boot, last_end_mono_ns, undeclared_holes, implausible FROM node_clock \
-     WHERE node_id = $1";
-const SQL_UPSERT_CLOCK: &str = "INSERT INTO node_clock (node_id, first_seen_unix_ns, \
-     measured_ns, last_seq, last_index, last_boot, last_end_mono_ns, undeclared_holes, \
-     implausible) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (node_id) DO UPDATE \
-     SET measured_ns = $3, last_seq = $4, last_index = $5, last_boot = $6, \
-     last_end_mono_ns = $7, undeclared_holes = $8, implausible = $9";
 const SQL_INSERT_ROTATION: &str = "INSERT INTO rotations (node_id, new_key_epoch, \
      new_public_key, new_key_id, effective_seq, announced_seq) VALUES ($1, $2, $3, $4, $5, $6) \
      ON CONFLICT (node_id, new_key_epoch) DO NOTHING";
@@ -489,6 +484,8 @@ async fn commit_once(
             &cc.last_index,
             &cc.last_boot,
             &cc.last_end_mono_ns,
+            &cc.last_end_unix_ns,
+            &cc.gap_pending,
             &cc.undeclared_holes,
             &cc.implausible,
         ],
@@ -537,8 +534,10 @@ fn clock_columns(r: &tokio_postgres::Row) -> ClockColumns {
         last_index: r.get(3),
         last_boot: r.get(4),
         last_end_mono_ns: r.get(5),
-        undeclared_holes: r.get(6),
-        implausible: r.get(7),
+        last_end_unix_ns: r.get(6),
+        gap_pending: r.get(7),
+        undeclared_holes: r.get(8),
+        implausible: r.get(9),
     }
 }
 
@@ -809,8 +808,13 @@ impl Store for PgStore {
         let rows = c
             .client
             .query(
-                "SELECT run_id, domain, SUM(energy_uj)::text FROM allocations \
-                 WHERE node_id = $1 AND seq > $2 AND seq <= $3 GROUP BY run_id, domain",
+                // Quarantined rows too: the node's checkpoints count them, so a lost range's
+                // price must not take them for lost energy.
+                "SELECT run_id, domain, SUM(energy_uj)::text FROM \
+                 (SELECT run_id, domain, energy_uj FROM allocations \
+                  WHERE node_id = $1 AND seq > $2 AND seq <= $3 \
+                  UNION ALL SELECT run_id, domain, energy_uj FROM quarantined \
+                  WHERE node_id = $1 AND seq > $2 AND seq <= $3) AS a GROUP BY run_id, domain",
                 &[&node, &after, &upto],
             )
             .await?;

@@ -13,7 +13,8 @@ use wattd_records::batch::ChainHash;
 use super::{
     split_allocations, to_hash, to_i64, to_key_id, to_u64, ClockColumns, Commit, ForkRecord,
     ForkRow, LossOutcome, LossRecord, LostRangeRow, NodeRow, OpenMode, QuarantineRow,
-    RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION, SQL_UPGRADE_VERSION,
+    RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION, SQL_CLOCK, SQL_UPGRADE_VERSION,
+    SQL_UPSERT_CLOCK,
 };
 use crate::check::{LearntKey, VerifiedBatch};
 use crate::plausible::{judge, NodeClock, NodeLimits};
@@ -104,6 +105,8 @@ CREATE TABLE IF NOT EXISTS node_clock (
     last_index INTEGER,
     last_boot TEXT NOT NULL,
     last_end_mono_ns INTEGER NOT NULL,
+    last_end_unix_ns INTEGER NOT NULL,
+    gap_pending INTEGER NOT NULL,
     undeclared_holes INTEGER NOT NULL,
     implausible INTEGER NOT NULL
 );
@@ -253,10 +256,7 @@ fn hash_at(conn: &Connection, node: &str, seq: i64) -> Result<Option<ChainHash>,
 
 fn clock_of(conn: &Connection, node: &str) -> Result<Option<NodeClock>, StoreError> {
     Ok(conn
-        .prepare_cached(
-            "SELECT first_seen_unix_ns, measured_ns, last_seq, last_index, last_boot, \
-             last_end_mono_ns, undeclared_holes, implausible FROM node_clock WHERE node_id = ?1",
-        )?
+        .prepare_cached(SQL_CLOCK)?
         .query_row(params![node], |r| {
             Ok(ClockColumns {
                 first_seen_unix_ns: r.get(0)?,
@@ -265,8 +265,10 @@ fn clock_of(conn: &Connection, node: &str) -> Result<Option<NodeClock>, StoreErr
                 last_index: r.get(3)?,
                 last_boot: r.get(4)?,
                 last_end_mono_ns: r.get(5)?,
-                undeclared_holes: r.get(6)?,
-                implausible: r.get(7)?,
+                last_end_unix_ns: r.get(6)?,
+                gap_pending: r.get(7)?,
+                undeclared_holes: r.get(8)?,
+                implausible: r.get(9)?,
             })
         })
         .optional()?
@@ -401,14 +403,7 @@ fn commit_blocking(
         }
     }
     let c = ClockColumns::from_clock(&clock);
-    tx.prepare_cached(
-        "INSERT INTO node_clock (node_id, first_seen_unix_ns, measured_ns, last_seq, last_index, \
-         last_boot, last_end_mono_ns, undeclared_holes, implausible) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (node_id) DO UPDATE SET \
-         measured_ns = ?3, last_seq = ?4, last_index = ?5, last_boot = ?6, \
-         last_end_mono_ns = ?7, undeclared_holes = ?8, implausible = ?9",
-    )?
-    .execute(params![
+    tx.prepare_cached(SQL_UPSERT_CLOCK)?.execute(params![
         b.node_id,
         c.first_seen_unix_ns,
         c.measured_ns,
@@ -416,6 +411,8 @@ fn commit_blocking(
         c.last_index,
         c.last_boot,
         c.last_end_mono_ns,
+        c.last_end_unix_ns,
+        c.gap_pending,
         c.undeclared_holes,
         c.implausible
     ])?;
@@ -688,8 +685,13 @@ impl Store for SqliteStore {
         let (after, upto) = (to_i64(after_seq, "seq")?, to_i64(upto_seq, "seq")?);
         self.with(move |c| {
             let mut st = c.prepare_cached(
+                // Quarantined rows too: the node's checkpoints count them, so a lost range's
+                // price must not take them for lost energy.
                 "SELECT run_id, domain, SUM(energy_uj >> 32), SUM(energy_uj & 4294967295) \
-                 FROM allocations WHERE node_id = ?1 AND seq > ?2 AND seq <= ?3 \
+                 FROM (SELECT run_id, domain, energy_uj FROM allocations \
+                       WHERE node_id = ?1 AND seq > ?2 AND seq <= ?3 \
+                       UNION ALL SELECT run_id, domain, energy_uj FROM quarantined \
+                       WHERE node_id = ?1 AND seq > ?2 AND seq <= ?3) \
                  GROUP BY run_id, domain",
             )?;
             let rows = st.query_map(params![node, after, upto], |r| {

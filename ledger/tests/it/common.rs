@@ -170,6 +170,7 @@ impl Fixture {
             cert: self.server.cert.clone(),
             key: self.server.key.clone(),
             client_ca: self.ca.ca_pem.clone(),
+            crl: None,
             enrolled: self.enrolled.clone(),
             store: self.store_url.clone(),
             metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
@@ -179,9 +180,12 @@ impl Fixture {
 
     /// A ledger in this process.
     pub async fn start(&self, limits: Limits) -> Ledger {
-        let (bound, (snapshot_tx, _)) = server::bind(&self.options(limits))
-            .await
-            .expect("bind the ledger");
+        self.start_with(self.options(limits)).await
+    }
+
+    /// A ledger in this process, with these options.
+    pub async fn start_with(&self, opts: ServeOptions) -> Ledger {
+        let (bound, (snapshot_tx, _)) = server::bind(&opts).await.expect("bind the ledger");
         let addr = bound.local_addr();
         let metrics_addr = bound.metrics_addr();
         let metrics = bound.metrics();
