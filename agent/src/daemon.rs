@@ -387,6 +387,24 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
         );
         sealer.push_gap(records::gap(&gap), start.mono_ns);
         metrics.record_gap(GapCause::AgentDown);
+    } else if sealer.spool().last_seq() > 0 {
+        // The spool has batches but its last interval cannot be read back: the agent was down
+        // from an unknown time, and interval indices start again at 0. Both are declared, so
+        // the ledger does not take the restart for overlapping or repeated intervals.
+        let gap = GapRecord {
+            key: None,
+            start: Stamp {
+                mono_ns: 0,
+                unix_ns: 0,
+            },
+            end: start,
+            cause: GapCause::AgentDown,
+            detail: "agent restarted; its last interval could not be read back, so the \
+                     downtime's start is unknown and interval indices start again"
+                .into(),
+        };
+        sealer.push_gap(records::gap(&gap), start.mono_ns);
+        metrics.record_gap(GapCause::AgentDown);
     }
 
     let mut totals = Totals::default();

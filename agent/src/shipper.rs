@@ -207,6 +207,8 @@ struct SessionEnd {
     reason: String,
     error: anyhow::Error,
     progressed: bool,
+    /// Ended to pick up a renewed client certificate: reconnect at once.
+    renew: bool,
 }
 
 fn end(reason: impl Into<String>, progressed: bool, error: anyhow::Error) -> SessionEnd {
@@ -214,6 +216,7 @@ fn end(reason: impl Into<String>, progressed: bool, error: anyhow::Error) -> Ses
         reason: reason.into(),
         error,
         progressed,
+        renew: false,
     }
 }
 
@@ -242,9 +245,33 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// When a session on a client certificate valid from `not_before` to `not_after` (Unix seconds)
+/// should end so the next connect reads a renewed one: a fifth of its lifetime before it
+/// expires, at least a second and at most five minutes before.
+pub fn renew_at(not_before: i64, not_after: i64) -> i64 {
+    let lifetime = not_after.saturating_sub(not_before).max(0);
+    not_after - (lifetime / 5).clamp(1, 300)
+}
+
+/// The validity (not before, not after; Unix seconds) of the first certificate in a PEM file.
+pub fn cert_validity(pem: &[u8]) -> Option<(i64, i64)> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let v = cert.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+/// A connected client, and when its session should end for a renewed client certificate
+/// (None: no renewal due, or none possible before the certificate expires).
 async fn connect(
     cfg: &ShipperConfig,
-) -> Result<LedgerClient<tonic::transport::Channel>, SessionEnd> {
+) -> Result<
+    (
+        LedgerClient<tonic::transport::Channel>,
+        Option<tokio::time::Instant>,
+    ),
+    SessionEnd,
+> {
     let read = |p: &Path, what: &str| {
         std::fs::read(p).with_context(|| format!("reading the ledger {what} {}", p.display()))
     };
@@ -256,6 +283,21 @@ async fn connect(
         ))
     })();
     let (ca, cert, key) = files.map_err(|e| end("tls_files", false, e))?;
+    let renew = cert_validity(&cert).and_then(|(from, until)| {
+        let now = unix_now_ns() / 1_000_000_000;
+        let at = renew_at(from, until);
+        if at <= now {
+            tracing::warn!(
+                cert = %cfg.cert.display(),
+                expires_unix_s = until,
+                "the client certificate on disk expires soon (or has expired) and no renewed \
+                 one is there: renew it (the ledger refuses an expired certificate)"
+            );
+            return None;
+        }
+        let wait = Duration::from_secs(u64::try_from(at - now).unwrap_or(0));
+        Some(tokio::time::Instant::now() + wait)
+    });
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .identity(Identity::from_pem(cert, key));
@@ -274,9 +316,12 @@ async fn connect(
             anyhow::Error::new(e).context(format!("connecting to {}", cfg.endpoint)),
         )
     })?;
-    Ok(LedgerClient::new(channel)
-        .max_decoding_message_size(cfg.max_message_bytes)
-        .max_encoding_message_size(cfg.max_message_bytes))
+    Ok((
+        LedgerClient::new(channel)
+            .max_decoding_message_size(cfg.max_message_bytes)
+            .max_encoding_message_size(cfg.max_message_bytes),
+        renew,
+    ))
 }
 
 /// The shipper task. Ends when `shutdown` turns true.
@@ -343,6 +388,11 @@ impl Shipper {
                 Err(e) => e,
             };
             self.stats.error(&e.reason);
+            if e.renew {
+                tracing::info!(acked_seq = self.acked, "reconnecting with the client certificate on disk before the current one expires");
+                attempt = 0;
+                continue;
+            }
             if e.progressed {
                 attempt = 0;
             }
@@ -524,7 +574,7 @@ impl Shipper {
             DefaultClock,
         >,
     ) -> Result<(), SessionEnd> {
-        let mut client = connect(&self.cfg).await?;
+        let (mut client, renew) = connect(&self.cfg).await?;
         let (tx, rx) = mpsc::channel::<NodeMessage>(self.cfg.window + 4);
         // The heartbeat goes first: its Ack says where the ledger stands.
         if let Some(hb) = self.heartbeat() {
@@ -692,6 +742,16 @@ impl Shipper {
                 _ = async { match pace { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                     pace = None;
                 }
+                _ = async { match renew { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                    // Reconnect before the client certificate expires: the next connect reads
+                    // the certificate and key on disk again (renewed by an outside tool).
+                    return Err(SessionEnd {
+                        reason: "certificate_renewal".into(),
+                        error: anyhow::anyhow!("the client certificate is due for renewal"),
+                        progressed: true,
+                        renew: true,
+                    });
+                }
                 _ = async { match ack_deadline { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                     return Err(end("ack_timeout", self.acked > acked_at_open, anyhow::anyhow!(
                         "{in_flight} batch(es) unacknowledged for {:?}", self.cfg.ack_timeout)));
@@ -754,6 +814,32 @@ mod tests {
         std::fs::remove_file(&ca).expect("rm");
         let p = check_tls_files(&cfg);
         assert!(p.len() == 1 && p[0].starts_with("ledger.ca: "), "{p:?}");
+    }
+
+    #[test]
+    fn renewal_is_a_fifth_of_the_lifetime_before_expiry_within_bounds() {
+        assert_eq!(
+            renew_at(0, 600),
+            480,
+            "10-minute certificate: 2 minutes before"
+        );
+        assert_eq!(
+            renew_at(0, 86_400),
+            86_100,
+            "a day: at most 5 minutes before"
+        );
+        assert_eq!(renew_at(0, 3), 2, "at least a second before");
+        assert_eq!(
+            renew_at(10, 5),
+            4,
+            "a certificate that ends before it starts"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let ca = wattd_tests::tls::TestCa::new(dir.path(), "t");
+        let c = ca.client("n");
+        let (from, until) = cert_validity(&std::fs::read(&c.cert).unwrap()).unwrap();
+        assert!(until > from, "{from} {until}");
+        assert_eq!(cert_validity(b"not a certificate"), None);
     }
 
     #[test]

@@ -500,3 +500,77 @@ fn agent_sigkilled_mid_stream_loses_nothing_and_sends_nothing_twice() {
     stop_agent_cleanly(&w, &mut agent);
     w.check();
 }
+
+/// Short-lived client certificates renewed on disk by an outside tool: the agent starts on one
+/// valid for 30 s, the test writes a renewed one after 8 s, and the agent reconnects with it
+/// before the first expires (a fifth of the lifetime before), without a restart: no session
+/// is ended by the ledger for an expired certificate, and every batch arrives once. Then the
+/// ledger's own enforcement: a certificate that expires while its stream is open ends the
+/// stream (`certificate_expired`), and a renewal written late is picked up at the next
+/// reconnect, with nothing lost.
+#[test]
+fn a_client_certificate_renewed_on_disk_is_used_before_the_old_one_expires() {
+    let Some(mount) =
+        require_cgroups("a_client_certificate_renewed_on_disk_is_used_before_the_old_one_expires")
+    else {
+        return;
+    };
+    let mut w = World::new(mount, "certrenew", false);
+    let ledger = w.ledger("127.0.0.1:0");
+    let config = w.agent_config(ledger.listen, 200);
+    // Over the files the configuration names.
+    w.ca.client_expiring(NODE, 30);
+    let started = Instant::now();
+    let mut agent = Agent::start(&config, &w.agent_log());
+    w.cg.spawn_in(
+        "run-renew.scope",
+        Command::new(burn_bin()).args(["0.4", "36"]),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    w.ca.client(NODE);
+    // Past the first certificate's expiry.
+    std::thread::sleep(Duration::from_secs(38).saturating_sub(started.elapsed()));
+    w.cg.wait_all();
+    stop_agent_cleanly(&w, &mut agent);
+    w.check();
+    let log = std::fs::read_to_string(w.agent_log()).unwrap_or_default();
+    assert!(
+        log.contains("reconnecting with the client certificate on disk"),
+        "the agent never renewed\n{}",
+        w.logs()
+    );
+    let ledger_log = std::fs::read_to_string(w.work.path().join("ledger.log")).unwrap_or_default();
+    assert!(
+        !ledger_log.contains("certificate_expired"),
+        "a session ran into the old certificate's expiry\n{}",
+        w.logs()
+    );
+
+    // No renewal on disk: the ledger ends the stream when the certificate expires.
+    drop(ledger);
+    let _ = std::fs::remove_file(w.work.path().join("ledger.log"));
+    let ledger = w.ledger("127.0.0.1:0");
+    let config = w.agent_config(ledger.listen, 200);
+    w.ca.client_expiring(NODE, 4);
+    let mut agent = Agent::start(&config, &w.agent_log());
+    let t = Instant::now();
+    loop {
+        let ledger_log =
+            std::fs::read_to_string(w.work.path().join("ledger.log")).unwrap_or_default();
+        if ledger_log.contains("certificate_expired") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the ledger kept a stream open past its certificate's expiry\n{}",
+            w.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Renewed late: the agent's next connect reads it and catches up.
+    w.ca.client(NODE);
+    std::thread::sleep(Duration::from_secs(4));
+    stop_agent_cleanly(&w, &mut agent);
+    w.check();
+}
