@@ -104,10 +104,15 @@ struct ServeArgs {
     /// Seconds allowed for a TLS handshake.
     #[arg(long, default_value_t = 10, value_name = "S")]
     handshake_timeout_s: u64,
-    /// TLS connections open at once from one source (an IPv4 address, or an IPv6 /64); more
-    /// are closed at accept.
+    /// TLS connections open at once from one source (an IPv4 address, or an IPv6 address cut
+    /// to --source-prefix-v6 bits); more are closed at accept.
     #[arg(long, default_value_t = 64, value_name = "N")]
     max_connections_per_source: usize,
+    /// Leading bits of an IPv6 source address that --max-connections-per-source counts by:
+    /// 128 (each address), or 64 where every host has a /64 of its own (then one host's many
+    /// addresses count as one source). Nodes sharing one /64 need 128.
+    #[arg(long, default_value_t = 128, value_name = "BITS", value_parser = clap::value_parser!(u8).range(0..=128))]
+    source_prefix_v6: u8,
     /// Seconds allowed after the handshake for the client's HTTP/2 preface.
     #[arg(long, default_value_t = 10, value_name = "S")]
     preface_timeout_s: u64,
@@ -267,6 +272,7 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
             max_connections_per_source: a.max_connections_per_source,
             preface_timeout: Duration::from_secs(a.preface_timeout_s),
             idle_timeout: Duration::from_secs(a.idle_timeout_s),
+            source_prefix_v6: a.source_prefix_v6,
             service: ServiceLimits {
                 session: SessionLimits {
                     max_held_batches: a.max_held_batches,

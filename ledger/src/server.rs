@@ -80,6 +80,8 @@ pub struct Limits {
     pub preface_timeout: Duration,
     /// A connection with no open stream for this long is closed.
     pub idle_timeout: Duration,
+    /// How many leading bits of an IPv6 source address `max_connections_per_source` counts by.
+    pub source_prefix_v6: u8,
     pub service: ServiceLimits,
 }
 
@@ -93,6 +95,7 @@ impl Default for Limits {
             max_connections_per_source: 64,
             preface_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            source_prefix_v6: 128,
             service: ServiceLimits::default(),
         }
     }
@@ -301,19 +304,44 @@ impl Conn {
 }
 
 /// What `--max-connections-per-source` counts by: an IPv4 address (an IPv4-mapped IPv6 one
-/// too), or an IPv6 /64 (one host is routinely given a whole /64, so counting single
-/// addresses would let it take every slot).
-pub fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+/// too), or an IPv6 address cut to `v6_prefix` bits (`--source-prefix-v6`: 128 counts single
+/// addresses; 64 counts a /64, for networks that give each host a whole /64, where one host
+/// could otherwise take every slot from its many addresses).
+pub fn source_key(ip: std::net::IpAddr, v6_prefix: u8) -> std::net::IpAddr {
     use std::net::{IpAddr, Ipv6Addr};
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
             None => {
-                let s = v6.segments();
-                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+                let bits = u32::from(v6_prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
             }
         },
+    }
+}
+
+/// At most one log line per ten seconds for a repeated event, saying how many it stands for.
+#[derive(Debug, Default)]
+struct LogThrottle {
+    last: Option<std::time::Instant>,
+    count: u64,
+}
+
+impl LogThrottle {
+    /// Counts one event; returns the count to log when a line is due.
+    fn due(&mut self) -> Option<u64> {
+        self.count += 1;
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.count))
     }
 }
 
@@ -811,6 +839,8 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut refused_source_log = LogThrottle::default();
+    let mut refused_log = LogThrottle::default();
     let sources = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     loop {
         let accepted = tokio::select! {
@@ -827,18 +857,23 @@ async fn accept_loop(
             }
         };
         let Some(source) = SourceSlot::take(
-            source_key(peer.ip()),
+            source_key(peer.ip(), limits.source_prefix_v6),
             &sources,
             limits.max_connections_per_source,
         ) else {
             metrics.inc(&metrics.connections_refused_source);
-            tracing::warn!(%peer, limit = limits.max_connections_per_source, "connection refused: --max-connections-per-source reached");
+            // A flood must not flood the log too: one line per ten seconds, with the count.
+            if let Some(n) = refused_source_log.due() {
+                tracing::warn!(%peer, limit = limits.max_connections_per_source, refused = n, "connections refused: --max-connections-per-source reached");
+            }
             drop(tcp);
             continue;
         };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             metrics.inc(&metrics.connections_refused);
-            tracing::warn!(%peer, limit = limits.max_connections, "connection refused: --max-connections reached");
+            if let Some(n) = refused_log.due() {
+                tracing::warn!(%peer, limit = limits.max_connections, refused = n, "connections refused: --max-connections reached");
+            }
             drop(tcp);
             continue;
         };
@@ -910,12 +945,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sources_are_counted_by_ipv4_address_and_ipv6_slash_64() {
-        let k = |a: &str| source_key(a.parse().unwrap());
-        assert_eq!(k("127.0.0.2"), k("127.0.0.2"));
-        assert_ne!(k("127.0.0.1"), k("127.0.0.2"));
-        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
-        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
-        assert_eq!(k("::ffff:10.0.0.1"), k("10.0.0.1"));
+    fn sources_are_counted_by_ipv4_address_or_ipv6_prefix() {
+        let k = |a: &str, p| source_key(a.parse().unwrap(), p);
+        assert_eq!(k("127.0.0.2", 64), k("127.0.0.2", 64));
+        assert_ne!(k("127.0.0.1", 64), k("127.0.0.2", 64));
+        assert_eq!(k("2001:db8:1:2::1", 64), k("2001:db8:1:2:ffff::9", 64));
+        assert_ne!(k("2001:db8:1:2::1", 64), k("2001:db8:1:3::1", 64));
+        assert_ne!(k("2001:db8:1:2::1", 128), k("2001:db8:1:2::2", 128));
+        assert_eq!(k("2001:db8:1:2::1", 0), k("fe80::1", 0));
+        assert_eq!(k("::ffff:10.0.0.1", 64), k("10.0.0.1", 64));
+    }
+
+    #[test]
+    fn a_repeated_log_line_is_throttled_with_its_count() {
+        let mut t = LogThrottle::default();
+        assert_eq!(t.due(), Some(1));
+        assert_eq!(t.due(), None);
+        assert_eq!(t.due(), None);
+        t.last = Some(std::time::Instant::now() - Duration::from_secs(11));
+        assert_eq!(t.due(), Some(3));
     }
 }

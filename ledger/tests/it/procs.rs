@@ -339,3 +339,97 @@ async fn bad_configuration_exits_64_naming_every_problem() -> TestResult {
     );
     Ok(())
 }
+
+/// Raises this process's open-file limit to at least `want` (up to the hard limit); false if
+/// the hard limit is lower.
+fn enough_fds(want: u64) -> bool {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return false;
+        }
+        if lim.rlim_cur >= want {
+            return true;
+        }
+        if lim.rlim_max < want {
+            return false;
+        }
+        lim.rlim_cur = want;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0
+    }
+}
+
+/// Admission nobody can starve: 1,100 TCP sockets from 127.0.0.2 that never speak TLS, each
+/// reopened a second after the ledger closes it, while the enrolled node streams from
+/// 127.0.0.1. The attacker's address holds at most `--max-connections-per-source` slots (64;
+/// the rest are closed at accept, the held ones at the handshake deadline), and the node's
+/// acknowledgements keep coming within 5 s. The real binary, on SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eleven_hundred_idle_sockets_do_not_starve_an_enrolled_node() -> TestResult {
+    let name = "procs::eleven_hundred_idle_sockets_do_not_starve_an_enrolled_node";
+    if !enough_fds(4096) {
+        wattd_testkit::skip(name, "an open-file limit of 4096 (ulimit -n)");
+        return Ok(());
+    }
+    let Some(f) = Fixture::new(Backend::Sqlite, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let p = Proc::spawn(&f, "admission");
+    let addr = p.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let held = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut attackers = Vec::new();
+    for _ in 0..1100 {
+        let stop = std::sync::Arc::clone(&stop);
+        let held = std::sync::Arc::clone(&held);
+        attackers.push(tokio::spawn(async move {
+            use std::sync::atomic::Ordering::Relaxed;
+            use tokio::io::AsyncReadExt as _;
+            while !stop.load(Relaxed) {
+                let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+                sock.bind("127.0.0.2:0".parse().expect("addr"))
+                    .expect("bind 127.0.0.2");
+                if let Ok(mut s) = sock.connect(addr).await {
+                    held.fetch_add(1, Relaxed);
+                    // Hold it, silent, until the ledger closes it (or the test ends).
+                    let mut b = [0u8; 1];
+                    let _ = tokio::time::timeout(Duration::from_secs(30), s.read(&mut b)).await;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }));
+    }
+    // Let the flood fill what it can.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut s = stream_to(&f, addr, "n1").await;
+    let mut worst = Duration::ZERO;
+    for i in 1..=40u64 {
+        let t = Instant::now();
+        let ack = s.send(msg(&chain.next(1))).await?;
+        worst = worst.max(t.elapsed());
+        assert_eq!(ack.acked_seq, i);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for a in attackers {
+        a.abort();
+    }
+    let connects = held.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{connects} attacker connections; the node's slowest ack {worst:?}");
+    assert!(connects >= 1100, "the flood did not run: {connects}");
+    assert!(worst < Duration::from_secs(5), "ack lag {worst:?}");
+    let log = std::fs::read_to_string(f.dir.path().join("ledger-admission.log"))?;
+    assert!(
+        log.contains("--max-connections-per-source reached"),
+        "the per-source limit never applied:\n{}",
+        log.lines().take(20).collect::<Vec<_>>().join("\n")
+    );
+    assert!(p.term().success());
+    Ok(())
+}
