@@ -101,6 +101,11 @@ impl KnownKeys {
         self
     }
 
+    /// The highest key epoch known (enrolled or learnt).
+    pub fn max_epoch(&self) -> Option<u32> {
+        self.by_epoch.keys().next_back().copied()
+    }
+
     pub fn is_revoked(&self, epoch: u32) -> bool {
         self.revoked.contains(&epoch)
     }

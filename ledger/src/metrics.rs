@@ -111,6 +111,7 @@ pub struct Metrics {
     pub batches_duplicate: AtomicU64,
     pub batches_held: AtomicU64,
     pub heartbeats: AtomicU64,
+    pub heartbeats_unverified: AtomicU64,
     pub tail_missing: AtomicU64,
     pub lost_ranges: AtomicU64,
     pub lost_batches: AtomicU64,
@@ -202,8 +203,9 @@ impl Metrics {
         one(
             "wattd_ledger_connections_unenrolled_total",
             "counter",
-            "Connections closed right after the TLS handshake: the client certificate names no \
-             enrolled node.",
+            "Connections refused because the client certificate names no enrolled node: in the \
+             TLS handshake (also a failed handshake), or right after it when the enrolment \
+             changed in between.",
             get(&self.connections_unenrolled),
         );
         one(
@@ -277,6 +279,13 @@ impl Metrics {
             "counter",
             "Verified heartbeats.",
             get(&self.heartbeats),
+        );
+        one(
+            "wattd_ledger_heartbeats_unverified_total",
+            "counter",
+            "Heartbeats signed by a key epoch the node's chain has not announced to this ledger \
+             yet (its rotation is in the backlog): answered, not recorded.",
+            get(&self.heartbeats_unverified),
         );
         one(
             "wattd_ledger_tail_missing_total",

@@ -130,7 +130,10 @@ fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, S
 
 /// The rustls server configuration: TLS 1.3 and 1.2 on ring, client certificates required
 /// (and, with `--crl`, not revoked), and the CRLs' revoked set.
-pub fn tls_config(files: &TlsFiles) -> Result<(ServerConfig, Revocations), Vec<String>> {
+pub fn tls_config(
+    files: &TlsFiles,
+    gate: &EnrolmentGate,
+) -> Result<(ServerConfig, Revocations), Vec<String>> {
     let TlsFiles {
         cert,
         key,
@@ -176,6 +179,10 @@ pub fn tls_config(files: &TlsFiles) -> Result<(ServerConfig, Revocations), Vec<S
     let verifier = builder
         .build()
         .map_err(|e| vec![format!("--client-ca {}: {e}", client_ca.display())])?;
+    let verifier = Arc::new(EnrolledClientVerifier {
+        inner: verifier,
+        gate: gate.clone(),
+    });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| vec![format!("TLS versions: {e}")])?
@@ -184,6 +191,89 @@ pub fn tls_config(files: &TlsFiles) -> Result<(ServerConfig, Revocations), Vec<S
         .map_err(|e| vec![format!("--cert/--key: {e}")])?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok((config, revocations))
+}
+
+/// What the TLS handshake checks a client certificate's node against: the current enrolment
+/// (shared with reloads), and the counter of certificates refused for naming nobody enrolled.
+#[derive(Clone, Debug)]
+pub struct EnrolmentGate {
+    pub enrolment: Arc<RwLock<Arc<Enrolment>>>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The CA's verdict (chain, validity, CRL), then the enrolment's: a certificate whose CN names
+/// no enrolled node fails the handshake itself, so it never gets past the TLS layer (and a
+/// slot is held only for the handshake).
+#[derive(Debug)]
+struct EnrolledClientVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    gate: EnrolmentGate,
+}
+
+impl rustls::server::danger::ClientCertVerifier for EnrolledClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let enrolled = crate::service::cert_common_name(end_entity.as_ref())
+            .ok()
+            .is_some_and(|cn| {
+                let e = self
+                    .gate
+                    .enrolment
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner());
+                e.node(&cn).is_some()
+            });
+        if !enrolled {
+            self.gate
+                .metrics
+                .inc(&self.gate.metrics.connections_unenrolled);
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The HTTP/2 client preface: what a connection must send first.
@@ -496,14 +586,25 @@ pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), Serve
         client_ca: opts.client_ca.clone(),
         crl: opts.crl.clone(),
     };
-    let tls = tls_config(&tls_files).map_err(|p| problems.extend(p)).ok();
     let enrolment = Enrolment::load(&opts.enrolled)
         .map_err(|e| problems.push(e.to_string()))
         .ok();
-    let (Some((tls, revocations)), Some(enrolment)) = (tls, enrolment) else {
+    let loaded = enrolment.is_some();
+    let gate = EnrolmentGate {
+        enrolment: Arc::new(RwLock::new(Arc::new(enrolment.unwrap_or_default()))),
+        metrics: Metrics::new(),
+    };
+    let tls = tls_config(&tls_files, &gate)
+        .map_err(|p| problems.extend(p))
+        .ok();
+    let (Some((tls, revocations)), true) = (tls, loaded) else {
         return Err(ServeError::Config(problems));
     };
-    if enrolment.node_count() == 0 {
+    let (node_count, key_count) = {
+        let e = gate.enrolment.read().unwrap_or_else(|p| p.into_inner());
+        (e.node_count(), e.key_count())
+    };
+    if node_count == 0 {
         tracing::warn!(dir = %opts.enrolled.display(), "no node is enrolled: every stream will be refused");
     }
     let store = AnyStore::open(&opts.store, OpenMode::Serve).await?;
@@ -537,8 +638,8 @@ pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), Serve
         None => None,
     };
     tracing::info!(
-        nodes = enrolment.node_count(),
-        keys = enrolment.key_count(),
+        nodes = node_count,
+        keys = key_count,
         store = store.kind(),
         "enrolment loaded, store open"
     );
@@ -551,10 +652,10 @@ pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), Serve
             revocations: Arc::new(RwLock::new(Arc::new(revocations))),
             reload_serial: Arc::default(),
             store: Arc::new(store),
-            enrolment: Arc::new(RwLock::new(Arc::new(enrolment))),
+            enrolment: Arc::clone(&gate.enrolment),
             enrolment_changed: Arc::new(watch::channel(0).0),
             enrolled_dir: opts.enrolled.clone(),
-            metrics: Metrics::new(),
+            metrics: Arc::clone(&gate.metrics),
             limits: opts.limits,
             local_addr,
             metrics_addr,
@@ -585,6 +686,10 @@ impl Bound {
             acceptor: Arc::clone(&self.acceptor),
             tls_files: self.tls_files.clone(),
             revocations: Arc::clone(&self.revocations),
+            gate: EnrolmentGate {
+                enrolment: Arc::clone(&self.enrolment),
+                metrics: Arc::clone(&self.metrics),
+            },
             serial: Arc::clone(&self.reload_serial),
         }
     }
@@ -687,6 +792,7 @@ pub struct EnrolmentReload {
     acceptor: Arc<RwLock<TlsAcceptor>>,
     tls_files: TlsFiles,
     revocations: SharedRevocations,
+    gate: EnrolmentGate,
     /// Held across a reload's read and swap: SIGHUP and the directory watch never interleave
     /// (an older read swapped in last would bring a removed node back).
     serial: Arc<std::sync::Mutex<()>>,
@@ -710,7 +816,8 @@ impl EnrolmentReload {
     /// Returns how many certificates the CRLs revoke.
     pub fn reload_tls(&self) -> Result<usize, String> {
         let _serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-        let (tls, revocations) = tls_config(&self.tls_files).map_err(|p| p.join("; "))?;
+        let (tls, revocations) =
+            tls_config(&self.tls_files, &self.gate).map_err(|p| p.join("; "))?;
         let revoked = revocations.len();
         *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) =
             TlsAcceptor::from(Arc::new(tls));

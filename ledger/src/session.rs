@@ -171,6 +171,30 @@ impl<S: Store> Session<S> {
         }
     }
 
+    /// A heartbeat signed by a key epoch above every key this ledger knows: the node rotated
+    /// its key in batches the ledger has not received yet (a backlog after an outage or a
+    /// restart; the opening heartbeat is always signed with the node's current key). Refusing
+    /// it would end every stream before the backlog that announces the key could be sent, for
+    /// ever. So it is answered, and nothing it says is believed or recorded until its key is
+    /// learnt from the chain. A heartbeat claiming an epoch the ledger knows with another key
+    /// is refused (`refused`).
+    fn heartbeat_from_ahead(
+        &mut self,
+        signed: &SignedHeartbeat,
+        refused: Rejection,
+    ) -> Result<Ack, Rejection> {
+        use prost::Message as _;
+        let Ok(hb) = wattd_proto::v1::Heartbeat::decode(signed.heartbeat_bytes.as_slice()) else {
+            return Err(refused);
+        };
+        if hb.node_id != self.node_id || self.keys.max_epoch().is_some_and(|m| hb.key_epoch <= m) {
+            return Err(refused);
+        }
+        self.metrics.inc(&self.metrics.heartbeats_unverified);
+        tracing::info!(node = %self.node_id, epoch = hb.key_epoch, acked = self.tip.seq, "heartbeat signed by a key the chain has not announced to this ledger yet: answered, not recorded");
+        Ok(self.ack())
+    }
+
     async fn refresh_keys(&mut self) -> Result<(), Rejection> {
         for k in self
             .store
@@ -608,7 +632,12 @@ impl<S: Store> Session<S> {
         let hb = match verify_heartbeat(&self.node_id, &self.keys, signed) {
             Err(Rejection::UnknownKey { .. }) => {
                 self.refresh_keys().await?;
-                verify_heartbeat(&self.node_id, &self.keys, signed)?
+                match verify_heartbeat(&self.node_id, &self.keys, signed) {
+                    Err(r @ Rejection::UnknownKey { .. }) => {
+                        return self.heartbeat_from_ahead(signed, r);
+                    }
+                    other => other?,
+                }
             }
             other => other?,
         };

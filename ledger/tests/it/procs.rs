@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use wattd_records::seal::BatchContent;
+
 use crate::common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_wattd-ledger");
@@ -432,4 +434,122 @@ async fn eleven_hundred_idle_sockets_do_not_starve_an_enrolled_node() -> TestRes
     );
     assert!(p.term().success());
     Ok(())
+}
+
+/// The attack, with the real binary and its CLI: node B, enrolled with its own valid
+/// certificate and key, adds 1 kWh to node A's run through an interval 1 ns long. `runs`
+/// leaves A's run as it was and bills B nothing for it; `nodes` flags B (`implausible`, the
+/// quarantined energy and reason); B keeps streaming. Then A's enrolment file is removed (no
+/// signal: the directory is watched) and A's open stream ends within a second, nothing more
+/// of A stored.
+async fn a_forger_is_quarantined_and_a_removed_node_cut_off(
+    backend: Backend,
+    name: &str,
+) -> TestResult {
+    let Some(f) = Fixture::new(backend, name).await else {
+        return Ok(());
+    };
+    let mut a = Chain::new(key("n1", 1, 1));
+    let mut b = Chain::new(key("n2", 1, 2));
+    f.enrol(&a.key);
+    f.enrol(&b.key);
+    let p = Proc::spawn(&f, "forger");
+    let mut sa = stream_to(&f, p.addr, "n1").await;
+    assert_eq!(sa.send(msg(&a.next(2))).await?.acked_seq, 1);
+    let json = |what: &str| -> serde_json::Value {
+        let (code, out, err) = run_cli(&[what, "--store", &f.store_text, "--format", "json"]);
+        assert_eq!(code, 0, "wattd-ledger {what}: {err}");
+        serde_json::from_str(&out).expect("JSON")
+    };
+    let runs_before = json("runs");
+    let mut sb = stream_to(&f, p.addr, "n2").await;
+    let mut iv = interval(0, &[("run-a", 3_600_000_000_000, 0)], 0);
+    iv.end_monotonic_ns = iv.start_monotonic_ns + 1;
+    let forged = b.next_with(BatchContent {
+        intervals: vec![iv],
+        ..Default::default()
+    });
+    assert_eq!(
+        sb.send(msg(&forged)).await?.acked_seq,
+        1,
+        "stored and chained"
+    );
+    let mut honest = interval(1, &[("run-b2", 5, 0)], 1);
+    honest.start_monotonic_ns = 1_000_000_001;
+    let honest = b.next_with(BatchContent {
+        intervals: vec![honest],
+        ..Default::default()
+    });
+    assert_eq!(sb.send(msg(&honest)).await?.acked_seq, 2, "still streaming");
+    let runs = json("runs");
+    let a_runs = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        v["runs"]
+            .as_array()
+            .expect("runs")
+            .iter()
+            .filter(|r| r["node_id"] == "n1")
+            .cloned()
+            .collect()
+    };
+    assert_eq!(a_runs(&runs), a_runs(&runs_before), "node A's runs changed");
+    let b_runs: Vec<&str> = runs["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .filter(|r| r["node_id"] == "n2")
+        .filter_map(|r| r["run_id"].as_str())
+        .collect();
+    assert_eq!(b_runs, ["run-b2"], "the forged kilowatt-hour is billed");
+    let nodes = json("nodes");
+    let n2 = nodes["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["node_id"] == "n2")
+        .expect("n2")
+        .clone();
+    assert_eq!(n2["status"], "implausible", "{n2}");
+    assert_eq!(n2["quarantined"][0]["reason"], "above_max_watts", "{n2}");
+    assert_eq!(n2["quarantined_uj"], 3_600_000_000_000u64, "{n2}");
+    // Revocation by removing the file, no signal.
+    f.unenrol("n1");
+    let t = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(2), sa.recv())
+        .await
+        .map_err(|_| "node A's stream was not ended")?
+        .expect_err("revoked");
+    eprintln!(
+        "removed node's stream ended {:?} after its file went",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(1) + wattd_ledger::server::WATCH_QUIET);
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let refused = match channel(p.addr, &f.ca.ca_pem, Some(&f.client_cert("n1"))).await {
+        Ok(ch) => NodeStream::open(ch).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a removed node streamed again");
+    let nodes = json("nodes");
+    let n1 = nodes["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["node_id"] == "n1")
+        .expect("n1")
+        .clone();
+    assert_eq!(n1["last_seq"], 1, "{n1}");
+    assert!(p.term().success());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forger_is_quarantined_and_a_removed_node_cut_off_sqlite() -> TestResult {
+    a_forger_is_quarantined_and_a_removed_node_cut_off(Backend::Sqlite, "procs::forger_sqlite")
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forger_is_quarantined_and_a_removed_node_cut_off_postgres() -> TestResult {
+    a_forger_is_quarantined_and_a_removed_node_cut_off(Backend::Postgres, "procs::forger_postgres")
+        .await
 }

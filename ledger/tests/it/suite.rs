@@ -70,6 +70,7 @@ both!(
     a_revoked_key_epoch_signs_nothing_more,
     the_enrolment_directory_is_watched,
     a_connection_without_a_stream_is_closed_when_idle,
+    a_heartbeat_from_a_key_in_the_backlog_is_answered_not_believed,
     admission_bounds_each_source_and_the_preface,
     a_lost_range_is_priced_per_run_from_the_checkpoints_around_it,
     the_server_certificate_is_reloaded_without_a_restart,
@@ -1817,6 +1818,51 @@ async fn a_connection_without_a_stream_is_closed_when_idle(b: Backend, name: &st
     drop(idle);
     // The streaming one was not touched.
     assert_eq!(s.send(msg(&chain.next(1))).await?.acked_seq, 3);
+    l.stop().await;
+    Ok(())
+}
+
+/// The node was SIGKILLed with a backlog that rotates its key: it reopens with a heartbeat
+/// signed by its current key, which the ledger cannot know before the backlog's rotation
+/// arrives. The ledger answers (where it stands) without recording it, the backlog flows and
+/// teaches the key, and the next heartbeat is verified. (Refusing it made every reconnect
+/// fail for ever: found by a 5-minute rotation run with SIGKILLs.) A heartbeat claiming a
+/// known epoch with an unknown key is still refused.
+async fn a_heartbeat_from_a_key_in_the_backlog_is_answered_not_believed(
+    b: Backend,
+    name: &str,
+) -> TestResult {
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let l = f.start(limits()).await;
+    let mut s = connect(&f, &l, "n1").await;
+    assert_eq!(s.send(msg(&chain.next(1))).await?.acked_seq, 1);
+    drop(s);
+    // The backlog: a rotation to epoch 2 and batches signed by it.
+    let backlog = vec![chain.rotate(key("n1", 2, 2)), chain.next(1), chain.next(1)];
+    let mut s = connect(&f, &l, "n1").await;
+    let ack = s.send(chain.heartbeat(4)).await?;
+    assert_eq!(ack.acked_seq, 1, "answered with where the ledger stands");
+    assert_eq!(ack.announced_sealed_seq, 0, "not believed");
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(load(&l.metrics.heartbeats_unverified), 1);
+    for bt in &backlog {
+        s.send(msg(bt)).await?;
+    }
+    let ack = s.send(chain.heartbeat(4)).await?;
+    assert_eq!(
+        (ack.acked_seq, ack.announced_sealed_seq),
+        (4, 4),
+        "now verified"
+    );
+    // A forged key for a known epoch: refused.
+    let mut s = connect(&f, &l, "n1").await;
+    let err = s
+        .send(heartbeat(&key("n1", 2, 99), 4))
+        .await
+        .expect_err("unknown key for a known epoch");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     l.stop().await;
     Ok(())
 }

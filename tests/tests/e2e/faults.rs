@@ -614,10 +614,15 @@ fn keys_rotate_on_schedule_through_sigkills_and_the_ledger_follows() {
     let Some(mount) = require_cgroups(name) else {
         return;
     };
-    let run_s: u64 = std::env::var("WATTD_ROTATION_RUN_S")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(36);
+    // The issue's full run: WATTD_ROTATION_RUN_S=300 WATTD_ROTATION_EVERY_S=30.
+    let env = |k: &str, d: u64| -> u64 {
+        std::env::var(k)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    };
+    let run_s = env("WATTD_ROTATION_RUN_S", 36);
+    let every_s = env("WATTD_ROTATION_EVERY_S", 10);
     let mut w = World::new(mount, "rotate", false);
     let ledger = w.ledger("127.0.0.1:0");
     let config = w.agent_config_more(
@@ -625,23 +630,31 @@ fn keys_rotate_on_schedule_through_sigkills_and_the_ledger_follows() {
         200,
         200,
         "",
-        "[identity]\nrotate_after_s = 10\n",
+        &format!("[identity]\nrotate_after_s = {every_s}\n"),
     );
     runs(&mut w, "k", 2, 0.2, run_s + 5);
-    let third = Duration::from_secs(run_s / 3);
-    let mut agent = Agent::start(&config, &first_log(&w));
-    std::thread::sleep(third);
-    sigkill(&mut agent);
-    let mut agent = Agent::start(&config, &first_log(&w));
-    std::thread::sleep(third);
-    sigkill(&mut agent);
+    // Three SIGKILLs, at a quarter, a half and three quarters of the run.
+    let quarter = Duration::from_secs(run_s / 4);
+    for _ in 0..3 {
+        let mut agent = Agent::start(&config, &first_log(&w));
+        std::thread::sleep(quarter);
+        sigkill(&mut agent);
+    }
     let mut agent = Agent::start(&config, &w.agent_log());
-    std::thread::sleep(third);
+    std::thread::sleep(quarter);
     stop_agent_cleanly(&w, &mut agent);
     let n = check_conserved(&w, 0);
     let epoch = n["key_epoch"].as_u64().unwrap_or(0);
-    eprintln!("{run_s} s with rotate_after_s = 10: the ledger's chain ends at key epoch {epoch}");
-    assert!(epoch >= 3, "at least two rotations followed: {n}");
+    eprintln!(
+        "{run_s} s with rotate_after_s = {every_s} and 3 SIGKILLs: the ledger's chain ends at \
+         key epoch {epoch}, {} batches",
+        n["last_seq"]
+    );
+    let expected = (run_s / every_s).saturating_sub(2).max(2);
+    assert!(
+        epoch > expected,
+        "at least {expected} rotations followed: {n}"
+    );
     let v = wattd(&["verify", "--data-dir", w.spool.to_str().unwrap()]);
     assert!(
         v.status.success(),
