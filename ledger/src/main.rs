@@ -69,8 +69,10 @@ struct ServeArgs {
     /// or a node's node.pub ([[key]] per epoch).
     #[arg(long, visible_alias = "nodes", value_name = "DIR")]
     enrolled: PathBuf,
-    /// Store URL: sqlite:PATH (or sqlite://PATH) or postgres://USER[:PASS]@HOST:PORT/DB.
-    #[arg(long, visible_alias = "db", value_name = "URL")]
+    /// Store URL: sqlite:PATH (or sqlite://PATH; created mode 600) or
+    /// postgres://USER@HOST:PORT/DB (the password from PGPASSFILE or ~/.pgpass, never the
+    /// URL).
+    #[arg(long, visible_alias = "db", value_name = "URL", value_parser = StoreUrlParser)]
     store: StoreUrl,
     /// Serve Prometheus counters on GET /metrics at this address (port 0: any; printed).
     #[arg(long, value_name = "ADDR")]
@@ -147,8 +149,10 @@ enum Format {
 
 #[derive(Debug, Args)]
 struct QueryArgs {
-    /// Store URL: sqlite:PATH (or sqlite://PATH) or postgres://USER[:PASS]@HOST:PORT/DB.
-    #[arg(long, visible_alias = "db", value_name = "URL")]
+    /// Store URL: sqlite:PATH (or sqlite://PATH; created mode 600) or
+    /// postgres://USER@HOST:PORT/DB (the password from PGPASSFILE or ~/.pgpass, never the
+    /// URL).
+    #[arg(long, visible_alias = "db", value_name = "URL", value_parser = StoreUrlParser)]
     store: StoreUrl,
     /// Output format (`table` is accepted for `text`).
     #[arg(long, value_enum, default_value = "text")]
@@ -164,9 +168,38 @@ struct NodesArgs {
     quiet_after_s: u64,
 }
 
-fn init_logging(format: LogFormat) {
+/// `--store`: parsed by [`StoreUrl`], with an error that does not repeat the value (clap's own
+/// would, and a URL may hold a password that must not reach a log).
+#[derive(Clone, Debug)]
+struct StoreUrlParser;
+
+impl clap::builder::TypedValueParser for StoreUrlParser {
+    type Value = StoreUrl;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<StoreUrl, clap::Error> {
+        let fail = |msg: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("--store: {msg}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        value
+            .to_str()
+            .ok_or_else(|| fail("not UTF-8".into()))?
+            .parse()
+            .map_err(fail)
+    }
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -202,9 +235,20 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(a) => serve(*a).await,
-            Command::Runs(a) => runs(a).await.map_err(Failure::Other),
-            Command::Nodes(a) => nodes(a).await.map_err(Failure::Other),
-            Command::Audit(a) => audit(a).await.map_err(Failure::Other),
+            // Queries print their answer on stdout; warnings (a password file ignored, a
+            // database others can read) go to stderr.
+            Command::Runs(a) => {
+                init_logging(LogFormat::Plain, "warn");
+                runs(a).await.map_err(Failure::Other)
+            }
+            Command::Nodes(a) => {
+                init_logging(LogFormat::Plain, "warn");
+                nodes(a).await.map_err(Failure::Other)
+            }
+            Command::Audit(a) => {
+                init_logging(LogFormat::Plain, "warn");
+                audit(a).await.map_err(Failure::Other)
+            }
         }
     });
     match result {
@@ -226,7 +270,7 @@ enum Failure {
 }
 
 async fn serve(a: ServeArgs) -> Result<(), Failure> {
-    init_logging(a.log_format);
+    init_logging(a.log_format, "info");
     let mut problems = Vec::new();
     for (v, flag) in [
         (a.max_message_bytes, "--max-message-bytes"),

@@ -16,6 +16,7 @@
 //! processes inserting the same (node_id, seq): the second waits for the first and gets a
 //! unique violation, rolls back, re-reads and answers duplicate (same hash) or fork.
 
+pub mod pgpass;
 pub mod postgres;
 pub mod sqlite;
 
@@ -247,6 +248,18 @@ impl std::str::FromStr for StoreUrl {
 
     fn from_str(s: &str) -> Result<Self, String> {
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            let config: tokio_postgres::Config = s
+                .parse()
+                .map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
+            if config.get_password().is_some() {
+                // Not echoed: the error would print the password.
+                return Err(
+                    "the PostgreSQL URL holds a password, which every local user can \
+                     read in the process list: put it in the password file instead \
+                     (PGPASSFILE, else ~/.pgpass: host:port:database:user:password, mode 600)"
+                        .into(),
+                );
+            }
             return Ok(StoreUrl::Postgres(s.to_owned()));
         }
         if let Some(rest) = s.strip_prefix("sqlite:") {
@@ -572,6 +585,13 @@ mod tests {
         );
         assert_eq!(p("sqlite://b.db"), Ok(StoreUrl::Sqlite("b.db".into())));
         assert!(matches!(p("postgres://u@h/db"), Ok(StoreUrl::Postgres(_))));
+        let secret = p("postgres://u:hunter2@h/db").unwrap_err();
+        assert!(secret.contains("password file"), "{secret}");
+        assert!(
+            !secret.contains("hunter2"),
+            "the error prints the password: {secret}"
+        );
+        assert!(p("postgres://u@h/db?password=x").is_err());
         assert!(matches!(
             p("postgresql://u@h/db"),
             Ok(StoreUrl::Postgres(_))

@@ -258,6 +258,12 @@ impl std::fmt::Debug for PgStore {
 
 async fn connect(url: &str) -> Result<Client, StoreError> {
     let mut config: tokio_postgres::Config = url.parse()?;
+    // The password comes from the password file, never the URL (the command line).
+    if config.get_password().is_none() {
+        if let Some(password) = passfile_password(&config) {
+            config.password(password);
+        }
+    }
     // A dead server or a silently dropped connection must fail a commit (the stream gets
     // UNAVAILABLE and the node retries), not hang it while it holds a pool slot.
     if config.get_connect_timeout().is_none() {
@@ -278,6 +284,19 @@ async fn connect(url: &str) -> Result<Client, StoreError> {
         .batch_execute("SET synchronous_commit = on; SET statement_timeout = '30s'")
         .await?;
     Ok(client)
+}
+
+/// The password for this connection in `PGPASSFILE` (or `~/.pgpass`), if any.
+fn passfile_password(config: &tokio_postgres::Config) -> Option<String> {
+    let path = super::pgpass::location()?;
+    let host = match config.get_hosts().first()? {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        tokio_postgres::config::Host::Unix(_) => "localhost".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user()?;
+    let database = config.get_dbname().unwrap_or(user);
+    super::pgpass::password_for(&path, &host, port, database, user)
 }
 
 impl PgStore {

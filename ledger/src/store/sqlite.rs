@@ -168,7 +168,55 @@ impl SqliteStore {
     }
 }
 
+/// The ledger is billing data: its database, WAL and shared-memory files must be readable by
+/// their owner only. A new database is created mode 600 (SQLite gives the `-wal` and `-shm`
+/// files the database file's mode); serving one that group or others can read is refused,
+/// naming the file and the fix; a query-only open warns.
+fn check_private(path: &Path, mode: OpenMode) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    if mode == OpenMode::Serve && !path.exists() {
+        // Created here, empty (a valid empty SQLite database), before SQLite creates it with
+        // the umask's mode.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(StoreError::Url(format!(
+                    "sqlite:{}: cannot create: {e}",
+                    path.display()
+                )))
+            }
+        }
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue;
+        };
+        let bits = meta.permissions().mode() & 0o777;
+        if bits & 0o077 != 0 {
+            let problem = format!(
+                "{}: mode {bits:o} lets group or others read the ledger (billing data): \
+                 chmod 600 {}",
+                file.display(),
+                file.display()
+            );
+            match mode {
+                OpenMode::Serve => return Err(StoreError::Url(problem)),
+                OpenMode::Query => tracing::warn!("{problem}"),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn open_blocking(path: &Path, mode: OpenMode) -> Result<Connection, StoreError> {
+    check_private(path, mode)?;
     let flags = match mode {
         OpenMode::Serve => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
         OpenMode::Query => OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -872,6 +920,38 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
+    /// The database is created mode 600, and its WAL and shared-memory files follow; one that
+    /// others can read is refused for serving, naming the file and the fix.
+    #[tokio::test]
+    async fn the_database_is_private_to_its_owner() -> Result<(), StoreError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Url(e.to_string()))?;
+        let path = dir.path().join("ledger.db");
+        let store = SqliteStore::open(&path, OpenMode::Serve).await?;
+        let mode = |p: &str| {
+            std::fs::metadata(dir.path().join(p))
+                .map(|m| m.permissions().mode() & 0o777)
+                .ok()
+        };
+        assert_eq!(mode("ledger.db"), Some(0o600));
+        assert_eq!(mode("ledger.db-wal"), Some(0o600));
+        assert_eq!(mode("ledger.db-shm"), Some(0o600));
+        drop(store);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| StoreError::Url(e.to_string()))?;
+        let err = SqliteStore::open(&path, OpenMode::Serve)
+            .await
+            .expect_err("readable by others");
+        let text = err.to_string();
+        assert!(
+            text.contains("mode 644") && text.contains("chmod 600"),
+            "{text}"
+        );
+        // Queries still read it (and warn).
+        SqliteStore::open(&path, OpenMode::Query).await?;
+        Ok(())
+    }
+
     /// A database written by a version-1 ledger (no `lost_ranges`) is upgraded in place when a
     /// ledger opens it to serve; a query-only open of it is refused and names both versions.
     #[tokio::test]
@@ -889,6 +969,12 @@ mod tests {
                 "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', 1)",
                 [],
             )?;
+        }
+        // Made with the umask's mode, as older ledgers made theirs: the upgrade's chmod.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| StoreError::Task(e.to_string()))?;
         }
         let err = SqliteStore::open(&path, OpenMode::Query)
             .await

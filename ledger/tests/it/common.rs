@@ -209,6 +209,13 @@ impl Fixture {
     }
 
     /// The store, opened for queries.
+    /// The store, opened as `serve` opens it (the schema made).
+    pub async fn query_store_serve(&self) -> AnyStore {
+        AnyStore::open(&self.store_url, OpenMode::Serve)
+            .await
+            .expect("open the store to serve")
+    }
+
     pub async fn query_store(&self) -> AnyStore {
         AnyStore::open(&self.store_url, OpenMode::Query)
             .await

@@ -553,3 +553,87 @@ async fn a_forger_is_quarantined_and_a_removed_node_cut_off_postgres() -> TestRe
     a_forger_is_quarantined_and_a_removed_node_cut_off(Backend::Postgres, "procs::forger_postgres")
         .await
 }
+
+/// `run_cli` with one more environment variable.
+fn run_cli_env(args: &[&str], key: &str, value: &Path) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env(key, value)
+        .output()
+        .expect("run wattd-ledger");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The PostgreSQL password never on the command line: a URL holding one is refused (exit 64,
+/// the password not echoed); the real binary takes it from `PGPASSFILE` and authenticates
+/// (SCRAM, the role `wattd_pw` that `.ci/start-postgres` makes); a wrong password is refused
+/// by the server; a password file others can read is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_password_comes_from_the_password_file() -> TestResult {
+    let name = "procs::the_postgres_password_comes_from_the_password_file";
+    let Some(f) = Fixture::new(Backend::Postgres, name).await else {
+        return Ok(());
+    };
+    let owner: tokio_postgres::Config = f.store_text.parse()?;
+    let (client, conn) = owner.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let has_role = client
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = 'wattd_pw'", &[])
+        .await?
+        .is_some();
+    if !has_role {
+        wattd_testkit::skip(
+            name,
+            "the PostgreSQL role wattd_pw with a password (run .ci/start-postgres again)",
+        );
+        return Ok(());
+    }
+    // The schema, readable by wattd_pw.
+    drop(f.query_store_serve().await);
+    client
+        .batch_execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO wattd_pw")
+        .await?;
+    let host = match owner.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => return Err("WATTD_TEST_POSTGRES is not a TCP host".into()),
+    };
+    let port = owner.get_ports().first().copied().unwrap_or(5432);
+    let db = owner
+        .get_dbname()
+        .ok_or("no database in the URL")?
+        .to_owned();
+    let url = format!("postgres://wattd_pw@{host}:{port}/{db}");
+    let passfile = f.dir.path().join("pgpass");
+    let write = |password: &str, mode: u32| -> TestResult {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(&passfile, format!("{host}:{port}:*:wattd_pw:{password}\n"))?;
+        std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(mode))?;
+        Ok(())
+    };
+    write("wattd-test-password", 0o600)?;
+    let nodes = ["nodes", "--store", url.as_str(), "--format", "json"];
+    let (code, out, err) = run_cli_env(&nodes, "PGPASSFILE", &passfile);
+    assert_eq!(code, 0, "with the password file: {err}");
+    assert!(out.contains("\"nodes\""), "{out}");
+    write("not-the-password", 0o600)?;
+    let (code, _, err) = run_cli_env(&nodes, "PGPASSFILE", &passfile);
+    assert_ne!(code, 0);
+    assert!(err.contains("password authentication failed"), "{err}");
+    write("wattd-test-password", 0o644)?;
+    let (code, _, err) = run_cli_env(&nodes, "PGPASSFILE", &passfile);
+    assert_ne!(code, 0, "a password file others can read was used");
+    assert!(err.contains("chmod 600"), "{err}");
+    let with_password = format!("postgres://wattd_pw:wattd-test-password@{host}:{port}/{db}");
+    let (code, _, err) = run_cli(&["nodes", "--store", &with_password]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("password file"), "{err}");
+    assert!(
+        !err.contains("wattd-test-password"),
+        "the password echoed: {err}"
+    );
+    Ok(())
+}
