@@ -60,9 +60,9 @@ impl ControlConfig {
             messages_per_sec: 1000,
             burst: 1000,
             max_rate_violations: 100,
-            max_labels: 32,
-            max_label_key_bytes: 64,
-            max_label_value_bytes: 256,
+            max_labels: wattd_proto::names::LABELS_MAX,
+            max_label_key_bytes: wattd_proto::names::LABEL_KEY_MAX_BYTES,
+            max_label_value_bytes: wattd_proto::names::LABEL_VALUE_MAX_BYTES,
             queue_depth: 1024,
             reply_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
@@ -454,6 +454,10 @@ fn check_labels(config: &ControlConfig, labels: &BTreeMap<String, String>) -> Re
                 "label {k:?}: value must be at most {} bytes, no control characters",
                 config.max_label_value_bytes
             ));
+        }
+        // The contract's own rule, which the records and the ledger apply too.
+        if let Some(what) = wattd_proto::names::label_problem(k, v) {
+            return Err(format!("label {k:?}: {what}"));
         }
     }
     Ok(())

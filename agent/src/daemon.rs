@@ -409,6 +409,8 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
 
     let mut totals = Totals::default();
     let mut started_unix: BTreeMap<String, i64> = BTreeMap::new();
+    // Runs whose labels are in a record already (until they finish).
+    let mut labelled: std::collections::HashSet<String> = std::collections::HashSet::new();
     let period = Duration::from_millis(cfg.interval_ms);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -542,7 +544,19 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             started_unix.insert(r.run_id.to_string(), interval.start.unix_ns);
         }
         totals.add(interval.index, &interval.results);
-        if sealer.push_or_coarsen(records::interval(&interval, &boot, false), now.mono_ns) {
+        let mut record = records::interval(&interval, &boot, false);
+        // Labels reach the records once per run, in the interval where the run first has them
+        // (its start, or the tick the control plane's run_started gave them to a run found by
+        // its pattern first), and again in its summary.
+        for r in snap.runs.iter().filter(|r| !r.labels.is_empty()) {
+            if labelled.insert(r.run_id.to_string()) {
+                record.run_labels.push(wattd_proto::v1::RunLabels {
+                    run_id: r.run_id.to_string(),
+                    labels: records::labels(&r.labels),
+                });
+            }
+        }
+        if sealer.push_or_coarsen(record, now.mono_ns) {
             coarsened_intervals += 1;
             tracing::warn!(
                 index = interval.index,
@@ -551,6 +565,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             );
         }
         for r in snap.runs.iter().filter(|r| r.finished) {
+            labelled.remove(&*r.run_id);
             let t = totals.finish(&r.run_id, interval.index);
             let started = started_unix
                 .remove(&*r.run_id)
@@ -564,6 +579,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
                         how: r.final_usage,
                         reconciled_usage_us: r.reconciled_total_us,
                     },
+                    &r.labels,
                 ),
                 now.mono_ns,
             );

@@ -143,7 +143,19 @@ pub fn interval(i: &Interval, boot_id: &str, coarsened: bool) -> v1::Interval {
             .collect(),
         coarsened,
         boot_id: boot_id.to_owned(),
+        run_labels: Vec::new(),
     }
+}
+
+/// A run's labels as records carry them (sorted by key: a BTreeMap's order).
+pub fn labels(labels: &std::collections::BTreeMap<String, String>) -> Vec<v1::Label> {
+    labels
+        .iter()
+        .map(|(k, v)| v1::Label {
+            key: k.clone(),
+            value: v.clone(),
+        })
+        .collect()
 }
 
 /// How a finished run's last usage was obtained, and how much of its usage came from its
@@ -160,6 +172,7 @@ pub fn run_summary(
     started_unix_ns: i64,
     finished_unix_ns: i64,
     final_usage: FinalUsageRecord,
+    run_labels: &std::collections::BTreeMap<String, String>,
 ) -> v1::RunSummary {
     v1::RunSummary {
         run_id: t.run_id.clone(),
@@ -182,6 +195,7 @@ pub fn run_summary(
             .map(|h| h.as_str().to_owned())
             .unwrap_or_default(),
         reconciled_usage_us: final_usage.reconciled_usage_us,
+        labels: labels(run_labels),
     }
 }
 
@@ -198,6 +212,7 @@ pub fn merge_interval(into: &mut v1::Interval, next: v1::Interval) {
         .wall_clock_jump_ns
         .saturating_add(next.wall_clock_jump_ns);
     into.coarsened = true;
+    into.run_labels.extend(next.run_labels);
     // A meter that keeps failing while the spool is full would add a gap per interval: a gap
     // that continues the previous one of the same meter and cause extends it instead, so the
     // pending batch stays bounded.

@@ -95,6 +95,7 @@ pub fn run(args: &RunsArgs) -> anyhow::Result<()> {
             domains: Vec::new(),
             final_usage: Some(how),
             reconciled_usage_us: Some(us),
+            account: None,
         });
     }
     report.runs.sort_by(|a, b| a.run_id.cmp(&b.run_id));

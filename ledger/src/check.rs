@@ -180,6 +180,14 @@ pub struct AllocationRow {
     pub usage_us: i64,
 }
 
+/// One label of one run, as the store keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunLabelRow {
+    pub run_id: String,
+    pub key: String,
+    pub value: String,
+}
+
 /// An authentic, conserving batch of the certificate's node, ready for the store.
 #[derive(Clone, Debug)]
 pub struct VerifiedBatch {
@@ -198,6 +206,8 @@ pub struct VerifiedBatch {
     pub allocations: Vec<AllocationRow>,
     /// What the plausibility judge reads of the batch and each interval, in batch order.
     pub facts: BatchFacts,
+    /// The run labels the batch carries (intervals' `run_labels` and summaries' `labels`).
+    pub run_labels: Vec<RunLabelRow>,
 }
 
 impl VerifiedBatch {
@@ -210,6 +220,16 @@ impl VerifiedBatch {
                 .allocations
                 .iter()
                 .map(|a| std::mem::size_of::<AllocationRow>() + a.domain.len() + a.run_id.len())
+                .sum::<usize>()
+            + self
+                .run_labels
+                .iter()
+                .map(|l| {
+                    std::mem::size_of::<RunLabelRow>()
+                        + l.run_id.len()
+                        + l.key.len()
+                        + l.value.len()
+                })
                 .sum::<usize>()
     }
 }
@@ -475,6 +495,50 @@ pub fn verify_batch(
         intervals: facts,
         declares_gap: !batch.gaps.is_empty(),
     };
+    // Run labels (the account a run belongs to, among others): the contract's rule.
+    let mut run_labels = Vec::new();
+    let labelled = batch
+        .intervals
+        .iter()
+        .flat_map(|i| i.run_labels.iter().map(|r| (r.run_id.as_str(), &r.labels)))
+        .chain(
+            batch
+                .run_summaries
+                .iter()
+                .map(|r| (r.run_id.as_str(), &r.labels)),
+        );
+    for (run_id, labels) in labelled {
+        if labels.is_empty() {
+            continue;
+        }
+        let bad = |detail: String| Rejection::Malformed {
+            node: node(),
+            detail: format!(
+                "batch seq {seq}: labels of run {:?}: {detail}",
+                shown(run_id)
+            ),
+        };
+        if let Some(what) = wattd_proto::names::run_id_problem(run_id) {
+            return Err(bad(what.to_owned()));
+        }
+        if labels.len() > wattd_proto::names::LABELS_MAX {
+            return Err(bad(format!(
+                "{} labels, at most {}",
+                labels.len(),
+                wattd_proto::names::LABELS_MAX
+            )));
+        }
+        for l in labels {
+            if let Some(what) = wattd_proto::names::label_problem(&l.key, &l.value) {
+                return Err(bad(format!("{:?}: {what}", shown(&l.key))));
+            }
+            run_labels.push(RunLabelRow {
+                run_id: run_id.to_owned(),
+                key: l.key.clone(),
+                value: l.value.clone(),
+            });
+        }
+    }
     // Run checkpoints carry names too: the same rules (a meter is a domain label).
     for e in &batch.run_checkpoint {
         let meter_ok = match e.meter.split_once(':') {
@@ -541,6 +605,7 @@ pub fn verify_batch(
         rotation,
         allocations,
         facts,
+        run_labels,
     })
 }
 

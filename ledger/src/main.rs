@@ -32,8 +32,8 @@ enum Command {
     /// the enrolment directory). Prints `listening on ADDR` on stderr once it accepts.
     Serve(Box<ServeArgs>),
     /// Per-node, per-run energy by domain (uJ and Wh) over every billed allocation (quarantined
-    /// ones are in `nodes`, never here).
-    Runs(QueryArgs),
+    /// ones are in `nodes`, never here), with each run's account (its account label).
+    Runs(RunsArgs),
     /// Per node: status (fork, implausible, stalled, gap, quiet, ok), chain tip, key epoch,
     /// last heartbeat, announced sealed seq and lag, gaps (held above a hole, or announced by a
     /// heartbeat and never received), forks, the ranges the node declared lost with their
@@ -157,6 +157,19 @@ struct QueryArgs {
     /// Output format (`table` is accepted for `text`).
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
+}
+
+#[derive(Debug, Args)]
+struct RunsArgs {
+    #[command(flatten)]
+    query: QueryArgs,
+    /// The run label that names a run's account (from the control plane's run_started, carried
+    /// in the signed records): shown as `account` in JSON.
+    #[arg(long, default_value = "account", value_name = "KEY")]
+    account_label: String,
+    /// Only the runs of this account.
+    #[arg(long, value_name = "ID")]
+    account: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -402,10 +415,15 @@ async fn open_query(url: &StoreUrl) -> anyhow::Result<AnyStore> {
         .context("opening the store")
 }
 
-async fn runs(a: QueryArgs) -> anyhow::Result<()> {
-    let store = open_query(&a.store).await?;
-    let report = query::runs_report(store.run_totals().await?);
-    let out = match a.format {
+async fn runs(a: RunsArgs) -> anyhow::Result<()> {
+    let store = open_query(&a.query.store).await?;
+    let mut report = query::runs_report(store.run_totals().await?);
+    query::with_accounts(
+        &mut report,
+        store.run_label(&a.account_label).await?,
+        a.account.as_deref(),
+    );
+    let out = match a.query.format {
         Format::Json => serde_json::to_string_pretty(&report)? + "\n",
         Format::Text => query::runs_text(&report),
     };

@@ -39,6 +39,26 @@ pub fn runs_report(totals: Vec<RunDomainTotal>) -> RunsReport {
     RunsReport { runs }
 }
 
+/// Sets each row's account from the (node, run, value) of the account label, and keeps only
+/// `only`'s runs when given.
+pub fn with_accounts(
+    report: &mut RunsReport,
+    accounts: Vec<(String, String, String)>,
+    only: Option<&str>,
+) {
+    let by: BTreeMap<(String, String), String> = accounts
+        .into_iter()
+        .map(|(node, run, value)| ((node, run), value))
+        .collect();
+    for row in &mut report.runs {
+        let key = (row.node_id.clone().unwrap_or_default(), row.run_id.clone());
+        row.account = by.get(&key).cloned();
+    }
+    if let Some(only) = only {
+        report.runs.retain(|r| r.account.as_deref() == Some(only));
+    }
+}
+
 /// The same table `wattd runs` prints.
 pub fn runs_text(r: &RunsReport) -> String {
     wattd_records::energy_table::table_text(&r.runs)

@@ -58,6 +58,10 @@ pub struct RunRow {
     /// CPU microseconds of the run recovered from its parent after its cgroup was removed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reconciled_usage_us: Option<u64>,
+    /// The account the run belongs to: the value of its account label (`wattd-ledger runs
+    /// --account-label`), when the records carried one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
 }
 
 /// Rows from run id -> domain label -> uJ, runs and domains in order.
@@ -81,6 +85,7 @@ pub fn run_rows(totals: BTreeMap<String, BTreeMap<String, u128>>) -> Vec<RunRow>
                     .collect(),
                 final_usage: None,
                 reconciled_usage_us: None,
+                account: None,
             }
         })
         .collect()

@@ -28,10 +28,9 @@ use crate::topology::Topology;
 /// Labels the control plane attaches to a run.
 pub type Labels = BTreeMap<String, String>;
 
-/// Most labels a run may carry, and their key and value lengths: labels end up in every record.
-pub const LABELS_MAX: usize = 64;
-pub const LABEL_KEY_MAX_BYTES: usize = 128;
-pub const LABEL_VALUE_MAX_BYTES: usize = 1024;
+/// Most labels a run may carry, and their key and value lengths: the contract's one bound
+/// (labels reach the records and the ledger).
+pub use wattd_proto::names::{LABELS_MAX, LABEL_KEY_MAX_BYTES, LABEL_VALUE_MAX_BYTES};
 /// How many finished run ids are remembered, so a repeated finish is answered "ok" and a
 /// finished run's cgroup, if it lingers, is not discovered again as a new run.
 const RECENTLY_FINISHED_MAX: usize = 16_384;
@@ -2223,17 +2222,11 @@ pub fn validate_labels(labels: &Labels) -> Result<(), HostError> {
         what,
     };
     if labels.len() > LABELS_MAX {
-        return Err(bad("", "more than 64 labels"));
+        return Err(bad("", "more than 32 labels"));
     }
     for (k, v) in labels {
-        if k.is_empty() || k.len() > LABEL_KEY_MAX_BYTES {
-            return Err(bad(k, "key must be 1 to 128 bytes"));
-        }
-        if v.len() > LABEL_VALUE_MAX_BYTES {
-            return Err(bad(k, "value longer than 1024 bytes"));
-        }
-        if k.chars().chain(v.chars()).any(char::is_control) {
-            return Err(bad(k, "contains a control character"));
+        if let Some(what) = wattd_proto::names::label_problem(k, v) {
+            return Err(bad(k, what));
         }
     }
     Ok(())

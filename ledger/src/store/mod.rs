@@ -288,7 +288,7 @@ pub const FORK_ROWS_PER_NODE: i64 = 64;
 pub const FORK_BYTES_PER_NODE: i64 = 64 << 20;
 
 /// Current schema version, kept in `ledger_meta`. Version 2 added `lost_ranges`, version 3
-/// `node_clock` and `quarantined`; an older database is upgraded in place when opened to serve
+/// `node_clock`, `quarantined` and `run_labels`; an older database is upgraded in place when opened to serve
 /// (the changes only add tables). A node with batches stored before version 3 is judged from
 /// its first batch after the upgrade.
 pub const SCHEMA_VERSION: i64 = 3;
@@ -454,6 +454,12 @@ pub trait Store: Send + Sync + 'static {
     fn run_totals(&self) -> impl Future<Output = Result<Vec<RunDomainTotal>, StoreError>> + Send;
     /// Per-node state for `nodes`.
     fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRow>, StoreError>> + Send;
+    /// The value of label `key` of every (node, run) whose records carried it: the account
+    /// each run belongs to, when `key` is the account label.
+    fn run_label(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Vec<(String, String, String)>, StoreError>> + Send;
 }
 
 /// Either store, chosen at run time from the URL.
@@ -548,6 +554,9 @@ impl Store for AnyStore {
     }
     async fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
         delegate!(self, s => s.nodes())
+    }
+    async fn run_label(&self, key: &str) -> Result<Vec<(String, String, String)>, StoreError> {
+        delegate!(self, s => s.run_label(key))
     }
 }
 

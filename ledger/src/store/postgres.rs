@@ -137,6 +137,14 @@ CREATE TABLE IF NOT EXISTS quarantined (
     FOREIGN KEY (node_id, seq) REFERENCES batches (node_id, seq)
 );
 CREATE INDEX IF NOT EXISTS quarantined_by_batch ON quarantined (node_id, seq);
+CREATE TABLE IF NOT EXISTS run_labels (
+    node_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    PRIMARY KEY (node_id, run_id, key)
+);
 ";
 
 const SQL_HASH_AT: &str = "SELECT hash FROM batches WHERE node_id = $1 AND seq = $2";
@@ -171,6 +179,9 @@ const SQL_INSERT_QUARANTINED: &str = "INSERT INTO quarantined (node_id, seq, int
      domain, run_id, active_uj, idle_uj, energy_uj, usage_us, reason) \
      SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::bigint[], \
      $7::bigint[], $8::bigint[], $9::bigint[], $10::text[])";
+const SQL_INSERT_LABELS: &str = "INSERT INTO run_labels (node_id, seq, run_id, key, value) \
+     SELECT $1, $2, * FROM UNNEST($3::text[], $4::text[], $5::text[]) \
+     ON CONFLICT (node_id, run_id, key) DO NOTHING";
 const SQL_INSERT_ROTATION: &str = "INSERT INTO rotations (node_id, new_key_epoch, \
      new_public_key, new_key_id, effective_seq, announced_seq) VALUES ($1, $2, $3, $4, $5, $6) \
      ON CONFLICT (node_id, new_key_epoch) DO NOTHING";
@@ -390,6 +401,7 @@ async fn commit_once(
     let st_clock = c.statement(SQL_CLOCK).await?;
     let st_quarantined = c.statement(SQL_INSERT_QUARANTINED).await?;
     let st_upsert = c.statement(SQL_UPSERT_CLOCK).await?;
+    let st_labels = c.statement(SQL_INSERT_LABELS).await?;
     let tx = c.client.transaction().await?;
     tx.execute(&st_lock, &[&b.node_id]).await?;
     if let Some(h) = hash_row(tx.query_opt(&st_hash, &[&b.node_id, &seq]).await?)? {
@@ -491,6 +503,14 @@ async fn commit_once(
             ],
         )
         .await?;
+    }
+    if !b.run_labels.is_empty() {
+        // The first value recorded for a run's label stays (a run's labels do not change).
+        let run: Vec<&str> = b.run_labels.iter().map(|l| l.run_id.as_str()).collect();
+        let key: Vec<&str> = b.run_labels.iter().map(|l| l.key.as_str()).collect();
+        let value: Vec<&str> = b.run_labels.iter().map(|l| l.value.as_str()).collect();
+        tx.execute(&st_labels, &[&b.node_id, &seq, &run, &key, &value])
+            .await?;
     }
     let cc = ClockColumns::from_clock(&clock);
     tx.execute(
@@ -877,6 +897,23 @@ impl Store for PgStore {
                 })
             })
             .collect()
+    }
+
+    async fn run_label(&self, key: &str) -> Result<Vec<(String, String, String)>, StoreError> {
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        let rows = c
+            .client
+            .query(
+                "SELECT node_id, run_id, value FROM run_labels WHERE key = $1 \
+                 ORDER BY node_id, run_id",
+                &[&key],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
     }
 
     async fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {

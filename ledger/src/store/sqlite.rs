@@ -124,6 +124,14 @@ CREATE TABLE IF NOT EXISTS quarantined (
     FOREIGN KEY (node_id, seq) REFERENCES batches (node_id, seq)
 );
 CREATE INDEX IF NOT EXISTS quarantined_by_batch ON quarantined (node_id, seq);
+CREATE TABLE IF NOT EXISTS run_labels (
+    node_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (node_id, run_id, key)
+);
 ";
 
 /// A SQLite ledger database.
@@ -448,6 +456,16 @@ fn commit_blocking(
                 a.usage_us,
                 reason
             ])?;
+        }
+    }
+    {
+        // The first value recorded for a run's label stays (a run's labels do not change).
+        let mut ins = tx.prepare_cached(
+            "INSERT INTO run_labels (node_id, run_id, key, value, seq) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (node_id, run_id, key) DO NOTHING",
+        )?;
+        for l in &b.run_labels {
+            ins.execute(params![b.node_id, l.run_id, l.key, l.value, seq])?;
         }
     }
     let c = ClockColumns::from_clock(&clock);
@@ -795,6 +813,19 @@ impl Store for SqliteStore {
                 });
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn run_label(&self, key: &str) -> Result<Vec<(String, String, String)>, StoreError> {
+        let key = key.to_owned();
+        self.with(move |c| {
+            let mut st = c.prepare(
+                "SELECT node_id, run_id, value FROM run_labels WHERE key = ?1 \
+                 ORDER BY node_id, run_id",
+            )?;
+            let rows = st.query_map(params![key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }

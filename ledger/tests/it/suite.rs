@@ -71,6 +71,7 @@ both!(
     the_enrolment_directory_is_watched,
     a_connection_without_a_stream_is_closed_when_idle,
     a_heartbeat_from_a_key_in_the_backlog_is_answered_not_believed,
+    run_labels_name_the_account_and_hostile_ones_are_refused,
     admission_bounds_each_source_and_the_preface,
     a_lost_range_is_priced_per_run_from_the_checkpoints_around_it,
     the_server_certificate_is_reloaded_without_a_restart,
@@ -1863,6 +1864,79 @@ async fn a_heartbeat_from_a_key_in_the_backlog_is_answered_not_believed(
         .await
         .expect_err("unknown key for a known epoch");
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    l.stop().await;
+    Ok(())
+}
+
+/// Run labels travel in the records: an interval's `run_labels` and a summary's `labels`. The
+/// ledger keeps the first value per (node, run, key); `runs` names each run's account and
+/// filters by it. A label the contract does not allow (a newline in a value) is refused as
+/// malformed, nothing stored.
+async fn run_labels_name_the_account_and_hostile_ones_are_refused(
+    b: Backend,
+    name: &str,
+) -> TestResult {
+    use wattd_proto::v1::{Label, RunLabels, RunSummary};
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let l = f.start(limits()).await;
+    let label = |k: &str, v: &str| Label {
+        key: k.into(),
+        value: v.into(),
+    };
+    let mut s = connect(&f, &l, "n1").await;
+    let mut iv = interval(0, &[("run-a", 10, 5), ("run-b", 20, 5)], 7);
+    iv.run_labels = vec![RunLabels {
+        run_id: "run-a".into(),
+        labels: vec![label("account", "acme"), label("team", "blue")],
+    }];
+    s.send(msg(&chain.next_with(BatchContent {
+        intervals: vec![iv],
+        ..Default::default()
+    })))
+    .await?;
+    // run-b's labels come with its summary only (its first interval's batch was lost, say).
+    s.send(msg(&chain.next_with(BatchContent {
+        intervals: vec![interval(1, &[("run-b", 20, 5)], 7)],
+        run_summaries: vec![RunSummary {
+            run_id: "run-b".into(),
+            labels: vec![label("account", "globex")],
+            ..Default::default()
+        }],
+        ..Default::default()
+    })))
+    .await?;
+    let q = f.query_store().await;
+    let mut report = wattd_ledger::query::runs_report(q.run_totals().await?);
+    wattd_ledger::query::with_accounts(&mut report, q.run_label("account").await?, None);
+    let accounts: Vec<(&str, Option<&str>)> = report
+        .runs
+        .iter()
+        .map(|r| (r.run_id.as_str(), r.account.as_deref()))
+        .collect();
+    assert_eq!(
+        accounts,
+        [("run-a", Some("acme")), ("run-b", Some("globex"))]
+    );
+    let mut report = wattd_ledger::query::runs_report(q.run_totals().await?);
+    wattd_ledger::query::with_accounts(&mut report, q.run_label("account").await?, Some("acme"));
+    assert_eq!(report.runs.len(), 1);
+    assert_eq!(report.runs[0].energy_uj, 15);
+    // A hostile label: refused as malformed.
+    let mut iv = interval(2, &[("run-c", 1, 0)], 0);
+    iv.run_labels = vec![RunLabels {
+        run_id: "run-c".into(),
+        labels: vec![label("account", "acme\nrun-x 9")],
+    }];
+    let bad = chain.next_with(BatchContent {
+        intervals: vec![iv],
+        ..Default::default()
+    });
+    let err = s.send(msg(&bad)).await.expect_err("a newline in a label");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("label"), "{err:?}");
+    assert_eq!(f.query_store().await.run_label("account").await?.len(), 2);
     l.stop().await;
     Ok(())
 }

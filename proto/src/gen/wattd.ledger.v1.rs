@@ -150,6 +150,28 @@ pub struct Interval {
     /// How DRAM energy was divided: "cpu" (by CPU usage share) | "memory" (by resident memory).
     #[prost(string, tag = "13")]
     pub dram_policy: ::prost::alloc::string::String,
+    /// The labels of runs whose labels are recorded for the first time: the interval where a run
+    /// first appears with labels (those the control plane gave in `run_started`). Each run again
+    /// in its RunSummary, so the ledger learns a run's account even if one of the two is lost.
+    #[prost(message, repeated, tag = "14")]
+    pub run_labels: ::prost::alloc::vec::Vec<RunLabels>,
+}
+/// One label of a run: key 1-64 bytes of A-Z a-z 0-9 _ - . /, value at most 256 bytes with no
+/// control character (`wattd_proto::names::label_problem`, the rule every side applies).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Label {
+    #[prost(string, tag = "1")]
+    pub key: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub value: ::prost::alloc::string::String,
+}
+/// A run's labels (at most 32), sorted by key.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RunLabels {
+    #[prost(string, tag = "1")]
+    pub run_id: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "2")]
+    pub labels: ::prost::alloc::vec::Vec<Label>,
 }
 /// Per-domain total of a run.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -191,6 +213,9 @@ pub struct RunSummary {
     /// allocations were divided by).
     #[prost(uint64, tag = "9")]
     pub reconciled_usage_us: u64,
+    /// The run's labels (at most 32, sorted by key; see Label), as in Interval.run_labels.
+    #[prost(message, repeated, tag = "10")]
+    pub labels: ::prost::alloc::vec::Vec<Label>,
 }
 /// Liveness on the stream while there is nothing to seal.
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -574,3 +574,92 @@ fn a_client_certificate_renewed_on_disk_is_used_before_the_old_one_expires() {
     stop_agent_cleanly(&w, &mut agent);
     w.check();
 }
+
+/// Labels reach the ledger: the control plane starts a run with `account = acme` on the
+/// control socket; the labels travel in the signed records (the interval where the run first
+/// has them, and its summary), and `wattd-ledger runs` names each run's account and filters by
+/// it. A run without labels has none.
+#[test]
+fn a_runs_account_label_reaches_the_ledger() {
+    use std::io::{BufRead as _, Write as _};
+    let Some(mount) = require_cgroups("a_runs_account_label_reaches_the_ledger") else {
+        return;
+    };
+    let mut w = World::new(mount, "labels", false);
+    let ledger = w.ledger("127.0.0.1:0");
+    let config = w.agent_config(ledger.listen, 200);
+    let mut agent = Agent::start(&config, &w.agent_log());
+    let socket = w.work.path().join("control.sock");
+    let t = Instant::now();
+    while !socket.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no control socket\n{}",
+            w.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rel = w.cg.rel().join("run-acct1.scope");
+    std::fs::create_dir_all(w.mount.join(&rel)).unwrap();
+    let mut c = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let msg = format!(
+        "{{\"type\":\"run_started\",\"run_id\":\"acct1\",\"cgroup\":{:?},\"labels\":{{\"account\":\"acme\",\"team\":\"blue\"}}}}\n",
+        rel.display().to_string()
+    );
+    c.write_all(msg.as_bytes()).unwrap();
+    let mut reply = String::new();
+    std::io::BufReader::new(c.try_clone().unwrap())
+        .read_line(&mut reply)
+        .unwrap();
+    assert!(reply.contains("\"ok\":true"), "run_started: {reply}");
+    w.cg.spawn_in(
+        "run-acct1.scope",
+        Command::new(burn_bin()).args(["0.5", "3"]),
+    )
+    .unwrap();
+    w.cg.spawn_in(
+        "run-plain.scope",
+        Command::new(burn_bin()).args(["0.5", "3"]),
+    )
+    .unwrap();
+    w.cg.wait_all();
+    std::thread::sleep(Duration::from_secs(2));
+    stop_agent_cleanly(&w, &mut agent);
+    w.check();
+    let runs = |extra: &[&str]| -> serde_json::Value {
+        let out = Command::new(ledger_bin())
+            .args(["runs", "--store", &w.store, "--format", "json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let all = runs(&[]);
+    let find = |v: &serde_json::Value, id: &str| {
+        v["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["run_id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("run {id} missing: {v}"))
+    };
+    assert_eq!(find(&all, "acct1")["account"], "acme", "{all}");
+    assert!(find(&all, "plain").get("account").is_none(), "{all}");
+    let team = runs(&["--account-label", "team"]);
+    assert_eq!(find(&team, "acct1")["account"], "blue");
+    let acme = runs(&["--account", "acme"]);
+    let ids: Vec<&str> = acme["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["run_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["acct1"], "{acme}");
+    drop(ledger);
+}
