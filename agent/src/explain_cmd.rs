@@ -63,6 +63,19 @@ struct Total {
     energy_wh: String,
 }
 
+/// What the run's summary says of its end (absent while it runs, or if its summary is not in
+/// the spool).
+#[derive(Debug, Serialize)]
+struct Finished {
+    started_unix_ns: i64,
+    finished_unix_ns: i64,
+    /// `read`, `reconciled`, `reconciled_shared` or `lost` (empty in records older than it).
+    final_usage: String,
+    /// CPU microseconds of the run recovered from its parent over its life.
+    reconciled_usage_us: u64,
+    batch_seq: u64,
+}
+
 #[derive(Debug, Serialize)]
 struct Explanation {
     run_id: String,
@@ -71,6 +84,8 @@ struct Explanation {
     totals: Vec<Total>,
     energy_uj: u64,
     energy_wh: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    finished: Option<Finished>,
 }
 
 pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
@@ -80,8 +95,18 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         .unwrap_or_else(spool::default_data_dir);
     anyhow::ensure!(dir.is_dir(), "{}: no such data dir", dir.display());
     let mut rows = Vec::new();
+    let mut finished = None;
     let (batches, _unreadable) = spool::decoded_batches(&dir)?;
     for batch in &batches {
+        if let Some(f) = batch.run_summaries.iter().find(|f| f.run_id == args.run_id) {
+            finished = Some(Finished {
+                started_unix_ns: f.started_unix_ns,
+                finished_unix_ns: f.finished_unix_ns,
+                final_usage: f.final_usage.clone(),
+                reconciled_usage_us: f.reconciled_usage_us,
+                batch_seq: batch.seq,
+            });
+        }
         for i in &batch.intervals {
             for d in &i.domains {
                 let Some(a) = d.allocations.iter().find(|a| a.run_id == args.run_id) else {
@@ -147,10 +172,13 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         rows,
         energy_uj,
         energy_wh: wh_text(u128::from(energy_uj)),
+        finished,
     };
+    // A finished run billed nothing (its cgroup went before any read, and its parent could not
+    // tell) is still explained: its summary says how its last usage was obtained.
     anyhow::ensure!(
-        !ex.rows.is_empty(),
-        "run {:?} appears in no interval of {}",
+        !ex.rows.is_empty() || ex.finished.is_some(),
+        "run {:?} appears in no interval and no summary of {}",
         args.run_id,
         dir.display()
     );
@@ -221,5 +249,35 @@ fn render_text(ex: &Explanation) -> String {
         "  {:<10} {:>16} uJ  {} Wh",
         "all", ex.energy_uj, ex.energy_wh
     );
+    match &ex.finished {
+        Some(f) => {
+            let how = match f.final_usage.as_str() {
+                "read" => "read from its own cpu.stat",
+                "reconciled" => "its cgroup was removed first: recovered exactly from its parent",
+                "reconciled_shared" => {
+                    "its cgroup was removed first: recovered from its parent, shared with the \
+                     other children that went in the same stretch"
+                }
+                "lost" => "LOST: the parent could not tell; that tail is in the host bucket",
+                "" => "not recorded (an older agent)",
+                _ => "unknown to this version",
+            };
+            let _ = writeln!(
+                s,
+                "\nfinished (summary in batch {}): final usage {} ({how}); {} us of CPU \
+                 recovered from its parent over its life",
+                f.batch_seq,
+                if f.final_usage.is_empty() {
+                    "-"
+                } else {
+                    &f.final_usage
+                },
+                f.reconciled_usage_us
+            );
+        }
+        None => {
+            let _ = writeln!(s, "\nnot finished (no summary in the spool)");
+        }
+    }
     s
 }

@@ -71,7 +71,8 @@ enum Command {
     Runs(runs_cmd::RunsArgs),
     /// The audit trail of one run: every interval it appears in, with the measured energy, the
     /// policy and idle estimate, its usage and share, its allocation and the batch carrying it;
-    /// totals equal `wattd runs` for that run.
+    /// totals equal `wattd runs` for that run; and how its last usage was obtained (read,
+    /// reconciled through its parent, or lost), from its summary.
     Explain(explain_cmd::ExplainArgs),
     /// Measure idle power and power per busy CPU per package with burners at 0..N CPUs, fit a
     /// line, and print it with R squared and the [calibration] snippet. Needs a hardware counter

@@ -188,6 +188,16 @@ pub struct RunLabelRow {
     pub value: String,
 }
 
+/// A finished run's summary as the store keeps it: how its last usage was obtained.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunFinalRow {
+    pub run_id: String,
+    /// `read`, `reconciled`, `reconciled_shared`, `lost` (or a later agent's word: 1-32 bytes of
+    /// a-z and _); empty when the agent did not say.
+    pub final_usage: String,
+    pub reconciled_usage_us: i64,
+}
+
 /// An authentic, conserving batch of the certificate's node, ready for the store.
 #[derive(Clone, Debug)]
 pub struct VerifiedBatch {
@@ -208,6 +218,8 @@ pub struct VerifiedBatch {
     pub facts: BatchFacts,
     /// The run labels the batch carries (intervals' `run_labels` and summaries' `labels`).
     pub run_labels: Vec<RunLabelRow>,
+    /// How each run summarised here obtained its last usage.
+    pub run_finals: Vec<RunFinalRow>,
 }
 
 impl VerifiedBatch {
@@ -220,6 +232,11 @@ impl VerifiedBatch {
                 .allocations
                 .iter()
                 .map(|a| std::mem::size_of::<AllocationRow>() + a.domain.len() + a.run_id.len())
+                .sum::<usize>()
+            + self
+                .run_finals
+                .iter()
+                .map(|f| std::mem::size_of::<RunFinalRow>() + f.run_id.len() + f.final_usage.len())
                 .sum::<usize>()
             + self
                 .run_labels
@@ -539,6 +556,41 @@ pub fn verify_batch(
             });
         }
     }
+    // How each summarised run's last usage was obtained (words only: it reaches text output).
+    let mut run_finals = Vec::with_capacity(batch.run_summaries.len());
+    for r in &batch.run_summaries {
+        let bad = |detail: String| Rejection::Malformed {
+            node: node(),
+            detail: format!(
+                "batch seq {seq}: summary of run {:?}: {detail}",
+                shown(&r.run_id)
+            ),
+        };
+        if let Some(what) = wattd_proto::names::run_id_problem(&r.run_id) {
+            return Err(bad(what.to_owned()));
+        }
+        if r.final_usage.len() > 32
+            || !r
+                .final_usage
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_')
+        {
+            return Err(bad(format!(
+                "final_usage {:?} is not a word of a-z and _",
+                shown(&r.final_usage)
+            )));
+        }
+        run_finals.push(RunFinalRow {
+            run_id: r.run_id.clone(),
+            final_usage: r.final_usage.clone(),
+            reconciled_usage_us: db_int(
+                cert_node,
+                seq,
+                "reconciled_usage_us",
+                r.reconciled_usage_us,
+            )?,
+        });
+    }
     // Run checkpoints carry names too: the same rules (a meter is a domain label).
     for e in &batch.run_checkpoint {
         let meter_ok = match e.meter.split_once(':') {
@@ -606,6 +658,7 @@ pub fn verify_batch(
         allocations,
         facts,
         run_labels,
+        run_finals,
     })
 }
 

@@ -418,6 +418,7 @@ async fn open_query(url: &StoreUrl) -> anyhow::Result<AnyStore> {
 async fn runs(a: RunsArgs) -> anyhow::Result<()> {
     let store = open_query(&a.query.store).await?;
     let mut report = query::runs_report(store.run_totals().await?);
+    query::with_finals(&mut report, store.run_finals().await?);
     query::with_accounts(
         &mut report,
         store.run_label(&a.account_label).await?,

@@ -39,6 +39,37 @@ pub fn runs_report(totals: Vec<RunDomainTotal>) -> RunsReport {
     RunsReport { runs }
 }
 
+/// Sets how each finished run's last usage was obtained; a finished run billed nothing gets a
+/// row too (as `wattd runs` lists it), so an SRE looking for it finds it and sees why.
+pub fn with_finals(report: &mut RunsReport, finals: Vec<(String, String, String, u64)>) {
+    let mut by: BTreeMap<(String, String), (String, u64)> = finals
+        .into_iter()
+        .map(|(node, run, how, us)| ((node, run), (how, us)))
+        .collect();
+    for row in &mut report.runs {
+        let key = (row.node_id.clone().unwrap_or_default(), row.run_id.clone());
+        if let Some((how, us)) = by.remove(&key) {
+            row.final_usage = (!how.is_empty()).then_some(how);
+            row.reconciled_usage_us = Some(us);
+        }
+    }
+    for ((node, run), (how, us)) in by {
+        report.runs.push(RunRow {
+            node_id: Some(node),
+            run_id: run,
+            energy_uj: 0,
+            energy_wh: wh_text(0),
+            domains: Vec::new(),
+            final_usage: (!how.is_empty()).then_some(how),
+            reconciled_usage_us: Some(us),
+            account: None,
+        });
+    }
+    report
+        .runs
+        .sort_by(|a, b| (&a.node_id, &a.run_id).cmp(&(&b.node_id, &b.run_id)));
+}
+
 /// Sets each row's account from the (node, run, value) of the account label, and keeps only
 /// `only`'s runs when given.
 pub fn with_accounts(

@@ -288,7 +288,7 @@ pub const FORK_ROWS_PER_NODE: i64 = 64;
 pub const FORK_BYTES_PER_NODE: i64 = 64 << 20;
 
 /// Current schema version, kept in `ledger_meta`. Version 2 added `lost_ranges`, version 3
-/// `node_clock`, `quarantined` and `run_labels`; an older database is upgraded in place when opened to serve
+/// `node_clock`, `quarantined`, `run_labels` and `run_finals`; an older database is upgraded in place when opened to serve
 /// (the changes only add tables). A node with batches stored before version 3 is judged from
 /// its first batch after the upgrade.
 pub const SCHEMA_VERSION: i64 = 3;
@@ -454,6 +454,11 @@ pub trait Store: Send + Sync + 'static {
     fn run_totals(&self) -> impl Future<Output = Result<Vec<RunDomainTotal>, StoreError>> + Send;
     /// Per-node state for `nodes`.
     fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRow>, StoreError>> + Send;
+    /// How every finished run's last usage was obtained: (node, run, final usage, CPU us
+    /// recovered from its parent).
+    fn run_finals(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(String, String, String, u64)>, StoreError>> + Send;
     /// The value of label `key` of every (node, run) whose records carried it: the account
     /// each run belongs to, when `key` is the account label.
     fn run_label(
@@ -557,6 +562,9 @@ impl Store for AnyStore {
     }
     async fn run_label(&self, key: &str) -> Result<Vec<(String, String, String)>, StoreError> {
         delegate!(self, s => s.run_label(key))
+    }
+    async fn run_finals(&self) -> Result<Vec<(String, String, String, u64)>, StoreError> {
+        delegate!(self, s => s.run_finals())
     }
 }
 

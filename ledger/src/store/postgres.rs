@@ -145,6 +145,14 @@ CREATE TABLE IF NOT EXISTS run_labels (
     seq BIGINT NOT NULL,
     PRIMARY KEY (node_id, run_id, key)
 );
+CREATE TABLE IF NOT EXISTS run_finals (
+    node_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    final_usage TEXT NOT NULL,
+    reconciled_usage_us BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    PRIMARY KEY (node_id, run_id)
+);
 ";
 
 const SQL_HASH_AT: &str = "SELECT hash FROM batches WHERE node_id = $1 AND seq = $2";
@@ -182,6 +190,9 @@ const SQL_INSERT_QUARANTINED: &str = "INSERT INTO quarantined (node_id, seq, int
 const SQL_INSERT_LABELS: &str = "INSERT INTO run_labels (node_id, seq, run_id, key, value) \
      SELECT $1, $2, * FROM UNNEST($3::text[], $4::text[], $5::text[]) \
      ON CONFLICT (node_id, run_id, key) DO NOTHING";
+const SQL_INSERT_FINALS: &str = "INSERT INTO run_finals (node_id, seq, run_id, final_usage, \
+     reconciled_usage_us) SELECT $1, $2, * FROM UNNEST($3::text[], $4::text[], $5::bigint[]) \
+     ON CONFLICT (node_id, run_id) DO NOTHING";
 const SQL_INSERT_ROTATION: &str = "INSERT INTO rotations (node_id, new_key_epoch, \
      new_public_key, new_key_id, effective_seq, announced_seq) VALUES ($1, $2, $3, $4, $5, $6) \
      ON CONFLICT (node_id, new_key_epoch) DO NOTHING";
@@ -402,6 +413,7 @@ async fn commit_once(
     let st_quarantined = c.statement(SQL_INSERT_QUARANTINED).await?;
     let st_upsert = c.statement(SQL_UPSERT_CLOCK).await?;
     let st_labels = c.statement(SQL_INSERT_LABELS).await?;
+    let st_finals = c.statement(SQL_INSERT_FINALS).await?;
     let tx = c.client.transaction().await?;
     tx.execute(&st_lock, &[&b.node_id]).await?;
     if let Some(h) = hash_row(tx.query_opt(&st_hash, &[&b.node_id, &seq]).await?)? {
@@ -510,6 +522,18 @@ async fn commit_once(
         let key: Vec<&str> = b.run_labels.iter().map(|l| l.key.as_str()).collect();
         let value: Vec<&str> = b.run_labels.iter().map(|l| l.value.as_str()).collect();
         tx.execute(&st_labels, &[&b.node_id, &seq, &run, &key, &value])
+            .await?;
+    }
+    if !b.run_finals.is_empty() {
+        // A run finishes once: its first summary stays.
+        let run: Vec<&str> = b.run_finals.iter().map(|f| f.run_id.as_str()).collect();
+        let how: Vec<&str> = b
+            .run_finals
+            .iter()
+            .map(|f| f.final_usage.as_str())
+            .collect();
+        let us: Vec<i64> = b.run_finals.iter().map(|f| f.reconciled_usage_us).collect();
+        tx.execute(&st_finals, &[&b.node_id, &seq, &run, &how, &us])
             .await?;
     }
     let cc = ClockColumns::from_clock(&clock);
@@ -895,6 +919,29 @@ impl Store for PgStore {
                         .parse()
                         .map_err(|_| StoreError::Corrupt(format!("energy sum {total:?}")))?,
                 })
+            })
+            .collect()
+    }
+
+    async fn run_finals(&self) -> Result<Vec<(String, String, String, u64)>, StoreError> {
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        let rows = c
+            .client
+            .query(
+                "SELECT node_id, run_id, final_usage, reconciled_usage_us FROM run_finals \
+                 ORDER BY node_id, run_id",
+                &[],
+            )
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok((
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    to_u64(r.get(3), "run_finals.reconciled_usage_us")?,
+                ))
             })
             .collect()
     }

@@ -132,6 +132,14 @@ CREATE TABLE IF NOT EXISTS run_labels (
     seq INTEGER NOT NULL,
     PRIMARY KEY (node_id, run_id, key)
 );
+CREATE TABLE IF NOT EXISTS run_finals (
+    node_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    final_usage TEXT NOT NULL,
+    reconciled_usage_us INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (node_id, run_id)
+);
 ";
 
 /// A SQLite ledger database.
@@ -466,6 +474,20 @@ fn commit_blocking(
         )?;
         for l in &b.run_labels {
             ins.execute(params![b.node_id, l.run_id, l.key, l.value, seq])?;
+        }
+        // A run finishes once: its first summary stays.
+        let mut ins = tx.prepare_cached(
+            "INSERT INTO run_finals (node_id, run_id, final_usage, reconciled_usage_us, seq) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (node_id, run_id) DO NOTHING",
+        )?;
+        for f in &b.run_finals {
+            ins.execute(params![
+                b.node_id,
+                f.run_id,
+                f.final_usage,
+                f.reconciled_usage_us,
+                seq
+            ])?;
         }
     }
     let c = ClockColumns::from_clock(&clock);
@@ -811,6 +833,25 @@ impl Store for SqliteStore {
                     domain,
                     energy_uj: halves(hi, lo)?,
                 });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn run_finals(&self) -> Result<Vec<(String, String, String, u64)>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT node_id, run_id, final_usage, reconciled_usage_us FROM run_finals \
+                 ORDER BY node_id, run_id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (n, r, f, us) = row?;
+                out.push((n, r, f, to_u64(us, "run_finals.reconciled_usage_us")?));
             }
             Ok(out)
         })

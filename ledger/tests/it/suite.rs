@@ -1870,7 +1870,8 @@ async fn a_heartbeat_from_a_key_in_the_backlog_is_answered_not_believed(
 
 /// Run labels travel in the records: an interval's `run_labels` and a summary's `labels`. The
 /// ledger keeps the first value per (node, run, key); `runs` names each run's account and
-/// filters by it. A label the contract does not allow (a newline in a value) is refused as
+/// filters by it, and says how each finished run's last usage was obtained (a run billed
+/// nothing listed too). A label the contract does not allow (a newline in a value) is refused as
 /// malformed, nothing stored.
 async fn run_labels_name_the_account_and_hostile_ones_are_refused(
     b: Backend,
@@ -1896,17 +1897,50 @@ async fn run_labels_name_the_account_and_hostile_ones_are_refused(
         ..Default::default()
     })))
     .await?;
-    // run-b's labels come with its summary only (its first interval's batch was lost, say).
+    // run-b's labels come with its summary only (its first interval's batch was lost, say);
+    // its summary and a ghost's (a run billed nothing) say how their last usage was obtained.
     s.send(msg(&chain.next_with(BatchContent {
         intervals: vec![interval(1, &[("run-b", 20, 5)], 7)],
-        run_summaries: vec![RunSummary {
-            run_id: "run-b".into(),
-            labels: vec![label("account", "globex")],
-            ..Default::default()
-        }],
+        run_summaries: vec![
+            RunSummary {
+                run_id: "run-b".into(),
+                labels: vec![label("account", "globex")],
+                final_usage: "reconciled".into(),
+                reconciled_usage_us: 77,
+                ..Default::default()
+            },
+            RunSummary {
+                run_id: "run-ghost".into(),
+                final_usage: "lost".into(),
+                ..Default::default()
+            },
+        ],
         ..Default::default()
     })))
     .await?;
+    let q = f.query_store().await;
+    let mut report = wattd_ledger::query::runs_report(q.run_totals().await?);
+    wattd_ledger::query::with_finals(&mut report, q.run_finals().await?);
+    let finals: Vec<(&str, Option<&str>, Option<u64>, u128)> = report
+        .runs
+        .iter()
+        .map(|r| {
+            (
+                r.run_id.as_str(),
+                r.final_usage.as_deref(),
+                r.reconciled_usage_us,
+                r.energy_uj,
+            )
+        })
+        .collect();
+    assert_eq!(
+        finals,
+        [
+            ("run-a", None, None, 15),
+            ("run-b", Some("reconciled"), Some(77), 50),
+            ("run-ghost", Some("lost"), Some(0), 0)
+        ]
+    );
     let q = f.query_store().await;
     let mut report = wattd_ledger::query::runs_report(q.run_totals().await?);
     wattd_ledger::query::with_accounts(&mut report, q.run_label("account").await?, None);

@@ -329,14 +329,35 @@ impl World {
         assert_eq!(node["status"], "ok", "{node}");
         assert_eq!(node["undeclared_holes"].as_u64(), Some(0), "{node}");
         assert!(node["measured_s"].as_u64().is_some(), "{node}");
-        let agent = totals(&runs_json(&self.spool));
-        let ledger = totals(&self.ledger_json("runs"));
+        let agent_runs = runs_json(&self.spool);
+        let ledger_runs = self.ledger_json("runs");
+        let agent = totals(&agent_runs);
+        let ledger = totals(&ledger_runs);
         assert!(!agent.is_empty());
         assert_eq!(
             ledger,
             agent,
             "ledger totals vs the agent's `wattd runs`\n{}",
             self.logs()
+        );
+        // And how each finished run's last usage was obtained, from the same summaries.
+        let finals = |v: &serde_json::Value| -> BTreeMap<String, String> {
+            v["runs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|r| {
+                    Some((
+                        r["run_id"].as_str()?.to_owned(),
+                        r["final_usage"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect()
+        };
+        assert_eq!(
+            finals(&ledger_runs),
+            finals(&agent_runs),
+            "final usage in the ledger vs `wattd runs`"
         );
     }
 }

@@ -144,6 +144,10 @@ fn attribution(test: &str, removed_at_once: bool) {
             .unwrap()
             .iter()
             .all(|row| row["batch_seq"].as_u64().unwrap() > 0));
+        // And how its last usage was obtained, from the same summary `wattd runs` reads.
+        if let Some(how) = r.get("final_usage") {
+            assert_eq!(&ex["finished"]["final_usage"], how, "run {id}: {ex}");
+        }
     }
     crate::report::check_report(&spool, work.path());
     let got_s = run_energy(&runs, "s", "package:0");
