@@ -197,22 +197,23 @@ fn after_an_fsync_eio_a_restart_trusts_the_device_not_the_page_cache() -> TestRe
     let seen = spool.last_seq();
     drop(spool);
     fs.remount()?;
-    let (device, _) = Spool::open(cfg(&dir))?;
+    // Read-only, no fdatasync: on this rig an fsync after the remount can still report the
+    // earlier EIO (the fresh-clone CI saw it once), and the oracle must not depend on that.
+    let (batches, unreadable) = wattd_records::segment::decoded_batches(&dir)?;
+    let mut seqs: Vec<u64> = batches.iter().map(|b| b.seq).collect();
+    seqs.sort_unstable();
+    let device_last = seqs.last().copied().unwrap_or(0);
     eprintln!(
-        "after a remount the device holds up to seq {} (the restart saw {seen}, {synced} was \
-         acknowledged by fdatasync)",
-        device.last_seq()
+        "after a remount the device holds up to seq {device_last} ({unreadable} unreadable \
+         records; the restart saw {seen}, {synced} was acknowledged by fdatasync)"
     );
     assert!(
-        seen <= device.last_seq(),
-        "seq {seen} was taken for sealed but the device holds only up to {}: the restart read \
-         the page cache, not the device",
-        device.last_seq()
+        seen <= device_last,
+        "seq {seen} was taken for sealed but the device holds only up to {device_last}: the \
+         restart read the page cache, not the device"
     );
-    let spool = device;
-    // What was durable is all there and intact.
-    let held = spool.read_sealed(1, usize::MAX)?;
-    assert_eq!(held.len() as u64, spool.last_seq());
-    assert!(spool.last_seq() >= 20, "the durable batches survived");
+    // What was durable is all there and intact: 1..=device_last, each once.
+    assert_eq!(seqs, (1..=device_last).collect::<Vec<_>>());
+    assert!(device_last >= 20, "the durable batches survived");
     Ok(())
 }
