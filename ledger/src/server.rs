@@ -948,6 +948,8 @@ async fn accept_loop(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut refused_source_log = LogThrottle::default();
     let mut refused_log = LogThrottle::default();
+    // Shared by the handshake tasks: a flood of bad handshakes must not flood the log either.
+    let handshake_log = Arc::new(std::sync::Mutex::new(LogThrottle::default()));
     let sources = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     loop {
         let accepted = tokio::select! {
@@ -991,7 +993,14 @@ async fn accept_loop(
         let conns = conns.clone();
         let enrolment = Arc::clone(&enrolment);
         let registry = Arc::clone(&registry);
+        let handshake_log = Arc::clone(&handshake_log);
         tokio::spawn(async move {
+            let log_due = || {
+                handshake_log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .due()
+            };
             match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     // A certificate of the right CA for a name nobody enrolled never holds a
@@ -1008,7 +1017,9 @@ async fn accept_loop(
                         });
                     if !enrolled {
                         metrics.inc(&metrics.connections_unenrolled);
-                        tracing::warn!(%peer, "connection closed after the handshake: the certificate names no enrolled node");
+                        if let Some(n) = log_due() {
+                            tracing::warn!(%peer, failed_or_refused = n, "connection closed after the handshake: the certificate names no enrolled node");
+                        }
                         return;
                     }
                     metrics.inc(&metrics.connections_open);
@@ -1036,11 +1047,15 @@ async fn accept_loop(
                 }
                 Ok(Err(error)) => {
                     metrics.inc(&metrics.tls_handshake_failures);
-                    tracing::warn!(%peer, %error, "TLS handshake failed");
+                    if let Some(n) = log_due() {
+                        tracing::warn!(%peer, %error, failed_or_refused = n, "TLS handshake failed (one line per 10 s; the count since the last)");
+                    }
                 }
                 Err(_) => {
                     metrics.inc(&metrics.tls_handshake_failures);
-                    tracing::warn!(%peer, "TLS handshake timed out");
+                    if let Some(n) = log_due() {
+                        tracing::warn!(%peer, failed_or_refused = n, "TLS handshake timed out (one line per 10 s; the count since the last)");
+                    }
                 }
             }
         });
