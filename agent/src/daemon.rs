@@ -549,7 +549,8 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
         // (its start, or the tick the control plane's run_started gave them to a run found by
         // its pattern first), and again in its summary.
         for r in snap.runs.iter().filter(|r| !r.labels.is_empty()) {
-            if labelled.insert(r.run_id.to_string()) {
+            // Checked before inserting: no String is made for a run already recorded.
+            if !labelled.contains(&*r.run_id) && labelled.insert(r.run_id.to_string()) {
                 record.run_labels.push(wattd_proto::v1::RunLabels {
                     run_id: r.run_id.to_string(),
                     labels: records::labels(&r.labels),

@@ -245,23 +245,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Queries print their answer on stdout; warnings (a password file ignored, a database
+    // others can read) go to stderr. `serve` sets up its own logging from its flags.
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_logging(LogFormat::Plain, "warn");
+    }
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(a) => serve(*a).await,
-            // Queries print their answer on stdout; warnings (a password file ignored, a
-            // database others can read) go to stderr.
-            Command::Runs(a) => {
-                init_logging(LogFormat::Plain, "warn");
-                runs(a).await.map_err(Failure::Other)
-            }
-            Command::Nodes(a) => {
-                init_logging(LogFormat::Plain, "warn");
-                nodes(a).await.map_err(Failure::Other)
-            }
-            Command::Audit(a) => {
-                init_logging(LogFormat::Plain, "warn");
-                audit(a).await.map_err(Failure::Other)
-            }
+            Command::Runs(a) => runs(a).await.map_err(Failure::Other),
+            Command::Nodes(a) => nodes(a).await.map_err(Failure::Other),
+            Command::Audit(a) => audit(a).await.map_err(Failure::Other),
         }
     });
     match result {

@@ -191,7 +191,8 @@ impl<S: Store> Ledger for LedgerService<S> {
         if let Some(r) = revoked_cert(&self.revocations, &node, &leaf) {
             return Err(self.reject(&r));
         }
-        if let Some(not_after) = cert_not_after(&leaf) {
+        let not_after = cert_not_after(&leaf);
+        if let Some(not_after) = not_after {
             if not_after <= crate::query::unix_now_ns() / 1_000_000_000 {
                 return Err(self.reject(&Rejection::CertificateExpired { node, not_after }));
             }
@@ -247,6 +248,7 @@ impl<S: Store> Ledger for LedgerService<S> {
         let worker = StreamWorker {
             session,
             leaf,
+            not_after,
             revocations: Arc::clone(&self.revocations),
             trust,
             enrolment: Arc::clone(&self.enrolment),
@@ -300,6 +302,8 @@ struct StreamWorker<S: Store> {
     session: Session<S>,
     /// The stream's client certificate (DER), checked against the CRLs at every reload.
     leaf: Vec<u8>,
+    /// Its notAfter (Unix seconds): the stream ends then.
+    not_after: Option<i64>,
     revocations: SharedRevocations,
     /// The node's enrolled keys when the stream opened.
     /// The node's enrolled keys and revoked epochs when the stream opened.
@@ -330,7 +334,7 @@ impl<S: Store> StreamWorker<S> {
         // A credential is short-lived only if it stops working: the stream ends when its client
         // certificate expires (the handshake checked it once; the node reconnects with a
         // renewed one, which it does before expiry on its own).
-        let not_after = cert_not_after(&self.leaf);
+        let not_after = self.not_after;
         let expires = not_after.map(|t| {
             let left = t.saturating_sub(crate::query::unix_now_ns() / 1_000_000_000);
             tokio::time::Instant::now() + Duration::from_secs(u64::try_from(left).unwrap_or(0))

@@ -230,8 +230,14 @@ async fn sigkill_loses_nothing_acknowledged_postgres() -> TestResult {
 }
 
 fn run_cli(args: &[&str]) -> (i32, String, String) {
+    run_cli_envs(args, &[])
+}
+
+/// `run_cli` with environment variables set for the child.
+fn run_cli_envs(args: &[&str], envs: &[(&str, &Path)]) -> (i32, String, String) {
     let out = Command::new(BIN)
         .args(args)
+        .envs(envs.iter().copied())
         .output()
         .expect("run wattd-ledger");
     (
@@ -554,20 +560,6 @@ async fn a_forger_is_quarantined_and_a_removed_node_cut_off_postgres() -> TestRe
         .await
 }
 
-/// `run_cli` with one more environment variable.
-fn run_cli_env(args: &[&str], key: &str, value: &Path) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env(key, value)
-        .output()
-        .expect("run wattd-ledger");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// The PostgreSQL password never on the command line: a URL holding one is refused (exit 64,
 /// the password not echoed); the real binary takes it from `PGPASSFILE` and authenticates
 /// (SCRAM, the role `wattd_pw` that `.ci/start-postgres` makes); a wrong password is refused
@@ -616,15 +608,15 @@ async fn the_postgres_password_comes_from_the_password_file() -> TestResult {
     };
     write("wattd-test-password", 0o600)?;
     let nodes = ["nodes", "--store", url.as_str(), "--format", "json"];
-    let (code, out, err) = run_cli_env(&nodes, "PGPASSFILE", &passfile);
+    let (code, out, err) = run_cli_envs(&nodes, &[("PGPASSFILE", &passfile)]);
     assert_eq!(code, 0, "with the password file: {err}");
     assert!(out.contains("\"nodes\""), "{out}");
     write("not-the-password", 0o600)?;
-    let (code, _, err) = run_cli_env(&nodes, "PGPASSFILE", &passfile);
+    let (code, _, err) = run_cli_envs(&nodes, &[("PGPASSFILE", &passfile)]);
     assert_ne!(code, 0);
     assert!(err.contains("password authentication failed"), "{err}");
     write("wattd-test-password", 0o644)?;
-    let (code, _, err) = run_cli_env(&nodes, "PGPASSFILE", &passfile);
+    let (code, _, err) = run_cli_envs(&nodes, &[("PGPASSFILE", &passfile)]);
     assert_ne!(code, 0, "a password file others can read was used");
     assert!(err.contains("chmod 600"), "{err}");
     let with_password = format!("postgres://wattd_pw:wattd-test-password@{host}:{port}/{db}");

@@ -148,3 +148,21 @@ pub fn agent_config_in(
     ))
     .unwrap()
 }
+
+/// Run id -> `final_usage` of a `wattd runs` / `wattd-ledger runs` JSON report (runs that have
+/// one).
+pub fn final_usages(v: &serde_json::Value) -> std::collections::BTreeMap<String, String> {
+    v["runs"]
+        .as_array()
+        .map(|runs| {
+            runs.iter()
+                .filter_map(|r| {
+                    Some((
+                        r["run_id"].as_str()?.to_owned(),
+                        r["final_usage"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

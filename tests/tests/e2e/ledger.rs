@@ -276,8 +276,14 @@ impl World {
     }
 
     pub(crate) fn ledger_json(&self, what: &str) -> serde_json::Value {
+        self.ledger_json_with(what, &[])
+    }
+
+    /// `wattd-ledger WHAT --format json` on this world's store, with `extra` arguments.
+    pub(crate) fn ledger_json_with(&self, what: &str, extra: &[&str]) -> serde_json::Value {
         let out = Command::new(ledger_bin())
             .args([what, "--store", &self.store, "--format", "json"])
+            .args(extra)
             .output()
             .unwrap();
         assert!(
@@ -341,22 +347,9 @@ impl World {
             self.logs()
         );
         // And how each finished run's last usage was obtained, from the same summaries.
-        let finals = |v: &serde_json::Value| -> BTreeMap<String, String> {
-            v["runs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter_map(|r| {
-                    Some((
-                        r["run_id"].as_str()?.to_owned(),
-                        r["final_usage"].as_str()?.to_owned(),
-                    ))
-                })
-                .collect()
-        };
         assert_eq!(
-            finals(&ledger_runs),
-            finals(&agent_runs),
+            crate::harness::final_usages(&ledger_runs),
+            crate::harness::final_usages(&agent_runs),
             "final usage in the ledger vs `wattd runs`"
         );
     }
@@ -647,19 +640,7 @@ fn a_runs_account_label_reaches_the_ledger() {
     std::thread::sleep(Duration::from_secs(2));
     stop_agent_cleanly(&w, &mut agent);
     w.check();
-    let runs = |extra: &[&str]| -> serde_json::Value {
-        let out = Command::new(ledger_bin())
-            .args(["runs", "--store", &w.store, "--format", "json"])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let runs = |extra: &[&str]| w.ledger_json_with("runs", extra);
     let all = runs(&[]);
     let find = |v: &serde_json::Value, id: &str| {
         v["runs"]

@@ -242,18 +242,7 @@ fn removed_at_once(
 
     let b = billed(&spool);
     // `wattd runs` tells an SRE how each run's last usage was obtained, as the summaries say.
-    let listed = crate::harness::runs_json(&spool);
-    let listed: BTreeMap<String, String> = listed["runs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|r| {
-            Some((
-                r["run_id"].as_str()?.to_owned(),
-                r["final_usage"].as_str()?.to_owned(),
-            ))
-        })
-        .collect();
+    let listed = crate::harness::final_usages(&crate::harness::runs_json(&spool));
     for e in &ended {
         assert_eq!(
             listed.get(&e.id),
