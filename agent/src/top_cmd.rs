@@ -214,8 +214,9 @@ pub fn render(v: &View, sort: Sort, cols: usize, rows: usize) -> Vec<String> {
 }
 
 fn terminal_size() -> (usize, usize) {
-    // SAFETY: TIOCGWINSZ writes a winsize into the provided, valid struct.
+    // SAFETY: winsize is plain old data; all zeroes is a valid value.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: ws is a valid, writable winsize for the ioctl to fill.
     let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
     if ok && ws.ws_col > 0 && ws.ws_row > 0 {
         (ws.ws_col as usize, ws.ws_row as usize)

@@ -1,1 +1,3 @@
 //! Shared helpers for the criterion benchmarks under `benches/`.
+
+#![forbid(unsafe_code)]

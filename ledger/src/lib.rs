@@ -9,6 +9,8 @@
 //! [`server`] (TLS, limits, accept loop, shutdown), [`metrics`] (counters), [`query`] (`runs`,
 //! `nodes`).
 
+#![forbid(unsafe_code)]
+
 pub mod audit;
 pub mod check;
 pub mod crl;

@@ -1,6 +1,8 @@
 //! `wattd-ledger`: the reference receiver's command line (`serve`, `runs`, `nodes`). Exit codes:
 //! 0 ok, 64 bad usage or configuration (every problem listed), 1 anything else.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;

@@ -8,6 +8,8 @@
 //! `WATTD_PROTO_UPDATE=1` to rewrite the checked-in files after editing a .proto. The stubs are
 //! generic over the HTTP/2 service: the shipper and the reference ledger bring their own TLS.
 
+#![forbid(unsafe_code)]
+
 /// `wattd.ledger.v1`: intervals, batches, signed batches, acknowledgements.
 pub mod ledger {
     /// Version 1 of the ledger records. See `wattd/ledger/v1/ledger.proto` for the field rules.

@@ -93,7 +93,7 @@ fn bad_usage_exits_64() {
 fn root_only_energy_file_gives_permission_reason() {
     use std::os::unix::fs::PermissionsExt;
     let setpriv = Path::new("/usr/bin/setpriv");
-    if unsafe { libc::geteuid() } != 0 || !setpriv.exists() {
+    if !wattd_testkit::need::is_root() || !setpriv.exists() {
         wattd_testkit::skip(
             "root_only_energy_file_gives_permission_reason",
             "root and /usr/bin/setpriv to drop privileges",

@@ -332,6 +332,7 @@ async fn socket_path_is_never_taken_from_a_file_or_a_live_listener() {
 fn request_as(id: u32, sock: &Path, msg: &str) -> String {
     // Everything the child touches is prepared before the fork: it then calls only
     // async-signal-safe functions.
+    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let p = sock.as_os_str().as_bytes();
@@ -341,10 +342,14 @@ fn request_as(id: u32, sock: &Path, msg: &str) -> String {
     }
     let msg = format!("{msg}\n").into_bytes();
     let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid array of two descriptors for pipe to fill.
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: the child calls only async-signal-safe functions on data prepared before the fork,
+    // and leaves with _exit.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
+        // SAFETY: plain syscalls on valid buffers, a valid sockaddr_un and our own descriptors.
         unsafe {
             let fail = |code| {
                 libc::_exit(code);
@@ -371,10 +376,12 @@ fn request_as(id: u32, sock: &Path, msg: &str) -> String {
             libc::_exit(0);
         }
     }
+    // SAFETY: our own pipe's write end, closed once.
     unsafe { libc::close(fds[1]) };
     let mut out = Vec::new();
     let mut buf = [0u8; 1024];
     loop {
+        // SAFETY: buf is valid for writes of buf.len() bytes.
         let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
         if n <= 0 {
             break;
@@ -382,6 +389,7 @@ fn request_as(id: u32, sock: &Path, msg: &str) -> String {
         out.extend_from_slice(&buf[..n as usize]);
     }
     let mut status = 0;
+    // SAFETY: our own pipe's read end, and our own child's pid with a valid status pointer.
     unsafe {
         libc::close(fds[0]);
         libc::waitpid(pid, &mut status, 0);
@@ -396,7 +404,7 @@ fn request_as(id: u32, sock: &Path, msg: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_not_in_the_allowed_list_is_refused() {
     let _g = SERIAL.lock().await;
-    if unsafe { libc::geteuid() } != 0 {
+    if !wattd_testkit::need::is_root() {
         wattd_testkit::skip(
             "peer_not_in_the_allowed_list_is_refused",
             "root to run a client as uid 65534",

@@ -32,9 +32,8 @@ impl Inotify {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd was just returned by the kernel and is owned by nobody else.
-        Ok(Inotify {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Inotify { fd })
     }
 
     pub fn add_watch(&self, path: &Path, mask: u32) -> io::Result<i32> {

@@ -94,6 +94,7 @@ impl Sandbox {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
         if pid == 0 {
+            // SAFETY: this is the forked child, which runs only burner_child and exits.
             unsafe { burner_child(&procs, busy_ns, period_ns, periods) }
         }
         self.children.push(pid);
@@ -125,7 +126,13 @@ impl Sandbox {
     }
 }
 
+/// The forked child: joins the cgroup, burns CPU on a duty cycle, exits.
+///
+/// # Safety
+/// Call only in a freshly forked child of a multi-threaded parent: it calls async-signal-safe
+/// functions only and never returns.
 unsafe fn burner_child(procs: &CString, busy_ns: i64, period_ns: i64, periods: u32) -> ! {
+    // SAFETY: plain syscalls on a NUL-terminated path and a valid byte buffer and timespec.
     unsafe {
         let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
         if fd < 0 {
@@ -152,11 +159,12 @@ unsafe fn burner_child(procs: &CString, busy_ns: i64, period_ns: i64, periods: u
     }
 }
 
-unsafe fn clock_ns(clock: libc::clockid_t) -> i64 {
+fn clock_ns(clock: libc::clockid_t) -> i64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // SAFETY: ts is a valid, writable timespec (clock_gettime is async-signal-safe).
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
