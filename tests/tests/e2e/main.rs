@@ -10,6 +10,7 @@ mod harness;
 mod kill;
 mod ledger;
 mod packages;
+mod release;
 mod reload;
 mod removed_at_once;
 mod report;
