@@ -103,6 +103,7 @@ async fn run(label: &str, store: String, n_latency: u64, n_throughput: u64) {
         store: store.parse().expect("store"),
         metrics_listen: None,
         limits,
+        query: None,
     };
     // Two nodes: one for the latency run, one for the throughput run (each starts at seq 1).
     let keys = [

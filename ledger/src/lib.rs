@@ -6,8 +6,9 @@
 //! Map: [`enrol`] (who may talk), [`check`] (is a message authentic and sound), [`store`]
 //! (durable, deduplicated, chained storage behind one trait), [`session`] (one node stream's
 //! state machine: commit, hold, duplicate, fork), [`service`] (the tonic `Ledger` service),
-//! [`server`] (TLS, limits, accept loop, shutdown), [`metrics`] (counters), [`query`] (`runs`,
-//! `nodes`).
+//! [`server`] (TLS, limits, accept loops, shutdown), [`metrics`] (counters), [`query`] (`runs`,
+//! `nodes`), [`readers`] and [`query_api`] (the read side: roles, the `Query` gRPC service, the
+//! read audit).
 
 #![forbid(unsafe_code)]
 
@@ -15,11 +16,14 @@ pub mod audit;
 pub mod check;
 pub mod crl;
 pub mod enrol;
+pub mod events;
 pub mod http;
 pub mod lost;
 pub mod metrics;
 pub mod plausible;
 pub mod query;
+pub mod query_api;
+pub mod readers;
 pub mod server;
 pub mod service;
 pub mod session;

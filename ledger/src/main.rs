@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use wattd_ledger::query;
-use wattd_ledger::server::{self, Limits, ServeError, ServeOptions};
+use wattd_ledger::server::{self, Limits, QueryOptions, ServeError, ServeOptions};
 use wattd_ledger::service::ServiceLimits;
 use wattd_ledger::session::SessionLimits;
 use wattd_ledger::store::{AnyStore, OpenMode, Store as _, StoreUrl};
@@ -31,7 +31,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the Ledger gRPC stream over mutual TLS until SIGTERM or SIGINT (SIGHUP re-reads
-    /// the enrolment directory). Prints `listening on ADDR` on stderr once it accepts.
+    /// the enrolment directory), and with --query-listen the Query API for readers. Prints
+    /// `listening on ADDR` on stderr once it accepts.
     Serve(Box<ServeArgs>),
     /// Per-node, per-run energy by domain (uJ and Wh) over every billed allocation (quarantined
     /// ones are in `nodes`, never here), with each run's account (its account label).
@@ -45,6 +46,55 @@ enum Command {
     /// declared lost equals the node's own running total, per meter, to the microjoule; and
     /// whether every batch's running totals follow from its predecessor's. Exit 1 when not.
     Audit(QueryArgs),
+    /// The read audit: every Query API call (answered or refused), newest first: when, the
+    /// reader's certificate CN, its role, the call, its filters, rows returned and outcome.
+    Reads(ReadsArgs),
+    /// The change feed as CloudEvents 1.0 JSON: one event (type dev.wattd.run.energy.v1) per
+    /// node, run, domain and stored batch, with a deterministic id, from the saved cursor to
+    /// the present; on stdout (one event per line, or --batch arrays) or POSTed to --post with
+    /// retries. The cursor file is saved after each batch is written or accepted.
+    Events(EventsArgs),
+}
+
+#[derive(Debug, Args)]
+struct EventsArgs {
+    /// Store URL, as for `runs`.
+    #[arg(long, visible_alias = "db", value_name = "URL", value_parser = StoreUrlParser)]
+    store: StoreUrl,
+    /// The run label that names a run's account (the event's subject and data.account).
+    #[arg(long, default_value = "account", value_name = "KEY")]
+    account_label: String,
+    /// Where the export resumes from, saved after every batch (the change feed's cursor).
+    /// Without it the export starts at the beginning every time.
+    #[arg(long, value_name = "FILE")]
+    cursor_file: Option<PathBuf>,
+    /// One application/cloudevents-batch+json array per stored batch instead of one
+    /// application/cloudevents+json event per line (or per request).
+    #[arg(long)]
+    batch: bool,
+    /// POST the events to this http:// or https:// URL (structured mode, or batch mode with
+    /// --batch); retried with backoff until a 2xx; a 4xx other than 408 and 429 stops the
+    /// export with the receiver's answer.
+    #[arg(long, value_name = "URL")]
+    post: Option<String>,
+    /// CA certificate(s) (PEM) for an https --post endpoint.
+    #[arg(long, value_name = "FILE", requires = "post")]
+    post_ca: Option<PathBuf>,
+    /// Stop retrying one POST after this many seconds (0: never).
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    give_up_after_s: u64,
+    /// Stop after this many events (0: at the present).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    max_events: u64,
+}
+
+#[derive(Debug, Args)]
+struct ReadsArgs {
+    #[command(flatten)]
+    query: QueryArgs,
+    /// The latest N rows.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    limit: u32,
 }
 
 #[derive(Debug, Args)]
@@ -79,7 +129,29 @@ struct ServeArgs {
     /// Serve Prometheus counters on GET /metrics at this address (port 0: any; printed).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
-    /// Once listening, write {"listen": ADDR, "metrics": ADDR|null} to this file (atomically).
+    /// Serve the Query API (RunTotals, Changes, RunIntervals) at this address, over mutual TLS
+    /// with the same server certificate; readers present certificates of --reader-ca and are
+    /// named in --readers. Node certificates cannot read.
+    #[arg(long, value_name = "ADDR", requires_all = ["reader_ca", "readers"])]
+    query_listen: Option<SocketAddr>,
+    /// CA certificate(s) (PEM) that readers' client certificates must chain to: a CA of its
+    /// own, not the nodes' (--client-ca).
+    #[arg(long, value_name = "FILE", requires = "query_listen")]
+    reader_ca: Option<PathBuf>,
+    /// The readers file (TOML): [readers] "<certificate CN>" = "metering" | "account:<id>".
+    /// Re-read when it changes.
+    #[arg(long, value_name = "FILE", requires = "query_listen")]
+    readers: Option<PathBuf>,
+    /// The run label whose value names a run's account (for account readers and the
+    /// `account` of every total and change).
+    #[arg(long, default_value = "account", value_name = "KEY")]
+    account_label: String,
+    /// Days the read audit (every Query call: reader, call, filters, rows, outcome) is kept;
+    /// at least 365 (the platform's policy keeps audit logs a year).
+    #[arg(long, default_value_t = 400, value_name = "DAYS")]
+    audit_retention_days: u64,
+    /// Once listening, write {"listen": ADDR, "metrics": ADDR|null, "query": ADDR|null} to this
+    /// file (atomically).
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
     /// Largest message accepted, in bytes (a larger one ends the stream: RESOURCE_EXHAUSTED).
@@ -258,6 +330,8 @@ fn main() -> ExitCode {
             Command::Runs(a) => runs(a).await.map_err(Failure::Other),
             Command::Nodes(a) => nodes(a).await.map_err(Failure::Other),
             Command::Audit(a) => audit(a).await.map_err(Failure::Other),
+            Command::Reads(a) => reads(a).await.map_err(Failure::Other),
+            Command::Events(a) => events(a).await.map_err(Failure::Other),
         }
     });
     match result {
@@ -305,6 +379,15 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
     if a.idle_timeout_s == 0 {
         problems.push("--idle-timeout-s must be at least 1".into());
     }
+    if a.audit_retention_days < 365 {
+        problems.push(format!(
+            "--audit-retention-days {}: at least 365 (audit logs are kept a year)",
+            a.audit_retention_days
+        ));
+    }
+    if let Some(p) = wattd_proto::names::label_problem(&a.account_label, "x") {
+        problems.push(format!("--account-label {:?}: {p}", a.account_label));
+    }
     if !problems.is_empty() {
         return Err(Failure::Usage(problems.join("\n")));
     }
@@ -317,6 +400,16 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
         enrolled: a.enrolled,
         store: a.store,
         metrics_listen: a.metrics_listen,
+        query: match (a.query_listen, a.reader_ca, a.readers) {
+            (Some(listen), Some(reader_ca), Some(readers)) => Some(QueryOptions {
+                listen,
+                reader_ca,
+                readers,
+                account_label: a.account_label,
+                audit_retention: Duration::from_secs(a.audit_retention_days.saturating_mul(86_400)),
+            }),
+            _ => None,
+        },
         limits: Limits {
             max_message_bytes: a.max_message_bytes,
             max_connections: a.max_connections,
@@ -347,14 +440,19 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
     };
     let addr = bound.local_addr();
     let metrics_addr = bound.metrics_addr();
+    let query_addr = bound.query_addr();
     eprintln!("listening on {addr}");
     if let Some(m) = metrics_addr {
         eprintln!("metrics on {m}");
+    }
+    if let Some(q) = query_addr {
+        eprintln!("query API on {q}");
     }
     if let Some(path) = &a.ready_file {
         let text = serde_json::json!({
             "listen": addr.to_string(),
             "metrics": metrics_addr.map(|m| m.to_string()),
+            "query": query_addr.map(|m| m.to_string()),
         })
         .to_string();
         write_ready_file(path, &text)
@@ -440,6 +538,56 @@ async fn audit(a: QueryArgs) -> anyhow::Result<()> {
         report.ok(),
         "the energy does not add up for some node (see above)"
     );
+    Ok(())
+}
+
+async fn events(a: EventsArgs) -> anyhow::Result<()> {
+    use wattd_ledger::events::{export, ExportOptions, Post, Sink};
+    let store = open_query(&a.store).await?;
+    let sink = match a.post {
+        Some(url) => Sink::Post(Post {
+            url,
+            ca: a.post_ca,
+            give_up_after: Duration::from_secs(a.give_up_after_s),
+        }),
+        None => Sink::Stdout,
+    };
+    let opts = ExportOptions {
+        account_label: a.account_label,
+        batch: a.batch,
+        cursor_file: a.cursor_file,
+        max_events: a.max_events,
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let done = export(&store, &opts, &sink, &mut out).await?;
+    eprintln!(
+        "exported {} events from {} batches",
+        done.events, done.batches
+    );
+    Ok(())
+}
+
+async fn reads(r: ReadsArgs) -> anyhow::Result<()> {
+    let store = open_query(&r.query.store).await?;
+    let rows = store.reads(r.limit).await?;
+    match r.query.format {
+        Format::Json => print!("{}", serde_json::to_string_pretty(&rows)? + "\n"),
+        Format::Text => {
+            for row in rows {
+                println!(
+                    "{} {} ({}) {} {} rows={} {}",
+                    row.at_unix_ns,
+                    row.reader,
+                    row.role,
+                    row.call,
+                    row.filters,
+                    row.rows,
+                    row.outcome
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -123,6 +123,11 @@ pub struct Metrics {
     pub commit_ns_sum: AtomicU64,
     pub commits: AtomicU64,
     pub allocations_quarantined: AtomicU64,
+    pub reads: AtomicU64,
+    pub reads_refused: AtomicU64,
+    pub changes_sent: AtomicU64,
+    pub changes_stalled: AtomicU64,
+    pub changes_streams_open: AtomicU64,
     rejections: [AtomicU64; Reason::ALL.len()],
     implausible: [AtomicU64; Implausible::ALL.len()],
     changed: Notify,
@@ -160,6 +165,11 @@ impl Metrics {
         if let Some(c) = self.implausible.get(reason.index()) {
             self.inc(c);
         }
+    }
+
+    /// Batches and lost ranges this process has stored: the change feed's cue to look.
+    pub fn stored_now(&self) -> u64 {
+        self.batches_stored.load(Ordering::Relaxed) + self.lost_ranges.load(Ordering::Relaxed)
     }
 
     pub fn rejections(&self, reason: Reason) -> u64 {
@@ -207,6 +217,38 @@ impl Metrics {
              TLS handshake (also a failed handshake), or right after it when the enrolment \
              changed in between.",
             get(&self.connections_unenrolled),
+        );
+        one(
+            "wattd_ledger_reads_total",
+            "counter",
+            "Query API calls answered (RunTotals, RunIntervals, Changes streams opened); each is a \
+             row of the read audit.",
+            get(&self.reads),
+        );
+        one(
+            "wattd_ledger_reads_refused_total",
+            "counter",
+            "Query API calls and connections refused: no reader certificate, not in the readers \
+             file, another account, a bad cursor or filter, or the store or audit unavailable.",
+            get(&self.reads_refused),
+        );
+        one(
+            "wattd_ledger_changes_sent_total",
+            "counter",
+            "Changes (per batch, run and domain) sent on Changes streams.",
+            get(&self.changes_sent),
+        );
+        one(
+            "wattd_ledger_changes_stalled_total",
+            "counter",
+            "Changes streams dropped because the consumer took no message for 60 s.",
+            get(&self.changes_stalled),
+        );
+        one(
+            "wattd_ledger_changes_streams_open",
+            "gauge",
+            "Changes streams open.",
+            get(&self.changes_streams_open),
         );
         one(
             "wattd_ledger_preface_timeouts_total",

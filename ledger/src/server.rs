@@ -28,11 +28,15 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use wattd_proto::v1::ledger_server::LedgerServer;
+use wattd_proto::v1::query_server::QueryServer;
 
 use crate::crl::Revocations;
 use crate::enrol::Enrolment;
 use crate::metrics::Metrics;
+use crate::query_api::QueryService;
+use crate::readers::ReadersFile;
 use crate::service::{LedgerService, ServiceLimits, Trust};
+use crate::store::Store as _;
 use crate::store::{AnyStore, OpenMode, StoreError, StoreUrl};
 
 /// Everything `serve` needs.
@@ -48,6 +52,95 @@ pub struct ServeOptions {
     pub store: StoreUrl,
     pub metrics_listen: Option<SocketAddr>,
     pub limits: Limits,
+    /// The read side (`--query-listen`), when configured.
+    pub query: Option<QueryOptions>,
+}
+
+/// The query API's listener and who may read (`--query-listen`, `--reader-ca`, `--readers`).
+#[derive(Clone, Debug)]
+pub struct QueryOptions {
+    pub listen: SocketAddr,
+    /// The CA that issues readers' client certificates (not the nodes' CA).
+    pub reader_ca: PathBuf,
+    /// The readers file: certificate CN -> `metering` or `account:<id>`.
+    pub readers: PathBuf,
+    /// The run label whose value names a run's account.
+    pub account_label: String,
+    /// Read-audit rows older than this are deleted (hourly).
+    pub audit_retention: Duration,
+}
+
+/// Who may hold a connection past its TLS handshake. The node port: a certificate naming an
+/// enrolled node (anything else is closed at once, so it holds no slot). The query port: any
+/// certificate of the readers' CA; a reader the readers file does not name is refused per call
+/// (PERMISSION_DENIED, audited), so it learns why and the audit shows who tried.
+#[derive(Clone, Debug)]
+enum Admit {
+    Enrolled(Arc<RwLock<Arc<Enrolment>>>),
+    Readers,
+}
+
+impl Admit {
+    fn admits(&self, cn: &str) -> bool {
+        match self {
+            Admit::Enrolled(e) => e
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .node(cn)
+                .is_some(),
+            Admit::Readers => true,
+        }
+    }
+}
+
+/// The rustls configuration of the query port: the same server certificate, client
+/// certificates required and issued by the readers' CA.
+pub fn reader_tls_config(
+    cert: &Path,
+    key: &Path,
+    reader_ca: &Path,
+) -> Result<ServerConfig, Vec<String>> {
+    let mut problems = Vec::new();
+    let certs = load_certs(cert, "--cert")
+        .map_err(|e| problems.push(e))
+        .ok();
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| problems.push(format!("--key {}: {e}", key.display())))
+        .ok();
+    let mut roots = RootCertStore::empty();
+    if let Ok(cas) = load_certs(reader_ca, "--reader-ca").map_err(|e| problems.push(e)) {
+        for ca in cas {
+            if let Err(e) = roots.add(ca) {
+                problems.push(format!("--reader-ca {}: {e}", reader_ca.display()));
+            }
+        }
+    }
+    let (Some(certs), Some(key)) = (certs, key) else {
+        return Err(problems);
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| vec![format!("--reader-ca {}: {e}", reader_ca.display())])?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| vec![format!("TLS versions: {e}")])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| vec![format!("--cert/--key: {e}")])?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// The query port, bound.
+struct QueryPort {
+    listener: TcpListener,
+    acceptor: Arc<RwLock<TlsAcceptor>>,
+    readers: Arc<ReadersFile>,
+    options: QueryOptions,
 }
 
 /// The files the TLS configuration is read from, again at every reload.
@@ -545,6 +638,8 @@ impl AsyncWrite for Conn {
 /// A bound, ready ledger: the listeners are open, the store is open and its schema in place.
 pub struct Bound {
     listener: TcpListener,
+    query: Option<QueryPort>,
+    query_addr: Option<SocketAddr>,
     metrics_server: Option<MetricsEndpoint>,
     /// Swapped by a reload (SIGHUP) when the certificate, key or client CA files change.
     acceptor: Arc<RwLock<TlsAcceptor>>,
@@ -597,7 +692,27 @@ pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), Serve
     let tls = tls_config(&tls_files, &gate)
         .map_err(|p| problems.extend(p))
         .ok();
-    let (Some((tls, revocations)), true) = (tls, loaded) else {
+    let query_parts = match &opts.query {
+        None => Some(None),
+        Some(q) => {
+            let readers = ReadersFile::open(&q.readers)
+                .map_err(|e| problems.push(e))
+                .ok();
+            let qtls = reader_tls_config(&opts.cert, &opts.key, &q.reader_ca)
+                .map_err(|p| {
+                    problems.extend(
+                        p.into_iter()
+                            .filter(|e| !e.starts_with("--cert") && !e.starts_with("--key")),
+                    )
+                })
+                .ok();
+            match (readers, qtls) {
+                (Some(r), Some(t)) => Some(Some((r, t))),
+                _ => None,
+            }
+        }
+    };
+    let (Some((tls, revocations)), true, Some(query_parts)) = (tls, loaded, query_parts) else {
         return Err(ServeError::Config(problems));
     };
     let (node_count, key_count) = {
@@ -618,6 +733,33 @@ pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), Serve
         what: "listener address".into(),
         source,
     })?;
+    let query = match (query_parts, &opts.query) {
+        (Some((readers, qtls)), Some(q)) => {
+            let listener = TcpListener::bind(q.listen)
+                .await
+                .map_err(|source| ServeError::Io {
+                    what: format!("--query-listen {}", q.listen),
+                    source,
+                })?;
+            if readers.current().is_empty() {
+                tracing::warn!(file = %q.readers.display(), "the readers file names no reader: every read will be refused");
+            }
+            Some(QueryPort {
+                listener,
+                acceptor: Arc::new(RwLock::new(TlsAcceptor::from(Arc::new(qtls)))),
+                readers: Arc::new(readers),
+                options: q.clone(),
+            })
+        }
+        _ => None,
+    };
+    let query_addr = match &query {
+        Some(q) => Some(q.listener.local_addr().map_err(|source| ServeError::Io {
+            what: "query listener address".into(),
+            source,
+        })?),
+        None => None,
+    };
     let snapshot = watch::channel(Arc::new(String::new()));
     let metrics_server = match opts.metrics_listen {
         Some(addr) => Some(
@@ -646,6 +788,8 @@ pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), Serve
     Ok((
         Bound {
             listener,
+            query,
+            query_addr,
             metrics_server,
             acceptor: Arc::new(RwLock::new(TlsAcceptor::from(Arc::new(tls)))),
             tls_files,
@@ -673,6 +817,11 @@ impl Bound {
         self.metrics_addr
     }
 
+    /// The query port's address, when `--query-listen` is set.
+    pub fn query_addr(&self) -> Option<SocketAddr> {
+        self.query_addr
+    }
+
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.metrics)
     }
@@ -691,6 +840,10 @@ impl Bound {
                 metrics: Arc::clone(&self.metrics),
             },
             serial: Arc::clone(&self.reload_serial),
+            query: self
+                .query
+                .as_ref()
+                .map(|q| (Arc::clone(&q.acceptor), q.options.reader_ca.clone())),
         }
     }
 
@@ -728,13 +881,56 @@ impl Bound {
         let accept = tokio::spawn(accept_loop(
             self.listener,
             self.acceptor,
-            Arc::clone(&self.enrolment),
+            Admit::Enrolled(Arc::clone(&self.enrolment)),
             Arc::clone(&self.metrics),
             self.limits,
-            registry,
+            Arc::clone(&registry),
             conn_tx,
             stop_rx.clone(),
         ));
+        let query_tasks = self.query.map(|q| {
+            let query_registry = ConnRegistry::default();
+            let service = QueryService::new(
+                Arc::clone(&self.store),
+                Arc::clone(&q.readers),
+                q.options.account_label.clone(),
+                Arc::clone(&self.metrics),
+                Arc::clone(&query_registry),
+                stop_rx.clone(),
+            );
+            let (conn_tx, conn_rx) = mpsc::channel::<Result<Conn, io::Error>>(16);
+            let accept = tokio::spawn(accept_loop(
+                q.listener,
+                q.acceptor,
+                Admit::Readers,
+                Arc::clone(&self.metrics),
+                self.limits,
+                query_registry,
+                conn_tx,
+                stop_rx.clone(),
+            ));
+            let mut stop_serving = stop_rx.clone();
+            let server = tonic::transport::Server::builder()
+                .max_concurrent_streams(Some(self.limits.max_streams_per_connection))
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .tcp_nodelay(true)
+                .add_service(
+                    QueryServer::new(service)
+                        .max_decoding_message_size(2 << 20)
+                        .max_encoding_message_size(64 << 20),
+                )
+                .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+                    let _ = stop_serving.wait_for(|s| *s).await;
+                });
+            let server = tokio::spawn(server);
+            let pruner = tokio::spawn(prune_reads(
+                Arc::clone(&self.store),
+                q.options.audit_retention,
+                stop_rx.clone(),
+            ));
+            (accept, server, pruner)
+        });
         let mut stop_serving = stop_rx.clone();
         let server = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(self.limits.max_streams_per_connection))
@@ -771,6 +967,17 @@ impl Bound {
             tracing::warn!("connections still open after 5 s; closing them");
             server.abort();
         }
+        if let Some((accept, mut server, pruner)) = query_tasks {
+            let _ = accept.await;
+            if tokio::time::timeout(Duration::from_secs(5), &mut server)
+                .await
+                .is_err()
+            {
+                tracing::warn!("query connections still open after 5 s; closing them");
+                server.abort();
+            }
+            pruner.abort();
+        }
         if let Some(t) = metrics_task {
             let _ = t.await;
         }
@@ -796,6 +1003,8 @@ pub struct EnrolmentReload {
     /// Held across a reload's read and swap: SIGHUP and the directory watch never interleave
     /// (an older read swapped in last would bring a removed node back).
     serial: Arc<std::sync::Mutex<()>>,
+    /// The query port's acceptor and reader CA, re-read with the certificate and key.
+    query: Option<(Arc<RwLock<TlsAcceptor>>, PathBuf)>,
 }
 
 impl std::fmt::Debug for EnrolmentReload {
@@ -818,6 +1027,16 @@ impl EnrolmentReload {
         let _serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         let (tls, revocations) =
             tls_config(&self.tls_files, &self.gate).map_err(|p| p.join("; "))?;
+        let query_tls = match &self.query {
+            Some((_, reader_ca)) => Some(
+                reader_tls_config(&self.tls_files.cert, &self.tls_files.key, reader_ca)
+                    .map_err(|p| p.join("; "))?,
+            ),
+            None => None,
+        };
+        if let (Some((acceptor, _)), Some(t)) = (&self.query, query_tls) {
+            *acceptor.write().unwrap_or_else(|p| p.into_inner()) = TlsAcceptor::from(Arc::new(t));
+        }
         let revoked = revocations.len();
         *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) =
             TlsAcceptor::from(Arc::new(tls));
@@ -938,7 +1157,7 @@ impl EnrolmentReload {
 async fn accept_loop(
     listener: TcpListener,
     acceptor: Arc<RwLock<TlsAcceptor>>,
-    enrolment: Arc<RwLock<Arc<Enrolment>>>,
+    admit: Admit,
     metrics: Arc<Metrics>,
     limits: Limits,
     registry: ConnRegistry,
@@ -991,7 +1210,7 @@ async fn accept_loop(
         let acceptor = acceptor.read().unwrap_or_else(|p| p.into_inner()).clone();
         let metrics = Arc::clone(&metrics);
         let conns = conns.clone();
-        let enrolment = Arc::clone(&enrolment);
+        let admit = admit.clone();
         let registry = Arc::clone(&registry);
         let handshake_log = Arc::clone(&handshake_log);
         tokio::spawn(async move {
@@ -1005,20 +1224,27 @@ async fn accept_loop(
                 Ok(Ok(tls)) => {
                     // A certificate of the right CA for a name nobody enrolled never holds a
                     // slot past its handshake.
-                    let enrolled = tls
+                    let admitted = tls
                         .get_ref()
                         .1
                         .peer_certificates()
                         .and_then(|c| c.first())
                         .and_then(|leaf| crate::service::cert_common_name(leaf.as_ref()).ok())
-                        .is_some_and(|cn| {
-                            let e = enrolment.read().unwrap_or_else(|p| p.into_inner());
-                            e.node(&cn).is_some()
-                        });
-                    if !enrolled {
-                        metrics.inc(&metrics.connections_unenrolled);
-                        if let Some(n) = log_due() {
-                            tracing::warn!(%peer, failed_or_refused = n, "connection closed after the handshake: the certificate names no enrolled node");
+                        .is_some_and(|cn| admit.admits(&cn));
+                    if !admitted {
+                        match admit {
+                            Admit::Enrolled(_) => {
+                                metrics.inc(&metrics.connections_unenrolled);
+                                if let Some(n) = log_due() {
+                                    tracing::warn!(%peer, failed_or_refused = n, "connection closed after the handshake: the certificate names no enrolled node");
+                                }
+                            }
+                            Admit::Readers => {
+                                metrics.inc(&metrics.reads_refused);
+                                if let Some(n) = log_due() {
+                                    tracing::warn!(%peer, failed_or_refused = n, "query connection closed after the handshake: the certificate has no CN");
+                                }
+                            }
                         }
                         return;
                     }
@@ -1059,6 +1285,27 @@ async fn accept_loop(
                 }
             }
         });
+    }
+}
+
+/// Deletes read-audit rows older than `retention`, at start and then hourly.
+async fn prune_reads(store: Arc<AnyStore>, retention: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        let keep_ns = i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
+        let before = crate::unix_now_ns().saturating_sub(keep_ns);
+        match store.prune_reads(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                deleted = n,
+                retention_days = retention.as_secs() / 86_400,
+                "read audit pruned"
+            ),
+            Err(error) => tracing::warn!(%error, "read audit not pruned; next try in an hour"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
     }
 }
 

@@ -27,4 +27,7 @@ pub mod names;
 pub const PROTO_ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// Every .proto file of the contract, relative to the crate root.
-pub const PROTO_FILES: &[&str] = &["wattd/ledger/v1/ledger.proto"];
+pub const PROTO_FILES: &[&str] = &[
+    "wattd/ledger/v1/ledger.proto",
+    "wattd/ledger/v1/query.proto",
+];

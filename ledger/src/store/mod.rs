@@ -221,6 +221,62 @@ pub struct QuarantineRow {
     pub last_seq: u64,
 }
 
+/// One billed allocation as stored (quarantined ones are never here).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredAllocation {
+    pub interval_index: u64,
+    pub run_id: String,
+    pub domain: String,
+    pub active_uj: u64,
+    pub idle_uj: u64,
+    pub energy_uj: u64,
+    pub usage_us: u64,
+}
+
+/// A stored batch with (some of) its billed allocations: for the change feed (all of them) and
+/// a run's audit trail (that run's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchEnergy {
+    pub node_id: String,
+    pub seq: u64,
+    pub hash: ChainHash,
+    pub key_epoch: u32,
+    pub key_id: KeyId,
+    /// The SignedBatch exactly as received.
+    pub signed_batch: Vec<u8>,
+    /// In (run, domain, interval) order.
+    pub allocations: Vec<StoredAllocation>,
+}
+
+/// Which allocations [`Store::run_totals_where`] sums; `None` is no filter.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TotalsFilter {
+    pub run_id: Option<String>,
+    pub node_id: Option<String>,
+    /// Batches sealed at or after this (Unix ns).
+    pub from_unix_ns: Option<i64>,
+    /// Batches sealed before this (Unix ns).
+    pub to_unix_ns: Option<i64>,
+}
+
+/// One audited read of the query API.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ReadAudit {
+    pub at_unix_ns: i64,
+    /// The reader's certificate CN.
+    pub reader: String,
+    /// `metering`, `account:<id>`, or `none` (refused before a role was found).
+    pub role: String,
+    /// `RunTotals`, `Changes`, `RunIntervals`.
+    pub call: String,
+    /// The request's filters, as JSON.
+    pub filters: String,
+    /// Rows returned (totals, changes, batches).
+    pub rows: u64,
+    /// `ok`, or the gRPC code and reason of the refusal or failure.
+    pub outcome: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{0}")]
@@ -288,15 +344,140 @@ pub const FORK_ROWS_PER_NODE: i64 = 64;
 pub const FORK_BYTES_PER_NODE: i64 = 64 << 20;
 
 /// Current schema version, kept in `ledger_meta`. Version 2 added `lost_ranges`, version 3
-/// `node_clock`, `quarantined`, `run_labels` and `run_finals`; an older database is upgraded in place when opened to serve
+/// `node_clock`, `quarantined`, `run_labels` and `run_finals`, version 4 `read_audit`; an older
+/// database is upgraded in place when opened to serve
 /// (the changes only add tables). A node with batches stored before version 3 is judged from
 /// its first batch after the upgrade.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The SQL that moves an older schema version to [`SCHEMA_VERSION`] (after the tables are
 /// created), in both stores.
 pub(crate) const SQL_UPGRADE_VERSION: &str =
-    "UPDATE ledger_meta SET value = 3 WHERE key = 'schema_version' AND value IN (1, 2)";
+    "UPDATE ledger_meta SET value = 4 WHERE key = 'schema_version' AND value IN (1, 2, 3)";
+
+/// The query API's SQL, the same text for both stores (SQLite numbers `$N` parameters in order
+/// of first appearance, and each appears first in order here).
+///
+/// A node's stored batches above a seq, oldest first (the change feed pages through them).
+pub(crate) const SQL_BATCHES_ABOVE: &str = "SELECT node_id, seq, hash, key_epoch, key_id, \
+     signed_batch FROM batches WHERE node_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+/// Their billed allocations.
+pub(crate) const SQL_ALLOCATIONS_BETWEEN: &str = "SELECT node_id, seq, interval_index, run_id, \
+     domain, active_uj, idle_uj, energy_uj, usage_us FROM allocations WHERE node_id = $1 \
+     AND seq > $2 AND seq <= $3";
+/// The batches that billed a run, after a (node, seq), in (node, seq) order.
+pub(crate) const SQL_RUN_BATCHES: &str = "WITH picked AS (SELECT DISTINCT node_id, seq FROM \
+     allocations WHERE run_id = $1 AND ($2 = '' OR node_id = $2) AND (node_id > $3 OR \
+     (node_id = $3 AND seq > $4)) ORDER BY node_id, seq LIMIT $5) \
+     SELECT b.node_id, b.seq, b.hash, b.key_epoch, b.key_id, b.signed_batch FROM batches b \
+     JOIN picked p ON b.node_id = p.node_id AND b.seq = p.seq ORDER BY b.node_id, b.seq";
+/// The run's allocations in those batches.
+pub(crate) const SQL_RUN_ALLOCATIONS: &str = "WITH picked AS (SELECT DISTINCT node_id, seq FROM \
+     allocations WHERE run_id = $1 AND ($2 = '' OR node_id = $2) AND (node_id > $3 OR \
+     (node_id = $3 AND seq > $4)) ORDER BY node_id, seq LIMIT $5) \
+     SELECT a.node_id, a.seq, a.interval_index, a.run_id, a.domain, a.active_uj, a.idle_uj, \
+     a.energy_uj, a.usage_us FROM allocations a JOIN picked p ON a.node_id = p.node_id \
+     AND a.seq = p.seq WHERE a.run_id = $1";
+/// Each node's highest stored batch: a skip scan over the primary key (node_id, seq), one index
+/// probe per node, not a scan of every batch (a following change feed asks often).
+pub(crate) const SQL_HEADS: &str = "WITH RECURSIVE n(id) AS (SELECT MIN(node_id) FROM batches \
+     UNION ALL SELECT (SELECT MIN(node_id) FROM batches WHERE node_id > n.id) FROM n \
+     WHERE n.id IS NOT NULL) \
+     SELECT id, (SELECT MAX(seq) FROM batches WHERE node_id = n.id) FROM n \
+     WHERE id IS NOT NULL ORDER BY id";
+pub(crate) const SQL_INSERT_READ: &str = "INSERT INTO read_audit (at_unix_ns, reader, role, \
+     call, filters, rows_returned, outcome) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+pub(crate) const SQL_PRUNE_READS: &str = "DELETE FROM read_audit WHERE at_unix_ns < $1";
+pub(crate) const SQL_READS: &str = "SELECT at_unix_ns, reader, role, call, filters, \
+     rows_returned, outcome FROM read_audit ORDER BY at_unix_ns DESC, id DESC LIMIT $1";
+
+/// A parameter of a query built at run time.
+#[derive(Clone, Debug)]
+pub(crate) enum Param {
+    Text(String),
+    Int(i64),
+}
+
+/// The WHERE clause of [`Store::run_totals_where`] over `allocations a JOIN batches b`, with
+/// its parameters numbered `$1..` in order; only the filters that are set, so the run and node
+/// indexes serve them.
+pub(crate) fn totals_where(filter: &TotalsFilter) -> (String, Vec<Param>) {
+    let mut clauses = Vec::new();
+    let mut params = Vec::new();
+    let mut add = |clause: &str, p: Param| {
+        params.push(p);
+        clauses.push(clause.replace('?', &format!("${}", params.len())));
+    };
+    if let Some(r) = &filter.run_id {
+        add("a.run_id = ?", Param::Text(r.clone()));
+    }
+    if let Some(n) = &filter.node_id {
+        add("a.node_id = ?", Param::Text(n.clone()));
+    }
+    if let Some(t) = filter.from_unix_ns {
+        add("b.sealed_unix_ns >= ?", Param::Int(t));
+    }
+    if let Some(t) = filter.to_unix_ns {
+        add("b.sealed_unix_ns < ?", Param::Int(t));
+    }
+    let clause = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", clauses.join(" AND "))
+    };
+    (clause, params)
+}
+
+/// A stored batch row as both stores read it, in [`SQL_BATCHES_ABOVE`]'s column order.
+pub(crate) type RawBatch = (String, i64, Vec<u8>, i64, Vec<u8>, Vec<u8>);
+/// A stored allocation row, in [`SQL_ALLOCATIONS_BETWEEN`]'s column order.
+pub(crate) type RawAllocation = (String, i64, i64, String, String, i64, i64, i64, i64);
+
+/// Joins batch rows and allocation rows into [`BatchEnergy`], checking every stored number.
+pub(crate) fn assemble(
+    batches: Vec<RawBatch>,
+    allocations: Vec<RawAllocation>,
+) -> Result<Vec<BatchEnergy>, StoreError> {
+    let mut out = Vec::with_capacity(batches.len());
+    let mut index = std::collections::HashMap::new();
+    for (node_id, seq, hash, epoch, key_id, signed_batch) in batches {
+        let seq = to_u64(seq, "batches.seq")?;
+        index.insert((node_id.clone(), seq), out.len());
+        out.push(BatchEnergy {
+            node_id,
+            seq,
+            hash: to_hash(&hash, "batches.hash")?,
+            key_epoch: u32::try_from(epoch)
+                .map_err(|_| StoreError::Corrupt(format!("batches.key_epoch {epoch}")))?,
+            key_id: to_key_id(&key_id, "batches.key_id")?,
+            signed_batch,
+            allocations: Vec::new(),
+        });
+    }
+    for (node_id, seq, interval, run_id, domain, active, idle, energy, usage) in allocations {
+        let seq = to_u64(seq, "allocations.seq")?;
+        let Some(&i) = index.get(&(node_id, seq)) else {
+            // A batch stored after the batch query ran (the two are separate reads): its
+            // allocations come with it on the next page.
+            continue;
+        };
+        out[i].allocations.push(StoredAllocation {
+            interval_index: to_u64(interval, "allocations.interval_index")?,
+            run_id,
+            domain,
+            active_uj: to_u64(active, "allocations.active_uj")?,
+            idle_uj: to_u64(idle, "allocations.idle_uj")?,
+            energy_uj: to_u64(energy, "allocations.energy_uj")?,
+            usage_us: to_u64(usage, "allocations.usage_us")?,
+        });
+    }
+    for b in &mut out {
+        b.allocations.sort_by(|x, y| {
+            (&x.run_id, &x.domain, x.interval_index).cmp(&(&y.run_id, &y.domain, y.interval_index))
+        });
+    }
+    Ok(out)
+}
 
 /// A node's clock, in both stores (SQLite numbers `$N` parameters in order of appearance, so
 /// the same text serves both).
@@ -465,6 +646,39 @@ pub trait Store: Send + Sync + 'static {
         &self,
         key: &str,
     ) -> impl Future<Output = Result<Vec<(String, String, String)>, StoreError>> + Send;
+    /// Per-node, per-run totals by domain of the allocations `filter` selects (exact).
+    fn run_totals_where(
+        &self,
+        filter: TotalsFilter,
+    ) -> impl Future<Output = Result<Vec<RunDomainTotal>, StoreError>> + Send;
+    /// Each node with a stored batch, and its highest stored seq.
+    fn heads(&self) -> impl Future<Output = Result<Vec<(String, u64)>, StoreError>> + Send;
+    /// Up to `limit` stored batches of `node` above `after_seq`, in seq order, each with all of
+    /// its billed allocations (the change feed).
+    fn batch_energy(
+        &self,
+        node: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<BatchEnergy>, StoreError>> + Send;
+    /// Up to `limit` stored batches that billed `run` (of `node` when not empty), after
+    /// (`after_node`, `after_seq`) in (node, seq) order, each with that run's allocations.
+    fn run_batches(
+        &self,
+        run: &str,
+        node: &str,
+        after: (&str, u64),
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<BatchEnergy>, StoreError>> + Send;
+    /// Appends one row to the read audit.
+    fn record_read(&self, read: ReadAudit) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Deletes audit rows older than `before_unix_ns`; returns how many.
+    fn prune_reads(
+        &self,
+        before_unix_ns: i64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// The latest `limit` audit rows, newest first.
+    fn reads(&self, limit: u32) -> impl Future<Output = Result<Vec<ReadAudit>, StoreError>> + Send;
 }
 
 /// Either store, chosen at run time from the URL.
@@ -565,6 +779,41 @@ impl Store for AnyStore {
     }
     async fn run_finals(&self) -> Result<Vec<(String, String, String, u64)>, StoreError> {
         delegate!(self, s => s.run_finals())
+    }
+    async fn run_totals_where(
+        &self,
+        filter: TotalsFilter,
+    ) -> Result<Vec<RunDomainTotal>, StoreError> {
+        delegate!(self, s => s.run_totals_where(filter))
+    }
+    async fn heads(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        delegate!(self, s => s.heads())
+    }
+    async fn batch_energy(
+        &self,
+        node: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<BatchEnergy>, StoreError> {
+        delegate!(self, s => s.batch_energy(node, after_seq, limit))
+    }
+    async fn run_batches(
+        &self,
+        run: &str,
+        node: &str,
+        after: (&str, u64),
+        limit: u32,
+    ) -> Result<Vec<BatchEnergy>, StoreError> {
+        delegate!(self, s => s.run_batches(run, node, after, limit))
+    }
+    async fn record_read(&self, read: ReadAudit) -> Result<(), StoreError> {
+        delegate!(self, s => s.record_read(read))
+    }
+    async fn prune_reads(&self, before_unix_ns: i64) -> Result<u64, StoreError> {
+        delegate!(self, s => s.prune_reads(before_unix_ns))
+    }
+    async fn reads(&self, limit: u32) -> Result<Vec<ReadAudit>, StoreError> {
+        delegate!(self, s => s.reads(limit))
     }
 }
 

@@ -19,10 +19,12 @@ use tokio_postgres::{Client, NoTls, Statement};
 use wattd_records::batch::ChainHash;
 
 use super::{
-    split_allocations, to_hash, to_i64, to_key_id, to_u64, ClockColumns, Commit, ForkRecord,
-    ForkRow, LossOutcome, LossRecord, LostRangeRow, NodeRow, OpenMode, QuarantineRow,
-    RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION, SQL_CLOCK, SQL_UPGRADE_VERSION,
-    SQL_UPSERT_CLOCK,
+    assemble, split_allocations, to_hash, to_i64, to_key_id, to_u64, totals_where, BatchEnergy,
+    ClockColumns, Commit, ForkRecord, ForkRow, LossOutcome, LossRecord, LostRangeRow, NodeRow,
+    OpenMode, Param, QuarantineRow, RawAllocation, RawBatch, ReadAudit, RunDomainTotal, Store,
+    StoreError, Tip, TotalsFilter, SCHEMA_VERSION, SQL_ALLOCATIONS_BETWEEN, SQL_BATCHES_ABOVE,
+    SQL_CLOCK, SQL_HEADS, SQL_INSERT_READ, SQL_PRUNE_READS, SQL_READS, SQL_RUN_ALLOCATIONS,
+    SQL_RUN_BATCHES, SQL_UPGRADE_VERSION, SQL_UPSERT_CLOCK,
 };
 use crate::check::{LearntKey, VerifiedBatch};
 use crate::plausible::{judge, NodeLimits};
@@ -153,6 +155,17 @@ CREATE TABLE IF NOT EXISTS run_finals (
     seq BIGINT NOT NULL,
     PRIMARY KEY (node_id, run_id)
 );
+CREATE TABLE IF NOT EXISTS read_audit (
+    id BIGSERIAL PRIMARY KEY,
+    at_unix_ns BIGINT NOT NULL,
+    reader TEXT NOT NULL,
+    role TEXT NOT NULL,
+    call TEXT NOT NULL,
+    filters TEXT NOT NULL,
+    rows_returned BIGINT NOT NULL,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS read_audit_by_time ON read_audit (at_unix_ns);
 ";
 
 const SQL_HASH_AT: &str = "SELECT hash FROM batches WHERE node_id = $1 AND seq = $2";
@@ -946,6 +959,181 @@ impl Store for PgStore {
             .collect()
     }
 
+    async fn run_totals_where(
+        &self,
+        filter: TotalsFilter,
+    ) -> Result<Vec<RunDomainTotal>, StoreError> {
+        let (clause, params) = totals_where(&filter);
+        let params: Vec<Box<dyn ToSql + Sync + Send>> = params
+            .into_iter()
+            .map(|p| -> Box<dyn ToSql + Sync + Send> {
+                match p {
+                    Param::Text(t) => Box::new(t),
+                    Param::Int(i) => Box::new(i),
+                }
+            })
+            .collect();
+        let refs: Vec<&(dyn ToSql + Sync)> = params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        let rows = c
+            .client
+            .query(
+                &format!(
+                    "SELECT a.node_id, a.run_id, a.domain, SUM(a.energy_uj)::text FROM \
+                     allocations a JOIN batches b ON b.node_id = a.node_id AND b.seq = a.seq\
+                     {clause} GROUP BY a.node_id, a.run_id, a.domain \
+                     ORDER BY a.node_id, a.run_id, a.domain"
+                ),
+                &refs,
+            )
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                let total: &str = r.get(3);
+                Ok(RunDomainTotal {
+                    node_id: r.get(0),
+                    run_id: r.get(1),
+                    domain: r.get(2),
+                    energy_uj: total
+                        .parse()
+                        .map_err(|_| StoreError::Corrupt(format!("energy sum {total:?}")))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn heads(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        let rows = c.client.query(SQL_HEADS, &[]).await?;
+        rows.iter()
+            .map(|r| Ok((r.get(0), to_u64(r.get(1), "batches.seq")?)))
+            .collect()
+    }
+
+    async fn batch_energy(
+        &self,
+        node: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<BatchEnergy>, StoreError> {
+        let after = to_i64(after_seq, "seq")?;
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        // One snapshot: the allocations read are those of the batches read.
+        let tx = c
+            .client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let batches: Vec<RawBatch> = tx
+            .query(SQL_BATCHES_ABOVE, &[&node, &after, &i64::from(limit)])
+            .await?
+            .iter()
+            .map(pg_raw_batch)
+            .collect();
+        let Some(last) = batches.last().map(|b| b.1) else {
+            return Ok(Vec::new());
+        };
+        let allocations: Vec<RawAllocation> = tx
+            .query(SQL_ALLOCATIONS_BETWEEN, &[&node, &after, &last])
+            .await?
+            .iter()
+            .map(pg_raw_allocation)
+            .collect();
+        tx.commit().await?;
+        assemble(batches, allocations)
+    }
+
+    async fn run_batches(
+        &self,
+        run: &str,
+        node: &str,
+        after: (&str, u64),
+        limit: u32,
+    ) -> Result<Vec<BatchEnergy>, StoreError> {
+        let after_seq = to_i64(after.1, "seq")?;
+        let limit = i64::from(limit);
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        let tx = c
+            .client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let params: [&(dyn ToSql + Sync); 5] = [&run, &node, &after.0, &after_seq, &limit];
+        let batches: Vec<RawBatch> = tx
+            .query(SQL_RUN_BATCHES, &params)
+            .await?
+            .iter()
+            .map(pg_raw_batch)
+            .collect();
+        let allocations: Vec<RawAllocation> = tx
+            .query(SQL_RUN_ALLOCATIONS, &params)
+            .await?
+            .iter()
+            .map(pg_raw_allocation)
+            .collect();
+        tx.commit().await?;
+        assemble(batches, allocations)
+    }
+
+    async fn record_read(&self, read: ReadAudit) -> Result<(), StoreError> {
+        let rows = to_i64(read.rows, "rows")?;
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        c.client
+            .execute(
+                SQL_INSERT_READ,
+                &[
+                    &read.at_unix_ns,
+                    &read.reader,
+                    &read.role,
+                    &read.call,
+                    &read.filters,
+                    &rows,
+                    &read.outcome,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn prune_reads(&self, before_unix_ns: i64) -> Result<u64, StoreError> {
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        Ok(c.client
+            .execute(SQL_PRUNE_READS, &[&before_unix_ns])
+            .await?)
+    }
+
+    async fn reads(&self, limit: u32) -> Result<Vec<ReadAudit>, StoreError> {
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        let rows = c.client.query(SQL_READS, &[&i64::from(limit)]).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ReadAudit {
+                    at_unix_ns: r.get(0),
+                    reader: r.get(1),
+                    role: r.get(2),
+                    call: r.get(3),
+                    filters: r.get(4),
+                    rows: to_u64(r.get(5), "read_audit.rows_returned")?,
+                    outcome: r.get(6),
+                })
+            })
+            .collect()
+    }
+
     async fn run_label(&self, key: &str) -> Result<Vec<(String, String, String)>, StoreError> {
         let mut p = self.conn().await?;
         let c = p.get()?;
@@ -1095,4 +1283,22 @@ impl Store for PgStore {
         }
         Ok(nodes.into_values().collect())
     }
+}
+
+fn pg_raw_batch(r: &tokio_postgres::Row) -> RawBatch {
+    (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))
+}
+
+fn pg_raw_allocation(r: &tokio_postgres::Row) -> RawAllocation {
+    (
+        r.get(0),
+        r.get(1),
+        r.get(2),
+        r.get(3),
+        r.get(4),
+        r.get(5),
+        r.get(6),
+        r.get(7),
+        r.get(8),
+    )
 }

@@ -11,10 +11,12 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension as _};
 use wattd_records::batch::ChainHash;
 
 use super::{
-    split_allocations, to_hash, to_i64, to_key_id, to_u64, ClockColumns, Commit, ForkRecord,
-    ForkRow, LossOutcome, LossRecord, LostRangeRow, NodeRow, OpenMode, QuarantineRow,
-    RunDomainTotal, Store, StoreError, Tip, SCHEMA_VERSION, SQL_CLOCK, SQL_UPGRADE_VERSION,
-    SQL_UPSERT_CLOCK,
+    assemble, split_allocations, to_hash, to_i64, to_key_id, to_u64, totals_where, BatchEnergy,
+    ClockColumns, Commit, ForkRecord, ForkRow, LossOutcome, LossRecord, LostRangeRow, NodeRow,
+    OpenMode, Param, QuarantineRow, RawAllocation, RawBatch, ReadAudit, RunDomainTotal, Store,
+    StoreError, Tip, TotalsFilter, SCHEMA_VERSION, SQL_ALLOCATIONS_BETWEEN, SQL_BATCHES_ABOVE,
+    SQL_CLOCK, SQL_HEADS, SQL_INSERT_READ, SQL_PRUNE_READS, SQL_READS, SQL_RUN_ALLOCATIONS,
+    SQL_RUN_BATCHES, SQL_UPGRADE_VERSION, SQL_UPSERT_CLOCK,
 };
 use crate::check::{LearntKey, VerifiedBatch};
 use crate::plausible::{judge, NodeClock, NodeLimits};
@@ -140,6 +142,17 @@ CREATE TABLE IF NOT EXISTS run_finals (
     seq INTEGER NOT NULL,
     PRIMARY KEY (node_id, run_id)
 );
+CREATE TABLE IF NOT EXISTS read_audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_unix_ns INTEGER NOT NULL,
+    reader TEXT NOT NULL,
+    role TEXT NOT NULL,
+    call TEXT NOT NULL,
+    filters TEXT NOT NULL,
+    rows_returned INTEGER NOT NULL,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS read_audit_by_time ON read_audit (at_unix_ns);
 ";
 
 /// A SQLite ledger database.
@@ -839,6 +852,175 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn run_totals_where(
+        &self,
+        filter: TotalsFilter,
+    ) -> Result<Vec<RunDomainTotal>, StoreError> {
+        self.with(move |c| {
+            let (clause, params) = totals_where(&filter);
+            // Summed in 32-bit halves, exact in 128 bits (see run_totals).
+            let mut st = c.prepare(&format!(
+                "SELECT a.node_id, a.run_id, a.domain, SUM(a.energy_uj >> 32), \
+                 SUM(a.energy_uj & 4294967295) FROM allocations a JOIN batches b \
+                 ON b.node_id = a.node_id AND b.seq = a.seq{clause} \
+                 GROUP BY a.node_id, a.run_id, a.domain ORDER BY a.node_id, a.run_id, a.domain"
+            ))?;
+            let params = params.iter().map(|p| match p {
+                Param::Text(t) => rusqlite::types::Value::Text(t.clone()),
+                Param::Int(i) => rusqlite::types::Value::Integer(*i),
+            });
+            let rows = st.query_map(rusqlite::params_from_iter(params), |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (node_id, run_id, domain, hi, lo) = row?;
+                out.push(RunDomainTotal {
+                    node_id,
+                    run_id,
+                    domain,
+                    energy_uj: halves(hi, lo)?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn heads(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(SQL_HEADS)?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (node, seq) = row?;
+                out.push((node, to_u64(seq, "batches.seq")?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn batch_energy(
+        &self,
+        node: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<BatchEnergy>, StoreError> {
+        let node = node.to_owned();
+        let after = to_i64(after_seq, "seq")?;
+        self.with(move |c| {
+            // One transaction: the allocations read are those of the batches read.
+            let tx = c.transaction()?;
+            let batches = {
+                let mut st = tx.prepare(SQL_BATCHES_ABOVE)?;
+                let rows = st.query_map(params![node, after, i64::from(limit)], raw_batch)?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            };
+            let Some(last) = batches.last().map(|b| b.1) else {
+                return Ok(Vec::new());
+            };
+            let allocations = {
+                let mut st = tx.prepare(SQL_ALLOCATIONS_BETWEEN)?;
+                let rows = st.query_map(params![node, after, last], raw_allocation)?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            };
+            tx.finish()?;
+            assemble(batches, allocations)
+        })
+        .await
+    }
+
+    async fn run_batches(
+        &self,
+        run: &str,
+        node: &str,
+        after: (&str, u64),
+        limit: u32,
+    ) -> Result<Vec<BatchEnergy>, StoreError> {
+        let (run, node, after_node) = (run.to_owned(), node.to_owned(), after.0.to_owned());
+        let after_seq = to_i64(after.1, "seq")?;
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let p = params![run, node, after_node, after_seq, i64::from(limit)];
+            let batches = {
+                let mut st = tx.prepare(SQL_RUN_BATCHES)?;
+                let rows = st.query_map(p, raw_batch)?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            };
+            let allocations = {
+                let mut st = tx.prepare(SQL_RUN_ALLOCATIONS)?;
+                let rows = st.query_map(p, raw_allocation)?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            };
+            tx.finish()?;
+            assemble(batches, allocations)
+        })
+        .await
+    }
+
+    async fn record_read(&self, read: ReadAudit) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute(
+                SQL_INSERT_READ,
+                params![
+                    read.at_unix_ns,
+                    read.reader,
+                    read.role,
+                    read.call,
+                    read.filters,
+                    to_i64(read.rows, "rows")?,
+                    read.outcome
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn prune_reads(&self, before_unix_ns: i64) -> Result<u64, StoreError> {
+        self.with(move |c| Ok(c.execute(SQL_PRUNE_READS, params![before_unix_ns])? as u64))
+            .await
+    }
+
+    async fn reads(&self, limit: u32) -> Result<Vec<ReadAudit>, StoreError> {
+        self.with(move |c| {
+            let mut st = c.prepare(SQL_READS)?;
+            let rows = st.query_map(params![i64::from(limit)], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, String>(6)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (at_unix_ns, reader, role, call, filters, n, outcome) = row?;
+                out.push(ReadAudit {
+                    at_unix_ns,
+                    reader,
+                    role,
+                    call,
+                    filters,
+                    rows: to_u64(n, "read_audit.rows_returned")?,
+                    outcome,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn run_finals(&self) -> Result<Vec<(String, String, String, u64)>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare(
@@ -986,6 +1168,31 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+fn raw_batch(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawBatch> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
+}
+
+fn raw_allocation(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawAllocation> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+    ))
 }
 
 #[cfg(test)]

@@ -25,6 +25,30 @@ use wattd_tests::tls::{CertFiles, TestCa};
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
+/// Instantiates each named `async fn(Backend, &str) -> TestResult` of the calling module once
+/// per store: `sqlite::<name>` and `postgres::<name>`.
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> crate::common::TestResult {
+                    super::$name(crate::common::Backend::Sqlite, concat!(module_path!(), "::", stringify!($name))).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> crate::common::TestResult {
+                    super::$name(crate::common::Backend::Postgres, concat!(module_path!(), "::", stringify!($name))).await
+                }
+            )*
+        }
+    };
+}
+pub(crate) use both;
+
 /// Which store a test body runs against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -175,7 +199,35 @@ impl Fixture {
             store: self.store_url.clone(),
             metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
             limits,
+            query: None,
         }
+    }
+
+    /// The readers' own CA (not the nodes') and a readers file naming `roles` (CN, role).
+    pub fn readers(&self, roles: &[(&str, &str)]) -> Readers {
+        let dir = self.dir.path().join("readers");
+        std::fs::create_dir_all(&dir).expect("mkdir readers");
+        let ca = TestCa::new(&dir, "readers");
+        let file = dir.join("readers.toml");
+        let mut text = String::from("[readers]\n");
+        for (cn, role) in roles {
+            text.push_str(&format!("{cn:?} = {role:?}\n"));
+        }
+        std::fs::write(&file, text).expect("readers file");
+        Readers { ca, file }
+    }
+
+    /// Options with the query API on 127.0.0.1 port 0 for `readers`.
+    pub fn query_options(&self, limits: Limits, readers: &Readers) -> ServeOptions {
+        let mut o = self.options(limits);
+        o.query = Some(wattd_ledger::server::QueryOptions {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            reader_ca: readers.ca.ca_pem.clone(),
+            readers: readers.file.clone(),
+            account_label: "account".into(),
+            audit_retention: Duration::from_secs(400 * 86_400),
+        });
+        o
     }
 
     /// A ledger in this process.
@@ -187,6 +239,7 @@ impl Fixture {
     pub async fn start_with(&self, opts: ServeOptions) -> Ledger {
         let (bound, (snapshot_tx, _)) = server::bind(&opts).await.expect("bind the ledger");
         let addr = bound.local_addr();
+        let query_addr = bound.query_addr();
         let metrics_addr = bound.metrics_addr();
         let metrics = bound.metrics();
         let reload = bound.reload_handle();
@@ -200,6 +253,7 @@ impl Fixture {
         });
         Ledger {
             addr,
+            query_addr,
             metrics_addr,
             metrics,
             reload,
@@ -227,10 +281,19 @@ impl Fixture {
     }
 }
 
+/// The readers' CA and readers file of a test.
+#[derive(Debug)]
+pub struct Readers {
+    pub ca: TestCa,
+    pub file: PathBuf,
+}
+
 /// A ledger running in this process.
 #[derive(Debug)]
 pub struct Ledger {
     pub addr: std::net::SocketAddr,
+    /// The query API's address, when started with it.
+    pub query_addr: Option<std::net::SocketAddr>,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub metrics: Arc<Metrics>,
     /// What SIGHUP does: re-read the enrolment directory.
@@ -407,6 +470,14 @@ impl Chain {
         };
         self.next_interval += intervals;
         self.next_with(content)
+    }
+
+    /// Reserves the next `n` interval indices of the chain (for a batch built by hand); returns
+    /// the first.
+    pub fn take_indices(&mut self, n: u64) -> u64 {
+        let first = self.next_interval;
+        self.next_interval += n;
+        first
     }
 
     pub fn next_with(&mut self, mut content: BatchContent) -> StoredBatch {

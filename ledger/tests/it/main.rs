@@ -3,4 +3,6 @@
 
 mod common;
 mod procs;
+mod python;
+mod query;
 mod suite;

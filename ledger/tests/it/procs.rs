@@ -13,13 +13,20 @@ const BIN: &str = env!("CARGO_BIN_EXE_wattd-ledger");
 
 /// A `wattd-ledger serve` child process.
 #[derive(Debug)]
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
-    addr: std::net::SocketAddr,
+    pub(crate) addr: std::net::SocketAddr,
+    /// The query API's address, when started with `--query-listen`.
+    pub(crate) query: Option<std::net::SocketAddr>,
 }
 
 impl Proc {
     fn spawn(f: &Fixture, tag: &str) -> Proc {
+        Self::spawn_with(f, tag, &[])
+    }
+
+    /// `serve` with `extra` arguments after the usual ones.
+    pub(crate) fn spawn_with(f: &Fixture, tag: &str, extra: &[std::ffi::OsString]) -> Proc {
         let ready = f.dir.path().join(format!("ready-{tag}.json"));
         let _ = std::fs::remove_file(&ready);
         let log = std::fs::File::create(f.dir.path().join(format!("ledger-{tag}.log")))
@@ -38,19 +45,24 @@ impl Proc {
             .args(["--store", &f.store_text])
             .arg("--ready-file")
             .arg(&ready)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn wattd-ledger");
         let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
+        let (addr, query) = loop {
             if let Ok(text) = std::fs::read_to_string(&ready) {
                 let v: serde_json::Value = serde_json::from_str(&text).expect("ready file JSON");
-                break v["listen"]
+                let addr = v["listen"]
                     .as_str()
                     .expect("listen")
                     .parse()
                     .expect("address");
+                let query = v["query"]
+                    .as_str()
+                    .map(|q| q.parse().expect("query address"));
+                break (addr, query);
             }
             assert!(
                 Instant::now() < deadline,
@@ -60,7 +72,7 @@ impl Proc {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
-        Proc { child, addr }
+        Proc { child, addr, query }
     }
 
     fn kill9(mut self) {
@@ -68,7 +80,7 @@ impl Proc {
         self.child.wait().expect("wait");
     }
 
-    fn term(mut self) -> std::process::ExitStatus {
+    pub(crate) fn term(mut self) -> std::process::ExitStatus {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -92,7 +104,7 @@ impl Drop for Proc {
     }
 }
 
-async fn stream_to(f: &Fixture, addr: std::net::SocketAddr, node: &str) -> NodeStream {
+pub(crate) async fn stream_to(f: &Fixture, addr: std::net::SocketAddr, node: &str) -> NodeStream {
     let ch = channel(addr, &f.ca.ca_pem, Some(&f.client_cert(node)))
         .await
         .expect("connect");
@@ -229,7 +241,7 @@ async fn sigkill_loses_nothing_acknowledged_postgres() -> TestResult {
     sigkill_loses_nothing_acknowledged(Backend::Postgres, "procs::sigkill_postgres").await
 }
 
-fn run_cli(args: &[&str]) -> (i32, String, String) {
+pub(crate) fn run_cli(args: &[&str]) -> (i32, String, String) {
     run_cli_envs(args, &[])
 }
 

@@ -13,27 +13,6 @@ use wattd_records::seal::{sign_batch, BatchContent};
 
 use crate::common::*;
 
-macro_rules! both {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() -> crate::common::TestResult {
-                    super::$name(crate::common::Backend::Sqlite, concat!("suite::sqlite::", stringify!($name))).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() -> crate::common::TestResult {
-                    super::$name(crate::common::Backend::Postgres, concat!("suite::postgres::", stringify!($name))).await
-                }
-            )*
-        }
-    };
-}
-
 both!(
     stores_each_batch_once_and_totals_match,
     reordered_batches_are_held_then_stored_in_order,

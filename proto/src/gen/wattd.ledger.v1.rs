@@ -894,3 +894,629 @@ pub mod ledger_server {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RunTotalsRequest {
+    /// Each filter is off when empty (or 0).
+    #[prost(string, tag = "1")]
+    pub run_id: ::prost::alloc::string::String,
+    /// The account (the value of the ledger's account label, `--account-label`). An account
+    /// reader may leave it empty (its own) or name its own; any other is PERMISSION_DENIED.
+    #[prost(string, tag = "2")]
+    pub account: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub node_id: ::prost::alloc::string::String,
+    /// Batches sealed at or after `from_unix_ns` and before `to_unix_ns` (the seal time is when
+    /// the batch's last interval ended, on the node's clock).
+    #[prost(int64, tag = "4")]
+    pub from_unix_ns: i64,
+    #[prost(int64, tag = "5")]
+    pub to_unix_ns: i64,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RunTotal {
+    #[prost(string, tag = "1")]
+    pub node_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub run_id: ::prost::alloc::string::String,
+    /// Empty when the run's records carried no account label.
+    #[prost(string, tag = "3")]
+    pub account: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub domain: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "5")]
+    pub energy_uj: u64,
+    #[prost(string, tag = "6")]
+    pub energy_wh: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RunTotalsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub totals: ::prost::alloc::vec::Vec<RunTotal>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ChangesRequest {
+    /// Empty: from the beginning. Otherwise a cursor this ledger returned (opaque; at most 1 MiB).
+    /// A cursor ahead of what the ledger holds (another ledger's, or this one restored from an
+    /// older backup) is OUT_OF_RANGE; one that does not parse is INVALID_ARGUMENT.
+    #[prost(string, tag = "1")]
+    pub cursor: ::prost::alloc::string::String,
+    /// Keep the stream open and send new changes as they are committed (else end at the present).
+    #[prost(bool, tag = "2")]
+    pub follow: bool,
+    /// With `follow`: a message with no changes at least this often (1..=300 s; 0 means 30).
+    #[prost(uint32, tag = "3")]
+    pub keepalive_s: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Change {
+    /// Deterministic: the lowercase hex SHA-256 of "wattd.change.v1", node_id, seq, run_id and
+    /// domain, each followed by a 0 byte (seq as decimal). The same delta always has the same id.
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub node_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "3")]
+    pub seq: u64,
+    #[prost(string, tag = "4")]
+    pub run_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub account: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub domain: ::prost::alloc::string::String,
+    /// The run's billed energy of this domain in this batch (its intervals summed).
+    #[prost(uint64, tag = "7")]
+    pub energy_uj: u64,
+    #[prost(string, tag = "8")]
+    pub energy_wh: ::prost::alloc::string::String,
+    /// The batch's window: its first interval's start and its last interval's end.
+    #[prost(int64, tag = "9")]
+    pub window_start_unix_ns: i64,
+    #[prost(int64, tag = "10")]
+    pub window_end_unix_ns: i64,
+    /// The batch's SHA-256 (the chain hash) and the key that signed it.
+    #[prost(bytes = "vec", tag = "11")]
+    pub batch_hash: ::prost::alloc::vec::Vec<u8>,
+    #[prost(uint32, tag = "12")]
+    pub key_epoch: u32,
+    #[prost(bytes = "vec", tag = "13")]
+    pub key_id: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ChangesResponse {
+    /// The changes of one stored batch (visible to this reader); empty in a keep-alive or when
+    /// only the cursor moved.
+    #[prost(message, repeated, tag = "1")]
+    pub changes: ::prost::alloc::vec::Vec<Change>,
+    /// The position after this message: pass it to resume.
+    #[prost(string, tag = "2")]
+    pub cursor: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RunIntervalsRequest {
+    #[prost(string, tag = "1")]
+    pub run_id: ::prost::alloc::string::String,
+    /// Off when empty.
+    #[prost(string, tag = "2")]
+    pub node_id: ::prost::alloc::string::String,
+    /// Paging: batches of a node after this (node_id, seq), in (node_id, seq) order.
+    #[prost(string, tag = "3")]
+    pub after_node_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "4")]
+    pub after_seq: u64,
+    /// At most this many batches (1..=1000; 0 means 100).
+    #[prost(uint32, tag = "5")]
+    pub limit: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RunAllocation {
+    #[prost(uint64, tag = "1")]
+    pub interval_index: u64,
+    #[prost(string, tag = "2")]
+    pub domain: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "3")]
+    pub active_uj: u64,
+    #[prost(uint64, tag = "4")]
+    pub idle_uj: u64,
+    #[prost(uint64, tag = "5")]
+    pub energy_uj: u64,
+    #[prost(uint64, tag = "6")]
+    pub usage_us: u64,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RunBatch {
+    #[prost(string, tag = "1")]
+    pub node_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    #[prost(bytes = "vec", tag = "3")]
+    pub batch_hash: ::prost::alloc::vec::Vec<u8>,
+    #[prost(uint32, tag = "4")]
+    pub key_epoch: u32,
+    #[prost(bytes = "vec", tag = "5")]
+    pub key_id: ::prost::alloc::vec::Vec<u8>,
+    /// The SignedBatch exactly as the node sent it: verify its signature with the node's key, and
+    /// its hash against the chain.
+    #[prost(bytes = "vec", tag = "6")]
+    pub signed_batch: ::prost::alloc::vec::Vec<u8>,
+    /// The run's billed allocations in this batch.
+    #[prost(message, repeated, tag = "7")]
+    pub allocations: ::prost::alloc::vec::Vec<RunAllocation>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RunIntervalsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub batches: ::prost::alloc::vec::Vec<RunBatch>,
+    /// More batches follow: ask again with after_node_id/after_seq of the last one.
+    #[prost(bool, tag = "2")]
+    pub more: bool,
+}
+/// What a Changes cursor encodes (readers treat it as opaque): every node's position, the
+/// highest seq whose changes were sent. A node's batches commit in seq order (each needs its
+/// predecessor stored), on every ledger process sharing the store, so "every batch of node N
+/// above seq S" is exactly what is still to come, however many processes commit.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ChangeCursor {
+    #[prost(message, repeated, tag = "1")]
+    pub positions: ::prost::alloc::vec::Vec<CursorPosition>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CursorPosition {
+    #[prost(string, tag = "1")]
+    pub node_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+}
+/// Generated client implementations.
+pub mod query_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    #[derive(Debug, Clone)]
+    pub struct QueryClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl<T> QueryClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> QueryClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            QueryClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Per node, run and domain totals of the billed (not quarantined) energy.
+        pub async fn run_totals(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RunTotalsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RunTotalsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic::codec::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wattd.ledger.v1.Query/RunTotals",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wattd.ledger.v1.Query", "RunTotals"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Every committed per-run, per-domain energy delta, one message per stored batch, from a
+        /// cursor: resume from the last cursor received and nothing is missed (at-least-once: a few
+        /// messages may come again after a reconnect; drop them by Change.id).
+        pub async fn changes(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ChangesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::ChangesResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic::codec::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wattd.ledger.v1.Query/Changes",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wattd.ledger.v1.Query", "Changes"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// The audit trail of one run: every stored batch that billed it, with the signed bytes that
+        /// prove it and the run's allocations in it.
+        pub async fn run_intervals(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RunIntervalsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RunIntervalsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic::codec::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wattd.ledger.v1.Query/RunIntervals",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wattd.ledger.v1.Query", "RunIntervals"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod query_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with QueryServer.
+    #[async_trait]
+    pub trait Query: std::marker::Send + std::marker::Sync + 'static {
+        /// Per node, run and domain totals of the billed (not quarantined) energy.
+        async fn run_totals(
+            &self,
+            request: tonic::Request<super::RunTotalsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RunTotalsResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the Changes method.
+        type ChangesStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::ChangesResponse, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Every committed per-run, per-domain energy delta, one message per stored batch, from a
+        /// cursor: resume from the last cursor received and nothing is missed (at-least-once: a few
+        /// messages may come again after a reconnect; drop them by Change.id).
+        async fn changes(
+            &self,
+            request: tonic::Request<super::ChangesRequest>,
+        ) -> std::result::Result<tonic::Response<Self::ChangesStream>, tonic::Status>;
+        /// The audit trail of one run: every stored batch that billed it, with the signed bytes that
+        /// prove it and the run's allocations in it.
+        async fn run_intervals(
+            &self,
+            request: tonic::Request<super::RunIntervalsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RunIntervalsResponse>,
+            tonic::Status,
+        >;
+    }
+    #[derive(Debug)]
+    pub struct QueryServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> QueryServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for QueryServer<T>
+    where
+        T: Query,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/wattd.ledger.v1.Query/RunTotals" => {
+                    #[allow(non_camel_case_types)]
+                    struct RunTotalsSvc<T: Query>(pub Arc<T>);
+                    impl<T: Query> tonic::server::UnaryService<super::RunTotalsRequest>
+                    for RunTotalsSvc<T> {
+                        type Response = super::RunTotalsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RunTotalsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Query>::run_totals(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RunTotalsSvc(inner);
+                        let codec = tonic::codec::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wattd.ledger.v1.Query/Changes" => {
+                    #[allow(non_camel_case_types)]
+                    struct ChangesSvc<T: Query>(pub Arc<T>);
+                    impl<
+                        T: Query,
+                    > tonic::server::ServerStreamingService<super::ChangesRequest>
+                    for ChangesSvc<T> {
+                        type Response = super::ChangesResponse;
+                        type ResponseStream = T::ChangesStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ChangesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Query>::changes(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ChangesSvc(inner);
+                        let codec = tonic::codec::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wattd.ledger.v1.Query/RunIntervals" => {
+                    #[allow(non_camel_case_types)]
+                    struct RunIntervalsSvc<T: Query>(pub Arc<T>);
+                    impl<
+                        T: Query,
+                    > tonic::server::UnaryService<super::RunIntervalsRequest>
+                    for RunIntervalsSvc<T> {
+                        type Response = super::RunIntervalsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RunIntervalsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Query>::run_intervals(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RunIntervalsSvc(inner);
+                        let codec = tonic::codec::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for QueryServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "wattd.ledger.v1.Query";
+    impl<T> tonic::server::NamedService for QueryServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}

@@ -1,0 +1,878 @@
+//! The `Query` gRPC service (`wattd.ledger.v1.Query`, served on `--query-listen`): the read side
+//! for the metering pipeline and each customer's account view. A reader is the CN of its client
+//! certificate (from `--reader-ca`) and its role comes from the readers file
+//! ([`crate::readers`]); every call, answered or refused, is one row of the read audit (and
+//! one log line), and a call that cannot be audited is not answered.
+//!
+//! `Changes` follows the store per node: a node's batches commit in seq order on every process
+//! sharing the store, so the cursor is each node's last seq sent ([`Cursor`]), and "every batch
+//! of node N above seq S" is exactly what remains, however many `serve` processes commit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status};
+use wattd_proto::v1::query_server::Query;
+use wattd_proto::v1::{
+    Change, ChangeCursor, ChangesRequest, ChangesResponse, CursorPosition, RunAllocation, RunBatch,
+    RunIntervalsRequest, RunIntervalsResponse, RunTotal, RunTotalsRequest, RunTotalsResponse,
+};
+use wattd_records::energy_table::wh_text;
+
+use crate::metrics::Metrics;
+use crate::readers::{ReadersFile, Role};
+use crate::server::{ConnRegistry, StreamActivity};
+use crate::store::{BatchEnergy, ReadAudit, Store, StoreError, TotalsFilter};
+
+/// The largest cursor accepted (a fleet of 10,000 nodes needs about 600 KiB).
+pub const MAX_CURSOR_BYTES: usize = 1 << 20;
+/// Batches read from one node per round of the change feed.
+const PAGE: u32 = 64;
+/// How often a following feed checks whether this process stored a batch (a counter, no
+/// query), and how often it asks the store anyway (another process may have).
+const POLL: Duration = Duration::from_millis(250);
+const POLL_STORE: Duration = Duration::from_secs(2);
+/// A consumer that takes no message for this long is dropped (its stream ends; counted and
+/// audited), so a stopped reader holds nothing for ever.
+pub const STALLED_CONSUMER: Duration = Duration::from_secs(60);
+/// Messages buffered per Changes stream: the feed reads the store only as the consumer takes
+/// them (backpressure), so a slow consumer costs nothing but its own stream.
+const BUFFER: usize = 4;
+
+/// The Changes cursor: each node's highest seq whose changes were sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cursor(BTreeMap<String, u64>);
+
+impl Cursor {
+    /// `v1.` and the hex of an encoded [`ChangeCursor`]; "" is the beginning.
+    pub fn parse(s: &str) -> Result<Cursor, String> {
+        if s.is_empty() {
+            return Ok(Cursor::default());
+        }
+        if s.len() > MAX_CURSOR_BYTES {
+            return Err(format!(
+                "cursor is {} bytes, more than {MAX_CURSOR_BYTES}",
+                s.len()
+            ));
+        }
+        let hex = s
+            .strip_prefix("v1.")
+            .ok_or("cursor does not start with \"v1.\": not a cursor of this ledger")?;
+        if hex.len() % 2 != 0 {
+            return Err("cursor is not hex".into());
+        }
+        let bytes: Option<Vec<u8>> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+            .collect();
+        let bytes = bytes.ok_or("cursor is not hex")?;
+        let decoded = ChangeCursor::decode(bytes.as_slice())
+            .map_err(|e| format!("cursor does not decode: {e}"))?;
+        let mut map = BTreeMap::new();
+        for p in decoded.positions {
+            if p.node_id.is_empty() || p.seq == 0 || map.insert(p.node_id.clone(), p.seq).is_some()
+            {
+                return Err(format!(
+                    "cursor names node {:?} at seq {} (empty, zero or twice)",
+                    p.node_id, p.seq
+                ));
+            }
+        }
+        Ok(Cursor(map))
+    }
+
+    pub fn text(&self) -> String {
+        let msg = ChangeCursor {
+            positions: self
+                .0
+                .iter()
+                .map(|(n, s)| CursorPosition {
+                    node_id: n.clone(),
+                    seq: *s,
+                })
+                .collect(),
+        };
+        format!("v1.{}", wattd_records::durable::hex(&msg.encode_to_vec()))
+    }
+
+    pub fn get(&self, node: &str) -> u64 {
+        self.0.get(node).copied().unwrap_or(0)
+    }
+
+    /// Marks `node`'s batches up to `seq` as sent.
+    pub fn set(&mut self, node: &str, seq: u64) {
+        self.0.insert(node.to_owned(), seq);
+    }
+
+    /// A position the ledger does not hold: a cursor from another ledger, or from before this
+    /// one was restored from an older backup. Resuming from it would skip whatever is
+    /// committed up to it again.
+    pub fn ahead_of(&self, heads: &[(String, u64)]) -> Option<String> {
+        let heads: HashMap<&str, u64> = heads.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+        self.0.iter().find_map(|(node, &seq)| {
+            let have = heads.get(node.as_str()).copied().unwrap_or(0);
+            (seq > have).then(|| {
+                format!(
+                    "cursor is at node {node:?} seq {seq}, but this ledger holds that node only \
+                     up to seq {have}: a cursor of another ledger, or this one restored from an \
+                     older backup; nothing after it can be resumed safely"
+                )
+            })
+        })
+    }
+}
+
+/// The deterministic id of one change: hex SHA-256 of the tag, node, seq, run and domain, each
+/// followed by a 0 byte.
+pub fn change_id(node: &str, seq: u64, run: &str, domain: &str) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for part in ["wattd.change.v1", node, &seq.to_string(), run, domain] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    wattd_records::durable::hex(&h.finalize())
+}
+
+/// The window of a stored batch: its first interval's start and its last interval's end.
+fn window(signed_batch: &[u8]) -> (i64, i64) {
+    let batch = wattd_proto::v1::SignedBatch::decode(signed_batch)
+        .ok()
+        .and_then(|s| wattd_proto::v1::Batch::decode(s.batch_bytes.as_slice()).ok());
+    match batch {
+        Some(b) => (
+            b.intervals.first().map_or(0, |i| i.start_unix_ns),
+            b.intervals
+                .last()
+                .map_or(b.sealed_unix_ns, |i| i.end_unix_ns),
+        ),
+        None => (0, 0),
+    }
+}
+
+/// Everything a Query call needs.
+pub struct QueryService<S: Store> {
+    store: Arc<S>,
+    readers: Arc<ReadersFile>,
+    account_label: String,
+    metrics: Arc<Metrics>,
+    registry: ConnRegistry,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl<S: Store> std::fmt::Debug for QueryService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryService")
+            .field("account_label", &self.account_label)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who is calling, once known.
+#[derive(Clone, Debug)]
+struct Caller {
+    reader: String,
+    role: Option<Role>,
+}
+
+impl Caller {
+    fn role_text(&self) -> String {
+        self.role.as_ref().map_or_else(|| "none".into(), Role::text)
+    }
+}
+
+fn status(code: Code, reason: &'static str, message: String) -> Status {
+    let mut meta = tonic::metadata::MetadataMap::new();
+    meta.insert(
+        "wattd-reason",
+        tonic::metadata::MetadataValue::from_static(reason),
+    );
+    Status::with_metadata(code, message, meta)
+}
+
+fn store_status(e: &StoreError) -> Status {
+    status(
+        Code::Unavailable,
+        "store",
+        format!("store unavailable: {e}"),
+    )
+}
+
+impl<S: Store> QueryService<S> {
+    pub fn new(
+        store: Arc<S>,
+        readers: Arc<ReadersFile>,
+        account_label: String,
+        metrics: Arc<Metrics>,
+        registry: ConnRegistry,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            store,
+            readers,
+            account_label,
+            metrics,
+            registry,
+            shutdown,
+        }
+    }
+
+    /// The caller's CN and role; a caller with no role is refused (and audited).
+    async fn caller<T>(
+        &self,
+        req: &Request<T>,
+        call: &str,
+        filters: &str,
+    ) -> Result<Caller, Status> {
+        let reader = crate::service::peer_node_id(req).map_err(|e| {
+            status(
+                Code::Unauthenticated,
+                "no_reader_id",
+                format!("reader certificate: {e}"),
+            )
+        });
+        let reader = match reader {
+            Ok(r) => r,
+            Err(s) => {
+                let c = Caller {
+                    reader: String::new(),
+                    role: None,
+                };
+                return Err(self.refused(&c, call, filters, s).await);
+            }
+        };
+        let role = self.readers.current().role(&reader).cloned();
+        let caller = Caller { reader, role };
+        if caller.role.is_none() {
+            let s = status(
+                Code::PermissionDenied,
+                "not_a_reader",
+                format!(
+                    "certificate {:?} is not in the readers file: it may not read the ledger",
+                    caller.reader
+                ),
+            );
+            return Err(self.refused(&caller, call, filters, s).await);
+        }
+        Ok(caller)
+    }
+
+    /// Audits a refusal and returns its status (or UNAVAILABLE if the audit cannot be written).
+    async fn refused(&self, caller: &Caller, call: &str, filters: &str, s: Status) -> Status {
+        self.metrics.inc(&self.metrics.reads_refused);
+        let outcome = format!(
+            "{:?}: {}",
+            s.code(),
+            s.metadata()
+                .get("wattd-reason")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("refused")
+        );
+        match self.audit(caller, call, filters, 0, outcome).await {
+            Ok(()) => s,
+            Err(e) => e,
+        }
+    }
+
+    /// One row of the read audit and one log line.
+    async fn audit(
+        &self,
+        caller: &Caller,
+        call: &str,
+        filters: &str,
+        rows: u64,
+        outcome: String,
+    ) -> Result<(), Status> {
+        tracing::info!(
+            target: "wattd_ledger::reads",
+            reader = %caller.reader,
+            role = %caller.role_text(),
+            call,
+            filters,
+            rows,
+            outcome = %outcome,
+            "read"
+        );
+        let row = ReadAudit {
+            at_unix_ns: crate::unix_now_ns(),
+            reader: caller.reader.clone(),
+            role: caller.role_text(),
+            call: call.into(),
+            filters: filters.into(),
+            rows,
+            outcome,
+        };
+        self.store.record_read(row).await.map_err(|e| {
+            tracing::error!(error = %e, "the read audit cannot be written: the read is refused");
+            status(
+                Code::Unavailable,
+                "audit",
+                format!("the read cannot be audited, so it is not answered: {e}"),
+            )
+        })
+    }
+
+    /// (node, run) -> account, from the runs' labels.
+    async fn accounts(&self) -> Result<HashMap<(String, String), String>, StoreError> {
+        Ok(self
+            .store
+            .run_label(&self.account_label)
+            .await?
+            .into_iter()
+            .map(|(n, r, v)| ((n, r), v))
+            .collect())
+    }
+}
+
+fn json(v: serde_json::Value) -> String {
+    v.to_string()
+}
+
+#[tonic::async_trait]
+impl<S: Store> Query for QueryService<S> {
+    async fn run_totals(
+        &self,
+        req: Request<RunTotalsRequest>,
+    ) -> Result<Response<RunTotalsResponse>, Status> {
+        let _active = StreamActivity::start(&self.registry, req.remote_addr());
+        let r = req.get_ref().clone();
+        let filters = json(serde_json::json!({
+            "run_id": r.run_id, "account": r.account, "node_id": r.node_id,
+            "from_unix_ns": r.from_unix_ns, "to_unix_ns": r.to_unix_ns,
+        }));
+        let caller = self.caller(&req, "RunTotals", &filters).await?;
+        let account = match (&caller.role, r.account.as_str()) {
+            (Some(Role::Account(own)), "") => Some(own.clone()),
+            (Some(Role::Account(own)), asked) if asked == own => Some(own.clone()),
+            (Some(Role::Account(own)), asked) => {
+                let s = status(
+                    Code::PermissionDenied,
+                    "other_account",
+                    format!(
+                        "reader {:?} reads account {own:?} only, not {asked:?}",
+                        caller.reader
+                    ),
+                );
+                return Err(self.refused(&caller, "RunTotals", &filters, s).await);
+            }
+            (_, "") => None,
+            (_, asked) => Some(asked.to_owned()),
+        };
+        if r.from_unix_ns < 0 || r.to_unix_ns < 0 {
+            let s = status(
+                Code::InvalidArgument,
+                "bad_filter",
+                "from_unix_ns and to_unix_ns are Unix nanoseconds, not negative".into(),
+            );
+            return Err(self.refused(&caller, "RunTotals", &filters, s).await);
+        }
+        let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        let filter = TotalsFilter {
+            run_id: nonempty(&r.run_id),
+            node_id: nonempty(&r.node_id),
+            from_unix_ns: (r.from_unix_ns != 0).then_some(r.from_unix_ns),
+            to_unix_ns: (r.to_unix_ns != 0).then_some(r.to_unix_ns),
+        };
+        let answer = async {
+            let rows = self.store.run_totals_where(filter).await?;
+            let accounts = self.accounts().await?;
+            Ok::<_, StoreError>((rows, accounts))
+        }
+        .await;
+        let (rows, accounts) = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                return Err(self
+                    .refused(&caller, "RunTotals", &filters, store_status(&e))
+                    .await)
+            }
+        };
+        let mut totals = Vec::new();
+        for t in rows {
+            let acct = accounts.get(&(t.node_id.clone(), t.run_id.clone()));
+            if account.is_some() && acct != account.as_ref() {
+                continue;
+            }
+            let Ok(energy_uj) = u64::try_from(t.energy_uj) else {
+                let s = status(
+                    Code::OutOfRange,
+                    "total_above_u64",
+                    format!(
+                        "node {:?} run {:?} domain {}: {} uJ does not fit the response's 64 bits; \
+                         narrow the time range",
+                        t.node_id, t.run_id, t.domain, t.energy_uj
+                    ),
+                );
+                return Err(self.refused(&caller, "RunTotals", &filters, s).await);
+            };
+            totals.push(RunTotal {
+                energy_wh: wh_text(t.energy_uj),
+                account: acct.cloned().unwrap_or_default(),
+                node_id: t.node_id,
+                run_id: t.run_id,
+                domain: t.domain,
+                energy_uj,
+            });
+        }
+        self.audit(
+            &caller,
+            "RunTotals",
+            &filters,
+            totals.len() as u64,
+            "ok".into(),
+        )
+        .await?;
+        self.metrics.inc(&self.metrics.reads);
+        Ok(Response::new(RunTotalsResponse { totals }))
+    }
+
+    type ChangesStream = ReceiverStream<Result<ChangesResponse, Status>>;
+
+    async fn changes(
+        &self,
+        req: Request<ChangesRequest>,
+    ) -> Result<Response<Self::ChangesStream>, Status> {
+        let activity = StreamActivity::start(&self.registry, req.remote_addr());
+        let r = req.get_ref().clone();
+        let shown_cursor: String = r.cursor.chars().take(96).collect();
+        let filters = json(serde_json::json!({
+            "cursor": shown_cursor, "cursor_bytes": r.cursor.len(), "follow": r.follow,
+            "keepalive_s": r.keepalive_s,
+        }));
+        let caller = self.caller(&req, "Changes", &filters).await?;
+        let cursor = match Cursor::parse(&r.cursor) {
+            Ok(c) => c,
+            Err(e) => {
+                let s = status(Code::InvalidArgument, "bad_cursor", e);
+                return Err(self.refused(&caller, "Changes", &filters, s).await);
+            }
+        };
+        let keepalive = match r.keepalive_s {
+            0 => Duration::from_secs(30),
+            s @ 1..=300 => Duration::from_secs(u64::from(s)),
+            s => {
+                let s = status(
+                    Code::InvalidArgument,
+                    "bad_keepalive",
+                    format!("keepalive_s {s}: 1 to 300 seconds, or 0 for 30"),
+                );
+                return Err(self.refused(&caller, "Changes", &filters, s).await);
+            }
+        };
+        let heads = match self.store.heads().await {
+            Ok(h) => h,
+            Err(e) => {
+                return Err(self
+                    .refused(&caller, "Changes", &filters, store_status(&e))
+                    .await)
+            }
+        };
+        if let Some(why) = cursor.ahead_of(&heads) {
+            let s = status(Code::OutOfRange, "cursor_ahead", why);
+            return Err(self.refused(&caller, "Changes", &filters, s).await);
+        }
+        self.audit(&caller, "Changes", &filters, 0, "ok: stream opened".into())
+            .await?;
+        self.metrics.inc(&self.metrics.reads);
+        let (tx, rx) = mpsc::channel(BUFFER);
+        let feed = Feed {
+            store: Arc::clone(&self.store),
+            account_label: self.account_label.clone(),
+            role: caller.role.clone().unwrap_or(Role::Metering),
+            cursor,
+            follow: r.follow,
+            keepalive,
+            tx,
+            metrics: Arc::clone(&self.metrics),
+            shutdown: self.shutdown.clone(),
+            sent: 0,
+        };
+        let service = QueryService {
+            store: Arc::clone(&self.store),
+            readers: Arc::clone(&self.readers),
+            account_label: self.account_label.clone(),
+            metrics: Arc::clone(&self.metrics),
+            registry: Arc::clone(&self.registry),
+            shutdown: self.shutdown.clone(),
+        };
+        tokio::spawn(async move {
+            let _activity = activity;
+            service.metrics.inc(&service.metrics.changes_streams_open);
+            let (sent, outcome) = feed.run().await;
+            service.metrics.dec(&service.metrics.changes_streams_open);
+            let _ = service
+                .audit(
+                    &caller,
+                    "Changes",
+                    &filters,
+                    sent,
+                    format!("closed: {outcome}"),
+                )
+                .await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn run_intervals(
+        &self,
+        req: Request<RunIntervalsRequest>,
+    ) -> Result<Response<RunIntervalsResponse>, Status> {
+        let _active = StreamActivity::start(&self.registry, req.remote_addr());
+        let r = req.get_ref().clone();
+        let filters = json(serde_json::json!({
+            "run_id": r.run_id, "node_id": r.node_id, "after_node_id": r.after_node_id,
+            "after_seq": r.after_seq, "limit": r.limit,
+        }));
+        let caller = self.caller(&req, "RunIntervals", &filters).await?;
+        let limit = match r.limit {
+            0 => 100,
+            n @ 1..=1000 => n,
+            n => {
+                let s = status(
+                    Code::InvalidArgument,
+                    "bad_limit",
+                    format!("limit {n}: 1 to 1000, or 0 for 100"),
+                );
+                return Err(self.refused(&caller, "RunIntervals", &filters, s).await);
+            }
+        };
+        if r.run_id.is_empty() {
+            let s = status(
+                Code::InvalidArgument,
+                "bad_filter",
+                "run_id is required".into(),
+            );
+            return Err(self.refused(&caller, "RunIntervals", &filters, s).await);
+        }
+        let answer = async {
+            let batches = self
+                .store
+                .run_batches(
+                    &r.run_id,
+                    &r.node_id,
+                    (&r.after_node_id, r.after_seq),
+                    limit + 1,
+                )
+                .await?;
+            let accounts = self.accounts().await?;
+            Ok::<_, StoreError>((batches, accounts))
+        }
+        .await;
+        let (mut batches, accounts) = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                return Err(self
+                    .refused(&caller, "RunIntervals", &filters, store_status(&e))
+                    .await)
+            }
+        };
+        if let Some(Role::Account(own)) = &caller.role {
+            // An account reader asking for another account's run learns only that it may not.
+            if let Some(b) = batches
+                .iter()
+                .find(|b| accounts.get(&(b.node_id.clone(), r.run_id.clone())) != Some(own))
+            {
+                let s = status(
+                    Code::PermissionDenied,
+                    "other_account",
+                    format!(
+                        "reader {:?} reads account {own:?} only; run {:?} on node {:?} is not \
+                         in it",
+                        caller.reader, r.run_id, b.node_id
+                    ),
+                );
+                return Err(self.refused(&caller, "RunIntervals", &filters, s).await);
+            }
+        }
+        let more = batches.len() > limit as usize;
+        batches.truncate(limit as usize);
+        let batches: Vec<RunBatch> = batches
+            .into_iter()
+            .map(|b| RunBatch {
+                node_id: b.node_id,
+                seq: b.seq,
+                batch_hash: b.hash.to_vec(),
+                key_epoch: b.key_epoch,
+                key_id: b.key_id.to_vec(),
+                signed_batch: b.signed_batch,
+                allocations: b
+                    .allocations
+                    .into_iter()
+                    .map(|a| RunAllocation {
+                        interval_index: a.interval_index,
+                        domain: a.domain,
+                        active_uj: a.active_uj,
+                        idle_uj: a.idle_uj,
+                        energy_uj: a.energy_uj,
+                        usage_us: a.usage_us,
+                    })
+                    .collect(),
+            })
+            .collect();
+        self.audit(
+            &caller,
+            "RunIntervals",
+            &filters,
+            batches.len() as u64,
+            "ok".into(),
+        )
+        .await?;
+        self.metrics.inc(&self.metrics.reads);
+        Ok(Response::new(RunIntervalsResponse { batches, more }))
+    }
+}
+
+/// One Changes stream's producer.
+struct Feed<S: Store> {
+    store: Arc<S>,
+    account_label: String,
+    role: Role,
+    cursor: Cursor,
+    follow: bool,
+    keepalive: Duration,
+    tx: mpsc::Sender<Result<ChangesResponse, Status>>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    sent: u64,
+}
+
+/// Why a feed ended.
+type Ended = String;
+
+impl<S: Store> Feed<S> {
+    /// Streams until the present (or, following, until the consumer leaves or the ledger
+    /// stops); returns the changes sent and why it ended.
+    async fn run(mut self) -> (u64, String) {
+        let outcome = match self.pump().await {
+            Ok(()) => "at the present".to_string(),
+            Err(why) => why,
+        };
+        (self.sent, outcome)
+    }
+
+    async fn send(&mut self, msg: Result<ChangesResponse, Status>) -> Result<(), Ended> {
+        match tokio::time::timeout(STALLED_CONSUMER, self.tx.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err("consumer gone".into()),
+            Err(_) => {
+                self.metrics.inc(&self.metrics.changes_stalled);
+                Err(format!(
+                    "consumer took no message for {} s: dropped",
+                    STALLED_CONSUMER.as_secs()
+                ))
+            }
+        }
+    }
+
+    async fn fail(&mut self, e: &StoreError) -> Ended {
+        let _ = self.send(Err(store_status(e))).await;
+        format!("store: {e}")
+    }
+
+    async fn pump(&mut self) -> Result<(), Ended> {
+        let mut accounts: HashMap<(String, String), String> = HashMap::new();
+        let mut looked_up: std::collections::HashSet<(String, String)> = Default::default();
+        let mut last_message = Instant::now();
+        let mut announced = self.cursor.text();
+        loop {
+            if *self.shutdown.borrow() {
+                let _ = self
+                    .send(Err(status(
+                        Code::Unavailable,
+                        "shutting_down",
+                        "the ledger is shutting down; resume from the last cursor".into(),
+                    )))
+                    .await;
+                return Err("ledger shutting down".into());
+            }
+            let heads = match self.store.heads().await {
+                Ok(h) => h,
+                Err(e) => return Err(self.fail(&e).await),
+            };
+            let mut progressed = false;
+            for (node, head) in heads {
+                let from = self.cursor.get(&node);
+                if head <= from {
+                    continue;
+                }
+                let page = match self.store.batch_energy(&node, from, PAGE).await {
+                    Ok(p) => p,
+                    Err(e) => return Err(self.fail(&e).await),
+                };
+                for b in page {
+                    let unseen = b
+                        .allocations
+                        .iter()
+                        .any(|a| !looked_up.contains(&(b.node_id.clone(), a.run_id.clone())));
+                    if unseen {
+                        // A run not seen yet: its labels may have been stored since the map was
+                        // read. A run without an account label is looked up once, not per batch.
+                        accounts = match self.store.run_label(&self.account_label).await {
+                            Ok(rows) => rows.into_iter().map(|(n, r, v)| ((n, r), v)).collect(),
+                            Err(e) => return Err(self.fail(&e).await),
+                        };
+                        looked_up.extend(
+                            b.allocations
+                                .iter()
+                                .map(|a| (b.node_id.clone(), a.run_id.clone())),
+                        );
+                    }
+                    let changes = match self.changes_of(&b, &accounts) {
+                        Ok(c) => c,
+                        Err(s) => {
+                            let why = s.message().to_owned();
+                            let _ = self.send(Err(*s)).await;
+                            return Err(why);
+                        }
+                    };
+                    self.cursor.set(&node, b.seq);
+                    progressed = true;
+                    if changes.is_empty() {
+                        continue;
+                    }
+                    let n = changes.len() as u64;
+                    let cursor = self.cursor.text();
+                    self.send(Ok(ChangesResponse {
+                        changes,
+                        cursor: cursor.clone(),
+                    }))
+                    .await?;
+                    self.sent += n;
+                    self.metrics.add(&self.metrics.changes_sent, n);
+                    announced = cursor;
+                    last_message = Instant::now();
+                }
+            }
+            if progressed {
+                continue;
+            }
+            // Caught up. Batches this reader may not see still moved the cursor: say so, so
+            // that a resume does not read them again.
+            let now = self.cursor.text();
+            if now != announced || (self.follow && last_message.elapsed() >= self.keepalive) {
+                self.send(Ok(ChangesResponse {
+                    changes: Vec::new(),
+                    cursor: now.clone(),
+                }))
+                .await?;
+                announced = now;
+                last_message = Instant::now();
+            }
+            if !self.follow {
+                return Ok(());
+            }
+            // Wait for a commit here (the counter moves), another process's (asked every
+            // POLL_STORE), the keep-alive, the ledger stopping or the consumer leaving.
+            let stored = self.metrics.stored_now();
+            let idle_since = Instant::now();
+            loop {
+                let mut stop = self.shutdown.clone();
+                tokio::select! {
+                    () = tokio::time::sleep(POLL) => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                    () = self.tx.closed() => return Err("consumer gone".into()),
+                }
+                if self.metrics.stored_now() != stored
+                    || idle_since.elapsed() >= POLL_STORE
+                    || last_message.elapsed() >= self.keepalive
+                {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The changes of one batch this reader may see.
+    fn changes_of(
+        &self,
+        b: &BatchEnergy,
+        accounts: &HashMap<(String, String), String>,
+    ) -> Result<Vec<Change>, Box<Status>> {
+        batch_changes(b, accounts, &self.role)
+            .map_err(|e| Box::new(status(Code::Internal, "total_above_u64", e)))
+    }
+}
+
+/// The changes of one stored batch that `role` may see: per run and domain, its billed
+/// allocations summed, with the deterministic id and the batch's window, hash and key.
+pub fn batch_changes(
+    b: &BatchEnergy,
+    accounts: &HashMap<(String, String), String>,
+    role: &Role,
+) -> Result<Vec<Change>, String> {
+    let mut sums: BTreeMap<(&str, &str), u128> = BTreeMap::new();
+    for a in &b.allocations {
+        *sums.entry((&a.run_id, &a.domain)).or_default() += u128::from(a.energy_uj);
+    }
+    let (start, end) = window(&b.signed_batch);
+    let mut out = Vec::new();
+    for ((run, domain), uj) in sums {
+        let account = accounts.get(&(b.node_id.clone(), run.to_owned()));
+        if !role.sees(account.map(String::as_str)) {
+            continue;
+        }
+        let energy_uj = u64::try_from(uj).map_err(|_| {
+            format!(
+                "node {:?} seq {} run {run:?} {domain}: {uj} uJ in one batch does not fit 64 bits",
+                b.node_id, b.seq
+            )
+        })?;
+        out.push(Change {
+            id: change_id(&b.node_id, b.seq, run, domain),
+            node_id: b.node_id.clone(),
+            seq: b.seq,
+            run_id: run.to_owned(),
+            account: account.cloned().unwrap_or_default(),
+            domain: domain.to_owned(),
+            energy_uj,
+            energy_wh: wh_text(uj),
+            window_start_unix_ns: start,
+            window_end_unix_ns: end,
+            batch_hash: b.hash.to_vec(),
+            key_epoch: b.key_epoch,
+            key_id: b.key_id.to_vec(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_bad_ones_are_refused() {
+        let mut c = Cursor::default();
+        assert_eq!(Cursor::parse("").unwrap(), c);
+        c.set("node-a", 7);
+        c.set("node-b", 1);
+        let t = c.text();
+        assert!(t.starts_with("v1."));
+        assert_eq!(Cursor::parse(&t).unwrap(), c);
+        for bad in ["x", "v1.zz", "v1.0", "v2.00", "v1.0a01"] {
+            assert!(Cursor::parse(bad).is_err(), "{bad:?}");
+        }
+        let huge = format!("v1.{}", "0".repeat(MAX_CURSOR_BYTES));
+        assert!(Cursor::parse(&huge).unwrap_err().contains("bytes"));
+        let heads = vec![("node-a".to_string(), 9), ("node-b".to_string(), 1)];
+        assert_eq!(c.ahead_of(&heads), None);
+        let behind = vec![("node-a".to_string(), 6), ("node-b".to_string(), 1)];
+        assert!(c.ahead_of(&behind).unwrap().contains("seq 7"));
+        assert!(c.ahead_of(&heads[..1]).unwrap().contains("node-b"));
+    }
+
+    #[test]
+    fn change_ids_are_deterministic_and_distinct() {
+        let a = change_id("n", 1, "r", "package:0");
+        assert_eq!(a, change_id("n", 1, "r", "package:0"));
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, change_id("n", 11, "r", "package:0"));
+        assert_ne!(a, change_id("n", 1, "r", "package:1"));
+        // The separators keep ("n1", "") and ("n", "1") apart.
+        assert_ne!(change_id("ab", 1, "c", "d"), change_id("a", 1, "bc", "d"));
+    }
+}
