@@ -910,30 +910,7 @@ impl Store for PgStore {
     }
 
     async fn run_totals(&self) -> Result<Vec<RunDomainTotal>, StoreError> {
-        let mut p = self.conn().await?;
-        let c = p.get()?;
-        // SUM(bigint) is numeric in PostgreSQL: exact, never overflows; read it as text.
-        let rows = c
-            .client
-            .query(
-                "SELECT node_id, run_id, domain, SUM(energy_uj)::text FROM allocations \
-                 GROUP BY node_id, run_id, domain ORDER BY node_id, run_id, domain",
-                &[],
-            )
-            .await?;
-        rows.into_iter()
-            .map(|r| {
-                let total: &str = r.get(3);
-                Ok(RunDomainTotal {
-                    node_id: r.get(0),
-                    run_id: r.get(1),
-                    domain: r.get(2),
-                    energy_uj: total
-                        .parse()
-                        .map_err(|_| StoreError::Corrupt(format!("energy sum {total:?}")))?,
-                })
-            })
-            .collect()
+        self.run_totals_where(TotalsFilter::default()).await
     }
 
     async fn run_finals(&self) -> Result<Vec<(String, String, String, u64)>, StoreError> {
@@ -979,6 +956,7 @@ impl Store for PgStore {
             .collect();
         let mut p = self.conn().await?;
         let c = p.get()?;
+        // SUM(bigint) is numeric in PostgreSQL: exact, never overflows; read it as text.
         let rows = c
             .client
             .query(

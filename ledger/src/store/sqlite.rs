@@ -819,37 +819,7 @@ impl Store for SqliteStore {
     }
 
     async fn run_totals(&self) -> Result<Vec<RunDomainTotal>, StoreError> {
-        self.with(|c| {
-            // SQLite's SUM is a 64-bit integer that fails on overflow (for every query, so one
-            // node's huge values would break everyone's). Summed as high and low 32-bit halves,
-            // each sum fits up to 2^31 rows per group, and the total is exact in 128 bits.
-            let mut st = c.prepare(
-                "SELECT node_id, run_id, domain, SUM(energy_uj >> 32), \
-                 SUM(energy_uj & 4294967295) FROM allocations \
-                 GROUP BY node_id, run_id, domain ORDER BY node_id, run_id, domain",
-            )?;
-            let rows = st.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, i64>(4)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (node_id, run_id, domain, hi, lo) = row?;
-                out.push(RunDomainTotal {
-                    node_id,
-                    run_id,
-                    domain,
-                    energy_uj: halves(hi, lo)?,
-                });
-            }
-            Ok(out)
-        })
-        .await
+        self.run_totals_where(TotalsFilter::default()).await
     }
 
     async fn run_totals_where(
@@ -858,7 +828,9 @@ impl Store for SqliteStore {
     ) -> Result<Vec<RunDomainTotal>, StoreError> {
         self.with(move |c| {
             let (clause, params) = totals_where(&filter);
-            // Summed in 32-bit halves, exact in 128 bits (see run_totals).
+            // SQLite's SUM is a 64-bit integer that fails on overflow (for every query, so one
+            // node's huge values would break everyone's). Summed as high and low 32-bit halves,
+            // each sum fits up to 2^31 rows per group, and the total is exact in 128 bits.
             let mut st = c.prepare(&format!(
                 "SELECT a.node_id, a.run_id, a.domain, SUM(a.energy_uj >> 32), \
                  SUM(a.energy_uj & 4294967295) FROM allocations a JOIN batches b \

@@ -28,6 +28,19 @@ pub(crate) const READERS: &[(&str, &str)] = &[
     ("view-acme", "account:acme"),
 ];
 
+/// A ledger with the query API for [`READERS`] and node n1 enrolled, and n1's chain; None when
+/// the store is not available here.
+async fn n1_with_readers(b: Backend, name: &str) -> Option<(Fixture, Chain, Readers, Ledger)> {
+    let f = Fixture::new(b, name).await?;
+    let chain = Chain::new(key("n1", 1, 1));
+    f.enrol(&chain.key);
+    let readers = f.readers(READERS);
+    let l = f
+        .start_with(f.query_options(Limits::default(), &readers))
+        .await;
+    Some((f, chain, readers, l))
+}
+
 /// A Query client over TLS as reader `cn` (a certificate of `ca`).
 async fn reader(
     f: &Fixture,
@@ -134,15 +147,9 @@ async fn roles_decide_what_each_reader_sees_and_every_read_is_audited(
     b: Backend,
     name: &str,
 ) -> TestResult {
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain, readers, l)) = n1_with_readers(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
-    let readers = f.readers(READERS);
-    let l = f
-        .start_with(f.query_options(Limits::default(), &readers))
-        .await;
     let q = l.query_addr.expect("query port");
     let mut s = connect(&f, &l, "n1").await;
     for i in 0..3 {
@@ -437,15 +444,9 @@ async fn the_change_feed_resumes_across_a_restart_and_adds_up_to_runs(
 }
 
 async fn a_cursor_from_the_future_or_garbage_is_refused(b: Backend, name: &str) -> TestResult {
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain, readers, l)) = n1_with_readers(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
-    let readers = f.readers(READERS);
-    let l = f
-        .start_with(f.query_options(Limits::default(), &readers))
-        .await;
     let mut s = connect(&f, &l, "n1").await;
     for i in 0..4 {
         s.send(labelled_batch(&mut chain, i == 0, 1)).await?;
@@ -511,15 +512,9 @@ async fn a_cursor_from_the_future_or_garbage_is_refused(b: Backend, name: &str) 
 }
 
 async fn a_reader_that_stops_reading_does_not_slow_ingestion(b: Backend, name: &str) -> TestResult {
-    let Some(f) = Fixture::new(b, name).await else {
+    let Some((f, mut chain, readers, l)) = n1_with_readers(b, name).await else {
         return Ok(());
     };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    f.enrol(&chain.key);
-    let readers = f.readers(READERS);
-    let l = f
-        .start_with(f.query_options(Limits::default(), &readers))
-        .await;
     let mut m = reader(
         &f,
         l.query_addr.expect("query"),
