@@ -5,10 +5,11 @@
 //! (OpenMeter), or an idempotency key (Stripe, Lago, Orb), makes a repeated event harmless.
 //! Written to stdout (structured mode: one event per line; or with `--batch`, one
 //! `application/cloudevents-batch+json` array per stored batch), or POSTed to an HTTP endpoint
-//! with retries. The position is the change feed's cursor, saved (atomically) after each batch
-//! is written or acknowledged, so a resumed export repeats at most the batch in flight.
+//! with retries (a 409 is a receiver that has the id already: delivered). A run's account is
+//! its label as stored when the batch is read. The position is the change feed's cursor, saved
+//! (atomically) after each batch is written or acknowledged, so a resumed export repeats at most
+//! the batch in flight.
 
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use crate::store::{Store, StoreError};
 /// The CloudEvents `type` of one change.
 pub const EVENT_TYPE: &str = "dev.wattd.run.energy.v1";
 /// Batches read from one node per round.
-const PAGE: u32 = 64;
+const PAGE: u32 = 16;
 
 /// Where the events go.
 #[derive(Clone, Debug)]
@@ -156,8 +157,6 @@ pub async fn export<S: Store>(
         Sink::Post(p) => Some(http::Client::new(p)?),
         Sink::Stdout => None,
     };
-    let mut accounts: HashMap<(String, String), String> = HashMap::new();
-    let mut looked_up: HashSet<(String, String)> = HashSet::new();
     let mut done = Exported::default();
     loop {
         let mut progressed = false;
@@ -166,25 +165,11 @@ pub async fn export<S: Store>(
             if head <= from {
                 continue;
             }
-            for b in store.batch_energy(&node, from, PAGE).await? {
-                if b.allocations
-                    .iter()
-                    .any(|a| !looked_up.contains(&(b.node_id.clone(), a.run_id.clone())))
-                {
-                    accounts = store
-                        .run_label(&opts.account_label)
-                        .await?
-                        .into_iter()
-                        .map(|(n, r, v)| ((n, r), v))
-                        .collect();
-                    looked_up.extend(
-                        b.allocations
-                            .iter()
-                            .map(|a| (b.node_id.clone(), a.run_id.clone())),
-                    );
-                }
-                let changes =
-                    batch_changes(&b, &accounts, &Role::Metering).map_err(ExportError::Post)?;
+            for b in store
+                .batch_energy(&node, from, PAGE, &opts.account_label)
+                .await?
+            {
+                let changes = batch_changes(&b, &Role::Metering).map_err(ExportError::Post)?;
                 let events: Vec<Value> = changes.iter().map(event).collect();
                 if !events.is_empty() {
                     match &client {
@@ -317,6 +302,13 @@ mod http {
             } else {
                 None
             };
+            if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+                return Err(ExportError::Post(
+                    "--post: credentials in the URL would be sent in the Host header and logged; \
+                     the endpoint must not need them there"
+                        .into(),
+                ));
+            }
             Ok(Client {
                 target: uri
                     .path_and_query()
@@ -401,7 +393,8 @@ mod http {
             let (status, text) = tokio::time::timeout(Duration::from_secs(30), exchange)
                 .await
                 .map_err(|_| Attempt::Retry("no answer within 30 s".into()))??;
-            if status.is_success() {
+            // 409: the receiver has this id already (a replay after a crash): delivered.
+            if status.is_success() || status == hyper::StatusCode::CONFLICT {
                 Ok(())
             } else if status.is_server_error()
                 || status == hyper::StatusCode::TOO_MANY_REQUESTS
@@ -438,12 +431,12 @@ mod http {
             .await
             .map_err(|e| Attempt::Retry(e.to_string()))?;
         let status = resp.status();
-        let body = resp
-            .into_body()
+        // The answer is read for the log only: at most 64 KiB of it.
+        let body = http_body_util::Limited::new(resp.into_body(), 64 << 10)
             .collect()
             .await
-            .map_err(|e| Attempt::Retry(e.to_string()))?
-            .to_bytes();
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
         driver.abort();
         let text: String = String::from_utf8_lossy(&body).chars().take(512).collect();
         Ok((status, text))

@@ -28,10 +28,16 @@ use crate::readers::{ReadersFile, Role};
 use crate::server::{ConnRegistry, StreamActivity};
 use crate::store::{BatchEnergy, ReadAudit, Store, StoreError, TotalsFilter};
 
-/// The largest cursor accepted (a fleet of 10,000 nodes needs about 600 KiB).
-pub const MAX_CURSOR_BYTES: usize = 1 << 20;
-/// Batches read from one node per round of the change feed.
-const PAGE: u32 = 64;
+/// The largest cursor accepted: about 30,000 nodes with the longest node ids (255 bytes), or
+/// 250,000 with 36-byte ones. The feed never emits a larger one: it ends the stream instead
+/// (a fleet that large needs a compact cursor; not needed yet).
+pub const MAX_CURSOR_BYTES: usize = 16 << 20;
+/// Batches read from one node per round of the change feed (each read whole, signed bytes
+/// included, for its window).
+const PAGE: u32 = 16;
+/// A following stream writes an audit checkpoint (rows sent so far) this often; if it cannot,
+/// the stream ends: nothing is read unaudited for longer.
+const AUDIT_EVERY: Duration = Duration::from_secs(60);
 /// How often a following feed checks whether this process stored a batch (a counter, no
 /// query), and how often it asks the store anyway (another process may have).
 const POLL: Duration = Duration::from_millis(250);
@@ -472,9 +478,20 @@ impl<S: Store> Query for QueryService<S> {
             }
         };
         if let Some(why) = cursor.ahead_of(&heads) {
+            // An account reader learns no other node's position from the refusal.
+            let why = match caller.role {
+                Some(Role::Metering) => why,
+                _ => "cursor is ahead of what this ledger holds: a cursor of another ledger, or \
+                      this one restored from an older backup"
+                    .into(),
+            };
             let s = status(Code::OutOfRange, "cursor_ahead", why);
             return Err(self.refused(&caller, "Changes", &filters, s).await);
         }
+        let Some(role) = caller.role.clone() else {
+            let s = status(Code::PermissionDenied, "not_a_reader", "no role".into());
+            return Err(self.refused(&caller, "Changes", &filters, s).await);
+        };
         self.audit(&caller, "Changes", &filters, 0, "ok: stream opened".into())
             .await?;
         self.metrics.inc(&self.metrics.reads);
@@ -482,7 +499,10 @@ impl<S: Store> Query for QueryService<S> {
         let feed = Feed {
             store: Arc::clone(&self.store),
             account_label: self.account_label.clone(),
-            role: caller.role.clone().unwrap_or(Role::Metering),
+            role,
+            readers: Arc::clone(&self.readers),
+            caller: caller.clone(),
+            filters: filters.clone(),
             cursor,
             follow: r.follow,
             keepalive,
@@ -490,6 +510,7 @@ impl<S: Store> Query for QueryService<S> {
             metrics: Arc::clone(&self.metrics),
             shutdown: self.shutdown.clone(),
             sent: 0,
+            unaudited: 0,
         };
         let service = QueryService {
             store: Arc::clone(&self.store),
@@ -556,13 +577,13 @@ impl<S: Store> Query for QueryService<S> {
                     &r.node_id,
                     (&r.after_node_id, r.after_seq),
                     limit + 1,
+                    &self.account_label,
                 )
                 .await?;
-            let accounts = self.accounts().await?;
-            Ok::<_, StoreError>((batches, accounts))
+            Ok::<_, StoreError>(batches)
         }
         .await;
-        let (mut batches, accounts) = match answer {
+        let mut batches = match answer {
             Ok(a) => a,
             Err(e) => {
                 return Err(self
@@ -572,17 +593,17 @@ impl<S: Store> Query for QueryService<S> {
         };
         if let Some(Role::Account(own)) = &caller.role {
             // An account reader asking for another account's run learns only that it may not.
-            if let Some(b) = batches
+            let foreign = batches
                 .iter()
-                .find(|b| accounts.get(&(b.node_id.clone(), r.run_id.clone())) != Some(own))
-            {
+                .flat_map(|b| &b.allocations)
+                .any(|a| a.account.as_ref() != Some(own));
+            if foreign {
                 let s = status(
                     Code::PermissionDenied,
                     "other_account",
                     format!(
-                        "reader {:?} reads account {own:?} only; run {:?} on node {:?} is not \
-                         in it",
-                        caller.reader, r.run_id, b.node_id
+                        "reader {:?} reads account {own:?} only; run {:?} is not in it",
+                        caller.reader, r.run_id
                     ),
                 );
                 return Err(self.refused(&caller, "RunIntervals", &filters, s).await);
@@ -590,6 +611,10 @@ impl<S: Store> Query for QueryService<S> {
         }
         let more = batches.len() > limit as usize;
         batches.truncate(limit as usize);
+        // The signed bytes hold every run of the node's batch: other accounts' runs and labels.
+        // Only the metering role gets them (to verify the signature); an account view gets the
+        // batch's hash and key, which the metering pipeline can check against the chain.
+        let signed_too = matches!(caller.role, Some(Role::Metering));
         let batches: Vec<RunBatch> = batches
             .into_iter()
             .map(|b| RunBatch {
@@ -598,7 +623,11 @@ impl<S: Store> Query for QueryService<S> {
                 batch_hash: b.hash.to_vec(),
                 key_epoch: b.key_epoch,
                 key_id: b.key_id.to_vec(),
-                signed_batch: b.signed_batch,
+                signed_batch: if signed_too {
+                    b.signed_batch
+                } else {
+                    Vec::new()
+                },
                 allocations: b
                     .allocations
                     .into_iter()
@@ -631,13 +660,20 @@ struct Feed<S: Store> {
     store: Arc<S>,
     account_label: String,
     role: Role,
+    /// Re-read every round: a reader removed from the file, or given another role, loses its
+    /// open streams.
+    readers: Arc<ReadersFile>,
+    caller: Caller,
+    filters: String,
     cursor: Cursor,
     follow: bool,
     keepalive: Duration,
     tx: mpsc::Sender<Result<ChangesResponse, Status>>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
+    /// Changes sent, and sent since the last audit checkpoint.
     sent: u64,
+    unaudited: u64,
 }
 
 /// Why a feed ended.
@@ -645,26 +681,33 @@ type Ended = String;
 
 impl<S: Store> Feed<S> {
     /// Streams until the present (or, following, until the consumer leaves or the ledger
-    /// stops); returns the changes sent and why it ended.
+    /// stops); returns the changes sent since the last audit checkpoint and why it ended.
     async fn run(mut self) -> (u64, String) {
         let outcome = match self.pump().await {
             Ok(()) => "at the present".to_string(),
             Err(why) => why,
         };
-        (self.sent, outcome)
+        (
+            self.unaudited,
+            format!("{outcome} ({} changes in all)", self.sent),
+        )
     }
 
     async fn send(&mut self, msg: Result<ChangesResponse, Status>) -> Result<(), Ended> {
-        match tokio::time::timeout(STALLED_CONSUMER, self.tx.send(msg)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err("consumer gone".into()),
-            Err(_) => {
-                self.metrics.inc(&self.metrics.changes_stalled);
-                Err(format!(
-                    "consumer took no message for {} s: dropped",
-                    STALLED_CONSUMER.as_secs()
-                ))
-            }
+        let mut stop = self.shutdown.clone();
+        tokio::select! {
+            r = tokio::time::timeout(STALLED_CONSUMER, self.tx.send(msg)) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err("consumer gone".into()),
+                Err(_) => {
+                    self.metrics.inc(&self.metrics.changes_stalled);
+                    Err(format!(
+                        "consumer took no message for {} s: dropped",
+                        STALLED_CONSUMER.as_secs()
+                    ))
+                }
+            },
+            _ = stop.wait_for(|s| *s) => Err("ledger shutting down".into()),
         }
     }
 
@@ -673,21 +716,80 @@ impl<S: Store> Feed<S> {
         format!("store: {e}")
     }
 
+    /// Ends the stream with `code` and `reason`.
+    async fn end(&mut self, code: Code, reason: &'static str, why: String) -> Ended {
+        let _ = self.send(Err(status(code, reason, why.clone()))).await;
+        why
+    }
+
+    /// The cursor as sent: refused past the size a resume would accept.
+    async fn cursor_text(&mut self) -> Result<String, Ended> {
+        let text = self.cursor.text();
+        if text.len() > MAX_CURSOR_BYTES {
+            let why = format!(
+                "the cursor would be {} bytes, more than the {MAX_CURSOR_BYTES} a resume accepts",
+                text.len()
+            );
+            return Err(self
+                .end(Code::ResourceExhausted, "cursor_too_large", why)
+                .await);
+        }
+        Ok(text)
+    }
+
+    /// The reader still has the role the stream was opened with.
+    async fn still_allowed(&mut self) -> Result<(), Ended> {
+        let now = self.readers.current().role(&self.caller.reader).cloned();
+        if now.as_ref() == Some(&self.role) {
+            return Ok(());
+        }
+        let why = format!(
+            "reader {:?} is no longer {} in the readers file",
+            self.caller.reader,
+            self.role.text()
+        );
+        Err(self.end(Code::PermissionDenied, "revoked", why).await)
+    }
+
+    /// One audit row for what was sent since the last; the stream ends if it cannot be written.
+    async fn checkpoint(&mut self) -> Result<(), Ended> {
+        let row = ReadAudit {
+            at_unix_ns: crate::unix_now_ns(),
+            reader: self.caller.reader.clone(),
+            role: self.caller.role_text(),
+            call: "Changes".into(),
+            filters: self.filters.clone(),
+            rows: self.unaudited,
+            outcome: "ok: streaming".into(),
+        };
+        match self.store.record_read(row).await {
+            Ok(()) => {
+                self.unaudited = 0;
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("the read cannot be audited, so it is not continued: {e}");
+                Err(self.end(Code::Unavailable, "audit", why).await)
+            }
+        }
+    }
+
     async fn pump(&mut self) -> Result<(), Ended> {
-        let mut accounts: HashMap<(String, String), String> = HashMap::new();
-        let mut looked_up: std::collections::HashSet<(String, String)> = Default::default();
         let mut last_message = Instant::now();
+        let mut last_audit = Instant::now();
         let mut announced = self.cursor.text();
         loop {
             if *self.shutdown.borrow() {
-                let _ = self
-                    .send(Err(status(
-                        Code::Unavailable,
-                        "shutting_down",
-                        "the ledger is shutting down; resume from the last cursor".into(),
-                    )))
-                    .await;
-                return Err("ledger shutting down".into());
+                let why = "the ledger is shutting down; resume from the last cursor".to_string();
+                return Err(self.end(Code::Unavailable, "shutting_down", why).await);
+            }
+            if self.tx.is_closed() {
+                return Err("consumer gone".into());
+            }
+            self.still_allowed().await?;
+            if last_audit.elapsed() >= AUDIT_EVERY {
+                self.checkpoint().await?;
+                last_audit = Instant::now();
             }
             let heads = match self.store.heads().await {
                 Ok(h) => h,
@@ -699,35 +801,18 @@ impl<S: Store> Feed<S> {
                 if head <= from {
                     continue;
                 }
-                let page = match self.store.batch_energy(&node, from, PAGE).await {
+                let page = match self
+                    .store
+                    .batch_energy(&node, from, PAGE, &self.account_label)
+                    .await
+                {
                     Ok(p) => p,
                     Err(e) => return Err(self.fail(&e).await),
                 };
                 for b in page {
-                    let unseen = b
-                        .allocations
-                        .iter()
-                        .any(|a| !looked_up.contains(&(b.node_id.clone(), a.run_id.clone())));
-                    if unseen {
-                        // A run not seen yet: its labels may have been stored since the map was
-                        // read. A run without an account label is looked up once, not per batch.
-                        accounts = match self.store.run_label(&self.account_label).await {
-                            Ok(rows) => rows.into_iter().map(|(n, r, v)| ((n, r), v)).collect(),
-                            Err(e) => return Err(self.fail(&e).await),
-                        };
-                        looked_up.extend(
-                            b.allocations
-                                .iter()
-                                .map(|a| (b.node_id.clone(), a.run_id.clone())),
-                        );
-                    }
-                    let changes = match self.changes_of(&b, &accounts) {
+                    let changes = match batch_changes(&b, &self.role) {
                         Ok(c) => c,
-                        Err(s) => {
-                            let why = s.message().to_owned();
-                            let _ = self.send(Err(*s)).await;
-                            return Err(why);
-                        }
+                        Err(e) => return Err(self.end(Code::Internal, "total_above_u64", e).await),
                     };
                     self.cursor.set(&node, b.seq);
                     progressed = true;
@@ -735,32 +820,37 @@ impl<S: Store> Feed<S> {
                         continue;
                     }
                     let n = changes.len() as u64;
-                    let cursor = self.cursor.text();
+                    let cursor = self.cursor_text().await?;
                     self.send(Ok(ChangesResponse {
                         changes,
                         cursor: cursor.clone(),
                     }))
                     .await?;
                     self.sent += n;
+                    self.unaudited += n;
                     self.metrics.add(&self.metrics.changes_sent, n);
                     announced = cursor;
                     last_message = Instant::now();
                 }
             }
-            if progressed {
-                continue;
+            // Batches this reader may not see still move the cursor: say so (when caught up,
+            // or at the keep-alive while catching up), so that a resume does not read them again.
+            let caught_up = !progressed;
+            let due = last_message.elapsed() >= self.keepalive;
+            if caught_up || due {
+                let now = self.cursor_text().await?;
+                if now != announced || (self.follow && due) {
+                    self.send(Ok(ChangesResponse {
+                        changes: Vec::new(),
+                        cursor: now.clone(),
+                    }))
+                    .await?;
+                    announced = now;
+                    last_message = Instant::now();
+                }
             }
-            // Caught up. Batches this reader may not see still moved the cursor: say so, so
-            // that a resume does not read them again.
-            let now = self.cursor.text();
-            if now != announced || (self.follow && last_message.elapsed() >= self.keepalive) {
-                self.send(Ok(ChangesResponse {
-                    changes: Vec::new(),
-                    cursor: now.clone(),
-                }))
-                .await?;
-                announced = now;
-                last_message = Instant::now();
+            if !caught_up {
+                continue;
             }
             if !self.follow {
                 return Ok(());
@@ -785,33 +875,21 @@ impl<S: Store> Feed<S> {
             }
         }
     }
-
-    /// The changes of one batch this reader may see.
-    fn changes_of(
-        &self,
-        b: &BatchEnergy,
-        accounts: &HashMap<(String, String), String>,
-    ) -> Result<Vec<Change>, Box<Status>> {
-        batch_changes(b, accounts, &self.role)
-            .map_err(|e| Box::new(status(Code::Internal, "total_above_u64", e)))
-    }
 }
 
 /// The changes of one stored batch that `role` may see: per run and domain, its billed
 /// allocations summed, with the deterministic id and the batch's window, hash and key.
-pub fn batch_changes(
-    b: &BatchEnergy,
-    accounts: &HashMap<(String, String), String>,
-    role: &Role,
-) -> Result<Vec<Change>, String> {
-    let mut sums: BTreeMap<(&str, &str), u128> = BTreeMap::new();
+pub fn batch_changes(b: &BatchEnergy, role: &Role) -> Result<Vec<Change>, String> {
+    // (run, domain) -> (uJ, the run's account as read with the batch).
+    let mut sums: BTreeMap<(&str, &str), (u128, Option<&String>)> = BTreeMap::new();
     for a in &b.allocations {
-        *sums.entry((&a.run_id, &a.domain)).or_default() += u128::from(a.energy_uj);
+        let e = sums.entry((&a.run_id, &a.domain)).or_default();
+        e.0 += u128::from(a.energy_uj);
+        e.1 = a.account.as_ref();
     }
     let (start, end) = window(&b.signed_batch);
     let mut out = Vec::new();
-    for ((run, domain), uj) in sums {
-        let account = accounts.get(&(b.node_id.clone(), run.to_owned()));
+    for ((run, domain), (uj, account)) in sums {
         if !role.sees(account.map(String::as_str)) {
             continue;
         }

@@ -145,10 +145,15 @@ impl ReadersFile {
         })
     }
 
-    /// The readers as the file says now (the last good version if it no longer parses).
+    /// The readers as the file says now: the last good version if it no longer parses, none
+    /// if it is gone (removing the file revokes every reader).
     pub fn current(&self) -> Arc<Readers> {
         let now = stamp(&self.path);
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if now.is_none() && cur.0.is_some() {
+            tracing::error!(file = %self.path.display(), "the readers file is gone: no reader may read");
+            *cur = (None, Arc::new(Readers::default()));
+        }
         if now.is_some() && now != cur.0 {
             match Readers::load(&self.path) {
                 Ok(r) => {
@@ -217,5 +222,10 @@ mod tests {
         assert_eq!(f.current().role("bb"), Some(&Role::Account("x".into())));
         std::fs::write(&path, "[readers]\na = \"nonsense-role\"\n").unwrap();
         assert_eq!(f.current().len(), 2, "a bad file keeps the last good one");
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            f.current().is_empty(),
+            "a removed file revokes every reader"
+        );
     }
 }

@@ -695,6 +695,17 @@ pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), Serve
     let query_parts = match &opts.query {
         None => Some(None),
         Some(q) => {
+            let same_ca = match (std::fs::read(&q.reader_ca), std::fs::read(&opts.client_ca)) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            };
+            if same_ca {
+                problems.push(format!(
+                    "--reader-ca {} is the nodes' CA (--client-ca): readers need a CA of their \
+                     own, or every node certificate could ask to read",
+                    q.reader_ca.display()
+                ));
+            }
             let readers = ReadersFile::open(&q.readers)
                 .map_err(|e| problems.push(e))
                 .ok();
@@ -715,6 +726,9 @@ pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), Serve
     let (Some((tls, revocations)), true, Some(query_parts)) = (tls, loaded, query_parts) else {
         return Err(ServeError::Config(problems));
     };
+    if !problems.is_empty() {
+        return Err(ServeError::Config(problems));
+    }
     let (node_count, key_count) = {
         let e = gate.enrolment.read().unwrap_or_else(|p| p.into_inner());
         (e.node_count(), e.key_count())

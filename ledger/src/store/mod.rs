@@ -231,6 +231,8 @@ pub struct StoredAllocation {
     pub idle_uj: u64,
     pub energy_uj: u64,
     pub usage_us: u64,
+    /// The run's account label as stored when this was read (None: no such label yet).
+    pub account: Option<String>,
 }
 
 /// A stored batch with (some of) its billed allocations: for the change feed (all of them) and
@@ -361,23 +363,28 @@ pub(crate) const SQL_UPGRADE_VERSION: &str =
 /// A node's stored batches above a seq, oldest first (the change feed pages through them).
 pub(crate) const SQL_BATCHES_ABOVE: &str = "SELECT node_id, seq, hash, key_epoch, key_id, \
      signed_batch FROM batches WHERE node_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
-/// Their billed allocations.
-pub(crate) const SQL_ALLOCATIONS_BETWEEN: &str = "SELECT node_id, seq, interval_index, run_id, \
-     domain, active_uj, idle_uj, energy_uj, usage_us FROM allocations WHERE node_id = $1 \
-     AND seq > $2 AND seq <= $3";
+/// Their billed allocations, each with its run's account label (`$4` the label's key), read in
+/// the same snapshot.
+pub(crate) const SQL_ALLOCATIONS_BETWEEN: &str = "WITH a AS (SELECT node_id, seq, \
+     interval_index, run_id, domain, active_uj, idle_uj, energy_uj, usage_us FROM allocations \
+     WHERE node_id = $1 AND seq > $2 AND seq <= $3) \
+     SELECT a.node_id, a.seq, a.interval_index, a.run_id, a.domain, a.active_uj, a.idle_uj, \
+     a.energy_uj, a.usage_us, l.value FROM a LEFT JOIN run_labels l ON l.node_id = a.node_id \
+     AND l.run_id = a.run_id AND l.key = $4";
 /// The batches that billed a run, after a (node, seq), in (node, seq) order.
 pub(crate) const SQL_RUN_BATCHES: &str = "WITH picked AS (SELECT DISTINCT node_id, seq FROM \
      allocations WHERE run_id = $1 AND ($2 = '' OR node_id = $2) AND (node_id > $3 OR \
      (node_id = $3 AND seq > $4)) ORDER BY node_id, seq LIMIT $5) \
      SELECT b.node_id, b.seq, b.hash, b.key_epoch, b.key_id, b.signed_batch FROM batches b \
      JOIN picked p ON b.node_id = p.node_id AND b.seq = p.seq ORDER BY b.node_id, b.seq";
-/// The run's allocations in those batches.
+/// The run's allocations in those batches, with its account label (`$6` the label's key).
 pub(crate) const SQL_RUN_ALLOCATIONS: &str = "WITH picked AS (SELECT DISTINCT node_id, seq FROM \
      allocations WHERE run_id = $1 AND ($2 = '' OR node_id = $2) AND (node_id > $3 OR \
      (node_id = $3 AND seq > $4)) ORDER BY node_id, seq LIMIT $5) \
      SELECT a.node_id, a.seq, a.interval_index, a.run_id, a.domain, a.active_uj, a.idle_uj, \
-     a.energy_uj, a.usage_us FROM allocations a JOIN picked p ON a.node_id = p.node_id \
-     AND a.seq = p.seq WHERE a.run_id = $1";
+     a.energy_uj, a.usage_us, l.value FROM allocations a JOIN picked p ON a.node_id = p.node_id \
+     AND a.seq = p.seq LEFT JOIN run_labels l ON l.node_id = a.node_id AND l.run_id = a.run_id \
+     AND l.key = $6 WHERE a.run_id = $1";
 /// Each node's highest stored batch: a skip scan over the primary key (node_id, seq), one index
 /// probe per node, not a scan of every batch (a following change feed asks often).
 pub(crate) const SQL_HEADS: &str = "WITH RECURSIVE n(id) AS (SELECT MIN(node_id) FROM batches \
@@ -431,7 +438,18 @@ pub(crate) fn totals_where(filter: &TotalsFilter) -> (String, Vec<Param>) {
 /// A stored batch row as both stores read it, in [`SQL_BATCHES_ABOVE`]'s column order.
 pub(crate) type RawBatch = (String, i64, Vec<u8>, i64, Vec<u8>, Vec<u8>);
 /// A stored allocation row, in [`SQL_ALLOCATIONS_BETWEEN`]'s column order.
-pub(crate) type RawAllocation = (String, i64, i64, String, String, i64, i64, i64, i64);
+pub(crate) type RawAllocation = (
+    String,
+    i64,
+    i64,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<String>,
+);
 
 /// Joins batch rows and allocation rows into [`BatchEnergy`], checking every stored number.
 pub(crate) fn assemble(
@@ -454,12 +472,15 @@ pub(crate) fn assemble(
             allocations: Vec::new(),
         });
     }
-    for (node_id, seq, interval, run_id, domain, active, idle, energy, usage) in allocations {
+    for (node_id, seq, interval, run_id, domain, active, idle, energy, usage, account) in
+        allocations
+    {
         let seq = to_u64(seq, "allocations.seq")?;
-        let Some(&i) = index.get(&(node_id, seq)) else {
-            // A batch stored after the batch query ran (the two are separate reads): its
-            // allocations come with it on the next page.
-            continue;
+        let Some(&i) = index.get(&(node_id.clone(), seq)) else {
+            // Both reads share one snapshot: an allocation of a batch not read is a bug.
+            return Err(StoreError::Corrupt(format!(
+                "allocation of node {node_id:?} seq {seq} outside the batches read with it"
+            )));
         };
         out[i].allocations.push(StoredAllocation {
             interval_index: to_u64(interval, "allocations.interval_index")?,
@@ -469,6 +490,7 @@ pub(crate) fn assemble(
             idle_uj: to_u64(idle, "allocations.idle_uj")?,
             energy_uj: to_u64(energy, "allocations.energy_uj")?,
             usage_us: to_u64(usage, "allocations.usage_us")?,
+            account,
         });
     }
     for b in &mut out {
@@ -660,6 +682,7 @@ pub trait Store: Send + Sync + 'static {
         node: &str,
         after_seq: u64,
         limit: u32,
+        account_label: &str,
     ) -> impl Future<Output = Result<Vec<BatchEnergy>, StoreError>> + Send;
     /// Up to `limit` stored batches that billed `run` (of `node` when not empty), after
     /// (`after_node`, `after_seq`) in (node, seq) order, each with that run's allocations.
@@ -669,6 +692,7 @@ pub trait Store: Send + Sync + 'static {
         node: &str,
         after: (&str, u64),
         limit: u32,
+        account_label: &str,
     ) -> impl Future<Output = Result<Vec<BatchEnergy>, StoreError>> + Send;
     /// Appends one row to the read audit.
     fn record_read(&self, read: ReadAudit) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -794,8 +818,9 @@ impl Store for AnyStore {
         node: &str,
         after_seq: u64,
         limit: u32,
+        account_label: &str,
     ) -> Result<Vec<BatchEnergy>, StoreError> {
-        delegate!(self, s => s.batch_energy(node, after_seq, limit))
+        delegate!(self, s => s.batch_energy(node, after_seq, limit, account_label))
     }
     async fn run_batches(
         &self,
@@ -803,8 +828,9 @@ impl Store for AnyStore {
         node: &str,
         after: (&str, u64),
         limit: u32,
+        account_label: &str,
     ) -> Result<Vec<BatchEnergy>, StoreError> {
-        delegate!(self, s => s.run_batches(run, node, after, limit))
+        delegate!(self, s => s.run_batches(run, node, after, limit, account_label))
     }
     async fn record_read(&self, read: ReadAudit) -> Result<(), StoreError> {
         delegate!(self, s => s.record_read(read))

@@ -998,6 +998,7 @@ impl Store for PgStore {
         node: &str,
         after_seq: u64,
         limit: u32,
+        account_label: &str,
     ) -> Result<Vec<BatchEnergy>, StoreError> {
         let after = to_i64(after_seq, "seq")?;
         let mut p = self.conn().await?;
@@ -1020,7 +1021,10 @@ impl Store for PgStore {
             return Ok(Vec::new());
         };
         let allocations: Vec<RawAllocation> = tx
-            .query(SQL_ALLOCATIONS_BETWEEN, &[&node, &after, &last])
+            .query(
+                SQL_ALLOCATIONS_BETWEEN,
+                &[&node, &after, &last, &account_label],
+            )
             .await?
             .iter()
             .map(pg_raw_allocation)
@@ -1035,6 +1039,7 @@ impl Store for PgStore {
         node: &str,
         after: (&str, u64),
         limit: u32,
+        account_label: &str,
     ) -> Result<Vec<BatchEnergy>, StoreError> {
         let after_seq = to_i64(after.1, "seq")?;
         let limit = i64::from(limit);
@@ -1054,8 +1059,10 @@ impl Store for PgStore {
             .iter()
             .map(pg_raw_batch)
             .collect();
+        let with_label: [&(dyn ToSql + Sync); 6] =
+            [&run, &node, &after.0, &after_seq, &limit, &account_label];
         let allocations: Vec<RawAllocation> = tx
-            .query(SQL_RUN_ALLOCATIONS, &params)
+            .query(SQL_RUN_ALLOCATIONS, &with_label)
             .await?
             .iter()
             .map(pg_raw_allocation)
@@ -1278,5 +1285,6 @@ fn pg_raw_allocation(r: &tokio_postgres::Row) -> RawAllocation {
         r.get(6),
         r.get(7),
         r.get(8),
+        r.get(9),
     )
 }

@@ -884,8 +884,10 @@ impl Store for SqliteStore {
         node: &str,
         after_seq: u64,
         limit: u32,
+        account_label: &str,
     ) -> Result<Vec<BatchEnergy>, StoreError> {
         let node = node.to_owned();
+        let label = account_label.to_owned();
         let after = to_i64(after_seq, "seq")?;
         self.with(move |c| {
             // One transaction: the allocations read are those of the batches read.
@@ -900,7 +902,7 @@ impl Store for SqliteStore {
             };
             let allocations = {
                 let mut st = tx.prepare(SQL_ALLOCATIONS_BETWEEN)?;
-                let rows = st.query_map(params![node, after, last], raw_allocation)?;
+                let rows = st.query_map(params![node, after, last, label], raw_allocation)?;
                 rows.collect::<Result<Vec<_>, _>>()?
             };
             tx.finish()?;
@@ -915,8 +917,10 @@ impl Store for SqliteStore {
         node: &str,
         after: (&str, u64),
         limit: u32,
+        account_label: &str,
     ) -> Result<Vec<BatchEnergy>, StoreError> {
         let (run, node, after_node) = (run.to_owned(), node.to_owned(), after.0.to_owned());
+        let label = account_label.to_owned();
         let after_seq = to_i64(after.1, "seq")?;
         self.with(move |c| {
             let tx = c.transaction()?;
@@ -928,6 +932,7 @@ impl Store for SqliteStore {
             };
             let allocations = {
                 let mut st = tx.prepare(SQL_RUN_ALLOCATIONS)?;
+                let p = params![run, node, after_node, after_seq, i64::from(limit), label];
                 let rows = st.query_map(p, raw_allocation)?;
                 rows.collect::<Result<Vec<_>, _>>()?
             };
@@ -1164,6 +1169,7 @@ fn raw_allocation(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawAllocation> {
         r.get(6)?,
         r.get(7)?,
         r.get(8)?,
+        r.get(9)?,
     ))
 }
 
