@@ -276,6 +276,8 @@ struct PgInner {
     url: String,
     idle: Mutex<Vec<PgConn>>,
     slots: Arc<Semaphore>,
+    /// The query API's reads take at most half the pool: ingestion always has the other half.
+    read_slots: Arc<Semaphore>,
 }
 
 /// A PostgreSQL ledger database.
@@ -372,8 +374,18 @@ impl PgStore {
                 statements: HashMap::new(),
             }]),
             slots: Arc::new(Semaphore::new(POOL_SIZE)),
+            read_slots: Arc::new(Semaphore::new(POOL_SIZE / 2)),
         });
         Ok(Self { inner })
+    }
+
+    /// A connection for the query API's reads (see `read_slots`); the permit goes with it.
+    async fn read_conn(&self) -> Result<(OwnedSemaphorePermit, Pooled), StoreError> {
+        let permit = Arc::clone(&self.inner.read_slots)
+            .acquire_owned()
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+        Ok((permit, self.conn().await?))
     }
 
     async fn conn(&self) -> Result<Pooled, StoreError> {
@@ -954,7 +966,7 @@ impl Store for PgStore {
             .iter()
             .map(|p| p.as_ref() as &(dyn ToSql + Sync))
             .collect();
-        let mut p = self.conn().await?;
+        let (_read, mut p) = self.read_conn().await?;
         let c = p.get()?;
         // SUM(bigint) is numeric in PostgreSQL: exact, never overflows; read it as text.
         let rows = c
@@ -985,7 +997,7 @@ impl Store for PgStore {
     }
 
     async fn heads(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut p = self.conn().await?;
+        let (_read, mut p) = self.read_conn().await?;
         let c = p.get()?;
         let rows = c.client.query(SQL_HEADS, &[]).await?;
         rows.iter()
@@ -1001,7 +1013,7 @@ impl Store for PgStore {
         account_label: &str,
     ) -> Result<Vec<BatchEnergy>, StoreError> {
         let after = to_i64(after_seq, "seq")?;
-        let mut p = self.conn().await?;
+        let (_read, mut p) = self.read_conn().await?;
         let c = p.get()?;
         // One snapshot: the allocations read are those of the batches read.
         let tx = c
@@ -1043,7 +1055,7 @@ impl Store for PgStore {
     ) -> Result<Vec<BatchEnergy>, StoreError> {
         let after_seq = to_i64(after.1, "seq")?;
         let limit = i64::from(limit);
-        let mut p = self.conn().await?;
+        let (_read, mut p) = self.read_conn().await?;
         let c = p.get()?;
         let tx = c
             .client
@@ -1101,7 +1113,7 @@ impl Store for PgStore {
     }
 
     async fn reads(&self, limit: u32) -> Result<Vec<ReadAudit>, StoreError> {
-        let mut p = self.conn().await?;
+        let (_read, mut p) = self.read_conn().await?;
         let c = p.get()?;
         let rows = c.client.query(SQL_READS, &[&i64::from(limit)]).await?;
         rows.iter()

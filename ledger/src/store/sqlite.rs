@@ -155,10 +155,13 @@ CREATE TABLE IF NOT EXISTS read_audit (
 CREATE INDEX IF NOT EXISTS read_audit_by_time ON read_audit (at_unix_ns);
 ";
 
-/// A SQLite ledger database.
+/// A SQLite ledger database: one connection that writes (commits, the read audit) and a
+/// read-only one for the query API's reads, so that a long read (WAL: readers do not block the
+/// writer) never holds the writer's lock.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    read: Arc<Mutex<Connection>>,
     path: PathBuf,
 }
 
@@ -166,11 +169,20 @@ impl SqliteStore {
     pub async fn open(path: &Path, mode: OpenMode) -> Result<Self, StoreError> {
         let path = path.to_owned();
         let p = path.clone();
-        let conn = tokio::task::spawn_blocking(move || open_blocking(&p, mode))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let (conn, read) = tokio::task::spawn_blocking(move || {
+            let conn = open_blocking(&p, mode)?;
+            let read = Connection::open_with_flags(
+                &p,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            read.busy_timeout(std::time::Duration::from_secs(30))?;
+            Ok::<_, StoreError>((conn, read))
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            read: Arc::new(Mutex::new(read)),
             path,
         })
     }
@@ -179,13 +191,29 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Runs `f` on the connection in a blocking thread.
+    /// Runs `f` on the writing connection in a blocking thread.
     async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
+        Self::on(Arc::clone(&self.conn), f).await
+    }
+
+    /// Runs `f` on the read-only connection (the query API's reads).
+    async fn with_read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        Self::on(Arc::clone(&self.read), f).await
+    }
+
+    async fn on<T, F>(conn: Arc<Mutex<Connection>>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
         tokio::task::spawn_blocking(move || {
             // A panic while holding the lock would poison it; the connection is still sound
             // (rusqlite rolls back an unfinished transaction on drop), so keep using it.
@@ -250,7 +278,7 @@ fn open_blocking(path: &Path, mode: OpenMode) -> Result<Connection, StoreError> 
         OpenMode::Serve => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
         OpenMode::Query => OpenFlags::SQLITE_OPEN_READ_ONLY,
     } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags)
+    let mut conn = Connection::open_with_flags(path, flags)
         .map_err(|e| StoreError::Url(format!("sqlite:{}: cannot open: {e}", path.display())))?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     if mode == OpenMode::Serve {
@@ -267,7 +295,11 @@ fn open_blocking(path: &Path, mode: OpenMode) -> Result<Connection, StoreError> 
     conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
     match mode {
         OpenMode::Serve => {
-            let tx = conn.unchecked_transaction()?;
+            // IMMEDIATE: the write lock first (waiting up to the busy timeout for another
+            // writer). A deferred transaction would read first and then fail at once, with no
+            // wait, when another connection committed in between (seen: a restart while the
+            // previous server's last audit row was being written).
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             tx.execute_batch(SCHEMA)?;
             tx.execute(
                 "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', ?1) \
@@ -826,7 +858,7 @@ impl Store for SqliteStore {
         &self,
         filter: TotalsFilter,
     ) -> Result<Vec<RunDomainTotal>, StoreError> {
-        self.with(move |c| {
+        self.with_read(move |c| {
             let (clause, params) = totals_where(&filter);
             // SQLite's SUM is a 64-bit integer that fails on overflow (for every query, so one
             // node's huge values would break everyone's). Summed as high and low 32-bit halves,
@@ -866,7 +898,7 @@ impl Store for SqliteStore {
     }
 
     async fn heads(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        self.with(|c| {
+        self.with_read(|c| {
             let mut st = c.prepare(SQL_HEADS)?;
             let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             let mut out = Vec::new();
@@ -889,7 +921,7 @@ impl Store for SqliteStore {
         let node = node.to_owned();
         let label = account_label.to_owned();
         let after = to_i64(after_seq, "seq")?;
-        self.with(move |c| {
+        self.with_read(move |c| {
             // One transaction: the allocations read are those of the batches read.
             let tx = c.transaction()?;
             let batches = {
@@ -922,7 +954,7 @@ impl Store for SqliteStore {
         let (run, node, after_node) = (run.to_owned(), node.to_owned(), after.0.to_owned());
         let label = account_label.to_owned();
         let after_seq = to_i64(after.1, "seq")?;
-        self.with(move |c| {
+        self.with_read(move |c| {
             let tx = c.transaction()?;
             let p = params![run, node, after_node, after_seq, i64::from(limit)];
             let batches = {
@@ -967,7 +999,7 @@ impl Store for SqliteStore {
     }
 
     async fn reads(&self, limit: u32) -> Result<Vec<ReadAudit>, StoreError> {
-        self.with(move |c| {
+        self.with_read(move |c| {
             let mut st = c.prepare(SQL_READS)?;
             let rows = st.query_map(params![i64::from(limit)], |r| {
                 Ok((
