@@ -168,6 +168,47 @@ pub struct QueryService<S: Store> {
     metrics: Arc<Metrics>,
     registry: ConnRegistry,
     shutdown: watch::Receiver<bool>,
+    /// Changes streams open per reader (at most [`STREAMS_PER_READER`]).
+    streams: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+}
+
+/// Changes streams one reader may have open at once on this process.
+pub const STREAMS_PER_READER: usize = 4;
+
+/// One reader's open Changes stream, counted while it lives.
+struct StreamSlot {
+    streams: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    reader: String,
+}
+
+impl StreamSlot {
+    fn take(
+        streams: &Arc<std::sync::Mutex<HashMap<String, usize>>>,
+        reader: &str,
+    ) -> Option<StreamSlot> {
+        let mut map = streams.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(reader.to_owned()).or_default();
+        if *n >= STREAMS_PER_READER {
+            return None;
+        }
+        *n += 1;
+        Some(StreamSlot {
+            streams: Arc::clone(streams),
+            reader: reader.to_owned(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut map = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.reader) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.reader);
+            }
+        }
+    }
 }
 
 impl<S: Store> std::fmt::Debug for QueryService<S> {
@@ -224,6 +265,7 @@ impl<S: Store> QueryService<S> {
             metrics,
             registry,
             shutdown,
+            streams: Arc::default(),
         }
     }
 
@@ -492,6 +534,17 @@ impl<S: Store> Query for QueryService<S> {
             let s = status(Code::PermissionDenied, "not_a_reader", "no role".into());
             return Err(self.refused(&caller, "Changes", &filters, s).await);
         };
+        let Some(slot) = StreamSlot::take(&self.streams, &caller.reader) else {
+            let s = status(
+                Code::ResourceExhausted,
+                "streams_per_reader",
+                format!(
+                    "reader {:?} has {STREAMS_PER_READER} Changes streams open already",
+                    caller.reader
+                ),
+            );
+            return Err(self.refused(&caller, "Changes", &filters, s).await);
+        };
         self.audit(&caller, "Changes", &filters, 0, "ok: stream opened".into())
             .await?;
         self.metrics.inc(&self.metrics.reads);
@@ -519,8 +572,10 @@ impl<S: Store> Query for QueryService<S> {
             metrics: Arc::clone(&self.metrics),
             registry: Arc::clone(&self.registry),
             shutdown: self.shutdown.clone(),
+            streams: Arc::clone(&self.streams),
         };
         tokio::spawn(async move {
+            let _slot = slot;
             let _activity = activity;
             service.metrics.inc(&service.metrics.changes_streams_open);
             let (sent, outcome) = feed.run().await;

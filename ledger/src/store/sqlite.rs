@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS allocations (
     FOREIGN KEY (node_id, seq) REFERENCES batches (node_id, seq)
 );
 CREATE INDEX IF NOT EXISTS allocations_by_run ON allocations (run_id);
+CREATE INDEX IF NOT EXISTS allocations_by_run_batch ON allocations (run_id, node_id, seq);
 CREATE INDEX IF NOT EXISTS allocations_by_batch ON allocations (node_id, seq);
 CREATE TABLE IF NOT EXISTS rotations (
     node_id TEXT NOT NULL,

@@ -586,6 +586,31 @@ async fn a_reader_that_stops_reading_does_not_slow_ingestion(b: Backend, name: &
     .await?;
     let all = drain(&mut other, "", usize::MAX).await?;
     assert_eq!(summed(&all), billed(&f).await);
+    // One reader holds at most 4 Changes streams: the stalled one counts; a fifth is refused.
+    let mut held = Vec::new();
+    let refused = loop {
+        match other
+            .changes(ChangesRequest {
+                follow: true,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(s) => {
+                held.push(s.into_inner());
+                assert!(
+                    held.len() < 4,
+                    "a fifth Changes stream of one reader was opened"
+                );
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        (refused.code(), reason(&refused).as_str()),
+        (Code::ResourceExhausted, "streams_per_reader")
+    );
+    drop(held);
     l.stop().await;
     Ok(())
 }

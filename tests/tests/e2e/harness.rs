@@ -21,57 +21,13 @@ pub fn burn_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_wattd-burn"))
 }
 
-/// Which tests may share the two cores. A test that measures how exactly each run is billed
-/// when its cgroup is removed the moment it empties runs alone ([`alone`]): on a 2-core CI
-/// machine, a second test's agent and burners starve this one's agent of the CPU it needs to
-/// see each removal when it happens (in isolation its worst run is off by 0.02%; beside the
-/// fault tests, 13%), which would measure the neighbour, not the agent. Every agent a test
-/// starts holds the shared side while it lives.
-static CORES: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-std::thread_local! {
-    /// This thread's test holds the cores (alone), or an agent of its holds the shared side.
-    static HOLDS: std::cell::Cell<(bool, u32)> = const { std::cell::Cell::new((false, 0)) };
-}
-
-/// Runs the rest of the calling test with no other test's agent alive (std's RwLock on Linux
-/// lets no new reader in while a writer waits, so this cannot starve).
-pub fn alone() -> AloneGuard {
-    let guard = CORES.write().unwrap_or_else(|p| p.into_inner());
-    HOLDS.with(|h| h.set((true, h.get().1)));
-    AloneGuard(Some(guard))
-}
-
-pub struct AloneGuard(Option<std::sync::RwLockWriteGuard<'static, ()>>);
-
-impl Drop for AloneGuard {
-    fn drop(&mut self) {
-        HOLDS.with(|h| h.set((false, h.get().1)));
-        self.0.take();
-    }
-}
-
-/// The shared side for an agent of this thread's test: none when the test runs alone or an
-/// earlier agent of it holds it already (taking it twice could wait on a waiting writer that
-/// waits on the first: a deadlock).
-fn share_cores() -> Option<std::sync::RwLockReadGuard<'static, ()>> {
-    let (alone, agents) = HOLDS.with(|h| h.get());
-    HOLDS.with(|h| h.set((alone, agents + 1)));
-    if alone || agents > 0 {
-        return None;
-    }
-    Some(CORES.read().unwrap_or_else(|p| p.into_inner()))
-}
-
 /// A running `wattd run`, killed if the test fails before stopping it.
 pub struct Agent {
     pub child: Option<Child>,
-    _cores: Option<std::sync::RwLockReadGuard<'static, ()>>,
 }
 
 impl Agent {
     pub fn start(config: &Path, log: &Path) -> Agent {
-        let cores = share_cores();
         let log = std::fs::File::create(log).unwrap();
         // At the shipped unit's priority (Nice=-5), where this process may raise it (root).
         let mut cmd = if wattd_testkit::is_root() {
@@ -93,10 +49,7 @@ impl Agent {
             .stderr(log)
             .spawn()
             .unwrap();
-        Agent {
-            child: Some(child),
-            _cores: cores,
-        }
+        Agent { child: Some(child) }
     }
 
     /// SIGTERM, then wait; returns the exit status and how long the stop took.
@@ -116,7 +69,6 @@ impl Drop for Agent {
             let _ = c.kill();
             let _ = c.wait();
         }
-        HOLDS.with(|h| h.set((h.get().0, h.get().1.saturating_sub(1))));
     }
 }
 
