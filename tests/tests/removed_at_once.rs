@@ -3,6 +3,9 @@
 //! reaped. Every run must be billed its CPU time as the kernel counted it (read between the
 //! reap and the removal), through its own reads or through its parent.
 
+// Helpers outside #[test] functions are test code too: a panic is how they report a failure.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,7 +17,19 @@ use wattd_proto::v1;
 use wattd_tests::cgroups::{require_cgroups, usage_usec_of, TestCgroups};
 use wattd_tests::simhost::{monotonic_ns, PowerModel, SimHost};
 
-use crate::harness::{agent_config, burn_bin, wattd, Agent};
+use harness::{agent_config, burn_bin, wattd, Agent};
+
+// The end-to-end harness, shared with tests/e2e (this binary uses part of it).
+#[allow(dead_code)]
+#[path = "e2e/harness.rs"]
+mod harness;
+
+/// The two tests here run one after the other, and this binary runs after (or before) the other
+/// test binaries, never beside them: each measures how exactly the agent bills runs whose
+/// cgroups are removed the moment they empty, which needs the agent to see each removal when it
+/// happens. Run beside the fault tests' agents and burners on a 2-core CI machine, a run was off
+/// by 13.4%; alone, by at most 2%.
+static ALONE: Mutex<()> = Mutex::new(());
 
 /// One finished run, as the test saw it.
 #[derive(Debug, Clone)]
@@ -128,8 +143,8 @@ fn removed_at_once(
     let Some(mount) = require_cgroups(test) else {
         return;
     };
-    // Per-run accuracy is the agent's, measured with the cores to itself (see harness::alone).
-    let _alone = crate::harness::alone();
+    // One at a time: each test measures the agent's per-run accuracy, not its neighbour's.
+    let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
     let cg = TestCgroups::new(&mount, "gone").unwrap();
     let mut sim = SimHost::start(
         PowerModel {
@@ -244,7 +259,7 @@ fn removed_at_once(
 
     let b = billed(&spool);
     // `wattd runs` tells an SRE how each run's last usage was obtained, as the summaries say.
-    let listed = crate::harness::final_usages(&crate::harness::runs_json(&spool));
+    let listed = harness::final_usages(&harness::runs_json(&spool));
     for e in &ended {
         assert_eq!(
             listed.get(&e.id),

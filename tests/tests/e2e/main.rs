@@ -12,7 +12,6 @@ mod ledger;
 mod packages;
 mod release;
 mod reload;
-mod removed_at_once;
 mod report;
 mod simhost_attribution;
 mod systemd_unit;
