@@ -208,6 +208,41 @@ fn signatures_verify_with_the_public_key_alone_and_one_changed_byte_is_refused()
     }
 }
 
+/// The size of /usr/bin/wattd in each package.
+fn packaged_binary_sizes(dir: &Path) -> (u64, u64) {
+    let o = run(Command::new("rpm")
+        .args(["-qp", "--queryformat", "[%{FILENAMES} %{FILESIZES}\\n]"])
+        .arg(dir.join("wattd.rpm")));
+    assert!(o.status.success(), "rpm -qp: {}", text(&o));
+    let rpm = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("/usr/bin/wattd ")?.trim().parse().ok())
+        .expect("/usr/bin/wattd in the rpm");
+    let o = run(Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(dir.join("wattd.deb")));
+    assert!(o.status.success(), "dpkg-deb -c: {}", text(&o));
+    let deb = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find(|l| l.ends_with("./usr/bin/wattd"))
+        .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .expect("./usr/bin/wattd in the deb");
+    (rpm, deb)
+}
+
+#[test]
+fn both_packages_carry_a_stripped_binary() {
+    let Some(dir) = release_dir() else {
+        return;
+    };
+    let (rpm, deb) = packaged_binary_sizes(&dir);
+    // Unstripped, the binary is about seven times its stripped size (debug lines, symbols).
+    assert!(
+        rpm <= deb + deb / 2 && deb <= rpm + rpm / 2,
+        "/usr/bin/wattd is {rpm} bytes in the rpm and {deb} in the deb: one is not stripped"
+    );
+}
+
 /// Cargo.lock's packages: name -> versions.
 fn locked_versions() -> BTreeMap<String, Vec<String>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
