@@ -211,6 +211,21 @@ impl Drop for StreamSlot {
     }
 }
 
+// By hand: a derive would ask `S: Clone`; every field is a handle.
+impl<S: Store> Clone for QueryService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            readers: Arc::clone(&self.readers),
+            account_label: self.account_label.clone(),
+            metrics: Arc::clone(&self.metrics),
+            registry: Arc::clone(&self.registry),
+            shutdown: self.shutdown.clone(),
+            streams: Arc::clone(&self.streams),
+        }
+    }
+}
+
 impl<S: Store> std::fmt::Debug for QueryService<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueryService")
@@ -565,15 +580,7 @@ impl<S: Store> Query for QueryService<S> {
             sent: 0,
             unaudited: 0,
         };
-        let service = QueryService {
-            store: Arc::clone(&self.store),
-            readers: Arc::clone(&self.readers),
-            account_label: self.account_label.clone(),
-            metrics: Arc::clone(&self.metrics),
-            registry: Arc::clone(&self.registry),
-            shutdown: self.shutdown.clone(),
-            streams: Arc::clone(&self.streams),
-        };
+        let service = self.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let _activity = activity;

@@ -101,20 +101,8 @@ pub fn reader_tls_config(
     reader_ca: &Path,
 ) -> Result<ServerConfig, Vec<String>> {
     let mut problems = Vec::new();
-    let certs = load_certs(cert, "--cert")
-        .map_err(|e| problems.push(e))
-        .ok();
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| problems.push(format!("--key {}: {e}", key.display())))
-        .ok();
-    let mut roots = RootCertStore::empty();
-    if let Ok(cas) = load_certs(reader_ca, "--reader-ca").map_err(|e| problems.push(e)) {
-        for ca in cas {
-            if let Err(e) = roots.add(ca) {
-                problems.push(format!("--reader-ca {}: {e}", reader_ca.display()));
-            }
-        }
-    }
+    let (certs, key, roots) =
+        identity_and_roots(cert, key, reader_ca, "--reader-ca", &mut problems);
     let (Some(certs), Some(key)) = (certs, key) else {
         return Err(problems);
     };
@@ -125,6 +113,46 @@ pub fn reader_tls_config(
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| vec![format!("--reader-ca {}: {e}", reader_ca.display())])?;
+    server_config(provider, verifier, certs, key)
+}
+
+/// The server's certificate chain and key, and the roots its clients' certificates must chain
+/// to (`ca`, named `flag` in messages); every problem is pushed to `problems`.
+fn identity_and_roots(
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
+    flag: &str,
+    problems: &mut Vec<String>,
+) -> (
+    Option<Vec<CertificateDer<'static>>>,
+    Option<PrivateKeyDer<'static>>,
+    RootCertStore,
+) {
+    let certs = load_certs(cert, "--cert")
+        .map_err(|e| problems.push(e))
+        .ok();
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| problems.push(format!("--key {}: {e}", key.display())))
+        .ok();
+    let mut roots = RootCertStore::empty();
+    if let Ok(cas) = load_certs(ca, flag).map_err(|e| problems.push(e)) {
+        for c in cas {
+            if let Err(e) = roots.add(c) {
+                problems.push(format!("{flag} {}: {e}", ca.display()));
+            }
+        }
+    }
+    (certs, key, roots)
+}
+
+/// TLS 1.3 and 1.2 on ring, ALPN h2, client certificates checked by `verifier`.
+fn server_config(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ServerConfig, Vec<String>> {
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| vec![format!("TLS versions: {e}")])?
@@ -238,20 +266,8 @@ pub fn tls_config(
         Some(path) => crate::crl::load(path).map_err(|e| problems.push(e)).ok(),
         None => Some((Vec::new(), Revocations::default())),
     };
-    let certs = load_certs(cert, "--cert")
-        .map_err(|e| problems.push(e))
-        .ok();
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| problems.push(format!("--key {}: {e}", key.display())))
-        .ok();
-    let mut roots = RootCertStore::empty();
-    if let Ok(cas) = load_certs(client_ca, "--client-ca").map_err(|e| problems.push(e)) {
-        for ca in cas {
-            if let Err(e) = roots.add(ca) {
-                problems.push(format!("--client-ca {}: {e}", client_ca.display()));
-            }
-        }
-    }
+    let (certs, key, roots) =
+        identity_and_roots(cert, key, client_ca, "--client-ca", &mut problems);
     let (Some(certs), Some(key), Some((crls, revocations))) = (certs, key, crls) else {
         return Err(problems);
     };
@@ -276,14 +292,7 @@ pub fn tls_config(
         inner: verifier,
         gate: gate.clone(),
     });
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| vec![format!("TLS versions: {e}")])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| vec![format!("--cert/--key: {e}")])?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok((config, revocations))
+    Ok((server_config(provider, verifier, certs, key)?, revocations))
 }
 
 /// What the TLS handshake checks a client certificate's node against: the current enrolment
