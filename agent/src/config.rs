@@ -56,6 +56,9 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     /// Seconds a finished run's metric series stay exported (`[metrics] finished_run_ttl_s`).
     pub metrics_finished_run_ttl_s: u64,
+    /// `[metrics] web_config`: TLS and basic auth of the endpoint, in the Prometheus exporter
+    /// toolkit's YAML format. Per-run series are served only when it authenticates every request.
+    pub metrics_web_config: Option<PathBuf>,
     /// Log filter (`[log] level`, tracing's EnvFilter syntax: `info`, `wattd=debug,warn`);
     /// `RUST_LOG` wins at start. Reloaded on SIGHUP.
     pub log_level: Option<String>,
@@ -122,6 +125,7 @@ impl Config {
             ledger: None,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9447)),
             metrics_finished_run_ttl_s: 300,
+            metrics_web_config: None,
             log_level: None,
             gpu: GpuConfig::default(),
         }
@@ -690,7 +694,11 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             }
         }
     }
-    if let Some(t) = c.section(root, "metrics", &["listen", "finished_run_ttl_s"]) {
+    if let Some(t) = c.section(
+        root,
+        "metrics",
+        &["listen", "finished_run_ttl_s", "web_config"],
+    ) {
         if let Some(v) = c.string(t, "metrics", "listen") {
             match v.parse::<SocketAddr>() {
                 Ok(a) => cfg.metrics_listen = a,
@@ -708,6 +716,17 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         // series cannot pile up.
         if let Some(v) = c.int(t, "metrics", "finished_run_ttl_s", 1, 86_400) {
             cfg.metrics_finished_run_ttl_s = v;
+        }
+        if let Some(v) = c.string(t, "metrics", "web_config") {
+            // Read now, so `wattd validate` reports a bad file; the daemon reads it again when
+            // it binds the endpoint.
+            match wattd_web::WebConfig::load(Path::new(&v)) {
+                Ok(_) => cfg.metrics_web_config = Some(PathBuf::from(v)),
+                Err(e) => {
+                    let span = c.get(t, "web_config").and_then(|(_, s)| s);
+                    c.problem(span, "metrics.web_config", e.to_string());
+                }
+            }
         }
     }
     if let Some(t) = c.section(
@@ -841,6 +860,28 @@ finished_run_ttl_s = 60
         assert_eq!(c.spool_retain_acked_share, 0.5);
         assert!(c.ledger.is_some());
         assert_eq!(c.metrics_finished_run_ttl_s, 60);
+    }
+
+    #[test]
+    fn the_metrics_web_config_is_read_and_its_problems_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let web = dir.path().join("web.yml");
+        std::fs::write(&web, "tls_server_config:\n  cert_file: x.pem\n").unwrap();
+        let text = format!("[metrics]\nweb_config = {:?}\n", web.display().to_string());
+        let e = parse("wattd.toml", &text).unwrap_err();
+        let got = e.problems[0].to_string();
+        assert!(
+            got.starts_with("wattd.toml:2: metrics.web_config: web configuration "),
+            "{got}"
+        );
+        assert!(
+            got.contains("cert_file and key_file are both required"),
+            "{got}"
+        );
+        std::fs::write(&web, "basic_auth_users: {}\n").unwrap();
+        let c = parse("wattd.toml", &text).unwrap();
+        assert_eq!(c.metrics_web_config.as_deref(), Some(web.as_path()));
+        assert_eq!(parse("wattd.toml", "").unwrap().metrics_web_config, None);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::attribution::totals::Totals;
 use crate::attribution::{apportion, Policy, RunUsage, Ties, Usage};
 use crate::config::Config;
 use crate::control::{self, ControlConfig, ControlServer};
-use crate::metrics::{self, Metrics, MetricsServer, ServerLimits};
+use crate::metrics::{self, Metrics};
 use crate::records;
 use crate::sampler::{GapCause, GapRecord, Sampler, Stamp};
 use crate::sealer::{SealPolicy, Sealer};
@@ -296,26 +296,52 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
         Duration::from_secs(cfg.metrics_finished_run_ttl_s),
         metrics::DEFAULT_MAX_RUNS,
     );
-    let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(Arc::new(metrics.render()));
-    let metrics_on = match MetricsServer::bind(
-        cfg.metrics_listen,
-        metrics_rx,
-        ServerLimits::default(),
-    )
-    .await
-    {
-        Ok(server) => {
-            let mut stop = shutdown_rx.clone();
-            tracing::info!(listen = %cfg.metrics_listen, "metrics endpoint listening on /metrics");
-            tokio::spawn(server.serve(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            }));
-            true
+    // A web configuration that cannot be read leaves the endpoint off: serving without the
+    // TLS or authentication it asks for would be worse than not serving.
+    let web = match &cfg.metrics_web_config {
+        None => Ok(None),
+        Some(path) => wattd_web::WebConfig::load(path).map(Some),
+    };
+    if let Ok(web) = &web {
+        let per_run = web
+            .as_ref()
+            .is_some_and(wattd_web::WebConfig::authenticates);
+        metrics.serve_per_run(per_run);
+        if !per_run {
+            tracing::info!("metrics: per-run series are not served; they need an endpoint that authenticates every request ([metrics] web_config with basic_auth_users or RequireAndVerifyClientCert)");
         }
+    }
+    let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(Arc::new(metrics.render()));
+    let metrics_on = match web {
         Err(error) => {
-            tracing::warn!(listen = %cfg.metrics_listen, %error, "metrics endpoint unavailable; measuring without it");
+            tracing::error!(%error, "metrics endpoint not started: its web configuration is unusable; measuring without it");
             false
         }
+        Ok(web) => match wattd_web::MetricsEndpoint::bind(
+            cfg.metrics_listen,
+            metrics_rx,
+            wattd_web::HttpLimits::default(),
+            web.as_ref(),
+        )
+        .await
+        {
+            Ok(server) => {
+                let mut stop = shutdown_rx.clone();
+                let mode = web
+                    .as_ref()
+                    .map_or_else(|| "plain HTTP".to_owned(), wattd_web::WebConfig::describe);
+                tracing::info!(listen = %cfg.metrics_listen, %mode, "metrics endpoint listening on /metrics");
+                metrics.set_endpoint(server.stats());
+                tokio::spawn(server.serve(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }));
+                true
+            }
+            Err(error) => {
+                tracing::warn!(listen = %cfg.metrics_listen, %error, "metrics endpoint unavailable; measuring without it");
+                false
+            }
+        },
     };
 
     // The shipper, when a ledger is configured: a task that reads sealed batches from the spool

@@ -1,10 +1,15 @@
 //! Prometheus metrics: a registry the daemon loop updates after each tick, rendered to the text
-//! exposition format (version 0.0.4), and a minimal HTTP/1.1 endpoint serving the last rendering
-//! on `GET /metrics`.
+//! exposition format (version 0.0.4). The endpoint that serves the last rendering on
+//! `GET /metrics` is [`wattd_web::MetricsEndpoint`] (hyper; TLS and basic auth from
+//! `[metrics] web_config`).
 //!
 //! The registry is owned by the single-threaded daemon loop, like the tracker and the sealer; the
 //! HTTP side only ever sees an immutable, already-rendered snapshot through a `watch` channel, so
 //! a scrape can never block a tick, see a half-updated registry, or touch host state.
+//!
+//! Per-run series (`wattd_run_energy_joules_total`, labelled with run ids) belong to tenants:
+//! they are rendered only when the endpoint authenticates every request
+//! ([`Metrics::serve_per_run`]); otherwise any local user could read every tenant's runs.
 //!
 //! Energy is kept in integer microjoules, like everything else in wattd, and printed as exact
 //! decimal joules (`12.000345`), so the text carries full microjoule precision whatever the
@@ -16,15 +21,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
-use std::future::Future;
-use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
 use wattd_collectors::cgroup::TrackerCounters;
 use wattd_collectors::{Domain, MeterKey, Quality, SourceKind};
 
@@ -122,6 +121,10 @@ pub struct Metrics {
     coarsened: u64,
     tracker: TrackerCounters,
     ledger: LedgerSnapshot,
+    /// Whether per-run series are rendered (only behind authentication).
+    per_run: bool,
+    /// The endpoint's refusal counters, once it serves.
+    endpoint: Option<Arc<wattd_web::EndpointStats>>,
 }
 
 /// Microseconds as an exact decimal number of seconds.
@@ -255,7 +258,21 @@ impl Metrics {
             coarsened: 0,
             tracker: TrackerCounters::default(),
             ledger: LedgerSnapshot::default(),
+            per_run: false,
+            endpoint: None,
         }
+    }
+
+    /// Whether the per-run series are rendered: only when the endpoint authenticates every
+    /// request (`[metrics] web_config` with basic auth or required client certificates). Off
+    /// by default.
+    pub fn serve_per_run(&mut self, on: bool) {
+        self.per_run = on;
+    }
+
+    /// The endpoint's refusal counters, rendered as `wattd_metrics_requests_refused_total`.
+    pub fn set_endpoint(&mut self, stats: Arc<wattd_web::EndpointStats>) {
+        self.endpoint = Some(stats);
     }
 
     /// Whether a `[ledger]` is configured (the shipper families are exported either way).
@@ -452,17 +469,44 @@ impl Metrics {
         );
 
         w.family(
-            "wattd_run_energy_joules_total",
-            "counter",
-            "Energy attributed to a workflow run (active + idle share), by domain, since its series \
-             appeared. Series of finished runs are dropped after metrics.finished_run_ttl_s.",
+            "wattd_metrics_per_run_series",
+            "gauge",
+            "1 when the per-run series are served (the endpoint authenticates every request: \
+             [metrics] web_config), 0 when only host-level series are.",
         );
-        for (id, e) in &self.runs {
-            for (domain, uj) in &e.energy_uj {
+        w.sample("wattd_metrics_per_run_series", &[], u64::from(self.per_run));
+        if self.per_run {
+            w.family(
+                "wattd_run_energy_joules_total",
+                "counter",
+                "Energy attributed to a workflow run (active + idle share), by domain, since its \
+                 series appeared. Series of finished runs are dropped after \
+                 metrics.finished_run_ttl_s.",
+            );
+            for (id, e) in &self.runs {
+                for (domain, uj) in &e.energy_uj {
+                    w.sample(
+                        "wattd_run_energy_joules_total",
+                        &[("run_id", id), ("domain", domain.as_str())],
+                        Joules(*uj),
+                    );
+                }
+            }
+        }
+        if let Some(stats) = &self.endpoint {
+            w.family(
+                "wattd_metrics_requests_refused_total",
+                "counter",
+                "Requests to this endpoint refused, by reason: busy (every connection slot \
+                 taken), tls_failed (handshake failed: no or an unverified client certificate), \
+                 unauthenticated (no or wrong basic-auth credentials), throttled (too many \
+                 unverified credentials tried).",
+            );
+            for (reason, n) in stats.by_reason() {
                 w.sample(
-                    "wattd_run_energy_joules_total",
-                    &[("run_id", id), ("domain", domain.as_str())],
-                    Joules(*uj),
+                    "wattd_metrics_requests_refused_total",
+                    &[("reason", reason)],
+                    n,
                 );
             }
         }
@@ -996,281 +1040,6 @@ impl Writer {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The HTTP endpoint.
-
-/// Bounds on what one client can make the endpoint do.
-#[derive(Clone, Copy, Debug)]
-pub struct ServerLimits {
-    /// The request head (request line + headers) must fit; a scrape's is a few hundred bytes.
-    pub max_request_bytes: usize,
-    /// Time allowed to send the request head.
-    pub read_timeout: Duration,
-    /// Time allowed to take the whole response.
-    pub write_timeout: Duration,
-    /// Connections served at once; more are closed at once.
-    pub max_connections: usize,
-}
-
-impl Default for ServerLimits {
-    fn default() -> Self {
-        ServerLimits {
-            max_request_bytes: 8 * 1024,
-            read_timeout: Duration::from_secs(5),
-            write_timeout: Duration::from_secs(10),
-            max_connections: 16,
-        }
-    }
-}
-
-/// The rendered exposition the endpoint serves; the daemon replaces it after each tick.
-pub type Snapshot = watch::Receiver<Arc<String>>;
-
-/// A bound `/metrics` endpoint.
-#[derive(Debug)]
-pub struct MetricsServer {
-    listener: TcpListener,
-    snapshot: Snapshot,
-    limits: ServerLimits,
-}
-
-impl MetricsServer {
-    pub async fn bind(
-        addr: SocketAddr,
-        snapshot: Snapshot,
-        limits: ServerLimits,
-    ) -> io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
-        Ok(MetricsServer {
-            listener,
-            snapshot,
-            limits,
-        })
-    }
-
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Serves until `shutdown` completes. Each connection is one request, one response.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
-        tokio::pin!(shutdown);
-        loop {
-            let accepted = tokio::select! {
-                _ = &mut shutdown => return,
-                a = self.listener.accept() => a,
-            };
-            let stream = match accepted {
-                Ok((s, _)) => s,
-                Err(error) => {
-                    // EMFILE and friends: back off instead of spinning on a listener that stays
-                    // readable.
-                    tracing::warn!(%error, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                // Over the limit: a best-effort 503 that never waits, then close.
-                let _ = stream.try_write(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                );
-                continue;
-            };
-            let snapshot = self.snapshot.clone();
-            let limits = self.limits;
-            tokio::spawn(async move {
-                if let Err(error) = handle(stream, &snapshot, limits).await {
-                    tracing::debug!(%error, "metrics: connection");
-                }
-                drop(permit);
-            });
-        }
-    }
-}
-
-/// What a request head asks for.
-#[derive(Debug, PartialEq, Eq)]
-enum Route {
-    Metrics { head_only: bool },
-    NotFound,
-    MethodNotAllowed,
-    BadRequest,
-}
-
-/// Parses the request line of a request head. Never panics, whatever the bytes.
-fn route(head: &[u8]) -> Route {
-    let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
-    let Ok(line) = std::str::from_utf8(&head[..line_end]) else {
-        return Route::BadRequest;
-    };
-    let line = line.strip_suffix('\r').unwrap_or(line);
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Route::BadRequest;
-    };
-    if !version.starts_with("HTTP/1.") || method.is_empty() || !target.starts_with('/') {
-        return Route::BadRequest;
-    }
-    // The query string is ignored (Prometheus may add parameters to a scrape URL).
-    let path = target.split('?').next().unwrap_or(target);
-    if path != "/metrics" {
-        return Route::NotFound;
-    }
-    match method {
-        "GET" => Route::Metrics { head_only: false },
-        "HEAD" => Route::Metrics { head_only: true },
-        _ => Route::MethodNotAllowed,
-    }
-}
-
-/// Reads the request head (up to the blank line) within the size bound. `Ok(None)`: the head
-/// is too large. `Err`: the peer closed or the read failed.
-async fn read_head(stream: &mut TcpStream, max: usize) -> io::Result<Option<Vec<u8>>> {
-    let mut head = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        // Look for the end only in the new bytes (and the 3 before them, where it may start).
-        let from = head.len().saturating_sub(3);
-        head.extend_from_slice(&chunk[..n]);
-        let tail = &head[from..];
-        if tail.windows(4).any(|w| w == b"\r\n\r\n") || tail.windows(2).any(|w| w == b"\n\n") {
-            return Ok(if head.len() > max { None } else { Some(head) });
-        }
-        if head.len() > max {
-            return Ok(None);
-        }
-    }
-}
-
-async fn handle(
-    mut stream: TcpStream,
-    snapshot: &Snapshot,
-    limits: ServerLimits,
-) -> io::Result<()> {
-    let head = match tokio::time::timeout(
-        limits.read_timeout,
-        read_head(&mut stream, limits.max_request_bytes),
-    )
-    .await
-    {
-        Ok(r) => r?,
-        Err(_) => {
-            return respond(&mut stream, limits, "408 Request Timeout", "", b"", false).await;
-        }
-    };
-    let Some(head) = head else {
-        return respond(
-            &mut stream,
-            limits,
-            "431 Request Header Fields Too Large",
-            "",
-            b"",
-            false,
-        )
-        .await;
-    };
-    match route(&head) {
-        Route::Metrics { head_only } => {
-            // Cloning the Arc: the text is shared, not copied, and the daemon may replace it
-            // meanwhile.
-            let text = snapshot.borrow().clone();
-            respond(
-                &mut stream,
-                limits,
-                "200 OK",
-                CONTENT_TYPE,
-                text.as_bytes(),
-                head_only,
-            )
-            .await
-        }
-        Route::NotFound => {
-            respond(
-                &mut stream,
-                limits,
-                "404 Not Found",
-                "text/plain; charset=utf-8",
-                b"not found; metrics are at /metrics\n",
-                false,
-            )
-            .await
-        }
-        Route::MethodNotAllowed => {
-            respond(
-                &mut stream,
-                limits,
-                "405 Method Not Allowed\r\nAllow: GET, HEAD",
-                "",
-                b"",
-                false,
-            )
-            .await
-        }
-        Route::BadRequest => respond(&mut stream, limits, "400 Bad Request", "", b"", false).await,
-    }
-}
-
-/// Writes one response and closes the connection (one request per connection keeps the server
-/// trivially bounded; scrapers reconnect cheaply).
-async fn respond(
-    stream: &mut TcpStream,
-    limits: ServerLimits,
-    status: &str,
-    content_type: &str,
-    body: &[u8],
-    head_only: bool,
-) -> io::Result<()> {
-    let mut head = format!("HTTP/1.1 {status}\r\n");
-    if !content_type.is_empty() {
-        let _ = write!(head, "Content-Type: {content_type}\r\n");
-    }
-    let _ = write!(
-        head,
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let write = async {
-        stream.write_all(head.as_bytes()).await?;
-        if !head_only {
-            stream.write_all(body).await?;
-        }
-        stream.shutdown().await
-    };
-    match tokio::time::timeout(limits.write_timeout, write).await {
-        Ok(r) => r?,
-        Err(_) => return Err(io::ErrorKind::TimedOut.into()),
-    }
-    if !status.starts_with("200") {
-        // An error may leave request bytes unread (an oversized head); closing then would send
-        // a reset that can destroy the response before the client reads it. Drain a bounded
-        // amount for a bounded time first (a "lingering close"), as web servers do.
-        let drain = async {
-            let mut sink = [0u8; 4096];
-            let mut left = LINGER_MAX_BYTES;
-            while left > 0 {
-                match stream.read(&mut sink).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => left = left.saturating_sub(n),
-                }
-            }
-        };
-        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
-    }
-    Ok(())
-}
-
-/// Bounds of the lingering close after an error response.
-const LINGER_MAX_BYTES: usize = 64 * 1024;
-const LINGER_TIME: Duration = Duration::from_secs(1);
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1389,6 +1158,7 @@ mod tests {
     #[test]
     fn every_family_has_help_and_type_before_its_samples() {
         let mut m = Metrics::new(Duration::from_secs(300), 10);
+        m.serve_per_run(true);
         m.record_interval(&interval(
             1,
             vec![result(
@@ -1496,6 +1266,7 @@ mod tests {
     #[test]
     fn histogram_buckets_are_cumulative_with_sum_and_count() {
         let mut m = Metrics::new(Duration::from_secs(300), 10);
+        m.serve_per_run(true);
         for ms in [0.2, 3.0, 3.0, 40.0, 20_000.0] {
             m.observe_tick(Duration::from_secs_f64(ms / 1000.0));
         }
@@ -1537,6 +1308,7 @@ mod tests {
     #[test]
     fn energy_power_gaps_and_quarantine_are_accounted() {
         let mut m = Metrics::new(Duration::from_secs(300), 10);
+        m.serve_per_run(true);
         let mut psys = result(key(Domain::Psys, None), 9_000_000, &[]);
         psys.host_active_uj = 0;
         psys.unattributed = vec![(UnattributedReason::Quarantined, 9_000_000)];
@@ -1608,8 +1380,33 @@ mod tests {
     }
 
     #[test]
+    fn per_run_series_are_rendered_only_when_served() {
+        let pkg = key(Domain::Package, Some(0));
+        let iv = interval(
+            1,
+            vec![result(pkg, 10_000_000, &[("tenant-a-run", 6_000_000, 0)])],
+            vec![],
+        );
+        let mut m = Metrics::new(Duration::from_secs(300), 10);
+        m.record_interval(&iv);
+        let text = m.render();
+        assert!(!text.contains("tenant-a-run"), "{text}");
+        assert!(!text.contains("run_id="), "{text}");
+        assert!(text.contains("wattd_metrics_per_run_series 0\n"), "{text}");
+        assert!(
+            text.contains("wattd_measured_energy_joules_total{"),
+            "{text}"
+        );
+        m.serve_per_run(true);
+        let text = m.render();
+        assert!(text.contains("run_id=\"tenant-a-run\""), "{text}");
+        assert!(text.contains("wattd_metrics_per_run_series 1\n"), "{text}");
+    }
+
+    #[test]
     fn finished_runs_expire_after_the_ttl() {
         let mut m = Metrics::new(Duration::from_secs(300), 10);
+        m.serve_per_run(true);
         let pkg = result(
             key(Domain::Package, Some(0)),
             2,
@@ -1632,6 +1429,7 @@ mod tests {
     #[test]
     fn the_run_cap_evicts_finished_runs_first_and_counts_refusals_once() {
         let mut m = Metrics::new(Duration::from_secs(300), 2);
+        m.serve_per_run(true);
         let tick = |m: &mut Metrics, runs: &[(&str, u64, u64)]| {
             let e: u64 = runs.iter().map(|(_, a, i)| a + i).sum();
             let pkg = result(key(Domain::Package, Some(0)), e, runs);
@@ -1663,6 +1461,7 @@ mod tests {
     #[test]
     fn spool_and_tracker_values_are_exported() {
         let mut m = Metrics::new(Duration::from_secs(300), 10);
+        m.serve_per_run(true);
         m.set_spool(4096, 10, 7);
         m.set_coarsened(3);
         m.set_tracker(&TrackerCounters {
@@ -1687,132 +1486,5 @@ mod tests {
         // An ack cursor ahead of the sealed seq (cannot happen; the spool refuses it) is 0.
         m.set_spool(0, 1, 2);
         assert!(m.render().contains("wattd_spool_unacked_batches 0\n"));
-    }
-
-    #[test]
-    fn request_lines_route_without_panicking() {
-        assert_eq!(
-            route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Route::Metrics { head_only: false }
-        );
-        assert_eq!(
-            route(b"HEAD /metrics?x=1 HTTP/1.0\r\n\r\n"),
-            Route::Metrics { head_only: true }
-        );
-        assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), Route::NotFound);
-        assert_eq!(route(b"GET /metrics/ HTTP/1.1\r\n\r\n"), Route::NotFound);
-        assert_eq!(
-            route(b"POST /metrics HTTP/1.1\r\n\r\n"),
-            Route::MethodNotAllowed
-        );
-        for bad in [
-            &b""[..],
-            b"\r\n\r\n",
-            b"GET\r\n\r\n",
-            b"GET /metrics\r\n\r\n",
-            b"GET /metrics HTTP/1.1 extra\r\n\r\n",
-            b"GET metrics HTTP/1.1\r\n\r\n",
-            b"GET /metrics SPDY/3\r\n\r\n",
-            b"GET /m\xffetrics HTTP/1.1\r\n\r\n",
-        ] {
-            assert_eq!(route(bad), Route::BadRequest, "{bad:?}");
-        }
-    }
-
-    /// A server on an ephemeral port serving `text`, with the given limits.
-    async fn server(text: &str, limits: ServerLimits) -> (SocketAddr, watch::Sender<Arc<String>>) {
-        let (tx, rx) = watch::channel(Arc::new(text.to_owned()));
-        let s = MetricsServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), rx, limits)
-            .await
-            .unwrap();
-        let addr = s.local_addr().unwrap();
-        tokio::spawn(s.serve(std::future::pending()));
-        (addr, tx)
-    }
-
-    async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(request).await.unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
-        String::from_utf8(out).unwrap()
-    }
-
-    #[tokio::test]
-    async fn serves_the_latest_snapshot_and_refuses_the_rest() {
-        let (addr, tx) = server("a 1\n", ServerLimits::default()).await;
-        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
-        assert!(
-            r.contains(&format!("Content-Type: {CONTENT_TYPE}\r\n")),
-            "{r}"
-        );
-        assert!(r.contains("Content-Length: 4\r\n"), "{r}");
-        assert!(r.ends_with("\r\n\r\na 1\n"), "{r}");
-        tx.send_replace(Arc::new("b 2\n".to_owned()));
-        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
-        assert!(r.ends_with("\r\n\r\nb 2\n"), "{r}");
-        let r = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
-        assert!(
-            r.contains("Content-Length: 4\r\n") && r.ends_with("\r\n\r\n"),
-            "{r}"
-        );
-        let r = exchange(addr, b"GET /other HTTP/1.1\r\n\r\n").await;
-        assert!(r.starts_with("HTTP/1.1 404 "), "{r}");
-        let r = exchange(addr, b"DELETE /metrics HTTP/1.1\r\n\r\n").await;
-        assert!(
-            r.starts_with("HTTP/1.1 405 ") && r.contains("Allow: GET, HEAD"),
-            "{r}"
-        );
-        let r = exchange(addr, b"\x00\x01garbage\xff\n\n").await;
-        assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
-        // A head that never ends is cut at the bound.
-        let mut big = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
-        big.extend(std::iter::repeat(b'a').take(20_000));
-        let r = exchange(addr, &big).await;
-        assert!(r.starts_with("HTTP/1.1 431 "), "{r}");
-        // And the server is still there.
-        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
-        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
-    }
-
-    #[tokio::test]
-    async fn slow_clients_time_out_and_excess_connections_are_closed() {
-        let limits = ServerLimits {
-            read_timeout: Duration::from_millis(200),
-            max_connections: 1,
-            ..ServerLimits::default()
-        };
-        let (addr, _tx) = server("a 1\n", limits).await;
-        // One silent client holds the only slot until its read timeout.
-        let mut silent = TcpStream::connect(addr).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        // Refused at once: a 503 if the client reads it before the close, else a reset (the
-        // request it sent was never read); never a served scrape, never a wait.
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
-        let mut out = Vec::new();
-        let r = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out))
-            .await
-            .unwrap();
-        let text = String::from_utf8_lossy(&out);
-        match r {
-            Ok(_) => assert!(text.starts_with("HTTP/1.1 503 "), "{text}"),
-            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
-        }
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 408 "));
-        // Once the client goes (ending the server's lingering close), the slot is free again.
-        drop(silent);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
-        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
     }
 }

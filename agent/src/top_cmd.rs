@@ -2,10 +2,15 @@
 //! measuring a second time): per run the current watts by domain and the energy so far; the
 //! host, idle and unattributed shares; each meter's source and quality. Refreshes once per
 //! interval, fits the terminal (80x24 over SSH), `s` changes the sort, `q` quits.
+//!
+//! Per-run series are served only by an endpoint that authenticates every request
+//! (`[metrics] web_config`): `top` then needs the same credentials as a Prometheus scraper (the
+//! server's CA for HTTPS, a client certificate if required, a basic-auth user and its password
+//! from a file).
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -23,6 +28,25 @@ pub struct TopArgs {
     /// Refresh period.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub interval_ms: u64,
+    /// HTTPS: the CA (PEM) the endpoint's certificate must chain to (its web configuration's
+    /// tls_server_config).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the endpoint's certificate must carry (default: the endpoint's IP address).
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    pub tls_server_name: Option<String>,
+    /// A client certificate (PEM), for an endpoint that requires one; with --tls-key.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Basic-auth user (one of the web configuration's basic_auth_users); with --password-file.
+    #[arg(long, value_name = "NAME", requires = "password_file")]
+    pub user: Option<String>,
+    /// File whose first line is the basic-auth password (never on the command line).
+    #[arg(long, value_name = "FILE", requires = "user")]
+    pub password_file: Option<PathBuf>,
 }
 
 /// One sample line of the exposition format: name, labels, value.
@@ -85,19 +109,49 @@ fn parse_labels(body: &str) -> BTreeMap<String, String> {
     labels
 }
 
-fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: wattd\r\nConnection: close\r\n\r\n")?;
-    let mut buf = Vec::new();
-    s.take(64 << 20).read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok(body)
+/// The endpoint's client and a runtime to drive it from this synchronous loop.
+struct Scraper {
+    client: wattd_web::ScrapeClient,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Scraper {
+    fn new(addr: SocketAddr, args: &TopArgs) -> anyhow::Result<Scraper> {
+        let password = match &args.password_file {
+            None => None,
+            Some(f) => {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("--password-file {}", f.display()))?;
+                Some(text.lines().next().unwrap_or_default().to_owned())
+            }
+        };
+        let opts = wattd_web::ClientOptions {
+            ca: args.tls_ca.clone(),
+            cert: args.tls_cert.clone(),
+            key: args.tls_key.clone(),
+            server_name: args.tls_server_name.clone(),
+            user: args.user.clone(),
+            password,
+        };
+        let client = wattd_web::ScrapeClient::new(addr, &opts)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the scrape runtime")?;
+        Ok(Scraper { client, rt })
+    }
+
+    fn scrape(&self) -> anyhow::Result<String> {
+        let (status, body) = self.rt.block_on(self.client.get("/metrics"))?;
+        match status.as_u16() {
+            200 => Ok(body),
+            401 => anyhow::bail!(
+                "the endpoint requires credentials (401): --user and --password-file, as in its \
+                 web configuration's basic_auth_users"
+            ),
+            code => anyhow::bail!("the endpoint answered {code}: {}", body.trim()),
+        }
+    }
 }
 
 /// What one screen shows, computed from two scrapes.
@@ -109,6 +163,8 @@ pub struct View {
     pub host: BTreeMap<String, [f64; 3]>,
     /// "domain package" -> (watts, source, quality)
     pub meters: BTreeMap<String, (f64, String, String)>,
+    /// The endpoint said it serves no per-run series (`wattd_metrics_per_run_series 0`).
+    pub runs_withheld: bool,
 }
 
 pub fn view(prev: &[Sample], now: &[Sample], dt_s: f64) -> View {
@@ -148,6 +204,7 @@ pub fn view(prev: &[Sample], now: &[Sample], dt_s: f64) -> View {
                 e.1 = key(l, "source");
                 e.2 = key(l, "quality");
             }
+            "wattd_metrics_per_run_series" => v.runs_withheld = *val == 0.0,
             "wattd_power_watts" => {
                 let m = format!("{} {}", key(l, "domain"), key(l, "package"));
                 v.meters.entry(m).or_default().0 = *val;
@@ -199,6 +256,13 @@ pub fn render(v: &View, sort: Sort, cols: usize, rows: usize) -> Vec<String> {
         Sort::Power => runs.sort_by(|a, b| b.1.total_cmp(&a.1)),
         Sort::Energy => runs.sort_by(|a, b| b.2.total_cmp(&a.2)),
         Sort::Run => runs.sort_by(|a, b| a.0.cmp(b.0)),
+    }
+    if v.runs_withheld {
+        lines.push(
+            "(per-run series are not served: the endpoint has no authentication; see \
+             [metrics] web_config)"
+                .to_owned(),
+        );
     }
     for (r, _, e, [p, d, s]) in runs {
         lines.push(format!(
@@ -292,7 +356,8 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
     let _raw = RawMode::new();
     let mut out = std::io::stdout();
     let mut sort = Sort::Power;
-    let mut prev = parse_exposition(&scrape(addr)?);
+    let scraper = Scraper::new(addr, args)?;
+    let mut prev = parse_exposition(&scraper.scrape()?);
     let mut prev_at = Instant::now();
     loop {
         let deadline = Instant::now() + period;
@@ -312,7 +377,7 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
                 _ => {}
             }
         }
-        let now = match scrape(addr) {
+        let now = match scraper.scrape() {
             Ok(t) => parse_exposition(&t),
             Err(e) => {
                 let _ = write!(out, "\x1b[H\x1b[2Jwattd top: {e:#} (retrying; q quits)\r\n");
@@ -365,5 +430,14 @@ mod tests {
         assert!(first_run < second, "sorted by power: {lines:?}");
         assert!(lines[1].contains("powercap/measured"));
         assert!(render(&v, Sort::Run, 20, 3).len() == 3);
+        assert!(!lines.iter().any(|l| l.contains("not served")));
+        let hidden = parse_exposition("wattd_metrics_per_run_series 0\n");
+        let lines = render(&view(&hidden, &hidden, 1.0), Sort::Power, 200, 24);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("per-run series are not served")),
+            "{lines:?}"
+        );
     }
 }

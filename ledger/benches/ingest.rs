@@ -102,6 +102,7 @@ async fn run(label: &str, store: String, n_latency: u64, n_throughput: u64) {
         enrolled: enrolled.clone(),
         store: store.parse().expect("store"),
         metrics_listen: None,
+        metrics_web: None,
         limits,
         query: None,
     };

@@ -17,7 +17,6 @@ pub mod check;
 pub mod crl;
 pub mod enrol;
 pub mod events;
-pub mod http;
 pub mod lost;
 pub mod metrics;
 pub mod plausible;

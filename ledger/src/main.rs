@@ -129,6 +129,11 @@ struct ServeArgs {
     /// Serve Prometheus counters on GET /metrics at this address (port 0: any; printed).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Web configuration of the metrics endpoint, in the Prometheus exporter toolkit's YAML
+    /// format: tls_server_config (cert_file, key_file, client_auth_type, client_ca_file,
+    /// min_version, max_version) and basic_auth_users (bcrypt hashes).
+    #[arg(long, value_name = "FILE", requires = "metrics_listen")]
+    metrics_web_config: Option<PathBuf>,
     /// Serve the Query API (RunTotals, Changes, RunIntervals) at this address, over mutual TLS
     /// with the same server certificate; readers present certificates of --reader-ca and are
     /// named in --readers. Node certificates cannot read.
@@ -388,6 +393,16 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
     if let Some(p) = wattd_proto::names::label_problem(&a.account_label, "x") {
         problems.push(format!("--account-label {:?}: {p}", a.account_label));
     }
+    let metrics_web = match &a.metrics_web_config {
+        Some(path) => match wattd_web::WebConfig::load(path) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                problems.push(format!("--metrics-web-config {e}"));
+                None
+            }
+        },
+        None => None,
+    };
     if !problems.is_empty() {
         return Err(Failure::Usage(problems.join("\n")));
     }
@@ -400,6 +415,7 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
         enrolled: a.enrolled,
         store: a.store,
         metrics_listen: a.metrics_listen,
+        metrics_web,
         query: match (a.query_listen, a.reader_ca, a.readers) {
             (Some(listen), Some(reader_ca), Some(readers)) => Some(QueryOptions {
                 listen,

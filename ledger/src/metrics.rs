@@ -1,6 +1,6 @@
 //! The ledger's counters, rendered in the Prometheus text format and served on
 //! `--metrics-listen` by a bounded `/metrics` endpoint on hyper
-//! ([`crate::http::MetricsEndpoint`]). Labels are bounded: `reason` takes the values of
+//! ([`wattd_web::MetricsEndpoint`]). Labels are bounded: `reason` takes the values of
 //! [`Reason`] only; nothing is labelled by node (a fleet would make that unbounded).
 
 use std::fmt::Write as _;

@@ -15,7 +15,6 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::http::{HttpLimits, MetricsEndpoint};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -29,6 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use wattd_proto::v1::ledger_server::LedgerServer;
 use wattd_proto::v1::query_server::QueryServer;
+use wattd_web::{HttpLimits, MetricsEndpoint, WebConfig};
 
 use crate::crl::Revocations;
 use crate::enrol::Enrolment;
@@ -51,6 +51,8 @@ pub struct ServeOptions {
     pub enrolled: PathBuf,
     pub store: StoreUrl,
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS and basic auth of the metrics endpoint (`--metrics-web-config`).
+    pub metrics_web: Option<WebConfig>,
     pub limits: Limits,
     /// The read side (`--query-listen`), when configured.
     pub query: Option<QueryOptions>,
@@ -786,12 +788,17 @@ pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), Serve
     let snapshot = watch::channel(Arc::new(String::new()));
     let metrics_server = match opts.metrics_listen {
         Some(addr) => Some(
-            MetricsEndpoint::bind(addr, snapshot.1.clone(), HttpLimits::default())
-                .await
-                .map_err(|source| ServeError::Io {
-                    what: format!("--metrics-listen {addr}"),
-                    source,
-                })?,
+            MetricsEndpoint::bind(
+                addr,
+                snapshot.1.clone(),
+                HttpLimits::default(),
+                opts.metrics_web.as_ref(),
+            )
+            .await
+            .map_err(|source| ServeError::Io {
+                what: format!("--metrics-listen {addr}"),
+                source,
+            })?,
         ),
         None => None,
     };

@@ -92,6 +92,40 @@ impl TestCa {
         self.issue(file_stem, params)
     }
 
+    /// A web configuration (the Prometheus exporter toolkit's YAML) at `path` for a metrics
+    /// endpoint: TLS with a server certificate of this CA (`<stem>.pem`, valid for localhost
+    /// and 127.0.0.1), basic-auth `users` (user, password; cost-4 bcrypt hashes, cheap for
+    /// tests), and, with `clients`, client certificates of that CA required.
+    pub fn web_config(
+        &self,
+        path: &Path,
+        stem: &str,
+        users: &[(&str, &str)],
+        clients: Option<&TestCa>,
+    ) -> PathBuf {
+        let server = self.server(stem);
+        let mut text = format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
+            server.cert.display(),
+            server.key.display()
+        );
+        if let Some(c) = clients {
+            text.push_str(&format!(
+                "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {}\n",
+                c.ca_pem.display()
+            ));
+        }
+        if !users.is_empty() {
+            text.push_str("basic_auth_users:\n");
+            for (user, password) in users {
+                let hash = bcrypt::hash(password, 4).expect("bcrypt");
+                text.push_str(&format!("  {user}: \"{hash}\"\n"));
+            }
+        }
+        std::fs::write(path, text).expect("writing a web configuration");
+        path.to_path_buf()
+    }
+
     /// A client certificate for `node_id` (subject CN).
     pub fn client(&self, node_id: &str) -> CertFiles {
         self.client_params(node_id, None)

@@ -1,13 +1,14 @@
 //! The metrics endpoint end to end: the real `wattd run` binary on a generated host tree whose
-//! package counter and one run's `cpu.stat` a driver thread advances, scraped over plain TCP like
-//! Prometheus would, and checked by `promtool check metrics` when it is installed.
+//! package counter and one run's `cpu.stat` a driver thread advances, scraped like Prometheus
+//! would (plain HTTP, or HTTPS with basic auth from a web configuration), by another local user
+//! with curl under setpriv, and checked by `promtool check metrics`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -100,67 +101,86 @@ fn value(samples: &[(String, f64)], series: &str) -> Option<f64> {
     samples.iter().find(|(s, _)| s == series).map(|(_, v)| *v)
 }
 
-#[test]
-fn a_running_daemon_serves_well_formed_metrics() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostTree::new(dir.path().join("host"));
-    host.cpus(1, 2, 1).unwrap();
-    host.proc_stat(&[(100, 100), (100, 100)]).unwrap();
-    // Zero-padded counters, so every update is one same-size write.
-    let zone = host
-        .zone(&ZoneSpec::new(
-            "intel-rapl:0",
-            "package-0",
-            &format!("{:020}", 1_000_000),
-        ))
-        .unwrap();
-    let energy_file = zone.join("energy_uj");
-    let run_dir = "sys/fs/cgroup/flowzart.slice/run-abc.scope";
-    let cpu_stat = host
-        .write(
-            format!("{run_dir}/cpu.stat"),
-            format!("usage_usec {:020}\n", 0),
-        )
-        .unwrap();
-    host.write(format!("{run_dir}/cgroup.events"), "populated 1\n")
-        .unwrap();
+/// The simulated host: a package counter at 10 W and one run, `abc`, busy on half a CPU,
+/// advanced by a driver thread until dropped.
+struct Host {
+    root: String,
+    stop: Arc<AtomicBool>,
+    driver: Option<std::thread::JoinHandle<()>>,
+}
 
-    let port = free_port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let work = dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
+impl Host {
+    fn start(dir: &Path) -> Host {
+        let host = HostTree::new(dir.join("host"));
+        host.cpus(1, 2, 1).unwrap();
+        host.proc_stat(&[(100, 100), (100, 100)]).unwrap();
+        // Zero-padded counters, so every update is one same-size write.
+        let zone = host
+            .zone(&ZoneSpec::new(
+                "intel-rapl:0",
+                "package-0",
+                &format!("{:020}", 1_000_000),
+            ))
+            .unwrap();
+        let energy_file = zone.join("energy_uj");
+        let run_dir = "sys/fs/cgroup/flowzart.slice/run-abc.scope";
+        let cpu_stat = host
+            .write(
+                format!("{run_dir}/cpu.stat"),
+                format!("usage_usec {:020}\n", 0),
+            )
+            .unwrap();
+        host.write(format!("{run_dir}/cgroup.events"), "populated 1\n")
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let driver = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut energy, mut usage) = (1_000_000u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20));
+                    energy += 200_000;
+                    usage += 10_000;
+                    pwrite(&energy_file, &format!("{energy:020}\n"));
+                    pwrite(&cpu_stat, &format!("usage_usec {usage:020}\n"));
+                }
+            })
+        };
+        Host {
+            root: host.root().display().to_string(),
+            stop,
+            driver: Some(driver),
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(d) = self.driver.take() {
+            let _ = d.join();
+        }
+    }
+}
+
+/// A `wattd run` on the host, its metrics at `addr`, with `[metrics] extra` keys.
+fn start_daemon(work: &Path, host: &Host, addr: SocketAddr, extra: &str) -> (Daemon, PathBuf) {
+    std::fs::create_dir_all(work).unwrap();
     let config = work.join("wattd.toml");
     std::fs::write(
         &config,
         format!(
             "[node]\nid = \"it-metrics\"\n[sampling]\ninterval_ms = 200\n[host]\nroot = {:?}\n\
              cgroup_root = \"/sys/fs/cgroup\"\n[runs]\ncontrol_socket = {:?}\n[spool]\ndir = {:?}\n\
-             [metrics]\nlisten = \"{addr}\"\nfinished_run_ttl_s = 60\n",
-            host.root().display().to_string(),
+             [metrics]\nlisten = \"{addr}\"\nfinished_run_ttl_s = 60\n{extra}",
+            host.root,
             work.join("control.sock").display().to_string(),
             work.join("spool").display().to_string(),
         ),
     )
     .unwrap();
-
-    // The driver: 10 W on the package, the run busy on half a CPU.
-    let stop = Arc::new(AtomicBool::new(false));
-    let driver = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut energy, mut usage) = (1_000_000u64, 0u64);
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(20));
-                energy += 200_000;
-                usage += 10_000;
-                pwrite(&energy_file, &format!("{energy:020}\n"));
-                pwrite(&cpu_stat, &format!("usage_usec {usage:020}\n"));
-            }
-        })
-    };
-
     let log_path = work.join("wattd.log");
-    let mut daemon = Daemon(Some(
+    let daemon = Daemon(Some(
         Command::new(env!("CARGO_BIN_EXE_wattd"))
             .args(["run", "--config"])
             .arg(&config)
@@ -170,12 +190,19 @@ fn a_running_daemon_serves_well_formed_metrics() {
             .spawn()
             .unwrap(),
     ));
-    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    (daemon, log_path)
+}
 
-    // Scrape until a few intervals have been attributed to the run.
+/// Scrapes with `fetch` until `ready` holds of the samples (30 s at most); the last body.
+fn scrape_until(
+    daemon: &mut Daemon,
+    log_path: &Path,
+    mut fetch: impl FnMut() -> Option<String>,
+    ready: impl Fn(&[(String, f64)]) -> bool,
+) -> String {
+    let log = || std::fs::read_to_string(log_path).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let run_series = "wattd_run_energy_joules_total{run_id=\"abc\",domain=\"package\"}";
-    let (head, body) = loop {
+    loop {
         assert!(
             Instant::now() < deadline,
             "no useful scrape within 30 s; log:\n{}",
@@ -186,21 +213,173 @@ fn a_running_daemon_serves_well_formed_metrics() {
                 panic!("wattd exited early ({status}); log:\n{}", log());
             }
         }
-        if let Some((head, body)) = http(addr, "GET /metrics HTTP/1.1\r\nHost: it\r\n\r\n") {
+        if let Some(body) = fetch() {
             let (_, samples) = parse_exposition(&body);
-            let intervals = value(&samples, "wattd_intervals_total").unwrap_or(0.0);
-            let run = value(&samples, run_series).unwrap_or(0.0);
-            if intervals >= 3.0 && run > 0.0 {
-                break (head, body);
+            if ready(&samples) {
+                return body;
             }
         }
         std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
-    assert!(
-        head.contains("Content-Type: text/plain; version=0.0.4"),
-        "{head}"
+    }
+}
+
+/// Stops the daemon with SIGTERM; it must exit cleanly.
+fn stop_daemon(mut daemon: Daemon, log_path: &Path) {
+    let mut child = daemon.0.take().unwrap();
+    // SAFETY: kill on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(log_path).unwrap_or_default();
+    assert!(status.success(), "{status}; log:\n{log}");
+    assert!(log.contains("metrics endpoint listening"), "log:\n{log}");
+}
+
+/// `curl` run as uid/gid 65534 (nobody, another local user), with `args`: the HTTP status (0
+/// when no HTTP answer came) and the body. `None` (skipped loudly) without root, setpriv or curl.
+fn curl_as_nobody(test: &str, args: &[&str]) -> Option<(u16, String)> {
+    if !wattd_testkit::is_root() {
+        wattd_testkit::skip(test, "root (to scrape as another user with setpriv)");
+        return None;
+    }
+    for tool in ["setpriv", "curl"] {
+        if wattd_testkit::need::which(tool).is_none() {
+            wattd_testkit::skip(test, format!("{tool} (Debian packages util-linux, curl)"));
+            return None;
+        }
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(["curl", "-s", "-m", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    Some((code.trim().parse().unwrap_or(0), body.to_owned()))
+}
+
+const RUN_SERIES: &str = "wattd_run_energy_joules_total{run_id=\"abc\",domain=\"package\"}";
+
+/// Without a web configuration the endpoint is plain HTTP, open to every local user, and so
+/// serves the host-level series only: no run id, no tenant's energy.
+#[test]
+fn without_authentication_only_host_level_series_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = Host::start(dir.path());
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (mut daemon, log) = start_daemon(&dir.path().join("work"), &host, addr, "");
+    let body = scrape_until(
+        &mut daemon,
+        &log,
+        || http(addr, "GET /metrics HTTP/1.1\r\nHost: it\r\n\r\n").map(|(_, b)| b),
+        |s| {
+            value(s, "wattd_intervals_total").unwrap_or(0.0) >= 3.0
+                && value(s, "wattd_runs_tracked").unwrap_or(0.0) >= 1.0
+        },
     );
+    let (_, samples) = parse_exposition(&body);
+    assert!(!body.contains("run_id=") && !body.contains("abc"), "{body}");
+    assert_eq!(value(&samples, "wattd_metrics_per_run_series"), Some(0.0));
+    // The run is tracked and measured all the same: only its series are withheld.
+    assert_eq!(value(&samples, "wattd_runs_tracked"), Some(1.0), "{body}");
+    let measured = value(
+        &samples,
+        "wattd_measured_energy_joules_total{domain=\"package\",package=\"0\",source=\"powercap\",quality=\"measured\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(measured > 0.0, "{body}");
+    // Another local user sees the same: nothing of the tenant.
+    let test = "without_authentication_only_host_level_series_are_served";
+    if let Some((code, other)) = curl_as_nobody(test, &[&format!("http://{addr}/metrics")]) {
+        assert_eq!(code, 200, "{other}");
+        assert!(other.contains("wattd_intervals_total"), "{other}");
+        assert!(
+            !other.contains("abc") && !other.contains("run_id="),
+            "{other}"
+        );
+    }
+    promtool_check(&body);
+    stop_daemon(daemon, &log);
+}
+
+/// With a web configuration (TLS, basic auth with bcrypt hashes): another local user without
+/// credentials is refused (401) and learns nothing; a scraper with them gets every series,
+/// per-run ones included, well formed (promtool), conserving the measured energy; refusals are
+/// counted.
+#[test]
+fn behind_tls_and_basic_auth_a_scraper_with_credentials_gets_the_runs() {
+    let test = "behind_tls_and_basic_auth_a_scraper_with_credentials_gets_the_runs";
+    let dir = tempfile::tempdir().unwrap();
+    let host = Host::start(dir.path());
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let ca = wattd_tests::tls::TestCa::new(&pki, "metrics");
+    let web = ca.web_config(
+        &pki.join("web.yml"),
+        "metrics-server",
+        &[("prometheus", "correct horse")],
+        None,
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (mut daemon, log) = start_daemon(
+        &dir.path().join("work"),
+        &host,
+        addr,
+        &format!("web_config = {:?}\n", web.display().to_string()),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = |user: Option<&str>, password: &str| {
+        wattd_web::ScrapeClient::new(
+            addr,
+            &wattd_web::ClientOptions {
+                ca: Some(ca.ca_pem.clone()),
+                server_name: Some("localhost".into()),
+                user: user.map(str::to_owned),
+                password: user.map(|_| password.to_owned()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let good = client(Some("prometheus"), "correct horse");
+    let body = scrape_until(
+        &mut daemon,
+        &log,
+        || match rt.block_on(good.get("/metrics")) {
+            Ok((status, body)) if status == 200 => Some(body),
+            _ => None,
+        },
+        |s| {
+            value(s, "wattd_intervals_total").unwrap_or(0.0) >= 3.0
+                && value(s, RUN_SERIES).unwrap_or(0.0) > 0.0
+        },
+    );
+
+    // Another user, without credentials, with a wrong password, or in plain HTTP.
+    let url = format!("https://{addr}/metrics");
+    if let Some((code, other)) = curl_as_nobody(test, &["-k", &url]) {
+        assert_eq!(code, 401, "{other}");
+        assert!(
+            !other.contains("abc") && !other.contains("wattd_"),
+            "{other}"
+        );
+        let (code, other) = curl_as_nobody(test, &["-k", "-u", "prometheus:guess", &url]).unwrap();
+        assert_eq!(code, 401, "{other}");
+        let (code, other) = curl_as_nobody(test, &[&format!("http://{addr}/metrics")]).unwrap();
+        assert_ne!(code, 200, "{other}");
+        assert!(!other.contains("abc"), "{other}");
+    }
+    for wrong in [
+        client(None, ""),
+        client(Some("prometheus"), "Correct horse"),
+    ] {
+        let (status, other) = rt.block_on(wrong.get("/metrics")).unwrap();
+        assert_eq!(status, 401, "{other}");
+    }
+
     let (types, samples) = parse_exposition(&body);
     for (family, kind) in [
         ("wattd_run_energy_joules_total", "counter"),
@@ -216,6 +395,8 @@ fn a_running_daemon_serves_well_formed_metrics() {
         ("wattd_spool_coarsened_intervals_total", "counter"),
         ("wattd_runs_tracked", "gauge"),
         ("wattd_metrics_runs_dropped_total", "counter"),
+        ("wattd_metrics_per_run_series", "gauge"),
+        ("wattd_metrics_requests_refused_total", "counter"),
         ("wattd_tracker_read_errors_total", "counter"),
     ] {
         assert_eq!(
@@ -225,13 +406,14 @@ fn a_running_daemon_serves_well_formed_metrics() {
         );
     }
     let get = |s: &str| value(&samples, s).unwrap_or_else(|| panic!("{s} missing:\n{body}"));
+    assert_eq!(get("wattd_metrics_per_run_series"), 1.0);
     let measured = get(
         "wattd_measured_energy_joules_total{domain=\"package\",package=\"0\",source=\"powercap\",quality=\"measured\"}",
     );
     assert!(measured > 0.0, "{body}");
     // Conservation, as far as floats allow: what the run got plus the host's parts is what was
     // measured (the run is the only one).
-    let host: f64 = ["active", "idle", "unattributed"]
+    let host_parts: f64 = ["active", "idle", "unattributed"]
         .iter()
         .map(|p| {
             get(&format!(
@@ -239,7 +421,10 @@ fn a_running_daemon_serves_well_formed_metrics() {
             ))
         })
         .sum();
-    assert!((get(run_series) + host - measured).abs() < 1e-5, "{body}");
+    assert!(
+        (get(RUN_SERIES) + host_parts - measured).abs() < 1e-5,
+        "{body}"
+    );
     let watts = get("wattd_power_watts{domain=\"package\",package=\"0\"}");
     assert!(watts > 0.0 && watts < 100.0, "{watts} W:\n{body}");
     assert_eq!(get("wattd_runs_tracked"), 1.0, "{body}");
@@ -250,24 +435,25 @@ fn a_running_daemon_serves_well_formed_metrics() {
         get("wattd_tick_duration_seconds_count"),
         "{body}"
     );
-
-    // Anything but /metrics is a 404.
-    let (head, _) = http(addr, "GET / HTTP/1.1\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
-
     promtool_check(&body);
 
-    stop.store(true, Ordering::Relaxed);
-    driver.join().unwrap();
-    let mut child = daemon.0.take().unwrap();
-    // SAFETY: kill on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status}; log:\n{}", log());
+    // Anything but /metrics is a 404; the refusals above are counted (after the next tick).
+    let (status, _) = rt.block_on(good.get("/")).unwrap();
+    assert_eq!(status, 404);
+    let refused = "wattd_metrics_requests_refused_total{reason=\"unauthenticated\"}";
+    let body = scrape_until(
+        &mut daemon,
+        &log,
+        || rt.block_on(good.get("/metrics")).ok().map(|(_, b)| b),
+        |s| value(s, refused).unwrap_or(0.0) >= 2.0,
+    );
+    assert!(body.contains(refused), "{body}");
+    stop_daemon(daemon, &log);
     assert!(
-        log().contains("metrics endpoint listening"),
-        "log:\n{}",
-        log()
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("TLS, basic auth (1 users)"),
+        "the log says how the endpoint is secured"
     );
 }
 

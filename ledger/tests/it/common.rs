@@ -198,6 +198,7 @@ impl Fixture {
             enrolled: self.enrolled.clone(),
             store: self.store_url.clone(),
             metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
+            metrics_web: None,
             limits,
             query: None,
         }

@@ -1,5 +1,6 @@
 //! `wattd top` driven through a real terminal (tmux, 80x24): it shows the runs of a live agent on
-//! the simulated host and exits on `q`.
+//! the simulated host and exits on `q`. The agent's endpoint is behind TLS and basic auth (a web
+//! configuration), as it must be to serve per-run series; `top` is given the same credentials.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -42,13 +43,23 @@ fn top_shows_live_runs_in_80x24_and_quits_on_q() {
         .local_addr()
         .unwrap()
         .port();
+    let ca = wattd_tests::tls::TestCa::new(work.path(), "metrics");
+    let web = ca.web_config(
+        &work.path().join("web.yml"),
+        "metrics-server",
+        &[("sre", "top secret")],
+        None,
+    );
+    let password_file = work.path().join("sre.password");
+    std::fs::write(&password_file, "top secret\n").unwrap();
     let config = sim
         .config(&format!(
-            "cgroup_root = {:?}\n[sampling]\ninterval_ms = 200\n[runs]\npatterns = [{:?}]\ncontrol_socket = {:?}\n[spool]\ndir = {:?}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+            "cgroup_root = {:?}\n[sampling]\ninterval_ms = 200\n[runs]\npatterns = [{:?}]\ncontrol_socket = {:?}\n[spool]\ndir = {:?}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\nweb_config = {:?}\n",
             mount.display().to_string(),
             format!("{}/run-{{run_id}}.scope", cg.rel().display()),
             work.path().join("c.sock").display().to_string(),
             work.path().join("spool").display().to_string(),
+            web.display().to_string(),
         ))
         .unwrap();
     let mut agent = Agent::start(&config, &work.path().join("wattd.log"));
@@ -61,8 +72,11 @@ fn top_shows_live_runs_in_80x24_and_quits_on_q() {
 
     let session = format!("wattd-top-{}", std::process::id());
     let cmd = format!(
-        "{} top --endpoint 127.0.0.1:{port} --interval-ms 300",
-        wattd_bin().display()
+        "{} top --endpoint 127.0.0.1:{port} --interval-ms 300 --tls-ca {} \
+         --tls-server-name localhost --user sre --password-file {}",
+        wattd_bin().display(),
+        ca.ca_pem.display(),
+        password_file.display()
     );
     let out = tmux(&[
         "new-session",
