@@ -717,15 +717,15 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         if let Some(v) = c.int(t, "metrics", "finished_run_ttl_s", 1, 86_400) {
             cfg.metrics_finished_run_ttl_s = v;
         }
+        // Only the path: the file (and the key it names, which only the daemon's user can
+        // read) is read by the daemon when it binds the endpoint, and by `wattd validate`. A
+        // bad file must not stop the measuring, nor a reload.
         if let Some(v) = c.string(t, "metrics", "web_config") {
-            // Read now, so `wattd validate` reports a bad file; the daemon reads it again when
-            // it binds the endpoint.
-            match wattd_web::WebConfig::load(Path::new(&v)) {
-                Ok(_) => cfg.metrics_web_config = Some(PathBuf::from(v)),
-                Err(e) => {
-                    let span = c.get(t, "web_config").and_then(|(_, s)| s);
-                    c.problem(span, "metrics.web_config", e.to_string());
-                }
+            if v.is_empty() {
+                let span = c.get(t, "web_config").and_then(|(_, s)| s);
+                c.problem(span, "metrics.web_config", "an empty path");
+            } else {
+                cfg.metrics_web_config = Some(PathBuf::from(v));
             }
         }
     }
@@ -863,25 +863,26 @@ finished_run_ttl_s = 60
     }
 
     #[test]
-    fn the_metrics_web_config_is_read_and_its_problems_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let web = dir.path().join("web.yml");
-        std::fs::write(&web, "tls_server_config:\n  cert_file: x.pem\n").unwrap();
-        let text = format!("[metrics]\nweb_config = {:?}\n", web.display().to_string());
-        let e = parse("wattd.toml", &text).unwrap_err();
-        let got = e.problems[0].to_string();
-        assert!(
-            got.starts_with("wattd.toml:2: metrics.web_config: web configuration "),
-            "{got}"
+    fn the_metrics_web_config_is_a_path_read_later() {
+        // Not read here: a file that does not exist (or would not load) is the daemon's and
+        // `wattd validate`'s to report.
+        let c = parse(
+            "wattd.toml",
+            "[metrics]\nweb_config = \"/nonexistent/web.yml\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.metrics_web_config.as_deref(),
+            Some(Path::new("/nonexistent/web.yml"))
         );
-        assert!(
-            got.contains("cert_file and key_file are both required"),
-            "{got}"
-        );
-        std::fs::write(&web, "basic_auth_users: {}\n").unwrap();
-        let c = parse("wattd.toml", &text).unwrap();
-        assert_eq!(c.metrics_web_config.as_deref(), Some(web.as_path()));
         assert_eq!(parse("wattd.toml", "").unwrap().metrics_web_config, None);
+        let e = parse("wattd.toml", "[metrics]\nweb_config = \"\"\n").unwrap_err();
+        assert!(
+            e.problems[0]
+                .to_string()
+                .starts_with("wattd.toml:2: metrics.web_config: an empty path"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -303,11 +303,18 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
         Some(path) => wattd_web::WebConfig::load(path).map(Some),
     };
     if let Ok(web) = &web {
-        let per_run = web
+        // Basic auth without TLS sends the password, and the tenants' series, in clear: only on
+        // loopback is that no one else's to read.
+        let authenticates = web
             .as_ref()
             .is_some_and(wattd_web::WebConfig::authenticates);
+        let private = web.as_ref().is_some_and(|w| w.tls().is_some())
+            || cfg.metrics_listen.ip().is_loopback();
+        let per_run = authenticates && private;
         metrics.serve_per_run(per_run);
-        if !per_run {
+        if authenticates && !private {
+            tracing::warn!(listen = %cfg.metrics_listen, "metrics: per-run series are not served: basic auth without TLS on a non-loopback address would send passwords and tenants' data in clear (add tls_server_config)");
+        } else if !per_run {
             tracing::info!("metrics: per-run series are not served; they need an endpoint that authenticates every request ([metrics] web_config with basic_auth_users or RequireAndVerifyClientCert)");
         }
     }
@@ -317,31 +324,32 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             tracing::error!(%error, "metrics endpoint not started: its web configuration is unusable; measuring without it");
             false
         }
-        Ok(web) => match wattd_web::MetricsEndpoint::bind(
-            cfg.metrics_listen,
-            metrics_rx,
-            wattd_web::HttpLimits::default(),
-            web.as_ref(),
-        )
-        .await
-        {
-            Ok(server) => {
-                let mut stop = shutdown_rx.clone();
-                let mode = web
-                    .as_ref()
-                    .map_or_else(|| "plain HTTP".to_owned(), wattd_web::WebConfig::describe);
-                tracing::info!(listen = %cfg.metrics_listen, %mode, "metrics endpoint listening on /metrics");
-                metrics.set_endpoint(server.stats());
-                tokio::spawn(server.serve(async move {
+        Ok(web) => {
+            let mode = web
+                .as_ref()
+                .map_or_else(|| "plain HTTP".to_owned(), wattd_web::WebConfig::describe);
+            let mut stop = shutdown_rx.clone();
+            // On a thread of its own: TLS handshakes and bcrypt never delay a tick.
+            match wattd_web::MetricsEndpoint::spawn_thread(
+                cfg.metrics_listen,
+                metrics_rx,
+                wattd_web::HttpLimits::default(),
+                web,
+                async move {
                     let _ = stop.wait_for(|s| *s).await;
-                }));
-                true
+                },
+            ) {
+                Ok((_, stats)) => {
+                    tracing::info!(listen = %cfg.metrics_listen, %mode, "metrics endpoint listening on /metrics");
+                    metrics.set_endpoint(stats);
+                    true
+                }
+                Err(error) => {
+                    tracing::warn!(listen = %cfg.metrics_listen, %error, "metrics endpoint unavailable; measuring without it");
+                    false
+                }
             }
-            Err(error) => {
-                tracing::warn!(listen = %cfg.metrics_listen, %error, "metrics endpoint unavailable; measuring without it");
-                false
-            }
-        },
+        }
     };
 
     // The shipper, when a ledger is configured: a task that reads sealed batches from the spool

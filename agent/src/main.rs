@@ -160,11 +160,18 @@ fn main() -> ExitCode {
                     .file
                     .as_deref()
                     .map_or("embedded defaults".into(), |p| p.display().to_string());
-                let tls = c
+                let mut tls = c
                     .ledger
                     .as_ref()
                     .map(wattd::shipper::check_tls_files)
                     .unwrap_or_default();
+                if let Some(web) = &c.metrics_web_config {
+                    if let Err(e) = wattd_web::WebConfig::load(web) {
+                        tls.push(format!(
+                            "metrics.web_config: {e} (the daemon measures without the endpoint)"
+                        ));
+                    }
+                }
                 let kind = if strict { "" } else { "warning: " };
                 for p in &tls {
                     eprintln!("wattd: {kind}{file}: {p}");

@@ -510,12 +510,14 @@ impl Metrics {
                 );
             }
         }
-        w.family(
-            "wattd_metrics_runs_exported",
-            "gauge",
-            "Runs with series in wattd_run_energy_joules_total.",
-        );
-        w.sample("wattd_metrics_runs_exported", &[], self.runs.len() as u64);
+        if self.per_run {
+            w.family(
+                "wattd_metrics_runs_exported",
+                "gauge",
+                "Runs with series in wattd_run_energy_joules_total.",
+            );
+            w.sample("wattd_metrics_runs_exported", &[], self.runs.len() as u64);
+        }
         w.family(
             "wattd_metrics_runs_dropped_total",
             "counter",

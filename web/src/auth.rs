@@ -2,22 +2,30 @@
 //! with its costs bounded for a daemon that shares the host with the platform:
 //! - a verified (user, password) is remembered (as a SHA-256 of user, password and hash, never
 //!   the password), so a scraper pays bcrypt once, not every 15 seconds;
-//! - every other attempt runs bcrypt one at a time on the blocking pool, and at most
-//!   [`BCRYPT_PER_SECOND`] a second: a flood of wrong passwords gets 429 and costs a fraction of
-//!   one core, while scrapers already verified are still answered;
-//! - an unknown user is checked against a dummy hash of the same cost, so the answer's timing
-//!   does not say which users exist.
+//! - every other attempt runs bcrypt on the blocking pool, one at a time (an attempt that finds
+//!   one running is answered 429 at once, never queued holding a connection slot), and within a
+//!   budget of bcrypt time: [`BCRYPT_PER_SECOND`] verifications a second at cost 10, half as
+//!   many per step of cost above it, so a flood of wrong passwords costs at most about a
+//!   quarter of one core whatever the cost, while scrapers already verified are still answered;
+//! - attempts naming a configured user and attempts naming anyone else have separate budgets, so
+//!   guessing user names does not lock out a real scraper's first login (guessing the password
+//!   of a configured user does, for as long as the guessing goes on: the budget is what bounds
+//!   the guesser);
+//! - an unknown user is checked against a dummy hash of the highest configured cost, so the
+//!   answer's timing does not say which users exist (when every user has the same cost).
 
 use std::collections::{BTreeMap, HashSet};
 use std::num::NonZeroU32;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use base64::Engine as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 
-/// bcrypt verifications of unremembered credentials per second, at most.
+/// bcrypt verifications of unremembered credentials per second at cost 10, at most (per budget:
+/// configured users, others).
 pub const BCRYPT_PER_SECOND: u32 = 4;
 
 /// Verified credentials remembered; the set is emptied when it is full (only correct passwords
@@ -41,8 +49,10 @@ pub struct BasicAuth {
     users: BTreeMap<String, String>,
     dummy: String,
     remembered: Mutex<HashSet<[u8; 32]>>,
-    limiter: DefaultDirectRateLimiter,
-    one_at_a_time: Semaphore,
+    /// The budgets of attempts naming a configured user, and of the others.
+    known_budget: DefaultDirectRateLimiter,
+    unknown_budget: DefaultDirectRateLimiter,
+    one_at_a_time: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for BasicAuth {
@@ -53,10 +63,21 @@ impl std::fmt::Debug for BasicAuth {
     }
 }
 
-const RATE: NonZeroU32 = match NonZeroU32::new(BCRYPT_PER_SECOND) {
-    Some(n) => n,
-    None => panic!("BCRYPT_PER_SECOND is zero"),
-};
+/// The bcrypt budget for hashes of `cost`: one verification per period, in bursts of up to
+/// [`BCRYPT_PER_SECOND`].
+fn budget(cost: u32) -> DefaultDirectRateLimiter {
+    let base = Duration::from_secs(1) / BCRYPT_PER_SECOND;
+    let period = if cost >= 10 {
+        base.saturating_mul(1u32 << (cost - 10).min(20))
+    } else {
+        (base / (1u32 << (10 - cost).min(20))).max(Duration::from_millis(1))
+    };
+    let burst = NonZeroU32::new(BCRYPT_PER_SECOND).unwrap_or(NonZeroU32::MIN);
+    let quota = Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(burst);
+    RateLimiter::direct(quota)
+}
 
 impl BasicAuth {
     /// Validates every user name and hash; each problem names its user.
@@ -72,6 +93,10 @@ impl BasicAuth {
             }
             // Only ASCII reaches the parser (older bcrypt versions panicked on other bytes).
             match hash.is_ascii().then(|| hash.parse::<bcrypt::HashParts>()) {
+                Some(Ok(parts)) if !(4..=31).contains(&parts.get_cost()) => problems.push(format!(
+                    "basic_auth_users.{user}: bcrypt cost {} is outside 4 ..= 31",
+                    parts.get_cost()
+                )),
                 Some(Ok(parts)) => cost = cost.max(parts.get_cost()),
                 _ => problems.push(format!(
                     "basic_auth_users.{user}: not a bcrypt hash (make one with htpasswd -nBC 10 \
@@ -89,8 +114,9 @@ impl BasicAuth {
             users,
             dummy,
             remembered: Mutex::new(HashSet::new()),
-            limiter: RateLimiter::direct(Quota::per_second(RATE)),
-            one_at_a_time: Semaphore::new(1),
+            known_budget: budget(cost),
+            unknown_budget: budget(cost),
+            one_at_a_time: Arc::new(Semaphore::new(1)),
         })
     }
 
@@ -110,16 +136,27 @@ impl BasicAuth {
         if known.is_some() && self.remembered().contains(&key) {
             return Verdict::Granted;
         }
-        if self.limiter.check().is_err() {
+        // One at a time, never queued: a request waiting here would hold a connection slot.
+        let Ok(permit) = Arc::clone(&self.one_at_a_time).try_acquire_owned() else {
+            return Verdict::Throttled;
+        };
+        let budget = if known.is_some() {
+            &self.known_budget
+        } else {
+            &self.unknown_budget
+        };
+        if budget.check().is_err() {
             return Verdict::Throttled;
         }
-        let Ok(_permit) = self.one_at_a_time.acquire().await else {
-            return Verdict::Refused;
-        };
-        let ok =
-            tokio::task::spawn_blocking(move || bcrypt::verify(&password, &hash).unwrap_or(false))
-                .await
-                .unwrap_or(false);
+        // The permit goes with the work: if the request is dropped (its connection timed out),
+        // the verification still counts as running until it ends.
+        let ok = tokio::task::spawn_blocking(move || {
+            let ok = bcrypt::verify(&password, &hash).unwrap_or(false);
+            drop(permit);
+            ok
+        })
+        .await
+        .unwrap_or(false);
         if !(ok && known.is_some()) {
             return Verdict::Refused;
         }
@@ -188,7 +225,7 @@ mod tests {
         let h = header_value("prom", "right");
         assert_eq!(a.check(Some(h.as_bytes())).await, Verdict::Granted);
         // Remembered: granted even when the attempt budget is spent.
-        while a.limiter.check().is_ok() {}
+        while a.known_budget.check().is_ok() {}
         assert_eq!(a.check(Some(h.as_bytes())).await, Verdict::Granted);
         assert_eq!(
             a.check(Some(header_value("prom", "wrong").as_bytes()))
@@ -221,15 +258,76 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unremembered_attempts_are_throttled() {
+    async fn guessing_user_names_does_not_spend_the_configured_users_budget() {
         let a = auth();
+        while a.unknown_budget.check().is_ok() {}
+        let guess = header_value("admin", "x");
+        assert_eq!(a.check(Some(guess.as_bytes())).await, Verdict::Throttled);
+        let real = header_value("prom", "right");
+        assert_eq!(a.check(Some(real.as_bytes())).await, Verdict::Granted);
+    }
+
+    #[tokio::test]
+    async fn an_attempt_while_one_verification_runs_is_refused_at_once() {
+        let a = auth();
+        let held = Arc::clone(&a.one_at_a_time).try_acquire_owned().unwrap();
+        let h = header_value("prom", "right");
+        assert_eq!(a.check(Some(h.as_bytes())).await, Verdict::Throttled);
+        drop(held);
+        assert_eq!(a.check(Some(h.as_bytes())).await, Verdict::Granted);
+    }
+
+    #[test]
+    fn the_budget_shrinks_as_the_cost_grows() {
+        use governor::clock::{Clock as _, DefaultClock};
+        let n = |cost: u32| {
+            let b = budget(cost);
+            let mut n = 0;
+            while b.check().is_ok() {
+                n += 1;
+            }
+            // The wait for the next one: the period.
+            match b.check() {
+                Err(not_until) => (n, not_until.wait_time_from(DefaultClock::default().now())),
+                Ok(()) => (n, Duration::ZERO),
+            }
+        };
+        let (burst, p10) = n(10);
+        assert_eq!(burst, BCRYPT_PER_SECOND);
+        let (_, p12) = n(12);
+        let (_, p4) = n(4);
+        assert!(
+            p10 > Duration::from_millis(200) && p10 <= Duration::from_millis(250),
+            "{p10:?}"
+        );
+        assert!(p12 > Duration::from_millis(900), "{p12:?}");
+        assert!(p4 < Duration::from_millis(10), "{p4:?}");
+    }
+
+    #[test]
+    fn a_cost_outside_bcrypts_range_is_refused() {
+        let mut users = BTreeMap::new();
+        users.insert(
+            "p".to_owned(),
+            "$2b$03$abcdefghijklmnopqrstuuABCDEFGHIJKLMNOPQRSTUVWXYZ01234".to_owned(),
+        );
+        let e = BasicAuth::new(users).unwrap_err().join("; ");
+        assert!(e.contains("basic_auth_users.p"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn unremembered_attempts_are_throttled() {
+        // Cost 10: the budget refills one verification per 250 ms, far longer than this test
+        // takes between draining it and the next attempt.
+        let mut users = BTreeMap::new();
+        users.insert("prom".to_owned(), bcrypt::hash("right", 10).unwrap());
+        let a = BasicAuth::new(users).unwrap();
         let wrong = header_value("prom", "wrong");
-        let mut verdicts = Vec::new();
-        for _ in 0..BCRYPT_PER_SECOND + 2 {
-            verdicts.push(a.check(Some(wrong.as_bytes())).await);
-        }
-        assert!(verdicts.contains(&Verdict::Throttled), "{verdicts:?}");
-        assert!(verdicts.contains(&Verdict::Refused), "{verdicts:?}");
-        assert!(!verdicts.contains(&Verdict::Granted), "{verdicts:?}");
+        assert_eq!(a.check(Some(wrong.as_bytes())).await, Verdict::Refused);
+        while a.known_budget.check().is_ok() {}
+        assert_eq!(a.check(Some(wrong.as_bytes())).await, Verdict::Throttled);
+        // Even the right password waits for the budget (it is not remembered yet).
+        let right = header_value("prom", "right");
+        assert_eq!(a.check(Some(right.as_bytes())).await, Verdict::Throttled);
     }
 }

@@ -489,6 +489,22 @@ mod tests {
     }
 
     #[test]
+    fn client_certificates_verified_only_when_given_do_not_authenticate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, server) = pki(dir.path());
+        let text = format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\n  client_auth_type: \
+             VerifyClientCertIfGiven\n  client_ca_file: {}\n",
+            server.cert.display(),
+            server.key.display(),
+            ca.ca_pem.display()
+        );
+        let c = WebConfig::load(&write(dir.path(), "w.yml", &text)).unwrap();
+        assert_eq!(c.client_auth(), ClientAuth::VerifyIfGiven);
+        assert!(!c.authenticates(), "a client without a certificate gets in");
+    }
+
+    #[test]
     fn unknown_and_unsupported_settings_are_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let e = problems(&write(

@@ -133,6 +133,51 @@ impl MetricsEndpoint {
         Arc::clone(&self.stats)
     }
 
+    /// Binds `addr` and serves on a thread of its own, with its own single-threaded runtime, until
+    /// `shutdown` completes: TLS handshakes and bcrypt never run on the caller's threads (the
+    /// agent's measuring loop). Returns once bound: the address and the refusal counters.
+    pub fn spawn_thread(
+        addr: SocketAddr,
+        snapshot: watch::Receiver<Arc<String>>,
+        limits: HttpLimits,
+        web: Option<WebConfig>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> io::Result<(SocketAddr, Arc<EndpointStats>)> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("wattd-metrics".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .max_blocking_threads(2)
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match MetricsEndpoint::bind(addr, snapshot, limits, web.as_ref()).await {
+                        Ok(ep) => {
+                            let bound = ep.local_addr().map(|a| (a, ep.stats()));
+                            let ok = bound.is_ok();
+                            let _ = tx.send(bound);
+                            if ok {
+                                ep.serve(shutdown).await;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                });
+            })?;
+        rx.recv()
+            .map_err(|_| io::Error::other("the metrics thread ended before binding"))?
+    }
+
     /// Serves until `shutdown` completes.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let slots = Arc::new(Semaphore::new(self.limits.connections));
@@ -173,13 +218,23 @@ impl MetricsEndpoint {
                 let exchange = async {
                     match tls {
                         None => conn.serve(stream).await,
-                        Some(acceptor) => match acceptor.accept(stream).await {
-                            Ok(s) => conn.serve(s).await,
-                            Err(error) => {
-                                conn.stats.tls_failed.fetch_add(1, Ordering::Relaxed);
-                                tracing::debug!(%error, "metrics: TLS handshake failed");
+                        // The handshake is bounded like a request head: a peer that connects
+                        // and says nothing holds its slot no longer.
+                        Some(acceptor) => {
+                            match tokio::time::timeout(limits.head_timeout, acceptor.accept(stream))
+                                .await
+                            {
+                                Ok(Ok(s)) => conn.serve(s).await,
+                                Ok(Err(error)) => {
+                                    conn.stats.tls_failed.fetch_add(1, Ordering::Relaxed);
+                                    tracing::debug!(%error, "metrics: TLS handshake failed");
+                                }
+                                Err(_) => {
+                                    conn.stats.tls_failed.fetch_add(1, Ordering::Relaxed);
+                                    tracing::debug!("metrics: TLS handshake timed out");
+                                }
                             }
-                        },
+                        }
                     }
                 };
                 if tokio::time::timeout(limits.connection_timeout, exchange)
@@ -265,6 +320,15 @@ fn unauthorized() -> Response<Full<Bytes>> {
     r
 }
 
+/// The exposition as a `Bytes` owner.
+struct Shared(Arc<String>);
+
+impl AsRef<[u8]> for Shared {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
 /// The answer to one request: the exposition for GET or HEAD `/metrics` (the query string is
 /// ignored: Prometheus may add parameters), 404 elsewhere, 405 for other methods.
 fn respond(req: &Request<Incoming>, body: &Arc<String>) -> Response<Full<Bytes>> {
@@ -287,10 +351,11 @@ fn respond(req: &Request<Incoming>, body: &Arc<String>) -> Response<Full<Bytes>>
     };
     // HEAD: the length GET would send, no body.
     let len = HeaderValue::from(body.len());
+    // The rendered text is shared with the response, not copied.
     let bytes = if head_only {
         Bytes::new()
     } else {
-        Bytes::from(body.as_bytes().to_vec())
+        Bytes::from_owner(Shared(Arc::clone(body)))
     };
     let mut r = Response::new(Full::new(bytes));
     r.headers_mut()
@@ -449,7 +514,14 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_head_is_refused() {
-        let (addr, _stop) = start(HttpLimits::default()).await;
+        // Timeouts far beyond the read's own bound below: the refusal must come from the size
+        // bound, not from waiting the client out.
+        let (addr, _stop) = start(HttpLimits {
+            head_timeout: Duration::from_secs(60),
+            connection_timeout: Duration::from_secs(120),
+            connections: 4,
+        })
+        .await;
         let mut req = b"GET /metrics HTTP/1.1\r\nX-Big: ".to_vec();
         req.extend(std::iter::repeat_n(b'a', 64 * 1024));
         req.extend_from_slice(b"\r\n\r\n");
@@ -457,9 +529,10 @@ mod tests {
         // The server may close before everything is written: that is a refusal too.
         let _ = s.write_all(&req).await;
         let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out).await;
+        let read = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "the connection was held open, not refused");
         let out = String::from_utf8_lossy(&out);
-        assert!(!out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.is_empty() || out.starts_with("HTTP/1.1 431"), "{out}");
     }
 
     #[tokio::test]
@@ -479,6 +552,43 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(600)).await;
         let again = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: l\r\n\r\n").await;
         assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+        drop(held);
+    }
+
+    /// On a TLS port, peers that connect and never start the handshake hold their slots for the
+    /// head timeout, not the (much longer) connection timeout.
+    #[tokio::test]
+    async fn a_stalled_tls_handshake_takes_a_slot_for_the_head_timeout_only() {
+        use crate::client::{ClientOptions, ScrapeClient};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = wattd_tests::tls::TestCa::new(dir.path(), "server");
+        let web_yml = ca.web_config(&dir.path().join("web.yml"), "server", &[], None);
+        let web = WebConfig::load(&web_yml).unwrap();
+        let limits = HttpLimits {
+            head_timeout: Duration::from_millis(300),
+            connection_timeout: Duration::from_secs(60),
+            connections: 2,
+        };
+        let (addr, _stop, stats) = start_with(limits, Some(&web)).await;
+        let held: Vec<TcpStream> = connect_idle(addr, 2).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let third = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: l\r\n\r\n").await;
+        assert!(third.starts_with("HTTP/1.1 503"), "{third}");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let client = ScrapeClient::new(
+            addr,
+            &ClientOptions {
+                ca: Some(ca.ca_pem.clone()),
+                server_name: Some("localhost".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (status, body) = client.get("/metrics").await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let counts: std::collections::BTreeMap<_, _> = stats.by_reason().into_iter().collect();
+        assert_eq!(counts["tls_failed"], 2, "{counts:?}");
+        assert_eq!(counts["busy"], 1, "{counts:?}");
         drop(held);
     }
 

@@ -192,6 +192,14 @@ fn annotated_example_config_is_valid_with_and_without_its_keys() {
             "{se}"
         );
     }
+    // And the metrics endpoint's web configuration.
+    assert!(
+        se.contains(&format!(
+            "warning: {}: metrics.web_config: web configuration /etc/wattd/metrics-web.yml: ",
+            full.display()
+        )),
+        "{se}"
+    );
     let (out, _, se) = run(wattd()
         .args(["validate", "--strict", "--config"])
         .arg(&full));
@@ -199,6 +207,9 @@ fn annotated_example_config_is_valid_with_and_without_its_keys() {
     assert!(se.contains("ledger.key: /etc/wattd/node.key"), "{se}");
     // With the files in place (the key owner-only), the full example is valid.
     let mut with_files = uncommented.clone();
+    let web = dir.path().join("metrics-web.yml");
+    std::fs::write(&web, "# nothing configured: host-level series only\n").unwrap();
+    with_files = with_files.replace("/etc/wattd/metrics-web.yml", web.to_str().unwrap());
     for (path, pem) in [
         ("/etc/wattd/ledger-ca.pem", "CERTIFICATE"),
         ("/etc/wattd/node.pem", "CERTIFICATE"),

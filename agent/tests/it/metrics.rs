@@ -223,12 +223,17 @@ fn scrape_until(
     }
 }
 
-/// Stops the daemon with SIGTERM; it must exit cleanly.
-fn stop_daemon(mut daemon: Daemon, log_path: &Path) {
+/// Stops the daemon with SIGTERM; its exit status.
+fn sigterm(mut daemon: Daemon) -> std::process::ExitStatus {
     let mut child = daemon.0.take().unwrap();
     // SAFETY: kill on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
+    child.wait().unwrap()
+}
+
+/// Stops the daemon with SIGTERM; it must exit cleanly, having served.
+fn stop_daemon(daemon: Daemon, log_path: &Path) {
+    let status = sigterm(daemon);
     let log = std::fs::read_to_string(log_path).unwrap_or_default();
     assert!(status.success(), "{status}; log:\n{log}");
     assert!(log.contains("metrics endpoint listening"), "log:\n{log}");
@@ -455,6 +460,67 @@ fn behind_tls_and_basic_auth_a_scraper_with_credentials_gets_the_runs() {
             .contains("TLS, basic auth (1 users)"),
         "the log says how the endpoint is secured"
     );
+}
+
+/// A web configuration the daemon cannot use (here: TLS without its key) leaves the endpoint
+/// off, never serving without the security it asks for, and the measuring on.
+#[test]
+fn an_unusable_web_config_leaves_the_endpoint_off_and_the_measuring_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = Host::start(dir.path());
+    let web = dir.path().join("web.yml");
+    std::fs::write(
+        &web,
+        "tls_server_config:\n  cert_file: /nonexistent/c.pem\n",
+    )
+    .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let work = dir.path().join("work");
+    let (mut daemon, log_path) = start_daemon(
+        &work,
+        &host,
+        addr,
+        &format!("web_config = {:?}\n", web.display().to_string()),
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Measuring: the run's energy reaches the spool.
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "nothing measured; log:\n{}",
+            log()
+        );
+        if let Some(c) = daemon.0.as_mut() {
+            if let Some(status) = c.try_wait().unwrap() {
+                panic!("wattd exited ({status}); log:\n{}", log());
+            }
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_wattd"))
+            .args(["runs", "--format", "json", "--data-dir"])
+            .arg(work.join("spool"))
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains("\"abc\"") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        log().contains("metrics endpoint not started: its web configuration is unusable"),
+        "{}",
+        log()
+    );
+    assert!(
+        log().contains("cert_file and key_file are both required"),
+        "{}",
+        log()
+    );
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "something listens on {addr}"
+    );
+    assert!(sigterm(daemon).success(), "{}", log());
 }
 
 /// `promtool check metrics` on a real scrape (Debian package `prometheus`).
