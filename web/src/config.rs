@@ -14,6 +14,7 @@
 //!   prometheus: $2y$10$...         # bcrypt hashes (htpasswd -nBC 10)
 //! ```
 //!
+//! The YAML is read with yaml-rust2 (pure Rust; no libyaml, translated or not), aliases refused.
 //! Any other key is refused by name (the toolkit's `cipher_suites`, `curve_preferences`,
 //! `http_server_config`, ... are not implemented, and silently ignoring a security setting is
 //! worse than refusing to start). The client authentication types that ask for a certificate
@@ -30,22 +31,21 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use serde::Deserialize;
+use yaml_rust2::parser::{Event, EventReceiver, Parser};
+use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::auth::BasicAuth;
 
 /// Largest web configuration file read (it holds a few paths and hashes).
 const MAX_FILE_BYTES: u64 = 1 << 20;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default)]
 struct RawWebConfig {
     tls_server_config: Option<RawTls>,
     basic_auth_users: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default)]
 struct RawTls {
     cert_file: Option<String>,
     key_file: Option<String>,
@@ -102,15 +102,7 @@ impl WebConfig {
             problems,
         };
         let text = read_bounded(path).map_err(|e| fail(vec![e]))?;
-        let raw: RawWebConfig = if text.trim().is_empty() {
-            // The toolkit treats an empty file as "nothing configured".
-            RawWebConfig {
-                tls_server_config: None,
-                basic_auth_users: None,
-            }
-        } else {
-            serde_norway::from_str(&text).map_err(|e| fail(vec![e.to_string()]))?
-        };
+        let raw = parse_yaml(&text).map_err(fail)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut problems = Vec::new();
         let (tls, client_auth) = match raw.tls_server_config {
@@ -186,6 +178,114 @@ impl WebConfig {
             parts.push(format!("basic auth ({} users)", a.users().len()));
         }
         parts.join(", ")
+    }
+}
+
+/// Counts the aliases in a YAML text (the loader would copy the node each names: a few hundred
+/// bytes of nested aliases can expand to gigabytes).
+#[derive(Default)]
+struct Aliases(usize);
+
+impl EventReceiver for Aliases {
+    fn on_event(&mut self, ev: Event) {
+        if matches!(ev, Event::Alias(_)) {
+            self.0 += 1;
+        }
+    }
+}
+
+fn as_str<'a>(v: &'a Yaml, key: &str, problems: &mut Vec<String>) -> Option<&'a str> {
+    match v {
+        Yaml::String(s) => Some(s),
+        Yaml::Null => None,
+        _ => {
+            problems.push(format!("{key}: must be a string"));
+            None
+        }
+    }
+}
+
+/// The toolkit's YAML, every key known (the rest refused by name), every value a string.
+fn parse_yaml(text: &str) -> Result<RawWebConfig, Vec<String>> {
+    let mut aliases = Aliases::default();
+    Parser::new_from_str(text)
+        .load(&mut aliases, true)
+        .map_err(|e| vec![e.to_string()])?;
+    if aliases.0 > 0 {
+        return Err(vec!["YAML aliases (*name) are not accepted here".into()]);
+    }
+    let docs = YamlLoader::load_from_str(text).map_err(|e| vec![e.to_string()])?;
+    let mut raw = RawWebConfig::default();
+    let root = match docs.as_slice() {
+        // The toolkit treats an empty file as "nothing configured".
+        [] | [Yaml::Null] => return Ok(raw),
+        [Yaml::Hash(h)] => h,
+        [_] => return Err(vec!["the document must be a mapping".into()]),
+        _ => return Err(vec!["one YAML document expected".into()]),
+    };
+    let mut problems = Vec::new();
+    for (k, v) in root {
+        match k.as_str() {
+            Some("tls_server_config") => match v {
+                Yaml::Null => {}
+                Yaml::Hash(t) => {
+                    let mut tls = RawTls::default();
+                    for (k, v) in t {
+                        let name = k.as_str().unwrap_or("?");
+                        let key = format!("tls_server_config.{name}");
+                        let slot = match name {
+                            "cert_file" => &mut tls.cert_file,
+                            "key_file" => &mut tls.key_file,
+                            "client_auth_type" => &mut tls.client_auth_type,
+                            "client_ca_file" => &mut tls.client_ca_file,
+                            "min_version" => &mut tls.min_version,
+                            "max_version" => &mut tls.max_version,
+                            _ => {
+                                problems.push(format!(
+                                    "{key}: unknown or unsupported key (wattd reads cert_file, \
+                                     key_file, client_auth_type, client_ca_file, min_version, \
+                                     max_version)"
+                                ));
+                                continue;
+                            }
+                        };
+                        *slot = as_str(v, &key, &mut problems).map(str::to_owned);
+                    }
+                    raw.tls_server_config = Some(tls);
+                }
+                _ => problems.push("tls_server_config: must be a mapping".into()),
+            },
+            Some("basic_auth_users") => match v {
+                Yaml::Null => {}
+                Yaml::Hash(u) => {
+                    let mut users = BTreeMap::new();
+                    for (k, v) in u {
+                        let Some(user) = k.as_str() else {
+                            problems.push("basic_auth_users: a user name must be a string".into());
+                            continue;
+                        };
+                        let key = format!("basic_auth_users.{user}");
+                        if let Some(hash) = as_str(v, &key, &mut problems) {
+                            users.insert(user.to_owned(), hash.to_owned());
+                        } else if matches!(v, Yaml::Null) {
+                            problems.push(format!("{key}: no hash"));
+                        }
+                    }
+                    raw.basic_auth_users = Some(users);
+                }
+                _ => problems.push("basic_auth_users: must be a mapping".into()),
+            },
+            Some(other) => problems.push(format!(
+                "{other}: unknown or unsupported key (wattd reads tls_server_config and \
+                 basic_auth_users)"
+            )),
+            None => problems.push("a top-level key must be a string".into()),
+        }
+    }
+    if problems.is_empty() {
+        Ok(raw)
+    } else {
+        Err(problems)
     }
 }
 
@@ -522,6 +622,29 @@ mod tests {
         assert!(e.contains("cipher_suites"), "{e}");
         let e = problems(&write(dir.path(), "y.yml", "basic_auth_users: [\n"));
         assert!(e.contains("y.yml"), "{e}");
+    }
+
+    #[test]
+    fn aliases_and_values_of_the_wrong_type_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = problems(&write(
+            dir.path(),
+            "a.yml",
+            "x: &a [1, 2]\nbasic_auth_users:\n  p: *a\n",
+        ));
+        assert!(e.contains("aliases"), "{e}");
+        let e = problems(&write(
+            dir.path(),
+            "t.yml",
+            "tls_server_config:\n  min_version: 12\nbasic_auth_users:\n  p:\n",
+        ));
+        assert!(
+            e.contains("tls_server_config.min_version: must be a string"),
+            "{e}"
+        );
+        assert!(e.contains("basic_auth_users.p: no hash"), "{e}");
+        let e = problems(&write(dir.path(), "l.yml", "- a\n"));
+        assert!(e.contains("must be a mapping"), "{e}");
     }
 
     #[test]
