@@ -3,5 +3,6 @@
 //! by the machine's real /proc/stat), reusable by every end-to-end test.
 
 pub use wattd_testkit::cgroups;
+pub mod pgcluster;
 pub mod simhost;
 pub mod tls;

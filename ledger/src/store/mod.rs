@@ -17,6 +17,7 @@
 //! unique violation, rolls back, re-reads and answers duplicate (same hash) or fork.
 
 pub mod pgpass;
+pub mod pgtarget;
 pub mod postgres;
 pub mod sqlite;
 
@@ -306,18 +307,9 @@ impl std::str::FromStr for StoreUrl {
 
     fn from_str(s: &str) -> Result<Self, String> {
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            let config: tokio_postgres::Config = s
-                .parse()
-                .map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
-            if config.get_password().is_some() {
-                // Not echoed: the error would print the password.
-                return Err(
-                    "the PostgreSQL URL holds a password, which every local user can \
-                     read in the process list: put it in the password file instead \
-                     (PGPASSFILE, else ~/.pgpass: host:port:database:user:password, mode 600)"
-                        .into(),
-                );
-            }
+            // Checked now (TLS settings, no password, loopback unless TLS), so a bad URL is a
+            // usage error; the store parses it again when it opens.
+            pgtarget::PgTarget::parse(s)?;
             return Ok(StoreUrl::Postgres(s.to_owned()));
         }
         if let Some(rest) = s.strip_prefix("sqlite:") {
@@ -876,7 +868,12 @@ mod tests {
             Ok(StoreUrl::Sqlite("/a/b.db".into()))
         );
         assert_eq!(p("sqlite://b.db"), Ok(StoreUrl::Sqlite("b.db".into())));
-        assert!(matches!(p("postgres://u@h/db"), Ok(StoreUrl::Postgres(_))));
+        assert!(matches!(
+            p("postgres://u@127.0.0.1/db"),
+            Ok(StoreUrl::Postgres(_))
+        ));
+        // Another host only over TLS (pgtarget.rs has the rest).
+        assert!(p("postgres://u@h/db").unwrap_err().contains("verify-full"));
         let secret = p("postgres://u:hunter2@h/db").unwrap_err();
         assert!(secret.contains("password file"), "{secret}");
         assert!(
@@ -885,7 +882,7 @@ mod tests {
         );
         assert!(p("postgres://u@h/db?password=x").is_err());
         assert!(matches!(
-            p("postgresql://u@h/db"),
+            p("postgresql://u@localhost/db"),
             Ok(StoreUrl::Postgres(_))
         ));
         assert!(p("sqlite:").is_err());

@@ -5,9 +5,11 @@
 //! node by a transaction-scoped advisory lock on the node id. The schema is created under a transaction-scoped advisory lock, so
 //! processes starting together do not trip over each other's `CREATE TABLE IF NOT EXISTS`.
 //!
-//! Connections come from a small fixed pool (no TLS: the database is expected on loopback or a
-//! private network; put it behind a TLS proxy otherwise). Statements are prepared once per
-//! connection.
+//! Connections come from a small fixed pool, made by [`PgTarget`] (TLS with `verify-full`,
+//! several hosts with `target_session_attrs=read-write`, the password file read at every new
+//! connection). A connection that closed (the server went, a failover) is dropped, never handed
+//! out again; the next one is made through the URL, so after a failover the pool refills from
+//! the promoted server. Statements are prepared once per connection.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -15,9 +17,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 use wattd_records::batch::ChainHash;
 
+use super::pgtarget::PgTarget;
 use super::{
     assemble, split_allocations, to_hash, to_i64, to_key_id, to_u64, totals_where, BatchEnergy,
     ClockColumns, Commit, ForkRecord, ForkRow, LossOutcome, LossRecord, LostRangeRow, NodeRow,
@@ -274,7 +277,7 @@ impl Pooled {
 }
 
 struct PgInner {
-    url: String,
+    target: PgTarget,
     idle: Mutex<Vec<PgConn>>,
     slots: Arc<Semaphore>,
     /// The query API's reads take at most half the pool: ingestion always has the other half.
@@ -294,52 +297,23 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-async fn connect(url: &str) -> Result<Client, StoreError> {
-    let mut config: tokio_postgres::Config = url.parse()?;
-    // The password comes from the password file, never the URL (the command line).
-    if config.get_password().is_none() {
-        if let Some(password) = passfile_password(&config) {
-            config.password(password);
-        }
-    }
-    // A dead server or a silently dropped connection must fail a commit (the stream gets
-    // UNAVAILABLE and the node retries), not hang it while it holds a pool slot.
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(std::time::Duration::from_secs(10));
-    }
-    config.keepalives(true);
-    config.keepalives_idle(std::time::Duration::from_secs(30));
-    let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %describe(&e), "postgres connection closed");
-        }
-    });
+async fn connect(target: &PgTarget) -> Result<Client, StoreError> {
+    let client = target.connect().await?;
     // An Ack promises durability: commits must wait for the WAL flush whatever the server's or
     // role's default (`synchronous_commit = off` or `local` would acknowledge batches that a
-    // PostgreSQL crash then loses). Statements are bounded too.
+    // PostgreSQL crash then loses; with `synchronous_standby_names` set on the primary, `on`
+    // also waits for the synchronous standby, so a failover loses no acknowledged batch).
+    // Statements are bounded too.
     client
         .batch_execute("SET synchronous_commit = on; SET statement_timeout = '30s'")
         .await?;
     Ok(client)
 }
 
-/// The password for this connection in `PGPASSFILE` (or `~/.pgpass`), if any.
-fn passfile_password(config: &tokio_postgres::Config) -> Option<String> {
-    let path = super::pgpass::location()?;
-    let host = match config.get_hosts().first()? {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        tokio_postgres::config::Host::Unix(_) => "localhost".to_owned(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user()?;
-    let database = config.get_dbname().unwrap_or(user);
-    super::pgpass::password_for(&path, &host, port, database, user)
-}
-
 impl PgStore {
     pub async fn open(url: &str, mode: OpenMode) -> Result<Self, StoreError> {
-        let mut client = connect(url).await?;
+        let target = PgTarget::parse(url).map_err(StoreError::Url)?;
+        let mut client = connect(&target).await?;
         if mode == OpenMode::Serve {
             let tx = client.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
@@ -369,7 +343,7 @@ impl PgStore {
             )));
         }
         let inner = Arc::new(PgInner {
-            url: url.to_owned(),
+            target,
             idle: Mutex::new(vec![PgConn {
                 client,
                 statements: HashMap::new(),
@@ -394,16 +368,15 @@ impl PgStore {
             .acquire_owned()
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?;
-        let idle = self
-            .inner
-            .idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop();
+        // Idle connections whose server went (a restart, a failover) are dropped here.
+        let idle = {
+            let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+            std::iter::from_fn(|| idle.pop()).find(|c| !c.client.is_closed())
+        };
         let conn = match idle {
             Some(c) => c,
             None => PgConn {
-                client: connect(&self.inner.url).await?,
+                client: connect(&self.inner.target).await?,
                 statements: HashMap::new(),
             },
         };

@@ -149,6 +149,24 @@ impl World {
         postgres: bool,
         spool: Option<PathBuf>,
     ) -> World {
+        World::build(
+            mount,
+            name,
+            if postgres {
+                Store::SharedPostgres
+            } else {
+                Store::Sqlite
+            },
+            spool,
+        )
+    }
+
+    /// With the ledger's store at `url` (a database the test made itself).
+    pub(crate) fn with_store_url(mount: PathBuf, name: &str, url: String) -> World {
+        World::build(mount, name, Store::Url(url), None)
+    }
+
+    fn build(mount: PathBuf, name: &str, store: Store, spool: Option<PathBuf>) -> World {
         let cg = TestCgroups::new(&mount, name).unwrap();
         let sim = SimHost::start(
             PowerModel {
@@ -180,7 +198,9 @@ impl World {
             String::from_utf8_lossy(&id.stderr)
         );
         std::fs::write(enrolled.join(format!("{NODE}.toml")), &id.stdout).unwrap();
-        let (store, pg_db) = if postgres {
+        let (store, pg_db) = if let Store::Url(url) = store {
+            (url, None)
+        } else if matches!(store, Store::SharedPostgres) {
             let base = std::env::var("WATTD_TEST_POSTGRES").unwrap();
             let db = format!("wattd_e2e_{name}_{}", std::process::id());
             psql(&base, &format!("CREATE DATABASE {db}"));
@@ -218,7 +238,7 @@ impl World {
     }
 
     /// The agent's config: 200 ms intervals, shipping to `ledger` with quick reconnects.
-    fn agent_config(&self, ledger: SocketAddr, rate: u32) -> PathBuf {
+    pub(crate) fn agent_config(&self, ledger: SocketAddr, rate: u32) -> PathBuf {
         self.agent_config_with(ledger, rate, 200, "")
     }
 
@@ -304,7 +324,7 @@ impl World {
 
     /// After the agent stopped: the ledger holds every sealed batch once and its per-run totals
     /// are the agent's.
-    fn check(&self) {
+    pub(crate) fn check(&self) {
         let v = wattd(&["verify", "--data-dir", self.spool.to_str().unwrap()]);
         assert!(
             v.status.success(),
@@ -362,6 +382,14 @@ impl Drop for World {
             psql(&base, &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
         }
     }
+}
+
+/// Where a world's ledger keeps its records.
+enum Store {
+    Sqlite,
+    /// A database of its own on `WATTD_TEST_POSTGRES`.
+    SharedPostgres,
+    Url(String),
 }
 
 /// (run id, domain) -> uJ, from `wattd runs` or `wattd-ledger runs` JSON.

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod calibrate;
+mod failover;
 mod faults;
 mod harness;
 mod kill;
