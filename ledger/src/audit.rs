@@ -9,7 +9,9 @@
 //! For the stretch the newest batch's totals count (`totals_since_seq`; 1 unless an agent start
 //! could not read its previous totals back), stored + lost must equal the node's total, to the
 //! microjoule. It also checks every stored batch's totals against its predecessor's plus its
-//! own energy. Read-only; pages through the store, so memory stays bounded.
+//! own energy. Read-only; pages through the store, so memory stays bounded. Last, the run totals
+//! the ledger maintains per hour (`run_totals_hourly`, what `runs` and `RunTotals` read) are
+//! compared with the stored allocations: every difference is a problem of its node.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -71,6 +73,7 @@ fn decode(bytes: &[u8]) -> Result<wattd_proto::v1::Batch, String> {
 /// Audits every node the store knows.
 pub async fn audit<S: Store>(store: &S) -> Result<AuditReport, StoreError> {
     let mut nodes = Vec::new();
+    let differences = store.rollup_differences().await?;
     for row in store.nodes().await? {
         let lost: Vec<LostReport> = row.lost.iter().cloned().map(lost_report).collect();
         // Stored energy per meter, summed by the `since` of each batch's totals (0: none):
@@ -160,6 +163,18 @@ pub async fn audit<S: Store>(store: &S) -> Result<AuditReport, StoreError> {
             problems.push(format!(
                 "{} lost range(s) without an exact energy",
                 lost_not_exact.len()
+            ));
+        }
+        for d in differences.iter().filter(|d| d.node_id == row.node_id) {
+            problems.push(format!(
+                "run {} {} hour {}: maintained total {} uJ, allocations {} uJ",
+                d.run_id,
+                d.domain,
+                d.hour,
+                d.maintained_uj
+                    .map_or_else(|| "none".into(), |v| v.to_string()),
+                d.allocations_uj
+                    .map_or_else(|| "none".into(), |v| v.to_string())
             ));
         }
         nodes.push(NodeAudit {

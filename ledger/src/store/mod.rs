@@ -342,12 +342,106 @@ pub const FORK_BYTES_PER_NODE: i64 = 64 << 20;
 /// database is upgraded in place when opened to serve
 /// (the changes only add tables). A node with batches stored before version 3 is judged from
 /// its first batch after the upgrade.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The SQL that moves an older schema version to [`SCHEMA_VERSION`] (after the tables are
 /// created), in both stores.
 pub(crate) const SQL_UPGRADE_VERSION: &str =
-    "UPDATE ledger_meta SET value = 4 WHERE key = 'schema_version' AND value IN (1, 2, 3)";
+    "UPDATE ledger_meta SET value = 5 WHERE key = 'schema_version' AND value IN (1, 2, 3, 4)";
+
+/// Nanoseconds in an hour: the rollup's unit of time.
+pub(crate) const HOUR_NS: i64 = 3_600_000_000_000;
+
+/// The hour (since the Unix epoch) a batch sealed at `sealed_unix_ns` is counted in; integer
+/// division, as both databases divide.
+pub(crate) fn hour_of(sealed_unix_ns: i64) -> i64 {
+    sealed_unix_ns / HOUR_NS
+}
+
+/// One (node, run, domain, hour) whose maintained total is not the sum of its allocations.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RollupDifference {
+    pub node_id: String,
+    pub run_id: String,
+    pub domain: String,
+    pub hour: i64,
+    /// The maintained total (absent: no row), in uJ.
+    pub maintained_uj: Option<u128>,
+    /// The sum of the stored allocations (absent: none), in uJ.
+    pub allocations_uj: Option<u128>,
+}
+
+/// The most [`Store::rollup_differences`] returns.
+pub const ROLLUP_DIFFERENCES_MAX: i64 = 1000;
+
+/// The differences between the rollup and the allocations, the same text for both stores
+/// (SQLite 3.39 and later have FULL OUTER JOIN and IS DISTINCT FROM).
+pub(crate) const SQL_ROLLUP_DIFFERENCES: &str = "SELECT COALESCE(r.node_id, x.node_id), \
+     COALESCE(r.run_id, x.run_id), COALESCE(r.domain, x.domain), COALESCE(r.hour, x.hour), \
+     r.energy_hi, r.energy_lo, CAST(x.hi AS BIGINT), CAST(x.lo AS BIGINT) \
+     FROM run_totals_hourly r FULL OUTER JOIN \
+     (SELECT a.node_id AS node_id, a.run_id AS run_id, a.domain AS domain, \
+     b.sealed_unix_ns / 3600000000000 AS hour, SUM(a.energy_uj >> 32) AS hi, \
+     SUM(a.energy_uj & 4294967295) AS lo FROM allocations a \
+     JOIN batches b ON b.node_id = a.node_id AND b.seq = a.seq \
+     GROUP BY a.node_id, a.run_id, a.domain, b.sealed_unix_ns / 3600000000000) x \
+     ON r.node_id = x.node_id AND r.run_id = x.run_id AND r.domain = x.domain AND r.hour = x.hour \
+     WHERE r.energy_hi IS DISTINCT FROM x.hi OR r.energy_lo IS DISTINCT FROM x.lo \
+     ORDER BY 1, 2, 3, 4 LIMIT 1000";
+
+/// A total from its halves' sums (`None` when both are absent).
+pub(crate) fn from_halves(hi: Option<i64>, lo: Option<i64>) -> Option<u128> {
+    match (hi, lo) {
+        (None, None) => None,
+        (hi, lo) => {
+            let part = |v: Option<i64>| u128::from(v.unwrap_or(0).max(0).unsigned_abs());
+            Some((part(hi) << 32) + part(lo))
+        }
+    }
+}
+
+/// Fills `run_totals_hourly` from the stored allocations when the schema is older than 5 (run
+/// before [`SQL_UPGRADE_VERSION`], in the schema transaction; on a new or current database the
+/// condition is false and nothing is read).
+pub(crate) const SQL_BACKFILL_ROLLUP: &str = "INSERT INTO run_totals_hourly (node_id, run_id, \
+     domain, hour, energy_hi, energy_lo) SELECT a.node_id, a.run_id, a.domain, b.sealed_unix_ns / \
+     3600000000000, SUM(a.energy_uj >> 32), SUM(a.energy_uj & 4294967295) FROM allocations a JOIN batches b ON b.node_id = a.node_id \
+     AND b.seq = a.seq WHERE (SELECT value FROM ledger_meta WHERE key = 'schema_version') < 5 \
+     GROUP BY a.node_id, a.run_id, a.domain, b.sealed_unix_ns / 3600000000000";
+
+/// SQLite's add of one (node, run, domain, hour) sum to the rollup.
+pub(crate) const SQL_ROLLUP_UPSERT: &str = "INSERT INTO run_totals_hourly (node_id, run_id, \
+     domain, hour, energy_hi, energy_lo) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (node_id, \
+     run_id, domain, hour) DO UPDATE SET energy_hi = energy_hi + excluded.energy_hi, \
+     energy_lo = energy_lo + excluded.energy_lo";
+
+/// (run, domain) -> (sum of the high 32-bit halves, sum of the low halves) of energy, uJ.
+pub(crate) type RollupSums = std::collections::BTreeMap<(String, String), (i64, i64)>;
+
+/// One batch's billed allocations summed per (run, domain) as (sum of high 32-bit halves, sum
+/// of low halves), for the hourly rollup. Exact for any values (allocations are never negative:
+/// the checks refuse them; a batch holds far fewer than 2^31 of them).
+pub(crate) fn rollup(
+    billed: &[&crate::check::AllocationRow],
+) -> Result<RollupSums, StoreError> {
+    let mut sums = RollupSums::new();
+    for a in billed {
+        let s = sums
+            .entry((a.run_id.clone(), a.domain.clone()))
+            .or_insert((0, 0));
+        let add = |x: i64, y: i64| {
+            x.checked_add(y).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "run {} domain {}: energy sum overflows",
+                    a.run_id, a.domain
+                ))
+            })
+        };
+        s.0 = add(s.0, a.energy_uj >> 32)?;
+        s.1 = add(s.1, a.energy_uj & 0xffff_ffff)?;
+    }
+    Ok(sums)
+}
 
 /// The query API's SQL, the same text for both stores (SQLite numbers `$N` parameters in order
 /// of first appearance, and each appears first in order here).
@@ -397,10 +491,38 @@ pub(crate) enum Param {
     Int(i64),
 }
 
-/// The WHERE clause of [`Store::run_totals_where`] over `allocations a JOIN batches b`, with
-/// its parameters numbered `$1..` in order; only the filters that are set, so the run and node
-/// indexes serve them.
-pub(crate) fn totals_where(filter: &TotalsFilter) -> (String, Vec<Param>) {
+/// The FROM and WHERE of [`Store::run_totals_where`], with its parameters numbered `$1..` in
+/// order; only the filters that are set, so the run and node indexes serve them. The rows are
+/// `a.node_id, a.run_id, a.domain, a.energy_uj`: from the hourly rollup when the time bounds are
+/// whole hours (or absent), else from `allocations a JOIN batches b`, to the nanosecond.
+pub(crate) fn totals_where(filter: &TotalsFilter) -> (String, Vec<Param>, bool) {
+    let whole = |t: Option<i64>| t.map_or(true, |t| t >= 0 && t % HOUR_NS == 0);
+    if whole(filter.from_unix_ns) && whole(filter.to_unix_ns) {
+        let mut clauses = Vec::new();
+        let mut params = Vec::new();
+        let mut add = |clause: &str, p: Param| {
+            params.push(p);
+            clauses.push(clause.replace('?', &format!("${}", params.len())));
+        };
+        if let Some(r) = &filter.run_id {
+            add("a.run_id = ?", Param::Text(r.clone()));
+        }
+        if let Some(n) = &filter.node_id {
+            add("a.node_id = ?", Param::Text(n.clone()));
+        }
+        if let Some(t) = filter.from_unix_ns {
+            add("a.hour >= ?", Param::Int(hour_of(t)));
+        }
+        if let Some(t) = filter.to_unix_ns {
+            add("a.hour < ?", Param::Int(hour_of(t)));
+        }
+        let clause = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", clauses.join(" AND "))
+        };
+        return (format!(" FROM run_totals_hourly a{clause}"), params, true);
+    }
     let mut clauses = Vec::new();
     let mut params = Vec::new();
     let mut add = |clause: &str, p: Param| {
@@ -424,7 +546,22 @@ pub(crate) fn totals_where(filter: &TotalsFilter) -> (String, Vec<Param>) {
     } else {
         format!(" WHERE {}", clauses.join(" AND "))
     };
-    (clause, params)
+    (
+        format!(
+            " FROM allocations a JOIN batches b ON b.node_id = a.node_id AND b.seq = a.seq{clause}"
+        ),
+        params,
+        false,
+    )
+}
+
+/// The sums of the high and low 32-bit halves of the energy of [`totals_where`]'s rows.
+pub(crate) fn totals_halves(rollup: bool) -> &'static str {
+    if rollup {
+        "SUM(a.energy_hi), SUM(a.energy_lo)"
+    } else {
+        "SUM(a.energy_uj >> 32), SUM(a.energy_uj & 4294967295)"
+    }
 }
 
 /// A stored batch row as both stores read it, in [`SQL_BATCHES_ABOVE`]'s column order.
@@ -647,6 +784,11 @@ pub trait Store: Send + Sync + 'static {
     /// Per-node, per-run totals by domain over every stored allocation (exact: never an
     /// overflow error).
     fn run_totals(&self) -> impl Future<Output = Result<Vec<RunDomainTotal>, StoreError>> + Send;
+    /// Where the maintained hourly run totals differ from the stored allocations (at most
+    /// [`ROLLUP_DIFFERENCES_MAX`]); empty when they agree. A full scan: for `audit`.
+    fn rollup_differences(
+        &self,
+    ) -> impl Future<Output = Result<Vec<RollupDifference>, StoreError>> + Send;
     /// Per-node state for `nodes`.
     fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRow>, StoreError>> + Send;
     /// How every finished run's last usage was obtained: (node, run, final usage, CPU us
@@ -786,6 +928,9 @@ impl Store for AnyStore {
     }
     async fn run_totals(&self) -> Result<Vec<RunDomainTotal>, StoreError> {
         delegate!(self, s => s.run_totals())
+    }
+    async fn rollup_differences(&self) -> Result<Vec<RollupDifference>, StoreError> {
+        delegate!(self, s => s.rollup_differences())
     }
     async fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
         delegate!(self, s => s.nodes())

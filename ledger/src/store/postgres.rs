@@ -22,11 +22,12 @@ use wattd_records::batch::ChainHash;
 
 use super::pgtarget::PgTarget;
 use super::{
-    assemble, split_allocations, to_hash, to_i64, to_key_id, to_u64, totals_where, BatchEnergy,
-    ClockColumns, Commit, ForkRecord, ForkRow, LossOutcome, LossRecord, LostRangeRow, NodeRow,
-    OpenMode, Param, QuarantineRow, RawAllocation, RawBatch, ReadAudit, RunDomainTotal, Store,
-    StoreError, Tip, TotalsFilter, SCHEMA_VERSION, SQL_ALLOCATIONS_BETWEEN, SQL_BATCHES_ABOVE,
-    SQL_CLOCK, SQL_HEADS, SQL_INSERT_READ, SQL_PRUNE_READS, SQL_READS, SQL_RUN_ALLOCATIONS,
+    assemble, from_halves, hour_of, rollup, split_allocations, to_hash, to_i64, to_key_id, to_u64,
+    totals_where, BatchEnergy, ClockColumns, Commit, ForkRecord, ForkRow, LossOutcome, LossRecord,
+    LostRangeRow, NodeRow, OpenMode, Param, QuarantineRow, RawAllocation, RawBatch, ReadAudit,
+    RollupDifference, RunDomainTotal, Store, StoreError, Tip, TotalsFilter, SCHEMA_VERSION,
+    SQL_ALLOCATIONS_BETWEEN, SQL_BACKFILL_ROLLUP, SQL_BATCHES_ABOVE, SQL_CLOCK, SQL_HEADS,
+    SQL_INSERT_READ, SQL_PRUNE_READS, SQL_READS, SQL_ROLLUP_DIFFERENCES, SQL_RUN_ALLOCATIONS,
     SQL_RUN_BATCHES, SQL_UPGRADE_VERSION, SQL_UPSERT_CLOCK,
 };
 use crate::check::{LearntKey, VerifiedBatch};
@@ -72,6 +73,20 @@ CREATE TABLE IF NOT EXISTS allocations (
 CREATE INDEX IF NOT EXISTS allocations_by_run ON allocations (run_id);
 CREATE INDEX IF NOT EXISTS allocations_by_run_batch ON allocations (run_id, node_id, seq);
 CREATE INDEX IF NOT EXISTS allocations_by_batch ON allocations (node_id, seq);
+-- Run totals per node, run, domain and hour of sealing, maintained in the transaction that
+-- stores each batch: totals are an index lookup, not a scan of the allocations.
+CREATE TABLE IF NOT EXISTS run_totals_hourly (
+    node_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    hour BIGINT NOT NULL,
+    -- The energy as the sums of its high and low 32-bit halves: exact however large the
+    -- values a node signs (each sum fits for 2^31 allocations an hour).
+    energy_hi BIGINT NOT NULL,
+    energy_lo BIGINT NOT NULL,
+    PRIMARY KEY (node_id, run_id, domain, hour)
+);
+CREATE INDEX IF NOT EXISTS run_totals_hourly_by_run ON run_totals_hourly (run_id);
 CREATE TABLE IF NOT EXISTS rotations (
     node_id TEXT NOT NULL,
     new_key_epoch BIGINT NOT NULL,
@@ -196,6 +211,12 @@ const SQL_IN_LOST: &str = "SELECT first_seq, last_seq FROM lost_ranges \
 const SQL_INSERT_BATCH: &str = "INSERT INTO batches (node_id, seq, key_epoch, key_id, prev_hash, \
      hash, signed_batch, sealed_unix_ns, intervals, rotation_epoch, rotation_key_id, \
      received_unix_ns) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+/// The hourly run totals of one batch's billed allocations, added in its transaction.
+const SQL_ROLLUP_UPSERT_PG: &str = "INSERT INTO run_totals_hourly (node_id, hour, run_id, domain, \
+     energy_hi, energy_lo) SELECT $1, $2, * FROM UNNEST($3::text[], $4::text[], $5::bigint[], \
+     $6::bigint[]) ON CONFLICT (node_id, run_id, domain, hour) \
+     DO UPDATE SET energy_hi = run_totals_hourly.energy_hi + EXCLUDED.energy_hi, \
+     energy_lo = run_totals_hourly.energy_lo + EXCLUDED.energy_lo";
 const SQL_INSERT_ALLOCATIONS: &str = "INSERT INTO allocations (node_id, seq, interval_index, \
      domain, run_id, active_uj, idle_uj, energy_uj, usage_us) \
      SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::bigint[], \
@@ -325,7 +346,9 @@ impl PgStore {
                 &[&SCHEMA_VERSION],
             )
             .await?;
-            // 1 -> 2 -> 3 only added tables (created above).
+            // 1 -> 2 -> 3 -> 4 only added tables (created above); 4 -> 5 fills the hourly
+            // run totals from the stored allocations, once.
+            tx.execute(SQL_BACKFILL_ROLLUP, &[]).await?;
             tx.execute(SQL_UPGRADE_VERSION, &[]).await?;
             tx.commit().await?;
         }
@@ -413,6 +436,7 @@ async fn commit_once(
     let st_upsert = c.statement(SQL_UPSERT_CLOCK).await?;
     let st_labels = c.statement(SQL_INSERT_LABELS).await?;
     let st_finals = c.statement(SQL_INSERT_FINALS).await?;
+    let st_rollup = c.statement(SQL_ROLLUP_UPSERT_PG).await?;
     let tx = c.client.transaction().await?;
     tx.execute(&st_lock, &[&b.node_id]).await?;
     if let Some(h) = hash_row(tx.query_opt(&st_hash, &[&b.node_id, &seq]).await?)? {
@@ -566,6 +590,23 @@ async fn commit_once(
             &st_alloc,
             &[
                 &b.node_id, &seq, &index, &domain, &run, &active, &idle, &energy, &usage,
+            ],
+        )
+        .await?;
+        let sums = rollup(&billed)?;
+        let run: Vec<&str> = sums.keys().map(|(r, _)| r.as_str()).collect();
+        let domain: Vec<&str> = sums.keys().map(|(_, d)| d.as_str()).collect();
+        let hi: Vec<i64> = sums.values().map(|(h, _)| *h).collect();
+        let lo: Vec<i64> = sums.values().map(|(_, l)| *l).collect();
+        tx.execute(
+            &st_rollup,
+            &[
+                &b.node_id,
+                &hour_of(b.sealed_unix_ns),
+                &run,
+                &domain,
+                &hi,
+                &lo,
             ],
         )
         .await?;
@@ -926,7 +967,7 @@ impl Store for PgStore {
         &self,
         filter: TotalsFilter,
     ) -> Result<Vec<RunDomainTotal>, StoreError> {
-        let (clause, params) = totals_where(&filter);
+        let (clause, params, from_rollup) = totals_where(&filter);
         let params: Vec<Box<dyn ToSql + Sync + Send>> = params
             .into_iter()
             .map(|p| -> Box<dyn ToSql + Sync + Send> {
@@ -943,13 +984,17 @@ impl Store for PgStore {
         let (_read, mut p) = self.read_conn().await?;
         let c = p.get()?;
         // SUM(bigint) is numeric in PostgreSQL: exact, never overflows; read it as text.
+        let total = if from_rollup {
+            "(SUM(a.energy_hi) * 4294967296 + SUM(a.energy_lo))::text"
+        } else {
+            "SUM(a.energy_uj)::text"
+        };
         let rows = c
             .client
             .query(
                 &format!(
-                    "SELECT a.node_id, a.run_id, a.domain, SUM(a.energy_uj)::text FROM \
-                     allocations a JOIN batches b ON b.node_id = a.node_id AND b.seq = a.seq\
-                     {clause} GROUP BY a.node_id, a.run_id, a.domain \
+                    "SELECT a.node_id, a.run_id, a.domain, {total}{clause} \
+                     GROUP BY a.node_id, a.run_id, a.domain \
                      ORDER BY a.node_id, a.run_id, a.domain"
                 ),
                 &refs,
@@ -968,6 +1013,23 @@ impl Store for PgStore {
                 })
             })
             .collect()
+    }
+
+    async fn rollup_differences(&self) -> Result<Vec<RollupDifference>, StoreError> {
+        let (_read, mut p) = self.read_conn().await?;
+        let c = p.get()?;
+        let rows = c.client.query(SQL_ROLLUP_DIFFERENCES, &[]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| RollupDifference {
+                node_id: r.get(0),
+                run_id: r.get(1),
+                domain: r.get(2),
+                hour: r.get(3),
+                maintained_uj: from_halves(r.get(4), r.get(5)),
+                allocations_uj: from_halves(r.get(6), r.get(7)),
+            })
+            .collect())
     }
 
     async fn heads(&self) -> Result<Vec<(String, u64)>, StoreError> {

@@ -11,12 +11,13 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension as _};
 use wattd_records::batch::ChainHash;
 
 use super::{
-    assemble, split_allocations, to_hash, to_i64, to_key_id, to_u64, totals_where, BatchEnergy,
-    ClockColumns, Commit, ForkRecord, ForkRow, LossOutcome, LossRecord, LostRangeRow, NodeRow,
-    OpenMode, Param, QuarantineRow, RawAllocation, RawBatch, ReadAudit, RunDomainTotal, Store,
-    StoreError, Tip, TotalsFilter, SCHEMA_VERSION, SQL_ALLOCATIONS_BETWEEN, SQL_BATCHES_ABOVE,
-    SQL_CLOCK, SQL_HEADS, SQL_INSERT_READ, SQL_PRUNE_READS, SQL_READS, SQL_RUN_ALLOCATIONS,
-    SQL_RUN_BATCHES, SQL_UPGRADE_VERSION, SQL_UPSERT_CLOCK,
+    assemble, from_halves, hour_of, rollup, split_allocations, to_hash, to_i64, to_key_id, to_u64,
+    totals_halves, totals_where, BatchEnergy, ClockColumns, Commit, ForkRecord, ForkRow,
+    LossOutcome, LossRecord, LostRangeRow, NodeRow, OpenMode, Param, QuarantineRow, RawAllocation,
+    RawBatch, ReadAudit, RollupDifference, RunDomainTotal, Store, StoreError, Tip, TotalsFilter,
+    SCHEMA_VERSION, SQL_ALLOCATIONS_BETWEEN, SQL_BACKFILL_ROLLUP, SQL_BATCHES_ABOVE, SQL_CLOCK,
+    SQL_HEADS, SQL_INSERT_READ, SQL_PRUNE_READS, SQL_READS, SQL_ROLLUP_DIFFERENCES,
+    SQL_ROLLUP_UPSERT, SQL_RUN_ALLOCATIONS, SQL_RUN_BATCHES, SQL_UPGRADE_VERSION, SQL_UPSERT_CLOCK,
 };
 use crate::check::{LearntKey, VerifiedBatch};
 use crate::plausible::{judge, NodeClock, NodeLimits};
@@ -56,6 +57,20 @@ CREATE TABLE IF NOT EXISTS allocations (
 CREATE INDEX IF NOT EXISTS allocations_by_run ON allocations (run_id);
 CREATE INDEX IF NOT EXISTS allocations_by_run_batch ON allocations (run_id, node_id, seq);
 CREATE INDEX IF NOT EXISTS allocations_by_batch ON allocations (node_id, seq);
+-- Run totals per node, run, domain and hour of sealing, maintained in the transaction that
+-- stores each batch: totals are an index lookup, not a scan of the allocations.
+CREATE TABLE IF NOT EXISTS run_totals_hourly (
+    node_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    -- The energy as the sums of its high and low 32-bit halves: exact however large the
+    -- values a node signs (each sum fits for 2^31 allocations an hour).
+    energy_hi INTEGER NOT NULL,
+    energy_lo INTEGER NOT NULL,
+    PRIMARY KEY (node_id, run_id, domain, hour)
+);
+CREATE INDEX IF NOT EXISTS run_totals_hourly_by_run ON run_totals_hourly (run_id);
 CREATE TABLE IF NOT EXISTS rotations (
     node_id TEXT NOT NULL,
     new_key_epoch INTEGER NOT NULL,
@@ -307,7 +322,9 @@ fn open_blocking(path: &Path, mode: OpenMode) -> Result<Connection, StoreError> 
                  ON CONFLICT (key) DO NOTHING",
                 params![SCHEMA_VERSION],
             )?;
-            // 1 -> 2 -> 3 only added tables (created above).
+            // 1 -> 2 -> 3 -> 4 only added tables (created above); 4 -> 5 fills the hourly
+            // run totals from the stored allocations, once.
+            tx.execute(SQL_BACKFILL_ROLLUP, [])?;
             tx.execute(SQL_UPGRADE_VERSION, [])?;
             tx.commit()?;
         }
@@ -479,7 +496,7 @@ fn commit_blocking(
             "INSERT INTO allocations (node_id, seq, interval_index, domain, run_id, active_uj, \
              idle_uj, energy_uj, usage_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
-        for a in billed {
+        for a in &billed {
             ins.execute(params![
                 b.node_id,
                 seq,
@@ -490,6 +507,17 @@ fn commit_blocking(
                 a.idle_uj,
                 a.energy_uj,
                 a.usage_us
+            ])?;
+        }
+        let mut up = tx.prepare_cached(SQL_ROLLUP_UPSERT)?;
+        for ((run, domain), (hi, lo)) in rollup(&billed)? {
+            up.execute(params![
+                b.node_id,
+                run,
+                domain,
+                hour_of(b.sealed_unix_ns),
+                hi,
+                lo
             ])?;
         }
         let mut ins = tx.prepare_cached(
@@ -860,14 +888,13 @@ impl Store for SqliteStore {
         filter: TotalsFilter,
     ) -> Result<Vec<RunDomainTotal>, StoreError> {
         self.with_read(move |c| {
-            let (clause, params) = totals_where(&filter);
+            let (clause, params, from_rollup) = totals_where(&filter);
             // SQLite's SUM is a 64-bit integer that fails on overflow (for every query, so one
             // node's huge values would break everyone's). Summed as high and low 32-bit halves,
             // each sum fits up to 2^31 rows per group, and the total is exact in 128 bits.
+            let halves_sql = totals_halves(from_rollup);
             let mut st = c.prepare(&format!(
-                "SELECT a.node_id, a.run_id, a.domain, SUM(a.energy_uj >> 32), \
-                 SUM(a.energy_uj & 4294967295) FROM allocations a JOIN batches b \
-                 ON b.node_id = a.node_id AND b.seq = a.seq{clause} \
+                "SELECT a.node_id, a.run_id, a.domain, {halves_sql}{clause} \
                  GROUP BY a.node_id, a.run_id, a.domain ORDER BY a.node_id, a.run_id, a.domain"
             ))?;
             let params = params.iter().map(|p| match p {
@@ -894,6 +921,24 @@ impl Store for SqliteStore {
                 });
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn rollup_differences(&self) -> Result<Vec<RollupDifference>, StoreError> {
+        self.with_read(|c| {
+            let mut st = c.prepare(SQL_ROLLUP_DIFFERENCES)?;
+            let rows = st.query_map([], |r| {
+                Ok(RollupDifference {
+                    node_id: r.get(0)?,
+                    run_id: r.get(1)?,
+                    domain: r.get(2)?,
+                    hour: r.get(3)?,
+                    maintained_uj: from_halves(r.get(4)?, r.get(5)?),
+                    allocations_uj: from_halves(r.get(6)?, r.get(7)?),
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }

@@ -54,6 +54,7 @@ both!(
     admission_bounds_each_source_and_the_preface,
     a_lost_range_is_priced_per_run_from_the_checkpoints_around_it,
     the_server_certificate_is_reloaded_without_a_restart,
+    run_totals_are_maintained_per_hour_and_the_audit_checks_them,
 );
 
 fn limits() -> Limits {
@@ -2157,5 +2158,86 @@ async fn the_server_certificate_is_reloaded_without_a_restart(
     let mut s = connect(&f, &l, "n1").await;
     assert_eq!(s.send(msg(&chain.next(1))).await?.acked_seq, 1);
     l.stop().await;
+    Ok(())
+}
+
+/// Runs `sql` on the fixture's database directly (what an operator's mistake, a bad restore or
+/// an older ledger leaves behind).
+async fn raw_sql(f: &Fixture, sql: &str) -> TestResult {
+    match &f.store_url {
+        wattd_ledger::store::StoreUrl::Sqlite(path) => {
+            let c = rusqlite::Connection::open(path)?;
+            c.execute_batch(sql)?;
+        }
+        wattd_ledger::store::StoreUrl::Postgres(url) => {
+            let (client, conn) = url
+                .parse::<tokio_postgres::Config>()?
+                .connect(tokio_postgres::NoTls)
+                .await?;
+            let task = tokio::spawn(conn);
+            client.batch_execute(sql).await?;
+            drop(client);
+            let _ = task.await;
+        }
+    }
+    Ok(())
+}
+
+/// `runs` reads the totals maintained per hour in the commit's transaction: they equal the sums
+/// of the allocations (read to the nanosecond when a time bound is not a whole hour); `audit`
+/// names a maintained total that was changed behind the ledger's back; a database from before
+/// the rollup (schema 4) gets it filled from its allocations when `serve` opens it.
+async fn run_totals_are_maintained_per_hour_and_the_audit_checks_them(
+    b: Backend,
+    name: &str,
+) -> TestResult {
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let l = f.start(limits()).await;
+    let mut s = connect(&f, &l, "n1").await;
+    for _ in 0..4 {
+        let bt = chain.next(2);
+        s.send(msg(&bt)).await?;
+    }
+    l.stop().await;
+    let store = f.query_store().await;
+    let maintained = store.run_totals().await?;
+    assert!(!maintained.is_empty());
+    let scanned = store
+        .run_totals_where(wattd_ledger::store::TotalsFilter {
+            from_unix_ns: Some(1),
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(maintained, scanned, "the rollup against the allocations");
+    let audit = wattd_ledger::audit::audit(&store).await?;
+    assert!(audit.ok(), "{}", wattd_ledger::audit::audit_text(&audit));
+
+    raw_sql(
+        &f,
+        "UPDATE run_totals_hourly SET energy_lo = energy_lo + 1 WHERE run_id = 'run-a'",
+    )
+    .await?;
+    let audit = wattd_ledger::audit::audit(&store).await?;
+    let text = wattd_ledger::audit::audit_text(&audit);
+    assert!(!audit.ok(), "{text}");
+    assert!(text.contains("run run-a package:0 hour"), "{text}");
+    assert!(text.contains("maintained total"), "{text}");
+
+    // An older ledger's database: no rollup rows, schema 4.
+    raw_sql(
+        &f,
+        "DELETE FROM run_totals_hourly; UPDATE ledger_meta SET value = 4 WHERE key = 'schema_version'",
+    )
+    .await?;
+    let served = f.query_store_serve().await;
+    assert_eq!(
+        served.run_totals().await?,
+        maintained,
+        "filled from the allocations"
+    );
+    let audit = wattd_ledger::audit::audit(&served).await?;
+    assert!(audit.ok(), "{}", wattd_ledger::audit::audit_text(&audit));
     Ok(())
 }

@@ -144,6 +144,8 @@ fn signatures_verify_with_the_public_key_alone_and_one_changed_byte_is_refused()
     for file in [
         "wattd.deb",
         "wattd.rpm",
+        "wattd-ledger.deb",
+        "wattd-ledger.rpm",
         "wattd.cdx.json",
         "wattd-ledger.cdx.json",
     ] {
@@ -154,13 +156,15 @@ fn signatures_verify_with_the_public_key_alone_and_one_changed_byte_is_refused()
     }
     let o = sums_check(&dir);
     assert!(o.status.success(), "sha256sum --check: {}", text(&o));
-    let o = v.rpm_signature(&dir.join("wattd.rpm"));
-    let out = text(&o);
-    assert!(o.status.success(), "rpmkeys --checksig: {out}");
-    assert!(
-        out.contains("Signature") && out.contains("OK") && !out.contains("NOKEY"),
-        "the rpm carries a signature made by the shipped key: {out}"
-    );
+    for rpm in ["wattd.rpm", "wattd-ledger.rpm"] {
+        let o = v.rpm_signature(&dir.join(rpm));
+        let out = text(&o);
+        assert!(o.status.success(), "rpmkeys --checksig {rpm}: {out}");
+        assert!(
+            out.contains("Signature") && out.contains("OK") && !out.contains("NOKEY"),
+            "{rpm} carries a signature made by the shipped key: {out}"
+        );
+    }
 
     // The rpm's signature is the key's and nobody else's: with an empty keyring it is not OK.
     let empty = tempfile::tempdir().unwrap();
@@ -189,7 +193,12 @@ fn signatures_verify_with_the_public_key_alone_and_one_changed_byte_is_refused()
         "{}",
         text(&o)
     );
-    for file in ["wattd.deb", "wattd.cdx.json", "wattd-ledger.cdx.json"] {
+    for file in [
+        "wattd.deb",
+        "wattd-ledger.deb",
+        "wattd.cdx.json",
+        "wattd-ledger.cdx.json",
+    ] {
         let t = tampered(&dir, file);
         let o = sums_check(t.path());
         assert!(
