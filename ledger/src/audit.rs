@@ -53,12 +53,27 @@ pub struct NodeAudit {
 #[derive(Debug, Serialize)]
 pub struct AuditReport {
     pub nodes: Vec<NodeAudit>,
+    /// Problems of no stored node: maintained run totals of a node without a stored batch.
+    pub problems: Vec<String>,
 }
 
 impl AuditReport {
     pub fn ok(&self) -> bool {
-        self.nodes.iter().all(|n| n.conserved)
+        self.problems.is_empty() && self.nodes.iter().all(|n| n.conserved)
     }
+}
+
+fn difference_text(d: &crate::store::RollupDifference) -> String {
+    format!(
+        "run {} {} hour {}: maintained total {} uJ, allocations {} uJ",
+        d.run_id,
+        d.domain,
+        d.hour,
+        d.maintained_uj
+            .map_or_else(|| "none".into(), |v| v.to_string()),
+        d.allocations_uj
+            .map_or_else(|| "none".into(), |v| v.to_string())
+    )
 }
 
 fn label(m: &wattd_records::totals::MeterId) -> String {
@@ -166,16 +181,7 @@ pub async fn audit<S: Store>(store: &S) -> Result<AuditReport, StoreError> {
             ));
         }
         for d in differences.iter().filter(|d| d.node_id == row.node_id) {
-            problems.push(format!(
-                "run {} {} hour {}: maintained total {} uJ, allocations {} uJ",
-                d.run_id,
-                d.domain,
-                d.hour,
-                d.maintained_uj
-                    .map_or_else(|| "none".into(), |v| v.to_string()),
-                d.allocations_uj
-                    .map_or_else(|| "none".into(), |v| v.to_string())
-            ));
+            problems.push(difference_text(d));
         }
         nodes.push(NodeAudit {
             node_id: row.node_id,
@@ -187,11 +193,27 @@ pub async fn audit<S: Store>(store: &S) -> Result<AuditReport, StoreError> {
             problems,
         });
     }
-    Ok(AuditReport { nodes })
+    let known: std::collections::BTreeSet<&str> =
+        nodes.iter().map(|n| n.node_id.as_str()).collect();
+    let problems = differences
+        .iter()
+        .filter(|d| !known.contains(d.node_id.as_str()))
+        .map(|d| {
+            format!(
+                "node {} (no stored batch): {}",
+                d.node_id,
+                difference_text(d)
+            )
+        })
+        .collect();
+    Ok(AuditReport { nodes, problems })
 }
 
 pub fn audit_text(r: &AuditReport) -> String {
     let mut s = String::new();
+    for p in &r.problems {
+        let _ = writeln!(s, "FAIL {p}");
+    }
     for n in &r.nodes {
         let _ = writeln!(
             s,

@@ -258,9 +258,8 @@ impl Cluster {
         self.root.join("server.log")
     }
 
-    /// Loses the server as a host loses it: SIGKILL to the postmaster and every process it
-    /// started, nothing flushed, nobody told.
-    pub fn kill9(&mut self) {
+    /// The postmaster's pid and its children's.
+    fn pids(&self) -> (i32, Vec<i32>) {
         let pid_text = std::fs::read_to_string(self.data.join("postmaster.pid")).expect("pid");
         let pid: i32 = pid_text
             .lines()
@@ -281,9 +280,25 @@ impl Cluster {
                     == Some(pid)
             })
             .collect();
+        (pid, children)
+    }
+
+    /// Sends `signal` (a `kill` name: STOP, CONT, KILL) to the postmaster and every process it
+    /// started.
+    pub fn signal_all(&self, signal: &str) {
+        let (pid, children) = self.pids();
         for p in std::iter::once(pid).chain(children) {
-            let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+            let _ = Command::new("kill")
+                .args([&format!("-{signal}"), &p.to_string()])
+                .status();
         }
+    }
+
+    /// Loses the server as a host loses it: SIGKILL to the postmaster and every process it
+    /// started, nothing flushed, nobody told.
+    pub fn kill9(&mut self) {
+        let (pid, _) = self.pids();
+        self.signal_all("KILL");
         // Until the postmaster is gone (the pid file stays: nobody removed it).
         let t = Instant::now();
         while Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(10) {

@@ -421,9 +421,7 @@ pub(crate) type RollupSums = std::collections::BTreeMap<(String, String), (i64, 
 /// One batch's billed allocations summed per (run, domain) as (sum of high 32-bit halves, sum
 /// of low halves), for the hourly rollup. Exact for any values (allocations are never negative:
 /// the checks refuse them; a batch holds far fewer than 2^31 of them).
-pub(crate) fn rollup(
-    billed: &[&crate::check::AllocationRow],
-) -> Result<RollupSums, StoreError> {
+pub(crate) fn rollup(billed: &[&crate::check::AllocationRow]) -> Result<RollupSums, StoreError> {
     let mut sums = RollupSums::new();
     for a in billed {
         let s = sums

@@ -126,6 +126,20 @@ impl PgTarget {
                          hosts need TLS (sslmode=verify-full&sslrootcert=CA.pem)"
                     ));
                 }
+                // tokio-postgres connects to hostaddr when it is given, whatever the host says.
+                if let Some(a) = config.get_hostaddrs().iter().find(|a| !a.is_loopback()) {
+                    return Err(format!(
+                        "hostaddr {a} is not on loopback: connections to PostgreSQL between \
+                         hosts need TLS (sslmode=verify-full&sslrootcert=CA.pem)"
+                    ));
+                }
+                if config.get_hosts().is_empty() {
+                    return Err(
+                        "no host: name the server (a loopback address, or a host with \
+                                sslmode=verify-full)"
+                            .into(),
+                    );
+                }
                 for k in ["sslrootcert", "sslcert", "sslkey"] {
                     if ours.contains_key(k) {
                         return Err(format!("{k} is given without sslmode=verify-full"));
@@ -314,6 +328,9 @@ mod tests {
         );
         let e = PgTarget::parse("postgres://u@127.0.0.1,10.0.0.2/db?sslmode=disable").unwrap_err();
         assert!(e.contains("10.0.0.2"), "{e}");
+        let e = PgTarget::parse("postgres://u@localhost/db?hostaddr=10.0.0.5").unwrap_err();
+        assert!(e.contains("hostaddr 10.0.0.5"), "{e}");
+        assert!(PgTarget::parse("postgres://u@localhost/db?hostaddr=127.0.0.1").is_ok());
     }
 
     #[test]

@@ -337,9 +337,17 @@ impl PgStore {
         let mut client = connect(&target).await?;
         if mode == OpenMode::Serve {
             let tx = client.transaction().await?;
+            // The schema transaction may wait for another process's and, upgrading, fill the
+            // rollup from every allocation: not bounded by the 30 s of ordinary statements.
+            tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
                 .await?;
             tx.batch_execute(SCHEMA).await?;
+            // A process of an older version still storing batches would add allocations the
+            // backfill does not see: they wait for this transaction (stop them all before an
+            // upgrade; `audit` names any hour that still differs).
+            tx.batch_execute("LOCK TABLE allocations IN SHARE MODE")
+                .await?;
             tx.execute(
                 "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', $1) \
                  ON CONFLICT (key) DO NOTHING",

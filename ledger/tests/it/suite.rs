@@ -2224,6 +2224,19 @@ async fn run_totals_are_maintained_per_hour_and_the_audit_checks_them(
     assert!(!audit.ok(), "{text}");
     assert!(text.contains("run run-a package:0 hour"), "{text}");
     assert!(text.contains("maintained total"), "{text}");
+    // A maintained total of a node that stored nothing is billed too, so it is a failure.
+    raw_sql(
+        &f,
+        "INSERT INTO run_totals_hourly (node_id, run_id, domain, hour, energy_hi, energy_lo) \
+         VALUES ('ghost', 'run-g', 'package:0', 1, 0, 5)",
+    )
+    .await?;
+    let audit = wattd_ledger::audit::audit(&store).await?;
+    let text = wattd_ledger::audit::audit_text(&audit);
+    assert!(
+        text.contains("FAIL node ghost (no stored batch): run run-g package:0 hour 1"),
+        "{text}"
+    );
 
     // An older ledger's database: no rollup rows, schema 4.
     raw_sql(

@@ -115,6 +115,26 @@ fn a_synchronous_standby_takes_over_and_no_acknowledged_batch_is_lost() {
         String::from_utf8_lossy(&plain.stderr)
     );
 
+    // A server whose certificate does not chain to sslrootcert is refused (verify-full).
+    let other_ca = TestCa::new(&pki, "other");
+    let wrong = ledger_cmd(
+        "nodes",
+        &format!(
+            "postgres://wattd@127.0.0.1:{p1}/wattd?sslmode=verify-full&sslrootcert={}&passfile={}",
+            other_ca.ca_pem.display(),
+            passfile.display()
+        ),
+    );
+    assert!(
+        !wrong.status.success(),
+        "a server of another CA was trusted"
+    );
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("certificate"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+
     let mut w = World::with_store_url(mount, "failover", url.clone());
     let ledger = w.ledger("127.0.0.1:0");
     let config = w.agent_config_with(ledger.listen, 200, 200, "retain_acked_s = 0\n");
@@ -141,6 +161,22 @@ fn a_synchronous_standby_takes_over_and_no_acknowledged_batch_is_lost() {
         }
     };
     wait_acked(&w, 10, "before the failover");
+
+    // The standby is synchronous: frozen, it holds every commit, so no batch is acknowledged
+    // (an asynchronous one would let them through). Thawed, they go on.
+    standby.signal_all("STOP");
+    std::thread::sleep(Duration::from_millis(1000));
+    let frozen_at = w.agent_acked();
+    std::thread::sleep(Duration::from_secs(2));
+    let frozen_after = w.agent_acked();
+    standby.signal_all("CONT");
+    assert_eq!(
+        frozen_after,
+        frozen_at,
+        "batches were acknowledged while the synchronous standby could not confirm them\n{}",
+        w.logs()
+    );
+    wait_acked(&w, frozen_after + 5, "after the standby thawed");
 
     // The credentials rotate (as a daily rotation would): the server and the file change; the
     // ledger's open connections keep working, new ones must read the file again.
