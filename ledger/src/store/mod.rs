@@ -495,62 +495,42 @@ pub(crate) enum Param {
 /// whole hours (or absent), else from `allocations a JOIN batches b`, to the nanosecond.
 pub(crate) fn totals_where(filter: &TotalsFilter) -> (String, Vec<Param>, bool) {
     let whole = |t: Option<i64>| t.map_or(true, |t| t >= 0 && t % HOUR_NS == 0);
-    if whole(filter.from_unix_ns) && whole(filter.to_unix_ns) {
-        let mut clauses = Vec::new();
-        let mut params = Vec::new();
-        let mut add = |clause: &str, p: Param| {
-            params.push(p);
-            clauses.push(clause.replace('?', &format!("${}", params.len())));
-        };
-        if let Some(r) = &filter.run_id {
-            add("a.run_id = ?", Param::Text(r.clone()));
-        }
-        if let Some(n) = &filter.node_id {
-            add("a.node_id = ?", Param::Text(n.clone()));
-        }
-        if let Some(t) = filter.from_unix_ns {
-            add("a.hour >= ?", Param::Int(hour_of(t)));
-        }
-        if let Some(t) = filter.to_unix_ns {
-            add("a.hour < ?", Param::Int(hour_of(t)));
-        }
-        let clause = if clauses.is_empty() {
-            String::new()
-        } else {
-            format!(" WHERE {}", clauses.join(" AND "))
-        };
-        return (format!(" FROM run_totals_hourly a{clause}"), params, true);
-    }
+    let rollup = whole(filter.from_unix_ns) && whole(filter.to_unix_ns);
+    // The time column and the value compared with it, per source.
+    let (time, at): (&str, fn(i64) -> i64) = if rollup {
+        ("a.hour", hour_of)
+    } else {
+        ("b.sealed_unix_ns", |t| t)
+    };
     let mut clauses = Vec::new();
     let mut params = Vec::new();
-    let mut add = |clause: &str, p: Param| {
+    let mut add = |clause: String, p: Param| {
         params.push(p);
         clauses.push(clause.replace('?', &format!("${}", params.len())));
     };
     if let Some(r) = &filter.run_id {
-        add("a.run_id = ?", Param::Text(r.clone()));
+        add("a.run_id = ?".into(), Param::Text(r.clone()));
     }
     if let Some(n) = &filter.node_id {
-        add("a.node_id = ?", Param::Text(n.clone()));
+        add("a.node_id = ?".into(), Param::Text(n.clone()));
     }
     if let Some(t) = filter.from_unix_ns {
-        add("b.sealed_unix_ns >= ?", Param::Int(t));
+        add(format!("{time} >= ?"), Param::Int(at(t)));
     }
     if let Some(t) = filter.to_unix_ns {
-        add("b.sealed_unix_ns < ?", Param::Int(t));
+        add(format!("{time} < ?"), Param::Int(at(t)));
     }
     let clause = if clauses.is_empty() {
         String::new()
     } else {
         format!(" WHERE {}", clauses.join(" AND "))
     };
-    (
-        format!(
-            " FROM allocations a JOIN batches b ON b.node_id = a.node_id AND b.seq = a.seq{clause}"
-        ),
-        params,
-        false,
-    )
+    let from = if rollup {
+        " FROM run_totals_hourly a"
+    } else {
+        " FROM allocations a JOIN batches b ON b.node_id = a.node_id AND b.seq = a.seq"
+    };
+    (format!("{from}{clause}"), params, rollup)
 }
 
 /// The sums of the high and low 32-bit halves of the energy of [`totals_where`]'s rows.
