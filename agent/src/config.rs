@@ -721,12 +721,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         // read) is read by the daemon when it binds the endpoint, and by `wattd validate`. A
         // bad file must not stop the measuring, nor a reload.
         if let Some(v) = c.string(t, "metrics", "web_config") {
-            if v.is_empty() {
-                let span = c.get(t, "web_config").and_then(|(_, s)| s);
-                c.problem(span, "metrics.web_config", "an empty path");
-            } else {
-                cfg.metrics_web_config = Some(PathBuf::from(v));
-            }
+            cfg.metrics_web_config = Some(PathBuf::from(v));
         }
     }
     if let Some(t) = c.section(
@@ -880,7 +875,7 @@ finished_run_ttl_s = 60
         assert!(
             e.problems[0]
                 .to_string()
-                .starts_with("wattd.toml:2: metrics.web_config: an empty path"),
+                .starts_with("wattd.toml:2: metrics.web_config: must not be empty"),
             "{e}"
         );
     }
