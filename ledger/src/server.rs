@@ -131,14 +131,14 @@ fn identity_and_roots(
     Option<PrivateKeyDer<'static>>,
     RootCertStore,
 ) {
-    let certs = load_certs(cert, "--cert")
+    let certs = wattd_web::tls::load_certs(cert, "--cert")
         .map_err(|e| problems.push(e))
         .ok();
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| problems.push(format!("--key {}: {e}", key.display())))
         .ok();
     let mut roots = RootCertStore::empty();
-    if let Ok(cas) = load_certs(ca, flag).map_err(|e| problems.push(e)) {
+    if let Ok(cas) = wattd_web::tls::load_certs(ca, flag).map_err(|e| problems.push(e)) {
         for c in cas {
             if let Err(e) = roots.add(c) {
                 problems.push(format!("{flag} {}: {e}", ca.display()));
@@ -235,20 +235,6 @@ pub enum ServeError {
     Io { what: String, source: io::Error },
     #[error("server: {0}")]
     Server(String),
-}
-
-fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{what} {}: {e}", path.display()))?
-        .collect();
-    let certs = certs.map_err(|e| format!("{what} {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{what} {}: no PEM certificate in it",
-            path.display()
-        ));
-    }
-    Ok(certs)
 }
 
 /// The rustls server configuration: TLS 1.3 and 1.2 on ring, client certificates required

@@ -12,8 +12,7 @@ use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::header::{AUTHORIZATION, HOST};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -89,35 +88,9 @@ impl ScrapeClient {
                 None
             }
             Some(ca) => {
-                let mut roots = rustls::RootCertStore::empty();
-                let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(ca)
-                    .map_err(|e| setup(ca.display().to_string(), e.to_string()))?
-                    .collect();
-                for c in certs.map_err(|e| setup(ca.display().to_string(), e.to_string()))? {
-                    roots
-                        .add(c)
-                        .map_err(|e| setup(ca.display().to_string(), e.to_string()))?;
-                }
-                let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-                .map_err(|e| setup("TLS versions".into(), e.to_string()))?
-                .with_root_certificates(roots);
-                let config = match (&opts.cert, &opts.key) {
-                    (None, None) => builder.with_no_client_auth(),
-                    (Some(cert), Some(key)) => {
-                        let chain: Result<Vec<_>, _> = CertificateDer::pem_file_iter(cert)
-                            .map_err(|e| setup(cert.display().to_string(), e.to_string()))?
-                            .collect();
-                        let chain =
-                            chain.map_err(|e| setup(cert.display().to_string(), e.to_string()))?;
-                        let key = PrivateKeyDer::from_pem_file(key)
-                            .map_err(|e| setup(key.display().to_string(), e.to_string()))?;
-                        builder
-                            .with_client_auth_cert(chain, key)
-                            .map_err(|e| setup("client certificate".into(), e.to_string()))?
-                    }
+                let cert_key = match (&opts.cert, &opts.key) {
+                    (None, None) => None,
+                    (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
                     _ => {
                         return Err(setup(
                             "client certificate".into(),
@@ -125,6 +98,8 @@ impl ScrapeClient {
                         ))
                     }
                 };
+                let config = crate::tls::client_config(ca, "CA", cert_key)
+                    .map_err(|e| setup("TLS".into(), e))?;
                 let name = match &opts.server_name {
                     Some(n) => ServerName::try_from(n.clone())
                         .map_err(|e| setup(format!("server name {n:?}"), e.to_string()))?,

@@ -456,27 +456,9 @@ fn load_certs(
     key: &str,
     problems: &mut Vec<String>,
 ) -> Option<Vec<CertificateDer<'static>>> {
-    let certs: Result<Vec<_>, _> = match CertificateDer::pem_file_iter(path) {
-        Ok(i) => i.collect(),
-        Err(e) => {
-            problems.push(format!("{key} {}: {e}", path.display()));
-            return None;
-        }
-    };
-    match certs {
-        Ok(c) if c.is_empty() => {
-            problems.push(format!(
-                "{key} {}: no PEM certificate in it",
-                path.display()
-            ));
-            None
-        }
-        Ok(c) => Some(c),
-        Err(e) => {
-            problems.push(format!("{key} {}: {e}", path.display()));
-            None
-        }
-    }
+    crate::tls::load_certs(path, key)
+        .map_err(|e| problems.push(e))
+        .ok()
 }
 
 /// The private key, which other users must not be able to read (as ssh refuses such a key).

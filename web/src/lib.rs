@@ -9,6 +9,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod server;
+pub mod tls;
 
 pub use client::{ClientOptions, ScrapeClient, ScrapeError};
 pub use config::{ClientAuth, WebConfig, WebConfigError};

@@ -23,8 +23,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{Client, NoTls};
 
@@ -252,43 +250,12 @@ fn client_tls(
     cert: Option<&Path>,
     key: Option<&Path>,
 ) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(ca)
-        .map_err(|e| format!("sslrootcert {}: {e}", ca.display()))?
-        .collect();
-    let certs = certs.map_err(|e| format!("sslrootcert {}: {e}", ca.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "sslrootcert {}: no PEM certificate in it",
-            ca.display()
-        ));
-    }
-    for c in certs {
-        roots
-            .add(c)
-            .map_err(|e| format!("sslrootcert {}: {e}", ca.display()))?;
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-    .map_err(|e| format!("TLS versions: {e}"))?
-    .with_root_certificates(roots);
-    match (cert, key) {
-        (None, None) => Ok(builder.with_no_client_auth()),
-        (Some(cert), Some(key)) => {
-            let chain: Result<Vec<_>, _> = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| format!("sslcert {}: {e}", cert.display()))?
-                .collect();
-            let chain = chain.map_err(|e| format!("sslcert {}: {e}", cert.display()))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| format!("sslkey {}: {e}", key.display()))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("sslcert and sslkey: {e}"))
-        }
-        _ => Err("sslcert and sslkey go together".into()),
-    }
+    let cert_key = match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some((cert, key)),
+        _ => return Err("sslcert and sslkey go together".into()),
+    };
+    wattd_web::tls::client_config(ca, "sslrootcert", cert_key)
 }
 
 #[cfg(test)]
