@@ -35,6 +35,9 @@ pub struct Config {
     pub control_socket: PathBuf,
     pub control_allowed_uids: Vec<u32>,
     pub control_allowed_gids: Vec<u32>,
+    /// `[runs] perf_counters`: per-run perf `task-clock` counters (exact tails of runs removed
+    /// before their final read; the per-package split on the live host).
+    pub perf_counters: bool,
     pub idle_policy: IdlePolicy,
     pub dram_policy: DramPolicy,
     pub idle_window_s: u64,
@@ -108,6 +111,7 @@ impl Config {
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
             control_allowed_uids: Vec::new(),
             control_allowed_gids: Vec::new(),
+            perf_counters: true,
             idle_policy: IdlePolicy::Proportional,
             dram_policy: DramPolicy::Cpu,
             idle_window_s: 600,
@@ -482,6 +486,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             "control_socket",
             "control_allowed_uids",
             "control_allowed_gids",
+            "perf_counters",
         ],
     ) {
         if let Some((v, span)) = c.get(t, "patterns") {
@@ -522,6 +527,12 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         }
         if let Some(v) = c.id_list(t, "runs", "control_allowed_gids") {
             cfg.control_allowed_gids = v;
+        }
+        if let Some((v, span)) = c.get(t, "perf_counters") {
+            match v.as_bool() {
+                Some(b) => cfg.perf_counters = b,
+                None => c.problem(span, "runs.perf_counters", "must be true or false"),
+            }
         }
     }
     if let Some(t) = c.section(
@@ -807,6 +818,7 @@ cgroup_root = "/sys/fs/cgroup"
 patterns = ["flowzart.slice/run-{run_id}.scope", "other/{run_id}"]
 control_socket = "/run/wattd/c.sock"
 control_allowed_uids = [1000]
+perf_counters = false
 [attribution]
 idle_policy = "reserved"
 dram_policy = "memory"
@@ -855,6 +867,14 @@ finished_run_ttl_s = 60
         assert_eq!(c.spool_retain_acked_share, 0.5);
         assert!(c.ledger.is_some());
         assert_eq!(c.metrics_finished_run_ttl_s, 60);
+        assert!(!c.perf_counters);
+        assert!(parse("f", "").unwrap().perf_counters);
+        let e = parse("f", "[runs]\nperf_counters = \"yes\"\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("f:2: runs.perf_counters: must be true or false"),
+            "{e}"
+        );
     }
 
     #[test]

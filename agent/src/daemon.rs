@@ -252,6 +252,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
     let mut tcfg = TrackerConfig::new(root.clone());
     tcfg.cgroup_root = cfg.cgroup_root.clone();
     tcfg.patterns = cfg.patterns.clone();
+    tcfg.perf_counters = cfg.perf_counters;
     tcfg.perf_split = root.is_live();
     let mut tracker = RunTracker::new(tcfg).context("starting the run tracker")?;
     // Baseline: runs already there are billed from now on, not for their past.

@@ -69,7 +69,8 @@ struct Total {
 struct Finished {
     started_unix_ns: i64,
     finished_unix_ns: i64,
-    /// `read`, `reconciled`, `reconciled_shared` or `lost` (empty in records older than it).
+    /// `read`, `perf_counted`, `reconciled`, `reconciled_shared` or `lost` (empty in records
+    /// older than it).
     final_usage: String,
     /// CPU microseconds of the run recovered from its parent over its life.
     reconciled_usage_us: u64,
@@ -253,6 +254,10 @@ fn render_text(ex: &Explanation) -> String {
         Some(f) => {
             let how = match f.final_usage.as_str() {
                 "read" => "read from its own cpu.stat",
+                "perf_counted" => {
+                    "its cgroup was removed first: the tail counted exactly by its perf \
+                     task-clock counters"
+                }
                 "reconciled" => "its cgroup was removed first: recovered exactly from its parent",
                 "reconciled_shared" => {
                     "its cgroup was removed first: recovered from its parent, shared with the \

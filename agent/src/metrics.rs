@@ -740,6 +740,7 @@ impl Metrics {
             fd_budget,
             fd_fallback_runs,
             perf_fallback_runs,
+            perf_uncounted_runs,
             hostile_names_skipped,
             host_clamps,
             vanished_at_discovery,
@@ -750,6 +751,7 @@ impl Metrics {
             rescans,
             usage_went_backwards,
             final_read,
+            final_perf_counted,
             final_reconciled,
             final_reconciled_shared,
             final_lost,
@@ -766,11 +768,13 @@ impl Metrics {
             "wattd_tracker_final_usage_total",
             "counter",
             "Finished runs by how their last usage was obtained: read from their own cpu.stat, \
+             counted by their perf task-clock counters after the cgroup was removed, \
              reconciled through the parent (alone or shared with others that went away in the \
              same stretch), or lost (the tail since the last read is the host's).",
         );
         for (how, v) in [
             ("read", final_read),
+            ("perf_counted", final_perf_counted),
             ("reconciled", final_reconciled),
             ("reconciled_shared", final_reconciled_shared),
             ("lost", final_lost),
@@ -808,6 +812,14 @@ impl Metrics {
                 "Runs split over packages by /proc/stat share because perf counters were \
                  unavailable.",
                 perf_fallback_runs,
+            ),
+            (
+                "wattd_tracker_perf_uncounted_runs_total",
+                "counter",
+                "Runs without perf task-clock counters (disabled, not permitted, descriptor \
+                 budget full): the tail of one removed before its final read comes from its \
+                 parent.",
+                perf_uncounted_runs,
             ),
             (
                 "wattd_tracker_hostile_names_skipped_total",

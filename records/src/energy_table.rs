@@ -51,8 +51,8 @@ pub struct RunRow {
     pub energy_uj: u128,
     pub energy_wh: String,
     pub domains: Vec<DomainRow>,
-    /// How the run's last usage was obtained, from its summary (`read`, `reconciled`,
-    /// `reconciled_shared`, `lost`); absent while the run is live or its summary is not here.
+    /// How the run's last usage was obtained, from its summary (`read`, `perf_counted`,
+    /// `reconciled`, `reconciled_shared`, `lost`); absent while the run is live or its summary is not here.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub final_usage: Option<String>,
     /// CPU microseconds of the run recovered from its parent after its cgroup was removed.

@@ -284,6 +284,7 @@ fn removed_at_once(
     let mut hows: BTreeMap<String, usize> = BTreeMap::new();
     let (mut alone, mut shared) = (0, 0);
     let mut errs: Vec<f64> = Vec::with_capacity(runs);
+    let mut errs_by_how: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut unbilled = 0usize;
     for group in by_tick.values() {
         let mut group_truth = 0u64;
@@ -314,6 +315,10 @@ fn removed_at_once(
                 ));
             }
             errs.push(err);
+            errs_by_how
+                .entry(how.clone().unwrap_or_else(|| "none".into()))
+                .or_default()
+                .push((got as f64 - e.truth_us as f64) / e.truth_us.max(1) as f64);
             if err > bound && per_run_bounds {
                 problems.push(format!(
                     "{}: kernel {} us, billed {got} us ({:.2}%, {} ending in its tick, {})",
@@ -341,7 +346,21 @@ fn removed_at_once(
         }
     }
     errs.sort_by(f64::total_cmp);
-    let pct = |q: f64| errs[((errs.len() - 1) as f64 * q) as usize] * 100.0;
+    let pct_of = |v: &[f64], q: f64| v[((v.len() - 1) as f64 * q) as usize] * 100.0;
+    let pct = |q: f64| pct_of(&errs, q);
+    for (how, v) in &mut errs_by_how {
+        v.sort_by(f64::total_cmp);
+        eprintln!(
+            "signed per-run error of the {} runs {how}: min {:.2}%, p10 {:.2}%, median {:.2}%, \
+             p90 {:.2}%, max {:.2}%",
+            v.len(),
+            pct_of(v, 0.0),
+            pct_of(v, 0.1),
+            pct_of(v, 0.5),
+            pct_of(v, 0.9),
+            pct_of(v, 1.0)
+        );
+    }
     eprintln!(
         "per-run error: median {:.2}%, p90 {:.2}%, max {:.2}%; {} runs off by more than 10%, \
          {unbilled} billed nothing",
@@ -364,6 +383,17 @@ fn removed_at_once(
         problems.join("\n")
     );
     assert!(err_all <= 0.001, "all runs: {:.4}% off", err_all * 100.0);
+    // Runs whose tails their own perf counters counted (at points too noisy to share, or where
+    // a ghost shared the stretch): nine in ten within 10%. (The counters run on the raw clock,
+    // so a burst of steal time on a VM can put a few milliseconds into one.)
+    if let Some(v) = errs_by_how.get("perf_counted") {
+        let within = v.iter().filter(|e| e.abs() <= 0.10).count();
+        assert!(
+            within * 10 >= v.len() * 9,
+            "{within} of {} runs counted by their perf counters within 10%",
+            v.len()
+        );
+    }
     drop(cg);
 }
 
@@ -385,11 +415,10 @@ fn two_hundred_runs_removed_at_once_are_each_billed_in_full() {
 /// seconds: creation events lag behind the children that are already burning, and seconds pass
 /// between reconcile points. Every run is billed and the total is exact (this failed by +16%
 /// before each point listed the parent, and by -20% with the residual capped at a second of
-/// the machine). Each run's own share is printed, not asserted (nor that it is not zero: up to
-/// 12 of the 1,000 got nothing in a share, at points where noise was owed back): with hundreds
-/// of live children,
-/// the noise of one parent read against them (hundreds of microseconds) is of the order of a
-/// light run's whole tail (see the README, "Runs removed the moment they empty").
+/// the machine). Runs the agent opened take their own perf counters' count at points too noisy
+/// to share (nine in ten within 10%, asserted); every other run's share is printed, not asserted:
+/// a ghost (gone before its creation event was read: two thirds of them here) has only a guessed
+/// weight against hundreds of others (see the README, "Runs removed the moment they empty").
 #[test]
 fn a_thousand_runs_alive_removed_at_once_are_billed_in_total() {
     removed_at_once(

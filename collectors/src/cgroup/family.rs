@@ -13,9 +13,13 @@
 //! batch of cgroup events in which a child went away unread) the tracker reads every live child
 //! it has not seen settle empty, then the parent, and the residual goes to the children that
 //! went away since the previous point (the *claimants*). One claimant gets it all; several share
-//! it by [`share_residual`], the stated rule: in proportion to the CPU time each is expected to
-//! have used since it was last read (that time at its average rate so far; when it has no history,
-//! at the family's average run rate). Reading the children and then the parent is not
+//! it by [`share_residual`], the stated rule: in proportion to what each one's perf `task-clock`
+//! counters counted since its last read (they outlive the cgroup), or, for a claimant without
+//! them, the CPU time it is expected to have used since it was last read (that time at its
+//! average rate so far; when it has no history, at the family's average run rate). Where the
+//! residual is worse than the counters (a point read too slowly, a stretch shared with
+//! claimants without counters) or cannot be had, runs with counters take their count instead
+//! (see the tracker's `reconcile_family`). Reading the children and then the parent is not
 //! atomic, so the residual carries a little noise (CPU time the live children used between their
 //! read and the parent's); it cancels between consecutive points, so a negative residual is
 //! carried to the next point (bounded) rather than clamped, and a positive one with no claimant
@@ -34,13 +38,18 @@ use serde::Serialize;
 
 use super::files::Source;
 
-/// How a finished run's last stretch of usage was obtained.
+/// How a finished run's last stretch of usage was obtained (the words are in its summary).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinalUsage {
     /// Read from the run's own `cpu.stat` after it emptied (twice, so the last task's final
     /// slice is in) or when the control plane declared it finished.
     Read,
+    /// Its cgroup went away before a complete final read, and its parent's residual could not
+    /// be had or was too noisy to be sharper: what it used since its last read was counted by
+    /// its perf `task-clock` counters, which outlive the cgroup (on the raw clock: steal time on
+    /// a VM is in, a few milliseconds at worst).
+    PerfCounted,
     /// Its cgroup went away before a complete final read; what it used since its last read was
     /// recovered exactly from its parent's `cpu.stat`.
     Reconciled,
@@ -57,6 +66,7 @@ impl FinalUsage {
     pub fn as_str(self) -> &'static str {
         match self {
             FinalUsage::Read => "read",
+            FinalUsage::PerfCounted => "perf_counted",
             FinalUsage::Reconciled => "reconciled",
             FinalUsage::ReconciledShared => "reconciled_shared",
             FinalUsage::Lost => "lost",
@@ -84,6 +94,9 @@ pub(super) struct Claimant {
     /// times its average rate so far (with no history: a run read once, a ghost, an ordinary
     /// child, the family's average run rate; see [`Family::unknown_weight`]).
     pub weight_us: u64,
+    /// What its perf counters counted since its last read, when it has them: its weight, and
+    /// its tail when the parent cannot tell.
+    pub perf_us: Option<u64>,
 }
 
 /// A child of the parent that is not a tracked run (another workload, a finished run's

@@ -1,6 +1,9 @@
 //! Per-CPU perf `task-clock` counters on one cgroup (PERF_FLAG_PID_CGROUP): which CPUs, hence
-//! which packages, a run burned on. Counted in nanoseconds, user and kernel time alike, like
-//! `cpu.stat`'s `usage_usec`, so their ratios split that usage.
+//! which packages, a run burned on, and how much CPU time it used after its cgroup was removed.
+//! Counted in nanoseconds, user and kernel time alike, like `cpu.stat`'s `usage_usec` (the
+//! cgroup and its descendants, as `usage_usec`), so their ratios split that usage. An open
+//! counter holds a reference to the cgroup: it stays readable, with its final count, after the
+//! directory is removed, when `cpu.stat` no longer is.
 
 use std::fs::File;
 use std::io;
@@ -37,6 +40,12 @@ impl CgroupTaskClock {
 
     pub fn fd_count(&self) -> usize {
         self.counters.len()
+    }
+
+    /// The sum over every CPU of the cumulative task-clock (ns) into `scratch`'s values.
+    pub fn read_total(&mut self, scratch: &mut Vec<(u32, u64)>) -> io::Result<u64> {
+        self.read_into(scratch)?;
+        Ok(scratch.iter().map(|&(_, v)| v).sum())
     }
 
     /// Reads every CPU's cumulative task-clock (ns) into `out`, in the order of `cpus` at open.

@@ -204,8 +204,10 @@ pub struct RunSummary {
     /// How the run's last stretch of CPU usage was obtained: "read" (from its own cpu.stat after
     /// it emptied, or when declared finished), "reconciled" (its cgroup was removed before a final
     /// read; recovered exactly from the parent's cpu.stat), "reconciled_shared" (the same, shared
-    /// with other children that went away in the same stretch, in proportion to the time each went
-    /// unobserved), "lost" (the parent could not tell: that tail is in the host bucket). Empty in
+    /// with other children that went away in the same stretch, in proportion to what each one's perf
+    /// counters counted, or else to the time each went unobserved), "perf_counted" (counted by its
+    /// own perf task-clock counters, which outlive the cgroup, where the parent could not tell or
+    /// was too noisy), "lost" (neither could tell: that tail is in the host bucket). Empty in
     /// records written before this field existed.
     #[prost(string, tag = "8")]
     pub final_usage: ::prost::alloc::string::String,
