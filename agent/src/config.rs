@@ -35,8 +35,9 @@ pub struct Config {
     pub control_socket: PathBuf,
     pub control_allowed_uids: Vec<u32>,
     pub control_allowed_gids: Vec<u32>,
-    /// `[runs] perf_counters`: per-run perf `task-clock` counters (exact tails of runs removed
-    /// before their final read; the per-package split on the live host).
+    /// `[runs] perf_counters`: per-run perf `task-clock` counters (the tails of runs removed
+    /// before their final read: shares of the parent's residual, or counted; the per-package
+    /// split on the live host).
     pub perf_counters: bool,
     pub idle_policy: IdlePolicy,
     pub dram_policy: DramPolicy,

@@ -256,7 +256,14 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
     tcfg.perf_split = root.is_live();
     let mut tracker = RunTracker::new(tcfg).context("starting the run tracker")?;
     // Baseline: runs already there are billed from now on, not for their past.
-    let _ = tracker.tick(0);
+    let baseline = tracker.tick(0);
+    if let Some(why) = &baseline.perf_counters_disabled {
+        tracing::warn!(
+            reason = %why,
+            "no perf counters for runs: the tail of a run removed before its final read is \
+             recovered from its parent only, and is lost where the parent cannot tell"
+        );
+    }
     // SAFETY: the tracker owns this inotify descriptor and keeps it open, unreplaced, for as
     // long as it lives; `events` is dropped before `tracker` (declared after it, dropped first).
     let events = unsafe { AsyncFd::register(Fd(tracker.events_fd().as_raw_fd())) }

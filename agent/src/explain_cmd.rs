@@ -255,8 +255,8 @@ fn render_text(ex: &Explanation) -> String {
             let how = match f.final_usage.as_str() {
                 "read" => "read from its own cpu.stat",
                 "perf_counted" => {
-                    "its cgroup was removed first: the tail counted exactly by its perf \
-                     task-clock counters"
+                    "its cgroup was removed first: the tail counted by its own perf \
+                     task-clock counters (its parent could not tell, or was noisier)"
                 }
                 "reconciled" => "its cgroup was removed first: recovered exactly from its parent",
                 "reconciled_shared" => {

@@ -46,6 +46,12 @@ enum Command {
     /// declared lost equals the node's own running total, per meter, to the microjoule; and
     /// whether every batch's running totals follow from its predecessor's. Exit 1 when not.
     Audit(QueryArgs),
+    /// A consistent copy of a SQLite ledger, taken while it serves: written to a new file
+    /// (mode 600), fsynced, and checked (SQLite's integrity check) before it is reported.
+    /// Restore by stopping the ledger and putting the copy in place of the database (and
+    /// removing its -wal and -shm files); then `wattd-ledger audit`, and the nodes re-send what
+    /// the copy lacks. A PostgreSQL ledger is backed up with pg_dump or pg_basebackup.
+    Backup(BackupArgs),
     /// The read audit: every Query API call (answered or refused), newest first: when, the
     /// reader's certificate CN, its role, the call, its filters, rows returned and outcome.
     Reads(ReadsArgs),
@@ -239,6 +245,15 @@ struct QueryArgs {
 }
 
 #[derive(Debug, Args)]
+struct BackupArgs {
+    #[command(flatten)]
+    query: QueryArgs,
+    /// The copy: a path that must not exist yet.
+    #[arg(long, value_name = "PATH")]
+    to: std::path::PathBuf,
+}
+
+#[derive(Debug, Args)]
 struct RunsArgs {
     #[command(flatten)]
     query: QueryArgs,
@@ -335,6 +350,7 @@ fn main() -> ExitCode {
             Command::Runs(a) => runs(a).await.map_err(Failure::Other),
             Command::Nodes(a) => nodes(a).await.map_err(Failure::Other),
             Command::Audit(a) => audit(a).await.map_err(Failure::Other),
+            Command::Backup(a) => backup(a).await,
             Command::Reads(a) => reads(a).await.map_err(Failure::Other),
             Command::Events(a) => events(a).await.map_err(Failure::Other),
         }
@@ -554,6 +570,41 @@ async fn audit(a: QueryArgs) -> anyhow::Result<()> {
         report.ok(),
         "the energy does not add up for some node (see above)"
     );
+    Ok(())
+}
+
+async fn backup(a: BackupArgs) -> Result<(), Failure> {
+    let path = match &a.query.store {
+        StoreUrl::Sqlite(p) => p.clone(),
+        StoreUrl::Postgres(_) => {
+            return Err(Failure::Usage(
+                "a PostgreSQL ledger is backed up with PostgreSQL's own tools: pg_dump -Fc \
+                 (a consistent logical dump, restored with pg_restore) or pg_basebackup (a \
+                 physical copy with its WAL); after a restore, run wattd-ledger audit"
+                    .into(),
+            ))
+        }
+    };
+    let to = a.to.clone();
+    let report =
+        tokio::task::spawn_blocking(move || wattd_ledger::store::sqlite::backup(&path, &to))
+            .await
+            .map_err(|e| Failure::Other(e.into()))?
+            .map_err(|e| Failure::Other(e.into()))?;
+    match a.query.format {
+        Format::Json => {
+            let out =
+                serde_json::to_string_pretty(&report).map_err(|e| Failure::Other(e.into()))?;
+            println!("{out}");
+        }
+        Format::Text => println!(
+            "backup {}: {} bytes, {} batches of {} nodes, integrity check ok",
+            report.to.display(),
+            report.bytes,
+            report.batches,
+            report.nodes
+        ),
+    }
     Ok(())
 }
 

@@ -386,6 +386,11 @@ fn removed_at_once(
     // Runs whose tails their own perf counters counted (at points too noisy to share, or where
     // a ghost shared the stretch): nine in ten within 10%. (The counters run on the raw clock,
     // so a burst of steal time on a VM can put a few milliseconds into one.)
+    // A thousand runs alive always have points too noisy to share: counted runs must be there.
+    assert!(
+        per_run_bounds || errs_by_how.contains_key("perf_counted"),
+        "no run counted by its perf counters: {hows:?}\n{logtext}"
+    );
     if let Some(v) = errs_by_how.get("perf_counted") {
         let within = v.iter().filter(|e| e.abs() <= 0.10).count();
         assert!(

@@ -44,14 +44,9 @@ const PARENT_MASK: u32 = libc::IN_CREATE
     | libc::IN_DELETE_SELF
     | libc::IN_ONLYDIR;
 
-/// How recent a cgroup must be to be billed from its birth when found (see `billing_start`):
-/// longer than any rescan period, shorter than a forgotten run's lingering cgroup.
 /// A reconcile point's reads are taken again when the parent gained more than this between its
 /// two reads (the residual is off by at most half of it) ...
 const BRACKET_MAX_US: u64 = 1_000;
-/// Counter time a tick's runs must have moved for their usage against it to scale counted
-/// tails (10 ms: enough to average out `cpu.stat`'s tick-granular lag).
-const PERF_SCALE_MIN_NS: u128 = 10_000_000;
 /// ... at most this many times ...
 const BRACKET_RETRIES: u32 = 2;
 /// ... and only for a parent with at most this many children: reading hundreds takes long enough
@@ -60,7 +55,15 @@ const BRACKET_RETRY_MAX_CHILDREN: usize = 100;
 /// Slack per CPU on the physical bound of a family's balance: CPU time is accounted to a cgroup
 /// at scheduler ticks and switches, a little after it was spent.
 const BALANCE_SLACK_US: i128 = 100_000;
+/// Counter time the runs' usage against their perf counters must have been measured over
+/// before it scales counted tails (a second: `cpu.stat` lags each running task by up to a
+/// scheduler tick, which must average out), and the least and most the scale may be (the
+/// counters add steal and interrupt time, so they count at least what `usage_usec` does).
+const PERF_SCALE_MIN_NS: u128 = 1_000_000_000;
+const PERF_SCALE_MIN_PPM: u128 = 800_000;
 
+/// How recent a cgroup must be to be billed from its birth when found (see `billing_start`):
+/// longer than any rescan period, shorter than a forgotten run's lingering cgroup.
 pub const BIRTH_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// How far behind the real clock kernfs' coarse inode timestamps can be (a jiffy at HZ 100).
@@ -75,8 +78,9 @@ pub struct TrackerConfig {
     pub cgroup_root: Option<PathBuf>,
     pub patterns: Vec<String>,
     /// Open per-run perf cgroup `task-clock` counters where permitted (the cgroup root must be a
-    /// real cgroup2 mount): they outlive the cgroup, so the CPU time of a run removed before its
-    /// final read is counted exactly instead of recovered from its parent.
+    /// real cgroup2 mount): they outlive the cgroup, so the tail of a run removed before its
+    /// final read is still known: they weigh its share of its parent's residual, and count it
+    /// where the parent cannot tell or is noisier.
     pub perf_counters: bool,
     /// Also split runs across packages by those counters (live hosts only: a simulated
     /// topology's packages are not the CPUs the counters are on).
@@ -366,9 +370,9 @@ pub struct RunTracker {
     perf_split_off: Option<String>,
     /// The CPUs perf counters are opened on: the running kernel's online CPUs.
     perf_cpus: Vec<u32>,
-    /// `cpu.stat` microseconds per counter nanoseconds, as (us, ns), over the last tick whose
-    /// runs moved enough: the counters run on the raw clock, with steal and interrupt time in,
-    /// which `usage_usec` leaves out (1-4% under load on this VM). Scales a counted tail.
+    /// The runs' `cpu.stat` microseconds against their counters' nanoseconds, as running sums
+    /// that decay by an eighth per tick: the counters run on the raw clock, with steal and
+    /// interrupt time in, which `usage_usec` leaves out. Scales a counted tail (`scale_tail`).
     perf_scale: (u128, u128),
     fd_budget: usize,
     kept_fds: usize,
@@ -495,7 +499,7 @@ impl RunTracker {
             perf_disabled,
             perf_split_off,
             perf_cpus,
-            perf_scale: (1, 1000),
+            perf_scale: (0, 0),
             fd_budget,
             kept_fds: 0,
             counters: TrackerCounters::default(),
@@ -791,15 +795,17 @@ impl RunTracker {
                     perf_us,
                 });
             }
+            None if run.final_read => {
+                // Read after it emptied; what the counters add is the exiting task's last slice.
+                run.latest_us = run.latest_us.saturating_add(perf_us.unwrap_or(0));
+                run.final_usage = Some(FinalUsage::Read);
+                self.counters.final_read += 1;
+            }
             None if perf_us.is_some() => {
                 // The parent is the cgroup root: its counters are all there is.
                 run.latest_us = run.latest_us.saturating_add(perf_us.unwrap_or(0));
                 run.final_usage = Some(FinalUsage::PerfCounted);
                 self.counters.final_perf_counted += 1;
-            }
-            None if run.final_read => {
-                run.final_usage = Some(FinalUsage::Read);
-                self.counters.final_read += 1;
             }
             None => {
                 run.final_usage = Some(FinalUsage::Lost);
@@ -1063,11 +1069,13 @@ impl RunTracker {
         } else {
             self.counters.fd_fallback_runs += 1;
         }
-        let latest_us = cpu_stat.read_cpu_usage_us()?;
+        // The counters first, then the first read, then the counters' first read: what the run
+        // used while they were opening is in both reads, so they pair (see `perf_tail`).
         let (perf, perf_pkgs) = self.open_perf(dir, kept);
         if let Some(p) = &perf {
             kept += p.fd_count();
         }
+        let latest_us = cpu_stat.read_cpu_usage_us()?;
         let mem_path = dir.join("memory.current");
         let memory = match Source::open(mem_path, self.kept_fds + kept < self.fd_budget) {
             Ok(s) => Some(s),
@@ -1180,16 +1188,12 @@ impl RunTracker {
             Err(e) => {
                 self.counters.perf_fallback_runs += 1;
                 self.counters.perf_uncounted_runs += 1;
-                // Permission or kernel support is the same for every run: stop trying.
+                // Permission or kernel support is the same for every run: stop trying. (ENOENT
+                // and ENODEV are this cgroup gone already, as runs removed at once often are.)
                 if matches!(
                     e.raw_os_error(),
                     Some(
-                        libc::EACCES
-                            | libc::EPERM
-                            | libc::ENOENT
-                            | libc::EOPNOTSUPP
-                            | libc::ENOSYS
-                            | libc::EINVAL
+                        libc::EACCES | libc::EPERM | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL
                     )
                 ) {
                     let why = format!("perf cgroup task-clock: {e} ({HINT_PERF})");
@@ -1452,10 +1456,10 @@ impl RunTracker {
                 run.settled = run.empty_tick_reads >= 2;
             }
         }
-        // The runs' usage against their counters over this tick: the scale of a counted tail.
-        if scale_ns >= PERF_SCALE_MIN_NS {
-            self.perf_scale = (scale_us, scale_ns);
-        }
+        // The runs' usage against their counters: the scale of a counted tail, over the recent
+        // past (each tick's sums added to the running ones, which lose an eighth per tick).
+        let (us, ns) = self.perf_scale;
+        self.perf_scale = (us - us / 8 + scale_us, ns - ns / 8 + scale_ns);
         // Gone at this tick's read: the delta below uses the last good read, the tail is
         // claimed from the parent, and they are reported finished now.
         for id in gone {
@@ -2378,15 +2382,20 @@ fn perf_tail(run: &mut Run, scratch: &mut Vec<(u32, u64)>, scale: (u128, u128)) 
     let counted_ns = run.perf.as_mut()?.read_total(scratch).ok()?;
     run.latest_tc_ns.clear();
     run.latest_tc_ns.extend(scratch.iter().map(|&(_, v)| v));
-    let tail_ns = u128::from(counted_ns.saturating_sub(paired));
-    let (us, ns) = scale;
-    // At most 1 us per 1,000 ns: the counters never count less than cpu.stat, except by lag.
-    let tail_us = if us * 1000 >= ns || ns == 0 {
-        (tail_ns + 500) / 1000
+    Some(scale_tail(counted_ns.saturating_sub(paired), scale))
+}
+
+/// Counter nanoseconds to `usage_usec` microseconds, rounded: by the runs' measured ratio
+/// (`us` per `ns`) once it rests on at least [`PERF_SCALE_MIN_NS`], kept within
+/// [[`PERF_SCALE_MIN_PPM`], 1] per 1,000 ns; else 1 us per 1,000 ns.
+fn scale_tail(tail_ns: u64, (us, ns): (u128, u128)) -> u64 {
+    let tail_ns = u128::from(tail_ns);
+    let ppm = if ns >= PERF_SCALE_MIN_NS {
+        (us * 1_000_000_000 / ns).clamp(PERF_SCALE_MIN_PPM, 1_000_000)
     } else {
-        (tail_ns * us + ns / 2) / ns
+        1_000_000
     };
-    Some(u64::try_from(tail_us).unwrap_or(u64::MAX))
+    u64::try_from((tail_ns * ppm / 1_000 + 500_000) / 1_000_000).unwrap_or(u64::MAX)
 }
 
 /// The sum of the run's counters as last read with its `cpu.stat`; `None` when unpaired.
@@ -2540,6 +2549,20 @@ pub fn split_exact(total: u64, weights: &[(u32, u128)]) -> BTreeMap<u32, u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counted_tails_scale_by_the_measured_ratio_within_bounds() {
+        // No measurement yet, or too little: 1 us per 1,000 ns, rounded to the nearest.
+        assert_eq!(scale_tail(1_499, (0, 0)), 1);
+        assert_eq!(scale_tail(1_500, (0, 0)), 2);
+        assert_eq!(scale_tail(10_000_000, (9_000, 10_000_000)), 10_000);
+        // 2% of steal: the tail loses 2%.
+        assert_eq!(scale_tail(10_000_000, (980_000, 1_000_000_000)), 9_800);
+        // Never scaled up, never below 0.8 (a lagging cpu.stat cannot take two thirds off).
+        assert_eq!(scale_tail(10_000_000, (2_000_000, 1_000_000_000)), 10_000);
+        assert_eq!(scale_tail(10_000_000, (330_000, 1_000_000_000)), 8_000);
+        assert_eq!(scale_tail(u64::MAX, (1, 1)), u64::MAX / 1_000 + 1);
+    }
 
     #[test]
     fn split_exact_conserves() {

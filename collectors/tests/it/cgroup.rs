@@ -884,9 +884,16 @@ mod removed_at_once {
             r.usage_us, r.reconciled_us
         );
         assert!(r.finished);
-        assert_eq!(r.final_usage, Some(FinalUsage::Reconciled));
-        assert!(r.reconciled_us > 0, "{r:?}");
-        assert!(within(total, truth, 1.0), "billed {total} of {truth}");
+        // Alone in its stretch: the parent's residual, unless the point was read too slowly and
+        // the run has counters (then their count, on the raw clock: steal time in).
+        let bound = if r.final_usage == Some(FinalUsage::PerfCounted) && perf {
+            5.0
+        } else {
+            assert_eq!(r.final_usage, Some(FinalUsage::Reconciled));
+            assert!(r.reconciled_us > 0, "{r:?}");
+            1.0
+        };
+        assert!(within(total, truth, bound), "billed {total} of {truth}");
         sb.wait(neighbour);
     }
 

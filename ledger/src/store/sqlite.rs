@@ -288,6 +288,70 @@ fn check_private(path: &Path, mode: OpenMode) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// What [`backup`] wrote.
+#[derive(Debug, serde::Serialize)]
+pub struct BackupReport {
+    pub to: std::path::PathBuf,
+    pub bytes: u64,
+    /// Stored batches in the copy, and nodes.
+    pub batches: i64,
+    pub nodes: i64,
+}
+
+/// A consistent copy of the ledger at `path`, taken while it serves (a read transaction: the
+/// writer is not stopped), into `to`, which must not exist: created mode 600 (billing data),
+/// written by SQLite's `VACUUM INTO`, fsynced with its directory, then opened again and checked
+/// (`PRAGMA integrity_check`) before it is reported. A copy that fails the check is removed.
+pub fn backup(path: &Path, to: &Path) -> Result<BackupReport, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let named = |what: &str, e: &dyn std::fmt::Display| {
+        StoreError::Url(format!("backup to {}: {what}: {e}", to.display()))
+    };
+    let conn = open_blocking(path, OpenMode::Query)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)
+        .map_err(|e| named("cannot create it (it must not exist)", &e))?;
+    let copied = (|| -> Result<BackupReport, StoreError> {
+        let target = to
+            .to_str()
+            .ok_or_else(|| StoreError::Url(format!("{}: not UTF-8", to.display())))?;
+        conn.execute("VACUUM INTO ?1", params![target])?;
+        drop(conn);
+        let f = std::fs::File::open(to).map_err(|e| named("reopen", &e))?;
+        f.sync_all().map_err(|e| named("fsync", &e))?;
+        let bytes = f.metadata().map_err(|e| named("stat", &e))?.len();
+        let dir = to
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| named("fsync of its directory", &e))?;
+        let copy = Connection::open_with_flags(to, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let check: String = copy.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        if check != "ok" {
+            return Err(named("integrity check of the copy", &check));
+        }
+        let batches = copy.query_row("SELECT count(*) FROM batches", [], |r| r.get(0))?;
+        let nodes = copy.query_row("SELECT count(DISTINCT node_id) FROM batches", [], |r| {
+            r.get(0)
+        })?;
+        Ok(BackupReport {
+            to: to.to_path_buf(),
+            bytes,
+            batches,
+            nodes,
+        })
+    })();
+    if copied.is_err() {
+        let _ = std::fs::remove_file(to);
+    }
+    copied
+}
+
 fn open_blocking(path: &Path, mode: OpenMode) -> Result<Connection, StoreError> {
     check_private(path, mode)?;
     let flags = match mode {
@@ -1284,6 +1348,32 @@ mod tests {
         );
         // Queries still read it (and warn).
         SqliteStore::open(&path, OpenMode::Query).await?;
+        Ok(())
+    }
+
+    /// A backup taken while the store is open to serve is a private, checked copy; an
+    /// existing target is refused and left alone; a damaged copy would be removed.
+    #[tokio::test]
+    async fn a_backup_is_a_private_checked_copy_and_never_overwrites() -> Result<(), StoreError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Url(e.to_string()))?;
+        let path = dir.path().join("ledger.db");
+        let store = SqliteStore::open(&path, OpenMode::Serve).await?;
+        let to = dir.path().join("copy.db");
+        let r = backup(&path, &to)?;
+        assert_eq!((r.batches, r.nodes), (0, 0));
+        assert!(r.bytes > 0);
+        let mode = std::fs::metadata(&to)
+            .map(|m| m.permissions().mode() & 0o777)
+            .map_err(|e| StoreError::Url(e.to_string()))?;
+        assert_eq!(mode, 0o600);
+        // The copy opens as a ledger.
+        drop(SqliteStore::open(&to, OpenMode::Query).await?);
+        std::fs::write(&to, b"keep me").map_err(|e| StoreError::Url(e.to_string()))?;
+        let err = backup(&path, &to).expect_err("the target exists");
+        assert!(err.to_string().contains("must not exist"), "{err}");
+        assert_eq!(std::fs::read(&to).ok().as_deref(), Some(&b"keep me"[..]));
+        drop(store);
         Ok(())
     }
 

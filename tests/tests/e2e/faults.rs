@@ -315,51 +315,86 @@ fn b_a_damaged_middle_record_is_declared_and_billing_goes_on_postgres() {
     }
 }
 
-/// Copies the ledger's database aside (the ledger is stopped).
-fn backup(w: &World) -> Option<String> {
+/// A backup of the ledger's database taken while it serves, with the tool an operator uses:
+/// `pg_dump -Fc` for PostgreSQL, `wattd-ledger backup` (SQLite's `VACUUM INTO`, checked) for
+/// SQLite. Returns the file.
+fn backup(w: &World) -> PathBuf {
+    let file = w.work.path().join("ledger.backup");
+    let out = match &w.pg_db {
+        Some(_) => Command::new("pg_dump")
+            .args(["-Fc", "-f", file.to_str().unwrap(), &w.store])
+            .output()
+            .expect("pg_dump (Debian's postgresql-client)"),
+        None => Command::new(ledger_bin())
+            .args([
+                "backup",
+                "--store",
+                &w.store,
+                "--to",
+                file.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap(),
+    };
+    assert!(
+        out.status.success(),
+        "backup: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if w.pg_db.is_none() {
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("integrity check ok"), "{said}");
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the backup is billing data: mode {mode:o}");
+    }
+    file
+}
+
+/// Puts the backup in place of the ledger's database (the ledger is stopped): `pg_restore`
+/// into the database dropped and made again, or the SQLite file replaced (its -wal and -shm
+/// removed). Then `wattd-ledger audit` of the restored ledger must be clean.
+fn restore(w: &World, file: &Path) {
     match &w.pg_db {
         Some((base, db)) => {
-            let bak = format!("{db}_bak");
-            psql(base, &format!("CREATE DATABASE {bak} TEMPLATE {db}"));
-            Some(bak)
+            psql(base, &format!("DROP DATABASE {db} WITH (FORCE)"));
+            psql(base, &format!("CREATE DATABASE {db}"));
+            let out = Command::new("pg_restore")
+                .args(["--exit-on-error", "-d", &w.store, file.to_str().unwrap()])
+                .output()
+                .expect("pg_restore (Debian's postgresql-client)");
+            assert!(
+                out.status.success(),
+                "pg_restore: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         None => {
             let db = PathBuf::from(w.store.trim_start_matches("sqlite:"));
-            for ext in ["", "-wal", "-shm"] {
-                let from = PathBuf::from(format!("{}{ext}", db.display()));
-                if from.exists() {
-                    std::fs::copy(&from, format!("{}.bak{ext}", db.display())).unwrap();
-                }
+            for ext in ["-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
             }
-            None
+            std::fs::copy(file, &db).unwrap();
         }
     }
+    let out = Command::new(ledger_bin())
+        .args(["audit", "--store", &w.store])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "audit of the restored ledger: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
-fn restore(w: &World, bak: &Option<String>) {
-    match (&w.pg_db, bak) {
-        (Some((base, db)), Some(bak)) => {
-            psql(base, &format!("DROP DATABASE {db} WITH (FORCE)"));
-            psql(base, &format!("CREATE DATABASE {db} TEMPLATE {bak}"));
-            psql(base, &format!("DROP DATABASE {bak}"));
-        }
-        _ => {
-            let db = PathBuf::from(w.store.trim_start_matches("sqlite:"));
-            for ext in ["", "-wal", "-shm"] {
-                let to = PathBuf::from(format!("{}{ext}", db.display()));
-                let _ = std::fs::remove_file(&to);
-                let from = format!("{}.bak{ext}", db.display());
-                if Path::new(&from).exists() {
-                    std::fs::rename(&from, &to).unwrap();
-                }
-            }
-        }
-    }
-}
-
-/// (c) The ledger's database restored from a backup taken many batches earlier, with a
-/// SIGKILL of the ledger during the catch-up and one of the agent: the node's spool retains
-/// what it sent (`retain_acked_s`), so the ledger catches up completely, with no lost range.
+/// (c) The restore drill: the ledger's database backed up while it serves (`pg_dump`, or
+/// `wattd-ledger backup`), restored many batches later (`pg_restore`, or the file put back),
+/// `audit` clean on the restored ledger, then a SIGKILL of the ledger during the catch-up and
+/// one of the agent: the node's spool retains what it sent (`retain_acked_s`), so the ledger
+/// catches up completely, with no lost range, and `audit` is clean again.
 fn restored_ledger(postgres: bool, name: &str) {
     let Some(mount) = require_cgroups(name) else {
         return;
@@ -376,20 +411,25 @@ fn restored_ledger(postgres: bool, name: &str) {
         Duration::from_secs(20),
         || w.agent_acked() >= 2,
     );
-    ledger.signal(libc::SIGTERM);
+    // Online: the agent streams and the ledger stores while the backup is taken.
+    let before = w.agent_acked();
     let bak = backup(&w);
-    let at_backup = node(&w)["last_seq"].as_u64().unwrap_or(0);
-    let mut ledger = w.ledger(&listen.to_string());
+    let after = w.agent_acked();
     wait_until(
         &w,
         "more batches acknowledged",
         Duration::from_secs(30),
-        || w.agent_acked() >= at_backup + 15,
+        || w.agent_acked() >= after + 15,
     );
     ledger.signal(libc::SIGTERM);
     let ahead = node(&w)["last_seq"].as_u64().unwrap_or(0);
     restore(&w, &bak);
-    assert_eq!(node(&w)["last_seq"].as_u64().unwrap_or(0), at_backup);
+    let at_backup = node(&w)["last_seq"].as_u64().unwrap_or(0);
+    assert!(
+        (before..ahead).contains(&at_backup),
+        "restored to seq {at_backup}: the backup was taken between seqs {before} and {after}, \
+         the ledger was at {ahead}"
+    );
     eprintln!("ledger restored from seq {ahead} to the backup's seq {at_backup}");
     let mut ledger = w.ledger(&listen.to_string());
     std::thread::sleep(Duration::from_millis(700));
