@@ -2422,7 +2422,7 @@ fn perf_counters_plan(
         Ok(false) => {
             return (
                 Some(format!(
-                    "{} is not a cgroup2 mount",
+                    "{} is not in the running kernel's cgroup2 hierarchy",
                     Shown::new(&cgroup_root.display().to_string())
                 )),
                 Vec::new(),
@@ -2431,8 +2431,9 @@ fn perf_counters_plan(
         Err(e) => {
             return (
                 Some(format!(
-                    "statfs {}: {e}",
-                    Shown::new(&cgroup_root.display().to_string())
+                    "{}: is it in the running kernel's cgroup2 hierarchy? {}",
+                    Shown::new(&cgroup_root.display().to_string()),
+                    Shown::new(&e)
                 )),
                 Vec::new(),
             )
@@ -2447,21 +2448,18 @@ fn perf_counters_plan(
     }
 }
 
-/// Whether `dir` is on a cgroup2 file system (statfs magic).
-fn is_cgroup2(dir: &Path) -> io::Result<bool> {
-    use std::os::unix::ffi::OsStrExt as _;
-    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
-    // SAFETY: `c` is a NUL-terminated path that outlives the call; `st` is a plain C struct the
-    // kernel fills and that is read only after a successful return.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
-    Ok(i64::from(st.f_type as i64) == CGROUP2_SUPER_MAGIC)
+/// Whether `dir` is in the running kernel's cgroup2 hierarchy: on the same device as the
+/// cgroup2 mount of this process's own mountinfo (a simulated host's tree may link to it; a
+/// fixture tree of plain files is elsewhere).
+fn is_cgroup2(dir: &Path) -> Result<bool, String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let live = find_cgroup2_mount(&HostRoot::live()).map_err(|e| e.to_string())?;
+    let dev = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.dev())
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
+    Ok(dev(&live.mount_point)? == dev(dir)?)
 }
 
 /// Package weights from /proc/stat busy time; with none measured (first tick, idle host), each

@@ -179,6 +179,25 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     read: Arc<Mutex<Connection>>,
     path: PathBuf,
+    /// Batches waiting to be committed (see [`SqliteStore::commit`]'s group commit).
+    pending: Arc<Mutex<Vec<PendingCommit>>>,
+}
+
+/// One batch waiting for the group commit, and where its outcome goes.
+struct PendingCommit {
+    batch: Arc<VerifiedBatch>,
+    limits: Arc<NodeLimits>,
+    received_unix_ns: i64,
+    done: tokio::sync::oneshot::Sender<Result<Commit, StoreError>>,
+}
+
+impl std::fmt::Debug for PendingCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingCommit")
+            .field("node_id", &self.batch.node_id)
+            .field("seq", &self.batch.seq)
+            .finish()
+    }
 }
 
 impl SqliteStore {
@@ -200,6 +219,7 @@ impl SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             read: Arc::new(Mutex::new(read)),
             path,
+            pending: Arc::default(),
         })
     }
 
@@ -466,16 +486,56 @@ fn clock_of(conn: &Connection, node: &str) -> Result<Option<NodeClock>, StoreErr
         .map(ClockColumns::into_clock))
 }
 
-fn commit_blocking(
-    conn: &mut Connection,
+/// Commits every batch waiting in `pending` in one transaction (group commit): each in a
+/// savepoint of its own, so one that fails (a store error) is rolled back alone and told so;
+/// the others are told their outcome only after the transaction committed. One fsync for the
+/// group instead of one per batch: the writer's lock is held for the commit's fsync, and
+/// batches of other nodes that arrive meanwhile are the next group.
+fn commit_group(conn: &mut Connection, pending: &Mutex<Vec<PendingCommit>>) {
+    let jobs = std::mem::take(&mut *pending.lock().unwrap_or_else(|p| p.into_inner()));
+    if jobs.is_empty() {
+        // Taken (and answered) by an earlier group.
+        return;
+    }
+    // IMMEDIATE: take the write lock now, so the checks see what the inserts will follow.
+    let mut tx = match rusqlite::Transaction::new(conn, rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            for j in jobs {
+                let _ = j.done.send(Err(StoreError::Task(format!("begin: {e}"))));
+            }
+            return;
+        }
+    };
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    for j in &jobs {
+        let r = tx.savepoint().map_err(StoreError::from).and_then(|sp| {
+            let r = commit_in(&sp, &j.batch, &j.limits, j.received_unix_ns)?;
+            sp.commit()?;
+            Ok(r)
+        });
+        outcomes.push(r);
+    }
+    let committed = tx.commit();
+    for (j, r) in jobs.into_iter().zip(outcomes) {
+        let r = match (&committed, r) {
+            (Ok(()), r) => r,
+            (Err(e), Ok(_)) => Err(StoreError::Task(format!("commit: {e}"))),
+            (Err(_), Err(e)) => Err(e),
+        };
+        let _ = j.done.send(r);
+    }
+}
+
+/// Stores one verified batch inside the caller's transaction (a savepoint of the group).
+fn commit_in(
+    tx: &Connection,
     b: &VerifiedBatch,
     limits: &NodeLimits,
     received_unix_ns: i64,
 ) -> Result<Commit, StoreError> {
     let seq = to_i64(b.seq, "seq")?;
-    // IMMEDIATE: take the write lock now, so the checks below see what the insert will follow.
-    let tx = rusqlite::Transaction::new(conn, rusqlite::TransactionBehavior::Immediate)?;
-    if let Some(h) = hash_at(&tx, &b.node_id, seq)? {
+    if let Some(h) = hash_at(tx, &b.node_id, seq)? {
         return Ok(if h == b.hash {
             Commit::Duplicate
         } else {
@@ -510,7 +570,7 @@ fn commit_blocking(
             })
             .optional()?;
         let Some((hash, epoch, key_id, rot_epoch, rot_key_id)) = pred else {
-            let tip = tip_of(&tx, &b.node_id)?;
+            let tip = tip_of(tx, &b.node_id)?;
             return Ok(Commit::NotNext { tip: tip.seq });
         };
         let hash = to_hash(&hash, "batches.hash")?;
@@ -552,7 +612,7 @@ fn commit_blocking(
         b.rotation.as_ref().map(|r| r.key_id.to_vec()),
         received_unix_ns,
     ])?;
-    let clock = clock_of(&tx, &b.node_id)?;
+    let clock = clock_of(tx, &b.node_id)?;
     let (verdict, clock) = judge(limits, clock, b.seq, &b.facts, received_unix_ns);
     let (billed, quarantined) = split_allocations(b, &verdict);
     {
@@ -643,9 +703,8 @@ fn commit_blocking(
         c.implausible
     ])?;
     if let Some(r) = &b.rotation {
-        insert_rotation(&tx, &b.node_id, r)?;
+        insert_rotation(tx, &b.node_id, r)?;
     }
-    tx.commit()?;
     Ok(Commit::Stored { verdict })
 }
 
@@ -749,8 +808,27 @@ impl Store for SqliteStore {
         limits: Arc<NodeLimits>,
         received_unix_ns: i64,
     ) -> Result<Commit, StoreError> {
-        self.with(move |c| commit_blocking(c, &batch, &limits, received_unix_ns))
+        // Queued, then the writer's lock: whoever holds it next commits every queued batch in
+        // one transaction (this one's, or a later caller's group has taken it already).
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(PendingCommit {
+                batch,
+                limits,
+                received_unix_ns,
+                done,
+            });
+        let pending = Arc::clone(&self.pending);
+        self.with(move |c| {
+            commit_group(c, &pending);
+            Ok(())
+        })
+        .await?;
+        outcome
             .await
+            .map_err(|_| StoreError::Task("the group commit dropped this batch".into()))?
     }
 
     async fn learnt_keys(&self, node: &str) -> Result<Vec<LearntKey>, StoreError> {

@@ -33,6 +33,7 @@ both!(
     streams_per_node_are_limited,
     concurrent_streams_of_one_node_store_each_batch_once,
     commit_races_are_decided_by_the_primary_key,
+    concurrent_commits_of_many_nodes_each_get_their_own_outcome,
     node_rate_is_limited_by_delay,
     connections_and_handshakes_are_bounded,
     a_declared_loss_continues_the_chain_and_its_energy_is_known,
@@ -802,6 +803,85 @@ async fn commit_races_are_decided_by_the_primary_key(b: Backend, name: &str) -> 
     }
     assert_eq!(s1.tip("n1").await?.seq, 40);
     assert_eq!(count_rows(&f).await, 40);
+    Ok(())
+}
+
+/// Sixteen nodes commit through one store handle at once, each batch twice (SQLite commits
+/// what is queued in one transaction, a savepoint each): every commit is answered with its own
+/// outcome, one `Stored` and one `Duplicate` per batch, never another batch's, and each batch
+/// is stored once.
+async fn concurrent_commits_of_many_nodes_each_get_their_own_outcome(
+    b: Backend,
+    name: &str,
+) -> TestResult {
+    use std::collections::BTreeMap;
+    use wattd_ledger::check::{verify_batch, KnownKeys};
+    use wattd_ledger::enrol::EnrolledKey;
+    use wattd_ledger::store::{AnyStore, Commit, OpenMode};
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let store = std::sync::Arc::new(AnyStore::open(&f.store_url, OpenMode::Serve).await?);
+    let limits = std::sync::Arc::new(wattd_ledger::plausible::NodeLimits::new(
+        &Default::default(),
+        i64::MAX,
+    ));
+    let mut nodes = Vec::new();
+    for i in 0..16u8 {
+        let id = format!("n{i}");
+        let chain = Chain::new(key(&id, 1, 100 + i));
+        let mut enrolled = BTreeMap::new();
+        enrolled.insert(
+            1,
+            EnrolledKey {
+                identity: chain.key.public(),
+                key_id: chain.key.key_id(),
+                file: "test".into(),
+            },
+        );
+        let keys = KnownKeys::new(&id, &enrolled);
+        nodes.push((id, chain, keys));
+    }
+    for round in 0..5u64 {
+        let mut commits = Vec::new();
+        for (id, chain, keys) in &mut nodes {
+            let bt = chain.next(2);
+            let vb = std::sync::Arc::new(verify_batch(
+                id,
+                keys,
+                &SignedBatch::decode(bt.bytes.as_slice())?,
+            )?);
+            for twice in 0..2 {
+                let (store, vb, limits) = (store.clone(), vb.clone(), limits.clone());
+                commits.push(tokio::spawn(async move {
+                    (
+                        vb.node_id.clone(),
+                        vb.seq,
+                        store.commit(vb, limits, twice).await,
+                    )
+                }));
+            }
+        }
+        let mut outcomes: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+        for c in commits {
+            let (node, seq, r) = c.await?;
+            assert_eq!(seq, round + 1, "{node}");
+            let o = match r? {
+                Commit::Stored { .. } => "stored".to_owned(),
+                other => format!("{other:?}"),
+            };
+            outcomes.entry((node, seq)).or_default().push(o);
+        }
+        assert_eq!(outcomes.len(), 16);
+        for (k, mut v) in outcomes {
+            v.sort();
+            assert_eq!(v, ["Duplicate", "stored"], "{k:?}");
+        }
+    }
+    assert_eq!(count_rows(&f).await, 16 * 5);
+    for (id, ..) in &nodes {
+        assert_eq!(store.tip(id).await?.seq, 5, "{id}");
+    }
     Ok(())
 }
 

@@ -1,0 +1,415 @@
+//! The fleet load generator: N nodes, each with its own Ed25519 key, its own client certificate
+//! and its own mutual-TLS gRPC stream, sealing one batch a second (one interval of R runs x 2
+//! domains, as agents seal today) against the real `wattd-ledger serve` in a process of its own.
+//! Reports batches/s and allocations/s stored, ack latency p50/p99 (from send to the Ack that
+//! covers the batch), the ledger process's own CPU (utime + stime from /proc, in cores), the
+//! allocations/s per core of it, and the store's growth in bytes per node-day and per
+//! allocation. On a 2-core VM the generator, the ledger and PostgreSQL share the cores.
+//!
+//! `cargo bench -p wattd-ledger --bench fleet -- nodes=100 secs=30 runs=10` (defaults: 100
+//! nodes, 30 s measured after 5 s of warm-up, 10 runs). SQLite always; PostgreSQL too with
+//! `WATTD_TEST_POSTGRES` set (`export WATTD_TEST_POSTGRES=$(.ci/start-postgres)`), or only one
+//! with `store=sqlite` / `store=postgres`.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use tokio::sync::{mpsc, Mutex};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use wattd_proto::v1::ledger_client::LedgerClient;
+use wattd_proto::v1::{node_message, Allocation, DomainEnergy, Interval, NodeMessage, SignedBatch};
+use wattd_records::batch::{ChainHash, GENESIS_HASH};
+use wattd_records::identity::NodeKey;
+use wattd_records::seal::{sign_batch, BatchContent};
+
+struct Opts {
+    nodes: usize,
+    secs: u64,
+    warmup: u64,
+    runs: u64,
+    store: Option<String>,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        nodes: 100,
+        secs: 30,
+        warmup: 5,
+        runs: 10,
+        store: None,
+    };
+    for a in std::env::args().skip(1) {
+        let Some((k, v)) = a.split_once('=') else {
+            continue; // cargo bench passes --bench
+        };
+        let n = || {
+            v.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{k}={v}: not a number"))
+        };
+        match k {
+            "nodes" => o.nodes = usize::try_from(n()).expect("nodes"),
+            "secs" => o.secs = n(),
+            "warmup" => o.warmup = n(),
+            "runs" => o.runs = n(),
+            "store" => o.store = Some(v.to_owned()),
+            _ => panic!("unknown option {k} (nodes=, secs=, warmup=, runs=, store=)"),
+        }
+    }
+    o
+}
+
+/// One node's batch `seq`: one interval of one second (intervals tile one boot, as an honest
+/// node's do), `runs` runs on the package and DRAM meters, conserved exactly.
+fn batch(key: &NodeKey, seq: u64, prev: ChainHash, runs: u64) -> (NodeMessage, ChainHash) {
+    let interval = Interval {
+        index: seq,
+        start_monotonic_ns: seq * 1_000_000_000,
+        end_monotonic_ns: (seq + 1) * 1_000_000_000,
+        boot_id: format!("{}-boot", key.node_id()),
+        policy: "proportional".into(),
+        policy_version: 1,
+        domains: ["package", "dram"]
+            .iter()
+            .map(|d| DomainEnergy {
+                domain: (*d).into(),
+                package: Some(0),
+                source: "powercap".into(),
+                quality: 1,
+                measured_uj: runs * 1500 + 123,
+                allocations: (0..runs)
+                    .map(|r| Allocation {
+                        run_id: format!("run-{r:04}"),
+                        active_uj: 1000,
+                        idle_uj: 500,
+                        usage_us: 10_000,
+                    })
+                    .collect(),
+                host_active_uj: 123,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let b = sign_batch(
+        key,
+        seq,
+        prev,
+        1,
+        BatchContent {
+            intervals: vec![interval],
+            ..Default::default()
+        },
+    );
+    let signed = SignedBatch::decode(b.bytes.as_slice()).expect("own batch");
+    (
+        NodeMessage {
+            kind: Some(node_message::Kind::Batch(signed)),
+        },
+        b.hash,
+    )
+}
+
+/// What the nodes measured in the window.
+#[derive(Default)]
+struct Tally {
+    /// Send to Ack, of the batches sent in the window.
+    latencies: Vec<Duration>,
+    /// Batches sent in the window, and those acknowledged by the drain's end.
+    sent: u64,
+    acked: u64,
+    /// Batches acknowledged in the window (whenever sent): what the ledger kept up with.
+    acked_in_window: u64,
+}
+
+fn cpu_s(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("process stat");
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').expect("stat") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / hz
+}
+
+async fn store_bytes(store: &str, dir: &Path) -> u64 {
+    if store.starts_with("sqlite:") {
+        ["ledger.db", "ledger.db-wal"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum()
+    } else {
+        let (client, conn) = tokio_postgres::connect(store, tokio_postgres::NoTls)
+            .await
+            .expect("connect to postgres");
+        tokio::spawn(conn);
+        let row = client
+            .query_one("SELECT pg_database_size(current_database())", &[])
+            .await
+            .expect("size");
+        u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)
+    }
+}
+
+// The child is handed to the caller, which stops and waits for it (clippy sees only this body).
+#[allow(clippy::zombie_processes)]
+fn start_ledger(dir: &Path, ca: &wattd_tests::tls::TestCa, store: &str) -> (Child, String) {
+    let server = ca.server("server");
+    let ready = dir.join("ready.json");
+    let log = std::fs::File::create(dir.join("ledger.log")).expect("log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wattd-ledger"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
+        .arg("--cert")
+        .arg(&server.cert)
+        .arg("--key")
+        .arg(&server.key)
+        .arg("--client-ca")
+        .arg(&ca.ca_pem)
+        .arg("--enrolled")
+        .arg(dir.join("enrolled"))
+        .arg("--ready-file")
+        .arg(&ready)
+        // Every node connects from 127.0.0.1 here.
+        .args([
+            "--max-connections",
+            "100000",
+            "--max-connections-per-source",
+            "100000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start wattd-ledger");
+    let t = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&ready) {
+            let v: serde_json::Value = serde_json::from_str(&text).expect("ready file");
+            return (child, v["listen"].as_str().expect("listen").to_owned());
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the ledger did not start: {}",
+                std::fs::read_to_string(dir.join("ledger.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn run(label: &str, store: String, o: &Opts) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = wattd_tests::tls::TestCa::new(dir.path(), "fleet");
+    let enrolled = dir.path().join("enrolled");
+    std::fs::create_dir(&enrolled).expect("mkdir");
+    let store = store.replace("{dir}", &dir.path().display().to_string());
+    let keys: Vec<NodeKey> = (0..o.nodes)
+        .map(|i| {
+            let mut seed = [7u8; 32];
+            seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            NodeKey::from_seed(&format!("node-{i:05}"), 1, seed)
+        })
+        .collect();
+    let mut identities = Vec::new();
+    for k in &keys {
+        std::fs::write(
+            enrolled.join(format!("{}.toml", k.node_id())),
+            k.public().to_toml(),
+        )
+        .expect("enrol");
+        let c = ca.client(k.node_id());
+        identities.push(Identity::from_pem(
+            std::fs::read(&c.cert).expect("cert"),
+            std::fs::read(&c.key).expect("key"),
+        ));
+    }
+    let ca_pem = Certificate::from_pem(std::fs::read(&ca.ca_pem).expect("ca"));
+    let (mut ledger, addr) = start_ledger(dir.path(), &ca, &store);
+
+    // Every node connects first (handshakes are not the steady state), then all start together,
+    // each at its own phase within the second.
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let start = Instant::now() + Duration::from_secs(2) + Duration::from_millis(o.nodes as u64);
+    let window = (
+        start + Duration::from_secs(o.warmup),
+        start + Duration::from_secs(o.warmup + o.secs),
+    );
+    let mut tasks = Vec::new();
+    for (i, (key, identity)) in keys.into_iter().zip(identities).enumerate() {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(ca_pem.clone())
+            .identity(identity)
+            .domain_name("localhost");
+        let channel = Endpoint::from_shared(format!("https://{addr}"))
+            .expect("endpoint")
+            .tls_config(tls)
+            .expect("tls")
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("node {i}: connect: {e}"));
+        let (tally, runs, nodes) = (tally.clone(), o.runs, o.nodes);
+        tasks.push(tokio::spawn(async move {
+            let (tx, rx) = mpsc::channel(64);
+            let mut acks = LedgerClient::new(channel)
+                .stream(ReceiverStream::new(rx))
+                .await
+                .expect("stream")
+                .into_inner();
+            let phase = Duration::from_micros(1_000_000 * i as u64 / nodes as u64);
+            let mut tick = tokio::time::interval_at((start + phase).into(), Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let (mut seq, mut prev) = (0u64, GENESIS_HASH);
+            let mut sent: VecDeque<(u64, Instant)> = VecDeque::new();
+            let mut mine = Tally::default();
+            loop {
+                tokio::select! {
+                    at = tick.tick() => {
+                        if at.into_std() >= window.1 {
+                            break;
+                        }
+                        seq += 1;
+                        let now = Instant::now();
+                        if now >= window.0 && now < window.1 {
+                            mine.sent += 1;
+                        }
+                        let (m, h) = batch(&key, seq, prev, runs);
+                        prev = h;
+                        sent.push_back((seq, now));
+                        if tx.send(m).await.is_err() {
+                            panic!("{}: the stream closed", key.node_id());
+                        }
+                    }
+                    ack = acks.message() => {
+                        let ack = ack.expect("ack").expect("the ledger ended the stream");
+                        let now = Instant::now();
+                        while sent.front().is_some_and(|&(s, _)| s <= ack.acked_seq) {
+                            let (_, t0) = sent.pop_front().expect("front");
+                            if t0 >= window.0 && t0 < window.1 {
+                                mine.latencies.push(now - t0);
+                                mine.acked += 1;
+                            }
+                            if now >= window.0 && now < window.1 {
+                                mine.acked_in_window += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            // The acks still owed for batches sent in the window.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !sent.is_empty() && Instant::now() < deadline {
+                let Ok(Ok(Some(ack))) =
+                    tokio::time::timeout(Duration::from_secs(30), acks.message()).await
+                else {
+                    break;
+                };
+                let now = Instant::now();
+                while sent.front().is_some_and(|&(s, _)| s <= ack.acked_seq) {
+                    let (_, t0) = sent.pop_front().expect("front");
+                    if t0 >= window.0 && t0 < window.1 {
+                        mine.latencies.push(now - t0);
+                        mine.acked += 1;
+                    }
+                }
+            }
+            let mut t = tally.lock().await;
+            t.latencies.extend(mine.latencies);
+            t.acked += mine.acked;
+            t.sent += mine.sent;
+            t.acked_in_window += mine.acked_in_window;
+        }));
+    }
+    tokio::time::sleep_until(window.0.into()).await;
+    let pid = ledger.id().to_string();
+    let (cpu0, gen0) = (cpu_s(&pid), cpu_s("self"));
+    let bytes0 = store_bytes(&store, dir.path()).await;
+    tokio::time::sleep_until(window.1.into()).await;
+    let (cpu1, gen1) = (cpu_s(&pid), cpu_s("self"));
+    let bytes1 = store_bytes(&store, dir.path()).await;
+    for t in tasks {
+        t.await.expect("node task");
+    }
+    // SAFETY: our own child.
+    unsafe { libc::kill(ledger.id() as i32, libc::SIGTERM) };
+    let _ = ledger.wait();
+
+    let t = tally.lock().await;
+    let mut lat = t.latencies.clone();
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize)
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    };
+    let secs = o.secs as f64;
+    let batches_s = t.acked_in_window as f64 / secs;
+    let allocs_s = batches_s * o.runs as f64 * 2.0;
+    let cores = (cpu1 - cpu0) / secs;
+    let growth = bytes1.saturating_sub(bytes0) as f64;
+    let per_core = if cores > 0.0 {
+        allocs_s / cores
+    } else {
+        f64::NAN
+    };
+    println!(
+        "{label:<8} {:>5} nodes x {:>2} runs: {batches_s:>6.0} batches/s stored ({:.0} sent/s, \
+         {:.1}% of them acked by the end), {allocs_s:>7.0} allocations/s; ack p50 {:>7.1} ms, \
+         p99 {:>7.1} ms; ledger {cores:>5.2} cores = {per_core:>7.0} allocations/s per core \
+         (generator {:.2} cores); store +{:.1} MiB = {:.1} MiB per node-day, {:.0} bytes per \
+         allocation",
+        o.nodes,
+        o.runs,
+        t.sent as f64 / secs,
+        100.0 * t.acked as f64 / t.sent.max(1) as f64,
+        pct(0.5),
+        pct(0.99),
+        (gen1 - gen0) / secs,
+        growth / 1048576.0,
+        growth / (o.nodes as f64 * secs) * 86400.0 / 1048576.0,
+        growth / (allocs_s * secs).max(1.0),
+    );
+}
+
+fn main() {
+    let o = opts();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        if o.store.as_deref() != Some("postgres") {
+            run("sqlite", "sqlite:{dir}/ledger.db".into(), &o).await;
+        }
+        if o.store.as_deref() == Some("sqlite") {
+            return;
+        }
+        match std::env::var("WATTD_TEST_POSTGRES") {
+            Ok(admin) if !admin.is_empty() => {
+                let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                    .await
+                    .expect("connect to postgres");
+                tokio::spawn(conn);
+                let name = format!("wattd_fleet_{}", std::process::id());
+                client
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .expect("create database");
+                let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+                run("postgres", format!("{base}/{name}"), &o).await;
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+                    .await;
+            }
+            _ => eprintln!(
+                "SKIPPED postgres: WATTD_TEST_POSTGRES is not set; `export \
+                 WATTD_TEST_POSTGRES=$(.ci/start-postgres)` to load it"
+            ),
+        }
+    });
+}
