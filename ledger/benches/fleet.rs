@@ -17,15 +17,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prost::Message as _;
 use tokio::sync::{mpsc, Mutex};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use wattd_proto::v1::ledger_client::LedgerClient;
-use wattd_proto::v1::{node_message, Allocation, DomainEnergy, Interval, NodeMessage, SignedBatch};
+use wattd_proto::v1::NodeMessage;
 use wattd_records::batch::{ChainHash, GENESIS_HASH};
 use wattd_records::identity::NodeKey;
-use wattd_records::seal::{sign_batch, BatchContent};
+
+mod common;
 
 struct Opts {
     nodes: usize,
@@ -63,55 +63,10 @@ fn opts() -> Opts {
     o
 }
 
-/// One node's batch `seq`: one interval of one second (intervals tile one boot, as an honest
-/// node's do), `runs` runs on the package and DRAM meters, conserved exactly.
+/// One node's batch `seq`: one interval of `runs` runs (agents seal every interval today).
 fn batch(key: &NodeKey, seq: u64, prev: ChainHash, runs: u64) -> (NodeMessage, ChainHash) {
-    let interval = Interval {
-        index: seq,
-        start_monotonic_ns: seq * 1_000_000_000,
-        end_monotonic_ns: (seq + 1) * 1_000_000_000,
-        boot_id: format!("{}-boot", key.node_id()),
-        policy: "proportional".into(),
-        policy_version: 1,
-        domains: ["package", "dram"]
-            .iter()
-            .map(|d| DomainEnergy {
-                domain: (*d).into(),
-                package: Some(0),
-                source: "powercap".into(),
-                quality: 1,
-                measured_uj: runs * 1500 + 123,
-                allocations: (0..runs)
-                    .map(|r| Allocation {
-                        run_id: format!("run-{r:04}"),
-                        active_uj: 1000,
-                        idle_uj: 500,
-                        usage_us: 10_000,
-                    })
-                    .collect(),
-                host_active_uj: 123,
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    };
-    let b = sign_batch(
-        key,
-        seq,
-        prev,
-        1,
-        BatchContent {
-            intervals: vec![interval],
-            ..Default::default()
-        },
-    );
-    let signed = SignedBatch::decode(b.bytes.as_slice()).expect("own batch");
-    (
-        NodeMessage {
-            kind: Some(node_message::Kind::Batch(signed)),
-        },
-        b.hash,
-    )
+    let boot = format!("{}-boot", key.node_id());
+    common::signed(key, seq, prev, vec![common::interval(seq, &boot, runs)])
 }
 
 /// What the nodes measured in the window.
@@ -124,6 +79,31 @@ struct Tally {
     acked: u64,
     /// Batches acknowledged in the window (whenever sent): what the ledger kept up with.
     acked_in_window: u64,
+}
+
+impl Tally {
+    /// An Ack for every batch up to `acked_seq`, received `now`.
+    fn settle(
+        &mut self,
+        sent: &mut VecDeque<(u64, Instant)>,
+        acked_seq: u64,
+        now: Instant,
+        window: (Instant, Instant),
+    ) {
+        let inside = |t: Instant| t >= window.0 && t < window.1;
+        while sent.front().is_some_and(|&(s, _)| s <= acked_seq) {
+            let Some((_, t0)) = sent.pop_front() else {
+                break;
+            };
+            if inside(t0) {
+                self.latencies.push(now - t0);
+                self.acked += 1;
+            }
+            if inside(now) {
+                self.acked_in_window += 1;
+            }
+        }
+    }
 }
 
 fn cpu_s(pid: &str) -> f64 {
@@ -139,11 +119,25 @@ fn cpu_s(pid: &str) -> f64 {
 
 async fn store_bytes(store: &str, dir: &Path) -> u64 {
     if store.starts_with("sqlite:") {
-        ["ledger.db", "ledger.db-wal"]
-            .iter()
-            .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
-            .map(|m| m.len())
-            .sum()
+        // The logical size (pages in use, WAL content included): the -wal file never shrinks
+        // between checkpoints, so file sizes would be off by up to its size.
+        let c = rusqlite::Connection::open_with_flags(
+            dir.join("ledger.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open the ledger read-only");
+        let pages: i64 = c
+            .query_row(
+                "SELECT (SELECT page_count FROM pragma_page_count()) - \
+                 (SELECT freelist_count FROM pragma_freelist_count())",
+                [],
+                |r| r.get(0),
+            )
+            .expect("page count");
+        let size: i64 = c
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .expect("page size");
+        u64::try_from(pages * size).unwrap_or(0)
     } else {
         let (client, conn) = tokio_postgres::connect(store, tokio_postgres::NoTls)
             .await
@@ -288,17 +282,7 @@ async fn run(label: &str, store: String, o: &Opts) {
                     }
                     ack = acks.message() => {
                         let ack = ack.expect("ack").expect("the ledger ended the stream");
-                        let now = Instant::now();
-                        while sent.front().is_some_and(|&(s, _)| s <= ack.acked_seq) {
-                            let (_, t0) = sent.pop_front().expect("front");
-                            if t0 >= window.0 && t0 < window.1 {
-                                mine.latencies.push(now - t0);
-                                mine.acked += 1;
-                            }
-                            if now >= window.0 && now < window.1 {
-                                mine.acked_in_window += 1;
-                            }
-                        }
+                        mine.settle(&mut sent, ack.acked_seq, Instant::now(), window);
                     }
                 }
             }
@@ -310,14 +294,7 @@ async fn run(label: &str, store: String, o: &Opts) {
                 else {
                     break;
                 };
-                let now = Instant::now();
-                while sent.front().is_some_and(|&(s, _)| s <= ack.acked_seq) {
-                    let (_, t0) = sent.pop_front().expect("front");
-                    if t0 >= window.0 && t0 < window.1 {
-                        mine.latencies.push(now - t0);
-                        mine.acked += 1;
-                    }
-                }
+                mine.settle(&mut sent, ack.acked_seq, Instant::now(), window);
             }
             let mut t = tally.lock().await;
             t.latencies.extend(mine.latencies);

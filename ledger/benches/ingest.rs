@@ -8,16 +8,16 @@
 
 use std::time::{Duration, Instant};
 
-use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use wattd_ledger::server::{self, Limits, ServeOptions};
 use wattd_proto::v1::ledger_client::LedgerClient;
-use wattd_proto::v1::{node_message, Allocation, DomainEnergy, Interval, NodeMessage, SignedBatch};
-use wattd_records::batch::{StoredBatch, GENESIS_HASH};
+use wattd_proto::v1::NodeMessage;
+use wattd_records::batch::GENESIS_HASH;
 use wattd_records::identity::NodeKey;
-use wattd_records::seal::{sign_batch, BatchContent};
+
+mod common;
 
 const INTERVALS: u64 = 10;
 const RUNS: u64 = 20;
@@ -27,54 +27,11 @@ fn batches(key: &NodeKey, n: u64) -> Vec<NodeMessage> {
     let mut out = Vec::new();
     for seq in 1..=n {
         let intervals = (0..INTERVALS)
-            .map(|i| Interval {
-                index: seq * INTERVALS + i,
-                // One second each, tiling one boot: what the plausibility judge sees of an
-                // honest node.
-                start_monotonic_ns: (seq * INTERVALS + i) * 1_000_000_000,
-                end_monotonic_ns: (seq * INTERVALS + i + 1) * 1_000_000_000,
-                boot_id: "bench-boot".into(),
-                policy: "proportional".into(),
-                policy_version: 1,
-                domains: ["package", "dram"]
-                    .iter()
-                    .map(|d| DomainEnergy {
-                        domain: (*d).into(),
-                        package: Some(0),
-                        source: "powercap".into(),
-                        quality: 1,
-                        measured_uj: RUNS * 1500 + 123,
-                        allocations: (0..RUNS)
-                            .map(|r| Allocation {
-                                run_id: format!("run-{r:04}"),
-                                active_uj: 1000,
-                                idle_uj: 500,
-                                usage_us: 10_000,
-                            })
-                            .collect(),
-                        host_active_uj: 123,
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            })
+            .map(|i| common::interval(seq * INTERVALS + i, "bench-boot", RUNS))
             .collect();
-        let b: StoredBatch = sign_batch(
-            key,
-            seq,
-            prev,
-            1,
-            BatchContent {
-                intervals,
-                ..Default::default()
-            },
-        );
-        prev = b.hash;
-        out.push(NodeMessage {
-            kind: Some(node_message::Kind::Batch(
-                SignedBatch::decode(b.bytes.as_slice()).expect("own batch"),
-            )),
-        });
+        let (msg, hash) = common::signed(key, seq, prev, intervals);
+        prev = hash;
+        out.push(msg);
     }
     out
 }

@@ -514,6 +514,19 @@ fn commit_group(conn: &mut Connection, pending: &Mutex<Vec<PendingCommit>>) {
             sp.commit()?;
             Ok(r)
         });
+        if let Err(e) = &r {
+            // Some errors (a full disk, I/O, out of memory) make SQLite roll back the whole
+            // transaction, not the savepoint: nothing of the group is stored, and the jobs
+            // after it must not run outside the transaction.
+            if tx.is_autocommit() {
+                let why = format!("the group's transaction was rolled back: {e}");
+                drop(tx);
+                for j in jobs {
+                    let _ = j.done.send(Err(StoreError::Task(why.clone())));
+                }
+                return;
+            }
+        }
         outcomes.push(r);
     }
     let committed = tx.commit();
@@ -820,12 +833,13 @@ impl Store for SqliteStore {
                 received_unix_ns,
                 done,
             });
-        let pending = Arc::clone(&self.pending);
-        self.with(move |c| {
-            commit_group(c, &pending);
-            Ok(())
-        })
-        .await?;
+        // Not awaited: this batch's answer comes from whichever group takes it, and a caller
+        // answered by an earlier group must not wait for a later group's fsync.
+        let (pending, conn) = (Arc::clone(&self.pending), Arc::clone(&self.conn));
+        drop(tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            commit_group(&mut guard, &pending);
+        }));
         outcome
             .await
             .map_err(|_| StoreError::Task("the group commit dropped this batch".into()))?
@@ -1426,6 +1440,123 @@ mod tests {
         );
         // Queries still read it (and warn).
         SqliteStore::open(&path, OpenMode::Query).await?;
+        Ok(())
+    }
+
+    /// A group of three batches in which the middle one fails half way (after its batch row,
+    /// at its allocations): that one is rolled back alone and told so, the others are stored
+    /// and told so; a failure that rolls back the whole transaction fails the whole group,
+    /// and nothing of it is stored.
+    #[tokio::test]
+    async fn a_failing_batch_of_a_group_commit_fails_alone() -> Result<(), StoreError> {
+        use crate::check::{verify_batch, KnownKeys};
+        use crate::enrol::EnrolledKey;
+        use crate::plausible::NodeLimits;
+        use wattd_proto::v1::{Allocation, DomainEnergy, Interval};
+        use wattd_records::batch::GENESIS_HASH;
+        use wattd_records::identity::NodeKey;
+        use wattd_records::seal::{sign_batch, BatchContent};
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Url(e.to_string()))?;
+        let store = SqliteStore::open(&dir.path().join("ledger.db"), OpenMode::Serve).await?;
+        let verified = |node: &str, seed: u8| -> Arc<VerifiedBatch> {
+            let key = NodeKey::from_seed(node, 1, [seed; 32]);
+            let interval = Interval {
+                index: 1,
+                start_monotonic_ns: 1_000_000_000,
+                end_monotonic_ns: 2_000_000_000,
+                boot_id: "boot".into(),
+                policy: "proportional".into(),
+                policy_version: 1,
+                domains: vec![DomainEnergy {
+                    domain: "package".into(),
+                    package: Some(0),
+                    source: "powercap".into(),
+                    quality: 1,
+                    measured_uj: 1500,
+                    allocations: vec![Allocation {
+                        run_id: "r1".into(),
+                        active_uj: 1000,
+                        idle_uj: 500,
+                        usage_us: 10_000,
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            let b = sign_batch(
+                &key,
+                1,
+                GENESIS_HASH,
+                1,
+                BatchContent {
+                    intervals: vec![interval],
+                    ..Default::default()
+                },
+            );
+            let mut enrolled = std::collections::BTreeMap::new();
+            enrolled.insert(
+                1,
+                EnrolledKey {
+                    identity: key.public(),
+                    key_id: key.key_id(),
+                    file: "test".into(),
+                },
+            );
+            let signed = prost::Message::decode(b.bytes.as_slice()).expect("own batch");
+            Arc::new(verify_batch(node, &KnownKeys::new(node, &enrolled), &signed).expect("valid"))
+        };
+        let limits = Arc::new(NodeLimits::new(&Default::default(), i64::MAX));
+        let run_group = |nodes: &[(&str, u8)]| {
+            let mut answers = Vec::new();
+            for &(node, seed) in nodes {
+                let (done, answer) = tokio::sync::oneshot::channel();
+                store.pending.lock().expect("lock").push(PendingCommit {
+                    batch: verified(node, seed),
+                    limits: limits.clone(),
+                    received_unix_ns: 1,
+                    done,
+                });
+                answers.push(answer);
+            }
+            commit_group(&mut store.conn.lock().expect("lock"), &store.pending);
+            answers
+                .into_iter()
+                .map(|mut a| match a.try_recv() {
+                    Ok(Ok(Commit::Stored { .. })) => "stored".to_owned(),
+                    Ok(Ok(other)) => format!("{other:?}"),
+                    Ok(Err(e)) => format!("error: {e}"),
+                    Err(e) => format!("unanswered: {e}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        let stored = |node: &str| -> i64 {
+            store
+                .conn
+                .lock()
+                .expect("lock")
+                .query_row(
+                    "SELECT (SELECT count(*) FROM batches WHERE node_id = ?1) + \
+                     (SELECT count(*) FROM allocations WHERE node_id = ?1)",
+                    params![node],
+                    |r| r.get(0),
+                )
+                .expect("count")
+        };
+        store.conn.lock().expect("lock").execute_batch(
+            "CREATE TEMP TRIGGER fail_b BEFORE INSERT ON allocations WHEN NEW.node_id = 'b' \
+             BEGIN SELECT RAISE(ABORT, 'b fails'); END; \
+             CREATE TEMP TRIGGER roll_z BEFORE INSERT ON allocations WHEN NEW.node_id = 'z' \
+             BEGIN SELECT RAISE(ROLLBACK, 'z rolls back'); END;",
+        )?;
+        let got = run_group(&[("a", 1), ("b", 2), ("c", 3)]);
+        assert_eq!(got[0], "stored");
+        assert!(got[1].contains("b fails"), "{got:?}");
+        assert_eq!(got[2], "stored");
+        // a and c: the batch row and its allocation; b: nothing, not even its batch row.
+        assert_eq!((stored("a"), stored("b"), stored("c")), (2, 0, 2));
+        let got = run_group(&[("x", 4), ("z", 5), ("y", 6)]);
+        assert!(got.iter().all(|g| g.contains("rolled back")), "{got:?}");
+        assert_eq!((stored("x"), stored("z"), stored("y")), (0, 0, 0));
         Ok(())
     }
 

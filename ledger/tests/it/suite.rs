@@ -749,25 +749,28 @@ async fn concurrent_streams_of_one_node_store_each_batch_once(
     Ok(())
 }
 
-async fn commit_races_are_decided_by_the_primary_key(b: Backend, name: &str) -> TestResult {
-    use std::collections::BTreeMap;
-    use wattd_ledger::check::{verify_batch, KnownKeys};
-    use wattd_ledger::enrol::EnrolledKey;
-    use wattd_ledger::store::{AnyStore, Commit, OpenMode};
-    let Some(f) = Fixture::new(b, name).await else {
-        return Ok(());
-    };
-    let mut chain = Chain::new(key("n1", 1, 1));
-    let mut enrolled = BTreeMap::new();
+/// What the ledger knows of `chain`'s node: its key, enrolled as epoch 1.
+fn known_keys(chain: &Chain) -> wattd_ledger::check::KnownKeys {
+    let mut enrolled = std::collections::BTreeMap::new();
     enrolled.insert(
         1,
-        EnrolledKey {
+        wattd_ledger::enrol::EnrolledKey {
             identity: chain.key.public(),
             key_id: chain.key.key_id(),
             file: "test".into(),
         },
     );
-    let keys = KnownKeys::new("n1", &enrolled);
+    wattd_ledger::check::KnownKeys::new(chain.key.node_id(), &enrolled)
+}
+
+async fn commit_races_are_decided_by_the_primary_key(b: Backend, name: &str) -> TestResult {
+    use wattd_ledger::check::verify_batch;
+    use wattd_ledger::store::{AnyStore, Commit, OpenMode};
+    let Some(f) = Fixture::new(b, name).await else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(key("n1", 1, 1));
+    let keys = known_keys(&chain);
     // Two independent store handles (two pools, as two processes have).
     let s1 = std::sync::Arc::new(AnyStore::open(&f.store_url, OpenMode::Serve).await?);
     let s2 = std::sync::Arc::new(AnyStore::open(&f.store_url, OpenMode::Serve).await?);
@@ -815,8 +818,7 @@ async fn concurrent_commits_of_many_nodes_each_get_their_own_outcome(
     name: &str,
 ) -> TestResult {
     use std::collections::BTreeMap;
-    use wattd_ledger::check::{verify_batch, KnownKeys};
-    use wattd_ledger::enrol::EnrolledKey;
+    use wattd_ledger::check::verify_batch;
     use wattd_ledger::store::{AnyStore, Commit, OpenMode};
     let Some(f) = Fixture::new(b, name).await else {
         return Ok(());
@@ -830,16 +832,7 @@ async fn concurrent_commits_of_many_nodes_each_get_their_own_outcome(
     for i in 0..16u8 {
         let id = format!("n{i}");
         let chain = Chain::new(key(&id, 1, 100 + i));
-        let mut enrolled = BTreeMap::new();
-        enrolled.insert(
-            1,
-            EnrolledKey {
-                identity: chain.key.public(),
-                key_id: chain.key.key_id(),
-                file: "test".into(),
-            },
-        );
-        let keys = KnownKeys::new(&id, &enrolled);
+        let keys = known_keys(&chain);
         nodes.push((id, chain, keys));
     }
     for round in 0..5u64 {

@@ -1,0 +1,68 @@
+//! The batches the ledger benches send: what an honest node seals, with real signatures.
+
+use prost::Message as _;
+use wattd_proto::v1::{node_message, Allocation, DomainEnergy, Interval, NodeMessage, SignedBatch};
+use wattd_records::batch::ChainHash;
+use wattd_records::identity::NodeKey;
+use wattd_records::seal::{sign_batch, BatchContent};
+
+/// Interval `index` of boot `boot_id`: one second (intervals tile one boot, as an honest node's
+/// do: what the plausibility judge sees), `runs` runs on the package and DRAM meters, each meter
+/// conserved exactly.
+pub fn interval(index: u64, boot_id: &str, runs: u64) -> Interval {
+    Interval {
+        index,
+        start_monotonic_ns: index * 1_000_000_000,
+        end_monotonic_ns: (index + 1) * 1_000_000_000,
+        boot_id: boot_id.into(),
+        policy: "proportional".into(),
+        policy_version: 1,
+        domains: ["package", "dram"]
+            .iter()
+            .map(|d| DomainEnergy {
+                domain: (*d).into(),
+                package: Some(0),
+                source: "powercap".into(),
+                quality: 1,
+                measured_uj: runs * 1500 + 123,
+                allocations: (0..runs)
+                    .map(|r| Allocation {
+                        run_id: format!("run-{r:04}"),
+                        active_uj: 1000,
+                        idle_uj: 500,
+                        usage_us: 10_000,
+                    })
+                    .collect(),
+                host_active_uj: 123,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Batch `seq` of `key`'s chain (after `prev`), signed, as the message a node sends, with its
+/// hash (the next batch's `prev`).
+pub fn signed(
+    key: &NodeKey,
+    seq: u64,
+    prev: ChainHash,
+    intervals: Vec<Interval>,
+) -> (NodeMessage, ChainHash) {
+    let b = sign_batch(
+        key,
+        seq,
+        prev,
+        1,
+        BatchContent {
+            intervals,
+            ..Default::default()
+        },
+    );
+    let msg = NodeMessage {
+        kind: Some(node_message::Kind::Batch(
+            SignedBatch::decode(b.bytes.as_slice()).expect("own batch"),
+        )),
+    };
+    (msg, b.hash)
+}
