@@ -366,27 +366,9 @@ fn main() {
         if o.store.as_deref() == Some("sqlite") {
             return;
         }
-        match std::env::var("WATTD_TEST_POSTGRES") {
-            Ok(admin) if !admin.is_empty() => {
-                let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-                    .await
-                    .expect("connect to postgres");
-                tokio::spawn(conn);
-                let name = format!("wattd_fleet_{}", std::process::id());
-                client
-                    .batch_execute(&format!("CREATE DATABASE {name}"))
-                    .await
-                    .expect("create database");
-                let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
-                run("postgres", format!("{base}/{name}"), &o).await;
-                let _ = client
-                    .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
-                    .await;
-            }
-            _ => eprintln!(
-                "SKIPPED postgres: WATTD_TEST_POSTGRES is not set; `export \
-                 WATTD_TEST_POSTGRES=$(.ci/start-postgres)` to load it"
-            ),
+        if let Some(db) = common::ScratchDb::create("wattd_fleet").await {
+            run("postgres", db.url.clone(), &o).await;
+            db.drop_db().await;
         }
     });
 }

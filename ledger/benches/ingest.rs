@@ -153,27 +153,9 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         run("sqlite", "sqlite:{dir}/ledger.db".into(), n_lat, n_thr).await;
-        match std::env::var("WATTD_TEST_POSTGRES") {
-            Ok(admin) if !admin.is_empty() => {
-                let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-                    .await
-                    .expect("connect to postgres");
-                tokio::spawn(conn);
-                let name = format!("wattd_bench_{}", std::process::id());
-                client
-                    .batch_execute(&format!("CREATE DATABASE {name}"))
-                    .await
-                    .expect("create database");
-                let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
-                run("postgres", format!("{base}/{name}"), n_lat, n_thr).await;
-                let _ = client
-                    .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
-                    .await;
-            }
-            _ => eprintln!(
-                "SKIPPED postgres: WATTD_TEST_POSTGRES is not set; `export \
-                 WATTD_TEST_POSTGRES=$(.ci/start-postgres)` to bench it"
-            ),
+        if let Some(db) = common::ScratchDb::create("wattd_bench").await {
+            run("postgres", db.url.clone(), n_lat, n_thr).await;
+            db.drop_db().await;
         }
     });
 }

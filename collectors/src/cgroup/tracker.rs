@@ -725,7 +725,7 @@ impl RunTracker {
         run.populated = populated.as_ref().ok().copied();
         match populated {
             Ok(false) => match capture(run, &mut self.tc_scratch, now) {
-                Ok(()) => run.final_read = true,
+                Ok(_) => run.final_read = true,
                 Err(e) if e.is_gone() => self.mark_gone(id),
                 Err(e) => self.push_error(Some(id), e),
             },
@@ -1356,7 +1356,7 @@ impl RunTracker {
                 return Ok(());
             }
             match capture(run, &mut self.tc_scratch, now) {
-                Ok(()) => {
+                Ok(_) => {
                     run.final_read = true;
                     run.finished = true;
                     run.final_usage = Some(FinalUsage::Read);
@@ -1427,19 +1427,19 @@ impl RunTracker {
             if run.finished || skip {
                 continue;
             }
-            let before = (run.latest_us, paired_tc_ns(run));
-            if let Err(e) = capture(run, &mut self.tc_scratch, now) {
-                if e.is_gone() {
-                    gone.push(run.id.clone());
-                } else {
-                    pending_errors.push((run.id.clone(), e));
+            match capture(run, &mut self.tc_scratch, now) {
+                Ok(Some((us, ns))) => {
+                    scale_us += u128::from(us);
+                    scale_ns += u128::from(ns);
                 }
-                continue;
-            }
-            if let (Some(p0), Some(p1)) = (before.1, paired_tc_ns(run)) {
-                if run.latest_us > before.0 && p1 > p0 {
-                    scale_us += u128::from(run.latest_us - before.0);
-                    scale_ns += u128::from(p1 - p0);
+                Ok(None) => {}
+                Err(e) => {
+                    if e.is_gone() {
+                        gone.push(run.id.clone());
+                    } else {
+                        pending_errors.push((run.id.clone(), e));
+                    }
+                    continue;
                 }
             }
             // Only pattern runs settle: their parent is watched, so their removal is seen.
@@ -1996,7 +1996,7 @@ impl RunTracker {
                         continue;
                     }
                     match capture(run, &mut self.tc_scratch, now) {
-                        Ok(()) => {}
+                        Ok(_) => {}
                         Err(e) if e.is_gone() => gone.push(id.clone()),
                         Err(e) => self.push_error(Some(id), e),
                     }
@@ -2350,15 +2350,28 @@ pub fn validate_labels(labels: &Labels) -> Result<(), HostError> {
 }
 
 /// Reads a run's current usage (and perf counters and memory) into `latest_*`.
-fn capture(run: &mut Run, scratch: &mut Vec<(u32, u64)>, now_us: u64) -> Result<(), HostError> {
+/// Returns, when usage moved and the counters were paired before and after, how far each moved
+/// (usage microseconds, counter nanoseconds): the scale of a counted tail (`perf_scale`).
+fn capture(
+    run: &mut Run,
+    scratch: &mut Vec<(u32, u64)>,
+    now_us: u64,
+) -> Result<Option<(u64, u64)>, HostError> {
     let usage = run.cpu_stat.read_cpu_usage_us()?;
+    let mut moved = None;
     // The counters are read right after `cpu.stat` when it moved, so that `latest_tc_ns` pairs
     // with `latest_us` (see `perf_tail`). A failed read unpairs them.
     if usage != run.latest_us {
+        let before = paired_tc_ns(run);
         if let Some(p) = &mut run.perf {
             run.latest_tc_ns.clear();
             if p.read_into(scratch).is_ok() {
                 run.latest_tc_ns.extend(scratch.iter().map(|&(_, v)| v));
+            }
+        }
+        if let (Some(p0), Some(p1)) = (before, paired_tc_ns(run)) {
+            if usage > run.latest_us && p1 > p0 {
+                moved = Some((usage - run.latest_us, p1 - p0));
             }
         }
     }
@@ -2367,7 +2380,7 @@ fn capture(run: &mut Run, scratch: &mut Vec<(u32, u64)>, now_us: u64) -> Result<
     if let Some(m) = &run.memory {
         run.memory_bytes = Some(m.read_u64()?);
     }
-    Ok(())
+    Ok(moved)
 }
 
 /// A removed run's tail by its perf counters: their count now (the final one: the cgroup is

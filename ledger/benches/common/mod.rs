@@ -66,3 +66,50 @@ pub fn signed(
     };
     (msg, b.hash)
 }
+
+/// A scratch database on the PostgreSQL server of `WATTD_TEST_POSTGRES`, dropped by
+/// [`ScratchDb::drop_db`]; `None` (and a SKIPPED line) when the variable is not set.
+pub struct ScratchDb {
+    admin: tokio_postgres::Client,
+    name: String,
+    /// The store URL of the database.
+    pub url: String,
+}
+
+impl ScratchDb {
+    pub async fn create(prefix: &str) -> Option<ScratchDb> {
+        let admin = match std::env::var("WATTD_TEST_POSTGRES") {
+            Ok(a) if !a.is_empty() => a,
+            _ => {
+                eprintln!(
+                    "SKIPPED postgres: WATTD_TEST_POSTGRES is not set; `export \
+                     WATTD_TEST_POSTGRES=$(.ci/start-postgres)` to bench it"
+                );
+                return None;
+            }
+        };
+        let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            .await
+            .expect("connect to postgres");
+        tokio::spawn(conn);
+        let name = format!("{prefix}_{}", std::process::id());
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        let url = format!("{base}/{name}");
+        Some(ScratchDb {
+            admin: client,
+            name,
+            url,
+        })
+    }
+
+    pub async fn drop_db(self) {
+        let _ = self
+            .admin
+            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+            .await;
+    }
+}
