@@ -52,6 +52,11 @@ pub struct Config {
     pub spool_retain_acked_s: u64,
     /// `[spool] retain_acked_share`: at most this share of `max_bytes` of them.
     pub spool_retain_acked_share: f64,
+    /// `[spool] seal_every_ms`: intervals are sealed into one batch (one signature, one
+    /// fdatasync) at most this often; at 1 Hz sampling and the default, every interval is its own
+    /// batch. What a crash can lose (to the agent-down gap of the next start) is at most this
+    /// much time, plus the interval in hand.
+    pub spool_seal_every_ms: u64,
     /// `[identity] rotate_after_s`: the node key's lifetime; the daemon rotates it (announced
     /// in the chain, signed by the old key) once it is this old. 0: never.
     pub identity_rotate_after_s: u64,
@@ -126,6 +131,7 @@ impl Config {
             spool_max_bytes: crate::spool::SpoolConfig::DEFAULT_MAX_BYTES,
             spool_retain_acked_s: crate::spool::SpoolConfig::DEFAULT_RETAIN_ACKED_S,
             spool_retain_acked_share: crate::spool::SpoolConfig::DEFAULT_RETAIN_ACKED_SHARE,
+            spool_seal_every_ms: crate::sealer::SealPolicy::DEFAULT_SEAL_EVERY_MS,
             identity_rotate_after_s: DEFAULT_ROTATE_AFTER_S,
             ledger: None,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9447)),
@@ -611,7 +617,13 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
     if let Some(t) = c.section(
         root,
         "spool",
-        &["dir", "max_bytes", "retain_acked_s", "retain_acked_share"],
+        &[
+            "dir",
+            "max_bytes",
+            "retain_acked_s",
+            "retain_acked_share",
+            "seal_every_ms",
+        ],
     ) {
         if let Some(v) = c.string(t, "spool", "dir") {
             cfg.spool_dir = PathBuf::from(v);
@@ -627,6 +639,10 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         }
         if let Some(v) = c.float(t, "spool", "retain_acked_share", 0.0, 0.75) {
             cfg.spool_retain_acked_share = v;
+        }
+        // At most a minute of intervals waits unsealed (the loss window of a crash).
+        if let Some(v) = c.int(t, "spool", "seal_every_ms", 10, 60_000) {
+            cfg.spool_seal_every_ms = v;
         }
     }
     if let Some(t) = c.section(
@@ -835,6 +851,7 @@ dir = "/var/lib/wattd"
 max_bytes = 1073741824
 retain_acked_s = 3600
 retain_acked_share = 0.5
+seal_every_ms = 5000
 [ledger]
 endpoint = "https://ledger.example:7443"
 ca = "/etc/wattd/ledger-ca.pem"
@@ -866,6 +883,7 @@ finished_run_ttl_s = 60
         assert_eq!(c.spool_retain_acked_s, 3600);
         assert_eq!(c.identity_rotate_after_s, 3600);
         assert_eq!(c.spool_retain_acked_share, 0.5);
+        assert_eq!(c.spool_seal_every_ms, 5000);
         assert!(c.ledger.is_some());
         assert_eq!(c.metrics_finished_run_ttl_s, 60);
         assert!(!c.perf_counters);

@@ -142,9 +142,20 @@ impl AsRawFd for Fd {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
+/// How often, at most, the `/metrics` text is rendered (once per tick below 1 Hz).
+const RENDER_EVERY: Duration = Duration::from_secs(1);
+
 /// Swaps the log filter (SIGHUP); returns why a filter was refused.
 pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// When batches are sealed: `[spool] seal_every_ms` of `[sampling] interval_ms` intervals.
+fn seal_policy(cfg: &Config) -> anyhow::Result<SealPolicy> {
+    SealPolicy::by_time(
+        Duration::from_millis(cfg.interval_ms),
+        Duration::from_millis(cfg.spool_seal_every_ms),
+    )
+    .context("seal policy")
+}
 
 /// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads the configuration file.
 pub fn run(cfg: Config, log_reload: LogReload) -> anyhow::Result<()> {
@@ -174,8 +185,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
     spool_cfg.retain_acked = Duration::from_secs(cfg.spool_retain_acked_s);
     spool_cfg.retain_acked_bytes =
         SpoolConfig::retain_bytes_for(cfg.spool_max_bytes, cfg.spool_retain_acked_share);
-    let policy_seal =
-        SealPolicy::new(1, Duration::from_millis(cfg.interval_ms)).context("seal policy")?;
+    let policy_seal = seal_policy(&cfg)?;
     let (mut sealer, report) = Sealer::open(spool_cfg, policy_seal).context("opening the spool")?;
     // When the current key was made (its file's mtime: a rotation renames a fresh file into
     // place), for `[identity] rotate_after_s`.
@@ -461,6 +471,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut ready = false;
     let mut coarsened_intervals: u64 = 0;
+    let mut last_render: Option<Instant> = None;
 
     loop {
         let stop = tokio::select! {
@@ -495,10 +506,20 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
                                 tracing::error!(%error, "log level refused");
                             }
                         }
-                        let (patterns, interval_ms, idle, dram, level) =
-                            (new.patterns, new.interval_ms, new.idle_policy, new.dram_policy, new.log_level);
+                        if (new.interval_ms, new.spool_seal_every_ms) != (cfg.interval_ms, cfg.spool_seal_every_ms) {
+                            match seal_policy(&new) {
+                                Ok(p) => {
+                                    sealer.set_policy(p);
+                                    tracing::info!(max_intervals = p.max_intervals(), seal_every_ms = new.spool_seal_every_ms, "seal policy reloaded");
+                                }
+                                Err(error) => tracing::error!(%error, "new seal policy refused; keeping the old one"),
+                            }
+                        }
+                        let (patterns, interval_ms, seal_every_ms, idle, dram, level) =
+                            (new.patterns, new.interval_ms, new.spool_seal_every_ms, new.idle_policy, new.dram_policy, new.log_level);
                         cfg.patterns = patterns;
                         cfg.interval_ms = interval_ms;
+                        cfg.spool_seal_every_ms = seal_every_ms;
                         cfg.idle_policy = idle;
                         cfg.dram_policy = dram;
                         cfg.log_level = level;
@@ -627,7 +648,14 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
                 now.mono_ns,
             );
         }
-        match sealer.seal(now.unix_ns) {
+        // A batch per `[spool] seal_every_ms` of intervals (and everything pending at a stop):
+        // what is not sealed yet is what a crash would lose to the next start's agent-down gap.
+        let sealed = if stop || sealer.seal_due(now.mono_ns) {
+            sealer.seal(now.unix_ns)
+        } else {
+            Ok(None)
+        };
+        match sealed {
             Ok(_) => {}
             Err(e) if e.is_fatal() => {
                 return Err(anyhow::Error::new(e)
@@ -687,14 +715,22 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
         metrics.set_coarsened(coarsened_intervals);
         metrics.set_shipper(&ship_stats);
         metrics.observe_tick(tick_started.elapsed());
-        if metrics_on {
-            // Rendered here, once per tick, so that scrapes cost the loop nothing.
+        // Rendered here, so that a scrape costs the loop nothing, but at most once a second:
+        // at 100 Hz with a thousand runs, rendering every tick was most of the tick's cost. A
+        // scrape sees the state of the last render, at most a second (or an interval) old.
+        // (Half an interval of slack: at 1 Hz a tick a little early still renders.)
+        let render_after = RENDER_EVERY.saturating_sub(Duration::from_millis(cfg.interval_ms / 2));
+        if metrics_on
+            && (stop
+                || last_render.map_or(true, |t| tick_started.duration_since(t) >= render_after))
+        {
             metrics_tx.send_replace(Arc::new(metrics.render()));
+            last_render = Some(tick_started);
         }
         if !ready {
             ready = true;
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-            tracing::info!(index = interval.index, "first interval sealed; ready");
+            tracing::info!(index = interval.index, "first interval closed; ready");
         } else {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
         }

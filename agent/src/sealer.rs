@@ -48,6 +48,23 @@ impl SealPolicy {
     pub fn max_intervals(&self) -> usize {
         self.max_intervals
     }
+
+    /// Default `[spool] seal_every_ms`: a batch a second (every interval its own batch at the
+    /// default 1 Hz sampling; a hundred intervals a batch at 100 Hz).
+    pub const DEFAULT_SEAL_EVERY_MS: u64 = 1000;
+
+    /// The daemon's policy: one batch per `every` of intervals of `interval` each, so that the
+    /// signature and the fdatasync are paid once per `every` whatever the sampling rate. A batch
+    /// holds `every / interval` intervals (at least one); it is also sealed once its first
+    /// content is `max(every, interval)` old, so ticks that come late (a loaded host) do not
+    /// hold intervals longer than that.
+    pub fn by_time(interval: Duration, every: Duration) -> Result<Self, SealError> {
+        let n = every.as_nanos() / interval.as_nanos().max(1);
+        let n = usize::try_from(n)
+            .unwrap_or(usize::MAX)
+            .clamp(1, Self::MAX_INTERVALS_LIMIT);
+        Self::new(n, every.max(interval).min(Self::MAX_AGE_LIMIT))
+    }
 }
 
 impl Default for SealPolicy {
@@ -96,6 +113,9 @@ pub struct Sealer {
     policy: SealPolicy,
     pending: BatchContent,
     pending_since_monotonic_ns: Option<u64>,
+    /// A policy set while content was pending: it applies once that content is sealed, so the
+    /// pending batch is never found "full" (and coarsened) by a smaller bound than it grew under.
+    next_policy: Option<SealPolicy>,
     /// The running totals as of the last sealed batch (see `wattd_records::totals`).
     totals: RunningTotals,
     /// Per-run energy for the checkpoints (`wattd_records::totals::RunTotals`).
@@ -132,6 +152,22 @@ impl Sealer {
             policy,
             pending: BatchContent::default(),
             pending_since_monotonic_ns: None,
+            next_policy: None,
+        }
+    }
+
+    pub fn policy(&self) -> SealPolicy {
+        self.next_policy.unwrap_or(self.policy)
+    }
+
+    /// Changes when batches are sealed (a reload): at once when nothing is pending, else after
+    /// the pending content is sealed under the policy it was gathered under.
+    pub fn set_policy(&mut self, policy: SealPolicy) {
+        if self.pending.is_empty() {
+            self.policy = policy;
+            self.next_policy = None;
+        } else {
+            self.next_policy = Some(policy);
         }
     }
 
@@ -360,6 +396,9 @@ impl Sealer {
             }
         }
         self.pending_since_monotonic_ns = None;
+        if let Some(p) = self.next_policy.take() {
+            self.policy = p;
+        }
         Ok(sealed)
     }
 

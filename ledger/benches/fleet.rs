@@ -1,13 +1,14 @@
 //! The fleet load generator: N nodes, each with its own Ed25519 key, its own client certificate
-//! and its own mutual-TLS gRPC stream, sealing one batch a second (one interval of R runs x 2
-//! domains, as agents seal today) against the real `wattd-ledger serve` in a process of its own.
+//! and its own mutual-TLS gRPC stream, sealing one batch every K seconds (K one-second intervals
+//! of R runs x 2 domains: K = 1 is the agent's default at 1 Hz, `[spool] seal_every_ms = 1000`;
+//! K = 10 is `seal_every_ms = 10000`) against the real `wattd-ledger serve` in a process of its own.
 //! Reports batches/s and allocations/s stored, ack latency p50/p99 (from send to the Ack that
 //! covers the batch), the ledger process's own CPU (utime + stime from /proc, in cores), the
 //! allocations/s per core of it, and the store's growth in bytes per node-day and per
 //! allocation. On a 2-core VM the generator, the ledger and PostgreSQL share the cores.
 //!
-//! `cargo bench -p wattd-ledger --bench fleet -- nodes=100 secs=30 runs=10` (defaults: 100
-//! nodes, 30 s measured after 5 s of warm-up, 10 runs). SQLite always; PostgreSQL too with
+//! `cargo bench -p wattd-ledger --bench fleet -- nodes=100 secs=30 runs=10 intervals=1`
+//! (defaults: 100 nodes, 30 s measured after 5 s of warm-up, 10 runs, 1 interval a batch). SQLite always; PostgreSQL too with
 //! `WATTD_TEST_POSTGRES` set (`export WATTD_TEST_POSTGRES=$(.ci/start-postgres)`), or only one
 //! with `store=sqlite` / `store=postgres`.
 
@@ -32,6 +33,8 @@ struct Opts {
     secs: u64,
     warmup: u64,
     runs: u64,
+    /// Intervals a batch, one a second: a node seals every `intervals` seconds.
+    intervals: u64,
     store: Option<String>,
 }
 
@@ -41,6 +44,7 @@ fn opts() -> Opts {
         secs: 30,
         warmup: 5,
         runs: 10,
+        intervals: 1,
         store: None,
     };
     for a in std::env::args().skip(1) {
@@ -56,17 +60,21 @@ fn opts() -> Opts {
             "secs" => o.secs = n(),
             "warmup" => o.warmup = n(),
             "runs" => o.runs = n(),
+            "intervals" => o.intervals = n().max(1),
             "store" => o.store = Some(v.to_owned()),
-            _ => panic!("unknown option {k} (nodes=, secs=, warmup=, runs=, store=)"),
+            _ => panic!("unknown option {k} (nodes=, secs=, warmup=, runs=, intervals=, store=)"),
         }
     }
     o
 }
 
-/// One node's batch `seq`: one interval of `runs` runs (agents seal every interval today).
-fn batch(key: &NodeKey, seq: u64, prev: ChainHash, runs: u64) -> (NodeMessage, ChainHash) {
+/// One node's batch `seq`: `k` consecutive one-second intervals of `runs` runs each.
+fn batch(key: &NodeKey, seq: u64, prev: ChainHash, runs: u64, k: u64) -> (NodeMessage, ChainHash) {
     let boot = format!("{}-boot", key.node_id());
-    common::signed(key, seq, prev, vec![common::interval(seq, &boot, runs)])
+    let intervals = ((seq - 1) * k..seq * k)
+        .map(|i| common::interval(i + 1, &boot, runs))
+        .collect();
+    common::signed(key, seq, prev, intervals)
 }
 
 /// What the nodes measured in the window.
@@ -248,7 +256,7 @@ async fn run(label: &str, store: String, o: &Opts) {
             .connect()
             .await
             .unwrap_or_else(|e| panic!("node {i}: connect: {e}"));
-        let (tally, runs, nodes) = (tally.clone(), o.runs, o.nodes);
+        let (tally, runs, nodes, k) = (tally.clone(), o.runs, o.nodes, o.intervals);
         tasks.push(tokio::spawn(async move {
             let (tx, rx) = mpsc::channel(64);
             let mut acks = LedgerClient::new(channel)
@@ -256,8 +264,8 @@ async fn run(label: &str, store: String, o: &Opts) {
                 .await
                 .expect("stream")
                 .into_inner();
-            let phase = Duration::from_micros(1_000_000 * i as u64 / nodes as u64);
-            let mut tick = tokio::time::interval_at((start + phase).into(), Duration::from_secs(1));
+            let phase = Duration::from_micros(k * 1_000_000 * i as u64 / nodes as u64);
+            let mut tick = tokio::time::interval_at((start + phase).into(), Duration::from_secs(k));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let (mut seq, mut prev) = (0u64, GENESIS_HASH);
             let mut sent: VecDeque<(u64, Instant)> = VecDeque::new();
@@ -273,7 +281,7 @@ async fn run(label: &str, store: String, o: &Opts) {
                         if now >= window.0 && now < window.1 {
                             mine.sent += 1;
                         }
-                        let (m, h) = batch(&key, seq, prev, runs);
+                        let (m, h) = batch(&key, seq, prev, runs, k);
                         prev = h;
                         sent.push_back((seq, now));
                         if tx.send(m).await.is_err() {
@@ -326,7 +334,7 @@ async fn run(label: &str, store: String, o: &Opts) {
     };
     let secs = o.secs as f64;
     let batches_s = t.acked_in_window as f64 / secs;
-    let allocs_s = batches_s * o.runs as f64 * 2.0;
+    let allocs_s = batches_s * o.runs as f64 * 2.0 * o.intervals as f64;
     let cores = (cpu1 - cpu0) / secs;
     let growth = bytes1.saturating_sub(bytes0) as f64;
     let per_core = if cores > 0.0 {
@@ -335,13 +343,14 @@ async fn run(label: &str, store: String, o: &Opts) {
         f64::NAN
     };
     println!(
-        "{label:<8} {:>5} nodes x {:>2} runs: {batches_s:>6.0} batches/s stored ({:.0} sent/s, \
+        "{label:<8} {:>5} nodes x {:>2} runs x {:>2} intervals a batch: {batches_s:>6.1} batches/s stored ({:.0} sent/s, \
          {:.1}% of them acked by the end), {allocs_s:>7.0} allocations/s; ack p50 {:>7.1} ms, \
          p99 {:>7.1} ms; ledger {cores:>5.2} cores = {per_core:>7.0} allocations/s per core \
          (generator {:.2} cores); store +{:.1} MiB = {:.1} MiB per node-day, {:.0} bytes per \
          allocation",
         o.nodes,
         o.runs,
+        o.intervals,
         t.sent as f64 / secs,
         100.0 * t.acked as f64 / t.sent.max(1) as f64,
         pct(0.5),

@@ -10,13 +10,43 @@ use wattd_proto::v1;
 use wattd_tests::cgroups::{require_cgroups, TestCgroups};
 use wattd_tests::simhost::{PowerModel, SimHost};
 
-use crate::harness::{agent_config, burn_bin, wattd, Agent};
+use crate::harness::{agent_config_in, burn_bin, wattd, Agent};
 
-const KILLS: usize = 50;
-
+/// Every interval its own batch: 50 kills, each of a life too short to seal many, so kills
+/// land in every step of sealing (signing, the append, the fdatasync).
 #[test]
 fn sigkill_at_random_moments_loses_nothing_unrecorded() {
-    let Some(mount) = require_cgroups("sigkill_at_random_moments_loses_nothing_unrecorded") else {
+    sigkill_at_random_moments(
+        "sigkill_at_random_moments_loses_nothing_unrecorded",
+        50,
+        (30, 630),
+        100,
+        0x5eed_1234,
+    );
+}
+
+/// Sealing by time (`[spool] seal_every_ms`, a batch per 5 intervals here): a kill loses the
+/// intervals not yet sealed, and the next start's agent-down gap must cover them exactly, from
+/// the end of the last sealed interval.
+#[test]
+fn sigkill_while_sealing_by_time_loses_nothing_unrecorded() {
+    sigkill_at_random_moments(
+        "sigkill_while_sealing_by_time_loses_nothing_unrecorded",
+        16,
+        (300, 1500),
+        500,
+        0x5eed_4321,
+    );
+}
+
+fn sigkill_at_random_moments(
+    test: &str,
+    kills: usize,
+    (lo_ms, hi_ms): (u64, u64),
+    seal_every_ms: u64,
+    seed: u64,
+) {
+    let Some(mount) = require_cgroups(test) else {
         return;
     };
     let mut cg = TestCgroups::new(&mount, "kill").unwrap();
@@ -31,7 +61,17 @@ fn sigkill_at_random_moments_loses_nothing_unrecorded() {
     .unwrap();
     sim.link_cgroup_mount(&mount).unwrap();
     let work = tempfile::tempdir().unwrap();
-    let (config, spool) = agent_config(&sim, &mount, &cg, work.path(), 100, "");
+    let spool = work.path().join("spool");
+    let config = agent_config_in(
+        &sim,
+        &mount,
+        &cg,
+        work.path(),
+        &spool,
+        100,
+        &format!("seal_every_ms = {seal_every_ms}"),
+        "",
+    );
     // A run that lives through all the kills.
     cg.spawn_in(
         "run-steady.scope",
@@ -43,14 +83,14 @@ fn sigkill_at_random_moments_loses_nothing_unrecorded() {
     let mut seed: u64 = std::env::var("WATTD_KILL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_1234);
+        .unwrap_or(seed);
     eprintln!("kill seed {seed}");
     let log = work.path().join("wattd.log");
-    for k in 0..KILLS {
+    for k in 0..kills {
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let delay_ms = 30 + (seed >> 33) % 600;
+        let delay_ms = lo_ms + (seed >> 33) % (hi_ms - lo_ms);
         let mut agent = Agent::start(&config, &log);
         std::thread::sleep(Duration::from_millis(delay_ms));
         let mut child = agent.child.take().unwrap();
@@ -88,6 +128,7 @@ fn sigkill_at_random_moments_loses_nothing_unrecorded() {
     let mut buf = out.stdout.as_slice();
     let mut intervals: Vec<v1::Interval> = Vec::new();
     let mut gaps: Vec<v1::Gap> = Vec::new();
+    let mut most_per_batch = 0;
     while !buf.is_empty() {
         let signed = v1::SignedBatch::decode_length_delimited(&mut buf).unwrap();
         let batch = v1::Batch::decode(signed.batch_bytes.as_slice()).unwrap();
@@ -97,15 +138,23 @@ fn sigkill_at_random_moments_loses_nothing_unrecorded() {
                 .into_iter()
                 .chain(batch.intervals.iter().flat_map(|i| i.gaps.clone())),
         );
+        most_per_batch = most_per_batch.max(batch.intervals.len());
         intervals.extend(batch.intervals);
     }
+    // The policy in force: at most seal_every_ms of 100 ms intervals in a batch, and (sealing by
+    // time) several, so kills did fall among unsealed intervals.
+    let per_batch = (seal_every_ms / 100) as usize;
+    assert!(
+        most_per_batch <= per_batch && (per_batch == 1 || most_per_batch > 1),
+        "at most {most_per_batch} intervals in a batch, policy {per_batch}"
+    );
     intervals.sort_by_key(|i| i.index);
     let down: Vec<&v1::Gap> = gaps
         .iter()
         .filter(|g| g.cause == v1::GapCause::AgentDown as i32)
         .collect();
     assert!(
-        intervals.len() > KILLS,
+        intervals.len() > kills,
         "only {} intervals",
         intervals.len()
     );

@@ -271,6 +271,13 @@ impl World {
             client.cert.display().to_string(),
             client.key.display().to_string(),
         );
+        // Every interval its own batch unless the test says otherwise: these tests count and
+        // cut batches at a known rate (sealing by time has its own kill tests).
+        let spool_keys = if spool_keys.contains("seal_every_ms") {
+            spool_keys.to_owned()
+        } else {
+            format!("seal_every_ms = {interval_ms}\n{spool_keys}")
+        };
         crate::harness::agent_config_in(
             &self.sim,
             &self.mount,
@@ -278,7 +285,7 @@ impl World {
             self.work.path(),
             &self.spool,
             interval_ms,
-            spool_keys,
+            &spool_keys,
             &extra,
         )
     }
@@ -526,7 +533,9 @@ fn agent_sigkilled_mid_stream_loses_nothing_and_sends_nothing_twice() {
     };
     let mut w = World::new(mount, "agentkill", false);
     let _ledger = w.ledger("127.0.0.1:0");
-    let config = w.agent_config(_ledger.listen, 200);
+    // Sealing by time, three intervals a batch: a kill also loses unsealed intervals, which the
+    // next start's agent-down gap must cover (and the ledger must price nothing twice).
+    let config = w.agent_config_with(_ledger.listen, 200, 200, "seal_every_ms = 600");
     w.cg.spawn_in("run-q.scope", Command::new(burn_bin()).args(["0.5", "10"]))
         .unwrap();
     for delay_ms in [700u64, 1300, 450, 1900, 900] {

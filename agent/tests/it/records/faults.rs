@@ -171,6 +171,65 @@ fn group_commit_and_seal_policy() -> TestResult {
     Ok(())
 }
 
+/// `[spool] seal_every_ms`: a batch per `every` of intervals, whatever the sampling rate; a
+/// policy changed by a reload applies once the content gathered under the old one is sealed.
+#[test]
+fn seal_by_time_and_a_reloaded_policy() -> TestResult {
+    let ms = Duration::from_millis;
+    let p = SealPolicy::by_time(ms(1000), ms(1000))?;
+    assert_eq!(
+        p.max_intervals(),
+        1,
+        "1 Hz, the default: every interval its own batch"
+    );
+    assert_eq!(SealPolicy::by_time(ms(10), ms(1000))?.max_intervals(), 100);
+    assert_eq!(SealPolicy::by_time(ms(300), ms(1000))?.max_intervals(), 3);
+    assert_eq!(
+        SealPolicy::by_time(ms(5000), ms(1000))?.max_intervals(),
+        1,
+        "an interval longer than the seal period is still a batch of its own"
+    );
+    assert_eq!(
+        SealPolicy::by_time(ms(10), ms(60_000))?.max_intervals(),
+        SealPolicy::MAX_INTERVALS_LIMIT,
+        "bounded"
+    );
+
+    let dir = tempfile::tempdir()?;
+    let (spool, _) = Spool::open(config(dir.path(), 1 << 20))?;
+    let mut s = Sealer::with_parts(
+        dir.path().into(),
+        crate::records::common::test_key(),
+        spool,
+        SealPolicy::by_time(ms(100), ms(1000))?,
+    );
+    let t0 = 1_000_000_000u64;
+    for i in 0..9u64 {
+        s.push_interval(interval(i, 1), t0 + i * 100_000_000)?;
+        assert!(!s.seal_due(t0 + i * 100_000_000), "{} intervals", i + 1);
+    }
+    // Late ticks: the batch is sealed once its first interval is a second old, short of 10.
+    assert!(s.seal_due(t0 + 1_000_000_000), "max age");
+    // A reload to 1 Hz while nine intervals are pending: they are not "full" under the new
+    // bound (which would coarsen the next one), and the new policy applies after the seal.
+    s.set_policy(SealPolicy::by_time(ms(1000), ms(1000))?);
+    assert_eq!(s.policy().max_intervals(), 1);
+    assert!(
+        !s.push_or_coarsen(interval(9, 1), t0 + 950_000_000),
+        "not coarsened"
+    );
+    assert_eq!(s.pending().intervals.len(), 10);
+    assert_eq!(s.seal(0)?, Some(1));
+    s.push_interval(interval(10, 1), t0 + 2_000_000_000)?;
+    assert!(
+        s.seal_due(t0 + 2_000_000_000),
+        "the new policy: one interval a batch"
+    );
+    assert_eq!(s.seal(0)?, Some(2));
+    assert_eq!(s.commit()?, 2);
+    Ok(())
+}
+
 #[test]
 fn key_rotation_is_announced_with_the_old_key_and_verifies() -> TestResult {
     let dir = tempfile::tempdir()?;

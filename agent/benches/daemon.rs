@@ -1,0 +1,160 @@
+//! What the real daemon costs the host: `wattd run` (this build, optimised) on the simulated host
+//! with N run cgroups, each holding one sleeping process (as real runs do: an empty cgroup is
+//! skipped and costs nothing), sampling at H Hz with its shipped defaults otherwise (metrics
+//! endpoint on, sealing by time, perf counters per run). After a warm-up it reads the daemon's
+//! CPU time from `/proc/PID/schedstat` (nanoseconds on a CPU) over the window, and its peak RSS
+//! (`VmHWM`) at the end. Prints the share of one core, the cost per run per tick and per tick,
+//! and the peak RSS: the table in the README ("What the agent costs").
+//!
+//! `cargo bench -p wattd --bench daemon -- runs=1000 hz=1 secs=30` (defaults: 100 runs, 1 Hz,
+//! 30 s after 5 s of warm-up; `perf=0` turns the per-run perf counters off). Needs root and a cgroup2 mount, as the end-to-end tests do.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use wattd_tests::cgroups::{require_cgroups, TestCgroups};
+use wattd_tests::simhost::{PowerModel, SimHost};
+
+struct Opts {
+    runs: usize,
+    hz: u64,
+    secs: u64,
+    warmup: u64,
+    /// `[runs] perf_counters` (per-run perf counters, on by default).
+    perf: bool,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        runs: 100,
+        hz: 1,
+        secs: 30,
+        warmup: 5,
+        perf: true,
+    };
+    for a in std::env::args().skip(1) {
+        let Some((k, v)) = a.split_once('=') else {
+            continue; // cargo bench passes --bench
+        };
+        let n = || {
+            v.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{k}={v}: not a number"))
+        };
+        match k {
+            "runs" => o.runs = usize::try_from(n()).expect("runs"),
+            "hz" => o.hz = n().clamp(1, 100),
+            "secs" => o.secs = n().max(1),
+            "warmup" => o.warmup = n(),
+            "perf" => o.perf = n() != 0,
+            _ => panic!("unknown option {k} (runs=, hz=, secs=, warmup=, perf=0|1)"),
+        }
+    }
+    o
+}
+
+/// Nanoseconds the process has run on a CPU (first field of `/proc/PID/schedstat`).
+fn on_cpu_ns(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).expect("schedstat");
+    s.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("schedstat's first field")
+}
+
+/// A `/proc/PID/status` field in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+fn main() {
+    let o = opts();
+    let Some(mount) = require_cgroups("daemon bench") else {
+        eprintln!("daemon bench: needs root and a writable cgroup2 mount; nothing measured");
+        return;
+    };
+    let mut cg = TestCgroups::new(&mount, "cost").expect("test cgroup");
+    let mut sim = SimHost::start(
+        PowerModel {
+            idle_w: 10.0,
+            busy_w_per_cpu: 20.0,
+        },
+        1 << 40,
+        Duration::from_millis(50),
+    )
+    .expect("simulated host");
+    sim.link_cgroup_mount(&mount)
+        .expect("link the cgroup mount");
+    let work = tempfile::tempdir().expect("tempdir");
+    let t = Instant::now();
+    for i in 0..o.runs {
+        cg.spawn_in(
+            &format!("run-r{i:05}.scope"),
+            Command::new("sleep")
+                .arg("86400")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("a sleeping run");
+    }
+    eprintln!(
+        "{} runs with a sleeping process each, made in {:.1} s",
+        o.runs,
+        t.elapsed().as_secs_f64()
+    );
+    let pattern = format!("{}/run-{{run_id}}.scope", cg.rel().display());
+    let config = sim
+        .config(&format!(
+            "cgroup_root = {:?}\n[sampling]\ninterval_ms = {}\n[runs]\npatterns = [{pattern:?}]\n\
+             perf_counters = {}\ncontrol_socket = {:?}\n[spool]\ndir = {:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            mount.display().to_string(),
+            1000 / o.hz,
+            o.perf,
+            work.path().join("control.sock").display().to_string(),
+            work.path().join("spool").display().to_string(),
+        ))
+        .expect("config");
+    let log = std::fs::File::create(work.path().join("wattd.log")).expect("log");
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_wattd"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start wattd");
+    let pid = agent.id();
+    std::thread::sleep(Duration::from_secs(o.warmup.max(1)));
+    let (cpu0, t0) = (on_cpu_ns(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(o.secs));
+    let (cpu1, wall) = (on_cpu_ns(pid), t0.elapsed());
+    let (hwm, rss) = (status_kib(pid, "VmHWM:"), status_kib(pid, "VmRSS:"));
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let status = agent.wait().expect("wait for wattd");
+    sim.stop();
+    let logtext = std::fs::read_to_string(work.path().join("wattd.log")).unwrap_or_default();
+    drop(cg);
+    assert!(status.success(), "wattd exited {status:?}\n{logtext}");
+    let share = (cpu1 - cpu0) as f64 / wall.as_nanos() as f64;
+    let ticks = wall.as_secs_f64() * o.hz as f64;
+    let per_tick_us = (cpu1 - cpu0) as f64 / 1e3 / ticks;
+    println!(
+        "{:>6} runs at {:>3} Hz: {:>6.3}% of one core, {:>8.1} us per tick = {:>6.2} us per run \
+         per tick; peak RSS {:.1} MiB (now {:.1} MiB)",
+        o.runs,
+        o.hz,
+        share * 100.0,
+        per_tick_us,
+        per_tick_us / o.runs.max(1) as f64,
+        hwm as f64 / 1024.0,
+        rss as f64 / 1024.0,
+    );
+    if logtext.lines().any(|l| l.contains("ERROR")) {
+        eprintln!("the daemon logged errors:\n{logtext}");
+    }
+}
