@@ -620,6 +620,9 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
                 });
             }
         }
+        // A run's labels (its account) and its summary exist only in this process: a batch
+        // that carries either is sealed at this tick, not left to a crash's loss window.
+        let mut seal_now = !record.run_labels.is_empty();
         if sealer.push_or_coarsen(record, now.mono_ns) {
             coarsened_intervals += 1;
             tracing::warn!(
@@ -629,6 +632,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             );
         }
         for r in snap.runs.iter().filter(|r| r.finished) {
+            seal_now = true;
             labelled.remove(&*r.run_id);
             let t = totals.finish(&r.run_id, interval.index);
             let started = started_unix
@@ -650,7 +654,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
         }
         // A batch per `[spool] seal_every_ms` of intervals (and everything pending at a stop):
         // what is not sealed yet is what a crash would lose to the next start's agent-down gap.
-        let sealed = if stop || sealer.seal_due(now.mono_ns) {
+        let sealed = if stop || seal_now || sealer.seal_due(now.mono_ns) {
             sealer.seal(now.unix_ns)
         } else {
             Ok(None)

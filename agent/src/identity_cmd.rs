@@ -60,7 +60,9 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<()> {
     };
     let text = format!(
         "# wattd node identity: enrol this with the ledger (`wattd-ledger serve --enrolled DIR`).\n{}",
-        key.public().to_toml()
+        key.public()
+            .to_toml()
+            .context("encoding the public identity")?
     );
     std::io::stdout()
         .write_all(text.as_bytes())

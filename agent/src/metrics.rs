@@ -112,6 +112,8 @@ pub struct Metrics {
     power_w: BTreeMap<(Domain, Option<u32>), f64>,
     tick: Histogram,
     intervals: u64,
+    /// Time the closed intervals cover, microseconds.
+    measured_us: u64,
     /// Indexed by `cause_index`.
     gaps: [u64; 3],
     quarantined: u64,
@@ -250,6 +252,7 @@ impl Metrics {
             power_w: BTreeMap::new(),
             tick: Histogram::new(&TICK_BUCKETS_S),
             intervals: 0,
+            measured_us: 0,
             gaps: [0; 3],
             quarantined: 0,
             spool_bytes: 0,
@@ -315,6 +318,7 @@ impl Metrics {
             self.record_gap(g.cause);
         }
         let elapsed_us = interval.elapsed_us();
+        self.measured_us = self.measured_us.saturating_add(elapsed_us);
         // Power is per (domain, package); several dies of one package add up.
         let mut power_uj: BTreeMap<(Domain, Option<u32>), u64> = BTreeMap::new();
         let mut no_power: BTreeSet<(Domain, Option<u32>)> = BTreeSet::new();
@@ -590,6 +594,17 @@ impl Metrics {
             "Intervals closed and attributed.",
         );
         w.sample("wattd_intervals_total", &[], self.intervals);
+        w.family(
+            "wattd_measured_seconds_total",
+            "counter",
+            "Time the closed intervals cover: an energy counter's increase over this one's is \
+             the average power between two scrapes, whenever the text was rendered.",
+        );
+        w.sample(
+            "wattd_measured_seconds_total",
+            &[],
+            us_as_seconds(self.measured_us),
+        );
         w.family(
             "wattd_gaps_total",
             "counter",
@@ -1350,6 +1365,16 @@ mod tests {
         m.record_interval(&interval(2, vec![pkg, psys, dram], vec![gap]));
         m.record_gap(GapCause::AgentDown);
         let text = m.render();
+        // The whole text, as a scraper sees it (the version aside): a reviewed diff when it
+        // changes.
+        wattd_testkit::golden::check(
+            env!("CARGO_MANIFEST_DIR"),
+            "tests/golden/metrics.prom",
+            &text.replace(
+                &format!("version=\"{}\"", env!("CARGO_PKG_VERSION")),
+                "version=\"VERSION\"",
+            ),
+        );
         let s = samples(&text);
         for want in [
             "wattd_run_energy_joules_total{run_id=\"r1\",domain=\"package\"} 10.5",
@@ -1365,6 +1390,7 @@ mod tests {
             "wattd_gaps_total{cause=\"source_failure\"} 0",
             "wattd_gaps_total{cause=\"agent_down\"} 1",
             "wattd_intervals_total 1",
+            "wattd_measured_seconds_total 2.000000",
         ] {
             assert!(s.contains(&want), "missing {want:?} in\n{text}");
         }

@@ -116,6 +116,8 @@ pub struct Sealer {
     /// A policy set while content was pending: it applies once that content is sealed, so the
     /// pending batch is never found "full" (and coarsened) by a smaller bound than it grew under.
     next_policy: Option<SealPolicy>,
+    /// The spool refused the last seal (full): intervals coarsen until a seal goes through.
+    refused: bool,
     /// The running totals as of the last sealed batch (see `wattd_records::totals`).
     totals: RunningTotals,
     /// Per-run energy for the checkpoints (`wattd_records::totals::RunTotals`).
@@ -153,6 +155,7 @@ impl Sealer {
             pending: BatchContent::default(),
             pending_since_monotonic_ns: None,
             next_policy: None,
+            refused: false,
         }
     }
 
@@ -228,11 +231,33 @@ impl Sealer {
     /// dropped; only time resolution is lost while the spool cannot take more. Returns whether
     /// the interval was coarsened.
     pub fn push_or_coarsen(&mut self, interval: Interval, now_monotonic_ns: u64) -> bool {
-        if self.pending.intervals.len() < self.policy.max_intervals {
+        if !self.refused && self.pending.intervals.len() < self.policy.max_intervals {
             self.pending.intervals.push(interval);
             self.touch(now_monotonic_ns);
             return false;
         }
+        self.coarsen_into_last(interval, now_monotonic_ns)
+    }
+
+    /// Merges the pending intervals into coarse ones (after the spool refused them: full), so
+    /// that what waits for space, and what a stop must seal into the reserve's room, is as
+    /// small as it was when every interval was its own batch. Returns how many were merged.
+    fn coarsen_pending(&mut self, now_monotonic_ns: u64) -> usize {
+        let intervals = std::mem::take(&mut self.pending.intervals);
+        let mut merged = 0;
+        for i in intervals {
+            if self.pending.intervals.is_empty() {
+                self.pending.intervals.push(i);
+            } else if self.coarsen_into_last(i, now_monotonic_ns) {
+                merged += 1;
+            }
+        }
+        merged
+    }
+
+    /// Merges `interval` into the last pending one (with its SPOOL_FULL gap), or starts a new
+    /// coarse one when that one is as large as one may grow. Returns whether it was merged.
+    fn coarsen_into_last(&mut self, interval: Interval, now_monotonic_ns: u64) -> bool {
         let coarse_max = self.coarse_max();
         let full_enough = self.pending.intervals.last().map_or(true, |last| {
             use prost::Message as _;
@@ -305,12 +330,14 @@ impl Sealer {
     }
 
     /// How much of the pending content goes into the next batch: (intervals, run summaries).
-    /// Everything, unless the content was coarsened or holds very many summaries (a long
-    /// outage): then as much as fits [`Self::CHUNK_MAX_BYTES`], at least one item.
+    /// Everything, when it is one plain interval and not very many summaries; otherwise as
+    /// much as fits [`Self::CHUNK_MAX_BYTES`], at least one item.
     fn next_chunk(&self) -> (usize, usize) {
         let p = &self.pending;
         let coarse = p.intervals.iter().any(|i| i.coarsened);
-        if !coarse && p.run_summaries.len() <= 4096 {
+        // Several intervals (sealing by time) are measured too: at 100 Hz with many runs, a
+        // minute of them would outgrow a record.
+        if !coarse && p.intervals.len() <= 1 && p.run_summaries.len() <= 4096 {
             return (p.intervals.len(), p.run_summaries.len());
         }
         use prost::Message as _;
@@ -377,7 +404,16 @@ impl Sealer {
             };
             let st = stamp(seq, &mut content, &self.totals, &self.run_totals);
             let stored = sign_batch(&self.key, seq, self.spool.last_hash(), now_unix_ns, content);
-            self.spool.append(&stored)?;
+            if let Err(e) = self.spool.append(&stored) {
+                let e = SealError::from(e);
+                if e.is_full() && !self.refused {
+                    // From now until a seal goes through, intervals coarsen: those pending first.
+                    self.refused = true;
+                    let now = self.pending_since_monotonic_ns.unwrap_or(0);
+                    self.coarsen_pending(now);
+                }
+                return Err(e);
+            }
             self.spool.note_totals(st.totals());
             st.apply(
                 seq,
@@ -396,6 +432,7 @@ impl Sealer {
             }
         }
         self.pending_since_monotonic_ns = None;
+        self.refused = false;
         if let Some(p) = self.next_policy.take() {
             self.policy = p;
         }

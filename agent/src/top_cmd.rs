@@ -155,7 +155,7 @@ impl Scraper {
 }
 
 /// What one screen shows, computed from two scrapes.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct View {
     /// run -> domain -> (watts now, joules so far)
     pub runs: BTreeMap<String, BTreeMap<String, (f64, f64)>>,
@@ -165,6 +165,23 @@ pub struct View {
     pub meters: BTreeMap<String, (f64, String, String)>,
     /// The endpoint said it serves no per-run series (`wattd_metrics_per_run_series 0`).
     pub runs_withheld: bool,
+}
+
+/// The time between two scrapes as the agent measured it: the increase of
+/// `wattd_measured_seconds_total`, so that power is energy over the time it was measured in
+/// (the text is rendered at most once a second, not at each scrape). None when the text was not
+/// rendered again in between; `wall` when the agent does not export it (an older one).
+pub fn measured_span(prev: &[Sample], now: &[Sample], wall: f64) -> Option<f64> {
+    let at = |s: &[Sample]| {
+        s.iter()
+            .find(|(n, _, _)| n == "wattd_measured_seconds_total")
+            .map(|(_, _, v)| *v)
+    };
+    match (at(prev), at(now)) {
+        (Some(a), Some(b)) if b > a => Some(b - a),
+        (Some(a), Some(b)) if b == a => None,
+        _ => Some(wall),
+    }
 }
 
 pub fn view(prev: &[Sample], now: &[Sample], dt_s: f64) -> View {
@@ -359,6 +376,7 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
     let scraper = Scraper::new(addr, args)?;
     let mut prev = parse_exposition(&scraper.scrape()?);
     let mut prev_at = Instant::now();
+    let mut last: Option<View> = None;
     loop {
         let deadline = Instant::now() + period;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
@@ -385,10 +403,22 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let dt = prev_at.elapsed().as_secs_f64();
-        prev_at = Instant::now();
-        let v = view(&prev, &now, dt);
-        prev = now;
+        let wall = prev_at.elapsed().as_secs_f64();
+        let v = match measured_span(&prev, &now, wall) {
+            Some(dt) => {
+                prev_at = Instant::now();
+                let v = view(&prev, &now, dt);
+                prev = now;
+                last = Some(v.clone());
+                v
+            }
+            // Not rendered again since the last scrape (the agent renders at most once a
+            // second): the last view stays, rather than a screen of zeros.
+            None => match &last {
+                Some(v) => v.clone(),
+                None => view(&prev, &now, wall),
+            },
+        };
         let (cols, rows) = terminal_size();
         let mut screen = String::from("\x1b[H\x1b[2J");
         for l in render(&v, sort, cols, rows.saturating_sub(1)) {
@@ -413,6 +443,25 @@ mod tests {
         assert_eq!(s.len(), 5);
         assert_eq!(s[1].1["run_id"], "b\"q");
         assert_eq!(s[0].2, 10.5);
+    }
+
+    /// Power is energy over the time the agent measured it in, not over the time between
+    /// scrapes: the agent renders at most once a second, so a scrape may see one, two or no new
+    /// renders (10 J over 2 s measured is 5 W whether 1 or 3 s passed between scrapes).
+    #[test]
+    fn power_is_over_the_measured_time_between_renders() {
+        let at = |s: f64, j: f64| {
+            parse_exposition(&format!(
+                "wattd_measured_seconds_total {s}\nwattd_run_energy_joules_total{{run_id=\"a\",domain=\"package\"}} {j}\n"
+            ))
+        };
+        let (a, b) = (at(10.0, 100.0), at(12.0, 110.0));
+        let dt = measured_span(&a, &b, 3.0).unwrap();
+        assert_eq!(dt, 2.0);
+        assert_eq!(view(&a, &b, dt).runs["a"]["package"].0, 5.0);
+        assert_eq!(measured_span(&b, &b, 1.0), None, "not rendered again");
+        let old = parse_exposition(SCRAPE_A);
+        assert_eq!(measured_span(&old, &old, 1.5), Some(1.5), "an older agent");
     }
 
     #[test]

@@ -223,7 +223,7 @@ async fn run(label: &str, store: String, o: &Opts) {
     for k in &keys {
         std::fs::write(
             enrolled.join(format!("{}.toml", k.node_id())),
-            k.public().to_toml(),
+            k.public().to_toml().expect("public identity"),
         )
         .expect("enrol");
         let c = ca.client(k.node_id());

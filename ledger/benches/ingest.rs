@@ -71,7 +71,7 @@ async fn run(label: &str, store: String, n_latency: u64, n_throughput: u64) {
     for k in &keys {
         std::fs::write(
             enrolled.join(format!("{}.toml", k.node_id())),
-            k.public().to_toml(),
+            k.public().to_toml().expect("public identity"),
         )
         .expect("enrol");
     }

@@ -333,14 +333,14 @@ mod tests {
         let a1 = NodeKey::from_seed("a", 1, [1; 32]);
         let a2 = NodeKey::from_seed("a", 2, [2; 32]);
         let b1 = NodeKey::from_seed("b", 1, [3; 32]);
-        fs::write(dir.path().join("a.toml"), a1.public().to_toml()).unwrap();
+        fs::write(dir.path().join("a.toml"), a1.public().to_toml().unwrap()).unwrap();
         let list = format!(
             "[[key]]\n{}\n[[key]]\n{}",
-            a1.public().to_toml(),
-            a2.public().to_toml()
+            a1.public().to_toml().unwrap(),
+            a2.public().to_toml().unwrap()
         );
         fs::write(dir.path().join("a.pub"), list).unwrap();
-        fs::write(dir.path().join("b.toml"), b1.public().to_toml()).unwrap();
+        fs::write(dir.path().join("b.toml"), b1.public().to_toml().unwrap()).unwrap();
         fs::write(dir.path().join("README"), "ignored").unwrap();
         let e = Enrolment::load(dir.path()).unwrap();
         assert_eq!(e.node_ids().collect::<Vec<_>>(), ["a", "b"]);
@@ -350,12 +350,16 @@ mod tests {
         fs::write(dir.path().join("garbage.toml"), "node_id = 3").unwrap();
         let mut bad = b1.public();
         bad.key_id = "00".repeat(16);
-        fs::write(dir.path().join("badid.toml"), bad.to_toml()).unwrap();
+        fs::write(dir.path().join("badid.toml"), bad.to_toml().unwrap()).unwrap();
         let other = NodeKey::from_seed("a", 1, [9; 32]);
-        fs::write(dir.path().join("conflict.toml"), other.public().to_toml()).unwrap();
+        fs::write(
+            dir.path().join("conflict.toml"),
+            other.public().to_toml().unwrap(),
+        )
+        .unwrap();
         let mut stolen = a2.public();
         stolen.node_id = "c".into();
-        fs::write(dir.path().join("stolen.toml"), stolen.to_toml()).unwrap();
+        fs::write(dir.path().join("stolen.toml"), stolen.to_toml().unwrap()).unwrap();
         let err = Enrolment::load(dir.path()).unwrap_err();
         assert_eq!(err.problems.len(), 4, "{err}");
         let text = err.to_string();
@@ -372,12 +376,12 @@ mod tests {
         let limits = "\n[limits]\ncpus = 64\nmax_watts = { package = 350, dram = 60 }\n";
         fs::write(
             dir.path().join("a.toml"),
-            format!("{}{limits}", a1.public().to_toml()),
+            format!("{}{limits}", a1.public().to_toml().unwrap()),
         )
         .unwrap();
         fs::write(
             dir.path().join("a2.pub"),
-            format!("{limits}[[key]]\n{}", a2.public().to_toml()),
+            format!("{limits}[[key]]\n{}", a2.public().to_toml().unwrap()),
         )
         .unwrap();
         let e = Enrolment::load(dir.path()).unwrap();
@@ -390,13 +394,16 @@ mod tests {
         // Disagreeing, misspelt and out-of-range limits are each named with their file.
         fs::write(
             dir.path().join("a2.pub"),
-            format!("[limits]\ncpus = 8\n[[key]]\n{}", a2.public().to_toml()),
+            format!(
+                "[limits]\ncpus = 8\n[[key]]\n{}",
+                a2.public().to_toml().unwrap()
+            ),
         )
         .unwrap();
         let b1 = NodeKey::from_seed("b", 1, [3; 32]);
         fs::write(
             dir.path().join("b.toml"),
-            format!("{}\n[limits]\ncpu = 4\n", b1.public().to_toml()),
+            format!("{}\n[limits]\ncpu = 4\n", b1.public().to_toml().unwrap()),
         )
         .unwrap();
         let c1 = NodeKey::from_seed("c", 1, [4; 32]);
@@ -404,7 +411,7 @@ mod tests {
             dir.path().join("c.toml"),
             format!(
                 "{}\n[limits]\nmax_watts = {{ gpu = 0 }}\n",
-                c1.public().to_toml()
+                c1.public().to_toml().unwrap()
             ),
         )
         .unwrap();

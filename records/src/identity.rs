@@ -120,9 +120,10 @@ impl PublicIdentity {
         Ok(key)
     }
 
-    pub fn to_toml(&self) -> String {
-        // Serializing a struct of strings and integers cannot fail.
-        toml::to_string(self).unwrap_or_default()
+    /// The enrolment file's text. An error rather than an empty text: an empty file written
+    /// in its place would enrol nothing and say nothing.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
     }
 }
 

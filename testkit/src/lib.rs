@@ -8,9 +8,11 @@
 //! - [`cgroups`]: real cgroup v2 directories with real processes, always cleaned up.
 //! - [`fds`]: counts only the descriptors that point at something a test owns, never the whole
 //!   test process (other tests of the same binary open and close descriptors concurrently).
+//! - [`golden`]: golden files of what users see, rewritten with `WATTD_UPDATE_GOLDEN=1`.
 
 pub mod cgroups;
 pub mod fds;
+pub mod golden;
 pub mod need;
 
 pub use need::{is_root, skip, strict};

@@ -148,6 +148,12 @@ fn validate_lists_every_problem_and_exits_64() {
     assert!(se.contains("bad.toml:2: sampling.interval_ms"), "{se}");
     assert!(se.contains("bad.toml:4: runs.patterns"), "{se}");
     assert!(se.contains("bad.toml:5: nope: unknown section"), "{se}");
+    // The whole report, as an operator reads it: a reviewed diff when it changes.
+    wattd_testkit::golden::check(
+        env!("CARGO_MANIFEST_DIR"),
+        "tests/golden/validate-bad.txt",
+        &se.replace(&dir.path().display().to_string(), "DIR"),
+    );
     let good = dir.path().join("good.toml");
     std::fs::write(&good, "[sampling]\ninterval_ms = 500\n").unwrap();
     let (out, so, se) = run(wattd().args(["validate", "--config"]).arg(&good));

@@ -22,7 +22,7 @@ use super::pattern::{validate_cgroup_rel, validate_run_id, NameMatch, RunPattern
 use super::perf::CgroupTaskClock;
 use crate::error::{HostError, Shown, HINT_GENERIC, HINT_PERF};
 use crate::hostfs::HostRoot;
-use crate::procstat::{user_hz, ProcStat};
+use crate::procstat::{user_hz, ProcStat, ProcStatFile};
 use crate::topology::Topology;
 
 /// Labels the control plane attaches to a run.
@@ -350,7 +350,9 @@ pub struct RunTracker {
     pattern_wds: Vec<Option<i32>>,
     watches: HashMap<i32, WatchTarget>,
     inotify: Inotify,
-    runs: BTreeMap<Arc<str>, Run>,
+    /// Boxed: a B-tree's nodes hold 11 slots and are about half full after ordered inserts, so
+    /// a `Run` (hundreds of bytes) inline cost twice its size in empty slots at 10,000 runs.
+    runs: BTreeMap<Arc<str>, Box<Run>>,
     /// cgroup path -> run id, to refuse two runs on one cgroup or one nested in another.
     paths: BTreeMap<Arc<str>, Arc<str>>,
     recently_finished: VecDeque<Arc<str>>,
@@ -360,6 +362,8 @@ pub struct RunTracker {
     cpus_by_package: BTreeMap<u32, Vec<u32>>,
     cpus: Vec<u32>,
     last_stat: Option<ProcStat>,
+    /// `/proc/stat`, kept open (reopened after a failed read).
+    proc_stat: Option<ProcStatFile>,
     /// Per package: busy time not yet given to the host bucket (negative: runs out-measured
     /// /proc/stat's quantised busy time, to be made up from later intervals).
     host_balance_us: BTreeMap<u32, i128>,
@@ -462,7 +466,8 @@ impl RunTracker {
             .collect::<Result<Vec<_>, _>>()?;
         let topology = Topology::read(&root)?;
         let cpus = topology.cpus.iter().map(|c| c.id).collect();
-        let last_stat = Some(ProcStat::read(&root)?);
+        let mut proc_stat = ProcStatFile::open(&root)?;
+        let last_stat = Some(proc_stat.read()?);
         let (perf_disabled, perf_cpus) =
             perf_counters_plan(config.perf_counters, &root, &cgroup_root, &topology);
         let perf_split_off = if perf_disabled.is_some() {
@@ -494,6 +499,7 @@ impl RunTracker {
             topology,
             cpus,
             last_stat,
+            proc_stat: Some(proc_stat),
             host_balance_us: BTreeMap::new(),
             user_hz: user_hz(),
             perf_disabled,
@@ -1158,7 +1164,7 @@ impl RunTracker {
         self.kept_fds += kept;
         self.join_family(&mut run, billed_from);
         self.paths.insert(cgroup_rel, id.clone());
-        self.runs.insert(id, run);
+        self.runs.insert(id, Box::new(run));
         Ok(())
     }
 
@@ -1599,20 +1605,30 @@ impl RunTracker {
     /// Busy time is the interval's elapsed time (the caller's monotonic measure, the same one
     /// the energy interval uses) minus each CPU's idle time.
     fn read_busy(&mut self, elapsed_us: u64) -> Option<BTreeMap<u32, i128>> {
-        let now = match ProcStat::read(&self.root) {
+        let read = match self.proc_stat.as_mut() {
+            Some(f) => f.read(),
+            None => ProcStatFile::open(&self.root).and_then(|mut f| {
+                let s = f.read();
+                self.proc_stat = Some(f);
+                s
+            }),
+        };
+        let now = match read {
             Ok(s) => s,
             Err(e) => {
                 self.push_error(None, e);
+                self.proc_stat = None;
                 // The next good read is a new baseline: measuring from this stale one would
                 // count two intervals' idle time against one interval's elapsed time.
                 self.last_stat = None;
                 return None;
             }
         };
-        let prev = self.last_stat.replace(now.clone())?;
+        let prev = self.last_stat.replace(now)?;
+        let now = self.last_stat.as_ref()?;
         let mut by_pkg: BTreeMap<u32, i128> = BTreeMap::new();
         for (&pkg, cpus) in &self.cpus_by_package {
-            let us = crate::procstat::busy_us_signed(&prev, &now, cpus, self.user_hz, elapsed_us);
+            let us = crate::procstat::busy_us_signed(&prev, now, cpus, self.user_hz, elapsed_us);
             by_pkg.insert(pkg, us);
         }
         Some(by_pkg)

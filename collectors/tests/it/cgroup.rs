@@ -688,9 +688,10 @@ fn generated_tree_cpu_stat_unknown_keys_missing_usage_and_vanishing() {
     // Regression: /proc/stat unreadable -> the snapshot says busy time is unknown (the daemon
     // then records NO_USAGE_DATA instead of giving runs the host's share); the next good read
     // is a new baseline, not a span of two intervals' idle time against one's elapsed time.
+    // (Garbled in place: the tracker keeps the file open, so a removal would not be seen.)
     let stat = dir.path().join("proc/stat");
     let saved = std::fs::read(&stat).unwrap();
-    std::fs::remove_file(&stat).unwrap();
+    std::fs::write(&stat, "garbage\n").unwrap();
     assert!(!t.tick(1_000_000).busy_measured);
     std::fs::write(&stat, &saved).unwrap();
     assert!(!t.tick(1_000_000).busy_measured);

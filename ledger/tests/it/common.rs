@@ -185,7 +185,7 @@ impl Fixture {
         let file = self
             .enrolled
             .join(format!("{}-{}.toml", key.node_id(), key.epoch()));
-        std::fs::write(file, key.public().to_toml()).expect("enrol");
+        std::fs::write(file, key.public().to_toml().expect("public identity")).expect("enrol");
     }
 
     pub fn options(&self, limits: Limits) -> ServeOptions {

@@ -333,7 +333,7 @@ async fn bad_configuration_exits_64_naming_every_problem() -> TestResult {
     std::fs::write(f.enrolled.join("bad.toml"), "node_id = 7\n")?;
     let mut ok = key("n1", 1, 1).public();
     ok.key_id = "ab".repeat(16);
-    std::fs::write(f.enrolled.join("mismatch.pub"), ok.to_toml())?;
+    std::fs::write(f.enrolled.join("mismatch.pub"), ok.to_toml()?)?;
     let missing_cert = PathBuf::from("/nonexistent/cert.pem");
     let args = serve_args(&f, &f.enrolled, &missing_cert);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

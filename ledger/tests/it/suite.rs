@@ -1425,7 +1425,7 @@ async fn hostile_names_are_refused_and_huge_values_cannot_break_runs(
         f.enrolled.join("n2.toml"),
         format!(
             "{}\n[limits]\nmax_watts = {{ package = 10000000, total = 10000000 }}\n",
-            big_node.key.public().to_toml()
+            big_node.key.public().to_toml()?
         ),
     )?;
     let mut permissive = limits();

@@ -230,6 +230,105 @@ fn seal_by_time_and_a_reloaded_policy() -> TestResult {
     Ok(())
 }
 
+/// Sealing by time at a high rate with many runs: the intervals of one period are sealed in
+/// batches of bounded size (a minute of them at 100 Hz would outgrow a record), every one of
+/// them, in order, and the spool verifies.
+#[test]
+fn many_intervals_of_one_period_are_sealed_in_bounded_batches() -> TestResult {
+    use prost::Message as _;
+    let dir = tempfile::tempdir()?;
+    let (spool, _) = Spool::open(config(dir.path(), 256 << 10))?;
+    let ms = Duration::from_millis;
+    let mut s = Sealer::with_parts(
+        dir.path().into(),
+        crate::records::common::test_key(),
+        spool,
+        SealPolicy::by_time(ms(10), ms(60_000))?,
+    );
+    let one = interval(0, 300).encoded_len();
+    let n = 3 * (128 << 10) / one + 1;
+    for i in 0..n as u64 {
+        s.push_interval(interval(i, 300), i)?;
+    }
+    assert!(!s.seal_due(0));
+    let last = s.seal(0)?.ok_or("sealed")?;
+    s.commit()?;
+    assert!(last >= 3, "{n} intervals of {one} bytes in {last} batches");
+    let mut indices = Vec::new();
+    for b in s.spool().read_sealed(1, usize::MAX)? {
+        // Half a segment (128 KiB), plus one interval: a chunk takes items while they fit.
+        assert!(
+            b.bytes.len() <= (128 << 10) + one + 1024,
+            "{}",
+            b.bytes.len()
+        );
+        let signed = wattd_proto::v1::SignedBatch::decode(b.bytes.as_slice())?;
+        let batch = wattd_proto::v1::Batch::decode(signed.batch_bytes.as_slice())?;
+        indices.extend(batch.intervals.iter().map(|i| i.index));
+    }
+    assert_eq!(indices, (0..n as u64).collect::<Vec<_>>());
+    let report = verify_spool(dir.path(), &[s.key().public()])?;
+    assert!(report.is_ok(), "{report:?}");
+    Ok(())
+}
+
+/// The spool refuses a batch of several intervals (full): they are merged into one coarse
+/// interval at once, with every microjoule and one SPOOL_FULL gap, so what waits for space (and
+/// what a stop must fit into the reserve's room) is no larger than a batch of one interval's.
+#[test]
+fn a_refused_batch_of_several_intervals_is_coarsened_at_once() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut s = sealer(config(dir.path(), 700), 1)?;
+    let mut index = 0;
+    fill(&mut s, &mut index, 6, 1, 3)?;
+    let used = s.spool().used_bytes();
+    drop(s);
+    let mut cfg = config(dir.path(), 700);
+    cfg.max_bytes = used + 10;
+    let mut s = sealer(cfg, 5)?;
+    let energy =
+        |i: &wattd_proto::v1::Interval| -> u64 { i.domains.iter().map(|d| d.measured_uj).sum() };
+    let mut expected = 0u64;
+    for k in 0..4 {
+        let iv = interval(index + k, 3);
+        expected += energy(&iv);
+        assert!(!s.push_or_coarsen(iv, k), "room for 5");
+    }
+    let err = s.seal(0).err().ok_or("the spool should be full")?;
+    assert!(err.is_full(), "{err}");
+    assert_eq!(s.pending().intervals.len(), 1, "merged at the refusal");
+    // Later intervals merge too, though the batch holds fewer than 5.
+    let iv = interval(index + 4, 3);
+    expected += energy(&iv);
+    assert!(s.push_or_coarsen(iv, 4));
+    let pending = &s.pending().intervals;
+    assert_eq!(pending.len(), 1);
+    assert!(pending[0].coarsened);
+    assert_eq!(energy(&pending[0]), expected);
+    let full = wattd_proto::v1::GapCause::SpoolFull as i32;
+    assert_eq!(
+        s.pending().gaps.iter().filter(|g| g.cause == full).count(),
+        1
+    );
+    // Space returns: sealed, and intervals are batched again.
+    let last = s.spool().last_seq();
+    s.spool_mut().ack(last)?;
+    assert!(s.seal(0)?.is_some());
+    assert!(
+        !s.push_or_coarsen(interval(index + 5, 3), 5),
+        "not coarsened"
+    );
+    assert!(
+        !s.push_or_coarsen(interval(index + 6, 3), 6),
+        "not coarsened"
+    );
+    s.seal(0)?;
+    s.commit()?;
+    let report = verify_spool(dir.path(), &[s.key().public()])?;
+    assert!(report.is_ok(), "{report:?}");
+    Ok(())
+}
+
 #[test]
 fn key_rotation_is_announced_with_the_old_key_and_verifies() -> TestResult {
     let dir = tempfile::tempdir()?;
