@@ -659,6 +659,15 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
         } else {
             Ok(None)
         };
+        let merged = sealer.take_merged_at_refusal();
+        if merged > 0 {
+            coarsened_intervals += merged as u64;
+            tracing::warn!(
+                merged,
+                coarsened_intervals,
+                "spool full: the pending intervals were merged into a coarser one (no energy lost)"
+            );
+        }
         match sealed {
             Ok(_) => {}
             Err(e) if e.is_fatal() => {

@@ -118,6 +118,9 @@ pub struct Sealer {
     next_policy: Option<SealPolicy>,
     /// The spool refused the last seal (full): intervals coarsen until a seal goes through.
     refused: bool,
+    /// Intervals merged when a seal was refused, not yet reported (see
+    /// [`Sealer::take_merged_at_refusal`]).
+    merged_at_refusal: usize,
     /// The running totals as of the last sealed batch (see `wattd_records::totals`).
     totals: RunningTotals,
     /// Per-run energy for the checkpoints (`wattd_records::totals::RunTotals`).
@@ -156,7 +159,14 @@ impl Sealer {
             pending_since_monotonic_ns: None,
             next_policy: None,
             refused: false,
+            merged_at_refusal: 0,
         }
+    }
+
+    /// How many pending intervals were merged because the spool refused their batch (full)
+    /// since the last call: coarsened intervals that [`Sealer::push_or_coarsen`] did not report.
+    pub fn take_merged_at_refusal(&mut self) -> usize {
+        std::mem::take(&mut self.merged_at_refusal)
     }
 
     pub fn policy(&self) -> SealPolicy {
@@ -205,7 +215,8 @@ impl Sealer {
             .get_or_insert(now_monotonic_ns);
     }
 
-    /// Queues an interval for the next batch.
+    /// Queues an interval for the next batch (never coarsens: the daemon uses
+    /// [`Sealer::push_or_coarsen`]).
     pub fn push_interval(
         &mut self,
         interval: Interval,
@@ -410,7 +421,7 @@ impl Sealer {
                     // From now until a seal goes through, intervals coarsen: those pending first.
                     self.refused = true;
                     let now = self.pending_since_monotonic_ns.unwrap_or(0);
-                    self.coarsen_pending(now);
+                    self.merged_at_refusal += self.coarsen_pending(now);
                 }
                 return Err(e);
             }
@@ -448,6 +459,11 @@ impl Sealer {
     /// a batch signed by the current key, commits it, then switches to the new key for every
     /// later batch. Returns the announcing batch's seq.
     pub fn rotate_key(&mut self, now_unix_ns: i64) -> Result<u64, SealError> {
+        // What is pending (sealing by time: many intervals) goes first, in batches of bounded
+        // size; the announcement is a small batch of its own.
+        if !self.pending.is_empty() {
+            self.seal(now_unix_ns)?;
+        }
         let seq = self.spool.last_seq() + 1;
         let (next, rotation) =
             identity::prepare_rotation(&self.dir, &self.key, seq + 1, now_unix_ns)?;

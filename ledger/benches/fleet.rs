@@ -125,40 +125,6 @@ fn cpu_s(pid: &str) -> f64 {
     ticks / hz
 }
 
-async fn store_bytes(store: &str, dir: &Path) -> u64 {
-    if store.starts_with("sqlite:") {
-        // The logical size (pages in use, WAL content included): the -wal file never shrinks
-        // between checkpoints, so file sizes would be off by up to its size.
-        let c = rusqlite::Connection::open_with_flags(
-            dir.join("ledger.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .expect("open the ledger read-only");
-        let pages: i64 = c
-            .query_row(
-                "SELECT (SELECT page_count FROM pragma_page_count()) - \
-                 (SELECT freelist_count FROM pragma_freelist_count())",
-                [],
-                |r| r.get(0),
-            )
-            .expect("page count");
-        let size: i64 = c
-            .query_row("PRAGMA page_size", [], |r| r.get(0))
-            .expect("page size");
-        u64::try_from(pages * size).unwrap_or(0)
-    } else {
-        let (client, conn) = tokio_postgres::connect(store, tokio_postgres::NoTls)
-            .await
-            .expect("connect to postgres");
-        tokio::spawn(conn);
-        let row = client
-            .query_one("SELECT pg_database_size(current_database())", &[])
-            .await
-            .expect("size");
-        u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)
-    }
-}
-
 // The child is handed to the caller, which stops and waits for it (clippy sees only this body).
 #[allow(clippy::zombie_processes)]
 fn start_ledger(dir: &Path, ca: &wattd_tests::tls::TestCa, store: &str) -> (Child, String) {
@@ -314,10 +280,10 @@ async fn run(label: &str, store: String, o: &Opts) {
     tokio::time::sleep_until(window.0.into()).await;
     let pid = ledger.id().to_string();
     let (cpu0, gen0) = (cpu_s(&pid), cpu_s("self"));
-    let bytes0 = store_bytes(&store, dir.path()).await;
+    let bytes0 = common::store_bytes(&store, dir.path()).await;
     tokio::time::sleep_until(window.1.into()).await;
     let (cpu1, gen1) = (cpu_s(&pid), cpu_s("self"));
-    let bytes1 = store_bytes(&store, dir.path()).await;
+    let bytes1 = common::store_bytes(&store, dir.path()).await;
     for t in tasks {
         t.await.expect("node task");
     }

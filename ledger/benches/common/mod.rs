@@ -1,5 +1,7 @@
 //! The batches the ledger benches send: what an honest node seals, with real signatures.
 
+use std::path::Path;
+
 use prost::Message as _;
 use wattd_proto::v1::{node_message, Allocation, DomainEnergy, Interval, NodeMessage, SignedBatch};
 use wattd_records::batch::ChainHash;
@@ -43,6 +45,7 @@ pub fn interval(index: u64, boot_id: &str, runs: u64) -> Interval {
 
 /// Batch `seq` of `key`'s chain (after `prev`), signed, as the message a node sends, with its
 /// hash (the next batch's `prev`).
+#[allow(dead_code)] // the growth bench commits through the store, not a stream
 pub fn signed(
     key: &NodeKey,
     seq: u64,
@@ -111,5 +114,41 @@ impl ScratchDb {
             .admin
             .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
             .await;
+    }
+}
+
+/// The store's size: SQLite's logical size (pages in use, WAL content included; the -wal file
+/// never shrinks between checkpoints, so file sizes would be off by up to its size), or
+/// `pg_database_size`. The SQLite database is `dir/ledger.db`.
+#[allow(dead_code)] // not every bench reports sizes
+pub async fn store_bytes(store: &str, dir: &Path) -> u64 {
+    if store.starts_with("sqlite:") {
+        let c = rusqlite::Connection::open_with_flags(
+            dir.join("ledger.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open the ledger read-only");
+        let pages: i64 = c
+            .query_row(
+                "SELECT (SELECT page_count FROM pragma_page_count()) - \
+                 (SELECT freelist_count FROM pragma_freelist_count())",
+                [],
+                |r| r.get(0),
+            )
+            .expect("page count");
+        let size: i64 = c
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .expect("page size");
+        u64::try_from(pages * size).unwrap_or(0)
+    } else {
+        let (client, conn) = tokio_postgres::connect(store, tokio_postgres::NoTls)
+            .await
+            .expect("connect to postgres");
+        tokio::spawn(conn);
+        let row = client
+            .query_one("SELECT pg_database_size(current_database())", &[])
+            .await
+            .expect("size");
+        u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)
     }
 }

@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS allocations (
 CREATE INDEX IF NOT EXISTS allocations_by_run ON allocations (run_id);
 CREATE INDEX IF NOT EXISTS allocations_by_run_batch ON allocations (run_id, node_id, seq);
 CREATE INDEX IF NOT EXISTS allocations_by_batch ON allocations (node_id, seq);
+-- Covers the join of allocations with their batches' seal time (totals over a time range):
+-- without it each lookup read the batch row, whose seal time comes after the signed bytes, so
+-- through their overflow pages (a run's totals over a range: 10.9 ms at 16 million
+-- allocations without it, 5.5 ms with it; cargo bench -p wattd-ledger --bench growth).
+CREATE INDEX IF NOT EXISTS batches_sealed ON batches (node_id, seq, sealed_unix_ns);
 -- Run totals per node, run, domain and hour of sealing, maintained in the transaction that
 -- stores each batch: totals are an index lookup, not a scan of the allocations.
 CREATE TABLE IF NOT EXISTS run_totals_hourly (

@@ -297,6 +297,12 @@ fn a_refused_batch_of_several_intervals_is_coarsened_at_once() -> TestResult {
     let err = s.seal(0).err().ok_or("the spool should be full")?;
     assert!(err.is_full(), "{err}");
     assert_eq!(s.pending().intervals.len(), 1, "merged at the refusal");
+    assert_eq!(
+        s.take_merged_at_refusal(),
+        3,
+        "reported for the coarsening count"
+    );
+    assert_eq!(s.take_merged_at_refusal(), 0);
     // Later intervals merge too, though the batch holds fewer than 5.
     let iv = interval(index + 4, 3);
     expected += energy(&iv);
@@ -337,14 +343,19 @@ fn key_rotation_is_announced_with_the_old_key_and_verifies() -> TestResult {
     let first = s.key().public();
     let mut index = 0;
     fill(&mut s, &mut index, 2, 1, 1)?;
+    // Intervals pending (sealing by time) are sealed before the announcement, which is a
+    // batch of its own.
+    s.push_interval(interval(index, 1), 0)?;
+    index += 1;
     let seq = s.rotate_key(0)?;
-    assert_eq!(seq, 3);
+    assert_eq!(seq, 4);
+    assert!(s.pending().is_empty());
     assert_eq!(s.key().epoch(), 2);
     fill(&mut s, &mut index, 2, 1, 1)?;
-    // Only the epoch-1 key is trusted: the rotation in batch 3 introduces epoch 2.
+    // Only the epoch-1 key is trusted: the rotation in batch 4 introduces epoch 2.
     let report = verify_spool(dir.path(), std::slice::from_ref(&first))?;
     assert!(report.is_ok(), "{:?}", report.breaks);
-    assert_eq!(report.valid_batches, 5);
+    assert_eq!(report.valid_batches, 6);
     // The data dir knows both keys; a restart signs with epoch 2.
     let keys = wattd::identity::known_public_keys(dir.path())?;
     assert_eq!(keys.len(), 2);
