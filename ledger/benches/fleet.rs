@@ -330,20 +330,7 @@ async fn run(label: &str, store: String, o: &Opts) {
 
 fn main() {
     let o = opts();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        if o.store.as_deref() != Some("postgres") {
-            run("sqlite", "sqlite:{dir}/ledger.db".into(), &o).await;
-        }
-        if o.store.as_deref() == Some("sqlite") {
-            return;
-        }
-        if let Some(db) = common::ScratchDb::create("wattd_fleet").await {
-            run("postgres", db.url.clone(), &o).await;
-            db.drop_db().await;
-        }
+    common::on_each_store(o.store.as_deref(), "wattd_fleet", |label, url| {
+        run(label, url, &o)
     });
 }

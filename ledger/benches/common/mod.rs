@@ -109,11 +109,21 @@ impl ScratchDb {
         })
     }
 
+    /// Drops the database, retrying while a pool's connections still come back (a bench's
+    /// store may be closing them as this runs); says so if it could not.
     pub async fn drop_db(self) {
-        let _ = self
-            .admin
-            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
-            .await;
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let mut last = None;
+        for _ in 0..20 {
+            match self.admin.batch_execute(&sql).await {
+                Ok(()) => return,
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+        if let Some(e) = last {
+            eprintln!("could not drop the scratch database {}: {e}", self.name);
+        }
     }
 }
 
@@ -151,4 +161,31 @@ pub async fn store_bytes(store: &str, dir: &Path) -> u64 {
             .expect("size");
         u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)
     }
+}
+
+/// Runs `run(label, store URL)` on a multi-threaded runtime for SQLite (`{dir}` in the URL is
+/// the bench's own directory) and for a scratch PostgreSQL database (when `WATTD_TEST_POSTGRES`
+/// is set; dropped afterwards), or only the one `only` names (`sqlite`, `postgres`).
+#[allow(dead_code)] // the ingest bench runs both stores in one process its own way
+pub fn on_each_store<F, Fut>(only: Option<&str>, prefix: &str, mut run: F)
+where
+    F: FnMut(&'static str, String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        if only != Some("postgres") {
+            run("sqlite", "sqlite:{dir}/ledger.db".into()).await;
+        }
+        if only == Some("sqlite") {
+            return;
+        }
+        if let Some(db) = ScratchDb::create(prefix).await {
+            run("postgres", db.url.clone()).await;
+            db.drop_db().await;
+        }
+    });
 }

@@ -272,22 +272,34 @@ fn many_intervals_of_one_period_are_sealed_in_bounded_batches() -> TestResult {
     Ok(())
 }
 
+/// A sealer of `max_intervals` over a spool in `dir` with six batches in it and room for no
+/// more (`max_bytes` just above them); returns it and the next interval index.
+fn full_spool(
+    dir: &std::path::Path,
+    max_intervals: usize,
+) -> Result<(Sealer, u64), Box<dyn std::error::Error>> {
+    let mut s = sealer(config(dir, 700), 1)?;
+    let mut index = 0;
+    fill(&mut s, &mut index, 6, 1, 3)?;
+    let used = s.spool().used_bytes();
+    drop(s);
+    let mut cfg = config(dir, 700);
+    cfg.max_bytes = used + 10;
+    Ok((sealer(cfg, max_intervals)?, index))
+}
+
+/// Every microjoule an interval measured.
+fn energy(i: &wattd_proto::v1::Interval) -> u64 {
+    i.domains.iter().map(|d| d.measured_uj).sum()
+}
+
 /// The spool refuses a batch of several intervals (full): they are merged into one coarse
 /// interval at once, with every microjoule and one SPOOL_FULL gap, so what waits for space (and
 /// what a stop must fit into the reserve's room) is no larger than a batch of one interval's.
 #[test]
 fn a_refused_batch_of_several_intervals_is_coarsened_at_once() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let mut s = sealer(config(dir.path(), 700), 1)?;
-    let mut index = 0;
-    fill(&mut s, &mut index, 6, 1, 3)?;
-    let used = s.spool().used_bytes();
-    drop(s);
-    let mut cfg = config(dir.path(), 700);
-    cfg.max_bytes = used + 10;
-    let mut s = sealer(cfg, 5)?;
-    let energy =
-        |i: &wattd_proto::v1::Interval| -> u64 { i.domains.iter().map(|d| d.measured_uj).sum() };
+    let (mut s, index) = full_spool(dir.path(), 5)?;
     let mut expected = 0u64;
     for k in 0..4 {
         let iv = interval(index + k, 3);
@@ -371,16 +383,7 @@ fn key_rotation_is_announced_with_the_old_key_and_verifies() -> TestResult {
 #[test]
 fn full_spool_coarsens_intervals_without_losing_energy() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let mut s = sealer(config(dir.path(), 700), 1)?;
-    let mut index = 0;
-    fill(&mut s, &mut index, 6, 1, 3)?;
-    let used = s.spool().used_bytes();
-    drop(s);
-    let mut cfg = config(dir.path(), 700);
-    cfg.max_bytes = used + 10;
-    let mut s = sealer(cfg, 1)?;
-    let energy =
-        |i: &wattd_proto::v1::Interval| -> u64 { i.domains.iter().map(|d| d.measured_uj).sum() };
+    let (mut s, index) = full_spool(dir.path(), 1)?;
     let mut expected = 0u64;
     let mut coarsened = 0;
     for k in 0..5 {
