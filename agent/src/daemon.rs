@@ -729,8 +729,8 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
         metrics.set_shipper(&ship_stats);
         metrics.observe_tick(tick_started.elapsed());
         // Rendered here, so that a scrape costs the loop nothing, but at most once a second:
-        // at 100 Hz with a thousand runs, rendering every tick was most of the tick's cost. A
-        // scrape sees the state of the last render, at most a second (or an interval) old.
+        // at 100 Hz, rendering and sealing every tick were together about half the tick's cost
+        // (the daemon bench). A scrape sees the last render, at most a second (or an interval) old.
         // (Half an interval of slack: at 1 Hz a tick a little early still renders.)
         let render_after = RENDER_EVERY.saturating_sub(Duration::from_millis(cfg.interval_ms / 2));
         if metrics_on

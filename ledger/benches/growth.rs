@@ -138,16 +138,16 @@ impl Node {
     }
 }
 
-/// p50 and p99 of `f` over `n` calls, in milliseconds.
-async fn time<F, Fut>(n: usize, mut f: F) -> (f64, f64)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = usize>,
-{
+/// p50 and p99 of `n` calls of `run_totals_where(filter)`, in milliseconds.
+async fn time(n: usize, store: &AnyStore, filter: &TotalsFilter) -> (f64, f64) {
     let mut t = Vec::with_capacity(n);
     for _ in 0..n {
         let s = Instant::now();
-        let rows = f().await;
+        let rows = store
+            .run_totals_where(filter.clone())
+            .await
+            .expect("totals")
+            .len();
         t.push(s.elapsed());
         assert!(rows > 0, "the query found nothing");
     }
@@ -198,31 +198,19 @@ async fn run(label: &str, url: String, o: &Opts) {
             run_id: Some(run.clone()),
             ..Default::default()
         };
-        let (r50, r99) = time(50, || {
-            let (s, f) = (store.clone(), by_run.clone());
-            async move { s.run_totals_where(f).await.expect("totals").len() }
-        })
-        .await;
+        let (r50, r99) = time(50, &store, &by_run).await;
         // Not whole hours: answered from the allocation rows joined with their batches.
         let by_run_range = TotalsFilter {
             run_id: Some(run.clone()),
             from_unix_ns: Some(BASE_UNIX_NS + 1),
             ..Default::default()
         };
-        let (a50, a99) = time(50, || {
-            let (s, f) = (store.clone(), by_run_range.clone());
-            async move { s.run_totals_where(f).await.expect("totals").len() }
-        })
-        .await;
+        let (a50, a99) = time(50, &store, &by_run_range).await;
         let by_node = TotalsFilter {
             node_id: Some(node),
             ..Default::default()
         };
-        let (n50, n99) = time(20, || {
-            let (s, f) = (store.clone(), by_node.clone());
-            async move { s.run_totals_where(f).await.expect("totals").len() }
-        })
-        .await;
+        let (n50, n99) = time(20, &store, &by_node).await;
         println!(
             "{label} {stored:>11} allocations ({:.0} node-hours): {:.0} bytes per allocation; \
              filled at {:.0} allocations/s; a run's totals p50 {r50:.2} ms p99 {r99:.2} ms; \
