@@ -145,6 +145,9 @@ impl AsRawFd for Fd {
 /// How often, at most, the `/metrics` text is rendered (once per tick below 1 Hz).
 const RENDER_EVERY: Duration = Duration::from_secs(1);
 
+/// At most one warning this often about GPU processes whose cgroup cannot be read.
+const UNATTRIBUTED_WARN_EVERY: Duration = Duration::from_secs(60);
+
 /// Swaps the log filter (SIGHUP); returns why a filter was refused.
 pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
@@ -237,6 +240,10 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
     if let Some(reason) = &gpu_report.reason {
         tracing::info!(%reason, "GPU domain");
     }
+    if let Some(problem) = &gpu_report.problem {
+        tracing::warn!(%problem, "GPU present but not measured");
+    }
+    let gpu_unmeasured = gpu_report.unmeasured();
     let mut gpus = match gpu_collector {
         Some(c) => match crate::gpu::GpuSource::start(
             c,
@@ -314,6 +321,9 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
         Duration::from_secs(cfg.metrics_finished_run_ttl_s),
         metrics::DEFAULT_MAX_RUNS,
     );
+    metrics.set_gpu_unmeasured(gpu_unmeasured);
+    // The first unattributable GPU process is warned about at once, then at most once a minute.
+    let mut unattributed_warned: Option<Instant> = None;
     // A web configuration that cannot be read leaves the endpoint off: serving without the
     // TLS or authentication it asks for would be worse than not serving.
     let web = match &cfg.metrics_web_config {
@@ -601,6 +611,22 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             snap.runs.iter().map(|r| (&r.cgroup, &r.run_id)),
         );
         u.gpus = crate::gpu::usage(&gpu_interval.observations, &runs);
+        let unattributed: u64 = u
+            .gpus
+            .values()
+            .map(|g| u64::from(g.unknown_cgroup_pids))
+            .sum();
+        if unattributed > 0 {
+            metrics.add_gpu_unattributed_pids(unattributed);
+            if unattributed_warned.map_or(true, |t| t.elapsed() >= UNATTRIBUTED_WARN_EVERY) {
+                unattributed_warned = Some(Instant::now());
+                tracing::warn!(
+                    pids = unattributed,
+                    "GPU-using processes whose cgroup cannot be read: their share goes to the \
+                     host bucket (is /proc hidden from wattd? see wattd_gpu_unattributed_pids_total)"
+                );
+            }
+        }
         let usage = Some(u);
         let interval = sampler.tick_with(Stamp::now(), usage, gpu_interval.readings);
         for r in snap.runs.iter().filter(|r| r.started) {

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use wattd_collectors::nvml::real::RealNvml;
 use wattd_collectors::nvml::{
-    probe_gpus, GpuCollector, GpuObservation, GpuOptions, GpuReport, NvmlApi, NvmlError,
+    nvidia_gpus, probe_gpus, GpuCollector, GpuObservation, GpuOptions, GpuReport, NvmlApi,
+    NvmlError,
 };
 use wattd_collectors::{DomainReading, HostError, HostRoot, MeterKey, Quality, SourceKind};
 
@@ -31,20 +32,21 @@ pub fn probe(
     root: &HostRoot,
     timeout: Duration,
 ) -> (GpuReport, Option<GpuCollector>) {
+    // Listed either way (an operator's choice and a captured tree are not problems).
+    let listed = |mut r: GpuReport| {
+        r.present = nvidia_gpus(root);
+        (r, None)
+    };
     if !cfg.enabled {
-        return (
-            GpuReport::disabled("disabled by configuration ([gpu] enabled = false)"),
-            None,
-        );
+        return listed(GpuReport::disabled(
+            "disabled by configuration ([gpu] enabled = false)",
+        ));
     }
     if !root.is_live() {
-        return (
-            GpuReport::disabled(format!(
-                "not considered: host root is {}, and NVML talks to the running driver, not a tree",
-                root.path().display()
-            )),
-            None,
-        );
+        return listed(GpuReport::disabled(format!(
+            "not considered: host root is {}, and NVML talks to the running driver, not a tree",
+            root.path().display()
+        )));
     }
     let library = cfg.library.clone();
     let opts = GpuOptions {
@@ -61,8 +63,21 @@ pub fn probe(
     )
 }
 
-/// Runs `open` and the GPU probe on a thread and waits at most `timeout` for it.
+/// Runs `open` and the GPU probe on a thread and waits at most `timeout` for it, then checks the
+/// result against the NVIDIA GPUs on the PCI bus under `opts.root` (a GPU the `nvidia` driver
+/// holds but NVML cannot measure is the report's `problem`).
 pub fn probe_on_thread(
+    open: impl FnOnce() -> Result<Box<dyn NvmlApi>, NvmlError> + Send + 'static,
+    opts: GpuOptions,
+    timeout: Duration,
+) -> (GpuReport, Option<GpuCollector>) {
+    let present = nvidia_gpus(&opts.root);
+    let (mut report, collector) = probe_nvml_on_thread(open, opts, timeout);
+    report.check_present(present);
+    (report, collector)
+}
+
+fn probe_nvml_on_thread(
     open: impl FnOnce() -> Result<Box<dyn NvmlApi>, NvmlError> + Send + 'static,
     opts: GpuOptions,
     timeout: Duration,

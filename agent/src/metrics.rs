@@ -117,6 +117,10 @@ pub struct Metrics {
     /// Indexed by `cause_index`.
     gaps: [u64; 3],
     quarantined: u64,
+    /// NVIDIA GPUs the driver holds that are not measured (set once at start).
+    gpu_unmeasured: u64,
+    /// GPU-using pids whose cgroup could not be read, per interval and GPU.
+    gpu_unattributed_pids: u64,
     spool_bytes: u64,
     spool_unacked: u64,
     delivery: DeliveryLag,
@@ -255,6 +259,8 @@ impl Metrics {
             measured_us: 0,
             gaps: [0; 3],
             quarantined: 0,
+            gpu_unmeasured: 0,
+            gpu_unattributed_pids: 0,
             spool_bytes: 0,
             spool_unacked: 0,
             delivery: DeliveryLag::default(),
@@ -443,6 +449,16 @@ impl Metrics {
             .update(sealed_seq, acked_seq, std::time::Instant::now());
     }
 
+    /// NVIDIA GPUs present and held by the `nvidia` driver that the probe could not measure.
+    pub fn set_gpu_unmeasured(&mut self, n: usize) {
+        self.gpu_unmeasured = n as u64;
+    }
+
+    /// Adds the GPU-using pids of one interval whose cgroup could not be read.
+    pub fn add_gpu_unattributed_pids(&mut self, n: u64) {
+        self.gpu_unattributed_pids = self.gpu_unattributed_pids.saturating_add(n);
+    }
+
     /// The daemon's running count of intervals merged into a coarsened one (spool full).
     pub fn set_coarsened(&mut self, total: u64) {
         self.coarsened = total;
@@ -623,6 +639,25 @@ impl Metrics {
             "Meter readings quarantined: a delta above the domain's physical ceiling.",
         );
         w.sample("wattd_quarantined_total", &[], self.quarantined);
+        w.family(
+            "wattd_gpu_unmeasured_devices",
+            "gauge",
+            "NVIDIA GPUs on the PCI bus, bound to the nvidia driver, that wattd cannot measure \
+             (device access, NVML permission, library): their energy is not billed. \
+             `wattd probe` says why.",
+        );
+        w.sample("wattd_gpu_unmeasured_devices", &[], self.gpu_unmeasured);
+        w.family(
+            "wattd_gpu_unattributed_pids_total",
+            "counter",
+            "GPU-using processes whose cgroup could not be read (/proc hidden or gone), so \
+             their share of the GPU went to the host bucket; counted once per interval and GPU.",
+        );
+        w.sample(
+            "wattd_gpu_unattributed_pids_total",
+            &[],
+            self.gpu_unattributed_pids,
+        );
         w.family(
             "wattd_spool_bytes",
             "gauge",
@@ -1364,6 +1399,9 @@ mod tests {
         );
         m.record_interval(&interval(2, vec![pkg, psys, dram], vec![gap]));
         m.record_gap(GapCause::AgentDown);
+        m.set_gpu_unmeasured(1);
+        m.add_gpu_unattributed_pids(2);
+        m.add_gpu_unattributed_pids(3);
         let text = m.render();
         // The whole text, as a scraper sees it (the version aside): a reviewed diff when it
         // changes.
@@ -1377,6 +1415,8 @@ mod tests {
         );
         let s = samples(&text);
         for want in [
+            "wattd_gpu_unmeasured_devices 1",
+            "wattd_gpu_unattributed_pids_total 5",
             "wattd_run_energy_joules_total{run_id=\"r1\",domain=\"package\"} 10.5",
             "wattd_run_energy_joules_total{run_id=\"r2\",domain=\"package\"} 4.000001",
             "wattd_host_energy_joules_total{domain=\"package\",source=\"powercap\",part=\"active\"} 15.499999",

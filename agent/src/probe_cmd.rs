@@ -53,7 +53,16 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
     std::io::stdout()
         .write_all(out.as_bytes())
         .context("writing to stdout")?;
-    Ok(())
+    verdict(&sel.report)
+}
+
+/// A GPU the host has and wattd cannot measure is energy nobody is billed for: an error (exit
+/// status 1 after the report), so that an installation check (`wattd probe && ...`) stops on it.
+fn verdict(r: &ProbeReport) -> anyhow::Result<()> {
+    match r.gpu.as_ref().and_then(|g| g.problem.as_deref()) {
+        Some(problem) => anyhow::bail!("{problem}"),
+        None => Ok(()),
+    }
 }
 
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
@@ -163,12 +172,64 @@ pub fn render_text(r: &ProbeReport) -> String {
                 let _ = writeln!(s, "            {detail}");
             }
         }
+        if !g.present.is_empty() {
+            let _ = writeln!(s, "  on the PCI bus:");
+            for p in &g.present {
+                let _ = writeln!(
+                    s,
+                    "    {} driver {}",
+                    p.address,
+                    p.driver.as_deref().unwrap_or("(none)")
+                );
+            }
+        }
     }
-    if !r.problems.is_empty() {
+    let gpu_problem = r.gpu.as_ref().and_then(|g| g.problem.as_deref());
+    if !r.problems.is_empty() || gpu_problem.is_some() {
         let _ = writeln!(s, "\nproblems:");
+        if let Some(p) = gpu_problem {
+            let _ = writeln!(s, "  error: {p}");
+        }
         for p in &r.problems {
             let _ = writeln!(s, "  {p}");
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unmeasured_gpu_is_an_error_in_the_text_and_the_exit_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("sys/bus/pci/devices/0000:17:00.0");
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(dev.join("vendor"), "0x10de\n").unwrap();
+        std::fs::write(dev.join("class"), "0x030200\n").unwrap();
+        std::fs::create_dir_all(dir.path().join("sys/bus/pci/drivers/nvidia")).unwrap();
+        std::os::unix::fs::symlink("../../../bus/pci/drivers/nvidia", dev.join("driver")).unwrap();
+        let root = HostRoot::new(dir.path());
+        let mut sel = probe::select(&ProbeOptions::new(root.clone()));
+        let clean = verdict(&sel.report);
+        assert!(clean.is_ok(), "{clean:?}");
+        let (gpu, _) = wattd::gpu::probe_on_thread(
+            || Err(wattd_collectors::nvml::NvmlError::DriverNotLoaded),
+            wattd_collectors::nvml::GpuOptions::new(root),
+            Duration::from_secs(5),
+        );
+        sel.report.add_gpus(gpu);
+        let text = render_text(&sel.report);
+        assert!(text.contains("0000:17:00.0 driver nvidia"), "{text}");
+        assert!(
+            text.contains(
+                "error: 1 NVIDIA GPU(s) bound to the nvidia driver (0000:17:00.0), 0 measured"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("kernel driver is not loaded"), "{text}");
+        let err = verdict(&sel.report).unwrap_err().to_string();
+        assert!(err.contains("0000:17:00.0"), "{err}");
+    }
 }

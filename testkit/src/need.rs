@@ -53,6 +53,17 @@ pub fn which(program: &str) -> Option<std::path::PathBuf> {
         .find(|c| c.is_file())
 }
 
+/// The machine's cumulative steal time, all CPUs, in microseconds (`/proc/stat`, counted in
+/// clock ticks of 10 ms), or `None` when it cannot be read. On a VM, time the hypervisor took
+/// from a vCPU while a task ran is in perf's task-clock (the raw clock) and not in the cgroup's
+/// `usage_usec`: a test comparing the two allows what was stolen meanwhile, plus a tick.
+pub fn steal_us() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: u64 = line.split_whitespace().nth(8)?.parse().ok()?;
+    Some(ticks.saturating_mul(10_000))
+}
+
 /// CPUs left idle on this machine, measured from `/proc/stat` over `over` (`None` when it
 /// cannot be read). For tests whose premise is spare capacity, such as a calibration that must
 /// change the host's busy time: on a saturated machine they cannot be valid, and say so.

@@ -717,3 +717,66 @@ fn rebaseline_at_start_bills_nothing_from_before_the_first_interval() {
         assert_eq!(energy(0), 250 * J, "only the first interval's own energy");
     });
 }
+
+/// Lays out one PCI function under `root` as sysfs shows it.
+fn pci_function(root: &std::path::Path, addr: &str, class: &str, driver: Option<&str>) {
+    let dev = root.join("sys/bus/pci/devices").join(addr);
+    std::fs::create_dir_all(&dev).unwrap();
+    std::fs::write(dev.join("vendor"), "0x10de\n").unwrap();
+    std::fs::write(dev.join("class"), format!("{class}\n")).unwrap();
+    if let Some(d) = driver {
+        std::fs::create_dir_all(root.join("sys/bus/pci/drivers").join(d)).unwrap();
+        std::os::unix::fs::symlink(format!("../../../bus/pci/drivers/{d}"), dev.join("driver"))
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_gpu_the_driver_holds_but_nvml_cannot_open_is_a_problem_naming_it_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    pci_function(dir.path(), "0000:17:00.0", "0x030200", Some("nvidia"));
+    // Given to a VM: not the agent's to measure, and not a problem.
+    pci_function(dir.path(), "0000:65:00.0", "0x030200", Some("vfio-pci"));
+    let opts = GpuOptions::new(HostRoot::new(dir.path()));
+    let (report, collector) = wattd::gpu::probe_on_thread(
+        || Err(NvmlError::NoPermission),
+        opts,
+        Duration::from_secs(5),
+    );
+    assert!(collector.is_none());
+    assert_eq!(report.present.len(), 2);
+    assert_eq!(report.unmeasured(), 1);
+    let problem = report.problem.as_deref().expect("a problem");
+    assert!(problem.contains("0000:17:00.0"), "{problem}");
+    assert!(!problem.contains("0000:65:00.0"), "{problem}");
+    assert!(problem.contains("no permission"), "{problem}");
+    assert!(problem.contains("DeviceAllow"), "{problem}");
+}
+
+#[test]
+fn fewer_gpus_measured_than_the_driver_holds_is_a_problem_and_as_many_is_none() {
+    let dir = tempfile::tempdir().unwrap();
+    pci_function(dir.path(), "0000:17:00.0", "0x030200", Some("nvidia"));
+    pci_function(dir.path(), "0000:18:00.0", "0x030200", Some("nvidia"));
+    let probe = |root: &std::path::Path| {
+        let rec = Recording::load(&fixture("two_gpus.json")).unwrap();
+        let (api, cursor) = RecordedNvml::new(rec);
+        cursor.write_procs(root).unwrap();
+        wattd::gpu::probe_on_thread(
+            move || Ok(Box::new(api) as Box<dyn NvmlApi>),
+            GpuOptions::new(HostRoot::new(root)),
+            Duration::from_secs(5),
+        )
+        .0
+    };
+    let two = probe(dir.path());
+    assert_eq!(two.measured(), 2, "{two:?}");
+    assert_eq!(two.problem, None);
+    assert_eq!(two.unmeasured(), 0);
+    pci_function(dir.path(), "0000:19:00.0", "0x030000", Some("nvidia"));
+    let three = probe(dir.path());
+    assert_eq!(three.unmeasured(), 1);
+    let problem = three.problem.as_deref().expect("a problem");
+    assert!(problem.starts_with("3 NVIDIA GPU(s)"), "{problem}");
+    assert!(problem.contains("2 measured"), "{problem}");
+}

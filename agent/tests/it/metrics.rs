@@ -395,6 +395,8 @@ fn behind_tls_and_basic_auth_a_scraper_with_credentials_gets_the_runs() {
         ("wattd_intervals_total", "counter"),
         ("wattd_gaps_total", "counter"),
         ("wattd_quarantined_total", "counter"),
+        ("wattd_gpu_unmeasured_devices", "gauge"),
+        ("wattd_gpu_unattributed_pids_total", "counter"),
         ("wattd_spool_bytes", "gauge"),
         ("wattd_spool_unacked_batches", "gauge"),
         ("wattd_spool_coarsened_intervals_total", "counter"),

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::pci::PciGpu;
 use super::{ComputeProcess, MigInstance, NvmlApi, NvmlError};
 use crate::counter::{CounterSample, EnergyCounter, EnergyUnit};
 use crate::domain::{Domain, MeterKey, Quality, SourceKind};
@@ -83,6 +84,11 @@ pub struct GpuReport {
     /// Why the GPU domain is disabled or partly usable.
     pub reason: Option<String>,
     pub devices: Vec<GpuDeviceReport>,
+    /// The NVIDIA GPUs on the PCI bus (see [`check_present`](Self::check_present)).
+    pub present: Vec<PciGpu>,
+    /// Set when GPUs bound to the `nvidia` driver are present but fewer are measured: their
+    /// energy is not billed. An error in `wattd probe`, a warning at start, a metric.
+    pub problem: Option<String>,
 }
 
 impl GpuReport {
@@ -91,7 +97,54 @@ impl GpuReport {
             available: false,
             reason: Some(reason.into()),
             devices: Vec::new(),
+            present: Vec::new(),
+            problem: None,
         }
+    }
+
+    /// GPUs measured from now on.
+    pub fn measured(&self) -> usize {
+        self.devices.iter().filter(|d| d.status == "chosen").count()
+    }
+
+    /// GPUs bound to the `nvidia` driver that are not measured (0 when the probe was not asked
+    /// to check the bus).
+    pub fn unmeasured(&self) -> usize {
+        let bound = self.present.iter().filter(|g| g.is_nvidia_bound()).count();
+        bound.saturating_sub(self.measured())
+    }
+
+    /// Records the GPUs on the PCI bus and sets [`problem`](Self::problem) when some that the
+    /// `nvidia` driver holds are not measured, saying why in words an operator can act on.
+    pub fn check_present(&mut self, present: Vec<PciGpu>) {
+        self.present = present;
+        let missing = self.unmeasured();
+        if missing == 0 {
+            self.problem = None;
+            return;
+        }
+        let bound: Vec<&str> = self
+            .present
+            .iter()
+            .filter(|g| g.is_nvidia_bound())
+            .map(|g| g.address.as_str())
+            .collect();
+        let why = match (
+            &self.reason,
+            self.devices.iter().find_map(|d| d.detail.as_deref()),
+        ) {
+            (Some(r), _) => r.clone(),
+            (None, Some(d)) => d.to_owned(),
+            (None, None) => "NVML lists fewer GPUs than the PCI bus".to_owned(),
+        };
+        self.problem = Some(format!(
+            "{} NVIDIA GPU(s) bound to the nvidia driver ({}), {} measured: the energy of {missing} \
+             is not billed. {why}. Under systemd the unit must allow the NVIDIA devices \
+             (DeviceAllow=char-nvidia-frontend rw, see systemd/wattd.service)",
+            bound.len(),
+            bound.join(", "),
+            self.measured(),
+        ));
     }
 }
 
@@ -465,6 +518,8 @@ impl GpuCollector {
             available,
             reason: (!problems.is_empty()).then(|| problems.join("; ")),
             devices: reports,
+            present: Vec::new(),
+            problem: None,
         };
         let collector = GpuCollector {
             api,

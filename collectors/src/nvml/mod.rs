@@ -15,6 +15,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub mod collector;
+pub mod pci;
 pub mod real;
 pub mod recorded;
 
@@ -22,6 +23,7 @@ pub use collector::{
     probe_gpus, Activity, GpuCollector, GpuDeviceReport, GpuObservation, GpuOptions, GpuProbe,
     GpuReport,
 };
+pub use pci::{nvidia_gpus, PciGpu};
 
 /// What an NVML call can fail with, as far as wattd distinguishes it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]

@@ -1018,7 +1018,12 @@ mod removed_at_once {
         };
         let cg = sb.mkdir("flowzart.slice/run-orphan.scope");
         t.poll_events().unwrap();
+        let steal_before = wattd_testkit::need::steal_us();
         let truth = run_and_remove(&mut sb, "orphan", 100);
+        let stolen = match (steal_before, wattd_testkit::need::steal_us()) {
+            (Some(a), Some(b)) if b > a => b - a + 10_000,
+            _ => 0,
+        };
         std::fs::remove_dir(&parent).unwrap();
         let _ = cg;
         let s = t.tick(1_000_000);
@@ -1027,11 +1032,13 @@ mod removed_at_once {
         assert!(r.finished);
         if perf {
             // Counted on the raw clock: steal time on a VM (bursts of up to 1.7 ms measured
-            // here in 20 ms runs) is in the count and not in usage_usec.
+            // here in 20 ms runs; 24 to 49 ms in a 100 ms run when the host was oversubscribed)
+            // is in the count and not in usage_usec, and this run never had a cpu.stat read to
+            // scale its count by. Allowed: what the hypervisor stole meanwhile (all CPUs).
             assert_eq!(r.final_usage, Some(FinalUsage::PerfCounted));
             assert!(
-                r.usage_us.abs_diff(truth) <= truth / 100 + 2_000,
-                "{} of {truth}",
+                r.usage_us.abs_diff(truth) <= truth / 100 + 2_000 + stolen,
+                "{} of {truth} ({stolen} us stolen meanwhile)",
                 r.usage_us
             );
             assert_eq!(s.counters.final_lost, 0);

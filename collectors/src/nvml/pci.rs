@@ -1,0 +1,159 @@
+//! NVIDIA GPUs as the PCI bus lists them, whatever NVML says: the check that a GPU the host has
+//! is a GPU wattd measures. A GPU that is present and bound to the `nvidia` driver but that NVML
+//! cannot open (no permission on `/dev/nvidia*` under the service's device policy, a library
+//! missing, a driver mismatch) would otherwise leave its energy unbilled with nothing but an
+//! info line to say so.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::hostfs::{read_bounded, HostRoot};
+
+/// PCI vendor id of NVIDIA.
+const NVIDIA_VENDOR: &str = "0x10de";
+/// Most entries of `/sys/bus/pci/devices` looked at (a bound on hostile trees; real hosts have
+/// a few hundred functions at most).
+const PCI_FUNCTIONS_MAX: usize = 4096;
+/// Largest `vendor` or `class` attribute read.
+const ATTR_MAX: usize = 64;
+
+/// One NVIDIA display or 3D controller on the PCI bus.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PciGpu {
+    /// The PCI address, as the directory is named (`0000:17:00.0`).
+    pub address: String,
+    /// The kernel driver bound to it (`nvidia`, `vfio-pci`, `nouveau`), `None` when unbound.
+    pub driver: Option<String>,
+}
+
+impl PciGpu {
+    /// Bound to NVIDIA's own driver, so NVML should see it.
+    pub fn is_nvidia_bound(&self) -> bool {
+        self.driver.as_deref() == Some("nvidia")
+    }
+}
+
+/// The NVIDIA GPUs under `sys/bus/pci/devices` of `root` (class 0x0300 VGA or 0x0302 3D
+/// controller; NVSwitches and audio functions are left out), sorted by address. A tree without
+/// the directory has none; unreadable entries are skipped.
+pub fn nvidia_gpus(root: &HostRoot) -> Vec<PciGpu> {
+    let dir = root.join("sys/bus/pci/devices");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in entries.take(PCI_FUNCTIONS_MAX).flatten() {
+        let Some(address) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let path = entry.path();
+        if is_nvidia_gpu(&path) {
+            out.push(PciGpu {
+                address,
+                driver: bound_driver(&path),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.address.cmp(&b.address));
+    out
+}
+
+fn is_nvidia_gpu(dev: &Path) -> bool {
+    let attr = |name: &str| {
+        read_bounded(&dev.join(name), ATTR_MAX, "PCI device attribute")
+            .map(|s| s.trim().to_ascii_lowercase())
+            .unwrap_or_default()
+    };
+    attr("vendor") == NVIDIA_VENDOR && {
+        let class = attr("class");
+        class.starts_with("0x0300") || class.starts_with("0x0302")
+    }
+}
+
+fn bound_driver(dev: &Path) -> Option<String> {
+    let target = std::fs::read_link(dev.join("driver")).ok()?;
+    target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn function(root: &Path, addr: &str, vendor: &str, class: &str, driver: Option<&str>) {
+        let dev = root.join("sys/bus/pci/devices").join(addr);
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(dev.join("vendor"), format!("{vendor}\n")).unwrap();
+        std::fs::write(dev.join("class"), format!("{class}\n")).unwrap();
+        if let Some(d) = driver {
+            let drv = root.join("sys/bus/pci/drivers").join(d);
+            std::fs::create_dir_all(&drv).unwrap();
+            std::os::unix::fs::symlink(format!("../../../bus/pci/drivers/{d}"), dev.join("driver"))
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn finds_nvidia_display_and_3d_controllers_with_their_driver() {
+        let t = tempfile::tempdir().unwrap();
+        function(
+            t.path(),
+            "0000:17:00.0",
+            "0x10de",
+            "0x030200",
+            Some("nvidia"),
+        );
+        function(t.path(), "0000:03:00.0", "0x10de", "0x030000", None);
+        function(
+            t.path(),
+            "0000:65:00.0",
+            "0x10de",
+            "0x030200",
+            Some("vfio-pci"),
+        );
+        // An NVSwitch (bridge), a GPU's audio function, an Intel GPU, a NIC: none of them.
+        function(
+            t.path(),
+            "0000:c1:00.0",
+            "0x10de",
+            "0x068000",
+            Some("nvidia"),
+        );
+        function(t.path(), "0000:17:00.1", "0x10de", "0x040300", None);
+        function(t.path(), "0000:00:02.0", "0x8086", "0x030000", Some("i915"));
+        function(
+            t.path(),
+            "0000:5e:00.0",
+            "0x15b3",
+            "0x020000",
+            Some("mlx5_core"),
+        );
+        let found = nvidia_gpus(&HostRoot::new(t.path()));
+        let got: Vec<(&str, Option<&str>, bool)> = found
+            .iter()
+            .map(|g| (&*g.address, g.driver.as_deref(), g.is_nvidia_bound()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("0000:03:00.0", None, false),
+                ("0000:17:00.0", Some("nvidia"), true),
+                ("0000:65:00.0", Some("vfio-pci"), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_tree_without_a_pci_bus_and_garbage_attributes_give_none() {
+        let t = tempfile::tempdir().unwrap();
+        assert!(nvidia_gpus(&HostRoot::new(t.path())).is_empty());
+        let dev = t.path().join("sys/bus/pci/devices/0000:01:00.0");
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(dev.join("vendor"), vec![0xffu8; 10_000]).unwrap();
+        std::fs::write(dev.join("class"), "0x030200").unwrap();
+        assert!(nvidia_gpus(&HostRoot::new(t.path())).is_empty());
+    }
+}
