@@ -243,7 +243,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
     if let Some(problem) = &gpu_report.problem {
         tracing::warn!(%problem, "GPU present but not measured");
     }
-    let gpu_unmeasured = gpu_report.unmeasured();
+    let mut gpu_unmeasured = gpu_report.unmeasured();
     let mut gpus = match gpu_collector {
         Some(c) => match crate::gpu::GpuSource::start(
             c,
@@ -253,6 +253,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             Ok(g) => Some(g),
             Err(error) => {
                 tracing::error!(%error, "cannot start the NVML thread; GPUs are not measured");
+                gpu_unmeasured += gpu_report.measured();
                 None
             }
         },
@@ -622,8 +623,9 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
                 unattributed_warned = Some(Instant::now());
                 tracing::warn!(
                     pids = unattributed,
-                    "GPU-using processes whose cgroup cannot be read: their share goes to the \
-                     host bucket (is /proc hidden from wattd? see wattd_gpu_unattributed_pids_total)"
+                    "GPU-using processes whose cgroup cannot be read (exited before it was seen, \
+                     another PID namespace, or /proc hidden from wattd): their share goes to the \
+                     host bucket; see wattd_gpu_unattributed_pids_total"
                 );
             }
         }

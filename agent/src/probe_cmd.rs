@@ -59,9 +59,11 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
 /// A GPU the host has and wattd cannot measure is energy nobody is billed for: an error (exit
 /// status 1 after the report), so that an installation check (`wattd probe && ...`) stops on it.
 fn verdict(r: &ProbeReport) -> anyhow::Result<()> {
-    match r.gpu.as_ref().and_then(|g| g.problem.as_deref()) {
-        Some(problem) => anyhow::bail!("{problem}"),
-        None => Ok(()),
+    match r.gpu.as_ref() {
+        Some(g) if g.problem_is_error => {
+            anyhow::bail!("{}", g.problem.as_deref().unwrap_or("GPU not measured"))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -187,8 +189,13 @@ pub fn render_text(r: &ProbeReport) -> String {
     let gpu_problem = r.gpu.as_ref().and_then(|g| g.problem.as_deref());
     if !r.problems.is_empty() || gpu_problem.is_some() {
         let _ = writeln!(s, "\nproblems:");
-        if let Some(p) = gpu_problem {
-            let _ = writeln!(s, "  error: {p}");
+        if let (Some(p), Some(g)) = (gpu_problem, &r.gpu) {
+            let severity = if g.problem_is_error {
+                "error"
+            } else {
+                "warning"
+            };
+            let _ = writeln!(s, "  {severity}: {p}");
         }
         for p in &r.problems {
             let _ = writeln!(s, "  {p}");

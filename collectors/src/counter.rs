@@ -165,6 +165,87 @@ impl EnergyCounter {
     }
 }
 
+/// Power integrated over time, where a source has no energy counter (NVML without the
+/// total-energy counter, power-only hwmon sensors): trapezoids between readings, accumulated in
+/// half-picojoules (uW x us is pJ; the trapezoid's halving is deferred) so nothing is rounded
+/// until a whole microjoule is handed out; the remainder carries over. Always an estimate.
+#[derive(Clone, Debug)]
+pub struct PowerIntegrator {
+    /// The last reading: monotonic microseconds and microwatts.
+    pub(crate) last: Option<(u64, u64)>,
+    pub(crate) acc_half_pj: u128,
+    /// A close has taken the baseline: the next close yields energy.
+    pub(crate) based: bool,
+    ceiling_uw: u64,
+}
+
+impl PowerIntegrator {
+    /// `ceiling_uw`: the most the meter can draw, safety factor included (above it a close is
+    /// quarantined).
+    pub fn new(ceiling_uw: u64) -> Self {
+        PowerIntegrator {
+            last: None,
+            acc_half_pj: 0,
+            based: false,
+            ceiling_uw,
+        }
+    }
+
+    /// Adds a reading of `uw` microwatts taken at `now_us`.
+    pub fn add_uw(&mut self, now_us: u64, uw: u64) {
+        if let Some((t0, p0)) = self.last {
+            let dt = now_us.saturating_sub(t0) as u128;
+            self.acc_half_pj += (p0 as u128 + uw as u128) * dt;
+        }
+        self.last = Some((now_us, uw));
+    }
+
+    /// Adds a reading in milliwatts (NVML's unit).
+    pub fn add_mw(&mut self, now_us: u64, mw: u32) {
+        self.add_uw(now_us, u64::from(mw) * 1_000);
+    }
+
+    /// Forgets everything after a failed reading: the integration restarts at the next one,
+    /// and the close after it is a baseline again.
+    pub fn invalidate(&mut self) {
+        self.last = None;
+        self.acc_half_pj = 0;
+        self.based = false;
+    }
+
+    /// Whether there is a last reading to integrate from.
+    pub fn has_reading(&self) -> bool {
+        self.last.is_some()
+    }
+
+    /// Hands out the whole microjoules integrated since the previous close (the first close is
+    /// the baseline), quarantined above the ceiling for `elapsed_us`.
+    pub fn close(&mut self, elapsed_us: u64) -> CounterSample {
+        if !self.based {
+            self.based = true;
+            self.acc_half_pj = 0;
+            return CounterSample::First;
+        }
+        let uj = self.acc_half_pj / 2_000_000;
+        self.acc_half_pj %= 2_000_000;
+        let energy_uj = u64::try_from(uj).unwrap_or(u64::MAX);
+        let ceiling_uj =
+            u64::try_from(self.ceiling_uw as u128 * elapsed_us.max(1_000) as u128 / 1_000_000)
+                .unwrap_or(u64::MAX);
+        if energy_uj > ceiling_uj {
+            CounterSample::Quarantined {
+                energy_uj,
+                ceiling_uj,
+            }
+        } else {
+            CounterSample::Energy {
+                energy_uj,
+                wrapped: false,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

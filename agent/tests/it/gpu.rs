@@ -751,6 +751,8 @@ fn a_gpu_the_driver_holds_but_nvml_cannot_open_is_a_problem_naming_it_and_why() 
     assert!(!problem.contains("0000:65:00.0"), "{problem}");
     assert!(problem.contains("no permission"), "{problem}");
     assert!(problem.contains("DeviceAllow"), "{problem}");
+    // NVML refused outright: the case a service's device policy causes, an error.
+    assert!(report.problem_is_error);
 }
 
 #[test]
@@ -779,4 +781,8 @@ fn fewer_gpus_measured_than_the_driver_holds_is_a_problem_and_as_many_is_none() 
     let problem = three.problem.as_deref().expect("a problem");
     assert!(problem.starts_with("3 NVIDIA GPU(s)"), "{problem}");
     assert!(problem.contains("2 measured"), "{problem}");
+    // NVML works and lists fewer (a container given some GPUs?): a warning, not an error, and
+    // no device-policy hint that would not apply.
+    assert!(!three.problem_is_error);
+    assert!(!problem.contains("DeviceAllow"), "{problem}");
 }

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::pci::PciGpu;
 use super::{ComputeProcess, MigInstance, NvmlApi, NvmlError};
-use crate::counter::{CounterSample, EnergyCounter, EnergyUnit};
+use crate::counter::{CounterSample, EnergyCounter, EnergyUnit, PowerIntegrator};
 use crate::domain::{Domain, MeterKey, Quality, SourceKind};
 use crate::error::{HostError, Shown, HINT_GENERIC};
 use crate::hostfs::{read_bounded, HostRoot};
@@ -87,8 +87,13 @@ pub struct GpuReport {
     /// The NVIDIA GPUs on the PCI bus (see [`check_present`](Self::check_present)).
     pub present: Vec<PciGpu>,
     /// Set when GPUs bound to the `nvidia` driver are present but fewer are measured: their
-    /// energy is not billed. An error in `wattd probe`, a warning at start, a metric.
+    /// energy is not billed. A warning at start and a metric; in `wattd probe` an error (exit
+    /// 1) when `problem_is_error`, else a warning.
     pub problem: Option<String>,
+    pub problem_is_error: bool,
+    /// GPUs the `nvidia` driver holds that are not measured (see `unmeasured`).
+    #[serde(skip)]
+    unmeasured: usize,
 }
 
 impl GpuReport {
@@ -99,6 +104,8 @@ impl GpuReport {
             devices: Vec::new(),
             present: Vec::new(),
             problem: None,
+            problem_is_error: false,
+            unmeasured: 0,
         }
     }
 
@@ -107,40 +114,58 @@ impl GpuReport {
         self.devices.iter().filter(|d| d.status == "chosen").count()
     }
 
-    /// GPUs bound to the `nvidia` driver that are not measured (0 when the probe was not asked
-    /// to check the bus).
+    /// GPUs bound to the `nvidia` driver that are not measured, as [`check_present`] found
+    /// (0 when it was not asked: GPUs disabled by configuration, a captured tree).
+    ///
+    /// [`check_present`]: Self::check_present
     pub fn unmeasured(&self) -> usize {
-        let bound = self.present.iter().filter(|g| g.is_nvidia_bound()).count();
-        bound.saturating_sub(self.measured())
+        self.unmeasured
     }
 
     /// Records the GPUs on the PCI bus and sets [`problem`](Self::problem) when some that the
-    /// `nvidia` driver holds are not measured, saying why in words an operator can act on.
+    /// `nvidia` driver holds are not measured, saying why in words an operator can act on. It
+    /// is an error ([`problem_is_error`](Self::problem_is_error)) when NVML could not be used
+    /// at all or was refused permission: the case a service's device policy causes. Fewer GPUs
+    /// listed, or GPUs NVML lists but cannot read (a vGPU guest without power readings, a
+    /// container given some of the host's GPUs), are a warning: the operator may mean it.
     pub fn check_present(&mut self, present: Vec<PciGpu>) {
         self.present = present;
-        let missing = self.unmeasured();
-        if missing == 0 {
-            self.problem = None;
-            return;
-        }
         let bound: Vec<&str> = self
             .present
             .iter()
             .filter(|g| g.is_nvidia_bound())
             .map(|g| g.address.as_str())
             .collect();
-        let why = match (
-            &self.reason,
-            self.devices.iter().find_map(|d| d.detail.as_deref()),
-        ) {
-            (Some(r), _) => r.clone(),
-            (None, Some(d)) => d.to_owned(),
-            (None, None) => "NVML lists fewer GPUs than the PCI bus".to_owned(),
+        self.unmeasured = bound.len().saturating_sub(self.measured());
+        let missing = self.unmeasured;
+        if missing == 0 {
+            self.problem = None;
+            self.problem_is_error = false;
+            return;
+        }
+        // NVML's own words: why it could not be used at all, else why a listed GPU is not.
+        let why = if self.devices.is_empty() {
+            self.reason.clone()
+        } else {
+            self.devices
+                .iter()
+                .filter(|d| d.status != "chosen")
+                .find_map(|d| d.detail.clone())
+        }
+        .unwrap_or_else(|| {
+            "NVML lists fewer GPUs than the PCI bus (a container given some of them?)".to_owned()
+        });
+        let permission = why.contains("no permission");
+        self.problem_is_error = self.devices.is_empty() || permission;
+        let hint = if permission {
+            " Under systemd the unit must allow the NVIDIA devices \
+             (DeviceAllow=char-nvidia-frontend rw, see systemd/wattd.service)."
+        } else {
+            ""
         };
         self.problem = Some(format!(
             "{} NVIDIA GPU(s) bound to the nvidia driver ({}), {} measured: the energy of {missing} \
-             is not billed. {why}. Under systemd the unit must allow the NVIDIA devices \
-             (DeviceAllow=char-nvidia-frontend rw, see systemd/wattd.service)",
+             is not billed. {why}.{hint}",
             bound.len(),
             bound.join(", "),
             self.measured(),
@@ -194,58 +219,6 @@ pub fn probe_gpus(
     GpuProbe {
         collector: collector.filter(|c| !c.devices.is_empty()),
         report,
-    }
-}
-
-/// Power integrated over time: trapezoids between readings, in half-nanojoules (mW x us / 2 is
-/// nJ) so nothing is rounded until a whole microjoule is handed out; the remainder carries over.
-#[derive(Clone, Debug)]
-struct PowerIntegrator {
-    last: Option<(u64, u32)>,
-    acc_half_nj: u128,
-    /// A close has taken the baseline: the next close yields energy.
-    based: bool,
-    ceiling_uw: u64,
-}
-
-impl PowerIntegrator {
-    fn add(&mut self, now_us: u64, mw: u32) {
-        if let Some((t0, p0)) = self.last {
-            let dt = now_us.saturating_sub(t0) as u128;
-            self.acc_half_nj += (p0 as u128 + mw as u128) * dt;
-        }
-        self.last = Some((now_us, mw));
-    }
-
-    fn invalidate(&mut self) {
-        self.last = None;
-        self.acc_half_nj = 0;
-        self.based = false;
-    }
-
-    fn close(&mut self, elapsed_us: u64) -> CounterSample {
-        if !self.based {
-            self.based = true;
-            self.acc_half_nj = 0;
-            return CounterSample::First;
-        }
-        let uj = self.acc_half_nj / 2_000;
-        self.acc_half_nj %= 2_000;
-        let energy_uj = u64::try_from(uj).unwrap_or(u64::MAX);
-        let ceiling_uj =
-            u64::try_from(self.ceiling_uw as u128 * elapsed_us.max(1_000) as u128 / 1_000_000)
-                .unwrap_or(u64::MAX);
-        if energy_uj > ceiling_uj {
-            CounterSample::Quarantined {
-                energy_uj,
-                ceiling_uj,
-            }
-        } else {
-            CounterSample::Energy {
-                energy_uj,
-                wrapped: false,
-            }
-        }
     }
 }
 
@@ -442,13 +415,8 @@ impl GpuCollector {
                             "total-energy counter: {counter_err}; power readings integrated over \
                              time instead (estimated)"
                         ));
-                        let mut p = PowerIntegrator {
-                            last: None,
-                            acc_half_nj: 0,
-                            based: false,
-                            ceiling_uw,
-                        };
-                        p.add(now_us, mw);
+                        let mut p = PowerIntegrator::new(ceiling_uw);
+                        p.add_mw(now_us, mw);
                         let _ = p.close(0);
                         Some((
                             EnergySource::Power(p),
@@ -520,6 +488,8 @@ impl GpuCollector {
             devices: reports,
             present: Vec::new(),
             problem: None,
+            problem_is_error: false,
+            unmeasured: 0,
         };
         let collector = GpuCollector {
             api,
@@ -692,7 +662,7 @@ impl GpuCollector {
                 }
             }
             if let (Some(Ok(mw)), EnergySource::Power(p)) = (power, &mut d.energy) {
-                p.add(now_us, mw);
+                p.add_mw(now_us, mw);
             }
         }
         // Running processes are looked up every poll (a pid can be reused); a pid seen only in
@@ -770,10 +740,10 @@ impl GpuCollector {
                     Some(Ok(mw)) => {
                         if p.last.is_none() {
                             // After a failure the integration restarts here.
-                            p.add(now_us, mw);
+                            p.add_mw(now_us, mw);
                             p.based = false;
                         } else {
-                            p.add(now_us, mw);
+                            p.add_mw(now_us, mw);
                         }
                         Ok(p.close(elapsed_us))
                     }
@@ -867,16 +837,11 @@ mod tests {
 
     #[test]
     fn power_integration_is_exact_and_carries_remainders() {
-        let mut p = PowerIntegrator {
-            last: None,
-            acc_half_nj: 0,
-            based: false,
-            ceiling_uw: 6_000_000_000,
-        };
-        p.add(0, 100_000);
+        let mut p = PowerIntegrator::new(6_000_000_000);
+        p.add_mw(0, 100_000);
         assert_eq!(p.close(0), CounterSample::First);
         // 100 W to 200 W over 1 s: 150 J by trapezoid.
-        p.add(1_000_000, 200_000);
+        p.add_mw(1_000_000, 200_000);
         assert_eq!(
             p.close(1_000_000),
             CounterSample::Energy {
@@ -888,18 +853,18 @@ mod tests {
         // microjoule with the half carried, never rounded away per interval.
         let mut t = 1_000_000;
         let mut sum = 0;
-        p.last = Some((t, 1));
+        p.last = Some((t, 1_000));
         for _ in 0..1_500 {
             t += 1;
-            p.add(t, 1);
+            p.add_mw(t, 1);
             if let CounterSample::Energy { energy_uj, .. } = p.close(1) {
                 sum += energy_uj;
             }
         }
         assert_eq!(sum, 1);
-        assert_eq!(p.acc_half_nj, 1_000);
+        assert_eq!(p.acc_half_pj, 1_000_000);
         // Rising to 20 kW (10 kJ over 1 s) is above a 2 kW x 3 ceiling: quarantined.
-        p.add(t + 1_000_000, 20_000_000);
+        p.add_mw(t + 1_000_000, 20_000_000);
         assert!(matches!(
             p.close(1_000_000),
             CounterSample::Quarantined { .. }

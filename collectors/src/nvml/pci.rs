@@ -35,7 +35,8 @@ impl PciGpu {
 }
 
 /// The NVIDIA GPUs under `sys/bus/pci/devices` of `root` (class 0x0300 VGA or 0x0302 3D
-/// controller; NVSwitches and audio functions are left out), sorted by address. A tree without
+/// controller; NVSwitches, audio functions and SR-IOV virtual functions are left out), sorted
+/// by address. A tree without
 /// the directory has none; unreadable entries are skipped.
 pub fn nvidia_gpus(root: &HostRoot) -> Vec<PciGpu> {
     let dir = root.join("sys/bus/pci/devices");
@@ -48,7 +49,9 @@ pub fn nvidia_gpus(root: &HostRoot) -> Vec<PciGpu> {
             continue;
         };
         let path = entry.path();
-        if is_nvidia_gpu(&path) {
+        // An SR-IOV virtual function (vGPU hosts) is a slice of a physical GPU that NVML
+        // lists, not a GPU of its own.
+        if is_nvidia_gpu(&path) && !path.join("physfn").exists() {
             out.push(PciGpu {
                 address,
                 driver: bound_driver(&path),
@@ -131,6 +134,19 @@ mod tests {
             "0x020000",
             Some("mlx5_core"),
         );
+        // A virtual function of the first GPU (vGPU host), bound to nvidia too.
+        function(
+            t.path(),
+            "0000:17:00.4",
+            "0x10de",
+            "0x030200",
+            Some("nvidia"),
+        );
+        std::os::unix::fs::symlink(
+            "../0000:17:00.0",
+            t.path().join("sys/bus/pci/devices/0000:17:00.4/physfn"),
+        )
+        .unwrap();
         let found = nvidia_gpus(&HostRoot::new(t.path()));
         let got: Vec<(&str, Option<&str>, bool)> = found
             .iter()
