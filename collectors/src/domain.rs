@@ -107,6 +107,10 @@ pub enum SourceKind {
     /// NVML power readings (mW) integrated over time, where the counter is not supported:
     /// always `Quality::Estimated`.
     NvmlPower,
+    /// A hwmon `energy<N>_input` counter (uJ): Intel GPUs (`i915`, `xe`).
+    Hwmon,
+    /// A hwmon power reading (uW) integrated per tick: always `Quality::Estimated`.
+    HwmonPower,
 }
 
 impl SourceKind {
@@ -118,6 +122,8 @@ impl SourceKind {
             SourceKind::Estimator => "estimator",
             SourceKind::Nvml => "nvml",
             SourceKind::NvmlPower => "nvml_power",
+            SourceKind::Hwmon => "hwmon",
+            SourceKind::HwmonPower => "hwmon_power",
         }
     }
 }

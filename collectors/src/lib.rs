@@ -12,6 +12,7 @@ pub mod domain;
 pub mod error;
 pub mod estimator;
 pub mod hostfs;
+pub mod hwmon;
 pub mod msr;
 pub mod nvml;
 pub mod perf_pmu;

@@ -11,6 +11,7 @@ use crate::domain::{Domain, Meter, MeterKey, Quality, SourceKind};
 use crate::error::HostError;
 use crate::estimator::{EstimatorMeter, EstimatorModel};
 use crate::hostfs::HostRoot;
+use crate::hwmon::{self, HwmonMeter};
 use crate::msr::{self, CpuId, MsrMeter};
 use crate::perf_pmu::{self, PerfMeter};
 use crate::powercap::{self, PowercapMeter, ZoneVerdict};
@@ -175,12 +176,14 @@ pub fn select(opts: &ProbeOptions) -> Selection {
             &mut chosen,
             &mut meters,
         ),
+        probe_hwmon(root, virtualized, &mut chosen, &mut meters),
         probe_estimator(opts, topo.as_ref(), &mut chosen, &mut meters),
     ];
 
     if let Some(t) = &topo {
         let pkgs = t.packages();
-        for k in chosen.keys() {
+        // GPUs carry their own index in `package`, not a CPU package.
+        for k in chosen.keys().filter(|k| k.domain != Domain::Gpu) {
             if let Some(p) = k.package.filter(|p| !pkgs.contains(p)) {
                 problems.push(format!(
                     "{k} is measured but no online CPU belongs to package {p}: its energy cannot be \
@@ -196,7 +199,7 @@ pub fn select(opts: &ProbeOptions) -> Selection {
             package: k.package,
             die: k.die,
             source: *s,
-            quality: if *s == SourceKind::Estimator {
+            quality: if matches!(*s, SourceKind::Estimator | SourceKind::HwmonPower) {
                 Quality::Estimated
             } else {
                 Quality::Measured
@@ -257,6 +260,89 @@ fn install<M: Meter + 'static>(
             rep.reason = Some(e.to_string());
         }
     }
+}
+
+/// hwmon sensors: Intel GPUs' energy is billed, everything else is listed with why not (see
+/// [`crate::hwmon`]).
+fn probe_hwmon(
+    root: &HostRoot,
+    virtualized: bool,
+    chosen: &mut BTreeMap<MeterKey, SourceKind>,
+    meters: &mut Vec<Box<dyn Meter>>,
+) -> SourceReport {
+    let mut rep = SourceReport {
+        source: SourceKind::Hwmon,
+        available: false,
+        reason: None,
+        zones: Vec::new(),
+    };
+    let devices = hwmon::scan(root);
+    if devices.is_empty() {
+        rep.reason = Some(format!(
+            "no hwmon energy or power sensor under /sys/class/hwmon{}",
+            vm_note(virtualized)
+        ));
+        return rep;
+    }
+    let mut decisions = hwmon::decide(&devices);
+    // A GPU index some earlier source serves is not claimed twice (none does today).
+    for d in decisions.iter_mut().filter(|d| d.status == "chosen") {
+        if let Some(k) = d.key.filter(|k| chosen.contains_key(k)) {
+            d.status = "standby";
+            d.detail = Some(format!("{k} is served by {}", chosen[&k]));
+        }
+    }
+    let (meter, failed) = HwmonMeter::open(root, &decisions);
+    for d in &decisions {
+        let mut z = zone(
+            d.key,
+            format!(
+                "{} ({}{}{})",
+                d.channel.file,
+                d.name,
+                d.channel
+                    .label
+                    .as_deref()
+                    .map(|l| format!(" {l}"))
+                    .unwrap_or_default(),
+                d.device
+                    .as_deref()
+                    .map(|a| format!(", {a}"))
+                    .unwrap_or_default()
+            ),
+            d.status,
+            d.detail.clone(),
+        );
+        if let Some((_, e)) = failed
+            .iter()
+            .find(|(k, _)| d.status == "chosen" && Some(*k) == d.key)
+        {
+            z.status = "unusable";
+            z.detail = Some(e.to_string());
+        } else if d.status == "chosen" {
+            if let Some(k) = d.key {
+                let src = match d.channel.kind {
+                    hwmon::ChannelKind::Energy => SourceKind::Hwmon,
+                    hwmon::ChannelKind::Power => SourceKind::HwmonPower,
+                };
+                chosen.insert(k, src);
+            }
+        }
+        if d.channel.kind == hwmon::ChannelKind::Energy {
+            z.energy_uj = crate::hostfs::read_u64(&root.join(&d.channel.file), "hwmon sensor").ok();
+        }
+        rep.zones.push(z);
+    }
+    match meter {
+        Some(m) => {
+            rep.available = true;
+            meters.push(Box::new(m));
+        }
+        None => {
+            rep.reason = Some("no sensor wattd can bill (each one's detail says why)".into());
+        }
+    }
+    rep
 }
 
 fn probe_perf(

@@ -918,11 +918,17 @@ mod removed_at_once {
         let heavy = sb.mkdir("flowzart.slice/run-heavy.scope");
         t.poll_events().unwrap();
         assert!(t.is_tracked("light") && t.is_tracked("heavy"));
+        let steal_before = wattd_testkit::need::steal_us();
         let pl = sb.spawn_burner(&light, 50, 50, 1);
         let ph = sb.spawn_burner(&heavy, 200, 200, 1);
         sb.wait(pl);
         sb.wait(ph);
         let (tl, th) = (sb.usage_us(&light), sb.usage_us(&heavy));
+        // Steal moves weight between the two (the sum stays exact): allowed on top of 10%.
+        let stolen = match (steal_before, wattd_testkit::need::steal_us()) {
+            (Some(a), Some(b)) if b > a => b - a + 10_000,
+            _ => 0,
+        };
         std::fs::remove_dir(&light).unwrap();
         std::fs::remove_dir(&heavy).unwrap();
         let s = t.tick(1_000_000);
@@ -936,14 +942,15 @@ mod removed_at_once {
             assert_eq!(r.final_usage, Some(FinalUsage::ReconciledShared), "{r:?}");
         }
         assert!(within(l.usage_us + h.usage_us, tl + th, 1.0));
+        let near = |got: u64, want: u64| got.abs_diff(want) <= want / 10 + stolen;
         assert!(
-            within(l.usage_us, tl, 10.0),
-            "light: {} of {tl}",
+            near(l.usage_us, tl),
+            "light: {} of {tl} ({stolen} us stolen meanwhile)",
             l.usage_us
         );
         assert!(
-            within(h.usage_us, th, 10.0),
-            "heavy: {} of {th}",
+            near(h.usage_us, th),
+            "heavy: {} of {th} ({stolen} us stolen meanwhile)",
             h.usage_us
         );
     }

@@ -5,4 +5,5 @@
 #![allow(clippy::unwrap_used)]
 
 mod cgroup;
+mod hwmon;
 mod sources;

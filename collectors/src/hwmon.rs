@@ -1,0 +1,370 @@
+//! hwmon energy and power sensors (the kernel's `Documentation/hwmon/sysfs-interface.rst`):
+//! `energy<N>_input` is cumulative microjoules, `power<N>_input` and `power<N>_average`
+//! microwatts, `<kind><N>_label` names a channel and `<kind><N>_enable` = 0 turns it off.
+//!
+//! What a channel measures is only known from its driver, so only drivers whose meaning is
+//! documented are billed, and nothing is ever summed with a meter that already covers it:
+//! - `i915` and `xe` (Intel GPUs, `sysfs-driver-intel-{i915,xe}-hwmon`): the card's energy
+//!   (`xe`: the channel labelled `card`, else `pkg`; `i915`: `energy1_input`), as domain `gpu`
+//!   under index [`GPU_INDEX_BASE`] + n (n by PCI address), beside the NVIDIA GPUs' 0, 1, ...
+//!   The driver accumulates its 32-bit register into a 64-bit count while it is read often
+//!   (wattd reads every tick); a count that goes back is a reset (driver reload), a gap. A
+//!   GPU with only a power reading has it integrated per tick, marked estimated. Per-tile
+//!   devices (`i915_gt0`) and the `pkg` channel beside `card` are inside the card: listed, never
+//!   summed.
+//! - `amd_energy` reads the same RAPL registers as the powercap and perf sources: never used.
+//! - Everything else (an ACPI power meter, a board's voltage regulators, a power-only sensor of
+//!   an ARM SoC) is listed with why it is not billed: wattd cannot tell what it covers, and
+//!   billing a sensor that overlaps a metered component would count that energy twice.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::counter::{EnergyCounter, EnergyUnit, PowerIntegrator};
+use crate::domain::{Domain, DomainReading, Meter, MeterKey, Quality, SourceKind};
+use crate::error::HostError;
+use crate::hostfs::{read_bounded, HostRoot, KeptFile};
+use crate::powercap::CEILING_SAFETY_FACTOR;
+
+/// GPUs measured through hwmon are numbered from here in `MeterKey::package`, so they never
+/// share an index with an NVIDIA GPU (NVML's 0, 1, ...).
+pub const GPU_INDEX_BASE: u32 = 1000;
+/// Most hwmon devices looked at (a bound on hostile trees).
+const DEVICES_MAX: usize = 256;
+/// Highest channel number looked at per kind.
+const CHANNELS_MAX: u32 = 32;
+/// Largest `name`, `label` or `enable` attribute read.
+const ATTR_MAX: usize = 256;
+const HINT: &str = "hwmon sensor";
+
+/// What a channel reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelKind {
+    /// `energy<N>_input`, cumulative microjoules.
+    Energy,
+    /// `power<N>_input` (or `power<N>_average`), microwatts.
+    Power,
+}
+
+/// One energy or power channel of a hwmon device.
+#[derive(Clone, Debug, Serialize)]
+pub struct Channel {
+    pub kind: ChannelKind,
+    pub index: u32,
+    pub label: Option<String>,
+    /// The file read, relative to the host root.
+    pub file: String,
+    /// `false` when `<kind><N>_enable` reads 0.
+    pub enabled: bool,
+}
+
+/// One device under `/sys/class/hwmon`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Device {
+    /// `hwmon3`.
+    pub dir: String,
+    /// The driver's `name` attribute (`xe`, `i915`, `amd_energy`, `power_meter`).
+    pub name: String,
+    /// The parent device (the `device` link's target name: a PCI address for a GPU).
+    pub device: Option<String>,
+    pub channels: Vec<Channel>,
+}
+
+/// Every hwmon device under `root` that has an energy or power channel, sorted by directory.
+/// A tree without `/sys/class/hwmon` has none; unreadable devices are skipped.
+pub fn scan(root: &HostRoot) -> Vec<Device> {
+    let base = root.join("sys/class/hwmon");
+    let Ok(entries) = std::fs::read_dir(&base) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Device> = entries
+        .take(DEVICES_MAX)
+        .flatten()
+        .filter_map(|e| {
+            let dir = e.file_name().to_str()?.to_owned();
+            device(&base.join(&dir), dir)
+        })
+        .collect();
+    out.sort_by(|a, b| a.dir.cmp(&b.dir));
+    out
+}
+
+fn attr(path: &Path) -> Option<String> {
+    read_bounded(path, ATTR_MAX, HINT)
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty() && s.chars().all(|c| !c.is_control()))
+}
+
+fn device(path: &Path, dir: String) -> Option<Device> {
+    let name = attr(&path.join("name")).unwrap_or_else(|| "?".to_owned());
+    let device = std::fs::read_link(path.join("device"))
+        .ok()
+        .and_then(|t| t.file_name()?.to_str().map(str::to_owned));
+    let mut channels = Vec::new();
+    for (kind, prefix, files) in [
+        (ChannelKind::Energy, "energy", &["input"][..]),
+        (ChannelKind::Power, "power", &["input", "average"][..]),
+    ] {
+        for index in 1..=CHANNELS_MAX {
+            let Some(file) = files
+                .iter()
+                .map(|f| format!("{prefix}{index}_{f}"))
+                .find(|f| path.join(f).is_file())
+            else {
+                continue;
+            };
+            let enabled =
+                attr(&path.join(format!("{prefix}{index}_enable"))).as_deref() != Some("0");
+            channels.push(Channel {
+                kind,
+                index,
+                label: attr(&path.join(format!("{prefix}{index}_label"))),
+                file: format!("sys/class/hwmon/{dir}/{file}"),
+                enabled,
+            });
+        }
+    }
+    (!channels.is_empty()).then_some(Device {
+        dir,
+        name,
+        device,
+        channels,
+    })
+}
+
+/// What became of one channel.
+#[derive(Clone, Debug, Serialize)]
+pub struct Decision {
+    pub dir: String,
+    pub name: String,
+    pub device: Option<String>,
+    pub channel: Channel,
+    /// The meter it serves when chosen (or would serve).
+    pub key: Option<MeterKey>,
+    /// `chosen`, `informational` (inside a chosen channel, never summed), `duplicate` (the same
+    /// registers as another source), `unusable` (disabled, unreadable) or `not_billed` (wattd
+    /// cannot tell what it covers).
+    pub status: &'static str,
+    pub detail: Option<String>,
+}
+
+fn is_intel_gpu(name: &str) -> bool {
+    name == "xe" || name == "i915"
+}
+
+/// Decides every channel of `devices` (as [`scan`] returns them).
+pub fn decide(devices: &[Device]) -> Vec<Decision> {
+    // Intel GPUs numbered by PCI address, stable across reboots (hwmon numbers are not).
+    let mut gpus: Vec<&Device> = devices.iter().filter(|d| is_intel_gpu(&d.name)).collect();
+    gpus.sort_by(|a, b| a.device.cmp(&b.device).then(a.dir.cmp(&b.dir)));
+    let mut out = Vec::new();
+    for d in devices {
+        let ordinal = gpus.iter().position(|g| g.dir == d.dir);
+        let key = ordinal.map(|n| MeterKey {
+            domain: Domain::Gpu,
+            package: Some(GPU_INDEX_BASE + n as u32),
+            die: None,
+        });
+        let billed = ordinal.and_then(|_| billed_channel(d));
+        for c in &d.channels {
+            let (status, detail) = verdict(d, c, billed);
+            out.push(Decision {
+                dir: d.dir.clone(),
+                name: d.name.clone(),
+                device: d.device.clone(),
+                channel: c.clone(),
+                key: key.filter(|_| status == "chosen" || status == "informational"),
+                status,
+                detail,
+            });
+        }
+    }
+    out
+}
+
+/// The channel of an Intel GPU that carries the card's energy: `card`, else `pkg`, else the
+/// first energy channel; a power channel only where there is no energy channel.
+fn billed_channel(d: &Device) -> Option<u32> {
+    let energy = || {
+        d.channels
+            .iter()
+            .filter(|c| c.enabled && c.kind == ChannelKind::Energy)
+    };
+    let labelled = |l: &str| energy().find(|c| c.label.as_deref() == Some(l));
+    labelled("card")
+        .or_else(|| labelled("pkg"))
+        .or_else(|| energy().next())
+        .or_else(|| {
+            d.channels
+                .iter()
+                .find(|c| c.enabled && c.kind == ChannelKind::Power)
+        })
+        .map(slot)
+}
+
+/// A channel's identity within its device: kind and number.
+fn slot(c: &Channel) -> u32 {
+    match c.kind {
+        ChannelKind::Energy => c.index,
+        ChannelKind::Power => CHANNELS_MAX + c.index,
+    }
+}
+
+fn verdict(d: &Device, c: &Channel, billed: Option<u32>) -> (&'static str, Option<String>) {
+    if !c.enabled {
+        return (
+            "unusable",
+            Some("disabled by the driver (_enable = 0)".into()),
+        );
+    }
+    if d.name == "amd_energy" {
+        return (
+            "duplicate",
+            Some(
+                "amd_energy reads the same RAPL registers as the powercap and perf sources: \
+                 never summed with them"
+                    .into(),
+            ),
+        );
+    }
+    if is_intel_gpu(&d.name) {
+        return if billed == Some(slot(c)) {
+            let what = match c.kind {
+                ChannelKind::Energy => "Intel GPU energy",
+                ChannelKind::Power => "Intel GPU power, integrated per tick (estimated)",
+            };
+            ("chosen", Some(what.into()))
+        } else {
+            (
+                "informational",
+                Some("inside the GPU's billed channel: never summed with it".into()),
+            )
+        };
+    }
+    if d.name.starts_with("i915_gt") || d.name.starts_with("xe_gt") {
+        return (
+            "informational",
+            Some("one tile of an Intel GPU, inside the card's energy".into()),
+        );
+    }
+    let why = match d.name.as_str() {
+        "power_meter" => {
+            "an ACPI power meter (whole node or a part of it): not a component meter; \
+             reconciliation against the wall is not built yet"
+        }
+        "amdgpu" => "an AMD GPU: measured through AMD SMI, which is not built yet",
+        _ => {
+            "wattd cannot tell what this driver's sensor covers; billing it beside the metered \
+             components could count their energy twice"
+        }
+    };
+    ("not_billed", Some(why.into()))
+}
+
+/// The open chosen channels, read once per tick.
+#[derive(Debug)]
+pub struct HwmonMeter {
+    channels: Vec<Open>,
+}
+
+#[derive(Debug)]
+struct Open {
+    key: MeterKey,
+    file: KeptFile,
+    reading: Reading,
+}
+
+#[derive(Debug)]
+enum Reading {
+    Energy(EnergyCounter),
+    /// The integrator and the meter's own clock (the sum of the elapsed times it was given).
+    Power(PowerIntegrator, u64),
+}
+
+impl HwmonMeter {
+    /// Opens the chosen decisions' files; those that cannot be opened are returned with why.
+    pub fn open(
+        root: &HostRoot,
+        decisions: &[Decision],
+    ) -> (Option<HwmonMeter>, Vec<(MeterKey, HostError)>) {
+        let mut channels = Vec::new();
+        let mut failed = Vec::new();
+        for d in decisions.iter().filter(|d| d.status == "chosen") {
+            let Some(key) = d.key else { continue };
+            let ceiling_uw = key
+                .domain
+                .default_max_watts()
+                .saturating_mul(1_000_000)
+                .saturating_mul(CEILING_SAFETY_FACTOR);
+            match KeptFile::open(&root.join(&d.channel.file), HINT) {
+                Ok(file) => channels.push(Open {
+                    key,
+                    file,
+                    reading: match d.channel.kind {
+                        ChannelKind::Energy => Reading::Energy(EnergyCounter::new(
+                            None,
+                            EnergyUnit::MicroJoule,
+                            ceiling_uw,
+                        )),
+                        ChannelKind::Power => Reading::Power(PowerIntegrator::new(ceiling_uw), 0),
+                    },
+                }),
+                Err(e) => failed.push((key, e)),
+            }
+        }
+        let meter = (!channels.is_empty()).then_some(HwmonMeter { channels });
+        (meter, failed)
+    }
+}
+
+impl Meter for HwmonMeter {
+    fn source(&self) -> SourceKind {
+        SourceKind::Hwmon
+    }
+
+    fn keys(&self) -> Vec<MeterKey> {
+        self.channels.iter().map(|c| c.key).collect()
+    }
+
+    fn read(&mut self, elapsed_us: u64, out: &mut Vec<DomainReading>) {
+        for c in &mut self.channels {
+            let raw = c.file.read_u64();
+            let (source, quality, sample) = match &mut c.reading {
+                Reading::Energy(counter) => {
+                    let sample = raw.and_then(|raw| {
+                        counter
+                            .update(raw, elapsed_us)
+                            .map_err(|e| HostError::malformed(c.file.path(), e.to_string()))
+                    });
+                    if sample.is_err() {
+                        counter.invalidate();
+                    }
+                    (SourceKind::Hwmon, Quality::Measured, sample)
+                }
+                Reading::Power(p, clock) => {
+                    *clock = clock.saturating_add(elapsed_us);
+                    let sample = match raw {
+                        Ok(uw) => {
+                            p.add_uw(*clock, uw);
+                            Ok(p.close(elapsed_us))
+                        }
+                        Err(e) => {
+                            p.invalidate();
+                            Err(e)
+                        }
+                    };
+                    (SourceKind::HwmonPower, Quality::Estimated, sample)
+                }
+            };
+            out.push(DomainReading {
+                key: c.key,
+                source,
+                quality,
+                sample,
+            });
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! hwmon sensors on fixture trees: kepler's captured `class/hwmon` (none of which wattd can
+//! bill) and a tree written by hand from the kernel's Intel GPU hwmon ABI (`intel-gpus/`, see
+//! `testdata/hosts/SOURCES.md`), then the meter on a copy whose counters the test moves.
+
+use std::path::Path;
+
+use wattd_collectors::counter::CounterSample;
+use wattd_collectors::hwmon::{self, ChannelKind, HwmonMeter, GPU_INDEX_BASE};
+use wattd_collectors::probe::{self, ProbeOptions};
+use wattd_collectors::{Domain, DomainReading, HostRoot, Meter, MeterKey, Quality, SourceKind};
+
+fn gpu(n: u32) -> MeterKey {
+    MeterKey {
+        domain: Domain::Gpu,
+        package: Some(GPU_INDEX_BASE + n),
+        die: None,
+    }
+}
+
+/// (hwmon dir, channel file name, status) of every decision.
+fn statuses(root: &Path) -> Vec<(String, String, &'static str, Option<MeterKey>)> {
+    hwmon::decide(&hwmon::scan(&HostRoot::new(root)))
+        .into_iter()
+        .map(|d| {
+            let file = d.channel.file.rsplit('/').next().unwrap().to_owned();
+            (d.dir, file, d.status, d.key)
+        })
+        .collect()
+}
+
+#[test]
+fn kepler_sensors_are_listed_and_none_is_billed() {
+    let root = wattd_testkit::host_fixture("kepler");
+    let devices = hwmon::scan(&HostRoot::new(&root));
+    // Voltage/current-only devices (ina226, max20730) have no energy or power channel.
+    assert!(devices.iter().all(|d| !d.channels.is_empty()));
+    assert!(!devices.iter().any(|d| d.name == "ina226"));
+    let disabled = devices
+        .iter()
+        .find(|d| d.dir == "hwmon_energy_disabled")
+        .unwrap();
+    let enabled: Vec<(u32, bool, Option<&str>)> = disabled
+        .channels
+        .iter()
+        .map(|c| (c.index, c.enabled, c.label.as_deref()))
+        .collect();
+    assert_eq!(
+        enabled,
+        vec![
+            (1, true, Some("Rail_A")),
+            (2, true, Some("Rail_B")),
+            (3, false, Some("Rail_C"))
+        ]
+    );
+    // amdgpu's power1_input is read, not its power1_average as well.
+    let amdgpu = devices.iter().find(|d| d.name == "amdgpu").unwrap();
+    assert_eq!(amdgpu.channels.len(), 1);
+    assert_eq!(amdgpu.channels[0].kind, ChannelKind::Power);
+    assert!(amdgpu.channels[0].file.ends_with("power1_input"));
+    for (dir, file, status, key) in statuses(&root) {
+        let want = if dir == "hwmon_energy_disabled" && file == "energy3_input"
+            || dir == "hwmon_disabled_power" && file == "power3_input"
+        {
+            "unusable"
+        } else {
+            "not_billed"
+        };
+        assert_eq!((status, key), (want, None), "{dir}/{file}");
+    }
+    // The probe lists them under the hwmon source, chooses none, and its meters are RAPL's.
+    let sel = probe::select(&ProbeOptions::new(HostRoot::new(&root)));
+    let src = sel
+        .report
+        .sources
+        .iter()
+        .find(|s| s.source == SourceKind::Hwmon)
+        .unwrap();
+    assert!(!src.available);
+    assert!(src.zones.len() >= 10, "{:?}", src.zones);
+    assert!(!sel.report.chosen.iter().any(|c| c.domain == Domain::Gpu));
+}
+
+#[test]
+fn intel_gpus_bill_the_card_once_and_amd_energy_never() {
+    let root = wattd_testkit::host_fixture("intel-gpus");
+    let got = statuses(&root);
+    let want: Vec<(String, String, &'static str, Option<MeterKey>)> = [
+        // xe at 0000:03:00.0 sorts first: GPU 1000; its card is billed, its package inside it.
+        ("hwmon4", "energy1_input", "chosen", Some(gpu(0))),
+        ("hwmon4", "energy2_input", "informational", Some(gpu(0))),
+        // i915 at 0000:4d:00.0: GPU 1001, energy1 unlabelled; its tile device is inside it.
+        ("hwmon5", "energy1_input", "chosen", Some(gpu(1))),
+        ("hwmon6", "energy1_input", "informational", None),
+        // amd_energy: the RAPL registers again.
+        ("hwmon7", "energy1_input", "duplicate", None),
+        ("hwmon7", "energy17_input", "duplicate", None),
+    ]
+    .into_iter()
+    .map(|(d, f, s, k)| (d.to_owned(), f.to_owned(), s, k))
+    .collect();
+    assert_eq!(got, want);
+
+    let sel = probe::select(&ProbeOptions::new(HostRoot::new(&root)));
+    let gpus: Vec<(MeterKey, SourceKind, Quality)> = sel
+        .report
+        .chosen
+        .iter()
+        .filter(|c| c.domain == Domain::Gpu)
+        .map(|c| {
+            (
+                MeterKey {
+                    domain: c.domain,
+                    package: c.package,
+                    die: c.die,
+                },
+                c.source,
+                c.quality,
+            )
+        })
+        .collect();
+    assert_eq!(
+        gpus,
+        vec![
+            (gpu(0), SourceKind::Hwmon, Quality::Measured),
+            (gpu(1), SourceKind::Hwmon, Quality::Measured)
+        ]
+    );
+    // A GPU index is not a CPU package: no "no online CPU in package 1000" problem.
+    assert!(
+        !sel.report.problems.iter().any(|p| p.contains("1000")),
+        "{:?}",
+        sel.report.problems
+    );
+    let zone = sel
+        .report
+        .sources
+        .iter()
+        .find(|s| s.source == SourceKind::Hwmon)
+        .unwrap()
+        .zones
+        .iter()
+        .find(|z| {
+            z.location
+                .starts_with("sys/class/hwmon/hwmon4/energy1_input")
+        })
+        .unwrap();
+    assert_eq!(zone.energy_uj, Some(1_234_567_890));
+    assert!(
+        zone.location.contains("xe card, 0000:03:00.0"),
+        "{}",
+        zone.location
+    );
+}
+
+/// Copies the hand-written tree to a scratch root the test can write to.
+fn scratch_copy() -> tempfile::TempDir {
+    let t = tempfile::tempdir().unwrap();
+    let src = wattd_testkit::host_fixture("intel-gpus");
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(src.join("sys"))
+        .arg(t.path())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    t
+}
+
+fn read(m: &mut HwmonMeter, elapsed_us: u64) -> Vec<DomainReading> {
+    let mut out = Vec::new();
+    m.read(elapsed_us, &mut out);
+    out
+}
+
+fn sample(r: &DomainReading) -> CounterSample {
+    *r.sample.as_ref().unwrap()
+}
+
+#[test]
+fn the_meter_counts_exact_deltas_and_a_reset_or_garbage_is_a_gap_then_a_baseline() {
+    let t = scratch_copy();
+    let root = HostRoot::new(t.path());
+    let decisions = hwmon::decide(&hwmon::scan(&root));
+    let (meter, failed) = HwmonMeter::open(&root, &decisions);
+    assert!(failed.is_empty());
+    let mut m = meter.unwrap();
+    assert_eq!(m.keys(), vec![gpu(0), gpu(1)]);
+    let card = t.path().join("sys/class/hwmon/hwmon4/energy1_input");
+    let set = |v: &str| std::fs::write(&card, format!("{v}\n")).unwrap();
+    let first = read(&mut m, 1_000_000);
+    assert_eq!(sample(&first[0]), CounterSample::First);
+    assert_eq!(first[0].source, SourceKind::Hwmon);
+    assert_eq!(first[0].quality, Quality::Measured);
+    // 150 J in one second, to the microjoule.
+    set("1384567891");
+    let r = read(&mut m, 1_000_000);
+    assert_eq!(
+        sample(&r[0]),
+        CounterSample::Energy {
+            energy_uj: 150_000_001,
+            wrapped: false
+        }
+    );
+    // The i915 GPU did not move: zero, not a gap.
+    assert_eq!(
+        sample(&r[1]),
+        CounterSample::Energy {
+            energy_uj: 0,
+            wrapped: false
+        }
+    );
+    // Driver reloaded: the count starts over. A reset (gap), then counting from the new value.
+    set("5000000");
+    assert!(matches!(
+        sample(&read(&mut m, 1_000_000)[0]),
+        CounterSample::Reset { .. }
+    ));
+    set("6000000");
+    assert_eq!(
+        sample(&read(&mut m, 1_000_000)[0]),
+        CounterSample::Energy {
+            energy_uj: 1_000_000,
+            wrapped: false
+        }
+    );
+    // Garbage: an error naming the file, then the next good reading is a new baseline.
+    set("12abc");
+    let bad = read(&mut m, 1_000_000);
+    let err = bad[0].sample.as_ref().unwrap_err().to_string();
+    assert!(err.contains("hwmon4/energy1_input"), "{err}");
+    set("7000000");
+    assert_eq!(sample(&read(&mut m, 1_000_000)[0]), CounterSample::First);
+    // Above what a GPU can draw (2 kW x the safety factor) in a second: quarantined.
+    set("107000000000");
+    assert!(matches!(
+        sample(&read(&mut m, 1_000_000)[0]),
+        CounterSample::Quarantined { .. }
+    ));
+}
+
+#[test]
+fn a_gpu_with_only_a_power_reading_is_integrated_and_marked_estimated() {
+    let t = scratch_copy();
+    let dev = t.path().join("sys/class/hwmon/hwmon5");
+    std::fs::remove_file(dev.join("energy1_input")).unwrap();
+    std::fs::write(dev.join("power1_input"), "100000000\n").unwrap();
+    let root = HostRoot::new(t.path());
+    let decisions = hwmon::decide(&hwmon::scan(&root));
+    let d = decisions
+        .iter()
+        .find(|d| d.dir == "hwmon5" && d.status == "chosen")
+        .unwrap();
+    assert_eq!(d.channel.kind, ChannelKind::Power);
+    let sel = probe::select(&ProbeOptions::new(root.clone()));
+    assert!(sel
+        .report
+        .chosen
+        .iter()
+        .any(|c| c.package == Some(GPU_INDEX_BASE + 1)
+            && c.source == SourceKind::HwmonPower
+            && c.quality == Quality::Estimated));
+    let (meter, _) = HwmonMeter::open(&root, &decisions);
+    let mut m = meter.unwrap();
+    let power = |r: &[DomainReading]| {
+        let r = r.iter().find(|r| r.key == gpu(1)).unwrap();
+        assert_eq!(
+            (r.source, r.quality),
+            (SourceKind::HwmonPower, Quality::Estimated)
+        );
+        sample(r)
+    };
+    assert_eq!(power(&read(&mut m, 1_000_000)), CounterSample::First);
+    // 100 W to 200 W over 1 s: 150 J by trapezoid; then 200 W over 0.5 s: 100 J.
+    std::fs::write(dev.join("power1_input"), "200000000\n").unwrap();
+    assert_eq!(
+        power(&read(&mut m, 1_000_000)),
+        CounterSample::Energy {
+            energy_uj: 150_000_000,
+            wrapped: false
+        }
+    );
+    assert_eq!(
+        power(&read(&mut m, 500_000)),
+        CounterSample::Energy {
+            energy_uj: 100_000_000,
+            wrapped: false
+        }
+    );
+}
