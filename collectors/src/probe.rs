@@ -63,6 +63,18 @@ pub struct SourceReport {
     pub zones: Vec<ZoneReport>,
 }
 
+impl SourceReport {
+    /// A source not (yet) available, with no reason and no zones.
+    fn unused(source: SourceKind) -> Self {
+        SourceReport {
+            source,
+            available: false,
+            reason: None,
+            zones: Vec::new(),
+        }
+    }
+}
+
 /// The chosen source of one billed meter.
 #[derive(Clone, Debug, Serialize)]
 pub struct Choice {
@@ -270,12 +282,7 @@ fn probe_hwmon(
     chosen: &mut BTreeMap<MeterKey, SourceKind>,
     meters: &mut Vec<Box<dyn Meter>>,
 ) -> SourceReport {
-    let mut rep = SourceReport {
-        source: SourceKind::Hwmon,
-        available: false,
-        reason: None,
-        zones: Vec::new(),
-    };
+    let mut rep = SourceReport::unused(SourceKind::Hwmon);
     let devices = hwmon::scan(root);
     if devices.is_empty() {
         rep.reason = Some(format!(
@@ -352,12 +359,7 @@ fn probe_perf(
     chosen: &mut BTreeMap<MeterKey, SourceKind>,
     meters: &mut Vec<Box<dyn Meter>>,
 ) -> SourceReport {
-    let mut rep = SourceReport {
-        source: SourceKind::PerfPmu,
-        available: false,
-        reason: None,
-        zones: Vec::new(),
-    };
+    let mut rep = SourceReport::unused(SourceKind::PerfPmu);
     let info = match perf_pmu::describe(&opts.root) {
         Ok(i) => i,
         Err(e) => {
@@ -467,12 +469,7 @@ fn probe_powercap(
     chosen: &mut BTreeMap<MeterKey, SourceKind>,
     meters: &mut Vec<Box<dyn Meter>>,
 ) -> SourceReport {
-    let mut rep = SourceReport {
-        source: SourceKind::Powercap,
-        available: false,
-        reason: None,
-        zones: Vec::new(),
-    };
+    let mut rep = SourceReport::unused(SourceKind::Powercap);
     let scan = match powercap::scan(root) {
         Ok(s) => s,
         Err(e) => {
@@ -557,12 +554,7 @@ fn probe_msr(
     chosen: &mut BTreeMap<MeterKey, SourceKind>,
     meters: &mut Vec<Box<dyn Meter>>,
 ) -> SourceReport {
-    let mut rep = SourceReport {
-        source: SourceKind::Msr,
-        available: false,
-        reason: None,
-        zones: Vec::new(),
-    };
+    let mut rep = SourceReport::unused(SourceKind::Msr);
     let (Some(cpu), Some(topo)) = (cpu, topo) else {
         rep.reason = Some("CPU identity or topology unknown".into());
         return rep;
@@ -672,12 +664,7 @@ fn probe_estimator(
     chosen: &mut BTreeMap<MeterKey, SourceKind>,
     meters: &mut Vec<Box<dyn Meter>>,
 ) -> SourceReport {
-    let mut rep = SourceReport {
-        source: SourceKind::Estimator,
-        available: false,
-        reason: None,
-        zones: Vec::new(),
-    };
+    let mut rep = SourceReport::unused(SourceKind::Estimator);
     let Some(topo) = topo else {
         rep.reason = Some("CPU topology unreadable".into());
         return rep;
