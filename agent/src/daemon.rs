@@ -222,6 +222,11 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
     // Sources.
     let mut popts = ProbeOptions::new(root.clone());
     popts.estimator = cfg.estimator;
+    popts.gpus = cfg.gpu.enabled;
+    popts.hwmon = wattd_collectors::hwmon::MeterOptions {
+        read_timeout: Duration::from_millis(cfg.gpu.read_timeout_ms),
+        gpu_max_watts: cfg.gpu.max_watts,
+    };
     let sel = probe::select(&popts);
     if sel.meters.is_empty() {
         bail!("no energy source can be used on this host; `wattd probe` says why");

@@ -35,7 +35,8 @@ pub struct ProbeArgs {
 
 pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
     let root = HostRoot::new(&args.root);
-    let opts = ProbeOptions::new(root.clone());
+    let mut opts = ProbeOptions::new(root.clone());
+    opts.gpus = !args.no_gpu;
     let mut sel = probe::select(&opts);
     let gpu_cfg = wattd::config::GpuConfig {
         enabled: !args.no_gpu,

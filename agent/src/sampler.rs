@@ -95,6 +95,8 @@ impl Interval {
 #[derive(Debug)]
 pub struct Sampler {
     meters: Vec<Box<dyn Meter>>,
+    /// The device identity of the meters that have one (hwmon GPUs), for the records.
+    device_ids: BTreeMap<MeterKey, Arc<str>>,
     idle: IdleTracker,
     estimator: EstimatorModel,
     policy: Policy,
@@ -118,8 +120,17 @@ impl Sampler {
             m.read(0, &mut readings);
         }
         readings.clear();
+        let device_ids = meters
+            .iter()
+            .flat_map(|m| {
+                m.keys()
+                    .into_iter()
+                    .filter_map(|k| m.device_id(k).map(|id| (k, id)))
+            })
+            .collect();
         Sampler {
             meters,
+            device_ids,
             idle,
             estimator,
             policy,
@@ -176,7 +187,8 @@ impl Sampler {
         for m in &mut self.meters {
             m.read(elapsed_us, &mut self.readings);
         }
-        let mut uuids: BTreeMap<MeterKey, Arc<str>> = BTreeMap::new();
+        // Empty on hosts without hwmon GPUs: the clone allocates nothing there.
+        let mut uuids: BTreeMap<MeterKey, Arc<str>> = self.device_ids.clone();
         for (r, uuid) in extra {
             uuids.insert(r.key, uuid);
             self.readings.push(r);

@@ -10,8 +10,9 @@ use crate::error::HostError;
 
 /// An energy domain. `Package`, `Dram`, `Psys` and `Gpu` are billed; `Core` and `Uncore` are
 /// subsets of `Package` (reported, never added to it); `Psys` is platform-wide and includes the
-/// packages, so it is a domain of its own and never summed with them. `Gpu` is one NVIDIA GPU,
-/// whole (its index travels in `MeterKey::package`); under MIG it is still the whole GPU.
+/// packages, so it is a domain of its own and never summed with them. `Gpu` is one GPU, whole
+/// (its index travels in `MeterKey::package`: NVIDIA GPUs 0, 1, ... through NVML, under MIG
+/// still the whole GPU; Intel GPUs through hwmon from 1000).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Domain {
@@ -73,7 +74,7 @@ impl fmt::Display for Domain {
 }
 
 /// Where a meter sits: its domain, and its package and die (none for platform-wide `psys`). For
-/// `Gpu`, `package` is the NVML device index.
+/// `Gpu`, `package` is the GPU's index (NVML's, or 1000 + n for hwmon GPUs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct MeterKey {
     pub domain: Domain,
@@ -160,4 +161,9 @@ pub trait Meter: Send + fmt::Debug {
     fn keys(&self) -> Vec<MeterKey>;
     /// Reads every meter; `elapsed_us` is the monotonic time since the previous call.
     fn read(&mut self, elapsed_us: u64, out: &mut Vec<DomainReading>);
+    /// A stable identity of the device behind a GPU meter (the records' `device_uuid`): NVML's
+    /// UUID travels with its readings; a hwmon GPU's is its PCI address.
+    fn device_id(&self, _key: MeterKey) -> Option<std::sync::Arc<str>> {
+        None
+    }
 }

@@ -17,7 +17,9 @@
 //!   an ARM SoC) is listed with why it is not billed: wattd cannot tell what it covers, and
 //!   billing a sensor that overlaps a metered component would count that energy twice.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -79,30 +81,44 @@ pub fn scan(root: &HostRoot) -> Vec<Device> {
     let Ok(entries) = std::fs::read_dir(&base) else {
         return Vec::new();
     };
-    let mut out: Vec<Device> = entries
-        .take(DEVICES_MAX)
+    // Names first (bounded), sorted, so which devices are kept does not depend on the
+    // directory's order.
+    let mut dirs: Vec<String> = entries
+        .take(DEVICES_MAX * 16)
         .flatten()
-        .filter_map(|e| {
-            let dir = e.file_name().to_str()?.to_owned();
-            device(&base.join(&dir), dir)
-        })
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|d| printable(d))
         .collect();
-    out.sort_by(|a, b| a.dir.cmp(&b.dir));
-    out
+    dirs.sort();
+    dirs.into_iter()
+        .take(DEVICES_MAX)
+        .filter_map(|dir| device(&base.join(&dir), dir))
+        .collect()
 }
 
+/// No control characters (a name printed by `wattd probe` must not move the terminal).
+fn printable(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| !c.is_control())
+}
+
+/// A small attribute, trimmed; `None` unless it is a regular file (a FIFO in a hostile tree
+/// would block the read) holding printable text.
 fn attr(path: &Path) -> Option<String> {
+    if !path.is_file() {
+        return None;
+    }
     read_bounded(path, ATTR_MAX, HINT)
         .ok()
         .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty() && s.chars().all(|c| !c.is_control()))
+        .filter(|s| printable(s))
 }
 
 fn device(path: &Path, dir: String) -> Option<Device> {
     let name = attr(&path.join("name")).unwrap_or_else(|| "?".to_owned());
     let device = std::fs::read_link(path.join("device"))
         .ok()
-        .and_then(|t| t.file_name()?.to_str().map(str::to_owned));
+        .and_then(|t| t.file_name()?.to_str().map(str::to_owned))
+        .filter(|d| printable(d));
     let mut channels = Vec::new();
     for (kind, prefix, files) in [
         (ChannelKind::Energy, "energy", &["input"][..]),
@@ -264,16 +280,45 @@ fn verdict(d: &Device, c: &Channel, billed: Option<u32>) -> (&'static str, Optio
     ("not_billed", Some(why.into()))
 }
 
-/// The open chosen channels, read once per tick.
+/// How the meter reads: the deadline of one tick's reads, and the GPUs' ceiling.
+#[derive(Clone, Copy, Debug)]
+pub struct MeterOptions {
+    /// A read that has not answered by then is a `SOURCE_FAILURE` gap of every channel (a
+    /// GPU's hwmon read wakes the device and takes a driver lock: slow, or stuck on a wedged
+    /// GPU). The stuck read is not waited for again.
+    pub read_timeout: Duration,
+    /// The most one GPU can draw, watts, before the safety factor (`[gpu] max_watts`).
+    pub gpu_max_watts: u64,
+}
+
+impl Default for MeterOptions {
+    fn default() -> Self {
+        MeterOptions {
+            read_timeout: Duration::from_millis(500),
+            gpu_max_watts: Domain::Gpu.default_max_watts(),
+        }
+    }
+}
+
+/// The chosen channels, read once per tick on a thread of their own (`wattd-hwmon`) with a
+/// deadline.
 #[derive(Debug)]
 pub struct HwmonMeter {
     channels: Vec<Open>,
+    tx: mpsc::SyncSender<u64>,
+    rx: mpsc::Receiver<(u64, Vec<Result<u64, HostError>>)>,
+    /// The last request sent, and whether its answer is still owed.
+    seq: u64,
+    pending: bool,
+    timeout: Duration,
 }
 
 #[derive(Debug)]
 struct Open {
     key: MeterKey,
-    file: KeptFile,
+    /// `pci:<address>` (or the hwmon directory) for the records' `device_uuid`.
+    device_id: Arc<str>,
+    path: PathBuf,
     reading: Reading,
 }
 
@@ -284,39 +329,186 @@ enum Reading {
     Power(PowerIntegrator, u64),
 }
 
+/// What the reading thread keeps per channel: where to find it again if its device goes away
+/// (a driver reload makes a new hwmon device, maybe under another number).
+struct Reader {
+    name: String,
+    device: Option<String>,
+    kind: ChannelKind,
+    label: Option<String>,
+    index: u32,
+    file: Option<KeptFile>,
+}
+
+impl Reader {
+    fn read(&mut self, root: &HostRoot) -> Result<u64, HostError> {
+        if let Some(f) = &self.file {
+            match f.read_u64() {
+                Ok(v) => return Ok(v),
+                // Garbage in the file is the file's answer; a file that errs or reads empty may
+                // belong to a device that went away.
+                Err(e)
+                    if !e.is_gone()
+                        && !matches!(e, HostError::Io { .. } | HostError::Empty { .. }) =>
+                {
+                    return Err(e)
+                }
+                Err(_) => self.file = None,
+            }
+        }
+        // Gone (or never opened): find the same channel of the same device again.
+        let path = self.locate(root).ok_or_else(|| HostError::NotFound {
+            path: root.join(format!(
+                "sys/class/hwmon/*/{}{}_input ({} {})",
+                match self.kind {
+                    ChannelKind::Energy => "energy",
+                    ChannelKind::Power => "power",
+                },
+                self.index,
+                self.name,
+                self.device.as_deref().unwrap_or("?")
+            )),
+        })?;
+        let f = KeptFile::open(&path, HINT)?;
+        let v = f.read_u64();
+        self.file = Some(f);
+        v
+    }
+
+    fn locate(&self, root: &HostRoot) -> Option<PathBuf> {
+        scan(root)
+            .into_iter()
+            .filter(|d| d.name == self.name && d.device == self.device)
+            .flat_map(|d| d.channels)
+            .find(|c| {
+                c.kind == self.kind
+                    && c.enabled
+                    && match &self.label {
+                        Some(l) => c.label.as_ref() == Some(l),
+                        None => c.label.is_none() && c.index == self.index,
+                    }
+            })
+            .map(|c| root.join(&c.file))
+    }
+}
+
 impl HwmonMeter {
-    /// Opens the chosen decisions' files; those that cannot be opened are returned with why.
+    /// Opens the chosen decisions' files and starts the reading thread; those that cannot be
+    /// opened are returned with why (their keys must not be chosen).
     pub fn open(
         root: &HostRoot,
         decisions: &[Decision],
+        opts: MeterOptions,
     ) -> (Option<HwmonMeter>, Vec<(MeterKey, HostError)>) {
         let mut channels = Vec::new();
+        let mut readers = Vec::new();
         let mut failed = Vec::new();
         for d in decisions.iter().filter(|d| d.status == "chosen") {
             let Some(key) = d.key else { continue };
-            let ceiling_uw = key
-                .domain
-                .default_max_watts()
+            let ceiling_uw = opts
+                .gpu_max_watts
                 .saturating_mul(1_000_000)
                 .saturating_mul(CEILING_SAFETY_FACTOR);
-            match KeptFile::open(&root.join(&d.channel.file), HINT) {
-                Ok(file) => channels.push(Open {
-                    key,
-                    file,
-                    reading: match d.channel.kind {
-                        ChannelKind::Energy => Reading::Energy(EnergyCounter::new(
-                            None,
-                            EnergyUnit::MicroJoule,
-                            ceiling_uw,
-                        )),
-                        ChannelKind::Power => Reading::Power(PowerIntegrator::new(ceiling_uw), 0),
-                    },
-                }),
-                Err(e) => failed.push((key, e)),
+            let path = root.join(&d.channel.file);
+            // Opened and read once here: a file that cannot be read now is not chosen.
+            let file = match KeptFile::open(&path, HINT).and_then(|f| f.read_u64().map(|_| f)) {
+                Ok(f) => f,
+                Err(e) => {
+                    failed.push((key, e));
+                    continue;
+                }
+            };
+            readers.push(Reader {
+                name: d.name.clone(),
+                device: d.device.clone(),
+                kind: d.channel.kind,
+                label: d.channel.label.clone(),
+                index: d.channel.index,
+                file: Some(file),
+            });
+            channels.push(Open {
+                key,
+                device_id: d
+                    .device
+                    .as_deref()
+                    .map_or_else(|| format!("hwmon:{}", d.dir), |a| format!("pci:{a}"))
+                    .into(),
+                path,
+                reading: match d.channel.kind {
+                    ChannelKind::Energy => Reading::Energy(EnergyCounter::new(
+                        None,
+                        EnergyUnit::MicroJoule,
+                        ceiling_uw,
+                    )),
+                    ChannelKind::Power => Reading::Power(PowerIntegrator::new(ceiling_uw), 0),
+                },
+            });
+        }
+        if channels.is_empty() {
+            return (None, failed);
+        }
+        let (tx, requests) = mpsc::sync_channel::<u64>(1);
+        let (answers, rx) = mpsc::channel();
+        let root = root.clone();
+        let spawned = std::thread::Builder::new()
+            .name("wattd-hwmon".into())
+            .spawn(move || {
+                while let Ok(seq) = requests.recv() {
+                    let values = readers.iter_mut().map(|r| r.read(&root)).collect();
+                    if answers.send((seq, values)).is_err() {
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            for c in &channels {
+                failed.push((c.key, HostError::io(&c.path, e.kind().into(), HINT)));
+            }
+            return (None, failed);
+        }
+        let meter = HwmonMeter {
+            channels,
+            tx,
+            rx,
+            seq: 0,
+            pending: false,
+            timeout: opts.read_timeout,
+        };
+        (Some(meter), failed)
+    }
+
+    /// One answer from the reading thread for this tick, or why there is none.
+    fn read_all(&mut self) -> Result<Vec<Result<u64, HostError>>, String> {
+        if self.pending {
+            // The previous request's answer is late: take it if it has come, and throw it away.
+            match self.rx.try_recv() {
+                Ok((seq, _)) if seq == self.seq => self.pending = false,
+                Ok(_) => {}
+                Err(mpsc::TryRecvError::Empty) => {
+                    return Err("a previous read is still blocked in the driver".into())
+                }
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    return Err("the reading thread is gone".into())
+                }
             }
         }
-        let meter = (!channels.is_empty()).then_some(HwmonMeter { channels });
-        (meter, failed)
+        self.seq += 1;
+        if self.tx.try_send(self.seq).is_err() {
+            return Err("the reading thread is gone".into());
+        }
+        self.pending = true;
+        match self.rx.recv_timeout(self.timeout) {
+            Ok((seq, values)) if seq == self.seq => {
+                self.pending = false;
+                Ok(values)
+            }
+            Ok(_) => Err("an answer out of order".into()),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
+                "no answer within {} ms (a GPU waking slowly, or wedged)",
+                self.timeout.as_millis()
+            )),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err("the reading thread is gone".into()),
+        }
     }
 }
 
@@ -329,15 +521,42 @@ impl Meter for HwmonMeter {
         self.channels.iter().map(|c| c.key).collect()
     }
 
+    fn device_id(&self, key: MeterKey) -> Option<Arc<str>> {
+        self.channels
+            .iter()
+            .find(|c| c.key == key)
+            .map(|c| c.device_id.clone())
+    }
+
     fn read(&mut self, elapsed_us: u64, out: &mut Vec<DomainReading>) {
-        for c in &mut self.channels {
-            let raw = c.file.read_u64();
+        let mut values = match self.read_all() {
+            Ok(v) => v.into_iter().map(Some).collect(),
+            Err(why) => {
+                tracing::debug!(%why, "hwmon read");
+                let mut v = Vec::new();
+                v.resize_with(self.channels.len(), || None);
+                for (slot, c) in v.iter_mut().zip(&self.channels) {
+                    *slot = Some(Err(HostError::io(
+                        &c.path,
+                        std::io::Error::new(std::io::ErrorKind::TimedOut, why.clone()),
+                        HINT,
+                    )));
+                }
+                v
+            }
+        };
+        for (c, raw) in self.channels.iter_mut().zip(values.iter_mut()) {
+            let raw = raw.take().unwrap_or_else(|| {
+                Err(HostError::NotFound {
+                    path: c.path.clone(),
+                })
+            });
             let (source, quality, sample) = match &mut c.reading {
                 Reading::Energy(counter) => {
                     let sample = raw.and_then(|raw| {
                         counter
                             .update(raw, elapsed_us)
-                            .map_err(|e| HostError::malformed(c.file.path(), e.to_string()))
+                            .map_err(|e| HostError::malformed(&c.path, e.to_string()))
                     });
                     if sample.is_err() {
                         counter.invalidate();

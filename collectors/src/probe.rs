@@ -25,6 +25,10 @@ pub struct ProbeOptions {
     /// How long a live counter is watched to see that it advances (perf and MSR counters in VMs
     /// can open fine and read 0 forever).
     pub liveness_window: Duration,
+    /// GPUs measured through hwmon are billed (`[gpu] enabled`).
+    pub gpus: bool,
+    /// How hwmon sensors are read (`[gpu] read_timeout_ms`, `[gpu] max_watts`).
+    pub hwmon: hwmon::MeterOptions,
 }
 
 impl ProbeOptions {
@@ -33,6 +37,8 @@ impl ProbeOptions {
             root,
             estimator: EstimatorModel::default(),
             liveness_window: Duration::from_millis(100),
+            gpus: true,
+            hwmon: hwmon::MeterOptions::default(),
         }
     }
 }
@@ -48,7 +54,8 @@ pub struct ZoneReport {
     pub range_uj: Option<u64>,
     pub energy_uj: Option<u64>,
     /// `chosen`, `standby` (usable, a preferred source serves the domain), `informational`
-    /// (a subset of its package, not billed separately), `duplicate`, `conflict`, `unusable`.
+    /// (a subset of its package, not billed separately), `duplicate`, `conflict`, `unusable`,
+    /// `not_billed` (a hwmon sensor wattd cannot tell the meaning of).
     pub status: &'static str,
     pub detail: Option<String>,
 }
@@ -188,7 +195,7 @@ pub fn select(opts: &ProbeOptions) -> Selection {
             &mut chosen,
             &mut meters,
         ),
-        probe_hwmon(root, virtualized, &mut chosen, &mut meters),
+        probe_hwmon(opts, virtualized, &mut chosen, &mut meters),
         probe_estimator(opts, topo.as_ref(), &mut chosen, &mut meters),
     ];
 
@@ -277,12 +284,13 @@ fn install<M: Meter + 'static>(
 /// hwmon sensors: Intel GPUs' energy is billed, everything else is listed with why not (see
 /// [`crate::hwmon`]).
 fn probe_hwmon(
-    root: &HostRoot,
+    opts: &ProbeOptions,
     virtualized: bool,
     chosen: &mut BTreeMap<MeterKey, SourceKind>,
     meters: &mut Vec<Box<dyn Meter>>,
 ) -> SourceReport {
     let mut rep = SourceReport::unused(SourceKind::Hwmon);
+    let root = &opts.root;
     let devices = hwmon::scan(root);
     if devices.is_empty() {
         rep.reason = Some(format!(
@@ -294,12 +302,15 @@ fn probe_hwmon(
     let mut decisions = hwmon::decide(&devices);
     // A GPU index some earlier source serves is not claimed twice (none does today).
     for d in decisions.iter_mut().filter(|d| d.status == "chosen") {
-        if let Some(k) = d.key.filter(|k| chosen.contains_key(k)) {
+        if !opts.gpus {
+            d.status = "unusable";
+            d.detail = Some("GPUs disabled by configuration ([gpu] enabled = false)".into());
+        } else if let Some(k) = d.key.filter(|k| chosen.contains_key(k)) {
             d.status = "standby";
             d.detail = Some(format!("{k} is served by {}", chosen[&k]));
         }
     }
-    let (meter, failed) = HwmonMeter::open(root, &decisions);
+    let (meter, failed) = HwmonMeter::open(root, &decisions, opts.hwmon);
     for d in &decisions {
         let mut z = zone(
             d.key,

@@ -786,3 +786,75 @@ fn fewer_gpus_measured_than_the_driver_holds_is_a_problem_and_as_many_is_none() 
     assert!(!three.problem_is_error);
     assert!(!problem.contains("DeviceAllow"), "{problem}");
 }
+
+/// An Intel GPU read through hwmon (the hand-written `intel-gpus` tree) through the sampler:
+/// its energy, to the microjoule, is recorded and left unattributed for want of usage, and the
+/// interval names the card by its PCI address.
+#[test]
+fn an_intel_gpu_through_hwmon_is_recorded_unattributed_and_named_by_its_address() {
+    let t = tempfile::tempdir().unwrap();
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(wattd_testkit::host_fixture("intel-gpus").join("sys"))
+        .arg(t.path())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let sel = wattd_collectors::probe::select(&wattd_collectors::probe::ProbeOptions::new(
+        HostRoot::new(t.path()),
+    ));
+    let mut sampler = Sampler::new(
+        sel.meters,
+        IdleTracker::new(S, BTreeMap::new()),
+        EstimatorModel::default(),
+        Policy {
+            idle: IdlePolicy::Proportional,
+            dram: DramPolicy::Cpu,
+        },
+        0,
+        Stamp {
+            mono_ns: 0,
+            unix_ns: 0,
+        },
+    );
+    // 1,234,567,890 uJ at start; 37.5 J later.
+    std::fs::write(
+        t.path().join("sys/class/hwmon/hwmon4/energy1_input"),
+        "1272067890\n",
+    )
+    .unwrap();
+    let usage = Usage {
+        runs: vec![RunUsage {
+            run_id: "a".into(),
+            ..RunUsage::default()
+        }],
+        ..Usage::default()
+    };
+    let iv = sampler.tick_with(
+        Stamp {
+            mono_ns: S * 1000,
+            unix_ns: 0,
+        },
+        Some(usage),
+        Vec::new(),
+    );
+    assert_conserved(&iv);
+    let card = gpu(&iv, 1000);
+    assert_eq!(card.source, SourceKind::Hwmon);
+    assert_eq!(card.measured_uj, 37_500_000);
+    assert_eq!(
+        card.unattributed,
+        vec![(UnattributedReason::NoUsageData, 37_500_000)]
+    );
+    assert_eq!(
+        card.gpu.as_ref().and_then(|g| g.uuid.as_deref()),
+        Some("pci:0000:03:00.0")
+    );
+    let other = gpu(&iv, 1001);
+    assert_eq!(other.measured_uj, 0);
+    assert_eq!(
+        other.gpu.as_ref().and_then(|g| g.uuid.as_deref()),
+        Some("pci:0000:4d:00.0")
+    );
+}

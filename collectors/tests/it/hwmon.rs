@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use wattd_collectors::counter::CounterSample;
-use wattd_collectors::hwmon::{self, ChannelKind, HwmonMeter, GPU_INDEX_BASE};
+use wattd_collectors::hwmon::{self, ChannelKind, HwmonMeter, MeterOptions, GPU_INDEX_BASE};
 use wattd_collectors::probe::{self, ProbeOptions};
 use wattd_collectors::{Domain, DomainReading, HostRoot, Meter, MeterKey, Quality, SourceKind};
 
@@ -182,7 +182,7 @@ fn the_meter_counts_exact_deltas_and_a_reset_or_garbage_is_a_gap_then_a_baseline
     let t = scratch_copy();
     let root = HostRoot::new(t.path());
     let decisions = hwmon::decide(&hwmon::scan(&root));
-    let (meter, failed) = HwmonMeter::open(&root, &decisions);
+    let (meter, failed) = HwmonMeter::open(&root, &decisions, MeterOptions::default());
     assert!(failed.is_empty());
     let mut m = meter.unwrap();
     assert_eq!(m.keys(), vec![gpu(0), gpu(1)]);
@@ -260,7 +260,7 @@ fn a_gpu_with_only_a_power_reading_is_integrated_and_marked_estimated() {
         .any(|c| c.package == Some(GPU_INDEX_BASE + 1)
             && c.source == SourceKind::HwmonPower
             && c.quality == Quality::Estimated));
-    let (meter, _) = HwmonMeter::open(&root, &decisions);
+    let (meter, _) = HwmonMeter::open(&root, &decisions, MeterOptions::default());
     let mut m = meter.unwrap();
     let power = |r: &[DomainReading]| {
         let r = r.iter().find(|r| r.key == gpu(1)).unwrap();
@@ -287,4 +287,76 @@ fn a_gpu_with_only_a_power_reading_is_integrated_and_marked_estimated() {
             wrapped: false
         }
     );
+}
+
+#[test]
+fn a_gpu_whose_device_comes_back_under_another_number_is_found_again_and_named_by_its_address() {
+    let t = scratch_copy();
+    let root = HostRoot::new(t.path());
+    let decisions = hwmon::decide(&hwmon::scan(&root));
+    let (meter, _) = HwmonMeter::open(&root, &decisions, MeterOptions::default());
+    let mut m = meter.unwrap();
+    assert_eq!(m.device_id(gpu(0)).as_deref(), Some("pci:0000:03:00.0"));
+    assert_eq!(m.device_id(gpu(1)).as_deref(), Some("pci:0000:4d:00.0"));
+    assert_eq!(sample(&read(&mut m, 1_000_000)[0]), CounterSample::First);
+    // The driver is reloaded: the old device's file reads nothing, and the same card (name,
+    // PCI address, label) appears as hwmon9 with its count started over.
+    let hwmon = t.path().join("sys/class/hwmon");
+    // (On sysfs the kept-open file then fails with ENODEV; here it reads empty.)
+    std::fs::write(hwmon.join("hwmon4/energy1_input"), "").unwrap();
+    std::fs::remove_dir_all(hwmon.join("hwmon4")).unwrap();
+    std::fs::create_dir(hwmon.join("hwmon9")).unwrap();
+    for (f, v) in [
+        ("name", "xe"),
+        ("energy1_label", "card"),
+        ("energy1_input", "1000"),
+    ] {
+        std::fs::write(hwmon.join("hwmon9").join(f), format!("{v}\n")).unwrap();
+    }
+    std::os::unix::fs::symlink("../../../0000:03:00.0", hwmon.join("hwmon9/device")).unwrap();
+    // A reset (the count went back): a gap, then counting from the new device.
+    assert!(matches!(
+        sample(&read(&mut m, 1_000_000)[0]),
+        CounterSample::Reset { .. }
+    ));
+    std::fs::write(hwmon.join("hwmon9/energy1_input"), "2000\n").unwrap();
+    assert_eq!(
+        sample(&read(&mut m, 1_000_000)[0]),
+        CounterSample::Energy {
+            energy_uj: 1_000,
+            wrapped: false
+        }
+    );
+    // Gone for good: a failed read (a gap) naming the channel, never a panic or a hang.
+    std::fs::write(hwmon.join("hwmon9/energy1_input"), "").unwrap();
+    std::fs::remove_dir_all(hwmon.join("hwmon9")).unwrap();
+    let err = read(&mut m, 1_000_000)[0]
+        .sample
+        .as_ref()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("xe 0000:03:00.0"), "{err}");
+}
+
+#[test]
+fn gpus_disabled_by_configuration_are_listed_not_billed() {
+    let root = wattd_testkit::host_fixture("intel-gpus");
+    let mut opts = ProbeOptions::new(HostRoot::new(&root));
+    opts.gpus = false;
+    let sel = probe::select(&opts);
+    assert!(!sel.report.chosen.iter().any(|c| c.domain == Domain::Gpu));
+    assert!(sel
+        .meters
+        .iter()
+        .all(|m| m.keys().is_empty() || m.source() != SourceKind::Hwmon));
+    let src = sel
+        .report
+        .sources
+        .iter()
+        .find(|s| s.source == SourceKind::Hwmon)
+        .unwrap();
+    assert!(src.zones.iter().any(|z| z
+        .detail
+        .as_deref()
+        .is_some_and(|d| d.contains("[gpu] enabled = false"))));
 }
