@@ -447,34 +447,71 @@ impl HwmonMeter {
         if channels.is_empty() {
             return (None, failed);
         }
+        let root = root.clone();
+        let read = move || readers.iter_mut().map(|r| r.read(&root)).collect();
+        match Self::start(channels, read, opts.read_timeout) {
+            Ok(m) => (Some(m), failed),
+            Err((channels, e)) => {
+                for c in &channels {
+                    failed.push((c.key, HostError::io(&c.path, e.kind().into(), HINT)));
+                }
+                (None, failed)
+            }
+        }
+    }
+
+    /// A meter whose every channel is an energy counter in microjoules answered by `read` (one
+    /// value per key, in order), on the reading thread with `timeout` as deadline: for tests of
+    /// the deadline, with a `read` that blocks as a wedged driver would.
+    #[doc(hidden)]
+    pub fn with_reader(
+        keys: &[MeterKey],
+        read: impl FnMut() -> Vec<Result<u64, HostError>> + Send + 'static,
+        timeout: Duration,
+    ) -> std::io::Result<HwmonMeter> {
+        let channels = keys
+            .iter()
+            .map(|&key| Open {
+                key,
+                device_id: "test".into(),
+                path: PathBuf::from(format!("{key}")),
+                reading: Reading::Energy(EnergyCounter::new(
+                    None,
+                    EnergyUnit::MicroJoule,
+                    u64::MAX,
+                )),
+            })
+            .collect();
+        Self::start(channels, read, timeout).map_err(|(_, e)| e)
+    }
+
+    fn start(
+        channels: Vec<Open>,
+        mut read: impl FnMut() -> Vec<Result<u64, HostError>> + Send + 'static,
+        timeout: Duration,
+    ) -> Result<HwmonMeter, (Vec<Open>, std::io::Error)> {
         let (tx, requests) = mpsc::sync_channel::<u64>(1);
         let (answers, rx) = mpsc::channel();
-        let root = root.clone();
         let spawned = std::thread::Builder::new()
             .name("wattd-hwmon".into())
             .spawn(move || {
                 while let Ok(seq) = requests.recv() {
-                    let values = readers.iter_mut().map(|r| r.read(&root)).collect();
-                    if answers.send((seq, values)).is_err() {
+                    if answers.send((seq, read())).is_err() {
                         return;
                     }
                 }
             });
         if let Err(e) = spawned {
-            for c in &channels {
-                failed.push((c.key, HostError::io(&c.path, e.kind().into(), HINT)));
-            }
-            return (None, failed);
+            return Err((channels, e));
         }
-        let meter = HwmonMeter {
+        Ok(HwmonMeter {
             channels,
             tx,
             rx,
             seq: 0,
             pending: false,
-            timeout: opts.read_timeout,
-        };
-        (Some(meter), failed)
+            timeout,
+        })
     }
 
     /// One answer from the reading thread for this tick, or why there is none.

@@ -360,3 +360,68 @@ fn gpus_disabled_by_configuration_are_listed_not_billed() {
         .as_deref()
         .is_some_and(|d| d.contains("[gpu] enabled = false"))));
 }
+
+/// A read that blocks (a wedged GPU driver) costs gaps, never a hung tick: the tick's read gives
+/// up at the deadline, the next tick does not queue behind the stuck read, the late answer is
+/// thrown away when it comes, and counting resumes from a new baseline.
+#[test]
+fn a_blocked_read_is_a_gap_at_the_deadline_and_its_late_answer_is_thrown_away() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let calls = Arc::new(AtomicU64::new(0));
+    let seen = calls.clone();
+    let mut m = HwmonMeter::with_reader(
+        &[gpu(0)],
+        move || {
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            if n == 1 {
+                // The second read hangs for far longer than the deadline.
+                std::thread::sleep(Duration::from_millis(600));
+            }
+            // The count goes up 1 J per call; the late answer carries 999 J, which must never
+            // be billed.
+            vec![Ok(if n == 1 {
+                999_000_000
+            } else {
+                (n + 1) * 1_000_000
+            })]
+        },
+        Duration::from_millis(100),
+    )
+    .unwrap();
+    assert_eq!(sample(&read(&mut m, 1_000_000)[0]), CounterSample::First);
+    let t0 = Instant::now();
+    let late = read(&mut m, 1_000_000);
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "waited {:?}",
+        t0.elapsed()
+    );
+    let err = late[0].sample.as_ref().unwrap_err().to_string();
+    assert!(err.contains("no answer within 100 ms"), "{err}");
+    // Still stuck: refused at once, not queued.
+    let t1 = Instant::now();
+    let err = read(&mut m, 1_000_000)[0]
+        .sample
+        .as_ref()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        t1.elapsed() < Duration::from_millis(300),
+        "waited {:?}",
+        t1.elapsed()
+    );
+    assert!(err.contains("still blocked"), "{err}");
+    std::thread::sleep(Duration::from_millis(700));
+    // Unstuck: the late 999 J answer is dropped; a new baseline, then 1 J per read again.
+    assert_eq!(sample(&read(&mut m, 1_000_000)[0]), CounterSample::First);
+    assert_eq!(
+        sample(&read(&mut m, 1_000_000)[0]),
+        CounterSample::Energy {
+            energy_uj: 1_000_000,
+            wrapped: false
+        }
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+}
