@@ -34,7 +34,8 @@ use crate::spool::SpoolConfig;
 /// The longest NVML may take to initialise and enumerate GPUs at start.
 const GPU_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The node id: configured, else `/etc/machine-id`, else the host name.
+/// The node id: configured, else `/etc/machine-id`, else the host name. The one rule: `wattd
+/// identity` makes the node's key with it too (a key made under another id is refused here).
 pub fn node_id(cfg: &Config) -> String {
     if let Some(id) = &cfg.node_id {
         return id.clone();
@@ -59,7 +60,9 @@ pub fn node_id(cfg: &Config) -> String {
     "unknown-node".to_owned()
 }
 
-/// The kernel's boot id: the frame of reference of monotonic timestamps.
+/// The kernel's boot id: the frame of reference of monotonic timestamps. Read from the running
+/// kernel, not under the host root: the timestamps are this kernel's clock even when the
+/// counters come from a simulated or captured tree.
 fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_owned())

@@ -10,27 +10,27 @@ use wattd::identity::{self, IdentityError, NodeKey};
 
 #[derive(Debug, Args)]
 pub struct IdentityArgs {
-    /// The data dir holding the spool and the node key [default: /var/lib/wattd as root,
-    /// ./wattd-data otherwise].
+    /// The agent's configuration: its `[node] id` and `[spool] dir` are the defaults below, so the
+    /// key is made for the node id `wattd run --config FILE` will use [default: the embedded
+    /// defaults, as `wattd run` without --config].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The data dir holding the spool and the node key [default: the configuration's
+    /// `[spool] dir`: /var/lib/wattd as root, ./wattd-data otherwise].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Node id to create the key for, if there is no key yet [default: /etc/machine-id].
+    /// Node id to create the key for, if there is no key yet [default: as `wattd run`: the
+    /// configuration's `[node] id`, else /etc/machine-id, else the host name].
     #[arg(long, value_name = "ID")]
     pub node_id: Option<String>,
 }
 
-fn machine_id() -> anyhow::Result<String> {
-    let id = std::fs::read_to_string("/etc/machine-id").context("reading /etc/machine-id")?;
-    let id = id.trim();
-    anyhow::ensure!(!id.is_empty(), "/etc/machine-id is empty; pass --node-id");
-    Ok(id.to_owned())
-}
-
 pub fn run(args: &IdentityArgs) -> anyhow::Result<()> {
+    let cfg = wattd::config::load(args.config.as_deref()).context("loading the configuration")?;
     let dir = args
         .data_dir
         .clone()
-        .unwrap_or_else(wattd::spool::default_data_dir);
+        .unwrap_or_else(|| cfg.spool_dir.clone());
     let key = match NodeKey::load(&dir) {
         Ok(k) => {
             if let Some(id) = args.node_id.as_ref().filter(|id| **id != k.node_id()) {
@@ -43,9 +43,11 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<()> {
             k
         }
         Err(IdentityError::Missing { .. }) => {
+            // One rule for the node id, the daemon's: a key made here under another id would
+            // be refused by `wattd run`.
             let node_id = match &args.node_id {
                 Some(id) => id.clone(),
-                None => machine_id()?,
+                None => wattd::daemon::node_id(&cfg),
             };
             let (k, created) = NodeKey::load_or_create(&dir, &node_id)?;
             if created {

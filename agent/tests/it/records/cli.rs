@@ -16,6 +16,45 @@ fn wattd(args: &[&str], dir: &Path) -> Result<Output, Box<dyn std::error::Error>
         .output()?)
 }
 
+/// `wattd identity` makes the key for the node id `wattd run` will use: the configuration's
+/// `[node] id`, in the configuration's `spool_dir` (a key made under another id, as the command
+/// once did from /etc/machine-id alone, would be refused by the daemon).
+#[test]
+fn identity_follows_the_configuration_the_daemon_reads() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let spool = tmp.path().join("spool");
+    let cfg = tmp.path().join("wattd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nid = \"node-from-config\"\n[spool]\ndir = {:?}\n",
+            spool.to_str().ok_or("path")?
+        ),
+    )?;
+    let out = wattd(
+        &["identity", "--config", cfg.to_str().ok_or("path")?],
+        tmp.path(),
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let ident = String::from_utf8(out.stdout)?;
+    assert!(ident.contains("node_id = \"node-from-config\""), "{ident}");
+    assert!(spool.join(wattd::identity::KEY_FILE).is_file(), "{stderr}");
+    // A bad configuration is refused, naming the file, the line and the key.
+    std::fs::write(&cfg, "[node]\nid = 7\n")?;
+    let out = wattd(
+        &["identity", "--config", cfg.to_str().ok_or("path")?],
+        tmp.path(),
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("wattd.toml:2") && stderr.contains("node.id"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
 #[test]
 fn identity_export_verify_runs() -> TestResult {
     let tmp = tempfile::tempdir()?;
