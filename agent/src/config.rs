@@ -102,6 +102,22 @@ impl Default for GpuConfig {
     }
 }
 
+/// The default spool: systemd's state directory when the service has one (`StateDirectory=`
+/// sets `STATE_DIRECTORY`; the unit runs as user `wattd`, for whom the relative `wattd-data`
+/// would land under a read-only `/`), else `/var/lib/wattd` for root, else `./wattd-data`.
+fn default_spool_dir(root: bool, state_directory: Option<std::ffi::OsString>) -> PathBuf {
+    // STATE_DIRECTORY lists one path per StateDirectory= entry, colon-separated: the first.
+    let state = state_directory.and_then(|v| {
+        let first = v.to_str()?.split(':').next()?.to_owned();
+        (!first.is_empty() && Path::new(&first).is_absolute()).then(|| PathBuf::from(first))
+    });
+    match state {
+        Some(dir) => dir,
+        None if root => PathBuf::from(DEFAULT_SPOOL_DIR_ROOT),
+        None => PathBuf::from(DEFAULT_SPOOL_DIR_USER),
+    }
+}
+
 impl Config {
     /// The embedded defaults.
     pub fn defaults() -> Self {
@@ -123,11 +139,7 @@ impl Config {
             idle_window_s: 600,
             idle_declared: BTreeMap::new(),
             estimator: EstimatorModel::default(),
-            spool_dir: PathBuf::from(if root {
-                DEFAULT_SPOOL_DIR_ROOT
-            } else {
-                DEFAULT_SPOOL_DIR_USER
-            }),
+            spool_dir: default_spool_dir(root, std::env::var_os("STATE_DIRECTORY")),
             spool_max_bytes: crate::spool::SpoolConfig::DEFAULT_MAX_BYTES,
             spool_retain_acked_s: crate::spool::SpoolConfig::DEFAULT_RETAIN_ACKED_S,
             spool_retain_acked_share: crate::spool::SpoolConfig::DEFAULT_RETAIN_ACKED_SHARE,
@@ -813,6 +825,34 @@ fn declared(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Under systemd (User=wattd, StateDirectory=wattd) the default spool is the state
+    /// directory, not a relative `wattd-data` under a read-only `/`.
+    #[test]
+    fn default_spool_is_the_state_directory_under_systemd() {
+        let state = |v: &str| Some(std::ffi::OsString::from(v));
+        assert_eq!(
+            default_spool_dir(false, state("/var/lib/wattd")),
+            PathBuf::from("/var/lib/wattd")
+        );
+        assert_eq!(
+            default_spool_dir(true, state("/var/lib/wattd:/var/lib/other")),
+            PathBuf::from("/var/lib/wattd")
+        );
+        // Unset, empty or relative: the old defaults.
+        assert_eq!(
+            default_spool_dir(false, None),
+            PathBuf::from(DEFAULT_SPOOL_DIR_USER)
+        );
+        assert_eq!(
+            default_spool_dir(true, state("")),
+            PathBuf::from(DEFAULT_SPOOL_DIR_ROOT)
+        );
+        assert_eq!(
+            default_spool_dir(false, state("relative")),
+            PathBuf::from(DEFAULT_SPOOL_DIR_USER)
+        );
+    }
 
     #[test]
     fn empty_file_is_the_defaults() {

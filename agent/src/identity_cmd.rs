@@ -31,28 +31,46 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<()> {
         .data_dir
         .clone()
         .unwrap_or_else(|| cfg.spool_dir.clone());
+    // One rule for the node id, the daemon's: a key made or printed here under another id would
+    // be refused by `wattd run` with this configuration.
+    let expected = wattd::daemon::node_id(&cfg);
+    if let (Some(id), Some(configured)) = (&args.node_id, &cfg.node_id) {
+        anyhow::ensure!(
+            id == configured,
+            "--node-id {id:?} differs from [node] id {configured:?} in {}: `wattd run` would refuse \
+             the key",
+            args.config.as_deref().map_or_else(|| "the configuration".into(), |p| p.display().to_string())
+        );
+    }
     let key = match NodeKey::load(&dir) {
         Ok(k) => {
-            if let Some(id) = args.node_id.as_ref().filter(|id| **id != k.node_id()) {
+            let wanted = args.node_id.as_deref().unwrap_or(&expected);
+            if k.node_id() != wanted && args.config.is_none() && args.node_id.is_none() {
+                // Asked only to print an existing key: it is the key's truth; the daemon's
+                // configuration is not known here.
+                eprintln!(
+                    "wattd: note: the key's node {:?} is not {wanted:?}, what `wattd run` on the \
+                     embedded defaults would use; pass --config to check against a configuration",
+                    k.node_id()
+                );
+            } else if k.node_id() != wanted {
                 anyhow::bail!(
-                    "{}: key belongs to node {:?}, not {id:?}",
+                    "{}: key belongs to node {:?}, not {wanted:?} (the node id `wattd run` uses \
+                     with this configuration: [node] id, else /etc/machine-id, else the host \
+                     name): set [node] id to {:?}, or move the key away to make a new one",
                     dir.join(identity::KEY_FILE).display(),
+                    k.node_id(),
                     k.node_id()
                 );
             }
             k
         }
         Err(IdentityError::Missing { .. }) => {
-            // One rule for the node id, the daemon's: a key made here under another id would
-            // be refused by `wattd run`.
-            let node_id = match &args.node_id {
-                Some(id) => id.clone(),
-                None => wattd::daemon::node_id(&cfg),
-            };
+            let node_id = args.node_id.clone().unwrap_or(expected);
             let (k, created) = NodeKey::load_or_create(&dir, &node_id)?;
             if created {
                 eprintln!(
-                    "wattd: created node key {}",
+                    "wattd: created node key {} for node {node_id:?}",
                     dir.join(identity::KEY_FILE).display()
                 );
             }

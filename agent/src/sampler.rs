@@ -187,8 +187,7 @@ impl Sampler {
         for m in &mut self.meters {
             m.read(elapsed_us, &mut self.readings);
         }
-        // Empty on hosts without hwmon GPUs: the clone allocates nothing there.
-        let mut uuids: BTreeMap<MeterKey, Arc<str>> = self.device_ids.clone();
+        let mut uuids: BTreeMap<MeterKey, Arc<str>> = BTreeMap::new();
         for (r, uuid) in extra {
             uuids.insert(r.key, uuid);
             self.readings.push(r);
@@ -270,7 +269,10 @@ impl Sampler {
         };
         let mut results = attribution::attribute(&input);
         for r in &mut results {
-            if let (Some(meta), Some(uuid)) = (&mut r.gpu, uuids.remove(&r.key)) {
+            let uuid = uuids
+                .remove(&r.key)
+                .or_else(|| self.device_ids.get(&r.key).cloned());
+            if let (Some(meta), Some(uuid)) = (&mut r.gpu, uuid) {
                 meta.uuid = Some(uuid);
             }
         }

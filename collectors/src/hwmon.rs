@@ -19,7 +19,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -39,6 +39,8 @@ const CHANNELS_MAX: u32 = 32;
 /// Largest `name`, `label` or `enable` attribute read.
 const ATTR_MAX: usize = 256;
 const HINT: &str = "hwmon sensor";
+/// How often a channel whose device went away is looked for again.
+const RESCAN_EVERY: Duration = Duration::from_secs(5);
 
 /// What a channel reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -306,11 +308,13 @@ impl Default for MeterOptions {
 pub struct HwmonMeter {
     channels: Vec<Open>,
     tx: mpsc::SyncSender<u64>,
-    rx: mpsc::Receiver<(u64, Vec<Result<u64, HostError>>)>,
+    rx: mpsc::Receiver<(u64, Vec<ChannelRead>)>,
     /// The last request sent, and whether its answer is still owed.
     seq: u64,
     pending: bool,
     timeout: Duration,
+    /// The reading thread's end was warned about (once).
+    warned_gone: bool,
 }
 
 #[derive(Debug)]
@@ -329,6 +333,10 @@ enum Reading {
     Power(PowerIntegrator, u64),
 }
 
+/// One channel's answer from the reading thread: its value and whether it came from a device
+/// found again (a new baseline), or why there is none.
+type ChannelRead = Result<(u64, bool), HostError>;
+
 /// What the reading thread keeps per channel: where to find it again if its device goes away
 /// (a driver reload makes a new hwmon device, maybe under another number).
 struct Reader {
@@ -338,26 +346,23 @@ struct Reader {
     label: Option<String>,
     index: u32,
     file: Option<KeptFile>,
+    /// When the device may next be looked for, after a look that did not find it.
+    next_scan: Option<Instant>,
 }
 
 impl Reader {
-    fn read(&mut self, root: &HostRoot) -> Result<u64, HostError> {
+    /// The channel's value, and whether it came from a device found again (a new baseline).
+    fn read(&mut self, root: &HostRoot) -> Result<(u64, bool), HostError> {
         if let Some(f) = &self.file {
             match f.read_u64() {
-                Ok(v) => return Ok(v),
-                // Garbage in the file is the file's answer; a file that errs or reads empty may
-                // belong to a device that went away.
-                Err(e)
-                    if !e.is_gone()
-                        && !matches!(e, HostError::Io { .. } | HostError::Empty { .. }) =>
-                {
-                    return Err(e)
-                }
+                Ok(v) => return Ok((v, false)),
+                // A device that went away reads ENODEV on sysfs (an empty read where a tree is
+                // rewritten); anything else is this file's answer.
+                Err(e) if !(e.is_gone() || matches!(e, HostError::Empty { .. })) => return Err(e),
                 Err(_) => self.file = None,
             }
         }
-        // Gone (or never opened): find the same channel of the same device again.
-        let path = self.locate(root).ok_or_else(|| HostError::NotFound {
+        let missing = || HostError::NotFound {
             path: root.join(format!(
                 "sys/class/hwmon/*/{}{}_input ({} {})",
                 match self.kind {
@@ -366,13 +371,27 @@ impl Reader {
                 },
                 self.index,
                 self.name,
-                self.device.as_deref().unwrap_or("?")
+                self.device.as_deref().unwrap_or("no device link")
             )),
-        })?;
+        };
+        // Without a device link another card could answer to the same name: not looked for.
+        if self.device.is_none() {
+            return Err(missing());
+        }
+        // While the device stays away, look for it at most every RESCAN_EVERY.
+        let now = Instant::now();
+        if self.next_scan.is_some_and(|t| now < t) {
+            return Err(missing());
+        }
+        let Some(path) = self.locate(root) else {
+            self.next_scan = Some(now + RESCAN_EVERY);
+            return Err(missing());
+        };
+        self.next_scan = None;
         let f = KeptFile::open(&path, HINT)?;
         let v = f.read_u64();
         self.file = Some(f);
-        v
+        v.map(|v| (v, true))
     }
 
     fn locate(&self, root: &HostRoot) -> Option<PathBuf> {
@@ -425,6 +444,7 @@ impl HwmonMeter {
                 label: d.channel.label.clone(),
                 index: d.channel.index,
                 file: Some(file),
+                next_scan: None,
             });
             channels.push(Open {
                 key,
@@ -466,7 +486,7 @@ impl HwmonMeter {
     #[doc(hidden)]
     pub fn with_reader(
         keys: &[MeterKey],
-        read: impl FnMut() -> Vec<Result<u64, HostError>> + Send + 'static,
+        mut read: impl FnMut() -> Vec<Result<u64, HostError>> + Send + 'static,
         timeout: Duration,
     ) -> std::io::Result<HwmonMeter> {
         let channels = keys
@@ -482,12 +502,13 @@ impl HwmonMeter {
                 )),
             })
             .collect();
+        let read = move || read().into_iter().map(|r| r.map(|v| (v, false))).collect();
         Self::start(channels, read, timeout).map_err(|(_, e)| e)
     }
 
     fn start(
         channels: Vec<Open>,
-        mut read: impl FnMut() -> Vec<Result<u64, HostError>> + Send + 'static,
+        mut read: impl FnMut() -> Vec<ChannelRead> + Send + 'static,
         timeout: Duration,
     ) -> Result<HwmonMeter, (Vec<Open>, std::io::Error)> {
         let (tx, requests) = mpsc::sync_channel::<u64>(1);
@@ -511,11 +532,12 @@ impl HwmonMeter {
             seq: 0,
             pending: false,
             timeout,
+            warned_gone: false,
         })
     }
 
     /// One answer from the reading thread for this tick, or why there is none.
-    fn read_all(&mut self) -> Result<Vec<Result<u64, HostError>>, String> {
+    fn read_all(&mut self) -> Result<Vec<ChannelRead>, String> {
         if self.pending {
             // The previous request's answer is late: take it if it has come, and throw it away.
             match self.rx.try_recv() {
@@ -530,8 +552,14 @@ impl HwmonMeter {
             }
         }
         self.seq += 1;
-        if self.tx.try_send(self.seq).is_err() {
-            return Err("the reading thread is gone".into());
+        match self.tx.try_send(self.seq) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(_)) => {
+                return Err("a previous read is still queued".into())
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => {
+                return Err("the reading thread is gone".into())
+            }
         }
         self.pending = true;
         match self.rx.recv_timeout(self.timeout) {
@@ -569,7 +597,12 @@ impl Meter for HwmonMeter {
         let mut values = match self.read_all() {
             Ok(v) => v.into_iter().map(Some).collect(),
             Err(why) => {
-                tracing::debug!(%why, "hwmon read");
+                if why.contains("gone") && !self.warned_gone {
+                    self.warned_gone = true;
+                    tracing::warn!(%why, "hwmon sensors are no longer read: every interval is a gap");
+                } else {
+                    tracing::debug!(%why, "hwmon read");
+                }
                 let mut v = Vec::new();
                 v.resize_with(self.channels.len(), || None);
                 for (slot, c) in v.iter_mut().zip(&self.channels) {
@@ -590,7 +623,12 @@ impl Meter for HwmonMeter {
             });
             let (source, quality, sample) = match &mut c.reading {
                 Reading::Energy(counter) => {
-                    let sample = raw.and_then(|raw| {
+                    let sample = raw.and_then(|(raw, relocated)| {
+                        // A device found again counts from a new baseline: this interval is a
+                        // gap, never a difference across two devices' counts.
+                        if relocated {
+                            counter.invalidate();
+                        }
                         counter
                             .update(raw, elapsed_us)
                             .map_err(|e| HostError::malformed(&c.path, e.to_string()))
@@ -603,7 +641,10 @@ impl Meter for HwmonMeter {
                 Reading::Power(p, clock) => {
                     *clock = clock.saturating_add(elapsed_us);
                     let sample = match raw {
-                        Ok(uw) => {
+                        Ok((uw, relocated)) => {
+                            if relocated {
+                                p.invalidate();
+                            }
                             p.add_uw(*clock, uw);
                             Ok(p.close(elapsed_us))
                         }

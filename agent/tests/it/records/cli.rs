@@ -40,6 +40,45 @@ fn identity_follows_the_configuration_the_daemon_reads() -> TestResult {
     let ident = String::from_utf8(out.stdout)?;
     assert!(ident.contains("node_id = \"node-from-config\""), "{ident}");
     assert!(spool.join(wattd::identity::KEY_FILE).is_file(), "{stderr}");
+    // The key exists: the same configuration prints it; one naming another node is refused
+    // (the daemon would refuse the key), and so is a --node-id that contradicts [node] id.
+    let again = wattd(
+        &["identity", "--config", cfg.to_str().ok_or("path")?],
+        tmp.path(),
+    )?;
+    assert!(again.status.success());
+    assert_eq!(String::from_utf8(again.stdout)?, ident);
+    let other = tmp.path().join("other.toml");
+    std::fs::write(
+        &other,
+        format!(
+            "[node]\nid = \"another-node\"\n[spool]\ndir = {:?}\n",
+            spool.to_str().ok_or("path")?
+        ),
+    )?;
+    let refused = wattd(
+        &["identity", "--config", other.to_str().ok_or("path")?],
+        tmp.path(),
+    )?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("key belongs to node \"node-from-config\", not \"another-node\""),
+        "{stderr}"
+    );
+    let contradicts = wattd(
+        &[
+            "identity",
+            "--config",
+            cfg.to_str().ok_or("path")?,
+            "--node-id",
+            "x",
+        ],
+        tmp.path(),
+    )?;
+    let stderr = String::from_utf8_lossy(&contradicts.stderr);
+    assert!(!contradicts.status.success());
+    assert!(stderr.contains("differs from [node] id"), "{stderr}");
     // A bad configuration is refused, naming the file, the line and the key.
     std::fs::write(&cfg, "[node]\nid = 7\n")?;
     let out = wattd(
