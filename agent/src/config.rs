@@ -17,8 +17,6 @@ use crate::attribution::{DramPolicy, IdleEstimate, IdlePolicy, IdleSource};
 /// The default pattern of run cgroups, relative to the cgroup root.
 pub const DEFAULT_PATTERN: &str = "flowzart.slice/run-{run_id}.scope";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/wattd/control.sock";
-pub const DEFAULT_SPOOL_DIR_ROOT: &str = "/var/lib/wattd";
-pub const DEFAULT_SPOOL_DIR_USER: &str = "wattd-data";
 /// `[identity] rotate_after_s` by default: a day.
 pub const DEFAULT_ROTATE_AFTER_S: u64 = 86_400;
 
@@ -102,27 +100,9 @@ impl Default for GpuConfig {
     }
 }
 
-/// The default spool: systemd's state directory when the service has one (`StateDirectory=`
-/// sets `STATE_DIRECTORY`; the unit runs as user `wattd`, for whom the relative `wattd-data`
-/// would land under a read-only `/`), else `/var/lib/wattd` for root, else `./wattd-data`.
-fn default_spool_dir(root: bool, state_directory: Option<std::ffi::OsString>) -> PathBuf {
-    // STATE_DIRECTORY lists one path per StateDirectory= entry, colon-separated: the first.
-    let state = state_directory.and_then(|v| {
-        let first = v.to_str()?.split(':').next()?.to_owned();
-        (!first.is_empty() && Path::new(&first).is_absolute()).then(|| PathBuf::from(first))
-    });
-    match state {
-        Some(dir) => dir,
-        None if root => PathBuf::from(DEFAULT_SPOOL_DIR_ROOT),
-        None => PathBuf::from(DEFAULT_SPOOL_DIR_USER),
-    }
-}
-
 impl Config {
     /// The embedded defaults.
     pub fn defaults() -> Self {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
         Config {
             file: None,
             node_id: None,
@@ -139,7 +119,7 @@ impl Config {
             idle_window_s: 600,
             idle_declared: BTreeMap::new(),
             estimator: EstimatorModel::default(),
-            spool_dir: default_spool_dir(root, std::env::var_os("STATE_DIRECTORY")),
+            spool_dir: crate::spool::default_data_dir(),
             spool_max_bytes: crate::spool::SpoolConfig::DEFAULT_MAX_BYTES,
             spool_retain_acked_s: crate::spool::SpoolConfig::DEFAULT_RETAIN_ACKED_S,
             spool_retain_acked_share: crate::spool::SpoolConfig::DEFAULT_RETAIN_ACKED_SHARE,
@@ -827,30 +807,33 @@ mod tests {
     use super::*;
 
     /// Under systemd (User=wattd, StateDirectory=wattd) the default spool is the state
-    /// directory, not a relative `wattd-data` under a read-only `/`.
+    /// directory, not a relative `wattd-data` under a read-only `/`; another service's state
+    /// directory is not taken.
     #[test]
-    fn default_spool_is_the_state_directory_under_systemd() {
+    fn default_spool_is_wattds_state_directory_under_systemd() {
+        use crate::spool::data_dir_for;
         let state = |v: &str| Some(std::ffi::OsString::from(v));
         assert_eq!(
-            default_spool_dir(false, state("/var/lib/wattd")),
+            data_dir_for(false, state("/var/lib/wattd")),
             PathBuf::from("/var/lib/wattd")
         );
         assert_eq!(
-            default_spool_dir(true, state("/var/lib/wattd:/var/lib/other")),
+            data_dir_for(true, state("/var/lib/other:/srv/state/wattd")),
+            PathBuf::from("/srv/state/wattd")
+        );
+        // Unset, empty, relative, or another service's: the old defaults.
+        assert_eq!(data_dir_for(false, None), PathBuf::from("./wattd-data"));
+        assert_eq!(
+            data_dir_for(true, state("")),
             PathBuf::from("/var/lib/wattd")
         );
-        // Unset, empty or relative: the old defaults.
         assert_eq!(
-            default_spool_dir(false, None),
-            PathBuf::from(DEFAULT_SPOOL_DIR_USER)
+            data_dir_for(false, state("wattd")),
+            PathBuf::from("./wattd-data")
         );
         assert_eq!(
-            default_spool_dir(true, state("")),
-            PathBuf::from(DEFAULT_SPOOL_DIR_ROOT)
-        );
-        assert_eq!(
-            default_spool_dir(false, state("relative")),
-            PathBuf::from(DEFAULT_SPOOL_DIR_USER)
+            data_dir_for(false, state("/var/lib/gitlab-runner")),
+            PathBuf::from("./wattd-data")
         );
     }
 

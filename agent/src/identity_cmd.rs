@@ -16,7 +16,8 @@ pub struct IdentityArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The data dir holding the spool and the node key [default: the configuration's
-    /// `[spool] dir`: /var/lib/wattd as root, ./wattd-data otherwise].
+    /// `[spool] dir`: $STATE_DIRECTORY under wattd's unit, /var/lib/wattd as root, ./wattd-data
+    /// otherwise].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Node id to create the key for, if there is no key yet [default: as `wattd run`: the
@@ -34,13 +35,25 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<()> {
     // One rule for the node id, the daemon's: a key made or printed here under another id would
     // be refused by `wattd run` with this configuration.
     let expected = wattd::daemon::node_id(&cfg);
-    if let (Some(id), Some(configured)) = (&args.node_id, &cfg.node_id) {
+    if let (Some(id), Some(file)) = (&args.node_id, &args.config) {
+        // With a configuration, the daemon's id is known: a key for another would be refused.
         anyhow::ensure!(
-            id == configured,
-            "--node-id {id:?} differs from [node] id {configured:?} in {}: `wattd run` would refuse \
-             the key",
-            args.config.as_deref().map_or_else(|| "the configuration".into(), |p| p.display().to_string())
+            *id == expected,
+            "--node-id {id:?} differs from {expected:?}, the node id `wattd run --config {}` uses \
+             ([node] id, else /etc/machine-id, else the host name): the daemon would refuse the key",
+            file.display()
         );
+    }
+    if let (Some(file), None) = (&args.config, &args.data_dir) {
+        if cfg.spool_dir.is_relative() {
+            eprintln!(
+                "wattd: warning: [spool] dir is not an absolute path in {} (the key goes to {} \
+                 under the current directory); the service spools in its state directory \
+                 (/var/lib/wattd): set [spool] dir",
+                file.display(),
+                cfg.spool_dir.display()
+            );
+        }
     }
     let key = match NodeKey::load(&dir) {
         Ok(k) => {

@@ -36,7 +36,8 @@ struct Cli {
 enum Command {
     /// Run the agent: measure, attribute and seal intervals into the local spool until SIGTERM.
     /// Without --config it runs on the embedded defaults (sources auto-detected, runs found by
-    /// the default pattern, spool in /var/lib/wattd as root or ./wattd-data otherwise).
+    /// the default pattern, spool in $STATE_DIRECTORY under wattd's unit, else /var/lib/wattd as
+    /// root or ./wattd-data otherwise).
     Run {
         /// The configuration file (TOML; see the README for every key).
         #[arg(long, value_name = "FILE")]

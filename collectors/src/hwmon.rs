@@ -345,6 +345,8 @@ struct Reader {
     kind: ChannelKind,
     label: Option<String>,
     index: u32,
+    /// The file chosen at start (opened again as it is when there is no device link).
+    path: PathBuf,
     file: Option<KeptFile>,
     /// When the device may next be looked for, after a look that did not find it.
     next_scan: Option<Instant>,
@@ -374,23 +376,22 @@ impl Reader {
                 self.device.as_deref().unwrap_or("no device link")
             )),
         };
-        // Without a device link another card could answer to the same name: not looked for.
-        if self.device.is_none() {
-            return Err(missing());
-        }
         // While the device stays away, look for it at most every RESCAN_EVERY.
         let now = Instant::now();
         if self.next_scan.is_some_and(|t| now < t) {
             return Err(missing());
         }
-        let Some(path) = self.locate(root) else {
-            self.next_scan = Some(now + RESCAN_EVERY);
-            return Err(missing());
+        self.next_scan = Some(now + RESCAN_EVERY);
+        // Without a device link another card could answer to the same name: only the original
+        // file is opened again.
+        let path = match &self.device {
+            Some(_) => self.locate(root).ok_or_else(missing)?,
+            None => self.path.clone(),
         };
-        self.next_scan = None;
         let f = KeptFile::open(&path, HINT)?;
         let v = f.read_u64();
         self.file = Some(f);
+        self.next_scan = None;
         v.map(|v| (v, true))
     }
 
@@ -443,6 +444,7 @@ impl HwmonMeter {
                 kind: d.channel.kind,
                 label: d.channel.label.clone(),
                 index: d.channel.index,
+                path: path.clone(),
                 file: Some(file),
                 next_scan: None,
             });

@@ -37,8 +37,8 @@ use frame::{encode_frame, scan_segment, Damage, ScanItem, SegmentHeader, RECORD_
 pub use fs::{RealFs, SpoolFs};
 // The read-only side lives in the records crate, shared with every reader and the ledger.
 pub use wattd_records::segment::{
-    decoded_batches, default_data_dir, frame, list_segments, reader, segment_name, visit_export,
-    visit_spool, Location, SpoolError, SpoolItem, SpoolReader, ACK_FILE,
+    data_dir_for, decoded_batches, default_data_dir, frame, list_segments, reader, segment_name,
+    visit_export, visit_spool, Location, SpoolError, SpoolItem, SpoolReader, ACK_FILE,
 };
 
 fn is_no_space(e: &io::Error) -> bool {

@@ -436,3 +436,38 @@ fn a_blocked_read_is_a_gap_at_the_deadline_and_its_late_answer_is_thrown_away() 
     );
     assert_eq!(calls.load(Ordering::SeqCst), 4);
 }
+
+/// A GPU whose hwmon device has no PCI link is never looked for under another number (another
+/// card could answer to its name): after its file fails it is opened again at its own path, and
+/// counting resumes from a new baseline instead of a gap for ever.
+#[test]
+fn a_gpu_without_a_device_link_is_reopened_at_its_own_path() {
+    let t = scratch_copy();
+    let dev = t.path().join("sys/class/hwmon/hwmon5");
+    std::fs::remove_file(dev.join("device")).unwrap();
+    let root = HostRoot::new(t.path());
+    let decisions = hwmon::decide(&hwmon::scan(&root));
+    let (meter, _) = HwmonMeter::open(&root, &decisions, MeterOptions::default());
+    let mut m = meter.unwrap();
+    // Without a PCI address it sorts first: GPU 1000 now, the xe card 1001.
+    assert_eq!(m.device_id(gpu(0)).as_deref(), Some("hwmon:hwmon5"));
+    assert_eq!(m.device_id(gpu(1)).as_deref(), Some("pci:0000:03:00.0"));
+    let i915 = |r: &[DomainReading]| {
+        let r = r.iter().find(|r| r.key == gpu(0)).unwrap();
+        r.sample.as_ref().map(|s| *s).map_err(|e| e.to_string())
+    };
+    assert_eq!(i915(&read(&mut m, 1_000_000)), Ok(CounterSample::First));
+    std::fs::write(dev.join("energy1_input"), "").unwrap();
+    let err = i915(&read(&mut m, 1_000_000)).unwrap_err();
+    assert!(err.contains("hwmon5/energy1_input"), "{err}");
+    std::fs::write(dev.join("energy1_input"), "56000000\n").unwrap();
+    assert_eq!(i915(&read(&mut m, 1_000_000)), Ok(CounterSample::First));
+    std::fs::write(dev.join("energy1_input"), "57000000\n").unwrap();
+    assert_eq!(
+        i915(&read(&mut m, 1_000_000)),
+        Ok(CounterSample::Energy {
+            energy_uj: 1_000_000,
+            wrapped: false
+        })
+    );
+}

@@ -256,13 +256,31 @@ pub fn visit_export(file: &Path, bytes: &[u8], mut visit: impl FnMut(SpoolItem<'
     }
 }
 
-/// The data dir when none is given: `/var/lib/wattd` for root, `./wattd-data` otherwise (the
-/// CLI contract).
+/// The data dir when none is given (the CLI contract, and the daemon's default spool): systemd's
+/// state directory when run by wattd's unit (`StateDirectory=wattd` sets `STATE_DIRECTORY`; the
+/// unit runs as user `wattd`, for whom a relative `./wattd-data` would land under a read-only
+/// `/`), else `/var/lib/wattd` for root, else `./wattd-data`.
 pub fn default_data_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        PathBuf::from("/var/lib/wattd")
-    } else {
-        PathBuf::from("./wattd-data")
+    let root = unsafe { libc::geteuid() } == 0;
+    data_dir_for(root, std::env::var_os("STATE_DIRECTORY"))
+}
+
+/// [`default_data_dir`] for a given user and `STATE_DIRECTORY`. Only a state directory of
+/// wattd's own (named `wattd`) is taken: one inherited from another service that started wattd
+/// (a CI runner, a supervisor) is not wattd's spool.
+pub fn data_dir_for(root: bool, state_directory: Option<std::ffi::OsString>) -> PathBuf {
+    // STATE_DIRECTORY lists one path per StateDirectory= entry, colon-separated.
+    let state = state_directory.and_then(|v| {
+        v.to_str()?
+            .split(':')
+            .map(Path::new)
+            .find(|p| p.is_absolute() && p.file_name().is_some_and(|n| n == "wattd"))
+            .map(Path::to_path_buf)
+    });
+    match state {
+        Some(dir) => dir,
+        None if root => PathBuf::from("/var/lib/wattd"),
+        None => PathBuf::from("./wattd-data"),
     }
 }

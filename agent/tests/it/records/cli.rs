@@ -78,7 +78,10 @@ fn identity_follows_the_configuration_the_daemon_reads() -> TestResult {
     )?;
     let stderr = String::from_utf8_lossy(&contradicts.stderr);
     assert!(!contradicts.status.success());
-    assert!(stderr.contains("differs from [node] id"), "{stderr}");
+    assert!(
+        stderr.contains("--node-id \"x\" differs from \"node-from-config\""),
+        "{stderr}"
+    );
     // A bad configuration is refused, naming the file, the line and the key.
     std::fs::write(&cfg, "[node]\nid = 7\n")?;
     let out = wattd(
