@@ -113,6 +113,24 @@ fn replay(name: &str, idle: IdlePolicy, idle_watts: Option<u64>) -> Replay {
     Replay { intervals, usages }
 }
 
+/// A sampler over `meters` at t = 0: proportional idle, DRAM by CPU, no declared idle power.
+fn plain_sampler(meters: Vec<Box<dyn wattd_collectors::Meter>>) -> Sampler {
+    Sampler::new(
+        meters,
+        IdleTracker::new(S, BTreeMap::new()),
+        EstimatorModel::default(),
+        Policy {
+            idle: IdlePolicy::Proportional,
+            dram: DramPolicy::Cpu,
+        },
+        0,
+        Stamp {
+            mono_ns: 0,
+            unix_ns: 0,
+        },
+    )
+}
+
 /// Every GPU meter of the interval conserves energy exactly, in the result and in the sealed
 /// record (`wattd verify`'s own check).
 fn assert_conserved(iv: &Interval) {
@@ -408,20 +426,7 @@ fn usage_none_leaves_gpu_energy_unattributed_with_a_reason() {
     let mut c = c.unwrap();
     cursor.advance();
     let obs = c.close(S, false);
-    let mut sampler = Sampler::new(
-        Vec::new(),
-        IdleTracker::new(S, BTreeMap::new()),
-        EstimatorModel::default(),
-        Policy {
-            idle: IdlePolicy::Proportional,
-            dram: DramPolicy::Cpu,
-        },
-        0,
-        Stamp {
-            mono_ns: 0,
-            unix_ns: 0,
-        },
-    );
+    let mut sampler = plain_sampler(Vec::new());
     let readings = wattd::gpu::readings(&obs);
     let iv = sampler.tick_with(
         Stamp {
@@ -804,20 +809,7 @@ fn an_intel_gpu_through_hwmon_is_recorded_unattributed_and_named_by_its_address(
     let sel = wattd_collectors::probe::select(&wattd_collectors::probe::ProbeOptions::new(
         HostRoot::new(t.path()),
     ));
-    let mut sampler = Sampler::new(
-        sel.meters,
-        IdleTracker::new(S, BTreeMap::new()),
-        EstimatorModel::default(),
-        Policy {
-            idle: IdlePolicy::Proportional,
-            dram: DramPolicy::Cpu,
-        },
-        0,
-        Stamp {
-            mono_ns: 0,
-            unix_ns: 0,
-        },
-    );
+    let mut sampler = plain_sampler(sel.meters);
     // 1,234,567,890 uJ at start; 37.5 J later.
     std::fs::write(
         t.path().join("sys/class/hwmon/hwmon4/energy1_input"),

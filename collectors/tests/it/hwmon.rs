@@ -17,6 +17,14 @@ fn gpu(n: u32) -> MeterKey {
     }
 }
 
+/// The probe's report of the hwmon source.
+fn hwmon_source(r: &probe::ProbeReport) -> &probe::SourceReport {
+    r.sources
+        .iter()
+        .find(|s| s.source == SourceKind::Hwmon)
+        .expect("the probe reports the hwmon source")
+}
+
 /// (hwmon dir, channel file name, status) of every decision.
 fn statuses(root: &Path) -> Vec<(String, String, &'static str, Option<MeterKey>)> {
     hwmon::decide(&hwmon::scan(&HostRoot::new(root)))
@@ -69,12 +77,7 @@ fn kepler_sensors_are_listed_and_none_is_billed() {
     }
     // The probe lists them under the hwmon source, chooses none, and its meters are RAPL's.
     let sel = probe::select(&ProbeOptions::new(HostRoot::new(&root)));
-    let src = sel
-        .report
-        .sources
-        .iter()
-        .find(|s| s.source == SourceKind::Hwmon)
-        .unwrap();
+    let src = hwmon_source(&sel.report);
     assert!(!src.available);
     assert!(src.zones.len() >= 10, "{:?}", src.zones);
     assert!(!sel.report.chosen.iter().any(|c| c.domain == Domain::Gpu));
@@ -131,12 +134,7 @@ fn intel_gpus_bill_the_card_once_and_amd_energy_never() {
         "{:?}",
         sel.report.problems
     );
-    let zone = sel
-        .report
-        .sources
-        .iter()
-        .find(|s| s.source == SourceKind::Hwmon)
-        .unwrap()
+    let zone = hwmon_source(&sel.report)
         .zones
         .iter()
         .find(|z| {
@@ -347,12 +345,7 @@ fn gpus_disabled_by_configuration_are_listed_not_billed() {
         .meters
         .iter()
         .all(|m| m.keys().is_empty() || m.source() != SourceKind::Hwmon));
-    let src = sel
-        .report
-        .sources
-        .iter()
-        .find(|s| s.source == SourceKind::Hwmon)
-        .unwrap();
+    let src = hwmon_source(&sel.report);
     assert!(src.zones.iter().any(|z| z
         .detail
         .as_deref()
