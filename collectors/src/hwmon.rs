@@ -596,7 +596,7 @@ impl Meter for HwmonMeter {
     }
 
     fn read(&mut self, elapsed_us: u64, out: &mut Vec<DomainReading>) {
-        let mut values = match self.read_all() {
+        let mut values: Vec<Option<ChannelRead>> = match self.read_all() {
             Ok(v) => v.into_iter().map(Some).collect(),
             Err(why) => {
                 if why.contains("gone") && !self.warned_gone {
@@ -605,16 +605,16 @@ impl Meter for HwmonMeter {
                 } else {
                     tracing::debug!(%why, "hwmon read");
                 }
-                let mut v = Vec::new();
-                v.resize_with(self.channels.len(), || None);
-                for (slot, c) in v.iter_mut().zip(&self.channels) {
-                    *slot = Some(Err(HostError::io(
-                        &c.path,
-                        std::io::Error::new(std::io::ErrorKind::TimedOut, why.clone()),
-                        HINT,
-                    )));
-                }
-                v
+                self.channels
+                    .iter()
+                    .map(|c| {
+                        Some(Err(HostError::io(
+                            &c.path,
+                            std::io::Error::new(std::io::ErrorKind::TimedOut, why.clone()),
+                            HINT,
+                        )))
+                    })
+                    .collect()
             }
         };
         for (c, raw) in self.channels.iter_mut().zip(values.iter_mut()) {

@@ -91,9 +91,6 @@ pub struct GpuReport {
     /// 1) when `problem_is_error`, else a warning.
     pub problem: Option<String>,
     pub problem_is_error: bool,
-    /// GPUs the `nvidia` driver holds that are not measured (see `unmeasured`).
-    #[serde(skip)]
-    unmeasured: usize,
 }
 
 impl GpuReport {
@@ -105,7 +102,6 @@ impl GpuReport {
             present: Vec::new(),
             problem: None,
             problem_is_error: false,
-            unmeasured: 0,
         }
     }
 
@@ -114,12 +110,17 @@ impl GpuReport {
         self.devices.iter().filter(|d| d.status == "chosen").count()
     }
 
-    /// GPUs bound to the `nvidia` driver that are not measured, as [`check_present`] found
-    /// (0 when it was not asked: GPUs disabled by configuration, a captured tree).
+    /// GPUs bound to the `nvidia` driver that are not measured, as [`check_present`] found:
+    /// it sets the problem exactly when there are some (0 when it was not asked: GPUs disabled
+    /// by configuration, a captured tree).
     ///
     /// [`check_present`]: Self::check_present
     pub fn unmeasured(&self) -> usize {
-        self.unmeasured
+        if self.problem.is_none() {
+            return 0;
+        }
+        let bound = self.present.iter().filter(|g| g.is_nvidia_bound()).count();
+        bound.saturating_sub(self.measured())
     }
 
     /// Records the GPUs on the PCI bus and sets [`problem`](Self::problem) when some that the
@@ -136,8 +137,7 @@ impl GpuReport {
             .filter(|g| g.is_nvidia_bound())
             .map(|g| g.address.as_str())
             .collect();
-        self.unmeasured = bound.len().saturating_sub(self.measured());
-        let missing = self.unmeasured;
+        let missing = bound.len().saturating_sub(self.measured());
         if missing == 0 {
             self.problem = None;
             self.problem_is_error = false;
@@ -489,7 +489,6 @@ impl GpuCollector {
             present: Vec::new(),
             problem: None,
             problem_is_error: false,
-            unmeasured: 0,
         };
         let collector = GpuCollector {
             api,

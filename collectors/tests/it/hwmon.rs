@@ -7,7 +7,9 @@ use std::path::Path;
 use wattd_collectors::counter::CounterSample;
 use wattd_collectors::hwmon::{self, ChannelKind, HwmonMeter, MeterOptions, GPU_INDEX_BASE};
 use wattd_collectors::probe::{self, ProbeOptions};
-use wattd_collectors::{Domain, DomainReading, HostRoot, Meter, MeterKey, Quality, SourceKind};
+use wattd_collectors::{
+    Domain, DomainReading, HostError, HostRoot, Meter, MeterKey, Quality, SourceKind,
+};
 
 fn gpu(n: u32) -> MeterKey {
     MeterKey {
@@ -165,6 +167,14 @@ fn scratch_copy() -> tempfile::TempDir {
     t
 }
 
+/// The meter of the chosen channels under `root`, and the channels that could not be opened.
+fn open_meter(root: &Path) -> (HwmonMeter, Vec<(MeterKey, HostError)>) {
+    let root = HostRoot::new(root);
+    let decisions = hwmon::decide(&hwmon::scan(&root));
+    let (meter, failed) = HwmonMeter::open(&root, &decisions, MeterOptions::default());
+    (meter.unwrap(), failed)
+}
+
 fn read(m: &mut HwmonMeter, elapsed_us: u64) -> Vec<DomainReading> {
     let mut out = Vec::new();
     m.read(elapsed_us, &mut out);
@@ -178,11 +188,8 @@ fn sample(r: &DomainReading) -> CounterSample {
 #[test]
 fn the_meter_counts_exact_deltas_and_a_reset_or_garbage_is_a_gap_then_a_baseline() {
     let t = scratch_copy();
-    let root = HostRoot::new(t.path());
-    let decisions = hwmon::decide(&hwmon::scan(&root));
-    let (meter, failed) = HwmonMeter::open(&root, &decisions, MeterOptions::default());
+    let (mut m, failed) = open_meter(t.path());
     assert!(failed.is_empty());
-    let mut m = meter.unwrap();
     assert_eq!(m.keys(), vec![gpu(0), gpu(1)]);
     let card = t.path().join("sys/class/hwmon/hwmon4/energy1_input");
     let set = |v: &str| std::fs::write(&card, format!("{v}\n")).unwrap();
@@ -290,10 +297,7 @@ fn a_gpu_with_only_a_power_reading_is_integrated_and_marked_estimated() {
 #[test]
 fn a_gpu_whose_device_comes_back_under_another_number_is_found_again_and_named_by_its_address() {
     let t = scratch_copy();
-    let root = HostRoot::new(t.path());
-    let decisions = hwmon::decide(&hwmon::scan(&root));
-    let (meter, _) = HwmonMeter::open(&root, &decisions, MeterOptions::default());
-    let mut m = meter.unwrap();
+    let (mut m, _) = open_meter(t.path());
     assert_eq!(m.device_id(gpu(0)).as_deref(), Some("pci:0000:03:00.0"));
     assert_eq!(m.device_id(gpu(1)).as_deref(), Some("pci:0000:4d:00.0"));
     assert_eq!(sample(&read(&mut m, 1_000_000)[0]), CounterSample::First);
