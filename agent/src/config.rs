@@ -71,6 +71,18 @@ pub struct Config {
     pub log_level: Option<String>,
     /// `[gpu]`: NVIDIA GPUs through NVML.
     pub gpu: GpuConfig,
+    /// `[attribution] platform_policy`: how the platform meter's energy is divided.
+    pub platform_policy: crate::attribution::PlatformPolicy,
+    /// `[platform]`: the node's BMC, for the platform meter (none by default).
+    pub platform: Option<PlatformConfig>,
+}
+
+/// `[platform]`: the BMC whose wall energy, less the other meters, is the platform meter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlatformConfig {
+    pub bmc: crate::bmc::BmcConfig,
+    /// `max_gap_ms`: power readings further apart are not integrated across (a gap).
+    pub max_gap_ms: u64,
 }
 
 /// `[gpu]`: whether and how NVIDIA GPUs are measured.
@@ -131,6 +143,8 @@ impl Config {
             metrics_web_config: None,
             log_level: None,
             gpu: GpuConfig::default(),
+            platform_policy: crate::attribution::PlatformPolicy::Proportional,
+            platform: None,
         }
     }
 }
@@ -406,7 +420,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
     };
     let mut cfg = Config::defaults();
     let root: &Table = &doc;
-    const SECTIONS: [&str; 13] = [
+    const SECTIONS: [&str; 14] = [
         "gpu",
         "log",
         "node",
@@ -420,6 +434,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         "spool",
         "ledger",
         "metrics",
+        "platform",
     ];
     for (key, _) in root.iter() {
         if !SECTIONS.contains(&key) {
@@ -545,8 +560,23 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             "idle_watts_dram",
             "idle_watts_psys",
             "idle_watts_gpu",
+            "platform_policy",
         ],
     ) {
+        if let Some(v) = c.choice(
+            t,
+            "attribution",
+            "platform_policy",
+            &[
+                (
+                    "proportional",
+                    crate::attribution::PlatformPolicy::Proportional,
+                ),
+                ("host", crate::attribution::PlatformPolicy::Host),
+            ],
+        ) {
+            cfg.platform_policy = v;
+        }
         if let Some(v) = c.choice(
             t,
             "attribution",
@@ -765,6 +795,24 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             cfg.gpu.max_watts = v;
         }
     }
+    if let Some(t) = c.section(
+        root,
+        "platform",
+        &[
+            "source",
+            "url",
+            "ca_file",
+            "server_name",
+            "credentials_file",
+            "chassis",
+            "poll_ms",
+            "read_timeout_ms",
+            "max_gap_ms",
+            "max_watts",
+        ],
+    ) {
+        platform(&mut c, root, t, &mut cfg);
+    }
     if c.problems.is_empty() {
         Ok(cfg)
     } else {
@@ -772,6 +820,70 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         Err(ConfigError {
             problems: c.problems,
         })
+    }
+}
+
+/// `[platform]`: every key checked; `url` and `ca_file` are required.
+fn platform(c: &mut Checker<'_>, root: &Table, t: &Table, cfg: &mut Config) {
+    let section_span = root.get_key_value("platform").and_then(|(k, _)| k.span());
+    // The one source today; the key exists so that IPMI can be added without a new section.
+    let _ = c.choice(t, "platform", "source", &[("redfish", ())]);
+    let url = c.string(t, "platform", "url");
+    if let (Some(u), Some((_, span))) = (&url, c.get(t, "url")) {
+        if let Err(e) = crate::bmc::parse_url(u) {
+            c.problem(span, "platform.url", e);
+        }
+    }
+    let ca_file = c.string(t, "platform", "ca_file");
+    for (key, v) in [("url", &url), ("ca_file", &ca_file)] {
+        if v.is_none() && t.get(key).is_none() {
+            c.problem(
+                section_span.clone(),
+                &format!("platform.{key}"),
+                "is required: the BMC's https:// address and the CA that signed its certificate",
+            );
+        }
+    }
+    let server_name = c.string(t, "platform", "server_name");
+    let credentials_file = c
+        .string(t, "platform", "credentials_file")
+        .map(PathBuf::from);
+    let chassis = c.string(t, "platform", "chassis");
+    let poll_ms = c
+        .int(t, "platform", "poll_ms", 100, 60_000)
+        .unwrap_or(1_000);
+    let read_timeout_ms = c
+        .int(t, "platform", "read_timeout_ms", 10, 60_000)
+        .unwrap_or(2_000);
+    let max_gap_ms = c
+        .int(t, "platform", "max_gap_ms", 100, 3_600_000)
+        .unwrap_or((poll_ms * 5).max(5_000));
+    let max_watts = c
+        .int(t, "platform", "max_watts", 1, 1_000_000)
+        .unwrap_or(Domain::Platform.default_max_watts());
+    if max_gap_ms < poll_ms {
+        if let Some((_, span)) = c.get(t, "max_gap_ms") {
+            c.problem(
+                span,
+                "platform.max_gap_ms",
+                format!("must be at least poll_ms ({poll_ms})"),
+            );
+        }
+    }
+    if let (Some(url), Some(ca)) = (url, ca_file) {
+        cfg.platform = Some(PlatformConfig {
+            bmc: crate::bmc::BmcConfig {
+                url,
+                ca_file: PathBuf::from(ca),
+                server_name,
+                credentials_file,
+                chassis,
+                poll: std::time::Duration::from_millis(poll_ms),
+                read_timeout: std::time::Duration::from_millis(read_timeout_ms),
+                max_watts: u32::try_from(max_watts).unwrap_or(u32::MAX),
+            },
+            max_gap_ms,
+        });
     }
 }
 
@@ -835,6 +947,38 @@ mod tests {
             data_dir_for(false, state("/var/lib/gitlab-runner")),
             PathBuf::from("./wattd-data")
         );
+    }
+
+    /// `[platform]`: the BMC; every problem named with its key and line.
+    #[test]
+    fn platform_section() {
+        let ok = parse(
+            "f",
+            "[attribution]\nplatform_policy = \"host\"\n[platform]\nurl = \"https://bmc:8443\"\n\
+             ca_file = \"/etc/wattd/bmc-ca.pem\"\npoll_ms = 500\n",
+        )
+        .unwrap();
+        let p = ok.platform.unwrap();
+        assert_eq!(p.bmc.url, "https://bmc:8443");
+        assert_eq!(p.bmc.poll, std::time::Duration::from_millis(500));
+        assert_eq!(p.bmc.read_timeout, std::time::Duration::from_millis(2000));
+        assert_eq!(p.max_gap_ms, 5000);
+        assert_eq!(ok.platform_policy, crate::attribution::PlatformPolicy::Host);
+        assert_eq!(Config::defaults().platform, None);
+        let err = parse(
+            "f",
+            "[platform]\nurl = \"http://bmc\"\npoll_ms = 2000\nmax_gap_ms = 1000\nsource = \"ipmi\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "platform.url: \"http://bmc\": must start with https://",
+            "platform.ca_file: is required",
+            "platform.max_gap_ms: must be at least poll_ms (2000)",
+            "platform.source",
+        ] {
+            assert!(err.contains(want), "{want}\n{err}");
+        }
     }
 
     #[test]

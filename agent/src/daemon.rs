@@ -422,6 +422,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
     let policy = Policy {
         idle: cfg.idle_policy,
         dram: cfg.dram_policy,
+        platform: cfg.platform_policy,
     };
     let idle = IdleTracker::new(
         cfg.idle_window_s.saturating_mul(1_000_000),
@@ -435,6 +436,24 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
     let start = Stamp::now();
     let next_index = previous.as_ref().map_or(0, |i| i.index + 1);
     let mut sampler = Sampler::new(sel.meters, idle, cfg.estimator, policy, next_index, start);
+    // The BMC, for the platform meter: its own thread, never waited for. Changing `[platform]`
+    // takes a restart (a reload keeps the thread it has).
+    let bmc = match &cfg.platform {
+        Some(p) => match crate::bmc::BmcSource::spawn(p.bmc.clone()) {
+            Ok(b) => {
+                sampler =
+                    sampler.with_platform(p.max_gap_ms.saturating_mul(1_000_000), p.bmc.max_watts);
+                tracing::info!(url = %p.bmc.url, "platform meter: polling the BMC over Redfish");
+                Some(b)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "platform meter disabled: cannot start the BMC thread");
+                None
+            }
+        },
+        None => None,
+    };
+    let mut platform_warned: Option<Instant> = None;
     if let Some(prev) = &previous {
         // The agent was down from the end of the last sealed interval until now.
         let same_boot = prev.boot_id == boot && !boot.is_empty();
@@ -515,7 +534,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
                             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                             tracing::info!(interval_ms = new.interval_ms, "sampling interval reloaded");
                         }
-                        let policy = Policy { idle: new.idle_policy, dram: new.dram_policy };
+                        let policy = Policy { idle: new.idle_policy, dram: new.dram_policy , platform: new.platform_policy };
                         if policy != sampler.policy() {
                             sampler.set_policy(policy);
                             tracing::info!(?policy, "attribution policy reloaded");
@@ -638,7 +657,19 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             }
         }
         let usage = Some(u);
+        if let Some(b) = &bmc {
+            sampler.bmc_events(b.drain());
+        }
         let interval = sampler.tick_with(Stamp::now(), usage, gpu_interval.readings);
+        if let Some(p) = sampler.last_platform() {
+            metrics.set_platform(p, bmc.as_ref().map_or(0, |b| b.dropped()));
+            if let Some(why) = &p.waiting {
+                if platform_warned.map_or(true, |t| t.elapsed() >= UNATTRIBUTED_WARN_EVERY) {
+                    platform_warned = Some(Instant::now());
+                    tracing::warn!(reason = %why, "platform meter: no platform energy (a gap)");
+                }
+            }
+        }
         for r in snap.runs.iter().filter(|r| r.started) {
             started_unix.insert(r.run_id.to_string(), interval.start.unix_ns);
         }

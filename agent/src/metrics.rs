@@ -121,6 +121,8 @@ pub struct Metrics {
     gpu_unmeasured: u64,
     /// GPU-using pids whose cgroup could not be read, per interval and GPU.
     gpu_unattributed_pids: u64,
+    /// The platform meter's BMC, when one is configured.
+    platform: Option<PlatformStats>,
     spool_bytes: u64,
     spool_unacked: u64,
     delivery: DeliveryLag,
@@ -261,6 +263,7 @@ impl Metrics {
             quarantined: 0,
             gpu_unmeasured: 0,
             gpu_unattributed_pids: 0,
+            platform: None,
             spool_bytes: 0,
             spool_unacked: 0,
             delivery: DeliveryLag::default(),
@@ -457,6 +460,18 @@ impl Metrics {
     /// Adds the GPU-using pids of one interval whose cgroup could not be read.
     pub fn add_gpu_unattributed_pids(&mut self, n: u64) {
         self.gpu_unattributed_pids = self.gpu_unattributed_pids.saturating_add(n);
+    }
+
+    /// The platform meter's last tick and the BMC thread's dropped answers.
+    pub fn set_platform(&mut self, t: &crate::platform::PlatformTick, dropped: u64) {
+        let p = self.platform.get_or_insert_with(PlatformStats::default);
+        p.readings = p.readings.saturating_add(t.readings);
+        p.failures = p.failures.saturating_add(t.failures);
+        p.lost = p.lost.saturating_add(t.lost.len() as u64);
+        p.dropped = dropped;
+        p.carry_uj = t.carry_uj;
+        p.wall_power_mw = t.wall_power_mw;
+        p.baseline = t.waiting.is_none();
     }
 
     /// The daemon's running count of intervals merged into a coarsened one (spool full).
@@ -658,6 +673,9 @@ impl Metrics {
             &[],
             self.gpu_unattributed_pids,
         );
+        if let Some(p) = &self.platform {
+            p.render(&mut w);
+        }
         w.family(
             "wattd_spool_bytes",
             "gauge",
@@ -989,6 +1007,74 @@ impl Metrics {
     }
 }
 
+/// What the platform meter's BMC did (rendered only when a BMC is configured).
+#[derive(Debug, Default)]
+struct PlatformStats {
+    readings: u64,
+    failures: u64,
+    lost: u64,
+    dropped: u64,
+    carry_uj: i128,
+    wall_power_mw: Option<u64>,
+    baseline: bool,
+}
+
+impl PlatformStats {
+    fn render(&self, w: &mut Writer) {
+        w.family(
+            "wattd_bmc_readings_total",
+            "counter",
+            "Readings of the node's wall power or energy from the BMC (Redfish).",
+        );
+        w.sample("wattd_bmc_readings_total", &[], self.readings);
+        w.family(
+            "wattd_bmc_failures_total",
+            "counter",
+            "BMC polls that failed (unreachable, timed out, refused, garbage): see the log.",
+        );
+        w.sample("wattd_bmc_failures_total", &[], self.failures);
+        w.family(
+            "wattd_bmc_dropped_total",
+            "counter",
+            "BMC answers dropped because the measuring loop did not take them in time.",
+        );
+        w.sample("wattd_bmc_dropped_total", &[], self.dropped);
+        w.family(
+            "wattd_platform_lost_spans_total",
+            "counter",
+            "Spans whose platform energy is unknown (recorded as gaps): the BMC silent past \
+             max_gap_ms, its counter reset or jumped, or a component meter's gap.",
+        );
+        w.sample("wattd_platform_lost_spans_total", &[], self.lost);
+        w.family(
+            "wattd_platform_carry_joules",
+            "gauge",
+            "Platform energy owed to later spans: the wall read below the components (a late \
+             or low BMC reading). Never positive; carried, never clamped.",
+        );
+        w.sample(
+            "wattd_platform_carry_joules",
+            &[],
+            Float(self.carry_uj as f64 / 1e6),
+        );
+        w.family(
+            "wattd_platform_measuring",
+            "gauge",
+            "1 while the platform meter has a baseline reading from the BMC, 0 while its energy \
+             is a gap.",
+        );
+        w.sample("wattd_platform_measuring", &[], u8::from(self.baseline));
+        if let Some(mw) = self.wall_power_mw {
+            w.family(
+                "wattd_wall_power_watts",
+                "gauge",
+                "The node's power as its BMC last stated it.",
+            );
+            w.sample("wattd_wall_power_watts", &[], Float(mw as f64 / 1e3));
+        }
+    }
+}
+
 /// Integer microjoules shown as exact decimal joules.
 #[derive(Clone, Copy, Debug)]
 struct Joules(u128);
@@ -1064,13 +1150,13 @@ impl Writer {
         }
     }
 
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
+    pub(crate) fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = write!(self.out, "# HELP {name} ");
         escape_help(&mut self.out, help);
         let _ = write!(self.out, "\n# TYPE {name} {kind}\n");
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl fmt::Display) {
+    pub(crate) fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl fmt::Display) {
         self.out.push_str(name);
         if !labels.is_empty() {
             self.out.push('{');
@@ -1169,6 +1255,7 @@ mod tests {
             policy: Policy {
                 idle: IdlePolicy::Proportional,
                 dram: DramPolicy::Cpu,
+                platform: crate::attribution::PlatformPolicy::Proportional,
             },
             results,
             gaps,

@@ -31,6 +31,73 @@ pub struct ProbeArgs {
     /// Do not probe NVIDIA GPUs (as `[gpu] enabled = false`).
     #[arg(long)]
     pub no_gpu: bool,
+    /// Also check the BMC this configuration's `[platform]` names: one Redfish read, with its
+    /// timeout. A configured BMC that cannot be read is an error (exit status 1).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// What `wattd probe` found of the platform meter's BMC.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PlatformProbe {
+    /// `[platform] url`, or `None` when no BMC is configured.
+    pub url: Option<String>,
+    pub available: bool,
+    /// The resource read (`/redfish/v1/Chassis/1U/EnvironmentMetrics`).
+    pub resource: Option<String>,
+    pub power_mw: Option<u64>,
+    pub energy_uj: Option<u64>,
+    /// `redfish` (the BMC's energy counter, measured) or `redfish_power` (integrated, estimated).
+    pub source: Option<&'static str>,
+    /// Why it is not used, or what to know.
+    pub reason: String,
+}
+
+/// Probes the configured BMC (`None`: not configured).
+pub fn probe_platform(cfg: Option<&wattd::config::PlatformConfig>) -> PlatformProbe {
+    let Some(p) = cfg else {
+        return PlatformProbe {
+            url: None,
+            available: false,
+            resource: None,
+            power_mw: None,
+            energy_uj: None,
+            source: None,
+            reason: "no [platform] configured (wattd probe --config FILE checks the BMC a \
+                     configuration names)"
+                .into(),
+        };
+    };
+    match wattd::bmc::probe(&p.bmc) {
+        Ok((resource, reading)) => PlatformProbe {
+            url: Some(p.bmc.url.clone()),
+            available: true,
+            resource: Some(resource.path().to_owned()),
+            power_mw: reading.power_mw,
+            energy_uj: reading.energy_uj,
+            source: Some(if reading.energy_uj.is_some() {
+                "redfish"
+            } else {
+                "redfish_power"
+            }),
+            reason: if reading.energy_uj.is_some() {
+                "the BMC's energy counter, less the other meters (measured)".into()
+            } else {
+                "the BMC's power readings integrated, less the other meters (estimated: this \
+                 BMC has no energy counter)"
+                    .into()
+            },
+        },
+        Err(e) => PlatformProbe {
+            url: Some(p.bmc.url.clone()),
+            available: false,
+            resource: None,
+            power_mw: None,
+            energy_uj: None,
+            source: None,
+            reason: e,
+        },
+    }
 }
 
 pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
@@ -45,16 +112,54 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
     };
     let (gpu, _collector) = wattd::gpu::probe(&gpu_cfg, &root, Duration::from_secs(10));
     sel.report.add_gpus(gpu);
+    let cfg = match &args.config {
+        Some(path) => Some(wattd::config::load(Some(path)).map_err(|e| anyhow::anyhow!("{e}"))?),
+        None => None,
+    };
+    let platform = probe_platform(cfg.as_ref().and_then(|c| c.platform.as_ref()));
     let out = match args.format {
         Format::Json => {
-            serde_json::to_string_pretty(&sel.report).context("encoding the report")? + "\n"
+            let mut v = serde_json::to_value(&sel.report).context("encoding the report")?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "platform".into(),
+                    serde_json::to_value(&platform).context("encoding the report")?,
+                );
+            }
+            serde_json::to_string_pretty(&v).context("encoding the report")? + "\n"
         }
-        Format::Text => render_text(&sel.report),
+        Format::Text => render_text(&sel.report) + &render_platform(&platform),
     };
     std::io::stdout()
         .write_all(out.as_bytes())
         .context("writing to stdout")?;
-    verdict(&sel.report)
+    verdict(&sel.report)?;
+    if platform.url.is_some() && !platform.available {
+        anyhow::bail!("the BMC cannot be read: {}", platform.reason);
+    }
+    Ok(())
+}
+
+/// The platform meter's section of the text report.
+pub fn render_platform(p: &PlatformProbe) -> String {
+    let mut s = String::new();
+    let state = if p.available { "in use" } else { "not used" };
+    let _ = write!(s, "\nplatform (bmc): {state}");
+    if let Some(u) = &p.url {
+        let _ = write!(s, " {u}");
+    }
+    let _ = writeln!(s, ": {}", p.reason);
+    if let Some(r) = &p.resource {
+        let _ = write!(s, "  {r}");
+        if let Some(mw) = p.power_mw {
+            let _ = write!(s, "  power {:.1} W", mw as f64 / 1e3);
+        }
+        if let Some(e) = p.energy_uj {
+            let _ = write!(s, "  energy {:.3} kWh", e as f64 / 3.6e12);
+        }
+        let _ = writeln!(s);
+    }
+    s
 }
 
 /// A GPU the host has and wattd cannot measure is energy nobody is billed for: an error (exit

@@ -134,7 +134,18 @@ pub fn interval(i: &Interval, boot_id: &str, coarsened: bool) -> v1::Interval {
             crate::attribution::DramPolicy::Cpu => "cpu".to_owned(),
             crate::attribution::DramPolicy::Memory => "memory".to_owned(),
         },
-        domains: i.results.iter().map(domain_energy).collect(),
+        domains: i
+            .results
+            .iter()
+            .map(|m| {
+                let mut d = domain_energy(m);
+                // What the platform meter was divided by, under the interval's policy.
+                if m.key.domain == wattd_collectors::Domain::Platform && !m.gap {
+                    d.usage_basis = i.policy.platform.usage_basis().to_owned();
+                }
+                d
+            })
+            .collect(),
         gaps: i
             .gaps
             .iter()

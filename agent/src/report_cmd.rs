@@ -188,6 +188,10 @@ pub fn render(intervals: &[Interval], focus: Option<&str>) -> String {
         page += &chart(dom, &cols, &series);
     }
 
+    if domains.contains("platform") {
+        page += &wall(intervals, &secs);
+    }
+
     // Energy per run.
     let _ = write!(
         page,
@@ -204,6 +208,69 @@ pub fn render(intervals: &[Interval], focus: Option<&str>) -> String {
     let _ = write!(page, "</table>");
     let _ = write!(page, "<p>No script, font or image is loaded from anywhere: this file is the whole report.</p></body></html>");
     page
+}
+
+/// The wall as the BMC saw it against its parts: per interval, the component meters (psys, else
+/// package and DRAM; plus the GPUs) and the platform meter stacked, and the totals. The
+/// platform's energy arrives with the BMC's readings, so single intervals may lead or lag; the
+/// totals agree.
+fn wall(intervals: &[Interval], secs: &impl Fn(u64) -> f64) -> String {
+    let (mut comp_total, mut plat_total, mut lost) = (0u128, 0u128, 0usize);
+    let cols: Vec<Column> = intervals
+        .iter()
+        .map(|i| {
+            let has_psys = i.domains.iter().any(|d| d.domain == "psys");
+            let (mut comp, mut plat, mut estimated, mut gap) = (0u64, 0u64, false, false);
+            for d in &i.domains {
+                let component = match d.domain.as_str() {
+                    "psys" | "gpu" => true,
+                    "package" | "dram" => !has_psys,
+                    _ => false,
+                };
+                if component {
+                    comp += d.measured_uj;
+                } else if d.domain == "platform" {
+                    plat += d.measured_uj;
+                    estimated |= d.quality == wattd_proto::v1::Quality::Estimated as i32;
+                    gap |= d.gap;
+                }
+            }
+            lost += i.gaps.iter().filter(|g| g.domain == "platform").count();
+            comp_total += u128::from(comp);
+            plat_total += u128::from(plat);
+            Column {
+                start_s: secs(i.start_monotonic_ns),
+                end_s: secs(i.end_monotonic_ns),
+                parts: BTreeMap::from([
+                    ("components".to_owned(), comp),
+                    ("platform".to_owned(), plat),
+                ]),
+                measured_uj: comp + plat,
+                estimated,
+                gap,
+            }
+        })
+        .collect();
+    let series = [
+        ("components".to_owned(), PALETTE[0]),
+        ("platform".to_owned(), PALETTE[1]),
+    ];
+    let mut out = chart("wall (BMC) = components + platform", &cols, &series);
+    let share = if comp_total + plat_total > 0 {
+        plat_total as f64 * 100.0 / (comp_total + plat_total) as f64
+    } else {
+        0.0
+    };
+    let _ = write!(
+        out,
+        "<table><tr><th class=\"l\">wall (BMC)</th><th>components</th><th>platform</th>\
+         <th>platform share</th><th>platform gaps</th></tr><tr><td class=\"l\">{}</td><td>{}</td>\
+         <td>{}</td><td>{share:.1}%</td><td>{lost}</td></tr></table>",
+        wh_text(comp_total + plat_total),
+        wh_text(comp_total),
+        wh_text(plat_total),
+    );
+    out
 }
 
 /// One domain's stacked chart, its quality and gap strip, and its residual line.

@@ -8,12 +8,13 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use wattd_collectors::estimator::EstimatorModel;
-use wattd_collectors::{CounterSample, DomainReading, Meter, MeterKey, SourceKind};
+use wattd_collectors::{CounterSample, Domain, DomainReading, Meter, MeterKey, SourceKind};
 
 use crate::attribution::idle::IdleTracker;
 use crate::attribution::{
     self, IdleEstimate, IdleSource, IntervalInput, Measured, MeterInput, MeterResult, Policy, Usage,
 };
+use crate::platform::{BmcEvent, PlatformMeter, PlatformTick};
 
 /// A point in time on both clocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -103,7 +104,19 @@ pub struct Sampler {
     last: Stamp,
     next_index: u64,
     readings: Vec<DomainReading>,
+    /// The platform meter and the BMC answers waiting for the next tick, when a BMC is
+    /// configured.
+    platform: Option<PlatformMeter>,
+    bmc_events: Vec<BmcEvent>,
+    last_platform: Option<PlatformTick>,
 }
+
+/// The platform meter's key: one per node.
+pub const PLATFORM_KEY: MeterKey = MeterKey {
+    domain: Domain::Platform,
+    package: None,
+    die: None,
+};
 
 impl Sampler {
     /// Takes the baseline reading of every meter at `now`; the first interval starts there.
@@ -137,7 +150,26 @@ impl Sampler {
             last: now,
             next_index,
             readings,
+            platform: None,
+            bmc_events: Vec::new(),
+            last_platform: None,
         }
+    }
+
+    /// With a platform meter (the wall less the other meters), fed by [`Self::bmc_events`].
+    pub fn with_platform(mut self, max_gap_ns: u64, max_watts: u32) -> Self {
+        self.platform = Some(PlatformMeter::new(self.last.mono_ns, max_gap_ns, max_watts));
+        self
+    }
+
+    /// The BMC's answers since the last tick, for the platform meter.
+    pub fn bmc_events(&mut self, events: impl IntoIterator<Item = BmcEvent>) {
+        self.bmc_events.extend(events);
+    }
+
+    /// The platform meter's last tick, when there is one.
+    pub fn last_platform(&self) -> Option<&PlatformTick> {
+        self.last_platform.as_ref()
     }
 
     pub fn policy(&self) -> Policy {
@@ -261,6 +293,17 @@ impl Sampler {
                 idle,
             });
         }
+        // The platform meter's components, before `meters` moves into the input.
+        let components = self.platform.as_ref().map(|_| {
+            let has_psys = meters.iter().any(|m| m.key.domain == Domain::Psys);
+            meters
+                .iter()
+                .filter(|m| attribution::is_platform_component(m.key, has_psys))
+                .try_fold(0u64, |c, m| match m.measured {
+                    Measured::Energy { energy_uj } => Some(c.saturating_add(energy_uj)),
+                    _ => None,
+                })
+        });
         let input = IntervalInput {
             elapsed_us,
             meters,
@@ -268,6 +311,51 @@ impl Sampler {
             policy: self.policy,
         };
         let mut results = attribution::attribute(&input);
+        if let (Some(p), Some(components)) = (&mut self.platform, components) {
+            let t = p.tick(
+                start.mono_ns,
+                end.mono_ns,
+                components,
+                attribution::ComponentShares::of(&results),
+                std::mem::take(&mut self.bmc_events),
+            );
+            let at = |mono_ns: u64| Stamp {
+                mono_ns,
+                unix_ns:
+                    end.unix_ns.saturating_sub(
+                        end.mono_ns.saturating_sub(mono_ns).min(i64::MAX as u64) as i64,
+                    ),
+            };
+            for l in &t.lost {
+                gaps.push(GapRecord {
+                    key: Some(PLATFORM_KEY),
+                    start: at(l.start_ns),
+                    end: at(l.end_ns),
+                    cause: if l.reset {
+                        GapCause::CounterReset
+                    } else {
+                        GapCause::SourceFailure
+                    },
+                    detail: format!("{} {PLATFORM_KEY}: {}", t.source, l.detail),
+                });
+            }
+            let input = MeterInput {
+                key: PLATFORM_KEY,
+                source: t.source,
+                quality: t.quality,
+                measured: t.measured,
+                idle: IdleEstimate {
+                    power_uw: 0,
+                    source: IdleSource::Config,
+                },
+            };
+            results.push(attribution::attribute_platform(
+                self.policy.platform,
+                &input,
+                &t.shares,
+            ));
+            self.last_platform = Some(t);
+        }
         for r in &mut results {
             let uuid = uuids
                 .remove(&r.key)
@@ -309,6 +397,7 @@ mod tests {
         let policy = Policy {
             idle: IdlePolicy::Host,
             dram: DramPolicy::Cpu,
+            platform: crate::attribution::PlatformPolicy::Proportional,
         };
         let s = Sampler::new(
             meters,

@@ -165,6 +165,8 @@ pub struct View {
     pub meters: BTreeMap<String, (f64, String, String)>,
     /// The endpoint said it serves no per-run series (`wattd_metrics_per_run_series 0`).
     pub runs_withheld: bool,
+    /// The node's power as its BMC last stated it (`wattd_wall_power_watts`), with a BMC.
+    pub wall_w: Option<f64>,
 }
 
 /// The time between two scrapes as the agent measured it: the increase of
@@ -222,6 +224,7 @@ pub fn view(prev: &[Sample], now: &[Sample], dt_s: f64) -> View {
                 e.2 = key(l, "quality");
             }
             "wattd_metrics_per_run_series" => v.runs_withheld = *val == 0.0,
+            "wattd_wall_power_watts" => v.wall_w = Some(*val),
             "wattd_power_watts" => {
                 let m = format!("{} {}", key(l, "domain"), key(l, "package"));
                 v.meters.entry(m).or_default().0 = *val;
@@ -255,18 +258,44 @@ pub fn render(v: &View, sort: Sort, cols: usize, rows: usize) -> Vec<String> {
         .map(|(d, [a, i, u])| format!("{d}: host {a:.1} J idle {i:.1} J unattributed {u:.1} J"))
         .collect();
     lines.push(format!("host      {}", host.join("  ")));
+    if let Some(wall) = v.wall_w {
+        // The wall against its parts: the components (psys, else package and DRAM; plus the
+        // GPUs) and the platform meter, as measured over the last interval.
+        let watts = |dom: &str| {
+            v.meters
+                .iter()
+                .filter(|(m, _)| m.split(' ').next() == Some(dom))
+                .map(|(_, (w, _, _))| *w)
+                .sum::<f64>()
+        };
+        let comp = if v.meters.keys().any(|m| m.starts_with("psys ")) {
+            watts("psys") + watts("gpu")
+        } else {
+            watts("package") + watts("dram") + watts("gpu")
+        };
+        let plat = watts("platform");
+        lines.push(format!(
+            "wall      bmc {wall:.1} W   components {comp:.1} W + platform {plat:.1} W = {:.1} W",
+            comp + plat
+        ));
+    }
     lines.push(format!(
-        "{:<32} {:>9} {:>9} {:>9} {:>12}",
-        "RUN", "PKG W", "DRAM W", "PSYS W", "ENERGY J"
+        "{:<32} {:>9} {:>9} {:>9} {:>9} {:>12}",
+        "RUN", "PKG W", "DRAM W", "PSYS W", "PLAT W", "ENERGY J"
     ));
-    let mut runs: Vec<(&String, f64, f64, [f64; 3])> = v
+    let mut runs: Vec<(&String, f64, f64, [f64; 4])> = v
         .runs
         .iter()
         .map(|(r, d)| {
             let w = |dom: &str| d.get(dom).map_or(0.0, |x| x.0);
             let total_w = d.values().map(|x| x.0).sum::<f64>();
             let energy = d.values().map(|x| x.1).sum::<f64>();
-            (r, total_w, energy, [w("package"), w("dram"), w("psys")])
+            (
+                r,
+                total_w,
+                energy,
+                [w("package"), w("dram"), w("psys"), w("platform")],
+            )
         })
         .collect();
     match sort {
@@ -281,10 +310,10 @@ pub fn render(v: &View, sort: Sort, cols: usize, rows: usize) -> Vec<String> {
                 .to_owned(),
         );
     }
-    for (r, _, e, [p, d, s]) in runs {
+    for (r, _, e, [p, d, s, pl]) in runs {
         lines.push(format!(
-            "{:<32} {:>9.2} {:>9.2} {:>9.2} {:>12.3}",
-            r, p, d, s, e
+            "{:<32} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>12.3}",
+            r, p, d, s, pl, e
         ));
     }
     lines.truncate(rows.max(1));
@@ -462,6 +491,30 @@ mod tests {
         assert_eq!(measured_span(&b, &b, 1.0), None, "not rendered again");
         let old = parse_exposition(SCRAPE_A);
         assert_eq!(measured_span(&old, &old, 1.5), Some(1.5), "an older agent");
+    }
+
+    /// With a BMC, a line sets the wall beside its parts; without one there is none.
+    #[test]
+    fn the_wall_against_the_components() {
+        let text = "wattd_wall_power_watts 120.5\n\
+            wattd_power_watts{domain=\"package\",package=\"0\"} 40\n\
+            wattd_power_watts{domain=\"dram\",package=\"0\"} 5\n\
+            wattd_power_watts{domain=\"core\",package=\"0\"} 30\n\
+            wattd_power_watts{domain=\"gpu\",package=\"0\"} 60\n\
+            wattd_power_watts{domain=\"platform\",package=\"\"} 15.5\n\
+            wattd_run_energy_joules_total{run_id=\"a\",domain=\"platform\"} 2\n";
+        let s = parse_exposition(text);
+        let lines = render(&view(&s, &s, 1.0), Sort::Power, 200, 24);
+        let wall = lines.iter().find(|l| l.starts_with("wall")).unwrap();
+        assert!(
+            wall.contains("bmc 120.5 W")
+                && wall.contains("components 105.0 W + platform 15.5 W = 120.5 W"),
+            "{wall}"
+        );
+        assert!(lines.iter().any(|l| l.contains("PLAT W")));
+        let plain = parse_exposition(SCRAPE_A);
+        let lines = render(&view(&plain, &plain, 1.0), Sort::Power, 200, 24);
+        assert!(!lines.iter().any(|l| l.starts_with("wall")), "{lines:?}");
     }
 
     #[test]

@@ -68,6 +68,7 @@ fn input_with(runs: usize, idle: IdlePolicy, server: bool) -> IntervalInput {
         policy: Policy {
             idle,
             dram: DramPolicy::Cpu,
+            platform: wattd::attribution::PlatformPolicy::Proportional,
         },
     }
 }

@@ -12,7 +12,9 @@ use crate::error::HostError;
 /// subsets of `Package` (reported, never added to it); `Psys` is platform-wide and includes the
 /// packages, so it is a domain of its own and never summed with them. `Gpu` is one GPU, whole
 /// (its index travels in `MeterKey::package`: NVIDIA GPUs 0, 1, ... through NVML, under MIG
-/// still the whole GPU; Intel GPUs through hwmon from 1000).
+/// still the whole GPU; Intel GPUs through hwmon from 1000). `Platform` is the rest of the node:
+/// the BMC's wall energy minus every other billed meter over the same span (power supplies,
+/// fans, NICs, disks, the board), one meter per node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Domain {
@@ -22,16 +24,18 @@ pub enum Domain {
     Dram,
     Psys,
     Gpu,
+    Platform,
 }
 
 impl Domain {
-    pub const ALL: [Domain; 6] = [
+    pub const ALL: [Domain; 7] = [
         Domain::Package,
         Domain::Core,
         Domain::Uncore,
         Domain::Dram,
         Domain::Psys,
         Domain::Gpu,
+        Domain::Platform,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +46,7 @@ impl Domain {
             Domain::Dram => "dram",
             Domain::Psys => "psys",
             Domain::Gpu => "gpu",
+            Domain::Platform => "platform",
         }
     }
 
@@ -49,7 +54,7 @@ impl Domain {
     pub fn is_billed(self) -> bool {
         matches!(
             self,
-            Domain::Package | Domain::Dram | Domain::Psys | Domain::Gpu
+            Domain::Package | Domain::Dram | Domain::Psys | Domain::Gpu | Domain::Platform
         )
     }
 
@@ -63,6 +68,8 @@ impl Domain {
             // The largest boards draw about 1.2 kW (GB200); NVML does not report a ceiling
             // wattd trusts more than this.
             Domain::Gpu => 2_000,
+            // The wall of a whole node, less its measured parts.
+            Domain::Platform => 20_000,
         }
     }
 }
@@ -112,6 +119,12 @@ pub enum SourceKind {
     Hwmon,
     /// A hwmon power reading (uW) integrated per tick: always `Quality::Estimated`.
     HwmonPower,
+    /// The BMC's energy counter over Redfish (`EnvironmentMetrics.EnergykWh`), less the
+    /// component meters: the platform meter.
+    Redfish,
+    /// The BMC's power readings over Redfish integrated between its samples, less the
+    /// component meters: always `Quality::Estimated`.
+    RedfishPower,
 }
 
 impl SourceKind {
@@ -125,6 +138,8 @@ impl SourceKind {
             SourceKind::NvmlPower => "nvml_power",
             SourceKind::Hwmon => "hwmon",
             SourceKind::HwmonPower => "hwmon_power",
+            SourceKind::Redfish => "redfish",
+            SourceKind::RedfishPower => "redfish_power",
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod perf_pmu;
 pub mod powercap;
 pub mod probe;
 pub mod procstat;
+pub mod redfish;
 pub mod synth;
 pub mod topology;
 

@@ -294,14 +294,17 @@ impl Verdict {
 fn node_energy(domains: &[DomainFacts]) -> u128 {
     let mut parts = 0u128;
     let mut psys = 0u128;
+    let mut platform = 0u128;
     for d in domains {
         match d.domain.as_str() {
             "psys" => psys += d.allocated_uj,
+            // The wall less every other meter: on top of them, whichever they are.
+            "platform" => platform += d.allocated_uj,
             "core" | "uncore" => {}
             _ => parts += d.allocated_uj,
         }
     }
-    parts.max(psys)
+    parts.max(psys) + platform
 }
 
 /// Judges batch `seq` against the node's clock (`None`: nothing judged yet) at the ledger's
@@ -543,6 +546,10 @@ mod tests {
         assert_eq!(
             node_energy(&[d("psys", 6), d("package", 5), d("gpu", 3)]),
             8
+        );
+        assert_eq!(
+            node_energy(&[d("psys", 6), d("package", 5), d("platform", 4)]),
+            10
         );
         assert_eq!(
             node_energy(&[d("package", 5), d("core", 4), d("uncore", 1)]),

@@ -7,7 +7,9 @@
 pub const RUN_ID_MAX_BYTES: usize = 128;
 
 /// The energy domains a record may carry.
-pub const DOMAINS: &[&str] = &["package", "core", "uncore", "dram", "psys", "gpu"];
+pub const DOMAINS: &[&str] = &[
+    "package", "core", "uncore", "dram", "psys", "gpu", "platform",
+];
 
 /// Why `id` is not a valid run id: 1 to 128 bytes of `A-Z a-z 0-9 - _ . : @`, not `.` or `..`.
 pub fn run_id_problem(id: &str) -> Option<&'static str> {
@@ -61,7 +63,7 @@ pub fn domain_problem(domain: &str) -> Option<&'static str> {
     if DOMAINS.contains(&domain) {
         None
     } else {
-        Some("domain is not one of package, core, uncore, dram, psys, gpu")
+        Some("domain is not one of package, core, uncore, dram, psys, gpu, platform")
     }
 }
 

@@ -126,6 +126,12 @@ impl ScrapeClient {
         })
     }
 
+    /// The same client with another deadline for a whole exchange (5 s by default).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// Whether this client speaks HTTPS.
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()

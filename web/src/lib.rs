@@ -13,4 +13,5 @@ pub mod tls;
 
 pub use client::{ClientOptions, ScrapeClient, ScrapeError};
 pub use config::{ClientAuth, WebConfig, WebConfigError};
+pub use hyper::StatusCode;
 pub use server::{EndpointStats, HttpLimits, MetricsEndpoint};

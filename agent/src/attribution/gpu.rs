@@ -439,7 +439,7 @@ mod tests {
                 usage: Some(Usage { gpus, ..Usage::default() }),
                 policy: Policy {
                     idle: [IdlePolicy::Proportional, IdlePolicy::Reserved, IdlePolicy::Host][policy],
-                    dram: DramPolicy::Cpu,
+                    dram: DramPolicy::Cpu, platform: crate::attribution::PlatformPolicy::Proportional,
                 },
             };
             let out = attribute(&input);

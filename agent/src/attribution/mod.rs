@@ -52,11 +52,41 @@ pub enum DramPolicy {
     Memory,
 }
 
+/// How the platform meter's energy (the wall less the components) is divided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlatformPolicy {
+    /// In proportion to each run's share of the component meters' energy in the interval (what
+    /// each run was given of package, DRAM or psys, and the GPUs; the host's share and the
+    /// unattributed energy weigh for the host).
+    Proportional,
+    /// All of it to the host: overhead billed to nobody.
+    Host,
+}
+
+impl PlatformPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlatformPolicy::Proportional => "proportional",
+            PlatformPolicy::Host => "host",
+        }
+    }
+
+    /// The records' `usage_basis` of a platform meter under this policy.
+    pub fn usage_basis(self) -> &'static str {
+        match self {
+            PlatformPolicy::Proportional => "component_energy",
+            PlatformPolicy::Host => "host",
+        }
+    }
+}
+
 /// The policy an interval was attributed under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Policy {
     pub idle: IdlePolicy,
     pub dram: DramPolicy,
+    pub platform: PlatformPolicy,
 }
 
 /// Where an idle-power figure came from.
@@ -383,11 +413,134 @@ pub fn attribute(input: &IntervalInput) -> Vec<MeterResult> {
             u.runs.iter().map(|r| r.run_id.clone()).collect()
         })
         .into();
-    input
+    let mut results: Vec<MeterResult> = input
         .meters
         .iter()
+        .filter(|m| m.key.domain != Domain::Platform)
         .map(|m| attribute_meter(input, dense.as_ref(), &ids, m, &mut scratch))
-        .collect()
+        .collect();
+    // The platform meter last: it is divided by what the others gave each run (here over this
+    // interval; the sampler passes the shares over the BMC's own spans instead).
+    if input
+        .meters
+        .iter()
+        .any(|m| m.key.domain == Domain::Platform)
+    {
+        let shares = ComponentShares::of(&results);
+        for m in input
+            .meters
+            .iter()
+            .filter(|m| m.key.domain == Domain::Platform)
+        {
+            results.push(attribute_platform(input.policy.platform, m, &shares));
+        }
+    }
+    results
+}
+
+/// The meters whose energy the platform meter is the rest of: psys where the host has it (it
+/// includes the packages and DRAM), else packages and DRAM; and the GPUs.
+pub fn is_platform_component(key: MeterKey, has_psys: bool) -> bool {
+    match key.domain {
+        Domain::Psys | Domain::Gpu => true,
+        Domain::Package | Domain::Dram => !has_psys,
+        Domain::Core | Domain::Uncore | Domain::Platform => false,
+    }
+}
+
+/// What the component meters gave each run (active + idle, microjoules), sorted by run id, and
+/// the host (its shares and what was left unattributed): the platform meter's weights.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ComponentShares {
+    pub runs: Vec<(Arc<str>, u64)>,
+    pub host: u64,
+}
+
+impl ComponentShares {
+    /// Of one interval's results (gaps and non-components left out).
+    pub fn of(results: &[MeterResult]) -> Self {
+        let has_psys = results.iter().any(|c| c.key.domain == Domain::Psys);
+        let mut runs: BTreeMap<Arc<str>, u64> = BTreeMap::new();
+        let mut host: u64 = 0;
+        for c in results
+            .iter()
+            .filter(|c| !c.gap && is_platform_component(c.key, has_psys))
+        {
+            for (id, share) in c.shares() {
+                let w = runs.entry(id.clone()).or_default();
+                *w = w.saturating_add(share.active_uj.saturating_add(share.idle_uj));
+            }
+            let left = c
+                .unattributed
+                .iter()
+                .map(|(_, e)| *e)
+                .fold(0, u64::saturating_add);
+            host = host
+                .saturating_add(c.host_active_uj)
+                .saturating_add(c.host_idle_uj)
+                .saturating_add(left);
+        }
+        ComponentShares {
+            runs: runs.into_iter().collect(),
+            host,
+        }
+    }
+}
+
+/// The platform meter: its energy divided by `shares` (`PlatformPolicy::Proportional`: each
+/// run's part of the component meters' energy), or kept by the host. Pure, exact.
+pub fn attribute_platform(
+    policy: PlatformPolicy,
+    m: &MeterInput,
+    shares: &ComponentShares,
+) -> MeterResult {
+    let mut r = MeterResult {
+        key: m.key,
+        source: m.source,
+        quality: m.quality,
+        measured_uj: 0,
+        gap: false,
+        idle: m.idle,
+        idle_uj: 0,
+        run_ids: Arc::from([]),
+        runs: Vec::new(),
+        host_active_uj: 0,
+        host_idle_uj: 0,
+        host_usage: 0,
+        unattributed: Vec::new(),
+        gpu: None,
+    };
+    let energy = match m.measured {
+        Measured::Gap => {
+            r.gap = true;
+            return r;
+        }
+        Measured::Quarantined { energy_uj } => {
+            r.measured_uj = energy_uj;
+            r.unattributed
+                .push((UnattributedReason::Quarantined, energy_uj));
+            return r;
+        }
+        Measured::Energy { energy_uj } => energy_uj,
+    };
+    r.measured_uj = energy;
+    if policy == PlatformPolicy::Host {
+        r.host_active_uj = energy;
+        return r;
+    }
+    let ids: RunIds = shares.runs.iter().map(|(id, _)| id.clone()).collect();
+    let mut weights: Vec<u64> = shares.runs.iter().map(|(_, w)| *w).collect();
+    weights.push(shares.host);
+    divide(
+        IdlePolicy::Host,
+        (energy, 0),
+        &weights,
+        Vec::new,
+        &ids,
+        &mut r,
+        &mut Scratch::default(),
+    );
+    r
 }
 
 /// Runs' CPU time and reserved CPUs as dense rows (run-major, one column per package).

@@ -74,7 +74,11 @@ fn scenario(idle: IdlePolicy, dram: DramPolicy) -> IntervalInput {
             gpus: BTreeMap::new(),
             cpu_busy_unknown: false,
         }),
-        policy: Policy { idle, dram },
+        policy: Policy {
+            idle,
+            dram,
+            platform: crate::attribution::PlatformPolicy::Proportional,
+        },
     }
 }
 
@@ -311,6 +315,7 @@ fn arb_input() -> impl Strategy<Value = IntervalInput> {
                     } else {
                         DramPolicy::Memory
                     },
+                    platform: crate::attribution::PlatformPolicy::Proportional,
                 },
             },
         )
@@ -348,7 +353,7 @@ proptest! {
             elapsed_us: 1_000_000,
             meters: vec![meter(Domain::Package, Some(0), e, idle_w)],
             usage: Some(Usage { runs, busy_us: [(0, busy)].into_iter().collect(), package_cpus: [(0, 4)].into_iter().collect(), host_memory_bytes: None, gpus: BTreeMap::new(), cpu_busy_unknown: false }),
-            policy: Policy { idle: IdlePolicy::Proportional, dram: DramPolicy::Cpu },
+            policy: Policy { idle: IdlePolicy::Proportional, dram: DramPolicy::Cpu , platform: crate::attribution::PlatformPolicy::Proportional },
         };
         let out = attribute(&input);
         let m = &out[0];
@@ -467,4 +472,98 @@ fn unknown_cpu_busy_time_leaves_cpu_meters_undivided_but_not_gpus() {
     assert_eq!(total(g, "a"), 75 * J);
     assert_eq!(g.host_active_uj, 25 * J);
     assert_eq!(g.sum_uj(), 100 * J as u128);
+}
+
+/// The platform meter is divided by what the component meters gave each run: packages and DRAM
+/// without psys, psys alone with it (never both), the GPUs, and the host's share plus what was
+/// left unattributed for the host.
+#[test]
+fn platform_follows_the_components() {
+    let platform = |uj: u64| MeterInput {
+        source: SourceKind::RedfishPower,
+        quality: Quality::Estimated,
+        ..meter(Domain::Platform, None, uj, 0)
+    };
+    let usage = Usage {
+        runs: vec![
+            run("a", &[(0, 600_000)], &[], None),
+            run("b", &[(0, 200_000)], &[], None),
+        ],
+        busy_us: [(0, 1_000_000)].into_iter().collect(),
+        package_cpus: [(0, 2)].into_iter().collect(),
+        ..Usage::default()
+    };
+    let input = |meters: Vec<MeterInput>, platform_policy| IntervalInput {
+        elapsed_us: 1_000_000,
+        meters,
+        usage: Some(usage.clone()),
+        policy: Policy {
+            idle: IdlePolicy::Proportional,
+            dram: DramPolicy::Cpu,
+            platform: platform_policy,
+        },
+    };
+    // Package 10 J and DRAM 2 J split 0.6 / 0.2 / host 0.2: a 7.2 J, b 2.4 J, host 2.4 J of 12.
+    // Platform 5 J + 1 uJ: a 3 J, b 1 J, host 1 J, and the spare microjoule to the largest
+    // remainder (a, b and the host tie at .2 of a uJ: a, by id).
+    let meters = vec![
+        meter(Domain::Package, Some(0), 10 * J, 0),
+        meter(Domain::Dram, Some(0), 2 * J, 0),
+        platform(5 * J + 1),
+    ];
+    let pp = PlatformPolicy::Proportional;
+    check(
+        &input(meters.clone(), pp),
+        &[(
+            key(Domain::Platform, None),
+            &[("a", 3 * J + 1, 0), ("b", J, 0)],
+            J,
+            0,
+        )],
+    );
+    // With psys the packages and DRAM are inside it: only psys counts (weights 0.6/0.2/0.2 of
+    // its 20 J), whatever the package meter says.
+    let mut with_psys = meters.clone();
+    with_psys[0] = meter(Domain::Package, Some(0), 99 * J, 0);
+    with_psys.push(meter(Domain::Psys, None, 20 * J, 0));
+    check(
+        &input(with_psys, pp),
+        &[(
+            key(Domain::Platform, None),
+            &[("a", 3 * J + 1, 0), ("b", J, 0)],
+            J,
+            0,
+        )],
+    );
+    // Energy the components could not divide weighs for the host; a platform gap is a gap.
+    let mut quarantined = meters.clone();
+    quarantined[0].measured = Measured::Quarantined { energy_uj: 18 * J };
+    check(
+        &input(quarantined, pp),
+        // DRAM: a 1.2, b 0.4, host 0.4; package 18 J unattributed -> host 18.4 of 20 J.
+        &[(
+            key(Domain::Platform, None),
+            &[("a", 300_000, 0), ("b", 100_000, 0)],
+            4_600_001,
+            0,
+        )],
+    );
+    let mut gap = meters.clone();
+    gap[2].measured = Measured::Gap;
+    let out = attribute(&input(gap, pp));
+    let p = out
+        .iter()
+        .find(|m| m.key.domain == Domain::Platform)
+        .unwrap();
+    assert!(p.gap && p.measured_uj == 0 && p.runs.is_empty());
+    // Under the host policy nobody is billed for the platform.
+    check(
+        &input(meters, PlatformPolicy::Host),
+        &[(
+            key(Domain::Platform, None),
+            &[("a", 0, 0), ("b", 0, 0)],
+            5 * J + 1,
+            0,
+        )],
+    );
 }

@@ -71,6 +71,7 @@ fn replay(name: &str, idle: IdlePolicy, idle_watts: Option<u64>) -> Replay {
         Policy {
             idle,
             dram: DramPolicy::Cpu,
+            platform: wattd::attribution::PlatformPolicy::Proportional,
         },
         0,
         Stamp {
@@ -122,6 +123,7 @@ fn plain_sampler(meters: Vec<Box<dyn wattd_collectors::Meter>>) -> Sampler {
         Policy {
             idle: IdlePolicy::Proportional,
             dram: DramPolicy::Cpu,
+            platform: wattd::attribution::PlatformPolicy::Proportional,
         },
         0,
         Stamp {

@@ -11,6 +11,7 @@ mod harness;
 mod kill;
 mod ledger;
 mod packages;
+mod redfish;
 mod release;
 mod reload;
 mod report;

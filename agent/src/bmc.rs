@@ -1,0 +1,428 @@
+//! The BMC off the event loop: the `wattd-bmc` thread polls the node's Redfish service over HTTPS
+//! every `poll` and hands each answer, stamped on CLOCK_MONOTONIC, to the platform meter through a
+//! bounded channel. The tick never waits for the BMC: a slow or dead BMC costs the thread its
+//! `read_timeout` per poll and the meter a recorded gap, never a late tick.
+//!
+//! The connection is rebuilt after every failure: the CA and the credentials file are read again
+//! then, so a rotated password takes effect at the next failure (a BMC answers 401 to the old one)
+//! without a restart.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wattd_collectors::redfish::{self, WallReading};
+use wattd_web::{ClientOptions, ScrapeClient};
+
+use crate::platform::{BmcEvent, PENDING_MAX};
+use crate::sampler::Stamp;
+
+/// How to reach the BMC (`[platform]` in the configuration).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BmcConfig {
+    /// `https://host[:port]`.
+    pub url: String,
+    /// The CA that signed the BMC's certificate (PEM). Required: a BMC is never trusted blind.
+    pub ca_file: PathBuf,
+    /// The name the BMC's certificate carries, when it is not the URL's host.
+    pub server_name: Option<String>,
+    /// `user:password` on one line, for basic auth; read at every (re)connect.
+    pub credentials_file: Option<PathBuf>,
+    /// The chassis to read (its id, the last part of its path); the first with power otherwise.
+    pub chassis: Option<String>,
+    pub poll: Duration,
+    pub read_timeout: Duration,
+    /// Readings above this are refused as garbage.
+    pub max_watts: u32,
+}
+
+/// `https://host[:port][/]` split into host and port (443 by default). Only HTTPS: the
+/// credentials and the billing data's source never cross the network in clear.
+pub fn parse_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("{url:?}: must start with https://"))?
+        .trim_end_matches('/');
+    if rest.is_empty()
+        || rest.contains(['/', '?', '#', '@'])
+        || rest.chars().any(char::is_whitespace)
+    {
+        return Err(format!(
+            "{url:?}: give https://host or https://host:port, nothing more"
+        ));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, tail) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("{url:?}: unclosed [ in the host"))?;
+        (h.to_owned(), tail.strip_prefix(':'))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), Some(p)),
+            None => (rest.to_owned(), None),
+        }
+    };
+    let port = match port {
+        None => 443,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{url:?}: port {p:?} is not 1 to 65535"))?,
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?}: no host"));
+    }
+    Ok((host, port))
+}
+
+/// `user:password` from the first line of `path`, which must not be readable by others.
+pub fn read_credentials(path: &Path) -> Result<(String, String), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
+    if meta.permissions().mode() & 0o007 != 0 {
+        return Err(format!(
+            "{shown}: readable or writable by every user (mode {:o}); chmod o-rwx it",
+            meta.permissions().mode() & 0o777
+        ));
+    }
+    if meta.len() > 4096 {
+        return Err(format!("{shown}: larger than 4096 bytes"));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
+    let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    match line.split_once(':') {
+        Some((u, p)) if !u.is_empty() => Ok((u.to_owned(), p.to_owned())),
+        _ => Err(format!("{shown}: the first line is not user:password")),
+    }
+}
+
+/// The resource polled, once found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resource {
+    EnvironmentMetrics(String),
+    Power(String),
+}
+
+impl Resource {
+    pub fn path(&self) -> &str {
+        match self {
+            Resource::EnvironmentMetrics(p) | Resource::Power(p) => p,
+        }
+    }
+}
+
+/// The thread's state: a client (rebuilt after any failure: the CA and the credentials are read
+/// again), and the resource found (kept across failures: a garbage answer must not make the
+/// thread fall back to another resource; looked for again only when it answers 404).
+#[derive(Default)]
+struct Session {
+    client: Option<ScrapeClient>,
+    resource: Option<Resource>,
+}
+
+fn connect(cfg: &BmcConfig) -> Result<ScrapeClient, String> {
+    let (host, port) = parse_url(&cfg.url)?;
+    let addr: SocketAddr = (host.as_str(), port)
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving {host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("resolving {host}: no address"))?;
+    let (user, password) = match &cfg.credentials_file {
+        Some(f) => {
+            let (u, p) = read_credentials(f)?;
+            (Some(u), Some(p))
+        }
+        None => (None, None),
+    };
+    let server_name = cfg.server_name.clone().or_else(|| {
+        host.parse::<std::net::IpAddr>()
+            .is_err()
+            .then(|| host.clone())
+    });
+    let opts = ClientOptions {
+        ca: Some(cfg.ca_file.clone()),
+        server_name,
+        user,
+        password,
+        ..ClientOptions::default()
+    };
+    Ok(ScrapeClient::new(addr, &opts)
+        .map_err(|e| e.to_string())?
+        .with_timeout(cfg.read_timeout))
+}
+
+/// Why a GET failed, and whether the resource is gone (404).
+struct Failure {
+    detail: String,
+    not_found: bool,
+}
+
+impl From<String> for Failure {
+    fn from(detail: String) -> Self {
+        Failure {
+            detail,
+            not_found: false,
+        }
+    }
+}
+
+async fn get(client: &ScrapeClient, path: &str) -> Result<String, Failure> {
+    let (status, body) = client.get(path).await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(Failure {
+            detail: format!("GET {path}: HTTP {status}"),
+            not_found: status == wattd_web::StatusCode::NOT_FOUND,
+        });
+    }
+    Ok(body)
+}
+
+/// Finds the chassis and the resource to poll: `EnvironmentMetrics` when it has a reading, else
+/// `Power`.
+async fn discover(cfg: &BmcConfig, client: &ScrapeClient) -> Result<Resource, Failure> {
+    let body = get(client, redfish::CHASSIS).await?;
+    let members = redfish::members(redfish::CHASSIS, &body).map_err(|e| e.to_string())?;
+    let mut tried = Vec::new();
+    for m in members {
+        let id = m.rsplit('/').next().unwrap_or("");
+        if cfg.chassis.as_deref().is_some_and(|c| c != id) {
+            continue;
+        }
+        let body = get(client, &m).await?;
+        let links = redfish::chassis_links(&m, &body).map_err(|e| e.to_string())?;
+        if let Some(em) = &links.environment_metrics {
+            let body = get(client, em).await?;
+            match redfish::environment_metrics(em, &body, cfg.max_watts) {
+                Ok(_) => return Ok(Resource::EnvironmentMetrics(em.clone())),
+                Err(e) => tried.push(e.to_string()),
+            }
+        }
+        if let Some(p) = &links.power {
+            let body = get(client, p).await?;
+            match redfish::power(p, &body, cfg.max_watts) {
+                Ok(_) => return Ok(Resource::Power(p.clone())),
+                Err(e) => tried.push(e.to_string()),
+            }
+        }
+        tried.push(format!("{m}: no EnvironmentMetrics or Power link"));
+    }
+    Err(Failure::from(match (&cfg.chassis, tried.is_empty()) {
+        (Some(c), true) => format!("no chassis {c:?} in {}", redfish::CHASSIS),
+        _ if tried.is_empty() => format!("no chassis in {}", redfish::CHASSIS),
+        _ => format!("no chassis with a power reading: {}", tried.join("; ")),
+    }))
+}
+
+async fn read(
+    cfg: &BmcConfig,
+    client: &ScrapeClient,
+    resource: &Resource,
+) -> Result<WallReading, Failure> {
+    let body = get(client, resource.path()).await?;
+    let parsed = match resource {
+        Resource::EnvironmentMetrics(p) => redfish::environment_metrics(p, &body, cfg.max_watts),
+        Resource::Power(p) => redfish::power(p, &body, cfg.max_watts),
+    };
+    parsed.map_err(|e| Failure::from(e.to_string()))
+}
+
+/// One poll: connect and find the resource when needed, then read. A failure drops the client;
+/// a 404 drops the resource too.
+async fn poll(cfg: &BmcConfig, session: &mut Session) -> Result<WallReading, String> {
+    let result = async {
+        let client = match session.client.take() {
+            Some(c) => c,
+            None => connect(cfg)?,
+        };
+        let resource = match session.resource.take() {
+            Some(r) => r,
+            None => discover(cfg, &client).await?,
+        };
+        let r = read(cfg, &client, &resource).await;
+        let gone = matches!(&r, Err(f) if f.not_found);
+        if !gone {
+            session.resource = Some(resource);
+        }
+        if r.is_ok() {
+            session.client = Some(client);
+        }
+        r
+    }
+    .await;
+    result.map_err(|f| f.detail)
+}
+
+/// The one-shot check of `wattd probe`: which resource would be read, and its first reading.
+pub fn probe(cfg: &BmcConfig) -> Result<(Resource, WallReading), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    rt.block_on(async {
+        let client = connect(cfg)?;
+        let resource = discover(cfg, &client).await.map_err(|f| f.detail)?;
+        let r = read(cfg, &client, &resource).await.map_err(|f| f.detail)?;
+        Ok((resource, r))
+    })
+}
+
+/// The running BMC thread. Dropping it stops the thread at its next wake (it is not joined: a
+/// BMC that hangs holds only its own thread, for at most `read_timeout`).
+#[derive(Debug)]
+pub struct BmcSource {
+    rx: Receiver<BmcEvent>,
+    stop: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl BmcSource {
+    pub fn spawn(cfg: BmcConfig) -> std::io::Result<BmcSource> {
+        let (tx, rx) = sync_channel(PENDING_MAX);
+        let stop = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (s, d) = (stop.clone(), dropped.clone());
+        std::thread::Builder::new()
+            .name("wattd-bmc".into())
+            .spawn(move || run(cfg, tx, s, d))?;
+        Ok(BmcSource { rx, stop, dropped })
+    }
+
+    /// Everything the thread delivered since the last call.
+    pub fn drain(&self) -> Vec<BmcEvent> {
+        self.rx.try_iter().collect()
+    }
+
+    /// Answers dropped because the channel was full (the loop stalled).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for BmcSource {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn run(cfg: BmcConfig, tx: SyncSender<BmcEvent>, stop: Arc<AtomicBool>, dropped: Arc<AtomicU64>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = tx.try_send(BmcEvent::Failed {
+                mono_ns: Stamp::now().mono_ns,
+                detail: format!("the BMC thread has no runtime: {e}"),
+            });
+            return;
+        }
+    };
+    let mut session = Session::default();
+    let mut next = Instant::now();
+    // Failed polls since the last good one: an outage is logged once when it starts and once
+    // when it ends, never per poll.
+    let mut failing: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let before = Stamp::now().mono_ns;
+        let result = rt.block_on(poll(&cfg, &mut session));
+        let after = Stamp::now().mono_ns;
+        let event = match result {
+            // The reading is stamped halfway through the exchange.
+            Ok(reading) => {
+                if failing > 0 {
+                    tracing::info!(url = %cfg.url, failed_polls = failing, "BMC answers again");
+                    failing = 0;
+                }
+                BmcEvent::Reading {
+                    mono_ns: before + (after - before) / 2,
+                    reading,
+                }
+            }
+            Err(detail) => {
+                let detail = format!("BMC {}: {detail}", cfg.url);
+                if failing == 0 {
+                    tracing::warn!(error = %detail, "BMC poll failed (logged once per outage; see wattd_bmc_failures_total)");
+                }
+                failing += 1;
+                BmcEvent::Failed {
+                    mono_ns: after,
+                    detail,
+                }
+            }
+        };
+        match tx.try_send(event) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => return,
+        }
+        next += cfg.poll;
+        let now = Instant::now();
+        if next < now {
+            next = now;
+        }
+        while !stop.load(Ordering::Relaxed) {
+            let left = next.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(100)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_https_host_and_port_only() {
+        assert_eq!(
+            parse_url("https://bmc.example").unwrap(),
+            ("bmc.example".into(), 443)
+        );
+        assert_eq!(
+            parse_url("https://127.0.0.1:8443/").unwrap(),
+            ("127.0.0.1".into(), 8443)
+        );
+        assert_eq!(parse_url("https://[::1]:9").unwrap(), ("::1".into(), 9));
+        for bad in [
+            "http://bmc",
+            "https://",
+            "https://u:p@bmc",
+            "https://bmc/redfish/v1",
+            "https://bmc:0",
+            "https://bmc:99999",
+            "https://bm c",
+        ] {
+            let e = parse_url(bad).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn credentials_are_private_and_well_formed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("bmc.credentials");
+        std::fs::write(&f, "admin:s3cr:et\nignored\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(
+            read_credentials(&f).unwrap(),
+            ("admin".into(), "s3cr:et".into())
+        );
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(read_credentials(&f).unwrap_err().contains("every user"));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&f, "no-colon\n").unwrap();
+        assert!(read_credentials(&f).unwrap_err().contains("user:password"));
+        assert!(read_credentials(&dir.path().join("missing")).is_err());
+    }
+}

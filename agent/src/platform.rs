@@ -1,0 +1,803 @@
+//! The platform meter: the node's wall energy from its BMC less what the component meters
+//! measured over the same span, so that power supplies, fans, NICs, disks and the board are billed
+//! (or kept by the host) like every other meter. Pure: time and readings are passed in.
+//!
+//! BMC readings are coarse and late, so the subtraction is aligned on *their* timestamps, not the
+//! tick's: the components' cumulative energy is kept per tick end and interpolated linearly at each
+//! reading's time. Between two readings `a` and `b` the platform energy is
+//! `W(b) - W(a) - (C(b) - C(a))`; the sum over readings telescopes, so what the meter hands out plus
+//! its carried remainder always equals the wall's energy less the components' between the first and
+//! the last reading of an unbroken span, to the microjoule. A span whose platform energy is
+//! negative (the BMC's reading lags, or reads below the components) is never clamped: the deficit
+//! is carried and paid back from later spans. `W` is the BMC's energy counter where it has one
+//! (measured), else its power readings integrated by trapezoids (estimated).
+//!
+//! The span between two readings is lost, and recorded as a gap, when a component meter's energy
+//! is unknown inside it, when power readings are further apart than `max_gap`, when the energy
+//! counter goes back or jumps faster than `max_watts`, or when the readings switch between counter
+//! and power.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use wattd_collectors::redfish::WallReading;
+use wattd_collectors::{Quality, SourceKind};
+
+use crate::attribution::{ComponentShares, Measured};
+
+/// One answer of the BMC thread, stamped on CLOCK_MONOTONIC when it arrived.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BmcEvent {
+    Reading { mono_ns: u64, reading: WallReading },
+    Failed { mono_ns: u64, detail: String },
+}
+
+/// Tick ends kept for interpolation: past this many, a reading older than the oldest is of no use
+/// and the open span is lost (68 minutes at 1 Hz).
+pub const HISTORY_MAX: usize = 4096;
+
+/// Readings kept waiting for the tick that covers them.
+pub const PENDING_MAX: usize = 1024;
+
+/// Intervals whose component shares are kept one by one; older ones are merged pairwise (their
+/// shares then spread evenly over the merged time), so a long BMC outage costs bounded memory.
+pub const SHARES_MAX: usize = 64;
+
+/// A span whose platform energy is unknown, from one reading (or the start) to the next baseline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LostSpan {
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// Whether the BMC's counter went back (a reset), rather than a reading missing or refused.
+    pub reset: bool,
+    pub detail: String,
+}
+
+/// One tick's outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlatformTick {
+    /// The platform energy handed out this tick, or a gap while there is no baseline.
+    pub measured: Measured,
+    pub source: SourceKind,
+    pub quality: Quality,
+    /// Spans closed this tick whose energy is unknown.
+    pub lost: Vec<LostSpan>,
+    /// Readings and failures the BMC thread delivered this tick.
+    pub readings: u64,
+    pub failures: u64,
+    /// The deficit carried to later spans (never positive), microjoules.
+    pub carry_uj: i128,
+    /// The latest wall power the BMC stated, milliwatts.
+    pub wall_power_mw: Option<u64>,
+    /// What the component meters gave each run over the spans this tick's readings closed:
+    /// the weights of this tick's platform energy (a span's energy goes to whoever drew the
+    /// components' energy over that span, not over the tick it arrived in).
+    pub shares: ComponentShares,
+    /// Why the meter has no baseline, while it has none.
+    pub waiting: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Base {
+    s_ns: u64,
+    /// Counter: microjoules. Power: the running integral in half milliwatt-nanoseconds.
+    wall_raw: u128,
+    power_mw: Option<u64>,
+    counter: bool,
+    comp_uj: u128,
+}
+
+impl Base {
+    fn wall_uj(&self) -> u128 {
+        if self.counter {
+            self.wall_raw
+        } else {
+            self.wall_raw / 2_000_000
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct PlatformMeter {
+    max_gap_ns: u64,
+    max_watts: u64,
+    /// (tick end, components' cumulative energy) since the base's reading.
+    history: VecDeque<(u64, u128)>,
+    /// (interval start, end, what the components gave each run in it) since the base's reading.
+    shares: VecDeque<(u64, u64, ComponentShares)>,
+    comp_cum: u128,
+    base: Option<Base>,
+    /// The open lost span: where it starts and why.
+    lost: Option<(u64, bool, String)>,
+    pending: VecDeque<(u64, WallReading)>,
+    carry: i128,
+    wall_power_mw: Option<u64>,
+    /// The BMC's last failure since the base last moved: said in the record of a span it loses.
+    failure: Option<String>,
+}
+
+impl PlatformMeter {
+    /// `start_ns`: when the sampler's first interval starts (the span until the first reading is
+    /// lost). Power readings further apart than `max_gap_ns` are not integrated across.
+    pub fn new(start_ns: u64, max_gap_ns: u64, max_watts: u32) -> Self {
+        PlatformMeter {
+            max_gap_ns,
+            max_watts: u64::from(max_watts),
+            history: VecDeque::new(),
+            shares: VecDeque::new(),
+            comp_cum: 0,
+            base: None,
+            lost: Some((start_ns, false, "no reading from the BMC yet".into())),
+            pending: VecDeque::new(),
+            carry: 0,
+            wall_power_mw: None,
+            failure: None,
+        }
+    }
+
+    /// The deficit carried to later spans.
+    pub fn carry_uj(&self) -> i128 {
+        self.carry
+    }
+
+    /// Closes the interval `start_ns..end_ns`: `components` is the energy the component meters
+    /// measured in it (`None` when one of them is a gap), `shares` what they gave each run,
+    /// `events` what the BMC thread delivered.
+    pub fn tick(
+        &mut self,
+        start_ns: u64,
+        end_ns: u64,
+        components: Option<u64>,
+        shares: ComponentShares,
+        events: impl IntoIterator<Item = BmcEvent>,
+    ) -> PlatformTick {
+        let mut lost = Vec::new();
+        match components {
+            Some(c) => {
+                if self.history.is_empty() {
+                    self.history.push_back((start_ns, self.comp_cum));
+                }
+                self.comp_cum += u128::from(c);
+                self.history.push_back((end_ns, self.comp_cum));
+                if end_ns > start_ns {
+                    self.shares.push_back((start_ns, end_ns, shares));
+                }
+            }
+            None => {
+                if let Some(b) = self.base.take() {
+                    self.open_lost(b.s_ns, false, "a component meter's energy is unknown");
+                }
+                self.history.clear();
+                self.history.push_back((end_ns, self.comp_cum));
+                self.shares.clear();
+            }
+        }
+        let mut weights: BTreeMap<Arc<str>, u128> = BTreeMap::new();
+        let mut host_weight: u128 = 0;
+        let (mut readings, mut failures) = (0, 0);
+        let mut last_failure = None;
+        for e in events {
+            match e {
+                BmcEvent::Reading { mono_ns, reading } => {
+                    readings += 1;
+                    let in_order = self.pending.back().map_or(true, |(s, _)| *s <= mono_ns);
+                    if in_order && self.pending.len() < PENDING_MAX {
+                        self.pending.push_back((mono_ns, reading));
+                    }
+                }
+                BmcEvent::Failed { detail, .. } => {
+                    failures += 1;
+                    self.failure = Some(detail.clone());
+                    last_failure = Some(detail);
+                }
+            }
+        }
+        let mut acc: i128 = 0;
+        while let Some(&(s, r)) = self.pending.front() {
+            if s > end_ns {
+                break;
+            }
+            self.pending.pop_front();
+            self.wall_power_mw = r.power_mw.or(self.wall_power_mw);
+            let Some(c_s) = self.components_at(s) else {
+                // Older than anything the components are known for: of no use.
+                continue;
+            };
+            match self.base {
+                None => self.baseline(s, r, c_s, &mut lost),
+                Some(b) => match self.advance(&b, s, r) {
+                    Ok(next) => {
+                        let dw = next.wall_uj() as i128 - b.wall_uj() as i128;
+                        let dc = c_s as i128 - b.comp_uj as i128;
+                        acc += dw - dc;
+                        self.weigh(b.s_ns, s, &mut weights, &mut host_weight);
+                        self.base = Some(Base {
+                            comp_uj: c_s,
+                            ..next
+                        });
+                        self.failure = None;
+                    }
+                    Err((reset, why)) => {
+                        self.open_lost(b.s_ns, reset, &why);
+                        self.base = None;
+                        self.baseline(s, r, c_s, &mut lost);
+                    }
+                },
+            }
+        }
+        // Power readings stopped: the span cannot be integrated across.
+        if let Some(b) = self.base {
+            if !b.counter && end_ns.saturating_sub(b.s_ns) > self.max_gap_ns {
+                let why = match &last_failure {
+                    Some(f) => format!(
+                        "no reading from the BMC for over {} ms: {f}",
+                        self.max_gap_ns / 1_000_000
+                    ),
+                    None => format!(
+                        "no reading from the BMC for over {} ms",
+                        self.max_gap_ns / 1_000_000
+                    ),
+                };
+                self.open_lost(b.s_ns, false, &why);
+                self.base = None;
+            }
+        }
+        self.trim();
+        let (source, quality) = match self.base {
+            Some(b) if b.counter => (SourceKind::Redfish, Quality::Measured),
+            _ => (SourceKind::RedfishPower, Quality::Estimated),
+        };
+        let waiting = if self.base.is_none() {
+            let why = self
+                .lost
+                .as_ref()
+                .map_or("no reading from the BMC", |l| l.2.as_str());
+            Some(match &last_failure {
+                Some(f) => format!("{why}; last failure: {f}"),
+                None => why.to_owned(),
+            })
+        } else {
+            None
+        };
+        let measured = if self.base.is_none() && acc == 0 {
+            Measured::Gap
+        } else {
+            let x = acc + self.carry;
+            let emit = x.max(0);
+            self.carry = x - emit;
+            Measured::Energy {
+                energy_uj: u64::try_from(emit).unwrap_or(u64::MAX),
+            }
+        };
+        let sat = |w: u128| u64::try_from(w).unwrap_or(u64::MAX);
+        PlatformTick {
+            measured,
+            source,
+            quality,
+            lost,
+            readings,
+            failures,
+            carry_uj: self.carry,
+            wall_power_mw: self.wall_power_mw,
+            shares: ComponentShares {
+                runs: weights.into_iter().map(|(id, w)| (id, sat(w))).collect(),
+                host: sat(host_weight),
+            },
+            waiting,
+        }
+    }
+
+    /// Adds what the components gave each run over `a..b` (each interval's shares in proportion
+    /// to its overlap with the span).
+    fn weigh(&self, a: u64, b: u64, runs: &mut BTreeMap<Arc<str>, u128>, host: &mut u128) {
+        for (ks, ke, sh) in &self.shares {
+            let overlap = (*ke).min(b).saturating_sub((*ks).max(a));
+            if overlap == 0 {
+                continue;
+            }
+            let (ov, len) = (u128::from(overlap), u128::from(ke - ks));
+            for (id, w) in &sh.runs {
+                let part = u128::from(*w) * ov / len;
+                if part > 0 {
+                    *runs.entry(id.clone()).or_default() += part;
+                }
+            }
+            *host += u128::from(sh.host) * ov / len;
+        }
+    }
+
+    fn open_lost(&mut self, from_ns: u64, reset: bool, why: &str) {
+        if self.lost.is_none() {
+            let why = match self.failure.take() {
+                Some(f) if !why.contains(&f) => format!("{why} (last failure: {f})"),
+                _ => why.to_owned(),
+            };
+            self.lost = Some((from_ns, reset, why));
+        }
+    }
+
+    fn baseline(&mut self, s: u64, r: WallReading, c_s: u128, lost: &mut Vec<LostSpan>) {
+        let counter = r.energy_uj.is_some();
+        self.base = Some(Base {
+            s_ns: s,
+            wall_raw: r.energy_uj.map_or(0, u128::from),
+            power_mw: r.power_mw,
+            counter,
+            comp_uj: c_s,
+        });
+        if let Some((start_ns, reset, detail)) = self.lost.take() {
+            lost.push(LostSpan {
+                start_ns,
+                end_ns: s,
+                reset,
+                detail,
+            });
+        }
+    }
+
+    /// The base moved to reading `r` at `s`, or why the span since the base is lost.
+    fn advance(&self, b: &Base, s: u64, r: WallReading) -> Result<Base, (bool, String)> {
+        let ds = s.saturating_sub(b.s_ns);
+        match (b.counter, r.energy_uj, r.power_mw) {
+            (true, Some(e), _) => {
+                let e = u128::from(e);
+                if e < b.wall_raw {
+                    return Err((
+                        true,
+                        format!(
+                            "the BMC's energy counter went back from {} to {e} uJ",
+                            b.wall_raw
+                        ),
+                    ));
+                }
+                // Physically possible: max_watts over the span, a quarter more, and a kWh step
+                // of the coarsest counters (3.6 MJ is one whole kWh).
+                let ceiling =
+                    u128::from(self.max_watts) * u128::from(ds) / 1_000 * 5 / 4 + 3_600_000_000_000;
+                if e - b.wall_raw > ceiling {
+                    return Err((
+                        false,
+                        format!(
+                            "the BMC's energy counter jumped {} uJ in {} ms, above {} W",
+                            e - b.wall_raw,
+                            ds / 1_000_000,
+                            self.max_watts
+                        ),
+                    ));
+                }
+                Ok(Base {
+                    s_ns: s,
+                    wall_raw: e,
+                    power_mw: r.power_mw,
+                    counter: true,
+                    comp_uj: b.comp_uj,
+                })
+            }
+            (false, None, Some(p)) => {
+                if ds > self.max_gap_ns {
+                    return Err((
+                        false,
+                        format!(
+                            "BMC readings {} ms apart, over the {} ms limit",
+                            ds / 1_000_000,
+                            self.max_gap_ns / 1_000_000
+                        ),
+                    ));
+                }
+                let p0 = b.power_mw.unwrap_or(p);
+                let step = (u128::from(p0) + u128::from(p)) * u128::from(ds);
+                Ok(Base {
+                    s_ns: s,
+                    wall_raw: b.wall_raw + step,
+                    power_mw: Some(p),
+                    counter: false,
+                    comp_uj: b.comp_uj,
+                })
+            }
+            _ => Err((
+                false,
+                "the BMC switched between an energy counter and power readings".into(),
+            )),
+        }
+    }
+
+    /// The components' cumulative energy at `s`, interpolated between tick ends.
+    fn components_at(&self, s: u64) -> Option<u128> {
+        let front = self.history.front()?;
+        if s < front.0 {
+            return None;
+        }
+        let i = self.history.partition_point(|(t, _)| *t <= s);
+        // `i >= 1`: the front is at or before `s`.
+        let (t0, c0) = self.history[i - 1];
+        let Some(&(t1, c1)) = self.history.get(i) else {
+            return Some(c0);
+        };
+        Some(c0 + (c1 - c0) * u128::from(s - t0) / u128::from(t1 - t0))
+    }
+
+    /// Keeps the tick ends that still bracket the base's reading and the pending ones.
+    fn trim(&mut self) {
+        let keep_from = match (self.base, self.pending.front()) {
+            (Some(b), Some((p, _))) => b.s_ns.min(*p),
+            (Some(b), None) => b.s_ns,
+            (None, Some((p, _))) => *p,
+            (None, None) => u64::MAX,
+        };
+        while self.history.len() > 1 && self.history[1].0 <= keep_from {
+            self.history.pop_front();
+        }
+        while self
+            .shares
+            .front()
+            .is_some_and(|(_, end, _)| *end <= keep_from)
+        {
+            self.shares.pop_front();
+        }
+        while self.shares.len() > SHARES_MAX {
+            let (Some((a0, _, first)), Some((_, b1, second))) =
+                (self.shares.pop_front(), self.shares.pop_front())
+            else {
+                break;
+            };
+            self.shares.push_front((a0, b1, merge(first, second)));
+        }
+        if self.history.len() > HISTORY_MAX {
+            while self.history.len() > HISTORY_MAX {
+                self.history.pop_front();
+            }
+            if let Some(b) = self.base {
+                if self.history.front().map_or(true, |f| b.s_ns < f.0) {
+                    self.open_lost(
+                        b.s_ns,
+                        false,
+                        "no reading from the BMC within the kept history",
+                    );
+                    self.base = None;
+                }
+            }
+        }
+    }
+}
+
+/// Two intervals' shares as one.
+fn merge(a: ComponentShares, b: ComponentShares) -> ComponentShares {
+    let mut runs: BTreeMap<Arc<str>, u64> = a.runs.into_iter().collect();
+    for (id, w) in b.runs {
+        let e = runs.entry(id).or_default();
+        *e = e.saturating_add(w);
+    }
+    ComponentShares {
+        runs: runs.into_iter().collect(),
+        host: a.host.saturating_add(b.host),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn power(mono_ns: u64, watts: u64) -> BmcEvent {
+        BmcEvent::Reading {
+            mono_ns,
+            reading: WallReading {
+                power_mw: Some(watts * 1000),
+                energy_uj: None,
+            },
+        }
+    }
+
+    fn counter(mono_ns: u64, uj: u64) -> BmcEvent {
+        BmcEvent::Reading {
+            mono_ns,
+            reading: WallReading {
+                power_mw: None,
+                energy_uj: Some(uj),
+            },
+        }
+    }
+
+    fn energy(t: &PlatformTick) -> u64 {
+        match t.measured {
+            Measured::Energy { energy_uj } => energy_uj,
+            _ => 0,
+        }
+    }
+
+    #[test]
+    fn steady_power_less_components_is_the_platform() {
+        // Wall 300 W, components 200 W; readings half a second after each tick.
+        let mut m = PlatformMeter::new(0, 5 * S, 5000);
+        let t = m.tick(0, S, Some(200_000_000), ComponentShares::default(), []);
+        assert_eq!(t.measured, Measured::Gap, "no baseline yet");
+        assert!(
+            t.waiting.as_deref().unwrap_or("").contains("no reading"),
+            "{t:?}"
+        );
+        // The first reading is the baseline: the span before it is lost, and says so.
+        let t = m.tick(
+            S,
+            2 * S,
+            Some(200_000_000),
+            ComponentShares::default(),
+            [power(S + S / 2, 300)],
+        );
+        assert_eq!(t.measured, Measured::Energy { energy_uj: 0 });
+        assert_eq!(t.lost.len(), 1);
+        assert_eq!((t.lost[0].start_ns, t.lost[0].end_ns), (0, S + S / 2));
+        let mut total = 0;
+        for k in 2..11 {
+            let t = m.tick(
+                k * S,
+                (k + 1) * S,
+                Some(200_000_000),
+                ComponentShares::default(),
+                [power(k * S + S / 2, 300)],
+            );
+            assert_eq!(t.quality, Quality::Estimated);
+            assert_eq!(t.source, SourceKind::RedfishPower);
+            assert_eq!(energy(&t), 100_000_000, "tick {k}");
+            total += energy(&t);
+        }
+        assert_eq!(total, 900_000_000);
+        assert_eq!(m.carry_uj(), 0);
+    }
+
+    #[test]
+    fn a_wall_below_the_components_is_carried_not_clamped() {
+        let mut m = PlatformMeter::new(0, 5 * S, 5000);
+        m.tick(
+            0,
+            S,
+            Some(200_000_000),
+            ComponentShares::default(),
+            [counter(S, 1_000_000_000)],
+        );
+        // The BMC lags: 150 J of wall against 200 J of components.
+        let t = m.tick(
+            S,
+            2 * S,
+            Some(200_000_000),
+            ComponentShares::default(),
+            [counter(2 * S, 1_150_000_000)],
+        );
+        assert_eq!(energy(&t), 0);
+        assert_eq!(t.carry_uj, -50_000_000);
+        assert_eq!(
+            (t.source, t.quality),
+            (SourceKind::Redfish, Quality::Measured)
+        );
+        // Then it catches up: 350 J against 200 J pays the deficit back first.
+        let t = m.tick(
+            2 * S,
+            3 * S,
+            Some(200_000_000),
+            ComponentShares::default(),
+            [counter(3 * S, 1_500_000_000)],
+        );
+        assert_eq!(energy(&t), 100_000_000);
+        assert_eq!(t.carry_uj, 0);
+    }
+
+    #[test]
+    fn outages_resets_and_jumps_lose_their_span_only() {
+        let mut m = PlatformMeter::new(0, 3 * S, 5000);
+        m.tick(0, S, Some(0), ComponentShares::default(), [power(S, 100)]);
+        // Five seconds of failures: past max_gap the span is lost, and the tick says so.
+        let mut waiting = None;
+        for k in 1..6 {
+            let fail = BmcEvent::Failed {
+                mono_ns: k * S,
+                detail: "timed out".into(),
+            };
+            let t = m.tick(
+                k * S,
+                (k + 1) * S,
+                Some(0),
+                ComponentShares::default(),
+                [fail],
+            );
+            waiting = waiting.or(t.waiting.clone());
+        }
+        let w = waiting.expect("a stale baseline is dropped");
+        assert!(w.contains("over 3000 ms") && w.contains("timed out"), "{w}");
+        let t = m.tick(
+            6 * S,
+            7 * S,
+            Some(0),
+            ComponentShares::default(),
+            [power(7 * S, 100)],
+        );
+        assert_eq!(t.lost.len(), 1);
+        assert_eq!((t.lost[0].start_ns, t.lost[0].end_ns), (S, 7 * S));
+        // A counter reset, and a jump above max_watts: each span lost, with a reason.
+        let mut m = PlatformMeter::new(0, 3 * S, 5000);
+        m.tick(
+            0,
+            S,
+            Some(0),
+            ComponentShares::default(),
+            [counter(S, 10_000_000_000)],
+        );
+        // The reading after the reset is the new baseline: the span closes in the same tick.
+        let t = m.tick(
+            S,
+            2 * S,
+            Some(0),
+            ComponentShares::default(),
+            [counter(2 * S, 5)],
+        );
+        assert_eq!(t.lost.len(), 1);
+        assert!(
+            t.lost[0].reset && t.lost[0].detail.contains("went back"),
+            "{:?}",
+            t.lost
+        );
+        assert_eq!(t.measured, Measured::Energy { energy_uj: 0 });
+        assert!(m
+            .tick(
+                2 * S,
+                3 * S,
+                Some(0),
+                ComponentShares::default(),
+                [counter(3 * S, 5)]
+            )
+            .lost
+            .is_empty());
+        let t = m.tick(
+            3 * S,
+            4 * S,
+            Some(0),
+            ComponentShares::default(),
+            [counter(4 * S, 36_000_000_000_005)],
+        );
+        assert_eq!(t.lost.len(), 1);
+        assert!(
+            !t.lost[0].reset && t.lost[0].detail.contains("jumped"),
+            "{:?}",
+            t.lost
+        );
+        assert_eq!((t.lost[0].start_ns, t.lost[0].end_ns), (3 * S, 4 * S));
+        let t = m.tick(
+            4 * S,
+            5 * S,
+            Some(0),
+            ComponentShares::default(),
+            [counter(5 * S, 36_000_001_000_005)],
+        );
+        assert_eq!(energy(&t), 1_000_000);
+    }
+
+    #[test]
+    fn a_component_gap_loses_the_span_around_it() {
+        let mut m = PlatformMeter::new(0, 5 * S, 5000);
+        m.tick(
+            0,
+            S,
+            Some(100_000_000),
+            ComponentShares::default(),
+            [power(S, 200)],
+        );
+        // Interval 1's components are unknown: the span from the last reading to the first one
+        // after it is lost; a reading at its end is a valid new baseline.
+        let t = m.tick(
+            S,
+            2 * S,
+            None,
+            ComponentShares::default(),
+            [power(2 * S, 200)],
+        );
+        assert_eq!(t.lost.len(), 1, "{t:?}");
+        assert_eq!((t.lost[0].start_ns, t.lost[0].end_ns), (S, 2 * S));
+        assert!(t.lost[0].detail.contains("component"), "{:?}", t.lost);
+        assert_eq!(t.measured, Measured::Energy { energy_uj: 0 });
+        // A reading inside an unknown interval is of no use: the meter waits for the next.
+        let t = m.tick(
+            2 * S,
+            3 * S,
+            None,
+            ComponentShares::default(),
+            [power(2 * S + S / 2, 200)],
+        );
+        assert_eq!(t.measured, Measured::Gap);
+        let t = m.tick(
+            3 * S,
+            4 * S,
+            Some(100_000_000),
+            ComponentShares::default(),
+            [power(4 * S, 200)],
+        );
+        assert_eq!(t.lost.len(), 1, "{t:?}");
+        assert_eq!((t.lost[0].start_ns, t.lost[0].end_ns), (2 * S, 4 * S));
+        assert_eq!(t.measured, Measured::Energy { energy_uj: 0 });
+        let t = m.tick(
+            4 * S,
+            5 * S,
+            Some(100_000_000),
+            ComponentShares::default(),
+            [power(5 * S, 200)],
+        );
+        assert_eq!(t.lost.len(), 0);
+        assert_eq!(energy(&t), 100_000_000);
+    }
+
+    #[test]
+    fn a_span_is_weighed_by_who_drew_the_components_over_it() {
+        let shares = |runs: &[(&str, u64)], host| ComponentShares {
+            runs: runs.iter().map(|(id, w)| (Arc::from(*id), *w)).collect(),
+            host,
+        };
+        let mut m = PlatformMeter::new(0, 5 * S, 5000);
+        // Interval 0: run a drew it all; interval 1: run b and the host. The span between the
+        // readings at 0.5 s and 1.75 s is half a second of interval 0 and 0.75 s of interval 1.
+        m.tick(
+            0,
+            S,
+            Some(100_000_000),
+            shares(&[("a", 100_000_000)], 0),
+            [power(S / 2, 100)],
+        );
+        let t = m.tick(
+            S,
+            2 * S,
+            Some(100_000_000),
+            shares(&[("b", 60_000_000)], 40_000_000),
+            [power(S + 3 * S / 4, 150)],
+        );
+        assert_eq!(
+            t.shares,
+            shares(&[("a", 50_000_000), ("b", 45_000_000)], 30_000_000)
+        );
+        // A tick without a closed span has no weights (and no energy to divide).
+        let t = m.tick(2 * S, 3 * S, Some(100_000_000), shares(&[("c", 1)], 0), []);
+        assert_eq!(t.shares, ComponentShares::default());
+        assert_eq!(t.measured, Measured::Energy { energy_uj: 0 });
+    }
+
+    proptest! {
+        /// Whatever the readings' timing, what the meter hands out plus its carry is the wall's
+        /// energy less the components' between the first and last reading, exactly.
+        #[test]
+        fn conserves_to_the_microjoule(
+            ticks in proptest::collection::vec((0u64..400_000_000, proptest::collection::vec((0u64..1_000_000_000, 0u64..2_000_000), 0..3)), 1..40),
+        ) {
+            let mut m = PlatformMeter::new(0, u64::MAX, 20_000);
+            let mut handed: i128 = 0;
+            let mut wall: Vec<(u64, u64)> = Vec::new();
+            let mut comp = vec![(0u64, 0u128)];
+            let mut energy_uj = 0u64;
+            for (k, (c, reads)) in ticks.iter().enumerate() {
+                let (a, b) = (k as u64 * S, (k as u64 + 1) * S);
+                let mut reads = reads.clone();
+                reads.sort();
+                let events: Vec<_> = reads.iter().map(|(off, step)| {
+                    energy_uj += step;
+                    wall.push((a + off, energy_uj));
+                    counter(a + off, energy_uj)
+                }).collect();
+                let t = m.tick(a, b, Some(*c), ComponentShares::default(), events);
+                handed += energy(&t) as i128;
+                comp.push((b, comp.last().unwrap().1 + *c as u128));
+            }
+            let at = |s: u64| {
+                let i = comp.partition_point(|(t, _)| *t <= s);
+                let (t0, c0) = comp[i - 1];
+                match comp.get(i) {
+                    Some(&(t1, c1)) => c0 + (c1 - c0) * (s - t0) as u128 / (t1 - t0) as u128,
+                    None => c0,
+                }
+            };
+            if let (Some(first), Some(last)) = (wall.first(), wall.last()) {
+                let expect = (last.1 as i128 - first.1 as i128) - (at(last.0) as i128 - at(first.0) as i128);
+                prop_assert_eq!(handed + m.carry_uj(), expect);
+            } else {
+                prop_assert_eq!(handed, 0);
+            }
+        }
+    }
+}
