@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wattd_collectors::redfish::{self, WallReading};
-use wattd_web::{ClientOptions, ScrapeClient};
+use wattd_collectors::HostError;
+use wattd_web::{ClientOptions, ScrapeClient, ScrapeError, StatusCode};
 
 use crate::platform::{BmcEvent, PENDING_MAX};
 use crate::sampler::Stamp;
@@ -39,25 +40,56 @@ pub struct BmcConfig {
     pub max_watts: u32,
 }
 
+/// Everything that can go wrong talking to the BMC, each naming what it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum BmcError {
+    #[error("{url:?}: {what}")]
+    Url { url: String, what: String },
+    #[error("{}: {what}", path.display())]
+    Credentials { path: PathBuf, what: String },
+    #[error("resolving {host}: {what}")]
+    Resolve { host: String, what: String },
+    #[error("{0}")]
+    Client(#[from] ScrapeError),
+    #[error("GET {path}: HTTP {status}")]
+    Status { path: String, status: StatusCode },
+    /// A body that is not what Redfish says it is (names the resource and field).
+    #[error("{0}")]
+    Body(#[from] HostError),
+    #[error("{0}")]
+    NoChassis(String),
+    #[error("no runtime for the BMC client: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl BmcError {
+    /// The resource is gone (404): it is looked for again.
+    fn not_found(&self) -> bool {
+        matches!(self, BmcError::Status { status, .. } if *status == StatusCode::NOT_FOUND)
+    }
+}
+
 /// `https://host[:port][/]` split into host and port (443 by default). Only HTTPS: the
 /// credentials and the billing data's source never cross the network in clear.
-pub fn parse_url(url: &str) -> Result<(String, u16), String> {
+pub fn parse_url(url: &str) -> Result<(String, u16), BmcError> {
+    let bad = |what: &str| BmcError::Url {
+        url: url.to_owned(),
+        what: what.to_owned(),
+    };
     let rest = url
         .strip_prefix("https://")
-        .ok_or_else(|| format!("{url:?}: must start with https://"))?
+        .ok_or_else(|| bad("must start with https://"))?
         .trim_end_matches('/');
     if rest.is_empty()
         || rest.contains(['/', '?', '#', '@'])
         || rest.chars().any(char::is_whitespace)
     {
-        return Err(format!(
-            "{url:?}: give https://host or https://host:port, nothing more"
-        ));
+        return Err(bad("give https://host or https://host:port, nothing more"));
     }
     let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
         let (h, tail) = v6
             .split_once(']')
-            .ok_or_else(|| format!("{url:?}: unclosed [ in the host"))?;
+            .ok_or_else(|| bad("unclosed [ in the host"))?;
         (h.to_owned(), tail.strip_prefix(':'))
     } else {
         match rest.rsplit_once(':') {
@@ -71,33 +103,36 @@ pub fn parse_url(url: &str) -> Result<(String, u16), String> {
             .parse::<u16>()
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| format!("{url:?}: port {p:?} is not 1 to 65535"))?,
+            .ok_or_else(|| bad(&format!("port {p:?} is not 1 to 65535")))?,
     };
     if host.is_empty() {
-        return Err(format!("{url:?}: no host"));
+        return Err(bad("no host"));
     }
     Ok((host, port))
 }
 
 /// `user:password` from the first line of `path`, which must not be readable by others.
-pub fn read_credentials(path: &Path) -> Result<(String, String), String> {
+pub fn read_credentials(path: &Path) -> Result<(String, String), BmcError> {
     use std::os::unix::fs::PermissionsExt as _;
-    let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
+    let bad = |what: String| BmcError::Credentials {
+        path: path.to_owned(),
+        what,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
     if meta.permissions().mode() & 0o007 != 0 {
-        return Err(format!(
-            "{shown}: readable or writable by every user (mode {:o}); chmod o-rwx it",
+        return Err(bad(format!(
+            "readable or writable by every user (mode {:o}); chmod o-rwx it",
             meta.permissions().mode() & 0o777
-        ));
+        )));
     }
     if meta.len() > 4096 {
-        return Err(format!("{shown}: larger than 4096 bytes"));
+        return Err(bad("larger than 4096 bytes".into()));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
     let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
     match line.split_once(':') {
         Some((u, p)) if !u.is_empty() => Ok((u.to_owned(), p.to_owned())),
-        _ => Err(format!("{shown}: the first line is not user:password")),
+        _ => Err(bad("the first line is not user:password".into())),
     }
 }
 
@@ -125,13 +160,17 @@ struct Session {
     resource: Option<Resource>,
 }
 
-fn connect(cfg: &BmcConfig) -> Result<ScrapeClient, String> {
+fn connect(cfg: &BmcConfig) -> Result<ScrapeClient, BmcError> {
     let (host, port) = parse_url(&cfg.url)?;
+    let resolve = |what: String| BmcError::Resolve {
+        host: host.clone(),
+        what,
+    };
     let addr: SocketAddr = (host.as_str(), port)
         .to_socket_addrs()
-        .map_err(|e| format!("resolving {host}: {e}"))?
+        .map_err(|e| resolve(e.to_string()))?
         .next()
-        .ok_or_else(|| format!("resolving {host}: no address"))?;
+        .ok_or_else(|| resolve("no address".into()))?;
     let (user, password) = match &cfg.credentials_file {
         Some(f) => {
             let (u, p) = read_credentials(f)?;
@@ -151,122 +190,142 @@ fn connect(cfg: &BmcConfig) -> Result<ScrapeClient, String> {
         password,
         ..ClientOptions::default()
     };
-    Ok(ScrapeClient::new(addr, &opts)
-        .map_err(|e| e.to_string())?
-        .with_timeout(cfg.read_timeout))
+    Ok(ScrapeClient::new(addr, &opts)?.with_timeout(cfg.read_timeout))
 }
 
-/// Why a GET failed, and whether the resource is gone (404).
-struct Failure {
-    detail: String,
-    not_found: bool,
-}
-
-impl From<String> for Failure {
-    fn from(detail: String) -> Self {
-        Failure {
-            detail,
-            not_found: false,
-        }
-    }
-}
-
-async fn get(client: &ScrapeClient, path: &str) -> Result<String, Failure> {
-    let (status, body) = client.get(path).await.map_err(|e| e.to_string())?;
+async fn get(client: &ScrapeClient, path: &str) -> Result<String, BmcError> {
+    let (status, body) = client.get(path).await?;
     if !status.is_success() {
-        return Err(Failure {
-            detail: format!("GET {path}: HTTP {status}"),
-            not_found: status == wattd_web::StatusCode::NOT_FOUND,
+        return Err(BmcError::Status {
+            path: path.to_owned(),
+            status,
         });
     }
     Ok(body)
 }
 
-/// Finds the chassis and the resource to poll: `EnvironmentMetrics` when it has a reading, else
-/// `Power`.
-async fn discover(cfg: &BmcConfig, client: &ScrapeClient) -> Result<Resource, Failure> {
+/// Finds the chassis and the resource to poll: its `EnvironmentMetrics` when that has a reading
+/// (or answers anything but 404: a garbage or failed answer is retried at the next poll, never a
+/// reason to settle for `Power`), else its `Power`. With several chassis that have power and no
+/// `[platform] chassis`, nothing is chosen: an enclosure's wall is not one node's.
+async fn discover(cfg: &BmcConfig, client: &ScrapeClient) -> Result<Resource, BmcError> {
     let body = get(client, redfish::CHASSIS).await?;
-    let members = redfish::members(redfish::CHASSIS, &body).map_err(|e| e.to_string())?;
+    let members = redfish::members(redfish::CHASSIS, &body)?;
+    let mut found = Vec::new();
     let mut tried = Vec::new();
     for m in members {
         let id = m.rsplit('/').next().unwrap_or("");
         if cfg.chassis.as_deref().is_some_and(|c| c != id) {
             continue;
         }
-        let body = get(client, &m).await?;
-        let links = redfish::chassis_links(&m, &body).map_err(|e| e.to_string())?;
+        let links = match get(client, &m).await {
+            Ok(body) => redfish::chassis_links(&m, &body)?,
+            Err(e) => {
+                tried.push(e.to_string());
+                continue;
+            }
+        };
         if let Some(em) = &links.environment_metrics {
-            let body = get(client, em).await?;
-            match redfish::environment_metrics(em, &body, cfg.max_watts) {
-                Ok(_) => return Ok(Resource::EnvironmentMetrics(em.clone())),
-                Err(e) => tried.push(e.to_string()),
+            match get(client, em).await {
+                Ok(body) => {
+                    if !redfish::environment_metrics(em, &body, cfg.max_watts)?.is_empty() {
+                        found.push(Resource::EnvironmentMetrics(em.clone()));
+                        continue;
+                    }
+                    tried.push(format!("{em}: no PowerWatts or EnergykWh reading"));
+                }
+                Err(e) if e.not_found() => tried.push(e.to_string()),
+                Err(e) => return Err(e),
             }
         }
         if let Some(p) = &links.power {
-            let body = get(client, p).await?;
-            match redfish::power(p, &body, cfg.max_watts) {
-                Ok(_) => return Ok(Resource::Power(p.clone())),
-                Err(e) => tried.push(e.to_string()),
+            match get(client, p).await {
+                Ok(body) => {
+                    redfish::power(p, &body, cfg.max_watts)?;
+                    found.push(Resource::Power(p.clone()));
+                    continue;
+                }
+                Err(e) if e.not_found() => tried.push(e.to_string()),
+                Err(e) => return Err(e),
             }
         }
-        tried.push(format!("{m}: no EnvironmentMetrics or Power link"));
+        if links.environment_metrics.is_none() && links.power.is_none() {
+            tried.push(format!("{m}: no EnvironmentMetrics or Power link"));
+        }
     }
-    Err(Failure::from(match (&cfg.chassis, tried.is_empty()) {
-        (Some(c), true) => format!("no chassis {c:?} in {}", redfish::CHASSIS),
-        _ if tried.is_empty() => format!("no chassis in {}", redfish::CHASSIS),
-        _ => format!("no chassis with a power reading: {}", tried.join("; ")),
-    }))
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(BmcError::NoChassis(
+            match (&cfg.chassis, tried.is_empty()) {
+                (Some(c), true) => format!("no chassis {c:?} in {}", redfish::CHASSIS),
+                _ if tried.is_empty() => format!("no chassis in {}", redfish::CHASSIS),
+                _ => format!("no chassis with a power reading: {}", tried.join("; ")),
+            },
+        )),
+        _ => Err(BmcError::NoChassis(format!(
+            "several chassis have power readings ({}): set [platform] chassis to this node's",
+            found
+                .iter()
+                .map(Resource::path)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
 }
 
 async fn read(
     cfg: &BmcConfig,
     client: &ScrapeClient,
     resource: &Resource,
-) -> Result<WallReading, Failure> {
+) -> Result<WallReading, BmcError> {
     let body = get(client, resource.path()).await?;
     let parsed = match resource {
         Resource::EnvironmentMetrics(p) => redfish::environment_metrics(p, &body, cfg.max_watts),
         Resource::Power(p) => redfish::power(p, &body, cfg.max_watts),
-    };
-    parsed.map_err(|e| Failure::from(e.to_string()))
+    }?;
+    if parsed.is_empty() {
+        return Err(BmcError::Body(HostError::Malformed {
+            path: PathBuf::from(resource.path()),
+            what: "neither PowerWatts.Reading nor EnergykWh.Reading has a value".into(),
+        }));
+    }
+    Ok(parsed)
 }
 
 /// One poll: connect and find the resource when needed, then read. A failure drops the client;
-/// a 404 drops the resource too.
-async fn poll(cfg: &BmcConfig, session: &mut Session) -> Result<WallReading, String> {
-    let result = async {
-        let client = match session.client.take() {
-            Some(c) => c,
-            None => connect(cfg)?,
-        };
-        let resource = match session.resource.take() {
-            Some(r) => r,
-            None => discover(cfg, &client).await?,
-        };
-        let r = read(cfg, &client, &resource).await;
-        let gone = matches!(&r, Err(f) if f.not_found);
-        if !gone {
-            session.resource = Some(resource);
-        }
-        if r.is_ok() {
-            session.client = Some(client);
-        }
-        r
+/// a 404 drops the resource too. The reading comes with CLOCK_MONOTONIC just before and after
+/// its own GET (connecting, resolving and discovery are not part of it).
+async fn poll(cfg: &BmcConfig, session: &mut Session) -> Result<(WallReading, u64, u64), BmcError> {
+    let client = match session.client.take() {
+        Some(c) => c,
+        None => connect(cfg)?,
+    };
+    let resource = match session.resource.take() {
+        Some(r) => r,
+        None => discover(cfg, &client).await?,
+    };
+    let before = Stamp::now().mono_ns;
+    let r = read(cfg, &client, &resource).await;
+    let after = Stamp::now().mono_ns;
+    if !matches!(&r, Err(e) if e.not_found()) {
+        session.resource = Some(resource);
     }
-    .await;
-    result.map_err(|f| f.detail)
+    if r.is_ok() {
+        session.client = Some(client);
+    }
+    r.map(|reading| (reading, before, after))
 }
 
 /// The one-shot check of `wattd probe`: which resource would be read, and its first reading.
-pub fn probe(cfg: &BmcConfig) -> Result<(Resource, WallReading), String> {
+pub fn probe(cfg: &BmcConfig) -> Result<(Resource, WallReading), BmcError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("runtime: {e}"))?;
+        .map_err(BmcError::Runtime)?;
     rt.block_on(async {
         let client = connect(cfg)?;
-        let resource = discover(cfg, &client).await.map_err(|f| f.detail)?;
-        let r = read(cfg, &client, &resource).await.map_err(|f| f.detail)?;
+        let resource = discover(cfg, &client).await?;
+        let r = read(cfg, &client, &resource).await?;
         Ok((resource, r))
     })
 }
@@ -329,12 +388,10 @@ fn run(cfg: BmcConfig, tx: SyncSender<BmcEvent>, stop: Arc<AtomicBool>, dropped:
     // when it ends, never per poll.
     let mut failing: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
-        let before = Stamp::now().mono_ns;
         let result = rt.block_on(poll(&cfg, &mut session));
-        let after = Stamp::now().mono_ns;
         let event = match result {
-            // The reading is stamped halfway through the exchange.
-            Ok(reading) => {
+            // The reading is stamped halfway through its exchange.
+            Ok((reading, before, after)) => {
                 if failing > 0 {
                     tracing::info!(url = %cfg.url, failed_polls = failing, "BMC answers again");
                     failing = 0;
@@ -351,7 +408,7 @@ fn run(cfg: BmcConfig, tx: SyncSender<BmcEvent>, stop: Arc<AtomicBool>, dropped:
                 }
                 failing += 1;
                 BmcEvent::Failed {
-                    mono_ns: after,
+                    mono_ns: Stamp::now().mono_ns,
                     detail,
                 }
             }
@@ -402,7 +459,7 @@ mod tests {
             "https://bmc:99999",
             "https://bm c",
         ] {
-            let e = parse_url(bad).unwrap_err();
+            let e = parse_url(bad).unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }
     }
@@ -419,10 +476,16 @@ mod tests {
             ("admin".into(), "s3cr:et".into())
         );
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(read_credentials(&f).unwrap_err().contains("every user"));
+        assert!(read_credentials(&f)
+            .unwrap_err()
+            .to_string()
+            .contains("every user"));
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&f, "no-colon\n").unwrap();
-        assert!(read_credentials(&f).unwrap_err().contains("user:password"));
+        assert!(read_credentials(&f)
+            .unwrap_err()
+            .to_string()
+            .contains("user:password"));
         assert!(read_credentials(&dir.path().join("missing")).is_err());
     }
 }

@@ -831,7 +831,7 @@ fn platform(c: &mut Checker<'_>, root: &Table, t: &Table, cfg: &mut Config) {
     let url = c.string(t, "platform", "url");
     if let (Some(u), Some((_, span))) = (&url, c.get(t, "url")) {
         if let Err(e) = crate::bmc::parse_url(u) {
-            c.problem(span, "platform.url", e);
+            c.problem(span, "platform.url", e.to_string());
         }
     }
     let ca_file = c.string(t, "platform", "ca_file");
@@ -855,18 +855,23 @@ fn platform(c: &mut Checker<'_>, root: &Table, t: &Table, cfg: &mut Config) {
     let read_timeout_ms = c
         .int(t, "platform", "read_timeout_ms", 10, 60_000)
         .unwrap_or(2_000);
+    // Readings come a poll apart, each up to read_timeout_ms late: a shorter limit would lose a
+    // span at every slow answer.
+    let gap_floor = poll_ms + read_timeout_ms;
     let max_gap_ms = c
         .int(t, "platform", "max_gap_ms", 100, 3_600_000)
-        .unwrap_or((poll_ms * 5).max(5_000));
+        .unwrap_or((poll_ms * 5).max(gap_floor + poll_ms).max(5_000));
     let max_watts = c
         .int(t, "platform", "max_watts", 1, 1_000_000)
         .unwrap_or(Domain::Platform.default_max_watts());
-    if max_gap_ms < poll_ms {
+    if max_gap_ms < gap_floor {
         if let Some((_, span)) = c.get(t, "max_gap_ms") {
             c.problem(
                 span,
                 "platform.max_gap_ms",
-                format!("must be at least poll_ms ({poll_ms})"),
+                format!(
+                    "must be at least poll_ms + read_timeout_ms ({poll_ms} + {read_timeout_ms})"
+                ),
             );
         }
     }
@@ -974,7 +979,7 @@ mod tests {
         for want in [
             "platform.url: \"http://bmc\": must start with https://",
             "platform.ca_file: is required",
-            "platform.max_gap_ms: must be at least poll_ms (2000)",
+            "platform.max_gap_ms: must be at least poll_ms + read_timeout_ms (2000 + 2000)",
             "platform.source",
         ] {
             assert!(err.contains(want), "{want}\n{err}");

@@ -657,10 +657,13 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
             }
         }
         let usage = Some(u);
+        // The tick's end first, then the BMC's answers: one stamped before the end is in hand
+        // (later ones wait in the meter for the next tick).
+        let end = Stamp::now();
         if let Some(b) = &bmc {
             sampler.bmc_events(b.drain());
         }
-        let interval = sampler.tick_with(Stamp::now(), usage, gpu_interval.readings);
+        let interval = sampler.tick_with(end, usage, gpu_interval.readings);
         if let Some(p) = sampler.last_platform() {
             metrics.set_platform(p, bmc.as_ref().map_or(0, |b| b.dropped()));
             if let Some(why) = &p.waiting {

@@ -115,6 +115,14 @@ pub struct PlatformMeter {
     wall_power_mw: Option<u64>,
     /// The BMC's last failure since the base last moved: said in the record of a span it loses.
     failure: Option<String>,
+    /// The weights of the spans whose energy is not paid out yet (a deficit being repaid, or a
+    /// lump above the per-tick ceiling): the energy goes to whoever drew the components over
+    /// all of them, not over the tick it is paid in.
+    carried: BTreeMap<Arc<str>, u128>,
+    carried_host: u128,
+    /// When the BMC's energy counter last changed: a coarse counter (0.001 kWh is 3.6 kJ) steps
+    /// after a flat stretch, by at most `max_watts` over the whole stretch.
+    counter_changed_ns: u64,
 }
 
 impl PlatformMeter {
@@ -133,6 +141,9 @@ impl PlatformMeter {
             carry: 0,
             wall_power_mw: None,
             failure: None,
+            carried: BTreeMap::new(),
+            carried_host: 0,
+            counter_changed_ns: 0,
         }
     }
 
@@ -143,13 +154,15 @@ impl PlatformMeter {
 
     /// Closes the interval `start_ns..end_ns`: `components` is the energy the component meters
     /// measured in it (`None` when one of them is a gap), `shares` what they gave each run,
-    /// `events` what the BMC thread delivered.
+    /// `estimated` whether any of them is an estimate, `events` what the BMC thread delivered.
+    /// What is handed out in one tick is at most `max_watts` over the tick; the rest is carried.
     pub fn tick(
         &mut self,
         start_ns: u64,
         end_ns: u64,
         components: Option<u64>,
         shares: ComponentShares,
+        estimated: bool,
         events: impl IntoIterator<Item = BmcEvent>,
     ) -> PlatformTick {
         let mut lost = Vec::new();
@@ -194,6 +207,8 @@ impl PlatformMeter {
             }
         }
         let mut acc: i128 = 0;
+        // Whether a span closed this tick was integrated from power readings (estimated).
+        let mut power_span = false;
         while let Some(&(s, r)) = self.pending.front() {
             if s > end_ns {
                 break;
@@ -211,6 +226,10 @@ impl PlatformMeter {
                         let dw = next.wall_uj() as i128 - b.wall_uj() as i128;
                         let dc = c_s as i128 - b.comp_uj as i128;
                         acc += dw - dc;
+                        power_span |= !b.counter;
+                        if next.counter && next.wall_raw != b.wall_raw {
+                            self.counter_changed_ns = s;
+                        }
                         self.weigh(b.s_ns, s, &mut weights, &mut host_weight);
                         self.base = Some(Base {
                             comp_uj: c_s,
@@ -245,7 +264,10 @@ impl PlatformMeter {
         }
         self.trim();
         let (source, quality) = match self.base {
-            Some(b) if b.counter => (SourceKind::Redfish, Quality::Measured),
+            Some(b) if b.counter && !estimated && !power_span => {
+                (SourceKind::Redfish, Quality::Measured)
+            }
+            Some(b) if b.counter => (SourceKind::Redfish, Quality::Estimated),
             _ => (SourceKind::RedfishPower, Quality::Estimated),
         };
         let waiting = if self.base.is_none() {
@@ -260,17 +282,38 @@ impl PlatformMeter {
         } else {
             None
         };
-        let measured = if self.base.is_none() && acc == 0 {
+        for (id, w) in weights {
+            *self.carried.entry(id).or_default() += w;
+        }
+        self.carried_host += host_weight;
+        let ceiling =
+            i128::from(self.max_watts) * i128::from(end_ns.saturating_sub(start_ns)) / 1_000;
+        let mut paid = ComponentShares::default();
+        let measured = if self.base.is_none() && acc == 0 && self.carry <= 0 {
             Measured::Gap
         } else {
             let x = acc + self.carry;
-            let emit = x.max(0);
+            let emit = x.clamp(0, ceiling.max(0));
             self.carry = x - emit;
+            if emit > 0 {
+                let sat = |w: u128| u64::try_from(w).unwrap_or(u64::MAX);
+                paid = ComponentShares {
+                    runs: self
+                        .carried
+                        .iter()
+                        .map(|(id, w)| (id.clone(), sat(*w)))
+                        .collect(),
+                    host: sat(self.carried_host),
+                };
+                if self.carry == 0 {
+                    self.carried.clear();
+                    self.carried_host = 0;
+                }
+            }
             Measured::Energy {
                 energy_uj: u64::try_from(emit).unwrap_or(u64::MAX),
             }
         };
-        let sat = |w: u128| u64::try_from(w).unwrap_or(u64::MAX);
         PlatformTick {
             measured,
             source,
@@ -280,10 +323,7 @@ impl PlatformMeter {
             failures,
             carry_uj: self.carry,
             wall_power_mw: self.wall_power_mw,
-            shares: ComponentShares {
-                runs: weights.into_iter().map(|(id, w)| (id, sat(w))).collect(),
-                host: sat(host_weight),
-            },
+            shares: paid,
             waiting,
         }
     }
@@ -309,16 +349,28 @@ impl PlatformMeter {
 
     fn open_lost(&mut self, from_ns: u64, reset: bool, why: &str) {
         if self.lost.is_none() {
-            let why = match self.failure.take() {
+            let mut why = match self.failure.take() {
                 Some(f) if !why.contains(&f) => format!("{why} (last failure: {f})"),
                 _ => why.to_owned(),
             };
+            // A deficit (the wall read below the components) would have been repaid by the
+            // catch-up inside the lost span: it is not taken out of the next span's energy.
+            if self.carry < 0 {
+                why.push_str(&format!(
+                    "; a deficit of {} uJ carried from before it is forgiven",
+                    -self.carry
+                ));
+                self.carry = 0;
+                self.carried.clear();
+                self.carried_host = 0;
+            }
             self.lost = Some((from_ns, reset, why));
         }
     }
 
     fn baseline(&mut self, s: u64, r: WallReading, c_s: u128, lost: &mut Vec<LostSpan>) {
         let counter = r.energy_uj.is_some();
+        self.counter_changed_ns = s;
         self.base = Some(Base {
             s_ns: s,
             wall_raw: r.energy_uj.map_or(0, u128::from),
@@ -351,17 +403,19 @@ impl PlatformMeter {
                         ),
                     ));
                 }
-                // Physically possible: max_watts over the span, a quarter more, and a kWh step
-                // of the coarsest counters (3.6 MJ is one whole kWh).
+                // Physically possible: `max_watts` over the time since the counter last
+                // changed (a coarse counter steps after a flat stretch), a quarter more, and a
+                // joule.
+                let since = s.saturating_sub(self.counter_changed_ns.min(b.s_ns));
                 let ceiling =
-                    u128::from(self.max_watts) * u128::from(ds) / 1_000 * 5 / 4 + 3_600_000_000_000;
+                    u128::from(self.max_watts) * u128::from(since) / 1_000 * 5 / 4 + 1_000_000;
                 if e - b.wall_raw > ceiling {
                     return Err((
                         false,
                         format!(
                             "the BMC's energy counter jumped {} uJ in {} ms, above {} W",
                             e - b.wall_raw,
-                            ds / 1_000_000,
+                            since / 1_000_000,
                             self.max_watts
                         ),
                     ));
@@ -513,7 +567,14 @@ mod tests {
     fn steady_power_less_components_is_the_platform() {
         // Wall 300 W, components 200 W; readings half a second after each tick.
         let mut m = PlatformMeter::new(0, 5 * S, 5000);
-        let t = m.tick(0, S, Some(200_000_000), ComponentShares::default(), []);
+        let t = m.tick(
+            0,
+            S,
+            Some(200_000_000),
+            ComponentShares::default(),
+            false,
+            [],
+        );
         assert_eq!(t.measured, Measured::Gap, "no baseline yet");
         assert!(
             t.waiting.as_deref().unwrap_or("").contains("no reading"),
@@ -525,6 +586,7 @@ mod tests {
             2 * S,
             Some(200_000_000),
             ComponentShares::default(),
+            false,
             [power(S + S / 2, 300)],
         );
         assert_eq!(t.measured, Measured::Energy { energy_uj: 0 });
@@ -537,6 +599,7 @@ mod tests {
                 (k + 1) * S,
                 Some(200_000_000),
                 ComponentShares::default(),
+                false,
                 [power(k * S + S / 2, 300)],
             );
             assert_eq!(t.quality, Quality::Estimated);
@@ -556,6 +619,7 @@ mod tests {
             S,
             Some(200_000_000),
             ComponentShares::default(),
+            false,
             [counter(S, 1_000_000_000)],
         );
         // The BMC lags: 150 J of wall against 200 J of components.
@@ -564,6 +628,7 @@ mod tests {
             2 * S,
             Some(200_000_000),
             ComponentShares::default(),
+            false,
             [counter(2 * S, 1_150_000_000)],
         );
         assert_eq!(energy(&t), 0);
@@ -578,6 +643,7 @@ mod tests {
             3 * S,
             Some(200_000_000),
             ComponentShares::default(),
+            false,
             [counter(3 * S, 1_500_000_000)],
         );
         assert_eq!(energy(&t), 100_000_000);
@@ -587,7 +653,14 @@ mod tests {
     #[test]
     fn outages_resets_and_jumps_lose_their_span_only() {
         let mut m = PlatformMeter::new(0, 3 * S, 5000);
-        m.tick(0, S, Some(0), ComponentShares::default(), [power(S, 100)]);
+        m.tick(
+            0,
+            S,
+            Some(0),
+            ComponentShares::default(),
+            false,
+            [power(S, 100)],
+        );
         // Five seconds of failures: past max_gap the span is lost, and the tick says so.
         let mut waiting = None;
         for k in 1..6 {
@@ -600,6 +673,7 @@ mod tests {
                 (k + 1) * S,
                 Some(0),
                 ComponentShares::default(),
+                false,
                 [fail],
             );
             waiting = waiting.or(t.waiting.clone());
@@ -611,6 +685,7 @@ mod tests {
             7 * S,
             Some(0),
             ComponentShares::default(),
+            false,
             [power(7 * S, 100)],
         );
         assert_eq!(t.lost.len(), 1);
@@ -622,6 +697,7 @@ mod tests {
             S,
             Some(0),
             ComponentShares::default(),
+            false,
             [counter(S, 10_000_000_000)],
         );
         // The reading after the reset is the new baseline: the span closes in the same tick.
@@ -630,6 +706,7 @@ mod tests {
             2 * S,
             Some(0),
             ComponentShares::default(),
+            false,
             [counter(2 * S, 5)],
         );
         assert_eq!(t.lost.len(), 1);
@@ -645,6 +722,7 @@ mod tests {
                 3 * S,
                 Some(0),
                 ComponentShares::default(),
+                false,
                 [counter(3 * S, 5)]
             )
             .lost
@@ -654,6 +732,7 @@ mod tests {
             4 * S,
             Some(0),
             ComponentShares::default(),
+            false,
             [counter(4 * S, 36_000_000_000_005)],
         );
         assert_eq!(t.lost.len(), 1);
@@ -668,6 +747,7 @@ mod tests {
             5 * S,
             Some(0),
             ComponentShares::default(),
+            false,
             [counter(5 * S, 36_000_001_000_005)],
         );
         assert_eq!(energy(&t), 1_000_000);
@@ -681,6 +761,7 @@ mod tests {
             S,
             Some(100_000_000),
             ComponentShares::default(),
+            false,
             [power(S, 200)],
         );
         // Interval 1's components are unknown: the span from the last reading to the first one
@@ -690,6 +771,7 @@ mod tests {
             2 * S,
             None,
             ComponentShares::default(),
+            false,
             [power(2 * S, 200)],
         );
         assert_eq!(t.lost.len(), 1, "{t:?}");
@@ -702,6 +784,7 @@ mod tests {
             3 * S,
             None,
             ComponentShares::default(),
+            false,
             [power(2 * S + S / 2, 200)],
         );
         assert_eq!(t.measured, Measured::Gap);
@@ -710,6 +793,7 @@ mod tests {
             4 * S,
             Some(100_000_000),
             ComponentShares::default(),
+            false,
             [power(4 * S, 200)],
         );
         assert_eq!(t.lost.len(), 1, "{t:?}");
@@ -720,6 +804,7 @@ mod tests {
             5 * S,
             Some(100_000_000),
             ComponentShares::default(),
+            false,
             [power(5 * S, 200)],
         );
         assert_eq!(t.lost.len(), 0);
@@ -740,6 +825,7 @@ mod tests {
             S,
             Some(100_000_000),
             shares(&[("a", 100_000_000)], 0),
+            false,
             [power(S / 2, 100)],
         );
         let t = m.tick(
@@ -747,6 +833,7 @@ mod tests {
             2 * S,
             Some(100_000_000),
             shares(&[("b", 60_000_000)], 40_000_000),
+            false,
             [power(S + 3 * S / 4, 150)],
         );
         assert_eq!(
@@ -754,9 +841,107 @@ mod tests {
             shares(&[("a", 50_000_000), ("b", 45_000_000)], 30_000_000)
         );
         // A tick without a closed span has no weights (and no energy to divide).
-        let t = m.tick(2 * S, 3 * S, Some(100_000_000), shares(&[("c", 1)], 0), []);
+        let t = m.tick(
+            2 * S,
+            3 * S,
+            Some(100_000_000),
+            shares(&[("c", 1)], 0),
+            false,
+            [],
+        );
         assert_eq!(t.shares, ComponentShares::default());
         assert_eq!(t.measured, Measured::Energy { energy_uj: 0 });
+    }
+
+    /// A coarse counter: flat while the components draw, then one step. The deficit of the
+    /// flat spans is repaid from the step, and the step's energy is divided by who drew the
+    /// components over every span it pays for, not only the last.
+    #[test]
+    fn a_coarse_counters_step_pays_every_span_it_covers() {
+        let sh = |run: &str| ComponentShares {
+            runs: vec![(Arc::from(run), 100_000_000)],
+            host: 0,
+        };
+        let mut m = PlatformMeter::new(0, 60 * S, 20_000);
+        let mut paid: BTreeMap<String, u64> = BTreeMap::new();
+        let mut total = 0;
+        for k in 0..9u64 {
+            let run = if k < 7 { "a" } else { "b" };
+            // The counter reads 10 J from 0.5 s to 7.5 s, then 1,210 J at 8.5 s.
+            let e = if k < 8 { 10_000_000 } else { 1_210_000_000 };
+            let t = m.tick(
+                k * S,
+                (k + 1) * S,
+                Some(100_000_000),
+                sh(run),
+                false,
+                [counter(k * S + S / 2, e)],
+            );
+            if let Measured::Energy { energy_uj } = t.measured {
+                total += energy_uj;
+                if energy_uj > 0 {
+                    let r = crate::attribution::attribute_platform(
+                        crate::attribution::PlatformPolicy::Proportional,
+                        &crate::attribution::MeterInput {
+                            key: crate::sampler::PLATFORM_KEY,
+                            source: t.source,
+                            quality: t.quality,
+                            measured: t.measured,
+                            idle: crate::attribution::IdleEstimate {
+                                power_uw: 0,
+                                source: crate::attribution::IdleSource::Config,
+                            },
+                        },
+                        &t.shares,
+                    );
+                    for (id, share) in r.shares() {
+                        *paid.entry(id.to_string()).or_default() += share.active_uj;
+                    }
+                }
+            }
+        }
+        // Wall 1,200 J, components 800 J over 0.5 s ..= 8.5 s: 400 J, weighed a 650 J (6.5
+        // intervals), b 150 J (1.5).
+        assert_eq!(total, 400_000_000);
+        assert_eq!(m.carry_uj(), 0);
+        assert_eq!(paid["a"], 325_000_000);
+        assert_eq!(paid["b"], 75_000_000);
+    }
+
+    /// No tick hands out more than `max_watts` over its length (a ledger would quarantine the
+    /// interval): a lump is paid over the following ticks, none of it lost.
+    #[test]
+    fn a_lump_is_paid_at_most_max_watts_per_tick() {
+        let mut m = PlatformMeter::new(0, 60 * S, 1000);
+        let mut out = Vec::new();
+        for k in 0..9u64 {
+            // Flat from 1 s to 4 s, then a 3.6 kJ step at 5 s (within 1 kW over the 4 s flat).
+            let e = if k < 4 { 1 } else { 3_600_000_001 };
+            let t = m.tick(
+                k * S,
+                (k + 1) * S,
+                Some(0),
+                ComponentShares::default(),
+                false,
+                [counter((k + 1) * S, e)],
+            );
+            out.push(energy(&t));
+        }
+        assert_eq!(
+            out,
+            [
+                0,
+                0,
+                0,
+                0,
+                1_000_000_000,
+                1_000_000_000,
+                1_000_000_000,
+                600_000_000,
+                0
+            ]
+        );
+        assert_eq!(m.carry_uj(), 0);
     }
 
     proptest! {
@@ -780,7 +965,7 @@ mod tests {
                     wall.push((a + off, energy_uj));
                     counter(a + off, energy_uj)
                 }).collect();
-                let t = m.tick(a, b, Some(*c), ComponentShares::default(), events);
+                let t = m.tick(a, b, Some(*c), ComponentShares::default(), false, events);
                 handed += energy(&t) as i128;
                 comp.push((b, comp.last().unwrap().1 + *c as u128));
             }

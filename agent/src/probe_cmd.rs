@@ -95,7 +95,7 @@ pub fn probe_platform(cfg: Option<&wattd::config::PlatformConfig>) -> PlatformPr
             power_mw: None,
             energy_uj: None,
             source: None,
-            reason: e,
+            reason: e.to_string(),
         },
     }
 }

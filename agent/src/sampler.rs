@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use wattd_collectors::estimator::EstimatorModel;
-use wattd_collectors::{CounterSample, Domain, DomainReading, Meter, MeterKey, SourceKind};
+use wattd_collectors::{
+    CounterSample, Domain, DomainReading, Meter, MeterKey, Quality, SourceKind,
+};
 
 use crate::attribution::idle::IdleTracker;
 use crate::attribution::{
@@ -296,13 +298,15 @@ impl Sampler {
         // The platform meter's components, before `meters` moves into the input.
         let components = self.platform.as_ref().map(|_| {
             let has_psys = meters.iter().any(|m| m.key.domain == Domain::Psys);
-            meters
+            let mut parts = meters
                 .iter()
-                .filter(|m| attribution::is_platform_component(m.key, has_psys))
-                .try_fold(0u64, |c, m| match m.measured {
-                    Measured::Energy { energy_uj } => Some(c.saturating_add(energy_uj)),
-                    _ => None,
-                })
+                .filter(|m| attribution::is_platform_component(m.key, has_psys));
+            let estimated = parts.clone().any(|m| m.quality == Quality::Estimated);
+            let energy = parts.try_fold(0u64, |c, m| match m.measured {
+                Measured::Energy { energy_uj } => Some(c.saturating_add(energy_uj)),
+                _ => None,
+            });
+            (energy, estimated)
         });
         let input = IntervalInput {
             elapsed_us,
@@ -311,14 +315,24 @@ impl Sampler {
             policy: self.policy,
         };
         let mut results = attribution::attribute(&input);
-        if let (Some(p), Some(components)) = (&mut self.platform, components) {
-            let t = p.tick(
+        if let (Some(p), Some((components, estimated))) = (&mut self.platform, components) {
+            let mut t = p.tick(
                 start.mono_ns,
                 end.mono_ns,
                 components,
                 attribution::ComponentShares::of(&results),
+                estimated,
                 std::mem::take(&mut self.bmc_events),
             );
+            // A span can reach back into intervals of runs that have finished since and have
+            // their summary: their weight goes to the host, so that no run is billed after its
+            // summary (the runs of this interval include those that finished in it).
+            let live: std::collections::HashSet<&str> = input
+                .usage
+                .as_ref()
+                .map(|u| u.runs.iter().map(|r| &*r.run_id).collect())
+                .unwrap_or_default();
+            t.shares.keep_runs(|id| live.contains(id));
             let at = |mono_ns: u64| Stamp {
                 mono_ns,
                 unix_ns:
@@ -456,6 +470,55 @@ mod tests {
         assert_eq!((b.index, b.start, b.elapsed_us()), (8, a.end, 3_500_000));
         assert_eq!(b.results[0].measured_uj, 7_000_000);
         assert_eq!(b.wall_jump_ns, 0);
+    }
+
+    /// The platform meter: a span that reaches back into an interval of a run that has finished
+    /// since gives that run nothing (it has its summary); its weight goes to the host.
+    #[test]
+    fn platform_energy_never_reaches_a_run_after_it_finished() {
+        use crate::platform::BmcEvent;
+        use wattd_collectors::redfish::WallReading;
+        let (_d, t, s) = setup("1000");
+        let mut s = s.with_platform(10_000_000_000, 20_000);
+        // Idle divided like active energy: run r has a share of the package in its interval.
+        s.set_policy(Policy {
+            idle: IdlePolicy::Proportional,
+            ..s.policy()
+        });
+        let at = |mono_ns: u64, kwh_uj: u64| BmcEvent::Reading {
+            mono_ns,
+            reading: WallReading {
+                power_mw: None,
+                energy_uj: Some(kwh_uj),
+            },
+        };
+        let stamp = |s: u64| Stamp {
+            mono_ns: s * 1_000_000_000,
+            unix_ns: s as i64 * 1_000_000_000,
+        };
+        t.write("sys/class/powercap/intel-rapl:0/energy_uj", "2001000\n")
+            .unwrap();
+        s.bmc_events([at(1_500_000_000, 10_000_000)]);
+        let i = s.tick(stamp(2), Some(usage()));
+        let p = i.results.iter().find(|r| r.key == PLATFORM_KEY).unwrap();
+        assert_eq!(p.measured_uj, 0, "the first reading is the baseline");
+        let pkg = &i.results[0];
+        assert!(pkg
+            .shares()
+            .any(|(id, sh)| &**id == "r" && sh.active_uj + sh.idle_uj > 0));
+        // Run r is gone in the next interval; the span 1.5 s ..= 2.5 s is half in its interval.
+        t.write("sys/class/powercap/intel-rapl:0/energy_uj", "4001000\n")
+            .unwrap();
+        s.bmc_events([at(2_500_000_000, 15_000_000)]);
+        let mut gone = usage();
+        gone.runs.clear();
+        let i = s.tick(stamp(3), Some(gone));
+        let p = i.results.iter().find(|r| r.key == PLATFORM_KEY).unwrap();
+        // Wall 5 J, components 2 J over the span: 3 J, all the host's.
+        assert_eq!(p.measured_uj, 3_000_000);
+        assert!(p.runs.is_empty(), "{:?}", p.runs);
+        assert_eq!(p.host_active_uj, 3_000_000);
+        assert_eq!(p.sum_uj(), 3_000_000);
     }
 
     #[test]

@@ -23,9 +23,10 @@ pub const CHASSIS: &str = "/redfish/v1/Chassis";
 pub const LINK_MAX_BYTES: usize = 256;
 /// The most chassis looked at.
 pub const CHASSIS_MAX: usize = 64;
-/// The largest energy counter accepted, in kWh (a 100 kW node for over a thousand years): a
-/// larger reading is garbage, and its microjoules would not fit in 64 bits.
-pub const ENERGY_KWH_MAX: f64 = 1e9;
+/// The largest energy counter accepted, in kWh (a 10 kW node for over fifty years): a larger
+/// reading is garbage (a BMC reporting Wh as kWh), and above about 5.1 million kWh its
+/// microjoules would not fit in 64 bits.
+pub const ENERGY_KWH_MAX: f64 = 5e6;
 /// Microjoules in one kilowatt-hour.
 pub const UJ_PER_KWH: f64 = 3.6e12;
 
@@ -45,6 +46,13 @@ pub struct ChassisLinks {
     pub chassis: String,
     pub environment_metrics: Option<String>,
     pub power: Option<String>,
+}
+
+impl WallReading {
+    /// Neither power nor energy: nothing to bill from.
+    pub fn is_empty(&self) -> bool {
+        self.power_mw.is_none() && self.energy_uj.is_none()
+    }
 }
 
 impl ChassisLinks {
@@ -157,7 +165,8 @@ fn watts_to_mw(w: f64) -> u64 {
 }
 
 /// `EnvironmentMetrics`: `PowerWatts.Reading` and `EnergykWh.Reading`; power above `max_watts`
-/// is an error. A resource with neither is an error too (nothing to bill from).
+/// is an error. Neither present is an empty reading ([`WallReading::is_empty`]): the resource
+/// exists but has nothing to bill from (the caller tries `Power`, or counts a failed poll).
 pub fn environment_metrics(
     resource: &str,
     body: &str,
@@ -176,12 +185,6 @@ pub fn environment_metrics(
         v.get("EnergykWh").and_then(|p| p.get("Reading")),
         ENERGY_KWH_MAX,
     )?;
-    if power.is_none() && energy.is_none() {
-        return Err(malformed(
-            resource,
-            "neither PowerWatts.Reading nor EnergykWh.Reading has a value".into(),
-        ));
-    }
     Ok(WallReading {
         power_mw: power.map(watts_to_mw),
         energy_uj: energy.map(|kwh| (kwh * UJ_PER_KWH).round() as u64),
@@ -261,7 +264,7 @@ mod tests {
             (r#"{"PowerWatts":{"Reading":6000}}"#, "PowerWatts.Reading"),
             (r#"{"PowerWatts":{"Reading":"12"}}"#, "PowerWatts.Reading"),
             (r#"{"EnergykWh":{"Reading":1e300}}"#, "EnergykWh.Reading"),
-            (r#"{"PowerWatts":{"Reading":null}}"#, "neither"),
+            (r#"{"EnergykWh":{"Reading":5000001}}"#, "EnergykWh.Reading"),
             ("<html>", "not JSON"),
         ] {
             let e = environment_metrics("/redfish/v1/Chassis/1U/EnvironmentMetrics", body, 5000)
@@ -269,6 +272,8 @@ mod tests {
                 .to_string();
             assert!(e.contains(field) && e.contains("EnvironmentMetrics"), "{e}");
         }
+        let empty = environment_metrics("/em", r#"{"PowerWatts":{"Reading":null}}"#, 5000);
+        assert!(empty.unwrap().is_empty());
         assert!(power("/p", r#"{"PowerControl":[]}"#, 5000).is_err());
         assert!(power(
             "/p",

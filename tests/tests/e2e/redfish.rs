@@ -371,7 +371,7 @@ fn platform(test: &str, counter: bool) {
                     GARBAGE => publish(&em, "{\"PowerWatts\": {\"Reading\": <html>"),
                     _ => {}
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(5));
             }
         })
     };
@@ -405,9 +405,9 @@ fn platform(test: &str, counter: bool) {
         .unwrap();
     std::thread::sleep(Duration::from_millis(2000));
 
-    // Garbage for 1.2 s.
+    // Garbage for 1.6 s.
     phase.store(GARBAGE, Ordering::Relaxed);
-    std::thread::sleep(Duration::from_millis(1200));
+    std::thread::sleep(Duration::from_millis(1600));
     phase.store(NORMAL, Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(800));
 
@@ -464,10 +464,11 @@ fn platform(test: &str, counter: bool) {
     assert!(log.contains("BMC answers again"), "{log}");
 
     let (rows, gaps) = rows(&spool);
-    // No hang: the BMC's faults never held a tick back.
+    // No hang: the BMC's faults never held a tick back (a tick that waited for the hung BMC
+    // would be at least 2.5 s; a loaded VM makes a 1 s tick late by a few hundred ms at most).
     for r in &rows {
         let len_ms = (r.1 - r.0) / 1_000_000;
-        assert!(len_ms < 1_600, "an interval of {len_ms} ms\n{log}");
+        assert!(len_ms < 2_400, "an interval of {len_ms} ms\n{log}");
     }
     let kind = if counter {
         "redfish/"
@@ -517,7 +518,7 @@ fn platform(test: &str, counter: bool) {
     );
     // The counter is exact but for the last reading's distance from the stop (at most one
     // poll, 100 ms of 13 s); integrated power also lags the load at each step.
-    let tolerance = if counter { 0.02 } else { 0.04 };
+    let tolerance = if counter { 0.03 } else { 0.04 };
     assert!(
         err < tolerance,
         "platform {platform_uj} uJ vs {want:.0} uJ\n{log}"
@@ -532,14 +533,33 @@ fn platform(test: &str, counter: bool) {
                 .iter()
                 .map(|r| r.5.get(run).copied().unwrap_or(0))
                 .sum();
-            let model: f64 = rows
-                .iter()
-                .filter(|r| r.2 > 0 && r.4.is_some())
-                .map(|r| {
-                    let share = r.3.get(run).copied().unwrap_or(0) as f64 / r.2 as f64;
-                    OVERHEAD_W * (r.1 - r.0) as f64 / 1e3 * share
-                })
-                .sum();
+            // The platform energy of a stretch the BMC did not answer in arrives with the next
+            // reading, for the whole stretch, divided by the runs' share of the components'
+            // energy over it: so the model takes each stretch of intervals up to one with
+            // platform energy as one span (energy-weighted, as the policy says).
+            let mut model = 0.0;
+            let (mut t_ns, mut alloc, mut pkg) = (0u64, 0u64, 0u64);
+            for r in rows.iter().filter(|r| r.4.is_some()) {
+                t_ns += r.1 - r.0;
+                alloc += r.3.get(run).copied().unwrap_or(0);
+                pkg += r.2;
+                if r.4 != Some(0) && pkg > 0 {
+                    model += OVERHEAD_W * t_ns as f64 / 1e3 * alloc as f64 / pkg as f64;
+                    (t_ns, alloc, pkg) = (0, 0, 0);
+                }
+            }
+            if std::env::var_os("WATTD_E2E_DEBUG").is_some() {
+                for r in &rows {
+                    let share = r.3.get(run).copied().unwrap_or(0) as f64 / r.2.max(1) as f64;
+                    eprintln!(
+                        "{run} {} ms share {share:.4} platform {:?} got {} model {:.0}",
+                        (r.1 - r.0) / 1_000_000,
+                        r.4,
+                        r.5.get(run).copied().unwrap_or(0),
+                        OVERHEAD_W * (r.1 - r.0) as f64 / 1e3 * share
+                    );
+                }
+            }
             let err = (got as f64 - model).abs() / model;
             eprintln!(
                 "run {run}: platform {got} uJ, model {model:.0} uJ, error {:.2}%",
