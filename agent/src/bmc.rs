@@ -183,7 +183,15 @@ fn connect(cfg: &BmcConfig) -> Result<ScrapeClient, BmcError> {
             .is_err()
             .then(|| host.clone())
     });
+    // The Host header names the BMC as the URL does (a BMC's host-header check refuses an
+    // address it does not know itself by).
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
     let opts = ClientOptions {
+        host: Some(authority),
         ca: Some(cfg.ca_file.clone()),
         server_name,
         user,

@@ -469,6 +469,7 @@ impl Metrics {
         p.failures = p.failures.saturating_add(t.failures);
         p.lost = p.lost.saturating_add(t.lost.len() as u64);
         p.dropped = dropped;
+        p.refused = p.refused.saturating_add(t.dropped);
         p.carry_uj = t.carry_uj;
         p.wall_power_mw = t.wall_power_mw;
         p.baseline = t.waiting.is_none();
@@ -1014,6 +1015,7 @@ struct PlatformStats {
     failures: u64,
     lost: u64,
     dropped: u64,
+    refused: u64,
     carry_uj: i128,
     wall_power_mw: Option<u64>,
     baseline: bool,
@@ -1039,6 +1041,13 @@ impl PlatformStats {
             "BMC answers dropped because the measuring loop did not take them in time.",
         );
         w.sample("wattd_bmc_dropped_total", &[], self.dropped);
+        w.family(
+            "wattd_bmc_readings_refused_total",
+            "counter",
+            "BMC readings the platform meter could not use: out of order, over its pending bound, \
+             or older than any interval whose components are known (after a component's gap).",
+        );
+        w.sample("wattd_bmc_readings_refused_total", &[], self.refused);
         w.family(
             "wattd_platform_lost_spans_total",
             "counter",
@@ -1544,6 +1553,44 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    /// The BMC's series appear only with a BMC, and count what every tick said.
+    #[test]
+    fn platform_meter_series() {
+        let mut m = Metrics::new(Duration::from_secs(300), 10);
+        assert!(!m.render().contains("wattd_bmc"), "no BMC, no series");
+        let tick =
+            |readings, failures, carry_uj, waiting: Option<&str>| crate::platform::PlatformTick {
+                measured: crate::attribution::Measured::Energy { energy_uj: 0 },
+                source: SourceKind::Redfish,
+                quality: Quality::Measured,
+                lost: Vec::new(),
+                readings,
+                failures,
+                dropped: 1,
+                carry_uj,
+                wall_power_mw: Some(374_500),
+                shares: Default::default(),
+                waiting: waiting.map(str::to_owned),
+            };
+        m.set_platform(&tick(10, 0, 0, None), 0);
+        m.set_platform(
+            &tick(3, 7, -2_500_000, Some("BMC https://bmc: timed out")),
+            4,
+        );
+        let text = m.render();
+        for want in [
+            "wattd_bmc_readings_total 13",
+            "wattd_bmc_failures_total 7",
+            "wattd_bmc_dropped_total 4",
+            "wattd_bmc_readings_refused_total 2",
+            "wattd_platform_carry_joules -2.5",
+            "wattd_platform_measuring 0",
+            "wattd_wall_power_watts 374.5",
+        ] {
+            assert!(text.lines().any(|l| l == want), "{want}\n{text}");
+        }
     }
 
     #[test]

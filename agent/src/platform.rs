@@ -65,6 +65,9 @@ pub struct PlatformTick {
     /// Readings and failures the BMC thread delivered this tick.
     pub readings: u64,
     pub failures: u64,
+    /// Readings refused this tick: out of order, beyond the pending bound, or older than any
+    /// tick the components are known for.
+    pub dropped: u64,
     /// The deficit carried to later spans (never positive), microjoules.
     pub carry_uj: i128,
     /// The latest wall power the BMC stated, milliwatts.
@@ -188,7 +191,7 @@ impl PlatformMeter {
         }
         let mut weights: BTreeMap<Arc<str>, u128> = BTreeMap::new();
         let mut host_weight: u128 = 0;
-        let (mut readings, mut failures) = (0, 0);
+        let (mut readings, mut failures, mut dropped) = (0, 0, 0);
         let mut last_failure = None;
         for e in events {
             match e {
@@ -197,6 +200,8 @@ impl PlatformMeter {
                     let in_order = self.pending.back().map_or(true, |(s, _)| *s <= mono_ns);
                     if in_order && self.pending.len() < PENDING_MAX {
                         self.pending.push_back((mono_ns, reading));
+                    } else {
+                        dropped += 1;
                     }
                 }
                 BmcEvent::Failed { detail, .. } => {
@@ -217,6 +222,7 @@ impl PlatformMeter {
             self.wall_power_mw = r.power_mw.or(self.wall_power_mw);
             let Some(c_s) = self.components_at(s) else {
                 // Older than anything the components are known for: of no use.
+                dropped += 1;
                 continue;
             };
             match self.base {
@@ -321,6 +327,7 @@ impl PlatformMeter {
             lost,
             readings,
             failures,
+            dropped,
             carry_uj: self.carry,
             wall_power_mw: self.wall_power_mw,
             shares: paid,

@@ -132,6 +132,7 @@ impl Scraper {
             server_name: args.tls_server_name.clone(),
             user: args.user.clone(),
             password,
+            host: None,
         };
         let client = wattd_web::ScrapeClient::new(addr, &opts)?;
         let rt = tokio::runtime::Builder::new_current_thread()

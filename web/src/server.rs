@@ -436,6 +436,7 @@ mod tests {
                     server_name: Some("localhost".into()),
                     user: user.map(|_| "prometheus".to_owned()),
                     password: user.map(str::to_owned),
+                    host: None,
                 },
             )
             .unwrap()
