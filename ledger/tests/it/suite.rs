@@ -43,6 +43,7 @@ both!(
     a_lost_batch_that_announced_a_rotation_is_declared_with_the_signed_rotation,
     hostile_names_are_refused_and_huge_values_cannot_break_runs,
     runs_are_billed_per_node,
+    a_platform_meter_is_stored_and_billed,
     a_forged_kilowatt_hour_in_one_nanosecond_is_quarantined,
     fork_evidence_is_bounded_per_node,
     revocation_ends_open_streams_at_once,
@@ -1494,6 +1495,60 @@ async fn runs_are_billed_per_node(b: Backend, name: &str) -> TestResult {
             .any(|l| l.starts_with("n2") && l.contains("run-a")),
         "{text}"
     );
+    l.stop().await;
+    Ok(())
+}
+
+/// The agent's platform meter (the BMC's wall less the other meters) is a domain of its own:
+/// stored, checked for conservation like any meter, and billed per run; a platform meter that
+/// does not conserve is refused like a package that does not.
+async fn a_platform_meter_is_stored_and_billed(b: Backend, name: &str) -> TestResult {
+    let Some((f, mut a)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let l = f.start(limits()).await;
+    let mut s = connect(&f, &l, "n1").await;
+    let platform = |measured_uj: u64, run_uj: u64, host_uj: u64| wattd_proto::v1::DomainEnergy {
+        domain: "platform".into(),
+        source: "redfish".into(),
+        quality: 1,
+        measured_uj,
+        allocations: vec![wattd_proto::v1::Allocation {
+            run_id: "run-a".into(),
+            active_uj: run_uj,
+            idle_uj: 0,
+            usage_us: 100,
+        }],
+        host_active_uj: host_uj,
+        usage_basis: "component_energy".into(),
+        ..Default::default()
+    };
+    let mut good = interval(0, &[("run-a", 100, 0)], 50);
+    good.domains.push(platform(60, 40, 20));
+    let ack = s
+        .send(msg(&a.next_with(BatchContent {
+            intervals: vec![good],
+            ..Default::default()
+        })))
+        .await?;
+    assert_eq!(ack.acked_seq, 1);
+    let report = wattd_ledger::query::runs_report(f.query_store().await.run_totals().await?);
+    let rows: Vec<(&str, u128)> = report
+        .runs
+        .iter()
+        .map(|r| (r.run_id.as_str(), r.energy_uj))
+        .collect();
+    assert_eq!(rows, vec![("run-a", 140)]);
+    // 40 + 20 is not 61: refused, as any meter that does not conserve.
+    let mut bad = interval(1, &[("run-a", 100, 0)], 50);
+    bad.domains.push(platform(61, 40, 20));
+    let refused = s
+        .send(msg(&a.next_with(BatchContent {
+            intervals: vec![bad],
+            ..Default::default()
+        })))
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
     l.stop().await;
     Ok(())
 }
