@@ -86,7 +86,8 @@ fn spread_reserved(reserved: Option<u64>, package_cpus: &BTreeMap<u32, u32>) -> 
 
 /// The tracker's snapshot in attribution's terms. The per-package usage maps are moved out
 /// rather than copied (nothing after attribution reads them): no allocation per run per tick.
-fn usage_from(snap: &mut UsageSnapshot, package_cpus: &BTreeMap<u32, u32>) -> Usage {
+/// Public for the whole-tick bench.
+pub fn usage_from(snap: &mut UsageSnapshot, package_cpus: &BTreeMap<u32, u32>) -> Usage {
     Usage {
         runs: snap
             .runs

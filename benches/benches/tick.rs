@@ -1,0 +1,240 @@
+//! One whole tick of the daemon's measuring loop, without its fdatasync: the run tracker's usage
+//! read (real cgroups under the live cgroup2 mount, each holding a sleeping process, as live runs
+//! do), the usage mapped for attribution, the meters read (one powercap zone on a synthetic tree,
+//! its counter moved every tick), attribution, the interval's record, and the batch signed and
+//! encoded. The runs' processes sleep (10,000 busy ones would take the machine), so after the
+//! real read each run's CPU time is set to a few milliseconds: every run then gets a share and a
+//! line in the record, as busy runs do. At 100, 1,000 and 10,000 live runs; the report divides by runs. A counting allocator
+//! prints the allocations one tick makes.
+//!
+//! `cargo bench -p wattd-benches --bench tick` (root, cgroup v2; spawns up to 10,000 `sleep`).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use wattd::attribution::idle::IdleTracker;
+use wattd::attribution::{DramPolicy, IdlePolicy, PlatformPolicy, Policy};
+use wattd::sampler::{Sampler, Stamp};
+use wattd_collectors::cgroup::{find_cgroup2_mount, RunTracker, TrackerConfig};
+use wattd_collectors::estimator::EstimatorModel;
+use wattd_collectors::powercap::{self, PowercapMeter};
+use wattd_collectors::synth::{HostTree, ZoneSpec};
+use wattd_collectors::topology::Topology;
+use wattd_collectors::{HostRoot, Meter};
+use wattd_records::batch::GENESIS_HASH;
+use wattd_records::identity::NodeKey;
+use wattd_records::seal::{sign_batch, BatchContent};
+
+/// The system allocator, counting allocations.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only a counter is added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `alloc`/`realloc` above, i.e. from the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as for `dealloc`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Run cgroups, each with a sleeping process; killed and removed on drop.
+struct Tree(PathBuf, Vec<std::process::Child>);
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        for c in &mut self.1 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let slice = self.0.join("flowzart.slice");
+        if let Ok(rd) = std::fs::read_dir(&slice) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&slice);
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn make_tree(runs: usize) -> Option<Tree> {
+    let mount = find_cgroup2_mount(&HostRoot::live()).ok()?.mount_point;
+    let root = mount.join(format!("wattd-bench-tick-{}-{runs}", std::process::id()));
+    std::fs::create_dir(&root).ok()?;
+    let mut tree = Tree(root, Vec::new());
+    std::fs::create_dir(tree.0.join("flowzart.slice")).ok()?;
+    for i in 0..runs {
+        let dir = tree.0.join(format!("flowzart.slice/run-t{i}.scope"));
+        std::fs::create_dir(&dir).ok()?;
+        let child = std::process::Command::new("sleep")
+            .arg("900")
+            .spawn()
+            .ok()?;
+        let pid = child.id();
+        tree.1.push(child);
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).ok()?;
+    }
+    Some(tree)
+}
+
+/// Everything one tick touches.
+struct Loop {
+    tracker: RunTracker,
+    sampler: Sampler,
+    package_cpus: BTreeMap<u32, u32>,
+    energy_file: PathBuf,
+    energy_uj: u64,
+    mono_ns: u64,
+    key: NodeKey,
+    _tree_dir: tempfile::TempDir,
+}
+
+impl Loop {
+    fn new(cgroup_root: PathBuf) -> Result<Loop, String> {
+        let mut config = TrackerConfig::new(HostRoot::live());
+        config.cgroup_root = Some(cgroup_root);
+        config.rescan_every_ticks = 0;
+        let tracker = RunTracker::new(config).map_err(|e| e.to_string())?;
+        let topo = Topology::read(&HostRoot::live()).map_err(|e| e.to_string())?;
+        let package_cpus: BTreeMap<u32, u32> = topo
+            .cpus_by_package()
+            .into_iter()
+            .map(|(p, cpus)| (p, cpus.len() as u32))
+            .collect();
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let t = HostTree::new(dir.path());
+        t.zone(&ZoneSpec::new("intel-rapl:0", "package-0", "0"))
+            .map_err(|e| e.to_string())?;
+        let scan = powercap::scan(&HostRoot::new(dir.path())).map_err(|e| e.to_string())?;
+        let meter = PowercapMeter::open(&scan).map_err(|e| e.to_string())?;
+        let meters: Vec<Box<dyn Meter>> = vec![Box::new(meter)];
+        let policy = Policy {
+            idle: IdlePolicy::Proportional,
+            dram: DramPolicy::Cpu,
+            platform: PlatformPolicy::Proportional,
+        };
+        let start = Stamp {
+            mono_ns: 1_000_000_000,
+            unix_ns: 1_700_000_000_000_000_000,
+        };
+        let sampler = Sampler::new(
+            meters,
+            IdleTracker::new(600_000_000, BTreeMap::new()),
+            EstimatorModel::default(),
+            policy,
+            0,
+            start,
+        );
+        Ok(Loop {
+            tracker,
+            sampler,
+            package_cpus,
+            energy_file: dir.path().join("sys/class/powercap/intel-rapl:0/energy_uj"),
+            energy_uj: 0,
+            mono_ns: start.mono_ns,
+            key: NodeKey::from_seed("bench-node", 1, [7; 32]),
+            _tree_dir: dir,
+        })
+    }
+
+    /// One tick: usage, meters, attribution, record, signed batch (no fdatasync). Returns the
+    /// signed batch's size, so nothing is optimised away.
+    fn tick(&mut self) -> usize {
+        // 30 J a second on the package.
+        self.energy_uj += 30_000_000;
+        let _ = std::fs::write(&self.energy_file, format!("{}\n", self.energy_uj));
+        self.mono_ns += 1_000_000_000;
+        let mut snap = self.tracker.tick(1_000_000);
+        let mut usage = wattd::daemon::usage_from(&mut snap, &self.package_cpus);
+        let package = self.package_cpus.keys().next().copied().unwrap_or(0);
+        let mut busy = 0u64;
+        for (i, r) in usage.runs.iter_mut().enumerate() {
+            let us = 1_000 + (i as u64 % 7) * 500;
+            r.cpu_us.insert(package, us);
+            busy += us;
+        }
+        usage.busy_us.insert(package, busy + 100_000);
+        let interval = self.sampler.tick(
+            Stamp {
+                mono_ns: self.mono_ns,
+                unix_ns: 1_700_000_000_000_000_000 + self.mono_ns as i64,
+            },
+            Some(usage),
+        );
+        let record = wattd::records::interval(&interval, "boot", false);
+        let batch = sign_batch(
+            &self.key,
+            1,
+            GENESIS_HASH,
+            0,
+            BatchContent {
+                intervals: vec![record],
+                ..BatchContent::default()
+            },
+        );
+        batch.bytes.len()
+    }
+}
+
+fn whole_tick(c: &mut Criterion) {
+    let mut group = c.benchmark_group("whole_tick");
+    group.sample_size(20);
+    for runs in [100usize, 1_000, 10_000] {
+        let Some(tree) = make_tree(runs) else {
+            eprintln!("SKIPPED: whole_tick/{runs}: cannot create cgroups and processes (needs root and cgroup v2)");
+            return;
+        };
+        let mut l = match Loop::new(tree.0.clone()) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("SKIPPED: whole_tick/{runs}: {e}");
+                return;
+            }
+        };
+        // Discovery and the first reads happen once; then a steady tick.
+        for _ in 0..3 {
+            l.tick();
+        }
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        let bytes = l.tick();
+        let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+        eprintln!(
+            "whole_tick/{runs}: {allocations} allocations in one tick ({:.1} per run), a signed batch of {bytes} bytes",
+            allocations as f64 / runs as f64
+        );
+        group.throughput(Throughput::Elements(runs as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(runs), &runs, |b, _| {
+            b.iter(|| l.tick())
+        });
+        drop(l);
+        drop(tree);
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    targets = whole_tick
+}
+criterion_main!(benches);
