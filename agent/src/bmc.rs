@@ -67,6 +67,13 @@ impl BmcError {
     fn not_found(&self) -> bool {
         matches!(self, BmcError::Status { status, .. } if *status == StatusCode::NOT_FOUND)
     }
+
+    /// During discovery, a link that answers this is not the one to read, and the others are
+    /// tried: gone, forbidden to this account, not implemented. A refused login (401), a
+    /// timeout or a server error is the BMC's, not the link's: discovery is tried again later.
+    fn skip_link(&self) -> bool {
+        matches!(self, BmcError::Status { status, .. } if matches!(status.as_u16(), 403 | 404 | 405 | 410 | 501))
+    }
 }
 
 /// `https://host[:port][/]` split into host and port (443 by default). Only HTTPS: the
@@ -185,10 +192,15 @@ fn connect(cfg: &BmcConfig) -> Result<ScrapeClient, BmcError> {
     });
     // The Host header names the BMC as the URL does (a BMC's host-header check refuses an
     // address it does not know itself by).
-    let authority = if host.contains(':') {
-        format!("[{host}]:{port}")
+    let name = if host.contains(':') {
+        format!("[{host}]")
     } else {
-        format!("{host}:{port}")
+        host.clone()
+    };
+    let authority = if port == 443 {
+        name
+    } else {
+        format!("{name}:{port}")
     };
     let opts = ClientOptions {
         host: Some(authority),
@@ -226,12 +238,21 @@ async fn discover(cfg: &BmcConfig, client: &ScrapeClient) -> Result<Resource, Bm
         if cfg.chassis.as_deref().is_some_and(|c| c != id) {
             continue;
         }
+        // A chassis that cannot be read, or reads as garbage, is not this node's: the others
+        // are tried (an enclosure's power supply must not block its nodes).
         let links = match get(client, &m).await {
-            Ok(body) => redfish::chassis_links(&m, &body)?,
-            Err(e) => {
+            Ok(body) => match redfish::chassis_links(&m, &body) {
+                Ok(l) => l,
+                Err(e) => {
+                    tried.push(e.to_string());
+                    continue;
+                }
+            },
+            Err(e) if e.skip_link() => {
                 tried.push(e.to_string());
                 continue;
             }
+            Err(e) => return Err(e),
         };
         if let Some(em) = &links.environment_metrics {
             match get(client, em).await {
@@ -242,7 +263,7 @@ async fn discover(cfg: &BmcConfig, client: &ScrapeClient) -> Result<Resource, Bm
                     }
                     tried.push(format!("{em}: no PowerWatts or EnergykWh reading"));
                 }
-                Err(e) if e.not_found() => tried.push(e.to_string()),
+                Err(e) if e.skip_link() => tried.push(e.to_string()),
                 Err(e) => return Err(e),
             }
         }
@@ -253,7 +274,7 @@ async fn discover(cfg: &BmcConfig, client: &ScrapeClient) -> Result<Resource, Bm
                     found.push(Resource::Power(p.clone()));
                     continue;
                 }
-                Err(e) if e.not_found() => tried.push(e.to_string()),
+                Err(e) if e.skip_link() => tried.push(e.to_string()),
                 Err(e) => return Err(e),
             }
         }

@@ -1058,8 +1058,9 @@ impl PlatformStats {
         w.family(
             "wattd_platform_carry_joules",
             "gauge",
-            "Platform energy owed to later spans: the wall read below the components (a late \
-             or low BMC reading). Never positive; carried, never clamped.",
+            "Platform energy carried to later ticks: negative while the wall reads below the \
+             components (a late or low BMC, a coarse counter between steps), positive while a \
+             lump above max_watts per tick is paid out. Carried, never clamped.",
         );
         w.sample(
             "wattd_platform_carry_joules",

@@ -316,14 +316,6 @@ impl Sampler {
         };
         let mut results = attribution::attribute(&input);
         if let (Some(p), Some((components, estimated))) = (&mut self.platform, components) {
-            let mut t = p.tick(
-                start.mono_ns,
-                end.mono_ns,
-                components,
-                attribution::ComponentShares::of(&results),
-                estimated,
-                std::mem::take(&mut self.bmc_events),
-            );
             // A span can reach back into intervals of runs that have finished since and have
             // their summary: their weight goes to the host, so that no run is billed after its
             // summary (the runs of this interval include those that finished in it).
@@ -332,7 +324,15 @@ impl Sampler {
                 .as_ref()
                 .map(|u| u.runs.iter().map(|r| &*r.run_id).collect())
                 .unwrap_or_default();
-            t.shares.keep_runs(|id| live.contains(id));
+            let t = p.tick(
+                start.mono_ns,
+                end.mono_ns,
+                components,
+                attribution::ComponentShares::of(&results),
+                estimated,
+                std::mem::take(&mut self.bmc_events),
+                |id| live.contains(id),
+            );
             let at = |mono_ns: u64| Stamp {
                 mono_ns,
                 unix_ns:

@@ -42,11 +42,18 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.alloc(layout) }
     }
 
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: `ptr` came from `alloc`/`realloc` above, i.e. from the system allocator.
         unsafe { System.dealloc(ptr, layout) }
     }
 
+    /// Counted as an allocation, even when it grows or shrinks in place.
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         // SAFETY: as for `dealloc`.
@@ -201,20 +208,28 @@ fn whole_tick(c: &mut Criterion) {
     group.sample_size(20);
     for runs in [100usize, 1_000, 10_000] {
         let Some(tree) = make_tree(runs) else {
-            eprintln!("SKIPPED: whole_tick/{runs}: cannot create cgroups and processes (needs root and cgroup v2)");
-            return;
+            eprintln!(
+                "SKIPPED: whole_tick/{runs}: cannot create {runs} cgroups with a process each \
+                 (needs root, cgroup v2, and that many pids)"
+            );
+            continue;
         };
         let mut l = match Loop::new(tree.0.clone()) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("SKIPPED: whole_tick/{runs}: {e}");
-                return;
+                continue;
             }
         };
         // Discovery and the first reads happen once; then a steady tick.
         for _ in 0..3 {
             l.tick();
         }
+        let seen = l.tracker.tick(1_000_000).runs.len();
+        assert_eq!(
+            seen, runs,
+            "the tracker sees {seen} of the {runs} runs: the figures would be per the wrong count"
+        );
         let before = ALLOCATIONS.load(Ordering::Relaxed);
         let bytes = l.tick();
         let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;

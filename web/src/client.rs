@@ -72,7 +72,8 @@ impl Drop for Kept {
     }
 }
 
-/// A configured client of one endpoint.
+/// A configured client of one endpoint. Clones share its kept connection, and their GETs take
+/// turns (each within its own deadline).
 #[derive(Clone)]
 pub struct ScrapeClient {
     addr: SocketAddr,
@@ -187,8 +188,6 @@ impl ScrapeClient {
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|source| ScrapeError::Connect { addr, source })?;
-        self.connects
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (sender, driver) = match &self.tls {
             None => {
                 let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
@@ -217,6 +216,8 @@ impl ScrapeClient {
                 )
             }
         };
+        self.connects
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Kept { sender, driver })
     }
 
@@ -241,19 +242,19 @@ impl ScrapeClient {
             req.body(Empty::<Bytes>::new()).map_err(|e| http(&e))
         };
         let (conn, resp) = match reusable {
-            // A kept connection the server closed while it was idle fails the request before
-            // anything was answered: it is asked once more on a new connection.
-            Some(mut k) => match k.sender.send_request(request()?).await {
+            // A kept connection the server closed while it was idle gives the request back
+            // unsent: it is sent once on a new connection. One that was sent and failed is an
+            // error, as on a new connection.
+            Some(mut k) => match k.sender.try_send_request(request()?).await {
                 Ok(resp) => (k, resp),
-                Err(_) => {
-                    let mut k = self.connect().await?;
-                    let resp = k
-                        .sender
-                        .send_request(request()?)
-                        .await
-                        .map_err(|e| http(&e))?;
-                    (k, resp)
-                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => {
+                        let mut k = self.connect().await?;
+                        let resp = k.sender.send_request(unsent).await.map_err(|e| http(&e))?;
+                        (k, resp)
+                    }
+                    None => return Err(http(e.error())),
+                },
             },
             None => {
                 let mut k = self.connect().await?;

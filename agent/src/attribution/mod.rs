@@ -457,18 +457,6 @@ pub struct ComponentShares {
 }
 
 impl ComponentShares {
-    /// Moves the weight of every run `keep` refuses to the host.
-    pub fn keep_runs(&mut self, keep: impl Fn(&str) -> bool) {
-        let host = &mut self.host;
-        self.runs.retain(|(id, w)| {
-            let k = keep(id);
-            if !k {
-                *host = host.saturating_add(*w);
-            }
-            k
-        });
-    }
-
     /// Of one interval's results (gaps and non-components left out).
     pub fn of(results: &[MeterResult]) -> Self {
         let has_psys = results.iter().any(|c| c.key.domain == Domain::Psys);
