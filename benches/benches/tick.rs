@@ -19,7 +19,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use wattd::attribution::idle::IdleTracker;
 use wattd::attribution::{DramPolicy, IdlePolicy, PlatformPolicy, Policy};
 use wattd::sampler::{Sampler, Stamp};
-use wattd_collectors::cgroup::{find_cgroup2_mount, RunTracker, TrackerConfig};
+use wattd_benches::RunTree;
+use wattd_collectors::cgroup::{RunTracker, TrackerConfig};
 use wattd_collectors::estimator::EstimatorModel;
 use wattd_collectors::powercap::{self, PowercapMeter};
 use wattd_collectors::synth::{HostTree, ZoneSpec};
@@ -63,46 +64,6 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-/// Run cgroups, each with a sleeping process; killed and removed on drop.
-struct Tree(PathBuf, Vec<std::process::Child>);
-
-impl Drop for Tree {
-    fn drop(&mut self) {
-        for c in &mut self.1 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let slice = self.0.join("flowzart.slice");
-        if let Ok(rd) = std::fs::read_dir(&slice) {
-            for e in rd.flatten() {
-                let _ = std::fs::remove_dir(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&slice);
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-fn make_tree(runs: usize) -> Option<Tree> {
-    let mount = find_cgroup2_mount(&HostRoot::live()).ok()?.mount_point;
-    let root = mount.join(format!("wattd-bench-tick-{}-{runs}", std::process::id()));
-    std::fs::create_dir(&root).ok()?;
-    let mut tree = Tree(root, Vec::new());
-    std::fs::create_dir(tree.0.join("flowzart.slice")).ok()?;
-    for i in 0..runs {
-        let dir = tree.0.join(format!("flowzart.slice/run-t{i}.scope"));
-        std::fs::create_dir(&dir).ok()?;
-        let child = std::process::Command::new("sleep")
-            .arg("900")
-            .spawn()
-            .ok()?;
-        let pid = child.id();
-        tree.1.push(child);
-        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).ok()?;
-    }
-    Some(tree)
-}
 
 /// Everything one tick touches.
 struct Loop {
@@ -207,14 +168,14 @@ fn whole_tick(c: &mut Criterion) {
     let mut group = c.benchmark_group("whole_tick");
     group.sample_size(20);
     for runs in [100usize, 1_000, 10_000] {
-        let Some(tree) = make_tree(runs) else {
+        let Some(tree) = RunTree::new("t", runs, true) else {
             eprintln!(
                 "SKIPPED: whole_tick/{runs}: cannot create {runs} cgroups with a process each \
                  (needs root, cgroup v2, and that many pids)"
             );
             continue;
         };
-        let mut l = match Loop::new(tree.0.clone()) {
+        let mut l = match Loop::new(tree.root.clone()) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("SKIPPED: whole_tick/{runs}: {e}");

@@ -60,6 +60,23 @@ pub enum ScrapeError {
     Timeout { addr: SocketAddr, timeout: Duration },
 }
 
+/// The HTTP/1.1 handshake on an open stream, its connection driven by a task of its own.
+async fn handshake<S>(io: S, addr: SocketAddr) -> Result<Kept, ScrapeError>
+where
+    S: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| ScrapeError::Http {
+            addr,
+            detail: e.to_string(),
+        })?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(Kept { sender, driver })
+}
+
 /// An open HTTP/1.1 connection: the request half and the task driving it, stopped on drop.
 struct Kept {
     sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
@@ -181,44 +198,22 @@ impl ScrapeClient {
     /// A new connection: TCP, TLS when configured, the HTTP/1.1 handshake.
     async fn connect(&self) -> Result<Kept, ScrapeError> {
         let addr = self.addr;
-        let http = |e: &dyn std::fmt::Display| ScrapeError::Http {
-            addr,
-            detail: e.to_string(),
-        };
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|source| ScrapeError::Connect { addr, source })?;
-        let (sender, driver) = match &self.tls {
-            None => {
-                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                    .await
-                    .map_err(|e| http(&e))?;
-                (
-                    sender,
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    }),
-                )
-            }
+        let kept = match &self.tls {
+            None => handshake(TokioIo::new(tcp), addr).await?,
             Some((connector, name)) => {
                 let tls = connector
                     .connect(name.clone(), tcp)
                     .await
                     .map_err(|source| ScrapeError::Tls { addr, source })?;
-                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                    .await
-                    .map_err(|e| http(&e))?;
-                (
-                    sender,
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    }),
-                )
+                handshake(TokioIo::new(tls), addr).await?
             }
         };
         self.connects
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Kept { sender, driver })
+        Ok(kept)
     }
 
     async fn exchange(&self, path: &str) -> Result<(StatusCode, String), ScrapeError> {

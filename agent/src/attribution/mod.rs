@@ -494,36 +494,10 @@ pub fn attribute_platform(
     m: &MeterInput,
     shares: &ComponentShares,
 ) -> MeterResult {
-    let mut r = MeterResult {
-        key: m.key,
-        source: m.source,
-        quality: m.quality,
-        measured_uj: 0,
-        gap: false,
-        idle: m.idle,
-        idle_uj: 0,
-        run_ids: Arc::from([]),
-        runs: Vec::new(),
-        host_active_uj: 0,
-        host_idle_uj: 0,
-        host_usage: 0,
-        unattributed: Vec::new(),
-        gpu: None,
+    let (mut r, energy) = measured_result(m);
+    let Some(energy) = energy else {
+        return r;
     };
-    let energy = match m.measured {
-        Measured::Gap => {
-            r.gap = true;
-            return r;
-        }
-        Measured::Quarantined { energy_uj } => {
-            r.measured_uj = energy_uj;
-            r.unattributed
-                .push((UnattributedReason::Quarantined, energy_uj));
-            return r;
-        }
-        Measured::Energy { energy_uj } => energy_uj,
-    };
-    r.measured_uj = energy;
     if policy == PlatformPolicy::Host {
         r.host_active_uj = energy;
         return r;
@@ -604,13 +578,9 @@ impl Dense {
     }
 }
 
-fn attribute_meter(
-    input: &IntervalInput,
-    dense: Option<&Dense>,
-    ids: &RunIds,
-    m: &MeterInput,
-    scratch: &mut Scratch,
-) -> MeterResult {
+/// A meter's result before any division, with its measured energy to divide; `None` when the
+/// result is already complete (a gap, a quarantined delta).
+fn measured_result(m: &MeterInput) -> (MeterResult, Option<u64>) {
     let mut r = MeterResult {
         key: m.key,
         source: m.source,
@@ -627,20 +597,35 @@ fn attribute_meter(
         unattributed: Vec::new(),
         gpu: (m.key.domain == Domain::Gpu).then(GpuMeta::default),
     };
-    let energy = match m.measured {
+    match m.measured {
         Measured::Gap => {
             r.gap = true;
-            return r;
+            (r, None)
         }
         Measured::Quarantined { energy_uj } => {
             r.measured_uj = energy_uj;
             r.unattributed
                 .push((UnattributedReason::Quarantined, energy_uj));
-            return r;
+            (r, None)
         }
-        Measured::Energy { energy_uj } => energy_uj,
+        Measured::Energy { energy_uj } => {
+            r.measured_uj = energy_uj;
+            (r, Some(energy_uj))
+        }
+    }
+}
+
+fn attribute_meter(
+    input: &IntervalInput,
+    dense: Option<&Dense>,
+    ids: &RunIds,
+    m: &MeterInput,
+    scratch: &mut Scratch,
+) -> MeterResult {
+    let (mut r, energy) = measured_result(m);
+    let Some(energy) = energy else {
+        return r;
     };
-    r.measured_uj = energy;
     let (Some(usage), Some(dense)) = (&input.usage, dense) else {
         r.unattributed
             .push((UnattributedReason::NoUsageData, energy));

@@ -16,16 +16,8 @@ use wattd_tests::cgroups::require_cgroups;
 use wattd_tests::pgcluster::{Cluster, PgBin};
 use wattd_tests::tls::TestCa;
 
-use crate::harness::{burn_bin, Agent};
+use crate::harness::{burn_bin, free_port, Agent};
 use crate::ledger::{ledger_bin, stop_agent_cleanly, World};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn write_passfile(path: &std::path::Path, password: &str) {
     std::fs::write(path, format!("127.0.0.1:*:wattd:wattd:{password}\n")).unwrap();

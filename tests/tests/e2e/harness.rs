@@ -76,6 +76,26 @@ pub fn wattd(args: &[&str]) -> Output {
     Command::new(wattd_bin()).args(args).output().unwrap()
 }
 
+/// A free TCP port on loopback (bound, then released for the server under test to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `wattd verify` on a spool: signatures, chain, sequence and per-interval conservation.
+pub fn assert_verifies(spool: &Path) {
+    let v = wattd(&["verify", "--data-dir", spool.to_str().unwrap()]);
+    assert!(
+        v.status.success(),
+        "verify: {}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+}
+
 /// `wattd runs --format json`: run id -> domain label -> energy uJ.
 pub fn runs_json(data_dir: &Path) -> serde_json::Value {
     let out = wattd(&[

@@ -10,7 +10,7 @@ use wattd_proto::v1;
 use wattd_tests::cgroups::{require_cgroups, TestCgroups};
 use wattd_tests::simhost::{PowerModel, SimHost};
 
-use crate::harness::{agent_config_in, burn_bin, wattd, Agent};
+use crate::harness::{agent_config_in, assert_verifies, burn_bin, wattd, Agent};
 
 /// Every interval its own batch: 50 kills, each of a life too short to seal many, so kills
 /// land in every step of sealing (signing, the append, the fdatasync).
@@ -114,13 +114,7 @@ fn sigkill_at_random_moments(
     sim.stop();
     drop(cg);
 
-    let v = wattd(&["verify", "--data-dir", spool.to_str().unwrap()]);
-    assert!(
-        v.status.success(),
-        "verify: {}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    assert_verifies(&spool);
 
     // Walk the records in order: intervals must tile time except where a gap says why.
     let out = wattd(&["export", "--data-dir", spool.to_str().unwrap()]);

@@ -20,7 +20,8 @@ use wattd_tests::cgroups::{require_cgroups, TestCgroups};
 use wattd_tests::simhost::{monotonic_ns, PowerModel, SimHost};
 use wattd_tests::tls::TestCa;
 
-use crate::harness::{agent_config, burn_bin, wattd, Agent};
+use crate::harness::{agent_config, assert_verifies, burn_bin, free_port, wattd, Agent};
+use crate::report::chart_attr;
 
 const IDLE_W: f64 = 10.0;
 const BUSY_W: f64 = 20.0;
@@ -35,14 +36,6 @@ const PASSWORD: &str = "s3cret-bmc";
 fn nginx_bin() -> Option<PathBuf> {
     wattd_testkit::need::which("nginx")
         .or_else(|| Some(PathBuf::from("/usr/sbin/nginx")).filter(|p| p.is_file()))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -447,13 +440,7 @@ fn platform(test: &str, counter: bool) {
     assert!(status.success(), "wattd exited {status:?}\n{log}");
     assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
 
-    let v = wattd(&["verify", "--data-dir", spool.to_str().unwrap()]);
-    assert!(
-        v.status.success(),
-        "verify: {}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    assert_verifies(&spool);
     // Every outage was logged once, with its cause.
     for cause in ["not JSON", "did not answer within", "502"] {
         assert!(
@@ -590,15 +577,7 @@ fn platform(test: &str, counter: bool) {
         .split("<svg ")
         .find(|c| c.contains("data-domain=\"wall (BMC) = components + platform\""))
         .expect("a wall chart");
-    let attr = |name: &str| -> Vec<u64> {
-        let start = chart.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
-        let end = start + chart[start..].find('"').unwrap();
-        chart[start..end]
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(|v| v.parse().unwrap())
-            .collect()
-    };
+    let attr = |name: &str| chart_attr(chart, name);
     let want: Vec<u64> = rows.iter().map(|r| r.2 + r.4.unwrap_or(0)).collect();
     assert_eq!(attr("data-measured-uj"), want);
     assert_eq!(attr("data-stacked-uj"), want);
