@@ -85,6 +85,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The numbers of a chart's `name="a,b,c"` attribute (`data-measured-uj`, `data-stacked-uj`).
+pub fn chart_attr(chart: &str, name: &str) -> Vec<u64> {
+    let start = chart.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
+    let end = start + chart[start..].find('"').unwrap();
+    chart[start..end]
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|v| v.parse().unwrap())
+        .collect()
+}
+
 /// `wattd verify` on a spool: signatures, chain, sequence and per-interval conservation.
 pub fn assert_verifies(spool: &Path) {
     let v = wattd(&["verify", "--data-dir", spool.to_str().unwrap()]);

@@ -11,7 +11,6 @@ mod harness;
 mod kill;
 mod ledger;
 mod packages;
-mod redfish;
 mod release;
 mod reload;
 mod report;

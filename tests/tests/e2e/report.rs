@@ -7,20 +7,9 @@ use std::process::Command;
 
 use prost::Message as _;
 
-use crate::harness::wattd;
+use crate::harness::{chart_attr, wattd};
 
 /// Writes the report of `spool` into `work`, checks it, and renders it with Chromium.
-/// The numbers of a chart's `name="a,b,c"` attribute (`data-measured-uj`, `data-stacked-uj`).
-pub fn chart_attr(chart: &str, name: &str) -> Vec<u64> {
-    let start = chart.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
-    let end = start + chart[start..].find('"').unwrap();
-    chart[start..end]
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(|v| v.parse().unwrap())
-        .collect()
-}
-
 pub fn check_report(spool: &Path, work: &Path) {
     let html_path = work.join("report.html");
     let out = wattd(&[
