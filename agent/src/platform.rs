@@ -588,6 +588,17 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
+    /// A tick without shares, its components measured.
+    fn step(
+        m: &mut PlatformMeter,
+        a: u64,
+        b: u64,
+        c: Option<u64>,
+        ev: impl IntoIterator<Item = BmcEvent>,
+    ) -> PlatformTick {
+        tick(m, a, b, c, ComponentShares::default(), false, ev)
+    }
+
     /// A tick in which every run is still live.
     fn tick(
         m: &mut PlatformMeter,
@@ -632,42 +643,24 @@ mod tests {
     fn steady_power_less_components_is_the_platform() {
         // Wall 300 W, components 200 W; readings half a second after each tick.
         let mut m = PlatformMeter::new(0, 5 * S, 5000);
-        let t = tick(
-            &mut m,
-            0,
-            S,
-            Some(200_000_000),
-            ComponentShares::default(),
-            false,
-            [],
-        );
+        let t = step(&mut m, 0, S, Some(200_000_000), []);
         assert_eq!(t.measured, Measured::Gap, "no baseline yet");
         assert!(
             t.waiting.as_deref().unwrap_or("").contains("no reading"),
             "{t:?}"
         );
         // The first reading is the baseline: the span before it is lost, and says so.
-        let t = tick(
-            &mut m,
-            S,
-            2 * S,
-            Some(200_000_000),
-            ComponentShares::default(),
-            false,
-            [power(S + S / 2, 300)],
-        );
+        let t = step(&mut m, S, 2 * S, Some(200_000_000), [power(S + S / 2, 300)]);
         assert_eq!(t.measured, Measured::Energy { energy_uj: 0 });
         assert_eq!(t.lost.len(), 1);
         assert_eq!((t.lost[0].start_ns, t.lost[0].end_ns), (0, S + S / 2));
         let mut total = 0;
         for k in 2..11 {
-            let t = tick(
+            let t = step(
                 &mut m,
                 k * S,
                 (k + 1) * S,
                 Some(200_000_000),
-                ComponentShares::default(),
-                false,
                 [power(k * S + S / 2, 300)],
             );
             assert_eq!(t.quality, Quality::Estimated);
@@ -682,23 +675,13 @@ mod tests {
     #[test]
     fn a_wall_below_the_components_is_carried_not_clamped() {
         let mut m = PlatformMeter::new(0, 5 * S, 5000);
-        tick(
-            &mut m,
-            0,
-            S,
-            Some(200_000_000),
-            ComponentShares::default(),
-            false,
-            [counter(S, 1_000_000_000)],
-        );
+        step(&mut m, 0, S, Some(200_000_000), [counter(S, 1_000_000_000)]);
         // The BMC lags: 150 J of wall against 200 J of components.
-        let t = tick(
+        let t = step(
             &mut m,
             S,
             2 * S,
             Some(200_000_000),
-            ComponentShares::default(),
-            false,
             [counter(2 * S, 1_150_000_000)],
         );
         assert_eq!(energy(&t), 0);
@@ -708,13 +691,11 @@ mod tests {
             (SourceKind::Redfish, Quality::Measured)
         );
         // Then it catches up: 350 J against 200 J pays the deficit back first.
-        let t = tick(
+        let t = step(
             &mut m,
             2 * S,
             3 * S,
             Some(200_000_000),
-            ComponentShares::default(),
-            false,
             [counter(3 * S, 1_500_000_000)],
         );
         assert_eq!(energy(&t), 100_000_000);
@@ -724,15 +705,7 @@ mod tests {
     #[test]
     fn outages_resets_and_jumps_lose_their_span_only() {
         let mut m = PlatformMeter::new(0, 3 * S, 5000);
-        tick(
-            &mut m,
-            0,
-            S,
-            Some(0),
-            ComponentShares::default(),
-            false,
-            [power(S, 100)],
-        );
+        step(&mut m, 0, S, Some(0), [power(S, 100)]);
         // Five seconds of failures: past max_gap the span is lost, and the tick says so.
         let mut waiting = None;
         for k in 1..6 {
@@ -740,51 +713,19 @@ mod tests {
                 mono_ns: k * S,
                 detail: "timed out".into(),
             };
-            let t = tick(
-                &mut m,
-                k * S,
-                (k + 1) * S,
-                Some(0),
-                ComponentShares::default(),
-                false,
-                [fail],
-            );
+            let t = step(&mut m, k * S, (k + 1) * S, Some(0), [fail]);
             waiting = waiting.or(t.waiting.clone());
         }
         let w = waiting.expect("a stale baseline is dropped");
         assert!(w.contains("over 3000 ms") && w.contains("timed out"), "{w}");
-        let t = tick(
-            &mut m,
-            6 * S,
-            7 * S,
-            Some(0),
-            ComponentShares::default(),
-            false,
-            [power(7 * S, 100)],
-        );
+        let t = step(&mut m, 6 * S, 7 * S, Some(0), [power(7 * S, 100)]);
         assert_eq!(t.lost.len(), 1);
         assert_eq!((t.lost[0].start_ns, t.lost[0].end_ns), (S, 7 * S));
         // A counter reset, and a jump above max_watts: each span lost, with a reason.
         let mut m = PlatformMeter::new(0, 3 * S, 5000);
-        tick(
-            &mut m,
-            0,
-            S,
-            Some(0),
-            ComponentShares::default(),
-            false,
-            [counter(S, 10_000_000_000)],
-        );
+        step(&mut m, 0, S, Some(0), [counter(S, 10_000_000_000)]);
         // The reading after the reset is the new baseline: the span closes in the same tick.
-        let t = tick(
-            &mut m,
-            S,
-            2 * S,
-            Some(0),
-            ComponentShares::default(),
-            false,
-            [counter(2 * S, 5)],
-        );
+        let t = step(&mut m, S, 2 * S, Some(0), [counter(2 * S, 5)]);
         assert_eq!(t.lost.len(), 1);
         assert!(
             t.lost[0].reset && t.lost[0].detail.contains("went back"),
@@ -792,23 +733,13 @@ mod tests {
             t.lost
         );
         assert_eq!(t.measured, Measured::Energy { energy_uj: 0 });
-        let t = tick(
-            &mut m,
-            2 * S,
-            3 * S,
-            Some(0),
-            ComponentShares::default(),
-            false,
-            [counter(3 * S, 5)],
-        );
+        let t = step(&mut m, 2 * S, 3 * S, Some(0), [counter(3 * S, 5)]);
         assert!(t.lost.is_empty());
-        let t = tick(
+        let t = step(
             &mut m,
             3 * S,
             4 * S,
             Some(0),
-            ComponentShares::default(),
-            false,
             [counter(4 * S, 36_000_000_000_005)],
         );
         assert_eq!(t.lost.len(), 1);
@@ -818,13 +749,11 @@ mod tests {
             t.lost
         );
         assert_eq!((t.lost[0].start_ns, t.lost[0].end_ns), (3 * S, 4 * S));
-        let t = tick(
+        let t = step(
             &mut m,
             4 * S,
             5 * S,
             Some(0),
-            ComponentShares::default(),
-            false,
             [counter(5 * S, 36_000_001_000_005)],
         );
         assert_eq!(energy(&t), 1_000_000);
@@ -833,62 +762,22 @@ mod tests {
     #[test]
     fn a_component_gap_loses_the_span_around_it() {
         let mut m = PlatformMeter::new(0, 5 * S, 5000);
-        tick(
-            &mut m,
-            0,
-            S,
-            Some(100_000_000),
-            ComponentShares::default(),
-            false,
-            [power(S, 200)],
-        );
+        step(&mut m, 0, S, Some(100_000_000), [power(S, 200)]);
         // Interval 1's components are unknown: the span from the last reading to the first one
         // after it is lost; a reading at its end is a valid new baseline.
-        let t = tick(
-            &mut m,
-            S,
-            2 * S,
-            None,
-            ComponentShares::default(),
-            false,
-            [power(2 * S, 200)],
-        );
+        let t = step(&mut m, S, 2 * S, None, [power(2 * S, 200)]);
         assert_eq!(t.lost.len(), 1, "{t:?}");
         assert_eq!((t.lost[0].start_ns, t.lost[0].end_ns), (S, 2 * S));
         assert!(t.lost[0].detail.contains("component"), "{:?}", t.lost);
         assert_eq!(t.measured, Measured::Energy { energy_uj: 0 });
         // A reading inside an unknown interval is of no use: the meter waits for the next.
-        let t = tick(
-            &mut m,
-            2 * S,
-            3 * S,
-            None,
-            ComponentShares::default(),
-            false,
-            [power(2 * S + S / 2, 200)],
-        );
+        let t = step(&mut m, 2 * S, 3 * S, None, [power(2 * S + S / 2, 200)]);
         assert_eq!(t.measured, Measured::Gap);
-        let t = tick(
-            &mut m,
-            3 * S,
-            4 * S,
-            Some(100_000_000),
-            ComponentShares::default(),
-            false,
-            [power(4 * S, 200)],
-        );
+        let t = step(&mut m, 3 * S, 4 * S, Some(100_000_000), [power(4 * S, 200)]);
         assert_eq!(t.lost.len(), 1, "{t:?}");
         assert_eq!((t.lost[0].start_ns, t.lost[0].end_ns), (2 * S, 4 * S));
         assert_eq!(t.measured, Measured::Energy { energy_uj: 0 });
-        let t = tick(
-            &mut m,
-            4 * S,
-            5 * S,
-            Some(100_000_000),
-            ComponentShares::default(),
-            false,
-            [power(5 * S, 200)],
-        );
+        let t = step(&mut m, 4 * S, 5 * S, Some(100_000_000), [power(5 * S, 200)]);
         assert_eq!(t.lost.len(), 0);
         assert_eq!(energy(&t), 100_000_000);
     }
@@ -1003,13 +892,11 @@ mod tests {
         for k in 0..9u64 {
             // Flat from 1 s to 4 s, then a 3.6 kJ step at 5 s (within 1 kW over the 4 s flat).
             let e = if k < 4 { 1 } else { 3_600_000_001 };
-            let t = tick(
+            let t = step(
                 &mut m,
                 k * S,
                 (k + 1) * S,
                 Some(0),
-                ComponentShares::default(),
-                false,
                 [counter((k + 1) * S, e)],
             );
             out.push(energy(&t));
@@ -1037,33 +924,15 @@ mod tests {
     #[test]
     fn a_loss_forgives_only_what_is_still_owed() {
         let mut m = PlatformMeter::new(0, 60 * S, 5000);
-        tick(
-            &mut m,
-            0,
-            S,
-            Some(0),
-            ComponentShares::default(),
-            false,
-            [counter(S, 0)],
-        );
-        let t = tick(
-            &mut m,
-            S,
-            2 * S,
-            Some(100_000_000),
-            ComponentShares::default(),
-            false,
-            [counter(2 * S, 0)],
-        );
+        step(&mut m, 0, S, Some(0), [counter(S, 0)]);
+        let t = step(&mut m, S, 2 * S, Some(100_000_000), [counter(2 * S, 0)]);
         assert_eq!((energy(&t), t.carry_uj), (0, -100_000_000));
         // The catch-up, then a reset, in one tick.
-        let t = tick(
+        let t = step(
             &mut m,
             2 * S,
             3 * S,
             Some(0),
-            ComponentShares::default(),
-            false,
             [
                 counter(2 * S + S / 2, 100_000_000),
                 counter(2 * S + 4 * S / 5, 5),
@@ -1076,34 +945,16 @@ mod tests {
         // A 36 kJ step (0.01 kWh) 1 s after a new baseline: above 5 kW over that second, but the
         // counter may have been flat since long before the baseline. Paid at most 5 kJ a tick.
         let mut m = PlatformMeter::new(0, 60 * S, 5000);
-        tick(
-            &mut m,
-            0,
-            S,
-            Some(0),
-            ComponentShares::default(),
-            false,
-            [counter(S, 7)],
-        );
-        let t = tick(
-            &mut m,
-            S,
-            2 * S,
-            Some(0),
-            ComponentShares::default(),
-            false,
-            [counter(2 * S, 36_000_000_007)],
-        );
+        step(&mut m, 0, S, Some(0), [counter(S, 7)]);
+        let t = step(&mut m, S, 2 * S, Some(0), [counter(2 * S, 36_000_000_007)]);
         assert!(t.lost.is_empty(), "{:?}", t.lost);
         assert_eq!((energy(&t), t.carry_uj), (5_000_000_000, 31_000_000_000));
         // The next step is judged by the stretch since this one: 36 kJ in 1 s is a jump.
-        let t = tick(
+        let t = step(
             &mut m,
             2 * S,
             3 * S,
             Some(0),
-            ComponentShares::default(),
-            false,
             [counter(3 * S, 72_000_000_007)],
         );
         assert_eq!(t.lost.len(), 1, "{t:?}");
@@ -1131,7 +982,7 @@ mod tests {
                     wall.push((a + off, energy_uj));
                     counter(a + off, energy_uj)
                 }).collect();
-                let t = tick(&mut m, a, b, Some(*c), ComponentShares::default(), false, events);
+                let t = step(&mut m, a, b, Some(*c), events);
                 handed += energy(&t) as i128;
                 comp.push((b, comp.last().unwrap().1 + *c as u128));
             }

@@ -53,20 +53,30 @@ pub struct PlatformProbe {
     pub reason: String,
 }
 
-/// Probes the configured BMC (`None`: not configured).
-pub fn probe_platform(cfg: Option<&wattd::config::PlatformConfig>) -> PlatformProbe {
-    let Some(p) = cfg else {
-        return PlatformProbe {
-            url: None,
+impl PlatformProbe {
+    /// Not used, and why.
+    fn unavailable(url: Option<String>, reason: String) -> Self {
+        PlatformProbe {
+            url,
             available: false,
             resource: None,
             power_mw: None,
             energy_uj: None,
             source: None,
-            reason: "no [platform] configured (wattd probe --config FILE checks the BMC a \
-                     configuration names)"
+            reason,
+        }
+    }
+}
+
+/// Probes the configured BMC (`None`: not configured).
+pub fn probe_platform(cfg: Option<&wattd::config::PlatformConfig>) -> PlatformProbe {
+    let Some(p) = cfg else {
+        return PlatformProbe::unavailable(
+            None,
+            "no [platform] configured (wattd probe --config FILE checks the BMC a \
+             configuration names)"
                 .into(),
-        };
+        );
     };
     match wattd::bmc::probe(&p.bmc) {
         Ok((resource, reading)) => PlatformProbe {
@@ -88,15 +98,7 @@ pub fn probe_platform(cfg: Option<&wattd::config::PlatformConfig>) -> PlatformPr
                     .into()
             },
         },
-        Err(e) => PlatformProbe {
-            url: Some(p.bmc.url.clone()),
-            available: false,
-            resource: None,
-            power_mw: None,
-            energy_uj: None,
-            source: None,
-            reason: e.to_string(),
-        },
+        Err(e) => PlatformProbe::unavailable(Some(p.bmc.url.clone()), e.to_string()),
     }
 }
 

@@ -17,7 +17,7 @@ use wattd_proto::v1;
 use wattd_tests::cgroups::{require_cgroups, usage_usec_of, TestCgroups};
 use wattd_tests::simhost::{monotonic_ns, PowerModel, SimHost};
 
-use harness::{agent_config, burn_bin, wattd, Agent};
+use harness::{agent_config, assert_verifies, burn_bin, wattd, Agent};
 
 // The end-to-end harness, shared with tests/e2e (this binary uses part of it).
 #[allow(dead_code)]
@@ -233,13 +233,7 @@ fn removed_at_once(
         lines[lines.len().saturating_sub(60)..].join("\n")
     };
     assert!(status.success(), "wattd exited {status:?}\n{logtext}");
-    let v = wattd(&["verify", "--data-dir", spool.to_str().unwrap()]);
-    assert!(
-        v.status.success(),
-        "verify: {}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    assert_verifies(&spool);
 
     let ended = ended.lock().unwrap().clone();
     assert_eq!(ended.len(), runs);

@@ -7,7 +7,9 @@ use std::time::Duration;
 use wattd_tests::cgroups::{require_cgroups, TestCgroups};
 use wattd_tests::simhost::{PowerModel, SimHost};
 
-use crate::harness::{agent_config, burn_bin, run_energy, runs_json, wattd, Agent};
+use crate::harness::{
+    agent_config, assert_verifies, burn_bin, run_energy, runs_json, wattd, Agent,
+};
 
 const IDLE_W: f64 = 10.0;
 const BUSY_W: f64 = 20.0;
@@ -89,13 +91,7 @@ fn attribution(test: &str, removed_at_once: bool) {
     assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
 
     // Signatures, chain, sequence and per-interval conservation.
-    let v = wattd(&["verify", "--data-dir", spool.to_str().unwrap()]);
-    assert!(
-        v.status.success(),
-        "verify: {}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    assert_verifies(&spool);
 
     // Each run's energy against the model: busy watts x the CPU time the kernel counted.
     let runs = runs_json(&spool);
