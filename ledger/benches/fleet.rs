@@ -200,6 +200,7 @@ async fn run(label: &str, store: String, o: &Opts) {
     }
     let ca_pem = Certificate::from_pem(std::fs::read(&ca.ca_pem).expect("ca"));
     let (mut ledger, addr) = start_ledger(dir.path(), &ca, &store);
+    let bytes_empty = common::store_bytes(&store, dir.path()).await;
 
     // Every node connects first (handshakes are not the steady state), then all start together,
     // each at its own phase within the second.
@@ -290,6 +291,36 @@ async fn run(label: &str, store: String, o: &Opts) {
     // SAFETY: our own child.
     unsafe { libc::kill(ledger.id() as i32, libc::SIGTERM) };
     let _ = ledger.wait();
+    // Past the retention: every allocation row pruned as `serve --detail-retention-days 1`
+    // prunes them three days on; what stays (the signed batches, the hourly run totals, their
+    // indexes) per allocation stored, warm-up included.
+    let kept = {
+        use wattd_ledger::store::{AnyStore, OpenMode, Store as _, StoreUrl};
+        let url: StoreUrl = store.parse().expect("store url");
+        let s = AnyStore::open(&url, OpenMode::Serve)
+            .await
+            .expect("open the store");
+        let batches: u64 = s
+            .nodes()
+            .await
+            .expect("nodes")
+            .iter()
+            .map(|n| n.batches)
+            .sum();
+        let day = 86_400_000_000_000i64;
+        s.upkeep_detail(
+            wattd_ledger::unix_now_ns() + 3 * day,
+            Some(Duration::from_secs(86_400)),
+        )
+        .await
+        .expect("prune the rows");
+        drop(s);
+        let bytes = common::store_bytes(&store, dir.path()).await;
+        (
+            bytes.saturating_sub(bytes_empty) as f64,
+            batches * o.runs * 2 * o.intervals,
+        )
+    };
 
     let t = tally.lock().await;
     let mut lat = t.latencies.clone();
@@ -313,7 +344,7 @@ async fn run(label: &str, store: String, o: &Opts) {
          {:.1}% of them acked by the end), {allocs_s:>7.0} allocations/s; ack p50 {:>7.1} ms, \
          p99 {:>7.1} ms; ledger {cores:>5.2} cores = {per_core:>7.0} allocations/s per core \
          (generator {:.2} cores); store +{:.1} MiB = {:.1} MiB per node-day, {:.0} bytes per \
-         allocation",
+         allocation; past the retention {:.1} MiB per node-day, {:.0} bytes per allocation",
         o.nodes,
         o.runs,
         o.intervals,
@@ -325,6 +356,8 @@ async fn run(label: &str, store: String, o: &Opts) {
         growth / 1048576.0,
         growth / (o.nodes as f64 * secs) * 86400.0 / 1048576.0,
         growth / (allocs_s * secs).max(1.0),
+        kept.0 / kept.1.max(1) as f64 * allocs_s / o.nodes as f64 * 86400.0 / 1048576.0,
+        kept.0 / kept.1.max(1) as f64,
     );
 }
 

@@ -62,6 +62,7 @@ async fn run(label: &str, store: String, n_latency: u64, n_throughput: u64) {
         metrics_web: None,
         limits,
         query: None,
+        detail_retention: None,
     };
     // Two nodes: one for the latency run, one for the throughput run (each starts at seq 1).
     let keys = [

@@ -9,21 +9,27 @@
 //! For the stretch the newest batch's totals count (`totals_since_seq`; 1 unless an agent start
 //! could not read its previous totals back), stored + lost must equal the node's total, to the
 //! microjoule. It also checks every stored batch's totals against its predecessor's plus its
-//! own energy. Read-only; pages through the store, so memory stays bounded. Last, the run totals
-//! the ledger maintains per hour (`run_totals_hourly`, what `runs` and `RunTotals` read) are
-//! compared with the stored allocations: every difference is a problem of its node.
+//! own energy. Read-only; pages through the store, so memory stays bounded. Last, from each
+//! batch's billed allocations (decoded from its signed bytes, less what was quarantined when it
+//! was stored) it sums the energy per run, domain and hour and compares it with the run totals
+//! the ledger maintains (`run_totals_hourly`, what `runs` and `RunTotals` read) and with the
+//! stored allocation rows of the batches whose rows were not pruned: every difference is a
+//! problem of its node. A node's batches and both sums are read in one snapshot, so a ledger
+//! storing batches meanwhile is audited as of that snapshot.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
 
 use prost::Message as _;
 use serde::Serialize;
 use wattd_records::totals::{add_measured, MeterEnergy, RunningTotals};
 
 use crate::query::{lost_report, LostReport};
-use crate::store::{Store, StoreError};
+use crate::store::{detail, AuditBatch, HourlyTotals, Store, StoreError};
 
-const PAGE: u32 = 500;
+/// Differences between hourly sums named per node, at most.
+const DIFFERENCES_MAX: usize = 1000;
 
 /// One meter's three figures.
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
@@ -63,17 +69,39 @@ impl AuditReport {
     }
 }
 
-fn difference_text(d: &crate::store::RollupDifference) -> String {
-    format!(
-        "run {} {} hour {}: maintained total {} uJ, allocations {} uJ",
-        d.run_id,
-        d.domain,
-        d.hour,
-        d.maintained_uj
-            .map_or_else(|| "none".into(), |v| v.to_string()),
-        d.allocations_uj
-            .map_or_else(|| "none".into(), |v| v.to_string())
-    )
+/// Where two hourly sums differ, as problems (at most [`DIFFERENCES_MAX`], then a count).
+fn differences(
+    problems: &mut Vec<String>,
+    what: &str,
+    theirs: &HourlyTotals,
+    batches: &HourlyTotals,
+) {
+    let keys: std::collections::BTreeSet<_> = theirs.keys().chain(batches.keys()).collect();
+    let shown = |v: Option<&u128>| v.map_or_else(|| "none".into(), |v| format!("{v} uJ"));
+    let mut n = 0usize;
+    for k in keys {
+        let (a, b) = (theirs.get(k), batches.get(k));
+        if a.copied().unwrap_or(0) == b.copied().unwrap_or(0) && a.is_some() == b.is_some() {
+            continue;
+        }
+        n += 1;
+        if n <= DIFFERENCES_MAX {
+            problems.push(format!(
+                "run {} {} hour {}: {what} {}, batches {}",
+                k.0,
+                k.1,
+                k.2,
+                shown(a),
+                shown(b)
+            ));
+        }
+    }
+    if n > DIFFERENCES_MAX {
+        problems.push(format!(
+            "{} more hours where the {what} differ from the batches",
+            n - DIFFERENCES_MAX
+        ));
+    }
 }
 
 fn label(m: &wattd_records::totals::MeterId) -> String {
@@ -85,59 +113,93 @@ fn decode(bytes: &[u8]) -> Result<wattd_proto::v1::Batch, String> {
     wattd_proto::v1::Batch::decode(s.batch_bytes.as_slice()).map_err(|e| e.to_string())
 }
 
-/// Audits every node the store knows.
-pub async fn audit<S: Store>(store: &S) -> Result<AuditReport, StoreError> {
-    let mut nodes = Vec::new();
-    let differences = store.rollup_differences().await?;
-    for row in store.nodes().await? {
-        let lost: Vec<LostReport> = row.lost.iter().cloned().map(lost_report).collect();
-        // Stored energy per meter, summed by the `since` of each batch's totals (0: none):
-        // bounded by the node's restarts, not its batches.
-        let mut by_since: BTreeMap<u64, BTreeMap<String, u128>> = BTreeMap::new();
-        let mut problems = Vec::new();
-        let mut prev: Option<(u64, RunningTotals)> = None;
-        let mut newest: Option<RunningTotals> = None;
-        let mut after = 0u64;
-        loop {
-            let page = store.batches_after(&row.node_id, after, PAGE).await?;
-            let Some((last, _)) = page.last() else { break };
-            after = *last;
-            for (seq, bytes) in page {
-                let b = match decode(&bytes) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        problems.push(format!("seq {seq}: undecodable: {e}"));
-                        continue;
-                    }
-                };
-                let mut mine = MeterEnergy::new();
-                add_measured(&mut mine, &b.intervals);
-                let totals = RunningTotals::of_batch(&b);
-                if let (Some(t), Some((pseq, p))) = (&totals, &prev) {
-                    if *pseq + 1 == seq && p.since_seq() == t.since_seq() {
-                        let want = p.after(&b.intervals);
-                        if want.meters() != t.meters() {
-                            problems.push(format!(
-                                "seq {seq}: running totals are not seq {pseq}'s plus its own energy"
-                            ));
-                        }
-                    }
-                }
-                let sums = by_since
-                    .entry(totals.as_ref().map_or(0, |t| t.since_seq()))
-                    .or_default();
-                for (m, uj) in &mine {
-                    *sums.entry(label(m)).or_default() += u128::from(*uj);
-                }
-                if let Some(t) = totals {
-                    prev = Some((seq, t.clone()));
-                    newest = Some(t);
-                } else {
-                    prev = None;
-                    newest = None;
+/// One node's walk through its stored batches, in seq order.
+#[derive(Default)]
+struct Walk {
+    node: String,
+    /// Stored energy per meter, summed by the `since` of each batch's totals (0: none):
+    /// bounded by the node's restarts, not its batches.
+    by_since: BTreeMap<u64, BTreeMap<String, u128>>,
+    problems: Vec<String>,
+    prev: Option<(u64, RunningTotals)>,
+    newest: Option<RunningTotals>,
+    /// Billed energy per (run, domain, hour) of every batch, and of those with rows.
+    billed: HourlyTotals,
+    billed_with_rows: HourlyTotals,
+}
+
+impl Walk {
+    fn batch(&mut self, a: AuditBatch) {
+        let seq = a.seq;
+        let b = match decode(&a.signed_batch) {
+            Ok(b) => b,
+            Err(e) => {
+                self.problems.push(format!("seq {seq}: undecodable: {e}"));
+                return;
+            }
+        };
+        let mut mine = MeterEnergy::new();
+        add_measured(&mut mine, &b.intervals);
+        let totals = RunningTotals::of_batch(&b);
+        if let (Some(t), Some((pseq, p))) = (&totals, &self.prev) {
+            if *pseq + 1 == seq && p.since_seq() == t.since_seq() {
+                let want = p.after(&b.intervals);
+                if want.meters() != t.meters() {
+                    self.problems.push(format!(
+                        "seq {seq}: running totals are not seq {pseq}'s plus its own energy"
+                    ));
                 }
             }
         }
+        let sums = self
+            .by_since
+            .entry(totals.as_ref().map_or(0, |t| t.since_seq()))
+            .or_default();
+        for (m, uj) in &mine {
+            *sums.entry(label(m)).or_default() += u128::from(*uj);
+        }
+        if let Some(t) = totals {
+            self.prev = Some((seq, t.clone()));
+            self.newest = Some(t);
+        } else {
+            self.prev = None;
+            self.newest = None;
+        }
+        match detail::billed_of(&self.node, seq, &a.signed_batch, &a.quarantined) {
+            Ok(billed) => {
+                detail::add_hourly(&mut self.billed, a.sealed_unix_ns, &billed);
+                if a.has_rows {
+                    detail::add_hourly(&mut self.billed_with_rows, a.sealed_unix_ns, &billed);
+                }
+            }
+            Err(e) => self.problems.push(format!("seq {seq}: {e}")),
+        }
+    }
+}
+
+/// Audits every node the store knows.
+pub async fn audit<S: Store>(store: &S) -> Result<AuditReport, StoreError> {
+    let mut nodes = Vec::new();
+    for row in store.nodes().await? {
+        let lost: Vec<LostReport> = row.lost.iter().cloned().map(lost_report).collect();
+        let walk = Arc::new(Mutex::new(Walk {
+            node: row.node_id.clone(),
+            ..Walk::default()
+        }));
+        let feed = Arc::clone(&walk);
+        let totals = store
+            .audit_node(&row.node_id, move |b| {
+                feed.lock().unwrap_or_else(|p| p.into_inner()).batch(b);
+            })
+            .await?;
+        let Walk {
+            by_since,
+            mut problems,
+            newest,
+            billed,
+            billed_with_rows,
+            ..
+        } = std::mem::take(&mut *walk.lock().unwrap_or_else(|p| p.into_inner()));
         let since = newest.as_ref().map_or(0, |t| t.since_seq());
         let mut meters: BTreeMap<String, MeterAudit> = BTreeMap::new();
         // Every batch from `since` on counts from `since` (a restart that lost the totals
@@ -180,9 +242,18 @@ pub async fn audit<S: Store>(store: &S) -> Result<AuditReport, StoreError> {
                 lost_not_exact.len()
             ));
         }
-        for d in differences.iter().filter(|d| d.node_id == row.node_id) {
-            problems.push(difference_text(d));
-        }
+        differences(
+            &mut problems,
+            "maintained totals",
+            &totals.maintained,
+            &billed,
+        );
+        differences(
+            &mut problems,
+            "allocation rows",
+            &totals.rows,
+            &billed_with_rows,
+        );
         nodes.push(NodeAudit {
             node_id: row.node_id,
             batches: row.batches,
@@ -195,17 +266,26 @@ pub async fn audit<S: Store>(store: &S) -> Result<AuditReport, StoreError> {
     }
     let known: std::collections::BTreeSet<&str> =
         nodes.iter().map(|n| n.node_id.as_str()).collect();
-    let problems = differences
-        .iter()
-        .filter(|d| !known.contains(d.node_id.as_str()))
-        .map(|d| {
-            format!(
-                "node {} (no stored batch): {}",
-                d.node_id,
-                difference_text(d)
-            )
-        })
-        .collect();
+    // A maintained total of a node that stored nothing is billed too: a failure.
+    let mut problems = Vec::new();
+    for n in store.rollup_nodes().await? {
+        if known.contains(n.as_str()) {
+            continue;
+        }
+        let totals = store.audit_node(&n, |_| {}).await?;
+        let mut found = Vec::new();
+        differences(
+            &mut found,
+            "maintained totals",
+            &totals.maintained,
+            &HourlyTotals::new(),
+        );
+        problems.extend(
+            found
+                .into_iter()
+                .map(|p| format!("node {n} (no stored batch): {p}")),
+        );
+    }
     Ok(AuditReport { nodes, problems })
 }
 

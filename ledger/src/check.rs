@@ -271,15 +271,64 @@ fn domain_label(domain: &str, package: Option<u32>) -> String {
     }
 }
 
+/// One allocation as the stores keep it: the one place an allocation becomes a row, for the
+/// rows stored with a batch and for those decoded again from it once they were pruned
+/// ([`batch_rows`]). Err names the value a BIGINT cannot hold.
+pub(crate) fn allocation_row(
+    pos: usize,
+    index: i64,
+    domain: &str,
+    a: &wattd_proto::v1::Allocation,
+) -> Result<AllocationRow, (&'static str, u64)> {
+    let int = |what: &'static str, v: u64| i64::try_from(v).map_err(|_| (what, v));
+    Ok(AllocationRow {
+        interval_index: index,
+        interval_pos: pos,
+        domain: domain.to_owned(),
+        run_id: a.run_id.clone(),
+        active_uj: int("active_uj", a.active_uj)?,
+        idle_uj: int("idle_uj", a.idle_uj)?,
+        energy_uj: int("active_uj + idle_uj", a.active_uj.saturating_add(a.idle_uj))?,
+        usage_us: int("usage_us", a.usage_us)?,
+    })
+}
+
+/// Every allocation row of a stored batch (billed and quarantined), decoded again from its
+/// signed bytes: what [`verify_batch`] made of it when it was stored.
+pub(crate) fn batch_rows(signed_batch: &[u8]) -> Result<Vec<AllocationRow>, String> {
+    let signed = SignedBatch::decode(signed_batch).map_err(|e| format!("SignedBatch: {e}"))?;
+    let batch = Batch::decode(signed.batch_bytes.as_slice()).map_err(|e| format!("Batch: {e}"))?;
+    let mut rows = Vec::new();
+    for (pos, interval) in batch.intervals.iter().enumerate() {
+        let index = i64::try_from(interval.index)
+            .map_err(|_| format!("interval index {} above 2^63-1", interval.index))?;
+        for d in &interval.domains {
+            let domain = domain_label(&d.domain, d.package);
+            for a in &d.allocations {
+                rows.push(
+                    allocation_row(pos, index, &domain, a).map_err(|(what, v)| {
+                        format!("interval {index}: {what} = {v} above 2^63-1")
+                    })?,
+                );
+            }
+        }
+    }
+    Ok(rows)
+}
+
 /// A stored integer column is a signed 64-bit integer in both stores; bigger values are refused
 /// here rather than wrapped there. (2^63 uJ is 2.5 TWh: no real interval comes near.)
 fn db_int(node: &str, seq: u64, what: &str, v: u64) -> Result<i64, Rejection> {
-    i64::try_from(v).map_err(|_| Rejection::Malformed {
+    i64::try_from(v).map_err(|_| too_big(node, seq, what, v))
+}
+
+fn too_big(node: &str, seq: u64, what: &str, v: u64) -> Rejection {
+    Rejection::Malformed {
         node: node.to_owned(),
         detail: format!(
             "batch seq {seq}: {what} = {v} is above 2^63-1, which the store cannot hold"
         ),
-    })
+    }
 }
 
 /// A kernel boot id is a 36-character UUID; the ledger keeps the last one per node.
@@ -474,17 +523,10 @@ pub fn verify_batch(
                         ),
                     });
                 }
-                let energy = a.active_uj.saturating_add(a.idle_uj);
-                allocations.push(AllocationRow {
-                    interval_index: index,
-                    interval_pos: pos,
-                    domain: domain.clone(),
-                    run_id: a.run_id.clone(),
-                    active_uj: db_int(cert_node, seq, "active_uj", a.active_uj)?,
-                    idle_uj: db_int(cert_node, seq, "idle_uj", a.idle_uj)?,
-                    energy_uj: db_int(cert_node, seq, "active_uj + idle_uj", energy)?,
-                    usage_us: db_int(cert_node, seq, "usage_us", a.usage_us)?,
-                });
+                allocations.push(
+                    allocation_row(pos, index, &domain, a)
+                        .map_err(|(what, v)| too_big(cert_node, seq, what, v))?,
+                );
             }
         }
         facts.push(IntervalFacts {

@@ -161,6 +161,13 @@ struct ServeArgs {
     /// at least 365 (the platform's policy keeps audit logs a year).
     #[arg(long, default_value_t = 400, value_name = "DAYS")]
     audit_retention_days: u64,
+    /// Days the per-interval allocation rows of a batch are kept after the ledger received it
+    /// (at least 1; default: kept for ever). Pruned hourly: PostgreSQL drops day partitions,
+    /// SQLite deletes. The signed batches, the hourly run totals and the quarantined rows stay,
+    /// and every query answers the same: detail past the retention is decoded from the
+    /// batches (slower).
+    #[arg(long, value_name = "DAYS")]
+    detail_retention_days: Option<u64>,
     /// Once listening, write {"listen": ADDR, "metrics": ADDR|null, "query": ADDR|null} to this
     /// file (atomically).
     #[arg(long, value_name = "FILE")]
@@ -406,6 +413,11 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
             a.audit_retention_days
         ));
     }
+    if a.detail_retention_days == Some(0) {
+        problems.push(
+            "--detail-retention-days 0: at least 1 (leave it out to keep the rows for ever)".into(),
+        );
+    }
     if let Some(p) = wattd_proto::names::label_problem(&a.account_label, "x") {
         problems.push(format!("--account-label {:?}: {p}", a.account_label));
     }
@@ -442,6 +454,9 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
             }),
             _ => None,
         },
+        detail_retention: a
+            .detail_retention_days
+            .map(|d| Duration::from_secs(d.saturating_mul(86_400))),
         limits: Limits {
             max_message_bytes: a.max_message_bytes,
             max_connections: a.max_connections,

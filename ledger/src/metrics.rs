@@ -128,6 +128,11 @@ pub struct Metrics {
     pub changes_sent: AtomicU64,
     pub changes_stalled: AtomicU64,
     pub changes_streams_open: AtomicU64,
+    pub detail_rows_pruned: AtomicU64,
+    pub detail_partitions_dropped: AtomicU64,
+    pub detail_upkeep_failures: AtomicU64,
+    /// Unix seconds before which batches have no allocation rows (0: none pruned).
+    pub detail_from_unix_s: AtomicU64,
     rejections: [AtomicU64; Reason::ALL.len()],
     implausible: [AtomicU64; Implausible::ALL.len()],
     changed: Notify,
@@ -136,6 +141,16 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// What one round of the detail upkeep did (store/detail.rs).
+    pub fn note_detail_upkeep(&self, done: &crate::store::DetailUpkeep) {
+        self.add(&self.detail_rows_pruned, done.rows_deleted);
+        self.add(&self.detail_partitions_dropped, done.partitions_dropped);
+        let from_s = done.detail_from_unix_ns.map_or(0, |ns| {
+            u64::try_from(ns.div_euclid(1_000_000_000)).unwrap_or(0)
+        });
+        self.detail_from_unix_s.store(from_s, Ordering::Relaxed);
     }
 
     /// Adds one to `counter` and wakes the renderer.
@@ -303,6 +318,31 @@ impl Metrics {
             "counter",
             "Allocation rows committed by this process.",
             get(&self.allocations_stored),
+        );
+        one(
+            "wattd_ledger_detail_rows_pruned_total",
+            "counter",
+            "Allocation rows pruned past --detail-retention-days by this process (their batches \
+             and hourly totals stay; queries decode the detail from the batches).",
+            get(&self.detail_rows_pruned),
+        );
+        one(
+            "wattd_ledger_detail_partitions_dropped_total",
+            "counter",
+            "Day partitions of the allocation rows dropped past the retention (PostgreSQL).",
+            get(&self.detail_partitions_dropped),
+        );
+        one(
+            "wattd_ledger_detail_upkeep_failures_total",
+            "counter",
+            "Hourly detail upkeep rounds (partitions, retention) that failed.",
+            get(&self.detail_upkeep_failures),
+        );
+        one(
+            "wattd_ledger_detail_retained_from_seconds",
+            "gauge",
+            "Batches received before this Unix time have no allocation rows (0: none pruned).",
+            get(&self.detail_from_unix_s),
         );
         one(
             "wattd_ledger_batches_duplicate_total",

@@ -56,6 +56,9 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// The read side (`--query-listen`), when configured.
     pub query: Option<QueryOptions>,
+    /// Allocation rows of batches received longer ago than this (whole days) are pruned,
+    /// hourly; None keeps them (`--detail-retention-days`; store/detail.rs).
+    pub detail_retention: Option<Duration>,
 }
 
 /// The query API's listener and who may read (`--query-listen`, `--reader-ca`, `--readers`).
@@ -652,6 +655,7 @@ pub struct Bound {
     enrolled_dir: PathBuf,
     metrics: Arc<Metrics>,
     limits: Limits,
+    detail_retention: Option<Duration>,
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
 }
@@ -817,6 +821,7 @@ pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), Serve
             enrolled_dir: opts.enrolled.clone(),
             metrics: Arc::clone(&gate.metrics),
             limits: opts.limits,
+            detail_retention: opts.detail_retention,
             local_addr,
             metrics_addr,
         },
@@ -874,6 +879,12 @@ impl Bound {
         let (stop_tx, stop_rx) = watch::channel(false);
         let publisher = tokio::spawn(Arc::clone(&self.metrics).publish(snapshot_tx));
         let watcher = tokio::spawn(self.reload_handle().watch(stop_rx.clone()));
+        let upkeep = tokio::spawn(upkeep_detail(
+            Arc::clone(&self.store),
+            Arc::clone(&self.metrics),
+            self.detail_retention,
+            stop_rx.clone(),
+        ));
         let metrics_task = self.metrics_server.map(|m| {
             let mut stop = stop_rx.clone();
             tokio::spawn(m.serve(async move {
@@ -999,6 +1010,7 @@ impl Bound {
         }
         publisher.abort();
         watcher.abort();
+        upkeep.abort();
         Ok(())
     }
 }
@@ -1301,6 +1313,40 @@ async fn accept_loop(
                 }
             }
         });
+    }
+}
+
+/// The per-interval detail's upkeep (store/detail.rs), at start and then hourly: PostgreSQL's
+/// day partitions created ahead; with a retention, the rows of older batches pruned.
+async fn upkeep_detail(
+    store: Arc<AnyStore>,
+    metrics: Arc<Metrics>,
+    retention: Option<Duration>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match store.upkeep_detail(crate::unix_now_ns(), retention).await {
+            Ok(done) => {
+                metrics.note_detail_upkeep(&done);
+                if done.rows_deleted > 0 || done.partitions_dropped > 0 {
+                    tracing::info!(
+                        rows_deleted = done.rows_deleted,
+                        partitions_dropped = done.partitions_dropped,
+                        detail_from_unix_ns = done.detail_from_unix_ns,
+                        "allocation rows past the retention pruned (the signed batches and the \
+                         hourly totals stay)"
+                    );
+                }
+            }
+            Err(error) => {
+                metrics.inc(&metrics.detail_upkeep_failures);
+                tracing::warn!(%error, "detail upkeep failed; next try in an hour");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
     }
 }
 

@@ -16,6 +16,7 @@
 //! processes inserting the same (node_id, seq): the second waits for the first and gets a
 //! unique violation, rolls back, re-reads and answers duplicate (same hash) or fork.
 
+pub mod detail;
 pub mod pgpass;
 pub mod pgtarget;
 pub mod postgres;
@@ -26,6 +27,8 @@ use std::sync::Arc;
 
 use wattd_records::batch::{ChainHash, GENESIS_HASH};
 use wattd_records::identity::KeyId;
+
+pub use detail::{AuditBatch, DetailUpkeep, HourlyTotals, NodeTotals};
 
 use crate::check::{LearntKey, VerifiedBatch};
 use crate::plausible::{NodeClock, NodeLimits, Verdict};
@@ -342,12 +345,15 @@ pub const FORK_BYTES_PER_NODE: i64 = 64 << 20;
 /// database is upgraded in place when opened to serve
 /// (the changes only add tables). A node with batches stored before version 3 is judged from
 /// its first batch after the upgrade.
-pub const SCHEMA_VERSION: i64 = 5;
+/// Version 6 added two indexes on `batches` (by seal time per node, by receipt time) and, on
+/// PostgreSQL, partitioned `allocations` by the day the ledger received the batch
+/// ([`detail`]).
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// The SQL that moves an older schema version to [`SCHEMA_VERSION`] (after the tables are
 /// created), in both stores.
 pub(crate) const SQL_UPGRADE_VERSION: &str =
-    "UPDATE ledger_meta SET value = 5 WHERE key = 'schema_version' AND value IN (1, 2, 3, 4)";
+    "UPDATE ledger_meta SET value = 6 WHERE key = 'schema_version' AND value IN (1, 2, 3, 4, 5)";
 
 /// Nanoseconds in an hour: the rollup's unit of time.
 pub(crate) const HOUR_NS: i64 = 3_600_000_000_000;
@@ -357,37 +363,6 @@ pub(crate) const HOUR_NS: i64 = 3_600_000_000_000;
 pub(crate) fn hour_of(sealed_unix_ns: i64) -> i64 {
     sealed_unix_ns / HOUR_NS
 }
-
-/// One (node, run, domain, hour) whose maintained total is not the sum of its allocations.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct RollupDifference {
-    pub node_id: String,
-    pub run_id: String,
-    pub domain: String,
-    pub hour: i64,
-    /// The maintained total (absent: no row), in uJ.
-    pub maintained_uj: Option<u128>,
-    /// The sum of the stored allocations (absent: none), in uJ.
-    pub allocations_uj: Option<u128>,
-}
-
-/// The most [`Store::rollup_differences`] returns.
-pub const ROLLUP_DIFFERENCES_MAX: i64 = 1000;
-
-/// The differences between the rollup and the allocations, the same text for both stores
-/// (SQLite 3.39 and later have FULL OUTER JOIN and IS DISTINCT FROM).
-pub(crate) const SQL_ROLLUP_DIFFERENCES: &str = "SELECT COALESCE(r.node_id, x.node_id), \
-     COALESCE(r.run_id, x.run_id), COALESCE(r.domain, x.domain), COALESCE(r.hour, x.hour), \
-     r.energy_hi, r.energy_lo, CAST(x.hi AS BIGINT), CAST(x.lo AS BIGINT) \
-     FROM run_totals_hourly r FULL OUTER JOIN \
-     (SELECT a.node_id AS node_id, a.run_id AS run_id, a.domain AS domain, \
-     b.sealed_unix_ns / 3600000000000 AS hour, SUM(a.energy_uj >> 32) AS hi, \
-     SUM(a.energy_uj & 4294967295) AS lo FROM allocations a \
-     JOIN batches b ON b.node_id = a.node_id AND b.seq = a.seq \
-     GROUP BY a.node_id, a.run_id, a.domain, b.sealed_unix_ns / 3600000000000) x \
-     ON r.node_id = x.node_id AND r.run_id = x.run_id AND r.domain = x.domain AND r.hour = x.hour \
-     WHERE r.energy_hi IS DISTINCT FROM x.hi OR r.energy_lo IS DISTINCT FROM x.lo \
-     ORDER BY 1, 2, 3, 4 LIMIT 1000";
 
 /// A total from its halves' sums (`None` when both are absent).
 pub(crate) fn from_halves(hi: Option<i64>, lo: Option<i64>) -> Option<u128> {
@@ -601,9 +576,7 @@ pub(crate) fn assemble(
         });
     }
     for b in &mut out {
-        b.allocations.sort_by(|x, y| {
-            (&x.run_id, &x.domain, x.interval_index).cmp(&(&y.run_id, &y.domain, y.interval_index))
-        });
+        detail::sort_allocations(&mut b.allocations);
     }
     Ok(out)
 }
@@ -762,11 +735,26 @@ pub trait Store: Send + Sync + 'static {
     /// Per-node, per-run totals by domain over every stored allocation (exact: never an
     /// overflow error).
     fn run_totals(&self) -> impl Future<Output = Result<Vec<RunDomainTotal>, StoreError>> + Send;
-    /// Where the maintained hourly run totals differ from the stored allocations (at most
-    /// [`ROLLUP_DIFFERENCES_MAX`]); empty when they agree. A full scan: for `audit`.
-    fn rollup_differences(
+    /// Walks one node's stored batches in seq order for `audit`, calling `f` with each, and
+    /// reads its maintained hourly run totals and its allocation rows summed per hour, all in
+    /// one snapshot (ingest may go on meanwhile).
+    fn audit_node<F>(
         &self,
-    ) -> impl Future<Output = Result<Vec<RollupDifference>, StoreError>> + Send;
+        node: &str,
+        f: F,
+    ) -> impl Future<Output = Result<NodeTotals, StoreError>> + Send
+    where
+        F: FnMut(AuditBatch) + Send + 'static;
+    /// The nodes the maintained hourly run totals name (`audit`: none without a stored batch).
+    fn rollup_nodes(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+    /// Upkeep of the per-interval detail ([`detail`]): on PostgreSQL, creates the day
+    /// partitions around `now_unix_ns`; with a retention, prunes the allocation rows of the
+    /// batches received before the start of the day `retention` before `now_unix_ns`.
+    fn upkeep_detail(
+        &self,
+        now_unix_ns: i64,
+        retention: Option<std::time::Duration>,
+    ) -> impl Future<Output = Result<DetailUpkeep, StoreError>> + Send;
     /// Per-node state for `nodes`.
     fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRow>, StoreError>> + Send;
     /// How every finished run's last usage was obtained: (node, run, final usage, CPU us
@@ -907,8 +895,21 @@ impl Store for AnyStore {
     async fn run_totals(&self) -> Result<Vec<RunDomainTotal>, StoreError> {
         delegate!(self, s => s.run_totals())
     }
-    async fn rollup_differences(&self) -> Result<Vec<RollupDifference>, StoreError> {
-        delegate!(self, s => s.rollup_differences())
+    async fn audit_node<F>(&self, node: &str, f: F) -> Result<NodeTotals, StoreError>
+    where
+        F: FnMut(AuditBatch) + Send + 'static,
+    {
+        delegate!(self, s => s.audit_node(node, f))
+    }
+    async fn rollup_nodes(&self) -> Result<Vec<String>, StoreError> {
+        delegate!(self, s => s.rollup_nodes())
+    }
+    async fn upkeep_detail(
+        &self,
+        now_unix_ns: i64,
+        retention: Option<std::time::Duration>,
+    ) -> Result<DetailUpkeep, StoreError> {
+        delegate!(self, s => s.upkeep_detail(now_unix_ns, retention))
     }
     async fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
         delegate!(self, s => s.nodes())

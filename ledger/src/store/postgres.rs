@@ -20,15 +20,20 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 use wattd_records::batch::ChainHash;
 
+use super::detail::{
+    self, AuditBatch, DetailUpkeep, NodeTotals, RunTotals, DAY_NS, PRUNED_PAGE, SQL_AUDIT_BATCHES,
+    SQL_DETAIL_FROM, SQL_LABEL_OF, SQL_NODE_ROLLUP, SQL_NODE_ROWS, SQL_PRUNED_BETWEEN,
+    SQL_PRUNED_IN_RANGE, SQL_PRUNED_OF_RUN, SQL_QUARANTINED_OF, SQL_QUARANTINED_OF_NODE,
+    SQL_RAISE_DETAIL_FROM, SQL_ROLLUP_NODES,
+};
 use super::pgtarget::PgTarget;
 use super::{
-    assemble, from_halves, hour_of, rollup, split_allocations, to_hash, to_i64, to_key_id, to_u64,
-    totals_where, BatchEnergy, ClockColumns, Commit, ForkRecord, ForkRow, LossOutcome, LossRecord,
-    LostRangeRow, NodeRow, OpenMode, Param, QuarantineRow, RawAllocation, RawBatch, ReadAudit,
-    RollupDifference, RunDomainTotal, Store, StoreError, Tip, TotalsFilter, SCHEMA_VERSION,
-    SQL_ALLOCATIONS_BETWEEN, SQL_BACKFILL_ROLLUP, SQL_BATCHES_ABOVE, SQL_CLOCK, SQL_HEADS,
-    SQL_INSERT_READ, SQL_PRUNE_READS, SQL_READS, SQL_ROLLUP_DIFFERENCES, SQL_RUN_ALLOCATIONS,
-    SQL_RUN_BATCHES, SQL_UPGRADE_VERSION, SQL_UPSERT_CLOCK,
+    assemble, hour_of, rollup, split_allocations, to_hash, to_i64, to_key_id, to_u64, totals_where,
+    BatchEnergy, ClockColumns, Commit, ForkRecord, ForkRow, LossOutcome, LossRecord, LostRangeRow,
+    NodeRow, OpenMode, Param, QuarantineRow, RawAllocation, RawBatch, ReadAudit, RunDomainTotal,
+    Store, StoreError, Tip, TotalsFilter, SCHEMA_VERSION, SQL_ALLOCATIONS_BETWEEN,
+    SQL_BACKFILL_ROLLUP, SQL_BATCHES_ABOVE, SQL_CLOCK, SQL_HEADS, SQL_INSERT_READ, SQL_PRUNE_READS,
+    SQL_READS, SQL_RUN_ALLOCATIONS, SQL_RUN_BATCHES, SQL_UPGRADE_VERSION, SQL_UPSERT_CLOCK,
 };
 use crate::check::{LearntKey, VerifiedBatch};
 use crate::plausible::{judge, NodeLimits};
@@ -68,11 +73,18 @@ CREATE TABLE IF NOT EXISTS allocations (
     idle_uj BIGINT NOT NULL,
     energy_uj BIGINT NOT NULL,
     usage_us BIGINT NOT NULL,
+    -- The day the ledger received the batch (Unix ns / 86400e9): the partition, which the
+    -- retention drops whole (detail.rs). Days without a partition go to allocations_default.
+    received_day BIGINT NOT NULL,
     FOREIGN KEY (node_id, seq) REFERENCES batches (node_id, seq)
-);
+) PARTITION BY RANGE (received_day);
+CREATE TABLE IF NOT EXISTS allocations_default PARTITION OF allocations DEFAULT;
 CREATE INDEX IF NOT EXISTS allocations_by_run ON allocations (run_id);
 CREATE INDEX IF NOT EXISTS allocations_by_run_batch ON allocations (run_id, node_id, seq);
 CREATE INDEX IF NOT EXISTS allocations_by_batch ON allocations (node_id, seq);
+-- A node's batches by seal time (a pruned run's batches, found from its hourly totals).
+CREATE INDEX IF NOT EXISTS batches_by_seal ON batches (node_id, sealed_unix_ns);
+CREATE INDEX IF NOT EXISTS batches_by_received ON batches (received_unix_ns);
 -- Run totals per node, run, domain and hour of sealing, maintained in the transaction that
 -- stores each batch: totals are an index lookup, not a scan of the allocations.
 CREATE TABLE IF NOT EXISTS run_totals_hourly (
@@ -217,10 +229,10 @@ const SQL_ROLLUP_UPSERT_PG: &str = "INSERT INTO run_totals_hourly (node_id, hour
      $6::bigint[]) ON CONFLICT (node_id, run_id, domain, hour) \
      DO UPDATE SET energy_hi = run_totals_hourly.energy_hi + EXCLUDED.energy_hi, \
      energy_lo = run_totals_hourly.energy_lo + EXCLUDED.energy_lo";
-const SQL_INSERT_ALLOCATIONS: &str = "INSERT INTO allocations (node_id, seq, interval_index, \
-     domain, run_id, active_uj, idle_uj, energy_uj, usage_us) \
-     SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::bigint[], \
-     $7::bigint[], $8::bigint[], $9::bigint[])";
+const SQL_INSERT_ALLOCATIONS: &str = "INSERT INTO allocations (node_id, seq, received_day, \
+     interval_index, domain, run_id, active_uj, idle_uj, energy_uj, usage_us) \
+     SELECT $1, $2, $3, * FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::bigint[], \
+     $8::bigint[], $9::bigint[], $10::bigint[])";
 const SQL_INSERT_QUARANTINED: &str = "INSERT INTO quarantined (node_id, seq, interval_index, \
      domain, run_id, active_uj, idle_uj, energy_uj, usage_us, reason) \
      SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::bigint[], \
@@ -342,7 +354,22 @@ impl PgStore {
             tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
                 .await?;
+            let legacy = unpartition_legacy(&tx).await?;
             tx.batch_execute(SCHEMA).await?;
+            if legacy {
+                attach_legacy(&tx, crate::unix_now_ns()).await?;
+            }
+            // Today's partitions before the first batch goes in (no stream is served yet by
+            // this process; another's commits are waited for, the parent locked first as
+            // they lock it).
+            if !partitions_wanted(&tx, crate::unix_now_ns())
+                .await?
+                .is_empty()
+            {
+                tx.batch_execute("LOCK TABLE allocations IN ACCESS EXCLUSIVE MODE")
+                    .await?;
+                create_partitions(&tx, crate::unix_now_ns()).await?;
+            }
             // A process of an older version still storing batches would add allocations the
             // backfill does not see: they wait for this transaction (stop them all before an
             // upgrade; `audit` names any hour that still differs).
@@ -597,7 +624,16 @@ async fn commit_once(
         tx.execute(
             &st_alloc,
             &[
-                &b.node_id, &seq, &index, &domain, &run, &active, &idle, &energy, &usage,
+                &b.node_id,
+                &seq,
+                &received_unix_ns.div_euclid(DAY_NS),
+                &index,
+                &domain,
+                &run,
+                &active,
+                &idle,
+                &energy,
+                &usage,
             ],
         )
         .await?;
@@ -916,8 +952,21 @@ impl Store for PgStore {
         let (after, upto) = (to_i64(after_seq, "seq")?, to_i64(upto_seq, "seq")?);
         let mut p = self.conn().await?;
         let c = p.get()?;
-        let rows = c
-            .client
+        let (tx, from) = detail_read(&mut c.client, true).await?;
+        let mut decoded = RunTotals::new();
+        if from > i64::MIN {
+            for r in tx
+                .query(SQL_PRUNED_BETWEEN, &[&node, &after, &upto, &from])
+                .await?
+            {
+                // The billed ones: the quarantined rows are kept, and read below.
+                let seq: i64 = r.get(0);
+                let q = quarantined_of(&tx, node, seq).await?;
+                let billed = detail::billed_of(node, to_u64(seq, "batches.seq")?, r.get(1), &q)?;
+                detail::add_rows(&mut decoded, node, &billed, "");
+            }
+        }
+        let rows = tx
             .query(
                 // Quarantined rows too: the node's checkpoints count them, so a lost range's
                 // price must not take them for lost energy.
@@ -929,7 +978,9 @@ impl Store for PgStore {
                 &[&node, &after, &upto],
             )
             .await?;
-        rows.into_iter()
+        tx.commit().await?;
+        let out = rows
+            .into_iter()
             .map(|r| {
                 let total: &str = r.get(2);
                 Ok(RunDomainTotal {
@@ -941,7 +992,8 @@ impl Store for PgStore {
                         .map_err(|_| StoreError::Corrupt(format!("energy sum {total:?}")))?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(detail::merge_totals(out, decoded))
     }
 
     async fn run_totals(&self) -> Result<Vec<RunDomainTotal>, StoreError> {
@@ -991,14 +1043,15 @@ impl Store for PgStore {
             .collect();
         let (_read, mut p) = self.read_conn().await?;
         let c = p.get()?;
+        // Rows and pruned detail in one snapshot (the rollup needs neither).
+        let (tx, from) = detail_read(&mut c.client, !from_rollup).await?;
         // SUM(bigint) is numeric in PostgreSQL: exact, never overflows; read it as text.
         let total = if from_rollup {
             "(SUM(a.energy_hi) * 4294967296 + SUM(a.energy_lo))::text"
         } else {
             "SUM(a.energy_uj)::text"
         };
-        let rows = c
-            .client
+        let rows = tx
             .query(
                 &format!(
                     "SELECT a.node_id, a.run_id, a.domain, {total}{clause} \
@@ -1008,7 +1061,8 @@ impl Store for PgStore {
                 &refs,
             )
             .await?;
-        rows.into_iter()
+        let out = rows
+            .into_iter()
             .map(|r| {
                 let total: &str = r.get(3);
                 Ok(RunDomainTotal {
@@ -1020,24 +1074,190 @@ impl Store for PgStore {
                         .map_err(|_| StoreError::Corrupt(format!("energy sum {total:?}")))?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        if from_rollup || from == i64::MIN {
+            tx.commit().await?;
+            return Ok(out);
+        }
+        // Batches in the range whose rows were pruned: decoded.
+        let run = filter.run_id.clone().unwrap_or_default();
+        let node = filter.node_id.clone().unwrap_or_default();
+        let (lo, hi) = (
+            filter.from_unix_ns.unwrap_or(i64::MIN),
+            filter.to_unix_ns.unwrap_or(i64::MAX),
+        );
+        let mut decoded = RunTotals::new();
+        let mut after = (String::new(), 0i64);
+        loop {
+            let page = tx
+                .query(
+                    SQL_PRUNED_IN_RANGE,
+                    &[
+                        &from,
+                        &lo,
+                        &hi,
+                        &node,
+                        &run,
+                        &after.0,
+                        &after.1,
+                        &PRUNED_PAGE,
+                    ],
+                )
+                .await?;
+            let full = page.len() as i64 == PRUNED_PAGE;
+            for r in &page {
+                let (n, seq): (&str, i64) = (r.get(0), r.get(1));
+                let q = quarantined_of(&tx, n, seq).await?;
+                let billed = detail::billed_of(n, to_u64(seq, "batches.seq")?, r.get(2), &q)?;
+                detail::add_rows(&mut decoded, n, &billed, &run);
+            }
+            match page.last() {
+                Some(r) if full => after = (r.get(0), r.get(1)),
+                _ => break,
+            }
+        }
+        tx.commit().await?;
+        Ok(detail::merge_totals(out, decoded))
     }
 
-    async fn rollup_differences(&self) -> Result<Vec<RollupDifference>, StoreError> {
+    async fn audit_node<F>(&self, node: &str, mut f: F) -> Result<NodeTotals, StoreError>
+    where
+        F: FnMut(AuditBatch) + Send + 'static,
+    {
         let (_read, mut p) = self.read_conn().await?;
         let c = p.get()?;
-        let rows = c.client.query(SQL_ROLLUP_DIFFERENCES, &[]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| RollupDifference {
-                node_id: r.get(0),
-                run_id: r.get(1),
-                domain: r.get(2),
-                hour: r.get(3),
-                maintained_uj: from_halves(r.get(4), r.get(5)),
-                allocations_uj: from_halves(r.get(6), r.get(7)),
-            })
-            .collect())
+        // One snapshot for the batches and both sums.
+        let (tx, from) = detail_read(&mut c.client, true).await?;
+        let mut quarantined: BTreeMap<i64, Vec<(i64, String)>> = BTreeMap::new();
+        for r in tx.query(SQL_QUARANTINED_OF_NODE, &[&node]).await? {
+            quarantined
+                .entry(r.get(0))
+                .or_default()
+                .push((r.get(1), r.get(2)));
+        }
+        let mut after = 0i64;
+        loop {
+            let page = tx
+                .query(SQL_AUDIT_BATCHES, &[&node, &after, &AUDIT_PAGE])
+                .await?;
+            let full = page.len() as i64 == AUDIT_PAGE;
+            for r in page {
+                let seq: i64 = r.get(0);
+                after = seq;
+                let received: i64 = r.get(3);
+                f(AuditBatch {
+                    seq: to_u64(seq, "batches.seq")?,
+                    signed_batch: r.get(1),
+                    sealed_unix_ns: r.get(2),
+                    has_rows: received >= from,
+                    quarantined: quarantined.remove(&seq).unwrap_or_default(),
+                });
+            }
+            if !full {
+                break;
+            }
+        }
+        let mut totals = NodeTotals::default();
+        for (sql, into) in [
+            (SQL_NODE_ROLLUP, &mut totals.maintained),
+            (SQL_NODE_ROWS, &mut totals.rows),
+        ] {
+            let rows = tx.query(sql, &[&node]).await?;
+            *into = detail::hourly_from(
+                rows.iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))),
+            );
+        }
+        tx.commit().await?;
+        Ok(totals)
+    }
+
+    async fn rollup_nodes(&self) -> Result<Vec<String>, StoreError> {
+        let (_read, mut p) = self.read_conn().await?;
+        let c = p.get()?;
+        let rows = c.client.query(SQL_ROLLUP_NODES, &[]).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn upkeep_detail(
+        &self,
+        now_unix_ns: i64,
+        retention: Option<std::time::Duration>,
+    ) -> Result<DetailUpkeep, StoreError> {
+        let mut done = DetailUpkeep::default();
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        let wanted = partitions_wanted(&c.client, now_unix_ns).await?;
+        if !wanted.is_empty() {
+            // The parent is locked first, as every commit locks it before its partition: a
+            // partition created under a commit waits for it instead of deadlocking with it.
+            let tx = c.client.transaction().await?;
+            tx.batch_execute(
+                "SET LOCAL lock_timeout = '5s'; LOCK TABLE allocations IN ACCESS EXCLUSIVE MODE",
+            )
+            .await?;
+            done.partitions_created = create_partitions(&tx, now_unix_ns).await?;
+            tx.commit().await?;
+        }
+        let legacy_until = legacy_until(&c.client).await?;
+        let mut from = c
+            .client
+            .query_opt(SQL_DETAIL_FROM, &[])
+            .await?
+            .map_or(i64::MIN, |r| r.get(0));
+        if let Some(retention) = retention {
+            let keep = i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
+            let cutoff_day = now_unix_ns.saturating_sub(keep).div_euclid(DAY_NS);
+            let cutoff = cutoff_day.saturating_mul(DAY_NS);
+            if from < cutoff {
+                let tx = c.client.transaction().await?;
+                // Readers of rows and pruned detail hold ACCESS SHARE from before their
+                // snapshot: the partitions go between readers, never under one. Give up after
+                // 5 s rather than queue every reader and writer behind a long read.
+                tx.batch_execute(
+                    "SET LOCAL lock_timeout = '5s'; \
+                     LOCK TABLE allocations IN ACCESS EXCLUSIVE MODE",
+                )
+                .await?;
+                let parts = tx
+                    .query(
+                        "SELECT c.relname::text FROM pg_inherits i \
+                         JOIN pg_class c ON c.oid = i.inhrelid \
+                         WHERE i.inhparent = 'allocations'::regclass",
+                        &[],
+                    )
+                    .await?;
+                for r in parts {
+                    let name: String = r.get(0);
+                    let drop = match name.strip_prefix("allocations_day_") {
+                        Some(d) => d
+                            .parse::<i64>()
+                            .ok()
+                            .filter(|d| *d < cutoff_day)
+                            .map(|d| format!("allocations_day_{d}")),
+                        None if name == "allocations_legacy" && legacy_until <= cutoff_day => {
+                            Some(name)
+                        }
+                        None => None,
+                    };
+                    if let Some(table) = drop {
+                        tx.batch_execute(&format!("DROP TABLE {table}")).await?;
+                        done.partitions_dropped += 1;
+                    }
+                }
+                done.rows_deleted = tx
+                    .execute(
+                        "DELETE FROM allocations_default WHERE received_day < $1",
+                        &[&cutoff_day],
+                    )
+                    .await?;
+                tx.execute(SQL_RAISE_DETAIL_FROM, &[&cutoff]).await?;
+                tx.commit().await?;
+                from = cutoff;
+            }
+        }
+        done.detail_from_unix_ns = (from > i64::MIN).then_some(from);
+        Ok(done)
     }
 
     async fn heads(&self) -> Result<Vec<(String, u64)>, StoreError> {
@@ -1060,13 +1280,7 @@ impl Store for PgStore {
         let (_read, mut p) = self.read_conn().await?;
         let c = p.get()?;
         // One snapshot: the allocations read are those of the batches read.
-        let tx = c
-            .client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let (tx, from) = detail_read(&mut c.client, true).await?;
         let batches: Vec<RawBatch> = tx
             .query(SQL_BATCHES_ABOVE, &[&node, &after, &i64::from(limit)])
             .await?
@@ -1085,8 +1299,22 @@ impl Store for PgStore {
             .iter()
             .map(pg_raw_allocation)
             .collect();
+        let mut out = assemble(batches, allocations)?;
+        if from > i64::MIN {
+            let pruned: std::collections::HashSet<i64> = tx
+                .query(SQL_PRUNED_BETWEEN, &[&node, &after, &last, &from])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            for b in &mut out {
+                if pruned.contains(&to_i64(b.seq, "seq")?) {
+                    fill_pruned(&tx, b, "", account_label).await?;
+                }
+            }
+        }
         tx.commit().await?;
-        assemble(batches, allocations)
+        Ok(out)
     }
 
     async fn run_batches(
@@ -1101,13 +1329,7 @@ impl Store for PgStore {
         let limit = i64::from(limit);
         let (_read, mut p) = self.read_conn().await?;
         let c = p.get()?;
-        let tx = c
-            .client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let (tx, from) = detail_read(&mut c.client, true).await?;
         let params: [&(dyn ToSql + Sync); 5] = [&run, &node, &after.0, &after_seq, &limit];
         let batches: Vec<RawBatch> = tx
             .query(SQL_RUN_BATCHES, &params)
@@ -1123,8 +1345,41 @@ impl Store for PgStore {
             .iter()
             .map(pg_raw_allocation)
             .collect();
+        let stored = assemble(batches, allocations)?;
+        if from == i64::MIN {
+            tx.commit().await?;
+            return Ok(stored);
+        }
+        // Pruned batches of the hours the run has totals in, decoded: those that billed it.
+        let want = usize::try_from(limit).unwrap_or(usize::MAX);
+        let mut pruned = Vec::new();
+        let mut at = (after.0.to_owned(), after_seq);
+        while pruned.len() < want {
+            let page: Vec<RawBatch> = tx
+                .query(
+                    SQL_PRUNED_OF_RUN,
+                    &[&run, &node, &from, &at.0, &at.1, &PRUNED_PAGE],
+                )
+                .await?
+                .iter()
+                .map(pg_raw_batch)
+                .collect();
+            let full = page.len() as i64 == PRUNED_PAGE;
+            if let Some(last) = page.last() {
+                at = (last.0.clone(), last.1);
+            }
+            for mut b in assemble(page, Vec::new())? {
+                fill_pruned(&tx, &mut b, run, account_label).await?;
+                if !b.allocations.is_empty() && pruned.len() < want {
+                    pruned.push(b);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
         tx.commit().await?;
-        assemble(batches, allocations)
+        Ok(detail::merge_batches(stored, pruned, want))
     }
 
     async fn record_read(&self, read: ReadAudit) -> Result<(), StoreError> {
@@ -1324,6 +1579,189 @@ impl Store for PgStore {
         }
         Ok(nodes.into_values().collect())
     }
+}
+
+/// Batches `audit` reads per query.
+const AUDIT_PAGE: i64 = 500;
+
+/// A read-only snapshot for a read that may combine allocation rows with pruned detail, and
+/// the point before which batches have no rows (`i64::MIN`: all have). With `lock`, ACCESS
+/// SHARE on `allocations` is taken before the snapshot, so no partition is dropped under it.
+async fn detail_read(
+    client: &mut Client,
+    lock: bool,
+) -> Result<(tokio_postgres::Transaction<'_>, i64), StoreError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    if !lock {
+        return Ok((tx, i64::MIN));
+    }
+    tx.batch_execute("LOCK TABLE allocations IN ACCESS SHARE MODE")
+        .await?;
+    let from = tx
+        .query_opt(SQL_DETAIL_FROM, &[])
+        .await?
+        .map_or(i64::MIN, |r| r.get(0));
+    Ok((tx, from))
+}
+
+/// What was quarantined of a stored batch: (interval index, domain).
+async fn quarantined_of(
+    tx: &tokio_postgres::Transaction<'_>,
+    node: &str,
+    seq: i64,
+) -> Result<Vec<(i64, String)>, StoreError> {
+    Ok(tx
+        .query(SQL_QUARANTINED_OF, &[&node, &seq])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// A pruned batch's billed allocations (of `run`, when not empty), decoded from its bytes,
+/// each with its run's `label`.
+async fn fill_pruned(
+    tx: &tokio_postgres::Transaction<'_>,
+    b: &mut BatchEnergy,
+    run: &str,
+    label: &str,
+) -> Result<(), StoreError> {
+    let q = quarantined_of(tx, &b.node_id, to_i64(b.seq, "seq")?).await?;
+    let mut accounts: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for r in detail::billed_of(&b.node_id, b.seq, &b.signed_batch, &q)? {
+        if !run.is_empty() && r.run_id != run {
+            continue;
+        }
+        let mut a = detail::stored_allocation(r)?;
+        if !accounts.contains_key(&a.run_id) {
+            let v = tx
+                .query_opt(SQL_LABEL_OF, &[&b.node_id, &a.run_id, &label])
+                .await?
+                .map(|r| r.get::<_, String>(0));
+            accounts.insert(a.run_id.clone(), v);
+        }
+        a.account = accounts.get(&a.run_id).cloned().flatten();
+        out.push(a);
+    }
+    detail::sort_allocations(&mut out);
+    b.allocations = out;
+    Ok(())
+}
+
+/// The day up to which `allocations_legacy` holds rows (`i64::MIN`: no legacy partition).
+async fn legacy_until(c: &impl tokio_postgres::GenericClient) -> Result<i64, StoreError> {
+    Ok(c.query_opt(
+        "SELECT value FROM ledger_meta WHERE key = 'legacy_detail_until_day'",
+        &[],
+    )
+    .await?
+    .map_or(i64::MIN, |r| r.get(0)))
+}
+
+/// The day partitions around `now_unix_ns` (yesterday, for a clock that was behind, to two days
+/// ahead) that do not exist yet.
+async fn partitions_wanted(
+    c: &impl tokio_postgres::GenericClient,
+    now_unix_ns: i64,
+) -> Result<Vec<i64>, StoreError> {
+    let legacy_until = legacy_until(c).await?;
+    let today = now_unix_ns.div_euclid(DAY_NS);
+    let mut wanted = Vec::new();
+    for day in (today - 1..=today + 2).filter(|d| *d >= legacy_until) {
+        let exists = c
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&format!("allocations_day_{day}")],
+            )
+            .await?
+            .get::<_, bool>(0);
+        if !exists {
+            wanted.push(day);
+        }
+    }
+    Ok(wanted)
+}
+
+/// Creates the [`partitions_wanted`]; returns how many. A day whose rows are already in the
+/// default partition (none existed when they came) cannot have one: they stay there, and the
+/// retention deletes them in time. Each creation is its own savepoint.
+async fn create_partitions(
+    tx: &tokio_postgres::Transaction<'_>,
+    now_unix_ns: i64,
+) -> Result<u64, StoreError> {
+    let mut created = 0;
+    for day in partitions_wanted(tx, now_unix_ns).await? {
+        let name = format!("allocations_day_{day}");
+        let next = day + 1;
+        let r = tx
+            .batch_execute(&format!(
+                "SAVEPOINT partition; CREATE TABLE IF NOT EXISTS {name} PARTITION OF allocations \
+                 FOR VALUES FROM ({day}) TO ({next}); RELEASE SAVEPOINT partition"
+            ))
+            .await;
+        match r {
+            Ok(()) => created += 1,
+            Err(e) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT partition").await?;
+                tracing::warn!(
+                    partition = %name,
+                    error = %describe(&e),
+                    "allocation partition not created; that day's rows stay in allocations_default"
+                );
+            }
+        }
+    }
+    Ok(created)
+}
+
+/// A version-5 database's `allocations` is an ordinary table: it is renamed, with its indexes,
+/// to `allocations_legacy` and given the partition column, so that the schema creates the
+/// partitioned table; [`attach_legacy`] then makes it the partition of every day up to today.
+/// True when it did.
+async fn unpartition_legacy(tx: &tokio_postgres::Transaction<'_>) -> Result<bool, StoreError> {
+    let kind: Option<i8> = tx
+        .query_opt(
+            "SELECT relkind FROM pg_class WHERE oid = to_regclass('allocations')",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if kind != Some(b'r' as i8) {
+        return Ok(false);
+    }
+    tx.batch_execute(
+        "ALTER TABLE allocations RENAME TO allocations_legacy; \
+         ALTER INDEX IF EXISTS allocations_by_run RENAME TO allocations_legacy_by_run; \
+         ALTER INDEX IF EXISTS allocations_by_run_batch \
+         RENAME TO allocations_legacy_by_run_batch; \
+         ALTER INDEX IF EXISTS allocations_by_batch RENAME TO allocations_legacy_by_batch; \
+         ALTER TABLE allocations_legacy ADD COLUMN received_day BIGINT NOT NULL DEFAULT 0",
+    )
+    .await?;
+    Ok(true)
+}
+
+/// The legacy rows (received up to now) become the partition of every day up to today; the
+/// retention drops it once today is past.
+async fn attach_legacy(
+    tx: &tokio_postgres::Transaction<'_>,
+    now_unix_ns: i64,
+) -> Result<(), StoreError> {
+    let until = now_unix_ns.div_euclid(DAY_NS) + 1;
+    tx.batch_execute(&format!(
+        "ALTER TABLE allocations ATTACH PARTITION allocations_legacy \
+         FOR VALUES FROM (MINVALUE) TO ({until}); \
+         INSERT INTO ledger_meta (key, value) VALUES ('legacy_detail_until_day', {until}) \
+         ON CONFLICT (key) DO NOTHING"
+    ))
+    .await?;
+    Ok(())
 }
 
 fn pg_raw_batch(r: &tokio_postgres::Row) -> RawBatch {

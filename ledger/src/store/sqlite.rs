@@ -10,14 +10,20 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension as _};
 use wattd_records::batch::ChainHash;
 
+use super::detail::{
+    self, AuditBatch, DetailUpkeep, NodeTotals, RunTotals, PRUNED_PAGE, SQL_AUDIT_BATCHES,
+    SQL_DETAIL_FROM, SQL_LABEL_OF, SQL_NODE_ROLLUP, SQL_NODE_ROWS, SQL_PRUNED_BETWEEN,
+    SQL_PRUNED_IN_RANGE, SQL_PRUNED_OF_RUN, SQL_QUARANTINED_OF, SQL_QUARANTINED_OF_NODE,
+    SQL_RAISE_DETAIL_FROM, SQL_ROLLUP_NODES,
+};
 use super::{
-    assemble, from_halves, hour_of, rollup, split_allocations, to_hash, to_i64, to_key_id, to_u64,
+    assemble, hour_of, rollup, split_allocations, to_hash, to_i64, to_key_id, to_u64,
     totals_halves, totals_where, BatchEnergy, ClockColumns, Commit, ForkRecord, ForkRow,
     LossOutcome, LossRecord, LostRangeRow, NodeRow, OpenMode, Param, QuarantineRow, RawAllocation,
-    RawBatch, ReadAudit, RollupDifference, RunDomainTotal, Store, StoreError, Tip, TotalsFilter,
-    SCHEMA_VERSION, SQL_ALLOCATIONS_BETWEEN, SQL_BACKFILL_ROLLUP, SQL_BATCHES_ABOVE, SQL_CLOCK,
-    SQL_HEADS, SQL_INSERT_READ, SQL_PRUNE_READS, SQL_READS, SQL_ROLLUP_DIFFERENCES,
-    SQL_ROLLUP_UPSERT, SQL_RUN_ALLOCATIONS, SQL_RUN_BATCHES, SQL_UPGRADE_VERSION, SQL_UPSERT_CLOCK,
+    RawBatch, ReadAudit, RunDomainTotal, Store, StoreError, Tip, TotalsFilter, SCHEMA_VERSION,
+    SQL_ALLOCATIONS_BETWEEN, SQL_BACKFILL_ROLLUP, SQL_BATCHES_ABOVE, SQL_CLOCK, SQL_HEADS,
+    SQL_INSERT_READ, SQL_PRUNE_READS, SQL_READS, SQL_ROLLUP_UPSERT, SQL_RUN_ALLOCATIONS,
+    SQL_RUN_BATCHES, SQL_UPGRADE_VERSION, SQL_UPSERT_CLOCK,
 };
 use crate::check::{LearntKey, VerifiedBatch};
 use crate::plausible::{judge, NodeClock, NodeLimits};
@@ -62,6 +68,10 @@ CREATE INDEX IF NOT EXISTS allocations_by_batch ON allocations (node_id, seq);
 -- through their overflow pages (a run's totals over a range: 10.9 ms at 16 million
 -- allocations without it, 5.5 ms with it; cargo bench -p wattd-ledger --bench growth).
 CREATE INDEX IF NOT EXISTS batches_sealed ON batches (node_id, seq, sealed_unix_ns);
+-- A node's batches by seal time (a pruned run's batches, found from its hourly totals) and
+-- every batch by the time the ledger received it (pruning: detail.rs).
+CREATE INDEX IF NOT EXISTS batches_by_seal ON batches (node_id, sealed_unix_ns);
+CREATE INDEX IF NOT EXISTS batches_by_received ON batches (received_unix_ns);
 -- Run totals per node, run, domain and hour of sealing, maintained in the transaction that
 -- stores each batch: totals are an index lookup, not a scan of the allocations.
 CREATE TABLE IF NOT EXISTS run_totals_hourly (
@@ -1007,7 +1017,24 @@ impl Store for SqliteStore {
         let node = node.to_owned();
         let (after, upto) = (to_i64(after_seq, "seq")?, to_i64(upto_seq, "seq")?);
         self.with(move |c| {
-            let mut st = c.prepare_cached(
+            // One snapshot: the pruned batches decoded are exactly those without rows.
+            let tx = c.transaction()?;
+            let from = detail_from(&tx)?;
+            let mut decoded = RunTotals::new();
+            if from > i64::MIN {
+                let mut st = tx.prepare_cached(SQL_PRUNED_BETWEEN)?;
+                let rows = st.query_map(params![node, after, upto, from], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })?;
+                for row in rows {
+                    let (seq, bytes) = row?;
+                    // The billed ones: the quarantined rows are kept, and read below.
+                    let q = quarantined_of(&tx, &node, seq)?;
+                    let billed = detail::billed_of(&node, to_u64(seq, "batches.seq")?, &bytes, &q)?;
+                    detail::add_rows(&mut decoded, &node, &billed, "");
+                }
+            }
+            let mut st = tx.prepare_cached(
                 // Quarantined rows too: the node's checkpoints count them, so a lost range's
                 // price must not take them for lost energy.
                 "SELECT run_id, domain, SUM(energy_uj >> 32), SUM(energy_uj & 4294967295) \
@@ -1035,7 +1062,7 @@ impl Store for SqliteStore {
                     energy_uj: halves(hi, lo)?,
                 });
             }
-            Ok(out)
+            Ok(detail::merge_totals(out, decoded))
         })
         .await
     }
@@ -1049,6 +1076,8 @@ impl Store for SqliteStore {
         filter: TotalsFilter,
     ) -> Result<Vec<RunDomainTotal>, StoreError> {
         self.with_read(move |c| {
+            let tx = c.transaction()?;
+            let c = &tx;
             let (clause, params, from_rollup) = totals_where(&filter);
             // SQLite's SUM is a 64-bit integer that fails on overflow (for every query, so one
             // node's huge values would break everyone's). Summed as high and low 32-bit halves,
@@ -1081,27 +1110,180 @@ impl Store for SqliteStore {
                     energy_uj: halves(hi, lo)?,
                 });
             }
-            Ok(out)
+            let from = detail_from(c)?;
+            if from_rollup || from == i64::MIN {
+                return Ok(out);
+            }
+            // Batches in the range whose rows were pruned: decoded.
+            let run = filter.run_id.clone().unwrap_or_default();
+            let node = filter.node_id.clone().unwrap_or_default();
+            let (lo_t, hi_t) = (
+                filter.from_unix_ns.unwrap_or(i64::MIN),
+                filter.to_unix_ns.unwrap_or(i64::MAX),
+            );
+            let mut decoded = RunTotals::new();
+            let mut after = (String::new(), 0i64);
+            loop {
+                let page = {
+                    let mut st = c.prepare_cached(SQL_PRUNED_IN_RANGE)?;
+                    let p = params![from, lo_t, hi_t, node, run, after.0, after.1, PRUNED_PAGE];
+                    let rows = st.query_map(p, |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, Vec<u8>>(2)?,
+                        ))
+                    })?;
+                    rows.collect::<Result<Vec<_>, _>>()?
+                };
+                let full = page.len() as i64 == PRUNED_PAGE;
+                for (n, seq, bytes) in &page {
+                    let q = quarantined_of(c, n, *seq)?;
+                    let billed = detail::billed_of(n, to_u64(*seq, "batches.seq")?, bytes, &q)?;
+                    detail::add_rows(&mut decoded, n, &billed, &run);
+                }
+                match page.into_iter().last() {
+                    Some((n, seq, _)) if full => after = (n, seq),
+                    _ => break,
+                }
+            }
+            Ok(detail::merge_totals(out, decoded))
         })
         .await
     }
 
-    async fn rollup_differences(&self) -> Result<Vec<RollupDifference>, StoreError> {
+    async fn audit_node<F>(&self, node: &str, mut f: F) -> Result<NodeTotals, StoreError>
+    where
+        F: FnMut(AuditBatch) + Send + 'static,
+    {
+        let node = node.to_owned();
+        self.with_read(move |c| {
+            // One read transaction: one WAL snapshot for the batches and both sums.
+            let tx = c.transaction()?;
+            let from = detail_from(&tx)?;
+            let mut quarantined: BTreeMap<i64, Vec<(i64, String)>> = BTreeMap::new();
+            {
+                let mut st = tx.prepare(SQL_QUARANTINED_OF_NODE)?;
+                let rows = st.query_map(params![node], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })?;
+                for row in rows {
+                    let (seq, index, domain) = row?;
+                    quarantined.entry(seq).or_default().push((index, domain));
+                }
+            }
+            let mut after = 0i64;
+            loop {
+                let page = {
+                    let mut st = tx.prepare_cached(SQL_AUDIT_BATCHES)?;
+                    let rows = st.query_map(params![node, after, AUDIT_PAGE], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, Vec<u8>>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
+                        ))
+                    })?;
+                    rows.collect::<Result<Vec<_>, _>>()?
+                };
+                let full = page.len() as i64 == AUDIT_PAGE;
+                for (seq, signed_batch, sealed_unix_ns, received) in page {
+                    after = seq;
+                    f(AuditBatch {
+                        seq: to_u64(seq, "batches.seq")?,
+                        signed_batch,
+                        sealed_unix_ns,
+                        has_rows: received >= from,
+                        quarantined: quarantined.remove(&seq).unwrap_or_default(),
+                    });
+                }
+                if !full {
+                    break;
+                }
+            }
+            let hourly = |sql: &str| -> Result<detail::HourlyTotals, StoreError> {
+                let mut st = tx.prepare(sql)?;
+                let rows = st.query_map(params![node], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?;
+                Ok(detail::hourly_from(rows.collect::<Result<Vec<_>, _>>()?))
+            };
+            let totals = NodeTotals {
+                maintained: hourly(SQL_NODE_ROLLUP)?,
+                rows: hourly(SQL_NODE_ROWS)?,
+            };
+            tx.finish()?;
+            Ok(totals)
+        })
+        .await
+    }
+
+    async fn rollup_nodes(&self) -> Result<Vec<String>, StoreError> {
         self.with_read(|c| {
-            let mut st = c.prepare(SQL_ROLLUP_DIFFERENCES)?;
-            let rows = st.query_map([], |r| {
-                Ok(RollupDifference {
-                    node_id: r.get(0)?,
-                    run_id: r.get(1)?,
-                    domain: r.get(2)?,
-                    hour: r.get(3)?,
-                    maintained_uj: from_halves(r.get(4)?, r.get(5)?),
-                    allocations_uj: from_halves(r.get(6)?, r.get(7)?),
-                })
-            })?;
+            let mut st = c.prepare(SQL_ROLLUP_NODES)?;
+            let rows = st.query_map([], |r| r.get(0))?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
+    }
+
+    async fn upkeep_detail(
+        &self,
+        now_unix_ns: i64,
+        retention: Option<std::time::Duration>,
+    ) -> Result<DetailUpkeep, StoreError> {
+        let mut done = DetailUpkeep::default();
+        let Some(retention) = retention else {
+            let from = self.with(|c| detail_from(c)).await?;
+            done.detail_from_unix_ns = (from > i64::MIN).then_some(from);
+            return Ok(done);
+        };
+        let keep = i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
+        let cutoff = detail::day_start(now_unix_ns.saturating_sub(keep));
+        // An hour of receipts per transaction: the writer is held briefly, ingest goes on
+        // between them, and a crash leaves rows and `detail_from_unix_ns` agreeing.
+        loop {
+            let step = self
+                .with(move |c| {
+                    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                    let from = detail_from(&tx)?;
+                    if from >= cutoff {
+                        return Ok(None);
+                    }
+                    let first: Option<i64> = tx.query_row(
+                        "SELECT MIN(received_unix_ns) FROM batches WHERE received_unix_ns >= ?1",
+                        params![from],
+                        |r| r.get(0),
+                    )?;
+                    let end = first.map_or(cutoff, |t| {
+                        cutoff.min(t.saturating_add(super::HOUR_NS))
+                    });
+                    let deleted = tx.execute(
+                        "DELETE FROM allocations WHERE rowid IN (SELECT a.rowid FROM batches b                          JOIN allocations a ON a.node_id = b.node_id AND a.seq = b.seq                          WHERE b.received_unix_ns >= ?1 AND b.received_unix_ns < ?2)",
+                        params![from, end],
+                    )?;
+                    tx.execute(SQL_RAISE_DETAIL_FROM, params![end])?;
+                    tx.commit()?;
+                    Ok(Some((end, deleted as u64)))
+                })
+                .await?;
+            match step {
+                Some((end, deleted)) => {
+                    done.rows_deleted += deleted;
+                    done.detail_from_unix_ns = Some(end);
+                }
+                None => break,
+            }
+        }
+        if done.detail_from_unix_ns.is_none() {
+            let from = self.with(|c| detail_from(c)).await?;
+            done.detail_from_unix_ns = (from > i64::MIN).then_some(from);
+        }
+        Ok(done)
     }
 
     async fn heads(&self) -> Result<Vec<(String, u64)>, StoreError> {
@@ -1144,8 +1326,22 @@ impl Store for SqliteStore {
                 let rows = st.query_map(params![node, after, last, label], raw_allocation)?;
                 rows.collect::<Result<Vec<_>, _>>()?
             };
+            let mut out = assemble(batches, allocations)?;
+            let from = detail_from(&tx)?;
+            if from > i64::MIN {
+                let pruned: std::collections::HashSet<i64> = {
+                    let mut st = tx.prepare_cached(SQL_PRUNED_BETWEEN)?;
+                    let rows = st.query_map(params![node, after, last, from], |r| r.get(0))?;
+                    rows.collect::<Result<_, _>>()?
+                };
+                for b in &mut out {
+                    if pruned.contains(&to_i64(b.seq, "seq")?) {
+                        fill_pruned(&tx, b, "", &label)?;
+                    }
+                }
+            }
             tx.finish()?;
-            assemble(batches, allocations)
+            Ok(out)
         })
         .await
     }
@@ -1175,8 +1371,37 @@ impl Store for SqliteStore {
                 let rows = st.query_map(p, raw_allocation)?;
                 rows.collect::<Result<Vec<_>, _>>()?
             };
+            let stored = assemble(batches, allocations)?;
+            let from = detail_from(&tx)?;
+            if from == i64::MIN {
+                return Ok(stored);
+            }
+            // Pruned batches of the hours the run has totals in, decoded: those that billed it.
+            let mut pruned = Vec::new();
+            let mut at = (after_node.clone(), after_seq);
+            while pruned.len() < limit as usize {
+                let page = {
+                    let mut st = tx.prepare_cached(SQL_PRUNED_OF_RUN)?;
+                    let p = params![run, node, from, at.0, at.1, PRUNED_PAGE];
+                    let rows = st.query_map(p, raw_batch)?;
+                    rows.collect::<Result<Vec<_>, _>>()?
+                };
+                let full = page.len() as i64 == PRUNED_PAGE;
+                if let Some(last) = page.last() {
+                    at = (last.0.clone(), last.1);
+                }
+                for mut b in assemble(page, Vec::new())? {
+                    fill_pruned(&tx, &mut b, &run, &label)?;
+                    if !b.allocations.is_empty() && pruned.len() < limit as usize {
+                        pruned.push(b);
+                    }
+                }
+                if !full {
+                    break;
+                }
+            }
             tx.finish()?;
-            assemble(batches, allocations)
+            Ok(detail::merge_batches(stored, pruned, limit as usize))
         })
         .await
     }
@@ -1384,6 +1609,55 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+/// Batches read per query by `audit`.
+const AUDIT_PAGE: i64 = 500;
+
+/// Batches received before this have no allocation rows ([`detail`]); `i64::MIN`: all have.
+fn detail_from(c: &Connection) -> Result<i64, StoreError> {
+    Ok(c.prepare_cached(SQL_DETAIL_FROM)?
+        .query_row([], |r| r.get(0))
+        .optional()?
+        .unwrap_or(i64::MIN))
+}
+
+/// What was quarantined of a stored batch: (interval index, domain).
+fn quarantined_of(c: &Connection, node: &str, seq: i64) -> Result<Vec<(i64, String)>, StoreError> {
+    let mut st = c.prepare_cached(SQL_QUARANTINED_OF)?;
+    let rows = st.query_map(params![node, seq], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A pruned batch's billed allocations (of `run`, when not empty), decoded from its bytes,
+/// each with its run's `label`.
+fn fill_pruned(
+    c: &Connection,
+    b: &mut BatchEnergy,
+    run: &str,
+    label: &str,
+) -> Result<(), StoreError> {
+    let q = quarantined_of(c, &b.node_id, to_i64(b.seq, "seq")?)?;
+    let mut accounts: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for r in detail::billed_of(&b.node_id, b.seq, &b.signed_batch, &q)? {
+        if !run.is_empty() && r.run_id != run {
+            continue;
+        }
+        let mut a = detail::stored_allocation(r)?;
+        if !accounts.contains_key(&a.run_id) {
+            let v = c
+                .prepare_cached(SQL_LABEL_OF)?
+                .query_row(params![b.node_id, a.run_id, label], |r| r.get(0))
+                .optional()?;
+            accounts.insert(a.run_id.clone(), v);
+        }
+        a.account = accounts.get(&a.run_id).cloned().flatten();
+        out.push(a);
+    }
+    detail::sort_allocations(&mut out);
+    b.allocations = out;
+    Ok(())
 }
 
 fn raw_batch(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawBatch> {

@@ -201,6 +201,7 @@ impl Fixture {
             metrics_web: None,
             limits,
             query: None,
+            detail_retention: None,
         }
     }
 

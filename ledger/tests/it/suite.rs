@@ -57,6 +57,8 @@ both!(
     a_lost_range_is_priced_per_run_from_the_checkpoints_around_it,
     the_server_certificate_is_reloaded_without_a_restart,
     run_totals_are_maintained_per_hour_and_the_audit_checks_them,
+    detail_past_the_retention_is_decoded_from_the_batches,
+    a_version_5_store_is_upgraded_and_its_old_rows_pruned_like_any,
 );
 
 fn limits() -> Limits {
@@ -2382,3 +2384,306 @@ async fn run_totals_are_maintained_per_hour_and_the_audit_checks_them(
     assert!(audit.ok(), "{}", wattd_ledger::audit::audit_text(&audit));
     Ok(())
 }
+
+const DAY_NS: i64 = 86_400_000_000_000;
+
+/// n1 streams six batches: a labelled run, an interval quarantined (a forged kilowatt-hour in
+/// one nanosecond) beside an honest one, and plain ones; returns the ledger's quarantine count.
+async fn stream_for_detail(f: &Fixture, chain: &mut Chain) -> Result<u64, BoxError> {
+    use wattd_proto::v1::{Label, RunLabels};
+    let l = f.start(limits()).await;
+    let mut s = connect(f, &l, "n1").await;
+    let mut iv = interval(
+        chain.take_indices(1),
+        &[("run-a", 10, 5), ("run-b", 20, 5)],
+        7,
+    );
+    iv.run_labels = vec![RunLabels {
+        run_id: "run-a".into(),
+        labels: vec![Label {
+            key: "account".into(),
+            value: "acme".into(),
+        }],
+    }];
+    s.send(msg(&chain.next_with(BatchContent {
+        intervals: vec![iv],
+        ..Default::default()
+    })))
+    .await?;
+    s.send(msg(&chain.next(3))).await?;
+    let first = chain.take_indices(2);
+    let honest = interval(first, &[("run-b", 20, 5)], 7);
+    let mut forged = interval(first + 1, &[("run-a", 3_600_000_000_000, 0)], 0);
+    forged.end_monotonic_ns = forged.start_monotonic_ns + 1;
+    s.send(msg(&chain.next_with(BatchContent {
+        intervals: vec![honest, forged],
+        ..Default::default()
+    })))
+    .await?;
+    for _ in 0..3 {
+        s.send(msg(&chain.next(3))).await?;
+    }
+    let quarantined = l
+        .metrics
+        .allocations_quarantined
+        .load(std::sync::atomic::Ordering::Relaxed);
+    l.stop().await;
+    Ok(quarantined)
+}
+
+/// Every read that needs per-interval detail, as text: run totals over ranges that are not
+/// whole hours (all, one run, one node), the change feed with accounts, a run's batches a page
+/// of two at a time, and the energy of a seq range (a lost range's price).
+async fn detail_answers(q: &wattd_ledger::store::AnyStore) -> Result<String, BoxError> {
+    use wattd_ledger::store::TotalsFilter;
+    let mut out = String::new();
+    let range = |run: Option<&str>, node: Option<&str>| TotalsFilter {
+        run_id: run.map(str::to_owned),
+        node_id: node.map(str::to_owned),
+        from_unix_ns: Some(1),
+        to_unix_ns: Some(1_700_000_001),
+    };
+    for f in [
+        range(None, None),
+        range(Some("run-a"), None),
+        range(None, Some("n1")),
+    ] {
+        out += &format!("{:?}\n", q.run_totals_where(f).await?);
+    }
+    out += &format!("{:?}\n", q.run_totals().await?);
+    // A batch as its node, seq, hash and allocations (the signed bytes are the store's own).
+    let shown = |page: &[wattd_ledger::store::BatchEnergy]| -> String {
+        page.iter()
+            .map(|b| {
+                format!(
+                    "{} {} {:?} {:?}\n",
+                    b.node_id,
+                    b.seq,
+                    &b.hash[..4],
+                    b.allocations
+                )
+            })
+            .collect()
+    };
+    out += &shown(&q.batch_energy("n1", 0, 100, "account").await?);
+    out += &shown(&q.batch_energy("n1", 2, 2, "account").await?);
+    for run in ["run-a", "run-b"] {
+        let mut after = (String::new(), 0u64);
+        loop {
+            let page = q
+                .run_batches(run, "", (&after.0, after.1), 2, "account")
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = (last.node_id.clone(), last.seq);
+            out += &format!("{run} page:\n{}", shown(&page));
+        }
+    }
+    out += &format!("{:?}\n", q.run_energy_between("n1", 1, 5).await?);
+    Ok(out)
+}
+
+/// SQL that returns one number, on either store.
+async fn raw_count(f: &Fixture, sql: &str) -> Result<i64, BoxError> {
+    Ok(match &f.store_url {
+        wattd_ledger::store::StoreUrl::Sqlite(path) => {
+            rusqlite::Connection::open(path)?.query_row(sql, [], |r| r.get(0))?
+        }
+        wattd_ledger::store::StoreUrl::Postgres(url) => {
+            let (client, conn) = url
+                .parse::<tokio_postgres::Config>()?
+                .connect(tokio_postgres::NoTls)
+                .await?;
+            let task = tokio::spawn(conn);
+            let n = client.query_one(sql, &[]).await?.get(0);
+            drop(client);
+            let _ = task.await;
+            n
+        }
+    })
+}
+
+fn assert_audit_clean(audit: &wattd_ledger::audit::AuditReport) {
+    assert!(audit.ok(), "{}", wattd_ledger::audit::audit_text(audit));
+}
+
+/// The allocation rows are pruned past the retention, first those of the batches received
+/// long ago (the others keep theirs), then all: every read answers exactly as before (labels
+/// and quarantined allocations included: the detail is decoded from the signed batches), the
+/// audit stays clean, and still names a maintained total changed behind the ledger's back.
+async fn detail_past_the_retention_is_decoded_from_the_batches(
+    b: Backend,
+    name: &str,
+) -> TestResult {
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    let quarantined = stream_for_detail(&f, &mut chain).await?;
+    assert!(quarantined > 0, "the forged interval is quarantined");
+    let q = f.query_store().await;
+    let before = detail_answers(&q).await?;
+    assert!(before.contains("acme"), "{before}");
+    assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
+    let rows = "SELECT count(*) FROM allocations";
+    let all_rows = raw_count(&f, rows).await?;
+    assert!(all_rows > 0);
+
+    // Batches 1-3 were received ten days ago (their rows moved with them on PostgreSQL: to the
+    // default partition, no day partition being that old).
+    let moved = match b {
+        Backend::Sqlite => {
+            "UPDATE batches SET received_unix_ns = received_unix_ns - 10 * 86400000000000 \
+             WHERE seq <= 3"
+        }
+        Backend::Postgres => {
+            "UPDATE batches SET received_unix_ns = received_unix_ns - 10 * 86400000000000 \
+             WHERE seq <= 3; UPDATE allocations SET received_day = received_day - 10 WHERE seq <= 3"
+        }
+    };
+    raw_sql(&f, moved).await?;
+    let old_rows = raw_count(&f, "SELECT count(*) FROM allocations WHERE seq <= 3").await?;
+    assert!(old_rows > 0);
+    let now = wattd_ledger::unix_now_ns();
+    let serve = f.query_store_serve().await;
+    let done = serve
+        .upkeep_detail(now, Some(Duration::from_secs(86_400)))
+        .await?;
+    assert_eq!(done.rows_deleted, u64::try_from(old_rows)?, "{done:?}");
+    assert_eq!(done.partitions_dropped, 0, "{done:?}");
+    let from = done.detail_from_unix_ns.ok_or("detail_from set")?;
+    assert!(from <= now - DAY_NS && from > now - 2 * DAY_NS, "{done:?}");
+    assert_eq!(raw_count(&f, rows).await?, all_rows - old_rows);
+    // Again: nothing more to do.
+    let again = serve
+        .upkeep_detail(now, Some(Duration::from_secs(86_400)))
+        .await?;
+    assert_eq!((again.rows_deleted, again.partitions_dropped), (0, 0));
+    assert_eq!(detail_answers(&q).await?, before, "partly pruned");
+    assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
+    // A stored row changed behind the ledger's back is named (the batches say otherwise).
+    let tamper = |d: i64| {
+        format!(
+            "UPDATE allocations SET energy_uj = energy_uj + ({d}) \
+             WHERE seq = 4 AND run_id = 'run-a' AND interval_index = 6"
+        )
+    };
+    raw_sql(&f, &tamper(1)).await?;
+    let audit = wattd_ledger::audit::audit(&q).await?;
+    let text = wattd_ledger::audit::audit_text(&audit);
+    assert!(
+        text.contains("run run-a package:0 hour 0: allocation rows 136 uJ, batches 135 uJ"),
+        "{text}"
+    );
+    raw_sql(&f, &tamper(-1)).await?;
+    assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
+
+    // Three days on, a day's retention: every row goes.
+    let done = serve
+        .upkeep_detail(now + 3 * DAY_NS, Some(Duration::from_secs(86_400)))
+        .await?;
+    if b == Backend::Postgres {
+        assert!(done.partitions_dropped >= 1, "{done:?}");
+    }
+    assert_eq!(raw_count(&f, rows).await?, 0);
+    assert_eq!(detail_answers(&q).await?, before, "all pruned");
+    assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
+    // The signed batches and the hourly totals stay, and the audit still checks them.
+    raw_sql(
+        &f,
+        "UPDATE run_totals_hourly SET energy_lo = energy_lo + 1 WHERE run_id = 'run-b'",
+    )
+    .await?;
+    let audit = wattd_ledger::audit::audit(&q).await?;
+    let text = wattd_ledger::audit::audit_text(&audit);
+    assert!(!audit.ok(), "{text}");
+    assert!(
+        text.contains("run run-b package:0 hour 0: maintained totals"),
+        "{text}"
+    );
+    Ok(())
+}
+
+/// A store of the version before the retention (5; on PostgreSQL an unpartitioned
+/// `allocations`) is upgraded when served: the old rows become one partition, every read
+/// answers as before, and the retention prunes them like any other day's.
+async fn a_version_5_store_is_upgraded_and_its_old_rows_pruned_like_any(
+    b: Backend,
+    name: &str,
+) -> TestResult {
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    stream_for_detail(&f, &mut chain).await?;
+    let before = detail_answers(&f.query_store().await).await?;
+    let v5 = match b {
+        Backend::Sqlite => {
+            "DROP INDEX batches_by_seal; DROP INDEX batches_by_received; \
+             UPDATE ledger_meta SET value = 5 WHERE key = 'schema_version'"
+        }
+        Backend::Postgres => {
+            "CREATE TABLE allocations_v5 (node_id TEXT NOT NULL, \
+             seq BIGINT NOT NULL, interval_index BIGINT NOT NULL, domain TEXT NOT NULL, \
+             run_id TEXT NOT NULL, active_uj BIGINT NOT NULL, idle_uj BIGINT NOT NULL, \
+             energy_uj BIGINT NOT NULL, usage_us BIGINT NOT NULL, \
+             FOREIGN KEY (node_id, seq) REFERENCES batches (node_id, seq)); \
+             INSERT INTO allocations_v5 SELECT node_id, seq, interval_index, domain, run_id, \
+             active_uj, idle_uj, energy_uj, usage_us FROM allocations; \
+             DROP TABLE allocations; ALTER TABLE allocations_v5 RENAME TO allocations; \
+             CREATE INDEX allocations_by_run ON allocations (run_id); \
+             CREATE INDEX allocations_by_run_batch ON allocations (run_id, node_id, seq); \
+             CREATE INDEX allocations_by_batch ON allocations (node_id, seq); \
+             DROP INDEX batches_by_seal; DROP INDEX batches_by_received; \
+             UPDATE ledger_meta SET value = 5 WHERE key = 'schema_version'"
+        }
+    };
+    raw_sql(&f, v5).await?;
+    let rows = raw_count(&f, "SELECT count(*) FROM allocations").await?;
+    assert!(rows > 0);
+    let serve = f.query_store_serve().await;
+    assert_eq!(
+        raw_count(
+            &f,
+            "SELECT value FROM ledger_meta WHERE key = 'schema_version'"
+        )
+        .await?,
+        6
+    );
+    if b == Backend::Postgres {
+        assert_eq!(
+            raw_count(
+                &f,
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'allocations'::regclass \
+                 AND inhrelid = 'allocations_legacy'::regclass"
+            )
+            .await?,
+            1,
+            "the old table is a partition"
+        );
+    }
+    let q = f.query_store().await;
+    assert_eq!(
+        raw_count(&f, "SELECT count(*) FROM allocations").await?,
+        rows
+    );
+    assert_eq!(detail_answers(&q).await?, before, "upgraded");
+    assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
+    // The ledger goes on storing after the upgrade.
+    let l = f.start(limits()).await;
+    let mut s = connect(&f, &l, "n1").await;
+    assert_eq!(s.send(msg(&chain.next(2))).await?.acked_seq, 7);
+    l.stop().await;
+    let after = detail_answers(&q).await?;
+    let done = serve
+        .upkeep_detail(
+            wattd_ledger::unix_now_ns() + 3 * DAY_NS,
+            Some(Duration::from_secs(86_400)),
+        )
+        .await?;
+    if b == Backend::Postgres {
+        assert!(done.partitions_dropped >= 2, "legacy and today's: {done:?}");
+    }
+    assert_eq!(raw_count(&f, "SELECT count(*) FROM allocations").await?, 0);
+    assert_eq!(detail_answers(&q).await?, after, "pruned");
+    assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
+    Ok(())
+}
+type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,268 @@
+//! Per-interval detail and its retention.
+//!
+//! A batch's allocations are kept twice: in its signed bytes (`batches.signed_batch`, the
+//! evidence, kept for ever) and as rows (`allocations`, one per run, domain and interval, which
+//! the queries that need per-interval detail read). The rows are the bulk of the store, so
+//! `serve --detail-retention-days N` prunes the rows of batches the ledger received more than N
+//! days ago; the hourly run totals (`run_totals_hourly`), the quarantined rows, the labels and
+//! the batches stay. A query that needs the detail of a pruned batch (a time range that is not
+//! whole hours, the change feed, a run's audit trail, a lost range's price) decodes it from
+//! the signed bytes, less the allocations quarantined when it was stored. Every answer is the
+//! same before and after pruning; only what it costs to compute changes.
+//!
+//! **Invariant:** a stored batch has its allocation rows iff its `received_unix_ns` is at or
+//! after `detail_from_unix_ns` (`ledger_meta`; absent: every batch has them). Pruning deletes
+//! rows (SQLite) or drops day partitions (PostgreSQL) and raises `detail_from_unix_ns` in the
+//! same transaction; a reader reads `detail_from_unix_ns` and the rows in one snapshot
+//! (PostgreSQL: its transaction takes ACCESS SHARE on `allocations` before its snapshot, so a
+//! partition is dropped only between readers).
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::{hour_of, to_u64, BatchEnergy, RunDomainTotal, StoreError, StoredAllocation};
+use crate::check::{batch_rows, AllocationRow};
+
+/// Nanoseconds in a day: PostgreSQL's partition of the rows, and the retention's unit.
+pub(crate) const DAY_NS: i64 = 86_400_000_000_000;
+
+/// Absent: no batch's rows were ever pruned.
+pub(crate) const SQL_DETAIL_FROM: &str =
+    "SELECT value FROM ledger_meta WHERE key = 'detail_from_unix_ns'";
+/// Raises (never lowers) the point before which batches have no rows.
+pub(crate) const SQL_RAISE_DETAIL_FROM: &str = "INSERT INTO ledger_meta (key, value) \
+     VALUES ('detail_from_unix_ns', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value \
+     WHERE ledger_meta.value < excluded.value";
+/// What was quarantined of one batch: (interval index, domain) pairs, one row per run.
+pub(crate) const SQL_QUARANTINED_OF: &str =
+    "SELECT interval_index, domain FROM quarantined WHERE node_id = $1 AND seq = $2";
+/// Every quarantined (seq, interval index, domain) of a node (`audit`).
+pub(crate) const SQL_QUARANTINED_OF_NODE: &str =
+    "SELECT seq, interval_index, domain FROM quarantined WHERE node_id = $1";
+/// One run's label.
+pub(crate) const SQL_LABEL_OF: &str =
+    "SELECT value FROM run_labels WHERE node_id = $1 AND run_id = $2 AND key = $3";
+/// A node's pruned batches in a seq range, in seq order.
+pub(crate) const SQL_PRUNED_BETWEEN: &str = "SELECT seq, signed_batch FROM batches \
+     WHERE node_id = $1 AND seq > $2 AND seq <= $3 AND received_unix_ns < $4 ORDER BY seq";
+/// Pruned batches that may have billed a run: those sealed in an hour the run's totals name
+/// (on the node when `$2` is not empty), after (`$4`, `$5`), in (node, seq) order. Each still
+/// has to be decoded to know. The hour is integer division in both databases (towards zero),
+/// hence the range of two hours around it for the index, then the exact test.
+pub(crate) const SQL_PRUNED_OF_RUN: &str = "SELECT b.node_id, b.seq, b.hash, b.key_epoch, \
+     b.key_id, b.signed_batch FROM (SELECT DISTINCT node_id, hour FROM run_totals_hourly \
+     WHERE run_id = $1 AND ($2 = '' OR node_id = $2)) h JOIN batches b \
+     ON b.node_id = h.node_id AND b.sealed_unix_ns >= h.hour * 3600000000000 - 3600000000000 \
+     AND b.sealed_unix_ns < h.hour * 3600000000000 + 3600000000000 \
+     AND b.sealed_unix_ns / 3600000000000 = h.hour \
+     WHERE b.received_unix_ns < $3 AND (b.node_id > $4 OR (b.node_id = $4 AND b.seq > $5)) \
+     ORDER BY b.node_id, b.seq LIMIT $6";
+/// Pruned batches sealed in [`$2`, `$3`) (of node `$4`, of an hour run `$5` has totals in,
+/// when not empty), after (`$6`, `$7`), in (node, seq) order.
+pub(crate) const SQL_PRUNED_IN_RANGE: &str = "SELECT b.node_id, b.seq, b.signed_batch \
+     FROM batches b WHERE b.received_unix_ns < $1 AND b.sealed_unix_ns >= $2 \
+     AND b.sealed_unix_ns < $3 AND ($4 = '' OR b.node_id = $4) AND ($5 = '' OR EXISTS \
+     (SELECT 1 FROM run_totals_hourly h WHERE h.run_id = $5 AND h.node_id = b.node_id \
+     AND h.hour = b.sealed_unix_ns / 3600000000000)) \
+     AND (b.node_id > $6 OR (b.node_id = $6 AND b.seq > $7)) ORDER BY b.node_id, b.seq LIMIT $8";
+/// A node's stored batches for `audit`, in seq order, a page at a time.
+pub(crate) const SQL_AUDIT_BATCHES: &str = "SELECT seq, signed_batch, sealed_unix_ns, \
+     received_unix_ns FROM batches WHERE node_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+/// A node's maintained hourly run totals, as halves' sums.
+pub(crate) const SQL_NODE_ROLLUP: &str = "SELECT run_id, domain, hour, energy_hi, energy_lo \
+     FROM run_totals_hourly WHERE node_id = $1";
+/// A node's allocation rows summed per (run, domain, hour of sealing), as halves' sums.
+pub(crate) const SQL_NODE_ROWS: &str = "SELECT a.run_id, a.domain, \
+     b.sealed_unix_ns / 3600000000000, CAST(SUM(a.energy_uj >> 32) AS BIGINT), \
+     CAST(SUM(a.energy_uj & 4294967295) AS BIGINT) FROM allocations a JOIN batches b ON b.node_id = a.node_id AND b.seq = a.seq \
+     WHERE a.node_id = $1 GROUP BY a.run_id, a.domain, b.sealed_unix_ns / 3600000000000";
+/// The nodes the hourly run totals name.
+pub(crate) const SQL_ROLLUP_NODES: &str = "SELECT DISTINCT node_id FROM run_totals_hourly";
+
+/// Candidate batches read per query while looking for pruned detail.
+pub(crate) const PRUNED_PAGE: i64 = 256;
+
+/// The first instant of the day `unix_ns` falls in (days start at multiples of [`DAY_NS`]).
+pub(crate) fn day_start(unix_ns: i64) -> i64 {
+    unix_ns.div_euclid(DAY_NS) * DAY_NS
+}
+
+/// What one round of upkeep did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DetailUpkeep {
+    /// Batches received before this have no allocation rows (None: none were pruned).
+    pub detail_from_unix_ns: Option<i64>,
+    /// Allocation rows deleted (SQLite; PostgreSQL counts the rows of the default partition).
+    pub rows_deleted: u64,
+    /// Day partitions dropped (PostgreSQL).
+    pub partitions_dropped: u64,
+    /// Day partitions created ahead (PostgreSQL).
+    pub partitions_created: u64,
+}
+
+/// One stored batch as `audit` reads it, in the snapshot of its node's walk.
+#[derive(Clone, Debug)]
+pub struct AuditBatch {
+    pub seq: u64,
+    pub signed_batch: Vec<u8>,
+    pub sealed_unix_ns: i64,
+    /// Its allocation rows are stored (not pruned).
+    pub has_rows: bool,
+    /// (interval index, domain) quarantined when it was stored.
+    pub quarantined: Vec<(i64, String)>,
+}
+
+/// (run, domain, hour) -> uJ.
+pub type HourlyTotals = BTreeMap<(String, String, i64), u128>;
+
+/// What a node's walk read besides its batches, in the same snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct NodeTotals {
+    /// The maintained hourly totals (`run_totals_hourly`).
+    pub maintained: HourlyTotals,
+    /// The stored allocation rows, summed the same way.
+    pub rows: HourlyTotals,
+}
+
+/// A pruned batch's billed allocations: its decoded rows less the (interval, domain) pairs
+/// quarantined when it was stored.
+pub(crate) fn billed_of(
+    node: &str,
+    seq: u64,
+    signed_batch: &[u8],
+    quarantined: &[(i64, String)],
+) -> Result<Vec<AllocationRow>, StoreError> {
+    let q: HashSet<(i64, &str)> = quarantined.iter().map(|(i, d)| (*i, d.as_str())).collect();
+    Ok(rows_of(node, seq, signed_batch)?
+        .into_iter()
+        .filter(|r| !q.contains(&(r.interval_index, r.domain.as_str())))
+        .collect())
+}
+
+/// Every allocation of a stored batch (billed and quarantined), decoded from its bytes.
+fn rows_of(node: &str, seq: u64, signed_batch: &[u8]) -> Result<Vec<AllocationRow>, StoreError> {
+    batch_rows(signed_batch).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "stored batch of node {node:?} seq {seq} does not decode: {e}"
+        ))
+    })
+}
+
+/// A decoded row as the read side returns it (its account filled in later).
+pub(crate) fn stored_allocation(r: AllocationRow) -> Result<StoredAllocation, StoreError> {
+    Ok(StoredAllocation {
+        interval_index: to_u64(r.interval_index, "interval_index")?,
+        run_id: r.run_id,
+        domain: r.domain,
+        active_uj: to_u64(r.active_uj, "active_uj")?,
+        idle_uj: to_u64(r.idle_uj, "idle_uj")?,
+        energy_uj: to_u64(r.energy_uj, "energy_uj")?,
+        usage_us: to_u64(r.usage_us, "usage_us")?,
+        account: None,
+    })
+}
+
+/// Sorts a batch's allocations as the stores return them: (run, domain, interval).
+pub(crate) fn sort_allocations(a: &mut [StoredAllocation]) {
+    a.sort_by(|x, y| {
+        (&x.run_id, &x.domain, x.interval_index).cmp(&(&y.run_id, &y.domain, y.interval_index))
+    });
+}
+
+/// (node, run, domain) -> uJ.
+pub(crate) type RunTotals = BTreeMap<(String, String, String), u128>;
+
+/// Adds rows to per-(node, run, domain) totals (of `run` only, when given).
+pub(crate) fn add_rows(into: &mut RunTotals, node: &str, rows: &[AllocationRow], run: &str) {
+    for r in rows.iter().filter(|r| run.is_empty() || r.run_id == run) {
+        *into
+            .entry((node.to_owned(), r.run_id.clone(), r.domain.clone()))
+            .or_default() += u128::from(r.energy_uj.unsigned_abs());
+    }
+}
+
+/// The rows' totals and the decoded ones, as one list in (node, run, domain) order.
+pub(crate) fn merge_totals(rows: Vec<RunDomainTotal>, mut extra: RunTotals) -> Vec<RunDomainTotal> {
+    for t in rows {
+        *extra.entry((t.node_id, t.run_id, t.domain)).or_default() += t.energy_uj;
+    }
+    extra
+        .into_iter()
+        .map(|((node_id, run_id, domain), energy_uj)| RunDomainTotal {
+            node_id,
+            run_id,
+            domain,
+            energy_uj,
+        })
+        .collect()
+}
+
+/// The first `limit` of two lists of batches in (node, seq) order, in that order.
+pub(crate) fn merge_batches(
+    mut a: Vec<BatchEnergy>,
+    b: Vec<BatchEnergy>,
+    limit: usize,
+) -> Vec<BatchEnergy> {
+    a.extend(b);
+    a.sort_by(|x, y| (&x.node_id, x.seq).cmp(&(&y.node_id, y.seq)));
+    a.truncate(limit);
+    a
+}
+
+/// Adds a batch's billed rows to hourly totals (`audit`).
+pub(crate) fn add_hourly(into: &mut HourlyTotals, sealed_unix_ns: i64, rows: &[AllocationRow]) {
+    let hour = hour_of(sealed_unix_ns);
+    for r in rows {
+        *into
+            .entry((r.run_id.clone(), r.domain.clone(), hour))
+            .or_default() += u128::from(r.energy_uj.unsigned_abs());
+    }
+}
+
+/// Hourly totals from (run, domain, hour, hi, lo) rows.
+pub(crate) fn hourly_from(
+    rows: impl IntoIterator<Item = (String, String, i64, Option<i64>, Option<i64>)>,
+) -> HourlyTotals {
+    rows.into_iter()
+        .map(|(run, domain, hour, hi, lo)| {
+            ((run, domain, hour), super::from_halves(hi, lo).unwrap_or(0))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_start_at_multiples_of_a_day_on_both_sides_of_the_epoch() {
+        assert_eq!(day_start(0), 0);
+        assert_eq!(day_start(DAY_NS - 1), 0);
+        assert_eq!(day_start(DAY_NS), DAY_NS);
+        assert_eq!(day_start(-1), -DAY_NS);
+    }
+
+    #[test]
+    fn decoded_totals_merge_with_the_rows_totals_in_order() {
+        let t = |n: &str, r: &str, d: &str, e: u128| RunDomainTotal {
+            node_id: n.into(),
+            run_id: r.into(),
+            domain: d.into(),
+            energy_uj: e,
+        };
+        let mut extra = RunTotals::new();
+        extra.insert(("a".into(), "r".into(), "package:0".into()), 5);
+        extra.insert(("0".into(), "r".into(), "dram:0".into()), 7);
+        let merged = merge_totals(
+            vec![t("a", "r", "package:0", 10), t("b", "x", "gpu", 1)],
+            extra,
+        );
+        assert_eq!(
+            merged,
+            vec![
+                t("0", "r", "dram:0", 7),
+                t("a", "r", "package:0", 15),
+                t("b", "x", "gpu", 1)
+            ]
+        );
+    }
+}
