@@ -17,7 +17,7 @@
 //! (PostgreSQL: its transaction takes ACCESS SHARE on `allocations` before its snapshot, so a
 //! partition is dropped only between readers).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use super::{hour_of, to_u64, BatchEnergy, RunDomainTotal, StoreError, StoredAllocation};
 use crate::check::{batch_rows, AllocationRow};
@@ -32,12 +32,12 @@ pub(crate) const SQL_DETAIL_FROM: &str =
 pub(crate) const SQL_RAISE_DETAIL_FROM: &str = "INSERT INTO ledger_meta (key, value) \
      VALUES ('detail_from_unix_ns', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value \
      WHERE ledger_meta.value < excluded.value";
-/// What was quarantined of one batch: (interval index, domain) pairs, one row per run.
-pub(crate) const SQL_QUARANTINED_OF: &str =
-    "SELECT interval_index, domain FROM quarantined WHERE node_id = $1 AND seq = $2";
-/// Every quarantined (seq, interval index, domain) of a node (`audit`).
-pub(crate) const SQL_QUARANTINED_OF_NODE: &str =
-    "SELECT seq, interval_index, domain FROM quarantined WHERE node_id = $1";
+/// What was quarantined of one batch, as [`QuarantinedRow`]s.
+pub(crate) const SQL_QUARANTINED_OF: &str = "SELECT interval_index, domain, run_id, active_uj, \
+     idle_uj, usage_us FROM quarantined WHERE node_id = $1 AND seq = $2";
+/// Every quarantined allocation of a node, with its seq first (`audit`).
+pub(crate) const SQL_QUARANTINED_OF_NODE: &str = "SELECT seq, interval_index, domain, run_id, \
+     active_uj, idle_uj, usage_us FROM quarantined WHERE node_id = $1";
 /// One run's label.
 pub(crate) const SQL_LABEL_OF: &str =
     "SELECT value FROM run_labels WHERE node_id = $1 AND run_id = $2 AND key = $3";
@@ -47,20 +47,23 @@ pub(crate) const SQL_PRUNED_BETWEEN: &str = "SELECT seq, signed_batch FROM batch
 /// Pruned batches that may have billed a run: those sealed in an hour the run's totals name
 /// (on the node when `$2` is not empty), after (`$4`, `$5`), in (node, seq) order. Each still
 /// has to be decoded to know. The hour is integer division in both databases (towards zero),
-/// hence the range of two hours around it for the index, then the exact test.
+/// hence the range of two hours around it for the index (open at the ends of the 64-bit range,
+/// where the product would overflow), then the exact test.
 pub(crate) const SQL_PRUNED_OF_RUN: &str = "SELECT b.node_id, b.seq, b.hash, b.key_epoch, \
      b.key_id, b.signed_batch FROM (SELECT DISTINCT node_id, hour FROM run_totals_hourly \
      WHERE run_id = $1 AND ($2 = '' OR node_id = $2)) h JOIN batches b \
-     ON b.node_id = h.node_id AND b.sealed_unix_ns >= h.hour * 3600000000000 - 3600000000000 \
-     AND b.sealed_unix_ns < h.hour * 3600000000000 + 3600000000000 \
+     ON b.node_id = h.node_id AND b.sealed_unix_ns >= CASE WHEN h.hour <= -2562046 \
+     THEN -9223372036854775807 - 1 ELSE h.hour * 3600000000000 - 3600000000000 END \
+     AND b.sealed_unix_ns <= CASE WHEN h.hour >= 2562046 THEN 9223372036854775807 \
+     ELSE h.hour * 3600000000000 + 3600000000000 END \
      AND b.sealed_unix_ns / 3600000000000 = h.hour \
      WHERE b.received_unix_ns < $3 AND (b.node_id > $4 OR (b.node_id = $4 AND b.seq > $5)) \
      ORDER BY b.node_id, b.seq LIMIT $6";
-/// Pruned batches sealed in [`$2`, `$3`) (of node `$4`, of an hour run `$5` has totals in,
+/// Pruned batches sealed in [`$2`, `$3`] (of node `$4`, of an hour run `$5` has totals in,
 /// when not empty), after (`$6`, `$7`), in (node, seq) order.
 pub(crate) const SQL_PRUNED_IN_RANGE: &str = "SELECT b.node_id, b.seq, b.signed_batch \
      FROM batches b WHERE b.received_unix_ns < $1 AND b.sealed_unix_ns >= $2 \
-     AND b.sealed_unix_ns < $3 AND ($4 = '' OR b.node_id = $4) AND ($5 = '' OR EXISTS \
+     AND b.sealed_unix_ns <= $3 AND ($4 = '' OR b.node_id = $4) AND ($5 = '' OR EXISTS \
      (SELECT 1 FROM run_totals_hourly h WHERE h.run_id = $5 AND h.node_id = b.node_id \
      AND h.hour = b.sealed_unix_ns / 3600000000000)) \
      AND (b.node_id > $6 OR (b.node_id = $6 AND b.seq > $7)) ORDER BY b.node_id, b.seq LIMIT $8";
@@ -107,8 +110,8 @@ pub struct AuditBatch {
     pub sealed_unix_ns: i64,
     /// Its allocation rows are stored (not pruned).
     pub has_rows: bool,
-    /// (interval index, domain) quarantined when it was stored.
-    pub quarantined: Vec<(i64, String)>,
+    /// The allocations quarantined when it was stored.
+    pub quarantined: Vec<QuarantinedRow>,
 }
 
 /// (run, domain, hour) -> uJ.
@@ -123,19 +126,50 @@ pub struct NodeTotals {
     pub rows: HourlyTotals,
 }
 
-/// A pruned batch's billed allocations: its decoded rows less the (interval, domain) pairs
-/// quarantined when it was stored.
+/// A quarantined allocation as the store keeps it: (interval index, domain, run, active uJ,
+/// idle uJ, usage us).
+pub type QuarantinedRow = (i64, String, String, i64, i64, i64);
+
+/// A pruned batch's billed allocations: its decoded rows less those quarantined when it was
+/// stored, each taken out once (a multiset: two intervals of one batch may share an index, one
+/// billed and one quarantined; equal rows are interchangeable). A quarantined row the batch
+/// does not hold is an inconsistent store.
 pub(crate) fn billed_of(
     node: &str,
     seq: u64,
     signed_batch: &[u8],
-    quarantined: &[(i64, String)],
+    quarantined: &[QuarantinedRow],
 ) -> Result<Vec<AllocationRow>, StoreError> {
-    let q: HashSet<(i64, &str)> = quarantined.iter().map(|(i, d)| (*i, d.as_str())).collect();
-    Ok(rows_of(node, seq, signed_batch)?
-        .into_iter()
-        .filter(|r| !q.contains(&(r.interval_index, r.domain.as_str())))
-        .collect())
+    let rows = rows_of(node, seq, signed_batch)?;
+    if quarantined.is_empty() {
+        return Ok(rows);
+    }
+    let mut left: HashMap<&QuarantinedRow, usize> = HashMap::new();
+    for q in quarantined {
+        *left.entry(q).or_default() += 1;
+    }
+    let mut billed = Vec::with_capacity(rows.len());
+    for row in rows {
+        let key: QuarantinedRow = (
+            row.interval_index,
+            row.domain.clone(),
+            row.run_id.clone(),
+            row.active_uj,
+            row.idle_uj,
+            row.usage_us,
+        );
+        match left.get_mut(&key) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => billed.push(row),
+        }
+    }
+    if let Some(((i, d, r, ..), _)) = left.iter().find(|(_, n)| **n > 0) {
+        return Err(StoreError::Corrupt(format!(
+            "node {node:?} seq {seq}: quarantined allocation (interval {i}, {d}, run {r}) is not \
+             in the stored batch"
+        )));
+    }
+    Ok(billed)
 }
 
 /// Every allocation of a stored batch (billed and quarantined), decoded from its bytes.
@@ -196,7 +230,9 @@ pub(crate) fn merge_totals(rows: Vec<RunDomainTotal>, mut extra: RunTotals) -> V
         .collect()
 }
 
-/// The first `limit` of two lists of batches in (node, seq) order, in that order.
+/// The first `limit` of two lists of batches in (node, seq) order, in that order, node ids
+/// compared as bytes (SQLite's BINARY collation, which its cursors follow; PostgreSQL orders
+/// them in the database, by its collation).
 pub(crate) fn merge_batches(
     mut a: Vec<BatchEnergy>,
     b: Vec<BatchEnergy>,
@@ -239,6 +275,54 @@ mod tests {
         assert_eq!(day_start(DAY_NS - 1), 0);
         assert_eq!(day_start(DAY_NS), DAY_NS);
         assert_eq!(day_start(-1), -DAY_NS);
+    }
+
+    /// Two intervals of one batch with one index (the judge quarantines the second): taking out
+    /// the quarantined one leaves the billed one, not both gone.
+    #[test]
+    fn a_quarantined_interval_sharing_an_index_leaves_the_billed_one() {
+        use prost::Message as _;
+        use wattd_proto::v1::{Allocation, Batch, DomainEnergy, Interval, SignedBatch};
+        let interval = |active: u64| Interval {
+            index: 7,
+            domains: vec![DomainEnergy {
+                domain: "package".into(),
+                package: Some(0),
+                allocations: vec![Allocation {
+                    run_id: "r".into(),
+                    active_uj: active,
+                    idle_uj: 1,
+                    usage_us: 5,
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let signed = |intervals: Vec<Interval>| {
+            SignedBatch {
+                batch_bytes: Batch {
+                    intervals,
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let q = |active: i64| (7, "package:0".to_owned(), "r".to_owned(), active, 1, 5);
+        let bytes = signed(vec![interval(10), interval(99)]);
+        let billed = billed_of("n", 1, &bytes, &[q(99)]).expect("billed");
+        assert_eq!(billed.len(), 1);
+        assert_eq!((billed[0].interval_pos, billed[0].energy_uj), (0, 11));
+        // Equal rows: one taken out, one billed.
+        let bytes = signed(vec![interval(10), interval(10)]);
+        assert_eq!(
+            billed_of("n", 1, &bytes, &[q(10)]).expect("billed").len(),
+            1
+        );
+        // A quarantined row the batch does not hold.
+        let err = billed_of("n", 1, &bytes, &[q(12)]).expect_err("not in the batch");
+        assert!(err.to_string().contains("not in the stored batch"), "{err}");
     }
 
     #[test]

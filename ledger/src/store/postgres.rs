@@ -79,7 +79,8 @@ CREATE TABLE IF NOT EXISTS allocations (
     FOREIGN KEY (node_id, seq) REFERENCES batches (node_id, seq)
 ) PARTITION BY RANGE (received_day);
 CREATE TABLE IF NOT EXISTS allocations_default PARTITION OF allocations DEFAULT;
-CREATE INDEX IF NOT EXISTS allocations_by_run ON allocations (run_id);
+-- (run_id) alone was an index until schema 6: (run_id, node_id, seq) serves every lookup it did.
+DROP INDEX IF EXISTS allocations_by_run;
 CREATE INDEX IF NOT EXISTS allocations_by_run_batch ON allocations (run_id, node_id, seq);
 CREATE INDEX IF NOT EXISTS allocations_by_batch ON allocations (node_id, seq);
 -- A node's batches by seal time (a pruned run's batches, found from its hourly totals).
@@ -232,7 +233,14 @@ const SQL_ROLLUP_UPSERT_PG: &str = "INSERT INTO run_totals_hourly (node_id, hour
 const SQL_INSERT_ALLOCATIONS: &str = "INSERT INTO allocations (node_id, seq, received_day, \
      interval_index, domain, run_id, active_uj, idle_uj, energy_uj, usage_us) \
      SELECT $1, $2, $3, * FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::bigint[], \
-     $8::bigint[], $9::bigint[], $10::bigint[])";
+     $8::bigint[], $9::bigint[], $10::bigint[]) \
+     WHERE $11::bigint >= COALESCE((SELECT value FROM ledger_meta \
+     WHERE key = 'detail_from_unix_ns'), $11::bigint)";
+/// Before a partition is created or dropped: `batches` first, as a commit takes it before
+/// `allocations` (the partition's foreign key locks `batches` too), so neither waits on the
+/// other in the opposite order.
+const SQL_LOCK_FOR_PARTITIONS: &str = "LOCK TABLE batches IN SHARE ROW EXCLUSIVE MODE; \
+     LOCK TABLE allocations IN ACCESS EXCLUSIVE MODE";
 const SQL_INSERT_QUARANTINED: &str = "INSERT INTO quarantined (node_id, seq, interval_index, \
      domain, run_id, active_uj, idle_uj, energy_uj, usage_us, reason) \
      SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::bigint[], \
@@ -366,8 +374,7 @@ impl PgStore {
                 .await?
                 .is_empty()
             {
-                tx.batch_execute("LOCK TABLE allocations IN ACCESS EXCLUSIVE MODE")
-                    .await?;
+                tx.batch_execute(SQL_LOCK_FOR_PARTITIONS).await?;
                 create_partitions(&tx, crate::unix_now_ns()).await?;
             }
             // A process of an older version still storing batches would add allocations the
@@ -634,6 +641,10 @@ async fn commit_once(
                 &idle,
                 &energy,
                 &usage,
+                // A batch received before `detail_from_unix_ns` (a clock stepped back past the
+                // retention) is one whose rows are pruned: reads decode it. The INSERT waits
+                // for a pruning under way, and then sees its `detail_from_unix_ns`.
+                &received_unix_ns,
             ],
         )
         .await?;
@@ -1082,10 +1093,16 @@ impl Store for PgStore {
         // Batches in the range whose rows were pruned: decoded.
         let run = filter.run_id.clone().unwrap_or_default();
         let node = filter.node_id.clone().unwrap_or_default();
-        let (lo, hi) = (
-            filter.from_unix_ns.unwrap_or(i64::MIN),
-            filter.to_unix_ns.unwrap_or(i64::MAX),
-        );
+        let lo = filter.from_unix_ns.unwrap_or(i64::MIN);
+        // The end is exclusive; the query's inclusive.
+        let hi = match filter.to_unix_ns {
+            None => i64::MAX,
+            Some(i64::MIN) => {
+                tx.commit().await?;
+                return Ok(out);
+            }
+            Some(t) => t - 1,
+        };
         let mut decoded = RunTotals::new();
         let mut after = (String::new(), 0i64);
         loop {
@@ -1128,12 +1145,16 @@ impl Store for PgStore {
         let c = p.get()?;
         // One snapshot for the batches and both sums.
         let (tx, from) = detail_read(&mut c.client, true).await?;
-        let mut quarantined: BTreeMap<i64, Vec<(i64, String)>> = BTreeMap::new();
+        let mut quarantined: BTreeMap<i64, Vec<detail::QuarantinedRow>> = BTreeMap::new();
         for r in tx.query(SQL_QUARANTINED_OF_NODE, &[&node]).await? {
-            quarantined
-                .entry(r.get(0))
-                .or_default()
-                .push((r.get(1), r.get(2)));
+            quarantined.entry(r.get(0)).or_default().push((
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                r.get(6),
+            ));
         }
         let mut after = 0i64;
         loop {
@@ -1192,10 +1213,8 @@ impl Store for PgStore {
             // The parent is locked first, as every commit locks it before its partition: a
             // partition created under a commit waits for it instead of deadlocking with it.
             let tx = c.client.transaction().await?;
-            tx.batch_execute(
-                "SET LOCAL lock_timeout = '5s'; LOCK TABLE allocations IN ACCESS EXCLUSIVE MODE",
-            )
-            .await?;
+            tx.batch_execute("SET LOCAL lock_timeout = '5s'").await?;
+            tx.batch_execute(SQL_LOCK_FOR_PARTITIONS).await?;
             done.partitions_created = create_partitions(&tx, now_unix_ns).await?;
             tx.commit().await?;
         }
@@ -1214,11 +1233,8 @@ impl Store for PgStore {
                 // Readers of rows and pruned detail hold ACCESS SHARE from before their
                 // snapshot: the partitions go between readers, never under one. Give up after
                 // 5 s rather than queue every reader and writer behind a long read.
-                tx.batch_execute(
-                    "SET LOCAL lock_timeout = '5s'; \
-                     LOCK TABLE allocations IN ACCESS EXCLUSIVE MODE",
-                )
-                .await?;
+                tx.batch_execute("SET LOCAL lock_timeout = '5s'").await?;
+                tx.batch_execute(SQL_LOCK_FOR_PARTITIONS).await?;
                 let parts = tx
                     .query(
                         "SELECT c.relname::text FROM pg_inherits i \
@@ -1251,6 +1267,18 @@ impl Store for PgStore {
                         &[&cutoff_day],
                     )
                     .await?;
+                // The legacy partition holds every day up to the upgrade, so until the
+                // retention passes that day it loses the rows of the batches it passes.
+                if legacy_until > cutoff_day {
+                    done.rows_deleted += tx
+                        .execute(
+                            "DELETE FROM allocations_legacy a USING batches b \
+                             WHERE b.node_id = a.node_id AND b.seq = a.seq \
+                             AND b.received_unix_ns < $1",
+                            &[&cutoff],
+                        )
+                        .await?;
+                }
                 tx.execute(SQL_RAISE_DETAIL_FROM, &[&cutoff]).await?;
                 tx.commit().await?;
                 from = cutoff;
@@ -1378,8 +1406,35 @@ impl Store for PgStore {
                 break;
             }
         }
+        // The first `want` of both in the database's order of node ids (its collation, which
+        // the cursor's `node_id > $3` follows), not Rust's.
+        let mut all: HashMap<(String, u64), BatchEnergy> = stored
+            .into_iter()
+            .chain(pruned)
+            .map(|b| ((b.node_id.clone(), b.seq), b))
+            .collect();
+        let mut nodes = Vec::with_capacity(all.len());
+        let mut seqs = Vec::with_capacity(all.len());
+        for (n, s) in all.keys() {
+            nodes.push(n.clone());
+            seqs.push(to_i64(*s, "seq")?);
+        }
+        let order = tx
+            .query(
+                "SELECT n, s FROM UNNEST($1::text[], $2::bigint[]) AS t(n, s) \
+                 ORDER BY n, s LIMIT $3",
+                &[&nodes, &seqs, &limit],
+            )
+            .await?;
         tx.commit().await?;
-        Ok(detail::merge_batches(stored, pruned, want))
+        let mut out = Vec::with_capacity(order.len());
+        for r in order {
+            let key = (r.get::<_, String>(0), to_u64(r.get(1), "seq")?);
+            if let Some(b) = all.remove(&key) {
+                out.push(b);
+            }
+        }
+        Ok(out)
     }
 
     async fn record_read(&self, read: ReadAudit) -> Result<(), StoreError> {
@@ -1614,12 +1669,12 @@ async fn quarantined_of(
     tx: &tokio_postgres::Transaction<'_>,
     node: &str,
     seq: i64,
-) -> Result<Vec<(i64, String)>, StoreError> {
+) -> Result<Vec<detail::QuarantinedRow>, StoreError> {
     Ok(tx
         .query(SQL_QUARANTINED_OF, &[&node, &seq])
         .await?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
         .collect())
 }
 
@@ -1673,7 +1728,7 @@ async fn partitions_wanted(
     let legacy_until = legacy_until(c).await?;
     let today = now_unix_ns.div_euclid(DAY_NS);
     let mut wanted = Vec::new();
-    for day in (today - 1..=today + 2).filter(|d| *d >= legacy_until) {
+    for day in (today - 1..=today + 2).filter(|d| *d >= legacy_until.max(0)) {
         let exists = c
             .query_one(
                 "SELECT to_regclass($1) IS NOT NULL",
@@ -1737,7 +1792,7 @@ async fn unpartition_legacy(tx: &tokio_postgres::Transaction<'_>) -> Result<bool
     }
     tx.batch_execute(
         "ALTER TABLE allocations RENAME TO allocations_legacy; \
-         ALTER INDEX IF EXISTS allocations_by_run RENAME TO allocations_legacy_by_run; \
+         DROP INDEX IF EXISTS allocations_by_run; \
          ALTER INDEX IF EXISTS allocations_by_run_batch \
          RENAME TO allocations_legacy_by_run_batch; \
          ALTER INDEX IF EXISTS allocations_by_batch RENAME TO allocations_legacy_by_batch; \

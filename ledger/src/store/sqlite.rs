@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS allocations (
     usage_us INTEGER NOT NULL,
     FOREIGN KEY (node_id, seq) REFERENCES batches (node_id, seq)
 );
-CREATE INDEX IF NOT EXISTS allocations_by_run ON allocations (run_id);
+-- (run_id) alone was an index until schema 6: (run_id, node_id, seq) serves every lookup it did.
+DROP INDEX IF EXISTS allocations_by_run;
 CREATE INDEX IF NOT EXISTS allocations_by_run_batch ON allocations (run_id, node_id, seq);
 CREATE INDEX IF NOT EXISTS allocations_by_batch ON allocations (node_id, seq);
 -- Covers the join of allocations with their batches' seal time (totals over a time range):
@@ -643,12 +644,15 @@ fn commit_in(
     let clock = clock_of(tx, &b.node_id)?;
     let (verdict, clock) = judge(limits, clock, b.seq, &b.facts, received_unix_ns);
     let (billed, quarantined) = split_allocations(b, &verdict);
+    // A batch received before `detail_from_unix_ns` (a clock stepped back past the retention)
+    // is one whose rows are pruned: reads decode it.
+    let with_rows = received_unix_ns >= detail_from(tx)?;
     {
         let mut ins = tx.prepare_cached(
             "INSERT INTO allocations (node_id, seq, interval_index, domain, run_id, active_uj, \
              idle_uj, energy_uj, usage_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
-        for a in &billed {
+        for a in billed.iter().filter(|_| with_rows) {
             ins.execute(params![
                 b.node_id,
                 seq,
@@ -1016,7 +1020,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<RunDomainTotal>, StoreError> {
         let node = node.to_owned();
         let (after, upto) = (to_i64(after_seq, "seq")?, to_i64(upto_seq, "seq")?);
-        self.with(move |c| {
+        self.with_read(move |c| {
             // One snapshot: the pruned batches decoded are exactly those without rows.
             let tx = c.transaction()?;
             let from = detail_from(&tx)?;
@@ -1117,10 +1121,13 @@ impl Store for SqliteStore {
             // Batches in the range whose rows were pruned: decoded.
             let run = filter.run_id.clone().unwrap_or_default();
             let node = filter.node_id.clone().unwrap_or_default();
-            let (lo_t, hi_t) = (
-                filter.from_unix_ns.unwrap_or(i64::MIN),
-                filter.to_unix_ns.unwrap_or(i64::MAX),
-            );
+            let lo_t = filter.from_unix_ns.unwrap_or(i64::MIN);
+            // The end is exclusive; the query's inclusive.
+            let hi_t = match filter.to_unix_ns {
+                None => i64::MAX,
+                Some(i64::MIN) => return Ok(out),
+                Some(t) => t - 1,
+            };
             let mut decoded = RunTotals::new();
             let mut after = (String::new(), 0i64);
             loop {
@@ -1161,19 +1168,25 @@ impl Store for SqliteStore {
             // One read transaction: one WAL snapshot for the batches and both sums.
             let tx = c.transaction()?;
             let from = detail_from(&tx)?;
-            let mut quarantined: BTreeMap<i64, Vec<(i64, String)>> = BTreeMap::new();
+            let mut quarantined: BTreeMap<i64, Vec<detail::QuarantinedRow>> = BTreeMap::new();
             {
                 let mut st = tx.prepare(SQL_QUARANTINED_OF_NODE)?;
                 let rows = st.query_map(params![node], |r| {
                     Ok((
                         r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, String>(2)?,
+                        (
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                        ),
                     ))
                 })?;
                 for row in rows {
-                    let (seq, index, domain) = row?;
-                    quarantined.entry(seq).or_default().push((index, domain));
+                    let (seq, q) = row?;
+                    quarantined.entry(seq).or_default().push(q);
                 }
             }
             let mut after = 0i64;
@@ -1623,9 +1636,22 @@ fn detail_from(c: &Connection) -> Result<i64, StoreError> {
 }
 
 /// What was quarantined of a stored batch: (interval index, domain).
-fn quarantined_of(c: &Connection, node: &str, seq: i64) -> Result<Vec<(i64, String)>, StoreError> {
+fn quarantined_of(
+    c: &Connection,
+    node: &str,
+    seq: i64,
+) -> Result<Vec<detail::QuarantinedRow>, StoreError> {
     let mut st = c.prepare_cached(SQL_QUARANTINED_OF)?;
-    let rows = st.query_map(params![node, seq], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let rows = st.query_map(params![node, seq], |r| {
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ))
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 

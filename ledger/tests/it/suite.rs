@@ -2666,6 +2666,29 @@ async fn a_version_5_store_is_upgraded_and_its_old_rows_pruned_like_any(
     );
     assert_eq!(detail_answers(&q).await?, before, "upgraded");
     assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
+    // The retention passes batches 1-3 (received ten days ago) before it passes the upgrade's
+    // day: their rows go, the legacy partition stays with the others'.
+    raw_sql(
+        &f,
+        "UPDATE batches SET received_unix_ns = received_unix_ns - 10 * 86400000000000 \
+         WHERE seq <= 3",
+    )
+    .await?;
+    let old_rows = raw_count(&f, "SELECT count(*) FROM allocations WHERE seq <= 3").await?;
+    let done = serve
+        .upkeep_detail(
+            wattd_ledger::unix_now_ns(),
+            Some(Duration::from_secs(86_400)),
+        )
+        .await?;
+    assert_eq!(done.rows_deleted, u64::try_from(old_rows)?, "{done:?}");
+    assert_eq!(done.partitions_dropped, 0, "{done:?}");
+    assert_eq!(
+        raw_count(&f, "SELECT count(*) FROM allocations").await?,
+        rows - old_rows
+    );
+    assert_eq!(detail_answers(&q).await?, before, "legacy partly pruned");
+    assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
     // The ledger goes on storing after the upgrade.
     let l = f.start(limits()).await;
     let mut s = connect(&f, &l, "n1").await;
