@@ -362,21 +362,27 @@ impl PgStore {
             tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
                 .await?;
+            // Another process's commits take `batches`, then `allocations`: so does this
+            // transaction, before any DDL touches either (an index made "if not exists" still
+            // locks its table), so neither waits on the other in the opposite order. Bounded,
+            // so as not to stall every commit behind a long reader for long.
+            let existing: bool = tx
+                .query_one("SELECT to_regclass('batches') IS NOT NULL", &[])
+                .await?
+                .get(0);
+            if existing {
+                tx.batch_execute("SET LOCAL lock_timeout = '30s'").await?;
+                tx.batch_execute(SQL_LOCK_FOR_PARTITIONS).await?;
+                tx.batch_execute("SET LOCAL lock_timeout = 0").await?;
+            }
             let legacy = unpartition_legacy(&tx).await?;
             tx.batch_execute(SCHEMA).await?;
             if legacy {
                 attach_legacy(&tx, crate::unix_now_ns()).await?;
             }
-            // Today's partitions before the first batch goes in (no stream is served yet by
-            // this process; another's commits are waited for, the parent locked first as
-            // they lock it).
-            if !partitions_wanted(&tx, crate::unix_now_ns())
-                .await?
-                .is_empty()
-            {
-                tx.batch_execute(SQL_LOCK_FOR_PARTITIONS).await?;
-                create_partitions(&tx, crate::unix_now_ns()).await?;
-            }
+            // Today's partitions before the first batch goes in (the tables are locked above,
+            // or were made by this transaction).
+            create_partitions(&tx, crate::unix_now_ns()).await?;
             // A process of an older version still storing batches would add allocations the
             // backfill does not see: they wait for this transaction (stop them all before an
             // upgrade; `audit` names any hour that still differs).
@@ -649,8 +655,8 @@ async fn commit_once(
         )
         .await?;
         let sums = rollup(&billed)?;
-        let run: Vec<&str> = sums.keys().map(|(r, _)| r.as_str()).collect();
-        let domain: Vec<&str> = sums.keys().map(|(_, d)| d.as_str()).collect();
+        let run: Vec<&str> = sums.keys().map(|(r, _)| *r).collect();
+        let domain: Vec<&str> = sums.keys().map(|(_, d)| *d).collect();
         let hi: Vec<i64> = sums.values().map(|(h, _)| *h).collect();
         let lo: Vec<i64> = sums.values().map(|(_, l)| *l).collect();
         tx.execute(
@@ -1147,14 +1153,10 @@ impl Store for PgStore {
         let (tx, from) = detail_read(&mut c.client, true).await?;
         let mut quarantined: BTreeMap<i64, Vec<detail::QuarantinedRow>> = BTreeMap::new();
         for r in tx.query(SQL_QUARANTINED_OF_NODE, &[&node]).await? {
-            quarantined.entry(r.get(0)).or_default().push((
-                r.get(1),
-                r.get(2),
-                r.get(3),
-                r.get(4),
-                r.get(5),
-                r.get(6),
-            ));
+            quarantined
+                .entry(r.get(0))
+                .or_default()
+                .push(pg_quarantined_row(&r, 1));
         }
         let mut after = 0i64;
         loop {
@@ -1674,8 +1676,21 @@ async fn quarantined_of(
         .query(SQL_QUARANTINED_OF, &[&node, &seq])
         .await?
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .map(|r| pg_quarantined_row(r, 0))
         .collect())
+}
+
+/// A quarantined allocation from a row's columns `at..at + 6`, in
+/// [`detail::QuarantinedRow`]'s order.
+fn pg_quarantined_row(r: &tokio_postgres::Row, at: usize) -> detail::QuarantinedRow {
+    (
+        r.get(at),
+        r.get(at + 1),
+        r.get(at + 2),
+        r.get(at + 3),
+        r.get(at + 4),
+        r.get(at + 5),
+    )
 }
 
 /// A pruned batch's billed allocations (of `run`, when not empty), decoded from its bytes,

@@ -1172,17 +1172,7 @@ impl Store for SqliteStore {
             {
                 let mut st = tx.prepare(SQL_QUARANTINED_OF_NODE)?;
                 let rows = st.query_map(params![node], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        (
-                            r.get(1)?,
-                            r.get(2)?,
-                            r.get(3)?,
-                            r.get(4)?,
-                            r.get(5)?,
-                            r.get(6)?,
-                        ),
-                    ))
+                    Ok((r.get::<_, i64>(0)?, quarantined_row(r, 1)?))
                 })?;
                 for row in rows {
                     let (seq, q) = row?;
@@ -1642,17 +1632,21 @@ fn quarantined_of(
     seq: i64,
 ) -> Result<Vec<detail::QuarantinedRow>, StoreError> {
     let mut st = c.prepare_cached(SQL_QUARANTINED_OF)?;
-    let rows = st.query_map(params![node, seq], |r| {
-        Ok((
-            r.get(0)?,
-            r.get(1)?,
-            r.get(2)?,
-            r.get(3)?,
-            r.get(4)?,
-            r.get(5)?,
-        ))
-    })?;
+    let rows = st.query_map(params![node, seq], |r| quarantined_row(r, 0))?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A quarantined allocation from a row's columns `at..at + 6`, in
+/// [`detail::QuarantinedRow`]'s order.
+fn quarantined_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<detail::QuarantinedRow> {
+    Ok((
+        r.get(at)?,
+        r.get(at + 1)?,
+        r.get(at + 2)?,
+        r.get(at + 3)?,
+        r.get(at + 4)?,
+        r.get(at + 5)?,
+    ))
 }
 
 /// A pruned batch's billed allocations (of `run`, when not empty), decoded from its bytes,

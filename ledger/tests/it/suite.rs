@@ -2345,14 +2345,12 @@ async fn run_totals_are_maintained_per_hour_and_the_audit_checks_them(
     let audit = wattd_ledger::audit::audit(&store).await?;
     assert!(audit.ok(), "{}", wattd_ledger::audit::audit_text(&audit));
 
-    raw_sql(
+    let text = audit_fails_after(
         &f,
+        &store,
         "UPDATE run_totals_hourly SET energy_lo = energy_lo + 1 WHERE run_id = 'run-a'",
     )
     .await?;
-    let audit = wattd_ledger::audit::audit(&store).await?;
-    let text = wattd_ledger::audit::audit_text(&audit);
-    assert!(!audit.ok(), "{text}");
     assert!(text.contains("run run-a package:0 hour"), "{text}");
     assert!(text.contains("maintained total"), "{text}");
     // A maintained total of a node that stored nothing is billed too, so it is a failure.
@@ -2507,6 +2505,19 @@ fn assert_audit_clean(audit: &wattd_ledger::audit::AuditReport) {
     assert!(audit.ok(), "{}", wattd_ledger::audit::audit_text(audit));
 }
 
+/// Changes the store behind the ledger's back with `sql`; the audit must fail: its text.
+async fn audit_fails_after(
+    f: &Fixture,
+    q: &wattd_ledger::store::AnyStore,
+    sql: &str,
+) -> Result<String, BoxError> {
+    raw_sql(f, sql).await?;
+    let audit = wattd_ledger::audit::audit(q).await?;
+    let text = wattd_ledger::audit::audit_text(&audit);
+    assert!(!audit.ok(), "{text}");
+    Ok(text)
+}
+
 /// The allocation rows are pruned past the retention, first those of the batches received
 /// long ago (the others keep theirs), then all: every read answers exactly as before (labels
 /// and quarantined allocations included: the detail is decoded from the signed batches), the
@@ -2567,9 +2578,7 @@ async fn detail_past_the_retention_is_decoded_from_the_batches(
              WHERE seq = 4 AND run_id = 'run-a' AND interval_index = 6"
         )
     };
-    raw_sql(&f, &tamper(1)).await?;
-    let audit = wattd_ledger::audit::audit(&q).await?;
-    let text = wattd_ledger::audit::audit_text(&audit);
+    let text = audit_fails_after(&f, &q, &tamper(1)).await?;
     assert!(
         text.contains("run run-a package:0 hour 0: allocation rows 136 uJ, batches 135 uJ"),
         "{text}"
@@ -2588,14 +2597,12 @@ async fn detail_past_the_retention_is_decoded_from_the_batches(
     assert_eq!(detail_answers(&q).await?, before, "all pruned");
     assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
     // The signed batches and the hourly totals stay, and the audit still checks them.
-    raw_sql(
+    let text = audit_fails_after(
         &f,
+        &q,
         "UPDATE run_totals_hourly SET energy_lo = energy_lo + 1 WHERE run_id = 'run-b'",
     )
     .await?;
-    let audit = wattd_ledger::audit::audit(&q).await?;
-    let text = wattd_ledger::audit::audit_text(&audit);
-    assert!(!audit.ok(), "{text}");
     assert!(
         text.contains("run run-b package:0 hour 0: maintained totals"),
         "{text}"
@@ -2749,10 +2756,24 @@ async fn pruning_while_batches_stream_in_loses_and_doubles_nothing(
     let failed: Vec<&String> = rounds.iter().filter_map(|r| r.as_ref().err()).collect();
     // A round may give up on its 5 s lock timeout; none did here, and none may deadlock.
     assert!(failed.is_empty(), "{failed:?}");
-    assert!(rounds
+    // The last rounds ran five days ahead: every batch so far, and the next ones, were
+    // received before the retention's cutoff.
+    let from = rounds
         .iter()
         .flatten()
-        .any(|d| d.detail_from_unix_ns.is_some()));
+        .filter_map(|d| d.detail_from_unix_ns)
+        .max()
+        .ok_or("no round pruned")?;
+    assert!(from > wattd_ledger::unix_now_ns() + DAY_NS, "{from}");
+    // So these store no rows: reads decode them, as they do the pruned ones.
+    for seq in 41..=45u64 {
+        assert_eq!(s.send(msg(&chain.next(3))).await?.acked_seq, seq);
+    }
+    assert_eq!(
+        raw_count(&f, "SELECT count(*) FROM allocations").await?,
+        0,
+        "rows of batches received before the cutoff"
+    );
     l.stop().await;
     let q = f.query_store().await;
     let maintained = q.run_totals().await?;
@@ -2768,7 +2789,7 @@ async fn pruning_while_batches_stream_in_loses_and_doubles_nothing(
         .filter(|t| t.run_id == "run-a")
         .map(|t| t.energy_uj)
         .sum();
-    assert_eq!(run_a, 40 * 3 * 15, "every interval of run-a once");
+    assert_eq!(run_a, 45 * 3 * 15, "every interval of run-a once");
     assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
     Ok(())
 }
