@@ -356,49 +356,27 @@ impl PgStore {
         let target = PgTarget::parse(url).map_err(StoreError::Url)?;
         let mut client = connect(&target).await?;
         if mode == OpenMode::Serve {
-            let tx = client.transaction().await?;
-            // The schema transaction may wait for another process's and, upgrading, fill the
-            // rollup from every allocation: not bounded by the 30 s of ordinary statements.
-            tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
-                .await?;
-            // Another process's commits take `batches`, then `allocations`: so does this
-            // transaction, before any DDL touches either (an index made "if not exists" still
-            // locks its table), so neither waits on the other in the opposite order. Bounded,
-            // so as not to stall every commit behind a long reader for long.
-            let existing: bool = tx
-                .query_one("SELECT to_regclass('batches') IS NOT NULL", &[])
-                .await?
-                .get(0);
-            if existing {
-                tx.batch_execute("SET LOCAL lock_timeout = '30s'").await?;
-                tx.batch_execute(SQL_LOCK_FOR_PARTITIONS).await?;
-                tx.batch_execute("SET LOCAL lock_timeout = 0").await?;
+            // A lock not had within the schema transaction's timeout (behind a long reader, a
+            // vacuum, a session idle in a transaction): given up, so that no commit waits
+            // behind it long, and tried again a little later.
+            let mut attempt = 1;
+            loop {
+                match make_schema(&mut client).await {
+                    Ok(()) => break,
+                    Err(StoreError::Postgres(e))
+                        if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) && attempt < 6 =>
+                    {
+                        tracing::warn!(
+                            attempt,
+                            error = %describe(&e),
+                            "schema transaction could not lock a table in 10 s; trying again"
+                        );
+                        attempt += 1;
+                        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            let legacy = unpartition_legacy(&tx).await?;
-            tx.batch_execute(SCHEMA).await?;
-            if legacy {
-                attach_legacy(&tx, crate::unix_now_ns()).await?;
-            }
-            // Today's partitions before the first batch goes in (the tables are locked above,
-            // or were made by this transaction).
-            create_partitions(&tx, crate::unix_now_ns()).await?;
-            // A process of an older version still storing batches would add allocations the
-            // backfill does not see: they wait for this transaction (stop them all before an
-            // upgrade; `audit` names any hour that still differs).
-            tx.batch_execute("LOCK TABLE allocations IN SHARE MODE")
-                .await?;
-            tx.execute(
-                "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', $1) \
-                 ON CONFLICT (key) DO NOTHING",
-                &[&SCHEMA_VERSION],
-            )
-            .await?;
-            // 1 -> 2 -> 3 -> 4 only added tables (created above); 4 -> 5 fills the hourly
-            // run totals from the stored allocations, once.
-            tx.execute(SQL_BACKFILL_ROLLUP, &[]).await?;
-            tx.execute(SQL_UPGRADE_VERSION, &[]).await?;
-            tx.commit().await?;
         }
         let version: Option<i64> = client
             .query_opt(
@@ -1636,6 +1614,54 @@ impl Store for PgStore {
         }
         Ok(nodes.into_values().collect())
     }
+}
+
+/// Creates or upgrades the schema, in one transaction under an advisory lock (`serve`).
+async fn make_schema(client: &mut Client) -> Result<(), StoreError> {
+    let tx = client.transaction().await?;
+    // The schema transaction may wait for another process's and, upgrading, fill the
+    // rollup from every allocation: not bounded by the 30 s of ordinary statements.
+    tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
+        .await?;
+    // Another process's commits take `batches`, then `allocations`: so does this
+    // transaction, before any DDL touches either (an index made "if not exists" still
+    // locks its table), so neither waits on the other in the opposite order. Every lock
+    // after the advisory one within 10 s (the caller tries again): the commits of other
+    // processes wait behind this transaction, so it must not wait long itself.
+    let existing: bool = tx
+        .query_one("SELECT to_regclass('batches') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    tx.batch_execute("SET LOCAL lock_timeout = '10s'").await?;
+    if existing {
+        tx.batch_execute(SQL_LOCK_FOR_PARTITIONS).await?;
+    }
+    let legacy = unpartition_legacy(&tx).await?;
+    tx.batch_execute(SCHEMA).await?;
+    if legacy {
+        attach_legacy(&tx, crate::unix_now_ns()).await?;
+    }
+    // Today's partitions before the first batch goes in (the tables are locked above,
+    // or were made by this transaction).
+    create_partitions(&tx, crate::unix_now_ns()).await?;
+    // A process of an older version still storing batches would add allocations the
+    // backfill does not see: they wait for this transaction (stop them all before an
+    // upgrade; `audit` names any hour that still differs).
+    tx.batch_execute("LOCK TABLE allocations IN SHARE MODE")
+        .await?;
+    tx.execute(
+        "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', $1) \
+         ON CONFLICT (key) DO NOTHING",
+        &[&SCHEMA_VERSION],
+    )
+    .await?;
+    // 1 -> 2 -> 3 -> 4 only added tables (created above); 4 -> 5 fills the hourly
+    // run totals from the stored allocations, once.
+    tx.execute(SQL_BACKFILL_ROLLUP, &[]).await?;
+    tx.execute(SQL_UPGRADE_VERSION, &[]).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Batches `audit` reads per query.
