@@ -128,11 +128,25 @@ impl Loop {
     /// One tick: usage, meters, attribution, record, signed batch (no fdatasync). Returns the
     /// signed batch's size, so nothing is optimised away.
     fn tick(&mut self) -> usize {
+        self.tick_phases(&mut [0; 5])
+    }
+
+    /// [`Loop::tick`], adding the allocations of each phase to `phases`: the tracker's read,
+    /// the usage mapped, the sampler (meters and attribution), the record, the signed batch.
+    fn tick_phases(&mut self, phases: &mut [u64; 5]) -> usize {
         // 30 J a second on the package.
         self.energy_uj += 30_000_000;
         let _ = std::fs::write(&self.energy_file, format!("{}\n", self.energy_uj));
         self.mono_ns += 1_000_000_000;
+        // The bench's own write above is not the tick's.
+        let mut mark = ALLOCATIONS.load(Ordering::Relaxed);
+        let mut phase = |i: usize| {
+            let now = ALLOCATIONS.load(Ordering::Relaxed);
+            phases[i] += now - mark;
+            mark = now;
+        };
         let mut snap = self.tracker.tick(1_000_000);
+        phase(0);
         let mut usage = wattd::daemon::usage_from(&mut snap, &self.package_cpus);
         let package = self.package_cpus.keys().next().copied().unwrap_or(0);
         let mut busy = 0u64;
@@ -142,6 +156,7 @@ impl Loop {
             busy += us;
         }
         usage.busy_us.insert(package, busy + 100_000);
+        phase(1);
         let interval = self.sampler.tick(
             Stamp {
                 mono_ns: self.mono_ns,
@@ -149,7 +164,9 @@ impl Loop {
             },
             Some(usage),
         );
+        phase(2);
         let record = wattd::records::interval(&interval, "boot", false);
+        phase(3);
         let batch = sign_batch(
             &self.key,
             1,
@@ -160,7 +177,10 @@ impl Loop {
                 ..BatchContent::default()
             },
         );
-        batch.bytes.len()
+        let len = batch.bytes.len();
+        drop(batch);
+        phase(4);
+        len
     }
 }
 
@@ -191,12 +211,19 @@ fn whole_tick(c: &mut Criterion) {
             seen, runs,
             "the tracker sees {seen} of the {runs} runs: the figures would be per the wrong count"
         );
-        let before = ALLOCATIONS.load(Ordering::Relaxed);
-        let bytes = l.tick();
-        let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+        let mut phases = [0u64; 5];
+        let bytes = l.tick_phases(&mut phases);
+        let allocations: u64 = phases.iter().sum();
+        let per_run = |n: u64| n as f64 / runs as f64;
         eprintln!(
-            "whole_tick/{runs}: {allocations} allocations in one tick ({:.1} per run), a signed batch of {bytes} bytes",
-            allocations as f64 / runs as f64
+            "whole_tick/{runs}: {allocations} allocations in one tick ({:.1} per run: tracker {:.1}, \
+             usage {:.1}, sampler {:.1}, record {:.1}, batch {:.1}), a signed batch of {bytes} bytes",
+            per_run(allocations),
+            per_run(phases[0]),
+            per_run(phases[1]),
+            per_run(phases[2]),
+            per_run(phases[3]),
+            per_run(phases[4]),
         );
         group.throughput(Throughput::Elements(runs as u64));
         group.bench_with_input(BenchmarkId::from_parameter(runs), &runs, |b, _| {

@@ -114,6 +114,11 @@ pub(super) struct Family {
     /// The parent, relative to the cgroup root.
     pub rel: Arc<str>,
     pub cpu_stat: Source,
+    /// Its `cgroup.procs`: when it lists a process, the residual is not the children's alone.
+    pub procs: Source,
+    /// The parent directory, kept open to list the children at every point (rewound, read
+    /// into the tracker's buffer); `None` above the descriptor budget: opened each time.
+    pub dir: Option<std::fs::File>,
     /// Parent usage at the last point.
     pub last_us: u64,
     /// Tracker clock (microseconds) of the last point.
@@ -136,7 +141,7 @@ pub(super) struct Family {
     /// Tracker clock when the balance was last zero or below: what built up since cannot exceed
     /// the whole machine's time since then.
     pub balance_since_us: u64,
-    /// Descriptors it keeps (its `cpu.stat`).
+    /// Descriptors it keeps (its `cpu.stat`, `cgroup.procs` and directory, within the budget).
     pub kept_fds: usize,
     /// The parent's usage read right before the children's at the point in progress ...
     pub pre_us: Option<u64>,
@@ -198,15 +203,6 @@ pub fn share_residual(total: u64, weights: &[u64]) -> Vec<u64> {
         left -= 1;
     }
     out
-}
-
-/// The parent's `cgroup.procs` holds a process: the residual is not the children's alone.
-pub(super) fn parent_holds_processes(procs: &std::path::Path) -> Result<bool, std::io::Error> {
-    use std::io::Read as _;
-    let mut f = std::fs::File::open(procs)?;
-    let mut buf = [0u8; 64];
-    let n = f.read(&mut buf)?;
-    Ok(buf[..n].iter().any(u8::is_ascii_digit))
 }
 
 #[cfg(test)]

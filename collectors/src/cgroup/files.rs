@@ -45,6 +45,24 @@ impl Source {
 
     /// Reads into `buf` and returns the filled prefix; a full buffer is an error.
     fn read<'b>(&self, buf: &'b mut [u8]) -> Result<&'b [u8], HostError> {
+        let n = self.read_prefix(buf)?.len();
+        if n == buf.len() {
+            return Err(HostError::TooBig {
+                path: self.path().to_owned(),
+                limit: buf.len() - 1,
+            });
+        }
+        Ok(&buf[..n])
+    }
+
+    /// Whether the file's first bytes hold a digit: `cgroup.procs` lists a process.
+    pub fn lists_a_number(&self) -> Result<bool, HostError> {
+        let mut buf = [0u8; 64];
+        Ok(self.read_prefix(&mut buf)?.iter().any(u8::is_ascii_digit))
+    }
+
+    /// Reads as much of the file as fits in `buf`, from its start.
+    fn read_prefix<'b>(&self, buf: &'b mut [u8]) -> Result<&'b [u8], HostError> {
         let n = match self {
             Source::Kept(k) => k.pread(buf)?.len(),
             Source::Path(p) => {
@@ -66,12 +84,6 @@ impl Source {
                 n
             }
         };
-        if n == buf.len() {
-            return Err(HostError::TooBig {
-                path: self.path().to_owned(),
-                limit: buf.len() - 1,
-            });
-        }
         Ok(&buf[..n])
     }
 
@@ -97,6 +109,23 @@ impl Source {
 pub fn parse_cpu_stat_usage_us(path: &Path, bytes: &[u8]) -> Result<u64, HostError> {
     let text =
         std::str::from_utf8(bytes).map_err(|_| HostError::malformed(path, "not valid UTF-8"))?;
+    // The kernel writes `usage_usec N` first: read it straight, and the rest only to make sure
+    // it does not name `usage_usec` again (every line that could is a line that contains it).
+    if let Some((first, rest)) = text.split_once('\n') {
+        if let Some(digits) = first.strip_prefix("usage_usec ") {
+            if !digits.is_empty()
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && !rest.contains("usage_usec")
+            {
+                return parse_u64(path, digits);
+            }
+        }
+    }
+    usage_by_lines(path, text)
+}
+
+/// [`parse_cpu_stat_usage_us`] line by line: any layout.
+fn usage_by_lines(path: &Path, text: &str) -> Result<u64, HostError> {
     let mut usage = None;
     for line in text.lines() {
         let mut it = line.split_ascii_whitespace();
@@ -201,6 +230,9 @@ mod tests {
             (b"usage_usec 1\nusage_usec 1\n", Err("twice")),
             (b"usage_usec 99999999999999999999\n", Err("64 bits")),
             (b"usage_usec \xff\n", Err("UTF-8")),
+            (b"usage_usec 1\nuser_usec 3\n\tusage_usec 1\n", Err("twice")),
+            (b"usage_usec 1\nuser_usec \xff\n", Err("UTF-8")),
+            (b"usage_usec 12\n", Ok(12)),
         ];
         for (input, want) in cases {
             match (parse_cpu_stat_usage_us(p, input), want) {
@@ -211,6 +243,33 @@ mod tests {
                 }
                 (g, w) => panic!("{input:?}: want {w:?} got {g:?}"),
             }
+        }
+    }
+
+    proptest::proptest! {
+        /// The straight read of the first line answers as the line-by-line one does, whatever
+        /// the lines, their order, their whitespace and repeats.
+        #[test]
+        fn the_first_line_shortcut_agrees_with_every_line(
+            lines in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "usage_usec 5", "usage_usec 0", "usage_usec 18446744073709551615",
+                    "usage_usec 18446744073709551616", "usage_usec", "usage_usec 7 8",
+                    " usage_usec 9", "usage_usec\t9", "usage_usec -1", "usage_usecs 3",
+                    "user_usec 3", "system_usec 2", "nr_periods 0", "", "x usage_usec 4",
+                ]),
+                0..6,
+            ),
+            trailing_newline in proptest::bool::ANY,
+        ) {
+            let mut text = lines.join("\n");
+            if trailing_newline {
+                text.push('\n');
+            }
+            let p = Path::new("cpu.stat");
+            let fast = parse_cpu_stat_usage_us(p, text.as_bytes()).map_err(|e| e.to_string());
+            let slow = usage_by_lines(p, &text).map_err(|e| e.to_string());
+            proptest::prop_assert_eq!(fast, slow, "{:?}", text);
         }
     }
 

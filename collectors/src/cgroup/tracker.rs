@@ -6,15 +6,14 @@ use std::ffi::OsStr;
 use std::io;
 use std::ops::Bound;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::family::{
-    parent_holds_processes, share_residual, Claimant, ClaimantKind, Family, FinalUsage, Other,
-};
+use super::family::{share_residual, Claimant, ClaimantKind, Family, FinalUsage, Other};
 use super::files::{read_populated, read_reserved_millicpus, Source};
 use super::inotify::{Event, Inotify};
 use super::mount::find_cgroup2_mount;
@@ -36,6 +35,9 @@ pub use wattd_proto::names::{LABELS_MAX, LABEL_KEY_MAX_BYTES, LABEL_VALUE_MAX_BY
 const RECENTLY_FINISHED_MAX: usize = 16_384;
 /// Longest absolute path we open (PATH_MAX).
 const PATH_MAX_BYTES: usize = 4095;
+
+/// The buffer a parent's directory is read into: about 300 children per `getdents64` call.
+const DIR_BUF_BYTES: usize = 16 * 1024;
 
 const PARENT_MASK: u32 = libc::IN_CREATE
     | libc::IN_DELETE
@@ -389,6 +391,12 @@ pub struct RunTracker {
     errors: Vec<TickError>,
     events: Vec<Event>,
     tc_scratch: Vec<(u32, u64)>,
+    /// A run's counter movement per package while it is split (kept between ticks).
+    split_scratch: Vec<(u32, u128)>,
+    /// A parent's directory entries while it is listed (kept between points).
+    dir_buf: Vec<u8>,
+    /// A child's path while it is looked up (kept between points).
+    child_key: String,
     /// Parents of tracked runs, by path relative to the cgroup root (see [`super::family`]).
     families: BTreeMap<Arc<str>, Family>,
     ghosts: Vec<Ghost>,
@@ -515,6 +523,9 @@ impl RunTracker {
             errors: Vec::new(),
             events: Vec::new(),
             tc_scratch: Vec::new(),
+            split_scratch: Vec::new(),
+            dir_buf: Vec::new(),
+            child_key: String::new(),
             families: BTreeMap::new(),
             ghosts: Vec::new(),
             epoch: Instant::now(),
@@ -915,16 +926,6 @@ impl RunTracker {
     /// run id when the name is a run of this pattern (tracked before or now).
     fn consider(&mut self, idx: usize, name: &OsStr, billed_from: BilledFrom) -> Option<Arc<str>> {
         let wanted = billed_from;
-        let billed_from = match billed_from {
-            BilledFrom::Birth => {
-                let dir = self
-                    .cgroup_root
-                    .join(self.patterns[idx].parent())
-                    .join(name);
-                self.billing_start(&dir, BilledFrom::Birth)
-            }
-            other => other,
-        };
         let id = match self.patterns[idx].match_name(name) {
             NameMatch::Run(id) => id,
             NameMatch::NoMatch => return None,
@@ -939,6 +940,17 @@ impl RunTracker {
         if self.recently_finished_set.contains(id.as_str()) {
             return None;
         }
+        // Only for a run new to the tracker: a rescan lists every tracked one again.
+        let billed_from = match billed_from {
+            BilledFrom::Birth => {
+                let dir = self
+                    .cgroup_root
+                    .join(self.patterns[idx].parent())
+                    .join(name);
+                self.billing_start(&dir, BilledFrom::Birth)
+            }
+            other => other,
+        };
         // match_name only accepts UTF-8 ids, and prefix/suffix come from a UTF-8 pattern.
         let dir_name = name.to_str()?;
         let rel = self.patterns[idx].cgroup_rel(dir_name);
@@ -1491,7 +1503,8 @@ impl RunTracker {
             let reconciled_us = std::mem::take(&mut run.pending_reconciled_us);
             run.reconciled_total_us += reconciled_us;
             let usage_us = read_us.saturating_add(reconciled_us);
-            let (by_pkg, split) = split_run(run, usage_us, &fallback_weights);
+            let (by_pkg, split) =
+                split_run(run, usage_us, &fallback_weights, &mut self.split_scratch);
             for (pkg, us) in &by_pkg {
                 *runs_by_pkg.entry(*pkg).or_default() += us;
             }
@@ -1757,7 +1770,18 @@ impl RunTracker {
         let Ok(cpu_stat) = Source::open(dir.join("cpu.stat"), keep) else {
             return false;
         };
-        let kept = usize::from(cpu_stat.is_kept());
+        let Ok(procs) = Source::open(dir.join("cgroup.procs"), self.kept_fds + 1 < self.fd_budget)
+        else {
+            return false;
+        };
+        let listing = if self.kept_fds + 2 < self.fd_budget {
+            std::fs::File::open(&dir).ok()
+        } else {
+            None
+        };
+        let kept = usize::from(cpu_stat.is_kept())
+            + usize::from(procs.is_kept())
+            + usize::from(listing.is_some());
         // Children first, then the parent: the same order as every point.
         let mut others = BTreeMap::new();
         if let Ok(rd) = std::fs::read_dir(&dir) {
@@ -1807,6 +1831,8 @@ impl RunTracker {
             Family {
                 rel,
                 cpu_stat,
+                procs,
+                dir: listing,
                 last_us,
                 last_point_us: now,
                 wd,
@@ -1909,26 +1935,66 @@ impl RunTracker {
     /// becomes one from that baseline, billed from its birth; when it goes away first and is a
     /// run's, it is billed as a ghost.
     fn list_family(&mut self, rel: &str) {
-        let dir = self.cgroup_root.join(rel);
-        let Ok(rd) = std::fs::read_dir(&dir) else {
-            // Gone or unreadable: the parent's own read says so at this point.
-            return;
-        };
         let Some(f) = self.families.get(rel) else {
             return;
         };
-        let unknown: Vec<std::ffi::OsString> = rd
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|e| e.file_name())
-            .filter(|n| !f.others.contains_key(n) && !f.departed.contains(n))
-            .filter(|n| {
-                let child = format!("{rel}/{}", n.to_string_lossy());
-                !self.paths.contains_key(child.as_str())
-                    && !self.ghosts.iter().any(|g| *g.cgroup_rel == *child)
-            })
-            .collect();
+        // The kept directory rewound, else opened now. Gone or unreadable: the parent's own
+        // read says so at this point.
+        let opened;
+        let fd = match &f.dir {
+            Some(d) => {
+                if rustix::fs::seek(d, rustix::fs::SeekFrom::Start(0)).is_err() {
+                    return;
+                }
+                d.as_fd()
+            }
+            None => match std::fs::File::open(self.cgroup_root.join(rel)) {
+                Ok(d) => {
+                    opened = d;
+                    opened.as_fd()
+                }
+                Err(_) => return,
+            },
+        };
+        // Every child, every point: nothing allocated for the children already known.
+        if self.dir_buf.capacity() < DIR_BUF_BYTES {
+            self.dir_buf.reserve(DIR_BUF_BYTES);
+        }
+        let key = &mut self.child_key;
+        let mut unknown: Vec<std::ffi::OsString> = Vec::new();
+        let mut entries = rustix::fs::RawDir::new(fd, self.dir_buf.spare_capacity_mut());
+        while let Some(Ok(e)) = entries.next() {
+            let name = OsStr::from_bytes(e.file_name().to_bytes());
+            if name == "." || name == ".." {
+                continue;
+            }
+            let is_dir = match e.file_type() {
+                rustix::fs::FileType::Directory => true,
+                rustix::fs::FileType::Unknown => {
+                    rustix::fs::statat(fd, e.file_name(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                        .is_ok_and(|st| {
+                            rustix::fs::FileType::from_raw_mode(st.st_mode)
+                                == rustix::fs::FileType::Directory
+                        })
+                }
+                _ => false,
+            };
+            if !is_dir || f.others.contains_key(name) || f.departed.contains(name) {
+                continue;
+            }
+            key.clear();
+            key.push_str(rel);
+            key.push('/');
+            key.push_str(&name.to_string_lossy());
+            if self.paths.contains_key(key.as_str())
+                || self.ghosts.iter().any(|g| *g.cgroup_rel == **key)
+            {
+                continue;
+            }
+            unknown.push(name.to_owned());
+        }
         self.counters.children_listed_early += unknown.len() as u64;
+        let dir = self.cgroup_root.join(rel);
         let Some(f) = self.families.get_mut(rel) else {
             return;
         };
@@ -2126,18 +2192,17 @@ impl RunTracker {
         // Checked at every point: a positive residual is timing noise to keep (it cancels
         // later) only when the parent has no processes of its own; else it is theirs.
         if unreliable.is_none() {
-            let procs = self.cgroup_root.join(rel).join("cgroup.procs");
-            match parent_holds_processes(&procs) {
+            match fam.procs.lists_a_number() {
                 Ok(false) => {}
                 Ok(true) => {
                     self.counters.reconcile_parent_busy += 1;
                     unreliable = Some(format!(
                         "{} lists processes: the parent's own CPU time cannot be told from \
                          its removed children's",
-                        procs.display()
+                        fam.procs.path().display()
                     ));
                 }
-                Err(e) => unreliable = Some(format!("{}: {e}", procs.display())),
+                Err(e) => unreliable = Some(e.to_string()),
             }
         }
         self.counters.reconcile_points += 1;
@@ -2509,29 +2574,38 @@ fn split_run(
     run: &Run,
     usage_us: u64,
     fallback: &[(u32, u128)],
+    w: &mut Vec<(u32, u128)>,
 ) -> (BTreeMap<u32, u64>, SplitSource) {
     if run.perf.is_some()
         && !run.perf_pkgs.is_empty()
         && run.latest_tc_ns.len() == run.perf_pkgs.len()
     {
-        let by_pkg = |since: &dyn Fn(usize) -> u64| {
-            let mut w: BTreeMap<u32, u128> = BTreeMap::new();
-            for (i, pkg) in run.perf_pkgs.iter().enumerate() {
-                *w.entry(*pkg).or_default() +=
-                    u128::from(run.latest_tc_ns[i].saturating_sub(since(i)));
+        // The counters' movement per package (in `w`, by package id), since the last tick or
+        // over the run's whole life.
+        let by_pkg = |w: &mut Vec<(u32, u128)>, whole_life: bool| {
+            w.clear();
+            for (i, &pkg) in run.perf_pkgs.iter().enumerate() {
+                let since = if whole_life {
+                    0
+                } else {
+                    run.billed_tc_ns.get(i).copied().unwrap_or(0)
+                };
+                let v = u128::from(run.latest_tc_ns[i].saturating_sub(since));
+                match w.iter_mut().find(|e| e.0 == pkg) {
+                    Some(e) => e.1 += v,
+                    None => w.push((pkg, v)),
+                }
             }
-            w.into_iter().collect::<Vec<(u32, u128)>>()
+            w.sort_unstable_by_key(|e| e.0);
         };
-        let tick = by_pkg(&|i| run.billed_tc_ns.get(i).copied().unwrap_or(0));
+        by_pkg(w, false);
         // Usage with no counter movement of its own this tick (a tail recovered from the
         // parent) is split as the run's whole life was.
-        let w = if tick.iter().any(|&(_, v)| v > 0) {
-            tick
-        } else {
-            by_pkg(&|_| 0)
-        };
+        if !w.iter().any(|&(_, v)| v > 0) {
+            by_pkg(w, true);
+        }
         if w.iter().any(|&(_, v)| v > 0) {
-            return (split_exact(usage_us, &w), SplitSource::PerfTaskClock);
+            return (split_exact(usage_us, w), SplitSource::PerfTaskClock);
         }
     }
     (split_exact(usage_us, fallback), SplitSource::ProcStatShare)
@@ -2551,31 +2625,124 @@ pub fn split_exact(total: u64, weights: &[(u32, u128)]) -> BTreeMap<u32, u64> {
         return out;
     }
     let mut given: u64 = 0;
-    let mut rems: Vec<(u128, u32)> = Vec::with_capacity(weights.len());
     for &(p, w) in weights {
-        let num = u128::from(total) * w;
-        let q = u64::try_from(num / sum).unwrap_or(u64::MAX);
+        let q = u64::try_from(u128::from(total) * w / sum).unwrap_or(u64::MAX);
         given += q;
-        rems.push((num % sum, p));
         out.insert(p, q);
     }
-    rems.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut left = total - given;
-    for (_, p) in rems {
-        if left == 0 {
-            break;
+    // What the quotients left (fewer units than weights) goes one unit each to the largest
+    // remainders, ties to the lower package id then the earlier weight; chosen in place, as
+    // this runs for every run on every tick.
+    let rem = |i: usize| (u128::from(total) * weights[i].1) % sum;
+    let mut taken = vec_or_bits(weights.len());
+    for _ in 0..total - given {
+        let mut best: Option<usize> = None;
+        for i in 0..weights.len() {
+            if taken.has(i) {
+                continue;
+            }
+            best = match best {
+                Some(b)
+                    if (rem(b), std::cmp::Reverse(weights[b].0))
+                        >= (rem(i), std::cmp::Reverse(weights[i].0)) =>
+                {
+                    Some(b)
+                }
+                _ => Some(i),
+            };
         }
-        if let Some(v) = out.get_mut(&p) {
+        let Some(b) = best else { break };
+        taken.set(b);
+        if let Some(v) = out.get_mut(&weights[b].0) {
             *v += 1;
         }
-        left -= 1;
     }
     out
+}
+
+/// The weights already given their extra unit: bits for the usual few packages, else a vector.
+enum Taken {
+    Bits(u64),
+    Flags(Vec<bool>),
+}
+
+fn vec_or_bits(n: usize) -> Taken {
+    if n <= 64 {
+        Taken::Bits(0)
+    } else {
+        Taken::Flags(vec![false; n])
+    }
+}
+
+impl Taken {
+    fn has(&self, i: usize) -> bool {
+        match self {
+            Taken::Bits(b) => b & (1 << i) != 0,
+            Taken::Flags(f) => f[i],
+        }
+    }
+
+    fn set(&mut self, i: usize) {
+        match self {
+            Taken::Bits(b) => *b |= 1 << i,
+            Taken::Flags(f) => f[i] = true,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A parent's children that no event announced are found by listing it at a point, from
+    /// the kept directory (rewound each time) or, with no descriptor to spare, opened then.
+    #[test]
+    fn a_parent_is_listed_at_every_point_kept_open_or_not() {
+        for budget in [None, Some(0)] {
+            let dir = tempfile::tempdir().unwrap();
+            let h = crate::synth::HostTree::new(dir.path());
+            h.write(
+                "proc/self/mountinfo",
+                "22 1 0:20 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n",
+            )
+            .unwrap();
+            h.cpus(2, 1, 1).unwrap();
+            h.proc_stat(&[(100, 100), (100, 100)]).unwrap();
+            let cg = "sys/fs/cgroup/flowzart.slice";
+            let put = |rel: String, text: &str| h.write(rel, text).unwrap();
+            put(format!("{cg}/cpu.stat"), "usage_usec 100\n");
+            put(format!("{cg}/cgroup.procs"), "");
+            put(format!("{cg}/run-a.scope/cpu.stat"), "usage_usec 5\n");
+            put(format!("{cg}/run-a.scope/cgroup.events"), "populated 1\n");
+            let mut t = RunTracker::new(TrackerConfig {
+                rescan_every_ticks: 0,
+                fd_budget: budget,
+                ..TrackerConfig::new(HostRoot::new(dir.path()))
+            })
+            .unwrap();
+            t.tick(1_000);
+            let fam = "flowzart.slice";
+            assert_eq!(
+                t.families[fam].dir.is_some(),
+                budget.is_none(),
+                "{budget:?}"
+            );
+            // Created with no event read in between: only the listing can find them.
+            put(format!("{cg}/helper.service/cpu.stat"), "usage_usec 1\n");
+            put(format!("{cg}/not-a-directory"), "");
+            t.list_family(fam);
+            put(format!("{cg}/later.slice/cpu.stat"), "usage_usec 1\n");
+            t.list_family(fam);
+            let others: Vec<String> = t.families[fam]
+                .others
+                .keys()
+                .map(|k| k.to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(others, ["helper.service", "later.slice"], "{budget:?}");
+            assert_eq!(t.counters.children_listed_early, 2, "{budget:?}");
+            assert!(t.runs.contains_key("a"), "{budget:?}");
+        }
+    }
 
     #[test]
     fn counted_tails_scale_by_the_measured_ratio_within_bounds() {
@@ -2589,6 +2756,57 @@ mod tests {
         assert_eq!(scale_tail(10_000_000, (2_000_000, 1_000_000_000)), 10_000);
         assert_eq!(scale_tail(10_000_000, (330_000, 1_000_000_000)), 8_000);
         assert_eq!(scale_tail(u64::MAX, (1, 1)), u64::MAX / 1_000 + 1);
+    }
+
+    /// `split_exact` as it was first written (sorting the remainders): the reference.
+    fn split_exact_by_sorting(total: u64, weights: &[(u32, u128)]) -> BTreeMap<u32, u64> {
+        let sum: u128 = weights.iter().map(|&(_, w)| w).sum();
+        if sum == 0 || weights.is_empty() {
+            return split_exact(total, weights);
+        }
+        let mut out = BTreeMap::new();
+        let mut given: u64 = 0;
+        let mut rems: Vec<(u128, u32)> = Vec::new();
+        for &(p, w) in weights {
+            let num = u128::from(total) * w;
+            let q = u64::try_from(num / sum).unwrap_or(u64::MAX);
+            given += q;
+            rems.push((num % sum, p));
+            out.insert(p, q);
+        }
+        rems.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut left = total - given;
+        for (_, p) in rems {
+            if left == 0 {
+                break;
+            }
+            if let Some(v) = out.get_mut(&p) {
+                *v += 1;
+            }
+            left -= 1;
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn split_exact_gives_what_sorting_the_remainders_gave(
+            total in proptest::prop_oneof![0u64..1_000, proptest::num::u64::ANY],
+            weights in proptest::collection::vec((0u32..6, 0u128..5_000), 0..9),
+            wide in proptest::bool::ANY,
+        ) {
+            // Past 64 weights the flags take over from the bits.
+            let weights: Vec<(u32, u128)> = if wide {
+                (0..70u32).map(|p| (p, u128::from(p % 7) + 1)).collect()
+            } else {
+                weights
+            };
+            let got = split_exact(total, &weights);
+            proptest::prop_assert_eq!(&got, &split_exact_by_sorting(total, &weights));
+            if weights.iter().map(|w| w.0).collect::<BTreeSet<_>>().len() == weights.len() {
+                proptest::prop_assert_eq!(got.values().map(|&v| u128::from(v)).sum::<u128>(), u128::from(total));
+            }
+        }
     }
 
     #[test]

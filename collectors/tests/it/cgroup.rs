@@ -433,8 +433,9 @@ fn churn_of_1000_cgroups_leaks_no_descriptor() {
     }
     let s = t.tick(1000);
     assert_eq!(seen, 1000);
-    // Only the pattern parent's cpu.stat stays open: it reconciles runs removed unread.
-    assert_eq!(s.counters.kept_fds, 1);
+    // Only the pattern parent's cpu.stat, cgroup.procs and directory stay open: they
+    // reconcile runs removed unread.
+    assert_eq!(s.counters.kept_fds, 3);
     assert_eq!(fd_count(&sb), before, "descriptors leaked");
 }
 
@@ -792,13 +793,31 @@ mod removed_at_once {
 
     #[test]
     fn run_created_and_removed_between_two_reads_is_billed_from_its_parent() {
+        ghost_billed_from_its_parent("ghost", None);
+    }
+
+    /// The same with no descriptor kept: the parent's `cpu.stat`, `cgroup.procs` and
+    /// directory are opened at every point instead.
+    #[test]
+    fn run_created_and_removed_between_two_reads_is_billed_from_its_parent_with_no_kept_descriptor()
+    {
+        ghost_billed_from_its_parent("ghost-open", Some(0));
+    }
+
+    fn ghost_billed_from_its_parent(tag: &str, fd_budget: Option<usize>) {
         let _g = serial();
-        let Some(mut sb) = Sandbox::new("ghost") else {
+        let Some(mut sb) = Sandbox::new(tag) else {
             return;
         };
         sb.mkdir("flowzart.slice");
-        let mut t = RunTracker::new(sb.config()).unwrap();
+        // A child of the parent that is no run: listed at every point, its CPU time its own.
+        let helper = sb.mkdir("flowzart.slice/helper.service");
+        let mut c = sb.config();
+        c.fd_budget = fd_budget;
+        let mut t = RunTracker::new(c).unwrap();
         t.tick(0);
+        let busy = sb.spawn_burner(&helper, 60, 60, 1);
+        sb.wait(busy);
         // Nobody reads events between the creation and the removal: the run is known only
         // from its creation event, and its cgroup is gone when that event is handled.
         let truth = run_and_remove(&mut sb, "ghost", 80);
@@ -817,6 +836,8 @@ mod removed_at_once {
         );
         assert_eq!(s.counters.ghost_runs, 1);
         assert_eq!(s.counters.final_lost, 0);
+        let kept = if fd_budget == Some(0) { 0 } else { 3 };
+        assert_eq!(s.counters.kept_fds, kept, "{:?}", s.counters);
         // Reported once: the next tick knows nothing of it.
         assert!(run(&t.tick(1_000), "ghost").is_none());
     }
