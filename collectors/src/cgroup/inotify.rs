@@ -1,12 +1,15 @@
-//! A minimal non-blocking inotify wrapper over libc: cgroupfs emits `IN_CREATE`/`IN_DELETE` on
-//! a parent when a cgroup is made or removed, and `IN_MODIFY` on `cgroup.events` when it
-//! empties, which is how runs are noticed without scanning.
+//! A minimal non-blocking inotify wrapper (rustix's system calls): cgroupfs emits
+//! `IN_CREATE`/`IN_DELETE` on a parent when a cgroup is made or removed, and `IN_MODIFY` on
+//! `cgroup.events` when it empties, which is how runs are noticed without scanning.
 
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+
+use rustix::fs::inotify;
+use rustix::io::Errno;
 
 /// One event as read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,90 +19,72 @@ pub struct Event {
     pub name: Option<OsString>,
 }
 
+/// Bytes read from the descriptor at a time: a few hundred events.
+const READ_BUF_BYTES: usize = 16 * 1024;
+
 #[derive(Debug)]
 pub struct Inotify {
     fd: OwnedFd,
+    /// Read into as it is (never zeroed): the daemon reads it at every tick.
+    buf: Vec<u8>,
 }
-
-const HEADER: usize = std::mem::size_of::<libc::inotify_event>();
 
 impl Inotify {
     pub fn new() -> io::Result<Self> {
-        // SAFETY: inotify_init1 has no memory preconditions; a non-negative result is an fd we
-        // now own.
-        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just returned by the kernel and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Inotify { fd })
+        let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)?;
+        Ok(Inotify {
+            fd,
+            buf: Vec::with_capacity(READ_BUF_BYTES),
+        })
     }
 
     pub fn add_watch(&self, path: &Path, mask: u32) -> io::Result<i32> {
-        let c = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
-        // SAFETY: c is a valid NUL-terminated string that outlives the call.
-        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), mask) };
-        if wd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let wd = inotify::add_watch(&self.fd, path, inotify::WatchFlags::from_bits_retain(mask))?;
         Ok(wd)
     }
 
     /// Removes a watch; an already removed one (its inode went away) is fine.
     pub fn rm_watch(&self, wd: i32) {
-        // SAFETY: plain syscall on our own fd; EINVAL for a stale wd is harmless.
-        unsafe {
-            libc::inotify_rm_watch(self.fd.as_raw_fd(), wd);
-        }
+        let _ = inotify::remove_watch(&self.fd, wd);
     }
 
     /// Reads every pending event without blocking.
-    pub fn read_events(&self, out: &mut Vec<Event>) -> io::Result<()> {
-        let mut buf = [0u8; 16 * 1024];
+    pub fn read_events(&mut self, out: &mut Vec<Event>) -> io::Result<()> {
+        let mut reader = inotify::Reader::new(&self.fd, self.buf.spare_capacity_mut());
         loop {
-            // SAFETY: buf is valid for writes of buf.len() bytes.
-            let n = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast::<libc::c_void>(),
-                    buf.len(),
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                return match e.kind() {
-                    io::ErrorKind::WouldBlock => Ok(()),
-                    io::ErrorKind::Interrupted => continue,
-                    _ => Err(e),
-                };
+            match reader.next() {
+                Ok(ev) => out.push(Event {
+                    wd: ev.wd(),
+                    mask: ev.events().bits(),
+                    name: ev
+                        .file_name()
+                        .map(|n| n.to_bytes())
+                        .filter(|n| !n.is_empty())
+                        .map(|n| std::ffi::OsStr::from_bytes(n).to_owned()),
+                }),
+                Err(Errno::AGAIN) => return Ok(()),
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
             }
-            if n == 0 {
-                return Ok(());
-            }
-            parse_events(&buf[..n as usize], out);
         }
     }
 
     /// Blocks until an event is pending or `timeout_ms` passes; true if one is pending.
     pub fn wait(&self, timeout_ms: i32) -> io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let timeout = rustix::time::Timespec {
+            tv_sec: i64::from(timeout_ms.max(0) / 1000),
+            tv_nsec: i64::from(timeout_ms.max(0) % 1000) * 1_000_000,
         };
         loop {
-            // SAFETY: pfd is one valid pollfd.
-            let r = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
+            let mut fds = [rustix::event::PollFd::new(
+                &self.fd,
+                rustix::event::PollFlags::IN,
+            )];
+            match rustix::event::poll(&mut fds, Some(&timeout)) {
+                Ok(n) => return Ok(n > 0),
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
             }
-            return Ok(r > 0);
         }
     }
 }
@@ -110,28 +95,6 @@ impl AsFd for Inotify {
     }
 }
 
-/// Parses a buffer of kernel `inotify_event` records; a truncated tail is dropped (the kernel
-/// never splits an event across reads, so it cannot happen short of a kernel bug).
-fn parse_events(mut b: &[u8], out: &mut Vec<Event>) {
-    while b.len() >= HEADER {
-        // SAFETY: at least HEADER bytes are readable; read_unaligned copes with alignment.
-        let ev: libc::inotify_event =
-            unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<libc::inotify_event>()) };
-        let len = ev.len as usize;
-        let Some(name_bytes) = b.get(HEADER..HEADER + len) else {
-            return;
-        };
-        let end = name_bytes.iter().position(|&c| c == 0).unwrap_or(len);
-        let name = (end > 0).then(|| OsString::from_vec(name_bytes[..end].to_vec()));
-        out.push(Event {
-            wd: ev.wd,
-            mask: ev.mask,
-            name,
-        });
-        b = &b[HEADER + len..];
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,7 +102,7 @@ mod tests {
     #[test]
     fn sees_create_and_delete_in_a_temp_dir() {
         let dir = tempfile::tempdir().unwrap();
-        let ino = Inotify::new().unwrap();
+        let mut ino = Inotify::new().unwrap();
         let wd = ino
             .add_watch(dir.path(), libc::IN_CREATE | libc::IN_DELETE)
             .unwrap();
