@@ -242,8 +242,7 @@ impl ControlServer {
 /// Root, the agent's own user (a peer running as the agent can already do anything the agent
 /// can: it is no new principal), and the configured uids and gids.
 fn peer_allowed(config: &ControlConfig, peer: &Peer) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let own = unsafe { libc::geteuid() };
+    let own = rustix::process::geteuid().as_raw();
     peer.uid == 0
         || peer.uid == own
         || config.allowed_uids.contains(&peer.uid)
@@ -469,8 +468,7 @@ mod tests {
 
     #[test]
     fn root_the_agents_own_user_and_the_configured_ones_are_allowed() {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let own = unsafe { libc::geteuid() };
+        let own = rustix::process::geteuid().as_raw();
         let mut cfg = ControlConfig::new("/nonexistent/control.sock");
         let peer = |uid, gid| Peer {
             uid,

@@ -46,18 +46,11 @@ pub fn node_id(cfg: &Config) -> String {
             return s.to_owned();
         }
     }
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc == 0 {
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        if let Ok(h) = std::str::from_utf8(&buf[..end]) {
-            if !h.is_empty() {
-                return h.to_owned();
-            }
-        }
+    let uname = rustix::system::uname();
+    match uname.nodename().to_str() {
+        Ok(h) if !h.is_empty() => h.to_owned(),
+        _ => "unknown-node".to_owned(),
     }
-    "unknown-node".to_owned()
 }
 
 /// The kernel's boot id: the frame of reference of monotonic timestamps. Read from the running

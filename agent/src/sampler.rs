@@ -27,24 +27,16 @@ pub struct Stamp {
     pub unix_ns: i64,
 }
 
-fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; both clock ids exist on every Linux.
-    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
+fn clock_ns(clock: rustix::time::ClockId) -> i128 {
+    let ts = rustix::time::clock_gettime(clock);
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
 }
 
 impl Stamp {
     pub fn now() -> Self {
         Stamp {
-            mono_ns: clock_ns(libc::CLOCK_MONOTONIC).max(0) as u64,
-            unix_ns: clock_ns(libc::CLOCK_REALTIME) as i64,
+            mono_ns: clock_ns(rustix::time::ClockId::Monotonic).max(0) as u64,
+            unix_ns: clock_ns(rustix::time::ClockId::Realtime) as i64,
         }
     }
 }

@@ -325,69 +325,63 @@ pub fn render(v: &View, sort: Sort, cols: usize, rows: usize) -> Vec<String> {
 }
 
 fn terminal_size() -> (usize, usize) {
-    // SAFETY: winsize is plain old data; all zeroes is a valid value.
-    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-    // SAFETY: ws is a valid, writable winsize for the ioctl to fill.
-    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
-    if ok && ws.ws_col > 0 && ws.ws_row > 0 {
-        (ws.ws_col as usize, ws.ws_row as usize)
-    } else {
-        (80, 24)
+    match rustix::termios::tcgetwinsize(std::io::stdout()) {
+        Ok(ws) if ws.ws_col > 0 && ws.ws_row > 0 => (ws.ws_col as usize, ws.ws_row as usize),
+        _ => (80, 24),
     }
 }
 
 /// Puts the terminal in non-canonical, no-echo mode and restores it on drop.
-struct RawMode(Option<libc::termios>);
+struct RawMode(Option<rustix::termios::Termios>);
 
 impl RawMode {
     fn new() -> Self {
-        // SAFETY: tcgetattr/tcsetattr on stdin with valid termios structs.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(libc::STDIN_FILENO, &mut t) != 0 {
-                return RawMode(None);
-            }
-            let saved = t;
-            t.c_lflag &= !(libc::ICANON | libc::ECHO);
-            t.c_cc[libc::VMIN] = 0;
-            t.c_cc[libc::VTIME] = 0;
-            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t);
-            RawMode(Some(saved))
-        }
+        use rustix::termios::{
+            tcgetattr, tcsetattr, LocalModes, OptionalActions, SpecialCodeIndex,
+        };
+        let stdin = std::io::stdin();
+        let Ok(saved) = tcgetattr(&stdin) else {
+            return RawMode(None);
+        };
+        let mut t = saved.clone();
+        t.local_modes &= !(LocalModes::ICANON | LocalModes::ECHO);
+        t.special_codes[SpecialCodeIndex::VMIN] = 0;
+        t.special_codes[SpecialCodeIndex::VTIME] = 0;
+        let _ = tcsetattr(&stdin, OptionalActions::Now, &t);
+        RawMode(Some(saved))
     }
 }
 
 impl Drop for RawMode {
     fn drop(&mut self) {
-        if let Some(t) = self.0 {
-            // SAFETY: restoring the attributes read in `new`.
-            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) };
+        if let Some(t) = &self.0 {
+            let _ = rustix::termios::tcsetattr(
+                std::io::stdin(),
+                rustix::termios::OptionalActions::Now,
+                t,
+            );
         }
     }
 }
 
 /// Waits up to `timeout` for a key on stdin.
 fn key(timeout: Duration) -> Option<u8> {
-    let mut fds = libc::pollfd {
-        fd: libc::STDIN_FILENO,
-        events: libc::POLLIN,
-        revents: 0,
+    let stdin = std::io::stdin();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i64;
+    let timeout = rustix::time::Timespec {
+        tv_sec: ms / 1000,
+        tv_nsec: (ms % 1000) * 1_000_000,
     };
-    // SAFETY: one valid pollfd.
-    let n = unsafe {
-        libc::poll(
-            &mut fds,
-            1,
-            timeout.as_millis().min(i32::MAX as u128) as i32,
-        )
-    };
-    if n <= 0 {
+    let mut fds = [rustix::event::PollFd::new(
+        &stdin,
+        rustix::event::PollFlags::IN,
+    )];
+    if !matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0) {
         return None;
     }
+    // Unbuffered: the terminal's bytes are read one at a time, as they are polled.
     let mut b = [0u8; 1];
-    // SAFETY: reading one byte into a valid buffer.
-    let r = unsafe { libc::read(libc::STDIN_FILENO, b.as_mut_ptr().cast(), 1) };
-    (r == 1).then_some(b[0])
+    matches!(rustix::io::read(&stdin, &mut b), Ok(1)).then_some(b[0])
 }
 
 pub fn run(args: &TopArgs) -> anyhow::Result<()> {

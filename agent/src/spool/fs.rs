@@ -27,17 +27,12 @@ pub trait SpoolFs: std::fmt::Debug + Send + Sync {
     /// sealed ones.
     fn read_from_device(&self, path: &Path) -> io::Result<Vec<u8>> {
         use std::io::Read as _;
-        use std::os::fd::AsRawFd as _;
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)?;
         self.sync_data(&file)?;
-        // SAFETY: a plain syscall on a descriptor this function owns; no memory is passed.
-        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
-        }
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         Ok(bytes)
