@@ -69,6 +69,13 @@ impl Inotify {
         }
     }
 
+    /// Whether an event waits to be read (true when that cannot be told). The kernel queues a
+    /// watched directory's `IN_CREATE` before `mkdir` returns, so with none pending no child
+    /// has been made there since the queue was last read.
+    pub fn pending(&self) -> bool {
+        rustix::io::ioctl_fionread(&self.fd).map_or(true, |n| n > 0)
+    }
+
     /// Blocks until an event is pending or `timeout_ms` passes; true if one is pending.
     pub fn wait(&self, timeout_ms: i32) -> io::Result<bool> {
         let timeout = rustix::time::Timespec {

@@ -397,6 +397,8 @@ pub struct RunTracker {
     dir_buf: Vec<u8>,
     /// A child's path while it is looked up (kept between points).
     child_key: String,
+    /// Points at which a watched parent was not listed: no event was pending.
+    listings_skipped: u64,
     /// Parents of tracked runs, by path relative to the cgroup root (see [`super::family`]).
     families: BTreeMap<Arc<str>, Family>,
     ghosts: Vec<Ghost>,
@@ -514,6 +516,7 @@ impl RunTracker {
             split_scratch: Vec::new(),
             dir_buf: Vec::new(),
             child_key: String::new(),
+            listings_skipped: 0,
             families: BTreeMap::new(),
             ghosts: Vec::new(),
             epoch: Instant::now(),
@@ -1926,6 +1929,13 @@ impl RunTracker {
         let Some(f) = self.families.get(rel) else {
             return;
         };
+        // A watched parent with no event pending has made no child since the events were
+        // last read (and handled): nothing to find. (An overflowed queue holds its
+        // IN_Q_OVERFLOW, a dropped watch its IN_IGNORED: both pending, so listed.)
+        if f.wd.is_some() && !self.inotify.pending() {
+            self.listings_skipped += 1;
+            return;
+        }
         // The kept directory rewound, else opened now. Gone or unreadable: the parent's own
         // read says so at this point.
         let opened;
@@ -2715,6 +2725,10 @@ mod tests {
                 budget.is_none(),
                 "{budget:?}"
             );
+            // Nothing made since the events were read: no listing.
+            let skipped = t.listings_skipped;
+            t.list_family(fam);
+            assert_eq!(t.listings_skipped, skipped + 1, "{budget:?}");
             // Created with no event read in between: only the listing can find them.
             put(format!("{cg}/helper.service/cpu.stat"), "usage_usec 1\n");
             put(format!("{cg}/not-a-directory"), "");
@@ -2728,6 +2742,7 @@ mod tests {
                 .collect();
             assert_eq!(others, ["helper.service", "later.slice"], "{budget:?}");
             assert_eq!(t.counters.children_listed_early, 2, "{budget:?}");
+            assert_eq!(t.listings_skipped, skipped + 1, "{budget:?}");
             assert!(t.runs.contains_key("a"), "{budget:?}");
         }
     }
