@@ -21,7 +21,7 @@ use wattd_proto::v1;
 
 use crate::attribution::idle::IdleTracker;
 use crate::attribution::totals::Totals;
-use crate::attribution::{apportion, Policy, RunUsage, Ties, Usage};
+use crate::attribution::{apportion, DramPolicy, Policy, RunUsage, Ties, Usage};
 use crate::config::Config;
 use crate::control::{self, ControlConfig, ControlServer};
 use crate::metrics::{self, Metrics};
@@ -128,6 +128,12 @@ fn last_interval(sealer: &Sealer) -> anyhow::Result<Option<v1::Interval>> {
         seq -= 1;
     }
     Ok(None)
+}
+
+/// Whether the tracker reads each run's `memory.current` at every tick: only the DRAM
+/// `memory` policy weighs by it (else one read per run per tick is saved).
+fn reads_memory(dram: DramPolicy) -> bool {
+    dram == DramPolicy::Memory
 }
 
 /// A borrowed descriptor to wait on (the tracker's inotify fd, which the tracker owns).
@@ -274,6 +280,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
     tcfg.patterns = cfg.patterns.clone();
     tcfg.perf_counters = cfg.perf_counters;
     tcfg.perf_split = root.is_live();
+    tcfg.read_memory = reads_memory(cfg.dram_policy);
     let mut tracker = RunTracker::new(tcfg).context("starting the run tracker")?;
     // Baseline: runs already there are billed from now on, not for their past.
     let baseline = tracker.tick(0);
@@ -530,6 +537,7 @@ async fn run_async(mut cfg: Config, log_reload: LogReload) -> anyhow::Result<()>
                         }
                         let policy = Policy { idle: new.idle_policy, dram: new.dram_policy , platform: new.platform_policy };
                         if policy != sampler.policy() {
+                            tracker.set_read_memory(reads_memory(policy.dram));
                             sampler.set_policy(policy);
                             tracing::info!(?policy, "attribution policy reloaded");
                         }

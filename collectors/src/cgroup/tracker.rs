@@ -93,6 +93,9 @@ pub struct TrackerConfig {
     pub raise_nofile: bool,
     /// Full rescan every this many ticks, in case inotify dropped events; 0: never.
     pub rescan_every_ticks: u32,
+    /// Read each run's `memory.current` at every tick (what the DRAM `memory` policy weighs);
+    /// off, a run's `memory_bytes` is `None` and a tick costs one read per run fewer.
+    pub read_memory: bool,
 }
 
 impl TrackerConfig {
@@ -106,6 +109,7 @@ impl TrackerConfig {
             fd_budget: None,
             raise_nofile: true,
             rescan_every_ticks: 60,
+            read_memory: true,
         }
     }
 }
@@ -399,6 +403,8 @@ pub struct RunTracker {
     child_key: String,
     /// Points at which a watched parent was not listed: no event was pending.
     listings_skipped: u64,
+    /// [`TrackerConfig::read_memory`].
+    read_memory: bool,
     /// Parents of tracked runs, by path relative to the cgroup root (see [`super::family`]).
     families: BTreeMap<Arc<str>, Family>,
     ghosts: Vec<Ghost>,
@@ -517,6 +523,7 @@ impl RunTracker {
             dir_buf: Vec::new(),
             child_key: String::new(),
             listings_skipped: 0,
+            read_memory: config.read_memory,
             families: BTreeMap::new(),
             ghosts: Vec::new(),
             epoch: Instant::now(),
@@ -557,6 +564,11 @@ impl RunTracker {
     /// on it (e.g. tokio `AsyncFd`) and calls [`Self::poll_events`].
     pub fn events_fd(&self) -> BorrowedFd<'_> {
         self.inotify.as_fd()
+    }
+
+    /// [`TrackerConfig::read_memory`], changed at a reload: from the next tick.
+    pub fn set_read_memory(&mut self, on: bool) {
+        self.read_memory = on;
     }
 
     /// Waits up to `timeout` for cgroup events and handles them; true if any came.
@@ -607,7 +619,7 @@ impl RunTracker {
         let now = self.now_us();
         for run in self.runs.values_mut() {
             if run.final_read && !run.finished && !run.settled {
-                if let Err(e) = capture(run, &mut self.tc_scratch, now) {
+                if let Err(e) = capture(run, &mut self.tc_scratch, now, self.read_memory) {
                     if e.is_gone() {
                         gone.push(run.id.clone());
                     }
@@ -732,7 +744,7 @@ impl RunTracker {
         let populated = read_populated(&path);
         run.populated = populated.as_ref().ok().copied();
         match populated {
-            Ok(false) => match capture(run, &mut self.tc_scratch, now) {
+            Ok(false) => match capture(run, &mut self.tc_scratch, now, self.read_memory) {
                 Ok(_) => run.final_read = true,
                 Err(e) if e.is_gone() => self.mark_gone(id),
                 Err(e) => self.push_error(Some(id), e),
@@ -779,7 +791,7 @@ impl RunTracker {
         // last read weighs its claim, and is its tail if the parent cannot tell.
         let perf_us = perf_tail(run, &mut self.tc_scratch, self.perf_scale);
         if perf_us.is_none() {
-            let _ = capture(run, &mut self.tc_scratch, now);
+            let _ = capture(run, &mut self.tc_scratch, now, self.read_memory);
         }
         let family = run.family.as_ref().and_then(|f| self.families.get_mut(f));
         match family {
@@ -1095,8 +1107,8 @@ impl RunTracker {
             kept += 1;
         }
         let memory_bytes = match &memory {
-            Some(m) => Some(m.read_u64()?),
-            None => None,
+            Some(m) if self.read_memory => Some(m.read_u64()?),
+            _ => None,
         };
         let reserved_millicpus = match read_reserved_millicpus(dir) {
             Ok(r) => r,
@@ -1364,7 +1376,7 @@ impl RunTracker {
             if run.finished {
                 return Ok(());
             }
-            match capture(run, &mut self.tc_scratch, now) {
+            match capture(run, &mut self.tc_scratch, now, self.read_memory) {
                 Ok(_) => {
                     run.final_read = true;
                     run.finished = true;
@@ -1436,7 +1448,7 @@ impl RunTracker {
             if run.finished || skip {
                 continue;
             }
-            match capture(run, &mut self.tc_scratch, now) {
+            match capture(run, &mut self.tc_scratch, now, self.read_memory) {
                 Ok(Some((us, ns))) => {
                     scale_us += u128::from(us);
                     scale_ns += u128::from(ns);
@@ -2075,7 +2087,7 @@ impl RunTracker {
                     if run.finished || settled {
                         continue;
                     }
-                    match capture(run, &mut self.tc_scratch, now) {
+                    match capture(run, &mut self.tc_scratch, now, self.read_memory) {
                         Ok(_) => {}
                         Err(e) if e.is_gone() => gone.push(id.clone()),
                         Err(e) => self.push_error(Some(id), e),
@@ -2435,6 +2447,7 @@ fn capture(
     run: &mut Run,
     scratch: &mut Vec<(u32, u64)>,
     now_us: u64,
+    read_memory: bool,
 ) -> Result<Option<(u64, u64)>, HostError> {
     let usage = run.cpu_stat.read_cpu_usage_us()?;
     let mut moved = None;
@@ -2456,9 +2469,10 @@ fn capture(
     }
     run.latest_us = usage;
     run.read_at_us = now_us;
-    if let Some(m) = &run.memory {
-        run.memory_bytes = Some(m.read_u64()?);
-    }
+    run.memory_bytes = match &run.memory {
+        Some(m) if read_memory => Some(m.read_u64()?),
+        _ => None,
+    };
     Ok(moved)
 }
 

@@ -699,6 +699,49 @@ fn generated_tree_cpu_stat_unknown_keys_missing_usage_and_vanishing() {
     assert!(t.tick(1_000_000).busy_measured);
 }
 
+/// `memory.current` is read at every tick only when asked for (the DRAM `memory` policy), and
+/// from the next tick once a reload asks for it.
+#[test]
+fn memory_is_read_only_when_the_policy_weighs_by_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = HostTree::new(dir.path());
+    h.write(
+        "proc/self/mountinfo",
+        "22 1 0:20 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n",
+    )
+    .unwrap();
+    h.cpus(2, 1, 1).unwrap();
+    h.proc_stat(&[(100, 100), (100, 100)]).unwrap();
+    let run_dir = "sys/fs/cgroup/flowzart.slice/run-mem.scope";
+    h.write(format!("{run_dir}/cpu.stat"), "usage_usec 100\n")
+        .unwrap();
+    h.write(format!("{run_dir}/cgroup.events"), "populated 1\n")
+        .unwrap();
+    h.write(format!("{run_dir}/memory.current"), "4096\n")
+        .unwrap();
+    let mut t = RunTracker::new(TrackerConfig {
+        rescan_every_ticks: 0,
+        read_memory: false,
+        ..TrackerConfig::new(HostRoot::new(dir.path()))
+    })
+    .unwrap();
+    let memory_at_tick = |t: &mut RunTracker, usage: u64| {
+        h.write(
+            format!("{run_dir}/cpu.stat"),
+            format!("usage_usec {usage}\n"),
+        )
+        .unwrap();
+        let s = t.tick(1_000_000);
+        check_snapshot(&s);
+        run(&s, "mem").expect("reported").memory_bytes
+    };
+    assert_eq!(memory_at_tick(&mut t, 200), None);
+    t.set_read_memory(true);
+    assert_eq!(memory_at_tick(&mut t, 300), Some(4096));
+    t.set_read_memory(false);
+    assert_eq!(memory_at_tick(&mut t, 400), None);
+}
+
 #[test]
 fn no_cgroup2_mount_is_a_typed_error() {
     let dir = tempfile::tempdir().unwrap();
