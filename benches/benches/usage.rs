@@ -1,5 +1,7 @@
 //! One usage tick of the run tracker over 10, 1,000 and 10,000 real (empty) run cgroups under
 //! the live cgroup2 mount: the per-tick cost the daemon pays, divided by runs in the report.
+//! And the floor under it (`cpu_stat_floor`): a positioned read of each of 1,000 live cgroups'
+//! `cpu.stat` on kept descriptors, nothing parsed, which is what the kernel alone costs.
 
 use std::time::Duration;
 
@@ -52,9 +54,43 @@ fn usage_tick(c: &mut Criterion) {
     group.finish();
 }
 
+fn cpu_stat_floor(c: &mut Criterion) {
+    use std::os::unix::fs::FileExt as _;
+    let runs = 1_000usize;
+    let Some(tree) = RunTree::new("f", runs, true) else {
+        eprintln!("SKIPPED: cpu_stat_floor: cannot create cgroups (needs root and cgroup v2)");
+        return;
+    };
+    let files: Vec<std::fs::File> = (0..runs)
+        .filter_map(|i| {
+            let p = tree
+                .root
+                .join(format!("flowzart.slice/run-f{i}.scope/cpu.stat"));
+            std::fs::File::open(p).ok()
+        })
+        .collect();
+    assert_eq!(files.len(), runs, "every cgroup's cpu.stat opens");
+    let mut buf = [0u8; 4096];
+    let mut group = c.benchmark_group("cpu_stat_floor");
+    group.sample_size(20);
+    group.throughput(Throughput::Elements(runs as u64));
+    group.bench_function(BenchmarkId::new("populated", runs), |b| {
+        b.iter(|| {
+            let mut bytes = 0;
+            for f in &files {
+                bytes += f.read_at(&mut buf, 0).unwrap_or(0);
+            }
+            bytes
+        })
+    });
+    group.finish();
+    drop(files);
+    drop(tree);
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = usage_tick
+    targets = usage_tick, cpu_stat_floor
 }
 criterion_main!(benches);
