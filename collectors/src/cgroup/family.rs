@@ -119,6 +119,9 @@ pub(super) struct Family {
     /// The parent directory, kept open to list the children at every point (rewound, read
     /// into the tracker's buffer); `None` above the descriptor budget: opened each time.
     pub dir: Option<std::fs::File>,
+    /// The next point lists the directory even with no inotify event pending (see
+    /// `RunTracker::list_family`).
+    pub must_list: bool,
     /// Parent usage at the last point.
     pub last_us: u64,
     /// Tracker clock (microseconds) of the last point.

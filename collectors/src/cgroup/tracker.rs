@@ -566,8 +566,14 @@ impl RunTracker {
         self.inotify.as_fd()
     }
 
-    /// [`TrackerConfig::read_memory`], changed at a reload: from the next tick.
+    /// [`TrackerConfig::read_memory`], changed at a reload: from the next tick, for every run
+    /// (settled ones too, which ticks otherwise skip).
     pub fn set_read_memory(&mut self, on: bool) {
+        if on && !self.read_memory {
+            for run in self.runs.values_mut() {
+                run.settled = false;
+            }
+        }
         self.read_memory = on;
     }
 
@@ -639,10 +645,11 @@ impl RunTracker {
                 run.settled = false;
                 run.populated = None;
             }
-            // Nor which removal events are still to come; the listing at each point finds
-            // every child that is there.
+            // Nor which removal events are still to come, nor which children were made: the
+            // listing at the next point finds every child that is there.
             for f in self.families.values_mut() {
                 f.departed.clear();
+                f.must_list = true;
             }
             self.rescan_all();
             return;
@@ -1836,6 +1843,7 @@ impl RunTracker {
                 cpu_stat,
                 procs,
                 dir: listing,
+                must_list: true,
                 last_us,
                 last_point_us: now,
                 wd,
@@ -1873,6 +1881,10 @@ impl RunTracker {
             return;
         };
         if created {
+            // Whatever this event is taken for, the next point lists the directory, as it did
+            // at every point before listings were skipped: a name reused by a new cgroup is
+            // found there as an ordinary child.
+            f.must_list = true;
             if run_id.is_some() || stale_run || f.departed.contains(name) {
                 return;
             }
@@ -1942,9 +1954,12 @@ impl RunTracker {
             return;
         };
         // A watched parent with no event pending has made no child since the events were
-        // last read (and handled): nothing to find. (An overflowed queue holds its
-        // IN_Q_OVERFLOW, a dropped watch its IN_IGNORED: both pending, so listed.)
-        if f.wd.is_some() && !self.inotify.pending() {
+        // last read and handled: nothing to find. Listed anyway: a family not listed since it
+        // was set up (its watch came after its first listing), since an overflow, or since a
+        // creation event (whatever it was taken for); and one whose directory is not kept
+        // open (its reads go by path, so a parent removed and made again, whose watch kernfs
+        // may drop without a word, is still read).
+        if f.wd.is_some() && f.dir.is_some() && !f.must_list && !self.inotify.pending() {
             self.listings_skipped += 1;
             return;
         }
@@ -2008,6 +2023,7 @@ impl RunTracker {
         let Some(f) = self.families.get_mut(rel) else {
             return;
         };
+        f.must_list = false;
         for name in unknown {
             let cpu_stat = dir.join(&name).join("cpu.stat");
             f.others.insert(
@@ -2724,6 +2740,8 @@ mod tests {
             let put = |rel: String, text: &str| h.write(rel, text).unwrap();
             put(format!("{cg}/cpu.stat"), "usage_usec 100\n");
             put(format!("{cg}/cgroup.procs"), "");
+            // Listed at every listing, and never a child.
+            put(format!("{cg}/not-a-directory"), "");
             put(format!("{cg}/run-a.scope/cpu.stat"), "usage_usec 5\n");
             put(format!("{cg}/run-a.scope/cgroup.events"), "populated 1\n");
             let mut t = RunTracker::new(TrackerConfig {
@@ -2739,13 +2757,14 @@ mod tests {
                 budget.is_none(),
                 "{budget:?}"
             );
-            // Nothing made since the events were read: no listing.
+            // Nothing made since the events were read: no listing (a directory read by path
+            // is listed at every point).
+            let kept = u64::from(budget.is_none());
             let skipped = t.listings_skipped;
             t.list_family(fam);
-            assert_eq!(t.listings_skipped, skipped + 1, "{budget:?}");
+            assert_eq!(t.listings_skipped, skipped + kept, "{budget:?}");
             // Created with no event read in between: only the listing can find them.
             put(format!("{cg}/helper.service/cpu.stat"), "usage_usec 1\n");
-            put(format!("{cg}/not-a-directory"), "");
             t.list_family(fam);
             put(format!("{cg}/later.slice/cpu.stat"), "usage_usec 1\n");
             t.list_family(fam);
@@ -2756,8 +2775,17 @@ mod tests {
                 .collect();
             assert_eq!(others, ["helper.service", "later.slice"], "{budget:?}");
             assert_eq!(t.counters.children_listed_early, 2, "{budget:?}");
-            assert_eq!(t.listings_skipped, skipped + 1, "{budget:?}");
+            assert_eq!(t.listings_skipped, skipped + kept, "{budget:?}");
             assert!(t.runs.contains_key("a"), "{budget:?}");
+            // A creation event handled before a point still has that point list the directory
+            // (whatever the event was taken for), and only that one.
+            put(format!("{cg}/third.slice/cpu.stat"), "usage_usec 1\n");
+            t.poll_events().unwrap();
+            let skipped = t.listings_skipped;
+            t.list_family(fam);
+            assert_eq!(t.listings_skipped, skipped, "{budget:?}");
+            t.list_family(fam);
+            assert_eq!(t.listings_skipped, skipped + kept, "{budget:?}");
         }
     }
 
