@@ -314,6 +314,9 @@ struct Run {
     family: Option<Arc<str>>,
     /// `latest_us` at the family's last reconcile point.
     scan_us: u64,
+    /// The inode of its directory when it was opened: a directory made again under its name
+    /// is another cgroup.
+    dir_ino: Option<u64>,
     /// Tracker clock (microseconds) of the last successful usage read.
     read_at_us: u64,
     /// The first read (clock, usage): with the last, the run's average rate so far.
@@ -1125,6 +1128,10 @@ impl RunTracker {
                 None
             }
         };
+        let dir_ino = {
+            use std::os::unix::fs::MetadataExt as _;
+            std::fs::metadata(dir).ok().map(|m| m.ino())
+        };
         let id: Arc<str> = Arc::from(id);
         let cgroup_rel: Arc<str> = Arc::from(rel);
         let mut run = Run {
@@ -1157,6 +1164,7 @@ impl RunTracker {
             kept_fds: kept,
             family: None,
             scan_us: 0,
+            dir_ino,
             read_at_us: 0,
             first_read: (0, 0),
             pending_reconciled_us: 0,
@@ -1549,6 +1557,10 @@ impl RunTracker {
             self.push_error(Some(&id), e);
         }
         for g in std::mem::take(&mut self.ghosts) {
+            // Its name is no longer excluded from the parent's listing: list it again.
+            if let Some(f) = parent_rel(&g.cgroup_rel).and_then(|p| self.families.get_mut(p)) {
+                f.must_list = true;
+            }
             let by_pkg = split_exact(g.usage_us, &fallback_weights);
             for (pkg, us) in &by_pkg {
                 *runs_by_pkg.entry(*pkg).or_default() += us;
@@ -1669,17 +1681,23 @@ impl RunTracker {
         self.kept_fds = self.kept_fds.saturating_sub(run.kept_fds);
         if let Some(f) = run.family.as_ref().and_then(|f| self.families.get_mut(f)) {
             f.runs.remove(&run.id);
+            // Its name is no longer a run's: the next point lists the parent again.
+            f.must_list = true;
             // Finished but still there (the control plane said so first): from now on an
-            // ordinary child whose CPU time is the host's, read at each point like the others.
+            // ordinary child whose CPU time is the host's, read at each point like the others,
+            // from where the run's reads left it. A directory made again under the same name
+            // (another inode) is a new child: all of its CPU time is its own.
             let dir = self.cgroup_root.join(&*run.cgroup_rel);
-            if let (Some(name), true) = (dir.file_name(), dir.is_dir()) {
-                f.others.insert(
-                    name.to_owned(),
-                    Other {
+            if let (Some(name), Ok(meta)) = (dir.file_name(), std::fs::metadata(&dir)) {
+                if meta.is_dir() {
+                    use std::os::unix::fs::MetadataExt as _;
+                    let same = run.dir_ino == Some(meta.ino());
+                    // Listed already as a new child (made again): its baseline stays.
+                    f.others.entry(name.to_owned()).or_insert(Other {
                         cpu_stat: dir.join("cpu.stat"),
-                        scan_us: run.scan_us,
-                    },
-                );
+                        scan_us: if same { run.scan_us } else { 0 },
+                    });
+                }
             }
         }
         self.remember_finished(run.id);
@@ -1988,7 +2006,13 @@ impl RunTracker {
         let key = &mut self.child_key;
         let mut unknown: Vec<std::ffi::OsString> = Vec::new();
         let mut entries = rustix::fs::RawDir::new(fd, self.dir_buf.spare_capacity_mut());
-        while let Some(Ok(e)) = entries.next() {
+        let mut complete = true;
+        while let Some(entry) = entries.next() {
+            let Ok(e) = entry else {
+                // Read in part: what was listed is kept, and the next point lists again.
+                complete = false;
+                break;
+            };
             let name = OsStr::from_bytes(e.file_name().to_bytes());
             if name == "." || name == ".." {
                 continue;
@@ -2011,8 +2035,14 @@ impl RunTracker {
             key.push_str(rel);
             key.push('/');
             key.push_str(&name.to_string_lossy());
-            if self.paths.contains_key(key.as_str())
-                || self.ghosts.iter().any(|g| *g.cgroup_rel == **key)
+            // A run's name: its cgroup, unless the directory is another inode (removed and made
+            // again under the name before the run's removal was handled), which is a new child.
+            let run_ino = self
+                .paths
+                .get(key.as_str())
+                .map(|id| self.runs.get(id).and_then(|r| r.dir_ino));
+            let remade = matches!(run_ino, Some(Some(ino)) if ino != e.ino());
+            if (run_ino.is_some() && !remade) || self.ghosts.iter().any(|g| *g.cgroup_rel == **key)
             {
                 continue;
             }
@@ -2023,7 +2053,7 @@ impl RunTracker {
         let Some(f) = self.families.get_mut(rel) else {
             return;
         };
-        f.must_list = false;
+        f.must_list = !complete;
         for name in unknown {
             let cpu_stat = dir.join(&name).join("cpu.stat");
             f.others.insert(

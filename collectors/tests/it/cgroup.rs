@@ -1128,6 +1128,38 @@ mod removed_at_once {
         assert!(within(r.usage_us, truth, 1.0), "{} of {truth}", r.usage_us);
     }
 
+    /// A run's cgroup removed and made again under the same name before the next tick: the new
+    /// cgroup's CPU time is not the old run's, at that tick or later.
+    #[test]
+    fn a_cgroup_made_again_under_a_runs_name_is_not_billed_to_the_run() {
+        let _g = serial();
+        let Some(mut sb) = Sandbox::new("remade") else {
+            return;
+        };
+        sb.mkdir("flowzart.slice");
+        let mut t = RunTracker::new(sb.config()).unwrap();
+        t.tick(0);
+        let cg = sb.mkdir("flowzart.slice/run-remade.scope");
+        t.tick(1_000);
+        assert!(t.is_tracked("remade"));
+        std::fs::remove_dir(&cg).unwrap();
+        let cg = sb.mkdir("flowzart.slice/run-remade.scope");
+        let pid = sb.spawn_burner(&cg, 60, 60, 1);
+        sb.wait(pid);
+        let truth = sb.usage_us(&cg);
+        assert!(truth >= 50_000, "burner used {truth} us");
+        let mut billed = 0;
+        for _ in 0..3 {
+            let s = t.tick(1_000_000);
+            check_snapshot(&s);
+            billed += run(&s, "remade").map_or(0, |r| r.usage_us);
+        }
+        assert!(
+            billed < truth / 20,
+            "the removed run was billed {billed} us of the new cgroup's {truth} us"
+        );
+    }
+
     #[test]
     fn parent_holding_a_process_makes_the_tail_a_counted_loss_not_a_guess() {
         let _g = serial();
