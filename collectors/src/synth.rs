@@ -112,6 +112,19 @@ impl HostTree {
         Ok(())
     }
 
+    /// What the run tracker needs to start on a synthetic tree: cgroup2 mounted at
+    /// `/sys/fs/cgroup`, `packages` packages of `per_package` CPUs (one die each), and a
+    /// `/proc/stat` of 100 busy and 100 idle ticks on every CPU.
+    pub fn cgroup2_host(&self, packages: u32, per_package: u32) -> io::Result<()> {
+        self.write(
+            "proc/self/mountinfo",
+            "22 1 0:20 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n",
+        )?;
+        self.cpus(packages, per_package, 1)?;
+        let cpus = usize::try_from(packages * per_package).unwrap_or(0);
+        self.proc_stat(&vec![(100, 100); cpus])
+    }
+
     /// A `/proc/stat` with the given per-CPU (busy, idle) ticks.
     pub fn proc_stat(&self, per_cpu: &[(u64, u64)]) -> io::Result<()> {
         let (b, i): (u64, u64) = per_cpu.iter().fold((0, 0), |(b, i), (x, y)| (b + x, i + y));

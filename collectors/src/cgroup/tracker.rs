@@ -2759,13 +2759,7 @@ mod tests {
         for budget in [None, Some(0)] {
             let dir = tempfile::tempdir().unwrap();
             let h = crate::synth::HostTree::new(dir.path());
-            h.write(
-                "proc/self/mountinfo",
-                "22 1 0:20 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n",
-            )
-            .unwrap();
-            h.cpus(2, 1, 1).unwrap();
-            h.proc_stat(&[(100, 100), (100, 100)]).unwrap();
+            h.cgroup2_host(2, 1).unwrap();
             let cg = "sys/fs/cgroup/flowzart.slice";
             let put = |rel: String, text: &str| h.write(rel, text).unwrap();
             put(format!("{cg}/cpu.stat"), "usage_usec 100\n");

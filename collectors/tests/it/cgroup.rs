@@ -596,13 +596,7 @@ fn pattern_matching_nothing_is_quiet_until_its_parent_appears() {
 fn generated_tree_cpu_stat_unknown_keys_missing_usage_and_vanishing() {
     let dir = tempfile::tempdir().unwrap();
     let h = HostTree::new(dir.path());
-    h.write(
-        "proc/self/mountinfo",
-        "22 1 0:20 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n",
-    )
-    .unwrap();
-    h.cpus(2, 1, 1).unwrap();
-    h.proc_stat(&[(100, 100), (100, 100)]).unwrap();
+    h.cgroup2_host(2, 1).unwrap();
     let cg = "sys/fs/cgroup/flowzart.slice";
     let events = "populated 1\nfrozen 0\n";
     h.write(
@@ -705,13 +699,7 @@ fn generated_tree_cpu_stat_unknown_keys_missing_usage_and_vanishing() {
 fn memory_is_read_only_when_the_policy_weighs_by_it() {
     let dir = tempfile::tempdir().unwrap();
     let h = HostTree::new(dir.path());
-    h.write(
-        "proc/self/mountinfo",
-        "22 1 0:20 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n",
-    )
-    .unwrap();
-    h.cpus(2, 1, 1).unwrap();
-    h.proc_stat(&[(100, 100), (100, 100)]).unwrap();
+    h.cgroup2_host(2, 1).unwrap();
     let run_dir = "sys/fs/cgroup/flowzart.slice/run-mem.scope";
     h.write(format!("{run_dir}/cpu.stat"), "usage_usec 100\n")
         .unwrap();
