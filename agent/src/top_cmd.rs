@@ -367,16 +367,13 @@ impl Drop for RawMode {
 /// Waits up to `timeout` for a key on stdin.
 fn key(timeout: Duration) -> Option<u8> {
     let stdin = std::io::stdin();
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i64;
-    let timeout = rustix::time::Timespec {
-        tv_sec: ms / 1000,
-        tv_nsec: (ms % 1000) * 1_000_000,
-    };
+    // Beyond what a timespec holds: no bound.
+    let timeout = rustix::time::Timespec::try_from(timeout).ok();
     let mut fds = [rustix::event::PollFd::new(
         &stdin,
         rustix::event::PollFlags::IN,
     )];
-    if !matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0) {
+    if !matches!(rustix::event::poll(&mut fds, timeout.as_ref()), Ok(n) if n > 0) {
         return None;
     }
     // Unbuffered: the terminal's bytes are read one at a time, as they are polled.

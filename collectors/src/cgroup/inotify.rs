@@ -76,18 +76,16 @@ impl Inotify {
         rustix::io::ioctl_fionread(&self.fd).map_or(true, |n| n > 0)
     }
 
-    /// Blocks until an event is pending or `timeout_ms` passes; true if one is pending.
-    pub fn wait(&self, timeout_ms: i32) -> io::Result<bool> {
-        let timeout = rustix::time::Timespec {
-            tv_sec: i64::from(timeout_ms.max(0) / 1000),
-            tv_nsec: i64::from(timeout_ms.max(0) % 1000) * 1_000_000,
-        };
+    /// Blocks until an event is pending or `timeout` passes; true if one is pending.
+    pub fn wait(&self, timeout: std::time::Duration) -> io::Result<bool> {
+        // Beyond what a timespec holds: no bound.
+        let timeout = rustix::time::Timespec::try_from(timeout).ok();
         loop {
             let mut fds = [rustix::event::PollFd::new(
                 &self.fd,
                 rustix::event::PollFlags::IN,
             )];
-            match rustix::event::poll(&mut fds, Some(&timeout)) {
+            match rustix::event::poll(&mut fds, timeout.as_ref()) {
                 Ok(n) => return Ok(n > 0),
                 Err(Errno::INTR) => continue,
                 Err(e) => return Err(e.into()),
@@ -115,7 +113,7 @@ mod tests {
             .unwrap();
         std::fs::create_dir(dir.path().join("a b\u{e9}")).unwrap();
         std::fs::remove_dir(dir.path().join("a b\u{e9}")).unwrap();
-        assert!(ino.wait(1000).unwrap());
+        assert!(ino.wait(std::time::Duration::from_secs(1)).unwrap());
         let mut evs = Vec::new();
         ino.read_events(&mut evs).unwrap();
         let kinds: Vec<(i32, bool, Option<&std::ffi::OsStr>)> = evs
@@ -127,6 +125,6 @@ mod tests {
         evs.clear();
         ino.read_events(&mut evs).unwrap();
         assert!(evs.is_empty());
-        assert!(!ino.wait(0).unwrap());
+        assert!(!ino.wait(std::time::Duration::ZERO).unwrap());
     }
 }

@@ -582,8 +582,7 @@ impl RunTracker {
 
     /// Waits up to `timeout` for cgroup events and handles them; true if any came.
     pub fn wait_events(&mut self, timeout: Duration) -> Result<bool, HostError> {
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        let ready = self.inotify.wait(ms).map_err(inotify_err)?;
+        let ready = self.inotify.wait(timeout).map_err(inotify_err)?;
         if ready {
             self.poll_events()?;
         }
@@ -2049,13 +2048,12 @@ impl RunTracker {
             unknown.push(name.to_owned());
         }
         self.counters.children_listed_early += unknown.len() as u64;
-        let dir = self.cgroup_root.join(rel);
         let Some(f) = self.families.get_mut(rel) else {
             return;
         };
         f.must_list = !complete;
         for name in unknown {
-            let cpu_stat = dir.join(&name).join("cpu.stat");
+            let cpu_stat = self.cgroup_root.join(rel).join(&name).join("cpu.stat");
             f.others.insert(
                 name,
                 Other {
@@ -2689,63 +2687,30 @@ pub fn split_exact(total: u64, weights: &[(u32, u128)]) -> BTreeMap<u32, u64> {
         out.insert(p, q);
     }
     // What the quotients left (fewer units than weights) goes one unit each to the largest
-    // remainders, ties to the lower package id then the earlier weight; chosen in place, as
-    // this runs for every run on every tick.
-    let rem = |i: usize| (u128::from(total) * weights[i].1) % sum;
-    let mut taken = vec_or_bits(weights.len());
+    // remainders, ties to the lower package id then the earlier weight: in that order, each
+    // pick the best weight ranked below the last one (no sort, nothing allocated: this runs
+    // for every run on every tick).
+    let rank = |i: usize| {
+        (
+            (u128::from(total) * weights[i].1) % sum,
+            std::cmp::Reverse(weights[i].0),
+            std::cmp::Reverse(i),
+        )
+    };
+    let mut last = None;
     for _ in 0..total - given {
-        let mut best: Option<usize> = None;
-        for i in 0..weights.len() {
-            if taken.has(i) {
-                continue;
-            }
-            best = match best {
-                Some(b)
-                    if (rem(b), std::cmp::Reverse(weights[b].0))
-                        >= (rem(i), std::cmp::Reverse(weights[i].0)) =>
-                {
-                    Some(b)
-                }
-                _ => Some(i),
-            };
-        }
-        let Some(b) = best else { break };
-        taken.set(b);
+        let Some(b) = (0..weights.len())
+            .filter(|&i| last.map_or(true, |l| rank(i) < l))
+            .max_by_key(|&i| rank(i))
+        else {
+            break;
+        };
+        last = Some(rank(b));
         if let Some(v) = out.get_mut(&weights[b].0) {
             *v += 1;
         }
     }
     out
-}
-
-/// The weights already given their extra unit: bits for the usual few packages, else a vector.
-enum Taken {
-    Bits(u64),
-    Flags(Vec<bool>),
-}
-
-fn vec_or_bits(n: usize) -> Taken {
-    if n <= 64 {
-        Taken::Bits(0)
-    } else {
-        Taken::Flags(vec![false; n])
-    }
-}
-
-impl Taken {
-    fn has(&self, i: usize) -> bool {
-        match self {
-            Taken::Bits(b) => b & (1 << i) != 0,
-            Taken::Flags(f) => f[i],
-        }
-    }
-
-    fn set(&mut self, i: usize) {
-        match self {
-            Taken::Bits(b) => *b |= 1 << i,
-            Taken::Flags(f) => f[i] = true,
-        }
-    }
 }
 
 #[cfg(test)]
