@@ -10,7 +10,8 @@
 //! `cargo bench -p wattd-ledger --bench fleet -- nodes=100 secs=30 runs=10 intervals=1`
 //! (defaults: 100 nodes, 30 s measured after 5 s of warm-up, 10 runs, 1 interval a batch). SQLite always; PostgreSQL too with
 //! `WATTD_TEST_POSTGRES` set (`export WATTD_TEST_POSTGRES=$(.ci/start-postgres)`), or only one
-//! with `store=sqlite` / `store=postgres`.
+//! with `store=sqlite` / `store=postgres`. `retention=D` serves with `--detail-retention-days D`
+//! (`retention=0`: no per-interval rows are stored).
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -36,6 +37,8 @@ struct Opts {
     /// Intervals a batch, one a second: a node seals every `intervals` seconds.
     intervals: u64,
     store: Option<String>,
+    /// `serve --detail-retention-days` (0: no per-interval rows; absent: kept).
+    retention_days: Option<u64>,
 }
 
 fn opts() -> Opts {
@@ -46,6 +49,7 @@ fn opts() -> Opts {
         runs: 10,
         intervals: 1,
         store: None,
+        retention_days: None,
     };
     for a in std::env::args().skip(1) {
         let Some((k, v)) = a.split_once('=') else {
@@ -62,7 +66,11 @@ fn opts() -> Opts {
             "runs" => o.runs = n(),
             "intervals" => o.intervals = n().max(1),
             "store" => o.store = Some(v.to_owned()),
-            _ => panic!("unknown option {k} (nodes=, secs=, warmup=, runs=, intervals=, store=)"),
+            "retention" => o.retention_days = Some(n()),
+            _ => panic!(
+                "unknown option {k} (nodes=, secs=, warmup=, runs=, intervals=, store=, \
+                 retention=)"
+            ),
         }
     }
     o
@@ -127,7 +135,12 @@ fn cpu_s(pid: &str) -> f64 {
 
 // The child is handed to the caller, which stops and waits for it (clippy sees only this body).
 #[allow(clippy::zombie_processes)]
-fn start_ledger(dir: &Path, ca: &wattd_tests::tls::TestCa, store: &str) -> (Child, String) {
+fn start_ledger(
+    dir: &Path,
+    ca: &wattd_tests::tls::TestCa,
+    store: &str,
+    retention_days: Option<u64>,
+) -> (Child, String) {
     let server = ca.server("server");
     let ready = dir.join("ready.json");
     let log = std::fs::File::create(dir.join("ledger.log")).expect("log");
@@ -143,6 +156,7 @@ fn start_ledger(dir: &Path, ca: &wattd_tests::tls::TestCa, store: &str) -> (Chil
         .arg(dir.join("enrolled"))
         .arg("--ready-file")
         .arg(&ready)
+        .args(retention_days.map(|d| format!("--detail-retention-days={d}")))
         // Every node connects from 127.0.0.1 here.
         .args([
             "--max-connections",
@@ -199,7 +213,7 @@ async fn run(label: &str, store: String, o: &Opts) {
         ));
     }
     let ca_pem = Certificate::from_pem(std::fs::read(&ca.ca_pem).expect("ca"));
-    let (mut ledger, addr) = start_ledger(dir.path(), &ca, &store);
+    let (mut ledger, addr) = start_ledger(dir.path(), &ca, &store, o.retention_days);
     let bytes_empty = common::store_bytes(&store, dir.path()).await;
 
     // Every node connects first (handshakes are not the steady state), then all start together,

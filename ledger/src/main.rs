@@ -162,10 +162,12 @@ struct ServeArgs {
     #[arg(long, default_value_t = 400, value_name = "DAYS")]
     audit_retention_days: u64,
     /// Days the per-interval allocation rows of a batch are kept after the ledger received it
-    /// (at least 1; default: kept for ever). Pruned hourly: PostgreSQL drops day partitions,
-    /// SQLite deletes. The signed batches, the hourly run totals and the quarantined rows stay,
-    /// and every query answers the same: detail past the retention is decoded from the
-    /// batches (slower).
+    /// (default: kept for ever). Pruned hourly: PostgreSQL drops day partitions, SQLite
+    /// deletes. The signed batches, the hourly run totals and the quarantined rows stay, and
+    /// every query answers the same: detail past the retention is decoded from the batches
+    /// (slower). 0: no rows at all (every stored one pruned, none stored: the cheapest ingest;
+    /// per-interval detail always decoded); a later start with another value or none stores
+    /// rows again for the batches received from then on.
     #[arg(long, value_name = "DAYS")]
     detail_retention_days: Option<u64>,
     /// Once listening, write {"listen": ADDR, "metrics": ADDR|null, "query": ADDR|null} to this
@@ -412,11 +414,6 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
             "--audit-retention-days {}: at least 365 (audit logs are kept a year)",
             a.audit_retention_days
         ));
-    }
-    if a.detail_retention_days == Some(0) {
-        problems.push(
-            "--detail-retention-days 0: at least 1 (leave it out to keep the rows for ever)".into(),
-        );
     }
     if let Some(p) = wattd_proto::names::label_problem(&a.account_label, "x") {
         problems.push(format!("--account-label {:?}: {p}", a.account_label));

@@ -341,7 +341,8 @@ impl Metrics {
         one(
             "wattd_ledger_detail_retained_from_seconds",
             "gauge",
-            "Batches received before this Unix time have no allocation rows (0: none pruned).",
+            "Batches received before this Unix time have no allocation rows (0: none pruned; \
+             9223372036, the year 2262: none kept, --detail-retention-days 0).",
             get(&self.detail_from_unix_s),
         );
         one(

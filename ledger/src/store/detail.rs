@@ -89,6 +89,33 @@ pub(crate) fn day_start(unix_ns: i64) -> i64 {
     unix_ns.div_euclid(DAY_NS) * DAY_NS
 }
 
+/// `detail_from_unix_ns` when no batch has rows: a retention of zero (`serve
+/// --detail-retention-days 0`), where every commit stores its batch and its hourly totals only
+/// and every read of per-interval detail decodes the signed batches.
+pub const NO_ROWS: i64 = i64::MAX;
+
+/// Where a retention puts `detail_from_unix_ns` at `now_unix_ns`: the start of the day
+/// `retention` before it, or [`NO_ROWS`] for a retention of zero.
+pub(crate) fn cutoff(now_unix_ns: i64, retention: std::time::Duration) -> i64 {
+    if retention.is_zero() {
+        return NO_ROWS;
+    }
+    let keep = i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
+    day_start(now_unix_ns.saturating_sub(keep))
+}
+
+/// Rows are stored again (a retention other than zero, or none, after a retention of zero)
+/// from the later of `now_unix_ns` and just after the last receipt: every batch already stored
+/// was received before it, so the invariant holds as it is lowered. Taken under the lock that
+/// excludes commits, so none reads the old value and then stores a receipt time after it.
+pub(crate) fn rows_again_from(now_unix_ns: i64, last_received: Option<i64>) -> i64 {
+    last_received.map_or(now_unix_ns, |t| now_unix_ns.max(t.saturating_add(1)))
+}
+
+/// Lowers `detail_from_unix_ns` from [`NO_ROWS`] (the only time it is lowered).
+pub(crate) const SQL_ROWS_AGAIN_FROM: &str = "UPDATE ledger_meta SET value = $1 \
+     WHERE key = 'detail_from_unix_ns' AND value = 9223372036854775807";
+
 /// What one round of upkeep did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DetailUpkeep {

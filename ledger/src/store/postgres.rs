@@ -1188,7 +1188,13 @@ impl Store for PgStore {
         let mut done = DetailUpkeep::default();
         let mut p = self.conn().await?;
         let c = p.get()?;
-        let wanted = partitions_wanted(&c.client, now_unix_ns).await?;
+        let rows_off = retention == Some(std::time::Duration::ZERO);
+        // No partitions ahead where no rows will go (a retention of zero).
+        let wanted = if rows_off {
+            Vec::new()
+        } else {
+            partitions_wanted(&c.client, now_unix_ns).await?
+        };
         if !wanted.is_empty() {
             // The parent is locked first, as every commit locks it before its partition: a
             // partition created under a commit waits for it instead of deadlocking with it.
@@ -1204,10 +1210,29 @@ impl Store for PgStore {
             .query_opt(SQL_DETAIL_FROM, &[])
             .await?
             .map_or(i64::MIN, |r| r.get(0));
+        if from == detail::NO_ROWS && !rows_off {
+            // After a retention of zero, rows are stored again from now on: under the lock
+            // that waits for the commits under way and holds the next ones until it commits.
+            let tx = c.client.transaction().await?;
+            tx.batch_execute("SET LOCAL lock_timeout = '5s'").await?;
+            tx.batch_execute(SQL_LOCK_FOR_PARTITIONS).await?;
+            let last: Option<i64> = tx
+                .query_one("SELECT MAX(received_unix_ns) FROM batches", &[])
+                .await?
+                .get(0);
+            let again = detail::rows_again_from(now_unix_ns, last);
+            tx.execute(detail::SQL_ROWS_AGAIN_FROM, &[&again]).await?;
+            tx.commit().await?;
+            from = again;
+        }
         if let Some(retention) = retention {
-            let keep = i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
-            let cutoff_day = now_unix_ns.saturating_sub(keep).div_euclid(DAY_NS);
-            let cutoff = cutoff_day.saturating_mul(DAY_NS);
+            let cutoff = detail::cutoff(now_unix_ns, retention);
+            // Every partition and row goes for a retention of zero.
+            let cutoff_day = if cutoff == detail::NO_ROWS {
+                i64::MAX
+            } else {
+                cutoff.div_euclid(DAY_NS)
+            };
             if from < cutoff {
                 let tx = c.client.transaction().await?;
                 // Readers of rows and pruned detail hold ACCESS SHARE from before their

@@ -1240,13 +1240,31 @@ impl Store for SqliteStore {
         retention: Option<std::time::Duration>,
     ) -> Result<DetailUpkeep, StoreError> {
         let mut done = DetailUpkeep::default();
+        if retention != Some(std::time::Duration::ZERO) {
+            // After a retention of zero, rows are stored again from now on.
+            self.with(move |c| {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                if detail_from(&tx)? == detail::NO_ROWS {
+                    let last: Option<i64> =
+                        tx.query_row("SELECT MAX(received_unix_ns) FROM batches", [], |r| {
+                            r.get(0)
+                        })?;
+                    tx.execute(
+                        detail::SQL_ROWS_AGAIN_FROM,
+                        params![detail::rows_again_from(now_unix_ns, last)],
+                    )?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await?;
+        }
         let Some(retention) = retention else {
             let from = self.with(|c| detail_from(c)).await?;
             done.detail_from_unix_ns = (from > i64::MIN).then_some(from);
             return Ok(done);
         };
-        let keep = i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
-        let cutoff = detail::day_start(now_unix_ns.saturating_sub(keep));
+        let cutoff = detail::cutoff(now_unix_ns, retention);
         // An hour of receipts per transaction: the writer is held briefly, ingest goes on
         // between them, and a crash leaves rows and `detail_from_unix_ns` agreeing.
         loop {

@@ -60,6 +60,7 @@ both!(
     detail_past_the_retention_is_decoded_from_the_batches,
     a_version_5_store_is_upgraded_and_its_old_rows_pruned_like_any,
     pruning_while_batches_stream_in_loses_and_doubles_nothing,
+    without_detail_rows_every_read_is_decoded_and_rows_can_come_back,
 );
 
 fn limits() -> Limits {
@@ -2790,6 +2791,126 @@ async fn pruning_while_batches_stream_in_loses_and_doubles_nothing(
         .map(|t| t.energy_uj)
         .sum();
     assert_eq!(run_a, 45 * 3 * 15, "every interval of run-a once");
+    assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
+    Ok(())
+}
+
+/// Polls `sql` (one number) until it is `want`, for up to 10 s (the upkeep runs in a task of
+/// its own at the ledger's start).
+async fn until_count(f: &Fixture, sql: &str, want: i64) -> TestResult {
+    let mut last = raw_count(f, sql).await?;
+    for _ in 0..200 {
+        if last == want {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        last = raw_count(f, sql).await?;
+    }
+    Err(format!("{sql}: {last}, not {want} after 10 s").into())
+}
+
+/// With a retention of zero (`serve --detail-retention-days 0`) no allocation row is kept: a
+/// ledger started so prunes every stored one (PostgreSQL: drops every partition) and stores none
+/// for the batches it receives; every read answers as it did with the rows (decoded from the
+/// signed batches), the audit is clean and still names a changed total. Started again without
+/// it, the ledger stores rows for the batches received from then on, and every read still adds
+/// up.
+async fn without_detail_rows_every_read_is_decoded_and_rows_can_come_back(
+    b: Backend,
+    name: &str,
+) -> TestResult {
+    let Some((f, mut chain)) = one_node(b, name).await else {
+        return Ok(());
+    };
+    stream_for_detail(&f, &mut chain).await?;
+    let q = f.query_store().await;
+    let before = detail_answers(&q).await?;
+    let rows = "SELECT count(*) FROM allocations";
+    assert!(raw_count(&f, rows).await? > 0);
+    let from = "SELECT COALESCE((SELECT value FROM ledger_meta \
+                WHERE key = 'detail_from_unix_ns'), 0)";
+
+    let mut o = f.options(limits());
+    o.detail_retention = Some(Duration::ZERO);
+    let l = f.start_with(o).await;
+    until_count(&f, from, i64::MAX).await?;
+    assert_eq!(raw_count(&f, rows).await?, 0);
+    let partitions = "SELECT count(*) FROM pg_inherits \
+                      WHERE inhparent = 'allocations'::regclass \
+                      AND inhrelid <> 'allocations_default'::regclass";
+    if b == Backend::Postgres {
+        assert_eq!(raw_count(&f, partitions).await?, 0, "every day dropped");
+    }
+    assert_eq!(detail_answers(&q).await?, before, "every row pruned");
+    // What comes in now stores no rows.
+    let mut s = connect(&f, &l, "n1").await;
+    for seq in 7..=9u64 {
+        assert_eq!(s.send(msg(&chain.next(3))).await?.acked_seq, seq);
+    }
+    drop(s);
+    l.stop().await;
+    assert_eq!(
+        raw_count(&f, rows).await?,
+        0,
+        "rows stored with a retention of 0"
+    );
+    if b == Backend::Postgres {
+        assert_eq!(raw_count(&f, partitions).await?, 0, "none created ahead");
+    }
+    let maintained = q.run_totals().await?;
+    let decoded = q
+        .run_totals_where(wattd_ledger::store::TotalsFilter {
+            from_unix_ns: Some(1),
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(maintained, decoded);
+    assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
+    let bump = |d: i64| {
+        format!("UPDATE run_totals_hourly SET energy_lo = energy_lo + ({d}) WHERE run_id = 'run-b'")
+    };
+    let text = audit_fails_after(&f, &q, &bump(1)).await?;
+    assert!(
+        text.contains("run run-b package:0 hour 0: maintained totals"),
+        "{text}"
+    );
+    raw_sql(&f, &bump(-1)).await?;
+    let without = detail_answers(&q).await?;
+
+    // Started without a retention: the batches received from now on have rows again.
+    let l = f.start(limits()).await;
+    let lowered = format!(
+        "SELECT CAST(CASE WHEN ({from}) < 9223372036854775807 THEN 1 ELSE 0 END AS BIGINT)"
+    );
+    until_count(&f, &lowered, 1).await?;
+    let mut s = connect(&f, &l, "n1").await;
+    for seq in 10..=11u64 {
+        assert_eq!(s.send(msg(&chain.next(3))).await?.acked_seq, seq);
+    }
+    drop(s);
+    l.stop().await;
+    assert_eq!(
+        raw_count(&f, "SELECT count(*) FROM allocations WHERE seq <= 9").await?,
+        0
+    );
+    assert_eq!(
+        raw_count(
+            &f,
+            "SELECT count(DISTINCT seq) FROM allocations WHERE seq IN (10, 11)"
+        )
+        .await?,
+        2,
+        "the new batches have their rows"
+    );
+    let maintained = q.run_totals().await?;
+    let decoded = q
+        .run_totals_where(wattd_ledger::store::TotalsFilter {
+            from_unix_ns: Some(1),
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(maintained, decoded);
+    assert_ne!(detail_answers(&q).await?, without, "two more batches");
     assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
     Ok(())
 }
