@@ -159,8 +159,12 @@ impl KnownKeys {
         self.by_epoch.contains_key(&epoch)
     }
 
-    fn identities(&self) -> Vec<PublicIdentity> {
-        self.by_epoch.values().map(|k| k.identity.clone()).collect()
+    /// A verifier of this node's batches, trusting every known key.
+    fn verifier(&self) -> Verifier {
+        Verifier::with_keys(
+            &self.node_id,
+            self.by_epoch.iter().map(|(&e, k)| (e, k.verifying)),
+        )
     }
 }
 
@@ -396,8 +400,8 @@ pub fn verify_batch(
 
     // The agent's verifier, on this one record: signature, key id, rotation, conservation,
     // genesis link. Sequence and chain against stored batches are the store's.
-    let mut verifier = Verifier::new(&keys.identities()).map_err(Rejection::Internal)?;
-    verifier.record(
+    let mut verifier = keys.verifier();
+    let decoded = verifier.record_batch(
         Location {
             file: PathBuf::from(format!("stream of node {cert_node}")),
             offset: 0,
@@ -457,11 +461,12 @@ pub fn verify_batch(
         });
     }
 
-    // Authentic and conserving: decode the bodies for the allocation rows.
-    let batch = Batch::decode(signed.batch_bytes.as_slice()).map_err(|e| Rejection::Malformed {
-        node: node(),
-        detail: format!("batch seq {seq}: Batch: {e}"),
-    })?;
+    // Authentic and conserving: the body the verifier decoded, for the allocation rows.
+    let Some(batch) = decoded else {
+        return Err(Rejection::Internal(format!(
+            "batch seq {seq}: no break and no decoded body"
+        )));
+    };
     if batch.format_version != FORMAT_VERSION {
         return Err(Rejection::UnsupportedFormat {
             node: node(),

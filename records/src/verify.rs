@@ -263,6 +263,26 @@ impl Verifier {
         })
     }
 
+    /// A verifier trusting keys already parsed (epoch, key) of node `node_id`: what
+    /// [`Verifier::new`] makes of identities, without decompressing each key again.
+    pub fn with_keys(node_id: &str, keys: impl IntoIterator<Item = (u32, VerifyingKey)>) -> Self {
+        Self {
+            keys: keys
+                .into_iter()
+                .map(|(epoch, vk)| (epoch, (vk, key_id_of(&vk.to_bytes()))))
+                .collect(),
+            node_id: Some(node_id.to_owned()),
+            entries: BTreeMap::new(),
+            max_seq: None,
+            expected_first_seq: None,
+            breaks: Vec::new(),
+            trailing_damage: Vec::new(),
+            batches: 0,
+            valid_batches: 0,
+            intervals: 0,
+        }
+    }
+
     fn push(&mut self, seq: Option<u64>, location: Option<Location>, kind: BreakKind) {
         self.breaks.push(Break {
             seq,
@@ -316,6 +336,13 @@ impl Verifier {
     /// the sequence; the seq it should have held shows up as missing (or, at the very end, is
     /// inferred as the next one).
     pub fn record(&mut self, location: Location, bytes: &[u8]) {
+        self.record_batch(location, bytes);
+    }
+
+    /// [`Verifier::record`], handing back the decoded `Batch` when it is authentic (its
+    /// breaks, if any, are in the report like any other's), so that a caller that needs the
+    /// body decodes it once.
+    pub fn record_batch(&mut self, location: Location, bytes: &[u8]) -> Option<Batch> {
         self.batches += 1;
         let loc = Some(location);
         let decoded = SignedBatch::decode(bytes)
@@ -328,14 +355,18 @@ impl Verifier {
         let (signed, batch) = match decoded {
             Ok(x) if x.1.seq > 0 => x,
             Ok(_) => {
-                return self.unplaced(
+                self.unplaced(
                     loc,
                     BreakKind::Undecodable {
                         detail: "Batch.seq is 0".into(),
                     },
-                )
+                );
+                return None;
             }
-            Err(detail) => return self.unplaced(loc, BreakKind::Undecodable { detail }),
+            Err(detail) => {
+                self.unplaced(loc, BreakKind::Undecodable { detail });
+                return None;
+            }
         };
         let claimed_seq = batch.seq;
 
@@ -345,19 +376,23 @@ impl Verifier {
                 found: batch.node_id.clone(),
                 claimed_seq,
             };
-            return self.unplaced(loc, kind);
+            self.unplaced(loc, kind);
+            return None;
         }
         let epoch = batch.key_epoch;
         let Some((vk, kid)) = self.keys.get(&epoch) else {
-            return self.unplaced(loc, BreakKind::UnknownKeyEpoch { epoch, claimed_seq });
+            self.unplaced(loc, BreakKind::UnknownKeyEpoch { epoch, claimed_seq });
+            return None;
         };
         if batch.key_id != kid.as_slice() || signed.key_id != kid.as_slice() {
-            return self.unplaced(loc, BreakKind::KeyIdMismatch { epoch, claimed_seq });
+            self.unplaced(loc, BreakKind::KeyIdMismatch { epoch, claimed_seq });
+            return None;
         }
         let authentic = Signature::from_slice(&signed.signature)
             .is_ok_and(|sig| vk.verify_strict(&signed.batch_bytes, &sig).is_ok());
         if !authentic {
-            return self.unplaced(loc, BreakKind::BadSignature { claimed_seq });
+            self.unplaced(loc, BreakKind::BadSignature { claimed_seq });
+            return None;
         }
         if self.node_id.is_none() {
             self.node_id = Some(batch.node_id.clone());
@@ -388,7 +423,8 @@ impl Verifier {
             }
         }
         let Ok(prev_hash) = ChainHash::try_from(batch.prev_hash.as_slice()) else {
-            return self.push(seq, loc, BreakKind::ChainBreak);
+            self.push(seq, loc, BreakKind::ChainBreak);
+            return Some(batch);
         };
         if let Some(e) = self.entries.get(&batch.seq) {
             let kind = if e.hash == hash {
@@ -396,7 +432,8 @@ impl Verifier {
             } else {
                 BreakKind::Conflicting
             };
-            return self.push(seq, loc, kind);
+            self.push(seq, loc, kind);
+            return Some(batch);
         }
         if let Some(m) = self.max_seq.filter(|&m| batch.seq < m) {
             self.push(seq, loc.clone(), BreakKind::OutOfOrder { after: m });
@@ -412,6 +449,7 @@ impl Verifier {
                 location: loc,
             },
         );
+        Some(batch)
     }
 
     /// A break whose batch cannot be placed in the sequence (damaged, undecodable, not
