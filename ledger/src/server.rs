@@ -1317,14 +1317,39 @@ async fn accept_loop(
 }
 
 /// The per-interval detail's upkeep (store/detail.rs), at start and then hourly: PostgreSQL's
-/// day partitions created ahead; with a retention, the rows of older batches pruned.
+/// day partitions created ahead; with a retention, the rows of older batches pruned. With a
+/// retention other than zero, once (retried hourly until it succeeds): rows stored again if
+/// an earlier start had a retention of zero. Only once per process, so processes sharing a
+/// database with different retentions do not undo each other every hour.
 async fn upkeep_detail(
     store: Arc<AnyStore>,
     metrics: Arc<Metrics>,
     retention: Option<Duration>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut rows_again = retention != Some(Duration::ZERO);
     loop {
+        if rows_again {
+            match store.store_rows_again(crate::unix_now_ns()).await {
+                Ok(lowered) => {
+                    rows_again = false;
+                    if let Some(from) = lowered {
+                        tracing::info!(
+                            detail_from_unix_ns = from,
+                            "allocation rows are stored again (an earlier start kept none): \
+                             for the batches received from now on"
+                        );
+                    }
+                }
+                Err(error) => {
+                    metrics.inc(&metrics.detail_upkeep_failures);
+                    tracing::warn!(
+                        %error,
+                        "allocation rows not turned back on; next try in an hour"
+                    );
+                }
+            }
+        }
         match store.upkeep_detail(crate::unix_now_ns(), retention).await {
             Ok(done) => {
                 metrics.note_detail_upkeep(&done);

@@ -297,6 +297,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rows_come_back_after_every_stored_receipt() {
+        let now = 1_000 * DAY_NS;
+        assert_eq!(rows_again_from(now, None), now);
+        assert_eq!(rows_again_from(now, Some(now - 5)), now);
+        // A receipt ahead of this clock (another process's, or a clock stepped back): that
+        // batch has no rows, so the rows start just after it.
+        assert_eq!(rows_again_from(now, Some(now + 7)), now + 8);
+        assert_eq!(rows_again_from(now, Some(i64::MAX - 1)), i64::MAX);
+        assert_eq!(cutoff(now, std::time::Duration::ZERO), NO_ROWS);
+        assert_eq!(
+            cutoff(now + 5, std::time::Duration::from_secs(86_400)),
+            now - DAY_NS
+        );
+    }
+
+    #[test]
     fn days_start_at_multiples_of_a_day_on_both_sides_of_the_epoch() {
         assert_eq!(day_start(0), 0);
         assert_eq!(day_start(DAY_NS - 1), 0);

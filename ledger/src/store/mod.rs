@@ -758,6 +758,15 @@ pub trait Store: Send + Sync + 'static {
         now_unix_ns: i64,
         retention: Option<std::time::Duration>,
     ) -> impl Future<Output = Result<DetailUpkeep, StoreError>> + Send;
+    /// After a retention of zero ([`detail::NO_ROWS`]), stores rows again for the batches
+    /// received from now on: lowers `detail_from_unix_ns` to just after the last receipt, under
+    /// the lock that excludes commits. `Some(from)` when this call lowered it; `None` when rows
+    /// were not off (or another process lowered it first). `serve` calls it once, at start,
+    /// when its retention is not zero.
+    fn store_rows_again(
+        &self,
+        now_unix_ns: i64,
+    ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
     /// Per-node state for `nodes`.
     fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRow>, StoreError>> + Send;
     /// How every finished run's last usage was obtained: (node, run, final usage, CPU us
@@ -913,6 +922,9 @@ impl Store for AnyStore {
         retention: Option<std::time::Duration>,
     ) -> Result<DetailUpkeep, StoreError> {
         delegate!(self, s => s.upkeep_detail(now_unix_ns, retention))
+    }
+    async fn store_rows_again(&self, now_unix_ns: i64) -> Result<Option<i64>, StoreError> {
+        delegate!(self, s => s.store_rows_again(now_unix_ns))
     }
     async fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
         delegate!(self, s => s.nodes())

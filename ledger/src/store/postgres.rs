@@ -1210,21 +1210,20 @@ impl Store for PgStore {
             .query_opt(SQL_DETAIL_FROM, &[])
             .await?
             .map_or(i64::MIN, |r| r.get(0));
-        if from == detail::NO_ROWS && !rows_off {
-            // After a retention of zero, rows are stored again from now on: under the lock
-            // that waits for the commits under way and holds the next ones until it commits.
-            let tx = c.client.transaction().await?;
-            tx.batch_execute("SET LOCAL lock_timeout = '5s'").await?;
-            tx.batch_execute(SQL_LOCK_FOR_PARTITIONS).await?;
-            let last: Option<i64> = tx
-                .query_one("SELECT MAX(received_unix_ns) FROM batches", &[])
+        // Rows off, yet day partitions there (made by a start's schema, or by another process
+        // with another retention): they go too.
+        let strays = rows_off
+            && from == detail::NO_ROWS
+            && c.client
+                .query_one(
+                    "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                     WHERE i.inhparent = 'allocations'::regclass \
+                     AND c.relname::text <> 'allocations_default'",
+                    &[],
+                )
                 .await?
-                .get(0);
-            let again = detail::rows_again_from(now_unix_ns, last);
-            tx.execute(detail::SQL_ROWS_AGAIN_FROM, &[&again]).await?;
-            tx.commit().await?;
-            from = again;
-        }
+                .get::<_, i64>(0)
+                > 0;
         if let Some(retention) = retention {
             let cutoff = detail::cutoff(now_unix_ns, retention);
             // Every partition and row goes for a retention of zero.
@@ -1233,7 +1232,7 @@ impl Store for PgStore {
             } else {
                 cutoff.div_euclid(DAY_NS)
             };
-            if from < cutoff {
+            if from < cutoff || strays {
                 let tx = c.client.transaction().await?;
                 // Readers of rows and pruned detail hold ACCESS SHARE from before their
                 // snapshot: the partitions go between readers, never under one. Give up after
@@ -1291,6 +1290,34 @@ impl Store for PgStore {
         }
         done.detail_from_unix_ns = (from > i64::MIN).then_some(from);
         Ok(done)
+    }
+
+    async fn store_rows_again(&self, now_unix_ns: i64) -> Result<Option<i64>, StoreError> {
+        let mut p = self.conn().await?;
+        let c = p.get()?;
+        if c.client
+            .query_opt(SQL_DETAIL_FROM, &[])
+            .await?
+            .map_or(true, |r| r.get::<_, i64>(0) != detail::NO_ROWS)
+        {
+            return Ok(None);
+        }
+        // `batches` alone: it waits for the commits under way and holds the next ones until
+        // it commits, so no receipt lands between the last one read and the change. Readers
+        // are not excluded: one that read NO_ROWS decodes every batch of its snapshot, and
+        // every one of those has no rows.
+        let tx = c.client.transaction().await?;
+        tx.batch_execute("SET LOCAL lock_timeout = '5s'").await?;
+        tx.batch_execute("LOCK TABLE batches IN SHARE ROW EXCLUSIVE MODE")
+            .await?;
+        let last: Option<i64> = tx
+            .query_one("SELECT MAX(received_unix_ns) FROM batches", &[])
+            .await?
+            .get(0);
+        let from = detail::rows_again_from(now_unix_ns, last);
+        let changed = tx.execute(detail::SQL_ROWS_AGAIN_FROM, &[&from]).await?;
+        tx.commit().await?;
+        Ok((changed == 1).then_some(from))
     }
 
     async fn heads(&self) -> Result<Vec<(String, u64)>, StoreError> {

@@ -1240,25 +1240,6 @@ impl Store for SqliteStore {
         retention: Option<std::time::Duration>,
     ) -> Result<DetailUpkeep, StoreError> {
         let mut done = DetailUpkeep::default();
-        if retention != Some(std::time::Duration::ZERO) {
-            // After a retention of zero, rows are stored again from now on.
-            self.with(move |c| {
-                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-                if detail_from(&tx)? == detail::NO_ROWS {
-                    let last: Option<i64> =
-                        tx.query_row("SELECT MAX(received_unix_ns) FROM batches", [], |r| {
-                            r.get(0)
-                        })?;
-                    tx.execute(
-                        detail::SQL_ROWS_AGAIN_FROM,
-                        params![detail::rows_again_from(now_unix_ns, last)],
-                    )?;
-                }
-                tx.commit()?;
-                Ok(())
-            })
-            .await?;
-        }
         let Some(retention) = retention else {
             let from = self.with(|c| detail_from(c)).await?;
             done.detail_from_unix_ns = (from > i64::MIN).then_some(from);
@@ -1305,6 +1286,25 @@ impl Store for SqliteStore {
             done.detail_from_unix_ns = (from > i64::MIN).then_some(from);
         }
         Ok(done)
+    }
+
+    async fn store_rows_again(&self, now_unix_ns: i64) -> Result<Option<i64>, StoreError> {
+        self.with(move |c| {
+            // The writer's lock: no commit runs between the last receipt read and the change.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if detail_from(&tx)? != detail::NO_ROWS {
+                return Ok(None);
+            }
+            let last: Option<i64> =
+                tx.query_row("SELECT MAX(received_unix_ns) FROM batches", [], |r| {
+                    r.get(0)
+                })?;
+            let from = detail::rows_again_from(now_unix_ns, last);
+            tx.execute(detail::SQL_ROWS_AGAIN_FROM, params![from])?;
+            tx.commit()?;
+            Ok(Some(from))
+        })
+        .await
     }
 
     async fn heads(&self) -> Result<Vec<(String, u64)>, StoreError> {

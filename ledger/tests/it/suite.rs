@@ -2832,7 +2832,7 @@ async fn without_detail_rows_every_read_is_decoded_and_rows_can_come_back(
 
     let mut o = f.options(limits());
     o.detail_retention = Some(Duration::ZERO);
-    let l = f.start_with(o).await;
+    let l = f.start_with(o.clone()).await;
     until_count(&f, from, i64::MAX).await?;
     assert_eq!(raw_count(&f, rows).await?, 0);
     let partitions = "SELECT count(*) FROM pg_inherits \
@@ -2849,14 +2849,17 @@ async fn without_detail_rows_every_read_is_decoded_and_rows_can_come_back(
     }
     drop(s);
     l.stop().await;
+    // Started again with 0: the partitions its schema makes at start go at once.
+    let l = f.start_with(o).await;
+    if b == Backend::Postgres {
+        until_count(&f, partitions, 0).await?;
+    }
+    l.stop().await;
     assert_eq!(
         raw_count(&f, rows).await?,
         0,
         "rows stored with a retention of 0"
     );
-    if b == Backend::Postgres {
-        assert_eq!(raw_count(&f, partitions).await?, 0, "none created ahead");
-    }
     let maintained = q.run_totals().await?;
     let decoded = q
         .run_totals_where(wattd_ledger::store::TotalsFilter {
@@ -2911,6 +2914,58 @@ async fn without_detail_rows_every_read_is_decoded_and_rows_can_come_back(
         .await?;
     assert_eq!(maintained, decoded);
     assert_ne!(detail_answers(&q).await?, without, "two more batches");
+    assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
+
+    // Off, then on again while a node streams: each batch has its rows iff it was received
+    // at or after the point the rows came back.
+    let serve = f.query_store_serve().await;
+    let now = wattd_ledger::unix_now_ns();
+    serve.upkeep_detail(now, Some(Duration::ZERO)).await?;
+    assert_eq!(raw_count(&f, rows).await?, 0);
+    let l = f.start_with(f.options(limits())).await;
+    // That start turned them on: off again, under the stream.
+    until_count(&f, &lowered, 1).await?;
+    serve.upkeep_detail(now, Some(Duration::ZERO)).await?;
+    let mut s = connect(&f, &l, "n1").await;
+    let again = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        serve.store_rows_again(wattd_ledger::unix_now_ns()).await
+    });
+    for seq in 12..=31u64 {
+        assert_eq!(s.send(msg(&chain.next(3))).await?.acked_seq, seq);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(s);
+    l.stop().await;
+    let lowered_to = again.await?.map_err(|e| e.to_string())?;
+    assert!(
+        lowered_to.is_some(),
+        "rows were off: this call turned them on"
+    );
+    let wrong = "SELECT count(*) FROM batches b WHERE b.seq >= 12 AND \
+                 (b.received_unix_ns >= (SELECT value FROM ledger_meta \
+                 WHERE key = 'detail_from_unix_ns')) <> EXISTS (SELECT 1 FROM allocations a \
+                 WHERE a.node_id = b.node_id AND a.seq = b.seq)";
+    assert_eq!(
+        raw_count(&f, wrong).await?,
+        0,
+        "rows iff received at or after"
+    );
+    let with_rows = raw_count(
+        &f,
+        "SELECT count(DISTINCT seq) FROM allocations WHERE seq >= 12",
+    )
+    .await?;
+    eprintln!("{with_rows} of the 20 batches streamed while the rows came back have rows");
+    assert!(with_rows > 0, "the last batches have rows");
+    let maintained = q.run_totals().await?;
+    let decoded = q
+        .run_totals_where(wattd_ledger::store::TotalsFilter {
+            from_unix_ns: Some(1),
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(maintained, decoded);
     assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
     Ok(())
 }
