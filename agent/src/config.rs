@@ -717,7 +717,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
                     l.max_batches_per_s = v;
                 }
                 if let Some(v) = backoff_max_s {
-                    l.backoff_max = Duration::from_secs(v);
+                    l.max_backoff = Duration::from_secs(v);
                 }
                 if let Some(v) = ack_timeout_s {
                     l.ack_timeout = Duration::from_secs(v);
@@ -1145,7 +1145,7 @@ finished_run_ttl_s = 60
         assert_eq!(l.window, 8);
         assert_eq!(l.heartbeat, Duration::from_secs(2));
         assert_eq!(l.max_batches_per_s.get(), 50);
-        assert_eq!(l.backoff_max, Duration::from_secs(9));
+        assert_eq!(l.max_backoff, Duration::from_secs(9));
         assert_eq!(l.ack_timeout, Duration::from_secs(4));
         assert_eq!(l.drain, Duration::ZERO);
         let d = parse("l.toml", base).unwrap().ledger.unwrap();

@@ -150,7 +150,7 @@ pub struct DeliveryLag {
 }
 
 impl DeliveryLag {
-    const MAX_ENTRIES: usize = 7 * 86_400;
+    const ENTRIES_MAX: usize = 7 * 86_400;
 
     pub fn update(&mut self, sealed_seq: u64, acked_seq: u64, now: std::time::Instant) {
         let last = self.sealed_by.back().copied();
@@ -172,7 +172,7 @@ impl DeliveryLag {
         {
             self.sealed_by.pop_front();
         }
-        while self.sealed_by.len() > Self::MAX_ENTRIES {
+        while self.sealed_by.len() > Self::ENTRIES_MAX {
             // The oldest keeps its time and takes the next one's seqs (the age stays right).
             if let (Some(first), Some(second)) =
                 (self.sealed_by.pop_front(), self.sealed_by.front_mut())

@@ -36,7 +36,7 @@ const PALETTE: [&str; 10] = [
 const HOST: &str = "#7f7f7f";
 const IDLE: &str = "#c7c7c7";
 const UNATTRIBUTED: &str = "#e15759";
-const MAX_RUN_SERIES: usize = 8;
+const RUN_SERIES_MAX: usize = 8;
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -102,7 +102,7 @@ pub fn render(intervals: &[Interval], focus: Option<&str>) -> String {
         Some(r) => vec![r.to_owned()],
         None => ranked
             .iter()
-            .take(MAX_RUN_SERIES)
+            .take(RUN_SERIES_MAX)
             .map(|(r, _)| (*r).clone())
             .collect(),
     };

@@ -332,7 +332,7 @@ impl Sealer {
 
     fn chunk_max(&self) -> usize {
         let half_segment =
-            usize::try_from(self.spool.segment_max_bytes() / 2).unwrap_or(usize::MAX);
+            usize::try_from(self.spool.max_segment_bytes() / 2).unwrap_or(usize::MAX);
         Self::CHUNK_MAX_BYTES.min(half_segment).max(4096)
     }
 

@@ -57,7 +57,7 @@ pub struct ShipperConfig {
     /// Batches per second at most (the replay pace after an outage).
     pub max_batches_per_s: NonZeroU32,
     pub backoff_min: Duration,
-    pub backoff_max: Duration,
+    pub max_backoff: Duration,
     pub connect_timeout: Duration,
     /// With batches in flight, no Ack for this long ends the session.
     pub ack_timeout: Duration,
@@ -73,7 +73,7 @@ impl ShipperConfig {
     pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
     pub const DEFAULT_MAX_BATCHES_PER_S: u32 = 200;
     pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(200);
-    pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+    pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
 
     pub fn new(endpoint: &str, ca: &Path, cert: &Path, key: &Path) -> Self {
         Self {
@@ -86,7 +86,7 @@ impl ShipperConfig {
             max_batches_per_s: NonZeroU32::new(Self::DEFAULT_MAX_BATCHES_PER_S)
                 .unwrap_or(NonZeroU32::MIN),
             backoff_min: Self::DEFAULT_BACKOFF_MIN,
-            backoff_max: Self::DEFAULT_BACKOFF_MAX,
+            max_backoff: Self::DEFAULT_MAX_BACKOFF,
             connect_timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(30),
             max_message_bytes: 32 << 20,
@@ -398,7 +398,7 @@ impl Shipper {
             }
             let delay = backoff_delay(
                 self.cfg.backoff_min,
-                self.cfg.backoff_max,
+                self.cfg.max_backoff,
                 attempt,
                 random_u64(),
             );

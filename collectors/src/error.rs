@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 pub struct Shown(String);
 
 impl Shown {
-    const MAX_CHARS: usize = 64;
+    const CHARS_MAX: usize = 64;
 
     pub fn new(raw: &str) -> Self {
-        let mut s: String = raw.chars().take(Self::MAX_CHARS).collect();
-        if raw.chars().count() > Self::MAX_CHARS {
+        let mut s: String = raw.chars().take(Self::CHARS_MAX).collect();
+        if raw.chars().count() > Self::CHARS_MAX {
             s.push('…');
         }
         Shown(s)

@@ -105,7 +105,7 @@ pub fn parse_u64(path: &Path, raw: &str) -> Result<u64, HostError> {
 
 /// Parses a kernel CPU list such as `0-3,8,10-11`. Bounded: at most `max_cpu` is accepted.
 pub fn parse_cpu_list(path: &Path, raw: &str) -> Result<Vec<u32>, HostError> {
-    const MAX_CPU: u32 = 65_535;
+    const CPU_MAX: u32 = 65_535;
     let mut out = Vec::new();
     let s = raw.trim();
     if s.is_empty() {
@@ -123,7 +123,7 @@ pub fn parse_cpu_list(path: &Path, raw: &str) -> Result<Vec<u32>, HostError> {
                 (v, v)
             }
         };
-        if lo > hi || hi > MAX_CPU {
+        if lo > hi || hi > CPU_MAX {
             return Err(bad());
         }
         out.extend(lo..=hi);

@@ -31,7 +31,7 @@ use crate::store::{BatchEnergy, ReadAudit, Store, StoreError, TotalsFilter};
 /// The largest cursor accepted: about 30,000 nodes with the longest node ids (255 bytes), or
 /// 250,000 with 36-byte ones. The feed never emits a larger one: it ends the stream instead
 /// (a fleet that large needs a compact cursor; not needed yet).
-pub const MAX_CURSOR_BYTES: usize = 16 << 20;
+pub const CURSOR_MAX_BYTES: usize = 16 << 20;
 /// Batches read from one node per round of the change feed (each read whole, signed bytes
 /// included, for its window).
 const PAGE: u32 = 16;
@@ -59,9 +59,9 @@ impl Cursor {
         if s.is_empty() {
             return Ok(Cursor::default());
         }
-        if s.len() > MAX_CURSOR_BYTES {
+        if s.len() > CURSOR_MAX_BYTES {
             return Err(format!(
-                "cursor is {} bytes, more than {MAX_CURSOR_BYTES}",
+                "cursor is {} bytes, more than {CURSOR_MAX_BYTES}",
                 s.len()
             ));
         }
@@ -787,9 +787,9 @@ impl<S: Store> Feed<S> {
     /// The cursor as sent: refused past the size a resume would accept.
     async fn cursor_text(&mut self) -> Result<String, Ended> {
         let text = self.cursor.text();
-        if text.len() > MAX_CURSOR_BYTES {
+        if text.len() > CURSOR_MAX_BYTES {
             let why = format!(
-                "the cursor would be {} bytes, more than the {MAX_CURSOR_BYTES} a resume accepts",
+                "the cursor would be {} bytes, more than the {CURSOR_MAX_BYTES} a resume accepts",
                 text.len()
             );
             return Err(self
@@ -996,7 +996,7 @@ mod tests {
         for bad in ["x", "v1.zz", "v1.0", "v2.00", "v1.0a01"] {
             assert!(Cursor::parse(bad).is_err(), "{bad:?}");
         }
-        let huge = format!("v1.{}", "0".repeat(MAX_CURSOR_BYTES));
+        let huge = format!("v1.{}", "0".repeat(CURSOR_MAX_BYTES));
         assert!(Cursor::parse(&huge).unwrap_err().contains("bytes"));
         let heads = vec![("node-a".to_string(), 9), ("node-b".to_string(), 1)];
         assert_eq!(c.ahead_of(&heads), None);

@@ -19,7 +19,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 /// Largest response body read.
-const MAX_BODY_BYTES: usize = 64 << 20;
+const BODY_MAX_BYTES: usize = 64 << 20;
 
 /// How to reach an endpoint: all optional, plain HTTP without credentials by default.
 #[derive(Clone, Debug, Default)]
@@ -262,7 +262,7 @@ impl ScrapeClient {
             }
         };
         let status = resp.status();
-        let body = Limited::new(resp.into_body(), MAX_BODY_BYTES)
+        let body = Limited::new(resp.into_body(), BODY_MAX_BYTES)
             .collect()
             .await
             .map_err(|e| http(&e))?

@@ -37,7 +37,7 @@ use yaml_rust2::{Yaml, YamlLoader};
 use crate::auth::BasicAuth;
 
 /// Largest web configuration file read (it holds a few paths and hashes).
-const MAX_FILE_BYTES: u64 = 1 << 20;
+const FILE_MAX_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Default)]
 struct RawWebConfig {
@@ -293,11 +293,11 @@ fn read_bounded(path: &Path) -> Result<String, String> {
     use std::io::Read as _;
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut text = String::new();
-    file.take(MAX_FILE_BYTES + 1)
+    file.take(FILE_MAX_BYTES + 1)
         .read_to_string(&mut text)
         .map_err(|e| e.to_string())?;
-    if text.len() as u64 > MAX_FILE_BYTES {
-        return Err(format!("larger than {MAX_FILE_BYTES} bytes"));
+    if text.len() as u64 > FILE_MAX_BYTES {
+        return Err(format!("larger than {FILE_MAX_BYTES} bytes"));
     }
     Ok(text)
 }

@@ -8,7 +8,7 @@ use wattd_collectors::{Domain, MeterKey};
 use super::{IdleEstimate, IdleSource};
 
 /// Bound on remembered intervals per meter, whatever the window and interval.
-const MAX_WINDOW_ENTRIES: usize = 65_536;
+const WINDOW_ENTRIES_MAX: usize = 65_536;
 
 /// Tracks idle power for every meter.
 #[derive(Debug, Clone)]
@@ -51,7 +51,7 @@ impl IdleTracker {
                 q.pop_back();
             }
             q.push_back((end_us, power_uw));
-            if q.len() > MAX_WINDOW_ENTRIES {
+            if q.len() > WINDOW_ENTRIES_MAX {
                 q.pop_front();
             }
         }

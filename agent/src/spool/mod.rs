@@ -52,7 +52,7 @@ pub struct SpoolConfig {
     /// Bound on the bytes of all segments together (`spool.max_bytes`).
     pub max_bytes: u64,
     /// A segment is closed and a new one started once it would grow past this.
-    pub segment_max_bytes: u64,
+    pub max_segment_bytes: u64,
     /// Acknowledged batches are kept this long (`spool.retain_acked_s`), so that a ledger
     /// restored from a backup can be sent them again ...
     pub retain_acked: std::time::Duration,
@@ -64,7 +64,7 @@ pub struct SpoolConfig {
 
 impl SpoolConfig {
     pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
-    pub const DEFAULT_SEGMENT_MAX_BYTES: u64 = 64 << 20;
+    pub const DEFAULT_MAX_SEGMENT_BYTES: u64 = 64 << 20;
     /// The smallest `spool.max_bytes` that works: eight segments of the smallest size.
     pub const MIN_MAX_BYTES: u64 = 8 * Self::MIN_SEGMENT_BYTES;
     pub const MIN_SEGMENT_BYTES: u64 = 128 << 10;
@@ -81,7 +81,7 @@ impl SpoolConfig {
             dir: dir.into(),
             node_id: node_id.into(),
             max_bytes: Self::DEFAULT_MAX_BYTES,
-            segment_max_bytes: Self::DEFAULT_SEGMENT_MAX_BYTES,
+            max_segment_bytes: Self::DEFAULT_MAX_SEGMENT_BYTES,
             retain_acked: std::time::Duration::from_secs(Self::DEFAULT_RETAIN_ACKED_S),
             retain_acked_bytes: Self::retain_bytes_for(
                 Self::DEFAULT_MAX_BYTES,
@@ -108,13 +108,13 @@ impl SpoolConfig {
     /// filled with acknowledged batches and every interval was coarsened.)
     pub fn segment_bytes_for(max_bytes: u64) -> u64 {
         (max_bytes / Self::SEGMENTS_PER_LIMIT)
-            .clamp(Self::MIN_SEGMENT_BYTES, Self::DEFAULT_SEGMENT_MAX_BYTES)
+            .clamp(Self::MIN_SEGMENT_BYTES, Self::DEFAULT_MAX_SEGMENT_BYTES)
     }
 
     /// Sets the limit and the segment size that follows from it.
     pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
         self.max_bytes = max_bytes;
-        self.segment_max_bytes = Self::segment_bytes_for(max_bytes);
+        self.max_segment_bytes = Self::segment_bytes_for(max_bytes);
         self.retain_acked_bytes =
             Self::retain_bytes_for(max_bytes, Self::DEFAULT_RETAIN_ACKED_SHARE);
         self
@@ -610,8 +610,8 @@ impl Spool {
     }
 
     /// The size at which the active segment rolls.
-    pub fn segment_max_bytes(&self) -> u64 {
-        self.cfg.segment_max_bytes
+    pub fn max_segment_bytes(&self) -> u64 {
+        self.cfg.max_segment_bytes
     }
 
     /// The running totals of the last batch: read back at open (from its record, or from the
@@ -670,7 +670,7 @@ impl Spool {
             .segments
             .last()
             .is_some_and(|s| s.first_seq <= self.last_seq);
-        if has_records && active_len + frame_len > self.cfg.segment_max_bytes {
+        if has_records && active_len + frame_len > self.cfg.max_segment_bytes {
             match self.roll(batch.seq) {
                 // No room for the new segment: the reserve makes it.
                 Err(e) if e.is_full() => {
@@ -858,7 +858,7 @@ impl Spool {
         if self.acked_seq == self.last_seq
             && self.synced_seq == self.last_seq
             && active_has_records
-            && active_len >= self.cfg.segment_max_bytes / 2
+            && active_len >= self.cfg.max_segment_bytes / 2
         {
             match self.roll(self.last_seq + 1) {
                 Ok(()) => {}

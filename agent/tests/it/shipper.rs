@@ -251,7 +251,7 @@ impl World {
         let c = self.ca.client("node-a");
         let mut cfg = ShipperConfig::new(&self.endpoint, &self.ca.ca_pem, &c.cert, &c.key);
         cfg.backoff_min = Duration::from_millis(20);
-        cfg.backoff_max = Duration::from_millis(100);
+        cfg.max_backoff = Duration::from_millis(100);
         cfg.heartbeat = Duration::from_millis(200);
         cfg
     }

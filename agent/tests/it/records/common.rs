@@ -60,9 +60,9 @@ pub fn interval(index: u64, runs: usize) -> Interval {
 
 /// A spool config with small segments that frees acknowledged segments at once (no
 /// retention: the tests of retention set it themselves).
-pub fn config(dir: &Path, segment_max_bytes: u64) -> SpoolConfig {
+pub fn config(dir: &Path, max_segment_bytes: u64) -> SpoolConfig {
     let mut cfg = SpoolConfig::new(dir, NODE).without_retention();
-    cfg.segment_max_bytes = segment_max_bytes;
+    cfg.max_segment_bytes = max_segment_bytes;
     cfg
 }
 

@@ -133,7 +133,7 @@ fn spool_dir(fs: &LoopExt4) -> PathBuf {
 
 fn cfg(dir: &Path) -> SpoolConfig {
     let mut c = SpoolConfig::new(dir, NODE).without_retention();
-    c.segment_max_bytes = 4 << 20;
+    c.max_segment_bytes = 4 << 20;
     c
 }
 

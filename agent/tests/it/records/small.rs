@@ -146,7 +146,7 @@ fn a_full_file_system_still_acknowledges_and_frees() -> TestResult {
     };
     let mut cfg = SpoolConfig::new(fs.path(), NODE).with_max_bytes(1 << 30);
     // Small segments, so that acknowledged ones can be freed while the disk is full.
-    cfg.segment_max_bytes = 128 << 10;
+    cfg.max_segment_bytes = 128 << 10;
     let mut s = sealer(cfg, 1)?;
     assert!(
         fs.path().join(RESERVE_FILE).exists(),
