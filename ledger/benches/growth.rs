@@ -12,7 +12,8 @@
 //!
 //! `cargo bench -p wattd-ledger --bench growth -- steps=1000000,4000000 nodes=100 runs=10`
 //! (allocations at each step; SQLite always, PostgreSQL too with `WATTD_TEST_POSTGRES` set, or
-//! one with `store=sqlite` / `store=postgres`).
+//! one with `store=sqlite` / `store=postgres`; `rows=none` fills a store that keeps no
+//! per-interval rows, as `serve --detail-retention-days 0` does).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +41,9 @@ struct Opts {
     nodes: usize,
     runs: u64,
     store: Option<String>,
+    /// `rows=none`: the store keeps no per-interval rows (`serve --detail-retention-days 0`),
+    /// so every read of per-interval detail decodes the signed batches.
+    no_rows: bool,
 }
 
 fn opts() -> Opts {
@@ -48,6 +52,7 @@ fn opts() -> Opts {
         nodes: 100,
         runs: 10,
         store: None,
+        no_rows: false,
     };
     for a in std::env::args().skip(1) {
         let Some((k, v)) = a.split_once('=') else {
@@ -62,7 +67,14 @@ fn opts() -> Opts {
             "nodes" => o.nodes = usize::try_from(n(v)).expect("nodes").max(1),
             "runs" => o.runs = n(v).max(1),
             "store" => o.store = Some(v.to_owned()),
-            _ => panic!("unknown option {k} (steps=, nodes=, runs=, store=)"),
+            "rows" => {
+                o.no_rows = match v {
+                    "none" => true,
+                    "kept" => false,
+                    _ => panic!("rows={v}: none or kept"),
+                }
+            }
+            _ => panic!("unknown option {k} (steps=, nodes=, runs=, store=, rows=)"),
         }
     }
     o.steps.sort_unstable();
@@ -165,14 +177,22 @@ async fn run(label: &str, url: String, o: &Opts) {
             .await
             .expect("open"),
     );
+    if o.no_rows {
+        store
+            .upkeep_detail(wattd_ledger::unix_now_ns(), Some(Duration::ZERO))
+            .await
+            .expect("rows off");
+    }
     let limits = Arc::new(NodeLimits::new(&Default::default(), i64::MAX));
     let mut nodes: Vec<Node> = (0..o.nodes).map(Node::new).collect();
     let per_batch = INTERVALS * o.runs * 2;
     let mut stored: u64 = 0;
     let mut fill = Duration::ZERO;
     println!(
-        "{label}: {} nodes x {} runs, {per_batch} allocations a batch",
-        o.nodes, o.runs
+        "{label}: {} nodes x {} runs, {per_batch} allocations a batch, per-interval rows {}",
+        o.nodes,
+        o.runs,
+        if o.no_rows { "none" } else { "kept" }
     );
     for &step in &o.steps {
         let t = Instant::now();
@@ -199,7 +219,8 @@ async fn run(label: &str, url: String, o: &Opts) {
             ..Default::default()
         };
         let (r50, r99) = time(50, &store, &by_run).await;
-        // Not whole hours: answered from the allocation rows joined with their batches.
+        // Not whole hours: answered from the allocation rows joined with their batches (with
+        // no rows: from the batches of the hours the run's totals name, decoded).
         let by_run_range = TotalsFilter {
             run_id: Some(run.clone()),
             from_unix_ns: Some(BASE_UNIX_NS + 1),

@@ -67,6 +67,29 @@ pub(crate) const SQL_PRUNED_IN_RANGE: &str = "SELECT b.node_id, b.seq, b.signed_
      (SELECT 1 FROM run_totals_hourly h WHERE h.run_id = $5 AND h.node_id = b.node_id \
      AND h.hour = b.sealed_unix_ns / 3600000000000)) \
      AND (b.node_id > $6 OR (b.node_id = $6 AND b.seq > $7)) ORDER BY b.node_id, b.seq LIMIT $8";
+/// [`SQL_PRUNED_IN_RANGE`] for a run (`$5` not empty), driven from the hours its totals name
+/// (as [`SQL_PRUNED_OF_RUN`]) instead of every batch of the range: what it reads grows with
+/// the run, not with the store. Its parameters do not first appear in order: SQLite takes it
+/// with `?N` placeholders.
+pub(crate) const SQL_PRUNED_IN_RANGE_OF_RUN: &str = "SELECT b.node_id, b.seq, b.signed_batch \
+     FROM (SELECT DISTINCT node_id, hour FROM run_totals_hourly \
+     WHERE run_id = $5 AND ($4 = '' OR node_id = $4)) h JOIN batches b \
+     ON b.node_id = h.node_id AND b.sealed_unix_ns >= CASE WHEN h.hour <= -2562046 \
+     THEN -9223372036854775807 - 1 ELSE h.hour * 3600000000000 - 3600000000000 END \
+     AND b.sealed_unix_ns <= CASE WHEN h.hour >= 2562046 THEN 9223372036854775807 \
+     ELSE h.hour * 3600000000000 + 3600000000000 END \
+     AND b.sealed_unix_ns / 3600000000000 = h.hour \
+     WHERE b.received_unix_ns < $1 AND b.sealed_unix_ns >= $2 AND b.sealed_unix_ns <= $3 \
+     AND (b.node_id > $6 OR (b.node_id = $6 AND b.seq > $7)) ORDER BY b.node_id, b.seq LIMIT $8";
+
+/// The query for the pruned batches of a range: of a run's hours when `run` is not empty.
+pub(crate) fn sql_pruned_in_range(run: &str) -> &'static str {
+    if run.is_empty() {
+        SQL_PRUNED_IN_RANGE
+    } else {
+        SQL_PRUNED_IN_RANGE_OF_RUN
+    }
+}
 /// A node's stored batches for `audit`, in seq order, a page at a time.
 pub(crate) const SQL_AUDIT_BATCHES: &str = "SELECT seq, signed_batch, sealed_unix_ns, \
      received_unix_ns FROM batches WHERE node_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";

@@ -13,8 +13,8 @@ use wattd_records::batch::ChainHash;
 use super::detail::{
     self, AuditBatch, DetailUpkeep, NodeTotals, RunTotals, PRUNED_PAGE, SQL_AUDIT_BATCHES,
     SQL_DETAIL_FROM, SQL_LABEL_OF, SQL_NODE_ROLLUP, SQL_NODE_ROWS, SQL_PRUNED_BETWEEN,
-    SQL_PRUNED_IN_RANGE, SQL_PRUNED_OF_RUN, SQL_QUARANTINED_OF, SQL_QUARANTINED_OF_NODE,
-    SQL_RAISE_DETAIL_FROM, SQL_ROLLUP_NODES,
+    SQL_PRUNED_OF_RUN, SQL_QUARANTINED_OF, SQL_QUARANTINED_OF_NODE, SQL_RAISE_DETAIL_FROM,
+    SQL_ROLLUP_NODES,
 };
 use super::{
     assemble, hour_of, rollup, split_allocations, to_hash, to_i64, to_key_id, to_u64,
@@ -1132,7 +1132,10 @@ impl Store for SqliteStore {
             let mut after = (String::new(), 0i64);
             loop {
                 let page = {
-                    let mut st = c.prepare_cached(SQL_PRUNED_IN_RANGE)?;
+                    // `?N`, not `$N`: SQLite numbers `$N` parameters in the order they first
+                    // appear, and the run's query names `$5` first.
+                    let sql = detail::sql_pruned_in_range(&run).replace('$', "?");
+                    let mut st = c.prepare_cached(&sql)?;
                     let p = params![from, lo_t, hi_t, node, run, after.0, after.1, PRUNED_PAGE];
                     let rows = st.query_map(p, |r| {
                         Ok((

@@ -80,14 +80,19 @@ pub struct PgDatabase {
 }
 
 impl PgDatabase {
-    pub async fn create(admin_url: &str) -> Result<Self, tokio_postgres::Error> {
+    /// A database of its own, made with `options` after `CREATE DATABASE name` (a locale,
+    /// say; empty: the server's defaults).
+    pub async fn create_with(
+        admin_url: &str,
+        options: &str,
+    ) -> Result<Self, tokio_postgres::Error> {
         let mut seed = [0u8; 6];
         getrandom::getrandom(&mut seed).expect("random");
         let name = format!("wattd_test_{}", wattd_records::durable::hex(&seed));
         let (client, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&format!("CREATE DATABASE {name} {options}"))
             .await?;
         let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
         Ok(Self {
@@ -138,6 +143,11 @@ pub struct Fixture {
 impl Fixture {
     /// None when the backend cannot run here (PostgreSQL without WATTD_TEST_POSTGRES).
     pub async fn new(backend: Backend, test: &str) -> Option<Fixture> {
+        Self::new_with(backend, test, "").await
+    }
+
+    /// [`Fixture::new`], the PostgreSQL database made with `pg_options` after its name.
+    pub async fn new_with(backend: Backend, test: &str, pg_options: &str) -> Option<Fixture> {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = TestCa::new(dir.path(), "ledger");
         let server = ca.server("server");
@@ -150,7 +160,9 @@ impl Fixture {
             ),
             Backend::Postgres => {
                 let admin = postgres_or_skip(test)?;
-                let db = PgDatabase::create(&admin).await.expect("create database");
+                let db = PgDatabase::create_with(&admin, pg_options)
+                    .await
+                    .expect("create database");
                 (db.url.clone(), Some(db))
             }
         };
@@ -355,10 +367,19 @@ pub struct NodeStream {
 }
 
 impl NodeStream {
+    /// Opens the node's stream: the ledger's response headers, or the status it refused it
+    /// with. Neither within 30 s fails the test (once, under a full suite on two cores, a
+    /// stream's open waited for ever: this names it instead of hanging the run).
     pub async fn open(channel: Channel) -> Result<Self, tonic::Status> {
         let (tx, rx) = mpsc::channel(64);
         let mut client = LedgerClient::new(channel).max_decoding_message_size(1 << 20);
-        let acks = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+        let acks = tokio::time::timeout(
+            Duration::from_secs(30),
+            client.stream(ReceiverStream::new(rx)),
+        )
+        .await
+        .expect("the ledger answers a stream's open within 30 s")?
+        .into_inner();
         Ok(Self { tx, acks })
     }
 

@@ -2969,3 +2969,137 @@ async fn without_detail_rows_every_read_is_decoded_and_rows_can_come_back(
     assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
     Ok(())
 }
+
+/// PostgreSQL orders node ids by the database's collation, which need not be byte order: in an
+/// ICU en-US database "na" < "Nb" < "nc", where bytes put "Nb" first. A run's batches read two
+/// at a time, some from their rows and some decoded from pruned batches, come each once, in the
+/// database's order (the cursor's `node_id > $n` follows the collation, so a page merged in
+/// Rust's order would skip or repeat batches).
+#[tokio::test]
+async fn a_runs_batches_page_in_the_databases_collation() -> TestResult {
+    let icu = "LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8' TEMPLATE template0";
+    let Some(f) = Fixture::new_with(Backend::Postgres, "collation", icu).await else {
+        return Ok(());
+    };
+    let nodes = ["nc", "Nb", "na"];
+    let mut chains: Vec<Chain> = nodes
+        .iter()
+        .zip(1u8..)
+        .map(|(n, seed)| {
+            let c = Chain::new(key(n, 1, seed));
+            f.enrol(&c.key);
+            c
+        })
+        .collect();
+    let l = f.start(limits()).await;
+    for (n, c) in nodes.iter().zip(chains.iter_mut()) {
+        let mut s = connect(&f, &l, n).await;
+        for seq in 1..=3u64 {
+            assert_eq!(s.send(msg(&c.next(3))).await?.acked_seq, seq);
+        }
+    }
+    l.stop().await;
+    assert_eq!(
+        raw_count(
+            &f,
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT 1 FROM batches \
+             WHERE node_id < 'Nb' AND node_id = 'na') t"
+        )
+        .await?,
+        3,
+        "the database's collation puts na before Nb"
+    );
+    // Every node's first batch, and Nb's second, received ten days ago: their rows pruned.
+    raw_sql(
+        &f,
+        "UPDATE batches SET received_unix_ns = received_unix_ns - 10 * 86400000000000 \
+         WHERE seq = 1 OR (node_id = 'Nb' AND seq = 2); \
+         UPDATE allocations SET received_day = received_day - 10 \
+         WHERE seq = 1 OR (node_id = 'Nb' AND seq = 2)",
+    )
+    .await?;
+    let done = f
+        .query_store_serve()
+        .await
+        .upkeep_detail(
+            wattd_ledger::unix_now_ns(),
+            Some(Duration::from_secs(86_400)),
+        )
+        .await?;
+    assert!(done.rows_deleted > 0, "{done:?}");
+    let q = f.query_store().await;
+    let mut seen = Vec::new();
+    let mut after = (String::new(), 0u64);
+    loop {
+        let page = q
+            .run_batches("run-a", "", (&after.0, after.1), 2, "account")
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = (last.node_id.clone(), last.seq);
+        seen.extend(page.iter().map(|b| (b.node_id.clone(), b.seq)));
+    }
+    let want: Vec<(String, u64)> = ["na", "Nb", "nc"]
+        .iter()
+        .flat_map(|n| (1..=3u64).map(move |s| (n.to_string(), s)))
+        .collect();
+    assert_eq!(seen, want);
+    Ok(())
+}
+
+/// `serve`'s schema transaction takes its table locks within 10 s or gives up, lets the
+/// commits queued behind it go, and tries again 2 s later: with a reader idle in a transaction
+/// over `allocations`, its lock request is seen to go away while the reader still holds the
+/// table (a transaction waiting without a bound never lets go), and the store opens once the
+/// reader is done.
+#[tokio::test]
+async fn the_schema_transaction_gives_up_a_held_lock_and_tries_again() -> TestResult {
+    let Some(f) = Fixture::new(Backend::Postgres, "schema_lock_retry").await else {
+        return Ok(());
+    };
+    drop(f.query_store_serve().await);
+    let wattd_ledger::store::StoreUrl::Postgres(url) = f.store_url.clone() else {
+        return Err("a PostgreSQL fixture".into());
+    };
+    let (reader, conn) = url
+        .parse::<tokio_postgres::Config>()?
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    let conn = tokio::spawn(conn);
+    reader
+        .batch_execute("BEGIN; SELECT count(*) FROM allocations")
+        .await?;
+    let store_url = f.store_url.clone();
+    let opener = tokio::spawn(async move {
+        wattd_ledger::store::AnyStore::open(&store_url, wattd_ledger::store::OpenMode::Serve)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    let waiting = "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+                   WHERE NOT l.granted AND d.datname = current_database()";
+    let (mut seen_waiting, mut gave_up) = (false, false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(25);
+    while std::time::Instant::now() < deadline && !gave_up {
+        let n: i64 = reader.query_one(waiting, &[]).await?.get(0);
+        if n > 0 {
+            seen_waiting = true;
+        } else if seen_waiting {
+            gave_up = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen_waiting,
+        "the schema transaction never waited for the lock"
+    );
+    assert!(
+        gave_up,
+        "the schema transaction waited on for 25 s behind a held lock"
+    );
+    assert!(!opener.is_finished(), "it opened while the table was held");
+    reader.batch_execute("COMMIT").await?;
+    opener.await??;
+    drop(reader);
+    let _ = conn.await;
+    Ok(())
+}
