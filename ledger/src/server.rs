@@ -1345,7 +1345,7 @@ async fn upkeep_detail(
                     metrics.inc(&metrics.detail_upkeep_failures);
                     tracing::warn!(
                         %error,
-                        "allocation rows not turned back on; next try in an hour"
+                        "allocation rows not turned back on; next try in a minute"
                     );
                 }
             }
@@ -1368,8 +1368,10 @@ async fn upkeep_detail(
                 tracing::warn!(%error, "detail upkeep failed; next try in an hour");
             }
         }
+        // Rows not yet turned back on: a minute, not an hour, with them off.
+        let next = Duration::from_secs(if rows_again { 60 } else { 3600 });
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            () = tokio::time::sleep(next) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
     }

@@ -319,6 +319,102 @@ pub(crate) fn hourly_from(
 mod tests {
     use super::*;
 
+    /// The run's range query finds exactly the batches the range scan did, at the edges of
+    /// the hour arithmetic (negative times, either side of zero, the ends of the 64-bit range)
+    /// and with a node filter, a page at a time (SQLite, as that store sends it: `?N`).
+    #[test]
+    fn a_runs_range_through_its_hours_finds_what_the_range_scan_found() {
+        use super::super::{hour_of, HOUR_NS};
+        let c = rusqlite::Connection::open_in_memory().expect("sqlite");
+        c.execute_batch(
+            "CREATE TABLE batches (node_id TEXT, seq INTEGER, received_unix_ns INTEGER, \
+             sealed_unix_ns INTEGER, signed_batch BLOB); \
+             CREATE TABLE run_totals_hourly (node_id TEXT, run_id TEXT, domain TEXT, \
+             hour INTEGER);",
+        )
+        .expect("schema");
+        let h = HOUR_NS;
+        let sealed = [
+            i64::MIN,
+            i64::MIN + 1,
+            -5 * h - 7,
+            -h - 1,
+            -h,
+            -h + 1,
+            -1,
+            0,
+            1,
+            h - 1,
+            h,
+            h + 1,
+            5 * h + 7,
+            i64::MAX - 1,
+            i64::MAX,
+        ];
+        let mut seq = 0i64;
+        for node in ["a", "b"] {
+            for (i, &t) in sealed.iter().enumerate() {
+                seq += 1;
+                c.execute(
+                    "INSERT INTO batches VALUES (?1, ?2, 0, ?3, x'00')",
+                    rusqlite::params![node, seq, t],
+                )
+                .expect("batch");
+                // The run has totals in every other batch's hour (of each node).
+                if i % 2 == 0 {
+                    c.execute(
+                        "INSERT INTO run_totals_hourly VALUES (?1, 'r', 'package:0', ?2)",
+                        rusqlite::params![node, hour_of(t)],
+                    )
+                    .expect("totals");
+                }
+            }
+        }
+        let query = |sql: &str, lo: i64, hi: i64, node: &str, limit: i64| {
+            let mut out = Vec::new();
+            let mut after = (String::new(), 0i64);
+            loop {
+                let mut st = c.prepare(&sql.replace('$', "?")).expect("prepare");
+                let page: Vec<(String, i64)> = st
+                    .query_map(
+                        rusqlite::params![1i64, lo, hi, node, "r", after.0, after.1, limit],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .expect("query")
+                    .collect::<Result<_, _>>()
+                    .expect("rows");
+                let full = page.len() as i64 == limit;
+                if let Some(last) = page.last() {
+                    after = last.clone();
+                }
+                out.extend(page);
+                if !full {
+                    return out;
+                }
+            }
+        };
+        let mut compared = 0;
+        for (lo, hi) in [
+            (i64::MIN, i64::MAX),
+            (-h, h),
+            (0, 0),
+            (-1, 1),
+            (-6 * h, -h - 1),
+        ] {
+            for node in ["", "a"] {
+                for limit in [2, 100] {
+                    let scan = query(SQL_PRUNED_IN_RANGE, lo, hi, node, limit);
+                    let hours = query(SQL_PRUNED_IN_RANGE_OF_RUN, lo, hi, node, limit);
+                    assert_eq!(hours, scan, "[{lo}, {hi}] node {node:?} limit {limit}");
+                    compared += scan.len();
+                }
+            }
+        }
+        assert!(compared > 40, "{compared} batches compared");
+        // No `$` the `?N` rewrite could reach inside a literal.
+        assert!(!SQL_PRUNED_IN_RANGE_OF_RUN.contains("'$"));
+    }
+
     #[test]
     fn rows_come_back_after_every_stored_receipt() {
         let now = 1_000 * DAY_NS;

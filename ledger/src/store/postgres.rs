@@ -1218,7 +1218,8 @@ impl Store for PgStore {
                 .query_one(
                     "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
                      WHERE i.inhparent = 'allocations'::regclass \
-                     AND c.relname::text <> 'allocations_default'",
+                     AND (c.relname::text LIKE 'allocations\\_day\\_%' \
+                     OR c.relname::text = 'allocations_legacy')",
                     &[],
                 )
                 .await?
