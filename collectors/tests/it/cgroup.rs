@@ -291,13 +291,21 @@ fn duty_cycles_of_20_and_60_percent_measure_1_to_3() {
         );
     }
     let ratio = high as f64 / low as f64;
+    let truth_ratio = truth_b as f64 / truth_a as f64;
     eprintln!(
-        "low {low} us, high {high} us, ratio {ratio:.3}, perf: {:?}",
+        "low {low} us, high {high} us, ratio {ratio:.3} (the kernel's {truth_ratio:.3}), \
+         perf: {:?}",
         s.perf_disabled
     );
+    // The measure is the kernel's: within 2% of its ratio. The burners' own ratio is near 3
+    // (within 15%: on a loaded CI machine the 60% one got 2.85 times the 20% one's CPU).
     assert!(
-        (ratio - 3.0).abs() <= 0.15,
-        "ratio {ratio} not within 5% of 3"
+        (ratio / truth_ratio - 1.0).abs() <= 0.02,
+        "ratio {ratio} not within 2% of the kernel's {truth_ratio}"
+    );
+    assert!(
+        (truth_ratio - 3.0).abs() <= 0.45,
+        "the burners ran {truth_ratio} to 1, not about 3 to 1: the setup failed"
     );
     if s.perf_disabled.is_none() {
         assert!(
