@@ -249,29 +249,24 @@ impl Verifier {
             }
             map.insert(k.key_epoch, (vk, key_id_of(&vk.to_bytes())));
         }
-        Ok(Self {
-            keys: map,
-            node_id,
-            entries: BTreeMap::new(),
-            max_seq: None,
-            expected_first_seq: None,
-            breaks: Vec::new(),
-            trailing_damage: Vec::new(),
-            batches: 0,
-            valid_batches: 0,
-            intervals: 0,
-        })
+        Ok(Self::trusting(map, node_id))
     }
 
     /// A verifier trusting keys already parsed (epoch, key) of node `node_id`: what
     /// [`Verifier::new`] makes of identities, without decompressing each key again.
     pub fn with_keys(node_id: &str, keys: impl IntoIterator<Item = (u32, VerifyingKey)>) -> Self {
+        let keys = keys
+            .into_iter()
+            .map(|(epoch, vk)| (epoch, (vk, key_id_of(&vk.to_bytes()))))
+            .collect();
+        Self::trusting(keys, Some(node_id.to_owned()))
+    }
+
+    /// A verifier that has seen nothing yet, trusting `keys` (epoch -> key and its id).
+    fn trusting(keys: BTreeMap<u32, (VerifyingKey, KeyId)>, node_id: Option<String>) -> Self {
         Self {
-            keys: keys
-                .into_iter()
-                .map(|(epoch, vk)| (epoch, (vk, key_id_of(&vk.to_bytes()))))
-                .collect(),
-            node_id: Some(node_id.to_owned()),
+            keys,
+            node_id,
             entries: BTreeMap::new(),
             max_seq: None,
             expected_first_seq: None,

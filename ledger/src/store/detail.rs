@@ -44,21 +44,32 @@ pub(crate) const SQL_LABEL_OF: &str =
 /// A node's pruned batches in a seq range, in seq order.
 pub(crate) const SQL_PRUNED_BETWEEN: &str = "SELECT seq, signed_batch FROM batches \
      WHERE node_id = $1 AND seq > $2 AND seq <= $3 AND received_unix_ns < $4 ORDER BY seq";
+/// The batches `b` sealed in the hours `h` (a node and an hour of a run's totals). The hour is
+/// integer division in both databases (towards zero), hence the range of two hours around it
+/// for the index on (node, seal time) (open at the ends of the 64-bit range, where the product
+/// would overflow), then the exact test.
+macro_rules! join_batches_of_hours {
+    () => {
+        " JOIN batches b ON b.node_id = h.node_id \
+         AND b.sealed_unix_ns >= CASE WHEN h.hour <= -2562046 \
+         THEN -9223372036854775807 - 1 ELSE h.hour * 3600000000000 - 3600000000000 END \
+         AND b.sealed_unix_ns <= CASE WHEN h.hour >= 2562046 THEN 9223372036854775807 \
+         ELSE h.hour * 3600000000000 + 3600000000000 END \
+         AND b.sealed_unix_ns / 3600000000000 = h.hour "
+    };
+}
+
 /// Pruned batches that may have billed a run: those sealed in an hour the run's totals name
 /// (on the node when `$2` is not empty), after (`$4`, `$5`), in (node, seq) order. Each still
-/// has to be decoded to know. The hour is integer division in both databases (towards zero),
-/// hence the range of two hours around it for the index (open at the ends of the 64-bit range,
-/// where the product would overflow), then the exact test.
-pub(crate) const SQL_PRUNED_OF_RUN: &str = "SELECT b.node_id, b.seq, b.hash, b.key_epoch, \
-     b.key_id, b.signed_batch FROM (SELECT DISTINCT node_id, hour FROM run_totals_hourly \
-     WHERE run_id = $1 AND ($2 = '' OR node_id = $2)) h JOIN batches b \
-     ON b.node_id = h.node_id AND b.sealed_unix_ns >= CASE WHEN h.hour <= -2562046 \
-     THEN -9223372036854775807 - 1 ELSE h.hour * 3600000000000 - 3600000000000 END \
-     AND b.sealed_unix_ns <= CASE WHEN h.hour >= 2562046 THEN 9223372036854775807 \
-     ELSE h.hour * 3600000000000 + 3600000000000 END \
-     AND b.sealed_unix_ns / 3600000000000 = h.hour \
-     WHERE b.received_unix_ns < $3 AND (b.node_id > $4 OR (b.node_id = $4 AND b.seq > $5)) \
-     ORDER BY b.node_id, b.seq LIMIT $6";
+/// has to be decoded to know.
+pub(crate) const SQL_PRUNED_OF_RUN: &str = concat!(
+    "SELECT b.node_id, b.seq, b.hash, b.key_epoch, b.key_id, b.signed_batch \
+     FROM (SELECT DISTINCT node_id, hour FROM run_totals_hourly \
+     WHERE run_id = $1 AND ($2 = '' OR node_id = $2)) h",
+    join_batches_of_hours!(),
+    "WHERE b.received_unix_ns < $3 AND (b.node_id > $4 OR (b.node_id = $4 AND b.seq > $5)) \
+     ORDER BY b.node_id, b.seq LIMIT $6",
+);
 /// Pruned batches sealed in [`$2`, `$3`] (of node `$4`, of an hour run `$5` has totals in,
 /// when not empty), after (`$6`, `$7`), in (node, seq) order.
 pub(crate) const SQL_PRUNED_IN_RANGE: &str = "SELECT b.node_id, b.seq, b.signed_batch \
@@ -71,16 +82,14 @@ pub(crate) const SQL_PRUNED_IN_RANGE: &str = "SELECT b.node_id, b.seq, b.signed_
 /// (as [`SQL_PRUNED_OF_RUN`]) instead of every batch of the range: what it reads grows with
 /// the run, not with the store. Its parameters do not first appear in order: SQLite takes it
 /// with `?N` placeholders.
-pub(crate) const SQL_PRUNED_IN_RANGE_OF_RUN: &str = "SELECT b.node_id, b.seq, b.signed_batch \
+pub(crate) const SQL_PRUNED_IN_RANGE_OF_RUN: &str = concat!(
+    "SELECT b.node_id, b.seq, b.signed_batch \
      FROM (SELECT DISTINCT node_id, hour FROM run_totals_hourly \
-     WHERE run_id = $5 AND ($4 = '' OR node_id = $4)) h JOIN batches b \
-     ON b.node_id = h.node_id AND b.sealed_unix_ns >= CASE WHEN h.hour <= -2562046 \
-     THEN -9223372036854775807 - 1 ELSE h.hour * 3600000000000 - 3600000000000 END \
-     AND b.sealed_unix_ns <= CASE WHEN h.hour >= 2562046 THEN 9223372036854775807 \
-     ELSE h.hour * 3600000000000 + 3600000000000 END \
-     AND b.sealed_unix_ns / 3600000000000 = h.hour \
-     WHERE b.received_unix_ns < $1 AND b.sealed_unix_ns >= $2 AND b.sealed_unix_ns <= $3 \
-     AND (b.node_id > $6 OR (b.node_id = $6 AND b.seq > $7)) ORDER BY b.node_id, b.seq LIMIT $8";
+     WHERE run_id = $5 AND ($4 = '' OR node_id = $4)) h",
+    join_batches_of_hours!(),
+    "WHERE b.received_unix_ns < $1 AND b.sealed_unix_ns >= $2 AND b.sealed_unix_ns <= $3 \
+     AND (b.node_id > $6 OR (b.node_id = $6 AND b.seq > $7)) ORDER BY b.node_id, b.seq LIMIT $8",
+);
 
 /// The query for the pruned batches of a range: of a run's hours when `run` is not empty.
 pub(crate) fn sql_pruned_in_range(run: &str) -> &'static str {

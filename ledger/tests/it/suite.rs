@@ -2777,14 +2777,7 @@ async fn pruning_while_batches_stream_in_loses_and_doubles_nothing(
     );
     l.stop().await;
     let q = f.query_store().await;
-    let maintained = q.run_totals().await?;
-    let decoded = q
-        .run_totals_where(wattd_ledger::store::TotalsFilter {
-            from_unix_ns: Some(1),
-            ..Default::default()
-        })
-        .await?;
-    assert_eq!(maintained, decoded);
+    let maintained = maintained_equal_decoded(&q).await?;
     let run_a: u128 = maintained
         .iter()
         .filter(|t| t.run_id == "run-a")
@@ -2793,6 +2786,22 @@ async fn pruning_while_batches_stream_in_loses_and_doubles_nothing(
     assert_eq!(run_a, 45 * 3 * 15, "every interval of run-a once");
     assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
     Ok(())
+}
+
+/// The maintained run totals, after checking they equal the totals decoded and read from rows
+/// over a range that is not whole hours (every batch's detail).
+async fn maintained_equal_decoded(
+    q: &wattd_ledger::store::AnyStore,
+) -> Result<Vec<wattd_ledger::store::RunDomainTotal>, BoxError> {
+    let maintained = q.run_totals().await?;
+    let decoded = q
+        .run_totals_where(wattd_ledger::store::TotalsFilter {
+            from_unix_ns: Some(1),
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(maintained, decoded);
+    Ok(maintained)
 }
 
 /// Polls `sql` (one number) until it is `want`, for up to 10 s (the upkeep runs in a task of
@@ -2860,14 +2869,7 @@ async fn without_detail_rows_every_read_is_decoded_and_rows_can_come_back(
         0,
         "rows stored with a retention of 0"
     );
-    let maintained = q.run_totals().await?;
-    let decoded = q
-        .run_totals_where(wattd_ledger::store::TotalsFilter {
-            from_unix_ns: Some(1),
-            ..Default::default()
-        })
-        .await?;
-    assert_eq!(maintained, decoded);
+    maintained_equal_decoded(&q).await?;
     assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
     let bump = |d: i64| {
         format!("UPDATE run_totals_hourly SET energy_lo = energy_lo + ({d}) WHERE run_id = 'run-b'")
@@ -2905,14 +2907,7 @@ async fn without_detail_rows_every_read_is_decoded_and_rows_can_come_back(
         2,
         "the new batches have their rows"
     );
-    let maintained = q.run_totals().await?;
-    let decoded = q
-        .run_totals_where(wattd_ledger::store::TotalsFilter {
-            from_unix_ns: Some(1),
-            ..Default::default()
-        })
-        .await?;
-    assert_eq!(maintained, decoded);
+    maintained_equal_decoded(&q).await?;
     assert_ne!(detail_answers(&q).await?, without, "two more batches");
     assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
 
@@ -2958,14 +2953,7 @@ async fn without_detail_rows_every_read_is_decoded_and_rows_can_come_back(
     .await?;
     eprintln!("{with_rows} of the 20 batches streamed while the rows came back have rows");
     assert!(with_rows > 0, "the last batches have rows");
-    let maintained = q.run_totals().await?;
-    let decoded = q
-        .run_totals_where(wattd_ledger::store::TotalsFilter {
-            from_unix_ns: Some(1),
-            ..Default::default()
-        })
-        .await?;
-    assert_eq!(maintained, decoded);
+    maintained_equal_decoded(&q).await?;
     assert_audit_clean(&wattd_ledger::audit::audit(&q).await?);
     Ok(())
 }
