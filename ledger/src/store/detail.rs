@@ -144,9 +144,11 @@ pub(crate) fn rows_again_from(now_unix_ns: i64, last_received: Option<i64>) -> i
     last_received.map_or(now_unix_ns, |t| now_unix_ns.max(t.saturating_add(1)))
 }
 
-/// Lowers `detail_from_unix_ns` from [`NO_ROWS`] (the only time it is lowered).
+/// Lowers `detail_from_unix_ns` to `$1` from `$2`, [`NO_ROWS`] (the only time it is lowered).
 pub(crate) const SQL_ROWS_AGAIN_FROM: &str = "UPDATE ledger_meta SET value = $1 \
-     WHERE key = 'detail_from_unix_ns' AND value = 9223372036854775807";
+     WHERE key = 'detail_from_unix_ns' AND value = $2";
+/// The last receipt time stored ([`rows_again_from`]).
+pub(crate) const SQL_LAST_RECEIPT: &str = "SELECT MAX(received_unix_ns) FROM batches";
 
 /// What one round of upkeep did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -1311,12 +1311,11 @@ impl Store for PgStore {
         tx.batch_execute("SET LOCAL lock_timeout = '5s'").await?;
         tx.batch_execute("LOCK TABLE batches IN SHARE ROW EXCLUSIVE MODE")
             .await?;
-        let last: Option<i64> = tx
-            .query_one("SELECT MAX(received_unix_ns) FROM batches", &[])
-            .await?
-            .get(0);
+        let last: Option<i64> = tx.query_one(detail::SQL_LAST_RECEIPT, &[]).await?.get(0);
         let from = detail::rows_again_from(now_unix_ns, last);
-        let changed = tx.execute(detail::SQL_ROWS_AGAIN_FROM, &[&from]).await?;
+        let changed = tx
+            .execute(detail::SQL_ROWS_AGAIN_FROM, &[&from, &detail::NO_ROWS])
+            .await?;
         tx.commit().await?;
         Ok((changed == 1).then_some(from))
     }

@@ -1298,12 +1298,9 @@ impl Store for SqliteStore {
             if detail_from(&tx)? != detail::NO_ROWS {
                 return Ok(None);
             }
-            let last: Option<i64> =
-                tx.query_row("SELECT MAX(received_unix_ns) FROM batches", [], |r| {
-                    r.get(0)
-                })?;
+            let last: Option<i64> = tx.query_row(detail::SQL_LAST_RECEIPT, [], |r| r.get(0))?;
             let from = detail::rows_again_from(now_unix_ns, last);
-            tx.execute(detail::SQL_ROWS_AGAIN_FROM, params![from])?;
+            tx.execute(detail::SQL_ROWS_AGAIN_FROM, params![from, detail::NO_ROWS])?;
             tx.commit()?;
             Ok(Some(from))
         })
