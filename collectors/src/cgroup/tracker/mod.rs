@@ -1,0 +1,782 @@
+//! The run tracker: which runs exist (pattern discovery over cgroupfs with inotify, plus the
+//! control plane's announcements), and how much CPU each used per package in each tick.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::ffi::OsStr;
+use std::io;
+use std::ops::Bound;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::family::{share_residual, Claimant, ClaimantKind, Family, FinalUsage, Other};
+use super::files::{read_populated, read_reserved_millicpus, Source};
+use super::inotify::{Event, Inotify};
+use super::mount::find_cgroup2_mount;
+use super::pattern::{validate_cgroup_rel, validate_run_id, NameMatch, RunPattern};
+use super::perf::CgroupTaskClock;
+use crate::error::{HostError, Shown, HINT_GENERIC, HINT_PERF};
+use crate::hostfs::HostRoot;
+use crate::procstat::{user_hz, ProcStat, ProcStatFile};
+use crate::topology::Topology;
+
+mod events;
+mod reconcile;
+mod runs;
+mod usage;
+
+use runs::perf_counters_plan;
+pub use usage::split_exact;
+
+/// Labels the control plane attaches to a run.
+pub type Labels = BTreeMap<String, String>;
+
+/// Most labels a run may carry, and their key and value lengths: the contract's one bound
+/// (labels reach the records and the ledger).
+pub use wattd_proto::names::{LABELS_MAX, LABEL_KEY_MAX_BYTES, LABEL_VALUE_MAX_BYTES};
+/// How many finished run ids are remembered, so a repeated finish is answered "ok" and a
+/// finished run's cgroup, if it lingers, is not discovered again as a new run.
+const RECENTLY_FINISHED_MAX: usize = 16_384;
+/// Longest absolute path we open (PATH_MAX).
+const PATH_MAX_BYTES: usize = 4095;
+
+/// The buffer a parent's directory is read into: about 300 children per `getdents64` call.
+const DIR_BUF_BYTES: usize = 16 * 1024;
+
+const PARENT_MASK: u32 = libc::IN_CREATE
+    | libc::IN_DELETE
+    | libc::IN_MOVED_FROM
+    | libc::IN_MOVED_TO
+    | libc::IN_DELETE_SELF
+    | libc::IN_ONLYDIR;
+
+/// A reconcile point's reads are taken again when the parent gained more than this between its
+/// two reads (the residual is off by at most half of it) ...
+const BRACKET_MAX_US: u64 = 1_000;
+/// ... at most this many times ...
+const BRACKET_RETRIES: u32 = 2;
+/// ... and only for a parent with at most this many children: reading hundreds takes long enough
+/// that the bracket is wide however often it is tried (those points are exact in sum only).
+const BRACKET_RETRY_MAX_CHILDREN: usize = 100;
+/// Slack per CPU on the physical bound of a family's balance: CPU time is accounted to a cgroup
+/// at scheduler ticks and switches, a little after it was spent.
+const BALANCE_SLACK_US: i128 = 100_000;
+/// Counter time the runs' usage against their perf counters must have been measured over
+/// before it scales counted tails (a second: `cpu.stat` lags each running task by up to a
+/// scheduler tick, which must average out), and the least and most the scale may be (the
+/// counters add steal and interrupt time, so they count at least what `usage_usec` does).
+const PERF_SCALE_MIN_NS: u128 = 1_000_000_000;
+const PERF_SCALE_MIN_PPM: u128 = 800_000;
+
+/// How recent a cgroup must be to be billed from its birth when found (see `billing_start`):
+/// longer than any rescan period, shorter than a forgotten run's lingering cgroup.
+pub const BIRTH_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// How far behind the real clock kernfs' coarse inode timestamps can be (a jiffy at HZ 100).
+const CTIME_SLACK: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// What the tracker needs to know; see the BRIEF's configuration contract (`host.root`,
+/// `host.cgroup_root`, `runs.patterns`).
+#[derive(Clone, Debug)]
+pub struct TrackerConfig {
+    pub root: HostRoot,
+    /// Host path of the cgroup2 mount (read under `root`); `None`: found in mountinfo.
+    pub cgroup_root: Option<PathBuf>,
+    pub patterns: Vec<String>,
+    /// Open per-run perf cgroup `task-clock` counters where permitted (the cgroup root must be a
+    /// real cgroup2 mount): they outlive the cgroup, so the tail of a run removed before its
+    /// final read is still known: they weigh its share of its parent's residual, and count it
+    /// where the parent cannot tell or is noisier.
+    pub perf_counters: bool,
+    /// Also split runs across packages by those counters (live hosts only: a simulated
+    /// topology's packages are not the CPUs the counters are on).
+    pub perf_split: bool,
+    /// Most descriptors the tracker keeps open; `None`: three quarters of RLIMIT_NOFILE.
+    pub fd_budget: Option<usize>,
+    /// Raise the RLIMIT_NOFILE soft limit to the hard limit at start.
+    pub raise_nofile: bool,
+    /// Full rescan every this many ticks, in case inotify dropped events; 0: never.
+    pub rescan_every_ticks: u32,
+    /// Read each run's `memory.current` at every tick (what the DRAM `memory` policy weighs);
+    /// off, a run's `memory_bytes` is `None` and a tick costs one read per run fewer.
+    pub read_memory: bool,
+}
+
+impl TrackerConfig {
+    pub fn new(root: HostRoot) -> Self {
+        TrackerConfig {
+            root,
+            cgroup_root: None,
+            patterns: vec!["flowzart.slice/run-{run_id}.scope".to_owned()],
+            perf_counters: true,
+            perf_split: true,
+            fd_budget: None,
+            raise_nofile: true,
+            rescan_every_ticks: 60,
+            read_memory: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunOrigin {
+    Pattern,
+    ControlPlane,
+}
+
+/// Where a run's billing starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BilledFrom {
+    /// The cgroup's birth: `cpu.stat` starts at 0, so its whole usage is counted. Runs that
+    /// appear after the tracker started.
+    Birth,
+    /// The tracker's start: runs already there when it started (an agent restart) must not
+    /// have usage from before, which is a gap, billed in this interval.
+    Discovery,
+}
+
+/// How a run's usage was divided among packages this tick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitSource {
+    PerfTaskClock,
+    ProcStatShare,
+}
+
+/// One run's usage over one tick.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RunUsage {
+    pub run_id: Arc<str>,
+    /// Relative to the cgroup root.
+    pub cgroup: Arc<str>,
+    pub labels: Arc<Labels>,
+    pub origin: RunOrigin,
+    pub billed_from: BilledFrom,
+    /// CPU time used this tick, from `cpu.stat` `usage_usec`.
+    pub usage_us: u64,
+    /// `usage_us` divided among packages; sums to `usage_us` exactly.
+    pub usage_us_by_package: BTreeMap<u32, u64>,
+    pub split: SplitSource,
+    pub memory_bytes: Option<u64>,
+    pub reserved_millicpus: Option<u64>,
+    /// First snapshot this run appears in.
+    pub started: bool,
+    /// Last snapshot this run appears in: it finished or its cgroup is gone.
+    pub finished: bool,
+    /// Part of `usage_us` recovered from the parent's `cpu.stat` (see [`super::family`]).
+    pub reconciled_us: u64,
+    /// With `finished`: how the run's last stretch of usage was obtained.
+    pub final_usage: Option<FinalUsage>,
+    /// With `finished`: everything recovered from the parent over the run's life.
+    pub reconciled_total_us: u64,
+}
+
+/// One package over one tick.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PackageUsage {
+    /// Busy CPU time from `/proc/stat`, all CPUs of the package.
+    pub busy_us: u64,
+    /// Sum of the runs' usage on this package.
+    pub runs_us: u64,
+    /// The host bucket: busy time not in any run, paid from a running balance of
+    /// `busy_us - runs_us` so that quantisation errors of /proc/stat cancel over time instead of
+    /// biasing it; never negative. (Intervals where runs out-measured busy time are counted.)
+    pub host_us: u64,
+}
+
+/// Cumulative counters since the tracker started (gauges say so).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TrackerCounters {
+    /// Gauge: runs tracked after this tick.
+    pub runs_tracked: u64,
+    /// Gauge: descriptors held for runs.
+    pub kept_fds: u64,
+    pub fd_budget: u64,
+    /// Runs whose files are read open-read-close because the descriptor budget was full.
+    pub fd_fallback_runs: u64,
+    /// Runs split by /proc/stat share because perf counters could not be had for them (or the
+    /// split by perf is off).
+    pub perf_fallback_runs: u64,
+    /// Runs opened without perf counters (disabled, not permitted, descriptor budget full):
+    /// their tails after an unread removal can only be recovered from their parent.
+    pub perf_uncounted_runs: u64,
+    /// Directory names shaped like a run but with an id we refuse (not UTF-8, `..`, ...).
+    pub hostile_names_skipped: u64,
+    /// Packages whose runs' usage exceeded measured busy time (host bucket clamped to 0).
+    pub host_clamps: u64,
+    /// Cgroups that vanished between being listed and being opened.
+    pub vanished_at_discovery: u64,
+    /// Runs whose cgroup went away without a read after they emptied: usage since their
+    /// last read may be missing.
+    pub vanished_before_final_read: u64,
+    pub read_errors: u64,
+    /// Runs without a `cgroup.events` watch (inotify limit): measured at ticks only.
+    pub watch_fallbacks: u64,
+    pub inotify_overflows: u64,
+    pub rescans: u64,
+    /// `usage_usec` went down (a cgroup recreated under the same name).
+    pub usage_went_backwards: u64,
+    /// Finished runs by how their last usage was obtained (see [`FinalUsage`]).
+    pub final_read: u64,
+    pub final_perf_counted: u64,
+    pub final_reconciled: u64,
+    pub final_reconciled_shared: u64,
+    pub final_lost: u64,
+    /// Runs created and removed before they could be opened, found from their creation event
+    /// and billed from their parent (counted also in `final_reconciled*` or `final_lost`).
+    pub ghost_runs: u64,
+    /// Microseconds of CPU time recovered from parents and given to runs.
+    pub reconciled_us: u64,
+    /// Reconcile points (one parent read against its children).
+    pub reconcile_points: u64,
+    /// Reconcile points where the parent held processes of its own (the tails of children
+    /// that went away then could not be told apart: recorded as lost).
+    pub reconcile_parent_busy: u64,
+    /// A cgroup appeared under the name of a run that already finished: not a run again (a run
+    /// id names one run); its CPU time is the host's.
+    pub run_id_reused: u64,
+    /// Children of a family's parent found by the listing at a point before their creation
+    /// event was read (runs among them are tracked at once and counted as discovered runs).
+    pub children_listed_early: u64,
+    /// Microseconds of residual beyond the physical bounds at a point (see
+    /// `reconcile_family`), given to the host or forgiven; not 0 means the counters disagreed.
+    pub reconcile_clamped_us: u64,
+    /// Reconcile points whose reads were taken again (the parent moved too much between its
+    /// two reads: this thread was preempted).
+    pub reconcile_retries: u64,
+}
+
+/// A failure while reading, with the run it concerns.
+#[derive(Debug)]
+pub struct TickError {
+    pub run_id: Option<Arc<str>>,
+    pub error: HostError,
+}
+
+/// Everything one tick measured.
+#[derive(Debug)]
+pub struct UsageSnapshot {
+    pub interval_us: u64,
+    pub runs: Vec<RunUsage>,
+    pub packages: BTreeMap<u32, PackageUsage>,
+    /// False when /proc/stat could not be read (or this tick re-baselines after a failure):
+    /// the host's busy time is unknown, so no division between runs and host is fair.
+    pub busy_measured: bool,
+    /// Read failures since the last tick; runs with one carry no usage this tick and catch up
+    /// on the next good read.
+    pub errors: Vec<TickError>,
+    pub counters: TrackerCounters,
+    /// Why perf is not used for the split, when it is not.
+    pub perf_disabled: Option<String>,
+    /// Why runs have no perf counters (so no exact tail after an unread removal), when they
+    /// have none.
+    pub perf_counters_disabled: Option<String>,
+}
+
+/// What `run_started` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartOutcome {
+    Started,
+    AlreadyTracked,
+}
+
+#[derive(Debug)]
+struct Run {
+    id: Arc<str>,
+    cgroup_rel: Arc<str>,
+    labels: Arc<Labels>,
+    origin: RunOrigin,
+    billed_from: BilledFrom,
+    pattern: Option<usize>,
+    cpu_stat: Source,
+    memory: Option<Source>,
+    perf: Option<CgroupTaskClock>,
+    /// Package of each perf counter, in counter order.
+    perf_pkgs: Vec<u32>,
+    events_wd: Option<i32>,
+    reserved_millicpus: Option<u64>,
+    billed_us: u64,
+    latest_us: u64,
+    billed_tc_ns: Vec<u64>,
+    latest_tc_ns: Vec<u64>,
+    memory_bytes: Option<u64>,
+    reported: bool,
+    finished: bool,
+    /// A read was taken after the run emptied or was declared finished.
+    final_read: bool,
+    /// `populated` from `cgroup.events`, kept current by its inotify watch; `None`: unknown.
+    populated: Option<bool>,
+    /// Empty, and read at a tick since it emptied: an empty cgroup uses no CPU, so ticks skip
+    /// its read until an event says it changed. Only pattern runs with a watch.
+    settled: bool,
+    /// Tick reads since it last emptied.
+    empty_tick_reads: u8,
+    kept_fds: usize,
+    /// The parent's family (reconciliation), when it has one.
+    family: Option<Arc<str>>,
+    /// `latest_us` at the family's last reconcile point.
+    scan_us: u64,
+    /// The inode of its directory when it was opened: a directory made again under its name
+    /// is another cgroup.
+    dir_ino: Option<u64>,
+    /// Tracker clock (microseconds) of the last successful usage read.
+    read_at_us: u64,
+    /// The first read (clock, usage): with the last, the run's average rate so far.
+    first_read: (u64, u64),
+    /// Recovered from the parent and not yet reported.
+    pending_reconciled_us: u64,
+    reconciled_total_us: u64,
+    final_usage: Option<FinalUsage>,
+}
+
+/// A run whose cgroup was created and removed before it could be opened: known from its
+/// creation event only, billed from its parent, reported started and finished at the next tick.
+#[derive(Debug)]
+struct Ghost {
+    id: Arc<str>,
+    cgroup_rel: Arc<str>,
+    usage_us: u64,
+    final_usage: Option<FinalUsage>,
+}
+
+#[derive(Debug)]
+enum WatchTarget {
+    /// A directory whose children matter: candidate runs of these patterns, and/or the
+    /// children of a reconciliation family.
+    Parent {
+        patterns: Vec<usize>,
+        family: Option<Arc<str>>,
+    },
+    RunEvents(Arc<str>),
+}
+
+/// Tracks runs and measures their usage. Single-threaded: the daemon calls [`Self::tick`] on
+/// its timer, [`Self::poll_events`] whenever [`Self::events_fd`] is readable, and
+/// `run_started`/`run_finished` for control-plane messages.
+#[derive(Debug)]
+pub struct RunTracker {
+    root: HostRoot,
+    cgroup_root: PathBuf,
+    patterns: Vec<RunPattern>,
+    pattern_wds: Vec<Option<i32>>,
+    watches: HashMap<i32, WatchTarget>,
+    inotify: Inotify,
+    /// Boxed: a B-tree's nodes hold 11 slots and are about half full after ordered inserts, so
+    /// a `Run` (hundreds of bytes) inline cost twice its size in empty slots at 10,000 runs.
+    runs: BTreeMap<Arc<str>, Box<Run>>,
+    /// cgroup path -> run id, to refuse two runs on one cgroup or one nested in another.
+    paths: BTreeMap<Arc<str>, Arc<str>>,
+    recently_finished: VecDeque<Arc<str>>,
+    recently_finished_set: HashSet<Arc<str>>,
+    topology: Topology,
+    /// The topology's CPUs by package, built once (read every tick).
+    cpus_by_package: BTreeMap<u32, Vec<u32>>,
+    cpus: Vec<u32>,
+    last_stat: Option<ProcStat>,
+    /// `/proc/stat`, kept open (reopened after a failed read).
+    proc_stat: Option<ProcStatFile>,
+    /// Per package: busy time not yet given to the host bucket (negative: runs out-measured
+    /// /proc/stat's quantised busy time, to be made up from later intervals).
+    host_balance_us: BTreeMap<u32, i128>,
+    user_hz: u64,
+    /// Why no perf counters are opened for runs, when none are.
+    perf_disabled: Option<String>,
+    /// Why the counters do not split runs across packages, when they do not.
+    perf_split_off: Option<String>,
+    /// The CPUs perf counters are opened on: the running kernel's online CPUs.
+    perf_cpus: Vec<u32>,
+    /// The runs' `cpu.stat` microseconds against their counters' nanoseconds, as running sums
+    /// that decay by an eighth per tick: the counters run on the raw clock, with steal and
+    /// interrupt time in, which `usage_usec` leaves out. Scales a counted tail (`scale_tail`).
+    perf_scale: (u128, u128),
+    fd_budget: usize,
+    kept_fds: usize,
+    counters: TrackerCounters,
+    ticks: u64,
+    /// When this tracker started (CLOCK_REALTIME): an announced run whose cgroup is older was
+    /// alive while no agent (or a previous one) was measuring, so it is billed from now.
+    started_at: std::time::SystemTime,
+    rescan_every_ticks: u32,
+    errors: Vec<TickError>,
+    events: Vec<Event>,
+    tc_scratch: Vec<(u32, u64)>,
+    /// A run's counter movement per package while it is split (kept between ticks).
+    split_scratch: Vec<(u32, u128)>,
+    /// A parent's directory entries while it is listed (kept between points).
+    dir_buf: Vec<u8>,
+    /// A child's path while it is looked up (kept between points).
+    child_key: String,
+    /// Points at which a watched parent was not listed: no event was pending.
+    listings_skipped: u64,
+    /// [`TrackerConfig::read_memory`].
+    read_memory: bool,
+    /// Parents of tracked runs, by path relative to the cgroup root (see [`super::family`]).
+    families: BTreeMap<Arc<str>, Family>,
+    ghosts: Vec<Ghost>,
+    /// The tracker's clock (monotonic) for reconcile weights.
+    epoch: Instant,
+}
+
+/// Raises the RLIMIT_NOFILE soft limit to the hard limit; returns the soft limit now in force
+/// (`u64::MAX` for none).
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let current = lim.current.unwrap_or(u64::MAX);
+    if current < lim.maximum.unwrap_or(u64::MAX) {
+        let want = Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        };
+        setrlimit(Resource::Nofile, want)?;
+        return Ok(lim.maximum.unwrap_or(u64::MAX));
+    }
+    Ok(current)
+}
+
+fn nofile_soft_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX)
+}
+
+impl RunTracker {
+    /// Finds the cgroup root, reads topology and `/proc/stat`, arms the watches and scans the
+    /// patterns once. Runs found by that first scan are billed from now ([`BilledFrom::Discovery`]).
+    pub fn new(config: TrackerConfig) -> Result<Self, HostError> {
+        let soft = if config.raise_nofile {
+            raise_nofile_limit().unwrap_or_else(|_| nofile_soft_limit())
+        } else {
+            nofile_soft_limit()
+        };
+        // Leave a quarter (at least 256) for the daemon's sockets, spool and perf PMU counters.
+        let derived = soft.saturating_sub((soft / 4).max(256));
+        let fd_budget = config
+            .fd_budget
+            .unwrap_or(usize::try_from(derived).unwrap_or(usize::MAX));
+        let root = config.root;
+        let cgroup_host_path = match &config.cgroup_root {
+            Some(p) => p.clone(),
+            None => find_cgroup2_mount(&root)?.mount_point,
+        };
+        let cgroup_root = root.join(&cgroup_host_path);
+        let meta = std::fs::metadata(&cgroup_root)
+            .map_err(|e| HostError::io(&cgroup_root, e, HINT_GENERIC))?;
+        if !meta.is_dir() {
+            return Err(HostError::malformed(
+                &cgroup_root,
+                "cgroup root is not a directory",
+            ));
+        }
+        let patterns = config
+            .patterns
+            .iter()
+            .map(|p| RunPattern::parse(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let topology = Topology::read(&root)?;
+        let cpus = topology.cpus.iter().map(|c| c.id).collect();
+        let mut proc_stat = ProcStatFile::open(&root)?;
+        let last_stat = Some(proc_stat.read()?);
+        let (perf_disabled, perf_cpus) =
+            perf_counters_plan(config.perf_counters, &root, &cgroup_root, &topology);
+        let perf_split_off = if perf_disabled.is_some() {
+            perf_disabled.clone()
+        } else if !config.perf_split {
+            Some("split by perf disabled by configuration".to_owned())
+        } else if !root.is_live() {
+            Some("host root is not the live host".to_owned())
+        } else {
+            None
+        };
+        let inotify = Inotify::new().map_err(|e| HostError::Io {
+            path: PathBuf::from("inotify_init1"),
+            source: e,
+        })?;
+        let n = patterns.len();
+        let mut t = RunTracker {
+            root,
+            cgroup_root,
+            patterns,
+            pattern_wds: vec![None; n],
+            watches: HashMap::new(),
+            inotify,
+            runs: BTreeMap::new(),
+            paths: BTreeMap::new(),
+            recently_finished: VecDeque::new(),
+            recently_finished_set: HashSet::new(),
+            cpus_by_package: topology.cpus_by_package(),
+            topology,
+            cpus,
+            last_stat,
+            proc_stat: Some(proc_stat),
+            host_balance_us: BTreeMap::new(),
+            user_hz: user_hz(),
+            perf_disabled,
+            perf_split_off,
+            perf_cpus,
+            perf_scale: (0, 0),
+            fd_budget,
+            kept_fds: 0,
+            counters: TrackerCounters::default(),
+            ticks: 0,
+            started_at: std::time::SystemTime::now(),
+            rescan_every_ticks: config.rescan_every_ticks,
+            errors: Vec::new(),
+            events: Vec::new(),
+            tc_scratch: Vec::new(),
+            split_scratch: Vec::new(),
+            dir_buf: Vec::new(),
+            child_key: String::new(),
+            listings_skipped: 0,
+            read_memory: config.read_memory,
+            families: BTreeMap::new(),
+            ghosts: Vec::new(),
+            epoch: Instant::now(),
+        };
+        for idx in 0..n {
+            t.arm_pattern(idx);
+            t.scan_pattern(idx, BilledFrom::Discovery);
+        }
+        Ok(t)
+    }
+
+    /// The cgroup root as read on this machine (under the host root).
+    pub fn cgroup_root(&self) -> &Path {
+        &self.cgroup_root
+    }
+
+    pub fn host_root(&self) -> &HostRoot {
+        &self.root
+    }
+
+    pub fn is_tracked(&self, run_id: &str) -> bool {
+        self.runs.contains_key(run_id)
+    }
+
+    pub fn runs_tracked(&self) -> usize {
+        self.runs.len()
+    }
+
+    pub fn counters(&self) -> TrackerCounters {
+        let mut c = self.counters;
+        c.runs_tracked = self.runs.len() as u64;
+        c.kept_fds = self.kept_fds as u64;
+        c.fd_budget = self.fd_budget as u64;
+        c
+    }
+
+    /// Readable when cgroups were created, removed or emptied: the daemon's event loop waits
+    /// on it (e.g. tokio `AsyncFd`) and calls [`Self::poll_events`].
+    pub fn events_fd(&self) -> BorrowedFd<'_> {
+        self.inotify.as_fd()
+    }
+
+    /// [`TrackerConfig::read_memory`], changed at a reload: from the next tick, for every run
+    /// (settled ones too, which ticks otherwise skip).
+    pub fn set_read_memory(&mut self, on: bool) {
+        if on && !self.read_memory {
+            for run in self.runs.values_mut() {
+                run.settled = false;
+            }
+        }
+        self.read_memory = on;
+    }
+
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+}
+
+/// The parent of a cgroup path relative to the cgroup root; `None` at the top level (the
+/// parent is the root itself).
+fn parent_rel(rel: &str) -> Option<&str> {
+    rel.rsplit_once('/')
+        .map(|(p, _)| p)
+        .filter(|p| !p.is_empty())
+}
+
+/// Checks labels against the bounds; the control socket enforces its own (tighter) ones first.
+pub fn validate_labels(labels: &Labels) -> Result<(), HostError> {
+    let bad = |value: &str, what| HostError::BadRunRef {
+        field: "labels",
+        value: Shown::new(value),
+        what,
+    };
+    if labels.len() > LABELS_MAX {
+        return Err(bad("", "more than 32 labels"));
+    }
+    for (k, v) in labels {
+        if let Some(what) = wattd_proto::names::label_problem(k, v) {
+            return Err(bad(k, what));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usage::scale_tail;
+    use super::*;
+
+    /// A parent's children that no event announced are found by listing it at a point, from
+    /// the kept directory (rewound each time) or, with no descriptor to spare, opened then.
+    #[test]
+    fn a_parent_is_listed_at_every_point_kept_open_or_not() {
+        for budget in [None, Some(0)] {
+            let dir = tempfile::tempdir().unwrap();
+            let h = crate::synth::HostTree::new(dir.path());
+            h.cgroup2_host(2, 1).unwrap();
+            let cg = "sys/fs/cgroup/flowzart.slice";
+            let put = |rel: String, text: &str| h.write(rel, text).unwrap();
+            put(format!("{cg}/cpu.stat"), "usage_usec 100\n");
+            put(format!("{cg}/cgroup.procs"), "");
+            // Listed at every listing, and never a child.
+            put(format!("{cg}/not-a-directory"), "");
+            put(format!("{cg}/run-a.scope/cpu.stat"), "usage_usec 5\n");
+            put(format!("{cg}/run-a.scope/cgroup.events"), "populated 1\n");
+            let mut t = RunTracker::new(TrackerConfig {
+                rescan_every_ticks: 0,
+                fd_budget: budget,
+                ..TrackerConfig::new(HostRoot::new(dir.path()))
+            })
+            .unwrap();
+            t.tick(1_000);
+            let fam = "flowzart.slice";
+            assert_eq!(
+                t.families[fam].dir.is_some(),
+                budget.is_none(),
+                "{budget:?}"
+            );
+            // Nothing made since the events were read: no listing (a directory read by path
+            // is listed at every point).
+            let kept = u64::from(budget.is_none());
+            let skipped = t.listings_skipped;
+            t.list_family(fam);
+            assert_eq!(t.listings_skipped, skipped + kept, "{budget:?}");
+            // Created with no event read in between: only the listing can find them.
+            put(format!("{cg}/helper.service/cpu.stat"), "usage_usec 1\n");
+            t.list_family(fam);
+            put(format!("{cg}/later.slice/cpu.stat"), "usage_usec 1\n");
+            t.list_family(fam);
+            let others: Vec<String> = t.families[fam]
+                .others
+                .keys()
+                .map(|k| k.to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(others, ["helper.service", "later.slice"], "{budget:?}");
+            assert_eq!(t.counters.children_listed_early, 2, "{budget:?}");
+            assert_eq!(t.listings_skipped, skipped + kept, "{budget:?}");
+            assert!(t.runs.contains_key("a"), "{budget:?}");
+            // A creation event handled before a point still has that point list the directory
+            // (whatever the event was taken for), and only that one.
+            put(format!("{cg}/third.slice/cpu.stat"), "usage_usec 1\n");
+            t.poll_events().unwrap();
+            let skipped = t.listings_skipped;
+            t.list_family(fam);
+            assert_eq!(t.listings_skipped, skipped, "{budget:?}");
+            t.list_family(fam);
+            assert_eq!(t.listings_skipped, skipped + kept, "{budget:?}");
+        }
+    }
+
+    #[test]
+    fn counted_tails_scale_by_the_measured_ratio_within_bounds() {
+        // No measurement yet, or too little: 1 us per 1,000 ns, rounded to the nearest.
+        assert_eq!(scale_tail(1_499, (0, 0)), 1);
+        assert_eq!(scale_tail(1_500, (0, 0)), 2);
+        assert_eq!(scale_tail(10_000_000, (9_000, 10_000_000)), 10_000);
+        // 2% of steal: the tail loses 2%.
+        assert_eq!(scale_tail(10_000_000, (980_000, 1_000_000_000)), 9_800);
+        // Never scaled up, never below 0.8 (a lagging cpu.stat cannot take two thirds off).
+        assert_eq!(scale_tail(10_000_000, (2_000_000, 1_000_000_000)), 10_000);
+        assert_eq!(scale_tail(10_000_000, (330_000, 1_000_000_000)), 8_000);
+        assert_eq!(scale_tail(u64::MAX, (1, 1)), u64::MAX / 1_000 + 1);
+    }
+
+    /// `split_exact` as it was first written (sorting the remainders): the reference.
+    fn split_exact_by_sorting(total: u64, weights: &[(u32, u128)]) -> BTreeMap<u32, u64> {
+        let sum: u128 = weights.iter().map(|&(_, w)| w).sum();
+        if sum == 0 || weights.is_empty() {
+            return split_exact(total, weights);
+        }
+        let mut out = BTreeMap::new();
+        let mut given: u64 = 0;
+        let mut rems: Vec<(u128, u32)> = Vec::new();
+        for &(p, w) in weights {
+            let num = u128::from(total) * w;
+            let q = u64::try_from(num / sum).unwrap_or(u64::MAX);
+            given += q;
+            rems.push((num % sum, p));
+            out.insert(p, q);
+        }
+        rems.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut left = total - given;
+        for (_, p) in rems {
+            if left == 0 {
+                break;
+            }
+            if let Some(v) = out.get_mut(&p) {
+                *v += 1;
+            }
+            left -= 1;
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn split_exact_gives_what_sorting_the_remainders_gave(
+            total in proptest::prop_oneof![0u64..1_000, proptest::num::u64::ANY],
+            weights in proptest::collection::vec((0u32..6, 0u128..5_000), 0..9),
+            wide in proptest::bool::ANY,
+        ) {
+            // Past 64 weights the flags take over from the bits.
+            let weights: Vec<(u32, u128)> = if wide {
+                (0..70u32).map(|p| (p, u128::from(p % 7) + 1)).collect()
+            } else {
+                weights
+            };
+            let got = split_exact(total, &weights);
+            proptest::prop_assert_eq!(&got, &split_exact_by_sorting(total, &weights));
+            if weights.iter().map(|w| w.0).collect::<BTreeSet<_>>().len() == weights.len() {
+                proptest::prop_assert_eq!(got.values().map(|&v| u128::from(v)).sum::<u128>(), u128::from(total));
+            }
+        }
+    }
+
+    #[test]
+    fn split_exact_conserves() {
+        let w = [(0u32, 1u128), (1, 1), (2, 1)];
+        let s = split_exact(100, &w);
+        assert_eq!(s.values().sum::<u64>(), 100);
+        assert_eq!(s[&0], 34);
+        assert_eq!(s[&1], 33);
+        let s = split_exact(7, &[(0, 0), (1, 0)]);
+        assert_eq!(s, BTreeMap::from([(0, 7)]));
+        let s = split_exact(u64::MAX, &[(0, u128::from(u64::MAX)), (1, 3)]);
+        assert_eq!(s.values().fold(0u64, |a, b| a.wrapping_add(*b)), u64::MAX);
+        for total in [0u64, 1, 2, 999, 1_000_003] {
+            let s = split_exact(total, &[(3, 7), (5, 11), (9, 13)]);
+            assert_eq!(s.values().sum::<u64>(), total);
+        }
+    }
+
+    #[test]
+    fn labels_bounds() {
+        let mut l = Labels::new();
+        l.insert("team".into(), "a b".into());
+        validate_labels(&l).unwrap();
+        l.insert("k".into(), "x\ny".into());
+        assert!(validate_labels(&l).is_err());
+        let many: Labels = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(validate_labels(&many).is_err());
+        let long: Labels = [("k".to_owned(), "v".repeat(1025))].into();
+        assert!(validate_labels(&long).is_err());
+    }
+}

@@ -1,0 +1,425 @@
+//! The tick: every run's `cpu.stat` (and memory) read, the host's busy time from `/proc/stat`,
+//! and each run's usage split across packages exactly.
+
+use super::*;
+
+impl RunTracker {
+    /// Measures one tick: every run's usage since the last tick (since birth for a new run),
+    /// split per package, and each package's busy and host time. `elapsed_us` is the tick's
+    /// length as the daemon's clock saw it, carried into the snapshot.
+    pub fn tick(&mut self, elapsed_us: u64) -> UsageSnapshot {
+        self.ticks += 1;
+        if let Err(e) = self.poll_events() {
+            self.push_error(None, e);
+        }
+        for idx in 0..self.patterns.len() {
+            // A parent that appeared since (the first run's slice) is armed and listed now.
+            if self.arm_pattern(idx) {
+                self.scan_pattern(idx, BilledFrom::Birth);
+            }
+        }
+        if self.rescan_every_ticks > 0 && self.ticks % u64::from(self.rescan_every_ticks) == 0 {
+            self.rescan_all();
+        }
+        let busy_by_pkg_us = self.read_busy(elapsed_us);
+        let busy_measured = busy_by_pkg_us.is_some();
+        let mut runs_out = Vec::with_capacity(self.runs.len());
+        let mut runs_by_pkg: BTreeMap<u32, u64> = BTreeMap::new();
+        let fallback_weights = proc_stat_weights(&busy_by_pkg_us, &self.topology);
+        let mut to_drop = Vec::new();
+        let mut pending_errors = Vec::new();
+        let mut gone = Vec::new();
+        let (mut scale_us, mut scale_ns) = (0u128, 0u128);
+        let now = self.now_us();
+        for f in self.families.values_mut() {
+            f.pre_us = f.cpu_stat.read_cpu_usage_us().ok();
+            f.pre_at_us = now;
+        }
+        // Reads first, all of them, back to back: the reconcile points below compare them with
+        // the parents' reads (before and after), and the closer together, the smaller the noise.
+        for run in self.runs.values_mut() {
+            let skip = run.settled && run.populated == Some(false) && run.events_wd.is_some();
+            if run.finished || skip {
+                continue;
+            }
+            match capture(run, &mut self.tc_scratch, now, self.read_memory) {
+                Ok(Some((us, ns))) => {
+                    scale_us += u128::from(us);
+                    scale_ns += u128::from(ns);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if e.is_gone() {
+                        gone.push(run.id.clone());
+                    } else {
+                        pending_errors.push((run.id.clone(), e));
+                    }
+                    continue;
+                }
+            }
+            // Only pattern runs settle: their parent is watched, so their removal is seen.
+            // kernfs sends no event on a removed cgroup's own files, so an announced run
+            // is read every tick, and ENODEV tells it is gone.
+            // Two tick reads after it emptied, not one: the first may fall inside the
+            // last task's exit, before its final CPU time is accounted.
+            if run.populated == Some(false)
+                && run.final_read
+                && run.events_wd.is_some()
+                && run.pattern.is_some()
+            {
+                run.empty_tick_reads = run.empty_tick_reads.saturating_add(1);
+                run.settled = run.empty_tick_reads >= 2;
+            }
+        }
+        // The runs' usage against their counters: the scale of a counted tail, over the recent
+        // past (each tick's sums added to the running ones, which lose an eighth per tick).
+        let (us, ns) = self.perf_scale;
+        self.perf_scale = (us - us / 8 + scale_us, ns - ns / 8 + scale_ns);
+        // Gone at this tick's read: the delta below uses the last good read, the tail is
+        // claimed from the parent, and they are reported finished now.
+        for id in gone {
+            self.mark_gone(&id);
+        }
+        let rels: Vec<Arc<str>> = self.families.keys().cloned().collect();
+        for rel in rels {
+            self.reconcile_family(&rel, false);
+        }
+        let failed: HashSet<Arc<str>> = pending_errors.iter().map(|(id, _)| id.clone()).collect();
+        for run in self.runs.values_mut() {
+            // A failed read carries no usage this tick; the next good read catches up.
+            if failed.contains(&run.id) && !run.finished {
+                continue;
+            }
+            let read_us = if run.latest_us >= run.billed_us {
+                run.latest_us - run.billed_us
+            } else {
+                self.counters.usage_went_backwards += 1;
+                run.latest_us
+            };
+            run.billed_us = run.latest_us;
+            let reconciled_us = std::mem::take(&mut run.pending_reconciled_us);
+            run.reconciled_total_us += reconciled_us;
+            let usage_us = read_us.saturating_add(reconciled_us);
+            let (by_pkg, split) =
+                split_run(run, usage_us, &fallback_weights, &mut self.split_scratch);
+            for (pkg, us) in &by_pkg {
+                *runs_by_pkg.entry(*pkg).or_default() += us;
+            }
+            run.billed_tc_ns.clone_from(&run.latest_tc_ns);
+            runs_out.push(RunUsage {
+                run_id: run.id.clone(),
+                cgroup: run.cgroup_rel.clone(),
+                labels: run.labels.clone(),
+                origin: run.origin,
+                billed_from: run.billed_from,
+                usage_us,
+                usage_us_by_package: by_pkg,
+                split,
+                memory_bytes: run.memory_bytes,
+                reserved_millicpus: run.reserved_millicpus,
+                started: !run.reported,
+                finished: run.finished,
+                reconciled_us,
+                final_usage: if run.finished {
+                    Some(run.final_usage.unwrap_or(FinalUsage::Lost))
+                } else {
+                    None
+                },
+                reconciled_total_us: run.reconciled_total_us,
+            });
+            run.reported = true;
+            if run.finished {
+                to_drop.push(run.id.clone());
+            }
+        }
+        for (id, e) in pending_errors {
+            self.push_error(Some(&id), e);
+        }
+        for g in std::mem::take(&mut self.ghosts) {
+            // Its name is no longer excluded from the parent's listing: list it again.
+            if let Some(f) = parent_rel(&g.cgroup_rel).and_then(|p| self.families.get_mut(p)) {
+                f.must_list = true;
+            }
+            let by_pkg = split_exact(g.usage_us, &fallback_weights);
+            for (pkg, us) in &by_pkg {
+                *runs_by_pkg.entry(*pkg).or_default() += us;
+            }
+            runs_out.push(RunUsage {
+                run_id: g.id.clone(),
+                cgroup: g.cgroup_rel,
+                labels: Arc::new(Labels::new()),
+                origin: RunOrigin::Pattern,
+                billed_from: BilledFrom::Birth,
+                usage_us: g.usage_us,
+                usage_us_by_package: by_pkg,
+                split: SplitSource::ProcStatShare,
+                memory_bytes: None,
+                reserved_millicpus: None,
+                started: true,
+                finished: true,
+                reconciled_us: g.usage_us,
+                final_usage: Some(g.final_usage.unwrap_or(FinalUsage::Lost)),
+                reconciled_total_us: g.usage_us,
+            });
+            self.remember_finished(g.id);
+        }
+        for id in to_drop {
+            self.drop_run(&id);
+        }
+        self.forget_idle_families();
+        let mut packages = BTreeMap::new();
+        for &pkg in self.cpus_by_package.keys() {
+            // Signed: tick rounding can make a short interval's idle exceed its elapsed time.
+            let busy_signed = busy_by_pkg_us
+                .as_ref()
+                .and_then(|m| m.get(&pkg).copied())
+                .unwrap_or(0);
+            let busy = u64::try_from(busy_signed.max(0)).unwrap_or(u64::MAX);
+            let runs_us = runs_by_pkg.get(&pkg).copied().unwrap_or(0);
+            if i128::from(runs_us) > busy_signed {
+                self.counters.host_clamps += 1;
+            }
+            // /proc/stat's idle time comes in 10 ms units, so one interval's busy time is off by
+            // up to a unit per CPU either way, while the runs' times are exact. Clamping each
+            // interval's host share at zero would keep every downward error and drop every
+            // upward one, biasing the host up and the runs down. Instead the host is paid from a
+            // running balance of busy minus runs: over time it receives exactly what the
+            // counters say, and it is never negative.
+            let balance = self.host_balance_us.entry(pkg).or_insert(0);
+            *balance = balance.saturating_add(busy_signed - i128::from(runs_us));
+            let host_us = u64::try_from((*balance).max(0)).unwrap_or(u64::MAX);
+            *balance -= i128::from(host_us);
+            // A balance can go only so far negative: a run can out-measure /proc/stat by a
+            // quantum per CPU per interval, not more; beyond that the counters disagree and the
+            // past should not be charged against the future.
+            let floor = -(i128::from(self.cpus.len() as u32) * 20_000);
+            *balance = (*balance).max(floor);
+            packages.insert(
+                pkg,
+                PackageUsage {
+                    busy_us: busy,
+                    runs_us,
+                    host_us,
+                },
+            );
+        }
+        UsageSnapshot {
+            interval_us: elapsed_us,
+            busy_measured,
+            runs: runs_out,
+            packages,
+            errors: std::mem::take(&mut self.errors),
+            counters: self.counters(),
+            perf_disabled: self.perf_split_off.clone(),
+            perf_counters_disabled: self.perf_disabled.clone(),
+        }
+    }
+
+    /// Per-package busy time since the last tick, from /proc/stat.
+    /// Busy time is the interval's elapsed time (the caller's monotonic measure, the same one
+    /// the energy interval uses) minus each CPU's idle time.
+    fn read_busy(&mut self, elapsed_us: u64) -> Option<BTreeMap<u32, i128>> {
+        let read = match self.proc_stat.as_mut() {
+            Some(f) => f.read(),
+            None => ProcStatFile::open(&self.root).and_then(|mut f| {
+                let s = f.read();
+                self.proc_stat = Some(f);
+                s
+            }),
+        };
+        let now = match read {
+            Ok(s) => s,
+            Err(e) => {
+                self.push_error(None, e);
+                self.proc_stat = None;
+                // The next good read is a new baseline: measuring from this stale one would
+                // count two intervals' idle time against one interval's elapsed time.
+                self.last_stat = None;
+                return None;
+            }
+        };
+        let prev = self.last_stat.replace(now)?;
+        let now = self.last_stat.as_ref()?;
+        let mut by_pkg: BTreeMap<u32, i128> = BTreeMap::new();
+        for (&pkg, cpus) in &self.cpus_by_package {
+            let us = crate::procstat::busy_us_signed(&prev, now, cpus, self.user_hz, elapsed_us);
+            by_pkg.insert(pkg, us);
+        }
+        Some(by_pkg)
+    }
+}
+
+/// Reads a run's current usage (and perf counters and memory) into `latest_*`.
+/// Returns, when usage moved and the counters were paired before and after, how far each moved
+/// (usage microseconds, counter nanoseconds): the scale of a counted tail (`perf_scale`).
+pub(super) fn capture(
+    run: &mut Run,
+    scratch: &mut Vec<(u32, u64)>,
+    now_us: u64,
+    read_memory: bool,
+) -> Result<Option<(u64, u64)>, HostError> {
+    let usage = run.cpu_stat.read_cpu_usage_us()?;
+    let mut moved = None;
+    // The counters are read right after `cpu.stat` when it moved, so that `latest_tc_ns` pairs
+    // with `latest_us` (see `perf_tail`). A failed read unpairs them.
+    if usage != run.latest_us {
+        let before = paired_tc_ns(run);
+        if let Some(p) = &mut run.perf {
+            run.latest_tc_ns.clear();
+            if p.read_into(scratch).is_ok() {
+                run.latest_tc_ns.extend(scratch.iter().map(|&(_, v)| v));
+            }
+        }
+        if let (Some(p0), Some(p1)) = (before, paired_tc_ns(run)) {
+            if usage > run.latest_us && p1 > p0 {
+                moved = Some((usage - run.latest_us, p1 - p0));
+            }
+        }
+    }
+    run.latest_us = usage;
+    run.read_at_us = now_us;
+    run.memory_bytes = match &run.memory {
+        Some(m) if read_memory => Some(m.read_u64()?),
+        _ => None,
+    };
+    Ok(moved)
+}
+
+/// A removed run's tail by its perf counters: their count now (the final one: the cgroup is
+/// gone) less the count read right after its last `cpu.stat` read, in microseconds (rounded).
+/// Close, not exact, in `cpu.stat`'s terms: task-clock runs on the scheduler's raw clock (steal
+/// and interrupt time in, which `usage_usec` leaves out: 0.4% more over whole runs on this VM),
+/// and `cpu.stat` lags a running task by up to a scheduler tick, which this pair puts in no
+/// tail. So it weighs the run's share of its parent's residual, which is exact in sum, and is
+/// the amount only where the parent cannot tell. `None`: no counters, unpaired, unreadable.
+pub(super) fn perf_tail(
+    run: &mut Run,
+    scratch: &mut Vec<(u32, u64)>,
+    scale: (u128, u128),
+) -> Option<u64> {
+    let paired = paired_tc_ns(run)?;
+    let counted_ns = run.perf.as_mut()?.read_total(scratch).ok()?;
+    run.latest_tc_ns.clear();
+    run.latest_tc_ns.extend(scratch.iter().map(|&(_, v)| v));
+    Some(scale_tail(counted_ns.saturating_sub(paired), scale))
+}
+
+/// Counter nanoseconds to `usage_usec` microseconds, rounded: by the runs' measured ratio
+/// (`us` per `ns`) once it rests on at least [`PERF_SCALE_MIN_NS`], kept within
+/// [[`PERF_SCALE_MIN_PPM`], 1] per 1,000 ns; else 1 us per 1,000 ns.
+pub(super) fn scale_tail(tail_ns: u64, (us, ns): (u128, u128)) -> u64 {
+    let tail_ns = u128::from(tail_ns);
+    let ppm = if ns >= PERF_SCALE_MIN_NS {
+        (us * 1_000_000_000 / ns).clamp(PERF_SCALE_MIN_PPM, 1_000_000)
+    } else {
+        1_000_000
+    };
+    u64::try_from((tail_ns * ppm / 1_000 + 500_000) / 1_000_000).unwrap_or(u64::MAX)
+}
+
+/// The sum of the run's counters as last read with its `cpu.stat`; `None` when unpaired.
+fn paired_tc_ns(run: &Run) -> Option<u64> {
+    let p = run.perf.as_ref()?;
+    (run.latest_tc_ns.len() == p.fd_count()).then(|| run.latest_tc_ns.iter().sum())
+}
+
+/// Package weights from /proc/stat busy time; with none measured (first tick, idle host), each
+/// package weighs its CPU count so the split is still exact and deterministic.
+fn proc_stat_weights(busy: &Option<BTreeMap<u32, i128>>, topo: &Topology) -> Vec<(u32, u128)> {
+    if let Some(b) = busy {
+        if b.values().any(|&v| v > 0) {
+            return b.iter().map(|(&p, &v)| (p, v.max(0) as u128)).collect();
+        }
+    }
+    topo.cpus_by_package()
+        .into_iter()
+        .map(|(p, cpus)| (p, cpus.len() as u128))
+        .collect()
+}
+
+fn split_run(
+    run: &Run,
+    usage_us: u64,
+    fallback: &[(u32, u128)],
+    w: &mut Vec<(u32, u128)>,
+) -> (BTreeMap<u32, u64>, SplitSource) {
+    if run.perf.is_some()
+        && !run.perf_pkgs.is_empty()
+        && run.latest_tc_ns.len() == run.perf_pkgs.len()
+    {
+        // The counters' movement per package (in `w`, by package id), since the last tick or
+        // over the run's whole life.
+        let by_pkg = |w: &mut Vec<(u32, u128)>, whole_life: bool| {
+            w.clear();
+            for (i, &pkg) in run.perf_pkgs.iter().enumerate() {
+                let since = if whole_life {
+                    0
+                } else {
+                    run.billed_tc_ns.get(i).copied().unwrap_or(0)
+                };
+                let v = u128::from(run.latest_tc_ns[i].saturating_sub(since));
+                match w.iter_mut().find(|e| e.0 == pkg) {
+                    Some(e) => e.1 += v,
+                    None => w.push((pkg, v)),
+                }
+            }
+            w.sort_unstable_by_key(|e| e.0);
+        };
+        by_pkg(w, false);
+        // Usage with no counter movement of its own this tick (a tail recovered from the
+        // parent) is split as the run's whole life was.
+        if !w.iter().any(|&(_, v)| v > 0) {
+            by_pkg(w, true);
+        }
+        if w.iter().any(|&(_, v)| v > 0) {
+            return (split_exact(usage_us, w), SplitSource::PerfTaskClock);
+        }
+    }
+    (split_exact(usage_us, fallback), SplitSource::ProcStatShare)
+}
+
+/// Divides `total` in proportion to `weights` exactly (largest remainder, ties to the lower
+/// package id), so per-package parts always sum to the run's usage.
+pub fn split_exact(total: u64, weights: &[(u32, u128)]) -> BTreeMap<u32, u64> {
+    let mut out = BTreeMap::new();
+    let sum: u128 = weights.iter().map(|&(_, w)| w).sum();
+    if sum == 0 || weights.is_empty() {
+        if let Some(&(p, _)) = weights.first() {
+            out.insert(p, total);
+        } else {
+            out.insert(0, total);
+        }
+        return out;
+    }
+    let mut given: u64 = 0;
+    for &(p, w) in weights {
+        let q = u64::try_from(u128::from(total) * w / sum).unwrap_or(u64::MAX);
+        given += q;
+        out.insert(p, q);
+    }
+    // What the quotients left (fewer units than weights) goes one unit each to the largest
+    // remainders, ties to the lower package id then the earlier weight: in that order, each
+    // pick the best weight ranked below the last one (no sort, nothing allocated: this runs
+    // for every run on every tick).
+    let rank = |i: usize| {
+        (
+            (u128::from(total) * weights[i].1) % sum,
+            std::cmp::Reverse(weights[i].0),
+            std::cmp::Reverse(i),
+        )
+    };
+    let mut last = None;
+    for _ in 0..total - given {
+        let Some(b) = (0..weights.len())
+            .filter(|&i| last.map_or(true, |l| rank(i) < l))
+            .max_by_key(|&i| rank(i))
+        else {
+            break;
+        };
+        last = Some(rank(b));
+        if let Some(v) = out.get_mut(&weights[b].0) {
+            *v += 1;
+        }
+    }
+    out
+}
