@@ -1,6 +1,6 @@
 //! Loss statements: a node's signed declaration that a range of its batches will never be sent
 //! (damaged in its spool, or no longer retained when a restored ledger asks for them). Pure: the
-//! shipper builds and signs one; the ledger verifies it (`wattd-ledger`'s `check.rs`) and keeps
+//! shipper builds and signs one; the ledger verifies it (`wattd-ledger`'s `check`) and keeps
 //! it as the evidence of a lost range, whose energy the running totals of the batches on either
 //! side give exactly (`crate::totals::lost_between`).
 
