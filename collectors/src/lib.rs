@@ -20,6 +20,7 @@ pub mod powercap;
 pub mod probe;
 pub mod procstat;
 pub mod redfish;
+pub mod shares;
 pub mod synth;
 pub mod topology;
 
@@ -27,3 +28,4 @@ pub use counter::{CounterSample, EnergyCounter, EnergyUnit};
 pub use domain::{Domain, DomainReading, Meter, MeterKey, Quality, SourceKind};
 pub use error::HostError;
 pub use hostfs::HostRoot;
+pub use shares::PackageShares;

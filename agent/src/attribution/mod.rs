@@ -12,7 +12,7 @@ use serde::Serialize;
 pub mod gpu;
 pub mod idle;
 pub mod totals;
-use wattd_collectors::{Domain, MeterKey, Quality, SourceKind};
+use wattd_collectors::{Domain, MeterKey, PackageShares, Quality, SourceKind};
 
 pub use gpu::{GpuBasis, GpuMeta, GpuRunUsage, GpuUsage};
 
@@ -147,7 +147,7 @@ pub struct RunUsage {
     /// Shared, so copying it into every meter's result costs no allocation.
     pub run_id: Arc<str>,
     /// CPU time per package, microseconds.
-    pub cpu_us: BTreeMap<u32, u64>,
+    pub cpu_us: PackageShares,
     pub memory_bytes: Option<u64>,
     /// Reserved CPUs in thousandths, per package: from the cpuset's CPUs on each package, or a
     /// `cpu.max` quota spread over packages by their size. Empty when nothing is reserved.

@@ -293,7 +293,7 @@ fn arb_input() -> impl Strategy<Value = IntervalInput> {
                         .enumerate()
                         .map(|(i, (cpu, res, mem))| RunUsage {
                             run_id: format!("run-{i}").into(),
-                            cpu_us: cpu,
+                            cpu_us: cpu.into_iter().collect(),
                             memory_bytes: mem,
                             reserved_millicpus: res,
                         })

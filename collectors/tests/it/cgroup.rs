@@ -13,7 +13,7 @@ use wattd_collectors::cgroup::{
     TrackerConfig, UsageSnapshot,
 };
 use wattd_collectors::synth::HostTree;
-use wattd_collectors::{HostError, HostRoot};
+use wattd_collectors::{HostError, HostRoot, PackageShares};
 
 /// Tests here run one at a time: they count this process's descriptors and burn CPU by duty
 /// cycle, and a neighbour doing either would disturb them.
@@ -226,7 +226,7 @@ fn check_snapshot(s: &UsageSnapshot) {
         let runs: u64 = s
             .runs
             .iter()
-            .filter_map(|r| r.usage_us_by_package.get(pkg))
+            .filter_map(|r| r.usage_us_by_package.get(*pkg))
             .sum();
         assert_eq!(p.runs_us, runs);
     }
@@ -651,7 +651,10 @@ fn generated_tree_cpu_stat_unknown_keys_missing_usage_and_vanishing() {
     assert_eq!(r.billed_from, BilledFrom::Discovery);
     assert_eq!(r.usage_us, 300);
     assert_eq!(r.split, SplitSource::ProcStatShare);
-    assert_eq!(r.usage_us_by_package, BTreeMap::from([(0, 75), (1, 225)]));
+    assert_eq!(
+        r.usage_us_by_package,
+        PackageShares::from([(0, 75), (1, 225)])
+    );
     assert_eq!(
         (r.memory_bytes, r.reserved_millicpus),
         (Some(4096), Some(1500))

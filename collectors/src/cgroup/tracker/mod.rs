@@ -22,6 +22,7 @@ use super::perf::CgroupTaskClock;
 use crate::error::{HostError, Shown, HINT_GENERIC, HINT_PERF};
 use crate::hostfs::HostRoot;
 use crate::procstat::{user_hz, ProcStat, ProcStatFile};
+use crate::shares::PackageShares;
 use crate::topology::Topology;
 
 mod events;
@@ -161,7 +162,7 @@ pub struct RunUsage {
     /// CPU time used this tick, from `cpu.stat` `usage_usec`.
     pub usage_us: u64,
     /// `usage_us` divided among packages; sums to `usage_us` exactly.
-    pub usage_us_by_package: BTreeMap<u32, u64>,
+    pub usage_us_by_package: PackageShares,
     pub split: SplitSource,
     pub memory_bytes: Option<u64>,
     pub reserved_millicpus: Option<u64>,
@@ -703,7 +704,7 @@ mod tests {
     fn split_exact_by_sorting(total: u64, weights: &[(u32, u128)]) -> BTreeMap<u32, u64> {
         let sum: u128 = weights.iter().map(|&(_, w)| w).sum();
         if sum == 0 || weights.is_empty() {
-            return split_exact(total, weights);
+            return split_exact(total, weights).iter().copied().collect();
         }
         let mut out = BTreeMap::new();
         let mut given: u64 = 0;
@@ -742,10 +743,12 @@ mod tests {
             } else {
                 weights
             };
-            let got = split_exact(total, &weights);
-            proptest::prop_assert_eq!(&got, &split_exact_by_sorting(total, &weights));
+            let got: BTreeMap<u32, u64> = split_exact(total, &weights).iter().copied().collect();
+            // Exact whatever the weights: a package named twice (never so from the tracker)
+            // gets the sum of its parts, where the first version kept the last part only.
+            proptest::prop_assert_eq!(got.values().map(|&v| u128::from(v)).sum::<u128>(), u128::from(total));
             if weights.iter().map(|w| w.0).collect::<BTreeSet<_>>().len() == weights.len() {
-                proptest::prop_assert_eq!(got.values().map(|&v| u128::from(v)).sum::<u128>(), u128::from(total));
+                proptest::prop_assert_eq!(&got, &split_exact_by_sorting(total, &weights));
             }
         }
     }
@@ -755,12 +758,15 @@ mod tests {
         let w = [(0u32, 1u128), (1, 1), (2, 1)];
         let s = split_exact(100, &w);
         assert_eq!(s.values().sum::<u64>(), 100);
-        assert_eq!(s[&0], 34);
-        assert_eq!(s[&1], 33);
+        assert_eq!(s.get(0), Some(34));
+        assert_eq!(s.get(1), Some(33));
         let s = split_exact(7, &[(0, 0), (1, 0)]);
-        assert_eq!(s, BTreeMap::from([(0, 7)]));
+        assert_eq!(s, PackageShares::from([(0, 7)]));
         let s = split_exact(u64::MAX, &[(0, u128::from(u64::MAX)), (1, 3)]);
-        assert_eq!(s.values().fold(0u64, |a, b| a.wrapping_add(*b)), u64::MAX);
+        assert_eq!(s.values().fold(0u64, |a, b| a.wrapping_add(b)), u64::MAX);
+        // Weights in any package order: the shares come out in package order.
+        let s = split_exact(10, &[(5, 1), (2, 1)]);
+        assert_eq!(s, PackageShares::from([(2, 5), (5, 5)]));
         for total in [0u64, 1, 2, 999, 1_000_003] {
             let s = split_exact(total, &[(3, 7), (5, 11), (9, 13)]);
             assert_eq!(s.values().sum::<u64>(), total);

@@ -342,7 +342,7 @@ fn split_run(
     usage_us: u64,
     fallback: &[(u32, u128)],
     w: &mut Vec<(u32, u128)>,
-) -> (BTreeMap<u32, u64>, SplitSource) {
+) -> (PackageShares, SplitSource) {
     if run.perf.is_some()
         && !run.perf_pkgs.is_empty()
         && run.latest_tc_ns.len() == run.perf_pkgs.len()
@@ -380,22 +380,19 @@ fn split_run(
 
 /// Divides `total` in proportion to `weights` exactly (largest remainder, ties to the lower
 /// package id), so per-package parts always sum to the run's usage.
-pub fn split_exact(total: u64, weights: &[(u32, u128)]) -> BTreeMap<u32, u64> {
-    let mut out = BTreeMap::new();
+pub fn split_exact(total: u64, weights: &[(u32, u128)]) -> PackageShares {
     let sum: u128 = weights.iter().map(|&(_, w)| w).sum();
     if sum == 0 || weights.is_empty() {
-        if let Some(&(p, _)) = weights.first() {
-            out.insert(p, total);
-        } else {
-            out.insert(0, total);
-        }
-        return out;
+        let p = weights.first().map_or(0, |&(p, _)| p);
+        return PackageShares::from_pairs(vec![(p, total)]);
     }
+    // In the weights' order; `from_pairs` sorts them by package at the end.
+    let mut out: Vec<(u32, u64)> = Vec::with_capacity(weights.len());
     let mut given: u64 = 0;
     for &(p, w) in weights {
         let q = u64::try_from(u128::from(total) * w / sum).unwrap_or(u64::MAX);
         given += q;
-        out.insert(p, q);
+        out.push((p, q));
     }
     // What the quotients left (fewer units than weights) goes one unit each to the largest
     // remainders, ties to the lower package id then the earlier weight: in that order, each
@@ -417,9 +414,7 @@ pub fn split_exact(total: u64, weights: &[(u32, u128)]) -> BTreeMap<u32, u64> {
             break;
         };
         last = Some(rank(b));
-        if let Some(v) = out.get_mut(&weights[b].0) {
-            *v += 1;
-        }
+        out[b].1 += 1;
     }
-    out
+    PackageShares::from_pairs(out)
 }
