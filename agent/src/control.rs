@@ -19,9 +19,11 @@ use std::time::Duration;
 
 use governor::{Quota, RateLimiter};
 use serde::Deserialize;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_stream::StreamExt as _;
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
 use wattd_collectors::cgroup::{validate_cgroup_rel, validate_run_id, RunTracker};
 
 /// Bounds and access rules of the control socket.
@@ -249,44 +251,6 @@ fn peer_allowed(config: &ControlConfig, peer: &Peer) -> bool {
         || config.allowed_gids.contains(&peer.gid)
 }
 
-enum Line {
-    Complete,
-    Eof,
-    TooLong,
-}
-
-/// Reads one line into `line` (without the newline), never holding more than `max` bytes.
-async fn read_line_bounded<R: AsyncBufRead + Unpin>(
-    r: &mut R,
-    line: &mut Vec<u8>,
-    max: usize,
-) -> io::Result<Line> {
-    line.clear();
-    loop {
-        let buf = r.fill_buf().await?;
-        if buf.is_empty() {
-            // A last message without its newline still counts.
-            return Ok(if line.is_empty() {
-                Line::Eof
-            } else {
-                Line::Complete
-            });
-        }
-        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (i, true),
-            None => (buf.len(), false),
-        };
-        if line.len() + take > max {
-            return Ok(Line::TooLong);
-        }
-        line.extend_from_slice(&buf[..take]);
-        r.consume(if done { take + 1 } else { take });
-        if done {
-            return Ok(Line::Complete);
-        }
-    }
-}
-
 async fn reply<W: AsyncWriteExt + Unpin>(
     w: &mut W,
     config: &ControlConfig,
@@ -334,18 +298,16 @@ async fn handle_connection(
     let rate = NonZeroU32::new(config.messages_per_sec).unwrap_or(NonZeroU32::MIN);
     let burst = NonZeroU32::new(config.burst).unwrap_or(rate);
     let limiter = RateLimiter::direct(Quota::per_second(rate).allow_burst(burst));
-    let mut rd = BufReader::with_capacity(16 * 1024, rd);
-    let mut line = Vec::new();
+    // Lines without their newline, at most `max_line_bytes` each (the codec buffers at most
+    // that plus one read); a last message without its newline still counts.
+    let codec =
+        AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), config.max_line_bytes);
+    let mut lines = FramedRead::with_capacity(rd, codec, 16 * 1024);
     let mut violations = 0u32;
     loop {
-        let read = tokio::time::timeout(
-            config.idle_timeout,
-            read_line_bounded(&mut rd, &mut line, config.max_line_bytes),
-        )
-        .await;
-        match read {
-            Ok(Ok(Line::Complete)) => {}
-            Ok(Ok(Line::TooLong)) => {
+        let line = match tokio::time::timeout(config.idle_timeout, lines.next()).await {
+            Ok(Some(Ok(line))) => line,
+            Ok(Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded))) => {
                 let msg = format!(
                     "line longer than {} bytes; closing the connection",
                     config.max_line_bytes
@@ -353,8 +315,9 @@ async fn handle_connection(
                 let _ = reply(&mut wr, config, Err(msg)).await;
                 return;
             }
-            Ok(Ok(Line::Eof)) | Ok(Err(_)) | Err(_) => return,
-        }
+            // End of stream, a read error, or idle too long.
+            Ok(Some(Err(AnyDelimiterCodecError::Io(_)))) | Ok(None) | Err(_) => return,
+        };
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }

@@ -195,6 +195,30 @@ async fn garbage_gets_error_replies_and_the_connection_goes_on() {
     h.stop().await;
 }
 
+/// A line of exactly the limit is read; a message cut short by the end of the stream (no newline)
+/// is still answered, then the connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_at_the_limit_and_a_last_message_without_its_newline_are_answered() {
+    let _g = SERIAL.lock().await;
+    let h = Harness::start(|c| c.max_line_bytes = START_A.len()).await;
+    let mut c = Client::connect(&h.sock).await;
+    assert!(ok(&c.send(START_A).await));
+    let mut padded = START_A.to_owned();
+    padded.push(' ');
+    assert!(err(&c.send(&padded).await).contains("longer than"));
+    let mut c = Client::connect(&h.sock).await;
+    let start_b = r#"{"type":"run_started","run_id":"rb","cgroup":"jobs/b"}"#;
+    c.wr.write_all(start_b.as_bytes()).await.unwrap();
+    c.wr.shutdown().await.unwrap();
+    assert!(ok(&c
+        .reply()
+        .await
+        .expect("a reply to the unterminated message")));
+    assert!(c.reply().await.is_none(), "then the end");
+    drop(c);
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_megabyte_line_is_refused_and_the_connection_closed() {
     let _g = SERIAL.lock().await;
