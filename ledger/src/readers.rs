@@ -24,23 +24,51 @@ pub enum Role {
     Account(String),
 }
 
+/// Why a role is refused; each names the role as written.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RoleError {
+    #[error("role {0:?} is neither \"metering\" nor \"account:<id>\"")]
+    Unknown(String),
+    #[error("role {0:?}: the account id is empty")]
+    EmptyAccount(String),
+    #[error("role {role:?}: {problem}")]
+    BadAccount { role: String, problem: &'static str },
+}
+
+/// Why a readers file is refused; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadersError {
+    #[error("--readers {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    /// Every bad reader, one line each, naming the file and the reader.
+    #[error("{}", problems.join("\n"))]
+    Readers { problems: Vec<String> },
+}
+
 impl Role {
     /// `metering` or `account:<id>`, the id a run label value (at most 256 bytes, no control
     /// characters, not empty).
-    pub fn parse(s: &str) -> Result<Role, String> {
+    pub fn parse(s: &str) -> Result<Role, RoleError> {
         if s == "metering" {
             return Ok(Role::Metering);
         }
         let Some(id) = s.strip_prefix("account:") else {
-            return Err(format!(
-                "role {s:?} is neither \"metering\" nor \"account:<id>\""
-            ));
+            return Err(RoleError::Unknown(s.to_owned()));
         };
         if id.is_empty() {
-            return Err(format!("role {s:?}: the account id is empty"));
+            return Err(RoleError::EmptyAccount(s.to_owned()));
         }
-        if let Some(p) = wattd_proto::names::label_problem("account", id) {
-            return Err(format!("role {s:?}: {p}"));
+        if let Some(problem) = wattd_proto::names::label_problem("account", id) {
+            return Err(RoleError::BadAccount {
+                role: s.to_owned(),
+                problem,
+            });
         }
         Ok(Role::Account(id.to_owned()))
     }
@@ -76,9 +104,11 @@ pub struct Readers {
 
 impl Readers {
     /// Parses a readers file; every problem is listed, each naming the file and the reader.
-    pub fn parse(path: &Path, text: &str) -> Result<Readers, String> {
-        let shape: FileShape =
-            toml::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn parse(path: &Path, text: &str) -> Result<Readers, ReadersError> {
+        let shape: FileShape = toml::from_str(text).map_err(|e| ReadersError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
         let mut problems = Vec::new();
         let mut roles = BTreeMap::new();
         for (cn, role) in shape.readers {
@@ -101,13 +131,15 @@ impl Readers {
         if problems.is_empty() {
             Ok(Readers { roles })
         } else {
-            Err(problems.join("\n"))
+            Err(ReadersError::Readers { problems })
         }
     }
 
-    pub fn load(path: &Path) -> Result<Readers, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("--readers {}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Readers, ReadersError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ReadersError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(path, &text)
     }
 
@@ -136,7 +168,7 @@ pub struct ReadersFile {
 
 impl ReadersFile {
     /// Loads the file now; a problem here is a configuration error.
-    pub fn open(path: &Path) -> Result<Self, String> {
+    pub fn open(path: &Path) -> Result<Self, ReadersError> {
         let stamp = stamp(path);
         let readers = Readers::load(path)?;
         Ok(ReadersFile {
@@ -189,6 +221,29 @@ mod tests {
         for bad in ["", "admin", "account:", "account:a\u{7}b", "Metering"] {
             assert!(Role::parse(bad).is_err(), "{bad:?}");
         }
+        // What an operator reads at `serve`: the role as written, and why.
+        let said = |s: &str| {
+            Role::parse(s)
+                .map(|_| String::new())
+                .unwrap_or_else(|e| e.to_string())
+        };
+        assert_eq!(
+            said("admin"),
+            r#"role "admin" is neither "metering" nor "account:<id>""#
+        );
+        assert_eq!(
+            said("account:"),
+            r#"role "account:": the account id is empty"#
+        );
+        assert!(said("account:a\u{7}b").starts_with(r#"role "account:a\u{7}b": "#));
+        let missing = Readers::load(Path::new("/nonexistent/readers.toml")).unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .starts_with("--readers /nonexistent/readers.toml: "),
+            "{missing}"
+        );
+        assert!(matches!(missing, ReadersError::Read { .. }));
         let p = Path::new("readers.toml");
         let r = Readers::parse(
             p,
@@ -198,7 +253,9 @@ mod tests {
         assert_eq!(r.role("metering-pipeline"), Some(&Role::Metering));
         assert_eq!(r.role("view-acme"), Some(&Role::Account("acme".into())));
         assert_eq!(r.role("node-1"), None);
-        let e = Readers::parse(p, "[readers]\nx = \"root\"\ny = \"account:\"\n").unwrap_err();
+        let e = Readers::parse(p, "[readers]\nx = \"root\"\ny = \"account:\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("reader \"x\"") && e.contains("reader \"y\""),
             "{e}"

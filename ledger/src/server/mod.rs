@@ -218,7 +218,7 @@ pub async fn bind(opts: &ServeOptions) -> Result<(Bound, MetricsSnapshot), Serve
                 ));
             }
             let readers = ReadersFile::open(&q.readers)
-                .map_err(|e| problems.push(e))
+                .map_err(|e| problems.push(e.to_string()))
                 .ok();
             let qtls = reader_tls_config(&opts.cert, &opts.key, &q.reader_ca)
                 .map_err(|p| {
