@@ -142,20 +142,28 @@ fn read_bounded(path: &Path) -> Result<String, String> {
 }
 
 /// Checks a node id taken from a file or a certificate: non-empty, bounded, printable.
-pub fn check_node_id(id: &str) -> Result<(), String> {
+pub fn check_node_id(id: &str) -> Result<(), NodeIdError> {
     if id.is_empty() {
-        return Err("node_id is empty".into());
+        return Err(NodeIdError::Empty);
     }
     if id.len() > NODE_ID_MAX_BYTES {
-        return Err(format!(
-            "node_id is {} bytes, more than {NODE_ID_MAX_BYTES}",
-            id.len()
-        ));
+        return Err(NodeIdError::TooLong { bytes: id.len() });
     }
     if id.chars().any(char::is_control) {
-        return Err(format!("node_id {id:?} holds control characters"));
+        return Err(NodeIdError::ControlCharacters(id.to_owned()));
     }
     Ok(())
+}
+
+/// Why a node id (a certificate's CN, an enrolment's `node_id`) is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NodeIdError {
+    #[error("node_id is empty")]
+    Empty,
+    #[error("node_id is {bytes} bytes, more than {NODE_ID_MAX_BYTES}")]
+    TooLong { bytes: usize },
+    #[error("node_id {0:?} holds control characters")]
+    ControlCharacters(String),
 }
 
 impl Enrolment {
@@ -427,8 +435,15 @@ mod tests {
     #[test]
     fn node_ids_are_bounded_and_printable() {
         assert!(check_node_id("worker-17").is_ok());
-        assert!(check_node_id("").is_err());
-        assert!(check_node_id("a\nb").is_err());
-        assert!(check_node_id(&"x".repeat(256)).is_err());
+        assert_eq!(check_node_id(""), Err(NodeIdError::Empty));
+        assert_eq!(
+            check_node_id("a\nb").map_err(|e| e.to_string()),
+            Err(r#"node_id "a\nb" holds control characters"#.to_owned())
+        );
+        assert!(check_node_id(&"x".repeat(255)).is_ok());
+        assert_eq!(
+            check_node_id(&"x".repeat(256)).map_err(|e| e.to_string()),
+            Err("node_id is 256 bytes, more than 255".to_owned())
+        );
     }
 }

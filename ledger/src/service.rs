@@ -145,7 +145,7 @@ pub fn cert_common_name(der: &[u8]) -> Result<String, Rejection> {
     let cn = cn
         .as_str()
         .map_err(|e| Rejection::NoNodeId(format!("certificate CN is not a string: {e}")))?;
-    check_node_id(cn).map_err(Rejection::NoNodeId)?;
+    check_node_id(cn).map_err(|e| Rejection::NoNodeId(e.to_string()))?;
     Ok(cn.to_owned())
 }
 

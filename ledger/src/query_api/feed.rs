@@ -5,42 +5,51 @@
 use super::*;
 
 /// The Changes cursor: each node's highest seq whose changes were sent.
+/// Why a Changes cursor is refused (the reader's own text, never trusted).
+#[derive(Debug, thiserror::Error)]
+pub enum CursorError {
+    #[error("cursor is {bytes} bytes, more than {CURSOR_MAX_BYTES}")]
+    TooLong { bytes: usize },
+    #[error("cursor does not start with \"v1.\": not a cursor of this ledger")]
+    NotThisLedgers,
+    #[error("cursor is not hex")]
+    NotHex,
+    #[error("cursor does not decode: {0}")]
+    Decode(prost::DecodeError),
+    #[error("cursor names node {node:?} at seq {seq} (empty, zero or twice)")]
+    BadPosition { node: String, seq: u64 },
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cursor(BTreeMap<String, u64>);
 
 impl Cursor {
     /// `v1.` and the hex of an encoded [`ChangeCursor`]; "" is the beginning.
-    pub fn parse(s: &str) -> Result<Cursor, String> {
+    pub fn parse(s: &str) -> Result<Cursor, CursorError> {
         if s.is_empty() {
             return Ok(Cursor::default());
         }
         if s.len() > CURSOR_MAX_BYTES {
-            return Err(format!(
-                "cursor is {} bytes, more than {CURSOR_MAX_BYTES}",
-                s.len()
-            ));
+            return Err(CursorError::TooLong { bytes: s.len() });
         }
-        let hex = s
-            .strip_prefix("v1.")
-            .ok_or("cursor does not start with \"v1.\": not a cursor of this ledger")?;
+        let hex = s.strip_prefix("v1.").ok_or(CursorError::NotThisLedgers)?;
         if hex.len() % 2 != 0 {
-            return Err("cursor is not hex".into());
+            return Err(CursorError::NotHex);
         }
         let bytes: Option<Vec<u8>> = (0..hex.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
             .collect();
-        let bytes = bytes.ok_or("cursor is not hex")?;
-        let decoded = ChangeCursor::decode(bytes.as_slice())
-            .map_err(|e| format!("cursor does not decode: {e}"))?;
+        let bytes = bytes.ok_or(CursorError::NotHex)?;
+        let decoded = ChangeCursor::decode(bytes.as_slice()).map_err(CursorError::Decode)?;
         let mut map = BTreeMap::new();
         for p in decoded.positions {
             if p.node_id.is_empty() || p.seq == 0 || map.insert(p.node_id.clone(), p.seq).is_some()
             {
-                return Err(format!(
-                    "cursor names node {:?} at seq {} (empty, zero or twice)",
-                    p.node_id, p.seq
-                ));
+                return Err(CursorError::BadPosition {
+                    node: p.node_id,
+                    seq: p.seq,
+                });
             }
         }
         Ok(Cursor(map))
