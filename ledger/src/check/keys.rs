@@ -3,6 +3,17 @@
 
 use super::*;
 
+/// Why a key the chain announced is not learnt.
+#[derive(Debug, thiserror::Error)]
+pub enum LearnError {
+    #[error("epoch {epoch} is revoked by the enrolment")]
+    Revoked { epoch: u32 },
+    #[error("epoch {epoch} already has a different key")]
+    EpochTaken { epoch: u32 },
+    #[error("public key: {0}")]
+    PublicKey(ed25519_dalek::SignatureError),
+}
+
 /// A key the chain itself announced (a verified `KeyRotation`), as the store keeps it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LearntKey {
@@ -92,19 +103,18 @@ impl KnownKeys {
 
     /// Adds a key the chain announced. An enrolled or earlier-learnt key for the same epoch wins;
     /// a different one is refused (the verifier reports such a rotation as bad anyway).
-    pub fn learn(&mut self, k: &LearntKey) -> Result<(), String> {
+    pub fn learn(&mut self, k: &LearntKey) -> Result<(), LearnError> {
         if self.revoked.contains(&k.epoch) {
-            return Err(format!("epoch {} is revoked by the enrolment", k.epoch));
+            return Err(LearnError::Revoked { epoch: k.epoch });
         }
         if let Some(existing) = self.by_epoch.get(&k.epoch) {
             return if existing.key_id == k.key_id {
                 Ok(())
             } else {
-                Err(format!("epoch {} already has a different key", k.epoch))
+                Err(LearnError::EpochTaken { epoch: k.epoch })
             };
         }
-        let verifying =
-            VerifyingKey::from_bytes(&k.public_key).map_err(|e| format!("public key: {e}"))?;
+        let verifying = VerifyingKey::from_bytes(&k.public_key).map_err(LearnError::PublicKey)?;
         self.by_epoch.insert(
             k.epoch,
             KnownKey {
@@ -145,5 +155,40 @@ impl KnownKeys {
             &self.node_id,
             self.by_epoch.iter().map(|(&e, k)| (e, k.verifying)),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(epoch: u32, seed: u8) -> LearntKey {
+        let public_key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+            .verifying_key()
+            .to_bytes();
+        LearntKey {
+            epoch,
+            public_key,
+            key_id: key_id_of(&public_key),
+            effective_seq: 10,
+            announced_seq: 9,
+        }
+    }
+
+    /// A rotation is learnt once per epoch; the same key again is no news, another key for a
+    /// known epoch or a revoked epoch is refused with the epoch named.
+    #[test]
+    fn a_rotation_is_learnt_once_and_conflicts_are_named() {
+        let revoked = std::collections::BTreeSet::from([3]);
+        let mut keys = KnownKeys::new("n1", &BTreeMap::new()).without(&revoked);
+        keys.learn(&key(2, 7)).unwrap();
+        assert!(keys.has_epoch(2));
+        keys.learn(&key(2, 7)).unwrap();
+        let taken = keys.learn(&key(2, 8)).unwrap_err();
+        assert!(matches!(taken, LearnError::EpochTaken { epoch: 2 }));
+        assert_eq!(taken.to_string(), "epoch 2 already has a different key");
+        let revoked = keys.learn(&key(3, 9)).unwrap_err();
+        assert_eq!(revoked.to_string(), "epoch 3 is revoked by the enrolment");
+        assert!(!keys.has_epoch(3));
     }
 }

@@ -26,7 +26,7 @@ use crate::Rejection;
 mod keys;
 mod rows;
 
-pub use keys::{KeyOrigin, KnownKey, KnownKeys, LearntKey};
+pub use keys::{KeyOrigin, KnownKey, KnownKeys, LearnError, LearntKey};
 use rows::domain_label;
 pub(crate) use rows::{allocation_row, batch_rows};
 pub use rows::{AllocationRow, RunFinalRow, RunLabelRow};
