@@ -21,6 +21,7 @@ use wattd_collectors::{DomainReading, HostError, HostRoot, MeterKey, Quality, So
 use crate::attribution::gpu::{gpu_usage, RunCgroups};
 use crate::attribution::GpuUsage;
 use crate::config::GpuConfig;
+use crate::sampler::Reading;
 
 /// How often the thread asks NVML who is using each GPU between two ticks.
 pub const POLL_PERIOD: Duration = Duration::from_millis(200);
@@ -138,7 +139,7 @@ pub struct GpuSource {
 /// One interval of the GPUs, for the sampler and the attribution.
 #[derive(Debug, Default)]
 pub struct GpuInterval {
-    pub readings: Vec<(DomainReading, Arc<str>)>,
+    pub readings: Vec<Reading>,
     /// The observations (absent when the thread did not answer).
     pub observations: Vec<GpuObservation>,
 }
@@ -251,20 +252,18 @@ impl GpuSource {
                     readings: self
                         .meters
                         .iter()
-                        .map(|(key, source, quality, uuid)| {
-                            (
-                                DomainReading {
-                                    key: *key,
-                                    source: *source,
-                                    quality: *quality,
-                                    sample: Err(HostError::Nvml {
-                                        call: "read",
-                                        gpu: key.package.unwrap_or(0),
-                                        error: NvmlError::Other(why.clone()),
-                                    }),
-                                },
-                                uuid.clone(),
-                            )
+                        .map(|(key, source, quality, uuid)| Reading {
+                            reading: DomainReading {
+                                key: *key,
+                                source: *source,
+                                quality: *quality,
+                                sample: Err(HostError::Nvml {
+                                    call: "read",
+                                    gpu: key.package.unwrap_or(0),
+                                    error: NvmlError::Other(why.clone()),
+                                }),
+                            },
+                            device: Some(uuid.clone()),
                         })
                         .collect(),
                     observations: Vec::new(),
@@ -275,21 +274,19 @@ impl GpuSource {
 }
 
 /// The sampler's view of the GPUs' observations: each GPU's reading and its UUID.
-pub fn readings(obs: &[GpuObservation]) -> Vec<(DomainReading, Arc<str>)> {
+pub fn readings(obs: &[GpuObservation]) -> Vec<Reading> {
     obs.iter()
-        .map(|o| {
-            (
-                DomainReading {
-                    key: o.key,
-                    source: o.source,
-                    quality: o.quality,
-                    sample: match &o.sample {
-                        Ok(s) => Ok(*s),
-                        Err(e) => Err(copy_error(e, o.gpu)),
-                    },
+        .map(|o| Reading {
+            reading: DomainReading {
+                key: o.key,
+                source: o.source,
+                quality: o.quality,
+                sample: match &o.sample {
+                    Ok(s) => Ok(*s),
+                    Err(e) => Err(copy_error(e, o.gpu)),
                 },
-                o.uuid.clone(),
-            )
+            },
+            device: Some(o.uuid.clone()),
         })
         .collect()
 }

@@ -146,7 +146,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config, log_format } => match wattd::config::load(config.as_deref()) {
             Ok(cfg) => {
-                let reload = init_logging(log_format, cfg.log_level.as_deref());
+                let reload = init_logging(log_format, cfg.reloadable.log_level.as_deref());
                 wattd::daemon::run(cfg, reload)
             }
             Err(e) => {

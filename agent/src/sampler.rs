@@ -1,7 +1,9 @@
-//! The sampler: closes one interval per tick on the monotonic clock, reads every meter, turns
-//! counter verdicts into measured energy or recorded gaps, estimates idle power, and hands the
-//! interval to attribution. A late tick makes one longer interval, never a lost one; a wall-clock
-//! jump is recorded, never used for durations.
+//! The sampler: closes one interval per tick on the monotonic clock from the readings of every
+//! meter (RAPL, hwmon and the estimator, read by [`Meters`], and NVML GPUs, read on their own thread, the same
+//! [`Reading`] each), turns counter verdicts into measured energy or recorded gaps, estimates
+//! idle power, and hands the interval to attribution. [`Sampler::close`] does no IO. A late tick
+//! makes one longer interval, never a lost one; a wall-clock jump is recorded, never used for
+//! durations.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -86,18 +88,67 @@ impl Interval {
     }
 }
 
-/// Reads meters once per tick and produces attributed intervals.
+/// One meter's reading over an interval, with the device's identity where it has one (a GPU's
+/// UUID), for the records.
+#[derive(Debug)]
+pub struct Reading {
+    pub reading: DomainReading,
+    pub device: Option<Arc<str>>,
+}
+
+/// The meters the loop reads itself at each tick (RAPL, hwmon, the estimator): the IO side of
+/// the sampler.
+#[derive(Debug)]
+pub struct Meters {
+    meters: Vec<Box<dyn Meter>>,
+    /// The device identity of the meters that have one (hwmon GPUs).
+    device_ids: BTreeMap<MeterKey, Arc<str>>,
+    scratch: Vec<DomainReading>,
+}
+
+impl Meters {
+    /// Takes the baseline reading of every meter: the first interval starts now.
+    pub fn open(mut meters: Vec<Box<dyn Meter>>) -> Self {
+        let mut scratch = Vec::new();
+        for m in &mut meters {
+            m.read(0, &mut scratch);
+        }
+        scratch.clear();
+        let device_ids = meters
+            .iter()
+            .flat_map(|m| {
+                m.keys()
+                    .into_iter()
+                    .filter_map(|k| m.device_id(k).map(|id| (k, id)))
+            })
+            .collect();
+        Meters {
+            meters,
+            device_ids,
+            scratch,
+        }
+    }
+
+    /// Reads every meter over an interval of `elapsed_us` into `out`.
+    pub fn read(&mut self, elapsed_us: u64, out: &mut Vec<Reading>) {
+        for m in &mut self.meters {
+            m.read(elapsed_us, &mut self.scratch);
+        }
+        out.extend(self.scratch.drain(..).map(|reading| Reading {
+            device: self.device_ids.get(&reading.key).cloned(),
+            reading,
+        }));
+    }
+}
+
+/// Closes intervals from the meters' readings and attributes them.
 #[derive(Debug)]
 pub struct Sampler {
-    meters: Vec<Box<dyn Meter>>,
-    /// The device identity of the meters that have one (hwmon GPUs), for the records.
-    device_ids: BTreeMap<MeterKey, Arc<str>>,
     idle: IdleTracker,
     estimator: EstimatorModel,
     policy: Policy,
     last: Stamp,
     next_index: u64,
-    readings: Vec<DomainReading>,
     /// The platform meter and the BMC answers waiting for the next tick, when a BMC is
     /// configured.
     platform: Option<PlatformMeter>,
@@ -113,37 +164,20 @@ pub const PLATFORM_KEY: MeterKey = MeterKey {
 };
 
 impl Sampler {
-    /// Takes the baseline reading of every meter at `now`; the first interval starts there.
+    /// The first interval starts at `now` (when the meters took their baseline).
     pub fn new(
-        mut meters: Vec<Box<dyn Meter>>,
         idle: IdleTracker,
         estimator: EstimatorModel,
         policy: Policy,
         next_index: u64,
         now: Stamp,
     ) -> Self {
-        let mut readings = Vec::new();
-        for m in &mut meters {
-            m.read(0, &mut readings);
-        }
-        readings.clear();
-        let device_ids = meters
-            .iter()
-            .flat_map(|m| {
-                m.keys()
-                    .into_iter()
-                    .filter_map(|k| m.device_id(k).map(|id| (k, id)))
-            })
-            .collect();
         Sampler {
-            meters,
-            device_ids,
             idle,
             estimator,
             policy,
             last: now,
             next_index,
-            readings,
             platform: None,
             bmc_events: Vec::new(),
             last_platform: None,
@@ -174,23 +208,18 @@ impl Sampler {
         self.policy = policy;
     }
 
-    pub fn last_stamp(&self) -> Stamp {
-        self.last
+    /// The interval ending at `now` would last this long (what the meters read over).
+    pub fn elapsed_us(&self, now: Stamp) -> u64 {
+        now.mono_ns.saturating_sub(self.last.mono_ns) / 1_000
     }
 
     /// Closes the interval ending at `now` with the usage measured over it (`None` if the usage
-    /// reader failed) and attributes it.
-    pub fn tick(&mut self, now: Stamp, usage: Option<Usage>) -> Interval {
-        self.tick_with(now, usage, Vec::new())
-    }
-
-    /// As [`Self::tick`], with readings taken elsewhere for this interval (the GPUs, read on
-    /// their own thread), each with the device's UUID.
-    pub fn tick_with(
+    /// reader failed) and every meter's reading over it, and attributes it.
+    pub fn close(
         &mut self,
         now: Stamp,
         usage: Option<Usage>,
-        extra: Vec<(DomainReading, Arc<str>)>,
+        readings: impl IntoIterator<Item = Reading>,
     ) -> Interval {
         let start = self.last;
         // Monotonic time never goes back; if a caller passes an older stamp, the interval is empty.
@@ -209,22 +238,19 @@ impl Sampler {
             0
         };
 
-        self.readings.clear();
-        for m in &mut self.meters {
-            m.read(elapsed_us, &mut self.readings);
-        }
+        let readings = readings.into_iter();
         let mut uuids: BTreeMap<MeterKey, Arc<str>> = BTreeMap::new();
-        for (r, uuid) in extra {
-            uuids.insert(r.key, uuid);
-            self.readings.push(r);
-        }
         let mut gaps = Vec::new();
-        let mut meters = Vec::with_capacity(self.readings.len());
-        for r in self.readings.drain(..) {
+        let mut meters = Vec::with_capacity(readings.size_hint().0);
+        for Reading { reading: r, device } in readings {
+            if let Some(id) = device {
+                uuids.insert(r.key, id);
+            }
             let measured = match &r.sample {
-                // Every meter got its baseline when the sampler started; a `First` now means the
-                // meter re-baselined after a failed read (or its start-up read failed): this
-                // interval's energy is unknown, and says so.
+                // Every meter took its baseline where the first interval starts (`Meters::open`,
+                // the GPUs' rebaseline); a `First` now means the meter re-baselined after a
+                // failed read (or its start-up read failed): this interval's energy is unknown,
+                // and says so.
                 Ok(CounterSample::First) => {
                     gaps.push(GapRecord {
                         key: Some(r.key),
@@ -363,10 +389,7 @@ impl Sampler {
             self.last_platform = Some(t);
         }
         for r in &mut results {
-            let uuid = uuids
-                .remove(&r.key)
-                .or_else(|| self.device_ids.get(&r.key).cloned());
-            if let (Some(meta), Some(uuid)) = (&mut r.gpu, uuid) {
+            if let (Some(meta), Some(uuid)) = (&mut r.gpu, uuids.remove(&r.key)) {
                 meta.uuid = Some(uuid);
             }
         }
@@ -393,7 +416,39 @@ mod tests {
     use super::*;
     use crate::attribution::{DramPolicy, IdlePolicy, RunUsage};
 
-    fn setup(energy: &str) -> (tempfile::TempDir, HostTree, Sampler) {
+    /// A sampler with the meters it closes intervals from, read at each tick as the daemon does.
+    struct Rig {
+        s: Sampler,
+        m: Meters,
+    }
+
+    impl Rig {
+        fn tick(&mut self, now: Stamp, usage: Option<Usage>) -> Interval {
+            let mut readings = Vec::new();
+            self.m.read(self.s.elapsed_us(now), &mut readings);
+            self.s.close(now, usage, readings)
+        }
+
+        fn with_platform(mut self, max_gap_ns: u64, max_watts: u32) -> Self {
+            self.s = self.s.with_platform(max_gap_ns, max_watts);
+            self
+        }
+    }
+
+    impl std::ops::Deref for Rig {
+        type Target = Sampler;
+        fn deref(&self) -> &Sampler {
+            &self.s
+        }
+    }
+
+    impl std::ops::DerefMut for Rig {
+        fn deref_mut(&mut self) -> &mut Sampler {
+            &mut self.s
+        }
+    }
+
+    fn setup(energy: &str) -> (tempfile::TempDir, HostTree, Rig) {
         let dir = tempfile::tempdir().unwrap();
         let t = HostTree::new(dir.path());
         t.zone(&ZoneSpec::new("intel-rapl:0", "package-0", energy))
@@ -405,8 +460,8 @@ mod tests {
             dram: DramPolicy::Cpu,
             platform: crate::attribution::PlatformPolicy::Proportional,
         };
+        let m = Meters::open(meters);
         let s = Sampler::new(
-            meters,
             IdleTracker::new(60_000_000, BTreeMap::new()),
             EstimatorModel::default(),
             policy,
@@ -416,7 +471,7 @@ mod tests {
                 unix_ns: 1_000_000_000,
             },
         );
-        (dir, t, s)
+        (dir, t, Rig { s, m })
     }
 
     fn usage() -> Usage {
@@ -473,10 +528,11 @@ mod tests {
         let (_d, t, s) = setup("1000");
         let mut s = s.with_platform(10_000_000_000, 20_000);
         // Idle divided like active energy: run r has a share of the package in its interval.
-        s.set_policy(Policy {
+        let policy = Policy {
             idle: IdlePolicy::Proportional,
             ..s.policy()
-        });
+        };
+        s.set_policy(policy);
         let at = |mono_ns: u64, kwh_uj: u64| BmcEvent::Reading {
             mono_ns,
             reading: WallReading {

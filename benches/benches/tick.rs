@@ -18,7 +18,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use wattd::attribution::idle::IdleTracker;
 use wattd::attribution::{DramPolicy, IdlePolicy, PlatformPolicy, Policy};
-use wattd::sampler::{Sampler, Stamp};
+use wattd::sampler::{Meters, Reading, Sampler, Stamp};
 use wattd_benches::RunTree;
 use wattd_collectors::cgroup::{RunTracker, TrackerConfig};
 use wattd_collectors::estimator::EstimatorModel;
@@ -68,6 +68,8 @@ static GLOBAL: Counting = Counting;
 /// Everything one tick touches.
 struct Loop {
     tracker: RunTracker,
+    meters: Meters,
+    readings: Vec<Reading>,
     sampler: Sampler,
     package_cpus: BTreeMap<u32, u32>,
     energy_file: PathBuf,
@@ -105,8 +107,8 @@ impl Loop {
             mono_ns: 1_000_000_000,
             unix_ns: 1_700_000_000_000_000_000,
         };
+        let meters = Meters::open(meters);
         let sampler = Sampler::new(
-            meters,
             IdleTracker::new(600_000_000, BTreeMap::new()),
             EstimatorModel::default(),
             policy,
@@ -115,6 +117,8 @@ impl Loop {
         );
         Ok(Loop {
             tracker,
+            meters,
+            readings: Vec::new(),
             sampler,
             package_cpus,
             energy_file: dir.path().join("sys/class/powercap/intel-rapl:0/energy_uj"),
@@ -157,13 +161,15 @@ impl Loop {
         }
         usage.busy_us.insert(package, busy + 100_000);
         phase(1);
-        let interval = self.sampler.tick(
-            Stamp {
-                mono_ns: self.mono_ns,
-                unix_ns: 1_700_000_000_000_000_000 + self.mono_ns as i64,
-            },
-            Some(usage),
-        );
+        let end = Stamp {
+            mono_ns: self.mono_ns,
+            unix_ns: 1_700_000_000_000_000_000 + self.mono_ns as i64,
+        };
+        self.meters
+            .read(self.sampler.elapsed_us(end), &mut self.readings);
+        let interval = self
+            .sampler
+            .close(end, Some(usage), self.readings.drain(..));
         phase(2);
         let record = wattd::records::interval(&interval, "boot", false);
         phase(3);

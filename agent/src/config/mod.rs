@@ -28,10 +28,8 @@ pub struct Config {
     /// The file it came from; `None` for the embedded defaults.
     pub file: Option<PathBuf>,
     pub node_id: Option<String>,
-    pub interval_ms: u64,
     pub host_root: PathBuf,
     pub cgroup_root: Option<PathBuf>,
-    pub patterns: Vec<String>,
     pub control_socket: PathBuf,
     pub control_allowed_uids: Vec<u32>,
     pub control_allowed_gids: Vec<u32>,
@@ -39,8 +37,6 @@ pub struct Config {
     /// before their final read: shares of the parent's residual, or counted; the per-package
     /// split on the live host).
     pub perf_counters: bool,
-    pub idle_policy: IdlePolicy,
-    pub dram_policy: DramPolicy,
     pub idle_window_s: u64,
     /// Declared idle power per domain, with its origin (`[attribution] idle_watts_*` is config;
     /// `[calibration]` is what `wattd calibrate` measured).
@@ -52,11 +48,6 @@ pub struct Config {
     pub spool_retain_acked_s: u64,
     /// `[spool] retain_acked_share`: at most this share of `max_bytes` of them.
     pub spool_retain_acked_share: f64,
-    /// `[spool] seal_every_ms`: intervals are sealed into one batch (one signature, one
-    /// fdatasync) at most this often; at 1 Hz sampling and the default, every interval is its own
-    /// batch. What a crash can lose (to the agent-down gap of the next start) is at most this
-    /// much time, plus the interval in hand.
-    pub spool_seal_every_ms: u64,
     /// `[identity] rotate_after_s`: the node key's lifetime; the daemon rotates it (announced
     /// in the chain, signed by the old key) once it is this old. 0: never.
     pub identity_rotate_after_s: u64,
@@ -68,15 +59,48 @@ pub struct Config {
     /// `[metrics] web_config`: TLS and basic auth of the endpoint, in the Prometheus exporter
     /// toolkit's YAML format. Per-run series are served only when it authenticates every request.
     pub metrics_web_config: Option<PathBuf>,
-    /// Log filter (`[log] level`, tracing's EnvFilter syntax: `info`, `wattd=debug,warn`);
-    /// `RUST_LOG` wins at start. Reloaded on SIGHUP.
-    pub log_level: Option<String>,
     /// `[gpu]`: NVIDIA GPUs through NVML.
     pub gpu: GpuConfig,
-    /// `[attribution] platform_policy`: how the platform meter's energy is divided.
-    pub platform_policy: crate::attribution::PlatformPolicy,
+    /// The keys SIGHUP applies without a restart.
+    pub reloadable: Reloadable,
     /// `[platform]`: the node's BMC, for the platform meter (none by default).
     pub platform: Option<PlatformConfig>,
+}
+
+/// The keys a running daemon takes on SIGHUP; every other key takes effect at a restart. The
+/// daemon keeps the one it runs on and replaces it whole by the reloaded file's (a key whose new
+/// value its component refuses keeps the old value).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reloadable {
+    /// `[sampling] interval_ms`.
+    pub interval_ms: u64,
+    /// `[runs] patterns`.
+    pub patterns: Vec<String>,
+    /// `[attribution] idle_policy`.
+    pub idle_policy: IdlePolicy,
+    /// `[attribution] dram_policy`.
+    pub dram_policy: DramPolicy,
+    /// `[attribution] platform_policy`: how the platform meter's energy is divided.
+    pub platform_policy: crate::attribution::PlatformPolicy,
+    /// `[spool] seal_every_ms`: intervals are sealed into one batch (one signature, one
+    /// fdatasync) at most this often; at 1 Hz sampling and the default, every interval is its own
+    /// batch. What a crash can lose (to the agent-down gap of the next start) is at most this
+    /// much time, plus the interval in hand.
+    pub spool_seal_every_ms: u64,
+    /// Log filter (`[log] level`, tracing's EnvFilter syntax: `info`, `wattd=debug,warn`);
+    /// `RUST_LOG` wins at start.
+    pub log_level: Option<String>,
+}
+
+impl Reloadable {
+    /// The attribution policy these keys name.
+    pub fn policy(&self) -> crate::attribution::Policy {
+        crate::attribution::Policy {
+            idle: self.idle_policy,
+            dram: self.dram_policy,
+            platform: self.platform_policy,
+        }
+    }
 }
 
 /// `[platform]`: the BMC whose wall energy, less the other meters, is the platform meter.
@@ -120,16 +144,12 @@ impl Config {
         Config {
             file: None,
             node_id: None,
-            interval_ms: 1000,
             host_root: PathBuf::from("/"),
             cgroup_root: None,
-            patterns: vec![DEFAULT_PATTERN.to_owned()],
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
             control_allowed_uids: Vec::new(),
             control_allowed_gids: Vec::new(),
             perf_counters: true,
-            idle_policy: IdlePolicy::Proportional,
-            dram_policy: DramPolicy::Cpu,
             idle_window_s: 600,
             idle_declared: BTreeMap::new(),
             estimator: EstimatorModel::default(),
@@ -137,15 +157,21 @@ impl Config {
             spool_max_bytes: crate::spool::SpoolConfig::DEFAULT_MAX_BYTES,
             spool_retain_acked_s: crate::spool::SpoolConfig::DEFAULT_RETAIN_ACKED_S,
             spool_retain_acked_share: crate::spool::SpoolConfig::DEFAULT_RETAIN_ACKED_SHARE,
-            spool_seal_every_ms: crate::sealer::SealPolicy::DEFAULT_SEAL_EVERY_MS,
             identity_rotate_after_s: DEFAULT_ROTATE_AFTER_S,
             ledger: None,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9447)),
             metrics_finished_run_ttl_s: 300,
             metrics_web_config: None,
-            log_level: None,
             gpu: GpuConfig::default(),
-            platform_policy: crate::attribution::PlatformPolicy::Proportional,
+            reloadable: Reloadable {
+                interval_ms: 1000,
+                patterns: vec![DEFAULT_PATTERN.to_owned()],
+                idle_policy: IdlePolicy::Proportional,
+                dram_policy: DramPolicy::Cpu,
+                platform_policy: crate::attribution::PlatformPolicy::Proportional,
+                spool_seal_every_ms: crate::sealer::SealPolicy::DEFAULT_SEAL_EVERY_MS,
+                log_level: None,
+            },
             platform: None,
         }
     }
@@ -508,7 +534,10 @@ mod tests {
         assert_eq!(p.bmc.poll, std::time::Duration::from_millis(500));
         assert_eq!(p.bmc.read_timeout, std::time::Duration::from_millis(2000));
         assert_eq!(p.max_gap_ms, 5000);
-        assert_eq!(ok.platform_policy, crate::attribution::PlatformPolicy::Host);
+        assert_eq!(
+            ok.reloadable.platform_policy,
+            crate::attribution::PlatformPolicy::Host
+        );
         assert_eq!(Config::defaults().platform, None);
         let err = parse(
             "f",
@@ -574,9 +603,9 @@ listen = "127.0.0.1:9447"
 finished_run_ttl_s = 60
 "#;
         let c = parse("f", text).unwrap();
-        assert_eq!(c.interval_ms, 250);
-        assert_eq!(c.idle_policy, IdlePolicy::Reserved);
-        assert_eq!(c.patterns.len(), 2);
+        assert_eq!(c.reloadable.interval_ms, 250);
+        assert_eq!(c.reloadable.idle_policy, IdlePolicy::Reserved);
+        assert_eq!(c.reloadable.patterns.len(), 2);
         assert_eq!(
             c.idle_declared[&Domain::Package],
             IdleEstimate {
@@ -595,7 +624,7 @@ finished_run_ttl_s = 60
         assert_eq!(c.spool_retain_acked_s, 3600);
         assert_eq!(c.identity_rotate_after_s, 3600);
         assert_eq!(c.spool_retain_acked_share, 0.5);
-        assert_eq!(c.spool_seal_every_ms, 5000);
+        assert_eq!(c.reloadable.spool_seal_every_ms, 5000);
         assert!(c.ledger.is_some());
         assert_eq!(c.metrics_finished_run_ttl_s, 60);
         assert!(!c.perf_counters);

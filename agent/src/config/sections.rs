@@ -66,7 +66,7 @@ fn read_identity(c: &mut Checker<'_>, root: &Table, cfg: &mut Config) {
 fn read_sampling(c: &mut Checker<'_>, root: &Table, cfg: &mut Config) {
     if let Some(t) = c.section(root, "sampling", &["interval_ms"]) {
         if let Some(v) = c.int(t, "sampling", "interval_ms", 10, 60_000) {
-            cfg.interval_ms = v;
+            cfg.reloadable.interval_ms = v;
         }
     }
 }
@@ -121,7 +121,7 @@ fn read_runs(c: &mut Checker<'_>, root: &Table, cfg: &mut Config) {
                     if arr.is_empty() {
                         c.problem(span, "runs.patterns", "must list at least one pattern");
                     }
-                    cfg.patterns = pats;
+                    cfg.reloadable.patterns = pats;
                 }
                 None => c.problem(span, "runs.patterns", "must be an array of strings"),
             }
@@ -172,7 +172,7 @@ fn read_attribution(c: &mut Checker<'_>, root: &Table, cfg: &mut Config) {
                 ("host", crate::attribution::PlatformPolicy::Host),
             ],
         ) {
-            cfg.platform_policy = v;
+            cfg.reloadable.platform_policy = v;
         }
         if let Some(v) = c.choice(
             t,
@@ -184,7 +184,7 @@ fn read_attribution(c: &mut Checker<'_>, root: &Table, cfg: &mut Config) {
                 ("host", IdlePolicy::Host),
             ],
         ) {
-            cfg.idle_policy = v;
+            cfg.reloadable.idle_policy = v;
         }
         if let Some(v) = c.choice(
             t,
@@ -192,7 +192,7 @@ fn read_attribution(c: &mut Checker<'_>, root: &Table, cfg: &mut Config) {
             "dram_policy",
             &[("cpu", DramPolicy::Cpu), ("memory", DramPolicy::Memory)],
         ) {
-            cfg.dram_policy = v;
+            cfg.reloadable.dram_policy = v;
         }
         if let Some(v) = c.int(t, "attribution", "idle_window_s", 1, 86_400) {
             cfg.idle_window_s = v;
@@ -273,7 +273,7 @@ fn read_spool(c: &mut Checker<'_>, root: &Table, cfg: &mut Config) {
         }
         // At most a minute of intervals waits unsealed (the loss window of a crash).
         if let Some(v) = c.int(t, "spool", "seal_every_ms", 10, 60_000) {
-            cfg.spool_seal_every_ms = v;
+            cfg.reloadable.spool_seal_every_ms = v;
         }
     }
 }
@@ -353,7 +353,7 @@ fn read_log(c: &mut Checker<'_>, root: &Table, cfg: &mut Config) {
     if let Some(t) = c.section(root, "log", &["level"]) {
         if let Some(v) = c.string(t, "log", "level") {
             match tracing_subscriber::EnvFilter::try_new(&v) {
-                Ok(_) => cfg.log_level = Some(v),
+                Ok(_) => cfg.reloadable.log_level = Some(v),
                 Err(e) => {
                     let span = c.get(t, "level").and_then(|(_, s)| s);
                     c.problem(span, "log.level", format!("{v:?} is not a log filter: {e}"));

@@ -14,7 +14,7 @@ use wattd::attribution::{
     DramPolicy, GpuBasis, IdleEstimate, IdlePolicy, IdleSource, MeterResult, Policy, RunUsage,
     UnattributedReason, Usage,
 };
-use wattd::sampler::{GapCause, Interval, Sampler, Stamp};
+use wattd::sampler::{GapCause, Interval, Meters, Sampler, Stamp};
 use wattd_collectors::estimator::EstimatorModel;
 use wattd_collectors::nvml::recorded::{RecordedNvml, Recording, StepCursor};
 use wattd_collectors::nvml::{GpuCollector, GpuOptions, NvmlApi, NvmlError};
@@ -65,7 +65,6 @@ fn replay(name: &str, idle: IdlePolicy, idle_watts: Option<u64>) -> Replay {
         );
     }
     let mut sampler = Sampler::new(
-        Vec::new(),
         IdleTracker::new(600 * S, declared),
         EstimatorModel::default(),
         Policy {
@@ -106,7 +105,7 @@ fn replay(name: &str, idle: IdlePolicy, idle_watts: Option<u64>) -> Replay {
             mono_ns: t * 1_000,
             unix_ns: (t * 1_000) as i64,
         };
-        intervals.push(sampler.tick_with(stamp, Some(usage), readings));
+        intervals.push(sampler.close(stamp, Some(usage), readings));
     }
     for iv in &intervals {
         assert_conserved(iv);
@@ -114,10 +113,9 @@ fn replay(name: &str, idle: IdlePolicy, idle_watts: Option<u64>) -> Replay {
     Replay { intervals, usages }
 }
 
-/// A sampler over `meters` at t = 0: proportional idle, DRAM by CPU, no declared idle power.
-fn plain_sampler(meters: Vec<Box<dyn wattd_collectors::Meter>>) -> Sampler {
+/// A sampler at t = 0: proportional idle, DRAM by CPU, no declared idle power.
+fn plain_sampler() -> Sampler {
     Sampler::new(
-        meters,
         IdleTracker::new(S, BTreeMap::new()),
         EstimatorModel::default(),
         Policy {
@@ -428,9 +426,9 @@ fn usage_none_leaves_gpu_energy_unattributed_with_a_reason() {
     let mut c = c.unwrap();
     cursor.advance();
     let obs = c.close(S, false);
-    let mut sampler = plain_sampler(Vec::new());
+    let mut sampler = plain_sampler();
     let readings = wattd::gpu::readings(&obs);
-    let iv = sampler.tick_with(
+    let iv = sampler.close(
         Stamp {
             mono_ns: S * 1000,
             unix_ns: 0,
@@ -556,7 +554,7 @@ fn a_blocked_nvml_call_is_a_gap_after_the_deadline_never_a_hang() {
         src.request();
         let ok = src.collect().await;
         assert_eq!(ok.readings.len(), 2);
-        assert!(ok.readings.iter().all(|(r, _)| r.sample.is_ok()));
+        assert!(ok.readings.iter().all(|r| r.reading.sample.is_ok()));
 
         hang.store(true, std::sync::atomic::Ordering::SeqCst);
         for i in 0..3 {
@@ -576,12 +574,17 @@ fn a_blocked_nvml_call_is_a_gap_after_the_deadline_never_a_hang() {
                     "{:?}",
                     t.elapsed()
                 );
-                let e = gap.readings[0].0.sample.as_ref().unwrap_err().to_string();
+                let e = gap.readings[0]
+                    .reading
+                    .sample
+                    .as_ref()
+                    .unwrap_err()
+                    .to_string();
                 assert!(e.contains("has not returned"), "{e}");
             }
             assert_eq!(gap.readings.len(), 2);
             assert!(gap.observations.is_empty());
-            for (r, _) in &gap.readings {
+            for r in gap.readings.iter().map(|r| &r.reading) {
                 let e = r.sample.as_ref().unwrap_err().to_string();
                 assert!(e.contains("NVML"), "{e}");
             }
@@ -597,7 +600,7 @@ fn a_blocked_nvml_call_is_a_gap_after_the_deadline_never_a_hang() {
         assert!(again
             .readings
             .iter()
-            .all(|(r, _)| matches!(r.sample, Ok(wattd_collectors::CounterSample::First))));
+            .all(|r| matches!(r.reading.sample, Ok(wattd_collectors::CounterSample::First))));
     });
 }
 
@@ -716,7 +719,7 @@ fn rebaseline_at_start_bills_nothing_from_before_the_first_interval() {
         // (The recording's steps are 1 s apart but this test runs in milliseconds, so the
         // delta is above the physical ceiling for the real elapsed time: quarantined. The
         // amount is what matters: 250 J, not the 500 J since the probe.)
-        let energy = |i: usize| match first.readings[i].0.sample {
+        let energy = |i: usize| match first.readings[i].reading.sample {
             Ok(wattd_collectors::CounterSample::Energy { energy_uj, .. })
             | Ok(wattd_collectors::CounterSample::Quarantined { energy_uj, .. }) => energy_uj,
             ref other => panic!("{other:?}"),
@@ -811,7 +814,9 @@ fn an_intel_gpu_through_hwmon_is_recorded_unattributed_and_named_by_its_address(
     let sel = wattd_collectors::probe::select(&wattd_collectors::probe::ProbeOptions::new(
         HostRoot::new(t.path()),
     ));
-    let mut sampler = plain_sampler(sel.meters);
+    // The meters take their baseline at t = 0, with the sampler.
+    let mut meters = Meters::open(sel.meters);
+    let mut sampler = plain_sampler();
     // 1,234,567,890 uJ at start; 37.5 J later.
     std::fs::write(
         t.path().join("sys/class/hwmon/hwmon4/energy1_input"),
@@ -825,14 +830,13 @@ fn an_intel_gpu_through_hwmon_is_recorded_unattributed_and_named_by_its_address(
         }],
         ..Usage::default()
     };
-    let iv = sampler.tick_with(
-        Stamp {
-            mono_ns: S * 1000,
-            unix_ns: 0,
-        },
-        Some(usage),
-        Vec::new(),
-    );
+    let end = Stamp {
+        mono_ns: S * 1000,
+        unix_ns: 0,
+    };
+    let mut readings = Vec::new();
+    meters.read(sampler.elapsed_us(end), &mut readings);
+    let iv = sampler.close(end, Some(usage), readings);
     assert_conserved(&iv);
     let card = gpu(&iv, 1000);
     assert_eq!(card.source, SourceKind::Hwmon);
