@@ -52,27 +52,35 @@ pub struct StoredBatch {
     pub bytes: Vec<u8>,
 }
 
-/// Decodes the parts of a stored record the spool needs. Errors are descriptions (the caller
-/// knows file and offset).
-pub fn decode_header(signed_batch_bytes: &[u8]) -> Result<(SignedBatch, BatchHeader), String> {
-    let signed =
-        SignedBatch::decode(signed_batch_bytes).map_err(|e| format!("SignedBatch: {e}"))?;
-    let header =
-        BatchHeader::decode(signed.batch_bytes.as_slice()).map_err(|e| format!("Batch: {e}"))?;
+/// Why a stored record's header cannot be decoded. It names the message and field; the caller
+/// knows file and offset.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("SignedBatch: {0}")]
+    SignedBatch(prost::DecodeError),
+    #[error("Batch: {0}")]
+    Batch(prost::DecodeError),
+    #[error("Batch.prev_hash: {0} bytes, expected 32")]
+    PrevHashLength(usize),
+    #[error("Batch.seq: 0 (sequence numbers start at 1)")]
+    SeqZero,
+}
+
+/// Decodes the parts of a stored record the spool needs.
+pub fn decode_header(signed_batch_bytes: &[u8]) -> Result<(SignedBatch, BatchHeader), HeaderError> {
+    let signed = SignedBatch::decode(signed_batch_bytes).map_err(HeaderError::SignedBatch)?;
+    let header = BatchHeader::decode(signed.batch_bytes.as_slice()).map_err(HeaderError::Batch)?;
     if header.prev_hash.len() != 32 {
-        return Err(format!(
-            "Batch.prev_hash: {} bytes, expected 32",
-            header.prev_hash.len()
-        ));
+        return Err(HeaderError::PrevHashLength(header.prev_hash.len()));
     }
     if header.seq == 0 {
-        return Err("Batch.seq: 0 (sequence numbers start at 1)".into());
+        return Err(HeaderError::SeqZero);
     }
     Ok((signed, header))
 }
 
 impl StoredBatch {
-    pub fn from_bytes(bytes: Vec<u8>) -> Result<(Self, BatchHeader), String> {
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<(Self, BatchHeader), HeaderError> {
         let (_, header) = decode_header(&bytes)?;
         let mut prev_hash = [0u8; 32];
         prev_hash.copy_from_slice(&header.prev_hash);
@@ -128,5 +136,50 @@ mod tests {
         };
         assert_eq!(h, expected);
         Ok(())
+    }
+
+    /// A signed batch around `batch`, unsigned (the header does not look at the signature).
+    fn wrapped(batch: &Batch) -> Vec<u8> {
+        SignedBatch {
+            batch_bytes: batch.encode_to_vec(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn a_header_that_cannot_be_used_says_which_field() {
+        let good = Batch {
+            seq: 1,
+            prev_hash: vec![0; 32],
+            ..Default::default()
+        };
+        assert!(decode_header(&wrapped(&good)).is_ok());
+        let short = Batch {
+            prev_hash: vec![0; 31],
+            ..good.clone()
+        };
+        assert_eq!(
+            decode_header(&wrapped(&short)).err(),
+            Some(HeaderError::PrevHashLength(31))
+        );
+        let zero = Batch { seq: 0, ..good };
+        let e = StoredBatch::from_bytes(wrapped(&zero)).err();
+        assert_eq!(e, Some(HeaderError::SeqZero));
+        assert_eq!(
+            e.map(|e| e.to_string()).unwrap_or_default(),
+            "Batch.seq: 0 (sequence numbers start at 1)"
+        );
+        // Not a SignedBatch at all (a truncated varint), and a SignedBatch whose batch is not one.
+        assert!(matches!(
+            decode_header(&[0x0a, 0xff]),
+            Err(HeaderError::SignedBatch(_))
+        ));
+        let inner = SignedBatch {
+            batch_bytes: vec![0x08, 0xff],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert!(matches!(decode_header(&inner), Err(HeaderError::Batch(_))));
     }
 }

@@ -41,6 +41,19 @@ pub fn key_id_of(public_key: &[u8; 32]) -> KeyId {
     id
 }
 
+/// Why a public identity's key cannot be used. It names the field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PublicKeyError {
+    #[error("unsupported algorithm {0:?}")]
+    Algorithm(String),
+    #[error("public_key is not 64 hex digits")]
+    NotHex,
+    #[error("public_key: {0}")]
+    NotAKey(String),
+    #[error("key_id does not match public_key")]
+    KeyIdMismatch,
+}
+
 /// Everything that can go wrong with the node key. Each variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -108,14 +121,15 @@ pub struct PublicIdentity {
 
 impl PublicIdentity {
     /// The decoded public key, checked against its key id.
-    pub fn verifying_key(&self) -> Result<VerifyingKey, String> {
+    pub fn verifying_key(&self) -> Result<VerifyingKey, PublicKeyError> {
         if self.algorithm != "ed25519" {
-            return Err(format!("unsupported algorithm {:?}", self.algorithm));
+            return Err(PublicKeyError::Algorithm(self.algorithm.clone()));
         }
-        let bytes: [u8; 32] = unhex(&self.public_key).ok_or("public_key is not 64 hex digits")?;
-        let key = VerifyingKey::from_bytes(&bytes).map_err(|e| format!("public_key: {e}"))?;
+        let bytes: [u8; 32] = unhex(&self.public_key).ok_or(PublicKeyError::NotHex)?;
+        let key =
+            VerifyingKey::from_bytes(&bytes).map_err(|e| PublicKeyError::NotAKey(e.to_string()))?;
         if unhex::<KEY_ID_BYTES>(&self.key_id) != Some(key_id_of(&bytes)) {
-            return Err("key_id does not match public_key".into());
+            return Err(PublicKeyError::KeyIdMismatch);
         }
         Ok(key)
     }
@@ -580,6 +594,34 @@ mod tests {
         assert_eq!(k1.public_key(), k2.public_key());
         assert_eq!(known_public_keys(dir.path())?, vec![k1.public()]);
         Ok(())
+    }
+
+    #[test]
+    fn a_public_identity_that_cannot_be_used_says_why() {
+        let good = NodeKey::from_seed("n1", 1, [3; 32]).public();
+        assert!(good.verifying_key().is_ok());
+        let other = NodeKey::from_seed("n1", 1, [4; 32]).public();
+        let swapped = PublicIdentity {
+            key_id: other.key_id.clone(),
+            ..good.clone()
+        };
+        assert_eq!(
+            swapped.verifying_key().err(),
+            Some(PublicKeyError::KeyIdMismatch)
+        );
+        let rsa = PublicIdentity {
+            algorithm: "rsa".into(),
+            ..good.clone()
+        };
+        assert_eq!(
+            rsa.verifying_key().err(),
+            Some(PublicKeyError::Algorithm("rsa".into()))
+        );
+        let short = PublicIdentity {
+            public_key: good.public_key[..62].to_owned(),
+            ..good
+        };
+        assert_eq!(short.verifying_key().err(), Some(PublicKeyError::NotHex));
     }
 
     #[test]

@@ -234,16 +234,20 @@ pub fn accounted_uj(d: &DomainEnergy) -> u128 {
 impl Verifier {
     /// A verifier trusting `keys` (one per epoch, all of one node). Rotations announced in
     /// valid batches add keys for later epochs.
-    pub fn new(keys: &[PublicIdentity]) -> Result<Self, String> {
+    pub fn new(keys: &[PublicIdentity]) -> Result<Self, TrustError> {
         let mut map = BTreeMap::new();
         let mut node_id: Option<String> = None;
         for k in keys {
-            let vk = k
-                .verifying_key()
-                .map_err(|e| format!("key epoch {}: {e}", k.key_epoch))?;
+            let vk = k.verifying_key().map_err(|source| TrustError::Key {
+                epoch: k.key_epoch,
+                source,
+            })?;
             match &node_id {
                 Some(n) if *n != k.node_id => {
-                    return Err(format!("keys of two nodes: {n:?} and {:?}", k.node_id))
+                    return Err(TrustError::TwoNodes {
+                        first: n.clone(),
+                        second: k.node_id.clone(),
+                    })
                 }
                 _ => node_id = Some(k.node_id.clone()),
             }
@@ -570,10 +574,60 @@ pub fn verify_export(
     Ok(v.finish())
 }
 
+/// Why a set of trusted keys cannot make a verifier.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TrustError {
+    #[error("key epoch {epoch}: {source}")]
+    Key {
+        epoch: u32,
+        source: crate::identity::PublicKeyError,
+    },
+    #[error("keys of two nodes: {first:?} and {second:?}")]
+    TwoNodes { first: String, second: String },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     #[error("trusted keys: {0}")]
-    Keys(String),
+    Keys(#[from] TrustError),
     #[error(transparent)]
     Spool(#[from] SpoolError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{NodeKey, PublicKeyError};
+
+    #[test]
+    fn trusted_keys_that_cannot_make_a_verifier_say_which_and_why() {
+        let a1 = NodeKey::from_seed("a", 1, [1; 32]).public();
+        let a2 = NodeKey::from_seed("a", 2, [2; 32]).public();
+        assert!(Verifier::new(&[a1.clone(), a2.clone()]).is_ok());
+        let b = NodeKey::from_seed("b", 3, [3; 32]).public();
+        assert_eq!(
+            Verifier::new(&[a1.clone(), b]).err(),
+            Some(TrustError::TwoNodes {
+                first: "a".into(),
+                second: "b".into()
+            })
+        );
+        let broken = PublicIdentity {
+            key_id: a1.key_id.clone(),
+            ..a2
+        };
+        let e = Verifier::new(&[a1, broken]).err();
+        assert_eq!(
+            e,
+            Some(TrustError::Key {
+                epoch: 2,
+                source: PublicKeyError::KeyIdMismatch
+            })
+        );
+        assert_eq!(
+            e.map(|e| VerifyError::from(e).to_string())
+                .unwrap_or_default(),
+            "trusted keys: key epoch 2: key_id does not match public_key"
+        );
+    }
 }

@@ -92,7 +92,7 @@ impl FakeState {
         let (_, h) = match decode_header(&bytes) {
             Ok(x) => x,
             Err(e) => {
-                self.chain_breaks.push(e);
+                self.chain_breaks.push(e.to_string());
                 return;
             }
         };

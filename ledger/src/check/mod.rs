@@ -129,9 +129,9 @@ pub fn verify_batch(
     // The canonical encoding: prost writes fields in order and omits empty ones, exactly as the
     // agent encoded the record it hashed into the next batch's prev_hash.
     let bytes = signed.encode_to_vec();
-    let (_, header) = decode_header(&bytes).map_err(|detail| Rejection::Malformed {
+    let (_, header) = decode_header(&bytes).map_err(|e| Rejection::Malformed {
         node: node(),
-        detail,
+        detail: e.to_string(),
     })?;
     let seq = header.seq;
     if header.node_id != cert_node {
