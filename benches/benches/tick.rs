@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use wattd::attribution::host::HostBalance;
 use wattd::attribution::idle::IdleTracker;
 use wattd::attribution::{DramPolicy, IdlePolicy, PlatformPolicy, Policy};
 use wattd::sampler::{Meters, Reading, Sampler, Stamp};
@@ -71,6 +72,7 @@ struct Loop {
     meters: Meters,
     readings: Vec<Reading>,
     sampler: Sampler,
+    host: HostBalance,
     package_cpus: BTreeMap<u32, u32>,
     energy_file: PathBuf,
     energy_uj: u64,
@@ -120,6 +122,7 @@ impl Loop {
             meters,
             readings: Vec::new(),
             sampler,
+            host: HostBalance::new(package_cpus.values().sum()),
             package_cpus,
             energy_file: dir.path().join("sys/class/powercap/intel-rapl:0/energy_uj"),
             energy_uj: 0,
@@ -151,7 +154,7 @@ impl Loop {
         };
         let mut snap = self.tracker.tick(1_000_000);
         phase(0);
-        let mut usage = wattd::daemon::usage_from(&mut snap, &self.package_cpus);
+        let mut usage = wattd::daemon::usage_from(&mut snap, &self.package_cpus, &mut self.host);
         let package = self.package_cpus.keys().next().copied().unwrap_or(0);
         let mut busy = 0u64;
         for (i, r) in usage.runs.iter_mut().enumerate() {

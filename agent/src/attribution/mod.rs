@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 pub mod gpu;
+pub mod host;
 pub mod idle;
 pub mod totals;
 use wattd_collectors::{Domain, MeterKey, PackageShares, Quality, SourceKind};

@@ -21,6 +21,7 @@ use tokio::signal::unix::Signal;
 use tokio::sync::{mpsc, watch};
 use wattd_collectors::cgroup::RunTracker;
 
+use crate::attribution::host::HostBalance;
 use crate::attribution::totals::Totals;
 use crate::bmc::BmcSource;
 use crate::config::Config;
@@ -109,6 +110,8 @@ pub struct Daemon {
     boot: String,
     /// CPUs per package, for the reserved-CPU spread.
     package_cpus: BTreeMap<u32, u32>,
+    /// The host bucket's CPU time, paid from a running balance.
+    host: HostBalance,
 
     // Declared before `tracker`, so dropped before it: it borrows the tracker's descriptor.
     events: AsyncFd<Fd>,

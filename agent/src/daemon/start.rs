@@ -19,6 +19,7 @@ use wattd_collectors::HostRoot;
 use wattd_proto::v1;
 
 use super::{Daemon, Fd, LogReload, Shipping, Signals};
+use crate::attribution::host::HostBalance;
 use crate::attribution::idle::IdleTracker;
 use crate::attribution::totals::Totals;
 use crate::attribution::DramPolicy;
@@ -212,6 +213,7 @@ impl Daemon {
             cfg,
             log_reload,
             boot,
+            host: HostBalance::new(package_cpus.values().sum()),
             package_cpus,
             events,
             tracker,

@@ -8,6 +8,7 @@ use std::time::Instant;
 use wattd_collectors::cgroup::UsageSnapshot;
 
 use super::{warn_due, Daemon, Flow, RENDER_EVERY};
+use crate::attribution::host::HostBalance;
 use crate::attribution::{apportion, RunUsage, Ties, Usage};
 use crate::records;
 use crate::sampler::{Interval, Stamp};
@@ -28,10 +29,14 @@ fn spread_reserved(reserved: Option<u64>, package_cpus: &BTreeMap<u32, u32>) -> 
         .collect()
 }
 
-/// The tracker's snapshot in attribution's terms. The per-package usage maps are moved out
-/// rather than copied (nothing after attribution reads them): no allocation per run per tick.
-/// Public for the whole-tick bench.
-pub fn usage_from(snap: &mut UsageSnapshot, package_cpus: &BTreeMap<u32, u32>) -> Usage {
+/// The tracker's snapshot in attribution's terms, with the host bucket's CPU time paid from
+/// `host`'s balance. The per-package usage maps are moved out rather than copied (nothing after
+/// attribution reads them): no allocation per run per tick. Public for the whole-tick bench.
+pub fn usage_from(
+    snap: &mut UsageSnapshot,
+    package_cpus: &BTreeMap<u32, u32>,
+    host: &mut HostBalance,
+) -> Usage {
     Usage {
         runs: snap
             .runs
@@ -43,11 +48,11 @@ pub fn usage_from(snap: &mut UsageSnapshot, package_cpus: &BTreeMap<u32, u32>) -
                 reserved_millicpus: spread_reserved(r.reserved_millicpus, package_cpus),
             })
             .collect(),
-        // The host bucket is the tracker's balanced one: busy = runs + host.
+        // Busy time as attribution divides it: the runs' and the host's balanced share.
         busy_us: snap
             .packages
             .iter()
-            .map(|(p, u)| (*p, u.runs_us.saturating_add(u.host_us)))
+            .map(|(p, u)| (*p, u.runs_us.saturating_add(host.host_us(*p, u))))
             .collect(),
         package_cpus: package_cpus.clone(),
         host_memory_bytes: None,
@@ -105,7 +110,7 @@ impl Daemon {
         };
         // Without the host's busy time the runs would take the host's share of the CPU meters
         // too: those are left undivided (`cpu_busy_unknown`); the GPUs have their own usage.
-        let mut u = usage_from(&mut snap, &self.package_cpus);
+        let mut u = usage_from(&mut snap, &self.package_cpus, &mut self.host);
         // The snapshot's runs include those that finished this tick, so their GPU samples of
         // this interval still find them.
         let runs = crate::attribution::gpu::RunCgroups::new(

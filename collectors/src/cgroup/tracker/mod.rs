@@ -181,14 +181,16 @@ pub struct RunUsage {
 /// One package over one tick.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PackageUsage {
-    /// Busy CPU time from `/proc/stat`, all CPUs of the package.
+    /// Busy CPU time from `/proc/stat`, all CPUs of the package (never negative).
     pub busy_us: u64,
-    /// Sum of the runs' usage on this package.
+    /// The same as measured: the interval's elapsed time less the CPUs' idle time, which
+    /// `/proc/stat` counts in whole ticks, so a short interval can come out slightly negative.
+    /// What the host bucket is paid from (attribution's `HostBalance`), so that the rounding
+    /// cancels over time. 0 when `/proc/stat` could not be read.
+    pub busy_signed_us: i128,
+    /// Sum of the runs' usage on this package. (Intervals where it exceeds the busy time are
+    /// counted: `TrackerCounters::host_clamps`.)
     pub runs_us: u64,
-    /// The host bucket: busy time not in any run, paid from a running balance of
-    /// `busy_us - runs_us` so that quantisation errors of /proc/stat cancel over time instead of
-    /// biasing it; never negative. (Intervals where runs out-measured busy time are counted.)
-    pub host_us: u64,
 }
 
 /// Cumulative counters since the tracker started (gauges say so).
@@ -302,9 +304,14 @@ struct Run {
     perf_pkgs: Vec<u32>,
     events_wd: Option<i32>,
     reserved_millicpus: Option<u64>,
-    billed_us: u64,
+    /// `usage_usec` up to which the run's usage has been reported in a snapshot (at its
+    /// discovery, its usage then, for a run already there when the tracker started).
+    reported_us: u64,
+    /// `usage_usec` as last read.
     latest_us: u64,
-    billed_tc_ns: Vec<u64>,
+    /// The perf counters' counts up to which usage was reported, per counter.
+    reported_tc_ns: Vec<u64>,
+    /// The counters as read right after `latest_us` (empty: unpaired).
     latest_tc_ns: Vec<u64>,
     memory_bytes: Option<u64>,
     reported: bool,
@@ -382,9 +389,6 @@ pub struct RunTracker {
     last_stat: Option<ProcStat>,
     /// `/proc/stat`, kept open (reopened after a failed read).
     proc_stat: Option<ProcStatFile>,
-    /// Per package: busy time not yet given to the host bucket (negative: runs out-measured
-    /// /proc/stat's quantised busy time, to be made up from later intervals).
-    host_balance_us: BTreeMap<u32, i128>,
     user_hz: u64,
     /// Why no perf counters are opened for runs, when none are.
     perf_disabled: Option<String>,
@@ -516,7 +520,6 @@ impl RunTracker {
             cpus,
             last_stat,
             proc_stat: Some(proc_stat),
-            host_balance_us: BTreeMap::new(),
             user_hz: user_hz(),
             perf_disabled,
             perf_split_off,

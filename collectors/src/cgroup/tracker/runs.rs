@@ -238,12 +238,12 @@ impl RunTracker {
             perf_pkgs,
             events_wd,
             reserved_millicpus,
-            billed_us: match billed_from {
+            reported_us: match billed_from {
                 BilledFrom::Birth => 0,
                 BilledFrom::Discovery => latest_us,
             },
             latest_us,
-            billed_tc_ns: Vec::new(),
+            reported_tc_ns: Vec::new(),
             latest_tc_ns: Vec::new(),
             memory_bytes,
             reported: false,
@@ -270,7 +270,7 @@ impl RunTracker {
                 run.latest_tc_ns.clear();
             }
             // Counters start at 0 when opened; what ran before is split by /proc/stat share.
-            run.billed_tc_ns = vec![0; p.fd_count()];
+            run.reported_tc_ns = vec![0; p.fd_count()];
         }
         if let Some(wd) = events_wd {
             self.watches.insert(wd, WatchTarget::RunEvents(id.clone()));

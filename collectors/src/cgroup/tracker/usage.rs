@@ -90,13 +90,13 @@ impl RunTracker {
             if failed.contains(&run.id) && !run.finished {
                 continue;
             }
-            let read_us = if run.latest_us >= run.billed_us {
-                run.latest_us - run.billed_us
+            let read_us = if run.latest_us >= run.reported_us {
+                run.latest_us - run.reported_us
             } else {
                 self.counters.usage_went_backwards += 1;
                 run.latest_us
             };
-            run.billed_us = run.latest_us;
+            run.reported_us = run.latest_us;
             let reconciled_us = std::mem::take(&mut run.pending_reconciled_us);
             run.reconciled_total_us += reconciled_us;
             let usage_us = read_us.saturating_add(reconciled_us);
@@ -105,7 +105,7 @@ impl RunTracker {
             for (pkg, us) in &by_pkg {
                 *runs_by_pkg.entry(*pkg).or_default() += us;
             }
-            run.billed_tc_ns.clone_from(&run.latest_tc_ns);
+            run.reported_tc_ns.clone_from(&run.latest_tc_ns);
             runs_out.push(RunUsage {
                 run_id: run.id.clone(),
                 cgroup: run.cgroup_rel.clone(),
@@ -179,27 +179,12 @@ impl RunTracker {
             if i128::from(runs_us) > busy_signed {
                 self.counters.host_clamps += 1;
             }
-            // /proc/stat's idle time comes in 10 ms units, so one interval's busy time is off by
-            // up to a unit per CPU either way, while the runs' times are exact. Clamping each
-            // interval's host share at zero would keep every downward error and drop every
-            // upward one, biasing the host up and the runs down. Instead the host is paid from a
-            // running balance of busy minus runs: over time it receives exactly what the
-            // counters say, and it is never negative.
-            let balance = self.host_balance_us.entry(pkg).or_insert(0);
-            *balance = balance.saturating_add(busy_signed - i128::from(runs_us));
-            let host_us = u64::try_from((*balance).max(0)).unwrap_or(u64::MAX);
-            *balance -= i128::from(host_us);
-            // A balance can go only so far negative: a run can out-measure /proc/stat by a
-            // quantum per CPU per interval, not more; beyond that the counters disagree and the
-            // past should not be charged against the future.
-            let floor = -(i128::from(self.cpus.len() as u32) * 20_000);
-            *balance = (*balance).max(floor);
             packages.insert(
                 pkg,
                 PackageUsage {
                     busy_us: busy,
+                    busy_signed_us: busy_signed,
                     runs_us,
-                    host_us,
                 },
             );
         }
@@ -355,7 +340,7 @@ fn split_run(
                 let since = if whole_life {
                     0
                 } else {
-                    run.billed_tc_ns.get(i).copied().unwrap_or(0)
+                    run.reported_tc_ns.get(i).copied().unwrap_or(0)
                 };
                 let v = u128::from(run.latest_tc_ns[i].saturating_sub(since));
                 match w.iter_mut().find(|e| e.0 == pkg) {
