@@ -61,37 +61,26 @@ impl CpuId {
         Self::parse(&path, &s)
     }
 
+    /// Parses `/proc/cpuinfo` (procfs-core's reader) and keeps what the first CPU says: RAPL
+    /// layouts do not mix vendors on one host.
     pub fn parse(path: &std::path::Path, s: &str) -> Result<Self, HostError> {
-        let mut vendor = None;
-        let mut family = None;
-        let mut model = None;
-        let mut model_name = String::new();
-        let mut virtualized = false;
-        // The first processor block is enough: RAPL layouts do not mix vendors on one host.
-        for line in s.lines() {
-            if line.trim().is_empty() && vendor.is_some() {
-                break;
-            }
-            let Some((k, v)) = line.split_once(':') else {
-                continue;
-            };
-            let (k, v) = (k.trim(), v.trim());
-            match k {
-                "vendor_id" => {
-                    vendor = Some(match v {
-                        "GenuineIntel" => Vendor::Intel,
-                        "AuthenticAMD" => Vendor::Amd,
-                        "HygonGenuine" => Vendor::Hygon,
-                        _ => Vendor::Other,
-                    })
-                }
-                "cpu family" => family = v.parse().ok(),
-                "model" => model = v.parse().ok(),
-                "model name" => model_name = v.chars().take(128).collect(),
-                "flags" => virtualized = v.split_ascii_whitespace().any(|f| f == "hypervisor"),
-                _ => {}
-            }
-        }
+        use procfs_core::FromBufRead as _;
+        let info = procfs_core::CpuInfo::from_buf_read(s.as_bytes())
+            .map_err(|e| HostError::malformed(path, e.to_string()))?;
+        let field = |name: &str| info.get_field(0, name);
+        let vendor = field("vendor_id").map(|v| match v {
+            "GenuineIntel" => Vendor::Intel,
+            "AuthenticAMD" => Vendor::Amd,
+            "HygonGenuine" => Vendor::Hygon,
+            _ => Vendor::Other,
+        });
+        let family = field("cpu family").and_then(|v| v.parse().ok());
+        let model = field("model").and_then(|v| v.parse().ok());
+        let model_name = field("model name")
+            .map(|v| v.chars().take(128).collect())
+            .unwrap_or_default();
+        let virtualized =
+            field("flags").is_some_and(|v| v.split_ascii_whitespace().any(|f| f == "hypervisor"));
         match (vendor, family, model) {
             (Some(vendor), Some(family), Some(model)) => Ok(CpuId {
                 vendor,
@@ -419,5 +408,13 @@ mod tests {
             (Vendor::Intel, 6, 142, true)
         );
         assert!(CpuId::parse(p, "garbage\n").is_err());
+        // Fields shared by every CPU and fields that differ are both the first CPU's.
+        let two = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nflags\t\t: fpu\n\nprocessor\t: 1\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nflags\t\t: fpu hypervisor\n";
+        let c = CpuId::parse(p, two).unwrap();
+        assert_eq!(
+            (c.vendor, c.family, c.model, c.virtualized),
+            (Vendor::Amd, 25, 1, false)
+        );
+        assert!(CpuId::parse(p, "").is_err());
     }
 }
