@@ -36,13 +36,15 @@ use crate::spool::SpoolConfig;
 /// The longest NVML may take to initialise and enumerate GPUs at start.
 const GPU_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The node id: configured, else `/etc/machine-id`, else the host name. The one rule: `wattd
-/// identity` makes the node's key with it too (a key made under another id is refused here).
+/// The node id: configured (`[node] id`), else the host's `/etc/machine-id` (under `[host]
+/// root`, like every other host file), else the host name. The one rule: `wattd identity` makes
+/// the node's key with it too (a key made under another id is refused here).
 pub fn node_id(cfg: &Config) -> String {
     if let Some(id) = &cfg.node_id {
         return id.clone();
     }
-    if let Ok(s) = std::fs::read_to_string("/etc/machine-id") {
+    let path = HostRoot::new(&cfg.host_root).join("etc/machine-id");
+    if let Ok(s) = wattd_collectors::hostfs::read_bounded(&path, 128, "") {
         let s = s.trim();
         if !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return s.to_owned();
@@ -529,4 +531,36 @@ fn start_shipper(
         acked: ack_rx,
         drain: lcfg.drain,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_node_id_is_configured_else_the_host_roots_machine_id_else_the_host_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::defaults();
+        cfg.host_root = dir.path().to_owned();
+        let uname = rustix::system::uname();
+        let host_name = uname
+            .nodename()
+            .to_str()
+            .unwrap_or("unknown-node")
+            .to_owned();
+        // No machine-id under the host root: the host name (the live /etc/machine-id is not
+        // read for a simulated or captured host).
+        assert_eq!(node_id(&cfg), host_name);
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        let id_file = dir.path().join("etc/machine-id");
+        std::fs::write(&id_file, "0123456789abcdef0123456789abcdef\n").unwrap();
+        assert_eq!(node_id(&cfg), "0123456789abcdef0123456789abcdef");
+        // Not an id (a hostile or damaged file): the host name, never the file's text.
+        std::fs::write(&id_file, "../../etc/passwd\n").unwrap();
+        assert_eq!(node_id(&cfg), host_name);
+        std::fs::write(&id_file, "a".repeat(4096)).unwrap();
+        assert_eq!(node_id(&cfg), host_name);
+        cfg.node_id = Some("worker-17".into());
+        assert_eq!(node_id(&cfg), "worker-17");
+    }
 }
