@@ -299,9 +299,8 @@ struct Run {
     pattern: Option<usize>,
     cpu_stat: Source,
     memory: Option<Source>,
-    perf: Option<CgroupTaskClock>,
-    /// Package of each perf counter, in counter order.
-    perf_pkgs: Vec<u32>,
+    /// Its perf counters, when it has them (boxed: a pointer's size in runs without).
+    perf: Option<Box<RunPerf>>,
     events_wd: Option<i32>,
     reserved_millicpus: Option<u64>,
     /// `usage_usec` up to which the run's usage has been reported in a snapshot (at its
@@ -309,10 +308,6 @@ struct Run {
     reported_us: u64,
     /// `usage_usec` as last read.
     latest_us: u64,
-    /// The perf counters' counts up to which usage was reported, per counter.
-    reported_tc_ns: Vec<u64>,
-    /// The counters as read right after `latest_us` (empty: unpaired).
-    latest_tc_ns: Vec<u64>,
     memory_bytes: Option<u64>,
     reported: bool,
     finished: bool,
@@ -341,6 +336,75 @@ struct Run {
     pending_reconciled_us: u64,
     reconciled_total_us: u64,
     final_usage: Option<FinalUsage>,
+}
+
+/// A run's perf `task-clock` counters (one per CPU) and what was read from them.
+#[derive(Debug)]
+struct RunPerf {
+    clock: CgroupTaskClock,
+    /// One per counter, in the clock's order.
+    slots: Vec<PerfSlot>,
+    /// The counters split the run across packages (each slot's package is known).
+    split: bool,
+    /// The slots' `latest_ns` were read right after the run's `latest_us` (see `perf_tail`).
+    paired: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct PerfSlot {
+    /// Package of the counter's CPU (0 when the counters do not split).
+    pkg: u32,
+    /// The count up to which the run's usage was reported in a snapshot.
+    reported_ns: u64,
+    /// The count as last read.
+    latest_ns: u64,
+}
+
+impl RunPerf {
+    /// `pkgs`: each counter's package, or empty when the counters do not split.
+    fn new(clock: CgroupTaskClock, pkgs: &[u32]) -> Self {
+        let slots = (0..clock.fd_count())
+            .map(|i| PerfSlot {
+                pkg: pkgs.get(i).copied().unwrap_or(0),
+                ..PerfSlot::default()
+            })
+            .collect();
+        RunPerf {
+            clock,
+            slots,
+            split: !pkgs.is_empty(),
+            paired: false,
+        }
+    }
+
+    /// Reads every counter into `latest_ns`; a failed read leaves them unpaired.
+    fn read(&mut self, scratch: &mut Vec<(u32, u64)>) {
+        self.paired = self.clock.read_into(scratch).is_ok() && self.take(scratch);
+    }
+
+    /// The counts in `scratch` (one per counter, as read) as the latest.
+    fn take(&mut self, scratch: &[(u32, u64)]) -> bool {
+        if scratch.len() != self.slots.len() {
+            return false;
+        }
+        for (s, &(_, v)) in self.slots.iter_mut().zip(scratch) {
+            s.latest_ns = v;
+        }
+        true
+    }
+
+    /// The sum of the counters as last read with the run's `cpu.stat`; `None` when unpaired.
+    fn paired_total(&self) -> Option<u64> {
+        self.paired
+            .then(|| self.slots.iter().map(|s| s.latest_ns).sum())
+    }
+
+    /// The run's usage was reported up to the latest counts (from 0 when they are unpaired).
+    fn mark_reported(&mut self) {
+        for s in &mut self.slots {
+            s.reported_ns = if self.paired { s.latest_ns } else { 0 };
+        }
+    }
 }
 
 /// A run whose cgroup was created and removed before it could be opened: known from its

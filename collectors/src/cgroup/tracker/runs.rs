@@ -193,9 +193,9 @@ impl RunTracker {
         }
         // The counters first, then the first read, then the counters' first read: what the run
         // used while they were opening is in both reads, so they pair (see `perf_tail`).
-        let (perf, perf_pkgs) = self.open_perf(dir, kept);
+        let perf = self.open_perf(dir, kept);
         if let Some(p) = &perf {
-            kept += p.fd_count();
+            kept += p.slots.len();
         }
         let latest_us = cpu_stat.read_cpu_usage_us()?;
         let mem_path = dir.join("memory.current");
@@ -235,7 +235,6 @@ impl RunTracker {
             cpu_stat,
             memory,
             perf,
-            perf_pkgs,
             events_wd,
             reserved_millicpus,
             reported_us: match billed_from {
@@ -243,8 +242,6 @@ impl RunTracker {
                 BilledFrom::Discovery => latest_us,
             },
             latest_us,
-            reported_tc_ns: Vec::new(),
-            latest_tc_ns: Vec::new(),
             memory_bytes,
             reported: false,
             finished: false,
@@ -263,14 +260,10 @@ impl RunTracker {
             final_usage: None,
         };
         if let Some(p) = &mut run.perf {
-            if p.read_into(&mut self.tc_scratch).is_ok() {
-                run.latest_tc_ns = self.tc_scratch.iter().map(|&(_, v)| v).collect();
-            } else {
-                // Unpaired with `latest_us`: no tail from these counters (see `perf_tail`).
-                run.latest_tc_ns.clear();
-            }
-            // Counters start at 0 when opened; what ran before is split by /proc/stat share.
-            run.reported_tc_ns = vec![0; p.fd_count()];
+            // A failed read leaves them unpaired with `latest_us`: no tail from these counters
+            // (see `perf_tail`). Counters start at 0 when opened (`reported_ns`); what ran
+            // before is split by /proc/stat share.
+            p.read(&mut self.tc_scratch);
         }
         if let Some(wd) = events_wd {
             self.watches.insert(wd, WatchTarget::RunEvents(id.clone()));
@@ -291,26 +284,26 @@ impl RunTracker {
 
     /// The run's perf counters, on every CPU of [`Self::perf_cpus`], and the package of each
     /// when they split the run across packages (empty when they do not).
-    fn open_perf(&mut self, dir: &Path, kept_so_far: usize) -> (Option<CgroupTaskClock>, Vec<u32>) {
+    fn open_perf(&mut self, dir: &Path, kept_so_far: usize) -> Option<Box<RunPerf>> {
         if self.perf_disabled.is_some()
             || self.kept_fds + kept_so_far + self.perf_cpus.len() > self.fd_budget
         {
             self.counters.perf_fallback_runs += 1;
             self.counters.perf_uncounted_runs += 1;
-            return (None, Vec::new());
+            return None;
         }
         match CgroupTaskClock::open(dir, &self.perf_cpus) {
             Ok(p) => {
                 if self.perf_split_off.is_some() {
                     self.counters.perf_fallback_runs += 1;
-                    return (Some(p), Vec::new());
+                    return Some(Box::new(RunPerf::new(p, &[])));
                 }
-                let pkgs = self
+                let pkgs: Vec<u32> = self
                     .perf_cpus
                     .iter()
                     .map(|&c| self.topology.package_of(c).unwrap_or(0))
                     .collect();
-                (Some(p), pkgs)
+                Some(Box::new(RunPerf::new(p, &pkgs)))
             }
             Err(e) => {
                 self.counters.perf_fallback_runs += 1;
@@ -333,7 +326,7 @@ impl RunTracker {
                     self.perf_split_off = Some(why.clone());
                     self.perf_disabled = Some(why);
                 }
-                (None, Vec::new())
+                None
             }
         }
     }

@@ -105,7 +105,9 @@ impl RunTracker {
             for (pkg, us) in &by_pkg {
                 *runs_by_pkg.entry(*pkg).or_default() += us;
             }
-            run.reported_tc_ns.clone_from(&run.latest_tc_ns);
+            if let Some(p) = &mut run.perf {
+                p.mark_reported();
+            }
             runs_out.push(RunUsage {
                 run_id: run.id.clone(),
                 cgroup: run.cgroup_rel.clone(),
@@ -245,15 +247,12 @@ pub(super) fn capture(
 ) -> Result<Option<(u64, u64)>, HostError> {
     let usage = run.cpu_stat.read_cpu_usage_us()?;
     let mut moved = None;
-    // The counters are read right after `cpu.stat` when it moved, so that `latest_tc_ns` pairs
+    // The counters are read right after `cpu.stat` when it moved, so that their `latest_ns` pair
     // with `latest_us` (see `perf_tail`). A failed read unpairs them.
     if usage != run.latest_us {
         let before = paired_tc_ns(run);
         if let Some(p) = &mut run.perf {
-            run.latest_tc_ns.clear();
-            if p.read_into(scratch).is_ok() {
-                run.latest_tc_ns.extend(scratch.iter().map(|&(_, v)| v));
-            }
+            p.read(scratch);
         }
         if let (Some(p0), Some(p1)) = (before, paired_tc_ns(run)) {
             if usage > run.latest_us && p1 > p0 {
@@ -282,10 +281,10 @@ pub(super) fn perf_tail(
     scratch: &mut Vec<(u32, u64)>,
     scale: (u128, u128),
 ) -> Option<u64> {
-    let paired = paired_tc_ns(run)?;
-    let counted_ns = run.perf.as_mut()?.read_total(scratch).ok()?;
-    run.latest_tc_ns.clear();
-    run.latest_tc_ns.extend(scratch.iter().map(|&(_, v)| v));
+    let p = run.perf.as_deref_mut()?;
+    let paired = p.paired_total()?;
+    let counted_ns = p.clock.read_total(scratch).ok()?;
+    p.paired = p.take(scratch);
     Some(scale_tail(counted_ns.saturating_sub(paired), scale))
 }
 
@@ -304,8 +303,7 @@ pub(super) fn scale_tail(tail_ns: u64, (us, ns): (u128, u128)) -> u64 {
 
 /// The sum of the run's counters as last read with its `cpu.stat`; `None` when unpaired.
 fn paired_tc_ns(run: &Run) -> Option<u64> {
-    let p = run.perf.as_ref()?;
-    (run.latest_tc_ns.len() == p.fd_count()).then(|| run.latest_tc_ns.iter().sum())
+    run.perf.as_deref()?.paired_total()
 }
 
 /// Package weights from /proc/stat busy time; with none measured (first tick, idle host), each
@@ -328,24 +326,17 @@ fn split_run(
     fallback: &[(u32, u128)],
     w: &mut Vec<(u32, u128)>,
 ) -> (PackageShares, SplitSource) {
-    if run.perf.is_some()
-        && !run.perf_pkgs.is_empty()
-        && run.latest_tc_ns.len() == run.perf_pkgs.len()
-    {
+    if let Some(p) = run.perf.as_deref().filter(|p| p.split && p.paired) {
         // The counters' movement per package (in `w`, by package id), since the last tick or
         // over the run's whole life.
         let by_pkg = |w: &mut Vec<(u32, u128)>, whole_life: bool| {
             w.clear();
-            for (i, &pkg) in run.perf_pkgs.iter().enumerate() {
-                let since = if whole_life {
-                    0
-                } else {
-                    run.reported_tc_ns.get(i).copied().unwrap_or(0)
-                };
-                let v = u128::from(run.latest_tc_ns[i].saturating_sub(since));
-                match w.iter_mut().find(|e| e.0 == pkg) {
+            for s in &p.slots {
+                let since = if whole_life { 0 } else { s.reported_ns };
+                let v = u128::from(s.latest_ns.saturating_sub(since));
+                match w.iter_mut().find(|e| e.0 == s.pkg) {
                     Some(e) => e.1 += v,
-                    None => w.push((pkg, v)),
+                    None => w.push((s.pkg, v)),
                 }
             }
             w.sort_unstable_by_key(|e| e.0);
