@@ -702,7 +702,7 @@ fn generated_tree_cpu_stat_unknown_keys_missing_usage_and_vanishing() {
 }
 
 /// `memory.current` is read at every tick only when asked for (the DRAM `memory` policy), and
-/// from the next tick once a reload asks for it.
+/// from the next tick once a reload asks for it; it is held open only while it is read.
 #[test]
 fn memory_is_read_only_when_the_policy_weighs_by_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -732,10 +732,23 @@ fn memory_is_read_only_when_the_policy_weighs_by_it() {
         run(&s, "mem").expect("reported").memory_bytes
     };
     assert_eq!(memory_at_tick(&mut t, 200), None);
+    let without = t.counters().kept_fds;
     t.set_read_memory(true);
+    assert_eq!(t.counters().kept_fds, without + 1, "memory.current opened");
     assert_eq!(memory_at_tick(&mut t, 300), Some(4096));
     t.set_read_memory(false);
+    assert_eq!(t.counters().kept_fds, without, "memory.current closed");
     assert_eq!(memory_at_tick(&mut t, 400), None);
+    // A run found while memory is read has it from its first report.
+    t.set_read_memory(true);
+    let second = "sys/fs/cgroup/flowzart.slice/run-mem2.scope";
+    h.write(format!("{second}/cpu.stat"), "usage_usec 10\n")
+        .unwrap();
+    h.write(format!("{second}/memory.current"), "8192\n")
+        .unwrap();
+    let s = t.tick(1_000_000);
+    assert_eq!(run(&s, "mem2").expect("reported").memory_bytes, Some(8192));
+    assert_eq!(t.counters().kept_fds, without + 3, "{:?}", t.counters());
 }
 
 #[test]

@@ -646,14 +646,43 @@ impl RunTracker {
     }
 
     /// [`TrackerConfig::read_memory`], changed at a reload: from the next tick, for every run
-    /// (settled ones too, which ticks otherwise skip).
+    /// (settled ones too, which ticks otherwise skip). Each run's `memory.current` is opened
+    /// now (within the descriptor budget), or closed when it is no longer read.
     pub fn set_read_memory(&mut self, on: bool) {
-        if on && !self.read_memory {
-            for run in self.runs.values_mut() {
-                run.settled = false;
-            }
+        if on == self.read_memory {
+            return;
         }
         self.read_memory = on;
+        let mut failed = Vec::new();
+        for run in self.runs.values_mut() {
+            if !on {
+                if run.memory.take().is_some_and(|m| m.is_kept()) {
+                    run.kept_fds = run.kept_fds.saturating_sub(1);
+                    self.kept_fds = self.kept_fds.saturating_sub(1);
+                }
+                continue;
+            }
+            run.settled = false;
+            if run.finished {
+                continue;
+            }
+            let dir = self.cgroup_root.join(&*run.cgroup_rel);
+            match runs::open_memory(&dir, self.kept_fds < self.fd_budget) {
+                Ok(m) => {
+                    if m.as_ref().is_some_and(Source::is_kept) {
+                        run.kept_fds += 1;
+                        self.kept_fds += 1;
+                    }
+                    run.memory = m;
+                }
+                // Gone: the next tick finds out and finishes it.
+                Err(e) if e.is_gone() => {}
+                Err(e) => failed.push((run.id.clone(), e)),
+            }
+        }
+        for (id, e) in failed {
+            self.push_error(Some(&id), e);
+        }
     }
 
     fn now_us(&self) -> u64 {

@@ -198,18 +198,19 @@ impl RunTracker {
             kept += p.slots.len();
         }
         let latest_us = cpu_stat.read_cpu_usage_us()?;
-        let mem_path = dir.join("memory.current");
-        let memory = match Source::open(mem_path, self.kept_fds + kept < self.fd_budget) {
-            Ok(s) => Some(s),
-            Err(e) if e.is_not_found() => None,
-            Err(e) => return Err(e),
+        // `memory.current` only when the policy weighs by it: else neither a descriptor nor a
+        // path per run (`set_read_memory` opens or closes them at a reload).
+        let memory = if self.read_memory {
+            open_memory(dir, self.kept_fds + kept < self.fd_budget)?
+        } else {
+            None
         };
         if memory.as_ref().is_some_and(Source::is_kept) {
             kept += 1;
         }
         let memory_bytes = match &memory {
-            Some(m) if self.read_memory => Some(m.read_u64()?),
-            _ => None,
+            Some(m) => Some(m.read_u64()?),
+            None => None,
         };
         let reserved_millicpus = match read_reserved_millicpus(dir) {
             Ok(r) => r,
@@ -611,4 +612,14 @@ fn is_cgroup2(dir: &Path) -> Result<bool, String> {
             .map_err(|e| format!("{}: {e}", p.display()))
     };
     Ok(dev(&live.mount_point)? == dev(dir)?)
+}
+
+/// A run's `memory.current`, kept open when `keep`; `None` where the memory controller is not
+/// enabled for it.
+pub(super) fn open_memory(dir: &Path, keep: bool) -> Result<Option<Source>, HostError> {
+    match Source::open(dir.join("memory.current"), keep) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
 }
