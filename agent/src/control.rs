@@ -104,24 +104,62 @@ pub struct Peer {
     pub pid: Option<i32>,
 }
 
+/// Why a control message was not applied. Its text is the reply's `error`
+/// (`{"ok":false,"error":...}`), the wire contract: the variants name the case, not new text.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("too many connections")]
+    TooManyConnections,
+    #[error("peer uid {uid} gid {gid} is not allowed")]
+    PeerNotAllowed { uid: u32, gid: u32 },
+    #[error("line longer than {0} bytes; closing the connection")]
+    LineTooLong(usize),
+    #[error("rate limited")]
+    RateLimited,
+    #[error("rate limited; closing the connection")]
+    RateLimitedClosing,
+    #[error("bad message: {0}")]
+    BadMessage(serde_json::Error),
+    /// A run id or cgroup path the contract refuses, or what the tracker refused (a cgroup
+    /// that is not there, a run id taken).
+    #[error("{0}")]
+    Run(wattd_collectors::HostError),
+    #[error("more than {0} labels")]
+    TooManyLabels(usize),
+    #[error("label key {key:?} must be 1 to {max} bytes of A-Z a-z 0-9 _ - . /")]
+    LabelKey { key: String, max: usize },
+    #[error("label {key:?}: value must be at most {max} bytes, no control characters")]
+    LabelValue { key: String, max: usize },
+    #[error("label {key:?}: {what}")]
+    Label { key: String, what: &'static str },
+    #[error("daemon busy")]
+    DaemonBusy,
+    #[error("daemon stopping")]
+    DaemonStopping,
+    #[error("daemon dropped the request")]
+    DaemonDropped,
+    #[error("daemon did not answer in time")]
+    DaemonTimeout,
+}
+
 /// An event for the daemon, which must answer it with [`ControlRequest::respond`].
 #[derive(Debug)]
 pub struct ControlRequest {
     pub event: ControlEvent,
     pub peer: Peer,
-    reply: oneshot::Sender<Result<(), String>>,
+    reply: oneshot::Sender<Result<(), Refusal>>,
 }
 
 impl ControlRequest {
-    /// Answers the peer; an error is sent as `{"ok":false,"error":...}`.
-    pub fn respond(self, result: Result<(), String>) {
+    /// Answers the peer; a refusal is sent as `{"ok":false,"error":...}`.
+    pub fn respond(self, result: Result<(), Refusal>) {
         // The peer may have gone; nothing to do then.
         let _ = self.reply.send(result);
     }
 }
 
 /// Applies an event to the tracker: the daemon's side of the request.
-pub fn apply(tracker: &mut RunTracker, event: &ControlEvent) -> Result<(), String> {
+pub fn apply(tracker: &mut RunTracker, event: &ControlEvent) -> Result<(), Refusal> {
     match event {
         ControlEvent::RunStarted {
             run_id,
@@ -130,10 +168,8 @@ pub fn apply(tracker: &mut RunTracker, event: &ControlEvent) -> Result<(), Strin
         } => tracker
             .run_started(run_id, cgroup, labels.clone())
             .map(|_| ())
-            .map_err(|e| e.to_string()),
-        ControlEvent::RunFinished { run_id } => {
-            tracker.run_finished(run_id).map_err(|e| e.to_string())
-        }
+            .map_err(Refusal::Run),
+        ControlEvent::RunFinished { run_id } => tracker.run_finished(run_id).map_err(Refusal::Run),
     }
 }
 
@@ -232,7 +268,7 @@ impl ControlServer {
                 Err(_) => {
                     tokio::spawn(async move {
                         let mut s = stream;
-                        let _ = reply(&mut s, &config, Err("too many connections".into())).await;
+                        let _ = reply(&mut s, &config, Err(Refusal::TooManyConnections)).await;
                     });
                 }
             }
@@ -254,11 +290,11 @@ fn peer_allowed(config: &ControlConfig, peer: &Peer) -> bool {
 async fn reply<W: AsyncWriteExt + Unpin>(
     w: &mut W,
     config: &ControlConfig,
-    result: Result<(), String>,
+    result: Result<(), Refusal>,
 ) -> io::Result<()> {
     let mut out = match result {
         Ok(()) => serde_json::json!({ "ok": true }),
-        Err(e) => serde_json::json!({ "ok": false, "error": e }),
+        Err(e) => serde_json::json!({ "ok": false, "error": e.to_string() }),
     }
     .to_string();
     out.push('\n');
@@ -291,8 +327,11 @@ async fn handle_connection(
             gid = peer.gid,
             "control socket: peer refused"
         );
-        let msg = format!("peer uid {} gid {} is not allowed", peer.uid, peer.gid);
-        let _ = reply(&mut wr, config, Err(msg)).await;
+        let refusal = Refusal::PeerNotAllowed {
+            uid: peer.uid,
+            gid: peer.gid,
+        };
+        let _ = reply(&mut wr, config, Err(refusal)).await;
         return;
     }
     let rate = NonZeroU32::new(config.messages_per_sec).unwrap_or(NonZeroU32::MIN);
@@ -308,11 +347,8 @@ async fn handle_connection(
         let line = match tokio::time::timeout(config.idle_timeout, lines.next()).await {
             Ok(Some(Ok(line))) => line,
             Ok(Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded))) => {
-                let msg = format!(
-                    "line longer than {} bytes; closing the connection",
-                    config.max_line_bytes
-                );
-                let _ = reply(&mut wr, config, Err(msg)).await;
+                let refusal = Refusal::LineTooLong(config.max_line_bytes);
+                let _ = reply(&mut wr, config, Err(refusal)).await;
                 return;
             }
             // End of stream, a read error, or idle too long.
@@ -324,12 +360,12 @@ async fn handle_connection(
         if limiter.check().is_err() {
             violations += 1;
             let closing = violations > config.max_rate_violations;
-            let msg = if closing {
-                "rate limited; closing the connection"
+            let refusal = if closing {
+                Refusal::RateLimitedClosing
             } else {
-                "rate limited"
+                Refusal::RateLimited
             };
-            if reply(&mut wr, config, Err(msg.into())).await.is_err() || closing {
+            if reply(&mut wr, config, Err(refusal)).await.is_err() || closing {
                 tracing::warn!(uid = peer.uid, "control socket: peer over its rate, closed");
                 return;
             }
@@ -350,7 +386,7 @@ async fn ask_daemon(
     tx: &mpsc::Sender<ControlRequest>,
     event: ControlEvent,
     peer: Peer,
-) -> Result<(), String> {
+) -> Result<(), Refusal> {
     let (reply_tx, reply_rx) = oneshot::channel();
     let req = ControlRequest {
         event,
@@ -359,27 +395,27 @@ async fn ask_daemon(
     };
     match tx.send_timeout(req, config.reply_timeout).await {
         Ok(()) => {}
-        Err(mpsc::error::SendTimeoutError::Timeout(_)) => return Err("daemon busy".into()),
-        Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err("daemon stopping".into()),
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => return Err(Refusal::DaemonBusy),
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(Refusal::DaemonStopping),
     }
     match tokio::time::timeout(config.reply_timeout, reply_rx).await {
         Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err("daemon dropped the request".into()),
-        Err(_) => Err("daemon did not answer in time".into()),
+        Ok(Err(_)) => Err(Refusal::DaemonDropped),
+        Err(_) => Err(Refusal::DaemonTimeout),
     }
 }
 
 /// Parses and validates one message; the error is the reply text.
-fn parse_event(config: &ControlConfig, line: &[u8]) -> Result<ControlEvent, String> {
-    let wire: Wire = serde_json::from_slice(line).map_err(|e| format!("bad message: {e}"))?;
+fn parse_event(config: &ControlConfig, line: &[u8]) -> Result<ControlEvent, Refusal> {
+    let wire: Wire = serde_json::from_slice(line).map_err(Refusal::BadMessage)?;
     let event = match wire {
         Wire::RunStarted {
             run_id,
             cgroup,
             labels,
         } => {
-            validate_run_id(&run_id).map_err(|e| e.to_string())?;
-            validate_cgroup_rel(&cgroup).map_err(|e| e.to_string())?;
+            validate_run_id(&run_id).map_err(Refusal::Run)?;
+            validate_cgroup_rel(&cgroup).map_err(Refusal::Run)?;
             check_labels(config, &labels)?;
             ControlEvent::RunStarted {
                 run_id,
@@ -388,16 +424,16 @@ fn parse_event(config: &ControlConfig, line: &[u8]) -> Result<ControlEvent, Stri
             }
         }
         Wire::RunFinished { run_id } => {
-            validate_run_id(&run_id).map_err(|e| e.to_string())?;
+            validate_run_id(&run_id).map_err(Refusal::Run)?;
             ControlEvent::RunFinished { run_id }
         }
     };
     Ok(event)
 }
 
-fn check_labels(config: &ControlConfig, labels: &BTreeMap<String, String>) -> Result<(), String> {
+fn check_labels(config: &ControlConfig, labels: &BTreeMap<String, String>) -> Result<(), Refusal> {
     if labels.len() > config.max_labels {
-        return Err(format!("more than {} labels", config.max_labels));
+        return Err(Refusal::TooManyLabels(config.max_labels));
     }
     for (k, v) in labels {
         let key_ok = !k.is_empty()
@@ -405,21 +441,23 @@ fn check_labels(config: &ControlConfig, labels: &BTreeMap<String, String>) -> Re
             && k.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'));
         if !key_ok {
-            return Err(format!(
-                "label key {:?} must be 1 to {} bytes of A-Z a-z 0-9 _ - . /",
-                k.chars().take(64).collect::<String>(),
-                config.max_label_key_bytes
-            ));
+            return Err(Refusal::LabelKey {
+                key: k.chars().take(64).collect(),
+                max: config.max_label_key_bytes,
+            });
         }
         if v.len() > config.max_label_value_bytes || v.chars().any(char::is_control) {
-            return Err(format!(
-                "label {k:?}: value must be at most {} bytes, no control characters",
-                config.max_label_value_bytes
-            ));
+            return Err(Refusal::LabelValue {
+                key: k.clone(),
+                max: config.max_label_value_bytes,
+            });
         }
         // The contract's own rule, which the records and the ledger apply too.
         if let Some(what) = wattd_proto::names::label_problem(k, v) {
-            return Err(format!("label {k:?}: {what}"));
+            return Err(Refusal::Label {
+                key: k.clone(),
+                what,
+            });
         }
     }
     Ok(())
@@ -513,8 +551,22 @@ mod tests {
             (long_value.as_bytes(), "at most 256 bytes"),
             (b"\xff\xfe", "bad message"),
         ] {
-            let e = parse_event(&c, bad).unwrap_err();
+            // The reply's text is the wire contract.
+            let e = parse_event(&c, bad).unwrap_err().to_string();
             assert!(e.contains(want), "{:?}: {e}", String::from_utf8_lossy(bad));
         }
+        // And the variant names the case for the daemon's own use.
+        assert!(matches!(
+            parse_event(&c, b"garbage"),
+            Err(Refusal::BadMessage(_))
+        ));
+        assert!(matches!(
+            parse_event(&c, many.as_bytes()),
+            Err(Refusal::TooManyLabels(32))
+        ));
+        assert!(matches!(
+            parse_event(&c, br#"{"type":"run_finished","run_id":".."}"#),
+            Err(Refusal::Run(_))
+        ));
     }
 }
