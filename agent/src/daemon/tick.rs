@@ -48,11 +48,21 @@ pub fn usage_from(
                 reserved_millicpus: spread_reserved(r.reserved_millicpus, package_cpus),
             })
             .collect(),
-        // Busy time as attribution divides it: the runs' and the host's balanced share.
+        // Busy time as attribution divides it: the runs' and the host's balanced share. An
+        // interval whose busy time is unknown (/proc/stat unreadable) neither pays the host nor
+        // moves its balance: attribution leaves the CPU meters undivided then, and a busy time
+        // of 0 fed to the balance would be taken back from the host's next shares.
         busy_us: snap
             .packages
             .iter()
-            .map(|(p, u)| (*p, u.runs_us.saturating_add(host.host_us(*p, u))))
+            .map(|(p, u)| {
+                let host_us = if snap.busy_measured {
+                    host.host_us(*p, u)
+                } else {
+                    0
+                };
+                (*p, u.runs_us.saturating_add(host_us))
+            })
             .collect(),
         package_cpus: package_cpus.clone(),
         host_memory_bytes: None,
@@ -377,5 +387,48 @@ impl Daemon {
             ),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wattd_collectors::cgroup::{PackageUsage, TrackerCounters};
+
+    use super::*;
+
+    fn snapshot(busy_measured: bool, busy_signed_us: i128, runs_us: u64) -> UsageSnapshot {
+        UsageSnapshot {
+            interval_us: 1_000_000,
+            runs: Vec::new(),
+            packages: [(
+                0,
+                PackageUsage {
+                    busy_us: u64::try_from(busy_signed_us.max(0)).unwrap_or(0),
+                    busy_signed_us,
+                    runs_us,
+                },
+            )]
+            .into_iter()
+            .collect(),
+            busy_measured,
+            errors: Vec::new(),
+            counters: TrackerCounters::default(),
+            perf_disabled: None,
+            perf_counters_disabled: None,
+        }
+    }
+
+    #[test]
+    fn an_interval_of_unknown_busy_time_leaves_the_host_balance_alone() {
+        let cpus: BTreeMap<u32, u32> = [(0, 2)].into_iter().collect();
+        let mut host = HostBalance::new(2);
+        // /proc/stat unreadable: no busy time, the runs' 300 ms as read.
+        let u = usage_from(&mut snapshot(false, 0, 300_000), &cpus, &mut host);
+        assert!(u.cpu_busy_unknown);
+        // Measured again: the host gets all of busy less runs, nothing taken back for the
+        // interval nobody could divide.
+        let u = usage_from(&mut snapshot(true, 500_000, 400_000), &cpus, &mut host);
+        assert!(!u.cpu_busy_unknown);
+        assert_eq!(u.busy_us.get(&0), Some(&500_000));
     }
 }
