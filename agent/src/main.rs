@@ -37,7 +37,9 @@ enum Command {
     /// Run the agent: measure, attribute and seal intervals into the local spool until SIGTERM.
     /// Without --config it runs on the embedded defaults (sources auto-detected, runs found by
     /// the default pattern, spool in $STATE_DIRECTORY under wattd's unit, else /var/lib/wattd as
-    /// root or ./wattd-data otherwise).
+    /// root or ./wattd-data otherwise). SIGHUP re-reads the file and applies runs.patterns,
+    /// sampling.interval_ms, spool.seal_every_ms, the attribution policies and log.level; every
+    /// other key takes effect at a restart.
     Run {
         /// The configuration file (TOML; see the README for every key).
         #[arg(long, value_name = "FILE")]
