@@ -1,9 +1,9 @@
 //! The sampler: closes one interval per tick on the monotonic clock from the readings of every
-//! meter (RAPL, hwmon and the estimator, read by [`Meters`], and NVML GPUs, read on their own thread, the same
-//! [`Reading`] each), turns counter verdicts into measured energy or recorded gaps, estimates
-//! idle power, and hands the interval to attribution. [`Sampler::close`] does no IO. A late tick
-//! makes one longer interval, never a lost one; a wall-clock jump is recorded, never used for
-//! durations.
+//! meter (RAPL, hwmon and the estimator, read by [`Meters`], and NVML GPUs, read on their own
+//! thread: the same [`Reading`] each), turns counter verdicts into measured energy or recorded
+//! gaps, estimates idle power, and hands the interval to attribution. [`Sampler::close`] does no
+//! IO. A late tick makes one longer interval, never a lost one; a wall-clock jump is recorded,
+//! never used for durations.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -50,7 +50,6 @@ mod tests {
 
     fn pkg(busy_signed_us: i128, runs_us: u64) -> PackageUsage {
         PackageUsage {
-            busy_us: u64::try_from(busy_signed_us.max(0)).unwrap_or(0),
             busy_signed_us,
             runs_us,
         }

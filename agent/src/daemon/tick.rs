@@ -403,7 +403,6 @@ mod tests {
             packages: [(
                 0,
                 PackageUsage {
-                    busy_us: u64::try_from(busy_signed_us.max(0)).unwrap_or(0),
                     busy_signed_us,
                     runs_us,
                 },

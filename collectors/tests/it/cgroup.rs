@@ -660,7 +660,7 @@ fn generated_tree_cpu_stat_unknown_keys_missing_usage_and_vanishing() {
         (Some(4096), Some(1500))
     );
     let hz = 100; // USER_HZ on Linux
-    assert_eq!(s.packages[&0].busy_us, 1_000_000 - 75 * 1_000_000 / hz);
+    assert_eq!(s.packages[&0].busy_us(), 1_000_000 - 75 * 1_000_000 / hz);
 
     // Garbage later: an error for this tick, no usage, and the next good read catches up.
     h.write(format!("{cg}/run-good.scope/cpu.stat"), "usage_usec lots\n")
@@ -679,14 +679,14 @@ fn generated_tree_cpu_stat_unknown_keys_missing_usage_and_vanishing() {
     assert!(s.counters.host_clamps >= 1);
     for p in 0..2u32 {
         let pk = s.packages[&p];
-        assert_eq!((pk.busy_us, pk.busy_signed_us), (0, 0), "package {p}");
+        assert_eq!((pk.busy_us(), pk.busy_signed_us), (0, 0), "package {p}");
         assert!(pk.runs_us > 0, "package {p}");
     }
     h.proc_stat(&[(200, 325), (400, 275)]).unwrap();
     let s = t.tick(1_000_000);
     for p in 0..2u32 {
         let pk = s.packages[&p];
-        assert_eq!((pk.busy_us, pk.busy_signed_us), (500_000, 500_000));
+        assert_eq!((pk.busy_us(), pk.busy_signed_us), (500_000, 500_000));
     }
     // Regression: /proc/stat unreadable -> the snapshot says busy time is unknown (the daemon
     // then records NO_USAGE_DATA instead of giving runs the host's share); the next good read

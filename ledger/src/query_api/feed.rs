@@ -4,7 +4,6 @@
 
 use super::*;
 
-/// The Changes cursor: each node's highest seq whose changes were sent.
 /// Why a Changes cursor is refused (the reader's own text, never trusted).
 #[derive(Debug, thiserror::Error)]
 pub enum CursorError {
@@ -20,6 +19,7 @@ pub enum CursorError {
     BadPosition { node: String, seq: u64 },
 }
 
+/// The Changes cursor: each node's highest seq whose changes were sent.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cursor(BTreeMap<String, u64>);
 

@@ -181,16 +181,22 @@ pub struct RunUsage {
 /// One package over one tick.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PackageUsage {
-    /// Busy CPU time from `/proc/stat`, all CPUs of the package (never negative).
-    pub busy_us: u64,
-    /// The same as measured: the interval's elapsed time less the CPUs' idle time, which
-    /// `/proc/stat` counts in whole ticks, so a short interval can come out slightly negative.
-    /// What the host bucket is paid from (attribution's `HostBalance`), so that the rounding
-    /// cancels over time. 0 when `/proc/stat` could not be read.
+    /// Busy CPU time from `/proc/stat`, all CPUs of the package, as measured: the interval's
+    /// elapsed time less the CPUs' idle time, which `/proc/stat` counts in whole ticks, so a
+    /// short interval can come out slightly negative. What the host bucket is paid from
+    /// (attribution's `HostBalance`), so that the rounding cancels over time. 0 when
+    /// `/proc/stat` could not be read.
     pub busy_signed_us: i128,
     /// Sum of the runs' usage on this package. (Intervals where it exceeds the busy time are
     /// counted: `TrackerCounters::host_clamps`.)
     pub runs_us: u64,
+}
+
+impl PackageUsage {
+    /// The busy time, never negative.
+    pub fn busy_us(&self) -> u64 {
+        u64::try_from(self.busy_signed_us.max(0)).unwrap_or(u64::MAX)
+    }
 }
 
 /// Cumulative counters since the tracker started (gauges say so).

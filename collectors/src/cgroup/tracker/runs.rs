@@ -208,10 +208,7 @@ impl RunTracker {
         if memory.as_ref().is_some_and(Source::is_kept) {
             kept += 1;
         }
-        let memory_bytes = match &memory {
-            Some(m) => Some(m.read_u64()?),
-            None => None,
-        };
+        let memory_bytes = memory.as_ref().map(Source::read_u64).transpose()?;
         let reserved_millicpus = match read_reserved_millicpus(dir) {
             Ok(r) => r,
             Err(e) if e.is_gone() => return Err(e),

@@ -176,7 +176,6 @@ impl RunTracker {
                 .as_ref()
                 .and_then(|m| m.get(&pkg).copied())
                 .unwrap_or(0);
-            let busy = u64::try_from(busy_signed.max(0)).unwrap_or(u64::MAX);
             let runs_us = runs_by_pkg.get(&pkg).copied().unwrap_or(0);
             if i128::from(runs_us) > busy_signed {
                 self.counters.host_clamps += 1;
@@ -184,7 +183,6 @@ impl RunTracker {
             packages.insert(
                 pkg,
                 PackageUsage {
-                    busy_us: busy,
                     busy_signed_us: busy_signed,
                     runs_us,
                 },
