@@ -106,18 +106,55 @@ pub struct Recording {
     pub steps: Vec<RecordedStep>,
 }
 
+/// Why a recording cannot be used; the file's errors name it.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordingError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// Not the schema above (serde names the line, column and field).
+    #[error("{}{source}", in_file(path))]
+    Json {
+        path: Option<std::path::PathBuf>,
+        source: serde_json::Error,
+    },
+    #[error("{}a recording needs at least one step", in_file(path))]
+    NoSteps { path: Option<std::path::PathBuf> },
+}
+
+fn in_file(path: &Option<std::path::PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| format!("{}: ", p.display()))
+        .unwrap_or_default()
+}
+
 impl Recording {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let r: Recording = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Self, RecordingError> {
+        let r: Recording = serde_json::from_str(text)
+            .map_err(|source| RecordingError::Json { path: None, source })?;
         if r.steps.is_empty() {
-            return Err("a recording needs at least one step".into());
+            return Err(RecordingError::NoSteps { path: None });
         }
         Ok(r)
     }
 
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Self, RecordingError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RecordingError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            RecordingError::Json { source, .. } => RecordingError::Json {
+                path: Some(path.to_owned()),
+                source,
+            },
+            RecordingError::NoSteps { .. } => RecordingError::NoSteps {
+                path: Some(path.to_owned()),
+            },
+            read @ RecordingError::Read { .. } => read,
+        })
     }
 }
 
@@ -328,5 +365,29 @@ impl NvmlApi for RecordedNvml {
                 pids: i.pids,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_recording_is_refused_naming_its_file_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rec.json");
+        std::fs::write(&path, r#"{"steps": []}"#).unwrap();
+        let e = Recording::load(&path).unwrap_err();
+        assert!(matches!(e, RecordingError::NoSteps { .. }), "{e:?}");
+        assert!(
+            e.to_string().starts_with(&format!("{}: ", path.display())),
+            "{e}"
+        );
+        std::fs::write(&path, r#"{"steps": [{"gpus": [{"energy": 1}]}]}"#).unwrap();
+        let e = Recording::load(&path).unwrap_err().to_string();
+        assert!(e.contains("rec.json") && e.contains("energy"), "{e}");
+        let e = Recording::load(&dir.path().join("absent.json")).unwrap_err();
+        assert!(matches!(e, RecordingError::Read { .. }), "{e:?}");
+        assert!(Recording::parse(r#"{"steps": [{}]}"#).is_ok());
     }
 }

@@ -45,8 +45,8 @@ mod tls;
 use conn::{accept_loop, Admit, Conn};
 pub use conn::{source_key, ConnActivity, ConnRegistry, StreamActivity};
 pub use tls::{
-    reader_tls_config, tls_config, EnrolmentGate, EnrolmentReload, SharedRevocations, TlsFiles,
-    WATCH_QUIET,
+    reader_tls_config, tls_config, EnrolmentGate, EnrolmentReload, ReloadError, SharedRevocations,
+    TlsFiles, WATCH_QUIET,
 };
 
 /// Everything `serve` needs.

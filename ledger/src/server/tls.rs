@@ -218,6 +218,19 @@ impl rustls::server::danger::ClientCertVerifier for EnrolledClientVerifier {
 /// How long changes to the enrolment directory must be quiet before the watch reloads it.
 pub const WATCH_QUIET: Duration = Duration::from_millis(200);
 
+/// Why a reload was refused (the current configuration stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// Every problem found in the TLS files, each naming its flag and file.
+    #[error("{}", .0.join("; "))]
+    Tls(Vec<String>),
+    #[error(transparent)]
+    Enrolment(#[from] crate::enrol::EnrolmentError),
+    /// A copy in progress, or a directory swapped in empty, would otherwise revoke every node.
+    #[error("{}: no node would be enrolled; the current enrolment stays", dir.display())]
+    NoNode { dir: PathBuf },
+}
+
 /// Handle to re-read the enrolment directory (SIGHUP).
 #[derive(Clone)]
 pub struct EnrolmentReload {
@@ -251,14 +264,14 @@ impl EnrolmentReload {
     /// CA, a new CRL): new connections use them; an open stream whose client certificate the
     /// new CRL revokes is ended at once (`revoked`). On any problem the current ones stay.
     /// Returns how many certificates the CRLs revoke.
-    pub fn reload_tls(&self) -> Result<usize, String> {
+    pub fn reload_tls(&self) -> Result<usize, ReloadError> {
         let _serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         let (tls, revocations) =
-            tls_config(&self.tls_files, &self.gate).map_err(|p| p.join("; "))?;
+            tls_config(&self.tls_files, &self.gate).map_err(ReloadError::Tls)?;
         let query_tls = match &self.query {
             Some((_, reader_ca)) => Some(
                 reader_tls_config(&self.tls_files.cert, &self.tls_files.key, reader_ca)
-                    .map_err(|p| p.join("; "))?,
+                    .map_err(ReloadError::Tls)?,
             ),
             None => None,
         };
@@ -365,14 +378,13 @@ impl EnrolmentReload {
     /// Re-reads the enrolment directory. A directory that would enrol no node at all is
     /// refused (a copy in progress, or one swapped in empty, would otherwise revoke every
     /// node): to unenrol the last node, restart the ledger.
-    pub fn reload(&self) -> Result<(usize, usize), String> {
+    pub fn reload(&self) -> Result<(usize, usize), ReloadError> {
         let _serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-        let e = Enrolment::load(&self.dir).map_err(|e| e.to_string())?;
+        let e = Enrolment::load(&self.dir)?;
         if e.node_count() == 0 {
-            return Err(format!(
-                "{}: no node would be enrolled; the current enrolment stays",
-                self.dir.display()
-            ));
+            return Err(ReloadError::NoNode {
+                dir: self.dir.clone(),
+            });
         }
         let counts = (e.node_count(), e.key_count());
         *self.enrolment.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(e);

@@ -287,6 +287,8 @@ pub struct ReadAudit {
 pub enum StoreError {
     #[error("{0}")]
     Url(String),
+    #[error("{0}")]
+    PgUrl(#[from] pgtarget::PgUrlError),
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("postgres: {}", postgres::describe(.0))]
@@ -312,7 +314,7 @@ impl std::str::FromStr for StoreUrl {
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
             // Checked now (TLS settings, no password, loopback unless TLS), so a bad URL is a
             // usage error; the store parses it again when it opens.
-            pgtarget::PgTarget::parse(s)?;
+            pgtarget::PgTarget::parse(s).map_err(|e| e.to_string())?;
             return Ok(StoreUrl::Postgres(s.to_owned()));
         }
         if let Some(rest) = s.strip_prefix("sqlite:") {

@@ -48,7 +48,59 @@ impl std::fmt::Debug for PgTarget {
     }
 }
 
-fn percent_decode(s: &str) -> Result<String, String> {
+/// Why a PostgreSQL store URL is refused. Each names the parameter, host or file at fault, and
+/// none repeats the URL (it could hold a password).
+#[derive(Debug, thiserror::Error)]
+pub enum PgUrlError {
+    #[error("{value:?}: a % not followed by two hex digits")]
+    BadPercent { value: String },
+    #[error("{value:?}: not UTF-8 once decoded")]
+    NotUtf8 { value: String },
+    #[error("{0} is given twice")]
+    Repeated(String),
+    #[error("not a PostgreSQL URL: {0}")]
+    Syntax(#[source] tokio_postgres::Error),
+    /// Not echoed: the message would print the password.
+    #[error(
+        "the PostgreSQL URL holds a password, which every local user can read in the process \
+         list: put it in the password file instead (passfile=, PGPASSFILE, else ~/.pgpass: \
+         host:port:database:user:password, mode 600)"
+    )]
+    PasswordInUrl,
+    #[error(
+        "host {0:?} is not on loopback: connections to PostgreSQL between hosts need TLS \
+         (sslmode=verify-full&sslrootcert=CA.pem)"
+    )]
+    HostNotLoopback(String),
+    #[error(
+        "hostaddr {0} is not on loopback: connections to PostgreSQL between hosts need TLS \
+         (sslmode=verify-full&sslrootcert=CA.pem)"
+    )]
+    HostaddrNotLoopback(IpAddr),
+    #[error("no host: name the server (a loopback address, or a host with sslmode=verify-full)")]
+    NoHost,
+    #[error("{0} is given without sslmode=verify-full")]
+    TlsFileWithoutTls(&'static str),
+    #[error(
+        "sslmode=verify-full needs sslrootcert=CA.pem (the CA the server's certificate must \
+         chain to)"
+    )]
+    NoRootCert,
+    #[error(
+        "sslmode={0} does not check that the server is the host named; use sslmode=verify-full \
+         with sslrootcert (or disable, on loopback only)"
+    )]
+    WeakSslMode(String),
+    #[error("sslmode={0:?} is not one of disable, verify-full")]
+    UnknownSslMode(String),
+    #[error("sslcert and sslkey go together")]
+    CertWithoutKey,
+    /// A certificate or key file named by the URL (the message names the parameter and file).
+    #[error("{0}")]
+    TlsFile(String),
+}
+
+fn percent_decode(s: &str) -> Result<String, PgUrlError> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -57,7 +109,9 @@ fn percent_decode(s: &str) -> Result<String, String> {
             let hex = s
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("{s:?}: a % not followed by two hex digits"))?;
+                .ok_or_else(|| PgUrlError::BadPercent {
+                    value: s.to_owned(),
+                })?;
             out.push(hex);
             i += 3;
         } else {
@@ -65,7 +119,9 @@ fn percent_decode(s: &str) -> Result<String, String> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| format!("{s:?}: not UTF-8 once decoded"))
+    String::from_utf8(out).map_err(|_| PgUrlError::NotUtf8 {
+        value: s.to_owned(),
+    })
 }
 
 fn is_loopback(h: &Host) -> bool {
@@ -84,7 +140,7 @@ fn is_loopback(h: &Host) -> bool {
 
 impl PgTarget {
     /// Parses `url`, reading the CA and client certificate it names; every problem is named.
-    pub fn parse(url: &str) -> Result<PgTarget, String> {
+    pub fn parse(url: &str) -> Result<PgTarget, PgUrlError> {
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut ours = std::collections::BTreeMap::new();
         let mut rest = Vec::new();
@@ -92,7 +148,7 @@ impl PgTarget {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             if OURS.contains(&k) {
                 if ours.insert(k, percent_decode(v)?).is_some() {
-                    return Err(format!("{k} is given twice"));
+                    return Err(PgUrlError::Repeated(k.to_owned()));
                 }
             } else {
                 rest.push(pair);
@@ -103,53 +159,35 @@ impl PgTarget {
         } else {
             format!("{base}?{}", rest.join("&"))
         };
-        let mut config: tokio_postgres::Config = their_url
-            .parse()
-            .map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
+        let mut config: tokio_postgres::Config = their_url.parse().map_err(PgUrlError::Syntax)?;
         if config.get_password().is_some() {
-            // Not echoed: the error would print the password.
-            return Err(
-                "the PostgreSQL URL holds a password, which every local user can \
-                        read in the process list: put it in the password file instead \
-                        (passfile=, PGPASSFILE, else ~/.pgpass: host:port:database:user:password, \
-                        mode 600)"
-                    .into(),
-            );
+            return Err(PgUrlError::PasswordInUrl);
         }
         let tls = match ours.get("sslmode").map(String::as_str) {
             None | Some("disable") => {
                 if let Some(h) = config.get_hosts().iter().find(|h| !is_loopback(h)) {
-                    return Err(format!(
-                        "host {h:?} is not on loopback: connections to PostgreSQL between \
-                         hosts need TLS (sslmode=verify-full&sslrootcert=CA.pem)"
-                    ));
+                    return Err(PgUrlError::HostNotLoopback(match h {
+                        Host::Tcp(name) => name.clone(),
+                        Host::Unix(path) => path.display().to_string(),
+                    }));
                 }
                 // tokio-postgres connects to hostaddr when it is given, whatever the host says.
                 if let Some(a) = config.get_hostaddrs().iter().find(|a| !a.is_loopback()) {
-                    return Err(format!(
-                        "hostaddr {a} is not on loopback: connections to PostgreSQL between \
-                         hosts need TLS (sslmode=verify-full&sslrootcert=CA.pem)"
-                    ));
+                    return Err(PgUrlError::HostaddrNotLoopback(*a));
                 }
                 if config.get_hosts().is_empty() {
-                    return Err(
-                        "no host: name the server (a loopback address, or a host with \
-                                sslmode=verify-full)"
-                            .into(),
-                    );
+                    return Err(PgUrlError::NoHost);
                 }
                 for k in ["sslrootcert", "sslcert", "sslkey"] {
                     if ours.contains_key(k) {
-                        return Err(format!("{k} is given without sslmode=verify-full"));
+                        return Err(PgUrlError::TlsFileWithoutTls(k));
                     }
                 }
                 None
             }
             Some("verify-full") => {
                 let Some(ca) = ours.get("sslrootcert") else {
-                    return Err("sslmode=verify-full needs sslrootcert=CA.pem (the CA the \
-                                server's certificate must chain to)"
-                        .into());
+                    return Err(PgUrlError::NoRootCert);
                 };
                 config.ssl_mode(SslMode::Require);
                 Some(Arc::new(client_tls(
@@ -159,12 +197,9 @@ impl PgTarget {
                 )?))
             }
             Some(m @ ("allow" | "prefer" | "require" | "verify-ca")) => {
-                return Err(format!(
-                    "sslmode={m} does not check that the server is the host named; use \
-                     sslmode=verify-full with sslrootcert (or disable, on loopback only)"
-                ))
+                return Err(PgUrlError::WeakSslMode((*m).to_owned()))
             }
-            Some(m) => return Err(format!("sslmode={m:?} is not one of disable, verify-full")),
+            Some(m) => return Err(PgUrlError::UnknownSslMode(m.to_owned())),
         };
         // A dead server or a silently dropped connection must fail a commit (the stream gets
         // UNAVAILABLE and the node retries), not hang it while it holds a pool slot. With
@@ -249,13 +284,13 @@ fn client_tls(
     ca: &Path,
     cert: Option<&Path>,
     key: Option<&Path>,
-) -> Result<rustls::ClientConfig, String> {
+) -> Result<rustls::ClientConfig, PgUrlError> {
     let cert_key = match (cert, key) {
         (None, None) => None,
         (Some(cert), Some(key)) => Some((cert, key)),
-        _ => return Err("sslcert and sslkey go together".into()),
+        _ => return Err(PgUrlError::CertWithoutKey),
     };
-    wattd_web::tls::client_config(ca, "sslrootcert", cert_key)
+    wattd_web::tls::client_config(ca, "sslrootcert", cert_key).map_err(PgUrlError::TlsFile)
 }
 
 #[cfg(test)]
@@ -288,14 +323,20 @@ mod tests {
             .unwrap()
             .is_tls());
         assert!(PgTarget::parse("postgres://u@localhost,[::1]:5432/db?sslmode=disable").is_ok());
-        let e = PgTarget::parse("postgres://u@db.internal:5432/db").unwrap_err();
+        let e = PgTarget::parse("postgres://u@db.internal:5432/db")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("not on loopback") && e.contains("verify-full"),
             "{e}"
         );
-        let e = PgTarget::parse("postgres://u@127.0.0.1,10.0.0.2/db?sslmode=disable").unwrap_err();
+        let e = PgTarget::parse("postgres://u@127.0.0.1,10.0.0.2/db?sslmode=disable")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("10.0.0.2"), "{e}");
-        let e = PgTarget::parse("postgres://u@localhost/db?hostaddr=10.0.0.5").unwrap_err();
+        let e = PgTarget::parse("postgres://u@localhost/db?hostaddr=10.0.0.5")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("hostaddr 10.0.0.5"), "{e}");
         assert!(PgTarget::parse("postgres://u@localhost/db?hostaddr=127.0.0.1").is_ok());
     }
@@ -331,7 +372,7 @@ mod tests {
             ("postgres://u@127.0.0.1/db?passfile=%zz", "hex digits"),
             ("postgres://u:pw@127.0.0.1/db", "password file"),
         ] {
-            let e = PgTarget::parse(url).unwrap_err();
+            let e = PgTarget::parse(url).unwrap_err().to_string();
             assert!(e.contains(want), "{url}: {e}");
             assert!(!e.contains(":pw@"), "{e}");
         }

@@ -157,7 +157,7 @@ async fn connect(target: &PgTarget) -> Result<Client, StoreError> {
 
 impl PgStore {
     pub async fn open(url: &str, mode: OpenMode) -> Result<Self, StoreError> {
-        let target = PgTarget::parse(url).map_err(StoreError::Url)?;
+        let target = PgTarget::parse(url)?;
         let mut client = connect(&target).await?;
         if mode == OpenMode::Serve {
             // A lock not had within the schema transaction's timeout (behind a long reader, a
