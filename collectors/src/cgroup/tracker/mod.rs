@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::family::{share_residual, Claimant, ClaimantKind, Family, FinalUsage, Other};
+use super::family::{payout, share_residual, Claimant, ClaimantKind, Family, FinalUsage, Other};
 use super::files::{read_populated, read_reserved_millicpus, Source};
 use super::inotify::{Event, Inotify};
 use super::mount::find_cgroup2_mount;

@@ -524,10 +524,12 @@ impl RunTracker {
                 // they counted, and the residual less that goes to the others.
                 let counted_apart =
                     bracket_us > BRACKET_MAX_US || claimants.iter().any(|c| c.perf_us.is_none());
+                let mut counted_us = 0u64;
                 if counted_apart {
                     claimants.retain(|c| match (&c.kind, c.perf_us) {
                         (ClaimantKind::Run(id), Some(t)) => {
                             r -= i128::from(t);
+                            counted_us = counted_us.saturating_add(t);
                             self.settle_counted(id, t);
                             false
                         }
@@ -553,20 +555,10 @@ impl RunTracker {
                     .counters
                     .reconcile_clamped_us
                     .saturating_add(u64::try_from(clamped).unwrap_or(u64::MAX));
-                tracing::debug!(
-                    parent = %Shown::new(rel),
-                    children_us = %children,
-                    residual_us = %r,
-                    balance_us = %unclamped,
-                    clamped_us = %(unclamped - fam.balance),
-                    claimants = claimants.len(),
-                    span_us = self.now_us().saturating_sub(now),
-                    recapture,
-                    "reconcile point"
-                );
+                let mut paid_us = 0;
                 if !claimants.is_empty() {
-                    let pay = u64::try_from(fam.balance.max(0)).unwrap_or(u64::MAX);
-                    fam.balance -= i128::from(pay);
+                    let pay = payout(&mut fam.balance, bracket_us, BRACKET_MAX_US);
+                    paid_us = pay;
                     let weights: Vec<u64> = claimants.iter().map(|c| c.weight_us).collect();
                     let shares = share_residual(pay, &weights);
                     let how = if claimants.len() > 1 {
@@ -578,6 +570,21 @@ impl RunTracker {
                         self.settle_claim(&c.kind, share, how);
                     }
                 }
+                tracing::debug!(
+                    parent = %Shown::new(rel),
+                    children_us = %children,
+                    bracket_us,
+                    counted_us,
+                    residual_us = %r,
+                    balance_us = %unclamped,
+                    clamped_us = %clamped,
+                    claimants = claimants.len(),
+                    paid_us,
+                    left_us = %fam.balance,
+                    span_us = self.now_us().saturating_sub(now),
+                    recapture,
+                    "reconcile point"
+                );
             }
             (_, why) => {
                 fam.balance = 0;
