@@ -255,150 +255,17 @@ impl MeterResult {
     }
 }
 
-/// Which of two equal remainders gets the spare microjoule first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Ties {
-    /// The smaller key first (active energy).
-    SmallestKey,
-    /// The larger key first (idle energy). Opposite orders for the two parts keep runs with equal
-    /// usage within 1 uJ of each other in total, not 2.
-    LargestKey,
-}
+pub use wattd_collectors::shares::{apportion, Ties};
+use wattd_collectors::shares::{largest_remainder, SplitScratch};
 
-/// Splits `total` in proportion to `weights`, exactly: each share is the floor of its quota and
-/// the remainder goes one unit at a time to the largest fractional parts, equal ones in `ties`
-/// order of their keys. A zero weight never receives anything. Returns zeros when every weight is
-/// zero (the caller decides where `total` goes).
-pub fn apportion<K: Ord>(total: u64, weights: &[(K, u64)], ties: Ties) -> Vec<u64> {
-    let w: Vec<u64> = weights.iter().map(|(_, w)| *w).collect();
-    let mut out = Vec::with_capacity(w.len());
-    split(
-        total,
-        &w,
-        |a, b| weights[a].0.cmp(&weights[b].0),
-        ties,
-        &mut out,
-        &mut Scratch::default(),
-    );
-    out
-}
-
-/// Working buffers of [`split`], reused across the meters of an interval: with 10,000 runs each
-/// is tens of kilobytes, and fresh ones per split cost more in page faults than the arithmetic.
+/// Working buffers of an interval's splits, reused across its meters: with 10,000 runs each is
+/// tens of kilobytes, and fresh ones per split cost more in page faults than the arithmetic.
 #[derive(Debug, Default)]
 struct Scratch {
-    rems64: Vec<u64>,
-    rems: Vec<u128>,
-    select64: Vec<u64>,
-    select: Vec<u128>,
-    at_threshold: Vec<usize>,
+    split: SplitScratch,
     active: Vec<u64>,
     idle: Vec<u64>,
     weights: Vec<u64>,
-}
-
-/// The core of [`apportion`] on bare weights: `key_cmp(i, j)` orders buckets for tie-breaks.
-/// Written for the hot path (10,000 runs x every meter x every interval): one division per
-/// bucket, a linear selection of the threshold remainder, no sorting but of exact ties.
-fn split(
-    total: u64,
-    weights: &[u64],
-    key_cmp: impl Fn(usize, usize) -> std::cmp::Ordering,
-    ties: Ties,
-    out: &mut Vec<u64>,
-    scratch: &mut Scratch,
-) {
-    out.clear();
-    let n = weights.len();
-    let sum: u128 = weights.iter().map(|w| *w as u128).sum();
-    if sum == 0 {
-        out.resize(n, 0);
-        return;
-    }
-    let max_w = weights.iter().copied().max().unwrap_or(0);
-    let Scratch {
-        rems64,
-        rems,
-        select64,
-        select,
-        at_threshold,
-        ..
-    } = scratch;
-    rems64.clear();
-    rems.clear();
-    let wide = !(sum <= u64::MAX as u128 && total.checked_mul(max_w).is_some());
-    let left = if !wide {
-        // Every product fits in 64 bits: 64-bit division is several times cheaper.
-        let sum64 = sum as u64;
-        rems64.reserve(n);
-        let mut given: u64 = 0;
-        for &w in weights {
-            let q = total * w;
-            let share = q / sum64;
-            given += share;
-            out.push(share);
-            rems64.push(q - share * sum64);
-        }
-        (total - given) as usize
-    } else {
-        rems.reserve(n);
-        let mut given: u128 = 0;
-        for &w in weights {
-            let q = total as u128 * w as u128;
-            let share = q / sum;
-            given += share;
-            out.push(share as u64);
-            rems.push(q % sum);
-        }
-        (total as u128 - given) as usize
-    };
-    if left == 0 {
-        return;
-    }
-    if wide {
-        distribute(out, rems, select, at_threshold, left, &key_cmp, ties);
-    } else {
-        distribute(out, rems64, select64, at_threshold, left, &key_cmp, ties);
-    }
-}
-
-/// Gives one more unit to each of the `left` largest remainders (equal ones in `ties` order of
-/// their keys). `left` is always smaller than the number of non-zero remainders, so a zero
-/// weight (remainder 0) never receives one.
-fn distribute<R: Ord + Copy>(
-    shares: &mut [u64],
-    rems: &[R],
-    values: &mut Vec<R>,
-    at_threshold: &mut Vec<usize>,
-    left: usize,
-    key_cmp: &impl Fn(usize, usize) -> std::cmp::Ordering,
-    ties: Ties,
-) {
-    // The `left`-th largest remainder is the threshold: everything above it gets one more, and
-    // of those equal to it, as many as are still owed, chosen by key in `ties` order (so list
-    // order does not matter). Selecting on bare remainders keeps this linear and cheap.
-    values.clear();
-    values.extend_from_slice(rems);
-    let (_, threshold, _) = values.select_nth_unstable_by(left - 1, |a, b| b.cmp(a));
-    let threshold = *threshold;
-    let mut given = 0usize;
-    at_threshold.clear();
-    for (i, &r) in rems.iter().enumerate() {
-        if r > threshold {
-            shares[i] += 1;
-            given += 1;
-        } else if r == threshold {
-            at_threshold.push(i);
-        }
-    }
-    let owed = left - given;
-    at_threshold.sort_unstable_by(|a, b| match ties {
-        Ties::SmallestKey => key_cmp(*a, *b),
-        Ties::LargestKey => key_cmp(*b, *a),
-    });
-    for &i in at_threshold.iter().take(owed) {
-        shares[i] += 1;
-    }
 }
 
 /// Attributes one interval. Pure: the same input gives the same output, bit for bit.
@@ -785,13 +652,13 @@ fn divide(
     let mut active_shares = std::mem::take(&mut scratch.active);
     let mut idle_shares = std::mem::take(&mut scratch.idle);
     idle_shares.clear();
-    split(
+    largest_remainder(
         active,
         weights,
         key_cmp,
         Ties::SmallestKey,
         &mut active_shares,
-        scratch,
+        &mut scratch.split,
     );
     r.host_active_uj = if none_used {
         active
@@ -805,13 +672,13 @@ fn divide(
             if none_used {
                 r.host_idle_uj = idle;
             } else {
-                split(
+                largest_remainder(
                     idle,
                     weights,
                     key_cmp,
                     Ties::LargestKey,
                     &mut idle_shares,
-                    scratch,
+                    &mut scratch.split,
                 );
                 r.host_idle_uj = idle_shares[nruns];
             }
@@ -821,13 +688,13 @@ fn divide(
             if rw.iter().all(|w| *w == 0) {
                 r.host_idle_uj = idle;
             } else {
-                split(
+                largest_remainder(
                     idle,
                     &rw,
                     key_cmp,
                     Ties::LargestKey,
                     &mut idle_shares,
-                    scratch,
+                    &mut scratch.split,
                 );
                 r.host_idle_uj = idle_shares[nruns];
             }

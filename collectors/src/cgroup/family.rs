@@ -39,6 +39,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::files::Source;
+use crate::shares::{largest_remainder, SplitScratch, Ties};
 
 /// How a finished run's last stretch of usage was obtained (the words are in its summary).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -195,40 +196,28 @@ pub fn weight_floor(weight_us: u64, unobserved_us: u64) -> u64 {
 }
 
 /// Divides `total` microseconds among claimants in proportion to `weights` (the CPU time each
-/// is expected to have used unobserved, see [`Claimant`]), exactly: floors, then the leftover one each to the largest remainders, ties to
-/// the earlier claimant. All-zero weights share equally. The parts sum to `total`.
+/// is expected to have used unobserved, see [`Claimant`]), exactly ([`largest_remainder`], ties
+/// to the earlier claimant). All-zero weights share equally. The parts sum to `total`.
 pub fn share_residual(total: u64, weights: &[u64]) -> Vec<u64> {
-    if weights.is_empty() {
-        return Vec::new();
-    }
-    let sum: u128 = weights.iter().map(|&w| u128::from(w)).sum();
-    let w = |i: usize| -> u128 {
-        if sum == 0 {
-            1
-        } else {
-            u128::from(weights[i])
-        }
-    };
-    let sum = if sum == 0 { weights.len() as u128 } else { sum };
     let mut out = Vec::with_capacity(weights.len());
-    let mut rems = Vec::with_capacity(weights.len());
-    let mut given: u64 = 0;
-    for i in 0..weights.len() {
-        let num = u128::from(total) * w(i);
-        let q = u64::try_from(num / sum).unwrap_or(u64::MAX);
-        given = given.saturating_add(q);
-        out.push(q);
-        rems.push((num % sum, i));
+    if weights.is_empty() {
+        return out;
     }
-    rems.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut left = total.saturating_sub(given);
-    for (_, i) in rems {
-        if left == 0 {
-            break;
-        }
-        out[i] += 1;
-        left -= 1;
-    }
+    let ones;
+    let weights = if weights.iter().all(|&w| w == 0) {
+        ones = vec![1; weights.len()];
+        &ones
+    } else {
+        weights
+    };
+    largest_remainder(
+        total,
+        weights,
+        |a, b| a.cmp(&b),
+        Ties::SmallestKey,
+        &mut out,
+        &mut SplitScratch::default(),
+    );
     out
 }
 

@@ -22,7 +22,7 @@ use super::perf::CgroupTaskClock;
 use crate::error::{HostError, Shown, HINT_GENERIC, HINT_PERF};
 use crate::hostfs::HostRoot;
 use crate::procstat::{user_hz, ProcStat, ProcStatFile};
-use crate::shares::PackageShares;
+use crate::shares::{largest_remainder, PackageShares, SplitScratch, Ties};
 use crate::topology::Topology;
 
 mod events;
@@ -31,7 +31,7 @@ mod runs;
 mod usage;
 
 use runs::perf_counters_plan;
-pub use usage::split_exact;
+pub use usage::{split_exact, PackageSplitScratch};
 
 /// Labels the control plane attaches to a run.
 pub type Labels = BTreeMap<String, String>;
@@ -482,7 +482,9 @@ pub struct RunTracker {
     events: Vec<Event>,
     tc_scratch: Vec<(u32, u64)>,
     /// A run's counter movement per package while it is split (kept between ticks).
-    split_scratch: Vec<(u32, u128)>,
+    split_scratch: Vec<(u32, u64)>,
+    /// The buffers of that split (kept between runs and ticks).
+    package_split: PackageSplitScratch,
     /// A parent's directory entries while it is listed (kept between points).
     dir_buf: Vec<u8>,
     /// A child's path while it is looked up (kept between points).
@@ -605,6 +607,7 @@ impl RunTracker {
             events: Vec::new(),
             tc_scratch: Vec::new(),
             split_scratch: Vec::new(),
+            package_split: PackageSplitScratch::default(),
             dir_buf: Vec::new(),
             child_key: String::new(),
             listings_skipped: 0,
@@ -803,16 +806,16 @@ mod tests {
     }
 
     /// `split_exact` as it was first written (sorting the remainders): the reference.
-    fn split_exact_by_sorting(total: u64, weights: &[(u32, u128)]) -> BTreeMap<u32, u64> {
-        let sum: u128 = weights.iter().map(|&(_, w)| w).sum();
+    fn split_exact_by_sorting(total: u64, weights: &[(u32, u64)]) -> BTreeMap<u32, u64> {
+        let sum: u128 = weights.iter().map(|&(_, w)| u128::from(w)).sum();
         if sum == 0 || weights.is_empty() {
-            return split_exact(total, weights).iter().copied().collect();
+            return split(total, weights).iter().copied().collect();
         }
         let mut out = BTreeMap::new();
         let mut given: u64 = 0;
         let mut rems: Vec<(u128, u32)> = Vec::new();
         for &(p, w) in weights {
-            let num = u128::from(total) * w;
+            let num = u128::from(total) * u128::from(w);
             let q = u64::try_from(num / sum).unwrap_or(u64::MAX);
             given += q;
             rems.push((num % sum, p));
@@ -836,16 +839,16 @@ mod tests {
         #[test]
         fn split_exact_gives_what_sorting_the_remainders_gave(
             total in proptest::prop_oneof![0u64..1_000, proptest::num::u64::ANY],
-            weights in proptest::collection::vec((0u32..6, 0u128..5_000), 0..9),
+            weights in proptest::collection::vec((0u32..6, 0u64..5_000), 0..9),
             wide in proptest::bool::ANY,
         ) {
             // Past 64 weights the flags take over from the bits.
-            let weights: Vec<(u32, u128)> = if wide {
-                (0..70u32).map(|p| (p, u128::from(p % 7) + 1)).collect()
+            let weights: Vec<(u32, u64)> = if wide {
+                (0..70u32).map(|p| (p, u64::from(p % 7) + 1)).collect()
             } else {
                 weights
             };
-            let got: BTreeMap<u32, u64> = split_exact(total, &weights).iter().copied().collect();
+            let got: BTreeMap<u32, u64> = split(total, &weights).iter().copied().collect();
             // Exact whatever the weights: a package named twice (never so from the tracker)
             // gets the sum of its parts, where the first version kept the last part only.
             proptest::prop_assert_eq!(got.values().map(|&v| u128::from(v)).sum::<u128>(), u128::from(total));
@@ -855,22 +858,26 @@ mod tests {
         }
     }
 
+    fn split(total: u64, weights: &[(u32, u64)]) -> PackageShares {
+        split_exact(total, weights, &mut PackageSplitScratch::default())
+    }
+
     #[test]
     fn split_exact_conserves() {
-        let w = [(0u32, 1u128), (1, 1), (2, 1)];
-        let s = split_exact(100, &w);
+        let w = [(0u32, 1u64), (1, 1), (2, 1)];
+        let s = split(100, &w);
         assert_eq!(s.values().sum::<u64>(), 100);
         assert_eq!(s.get(0), Some(34));
         assert_eq!(s.get(1), Some(33));
-        let s = split_exact(7, &[(0, 0), (1, 0)]);
+        let s = split(7, &[(0, 0), (1, 0)]);
         assert_eq!(s, PackageShares::from([(0, 7)]));
-        let s = split_exact(u64::MAX, &[(0, u128::from(u64::MAX)), (1, 3)]);
+        let s = split(u64::MAX, &[(0, u64::MAX), (1, 3)]);
         assert_eq!(s.values().fold(0u64, |a, b| a.wrapping_add(b)), u64::MAX);
         // Weights in any package order: the shares come out in package order.
-        let s = split_exact(10, &[(5, 1), (2, 1)]);
+        let s = split(10, &[(5, 1), (2, 1)]);
         assert_eq!(s, PackageShares::from([(2, 5), (5, 5)]));
         for total in [0u64, 1, 2, 999, 1_000_003] {
-            let s = split_exact(total, &[(3, 7), (5, 11), (9, 13)]);
+            let s = split(total, &[(3, 7), (5, 11), (9, 13)]);
             assert_eq!(s.values().sum::<u64>(), total);
         }
     }

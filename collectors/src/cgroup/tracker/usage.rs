@@ -100,8 +100,13 @@ impl RunTracker {
             let reconciled_us = std::mem::take(&mut run.pending_reconciled_us);
             run.reconciled_total_us += reconciled_us;
             let usage_us = read_us.saturating_add(reconciled_us);
-            let (by_pkg, split) =
-                split_run(run, usage_us, &fallback_weights, &mut self.split_scratch);
+            let (by_pkg, split) = split_run(
+                run,
+                usage_us,
+                &fallback_weights,
+                &mut self.split_scratch,
+                &mut self.package_split,
+            );
             for (pkg, us) in &by_pkg {
                 *runs_by_pkg.entry(*pkg).or_default() += us;
             }
@@ -142,7 +147,7 @@ impl RunTracker {
             if let Some(f) = parent_rel(&g.cgroup_rel).and_then(|p| self.families.get_mut(p)) {
                 f.must_list = true;
             }
-            let by_pkg = split_exact(g.usage_us, &fallback_weights);
+            let by_pkg = split_exact(g.usage_us, &fallback_weights, &mut self.package_split);
             for (pkg, us) in &by_pkg {
                 *runs_by_pkg.entry(*pkg).or_default() += us;
             }
@@ -306,34 +311,38 @@ fn paired_tc_ns(run: &Run) -> Option<u64> {
 
 /// Package weights from /proc/stat busy time; with none measured (first tick, idle host), each
 /// package weighs its CPU count so the split is still exact and deterministic.
-fn proc_stat_weights(busy: &Option<BTreeMap<u32, i128>>, topo: &Topology) -> Vec<(u32, u128)> {
+fn proc_stat_weights(busy: &Option<BTreeMap<u32, i128>>, topo: &Topology) -> Vec<(u32, u64)> {
     if let Some(b) = busy {
         if b.values().any(|&v| v > 0) {
-            return b.iter().map(|(&p, &v)| (p, v.max(0) as u128)).collect();
+            return b
+                .iter()
+                .map(|(&p, &v)| (p, u64::try_from(v.max(0)).unwrap_or(u64::MAX)))
+                .collect();
         }
     }
     topo.cpus_by_package()
         .into_iter()
-        .map(|(p, cpus)| (p, cpus.len() as u128))
+        .map(|(p, cpus)| (p, cpus.len() as u64))
         .collect()
 }
 
 fn split_run(
     run: &Run,
     usage_us: u64,
-    fallback: &[(u32, u128)],
-    w: &mut Vec<(u32, u128)>,
+    fallback: &[(u32, u64)],
+    w: &mut Vec<(u32, u64)>,
+    scratch: &mut PackageSplitScratch,
 ) -> (PackageShares, SplitSource) {
     if let Some(p) = run.perf.as_deref().filter(|p| p.split && p.paired) {
         // The counters' movement per package (in `w`, by package id), since the last tick or
         // over the run's whole life.
-        let by_pkg = |w: &mut Vec<(u32, u128)>, whole_life: bool| {
+        let by_pkg = |w: &mut Vec<(u32, u64)>, whole_life: bool| {
             w.clear();
             for s in &p.slots {
                 let since = if whole_life { 0 } else { s.reported_ns };
-                let v = u128::from(s.latest_ns.saturating_sub(since));
+                let v = s.latest_ns.saturating_sub(since);
                 match w.iter_mut().find(|e| e.0 == s.pkg) {
-                    Some(e) => e.1 += v,
+                    Some(e) => e.1 = e.1.saturating_add(v),
                     None => w.push((s.pkg, v)),
                 }
             }
@@ -346,49 +355,59 @@ fn split_run(
             by_pkg(w, true);
         }
         if w.iter().any(|&(_, v)| v > 0) {
-            return (split_exact(usage_us, w), SplitSource::PerfTaskClock);
+            return (
+                split_exact(usage_us, w, scratch),
+                SplitSource::PerfTaskClock,
+            );
         }
     }
-    (split_exact(usage_us, fallback), SplitSource::ProcStatShare)
+    (
+        split_exact(usage_us, fallback, scratch),
+        SplitSource::ProcStatShare,
+    )
 }
 
-/// Divides `total` in proportion to `weights` exactly (largest remainder, ties to the lower
-/// package id), so per-package parts always sum to the run's usage.
-pub fn split_exact(total: u64, weights: &[(u32, u128)]) -> PackageShares {
-    let sum: u128 = weights.iter().map(|&(_, w)| w).sum();
-    if sum == 0 || weights.is_empty() {
+/// Buffers of [`split_exact`], kept by the tracker across runs and ticks.
+#[derive(Debug, Default)]
+pub struct PackageSplitScratch {
+    weights: Vec<u64>,
+    shares: Vec<u64>,
+    split: SplitScratch,
+}
+
+/// Divides `total` in proportion to `weights` exactly ([`largest_remainder`], ties to the lower
+/// package id, then the earlier weight), so per-package parts always sum to the run's usage;
+/// with no weight at all, the first package (package 0 when there is none) gets it all.
+pub fn split_exact(
+    total: u64,
+    weights: &[(u32, u64)],
+    scratch: &mut PackageSplitScratch,
+) -> PackageShares {
+    if weights.iter().all(|&(_, w)| w == 0) {
         let p = weights.first().map_or(0, |&(p, _)| p);
         return PackageShares::from_pairs(vec![(p, total)]);
     }
-    // In the weights' order; `from_pairs` sorts them by package at the end.
-    let mut out: Vec<(u32, u64)> = Vec::with_capacity(weights.len());
-    let mut given: u64 = 0;
-    for &(p, w) in weights {
-        let q = u64::try_from(u128::from(total) * w / sum).unwrap_or(u64::MAX);
-        given += q;
-        out.push((p, q));
-    }
-    // What the quotients left (fewer units than weights) goes one unit each to the largest
-    // remainders, ties to the lower package id then the earlier weight: in that order, each
-    // pick the best weight ranked below the last one (no sort, nothing allocated: this runs
-    // for every run on every tick).
-    let rank = |i: usize| {
-        (
-            (u128::from(total) * weights[i].1) % sum,
-            std::cmp::Reverse(weights[i].0),
-            std::cmp::Reverse(i),
-        )
-    };
-    let mut last = None;
-    for _ in 0..total - given {
-        let Some(b) = (0..weights.len())
-            .filter(|&i| last.map_or(true, |l| rank(i) < l))
-            .max_by_key(|&i| rank(i))
-        else {
-            break;
-        };
-        last = Some(rank(b));
-        out[b].1 += 1;
-    }
-    PackageShares::from_pairs(out)
+    let PackageSplitScratch {
+        weights: bare,
+        shares,
+        split,
+    } = scratch;
+    bare.clear();
+    bare.extend(weights.iter().map(|&(_, w)| w));
+    largest_remainder(
+        total,
+        bare,
+        |a, b| (weights[a].0, a).cmp(&(weights[b].0, b)),
+        Ties::SmallestKey,
+        shares,
+        split,
+    );
+    // In the weights' order; `from_pairs` sorts them by package.
+    PackageShares::from_pairs(
+        weights
+            .iter()
+            .map(|&(p, _)| p)
+            .zip(shares.iter().copied())
+            .collect(),
+    )
 }
