@@ -360,22 +360,32 @@ impl RunTracker {
         else {
             return;
         };
-        self.list_family(rel);
         // The reads: the parent before the children (`pre`; taken at the tick's start when not
-        // `recapture`), the live children, the parent after (`post`). The midpoint of the two
-        // parent reads stands for the moment of the children's, so the residual is off by at
-        // most half of what the parent gained between them (the bracket). When that is wide
-        // (this thread was preempted mid-way, as on a host whose runs take every CPU), the
+        // `recapture`), the listing, the live children, the parent after (`post`). The midpoint
+        // of the two parent reads stands for the moment of the children's, so the residual is off
+        // by at most half of what the parent gained between them (the bracket). When that is
+        // wide (this thread was preempted mid-way, as on a host whose runs take every CPU), the
         // reads are taken again, a few times at most.
         let mut attempt = 0u32;
         let mut post_at_us;
         let (others_read, post_read, bracket_us) = loop {
-            if recapture || attempt > 0 {
+            let fresh = recapture || attempt > 0;
+            if fresh {
                 let at = self.now_us();
                 if let Some(f) = self.families.get_mut(rel) {
                     f.pre_us = f.cpu_stat.read_cpu_usage_us().ok();
                     f.pre_at_us = at;
                 }
+            }
+            // Listed after the parent's first read, never before: a child made before that read
+            // has used CPU time the parent counts, so it must be read as a child too. (Listed
+            // before it, a starved agent's point left out the children made in the seconds
+            // between, paid what they had used to the removed ones as a residual, and took it
+            // back at the next point into a balance that stayed negative: 5.7% over in total.)
+            // A child made after it has used nothing the midpoint can count but its share of
+            // the bracket.
+            self.list_family(rel);
+            if fresh {
                 let mut gone = Vec::new();
                 for id in &ids {
                     let Some(run) = self.runs.get_mut(id) else {
