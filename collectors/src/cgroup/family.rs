@@ -10,8 +10,9 @@
 //!
 //! A [`Family`] is one parent directory of tracked runs (never the cgroup root, whose
 //! `cpu.stat` is the whole machine). At each *reconcile point* (every tick, and right after a
-//! batch of cgroup events in which a child went away unread) the tracker reads every live child
-//! it has not seen settle empty, then the parent, and the residual goes to the children that
+//! batch of cgroup events in which a child went away unread) the tracker reads the parent, lists
+//! its directory, reads every live child it has not seen settle empty, then the parent again,
+//! and the residual (from the midpoint of the two parent reads) goes to the children that
 //! went away since the previous point (the *claimants*). One claimant gets it all; several share
 //! it by [`share_residual`], the stated rule: in proportion to what each one's perf `task-clock`
 //! counters counted since its last read (they outlive the cgroup), or, for a claimant without
