@@ -701,6 +701,71 @@ fn generated_tree_cpu_stat_unknown_keys_missing_usage_and_vanishing() {
     assert!(t.tick(1_000_000).busy_measured);
 }
 
+/// A reconcile point that cannot read one of the parent's live children (its `cpu.stat`
+/// garbled) pays the sibling that went away nothing: the unread child's CPU time is in the
+/// parent's residual, and paid to the sibling it was billed twice once the child was read again
+/// (a balance left negative for good). The residual waits; what no claimant takes is the host's.
+#[test]
+fn a_point_with_an_unread_child_pays_no_residual() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = HostTree::new(dir.path());
+    h.cgroup2_host(2, 1).unwrap();
+    let cg = "sys/fs/cgroup/flowzart.slice";
+    h.write(format!("{cg}/cpu.stat"), "usage_usec 1000\n")
+        .unwrap();
+    h.write(format!("{cg}/cgroup.procs"), "").unwrap();
+    for id in ["a", "b"] {
+        h.write(format!("{cg}/run-{id}.scope/cpu.stat"), "usage_usec 100\n")
+            .unwrap();
+        h.write(
+            format!("{cg}/run-{id}.scope/cgroup.events"),
+            "populated 1\nfrozen 0\n",
+        )
+        .unwrap();
+    }
+    let mut t = RunTracker::new(TrackerConfig {
+        rescan_every_ticks: 0,
+        ..TrackerConfig::new(HostRoot::new(dir.path()))
+    })
+    .unwrap();
+    assert!(t.is_tracked("a") && t.is_tracked("b"));
+    let mut billed: BTreeMap<String, u64> = BTreeMap::new();
+    let mut add = |s: &UsageSnapshot| {
+        for r in &s.runs {
+            *billed.entry(r.run_id.to_string()).or_default() += r.usage_us;
+        }
+    };
+    add(&t.tick(1_000_000));
+    // `a` used 300 us that the tracker cannot read this time; `b` used 200 us and went away
+    // unread (in place: the tracker keeps the files open).
+    h.write(format!("{cg}/run-a.scope/cpu.stat"), "usage_usec lots\n")
+        .unwrap();
+    std::fs::remove_dir_all(dir.path().join(format!("{cg}/run-b.scope"))).unwrap();
+    h.write(format!("{cg}/cpu.stat"), "usage_usec 1500\n")
+        .unwrap();
+    let s = t.tick(1_000_000);
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.error.to_string().contains("run-a.scope/cpu.stat")),
+        "{:?}",
+        s.errors
+    );
+    let b = run(&s, "b").expect("b is reported finished");
+    assert!(b.finished, "{b:?}");
+    add(&s);
+    h.write(format!("{cg}/run-a.scope/cpu.stat"), "usage_usec 400\n")
+        .unwrap();
+    add(&t.tick(1_000_000));
+    add(&t.tick(1_000_000));
+    assert_eq!(billed.get("a"), Some(&300), "{billed:?}");
+    // `b` gets nothing of `a`'s 300 us: at most its own 200 (here none: the point that found it
+    // gone could not tell the two apart), and the runs together at most the parent's 500.
+    let b = billed.get("b").copied().unwrap_or(0);
+    assert!(b <= 200, "b billed {b} us: {billed:?}");
+    assert!(billed.values().sum::<u64>() <= 500, "{billed:?}");
+}
+
 /// `memory.current` is read at every tick only when asked for (the DRAM `memory` policy), and
 /// from the next tick once a reload asks for it; it is held open only while it is read.
 #[test]

@@ -34,7 +34,7 @@ impl RunTracker {
             .map(|f| f.rel.clone())
             .collect();
         for rel in claimed {
-            self.reconcile_family(&rel, true);
+            self.reconcile_family(&rel, true, &HashSet::new());
         }
         res
     }
@@ -91,7 +91,7 @@ impl RunTracker {
                             f.wd = None;
                         }
                         // The parent is gone: its children's unread tails cannot be told.
-                        self.reconcile_family(&rel, true);
+                        self.reconcile_family(&rel, true, &HashSet::new());
                     }
                     return;
                 }

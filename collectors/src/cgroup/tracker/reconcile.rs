@@ -57,7 +57,11 @@ impl RunTracker {
         let kept = usize::from(cpu_stat.is_kept())
             + usize::from(procs.is_kept())
             + usize::from(listing.is_some());
-        // Children first, then the parent: the same order as every point.
+        // Children first, then the parent once. Not a point's order, on purpose: the children's
+        // growth while they are listed is in the parent's read and not in theirs, so this
+        // baseline can only make the first residuals low (runs under-billed, the host's share
+        // up); a midpoint here would carry an error of either sign into every later balance,
+        // where no hold-back covers it.
         let mut others = BTreeMap::new();
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
@@ -219,10 +223,11 @@ impl RunTracker {
     /// the parent is read: one not known yet is read as an ordinary child (cheap: no watch, no
     /// kept descriptor), from its birth. When its creation event is read and it is a run, it
     /// becomes one from that baseline, billed from its birth; when it goes away first and is a
-    /// run's, it is billed as a ghost.
-    pub(super) fn list_family(&mut self, rel: &str) {
+    /// run's, it is billed as a ghost. False when the listing is incomplete (the directory could
+    /// not be opened, rewound or read to its end): a child the parent counts may not be read.
+    pub(super) fn list_family(&mut self, rel: &str) -> bool {
         let Some(f) = self.families.get(rel) else {
-            return;
+            return false;
         };
         // A watched parent with no event pending has made no child since the events were
         // last read and handled: nothing to find. Listed anyway: a family not listed since it
@@ -232,7 +237,7 @@ impl RunTracker {
         // may drop without a word, is still read).
         if f.wd.is_some() && f.dir.is_some() && !f.must_list && !self.inotify.pending() {
             self.listings_skipped += 1;
-            return;
+            return true;
         }
         // The kept directory rewound, else opened now. Gone or unreadable: the parent's own
         // read says so at this point.
@@ -240,7 +245,7 @@ impl RunTracker {
         let fd = match &f.dir {
             Some(d) => {
                 if rustix::fs::seek(d, rustix::fs::SeekFrom::Start(0)).is_err() {
-                    return;
+                    return false;
                 }
                 d.as_fd()
             }
@@ -249,7 +254,7 @@ impl RunTracker {
                     opened = d;
                     opened.as_fd()
                 }
-                Err(_) => return,
+                Err(_) => return false,
             },
         };
         // Every child, every point: nothing allocated for the children already known.
@@ -303,7 +308,7 @@ impl RunTracker {
         }
         self.counters.children_listed_early += unknown.len() as u64;
         let Some(f) = self.families.get_mut(rel) else {
-            return;
+            return false;
         };
         f.must_list = !complete;
         for name in unknown {
@@ -316,6 +321,7 @@ impl RunTracker {
                 },
             );
         }
+        complete
     }
 
     /// A child read as an ordinary one went away: when its name is a run's that no event has
@@ -349,9 +355,15 @@ impl RunTracker {
     }
 
     /// One reconcile point of the family `rel` (see [`crate::cgroup::family`]): the live children's
-    /// reads (taken again when `recapture`; a tick has just taken them), then the parent's,
-    /// then the residual to the children that went away unread since the last point.
-    pub(super) fn reconcile_family(&mut self, rel: &str, recapture: bool) {
+    /// reads (taken again when `recapture`; a tick has just taken them, and `failed` names the
+    /// runs whose read failed then), then the parent's, then the residual to the children that
+    /// went away unread since the last point.
+    pub(super) fn reconcile_family(
+        &mut self,
+        rel: &str,
+        recapture: bool,
+        failed: &HashSet<Arc<str>>,
+    ) {
         let now = self.now_us();
         let Some(ids) = self
             .families
@@ -368,8 +380,12 @@ impl RunTracker {
         // reads are taken again, a few times at most.
         let mut attempt = 0u32;
         let mut post_at_us;
-        let (others_read, post_read, bracket_us) = loop {
+        let (others_read, post_read, bracket_us, incomplete) = loop {
             let fresh = recapture || attempt > 0;
+            // A child the parent counts but this point could not read (its read failed, the
+            // listing was cut short, the parent's first read failed) puts its CPU time in the
+            // residual: such a point pays its claimants nothing (see below).
+            let mut incomplete = false;
             if fresh {
                 let at = self.now_us();
                 if let Some(f) = self.families.get_mut(rel) {
@@ -384,7 +400,7 @@ impl RunTracker {
             // back at the next point into a balance that stayed negative: 5.7% over in total.)
             // A child made after it has used nothing the midpoint can count but its share of
             // the bracket.
-            self.list_family(rel);
+            incomplete |= !self.list_family(rel);
             if fresh {
                 let mut gone = Vec::new();
                 for id in &ids {
@@ -398,12 +414,17 @@ impl RunTracker {
                     match capture(run, &mut self.tc_scratch, now, self.read_memory) {
                         Ok(_) => {}
                         Err(e) if e.is_gone() => gone.push(id.clone()),
-                        Err(e) => self.push_error(Some(id), e),
+                        Err(e) => {
+                            incomplete = true;
+                            self.push_error(Some(id), e);
+                        }
                     }
                 }
                 for id in gone {
                     self.mark_gone(&id);
                 }
+            } else {
+                incomplete |= ids.iter().any(|id| failed.contains(id));
             }
             let Some(f) = self.families.get(rel) else {
                 return;
@@ -421,6 +442,12 @@ impl RunTracker {
             post_at_us = self.now_us();
             let bracket = match (&post, f.pre_us) {
                 (Ok(post), Some(pre)) => post.saturating_sub(pre),
+                // No first read: the point is as wide as it can be (tried again, then paid
+                // nothing), not sharp.
+                (Ok(_), None) => {
+                    incomplete = true;
+                    u64::MAX
+                }
                 _ => 0,
             };
             let children = ids.len() + others.len();
@@ -432,7 +459,7 @@ impl RunTracker {
                 self.counters.reconcile_retries += 1;
                 continue;
             }
-            break (others, post, bracket);
+            break (others, post, bracket, incomplete);
         };
         let Some(mut fam) = self.families.remove(rel) else {
             return;
@@ -532,8 +559,9 @@ impl RunTracker {
                 // run's own counters, and a claimant without counters (a ghost, an ordinary
                 // child) has only a guessed weight: there, each run with counters takes what
                 // they counted, and the residual less that goes to the others.
-                let counted_apart =
-                    bracket_us > BRACKET_MAX_US || claimants.iter().any(|c| c.perf_us.is_none());
+                let counted_apart = incomplete
+                    || bracket_us > BRACKET_MAX_US
+                    || claimants.iter().any(|c| c.perf_us.is_none());
                 let mut counted_us = 0u64;
                 if counted_apart {
                     claimants.retain(|c| match (&c.kind, c.perf_us) {
@@ -567,7 +595,10 @@ impl RunTracker {
                     .saturating_add(u64::try_from(clamped).unwrap_or(u64::MAX));
                 let mut paid_us = 0;
                 if !claimants.is_empty() {
-                    let pay = payout(&mut fam.balance, bracket_us, BRACKET_MAX_US);
+                    // An incomplete point's residual holds the CPU time of children it did not
+                    // read: nothing of it is paid (the next point takes it back).
+                    let uncertain_us = if incomplete { u64::MAX } else { bracket_us };
+                    let pay = payout(&mut fam.balance, uncertain_us, BRACKET_MAX_US);
                     paid_us = pay;
                     let weights: Vec<u64> = claimants.iter().map(|c| c.weight_us).collect();
                     let shares = share_residual(pay, &weights);
@@ -584,6 +615,7 @@ impl RunTracker {
                     parent = %Shown::new(rel),
                     children_us = %children,
                     bracket_us,
+                    incomplete,
                     counted_us,
                     residual_us = %r,
                     balance_us = %unclamped,

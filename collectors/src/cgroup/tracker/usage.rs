@@ -80,11 +80,11 @@ impl RunTracker {
         for id in gone {
             self.mark_gone(&id);
         }
+        let failed: HashSet<Arc<str>> = pending_errors.iter().map(|(id, _)| id.clone()).collect();
         let rels: Vec<Arc<str>> = self.families.keys().cloned().collect();
         for rel in rels {
-            self.reconcile_family(&rel, false);
+            self.reconcile_family(&rel, false, &failed);
         }
-        let failed: HashSet<Arc<str>> = pending_errors.iter().map(|(id, _)| id.clone()).collect();
         for run in self.runs.values_mut() {
             // A failed read carries no usage this tick; the next good read catches up.
             if failed.contains(&run.id) && !run.finished {
