@@ -132,12 +132,7 @@ fn in_file(path: &Option<std::path::PathBuf>) -> String {
 
 impl Recording {
     pub fn parse(text: &str) -> Result<Self, RecordingError> {
-        let r: Recording = serde_json::from_str(text)
-            .map_err(|source| RecordingError::Json { path: None, source })?;
-        if r.steps.is_empty() {
-            return Err(RecordingError::NoSteps { path: None });
-        }
-        Ok(r)
+        Self::parse_from(text, None)
     }
 
     pub fn load(path: &Path) -> Result<Self, RecordingError> {
@@ -145,16 +140,20 @@ impl Recording {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|e| match e {
-            RecordingError::Json { source, .. } => RecordingError::Json {
-                path: Some(path.to_owned()),
-                source,
-            },
-            RecordingError::NoSteps { .. } => RecordingError::NoSteps {
-                path: Some(path.to_owned()),
-            },
-            read @ RecordingError::Read { .. } => read,
-        })
+        Self::parse_from(&text, Some(path))
+    }
+
+    /// `text`, read from `path` when there is one (its errors then name it).
+    fn parse_from(text: &str, path: Option<&Path>) -> Result<Self, RecordingError> {
+        let path = || path.map(Path::to_owned);
+        let r: Recording = serde_json::from_str(text).map_err(|source| RecordingError::Json {
+            path: path(),
+            source,
+        })?;
+        if r.steps.is_empty() {
+            return Err(RecordingError::NoSteps { path: path() });
+        }
+        Ok(r)
     }
 }
 

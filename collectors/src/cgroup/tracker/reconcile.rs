@@ -598,10 +598,9 @@ impl RunTracker {
                     // An incomplete point's residual holds the CPU time of children it did not
                     // read: nothing of it is paid (the next point takes it back).
                     let uncertain_us = if incomplete { u64::MAX } else { bracket_us };
-                    let pay = payout(&mut fam.balance, uncertain_us, BRACKET_MAX_US);
-                    paid_us = pay;
+                    paid_us = payout(&mut fam.balance, uncertain_us, BRACKET_MAX_US);
                     let weights: Vec<u64> = claimants.iter().map(|c| c.weight_us).collect();
-                    let shares = share_residual(pay, &weights);
+                    let shares = share_residual(paid_us, &weights);
                     let how = if claimants.len() > 1 {
                         FinalUsage::ReconciledShared
                     } else {
