@@ -464,6 +464,98 @@ fn run(cfg: BmcConfig, tx: SyncSender<BmcEvent>, stop: Arc<AtomicBool>, dropped:
     }
 }
 
+/// `[platform]` of the configuration: the BMC whose wall energy, less the other meters, is the
+/// platform meter. The defaults here are the only ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlatformConfig {
+    pub bmc: BmcConfig,
+    /// `max_gap_ms`: power readings further apart are not integrated across (a gap).
+    pub max_gap_ms: u64,
+}
+
+impl PlatformConfig {
+    /// `poll_ms` by default.
+    pub const DEFAULT_POLL_MS: u64 = 1_000;
+    /// `read_timeout_ms` by default.
+    pub const DEFAULT_READ_TIMEOUT_MS: u64 = 2_000;
+
+    /// `max_gap_ms` by default: five polls, and at least a poll past the slowest answer.
+    pub fn default_max_gap_ms(poll_ms: u64, read_timeout_ms: u64) -> u64 {
+        (poll_ms * 5)
+            .max(poll_ms + read_timeout_ms + poll_ms)
+            .max(5_000)
+    }
+
+    /// `[platform]`: every key checked; `url` and `ca_file` are required. `None` when either is
+    /// missing or bad (each named).
+    pub fn read(
+        raw: &crate::schema::raw::Platform,
+        v: &mut crate::schema::Validator<'_>,
+    ) -> Option<Self> {
+        // The one source today; the key exists so that IPMI can be added without a new section.
+        let _ = v.choice(&raw.source, "platform.source", &[("redfish", ())]);
+        let url = v.string(&raw.url, "platform.url");
+        if let Some(u) = &url {
+            if let Err(e) = parse_url(u) {
+                v.problem("platform.url", e.to_string());
+            }
+        }
+        let ca_file = v.string(&raw.ca_file, "platform.ca_file");
+        for (key, given) in [
+            ("url", raw.url.is_given()),
+            ("ca_file", raw.ca_file.is_given()),
+        ] {
+            if !given {
+                v.problem(
+                    &format!("platform.{key}"),
+                    "is required: the BMC's https:// address and the CA that signed its certificate",
+                );
+            }
+        }
+        let server_name = v.string(&raw.server_name, "platform.server_name");
+        let credentials_file = v
+            .string(&raw.credentials_file, "platform.credentials_file")
+            .map(PathBuf::from);
+        let chassis = v.string(&raw.chassis, "platform.chassis");
+        let poll_ms = v
+            .int(&raw.poll_ms, "platform.poll_ms", 100, 60_000)
+            .unwrap_or(Self::DEFAULT_POLL_MS);
+        let read_timeout_ms = v
+            .int(&raw.read_timeout_ms, "platform.read_timeout_ms", 10, 60_000)
+            .unwrap_or(Self::DEFAULT_READ_TIMEOUT_MS);
+        // Readings come a poll apart, each up to read_timeout_ms late: a shorter limit would
+        // lose a span at every slow answer.
+        let gap_floor = poll_ms + read_timeout_ms;
+        let max_gap_ms = v
+            .int(&raw.max_gap_ms, "platform.max_gap_ms", 100, 3_600_000)
+            .unwrap_or_else(|| Self::default_max_gap_ms(poll_ms, read_timeout_ms));
+        let max_watts = v
+            .int(&raw.max_watts, "platform.max_watts", 1, 1_000_000)
+            .unwrap_or(wattd_collectors::Domain::Platform.default_max_watts());
+        if max_gap_ms < gap_floor && raw.max_gap_ms.is_given() {
+            v.problem(
+                "platform.max_gap_ms",
+                format!(
+                    "must be at least poll_ms + read_timeout_ms ({poll_ms} + {read_timeout_ms})"
+                ),
+            );
+        }
+        Some(PlatformConfig {
+            bmc: BmcConfig {
+                url: url?,
+                ca_file: PathBuf::from(ca_file?),
+                server_name,
+                credentials_file,
+                chassis,
+                poll: Duration::from_millis(poll_ms),
+                read_timeout: Duration::from_millis(read_timeout_ms),
+                max_watts: u32::try_from(max_watts).unwrap_or(u32::MAX),
+            },
+            max_gap_ms,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

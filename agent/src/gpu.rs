@@ -20,7 +20,7 @@ use wattd_collectors::{DomainReading, HostError, HostRoot, MeterKey, Quality, So
 
 use crate::attribution::gpu::{gpu_usage, RunCgroups};
 use crate::attribution::GpuUsage;
-use crate::config::GpuConfig;
+
 use crate::sampler::Reading;
 
 /// How often the thread asks NVML who is using each GPU between two ticks.
@@ -316,4 +316,52 @@ pub fn usage(observations: &[GpuObservation], runs: &RunCgroups) -> BTreeMap<u32
             gpu_usage(&o.activity, o.elapsed_us, |c| runs.run_of(c)).map(|u| (o.gpu, u))
         })
         .collect()
+}
+
+/// `[gpu]` of the configuration: whether and how NVIDIA GPUs are measured. The defaults here are
+/// the only ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuConfig {
+    /// `enabled` (default true): probe NVML at start; without libnvidia-ml, the driver or
+    /// permission the GPU domain is disabled with the reason, never fatal.
+    pub enabled: bool,
+    /// `library`: libnvidia-ml to load; default `libnvidia-ml.so.1` from the loader's path.
+    pub library: Option<std::path::PathBuf>,
+    /// `read_timeout_ms`: the most one interval waits for NVML; a read that takes longer is a
+    /// SOURCE_FAILURE gap of every GPU, and the loop goes on.
+    pub read_timeout_ms: u64,
+    /// `max_watts`: the most one GPU can draw; deltas above 3x this over an interval are
+    /// quarantined.
+    pub max_watts: u64,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            enabled: true,
+            library: None,
+            read_timeout_ms: 1_000,
+            max_watts: wattd_collectors::Domain::Gpu.default_max_watts(),
+        }
+    }
+}
+
+impl GpuConfig {
+    /// The keys of `[gpu]` that are given, over the defaults.
+    pub fn read(raw: &crate::schema::raw::Gpu, v: &mut crate::schema::Validator<'_>) -> Self {
+        let mut g = GpuConfig::default();
+        if let Some(b) = v.bool(&raw.enabled, "gpu.enabled") {
+            g.enabled = b;
+        }
+        if let Some(p) = v.string(&raw.library, "gpu.library") {
+            g.library = Some(p.into());
+        }
+        if let Some(ms) = v.int(&raw.read_timeout_ms, "gpu.read_timeout_ms", 10, 60_000) {
+            g.read_timeout_ms = ms;
+        }
+        if let Some(w) = v.int(&raw.max_watts, "gpu.max_watts", 1, 20_000) {
+            g.max_watts = w;
+        }
+        g
+    }
 }

@@ -31,7 +31,7 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<()> {
     let dir = args
         .data_dir
         .clone()
-        .unwrap_or_else(|| cfg.spool_dir.clone());
+        .unwrap_or_else(|| cfg.spool.dir.clone());
     // One rule for the node id, the daemon's: a key made or printed here under another id would
     // be refused by `wattd run` with this configuration.
     let expected = wattd::daemon::node_id(&cfg);
@@ -45,13 +45,13 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<()> {
         );
     }
     if let (Some(file), None) = (&args.config, &args.data_dir) {
-        if cfg.spool_dir.is_relative() {
+        if cfg.spool.dir.is_relative() {
             eprintln!(
                 "wattd: warning: [spool] dir is not an absolute path in {} (the key goes to {} \
                  under the current directory); the service spools in its state directory \
                  (/var/lib/wattd): set [spool] dir",
                 file.display(),
-                cfg.spool_dir.display()
+                cfg.spool.dir.display()
             );
         }
     }

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod platform;
 pub mod records;
 pub mod sampler;
+pub mod schema;
 pub mod sealer;
 pub mod shipper;
 pub mod spool;

@@ -168,7 +168,7 @@ fn main() -> ExitCode {
                     .as_ref()
                     .map(wattd::shipper::check_tls_files)
                     .unwrap_or_default();
-                if let Some(web) = &c.metrics_web_config {
+                if let Some(web) = &c.metrics.web_config {
                     if let Err(e) = wattd_web::WebConfig::load(web) {
                         tls.push(format!(
                             "metrics.web_config: {e} (the daemon measures without the endpoint)"

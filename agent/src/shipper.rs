@@ -93,6 +93,63 @@ impl ShipperConfig {
             drain: Duration::from_secs(3),
         }
     }
+
+    /// `[ledger]` of the configuration: `endpoint`, `ca`, `cert` and `key` are required
+    /// together; the tuning keys that are given, over the defaults of [`ShipperConfig::new`].
+    /// `None` when any required key is missing or bad (each named).
+    pub fn read(
+        raw: &crate::schema::raw::Ledger,
+        v: &mut crate::schema::Validator<'_>,
+    ) -> Option<Self> {
+        let endpoint = v.string(&raw.endpoint, "ledger.endpoint");
+        let ca = v.string(&raw.ca, "ledger.ca");
+        let cert = v.string(&raw.cert, "ledger.cert");
+        let key = v.string(&raw.key, "ledger.key");
+        let window = v.int(&raw.window, "ledger.window", 1, 4096);
+        let heartbeat_s = v.int(&raw.heartbeat_s, "ledger.heartbeat_s", 1, 3600);
+        let rate = v.int(
+            &raw.max_batches_per_s,
+            "ledger.max_batches_per_s",
+            1,
+            100_000,
+        );
+        let backoff_max_s = v.int(&raw.backoff_max_s, "ledger.backoff_max_s", 1, 3600);
+        let ack_timeout_s = v.int(&raw.ack_timeout_s, "ledger.ack_timeout_s", 1, 3600);
+        let drain_s = v.int(&raw.drain_s, "ledger.drain_s", 0, 60);
+        if let Some(e) = &endpoint {
+            if !e.starts_with("https://") {
+                v.problem("ledger.endpoint", "must be an https:// URL");
+            }
+        }
+        let (Some(endpoint), Some(ca), Some(cert), Some(key)) = (endpoint, ca, cert, key) else {
+            v.problem("ledger", "needs all of endpoint, ca, cert and key");
+            return None;
+        };
+        let mut l =
+            ShipperConfig::new(&endpoint, Path::new(&ca), Path::new(&cert), Path::new(&key));
+        if let Some(w) = window {
+            l.window = usize::try_from(w).unwrap_or(Self::DEFAULT_WINDOW);
+        }
+        if let Some(s) = heartbeat_s {
+            l.heartbeat = Duration::from_secs(s);
+        }
+        if let Some(r) = rate
+            .and_then(|r| u32::try_from(r).ok())
+            .and_then(NonZeroU32::new)
+        {
+            l.max_batches_per_s = r;
+        }
+        if let Some(s) = backoff_max_s {
+            l.max_backoff = Duration::from_secs(s);
+        }
+        if let Some(s) = ack_timeout_s {
+            l.ack_timeout = Duration::from_secs(s);
+        }
+        if let Some(s) = drain_s {
+            l.drain = Duration::from_secs(s);
+        }
+        Some(l)
+    }
 }
 
 /// Problems with the TLS files of `[ledger]`, each naming its key and file: unreadable, not PEM

@@ -387,7 +387,8 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
         None => {
             wattd::config::load(args.config.as_deref())
                 .map_err(|e| anyhow::anyhow!("{e}"))?
-                .metrics_listen
+                .metrics
+                .listen
         }
     };
     let period = Duration::from_millis(args.interval_ms.clamp(100, 60_000));

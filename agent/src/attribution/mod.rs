@@ -12,6 +12,7 @@ use serde::Serialize;
 pub mod gpu;
 pub mod host;
 pub mod idle;
+pub mod section;
 pub mod totals;
 use wattd_collectors::{Domain, MeterKey, PackageShares, Quality, SourceKind};
 

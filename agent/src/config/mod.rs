@@ -1,18 +1,25 @@
-//! Configuration in two phases: parse the TOML text, then validate every key into typed values,
-//! reporting every problem at once with file, line and key. Every key is optional; unknown keys
-//! are errors. The keys and their meaning are the stable contract of the design brief.
+//! Configuration: the file's text read by the [`crate::schema`]'s two layers (serde into raw
+//! sections with spans, then each section validated beside the component that owns it), every
+//! problem of a file reported at once with file, line and key. Every key is optional; unknown
+//! keys are errors. The keys and their meaning are the stable contract of the design brief; each
+//! default is defined once, by its section's `Default`.
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use toml_edit::{ImDocument, Item, Table, Value};
 use wattd_collectors::estimator::EstimatorModel;
-use wattd_collectors::Domain;
 
-use crate::attribution::{DramPolicy, IdleEstimate, IdlePolicy, IdleSource};
+use crate::attribution::section::AttributionSection;
+use crate::attribution::Policy;
+use crate::metrics::section::MetricsSection;
+use crate::schema::raw;
+use crate::schema::Validator;
+use crate::spool::section::SpoolSection;
+
+pub use crate::bmc::PlatformConfig;
+pub use crate::gpu::GpuConfig;
+pub use crate::schema::Problem;
+pub use sections::RunsSection;
 
 mod sections;
 
@@ -21,44 +28,35 @@ pub const DEFAULT_PATTERN: &str = "flowzart.slice/run-{run_id}.scope";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/wattd/control.sock";
 /// `[identity] rotate_after_s` by default: a day.
 pub const DEFAULT_ROTATE_AFTER_S: u64 = 86_400;
+/// `[sampling] interval_ms` by default.
+pub const DEFAULT_INTERVAL_MS: u64 = 1_000;
 
-/// A validated configuration.
+/// A validated configuration: one validated section per component, the reloadable keys apart.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// The file it came from; `None` for the embedded defaults.
     pub file: Option<PathBuf>,
+    /// `[node] id`.
     pub node_id: Option<String>,
+    /// `[host] root`.
     pub host_root: PathBuf,
+    /// `[host] cgroup_root`.
     pub cgroup_root: Option<PathBuf>,
-    pub control_socket: PathBuf,
-    pub control_allowed_uids: Vec<u32>,
-    pub control_allowed_gids: Vec<u32>,
-    /// `[runs] perf_counters`: per-run perf `task-clock` counters (the tails of runs removed
-    /// before their final read: shares of the parent's residual, or counted; the per-package
-    /// split on the live host).
-    pub perf_counters: bool,
-    pub idle_window_s: u64,
-    /// Declared idle power per domain, with its origin (`[attribution] idle_watts_*` is config;
-    /// `[calibration]` is what `wattd calibrate` measured).
-    pub idle_declared: BTreeMap<Domain, IdleEstimate>,
+    /// `[runs]` but its patterns (reloadable).
+    pub runs: RunsSection,
+    /// `[attribution]` but its policies (reloadable), and `[calibration]`.
+    pub attribution: AttributionSection,
+    /// `[estimator]`.
     pub estimator: EstimatorModel,
-    pub spool_dir: PathBuf,
-    pub spool_max_bytes: u64,
-    /// `[spool] retain_acked_s`: how long acknowledged batches are kept for a restored ledger.
-    pub spool_retain_acked_s: u64,
-    /// `[spool] retain_acked_share`: at most this share of `max_bytes` of them.
-    pub spool_retain_acked_share: f64,
+    /// `[spool]` but `seal_every_ms` (reloadable).
+    pub spool: SpoolSection,
     /// `[identity] rotate_after_s`: the node key's lifetime; the daemon rotates it (announced
     /// in the chain, signed by the old key) once it is this old. 0: never.
     pub identity_rotate_after_s: u64,
     /// The `[ledger]` section: where and how the shipper streams batches.
     pub ledger: Option<crate::shipper::ShipperConfig>,
-    pub metrics_listen: SocketAddr,
-    /// Seconds a finished run's metric series stay exported (`[metrics] finished_run_ttl_s`).
-    pub metrics_finished_run_ttl_s: u64,
-    /// `[metrics] web_config`: TLS and basic auth of the endpoint, in the Prometheus exporter
-    /// toolkit's YAML format. Per-run series are served only when it authenticates every request.
-    pub metrics_web_config: Option<PathBuf>,
+    /// `[metrics]`.
+    pub metrics: MetricsSection,
     /// `[gpu]`: NVIDIA GPUs through NVML.
     pub gpu: GpuConfig,
     /// The keys SIGHUP applies without a restart.
@@ -76,12 +74,8 @@ pub struct Reloadable {
     pub interval_ms: u64,
     /// `[runs] patterns`.
     pub patterns: Vec<String>,
-    /// `[attribution] idle_policy`.
-    pub idle_policy: IdlePolicy,
-    /// `[attribution] dram_policy`.
-    pub dram_policy: DramPolicy,
-    /// `[attribution] platform_policy`: how the platform meter's energy is divided.
-    pub platform_policy: crate::attribution::PlatformPolicy,
+    /// `[attribution] idle_policy`, `dram_policy` and `platform_policy`.
+    pub policy: Policy,
     /// `[spool] seal_every_ms`: intervals are sealed into one batch (one signature, one
     /// fdatasync) at most this often; at 1 Hz sampling and the default, every interval is its own
     /// batch. What a crash can lose (to the agent-down gap of the next start) is at most this
@@ -92,110 +86,36 @@ pub struct Reloadable {
     pub log_level: Option<String>,
 }
 
-impl Reloadable {
-    /// The attribution policy these keys name.
-    pub fn policy(&self) -> crate::attribution::Policy {
-        crate::attribution::Policy {
-            idle: self.idle_policy,
-            dram: self.dram_policy,
-            platform: self.platform_policy,
-        }
-    }
-}
-
-/// `[platform]`: the BMC whose wall energy, less the other meters, is the platform meter.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PlatformConfig {
-    pub bmc: crate::bmc::BmcConfig,
-    /// `max_gap_ms`: power readings further apart are not integrated across (a gap).
-    pub max_gap_ms: u64,
-}
-
-/// `[gpu]`: whether and how NVIDIA GPUs are measured.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GpuConfig {
-    /// `enabled` (default true): probe NVML at start; without libnvidia-ml, the driver or
-    /// permission the GPU domain is disabled with the reason, never fatal.
-    pub enabled: bool,
-    /// `library`: libnvidia-ml to load; default `libnvidia-ml.so.1` from the loader's path.
-    pub library: Option<PathBuf>,
-    /// `read_timeout_ms`: the most one interval waits for NVML; a read that takes longer is a
-    /// SOURCE_FAILURE gap of every GPU, and the loop goes on.
-    pub read_timeout_ms: u64,
-    /// `max_watts`: the most one GPU can draw; deltas above 3x this over an interval are
-    /// quarantined.
-    pub max_watts: u64,
-}
-
-impl Default for GpuConfig {
+impl Default for Reloadable {
     fn default() -> Self {
-        GpuConfig {
-            enabled: true,
-            library: None,
-            read_timeout_ms: 1_000,
-            max_watts: Domain::Gpu.default_max_watts(),
+        Reloadable {
+            interval_ms: DEFAULT_INTERVAL_MS,
+            patterns: vec![DEFAULT_PATTERN.to_owned()],
+            policy: Policy::DEFAULT,
+            spool_seal_every_ms: crate::sealer::SealPolicy::DEFAULT_SEAL_EVERY_MS,
+            log_level: None,
         }
     }
 }
 
 impl Config {
-    /// The embedded defaults.
+    /// The embedded defaults: every section's own.
     pub fn defaults() -> Self {
         Config {
             file: None,
             node_id: None,
             host_root: PathBuf::from("/"),
             cgroup_root: None,
-            control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
-            control_allowed_uids: Vec::new(),
-            control_allowed_gids: Vec::new(),
-            perf_counters: true,
-            idle_window_s: 600,
-            idle_declared: BTreeMap::new(),
+            runs: RunsSection::default(),
+            attribution: AttributionSection::default(),
             estimator: EstimatorModel::default(),
-            spool_dir: crate::spool::default_data_dir(),
-            spool_max_bytes: crate::spool::SpoolConfig::DEFAULT_MAX_BYTES,
-            spool_retain_acked_s: crate::spool::SpoolConfig::DEFAULT_RETAIN_ACKED_S,
-            spool_retain_acked_share: crate::spool::SpoolConfig::DEFAULT_RETAIN_ACKED_SHARE,
+            spool: SpoolSection::default(),
             identity_rotate_after_s: DEFAULT_ROTATE_AFTER_S,
             ledger: None,
-            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9447)),
-            metrics_finished_run_ttl_s: 300,
-            metrics_web_config: None,
+            metrics: MetricsSection::default(),
             gpu: GpuConfig::default(),
-            reloadable: Reloadable {
-                interval_ms: 1000,
-                patterns: vec![DEFAULT_PATTERN.to_owned()],
-                idle_policy: IdlePolicy::Proportional,
-                dram_policy: DramPolicy::Cpu,
-                platform_policy: crate::attribution::PlatformPolicy::Proportional,
-                spool_seal_every_ms: crate::sealer::SealPolicy::DEFAULT_SEAL_EVERY_MS,
-                log_level: None,
-            },
+            reloadable: Reloadable::default(),
             platform: None,
-        }
-    }
-}
-
-/// One problem in a config file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    pub file: String,
-    pub line: usize,
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() {
-            write!(f, "{}:{}: {}", self.file, self.line, self.message)
-        } else {
-            write!(
-                f,
-                "{}:{}: {}: {}",
-                self.file, self.line, self.key, self.message
-            )
         }
     }
 }
@@ -228,266 +148,58 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
     };
     let label = path.display().to_string();
     let text = match std::fs::read(path) {
-        Ok(b) if b.len() > 1 << 20 => return Err(one(&label, 0, "", "larger than 1 MiB")),
+        Ok(b) if b.len() > 1 << 20 => return Err(one(&label, "larger than 1 MiB")),
         Ok(b) => match String::from_utf8(b) {
             Ok(s) => s,
-            Err(_) => return Err(one(&label, 0, "", "not valid UTF-8")),
+            Err(_) => return Err(one(&label, "not valid UTF-8")),
         },
-        Err(e) => return Err(one(&label, 0, "", &format!("cannot read: {e}"))),
+        Err(e) => return Err(one(&label, &format!("cannot read: {e}"))),
     };
     let mut c = parse(&label, &text)?;
     c.file = Some(path.to_owned());
     Ok(c)
 }
 
-fn one(file: &str, line: usize, key: &str, msg: &str) -> ConfigError {
+/// A problem of the whole file.
+fn one(file: &str, msg: &str) -> ConfigError {
+    let mut v = Validator::new(file, "");
+    v.problem_at(None, msg);
     ConfigError {
-        problems: vec![Problem {
-            file: file.to_owned(),
-            line,
-            key: key.to_owned(),
-            message: msg.to_owned(),
-        }],
+        problems: v.into_problems(),
     }
 }
-
-/// Walks the document, checking every key against the schema.
-struct Checker<'a> {
-    file: &'a str,
-    text: &'a str,
-    problems: Vec<Problem>,
-}
-
-impl Checker<'_> {
-    fn line_of(&self, span: Option<std::ops::Range<usize>>) -> usize {
-        span.map_or(0, |s| {
-            self.text.as_bytes()[..s.start.min(self.text.len())]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count()
-                + 1
-        })
-    }
-
-    fn problem(&mut self, span: Option<std::ops::Range<usize>>, key: &str, msg: impl Into<String>) {
-        let line = self.line_of(span);
-        self.problems.push(Problem {
-            file: self.file.to_owned(),
-            line,
-            key: key.to_owned(),
-            message: msg.into(),
-        });
-    }
-
-    /// Checks a section: it must be a table whose keys are all in `known`.
-    fn section<'t>(&mut self, root: &'t Table, name: &str, known: &[&str]) -> Option<&'t Table> {
-        let (k, item) = root.get_key_value(name)?;
-        let Some(t) = item.as_table() else {
-            self.problem(
-                k.span(),
-                name,
-                "must be a table, like [".to_owned() + name + "]",
-            );
-            return None;
-        };
-        for (key, _) in t.iter() {
-            if !known.contains(&key) {
-                let span = t.get_key_value(key).and_then(|(k, _)| k.span());
-                self.problem(
-                    span,
-                    &format!("{name}.{key}"),
-                    format!("unknown key (known: {})", known.join(", ")),
-                );
-            }
-        }
-        Some(t)
-    }
-
-    fn get<'t>(
-        &self,
-        t: &'t Table,
-        key: &str,
-    ) -> Option<(&'t Value, Option<std::ops::Range<usize>>)> {
-        let (k, item) = t.get_key_value(key)?;
-        match item {
-            Item::Value(v) => Some((v, v.span().or_else(|| k.span()))),
-            _ => Some((&DUMMY_NOT_A_VALUE, k.span())),
-        }
-    }
-
-    fn string(&mut self, t: &Table, sec: &str, key: &str) -> Option<String> {
-        let (v, span) = self.get(t, key)?;
-        match v.as_str() {
-            Some(s) if !s.is_empty() && !s.contains('\0') => Some(s.to_owned()),
-            Some(_) => {
-                self.problem(
-                    span,
-                    &format!("{sec}.{key}"),
-                    "must not be empty or contain NUL",
-                );
-                None
-            }
-            None => {
-                self.problem(span, &format!("{sec}.{key}"), "must be a string");
-                None
-            }
-        }
-    }
-
-    fn int(&mut self, t: &Table, sec: &str, key: &str, lo: i64, hi: i64) -> Option<u64> {
-        let (v, span) = self.get(t, key)?;
-        match v.as_integer() {
-            Some(i) if (lo..=hi).contains(&i) => Some(i as u64),
-            Some(i) => {
-                self.problem(
-                    span,
-                    &format!("{sec}.{key}"),
-                    format!("{i} is out of range {lo} ..= {hi}"),
-                );
-                None
-            }
-            None => {
-                self.problem(span, &format!("{sec}.{key}"), "must be an integer");
-                None
-            }
-        }
-    }
-
-    fn float(&mut self, t: &Table, sec: &str, key: &str, lo: f64, hi: f64) -> Option<f64> {
-        let (v, span) = self.get(t, key)?;
-        let f = v.as_float().or_else(|| v.as_integer().map(|i| i as f64));
-        match f {
-            Some(f) if f.is_finite() && (lo..=hi).contains(&f) => Some(f),
-            Some(f) => {
-                self.problem(
-                    span,
-                    &format!("{sec}.{key}"),
-                    format!("{f} is out of range {lo} ..= {hi}"),
-                );
-                None
-            }
-            None => {
-                self.problem(span, &format!("{sec}.{key}"), "must be a number");
-                None
-            }
-        }
-    }
-
-    fn choice<T: Copy>(
-        &mut self,
-        t: &Table,
-        sec: &str,
-        key: &str,
-        options: &[(&str, T)],
-    ) -> Option<T> {
-        let s = self.string(t, sec, key)?;
-        match options.iter().find(|(n, _)| *n == s) {
-            Some((_, v)) => Some(*v),
-            None => {
-                let span = self.get(t, key).and_then(|(_, s)| s);
-                let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
-                self.problem(
-                    span,
-                    &format!("{sec}.{key}"),
-                    format!("{s:?} is not one of {}", names.join(", ")),
-                );
-                None
-            }
-        }
-    }
-
-    fn id_list(&mut self, t: &Table, sec: &str, key: &str) -> Option<Vec<u32>> {
-        let (v, span) = self.get(t, key)?;
-        let Some(arr) = v.as_array() else {
-            self.problem(
-                span,
-                &format!("{sec}.{key}"),
-                "must be an array of integers",
-            );
-            return None;
-        };
-        let mut out = Vec::new();
-        for item in arr.iter() {
-            match item.as_integer().and_then(|i| u32::try_from(i).ok()) {
-                Some(i) => out.push(i),
-                None => self.problem(
-                    item.span().or(span.clone()),
-                    &format!("{sec}.{key}"),
-                    "every entry must be an id from 0 to 4294967295",
-                ),
-            }
-        }
-        Some(out)
-    }
-}
-
-static DUMMY_NOT_A_VALUE: std::sync::LazyLock<Value> =
-    std::sync::LazyLock::new(|| Value::from(false));
 
 /// Parses and validates config text. `file` labels problems.
 pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
-    let doc = match ImDocument::parse(text) {
-        Ok(d) => d,
+    let mut v = Validator::new(file, text);
+    let raw = match raw::read(text) {
+        Ok(r) => r,
         Err(e) => {
-            let mut c = Checker {
-                file,
-                text,
-                problems: Vec::new(),
-            };
-            let msg = e.message().to_owned();
-            c.problem(e.span(), "", format!("TOML syntax: {msg}"));
+            let msg = e.message().trim_end().to_owned();
+            v.problem_at(e.span(), format!("TOML syntax: {msg}"));
             return Err(ConfigError {
-                problems: c.problems,
+                problems: v.into_problems(),
             });
         }
     };
-    let mut c = Checker {
-        file,
-        text,
-        problems: Vec::new(),
-    };
-    let mut cfg = Config::defaults();
-    let root: &Table = &doc;
-    const SECTIONS: [&str; 14] = [
-        "gpu",
-        "log",
-        "node",
-        "identity",
-        "sampling",
-        "host",
-        "runs",
-        "attribution",
-        "calibration",
-        "estimator",
-        "spool",
-        "ledger",
-        "metrics",
-        "platform",
-    ];
-    for (key, _) in root.iter() {
-        if !SECTIONS.contains(&key) {
-            let span = root.get_key_value(key).and_then(|(k, _)| k.span());
-            c.problem(
-                span,
-                key,
-                format!("unknown section (known: {})", SECTIONS.join(", ")),
-            );
-        }
+    for name in raw.unknown.keys() {
+        v.unknown_section(name, &raw::SECTIONS);
     }
-    sections::read_all(&mut c, root, &mut cfg);
-    if c.problems.is_empty() {
+    let cfg = sections::read_all(&mut v, &raw);
+    let problems = v.into_problems();
+    if problems.is_empty() {
         Ok(cfg)
     } else {
-        c.problems.sort_by_key(|p| p.line);
-        Err(ConfigError {
-            problems: c.problems,
-        })
+        Err(ConfigError { problems })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attribution::{IdleEstimate, IdlePolicy, IdleSource};
+    use std::time::Duration;
+    use wattd_collectors::Domain;
 
     /// Under systemd (User=wattd, StateDirectory=wattd) the default spool is the state
     /// directory, not a relative `wattd-data` under a read-only `/`; another service's state
@@ -535,7 +247,7 @@ mod tests {
         assert_eq!(p.bmc.read_timeout, std::time::Duration::from_millis(2000));
         assert_eq!(p.max_gap_ms, 5000);
         assert_eq!(
-            ok.reloadable.platform_policy,
+            ok.reloadable.policy.platform,
             crate::attribution::PlatformPolicy::Host
         );
         assert_eq!(Config::defaults().platform, None);
@@ -604,31 +316,31 @@ finished_run_ttl_s = 60
 "#;
         let c = parse("f", text).unwrap();
         assert_eq!(c.reloadable.interval_ms, 250);
-        assert_eq!(c.reloadable.idle_policy, IdlePolicy::Reserved);
+        assert_eq!(c.reloadable.policy.idle, IdlePolicy::Reserved);
         assert_eq!(c.reloadable.patterns.len(), 2);
         assert_eq!(
-            c.idle_declared[&Domain::Package],
+            c.attribution.idle_declared[&Domain::Package],
             IdleEstimate {
                 power_uw: 12_500_000,
                 source: IdleSource::Config
             }
         );
         assert_eq!(
-            c.idle_declared[&Domain::Dram],
+            c.attribution.idle_declared[&Domain::Dram],
             IdleEstimate {
                 power_uw: 1_500_000,
                 source: IdleSource::Calibration
             }
         );
         assert_eq!(c.estimator.busy_uw_per_cpu, 4_000_000);
-        assert_eq!(c.spool_retain_acked_s, 3600);
+        assert_eq!(c.spool.retain_acked_s, 3600);
         assert_eq!(c.identity_rotate_after_s, 3600);
-        assert_eq!(c.spool_retain_acked_share, 0.5);
+        assert_eq!(c.spool.retain_acked_share, 0.5);
         assert_eq!(c.reloadable.spool_seal_every_ms, 5000);
         assert!(c.ledger.is_some());
-        assert_eq!(c.metrics_finished_run_ttl_s, 60);
-        assert!(!c.perf_counters);
-        assert!(parse("f", "").unwrap().perf_counters);
+        assert_eq!(c.metrics.finished_run_ttl_s, 60);
+        assert!(!c.runs.perf_counters);
+        assert!(parse("f", "").unwrap().runs.perf_counters);
         let e = parse("f", "[runs]\nperf_counters = \"yes\"\n").unwrap_err();
         assert!(
             e.to_string()
@@ -647,10 +359,10 @@ finished_run_ttl_s = 60
         )
         .unwrap();
         assert_eq!(
-            c.metrics_web_config.as_deref(),
+            c.metrics.web_config.as_deref(),
             Some(Path::new("/nonexistent/web.yml"))
         );
-        assert_eq!(parse("wattd.toml", "").unwrap().metrics_web_config, None);
+        assert_eq!(parse("wattd.toml", "").unwrap().metrics.web_config, None);
         let e = parse("wattd.toml", "[metrics]\nweb_config = \"\"\n").unwrap_err();
         assert!(
             e.problems[0]
@@ -674,6 +386,31 @@ finished_run_ttl_s = 60
             "wattd.toml:8: mystery: unknown section",
             "wattd.toml:10: metrics.listen: \"nowhere\" is not an address:port",
             "wattd.toml:11: metrics.finished_run_ttl_s: 0 is out of range 1 ..= 86400",
+        ];
+        assert_eq!(lines.len(), want.len(), "{lines:#?}");
+        for (got, want) in lines.iter().zip(want) {
+            assert!(got.starts_with(want), "{got} does not start with {want}");
+        }
+    }
+
+    /// Each entry of an array on its own line; tables made implicitly (`[a.b]` without `[a]`),
+    /// a section that is not a table and a date where a table belongs: each named on its line,
+    /// none ending the reading of the rest.
+    #[test]
+    fn odd_shapes_are_named_on_their_lines() {
+        let text = "node = 1979-05-27\n[runs]\npatterns = [\n  \"ok/{run_id}\",\n  \"/abs/{run_id}\",\n  7,\n]\ncontrol_allowed_uids = [1, \"x\"]\n[sampling.interval_ms]\nx = 1\n[gpu.sub]\ny = 2\n[log]\nlevel = 5\nlog = 5\nmetrics = 3\n";
+        let e = parse("w.toml", text).unwrap_err();
+        let lines: Vec<String> = e.problems.iter().map(|p| p.to_string()).collect();
+        let want = [
+            "w.toml:1: node: must be a table, like [node]",
+            "w.toml:5: runs.patterns: \"/abs/{run_id}\" must be relative",
+            "w.toml:6: runs.patterns: every entry must be a string",
+            "w.toml:8: runs.control_allowed_uids: every entry must be an id",
+            "w.toml:9: sampling.interval_ms: must be an integer",
+            "w.toml:11: gpu.sub: unknown key (known: enabled, library, read_timeout_ms, max_watts)",
+            "w.toml:14: log.level: must be a string",
+            "w.toml:15: log.log: unknown key",
+            "w.toml:16: log.metrics: unknown key",
         ];
         assert_eq!(lines.len(), want.len(), "{lines:#?}");
         for (got, want) in lines.iter().zip(want) {

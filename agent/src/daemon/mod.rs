@@ -325,7 +325,7 @@ impl Daemon {
         let _ = self.shutdown.send(true);
         // Let the control server see the shutdown and remove its socket file.
         for _ in 0..10 {
-            if !Path::new(&self.cfg.control_socket).exists() {
+            if !Path::new(&self.cfg.runs.control_socket).exists() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

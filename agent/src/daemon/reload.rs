@@ -39,7 +39,7 @@ impl Daemon {
             self.ticker = ticker(new.interval_ms);
             tracing::info!(interval_ms = new.interval_ms, "sampling interval reloaded");
         }
-        let policy = new.policy();
+        let policy = new.policy;
         if policy != self.sampler.policy() {
             self.tracker.set_read_memory(reads_memory(policy.dram));
             self.sampler.set_policy(policy);

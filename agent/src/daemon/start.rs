@@ -134,9 +134,9 @@ impl Daemon {
         let mut tcfg = TrackerConfig::new(root.clone());
         tcfg.cgroup_root = cfg.cgroup_root.clone();
         tcfg.patterns = cfg.reloadable.patterns.clone();
-        tcfg.perf_counters = cfg.perf_counters;
+        tcfg.perf_counters = cfg.runs.perf_counters;
         tcfg.perf_split = root.is_live();
-        tcfg.read_memory = reads_memory(cfg.reloadable.dram_policy);
+        tcfg.read_memory = reads_memory(cfg.reloadable.policy.dram);
         let mut tracker = RunTracker::new(tcfg).context("starting the run tracker")?;
         // Baseline: runs already there are billed from now on, not for their past.
         let baseline = tracker.tick(0);
@@ -156,7 +156,7 @@ impl Daemon {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let control = start_control(&cfg, &shutdown_rx);
         let mut metrics = Metrics::new(
-            Duration::from_secs(cfg.metrics_finished_run_ttl_s),
+            Duration::from_secs(cfg.metrics.finished_run_ttl_s),
             metrics::DEFAULT_MAX_RUNS,
         );
         metrics.set_gpu_unmeasured(gpu_unmeasured);
@@ -166,8 +166,8 @@ impl Daemon {
         metrics.set_ledger_configured(cfg.ledger.is_some());
 
         let idle = IdleTracker::new(
-            cfg.idle_window_s.saturating_mul(1_000_000),
-            cfg.idle_declared.clone(),
+            cfg.attribution.idle_window_s.saturating_mul(1_000_000),
+            cfg.attribution.idle_declared.clone(),
         );
         // The GPUs were opened (and have been gathering usage) since the probe: start them over
         // now, with the first interval.
@@ -180,7 +180,7 @@ impl Daemon {
         let mut sampler = Sampler::new(
             idle,
             cfg.estimator,
-            cfg.reloadable.policy(),
+            cfg.reloadable.policy,
             next_index,
             start,
         );
@@ -254,29 +254,29 @@ fn open_spool(cfg: &Config, node: &str) -> anyhow::Result<(Sealer, i64)> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&cfg.spool_dir)
-            .with_context(|| format!("creating spool dir {}", cfg.spool_dir.display()))?;
+            .create(&cfg.spool.dir)
+            .with_context(|| format!("creating spool dir {}", cfg.spool.dir.display()))?;
     }
-    let mut spool_cfg = SpoolConfig::new(&cfg.spool_dir, node).with_max_bytes(cfg.spool_max_bytes);
-    spool_cfg.retain_acked = Duration::from_secs(cfg.spool_retain_acked_s);
+    let mut spool_cfg = SpoolConfig::new(&cfg.spool.dir, node).with_max_bytes(cfg.spool.max_bytes);
+    spool_cfg.retain_acked = Duration::from_secs(cfg.spool.retain_acked_s);
     spool_cfg.retain_acked_bytes =
-        SpoolConfig::retain_bytes_for(cfg.spool_max_bytes, cfg.spool_retain_acked_share);
+        SpoolConfig::retain_bytes_for(cfg.spool.max_bytes, cfg.spool.retain_acked_share);
     let policy_seal = seal_policy(&cfg.reloadable)?;
     let (sealer, report) = Sealer::open(spool_cfg, policy_seal).context("opening the spool")?;
     // When the current key was made (its file's mtime: a rotation renames a fresh file into
     // place), for `[identity] rotate_after_s`.
-    let key_born_unix_ns: i64 = std::fs::metadata(cfg.spool_dir.join(crate::identity::KEY_FILE))
+    let key_born_unix_ns: i64 = std::fs::metadata(cfg.spool.dir.join(crate::identity::KEY_FILE))
         .and_then(|m| m.modified())
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-    tracing::info!(dir = %cfg.spool_dir.display(), last_seq = report.last_seq, acked_seq = report.acked_seq,
+    tracing::info!(dir = %cfg.spool.dir.display(), last_seq = report.last_seq, acked_seq = report.acked_seq,
         torn_tails = report.torn_tails.len(), damaged = report.damage.len(), "spool open");
     for t in &report.torn_tails {
         tracing::warn!(?t, "cut a torn tail from the spool");
     }
     if !report.reserve {
-        tracing::warn!(dir = %cfg.spool_dir.display(), "no room for the spool's reserve file: a full file system may coarsen the next interval");
+        tracing::warn!(dir = %cfg.spool.dir.display(), "no room for the spool's reserve file: a full file system may coarsen the next interval");
     }
     Ok((sealer, key_born_unix_ns))
 }
@@ -409,22 +409,22 @@ fn start_control(
     shutdown: &watch::Receiver<bool>,
 ) -> Option<mpsc::Receiver<ControlRequest>> {
     // Under systemd, RuntimeDirectory= creates the socket's directory; by hand, create it.
-    if let Some(dir) = cfg.control_socket.parent() {
+    if let Some(dir) = cfg.runs.control_socket.parent() {
         if !dir.exists() {
             use std::os::unix::fs::DirBuilderExt as _;
             let _ = std::fs::DirBuilder::new().mode(0o750).create(dir);
         }
     }
-    let mut ccfg = ControlConfig::new(&cfg.control_socket);
-    ccfg.allowed_uids = cfg.control_allowed_uids.clone();
-    ccfg.allowed_gids = cfg.control_allowed_gids.clone();
+    let mut ccfg = ControlConfig::new(&cfg.runs.control_socket);
+    ccfg.allowed_uids = cfg.runs.control_allowed_uids.clone();
+    ccfg.allowed_gids = cfg.runs.control_allowed_gids.clone();
     match ControlServer::bind(ccfg) {
         Ok((server, rx)) => {
             let mut stop = shutdown.clone();
             tokio::spawn(server.serve(async move {
                 let _ = stop.wait_for(|s| *s).await;
             }));
-            tracing::info!(path = %cfg.control_socket.display(), "control socket listening");
+            tracing::info!(path = %cfg.runs.control_socket.display(), "control socket listening");
             Some(rx)
         }
         Err(error) => {
@@ -444,7 +444,7 @@ fn start_metrics_endpoint(
     metrics: &mut Metrics,
     shutdown: &watch::Receiver<bool>,
 ) -> Option<watch::Sender<Arc<String>>> {
-    let web = match &cfg.metrics_web_config {
+    let web = match &cfg.metrics.web_config {
         None => Ok(None),
         Some(path) => wattd_web::WebConfig::load(path).map(Some),
     };
@@ -455,11 +455,11 @@ fn start_metrics_endpoint(
             .as_ref()
             .is_some_and(wattd_web::WebConfig::authenticates);
         let private = web.as_ref().is_some_and(|w| w.tls().is_some())
-            || cfg.metrics_listen.ip().is_loopback();
+            || cfg.metrics.listen.ip().is_loopback();
         let per_run = authenticates && private;
         metrics.serve_per_run(per_run);
         if authenticates && !private {
-            tracing::warn!(listen = %cfg.metrics_listen, "metrics: per-run series are not served: basic auth without TLS on a non-loopback address would send passwords and tenants' data in clear (add tls_server_config)");
+            tracing::warn!(listen = %cfg.metrics.listen, "metrics: per-run series are not served: basic auth without TLS on a non-loopback address would send passwords and tenants' data in clear (add tls_server_config)");
         } else if !per_run {
             tracing::info!("metrics: per-run series are not served; they need an endpoint that authenticates every request ([metrics] web_config with basic_auth_users or RequireAndVerifyClientCert)");
         }
@@ -478,7 +478,7 @@ fn start_metrics_endpoint(
     let mut stop = shutdown.clone();
     // On a thread of its own: TLS handshakes and bcrypt never delay a tick.
     match wattd_web::MetricsEndpoint::spawn_thread(
-        cfg.metrics_listen,
+        cfg.metrics.listen,
         rx,
         wattd_web::HttpLimits::default(),
         web,
@@ -487,12 +487,12 @@ fn start_metrics_endpoint(
         },
     ) {
         Ok((_, stats)) => {
-            tracing::info!(listen = %cfg.metrics_listen, %mode, "metrics endpoint listening on /metrics");
+            tracing::info!(listen = %cfg.metrics.listen, %mode, "metrics endpoint listening on /metrics");
             metrics.set_endpoint(stats);
             Some(tx)
         }
         Err(error) => {
-            tracing::warn!(listen = %cfg.metrics_listen, %error, "metrics endpoint unavailable; measuring without it");
+            tracing::warn!(listen = %cfg.metrics.listen, %error, "metrics endpoint unavailable; measuring without it");
             None
         }
     }
@@ -518,7 +518,7 @@ fn start_shipper(
     let (ack_tx, ack_rx) = watch::channel(acked);
     let shipper = Shipper::new(
         lcfg.clone(),
-        &cfg.spool_dir,
+        &cfg.spool.dir,
         acked,
         state_rx,
         ack_tx,

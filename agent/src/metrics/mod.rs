@@ -31,6 +31,7 @@ use crate::attribution::UnattributedReason;
 use crate::sampler::{GapCause, Interval};
 
 mod exposition;
+pub mod section;
 
 /// Default cap on the number of runs with exported series.
 pub const DEFAULT_MAX_RUNS: usize = 10_000;

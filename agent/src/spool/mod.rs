@@ -22,6 +22,7 @@
 
 pub mod fs;
 mod open;
+pub mod section;
 
 use std::fs::{File, OpenOptions};
 use std::io;
