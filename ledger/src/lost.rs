@@ -85,7 +85,7 @@ pub async fn price_runs<S: Store>(store: &S, report: &mut NodesReport) -> Result
                     l.energy_by_run = lost;
                     l.runs_unknown = unknown;
                 }
-                Err(e) => fail(l, "unknown", e),
+                Err(e) => fail(l, "unknown", e.to_string()),
             }
         }
     }

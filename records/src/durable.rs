@@ -12,13 +12,16 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Where a step of [`write_atomic`] failed: the caller decides whether that is fatal.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum AtomicWriteError {
     /// Creating or writing the temp file failed; nothing visible changed.
+    #[error("writing the new file: {0}")]
     Write(io::Error),
     /// An fsync failed: the kernel may have dropped the pages, the state on disk is unknown.
+    #[error("syncing the new file or its directory: {0}")]
     Sync(io::Error),
     /// The rename (or no-replace link) failed.
+    #[error("putting the new file in place: {0}")]
     Rename(io::Error),
 }
 

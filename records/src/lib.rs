@@ -5,9 +5,12 @@
 pub mod batch;
 pub mod durable;
 pub mod energy_table;
+pub mod error;
 pub mod identity;
 pub mod loss;
 pub mod seal;
 pub mod segment;
 pub mod totals;
 pub mod verify;
+
+pub use error::{Error, Result};

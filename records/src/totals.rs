@@ -121,6 +121,37 @@ pub enum LostEnergyError {
     },
 }
 
+/// Why the per-run energy of a lost range cannot be computed from the checkpoints around it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RunsLostError {
+    #[error("batch {seq} carries no run checkpoint")]
+    NoCheckpoint { seq: u64 },
+    #[error(
+        "the checkpoint(s) between {from} and {to} are in the range: runs that ended before \
+         them cannot be seen"
+    )]
+    CheckpointInRange { from: u64, to: u64 },
+    #[error(
+        "the agent's per-run counts restarted at seq {at} (an agent start could not read the \
+         last checkpoint back), after checkpoint {checkpoint}"
+    )]
+    CountsRestarted { at: u64, checkpoint: u64 },
+    #[error("run {run:?} has energy before batch {seq} but is not in its checkpoint")]
+    NotInCheckpoint { run: String, seq: u64 },
+    #[error("run {run:?} {meter:?}: the count is saturated")]
+    Saturated { run: String, meter: String },
+    #[error(
+        "run {run:?} {meter:?}: checkpoint {after} is below checkpoint {before} plus the stored \
+         energy between"
+    )]
+    Below {
+        run: String,
+        meter: String,
+        after: u64,
+        before: u64,
+    },
+}
+
 /// A meter as tables and errors name it: `domain:package[:dieN]`.
 pub fn meter_label(m: &MeterId) -> String {
     let mut s = m.0.clone();
@@ -465,31 +496,29 @@ pub fn runs_lost_between(
     c1: Option<&Batch>,
     c2: &Batch,
     stored: &RunEnergy,
-) -> Result<(RunEnergy, Vec<String>), String> {
+) -> Result<(RunEnergy, Vec<String>), RunsLostError> {
     if !c2.has_run_checkpoint {
-        return Err(format!("batch {} carries no run checkpoint", c2.seq));
+        return Err(RunsLostError::NoCheckpoint { seq: c2.seq });
     }
     let c1_seq = c1.map_or(0, |b| b.seq);
     if c1.is_some_and(|b| !b.has_run_checkpoint) {
-        return Err(format!("batch {c1_seq} carries no run checkpoint"));
+        return Err(RunsLostError::NoCheckpoint { seq: c1_seq });
     }
     // A checkpoint inside the range was lost: runs that ended before it were dropped there
     // and appear in no stored checkpoint.
     if c2.seq - c1_seq > RUN_CHECKPOINT_EVERY {
-        return Err(format!(
-            "the checkpoint(s) between {c1_seq} and {} are in the range: runs that ended before \
-             them cannot be seen",
-            c2.seq
-        ));
+        return Err(RunsLostError::CheckpointInRange {
+            from: c1_seq,
+            to: c2.seq,
+        });
     }
     // The agent's counts restarted between the checkpoints: a run's count before the restart
     // is lost, and a run that "began" after c1 may only have been counted again.
     if c2.run_counts_since_seq > c1_seq + 1 {
-        return Err(format!(
-            "the agent's per-run counts restarted at seq {} (an agent start could not read the \
-             last checkpoint back), after checkpoint {c1_seq}",
-            c2.run_counts_since_seq
-        ));
+        return Err(RunsLostError::CountsRestarted {
+            at: c2.run_counts_since_seq,
+            checkpoint: c1_seq,
+        });
     }
     let index = |b: &Batch| {
         let mut m: BTreeMap<String, (u64, BTreeMap<String, u64>)> = BTreeMap::new();
@@ -505,10 +534,10 @@ pub fn runs_lost_between(
     let after = index(c2);
     for run in stored.keys() {
         if !after.contains_key(run) {
-            return Err(format!(
-                "run {run:?} has energy before batch {} but is not in its checkpoint",
-                c2.seq
-            ));
+            return Err(RunsLostError::NotInCheckpoint {
+                run: run.clone(),
+                seq: c2.seq,
+            });
         }
     }
     let mut lost = RunEnergy::new();
@@ -530,7 +559,10 @@ pub fn runs_lost_between(
                 .unwrap_or(0)
                 .checked_add(cum1.get(m).copied().unwrap_or(0));
             if *v2 == u64::MAX {
-                return Err(format!("run {run:?} {m:?}: the count is saturated"));
+                return Err(RunsLostError::Saturated {
+                    run: run.clone(),
+                    meter: m.clone(),
+                });
             }
             match spent.and_then(|s| v2.checked_sub(s)) {
                 Some(0) => {}
@@ -538,11 +570,12 @@ pub fn runs_lost_between(
                     lost.entry(run.clone()).or_default().insert(m.clone(), v);
                 }
                 None => {
-                    return Err(format!(
-                        "run {run:?} {m:?}: checkpoint {} is below checkpoint {c1_seq} plus the \
-                         stored energy between",
-                        c2.seq
-                    ))
+                    return Err(RunsLostError::Below {
+                        run: run.clone(),
+                        meter: m.clone(),
+                        after: c2.seq,
+                        before: c1_seq,
+                    })
                 }
             }
         }
@@ -665,7 +698,8 @@ mod run_tests {
         for (c1, c2) in [(0u64, 120u64), (60, 180)] {
             let c1b = (c1 > 0).then(|| by_seq(c1));
             let e = runs_lost_between(c1b, by_seq(c2), &RunEnergy::new()).expect_err("refused");
-            assert!(e.contains("in the range"), "{e}");
+            assert_eq!(e, RunsLostError::CheckpointInRange { from: c1, to: c2 });
+            assert!(e.to_string().contains("in the range"), "{e}");
         }
     }
 
@@ -675,7 +709,14 @@ mod run_tests {
         let mut c2 = all[119].clone();
         c2.run_counts_since_seq = 90;
         let e = runs_lost_between(Some(&all[59]), &c2, &RunEnergy::new()).expect_err("refused");
-        assert!(e.contains("restarted at seq 90"), "{e}");
+        assert!(e.to_string().contains("restarted at seq 90"), "{e}");
+        assert_eq!(
+            e,
+            RunsLostError::CountsRestarted {
+                at: 90,
+                checkpoint: 60
+            }
+        );
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub enum FrameError {
     CrcMismatch,
 }
 
+impl std::error::Error for FrameError {}
+
 impl std::fmt::Display for FrameError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
