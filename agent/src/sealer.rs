@@ -101,7 +101,7 @@ impl SealError {
 }
 
 // Building and signing a batch is pure and shared with the ledger's tests and tools.
-pub use wattd_records::seal::{sign_batch, BatchContent};
+pub use wattd_records::seal::{sign_batch, sign_batch_keeping, BatchContent};
 
 /// Owns the node key and the spool; the daemon's one handle on the record pipeline.
 #[derive(Debug)]
@@ -400,8 +400,10 @@ impl Sealer {
             let all =
                 n_iv == self.pending.intervals.len() && n_rs == self.pending.run_summaries.len();
             let seq = self.spool.last_seq() + 1;
+            // All of it is moved out and back (sealing must not clone every interval); a part is
+            // copied, and the pending content trimmed once it is appended.
             let mut content = if all {
-                self.pending.clone()
+                std::mem::take(&mut self.pending)
             } else {
                 BatchContent {
                     intervals: self.pending.intervals[..n_iv].to_vec(),
@@ -413,9 +415,24 @@ impl Sealer {
                     run_counts_since_seq: 0,
                 }
             };
+            // What the content held before the stamp, to put it back as it was on a failure.
+            let unstamped = (
+                content.totals.clone(),
+                content.run_checkpoint.clone(),
+                content.run_counts_since_seq,
+            );
             let st = stamp(seq, &mut content, &self.totals, &self.run_totals);
-            let stored = sign_batch(&self.key, seq, self.spool.last_hash(), now_unix_ns, content);
+            let (stored, mut content) =
+                sign_batch_keeping(&self.key, seq, self.spool.last_hash(), now_unix_ns, content);
             if let Err(e) = self.spool.append(&stored) {
+                if all {
+                    (
+                        content.totals,
+                        content.run_checkpoint,
+                        content.run_counts_since_seq,
+                    ) = unstamped;
+                    self.pending = content;
+                }
                 let e = SealError::from(e);
                 if e.is_full() && !self.refused {
                     // From now until a seal goes through, intervals coarsen: those pending first.
@@ -428,15 +445,13 @@ impl Sealer {
             self.spool.note_totals(st.totals());
             st.apply(
                 seq,
-                &self.pending.intervals[..n_iv],
-                &self.pending.run_summaries[..n_rs],
+                &content.intervals,
+                &content.run_summaries,
                 &mut self.totals,
                 &mut self.run_totals,
             );
             sealed = Some(seq);
-            if all {
-                self.pending = BatchContent::default();
-            } else {
+            if !all {
                 self.pending.intervals.drain(..n_iv);
                 self.pending.run_summaries.drain(..n_rs);
                 self.pending.gaps.clear();

@@ -42,6 +42,18 @@ pub fn sign_batch(
     sealed_unix_ns: i64,
     content: BatchContent,
 ) -> StoredBatch {
+    sign_batch_keeping(key, seq, prev_hash, sealed_unix_ns, content).0
+}
+
+/// [`sign_batch`], handing the content back (moved, not copied): a sealer whose append fails
+/// keeps it pending without having cloned every interval for that case.
+pub fn sign_batch_keeping(
+    key: &NodeKey,
+    seq: u64,
+    prev_hash: ChainHash,
+    sealed_unix_ns: i64,
+    content: BatchContent,
+) -> (StoredBatch, BatchContent) {
     let mut batch = Batch {
         node_id: key.node_id().to_owned(),
         key_id: key.key_id().to_vec(),
@@ -76,10 +88,20 @@ pub fn sign_batch(
         key_id: key.key_id().to_vec(),
     }
     .encode_to_vec();
-    StoredBatch {
+    let stored = StoredBatch {
         seq,
         prev_hash,
         hash: chain_hash(&bytes),
         bytes,
-    }
+    };
+    let back = BatchContent {
+        intervals: batch.intervals,
+        run_summaries: batch.run_summaries,
+        gaps: batch.gaps,
+        key_rotation: batch.key_rotation,
+        totals: content.totals,
+        run_checkpoint: batch.has_run_checkpoint.then_some(batch.run_checkpoint),
+        run_counts_since_seq: batch.run_counts_since_seq,
+    };
+    (stored, back)
 }
