@@ -7,6 +7,7 @@ use std::path::Path;
 
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateRevocationListDer;
+use wattd_web::tls::TlsFileError;
 
 /// The revoked (issuer DN, serial number) pairs of every loaded CRL, raw DER bytes.
 #[derive(Clone, Debug, Default)]
@@ -43,14 +44,15 @@ impl Revocations {
 /// names the file.
 pub fn load(
     path: &Path,
-) -> Result<(Vec<CertificateRevocationListDer<'static>>, Revocations), String> {
+) -> Result<(Vec<CertificateRevocationListDer<'static>>, Revocations), TlsFileError> {
     let shown = path.display();
+    let bad = |problem: &dyn std::fmt::Display| TlsFileError::file("--crl", path, problem);
     let ders: Result<Vec<_>, _> = CertificateRevocationListDer::pem_file_iter(path)
-        .map_err(|e| format!("--crl {shown}: {e}"))?
+        .map_err(|e| bad(&e))?
         .collect();
-    let ders = ders.map_err(|e| format!("--crl {shown}: {e}"))?;
+    let ders = ders.map_err(|e| bad(&e))?;
     if ders.is_empty() {
-        return Err(format!("--crl {shown}: no PEM X509 CRL in it"));
+        return Err(bad(&"no PEM X509 CRL in it"));
     }
     let mut revoked = HashSet::new();
     let now = std::time::SystemTime::now()
@@ -58,7 +60,7 @@ pub fn load(
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
     for (i, der) in ders.iter().enumerate() {
         let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
-            .map_err(|e| format!("--crl {shown}: CRL {}: {e}", i + 1))?;
+            .map_err(|e| bad(&format_args!("CRL {}: {e}", i + 1)))?;
         if let Some(next) = crl.next_update() {
             if next.timestamp() < now {
                 tracing::warn!(

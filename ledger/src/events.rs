@@ -169,7 +169,8 @@ pub async fn export<S: Store>(
                 .batch_energy(&node, from, PAGE, &opts.account_label)
                 .await?
             {
-                let changes = batch_changes(&b, &Role::Metering).map_err(ExportError::Post)?;
+                let changes = batch_changes(&b, &Role::Metering)
+                    .map_err(|e| ExportError::Post(e.to_string()))?;
                 let events: Vec<Value> = changes.iter().map(event).collect();
                 if !events.is_empty() {
                     match &client {

@@ -139,7 +139,7 @@ impl ScrapeClient {
                     }
                 };
                 let config = crate::tls::client_config(ca, "CA", cert_key)
-                    .map_err(|e| setup("TLS".into(), e))?;
+                    .map_err(|e| setup("TLS".into(), e.to_string()))?;
                 let name = match &opts.server_name {
                     Some(n) => ServerName::try_from(n.clone())
                         .map_err(|e| setup(format!("server name {n:?}"), e.to_string()))?,

@@ -457,7 +457,7 @@ fn load_certs(
     problems: &mut Vec<String>,
 ) -> Option<Vec<CertificateDer<'static>>> {
     crate::tls::load_certs(path, key)
-        .map_err(|e| problems.push(e))
+        .map_err(|e| problems.push(e.to_string()))
         .ok()
 }
 

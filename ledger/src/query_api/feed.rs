@@ -281,7 +281,11 @@ impl<S: Store> Feed<S> {
                 for b in page {
                     let changes = match batch_changes(&b, &self.role) {
                         Ok(c) => c,
-                        Err(e) => return Err(self.end(Code::Internal, "total_above_u64", e).await),
+                        Err(e) => {
+                            return Err(self
+                                .end(Code::Internal, "total_above_u64", e.to_string())
+                                .await)
+                        }
                     };
                     self.cursor.set(&node, b.seq);
                     progressed = true;
@@ -346,9 +350,20 @@ impl<S: Store> Feed<S> {
     }
 }
 
+/// A run's energy in one domain of one batch that does not fit the feed's 64-bit field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("node {node:?} seq {seq} run {run:?} {domain}: {uj} uJ in one batch does not fit 64 bits")]
+pub struct ChangeTooLarge {
+    pub node: String,
+    pub seq: u64,
+    pub run: String,
+    pub domain: String,
+    pub uj: u128,
+}
+
 /// The changes of one stored batch that `role` may see: per run and domain, its billed
 /// allocations summed, with the deterministic id and the batch's window, hash and key.
-pub fn batch_changes(b: &BatchEnergy, role: &Role) -> Result<Vec<Change>, String> {
+pub fn batch_changes(b: &BatchEnergy, role: &Role) -> Result<Vec<Change>, ChangeTooLarge> {
     // (run, domain) -> (uJ, the run's account as read with the batch).
     let mut sums: BTreeMap<(&str, &str), (u128, Option<&String>)> = BTreeMap::new();
     for a in &b.allocations {
@@ -362,11 +377,12 @@ pub fn batch_changes(b: &BatchEnergy, role: &Role) -> Result<Vec<Change>, String
         if !role.sees(account.map(String::as_str)) {
             continue;
         }
-        let energy_uj = u64::try_from(uj).map_err(|_| {
-            format!(
-                "node {:?} seq {} run {run:?} {domain}: {uj} uJ in one batch does not fit 64 bits",
-                b.node_id, b.seq
-            )
+        let energy_uj = u64::try_from(uj).map_err(|_| ChangeTooLarge {
+            node: b.node_id.clone(),
+            seq: b.seq,
+            run: run.to_owned(),
+            domain: domain.to_owned(),
+            uj,
         })?;
         out.push(Change {
             id: change_id(&b.node_id, b.seq, run, domain),

@@ -31,7 +31,7 @@ use crate::store::{BatchEnergy, ReadAudit, Store, StoreError, TotalsFilter};
 mod feed;
 
 use feed::Feed;
-pub use feed::{batch_changes, change_id, Cursor, CursorError};
+pub use feed::{batch_changes, change_id, ChangeTooLarge, Cursor, CursorError};
 
 /// The largest cursor accepted: about 30,000 nodes with the longest node ids (255 bytes), or
 /// 250,000 with 36-byte ones. The feed never emits a larger one: it ends the stream instead

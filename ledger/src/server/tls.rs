@@ -41,13 +41,14 @@ fn identity_and_roots(
     RootCertStore,
 ) {
     let certs = wattd_web::tls::load_certs(cert, "--cert")
-        .map_err(|e| problems.push(e))
+        .map_err(|e| problems.push(e.to_string()))
         .ok();
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| problems.push(format!("--key {}: {e}", key.display())))
         .ok();
     let mut roots = RootCertStore::empty();
-    if let Ok(cas) = wattd_web::tls::load_certs(ca, flag).map_err(|e| problems.push(e)) {
+    if let Ok(cas) = wattd_web::tls::load_certs(ca, flag).map_err(|e| problems.push(e.to_string()))
+    {
         for c in cas {
             if let Err(e) = roots.add(c) {
                 problems.push(format!("{flag} {}: {e}", ca.display()));
@@ -100,7 +101,9 @@ pub fn tls_config(
     } = files;
     let mut problems = Vec::new();
     let crls = match crl {
-        Some(path) => crate::crl::load(path).map_err(|e| problems.push(e)).ok(),
+        Some(path) => crate::crl::load(path)
+            .map_err(|e| problems.push(e.to_string()))
+            .ok(),
         None => Some((Vec::new(), Revocations::default())),
     };
     let (certs, key, roots) =

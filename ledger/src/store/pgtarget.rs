@@ -96,8 +96,8 @@ pub enum PgUrlError {
     #[error("sslcert and sslkey go together")]
     CertWithoutKey,
     /// A certificate or key file named by the URL (the message names the parameter and file).
-    #[error("{0}")]
-    TlsFile(String),
+    #[error(transparent)]
+    TlsFile(wattd_web::tls::TlsFileError),
 }
 
 fn percent_decode(s: &str) -> Result<String, PgUrlError> {
