@@ -309,7 +309,7 @@ impl clap::builder::TypedValueParser for StoreUrlParser {
             .to_str()
             .ok_or_else(|| fail("not UTF-8".into()))?
             .parse()
-            .map_err(fail)
+            .map_err(|e: wattd_ledger::store::StoreUrlError| fail(e.to_string()))
     }
 }
 

@@ -307,27 +307,37 @@ pub enum StoreUrl {
     Postgres(String),
 }
 
-impl std::str::FromStr for StoreUrl {
-    type Err = String;
+/// Why a `--store` value is not a store URL.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreUrlError {
+    #[error("{0:?}: no file path after sqlite:")]
+    NoPath(String),
+    #[error("{0:?}: a store URL is sqlite:PATH, sqlite://PATH or postgres://USER@HOST:PORT/DB")]
+    Scheme(String),
+    /// A PostgreSQL URL checked now (TLS settings, no password, loopback unless TLS).
+    #[error(transparent)]
+    Postgres(#[from] pgtarget::PgUrlError),
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for StoreUrl {
+    type Err = StoreUrlError;
+
+    fn from_str(s: &str) -> Result<Self, StoreUrlError> {
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            // Checked now (TLS settings, no password, loopback unless TLS), so a bad URL is a
-            // usage error; the store parses it again when it opens.
-            pgtarget::PgTarget::parse(s).map_err(|e| e.to_string())?;
+            // Checked now, so a bad URL is a usage error; the store parses it again when it
+            // opens.
+            pgtarget::PgTarget::parse(s)?;
             return Ok(StoreUrl::Postgres(s.to_owned()));
         }
         if let Some(rest) = s.strip_prefix("sqlite:") {
             // sqlite:///abs, sqlite://rel and sqlite:path all name a file path.
             let path = rest.strip_prefix("//").unwrap_or(rest);
             if path.is_empty() {
-                return Err(format!("{s:?}: no file path after sqlite:"));
+                return Err(StoreUrlError::NoPath(s.to_owned()));
             }
             return Ok(StoreUrl::Sqlite(path.into()));
         }
-        Err(format!(
-            "{s:?}: a store URL is sqlite:PATH, sqlite://PATH or postgres://USER@HOST:PORT/DB"
-        ))
+        Err(StoreUrlError::Scheme(s.to_owned()))
     }
 }
 
@@ -1002,13 +1012,21 @@ mod tests {
 
     #[test]
     fn store_urls() {
-        let p = |s: &str| s.parse::<StoreUrl>();
+        let p = |s: &str| s.parse::<StoreUrl>().map_err(|e| e.to_string());
         assert_eq!(p("sqlite:/a/b.db"), Ok(StoreUrl::Sqlite("/a/b.db".into())));
         assert_eq!(
             p("sqlite:///a/b.db"),
             Ok(StoreUrl::Sqlite("/a/b.db".into()))
         );
         assert_eq!(p("sqlite://b.db"), Ok(StoreUrl::Sqlite("b.db".into())));
+        assert!(matches!(
+            "sqlite:".parse::<StoreUrl>(),
+            Err(StoreUrlError::NoPath(_))
+        ));
+        assert!(matches!(
+            "postgres://u@h/db".parse::<StoreUrl>(),
+            Err(StoreUrlError::Postgres(_))
+        ));
         assert!(matches!(
             p("postgres://u@127.0.0.1/db"),
             Ok(StoreUrl::Postgres(_))
