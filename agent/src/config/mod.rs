@@ -1,5 +1,5 @@
 //! Configuration: the file's text read by the [`crate::schema`]'s two layers (serde into raw
-//! sections with spans, then each section validated beside the component that owns it), every
+//! sections, then each section validated beside the component that owns it), every
 //! problem of a file reported at once with file, line and key. Every key is optional; unknown
 //! keys are errors. The keys and their meaning are the stable contract of the design brief; each
 //! default is defined once, by its section's `Default`.
@@ -175,7 +175,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
     let raw = match raw::read(text) {
         Ok(r) => r,
         Err(e) => {
-            let msg = e.message().trim_end().to_owned();
+            let msg = e.message().to_owned();
             v.problem_at(e.span(), format!("TOML syntax: {msg}"));
             return Err(ConfigError {
                 problems: v.into_problems(),
@@ -416,6 +416,35 @@ finished_run_ttl_s = 60
         for (got, want) in lines.iter().zip(want) {
             assert!(got.starts_with(want), "{got} does not start with {want}");
         }
+    }
+
+    /// A date is no string (toml's own conversion would make it one); a table where a value
+    /// belongs is refused, never read as a default (the old reader took `[runs.perf_counters]`
+    /// for false); a hostile key named like toml's private date key is a value problem, not a
+    /// syntax error that hides the file's other problems; a section may be an inline table.
+    #[test]
+    fn dates_tables_and_hostile_keys_where_values_belong() {
+        let text = "[node]\nid = 1979-05-27\n[host]\nroot = { \"$__toml_private_datetime\" = \"x\" }\n[runs.perf_counters]\n[gpu]\nenabled.x = true\n[runs.patterns]\n";
+        let e = parse("d.toml", text).unwrap_err();
+        let lines: Vec<String> = e.problems.iter().map(|p| p.to_string()).collect();
+        let want = [
+            "d.toml:2: node.id: must be a string",
+            "d.toml:4: host.root: must be a string",
+            "d.toml:5: runs.perf_counters: must be true or false",
+            "d.toml:7: gpu.enabled: must be true or false",
+            "d.toml:8: runs.patterns: must be an array of strings",
+        ];
+        assert_eq!(lines.len(), want.len(), "{lines:#?}");
+        for (got, want) in lines.iter().zip(want) {
+            assert!(got.starts_with(want), "{got} does not start with {want}");
+        }
+        let inline = parse(
+            "i.toml",
+            "node = { id = \"w1\" }\nsampling = { interval_ms = 250 }\n",
+        )
+        .unwrap();
+        assert_eq!(inline.node_id.as_deref(), Some("w1"));
+        assert_eq!(inline.reloadable.interval_ms, 250);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The configuration file's schema, in two layers. [`raw`]: the file as written, through serde,
-//! every value with its span. Then validation: a [`Validator`] takes the raw [`Field`]s of one
+//! one struct per section, every value kept as written. Then validation: a [`Validator`] takes the raw [`Field`]s of one
 //! section, checks each against its bounds and records a [`Problem`] with file, line and key
 //! for each bad one (the line found from the key in the text). The sections themselves are validated beside the components that own them
 //! (`SpoolSection::read` in the spool, `GpuConfig::read` in gpu, ...), and `config` assembles
@@ -44,6 +44,9 @@ pub struct Validator<'a> {
     text: &'a str,
     /// The text as a document, parsed at the first problem (to find its line).
     doc: Option<toml_edit::ImDocument<&'a str>>,
+    /// Where the text's newlines are, found at the first problem (a file of many problems is
+    /// not scanned once per problem).
+    newlines: std::cell::OnceCell<Vec<usize>>,
     problems: Vec<Problem>,
 }
 
@@ -53,6 +56,7 @@ impl<'a> Validator<'a> {
             file,
             text,
             doc: None,
+            newlines: std::cell::OnceCell::new(),
             problems: Vec::new(),
         }
     }
@@ -63,13 +67,14 @@ impl<'a> Validator<'a> {
         self.problems
     }
 
+    /// The 1-based line where `span` starts; 0 for none.
     fn line_of(&self, span: Option<Range<usize>>) -> usize {
         span.map_or(0, |s| {
-            self.text.as_bytes()[..s.start.min(self.text.len())]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count()
-                + 1
+            let newlines = self.newlines.get_or_init(|| {
+                let bytes = self.text.as_bytes();
+                (0..bytes.len()).filter(|&i| bytes[i] == b'\n').collect()
+            });
+            newlines.partition_point(|&at| at < s.start) + 1
         })
     }
 

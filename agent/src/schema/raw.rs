@@ -5,6 +5,8 @@
 //! a file at once with its line, as `wattd validate` promises. Spans are not carried here: the
 //! validator finds a problem's line from its key in the same text (toml's `Spanned` has none
 //! for a table made implicitly, `[a.b]` without `[a]`, and would fail the whole file there).
+//! A section may be written as a header or as an inline table (`node = { id = "w1" }`): TOML
+//! makes them the same table.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -35,9 +37,64 @@ impl<'de, T: DeserializeOwned> Deserialize<'de> for Field<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         // Any TOML value is taken; its type is checked here, and a mismatch is kept for the
         // second layer to name instead of ending the whole file's reading.
-        let raw = toml::Value::deserialize(d)?;
+        let Written(raw) = Written::deserialize(d)?;
         let value = T::deserialize(raw.clone()).map_err(|_: toml::de::Error| raw);
         Ok(Field::Given(value))
+    }
+}
+
+/// Any value as written, taken without judging it: a date-time arrives from the parser as a
+/// table of one private key and stays that table here (so it is no string, no number: toml's
+/// own `Value` would take it as a date, or refuse the whole file for a hostile key of that
+/// name); every other value as `toml::Value` has it.
+struct Written(toml::Value);
+
+impl<'de> Deserialize<'de> for Written {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Written;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any TOML value")
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Written, E> {
+                Ok(Written(toml::Value::Boolean(b)))
+            }
+            fn visit_i64<E>(self, i: i64) -> Result<Written, E> {
+                Ok(Written(toml::Value::Integer(i)))
+            }
+            fn visit_u64<E>(self, u: u64) -> Result<Written, E> {
+                // TOML integers are i64; a larger one is out of every key's range anyway.
+                Ok(Written(match i64::try_from(u) {
+                    Ok(i) => toml::Value::Integer(i),
+                    Err(_) => toml::Value::Float(u as f64),
+                }))
+            }
+            fn visit_f64<E>(self, x: f64) -> Result<Written, E> {
+                Ok(Written(toml::Value::Float(x)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Written, E> {
+                Ok(Written(toml::Value::String(s.to_owned())))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Written, E> {
+                Ok(Written(toml::Value::String(s)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Written, A::Error> {
+                let mut items = Vec::new();
+                while let Some(Written(v)) = s.next_element()? {
+                    items.push(v);
+                }
+                Ok(Written(toml::Value::Array(items)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Written, A::Error> {
+                let mut t = toml::Table::new();
+                while let Some((k, Written(v))) = m.next_entry::<String, Written>()? {
+                    t.insert(k, v);
+                }
+                Ok(Written(toml::Value::Table(t)))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
