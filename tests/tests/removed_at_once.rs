@@ -221,6 +221,10 @@ fn removed_at_once(
     let (status, _) = agent.stop();
     sim.stop();
     let logtext = std::fs::read_to_string(&log).unwrap_or_default();
+    // To trace a failure: the whole log (with WATTD_TEST_AGENT_LOG=wattd_collectors=debug,info).
+    if let Some(keep) = std::env::var_os("WATTD_TEST_KEEP_LOG") {
+        let _ = std::fs::write(keep, &logtext);
+    }
     if let Some(line) = logtext
         .lines()
         .find(|l| l.contains("run tracker counters at stop"))
