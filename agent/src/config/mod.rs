@@ -372,11 +372,19 @@ finished_run_ttl_s = 60
         );
     }
 
+    /// The problems of `e`, in order, each starting with its line of `want`.
+    fn assert_problems(e: &ConfigError, want: &[&str]) {
+        let lines: Vec<String> = e.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(lines.len(), want.len(), "{lines:#?}");
+        for (got, want) in lines.iter().zip(want) {
+            assert!(got.starts_with(want), "{got} does not start with {want}");
+        }
+    }
+
     #[test]
     fn every_problem_is_reported_with_line_and_key() {
         let text = "[sampling]\ninterval_ms = 5\nbogus = 1\n[runs]\npatterns = [\"/abs/{run_id}\", \"no-id\"]\n[attribution]\nidle_policy = \"evenly\"\n[mystery]\n[metrics]\nlisten = \"nowhere\"\nfinished_run_ttl_s = 0\n";
         let e = parse("wattd.toml", text).unwrap_err();
-        let lines: Vec<String> = e.problems.iter().map(|p| p.to_string()).collect();
         let want = [
             "wattd.toml:2: sampling.interval_ms: 5 is out of range 10 ..= 60000",
             "wattd.toml:3: sampling.bogus: unknown key",
@@ -387,10 +395,7 @@ finished_run_ttl_s = 60
             "wattd.toml:10: metrics.listen: \"nowhere\" is not an address:port",
             "wattd.toml:11: metrics.finished_run_ttl_s: 0 is out of range 1 ..= 86400",
         ];
-        assert_eq!(lines.len(), want.len(), "{lines:#?}");
-        for (got, want) in lines.iter().zip(want) {
-            assert!(got.starts_with(want), "{got} does not start with {want}");
-        }
+        assert_problems(&e, &want);
     }
 
     /// Each entry of an array on its own line; tables made implicitly (`[a.b]` without `[a]`),
@@ -400,7 +405,6 @@ finished_run_ttl_s = 60
     fn odd_shapes_are_named_on_their_lines() {
         let text = "node = 1979-05-27\n[runs]\npatterns = [\n  \"ok/{run_id}\",\n  \"/abs/{run_id}\",\n  7,\n]\ncontrol_allowed_uids = [1, \"x\"]\n[sampling.interval_ms]\nx = 1\n[gpu.sub]\ny = 2\n[log]\nlevel = 5\nlog = 5\nmetrics = 3\n";
         let e = parse("w.toml", text).unwrap_err();
-        let lines: Vec<String> = e.problems.iter().map(|p| p.to_string()).collect();
         let want = [
             "w.toml:1: node: must be a table, like [node]",
             "w.toml:5: runs.patterns: \"/abs/{run_id}\" must be relative",
@@ -412,10 +416,7 @@ finished_run_ttl_s = 60
             "w.toml:15: log.log: unknown key",
             "w.toml:16: log.metrics: unknown key",
         ];
-        assert_eq!(lines.len(), want.len(), "{lines:#?}");
-        for (got, want) in lines.iter().zip(want) {
-            assert!(got.starts_with(want), "{got} does not start with {want}");
-        }
+        assert_problems(&e, &want);
     }
 
     /// A date is no string (toml's own conversion would make it one); a table where a value
@@ -426,7 +427,6 @@ finished_run_ttl_s = 60
     fn dates_tables_and_hostile_keys_where_values_belong() {
         let text = "[node]\nid = 1979-05-27\n[host]\nroot = { \"$__toml_private_datetime\" = \"x\" }\n[runs.perf_counters]\n[gpu]\nenabled.x = true\n[runs.patterns]\n";
         let e = parse("d.toml", text).unwrap_err();
-        let lines: Vec<String> = e.problems.iter().map(|p| p.to_string()).collect();
         let want = [
             "d.toml:2: node.id: must be a string",
             "d.toml:4: host.root: must be a string",
@@ -434,10 +434,7 @@ finished_run_ttl_s = 60
             "d.toml:7: gpu.enabled: must be true or false",
             "d.toml:8: runs.patterns: must be an array of strings",
         ];
-        assert_eq!(lines.len(), want.len(), "{lines:#?}");
-        for (got, want) in lines.iter().zip(want) {
-            assert!(got.starts_with(want), "{got} does not start with {want}");
-        }
+        assert_problems(&e, &want);
         let inline = parse(
             "i.toml",
             "node = { id = \"w1\" }\nsampling = { interval_ms = 250 }\n",
