@@ -3,12 +3,13 @@
 //! ([`wattd_web::MetricsEndpoint`]). Labels are bounded: `reason` takes the values of
 //! [`Reason`] only; nothing is labelled by node (a fleet would make that unbounded).
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
+
+use wattd_web::exposition::Writer;
 
 use crate::plausible::Implausible;
 
@@ -201,10 +202,11 @@ impl Metrics {
 
     /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
-        let mut s = String::new();
+        let mut w = Writer::with_capacity(8192);
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut one = |name: &str, kind: &str, help: &str, v: u64| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            w.family(name, kind, help);
+            w.sample(name, &[], v);
         };
         one(
             "wattd_ledger_connections_total",
@@ -428,44 +430,47 @@ impl Metrics {
              billed (see wattd_ledger_implausible_total and `wattd-ledger nodes`).",
             get(&self.allocations_quarantined),
         );
-        let _ = writeln!(
-            s,
-            "# HELP wattd_ledger_implausible_total Intervals (or one domain of one) of authentic \
-             batches judged implausible, by reason; their allocations are quarantined.\n\
-             # TYPE wattd_ledger_implausible_total counter"
+        w.family(
+            "wattd_ledger_implausible_total",
+            "counter",
+            "Intervals (or one domain of one) of authentic batches judged implausible, by \
+             reason; their allocations are quarantined.",
         );
         for r in Implausible::ALL {
-            let _ = writeln!(
-                s,
-                "wattd_ledger_implausible_total{{reason=\"{}\"}} {}",
-                r.as_str(),
-                self.implausible
-                    .get(r.index())
-                    .map_or(0, |c| c.load(Ordering::Relaxed))
+            let n = self
+                .implausible
+                .get(r.index())
+                .map_or(0, |c| c.load(Ordering::Relaxed));
+            w.sample(
+                "wattd_ledger_implausible_total",
+                &[("reason", r.as_str())],
+                n,
             );
         }
-        let _ = writeln!(
-            s,
-            "# HELP wattd_ledger_commit_seconds Time to commit one batch (store transaction).\n\
-             # TYPE wattd_ledger_commit_seconds summary\n\
-             wattd_ledger_commit_seconds_sum {}\nwattd_ledger_commit_seconds_count {}",
-            decimal_seconds(get(&self.commit_ns_sum)),
-            get(&self.commits)
+        w.family(
+            "wattd_ledger_commit_seconds",
+            "summary",
+            "Time to commit one batch (store transaction).",
         );
-        let _ = writeln!(
-            s,
-            "# HELP wattd_ledger_rejections_total Connections, streams and messages refused, by \
-             reason.\n# TYPE wattd_ledger_rejections_total counter"
+        w.sample(
+            "wattd_ledger_commit_seconds_sum",
+            &[],
+            decimal_seconds(get(&self.commit_ns_sum)),
+        );
+        w.sample("wattd_ledger_commit_seconds_count", &[], get(&self.commits));
+        w.family(
+            "wattd_ledger_rejections_total",
+            "counter",
+            "Connections, streams and messages refused, by reason.",
         );
         for r in Reason::ALL {
-            let _ = writeln!(
-                s,
-                "wattd_ledger_rejections_total{{reason=\"{}\"}} {}",
-                r.as_str(),
-                self.rejections(r)
+            w.sample(
+                "wattd_ledger_rejections_total",
+                &[("reason", r.as_str())],
+                self.rejections(r),
             );
         }
-        s
+        w.finish()
     }
 
     /// Keeps `tx` holding the latest rendering: re-renders after every change (coalesced).

@@ -20,7 +20,6 @@
 //! This file is the registry (what the daemon records); `exposition` renders it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::{self, Write as _};
 use std::sync::Arc;
 use std::time::Duration;
 
