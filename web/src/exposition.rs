@@ -73,6 +73,7 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// A writer whose text starts with room for `n` bytes.
     pub fn with_capacity(n: usize) -> Self {
         Writer {
             out: String::with_capacity(n),

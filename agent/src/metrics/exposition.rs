@@ -1,6 +1,7 @@
 //! The Prometheus text exposition of [`Metrics`]: one function per group of families, written
-//! with the shared writer of `wattd_web::exposition` (exact decimals for joules and seconds,
-//! escaped label values and help), which the ledger's metrics use too.
+//! with the shared writer of `wattd_web::exposition` (exact decimal joules, the format's float
+//! spellings, escaped label values and help), which the ledger's metrics use too. Seconds are
+//! written as exact decimals here (`us_as_seconds`).
 
 use wattd_web::exposition::{Float, Joules, Writer};
 

@@ -41,9 +41,6 @@ pub const TICK_BUCKETS_S: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// The content type of the text exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
 /// The parts of the host bucket's energy.
 const PART_ACTIVE: &str = "active";
 const PART_IDLE: &str = "idle";
