@@ -101,7 +101,8 @@ impl SealError {
 }
 
 // Building and signing a batch is pure and shared with the ledger's tests and tools.
-pub use wattd_records::seal::{sign_batch, sign_batch_keeping, BatchContent};
+use wattd_records::seal::sign_batch_keeping;
+pub use wattd_records::seal::{sign_batch, BatchContent};
 
 /// Owns the node key and the spool; the daemon's one handle on the record pipeline.
 #[derive(Debug)]

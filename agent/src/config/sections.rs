@@ -142,7 +142,7 @@ fn runs(v: &mut Validator<'_>, t: &raw::Runs, patterns: &mut Vec<String>) -> Run
         }
     });
     if let Some(pats) = checked {
-        if pats.is_empty() && matches!(&t.patterns, raw::Field::Given(Ok(a)) if a.is_empty()) {
+        if matches!(&t.patterns, raw::Field::Given(Ok(a)) if a.is_empty()) {
             v.problem("runs.patterns", "must list at least one pattern");
         }
         *patterns = pats;

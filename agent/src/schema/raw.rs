@@ -109,13 +109,6 @@ pub enum Section<T> {
     NotATable,
 }
 
-impl<T> Section<T> {
-    /// Whether the section is in the file (whatever it holds).
-    pub fn is_given(&self) -> bool {
-        !matches!(self, Section::Absent)
-    }
-}
-
 /// A section's body: its keys when it is a table (a TOML date-time arrives as a map of one
 /// private key, and is not a table).
 enum Body<T> {
