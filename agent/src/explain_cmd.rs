@@ -69,7 +69,7 @@ struct Total {
 struct Finished {
     started_unix_ns: i64,
     finished_unix_ns: i64,
-    /// `read`, `perf_counted`, `reconciled`, `reconciled_shared` or `lost` (empty in records
+    /// `read`, `traced`, `perf_counted`, `reconciled`, `reconciled_shared` or `lost` (empty in records
     /// older than it).
     final_usage: String,
     /// CPU microseconds of the run recovered from its parent over its life.
@@ -254,6 +254,10 @@ fn render_text(ex: &Explanation) -> String {
         Some(f) => {
             let how = match f.final_usage.as_str() {
                 "read" => "read from its own cpu.stat",
+                "traced" => {
+                    "its cgroup was removed first (or before it was known): its CPU time as the \
+                     kernel charged it from its creation, counted by the cgroup trace (eBPF)"
+                }
                 "perf_counted" => {
                     "its cgroup was removed first: the tail counted by its own perf \
                      task-clock counters (its parent could not tell, or was noisier)"

@@ -51,7 +51,7 @@ pub struct RunRow {
     pub energy_uj: u128,
     pub energy_wh: String,
     pub domains: Vec<DomainRow>,
-    /// How the run's last usage was obtained, from its summary (`read`, `perf_counted`,
+    /// How the run's last usage was obtained, from its summary (`read`, `traced`, `perf_counted`,
     /// `reconciled`, `reconciled_shared`, `lost`); absent while the run is live or its summary is not here.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub final_usage: Option<String>,

@@ -21,6 +21,10 @@ pub struct RunsSection {
     /// their final read: shares of the parent's residual, or counted; the per-package split on
     /// the live host).
     pub perf_counters: bool,
+    /// `cgroup_trace`: the kernel's CPU time of each run cgroup traced by eBPF from its
+    /// creation (the exact usage of a run removed before its final read, or before it was
+    /// known).
+    pub cgroup_trace: bool,
 }
 
 impl Default for RunsSection {
@@ -30,6 +34,7 @@ impl Default for RunsSection {
             control_allowed_uids: Vec::new(),
             control_allowed_gids: Vec::new(),
             perf_counters: true,
+            cgroup_trace: true,
         }
     }
 }
@@ -158,6 +163,9 @@ fn runs(v: &mut Validator<'_>, t: &raw::Runs, patterns: &mut Vec<String>) -> Run
     }
     if let Some(b) = v.bool(&t.perf_counters, "runs.perf_counters") {
         r.perf_counters = b;
+    }
+    if let Some(b) = v.bool(&t.cgroup_trace, "runs.cgroup_trace") {
+        r.cgroup_trace = b;
     }
     r
 }

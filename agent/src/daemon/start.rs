@@ -135,6 +135,7 @@ impl Daemon {
         tcfg.cgroup_root = cfg.cgroup_root.clone();
         tcfg.patterns = cfg.reloadable.patterns.clone();
         tcfg.perf_counters = cfg.runs.perf_counters;
+        tcfg.cgroup_trace = cfg.runs.cgroup_trace;
         tcfg.perf_split = root.is_live();
         tcfg.read_memory = reads_memory(cfg.reloadable.policy.dram);
         let mut tracker = RunTracker::new(tcfg).context("starting the run tracker")?;
@@ -146,6 +147,16 @@ impl Daemon {
                 "no perf counters for runs: the tail of a run removed before its final read is \
                  recovered from its parent only, and is lost where the parent cannot tell"
             );
+        }
+        match &baseline.cgroup_trace_disabled {
+            Some(why) => tracing::warn!(
+                reason = %why,
+                "no cgroup trace (eBPF): a run removed before its final read, or before it was \
+                 known, is billed from its parent's residual rather than exactly"
+            ),
+            None => tracing::info!(
+                "cgroup trace (eBPF) on: runs made from now on are counted from their creation"
+            ),
         }
         // SAFETY: the tracker owns this inotify descriptor and keeps it open, unreplaced, for as
         // long as it lives; `Daemon::events` is declared before `Daemon::tracker`, so dropped

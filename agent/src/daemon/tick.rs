@@ -414,6 +414,7 @@ mod tests {
             counters: TrackerCounters::default(),
             perf_disabled: None,
             perf_counters_disabled: None,
+            cgroup_trace_disabled: None,
         }
     }
 

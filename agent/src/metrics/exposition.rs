@@ -363,6 +363,7 @@ impl Metrics {
             usage_went_backwards,
             final_read,
             final_perf_counted,
+            final_traced,
             final_reconciled,
             final_reconciled_shared,
             final_lost,
@@ -374,17 +375,23 @@ impl Metrics {
             children_listed_early,
             reconcile_clamped_us,
             reconcile_retries,
+            traced_cgroups,
+            untraced_cgroups,
+            trace_missed,
+            trace_mismatches,
         } = self.tracker;
         w.family(
             "wattd_tracker_final_usage_total",
             "counter",
             "Finished runs by how their last usage was obtained: read from their own cpu.stat, \
+             counted from their creation by the cgroup trace (eBPF), \
              counted by their perf task-clock counters after the cgroup was removed, \
              reconciled through the parent (alone or shared with others that went away in the \
              same stretch), or lost (the tail since the last read is the host's).",
         );
         for (how, v) in [
             ("read", final_read),
+            ("traced", final_traced),
             ("perf_counted", final_perf_counted),
             ("reconciled", final_reconciled),
             ("reconciled_shared", final_reconciled_shared),
@@ -431,6 +438,34 @@ impl Metrics {
                  budget full): the tail of one removed before its final read comes from its \
                  parent.",
                 perf_uncounted_runs,
+            ),
+            (
+                "wattd_tracker_traced_cgroups_total",
+                "counter",
+                "Cgroups made under a run parent and counted from their creation by the cgroup \
+                 trace (eBPF).",
+                traced_cgroups,
+            ),
+            (
+                "wattd_tracker_untraced_cgroups_total",
+                "counter",
+                "Cgroups made under a run parent the cgroup trace could not count (its maps \
+                 full, a name over 126 bytes): billed from the parent's residual instead.",
+                untraced_cgroups,
+            ),
+            (
+                "wattd_tracker_trace_missed_total",
+                "counter",
+                "Slices of CPU time the cgroup trace did not count (the kernel skipped its \
+                 program, already running on that CPU).",
+                trace_missed,
+            ),
+            (
+                "wattd_tracker_trace_mismatches_total",
+                "counter",
+                "Runs read after they emptied whose final cpu.stat differed from the cgroup \
+                 trace's count (0 unless the trace is wrong on this kernel).",
+                trace_mismatches,
             ),
             (
                 "wattd_tracker_hostile_names_skipped_total",

@@ -46,6 +46,10 @@ use crate::shares::{largest_remainder, SplitScratch, Ties};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinalUsage {
+    /// Its cgroup went away before a complete final read (or before it was known: a ghost),
+    /// and the cgroup trace had counted it from its creation: the kernel's own `usage_usec`,
+    /// exact (see [`crate::cgroup::trace`]).
+    Traced,
     /// Read from the run's own `cpu.stat` after it emptied (twice, so the last task's final
     /// slice is in) or when the control plane declared it finished.
     Read,
@@ -69,6 +73,7 @@ pub enum FinalUsage {
 impl FinalUsage {
     pub fn as_str(self) -> &'static str {
         match self {
+            FinalUsage::Traced => "traced",
             FinalUsage::Read => "read",
             FinalUsage::PerfCounted => "perf_counted",
             FinalUsage::Reconciled => "reconciled",
@@ -150,6 +155,13 @@ pub(super) struct Family {
     pub balance_since_us: u64,
     /// Descriptors it keeps (its `cpu.stat`, `cgroup.procs` and directory, within the budget).
     pub kept_fds: usize,
+    /// The parent's cgroup id (its directory's inode) when the cgroup trace watches it: its
+    /// children made since are traced from their creation.
+    pub trace_parent: Option<u64>,
+    /// CPU time of children gone unread whose tails the trace gave exactly, since the last
+    /// point: in the parent's growth, and no residual (the next point counts it as the
+    /// children's).
+    pub traced_gone_us: u64,
     /// The parent's usage read right before the children's at the point in progress ...
     pub pre_us: Option<u64>,
     /// ... and when (tracker clock).

@@ -12,6 +12,7 @@ pub mod inotify;
 pub mod mount;
 pub mod pattern;
 pub mod perf;
+pub mod trace;
 pub mod tracker;
 
 pub use family::{share_residual, FinalUsage};

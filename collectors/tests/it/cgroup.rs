@@ -73,6 +73,10 @@ impl Sandbox {
         c.cgroup_root = Some(self.host_path.clone());
         c.patterns = vec![PATTERN.to_owned()];
         c.rescan_every_ticks = 0;
+        // The tracker without its exact source for removed runs: what these tests check is
+        // every other way (reads, the parent's residual, perf counters, losses). The trace is
+        // on in `traced` below and in the daemon's tests.
+        c.cgroup_trace = false;
         c
     }
 
@@ -1274,5 +1278,190 @@ mod removed_at_once {
         let s = t.tick(1_000_000);
         assert!(run(&s, "twice").is_none(), "a run is finished once");
         assert_eq!(s.counters.run_id_reused, 1);
+    }
+}
+
+/// With the cgroup trace (eBPF on `cgroup_mkdir` and `sched_stat_runtime`), a run removed before
+/// the tracker read it again, or before it even knew it, is billed the kernel's own count from
+/// its creation, to the microsecond.
+mod traced {
+    use super::*;
+    use wattd_collectors::cgroup::FinalUsage;
+
+    /// A tracker with the trace (and no perf counters, so nothing else can explain a result);
+    /// `None` after a loud skip where eBPF is not permitted.
+    fn tracker(sb: &Sandbox, test: &str) -> Option<RunTracker> {
+        let mut c = sb.config();
+        c.cgroup_trace = true;
+        c.perf_counters = false;
+        let mut t = RunTracker::new(c).unwrap();
+        let s = t.tick(0);
+        if let Some(why) = &s.cgroup_trace_disabled {
+            wattd_testkit::skip(test, format!("the cgroup trace, eBPF ({why})"));
+            return None;
+        }
+        Some(t)
+    }
+
+    /// Burns `busy_ms` in a fresh run cgroup, reaps it, waits out the exiting task's last
+    /// slice, reads the kernel's final count and removes the cgroup.
+    fn run_and_remove(sb: &mut Sandbox, id: &str, busy_ms: u64) -> u64 {
+        let cg = sb.mkdir(format!("flowzart.slice/run-{id}.scope"));
+        let pid = sb.spawn_burner(&cg, busy_ms, busy_ms, 1);
+        sb.wait(pid);
+        std::thread::sleep(Duration::from_millis(20));
+        let truth = sb.usage_us(&cg);
+        std::fs::remove_dir(&cg).unwrap();
+        truth
+    }
+
+    #[test]
+    fn runs_made_and_removed_between_two_reads_are_each_billed_their_kernel_count() {
+        let tag = "traced-ghosts";
+        let _g = serial();
+        let Some(mut sb) = Sandbox::new(tag) else {
+            return;
+        };
+        sb.mkdir("flowzart.slice");
+        let Some(mut t) = tracker(&sb, tag) else {
+            return;
+        };
+        // An ordinary child that burns and goes too: its time is the host's, and with the
+        // trace it is no claimant to share with.
+        let helper = sb.mkdir("flowzart.slice/helper.service");
+        let h = sb.spawn_burner(&helper, 30, 30, 1);
+        // Five runs made, burnt and removed with no event read in between: one stretch,
+        // whose residual the old rule shared by guessed weights.
+        let mut truth = BTreeMap::new();
+        for (i, ms) in [10u64, 25, 40, 60, 90].into_iter().enumerate() {
+            let id = format!("g{i}");
+            truth.insert(id.clone(), run_and_remove(&mut sb, &id, ms));
+        }
+        sb.wait(h);
+        std::fs::remove_dir(&helper).unwrap();
+        let s = t.tick(1_000_000);
+        check_snapshot(&s);
+        for (id, want) in &truth {
+            let r = run(&s, id).expect("every ghost is reported");
+            assert!(r.started && r.finished, "{r:?}");
+            assert_eq!(r.final_usage, Some(FinalUsage::Traced), "{r:?}");
+            assert_eq!(r.usage_us, *want, "{id}: the kernel's count, exactly");
+        }
+        assert_eq!(s.counters.ghost_runs, 5);
+        assert_eq!(s.counters.final_traced, 5);
+        assert_eq!(
+            s.counters.final_reconciled + s.counters.final_reconciled_shared,
+            0
+        );
+        assert!(s.counters.traced_cgroups >= 6, "{:?}", s.counters);
+        assert_eq!(s.counters.untraced_cgroups, 0);
+    }
+
+    #[test]
+    fn a_tracked_run_removed_before_its_final_read_is_billed_its_kernel_count() {
+        let tag = "traced-tail";
+        let _g = serial();
+        let Some(mut sb) = Sandbox::new(tag) else {
+            return;
+        };
+        sb.mkdir("flowzart.slice");
+        let Some(mut t) = tracker(&sb, tag) else {
+            return;
+        };
+        let n = sb.mkdir("flowzart.slice/run-neighbour.scope");
+        let neighbour = sb.spawn_burner(&n, 10, 20, 30);
+        let cg = sb.mkdir("flowzart.slice/run-tail.scope");
+        t.poll_events().unwrap();
+        assert!(t.is_tracked("tail"));
+        let pid = sb.spawn_burner(&cg, 120, 120, 1);
+        std::thread::sleep(Duration::from_millis(40));
+        let first = t.tick(40_000);
+        let read_early = run(&first, "tail").map_or(0, |r| r.usage_us);
+        sb.wait(pid);
+        std::thread::sleep(Duration::from_millis(20));
+        let truth = sb.usage_us(&cg);
+        std::fs::remove_dir(&cg).unwrap();
+        let s = t.tick(200_000);
+        check_snapshot(&s);
+        let r = run(&s, "tail").expect("reported");
+        assert_eq!(r.final_usage, Some(FinalUsage::Traced), "{r:?}");
+        assert_eq!(read_early + r.usage_us, truth, "read early {read_early} us");
+        assert!(read_early > 0 && r.usage_us > 0);
+        sb.wait(neighbour);
+        // Entries are dropped once used: only the neighbour's is left.
+        let c = t.tick(10_000).counters;
+        assert_eq!(c.trace_mismatches, 0);
+    }
+
+    /// A run with a cgroup of its own inside: its trace entry holds only its own tasks' time,
+    /// so it is not used; the parent's residual bills it, as without the trace.
+    #[test]
+    fn a_run_with_a_cgroup_inside_is_billed_from_its_parent_not_the_trace() {
+        let tag = "traced-nested";
+        let _g = serial();
+        let Some(mut sb) = Sandbox::new(tag) else {
+            return;
+        };
+        sb.mkdir("flowzart.slice");
+        let Some(mut t) = tracker(&sb, tag) else {
+            return;
+        };
+        let cg = sb.mkdir("flowzart.slice/run-nested.scope");
+        t.poll_events().unwrap();
+        let inner = sb.mkdir("flowzart.slice/run-nested.scope/inner");
+        let pid = sb.spawn_burner(&inner, 60, 60, 1);
+        sb.wait(pid);
+        std::thread::sleep(Duration::from_millis(20));
+        let truth = sb.usage_us(&cg);
+        std::fs::remove_dir(&inner).unwrap();
+        std::fs::remove_dir(&cg).unwrap();
+        let s = t.tick(200_000);
+        let r = run(&s, "nested").expect("reported");
+        assert_eq!(r.final_usage, Some(FinalUsage::Reconciled), "{r:?}");
+        assert!(
+            (r.usage_us as f64 - truth as f64).abs() <= truth as f64 * 0.01,
+            "billed {} of {truth}",
+            r.usage_us
+        );
+    }
+
+    /// A run read after it emptied (the ordinary end) agrees with the trace to the microsecond:
+    /// the live check the tracker counts as `trace_mismatches`.
+    #[test]
+    fn a_run_read_after_it_emptied_agrees_with_the_trace() {
+        let tag = "traced-read";
+        let _g = serial();
+        let Some(mut sb) = Sandbox::new(tag) else {
+            return;
+        };
+        sb.mkdir("flowzart.slice");
+        let Some(mut t) = tracker(&sb, tag) else {
+            return;
+        };
+        let mut dirs = Vec::new();
+        for i in 0..3 {
+            let cg = sb.mkdir(format!("flowzart.slice/run-r{i}.scope"));
+            t.poll_events().unwrap();
+            let pid = sb.spawn_burner(&cg, 20 + 20 * i, 20 + 20 * i, 1);
+            sb.wait(pid);
+            dirs.push(cg);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        for _ in 0..3 {
+            t.poll_events().unwrap();
+            t.tick(10_000);
+        }
+        for d in &dirs {
+            std::fs::remove_dir(d).unwrap();
+        }
+        t.poll_events().unwrap();
+        let s = t.tick(10_000);
+        let finished: Vec<_> = s.runs.iter().filter(|r| r.finished).collect();
+        assert_eq!(finished.len(), 3, "{:?}", s.runs);
+        for r in finished {
+            assert_eq!(r.final_usage, Some(FinalUsage::Read), "{r:?}");
+        }
+        assert_eq!(s.counters.trace_mismatches, 0);
+        assert_eq!(s.counters.final_read, 3);
     }
 }

@@ -7,3 +7,4 @@
 mod cgroup;
 mod hwmon;
 mod sources;
+mod trace;

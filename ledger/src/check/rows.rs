@@ -31,7 +31,7 @@ pub struct RunLabelRow {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunFinalRow {
     pub run_id: String,
-    /// `read`, `perf_counted`, `reconciled`, `reconciled_shared`, `lost` (or a later agent's
+    /// `read`, `traced`, `perf_counted`, `reconciled`, `reconciled_shared`, `lost` (or a later agent's
     /// word: 1-32 bytes of a-z and _); empty when the agent did not say.
     pub final_usage: String,
     pub reconciled_usage_us: i64,

@@ -202,7 +202,9 @@ pub struct RunSummary {
     #[prost(int64, tag = "7")]
     pub finished_unix_ns: i64,
     /// How the run's last stretch of CPU usage was obtained: "read" (from its own cpu.stat after
-    /// it emptied, or when declared finished), "reconciled" (its cgroup was removed before a final
+    /// it emptied, or when declared finished), "traced" (its cgroup was removed before a final read,
+    /// or before the agent knew it: the kernel's own count from the cgroup's creation, kept by the
+    /// agent's cgroup trace), "reconciled" (its cgroup was removed before a final
     /// read; recovered exactly from the parent's cpu.stat), "reconciled_shared" (the same, shared
     /// with other children that went away in the same stretch, in proportion to what each one's perf
     /// counters counted, or else to the time each went unobserved), "perf_counted" (counted by its

@@ -19,6 +19,7 @@ use super::inotify::{Event, Inotify};
 use super::mount::find_cgroup2_mount;
 use super::pattern::{validate_cgroup_rel, validate_run_id, NameMatch, RunPattern};
 use super::perf::CgroupTaskClock;
+use super::trace::CgroupTrace;
 use crate::error::{HostError, Shown, HINT_GENERIC, HINT_PERF};
 use crate::hostfs::HostRoot;
 use crate::procstat::{user_hz, ProcStat, ProcStatFile};
@@ -30,7 +31,7 @@ mod reconcile;
 mod runs;
 mod usage;
 
-use runs::perf_counters_plan;
+use runs::{cgroup_trace_plan, perf_counters_plan};
 pub use usage::{split_exact, PackageSplitScratch};
 
 /// Labels the control plane attaches to a run.
@@ -96,6 +97,10 @@ pub struct TrackerConfig {
     /// Also split runs across packages by those counters (live hosts only: a simulated
     /// topology's packages are not the CPUs the counters are on).
     pub perf_split: bool,
+    /// Trace the kernel's CPU time of each run cgroup from its creation with eBPF (the cgroup
+    /// root must be the running kernel's cgroup2 mount; CAP_BPF and CAP_PERFMON): the exact
+    /// usage of a run removed before its final read, or before it was known.
+    pub cgroup_trace: bool,
     /// Most descriptors the tracker keeps open; `None`: three quarters of RLIMIT_NOFILE.
     pub fd_budget: Option<usize>,
     /// Raise the RLIMIT_NOFILE soft limit to the hard limit at start.
@@ -115,6 +120,7 @@ impl TrackerConfig {
             patterns: vec!["flowzart.slice/run-{run_id}.scope".to_owned()],
             perf_counters: true,
             perf_split: true,
+            cgroup_trace: true,
             fd_budget: None,
             raise_nofile: true,
             rescan_every_ticks: 60,
@@ -234,6 +240,7 @@ pub struct TrackerCounters {
     /// Finished runs by how their last usage was obtained (see [`FinalUsage`]).
     pub final_read: u64,
     pub final_perf_counted: u64,
+    pub final_traced: u64,
     pub final_reconciled: u64,
     pub final_reconciled_shared: u64,
     pub final_lost: u64,
@@ -259,6 +266,16 @@ pub struct TrackerCounters {
     /// Reconcile points whose reads were taken again (the parent moved too much between its
     /// two reads: this thread was preempted).
     pub reconcile_retries: u64,
+    /// Cgroups made under a watched parent and traced from their creation (see
+    /// [`crate::cgroup::trace`]), and those that could not be (a map full, a name too long).
+    pub traced_cgroups: u64,
+    pub untraced_cgroups: u64,
+    /// Slices of CPU time the trace did not count (the kernel skipped its program: see
+    /// [`crate::cgroup::trace::TraceStats::missed`]).
+    pub trace_missed: u64,
+    /// Runs read after they emptied whose read differed from the trace's count: 0 unless the
+    /// trace is wrong on this kernel.
+    pub trace_mismatches: u64,
 }
 
 /// A failure while reading, with the run it concerns.
@@ -286,6 +303,8 @@ pub struct UsageSnapshot {
     /// Why runs have no perf counters (so no exact tail after an unread removal), when they
     /// have none.
     pub perf_counters_disabled: Option<String>,
+    /// Why the cgroup trace is not used, when it is not.
+    pub cgroup_trace_disabled: Option<String>,
 }
 
 /// What `run_started` did.
@@ -462,6 +481,9 @@ pub struct RunTracker {
     user_hz: u64,
     /// Why no perf counters are opened for runs, when none are.
     perf_disabled: Option<String>,
+    /// The cgroup trace, when it could be loaded, and why not when not.
+    trace: Option<CgroupTrace>,
+    trace_disabled: Option<String>,
     /// Why the counters do not split runs across packages, when they do not.
     perf_split_off: Option<String>,
     /// The CPUs perf counters are opened on: the running kernel's online CPUs.
@@ -562,6 +584,7 @@ impl RunTracker {
         let last_stat = Some(proc_stat.read()?);
         let (perf_disabled, perf_cpus) =
             perf_counters_plan(config.perf_counters, &root, &cgroup_root, &topology);
+        let (trace, trace_disabled) = cgroup_trace_plan(config.cgroup_trace, &cgroup_root);
         let perf_split_off = if perf_disabled.is_some() {
             perf_disabled.clone()
         } else if !config.perf_split {
@@ -594,6 +617,8 @@ impl RunTracker {
             proc_stat: Some(proc_stat),
             user_hz: user_hz(),
             perf_disabled,
+            trace,
+            trace_disabled,
             perf_split_off,
             perf_cpus,
             perf_scale: (0, 0),
@@ -645,6 +670,11 @@ impl RunTracker {
         c.runs_tracked = self.runs.len() as u64;
         c.kept_fds = self.kept_fds as u64;
         c.fd_budget = self.fd_budget as u64;
+        if let Some(s) = self.trace.as_ref().and_then(|t| t.stats().ok()) {
+            c.traced_cgroups = s.traced;
+            c.untraced_cgroups = s.failed;
+            c.trace_missed = s.missed;
+        }
         c
     }
 

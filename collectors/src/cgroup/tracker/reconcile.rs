@@ -4,6 +4,28 @@
 use super::usage::capture;
 use super::*;
 
+/// The trace's count for the child `name` of the family `f` that went away: its id and its
+/// final `usage_usec`, when the trace knew it from its creation and holds all of it. The name's
+/// entry may be of a new cgroup made under it since (then it is that live directory's, and
+/// the gone one is not known by name). Its entries are dropped: this is its last use.
+pub(super) fn take_traced_gone_child(
+    trace: Option<&CgroupTrace>,
+    cgroup_root: &Path,
+    f: &Family,
+    name: &OsStr,
+) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let (trace, parent) = (trace?, f.trace_parent?);
+    let id = trace.id_of(parent, name.as_bytes()).ok()??;
+    let dir = cgroup_root.join(&*f.rel).join(name);
+    if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+        return None;
+    }
+    let us = trace.usage(id).ok()??.usage_us();
+    let _ = trace.forget(id, parent, name.as_bytes());
+    Some((id, us?))
+}
+
 impl RunTracker {
     /// Puts a new run in its parent's family (made if needed) and sets its baseline for
     /// reconcile points.
@@ -28,6 +50,23 @@ impl RunTracker {
         };
         f.runs.insert(run.id.clone());
         run.family = Some(f.rel.clone());
+    }
+
+    /// The trace's count for the cgroup `id` (a run's directory inode), when it was traced from
+    /// its creation and holds all of its time.
+    pub(super) fn traced_us(&self, id: u64) -> Option<u64> {
+        self.trace.as_ref()?.usage(id).ok()??.usage_us()
+    }
+
+    /// Drops the trace's entries for the cgroup `id`, named `name` under the traced parent
+    /// `parent`.
+    pub(super) fn forget_traced(&self, id: u64, parent: Option<u64>, name: &OsStr) {
+        if let Some(t) = &self.trace {
+            let _ = match parent {
+                Some(p) => t.forget(id, p, name.as_bytes()),
+                None => t.forget_usage(id),
+            };
+        }
     }
 
     /// Makes sure the parent `rel` (never the cgroup root) has a family: its `cpu.stat` kept
@@ -57,6 +96,13 @@ impl RunTracker {
         let kept = usize::from(cpu_stat.is_kept())
             + usize::from(procs.is_kept())
             + usize::from(listing.is_some());
+        // Watched by the trace before its children are listed: a child made from here on is
+        // traced from its creation; one made before is read from the listing's baseline.
+        let trace_parent = self.trace.as_ref().and_then(|t| {
+            use std::os::unix::fs::MetadataExt as _;
+            let ino = std::fs::metadata(&dir).ok()?.ino();
+            t.watch_parent(ino).ok().map(|()| ino)
+        });
         // Children first, then the parent once. Not a point's order, on purpose: the children's
         // growth while they are listed is in the parent's read and not in theirs, so this
         // baseline can only make the first residuals low (runs under-billed, the host's share
@@ -126,6 +172,8 @@ impl RunTracker {
                 kept_fds: kept,
                 pre_us: None,
                 pre_at_us: now,
+                trace_parent,
+                traced_gone_us: 0,
             },
         );
         true
@@ -172,23 +220,29 @@ impl RunTracker {
             } else if !f.others.contains_key(name) {
                 // Created and removed unread: what it used is in the parent, and the host's.
                 f.departed.insert(name.to_owned());
-                f.claimants.push(Claimant {
-                    kind: ClaimantKind::Other,
-                    weight_us: f.unknown_weight(now.saturating_sub(f.last_point_us)),
-                    perf_us: None,
-                });
+                match take_traced_gone_child(self.trace.as_ref(), &self.cgroup_root, f, name) {
+                    Some((_, us)) => f.traced_gone_us += us,
+                    None => f.claimants.push(Claimant {
+                        kind: ClaimantKind::Other,
+                        weight_us: f.unknown_weight(now.saturating_sub(f.last_point_us)),
+                        perf_us: None,
+                    }),
+                }
             }
         } else if removed {
             if f.departed.remove(name) {
                 // Already found gone at a point, and claimed then.
                 return;
             }
-            if f.others.remove(name).is_some() {
-                f.claimants.push(Claimant {
-                    kind: ClaimantKind::Other,
-                    weight_us: f.unknown_weight(now.saturating_sub(f.last_point_us)),
-                    perf_us: None,
-                });
+            if let Some(o) = f.others.remove(name) {
+                match take_traced_gone_child(self.trace.as_ref(), &self.cgroup_root, f, name) {
+                    Some((_, us)) => f.traced_gone_us += us.saturating_sub(o.scan_us),
+                    None => f.claimants.push(Claimant {
+                        kind: ClaimantKind::Other,
+                        weight_us: f.unknown_weight(now.saturating_sub(f.last_point_us)),
+                        perf_us: None,
+                    }),
+                }
             }
         }
     }
@@ -340,17 +394,31 @@ impl RunTracker {
         };
         let now = self.now_us();
         self.counters.ghost_runs += 1;
-        fam.claimants.push(Claimant {
-            kind: ClaimantKind::Ghost(self.ghosts.len()),
-            weight_us: fam.unknown_weight(now.saturating_sub(fam.last_point_us)),
-            perf_us: None,
-        });
-        self.ghosts.push(Ghost {
+        let mut ghost = Ghost {
             id: Arc::from(id.as_str()),
             cgroup_rel: Arc::from(format!("{rel}/{dir_name}")),
             usage_us: scan_us,
             final_usage: None,
-        });
+        };
+        match take_traced_gone_child(self.trace.as_ref(), &self.cgroup_root, fam, name) {
+            // Traced from its creation: all of it; what was not counted as a child's up to its
+            // last read is in the parent's growth.
+            Some((_, us)) => {
+                if us < scan_us {
+                    self.counters.trace_mismatches += 1;
+                }
+                fam.traced_gone_us += us.saturating_sub(scan_us);
+                ghost.usage_us = scan_us.max(us);
+                ghost.final_usage = Some(FinalUsage::Traced);
+                self.counters.final_traced += 1;
+            }
+            None => fam.claimants.push(Claimant {
+                kind: ClaimantKind::Ghost(self.ghosts.len()),
+                weight_us: fam.unknown_weight(now.saturating_sub(fam.last_point_us)),
+                perf_us: None,
+            }),
+        }
+        self.ghosts.push(ghost);
         true
     }
 
@@ -482,11 +550,14 @@ impl RunTracker {
         for name in gone_others {
             let scan_us = fam.others.remove(&name).map_or(0, |o| o.scan_us);
             if !self.other_was_ghost(&mut fam, &name, scan_us) {
-                fam.claimants.push(Claimant {
-                    kind: ClaimantKind::Other,
-                    weight_us: fam.unknown_weight(now.saturating_sub(fam.last_point_us)),
-                    perf_us: None,
-                });
+                match take_traced_gone_child(self.trace.as_ref(), &self.cgroup_root, &fam, &name) {
+                    Some((_, us)) => fam.traced_gone_us += us.saturating_sub(scan_us),
+                    None => fam.claimants.push(Claimant {
+                        kind: ClaimantKind::Other,
+                        weight_us: fam.unknown_weight(now.saturating_sub(fam.last_point_us)),
+                        perf_us: None,
+                    }),
+                }
             }
             // Claimed now; its removal event, when read, must not claim again.
             fam.departed.insert(name);
@@ -506,6 +577,8 @@ impl RunTracker {
                 }
             }
         }
+        // Children gone unread whose tails the trace gave: theirs, not a residual.
+        children += i128::from(std::mem::take(&mut fam.traced_gone_us));
         let since = u128::from(now.saturating_sub(fam.last_point_us));
         if live > 0 && since >= 10_000 {
             fam.rate_ppm = u64::try_from(runs_delta * 1_000_000 / (live * since)).ok();
@@ -691,6 +764,7 @@ impl RunTracker {
         *slot = Some(how);
         match how {
             FinalUsage::Read => self.counters.final_read += 1,
+            FinalUsage::Traced => self.counters.final_traced += 1,
             FinalUsage::PerfCounted => self.counters.final_perf_counted += 1,
             FinalUsage::Reconciled => self.counters.final_reconciled += 1,
             FinalUsage::ReconciledShared => self.counters.final_reconciled_shared += 1,
@@ -726,6 +800,9 @@ impl RunTracker {
     /// always report a watched directory's own removal).
     fn forget_family(&mut self, f: Family, parent_gone: bool) {
         self.kept_fds = self.kept_fds.saturating_sub(f.kept_fds);
+        if let (Some(t), Some(p)) = (&self.trace, f.trace_parent) {
+            let _ = t.forget_parent(p);
+        }
         for id in &f.runs {
             if let Some(r) = self.runs.get_mut(id) {
                 r.family = None;

@@ -1,6 +1,7 @@
 //! The run lifecycle: opening a run's cgroup (kept descriptors, perf counters, the billing
 //! start), control-plane announcements, and a run's end (read, claimed from its parent, or lost).
 
+use super::reconcile::take_traced_gone_child;
 use super::usage::{capture, perf_tail};
 use super::*;
 
@@ -10,6 +11,13 @@ impl RunTracker {
     /// (counted, logged) when it has no family.
     pub(super) fn mark_gone(&mut self, id: &str) {
         let now = self.now_us();
+        // What the trace counted from its creation, when it was traced (its parent watched
+        // before it was made): the kernel's own final `usage_usec`.
+        let traced = self
+            .runs
+            .get(id)
+            .and_then(|r| r.dir_ino)
+            .and_then(|ino| self.traced_us(ino));
         let Some(run) = self.runs.get_mut(id) else {
             return;
         };
@@ -23,6 +31,33 @@ impl RunTracker {
         if run.settled {
             run.final_usage = Some(FinalUsage::Read);
             self.counters.final_read += 1;
+            if traced.is_some_and(|t| t != run.latest_us) {
+                self.counters.trace_mismatches += 1;
+                tracing::debug!(
+                    run = %Shown::new(id),
+                    read_us = run.latest_us,
+                    traced_us = ?traced,
+                    "the cgroup trace's count differs from the run's final cpu.stat read"
+                );
+            }
+            return;
+        }
+        if let Some(t) = traced {
+            // Its tail is in the parent's growth; the next point counts it as the run's, like
+            // a read (`latest_us` past `scan_us`). A count below the last read (the trace
+            // missed a slice) adds nothing: what it missed stays in the parent's residual.
+            if t < run.latest_us {
+                self.counters.trace_mismatches += 1;
+                tracing::debug!(
+                    run = %Shown::new(id),
+                    read_us = run.latest_us,
+                    traced_us = t,
+                    "the cgroup trace counted less than the run's last read"
+                );
+            }
+            run.latest_us = run.latest_us.max(t);
+            run.final_usage = Some(FinalUsage::Traced);
+            self.counters.final_traced += 1;
             return;
         }
         // Its perf counters outlive the cgroup (its kept cpu.stat fails with ENODEV now; one
@@ -494,6 +529,24 @@ impl RunTracker {
                 }
             }
         }
+        // Gone (or made again as another cgroup): its trace entry is of no more use.
+        if let Some(ino) = run.dir_ino {
+            let dir = self.cgroup_root.join(&*run.cgroup_rel);
+            let alive = std::fs::metadata(&dir).is_ok_and(|m| {
+                use std::os::unix::fs::MetadataExt as _;
+                m.ino() == ino
+            });
+            if !alive {
+                let parent = run
+                    .family
+                    .as_ref()
+                    .and_then(|f| self.families.get(f))
+                    .and_then(|f| f.trace_parent);
+                if let Some(name) = dir.file_name() {
+                    self.forget_traced(ino, parent, name);
+                }
+            }
+        }
         self.remember_finished(run.id);
     }
 
@@ -530,14 +583,31 @@ impl RunTracker {
                 // A child listed earlier as an ordinary one hands its claim over, and what it
                 // used up to that listing's last read (counted then as a child's, so in no
                 // residual) is its own.
-                if let Some(o) = Path::new(rel).file_name().and_then(|n| f.others.remove(n)) {
+                let name = Path::new(rel).file_name();
+                if let Some(o) = name.and_then(|n| f.others.remove(n)) {
                     ghost.usage_us = o.scan_us;
                 }
-                f.claimants.push(Claimant {
-                    kind: ClaimantKind::Ghost(idx),
-                    weight_us: f.unknown_weight(now.saturating_sub(f.last_point_us)),
-                    perf_us: None,
+                let traced = name.and_then(|n| {
+                    take_traced_gone_child(self.trace.as_ref(), &self.cgroup_root, f, n)
                 });
+                match traced {
+                    // Traced from its creation: all of it; what the listing had not counted as
+                    // a child's is in the parent's growth.
+                    Some((_, us)) => {
+                        if us < ghost.usage_us {
+                            self.counters.trace_mismatches += 1;
+                        }
+                        f.traced_gone_us += us.saturating_sub(ghost.usage_us);
+                        ghost.usage_us = ghost.usage_us.max(us);
+                        ghost.final_usage = Some(FinalUsage::Traced);
+                        self.counters.final_traced += 1;
+                    }
+                    None => f.claimants.push(Claimant {
+                        kind: ClaimantKind::Ghost(idx),
+                        weight_us: f.unknown_weight(now.saturating_sub(f.last_point_us)),
+                        perf_us: None,
+                    }),
+                }
             }
             None => {
                 ghost.final_usage = Some(FinalUsage::Lost);
@@ -594,6 +664,38 @@ pub(super) fn perf_counters_plan(
     match Topology::read(&HostRoot::live()) {
         Ok(t) => (None, t.cpus.iter().map(|c| c.id).collect()),
         Err(e) => (Some(format!("the running kernel's CPUs: {e}")), Vec::new()),
+    }
+}
+
+/// The cgroup trace, when it is wanted and can be had; else why not. Its ids are the running
+/// kernel's, so the cgroup root must be in the running kernel's cgroup2 hierarchy.
+pub(super) fn cgroup_trace_plan(
+    enabled: bool,
+    cgroup_root: &Path,
+) -> (Option<CgroupTrace>, Option<String>) {
+    if !enabled {
+        return (None, Some("disabled by configuration".to_owned()));
+    }
+    match is_cgroup2(cgroup_root) {
+        Ok(true) => match CgroupTrace::load() {
+            Ok(t) => (Some(t), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+        Ok(false) => (
+            None,
+            Some(format!(
+                "{} is not in the running kernel's cgroup2 hierarchy",
+                Shown::new(&cgroup_root.display().to_string())
+            )),
+        ),
+        Err(e) => (
+            None,
+            Some(format!(
+                "{}: is it in the running kernel's cgroup2 hierarchy? {}",
+                Shown::new(&cgroup_root.display().to_string()),
+                Shown::new(&e)
+            )),
+        ),
     }
 }
 

@@ -202,6 +202,7 @@ impl RunTracker {
             counters: self.counters(),
             perf_disabled: self.perf_split_off.clone(),
             perf_counters_disabled: self.perf_disabled.clone(),
+            cgroup_trace_disabled: self.trace_disabled.clone(),
         }
     }
 

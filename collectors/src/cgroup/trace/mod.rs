@@ -1,0 +1,503 @@
+//! The kernel's own CPU time of each run cgroup from its creation, kept after the cgroup is
+//! removed: the usage source for a run that went away before it could be read, or before it was
+//! even known (a *ghost*).
+//!
+//! Two raw-tracepoint programs, assembled at start with offsets from the running kernel's BTF:
+//!
+//! - on `cgroup_mkdir`: a cgroup made in the cgroup2 hierarchy under a *watched parent* (a
+//!   family's, see [`CgroupTrace::watch_parent`]) gets an entry in `usage` (its cgroup id to
+//!   nanoseconds, from 0) and in `names` (the parent's id and its name, to its id). A cgroup
+//!   made under a traced one marks that one as having children (its time is then not all in its
+//!   own entry, so it is not used);
+//! - on `sched_stat_runtime`: the kernel's scheduler charges every slice of CPU time a task ran
+//!   with `update_curr_task(p, delta)`, which fires this tracepoint and then adds the same delta
+//!   to the task's cgroup2 `cpu.stat` (`cgroup_account_cputime(p, delta)`); the program adds it
+//!   to the entry of the task's cgroup (`p->cgroups->dfl_cgrp->kn->id`), when it has one.
+//!
+//! So an entry is the cgroup's `usage_usec` in nanoseconds, exactly, from its creation: it starts
+//! at `mkdir` (no task can be moved in before the tracepoint, which runs under `cgroup_mutex`),
+//! and outlives the cgroup until the tracker deletes it. The cgroup id is the directory's inode
+//! number. Costs: four kernel reads and a hash lookup per scheduler update, for every task on the
+//! host (measured in the README); entries live only for children of watched parents.
+
+pub mod bpf;
+pub mod btf;
+
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+
+use bpf::{helper, Asm, Label, Map, Reg, FP, R0, R1, R2, R3, R4, R6, R7, R8};
+use btf::{Btf, Param};
+
+/// The longest name (in bytes) the trace keeps; a cgroup with a longer name is not traced.
+pub const NAME_MAX: usize = 126;
+const NAME_BYTES: usize = NAME_MAX + 2;
+const NAME_KEY_BYTES: usize = 8 + NAME_BYTES;
+/// Entries at most: runs (and other children of watched parents) alive or not yet settled.
+pub const ENTRIES_MAX: u32 = 65_536;
+const PARENTS_MAX: u32 = 4_096;
+
+/// Why the trace could not be set up (the tracker then works without it, and says so).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceError(pub String);
+
+impl fmt::Display for TraceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What the trace counted for one cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Traced {
+    /// CPU time of its own tasks from its creation, in nanoseconds (`usage_usec` * 1000 and the
+    /// sub-microsecond rest).
+    pub ns: u64,
+    /// A cgroup was made under it: its `usage_usec` counts theirs too, this entry does not.
+    pub has_children: bool,
+}
+
+impl Traced {
+    /// Its `usage_usec`, as the kernel would show it now, when the entry holds all of it.
+    pub fn usage_us(&self) -> Option<u64> {
+        (!self.has_children).then_some(self.ns / 1_000)
+    }
+}
+
+/// What the programs counted since they were loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TraceStats {
+    /// Cgroups made under a watched parent and traced from their creation.
+    pub traced: u64,
+    /// Cgroups made under a watched parent that could not be traced (a map full, a name
+    /// longer than [`NAME_MAX`]).
+    pub failed: u64,
+    /// Slices of CPU time the trace did not count: the kernel skipped a program already running
+    /// on that CPU (`recursion_misses` in the program's fdinfo), or the scheduler program could
+    /// not read the task's cgroup (a faulted read). 0 in every test here.
+    pub missed: u64,
+}
+
+/// The loaded and attached programs and their maps. Dropping it detaches them.
+#[derive(Debug)]
+pub struct CgroupTrace {
+    usage: Map,
+    names: Map,
+    parents: Map,
+    stats: Map,
+    /// The programs (kept loaded by their links too), for their fdinfo.
+    progs: Vec<OwnedFd>,
+    _links: Vec<OwnedFd>,
+}
+
+/// Kernel struct offsets the programs read through.
+#[derive(Debug, Clone, Copy)]
+struct Offsets {
+    task_cgroups: i32,
+    css_set_dfl_cgrp: i32,
+    cgroup_kn: i32,
+    cgroup_root: i32,
+    root_hierarchy_id: i32,
+    kn_id: i32,
+    kn_parent: i32,
+    kn_name: i32,
+}
+
+impl Offsets {
+    fn from_btf(btf: &Btf) -> Result<Offsets, TraceError> {
+        let member = |s: &str, m: &str, size: u32, pointer: bool| {
+            let f = btf
+                .member(s, m)
+                .map_err(|e| TraceError(format!("kernel BTF: {e}")))?;
+            if f.size != size || f.pointer != pointer {
+                return Err(TraceError(format!(
+                    "kernel BTF: {s}.{m} is {} bytes{}, not what the trace reads",
+                    f.size,
+                    if f.pointer { ", a pointer" } else { "" }
+                )));
+            }
+            i32::try_from(f.offset).map_err(|_| TraceError(format!("{s}.{m}: offset too large")))
+        };
+        // `kernfs_node.parent` became `__parent` (RCU) in Linux 6.15.
+        let kn_parent = member("kernfs_node", "__parent", 8, true)
+            .or_else(|_| member("kernfs_node", "parent", 8, true))?;
+        Ok(Offsets {
+            task_cgroups: member("task_struct", "cgroups", 8, true)?,
+            css_set_dfl_cgrp: member("css_set", "dfl_cgrp", 8, true)?,
+            cgroup_kn: member("cgroup", "kn", 8, true)?,
+            cgroup_root: member("cgroup", "root", 8, true)?,
+            root_hierarchy_id: member("cgroup_root", "hierarchy_id", 4, false)?,
+            kn_id: member("kernfs_node", "id", 8, false)?,
+            kn_parent,
+            kn_name: member("kernfs_node", "name", 8, true)?,
+        })
+    }
+}
+
+fn check_params(btf: &Btf, tp: &str, want: &[Param]) -> Result<(), TraceError> {
+    let params = btf
+        .tracepoint_params(tp)
+        .map_err(|e| TraceError(format!("kernel BTF: {e}")))?;
+    if params.len() < want.len() || params[..want.len()] != *want {
+        return Err(TraceError(format!(
+            "tracepoint {tp} takes {params:?}, not the {want:?} the trace reads"
+        )));
+    }
+    Ok(())
+}
+
+/// `*(fp + to) = *(u64 *)(base + off)` through the probe-read helper; to `fail` when it faults.
+fn read_kernel(a: &mut Asm, base: Reg, off: i32, to: i16, size: i32, fail: Label) {
+    a.mov(R3, base)
+        .add_imm(R3, off)
+        .stack_ptr(R1, to)
+        .mov_imm(R2, size)
+        .call(helper::PROBE_READ_KERNEL)
+        .jne_imm(R0, 0, fail);
+}
+
+/// `reg = *(u64 *)(fp + at)`, to `fail` when it is null.
+fn load_nonnull(a: &mut Asm, reg: Reg, at: i16, fail: Label) {
+    a.load64(reg, FP, at).jeq_imm(reg, 0, fail);
+}
+
+/// On `sched_stat_runtime(running, delta)`: the scheduler charging a task's slice, fired right
+/// before the same delta goes to its cgroup.
+fn sched_program(o: &Offsets, usage: &Map, stats: &Map) -> Result<Vec<bpf::Insn>, String> {
+    let mut a = Asm::default();
+    let out = a.label();
+    let bad = a.label();
+    // args[0]: the task charged; args[1]: the nanoseconds charged.
+    a.load64(R6, R1, 8).load64(R7, R1, 0);
+    read_kernel(&mut a, R7, o.task_cgroups, -8, 8, bad);
+    load_nonnull(&mut a, R7, -8, bad);
+    read_kernel(&mut a, R7, o.css_set_dfl_cgrp, -8, 8, bad);
+    load_nonnull(&mut a, R7, -8, bad);
+    read_kernel(&mut a, R7, o.cgroup_kn, -8, 8, bad);
+    load_nonnull(&mut a, R7, -8, bad);
+    read_kernel(&mut a, R7, o.kn_id, -8, 8, bad);
+    a.load_map(R1, usage)
+        .stack_ptr(R2, -8)
+        .call(helper::MAP_LOOKUP_ELEM)
+        .jeq_imm(R0, 0, out)
+        .atomic_add64(R0, 0, R6)
+        .ja(out)
+        .bind(bad)
+        .store32_imm(FP, -12, 2)
+        .load_map(R1, stats)
+        .stack_ptr(R2, -12)
+        .call(helper::MAP_LOOKUP_ELEM)
+        .jeq_imm(R0, 0, out)
+        .mov_imm(R1, 1)
+        .atomic_add64(R0, 0, R1)
+        .bind(out)
+        .mov_imm(R0, 0)
+        .exit();
+    a.finish()
+}
+
+// The mkdir program's stack: scratch pointer, the cgroup's id, its parent's id, the hierarchy
+// id, the stats index, the usage value, the names key.
+const S_PTR: i16 = -8;
+const S_ID: i16 = -16;
+const S_PARENT: i16 = -24;
+const S_HIERARCHY: i16 = -32;
+const S_STAT: i16 = -36;
+const S_VALUE: i16 = -56;
+const S_KEY: i16 = -56 - NAME_KEY_BYTES as i16;
+
+fn mkdir_program(o: &Offsets, maps: &CgroupTraceMaps<'_>) -> Result<Vec<bpf::Insn>, String> {
+    let mut a = Asm::default();
+    let (out, fail, fail_names, count) = (a.label(), a.label(), a.label(), a.label());
+    a.load64(R6, R1, 0);
+    // Only the cgroup2 hierarchy (hierarchy id 0): a v1 hierarchy's ids are another space.
+    read_kernel(&mut a, R6, o.cgroup_root, S_PTR, 8, out);
+    load_nonnull(&mut a, R3, S_PTR, out);
+    read_kernel(&mut a, R3, o.root_hierarchy_id, S_HIERARCHY, 4, out);
+    a.load32(R1, FP, S_HIERARCHY).jne_imm(R1, 0, out);
+    read_kernel(&mut a, R6, o.cgroup_kn, S_PTR, 8, out);
+    load_nonnull(&mut a, R7, S_PTR, out);
+    read_kernel(&mut a, R7, o.kn_id, S_ID, 8, out);
+    read_kernel(&mut a, R7, o.kn_parent, S_PTR, 8, out);
+    load_nonnull(&mut a, R3, S_PTR, out);
+    read_kernel(&mut a, R3, o.kn_id, S_PARENT, 8, out);
+    // A traced parent now has a child.
+    let unmarked = a.label();
+    a.load_map(R1, maps.usage)
+        .stack_ptr(R2, S_PARENT)
+        .call(helper::MAP_LOOKUP_ELEM)
+        .jeq_imm(R0, 0, unmarked)
+        .store64_imm(R0, 8, 1)
+        .bind(unmarked);
+    a.load_map(R1, maps.parents)
+        .stack_ptr(R2, S_PARENT)
+        .call(helper::MAP_LOOKUP_ELEM)
+        .jeq_imm(R0, 0, out);
+    // The names key: the parent's id, the name zero-padded.
+    for i in 0..(NAME_KEY_BYTES / 8) as i16 {
+        a.store64_imm(FP, S_KEY + 8 * i, 0);
+    }
+    a.load64(R1, FP, S_PARENT).store64(FP, S_KEY, R1);
+    read_kernel(&mut a, R7, o.kn_name, S_PTR, 8, out);
+    load_nonnull(&mut a, R3, S_PTR, out);
+    a.stack_ptr(R1, S_KEY + 8)
+        .mov_imm(R2, NAME_BYTES as i32)
+        .call(helper::PROBE_READ_KERNEL_STR)
+        .jslt_imm(R0, 0, fail)
+        // The buffer filled: the name may be cut, so it names nothing.
+        .jsge_imm(R0, NAME_BYTES as i32, fail);
+    a.store64_imm(FP, S_VALUE, 0)
+        .store64_imm(FP, S_VALUE + 8, 0)
+        .load_map(R1, maps.usage)
+        .stack_ptr(R2, S_ID)
+        .stack_ptr(R3, S_VALUE)
+        .mov_imm(R4, bpf::NOEXIST as i32)
+        .call(helper::MAP_UPDATE_ELEM)
+        .jne_imm(R0, 0, fail)
+        .load_map(R1, maps.names)
+        .stack_ptr(R2, S_KEY)
+        .stack_ptr(R3, S_ID)
+        .mov_imm(R4, 0)
+        .call(helper::MAP_UPDATE_ELEM)
+        .jne_imm(R0, 0, fail_names)
+        .mov_imm(R8, 0)
+        .ja(count)
+        .bind(fail_names)
+        .load_map(R1, maps.usage)
+        .stack_ptr(R2, S_ID)
+        .call(helper::MAP_DELETE_ELEM)
+        .bind(fail)
+        .mov_imm(R8, 1)
+        .bind(count)
+        .store32(FP, S_STAT, R8)
+        .load_map(R1, maps.stats)
+        .stack_ptr(R2, S_STAT)
+        .call(helper::MAP_LOOKUP_ELEM)
+        .jeq_imm(R0, 0, out)
+        .mov_imm(R1, 1)
+        .atomic_add64(R0, 0, R1)
+        .bind(out)
+        .mov_imm(R0, 0)
+        .exit();
+    a.finish()
+}
+
+struct CgroupTraceMaps<'a> {
+    usage: &'a Map,
+    names: &'a Map,
+    parents: &'a Map,
+    stats: &'a Map,
+}
+
+fn name_key(parent: u64, name: &[u8]) -> Option<[u8; NAME_KEY_BYTES]> {
+    if name.len() > NAME_MAX || name.contains(&0) {
+        return None;
+    }
+    let mut key = [0u8; NAME_KEY_BYTES];
+    key[..8].copy_from_slice(&parent.to_ne_bytes());
+    key[8..8 + name.len()].copy_from_slice(name);
+    Some(key)
+}
+
+impl CgroupTrace {
+    /// Loads and attaches the programs, with offsets from `/sys/kernel/btf/vmlinux`. Needs
+    /// CAP_BPF and CAP_PERFMON (or root), BTF, and the two tracepoints.
+    pub fn load() -> Result<CgroupTrace, TraceError> {
+        let path = "/sys/kernel/btf/vmlinux";
+        let data = std::fs::read(path).map_err(|e| TraceError(format!("{path}: {e}")))?;
+        let btf = Btf::parse(data).map_err(|e| TraceError(format!("{path}: {e}")))?;
+        Self::load_with(&btf)
+    }
+
+    pub fn load_with(btf: &Btf) -> Result<CgroupTrace, TraceError> {
+        let offsets = Offsets::from_btf(btf)?;
+        check_params(
+            btf,
+            "sched_stat_runtime",
+            &[Param::Pointer(Some("task_struct".into())), Param::Value(8)],
+        )?;
+        check_params(
+            btf,
+            "cgroup_mkdir",
+            &[Param::Pointer(Some("cgroup".into()))],
+        )?;
+        let map = |kind, k, v, n, flags, name: &str| {
+            Map::create(kind, k, v, n, flags, name)
+                .map_err(|e| TraceError(format!("bpf map {name}: {e}")))
+        };
+        let usage = map(
+            bpf::MAP_HASH,
+            8,
+            16,
+            ENTRIES_MAX,
+            bpf::NO_PREALLOC,
+            "wattd_usage",
+        )?;
+        let names = map(
+            bpf::MAP_HASH,
+            NAME_KEY_BYTES,
+            8,
+            ENTRIES_MAX,
+            bpf::NO_PREALLOC,
+            "wattd_names",
+        )?;
+        let parents = map(bpf::MAP_HASH, 8, 8, PARENTS_MAX, 0, "wattd_parents")?;
+        let stats = map(bpf::MAP_ARRAY, 4, 8, 3, 0, "wattd_stats")?;
+        let maps = CgroupTraceMaps {
+            usage: &usage,
+            names: &names,
+            parents: &parents,
+            stats: &stats,
+        };
+        let (mut progs, mut links) = (Vec::new(), Vec::new());
+        // mkdir first: a cgroup is in `usage` before any of its time can be charged.
+        for (tp, text) in [
+            ("cgroup_mkdir", mkdir_program(&offsets, &maps)),
+            (
+                "sched_stat_runtime",
+                sched_program(&offsets, &usage, &stats),
+            ),
+        ] {
+            let text = text.map_err(|e| TraceError(format!("program for {tp}: {e}")))?;
+            let prog = bpf::load_raw_tracepoint(&text, "wattd_trace").map_err(|e| {
+                TraceError(format!(
+                    "program for {tp} refused: {} (verifier: {})",
+                    e.error, e.log
+                ))
+            })?;
+            let link = bpf::attach_raw_tracepoint(tp, &prog)
+                .map_err(|e| TraceError(format!("attaching to {tp}: {e}")))?;
+            links.push(link);
+            progs.push(prog);
+        }
+        Ok(CgroupTrace {
+            usage,
+            names,
+            parents,
+            stats,
+            progs,
+            _links: links,
+        })
+    }
+
+    /// Cgroups made from now on under the cgroup with id `parent` are traced.
+    pub fn watch_parent(&self, parent: u64) -> io::Result<()> {
+        self.parents.update(&parent.to_ne_bytes(), &[0; 8], 0)
+    }
+
+    pub fn unwatch_parent(&self, parent: u64) -> io::Result<()> {
+        self.parents.delete(&parent.to_ne_bytes()).map(|_| ())
+    }
+
+    /// The id of the traced cgroup `name` under `parent`, if it was made while traced (the
+    /// latest of that name).
+    pub fn id_of(&self, parent: u64, name: &[u8]) -> io::Result<Option<u64>> {
+        let Some(key) = name_key(parent, name) else {
+            return Ok(None);
+        };
+        let mut v = [0u8; 8];
+        Ok(self
+            .names
+            .lookup(&key, &mut v)?
+            .then(|| u64::from_ne_bytes(v)))
+    }
+
+    /// What was counted for the cgroup `id`, if it is traced.
+    pub fn usage(&self, id: u64) -> io::Result<Option<Traced>> {
+        let mut v = [0u8; 16];
+        if !self.usage.lookup(&id.to_ne_bytes(), &mut v)? {
+            return Ok(None);
+        }
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&v[8 * i..8 * i + 8]);
+            u64::from_ne_bytes(w)
+        };
+        Ok(Some(Traced {
+            ns: word(0),
+            has_children: word(1) != 0,
+        }))
+    }
+
+    /// Drops the cgroup `id`'s entries (its name's only while the name still means it).
+    pub fn forget(&self, id: u64, parent: u64, name: &[u8]) -> io::Result<()> {
+        if self.id_of(parent, name)? == Some(id) {
+            if let Some(key) = name_key(parent, name) {
+                self.names.delete(&key)?;
+            }
+        }
+        self.forget_usage(id)
+    }
+
+    /// Drops the cgroup `id`'s count (its name, if any, stays).
+    pub fn forget_usage(&self, id: u64) -> io::Result<()> {
+        self.usage.delete(&id.to_ne_bytes()).map(|_| ())
+    }
+
+    /// Stops watching `parent` and drops the entries of every cgroup traced under it.
+    pub fn forget_parent(&self, parent: u64) -> io::Result<()> {
+        self.unwatch_parent(parent)?;
+        let mut doomed = Vec::new();
+        let (mut key, mut next) = ([0u8; NAME_KEY_BYTES], [0u8; NAME_KEY_BYTES]);
+        let mut first = true;
+        while self
+            .names
+            .next_key((!first).then_some(&key[..]), &mut next)?
+        {
+            first = false;
+            key = next;
+            if key[..8] == parent.to_ne_bytes() {
+                doomed.push(key);
+            }
+        }
+        let mut id = [0u8; 8];
+        for k in doomed {
+            if self.names.lookup(&k, &mut id)? {
+                self.usage.delete(&id)?;
+            }
+            self.names.delete(&k)?;
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> io::Result<TraceStats> {
+        let mut v = [0u8; 8];
+        let mut read = |i: u32| -> io::Result<u64> {
+            self.stats.lookup(&i.to_ne_bytes(), &mut v)?;
+            Ok(u64::from_ne_bytes(v))
+        };
+        let (traced, failed, faulted) = (read(0)?, read(1)?, read(2)?);
+        let mut missed = faulted;
+        for p in &self.progs {
+            use std::os::fd::AsRawFd as _;
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", p.as_raw_fd()))?;
+            missed += info
+                .lines()
+                .find_map(|l| l.strip_prefix("recursion_misses:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        Ok(TraceStats {
+            traced,
+            failed,
+            missed,
+        })
+    }
+
+    /// How many cgroups have an entry now.
+    pub fn entries(&self) -> io::Result<usize> {
+        let (mut key, mut next) = ([0u8; 8], [0u8; 8]);
+        let mut n = 0;
+        let mut first = true;
+        while self
+            .usage
+            .next_key((!first).then_some(&key[..]), &mut next)?
+        {
+            n += 1;
+            first = false;
+            key = next;
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,219 @@
+//! The cgroup trace (eBPF on `cgroup_mkdir` and `sched_stat_runtime`) on the running kernel, with
+//! real cgroups and real processes: what it counts is the kernel's own `usage_usec`, from the
+//! cgroup's creation, and it is still there after the cgroup is removed.
+
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+use std::time::Duration;
+
+use wattd_collectors::cgroup::trace::CgroupTrace;
+use wattd_testkit::cgroups::{require_cgroups, usage_usec_of, TestCgroups};
+
+/// The trace, or `None` after a loud SKIPPED line (a failure under the strict switch).
+fn trace(test: &str) -> Option<(CgroupTrace, TestCgroups)> {
+    let mount = require_cgroups(test)?;
+    match CgroupTrace::load() {
+        Ok(t) => Some((t, TestCgroups::new(&mount, "trace").unwrap())),
+        Err(e) => {
+            wattd_testkit::need::skip(test, format!("eBPF with BTF and CAP_BPF ({e})"));
+            None
+        }
+    }
+}
+
+fn burner(loops: u32) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(format!(
+        "i=0; while [ $i -lt {loops} ]; do i=$((i+1)); done"
+    ));
+    c
+}
+
+fn ino(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).unwrap().ino()
+}
+
+#[test]
+fn a_traced_cgroup_counts_its_usage_usec_exactly_and_keeps_it_after_removal() {
+    let Some((trace, mut cg)) = trace("a_traced_cgroup_counts_its_usage_usec_exactly") else {
+        return;
+    };
+    let parent = ino(&cg.path(""));
+    trace.watch_parent(parent).unwrap();
+    let before = trace.stats().unwrap();
+    let names = ["run-a", "run-b", "run-c"];
+    for (i, n) in names.iter().enumerate() {
+        cg.spawn_in(n, &mut burner(20_000 * (i as u32 + 1)))
+            .unwrap();
+    }
+    cg.wait_all();
+    // The exiting tasks' last slices are charged after they are reaped.
+    std::thread::sleep(Duration::from_millis(100));
+    for n in names {
+        let dir = cg.path(n);
+        let id = trace
+            .id_of(parent, n.as_bytes())
+            .unwrap()
+            .expect("traced by name");
+        assert_eq!(id, ino(&dir), "{n}: the cgroup id is the directory's inode");
+        let kernel = usage_usec_of(&dir).unwrap();
+        let traced = trace.usage(id).unwrap().expect("an entry");
+        assert!(kernel > 0, "{n}: the burner ran");
+        assert_eq!(traced.usage_us(), Some(kernel), "{n}: {traced:?}");
+        std::fs::remove_dir(&dir).unwrap();
+        // Gone from the hierarchy, not from the trace.
+        assert_eq!(trace.id_of(parent, n.as_bytes()).unwrap(), Some(id));
+        assert_eq!(trace.usage(id).unwrap(), Some(traced));
+        trace.forget(id, parent, n.as_bytes()).unwrap();
+        assert_eq!(trace.usage(id).unwrap(), None);
+        assert_eq!(trace.id_of(parent, n.as_bytes()).unwrap(), None);
+    }
+    let after = trace.stats().unwrap();
+    assert_eq!(after.traced - before.traced, 3);
+    assert_eq!(after.failed, before.failed);
+}
+
+#[test]
+fn only_children_of_watched_parents_are_traced_and_a_parent_of_cgroups_is_marked() {
+    let Some((trace, cg)) = trace("only_children_of_watched_parents_are_traced") else {
+        return;
+    };
+    let parent = ino(&cg.path(""));
+    cg.create("unwatched").unwrap();
+    assert_eq!(trace.id_of(parent, b"unwatched").unwrap(), None);
+    trace.watch_parent(parent).unwrap();
+    cg.create("run-nested").unwrap();
+    let id = trace.id_of(parent, b"run-nested").unwrap().expect("traced");
+    assert_eq!(
+        trace.usage(id).unwrap().map(|t| t.has_children),
+        Some(false)
+    );
+    // A cgroup under a traced one: the traced one's entry no longer holds all its time.
+    cg.create("run-nested/inner").unwrap();
+    let t = trace.usage(id).unwrap().expect("an entry");
+    assert!(t.has_children);
+    assert_eq!(t.usage_us(), None);
+    assert_eq!(
+        trace.id_of(id, b"inner").unwrap(),
+        None,
+        "not a watched parent"
+    );
+    trace.unwatch_parent(parent).unwrap();
+    cg.create("after-unwatch").unwrap();
+    assert_eq!(trace.id_of(parent, b"after-unwatch").unwrap(), None);
+    trace.forget(id, parent, b"run-nested").unwrap();
+}
+
+#[test]
+fn a_name_too_long_for_the_key_is_not_traced_by_name() {
+    let Some((trace, cg)) = trace("a_name_too_long_for_the_key_is_not_traced_by_name") else {
+        return;
+    };
+    let parent = ino(&cg.path(""));
+    trace.watch_parent(parent).unwrap();
+    let long = "r".repeat(200);
+    let before = trace.stats().unwrap();
+    cg.create(&long).unwrap();
+    assert_eq!(trace.id_of(parent, long.as_bytes()).unwrap(), None);
+    // Its prefixes are other names, and name nothing either.
+    for cut in [126, 127, 128] {
+        assert_eq!(trace.id_of(parent, &long.as_bytes()[..cut]).unwrap(), None);
+    }
+    assert_eq!(trace.stats().unwrap().failed, before.failed + 1);
+    // The longest name kept.
+    let longest = "r".repeat(wattd_collectors::cgroup::trace::NAME_MAX);
+    cg.create(&longest).unwrap();
+    assert!(trace.id_of(parent, longest.as_bytes()).unwrap().is_some());
+}
+
+#[test]
+fn many_runs_at_once_on_a_crowded_host_are_each_counted_exactly() {
+    let Some((trace, mut cg)) = trace("many_runs_at_once_on_a_crowded_host") else {
+        return;
+    };
+    let parent = ino(&cg.path(""));
+    trace.watch_parent(parent).unwrap();
+    let n = 300;
+    for i in 0..n {
+        cg.spawn_in(&format!("run-{i}"), &mut burner(3_000 + 37 * i))
+            .unwrap();
+    }
+    cg.wait_all();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut off = Vec::new();
+    for i in 0..n {
+        let name = format!("run-{i}");
+        let dir = cg.path(&name);
+        let kernel = usage_usec_of(&dir).unwrap();
+        let id = trace
+            .id_of(parent, name.as_bytes())
+            .unwrap()
+            .expect("traced");
+        let traced = trace.usage(id).unwrap().expect("an entry");
+        if traced.usage_us() != Some(kernel) {
+            off.push(format!("{name}: kernel {kernel} us, traced {traced:?}"));
+        }
+    }
+    assert!(
+        off.is_empty(),
+        "{} of {n} off:\n{}",
+        off.len(),
+        off.join("\n")
+    );
+}
+
+/// Runs that sleep and wake (a shell that runs `sleep` between bursts: forks, exits, wakeups
+/// across CPUs), 300 at once on two CPUs. On the kernel this was measured on, a few in a hundred
+/// of such runs come out a few to tens of microseconds short of `usage_usec` (the cause is not
+/// known: no program run was skipped, no read faulted); never over it. Asserted: never over,
+/// each within 1%, nine in ten exact.
+#[test]
+fn sleeping_runs_are_counted_never_above_the_kernel_and_nearly_all_exactly() {
+    let Some((trace, mut cg)) = trace("sleeping_runs_are_counted_never_above_the_kernel") else {
+        return;
+    };
+    let parent = ino(&cg.path(""));
+    trace.watch_parent(parent).unwrap();
+    let n = 300;
+    for i in 0..n {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!(
+            "i=0; while [ $i -lt {} ]; do i=$((i+1)); if [ $((i % 500)) = 0 ]; then sleep 0.01; fi; done",
+            2_000 + 13 * i
+        ));
+        cg.spawn_in(&format!("run-{i}"), &mut c).unwrap();
+    }
+    cg.wait_all();
+    std::thread::sleep(Duration::from_millis(200));
+    let (mut exact, mut off) = (0, Vec::new());
+    for i in 0..n {
+        let name = format!("run-{i}");
+        let kernel = usage_usec_of(&cg.path(&name)).unwrap();
+        let id = trace
+            .id_of(parent, name.as_bytes())
+            .unwrap()
+            .expect("traced");
+        let traced = trace
+            .usage(id)
+            .unwrap()
+            .expect("an entry")
+            .usage_us()
+            .unwrap();
+        assert!(
+            traced <= kernel,
+            "{name}: traced {traced} us over the kernel's {kernel}"
+        );
+        assert!(
+            traced * 100 >= kernel * 99,
+            "{name}: traced {traced} us of {kernel}"
+        );
+        if traced == kernel {
+            exact += 1;
+        } else {
+            off.push(format!("{name}: {traced} of {kernel} us"));
+        }
+    }
+    eprintln!("{exact} of {n} exact; off: {off:?}");
+    assert!(exact * 10 >= n * 9, "{exact} of {n} exact: {off:?}");
+    assert_eq!(trace.stats().unwrap().missed, 0);
+}
