@@ -104,6 +104,25 @@ impl TestCgroups {
         Ok(pid)
     }
 
+    /// Starts the shell `script` in cgroup `sub`, the shell joining it itself before the script
+    /// runs: all of the script's CPU time is the cgroup's, however late this thread gets to run
+    /// (a process moved by [`Self::spawn_in`] may have finished before the move, on a busy
+    /// machine).
+    pub fn spawn_joining(&mut self, sub: &str, script: &str) -> io::Result<u32> {
+        let dir = self.create(sub)?;
+        let procs = dir.join("cgroup.procs");
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > '{}' || exit 97\n{script}",
+                procs.display()
+            ))
+            .spawn()?;
+        let pid = child.id();
+        self.children.push((sub.to_owned(), child));
+        Ok(pid)
+    }
+
     /// Waits for every started process to exit.
     pub fn wait_all(&mut self) {
         for (_, c) in &mut self.children {

@@ -379,6 +379,7 @@ impl Metrics {
             untraced_cgroups,
             trace_missed,
             trace_mismatches,
+            trace_swept,
         } = self.tracker;
         w.family(
             "wattd_tracker_final_usage_total",
@@ -459,6 +460,13 @@ impl Metrics {
                 "Slices of CPU time the cgroup trace did not count (the kernel skipped its \
                  program, already running on that CPU).",
                 trace_missed,
+            ),
+            (
+                "wattd_tracker_trace_swept_total",
+                "counter",
+                "Cgroup trace entries dropped by a sweep: of cgroups gone whose removal no event \
+                 or reconcile point reported (an inotify overflow).",
+                trace_swept,
             ),
             (
                 "wattd_tracker_trace_mismatches_total",

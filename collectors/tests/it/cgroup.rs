@@ -1393,6 +1393,67 @@ mod traced {
         assert_eq!(c.trace_mismatches, 0);
     }
 
+    /// Its parent removed right after it: the parent can no longer tell, the trace still can.
+    #[test]
+    fn a_run_whose_parent_is_removed_right_after_it_is_billed_its_kernel_count() {
+        let tag = "traced-orphan";
+        let _g = serial();
+        let Some(mut sb) = Sandbox::new(tag) else {
+            return;
+        };
+        let parent = sb.mkdir("flowzart.slice");
+        let Some(mut t) = tracker(&sb, tag) else {
+            return;
+        };
+        sb.mkdir("flowzart.slice/run-orphan.scope");
+        t.poll_events().unwrap();
+        let truth = run_and_remove(&mut sb, "orphan", 60);
+        std::fs::remove_dir(&parent).unwrap();
+        let s = t.tick(1_000_000);
+        check_snapshot(&s);
+        let r = run(&s, "orphan").expect("reported");
+        assert_eq!(r.final_usage, Some(FinalUsage::Traced), "{r:?}");
+        assert_eq!(r.usage_us, truth);
+        assert_eq!(s.counters.final_lost, 0);
+    }
+
+    /// Cgroups made and removed while the tracker's inotify queue overflowed: their removal is
+    /// never reported, so their trace entries would stay; two sweeps in a row (at rescans) drop
+    /// them.
+    #[test]
+    fn entries_of_cgroups_whose_removal_was_never_reported_are_swept() {
+        let tag = "traced-sweep";
+        let _g = serial();
+        let Some(sb) = Sandbox::new(tag) else {
+            return;
+        };
+        sb.mkdir("flowzart.slice");
+        let mut c = sb.config();
+        c.cgroup_trace = true;
+        c.rescan_every_ticks = 1;
+        let mut t = RunTracker::new(c).unwrap();
+        let s = t.tick(0);
+        if let Some(why) = &s.cgroup_trace_disabled {
+            wattd_testkit::skip(tag, format!("the cgroup trace, eBPF ({why})"));
+            return;
+        }
+        let before = s.counters.traced_cgroups;
+        // More creations and removals than the kernel queues (16,384 events by default).
+        let n = 9_000;
+        for i in 0..n {
+            let d = sb.mkdir(format!("flowzart.slice/c{i}"));
+            std::fs::remove_dir(&d).unwrap();
+        }
+        t.poll_events().unwrap();
+        let mut last = t.tick(1_000).counters;
+        for _ in 0..3 {
+            last = t.tick(1_000).counters;
+        }
+        assert_eq!(last.traced_cgroups - before, n, "{last:?}");
+        assert!(last.inotify_overflows >= 1, "{last:?}");
+        assert!(last.trace_swept >= 1 && last.trace_swept <= n, "{last:?}");
+    }
+
     /// A run with a cgroup of its own inside: its trace entry holds only its own tasks' time,
     /// so it is not used; the parent's residual bills it, as without the trace.
     #[test]

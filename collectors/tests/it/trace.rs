@@ -3,7 +3,6 @@
 //! cgroup's creation, and it is still there after the cgroup is removed.
 
 use std::os::unix::fs::MetadataExt;
-use std::process::Command;
 use std::time::Duration;
 
 use wattd_collectors::cgroup::trace::CgroupTrace;
@@ -21,12 +20,9 @@ fn trace(test: &str) -> Option<(CgroupTrace, TestCgroups)> {
     }
 }
 
-fn burner(loops: u32) -> Command {
-    let mut c = Command::new("sh");
-    c.arg("-c").arg(format!(
-        "i=0; while [ $i -lt {loops} ]; do i=$((i+1)); done"
-    ));
-    c
+/// A shell loop of `loops` turns.
+fn burner(loops: u32) -> String {
+    format!("i=0; while [ $i -lt {loops} ]; do i=$((i+1)); done")
 }
 
 fn ino(path: &std::path::Path) -> u64 {
@@ -43,7 +39,7 @@ fn a_traced_cgroup_counts_its_usage_usec_exactly_and_keeps_it_after_removal() {
     let before = trace.stats().unwrap();
     let names = ["run-a", "run-b", "run-c"];
     for (i, n) in names.iter().enumerate() {
-        cg.spawn_in(n, &mut burner(20_000 * (i as u32 + 1)))
+        cg.spawn_joining(n, &burner(20_000 * (i as u32 + 1)))
             .unwrap();
     }
     cg.wait_all();
@@ -135,7 +131,7 @@ fn many_runs_at_once_on_a_crowded_host_are_each_counted_exactly() {
     trace.watch_parent(parent).unwrap();
     let n = 300;
     for i in 0..n {
-        cg.spawn_in(&format!("run-{i}"), &mut burner(3_000 + 37 * i))
+        cg.spawn_joining(&format!("run-{i}"), &burner(3_000 + 37 * i))
             .unwrap();
     }
     cg.wait_all();
@@ -176,12 +172,11 @@ fn sleeping_runs_are_counted_never_above_the_kernel_and_nearly_all_exactly() {
     trace.watch_parent(parent).unwrap();
     let n = 300;
     for i in 0..n {
-        let mut c = Command::new("sh");
-        c.arg("-c").arg(format!(
+        let script = format!(
             "i=0; while [ $i -lt {} ]; do i=$((i+1)); if [ $((i % 500)) = 0 ]; then sleep 0.01; fi; done",
             2_000 + 13 * i
-        ));
-        cg.spawn_in(&format!("run-{i}"), &mut c).unwrap();
+        );
+        cg.spawn_joining(&format!("run-{i}"), &script).unwrap();
     }
     cg.wait_all();
     std::thread::sleep(Duration::from_millis(200));
@@ -216,4 +211,44 @@ fn sleeping_runs_are_counted_never_above_the_kernel_and_nearly_all_exactly() {
     eprintln!("{exact} of {n} exact; off: {off:?}");
     assert!(exact * 10 >= n * 9, "{exact} of {n} exact: {off:?}");
     assert_eq!(trace.stats().unwrap().missed, 0);
+}
+
+/// A cgroup made again under a name the trace still holds (the tracker not done with the first)
+/// is not traced: the name keeps meaning the first, whose count stays its own.
+#[test]
+fn a_name_made_again_while_held_keeps_meaning_the_first_cgroup() {
+    let Some((trace, mut cg)) = trace("a_name_made_again_while_held_keeps_meaning_the_first")
+    else {
+        return;
+    };
+    let parent = ino(&cg.path(""));
+    trace.watch_parent(parent).unwrap();
+    cg.spawn_joining("run-x", &burner(20_000)).unwrap();
+    cg.wait_all();
+    std::thread::sleep(Duration::from_millis(50));
+    let first = ino(&cg.path("run-x"));
+    let first_us = usage_usec_of(&cg.path("run-x")).unwrap();
+    std::fs::remove_dir(cg.path("run-x")).unwrap();
+    let before = trace.stats().unwrap();
+    cg.spawn_joining("run-x", &burner(40_000)).unwrap();
+    cg.wait_all();
+    let second = ino(&cg.path("run-x"));
+    assert_ne!(first, second);
+    assert_eq!(trace.id_of(parent, b"run-x").unwrap(), Some(first));
+    assert_eq!(
+        trace.usage(second).unwrap(),
+        None,
+        "the second is not traced"
+    );
+    assert_eq!(trace.stats().unwrap().failed, before.failed + 1);
+    let t = trace.usage(first).unwrap().expect("the first's count");
+    assert_eq!(t.usage_us(), Some(first_us));
+    // Once the first is forgotten, the name is free for the next one.
+    trace.forget(first, parent, b"run-x").unwrap();
+    std::fs::remove_dir(cg.path("run-x")).unwrap();
+    cg.create("run-x").unwrap();
+    assert_eq!(
+        trace.id_of(parent, b"run-x").unwrap(),
+        Some(ino(&cg.path("run-x")))
+    );
 }

@@ -8,6 +8,9 @@
 use std::fmt;
 
 const MAGIC: u16 = 0xeb9f;
+/// Struct members looked at for one lookup, at most (the kernel's largest structs have a few
+/// hundred, with their anonymous unions).
+const MEMBERS_LOOKED_AT_MAX: u32 = 100_000;
 
 const KIND_INT: u32 = 1;
 const KIND_PTR: u32 = 2;
@@ -89,6 +92,11 @@ impl Btf {
         }
         let field = |at: usize| u32_at(&data, at).ok_or_else(|| err("shorter than its header"));
         let hdr_len = field(4)? as usize;
+        if hdr_len < 24 {
+            return Err(err(format!(
+                "header of {hdr_len} bytes, shorter than BTF's 24"
+            )));
+        }
         let (type_off, type_len) = (field(8)? as usize, field(12)? as usize);
         let (str_off, str_len) = (field(16)? as usize, field(20)? as usize);
         let types_at = hdr_len
@@ -212,16 +220,27 @@ impl Btf {
         let id = self
             .named(KIND_STRUCT, strukt)
             .ok_or_else(|| err(format!("no struct {strukt}")))?;
-        self.find_member(id, member, 0, 0)
+        // Anonymous members are searched depth-first: a budget of members looked at keeps a
+        // hostile blob (anonymous members that point back at their struct) from hanging it.
+        let mut budget = MEMBERS_LOOKED_AT_MAX;
+        self.find_member(id, member, 0, 0, &mut budget)
             .ok_or_else(|| err(format!("struct {strukt} has no member {member}")))
     }
 
-    fn find_member(&self, id: u32, member: &str, base_bits: u32, depth: u32) -> Option<Member> {
+    fn find_member(
+        &self,
+        id: u32,
+        member: &str,
+        base_bits: u32,
+        depth: u32,
+        budget: &mut u32,
+    ) -> Option<Member> {
         let (_, t) = self.resolve(id)?;
         if !matches!(t.kind, KIND_STRUCT | KIND_UNION) || depth > 8 {
             return None;
         }
         for (name, ty, bits) in self.members(t) {
+            *budget = budget.checked_sub(1)?;
             let at = base_bits.checked_add(bits)?;
             if name == member {
                 if at % 8 != 0 {
@@ -235,7 +254,7 @@ impl Btf {
                 });
             }
             if name.is_empty() {
-                if let Some(m) = self.find_member(ty, member, at, depth + 1) {
+                if let Some(m) = self.find_member(ty, member, at, depth + 1, budget) {
                     return Some(m);
                 }
             }
@@ -413,6 +432,35 @@ mod tests {
             vec![Param::Pointer(Some("s".to_owned())), Param::Value(8)]
         );
         assert!(btf.tracepoint_params("u").is_err());
+    }
+
+    /// A struct whose thousand anonymous members are the struct itself: a search for a member
+    /// it lacks stops at the budget instead of walking 1000^8 paths.
+    #[test]
+    fn a_struct_made_of_itself_is_searched_within_a_budget() {
+        let strings = b"\0loop\0";
+        let n = 1_000u32;
+        let mut t: Vec<u32> = vec![1, (KIND_STRUCT << 24) | n, 8];
+        for _ in 0..n {
+            t.extend([0, 1, 0]);
+        }
+        let types: Vec<u8> = t.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mut out = Vec::new();
+        out.extend(MAGIC.to_le_bytes());
+        out.extend([1u8, 0]);
+        for w in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
+            out.extend(w.to_le_bytes());
+        }
+        out.extend(types);
+        out.extend(strings);
+        let btf = Btf::parse(out).expect("parses");
+        assert!(btf.member("loop", "absent").is_err());
     }
 
     #[test]

@@ -6,19 +6,26 @@
 //!
 //! - on `cgroup_mkdir`: a cgroup made in the cgroup2 hierarchy under a *watched parent* (a
 //!   family's, see [`CgroupTrace::watch_parent`]) gets an entry in `usage` (its cgroup id to
-//!   nanoseconds, from 0) and in `names` (the parent's id and its name, to its id). A cgroup
-//!   made under a traced one marks that one as having children (its time is then not all in its
-//!   own entry, so it is not used);
-//! - on `sched_stat_runtime`: the kernel's scheduler charges every slice of CPU time a task ran
-//!   with `update_curr_task(p, delta)`, which fires this tracepoint and then adds the same delta
-//!   to the task's cgroup2 `cpu.stat` (`cgroup_account_cputime(p, delta)`); the program adds it
-//!   to the entry of the task's cgroup (`p->cgroups->dfl_cgrp->kn->id`), when it has one.
+//!   nanoseconds, from 0) and in `names` (the parent's id and its name, to its id), unless an
+//!   earlier cgroup of that name still holds the name (then it is not traced, and counted as
+//!   such). A cgroup made under a traced one marks that one as having children (its time is
+//!   then not all in its own entry, so it is not used);
+//! - on `sched_stat_runtime`: the scheduler charges every slice of CPU time a task ran in
+//!   `update_se`, which fires this tracepoint and then adds the same delta to the task's cgroup2
+//!   `cpu.stat` (`cgroup_account_cputime`); the program adds it to the entry of the task's
+//!   cgroup (`p->cgroups->dfl_cgrp->kn->id`), when it has one.
 //!
-//! So an entry is the cgroup's `usage_usec` in nanoseconds, exactly, from its creation: it starts
-//! at `mkdir` (no task can be moved in before the tracepoint, which runs under `cgroup_mutex`),
-//! and outlives the cgroup until the tracker deletes it. The cgroup id is the directory's inode
-//! number. Costs: four kernel reads and a hash lookup per scheduler update, for every task on the
-//! host (measured in the README); entries live only for children of watched parents.
+//! So an entry is the cgroup's `usage_usec` in nanoseconds from its creation: it starts at
+//! `mkdir` (no task can be moved in before the tracepoint, which runs under `cgroup_mutex`), and
+//! outlives the cgroup until the tracker deletes it. The cgroup id is the directory's inode
+//! number. Measured exact to the microsecond for runs that burn, sleep and fork; for one
+//! duty-cycled workload a few runs in a hundred came out microseconds short on the VM this was
+//! built on (never over; see the README), so the tracker never bills a traced run below its
+//! last read. (With proxy execution, upstream since 6.17 and off on that VM, the kernel charges
+//! the cgroup of the task that donated its turn while the tracepoint names the one running: a
+//! lock holder's slices would go to its own cgroup.) Costs: four kernel reads and a hash lookup
+//! per scheduler update, for every task on the host (measured in the README); entries live only
+//! for children of watched parents.
 
 pub mod bpf;
 pub mod btf;
@@ -35,7 +42,10 @@ pub const NAME_MAX: usize = 126;
 const NAME_BYTES: usize = NAME_MAX + 2;
 const NAME_KEY_BYTES: usize = 8 + NAME_BYTES;
 /// Entries at most: runs (and other children of watched parents) alive or not yet settled.
+/// From Linux 6.1 the maps take kernel memory as entries come; before, they are allocated whole
+/// (see [`map_sizing`]), and smaller.
 pub const ENTRIES_MAX: u32 = 65_536;
+const ENTRIES_MAX_PREALLOCATED: u32 = 8_192;
 const PARENTS_MAX: u32 = 4_096;
 
 /// Why the trace could not be set up (the tracker then works without it, and says so).
@@ -77,6 +87,21 @@ pub struct TraceStats {
     /// on that CPU (`recursion_misses` in the program's fdinfo), or the scheduler program could
     /// not read the task's cgroup (a faulted read). 0 in every test here.
     pub missed: u64,
+}
+
+/// A traced cgroup known by name: its parent's id, its name and its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedEntry {
+    pub parent: u64,
+    pub name: Vec<u8>,
+    pub id: u64,
+}
+
+/// Every entry of the trace: the named ones, and the ids of counts without a name.
+#[derive(Debug, Clone, Default)]
+pub struct Entries {
+    pub named: Vec<NamedEntry>,
+    pub unnamed: Vec<u64>,
 }
 
 /// The loaded and attached programs and their maps. Dropping it detaches them.
@@ -132,6 +157,21 @@ impl Offsets {
             kn_parent,
             kn_name: member("kernfs_node", "name", 8, true)?,
         })
+    }
+}
+
+/// The flags and size of the hash maps the programs insert into. A tracing program with a map
+/// that allocates at run time made the verifier print a kernel WARN before Linux 6.1 (the BPF
+/// memory allocator), which panics a host booted with `panic_on_warn`: there the maps are
+/// preallocated (about 2.6 MB of kernel memory at 8,192 entries).
+fn map_sizing(release: &str) -> (u32, u32) {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major: u32 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    if (major, minor) >= (6, 1) {
+        (bpf::NO_PREALLOC, ENTRIES_MAX)
+    } else {
+        (0, ENTRIES_MAX_PREALLOCATED)
     }
 }
 
@@ -255,10 +295,13 @@ fn mkdir_program(o: &Offsets, maps: &CgroupTraceMaps<'_>) -> Result<Vec<bpf::Ins
         .mov_imm(R4, bpf::NOEXIST as i32)
         .call(helper::MAP_UPDATE_ELEM)
         .jne_imm(R0, 0, fail)
+        // A name still held by an earlier cgroup (made again before the tracker was done with
+        // the first) is not taken over: the new one goes untraced, never the old one's count
+        // to it or its to the old one.
         .load_map(R1, maps.names)
         .stack_ptr(R2, S_KEY)
         .stack_ptr(R3, S_ID)
-        .mov_imm(R4, 0)
+        .mov_imm(R4, bpf::NOEXIST as i32)
         .call(helper::MAP_UPDATE_ELEM)
         .jne_imm(R0, 0, fail_names)
         .mov_imm(R8, 0)
@@ -326,20 +369,18 @@ impl CgroupTrace {
             Map::create(kind, k, v, n, flags, name)
                 .map_err(|e| TraceError(format!("bpf map {name}: {e}")))
         };
-        let usage = map(
-            bpf::MAP_HASH,
-            8,
-            16,
-            ENTRIES_MAX,
-            bpf::NO_PREALLOC,
-            "wattd_usage",
-        )?;
+        let release = rustix::system::uname()
+            .release()
+            .to_string_lossy()
+            .into_owned();
+        let (flags, entries) = map_sizing(&release);
+        let usage = map(bpf::MAP_HASH, 8, 16, entries, flags, "wattd_usage")?;
         let names = map(
             bpf::MAP_HASH,
             NAME_KEY_BYTES,
             8,
-            ENTRIES_MAX,
-            bpf::NO_PREALLOC,
+            entries,
+            flags,
             "wattd_names",
         )?;
         let parents = map(bpf::MAP_HASH, 8, 8, PARENTS_MAX, 0, "wattd_parents")?;
@@ -391,7 +432,8 @@ impl CgroupTrace {
     }
 
     /// The id of the traced cgroup `name` under `parent`, if it was made while traced (the
-    /// latest of that name).
+    /// first of that name since the name was last forgotten: one made again under a name still
+    /// held is not traced).
     pub fn id_of(&self, parent: u64, name: &[u8]) -> io::Result<Option<u64>> {
         let Some(key) = name_key(parent, name) else {
             return Ok(None);
@@ -485,19 +527,77 @@ impl CgroupTrace {
         })
     }
 
-    /// How many cgroups have an entry now.
-    pub fn entries(&self) -> io::Result<usize> {
+    /// Every entry, named or not.
+    pub fn entries_list(&self) -> io::Result<Entries> {
+        let mut named = Vec::new();
+        let (mut key, mut next) = ([0u8; NAME_KEY_BYTES], [0u8; NAME_KEY_BYTES]);
+        let mut first = true;
+        let mut id = [0u8; 8];
+        while self
+            .names
+            .next_key((!first).then_some(&key[..]), &mut next)?
+        {
+            first = false;
+            key = next;
+            if self.names.lookup(&key, &mut id)? {
+                let mut parent = [0u8; 8];
+                parent.copy_from_slice(&key[..8]);
+                let name = &key[8..];
+                let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+                named.push(NamedEntry {
+                    parent: u64::from_ne_bytes(parent),
+                    name: name[..len].to_vec(),
+                    id: u64::from_ne_bytes(id),
+                });
+            }
+        }
+        let with_name: std::collections::HashSet<u64> = named.iter().map(|e| e.id).collect();
+        let mut unnamed = Vec::new();
         let (mut key, mut next) = ([0u8; 8], [0u8; 8]);
-        let mut n = 0;
         let mut first = true;
         while self
             .usage
             .next_key((!first).then_some(&key[..]), &mut next)?
         {
-            n += 1;
             first = false;
             key = next;
+            let id = u64::from_ne_bytes(key);
+            if !with_name.contains(&id) {
+                unnamed.push(id);
+            }
         }
-        Ok(n)
+        Ok(Entries { named, unnamed })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_are_preallocated_before_linux_6_1() {
+        assert_eq!(
+            map_sizing("6.18.44-fc-v1252"),
+            (bpf::NO_PREALLOC, ENTRIES_MAX)
+        );
+        assert_eq!(map_sizing("6.1.0"), (bpf::NO_PREALLOC, ENTRIES_MAX));
+        assert_eq!(map_sizing("10.0"), (bpf::NO_PREALLOC, ENTRIES_MAX));
+        assert_eq!(map_sizing("6.0.19"), (0, ENTRIES_MAX_PREALLOCATED));
+        assert_eq!(
+            map_sizing("5.15.0-91-generic"),
+            (0, ENTRIES_MAX_PREALLOCATED)
+        );
+        assert_eq!(map_sizing("garbage"), (0, ENTRIES_MAX_PREALLOCATED));
+    }
+
+    #[test]
+    fn a_name_key_holds_the_parent_and_the_name_zero_padded() {
+        let k = name_key(7, b"run-a").expect("a key");
+        assert_eq!(&k[..8], &7u64.to_ne_bytes());
+        assert_eq!(&k[8..13], b"run-a");
+        assert!(k[13..].iter().all(|&b| b == 0));
+        assert!(name_key(7, &[b'r'; NAME_MAX]).is_some());
+        assert!(name_key(7, &[b'r'; NAME_MAX + 1]).is_none());
+        assert!(name_key(7, b"a\0b").is_none());
     }
 }

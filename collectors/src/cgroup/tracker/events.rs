@@ -238,6 +238,7 @@ impl RunTracker {
             self.arm_pattern(idx);
             self.scan_pattern(idx, BilledFrom::Birth);
         }
+        self.sweep_trace();
     }
 
     /// Lists a pattern's parent: adds runs not yet tracked, marks tracked ones that are no

@@ -276,6 +276,9 @@ pub struct TrackerCounters {
     /// Runs read after they emptied whose read differed from the trace's count: 0 unless the
     /// trace is wrong on this kernel.
     pub trace_mismatches: u64,
+    /// Trace entries dropped by a sweep: of cgroups gone whose removal no event or point
+    /// reported (an inotify overflow, a name made again before the first was claimed).
+    pub trace_swept: u64,
 }
 
 /// A failure while reading, with the run it concerns.
@@ -484,6 +487,8 @@ pub struct RunTracker {
     /// The cgroup trace, when it could be loaded, and why not when not.
     trace: Option<CgroupTrace>,
     trace_disabled: Option<String>,
+    /// Trace entries found of no use at the last sweep (see `sweep_trace`).
+    trace_suspects: HashSet<u64>,
     /// Why the counters do not split runs across packages, when they do not.
     perf_split_off: Option<String>,
     /// The CPUs perf counters are opened on: the running kernel's online CPUs.
@@ -619,6 +624,7 @@ impl RunTracker {
             perf_disabled,
             trace,
             trace_disabled,
+            trace_suspects: HashSet::new(),
             perf_split_off,
             perf_cpus,
             perf_scale: (0, 0),

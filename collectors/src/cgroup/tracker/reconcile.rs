@@ -69,6 +69,63 @@ impl RunTracker {
         }
     }
 
+    /// Drops the trace entries no one will ask for: of a cgroup that is gone and is no tracked
+    /// run's, or under a parent that is no longer a family's. Their removal is normally seen
+    /// (an event, a point) and the entry dropped then; this catches what was missed (an inotify
+    /// overflow, a name made again before the first was claimed). An entry is dropped only when
+    /// two sweeps in a row find it of no use, so a removal still on its way is not raced.
+    pub(super) fn sweep_trace(&mut self) {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some(trace) = &self.trace else {
+            return;
+        };
+        let Ok(entries) = trace.entries_list() else {
+            return;
+        };
+        let parents: HashMap<u64, &Family> = self
+            .families
+            .values()
+            .filter_map(|f| f.trace_parent.map(|p| (p, f)))
+            .collect();
+        let runs: HashSet<u64> = self.runs.values().filter_map(|r| r.dir_ino).collect();
+        let mut useless = HashSet::new();
+        let mut doomed = Vec::new();
+        for super::super::trace::NamedEntry { parent, name, id } in entries.named {
+            let alive = parents.get(&parent).is_some_and(|f| {
+                let dir = self
+                    .cgroup_root
+                    .join(&*f.rel)
+                    .join(OsStr::from_bytes(&name));
+                std::fs::metadata(dir).is_ok_and(|m| m.ino() == id)
+            });
+            if alive || runs.contains(&id) {
+                continue;
+            }
+            useless.insert(id);
+            if self.trace_suspects.contains(&id) {
+                doomed.push((id, Some((parent, name))));
+            }
+        }
+        for id in entries.unnamed {
+            if runs.contains(&id) {
+                continue;
+            }
+            useless.insert(id);
+            if self.trace_suspects.contains(&id) {
+                doomed.push((id, None));
+            }
+        }
+        for (id, named) in &doomed {
+            let _ = match named {
+                Some((parent, name)) => trace.forget(*id, *parent, name),
+                None => trace.forget_usage(*id),
+            };
+            useless.remove(id);
+        }
+        self.counters.trace_swept += doomed.len() as u64;
+        self.trace_suspects = useless;
+    }
+
     /// Makes sure the parent `rel` (never the cgroup root) has a family: its `cpu.stat` kept
     /// open, a watch on its directory, and every child listed as a baseline. False when it
     /// cannot be had (then its runs' unread tails are lost, loudly).
@@ -128,6 +185,9 @@ impl RunTracker {
             }
         }
         let Ok(last_us) = cpu_stat.read_cpu_usage_us() else {
+            if let (Some(t), Some(p)) = (&self.trace, trace_parent) {
+                let _ = t.forget_parent(p);
+            }
             return false;
         };
         // The same inode as a pattern's parent gives the same wd: one target serves both.
@@ -800,6 +860,18 @@ impl RunTracker {
     /// always report a watched directory's own removal).
     fn forget_family(&mut self, f: Family, parent_gone: bool) {
         self.kept_fds = self.kept_fds.saturating_sub(f.kept_fds);
+        if parent_gone {
+            // Its children went before it: runs not yet seen go take the trace's count now,
+            // before the parent's entries are dropped (without a family, that is all there is).
+            for id in &f.runs {
+                if let Some(r) = self.runs.get_mut(id) {
+                    r.family = None;
+                }
+            }
+            for id in &f.runs {
+                self.mark_gone(id);
+            }
+        }
         if let (Some(t), Some(p)) = (&self.trace, f.trace_parent) {
             let _ = t.forget_parent(p);
         }

@@ -60,6 +60,14 @@ impl RunTracker {
             self.counters.final_traced += 1;
             return;
         }
+        if self.trace.is_some() {
+            tracing::debug!(
+                run = %Shown::new(id),
+                dir_ino = ?run.dir_ino,
+                "run gone before its final read, and not traced (made before its parent was \
+                 watched, a cgroup inside it, or its name held by an earlier one)"
+            );
+        }
         // Its perf counters outlive the cgroup (its kept cpu.stat fails with ENODEV now; one
         // opened by path could be a new cgroup of the same name): what they counted since its
         // last read weighs its claim, and is its tail if the parent cannot tell.
@@ -220,6 +228,13 @@ impl RunTracker {
     ) -> Result<(), HostError> {
         let mut kept = 0usize;
         let keep_cpu = self.kept_fds < self.fd_budget;
+        // The directory's inode (its cgroup id, the trace's key) before its files are opened: a
+        // cgroup removed while it is being opened still has the id of the files that were read.
+        let ino_of = |dir: &Path| {
+            use std::os::unix::fs::MetadataExt as _;
+            std::fs::metadata(dir).ok().map(|m| m.ino())
+        };
+        let ino_before = ino_of(dir);
         let cpu_stat = Source::open(dir.join("cpu.stat"), keep_cpu)?;
         if cpu_stat.is_kept() {
             kept += 1;
@@ -252,9 +267,15 @@ impl RunTracker {
                 None
             }
         };
-        let dir_ino = {
-            use std::os::unix::fs::MetadataExt as _;
-            std::fs::metadata(dir).ok().map(|m| m.ino())
+        let dir_ino = match (ino_before, ino_of(dir)) {
+            // Removed and made again while it was opened: which one was read is not known.
+            (Some(a), Some(b)) if a != b => {
+                return Err(HostError::NotFound {
+                    path: dir.to_owned(),
+                })
+            }
+            (Some(a), _) => Some(a),
+            (None, b) => b,
         };
         let id: Arc<str> = Arc::from(id);
         let cgroup_rel: Arc<str> = Arc::from(rel);
@@ -508,6 +529,16 @@ impl RunTracker {
         }
         self.paths.remove(&*run.cgroup_rel);
         self.kept_fds = self.kept_fds.saturating_sub(run.kept_fds);
+        let dir = self.cgroup_root.join(&*run.cgroup_rel);
+        // Read once: what it is now decides both whether it stays as an ordinary child and
+        // whether the run's trace entry is still of use.
+        let now_ino = std::fs::metadata(&dir)
+            .ok()
+            .filter(|m| m.is_dir())
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt as _;
+                m.ino()
+            });
         if let Some(f) = run.family.as_ref().and_then(|f| self.families.get_mut(f)) {
             f.runs.remove(&run.id);
             // Its name is no longer a run's: the next point lists the parent again.
@@ -516,27 +547,18 @@ impl RunTracker {
             // ordinary child whose CPU time is the host's, read at each point like the others,
             // from where the run's reads left it. A directory made again under the same name
             // (another inode) is a new child: all of its CPU time is its own.
-            let dir = self.cgroup_root.join(&*run.cgroup_rel);
-            if let (Some(name), Ok(meta)) = (dir.file_name(), std::fs::metadata(&dir)) {
-                if meta.is_dir() {
-                    use std::os::unix::fs::MetadataExt as _;
-                    let same = run.dir_ino == Some(meta.ino());
-                    // Listed already as a new child (made again): its baseline stays.
-                    f.others.entry(name.to_owned()).or_insert(Other {
-                        cpu_stat: dir.join("cpu.stat"),
-                        scan_us: if same { run.scan_us } else { 0 },
-                    });
-                }
+            if let (Some(name), Some(ino)) = (dir.file_name(), now_ino) {
+                let same = run.dir_ino == Some(ino);
+                // Listed already as a new child (made again): its baseline stays.
+                f.others.entry(name.to_owned()).or_insert(Other {
+                    cpu_stat: dir.join("cpu.stat"),
+                    scan_us: if same { run.scan_us } else { 0 },
+                });
             }
         }
         // Gone (or made again as another cgroup): its trace entry is of no more use.
         if let Some(ino) = run.dir_ino {
-            let dir = self.cgroup_root.join(&*run.cgroup_rel);
-            let alive = std::fs::metadata(&dir).is_ok_and(|m| {
-                use std::os::unix::fs::MetadataExt as _;
-                m.ino() == ino
-            });
-            if !alive {
+            if now_ino != Some(ino) {
                 let parent = run
                     .family
                     .as_ref()
