@@ -7,7 +7,8 @@
 //! and the peak RSS: the table in the README ("What the agent costs").
 //!
 //! `cargo bench -p wattd --bench daemon -- runs=1000 hz=1 secs=30` (defaults: 100 runs, 1 Hz,
-//! 30 s after 5 s of warm-up; `perf=0` turns the per-run perf counters off). Needs root and a cgroup2 mount, as the end-to-end tests do.
+//! 30 s after 5 s of warm-up; `perf=0` turns the per-run perf counters off, `trace=0` the cgroup
+//! trace). Needs root and a cgroup2 mount, as the end-to-end tests do.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +23,8 @@ struct Opts {
     warmup: u64,
     /// `[runs] perf_counters` (per-run perf counters, on by default).
     perf: bool,
+    /// `[runs] cgroup_trace` (the eBPF cgroup trace, on by default).
+    trace: bool,
 }
 
 fn opts() -> Opts {
@@ -31,6 +34,7 @@ fn opts() -> Opts {
         secs: 30,
         warmup: 5,
         perf: true,
+        trace: true,
     };
     for a in std::env::args().skip(1) {
         let Some((k, v)) = a.split_once('=') else {
@@ -46,7 +50,8 @@ fn opts() -> Opts {
             "secs" => o.secs = n().max(1),
             "warmup" => o.warmup = n(),
             "perf" => o.perf = n() != 0,
-            _ => panic!("unknown option {k} (runs=, hz=, secs=, warmup=, perf=0|1)"),
+            "trace" => o.trace = n() != 0,
+            _ => panic!("unknown option {k} (runs=, hz=, secs=, warmup=, perf=0|1, trace=0|1)"),
         }
     }
     o
@@ -109,10 +114,11 @@ fn main() {
     let config = sim
         .config(&format!(
             "cgroup_root = {:?}\n[sampling]\ninterval_ms = {}\n[runs]\npatterns = [{pattern:?}]\n\
-             perf_counters = {}\ncontrol_socket = {:?}\n[spool]\ndir = {:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+             perf_counters = {}\ncgroup_trace = {}\ncontrol_socket = {:?}\n[spool]\ndir = {:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
             mount.display().to_string(),
             1000 / o.hz,
             o.perf,
+            o.trace,
             work.path().join("control.sock").display().to_string(),
             work.path().join("spool").display().to_string(),
         ))

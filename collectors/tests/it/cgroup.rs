@@ -1303,6 +1303,16 @@ mod traced {
         Some(t)
     }
 
+    /// The serial lock, a sandbox with `flowzart.slice`, and a tracker on it with the trace;
+    /// `None` after a loud skip. (Dropped in reverse: the tracker, then the sandbox.)
+    fn setup(tag: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Sandbox, RunTracker)> {
+        let g = serial();
+        let sb = Sandbox::new(tag)?;
+        sb.mkdir("flowzart.slice");
+        let t = tracker(&sb, tag)?;
+        Some((g, sb, t))
+    }
+
     /// Burns `busy_ms` in a fresh run cgroup, reaps it, waits out the exiting task's last
     /// slice, reads the kernel's final count and removes the cgroup.
     fn run_and_remove(sb: &mut Sandbox, id: &str, busy_ms: u64) -> u64 {
@@ -1317,13 +1327,7 @@ mod traced {
 
     #[test]
     fn runs_made_and_removed_between_two_reads_are_each_billed_their_kernel_count() {
-        let tag = "traced-ghosts";
-        let _g = serial();
-        let Some(mut sb) = Sandbox::new(tag) else {
-            return;
-        };
-        sb.mkdir("flowzart.slice");
-        let Some(mut t) = tracker(&sb, tag) else {
+        let Some((_g, mut sb, mut t)) = setup("traced-ghosts") else {
             return;
         };
         // An ordinary child that burns and goes too: its time is the host's, and with the
@@ -1359,13 +1363,7 @@ mod traced {
 
     #[test]
     fn a_tracked_run_removed_before_its_final_read_is_billed_its_kernel_count() {
-        let tag = "traced-tail";
-        let _g = serial();
-        let Some(mut sb) = Sandbox::new(tag) else {
-            return;
-        };
-        sb.mkdir("flowzart.slice");
-        let Some(mut t) = tracker(&sb, tag) else {
+        let Some((_g, mut sb, mut t)) = setup("traced-tail") else {
             return;
         };
         let n = sb.mkdir("flowzart.slice/run-neighbour.scope");
@@ -1458,13 +1456,7 @@ mod traced {
     /// so it is not used; the parent's residual bills it, as without the trace.
     #[test]
     fn a_run_with_a_cgroup_inside_is_billed_from_its_parent_not_the_trace() {
-        let tag = "traced-nested";
-        let _g = serial();
-        let Some(mut sb) = Sandbox::new(tag) else {
-            return;
-        };
-        sb.mkdir("flowzart.slice");
-        let Some(mut t) = tracker(&sb, tag) else {
+        let Some((_g, mut sb, mut t)) = setup("traced-nested") else {
             return;
         };
         let cg = sb.mkdir("flowzart.slice/run-nested.scope");
@@ -1490,13 +1482,7 @@ mod traced {
     /// the live check the tracker counts as `trace_mismatches`.
     #[test]
     fn a_run_read_after_it_emptied_agrees_with_the_trace() {
-        let tag = "traced-read";
-        let _g = serial();
-        let Some(mut sb) = Sandbox::new(tag) else {
-            return;
-        };
-        sb.mkdir("flowzart.slice");
-        let Some(mut t) = tracker(&sb, tag) else {
+        let Some((_g, mut sb, mut t)) = setup("traced-read") else {
             return;
         };
         let mut dirs = Vec::new();

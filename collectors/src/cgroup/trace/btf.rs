@@ -375,7 +375,12 @@ mod tests {
         // 10: pointer to the proto, 11: the typedef
         t.extend([0, info(KIND_PTR, 0, 0), 9]);
         t.extend([off("btf_trace_t"), info(KIND_TYPEDEF, 0, 0), 10]);
-        let types: Vec<u8> = t.iter().flat_map(|w| w.to_le_bytes()).collect();
+        wrap(&t, strings)
+    }
+
+    /// A BTF blob of these type words and this string table.
+    fn wrap(types: &[u32], strings: &[u8]) -> Vec<u8> {
+        let types: Vec<u8> = types.iter().flat_map(|w| w.to_le_bytes()).collect();
         let mut out = Vec::new();
         out.extend(MAGIC.to_le_bytes());
         out.extend([1u8, 0]);
@@ -444,22 +449,7 @@ mod tests {
         for _ in 0..n {
             t.extend([0, 1, 0]);
         }
-        let types: Vec<u8> = t.iter().flat_map(|w| w.to_le_bytes()).collect();
-        let mut out = Vec::new();
-        out.extend(MAGIC.to_le_bytes());
-        out.extend([1u8, 0]);
-        for w in [
-            24u32,
-            0,
-            types.len() as u32,
-            types.len() as u32,
-            strings.len() as u32,
-        ] {
-            out.extend(w.to_le_bytes());
-        }
-        out.extend(types);
-        out.extend(strings);
-        let btf = Btf::parse(out).expect("parses");
+        let btf = Btf::parse(wrap(&t, strings)).expect("parses");
         assert!(btf.member("loop", "absent").is_err());
     }
 

@@ -47,6 +47,12 @@ const NAME_KEY_BYTES: usize = 8 + NAME_BYTES;
 pub const ENTRIES_MAX: u32 = 65_536;
 const ENTRIES_MAX_PREALLOCATED: u32 = 8_192;
 const PARENTS_MAX: u32 = 4_096;
+/// The `stats` slots: cgroups traced, cgroups that could not be, scheduler updates whose task's
+/// cgroup could not be read.
+const STAT_TRACED: i32 = 0;
+const STAT_FAILED: i32 = 1;
+const STAT_FAULTED: i32 = 2;
+const STATS: u32 = 3;
 
 /// Why the trace could not be set up (the tracker then works without it, and says so).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,17 +230,20 @@ fn sched_program(o: &Offsets, usage: &Map, stats: &Map) -> Result<Vec<bpf::Insn>
         .atomic_add64(R0, 0, R6)
         .ja(out)
         .bind(bad)
-        .store32_imm(FP, -12, 2)
-        .load_map(R1, stats)
-        .stack_ptr(R2, -12)
+        .store32_imm(FP, -12, STAT_FAULTED);
+    bump_stat(&mut a, stats, -12, out);
+    a.bind(out).mov_imm(R0, 0).exit();
+    a.finish()
+}
+
+/// `stats[*(u32 *)(fp + at)] += 1`, to `out` when the slot is not there.
+fn bump_stat(a: &mut Asm, stats: &Map, at: i16, out: Label) {
+    a.load_map(R1, stats)
+        .stack_ptr(R2, at)
         .call(helper::MAP_LOOKUP_ELEM)
         .jeq_imm(R0, 0, out)
         .mov_imm(R1, 1)
-        .atomic_add64(R0, 0, R1)
-        .bind(out)
-        .mov_imm(R0, 0)
-        .exit();
-    a.finish()
+        .atomic_add64(R0, 0, R1);
 }
 
 // The mkdir program's stack: scratch pointer, the cgroup's id, its parent's id, the hierarchy
@@ -304,25 +313,18 @@ fn mkdir_program(o: &Offsets, maps: &CgroupTraceMaps<'_>) -> Result<Vec<bpf::Ins
         .mov_imm(R4, bpf::NOEXIST as i32)
         .call(helper::MAP_UPDATE_ELEM)
         .jne_imm(R0, 0, fail_names)
-        .mov_imm(R8, 0)
+        .mov_imm(R8, STAT_TRACED)
         .ja(count)
         .bind(fail_names)
         .load_map(R1, maps.usage)
         .stack_ptr(R2, S_ID)
         .call(helper::MAP_DELETE_ELEM)
         .bind(fail)
-        .mov_imm(R8, 1)
+        .mov_imm(R8, STAT_FAILED)
         .bind(count)
-        .store32(FP, S_STAT, R8)
-        .load_map(R1, maps.stats)
-        .stack_ptr(R2, S_STAT)
-        .call(helper::MAP_LOOKUP_ELEM)
-        .jeq_imm(R0, 0, out)
-        .mov_imm(R1, 1)
-        .atomic_add64(R0, 0, R1)
-        .bind(out)
-        .mov_imm(R0, 0)
-        .exit();
+        .store32(FP, S_STAT, R8);
+    bump_stat(&mut a, maps.stats, S_STAT, out);
+    a.bind(out).mov_imm(R0, 0).exit();
     a.finish()
 }
 
@@ -384,7 +386,7 @@ impl CgroupTrace {
             "wattd_names",
         )?;
         let parents = map(bpf::MAP_HASH, 8, 8, PARENTS_MAX, 0, "wattd_parents")?;
-        let stats = map(bpf::MAP_ARRAY, 4, 8, 3, 0, "wattd_stats")?;
+        let stats = map(bpf::MAP_ARRAY, 4, 8, STATS, 0, "wattd_stats")?;
         let maps = CgroupTraceMaps {
             usage: &usage,
             names: &names,
@@ -509,7 +511,8 @@ impl CgroupTrace {
             self.stats.lookup(&i.to_ne_bytes(), &mut v)?;
             Ok(u64::from_ne_bytes(v))
         };
-        let (traced, failed, faulted) = (read(0)?, read(1)?, read(2)?);
+        let (traced, failed) = (read(STAT_TRACED as u32)?, read(STAT_FAILED as u32)?);
+        let faulted = read(STAT_FAULTED as u32)?;
         let mut missed = faulted;
         for p in &self.progs {
             use std::os::fd::AsRawFd as _;
