@@ -55,15 +55,105 @@ struct Type {
     extra: usize,
 }
 
+/// Where the blob is: in memory (tests), or the kernel's file, read where needed (`pread`).
+enum Data {
+    Mem(Vec<u8>),
+    File { file: std::fs::File, len: usize },
+}
+
+impl Data {
+    fn len(&self) -> usize {
+        match self {
+            Data::Mem(v) => v.len(),
+            Data::File { len, .. } => *len,
+        }
+    }
+
+    /// Fills `buf` from `at`; `None` when that runs past the end or the read fails.
+    fn read_at(&self, at: usize, buf: &mut [u8]) -> Option<()> {
+        let end = at.checked_add(buf.len())?;
+        if end > self.len() {
+            return None;
+        }
+        match self {
+            Data::Mem(v) => {
+                buf.copy_from_slice(v.get(at..end)?);
+                Some(())
+            }
+            Data::File { file, .. } => {
+                use std::os::unix::fs::FileExt as _;
+                file.read_exact_at(buf, at as u64).ok()
+            }
+        }
+    }
+
+    fn u32_at(&self, at: usize) -> Option<u32> {
+        let mut b = [0u8; 4];
+        self.read_at(at, &mut b)?;
+        Some(u32::from_le_bytes(b))
+    }
+}
+
+/// Sequential reads of a section through a 64 KiB window (one `pread` per window).
+struct Window<'a> {
+    data: &'a Data,
+    end: usize,
+    buf: Vec<u8>,
+    buf_at: usize,
+}
+
+impl<'a> Window<'a> {
+    fn new(data: &'a Data, end: usize) -> Self {
+        Window {
+            data,
+            end,
+            buf: Vec::new(),
+            buf_at: 0,
+        }
+    }
+
+    /// The bytes `at..at + n` (n at most the window), read ahead when they are not in it.
+    fn get(&mut self, at: usize, n: usize) -> Option<&[u8]> {
+        let end = at.checked_add(n)?;
+        if end > self.end {
+            return None;
+        }
+        if at < self.buf_at || end > self.buf_at + self.buf.len() {
+            let len = WINDOW_BYTES.max(n).min(self.end - at);
+            self.buf.resize(len, 0);
+            if self.data.read_at(at, &mut self.buf).is_none() {
+                // Nothing stale may pass for this window's bytes.
+                self.buf.clear();
+                return None;
+            }
+            self.buf_at = at;
+        }
+        self.buf.get(at - self.buf_at..end - self.buf_at)
+    }
+}
+
+const WINDOW_BYTES: usize = 64 * 1024;
+
+/// A named struct, union or typedef, as the scan found it.
+#[derive(Clone, Copy)]
+struct Named {
+    id: u32,
+    kind: u32,
+    name_off: u32,
+}
+
 /// The parsed type section: where each type's record starts, by id (id 0 is void and has no
-/// entry). A record is decoded when it is looked at, and names are found by a scan: the agent
-/// looks up a dozen names once, at start, and the kernel's BTF has some 150,000 types (an index
-/// of them would cost megabytes of memory for milliseconds of time).
+/// entry), and the named structs, unions and typedefs with their names' offsets. Records and
+/// strings are read when looked at: the kernel's BTF is 5.4 MB (some 150,000 types), read at
+/// start for a dozen lookups, and held whole it raised the agent's peak memory by as much.
 pub struct Btf {
-    data: Vec<u8>,
+    data: Data,
     strings_at: usize,
     strings_len: usize,
     types: Vec<u32>,
+    named: Vec<Named>,
+    /// Where names looked for start in the string section (see [`Self::prepare`]).
+    found: std::cell::RefCell<std::collections::HashMap<String, Vec<u32>>>,
 }
 
 impl fmt::Debug for Btf {
@@ -74,31 +164,51 @@ impl fmt::Debug for Btf {
     }
 }
 
-fn u32_at(d: &[u8], at: usize) -> Option<u32> {
-    let b = d.get(at..at.checked_add(4)?)?;
-    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-}
-
 impl Btf {
+    /// A blob in memory.
     pub fn parse(data: Vec<u8>) -> Result<Btf, BtfError> {
-        let magic = data
-            .get(0..2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-            .ok_or_else(|| err("shorter than its header"))?;
+        Self::scan(Data::Mem(data))
+    }
+
+    /// The file at `path` (the kernel's `/sys/kernel/btf/vmlinux`), read where needed, a
+    /// window at a time.
+    pub fn open(path: &std::path::Path) -> Result<Btf, BtfError> {
+        let shown = path.display();
+        let file = std::fs::File::open(path).map_err(|e| err(format!("{shown}: {e}")))?;
+        let len = file
+            .metadata()
+            .map_err(|e| err(format!("{shown}: {e}")))
+            .and_then(|m| {
+                usize::try_from(m.len()).map_err(|_| err(format!("{shown}: too large")))
+            })?;
+        Self::scan(Data::File { file, len }).map_err(|e| err(format!("{shown}: {e}")))
+    }
+
+    fn scan(data: Data) -> Result<Btf, BtfError> {
+        let mut header = [0u8; 24];
+        if data.len() < 8 || data.read_at(0, &mut header[..8]).is_none() {
+            return Err(err("shorter than its header"));
+        }
+        let magic = u16::from_le_bytes([header[0], header[1]]);
         if magic != MAGIC {
             return Err(err(format!(
                 "magic {magic:#06x}, not {MAGIC:#06x} (big-endian or not BTF)"
             )));
         }
-        let field = |at: usize| u32_at(&data, at).ok_or_else(|| err("shorter than its header"));
-        let hdr_len = field(4)? as usize;
+        data.read_at(0, &mut header)
+            .ok_or_else(|| err("shorter than its header"))?;
+        let field = |at: usize| {
+            u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+                as usize
+        };
+        let hdr_len = field(4);
         if hdr_len < 24 {
             return Err(err(format!(
                 "header of {hdr_len} bytes, shorter than BTF's 24"
             )));
         }
-        let (type_off, type_len) = (field(8)? as usize, field(12)? as usize);
-        let (str_off, str_len) = (field(16)? as usize, field(20)? as usize);
+        let (type_off, type_len) = (field(8), field(12));
+        let (str_off, str_len) = (field(16), field(20));
         let types_at = hdr_len
             .checked_add(type_off)
             .ok_or_else(|| err("type section offset overflows"))?;
@@ -115,19 +225,23 @@ impl Btf {
         {
             return Err(err("string section past the end"));
         }
-        let mut types = Vec::new();
+        let (mut types, mut named) = (Vec::new(), Vec::new());
+        let mut window = Window::new(&data, types_end);
         let mut at = types_at;
         while at < types_end {
+            let cut = || err(format!("type {} cut short", types.len() + 1));
+            let head = window.get(at, 12).ok_or_else(cut)?;
             let word = |i: usize| {
-                u32_at(&data, at + 4 * i)
-                    .filter(|_| at + 4 * i + 4 <= types_end)
-                    .ok_or_else(|| err(format!("type {} cut short", types.len() + 1)))
+                u32::from_le_bytes([
+                    head[4 * i],
+                    head[4 * i + 1],
+                    head[4 * i + 2],
+                    head[4 * i + 3],
+                ])
             };
-            // The name and size words are checked to be there; they are read when looked at.
-            let (_, info, _) = (word(0)?, word(1)?, word(2)?);
+            let (name_off, info) = (word(0), word(1));
             let kind = (info >> 24) & 0x1f;
             let vlen = info & 0xffff;
-            let extra = at + 12;
             let trailing = match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
                 KIND_ARRAY => 12,
@@ -142,7 +256,14 @@ impl Btf {
                 }
             };
             types.push(u32::try_from(at).map_err(|_| err("type section too large"))?);
-            at = extra + trailing;
+            if matches!(kind, KIND_STRUCT | KIND_UNION | KIND_TYPEDEF) && name_off != 0 {
+                named.push(Named {
+                    id: types.len() as u32,
+                    kind,
+                    name_off,
+                });
+            }
+            at += 12 + trailing;
         }
         if at != types_end {
             return Err(err("last type runs past the type section"));
@@ -152,37 +273,115 @@ impl Btf {
             strings_at,
             strings_len: str_len,
             types,
+            named,
+            found: Default::default(),
         })
+    }
+
+    /// Finds where each of `names` starts in the string section, in one pass over it: the
+    /// lookups that follow need no pass of their own.
+    pub fn prepare(&self, names: &[&str]) {
+        let found = self.string_offsets(names);
+        self.found.borrow_mut().extend(found);
+    }
+
+    /// Where `name` starts in the string section (once, in a deduplicated table).
+    fn offsets_of(&self, name: &str) -> Vec<u32> {
+        if let Some(v) = self.found.borrow().get(name) {
+            return v.clone();
+        }
+        let found = self.string_offsets(&[name]);
+        let v = found.get(name).cloned().unwrap_or_default();
+        self.found.borrow_mut().insert(name.to_owned(), v.clone());
+        v
+    }
+
+    /// The offsets in the string section at which each of `names` starts, in one pass.
+    fn string_offsets(&self, names: &[&str]) -> std::collections::HashMap<String, Vec<u32>> {
+        let mut found: std::collections::HashMap<String, Vec<u32>> = names
+            .iter()
+            .map(|n| ((*n).to_owned(), Vec::new()))
+            .collect();
+        let longest = names.iter().map(|n| n.len()).max().unwrap_or(0);
+        let end = self.strings_at + self.strings_len;
+        let mut window = Window::new(&self.data, end);
+        // The string being read: where it starts, and its bytes so far (`None` once it is
+        // longer than every name looked for).
+        let mut start = 0usize;
+        let mut current: Option<Vec<u8>> = Some(Vec::new());
+        let mut at = self.strings_at;
+        while at < end {
+            let n = WINDOW_BYTES.min(end - at);
+            let Some(chunk) = window.get(at, n) else {
+                break;
+            };
+            for (i, &b) in chunk.iter().enumerate() {
+                if b == 0 {
+                    let hit = current
+                        .as_deref()
+                        .and_then(|c| std::str::from_utf8(c).ok())
+                        .and_then(|c| found.get_mut(c));
+                    if let (Some(offs), Ok(off)) = (hit, u32::try_from(start)) {
+                        offs.push(off);
+                    }
+                    start = at + i + 1 - self.strings_at;
+                    current = Some(current.take().map_or_else(Vec::new, |mut c| {
+                        c.clear();
+                        c
+                    }));
+                } else if let Some(c) = current.as_mut() {
+                    if c.len() < longest {
+                        c.push(b);
+                    } else {
+                        current = None;
+                    }
+                }
+            }
+            at += n;
+        }
+        found
     }
 
     /// The first type of `kind` named `name`.
     fn named(&self, kind: u32, name: &str) -> Option<u32> {
-        (1..=self.types.len() as u32).find(|&id| {
-            self.ty(id)
-                .is_some_and(|t| t.kind == kind && self.string(t.name_off) == Some(name))
-        })
+        let offs = self.offsets_of(name);
+        self.named
+            .iter()
+            .find(|n| n.kind == kind && offs.contains(&n.name_off))
+            .map(|n| n.id)
     }
 
-    fn string(&self, off: u32) -> Option<&str> {
-        if off as usize >= self.strings_len {
+    /// The string at `off` (up to 256 bytes, which every struct name fits).
+    fn string(&self, off: u32) -> Option<String> {
+        let off = off as usize;
+        if off >= self.strings_len {
             return None;
         }
-        let start = self.strings_at + off as usize;
-        let end = self.strings_at + self.strings_len;
-        let bytes = self.data.get(start..end)?;
-        let len = bytes.iter().position(|&b| b == 0)?;
-        std::str::from_utf8(&bytes[..len]).ok()
+        let n = (self.strings_len - off).min(256);
+        let mut buf = vec![0u8; n];
+        self.data.read_at(self.strings_at + off, &mut buf)?;
+        let len = buf.iter().position(|&b| b == 0)?;
+        buf.truncate(len);
+        String::from_utf8(buf).ok()
+    }
+
+    fn u32_at(&self, at: usize) -> Option<u32> {
+        self.data.u32_at(at)
     }
 
     fn ty(&self, id: u32) -> Option<Type> {
         let at = *self.types.get((id as usize).checked_sub(1)?)? as usize;
-        let info = u32_at(&self.data, at + 4)?;
+        let mut b = [0u8; 12];
+        self.data.read_at(at, &mut b)?;
+        let word =
+            |i: usize| u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+        let info = word(1);
         Some(Type {
-            name_off: u32_at(&self.data, at)?,
+            name_off: word(0),
             kind: (info >> 24) & 0x1f,
             vlen: info & 0xffff,
             kind_flag: info >> 31 == 1,
-            size_or_type: u32_at(&self.data, at + 8)?,
+            size_or_type: word(2),
             extra: at + 12,
         })
     }
@@ -201,17 +400,22 @@ impl Btf {
         None
     }
 
-    /// The members of a struct or union: (name, type id, bit offset).
-    fn members(&self, t: Type) -> impl Iterator<Item = (&str, u32, u32)> + '_ {
-        let (extra, kind_flag) = (t.extra, t.kind_flag);
-        (0..t.vlen as usize).filter_map(move |i| {
-            let at = extra + 12 * i;
-            let name = u32_at(&self.data, at)?;
-            let ty = u32_at(&self.data, at + 4)?;
-            let off = u32_at(&self.data, at + 8)?;
-            let bits = if kind_flag { off & 0xff_ffff } else { off };
-            Some((self.string(name).unwrap_or(""), ty, bits))
-        })
+    /// The members of a struct or union: (name offset, type id, bit offset), read at once.
+    fn members(&self, t: Type) -> Vec<(u32, u32, u32)> {
+        let mut b = vec![0u8; 12 * t.vlen as usize];
+        if self.data.read_at(t.extra, &mut b).is_none() {
+            return Vec::new();
+        }
+        b.chunks_exact(12)
+            .map(|m| {
+                let word = |i: usize| {
+                    u32::from_le_bytes([m[4 * i], m[4 * i + 1], m[4 * i + 2], m[4 * i + 3]])
+                };
+                let off = word(2);
+                let bits = if t.kind_flag { off & 0xff_ffff } else { off };
+                (word(0), word(1), bits)
+            })
+            .collect()
     }
 
     /// A member of `struct name`: its byte offset and its type's size (8 for a pointer).
@@ -223,14 +427,15 @@ impl Btf {
         // Anonymous members are searched depth-first: a budget of members looked at keeps a
         // hostile blob (anonymous members that point back at their struct) from hanging it.
         let mut budget = MEMBERS_LOOKED_AT_MAX;
-        self.find_member(id, member, 0, 0, &mut budget)
+        let names = self.offsets_of(member);
+        self.find_member(id, &names, 0, 0, &mut budget)
             .ok_or_else(|| err(format!("struct {strukt} has no member {member}")))
     }
 
     fn find_member(
         &self,
         id: u32,
-        member: &str,
+        member: &[u32],
         base_bits: u32,
         depth: u32,
         budget: &mut u32,
@@ -242,7 +447,7 @@ impl Btf {
         for (name, ty, bits) in self.members(t) {
             *budget = budget.checked_sub(1)?;
             let at = base_bits.checked_add(bits)?;
-            if name == member {
+            if member.contains(&name) {
                 if at % 8 != 0 {
                     return None;
                 }
@@ -253,7 +458,7 @@ impl Btf {
                     pointer: mt.kind == KIND_PTR,
                 });
             }
-            if name.is_empty() {
+            if name == 0 {
                 if let Some(m) = self.find_member(ty, member, at, depth + 1, budget) {
                     return Some(m);
                 }
@@ -273,14 +478,14 @@ impl Btf {
     fn params(&self, proto: Type) -> Vec<Param> {
         (0..proto.vlen as usize)
             .map(|i| {
-                let ty = u32_at(&self.data, proto.extra + 8 * i + 4).unwrap_or(0);
+                let ty = self.u32_at(proto.extra + 8 * i + 4).unwrap_or(0);
                 match self.resolve(ty) {
                     Some((_, t)) if t.kind == KIND_PTR => {
                         let pointee = self
                             .resolve(t.size_or_type)
                             .filter(|(_, p)| matches!(p.kind, KIND_STRUCT | KIND_UNION))
                             .and_then(|(_, p)| self.string(p.name_off));
-                        Param::Pointer(pointee.map(str::to_owned))
+                        Param::Pointer(pointee)
                     }
                     Some((_, t)) => Param::Value(self.size_of(t)),
                     None => Param::Value(0),
@@ -480,11 +685,21 @@ mod tests {
 
     #[test]
     fn the_running_kernel_names_what_the_trace_reads() {
-        let Ok(data) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+        let path = std::path::Path::new("/sys/kernel/btf/vmlinux");
+        if !path.exists() {
             eprintln!("SKIPPED: no /sys/kernel/btf/vmlinux on this host");
             return;
-        };
-        let btf = Btf::parse(data).expect("the kernel's BTF parses");
+        }
+        let btf = Btf::open(path).expect("the kernel's BTF parses");
+        // The same read whole, in memory, says the same.
+        let whole = Btf::parse(std::fs::read(path).expect("read")).expect("parses");
+        for (s, m) in [
+            ("task_struct", "cgroups"),
+            ("kernfs_node", "id"),
+            ("cgroup", "kn"),
+        ] {
+            assert_eq!(btf.member(s, m), whole.member(s, m));
+        }
         let cgroups = btf
             .member("task_struct", "cgroups")
             .expect("task_struct.cgroups");

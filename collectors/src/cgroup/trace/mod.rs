@@ -137,6 +137,25 @@ struct Offsets {
 
 impl Offsets {
     fn from_btf(btf: &Btf) -> Result<Offsets, TraceError> {
+        // Every name below, found in one pass over the string section.
+        btf.prepare(&[
+            "task_struct",
+            "cgroups",
+            "css_set",
+            "dfl_cgrp",
+            "cgroup",
+            "kn",
+            "root",
+            "cgroup_root",
+            "hierarchy_id",
+            "kernfs_node",
+            "id",
+            "__parent",
+            "parent",
+            "name",
+            "btf_trace_sched_stat_runtime",
+            "btf_trace_cgroup_mkdir",
+        ]);
         let member = |s: &str, m: &str, size: u32, pointer: bool| {
             let f = btf
                 .member(s, m)
@@ -349,9 +368,8 @@ impl CgroupTrace {
     /// Loads and attaches the programs, with offsets from `/sys/kernel/btf/vmlinux`. Needs
     /// CAP_BPF and CAP_PERFMON (or root), BTF, and the two tracepoints.
     pub fn load() -> Result<CgroupTrace, TraceError> {
-        let path = "/sys/kernel/btf/vmlinux";
-        let data = std::fs::read(path).map_err(|e| TraceError(format!("{path}: {e}")))?;
-        let btf = Btf::parse(data).map_err(|e| TraceError(format!("{path}: {e}")))?;
+        let btf = Btf::open(std::path::Path::new("/sys/kernel/btf/vmlinux"))
+            .map_err(|e| TraceError(format!("kernel BTF: {e}")))?;
         Self::load_with(&btf)
     }
 
