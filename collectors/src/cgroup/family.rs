@@ -169,6 +169,17 @@ pub(super) struct Family {
 }
 
 impl Family {
+    /// A child that is no run went away with CPU time unread: a claimant whose share is the
+    /// host's, weighed as a child with no history since the last point.
+    pub fn claim_other(&mut self, now_us: u64) {
+        let weight_us = self.unknown_weight(now_us.saturating_sub(self.last_point_us));
+        self.claimants.push(Claimant {
+            kind: ClaimantKind::Other,
+            weight_us,
+            perf_us: None,
+        });
+    }
+
     /// What a child with no history of its own is expected to have used in `unobserved_us`:
     /// that time at the family's average run rate (one CPU until measured).
     pub fn unknown_weight(&self, unobserved_us: u64) -> u64 {

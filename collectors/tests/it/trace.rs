@@ -5,7 +5,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
-use wattd_collectors::cgroup::trace::CgroupTrace;
+use wattd_collectors::cgroup::trace::{CgroupTrace, Traced};
 use wattd_testkit::cgroups::{require_cgroups, usage_usec_of, TestCgroups};
 
 /// The trace, or `None` after a loud SKIPPED line (a failure under the strict switch).
@@ -23,6 +23,36 @@ fn trace(test: &str) -> Option<(CgroupTrace, TestCgroups)> {
 /// A shell loop of `loops` turns.
 fn burner(loops: u32) -> String {
     format!("i=0; while [ $i -lt {loops} ]; do i=$((i+1)); done")
+}
+
+/// Runs the shell script `script(i)` in `run-<i>` for each of `n` runs at once, waits for them
+/// all and for their last slices, and gives each run's name, its `usage_usec` and the trace's
+/// count.
+fn run_all(
+    trace: &CgroupTrace,
+    cg: &mut TestCgroups,
+    n: u32,
+    script: impl Fn(u32) -> String,
+) -> Vec<(String, u64, Traced)> {
+    let parent = ino(&cg.path(""));
+    trace.watch_parent(parent).unwrap();
+    for i in 0..n {
+        cg.spawn_joining(&format!("run-{i}"), &script(i)).unwrap();
+    }
+    cg.wait_all();
+    std::thread::sleep(Duration::from_millis(200));
+    (0..n)
+        .map(|i| {
+            let name = format!("run-{i}");
+            let kernel = usage_usec_of(&cg.path(&name)).unwrap();
+            let id = trace
+                .id_of(parent, name.as_bytes())
+                .unwrap()
+                .expect("traced");
+            let traced = trace.usage(id).unwrap().expect("an entry");
+            (name, kernel, traced)
+        })
+        .collect()
 }
 
 fn ino(path: &std::path::Path) -> u64 {
@@ -127,25 +157,9 @@ fn many_runs_at_once_on_a_crowded_host_are_each_counted_exactly() {
     let Some((trace, mut cg)) = trace("many_runs_at_once_on_a_crowded_host") else {
         return;
     };
-    let parent = ino(&cg.path(""));
-    trace.watch_parent(parent).unwrap();
     let n = 300;
-    for i in 0..n {
-        cg.spawn_joining(&format!("run-{i}"), &burner(3_000 + 37 * i))
-            .unwrap();
-    }
-    cg.wait_all();
-    std::thread::sleep(Duration::from_millis(200));
     let mut off = Vec::new();
-    for i in 0..n {
-        let name = format!("run-{i}");
-        let dir = cg.path(&name);
-        let kernel = usage_usec_of(&dir).unwrap();
-        let id = trace
-            .id_of(parent, name.as_bytes())
-            .unwrap()
-            .expect("traced");
-        let traced = trace.usage(id).unwrap().expect("an entry");
+    for (name, kernel, traced) in run_all(&trace, &mut cg, n, |i| burner(3_000 + 37 * i)) {
         if traced.usage_us() != Some(kernel) {
             off.push(format!("{name}: kernel {kernel} us, traced {traced:?}"));
         }
@@ -168,32 +182,16 @@ fn sleeping_runs_are_counted_never_above_the_kernel_and_nearly_all_exactly() {
     let Some((trace, mut cg)) = trace("sleeping_runs_are_counted_never_above_the_kernel") else {
         return;
     };
-    let parent = ino(&cg.path(""));
-    trace.watch_parent(parent).unwrap();
     let n = 300;
-    for i in 0..n {
-        let script = format!(
+    let (mut exact, mut off) = (0, Vec::new());
+    let sleeper = |i: u32| {
+        format!(
             "i=0; while [ $i -lt {} ]; do i=$((i+1)); if [ $((i % 500)) = 0 ]; then sleep 0.01; fi; done",
             2_000 + 13 * i
-        );
-        cg.spawn_joining(&format!("run-{i}"), &script).unwrap();
-    }
-    cg.wait_all();
-    std::thread::sleep(Duration::from_millis(200));
-    let (mut exact, mut off) = (0, Vec::new());
-    for i in 0..n {
-        let name = format!("run-{i}");
-        let kernel = usage_usec_of(&cg.path(&name)).unwrap();
-        let id = trace
-            .id_of(parent, name.as_bytes())
-            .unwrap()
-            .expect("traced");
-        let traced = trace
-            .usage(id)
-            .unwrap()
-            .expect("an entry")
-            .usage_us()
-            .unwrap();
+        )
+    };
+    for (name, kernel, traced) in run_all(&trace, &mut cg, n, sleeper) {
+        let traced = traced.usage_us().unwrap();
         assert!(
             traced <= kernel,
             "{name}: traced {traced} us over the kernel's {kernel}"

@@ -173,6 +173,17 @@ impl Map {
         }
     }
 
+    /// Every key, in the map's order (a walk with [`Self::next_key`]; entries added or deleted
+    /// meanwhile may be missed or seen).
+    pub fn keys(&self) -> io::Result<Vec<Vec<u8>>> {
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        let mut next = vec![0u8; self.key_size];
+        while self.next_key(keys.last().map(Vec::as_slice), &mut next)? {
+            keys.push(next.clone());
+        }
+        Ok(keys)
+    }
+
     /// The key after `key` (the first with `None`) into `next`; false at the end.
     pub fn next_key(&self, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
         if next.len() != self.key_size {

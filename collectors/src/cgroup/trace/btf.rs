@@ -365,10 +365,6 @@ impl Btf {
         String::from_utf8(buf).ok()
     }
 
-    fn u32_at(&self, at: usize) -> Option<u32> {
-        self.data.u32_at(at)
-    }
-
     fn ty(&self, id: u32) -> Option<Type> {
         let at = *self.types.get((id as usize).checked_sub(1)?)? as usize;
         let mut b = [0u8; 12];
@@ -478,7 +474,7 @@ impl Btf {
     fn params(&self, proto: Type) -> Vec<Param> {
         (0..proto.vlen as usize)
             .map(|i| {
-                let ty = self.u32_at(proto.extra + 8 * i + 4).unwrap_or(0);
+                let ty = self.data.u32_at(proto.extra + 8 * i + 4).unwrap_or(0);
                 match self.resolve(ty) {
                     Some((_, t)) if t.kind == KIND_PTR => {
                         let pointee = self

@@ -500,21 +500,11 @@ impl CgroupTrace {
     /// Stops watching `parent` and drops the entries of every cgroup traced under it.
     pub fn forget_parent(&self, parent: u64) -> io::Result<()> {
         self.unwatch_parent(parent)?;
-        let mut doomed = Vec::new();
-        let (mut key, mut next) = ([0u8; NAME_KEY_BYTES], [0u8; NAME_KEY_BYTES]);
-        let mut first = true;
-        while self
-            .names
-            .next_key((!first).then_some(&key[..]), &mut next)?
-        {
-            first = false;
-            key = next;
-            if key[..8] == parent.to_ne_bytes() {
-                doomed.push(key);
-            }
-        }
         let mut id = [0u8; 8];
-        for k in doomed {
+        for k in self.names.keys()? {
+            if k[..8] != parent.to_ne_bytes() {
+                continue;
+            }
             if self.names.lookup(&k, &mut id)? {
                 self.usage.delete(&id)?;
             }
@@ -523,70 +513,72 @@ impl CgroupTrace {
         Ok(())
     }
 
+    /// What the programs counted: from the maps, and the kernel's skipped runs
+    /// ([`Self::skipped`]).
     pub fn stats(&self) -> io::Result<TraceStats> {
+        let mut s = self.counts()?;
+        s.missed += self.skipped()?;
+        Ok(s)
+    }
+
+    /// What the programs counted in their `stats` map (three lookups; `missed` holds only the
+    /// faulted reads): cheap enough for every tick.
+    pub fn counts(&self) -> io::Result<TraceStats> {
         let mut v = [0u8; 8];
-        let mut read = |i: u32| -> io::Result<u64> {
-            self.stats.lookup(&i.to_ne_bytes(), &mut v)?;
+        let mut read = |i: i32| -> io::Result<u64> {
+            self.stats.lookup(&(i as u32).to_ne_bytes(), &mut v)?;
             Ok(u64::from_ne_bytes(v))
         };
-        let (traced, failed) = (read(STAT_TRACED as u32)?, read(STAT_FAILED as u32)?);
-        let faulted = read(STAT_FAULTED as u32)?;
-        let mut missed = faulted;
+        Ok(TraceStats {
+            traced: read(STAT_TRACED)?,
+            failed: read(STAT_FAILED)?,
+            missed: read(STAT_FAULTED)?,
+        })
+    }
+
+    /// Runs of the programs the kernel skipped (`recursion_misses` in their fdinfo): a file
+    /// read per program, so the tracker reads it at rescans, not every tick.
+    pub fn skipped(&self) -> io::Result<u64> {
+        let mut skipped = 0;
         for p in &self.progs {
             use std::os::fd::AsRawFd as _;
             let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", p.as_raw_fd()))?;
-            missed += info
+            skipped += info
                 .lines()
                 .find_map(|l| l.strip_prefix("recursion_misses:"))
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .unwrap_or(0);
         }
-        Ok(TraceStats {
-            traced,
-            failed,
-            missed,
-        })
+        Ok(skipped)
     }
 
     /// Every entry, named or not.
     pub fn entries_list(&self) -> io::Result<Entries> {
         let mut named = Vec::new();
-        let (mut key, mut next) = ([0u8; NAME_KEY_BYTES], [0u8; NAME_KEY_BYTES]);
-        let mut first = true;
         let mut id = [0u8; 8];
-        while self
-            .names
-            .next_key((!first).then_some(&key[..]), &mut next)?
-        {
-            first = false;
-            key = next;
-            if self.names.lookup(&key, &mut id)? {
-                let mut parent = [0u8; 8];
-                parent.copy_from_slice(&key[..8]);
-                let name = &key[8..];
-                let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-                named.push(NamedEntry {
-                    parent: u64::from_ne_bytes(parent),
-                    name: name[..len].to_vec(),
-                    id: u64::from_ne_bytes(id),
-                });
+        for key in self.names.keys()? {
+            if !self.names.lookup(&key, &mut id)? {
+                continue;
             }
+            let (parent, name) = key.split_at(8);
+            let mut p = [0u8; 8];
+            p.copy_from_slice(parent);
+            let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            named.push(NamedEntry {
+                parent: u64::from_ne_bytes(p),
+                name: name[..len].to_vec(),
+                id: u64::from_ne_bytes(id),
+            });
         }
         let with_name: std::collections::HashSet<u64> = named.iter().map(|e| e.id).collect();
-        let mut unnamed = Vec::new();
-        let (mut key, mut next) = ([0u8; 8], [0u8; 8]);
-        let mut first = true;
-        while self
+        let unnamed = self
             .usage
-            .next_key((!first).then_some(&key[..]), &mut next)?
-        {
-            first = false;
-            key = next;
-            let id = u64::from_ne_bytes(key);
-            if !with_name.contains(&id) {
-                unnamed.push(id);
-            }
-        }
+            .keys()?
+            .into_iter()
+            .filter_map(|k| <[u8; 8]>::try_from(k.as_slice()).ok())
+            .map(u64::from_ne_bytes)
+            .filter(|id| !with_name.contains(id))
+            .collect();
         Ok(Entries { named, unnamed })
     }
 }

@@ -239,6 +239,9 @@ impl RunTracker {
             self.scan_pattern(idx, BilledFrom::Birth);
         }
         self.sweep_trace();
+        if let Some(n) = self.trace.as_ref().and_then(|t| t.skipped().ok()) {
+            self.trace_skipped = n;
+        }
     }
 
     /// Lists a pattern's parent: adds runs not yet tracked, marks tracked ones that are no

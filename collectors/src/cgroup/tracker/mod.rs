@@ -270,8 +270,9 @@ pub struct TrackerCounters {
     /// [`crate::cgroup::trace`]), and those that could not be (a map full, a name too long).
     pub traced_cgroups: u64,
     pub untraced_cgroups: u64,
-    /// Slices of CPU time the trace did not count (the kernel skipped its program: see
-    /// [`crate::cgroup::trace::TraceStats::missed`]).
+    /// Slices of CPU time the trace did not count (see
+    /// [`crate::cgroup::trace::TraceStats::missed`]): faulted reads as of this tick, program
+    /// runs the kernel skipped as of the last rescan.
     pub trace_missed: u64,
     /// Runs read after they emptied whose read differed from the trace's count: 0 unless the
     /// trace is wrong on this kernel.
@@ -489,6 +490,9 @@ pub struct RunTracker {
     trace_disabled: Option<String>,
     /// Trace entries found of no use at the last sweep (see `sweep_trace`).
     trace_suspects: HashSet<u64>,
+    /// Program runs the kernel skipped, as read at the last rescan (a file read per program:
+    /// not every tick).
+    trace_skipped: u64,
     /// Why the counters do not split runs across packages, when they do not.
     perf_split_off: Option<String>,
     /// The CPUs perf counters are opened on: the running kernel's online CPUs.
@@ -625,6 +629,7 @@ impl RunTracker {
             trace,
             trace_disabled,
             trace_suspects: HashSet::new(),
+            trace_skipped: 0,
             perf_split_off,
             perf_cpus,
             perf_scale: (0, 0),
@@ -676,10 +681,10 @@ impl RunTracker {
         c.runs_tracked = self.runs.len() as u64;
         c.kept_fds = self.kept_fds as u64;
         c.fd_budget = self.fd_budget as u64;
-        if let Some(s) = self.trace.as_ref().and_then(|t| t.stats().ok()) {
+        if let Some(s) = self.trace.as_ref().and_then(|t| t.counts().ok()) {
             c.traced_cgroups = s.traced;
             c.untraced_cgroups = s.failed;
-            c.trace_missed = s.missed;
+            c.trace_missed = s.missed + self.trace_skipped;
         }
         c
     }

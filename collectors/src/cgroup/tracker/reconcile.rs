@@ -4,16 +4,19 @@
 use super::usage::capture;
 use super::*;
 
-/// The trace's count for the child `name` of the family `f` that went away: its id and its
-/// final `usage_usec`, when the trace knew it from its creation and holds all of it. The name's
-/// entry may be of a new cgroup made under it since (then it is that live directory's, and
-/// the gone one is not known by name). Its entries are dropped: this is its last use.
+/// The trace's count for the child `name` of the family `f` that went away, counted up to
+/// `read_us` as a child's already: its final `usage_usec`, when the trace knew it from its
+/// creation and holds all of it. What it used beyond `read_us` is in the parent's growth, so it
+/// goes to the family's `traced_gone_us` (the children's at the next point, no residual). The
+/// name's entry may be of a new cgroup made under it since (then it is that live directory's,
+/// and the gone one is not known by name). Its entries are dropped: this is their last use.
 pub(super) fn take_traced_gone_child(
     trace: Option<&CgroupTrace>,
     cgroup_root: &Path,
-    f: &Family,
+    f: &mut Family,
     name: &OsStr,
-) -> Option<(u64, u64)> {
+    read_us: u64,
+) -> Option<u64> {
     use std::os::unix::fs::MetadataExt as _;
     let (trace, parent) = (trace?, f.trace_parent?);
     let id = trace.id_of(parent, name.as_bytes()).ok()??;
@@ -23,7 +26,9 @@ pub(super) fn take_traced_gone_child(
     }
     let us = trace.usage(id).ok()??.usage_us();
     let _ = trace.forget(id, parent, name.as_bytes());
-    Some((id, us?))
+    let us = us?;
+    f.traced_gone_us += us.saturating_sub(read_us);
+    Some(us)
 }
 
 impl RunTracker {
@@ -280,13 +285,10 @@ impl RunTracker {
             } else if !f.others.contains_key(name) {
                 // Created and removed unread: what it used is in the parent, and the host's.
                 f.departed.insert(name.to_owned());
-                match take_traced_gone_child(self.trace.as_ref(), &self.cgroup_root, f, name) {
-                    Some((_, us)) => f.traced_gone_us += us,
-                    None => f.claimants.push(Claimant {
-                        kind: ClaimantKind::Other,
-                        weight_us: f.unknown_weight(now.saturating_sub(f.last_point_us)),
-                        perf_us: None,
-                    }),
+                if take_traced_gone_child(self.trace.as_ref(), &self.cgroup_root, f, name, 0)
+                    .is_none()
+                {
+                    f.claim_other(now);
                 }
             }
         } else if removed {
@@ -295,13 +297,9 @@ impl RunTracker {
                 return;
             }
             if let Some(o) = f.others.remove(name) {
-                match take_traced_gone_child(self.trace.as_ref(), &self.cgroup_root, f, name) {
-                    Some((_, us)) => f.traced_gone_us += us.saturating_sub(o.scan_us),
-                    None => f.claimants.push(Claimant {
-                        kind: ClaimantKind::Other,
-                        weight_us: f.unknown_weight(now.saturating_sub(f.last_point_us)),
-                        perf_us: None,
-                    }),
+                let trace = self.trace.as_ref();
+                if take_traced_gone_child(trace, &self.cgroup_root, f, name, o.scan_us).is_none() {
+                    f.claim_other(now);
                 }
             }
         }
@@ -460,14 +458,12 @@ impl RunTracker {
             usage_us: scan_us,
             final_usage: None,
         };
-        match take_traced_gone_child(self.trace.as_ref(), &self.cgroup_root, fam, name) {
-            // Traced from its creation: all of it; what was not counted as a child's up to its
-            // last read is in the parent's growth.
-            Some((_, us)) => {
+        match take_traced_gone_child(self.trace.as_ref(), &self.cgroup_root, fam, name, scan_us) {
+            // Traced from its creation: all of it.
+            Some(us) => {
                 if us < scan_us {
                     self.counters.trace_mismatches += 1;
                 }
-                fam.traced_gone_us += us.saturating_sub(scan_us);
                 ghost.usage_us = scan_us.max(us);
                 ghost.final_usage = Some(FinalUsage::Traced);
                 self.counters.final_traced += 1;
@@ -610,13 +606,11 @@ impl RunTracker {
         for name in gone_others {
             let scan_us = fam.others.remove(&name).map_or(0, |o| o.scan_us);
             if !self.other_was_ghost(&mut fam, &name, scan_us) {
-                match take_traced_gone_child(self.trace.as_ref(), &self.cgroup_root, &fam, &name) {
-                    Some((_, us)) => fam.traced_gone_us += us.saturating_sub(scan_us),
-                    None => fam.claimants.push(Claimant {
-                        kind: ClaimantKind::Other,
-                        weight_us: fam.unknown_weight(now.saturating_sub(fam.last_point_us)),
-                        perf_us: None,
-                    }),
+                let trace = self.trace.as_ref();
+                if take_traced_gone_child(trace, &self.cgroup_root, &mut fam, &name, scan_us)
+                    .is_none()
+                {
+                    fam.claim_other(now);
                 }
             }
             // Claimed now; its removal event, when read, must not claim again.

@@ -609,18 +609,17 @@ impl RunTracker {
                 if let Some(o) = name.and_then(|n| f.others.remove(n)) {
                     ghost.usage_us = o.scan_us;
                 }
+                let listed_us = ghost.usage_us;
                 let traced = name.and_then(|n| {
-                    take_traced_gone_child(self.trace.as_ref(), &self.cgroup_root, f, n)
+                    take_traced_gone_child(self.trace.as_ref(), &self.cgroup_root, f, n, listed_us)
                 });
                 match traced {
-                    // Traced from its creation: all of it; what the listing had not counted as
-                    // a child's is in the parent's growth.
-                    Some((_, us)) => {
-                        if us < ghost.usage_us {
+                    // Traced from its creation: all of it.
+                    Some(us) => {
+                        if us < listed_us {
                             self.counters.trace_mismatches += 1;
                         }
-                        f.traced_gone_us += us.saturating_sub(ghost.usage_us);
-                        ghost.usage_us = ghost.usage_us.max(us);
+                        ghost.usage_us = listed_us.max(us);
                         ghost.final_usage = Some(FinalUsage::Traced);
                         self.counters.final_traced += 1;
                     }
@@ -658,27 +657,8 @@ pub(super) fn perf_counters_plan(
     if !enabled {
         return (Some("disabled by configuration".to_owned()), Vec::new());
     }
-    match is_cgroup2(cgroup_root) {
-        Ok(true) => {}
-        Ok(false) => {
-            return (
-                Some(format!(
-                    "{} is not in the running kernel's cgroup2 hierarchy",
-                    Shown::new(&cgroup_root.display().to_string())
-                )),
-                Vec::new(),
-            )
-        }
-        Err(e) => {
-            return (
-                Some(format!(
-                    "{}: is it in the running kernel's cgroup2 hierarchy? {}",
-                    Shown::new(&cgroup_root.display().to_string()),
-                    Shown::new(&e)
-                )),
-                Vec::new(),
-            )
-        }
+    if let Some(why) = not_cgroup2(cgroup_root) {
+        return (Some(why), Vec::new());
     }
     if root.is_live() {
         return (None, topology.cpus.iter().map(|c| c.id).collect());
@@ -698,26 +678,30 @@ pub(super) fn cgroup_trace_plan(
     if !enabled {
         return (None, Some("disabled by configuration".to_owned()));
     }
+    if let Some(why) = not_cgroup2(cgroup_root) {
+        return (None, Some(why));
+    }
+    match CgroupTrace::load() {
+        Ok(t) => (Some(t), None),
+        Err(e) => (None, Some(e.to_string())),
+    }
+}
+
+/// Why `cgroup_root` is not the running kernel's cgroup2 hierarchy (which perf counters and the
+/// trace count in), if it is not or that cannot be told.
+fn not_cgroup2(cgroup_root: &Path) -> Option<String> {
+    let shown = || Shown::new(&cgroup_root.display().to_string());
     match is_cgroup2(cgroup_root) {
-        Ok(true) => match CgroupTrace::load() {
-            Ok(t) => (Some(t), None),
-            Err(e) => (None, Some(e.to_string())),
-        },
-        Ok(false) => (
-            None,
-            Some(format!(
-                "{} is not in the running kernel's cgroup2 hierarchy",
-                Shown::new(&cgroup_root.display().to_string())
-            )),
-        ),
-        Err(e) => (
-            None,
-            Some(format!(
-                "{}: is it in the running kernel's cgroup2 hierarchy? {}",
-                Shown::new(&cgroup_root.display().to_string()),
-                Shown::new(&e)
-            )),
-        ),
+        Ok(true) => None,
+        Ok(false) => Some(format!(
+            "{} is not in the running kernel's cgroup2 hierarchy",
+            shown()
+        )),
+        Err(e) => Some(format!(
+            "{}: is it in the running kernel's cgroup2 hierarchy? {}",
+            shown(),
+            Shown::new(&e)
+        )),
     }
 }
 
