@@ -4,11 +4,15 @@
 //! endpoint on, sealing by time, perf counters per run). After a warm-up it reads the daemon's
 //! CPU time from `/proc/PID/schedstat` (nanoseconds on a CPU) over the window, and its peak RSS
 //! (`VmHWM`) at the end. Prints the share of one core, the cost per run per tick and per tick,
-//! and the peak RSS: the table in the README ("What the agent costs").
+//! and the peak RSS: the table in the README ("What the agent costs"). The RSS is also split:
+//! anonymous (the heap and stacks, its peak sampled) and mapped file pages (the binary and the
+//! libraries: clean page-cache pages, mapped 64 KiB around each page touched when the page
+//! cache holds them, shared and reclaimable).
 //!
 //! `cargo bench -p wattd --bench daemon -- runs=1000 hz=1 secs=30` (defaults: 100 runs, 1 Hz,
 //! 30 s after 5 s of warm-up; `perf=0` turns the per-run perf counters off, `trace=0` the cgroup
-//! trace). Needs root and a cgroup2 mount, as the end-to-end tests do.
+//! trace). Needs root and a cgroup2 mount, as the end-to-end tests do. The agent runs with the
+//! shipped unit's descriptor limit (`LimitNOFILE=`), as installed.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -75,6 +79,15 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
 
+/// `LimitNOFILE=` of the shipped unit.
+fn unit_limit_nofile() -> u64 {
+    let unit = include_str!("../../systemd/wattd.service");
+    unit.lines()
+        .find_map(|l| l.strip_prefix("LimitNOFILE="))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("LimitNOFILE= in systemd/wattd.service")
+}
+
 fn main() {
     let o = opts();
     let Some(mount) = require_cgroups("daemon bench") else {
@@ -123,6 +136,26 @@ fn main() {
             work.path().join("spool").display().to_string(),
         ))
         .expect("config");
+    // The descriptor limit the shipped unit gives it (`LimitNOFILE=` in systemd/wattd.service),
+    // inherited by the agent: under a shell's smaller hard limit a large host's runs would be
+    // read open-read-close beyond the agent's descriptor budget, which no installed agent does.
+    // Raising the hard limit needs CAP_SYS_RESOURCE, which a container's root may lack: then
+    // the figures are for the limit there is, and say so.
+    let unit_nofile = unit_limit_nofile();
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let unit = Rlimit {
+        current: Some(unit_nofile),
+        maximum: Some(unit_nofile),
+    };
+    if let Err(e) = setrlimit(Resource::Nofile, unit) {
+        let hard = getrlimit(Resource::Nofile).maximum;
+        eprintln!(
+            "WARNING: RLIMIT_NOFILE cannot be raised to the unit's {unit_nofile} here ({e}); the \
+             agent runs under the hard limit {hard:?}, its descriptor budget three quarters of it: \
+             runs beyond it are read open-read-close (or without perf counters), which an \
+             installed agent's are not; `perf=0` needs one descriptor per run"
+        );
+    }
     let log = std::fs::File::create(work.path().join("wattd.log")).expect("log");
     let mut agent = Command::new(env!("CARGO_BIN_EXE_wattd"))
         .args(["run", "--config"])
@@ -133,11 +166,22 @@ fn main() {
         .spawn()
         .expect("start wattd");
     let pid = agent.id();
-    std::thread::sleep(Duration::from_secs(o.warmup.max(1)));
+    // The kernel keeps no peak of the anonymous part alone: sampled (every 50 ms, reads
+    // outside the measured CPU time of the agent).
+    let mut anon_peak = 0;
+    let mut watch = |d: Duration| {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            anon_peak = anon_peak.max(status_kib(pid, "RssAnon:"));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    watch(Duration::from_secs(o.warmup.max(1)));
     let (cpu0, t0) = (on_cpu_ns(pid), Instant::now());
-    std::thread::sleep(Duration::from_secs(o.secs));
+    watch(Duration::from_secs(o.secs));
     let (cpu1, wall) = (on_cpu_ns(pid), t0.elapsed());
     let (hwm, rss) = (status_kib(pid, "VmHWM:"), status_kib(pid, "VmRSS:"));
+    let (anon, file) = (status_kib(pid, "RssAnon:"), status_kib(pid, "RssFile:"));
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
@@ -151,7 +195,8 @@ fn main() {
     let per_tick_us = (cpu1 - cpu0) as f64 / 1e3 / ticks;
     println!(
         "{:>6} runs at {:>3} Hz: {:>6.3}% of one core, {:>8.1} us per tick = {:>6.2} us per run \
-         per tick; peak RSS {:.1} MiB (now {:.1} MiB)",
+         per tick; peak RSS {:.1} MiB (now {:.1} MiB: {:.1} anonymous, peak {:.1} sampled; {:.1} \
+         mapped file pages)",
         o.runs,
         o.hz,
         share * 100.0,
@@ -159,6 +204,9 @@ fn main() {
         per_tick_us / o.runs.max(1) as f64,
         hwm as f64 / 1024.0,
         rss as f64 / 1024.0,
+        anon as f64 / 1024.0,
+        anon_peak as f64 / 1024.0,
+        file as f64 / 1024.0,
     );
     if logtext.lines().any(|l| l.contains("ERROR")) {
         eprintln!("the daemon logged errors:\n{logtext}");

@@ -122,11 +122,14 @@ impl Daemon {
         // too: those are left undivided (`cpu_busy_unknown`); the GPUs have their own usage.
         let mut u = usage_from(&mut snap, &self.package_cpus, &mut self.host);
         // The snapshot's runs include those that finished this tick, so their GPU samples of
-        // this interval still find them.
-        let runs = crate::attribution::gpu::RunCgroups::new(
-            snap.runs.iter().map(|r| (&r.cgroup, &r.run_id)),
-        );
-        u.gpus = crate::gpu::usage(&gpu_interval.observations, &runs);
+        // this interval still find them. Built only when a GPU was observed: a host without
+        // GPUs (or a tick whose NVML read failed) pays nothing per run for it.
+        if !gpu_interval.observations.is_empty() {
+            let runs = crate::attribution::gpu::RunCgroups::new(
+                snap.runs.iter().map(|r| (&r.cgroup, &r.run_id)),
+            );
+            u.gpus = crate::gpu::usage(&gpu_interval.observations, &runs);
+        }
         let unattributed: u64 = u
             .gpus
             .values()

@@ -20,6 +20,7 @@ impl RunTracker {
         let mut events = std::mem::take(&mut self.events);
         events.clear();
         let res = self.inotify.read_events(&mut events).map_err(inotify_err);
+        self.trace_counts_due |= !events.is_empty();
         for ev in &events {
             self.handle_event(ev);
         }
@@ -242,6 +243,7 @@ impl RunTracker {
         if let Some(n) = self.trace.as_ref().and_then(|t| t.skipped().ok()) {
             self.trace_skipped = n;
         }
+        self.trace_counts_due = true;
     }
 
     /// Lists a pattern's parent: adds runs not yet tracked, marks tracked ones that are no

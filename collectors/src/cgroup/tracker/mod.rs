@@ -19,7 +19,7 @@ use super::inotify::{Event, Inotify};
 use super::mount::find_cgroup2_mount;
 use super::pattern::{validate_cgroup_rel, validate_run_id, NameMatch, RunPattern};
 use super::perf::CgroupTaskClock;
-use super::trace::CgroupTrace;
+use super::trace::{CgroupTrace, TraceStats};
 use crate::error::{HostError, Shown, HINT_GENERIC, HINT_PERF};
 use crate::hostfs::HostRoot;
 use crate::procstat::{user_hz, ProcStat, ProcStatFile};
@@ -493,6 +493,12 @@ pub struct RunTracker {
     /// Program runs the kernel skipped, as read at the last rescan (a file read per program:
     /// not every tick).
     trace_skipped: u64,
+    /// The programs' counts (cgroups traced, not traced, faulted reads) as last read: three
+    /// map lookups, so read at a tick only when cgroups may have been made since (an event
+    /// was handled, a rescan ran) or a second has passed, not at every tick of a 100 Hz agent.
+    trace_counts: Option<TraceStats>,
+    trace_counts_at_us: u64,
+    trace_counts_due: bool,
     /// Why the counters do not split runs across packages, when they do not.
     perf_split_off: Option<String>,
     /// The CPUs perf counters are opened on: the running kernel's online CPUs.
@@ -630,6 +636,9 @@ impl RunTracker {
             trace_disabled,
             trace_suspects: HashSet::new(),
             trace_skipped: 0,
+            trace_counts: None,
+            trace_counts_at_us: 0,
+            trace_counts_due: true,
             perf_split_off,
             perf_cpus,
             perf_scale: (0, 0),
@@ -681,7 +690,7 @@ impl RunTracker {
         c.runs_tracked = self.runs.len() as u64;
         c.kept_fds = self.kept_fds as u64;
         c.fd_budget = self.fd_budget as u64;
-        if let Some(s) = self.trace.as_ref().and_then(|t| t.counts().ok()) {
+        if let Some(s) = self.trace_counts {
             c.traced_cgroups = s.traced;
             c.untraced_cgroups = s.failed;
             c.trace_missed = s.missed + self.trace_skipped;
@@ -732,6 +741,21 @@ impl RunTracker {
         }
         for (id, e) in failed {
             self.push_error(Some(&id), e);
+        }
+    }
+
+    /// Re-reads the trace's counts when due (see `trace_counts`).
+    fn refresh_trace_counts(&mut self) {
+        let Some(t) = &self.trace else {
+            return;
+        };
+        let now = self.now_us();
+        if self.trace_counts_due || now.saturating_sub(self.trace_counts_at_us) >= 1_000_000 {
+            if let Ok(c) = t.counts() {
+                self.trace_counts = Some(c);
+                self.trace_counts_due = false;
+                self.trace_counts_at_us = now;
+            }
         }
     }
 

@@ -193,6 +193,7 @@ impl RunTracker {
                 },
             );
         }
+        self.refresh_trace_counts();
         UsageSnapshot {
             interval_us: elapsed_us,
             busy_measured,
