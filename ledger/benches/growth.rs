@@ -4,7 +4,8 @@
 //! lookup `RunTotals` answers from), the same run over a time range that is not whole hours
 //! (read from the allocation rows), and one node's totals over its whole history. Prints the
 //! store's size per allocation and the fill rate beside them (no network here: the fleet bench
-//! measures ingest over TLS).
+//! measures ingest over TLS). Before timing, each step runs the ledger's hourly upkeep, as a
+//! serving ledger has by then.
 //!
 //! Nodes seal a batch of 10 one-second intervals every 10 s, `runs` runs each on two domains;
 //! each run lives 10 minutes (then the node's next runs start), so a run has 1,200 allocations
@@ -208,6 +209,14 @@ async fn run(label: &str, url: String, o: &Opts) {
             }
         }
         fill += t.elapsed();
+        // The ledger's hourly upkeep, as a serving ledger has run it since the fill (on
+        // PostgreSQL it refreshes the partitioned table's planner statistics, which autovacuum
+        // never does), with the retention the store was filled under.
+        let retention = o.no_rows.then_some(Duration::ZERO);
+        store
+            .upkeep_detail(wattd_ledger::unix_now_ns(), retention)
+            .await
+            .expect("upkeep");
         let bytes = common::store_bytes(&url, dir.path()).await;
         // A run of node 0's last finished generation (every one of its batches stored).
         let n0 = &nodes[0];

@@ -161,6 +161,9 @@ pub struct DetailUpkeep {
     pub partitions_dropped: u64,
     /// Day partitions created ahead (PostgreSQL).
     pub partitions_created: u64,
+    /// The planner statistics of the partitioned `allocations` were refreshed (PostgreSQL,
+    /// where autovacuum never analyzes a partitioned table itself).
+    pub statistics_refreshed: bool,
 }
 
 /// One stored batch as `audit` reads it, in the snapshot of its node's walk.
