@@ -146,6 +146,10 @@ impl Metrics {
 
     /// What one round of the detail upkeep did (store/detail.rs).
     pub fn note_detail_upkeep(&self, done: &crate::store::DetailUpkeep) {
+        // A refresh of the planner statistics that failed is an upkeep failure too (logged).
+        if done.statistics_refreshed == Some(false) {
+            self.inc(&self.detail_upkeep_failures);
+        }
         self.add(&self.detail_rows_pruned, done.rows_deleted);
         self.add(&self.detail_partitions_dropped, done.partitions_dropped);
         let from_s = done.detail_from_unix_ns.map_or(0, |ns| {

@@ -161,9 +161,11 @@ pub struct DetailUpkeep {
     pub partitions_dropped: u64,
     /// Day partitions created ahead (PostgreSQL).
     pub partitions_created: u64,
-    /// The planner statistics of the partitioned `allocations` were refreshed (PostgreSQL,
-    /// where autovacuum never analyzes a partitioned table itself).
-    pub statistics_refreshed: bool,
+    /// The planner statistics of the partitioned `allocations` (PostgreSQL, where autovacuum
+    /// never analyzes a partitioned table itself): `Some(true)` refreshed, `Some(false)` not
+    /// (failed, or skipped for want of ownership; logged), `None` not due (taken less than 50
+    /// minutes ago), no rows kept, or SQLite.
+    pub statistics_refreshed: Option<bool>,
 }
 
 /// One stored batch as `audit` reads it, in the snapshot of its node's walk.

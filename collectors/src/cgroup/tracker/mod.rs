@@ -750,7 +750,8 @@ impl RunTracker {
             return;
         };
         let now = self.now_us();
-        if self.trace_counts_due || now.saturating_sub(self.trace_counts_at_us) >= 1_000_000 {
+        // 900 ms, not a second: at 1 Hz a tick a little early must not skip a refresh.
+        if self.trace_counts_due || now.saturating_sub(self.trace_counts_at_us) >= 900_000 {
             if let Ok(c) = t.counts() {
                 self.trace_counts = Some(c);
                 self.trace_counts_due = false;

@@ -149,11 +149,13 @@ async fn connect(target: &PgTarget) -> Result<Client, StoreError> {
     // PostgreSQL crash then loses; with `synchronous_standby_names` set on the primary, `on`
     // also waits for the synchronous standby, so a failover loses no acknowledged batch).
     // Statements are bounded too.
-    client
-        .batch_execute("SET synchronous_commit = on; SET statement_timeout = '30s'")
-        .await?;
+    client.batch_execute(SESSION_SETTINGS).await?;
     Ok(client)
 }
+
+/// Every connection's settings (see [`connect`]).
+pub(super) const SESSION_SETTINGS: &str =
+    "SET synchronous_commit = on; SET statement_timeout = '30s'";
 
 impl PgStore {
     pub async fn open(url: &str, mode: OpenMode) -> Result<Self, StoreError> {

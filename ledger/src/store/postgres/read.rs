@@ -414,39 +414,81 @@ pub(super) async fn upkeep_detail(
     }
     done.detail_from_unix_ns = (from > i64::MIN).then_some(from);
     if !rows_off {
-        done.statistics_refreshed = refresh_statistics(&mut c.client).await;
+        done.statistics_refreshed = refresh_statistics(&mut c.client, now_unix_ns).await;
     }
     Ok(done)
 }
 
-/// `ANALYZE allocations`: autovacuum analyzes each partition as it changes but never the
-/// partitioned table itself (PostgreSQL's "Routine Vacuuming": partitioned tables are not
-/// processed by autovacuum), so without this the join of a run's allocation rows with their
-/// batches is planned on default estimates. Measured (the growth bench, 1 million rows): a
-/// run over a time range read in 1.5 ms with the parent analyzed, 28 ms once autovacuum had
-/// analyzed the partitions and not it (the planner then walked every batch of the range).
-/// Bounded: ANALYZE samples a fixed number of rows of each table, whatever its size. A
-/// failure is logged and leaves the old statistics; the next hour tries again.
-async fn refresh_statistics(client: &mut tokio_postgres::Client) -> bool {
-    let r = async {
-        let tx = client.transaction().await?;
-        // Behind a running ANALYZE or VACUUM of another process: give up, retry next hour.
-        tx.batch_execute("SET LOCAL lock_timeout = '5s'; ANALYZE allocations")
-            .await?;
-        tx.commit().await
+/// `ANALYZE allocations` when its statistics are older than 50 minutes at `now_unix_ns` (taken
+/// by this process or another sharing the database). Autovacuum analyzes each partition as it changes but never
+/// the partitioned table itself (PostgreSQL's "Routine Vacuuming"), so without this the join of
+/// a run's allocation rows with their batches is planned on default estimates. Measured (the
+/// growth bench, 1 million rows): a run over a time range read in 1.5 ms with the parent
+/// analyzed, 28 ms once autovacuum had analyzed the partitions and not it (the planner then
+/// walked every batch of the range).
+///
+/// Run outside a transaction block, so PostgreSQL analyzes and commits the partitioned table
+/// first, then each partition in a transaction of its own (its cost grows with the days kept:
+/// a fixed sample per table), never holding every partition's lock for the whole run; under a
+/// 5 s lock timeout (behind another process's ANALYZE or VACUUM: the next hour) and a 30
+/// minute statement limit instead of the connection's 30 s, both restored after. `None`: not
+/// due; `Some(false)`: failed, or PostgreSQL skipped the table (the role is not its owner: it
+/// only warns), logged; the old statistics stay and the next upkeep tries again.
+async fn refresh_statistics(client: &mut tokio_postgres::Client, now_unix_ns: i64) -> Option<bool> {
+    let warn = |why: &str| {
+        tracing::warn!(
+            reason = why,
+            "planner statistics of allocations not refreshed; queries of allocation rows may \
+             be planned on stale estimates until a later upkeep"
+        );
+        Some(false)
+    };
+    let before = match last_analyzed(client).await {
+        Ok(v) => v,
+        Err(e) => return warn(&describe(&e)),
+    };
+    if before > 0.0 && now_unix_ns as f64 / 1e9 - before < 3000.0 {
+        return None;
     }
-    .await;
-    match r {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(
-                error = %describe(&e),
-                "planner statistics of allocations not refreshed; queries of allocation rows \
-                 may be planned on stale estimates until the next hourly upkeep"
-            );
-            false
-        }
+    let mut r = client
+        .batch_execute("SET lock_timeout = '5s'; SET statement_timeout = '30min'")
+        .await;
+    if r.is_ok() {
+        // Alone: a batch of statements would be one implicit transaction.
+        r = client.batch_execute("ANALYZE allocations").await;
     }
+    let restored = client
+        .batch_execute(&format!("RESET lock_timeout; {SESSION_SETTINGS}"))
+        .await;
+    if let Err(e) = restored {
+        tracing::warn!(
+            error = %describe(&e),
+            "the connection's settings not restored after ANALYZE"
+        );
+    }
+    if let Err(e) = r {
+        return warn(&describe(&e));
+    }
+    match last_analyzed(client).await {
+        Ok(after) if after > before => Some(true),
+        Ok(_) => warn(
+            "PostgreSQL skipped it: the ledger's database role is not the owner of allocations",
+        ),
+        Err(e) => warn(&describe(&e)),
+    }
+}
+
+/// When `allocations` was last analyzed (seconds since 1970; 0 if never), from the statistics
+/// each statement reads afresh outside a transaction block.
+async fn last_analyzed(client: &tokio_postgres::Client) -> Result<f64, tokio_postgres::Error> {
+    let r = client
+        .query_one(
+            "SELECT COALESCE((SELECT EXTRACT(EPOCH FROM last_analyze)::float8 \
+             FROM pg_stat_user_tables WHERE relid = 'allocations'::regclass), 0)",
+            &[],
+        )
+        .await?;
+    Ok(r.get(0))
 }
 
 pub(super) async fn batch_energy(
