@@ -134,6 +134,11 @@ impl<'a> Window<'a> {
 
 const WINDOW_BYTES: usize = 64 * 1024;
 
+/// The `i`th little-endian 32-bit word of `b` (every caller's buffer holds it).
+fn le32(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+}
+
 /// A named struct, union or typedef, as the scan found it.
 #[derive(Clone, Copy)]
 struct Named {
@@ -197,10 +202,7 @@ impl Btf {
         }
         data.read_at(0, &mut header)
             .ok_or_else(|| err("shorter than its header"))?;
-        let field = |at: usize| {
-            u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
-                as usize
-        };
+        let field = |at: usize| le32(&header, at / 4) as usize;
         let hdr_len = field(4);
         if hdr_len < 24 {
             return Err(err(format!(
@@ -231,15 +233,7 @@ impl Btf {
         while at < types_end {
             let cut = || err(format!("type {} cut short", types.len() + 1));
             let head = window.get(at, 12).ok_or_else(cut)?;
-            let word = |i: usize| {
-                u32::from_le_bytes([
-                    head[4 * i],
-                    head[4 * i + 1],
-                    head[4 * i + 2],
-                    head[4 * i + 3],
-                ])
-            };
-            let (name_off, info) = (word(0), word(1));
+            let (name_off, info) = (le32(head, 0), le32(head, 1));
             let kind = (info >> 24) & 0x1f;
             let vlen = info & 0xffff;
             let trailing = match kind {
@@ -369,15 +363,13 @@ impl Btf {
         let at = *self.types.get((id as usize).checked_sub(1)?)? as usize;
         let mut b = [0u8; 12];
         self.data.read_at(at, &mut b)?;
-        let word =
-            |i: usize| u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
-        let info = word(1);
+        let info = le32(&b, 1);
         Some(Type {
-            name_off: word(0),
+            name_off: le32(&b, 0),
             kind: (info >> 24) & 0x1f,
             vlen: info & 0xffff,
             kind_flag: info >> 31 == 1,
-            size_or_type: word(2),
+            size_or_type: le32(&b, 2),
             extra: at + 12,
         })
     }
@@ -404,12 +396,9 @@ impl Btf {
         }
         b.chunks_exact(12)
             .map(|m| {
-                let word = |i: usize| {
-                    u32::from_le_bytes([m[4 * i], m[4 * i + 1], m[4 * i + 2], m[4 * i + 3]])
-                };
-                let off = word(2);
+                let off = le32(m, 2);
                 let bits = if t.kind_flag { off & 0xff_ffff } else { off };
-                (word(0), word(1), bits)
+                (le32(m, 0), le32(m, 1), bits)
             })
             .collect()
     }

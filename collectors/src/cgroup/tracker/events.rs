@@ -20,7 +20,9 @@ impl RunTracker {
         let mut events = std::mem::take(&mut self.events);
         events.clear();
         let res = self.inotify.read_events(&mut events).map_err(inotify_err);
-        self.trace_counts_due |= !events.is_empty();
+        if !events.is_empty() {
+            self.trace_counts_at_us = None;
+        }
         for ev in &events {
             self.handle_event(ev);
         }
@@ -243,7 +245,7 @@ impl RunTracker {
         if let Some(n) = self.trace.as_ref().and_then(|t| t.skipped().ok()) {
             self.trace_skipped = n;
         }
-        self.trace_counts_due = true;
+        self.trace_counts_at_us = None;
     }
 
     /// Lists a pattern's parent: adds runs not yet tracked, marks tracked ones that are no

@@ -497,8 +497,8 @@ pub struct RunTracker {
     /// map lookups, so read at a tick only when cgroups may have been made since (an event
     /// was handled, a rescan ran) or a second has passed, not at every tick of a 100 Hz agent.
     trace_counts: Option<TraceStats>,
-    trace_counts_at_us: u64,
-    trace_counts_due: bool,
+    /// Tracker clock of that read; `None`: due at the next tick.
+    trace_counts_at_us: Option<u64>,
     /// Why the counters do not split runs across packages, when they do not.
     perf_split_off: Option<String>,
     /// The CPUs perf counters are opened on: the running kernel's online CPUs.
@@ -637,8 +637,7 @@ impl RunTracker {
             trace_suspects: HashSet::new(),
             trace_skipped: 0,
             trace_counts: None,
-            trace_counts_at_us: 0,
-            trace_counts_due: true,
+            trace_counts_at_us: None,
             perf_split_off,
             perf_cpus,
             perf_scale: (0, 0),
@@ -751,11 +750,13 @@ impl RunTracker {
         };
         let now = self.now_us();
         // 900 ms, not a second: at 1 Hz a tick a little early must not skip a refresh.
-        if self.trace_counts_due || now.saturating_sub(self.trace_counts_at_us) >= 900_000 {
+        if self
+            .trace_counts_at_us
+            .map_or(true, |at| now.saturating_sub(at) >= 900_000)
+        {
             if let Ok(c) = t.counts() {
                 self.trace_counts = Some(c);
-                self.trace_counts_due = false;
-                self.trace_counts_at_us = now;
+                self.trace_counts_at_us = Some(now);
             }
         }
     }
