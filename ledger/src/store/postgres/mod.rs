@@ -23,8 +23,7 @@ use wattd_records::batch::ChainHash;
 use super::detail::{
     self, AuditBatch, DetailUpkeep, NodeTotals, RunTotals, DAY_NS, PRUNED_PAGE, SQL_AUDIT_BATCHES,
     SQL_DETAIL_FROM, SQL_LABEL_OF, SQL_NODE_ROLLUP, SQL_NODE_ROWS, SQL_PRUNED_BETWEEN,
-    SQL_PRUNED_OF_RUN, SQL_QUARANTINED_OF, SQL_QUARANTINED_OF_NODE, SQL_RAISE_DETAIL_FROM,
-    SQL_ROLLUP_NODES,
+    SQL_PRUNED_OF_RUN, SQL_QUARANTINED_OF_NODE, SQL_RAISE_DETAIL_FROM, SQL_ROLLUP_NODES,
 };
 use super::pgtarget::PgTarget;
 use super::{

@@ -33,20 +33,6 @@ pub(super) async fn detail_read(
     Ok((tx, from))
 }
 
-/// What was quarantined of a stored batch: (interval index, domain).
-async fn quarantined_of(
-    tx: &tokio_postgres::Transaction<'_>,
-    node: &str,
-    seq: i64,
-) -> Result<Vec<detail::QuarantinedRow>, StoreError> {
-    Ok(tx
-        .query(SQL_QUARANTINED_OF, &[&node, &seq])
-        .await?
-        .iter()
-        .map(|r| pg_quarantined_row(r, 0))
-        .collect())
-}
-
 /// The quarantined allocations of many stored batches, by (node, seq), in one query: a page of
 /// pruned batches decoded one lookup each cost a round trip per batch (about a third of a run's
 /// range read past the retention, the growth bench). Batches with none are absent.
@@ -91,18 +77,18 @@ pub(super) fn pg_quarantined_row(r: &tokio_postgres::Row, at: usize) -> detail::
     )
 }
 
-/// A pruned batch's billed allocations (of `run`, when not empty), decoded from its bytes,
-/// each with its run's `label`.
+/// A pruned batch's billed allocations (of `run`, when not empty), decoded from its bytes less
+/// its quarantined rows `q` (from [`quarantined_of_batches`]), each with its run's `label`.
 async fn fill_pruned(
     tx: &tokio_postgres::Transaction<'_>,
     b: &mut BatchEnergy,
+    q: &[detail::QuarantinedRow],
     run: &str,
     label: &str,
 ) -> Result<(), StoreError> {
-    let q = quarantined_of(tx, &b.node_id, to_i64(b.seq, "seq")?).await?;
     let mut accounts: BTreeMap<String, Option<String>> = BTreeMap::new();
     let mut out = Vec::new();
-    for r in detail::billed_of(&b.node_id, b.seq, &b.signed_batch, &q)? {
+    for r in detail::billed_of(&b.node_id, b.seq, &b.signed_batch, q)? {
         if !run.is_empty() && r.run_id != run {
             continue;
         }
@@ -529,9 +515,15 @@ pub(super) async fn batch_energy(
             .iter()
             .map(|r| r.get(0))
             .collect();
+        let keys: Vec<(&str, i64)> = pruned.iter().map(|&seq| (node, seq)).collect();
+        let mut quarantined = quarantined_of_batches(&tx, &keys).await?;
         for b in &mut out {
-            if pruned.contains(&to_i64(b.seq, "seq")?) {
-                fill_pruned(&tx, b, "", account_label).await?;
+            let seq = to_i64(b.seq, "seq")?;
+            if pruned.contains(&seq) {
+                let q = quarantined
+                    .remove(&(node.to_owned(), seq))
+                    .unwrap_or_default();
+                fill_pruned(&tx, b, &q, "", account_label).await?;
             }
         }
     }
@@ -590,8 +582,13 @@ pub(super) async fn run_batches(
         if let Some(last) = page.last() {
             at = (last.0.clone(), last.1);
         }
+        let keys: Vec<(&str, i64)> = page.iter().map(|b| (b.0.as_str(), b.1)).collect();
+        let mut quarantined = quarantined_of_batches(&tx, &keys).await?;
         for mut b in assemble(page, Vec::new())? {
-            fill_pruned(&tx, &mut b, run, account_label).await?;
+            let q = quarantined
+                .remove(&(b.node_id.clone(), to_i64(b.seq, "seq")?))
+                .unwrap_or_default();
+            fill_pruned(&tx, &mut b, &q, run, account_label).await?;
             if !b.allocations.is_empty() && pruned.len() < want {
                 pruned.push(b);
             }
