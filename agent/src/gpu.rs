@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
+use wattd_collectors::nvml::amd::RealAmdSmi;
 use wattd_collectors::nvml::real::RealNvml;
 use wattd_collectors::nvml::{
-    nvidia_gpus, probe_gpus, GpuCollector, GpuObservation, GpuOptions, GpuReport, NvmlApi,
-    NvmlError,
+    amd_gpus, nvidia_gpus, probe_gpus, GpuCollector, GpuObservation, GpuOptions, GpuReport,
+    GpuVendor, NvmlApi, NvmlError,
 };
 use wattd_collectors::{DomainReading, HostError, HostRoot, MeterKey, Quality, SourceKind};
 
@@ -64,6 +65,57 @@ pub fn probe(
     )
 }
 
+/// Probes AMD SMI as [`probe`] does NVML: on a thread, waiting at most `timeout`. `None` when
+/// AMD GPUs are not to be probed (GPUs disabled, `amd_smi = false`, a captured tree).
+pub fn probe_amd(
+    cfg: &GpuConfig,
+    root: &HostRoot,
+    timeout: Duration,
+) -> Option<(GpuReport, Option<GpuCollector>)> {
+    if !cfg.enabled || !cfg.amd_smi || !root.is_live() {
+        return None;
+    }
+    let library = cfg.amd_smi_library.clone();
+    let opts = GpuOptions {
+        root: root.clone(),
+        max_watts: cfg.max_watts,
+    };
+    let present = amd_gpus(root);
+    let (mut report, collector) = probe_vendor_on_thread(
+        GpuVendor::Amd,
+        move || {
+            RealAmdSmi::open(library.as_deref().map(OsStr::new))
+                .map(|n| Box::new(n) as Box<dyn NvmlApi>)
+        },
+        opts,
+        timeout,
+    );
+    if report.measured() > 0 && !has_cap_sys_ptrace(&read_self_status()) {
+        report.problem = Some(
+            "AMD SMI lists another user's GPU processes only to a caller with CAP_SYS_PTRACE, \
+             which wattd lacks: their energy goes to the host bucket, not their runs (on hosts \
+             that bill AMD GPUs, install /usr/share/doc/wattd/examples/amd-gpu-processes.conf as a \
+             drop-in: see it for the price)"
+                .into(),
+        );
+    }
+    report.check_present_amd(present);
+    Some((report, collector))
+}
+
+fn read_self_status() -> String {
+    std::fs::read_to_string("/proc/self/status").unwrap_or_default()
+}
+
+/// Whether `/proc/self/status` says CAP_SYS_PTRACE (bit 19) is in the effective set.
+pub fn has_cap_sys_ptrace(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 19) != 0)
+}
+
 /// Runs `open` and the GPU probe on a thread and waits at most `timeout` for it, then checks the
 /// result against the NVIDIA GPUs on the PCI bus under `opts.root` (a GPU the `nvidia` driver
 /// holds but NVML cannot measure is the report's `problem`).
@@ -73,26 +125,32 @@ pub fn probe_on_thread(
     timeout: Duration,
 ) -> (GpuReport, Option<GpuCollector>) {
     let present = nvidia_gpus(&opts.root);
-    let (mut report, collector) = probe_nvml_on_thread(open, opts, timeout);
+    let (mut report, collector) = probe_vendor_on_thread(GpuVendor::Nvidia, open, opts, timeout);
     report.check_present(present);
     (report, collector)
 }
 
-fn probe_nvml_on_thread(
+/// Runs `open` (`vendor`'s library) and the GPU probe on a thread and waits at most `timeout`.
+pub fn probe_vendor_on_thread(
+    vendor: GpuVendor,
     open: impl FnOnce() -> Result<Box<dyn NvmlApi>, NvmlError> + Send + 'static,
     opts: GpuOptions,
     timeout: Duration,
 ) -> (GpuReport, Option<GpuCollector>) {
+    let lib = vendor.library();
     let (tx, rx) = mpsc::channel();
     let spawned = std::thread::Builder::new()
-        .name("wattd-nvml-probe".into())
+        .name(match vendor {
+            GpuVendor::Nvidia => "wattd-nvml-probe".into(),
+            GpuVendor::Amd => "wattd-amd-probe".into(),
+        })
         .spawn(move || {
-            let p = probe_gpus(open(), &opts, mono_us());
+            let p = probe_gpus(vendor, open(), &opts, mono_us());
             let _ = tx.send(p);
         });
     if let Err(e) = spawned {
         return (
-            GpuReport::disabled(format!("cannot start the NVML thread: {e}")),
+            GpuReport::disabled(format!("cannot start the {lib} thread: {e}")),
             None,
         );
     }
@@ -101,8 +159,12 @@ fn probe_nvml_on_thread(
         // The thread is left to its stuck call; it holds nothing the agent needs.
         Err(_) => (
             GpuReport::disabled(format!(
-                "NVML did not answer within {} ms (a wedged driver?); GPU domain disabled",
-                timeout.as_millis()
+                "{lib} did not answer within {} ms (a wedged driver?); {}",
+                timeout.as_millis(),
+                match vendor {
+                    GpuVendor::Nvidia => "GPU domain disabled",
+                    GpuVendor::Amd => "AMD GPUs not measured",
+                }
             )),
             None,
         ),
@@ -145,24 +207,32 @@ pub struct GpuInterval {
 }
 
 impl GpuSource {
-    /// Starts the thread with the probed collector. `poll` is the period of the usage polls
-    /// between closes.
+    /// Starts the thread with the probed collectors (NVML's, AMD SMI's: one thread reads
+    /// both, so a wedged library makes every GPU's interval a gap). `poll` is the period of the
+    /// usage polls between closes.
     pub fn start(
-        mut collector: GpuCollector,
+        mut collectors: Vec<GpuCollector>,
         timeout: Duration,
         poll: Duration,
     ) -> std::io::Result<Self> {
-        let meters = collector.meters();
+        let meters = collectors.iter().flat_map(GpuCollector::meters).collect();
         let (tx, rx) = mpsc::sync_channel::<Request>(1);
         std::thread::Builder::new()
             .name("wattd-nvml".into())
             .spawn(move || loop {
                 match rx.recv_timeout(poll) {
                     Ok(req) => {
-                        let obs = collector.close(mono_us(), req.rebaseline);
+                        let now = mono_us();
+                        let obs = collectors
+                            .iter_mut()
+                            .flat_map(|c| c.close(now, req.rebaseline))
+                            .collect();
                         let _ = req.reply.send(obs);
                     }
-                    Err(mpsc::RecvTimeoutError::Timeout) => collector.poll(mono_us()),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let now = mono_us();
+                        collectors.iter_mut().for_each(|c| c.poll(now));
+                    }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             })?;
@@ -222,14 +292,14 @@ impl GpuSource {
         };
         let outcome = match pending {
             None => Err(format!(
-                "an earlier NVML call has not returned for {} ms",
+                "an earlier GPU library call (NVML, AMD SMI) has not returned for {} ms",
                 self.stuck_since.map_or(0, |t| t.elapsed().as_millis())
             )),
             Some(rx) => match tokio::time::timeout(self.timeout, rx).await {
                 Ok(Ok(obs)) => Ok(obs),
-                Ok(Err(_)) => Err("the NVML thread is gone".to_owned()),
+                Ok(Err(_)) => Err("the GPU thread is gone".to_owned()),
                 Err(_) => Err(format!(
-                    "NVML did not answer within {} ms",
+                    "the GPU thread (NVML, AMD SMI) did not answer within {} ms",
                     self.timeout.as_millis()
                 )),
             },
@@ -327,6 +397,11 @@ pub struct GpuConfig {
     pub enabled: bool,
     /// `library`: libnvidia-ml to load; default `libnvidia-ml.so.1` from the loader's path.
     pub library: Option<std::path::PathBuf>,
+    /// `amd_smi` (default true): probe AMD GPUs through AMD SMI too (with `enabled`).
+    pub amd_smi: bool,
+    /// `amd_smi_library`: libamd_smi to load; default `libamd_smi.so` from the loader's path,
+    /// then `/opt/rocm/lib/libamd_smi.so`.
+    pub amd_smi_library: Option<std::path::PathBuf>,
     /// `read_timeout_ms`: the most one interval waits for NVML; a read that takes longer is a
     /// SOURCE_FAILURE gap of every GPU, and the loop goes on.
     pub read_timeout_ms: u64,
@@ -340,6 +415,8 @@ impl Default for GpuConfig {
         GpuConfig {
             enabled: true,
             library: None,
+            amd_smi: true,
+            amd_smi_library: None,
             read_timeout_ms: 1_000,
             max_watts: wattd_collectors::Domain::Gpu.default_max_watts(),
         }
@@ -356,6 +433,12 @@ impl GpuConfig {
         if let Some(p) = v.string(&raw.library, "gpu.library") {
             g.library = Some(p.into());
         }
+        if let Some(b) = v.bool(&raw.amd_smi, "gpu.amd_smi") {
+            g.amd_smi = b;
+        }
+        if let Some(p) = v.string(&raw.amd_smi_library, "gpu.amd_smi_library") {
+            g.amd_smi_library = Some(p.into());
+        }
         if let Some(ms) = v.int(&raw.read_timeout_ms, "gpu.read_timeout_ms", 10, 60_000) {
             g.read_timeout_ms = ms;
         }
@@ -363,5 +446,23 @@ impl GpuConfig {
             g.max_watts = w;
         }
         g
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_sys_ptrace_is_read_from_the_effective_set() {
+        let status = |eff: &str| {
+            format!("Name:\twattd\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t{eff}\n")
+        };
+        assert!(has_cap_sys_ptrace(&status("000001ffffffffff")));
+        assert!(has_cap_sys_ptrace(&status("0000000000080000")));
+        // CAP_DAC_READ_SEARCH, CAP_PERFMON, CAP_BPF: the unit without the drop-in.
+        assert!(!has_cap_sys_ptrace(&status("000000c000000004")));
+        assert!(!has_cap_sys_ptrace(&status("zz")));
+        assert!(!has_cap_sys_ptrace(""));
     }
 }

@@ -28,7 +28,11 @@ pub struct ProbeArgs {
     /// loader's path, as `[gpu] library`).
     #[arg(long, value_name = "PATH")]
     pub nvml_library: Option<PathBuf>,
-    /// Do not probe NVIDIA GPUs (as `[gpu] enabled = false`).
+    /// The AMD SMI library to load for the GPU probe (default: libamd_smi.so from the dynamic
+    /// loader's path, then /opt/rocm/lib/libamd_smi.so, as `[gpu] amd_smi_library`).
+    #[arg(long, value_name = "PATH")]
+    pub amd_smi_library: Option<PathBuf>,
+    /// Do not probe GPUs, NVIDIA or AMD (as `[gpu] enabled = false`).
     #[arg(long)]
     pub no_gpu: bool,
     /// Also check the BMC this configuration's `[platform]` names: one Redfish read, with its
@@ -110,10 +114,14 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
     let gpu_cfg = wattd::config::GpuConfig {
         enabled: !args.no_gpu,
         library: args.nvml_library.clone(),
+        amd_smi_library: args.amd_smi_library.clone(),
         ..Default::default()
     };
     let (gpu, _collector) = wattd::gpu::probe(&gpu_cfg, &root, Duration::from_secs(10));
     sel.report.add_gpus(gpu);
+    if let Some((amd, _)) = wattd::gpu::probe_amd(&gpu_cfg, &root, Duration::from_secs(10)) {
+        sel.report.add_amd_gpus(amd);
+    }
     let cfg = match &args.config {
         Some(path) => Some(wattd::config::load(Some(path)).map_err(|e| anyhow::anyhow!("{e}"))?),
         None => None,
@@ -242,9 +250,10 @@ pub fn render_text(r: &ProbeReport) -> String {
             let _ = writeln!(s);
         }
     }
-    if let Some(g) = &r.gpu {
+    let gpus = [("nvml", &r.gpu), ("amd smi", &r.amd_gpu)];
+    for (lib, g) in gpus.iter().filter_map(|(l, g)| g.as_ref().map(|g| (l, g))) {
         let state = if g.available { "in use" } else { "not used" };
-        let _ = write!(s, "\ngpu (nvml): {state}");
+        let _ = write!(s, "\ngpu ({lib}): {state}");
         if let Some(reason) = &g.reason {
             let _ = write!(s, ": {reason}");
         }
@@ -294,15 +303,15 @@ pub fn render_text(r: &ProbeReport) -> String {
             }
         }
     }
-    let gpu_problem = r.gpu.as_ref().and_then(|g| g.problem.as_deref());
-    if !r.problems.is_empty() || gpu_problem.is_some() {
+    let gpu_problems: Vec<(&str, bool)> = [&r.gpu, &r.amd_gpu]
+        .into_iter()
+        .flatten()
+        .filter_map(|g| g.problem.as_deref().map(|p| (p, g.problem_is_error)))
+        .collect();
+    if !r.problems.is_empty() || !gpu_problems.is_empty() {
         let _ = writeln!(s, "\nproblems:");
-        if let (Some(p), Some(g)) = (gpu_problem, &r.gpu) {
-            let severity = if g.problem_is_error {
-                "error"
-            } else {
-                "warning"
-            };
+        for (p, is_error) in gpu_problems {
+            let severity = if is_error { "error" } else { "warning" };
             let _ = writeln!(s, "  {severity}: {p}");
         }
         for p in &r.problems {

@@ -115,6 +115,8 @@ pub enum SourceKind {
     /// NVML power readings (mW) integrated over time, where the counter is not supported:
     /// always `Quality::Estimated`.
     NvmlPower,
+    /// AMD SMI's energy accumulator times its resolution (AMD GPUs).
+    AmdSmi,
     /// A hwmon `energy<N>_input` counter (uJ): Intel GPUs (`i915`, `xe`).
     Hwmon,
     /// A hwmon power reading (uW) integrated per tick: always `Quality::Estimated`.
@@ -136,6 +138,7 @@ impl SourceKind {
             SourceKind::Estimator => "estimator",
             SourceKind::Nvml => "nvml",
             SourceKind::NvmlPower => "nvml_power",
+            SourceKind::AmdSmi => "amd_smi",
             SourceKind::Hwmon => "hwmon",
             SourceKind::HwmonPower => "hwmon_power",
             SourceKind::Redfish => "redfish",

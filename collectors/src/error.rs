@@ -81,7 +81,7 @@ pub enum HostError {
     UnknownRun { run_id: Shown },
     #[error("run {run_id}: {what}")]
     RunConflict { run_id: Shown, what: String },
-    #[error("NVML {call} on GPU {gpu}: {error}")]
+    #[error("{} {call} on GPU {gpu}: {error}", crate::nvml::GpuVendor::of_index(*gpu).library())]
     Nvml {
         call: &'static str,
         gpu: u32,

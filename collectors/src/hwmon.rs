@@ -273,7 +273,7 @@ fn verdict(d: &Device, c: &Channel, billed: Option<u32>) -> (&'static str, Optio
             "an ACPI power meter (whole node or a part of it): not a component meter; \
              reconciliation against the wall is not built yet"
         }
-        "amdgpu" => "an AMD GPU: measured through AMD SMI, which is not built yet",
+        "amdgpu" => "an AMD GPU: measured through AMD SMI ([gpu] amd_smi), never summed with it",
         _ => {
             "wattd cannot tell what this driver's sensor covers; billing it beside the metered \
              components could count their energy twice"

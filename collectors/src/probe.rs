@@ -107,11 +107,24 @@ pub struct ProbeReport {
     /// NVIDIA GPUs (NVML), when probed: `select` leaves it `None`; the agent probes NVML on a
     /// thread with a deadline and fills it in ([`ProbeReport::add_gpus`]).
     pub gpu: Option<crate::nvml::GpuReport>,
+    /// AMD GPUs (AMD SMI), when probed ([`ProbeReport::add_amd_gpus`]).
+    pub amd_gpu: Option<crate::nvml::GpuReport>,
 }
 
 impl ProbeReport {
     /// Adds the GPU probe: its report, and a chosen entry per measured GPU.
     pub fn add_gpus(&mut self, gpu: crate::nvml::GpuReport) {
+        self.choose_gpus(&gpu);
+        self.gpu = Some(gpu);
+    }
+
+    /// Adds the AMD SMI probe, as [`add_gpus`](Self::add_gpus) does NVML's.
+    pub fn add_amd_gpus(&mut self, gpu: crate::nvml::GpuReport) {
+        self.choose_gpus(&gpu);
+        self.amd_gpu = Some(gpu);
+    }
+
+    fn choose_gpus(&mut self, gpu: &crate::nvml::GpuReport) {
         for d in gpu.devices.iter().filter(|d| d.status == "chosen") {
             if let (Some(source), Some(quality)) = (d.source, d.quality) {
                 self.chosen.push(Choice {
@@ -123,7 +136,6 @@ impl ProbeReport {
                 });
             }
         }
-        self.gpu = Some(gpu);
     }
 }
 
@@ -238,6 +250,7 @@ pub fn select(opts: &ProbeOptions) -> Selection {
         sources,
         problems,
         gpu: None,
+        amd_gpu: None,
     };
     Selection { meters, report }
 }

@@ -43,6 +43,8 @@ pub enum GpuBasis {
     MigInstanceSize,
     MigInstanceEven,
     RunningProcesses,
+    /// AMD SMI's per-process graphics-engine time.
+    EngineTime,
 }
 
 impl GpuBasis {
@@ -52,6 +54,7 @@ impl GpuBasis {
             GpuBasis::MigInstanceSize => "mig_instance_size",
             GpuBasis::MigInstanceEven => "mig_instance_even",
             GpuBasis::RunningProcesses => "running_processes",
+            GpuBasis::EngineTime => "engine_time",
         }
     }
 }
@@ -115,6 +118,26 @@ fn pid_weights(a: &Activity, elapsed_us: u64) -> Option<PidWeights> {
         Err(_) => Vec::new(),
     };
     match &a.sm_busy_us {
+        // AMD SMI's engine time is the graphics engine's only: work on KFD compute queues (HIP)
+        // does not show in it, so a listed process (one holding a context on the GPU) at zero
+        // may be the one computing. Shares by engine time would give it nothing and the
+        // others everything: where any listed process shows no engine time in the interval,
+        // every listed process weighs alike.
+        Ok(busy)
+            if a.engine_time
+                && !running.is_empty()
+                && running
+                    .iter()
+                    .any(|p| busy.get(p).map_or(true, |us| *us == 0)) =>
+        {
+            let usage = running.iter().map(|p| (*p, elapsed)).collect();
+            Some(PidWeights {
+                basis: GpuBasis::RunningProcesses,
+                usage,
+                holdings: vec![(SCALE, running)],
+                unheld: 0,
+            })
+        }
         Ok(busy) if !busy.is_empty() || !mig => {
             let usage: BTreeMap<u32, u128> =
                 busy.iter().map(|(p, us)| (*p, u128::from(*us))).collect();
@@ -135,7 +158,11 @@ fn pid_weights(a: &Activity, elapsed_us: u64) -> Option<PidWeights> {
                 }
             }
             Some(PidWeights {
-                basis: GpuBasis::SmUtilization,
+                basis: if a.engine_time {
+                    GpuBasis::EngineTime
+                } else {
+                    GpuBasis::SmUtilization
+                },
                 usage,
                 holdings: vec![(SCALE, holders)],
                 unheld: 0,
@@ -344,52 +371,56 @@ mod tests {
             proptest::option::of(proptest::collection::vec((0u32..8, pids), 0..5)),
             proptest::collection::btree_map(1u32..8, 0u8..4, 0..8),
             1u64..10_000_000,
-            0u64..3,
+            // AMD SMI's engine time (its rule for a listed process at zero) or NVML's samples.
+            any::<bool>(),
         )
-            .prop_map(|(mig, busy, samples_ok, procs, inst, cg, elapsed, _)| {
-                let cgroups = cg
-                    .into_iter()
-                    .map(|(pid, k)| {
-                        let c: Option<Arc<str>> = match k {
-                            0 => None,
-                            1 => Some("flowzart.slice/run-a.scope".into()),
-                            2 => Some("flowzart.slice/run-b.scope/child".into()),
-                            _ => Some("system.slice/x.service".into()),
-                        };
-                        (pid, c)
-                    })
-                    .collect();
-                let a = Activity {
-                    mig,
-                    sm_busy_us: if samples_ok {
-                        Ok(busy)
-                    } else {
-                        Err(NvmlError::NotSupported)
-                    },
-                    processes: Ok(procs
-                        .iter()
-                        .map(|&pid| ComputeProcess {
-                            pid,
-                            gpu_instance: Some(pid % 3),
+            .prop_map(
+                |(mig, busy, samples_ok, procs, inst, cg, elapsed, engine_time)| {
+                    let cgroups = cg
+                        .into_iter()
+                        .map(|(pid, k)| {
+                            let c: Option<Arc<str>> = match k {
+                                0 => None,
+                                1 => Some("flowzart.slice/run-a.scope".into()),
+                                2 => Some("flowzart.slice/run-b.scope/child".into()),
+                                _ => Some("system.slice/x.service".into()),
+                            };
+                            (pid, c)
                         })
-                        .collect()),
-                    mig_instances: inst.map(|v| {
-                        Ok(v.into_iter()
-                            .enumerate()
-                            .map(|(i, (slices, pids))| MigInstance {
-                                index: i as u32,
-                                slices,
-                                multiprocessors: 0,
-                                pids,
+                        .collect();
+                    let a = Activity {
+                        mig,
+                        sm_busy_us: if samples_ok {
+                            Ok(busy)
+                        } else {
+                            Err(NvmlError::NotSupported)
+                        },
+                        engine_time,
+                        processes: Ok(procs
+                            .iter()
+                            .map(|&pid| ComputeProcess {
+                                pid,
+                                gpu_instance: Some(pid % 3),
                             })
-                            .collect())
-                    }),
-                    cgroups,
-                    rejected_samples: 0,
-                    dropped_samples: 0,
-                };
-                (a, elapsed)
-            })
+                            .collect()),
+                        mig_instances: inst.map(|v| {
+                            Ok(v.into_iter()
+                                .enumerate()
+                                .map(|(i, (slices, pids))| MigInstance {
+                                    index: i as u32,
+                                    slices,
+                                    multiprocessors: 0,
+                                    pids,
+                                })
+                                .collect())
+                        }),
+                        cgroups,
+                        rejected_samples: 0,
+                        dropped_samples: 0,
+                    };
+                    (a, elapsed)
+                },
+            )
     }
 
     fn runs() -> RunCgroups {

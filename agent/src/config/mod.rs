@@ -411,7 +411,7 @@ finished_run_ttl_s = 60
             "w.toml:6: runs.patterns: every entry must be a string",
             "w.toml:8: runs.control_allowed_uids: every entry must be an id",
             "w.toml:9: sampling.interval_ms: must be an integer",
-            "w.toml:11: gpu.sub: unknown key (known: enabled, library, read_timeout_ms, max_watts)",
+            "w.toml:11: gpu.sub: unknown key (known: enabled, library, amd_smi, amd_smi_library, read_timeout_ms, max_watts)",
             "w.toml:14: log.level: must be a string",
             "w.toml:15: log.log: unknown key",
             "w.toml:16: log.metrics: unknown key",

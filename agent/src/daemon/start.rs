@@ -386,30 +386,46 @@ fn downtime_gap(
 /// source and how many GPUs are present but not measured.
 fn start_gpus(cfg: &Config, root: &HostRoot) -> (Option<GpuSource>, usize) {
     let (report, collector) = crate::gpu::probe(&cfg.gpu, root, GPU_PROBE_TIMEOUT);
-    for d in report.devices.iter() {
-        tracing::info!(gpu = d.index, uuid = ?d.uuid, name = ?d.name, status = d.status, source = ?d.source, usage = %d.usage, detail = ?d.detail, "GPU");
+    let amd = crate::gpu::probe_amd(&cfg.gpu, root, GPU_PROBE_TIMEOUT);
+    let mut reports = vec![("nvml", &report)];
+    if let Some((r, _)) = &amd {
+        reports.push(("amd_smi", r));
     }
-    if let Some(reason) = &report.reason {
-        tracing::info!(%reason, "GPU domain");
+    for (library, r) in &reports {
+        for d in r.devices.iter() {
+            tracing::info!(library, gpu = d.index, uuid = ?d.uuid, name = ?d.name, status = d.status, source = ?d.source, usage = %d.usage, detail = ?d.detail, "GPU");
+        }
+        if let Some(reason) = &r.reason {
+            tracing::info!(library, %reason, "GPU domain");
+        }
     }
     if let Some(problem) = &report.problem {
         tracing::warn!(%problem, "GPU present but not measured");
     }
-    let mut unmeasured = report.unmeasured();
-    let source = match collector {
-        Some(c) => match GpuSource::start(
-            c,
+    if let Some(problem) = amd.as_ref().and_then(|(r, _)| r.problem.as_ref()) {
+        tracing::warn!(%problem, "AMD GPUs");
+    }
+    let mut unmeasured = report.unmeasured() + amd.as_ref().map_or(0, |(r, _)| r.unmeasured());
+    let measured = report.measured() + amd.as_ref().map_or(0, |(r, _)| r.measured());
+    let collectors: Vec<_> = collector
+        .into_iter()
+        .chain(amd.and_then(|(_, c)| c))
+        .collect();
+    let source = if collectors.is_empty() {
+        None
+    } else {
+        match GpuSource::start(
+            collectors,
             Duration::from_millis(cfg.gpu.read_timeout_ms),
             crate::gpu::POLL_PERIOD,
         ) {
             Ok(g) => Some(g),
             Err(error) => {
-                tracing::error!(%error, "cannot start the NVML thread; GPUs are not measured");
-                unmeasured += report.measured();
+                tracing::error!(%error, "cannot start the GPU thread; GPUs are not measured");
+                unmeasured += measured;
                 None
             }
-        },
-        None => None,
+        }
     };
     (source, unmeasured)
 }

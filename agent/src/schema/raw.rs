@@ -281,7 +281,7 @@ section!(
 );
 section!(
     /// `[gpu]`.
-    Gpu { enabled: bool, library: String, read_timeout_ms: i64, max_watts: i64 }
+    Gpu { enabled: bool, library: String, amd_smi: bool, amd_smi_library: String, read_timeout_ms: i64, max_watts: i64 }
 );
 section!(
     /// `[platform]`.

@@ -205,6 +205,88 @@ fn two_gpus_are_divided_by_sm_samples_each_on_its_own() {
     assert!(!d.mig);
 }
 
+/// AMD SMI on a recorded sequence: the accumulator read as a counter in the unit its resolution
+/// names (2^-16 J, exact), the process list's engine time per pid differenced between polls
+/// (time from before the agent started not billed, a count that went back billed nothing),
+/// another resolution a gap, an interval where a listed process's time did not move shared by
+/// the processes listed alike.
+#[test]
+fn amd_gpus_are_divided_by_engine_time_from_the_process_list() {
+    let r = replay("amd_engine_time.json", IdlePolicy::Proportional, Some(50));
+    let [s1, s2, s3, s4, s5, s6] = &r.intervals[..] else {
+        panic!("{} intervals", r.intervals.len())
+    };
+    let g = gpu(s1, 2000);
+    assert_eq!(
+        (g.source, g.quality, g.measured_uj),
+        (SourceKind::AmdSmi, Quality::Measured, 250 * J)
+    );
+    // a +600 ms (not its 5 s from before), b 200 ms, the ssh user 200 ms: 3:1:1.
+    let u = &r.usages[0][&2000];
+    assert_eq!(
+        u.runs
+            .iter()
+            .map(|x| (&*x.run_id, x.usage_us))
+            .collect::<Vec<_>>(),
+        vec![("a", 600_000), ("b", 200_000)]
+    );
+    assert_eq!(u.host_usage, 200_000);
+    assert_eq!(run_uj(g, "a"), 150 * J);
+    assert_eq!(run_uj(g, "b"), 50 * J);
+    assert_eq!(g.host_active_uj + g.host_idle_uj, 50 * J);
+    let meta = g.gpu.as_ref().unwrap();
+    assert_eq!(meta.basis, Some(GpuBasis::EngineTime));
+    assert_eq!(
+        meta.uuid.as_deref(),
+        Some("AMD-1f2e3d4c-0000-4000-8000-000000000300")
+    );
+    let rec = wattd::records::interval(s1, "boot", false);
+    let d = rec
+        .domains
+        .iter()
+        .find(|d| d.package == Some(2000))
+        .unwrap();
+    assert_eq!(
+        (d.domain.as_str(), d.source.as_str(), d.usage_basis.as_str()),
+        ("gpu", "amd_smi", "engine_time")
+    );
+    // 4242 exited; pid 777's count went back (nothing billed for it, a new baseline): a listed
+    // process at zero engine time (HIP work on KFD queues shows none), so b and 777 alike.
+    let g = gpu(s2, 2000);
+    assert_eq!(g.measured_uj, 100 * J);
+    assert_eq!(run_uj(g, "a"), 0);
+    assert_eq!(run_uj(g, "b"), 50 * J);
+    assert_eq!(g.host_active_uj + g.host_idle_uj, 50 * J);
+    assert_eq!(
+        g.gpu.as_ref().unwrap().basis,
+        Some(GpuBasis::RunningProcesses)
+    );
+    assert_eq!(r.usages[1][&2000].host_usage, 1_000_000);
+    // Another resolution: a gap naming it, then counted in the new unit (2^-15 J).
+    let g = gpu(s3, 2000);
+    assert!(g.gap && g.measured_uj == 0 && g.runs.is_empty(), "{g:?}");
+    assert!(
+        s3.gaps.iter().any(|x| x.detail.contains("unit changed")),
+        "{:?}",
+        s3.gaps
+    );
+    assert_eq!(gpu(s4, 2000).measured_uj, 150 * J);
+    // (777 listed at zero again: b and the host alike.)
+    assert_eq!(run_uj(gpu(s4, 2000), "b"), 75 * J);
+    // Nobody's engine time moved: the three listed processes share alike.
+    let g = gpu(s5, 2000);
+    assert_eq!(g.measured_uj, 80 * J);
+    assert_eq!(
+        g.gpu.as_ref().unwrap().basis,
+        Some(GpuBasis::RunningProcesses)
+    );
+    for run in ["a", "b"] {
+        assert!(run_uj(g, run).abs_diff(80 * J / 3) <= 1, "{run}: {g:?}");
+    }
+    // Lost: a gap.
+    assert!(gpu(s6, 2000).gap);
+}
+
 #[test]
 fn idle_policy_host_keeps_gpu_idle_off_the_runs() {
     let r = replay("two_gpus.json", IdlePolicy::Host, Some(50));
@@ -503,6 +585,20 @@ impl NvmlApi for Hanging {
     ) -> Result<Vec<wattd_collectors::nvml::MigInstance>, NvmlError> {
         self.inner.mig_instances(gpu)
     }
+    fn vendor(&self) -> wattd_collectors::nvml::GpuVendor {
+        self.inner.vendor()
+    }
+    fn energy_count(&mut self, gpu: u32) -> Result<(u64, wattd_collectors::EnergyUnit), NvmlError> {
+        self.wait();
+        self.inner.energy_count(gpu)
+    }
+    fn engine_time_ns(
+        &mut self,
+        gpu: u32,
+    ) -> Result<Vec<wattd_collectors::nvml::EngineTime>, NvmlError> {
+        self.wait();
+        self.inner.engine_time_ns(gpu)
+    }
 }
 
 fn hanging(name: &str) -> (Hanging, StepCursor, Arc<std::sync::atomic::AtomicBool>) {
@@ -537,8 +633,8 @@ fn nvml_thread(
         .enable_all()
         .build()
         .unwrap();
-    let src =
-        wattd::gpu::GpuSource::start(c.unwrap(), deadline, Duration::from_secs(3600)).unwrap();
+    let src = wattd::gpu::GpuSource::start(vec![c.unwrap()], deadline, Duration::from_secs(3600))
+        .unwrap();
     (dir, rt, src)
 }
 
@@ -604,6 +700,68 @@ fn a_blocked_nvml_call_is_a_gap_after_the_deadline_never_a_hang() {
     });
 }
 
+/// NVIDIA and AMD GPUs are read on one thread: one request answers every GPU of both libraries
+/// (meters 0, 1 and 2000), and AMD SMI blocking makes every GPU's interval a gap naming the
+/// library of each, after one deadline.
+#[test]
+fn nvidia_and_amd_gpus_share_the_gpu_thread_and_its_deadline() {
+    let open = |api: Box<dyn NvmlApi>, cursor: &StepCursor, dir: &std::path::Path| {
+        cursor.write_procs(dir).unwrap();
+        GpuCollector::open(api, &GpuOptions::new(HostRoot::new(dir)), 0)
+            .0
+            .unwrap()
+    };
+    let (nv, nv_cursor) = RecordedNvml::new(Recording::load(&fixture("two_gpus.json")).unwrap());
+    let (amd, amd_cursor, hang) = hanging("amd_engine_time.json");
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let collectors = vec![
+        open(Box::new(nv), &nv_cursor, d1.path()),
+        open(Box::new(amd), &amd_cursor, d2.path()),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut src = wattd::gpu::GpuSource::start(
+        collectors,
+        Duration::from_millis(300),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    rt.block_on(async {
+        nv_cursor.advance();
+        amd_cursor.advance();
+        src.request();
+        let ok = src.collect().await;
+        let got: Vec<(Option<u32>, SourceKind)> = ok
+            .readings
+            .iter()
+            .map(|r| (r.reading.key.package, r.reading.source))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some(0), SourceKind::Nvml),
+                (Some(1), SourceKind::Nvml),
+                (Some(2000), SourceKind::AmdSmi)
+            ]
+        );
+        assert!(ok.readings.iter().all(|r| r.reading.sample.is_ok()));
+        hang.store(true, std::sync::atomic::Ordering::SeqCst);
+        src.request();
+        let gap = src.collect().await;
+        assert_eq!(gap.readings.len(), 3);
+        let errs: Vec<String> = gap
+            .readings
+            .iter()
+            .map(|r| r.reading.sample.as_ref().unwrap_err().to_string())
+            .collect();
+        assert!(errs[0].starts_with("NVML read on GPU 0"), "{errs:?}");
+        assert!(errs[2].starts_with("AMD SMI read on GPU 2000"), "{errs:?}");
+        hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    });
+}
+
 /// Opens a collector on an inline recording (step 0), for tests of what one close gathers.
 fn open_inline(json: &str) -> (GpuCollector, StepCursor, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -616,6 +774,42 @@ fn open_inline(json: &str) -> (GpuCollector, StepCursor, tempfile::TempDir) {
     );
     assert!(report.available, "{report:?}");
     (c.unwrap(), cursor, dir)
+}
+
+/// AMD SMI's engine time, poll by poll: a list failing at open does not turn the usage off (the
+/// first list that answers is the baseline, billing nothing from before it); a pid listed twice
+/// is summed; a pid missing from one list keeps its count (its lifetime is not billed when it
+/// is back); a pid never seen before is billed at most the poll's window, whatever its count.
+#[test]
+fn amd_engine_time_is_baselined_summed_and_bounded() {
+    let (mut c, cursor, dir) = open_inline(
+        r#"{"vendor": "amd", "steps": [
+          {"label": "open: the list fails", "gpus": [{"energy_count": [0, 15.2587890625], "engine_ns": {"error": "Busy"}}]},
+          {"label": "baseline", "proc_cgroups": {"10": "0::/flowzart.slice/run-a.scope\n", "20": "0::/flowzart.slice/run-b.scope\n"},
+           "gpus": [{"energy_count": [65536, 15.2587890625], "engine_ns": [[10, 5000000000], [20, 1000]]}]},
+          {"label": "10 twice, 20 missing", "proc_cgroups": {"10": "0::/flowzart.slice/run-a.scope\n", "20": "0::/flowzart.slice/run-b.scope\n"},
+           "gpus": [{"energy_count": [131072, 15.2587890625], "engine_ns": [[10, 5100000000], [10, 50000000]]}]},
+          {"label": "20 back, 30 new with an hour", "proc_cgroups": {"10": "0::/flowzart.slice/run-a.scope\n", "20": "0::/flowzart.slice/run-b.scope\n", "30": "0::/flowzart.slice/run-a.scope\n"},
+           "gpus": [{"energy_count": [196608, 15.2587890625], "engine_ns": [[10, 5150000000], [20, 201000], [30, 3600000000000]]}]}
+        ]}"#,
+    );
+    let busy = |t: u64, c: &mut GpuCollector| -> BTreeMap<u32, u64> {
+        cursor.advance();
+        cursor.write_procs(dir.path()).unwrap();
+        let obs = c.close(t, false);
+        assert!(obs[0].activity.engine_time);
+        obs[0].activity.sm_busy_us.clone().unwrap()
+    };
+    assert_eq!(
+        busy(S, &mut c),
+        BTreeMap::new(),
+        "the baseline bills nothing"
+    );
+    assert_eq!(busy(2 * S, &mut c), BTreeMap::from([(10, 150_000)]));
+    assert_eq!(
+        busy(3 * S, &mut c),
+        BTreeMap::from([(20, 200), (30, 1_000_000)])
+    );
 }
 
 /// Impossible samples (pid 0, SM above 100 %, stamped far in the future) are refused and counted,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::pci::PciGpu;
-use super::{ComputeProcess, MigInstance, NvmlApi, NvmlError};
+use super::{ComputeProcess, GpuVendor, MigInstance, NvmlApi, NvmlError};
 use crate::counter::{CounterSample, EnergyCounter, EnergyUnit, PowerIntegrator};
 use crate::domain::{Domain, MeterKey, Quality, SourceKind};
 use crate::error::{HostError, Shown, HINT_GENERIC};
@@ -62,7 +62,8 @@ pub struct GpuDeviceReport {
     pub name: Option<String>,
     /// `chosen` (measured from now on) or `unusable` (`detail` says why).
     pub status: &'static str,
-    /// `nvml` (the energy counter) or `nvml_power` (power integrated, estimated).
+    /// `nvml` (the energy counter), `nvml_power` (power integrated, estimated) or `amd_smi`
+    /// (AMD SMI's accumulator).
     pub source: Option<SourceKind>,
     pub quality: Option<Quality>,
     /// The counter at probe time, millijoules since the driver was loaded.
@@ -119,7 +120,7 @@ impl GpuReport {
         if self.problem.is_none() {
             return 0;
         }
-        let bound = self.present.iter().filter(|g| g.is_nvidia_bound()).count();
+        let bound = self.present.iter().filter(|g| g.is_vendor_bound()).count();
         bound.saturating_sub(self.measured())
     }
 
@@ -173,6 +174,43 @@ impl GpuReport {
     }
 }
 
+impl GpuReport {
+    /// [`check_present`](Self::check_present) for AMD GPUs: fewer measured than `amdgpu`
+    /// holds is always a warning (a workstation's integrated GPU is one, and ROCm is rarely on
+    /// such hosts), with AMD SMI's own words. A problem already set (the probe's capability
+    /// warning) is kept after it.
+    pub fn check_present_amd(&mut self, present: Vec<PciGpu>) {
+        self.present = present;
+        let bound: Vec<&str> = self
+            .present
+            .iter()
+            .filter(|g| g.is_vendor_bound())
+            .map(|g| g.address.as_str())
+            .collect();
+        let missing = bound.len().saturating_sub(self.measured());
+        self.problem_is_error = false;
+        if missing == 0 {
+            return;
+        }
+        let why = self
+            .reason
+            .clone()
+            .unwrap_or_else(|| "AMD SMI lists fewer GPUs than the PCI bus".to_owned());
+        let caps = self
+            .problem
+            .take()
+            .map(|p| format!(" {p}"))
+            .unwrap_or_default();
+        self.problem = Some(format!(
+            "{} AMD GPU(s) bound to the amdgpu driver ({}), {} measured: the energy of {missing} \
+             is not billed. {why}.{caps}",
+            bound.len(),
+            bound.join(", "),
+            self.measured(),
+        ));
+    }
+}
+
 /// What the probe found: the report, and the collector when some GPU can be measured.
 #[derive(Debug)]
 pub struct GpuProbe {
@@ -181,7 +219,16 @@ pub struct GpuProbe {
 }
 
 /// Why NVML could not be used, in words for `wattd probe`.
-pub fn disabled_reason(e: &NvmlError) -> String {
+pub fn disabled_reason(vendor: GpuVendor, e: &NvmlError) -> String {
+    if vendor == GpuVendor::Amd {
+        return match e {
+            NvmlError::LibraryNotFound(why) => format!(
+                "libamd_smi could not be loaded ({why}): no ROCm AMD SMI on this host; AMD GPUs \
+                 not measured"
+            ),
+            other => format!("AMD SMI could not be used: {other}; AMD GPUs not measured"),
+        };
+    }
     match e {
         NvmlError::LibraryNotFound(why) => format!(
             "libnvidia-ml could not be loaded ({why}): no NVIDIA driver on this host; GPU domain disabled"
@@ -202,6 +249,7 @@ pub fn disabled_reason(e: &NvmlError) -> String {
 /// Probes NVML (`api` is its opened handle or why it could not be opened) and opens every GPU
 /// that can be measured. `now_us` is the monotonic time of the baseline readings.
 pub fn probe_gpus(
+    vendor: GpuVendor,
     api: Result<Box<dyn NvmlApi>, NvmlError>,
     opts: &GpuOptions,
     now_us: u64,
@@ -210,7 +258,7 @@ pub fn probe_gpus(
         Ok(a) => a,
         Err(e) => {
             return GpuProbe {
-                report: GpuReport::disabled(disabled_reason(&e)),
+                report: GpuReport::disabled(disabled_reason(vendor, &e)),
                 collector: None,
             }
         }
@@ -248,10 +296,16 @@ struct Gathered {
 
 #[derive(Debug)]
 struct Device {
+    /// The library's device index (the meter's index is `key.package`).
     index: u32,
     uuid: Arc<str>,
     key: MeterKey,
     energy: EnergySource,
+    /// The counter's unit as the library last gave it (AMD SMI gives it with every reading).
+    unit: EnergyUnit,
+    /// Where the library counts engine time per process (AMD SMI): what the previous polls
+    /// said. `None`: utilisation samples (NVML).
+    engine: Option<EngineState>,
     mig: Option<bool>,
     last_close_us: u64,
     /// NVML's clock at the previous utilisation poll: the next poll asks for samples after it.
@@ -276,8 +330,11 @@ pub struct Activity {
     pub mig: Option<bool>,
     /// Per pid, SM-busy microseconds in the interval: each poll's SM percentage for the pid
     /// (the mean of its samples in that poll) times the monotonic time the poll covers, summed.
-    /// `Err` when no poll could read samples (`NotSupported` under MIG).
+    /// `Err` when no poll could read samples (`NotSupported` under MIG). Under AMD SMI
+    /// (`engine_time`), each pid's graphics-engine time in the interval instead.
     pub sm_busy_us: Result<BTreeMap<u32, u64>, NvmlError>,
+    /// `sm_busy_us` is engine time from the library's process list (AMD SMI), not SM samples.
+    pub engine_time: bool,
     /// Every compute process seen running in the interval (any poll).
     pub processes: Result<Vec<ComputeProcess>, NvmlError>,
     /// MIG instances and their processes (merged over the interval's polls), under MIG.
@@ -311,6 +368,8 @@ pub struct GpuObservation {
 #[derive(Debug)]
 pub struct GpuCollector {
     api: Box<dyn NvmlApi>,
+    vendor: GpuVendor,
+    ceiling_uw: u64,
     root: HostRoot,
     devices: Vec<Device>,
     pids: HashMap<u32, PidEntry>,
@@ -341,6 +400,82 @@ pub fn parse_proc_cgroup(text: &str) -> Option<Arc<str>> {
     Some(Arc::from(rel))
 }
 
+/// A pid absent from this many consecutive process lists is forgotten (about 2 s at the 200 ms
+/// poll): one missed by a single list (a race with its fds, a truncated answer) keeps its count.
+const ENGINE_ABSENT_POLLS: u32 = 10;
+
+/// Engine time per process as the previous polls left it.
+#[derive(Debug, Default)]
+struct EngineState {
+    /// The first successful list only sets the baseline (time from before it is not billed).
+    baselined: bool,
+    /// pid -> (its cumulative ns at its last listing, consecutive lists it was absent from).
+    last: HashMap<u32, (u64, u32)>,
+}
+
+/// Folds one poll of per-process engine time into the interval: each listed pid's time since
+/// its previous listing becomes busy time (in the samples' unit, percent x microseconds) and the
+/// pid a running process. The count is a sum over the pid's DRM clients, so it can go back
+/// while the process lives (one of its fds closed) or under a reused pid: either way nothing is
+/// billed for that poll and the new count is the baseline. A pid never seen before is billed
+/// at most the poll's `window_us` (it opened the GPU since the previous poll, or was missed
+/// by it): a count from long before never lands on one interval. A pid absent from a list keeps
+/// its count for [`ENGINE_ABSENT_POLLS`] lists. A failed poll changes nothing: the next one's
+/// differences cover its time.
+fn fold_engine_time(
+    got: Result<Vec<super::EngineTime>, NvmlError>,
+    st: &mut EngineState,
+    window_us: u64,
+    g: &mut Gathered,
+    new_pids: &mut Vec<(u32, bool)>,
+) {
+    let list = match got {
+        Ok(v) => v,
+        Err(e) => {
+            g.samples_err = Some(e.clone());
+            g.procs_err = Some(e);
+            return;
+        }
+    };
+    g.samples_ok = true;
+    g.procs_ok = true;
+    let mut seen: HashMap<u32, u64> = HashMap::with_capacity(list.len());
+    for e in list {
+        if e.pid == 0 {
+            g.rejected_samples += 1;
+            continue;
+        }
+        if seen.len() >= SAMPLES_MAX && !seen.contains_key(&e.pid) {
+            g.dropped_samples += 1;
+            continue;
+        }
+        // A pid listed twice (one entry per DRM client, in libraries that do not sum them)
+        // is summed.
+        let total = seen.entry(e.pid).or_default();
+        *total = total.saturating_add(e.gfx_ns);
+    }
+    let baselined = std::mem::replace(&mut st.baselined, true);
+    for (&pid, &total) in &seen {
+        let delta = match st.last.get(&pid) {
+            _ if !baselined => 0,
+            Some(&(before, _)) => total.saturating_sub(before),
+            None => total.min(window_us.saturating_mul(1_000)),
+        };
+        if delta > 0 {
+            *g.busy.entry(pid).or_default() += u128::from(delta) / 10;
+        }
+        g.procs.insert(pid, None);
+        new_pids.push((pid, true));
+    }
+    st.last.retain(|pid, (_, absent)| {
+        *absent += 1;
+        seen.contains_key(pid) || *absent <= ENGINE_ABSENT_POLLS
+    });
+    for (pid, total) in seen {
+        st.last.insert(pid, (total, 0));
+    }
+}
+
 impl GpuCollector {
     /// Enumerates the GPUs, takes each one's baseline, and says what became of each.
     pub fn open(
@@ -348,14 +483,22 @@ impl GpuCollector {
         opts: &GpuOptions,
         now_us: u64,
     ) -> (Option<Self>, GpuReport) {
+        let vendor = api.vendor();
+        let lib = vendor.library();
+        let base = vendor.index_base();
         let count = match api.device_count() {
             Ok(n) => n,
-            Err(e) => return (None, GpuReport::disabled(disabled_reason(&e))),
+            Err(e) => return (None, GpuReport::disabled(disabled_reason(vendor, &e))),
         };
         if count == 0 {
             return (
                 None,
-                GpuReport::disabled("NVML is loaded but lists no GPU; GPU domain disabled"),
+                GpuReport::disabled(match vendor {
+                    GpuVendor::Nvidia => {
+                        "NVML is loaded but lists no GPU; GPU domain disabled".to_owned()
+                    }
+                    GpuVendor::Amd => "AMD SMI is loaded but lists no GPU; not used".to_owned(),
+                }),
             );
         }
         let mut reports = Vec::new();
@@ -363,7 +506,7 @@ impl GpuCollector {
         let mut problems = Vec::new();
         if count > GPUS_MAX {
             problems.push(format!(
-                "NVML lists {count} GPUs; only the first {GPUS_MAX} are measured"
+                "{lib} lists {count} GPUs; only the first {GPUS_MAX} are measured"
             ));
         }
         let ceiling_uw = opts
@@ -372,7 +515,7 @@ impl GpuCollector {
             .saturating_mul(CEILING_SAFETY_FACTOR);
         for index in 0..count.min(GPUS_MAX) {
             let mut rep = GpuDeviceReport {
-                index,
+                index: base + index,
                 uuid: None,
                 name: None,
                 status: "unusable",
@@ -397,16 +540,26 @@ impl GpuCollector {
             rep.uuid = Some(uuid.clone());
             rep.name = api.name(index).ok();
             rep.mig = api.mig_enabled(index).ok();
-            let energy = match api.total_energy_mj(index) {
-                Ok(mj) => {
-                    rep.energy_mj = Some(mj);
-                    let mut c = EnergyCounter::new(None, EnergyUnit::MilliJoule, ceiling_uw);
-                    let _ = c.update(mj, 0);
+            let mut unit = EnergyUnit::MilliJoule;
+            let energy = match api.energy_count(index) {
+                Ok((raw, u)) => {
+                    unit = u;
+                    rep.energy_mj = Some(
+                        u64::try_from(u.total_uj(u128::from(raw)) / 1_000).unwrap_or(u64::MAX),
+                    );
+                    let mut c = EnergyCounter::new(None, u, ceiling_uw);
+                    let _ = c.update(raw, 0);
                     Some((
                         EnergySource::Counter(c),
-                        SourceKind::Nvml,
+                        vendor.counter_source(),
                         Quality::Measured,
                     ))
+                }
+                // Power readings integrated: NVML only (AMD SMI's power structure changed
+                // layout across releases; its energy counter is on every GPU it supports).
+                Err(counter_err) if vendor != GpuVendor::Nvidia => {
+                    rep.detail = Some(format!("energy counter: {counter_err}"));
+                    None
                 }
                 Err(counter_err) => match api.power_mw(index) {
                     Ok(mw) => {
@@ -433,7 +586,26 @@ impl GpuCollector {
                 },
             };
             let clock = api.clock_us();
-            let baseline = api.process_utilization(index, 0);
+            // AMD SMI: engine time per process, baselined by the first list that answers (an
+            // error now is retried at every poll; until a list answers, no usage).
+            let engine = (vendor == GpuVendor::Amd).then(|| {
+                let mut st = EngineState::default();
+                match api.engine_time_ns(index) {
+                    Ok(v) => {
+                        let mut g = Gathered::default();
+                        fold_engine_time(Ok(v), &mut st, 0, &mut g, &mut Vec::new());
+                    }
+                    Err(e) => {
+                        rep.detail = Some(format!("per-process engine time at start: {e}"));
+                    }
+                }
+                st
+            });
+            let baseline = if engine.is_some() {
+                Ok(Vec::new())
+            } else {
+                api.process_utilization(index, 0)
+            };
             let mig_instances = if rep.mig == Some(true) {
                 api.mig_instances(index).ok().map(|i| i.len())
             } else {
@@ -441,6 +613,9 @@ impl GpuCollector {
             };
             rep.mig_instances = mig_instances;
             rep.usage = match (&baseline, rep.mig) {
+                _ if engine.is_some() => {
+                    "per-process engine time (the AMD SMI process list)".into()
+                }
                 (Ok(_), _) | (Err(NvmlError::NotFound), _) => {
                     "per-process SM utilisation samples".into()
                 }
@@ -466,10 +641,12 @@ impl GpuCollector {
                 uuid: Arc::from(uuid),
                 key: MeterKey {
                     domain: Domain::Gpu,
-                    package: Some(index),
+                    package: Some(base + index),
                     die: None,
                 },
                 energy,
+                unit,
+                engine,
                 mig,
                 last_close_us: now_us,
                 last_poll_clock_us: clock,
@@ -492,6 +669,8 @@ impl GpuCollector {
         };
         let collector = GpuCollector {
             api,
+            vendor,
+            ceiling_uw,
             root: opts.root.clone(),
             devices,
             pids: HashMap::new(),
@@ -507,7 +686,7 @@ impl GpuCollector {
             .iter()
             .map(|d| {
                 let (s, q) = match d.energy {
-                    EnergySource::Counter(_) => (SourceKind::Nvml, Quality::Measured),
+                    EnergySource::Counter(_) => (self.vendor.counter_source(), Quality::Measured),
                     EnergySource::Power(_) => (SourceKind::NvmlPower, Quality::Estimated),
                 };
                 (d.key, s, q, d.uuid.clone())
@@ -565,8 +744,19 @@ impl GpuCollector {
         } else {
             clock.saturating_sub(window_us)
         };
-        let samples = self.api.process_utilization(gpu, since);
-        let procs = self.api.compute_processes(gpu);
+        let engine = self.devices[i]
+            .engine
+            .is_some()
+            .then(|| self.api.engine_time_ns(gpu));
+        // Engine time per process replaces both the samples and the process list.
+        let (samples, procs) = if engine.is_some() {
+            (None, None)
+        } else {
+            (
+                Some(self.api.process_utilization(gpu, since)),
+                Some(self.api.compute_processes(gpu)),
+            )
+        };
         let mig = self.devices[i].mig == Some(true);
         let instances = mig.then(|| self.api.mig_instances(gpu));
         let power = match self.devices[i].energy {
@@ -579,8 +769,12 @@ impl GpuCollector {
             let g = &mut d.gathered;
             d.last_poll_clock_us = clock;
             d.last_poll_us = now_us;
+            if let (Some(got), Some(st)) = (engine, &mut d.engine) {
+                fold_engine_time(got, st, window_us, g, &mut new_pids);
+            }
             match samples {
-                Ok(v) => {
+                None => {}
+                Some(Ok(v)) => {
                     g.samples_ok = true;
                     // One figure per pid for this poll: the mean of its samples in it, over the
                     // poll's span up to its newest sample (a process that exited, or went idle,
@@ -616,19 +810,20 @@ impl GpuCollector {
                         new_pids.push((pid, false));
                     }
                 }
-                Err(NvmlError::NotFound) => g.samples_ok = true,
-                Err(e) => g.samples_err = Some(e),
+                Some(Err(NvmlError::NotFound)) => g.samples_ok = true,
+                Some(Err(e)) => g.samples_err = Some(e),
             }
             match procs {
-                Ok(v) => {
+                None => {}
+                Some(Ok(v)) => {
                     g.procs_ok = true;
                     for p in v {
                         g.procs.insert(p.pid, p.gpu_instance);
                         new_pids.push((p.pid, true));
                     }
                 }
-                Err(NvmlError::NotFound) => g.procs_ok = true,
-                Err(e) => g.procs_err = Some(e),
+                Some(Err(NvmlError::NotFound)) => g.procs_ok = true,
+                Some(Err(e)) => g.procs_err = Some(e),
             }
             if let Some(inst) = instances {
                 match inst {
@@ -679,8 +874,10 @@ impl GpuCollector {
         let mut out = Vec::with_capacity(self.devices.len());
         for i in 0..self.devices.len() {
             self.poll_device(i, now_us);
-            let gpu = self.devices[i].index;
-            let identity = match self.api.uuid(gpu) {
+            // The library's index for calls; the meter's index for everything said.
+            let index = self.devices[i].index;
+            let gpu = self.devices[i].key.package.unwrap_or(index);
+            let identity = match self.api.uuid(index) {
                 Ok(u) if *u == *self.devices[i].uuid => Ok(()),
                 Ok(u) => Err(HostError::GpuReplaced {
                     gpu,
@@ -692,16 +889,17 @@ impl GpuCollector {
             let reading = match self.devices[i].energy {
                 EnergySource::Counter(_) => Some(
                     self.api
-                        .total_energy_mj(gpu)
+                        .energy_count(index)
                         .map_err(|e| ("total_energy", e)),
                 ),
                 EnergySource::Power(_) => None,
             };
             let power = match self.devices[i].energy {
-                EnergySource::Power(_) => Some(self.api.power_mw(gpu)),
+                EnergySource::Power(_) => Some(self.api.power_mw(index)),
                 EnergySource::Counter(_) => None,
             };
-            let mig = self.api.mig_enabled(gpu).ok();
+            let mig = self.api.mig_enabled(index).ok();
+            let ceiling_uw = self.ceiling_uw;
             let d = &mut self.devices[i];
             let elapsed_us = now_us.saturating_sub(d.last_close_us);
             d.last_close_us = now_us;
@@ -712,7 +910,7 @@ impl GpuCollector {
                 }
             }
             let (source, quality) = match d.energy {
-                EnergySource::Counter(_) => (SourceKind::Nvml, Quality::Measured),
+                EnergySource::Counter(_) => (self.vendor.counter_source(), Quality::Measured),
                 EnergySource::Power(_) => (SourceKind::NvmlPower, Quality::Estimated),
             };
             let sample = match (&mut d.energy, identity) {
@@ -725,7 +923,23 @@ impl GpuCollector {
                     Err(e)
                 }
                 (EnergySource::Counter(c), Ok(())) => match reading {
-                    Some(Ok(mj)) => c.update(mj, elapsed_us).map_err(|e| {
+                    // A counter whose unit changed cannot be differenced across the change:
+                    // this interval is a gap and the counter starts over in the new unit.
+                    Some(Ok((raw, unit))) if unit != d.unit => {
+                        let was = d.unit;
+                        d.unit = unit;
+                        *c = EnergyCounter::new(None, unit, ceiling_uw);
+                        let _ = c.update(raw, 0);
+                        Err(nvml_err(
+                            "total_energy",
+                            gpu,
+                            NvmlError::Other(format!(
+                                "the counter's unit changed from {was:?} to {unit:?}; counted \
+                                 again from here"
+                            )),
+                        ))
+                    }
+                    Some(Ok((raw, _))) => c.update(raw, elapsed_us).map_err(|e| {
                         c.invalidate();
                         nvml_err("total_energy", gpu, NvmlError::Other(e.to_string()))
                     }),
@@ -779,6 +993,7 @@ impl GpuCollector {
             pids.sort_unstable();
             pids.dedup();
             let key = d.key;
+            let d_engine = d.engine.is_some();
             let uuid = d.uuid.clone();
             let cgroups = pids
                 .into_iter()
@@ -795,6 +1010,7 @@ impl GpuCollector {
                 activity: Activity {
                     mig,
                     sm_busy_us,
+                    engine_time: d_engine,
                     processes,
                     mig_instances: g.instances.map(|r| r.map(|m| m.into_values().collect())),
                     cgroups,

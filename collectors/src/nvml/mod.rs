@@ -1,7 +1,9 @@
-//! NVIDIA GPUs through NVML: a thin trait over exactly the NVML calls wattd makes
-//! ([`NvmlApi`]), its implementation on `nvml-wrapper` with libnvidia-ml loaded at run time
-//! ([`real::RealNvml`]), one driven by recorded sequences for tests ([`recorded::RecordedNvml`]),
-//! and the collector that turns calls into per-interval observations ([`GpuCollector`]).
+//! NVIDIA GPUs through NVML, and AMD GPUs through AMD SMI: a thin trait over exactly the calls
+//! wattd makes ([`NvmlApi`]), its implementation on `nvml-wrapper` with libnvidia-ml loaded at
+//! run time ([`real::RealNvml`]), on libamd_smi loaded at run time ([`amd::RealAmdSmi`]), ones
+//! driven by recorded sequences for tests ([`recorded::RecordedNvml`], which also answers as
+//! AMD SMI), and the collector that turns calls into per-interval observations
+//! ([`GpuCollector`]).
 //!
 //! IO and no policy: the collector reports each GPU's energy (counter delta, or power integrated
 //! and marked estimated), the utilisation samples, running processes, MIG instances and each
@@ -14,6 +16,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::counter::EnergyUnit;
+use crate::domain::SourceKind;
+
+pub mod amd;
 pub mod collector;
 pub mod pci;
 pub mod real;
@@ -23,7 +29,7 @@ pub use collector::{
     probe_gpus, Activity, GpuCollector, GpuDeviceReport, GpuObservation, GpuOptions, GpuProbe,
     GpuReport,
 };
-pub use pci::{nvidia_gpus, PciGpu};
+pub use pci::{amd_gpus, nvidia_gpus, PciGpu};
 
 /// What an NVML call can fail with, as far as wattd distinguishes it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -104,6 +110,63 @@ pub struct MigInstance {
     pub pids: Vec<u32>,
 }
 
+/// The first meter index of AMD GPUs (`gpu` domain, package `2000 + n`): NVIDIA GPUs are
+/// `0..64` and hwmon GPUs `1000 + n`, so the three never share a meter.
+pub const AMD_INDEX_BASE: u32 = 2000;
+
+/// Which vendor's library answers an [`NvmlApi`]: names the meters' source and index range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuVendor {
+    /// NVML (libnvidia-ml).
+    Nvidia,
+    /// AMD SMI (libamd_smi), see [`amd`].
+    Amd,
+}
+
+impl GpuVendor {
+    /// The meter index of the library's GPU 0.
+    pub fn index_base(self) -> u32 {
+        match self {
+            GpuVendor::Nvidia => 0,
+            GpuVendor::Amd => AMD_INDEX_BASE,
+        }
+    }
+
+    /// The vendor whose GPUs hold this meter index.
+    pub fn of_index(gpu: u32) -> Self {
+        if gpu >= AMD_INDEX_BASE {
+            GpuVendor::Amd
+        } else {
+            GpuVendor::Nvidia
+        }
+    }
+
+    /// The source of readings from the library's energy counter.
+    pub fn counter_source(self) -> SourceKind {
+        match self {
+            GpuVendor::Nvidia => SourceKind::Nvml,
+            GpuVendor::Amd => SourceKind::AmdSmi,
+        }
+    }
+
+    /// The library's name, as messages give it.
+    pub fn library(self) -> &'static str {
+        match self {
+            GpuVendor::Nvidia => "NVML",
+            GpuVendor::Amd => "AMD SMI",
+        }
+    }
+}
+
+/// One process's cumulative time on a GPU's graphics/compute engine, as AMD SMI's process list
+/// gives it (`engine_usage.gfx`, nanoseconds since the process opened the GPU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct EngineTime {
+    pub pid: u32,
+    pub gfx_ns: u64,
+}
+
 /// The NVML calls wattd makes, and nothing else. `gpu` is the NVML device index.
 ///
 /// Implementations: [`real::RealNvml`] (libnvidia-ml through `nvml-wrapper`) and
@@ -138,4 +201,19 @@ pub trait NvmlApi: Send + fmt::Debug {
     /// `nvmlDeviceGetAttributes_v2` and `nvmlDeviceGetComputeRunningProcesses` on each MIG
     /// device: the instances that exist (empty slots are skipped).
     fn mig_instances(&mut self, gpu: u32) -> Result<Vec<MigInstance>, NvmlError>;
+    /// The library behind the calls (NVML unless said otherwise).
+    fn vendor(&self) -> GpuVendor {
+        GpuVendor::Nvidia
+    }
+    /// The energy counter in its own unit. NVML: `total_energy_mj` in millijoules. AMD SMI:
+    /// the accumulator and the unit its resolution names.
+    fn energy_count(&mut self, gpu: u32) -> Result<(u64, EnergyUnit), NvmlError> {
+        self.total_energy_mj(gpu)
+            .map(|mj| (mj, EnergyUnit::MilliJoule))
+    }
+    /// Every process using the GPU and its cumulative engine time, where the library counts
+    /// it per process (AMD SMI); `NotSupported` where it samples utilisation instead (NVML).
+    fn engine_time_ns(&mut self, _gpu: u32) -> Result<Vec<EngineTime>, NvmlError> {
+        Err(NvmlError::NotSupported)
+    }
 }

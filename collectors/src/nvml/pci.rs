@@ -12,6 +12,8 @@ use crate::hostfs::{read_bounded, HostRoot};
 
 /// PCI vendor id of NVIDIA.
 const NVIDIA_VENDOR: &str = "0x10de";
+/// PCI vendor id of AMD (ATI).
+const AMD_VENDOR: &str = "0x1002";
 /// Most entries of `/sys/bus/pci/devices` looked at (a bound on hostile trees; real hosts have
 /// a few hundred functions at most).
 const PCI_FUNCTIONS_MAX: usize = 4096;
@@ -32,6 +34,28 @@ impl PciGpu {
     pub fn is_nvidia_bound(&self) -> bool {
         self.driver.as_deref() == Some("nvidia")
     }
+
+    /// Bound to its vendor's driver (`nvidia`, `amdgpu`), so the vendor's library should see it.
+    pub fn is_vendor_bound(&self) -> bool {
+        matches!(self.driver.as_deref(), Some("nvidia" | "amdgpu"))
+    }
+}
+
+/// The AMD GPUs under `sys/bus/pci/devices` of `root`: display controllers (class 0x03xx: an
+/// APU's integrated GPU included) and processing accelerators (0x12xx, as the MI300 series
+/// reports itself), SR-IOV virtual functions left out, sorted by address.
+pub fn amd_gpus(root: &HostRoot) -> Vec<PciGpu> {
+    pci_functions(root, |dev| {
+        let attr = |name: &str| {
+            read_bounded(&dev.join(name), ATTR_MAX, "PCI device attribute")
+                .map(|s| s.trim().to_ascii_lowercase())
+                .unwrap_or_default()
+        };
+        attr("vendor") == AMD_VENDOR && {
+            let class = attr("class");
+            class.starts_with("0x03") || class.starts_with("0x12")
+        }
+    })
 }
 
 /// The NVIDIA GPUs under `sys/bus/pci/devices` of `root` (class 0x0300 VGA or 0x0302 3D
@@ -39,6 +63,11 @@ impl PciGpu {
 /// by address. A tree without
 /// the directory has none; unreadable entries are skipped.
 pub fn nvidia_gpus(root: &HostRoot) -> Vec<PciGpu> {
+    pci_functions(root, is_nvidia_gpu)
+}
+
+/// The physical functions under `sys/bus/pci/devices` that `is_gpu` accepts, with their driver.
+fn pci_functions(root: &HostRoot, is_gpu: impl Fn(&Path) -> bool) -> Vec<PciGpu> {
     let dir = root.join("sys/bus/pci/devices");
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Vec::new();
@@ -51,7 +80,7 @@ pub fn nvidia_gpus(root: &HostRoot) -> Vec<PciGpu> {
         let path = entry.path();
         // An SR-IOV virtual function (vGPU hosts) is a slice of a physical GPU that NVML
         // lists, not a GPU of its own.
-        if is_nvidia_gpu(&path) && !path.join("physfn").exists() {
+        if is_gpu(&path) && !path.join("physfn").exists() {
             out.push(PciGpu {
                 address,
                 driver: bound_driver(&path),
@@ -97,6 +126,53 @@ mod tests {
             std::os::unix::fs::symlink(format!("../../../bus/pci/drivers/{d}"), dev.join("driver"))
                 .unwrap();
         }
+    }
+
+    #[test]
+    fn finds_amd_display_controllers_and_accelerators_with_their_driver() {
+        let t = tempfile::tempdir().unwrap();
+        // An MI300X (processing accelerator), an APU's integrated GPU, its audio function, an
+        // NVIDIA GPU, an SR-IOV virtual function.
+        function(
+            t.path(),
+            "0000:c1:00.0",
+            "0x1002",
+            "0x120000",
+            Some("amdgpu"),
+        );
+        function(
+            t.path(),
+            "0000:05:00.0",
+            "0x1002",
+            "0x030000",
+            Some("amdgpu"),
+        );
+        function(
+            t.path(),
+            "0000:05:00.1",
+            "0x1002",
+            "0x040300",
+            Some("snd_hda_intel"),
+        );
+        function(
+            t.path(),
+            "0000:17:00.0",
+            "0x10de",
+            "0x030200",
+            Some("nvidia"),
+        );
+        function(t.path(), "0000:c1:02.0", "0x1002", "0x120000", None);
+        std::fs::write(t.path().join("sys/bus/pci/devices/0000:c1:02.0/physfn"), "").unwrap();
+        let got = amd_gpus(&HostRoot::new(t.path()));
+        assert_eq!(
+            got.iter()
+                .map(|g| (&*g.address, g.driver.as_deref(), g.is_vendor_bound()))
+                .collect::<Vec<_>>(),
+            vec![
+                ("0000:05:00.0", Some("amdgpu"), true),
+                ("0000:c1:00.0", Some("amdgpu"), true)
+            ]
+        );
     }
 
     #[test]

@@ -18,6 +18,11 @@
 //!                            "mig_instances": [ { "index": 0, "slices": 3, "sms": 42, "pids": [4242] } ] } ] } ] }
 //! ```
 //!
+//! A recording with `"vendor": "amd"` answers as AMD SMI does (through the same trait): each GPU's
+//! `energy_count` is `[accumulator, resolution_uj]` (`amdsmi_get_energy_count`) and `engine_ns`
+//! the process list as `[[pid, gfx_ns], ...]` (absent: no process); `energy_mj`, `power_mw`,
+//! `samples`, `processes` and MIG do not apply.
+//!
 //! A value may be replaced by `{"error": "NotSupported"}` (or `GpuLost`, `NotFound`, ...). Absent
 //! fields answer as NVML does on a GPU without the feature: `energy_mj` and `power_mw`
 //! NotSupported, `samples` NotFound, `processes` empty, `mig` NotSupported, `mig_instances`
@@ -31,7 +36,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
-use super::{ComputeProcess, MigInstance, NvmlApi, NvmlError, UtilSample};
+use super::amd::unit_of_resolution;
+use super::{ComputeProcess, EngineTime, GpuVendor, MigInstance, NvmlApi, NvmlError, UtilSample};
+use crate::counter::EnergyUnit;
 
 /// A value or the error NVML answered instead.
 #[derive(Clone, Debug, Deserialize)]
@@ -80,6 +87,10 @@ pub struct RecordedGpu {
     pub processes: Option<Answer<Vec<RecordedProcess>>>,
     pub mig: Option<Answer<bool>>,
     pub mig_instances: Option<Answer<Vec<RecordedInstance>>>,
+    /// AMD SMI: `[accumulator, resolution in microjoules]`.
+    pub energy_count: Option<Answer<(u64, f32)>>,
+    /// AMD SMI: the process list, `[pid, cumulative gfx engine ns]`.
+    pub engine_ns: Option<Answer<Vec<(u32, u64)>>>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -103,7 +114,19 @@ pub struct RecordedStep {
 pub struct Recording {
     #[serde(default)]
     pub about: String,
+    /// `"nvidia"` (default) or `"amd"`: which library the recording answers as.
+    #[serde(default)]
+    pub vendor: RecordedVendor,
     pub steps: Vec<RecordedStep>,
+}
+
+/// The library a recording answers as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordedVendor {
+    #[default]
+    Nvidia,
+    Amd,
 }
 
 /// Why a recording cannot be used; the file's errors name it.
@@ -227,12 +250,14 @@ impl StepCursor {
 #[derive(Debug)]
 pub struct RecordedNvml {
     cursor: StepCursor,
+    vendor: RecordedVendor,
     /// The recording's clock never goes back (a step without samples keeps it).
     clock: u64,
 }
 
 impl RecordedNvml {
     pub fn new(recording: Recording) -> (Self, StepCursor) {
+        let vendor = recording.vendor;
         let cursor = StepCursor {
             recording: Arc::new(recording),
             step: Arc::new(Mutex::new(0)),
@@ -240,6 +265,7 @@ impl RecordedNvml {
         (
             RecordedNvml {
                 cursor: cursor.clone(),
+                vendor,
                 clock: 0,
             },
             cursor,
@@ -351,6 +377,39 @@ impl NvmlApi for RecordedNvml {
 
     fn mig_enabled(&mut self, gpu: u32) -> Result<bool, NvmlError> {
         or(&self.gpu(gpu)?.mig, NvmlError::NotSupported)
+    }
+
+    fn vendor(&self) -> GpuVendor {
+        match self.vendor {
+            RecordedVendor::Nvidia => GpuVendor::Nvidia,
+            RecordedVendor::Amd => GpuVendor::Amd,
+        }
+    }
+
+    fn energy_count(&mut self, gpu: u32) -> Result<(u64, EnergyUnit), NvmlError> {
+        match self.vendor {
+            RecordedVendor::Nvidia => self
+                .total_energy_mj(gpu)
+                .map(|mj| (mj, EnergyUnit::MilliJoule)),
+            RecordedVendor::Amd => {
+                let (acc, res) = or(&self.gpu(gpu)?.energy_count, NvmlError::NotSupported)?;
+                Ok((acc, unit_of_resolution(res)?))
+            }
+        }
+    }
+
+    fn engine_time_ns(&mut self, gpu: u32) -> Result<Vec<EngineTime>, NvmlError> {
+        if self.vendor != RecordedVendor::Amd {
+            return Err(NvmlError::NotSupported);
+        }
+        let list = match &self.gpu(gpu)?.engine_ns {
+            Some(a) => a.get()?,
+            None => Vec::new(),
+        };
+        Ok(list
+            .into_iter()
+            .map(|(pid, gfx_ns)| EngineTime { pid, gfx_ns })
+            .collect())
     }
 
     fn mig_instances(&mut self, gpu: u32) -> Result<Vec<MigInstance>, NvmlError> {

@@ -4,6 +4,7 @@
 // Helpers outside #[test] functions are test code too: a panic is how they report a failure.
 #![allow(clippy::unwrap_used)]
 
+mod amd_smi;
 mod cgroup;
 mod hwmon;
 mod sources;

@@ -38,7 +38,8 @@ pub struct DomainEnergy {
     pub package: ::core::option::Option<u32>,
     /// "perf_pmu" | "powercap" | "msr" | "estimator" | "nvml" (the GPU's total-energy counter) |
     /// "nvml_power" (GPU power readings integrated over time, where the counter is not supported;
-    /// quality ESTIMATED).
+    /// quality ESTIMATED) | "amd_smi" (an AMD GPU's energy accumulator) | "hwmon" | "hwmon_power" |
+    /// "redfish" | "redfish_power".
     #[prost(string, tag = "3")]
     pub source: ::prost::alloc::string::String,
     #[prost(enumeration = "Quality", tag = "4")]
@@ -79,7 +80,8 @@ pub struct DomainEnergy {
     /// time divided among GPU instances with a running process by their slices, evenly among the
     /// processes of an instance), "mig_instance_even" (the same with every instance alike, when
     /// instance sizes are unreadable), "running_processes" (no samples: every running compute
-    /// process alike). Empty when there was no usage data (then all of it is unattributed with
+    /// process alike), "engine_time" (AMD SMI's per-process graphics-engine time; usage_us is
+    /// engine-busy microseconds). Empty when there was no usage data (then all of it is unattributed with
     /// NO_USAGE_DATA) or the energy is a gap.
     #[prost(string, tag = "15")]
     pub usage_basis: ::prost::alloc::string::String,
