@@ -35,8 +35,9 @@ pub struct ProbeArgs {
     /// Do not probe GPUs, NVIDIA or AMD (as `[gpu] enabled = false`).
     #[arg(long)]
     pub no_gpu: bool,
-    /// Also check the BMC this configuration's `[platform]` names: one Redfish read, with its
-    /// timeout. A configured BMC that cannot be read is an error (exit status 1).
+    /// Also check the BMC this configuration's `[platform]` names (one Redfish read, with its
+    /// timeout; a configured BMC that cannot be read is an error, exit status 1), and the hwmon
+    /// channels its `[hwmon] power` declares.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -108,8 +109,15 @@ pub fn probe_platform(cfg: Option<&wattd::config::PlatformConfig>) -> PlatformPr
 
 pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
     let root = HostRoot::new(&args.root);
+    let cfg = match &args.config {
+        Some(path) => Some(wattd::config::load(Some(path)).map_err(|e| anyhow::anyhow!("{e}"))?),
+        None => None,
+    };
     let mut opts = ProbeOptions::new(root.clone());
     opts.gpus = !args.no_gpu;
+    if let Some(c) = &cfg {
+        opts.hwmon_declared = c.hwmon_power.clone();
+    }
     let mut sel = probe::select(&opts);
     let gpu_cfg = wattd::config::GpuConfig {
         enabled: !args.no_gpu,
@@ -122,10 +130,6 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
     if let Some((amd, _)) = wattd::gpu::probe_amd(&gpu_cfg, &root, Duration::from_secs(10)) {
         sel.report.add_amd_gpus(amd);
     }
-    let cfg = match &args.config {
-        Some(path) => Some(wattd::config::load(Some(path)).map_err(|e| anyhow::anyhow!("{e}"))?),
-        None => None,
-    };
     let platform = probe_platform(cfg.as_ref().and_then(|c| c.platform.as_ref()));
     let out = match args.format {
         Format::Json => {

@@ -13,9 +13,18 @@
 //!   devices (`i915_gt0`) and the `pkg` channel beside `card` are inside the card: listed, never
 //!   summed.
 //! - `amd_energy` reads the same RAPL registers as the powercap and perf sources: never used.
+//! - A channel the operator declares (`[hwmon] power`, [`Declared`]): the operator says what it
+//!   covers (an ARM server's CPU power, which has no RAPL: NVIDIA Grace's ACPI power meters
+//!   labelled `CPU Power Socket 0`, say) and wattd bills it as that meter: `package` N, `dram` N
+//!   or `psys`, power integrated per tick and marked estimated (an energy channel: measured).
+//!   It takes a meter no earlier source serves (on a host with RAPL, RAPL's package stays and
+//!   the declaration is on standby), and one meter is never served by two channels.
 //! - Everything else (an ACPI power meter, a board's voltage regulators, a power-only sensor of
-//!   an ARM SoC) is listed with why it is not billed: wattd cannot tell what it covers, and
-//!   billing a sensor that overlaps a metered component would count that energy twice.
+//!   an ARM SoC not declared) is listed with why it is not billed: wattd cannot tell what it
+//!   covers, and billing a sensor that overlaps a metered component would count that energy
+//!   twice.
+//!
+//! A channel's label is its `<kind><N>_label`, else (ACPI `power_meter`) its `<kind><N>_oem_info`.
 
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
@@ -139,7 +148,8 @@ fn device(path: &Path, dir: String) -> Option<Device> {
             channels.push(Channel {
                 kind,
                 index,
-                label: attr(&path.join(format!("{prefix}{index}_label"))),
+                label: attr(&path.join(format!("{prefix}{index}_label")))
+                    .or_else(|| attr(&path.join(format!("{prefix}{index}_oem_info")))),
                 file: format!("sys/class/hwmon/{dir}/{file}"),
                 enabled,
             });
@@ -173,8 +183,55 @@ fn is_intel_gpu(name: &str) -> bool {
     name == "xe" || name == "i915"
 }
 
-/// Decides every channel of `devices` (as [`scan`] returns them).
+/// A channel whose meaning the operator declares (`[hwmon] power`): which meter it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Declared {
+    /// The driver's `name` attribute (`power_meter`, `apm_xgene`).
+    pub driver: String,
+    /// The channel's label (`CPU Power Socket 0`), or its file stem (`power1`, `energy2`).
+    pub channel: String,
+    /// The device link's name, where several devices share the driver (`ACPI000D:00`).
+    pub device: Option<String>,
+    /// The meter it is: domain `package` or `dram` with a package, or `psys`.
+    pub key: MeterKey,
+}
+
+impl Declared {
+    fn matches(&self, d: &Device, c: &Channel) -> bool {
+        let stem = match c.kind {
+            ChannelKind::Energy => format!("energy{}", c.index),
+            ChannelKind::Power => format!("power{}", c.index),
+        };
+        d.name == self.driver
+            && self
+                .device
+                .as_ref()
+                .map_or(true, |x| d.device.as_ref() == Some(x))
+            && (c.label.as_deref() == Some(&*self.channel) || stem == self.channel)
+    }
+}
+
+/// The declarations of `declared` that match no channel of `devices`, by position.
+pub fn unmatched(devices: &[Device], declared: &[Declared]) -> Vec<usize> {
+    (0..declared.len())
+        .filter(|&i| {
+            !devices
+                .iter()
+                .any(|d| d.channels.iter().any(|c| declared[i].matches(d, c)))
+        })
+        .collect()
+}
+
+/// Decides every channel of `devices` (as [`scan`] returns them), with no declared channel.
 pub fn decide(devices: &[Device]) -> Vec<Decision> {
+    decide_with(devices, &[])
+}
+
+/// Decides every channel of `devices`; `declared` names the meters of channels wattd cannot
+/// tell the meaning of on its own. The first channel declared as a meter serves it; another
+/// declared as the same meter is a `duplicate`.
+pub fn decide_with(devices: &[Device], declared: &[Declared]) -> Vec<Decision> {
+    let mut taken: std::collections::BTreeSet<MeterKey> = std::collections::BTreeSet::new();
     // Intel GPUs numbered by PCI address, stable across reboots (hwmon numbers are not).
     let mut gpus: Vec<&Device> = devices.iter().filter(|d| is_intel_gpu(&d.name)).collect();
     gpus.sort_by(|a, b| a.device.cmp(&b.device).then(a.dir.cmp(&b.dir)));
@@ -188,13 +245,39 @@ pub fn decide(devices: &[Device]) -> Vec<Decision> {
         });
         let billed = ordinal.and_then(|_| billed_channel(d));
         for c in &d.channels {
-            let (status, detail) = verdict(d, c, billed);
+            let (mut status, mut detail) = verdict(d, c, billed);
+            let mut key = key.filter(|_| status == "chosen" || status == "informational");
+            if status == "not_billed" {
+                if let Some(x) = declared.iter().find(|x| x.matches(d, c)) {
+                    (status, detail) = if !c.enabled {
+                        (
+                            "unusable",
+                            Some("disabled by the driver (_enable = 0)".into()),
+                        )
+                    } else if !taken.insert(x.key) {
+                        (
+                            "duplicate",
+                            Some(format!("another declared channel serves {}", x.key)),
+                        )
+                    } else {
+                        key = Some(x.key);
+                        let what = match c.kind {
+                            ChannelKind::Energy => "its energy counter (measured)",
+                            ChannelKind::Power => "power integrated per tick (estimated)",
+                        };
+                        (
+                            "chosen",
+                            Some(format!("declared in [hwmon] power: {}, {what}", x.key)),
+                        )
+                    };
+                }
+            }
             out.push(Decision {
                 dir: d.dir.clone(),
                 name: d.name.clone(),
                 device: d.device.clone(),
                 channel: c.clone(),
-                key: key.filter(|_| status == "chosen" || status == "informational"),
+                key,
                 status,
                 detail,
             });
@@ -270,13 +353,13 @@ fn verdict(d: &Device, c: &Channel, billed: Option<u32>) -> (&'static str, Optio
     }
     let why = match d.name.as_str() {
         "power_meter" => {
-            "an ACPI power meter (whole node or a part of it): not a component meter; \
-             reconciliation against the wall is not built yet"
+            "an ACPI power meter (whole node or a part of it): not a component meter unless \
+             declared in [hwmon] power; the wall is reconciled from the BMC ([platform])"
         }
         "amdgpu" => "an AMD GPU: measured through AMD SMI ([gpu] amd_smi), never summed with it",
         _ => {
-            "wattd cannot tell what this driver's sensor covers; billing it beside the metered \
-             components could count their energy twice"
+            "wattd cannot tell what this driver's sensor covers (declare it in [hwmon] power if \
+             you can); billing it beside the metered components could count their energy twice"
         }
     };
     ("not_billed", Some(why.into()))
@@ -425,8 +508,11 @@ impl HwmonMeter {
         let mut failed = Vec::new();
         for d in decisions.iter().filter(|d| d.status == "chosen") {
             let Some(key) = d.key else { continue };
-            let ceiling_uw = opts
-                .gpu_max_watts
+            let max_watts = match key.domain {
+                Domain::Gpu => opts.gpu_max_watts,
+                other => other.default_max_watts(),
+            };
+            let ceiling_uw = max_watts
                 .saturating_mul(1_000_000)
                 .saturating_mul(CEILING_SAFETY_FACTOR);
             let path = root.join(&d.channel.file);
@@ -588,10 +674,11 @@ impl Meter for HwmonMeter {
         self.channels.iter().map(|c| c.key).collect()
     }
 
+    /// A GPU's identity for its records; none for a declared CPU or platform meter.
     fn device_id(&self, key: MeterKey) -> Option<Arc<str>> {
         self.channels
             .iter()
-            .find(|c| c.key == key)
+            .find(|c| c.key == key && key.domain == Domain::Gpu)
             .map(|c| c.device_id.clone())
     }
 

@@ -29,6 +29,8 @@ pub struct ProbeOptions {
     pub gpus: bool,
     /// How hwmon sensors are read (`[gpu] read_timeout_ms`, `[gpu] max_watts`).
     pub hwmon: hwmon::MeterOptions,
+    /// hwmon channels the operator declares the meaning of (`[hwmon] power`).
+    pub hwmon_declared: Vec<hwmon::Declared>,
 }
 
 impl ProbeOptions {
@@ -39,6 +41,7 @@ impl ProbeOptions {
             liveness_window: Duration::from_millis(100),
             gpus: true,
             hwmon: hwmon::MeterOptions::default(),
+            hwmon_declared: Vec::new(),
         }
     }
 }
@@ -305,6 +308,26 @@ fn probe_hwmon(
     let mut rep = SourceReport::unused(SourceKind::Hwmon);
     let root = &opts.root;
     let devices = hwmon::scan(root);
+    // A declaration that matches no sensor is said, not silently ignored: its meter is not
+    // measured (a typo, another kernel's label).
+    for i in hwmon::unmatched(&devices, &opts.hwmon_declared) {
+        let x = &opts.hwmon_declared[i];
+        rep.zones.push(zone(
+            Some(x.key),
+            format!(
+                "[hwmon] power entry {} ({} {}{})",
+                i + 1,
+                x.driver,
+                x.channel,
+                x.device
+                    .as_deref()
+                    .map(|d| format!(", {d}"))
+                    .unwrap_or_default()
+            ),
+            "unusable",
+            Some("declared, but no such sensor under /sys/class/hwmon".into()),
+        ));
+    }
     if devices.is_empty() {
         rep.reason = Some(format!(
             "no hwmon energy or power sensor under /sys/class/hwmon{}",
@@ -312,10 +335,12 @@ fn probe_hwmon(
         ));
         return rep;
     }
-    let mut decisions = hwmon::decide(&devices);
-    // A GPU index some earlier source serves is not claimed twice (none does today).
+    let mut decisions = hwmon::decide_with(&devices, &opts.hwmon_declared);
+    // A meter some earlier source serves is not claimed twice: RAPL's package beside a
+    // declared CPU power sensor keeps RAPL, the declaration stands by.
     for d in decisions.iter_mut().filter(|d| d.status == "chosen") {
-        if !opts.gpus {
+        let gpu = d.key.is_some_and(|k| k.domain == Domain::Gpu);
+        if gpu && !opts.gpus {
             d.status = "unusable";
             d.detail = Some("GPUs disabled by configuration ([gpu] enabled = false)".into());
         } else if let Some(k) = d.key.filter(|k| chosen.contains_key(k)) {

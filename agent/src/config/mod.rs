@@ -63,6 +63,8 @@ pub struct Config {
     pub reloadable: Reloadable,
     /// `[platform]`: the node's BMC, for the platform meter (none by default).
     pub platform: Option<PlatformConfig>,
+    /// `[hwmon] power`: hwmon channels the operator declares the meaning of (none by default).
+    pub hwmon_power: Vec<wattd_collectors::hwmon::Declared>,
 }
 
 /// The keys a running daemon takes on SIGHUP; every other key takes effect at a restart. The
@@ -116,6 +118,7 @@ impl Config {
             gpu: GpuConfig::default(),
             reloadable: Reloadable::default(),
             platform: None,
+            hwmon_power: Vec::new(),
         }
     }
 }
@@ -230,6 +233,47 @@ mod tests {
             data_dir_for(false, state("/var/lib/gitlab-runner")),
             PathBuf::from("./wattd-data")
         );
+    }
+
+    /// `[hwmon] power`: declared channels; every problem named with its entry's line.
+    #[test]
+    fn hwmon_power_declarations() {
+        let ok = parse(
+            "f",
+            "[hwmon]\npower = [\n  { driver = \"power_meter\", channel = \"CPU Power Socket 0\", \
+             domain = \"package\", package = 0 },\n  { driver = \"apm_xgene\", channel = \"power2\", \
+             device = \"APMC0D29:00\", domain = \"psys\" },\n]\n",
+        )
+        .unwrap();
+        let keys: Vec<String> = ok.hwmon_power.iter().map(|d| d.key.to_string()).collect();
+        assert_eq!(ok.hwmon_power.len(), 2, "{keys:?}");
+        assert_eq!(ok.hwmon_power[0].channel, "CPU Power Socket 0");
+        assert_eq!(ok.hwmon_power[0].key.package, Some(0));
+        assert_eq!(ok.hwmon_power[1].key.domain, Domain::Psys);
+        assert_eq!(ok.hwmon_power[1].device.as_deref(), Some("APMC0D29:00"));
+        assert!(Config::defaults().hwmon_power.is_empty());
+        let err = parse(
+            "f",
+            "[hwmon]\npower = [\n  \"power1\",\n  { driver = \"x\", channel = \"power1\", domain = \"gpu\", package = 0 },\n  \
+             { driver = \"x\", channel = \"power1\", domain = \"psys\", package = 1 },\n  \
+             { driver = \"x\", channel = \"power1\", domain = \"package\" },\n  \
+             { driver = \"\", channel = \"power1\", domain = \"dram\", package = 0, watts = 3 },\n  \
+             { driver = \"x\", channel = \"a\", domain = \"package\", package = 0 },\n  \
+             { driver = \"y\", channel = \"b\", domain = \"package\", package = 0 },\n]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "f:3: hwmon.power: every entry must be a table",
+            "f:4: hwmon.power: domain: must be \"package\", \"dram\" or \"psys\"",
+            "f:5: hwmon.power: package: psys is the whole platform's",
+            "f:6: hwmon.power: package: required for package and dram",
+            "f:7: hwmon.power: watts: unknown key",
+            "f:7: hwmon.power: driver: must be a string",
+            "f:9: hwmon.power: package/package-0 is declared twice",
+        ] {
+            assert!(err.contains(want), "{want:?} not in:\n{err}");
+        }
     }
 
     /// `[platform]`: the BMC; every problem named with its key and line.

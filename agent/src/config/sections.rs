@@ -96,7 +96,118 @@ pub(super) fn read_all(v: &mut Validator<'_>, raw: &raw::File) -> Config {
     if let Some(t) = v.section("platform", &raw.platform) {
         cfg.platform = PlatformConfig::read(t, v);
     }
+    if let Some(t) = v.section("hwmon", &raw.hwmon) {
+        cfg.hwmon_power = hwmon_power(v, &t.power);
+    }
     cfg
+}
+
+/// `[hwmon] power`: an array of tables `{ driver, channel, device?, domain, package? }`, each
+/// a hwmon channel the operator declares the meaning of. Every problem is named with its entry.
+fn hwmon_power(
+    v: &mut Validator<'_>,
+    f: &raw::Field<Vec<toml::Value>>,
+) -> Vec<wattd_collectors::hwmon::Declared> {
+    use wattd_collectors::{hwmon::Declared, Domain, MeterKey};
+    const KEY: &str = "hwmon.power";
+    const KEYS: [&str; 5] = ["driver", "channel", "device", "domain", "package"];
+    let Some(arr) = v.array(f, KEY, "must be an array of tables") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, item) in arr.iter().enumerate() {
+        let Some(t) = item.as_table() else {
+            v.problem_in(
+                KEY,
+                i,
+                "every entry must be a table { driver, channel, domain, package }",
+            );
+            continue;
+        };
+        let mut ok = true;
+        for k in t.keys().filter(|k| !KEYS.contains(&k.as_str())) {
+            v.problem_in(
+                KEY,
+                i,
+                format!("{k}: unknown key (known: {})", KEYS.join(", ")),
+            );
+            ok = false;
+        }
+        let mut text = |k: &str, required: bool| -> Option<String> {
+            match t.get(k) {
+                None if !required => None,
+                Some(toml::Value::String(s))
+                    if !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control) =>
+                {
+                    Some(s.clone())
+                }
+                _ => {
+                    v.problem_in(
+                        KEY,
+                        i,
+                        format!("{k}: must be a string of 1 to 128 printable characters"),
+                    );
+                    ok = false;
+                    None
+                }
+            }
+        };
+        let driver = text("driver", true);
+        let channel = text("channel", true);
+        let device = text("device", false);
+        let domain = match t.get("domain").and_then(|d| d.as_str()) {
+            Some("package") => Some(Domain::Package),
+            Some("dram") => Some(Domain::Dram),
+            Some("psys") => Some(Domain::Psys),
+            _ => {
+                v.problem_in(KEY, i, "domain: must be \"package\", \"dram\" or \"psys\"");
+                None
+            }
+        };
+        let package = match (domain, t.get("package")) {
+            (Some(Domain::Psys), None) => Some(None),
+            (Some(Domain::Psys), Some(_)) => {
+                v.problem_in(
+                    KEY,
+                    i,
+                    "package: psys is the whole platform's, without a package",
+                );
+                None
+            }
+            (_, Some(p)) => match p.as_integer().and_then(|p| u32::try_from(p).ok()) {
+                Some(p) if p < 4096 => Some(Some(p)),
+                _ => {
+                    v.problem_in(KEY, i, "package: must be a package number from 0 to 4095");
+                    None
+                }
+            },
+            (Some(_), None) => {
+                v.problem_in(KEY, i, "package: required for package and dram");
+                None
+            }
+            (None, None) => None,
+        };
+        if let (true, Some(driver), Some(channel), Some(domain), Some(package)) =
+            (ok, driver, channel, domain, package)
+        {
+            let key = MeterKey {
+                domain,
+                package,
+                die: None,
+            };
+            if out.iter().any(|x: &Declared| x.key == key) {
+                v.problem_in(KEY, i, format!("{key} is declared twice"));
+                continue;
+            }
+            out.push(Declared {
+                driver,
+                channel,
+                device,
+                key,
+            });
+        }
+    }
+    out
 }
 
 /// `[node] id`: 1 to 253 characters of a host name's alphabet.

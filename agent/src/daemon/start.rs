@@ -112,6 +112,7 @@ impl Daemon {
             read_timeout: Duration::from_millis(cfg.gpu.read_timeout_ms),
             gpu_max_watts: cfg.gpu.max_watts,
         };
+        popts.hwmon_declared = cfg.hwmon_power.clone();
         let sel = probe::select(&popts);
         if sel.meters.is_empty() {
             bail!("no energy source can be used on this host; `wattd probe` says why");

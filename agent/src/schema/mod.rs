@@ -232,6 +232,17 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// An array as written (each entry checked by the caller, its problems named with
+    /// [`problem_in`](Self::problem_in)).
+    pub fn array<'f>(
+        &mut self,
+        f: &'f Field<Vec<toml::Value>>,
+        key: &str,
+        must: &str,
+    ) -> Option<&'f Vec<toml::Value>> {
+        self.typed(f, key, must)
+    }
+
     /// An array of user or group ids.
     pub fn ids(&mut self, f: &Field<Vec<toml::Value>>, key: &str) -> Option<Vec<u32>> {
         let arr = self.typed(f, key, "must be an array of integers")?;

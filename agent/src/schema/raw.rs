@@ -299,6 +299,11 @@ section!(
     }
 );
 
+section!(
+    /// `[hwmon]`.
+    Hwmon { power: Vec<toml::Value> }
+);
+
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -317,12 +322,13 @@ pub struct File {
     pub ledger: Section<Ledger>,
     pub metrics: Section<Metrics>,
     pub platform: Section<Platform>,
+    pub hwmon: Section<Hwmon>,
     #[serde(flatten)]
     pub unknown: UnknownKeys,
 }
 
 /// The file's sections, in the order `wattd validate` lists them.
-pub const SECTIONS: [&str; 14] = [
+pub const SECTIONS: [&str; 15] = [
     "gpu",
     "log",
     "node",
@@ -337,6 +343,7 @@ pub const SECTIONS: [&str; 14] = [
     "ledger",
     "metrics",
     "platform",
+    "hwmon",
 ];
 
 /// Reads the file's text; the error is TOML syntax, with its span.
@@ -371,6 +378,7 @@ mod tests {
         check::<Metrics>("metrics");
         check::<Gpu>("gpu");
         check::<Platform>("platform");
+        check::<Hwmon>("hwmon");
     }
 
     /// Values of the wrong type, a section that is not a table and unknown keys (tables made

@@ -468,3 +468,155 @@ fn a_gpu_without_a_device_link_is_reopened_at_its_own_path() {
         })
     );
 }
+
+fn package(n: u32) -> MeterKey {
+    MeterKey {
+        domain: Domain::Package,
+        package: Some(n),
+        die: None,
+    }
+}
+
+fn declared(driver: &str, channel: &str, key: MeterKey) -> hwmon::Declared {
+    hwmon::Declared {
+        driver: driver.into(),
+        channel: channel.into(),
+        device: None,
+        key,
+    }
+}
+
+/// An ARM server (hand-written NVIDIA Grace tree: four ACPI power meters, power only, labelled
+/// by their `power1_oem_info`, no RAPL): nothing is billed unless declared; a declared CPU rail
+/// is the package meter, integrated per tick and marked estimated, in place of the estimator;
+/// a second channel declared as the same meter is a duplicate, and a declaration that matches
+/// nothing is said.
+#[test]
+fn declared_power_only_sensors_are_billed_as_their_meter_and_nothing_else_is() {
+    let src = wattd_testkit::host_fixture("arm-grace");
+    let root = HostRoot::new(&src);
+    let devices = hwmon::scan(&root);
+    let labels: Vec<Option<&str>> = devices
+        .iter()
+        .map(|d| d.channels[0].label.as_deref())
+        .collect();
+    assert_eq!(labels[2], Some("CPU Power Socket 0"));
+    assert!(hwmon::decide(&devices)
+        .iter()
+        .all(|d| d.status == "not_billed" && d.key.is_none()));
+
+    let decl = vec![
+        declared("power_meter", "CPU Power Socket 0", package(0)),
+        // By file stem: matches all four devices; the first wins, the rest are duplicates.
+        declared("power_meter", "power1", package(1)),
+        declared("power_meter", "CPU Power Socket 9", package(9)),
+    ];
+    let got: Vec<(String, &str, Option<MeterKey>)> = hwmon::decide_with(&devices, &decl)
+        .into_iter()
+        .map(|d| (d.dir, d.status, d.key))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("hwmon0".into(), "chosen", Some(package(1))),
+            ("hwmon1".into(), "duplicate", None),
+            ("hwmon2".into(), "chosen", Some(package(0))),
+            ("hwmon3".into(), "duplicate", None),
+        ]
+    );
+    assert_eq!(hwmon::unmatched(&devices, &decl), vec![2]);
+
+    // Through the probe: package 0 from the CPU rail (estimated), the estimator not used for
+    // it; the unmatched declaration listed as unusable.
+    let mut opts = ProbeOptions::new(root.clone());
+    opts.hwmon_declared = vec![decl[0].clone(), decl[2].clone()];
+    let sel = probe::select(&opts);
+    let pkg0: Vec<_> = sel
+        .report
+        .chosen
+        .iter()
+        .filter(|c| c.domain == Domain::Package && c.package == Some(0))
+        .collect();
+    assert_eq!(pkg0.len(), 1, "{:?}", sel.report.chosen);
+    assert_eq!(
+        (pkg0[0].source, pkg0[0].quality),
+        (SourceKind::HwmonPower, Quality::Estimated)
+    );
+    let zones = &hwmon_source(&sel.report).zones;
+    assert!(
+        zones.iter().any(|z| z.status == "unusable"
+            && z.location.contains("CPU Power Socket 9")
+            && z.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("no such sensor"))),
+        "{zones:?}"
+    );
+
+    // The meter: 85 W then 95 W over one second is 90 J by trapezoid, exactly; no device
+    // identity on a CPU meter.
+    let t = tempfile::tempdir().unwrap();
+    assert!(std::process::Command::new("cp")
+        .arg("-a")
+        .arg(src.join("sys"))
+        .arg(t.path())
+        .status()
+        .unwrap()
+        .success());
+    let root = HostRoot::new(t.path());
+    let decisions = hwmon::decide_with(&hwmon::scan(&root), &decl[..1]);
+    let (meter, failed) = HwmonMeter::open(&root, &decisions, MeterOptions::default());
+    assert!(failed.is_empty());
+    let mut m = meter.unwrap();
+    assert_eq!(m.keys(), vec![package(0)]);
+    assert_eq!(m.device_id(package(0)), None);
+    let first = read(&mut m, 1_000_000);
+    assert_eq!(
+        (first[0].source, first[0].quality, sample(&first[0])),
+        (
+            SourceKind::HwmonPower,
+            Quality::Estimated,
+            CounterSample::First
+        )
+    );
+    std::fs::write(
+        t.path().join("sys/class/hwmon/hwmon2/power1_average"),
+        "95000000\n",
+    )
+    .unwrap();
+    assert_eq!(
+        sample(&read(&mut m, 1_000_000)[0]),
+        CounterSample::Energy {
+            energy_uj: 90_000_000,
+            wrapped: false
+        }
+    );
+}
+
+/// On a host with RAPL (kepler's captured tree), a channel declared as package 0 stands by: the
+/// package stays RAPL's, never summed with the declared sensor; with GPUs disabled by
+/// configuration, a declared CPU meter is still what it was declared.
+#[test]
+fn a_declared_package_beside_rapl_stands_by() {
+    let root = HostRoot::new(wattd_testkit::host_fixture("kepler"));
+    let mut opts = ProbeOptions::new(root);
+    opts.gpus = false;
+    opts.hwmon_declared = vec![declared("multi_sensor", "package", package(0))];
+    let sel = probe::select(&opts);
+    let pkg0: Vec<_> = sel
+        .report
+        .chosen
+        .iter()
+        .filter(|c| c.domain == Domain::Package && c.package == Some(0))
+        .collect();
+    assert_eq!(pkg0.len(), 1, "{:?}", sel.report.chosen);
+    assert_ne!(pkg0[0].source, SourceKind::HwmonPower);
+    let zones = &hwmon_source(&sel.report).zones;
+    assert!(
+        zones.iter().any(|z| z.status == "standby"
+            && z.location.contains("multi_sensor package")
+            && z.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("is served by"))),
+        "{zones:?}"
+    );
+}
