@@ -124,6 +124,12 @@ fn attr(path: &Path) -> Option<String> {
         .filter(|s| printable(s))
 }
 
+/// A channel's label: `<prefix><N>_label`, else (ACPI `power_meter`) `<prefix><N>_oem_info`.
+fn channel_label(dir: &Path, prefix: &str, index: u32) -> Option<String> {
+    attr(&dir.join(format!("{prefix}{index}_label")))
+        .or_else(|| attr(&dir.join(format!("{prefix}{index}_oem_info"))))
+}
+
 fn device(path: &Path, dir: String) -> Option<Device> {
     let name = attr(&path.join("name")).unwrap_or_else(|| "?".to_owned());
     let device = std::fs::read_link(path.join("device"))
@@ -148,8 +154,7 @@ fn device(path: &Path, dir: String) -> Option<Device> {
             channels.push(Channel {
                 kind,
                 index,
-                label: attr(&path.join(format!("{prefix}{index}_label")))
-                    .or_else(|| attr(&path.join(format!("{prefix}{index}_oem_info")))),
+                label: channel_label(path, prefix, index),
                 file: format!("sys/class/hwmon/{dir}/{file}"),
                 enabled,
             });
@@ -211,13 +216,89 @@ impl Declared {
     }
 }
 
-/// The declarations of `declared` that match no channel of `devices`, by position.
-pub fn unmatched(devices: &[Device], declared: &[Declared]) -> Vec<usize> {
-    (0..declared.len())
-        .filter(|&i| {
-            !devices
+/// How each declaration fared: the one channel it names (device and channel positions in
+/// `devices`), or why it names none. A declaration is refused when it matches no channel, more
+/// than one (hwmon numbers change between boots: which one would be billed must not), a disabled
+/// channel, or one wattd already knows the meaning of (an Intel GPU's, `amd_energy`'s RAPL
+/// registers, an AMD GPU's that AMD SMI measures), and two declarations naming the same channel
+/// are both refused.
+fn resolve(devices: &[Device], declared: &[Declared]) -> Vec<Result<(usize, usize), String>> {
+    let mut out: Vec<Result<(usize, usize), String>> = declared
+        .iter()
+        .map(|x| {
+            let hits: Vec<(usize, usize)> = devices
                 .iter()
-                .any(|d| d.channels.iter().any(|c| declared[i].matches(d, c)))
+                .enumerate()
+                .flat_map(|(i, d)| {
+                    d.channels
+                        .iter()
+                        .enumerate()
+                        .filter(move |(_, c)| x.matches(d, c))
+                        .map(move |(j, _)| (i, j))
+                })
+                .collect();
+            match hits[..] {
+                [] => Err("matches no sensor under /sys/class/hwmon".to_owned()),
+                [(i, j)] => {
+                    let (d, c) = (&devices[i], &devices[i].channels[j]);
+                    let (status, why) = verdict(d, c, None);
+                    if !c.enabled {
+                        Err(format!(
+                            "{} is disabled by the driver (_enable = 0)",
+                            c.file
+                        ))
+                    } else if status != "not_billed" || d.name == "amdgpu" {
+                        Err(format!(
+                            "{} cannot be declared: {}",
+                            c.file,
+                            why.unwrap_or_default()
+                        ))
+                    } else {
+                        Ok((i, j))
+                    }
+                }
+                _ => Err(format!(
+                    "matches {} channels ({}): add `device`, or a label that names one",
+                    hits.len(),
+                    hits.iter()
+                        .map(|&(i, j)| devices[i].channels[j].file.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            }
+        })
+        .collect();
+    let named: Vec<Option<(usize, usize)>> = out.iter().map(|r| r.as_ref().ok().copied()).collect();
+    for (a, ch) in named.iter().enumerate() {
+        let Some(ch) = ch else { continue };
+        if let Some(b) = (0..named.len()).find(|&b| b != a && named[b] == Some(*ch)) {
+            out[a] = Err(format!("names the same channel as entry {}", b + 1));
+        }
+    }
+    out
+}
+
+/// Every declaration that is not used, in words for `wattd probe` and the start-up log: its
+/// meter is not measured from it (an estimate, another source, or nothing stands in).
+pub fn declaration_problems(devices: &[Device], declared: &[Declared]) -> Vec<String> {
+    resolve(devices, declared)
+        .into_iter()
+        .zip(declared)
+        .enumerate()
+        .filter_map(|(n, (r, x))| {
+            r.err().map(|why| {
+                format!(
+                    "[hwmon] power entry {} ({} {}{}) {why}: {} is not measured from it",
+                    n + 1,
+                    x.driver,
+                    x.channel,
+                    x.device
+                        .as_deref()
+                        .map(|d| format!(", device {d}"))
+                        .unwrap_or_default(),
+                    x.key
+                )
+            })
         })
         .collect()
 }
@@ -228,15 +309,16 @@ pub fn decide(devices: &[Device]) -> Vec<Decision> {
 }
 
 /// Decides every channel of `devices`; `declared` names the meters of channels wattd cannot
-/// tell the meaning of on its own. The first channel declared as a meter serves it; another
-/// declared as the same meter is a `duplicate`.
+/// tell the meaning of on its own (see [`resolve`] for those refused, and
+/// [`declaration_problems`] for what is said of them).
 pub fn decide_with(devices: &[Device], declared: &[Declared]) -> Vec<Decision> {
+    let resolved = resolve(devices, declared);
     let mut taken: std::collections::BTreeSet<MeterKey> = std::collections::BTreeSet::new();
     // Intel GPUs numbered by PCI address, stable across reboots (hwmon numbers are not).
     let mut gpus: Vec<&Device> = devices.iter().filter(|d| is_intel_gpu(&d.name)).collect();
     gpus.sort_by(|a, b| a.device.cmp(&b.device).then(a.dir.cmp(&b.dir)));
     let mut out = Vec::new();
-    for d in devices {
+    for (i, d) in devices.iter().enumerate() {
         let ordinal = gpus.iter().position(|g| g.dir == d.dir);
         let key = ordinal.map(|n| MeterKey {
             domain: Domain::Gpu,
@@ -244,32 +326,38 @@ pub fn decide_with(devices: &[Device], declared: &[Declared]) -> Vec<Decision> {
             die: None,
         });
         let billed = ordinal.and_then(|_| billed_channel(d));
-        for c in &d.channels {
+        for (j, c) in d.channels.iter().enumerate() {
             let (mut status, mut detail) = verdict(d, c, billed);
             let mut key = key.filter(|_| status == "chosen" || status == "informational");
-            if status == "not_billed" {
-                if let Some(x) = declared.iter().find(|x| x.matches(d, c)) {
-                    (status, detail) = if !c.enabled {
-                        (
-                            "unusable",
-                            Some("disabled by the driver (_enable = 0)".into()),
-                        )
-                    } else if !taken.insert(x.key) {
-                        (
-                            "duplicate",
-                            Some(format!("another declared channel serves {}", x.key)),
-                        )
-                    } else {
-                        key = Some(x.key);
-                        let what = match c.kind {
-                            ChannelKind::Energy => "its energy counter (measured)",
-                            ChannelKind::Power => "power integrated per tick (estimated)",
-                        };
-                        (
-                            "chosen",
-                            Some(format!("declared in [hwmon] power: {}, {what}", x.key)),
-                        )
+            if let Some(n) = resolved
+                .iter()
+                .position(|r| r.as_ref().ok() == Some(&(i, j)))
+            {
+                let x = &declared[n];
+                (status, detail) = if taken.insert(x.key) {
+                    key = Some(x.key);
+                    let what = match c.kind {
+                        ChannelKind::Energy => "its energy counter (measured)",
+                        ChannelKind::Power => "power integrated per tick (estimated)",
                     };
+                    (
+                        "chosen",
+                        Some(format!("declared in [hwmon] power: {}, {what}", x.key)),
+                    )
+                } else {
+                    (
+                        "duplicate",
+                        Some(format!("another declared channel serves {}", x.key)),
+                    )
+                };
+            } else if let Some(n) = declared.iter().position(|x| x.matches(d, c)) {
+                if status == "not_billed" {
+                    status = "unusable";
+                    detail = Some(format!(
+                        "[hwmon] power entry {} is not used: {}",
+                        n + 1,
+                        resolved[n].as_ref().err().map_or("", |e| e.as_str())
+                    ));
                 }
             }
             out.push(Decision {
@@ -465,17 +553,32 @@ impl Reader {
             return Err(missing());
         }
         self.next_scan = Some(now + RESCAN_EVERY);
-        // Without a device link another card could answer to the same name: only the original
-        // file is opened again.
+        // Without a device link another device could answer to the same name: only the
+        // original file is opened again, and only while its directory still holds the same
+        // driver's channel with the same label (hwmon numbers are reused across reloads).
         let path = match &self.device {
             Some(_) => self.locate(root).ok_or_else(missing)?,
-            None => self.path.clone(),
+            None if self.still_ours(&self.path) => self.path.clone(),
+            None => return Err(missing()),
         };
         let f = KeptFile::open(&path, HINT)?;
         let v = f.read_u64();
         self.file = Some(f);
         self.next_scan = None;
         v.map(|v| (v, true))
+    }
+
+    /// `path`'s directory still holds this driver's channel under this label.
+    fn still_ours(&self, path: &Path) -> bool {
+        let Some(dir) = path.parent() else {
+            return false;
+        };
+        let prefix = match self.kind {
+            ChannelKind::Energy => "energy",
+            ChannelKind::Power => "power",
+        };
+        attr(&dir.join("name")).unwrap_or_else(|| "?".to_owned()) == self.name
+            && channel_label(dir, prefix, self.index) == self.label
     }
 
     fn locate(&self, root: &HostRoot) -> Option<PathBuf> {

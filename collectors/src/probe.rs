@@ -210,7 +210,7 @@ pub fn select(opts: &ProbeOptions) -> Selection {
             &mut chosen,
             &mut meters,
         ),
-        probe_hwmon(opts, virtualized, &mut chosen, &mut meters),
+        probe_hwmon(opts, virtualized, &mut chosen, &mut meters, &mut problems),
         probe_estimator(opts, topo.as_ref(), &mut chosen, &mut meters),
     ];
 
@@ -304,30 +304,15 @@ fn probe_hwmon(
     virtualized: bool,
     chosen: &mut BTreeMap<MeterKey, SourceKind>,
     meters: &mut Vec<Box<dyn Meter>>,
+    problems: &mut Vec<String>,
 ) -> SourceReport {
     let mut rep = SourceReport::unused(SourceKind::Hwmon);
     let root = &opts.root;
     let devices = hwmon::scan(root);
-    // A declaration that matches no sensor is said, not silently ignored: its meter is not
-    // measured (a typo, another kernel's label).
-    for i in hwmon::unmatched(&devices, &opts.hwmon_declared) {
-        let x = &opts.hwmon_declared[i];
-        rep.zones.push(zone(
-            Some(x.key),
-            format!(
-                "[hwmon] power entry {} ({} {}{})",
-                i + 1,
-                x.driver,
-                x.channel,
-                x.device
-                    .as_deref()
-                    .map(|d| format!(", {d}"))
-                    .unwrap_or_default()
-            ),
-            "unusable",
-            Some("declared, but no such sensor under /sys/class/hwmon".into()),
-        ));
-    }
+    // A declaration that is not used is a problem (`wattd probe`, the start-up log), never
+    // silently ignored: its meter is not measured from it (a typo, another kernel's label, a
+    // label two channels share).
+    problems.extend(hwmon::declaration_problems(&devices, &opts.hwmon_declared));
     if devices.is_empty() {
         rep.reason = Some(format!(
             "no hwmon energy or power sensor under /sys/class/hwmon{}",
@@ -337,15 +322,21 @@ fn probe_hwmon(
     }
     let mut decisions = hwmon::decide_with(&devices, &opts.hwmon_declared);
     // A meter some earlier source serves is not claimed twice: RAPL's package beside a
-    // declared CPU power sensor keeps RAPL, the declaration stands by.
+    // declared CPU power sensor keeps RAPL, the declaration stands by, whether RAPL reports the
+    // package whole or per die.
     for d in decisions.iter_mut().filter(|d| d.status == "chosen") {
         let gpu = d.key.is_some_and(|k| k.domain == Domain::Gpu);
+        let served = d.key.and_then(|k| {
+            chosen
+                .iter()
+                .find(|(c, _)| c.domain == k.domain && c.package == k.package)
+        });
         if gpu && !opts.gpus {
             d.status = "unusable";
             d.detail = Some("GPUs disabled by configuration ([gpu] enabled = false)".into());
-        } else if let Some(k) = d.key.filter(|k| chosen.contains_key(k)) {
+        } else if let Some((c, src)) = served {
             d.status = "standby";
-            d.detail = Some(format!("{k} is served by {}", chosen[&k]));
+            d.detail = Some(format!("{c} is served by {src}"));
         }
     }
     let (meter, failed) = HwmonMeter::open(root, &decisions, opts.hwmon);

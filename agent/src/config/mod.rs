@@ -259,21 +259,50 @@ mod tests {
              { driver = \"x\", channel = \"power1\", domain = \"package\" },\n  \
              { driver = \"\", channel = \"power1\", domain = \"dram\", package = 0, watts = 3 },\n  \
              { driver = \"x\", channel = \"a\", domain = \"package\", package = 0 },\n  \
-             { driver = \"y\", channel = \"b\", domain = \"package\", package = 0 },\n]\n",
+             { driver = \"y\", channel = \"b\", domain = \"package\", package = 0 },\n  \
+             { driver = \"x\", channel = \"a\", domain = \"package\", package = 1 },\n  \
+             { driver = \"x\\u0007\", channel = { a = 1 }, domain = \"package\", package = -1 },\n]\n",
         )
         .unwrap_err()
         .to_string();
         for want in [
-            "f:3: hwmon.power: every entry must be a table",
-            "f:4: hwmon.power: domain: must be \"package\", \"dram\" or \"psys\"",
-            "f:5: hwmon.power: package: psys is the whole platform's",
-            "f:6: hwmon.power: package: required for package and dram",
-            "f:7: hwmon.power: watts: unknown key",
-            "f:7: hwmon.power: driver: must be a string",
-            "f:9: hwmon.power: package/package-0 is declared twice",
+            "f:3: hwmon.power: entry 1: must be a table",
+            "f:4: hwmon.power: entry 2: domain: must be \"package\", \"dram\" or \"psys\"",
+            "f:5: hwmon.power: entry 3: package: psys is the whole platform's",
+            "f:6: hwmon.power: entry 4: package: required for package and dram",
+            "f:7: hwmon.power: entry 5: watts: unknown key",
+            "f:7: hwmon.power: entry 5: driver: must be a string",
+            "f:9: hwmon.power: entry 7: package/package-0 is declared twice (entry 6 too)",
+            "f:10: hwmon.power: entry 8: the same channel as entry 6",
+            "f:11: hwmon.power: entry 9: driver: must be a string of 1 to 128 printable",
+            "f:11: hwmon.power: entry 9: channel: must be a string",
+            "f:11: hwmon.power: entry 9: package: must be a package number",
         ] {
             assert!(err.contains(want), "{want:?} not in:\n{err}");
         }
+        // Written as an array of tables: every problem still names its entry.
+        let err = parse(
+            "f",
+            "[[hwmon.power]]\ndriver = \"x\"\nchannel = \"c\"\ndomain = \"package\"\npackage = 0\n\
+             [[hwmon.power]]\ndriver = \"x\"\nchannel = \"d\"\ndomain = \"dram\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("hwmon.power: entry 2: package: required"),
+            "{err}"
+        );
+        let long = "c".repeat(129);
+        let err = parse(
+            "f",
+            &format!("[hwmon]\npower = [{{ driver = \"x\", channel = \"{long}\", domain = \"psys\" }}]\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("entry 1: channel: must be a string of 1 to 128"),
+            "{err}"
+        );
     }
 
     /// `[platform]`: the BMC; every problem named with its key and line.

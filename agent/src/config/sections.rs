@@ -103,7 +103,8 @@ pub(super) fn read_all(v: &mut Validator<'_>, raw: &raw::File) -> Config {
 }
 
 /// `[hwmon] power`: an array of tables `{ driver, channel, device?, domain, package? }`, each
-/// a hwmon channel the operator declares the meaning of. Every problem is named with its entry.
+/// a hwmon channel the operator declares the meaning of. Every problem is named with its entry
+/// (its number, and its line where the array is written inline).
 fn hwmon_power(
     v: &mut Validator<'_>,
     f: &raw::Field<Vec<toml::Value>>,
@@ -111,23 +112,24 @@ fn hwmon_power(
     use wattd_collectors::{hwmon::Declared, Domain, MeterKey};
     const KEY: &str = "hwmon.power";
     const KEYS: [&str; 5] = ["driver", "channel", "device", "domain", "package"];
+    fn bad(v: &mut Validator<'_>, i: usize, msg: impl std::fmt::Display) {
+        v.problem_in(KEY, i, format!("entry {}: {msg}", i + 1));
+    }
     let Some(arr) = v.array(f, KEY, "must be an array of tables") else {
         return Vec::new();
     };
-    let mut out = Vec::new();
+    let mut out: Vec<Declared> = Vec::new();
+    // The entry number of each of `out`.
+    let mut entry: Vec<usize> = Vec::new();
     for (i, item) in arr.iter().enumerate() {
         let Some(t) = item.as_table() else {
-            v.problem_in(
-                KEY,
-                i,
-                "every entry must be a table { driver, channel, domain, package }",
-            );
+            bad(v, i, "must be a table { driver, channel, domain, package }");
             continue;
         };
         let mut ok = true;
         for k in t.keys().filter(|k| !KEYS.contains(&k.as_str())) {
-            v.problem_in(
-                KEY,
+            bad(
+                v,
                 i,
                 format!("{k}: unknown key (known: {})", KEYS.join(", ")),
             );
@@ -137,13 +139,14 @@ fn hwmon_power(
             match t.get(k) {
                 None if !required => None,
                 Some(toml::Value::String(s))
-                    if !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control) =>
+                    if (1..=128).contains(&s.chars().count())
+                        && !s.chars().any(char::is_control) =>
                 {
                     Some(s.clone())
                 }
                 _ => {
-                    v.problem_in(
-                        KEY,
+                    bad(
+                        v,
                         i,
                         format!("{k}: must be a string of 1 to 128 printable characters"),
                     );
@@ -160,15 +163,15 @@ fn hwmon_power(
             Some("dram") => Some(Domain::Dram),
             Some("psys") => Some(Domain::Psys),
             _ => {
-                v.problem_in(KEY, i, "domain: must be \"package\", \"dram\" or \"psys\"");
+                bad(v, i, "domain: must be \"package\", \"dram\" or \"psys\"");
                 None
             }
         };
         let package = match (domain, t.get("package")) {
             (Some(Domain::Psys), None) => Some(None),
             (Some(Domain::Psys), Some(_)) => {
-                v.problem_in(
-                    KEY,
+                bad(
+                    v,
                     i,
                     "package: psys is the whole platform's, without a package",
                 );
@@ -177,35 +180,48 @@ fn hwmon_power(
             (_, Some(p)) => match p.as_integer().and_then(|p| u32::try_from(p).ok()) {
                 Some(p) if p < 4096 => Some(Some(p)),
                 _ => {
-                    v.problem_in(KEY, i, "package: must be a package number from 0 to 4095");
+                    bad(v, i, "package: must be a package number from 0 to 4095");
                     None
                 }
             },
             (Some(_), None) => {
-                v.problem_in(KEY, i, "package: required for package and dram");
+                bad(v, i, "package: required for package and dram");
                 None
             }
             (None, None) => None,
         };
-        if let (true, Some(driver), Some(channel), Some(domain), Some(package)) =
+        let (true, Some(driver), Some(channel), Some(domain), Some(package)) =
             (ok, driver, channel, domain, package)
-        {
-            let key = MeterKey {
-                domain,
-                package,
-                die: None,
-            };
-            if out.iter().any(|x: &Declared| x.key == key) {
-                v.problem_in(KEY, i, format!("{key} is declared twice"));
-                continue;
-            }
-            out.push(Declared {
-                driver,
-                channel,
-                device,
-                key,
-            });
+        else {
+            continue;
+        };
+        let key = MeterKey {
+            domain,
+            package,
+            die: None,
+        };
+        if let Some(n) = out.iter().position(|x| x.key == key) {
+            bad(
+                v,
+                i,
+                format!("{key} is declared twice (entry {} too)", entry[n] + 1),
+            );
+            continue;
         }
+        if let Some(n) = out
+            .iter()
+            .position(|x| x.driver == driver && x.channel == channel && x.device == device)
+        {
+            bad(v, i, format!("the same channel as entry {}", entry[n] + 1));
+            continue;
+        }
+        entry.push(i);
+        out.push(Declared {
+            driver,
+            channel,
+            device,
+            key,
+        });
     }
     out
 }

@@ -120,8 +120,7 @@ impl GpuReport {
         if self.problem.is_none() {
             return 0;
         }
-        let bound = self.present.iter().filter(|g| g.is_vendor_bound()).count();
-        bound.saturating_sub(self.measured())
+        bound(&self.present).len().saturating_sub(self.measured())
     }
 
     /// Records the GPUs on the PCI bus and sets [`problem`](Self::problem) when some that the
@@ -132,12 +131,7 @@ impl GpuReport {
     /// container given some of the host's GPUs), are a warning: the operator may mean it.
     pub fn check_present(&mut self, present: Vec<PciGpu>) {
         self.present = present;
-        let bound: Vec<&str> = self
-            .present
-            .iter()
-            .filter(|g| g.is_nvidia_bound())
-            .map(|g| g.address.as_str())
-            .collect();
+        let bound = bound(&self.present);
         let missing = bound.len().saturating_sub(self.measured());
         if missing == 0 {
             self.problem = None;
@@ -174,6 +168,16 @@ impl GpuReport {
     }
 }
 
+/// The addresses of the `present` GPUs bound to their vendor's driver (`nvidia`, `amdgpu`): the
+/// ones the vendor's library should measure.
+fn bound(present: &[PciGpu]) -> Vec<&str> {
+    present
+        .iter()
+        .filter(|g| g.is_vendor_bound())
+        .map(|g| g.address.as_str())
+        .collect()
+}
+
 impl GpuReport {
     /// [`check_present`](Self::check_present) for AMD GPUs: fewer measured than `amdgpu`
     /// holds is always a warning (a workstation's integrated GPU is one, and ROCm is rarely on
@@ -181,12 +185,7 @@ impl GpuReport {
     /// warning) is kept after it.
     pub fn check_present_amd(&mut self, present: Vec<PciGpu>) {
         self.present = present;
-        let bound: Vec<&str> = self
-            .present
-            .iter()
-            .filter(|g| g.is_vendor_bound())
-            .map(|g| g.address.as_str())
-            .collect();
+        let bound = bound(&self.present);
         let missing = bound.len().saturating_sub(self.measured());
         self.problem_is_error = false;
         if missing == 0 {

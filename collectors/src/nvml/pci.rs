@@ -46,13 +46,8 @@ impl PciGpu {
 /// reports itself), SR-IOV virtual functions left out, sorted by address.
 pub fn amd_gpus(root: &HostRoot) -> Vec<PciGpu> {
     pci_functions(root, |dev| {
-        let attr = |name: &str| {
-            read_bounded(&dev.join(name), ATTR_MAX, "PCI device attribute")
-                .map(|s| s.trim().to_ascii_lowercase())
-                .unwrap_or_default()
-        };
-        attr("vendor") == AMD_VENDOR && {
-            let class = attr("class");
+        attr(dev, "vendor") == AMD_VENDOR && {
+            let class = attr(dev, "class");
             class.starts_with("0x03") || class.starts_with("0x12")
         }
     })
@@ -92,15 +87,18 @@ fn pci_functions(root: &HostRoot, is_gpu: impl Fn(&Path) -> bool) -> Vec<PciGpu>
 }
 
 fn is_nvidia_gpu(dev: &Path) -> bool {
-    let attr = |name: &str| {
-        read_bounded(&dev.join(name), ATTR_MAX, "PCI device attribute")
-            .map(|s| s.trim().to_ascii_lowercase())
-            .unwrap_or_default()
-    };
-    attr("vendor") == NVIDIA_VENDOR && {
-        let class = attr("class");
+    attr(dev, "vendor") == NVIDIA_VENDOR && {
+        let class = attr(dev, "class");
         class.starts_with("0x0300") || class.starts_with("0x0302")
     }
+}
+
+/// A PCI function's small attribute (`vendor`, `class`), trimmed and lower-case; empty when
+/// unreadable.
+fn attr(dev: &Path, name: &str) -> String {
+    read_bounded(&dev.join(name), ATTR_MAX, "PCI device attribute")
+        .map(|s| s.trim().to_ascii_lowercase())
+        .unwrap_or_default()
 }
 
 fn bound_driver(dev: &Path) -> Option<String> {

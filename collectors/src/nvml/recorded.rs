@@ -285,6 +285,11 @@ impl RecordedNvml {
     }
 }
 
+/// A recorded list, empty where the recording has none.
+fn or_empty<T: Clone>(a: &Option<Answer<Vec<T>>>) -> Result<Vec<T>, NvmlError> {
+    a.as_ref().map_or(Ok(Vec::new()), Answer::get)
+}
+
 fn or<T: Clone>(a: &Option<Answer<T>>, absent: NvmlError) -> Result<T, NvmlError> {
     match a {
         Some(a) => a.get(),
@@ -364,12 +369,7 @@ impl NvmlApi for RecordedNvml {
     }
 
     fn compute_processes(&mut self, gpu: u32) -> Result<Vec<ComputeProcess>, NvmlError> {
-        let g = self.gpu(gpu)?;
-        let procs = match &g.processes {
-            Some(a) => a.get()?,
-            None => Vec::new(),
-        };
-        Ok(procs
+        Ok(or_empty(&self.gpu(gpu)?.processes)?
             .into_iter()
             .map(|(pid, gpu_instance)| ComputeProcess { pid, gpu_instance })
             .collect())
@@ -402,11 +402,7 @@ impl NvmlApi for RecordedNvml {
         if self.vendor != RecordedVendor::Amd {
             return Err(NvmlError::NotSupported);
         }
-        let list = match &self.gpu(gpu)?.engine_ns {
-            Some(a) => a.get()?,
-            None => Vec::new(),
-        };
-        Ok(list
+        Ok(or_empty(&self.gpu(gpu)?.engine_ns)?
             .into_iter()
             .map(|(pid, gfx_ns)| EngineTime { pid, gfx_ns })
             .collect())

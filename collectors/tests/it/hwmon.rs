@@ -477,6 +477,17 @@ fn package(n: u32) -> MeterKey {
     }
 }
 
+/// The probe's one choice for `key` (failing unless there is exactly one).
+fn chosen_for(r: &probe::ProbeReport, key: MeterKey) -> &probe::Choice {
+    let c: Vec<&probe::Choice> = r
+        .chosen
+        .iter()
+        .filter(|c| c.domain == key.domain && c.package == key.package)
+        .collect();
+    assert_eq!(c.len(), 1, "{key}: {:?}", r.chosen);
+    c[0]
+}
+
 fn declared(driver: &str, channel: &str, key: MeterKey) -> hwmon::Declared {
     hwmon::Declared {
         driver: driver.into(),
@@ -488,9 +499,9 @@ fn declared(driver: &str, channel: &str, key: MeterKey) -> hwmon::Declared {
 
 /// An ARM server (hand-written NVIDIA Grace tree: four ACPI power meters, power only, labelled
 /// by their `power1_oem_info`, no RAPL): nothing is billed unless declared; a declared CPU rail
-/// is the package meter, integrated per tick and marked estimated, in place of the estimator;
-/// a second channel declared as the same meter is a duplicate, and a declaration that matches
-/// nothing is said.
+/// is the package meter, integrated per tick and marked estimated, served by that one meter; a
+/// declaration that matches several channels (hwmon numbers change between boots), two that
+/// name the same channel, and one that matches nothing are refused and said as problems.
 #[test]
 fn declared_power_only_sensors_are_billed_as_their_meter_and_nothing_else_is() {
     let src = wattd_testkit::host_fixture("arm-grace");
@@ -507,9 +518,12 @@ fn declared_power_only_sensors_are_billed_as_their_meter_and_nothing_else_is() {
 
     let decl = vec![
         declared("power_meter", "CPU Power Socket 0", package(0)),
-        // By file stem: matches all four devices; the first wins, the rest are duplicates.
+        // By file stem: all four devices have a power1. Refused, whatever it would pick.
         declared("power_meter", "power1", package(1)),
         declared("power_meter", "CPU Power Socket 9", package(9)),
+        // Two entries naming the SysIO rail: neither is used.
+        declared("power_meter", "SysIO Power Socket 0", package(2)),
+        declared("power_meter", "SysIO Power Socket 0", package(3)),
     ];
     let got: Vec<(String, &str, Option<MeterKey>)> = hwmon::decide_with(&devices, &decl)
         .into_iter()
@@ -518,38 +532,39 @@ fn declared_power_only_sensors_are_billed_as_their_meter_and_nothing_else_is() {
     assert_eq!(
         got,
         vec![
-            ("hwmon0".into(), "chosen", Some(package(1))),
-            ("hwmon1".into(), "duplicate", None),
+            ("hwmon0".into(), "unusable", None),
+            ("hwmon1".into(), "unusable", None),
             ("hwmon2".into(), "chosen", Some(package(0))),
-            ("hwmon3".into(), "duplicate", None),
+            ("hwmon3".into(), "unusable", None),
         ]
     );
-    assert_eq!(hwmon::unmatched(&devices, &decl), vec![2]);
+    let problems = hwmon::declaration_problems(&devices, &decl);
+    assert_eq!(problems.len(), 4, "{problems:#?}");
+    assert!(
+        problems[0].starts_with("[hwmon] power entry 2 (power_meter power1) matches 4 channels")
+    );
+    assert!(problems[1].contains("entry 3") && problems[1].contains("matches no sensor"));
+    assert!(problems[2].contains("entry 4") && problems[2].contains("same channel as entry 5"));
+    assert!(problems[3].contains("entry 5") && problems[3].contains("same channel as entry 4"));
 
-    // Through the probe: package 0 from the CPU rail (estimated), the estimator not used for
-    // it; the unmatched declaration listed as unusable.
+    // Through the probe: package 0 from the CPU rail (estimated), one meter serving it; the
+    // refused declarations among the report's problems.
     let mut opts = ProbeOptions::new(root.clone());
     opts.hwmon_declared = vec![decl[0].clone(), decl[2].clone()];
     let sel = probe::select(&opts);
-    let pkg0: Vec<_> = sel
-        .report
-        .chosen
-        .iter()
-        .filter(|c| c.domain == Domain::Package && c.package == Some(0))
-        .collect();
-    assert_eq!(pkg0.len(), 1, "{:?}", sel.report.chosen);
+    let pkg0 = chosen_for(&sel.report, package(0));
     assert_eq!(
-        (pkg0[0].source, pkg0[0].quality),
+        (pkg0.source, pkg0.quality),
         (SourceKind::HwmonPower, Quality::Estimated)
     );
-    let zones = &hwmon_source(&sel.report).zones;
+    assert_eq!(serving(&sel, package(0)), 1);
     assert!(
-        zones.iter().any(|z| z.status == "unusable"
-            && z.location.contains("CPU Power Socket 9")
-            && z.detail
-                .as_deref()
-                .is_some_and(|d| d.contains("no such sensor"))),
-        "{zones:?}"
+        sel.report
+            .problems
+            .iter()
+            .any(|p| p.contains("CPU Power Socket 9") && p.contains("matches no sensor")),
+        "{:?}",
+        sel.report.problems
     );
 
     // The meter: 85 W then 95 W over one second is 90 J by trapezoid, exactly; no device
@@ -578,11 +593,8 @@ fn declared_power_only_sensors_are_billed_as_their_meter_and_nothing_else_is() {
             CounterSample::First
         )
     );
-    std::fs::write(
-        t.path().join("sys/class/hwmon/hwmon2/power1_average"),
-        "95000000\n",
-    )
-    .unwrap();
+    let file = t.path().join("sys/class/hwmon/hwmon2/power1_average");
+    std::fs::write(&file, "95000000\n").unwrap();
     assert_eq!(
         sample(&read(&mut m, 1_000_000)[0]),
         CounterSample::Energy {
@@ -590,6 +602,50 @@ fn declared_power_only_sensors_are_billed_as_their_meter_and_nothing_else_is() {
             wrapped: false
         }
     );
+    // A driver reload (no device link here) that brings another sensor back as hwmon2 (the
+    // SysIO rail): it is not taken for the CPU rail, a gap now and at the next tick.
+    std::fs::write(
+        t.path().join("sys/class/hwmon/hwmon2/power1_oem_info"),
+        "SysIO Power Socket 0\n",
+    )
+    .unwrap();
+    std::fs::write(&file, "").unwrap();
+    assert!(read(&mut m, 1_000_000)[0].sample.is_err());
+    std::fs::write(&file, "15000000\n").unwrap();
+    let err = read(&mut m, 1_000_000)[0]
+        .sample
+        .as_ref()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("power_meter no device link"), "{err}");
+}
+
+/// How many of the selection's meters serve `key` (any die of its package).
+fn serving(sel: &probe::Selection, key: MeterKey) -> usize {
+    sel.meters
+        .iter()
+        .filter(|m| {
+            m.keys()
+                .iter()
+                .any(|k| k.domain == key.domain && k.package == key.package)
+        })
+        .count()
+}
+
+/// An AMD GPU's hwmon channel (measured through AMD SMI) cannot be declared: refused, said.
+#[test]
+fn an_amd_gpu_channel_cannot_be_declared() {
+    let root = HostRoot::new(wattd_testkit::host_fixture("kepler"));
+    let devices = hwmon::scan(&root);
+    let decl = vec![declared("amdgpu", "power1", package(0))];
+    let problems = hwmon::declaration_problems(&devices, &decl);
+    assert!(
+        problems.len() == 1 && problems[0].contains("cannot be declared"),
+        "{problems:?}"
+    );
+    assert!(hwmon::decide_with(&devices, &decl)
+        .iter()
+        .all(|d| d.key != Some(package(0))));
 }
 
 /// On a host with RAPL (kepler's captured tree), a channel declared as package 0 stands by: the
@@ -600,20 +656,15 @@ fn a_declared_package_beside_rapl_stands_by() {
     let root = HostRoot::new(wattd_testkit::host_fixture("kepler"));
     let mut opts = ProbeOptions::new(root);
     opts.gpus = false;
-    opts.hwmon_declared = vec![declared("multi_sensor", "package", package(0))];
+    opts.hwmon_declared = vec![declared("k10temp", "Package", package(0))];
     let sel = probe::select(&opts);
-    let pkg0: Vec<_> = sel
-        .report
-        .chosen
-        .iter()
-        .filter(|c| c.domain == Domain::Package && c.package == Some(0))
-        .collect();
-    assert_eq!(pkg0.len(), 1, "{:?}", sel.report.chosen);
-    assert_ne!(pkg0[0].source, SourceKind::HwmonPower);
+    let pkg0 = chosen_for(&sel.report, package(0));
+    assert_ne!(pkg0.source, SourceKind::HwmonPower);
+    assert_eq!(serving(&sel, package(0)), 1);
     let zones = &hwmon_source(&sel.report).zones;
     assert!(
         zones.iter().any(|z| z.status == "standby"
-            && z.location.contains("multi_sensor package")
+            && z.location.contains("k10temp Package")
             && z.detail
                 .as_deref()
                 .is_some_and(|d| d.contains("is served by"))),

@@ -559,3 +559,48 @@ fn dev_machine_probe_names_a_source_and_never_panics() {
             .all(|c| c.quality == wattd_collectors::Quality::Estimated));
     }
 }
+
+/// RAPL reporting package 0 per die (`package-0-die-0`, `-die-1`) and a hwmon channel declared
+/// as package 0: RAPL's dies serve it, the declaration stands by (its key has no die, and must
+/// still not be claimed beside them: that would count the package twice).
+#[test]
+fn a_declared_package_stands_by_beside_rapl_per_die() {
+    let (_d, t) = tree();
+    t.cpus(1, 4, 2).unwrap();
+    t.zone(&ZoneSpec::new("intel-rapl:0", "package-0-die-0", "10"))
+        .unwrap();
+    t.zone(&ZoneSpec::new("intel-rapl:1", "package-0-die-1", "20"))
+        .unwrap();
+    let hw = t.root().join("sys/class/hwmon/hwmon0");
+    std::fs::create_dir_all(&hw).unwrap();
+    std::fs::write(hw.join("name"), "power_meter\n").unwrap();
+    std::fs::write(hw.join("power1_average"), "80000000\n").unwrap();
+    std::fs::write(hw.join("power1_oem_info"), "CPU Power Socket 0\n").unwrap();
+    let mut opts = ProbeOptions::new(HostRoot::new(t.root()));
+    opts.hwmon_declared = vec![wattd_collectors::hwmon::Declared {
+        driver: "power_meter".into(),
+        channel: "CPU Power Socket 0".into(),
+        device: None,
+        key: pkg(0),
+    }];
+    let sel = probe::select(&opts);
+    let hwmon = sel
+        .report
+        .sources
+        .iter()
+        .find(|s| s.source == SourceKind::Hwmon)
+        .unwrap();
+    assert!(
+        hwmon.zones.iter().any(|z| z.status == "standby"),
+        "{:?}",
+        hwmon.zones
+    );
+    assert!(
+        !chosen(&sel.report)
+            .iter()
+            .any(|(k, s)| k.domain == Domain::Package && *s == SourceKind::HwmonPower),
+        "{:?}",
+        chosen(&sel.report)
+    );
+    assert!(sel.meters.iter().all(|m| m.source() != SourceKind::Hwmon));
+}
