@@ -145,14 +145,20 @@ fn two_socket_server_with_dram_and_psys() {
     assert_eq!(energy(pkg(1)), 0);
 }
 
-#[test]
-fn multi_die_package() {
-    let (_d, t) = tree();
+/// One package of four CPUs on two dies, RAPL reporting each die (`package-0-die-0`, `-die-1`).
+fn two_die_package() -> (tempfile::TempDir, HostTree) {
+    let (d, t) = tree();
     t.cpus(1, 4, 2).unwrap();
     t.zone(&ZoneSpec::new("intel-rapl:0", "package-0-die-0", "10"))
         .unwrap();
     t.zone(&ZoneSpec::new("intel-rapl:1", "package-0-die-1", "20"))
         .unwrap();
+    (d, t)
+}
+
+#[test]
+fn multi_die_package() {
+    let (_d, t) = two_die_package();
     t.zone(&ZoneSpec::new("intel-rapl:1:0", "dram", "30"))
         .unwrap();
     let scan = powercap::scan(&HostRoot::new(t.root())).unwrap();
@@ -565,12 +571,7 @@ fn dev_machine_probe_names_a_source_and_never_panics() {
 /// still not be claimed beside them: that would count the package twice).
 #[test]
 fn a_declared_package_stands_by_beside_rapl_per_die() {
-    let (_d, t) = tree();
-    t.cpus(1, 4, 2).unwrap();
-    t.zone(&ZoneSpec::new("intel-rapl:0", "package-0-die-0", "10"))
-        .unwrap();
-    t.zone(&ZoneSpec::new("intel-rapl:1", "package-0-die-1", "20"))
-        .unwrap();
+    let (_d, t) = two_die_package();
     let hw = t.root().join("sys/class/hwmon/hwmon0");
     std::fs::create_dir_all(&hw).unwrap();
     std::fs::write(hw.join("name"), "power_meter\n").unwrap();
