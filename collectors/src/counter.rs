@@ -99,6 +99,17 @@ impl EnergyCounter {
         }
     }
 
+    /// What one raw count is worth.
+    pub fn unit(&self) -> EnergyUnit {
+        self.unit
+    }
+
+    /// Starts over counting in `unit` (a source whose unit changed: AMD SMI gives it with every
+    /// reading): everything before is forgotten and the next reading is a baseline (`First`).
+    pub fn restart_in(&mut self, unit: EnergyUnit) {
+        *self = EnergyCounter::new(self.modulus, unit, self.ceiling_uw);
+    }
+
     /// The most energy the domain can consume in `elapsed_us`.
     pub fn ceiling_uj(&self, elapsed_us: u64) -> u64 {
         let e = elapsed_us.max(MIN_CEILING_ELAPSED_US) as u128;

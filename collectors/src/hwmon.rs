@@ -61,6 +61,16 @@ pub enum ChannelKind {
     Power,
 }
 
+impl ChannelKind {
+    /// The attribute names' prefix: `energy` (`energy1_input`), `power`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            ChannelKind::Energy => "energy",
+            ChannelKind::Power => "power",
+        }
+    }
+}
+
 /// One energy or power channel of a hwmon device.
 #[derive(Clone, Debug, Serialize)]
 pub struct Channel {
@@ -138,8 +148,16 @@ fn device(path: &Path, dir: String) -> Option<Device> {
         .filter(|d| printable(d));
     let mut channels = Vec::new();
     for (kind, prefix, files) in [
-        (ChannelKind::Energy, "energy", &["input"][..]),
-        (ChannelKind::Power, "power", &["input", "average"][..]),
+        (
+            ChannelKind::Energy,
+            ChannelKind::Energy.prefix(),
+            &["input"][..],
+        ),
+        (
+            ChannelKind::Power,
+            ChannelKind::Power.prefix(),
+            &["input", "average"][..],
+        ),
     ] {
         for index in 1..=CHANNELS_MAX {
             let Some(file) = files
@@ -203,10 +221,7 @@ pub struct Declared {
 
 impl Declared {
     fn matches(&self, d: &Device, c: &Channel) -> bool {
-        let stem = match c.kind {
-            ChannelKind::Energy => format!("energy{}", c.index),
-            ChannelKind::Power => format!("power{}", c.index),
-        };
+        let stem = format!("{}{}", c.kind.prefix(), c.index);
         d.name == self.driver
             && self
                 .device
@@ -538,10 +553,7 @@ impl Reader {
         let missing = || HostError::NotFound {
             path: root.join(format!(
                 "sys/class/hwmon/*/{}{}_input ({} {})",
-                match self.kind {
-                    ChannelKind::Energy => "energy",
-                    ChannelKind::Power => "power",
-                },
+                self.kind.prefix(),
                 self.index,
                 self.name,
                 self.device.as_deref().unwrap_or("no device link")
@@ -573,12 +585,8 @@ impl Reader {
         let Some(dir) = path.parent() else {
             return false;
         };
-        let prefix = match self.kind {
-            ChannelKind::Energy => "energy",
-            ChannelKind::Power => "power",
-        };
         attr(&dir.join("name")).unwrap_or_else(|| "?".to_owned()) == self.name
-            && channel_label(dir, prefix, self.index) == self.label
+            && channel_label(dir, self.kind.prefix(), self.index) == self.label
     }
 
     fn locate(&self, root: &HostRoot) -> Option<PathBuf> {

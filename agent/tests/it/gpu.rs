@@ -552,10 +552,6 @@ impl NvmlApi for Hanging {
     fn name(&mut self, gpu: u32) -> Result<String, NvmlError> {
         self.inner.name(gpu)
     }
-    fn total_energy_mj(&mut self, gpu: u32) -> Result<u64, NvmlError> {
-        self.wait();
-        self.inner.total_energy_mj(gpu)
-    }
     fn power_mw(&mut self, gpu: u32) -> Result<u32, NvmlError> {
         self.inner.power_mw(gpu)
     }

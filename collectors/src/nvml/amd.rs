@@ -189,7 +189,6 @@ struct Fns {
     shut_down: ShutDownFn,
     uuid: UuidFn,
     energy: EnergyFn,
-    proc_list: Option<ProcListFn>,
 }
 
 /// AMD SMI, initialised, with the GPU processor handles it listed at open. Handles are opaque
@@ -197,9 +196,8 @@ struct Fns {
 pub struct RealAmdSmi {
     fns: Fns,
     gpus: Vec<Handle>,
-    layout: Option<ProcLayout>,
-    /// Why the process list is not read, when it is not.
-    no_list: Option<String>,
+    /// The process list's function and the layout it is decoded with, or why it is not read.
+    list: Result<(ProcListFn, ProcLayout), String>,
     major: u32,
     version: String,
     buf: Vec<u8>,
@@ -218,7 +216,7 @@ impl std::fmt::Debug for RealAmdSmi {
         f.debug_struct("RealAmdSmi")
             .field("gpus", &self.gpus.len())
             .field("version", &self.version)
-            .field("layout", &self.layout)
+            .field("layout", &self.list.as_ref().map(|(_, l)| l))
             .finish()
     }
 }
@@ -272,28 +270,28 @@ impl RealAmdSmi {
             shut_down: load(&lib, b"amdsmi_shut_down\0")?,
             uuid: load(&lib, b"amdsmi_get_gpu_device_uuid\0")?,
             energy: load(&lib, b"amdsmi_get_energy_count\0")?,
-            proc_list: load(&lib, b"amdsmi_get_gpu_process_list\0").ok(),
         };
+        let proc_list: Option<ProcListFn> = load(&lib, b"amdsmi_get_gpu_process_list\0").ok();
         // SAFETY: amdsmi_init(uint64_t flags).
         let rc = unsafe { init(INIT_AMD_GPUS) };
         if rc != SUCCESS {
             return Err(status("amdsmi_init", rc));
         }
         let (version, major, layout) = read_version(version_fn);
-        let no_list = if fns.proc_list.is_none() {
-            Some("it has no amdsmi_get_gpu_process_list".to_owned())
-        } else if pid_list_form {
-            Some("its process list is the older list of pids".to_owned())
-        } else if layout.is_none() {
-            Some("its amdsmi_proc_info_t layout is not known to this wattd".to_owned())
-        } else {
-            None
+        let list = match (proc_list, layout) {
+            (None, _) => Err("it has no amdsmi_get_gpu_process_list".to_owned()),
+            (Some(_), _) if pid_list_form => {
+                Err("its process list is the older list of pids".to_owned())
+            }
+            (Some(_), None) => {
+                Err("its amdsmi_proc_info_t layout is not known to this wattd".to_owned())
+            }
+            (Some(f), Some(l)) => Ok((f, l)),
         };
         let mut me = RealAmdSmi {
             fns,
             gpus: Vec::new(),
-            layout: layout.filter(|_| no_list.is_none()),
-            no_list,
+            list,
             major,
             version,
             buf: Vec::new(),
@@ -350,43 +348,42 @@ pub fn version_words(w0: u32, w1: u32, w2: u32, w3: u32) -> (String, u32, Option
     )
 }
 
+/// Asks a handle-listing call for its count (a null array), then for that many handles (at
+/// most [`PROCESSORS_MAX`]), as every AMD SMI listing call is made. `f` gets the count in and
+/// out and the array, null or holding the count's handles.
+fn handles(
+    call: &str,
+    mut f: impl FnMut(&mut u32, *mut Handle) -> u32,
+) -> Result<Vec<Handle>, NvmlError> {
+    let mut n: u32 = 0;
+    let rc = f(&mut n, std::ptr::null_mut());
+    if rc != SUCCESS {
+        return Err(status(call, rc));
+    }
+    let n = n.min(PROCESSORS_MAX);
+    let mut out: Vec<Handle> = vec![std::ptr::null_mut(); n as usize];
+    let mut got = n;
+    let rc = f(&mut got, out.as_mut_ptr());
+    if rc != SUCCESS {
+        return Err(status(call, rc));
+    }
+    out.truncate(got.min(n) as usize);
+    Ok(out)
+}
+
 fn list_gpus(
     sockets: SocketsFn,
     processors: ProcessorsFn,
     ptype: TypeFn,
 ) -> Result<Vec<Handle>, NvmlError> {
-    let mut n: u32 = 0;
-    // SAFETY: a null array asks for the count only.
-    let rc = unsafe { sockets(&mut n, std::ptr::null_mut()) };
-    if rc != SUCCESS {
-        return Err(status("amdsmi_get_socket_handles", rc));
-    }
-    let n = n.min(PROCESSORS_MAX);
-    let mut socks: Vec<Handle> = vec![std::ptr::null_mut(); n as usize];
-    let mut got = n;
-    // SAFETY: `socks` holds `got` handles.
-    let rc = unsafe { sockets(&mut got, socks.as_mut_ptr()) };
-    if rc != SUCCESS {
-        return Err(status("amdsmi_get_socket_handles", rc));
-    }
-    socks.truncate(got.min(n) as usize);
+    // SAFETY: `handles` passes a null array (the count only) or one holding `*n` handles.
+    let socks = handles("amdsmi_get_socket_handles", |n, h| unsafe { sockets(n, h) })?;
     let mut gpus = Vec::new();
     for s in socks {
-        let mut m: u32 = 0;
-        // SAFETY: a null array asks for the count only.
-        let rc = unsafe { processors(s, &mut m, std::ptr::null_mut()) };
-        if rc != SUCCESS {
-            return Err(status("amdsmi_get_processor_handles", rc));
-        }
-        let m = m.min(PROCESSORS_MAX);
-        let mut procs: Vec<Handle> = vec![std::ptr::null_mut(); m as usize];
-        let mut got = m;
-        // SAFETY: `procs` holds `got` handles.
-        let rc = unsafe { processors(s, &mut got, procs.as_mut_ptr()) };
-        if rc != SUCCESS {
-            return Err(status("amdsmi_get_processor_handles", rc));
-        }
-        procs.truncate(got.min(m) as usize);
+        // SAFETY: `s` is a socket the library listed; the array as above.
+        let procs = handles("amdsmi_get_processor_handles", |n, h| unsafe {
+            processors(s, n, h)
+        })?;
         for p in procs {
             let mut t: u32 = u32::MAX;
             // SAFETY: `p` is a handle the library listed; `t` is a valid out-pointer.
@@ -446,11 +443,6 @@ impl NvmlApi for RealAmdSmi {
         Err(NvmlError::NotSupported)
     }
 
-    fn total_energy_mj(&mut self, gpu: u32) -> Result<u64, NvmlError> {
-        let (raw, unit) = self.energy_count(gpu)?;
-        Ok(u64::try_from(unit.total_uj(u128::from(raw)) / 1_000).unwrap_or(u64::MAX))
-    }
-
     fn energy_count(&mut self, gpu: u32) -> Result<(u64, EnergyUnit), NvmlError> {
         let h = self.handle(gpu)?;
         let (mut acc, mut res, mut ts) = (0u64, 0f32, 0u64);
@@ -487,13 +479,15 @@ impl NvmlApi for RealAmdSmi {
     }
 
     fn engine_time_ns(&mut self, gpu: u32) -> Result<Vec<EngineTime>, NvmlError> {
-        let (Some(list), Some(layout)) = (self.fns.proc_list, self.layout) else {
-            return Err(NvmlError::Other(format!(
-                "the process list of AMD SMI {} is not read ({}): energy is measured and \
-                 recorded unattributed",
-                self.version,
-                self.no_list.as_deref().unwrap_or("unknown layout")
-            )));
+        let (list, layout) = match &self.list {
+            Ok(l) => *l,
+            Err(why) => {
+                return Err(NvmlError::Other(format!(
+                    "the process list of AMD SMI {} is not read ({why}): energy is measured and \
+                     recorded unattributed",
+                    self.version
+                )))
+            }
         };
         let h = self.handle(gpu)?;
         let mut cap: u32 = 64;
@@ -506,13 +500,13 @@ impl NvmlApi for RealAmdSmi {
             // amdsmi_proc_info_t; the library writes at most `cap` entries.
             let rc = unsafe { list(h, &mut n, self.buf.as_mut_ptr().cast()) };
             match rc {
-                // Up to 24.x the list is filled and NO_PERM returned when a process's name
-                // could not be read (another user's); the entries are still right.
                 // More processes than the buffer held (the list grew between the library's count
                 // and its fill, or it said SUCCESS anyway): asked again with room for them.
                 SUCCESS | NO_PERM | OUT_OF_RESOURCES if n > cap && cap < PROCESSES_MAX => {
                     cap = n.clamp(cap * 2, PROCESSES_MAX);
                 }
+                // Up to 24.x the list is filled and NO_PERM returned when a process's name
+                // could not be read (another user's); the entries are still right.
                 SUCCESS | NO_PERM if rc == SUCCESS || self.major <= 24 => {
                     let n = n.min(cap) as usize;
                     return decode_procs(&self.buf[..n * layout.size], n, layout);

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::pci::PciGpu;
 use super::{ComputeProcess, GpuVendor, MigInstance, NvmlApi, NvmlError};
-use crate::counter::{CounterSample, EnergyCounter, EnergyUnit, PowerIntegrator};
+use crate::counter::{CounterSample, EnergyCounter, PowerIntegrator};
 use crate::domain::{Domain, MeterKey, Quality, SourceKind};
 use crate::error::{HostError, Shown, HINT_GENERIC};
 use crate::hostfs::{read_bounded, HostRoot};
@@ -275,6 +275,17 @@ enum EnergySource {
     Power(PowerIntegrator),
 }
 
+impl EnergySource {
+    /// The source and quality of its readings: the library's counter, measured; power
+    /// integrated (NVML only), estimated.
+    fn kind(&self, vendor: GpuVendor) -> (SourceKind, Quality) {
+        match self {
+            EnergySource::Counter(_) => (vendor.counter_source(), Quality::Measured),
+            EnergySource::Power(_) => (SourceKind::NvmlPower, Quality::Estimated),
+        }
+    }
+}
+
 /// What a GPU said between two closes.
 #[derive(Debug, Default)]
 struct Gathered {
@@ -300,8 +311,6 @@ struct Device {
     uuid: Arc<str>,
     key: MeterKey,
     energy: EnergySource,
-    /// The counter's unit as the library last gave it (AMD SMI gives it with every reading).
-    unit: EnergyUnit,
     /// Where the library counts engine time per process (AMD SMI): what the previous polls
     /// said. `None`: utilisation samples (NVML).
     engine: Option<EngineState>,
@@ -368,7 +377,6 @@ pub struct GpuObservation {
 pub struct GpuCollector {
     api: Box<dyn NvmlApi>,
     vendor: GpuVendor,
-    ceiling_uw: u64,
     root: HostRoot,
     devices: Vec<Device>,
     pids: HashMap<u32, PidEntry>,
@@ -539,10 +547,8 @@ impl GpuCollector {
             rep.uuid = Some(uuid.clone());
             rep.name = api.name(index).ok();
             rep.mig = api.mig_enabled(index).ok();
-            let mut unit = EnergyUnit::MilliJoule;
             let energy = match api.energy_count(index) {
                 Ok((raw, u)) => {
-                    unit = u;
                     rep.energy_mj = Some(
                         u64::try_from(u.total_uj(u128::from(raw)) / 1_000).unwrap_or(u64::MAX),
                     );
@@ -644,7 +650,6 @@ impl GpuCollector {
                     die: None,
                 },
                 energy,
-                unit,
                 engine,
                 mig,
                 last_close_us: now_us,
@@ -669,7 +674,6 @@ impl GpuCollector {
         let collector = GpuCollector {
             api,
             vendor,
-            ceiling_uw,
             root: opts.root.clone(),
             devices,
             pids: HashMap::new(),
@@ -684,10 +688,7 @@ impl GpuCollector {
         self.devices
             .iter()
             .map(|d| {
-                let (s, q) = match d.energy {
-                    EnergySource::Counter(_) => (self.vendor.counter_source(), Quality::Measured),
-                    EnergySource::Power(_) => (SourceKind::NvmlPower, Quality::Estimated),
-                };
+                let (s, q) = d.energy.kind(self.vendor);
                 (d.key, s, q, d.uuid.clone())
             })
             .collect()
@@ -898,7 +899,6 @@ impl GpuCollector {
                 EnergySource::Counter(_) => None,
             };
             let mig = self.api.mig_enabled(index).ok();
-            let ceiling_uw = self.ceiling_uw;
             let d = &mut self.devices[i];
             let elapsed_us = now_us.saturating_sub(d.last_close_us);
             d.last_close_us = now_us;
@@ -908,10 +908,7 @@ impl GpuCollector {
                     EnergySource::Power(p) => p.invalidate(),
                 }
             }
-            let (source, quality) = match d.energy {
-                EnergySource::Counter(_) => (self.vendor.counter_source(), Quality::Measured),
-                EnergySource::Power(_) => (SourceKind::NvmlPower, Quality::Estimated),
-            };
+            let (source, quality) = d.energy.kind(self.vendor);
             let sample = match (&mut d.energy, identity) {
                 (EnergySource::Counter(c), Err(e)) => {
                     c.invalidate();
@@ -924,10 +921,9 @@ impl GpuCollector {
                 (EnergySource::Counter(c), Ok(())) => match reading {
                     // A counter whose unit changed cannot be differenced across the change:
                     // this interval is a gap and the counter starts over in the new unit.
-                    Some(Ok((raw, unit))) if unit != d.unit => {
-                        let was = d.unit;
-                        d.unit = unit;
-                        *c = EnergyCounter::new(None, unit, ceiling_uw);
+                    Some(Ok((raw, unit))) if unit != c.unit() => {
+                        let was = c.unit();
+                        c.restart_in(unit);
                         let _ = c.update(raw, 0);
                         Err(nvml_err(
                             "total_energy",

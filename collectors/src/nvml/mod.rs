@@ -179,8 +179,10 @@ pub trait NvmlApi: Send + fmt::Debug {
     fn uuid(&mut self, gpu: u32) -> Result<String, NvmlError>;
     /// `nvmlDeviceGetName`.
     fn name(&mut self, gpu: u32) -> Result<String, NvmlError>;
-    /// `nvmlDeviceGetTotalEnergyConsumption`: millijoules since the driver was last loaded.
-    fn total_energy_mj(&mut self, gpu: u32) -> Result<u64, NvmlError>;
+    /// The energy counter in its own unit. NVML: `nvmlDeviceGetTotalEnergyConsumption`,
+    /// millijoules since the driver was last loaded. AMD SMI: `amdsmi_get_energy_count`'s
+    /// accumulator and the unit its resolution names.
+    fn energy_count(&mut self, gpu: u32) -> Result<(u64, EnergyUnit), NvmlError>;
     /// `nvmlDeviceGetPowerUsage`: milliwatts, the board's current draw.
     fn power_mw(&mut self, gpu: u32) -> Result<u32, NvmlError>;
     /// Now, on the clock NVML stamps its utilisation samples with (the wall clock, microseconds
@@ -204,12 +206,6 @@ pub trait NvmlApi: Send + fmt::Debug {
     /// The library behind the calls (NVML unless said otherwise).
     fn vendor(&self) -> GpuVendor {
         GpuVendor::Nvidia
-    }
-    /// The energy counter in its own unit. NVML: `total_energy_mj` in millijoules. AMD SMI:
-    /// the accumulator and the unit its resolution names.
-    fn energy_count(&mut self, gpu: u32) -> Result<(u64, EnergyUnit), NvmlError> {
-        self.total_energy_mj(gpu)
-            .map(|mj| (mj, EnergyUnit::MilliJoule))
     }
     /// Every process using the GPU and its cumulative engine time, where the library counts
     /// it per process (AMD SMI); `NotSupported` where it samples utilisation instead (NVML).

@@ -8,6 +8,7 @@ use nvml_wrapper::error::NvmlError as WrapperError;
 use nvml_wrapper::Nvml;
 
 use super::{ComputeProcess, MigInstance, NvmlApi, NvmlError, UtilSample};
+use crate::counter::EnergyUnit;
 
 /// The library name tried when none is configured (the versioned name the driver package
 /// installs; the unversioned `.so` comes only with development packages).
@@ -80,8 +81,9 @@ impl NvmlApi for RealNvml {
         self.device(gpu)?.name().map_err(map)
     }
 
-    fn total_energy_mj(&mut self, gpu: u32) -> Result<u64, NvmlError> {
-        self.device(gpu)?.total_energy_consumption().map_err(map)
+    fn energy_count(&mut self, gpu: u32) -> Result<(u64, EnergyUnit), NvmlError> {
+        let mj = self.device(gpu)?.total_energy_consumption().map_err(map)?;
+        Ok((mj, EnergyUnit::MilliJoule))
     }
 
     fn power_mw(&mut self, gpu: u32) -> Result<u32, NvmlError> {

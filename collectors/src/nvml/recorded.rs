@@ -338,10 +338,6 @@ impl NvmlApi for RecordedNvml {
         Ok(self.gpu(gpu)?.name.unwrap_or_else(|| "recorded GPU".into()))
     }
 
-    fn total_energy_mj(&mut self, gpu: u32) -> Result<u64, NvmlError> {
-        or(&self.gpu(gpu)?.energy_mj, NvmlError::NotSupported)
-    }
-
     fn power_mw(&mut self, gpu: u32) -> Result<u32, NvmlError> {
         or(&self.gpu(gpu)?.power_mw, NvmlError::NotSupported)
     }
@@ -388,9 +384,10 @@ impl NvmlApi for RecordedNvml {
 
     fn energy_count(&mut self, gpu: u32) -> Result<(u64, EnergyUnit), NvmlError> {
         match self.vendor {
-            RecordedVendor::Nvidia => self
-                .total_energy_mj(gpu)
-                .map(|mj| (mj, EnergyUnit::MilliJoule)),
+            RecordedVendor::Nvidia => {
+                let mj = or(&self.gpu(gpu)?.energy_mj, NvmlError::NotSupported)?;
+                Ok((mj, EnergyUnit::MilliJoule))
+            }
             RecordedVendor::Amd => {
                 let (acc, res) = or(&self.gpu(gpu)?.energy_count, NvmlError::NotSupported)?;
                 Ok((acc, unit_of_resolution(res)?))
