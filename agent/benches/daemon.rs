@@ -79,6 +79,30 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
 
+/// Resident KiB per mapped file (from `/proc/PID/smaps`), largest first.
+fn file_rss_kib(pid: u32) -> Vec<(String, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut by_file = std::collections::BTreeMap::<String, u64>::new();
+    let mut current: Option<String> = None;
+    for line in s.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // A mapping's header: range, perms, offset, device, inode, path.
+            current = fields
+                .nth(4)
+                .filter(|p| p.starts_with('/'))
+                .map(str::to_owned);
+        } else if let (Some(path), "Rss:") = (&current, first) {
+            let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            *by_file.entry(path.clone()).or_default() += kib;
+        }
+    }
+    let mut v: Vec<_> = by_file.into_iter().filter(|(_, k)| *k > 0).collect();
+    v.sort_by_key(|m| std::cmp::Reverse(m.1));
+    v
+}
+
 /// `LimitNOFILE=` of the shipped unit.
 fn unit_limit_nofile() -> u64 {
     let unit = include_str!("../../systemd/wattd.service");
@@ -182,6 +206,7 @@ fn main() {
     let (cpu1, wall) = (on_cpu_ns(pid), t0.elapsed());
     let (hwm, rss) = (status_kib(pid, "VmHWM:"), status_kib(pid, "VmRSS:"));
     let (anon, file) = (status_kib(pid, "RssAnon:"), status_kib(pid, "RssFile:"));
+    let files = file_rss_kib(pid);
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
@@ -208,6 +233,9 @@ fn main() {
         anon_peak as f64 / 1024.0,
         file as f64 / 1024.0,
     );
+    for (path, kib) in files.iter().take(6) {
+        println!("  mapped: {:.1} MiB {path}", *kib as f64 / 1024.0);
+    }
     if logtext.lines().any(|l| l.contains("ERROR")) {
         eprintln!("the daemon logged errors:\n{logtext}");
     }

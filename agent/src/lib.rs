@@ -11,6 +11,7 @@ pub mod gpu;
 pub mod metrics;
 pub mod platform;
 pub mod records;
+pub mod resident;
 pub mod sampler;
 pub mod schema;
 pub mod sealer;

@@ -191,6 +191,7 @@ impl Daemon {
     /// Runs the loop until a stop signal; then waits (at most `[ledger] drain`) for the last
     /// acknowledgements and stops the daemon's tasks.
     pub async fn run(mut self) -> anyhow::Result<()> {
+        start::release_cold_code("start");
         loop {
             let flow = match self.next_event().await {
                 Event::Tick => self.on_tick(false).await?,
