@@ -4,43 +4,69 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{HostError, HINT_GENERIC};
-use crate::hostfs::{parse_cpu_list, parse_u64, read_bounded, KeptFile, SMALL_FILE_MAX};
+use crate::hostfs::{parse_cpu_list, parse_u64, read_bounded, SMALL_FILE_MAX};
 
 /// Buffer for one `cpu.stat` read: the file is a dozen short lines even with every controller
 /// on, so a full buffer means something is wrong, not that we should read more.
 const CPU_STAT_BUF: usize = 4096;
 
-/// A file read either through a kept descriptor or by path.
+/// Where a cgroup's file is: the cgroup root (one for the tracker), the cgroup's path under it
+/// (its run's or family's own) and the file's name, each shared rather than a path spelled out
+/// per file. The path is put together only for an open and an error message: at 10,000 runs
+/// a path kept beside every `cpu.stat` descriptor was a megabyte of the heap.
+#[derive(Clone, Debug)]
+pub struct CgroupFile {
+    root: Arc<Path>,
+    rel: Arc<str>,
+    name: &'static str,
+}
+
+impl CgroupFile {
+    pub fn new(root: &Arc<Path>, rel: &Arc<str>, name: &'static str) -> Self {
+        CgroupFile {
+            root: root.clone(),
+            rel: rel.clone(),
+            name,
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        let mut p = self.root.join(&*self.rel);
+        p.push(self.name);
+        p
+    }
+}
+
+/// A cgroup file read either through a kept descriptor or open-read-close (above the
+/// descriptor budget).
 #[derive(Debug)]
-pub enum Source {
-    Kept(KeptFile),
-    /// Open-read-close: used above the descriptor budget.
-    Path(PathBuf),
+pub struct Source {
+    at: CgroupFile,
+    kept: Option<File>,
 }
 
 impl Source {
-    pub fn open(path: PathBuf, keep: bool) -> Result<Self, HostError> {
-        if keep {
-            Ok(Source::Kept(KeptFile::open(&path, HINT_GENERIC)?))
-        } else {
-            // Still check it can be read now, so a missing file fails at discovery.
-            File::open(&path).map_err(|e| HostError::io(&path, e, HINT_GENERIC))?;
-            Ok(Source::Path(path))
-        }
+    pub fn open(at: CgroupFile, keep: bool) -> Result<Self, HostError> {
+        let path = at.path();
+        // Opened even when not kept, so a missing file fails at discovery.
+        let file = File::open(&path).map_err(|e| HostError::io(&path, e, HINT_GENERIC))?;
+        Ok(Source {
+            at,
+            kept: keep.then_some(file),
+        })
     }
 
-    pub fn path(&self) -> &Path {
-        match self {
-            Source::Kept(k) => k.path(),
-            Source::Path(p) => p,
-        }
+    pub fn path(&self) -> PathBuf {
+        self.at.path()
     }
 
     pub fn is_kept(&self) -> bool {
-        matches!(self, Source::Kept(_))
+        self.kept.is_some()
     }
 
     /// Reads into `buf` and returns the filled prefix; a full buffer is an error.
@@ -48,7 +74,7 @@ impl Source {
         let n = self.read_prefix(buf)?.len();
         if n == buf.len() {
             return Err(HostError::TooBig {
-                path: self.path().to_owned(),
+                path: self.path(),
                 limit: buf.len() - 1,
             });
         }
@@ -63,9 +89,12 @@ impl Source {
 
     /// Reads as much of the file as fits in `buf`, from its start.
     fn read_prefix<'b>(&self, buf: &'b mut [u8]) -> Result<&'b [u8], HostError> {
-        let n = match self {
-            Source::Kept(k) => k.pread(buf)?.len(),
-            Source::Path(p) => {
+        let n = match &self.kept {
+            Some(f) => f
+                .read_at(buf, 0)
+                .map_err(|e| HostError::io(&self.path(), e, HINT_GENERIC))?,
+            None => {
+                let p = &self.path();
                 let f = File::open(p).map_err(|e| HostError::io(p, e, HINT_GENERIC))?;
                 let mut n = 0;
                 let mut f = f.take(buf.len() as u64);
@@ -91,7 +120,11 @@ impl Source {
     pub fn read_cpu_usage_us(&self) -> Result<u64, HostError> {
         let mut buf = [0u8; CPU_STAT_BUF];
         let bytes = self.read(&mut buf)?;
-        parse_cpu_stat_usage_us(self.path(), bytes)
+        // The path is put together only when the content is not as the kernel writes it.
+        match usage_on_first_line(bytes) {
+            Some(v) => Ok(v),
+            None => parse_cpu_stat_usage_us(&self.path(), bytes),
+        }
     }
 
     /// A one-integer file such as `memory.current`.
@@ -99,29 +132,49 @@ impl Source {
         let mut buf = [0u8; 64];
         let bytes = self.read(&mut buf)?;
         let s = std::str::from_utf8(bytes)
-            .map_err(|_| HostError::malformed(self.path(), "not valid UTF-8"))?;
-        parse_u64(self.path(), s)
+            .map_err(|_| HostError::malformed(&self.path(), "not valid UTF-8"))?;
+        // The path is put together only when the content is not one plain number.
+        let digits = s.trim_end_matches('\n');
+        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(v) = digits.parse() {
+                return Ok(v);
+            }
+        }
+        parse_u64(&self.path(), s)
     }
+}
+
+/// `usage_usec` of the `cpu.stat` at `path`, opened, read and closed: a cgroup read once.
+pub fn read_cpu_stat_once(path: &Path) -> Result<u64, HostError> {
+    let text = read_bounded(path, CPU_STAT_BUF, HINT_GENERIC)?;
+    parse_cpu_stat_usage_us(path, text.as_bytes())
 }
 
 /// Finds `usage_usec` in `cpu.stat` content. Unknown keys are ignored (kernels add them); a
 /// missing or repeated `usage_usec` is an error, because billing a guess is worse than a gap.
 pub fn parse_cpu_stat_usage_us(path: &Path, bytes: &[u8]) -> Result<u64, HostError> {
+    if let Some(v) = usage_on_first_line(bytes) {
+        return Ok(v);
+    }
     let text =
         std::str::from_utf8(bytes).map_err(|_| HostError::malformed(path, "not valid UTF-8"))?;
-    // The kernel writes `usage_usec N` first: read it straight, and the rest only to make sure
-    // it does not name `usage_usec` again (every line that could is a line that contains it).
-    if let Some((first, rest)) = text.split_once('\n') {
-        if let Some(digits) = first.strip_prefix("usage_usec ") {
-            if !digits.is_empty()
-                && digits.bytes().all(|b| b.is_ascii_digit())
-                && !rest.contains("usage_usec")
-            {
-                return parse_u64(path, digits);
-            }
-        }
-    }
     usage_by_lines(path, text)
+}
+
+/// `usage_usec` where the kernel writes it, first, and named nowhere else (every line that
+/// could name it again is a line that contains it); `None` for anything else, which
+/// [`usage_by_lines`] reads or refuses.
+fn usage_on_first_line(bytes: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let (first, rest) = text.split_once('\n')?;
+    let digits = first.strip_prefix("usage_usec ")?;
+    if digits.is_empty()
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || rest.contains("usage_usec")
+    {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// [`parse_cpu_stat_usage_us`] line by line: any layout.
@@ -214,6 +267,44 @@ pub fn parse_cpu_max_millicpus(path: &Path, text: &str) -> Result<Option<u64>, H
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_kept_or_not_reads_and_names_its_whole_path_in_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root: Arc<Path> = Arc::from(dir.path());
+        let rel: Arc<str> = Arc::from("parent/run-1");
+        let cg = dir.path().join("parent/run-1");
+        std::fs::create_dir_all(&cg).expect("mkdir");
+        std::fs::write(cg.join("cpu.stat"), "usage_usec 42\nuser_usec 40\n").expect("write");
+        std::fs::write(cg.join("memory.current"), "4096\n").expect("write");
+        for keep in [true, false] {
+            let cpu = Source::open(CgroupFile::new(&root, &rel, "cpu.stat"), keep).expect("open");
+            let mem =
+                Source::open(CgroupFile::new(&root, &rel, "memory.current"), keep).expect("open");
+            assert_eq!(cpu.is_kept(), keep);
+            assert_eq!(cpu.path(), cg.join("cpu.stat"));
+            assert_eq!(cpu.read_cpu_usage_us().expect("cpu.stat"), 42);
+            assert_eq!(mem.read_u64().expect("memory.current"), 4096);
+            // Content the kernel would not write: refused, naming the file.
+            std::fs::write(cg.join("cpu.stat"), "user_usec 40\n").expect("write");
+            std::fs::write(cg.join("memory.current"), "-1\n").expect("write");
+            for e in [
+                cpu.read_cpu_usage_us().expect_err("no usage_usec"),
+                mem.read_u64().expect_err("negative"),
+            ] {
+                let shown = e.to_string();
+                assert!(shown.contains(&*cg.to_string_lossy()), "{shown}");
+            }
+            std::fs::write(cg.join("cpu.stat"), "usage_usec 42\nuser_usec 40\n").expect("write");
+            std::fs::write(cg.join("memory.current"), "4096\n").expect("write");
+        }
+        let missing = Source::open(CgroupFile::new(&root, &rel, "cpu.pressure"), true)
+            .expect_err("no such file");
+        assert!(
+            missing.to_string().contains("parent/run-1/cpu.pressure"),
+            "{missing}"
+        );
+    }
 
     #[test]
     fn cpu_stat_table() {

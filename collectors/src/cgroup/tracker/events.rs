@@ -81,9 +81,9 @@ impl RunTracker {
             return;
         }
         match self.watches.get(&ev.wd) {
-            Some(WatchTarget::Parent { patterns, family }) => {
-                let idxs = patterns.clone();
-                let family = family.clone();
+            Some(WatchTarget::Parent(p)) => {
+                let idxs = p.patterns.clone();
+                let family = p.family.clone();
                 if ev.mask & (libc::IN_DELETE_SELF | libc::IN_IGNORED) != 0 {
                     self.watches.remove(&ev.wd);
                     for i in idxs {
@@ -207,13 +207,10 @@ impl RunTracker {
         match self.inotify.add_watch(&dir, PARENT_MASK) {
             Ok(wd) => {
                 self.pattern_wds[idx] = Some(wd);
-                match self.watches.entry(wd).or_insert(WatchTarget::Parent {
-                    patterns: Vec::new(),
-                    family: None,
-                }) {
-                    WatchTarget::Parent { patterns, .. } => {
-                        if !patterns.contains(&idx) {
-                            patterns.push(idx);
+                match self.watches.entry(wd).or_insert_with(WatchTarget::parent) {
+                    WatchTarget::Parent(p) => {
+                        if !p.patterns.contains(&idx) {
+                            p.patterns.push(idx);
                         }
                     }
                     // A wd is per inode; a run's cgroup.events is never a pattern's parent.
@@ -356,13 +353,11 @@ impl RunTracker {
             .collect::<Result<_, _>>()?;
         for wd in self.pattern_wds.iter().flatten() {
             // A watch that also serves a family stays; it only stops serving patterns.
-            if let Some(WatchTarget::Parent {
-                patterns,
-                family: Some(_),
-            }) = self.watches.get_mut(wd)
-            {
-                patterns.clear();
-                continue;
+            if let Some(WatchTarget::Parent(p)) = self.watches.get_mut(wd) {
+                if p.family.is_some() {
+                    p.patterns.clear();
+                    continue;
+                }
             }
             self.watches.remove(wd);
             self.inotify.rm_watch(*wd);

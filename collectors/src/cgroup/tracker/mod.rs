@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::family::{payout, share_residual, Claimant, ClaimantKind, Family, FinalUsage, Other};
-use super::files::{read_populated, read_reserved_millicpus, Source};
+use super::files::{
+    read_cpu_stat_once, read_populated, read_reserved_millicpus, CgroupFile, Source,
+};
 use super::inotify::{Event, Inotify};
 use super::mount::find_cgroup2_mount;
 use super::pattern::{validate_cgroup_rel, validate_run_id, NameMatch, RunPattern};
@@ -448,13 +450,24 @@ struct Ghost {
 
 #[derive(Debug)]
 enum WatchTarget {
-    /// A directory whose children matter: candidate runs of these patterns, and/or the
-    /// children of a reconciliation family.
-    Parent {
-        patterns: Vec<usize>,
-        family: Option<Arc<str>>,
-    },
+    /// A directory whose children matter (boxed: a few parents beside a watch per run, whose
+    /// table entries are then 32 bytes, not 56).
+    Parent(Box<ParentWatch>),
     RunEvents(Arc<str>),
+}
+
+impl WatchTarget {
+    fn parent() -> Self {
+        WatchTarget::Parent(Box::default())
+    }
+}
+
+/// What a watched parent directory serves: candidate runs of these patterns, and/or the
+/// children of a reconciliation family.
+#[derive(Debug, Default)]
+struct ParentWatch {
+    patterns: Vec<usize>,
+    family: Option<Arc<str>>,
 }
 
 /// Tracks runs and measures their usage. Single-threaded: the daemon calls [`Self::tick`] on
@@ -463,7 +476,7 @@ enum WatchTarget {
 #[derive(Debug)]
 pub struct RunTracker {
     root: HostRoot,
-    cgroup_root: PathBuf,
+    cgroup_root: Arc<Path>,
     patterns: Vec<RunPattern>,
     pattern_wds: Vec<Option<i32>>,
     watches: HashMap<i32, WatchTarget>,
@@ -616,7 +629,7 @@ impl RunTracker {
         let n = patterns.len();
         let mut t = RunTracker {
             root,
-            cgroup_root,
+            cgroup_root: Arc::from(cgroup_root),
             patterns,
             pattern_wds: vec![None; n],
             watches: HashMap::new(),
@@ -724,8 +737,11 @@ impl RunTracker {
             if run.finished {
                 continue;
             }
-            let dir = self.cgroup_root.join(&*run.cgroup_rel);
-            match runs::open_memory(&dir, self.kept_fds < self.fd_budget) {
+            match runs::open_memory(
+                &self.cgroup_root,
+                &run.cgroup_rel,
+                self.kept_fds < self.fd_budget,
+            ) {
                 Ok(m) => {
                     if m.as_ref().is_some_and(Source::is_kept) {
                         run.kept_fds += 1;

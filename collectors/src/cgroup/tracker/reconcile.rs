@@ -143,10 +143,12 @@ impl RunTracker {
         }
         let dir = self.cgroup_root.join(rel);
         let keep = self.kept_fds < self.fd_budget;
-        let Ok(cpu_stat) = Source::open(dir.join("cpu.stat"), keep) else {
+        let rel: Arc<str> = Arc::from(rel);
+        let file = |name| CgroupFile::new(&self.cgroup_root, &rel, name);
+        let Ok(cpu_stat) = Source::open(file("cpu.stat"), keep) else {
             return false;
         };
-        let Ok(procs) = Source::open(dir.join("cgroup.procs"), self.kept_fds + 1 < self.fd_budget)
+        let Ok(procs) = Source::open(file("cgroup.procs"), self.kept_fds + 1 < self.fd_budget)
         else {
             return false;
         };
@@ -177,7 +179,7 @@ impl RunTracker {
                     continue;
                 }
                 let path = e.path().join("cpu.stat");
-                let read = Source::open(path.clone(), false).and_then(|s| s.read_cpu_usage_us());
+                let read = read_cpu_stat_once(&path);
                 if let Ok(v) = read {
                     others.insert(
                         e.file_name(),
@@ -203,15 +205,11 @@ impl RunTracker {
                 None
             }
         };
-        let rel: Arc<str> = Arc::from(rel);
         if let Some(wd) = wd {
-            if let WatchTarget::Parent { family, .. } =
-                self.watches.entry(wd).or_insert(WatchTarget::Parent {
-                    patterns: Vec::new(),
-                    family: None,
-                })
+            if let WatchTarget::Parent(p) =
+                self.watches.entry(wd).or_insert_with(WatchTarget::parent)
             {
-                *family = Some(rel.clone());
+                p.family = Some(rel.clone());
             }
         }
         self.kept_fds += kept;
@@ -557,8 +555,7 @@ impl RunTracker {
                 .others
                 .iter()
                 .map(|(name, o)| {
-                    let v =
-                        Source::open(o.cpu_stat.clone(), false).and_then(|s| s.read_cpu_usage_us());
+                    let v = read_cpu_stat_once(&o.cpu_stat);
                     (name.clone(), v)
                 })
                 .collect();
@@ -877,9 +874,10 @@ impl RunTracker {
         let Some(wd) = f.wd else {
             return;
         };
-        let Some(WatchTarget::Parent { patterns, family }) = self.watches.get_mut(&wd) else {
+        let Some(WatchTarget::Parent(p)) = self.watches.get_mut(&wd) else {
             return;
         };
+        let ParentWatch { patterns, family } = &mut **p;
         *family = None;
         if parent_gone {
             for &i in patterns.iter() {

@@ -235,7 +235,11 @@ impl RunTracker {
             std::fs::metadata(dir).ok().map(|m| m.ino())
         };
         let ino_before = ino_of(dir);
-        let cpu_stat = Source::open(dir.join("cpu.stat"), keep_cpu)?;
+        let cgroup_rel: Arc<str> = Arc::from(rel);
+        let cpu_stat = Source::open(
+            CgroupFile::new(&self.cgroup_root, &cgroup_rel, "cpu.stat"),
+            keep_cpu,
+        )?;
         if cpu_stat.is_kept() {
             kept += 1;
         } else {
@@ -251,7 +255,11 @@ impl RunTracker {
         // `memory.current` only when the policy weighs by it: else neither a descriptor nor a
         // path per run (`set_read_memory` opens or closes them at a reload).
         let memory = if self.read_memory {
-            open_memory(dir, self.kept_fds + kept < self.fd_budget)?
+            open_memory(
+                &self.cgroup_root,
+                &cgroup_rel,
+                self.kept_fds + kept < self.fd_budget,
+            )?
         } else {
             None
         };
@@ -278,7 +286,6 @@ impl RunTracker {
             (None, b) => b,
         };
         let id: Arc<str> = Arc::from(id);
-        let cgroup_rel: Arc<str> = Arc::from(rel);
         let mut run = Run {
             id: id.clone(),
             cgroup_rel: cgroup_rel.clone(),
@@ -721,8 +728,12 @@ fn is_cgroup2(dir: &Path) -> Result<bool, String> {
 
 /// A run's `memory.current`, kept open when `keep`; `None` where the memory controller is not
 /// enabled for it.
-pub(super) fn open_memory(dir: &Path, keep: bool) -> Result<Option<Source>, HostError> {
-    match Source::open(dir.join("memory.current"), keep) {
+pub(super) fn open_memory(
+    root: &Arc<Path>,
+    rel: &Arc<str>,
+    keep: bool,
+) -> Result<Option<Source>, HostError> {
+    match Source::open(CgroupFile::new(root, rel, "memory.current"), keep) {
         Ok(s) => Ok(Some(s)),
         Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(e),
