@@ -85,7 +85,7 @@ impl Loop {
     fn new(cgroup_root: PathBuf) -> Result<Loop, String> {
         let mut config = TrackerConfig::new(HostRoot::live());
         config.cgroup_root = Some(cgroup_root);
-        config.rescan_every_ticks = 0;
+        config.rescan_every = None;
         let tracker = RunTracker::new(config).map_err(|e| e.to_string())?;
         let topo = Topology::read(&HostRoot::live()).map_err(|e| e.to_string())?;
         let package_cpus: BTreeMap<u32, u32> = topo

@@ -29,7 +29,7 @@ fn usage_tick(c: &mut Criterion) {
         };
         let mut config = TrackerConfig::new(HostRoot::live());
         config.cgroup_root = Some(tree.root.clone());
-        config.rescan_every_ticks = 0;
+        config.rescan_every = None;
         let mut tracker = match RunTracker::new(config) {
             Ok(t) => t,
             Err(e) => {

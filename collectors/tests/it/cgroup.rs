@@ -72,7 +72,7 @@ impl Sandbox {
         let mut c = TrackerConfig::new(HostRoot::live());
         c.cgroup_root = Some(self.host_path.clone());
         c.patterns = vec![PATTERN.to_owned()];
-        c.rescan_every_ticks = 0;
+        c.rescan_every = None;
         // The tracker without its exact source for removed runs: what these tests check is
         // every other way (reads, the parent's residual, perf counters, losses). The trace is
         // on in `traced` below and in the daemon's tests.
@@ -630,7 +630,7 @@ fn generated_tree_cpu_stat_unknown_keys_missing_usage_and_vanishing() {
     std::fs::create_dir_all(dir.path().join(format!("{cg}/run-empty.scope"))).unwrap();
 
     let mut t = RunTracker::new(TrackerConfig {
-        rescan_every_ticks: 0,
+        rescan_every: None,
         ..TrackerConfig::new(HostRoot::new(dir.path()))
     })
     .unwrap();
@@ -728,7 +728,7 @@ fn a_point_with_an_unread_child_pays_no_residual() {
         .unwrap();
     }
     let mut t = RunTracker::new(TrackerConfig {
-        rescan_every_ticks: 0,
+        rescan_every: None,
         ..TrackerConfig::new(HostRoot::new(dir.path()))
     })
     .unwrap();
@@ -785,7 +785,7 @@ fn memory_is_read_only_when_the_policy_weighs_by_it() {
     h.write(format!("{run_dir}/memory.current"), "4096\n")
         .unwrap();
     let mut t = RunTracker::new(TrackerConfig {
-        rescan_every_ticks: 0,
+        rescan_every: None,
         read_memory: false,
         ..TrackerConfig::new(HostRoot::new(dir.path()))
     })
@@ -1428,7 +1428,7 @@ mod traced {
         sb.mkdir("flowzart.slice");
         let mut c = sb.config();
         c.cgroup_trace = true;
-        c.rescan_every_ticks = 1;
+        c.rescan_every = Some(std::time::Duration::ZERO);
         let mut t = RunTracker::new(c).unwrap();
         let s = t.tick(0);
         if let Some(why) = &s.cgroup_trace_disabled {

@@ -229,6 +229,7 @@ impl RunTracker {
 
     pub(super) fn rescan_all(&mut self) {
         self.counters.rescans += 1;
+        self.last_rescan_us = self.now_us();
         // Also the bound on trusting events: a settled run whose removal produced no event
         // (a control-plane run's parent is not watched) is read, found gone and finished here.
         for run in self.runs.values_mut() {

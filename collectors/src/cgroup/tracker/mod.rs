@@ -107,8 +107,10 @@ pub struct TrackerConfig {
     pub fd_budget: Option<usize>,
     /// Raise the RLIMIT_NOFILE soft limit to the hard limit at start.
     pub raise_nofile: bool,
-    /// Full rescan every this many ticks, in case inotify dropped events; 0: never.
-    pub rescan_every_ticks: u32,
+    /// Full rescan (every pattern's parent listed, the trace swept) at the first tick this long
+    /// after the last, in case inotify dropped events; `None`: never. Time, not ticks: at 100
+    /// Hz a rescan every 60 ticks was a fixed cost of every tick.
+    pub rescan_every: Option<Duration>,
     /// Read each run's `memory.current` at every tick (what the DRAM `memory` policy weighs);
     /// off, a run's `memory_bytes` is `None` and a tick costs one read per run fewer.
     pub read_memory: bool,
@@ -125,7 +127,7 @@ impl TrackerConfig {
             cgroup_trace: true,
             fd_budget: None,
             raise_nofile: true,
-            rescan_every_ticks: 60,
+            rescan_every: Some(Duration::from_secs(60)),
             read_memory: true,
         }
     }
@@ -523,11 +525,12 @@ pub struct RunTracker {
     fd_budget: usize,
     kept_fds: usize,
     counters: TrackerCounters,
-    ticks: u64,
     /// When this tracker started (CLOCK_REALTIME): an announced run whose cgroup is older was
     /// alive while no agent (or a previous one) was measuring, so it is billed from now.
     started_at: std::time::SystemTime,
-    rescan_every_ticks: u32,
+    rescan_every_us: Option<u64>,
+    /// Tracker clock (microseconds) of the last rescan (or the start).
+    last_rescan_us: u64,
     errors: Vec<TickError>,
     events: Vec<Event>,
     tc_scratch: Vec<(u32, u64)>,
@@ -657,9 +660,11 @@ impl RunTracker {
             fd_budget,
             kept_fds: 0,
             counters: TrackerCounters::default(),
-            ticks: 0,
             started_at: std::time::SystemTime::now(),
-            rescan_every_ticks: config.rescan_every_ticks,
+            rescan_every_us: config
+                .rescan_every
+                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            last_rescan_us: 0,
             errors: Vec::new(),
             events: Vec::new(),
             tc_scratch: Vec::new(),
@@ -813,6 +818,41 @@ mod tests {
     use super::usage::scale_tail;
     use super::*;
 
+    /// The full rescan comes by time, whatever the tick rate: none in a hundred quick ticks
+    /// when it is due in an hour, one at every tick when it is always due, and one at the first
+    /// tick after its period.
+    #[test]
+    fn the_rescan_is_due_by_time_not_by_ticks() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = crate::synth::HostTree::new(dir.path());
+        h.cgroup2_host(2, 1).unwrap();
+        h.write("sys/fs/cgroup/flowzart.slice/cpu.stat", "usage_usec 1\n")
+            .unwrap();
+        let tracker = |every| {
+            RunTracker::new(TrackerConfig {
+                rescan_every: every,
+                ..TrackerConfig::new(HostRoot::new(dir.path()))
+            })
+            .unwrap()
+        };
+        let rescans = |t: &mut RunTracker, n: usize| {
+            (0..n)
+                .map(|_| t.tick(10_000).counters.rescans)
+                .last()
+                .unwrap_or(0)
+        };
+        assert_eq!(
+            rescans(&mut tracker(Some(Duration::from_secs(3600))), 100),
+            0
+        );
+        assert_eq!(rescans(&mut tracker(None), 100), 0);
+        assert_eq!(rescans(&mut tracker(Some(Duration::ZERO)), 5), 5);
+        let mut t = tracker(Some(Duration::from_millis(20)));
+        let first = rescans(&mut t, 1);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(rescans(&mut t, 1) > first);
+    }
+
     /// A parent's children that no event announced are found by listing it at a point, from
     /// the kept directory (rewound each time) or, with no descriptor to spare, opened then.
     #[test]
@@ -830,7 +870,7 @@ mod tests {
             put(format!("{cg}/run-a.scope/cpu.stat"), "usage_usec 5\n");
             put(format!("{cg}/run-a.scope/cgroup.events"), "populated 1\n");
             let mut t = RunTracker::new(TrackerConfig {
-                rescan_every_ticks: 0,
+                rescan_every: None,
                 fd_budget: budget,
                 ..TrackerConfig::new(HostRoot::new(dir.path()))
             })

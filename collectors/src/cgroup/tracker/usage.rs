@@ -8,7 +8,6 @@ impl RunTracker {
     /// split per package, and each package's busy and host time. `elapsed_us` is the tick's
     /// length as the daemon's clock saw it, carried into the snapshot.
     pub fn tick(&mut self, elapsed_us: u64) -> UsageSnapshot {
-        self.ticks += 1;
         if let Err(e) = self.poll_events() {
             self.push_error(None, e);
         }
@@ -18,8 +17,10 @@ impl RunTracker {
                 self.scan_pattern(idx, BilledFrom::Birth);
             }
         }
-        if self.rescan_every_ticks > 0 && self.ticks % u64::from(self.rescan_every_ticks) == 0 {
-            self.rescan_all();
+        if let Some(every) = self.rescan_every_us {
+            if self.now_us().saturating_sub(self.last_rescan_us) >= every {
+                self.rescan_all();
+            }
         }
         let busy_by_pkg_us = self.read_busy(elapsed_us);
         let busy_measured = busy_by_pkg_us.is_some();
