@@ -10,13 +10,16 @@
 //! is faulted back in from the page cache at the next tick (a minor fault per 64 KiB), the rest
 //! stays unmapped and is reclaimed first under pressure.
 //!
-//! Only the executable's own mappings: shared libraries (libc) are mapped by every process on
-//! the host, and unmapping them from this one frees nothing. Only read-only mappings with no
-//! anonymous page: the RELRO segment is read-only too but holds relocated (copied-on-write)
-//! pages, which the file does not have; dropping them would lose the relocations.
+//! Only the executable's own mappings (the file of the mapping that holds this function's
+//! code, by device and inode as `/proc/self/maps` names them: `stat` of `/proc/self/exe` gives
+//! another device on overlayfs and btrfs subvolumes): shared libraries (libc) are mapped by
+//! every process on the host, and unmapping them from this one frees nothing. Only read-only
+//! private mappings that never were writable (no `ac` flag) and hold no anonymous page, in
+//! memory or swapped out: the RELRO segment is read-only too but holds relocated
+//! (copied-on-write) pages, which the file does not have; dropping them would lose the
+//! relocations.
 
 use std::io;
-use std::os::unix::fs::MetadataExt as _;
 
 /// What [`release_cold_code`] dropped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -31,15 +34,19 @@ pub struct Released {
 /// mappings (the pages come back from the page cache when next touched). Fails only where
 /// `/proc/self` cannot be read or `madvise` refuses; the process is unharmed either way.
 pub fn release_cold_code() -> io::Result<Released> {
-    let exe = std::fs::metadata("/proc/self/exe")?;
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let Some(file) = file_at(&smaps, release_cold_code as *const () as usize) else {
+        return Ok(Released::default());
+    };
     let mut released = Released::default();
-    for m in own_clean_mappings(&smaps, exe.dev(), exe.ino()) {
-        // SAFETY: the range is a whole private, read-only mapping of this process's executable
-        // file, with no anonymous (copied-on-write) page: every page it holds is the file's
-        // content, read back from the page cache at the next access, so MADV_DONTNEED loses
-        // nothing. The executable's mappings live as long as the process (never unmapped, so
-        // the range cannot have been reused by another mapping since smaps was read).
+    for m in own_clean_mappings(&smaps, file) {
+        // SAFETY: the range is a whole private mapping of this process's executable file that
+        // is read-only, never was writable (no `ac`: not the RELRO segment) and holds no
+        // anonymous (copied-on-write) page, resident or swapped: every page it holds is the
+        // file's content, read back from the page cache at the next access, so MADV_DONTNEED
+        // loses nothing. The executable's mappings live as long as the process (never
+        // unmapped, so the range cannot have been reused by another mapping since smaps was
+        // read).
         let rc = unsafe { libc::madvise(m.start as *mut libc::c_void, m.len, libc::MADV_DONTNEED) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
@@ -58,14 +65,27 @@ struct Mapping {
     rss_kib: u64,
 }
 
-/// The mappings in `smaps` (the text of `/proc/PID/smaps`) of the file `dev`/`ino` that are
-/// private, not writable and hold no anonymous page (each must say `Anonymous: 0 kB`; one that
-/// does not say is kept).
-fn own_clean_mappings(smaps: &str, dev: u64, ino: u64) -> Vec<Mapping> {
-    let want = (rustix::fs::major(dev), rustix::fs::minor(dev), ino);
+/// A mapped file as `/proc/PID/maps` names it: device major, minor, inode.
+type FileId = (u32, u32, u64);
+
+/// The file mapped at `addr`, from `smaps`' headers.
+fn file_at(smaps: &str, addr: usize) -> Option<FileId> {
+    smaps
+        .lines()
+        .filter_map(parse_header)
+        .flatten()
+        .find(|(start, end, _, _)| (*start..*end).contains(&addr))
+        .map(|(_, _, _, file)| file)
+}
+
+/// The mappings in `smaps` (the text of `/proc/PID/smaps`) of `want` that are private, not
+/// writable, never were (no `ac` in `VmFlags`) and hold no anonymous page: each must say
+/// `Anonymous: 0 kB` and `Swap: 0 kB`; one that does not say is kept.
+fn own_clean_mappings(smaps: &str, want: FileId) -> Vec<Mapping> {
     let mut out = Vec::new();
-    // The mapping being read: a candidate, with its Rss once seen.
-    let mut current: Option<(Mapping, bool)> = None;
+    // The mapping being read: a candidate, with its Rss once seen and how many of the two
+    // zero counts (anonymous, swapped) it showed.
+    let mut current: Option<(Mapping, u8)> = None;
     for line in smaps.lines() {
         if let Some(header) = parse_header(line) {
             current = None;
@@ -81,7 +101,7 @@ fn own_clean_mappings(smaps: &str, dev: u64, ino: u64) -> Vec<Mapping> {
                         len,
                         rss_kib: 0,
                     },
-                    false,
+                    0,
                 ));
             }
             continue;
@@ -94,15 +114,16 @@ fn own_clean_mappings(smaps: &str, dev: u64, ino: u64) -> Vec<Mapping> {
         let kib = fields.next().and_then(|v| v.parse::<u64>().ok());
         match (key, kib) {
             (Some("Rss:"), Some(kib)) => m.rss_kib = kib,
-            (Some("Anonymous:"), Some(0)) => {
-                if let Some((_, clean)) = current.as_mut() {
-                    *clean = true;
+            (Some("Anonymous:" | "Swap:"), Some(0)) => {
+                if let Some((_, zeros)) = current.as_mut() {
+                    *zeros += 1;
                 }
             }
-            (Some("Anonymous:"), _) => current = None,
+            (Some("Anonymous:" | "Swap:"), _) => current = None,
             (Some("VmFlags:"), _) => {
-                if let Some((m, true)) = current.take() {
-                    if m.len > 0 {
+                let accounted = line.split_ascii_whitespace().any(|f| f == "ac");
+                if let Some((m, 2)) = current.take() {
+                    if m.len > 0 && !accounted {
                         out.push(m);
                     }
                 }
@@ -116,8 +137,7 @@ fn own_clean_mappings(smaps: &str, dev: u64, ino: u64) -> Vec<Mapping> {
 /// The mapping fields of an smaps header line: `None` when the line is not a header,
 /// `Some(None)` for a header of no file or one that does not parse. A header is
 /// `start-end perms offset major:minor inode [path]`.
-#[allow(clippy::type_complexity)]
-fn parse_header(line: &str) -> Option<Option<(usize, usize, &str, (u32, u32, u64))>> {
+fn parse_header(line: &str) -> Option<Option<(usize, usize, &str, FileId)>> {
     let mut f = line.split_ascii_whitespace();
     let range = f.next()?;
     let (a, b) = range.split_once('-')?;
@@ -145,55 +165,82 @@ mod tests {
 Size:               2228 kB
 Rss:                1800 kB
 Anonymous:             0 kB
+Swap:                  0 kB
 VmFlags: rd mr mw me
 55d0a022d000-55d0a09a0000 r-xp 0022c000 fd:01 1234 /usr/bin/wattd (deleted)
 Size:               7628 kB
 Rss:                4200 kB
 Anonymous:             0 kB
+Swap:                  0 kB
 VmFlags: rd ex mr mw me
 55d0a09a0000-55d0a09e9000 r--p 0099e000 fd:01 1234 /usr/bin/wattd (deleted)
 Size:                292 kB
 Rss:                 292 kB
 Anonymous:           292 kB
+Swap:                  0 kB
 VmFlags: rd mr mw me ac
 55d0a09e9000-55d0a09ed000 rw-p 009e6000 fd:01 1234 /usr/bin/wattd (deleted)
 Size:                 16 kB
 Rss:                  16 kB
 Anonymous:             4 kB
+Swap:                  0 kB
 VmFlags: rd wr mr mw me ac
 55d0a09f0000-55d0a09f1000 r--p 00000000 fd:01 1235 /usr/bin/other
 Size:                  4 kB
 Rss:                   4 kB
 Anonymous:             0 kB
+Swap:                  0 kB
 VmFlags: rd mr mw me
 7f0000000000-7f0000200000 r-xp 00000000 fd:02 1234 /usr/lib/libc.so.6
 Size:               2048 kB
 Rss:                1300 kB
 Anonymous:             0 kB
+Swap:                  0 kB
 VmFlags: rd ex mr mw me
 7f0000300000-7f0000301000 r--s 00000000 fd:01 1234 /usr/bin/wattd
 Size:                  4 kB
 Rss:                   4 kB
 Anonymous:             0 kB
+Swap:                  0 kB
 VmFlags: rd sh mr mw me
 7f0000400000-7f0000401000 r--p 00000000 fd:01 1234 /usr/bin/wattd
 Size:                  4 kB
 Rss:                   4 kB
+Swap:                  0 kB
 VmFlags: rd mr mw me
+7f0000500000-7f0000501000 r--p 00000000 fd:01 1234 /usr/bin/wattd
+Size:                  4 kB
+Rss:                   0 kB
+Anonymous:             0 kB
+Swap:                  4 kB
+VmFlags: rd mr mw me
+7f0000600000-7f0000601000 r--p 00000000 fd:01 1234 /usr/bin/wattd
+Size:                  4 kB
+Rss:                   4 kB
+Anonymous:             0 kB
+Swap:                  0 kB
+VmFlags: rd mr mw me ac
 7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0 [stack]
 Rss:                  12 kB
 Anonymous:            12 kB
 VmFlags: rd wr mr mw me gd ac
 ";
 
+    const WATTD: FileId = (0xfd, 0x01, 1234);
+
     #[test]
     fn only_the_executables_clean_read_only_private_mappings_are_taken() {
-        let dev = rustix::fs::makedev(0xfd, 0x01);
-        let got = own_clean_mappings(SMAPS, dev, 1234);
+        assert_eq!(file_at(SMAPS, 0x55d0a0300000), Some(WATTD));
+        assert_eq!(file_at(SMAPS, 0x7f0000000010), Some((0xfd, 0x02, 1234)));
+        assert_eq!(file_at(SMAPS, 0x7ffc00000010), None);
+        assert_eq!(file_at(SMAPS, 0x10), None);
+        let got = own_clean_mappings(SMAPS, WATTD);
         // The rodata and the text (the path's " (deleted)", after an upgrade, does not
-        // matter: the inode does); not the RELRO segment (anonymous pages), the data, another
-        // file, another device's inode 1234, a shared mapping, nor one that does not say how
-        // much of it is anonymous.
+        // matter: the inode does); not the RELRO segment (anonymous pages, and `ac`: it was
+        // mapped writable), the data, another file, another device's inode 1234, a shared
+        // mapping, one that does not say how much of it is anonymous, one whose copied pages
+        // are swapped out (`Anonymous` counts only those in memory), one that once was
+        // writable with every page swapped in from the file.
         assert_eq!(
             got,
             vec![
@@ -209,21 +256,20 @@ VmFlags: rd wr mr mw me gd ac
                 },
             ]
         );
-        assert!(own_clean_mappings(SMAPS, dev, 999).is_empty());
-        assert!(own_clean_mappings("garbage\n1-2 r--p\n\n", dev, 1234).is_empty());
+        assert!(own_clean_mappings(SMAPS, (0xfd, 0x01, 999)).is_empty());
+        assert!(own_clean_mappings("garbage\n1-2 r--p\n\n", WATTD).is_empty());
     }
 
     /// Resident KiB of this process's mappings of its executable.
     fn exe_rss_kib() -> u64 {
-        let exe = std::fs::metadata("/proc/self/exe").expect("/proc/self/exe");
-        let dev = (rustix::fs::major(exe.dev()), rustix::fs::minor(exe.dev()));
         let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let exe =
+            file_at(&smaps, release_cold_code as *const () as usize).expect("this code's mapping");
         let mut ours = false;
         let mut kib = 0;
         for line in smaps.lines() {
             if let Some(h) = parse_header(line) {
-                ours =
-                    h.is_some_and(|(_, _, _, (ma, mi, ino))| (ma, mi) == dev && ino == exe.ino());
+                ours = h.is_some_and(|(_, _, _, file)| file == exe);
             } else if ours {
                 if let Some(v) = line.strip_prefix("Rss:") {
                     kib += v

@@ -270,7 +270,7 @@ pub(super) fn release_cold_code(after: &str) {
             kib = r.bytes / 1024,
             "start-up code unmapped"
         ),
-        Err(e) => tracing::debug!(after, error = %e, "start-up code left mapped"),
+        Err(e) => tracing::debug!(after, error = %e, "start-up code not (all) unmapped"),
     }
 }
 

@@ -273,9 +273,10 @@ fn attempt(fs: &LoopExt4) -> Result<Attempt, Box<dyn std::error::Error>> {
     // The project's CI once read every block of the segment back as EIO after the remount,
     // the batches written and acknowledged while the store had room among them: ext4 without
     // a journal had lost its own metadata to the failed writes. Such a device cannot judge
-    // the spool; a fresh rig can.
+    // the spool; a fresh rig can. Only that: the restart saw the healthy prefix (a spool that
+    // cut into it on open is judged, and fails), and the device itself answered EIO.
     let kept = seqs.iter().filter(|&&seq| seq <= healthy).count();
-    if kept < usize::try_from(healthy)? {
+    if kept < usize::try_from(healthy)? && seen >= healthy && eio_blocks > 0 {
         return Ok(Attempt::RigLost(format!(
             "seqs 1..={healthy} were acknowledged while the store had room, the device gives \
              back {kept} of them ({eio_blocks} blocks read as EIO); e2fsck: {}",
@@ -289,6 +290,10 @@ fn attempt(fs: &LoopExt4) -> Result<Attempt, Box<dyn std::error::Error>> {
     );
     // What was durable is all there and intact: 1..=device_last, each once.
     assert_eq!(seqs, (1..=device_last).collect::<Vec<_>>());
+    assert!(
+        device_last >= healthy,
+        "the batches acknowledged while the store had room (up to {healthy}) survived"
+    );
     Ok(Attempt::Judged)
 }
 
