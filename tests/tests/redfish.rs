@@ -421,10 +421,14 @@ fn platform(test: &str, counter: bool) {
     phase.store(PAUSED, Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(50));
     let em = bmc.em();
-    fs::remove_file(&em).unwrap();
-    let c_path = std::ffi::CString::new(em.to_str().unwrap()).unwrap();
+    // Made beside it and renamed over it: removing the file first left a moment in which a
+    // poll found no resource (a 404 began the outage, and the hang was then part of it, never
+    // logged: the project's CI saw it).
+    let fifo_tmp = em.with_extension("fifo");
+    let c_path = std::ffi::CString::new(fifo_tmp.to_str().unwrap()).unwrap();
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    fs::rename(&fifo_tmp, &em).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     // Release it: the regular file goes back first (requests queued behind the hung one read
     // it), then the hung reader gets its (now late) answer.
