@@ -74,10 +74,7 @@ impl LoopExt4 {
         let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(&backing))?;
         self.dev = Some(dev.clone());
         std::fs::create_dir(self.mnt()).map_err(|e| e.to_string())?;
-        run(Command::new("mount")
-            .args(["-o", "errors=continue"])
-            .arg(&dev)
-            .arg(self.mnt()))?;
+        self.mount(&dev)?;
         self.mounted = true;
         Ok(())
     }
@@ -87,11 +84,16 @@ impl LoopExt4 {
     fn remount(&self) -> Result<(), String> {
         let dev = self.dev.as_deref().ok_or("no loop device")?;
         run(Command::new("umount").arg(self.mnt()))?;
+        self.mount(dev)
+    }
+
+    /// Mounts the loop device's ext4 on `mnt`.
+    fn mount(&self, dev: &str) -> Result<(), String> {
         run(Command::new("mount")
             .args(["-o", "errors=continue"])
             .arg(dev)
-            .arg(self.mnt()))?;
-        Ok(())
+            .arg(self.mnt()))
+        .map(drop)
     }
 
     /// What a read-only e2fsck of the unmounted device says, for the message of a rig that
@@ -110,11 +112,7 @@ impl LoopExt4 {
                 .join(" | "),
             Err(e) => format!("e2fsck: {e}"),
         };
-        let _ = Command::new("mount")
-            .args(["-o", "errors=continue"])
-            .arg(dev)
-            .arg(self.mnt())
-            .status();
+        let _ = self.mount(dev);
         said
     }
 
