@@ -250,3 +250,104 @@ fn a_name_made_again_while_held_keeps_meaning_the_first_cgroup() {
         Some(ino(&cg.path("run-x")))
     );
 }
+
+/// A straight-line program of `n` instructions: long enough that its verification takes a
+/// while, so a signal can land in it.
+fn long_program(n: i32) -> Vec<wattd_collectors::cgroup::trace::bpf::Insn> {
+    use wattd_collectors::cgroup::trace::bpf::{Asm, R0, R2};
+    let mut a = Asm::default();
+    for i in 0..n {
+        a.mov_imm(R2, i);
+    }
+    a.mov_imm(R0, 0).exit();
+    a.finish().unwrap()
+}
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// The verifier gives up with EAGAIN when a signal is pending for the loading thread (bpf(2));
+/// the daemon has signal handlers, so a SIGHUP or SIGTERM during start-up must not cost it the
+/// trace (it did in a CI run: "program for cgroup_mkdir refused: Resource temporarily
+/// unavailable"). Real signals to the loading thread, spaced a few verifications apart: single
+/// tries are abandoned, and loads with the default tries all succeed, retrying on the way.
+#[test]
+fn a_load_the_verifier_abandons_for_a_signal_is_tried_again() {
+    use std::os::unix::thread::JoinHandleExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Instant;
+    use wattd_collectors::cgroup::trace::bpf;
+
+    let test = "a_load_the_verifier_abandons_for_a_signal_is_tried_again";
+    let text = long_program(50_000);
+    let quiet = match bpf::load_raw_tracepoint_tries(&text, "wattd_test", 1) {
+        Ok(_) => {
+            let t = Instant::now();
+            for _ in 0..3 {
+                bpf::load_raw_tracepoint_tries(&text, "wattd_test", 1).unwrap();
+            }
+            t.elapsed() / 3
+        }
+        Err(e) => {
+            wattd_testkit::need::skip(test, format!("loading eBPF programs ({})", e.error));
+            return;
+        }
+    };
+    let signal = libc::SIGRTMIN() + 7;
+    // SAFETY: a handler that does nothing, installed for a real-time signal nothing else in
+    // this test binary uses; the struct is zeroed (an empty mask) and only read by the call.
+    let installed = unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = ignore_signal as *const () as usize;
+        act.sa_flags = libc::SA_RESTART;
+        libc::sigaction(signal, &act, std::ptr::null_mut())
+    };
+    assert_eq!(installed, 0, "{}", std::io::Error::last_os_error());
+
+    // Loads with `tries` until `signals` signals were sent, one every `period`; gives the
+    // loads' errors and how many loads the verifier abandoned.
+    let storm = |tries: u32, signals: u32| {
+        let done = Arc::new(AtomicBool::new(false));
+        let loader = {
+            let (done, text) = (done.clone(), text.clone());
+            std::thread::spawn(move || {
+                let (mut errors, mut abandoned, mut loads) = (Vec::new(), 0, 0);
+                while !done.load(Ordering::Relaxed) {
+                    loads += 1;
+                    match bpf::load_raw_tracepoint_tries(&text, "wattd_test", tries) {
+                        Ok((_, n)) => abandoned += n,
+                        Err(e) => errors.push(format!("{} ({})", e.error, e.log)),
+                    }
+                }
+                (errors, abandoned, loads)
+            })
+        };
+        let period = quiet * 3 + Duration::from_millis(1);
+        for _ in 0..signals {
+            std::thread::sleep(period);
+            // SAFETY: the loader thread is alive until `done` is set below and it is joined;
+            // the signal's handler is installed above.
+            let rc = unsafe { libc::pthread_kill(loader.as_pthread_t(), signal) };
+            assert_eq!(rc, 0);
+        }
+        done.store(true, Ordering::Relaxed);
+        loader.join().unwrap()
+    };
+
+    let (errors, _, loads) = storm(1, 20);
+    assert!(
+        errors.iter().any(|e| e.contains("os error 11")),
+        "20 signals over {loads} single loads of {quiet:?} each: none abandoned, the test \
+         does not exercise the retry ({errors:?})"
+    );
+    let (errors, abandoned, loads) = storm(bpf::LOAD_TRIES, 20);
+    assert!(
+        errors.is_empty(),
+        "{} of {loads} loads failed under signals: {errors:?}",
+        errors.len()
+    );
+    assert!(
+        abandoned > 0,
+        "no load was abandoned: the retry was not exercised"
+    );
+}

@@ -212,9 +212,25 @@ pub struct LoadError {
     pub log: String,
 }
 
+/// How many times a load the verifier abandoned for a pending signal is tried.
+pub const LOAD_TRIES: u32 = 10;
+
 /// Loads a raw-tracepoint program. The licence must be GPL-compatible for the kernel to grant
-/// the probe-read helpers. On a refusal the load is tried again with the verifier's log.
+/// the probe-read helpers. The verifier gives up with EAGAIN when a signal is pending for the
+/// loading thread (`bpf(2)`); that load is tried again, up to [`LOAD_TRIES`] times, as libbpf
+/// does: a signal at start-up must not cost the daemon its exact usage source for its lifetime.
+/// On a refusal the load is tried again with the verifier's log.
 pub fn load_raw_tracepoint(insns: &[Insn], name: &str) -> Result<OwnedFd, LoadError> {
+    load_raw_tracepoint_tries(insns, name, LOAD_TRIES).map(|(fd, _)| fd)
+}
+
+/// [`load_raw_tracepoint`] with at most `tries` loads (at least one); gives the program and how
+/// many loads the verifier abandoned for a signal on the way.
+pub fn load_raw_tracepoint_tries(
+    insns: &[Insn],
+    name: &str,
+    tries: u32,
+) -> Result<(OwnedFd, u32), LoadError> {
     let text: Vec<u8> = insns.iter().flat_map(|i| i.encode()).collect();
     let license = b"Dual MIT/GPL\0";
     let attempt = |log: Option<&mut [u8]>| {
@@ -233,18 +249,26 @@ pub fn load_raw_tracepoint(insns: &[Insn], name: &str) -> Result<OwnedFd, LoadEr
             .name(48, name)
             .call_fd(BPF_PROG_LOAD, 72)
     };
-    match attempt(None) {
-        Ok(fd) => Ok(fd),
-        Err(error) => {
-            let mut log = vec![0u8; 1 << 16];
-            let _ = attempt(Some(&mut log));
-            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-            let text = String::from_utf8_lossy(&log[..end]);
-            let tail: Vec<&str> = text.lines().rev().take(12).collect();
-            let log = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
-            Err(LoadError { error, log })
+    let mut interrupted = 0;
+    let error = loop {
+        match attempt(None) {
+            Ok(fd) => return Ok((fd, interrupted)),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && interrupted + 1 < tries.max(1) => {
+                interrupted += 1;
+            }
+            Err(e) => break e,
         }
+    };
+    let mut log = vec![0u8; 1 << 16];
+    let _ = attempt(Some(&mut log));
+    let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+    let text = String::from_utf8_lossy(&log[..end]);
+    let tail: Vec<&str> = text.lines().rev().take(12).collect();
+    let mut log = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
+    if error.raw_os_error() == Some(libc::EAGAIN) {
+        log = format!("a signal was pending in each of {tries} loads; last log: {log}");
     }
+    Err(LoadError { error, log })
 }
 
 /// Attaches `prog` to the raw tracepoint `name`; the program stays attached while the returned
