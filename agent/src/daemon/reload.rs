@@ -36,8 +36,16 @@ impl Daemon {
             }
         }
         if new.interval_ms != old.interval_ms {
-            self.ticker = ticker(new.interval_ms);
-            tracing::info!(interval_ms = new.interval_ms, "sampling interval reloaded");
+            match ticker(new.interval_ms) {
+                Ok(t) => {
+                    self.ticker = t;
+                    tracing::info!(interval_ms = new.interval_ms, "sampling interval reloaded");
+                }
+                Err(error) => {
+                    tracing::error!(error = %format!("{error:#}"), "new sampling interval refused; keeping the old one");
+                    new.interval_ms = old.interval_ms;
+                }
+            }
         }
         let policy = new.policy;
         if policy != self.sampler.policy() {

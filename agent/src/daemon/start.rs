@@ -18,6 +18,7 @@ use wattd_collectors::topology::Topology;
 use wattd_collectors::HostRoot;
 use wattd_proto::v1;
 
+use super::ticker::Ticker;
 use super::{Daemon, Fd, LogReload, Shipping, Signals};
 use crate::attribution::host::HostBalance;
 use crate::attribution::idle::IdleTracker;
@@ -82,11 +83,9 @@ pub(super) fn seal_policy(r: &Reloadable) -> anyhow::Result<SealPolicy> {
 }
 
 /// A ticker of `interval_ms`, its first tick one period from now.
-pub(super) fn ticker(interval_ms: u64) -> tokio::time::Interval {
-    let period = Duration::from_millis(interval_ms);
-    let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    t
+pub(super) fn ticker(interval_ms: u64) -> anyhow::Result<Ticker> {
+    Ticker::new(Duration::from_millis(interval_ms))
+        .with_context(|| format!("the sampling clock (a timerfd of {interval_ms} ms)"))
 }
 
 impl Daemon {
@@ -227,7 +226,7 @@ impl Daemon {
             hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
         };
         Ok(Daemon {
-            ticker: ticker(cfg.reloadable.interval_ms),
+            ticker: ticker(cfg.reloadable.interval_ms)?,
             cfg,
             log_reload,
             boot,
