@@ -12,7 +12,9 @@
 //! `cargo bench -p wattd --bench daemon -- runs=1000 hz=1 secs=30` (defaults: 100 runs, 1 Hz,
 //! 30 s after 5 s of warm-up; `perf=0` turns the per-run perf counters off, `trace=0` the cgroup
 //! trace). Needs root and a cgroup2 mount, as the end-to-end tests do. The agent runs with the
-//! shipped unit's descriptor limit (`LimitNOFILE=`), as installed.
+//! shipped unit's descriptor limit (`LimitNOFILE=`), as installed, and, as under the unit, with
+//! systemd's notification socket (a datagram socket the bench drains) and a 30 s watchdog.
+//! `WATTD_BENCH_BIN=path` runs another build of the agent (to compare two commits side by side).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -181,9 +183,31 @@ fn main() {
         );
     }
     let log = std::fs::File::create(work.path().join("wattd.log")).expect("log");
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_wattd"))
+    // As under the unit (`Type=notify`, `WatchdogSec=30s`): systemd's notification socket, here
+    // a datagram socket drained by a thread, and the watchdog's period; WATCHDOG_PID is the
+    // main process's own, the shell's that execs the agent.
+    let notify_path = work.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
+    let notified = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let notified = notified.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while notify.recv(&mut buf).is_ok() {
+                notified.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    let mut agent = Command::new("sh")
+        .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\""])
+        .arg(
+            std::env::var_os("WATTD_BENCH_BIN")
+                .unwrap_or_else(|| env!("CARGO_BIN_EXE_wattd").into()),
+        )
         .args(["run", "--config"])
         .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "30000000")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(log)
@@ -236,6 +260,10 @@ fn main() {
     for (path, kib) in files.iter().take(6) {
         println!("  mapped: {:.1} MiB {path}", *kib as f64 / 1024.0);
     }
+    println!(
+        "  systemd notifications received: {} (READY, keep-alives, STOPPING)",
+        notified.load(std::sync::atomic::Ordering::Relaxed)
+    );
     if logtext.lines().any(|l| l.contains("ERROR")) {
         eprintln!("the daemon logged errors:\n{logtext}");
     }

@@ -37,6 +37,7 @@ mod reload;
 mod start;
 mod tick;
 mod ticker;
+mod watchdog;
 
 pub use start::node_id;
 pub use tick::usage_from;
@@ -160,6 +161,8 @@ pub struct Daemon {
     labelled: HashSet<String>,
     /// Whether READY was sent (after the first interval).
     ready: bool,
+    /// systemd's watchdog keep-alive, at most every quarter of its period.
+    watchdog: watchdog::Watchdog,
     /// Intervals merged into another because the spool was full, since start.
     coarsened_intervals: u64,
     last_render: Option<Instant>,

@@ -251,6 +251,7 @@ impl Daemon {
             started_unix: BTreeMap::new(),
             labelled: HashSet::new(),
             ready: false,
+            watchdog: super::watchdog::Watchdog::from_env(),
             coarsened_intervals: 0,
             last_render: None,
             key_born_unix_ns,

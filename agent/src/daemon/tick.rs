@@ -352,7 +352,7 @@ impl Daemon {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
             tracing::info!(index = interval.index, "first interval closed; ready");
         } else {
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            self.watchdog.tick_closed(tick_started);
         }
     }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use wattd_collectors::synth::{HostTree, ZoneSpec};
 
 /// Kills the daemon if the test fails before stopping it.
-struct Daemon(Option<Child>);
+pub(crate) struct Daemon(pub(crate) Option<Child>);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -29,7 +29,7 @@ impl Drop for Daemon {
 }
 
 /// A port nobody listens on right now (bind port 0, read it, let it go).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -103,14 +103,14 @@ fn value(samples: &[(String, f64)], series: &str) -> Option<f64> {
 
 /// The simulated host: a package counter at 10 W and one run, `abc`, busy on half a CPU,
 /// advanced by a driver thread until dropped.
-struct Host {
-    root: String,
+pub(crate) struct Host {
+    pub(crate) root: String,
     stop: Arc<AtomicBool>,
     driver: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Host {
-    fn start(dir: &Path) -> Host {
+    pub(crate) fn start(dir: &Path) -> Host {
         let host = HostTree::new(dir.join("host"));
         host.cpus(1, 2, 1).unwrap();
         host.proc_stat(&[(100, 100), (100, 100)]).unwrap();
