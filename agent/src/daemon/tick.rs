@@ -308,7 +308,8 @@ impl Daemon {
     }
 
     /// After the interval is recorded: the shipper's state, the metrics (rendered at most once
-    /// a second) and systemd (READY after the first interval, WATCHDOG after each).
+    /// a second) and systemd (READY after the first interval, then the watchdog's keep-alive when
+    /// due, `watchdog.rs`).
     fn publish(
         &mut self,
         interval: &Interval,

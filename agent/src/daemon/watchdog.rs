@@ -1,11 +1,15 @@
-//! systemd's watchdog keep-alive, sent at most every quarter of the period the unit sets
-//! (`WatchdogSec=`, given to the process as `WATCHDOG_USEC` and `WATCHDOG_PID`).
+//! systemd's watchdog keep-alive (`WatchdogSec=`, given to the process as `WATCHDOG_USEC` and
+//! `WATCHDOG_PID`): sent after a tick once a quarter of the period, or a second if that is
+//! shorter, has passed since the last one.
 //!
 //! Each `sd_notify` message is a new datagram socket, a connect, a send and a close. Sent at
 //! every tick (as before), that was four system calls a tick under systemd, a hundred times a
 //! second at 100 Hz, for a watchdog of 30 s; systemd advises one message per half period. A
-//! quarter leaves a tick's lateness of room. Without a watchdog (or one meant for another
-//! process) nothing is sent.
+//! quarter leaves a tick's lateness of room; a second at most, because the period is read
+//! once at start, and a `WatchdogSec=` lowered by a `daemon-reload` applies to the running
+//! service, so a keep-alive every second keeps a healthy agent alive down to a watchdog of about
+//! two seconds (100 times fewer messages than every tick at 100 Hz). Without a watchdog (or one
+//! meant for another process) nothing is sent.
 
 use std::time::{Duration, Instant};
 
@@ -21,7 +25,7 @@ impl Watchdog {
     pub fn from_env() -> Watchdog {
         let mut usec = 0;
         let on = sd_notify::watchdog_enabled(false, &mut usec) && usec > 0;
-        Watchdog::every(on.then(|| Duration::from_micros(usec) / 4))
+        Watchdog::every(on.then(|| (Duration::from_micros(usec) / 4).min(Duration::from_secs(1))))
     }
 
     /// Keep-alives `every` so often, or never.
