@@ -36,7 +36,15 @@ fn receive_until(
                 Instant::now(),
                 String::from_utf8_lossy(&buf[..n]).trim().to_owned(),
             )),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            // The read timeout, or a signal (the project's CI has delivered some to test
+            // threads): wait again.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
             Err(e) => panic!("receiving: {e}"),
         }
     }
