@@ -209,6 +209,8 @@ impl Daemon {
     /// acknowledgements and stops the daemon's tasks.
     pub async fn run(mut self) -> anyhow::Result<()> {
         start::release_cold_code("start");
+        // Set when the clock failed: the stop is taken as a signal's, then reported.
+        let mut clock_failed = None;
         loop {
             let flow = match self.next_event().await {
                 Event::Tick => self.on_tick(false).await?,
@@ -219,9 +221,8 @@ impl Daemon {
                 Event::CgroupEvents => self.on_cgroup_events(),
                 Event::ClockFailed(e) => {
                     tracing::error!(error = %e, "the sampling clock failed; stopping");
-                    self.on_tick(true).await?;
-                    self.shut_down().await;
-                    return Err(anyhow::Error::new(e).context("the sampling clock (timerfd)"));
+                    clock_failed = Some(e);
+                    self.on_tick(true).await?
                 }
             };
             if flow == Flow::Stop {
@@ -229,7 +230,10 @@ impl Daemon {
             }
         }
         self.shut_down().await;
-        Ok(())
+        match clock_failed {
+            Some(e) => Err(anyhow::Error::new(e).context("the sampling clock (timerfd)")),
+            None => Ok(()),
+        }
     }
 
     /// Waits for the next event.
