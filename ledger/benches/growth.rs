@@ -14,7 +14,10 @@
 //! `cargo bench -p wattd-ledger --bench growth -- steps=1000000,4000000 nodes=100 runs=10`
 //! (allocations at each step; SQLite always, PostgreSQL too with `WATTD_TEST_POSTGRES` set, or
 //! one with `store=sqlite` / `store=postgres`; `rows=none` fills a store that keeps no
-//! per-interval rows, as `serve --detail-retention-days 0` does).
+//! per-interval rows, as `serve --detail-retention-days 0` does). By default each batch is
+//! received at its seal time (January 2026, before any day partition: on PostgreSQL every row
+//! is in the default partition); `days=N` spreads the batches' receipt over N days, each with
+//! its day partition made before the fill, as a ledger that has kept its rows N days has them.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +48,8 @@ struct Opts {
     /// `rows=none`: the store keeps no per-interval rows (`serve --detail-retention-days 0`),
     /// so every read of per-interval detail decodes the signed batches.
     no_rows: bool,
+    /// `days=N`: batches received over N days, a day partition each (0: at their seal time).
+    days: u64,
 }
 
 fn opts() -> Opts {
@@ -54,6 +59,7 @@ fn opts() -> Opts {
         runs: 10,
         store: None,
         no_rows: false,
+        days: 0,
     };
     for a in std::env::args().skip(1) {
         let Some((k, v)) = a.split_once('=') else {
@@ -75,7 +81,8 @@ fn opts() -> Opts {
                     _ => panic!("rows={v}: none or kept"),
                 }
             }
-            _ => panic!("unknown option {k} (steps=, nodes=, runs=, store=, rows=)"),
+            "days" => o.days = n(v),
+            _ => panic!("unknown option {k} (steps=, nodes=, runs=, store=, rows=, days=)"),
         }
     }
     o.steps.sort_unstable();
@@ -151,6 +158,29 @@ impl Node {
     }
 }
 
+/// Nanoseconds in a day (the ledger's partitions are days of receipt).
+const DAY_NS: u64 = 86_400_000_000_000;
+
+/// The day partitions of `days=N` (as the ledger names them), made before the fill: the
+/// ledger's own upkeep makes them only around the present day.
+async fn make_day_partitions(url: &str, days: u64) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to postgres");
+    tokio::spawn(conn);
+    let first = BASE_UNIX_NS.div_euclid(DAY_NS as i64);
+    for day in first..first + i64::try_from(days).expect("days") {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS allocations_day_{day} PARTITION OF allocations \
+                 FOR VALUES FROM ({day}) TO ({})",
+                day + 1
+            ))
+            .await
+            .expect("a day partition");
+    }
+}
+
 /// p50 and p99 of `n` calls of `run_totals_where(filter)`, in milliseconds.
 async fn time(n: usize, store: &AnyStore, filter: &TotalsFilter) -> (f64, f64) {
     let mut t = Vec::with_capacity(n);
@@ -187,13 +217,33 @@ async fn run(label: &str, url: String, o: &Opts) {
     let limits = Arc::new(NodeLimits::new(&Default::default(), i64::MAX));
     let mut nodes: Vec<Node> = (0..o.nodes).map(Node::new).collect();
     let per_batch = INTERVALS * o.runs * 2;
+    // `days=N`: the receipt of the largest step's batches spread evenly over N days, never
+    // before a batch's seal (a node's batches are received late, not early).
+    let total_batches = o
+        .steps
+        .last()
+        .copied()
+        .unwrap_or(0)
+        .div_ceil(per_batch)
+        .max(1);
+    let received_step_ns = i64::try_from(o.days * DAY_NS / total_batches).expect("step");
+    if o.days > 0 && !url.starts_with("sqlite:") {
+        make_day_partitions(&url, o.days).await;
+    }
+    let mut batches: i64 = 0;
     let mut stored: u64 = 0;
     let mut fill = Duration::ZERO;
     println!(
-        "{label}: {} nodes x {} runs, {per_batch} allocations a batch, per-interval rows {}",
+        "{label}: {} nodes x {} runs, {per_batch} allocations a batch, per-interval rows {}, \
+         received {}",
         o.nodes,
         o.runs,
-        if o.no_rows { "none" } else { "kept" }
+        if o.no_rows { "none" } else { "kept" },
+        if o.days > 0 {
+            format!("over {} days", o.days)
+        } else {
+            "at their seal time".to_owned()
+        }
     );
     for &step in &o.steps {
         let t = Instant::now();
@@ -201,9 +251,15 @@ async fn run(label: &str, url: String, o: &Opts) {
             // Round robin, as a fleet's batches arrive.
             for n in &mut nodes {
                 let (vb, sealed) = n.next(o.runs);
-                match store.commit(Arc::new(vb), limits.clone(), sealed).await {
-                    Ok(Commit::Stored { .. }) => {}
-                    other => panic!("batch not stored: {other:?}"),
+                let received = if o.days > 0 {
+                    sealed.max(BASE_UNIX_NS + batches * received_step_ns)
+                } else {
+                    sealed
+                };
+                batches += 1;
+                match store.commit(Arc::new(vb), limits.clone(), received).await {
+                    Ok(Commit::Stored { verdict }) if verdict == Default::default() => {}
+                    other => panic!("batch not stored, or stored in quarantine: {other:?}"),
                 }
                 stored += per_batch;
             }

@@ -113,11 +113,13 @@ impl ScratchDb {
     /// store may be closing them as this runs); says so if it could not.
     pub async fn drop_db(self) {
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        // FORCE cannot end a backend of another role: an autovacuum worker still analyzing a
+        // large fill's partitions makes the drop fail until it is done, so wait for it (a minute).
         let mut last = None;
-        for _ in 0..20 {
+        for _ in 0..240 {
             match self.admin.batch_execute(&sql).await {
                 Ok(()) => return,
-                Err(e) => last = Some(e),
+                Err(e) => last = Some(e.as_db_error().map_or(e.to_string(), |d| d.to_string())),
             }
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         }

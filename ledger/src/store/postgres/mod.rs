@@ -78,16 +78,18 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 /// One pooled connection and its prepared statements.
 struct PgConn {
     client: Client,
-    statements: HashMap<&'static str, Statement>,
+    /// Prepared on this connection, by their text: the commit's statements, and the few shapes
+    /// of a totals query (one per combination of filters).
+    statements: HashMap<Box<str>, Statement>,
 }
 
 impl PgConn {
-    async fn statement(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
+    async fn statement(&mut self, sql: &str) -> Result<Statement, StoreError> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
         let s = self.client.prepare(sql).await?;
-        self.statements.insert(sql, s.clone());
+        self.statements.insert(sql.into(), s.clone());
         Ok(s)
     }
 }
@@ -152,13 +154,14 @@ async fn connect(target: &PgTarget) -> Result<Client, StoreError> {
     Ok(client)
 }
 
-/// Every connection's settings (see [`connect`]). No parallel workers: the ledger's reads are
-/// index lookups of a few thousand rows, for which the planner picks parallel plans once a
-/// partition is large, and starting the workers costs more than the query (a run's totals over
-/// a range that is not whole hours at 16 million allocations: 8-13 ms with two workers, 1.6-1.8
-/// ms without; `cargo bench -p wattd-ledger --bench growth`).
+/// Every connection's settings (see [`connect`]). The ledger's reads are index lookups of a few
+/// thousand rows, which the planner's estimates make look larger than they are once partitions
+/// are large or many: no parallel workers (at 16 million allocations a run's totals over a range
+/// that is not whole hours took 8-13 ms with two, 1.6-1.8 ms without) and no JIT compilation
+/// (with a year of day partitions the same query's estimate passed `jit_above_cost`, and
+/// compiling it for every partition took 440 of its 460 ms; 3 ms without).
 pub(super) const SESSION_SETTINGS: &str = "SET synchronous_commit = on; \
-     SET statement_timeout = '30s'; SET max_parallel_workers_per_gather = 0";
+     SET statement_timeout = '30s'; SET max_parallel_workers_per_gather = 0; SET jit = off";
 
 impl PgStore {
     pub async fn open(url: &str, mode: OpenMode) -> Result<Self, StoreError> {
@@ -626,7 +629,7 @@ mod tests {
     use super::*;
 
     /// Every connection the store makes carries the session settings: durable commits (an Ack
-    /// promises it), bounded statements, and no parallel workers for the ledger's small reads.
+    /// promises it), bounded statements, neither parallel workers nor JIT for its small reads.
     #[tokio::test]
     async fn a_connection_carries_the_session_settings() {
         let url = match std::env::var("WATTD_TEST_POSTGRES") {
@@ -644,6 +647,7 @@ mod tests {
             ("synchronous_commit", "on"),
             ("statement_timeout", "30s"),
             ("max_parallel_workers_per_gather", "0"),
+            ("jit", "off"),
         ] {
             let got: String = client
                 .query_one(&format!("SHOW {name}"), &[])

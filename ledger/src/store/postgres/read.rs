@@ -204,24 +204,32 @@ pub(super) async fn run_totals_where(
         .collect();
     let (_read, mut p) = store.read_conn().await?;
     let c = p.get()?;
-    // Rows and pruned detail in one snapshot (the rollup needs neither).
-    let (tx, from) = detail_read(&mut c.client, !from_rollup).await?;
     // SUM(bigint) is numeric in PostgreSQL: exact, never overflows; read it as text.
     let total = if from_rollup {
         "(SUM(a.energy_hi) * 4294967296 + SUM(a.energy_lo))::text"
     } else {
         "SUM(a.energy_uj)::text"
     };
-    let rows = tx
-        .query(
-            &format!(
-                "SELECT a.node_id, a.run_id, a.domain, {total}{clause} \
-                 GROUP BY a.node_id, a.run_id, a.domain \
-                 ORDER BY a.node_id, a.run_id, a.domain"
-            ),
-            &refs,
-        )
+    // Prepared once per connection and shape of filter, not parsed and planned at every call.
+    let st = c
+        .statement(&format!(
+            "SELECT a.node_id, a.run_id, a.domain, {total}{clause} \
+             GROUP BY a.node_id, a.run_id, a.domain \
+             ORDER BY a.node_id, a.run_id, a.domain"
+        ))
         .await?;
+    // Rows and pruned detail in one snapshot (the rollup needs neither).
+    let (tx, from) = detail_read(&mut c.client, !from_rollup).await?;
+    if !from_rollup && filter.run_id.is_some() {
+        // One run's rows are a few thousand whatever the other filters, but they may be in any
+        // day partition (a batch is received any time after its seal), so every partition is
+        // in the plan: planning it anew at each call cost 20 ms with a year of partitions, the
+        // plan made once and kept 1-1.5 ms (`--bench growth -- days=365`). Not for the other
+        // shapes, whose best plan depends on how wide the range or how busy the node is.
+        tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            .await?;
+    }
+    let rows = tx.query(&st, &refs).await?;
     let out = rows
         .into_iter()
         .map(|r| {
