@@ -33,6 +33,25 @@ pub(super) async fn detail_read(
     Ok((tx, from))
 }
 
+/// Within `tx`, statements keep one plan made without their parameters' values instead of
+/// being planned at every call. For the reads whose rows an index finds whatever the values (a
+/// run's, a node's between two seqs) but which may be in any day partition (a batch is received
+/// any time after its seal), so every partition is in their plan: planning it anew cost 20 ms a
+/// call with a year of partitions, the kept plan 1-1.5 ms (`--bench growth -- days=365`).
+async fn plan_once(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    Ok(tx
+        .batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        .await?)
+}
+
+/// Back to planning each call (after [`plan_once`]), for reads whose best plan depends on how
+/// wide a time range is.
+async fn plan_each(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    Ok(tx
+        .batch_execute("SET LOCAL plan_cache_mode TO DEFAULT")
+        .await?)
+}
+
 /// The quarantined allocations of many stored batches, by (node, seq), in one query: a page of
 /// pruned batches decoded one lookup each cost a round trip per batch (about a third of a run's
 /// range read past the retention, the growth bench). Batches with none are absent.
@@ -220,14 +239,11 @@ pub(super) async fn run_totals_where(
         .await?;
     // Rows and pruned detail in one snapshot (the rollup needs neither).
     let (tx, from) = detail_read(&mut c.client, !from_rollup).await?;
-    if !from_rollup && filter.run_id.is_some() {
-        // One run's rows are a few thousand whatever the other filters, but they may be in any
-        // day partition (a batch is received any time after its seal), so every partition is
-        // in the plan: planning it anew at each call cost 20 ms with a year of partitions, the
-        // plan made once and kept 1-1.5 ms (`--bench growth -- days=365`). Not for the other
-        // shapes, whose best plan depends on how wide the range or how busy the node is.
-        tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
-            .await?;
+    // One run's rows are a few thousand whatever the other filters: its plan is kept. Not for
+    // the other shapes, whose best plan depends on how wide the range or how busy the node is.
+    let kept_plan = !from_rollup && filter.run_id.is_some();
+    if kept_plan {
+        plan_once(&tx).await?;
     }
     let rows = tx.query(&st, &refs).await?;
     let out = rows
@@ -247,6 +263,9 @@ pub(super) async fn run_totals_where(
     if from_rollup || from == i64::MIN {
         tx.commit().await?;
         return Ok(out);
+    }
+    if kept_plan {
+        plan_each(&tx).await?;
     }
     // Batches in the range whose rows were pruned: decoded.
     let run = filter.run_id.clone().unwrap_or_default();
@@ -495,8 +514,11 @@ pub(super) async fn batch_energy(
     let after = to_i64(after_seq, "seq")?;
     let (_read, mut p) = store.read_conn().await?;
     let c = p.get()?;
+    let st_allocations = c.statement(SQL_ALLOCATIONS_BETWEEN).await?;
     // One snapshot: the allocations read are those of the batches read.
     let (tx, from) = detail_read(&mut c.client, true).await?;
+    // A node's rows between two seqs, pruned ones the same: every read here keeps its plan.
+    plan_once(&tx).await?;
     let batches: Vec<RawBatch> = tx
         .query(SQL_BATCHES_ABOVE, &[&node, &after, &i64::from(limit)])
         .await?
@@ -507,10 +529,7 @@ pub(super) async fn batch_energy(
         return Ok(Vec::new());
     };
     let allocations: Vec<RawAllocation> = tx
-        .query(
-            SQL_ALLOCATIONS_BETWEEN,
-            &[&node, &after, &last, &account_label],
-        )
+        .query(&st_allocations, &[&node, &after, &last, &account_label])
         .await?
         .iter()
         .map(pg_raw_allocation)
@@ -551,10 +570,14 @@ pub(super) async fn run_batches(
     let limit = i64::from(limit);
     let (_read, mut p) = store.read_conn().await?;
     let c = p.get()?;
+    let st_batches = c.statement(SQL_RUN_BATCHES).await?;
+    let st_allocations = c.statement(SQL_RUN_ALLOCATIONS).await?;
     let (tx, from) = detail_read(&mut c.client, true).await?;
+    // A run's rows: their plans kept (see `plan_once`); the pruned hours' are planned each call.
+    plan_once(&tx).await?;
     let params: [&(dyn ToSql + Sync); 5] = [&run, &node, &after.0, &after_seq, &limit];
     let batches: Vec<RawBatch> = tx
-        .query(SQL_RUN_BATCHES, &params)
+        .query(&st_batches, &params)
         .await?
         .iter()
         .map(pg_raw_batch)
@@ -562,7 +585,7 @@ pub(super) async fn run_batches(
     let with_label: [&(dyn ToSql + Sync); 6] =
         [&run, &node, &after.0, &after_seq, &limit, &account_label];
     let allocations: Vec<RawAllocation> = tx
-        .query(SQL_RUN_ALLOCATIONS, &with_label)
+        .query(&st_allocations, &with_label)
         .await?
         .iter()
         .map(pg_raw_allocation)
@@ -572,6 +595,7 @@ pub(super) async fn run_batches(
         tx.commit().await?;
         return Ok(stored);
     }
+    plan_each(&tx).await?;
     // Pruned batches of the hours the run has totals in, decoded: those that billed it.
     let want = usize::try_from(limit).unwrap_or(usize::MAX);
     let mut pruned = Vec::new();
