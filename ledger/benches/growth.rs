@@ -86,6 +86,10 @@ fn opts() -> Opts {
         }
     }
     o.steps.sort_unstable();
+    assert!(
+        !(o.no_rows && o.days > 0),
+        "days= spreads the rows over day partitions: rows=none keeps none"
+    );
     o
 }
 
@@ -219,13 +223,10 @@ async fn run(label: &str, url: String, o: &Opts) {
     let per_batch = INTERVALS * o.runs * 2;
     // `days=N`: the receipt of the largest step's batches spread evenly over N days, never
     // before a batch's seal (a node's batches are received late, not early).
-    let total_batches = o
-        .steps
-        .last()
-        .copied()
-        .unwrap_or(0)
-        .div_ceil(per_batch)
-        .max(1);
+    // The fill commits whole rounds of every node's next batch.
+    let nodes_n = o.nodes as u64;
+    let last_step = o.steps.last().copied().unwrap_or(0);
+    let total_batches = last_step.div_ceil(per_batch).div_ceil(nodes_n).max(1) * nodes_n;
     let received_step_ns = i64::try_from(o.days * DAY_NS / total_batches).expect("step");
     if o.days > 0 && !url.starts_with("sqlite:") {
         make_day_partitions(&url, o.days).await;

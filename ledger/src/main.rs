@@ -128,8 +128,8 @@ struct ServeArgs {
     #[arg(long, visible_alias = "nodes", value_name = "DIR")]
     enrolled: PathBuf,
     /// Store URL: sqlite:PATH (or sqlite://PATH; created mode 600) or
-    /// postgres://USER@HOST:PORT/DB (the password from PGPASSFILE or ~/.pgpass, never the
-    /// URL).
+    /// postgres://USER@HOST:PORT/DB (PostgreSQL 12 or later; the password from PGPASSFILE or
+    /// ~/.pgpass, never the URL).
     #[arg(long, visible_alias = "db", value_name = "URL", value_parser = StoreUrlParser)]
     store: StoreUrl,
     /// Serve Prometheus counters on GET /metrics at this address (port 0: any; printed).

@@ -44,8 +44,9 @@ async fn plan_once(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreErro
         .await?)
 }
 
-/// Back to planning each call (after [`plan_once`]), for reads whose best plan depends on how
-/// wide a time range is.
+/// Back to the session's `plan_cache_mode` (after [`plan_once`]; PostgreSQL's `auto`), for reads
+/// whose best plan depends on how wide a time range is: they are unnamed statements, so `auto`
+/// plans them at every call with their values.
 async fn plan_each(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
     Ok(tx
         .batch_execute("SET LOCAL plan_cache_mode TO DEFAULT")
@@ -229,23 +230,31 @@ pub(super) async fn run_totals_where(
     } else {
         "SUM(a.energy_uj)::text"
     };
-    // Prepared once per connection and shape of filter, not parsed and planned at every call.
-    let st = c
-        .statement(&format!(
-            "SELECT a.node_id, a.run_id, a.domain, {total}{clause} \
-             GROUP BY a.node_id, a.run_id, a.domain \
-             ORDER BY a.node_id, a.run_id, a.domain"
-        ))
-        .await?;
+    let sql = format!(
+        "SELECT a.node_id, a.run_id, a.domain, {total}{clause} \
+         GROUP BY a.node_id, a.run_id, a.domain \
+         ORDER BY a.node_id, a.run_id, a.domain"
+    );
+    // One run's rows are a few thousand whatever the other filters: prepared once per
+    // connection and shape of filter, its plan kept (`plan_once`). Not the other shapes, whose
+    // best plan depends on how wide the range or how busy the node is: a statement kept on the
+    // connection would be given a plan blind to the values after five calls (PostgreSQL's
+    // `auto`), so they are planned at every call, with their values, as unnamed statements.
+    let kept_plan = !from_rollup && filter.run_id.is_some();
+    let st = if kept_plan {
+        Some(c.statement(&sql).await?)
+    } else {
+        None
+    };
     // Rows and pruned detail in one snapshot (the rollup needs neither).
     let (tx, from) = detail_read(&mut c.client, !from_rollup).await?;
-    // One run's rows are a few thousand whatever the other filters: its plan is kept. Not for
-    // the other shapes, whose best plan depends on how wide the range or how busy the node is.
-    let kept_plan = !from_rollup && filter.run_id.is_some();
-    if kept_plan {
-        plan_once(&tx).await?;
-    }
-    let rows = tx.query(&st, &refs).await?;
+    let rows = match &st {
+        Some(st) => {
+            plan_once(&tx).await?;
+            tx.query(st, &refs).await?
+        }
+        None => tx.query(&sql, &refs).await?,
+    };
     let out = rows
         .into_iter()
         .map(|r| {
@@ -517,7 +526,9 @@ pub(super) async fn batch_energy(
     let st_allocations = c.statement(SQL_ALLOCATIONS_BETWEEN).await?;
     // One snapshot: the allocations read are those of the batches read.
     let (tx, from) = detail_read(&mut c.client, true).await?;
-    // A node's rows between two seqs, pruned ones the same: every read here keeps its plan.
+    // A node's rows between two seqs (and pruned ones, by seq too): index lookups whatever the
+    // values, so the prepared read of its rows keeps its plan; the unnamed statements here are
+    // planned once per call either way.
     plan_once(&tx).await?;
     let batches: Vec<RawBatch> = tx
         .query(SQL_BATCHES_ABOVE, &[&node, &after, &i64::from(limit)])
