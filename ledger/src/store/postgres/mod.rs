@@ -78,8 +78,9 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 /// One pooled connection and its prepared statements.
 struct PgConn {
     client: Client,
-    /// Prepared on this connection, by their text: the commit's statements, and the few shapes
-    /// of a totals query (one per combination of filters).
+    /// Prepared on this connection, by their text: the commit's statements, and the reads that
+    /// keep their plan (`read.rs` `plan_once`: a run's totals over rows, one per shape of filter;
+    /// the change feed's rows; a run's batches).
     statements: HashMap<Box<str>, Statement>,
 }
 
