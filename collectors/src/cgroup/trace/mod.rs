@@ -20,8 +20,9 @@
 //! outlives the cgroup until the tracker deletes it. The cgroup id is the directory's inode
 //! number. Measured exact to the microsecond for runs that burn, sleep and fork; for one
 //! duty-cycled workload a few runs in a hundred came out microseconds short on the VM this was
-//! built on (never over; see the README), so the tracker never bills a traced run below its
-//! last read. (With proxy execution, upstream since 6.17 and off on that VM, the kernel charges
+//! built on, and one shell run in some 12,000 that starts `sleep` between bursts up to 584 us
+//! short at once (never over; see the README and ARCHITECTURE.md), so the tracker never bills a
+//! traced run below its last read. (With proxy execution, upstream since 6.17 and off on that VM, the kernel charges
 //! the cgroup of the task that donated its turn while the tracepoint names the one running: a
 //! lock holder's slices would go to its own cgroup.) Costs: four kernel reads and a hash lookup
 //! per scheduler update, for every task on the host (measured in the README); entries live only
