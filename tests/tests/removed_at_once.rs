@@ -131,8 +131,9 @@ fn billed(spool: &Path) -> Billed {
 /// billed within 0.1%; with `per_run_bounds`, also each run: billed something, within 1% when
 /// it is the only one to end in its tick, within 10% (and exact in sum) when it shares the
 /// tick. The per-run error is printed always. With `trace`, the agent runs with its cgroup trace
-/// (eBPF, the default): every run must be billed the kernel's count from the trace; without it,
-/// from its reads, its parent's residual and its perf counters.
+/// (eBPF, the default): every run must be billed the kernel's count from the trace (at most one
+/// run in a hundred may fall short of the per-run bounds by at most 5 ms, never over: the slices
+/// the trace misses); without it, from its reads, its parent's residual and its perf counters.
 #[allow(clippy::too_many_arguments)]
 fn removed_at_once(
     test: &str,
@@ -297,6 +298,7 @@ fn removed_at_once(
     // Traced runs billed short of the kernel beyond the per-run bound: the cgroup trace misses a
     // slice now and then on the kernel measured (never over; see ARCHITECTURE.md, the cgroup
     // trace), and what it missed stays in the parent's residual, which no traced run claims.
+    // (The bound on a tick's runs together still counts them: a small tick could fail on one.)
     let mut traced_short = Vec::new();
     for group in by_tick.values() {
         let mut group_truth = 0u64;
@@ -331,7 +333,9 @@ fn removed_at_once(
                 .entry(how.clone().unwrap_or_else(|| "none".into()))
                 .or_default()
                 .push((got as f64 - e.truth_us as f64) / e.truth_us.max(1) as f64);
-            let short_traced = how.as_deref() == Some("traced") && got < e.truth_us;
+            // A missed slice is microseconds to a millisecond (824 us the most seen).
+            let short_traced =
+                how.as_deref() == Some("traced") && got < e.truth_us && e.truth_us - got <= 5_000;
             if err > bound && per_run_bounds && short_traced {
                 traced_short.push(format!(
                     "{}: kernel {} us, billed {got} us ({:.2}% short, {} ending in its tick)",
@@ -403,6 +407,10 @@ fn removed_at_once(
     );
     // At most one run in a hundred (none in most tests; 1 of 1,000 in one CI run, 824 us short).
     if traced_short.len() * 100 > runs {
+        problems.push(format!(
+            "{} traced runs short beyond the per-run bounds, more than one in a hundred:",
+            traced_short.len()
+        ));
         problems.extend(traced_short);
     }
     assert!(

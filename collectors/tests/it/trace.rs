@@ -179,8 +179,9 @@ fn many_runs_at_once_on_a_crowded_host_are_each_counted_exactly() {
 /// milliseconds showed its whole shortfall appear between two polls, not a drift), 3.5% of that
 /// run at worst; no program run was skipped, no read faulted, and runs that fork and exit
 /// without sleeping (`/bin/true`, a subshell: 24 tests) showed none. The cause is not known (see
-/// ARCHITECTURE.md, the cgroup trace). Asserted: never over, nine in ten exact, all of them
-/// together within 0.1% of the kernel's sum, no program run missed.
+/// ARCHITECTURE.md, the cgroup trace). Asserted: never over, nine in ten exact, at most one run
+/// more than 1% or more than 1 ms short, their sum within 0.1% of the kernel's, no program run
+/// missed.
 #[test]
 fn sleeping_runs_are_counted_never_above_the_kernel_and_nearly_all_exactly() {
     let Some((trace, mut cg)) = trace("sleeping_runs_are_counted_never_above_the_kernel") else {
@@ -189,6 +190,7 @@ fn sleeping_runs_are_counted_never_above_the_kernel_and_nearly_all_exactly() {
     let n = 300;
     let (mut exact, mut off) = (0, Vec::new());
     let (mut kernel_all, mut traced_all) = (0u64, 0u64);
+    let mut far_off = 0;
     let sleeper = |i: u32| {
         format!(
             "i=0; while [ $i -lt {} ]; do i=$((i+1)); if [ $((i % 500)) = 0 ]; then sleep 0.01; fi; done",
@@ -203,6 +205,9 @@ fn sleeping_runs_are_counted_never_above_the_kernel_and_nearly_all_exactly() {
         );
         kernel_all += kernel;
         traced_all += traced;
+        if traced * 100 < kernel * 99 || kernel - traced > 1_000 {
+            far_off += 1;
+        }
         if traced == kernel {
             exact += 1;
         } else {
@@ -211,6 +216,10 @@ fn sleeping_runs_are_counted_never_above_the_kernel_and_nearly_all_exactly() {
     }
     eprintln!("{exact} of {n} exact; off: {off:?}; all: {traced_all} of {kernel_all} us");
     assert!(exact * 10 >= n * 9, "{exact} of {n} exact: {off:?}");
+    assert!(
+        far_off <= 1,
+        "{far_off} runs short by over 1% or 1 ms: {off:?}"
+    );
     assert!(
         traced_all * 1000 >= kernel_all * 999,
         "all runs: traced {traced_all} us of {kernel_all}: {off:?}"

@@ -10,21 +10,23 @@
 //!   earlier cgroup of that name still holds the name (then it is not traced, and counted as
 //!   such). A cgroup made under a traced one marks that one as having children (its time is
 //!   then not all in its own entry, so it is not used);
-//! - on `sched_stat_runtime`: the scheduler charges every slice of CPU time a task ran in
-//!   `update_se`, which fires this tracepoint and then adds the same delta to the task's cgroup2
-//!   `cpu.stat` (`cgroup_account_cputime`); the program adds it to the entry of the task's
-//!   cgroup (`p->cgroups->dfl_cgrp->kn->id`), when it has one.
+//! - on `sched_stat_runtime`: upstream, the scheduler charges every slice of CPU time a task ran
+//!   in `update_se`, which fires this tracepoint and then adds the same delta to the task's
+//!   cgroup2 `cpu.stat` (`cgroup_account_cputime`); the program adds it to the entry of the
+//!   task's cgroup (`p->cgroups->dfl_cgrp->kn->id`), when it has one. On the VM this was built
+//!   on, a few slices the kernel charges never reach the program (below).
 //!
 //! So an entry is the cgroup's `usage_usec` in nanoseconds from its creation: it starts at
 //! `mkdir` (no task can be moved in before the tracepoint, which runs under `cgroup_mutex`), and
 //! outlives the cgroup until the tracker deletes it. The cgroup id is the directory's inode
-//! number. Measured exact to the microsecond for runs that burn, sleep and fork; for one
-//! duty-cycled workload a few runs in a hundred came out microseconds short on the VM this was
-//! built on, and one shell run in some 12,000 that starts `sleep` between bursts up to 584 us
-//! short at once (never over; see the README and ARCHITECTURE.md), so the tracker never bills a
-//! traced run below its last read. (With proxy execution, upstream since 6.17 and off on that VM, the kernel charges
-//! the cgroup of the task that donated its turn while the tracepoint names the one running: a
-//! lock holder's slices would go to its own cgroup.) Costs: four kernel reads and a hash lookup
+//! number. Measured exact to the microsecond for runs that burn and fork, and for nearly all
+//! that sleep: on the VM this was built on, a task that sleeps and wakes is now and then charged
+//! a slice the program never sees (one task in 3,000, microseconds; of shell runs that start
+//! `sleep` between bursts, about one in 12,000 came out up to 584 us short at once), never over
+//! (see the README and ARCHITECTURE.md), so the tracker never bills a traced run below its last
+//! read. (With proxy execution, upstream since 6.17 and off on that VM, the kernel charges the
+//! cgroup of the task that donated its turn while the tracepoint names the one running: a lock
+//! holder's slices would go to its own cgroup.) Costs: four kernel reads and a hash lookup
 //! per scheduler update, for every task on the host (measured in the README); entries live only
 //! for children of watched parents.
 
