@@ -178,8 +178,8 @@ fn many_runs_at_once_on_a_crowded_host_are_each_counted_exactly() {
 /// 236 on 2026-12-06), one run of the 300, by 35 to 584 us at once (a run polled every few
 /// milliseconds showed its whole shortfall appear between two polls, not a drift), 3.5% of that
 /// run at worst; no program run was skipped, no read faulted, and runs that fork and exit
-/// without sleeping (`/bin/true`, a subshell: 24 tests) showed none. The cause is not known (see
-/// ARCHITECTURE.md, the cgroup trace). Asserted: never over, nine in ten exact, at most one run
+/// without sleeping (`/bin/true`, a subshell: 24 tests) showed none. The kernel charges slices
+/// the program never sees (see ARCHITECTURE.md, the cgroup trace). Asserted: never over, nine in ten exact, at most one run
 /// more than 1% or more than 1 ms short, their sum within 0.1% of the kernel's, no program run
 /// missed.
 #[test]
