@@ -57,6 +57,8 @@ pub fn proc_stat_path(root: &HostRoot) -> PathBuf {
 pub struct ProcStatFile {
     file: KeptFile,
     buf: Vec<u8>,
+    /// [`ProcStat::parse_into`]'s scratch.
+    seen: Vec<u32>,
 }
 
 impl ProcStatFile {
@@ -65,29 +67,41 @@ impl ProcStatFile {
         Ok(Self {
             file,
             buf: vec![0; 8192],
+            seen: Vec::new(),
         })
     }
 
-    /// One read of the whole file (the buffer doubles while a read fills it, up to
-    /// `LARGE_FILE_MAX`: a host with many CPUs), parsed.
+    /// One read of the whole file, parsed.
     pub fn read(&mut self) -> Result<ProcStat, HostError> {
-        loop {
-            let n = self.file.pread(&mut self.buf)?.len();
-            if n < self.buf.len() {
-                let path = self.file.path();
-                let s = std::str::from_utf8(&self.buf[..n])
-                    .map_err(|_| HostError::malformed(path, "not UTF-8"))?;
-                return ProcStat::parse(path, s);
-            }
-            if self.buf.len() >= LARGE_FILE_MAX {
-                return Err(HostError::TooBig {
-                    path: self.file.path().to_owned(),
-                    limit: LARGE_FILE_MAX,
-                });
-            }
-            let len = (self.buf.len() * 2).min(LARGE_FILE_MAX);
-            self.buf.resize(len, 0);
+        let s = whole_text(&self.file, &mut self.buf)?;
+        ProcStat::parse(self.file.path(), s)
+    }
+
+    /// One read of the whole file, parsed into `out` ([`ProcStat::parse_into`]: the tracker's
+    /// read at every tick, which allocates nothing while the CPUs stay the same).
+    pub fn read_into(&mut self, out: &mut ProcStat) -> Result<(), HostError> {
+        let s = whole_text(&self.file, &mut self.buf)?;
+        out.parse_into(self.file.path(), s, &mut self.seen)
+    }
+}
+
+/// One pread of the whole file into `buf` (which doubles while a read fills it, up to
+/// `LARGE_FILE_MAX`: a host with many CPUs), as text.
+fn whole_text<'a>(file: &KeptFile, buf: &'a mut Vec<u8>) -> Result<&'a str, HostError> {
+    loop {
+        let n = file.pread(buf)?.len();
+        if n < buf.len() {
+            return std::str::from_utf8(&buf[..n])
+                .map_err(|_| HostError::malformed(file.path(), "not UTF-8"));
         }
+        if buf.len() >= LARGE_FILE_MAX {
+            return Err(HostError::TooBig {
+                path: file.path().to_owned(),
+                limit: LARGE_FILE_MAX,
+            });
+        }
+        let len = (buf.len() * 2).min(LARGE_FILE_MAX);
+        buf.resize(len, 0);
     }
 }
 
@@ -102,45 +116,8 @@ impl ProcStat {
     /// Fields beyond `steal` (guest, guest_nice) are optional; fewer than four fields is an error.
     pub fn parse(path: &Path, s: &str) -> Result<Self, HostError> {
         let mut per_cpu = BTreeMap::new();
-        for (lineno, line) in s.lines().enumerate() {
-            let Some(rest) = line.strip_prefix("cpu") else {
-                continue;
-            };
-            let mut it = rest.split_ascii_whitespace();
-            let Some(id) = it.next() else { continue };
-            if rest.starts_with(' ') {
-                continue; // the aggregate line "cpu  ..."
-            }
-            let id: u32 = id.parse().map_err(|_| {
-                HostError::malformed(path, format!("line {}: bad CPU id", lineno + 1))
-            })?;
-            let mut vals = [0u64; 8];
-            let mut n = 0;
-            for (slot, field) in vals.iter_mut().zip(it.by_ref()) {
-                *slot = field.parse().map_err(|_| {
-                    HostError::malformed(path, format!("line {}: bad number", lineno + 1))
-                })?;
-                n += 1;
-            }
-            if n < 4 {
-                return Err(HostError::malformed(
-                    path,
-                    format!(
-                        "line {}: cpu{id} has {n} fields, need at least 4",
-                        lineno + 1
-                    ),
-                ));
-            }
-            let t = CpuTimes {
-                user: vals[0],
-                nice: vals[1],
-                system: vals[2],
-                idle: vals[3],
-                iowait: vals[4],
-                irq: vals[5],
-                softirq: vals[6],
-                steal: vals[7],
-            };
+        for line in cpu_lines(path, s) {
+            let (id, t) = line?;
             if per_cpu.insert(id, t).is_some() {
                 return Err(HostError::malformed(path, format!("cpu{id} listed twice")));
             }
@@ -150,6 +127,102 @@ impl ProcStat {
         }
         Ok(ProcStat { per_cpu })
     }
+
+    /// [`ProcStat::parse`] into `self`, reusing its map: a CPU it holds is updated in place, so
+    /// a read of the same CPUs allocates nothing (a CPU that came is added, one that went is
+    /// removed). `seen` is scratch space. The same errors as `parse`; after one, `self` holds a
+    /// mix of the two reads and must not be used.
+    pub fn parse_into(
+        &mut self,
+        path: &Path,
+        s: &str,
+        seen: &mut Vec<u32>,
+    ) -> Result<(), HostError> {
+        seen.clear();
+        for line in cpu_lines(path, s) {
+            let (id, t) = line?;
+            match self.per_cpu.get_mut(&id) {
+                Some(slot) => *slot = t,
+                None => {
+                    self.per_cpu.insert(id, t);
+                }
+            }
+            seen.push(id);
+        }
+        if seen.is_empty() {
+            return Err(HostError::malformed(path, "no cpuN lines"));
+        }
+        seen.sort_unstable();
+        if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+            return Err(HostError::malformed(
+                path,
+                format!("cpu{} listed twice", w[0]),
+            ));
+        }
+        if seen.len() != self.per_cpu.len() {
+            self.per_cpu.retain(|id, _| seen.binary_search(id).is_ok());
+        }
+        Ok(())
+    }
+}
+
+/// The `cpuN` lines of `/proc/stat` text, parsed, in order; the aggregate `cpu` line and every
+/// other line skipped.
+fn cpu_lines<'a>(
+    path: &'a Path,
+    s: &'a str,
+) -> impl Iterator<Item = Result<(u32, CpuTimes), HostError>> + 'a {
+    s.lines().enumerate().filter_map(move |(lineno, line)| {
+        let rest = line.strip_prefix("cpu")?;
+        let mut it = rest.split_ascii_whitespace();
+        let id = it.next()?;
+        if rest.starts_with(' ') {
+            return None; // the aggregate line "cpu  ..."
+        }
+        Some(cpu_line(path, lineno, id, it))
+    })
+}
+
+/// One `cpuN` line's id and times (`lineno` counted from 0, named from 1).
+fn cpu_line<'a>(
+    path: &Path,
+    lineno: usize,
+    id: &str,
+    mut fields: impl Iterator<Item = &'a str>,
+) -> Result<(u32, CpuTimes), HostError> {
+    let id: u32 = id
+        .parse()
+        .map_err(|_| HostError::malformed(path, format!("line {}: bad CPU id", lineno + 1)))?;
+    let mut vals = [0u64; 8];
+    let mut n = 0;
+    for (slot, field) in vals.iter_mut().zip(fields.by_ref()) {
+        *slot = field
+            .parse()
+            .map_err(|_| HostError::malformed(path, format!("line {}: bad number", lineno + 1)))?;
+        n += 1;
+    }
+    if n < 4 {
+        return Err(HostError::malformed(
+            path,
+            format!(
+                "line {}: cpu{id} has {n} fields, need at least 4",
+                lineno + 1
+            ),
+        ));
+    }
+    Ok((
+        id,
+        CpuTimes {
+            user: vals[0],
+            nice: vals[1],
+            system: vals[2],
+            idle: vals[3],
+            iowait: vals[4],
+            irq: vals[5],
+            softirq: vals[6],
+            steal: vals[7],
+        },
+    ))
 }
 
 /// Busy microseconds of `cpus` between two reads taken `elapsed_us` apart, measured as the time
@@ -289,5 +362,58 @@ mod tests {
         }
         let ok = ProcStat::parse(p, "cpu  1 2 3 4\ncpu0 1 2 3 4\n").unwrap();
         assert_eq!(ok.per_cpu[&0].idle, 4);
+    }
+
+    /// Parsed into the storage of an earlier read, the result is what a fresh parse gives:
+    /// CPUs updated, added (one came online) and removed (one went offline), whatever that
+    /// storage held, a failed read's leftovers included; the same errors, with the path.
+    #[test]
+    fn parsed_into_an_earlier_read_is_a_fresh_parse() {
+        let p = Path::new("/h/proc/stat");
+        let line = |c: u32, v: u64| format!("cpu{c} {v} 1 2 {} 0 0 0 {}\n", v * 3, v + c as u64);
+        let text = |cpus: &[u32], v: u64| -> String {
+            let mut t = String::from("cpu  9 9 9 9\n");
+            for &c in cpus {
+                t.push_str(&line(c, v));
+            }
+            t.push_str("intr 1 2 3\ncpu7 nonsense after the cpu lines is a cpu line\n");
+            t
+        };
+        // The trailing "cpu7 nonsense" line makes every text malformed; cut it for the good ones.
+        let good = |cpus: &[u32], v: u64| {
+            let t = text(cpus, v);
+            t[..t.find("cpu7 nonsense").unwrap()].to_owned()
+        };
+        let mut seen = Vec::new();
+        let mut st = ProcStat::default();
+        let reads: [(&[u32], u64); 6] = [
+            (&[0, 1, 2, 3], 10),
+            (&[0, 1, 2, 3], 11),
+            (&[0, 1, 3], 12),
+            (&[0, 1, 3, 2, 64], 13),
+            (&[5], 14),
+            (&[0, 1, 2, 3], 15),
+        ];
+        for (cpus, v) in reads {
+            let t = good(cpus, v);
+            st.parse_into(p, &t, &mut seen).unwrap();
+            assert_eq!(st, ProcStat::parse(p, &t).unwrap(), "{t}");
+            // A failed read in between leaves a mix; the next good one is whole again.
+            let e = st
+                .parse_into(p, &text(cpus, v + 100), &mut seen)
+                .unwrap_err();
+            assert!(e.to_string().contains("/h/proc/stat"), "{e}");
+            st.parse_into(p, &t, &mut seen).unwrap();
+            assert_eq!(st, ProcStat::parse(p, &t).unwrap(), "{t}");
+        }
+        for bad in [
+            "cpu0 1 2\n",
+            "cpu0 1 2 3 4\ncpu1 1 2 3 4\ncpu0 1 2 3 4\n",
+            "intr 5\n",
+        ] {
+            let fresh = ProcStat::parse(p, bad).unwrap_err().to_string();
+            let into = st.parse_into(p, bad, &mut seen).unwrap_err().to_string();
+            assert_eq!(into, fresh, "{bad:?}");
+        }
     }
 }

@@ -495,6 +495,9 @@ pub struct RunTracker {
     cpus_by_package: BTreeMap<u32, Vec<u32>>,
     cpus: Vec<u32>,
     last_stat: Option<ProcStat>,
+    /// The tick's `/proc/stat` read, parsed into the storage of the read before it (swapped
+    /// with `last_stat`): no allocation per tick.
+    next_stat: ProcStat,
     /// `/proc/stat`, kept open (reopened after a failed read).
     proc_stat: Option<ProcStatFile>,
     user_hz: u64,
@@ -645,6 +648,7 @@ impl RunTracker {
             topology,
             cpus,
             last_stat,
+            next_stat: ProcStat::default(),
             proc_stat: Some(proc_stat),
             user_hz: user_hz(),
             perf_disabled,

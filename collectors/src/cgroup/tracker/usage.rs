@@ -26,7 +26,7 @@ impl RunTracker {
         let busy_measured = busy_by_pkg_us.is_some();
         let mut runs_out = Vec::with_capacity(self.runs.len());
         let mut runs_by_pkg: BTreeMap<u32, u64> = BTreeMap::new();
-        let fallback_weights = proc_stat_weights(&busy_by_pkg_us, &self.topology);
+        let fallback_weights = proc_stat_weights(&busy_by_pkg_us, &self.cpus_by_package);
         let mut to_drop = Vec::new();
         let mut pending_errors = Vec::new();
         let mut gone = Vec::new();
@@ -213,29 +213,33 @@ impl RunTracker {
     /// the energy interval uses) minus each CPU's idle time.
     fn read_busy(&mut self, elapsed_us: u64) -> Option<BTreeMap<u32, i128>> {
         let read = match self.proc_stat.as_mut() {
-            Some(f) => f.read(),
+            Some(f) => f.read_into(&mut self.next_stat),
             None => ProcStatFile::open(&self.root).and_then(|mut f| {
-                let s = f.read();
+                let s = f.read_into(&mut self.next_stat);
                 self.proc_stat = Some(f);
                 s
             }),
         };
-        let now = match read {
-            Ok(s) => s,
-            Err(e) => {
-                self.push_error(None, e);
-                self.proc_stat = None;
-                // The next good read is a new baseline: measuring from this stale one would
-                // count two intervals' idle time against one interval's elapsed time.
-                self.last_stat = None;
-                return None;
-            }
+        if let Err(e) = read {
+            self.push_error(None, e);
+            self.proc_stat = None;
+            // The next good read is a new baseline: measuring from this stale one would
+            // count two intervals' idle time against one interval's elapsed time.
+            self.last_stat = None;
+            return None;
+        }
+        let Some(last) = self.last_stat.as_mut() else {
+            // A first good read (again): the baseline. Its storage is taken; the next read
+            // parses into a new map.
+            self.last_stat = Some(std::mem::take(&mut self.next_stat));
+            return None;
         };
-        let prev = self.last_stat.replace(now)?;
-        let now = self.last_stat.as_ref()?;
+        // This read becomes the last; the one before it, the next read's storage.
+        std::mem::swap(last, &mut self.next_stat);
+        let (prev, now) = (&self.next_stat, &*last);
         let mut by_pkg: BTreeMap<u32, i128> = BTreeMap::new();
         for (&pkg, cpus) in &self.cpus_by_package {
-            let us = crate::procstat::busy_us_signed(&prev, now, cpus, self.user_hz, elapsed_us);
+            let us = crate::procstat::busy_us_signed(prev, now, cpus, self.user_hz, elapsed_us);
             by_pkg.insert(pkg, us);
         }
         Some(by_pkg)
@@ -313,8 +317,12 @@ fn paired_tc_ns(run: &Run) -> Option<u64> {
 }
 
 /// Package weights from /proc/stat busy time; with none measured (first tick, idle host), each
-/// package weighs its CPU count so the split is still exact and deterministic.
-fn proc_stat_weights(busy: &Option<BTreeMap<u32, i128>>, topo: &Topology) -> Vec<(u32, u64)> {
+/// package weighs its CPU count so the split is still exact and deterministic (the tracker's
+/// map of CPUs by package, built once: not the topology's, rebuilt at every idle tick).
+fn proc_stat_weights(
+    busy: &Option<BTreeMap<u32, i128>>,
+    cpus_by_package: &BTreeMap<u32, Vec<u32>>,
+) -> Vec<(u32, u64)> {
     if let Some(b) = busy {
         if b.values().any(|&v| v > 0) {
             return b
@@ -323,9 +331,9 @@ fn proc_stat_weights(busy: &Option<BTreeMap<u32, i128>>, topo: &Topology) -> Vec
                 .collect();
         }
     }
-    topo.cpus_by_package()
-        .into_iter()
-        .map(|(p, cpus)| (p, cpus.len() as u64))
+    cpus_by_package
+        .iter()
+        .map(|(&p, cpus)| (p, cpus.len() as u64))
         .collect()
 }
 
