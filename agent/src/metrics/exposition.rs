@@ -380,6 +380,7 @@ impl Metrics {
             trace_missed,
             trace_mismatches,
             trace_swept,
+            unclaimed_us,
         } = self.tracker;
         w.family(
             "wattd_tracker_final_usage_total",
@@ -589,6 +590,15 @@ impl Metrics {
             w.family(name, "counter", help);
             w.sample(name, &[], us_as_seconds(us));
         }
+        let name = "wattd_tracker_unclaimed_cpu_seconds";
+        w.family(
+            name,
+            "gauge",
+            "CPU time the runs' parents used that no run has been billed or has claimed yet: it \
+             waits for a run that went unread to claim it, and is the host's meanwhile (near 0: \
+             timing noise; growing: runs billed short).",
+        );
+        w.sample(name, &[], us_as_seconds(unclaimed_us));
     }
 }
 

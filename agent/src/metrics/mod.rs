@@ -946,6 +946,7 @@ mod tests {
             runs_tracked: 5,
             hostile_names_skipped: 2,
             read_errors: 9,
+            unclaimed_us: 1_234_567,
             ..TrackerCounters::default()
         });
         let text = m.render();
@@ -958,6 +959,7 @@ mod tests {
             "wattd_tracker_hostile_names_skipped_total 2",
             "wattd_tracker_read_errors_total 9",
             "wattd_tracker_usage_went_backwards_total 0",
+            "wattd_tracker_unclaimed_cpu_seconds 1.234567",
         ] {
             assert!(s.contains(&want), "missing {want:?} in\n{text}");
         }

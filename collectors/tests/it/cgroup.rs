@@ -761,13 +761,18 @@ fn a_point_with_an_unread_child_pays_no_residual() {
     h.write(format!("{cg}/run-a.scope/cpu.stat"), "usage_usec 400\n")
         .unwrap();
     add(&t.tick(1_000_000));
-    add(&t.tick(1_000_000));
+    let last = t.tick(1_000_000);
+    add(&last);
     assert_eq!(billed.get("a"), Some(&300), "{billed:?}");
     // `b` gets nothing of `a`'s 300 us: at most its own 200 (here none: the point that found it
     // gone could not tell the two apart), and the runs together at most the parent's 500.
     let b = billed.get("b").copied().unwrap_or(0);
     assert!(b <= 200, "b billed {b} us: {billed:?}");
-    assert!(billed.values().sum::<u64>() <= 500, "{billed:?}");
+    let total: u64 = billed.values().sum();
+    assert!(total <= 500, "{billed:?}");
+    // What the parent used and no run was billed is shown as waiting for a claimant.
+    assert_eq!(last.counters.unclaimed_us, 500 - total, "{billed:?}");
+    assert_eq!(t.counters().unclaimed_us, 500 - total);
 }
 
 /// `memory.current` is read at every tick only when asked for (the DRAM `memory` policy), and

@@ -284,6 +284,13 @@ pub struct TrackerCounters {
     /// Trace entries dropped by a sweep: of cgroups gone whose removal no event or point
     /// reported (an inotify overflow, a name made again before the first was claimed).
     pub trace_swept: u64,
+    /// A gauge, not a count: microseconds of CPU time the reconciled parents used that no child
+    /// read or claim has taken, summed over the families (each one's positive balance, see
+    /// `reconcile_family`). It waits for a claimant (a child gone before its creation event
+    /// was read), and is the host's while none comes. Timing noise keeps it near 0; what
+    /// builds up is CPU time the runs were not billed: a child gone unread that no claim will
+    /// name, or slices the cgroup trace did not see (see [`crate::cgroup::trace`]).
+    pub unclaimed_us: u64,
 }
 
 /// A failure while reading, with the run it concerns.
@@ -711,6 +718,11 @@ impl RunTracker {
         c.runs_tracked = self.runs.len() as u64;
         c.kept_fds = self.kept_fds as u64;
         c.fd_budget = self.fd_budget as u64;
+        c.unclaimed_us = self
+            .families
+            .values()
+            .map(|f| u64::try_from(f.balance.max(0)).unwrap_or(u64::MAX))
+            .fold(0, u64::saturating_add);
         if let Some(s) = self.trace_counts {
             c.traced_cgroups = s.traced;
             c.untraced_cgroups = s.failed;
