@@ -169,6 +169,22 @@ pub(super) struct Family {
 }
 
 impl Family {
+    /// Nothing for a point to settle: no child known (run or other), no claim waiting, no
+    /// traced tail to count, and its listing current (watched, its directory kept, nothing to
+    /// list again). A child made since the events were read is found by its creation event at
+    /// the next wake-up, as between any two points. Such a family's point only reads the
+    /// parent (its growth: timing noise or nothing) and notices the parent gone, so it need not
+    /// come at every tick (`TrackerConfig::quiet_point_every`).
+    pub fn is_quiet(&self) -> bool {
+        self.runs.is_empty()
+            && self.others.is_empty()
+            && self.claimants.is_empty()
+            && self.traced_gone_us == 0
+            && !self.must_list
+            && self.wd.is_some()
+            && self.dir.is_some()
+    }
+
     /// A child that is no run went away with CPU time unread: a claimant whose share is the
     /// host's, weighed as a child with no history since the last point.
     pub fn claim_other(&mut self, now_us: u64) {

@@ -114,6 +114,12 @@ pub struct TrackerConfig {
     /// Read each run's `memory.current` at every tick (what the DRAM `memory` policy weighs);
     /// off, a run's `memory_bytes` is `None` and a tick costs one read per run fewer.
     pub read_memory: bool,
+    /// A quiet family's reconcile point (no child known, nothing to settle: see
+    /// `Family::is_quiet`) is taken at the first tick this long after its last, not at every
+    /// tick: its reads (the parent's `cpu.stat` twice and its `cgroup.procs`) were most of an
+    /// idle 100 Hz tick's. The point is how the removal of an empty parent that kernfs did not
+    /// report is noticed, so this is how late that can be noticed: as at a 1 s tick.
+    pub quiet_point_every: Duration,
 }
 
 impl TrackerConfig {
@@ -129,6 +135,7 @@ impl TrackerConfig {
             raise_nofile: true,
             rescan_every: Some(Duration::from_secs(60)),
             read_memory: true,
+            quiet_point_every: Duration::from_secs(1),
         }
     }
 }
@@ -556,6 +563,8 @@ pub struct RunTracker {
     listings_skipped: u64,
     /// [`TrackerConfig::read_memory`].
     read_memory: bool,
+    /// [`TrackerConfig::quiet_point_every`], in microseconds.
+    quiet_point_every_us: u64,
     /// Parents of tracked runs, by path relative to the cgroup root (see [`super::family`]).
     families: BTreeMap<Arc<str>, Family>,
     ghosts: Vec<Ghost>,
@@ -685,6 +694,8 @@ impl RunTracker {
             child_key: String::new(),
             listings_skipped: 0,
             read_memory: config.read_memory,
+            quiet_point_every_us: u64::try_from(config.quiet_point_every.as_micros())
+                .unwrap_or(u64::MAX),
             families: BTreeMap::new(),
             ghosts: Vec::new(),
             epoch: Instant::now(),
@@ -928,6 +939,63 @@ mod tests {
             t.list_family(fam);
             assert_eq!(t.listings_skipped, skipped + kept, "{budget:?}");
         }
+    }
+
+    /// A family with nothing to settle (no child, no claim) gets its point at the first tick
+    /// `quiet_point_every` after its last, not at every tick (with 0: at every tick); the
+    /// parent's growth meanwhile is all in that point; a child makes its family's points come
+    /// at every tick again.
+    #[test]
+    fn a_quiet_familys_point_comes_by_time_and_a_childs_at_every_tick() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = crate::synth::HostTree::new(dir.path());
+        h.cgroup2_host(2, 1).unwrap();
+        let cg = "sys/fs/cgroup/flowzart.slice";
+        let put = |rel: String, text: &str| h.write(rel, text).unwrap();
+        put(format!("{cg}/cpu.stat"), "usage_usec 100\n");
+        put(format!("{cg}/cgroup.procs"), "");
+        let tracker = |every| {
+            RunTracker::new(TrackerConfig {
+                rescan_every: None,
+                quiet_point_every: every,
+                ..TrackerConfig::new(HostRoot::new(dir.path()))
+            })
+            .unwrap()
+        };
+        let points = |t: &mut RunTracker, n: usize| {
+            for _ in 0..n {
+                t.tick(10_000);
+            }
+            t.counters().reconcile_points
+        };
+        let mut t = tracker(Duration::ZERO);
+        let first = points(&mut t, 1);
+        assert_eq!(points(&mut t, 10), first + 10, "0: a point at every tick");
+
+        let mut t = tracker(Duration::from_millis(300));
+        let first = points(&mut t, 1);
+        let fam = "flowzart.slice";
+        assert!(t.families[fam].is_quiet(), "{:?}", t.families[fam]);
+        // The parent grows (timing noise, say) while its points are not due: nothing read.
+        put(format!("{cg}/cpu.stat"), "usage_usec 600\n");
+        assert_eq!(
+            points(&mut t, 20),
+            first,
+            "quiet: no point before it is due"
+        );
+        assert_eq!(t.counters().unclaimed_us, 0);
+        std::thread::sleep(Duration::from_millis(310));
+        assert_eq!(points(&mut t, 1), first + 1, "due: one point");
+        assert_eq!(t.counters().unclaimed_us, 500, "the whole stretch's growth");
+        assert_eq!(points(&mut t, 5), first + 1);
+        // A run appears: its family is no longer quiet, a point at every tick.
+        put(format!("{cg}/run-a.scope/cpu.stat"), "usage_usec 5\n");
+        put(format!("{cg}/run-a.scope/cgroup.events"), "populated 1\n");
+        t.poll_events().unwrap();
+        assert!(t.runs.contains_key("a"));
+        assert!(!t.families[fam].is_quiet());
+        let before = t.counters().reconcile_points;
+        assert_eq!(points(&mut t, 10), before + 10);
     }
 
     #[test]

@@ -32,7 +32,13 @@ impl RunTracker {
         let mut gone = Vec::new();
         let (mut scale_us, mut scale_ns) = (0u128, 0u128);
         let now = self.now_us();
+        let quiet_every = self.quiet_point_every_us;
+        let skips_point =
+            |f: &Family| f.is_quiet() && now.saturating_sub(f.last_point_us) < quiet_every;
         for f in self.families.values_mut() {
+            if skips_point(f) {
+                continue;
+            }
             f.pre_us = f.cpu_stat.read_cpu_usage_us().ok();
             f.pre_at_us = now;
         }
@@ -82,7 +88,12 @@ impl RunTracker {
             self.mark_gone(&id);
         }
         let failed: HashSet<Arc<str>> = pending_errors.iter().map(|(id, _)| id.clone()).collect();
-        let rels: Vec<Arc<str>> = self.families.keys().cloned().collect();
+        let rels: Vec<Arc<str>> = self
+            .families
+            .values()
+            .filter(|f| !skips_point(f))
+            .map(|f| f.rel.clone())
+            .collect();
         for rel in rels {
             self.reconcile_family(&rel, false, &failed);
         }
