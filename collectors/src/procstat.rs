@@ -130,9 +130,21 @@ impl ProcStat {
 
     /// [`ProcStat::parse`] into `self`, reusing its map: a CPU it holds is updated in place, so
     /// a read of the same CPUs allocates nothing (a CPU that came is added, one that went is
-    /// removed). `seen` is scratch space. The same errors as `parse`; after one, `self` holds a
-    /// mix of the two reads and must not be used.
+    /// removed). `seen` is scratch space. `parse`'s error, the same text (found again by
+    /// `parse`: this finds a text's problems in another order); after one, `self` holds a mix
+    /// of the two reads and must not be used.
     pub fn parse_into(
+        &mut self,
+        path: &Path,
+        s: &str,
+        seen: &mut Vec<u32>,
+    ) -> Result<(), HostError> {
+        self.parse_into_unordered(path, s, seen)
+            .map_err(|e| ProcStat::parse(path, s).err().unwrap_or(e))
+    }
+
+    /// [`ProcStat::parse_into`], its error whichever it finds first.
+    fn parse_into_unordered(
         &mut self,
         path: &Path,
         s: &str,
@@ -410,6 +422,9 @@ mod tests {
             "cpu0 1 2\n",
             "cpu0 1 2 3 4\ncpu1 1 2 3 4\ncpu0 1 2 3 4\n",
             "intr 5\n",
+            // Two problems: `parse` names the one it meets first.
+            "cpu1 1 2 3 4\ncpu1 1 2 3 4\ncpu0 1 2 x 4\n",
+            "cpu3 1 2 3 4\ncpu3 1 2 3 4\ncpu2 1 2 3 4\ncpu2 1 2 3 4\n",
         ] {
             let fresh = ProcStat::parse(p, bad).unwrap_err().to_string();
             let into = st.parse_into(p, bad, &mut seen).unwrap_err().to_string();

@@ -594,9 +594,11 @@ impl Metrics {
         w.family(
             name,
             "gauge",
-            "CPU time the runs' parents used that no run has been billed or has claimed yet: it \
-             waits for a run that went unread to claim it, and is the host's meanwhile (near 0: \
-             timing noise; growing: runs billed short).",
+            "CPU time held in run parents' positive balances: parent growth no child read \
+             accounts for (children gone unread, tails held back at wide or incomplete points, \
+             slices the cgroup trace missed, processes of the parent's own); paid to that \
+             family's next claimant, else the host's (near 0: timing noise; growing: runs billed \
+             short).",
         );
         w.sample(name, &[], us_as_seconds(unclaimed_us));
     }

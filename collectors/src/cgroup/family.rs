@@ -173,8 +173,9 @@ impl Family {
     /// traced tail to count, and its listing current (watched, its directory kept, nothing to
     /// list again). A child made since the events were read is found by its creation event at
     /// the next wake-up, as between any two points. Such a family's point only reads the
-    /// parent (its growth: timing noise or nothing) and notices the parent gone, so it need not
-    /// come at every tick (`TrackerConfig::quiet_point_every`).
+    /// parent (its growth, with no child known: a child made and gone between two points, or
+    /// processes of the parent's own) and notices the parent gone, so it need not come at
+    /// every tick (`TrackerConfig::quiet_point_every`).
     pub fn is_quiet(&self) -> bool {
         self.runs.is_empty()
             && self.others.is_empty()

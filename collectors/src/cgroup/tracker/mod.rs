@@ -114,11 +114,13 @@ pub struct TrackerConfig {
     /// Read each run's `memory.current` at every tick (what the DRAM `memory` policy weighs);
     /// off, a run's `memory_bytes` is `None` and a tick costs one read per run fewer.
     pub read_memory: bool,
-    /// A quiet family's reconcile point (no child known, nothing to settle: see
-    /// `Family::is_quiet`) is taken at the first tick this long after its last, not at every
-    /// tick: its reads (the parent's `cpu.stat` twice and its `cgroup.procs`) were most of an
-    /// idle 100 Hz tick's. The point is how the removal of an empty parent that kernfs did not
-    /// report is noticed, so this is how late that can be noticed: as at a 1 s tick.
+    /// A quiet family's reconcile points (no child known, nothing to settle: see
+    /// `Family::is_quiet`) are at most this far apart, not at every tick: at the last tick
+    /// before the next would be later (every tick when the ticks are this far apart or more).
+    /// Its reads (the parent's `cpu.stat` twice, its `cgroup.procs` and a `FIONREAD`) were
+    /// four of an idle 100 Hz tick's nine system calls. The point is how the removal of an
+    /// empty parent that kernfs did not report is noticed, so this is how late that can be
+    /// noticed: as at a 1 s tick.
     pub quiet_point_every: Duration,
 }
 
@@ -291,12 +293,14 @@ pub struct TrackerCounters {
     /// Trace entries dropped by a sweep: of cgroups gone whose removal no event or point
     /// reported (an inotify overflow, a name made again before the first was claimed).
     pub trace_swept: u64,
-    /// A gauge, not a count: microseconds of CPU time the reconciled parents used that no child
-    /// read or claim has taken, summed over the families (each one's positive balance, see
-    /// `reconcile_family`). It waits for a claimant (a child gone before its creation event
-    /// was read), and is the host's while none comes. Timing noise keeps it near 0; what
-    /// builds up is CPU time the runs were not billed: a child gone unread that no claim will
-    /// name, or slices the cgroup trace did not see (see [`crate::cgroup::trace`]).
+    /// A gauge, not a count: microseconds of CPU time held in the reconciled parents' positive
+    /// balances (see `reconcile_family`), summed: parent growth that no child's read accounts
+    /// for and no claim has taken. Children gone unread whose claim is still to come, the part
+    /// held back at a point too wide or incomplete to pay, slices the cgroup trace did not see
+    /// (see [`crate::cgroup::trace`]), processes of the parent's own that came and went between
+    /// two points. It is paid to that family's next claimant, and is the host's while none
+    /// comes. Timing noise keeps it near 0; what builds up is CPU time the runs were not
+    /// billed.
     pub unclaimed_us: u64,
 }
 
@@ -972,7 +976,8 @@ mod tests {
         let first = points(&mut t, 1);
         assert_eq!(points(&mut t, 10), first + 10, "0: a point at every tick");
 
-        let mut t = tracker(Duration::from_millis(300));
+        // A second: twenty quick ticks fit in it however slow this machine is at the time.
+        let mut t = tracker(Duration::from_secs(1));
         let first = points(&mut t, 1);
         let fam = "flowzart.slice";
         assert!(t.families[fam].is_quiet(), "{:?}", t.families[fam]);
@@ -984,10 +989,28 @@ mod tests {
             "quiet: no point before it is due"
         );
         assert_eq!(t.counters().unclaimed_us, 0);
-        std::thread::sleep(Duration::from_millis(310));
+        std::thread::sleep(Duration::from_millis(1_000));
         assert_eq!(points(&mut t, 1), first + 1, "due: one point");
         assert_eq!(t.counters().unclaimed_us, 500, "the whole stretch's growth");
         assert_eq!(points(&mut t, 5), first + 1);
+        // Ticks on a grid a `quiet_point_every` apart (as the daemon's clock is): a point at
+        // every one, though each point's time is read a little after its tick's.
+        let mut t = tracker(Duration::from_millis(200));
+        let first = points(&mut t, 1);
+        let start = Instant::now();
+        for k in 1..=5u32 {
+            if let Some(wait) =
+                (start + Duration::from_millis(200) * k).checked_duration_since(Instant::now())
+            {
+                std::thread::sleep(wait);
+            }
+            t.tick(200_000);
+            assert_eq!(
+                t.counters().reconcile_points,
+                first + u64::from(k),
+                "tick {k}"
+            );
+        }
         // A run appears: its family is no longer quiet, a point at every tick.
         put(format!("{cg}/run-a.scope/cpu.stat"), "usage_usec 5\n");
         put(format!("{cg}/run-a.scope/cgroup.events"), "populated 1\n");

@@ -32,9 +32,19 @@ impl RunTracker {
         let mut gone = Vec::new();
         let (mut scale_us, mut scale_ns) = (0u128, 0u128);
         let now = self.now_us();
+        // A quiet family's point is taken at the last tick before it would be more than
+        // `quiet_every` after the one before (this tick's length standing for the next's), so
+        // at any rate the points are at most that far apart: at every tick when the ticks are
+        // that far apart or more. (Its last point's time is read later in a tick than `now`,
+        // so the plain `now - last >= every` put a 1 s tick's points 2 s apart.)
         let quiet_every = self.quiet_point_every_us;
-        let skips_point =
-            |f: &Family| f.is_quiet() && now.saturating_sub(f.last_point_us) < quiet_every;
+        let skips_point = |f: &Family| {
+            f.is_quiet()
+                && now
+                    .saturating_sub(f.last_point_us)
+                    .saturating_add(elapsed_us)
+                    < quiet_every
+        };
         for f in self.families.values_mut() {
             if skips_point(f) {
                 continue;
