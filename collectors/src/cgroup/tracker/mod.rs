@@ -884,18 +884,26 @@ mod tests {
         assert!(rescans(&mut t, 1) > first);
     }
 
+    /// A synthetic host with `flowzart.slice` holding no process and nothing else, its usage
+    /// 100 us; and that parent's path in the tree.
+    fn host_with_parent(dir: &Path) -> (crate::synth::HostTree, &'static str) {
+        let h = crate::synth::HostTree::new(dir);
+        h.cgroup2_host(2, 1).unwrap();
+        let cg = "sys/fs/cgroup/flowzart.slice";
+        h.write(format!("{cg}/cpu.stat"), "usage_usec 100\n")
+            .unwrap();
+        h.write(format!("{cg}/cgroup.procs"), "").unwrap();
+        (h, cg)
+    }
+
     /// A parent's children that no event announced are found by listing it at a point, from
     /// the kept directory (rewound each time) or, with no descriptor to spare, opened then.
     #[test]
     fn a_parent_is_listed_at_every_point_kept_open_or_not() {
         for budget in [None, Some(0)] {
             let dir = tempfile::tempdir().unwrap();
-            let h = crate::synth::HostTree::new(dir.path());
-            h.cgroup2_host(2, 1).unwrap();
-            let cg = "sys/fs/cgroup/flowzart.slice";
+            let (h, cg) = host_with_parent(dir.path());
             let put = |rel: String, text: &str| h.write(rel, text).unwrap();
-            put(format!("{cg}/cpu.stat"), "usage_usec 100\n");
-            put(format!("{cg}/cgroup.procs"), "");
             // Listed at every listing, and never a child.
             put(format!("{cg}/not-a-directory"), "");
             put(format!("{cg}/run-a.scope/cpu.stat"), "usage_usec 5\n");
@@ -945,19 +953,15 @@ mod tests {
         }
     }
 
-    /// A family with nothing to settle (no child, no claim) gets its point at the first tick
-    /// `quiet_point_every` after its last, not at every tick (with 0: at every tick); the
-    /// parent's growth meanwhile is all in that point; a child makes its family's points come
-    /// at every tick again.
+    /// A family with nothing to settle (no child, no claim) gets its points at most
+    /// `quiet_point_every` apart, not at every tick (with 0: at every tick); the parent's growth
+    /// meanwhile is all in the next point; a child makes its family's points come at every
+    /// tick again.
     #[test]
     fn a_quiet_familys_point_comes_by_time_and_a_childs_at_every_tick() {
         let dir = tempfile::tempdir().unwrap();
-        let h = crate::synth::HostTree::new(dir.path());
-        h.cgroup2_host(2, 1).unwrap();
-        let cg = "sys/fs/cgroup/flowzart.slice";
+        let (h, cg) = host_with_parent(dir.path());
         let put = |rel: String, text: &str| h.write(rel, text).unwrap();
-        put(format!("{cg}/cpu.stat"), "usage_usec 100\n");
-        put(format!("{cg}/cgroup.procs"), "");
         let tracker = |every| {
             RunTracker::new(TrackerConfig {
                 rescan_every: None,
