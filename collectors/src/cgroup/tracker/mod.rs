@@ -985,7 +985,8 @@ mod tests {
         let first = points(&mut t, 1);
         let fam = "flowzart.slice";
         assert!(t.families[fam].is_quiet(), "{:?}", t.families[fam]);
-        // The parent grows (timing noise, say) while its points are not due: nothing read.
+        // The parent grows (a child made and gone unseen, say) while its points are not due:
+        // nothing read.
         put(format!("{cg}/cpu.stat"), "usage_usec 600\n");
         assert_eq!(
             points(&mut t, 20),
