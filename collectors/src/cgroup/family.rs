@@ -181,9 +181,13 @@ impl Family {
             && self.others.is_empty()
             && self.claimants.is_empty()
             && self.traced_gone_us == 0
-            && !self.must_list
-            && self.wd.is_some()
-            && self.dir.is_some()
+            && self.listing_current()
+    }
+
+    /// Watched, its directory kept, and nothing asking for a new listing: it needs one only
+    /// when an inotify event is pending (why, in `RunTracker::list_family`).
+    pub fn listing_current(&self) -> bool {
+        self.wd.is_some() && self.dir.is_some() && !self.must_list
     }
 
     /// A child that is no run went away with CPU time unread: a claimant whose share is the

@@ -1308,23 +1308,6 @@ mod traced {
         Some(t)
     }
 
-    /// Whether the trace's count of a run, `traced_us`, is the kernel's, `kernel_us`, as the
-    /// trace gives it on this kernel: exact (`Ok(false)`), or short by slices it did not see, by
-    /// less than a millisecond (`Ok(true)`, printed; now and then one run in some hundreds: see
-    /// ARCHITECTURE.md, the cgroup trace); never over. The tests allow one short run each.
-    fn traced_as_kernel(what: &str, traced_us: u64, kernel_us: u64) -> Result<bool, String> {
-        if traced_us == kernel_us {
-            return Ok(false);
-        }
-        if traced_us < kernel_us && kernel_us - traced_us < 1_000 {
-            eprintln!("{what}: traced {traced_us} us, {} us short of the kernel's {kernel_us}: a slice the trace did not see", kernel_us - traced_us);
-            return Ok(true);
-        }
-        Err(format!(
-            "{what}: traced {traced_us} us, the kernel's {kernel_us}"
-        ))
-    }
-
     /// The serial lock, a sandbox with `flowzart.slice`, and a tracker on it with the trace;
     /// `None` after a loud skip. (Dropped in reverse: the tracker, then the sandbox.)
     fn setup(tag: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Sandbox, RunTracker)> {
@@ -1372,7 +1355,7 @@ mod traced {
             let r = run(&s, id).expect("every ghost is reported");
             assert!(r.started && r.finished, "{r:?}");
             assert_eq!(r.final_usage, Some(FinalUsage::Traced), "{r:?}");
-            short += u32::from(traced_as_kernel(id, r.usage_us, *want).unwrap());
+            short += u32::from(crate::traced_as_kernel(id, r.usage_us, *want).unwrap());
         }
         assert!(short <= 1, "{short} of 5 short");
         assert_eq!(s.counters.ghost_runs, 5);
@@ -1407,7 +1390,7 @@ mod traced {
         check_snapshot(&s);
         let r = run(&s, "tail").expect("reported");
         assert_eq!(r.final_usage, Some(FinalUsage::Traced), "{r:?}");
-        let short = traced_as_kernel("tail", read_early + r.usage_us, truth).unwrap();
+        let short = crate::traced_as_kernel("tail", read_early + r.usage_us, truth).unwrap();
         assert!(read_early > 0 && r.usage_us > 0);
         sb.wait(neighbour);
         // Entries are dropped once used: only the neighbour's is left. (Its read after it
@@ -1437,7 +1420,7 @@ mod traced {
         check_snapshot(&s);
         let r = run(&s, "orphan").expect("reported");
         assert_eq!(r.final_usage, Some(FinalUsage::Traced), "{r:?}");
-        traced_as_kernel("orphan", r.usage_us, truth).unwrap();
+        crate::traced_as_kernel("orphan", r.usage_us, truth).unwrap();
         assert_eq!(s.counters.final_lost, 0);
     }
 

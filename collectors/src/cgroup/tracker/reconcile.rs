@@ -345,7 +345,7 @@ impl RunTracker {
         // creation event (whatever it was taken for); and one whose directory is not kept
         // open (its reads go by path, so a parent removed and made again, whose watch kernfs
         // may drop without a word, is still read).
-        if f.wd.is_some() && f.dir.is_some() && !f.must_list && !self.inotify.pending() {
+        if f.listing_current() && !self.inotify.pending() {
             self.listings_skipped += 1;
             return true;
         }
