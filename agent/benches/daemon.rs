@@ -11,9 +11,10 @@
 //!
 //! `cargo bench -p wattd --bench daemon -- runs=1000 hz=1 secs=30` (defaults: 100 runs, 1 Hz,
 //! 30 s after 5 s of warm-up; `perf=0` turns the per-run perf counters off, `trace=0` the cgroup
-//! trace). Needs root and a cgroup2 mount, as the end-to-end tests do. The agent runs with the
-//! shipped unit's descriptor limit (`LimitNOFILE=`), as installed, and, as under the unit, with
-//! systemd's notification socket (a datagram socket the bench drains) and a 30 s watchdog.
+//! trace, `floor=0` the floor measured beside it: `tick_floor`). Needs root and a cgroup2 mount,
+//! as the end-to-end tests do. The agent runs with the shipped unit's descriptor limit
+//! (`LimitNOFILE=`), as installed, and, as under the unit, with systemd's notification socket (a
+//! datagram socket the bench drains) and a 30 s watchdog.
 //! `WATTD_BENCH_BIN=path` runs another build of the agent (to compare two commits side by side).
 
 use std::process::{Command, Stdio};
@@ -31,6 +32,8 @@ struct Opts {
     perf: bool,
     /// `[runs] cgroup_trace` (the eBPF cgroup trace, on by default).
     trace: bool,
+    /// The tick's floor measured beside the agent (`tick_floor`; on by default).
+    floor: bool,
 }
 
 fn opts() -> Opts {
@@ -41,6 +44,7 @@ fn opts() -> Opts {
         warmup: 5,
         perf: true,
         trace: true,
+        floor: true,
     };
     for a in std::env::args().skip(1) {
         let Some((k, v)) = a.split_once('=') else {
@@ -57,7 +61,10 @@ fn opts() -> Opts {
             "warmup" => o.warmup = n(),
             "perf" => o.perf = n() != 0,
             "trace" => o.trace = n() != 0,
-            _ => panic!("unknown option {k} (runs=, hz=, secs=, warmup=, perf=0|1, trace=0|1)"),
+            "floor" => o.floor = n() != 0,
+            _ => panic!(
+                "unknown option {k} (runs=, hz=, secs=, warmup=, perf=0|1, trace=0|1, floor=0|1)"
+            ),
         }
     }
     o
@@ -103,6 +110,63 @@ fn file_rss_kib(pid: u32) -> Vec<(String, u64)> {
     let mut v: Vec<_> = by_file.into_iter().filter(|(_, k)| *k > 0).collect();
     v.sort_by_key(|m| std::cmp::Reverse(m.1));
     v
+}
+
+/// The simulated host's RAPL counters (`sys/class/powercap/*/energy_uj`), which the agent reads
+/// at every tick.
+fn energy_files(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let dir = root.join("sys/class/powercap");
+    let mut v: Vec<_> = std::fs::read_dir(&dir)
+        .expect("the simulated host's powercap directory")
+        .filter_map(|e| Some(e.ok()?.path().join("energy_uj")))
+        .filter(|p| p.exists())
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "no energy_uj under {}", dir.display());
+    v
+}
+
+/// What no agent reading these sources at this rate can avoid, measured beside it: `secs` x
+/// `hz` ticks of a blocking read of a periodic `timerfd` (the wake-up), then `/proc/stat` and
+/// every `energy_uj` read with `pread` on kept descriptors, nothing parsed. Returns this
+/// thread's CPU time over them (ns) and the ticks. It runs while the agent is measured, so a
+/// VM's slow minutes fall on both.
+fn tick_floor(hz: u64, secs: u64, zones: &[std::path::PathBuf]) -> (u64, u64) {
+    use rustix::time::{
+        clock_gettime, timerfd_create, timerfd_settime, ClockId, Itimerspec, TimerfdClockId,
+        TimerfdFlags, TimerfdTimerFlags,
+    };
+    use std::os::unix::fs::FileExt as _;
+    let period: rustix::time::Timespec = Duration::from_nanos(1_000_000_000 / hz)
+        .try_into()
+        .expect("period");
+    let fd = timerfd_create(TimerfdClockId::Monotonic, TimerfdFlags::CLOEXEC).expect("timerfd");
+    let spec = Itimerspec {
+        it_interval: period,
+        it_value: period,
+    };
+    timerfd_settime(&fd, TimerfdTimerFlags::empty(), &spec).expect("arm the timerfd");
+    let stat = std::fs::File::open("/proc/stat").expect("/proc/stat");
+    let zones: Vec<std::fs::File> = zones
+        .iter()
+        .map(|p| std::fs::File::open(p).expect("energy_uj"))
+        .collect();
+    let mut buf = vec![0u8; 1 << 16];
+    let cpu = || {
+        let t = clock_gettime(ClockId::ThreadCPUTime);
+        t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+    };
+    let ticks = hz * secs;
+    let t0 = cpu();
+    for _ in 0..ticks {
+        let mut n = [0u8; 8];
+        rustix::io::read(&fd, &mut n).expect("timerfd read");
+        let _ = stat.read_at(&mut buf, 0).expect("/proc/stat");
+        for z in &zones {
+            let _ = z.read_at(&mut buf, 0).expect("energy_uj");
+        }
+    }
+    (cpu() - t0, ticks)
 }
 
 /// `LimitNOFILE=` of the shipped unit.
@@ -225,9 +289,15 @@ fn main() {
         }
     };
     watch(Duration::from_secs(o.warmup.max(1)));
+    let floor = o.floor.then(|| {
+        let zones = energy_files(sim.root());
+        let (hz, secs) = (o.hz, o.secs);
+        std::thread::spawn(move || tick_floor(hz, secs, &zones))
+    });
     let (cpu0, t0) = (on_cpu_ns(pid), Instant::now());
     watch(Duration::from_secs(o.secs));
     let (cpu1, wall) = (on_cpu_ns(pid), t0.elapsed());
+    let floor = floor.map(|h| h.join().expect("the floor's thread"));
     let (hwm, rss) = (status_kib(pid, "VmHWM:"), status_kib(pid, "VmRSS:"));
     let (anon, file) = (status_kib(pid, "RssAnon:"), status_kib(pid, "RssFile:"));
     let files = file_rss_kib(pid);
@@ -257,6 +327,15 @@ fn main() {
         anon_peak as f64 / 1024.0,
         file as f64 / 1024.0,
     );
+    if let Some((ns, ticks)) = floor {
+        let us = ns as f64 / 1e3 / ticks.max(1) as f64;
+        println!(
+            "  the floor, in the same window: {us:.1} us per tick ({ticks} ticks: a periodic \
+             timerfd's wake-up and read, `/proc/stat` and every `energy_uj` read; the agent's \
+             own part {:.1} us per tick)",
+            per_tick_us - us
+        );
+    }
     for (path, kib) in files.iter().take(6) {
         println!("  mapped: {:.1} MiB {path}", *kib as f64 / 1024.0);
     }
