@@ -184,15 +184,94 @@ fn cpu_lines<'a>(
     path: &'a Path,
     s: &'a str,
 ) -> impl Iterator<Item = Result<(u32, CpuTimes), HostError>> + 'a {
-    s.lines().enumerate().filter_map(move |(lineno, line)| {
-        let rest = line.strip_prefix("cpu")?;
-        let mut it = rest.split_ascii_whitespace();
-        let id = it.next()?;
-        if rest.starts_with(' ') {
-            return None; // the aggregate line "cpu  ..."
+    // The lines that start with `cpu`, found with `memchr`'s substring search rather than by
+    // splitting every line: the kernel's `intr` line alone is hundreds of bytes to thousands.
+    // Each is cut at `\n` and numbered as `str::lines` numbers it (counted only for a line the
+    // canonical parse refuses); a `\r` before the `\n`, which `str::lines` drops, is whitespace
+    // to the general parse and makes the canonical one refuse the line, so it changes nothing.
+    let bytes = s.as_bytes();
+    let first = bytes.starts_with(b"cpu").then_some(0);
+    let rest = memchr::memmem::find_iter(bytes, b"\ncpu").map(|at| at + 1);
+    first.into_iter().chain(rest).filter_map(move |start| {
+        let line = match memchr::memchr(b'\n', &bytes[start..]) {
+            Some(len) => &s[start..start + len],
+            None => &s[start..],
+        };
+        let rest = &line["cpu".len()..];
+        match canonical_cpu_line(rest.as_bytes()) {
+            Some(parsed) => Some(Ok(parsed)),
+            None => {
+                let lineno = memchr::memchr_iter(b'\n', &bytes[..start]).count();
+                general_cpu_line(path, lineno, rest)
+            }
         }
-        Some(cpu_line(path, lineno, id, it))
     })
+}
+
+/// A line that starts with `cpu`, after it: `None` for the aggregate line ("cpu  ...") and one
+/// with nothing after `cpu`, else [`cpu_line`]'s result.
+fn general_cpu_line(
+    path: &Path,
+    lineno: usize,
+    rest: &str,
+) -> Option<Result<(u32, CpuTimes), HostError>> {
+    let mut it = rest.split_ascii_whitespace();
+    let id = it.next()?;
+    if rest.starts_with(' ') {
+        return None; // the aggregate line "cpu  ..."
+    }
+    Some(cpu_line(path, lineno, id, it))
+}
+
+/// A `cpuN` line as the kernel prints it, after its `cpu`: the id's digits, then at least four
+/// numbers each after one or more spaces (the first eight taken, as by [`cpu_line`]), nothing
+/// else but trailing spaces. Parsed byte by byte: a tick reads `/proc/stat` at every tick, and
+/// the general parse (`split_ascii_whitespace`, `str::parse`) was two thirds of the tracker's
+/// own instructions on an idle tick. `None` for anything else, which [`general_cpu_line`] then
+/// parses or refuses: where this gives a value, that gives the same one.
+fn canonical_cpu_line(rest: &[u8]) -> Option<(u32, CpuTimes)> {
+    /// The digits at `b[*i..]` as a number, `*i` past them; `None` past `u64::MAX`.
+    fn digits(b: &[u8], i: &mut usize) -> Option<u64> {
+        let start = *i;
+        let mut v = 0u64;
+        while let Some(d) = b.get(*i).filter(|c| c.is_ascii_digit()) {
+            v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+            *i += 1;
+        }
+        (*i > start).then_some(v)
+    }
+    let mut i = 0;
+    let id = u32::try_from(digits(rest, &mut i)?).ok()?;
+    let mut vals = [0u64; 8];
+    let mut n = 0;
+    while n < vals.len() {
+        // Each number's digits were all taken: what follows is spaces, the end, or refused.
+        while rest.get(i) == Some(&b' ') {
+            i += 1;
+        }
+        if i == rest.len() {
+            break;
+        }
+        vals[n] = digits(rest, &mut i)?;
+        n += 1;
+    }
+    // The eighth number ends where `cpu_line`'s token does: at a space or the line's end.
+    if n < 4 || rest.get(i).is_some_and(|c| *c != b' ') {
+        return None;
+    }
+    Some((
+        id,
+        CpuTimes {
+            user: vals[0],
+            nice: vals[1],
+            system: vals[2],
+            idle: vals[3],
+            iowait: vals[4],
+            irq: vals[5],
+            softirq: vals[6],
+            steal: vals[7],
+        },
+    ))
 }
 
 /// One `cpuN` line's id and times (`lineno` counted from 0, named from 1).
@@ -377,6 +456,107 @@ mod tests {
     }
 
     /// Parsed into the storage of an earlier read, the result is what a fresh parse gives:
+    /// Where the byte-by-byte parse of a kernel-shaped `cpuN` line gives a value, the general
+    /// parse gives the same one: lines of an id and numbers, with the pieces that matter mixed
+    /// in (a tab, two spaces or none between numbers, a sign, a letter, a carriage return, an
+    /// empty number, numbers past `u64::MAX`, fewer than four or more than eight numbers).
+    #[test]
+    fn the_canonical_parse_agrees_with_the_general_one() {
+        use proptest::prelude::*;
+        let number = || {
+            prop_oneof![
+                12 => "[0-9]{1,7}",
+                1 => "[0-9]{19,21}",
+                1 => Just("+1".to_owned()),
+                1 => Just("1x".to_owned()),
+                1 => Just("\r".to_owned()),
+                1 => Just(String::new()),
+            ]
+        };
+        let sep = prop_oneof![
+            12 => Just(" ".to_owned()),
+            2 => Just("  ".to_owned()),
+            1 => Just("\t".to_owned()),
+            1 => Just(String::new()),
+        ];
+        let tail = prop_oneof![
+            6 => Just(String::new()),
+            1 => Just(" ".to_owned()),
+            1 => Just("\r".to_owned()),
+            1 => Just(" x".to_owned()),
+        ];
+        let line = (
+            number(),
+            proptest::collection::vec((sep, number()), 0..12),
+            tail,
+        );
+        let p = Path::new("/h/proc/stat");
+        let canonical = std::cell::Cell::new(0u32);
+        proptest!(ProptestConfig::with_cases(4000), |((id, fields, tail) in line)| {
+            let mut rest = id;
+            for (sep, n) in fields {
+                rest.push_str(&sep);
+                rest.push_str(&n);
+            }
+            rest.push_str(&tail);
+            let general = general_cpu_line(p, 0, &rest);
+            if let Some(fast) = canonical_cpu_line(rest.as_bytes()) {
+                canonical.set(canonical.get() + 1);
+                match general {
+                    Some(Ok(g)) => prop_assert_eq!(g, fast, "{:?}", rest),
+                    other => prop_assert!(false, "{:?}: canonical {:?}, general {:?}", rest, fast, other),
+                }
+            }
+        });
+        let canonical = canonical.get();
+        assert!(
+            canonical > 100,
+            "few lines took the canonical path: {canonical}"
+        );
+        // The kernel's own lines take it, with guest times after the eighth number.
+        let k = b"0 4705 150 1120 1640280 2230 0 38 0 0 0";
+        assert_eq!(
+            canonical_cpu_line(k).map(|(id, t)| (id, t.idle, t.steal)),
+            Some((0, 1640280, 0))
+        );
+    }
+
+    /// The `cpuN` lines found by substring search are the ones `str::lines` gives, cut and
+    /// numbered as it does: texts of kernel-shaped and malformed lines, the aggregate line,
+    /// `cpu` inside a line, empty lines, `\r\n` and a bare `\r`, with or without a final newline.
+    #[test]
+    fn cpu_lines_are_found_as_str_lines_finds_them() {
+        use proptest::prelude::*;
+        let p = Path::new("/h/proc/stat");
+        let reference = |s: &str| -> Vec<Result<(u32, CpuTimes), String>> {
+            s.lines()
+                .enumerate()
+                .filter_map(|(n, l)| general_cpu_line(p, n, l.strip_prefix("cpu")?))
+                .map(|r| r.map_err(|e| e.to_string()))
+                .collect()
+        };
+        let line = prop_oneof![
+            Just("cpu0 10 0 5 900 1 0 0 0 0 0"),
+            Just("cpu1 11 0 6 901 2 0 0 0"),
+            Just("cpu  21 0 11 1801 3 0 0 0"),
+            Just("cpu2 1 2"),
+            Just("cpu3\t1 2 3 4"),
+            Just("cpux 1 2 3 4"),
+            Just("cpu"),
+            Just("intr 12 0 3 cpu0 1 2 3 4"),
+            Just("xcpu0 1 2 3 4"),
+            Just(""),
+            Just("softirq 1 2 3"),
+        ];
+        let end = prop_oneof![Just("\n"), Just("\r\n"), Just("\r"), Just("")];
+        let text = proptest::collection::vec((line, end), 0..10);
+        proptest!(ProptestConfig::with_cases(2000), |(parts in text)| {
+            let s: String = parts.iter().flat_map(|(l, e)| [*l, *e]).collect();
+            let found: Vec<_> = cpu_lines(p, &s).map(|r| r.map_err(|e| e.to_string())).collect();
+            prop_assert_eq!(found, reference(&s), "{:?}", s);
+        });
+    }
+
     /// CPUs updated, added (one came online) and removed (one went offline), whatever that
     /// storage held, a failed read's leftovers included; the same errors, with the path.
     #[test]
