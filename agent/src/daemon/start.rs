@@ -233,6 +233,7 @@ impl Daemon {
             host: HostBalance::new(package_cpus.values().sum()),
             package_cpus,
             events,
+            noop_waker: std::task::Waker::from(std::sync::Arc::new(super::NoopWake)),
             tracker,
             meters,
             readings: Vec::new(),

@@ -110,6 +110,17 @@ impl Daemon {
     /// Usage first, then energy, read back to back; attributed by the sampler.
     async fn close_interval(&mut self, now: Stamp) -> (Interval, UsageSnapshot) {
         let elapsed_us = self.sampler.elapsed_us(now);
+        // Nothing readable on the tracker's inotify descriptor, as the reactor last saw it (it
+        // wakes the loop for anything that comes; the loop clears it before each read): the
+        // tick skips its empty read. When readable, the tick reads, and the loop's wait then
+        // finds the readiness, clears it and reads again (empty), as before.
+        let unreadable = {
+            let mut cx = std::task::Context::from_waker(&self.noop_waker);
+            self.events.poll_read_ready(&mut cx).is_pending()
+        };
+        if unreadable {
+            self.tracker.skip_next_event_read();
+        }
         let mut snap = self.tracker.tick(elapsed_us);
         for e in &snap.errors {
             tracing::debug!(run = ?e.run_id, error = %e.error, "usage read");

@@ -17,16 +17,25 @@ impl RunTracker {
     /// Handles every pending cgroup event without blocking: new runs are opened, emptied runs
     /// get their final read at once, removed runs are marked finished.
     pub fn poll_events(&mut self) -> Result<(), HostError> {
-        let mut events = std::mem::take(&mut self.events);
-        events.clear();
-        let res = self.inotify.read_events(&mut events).map_err(inotify_err);
-        if !events.is_empty() {
-            self.trace_counts_at_us = None;
+        self.handle_events(true)
+    }
+
+    /// [`Self::poll_events`], the queue read only when `read`.
+    pub(super) fn handle_events(&mut self, read: bool) -> Result<(), HostError> {
+        let mut res = Ok(());
+        if read {
+            let mut events = std::mem::take(&mut self.events);
+            events.clear();
+            res = self.inotify.read_events(&mut events).map_err(inotify_err);
+            self.events_drained = res.is_ok();
+            if !events.is_empty() {
+                self.trace_counts_at_us = None;
+            }
+            for ev in &events {
+                self.handle_event(ev);
+            }
+            self.events = events;
         }
-        for ev in &events {
-            self.handle_event(ev);
-        }
-        self.events = events;
         self.reread_emptied();
         // A child went away unread: settle its tail against the parent now, while the stretch
         // is short and few others can have ended in it.

@@ -554,6 +554,11 @@ pub struct RunTracker {
     last_rescan_us: u64,
     errors: Vec<TickError>,
     events: Vec<Event>,
+    /// The next tick leaves the inotify queue unread ([`RunTracker::skip_next_event_read`]).
+    skip_event_read: bool,
+    /// The last read of the inotify queue ended with the queue empty (`EAGAIN`), not an error:
+    /// only then may a caller's word that nothing is readable skip the next one.
+    events_drained: bool,
     tc_scratch: Vec<(u32, u64)>,
     /// A run's counter movement per package while it is split (kept between ticks).
     split_scratch: Vec<(u32, u64)>,
@@ -691,6 +696,8 @@ impl RunTracker {
             last_rescan_us: 0,
             errors: Vec::new(),
             events: Vec::new(),
+            skip_event_read: false,
+            events_drained: false,
             tc_scratch: Vec::new(),
             split_scratch: Vec::new(),
             package_split: PackageSplitScratch::default(),
@@ -750,6 +757,14 @@ impl RunTracker {
     /// on it (e.g. tokio `AsyncFd`) and calls [`Self::poll_events`].
     pub fn events_fd(&self) -> BorrowedFd<'_> {
         self.inotify.as_fd()
+    }
+
+    /// The caller's reactor says [`Self::events_fd`] is not readable: the next tick leaves the
+    /// inotify queue unread (at 100 Hz with nothing happening, one empty `read` a tick), and
+    /// does the rest of what it does with events as always. Honoured only when the last read
+    /// emptied the queue: after a failed one, the tick reads whatever the reactor says.
+    pub fn skip_next_event_read(&mut self) {
+        self.skip_event_read = true;
     }
 
     /// [`TrackerConfig::read_memory`], changed at a reload: from the next tick, for every run
@@ -1024,6 +1039,42 @@ mod tests {
         assert!(!t.families[fam].is_quiet());
         let before = t.counters().reconcile_points;
         assert_eq!(points(&mut t, 10), before + 10);
+    }
+
+    /// A caller's word that the events descriptor is not readable skips one tick's read of the
+    /// inotify queue, once, and only after a read that emptied the queue: a run made meanwhile
+    /// is found by the next tick that reads it (no point lists the parent here: they are an
+    /// hour apart).
+    #[test]
+    fn a_skipped_event_read_leaves_the_queue_to_the_next_tick() {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, cg) = host_with_parent(dir.path());
+        let put = |rel: String, text: &str| h.write(rel, text).unwrap();
+        let mut t = RunTracker::new(TrackerConfig {
+            rescan_every: None,
+            quiet_point_every: Duration::from_secs(3_600),
+            ..TrackerConfig::new(HostRoot::new(dir.path()))
+        })
+        .unwrap();
+        let runs = |t: &mut RunTracker| -> Vec<String> {
+            let snap = t.tick(10_000);
+            snap.runs.iter().map(|r| r.run_id.to_string()).collect()
+        };
+        // No read yet: the word is not taken, the tick reads.
+        put(format!("{cg}/run-a.scope/cpu.stat"), "usage_usec 5\n");
+        put(format!("{cg}/run-a.scope/cgroup.events"), "populated 1\n");
+        t.skip_next_event_read();
+        assert_eq!(
+            runs(&mut t),
+            ["a"],
+            "read before any read emptied the queue"
+        );
+        // Emptied now: the next tick with the word leaves a new run's event in the queue.
+        put(format!("{cg}/run-b.scope/cpu.stat"), "usage_usec 7\n");
+        put(format!("{cg}/run-b.scope/cgroup.events"), "populated 1\n");
+        t.skip_next_event_read();
+        assert_eq!(runs(&mut t), ["a"], "the queue left unread");
+        assert_eq!(runs(&mut t), ["a", "b"], "read at the next tick");
     }
 
     #[test]

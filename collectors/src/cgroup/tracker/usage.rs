@@ -8,7 +8,8 @@ impl RunTracker {
     /// split per package, and each package's busy and host time. `elapsed_us` is the tick's
     /// length as the daemon's clock saw it, carried into the snapshot.
     pub fn tick(&mut self, elapsed_us: u64) -> UsageSnapshot {
-        if let Err(e) = self.poll_events() {
+        let skip_read = std::mem::take(&mut self.skip_event_read) && self.events_drained;
+        if let Err(e) = self.handle_events(!skip_read) {
             self.push_error(None, e);
         }
         for idx in 0..self.patterns.len() {
