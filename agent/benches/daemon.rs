@@ -2,8 +2,8 @@
 //! with N run cgroups, each holding one sleeping process (as real runs do: an empty cgroup is
 //! skipped and costs nothing), sampling at H Hz with its shipped defaults otherwise (metrics
 //! endpoint on, sealing by time, perf counters per run). After a warm-up it reads the daemon's
-//! CPU time from `/proc/PID/schedstat` (nanoseconds on a CPU) over the window, and its peak RSS
-//! (`VmHWM`) at the end. Prints the share of one core, the cost per run per tick and per tick,
+//! CPU time from each of its threads' `/proc/PID/task/TID/schedstat` (nanoseconds on a CPU) over
+//! the window, and its peak RSS (`VmHWM`) at the end. Prints the share of one core, the cost per run per tick and per tick,
 //! and the peak RSS: the table in the README ("What the agent costs"). The RSS is also split:
 //! anonymous (the heap and stacks, its peak sampled) and mapped file pages (the binary and the
 //! libraries: clean page-cache pages, mapped 64 KiB around each page touched when the page
@@ -70,13 +70,31 @@ fn opts() -> Opts {
     o
 }
 
-/// Nanoseconds the process has run on a CPU (first field of `/proc/PID/schedstat`).
-fn on_cpu_ns(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).expect("schedstat");
-    s.split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .expect("schedstat's first field")
+/// Nanoseconds each of the process's threads has run on a CPU, by thread id (the first field of
+/// `/proc/PID/task/TID/schedstat`; the process's own file counts its first thread alone).
+fn on_cpu_ns(pid: u32) -> std::collections::BTreeMap<u32, u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the agent's threads");
+    tasks
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let tid = t.file_name().to_str()?.parse().ok()?;
+            let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            let ns = s.split_whitespace().next()?.parse().ok()?;
+            Some((tid, ns))
+        })
+        .collect()
+}
+
+/// The CPU time the threads alive at `after` ran since `before` (a thread made since, all of
+/// its time; one gone since is not counted: the agent's threads live as long as it does).
+fn on_cpu_since(
+    before: &std::collections::BTreeMap<u32, u64>,
+    after: &std::collections::BTreeMap<u32, u64>,
+) -> u64 {
+    after
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum()
 }
 
 /// A `/proc/PID/status` field in KiB.
@@ -126,20 +144,21 @@ fn energy_files(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     v
 }
 
-/// What no agent reading these sources at this rate can avoid, measured beside it: `secs` x
-/// `hz` ticks of a blocking read of a periodic `timerfd` (the wake-up), then `/proc/stat` and
-/// every `energy_uj` read with `pread` on kept descriptors, nothing parsed. Returns this
-/// thread's CPU time over them (ns) and the ticks. It runs while the agent is measured, so a
-/// VM's slow minutes fall on both.
+/// What no agent reading these sources at this rate can avoid, measured beside it: for `secs` x
+/// `hz` periods of the agent's own length (`1000 / hz` ms), a blocking read of a periodic
+/// `timerfd` (the wake-up), then `/proc/stat` read whole as the agent reads it (one `pread`
+/// into a buffer grown until the file fits) and every `energy_uj` read with `pread`, on kept
+/// descriptors, nothing parsed. A late wake-up covers the periods it missed with one round of
+/// reads, as the agent's late tick does. Returns this thread's CPU time (ns) and the periods.
+/// It runs while the agent is measured, so a VM's slow minutes fall on both.
 fn tick_floor(hz: u64, secs: u64, zones: &[std::path::PathBuf]) -> (u64, u64) {
     use rustix::time::{
         clock_gettime, timerfd_create, timerfd_settime, ClockId, Itimerspec, TimerfdClockId,
         TimerfdFlags, TimerfdTimerFlags,
     };
     use std::os::unix::fs::FileExt as _;
-    let period: rustix::time::Timespec = Duration::from_nanos(1_000_000_000 / hz)
-        .try_into()
-        .expect("period");
+    let period: rustix::time::Timespec =
+        Duration::from_millis(1000 / hz).try_into().expect("period");
     let fd = timerfd_create(TimerfdClockId::Monotonic, TimerfdFlags::CLOEXEC).expect("timerfd");
     let spec = Itimerspec {
         it_interval: period,
@@ -151,22 +170,26 @@ fn tick_floor(hz: u64, secs: u64, zones: &[std::path::PathBuf]) -> (u64, u64) {
         .iter()
         .map(|p| std::fs::File::open(p).expect("energy_uj"))
         .collect();
-    let mut buf = vec![0u8; 1 << 16];
+    let mut buf = vec![0u8; 4096];
     let cpu = || {
         let t = clock_gettime(ClockId::ThreadCPUTime);
         t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
     };
-    let ticks = hz * secs;
+    let periods = hz * secs;
+    let mut elapsed = 0;
     let t0 = cpu();
-    for _ in 0..ticks {
+    while elapsed < periods {
         let mut n = [0u8; 8];
         rustix::io::read(&fd, &mut n).expect("timerfd read");
-        let _ = stat.read_at(&mut buf, 0).expect("/proc/stat");
+        elapsed += u64::from_ne_bytes(n);
+        while stat.read_at(&mut buf, 0).expect("/proc/stat") == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
         for z in &zones {
             let _ = z.read_at(&mut buf, 0).expect("energy_uj");
         }
     }
-    (cpu() - t0, ticks)
+    (cpu() - t0, elapsed)
 }
 
 /// `LimitNOFILE=` of the shipped unit.
@@ -309,9 +332,10 @@ fn main() {
     let logtext = std::fs::read_to_string(work.path().join("wattd.log")).unwrap_or_default();
     drop(cg);
     assert!(status.success(), "wattd exited {status:?}\n{logtext}");
-    let share = (cpu1 - cpu0) as f64 / wall.as_nanos() as f64;
+    let cpu_ns = on_cpu_since(&cpu0, &cpu1);
+    let share = cpu_ns as f64 / wall.as_nanos() as f64;
     let ticks = wall.as_secs_f64() * o.hz as f64;
-    let per_tick_us = (cpu1 - cpu0) as f64 / 1e3 / ticks;
+    let per_tick_us = cpu_ns as f64 / 1e3 / ticks;
     println!(
         "{:>6} runs at {:>3} Hz: {:>6.3}% of one core, {:>8.1} us per tick = {:>6.2} us per run \
          per tick; peak RSS {:.1} MiB (now {:.1} MiB: {:.1} anonymous, peak {:.1} sampled; {:.1} \
@@ -329,10 +353,15 @@ fn main() {
     );
     if let Some((ns, ticks)) = floor {
         let us = ns as f64 / 1e3 / ticks.max(1) as f64;
+        let runs_in_it = if o.runs > 0 {
+            ", the runs' reads in it"
+        } else {
+            ""
+        };
         println!(
             "  the floor, in the same window: {us:.1} us per tick ({ticks} ticks: a periodic \
              timerfd's wake-up and read, `/proc/stat` and every `energy_uj` read; the agent's \
-             own part {:.1} us per tick)",
+             own part above it {:.1} us per tick{runs_in_it})",
             per_tick_us - us
         );
     }

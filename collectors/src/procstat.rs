@@ -455,7 +455,6 @@ mod tests {
         assert_eq!(ok.per_cpu[&0].idle, 4);
     }
 
-    /// Parsed into the storage of an earlier read, the result is what a fresh parse gives:
     /// Where the byte-by-byte parse of a kernel-shaped `cpuN` line gives a value, the general
     /// parse gives the same one: lines of an id and numbers, with the pieces that matter mixed
     /// in (a tab, two spaces or none between numbers, a sign, a letter, a carriage return, an
@@ -557,6 +556,7 @@ mod tests {
         });
     }
 
+    /// Parsed into the storage of an earlier read, the result is what a fresh parse gives:
     /// CPUs updated, added (one came online) and removed (one went offline), whatever that
     /// storage held, a failed read's leftovers included; the same errors, with the path.
     #[test]

@@ -100,13 +100,6 @@ struct Signals {
 /// A borrowed descriptor to wait on (the tracker's inotify fd, which the tracker owns).
 struct Fd(RawFd);
 
-/// [`Daemon::noop_waker`]'s.
-struct NoopWake;
-
-impl std::task::Wake for NoopWake {
-    fn wake(self: std::sync::Arc<Self>) {}
-}
-
 impl AsRawFd for Fd {
     fn as_raw_fd(&self) -> RawFd {
         self.0
@@ -137,9 +130,6 @@ pub struct Daemon {
 
     // Declared before `tracker`, so dropped before it: it borrows the tracker's descriptor.
     events: AsyncFd<Fd>,
-    /// A waker that does nothing, to ask the reactor without waiting whether `events` is
-    /// readable at a tick (`close_interval`): the loop's own wait registers the real one.
-    noop_waker: std::task::Waker,
     tracker: RunTracker,
     /// The meters the loop reads at each tick (RAPL, hwmon, the estimator); NVML GPUs are read
     /// on their own thread.

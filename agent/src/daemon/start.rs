@@ -233,7 +233,6 @@ impl Daemon {
             host: HostBalance::new(package_cpus.values().sum()),
             package_cpus,
             events,
-            noop_waker: std::task::Waker::from(std::sync::Arc::new(super::NoopWake)),
             tracker,
             meters,
             readings: Vec::new(),

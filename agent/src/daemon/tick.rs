@@ -80,7 +80,7 @@ impl Daemon {
         }
         let tick_started = Instant::now();
         let now = Stamp::now();
-        let (interval, snap) = self.close_interval(now).await;
+        let (interval, snap) = self.close_interval(now, stop).await;
         self.record(&interval, &snap, now, stop)?;
         self.rotate_key_if_due(now)?;
         self.publish(&interval, &snap, now, tick_started, stop);
@@ -108,16 +108,20 @@ impl Daemon {
     }
 
     /// Usage first, then energy, read back to back; attributed by the sampler.
-    async fn close_interval(&mut self, now: Stamp) -> (Interval, UsageSnapshot) {
+    async fn close_interval(&mut self, now: Stamp, stop: bool) -> (Interval, UsageSnapshot) {
         let elapsed_us = self.sampler.elapsed_us(now);
         // Nothing readable on the tracker's inotify descriptor, as the reactor last saw it (it
-        // wakes the loop for anything that comes; the loop clears it before each read): the
-        // tick skips its empty read. When readable, the tick reads, and the loop's wait then
-        // finds the readiness, clears it and reads again (empty), as before.
-        let unreadable = {
-            let mut cx = std::task::Context::from_waker(&self.noop_waker);
-            self.events.poll_read_ready(&mut cx).is_pending()
-        };
+        // wakes the loop for anything that comes; the loop clears it only just before reading
+        // the queue empty): the tick skips its empty read. Asked with `try_io`, which neither
+        // waits, nor spends the task's budget, nor clears the readiness (the closure does no
+        // I/O). When readable, the tick reads, and the loop's wait then finds the readiness,
+        // clears it and reads again (empty), as before. Never at the last tick: no wait follows
+        // it to read what came since the reactor last looked.
+        let unreadable = !stop
+            && self
+                .events
+                .try_io(tokio::io::Interest::READABLE, |_| Ok(()))
+                .is_err();
         if unreadable {
             self.tracker.skip_next_event_read();
         }

@@ -24,6 +24,8 @@ impl RunTracker {
     pub(super) fn handle_events(&mut self, read: bool) -> Result<(), HostError> {
         let mut res = Ok(());
         if read {
+            // A caller's word that nothing was readable is older than this read: not kept.
+            self.skip_event_read = false;
             let mut events = std::mem::take(&mut self.events);
             events.clear();
             res = self.inotify.read_events(&mut events).map_err(inotify_err);

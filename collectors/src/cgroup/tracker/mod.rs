@@ -762,7 +762,8 @@ impl RunTracker {
     /// The caller's reactor says [`Self::events_fd`] is not readable: the next tick leaves the
     /// inotify queue unread (at 100 Hz with nothing happening, one empty `read` a tick), and
     /// does the rest of what it does with events as always. Honoured only when the last read
-    /// emptied the queue: after a failed one, the tick reads whatever the reactor says.
+    /// emptied the queue (after a failed one, the tick reads whatever the reactor says), and
+    /// dropped by any read before that tick ([`Self::poll_events`]): to be said just before it.
     pub fn skip_next_event_read(&mut self) {
         self.skip_event_read = true;
     }
@@ -1042,9 +1043,9 @@ mod tests {
     }
 
     /// A caller's word that the events descriptor is not readable skips one tick's read of the
-    /// inotify queue, once, and only after a read that emptied the queue: a run made meanwhile
-    /// is found by the next tick that reads it (no point lists the parent here: they are an
-    /// hour apart).
+    /// inotify queue, once, only after a read that emptied the queue, and not after a read since
+    /// the word: a run made meanwhile is found by the next tick that reads it (no point lists the
+    /// parent here: they are an hour apart).
     #[test]
     fn a_skipped_event_read_leaves_the_queue_to_the_next_tick() {
         let dir = tempfile::tempdir().unwrap();
@@ -1075,6 +1076,17 @@ mod tests {
         t.skip_next_event_read();
         assert_eq!(runs(&mut t), ["a"], "the queue left unread");
         assert_eq!(runs(&mut t), ["a", "b"], "read at the next tick");
+        // A read between the word and the tick drops the word: what came after that read is
+        // read by the tick.
+        t.skip_next_event_read();
+        t.poll_events().unwrap();
+        put(format!("{cg}/run-c.scope/cpu.stat"), "usage_usec 9\n");
+        put(format!("{cg}/run-c.scope/cgroup.events"), "populated 1\n");
+        assert_eq!(
+            runs(&mut t),
+            ["a", "b", "c"],
+            "a word older than a read is not kept"
+        );
     }
 
     #[test]
