@@ -22,6 +22,21 @@ pub struct CpuTimes {
 }
 
 impl CpuTimes {
+    /// A `cpuN` line's first eight numbers, in `/proc/stat`'s order (missing ones 0).
+    fn from_fields(v: [u64; 8]) -> Self {
+        let [user, nice, system, idle, iowait, irq, softirq, steal] = v;
+        CpuTimes {
+            user,
+            nice,
+            system,
+            idle,
+            iowait,
+            irq,
+            softirq,
+            steal,
+        }
+    }
+
     /// Time the CPU spent running something on this host (guest time is already in `user`;
     /// `steal` is time the hypervisor gave to someone else, so it is not ours).
     pub fn busy(&self) -> u64 {
@@ -259,19 +274,7 @@ fn canonical_cpu_line(rest: &[u8]) -> Option<(u32, CpuTimes)> {
     if n < 4 || rest.get(i).is_some_and(|c| *c != b' ') {
         return None;
     }
-    Some((
-        id,
-        CpuTimes {
-            user: vals[0],
-            nice: vals[1],
-            system: vals[2],
-            idle: vals[3],
-            iowait: vals[4],
-            irq: vals[5],
-            softirq: vals[6],
-            steal: vals[7],
-        },
-    ))
+    Some((id, CpuTimes::from_fields(vals)))
 }
 
 /// One `cpuN` line's id and times (`lineno` counted from 0, named from 1).
@@ -301,19 +304,7 @@ fn cpu_line<'a>(
             ),
         ));
     }
-    Ok((
-        id,
-        CpuTimes {
-            user: vals[0],
-            nice: vals[1],
-            system: vals[2],
-            idle: vals[3],
-            iowait: vals[4],
-            irq: vals[5],
-            softirq: vals[6],
-            steal: vals[7],
-        },
-    ))
+    Ok((id, CpuTimes::from_fields(vals)))
 }
 
 /// Busy microseconds of `cpus` between two reads taken `elapsed_us` apart, measured as the time
