@@ -3,11 +3,11 @@
 //! skipped and costs nothing), sampling at H Hz with its shipped defaults otherwise (metrics
 //! endpoint on, sealing by time, perf counters per run). After a warm-up it reads the daemon's
 //! CPU time from each of its threads' `/proc/PID/task/TID/schedstat` (nanoseconds on a CPU) over
-//! the window, and its peak RSS (`VmHWM`) at the end. Prints the share of one core, the cost per run per tick and per tick,
-//! and the peak RSS: the table in the README ("What the agent costs"). The RSS is also split:
-//! anonymous (the heap and stacks, its peak sampled) and mapped file pages (the binary and the
-//! libraries: clean page-cache pages, mapped 64 KiB around each page touched when the page
-//! cache holds them, shared and reclaimable).
+//! the window, and its peak RSS (`VmHWM`) at the end. Prints the share of one core, the cost
+//! per run per tick and per tick, and the peak RSS: the table in the README ("What the agent
+//! costs"). The RSS is also split: anonymous (the heap and stacks, its peak sampled) and mapped
+//! file pages (the binary and the libraries: clean page-cache pages, mapped 64 KiB around each
+//! page touched when the page cache holds them, shared and reclaimable).
 //!
 //! `cargo bench -p wattd --bench daemon -- runs=1000 hz=1 secs=30` (defaults: 100 runs, 1 Hz,
 //! 30 s after 5 s of warm-up; `perf=0` turns the per-run perf counters off, `trace=0` the cgroup

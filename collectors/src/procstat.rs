@@ -239,10 +239,11 @@ fn general_cpu_line(
 }
 
 /// A `cpuN` line as the kernel prints it, after its `cpu`: the id's digits, then at least four
-/// numbers each after one or more spaces (the first eight taken, as by [`cpu_line`]), nothing
-/// else but trailing spaces. Parsed byte by byte: a tick reads `/proc/stat` at every tick, and
-/// the general parse (`split_ascii_whitespace`, `str::parse`) was two thirds of the tracker's
-/// own instructions on an idle tick. `None` for anything else, which [`general_cpu_line`] then
+/// numbers, each after one or more spaces, and nothing else but trailing spaces up to the
+/// eighth; the first eight are taken and what follows the eighth (after a space) is not looked
+/// at, as by [`cpu_line`]. Parsed byte by byte: the tracker reads `/proc/stat` at every tick,
+/// and the general parse (`split_ascii_whitespace`, `str::parse`) was two thirds of its own
+/// instructions on an idle tick. `None` for anything else, which [`general_cpu_line`] then
 /// parses or refuses: where this gives a value, that gives the same one.
 fn canonical_cpu_line(rest: &[u8]) -> Option<(u32, CpuTimes)> {
     /// The digits at `b[*i..]` as a number, `*i` past them; `None` past `u64::MAX`.
@@ -494,7 +495,13 @@ mod tests {
                 canonical.set(canonical.get() + 1);
                 match general {
                     Some(Ok(g)) => prop_assert_eq!(g, fast, "{:?}", rest),
-                    other => prop_assert!(false, "{:?}: canonical {:?}, general {:?}", rest, fast, other),
+                    other => prop_assert!(
+                        false,
+                        "{:?}: canonical {:?}, general {:?}",
+                        rest,
+                        fast,
+                        other
+                    ),
                 }
             }
         });
