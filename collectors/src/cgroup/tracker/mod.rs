@@ -912,6 +912,16 @@ mod tests {
         (h, cg)
     }
 
+    /// A tracker of `dir`'s host with no rescan, a quiet family's points `quiet_every` apart.
+    fn tracker_quiet_every(dir: &Path, quiet_every: Duration) -> RunTracker {
+        RunTracker::new(TrackerConfig {
+            rescan_every: None,
+            quiet_point_every: quiet_every,
+            ..TrackerConfig::new(HostRoot::new(dir))
+        })
+        .unwrap()
+    }
+
     /// A parent's children that no event announced are found by listing it at a point, from
     /// the kept directory (rewound each time) or, with no descriptor to spare, opened then.
     #[test]
@@ -978,14 +988,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (h, cg) = host_with_parent(dir.path());
         let put = |rel: String, text: &str| h.write(rel, text).unwrap();
-        let tracker = |every| {
-            RunTracker::new(TrackerConfig {
-                rescan_every: None,
-                quiet_point_every: every,
-                ..TrackerConfig::new(HostRoot::new(dir.path()))
-            })
-            .unwrap()
-        };
+        let tracker = |every| tracker_quiet_every(dir.path(), every);
         let points = |t: &mut RunTracker, n: usize| {
             for _ in 0..n {
                 t.tick(10_000);
@@ -1051,12 +1054,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (h, cg) = host_with_parent(dir.path());
         let put = |rel: String, text: &str| h.write(rel, text).unwrap();
-        let mut t = RunTracker::new(TrackerConfig {
-            rescan_every: None,
-            quiet_point_every: Duration::from_secs(3_600),
-            ..TrackerConfig::new(HostRoot::new(dir.path()))
-        })
-        .unwrap();
+        let mut t = tracker_quiet_every(dir.path(), Duration::from_secs(3_600));
         let runs = |t: &mut RunTracker| -> Vec<String> {
             let snap = t.tick(10_000);
             snap.runs.iter().map(|r| r.run_id.to_string()).collect()
