@@ -20,7 +20,7 @@ use super::files::{
 use super::inotify::{Event, Inotify};
 use super::mount::find_cgroup2_mount;
 use super::pattern::{validate_cgroup_rel, validate_run_id, NameMatch, RunPattern};
-use super::perf::CgroupTaskClock;
+use super::perf::TaskClock;
 use super::trace::{CgroupTrace, TraceStats};
 use crate::error::{HostError, Shown, HINT_GENERIC, HINT_PERF};
 use crate::hostfs::HostRoot;
@@ -349,9 +349,11 @@ struct Run {
     billed_from: BilledFrom,
     pattern: Option<usize>,
     cpu_stat: Source,
-    memory: Option<Source>,
-    /// Its perf counters, when it has them (boxed: a pointer's size in runs without).
-    perf: Option<Box<RunPerf>>,
+    /// Its `memory.current`, when the policy reads it (boxed: 8 bytes, not 56, in the runs of
+    /// an agent that does not, as by default).
+    memory: Option<Box<Source>>,
+    /// Its perf counters, when it has them (24 bytes in the run, the slots one allocation).
+    perf: Option<RunPerf>,
     events_wd: Option<i32>,
     reserved_millicpus: Option<u64>,
     /// `usage_usec` up to which the run's usage has been reported in a snapshot (at its
@@ -392,17 +394,17 @@ struct Run {
 /// A run's perf `task-clock` counters (one per CPU) and what was read from them.
 #[derive(Debug)]
 struct RunPerf {
-    clock: CgroupTaskClock,
-    /// One per counter, in the clock's order.
-    slots: Vec<PerfSlot>,
+    /// One per counter, in the order of the CPUs they were opened on.
+    slots: Box<[PerfSlot]>,
     /// The counters split the run across packages (each slot's package is known).
     split: bool,
     /// The slots' `latest_ns` were read right after the run's `latest_us` (see `perf_tail`).
     paired: bool,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Debug)]
 struct PerfSlot {
+    clock: TaskClock,
     /// Package of the counter's CPU (0 when the counters do not split).
     pkg: u32,
     /// The count up to which the run's usage was reported in a snapshot.
@@ -413,15 +415,18 @@ struct PerfSlot {
 
 impl RunPerf {
     /// `pkgs`: each counter's package, or empty when the counters do not split.
-    fn new(clock: CgroupTaskClock, pkgs: &[u32]) -> Self {
-        let slots = (0..clock.fd_count())
-            .map(|i| PerfSlot {
+    fn new(clocks: Vec<TaskClock>, pkgs: &[u32]) -> Self {
+        let slots = clocks
+            .into_iter()
+            .enumerate()
+            .map(|(i, clock)| PerfSlot {
+                clock,
                 pkg: pkgs.get(i).copied().unwrap_or(0),
-                ..PerfSlot::default()
+                reported_ns: 0,
+                latest_ns: 0,
             })
             .collect();
         RunPerf {
-            clock,
             slots,
             split: !pkgs.is_empty(),
             paired: false,
@@ -429,16 +434,28 @@ impl RunPerf {
     }
 
     /// Reads every counter into `latest_ns`; a failed read leaves them unpaired.
-    fn read(&mut self, scratch: &mut Vec<(u32, u64)>) {
-        self.paired = self.clock.read_into(scratch).is_ok() && self.take(scratch);
+    fn read(&mut self, scratch: &mut Vec<u64>) {
+        self.paired = self.read_all(scratch).is_ok() && self.take(scratch);
+    }
+
+    /// Every counter's count now into `scratch` (in the slots' order), and their sum.
+    fn read_all(&self, scratch: &mut Vec<u64>) -> std::io::Result<u64> {
+        scratch.clear();
+        let mut total = 0u64;
+        for s in self.slots.iter() {
+            let v = s.clock.read()?;
+            total = total.saturating_add(v);
+            scratch.push(v);
+        }
+        Ok(total)
     }
 
     /// The counts in `scratch` (one per counter, as read) as the latest.
-    fn take(&mut self, scratch: &[(u32, u64)]) -> bool {
+    fn take(&mut self, scratch: &[u64]) -> bool {
         if scratch.len() != self.slots.len() {
             return false;
         }
-        for (s, &(_, v)) in self.slots.iter_mut().zip(scratch) {
+        for (s, &v) in self.slots.iter_mut().zip(scratch) {
             s.latest_ns = v;
         }
         true
@@ -559,7 +576,7 @@ pub struct RunTracker {
     /// The last read of the inotify queue ended with the queue empty (`EAGAIN`), not an error:
     /// only then may a caller's word that nothing is readable skip the next one.
     events_drained: bool,
-    tc_scratch: Vec<(u32, u64)>,
+    tc_scratch: Vec<u64>,
     /// A run's counter movement per package while it is split (kept between ticks).
     split_scratch: Vec<(u32, u64)>,
     /// The buffers of that split (kept between runs and ticks).
@@ -799,7 +816,7 @@ impl RunTracker {
                         run.kept_fds += 1;
                         self.kept_fds += 1;
                     }
-                    run.memory = m;
+                    run.memory = m.map(Box::new);
                 }
                 // Gone: the next tick finds out and finishes it.
                 Err(e) if e.is_gone() => {}

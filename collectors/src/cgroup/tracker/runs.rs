@@ -294,7 +294,7 @@ impl RunTracker {
             billed_from,
             pattern,
             cpu_stat,
-            memory,
+            memory: memory.map(Box::new),
             perf,
             events_wd,
             reserved_millicpus,
@@ -345,7 +345,7 @@ impl RunTracker {
 
     /// The run's perf counters, on every CPU of [`Self::perf_cpus`], and the package of each
     /// when they split the run across packages (empty when they do not).
-    fn open_perf(&mut self, dir: &Path, kept_so_far: usize) -> Option<Box<RunPerf>> {
+    fn open_perf(&mut self, dir: &Path, kept_so_far: usize) -> Option<RunPerf> {
         if self.perf_disabled.is_some()
             || self.kept_fds + kept_so_far + self.perf_cpus.len() > self.fd_budget
         {
@@ -353,18 +353,18 @@ impl RunTracker {
             self.counters.perf_uncounted_runs += 1;
             return None;
         }
-        match CgroupTaskClock::open(dir, &self.perf_cpus) {
+        match TaskClock::open_each(dir, &self.perf_cpus) {
             Ok(p) => {
                 if self.perf_split_off.is_some() {
                     self.counters.perf_fallback_runs += 1;
-                    return Some(Box::new(RunPerf::new(p, &[])));
+                    return Some(RunPerf::new(p, &[]));
                 }
                 let pkgs: Vec<u32> = self
                     .perf_cpus
                     .iter()
                     .map(|&c| self.topology.package_of(c).unwrap_or(0))
                     .collect();
-                Some(Box::new(RunPerf::new(p, &pkgs)))
+                Some(RunPerf::new(p, &pkgs))
             }
             Err(e) => {
                 self.counters.perf_fallback_runs += 1;

@@ -273,7 +273,7 @@ impl RunTracker {
 /// (usage microseconds, counter nanoseconds): the scale of a counted tail (`perf_scale`).
 pub(super) fn capture(
     run: &mut Run,
-    scratch: &mut Vec<(u32, u64)>,
+    scratch: &mut Vec<u64>,
     now_us: u64,
     read_memory: bool,
 ) -> Result<Option<(u64, u64)>, HostError> {
@@ -308,14 +308,10 @@ pub(super) fn capture(
 /// and `cpu.stat` lags a running task by up to a scheduler tick, which this pair puts in no
 /// tail. So it weighs the run's share of its parent's residual, which is exact in sum, and is
 /// the amount only where the parent cannot tell. `None`: no counters, unpaired, unreadable.
-pub(super) fn perf_tail(
-    run: &mut Run,
-    scratch: &mut Vec<(u32, u64)>,
-    scale: (u128, u128),
-) -> Option<u64> {
-    let p = run.perf.as_deref_mut()?;
+pub(super) fn perf_tail(run: &mut Run, scratch: &mut Vec<u64>, scale: (u128, u128)) -> Option<u64> {
+    let p = run.perf.as_mut()?;
     let paired = p.paired_total()?;
-    let counted_ns = p.clock.read_total(scratch).ok()?;
+    let counted_ns = p.read_all(scratch).ok()?;
     p.paired = p.take(scratch);
     Some(scale_tail(counted_ns.saturating_sub(paired), scale))
 }
@@ -335,7 +331,7 @@ pub(super) fn scale_tail(tail_ns: u64, (us, ns): (u128, u128)) -> u64 {
 
 /// The sum of the run's counters as last read with its `cpu.stat`; `None` when unpaired.
 fn paired_tc_ns(run: &Run) -> Option<u64> {
-    run.perf.as_deref()?.paired_total()
+    run.perf.as_ref()?.paired_total()
 }
 
 /// Package weights from /proc/stat busy time; with none measured (first tick, idle host), each
@@ -366,12 +362,12 @@ fn split_run(
     w: &mut Vec<(u32, u64)>,
     scratch: &mut PackageSplitScratch,
 ) -> (PackageShares, SplitSource) {
-    if let Some(p) = run.perf.as_deref().filter(|p| p.split && p.paired) {
+    if let Some(p) = run.perf.as_ref().filter(|p| p.split && p.paired) {
         // The counters' movement per package (in `w`, by package id), since the last tick or
         // over the run's whole life.
         let by_pkg = |w: &mut Vec<(u32, u64)>, whole_life: bool| {
             w.clear();
-            for s in &p.slots {
+            for s in p.slots.iter() {
                 let since = if whole_life { 0 } else { s.reported_ns };
                 let v = s.latest_ns.saturating_sub(since);
                 match w.iter_mut().find(|e| e.0 == s.pkg) {
