@@ -463,8 +463,11 @@ impl RunPerf {
 
     /// The sum of the counters as last read with the run's `cpu.stat`; `None` when unpaired.
     fn paired_total(&self) -> Option<u64> {
-        self.paired
-            .then(|| self.slots.iter().map(|s| s.latest_ns).sum())
+        self.paired.then(|| {
+            self.slots
+                .iter()
+                .fold(0u64, |t, s| t.saturating_add(s.latest_ns))
+        })
     }
 
     /// The run's usage was reported up to the latest counts (from 0 when they are unpaired).
