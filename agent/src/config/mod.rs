@@ -362,6 +362,7 @@ patterns = ["flowzart.slice/run-{run_id}.scope", "other/{run_id}"]
 control_socket = "/run/wattd/c.sock"
 control_allowed_uids = [1000]
 perf_counters = false
+perf_counters_max = 4096
 [attribution]
 idle_policy = "reserved"
 dram_policy = "memory"
@@ -413,7 +414,18 @@ finished_run_ttl_s = 60
         assert!(c.ledger.is_some());
         assert_eq!(c.metrics.finished_run_ttl_s, 60);
         assert!(!c.runs.perf_counters);
+        assert_eq!(c.runs.perf_counters_max, 4096);
         assert!(parse("f", "").unwrap().runs.perf_counters);
+        assert_eq!(
+            parse("f", "").unwrap().runs.perf_counters_max,
+            wattd_collectors::cgroup::DEFAULT_PERF_COUNTERS_MAX
+        );
+        let e = parse("f", "[runs]\nperf_counters_max = -1\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("f:2: runs.perf_counters_max: -1 is out of range 0 ..= 16777216"),
+            "{e}"
+        );
         let e = parse("f", "[runs]\nperf_counters = \"yes\"\n").unwrap_err();
         assert!(
             e.to_string()

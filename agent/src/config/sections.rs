@@ -21,6 +21,9 @@ pub struct RunsSection {
     /// their final read: shares of the parent's residual, or counted; the per-package split on
     /// the live host).
     pub perf_counters: bool,
+    /// `perf_counters_max`: the most perf counters open at once across runs (one per CPU per
+    /// run, about 1.6 KB of the kernel's memory each); runs beyond it have none.
+    pub perf_counters_max: usize,
     /// `cgroup_trace`: the kernel's CPU time of each run cgroup traced by eBPF from its
     /// creation (the exact usage of a run removed before its final read, or before it was
     /// known).
@@ -34,6 +37,7 @@ impl Default for RunsSection {
             control_allowed_uids: Vec::new(),
             control_allowed_gids: Vec::new(),
             perf_counters: true,
+            perf_counters_max: wattd_collectors::cgroup::DEFAULT_PERF_COUNTERS_MAX,
             cgroup_trace: true,
         }
     }
@@ -290,6 +294,10 @@ fn runs(v: &mut Validator<'_>, t: &raw::Runs, patterns: &mut Vec<String>) -> Run
     }
     if let Some(b) = v.bool(&t.perf_counters, "runs.perf_counters") {
         r.perf_counters = b;
+    }
+    // Up to 16 million counters: 25 GB of the kernel's memory, far past any host's want.
+    if let Some(n) = v.int(&t.perf_counters_max, "runs.perf_counters_max", 0, 1 << 24) {
+        r.perf_counters_max = usize::try_from(n).unwrap_or(usize::MAX);
     }
     if let Some(b) = v.bool(&t.cgroup_trace, "runs.cgroup_trace") {
         r.cgroup_trace = b;

@@ -139,6 +139,7 @@ impl Daemon {
         tcfg.cgroup_root = cfg.cgroup_root.clone();
         tcfg.patterns = cfg.reloadable.patterns.clone();
         tcfg.perf_counters = cfg.runs.perf_counters;
+        tcfg.perf_counters_max = cfg.runs.perf_counters_max;
         tcfg.cgroup_trace = cfg.runs.cgroup_trace;
         tcfg.perf_split = root.is_live();
         tcfg.read_memory = reads_memory(cfg.reloadable.policy.dram);

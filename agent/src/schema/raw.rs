@@ -218,6 +218,7 @@ section!(
         control_allowed_uids: Vec<toml::Value>,
         control_allowed_gids: Vec<toml::Value>,
         perf_counters: bool,
+        perf_counters_max: i64,
         cgroup_trace: bool,
     }
 );

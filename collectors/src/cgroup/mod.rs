@@ -21,5 +21,5 @@ pub use pattern::{validate_cgroup_rel, validate_run_id, NameMatch, RunPattern};
 pub use tracker::{
     raise_nofile_limit, split_exact, validate_labels, BilledFrom, Labels, PackageUsage, RunOrigin,
     RunTracker, RunUsage, SplitSource, StartOutcome, TickError, TrackerConfig, TrackerCounters,
-    UsageSnapshot,
+    UsageSnapshot, DEFAULT_PERF_COUNTERS_MAX,
 };

@@ -968,6 +968,61 @@ mod removed_at_once {
         assert!(run(&t.tick(1_000), "ghost").is_none());
     }
 
+    /// The online CPUs, as the kernel lists them (`0-3,6`): one perf counter each per run.
+    fn online_cpus() -> usize {
+        let text = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+        text.trim()
+            .split(',')
+            .map(|r| match r.split_once('-') {
+                Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+                None => 1,
+            })
+            .sum()
+    }
+
+    /// At most `perf_counters_max` counters are open across runs (each holds about 1.6 KB of
+    /// the kernel's memory): with room for one run's, of two runs found together one has them
+    /// and the other is counted without; once both have ended and gone, the room is given back
+    /// and one of the next two has them again.
+    #[test]
+    fn perf_counters_stay_within_their_maximum_and_are_given_back() {
+        let tag = "perf-max";
+        let _g = serial();
+        let Some(sb) = Sandbox::new(tag) else {
+            return;
+        };
+        sb.mkdir("flowzart.slice");
+        let mut c = sb.config();
+        c.perf_counters_max = online_cpus();
+        let mut t = RunTracker::new(c).unwrap();
+        if let Some(why) = &t.tick(0).perf_counters_disabled {
+            wattd_testkit::skip(tag, format!("perf cgroup task-clock counters ({why})"));
+            return;
+        }
+        let pair = |t: &mut RunTracker, a: &str, b: &str| {
+            let dirs = [a, b].map(|id| sb.mkdir(format!("flowzart.slice/run-{id}.scope")));
+            t.poll_events().unwrap();
+            assert!(t.is_tracked(a) && t.is_tracked(b));
+            dirs
+        };
+        let first = pair(&mut t, "a", "b");
+        assert_eq!(t.counters().perf_uncounted_runs, 1, "{:?}", t.counters());
+        for d in &first {
+            std::fs::remove_dir(d).unwrap();
+        }
+        // Their removal seen, reported finished, dropped.
+        for _ in 0..3 {
+            t.poll_events().unwrap();
+            t.tick(10_000);
+        }
+        assert!(!t.is_tracked("a") && !t.is_tracked("b"));
+        let second = pair(&mut t, "c", "d");
+        assert_eq!(t.counters().perf_uncounted_runs, 2, "{:?}", t.counters());
+        for d in &second {
+            std::fs::remove_dir(d).unwrap();
+        }
+    }
+
     /// A tracker on `sb`, with or without per-run perf counters; `None` (a loud skip) when
     /// they are wanted and this machine does not permit them.
     fn tracker(sb: &Sandbox, test: &str, perf: bool) -> Option<RunTracker> {

@@ -336,7 +336,9 @@ impl RunTracker {
         }
         run.read_at_us = self.now_us();
         run.first_read = (run.read_at_us, latest_us);
+        // Counted once the run is kept (as its descriptors are), given back in `drop_run`.
         self.kept_fds += kept;
+        self.perf_open += run.perf.as_ref().map_or(0, |p| p.slots.len());
         self.join_family(&mut run, billed_from);
         self.paths.insert(cgroup_rel, id.clone());
         self.runs.insert(id, Box::new(run));
@@ -346,9 +348,22 @@ impl RunTracker {
     /// The run's perf counters, on every CPU of [`Self::perf_cpus`], and the package of each
     /// when they split the run across packages (empty when they do not).
     fn open_perf(&mut self, dir: &Path, kept_so_far: usize) -> Option<RunPerf> {
+        let n = self.perf_cpus.len();
+        let over_max = self.perf_open + n > self.perf_max;
         if self.perf_disabled.is_some()
-            || self.kept_fds + kept_so_far + self.perf_cpus.len() > self.fd_budget
+            || self.kept_fds + kept_so_far + n > self.fd_budget
+            || over_max
         {
+            if over_max && self.perf_disabled.is_none() && !self.perf_max_reached {
+                self.perf_max_reached = true;
+                tracing::warn!(
+                    open = self.perf_open,
+                    max = self.perf_max,
+                    per_run = n,
+                    "runs.perf_counters_max reached: runs opened from now have no perf \
+                     counters until counted runs end (wattd_tracker_perf_uncounted_runs_total)"
+                );
+            }
             self.counters.perf_fallback_runs += 1;
             self.counters.perf_uncounted_runs += 1;
             return None;
@@ -536,6 +551,9 @@ impl RunTracker {
         }
         self.paths.remove(&*run.cgroup_rel);
         self.kept_fds = self.kept_fds.saturating_sub(run.kept_fds);
+        if let Some(p) = &run.perf {
+            self.perf_open = self.perf_open.saturating_sub(p.slots.len());
+        }
         let dir = self.cgroup_root.join(&*run.cgroup_rel);
         // Read once: what it is now decides both whether it stays as an ordinary child and
         // whether the run's trace entry is still of use.
