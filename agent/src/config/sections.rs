@@ -22,7 +22,7 @@ pub struct RunsSection {
     /// the live host).
     pub perf_counters: bool,
     /// `perf_counters_max`: the most perf counters open at once across runs (one per CPU per
-    /// run, about 1.6 KB of the kernel's memory each); runs beyond it have none.
+    /// run, about 1.5 KB of the kernel's memory each); runs beyond it have none.
     pub perf_counters_max: usize,
     /// `cgroup_trace`: the kernel's CPU time of each run cgroup traced by eBPF from its
     /// creation (the exact usage of a run removed before its final read, or before it was

@@ -437,8 +437,8 @@ impl Metrics {
                 "wattd_tracker_perf_uncounted_runs_total",
                 "counter",
                 "Runs without perf task-clock counters (disabled, not permitted, descriptor \
-                 budget full): the tail of one removed before its final read comes from its \
-                 parent.",
+                 budget full, runs.perf_counters_max reached): the tail of one removed before \
+                 its final read comes from the cgroup trace or its parent.",
                 perf_uncounted_runs,
             ),
             (

@@ -992,13 +992,25 @@ mod removed_at_once {
             return;
         };
         sb.mkdir("flowzart.slice");
-        let mut c = sb.config();
-        c.perf_counters_max = online_cpus();
-        let mut t = RunTracker::new(c).unwrap();
+        let tracker_with = |max: usize| {
+            let mut c = sb.config();
+            c.perf_counters_max = max;
+            RunTracker::new(c).unwrap()
+        };
+        let mut t = tracker_with(online_cpus());
         if let Some(why) = &t.tick(0).perf_counters_disabled {
             wattd_testkit::skip(tag, format!("perf cgroup task-clock counters ({why})"));
             return;
         }
+        // Below one run's counters none could be had: said as the reason there are none.
+        let why = tracker_with(online_cpus() - 1)
+            .tick(0)
+            .perf_counters_disabled;
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.contains("below one run's counters")),
+            "{why:?}"
+        );
         let pair = |t: &mut RunTracker, a: &str, b: &str| {
             let dirs = [a, b].map(|id| sb.mkdir(format!("flowzart.slice/run-{id}.scope")));
             t.poll_events().unwrap();
@@ -1006,6 +1018,11 @@ mod removed_at_once {
             dirs
         };
         let first = pair(&mut t, "a", "b");
+        // Permission shows only when the first run's counters are opened: refused, a skip.
+        if let Some(why) = &t.tick(10_000).perf_counters_disabled {
+            wattd_testkit::skip(tag, format!("perf cgroup task-clock counters ({why})"));
+            return;
+        }
         assert_eq!(t.counters().perf_uncounted_runs, 1, "{:?}", t.counters());
         for d in &first {
             std::fs::remove_dir(d).unwrap();

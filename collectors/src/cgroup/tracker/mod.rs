@@ -75,7 +75,7 @@ const BALANCE_SLACK_US: i128 = 100_000;
 /// counters add steal and interrupt time, so they count at least what `usage_usec` does).
 const PERF_SCALE_MIN_NS: u128 = 1_000_000_000;
 const PERF_SCALE_MIN_PPM: u128 = 800_000;
-/// The default [`TrackerConfig::perf_counters_max`]: about 100 MiB of the kernel's memory; every
+/// The default [`TrackerConfig::perf_counters_max`]: about 95 MiB of the kernel's memory; every
 /// run has its counters up to 32,768 runs on 2 CPUs, 1,024 on 64.
 pub const DEFAULT_PERF_COUNTERS_MAX: usize = 65_536;
 
@@ -109,10 +109,12 @@ pub struct TrackerConfig {
     /// Most descriptors the tracker keeps open; `None`: three quarters of RLIMIT_NOFILE.
     pub fd_budget: Option<usize>,
     /// Most perf counters open at once, across runs (one per CPU per run). Each costs the
-    /// kernel about 1.6 KB of unreclaimable memory (its `perf_event`, 1,352 bytes of slab on
+    /// kernel about 1.5 KB of unreclaimable memory (its `perf_event`, 1,352 bytes of slab on
     /// 6.18, and its open file), which the agent's RSS does not show: 10,000 runs on a 64-CPU
-    /// host would hold a gigabyte. A run that would go beyond it has none (counted in
-    /// `perf_uncounted_runs`, warned once); a finished run's counters are given back.
+    /// host would hold about a gigabyte. A run found while the counters open leave no room for
+    /// its own has none, for its whole life (counted in `perf_uncounted_runs`, warned once); a
+    /// dropped run's counters make room for later runs. Below one run's counters (fewer than
+    /// the CPUs), no run has any, and `perf_counters_disabled` says why.
     pub perf_counters_max: usize,
     /// Raise the RLIMIT_NOFILE soft limit to the hard limit at start.
     pub raise_nofile: bool,
@@ -677,8 +679,16 @@ impl RunTracker {
         let cpus = topology.cpus.iter().map(|c| c.id).collect();
         let mut proc_stat = ProcStatFile::open(&root)?;
         let last_stat = Some(proc_stat.read()?);
-        let (perf_disabled, perf_cpus) =
+        let (mut perf_disabled, perf_cpus) =
             perf_counters_plan(config.perf_counters, &root, &cgroup_root, &topology);
+        // Below one run's counters no run could have them: said as why there are none.
+        if perf_disabled.is_none() && config.perf_counters_max < perf_cpus.len() {
+            perf_disabled = Some(format!(
+                "runs.perf_counters_max is {}, below one run's counters ({} CPUs)",
+                config.perf_counters_max,
+                perf_cpus.len()
+            ));
+        }
         let (trace, trace_disabled) = cgroup_trace_plan(config.cgroup_trace, &cgroup_root);
         let perf_split_off = if perf_disabled.is_some() {
             perf_disabled.clone()
