@@ -980,7 +980,7 @@ mod removed_at_once {
             .sum()
     }
 
-    /// At most `perf_counters_max` counters are open across runs (each holds about 1.6 KB of
+    /// At most `perf_counters_max` counters are open across runs (each holds about 1.5 KB of
     /// the kernel's memory): with room for one run's, of two runs found together one has them
     /// and the other is counted without; once both have ended and gone, the room is given back
     /// and one of the next two has them again.
