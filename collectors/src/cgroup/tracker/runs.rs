@@ -360,8 +360,9 @@ impl RunTracker {
                     open = self.perf_open,
                     max = self.perf_max,
                     per_run = n,
-                    "runs.perf_counters_max reached: a run found while it is has no perf \
-                     counters, for its whole life (wattd_tracker_perf_uncounted_runs_total)"
+                    "runs.perf_counters_max reached: a run found while the open counters \
+                     leave no room has none, for its whole life \
+                     (wattd_tracker_perf_uncounted_runs_total)"
                 );
             }
             self.counters.perf_fallback_runs += 1;
