@@ -968,16 +968,13 @@ mod removed_at_once {
         assert!(run(&t.tick(1_000), "ghost").is_none());
     }
 
-    /// The online CPUs, as the kernel lists them (`0-3,6`): one perf counter each per run.
+    /// The CPUs a run's perf counters are opened on, one each: the running kernel's online CPUs,
+    /// read as the tracker reads them.
     fn online_cpus() -> usize {
-        let text = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
-        text.trim()
-            .split(',')
-            .map(|r| match r.split_once('-') {
-                Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
-                None => 1,
-            })
-            .sum()
+        wattd_collectors::topology::Topology::read(&HostRoot::live())
+            .unwrap()
+            .cpus
+            .len()
     }
 
     /// At most `perf_counters_max` counters are open across runs (each holds about 1.5 KB of
